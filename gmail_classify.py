@@ -28,7 +28,7 @@ from __future__ import annotations
 __all__ = [
     # errors
     "GmailClassifyError", "ImapError", "ProtocolError", "AuthenticationError",
-    "CapabilityError", "UidValidityError", "TLSError", "ConnectionLostError",
+    "CapabilityError", "UidValidityError", "TLSError", "ConnectionLostError", "RulesError",
     # wire format
     "encode_mailbox", "decode_mailbox", "quote", "astring", "compress_uids",
     "parse_uid_set", "chunk_uids", "imap_date", "parse_response", "Literal",
@@ -39,27 +39,54 @@ __all__ = [
 __version__ = "0.1.0"
 __license__ = "MIT"
 
+import argparse
 import base64
 import binascii
+import calendar
+import dataclasses
 import datetime as _dt
+import difflib
+import email
+import email.header
+import email.message
+import email.parser
+import email.policy
+import email.utils
+import getpass
+import html.parser
 import imaplib
 import ipaddress
+import json
 import logging
+import mailbox
+import netrc
+import os
+import pathlib
 import random
 import re
 import select
-import socket
+import shlex
 import ssl
+import subprocess
+import sys
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional,
-                    Sequence, Tuple, Union)
+                    Sequence, TextIO, Tuple, Union)
+
+try:
+    import tomllib
+except ImportError:  # Python < 3.11: rules files must be JSON
+    tomllib = None  # type: ignore[assignment]
 
 log = logging.getLogger("gmail_classify")
 
 
-# --- Errors -----------------------------------------------------------------------------
+# --- Errors ------------------------------------------------------------------------------
 #
 # Organised around the caller's real question, "should I retry?".  ImapError and its
 # children: the server refused, or sent something we cannot use; retrying the same thing
@@ -112,11 +139,15 @@ class ConnectionLostError(GmailClassifyError):
     """The server could not be reached or kept, even after reconnecting with backoff."""
 
 
+class RulesError(GmailClassifyError):
+    """The rules file is wrong; the message names the file, rule and key, and the fix."""
+
+
 class _Dropped(Exception):
     """Internal: the connection died (EOF, reset, timeout, BYE); reconnect and maybe retry."""
 
 
-# --- Wire format: quoting, modified UTF-7, UID sets, dates ------------------------------
+# --- Wire format: quoting, modified UTF-7, UID sets, dates -------------------------------
 
 # RFC 3501 §9: ATOM-CHAR is any CHAR except atom-specials: ( ) { SP CTL % * " \ ]
 _ATOM_RE = re.compile(r'[^(){ \x00-\x1f\x7f%*"\\\]]+\Z')
@@ -301,7 +332,7 @@ def parse_internaldate(text: str) -> Optional[_dt.datetime]:
         return None
 
 
-# --- Wire format: the response parser ---------------------------------------------------
+# --- Wire format: the response parser ----------------------------------------------------
 #
 # Responses are parsed by a small recursive-descent reader over the raw bytes, literals
 # included inline as ``{n}\r\n`` followed by n octets.  Values come back as Python values:
@@ -478,7 +509,7 @@ def _as_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-# --- Connection -------------------------------------------------------------------------
+# --- Connection --------------------------------------------------------------------------
 #
 # imaplib opens the socket, does TLS and STARTTLS, and runs LOGIN / AUTHENTICATE.  Every
 # other command goes through GmailConnection._execute, which builds the line itself (so
@@ -1682,3 +1713,2197 @@ def _encode_search(criteria: Sequence[Any]) -> List[Any]:
                 out.append(_flag_arg(str(value)))
         index += 1
     return out
+
+
+# --- Messages: what the rule engine sees -------------------------------------------------
+
+# How much of each body the IMAP pipeline fetches (BODY.PEEK[]<0.N>) for messages
+# that header-only rules cannot decide. 16 KiB holds the headers of a typical
+# message plus the start of its first text part; a keyword rule rarely needs
+# more, and 16 KiB x thousands of messages stays far below Gmail's 2,500 MB/day
+# IMAP download limit. The prefix includes the header block, so body_text()
+# must cope with a message cut anywhere.
+BODY_PREFIX_BYTES = 16384
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    """What the rule engine knows of one message; None means "not fetched / unknown"."""
+
+    headers: email.message.EmailMessage  # parsed header block (policy=email.policy.default)
+    uid: int = 0  # IMAP UID (0 offline)
+    flags: Optional[frozenset] = frozenset()  # e.g. {"\\Seen", "\\Flagged"}; None if unknown
+    labels: Optional[frozenset] = None  # decoded Gmail labels, e.g. {"\\Inbox", "Receipts"}
+    size: Optional[int] = None  # RFC822.SIZE in bytes
+    date: Optional[datetime] = None  # aware: INTERNALDATE, or the Date header offline
+    has_attachment: Optional[bool] = None
+    body: Optional[str] = None  # decoded text prefix (plain, or HTML stripped to text)
+    queries: Optional[frozenset] = None  # gmail_query strings this message matched; None = cannot know
+
+
+def parse_headers(raw: bytes) -> email.message.EmailMessage:
+    """Parse a header block (or a whole message, body ignored); never raises.
+
+    Returns an EmailMessage whose headers decode RFC 2047 on access; an empty
+    message when the bytes cannot be parsed at all.
+    """
+    try:
+        parser = email.parser.BytesParser(policy=email.policy.default)
+        return parser.parsebytes(raw, headersonly=True)
+    except Exception:  # the parser is lenient, but older patch releases had crashes
+        log.debug("cannot parse header block", exc_info=True)
+        return email.message.EmailMessage(policy=email.policy.default)
+
+
+def _has_surrogates(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _repair_surrogates(text: str) -> str:
+    """Turn raw 8-bit bytes smuggled in as lone surrogates back into text.
+
+    The email package reads raw 8-bit headers as ASCII with surrogateescape; the
+    bytes are mostly UTF-8 and otherwise usually Latin-1 / cp1252.
+    """
+    if not _has_surrogates(text):
+        return text
+    data = text.encode("utf-8", "surrogateescape")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", errors="replace")
+
+
+# A run of RFC 2047 encoded words; the whitespace between two of them is not
+# part of the text (RFC 2047 section 6.2), which decode_header handles per run.
+_ENCODED_WORDS = re.compile(r"=\?[^?\s]+\?[BbQq]\?[^?\s]*\?=(?:\s+=\?[^?\s]+\?[BbQq]\?[^?\s]*\?=)*")
+
+
+def _decode_words(text: str) -> str:
+    """Decode RFC 2047 encoded words in a raw header value, run by run; never raises."""
+    def decode(run: re.Match) -> str:
+        try:
+            return str(email.header.make_header(email.header.decode_header(run.group(0))))
+        except Exception:  # unknown charset, broken base64
+            return run.group(0)
+    return _ENCODED_WORDS.sub(decode, text)
+
+
+def _raw_values(msg: email.message.EmailMessage, name: str) -> List[str]:
+    """The unparsed, unfolded values of one header (8-bit bytes as lone surrogates)."""
+    wanted = name.lower()
+    try:
+        items = [value for key, value in msg.raw_items() if key.lower() == wanted]
+    except Exception:
+        return []
+    return [re.sub(r"\r?\n(?=[ \t])", "", str(value)) for value in items]
+
+
+def _parsed_values(msg: email.message.EmailMessage, name: str, raws: List[str]) -> list:
+    """The policy-parsed header objects, None where parsing fails or cannot be trusted.
+
+    policy.default turns raw 8-bit bytes into U+FFFD; such values are left to
+    the caller, who repairs the raw value instead and keeps the characters.
+    """
+    try:
+        parsed = msg.get_all(name) or []
+    except Exception:
+        log.debug("header %s does not parse", name, exc_info=True)
+        parsed = []
+    if len(parsed) != len(raws):
+        return [None] * len(raws)
+    return [None if _has_surrogates(raw) else value for raw, value in zip(raws, parsed)]
+
+
+def header_text(msg: email.message.EmailMessage, name: str) -> List[str]:
+    """All values of header `name`, decoded to str; never raises.
+
+    Returns e.g. ["Your receipt from Café Olé"]; [] when the header is absent.
+    """
+    raws = _raw_values(msg, name)
+    values = []
+    for raw, parsed in zip(raws, _parsed_values(msg, name, raws)):
+        text = None
+        if parsed is not None:
+            try:
+                text = str(parsed)
+            except Exception:
+                text = None
+        values.append(_decode_words(_repair_surrogates(raw)) if text is None else text)
+    return values
+
+
+def _format_address(display_name: str, addr_spec: str) -> str:
+    display_name = " ".join(display_name.split())
+    if display_name and addr_spec:
+        return f"{display_name} <{addr_spec}>"
+    return display_name or addr_spec
+
+
+def header_addresses(msg: email.message.EmailMessage, name: str) -> List[str]:
+    """Each address in header `name` as 'Display Name <user@domain>' (or 'user@domain').
+
+    Returns e.g. ["Amazon.com <auto-confirm@amazon.com>"]; display names are
+    RFC 2047 decoded. A value that holds no parseable address is returned as
+    its decoded text, so that rules can still match it. Never raises.
+    """
+    raws = _raw_values(msg, name)
+    result: List[str] = []
+    for raw, parsed in zip(raws, _parsed_values(msg, name, raws)):
+        found: List[str] = []
+        if parsed is not None:
+            try:
+                found = [
+                    _format_address(a.display_name, a.addr_spec)
+                    for a in getattr(parsed, "addresses", ())
+                    if "@" in a.addr_spec or a.display_name
+                ]
+            except Exception:
+                found = []
+        raw = _repair_surrogates(raw)
+        if not found:
+            try:
+                pairs = email.utils.getaddresses([raw])
+            except Exception:
+                pairs = []
+            found = [
+                _format_address(_decode_words(display), addr)
+                for display, addr in pairs
+                if "@" in addr
+            ]
+        if not found:
+            text = _decode_words(raw).strip()
+            found = [text] if text else []
+        result.extend(found)
+    return result
+
+
+class _HTMLText(html.parser.HTMLParser):
+    """Collects the visible text of an HTML document (script and style skipped)."""
+
+    _SKIP = {"script", "style", "title", "noscript", "template"}
+    _BLOCK = {"br", "p", "div", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6",
+              "table", "ul", "ol", "blockquote", "pre", "hr", "section", "article"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: List[str] = []
+        self.skipping = 0
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag in self._SKIP:
+            self.skipping += 1
+        elif tag in self._BLOCK:
+            self.parts.append("\n")
+
+    def handle_startendtag(self, tag: str, attrs: list) -> None:
+        if tag in self._BLOCK:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self._SKIP:
+            self.skipping = max(0, self.skipping - 1)
+        elif tag in self._BLOCK:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self.skipping:
+            self.parts.append(data)
+
+
+def _html_to_text(markup: str) -> str:
+    parser = _HTMLText()
+    try:
+        parser.feed(markup)
+        parser.close()
+    except Exception:  # html.parser is lenient; a truncated document still yields text
+        log.debug("HTML parser gave up", exc_info=True)
+    return "".join(parser.parts)
+
+
+def _tidy_text(text: str) -> str:
+    lines = (" ".join(line.split()) for line in text.replace("\r", "\n").split("\n"))
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def _lenient_base64(data: bytes) -> bytes:
+    """Decode base64 that may be cut off mid-line or mid-quantum (a fetched prefix)."""
+    data = re.sub(rb"[^A-Za-z0-9+/]", b"", data.split(b"=", 1)[0])
+    whole = len(data) - len(data) % 4
+    decoded = base64.b64decode(data[:whole])
+    rest = data[whole:]
+    if len(rest) >= 2:  # 2 or 3 chars still carry 1 or 2 whole bytes
+        decoded += base64.b64decode(rest + b"=" * (4 - len(rest)))
+    return decoded
+
+
+def _part_bytes(part: email.message.Message) -> bytes:
+    cte = str(part.get("content-transfer-encoding", "")).strip().lower()
+    if cte == "base64":
+        payload = part.get_payload(decode=False)
+        if isinstance(payload, str):
+            try:
+                return _lenient_base64(payload.encode("ascii", "ignore"))
+            except (binascii.Error, ValueError):
+                return b""
+    payload = part.get_payload(decode=True)
+    return payload if isinstance(payload, bytes) else b""
+
+
+def _decode_with_charset(data: bytes, charset: Optional[str]) -> str:
+    """Decode with the declared charset when Python knows it as a text codec, else UTF-8."""
+    if charset:
+        try:
+            return data.decode(charset, errors="replace")
+        except (LookupError, UnicodeError, ValueError, TypeError):
+            log.debug("unknown charset %r, decoding as UTF-8", charset)
+    return data.decode("utf-8", errors="replace")
+
+
+def _is_attachment(part: email.message.Message) -> bool:
+    try:
+        return part.get_content_disposition() == "attachment"
+    except Exception:
+        return False
+
+
+def body_text(raw: bytes, limit: int = BODY_PREFIX_BYTES) -> str:
+    """The readable text of a message or of a prefix of one; never raises.
+
+    Picks the first text/plain part with text, else the first text/html part
+    stripped to text. Returns at most `limit` characters ("" when there is none).
+    """
+    try:
+        msg = email.message_from_bytes(raw, policy=email.policy.default)
+        plain = html_text = None
+        for part in msg.walk():
+            if part.is_multipart() or _is_attachment(part):
+                continue
+            kind = part.get_content_type()
+            if kind not in ("text/plain", "text/html"):
+                continue
+            text = _decode_with_charset(_part_bytes(part), part.get_content_charset())
+            if kind == "text/plain" and plain is None and text.strip():
+                plain = text
+                break
+            if kind == "text/html" and html_text is None:
+                html_text = text
+        if plain is not None:
+            text = plain
+        elif html_text is not None:
+            text = _html_to_text(html_text)
+        else:
+            return ""
+        return _tidy_text(text)[:limit]
+    except Exception:
+        log.debug("cannot extract body text", exc_info=True)
+        return ""
+
+
+def attachment_in(msg: email.message.EmailMessage) -> bool:
+    """Whether a whole parsed message carries an attachment.
+
+    Returns True for any part with Content-Disposition: attachment, or a
+    non-text leaf part with a file name (e.g. an inline image).
+    """
+    try:
+        for part in msg.walk():
+            if part.is_multipart():
+                continue
+            if _is_attachment(part):
+                return True
+            if part.get_content_maintype() != "text" and part.get_filename():
+                return True
+    except Exception:
+        log.debug("cannot walk message parts", exc_info=True)
+    return False
+
+
+def _header_date(headers: email.message.EmailMessage) -> Optional[datetime]:
+    for value in header_text(headers, "date")[:1]:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when is None:
+            return None
+        return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return None
+
+
+def message_info_from_bytes(raw: bytes) -> MessageInfo:
+    """Build a MessageInfo from a whole message (offline); never raises.
+
+    Returns headers, size, date (from the Date header), attachment and body
+    filled in; flags empty, labels and queries None.
+    """
+    headers = parse_headers(raw)
+    try:
+        whole = email.message_from_bytes(raw, policy=email.policy.default)
+        has_attachment = attachment_in(whole)
+    except Exception:
+        has_attachment = False
+    return MessageInfo(headers=headers, size=len(raw), date=_header_date(headers),
+                       has_attachment=has_attachment, body=body_text(raw))
+
+
+# Google Takeout writes the labels of each message into one header,
+# `X-Gmail-Labels: Inbox,Important,Opened,Receipts`, comma-separated, with
+# system labels spelled as words and labels holding a comma in double quotes.
+# "Opened" and "Unread" are not labels but the \Seen state.
+_TAKEOUT_SYSTEM_LABELS = {
+    "inbox": "\\Inbox", "important": "\\Important", "starred": "\\Starred",
+    "sent": "\\Sent", "spam": "\\Spam", "trash": "\\Trash", "drafts": "\\Draft",
+    "draft": "\\Draft",
+}
+
+# Maildir keeps flags in the file name after ":2," (https://cr.yp.to/proto/maildir.html).
+_MAILDIR_FLAGS = {"D": "\\Draft", "F": "\\Flagged", "R": "\\Answered", "S": "\\Seen",
+                  "T": "\\Deleted"}
+_MBOX_FLAGS = {"R": "\\Seen", "F": "\\Flagged", "A": "\\Answered", "D": "\\Deleted"}
+
+
+def _split_takeout_labels(value: str) -> List[str]:
+    labels, current, quoted = [], [], False
+    for ch in value:
+        if ch == '"':
+            quoted = not quoted
+        elif ch == "," and not quoted:
+            labels.append("".join(current).strip())
+            current = []
+        else:
+            current.append(ch)
+    labels.append("".join(current).strip())
+    return [label for label in labels if label]
+
+
+def _mbox_info(raw: bytes, mbox_flags: str) -> MessageInfo:
+    headers = parse_headers(raw)
+    flags = {_MBOX_FLAGS[f] for f in mbox_flags if f in _MBOX_FLAGS}
+    labels = None
+    values = header_text(headers, "x-gmail-labels")
+    if values:
+        labels = set()
+        for name in _split_takeout_labels(",".join(values)):
+            key = name.casefold()
+            if key == "opened":
+                flags.add("\\Seen")
+            elif key == "unread":
+                flags.discard("\\Seen")
+            else:
+                labels.add(_TAKEOUT_SYSTEM_LABELS.get(key, name))
+        if "\\Starred" in labels:
+            flags.add("\\Flagged")
+        labels = frozenset(labels)
+    return dataclasses.replace(message_info_from_bytes(raw), flags=frozenset(flags),
+                               labels=labels)
+
+
+def _iter_mbox(path: str) -> Iterator[Tuple[str, MessageInfo]]:
+    box = mailbox.mbox(path, create=False)
+    try:
+        for number, key in enumerate(box.iterkeys(), 1):
+            raw = box.get_bytes(key)
+            yield f"{path}#{number}", _mbox_info(raw, box.get_message(key).get_flags())
+    finally:
+        box.close()
+
+
+def _iter_maildir(path: str) -> Iterator[Tuple[str, MessageInfo]]:
+    for sub in ("new", "cur"):
+        folder = os.path.join(path, sub)
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            file_path = os.path.join(folder, name)
+            if name.startswith(".") or not os.path.isfile(file_path):
+                continue
+            letters = name.split(":2,", 1)[1] if ":2," in name else ""
+            flags = frozenset(_MAILDIR_FLAGS[f] for f in letters if f in _MAILDIR_FLAGS)
+            with open(file_path, "rb") as fh:
+                raw = fh.read()
+            yield file_path, dataclasses.replace(message_info_from_bytes(raw), flags=flags)
+
+
+def iter_message_files(paths: Iterable[Any]) -> Iterator[Tuple[str, MessageInfo]]:
+    """Read messages from .eml files, mbox files (Google Takeout) and Maildir folders.
+
+    Yields (display name, MessageInfo) pairs, e.g. ("Takeout.mbox#17", info).
+    Raises GmailClassifyError for a path that is missing, unreadable, or none
+    of these kinds.
+    """
+    for path in paths:
+        path = os.fspath(path)
+        try:
+            if os.path.isdir(path):
+                if not (os.path.isdir(os.path.join(path, "cur"))
+                        or os.path.isdir(os.path.join(path, "new"))):
+                    raise GmailClassifyError(f"{path}: not an .eml file, mbox or Maildir")
+                yield from _iter_maildir(path)
+                continue
+            with open(path, "rb") as fh:
+                start = fh.read(5)
+            if start == b"From " or path.lower().endswith(".mbox"):
+                yield from _iter_mbox(path)
+            elif path.lower().endswith(".eml"):
+                with open(path, "rb") as fh:
+                    raw = fh.read()
+                yield path, message_info_from_bytes(raw)
+            else:
+                raise GmailClassifyError(f"{path}: not an .eml file, mbox or Maildir")
+        except FileNotFoundError as exc:
+            raise GmailClassifyError(f"{path}: no such file or directory") from exc
+        except (OSError, mailbox.Error) as exc:
+            raise GmailClassifyError(f"{path}: cannot read: {exc}") from exc
+
+
+# --- Rule engine -------------------------------------------------------------------------
+
+def _normalise(text: str) -> str:
+    """Caseless, compatibility-normalised, whitespace-collapsed text for plain matching.
+
+    Returns e.g. "hauptstrasse 5" for "HAUPTSTRAẞE\t5" (casefold maps ß to ss;
+    NFKC maps ligatures and full-width forms to plain letters).
+    """
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+    return " ".join(folded.split())
+
+
+def _quote(value: Any) -> str:
+    """A value as the user wrote it, for error messages: "5 MB", 3, true."""
+    try:
+        shown = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+_REGEX_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERBOSE}
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One matcher item: plain text (caseless substring) or a /regex/flags."""
+
+    text: str  # as written in the rules file
+    needle: str = ""  # normalised plain text; "" for a regex
+    regex: Optional[re.Pattern] = field(default=None, compare=False, repr=False)
+
+    def describe(self) -> str:
+        return self.text if self.regex is not None else json.dumps(self.text, ensure_ascii=False)
+
+    def verb(self) -> str:
+        return "matches" if self.regex is not None else "contains"
+
+    def search(self, value: str) -> bool:
+        if self.regex is not None:
+            return self.regex.search(value) is not None
+        return self.needle in _normalise(value)
+
+
+@dataclass(frozen=True)
+class Matcher:
+    """Any of several patterns; matches when one pattern matches one value."""
+
+    patterns: Tuple[Pattern, ...]
+
+    def find(self, values: Iterable[str]) -> Optional[str]:
+        """Returns 'contains "receipt"' / 'matches /x/i' for the first hit, else None."""
+        values = list(values)
+        for pattern in self.patterns:
+            if any(pattern.search(value) for value in values):
+                return f"{pattern.verb()} {pattern.describe()}"
+        return None
+
+    def describe(self) -> str:
+        if len(self.patterns) == 1:
+            return f"{self.patterns[0].verb()} {self.patterns[0].describe()}"
+        return "matches any of " + ", ".join(p.describe() for p in self.patterns)
+
+
+def _label_key(label: str) -> str:
+    """'\\Inbox', 'Inbox' and 'INBOX' compare equal; so do \\Draft and Drafts."""
+    key = _normalise(label[1:] if label.startswith("\\") else label)
+    return "draft" if key == "drafts" else key
+
+
+Verdict = Tuple[Optional[bool], str]  # (True / False / None = unknown, explanation)
+
+
+class Condition:
+    """A test on a MessageInfo with three-valued (Kleene) results."""
+
+    def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
+        """Returns (True, what matched), (False, description) or (None, description)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def children(self) -> Tuple["Condition", ...]:
+        return ()
+
+
+@dataclass(frozen=True)
+class HeaderMatch(Condition):
+    """`subject`, `list_id` or `header.NAME`: a matcher over decoded header text."""
+
+    key: str  # shown in explanations, e.g. "subject", "header X-Mailer"
+    headers: Tuple[str, ...]  # lower-case header names
+    matcher: Matcher
+
+    def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
+        values = [v for name in self.headers for v in header_text(msg.headers, name)]
+        hit = self.matcher.find(values)
+        return (True, f"{self.key} {hit}") if hit else (False, self.describe())
+
+    def describe(self) -> str:
+        return f"{self.key} {self.matcher.describe()}"
+
+
+@dataclass(frozen=True)
+class AddressMatch(Condition):
+    """`from`, `to`, `cc`, `recipient`: a matcher over 'Name <user@domain>' strings."""
+
+    key: str
+    headers: Tuple[str, ...]
+    matcher: Matcher
+
+    def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
+        values = [v for name in self.headers for v in header_addresses(msg.headers, name)]
+        hit = self.matcher.find(values)
+        return (True, f"{self.key} {hit}") if hit else (False, self.describe())
+
+    def describe(self) -> str:
+        return f"{self.key} {self.matcher.describe()}"
+
+
+@dataclass(frozen=True)
+class HeaderPresent(Condition):
+    """`header = {NAME = true/false}`: the header is present / absent."""
+
+    name: str
+    present: bool
+
+    def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
+        found = bool(_raw_values(msg.headers, self.name))
+        return (found == self.present), self.describe()
+
+    def describe(self) -> str:
+        return f"header {self.name} {'present' if self.present else 'absent'}"
+
+
+@dataclass(frozen=True)
+class BodyMatch(Condition):
+    """`body`: a matcher over the decoded body prefix; unknown until it is fetched."""
+
+    matcher: Matcher
+
+    def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
+        if msg.body is None:
+            return None, self.describe()
+        hit = self.matcher.find([msg.body])
+        return (True, f"body {hit}") if hit else (False, self.describe())
+
+    def describe(self) -> str:
+        return f"body {self.matcher.describe()}"
+
+
+def _human_size(size: int) -> str:
+    if size < 1024:
+        return f"{size} bytes"
+    for unit in ("KB", "MB", "GB"):
+        size /= 1024
+        if size < 1024 or unit == "GB":
+            return f"{size:.1f} {unit}"
+    return f"{size} bytes"  # not reached
+
+
+@dataclass(frozen=True)
+class SizeCompare(Condition):
+    """`larger_than` / `smaller_than` against RFC822.SIZE."""
+
+    larger: bool
+    limit: int  # bytes
+    text: str  # as written, e.g. "5M"
+
+    def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
+        if msg.size is None:
+            return None, self.describe()
+        hit = msg.size > self.limit if self.larger else msg.size < self.limit
+        op = ">" if self.larger else "<"
+        return (True, f"size {_human_size(msg.size)} {op} {self.text}") if hit else (False, self.describe())
+
+    def describe(self) -> str:
+        return f"size {'>' if self.larger else '<'} {self.text}"
+
+
+def _months_back(now: datetime, months: int) -> datetime:
+    """`now` moved back by calendar months, the day clamped to the month's length."""
+    index = now.year * 12 + (now.month - 1) - months
+    year, month = divmod(index, 12)
+    month += 1
+    day = min(now.day, calendar.monthrange(year, month)[1])
+    return now.replace(year=year, month=month, day=day)
+
+
+def _cutoff(now: datetime, amount: int, unit: str) -> datetime:
+    """The moment `amount` Gmail units (d, w, m, y) before `now`; datetime.min when out of range."""
+    try:
+        if unit == "d":
+            return now - timedelta(days=amount)
+        if unit == "w":
+            return now - timedelta(weeks=amount)
+        return _months_back(now, amount * (12 if unit == "y" else 1))
+    except (OverflowError, ValueError):
+        return datetime.min.replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class AgeCompare(Condition):
+    """`older_than` / `newer_than` in Gmail's units, against the message date."""
+
+    older: bool
+    amount: int
+    unit: str  # d, w, m or y
+    text: str
+
+    def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
+        if msg.date is None:
+            return None, self.describe()
+        date = msg.date if msg.date.tzinfo else msg.date.replace(tzinfo=timezone.utc)
+        cutoff = _cutoff(now, self.amount, self.unit)
+        hit = date < cutoff if self.older else date > cutoff
+        if not hit:
+            return False, self.describe()
+        return True, f"date {date.date().isoformat()} {self._relation()}"
+
+    def _relation(self) -> str:
+        return f"{'older' if self.older else 'newer'} than {self.text}"
+
+    def describe(self) -> str:
+        return f"date {self._relation()}"
+
+
+@dataclass(frozen=True)
+class StateIs(Condition):
+    """`has_attachment`, `unread`, `starred`: a yes/no property of the message."""
+
+    key: str
+    want: bool
+
+    _WORDS = {"has_attachment": ("has attachment", "no attachment"),
+              "unread": ("unread", "read"), "starred": ("starred", "not starred")}
+
+    def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
+        if self.key == "has_attachment":
+            actual = msg.has_attachment
+        elif msg.flags is None:
+            actual = None
+        else:
+            flags = {f.casefold() for f in msg.flags}
+            actual = ("\\seen" not in flags) if self.key == "unread" else ("\\flagged" in flags)
+        if actual is None:
+            return None, self.describe()
+        return (actual == self.want), self.describe()
+
+    def describe(self) -> str:
+        yes, no = self._WORDS[self.key]
+        return yes if self.want else no
+
+
+@dataclass(frozen=True)
+class HasLabel(Condition):
+    """`has_label`: plain names match a whole label (caselessly); regexes search each label."""
+
+    matcher: Matcher
+
+    def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
+        if msg.labels is None:
+            return None, self.describe()
+        keys = {_label_key(label) for label in msg.labels}
+        for pattern in self.matcher.patterns:
+            if pattern.regex is not None:
+                if any(pattern.regex.search(label) for label in msg.labels):
+                    return True, f"has label matching {pattern.text}"
+            elif _label_key(pattern.text) in keys:
+                return True, f"has label {pattern.describe()}"
+        return False, self.describe()
+
+    def describe(self) -> str:
+        return "has label " + " or ".join(p.describe() for p in self.matcher.patterns)
+
+
+@dataclass(frozen=True)
+class GmailQuery(Condition):
+    """`gmail_query`: the message is among the server's X-GM-RAW search results."""
+
+    query: str
+
+    def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
+        if msg.queries is None:
+            return None, self.describe()
+        return (self.query in msg.queries), self.describe()
+
+    def describe(self) -> str:
+        return f"gmail query {json.dumps(self.query, ensure_ascii=False)}"
+
+
+@dataclass(frozen=True)
+class AllOf(Condition):
+    """`all` (or the keys of one table): every part holds. Kleene: False beats unknown."""
+
+    parts: Tuple[Condition, ...]
+    explicit: bool = True  # False for the implicit "and" of a table's keys
+
+    def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
+        reasons, unknown = [], False
+        for part in self.parts:
+            value, reason = part.evaluate(msg, now)
+            if value is False:
+                return False, self.describe()
+            if value is None:
+                unknown = True
+            reasons.append(reason)
+        if unknown:
+            return None, self.describe()
+        return True, self._wrap(reasons)
+
+    def _wrap(self, texts: List[str]) -> str:
+        if self.explicit:
+            return f"all of ({'; '.join(texts)})"
+        return " and ".join(texts)
+
+    def describe(self) -> str:
+        return self._wrap([p.describe() for p in self.parts])
+
+    def children(self) -> Tuple[Condition, ...]:
+        return self.parts
+
+
+@dataclass(frozen=True)
+class AnyOf(Condition):
+    """`any`: some part holds. Kleene: True beats unknown."""
+
+    parts: Tuple[Condition, ...]
+
+    def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
+        unknown = False
+        for part in self.parts:
+            value, reason = part.evaluate(msg, now)
+            if value is True:
+                return True, f"any of ({reason})"
+            if value is None:
+                unknown = True
+        return (None if unknown else False), self.describe()
+
+    def describe(self) -> str:
+        return f"any of ({'; '.join(p.describe() for p in self.parts)})"
+
+    def children(self) -> Tuple[Condition, ...]:
+        return self.parts
+
+
+@dataclass(frozen=True)
+class Not(Condition):
+    """`not`: the part does not hold; not unknown is unknown."""
+
+    part: Condition
+
+    def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
+        value, _ = self.part.evaluate(msg, now)
+        return (None if value is None else not value), self.describe()
+
+    def describe(self) -> str:
+        return f"not ({self.part.describe()})"
+
+    def children(self) -> Tuple[Condition, ...]:
+        return (self.part,)
+
+
+@dataclass(frozen=True)
+class Actions:
+    """What to do with a message; merged across `continue` rules by merged()."""
+
+    labels: Tuple[str, ...] = ()
+    move: Optional[str] = None
+    archive: bool = False
+    mark_read: bool = False
+    mark_unread: bool = False
+    star: bool = False
+    unstar: bool = False
+    trash: bool = False
+
+    def has_destination(self) -> bool:
+        return bool(self.move or self.archive or self.trash)
+
+    def merged(self, later: Actions) -> Actions:
+        """These actions followed by a later matching rule's.
+
+        Returns labels accumulated (no duplicates); the first destination (move,
+        archive, trash) and the first choice of read/unread and star/unstar win.
+        """
+        dest = self if self.has_destination() else later
+        read = self if (self.mark_read or self.mark_unread) else later
+        star = self if (self.star or self.unstar) else later
+        labels = self.labels + tuple(x for x in later.labels if x not in self.labels)
+        return Actions(labels=labels, move=dest.move, archive=dest.archive, trash=dest.trash,
+                       mark_read=read.mark_read, mark_unread=read.mark_unread,
+                       star=star.star, unstar=star.unstar)
+
+    def describe(self) -> str:
+        """Returns e.g. 'label Receipts, archive'; 'no action' when empty."""
+        words = [f"label {label}" for label in self.labels]
+        if self.move:
+            words.append(f"move to {self.move}")
+        for name in ("archive", "trash", "mark_read", "mark_unread", "star", "unstar"):
+            if getattr(self, name):
+                words.append(name.replace("_", " "))
+        return ", ".join(words) or "no action"
+
+    def is_empty(self) -> bool:
+        return self == Actions()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One validated rule: a condition and what to do when it holds."""
+
+    name: str
+    position: int  # 1-based, in file order
+    condition: Condition
+    actions: Actions
+    continue_: bool = False
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome for one message.
+
+    matches: ((rule name, reason), ...) in rule order, e.g.
+    (("Receipts", 'subject contains "receipt"'),); empty when no rule matched.
+    """
+
+    matches: Tuple[Tuple[str, str], ...]
+    actions: Actions
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What the IMAP pipeline must fetch for these rules."""
+
+    headers: frozenset  # lower-case header names
+    body: bool = False
+    attachment: bool = False
+    labels: bool = False
+    flags: bool = False
+    size: bool = False
+    date: bool = False
+    queries: frozenset = frozenset()  # gmail_query strings, to run with X-GM-RAW
+
+
+# Headers always fetched so that messages can be shown and logged.
+DISPLAY_HEADERS = frozenset({"from", "subject", "message-id", "date"})
+
+
+def _walk(condition: Condition) -> Iterator[Condition]:
+    yield condition
+    for child in condition.children():
+        yield from _walk(child)
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """Validated rules in order, where they came from, and the [account] table."""
+
+    rules: Tuple[Rule, ...]
+    source: str = "built-in rules"
+    account: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def needs(self) -> Needs:
+        """Returns the message data these rules read (see Needs)."""
+        headers, queries, kinds = set(DISPLAY_HEADERS), set(), set()
+        for rule in self.rules:
+            for cond in _walk(rule.condition):
+                if isinstance(cond, (HeaderMatch, AddressMatch)):
+                    headers.update(cond.headers)
+                elif isinstance(cond, HeaderPresent):
+                    headers.add(cond.name.lower())
+                elif isinstance(cond, BodyMatch):
+                    kinds.add("body")
+                elif isinstance(cond, SizeCompare):
+                    kinds.add("size")
+                elif isinstance(cond, AgeCompare):
+                    kinds.add("date")
+                elif isinstance(cond, HasLabel):
+                    kinds.add("labels")
+                elif isinstance(cond, GmailQuery):
+                    queries.add(cond.query)
+                elif isinstance(cond, StateIs):
+                    kinds.add("attachment" if cond.key == "has_attachment" else "flags")
+        return Needs(headers=frozenset(headers), queries=frozenset(queries),
+                     **{kind: True for kind in kinds})
+
+    def classify(self, msg: MessageInfo, final: bool = False,
+                 now: Optional[datetime] = None) -> Optional[Decision]:
+        """Apply the rules in order: the first match wins unless it says `continue`.
+
+        `now` (aware; default: the current UTC time) is the reference for
+        older_than / newer_than. Returns a Decision, or None when a rule needed
+        data that `msg` lacks (e.g. the body) before the outcome was settled;
+        with final=True unknown conditions count as false and None never comes back.
+        """
+        if now is None:
+            now = datetime.now(timezone.utc)
+        elif now.tzinfo is None:
+            now = now.replace(tzinfo=timezone.utc)
+        matches: List[Tuple[str, str]] = []
+        actions = Actions()
+        for rule in self.rules:
+            value, reason = rule.condition.evaluate(msg, now)
+            if value is None:
+                if not final:
+                    return None
+                continue
+            if value:
+                matches.append((rule.name, reason))
+                actions = actions.merged(rule.actions)
+                if not rule.continue_:
+                    break
+        return Decision(matches=tuple(matches), actions=actions)
+
+
+# --- Rules files: validation -------------------------------------------------------------
+
+_ADDRESS_KEYS = {
+    "from": ("from",), "to": ("to",), "cc": ("cc",),
+    "recipient": ("to", "cc", "delivered-to", "bcc"),
+}
+_TEXT_KEYS = {"subject": ("subject",), "list_id": ("list-id",)}
+CONDITION_KEYS = (
+    "from", "to", "cc", "recipient", "subject", "body", "list_id", "header",
+    "any", "all", "not", "larger_than", "smaller_than", "older_than", "newer_than",
+    "has_attachment", "unread", "starred", "has_label", "gmail_query",
+)
+ACTION_KEYS = ("label", "move", "archive", "mark_read", "mark_unread", "star", "unstar", "trash")
+RULE_KEYS = ("name", "continue") + CONDITION_KEYS + ACTION_KEYS
+TOP_LEVEL_KEYS = ("rule", "account")
+ACCOUNT_KEYS = ("user", "host", "port", "tls", "auth", "password_command", "cafile", "folders")
+TLS_MODES = ("implicit", "starttls", "plaintext")
+AUTH_METHODS = ("password", "xoauth2")
+
+_SIZE_RE = re.compile(r"(\d+)([KMG]?)", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+_AGE_RE = re.compile(r"(\d+)([dwmy])")
+_HEADER_NAME_RE = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII but ':'
+_FORBIDDEN_CHARS = re.compile(r"[\r\n\0]")
+
+
+def _unknown_key(key: str, known: Iterable[str], what: str = "known keys") -> str:
+    known = list(known)
+    close = difflib.get_close_matches(str(key), known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown key '{key}'{hint} ({what}: {', '.join(known)})"
+
+
+class _Where:
+    """Builds one-line RulesError messages: 'rules.toml: rule 2 ("News"): label: ...'."""
+
+    def __init__(self, source: str, position: int = 0, name: Optional[str] = None) -> None:
+        self.source, self.position, self.name = source, position, name
+
+    def prefix(self) -> str:
+        if not self.position:
+            return f"{self.source}: "
+        named = f" ({json.dumps(self.name, ensure_ascii=False)})" if self.name else ""
+        return f"{self.source}: rule {self.position}{named}: "
+
+    def error(self, path: str, message: str) -> RulesError:
+        return RulesError(f"{self.prefix()}{path + ': ' if path else ''}{message}")
+
+
+def _check_bool(where: _Where, path: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise where.error(path, f"expected true or false, got {_quote(value)}")
+    return value
+
+
+def _check_text(where: _Where, path: str, value: Any, what: str = "a string") -> str:
+    if not isinstance(value, str):
+        raise where.error(path, f"expected {what}, got {_quote(value)}")
+    if not value.strip():
+        raise where.error(path, f"expected {what}, got an empty string")
+    if _FORBIDDEN_CHARS.search(value):
+        raise where.error(path, f"{_quote(value)} contains a line break or NUL character")
+    return value
+
+
+def _parse_pattern(where: _Where, path: str, text: Any) -> Pattern:
+    text = _check_text(where, path, text, "a string or a list of strings")
+    found = re.fullmatch(r"/(.*)/([A-Za-z]*)", text, re.DOTALL)
+    if not found:
+        return Pattern(text=text, needle=_normalise(text))
+    body, letters = found.groups()
+    if not body:
+        raise where.error(path, "empty regex // would match everything")
+    flags = 0
+    for letter in letters:
+        if letter not in _REGEX_FLAGS:
+            raise where.error(path, f"unknown regex flag '{letter}' in {text}; use i, m, s or x "
+                                    f"(to match a slash literally, write it inside a regex as \\/)")
+        flags |= _REGEX_FLAGS[letter]
+    try:
+        compiled = re.compile(body, flags)
+    except re.error as exc:
+        raise where.error(path, f"bad regex {text}: {exc}") from None
+    return Pattern(text=text, regex=compiled)
+
+
+def _parse_matcher(where: _Where, path: str, value: Any) -> Matcher:
+    if isinstance(value, list):
+        if not value:
+            raise where.error(path, "expected a string or a list of strings, got an empty list")
+        return Matcher(tuple(_parse_pattern(where, f"{path}[{i}]", item)
+                             for i, item in enumerate(value, 1)))
+    return Matcher((_parse_pattern(where, path, value),))
+
+
+def _parse_size(where: _Where, path: str, value: Any) -> Tuple[int, str]:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value, str(value)
+    found = _SIZE_RE.fullmatch(value) if isinstance(value, str) else None
+    if not found:
+        raise where.error(path, f"expected a size like 500K, 5M or 1G, got {_quote(value)}")
+    return int(found.group(1)) * _SIZE_UNITS[found.group(2).lower()], value
+
+
+def _parse_age(where: _Where, path: str, value: Any) -> Tuple[int, str]:
+    found = _AGE_RE.fullmatch(value) if isinstance(value, str) else None
+    if not found:
+        raise where.error(path, "expected a number and unit d, w, m or y (e.g. \"1y\"), "
+                                f"got {_quote(value)}")
+    return int(found.group(1)), found.group(2)
+
+
+def _parse_condition_list(where: _Where, path: str, value: Any) -> Tuple[Condition, ...]:
+    if not isinstance(value, list) or not value:
+        raise where.error(path, f"expected a non-empty list of condition tables, got {_quote(value)}")
+    return tuple(_parse_condition_table(where, f"{path}[{i}]", item)
+                 for i, item in enumerate(value, 1))
+
+
+def _parse_header_table(where: _Where, path: str, value: Any) -> List[Condition]:
+    if not isinstance(value, dict) or not value:
+        raise where.error(path, "expected a table of header names, e.g. "
+                                f"{{ \"List-Unsubscribe\" = true }}, got {_quote(value)}")
+    parts: List[Condition] = []
+    for name, test in value.items():
+        sub = f"{path}.{name}"
+        if not _HEADER_NAME_RE.fullmatch(name):
+            raise where.error(sub, f"{_quote(name)} is not a header name "
+                                   "(printable ASCII without spaces or ':')")
+        if isinstance(test, bool):
+            parts.append(HeaderPresent(name, test))
+        elif isinstance(test, (str, list)):
+            parts.append(HeaderMatch(f"header {name}", (name.lower(),), _parse_matcher(where, sub, test)))
+        else:
+            raise where.error(sub, "expected true (present), false (absent), a string or a list "
+                                   f"of strings, got {_quote(test)}")
+    return parts
+
+
+def _parse_one_condition(where: _Where, path: str, key: str, value: Any) -> List[Condition]:
+    if key in _ADDRESS_KEYS:
+        return [AddressMatch(key, _ADDRESS_KEYS[key], _parse_matcher(where, path, value))]
+    if key in _TEXT_KEYS:
+        return [HeaderMatch(key, _TEXT_KEYS[key], _parse_matcher(where, path, value))]
+    if key == "body":
+        return [BodyMatch(_parse_matcher(where, path, value))]
+    if key == "header":
+        return _parse_header_table(where, path, value)
+    if key == "any":
+        return [AnyOf(_parse_condition_list(where, path, value))]
+    if key == "all":
+        return [AllOf(_parse_condition_list(where, path, value))]
+    if key == "not":
+        return [Not(_parse_condition_table(where, path, value))]
+    if key in ("larger_than", "smaller_than"):
+        limit, text = _parse_size(where, path, value)
+        return [SizeCompare(key == "larger_than", limit, text)]
+    if key in ("older_than", "newer_than"):
+        amount, unit = _parse_age(where, path, value)
+        return [AgeCompare(key == "older_than", amount, unit, value)]
+    if key in ("has_attachment", "unread", "starred"):
+        return [StateIs(key, _check_bool(where, path, value))]
+    if key == "has_label":
+        return [HasLabel(_parse_matcher(where, path, value))]
+    if key == "gmail_query":
+        return [GmailQuery(_check_text(where, path, value, "a Gmail search string"))]
+    raise AssertionError(key)  # callers pass CONDITION_KEYS only
+
+
+def _combine(parts: List[Condition]) -> Condition:
+    return parts[0] if len(parts) == 1 else AllOf(tuple(parts), explicit=False)
+
+
+def _parse_condition_table(where: _Where, path: str, value: Any) -> Condition:
+    """A table of conditions (all must hold), as used inside any / all / not."""
+    if not isinstance(value, dict):
+        raise where.error(path, f"expected a table of conditions, got {_quote(value)}")
+    if not value:
+        raise where.error(path, "empty table; add at least one condition")
+    parts: List[Condition] = []
+    for key, item in value.items():
+        if key in ACTION_KEYS or key in ("name", "continue"):
+            raise where.error(path, f"'{key}' is not a condition; put it at the top level of "
+                                    "the rule (only conditions go inside any / all / not)")
+        if key not in CONDITION_KEYS:
+            raise where.error(path, _unknown_key(key, CONDITION_KEYS, "known conditions"))
+        parts.extend(_parse_one_condition(where, f"{path}.{key}", key, item))
+    return _combine(parts)
+
+
+def _parse_labels(where: _Where, value: Any) -> Tuple[str, ...]:
+    what = "a string or a list of strings"
+    items = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not value:
+        raise where.error("label", f"expected {what}, got an empty list")
+    labels: List[str] = []
+    for i, item in enumerate(items, 1):
+        path = f"label[{i}]" if isinstance(value, list) else "label"
+        label = _check_text(where, path, item, what)
+        if label not in labels:
+            labels.append(label)
+    return tuple(labels)
+
+
+def _parse_actions(where: _Where, rule: dict) -> Actions:
+    values: Dict[str, Any] = {}
+    if "label" in rule:
+        values["labels"] = _parse_labels(where, rule["label"])
+    if "move" in rule:
+        values["move"] = _check_text(where, "move", rule["move"], "a folder name")
+    for key in ("archive", "mark_read", "mark_unread", "star", "unstar", "trash"):
+        if key in rule:
+            values[key] = _check_bool(where, key, rule[key])
+    actions = Actions(**values)
+    if actions.is_empty():
+        raise where.error("", "no action; add at least one of " + ", ".join(ACTION_KEYS)
+                              + " (set to a label, a folder or true)")
+    conflicts = [("move", "trash"), ("move", "archive"), ("archive", "trash"),
+                 ("mark_read", "mark_unread"), ("star", "unstar")]
+    for first, second in conflicts:
+        if getattr(actions, first) and getattr(actions, second):
+            raise where.error("", f"'{first}' and '{second}' contradict each other; keep one, "
+                                  "or split them into two rules")
+    return actions
+
+
+def _parse_rule(source: str, position: int, rule: Any) -> Rule:
+    where = _Where(source, position)
+    if not isinstance(rule, dict):
+        raise where.error("", f"expected a table, got {_quote(rule)}")
+    name = rule.get("name")
+    if name is not None:
+        name = _check_text(where, "name", name)
+        where.name = name
+    for key in rule:
+        if key not in RULE_KEYS:
+            raise where.error("", _unknown_key(key, RULE_KEYS))
+    parts: List[Condition] = []
+    for key, value in rule.items():  # file order: explanations read as written
+        if key in CONDITION_KEYS:
+            parts.extend(_parse_one_condition(where, key, key, value))
+    if not parts:
+        raise where.error("", "no condition; add at least one of " + ", ".join(CONDITION_KEYS))
+    actions = _parse_actions(where, rule)
+    keep_going = _check_bool(where, "continue", rule.get("continue", False))
+    return Rule(name=name or f"rule {position}", position=position,
+                condition=_combine(parts), actions=actions, continue_=keep_going)
+
+
+def _parse_account(source: str, value: Any) -> Dict[str, Any]:
+    where = _Where(source)
+    if not isinstance(value, dict):
+        raise where.error("account", f"expected a table, got {_quote(value)}")
+    account: Dict[str, Any] = {}
+    for key, item in value.items():
+        path = f"account.{key}"
+        if key not in ACCOUNT_KEYS:
+            raise where.error("account", _unknown_key(key, ACCOUNT_KEYS))
+        if key in ("user", "host", "cafile"):
+            account[key] = _check_text(where, path, item)
+        elif key == "port":
+            if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= 65535:
+                raise where.error(path, f"expected a whole number from 1 to 65535, got {_quote(item)}")
+            account[key] = item
+        elif key in ("tls", "auth"):
+            choices = TLS_MODES if key == "tls" else AUTH_METHODS
+            if item not in choices:
+                raise where.error(path, f"expected one of {', '.join(map(_quote, choices))}, "
+                                        f"got {_quote(item)}")
+            account[key] = item
+        elif key == "password_command":
+            if isinstance(item, list):
+                if not item:
+                    raise where.error(path, "expected a command string or a list of strings, "
+                                            "got an empty list")
+                account[key] = [_check_text(where, f"{path}[{i}]", part, "a string")
+                                for i, part in enumerate(item, 1)]
+            else:
+                account[key] = _check_text(where, path, item, "a command string or a list of strings")
+        elif key == "folders":
+            if not isinstance(item, list) or not item:
+                raise where.error(path, f"expected a non-empty list of folder names, got {_quote(item)}")
+            account[key] = [_check_text(where, f"{path}[{i}]", part, "a folder name")
+                            for i, part in enumerate(item, 1)]
+    return account
+
+
+def parse_rules(doc: Any, source: str = "<rules>") -> Ruleset:
+    """Validate a rules document (parsed TOML or JSON) and build a Ruleset.
+
+    Returns the Ruleset; raises RulesError with one line naming the source, the
+    rule (position and name), the key and what was expected.
+    """
+    where = _Where(source)
+    if not isinstance(doc, dict):
+        raise where.error("", "expected a table with a 'rule' list at the top level, "
+                              f"got {_quote(doc)}")
+    for key in doc:
+        if key not in TOP_LEVEL_KEYS:
+            raise where.error("", _unknown_key(key, TOP_LEVEL_KEYS))
+    if "rule" not in doc:
+        raise where.error("", "no rules; add at least one [[rule]] table (TOML) "
+                              "or a \"rule\" list (JSON)")
+    rules = doc["rule"]
+    if isinstance(rules, dict):
+        raise where.error("rule", "expected a list of rule tables; in TOML write [[rule]] "
+                                  "with double brackets")
+    if not isinstance(rules, list):
+        raise where.error("rule", f"expected a list of rule tables, got {_quote(rules)}")
+    if not rules:
+        raise where.error("rule", "the list is empty; add at least one rule")
+    parsed = tuple(_parse_rule(source, i, rule) for i, rule in enumerate(rules, 1))
+    account = _parse_account(source, doc["account"]) if "account" in doc else {}
+    return Ruleset(rules=parsed, source=source, account=account)
+
+
+# --- Rules files: loading and the built-in rules -----------------------------------------
+
+_TOML_AT_RE = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+
+
+def load_rules(path: Any) -> Ruleset:
+    """Read, parse and validate a .toml or .json rules file.
+
+    Returns the Ruleset (source = the path as given); raises RulesError when
+    the file is missing, unreadable, not valid TOML/JSON, or the rules are wrong.
+    """
+    source = os.fspath(path)
+    suffix = Path(source).suffix.lower()
+    if suffix not in (".toml", ".json"):
+        raise RulesError(f"{source}: unknown rules file type; name it *.toml or *.json")
+    if suffix == ".toml" and tomllib is None:
+        raise RulesError(f"{source}: reading TOML needs Python 3.11 or newer (tomllib); "
+                         "write the rules as JSON (rules.json) instead")
+    try:
+        with open(source, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise RulesError(f"{source}: no such file") from None
+    except OSError as exc:
+        raise RulesError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise RulesError(f"{source}: not UTF-8 text (bad byte at offset {exc.start}); "
+                         "save the file as UTF-8") from None
+    if suffix == ".toml":
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            message = str(exc.args[0] if exc.args else exc)
+            at = _TOML_AT_RE.search(message)
+            where = f"line {at.group(1)}, column {at.group(2)}: " if at else ""
+            message = _TOML_AT_RE.sub("", message)
+            raise RulesError(f"{source}: {where}invalid TOML: {message}") from None
+    else:
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RulesError(f"{source}: line {exc.lineno}, column {exc.colno}: "
+                             f"invalid JSON: {exc.msg}") from None
+    return parse_rules(doc, source)
+
+
+# The built-in rules only add labels: nothing is archived, trashed or marked
+# read until the user writes a rules file that says so. STARTER_RULES_TOML is
+# the same document written out with comments; a test keeps the two equal.
+_BUILTIN_DOC: Dict[str, Any] = {
+    "rule": [
+        {
+            "name": "Calendar",
+            "subject": [
+                "/^(new |updated )?invitation( with note)?:/i",
+                "/^(accepted|declined|tentatively accepted)( with note)?:/i",
+                "/^(canceled|cancelled) (event|invitation)( with note)?:/i",
+            ],
+            "label": "Calendar",
+        },
+        {
+            "name": "Security",
+            "subject": [
+                "security alert", "new sign-in", "sign-in attempt", "new login",
+                "/password (was |has been )?(changed|reset)/i", "verification code",
+                "Sicherheitswarnung", "alerte de sécurité", "alerta de seguridad",
+            ],
+            "label": "Security",
+        },
+        {
+            "name": "Receipts",
+            "subject": [
+                "receipt", "invoice", "order confirmation", "your order", "order #",
+                "payment received", "payment confirmation", "thanks for your purchase",
+                "thank you for your purchase", "thank you for your order",
+                "Rechnung", "Bestellbestätigung", "Ihre Bestellung", "Zahlungsbestätigung",
+                "facture", "votre commande", "confirmation de commande",
+                "factura", "recibo", "tu pedido", "su pedido", "confirmación de pedido",
+                "ricevuta", "fattura", "il tuo ordine", "factuur", "bestelling",
+            ],
+            "label": "Receipts",
+        },
+        {
+            "name": "Notifications",
+            "from": "/no-?reply|do-?not-?reply|notifications?@/i",
+            "label": "Notifications",
+        },
+        {
+            "name": "Newsletters",
+            "any": [
+                {"header": {"List-Unsubscribe": True}},
+                {"header": {"List-Id": True}},
+            ],
+            "label": "Newsletters",
+        },
+    ],
+}
+
+STARTER_RULES_JSON = json.dumps(_BUILTIN_DOC, indent=2, ensure_ascii=False) + "\n"
+
+STARTER_RULES_TOML = r'''# gmail_classify rules. These are the built-in rules; edit them to taste.
+#
+# How rules work
+#   Rules are tried in order; the first rule whose conditions all hold decides
+#   what happens to a message. `continue = true` lets later rules apply as well:
+#   their labels and flags are added, but the first move / archive / trash and
+#   the first mark_read-or-unread / star-or-unstar choice win.
+#
+# Text matching (used by from, to, cc, recipient, subject, body, list_id, header)
+#   "receipt"          contains "receipt", ignoring case ("STRASSE" finds "straße")
+#   '/order #?\d{5}/i' a regular expression (searched anywhere); flags i m s x.
+#                      Write regexes in 'single quotes' so backslashes stay as typed.
+#   ["a", "b"]         any of these
+#   Addresses are matched as `Display Name <user@domain>`, so both "@amazon.com"
+#   and "Amazon" match "Amazon.com" <auto-confirm@amazon.com>.
+#
+# Conditions (every condition in a rule must hold)
+#   from, to, cc         the address headers
+#   recipient            To, Cc, Delivered-To or Bcc
+#   subject              the Subject header
+#   body                 the start of the text body (fetched only when needed)
+#   list_id              the List-Id header of mailing lists
+#   header               a table: { "X-Spam-Flag" = "yes", "List-Unsubscribe" = true }
+#                        true = header present, false = absent, text = matches
+#   larger_than          size: 500K, 5M, 1G (1K = 1024 bytes) or plain bytes
+#   smaller_than         as larger_than
+#   older_than           age in Gmail's units: 3d, 2w, 6m, 1y (months and years
+#   newer_than             are calendar months and years back from today)
+#   has_attachment       true or false
+#   unread, starred      true or false
+#   has_label            a label name ("Receipts", "Inbox", "Starred") or a regex
+#   gmail_query          a Gmail search run by the server, e.g. "category:promotions"
+#   any = [ {...}, {...} ]   at least one of these tables of conditions holds
+#   all = [ {...}, {...} ]   every one of them holds
+#   not = { ... }            this table of conditions does not hold
+#
+# Actions (at least one per rule)
+#   label = "Name" or ["A", "B/Sub"]   add Gmail labels (created when missing)
+#   move = "Folder"                    move the message to this folder / label
+#   archive = true                     remove it from the Inbox
+#   trash = true                       move it to Trash
+#   mark_read, mark_unread = true      set or clear the read state
+#   star, unstar = true                set or clear the star
+#   name = "..."                       shown in logs and `test` output
+#   continue = true                    keep applying later rules too
+#
+# Connection settings may live here too (all optional):
+# [account]
+# user = "you@gmail.com"
+# host = "imap.gmail.com"
+# port = 993
+# tls = "implicit"              # "implicit", "starttls" or "plaintext"
+# auth = "password"             # "password" (an app password) or "xoauth2"
+# password_command = ["pass", "show", "gmail-app-password"]
+# cafile = "/etc/ssl/certs/ca-certificates.crt"
+# folders = ["INBOX"]
+
+# Google Calendar invitations and replies, by their subject prefixes.
+[[rule]]
+name = "Calendar"
+subject = [
+  '/^(new |updated )?invitation( with note)?:/i',
+  '/^(accepted|declined|tentatively accepted)( with note)?:/i',
+  '/^(canceled|cancelled) (event|invitation)( with note)?:/i',
+]
+label = "Calendar"
+
+# Sign-in and password alerts. Phishing mail uses the same words: the label
+# only groups them, it does not make them genuine.
+[[rule]]
+name = "Security"
+subject = [
+  "security alert", "new sign-in", "sign-in attempt", "new login",
+  '/password (was |has been )?(changed|reset)/i', "verification code",
+  "Sicherheitswarnung", "alerte de sécurité", "alerta de seguridad",
+]
+label = "Security"
+
+# Receipts, invoices and order confirmations, in English, German, French,
+# Spanish, Italian and Dutch. Placed before Newsletters because shops add
+# List-Unsubscribe headers to their receipts.
+[[rule]]
+name = "Receipts"
+subject = [
+  "receipt", "invoice", "order confirmation", "your order", "order #",
+  "payment received", "payment confirmation", "thanks for your purchase",
+  "thank you for your purchase", "thank you for your order",
+  "Rechnung", "Bestellbestätigung", "Ihre Bestellung", "Zahlungsbestätigung",
+  "facture", "votre commande", "confirmation de commande",
+  "factura", "recibo", "tu pedido", "su pedido", "confirmación de pedido",
+  "ricevuta", "fattura", "il tuo ordine", "factuur", "bestelling",
+]
+label = "Receipts"
+
+# Automated mail from no-reply and notification senders (GitHub, banks, apps).
+[[rule]]
+name = "Notifications"
+from = '/no-?reply|do-?not-?reply|notifications?@/i'
+label = "Notifications"
+
+# Bulk mail: anything that carries an unsubscribe link or a mailing-list id.
+[[rule]]
+name = "Newsletters"
+any = [
+  { header = { "List-Unsubscribe" = true } },
+  { header = { "List-Id" = true } },
+]
+label = "Newsletters"
+
+# More examples (remove the # to use them):
+#
+# [[rule]]
+# name = "Old and big"
+# larger_than = "5M"
+# older_than = "1y"
+# not = { has_label = "Keep" }
+# trash = true
+'''
+
+
+def builtin_rules() -> Ruleset:
+    """Returns the rules used when the user has no rules file (labels only)."""
+    return parse_rules(_BUILTIN_DOC, "built-in rules")
+
+
+# --- Classify pipeline -------------------------------------------------------------------
+#
+# For one folder: open it (EXAMINE in a dry run, so nothing can change), find the UIDs,
+# fetch in batches only what the rules read, classify in memory, and only then act: one
+# command per action per chunk of a compressed UID set, flags and labels before moves.
+# Round trips grow with N / batch size plus a few per distinct action, never with N alone;
+# after a batch is classified only its UIDs are kept.
+
+DEFAULT_BATCH = 1000     # messages per FETCH: ~0.5 MB of headers, one round trip
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the rules decided for one message, for reports and ``--json``."""
+
+    folder: str
+    uid: int
+    sender: str
+    subject: str
+    decision: Decision
+    msgid: Optional[int] = None
+
+
+@dataclass
+class FolderReport:
+    """Counts for one folder run: what matched, what was (or would be) done."""
+
+    folder: str
+    applied: bool
+    examined: int = 0
+    matched: Dict[str, int] = field(default_factory=dict)       # rule name -> messages
+    changed: Dict[str, int] = field(default_factory=dict)       # rule name -> needing a change
+    changes: Dict[str, int] = field(default_factory=dict)       # "label Receipts" -> messages
+    created: List[str] = field(default_factory=list)            # folders/labels created
+    moved_missing: int = 0                                      # gone before we moved them
+
+
+@dataclass
+class _Plan:
+    """UIDs grouped by the change they need; built while classifying, applied at the end."""
+
+    add_labels: Dict[str, List[int]] = field(default_factory=dict)
+    add_flags: Dict[str, List[int]] = field(default_factory=dict)
+    remove_flags: Dict[str, List[int]] = field(default_factory=dict)
+    archive: List[int] = field(default_factory=list)
+    move: Dict[str, List[int]] = field(default_factory=dict)
+    trash: List[int] = field(default_factory=list)
+
+    def add(self, uid: int, actions: Actions, flags: frozenset,
+            labels: Optional[frozenset], folder: str) -> bool:
+        """Record only changes the message still needs, so a second run sends nothing.
+
+        Returns True if the message needs any change at all.
+        """
+        needed = False
+        for label in actions.labels:
+            if labels is None or not any(_same_label(label, have) for have in labels):
+                self.add_labels.setdefault(label, []).append(uid)
+                needed = True
+        wanted = [("\\Seen", actions.mark_read, actions.mark_unread),
+                  ("\\Flagged", actions.star, actions.unstar)]
+        for flag, on, off in wanted:
+            if on and flag not in flags:
+                self.add_flags.setdefault(flag, []).append(uid)
+                needed = True
+            elif off and flag in flags:
+                self.remove_flags.setdefault(flag, []).append(uid)
+                needed = True
+        if actions.trash:
+            self.trash.append(uid)
+        elif actions.move and actions.move != folder:
+            self.move.setdefault(actions.move, []).append(uid)
+        elif actions.archive and (labels is None or any(l.lower() == "\\inbox" for l in labels)):
+            self.archive.append(uid)
+        else:
+            return needed
+        return True
+
+    def changes(self) -> Dict[str, int]:
+        counts: Dict[str, int] = {}
+        for label, uids in self.add_labels.items():
+            counts[f"label {label}"] = len(uids)
+        names = {"\\Seen": ("mark read", "mark unread"), "\\Flagged": ("star", "unstar")}
+        for flag, uids in self.add_flags.items():
+            counts[names[flag][0]] = len(uids)
+        for flag, uids in self.remove_flags.items():
+            counts[names[flag][1]] = len(uids)
+        if self.archive:
+            counts["archive"] = len(self.archive)
+        for folder, uids in self.move.items():
+            counts[f"move to {folder}"] = len(uids)
+        if self.trash:
+            counts["trash"] = len(self.trash)
+        return counts
+
+
+def _same_label(wanted: str, have: str) -> bool:
+    if wanted.startswith("\\") or have.startswith("\\"):
+        return wanted.lower() == have.lower()
+    return wanted == have
+
+
+def _fetch_items(needs: Needs, gmail: bool) -> List[str]:
+    fields = " ".join(sorted(h.upper() for h in needs.headers))
+    items = ["FLAGS", f"BODY.PEEK[HEADER.FIELDS ({fields})]"]
+    if needs.size:
+        items.append("RFC822.SIZE")
+    if needs.date:
+        items.append("INTERNALDATE")
+    if needs.attachment:
+        items.append("BODYSTRUCTURE")
+    if gmail:
+        items += ["X-GM-LABELS", "X-GM-MSGID"]
+    return items
+
+
+def _structure_has_attachment(structure: Any) -> Optional[bool]:
+    """Walk a BODYSTRUCTURE: True if any part is an attachment (by disposition or name)."""
+    if not isinstance(structure, list) or not structure:
+        return None
+    if isinstance(structure[0], list):  # multipart: parts..., subtype, extensions
+        return any(_structure_has_attachment(part) for part in structure
+                   if isinstance(part, list) and part and isinstance(part[0], (list, str)))
+    for item in structure[7:]:
+        if isinstance(item, list) and item and isinstance(item[0], str) \
+                and item[0].lower() == "attachment":
+            return True
+    params = structure[2] if len(structure) > 2 and isinstance(structure[2], list) else []
+    names = [str(params[i]).lower() for i in range(0, len(params) - 1, 2)]
+    main = str(structure[0]).lower()
+    return "name" in names and main not in ("text", "multipart")
+
+
+def _message_info(uid: int, values: Mapping[str, Any], header_item: str,
+                  queries: Optional[Dict[str, set]]) -> MessageInfo:
+    labels = values.get("X-GM-LABELS")
+    structure = values.get("BODYSTRUCTURE")
+    return MessageInfo(
+        headers=parse_headers(values.get(header_item) or b""),
+        uid=uid,
+        flags=frozenset(values.get("FLAGS") or ()),
+        labels=None if labels is None else frozenset(labels),
+        size=values.get("RFC822.SIZE"),
+        date=values.get("INTERNALDATE"),
+        has_attachment=None if structure is None else bool(_structure_has_attachment(structure)),
+        queries=None if queries is None else frozenset(q for q, hits in queries.items() if uid in hits),
+    )
+
+
+def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX", *,
+                    apply: bool = False, since: Optional[_dt.date] = None,
+                    limit: Optional[int] = None, batch_size: int = DEFAULT_BATCH,
+                    on_message: Optional[Callable[[Outcome], None]] = None,
+                    on_progress: Optional[Callable[[int, int], None]] = None,
+                    now: Optional[_dt.datetime] = None) -> FolderReport:
+    """Classify every message of ``folder`` (or those since ``since``; the newest ``limit``).
+
+    Dry run unless ``apply``: the folder is opened with EXAMINE and nothing is written.
+    ``on_message`` receives an Outcome per message; ``on_progress(done, total)`` per batch.
+    Returns a FolderReport.  Raises CapabilityError before touching anything when the rules
+    need Gmail and the server is not Gmail, and the connection's errors.
+    """
+    needs = rules.needs
+    if needs.queries and not conn.is_gmail:
+        raise CapabilityError(f"the rules use gmail_query, but {conn.host} is not Gmail "
+                              f"(no X-GM-EXT-1); remove those conditions for this server")
+    report = FolderReport(folder, apply)
+    status = conn.select(folder) if apply else conn.examine(folder)
+    log.info("%s: %d messages (UIDVALIDITY %d)", folder, status.exists, status.uidvalidity)
+    uids = conn.search(["SINCE", since] if since else ["ALL"])
+    if limit is not None:
+        uids = uids[-limit:] if limit > 0 else []
+    queries: Optional[Dict[str, set]] = None
+    if conn.is_gmail:
+        queries = {query: set(conn.search(["ALL"], gmail_raw=query)) for query in needs.queries}
+    items = _fetch_items(needs, conn.is_gmail)
+    header_item = items[1]
+    plan = _Plan()
+    for start in range(0, len(uids), batch_size):
+        batch = uids[start:start + batch_size]
+        fetched = conn.fetch(batch, items)
+        infos = {uid: _message_info(uid, values, header_item, queries)
+                 for uid, values in fetched.items()}
+        decisions: Dict[int, Decision] = {}
+        undecided: List[int] = []
+        for uid, info in infos.items():
+            decision = rules.classify(info, final=not needs.body, now=now)
+            if decision is None:
+                undecided.append(uid)
+            else:
+                decisions[uid] = decision
+        if undecided:
+            # Only messages the headers could not settle pay for a body prefix.
+            body_item = f"BODY.PEEK[]<0.{BODY_PREFIX_BYTES}>"
+            bodies = conn.fetch(undecided, [body_item])
+            for uid in undecided:
+                raw = bodies.get(uid, {}).get(body_item)
+                info = dataclasses.replace(infos[uid], body=body_text(raw or b""))
+                decisions[uid] = rules.classify(info, final=True, now=now)
+        for uid in sorted(decisions):
+            decision, info = decisions[uid], infos[uid]
+            report.examined += 1
+            needed = plan.add(uid, decision.actions, info.flags, info.labels, folder)
+            for name, _reason in decision.matches:
+                report.matched[name] = report.matched.get(name, 0) + 1
+                if needed:
+                    report.changed[name] = report.changed.get(name, 0) + 1
+            if on_message is not None:
+                on_message(Outcome(folder, uid, _first(header_addresses(info.headers, "from")),
+                                   _first(header_text(info.headers, "subject")), decision,
+                                   fetched[uid].get("X-GM-MSGID")))
+        if on_progress is not None:
+            on_progress(min(start + batch_size, len(uids)), len(uids))
+    report.changes = plan.changes()
+    if apply:
+        _apply_plan(conn, plan, report)
+    return report
+
+
+def _first(values: Sequence[str]) -> str:
+    return values[0] if values else ""
+
+
+def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport) -> None:
+    """Carry out a plan: create what is missing, then labels and flags, then moves."""
+    existing = {f.name for f in conn.list_folders()}
+    targets = list(plan.move)
+    if not conn.is_gmail:
+        targets += list(plan.add_labels)
+    if conn.is_gmail:
+        targets += [label for label in plan.add_labels if not label.startswith("\\")]
+    for name in dict.fromkeys(targets):
+        if name not in existing and name.upper() != "INBOX":
+            if conn.create_folder(name):
+                report.created.append(name)
+    for label, uids in plan.add_labels.items():
+        if conn.is_gmail:
+            conn.add_labels(uids, [label])
+        else:
+            conn.copy(uids, label)   # no labels here: a copy in a folder of that name
+    for flag, uids in plan.add_flags.items():
+        conn.add_flags(uids, [flag])
+    for flag, uids in plan.remove_flags.items():
+        conn.remove_flags(uids, [flag])
+    if plan.archive:
+        if conn.is_gmail:
+            # Gmail's archive is "remove the \Inbox label"; the message stays in All Mail.
+            conn.remove_labels(plan.archive, ["\\Inbox"])
+        else:
+            archive = conn.special_folder("\\Archive")
+            if archive is None:
+                raise CapabilityError(f"{conn.host} has no folder marked \\Archive, so "
+                                      f"'archive' has nowhere to go; use move = \"<folder>\" "
+                                      f"in the rule instead")
+            report.moved_missing += len(conn.move(plan.archive, archive.name).missing)
+    for destination, uids in plan.move.items():
+        report.moved_missing += len(conn.move(uids, destination).missing)
+    if plan.trash:
+        trash = conn.special_folder("\\Trash")
+        if trash is None:
+            raise CapabilityError(f"{conn.host} has no folder marked \\Trash; refusing to "
+                                  f"delete mail another way. Use move = \"<folder>\" instead")
+        report.moved_missing += len(conn.move(plan.trash, trash.name).missing)
+
+
+# --- Command line ------------------------------------------------------------------------
+#
+# A thin layer over the library: parse arguments, find the rules and the password, call
+# classify_folder, print.  Every failure a user can cause ends in one line on stderr and a
+# documented exit code; -v adds the traceback.
+
+EXIT_OK = 0
+EXIT_ERROR = 1          # an unexpected failure (a bug: please report it with -v)
+EXIT_USAGE = 2          # bad arguments or rules file
+EXIT_AUTH = 3           # the server rejected the credentials
+EXIT_CONNECTION = 4     # could not connect, or lost the connection after retries; TLS refused
+EXIT_SERVER = 5         # the server refused an operation or lacks a needed feature
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0  success
+  1  unexpected error (run again with -v and report it)
+  2  bad usage, or an invalid rules file
+  3  authentication failed (wrong password, app password needed, bad token)
+  4  connection failed, or was lost and could not be restored; TLS refused
+  5  the server refused an operation or lacks a feature the rules need
+  130 interrupted
+"""
+
+PASSWORD_ENV = "GMAIL_APP_PASSWORD"
+TOKEN_ENV = "GMAIL_OAUTH_TOKEN"
+USER_ENV = "GMAIL_USER"
+SUBCOMMANDS = ("run", "check", "test", "labels", "folders", "init")
+
+
+class UsageError(GmailClassifyError):
+    """A command-line mistake; the message says what to do instead."""
+
+
+def default_rules_dir() -> pathlib.Path:
+    """``$XDG_CONFIG_HOME/gmail_classify`` (``~/.config/gmail_classify`` by default)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return pathlib.Path(base) / "gmail_classify"
+
+
+def find_rules(path: Optional[str]) -> Ruleset:
+    """Load ``path``; else the default rules file if there is one; else the built-in rules."""
+    if path:
+        return load_rules(path)
+    for name in ("rules.toml", "rules.json"):
+        candidate = default_rules_dir() / name
+        if candidate.exists():
+            return load_rules(str(candidate))
+    return builtin_rules()
+
+
+def _parse_since(text: str) -> _dt.date:
+    try:
+        return _dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date as YYYY-MM-DD, got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; ``python gmail_classify.py`` alone means ``run``."""
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand's defaults must not undo a -v given before the subcommand.
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="more detail (-vv: the IMAP conversation, secrets redacted)")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="only errors")
+
+    conn = argparse.ArgumentParser(add_help=False)
+    group = conn.add_argument_group("connection")
+    group.add_argument("--user", help=f"account name (default: ${USER_ENV} or the rules' [account])")
+    group.add_argument("--host", help=f"IMAP server (default: {GMAIL_HOST})")
+    group.add_argument("--port", type=int, help="port (default: 993, or 143 with --starttls)")
+    group.add_argument("--starttls", action="store_true", help="port 143 with STARTTLS")
+    group.add_argument("--plaintext", action="store_true",
+                       help="no TLS at all; only allowed to a loopback address (tests)")
+    group.add_argument("--cafile", help="extra CA certificate to trust (PEM)")
+    group.add_argument("--auth", choices=("password", "xoauth2"),
+                       help=f"password (app password from ${PASSWORD_ENV}, ~/.netrc, "
+                            f"--password-command or a prompt) or xoauth2 (token from "
+                            f"${TOKEN_ENV} or --password-command)")
+    group.add_argument("--password-command", metavar="CMD",
+                       help="command whose first output line is the password or token")
+    group.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                       help="seconds before a stalled connection is retried (default: %(default)s)")
+    group.add_argument("--rules", help="rules file (.toml or .json); default: "
+                       "$XDG_CONFIG_HOME/gmail_classify/rules.toml or .json, else built-in rules")
+
+    parser = argparse.ArgumentParser(
+        prog="gmail_classify.py", parents=[common],
+        description="Sort a Gmail (or any IMAP) mailbox with keyword and regex rules. "
+                    "Without a subcommand, 'run' is meant. Dry run unless --apply.",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[common, conn], help="classify a folder (dry run "
+                         "unless --apply)", epilog=EXIT_CODES_HELP,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--folder", action="append", help="folder to classify (repeatable; "
+                     "default INBOX)")
+    run.add_argument("--since", type=_parse_since, help="only mail received since YYYY-MM-DD")
+    run.add_argument("--limit", type=_positive, help="only the newest N messages per folder")
+    run.add_argument("--apply", action="store_true", help="make the changes (default: only "
+                     "show them)")
+    run.add_argument("--json", action="store_true", help="one JSON object per message, "
+                     "then a summary object")
+    run.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH,
+                     help="messages per FETCH (default: %(default)s)")
+
+    check = sub.add_parser("check", parents=[common], help="validate and summarise a rules "
+                           "file, offline")
+    check.add_argument("rules_file", metavar="RULES")
+
+    test = sub.add_parser("test", parents=[common], help="classify .eml files, an mbox or a "
+                          "Maildir offline")
+    test.add_argument("rules_file", metavar="RULES")
+    test.add_argument("files", metavar="FILE", nargs="+")
+
+    for name in ("labels", "folders"):
+        sub.add_parser(name, parents=[common, conn], help="list folders and labels with "
+                       "their special-use attributes")
+
+    init = sub.add_parser("init", parents=[common], help="write the starter rules file")
+    init.add_argument("path", nargs="?", help="where (default: the default rules path)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    return parser
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING
+    if args.quiet:
+        level = logging.ERROR
+    elif args.verbose >= 2:
+        level = logging.DEBUG
+    elif args.verbose == 1:
+        level = logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+
+
+def _secret_from_command(command: str) -> str:
+    try:
+        argv = shlex.split(command)
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        raise UsageError(f"--password-command could not run: {exc}") from exc
+    if result.returncode != 0:
+        raise UsageError(f"--password-command exited with status {result.returncode}; "
+                         f"run it by hand to see why")
+    line = result.stdout.splitlines()[0] if result.stdout.strip() else ""
+    if not line:
+        raise UsageError("--password-command printed nothing; it must print the secret")
+    return line
+
+
+def _password_from_netrc(host: str, user: str) -> Optional[str]:
+    path = os.path.join(os.path.expanduser("~"), ".netrc")
+    if not os.path.exists(path):
+        return None
+    try:
+        if os.name == "posix" and os.stat(path).st_mode & 0o077:
+            raise UsageError(f"{path} is readable by other users; run 'chmod 600 {path}'")
+        entry = netrc.netrc(path).authenticators(host)
+    except (netrc.NetrcParseError, OSError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from exc
+    if entry and (not entry[0] or entry[0] == user):
+        return entry[2]
+    return None
+
+
+def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any]) -> Dict[str, Any]:
+    """Combine flags, environment and the rules' [account] table (flags win)."""
+    user = args.user or os.environ.get(USER_ENV) or account.get("user")
+    if not user:
+        raise UsageError(f"no account given: pass --user you@gmail.com or set {USER_ENV}")
+    host = args.host or account.get("host") or GMAIL_HOST
+    security = account.get("tls", "implicit")
+    if args.starttls:
+        security = "starttls"
+    if args.plaintext:
+        security = "plaintext"
+    security = {"implicit": "tls"}.get(security, security)
+    if security == "plaintext" and not _is_loopback(host):
+        raise UsageError(f"--plaintext is only allowed to a loopback address, not {host}; "
+                         f"drop it to use TLS")
+    auth = args.auth or account.get("auth") or "password"
+    command = args.password_command or account.get("password_command")
+    if isinstance(command, list):
+        command = " ".join(shlex.quote(part) for part in command)
+    settings: Dict[str, Any] = dict(user=user, host=host, port=args.port or account.get("port"),
+                                    security=security, cafile=args.cafile or account.get("cafile"),
+                                    timeout=args.timeout)
+    if auth == "xoauth2":
+        token = os.environ.get(TOKEN_ENV) or (_secret_from_command(command) if command else None)
+        if not token:
+            raise UsageError(f"--auth xoauth2 needs an access token in {TOKEN_ENV} or from "
+                             f"--password-command")
+        settings["token"] = token
+        return settings
+    password = os.environ.get(PASSWORD_ENV)
+    if not password and command:
+        password = _secret_from_command(command)
+    if not password:
+        password = _password_from_netrc(host, user)
+    if not password and sys.stdin.isatty():
+        password = getpass.getpass(f"Password for {user} at {host}: ")
+    if not password:
+        raise UsageError(f"no password: set {PASSWORD_ENV}, add {host} to ~/.netrc, use "
+                         f"--password-command, or run in a terminal to be asked")
+    settings["password"] = password
+    return settings
+
+
+def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
+    rules = find_rules(args.rules)
+    settings = _connection_settings(args, rules.account)
+    folders = args.folder or list(rules.account.get("folders") or ["INBOX"])
+    show_progress = sys.stderr.isatty() and not args.quiet and not args.json
+    reports: List[FolderReport] = []
+
+    def on_message(outcome: Outcome) -> None:
+        if args.json:
+            out.write(json.dumps(_outcome_json(outcome), ensure_ascii=False) + "\n")
+        elif outcome.decision.matches and not args.quiet and (not args.apply or args.verbose):
+            rules_text = ", ".join(name for name, _ in outcome.decision.matches)
+            verb = "" if args.apply else "would "
+            out.write(f"{outcome.folder} {outcome.uid}: {verb}{outcome.decision.actions.describe()}"
+                      f"  [{rules_text}]  {outcome.sender[:40]}  {outcome.subject[:60]}\n")
+
+    def on_progress(done: int, total: int) -> None:
+        if show_progress and total > 1000:
+            sys.stderr.write(f"\rclassified {done}/{total}")
+            sys.stderr.flush()
+            if done == total:
+                sys.stderr.write("\n")
+
+    with GmailConnection(**settings) as conn:
+        for folder in folders:
+            reports.append(classify_folder(conn, rules, folder, apply=args.apply,
+                                           since=args.since, limit=args.limit,
+                                           batch_size=args.batch_size, on_message=on_message,
+                                           on_progress=on_progress))
+        stats = {"imap_commands": conn.commands_sent, "bytes_received": conn.bytes_received,
+                 "reconnects": conn.reconnects}
+    if args.json:
+        out.write(json.dumps({"summary": [_report_json(r) for r in reports], **stats},
+                             ensure_ascii=False) + "\n")
+    elif not args.quiet:
+        for report in reports:
+            out.write(_report_table(report, rules))
+        if not args.apply:
+            out.write("Dry run: nothing was changed. Run again with --apply to do it.\n")
+    return EXIT_OK
+
+
+def _outcome_json(outcome: Outcome) -> Dict[str, Any]:
+    actions = outcome.decision.actions
+    return {"folder": outcome.folder, "uid": outcome.uid, "msgid": outcome.msgid,
+            "from": outcome.sender, "subject": outcome.subject,
+            "rules": [name for name, _ in outcome.decision.matches],
+            "reasons": [reason for _, reason in outcome.decision.matches],
+            "actions": dataclasses.asdict(actions) if not actions.is_empty() else {}}
+
+
+def _report_json(report: FolderReport) -> Dict[str, Any]:
+    return dataclasses.asdict(report)
+
+
+def _report_table(report: FolderReport, rules: Ruleset) -> str:
+    verb = "changed" if report.applied else "to change"
+    rows = [(rule.name, report.matched.get(rule.name, 0), report.changed.get(rule.name, 0))
+            for rule in rules.rules]
+    width = max([len("rule")] + [len(name) for name, _, _ in rows])
+    lines = [f"{report.folder}: {report.examined} messages examined",
+             f"  {'rule'.ljust(width)}  {'matched':>7}  {verb:>9}"]
+    lines += [f"  {name.ljust(width)}  {matched:>7}  {changed:>9}" for name, matched, changed in rows]
+    for change, count in report.changes.items():
+        lines.append(f"  {'done' if report.applied else 'would'}: {change} ({count})")
+    for name in report.created:
+        lines.append(f"  created {name}")
+    if report.moved_missing:
+        lines.append(f"  {report.moved_missing} messages were gone before they could be moved")
+    return "\n".join(lines) + "\n"
+
+
+def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
+    rules = load_rules(args.rules_file)
+    out.write(f"{rules.source}: {len(rules.rules)} rules, valid\n")
+    for rule in rules.rules:
+        more = " (continue)" if rule.continue_ else ""
+        out.write(f"  {rule.position}. {rule.name}: {rule.actions.describe()}{more}\n")
+    needs = rules.needs
+    fetched = ["headers " + ", ".join(sorted(needs.headers))]
+    if needs.body:
+        fetched.append(f"a body prefix ({BODY_PREFIX_BYTES} bytes) for undecided messages")
+    if needs.queries:
+        fetched.append(f"{len(needs.queries)} Gmail search(es)")
+    out.write("  fetches: " + "; ".join(fetched) + "\n")
+    return EXIT_OK
+
+
+def _cmd_test(args: argparse.Namespace, out: TextIO) -> int:
+    rules = load_rules(args.rules_file)
+    counts: Dict[str, int] = {}
+    total = 0
+    for name, info in iter_message_files(args.files):
+        total += 1
+        decision = rules.classify(info, final=True)
+        subject = _first(header_text(info.headers, "subject"))
+        if not decision.matches:
+            out.write(f"{name}: no rule  ({subject[:60]})\n")
+            continue
+        for rule_name, reason in decision.matches:
+            counts[rule_name] = counts.get(rule_name, 0) + 1
+            out.write(f"{name}: {rule_name}: {reason}\n")
+        out.write(f"    -> {decision.actions.describe()}  ({subject[:60]})\n")
+    out.write(f"{total} messages; " + ", ".join(f"{k}: {v}" for k, v in counts.items())
+              + ("\n" if counts else "no rule matched\n"))
+    return EXIT_OK
+
+
+def _cmd_labels(args: argparse.Namespace, out: TextIO) -> int:
+    rules = find_rules(args.rules)
+    settings = _connection_settings(args, rules.account)
+    with GmailConnection(**settings) as conn:
+        for folder in sorted(conn.list_folders(), key=lambda f: f.name.casefold()):
+            use = f"  {folder.special_use}" if folder.special_use else ""
+            flags = " ".join(sorted(f for f in folder.flags if f != folder.special_use))
+            out.write(f"{folder.name}{use}  {flags}".rstrip() + "\n")
+    return EXIT_OK
+
+
+def _cmd_init(args: argparse.Namespace, out: TextIO) -> int:
+    toml_ok = tomllib is not None
+    path = pathlib.Path(args.path) if args.path else \
+        default_rules_dir() / ("rules.toml" if toml_ok else "rules.json")
+    if path.exists() and not args.force:
+        raise UsageError(f"{path} already exists; pass --force to overwrite it")
+    text = STARTER_RULES_TOML if path.suffix == ".toml" else STARTER_RULES_JSON
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    out.write(f"wrote {path}; edit it, then try: python gmail_classify.py check {path}\n")
+    return EXIT_OK
+
+
+_COMMANDS = {"run": _cmd_run, "check": _cmd_check, "test": _cmd_test,
+             "labels": _cmd_labels, "folders": _cmd_labels, "init": _cmd_init}
+
+
+def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> int:
+    """Run the command line; returns the exit code (see EXIT_CODES_HELP)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = out or sys.stdout
+    parser = build_parser()
+    if _implies_run(argv):
+        argv.insert(0, "run")
+    args = parser.parse_args(argv)
+    args.verbose = getattr(args, "verbose", 0)
+    args.quiet = getattr(args, "quiet", False)
+    _setup_logging(args)
+    try:
+        return _COMMANDS[args.command](args, out)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return EXIT_INTERRUPTED
+    except GmailClassifyError as exc:
+        if args.verbose:
+            log.exception("details:")
+        sys.stderr.write(f"gmail_classify: {exc}\n")
+        return _exit_code(exc)
+    except Exception as exc:  # a bug: say so briefly, with the traceback under -v
+        if args.verbose:
+            log.exception("details:")
+        sys.stderr.write(f"gmail_classify: unexpected error: {type(exc).__name__}: {exc} "
+                         f"(run with -v for details)\n")
+        return EXIT_ERROR
+
+
+_OPTIONS_WITH_VALUES = ("--user", "--host", "--port", "--cafile", "--auth", "--password-command",
+                        "--timeout", "--rules", "--folder", "--since", "--limit", "--batch-size")
+
+
+def _implies_run(argv: Sequence[str]) -> bool:
+    """True when no subcommand is named, so the arguments are run's."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("-h", "--help", "--version"):
+            return False
+        elif arg.startswith("-"):
+            skip = arg in _OPTIONS_WITH_VALUES
+        else:
+            return arg not in SUBCOMMANDS
+    return True
+
+
+def _exit_code(exc: GmailClassifyError) -> int:
+    if isinstance(exc, (UsageError, RulesError)):
+        return EXIT_USAGE
+    if isinstance(exc, AuthenticationError):
+        return EXIT_AUTH
+    if isinstance(exc, (ConnectionLostError, TLSError)):
+        return EXIT_CONNECTION
+    if isinstance(exc, ImapError):
+        return EXIT_SERVER
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3264,6 +3264,7 @@ class _Plan:
     archive: List[int] = field(default_factory=list)
     move: Dict[str, List[int]] = field(default_factory=dict)
     trash: List[int] = field(default_factory=list)
+    message_ids: Dict[int, str] = field(default_factory=dict)   # _message_key, off Gmail
 
     def add(self, uid: int, actions: Actions, flags: frozenset,
             labels: Optional[frozenset], folder: str) -> bool:
@@ -3420,6 +3421,8 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
             decision, info = decisions[uid], infos[uid]
             report.examined += 1
             needed = plan.add(uid, decision.actions, info.flags, info.labels, folder)
+            if decision.actions.labels and info.labels is None:
+                plan.message_ids[uid] = _message_key(info.headers)
             for name, _reason in decision.matches:
                 report.matched[name] = report.matched.get(name, 0) + 1
                 if needed:
@@ -3440,9 +3443,35 @@ def _first(values: Sequence[str]) -> str:
     return values[0] if values else ""
 
 
+def _message_key(headers: email.message.EmailMessage) -> str:
+    """Message-ID, or for mail without one, From + Date + Subject: "the same message"."""
+    message_id = _first(header_text(headers, "message-id")).strip()
+    if message_id:
+        return message_id
+    return "\n".join(_first(header_text(headers, name)) for name in ("from", "date", "subject"))
+
+
+def _message_ids_in(conn: GmailConnection, folder: str) -> set:
+    """The _message_key of each message in ``folder`` (EXAMINE, SEARCH, FETCH), then back."""
+    source = conn.selected
+    found = set()
+    conn.examine(folder)
+    uids = conn.search(["ALL"])
+    if uids:
+        item = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID FROM DATE SUBJECT)]"
+        for values in conn.fetch(uids, [item]).values():
+            found.add(_message_key(parse_headers(values.get(item) or b"")))
+    if source is not None:
+        status = conn.select(source.name, readonly=source.readonly)
+        if status.uidvalidity != source.uidvalidity:
+            raise UidValidityError(f"UIDVALIDITY of {source.name} changed during the run; "
+                                   f"nothing more was done there, run again", command="SELECT")
+    return found
+
+
 def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport) -> None:
     """Carry out a plan: create what is missing, then labels and flags, then moves."""
-    existing = {f.name for f in conn.list_folders()}
+    existing = {f.name for f in conn.list_folders() if f.selectable}
     targets = list(plan.move)
     if not conn.is_gmail:
         targets += list(plan.add_labels)
@@ -3455,8 +3484,14 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport) -> Non
     for label, uids in plan.add_labels.items():
         if conn.is_gmail:
             conn.add_labels(uids, [label])
-        else:
-            conn.copy(uids, label)   # no labels here: a copy in a folder of that name
+            continue
+        # No labels here: a label is a copy in a folder of that name.  A copy is not
+        # idempotent, so skip messages that folder already holds (by _message_key).
+        there = _message_ids_in(conn, label)
+        todo = [uid for uid in uids if plan.message_ids.get(uid) not in there]
+        report.changes[f"label {label}"] = len(todo)
+        if todo:
+            conn.copy(todo, label)
     for flag, uids in plan.add_flags.items():
         conn.add_flags(uids, [flag])
     for flag, uids in plan.remove_flags.items():

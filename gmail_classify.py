@@ -34,6 +34,14 @@ __all__ = [
     "parse_uid_set", "chunk_uids", "imap_date", "parse_response", "Literal",
     # connection
     "GmailConnection", "Folder", "FolderStatus", "MoveResult",
+    # messages
+    "MessageInfo", "parse_headers", "header_text", "header_addresses", "body_text",
+    "message_info_from_bytes", "iter_message_files",
+    # rule engine
+    "Actions", "Rule", "Decision", "Needs", "Ruleset", "parse_rules", "load_rules",
+    "builtin_rules", "STARTER_RULES_TOML", "STARTER_RULES_JSON",
+    # pipeline and command line
+    "classify_folder", "Outcome", "FolderReport", "main",
 ]
 
 __version__ = "0.1.0"
@@ -3612,6 +3620,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="command whose first output line is the password or token")
     group.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                        help="seconds before a stalled connection is retried (default: %(default)s)")
+    group.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
+                       help="reconnect attempts before giving up (default: %(default)s)")
     group.add_argument("--rules", help="rules file (.toml or .json); default: "
                        "$XDG_CONFIG_HOME/gmail_classify/rules.toml or .json, else built-in rules")
 
@@ -3722,7 +3732,7 @@ def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any]) -
         command = " ".join(shlex.quote(part) for part in command)
     settings: Dict[str, Any] = dict(user=user, host=host, port=args.port or account.get("port"),
                                     security=security, cafile=args.cafile or account.get("cafile"),
-                                    timeout=args.timeout)
+                                    timeout=args.timeout, retries=max(0, args.retries))
     if auth == "xoauth2":
         token = os.environ.get(TOKEN_ENV) or (_secret_from_command(command) if command else None)
         if not token:
@@ -3910,7 +3920,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
 
 
 _OPTIONS_WITH_VALUES = ("--user", "--host", "--port", "--cafile", "--auth", "--password-command",
-                        "--timeout", "--rules", "--folder", "--since", "--limit", "--batch-size")
+                        "--timeout", "--retries", "--rules", "--folder", "--since", "--limit", "--batch-size")
 
 
 def _implies_run(argv: Sequence[str]) -> bool:

@@ -559,15 +559,26 @@ class _BufferedWire:
         self._rbuf = bytearray()
 
     def _fill(self) -> bool:
-        chunk = self.sock.recv(65536)  # type: ignore[attr-defined]
+        sock = self.sock  # type: ignore[attr-defined]
+        chunk = sock.recv(65536)
         if not chunk:
             return False
         self._rbuf += chunk
+        self._rbuf_sock = sock
         return True
 
-    def read(self, size: int) -> bytes:
+    def _check_buffer(self) -> None:
+        """Bytes buffered from the plaintext socket must never be read as if TLS had
+        protected them: a server (or a man in the middle) that sends data right after the
+        STARTTLS OK would otherwise inject responses (CVE-2011-0411 style)."""
         if not hasattr(self, "_rbuf"):
             self._reset_buffer()
+        if self._rbuf and getattr(self, "_rbuf_sock", None) is not self.sock:  # type: ignore[attr-defined]
+            raise imaplib.IMAP4.error("the server sent plaintext data after agreeing to "
+                                      "STARTTLS; refusing it as a possible injection")
+
+    def read(self, size: int) -> bytes:
+        self._check_buffer()
         while len(self._rbuf) < size:
             if not self._fill():
                 raise EOFError("connection closed by the server in the middle of a literal")
@@ -576,8 +587,7 @@ class _BufferedWire:
         return data
 
     def readline(self) -> bytes:
-        if not hasattr(self, "_rbuf"):
-            self._reset_buffer()
+        self._check_buffer()
         scanned = 0
         while True:
             end = self._rbuf.find(b"\n", scanned)
@@ -609,10 +619,6 @@ class _PlainWire(_BufferedWire, imaplib.IMAP4):
         self._reset_buffer()
         super().open(host, port, timeout)
 
-    def starttls(self, ssl_context: Optional[ssl.SSLContext] = None) -> Any:
-        result = super().starttls(ssl_context)
-        self._reset_buffer()
-        return result
 
 
 class _TLSWire(_BufferedWire, imaplib.IMAP4_SSL):
@@ -708,6 +714,8 @@ def _clean_password(password: str) -> str:
 
 def _decode_server_text(error: BaseException) -> str:
     """imaplib raises with bytes inside (``"b'[AUTHENTICATIONFAILED] ...'"``); decode it."""
+    if isinstance(error, OSError):
+        return str(error) or type(error).__name__
     text = error.args[0] if error.args else str(error)
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
@@ -843,7 +851,12 @@ class GmailConnection:
     # -- connecting and authenticating -------------------------------------------------
 
     def _ssl_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=self.cafile)
+        context = ssl.create_default_context()
+        if self.cafile:
+            try:
+                context.load_verify_locations(cafile=self.cafile)
+            except (OSError, ssl.SSLError) as exc:
+                raise TLSError(f"cannot load the CA file {self.cafile}: {exc}") from exc
         return context
 
     def _open(self) -> imaplib.IMAP4:
@@ -979,20 +992,29 @@ class GmailConnection:
 
     def _reconnect(self, cause: BaseException) -> None:
         """Replace a dead connection and restore the selected folder; raises if impossible."""
-        dead, self._imap = self._imap, None
-        if dead is not None:
-            self._shutdown(dead)
         previous = self._selected
         self._selected = None
-        self._connect_with_retries(first_error=cause)
-        if previous is not None:
-            status = self._select_now(previous.name, previous.readonly)
+        error: BaseException = cause
+        for _ in range(self.retries + 1):
+            self._mark_dead()
+            self._connect_with_retries(first_error=error)
+            if previous is None:
+                return
+            try:
+                status = self._select_now(previous.name, previous.readonly)
+            except _Dropped as exc:
+                error = exc
+                continue
             if status.uidvalidity != previous.uidvalidity:
                 raise UidValidityError(
                     f"UIDVALIDITY of {previous.name} changed from {previous.uidvalidity} "
                     f"to {status.uidvalidity} while reconnecting: the server renumbered the "
                     f"folder, so the UIDs in hand are stale; run again",
                     command="SELECT")
+            return
+        self._mark_dead()
+        raise ConnectionLostError(f"reconnected to {self.host} but could not reopen "
+                                  f"{previous.name}: {error}") from error
 
     @staticmethod
     def _shutdown(imap: imaplib.IMAP4) -> None:
@@ -1358,10 +1380,7 @@ class GmailConnection:
         Unsolicited FETCHes for other messages are ignored.
         """
         for item in items:
-            _refuse_controls(item, "the fetch item")
-            if re.match(r"(?i)(BODY\[|RFC822(\.TEXT|\.HEADER)?\Z)", item):
-                raise ImapError(f"refusing to FETCH {item}: it would mark messages read; "
-                                f"use BODY.PEEK[...] instead")
+            _check_fetch_item(item)
         by_key = {_fetch_key(item): item for item in items}
         wanted = set(int(u) for u in uids)
         result: Dict[int, Dict[str, Any]] = {}
@@ -1472,7 +1491,10 @@ class GmailConnection:
                     continue
             mapping = _copyuid_map(response)
             for uid in pending:
-                moved[uid] = mapping.get(uid)
+                if mapping and uid not in mapping:
+                    missing.append(uid)   # gone before we asked: someone else moved it
+                else:
+                    moved[uid] = mapping.get(uid)
             return
         raise ConnectionLostError(f"UID MOVE to {destination} kept failing after "
                                   f"{self.retries} reconnects: {cause}") from cause
@@ -1493,19 +1515,25 @@ class GmailConnection:
         UIDNEXT: if the link drops during COPY and UIDNEXT has moved since, the copy
         happened and only the deletion is left to do.
         """
-        before = self._uidnext(destination)
         mapping: Dict[int, int] = {}
-        try:
-            with self._lock:
+        with self._lock:
+            before = self._uidnext(destination)
+            try:
                 self._check_background()
                 response = self._execute_on(self._live(), "UID COPY", compress_uids(chunk),
                                             mailbox_arg(destination))
-            mapping = _copyuid_map(response)
-        except _Dropped as exc:
-            with self._lock:
+                mapping = _copyuid_map(response)
+            except _Dropped as exc:
                 self._reconnect(exc)
-            if self._uidnext(destination) == before:
-                response = self._call("UID COPY", compress_uids(chunk), mailbox_arg(destination))
+                if self._uidnext(destination) != before:
+                    # Perhaps copied, perhaps another client delivered there: deleting the
+                    # originals on a guess could lose mail, so stop with both in place.
+                    raise ConnectionLostError(
+                        f"the connection dropped during UID COPY to {destination}; the "
+                        f"originals were kept and {destination} may hold copies: check it, "
+                        f"then run again") from exc
+                response = self._call("UID COPY", compress_uids(chunk),
+                                      mailbox_arg(destination), policy=_NEVER)
                 mapping = _copyuid_map(response)
         present = set(self.search(uids=chunk))
         missing.extend(uid for uid in chunk if uid not in present)
@@ -1562,40 +1590,46 @@ class GmailConnection:
     def _idle_now(self, imap: imaplib.IMAP4, timeout: float) -> List[List[Any]]:
         tag = imap._new_tag()  # type: ignore[attr-defined]
         events: List[List[Any]] = []
+        ended: Optional[bytes] = None     # a tagged answer before DONE: IDLE refused or ended
+        idling = False
+        deadline = time.monotonic() + timeout
         self._idling = True
         try:
-            try:
-                log.debug("C: %s IDLE", tag.decode())
-                imap.send(tag + b" IDLE\r\n")
-                self.commands_sent += 1
-                while True:
-                    raw = self._read_line(imap)
-                    if raw.startswith(b"+"):
-                        break
-                    if raw.startswith(tag + b" "):
-                        raise ImapError(f"the server refused IDLE: {raw.decode('utf-8', 'replace')}",
-                                        command="IDLE", status="NO")
-                    if raw.startswith(b"* "):
-                        events.append(parse_response(raw[2:]))
-                deadline = time.monotonic() + timeout
-                while not events:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 or not imap.wait_readable(remaining):  # type: ignore[attr-defined]
-                        break
-                    raw = self._read_line(imap)
-                    if raw.startswith(b"* BYE"):
-                        raise _Dropped("server said BYE during IDLE")
-                    if raw.startswith(b"* "):
-                        parsed = parse_response(raw[2:])
-                        if parsed and str(parsed[0]).upper() != "OK":
-                            self._note_untagged(parsed)
-                            events.append(parsed)
+            log.debug("C: %s IDLE", tag.decode())
+            imap.send(tag + b" IDLE\r\n")
+            self.commands_sent += 1
+            while True:
+                if idling and (events or not imap.wait_readable(  # type: ignore[attr-defined]
+                        deadline - time.monotonic())):
+                    break
+                raw = self._read_line(imap)
+                if raw.startswith(b"+"):
+                    idling = True
+                elif raw.startswith(tag + b" "):
+                    ended = raw
+                    break
+                elif raw.startswith(b"* BYE"):
+                    raise _Dropped("server said BYE during IDLE")
+                elif raw.startswith(b"* "):
+                    parsed = parse_response(raw[2:])
+                    if parsed and str(parsed[0]).upper() not in ("OK", "NO", "BAD"):
+                        self._note_untagged(parsed)
+                        events.append(parsed)
+                else:
+                    raise ProtocolError(f"unexpected line during IDLE: {raw[:80]!r}")
+            if ended is None:
                 imap.send(b"DONE\r\n")
                 response = self._read_response(imap, tag, "IDLE", False, None)
-            except _DROPPED_ERRORS as exc:
-                if isinstance(exc, ProtocolError):
-                    raise
-                raise _Dropped(f"IDLE failed: {exc}") from exc
+            else:
+                status, _, text = ended[len(tag) + 1:].partition(b" ")
+                code, args, message = parse_status_text(text)
+                response = _Response(status.decode("ascii", "replace").upper(), code, args,
+                                     message, [])
+        except ProtocolError:
+            self._mark_dead()   # the server may still be idling: start afresh
+            raise
+        except _DROPPED_ERRORS as exc:
+            raise _Dropped(f"IDLE failed: {_decode_server_text(exc)}") from exc
         finally:
             self._idling = False
             self._last_activity = time.monotonic()
@@ -1620,6 +1654,18 @@ def _copyuid_map(response: _Response) -> Dict[int, int]:
                 return {}
             return dict(zip(source, target)) if len(source) == len(target) else {}
     return {}
+
+
+def _check_fetch_item(item: str) -> None:
+    """Refuse fetch items that would set \\Seen (BODY[...], BINARY[...], RFC822, RFC822.TEXT)
+    or that smuggle in more than one item."""
+    _refuse_controls(item, "the fetch item")
+    peek = re.fullmatch(r"(?i)(BODY|BINARY)\.PEEK\[[^\]]*\](<\d+(\.\d+)?>)?", item)
+    plain = re.fullmatch(r"(?i)[A-Z0-9.-]+", item)
+    if peek or (plain and item.upper() not in ("RFC822", "RFC822.TEXT")):
+        return
+    raise ImapError(f"refusing to FETCH {item!r}: only single items are allowed, and body "
+                    f"sections only as BODY.PEEK[...], which leaves messages unread")
 
 
 def _fetch_key(item: str) -> str:
@@ -3296,7 +3342,7 @@ class _Plan:
                 needed = True
         if actions.trash:
             self.trash.append(uid)
-        elif actions.move and actions.move != folder:
+        elif actions.move and not _same_folder(actions.move, folder):
             self.move.setdefault(actions.move, []).append(uid)
         elif actions.archive and (labels is None or any(l.lower() == "\\inbox" for l in labels)):
             self.archive.append(uid)
@@ -3320,6 +3366,10 @@ class _Plan:
         if self.trash:
             counts["trash"] = len(self.trash)
         return counts
+
+
+def _same_folder(a: str, b: str) -> bool:
+    return a == b or (a.upper() == "INBOX" and b.upper() == "INBOX")
 
 
 def _same_label(wanted: str, have: str) -> bool:
@@ -3359,9 +3409,21 @@ def _structure_has_attachment(structure: Any) -> Optional[bool]:
     return "name" in names and main not in ("text", "multipart")
 
 
+def _folder_label(folder: str) -> Optional[str]:
+    """The Gmail label a folder view stands for: INBOX is \\Inbox, [Gmail]/... are none."""
+    if folder.upper() == "INBOX":
+        return "\\Inbox"
+    return None if folder.startswith("[") else folder
+
+
 def _message_info(uid: int, values: Mapping[str, Any], header_item: str,
-                  queries: Optional[Dict[str, set]]) -> MessageInfo:
+                  queries: Optional[Dict[str, set]], folder: str) -> MessageInfo:
     labels = values.get("X-GM-LABELS")
+    # Gmail has been seen to leave the selected folder's own label out of X-GM-LABELS;
+    # a message listed in a folder view certainly carries that folder's label.
+    own = _folder_label(folder)
+    if labels is not None and own is not None:
+        labels = tuple(labels) + (own,)
     structure = values.get("BODYSTRUCTURE")
     return MessageInfo(
         headers=parse_headers(values.get(header_item) or b""),
@@ -3407,7 +3469,7 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     for start in range(0, len(uids), batch_size):
         batch = uids[start:start + batch_size]
         fetched = conn.fetch(batch, items)
-        infos = {uid: _message_info(uid, values, header_item, queries)
+        infos = {uid: _message_info(uid, values, header_item, queries, folder)
                  for uid, values in fetched.items()}
         decisions: Dict[int, Decision] = {}
         undecided: List[int] = []
@@ -3510,11 +3572,14 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport) -> Non
             conn.remove_labels(plan.archive, ["\\Inbox"])
         else:
             archive = conn.special_folder("\\Archive")
-            if archive is None:
+            if archive is not None and _same_folder(archive.name, report.folder):
+                plan.archive = []   # already in the archive
+            elif archive is None:
                 raise CapabilityError(f"{conn.host} has no folder marked \\Archive, so "
                                       f"'archive' has nowhere to go; use move = \"<folder>\" "
                                       f"in the rule instead")
-            report.moved_missing += len(conn.move(plan.archive, archive.name).missing)
+            else:
+                report.moved_missing += len(conn.move(plan.archive, archive.name).missing)
     for destination, uids in plan.move.items():
         report.moved_missing += len(conn.move(uids, destination).missing)
     if plan.trash:
@@ -3522,7 +3587,8 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport) -> Non
         if trash is None:
             raise CapabilityError(f"{conn.host} has no folder marked \\Trash; refusing to "
                                   f"delete mail another way. Use move = \"<folder>\" instead")
-        report.moved_missing += len(conn.move(plan.trash, trash.name).missing)
+        if not _same_folder(trash.name, report.folder):
+            report.moved_missing += len(conn.move(plan.trash, trash.name).missing)
 
 
 # --- Command line ------------------------------------------------------------------------
@@ -3734,11 +3800,16 @@ def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any]) -
                                     security=security, cafile=args.cafile or account.get("cafile"),
                                     timeout=args.timeout, retries=max(0, args.retries))
     if auth == "xoauth2":
-        token = os.environ.get(TOKEN_ENV) or (_secret_from_command(command) if command else None)
-        if not token:
+        token = os.environ.get(TOKEN_ENV)
+        if token:
+            settings["token"] = token
+        elif command:
+            # Access tokens expire within the hour: ask the command again on each reconnect.
+            first = [_secret_from_command(command)]
+            settings["token"] = lambda: first.pop() if first else _secret_from_command(command)
+        else:
             raise UsageError(f"--auth xoauth2 needs an access token in {TOKEN_ENV} or from "
                              f"--password-command")
-        settings["token"] = token
         return settings
     password = os.environ.get(PASSWORD_ENV)
     if not password and command:
@@ -3895,8 +3966,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
     argv = list(sys.argv[1:] if argv is None else argv)
     out = out or sys.stdout
     parser = build_parser()
-    if _implies_run(argv):
-        argv.insert(0, "run")
+    argv = _subcommand_first(argv)
     args = parser.parse_args(argv)
     args.verbose = getattr(args, "verbose", 0)
     args.quiet = getattr(args, "quiet", False)
@@ -3923,19 +3993,24 @@ _OPTIONS_WITH_VALUES = ("--user", "--host", "--port", "--cafile", "--auth", "--p
                         "--timeout", "--retries", "--rules", "--folder", "--since", "--limit", "--batch-size")
 
 
-def _implies_run(argv: Sequence[str]) -> bool:
-    """True when no subcommand is named, so the arguments are run's."""
+def _subcommand_first(argv: List[str]) -> List[str]:
+    """Put the subcommand first (``--user x labels`` -> ``labels --user x``); none means run.
+
+    Every subcommand accepts the options, so their order does not matter to the user.
+    """
     skip = False
-    for arg in argv:
+    for index, arg in enumerate(argv):
         if skip:
             skip = False
-        elif arg in ("-h", "--help", "--version"):
-            return False
+        elif arg in ("-h", "--help", "--version") and not any(a in SUBCOMMANDS for a in argv):
+            return argv
         elif arg.startswith("-"):
             skip = arg in _OPTIONS_WITH_VALUES
+        elif arg in SUBCOMMANDS:
+            return [arg] + argv[:index] + argv[index + 1:]
         else:
-            return arg not in SUBCOMMANDS
-    return True
+            break
+    return ["run"] + argv
 
 
 def _exit_code(exc: GmailClassifyError) -> int:

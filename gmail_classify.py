@@ -3539,14 +3539,26 @@ def _message_ids_in(conn: GmailConnection, folder: str) -> set:
     return found
 
 
+def _special_destination(conn: GmailConnection, use: str, action: str) -> Folder:
+    folder = conn.special_folder(use)
+    if folder is None:
+        raise CapabilityError(f"{conn.host} has no folder marked {use}, so '{action}' has "
+                              f"nowhere to go; nothing was changed. Use move = \"<folder>\" "
+                              f"in the rule instead")
+    return folder
+
+
 def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport) -> None:
-    """Carry out a plan: create what is missing, then labels and flags, then moves."""
+    """Carry out a plan: check destinations, create what is missing, then labels and flags,
+    then moves (so a message is labelled where it stands, then leaves)."""
+    # Everything that can refuse is settled before the first change.
+    trash = _special_destination(conn, "\\Trash", "trash") if plan.trash else None
+    archive = None
+    if plan.archive and not conn.is_gmail:
+        archive = _special_destination(conn, "\\Archive", "archive")
     existing = {f.name for f in conn.list_folders() if f.selectable}
-    targets = list(plan.move)
-    if not conn.is_gmail:
-        targets += list(plan.add_labels)
-    if conn.is_gmail:
-        targets += [label for label in plan.add_labels if not label.startswith("\\")]
+    targets = list(plan.move) + [label for label in plan.add_labels
+                                 if not (conn.is_gmail and label.startswith("\\"))]
     for name in dict.fromkeys(targets):
         if name not in existing and name.upper() != "INBOX":
             if conn.create_folder(name):
@@ -3566,29 +3578,16 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport) -> Non
         conn.add_flags(uids, [flag])
     for flag, uids in plan.remove_flags.items():
         conn.remove_flags(uids, [flag])
-    if plan.archive:
-        if conn.is_gmail:
-            # Gmail's archive is "remove the \Inbox label"; the message stays in All Mail.
-            conn.remove_labels(plan.archive, ["\\Inbox"])
-        else:
-            archive = conn.special_folder("\\Archive")
-            if archive is not None and _same_folder(archive.name, report.folder):
-                plan.archive = []   # already in the archive
-            elif archive is None:
-                raise CapabilityError(f"{conn.host} has no folder marked \\Archive, so "
-                                      f"'archive' has nowhere to go; use move = \"<folder>\" "
-                                      f"in the rule instead")
-            else:
-                report.moved_missing += len(conn.move(plan.archive, archive.name).missing)
-    for destination, uids in plan.move.items():
+    moves: List[Tuple[List[int], str]] = list((uids, dest) for dest, uids in plan.move.items())
+    if plan.archive and conn.is_gmail:
+        # Gmail's archive is "remove the \Inbox label"; the message stays in All Mail.
+        conn.remove_labels(plan.archive, ["\\Inbox"])
+    elif archive is not None and not _same_folder(archive.name, report.folder):
+        moves.append((plan.archive, archive.name))
+    if trash is not None and not _same_folder(trash.name, report.folder):
+        moves.append((plan.trash, trash.name))
+    for uids, destination in moves:
         report.moved_missing += len(conn.move(uids, destination).missing)
-    if plan.trash:
-        trash = conn.special_folder("\\Trash")
-        if trash is None:
-            raise CapabilityError(f"{conn.host} has no folder marked \\Trash; refusing to "
-                                  f"delete mail another way. Use move = \"<folder>\" instead")
-        if not _same_folder(trash.name, report.folder):
-            report.moved_missing += len(conn.move(plan.trash, trash.name).missing)
 
 
 # --- Command line ------------------------------------------------------------------------

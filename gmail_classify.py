@@ -245,6 +245,7 @@ def decode_mailbox(name: Union[str, bytes]) -> str:
 
 def mailbox_arg(name: str) -> bytes:
     """A folder name ready for the wire: modified UTF-7, then atom or quoted string."""
+    _refuse_controls(name, "the folder name")
     if name.upper() == "INBOX":
         return b"INBOX"
     return astring(encode_mailbox(name))
@@ -301,11 +302,13 @@ def parse_uid_set(text: str, highest: Optional[int] = None) -> List[int]:
 MAX_UID_SET_CHARS = 7000
 
 
-def chunk_uids(uids: Iterable[int], max_chars: int = MAX_UID_SET_CHARS) -> Iterator[List[int]]:
-    """Split UIDs (sorted, deduplicated) into groups whose compressed set fits ``max_chars``.
+def chunk_uids(uids: Iterable[int], max_chars: Optional[int] = None) -> Iterator[List[int]]:
+    """Split UIDs (sorted, deduplicated) into groups whose compressed set fits ``max_chars``
+    (default MAX_UID_SET_CHARS).
 
     ``list(chunk_uids([1, 3, 5, 7], max_chars=3)) == [[1, 3], [5, 7]]``
     """
+    max_chars = MAX_UID_SET_CHARS if max_chars is None else max_chars
     group: List[int] = []
     length = -1  # the comma before the first run is not sent
     for first, last in _uid_runs(uids):
@@ -1711,6 +1714,7 @@ def _flag_arg(flag: str) -> bytes:
 
 def _label_arg(label: str) -> bytes:
     """A Gmail label on the wire: system labels as atoms, others modified UTF-7 astrings."""
+    _refuse_controls(label, "the label")
     for system in GMAIL_SYSTEM_LABELS:
         if label.lower() == system.lower():
             return system.encode("ascii")

@@ -10,18 +10,35 @@ injects faults (BYE, drops, resets, delays, NO/BAD, garbage) at a named or n-th 
 from __future__ import annotations
 
 import base64
+import bisect
+import codecs
+import collections
 import dataclasses
+import email
+import email.parser
+import email.policy
+import email.utils
 import io
 import json
 import logging
 import mailbox
 import os
+import re
+import select
 import shutil
+import socket
+import socketserver
+import ssl
+import struct
 import tempfile
+import threading
+import time
+import traceback
 import unittest
-from datetime import date, datetime, timedelta, timezone
-from typing import Optional, Tuple
 from unittest import mock
+import datetime as _dtm
+from datetime import date, datetime, timedelta, timezone
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import gmail_classify as gc
 from gmail_classify import (
@@ -37,7 +54,2576 @@ except ImportError:
     tomllib = None
 
 
-# --- Messages and the rule engine ---------------------------------------------------------
+# --- Fake Gmail IMAP server --------------------------------------------------------------
+#
+# Fake Gmail IMAP server with a real mailbox model, for the gmail_classify tests.
+#
+# A threaded IMAP4rev1 server on 127.0.0.1 (ephemeral port). In Gmail mode folders are
+# views over labels, as on Gmail (INBOX, "[Gmail]/All Mail", "[Gmail]/Trash", one folder per
+# user label, each with its own UIDVALIDITY/UIDNEXT); in plain mode (gmail=False) it is an
+# RFC 3501 server where each message lives in exactly one folder. It speaks LOGIN,
+# AUTHENTICATE XOAUTH2/PLAIN/OAUTHBEARER, implicit TLS and STARTTLS, SEARCH incl. X-GM-RAW,
+# FETCH with sections/partials/BODYSTRUCTURE, STORE of flags and X-GM-LABELS, COPY/MOVE
+# with COPYUID, EXPUNGE, APPEND, IDLE; it records every byte the client sent and injects
+# faults on demand (BYE, drop, reset, delay, NO, BAD, garbage, unsolicited responses).
+#
+#     with FakeGmail() as server:
+#         msgid = server.add_message(b"From: a@example.com\\r\\nSubject: hi\\r\\n\\r\\nbody\\r\\n")
+#         imap = imaplib.IMAP4(server.host, server.port)
+#         imap.login("user@example.com", "abcdabcdabcdabcd")
+#         ...
+#         assert server.count("EXPUNGE") == 0
+#         assert server.uids("INBOX") == [1]
+#
+# Standard library only, Python 3.9+, no side effects at import.
+
+
+
+# --- Test certificates -------------------------------------------------------------------
+#
+# EC P-256 test CA and two server certificates signed by it, valid 2000-01-01 .. 2126-01-01
+# (notBefore is back-dated so a machine with a slow clock still accepts them). "good" has
+# CN=localhost, SAN DNS:localhost, IP:127.0.0.1; "wrong_host" has only SAN DNS:wrong.example.
+# The extensions satisfy Python 3.13's VERIFY_X509_STRICT (CA: critical basicConstraints,
+# keyUsage, SKI; leaves: AKI, SKI). Produced with OpenSSL 3.0 by exactly these commands
+# (`openssl ca` is used only because `openssl x509 -req` in 3.0 cannot set notBefore):
+#
+#   mkdir -p db && : > db/index.txt && echo 1000 > db/serial
+#   cat > ca.cnf <<'CNF'
+#   [ca]
+#   default_ca = fake
+#   [fake]
+#   database = db/index.txt
+#   serial = db/serial
+#   new_certs_dir = db
+#   default_md = sha256
+#   policy = anything
+#   unique_subject = no
+#   copy_extensions = none
+#   [anything]
+#   commonName = supplied
+#   [v3_ca]
+#   basicConstraints = critical,CA:TRUE
+#   keyUsage = critical,keyCertSign,cRLSign
+#   subjectKeyIdentifier = hash
+#   [good]
+#   basicConstraints = critical,CA:FALSE
+#   keyUsage = critical,digitalSignature
+#   extendedKeyUsage = serverAuth
+#   subjectAltName = DNS:localhost,IP:127.0.0.1
+#   subjectKeyIdentifier = hash
+#   authorityKeyIdentifier = keyid
+#   [wrong_host]
+#   basicConstraints = critical,CA:FALSE
+#   keyUsage = critical,digitalSignature
+#   extendedKeyUsage = serverAuth
+#   subjectAltName = DNS:wrong.example
+#   subjectKeyIdentifier = hash
+#   authorityKeyIdentifier = keyid
+#   CNF
+#   openssl ecparam -name prime256v1 -genkey -noout -out ca.key
+#   openssl req -new -key ca.key -subj "/CN=fake_gmail test CA" -out ca.csr
+#   openssl ca -batch -config ca.cnf -selfsign -keyfile ca.key -in ca.csr -extensions v3_ca \
+#       -startdate 20000101000000Z -enddate 21260101000000Z -notext -out ca.pem
+#   openssl ecparam -name prime256v1 -genkey -noout -out good.key
+#   openssl req -new -key good.key -subj "/CN=localhost" -out good.csr
+#   openssl ca -batch -config ca.cnf -cert ca.pem -keyfile ca.key -in good.csr -extensions good \
+#       -startdate 20000101000000Z -enddate 21260101000000Z -notext -out good.pem
+#   openssl ecparam -name prime256v1 -genkey -noout -out wrong_host.key
+#   openssl req -new -key wrong_host.key -subj "/CN=wrong.example" -out wrong_host.csr
+#   openssl ca -batch -config ca.cnf -cert ca.pem -keyfile ca.key -in wrong_host.csr \
+#       -extensions wrong_host -startdate 20000101000000Z -enddate 21260101000000Z -notext \
+#       -out wrong_host.pem
+#
+# CA_CERT_PEM = ca.pem, GOOD_CERT_PEM = good.pem, GOOD_KEY_PEM = good.key,
+# WRONG_HOST_CERT_PEM = wrong_host.pem, WRONG_HOST_KEY_PEM = wrong_host.key.
+
+CA_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBbTCCARSgAwIBAgICEAAwCgYIKoZIzj0EAwIwHTEbMBkGA1UEAwwSZmFrZV9n
+bWFpbCB0ZXN0IENBMCAXDTAwMDEwMTAwMDAwMFoYDzIxMjYwMTAxMDAwMDAwWjAd
+MRswGQYDVQQDDBJmYWtlX2dtYWlsIHRlc3QgQ0EwWTATBgcqhkjOPQIBBggqhkjO
+PQMBBwNCAAS9dnJ1/nI5pxu/4ms9mekLipZkkQ3cRCmrCZAduvwta2GxyXT1pFfP
+PkhrLKJ4oljMp+k8tCYAJtnGwgeYmEJ1o0IwQDAPBgNVHRMBAf8EBTADAQH/MA4G
+A1UdDwEB/wQEAwIBBjAdBgNVHQ4EFgQUd+gBrqoVbfQCusQbuq5c3Q0IvOEwCgYI
+KoZIzj0EAwIDRwAwRAIgcTPqojoTuXNOnvpQOQUnskTY1YAlYTv+XI9j7pVR4x0C
+IBzTcGn0Wkh6jbGwGv6MYRCbDcOS2RVbvekTARcLC/SU
+-----END CERTIFICATE-----
+"""
+
+GOOD_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBtzCCAVygAwIBAgICEAEwCgYIKoZIzj0EAwIwHTEbMBkGA1UEAwwSZmFrZV9n
+bWFpbCB0ZXN0IENBMCAXDTAwMDEwMTAwMDAwMFoYDzIxMjYwMTAxMDAwMDAwWjAU
+MRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAATV
+ajlDjuelQ9nAaLSdV6v4ptGlps7hHFVdyxK1HlqDENTy2loTKAGYLppu99M9z653
+Ua6sX6p7mHrxjjI0ToW0o4GSMIGPMAwGA1UdEwEB/wQCMAAwDgYDVR0PAQH/BAQD
+AgeAMBMGA1UdJQQMMAoGCCsGAQUFBwMBMBoGA1UdEQQTMBGCCWxvY2FsaG9zdIcE
+fwAAATAdBgNVHQ4EFgQUHOX9rSRguHFhke1/0MFTibB/Us8wHwYDVR0jBBgwFoAU
+d+gBrqoVbfQCusQbuq5c3Q0IvOEwCgYIKoZIzj0EAwIDSQAwRgIhALYph11kq9yp
+w0856L0pvMb+pkzIqNV84gO/JaLuM61aAiEA9o7V715pcrIZaWuL0McinhcYp9OO
+xJi5E5y/+MoZNEA=
+-----END CERTIFICATE-----
+"""
+
+GOOD_KEY_PEM = """\
+-----BEGIN EC PRIVATE KEY-----
+MHcCAQEEIB6Zb912aluqpGfEWYJJSBzzkQMDptgKIAFLFeZK8uSWoAoGCCqGSM49
+AwEHoUQDQgAE1Wo5Q47npUPZwGi0nVer+KbRpabO4RxVXcsStR5agxDU8tpaEygB
+mC6abvfTPc+ud1GurF+qe5h68Y4yNE6FtA==
+-----END EC PRIVATE KEY-----
+"""
+
+WRONG_HOST_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBuDCCAV6gAwIBAgICEAIwCgYIKoZIzj0EAwIwHTEbMBkGA1UEAwwSZmFrZV9n
+bWFpbCB0ZXN0IENBMCAXDTAwMDEwMTAwMDAwMFoYDzIxMjYwMTAxMDAwMDAwWjAY
+MRYwFAYDVQQDDA13cm9uZy5leGFtcGxlMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcD
+QgAEFIioCXLvGYggtYfrIII6+d2z7J5bIWz12/hGc9EjuY/C+U/PzpanoGIff02w
+/Semcqv3HtWjxbqCCWChHy/NJ6OBkDCBjTAMBgNVHRMBAf8EAjAAMA4GA1UdDwEB
+/wQEAwIHgDATBgNVHSUEDDAKBggrBgEFBQcDATAYBgNVHREEETAPgg13cm9uZy5l
+eGFtcGxlMB0GA1UdDgQWBBRn8Vt/3npqZz8FhRTEVnzLaKPCezAfBgNVHSMEGDAW
+gBR36AGuqhVt9AK6xBu6rlzdDQi84TAKBggqhkjOPQQDAgNIADBFAiEAoa1HbiOx
+LmTs1nwhvY/5jzgLK7Q8HEhgTRhgkXZ3Zt0CIEf2E/6T1dX6hWROBZ5xGK2QlXpw
+dYbruDLwLV8LJMpY
+-----END CERTIFICATE-----
+"""
+
+WRONG_HOST_KEY_PEM = """\
+-----BEGIN EC PRIVATE KEY-----
+MHcCAQEEIJ38TZJvnqVHlRXKMU8eoFm/0Q2upUJ5ZUPzzDaWUfCxoAoGCCqGSM49
+AwEHoUQDQgAEFIioCXLvGYggtYfrIII6+d2z7J5bIWz12/hGc9EjuY/C+U/Pzpan
+oGIff02w/Semcqv3HtWjxbqCCWChHy/NJw==
+-----END EC PRIVATE KEY-----
+"""
+
+# Server certificate choices for FakeGmail(cert=...): name -> (certificate PEM, key PEM).
+SERVER_CERTS: Dict[str, Tuple[str, str]] = {
+    "good": (GOOD_CERT_PEM, GOOD_KEY_PEM),
+    "wrong_host": (WRONG_HOST_CERT_PEM, WRONG_HOST_KEY_PEM),
+}
+
+
+def write_ca_file(tmpdir: str) -> str:
+    """Write CA_CERT_PEM into tmpdir and return the path (for cafile=...)."""
+    path = os.path.join(tmpdir, "fake_gmail_ca.pem")
+    with open(path, "w", encoding="ascii") as f:
+        f.write(CA_CERT_PEM)
+    return path
+
+
+def _server_context(cert: str) -> ssl.SSLContext:
+    """A server-side SSLContext holding the named certificate (via a short-lived temp file)."""
+    cert_pem, key_pem = SERVER_CERTS[cert]
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    fd, path = tempfile.mkstemp(prefix="fake_gmail_", suffix=".pem")
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(cert_pem + key_pem)
+        ctx.load_cert_chain(path)
+    finally:
+        os.unlink(path)
+    return ctx
+
+
+# --- Small helpers -----------------------------------------------------------------------
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.005,
+               message: str = "") -> Any:
+    """Poll predicate() until it returns something truthy; return that value.
+
+    Raises AssertionError after timeout seconds. Use instead of sleeping in tests.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(message or "condition not met within %.1fs: %r" % (timeout, predicate))
+        time.sleep(interval)
+
+
+def imap_utf7_encode(text: str) -> str:
+    """Encode a mailbox/label name in modified UTF-7 (RFC 3501 5.1.3): 'Entwürfe' -> 'Entw&APw-rfe'."""
+    out: List[str] = []
+    pending: List[str] = []
+
+    def flush() -> None:
+        if pending:
+            b64 = base64.b64encode("".join(pending).encode("utf-16-be")).decode("ascii")
+            out.append("&" + b64.rstrip("=").replace("/", ",") + "-")
+            del pending[:]
+
+    for ch in text:
+        if 0x20 <= ord(ch) <= 0x7E:
+            flush()
+            out.append("&-" if ch == "&" else ch)
+        else:
+            pending.append(ch)
+    flush()
+    return "".join(out)
+
+
+def imap_utf7_decode(text: str) -> str:
+    """Decode modified UTF-7; raises ValueError on anything malformed (bare '&', non-ASCII...)."""
+    out: List[str] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch != "&":
+            if not 0x20 <= ord(ch) <= 0x7E:
+                raise ValueError("non-ASCII character in modified UTF-7: %r" % text)
+            out.append(ch)
+            i += 1
+            continue
+        j = text.find("-", i + 1)
+        if j < 0:
+            raise ValueError("unterminated '&' in modified UTF-7: %r" % text)
+        chunk = text[i + 1:j]
+        if not chunk:
+            out.append("&")
+        else:
+            b64 = chunk.replace(",", "/")
+            if "=" in b64:
+                raise ValueError("padding in modified UTF-7: %r" % text)
+            raw = base64.b64decode(b64 + "=" * (-len(b64) % 4), validate=True)
+            if len(raw) % 2:
+                raise ValueError("odd UTF-16 length in modified UTF-7: %r" % text)
+            out.append(raw.decode("utf-16-be"))
+        i = j + 1
+    return "".join(out)
+
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_UTC = _dtm.timezone.utc
+
+
+def _internaldate(dt: _dtm.datetime) -> str:
+    """'17-Jul-1996 02:44:25 -0700' (English month names whatever the locale)."""
+    off = dt.utcoffset() or _dtm.timedelta(0)
+    minutes = int(off.total_seconds()) // 60
+    sign = "-" if minutes < 0 else "+"
+    minutes = abs(minutes)
+    return "%02d-%s-%04d %02d:%02d:%02d %s%02d%02d" % (
+        dt.day, _MONTHS[dt.month - 1], dt.year, dt.hour, dt.minute, dt.second,
+        sign, minutes // 60, minutes % 60)
+
+
+def _parse_search_date(text: str) -> _dtm.date:
+    m = re.fullmatch(r"(\d{1,2})-([A-Za-z]{3})-(\d{4})", text)
+    if not m or m.group(2).title() not in _MONTHS:
+        raise _Bad("Invalid date %r (want DD-Mon-YYYY)" % text)
+    try:
+        return _dtm.date(int(m.group(3)), _MONTHS.index(m.group(2).title()) + 1, int(m.group(1)))
+    except ValueError:
+        raise _Bad("Invalid date %r" % text) from None
+
+
+def _parse_internaldate(text: str) -> _dtm.datetime:
+    m = re.fullmatch(r" ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)", text)
+    if not m or m.group(2).title() not in _MONTHS:
+        raise _Bad("Invalid date-time %r" % text)
+    off = _dtm.timedelta(hours=int(m.group(8)), minutes=int(m.group(9)))
+    tz = _dtm.timezone(-off if m.group(7) == "-" else off)
+    return _dtm.datetime(int(m.group(3)), _MONTHS.index(m.group(2).title()) + 1, int(m.group(1)),
+                             int(m.group(4)), int(m.group(5)), int(m.group(6)), tzinfo=tz)
+
+
+def _crlf(raw: bytes) -> bytes:
+    """Normalise bare LF line ends to CRLF, as Gmail stores messages."""
+    return re.sub(rb"\r?\n", b"\r\n", raw)
+
+
+def _compress_uids(nums: Sequence[int]) -> str:
+    """[1, 2, 3, 7] -> '1:3,7' (order kept, so COPYUID source and destination correspond)."""
+    parts: List[str] = []
+    i = 0
+    while i < len(nums):
+        j = i
+        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
+            j += 1
+        parts.append(str(nums[i]) if i == j else "%d:%d" % (nums[i], nums[j]))
+        i = j + 1
+    return ",".join(parts)
+
+
+class _NumSet:
+    """An IMAP sequence-set ('1:5,7,9:*') as merged ranges; `n in s` is a bisect."""
+
+    def __init__(self, text: str, star: int) -> None:
+        if not re.fullmatch(r"(\d+|\*)(:(\d+|\*))?(,(\d+|\*)(:(\d+|\*))?)*", text):
+            raise _Bad("Invalid sequence set %r" % text)
+        ranges: List[Tuple[int, int]] = []
+        for part in text.split(","):
+            a, _, b = part.partition(":")
+            lo = self._num(a, star)
+            hi = self._num(b, star) if b else lo
+            ranges.append((min(lo, hi), max(lo, hi)))
+        ranges.sort()
+        merged: List[Tuple[int, int]] = []
+        for lo, hi in ranges:
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+            else:
+                merged.append((lo, hi))
+        self._ranges = merged
+        self._los = [lo for lo, _ in merged]
+
+    @staticmethod
+    def _num(text: str, star: int) -> int:
+        if text == "*":
+            return star
+        n = int(text)
+        if n == 0 or n > 0xFFFFFFFF:
+            raise _Bad("Invalid number %s in sequence set" % text)
+        return n
+
+    def __contains__(self, n: int) -> bool:
+        i = bisect.bisect_right(self._los, n) - 1
+        return i >= 0 and n <= self._ranges[i][1]
+
+
+# --- Wire syntax -------------------------------------------------------------------------
+#
+# The command line (after tag and name) is parsed into: Atom (str subclass) for atoms,
+# bytes for quoted strings and literals, list for parenthesised lists. An atom keeps
+# "[...]" together with its spaces and parentheses, so BODY.PEEK[HEADER.FIELDS (FROM)]<0.9>
+# and [Gmail]/Trash are one token each. Strictness matters where a client bug would:
+# unbalanced quotes/parens, CR/LF/NUL inside a quoted string, bad escapes -> BAD.
+
+class _Bad(Exception):
+    """Answer the command with BAD <text>."""
+
+
+class _No(Exception):
+    """Answer the command with NO <text>."""
+
+
+class _Closed(Exception):
+    """The connection is gone (closed by the client, by a fault or by stop())."""
+
+
+class Atom(str):
+    """An IMAP atom as sent by the client (quoted strings and literals are bytes)."""
+
+
+def _parse_args(data: bytes) -> list:
+    items, _ = _parse_items(data, 0, nested=False)
+    return items
+
+
+def _parse_items(data: bytes, pos: int, nested: bool) -> Tuple[list, int]:
+    items: list = []
+    n = len(data)
+    while pos < n:
+        c = data[pos]
+        if c == 0x20:
+            pos += 1
+            continue
+        if c == 0x28:  # (
+            sub, pos = _parse_items(data, pos + 1, nested=True)
+            items.append(sub)
+        elif c == 0x29:  # )
+            if not nested:
+                raise _Bad("Unbalanced ')'")
+            return items, pos + 1
+        elif c == 0x22:  # "
+            s, pos = _parse_quoted(data, pos)
+            items.append(s)
+        elif c == 0x7B:  # {
+            s, pos = _parse_literal(data, pos)
+            items.append(s)
+        elif c in (0x0D, 0x0A, 0x00):
+            raise _Bad("Bare CR, LF or NUL in command")
+        else:
+            a, pos = _parse_atom(data, pos)
+            items.append(a)
+            continue
+        if pos < n and data[pos] not in (0x20, 0x29):
+            raise _Bad("Missing space after string or list")
+    if nested:
+        raise _Bad("Unbalanced '('")
+    return items, pos
+
+
+def _parse_quoted(data: bytes, pos: int) -> Tuple[bytes, int]:
+    out = bytearray()
+    i = pos + 1
+    while True:
+        if i >= len(data):
+            raise _Bad("Unbalanced quote")
+        c = data[i]
+        if c == 0x22:
+            return bytes(out), i + 1
+        if c == 0x5C:
+            if i + 1 < len(data) and data[i + 1] in (0x22, 0x5C):
+                out.append(data[i + 1])
+                i += 2
+                continue
+            raise _Bad("Invalid escape in quoted string")
+        if c in (0x0D, 0x0A, 0x00):
+            raise _Bad("CR, LF or NUL inside quoted string")
+        out.append(c)
+        i += 1
+
+
+_LITERAL_RE = re.compile(rb"\{(\d+)(\+?)\}\r\n")
+
+
+def _parse_literal(data: bytes, pos: int) -> Tuple[bytes, int]:
+    m = _LITERAL_RE.match(data, pos)
+    if not m:
+        raise _Bad("Invalid literal")
+    end = m.end() + int(m.group(1))
+    if end > len(data):
+        raise _Bad("Truncated literal")
+    return bytes(data[m.end():end]), end
+
+
+def _parse_atom(data: bytes, pos: int) -> Tuple[Atom, int]:
+    i = pos
+    depth = 0
+    while i < len(data):
+        c = data[i]
+        if depth == 0 and c in (0x20, 0x28, 0x29):
+            break
+        if c in (0x0D, 0x0A, 0x00):
+            raise _Bad("Bare CR, LF or NUL in command")
+        if c == 0x22 and depth == 0:
+            raise _Bad("Quote inside atom")
+        if c == 0x5B:
+            depth += 1
+        elif c == 0x5D and depth:
+            depth -= 1
+        i += 1
+    if depth:
+        raise _Bad("Unbalanced '['")
+    return Atom(data[pos:i].decode("utf-8", "surrogateescape")), i
+
+
+def _text(tok: Any) -> str:
+    """An astring/nstring argument as str (UTF-8)."""
+    if isinstance(tok, list):
+        raise _Bad("Expected a string, got a list")
+    if isinstance(tok, bytes):
+        try:
+            return tok.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Bad("String is not valid UTF-8") from None
+    return str(tok)
+
+
+def _quoted(s: str) -> bytes:
+    """A quoted string, or a literal when it cannot be quoted (CR/LF/NUL/8-bit)."""
+    b = s.encode("utf-8", "surrogateescape")
+    if re.search(rb"[\r\n\x00\x80-\xff]", b):
+        return b"{%d}\r\n" % len(b) + b
+    return b'"' + b.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def _nstring(s: Optional[str]) -> bytes:
+    return b"NIL" if s is None else _quoted(s)
+
+
+_ATOM_OK = re.compile(r"[^(){ %*\"\\\]\x00-\x1f\x7f-\U0010ffff]+")
+
+
+def _astring(s: str) -> bytes:
+    if _ATOM_OK.fullmatch(s) and s.upper() != "NIL":
+        return s.encode("ascii")
+    return _quoted(s)
+
+
+def _literal(data: bytes) -> bytes:
+    return b"{%d}\r\n" % len(data) + data
+
+
+# --- MIME structure ----------------------------------------------------------------------
+#
+# FETCH sections and BODYSTRUCTURE need the exact octets of each part, which the email
+# package does not keep; _Part splits the raw bytes itself and uses the email package
+# only to read the header fields of each part.
+
+def _split_header(raw: bytes) -> Tuple[bytes, bytes]:
+    """(header incl. the blank line, body)."""
+    if raw.startswith(b"\r\n"):
+        return b"\r\n", raw[2:]
+    i = raw.find(b"\r\n\r\n")
+    if i < 0:
+        return raw, b""
+    return raw[:i + 4], raw[i + 4:]
+
+
+def _header_fields(header: bytes) -> List[Tuple[str, bytes]]:
+    """[(lowercase name, raw field bytes incl. folded lines and CRLF)]."""
+    fields: List[Tuple[str, bytes]] = []
+    for line in header.splitlines(keepends=True):
+        if line in (b"\r\n", b"\n"):
+            break
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] = (fields[-1][0], fields[-1][1] + line)
+        else:
+            name = line.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
+            fields.append((name, line))
+    return fields
+
+
+def _split_multipart(body: bytes, boundary: str) -> List[bytes]:
+    delim = b"--" + boundary.encode("ascii", "replace")
+    parts: List[bytes] = []
+    current: Optional[List[bytes]] = None
+    for line in body.splitlines(keepends=True):
+        stripped = line.rstrip(b" \t\r\n")
+        if stripped == delim or stripped == delim + b"--":
+            if current is not None:
+                chunk = b"".join(current)
+                parts.append(chunk[:-2] if chunk.endswith(b"\r\n") else chunk)
+            if stripped != delim:
+                return parts
+            current = []
+        elif current is not None:
+            current.append(line)
+    if current is not None:
+        parts.append(b"".join(current))
+    return parts
+
+
+class _Part:
+    """One MIME entity: raw header and body octets, parsed header, children."""
+
+    def __init__(self, raw: bytes, default_type: str = "text/plain") -> None:
+        self.header, self.body = _split_header(raw)
+        self.fields = _header_fields(self.header)
+        self.msg = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(self.header)
+        ctype = self.msg.get_content_type() if self.msg.get("Content-Type") else default_type
+        self.maintype, _, self.subtype = ctype.partition("/")
+        self.children: List[_Part] = []
+        self.encapsulated: Optional[_Part] = None
+        if self.maintype == "multipart":
+            boundary = self.msg.get_boundary()
+            child_type = "message/rfc822" if self.subtype == "digest" else "text/plain"
+            if boundary:
+                self.children = [_Part(p, child_type) for p in _split_multipart(self.body, boundary)]
+            if not self.children:
+                self.maintype, self.subtype = "text", "plain"
+        elif ctype == "message/rfc822":
+            self.encapsulated = _Part(self.body)
+
+    def raw_header(self, name: str) -> Optional[str]:
+        for fname, field in self.fields:
+            if fname == name.lower():
+                value = field.split(b":", 1)[1] if b":" in field else b""
+                return re.sub(rb"\r?\n", b"", value).strip().decode("utf-8", "replace")
+        return None
+
+    def lines(self) -> int:
+        return self.body.count(b"\n") + (1 if self.body and not self.body.endswith(b"\n") else 0)
+
+
+def _params(part: _Part, header: str = "content-type") -> List[Tuple[str, str]]:
+    try:
+        params = part.msg.get_params(header=header) or []
+    except Exception:
+        return []
+    return [(k, email.utils.collapse_rfc2231_value(v)) for k, v in params[1:] if k]
+
+
+def _param_list(pairs: List[Tuple[str, str]], upper: bool = True) -> bytes:
+    if not pairs:
+        return b"NIL"
+    return b"(" + b" ".join(_quoted(k.upper() if upper else k.lower()) + b" " + _quoted(v)
+                            for k, v in pairs) + b")"
+
+
+def _disposition(part: _Part) -> bytes:
+    value = part.msg.get("Content-Disposition")
+    if not value:
+        return b"NIL"
+    kind = str(value).split(";", 1)[0].strip().lower() or "attachment"
+    return b"(" + _quoted(kind) + b" " + _param_list(_params(part, "content-disposition"), upper=False) + b")"
+
+
+def _address_list(value: Optional[str]) -> bytes:
+    if not value:
+        return b"NIL"
+    addrs = [(n, a) for n, a in email.utils.getaddresses([value]) if a]
+    if not addrs:
+        return b"NIL"
+    out = []
+    for name, addr in addrs:
+        mailbox, _, host = addr.partition("@")
+        out.append(b"(" + _nstring(name or None) + b" NIL " + _nstring(mailbox) + b" "
+                   + _nstring(host or None) + b")")
+    return b"(" + b"".join(out) + b")"
+
+
+def _envelope(part: _Part) -> bytes:
+    h = part.raw_header
+    frm = h("from")
+    return b"(" + b" ".join([
+        _nstring(h("date")), _nstring(h("subject")), _address_list(frm),
+        _address_list(h("sender") or frm), _address_list(h("reply-to") or frm),
+        _address_list(h("to")), _address_list(h("cc")), _address_list(h("bcc")),
+        _nstring(h("in-reply-to")), _nstring(h("message-id")),
+    ]) + b")"
+
+
+def _bodystructure(part: _Part, extended: bool = True) -> bytes:
+    """BODYSTRUCTURE (extended) or BODY (not extended) of a part, RFC 3501 7.4.2."""
+    if part.children:
+        s = b"(" + b"".join(_bodystructure(c, extended) for c in part.children)
+        s += b" " + _quoted(part.subtype.upper())
+        if extended:
+            s += b" " + _param_list(_params(part)) + b" " + _disposition(part) + b" NIL NIL"
+        return s + b")"
+    params = _params(part)
+    if part.maintype == "text" and not any(k.lower() == "charset" for k, _ in params):
+        params.insert(0, ("charset", "us-ascii"))
+    fields = [
+        _quoted(part.maintype.upper()), _quoted(part.subtype.upper()), _param_list(params),
+        _nstring(part.raw_header("content-id")), _nstring(part.raw_header("content-description")),
+        _quoted((part.raw_header("content-transfer-encoding") or "7bit").upper()),
+        str(len(part.body)).encode(),
+    ]
+    if part.maintype == "text":
+        fields.append(str(part.lines()).encode())
+    elif part.encapsulated is not None:
+        fields += [_envelope(part.encapsulated), _bodystructure(part.encapsulated, extended),
+                   str(part.lines()).encode()]
+    if extended:
+        fields += [b"NIL", _disposition(part), b"NIL", b"NIL"]
+    return b"(" + b" ".join(fields) + b")"
+
+
+def _navigate(part: _Part, nums: List[int]) -> _Part:
+    """The part named by a section part number like [2, 1]; raises IndexError."""
+    for n in nums:
+        if part.encapsulated is not None:
+            part = part.encapsulated
+        if part.children:
+            if not 1 <= n <= len(part.children):
+                raise IndexError(n)
+            part = part.children[n - 1]
+        elif n != 1:
+            raise IndexError(n)
+    return part
+
+
+def _parse_section(spec: str) -> Tuple[List[int], str, List[str], str]:
+    """'1.HEADER.FIELDS (from subject)' -> ([1], 'HEADER.FIELDS', ['FROM', 'SUBJECT'], echo)."""
+    spec = re.sub(r"\s+", " ", spec.strip().upper())
+    nums: List[int] = []
+    rest = spec
+    m = re.match(r"(\d+(?:\.\d+)*)(\.|$)", rest)
+    if m:
+        nums = [int(x) for x in m.group(1).split(".")]
+        if 0 in nums or (m.group(2) == "." and m.end() == len(rest)):
+            raise _Bad("Invalid section %r" % spec)
+        rest = rest[m.end():]
+    fields: List[str] = []
+    m2 = re.fullmatch(r"(HEADER\.FIELDS(?:\.NOT)?) ?\(([^()]*)\)", rest)
+    if m2:
+        kind = m2.group(1)
+        fields = [f.strip('"') for f in m2.group(2).split()]
+        if not fields:
+            raise _Bad("Empty header field list")
+        rest_echo = "%s (%s)" % (kind, " ".join(fields))
+    elif rest in ("", "HEADER", "TEXT", "MIME"):
+        kind = rest
+        rest_echo = rest
+        if kind == "MIME" and not nums:
+            raise _Bad("MIME needs a part number")
+    else:
+        raise _Bad("Invalid section %r" % spec)
+    echo = ".".join(str(n) for n in nums)
+    if echo and rest_echo:
+        echo += "."
+    return nums, kind, fields, echo + rest_echo
+
+
+def _section_bytes(root: _Part, raw: bytes, nums: List[int], kind: str, fields: List[str]) -> bytes:
+    try:
+        part = _navigate(root, nums) if nums else root
+    except IndexError:
+        return b""
+    if kind == "":
+        return part.body if nums else raw
+    if kind == "MIME":
+        return part.header
+    target = part.encapsulated if nums else root
+    if target is None:
+        return b""
+    if kind == "HEADER":
+        return target.header
+    if kind == "TEXT":
+        return target.body
+    wanted = {f.lower() for f in fields}
+    keep = kind == "HEADER.FIELDS"
+    return b"".join(field for name, field in target.fields if (name in wanted) == keep) + b"\r\n"
+
+
+# --- Mailbox model -----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class FakeMessage:
+    """One stored message. Public accessors hand out copies; mutate through IMAP or the API."""
+
+    msgid: int                      # X-GM-MSGID (also used internally in plain mode)
+    thrid: int                      # X-GM-THRID (threads by In-Reply-To/References)
+    raw: bytes                      # the message, line ends normalised to CRLF
+    date: _dtm.datetime         # INTERNALDATE, tz-aware
+    flags: set = dataclasses.field(default_factory=set)    # {"\\Seen", "$label1", ...}
+    labels: set = dataclasses.field(default_factory=set)   # gmail mode: {"\\Inbox", "Receipts"}
+    folder: Optional[str] = None    # plain mode: the one folder holding it
+    modseq: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LogEntry:
+    """One client command as received: session number, tag, command name, raw bytes."""
+
+    session: int
+    tag: str
+    command: str      # "LOGIN", "UID FETCH", ...
+    line: bytes       # the full command incl. CRLF and literal octets inline
+
+
+@dataclasses.dataclass
+class _Folder:
+    name: str
+    kind: str              # inbox all trash spam sent drafts starred important label plain noselect
+    special: str = ""      # SPECIAL-USE attribute, e.g. "\\Trash"
+    label: str = ""        # kind == "label": the label it shows
+    uidvalidity: int = 0
+    uidnext: int = 1
+    uids: "collections.OrderedDict[int, int]" = dataclasses.field(default_factory=collections.OrderedDict)
+    by_msgid: Dict[int, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def selectable(self) -> bool:
+        return self.kind != "noselect"
+
+
+# Gmail's special folders: kind, SPECIAL-USE attribute, English name, German name.
+_GMAIL_SPECIAL = (
+    ("all", "\\All", "All Mail", "Alle Nachrichten"),
+    ("drafts", "\\Drafts", "Drafts", "Entw\u00fcrfe"),
+    ("important", "\\Important", "Important", "Wichtig"),
+    ("sent", "\\Sent", "Sent Mail", "Gesendet"),
+    ("spam", "\\Junk", "Spam", "Spam"),
+    ("starred", "\\Flagged", "Starred", "Markiert"),
+    ("trash", "\\Trash", "Trash", "Papierkorb"),
+)
+# Plain mode folders: name, SPECIAL-USE attribute.
+_PLAIN_FOLDERS = (("INBOX", ""), ("Archive", "\\Archive"), ("Drafts", "\\Drafts"),
+                  ("Junk", "\\Junk"), ("Sent", "\\Sent"), ("Trash", "\\Trash"))
+# XLIST (Gmail's pre-SPECIAL-USE extension) spells some attributes differently.
+_XLIST_ATTR = {"\\All": "\\AllMail", "\\Junk": "\\Spam", "\\Flagged": "\\Starred"}
+
+_SYSTEM_FLAGS = {f.lower(): f for f in ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")}
+_SYSTEM_LABELS = {
+    "\\inbox": "\\Inbox", "inbox": "\\Inbox", "\\trash": "\\Trash", "\\spam": "\\Spam",
+    "\\sent": "\\Sent", "\\draft": "\\Draft", "\\drafts": "\\Draft", "\\important": "\\Important",
+    "\\starred": "\\Starred",
+}
+_FOLDER_LABEL = {"inbox": "\\Inbox", "sent": "\\Sent", "drafts": "\\Draft", "important": "\\Important"}
+_GMAIL_FLAGS = "\\Answered \\Flagged \\Draft \\Deleted \\Seen $NotPhishing $Phishing"
+
+
+def _canon_flag(flag: str) -> str:
+    if flag.startswith("\\"):
+        canon = _SYSTEM_FLAGS.get(flag.lower())
+        if canon is None:
+            raise ValueError("unknown system flag %r" % flag)
+        return canon
+    if not flag or not _ATOM_OK.fullmatch(flag):
+        raise ValueError("invalid keyword %r" % flag)
+    return flag
+
+
+def _canon_label(label: str) -> str:
+    canon = _SYSTEM_LABELS.get(label.lower())
+    if canon:
+        return canon
+    if label.startswith("\\") or not label.strip():
+        raise ValueError("invalid label %r" % label)
+    return label
+
+
+def _flag_key(flag: str) -> Tuple[int, str]:
+    order = ("\\Answered", "\\Flagged", "\\Draft", "\\Deleted", "\\Seen")
+    return (order.index(flag), "") if flag in order else (len(order), flag)
+
+
+def _flags_bytes(flags: Iterable[str]) -> bytes:
+    return b"(" + " ".join(sorted(flags, key=_flag_key)).encode("utf-8") + b")"
+
+
+def _labels_bytes(labels: Iterable[str]) -> bytes:
+    out = []
+    for label in sorted(labels, key=lambda s: (not s.startswith("\\"), s)):
+        if label.startswith("\\"):
+            out.append(_quoted(label))
+        else:
+            out.append(_astring(imap_utf7_encode(label)))
+    return b"(" + b" ".join(out) + b")"
+
+
+# --- Search ------------------------------------------------------------------------------
+
+def _decoded_header(parsed: email.message.Message, name: str) -> str:
+    try:
+        return " ".join(str(v) for v in (parsed.get_all(name) or []))
+    except Exception:
+        return ""
+
+
+def _body_text(parsed: email.message.Message) -> str:
+    texts = []
+    for part in parsed.walk():
+        if part.get_content_maintype() != "text" or part.get_content_disposition() == "attachment":
+            continue
+        payload = part.get_payload(decode=True) or b""
+        charset = part.get_content_charset() or "utf-8"
+        try:
+            codecs.lookup(charset)
+        except LookupError:
+            charset = "utf-8"
+        texts.append(payload.decode(charset, "replace"))
+    return "\n".join(texts)
+
+
+def _has_attachment(parsed: email.message.Message) -> bool:
+    return parsed.is_multipart() and any(
+        p.get_content_disposition() == "attachment" for p in parsed.walk())
+
+
+def _sent_date(parsed: email.message.Message, fallback: _dtm.datetime) -> _dtm.date:
+    try:
+        dt = email.utils.parsedate_to_datetime(str(parsed["Date"]))
+        return dt.date() if dt else fallback.date()
+    except Exception:
+        return fallback.date()
+
+
+def _label_key(label: str) -> str:
+    """Gmail's search spelling of a label: case-insensitive, ' ' and '/' as '-'."""
+    return re.sub(r"[\s/]", "-", label.lstrip("\\").casefold())
+
+
+_GM_TOKEN = re.compile(r'\(|\)|[^\s()"]*"[^"]*"|[^\s()"]+')
+_GM_SIZE = re.compile(r"(\d+)([kKmM]?)")
+_GM_AGE = re.compile(r"(\d+)([dDwWmMyY])")
+
+
+# --- Session (one per connection) --------------------------------------------------------
+
+_PRE_AUTH = {"CAPABILITY", "NOOP", "LOGOUT", "STARTTLS", "LOGIN", "AUTHENTICATE", "ID"}
+_SELECTED = {"FETCH", "STORE", "SEARCH", "COPY", "MOVE", "EXPUNGE", "CLOSE", "UNSELECT", "CHECK",
+             "UID FETCH", "UID STORE", "UID SEARCH", "UID COPY", "UID MOVE", "UID EXPUNGE"}
+_MESSAGE_CMDS = _SELECTED - {"CLOSE", "UNSELECT", "CHECK"}
+# Commands that talk to the client themselves (continuations) and must not hold the model lock.
+_INTERACTIVE = {"IDLE", "AUTHENTICATE", "LOGOUT", "STARTTLS"}
+# Command -> capability that must be advertised (after authentication) for it to exist.
+_NEEDS_CAP = {"UNSELECT": "UNSELECT", "IDLE": "IDLE", "MOVE": "MOVE", "UID MOVE": "MOVE",
+              "UID EXPUNGE": "UIDPLUS", "ENABLE": "ENABLE", "XLIST": "XLIST", "ID": "ID",
+              "NAMESPACE": "NAMESPACE", "COMPRESS": "COMPRESS=DEFLATE"}
+_FETCH_MACROS = {"ALL": ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"],
+                 "FAST": ["FLAGS", "INTERNALDATE", "RFC822.SIZE"],
+                 "FULL": ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY"]}
+_FETCH_SIMPLE = {"UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODYSTRUCTURE", "BODY",
+                 "RFC822", "RFC822.HEADER", "RFC822.TEXT", "MODSEQ",
+                 "X-GM-MSGID", "X-GM-THRID", "X-GM-LABELS"}
+_FETCH_SECTION = re.compile(r"(BODY|BODY\.PEEK)\[(.*)\](?:<(\d+)(?:\.(\d+))?>)?", re.S)
+
+
+class _Session(socketserver.BaseRequestHandler):
+    """One client connection: reads commands, dispatches to cmd_<NAME>, writes answers."""
+
+    server: "_TCPServer"
+
+    def setup(self) -> None:
+        self.fake: FakeGmail = self.server.fake
+        self.sock: socket.socket = self.request
+        self.thread = threading.current_thread()
+        self._buf = bytearray()
+        self.user: Optional[str] = None
+        self.tls = False
+        self.selected: Optional[str] = None
+        self.readonly = False
+        self.known: List[int] = []             # UIDs of the selected folder as the client knows them
+        self.known_flags: Dict[int, frozenset] = {}
+        self.enabled: set = set()
+        self.out: List[bytes] = []
+        self._after: Optional[str] = None      # "close" / "starttls" once the answer is sent
+        self.killed = threading.Event()        # set by drop_all_connections()/stop(): ends delays
+        self.id = self.fake._register(self)
+
+    def finish(self) -> None:
+        self.fake._unregister(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    # -- I/O --
+
+    def handle(self) -> None:
+        try:
+            if self.fake.tls:
+                self.sock.settimeout(10)
+                self.sock = self.fake._ssl_context.wrap_socket(self.sock, server_side=True)
+                self.sock.settimeout(None)
+                self.tls = True
+            self._send(b"* OK Gimap ready for requests from 127.0.0.1\r\n")
+            while True:
+                cmd = self._read_command()
+                if cmd is None:
+                    return
+                self._dispatch(*cmd)
+        except (_Closed, OSError, ValueError):
+            return
+
+    def _readline(self) -> Optional[bytes]:
+        while True:
+            i = self._buf.find(b"\n")
+            if i >= 0:
+                line = bytes(self._buf[:i + 1])
+                del self._buf[:i + 1]
+                return line
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self._buf += data
+
+    def _readexact(self, n: int) -> Optional[bytes]:
+        while len(self._buf) < n:
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self._buf += data
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def _read_command(self) -> Optional[Tuple[bytes, int]]:
+        """(full command bytes with literals inline, length without literal octets) or None at EOF."""
+        parts: List[bytes] = []
+        length = 0
+        while True:
+            line = self._readline()
+            if line is None:
+                return None
+            self.fake._raw(line)
+            parts.append(line)
+            length += len(line)
+            m = re.search(rb"\{(\d+)(\+?)\}\r\n\Z", line)
+            if not m:
+                return b"".join(parts), length
+            if not m.group(2):
+                self._send(b"+ go ahead\r\n")
+            data = self._readexact(int(m.group(1)))
+            if data is None:
+                return None
+            self.fake._raw(data)
+            parts.append(data)
+
+    def _read_continuation(self) -> bytes:
+        line = self._readline()
+        if line is None:
+            raise _Closed()
+        self.fake._raw(line)
+        return line[:-2] if line.endswith(b"\r\n") else line.rstrip(b"\n")
+
+    def _send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _u(self, line: Any) -> None:
+        """Queue an untagged response line (str or bytes, without CRLF)."""
+        self.out.append((line.encode("utf-8") if isinstance(line, str) else line) + b"\r\n")
+
+    def _flush(self) -> None:
+        if self.out:
+            data = b"".join(self.out)
+            self.out = []
+            self._send(data)
+
+    def _close(self, how: str) -> None:
+        """End the connection: "drop" (FIN), "reset" (RST via SO_LINGER 0)."""
+        try:
+            if how == "reset":
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            else:
+                socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        raise _Closed()
+
+    # -- dispatch --
+
+    def _dispatch(self, line: bytes, length: int) -> None:
+        fake = self.fake
+        body = line[:-2] if line.endswith(b"\r\n") else line.rstrip(b"\r\n")
+        tag_b, _, rest = body.partition(b" ")
+        words = rest.split(b" ", 2)
+        name = words[0].decode("ascii", "replace").upper()
+        argbytes = rest[len(words[0]) + 1:]
+        if name == "UID" and len(words) > 1:
+            name = "UID " + words[1].decode("ascii", "replace").upper()
+            argbytes = words[2] if len(words) > 2 else b""
+        tag = tag_b.decode("ascii", "replace")
+        fake._record(LogEntry(self.id, tag, name, line), length)
+        self.out = []
+        if not line.endswith(b"\r\n") or not re.fullmatch(r"[!#$&',./0-9:;<=>?@A-Z^_`a-z|}~-]+", tag) or not name:
+            self._send(("%s BAD Invalid command line\r\n" % (tag if tag else "*")).encode())
+            return
+        fault = fake._take_fault(name)
+        if fault is not None and fault.when == "before" and fault.action not in ("delay", "unsolicited"):
+            self._apply_fault(fault, tag)
+            return
+        if fault is not None and fault.when == "before" and fault.action == "delay":
+            self.killed.wait(fault.delay)
+        snapshot = (list(self.known), dict(self.known_flags))
+        tagged = self._execute(tag, name, argbytes)
+        if fault is not None and fault.action == "unsolicited":
+            inject = [b"* 1 FETCH (FLAGS (\\Seen))\r\n", b"* %d EXISTS\r\n" % len(self.known)]
+            at = {"before": 0, "mid": max(1, len(self.out) // 2) if self.out else 0}.get(fault.when, len(self.out))
+            self.out[at:at] = inject
+            fault = None
+        if fault is None or (fault.when == "before"):
+            self.out.append(tagged)
+            self._flush()
+        elif fault.when == "after":
+            if fault.action == "delay":
+                self.killed.wait(fault.delay)
+                self.out.append(tagged)
+                self._flush()
+            else:
+                self.out = []
+                self.known, self.known_flags = snapshot
+                self._apply_fault(fault, tag)
+        else:  # mid
+            half = max(1, len(self.out) // 2) if self.out else 0
+            first, self.out = self.out[:half], self.out[half:]
+            self._send(b"".join(first))
+            if fault.action == "delay":
+                self.killed.wait(fault.delay)
+                self.out.append(tagged)
+                self._flush()
+            else:
+                self.out = []
+                self.known, self.known_flags = snapshot
+                self._apply_fault(fault, tag)
+        after, self._after = self._after, None
+        if after == "close":
+            self._close("drop")
+        elif after == "starttls":
+            self._buf = bytearray()  # RFC 3501 6.2.1: discard anything sent before the handshake
+            self.sock = fake._ssl_context.wrap_socket(self.sock, server_side=True)
+            self.tls = True
+
+    def _execute(self, tag: str, name: str, argbytes: bytes) -> bytes:
+        """Run one command; leaves untagged answers in self.out, returns the tagged line."""
+        fake = self.fake
+        status = "BAD"
+        try:
+            method = None
+            if re.fullmatch(r"[A-Z][A-Z0-9-]*( [A-Z][A-Z0-9-]*)?", name):
+                method = getattr(self, "cmd_" + name.replace(" ", "_").replace("-", "_"), None)
+            cap = _NEEDS_CAP.get(name)
+            if method is None or (cap and cap not in self._capabilities(authenticated=True)):
+                raise _Bad("Unknown command %s" % name)
+            if self.user is None and name not in _PRE_AUTH:
+                raise _Bad("Command received in Invalid state.")
+            if name in _SELECTED and self.selected is None:
+                raise _Bad("Command received in Invalid state.")
+            args = _parse_args(argbytes)
+            if name in _INTERACTIVE:
+                text = method(tag, args)
+            else:
+                with fake._cond:
+                    if name in _MESSAGE_CMDS:
+                        self._announce(expunge=False)
+                    text = method(tag, args)
+            status = "OK"
+        except _Bad as e:
+            text = "BAD " + str(e)
+        except _No as e:
+            text = "NO " + str(e)
+            status = "NO"
+        except _Closed:
+            raise
+        except OSError as e:  # the client went away during a continuation
+            raise _Closed() from e
+        except Exception as e:  # a bug in the fake: say so on the wire and in server.errors
+            fake.errors.append(traceback.format_exc())
+            text = "BAD [SERVERBUG] fake_gmail: %r" % e
+        if status in ("OK", "NO") and self.selected is not None:
+            with fake._cond:
+                self._announce(expunge=name not in ("FETCH", "STORE", "SEARCH"))
+        return ("%s %s\r\n" % (tag, text)).encode("utf-8")
+
+    def _apply_fault(self, fault: "_Fault", tag: str) -> None:
+        a = fault.action
+        if a == "bye":
+            self._send(b"* BYE fake server going away\r\n")
+            self._close("drop")
+        elif a in ("drop", "reset"):
+            self._close(a)
+        elif a == "no":
+            self._send(("%s NO %s\r\n" % (tag, fault.text or "[UNAVAILABLE] fake failure")).encode())
+        elif a == "bad":
+            self._send(("%s BAD %s\r\n" % (tag, fault.text or "fake protocol error")).encode())
+        elif a == "garbage":
+            self._send(b"* 1 FETCH (UID 7 FLAGS (\\Seen\r\n" + ("%s OK done\r\n" % tag).encode())
+
+    def _announce(self, expunge: bool = True) -> None:
+        """Queue EXPUNGE / EXISTS / FETCH FLAGS for changes the client has not been told about."""
+        if self.selected is None:
+            return
+        folder = self.fake._folders.get(self.selected)
+        current = folder.uids if folder is not None else collections.OrderedDict()
+        msgs = self.fake._msgs
+        if expunge:
+            for i in range(len(self.known) - 1, -1, -1):
+                if self.known[i] not in current:
+                    self._u("* %d EXPUNGE" % (i + 1))
+                    self.known_flags.pop(self.known[i], None)
+                    del self.known[i]
+        knownset = set(self.known)
+        new = [u for u in current if u not in knownset]
+        if new:
+            self.known.extend(new)
+            for u in new:
+                self.known_flags[u] = frozenset(msgs[current[u]].flags)
+            self._u("* %d EXISTS" % len(self.known))
+        for seq, u in enumerate(self.known, 1):
+            mid = current.get(u)
+            if mid is None:
+                continue
+            flags = frozenset(msgs[mid].flags)
+            if self.known_flags.get(u) != flags:
+                self.known_flags[u] = flags
+                self._u(b"* %d FETCH (UID %d FLAGS %s)" % (seq, u, _flags_bytes(flags)))
+
+    # -- helpers --
+
+    def _capabilities(self, authenticated: Optional[bool] = None) -> List[str]:
+        fake = self.fake
+        auth = self.user is not None if authenticated is None else authenticated
+        starttls = fake.starttls and not self.tls and not auth
+        if fake.gmail:
+            caps = ["IMAP4rev1", "UNSELECT"] + (["IDLE"] if fake.idle else []) + [
+                "NAMESPACE", "QUOTA", "ID", "XLIST", "CHILDREN", "X-GM-EXT-1"]
+            if not auth:
+                caps += ["XYZZY", "SASL-IR", "AUTH=XOAUTH2", "AUTH=PLAIN", "AUTH=PLAIN-CLIENTTOKEN",
+                         "AUTH=OAUTHBEARER"]
+            else:
+                caps += (["UIDPLUS"] if fake.uidplus else []) + ["COMPRESS=DEFLATE", "ENABLE"] + (
+                    ["MOVE"] if fake.move else []) + [
+                    "CONDSTORE", "ESEARCH", "UTF8=ACCEPT", "LIST-EXTENDED", "LIST-STATUS",
+                    "LITERAL-", "SPECIAL-USE", "APPENDLIMIT=35651584"]
+        else:
+            caps = ["IMAP4rev1", "LITERAL+", "SPECIAL-USE"] + (["MOVE"] if fake.move else []) + (
+                ["UIDPLUS"] if fake.uidplus else []) + (["IDLE"] if fake.idle else [])
+            if not auth:
+                caps.append("AUTH=PLAIN")
+        if starttls:
+            caps.append("STARTTLS")
+        return caps
+
+    def _mailbox(self, tok: Any) -> str:
+        s = _text(tok)
+        if s.upper() == "INBOX":
+            return "INBOX"
+        if s.isascii():
+            try:
+                s = imap_utf7_decode(s)
+            except ValueError:
+                raise _Bad("Invalid mailbox name %r (modified UTF-7 expected)" % s) from None
+        return "INBOX" if s.upper() == "INBOX" else s
+
+    def _folder(self) -> _Folder:
+        folder = self.fake._folders.get(self.selected or "")
+        if folder is None:
+            raise _No("[CLOSED] Mailbox no longer exists")
+        return folder
+
+    def _targets(self, setspec: Any, by_uid: bool) -> List[Tuple[int, int, FakeMessage]]:
+        """[(seq, uid, message)] in the selected folder for a UID or sequence set."""
+        if not isinstance(setspec, Atom):
+            raise _Bad("Expected a sequence set")
+        current = self._folder().uids
+        if by_uid:
+            ns = _NumSet(setspec, star=max(current) if current else 0)
+        else:
+            ns = _NumSet(setspec, star=len(self.known))
+        out = []
+        for seq, uid in enumerate(self.known, 1):
+            mid = current.get(uid)
+            if mid is not None and ((uid in ns) if by_uid else (seq in ns)):
+                out.append((seq, uid, self.fake._msgs[mid]))
+        return out
+
+    def _require_rw(self, what: str) -> None:
+        if self.readonly:
+            raise _No("[READ-ONLY] %s attempt on READ-ONLY folder (Failure)" % what)
+
+    def _require_gmail(self, what: str) -> None:
+        if not self.fake.gmail:
+            raise _Bad("%s is not supported (no X-GM-EXT-1)" % what)
+
+    # -- any state --
+
+    def cmd_CAPABILITY(self, tag: str, args: list) -> str:
+        self._u("* CAPABILITY " + " ".join(self._capabilities()))
+        return "OK Thats all she wrote! (Success)"
+
+    def cmd_NOOP(self, tag: str, args: list) -> str:
+        return "OK Success"
+
+    def cmd_CHECK(self, tag: str, args: list) -> str:
+        return "OK Success"
+
+    def cmd_LOGOUT(self, tag: str, args: list) -> str:
+        self._u("* BYE LOGOUT Requested")
+        self._after = "close"
+        return "OK 73 good day (Success)"
+
+    def cmd_ID(self, tag: str, args: list) -> str:
+        self._u('* ID ("name" "GImap" "vendor" "Google, Inc." "support-url" "https://support.google.com/mail")')
+        return "OK Success"
+
+    def cmd_STARTTLS(self, tag: str, args: list) -> str:
+        if not self.fake.starttls or self.tls or self.user is not None:
+            raise _Bad("STARTTLS not available")
+        self._after = "starttls"
+        return "OK Begin TLS negotiation now"
+
+    # -- authentication --
+
+    def cmd_LOGIN(self, tag: str, args: list) -> str:
+        if self.user is not None:
+            raise _Bad("Already authenticated")
+        if len(args) != 2:
+            raise _Bad("LOGIN needs user and password")
+        user, password = _text(args[0]), _text(args[1])
+        if self.fake.users.get(user) == password:
+            self.user = user
+            return "OK %s authenticated (Success)" % user
+        raise _No("[AUTHENTICATIONFAILED] Invalid credentials (Failure)")
+
+    def cmd_AUTHENTICATE(self, tag: str, args: list) -> str:
+        # SASL as Gmail does it (RFC 4959 SASL-IR; XOAUTH2 per Google's documentation): on a bad
+        # token the server sends a JSON challenge and the client MUST answer with an empty line,
+        # after which the server says NO. Anything else in that answer is a client bug.
+        fake = self.fake
+        if self.user is not None:
+            raise _Bad("Already authenticated")
+        if not args or not isinstance(args[0], Atom) or len(args) > 2:
+            raise _Bad("AUTHENTICATE needs a mechanism")
+        mech = args[0].upper()
+        allowed = ("XOAUTH2", "PLAIN", "OAUTHBEARER") if fake.gmail else ("PLAIN",)
+        if mech not in allowed:
+            raise _No("Unsupported authentication mechanism")
+        if len(args) == 2:
+            if not fake.gmail:
+                raise _Bad("SASL-IR not supported")
+            initial = _text(args[1]).encode("ascii", "replace")
+            initial = b"" if initial == b"=" else initial
+        else:
+            self._flush()
+            self._send(b"+ \r\n")
+            initial = self._read_continuation()
+        if initial == b"*":
+            raise _Bad("AUTHENTICATE cancelled")
+        try:
+            data = base64.b64decode(initial, validate=True)
+        except ValueError:
+            fake.sasl_errors.append(initial)
+            raise _Bad("Invalid SASL argument") from None
+        user, ok = self._check_sasl(mech, data)
+        if ok:
+            self.user = user
+            return "OK %s authenticated (Success)" % user
+        if mech == "PLAIN":
+            raise _No("[AUTHENTICATIONFAILED] Invalid credentials (Failure)")
+        challenge = json.dumps({"status": "400", "schemes": "Bearer", "scope": "https://mail.google.com/"},
+                               separators=(",", ":")).encode("ascii")
+        self._send(b"+ " + base64.b64encode(challenge) + b"\r\n")
+        answer = self._read_continuation()
+        if answer == b"":
+            raise _No("[AUTHENTICATIONFAILED] Invalid credentials (Failure)")
+        fake.sasl_errors.append(answer)
+        raise _Bad("Invalid SASL argument")
+
+    def _check_sasl(self, mech: str, data: bytes) -> Tuple[str, bool]:
+        fake = self.fake
+        text = data.decode("utf-8", "replace")
+        if mech == "PLAIN":
+            parts = text.split("\0")
+            if len(parts) != 3:
+                return "", False
+            return parts[1], fake.users.get(parts[1]) == parts[2] and parts[1] != ""
+        if mech == "XOAUTH2":
+            if not text.endswith("\x01\x01"):
+                return "", False
+            kv = dict(p.split("=", 1) for p in text[:-2].split("\x01") if "=" in p)
+            user = kv.get("user", "")
+        else:  # OAUTHBEARER (RFC 7628): "n,a=user,\x01auth=Bearer tok\x01\x01"
+            gs2, _, rest = text.partition("\x01")
+            m = re.search(r"(?:^|,)a=([^,]*)", gs2)
+            user = m.group(1).replace("=2C", ",").replace("=3D", "=") if m else ""
+            kv = dict(p.split("=", 1) for p in rest.rstrip("\x01").split("\x01") if "=" in p)
+        auth = kv.get("auth", "")
+        token = auth[7:] if auth.startswith("Bearer ") else None
+        return user, token is not None and fake.tokens.get(user) == token
+
+    # -- authenticated state --
+
+    def cmd_ENABLE(self, tag: str, args: list) -> str:
+        if not args:
+            raise _Bad("ENABLE needs arguments")
+        names = [_text(a).upper() for a in args]
+        new = [n for n in names if n in ("UTF8=ACCEPT", "CONDSTORE") and n not in self.enabled]
+        self.enabled.update(new)
+        self._u("* ENABLED" + "".join(" " + n for n in new))
+        return "OK Success"
+
+    def cmd_NAMESPACE(self, tag: str, args: list) -> str:
+        self._u('* NAMESPACE (("" "/")) NIL NIL')
+        return "OK Success"
+
+    def cmd_COMPRESS(self, tag: str, args: list) -> str:
+        raise _No("[CANNOT] COMPRESS is not implemented by the fake")
+
+    def cmd_SUBSCRIBE(self, tag: str, args: list) -> str:
+        return "OK Success"
+
+    def cmd_UNSUBSCRIBE(self, tag: str, args: list) -> str:
+        return "OK Success"
+
+    def cmd_LIST(self, tag: str, args: list) -> str:
+        return self._list(args, "LIST")
+
+    def cmd_XLIST(self, tag: str, args: list) -> str:
+        return self._list(args, "XLIST")
+
+    def cmd_LSUB(self, tag: str, args: list) -> str:
+        return self._list(args, "LSUB")
+
+    def _list(self, args: list, verb: str) -> str:
+        fake = self.fake
+        toks = list(args)
+        select_opts: List[str] = []
+        if toks and isinstance(toks[0], list):
+            if verb != "LIST":
+                raise _Bad("Selection options only with LIST")
+            select_opts = [_text(o).upper() for o in toks[0]]
+            toks = toks[1:]
+        if len(toks) < 2:
+            raise _Bad("%s needs reference and mailbox" % verb)
+        ref = self._mailbox(toks[0]) if _text(toks[0]) else ""
+        pats = toks[1] if isinstance(toks[1], list) else [toks[1]]
+        status_items: List[str] = []
+        if len(toks) > 2:
+            if len(toks) != 4 or _text(toks[2]).upper() != "RETURN" or not isinstance(toks[3], list):
+                raise _Bad("Invalid LIST arguments")
+            opts = toks[3]
+            for i, o in enumerate(opts):
+                if isinstance(o, Atom) and o.upper() == "STATUS" and i + 1 < len(opts) and isinstance(opts[i + 1], list):
+                    status_items = [_text(x).upper() for x in opts[i + 1]]
+        patterns = [ref + self._mailbox(p) for p in pats]
+        if len(patterns) == 1 and patterns[0] == "":
+            self._u('* %s (\\Noselect) "/" ""' % verb)
+            return "OK Success"
+        names = fake._sorted_folder_names()
+        for name in names:
+            folder = fake._folders[name]
+            if not any(self._list_match(p, name) for p in patterns):
+                continue
+            if "SPECIAL-USE" in select_opts and not folder.special:
+                continue
+            has_children = any(n.startswith(name + "/") for n in names)
+            attrs = ["\\HasChildren" if has_children else "\\HasNoChildren"]
+            if not folder.selectable:
+                attrs.append("\\Noselect")
+            if folder.special:
+                attrs.append(_XLIST_ATTR.get(folder.special, folder.special) if verb == "XLIST" else folder.special)
+            if verb == "XLIST" and name == "INBOX":
+                attrs.append("\\Inbox")
+            self._u(b"* %s (%s) \"/\" %s" % (verb.encode(), " ".join(attrs).encode(),
+                                             _quoted(imap_utf7_encode(name))))
+            if status_items and folder.selectable:
+                self._u(self._status_line(folder, status_items))
+        return "OK Success"
+
+    @staticmethod
+    def _list_match(pattern: str, name: str) -> bool:
+        rx = "".join(".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c) for c in pattern)
+        if re.fullmatch(rx, name, re.S):
+            return True
+        return name == "INBOX" and re.fullmatch(rx, name, re.S | re.I) is not None
+
+    def _status_line(self, folder: _Folder, items: List[str]) -> bytes:
+        msgs = self.fake._msgs
+        vals = []
+        for item in items:
+            if item == "MESSAGES":
+                v = len(folder.uids)
+            elif item == "RECENT":
+                v = 0
+            elif item == "UIDNEXT":
+                v = folder.uidnext
+            elif item == "UIDVALIDITY":
+                v = folder.uidvalidity
+            elif item == "UNSEEN":
+                v = sum(1 for mid in folder.uids.values() if "\\Seen" not in msgs[mid].flags)
+            elif item == "HIGHESTMODSEQ":
+                v = self.fake._modseq
+            else:
+                raise _Bad("Unknown STATUS item %s" % item)
+            vals.append("%s %d" % (item, v))
+        return b"* STATUS " + _quoted(imap_utf7_encode(folder.name)) + b" (" + " ".join(vals).encode() + b")"
+
+    def cmd_STATUS(self, tag: str, args: list) -> str:
+        if len(args) != 2 or not isinstance(args[1], list) or not args[1]:
+            raise _Bad("STATUS needs a mailbox and a list of items")
+        name = self._mailbox(args[0])
+        folder = self.fake._folders.get(name)
+        if folder is None or not folder.selectable:
+            raise _No("[NONEXISTENT] Unknown Mailbox: %s (Failure)" % name)
+        self._u(self._status_line(folder, [_text(x).upper() for x in args[1]]))
+        return "OK Success"
+
+    def cmd_CREATE(self, tag: str, args: list) -> str:
+        fake = self.fake
+        if len(args) != 1:
+            raise _Bad("CREATE needs a mailbox name")
+        name = self._mailbox(args[0]).rstrip("/")
+        if not name:
+            raise _Bad("Empty mailbox name")
+        if name in fake._folders:
+            raise _No("[ALREADYEXISTS] Folder name conflicts with existing folder name. (Failure)")
+        if fake.gmail and (name.startswith(fake._special_root + "/") or name.startswith("\\")):
+            raise _No("[CANNOT] Folder name is not allowed. (Failure)")
+        fake._ensure_folder(name)
+        return "OK Success"
+
+    def cmd_DELETE(self, tag: str, args: list) -> str:
+        fake = self.fake
+        if len(args) != 1:
+            raise _Bad("DELETE needs a mailbox name")
+        name = self._mailbox(args[0])
+        folder = fake._folders.get(name)
+        if folder is None:
+            raise _No("[NONEXISTENT] Unknown Mailbox: %s (Failure)" % name)
+        if folder.kind not in ("label", "plain") or name == "INBOX":
+            raise _No("[CANNOT] Cannot delete system folder (Failure)")
+        fake._delete_folder(name)
+        return "OK Success"
+
+    def cmd_SELECT(self, tag: str, args: list) -> str:
+        return self._select(args, readonly=False)
+
+    def cmd_EXAMINE(self, tag: str, args: list) -> str:
+        return self._select(args, readonly=True)
+
+    def _select(self, args: list, readonly: bool) -> str:
+        fake = self.fake
+        self.selected, self.known, self.known_flags = None, [], {}
+        if not args or len(args) > 2:
+            raise _Bad("SELECT needs a mailbox name")
+        name = self._mailbox(args[0])
+        folder = fake._folders.get(name)
+        if folder is None or not folder.selectable:
+            raise _No("[NONEXISTENT] Unknown Mailbox: %s (Failure)" % name)
+        self.selected, self.readonly = name, readonly
+        self.known = list(folder.uids)
+        self.known_flags = {u: frozenset(fake._msgs[m].flags) for u, m in folder.uids.items()}
+        keywords = sorted({f for m in folder.uids.values() for f in fake._msgs[m].flags if not f.startswith("\\")}
+                          - {"$NotPhishing", "$Phishing"})
+        flags = _GMAIL_FLAGS + "".join(" " + k for k in keywords)
+        self._u("* FLAGS (%s)" % flags)
+        self._u("* OK [PERMANENTFLAGS (%s)] Flags permitted." % ("" if readonly else flags + " \\*"))
+        self._u("* OK [UIDVALIDITY %d] UIDs valid." % folder.uidvalidity)
+        self._u("* %d EXISTS" % len(self.known))
+        self._u("* 0 RECENT")
+        self._u("* OK [UIDNEXT %d] Predicted next UID." % folder.uidnext)
+        if fake.gmail:
+            self._u("* OK [HIGHESTMODSEQ %d]" % fake._modseq)
+        return "OK [%s] %s selected. (Success)" % ("READ-ONLY" if readonly else "READ-WRITE",
+                                                  imap_utf7_encode(name))
+
+    def cmd_APPEND(self, tag: str, args: list) -> str:
+        fake = self.fake
+        if len(args) < 2 or not isinstance(args[-1], bytes):
+            raise _Bad("APPEND needs a mailbox and a message literal")
+        name = self._mailbox(args[0])
+        flags: List[str] = []
+        date = None
+        for extra in args[1:-1]:
+            if isinstance(extra, list):
+                flags = [self._flag(f) for f in extra]
+            else:
+                date = _parse_internaldate(_text(extra))
+        folder = fake._folders.get(name)
+        if folder is None or not folder.selectable:
+            raise _No("[TRYCREATE] Folder doesn't exist. (Failure)")
+        if len(args[-1]) > 35651584:
+            raise _No("[TOOBIG] Message too large. (Failure)")
+        msgid = fake._add(args[-1], labels=(), flags=flags, date=date, folder=name)
+        uid = folder.by_msgid.get(msgid)
+        if fake.uidplus and uid is not None:
+            return "OK [APPENDUID %d %d] (Success)" % (folder.uidvalidity, uid)
+        return "OK (Success)"
+
+    def cmd_IDLE(self, tag: str, args: list) -> str:
+        # RFC 2177: "+ idling", then push updates until the client sends DONE.
+        fake = self.fake
+        if args:
+            raise _Bad("IDLE takes no arguments")
+        self._flush()
+        self._send(b"+ idling\r\n")
+        seen = -1
+        while True:
+            ready = b"\n" in self._buf or (self.tls and self.sock.pending())
+            if not ready:
+                ready = bool(select.select([self.sock], [], [], 0.02)[0])
+            if ready:
+                line = self._read_continuation()
+                if line.upper() == b"DONE":
+                    return "OK IDLE terminated (Success)"
+                raise _Bad("Expected DONE while idling")
+            with fake._cond:
+                fake._cond.wait_for(lambda: fake._version != seen, timeout=0.02)
+                seen = fake._version
+                self._announce(expunge=True)
+            self._flush()
+
+    # -- selected state --
+
+    def cmd_CLOSE(self, tag: str, args: list) -> str:
+        fake = self.fake
+        folder = fake._folders.get(self.selected or "")
+        if folder is not None and not self.readonly and not fake.gmail:
+            doomed = [mid for mid in folder.uids.values() if "\\Deleted" in fake._msgs[mid].flags]
+            fake._expunge(folder, doomed)
+        self.selected, self.known, self.known_flags = None, [], {}
+        return "OK Returned to authenticated state. (Success)"
+
+    def cmd_UNSELECT(self, tag: str, args: list) -> str:
+        self.selected, self.known, self.known_flags = None, [], {}
+        return "OK Returned to authenticated state. (Success)"
+
+    def cmd_FETCH(self, tag: str, args: list) -> str:
+        return self._fetch(args, by_uid=False)
+
+    def cmd_UID_FETCH(self, tag: str, args: list) -> str:
+        return self._fetch(args, by_uid=True)
+
+    def _fetch_items(self, tok: Any) -> List[str]:
+        raw = tok if isinstance(tok, list) else [tok]
+        if not raw or not all(isinstance(t, Atom) for t in raw):
+            raise _Bad("Invalid FETCH items")
+        items = [t.upper() for t in raw]
+        if len(items) == 1 and items[0] in _FETCH_MACROS and not isinstance(tok, list):
+            items = list(_FETCH_MACROS[items[0]])
+        for item in items:
+            if item in _FETCH_SIMPLE:
+                if item.startswith("X-GM-"):
+                    self._require_gmail(item)
+                continue
+            m = _FETCH_SECTION.fullmatch(item)
+            if not m:
+                raise _Bad("Unknown FETCH item %s" % item)
+            _parse_section(m.group(2))
+        return items
+
+    def _fetch(self, args: list, by_uid: bool) -> str:
+        fake = self.fake
+        if len(args) not in (2, 3):
+            raise _Bad("FETCH needs a set and items")
+        items = self._fetch_items(args[1])
+        changedsince = None
+        if len(args) == 3:
+            mods = args[2]
+            if (not isinstance(mods, list) or len(mods) != 2 or _text(mods[0]).upper() != "CHANGEDSINCE"
+                    or not _text(mods[1]).isdigit()):
+                raise _Bad("Invalid FETCH modifier")
+            changedsince = int(_text(mods[1]))
+        targets = self._targets(args[0], by_uid)
+        changed = []
+        for seq, uid, msg in targets:
+            if changedsince is not None and msg.modseq <= changedsince:
+                continue
+            parts: List[bytes] = []
+            sets_seen = False
+            if by_uid and "UID" not in items:
+                parts.append(b"UID %d" % uid)
+            root = _Part(msg.raw) if any(i.startswith(("BODY", "ENVELOPE")) for i in items) else None
+            for item in items:
+                if item == "UID":
+                    parts.append(b"UID %d" % uid)
+                elif item == "FLAGS":
+                    parts.append(None)  # filled below, after \Seen may have been set
+                elif item == "INTERNALDATE":
+                    parts.append(b'INTERNALDATE "%s"' % _internaldate(msg.date).encode())
+                elif item == "RFC822.SIZE":
+                    parts.append(b"RFC822.SIZE %d" % len(msg.raw))
+                elif item == "ENVELOPE":
+                    parts.append(b"ENVELOPE " + _envelope(root))
+                elif item == "BODYSTRUCTURE":
+                    parts.append(b"BODYSTRUCTURE " + _bodystructure(root, True))
+                elif item == "BODY":
+                    parts.append(b"BODY " + _bodystructure(root, False))
+                elif item == "RFC822":
+                    parts.append(b"RFC822 " + _literal(msg.raw))
+                    sets_seen = True
+                elif item == "RFC822.HEADER":
+                    parts.append(b"RFC822.HEADER " + _literal(_split_header(msg.raw)[0]))
+                elif item == "RFC822.TEXT":
+                    parts.append(b"RFC822.TEXT " + _literal(_split_header(msg.raw)[1]))
+                    sets_seen = True
+                elif item == "MODSEQ":
+                    parts.append(b"MODSEQ (%d)" % msg.modseq)
+                elif item == "X-GM-MSGID":
+                    parts.append(b"X-GM-MSGID %d" % msg.msgid)
+                elif item == "X-GM-THRID":
+                    parts.append(b"X-GM-THRID %d" % msg.thrid)
+                elif item == "X-GM-LABELS":
+                    parts.append(b"X-GM-LABELS " + _labels_bytes(fake._labels_of(msg)))
+                else:
+                    m = _FETCH_SECTION.fullmatch(item)
+                    nums, kind, fields, echo = _parse_section(m.group(2))
+                    data = _section_bytes(root, msg.raw, nums, kind, fields)
+                    origin = ""
+                    if m.group(3) is not None:
+                        start = int(m.group(3))
+                        length = int(m.group(4)) if m.group(4) is not None else len(data)
+                        data = data[start:start + length]
+                        origin = "<%d>" % start
+                    parts.append(("BODY[%s]%s " % (echo, origin)).encode() + _literal(data))
+                    if m.group(1) == "BODY":
+                        sets_seen = True
+            if sets_seen and not self.readonly and "\\Seen" not in msg.flags:
+                msg.flags.add("\\Seen")
+                changed.append(msg.msgid)
+                if "FLAGS" not in items:
+                    parts.append(None)
+            if None in parts:
+                self.known_flags[uid] = frozenset(msg.flags)
+                parts = [b"FLAGS " + _flags_bytes(msg.flags) if p is None else p for p in parts]
+            self._u(b"* %d FETCH (" % seq + b" ".join(parts) + b")")
+        if changed:
+            fake._changed(changed)
+        return "OK Success"
+
+    def cmd_STORE(self, tag: str, args: list) -> str:
+        return self._store(args, by_uid=False)
+
+    def cmd_UID_STORE(self, tag: str, args: list) -> str:
+        return self._store(args, by_uid=True)
+
+    def _flag(self, tok: Any) -> str:
+        if not isinstance(tok, Atom):
+            raise _Bad("Flags must be atoms")
+        try:
+            return _canon_flag(str(tok))
+        except ValueError as e:
+            raise _Bad(str(e)) from None
+
+    def _label(self, tok: Any) -> str:
+        text = _text(tok)
+        if text.isascii():
+            try:
+                text = imap_utf7_decode(text)
+            except ValueError:
+                raise _Bad("Invalid label %r (modified UTF-7 expected)" % text) from None
+        try:
+            return _canon_label(text)
+        except ValueError as e:
+            raise _Bad(str(e)) from None
+
+    def _store(self, args: list, by_uid: bool) -> str:
+        fake = self.fake
+        if len(args) < 3 or not isinstance(args[1], Atom):
+            raise _Bad("STORE needs a set, an item and values")
+        m = re.fullmatch(r"([+-]?)(FLAGS|X-GM-LABELS)(\.SILENT)?", args[1].upper())
+        if not m:
+            raise _Bad("Unknown STORE item %s" % args[1])
+        op, what, silent = m.group(1), m.group(2), bool(m.group(3))
+        values = args[2] if len(args) == 3 and isinstance(args[2], list) else args[2:]
+        if what == "X-GM-LABELS":
+            self._require_gmail("X-GM-LABELS")
+            new = [self._label(v) for v in values]
+        else:
+            new = [self._flag(v) for v in values]
+        self._require_rw("STORE")
+        targets = self._targets(args[0], by_uid)
+        for seq, uid, msg in targets:
+            if what == "FLAGS":
+                if op == "+":
+                    msg.flags.update(new)
+                elif op == "-":
+                    msg.flags.difference_update(new)
+                else:
+                    msg.flags = set(new)
+            else:
+                if op == "":
+                    for label in list(msg.labels):
+                        if label not in new:
+                            fake._apply_label(msg, label, add=False)
+                for label in new:
+                    fake._apply_label(msg, label, add=op != "-")
+        if targets:
+            fake._changed([msg.msgid for _, _, msg in targets])
+        for seq, uid, msg in targets:
+            if what == "FLAGS":
+                self.known_flags[uid] = frozenset(msg.flags)
+            if silent:
+                continue
+            item = (b"FLAGS " + _flags_bytes(msg.flags)) if what == "FLAGS" else (
+                b"X-GM-LABELS " + _labels_bytes(fake._labels_of(msg)))
+            self._u(b"* %d FETCH (" % seq + (b"UID %d " % uid if by_uid else b"") + item + b")")
+        return "OK Success"
+
+    def cmd_COPY(self, tag: str, args: list) -> str:
+        return self._copy(args, by_uid=False, move=False)
+
+    def cmd_UID_COPY(self, tag: str, args: list) -> str:
+        return self._copy(args, by_uid=True, move=False)
+
+    def cmd_MOVE(self, tag: str, args: list) -> str:
+        return self._copy(args, by_uid=False, move=True)
+
+    def cmd_UID_MOVE(self, tag: str, args: list) -> str:
+        return self._copy(args, by_uid=True, move=True)
+
+    def _copy(self, args: list, by_uid: bool, move: bool) -> str:
+        # RFC 4315 (COPYUID) and RFC 6851 (MOVE: "* OK [COPYUID ...]", EXPUNGEs, tagged OK).
+        fake = self.fake
+        if len(args) != 2:
+            raise _Bad("%s needs a set and a mailbox" % ("MOVE" if move else "COPY"))
+        dest = fake._folders.get(self._mailbox(args[1]))
+        if dest is None or not dest.selectable:
+            raise _No("[TRYCREATE] Folder doesn't exist. (Failure)")
+        if move:
+            self._require_rw("MOVE")
+        source = self._folder()
+        targets = self._targets(args[0], by_uid)
+        pairs = fake._copy_messages(source, dest, [msg for _, _, msg in targets], move)
+        src_uids = [uid for (_, uid, msg), ok in zip(targets, pairs) if ok is not None]
+        dst_uids = [p for p in pairs if p is not None]
+        code = ""
+        if fake.uidplus and src_uids:
+            code = "[COPYUID %d %s %s] " % (dest.uidvalidity, _compress_uids(src_uids), _compress_uids(dst_uids))
+        if move:
+            if code:
+                self._u("* OK %s(Success)" % code)
+            return "OK Done"
+        return "OK %sDone" % code
+
+    def cmd_EXPUNGE(self, tag: str, args: list) -> str:
+        if args:
+            raise _Bad("EXPUNGE takes no arguments")
+        return self._expunge(None)
+
+    def cmd_UID_EXPUNGE(self, tag: str, args: list) -> str:
+        if len(args) != 1:
+            raise _Bad("UID EXPUNGE needs a UID set")
+        return self._expunge(args[0])
+
+    def _expunge(self, setspec: Any) -> str:
+        self._require_rw("EXPUNGE")
+        folder = self._folder()
+        if setspec is None:
+            msgs = [self.fake._msgs[mid] for mid in folder.uids.values()]
+        else:
+            msgs = [msg for _, _, msg in self._targets(setspec, by_uid=True)]
+        self.fake._expunge(folder, [m.msgid for m in msgs if "\\Deleted" in m.flags])
+        return "OK Success"
+
+    def cmd_SEARCH(self, tag: str, args: list) -> str:
+        return self._search(tag, args, by_uid=False)
+
+    def cmd_UID_SEARCH(self, tag: str, args: list) -> str:
+        return self._search(tag, args, by_uid=True)
+
+    def _search(self, tag: str, args: list, by_uid: bool) -> str:
+        fake = self.fake
+        toks = list(args)
+        returns: Optional[List[str]] = None
+        if toks and isinstance(toks[0], Atom) and toks[0].upper() == "RETURN":
+            if "ESEARCH" not in self._capabilities(authenticated=True):
+                raise _Bad("SEARCH RETURN needs ESEARCH")
+            if len(toks) < 2 or not isinstance(toks[1], list):
+                raise _Bad("RETURN needs a list")
+            returns = [_text(o).upper() for o in toks[1]] or ["ALL"]
+            if not set(returns) <= {"MIN", "MAX", "COUNT", "ALL"}:
+                raise _Bad("Unknown RETURN option")
+            toks = toks[2:]
+        charset = "utf-8"
+        if toks and isinstance(toks[0], Atom) and toks[0].upper() == "CHARSET":
+            if len(toks) < 2:
+                raise _Bad("CHARSET needs a name")
+            charset = _text(toks[1]).lower()
+            if charset not in ("utf-8", "us-ascii"):
+                raise _No("[BADCHARSET (UTF-8 US-ASCII)] Unsupported charset (Failure)")
+            toks = toks[2:]
+        if not toks:
+            raise _Bad("SEARCH needs criteria")
+        folder = self._folder()
+        self._search_ctx = (folder, charset)
+        pred = self._compile_all(toks)
+        found = []
+        for seq, uid in enumerate(self.known, 1):
+            mid = folder.uids.get(uid)
+            if mid is not None and pred(fake._msgs[mid], uid, seq):
+                found.append(uid if by_uid else seq)
+        if returns is None:
+            self._u("* SEARCH" + "".join(" %d" % n for n in found))
+            return "OK SEARCH completed (Success)"
+        out = '* ESEARCH (TAG "%s")%s' % (tag, " UID" if by_uid else "")
+        if found and "MIN" in returns:
+            out += " MIN %d" % min(found)
+        if found and "MAX" in returns:
+            out += " MAX %d" % max(found)
+        if "COUNT" in returns:
+            out += " COUNT %d" % len(found)
+        if found and "ALL" in returns:
+            out += " ALL " + _compress_uids(sorted(found))
+        self._u(out)
+        return "OK SEARCH completed (Success)"
+
+    def _compile_all(self, toks: list) -> Callable[[FakeMessage, int, int], bool]:
+        preds = []
+        i = 0
+        while i < len(toks):
+            p, i = self._search_key(toks, i)
+            preds.append(p)
+        return lambda m, u, s: all(p(m, u, s) for p in preds)
+
+    def _search_key(self, toks: list, i: int) -> Tuple[Callable[[FakeMessage, int, int], bool], int]:
+        # RFC 3501 6.4.4 search keys, plus Gmail's X-GM-RAW / X-GM-MSGID / X-GM-THRID / X-GM-LABELS.
+        fake = self.fake
+        folder, charset = self._search_ctx
+        tok = toks[i]
+        i += 1
+        if isinstance(tok, list):
+            if not tok:
+                raise _Bad("Empty search group")
+            return self._compile_all(tok), i
+        if not isinstance(tok, Atom):
+            raise _Bad("Unexpected string in SEARCH")
+        key = tok.upper()
+
+        def arg() -> Any:
+            nonlocal i
+            if i >= len(toks):
+                raise _Bad("Missing argument for %s" % key)
+            i += 1
+            return toks[i - 1]
+
+        def sarg() -> str:
+            v = arg()
+            if isinstance(v, list):
+                raise _Bad("Expected a string for %s" % key)
+            if isinstance(v, bytes):
+                try:
+                    return v.decode(charset)
+                except UnicodeDecodeError:
+                    raise _Bad("String not in %s" % charset) from None
+            return str(v)
+
+        flag_keys = {"ANSWERED": ("\\Answered", True), "UNANSWERED": ("\\Answered", False),
+                     "DELETED": ("\\Deleted", True), "UNDELETED": ("\\Deleted", False),
+                     "DRAFT": ("\\Draft", True), "UNDRAFT": ("\\Draft", False),
+                     "FLAGGED": ("\\Flagged", True), "UNFLAGGED": ("\\Flagged", False),
+                     "SEEN": ("\\Seen", True), "UNSEEN": ("\\Seen", False), "NEW": ("\\Seen", False)}
+        if key in flag_keys:
+            flag, want = flag_keys[key]
+            return (lambda m, u, s: (flag in m.flags) == want), i
+        if key in ("ALL", "OLD"):
+            return (lambda m, u, s: True), i
+        if key == "RECENT":
+            return (lambda m, u, s: False), i
+        if key in ("KEYWORD", "UNKEYWORD"):
+            kw = sarg()
+            want = key == "KEYWORD"
+            return (lambda m, u, s: (kw in m.flags) == want), i
+        if key == "UID":
+            ns = _NumSet(sarg(), star=max(folder.uids) if folder.uids else 0)
+            return (lambda m, u, s: u in ns), i
+        if re.fullmatch(r"[0-9*:,]+", key):
+            ns = _NumSet(key, star=len(self.known))
+            return (lambda m, u, s: s in ns), i
+        if key in ("SINCE", "BEFORE", "ON", "SENTSINCE", "SENTBEFORE", "SENTON"):
+            day = _parse_search_date(sarg())
+            sent = key.startswith("SENT")
+            cmp = {"SINCE": lambda d: d >= day, "BEFORE": lambda d: d < day, "ON": lambda d: d == day}[key[4:] if sent else key]
+            if sent:
+                return (lambda m, u, s: cmp(_sent_date(fake._parsed(m), m.date))), i
+            return (lambda m, u, s: cmp(m.date.date())), i
+        if key in ("LARGER", "SMALLER"):
+            n = sarg()
+            if not n.isdigit():
+                raise _Bad("%s needs a number" % key)
+            size = int(n)
+            if key == "LARGER":
+                return (lambda m, u, s: len(m.raw) > size), i
+            return (lambda m, u, s: len(m.raw) < size), i
+        if key in ("FROM", "TO", "CC", "BCC", "SUBJECT"):
+            needle = sarg().casefold()
+            return (lambda m, u, s: needle in _decoded_header(fake._parsed(m), key).casefold()), i
+        if key == "HEADER":
+            hname, needle = sarg(), sarg().casefold()
+            return (lambda m, u, s: fake._parsed(m).get(hname) is not None
+                    and needle in _decoded_header(fake._parsed(m), hname).casefold()), i
+        if key == "BODY":
+            needle = sarg().casefold()
+            return (lambda m, u, s: needle in _body_text(fake._parsed(m)).casefold()), i
+        if key == "TEXT":
+            needle = sarg().casefold()
+            return (lambda m, u, s: needle in (_split_header(m.raw)[0].decode("utf-8", "replace") + " "
+                                               + fake._search_text(m)).casefold()), i
+        if key == "NOT":
+            p, i = self._search_key(toks, i)
+            return (lambda m, u, s: not p(m, u, s)), i
+        if key == "OR":
+            p1, i = self._search_key(toks, i)
+            p2, i = self._search_key(toks, i)
+            return (lambda m, u, s: p1(m, u, s) or p2(m, u, s)), i
+        if key in ("X-GM-RAW", "X-GM-MSGID", "X-GM-THRID", "X-GM-LABELS"):
+            self._require_gmail(key)
+            value = sarg()
+            if key == "X-GM-RAW":
+                return self._gmail_raw(value), i
+            if key == "X-GM-LABELS":
+                label = self._label(value.encode("utf-8"))
+                return (lambda m, u, s: label in fake._labels_of(m)), i
+            if not value.isdigit():
+                raise _Bad("%s needs a number" % key)
+            n = int(value)
+            attr = "msgid" if key == "X-GM-MSGID" else "thrid"
+            return (lambda m, u, s: getattr(m, attr) == n), i
+        raise _Bad("Unknown search key %s" % key)
+
+    def _gmail_raw(self, query: str) -> Callable[[FakeMessage, int, int], bool]:
+        """Compile a Gmail search query (a useful subset) into a predicate.
+
+        Grammar: query := and+ ; and := unary ("OR" unary)* ; unary := "-" unary | "(" query ")" | term.
+        """
+        tokens = _GM_TOKEN.findall(query)
+        pos = 0
+
+        def parse_query(stop: Optional[str]) -> Callable:
+            nonlocal pos
+            preds = []
+            while pos < len(tokens) and tokens[pos] != stop:
+                preds.append(parse_or())
+            if stop is not None:
+                if pos >= len(tokens):
+                    raise _Bad("Unbalanced '(' in X-GM-RAW")
+                pos += 1
+            return lambda m: all(p(m) for p in preds)
+
+        def parse_or() -> Callable:
+            nonlocal pos
+            preds = [parse_unary()]
+            while pos + 1 < len(tokens) and tokens[pos] == "OR":
+                pos += 1
+                preds.append(parse_unary())
+            return preds[0] if len(preds) == 1 else (lambda m: any(p(m) for p in preds))
+
+        def parse_unary() -> Callable:
+            nonlocal pos
+            tok = tokens[pos]
+            pos += 1
+            if tok == "(":
+                return parse_query(")")
+            if tok == ")":
+                raise _Bad("Unbalanced ')' in X-GM-RAW")
+            if tok.startswith("-") and len(tok) > 1:
+                tokens[pos - 1] = tok[1:]
+                pos -= 1
+                inner = parse_unary()
+                return lambda m: not inner(m)
+            return self._gmail_term(tok)
+
+        pred = parse_query(None)
+        return lambda m, u, s: pred(m)
+
+    def _gmail_term(self, tok: str) -> Callable[[FakeMessage], bool]:
+        fake = self.fake
+        op, _, value = tok.partition(":")
+        op = op.lower()
+        known_ops = {"from", "to", "cc", "bcc", "subject", "label", "in", "has", "is", "older_than",
+                     "newer_than", "larger", "smaller", "size", "after", "before", "rfc822msgid"}
+        if not value or op not in known_ops or tok.startswith('"'):
+            word = tok.strip('"').casefold()
+            return lambda m: word in fake._search_text(m).casefold()
+        value = value.strip('"')
+        v = value.casefold()
+        parsed = fake._parsed
+        if op in ("from", "to", "cc", "bcc", "subject"):
+            headers = {"from": ("From",), "to": ("To", "Cc", "Bcc"), "cc": ("Cc",), "bcc": ("Bcc",),
+                       "subject": ("Subject",)}[op]
+            return lambda m: any(v in _decoded_header(parsed(m), h).casefold() for h in headers)
+        if op == "rfc822msgid":
+            return lambda m: v.strip("<>") in _decoded_header(parsed(m), "Message-ID").casefold()
+        if op in ("label", "in"):
+            key = _label_key(value)
+            system = {"inbox": "\\Inbox", "trash": "\\Trash", "spam": "\\Spam", "sent": "\\Sent",
+                      "draft": "\\Draft", "drafts": "\\Draft", "important": "\\Important",
+                      "starred": "\\Starred"}
+            if key == "anywhere":
+                return lambda m: True
+            if key in system:
+                label = system[key]
+                if label in ("\\Trash", "\\Spam"):
+                    return lambda m: label in m.labels
+                return lambda m: label in fake._labels_of(m) and not m.labels & {"\\Trash", "\\Spam"}
+            return lambda m: any(_label_key(l) == key for l in m.labels if not l.startswith("\\"))
+        if op == "is":
+            checks = {"unread": lambda m: "\\Seen" not in m.flags, "read": lambda m: "\\Seen" in m.flags,
+                      "starred": lambda m: "\\Flagged" in m.flags, "flagged": lambda m: "\\Flagged" in m.flags,
+                      "important": lambda m: "\\Important" in m.labels}
+            if v not in checks:
+                raise _Bad("Unsupported X-GM-RAW term %s" % tok)
+            return checks[v]
+        if op == "has":
+            if v == "attachment":
+                return lambda m: _has_attachment(parsed(m))
+            if v == "userlabels":
+                return lambda m: any(not l.startswith("\\") for l in m.labels)
+            if v == "nouserlabels":
+                return lambda m: all(l.startswith("\\") for l in m.labels)
+            raise _Bad("Unsupported X-GM-RAW term %s" % tok)
+        if op in ("older_than", "newer_than"):
+            mm = _GM_AGE.fullmatch(value)
+            if not mm:
+                raise _Bad("Invalid X-GM-RAW term %s" % tok)
+            days = int(mm.group(1)) * {"d": 1, "w": 7, "m": 30, "y": 365}[mm.group(2).lower()]
+            limit = _dtm.datetime.now(_UTC) - _dtm.timedelta(days=days)
+            if op == "older_than":
+                return lambda m: m.date < limit
+            return lambda m: m.date >= limit
+        if op in ("larger", "smaller", "size"):
+            mm = _GM_SIZE.fullmatch(value)
+            if not mm:
+                raise _Bad("Invalid X-GM-RAW term %s" % tok)
+            n = int(mm.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[mm.group(2).lower()]
+            if op == "larger":
+                return lambda m: len(m.raw) > n
+            if op == "smaller":
+                return lambda m: len(m.raw) < n
+            return lambda m: len(m.raw) == n
+        # after: / before: YYYY/MM/DD
+        mm = re.fullmatch(r"(\d{4})[/-](\d{1,2})[/-](\d{1,2})", value)
+        if not mm:
+            raise _Bad("Invalid X-GM-RAW term %s" % tok)
+        day = _dtm.date(int(mm.group(1)), int(mm.group(2)), int(mm.group(3)))
+        if op == "after":
+            return lambda m: m.date.date() >= day
+        return lambda m: m.date.date() < day
+
+
+# --- Server ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Fault:
+    command: Optional[str]
+    nth: int
+    action: str
+    when: str
+    count: int
+    delay: float
+    text: Optional[str]
+    seen: int = 0
+
+
+_FAULT_ACTIONS = ("bye", "drop", "reset", "delay", "no", "bad", "garbage", "unsolicited")
+_FAULT_WHEN = ("before", "after", "mid")
+
+
+class _TCPServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+    fake: "FakeGmail"
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        self.fake.errors.append(traceback.format_exc())  # never print: tests assert on errors
+
+
+class FakeGmail:
+    """A fake Gmail (or plain RFC 3501) IMAP server; see the module docstring.
+
+    Everything the tests read (log, raw_lines, fired, ...) is appended to under one lock.
+    """
+
+    CA_PEM = CA_CERT_PEM
+
+    def __init__(self, *, gmail: bool = True, move: bool = True, uidplus: bool = True, idle: bool = True,
+                 tls: bool = False, starttls: bool = False, cert: str = "good", localized: bool = False,
+                 users: Optional[Dict[str, str]] = None, tokens: Optional[Dict[str, str]] = None) -> None:
+        if cert not in SERVER_CERTS:
+            raise ValueError("cert must be one of %s" % ", ".join(SERVER_CERTS))
+        if tls and starttls:
+            raise ValueError("choose implicit tls=True or starttls=True, not both")
+        self.gmail, self.move, self.uidplus, self.idle = gmail, move, uidplus, idle
+        self.tls, self.starttls, self.cert, self.localized = tls, starttls, cert, localized
+        self.users = dict(users) if users is not None else {"user@example.com": "abcdabcdabcdabcd"}
+        self.tokens = dict(tokens) if tokens is not None else {"user@example.com": "ya29.good-token"}
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.log: List[LogEntry] = []
+        self.raw_lines: List[bytes] = []       # every line (and literal) received, in order
+        self.long_lines: List[bytes] = []      # commands longer than 8192 octets (excl. literals)
+        self.fired: List[Tuple[Optional[str], str, str]] = []
+        self.sasl_errors: List[bytes] = []     # non-empty answers to a SASL failure challenge etc.
+        self.errors: List[str] = []            # tracebacks of bugs in the fake (should stay empty)
+        self._cond = threading.Condition(threading.RLock())
+        self._version = 0
+        self._modseq = 1
+        self._msgs: Dict[int, FakeMessage] = {}
+        self._folders: Dict[str, _Folder] = {}
+        self._parsed_cache: Dict[int, email.message.Message] = {}
+        self._thread_ids: Dict[str, int] = {}
+        self._faults: List[_Fault] = []
+        self._sessions: Dict[int, _Session] = {}
+        self._next_session = 1
+        self._next_msgid = 1700000000000000001
+        self._next_uidvalidity = 11
+        self._server: Optional[_TCPServer] = None
+        self._thread: Optional[threading.Thread] = None
+        self._ssl_context: Optional[ssl.SSLContext] = None
+        self._special_root = "[Google Mail]" if localized else "[Gmail]"
+        with self._cond:
+            if gmail:
+                self._new_folder("INBOX", "inbox")
+                self._new_folder(self._special_root, "noselect")
+                for kind, special, english, german in _GMAIL_SPECIAL:
+                    self._new_folder("%s/%s" % (self._special_root, german if localized else english),
+                                     kind, special)
+            else:
+                for name, special in _PLAIN_FOLDERS:
+                    self._new_folder(name, "plain", special)
+
+    # -- lifecycle --
+
+    def start(self) -> "FakeGmail":
+        """Listen on 127.0.0.1:<ephemeral> and serve in a daemon thread; returns self."""
+        if self.tls or self.starttls:
+            self._ssl_context = _server_context(self.cert)
+        self._server = _TCPServer(("127.0.0.1", 0), _Session)
+        self._server.fake = self
+        self.host, self.port = self._server.server_address[:2]
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.01},
+                                        name="FakeGmail:%d" % self.port, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting, close every client connection, join the threads."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        self.drop_all_connections()
+        if self._thread is not None:
+            self._thread.join(5)
+        self._server = None
+
+    def __enter__(self) -> "FakeGmail":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def drop_all_connections(self) -> None:
+        """Abruptly close every live client connection (the client sees EOF)."""
+        with self._cond:
+            sessions = list(self._sessions.values())
+        for s in sessions:
+            try:
+                socket.socket.shutdown(s.sock, socket.SHUT_RDWR)
+            except (OSError, ValueError):
+                pass
+            s.killed.set()  # after the shutdown, so a delayed answer can no longer get out
+        for s in sessions:
+            s.thread.join(2)
+
+    # -- what the server saw --
+
+    def commands(self, session: Optional[int] = None) -> List[str]:
+        """Command names in order, e.g. ['CAPABILITY', 'LOGIN', 'SELECT', 'UID FETCH']."""
+        with self._cond:
+            return [e.command for e in self.log if session is None or e.session == session]
+
+    def count(self, command: str) -> int:
+        """How many times a command (e.g. 'UID MOVE') was received."""
+        command = command.upper()
+        with self._cond:
+            return sum(1 for e in self.log if e.command == command)
+
+    @property
+    def sessions(self) -> List[int]:
+        """Numbers of the sessions currently connected."""
+        with self._cond:
+            return sorted(self._sessions)
+
+    def add_fault(self, command: Optional[str] = None, *, nth: int = 1, action: str = "drop",
+                  when: str = "before", count: int = 1, delay: float = 0.0, text: Optional[str] = None) -> None:
+        """Misbehave on the nth (1-based) matching command from now on, for count commands.
+
+        command: 'UID MOVE', 'NOOP', ... or None for any. action: one of bye, drop, reset, delay,
+        no, bad, garbage, unsolicited. when: before (instead of executing), after (execute, then
+        misbehave instead of answering), mid (send half of the untagged answers, then misbehave).
+        """
+        if action not in _FAULT_ACTIONS:
+            raise ValueError("action must be one of %s" % ", ".join(_FAULT_ACTIONS))
+        if when not in _FAULT_WHEN:
+            raise ValueError("when must be one of %s" % ", ".join(_FAULT_WHEN))
+        if nth < 1 or count < 1:
+            raise ValueError("nth and count start at 1")
+        with self._cond:
+            self._faults.append(_Fault(command.upper() if command else None, nth, action, when, count,
+                                       delay, text))
+
+    # -- mailbox model, public --
+
+    def add_message(self, raw: bytes, *, labels: Iterable[str] = ("\\Inbox",), flags: Iterable[str] = (),
+                    date: Optional[_dtm.datetime] = None, folder: Optional[str] = None) -> int:
+        """Store a message and return its X-GM-MSGID.
+
+        Gmail mode: labels (system labels with backslash, e.g. "\\Inbox", user labels by name;
+        missing label folders are created); folder, if given, also puts it in that folder view.
+        Plain mode: folder (default "INBOX", created if missing). date: INTERNALDATE (default now).
+        """
+        with self._cond:
+            return self._add(raw, labels=labels, flags=flags, date=date, folder=folder)
+
+    def deliver(self, raw: bytes, **kw: Any) -> int:
+        """add_message() for a message arriving while clients are connected (IDLE sessions are woken)."""
+        return self.add_message(raw, **kw)
+
+    def uids(self, folder: str) -> List[int]:
+        with self._cond:
+            return list(self._folders[self._folder_key(folder)].uids)
+
+    def messages(self, folder: str) -> List[FakeMessage]:
+        """Copies of the messages in a folder view, in UID order."""
+        with self._cond:
+            f = self._folders[self._folder_key(folder)]
+            return [self._copy_of(self._msgs[mid]) for mid in f.uids.values()]
+
+    def message(self, msgid: int) -> FakeMessage:
+        """A copy of one message by X-GM-MSGID; KeyError once it is deleted for good."""
+        with self._cond:
+            return self._copy_of(self._msgs[msgid])
+
+    def folder_names(self) -> List[str]:
+        """All folders in LIST order (decoded names, incl. the \\Noselect "[Gmail]")."""
+        with self._cond:
+            return self._sorted_folder_names()
+
+    def uidvalidity(self, folder: str) -> int:
+        with self._cond:
+            return self._folders[self._folder_key(folder)].uidvalidity
+
+    def bump_uidvalidity(self, folder: str) -> None:
+        """Give a folder a new UIDVALIDITY and renumber its messages from UID 1."""
+        with self._cond:
+            f = self._folders[self._folder_key(folder)]
+            mids = list(f.uids.values())
+            f.uidvalidity = self._next_uidvalidity
+            self._next_uidvalidity += 1
+            f.uids.clear()
+            f.by_msgid.clear()
+            for uid, mid in enumerate(mids, 1):
+                f.uids[uid] = mid
+                f.by_msgid[mid] = uid
+            f.uidnext = len(mids) + 1
+            self._version += 1
+            self._cond.notify_all()
+
+    # -- internals (callers hold self._cond) --
+
+    @staticmethod
+    def _copy_of(m: FakeMessage) -> FakeMessage:
+        return dataclasses.replace(m, flags=set(m.flags), labels=set(m.labels))
+
+    @staticmethod
+    def _folder_key(name: str) -> str:
+        return "INBOX" if name.upper() == "INBOX" else name
+
+    def _register(self, session: _Session) -> int:
+        with self._cond:
+            n = self._next_session
+            self._next_session += 1
+            self._sessions[n] = session
+            return n
+
+    def _unregister(self, session: _Session) -> None:
+        with self._cond:
+            self._sessions.pop(session.id, None)
+
+    def _raw(self, data: bytes) -> None:
+        with self._cond:
+            self.raw_lines.append(data)
+
+    def _record(self, entry: LogEntry, length: int) -> None:
+        with self._cond:
+            self.log.append(entry)
+            if length > 8192:
+                self.long_lines.append(entry.line)
+
+    def _take_fault(self, name: str) -> Optional[_Fault]:
+        chosen = None
+        with self._cond:
+            for f in self._faults:
+                if f.command is not None and f.command != name:
+                    continue
+                f.seen += 1
+                if chosen is None and f.nth <= f.seen < f.nth + f.count:
+                    chosen = f
+            if chosen is not None:
+                self.fired.append((name, chosen.action, chosen.when))
+        return chosen
+
+    def _sorted_folder_names(self) -> List[str]:
+        return sorted(self._folders, key=lambda n: (n != "INBOX", n))
+
+    def _new_folder(self, name: str, kind: str, special: str = "", label: str = "") -> _Folder:
+        f = _Folder(name=name, kind=kind, special=special, label=label, uidvalidity=self._next_uidvalidity)
+        self._next_uidvalidity += 1
+        self._folders[name] = f
+        self._changed(list(self._msgs), folders=[f])
+        return f
+
+    def _ensure_folder(self, name: str) -> _Folder:
+        """The folder for a user label (gmail) or a plain folder, created with its parents."""
+        name = self._folder_key(name)
+        if name in self._folders:
+            return self._folders[name]
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if parent and parent not in self._folders:
+                self._new_folder(parent, "label" if self.gmail else "plain", label=parent)
+        return self._new_folder(name, "label" if self.gmail else "plain", label=name)
+
+    def _delete_folder(self, name: str) -> None:
+        f = self._folders.pop(name)
+        mids = list(f.uids.values())
+        if self.gmail:
+            for mid in mids:
+                self._msgs[mid].labels.discard(f.label)
+            self._changed(mids)
+        else:
+            self._expunge(f, mids)
+
+    def _parsed(self, msg: FakeMessage) -> email.message.Message:
+        p = self._parsed_cache.get(msg.msgid)
+        if p is None:
+            p = email.message_from_bytes(msg.raw, policy=email.policy.default)
+            self._parsed_cache[msg.msgid] = p
+        return p
+
+    def _search_text(self, msg: FakeMessage) -> str:
+        """Decoded Subject + From + text body: what a bare X-GM-RAW word and TEXT look at."""
+        p = self._parsed(msg)
+        return "\n".join([_decoded_header(p, "Subject"), _decoded_header(p, "From"), _body_text(p)])
+
+    def _labels_of(self, msg: FakeMessage) -> set:
+        labels = set(msg.labels)
+        if "\\Flagged" in msg.flags:
+            labels.add("\\Starred")
+        return labels
+
+    def _member(self, f: _Folder, m: FakeMessage) -> bool:
+        if f.kind == "plain":
+            return m.folder == f.name
+        live = "\\Trash" not in m.labels and "\\Spam" not in m.labels
+        k = f.kind
+        if k == "all":
+            return live
+        if k == "trash":
+            return "\\Trash" in m.labels
+        if k == "spam":
+            return "\\Spam" in m.labels and "\\Trash" not in m.labels
+        if k == "starred":
+            return live and "\\Flagged" in m.flags
+        if k in _FOLDER_LABEL:
+            return live and _FOLDER_LABEL[k] in m.labels
+        if k == "label":
+            return live and f.label in m.labels
+        return False
+
+    def _changed(self, mids: Iterable[int], folders: Optional[Iterable[_Folder]] = None) -> None:
+        """Recompute folder membership of these messages (new UIDs on entry), wake IDLE sessions."""
+        mids = sorted(set(mids))
+        self._modseq += 1
+        for mid in mids:
+            if mid in self._msgs:
+                self._msgs[mid].modseq = self._modseq
+        for f in (self._folders.values() if folders is None else folders):
+            if not f.selectable:
+                continue
+            for mid in mids:
+                m = self._msgs.get(mid)
+                inside = m is not None and self._member(f, m)
+                uid = f.by_msgid.get(mid)
+                if inside and uid is None:
+                    f.uids[f.uidnext] = mid
+                    f.by_msgid[mid] = f.uidnext
+                    f.uidnext += 1
+                elif not inside and uid is not None:
+                    del f.uids[uid]
+                    del f.by_msgid[mid]
+        self._version += 1
+        self._cond.notify_all()
+
+    def _thread_for(self, raw: bytes) -> Tuple[Optional[str], List[str]]:
+        header = _split_header(raw)[0]
+        h = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(header)
+        own = re.findall(r"<[^>]+>", str(h.get("Message-ID", "")))
+        refs = re.findall(r"<[^>]+>", str(h.get("In-Reply-To", "")) + " " + str(h.get("References", "")))
+        return (own[0] if own else None), refs
+
+    def _add(self, raw: bytes, labels: Iterable[str], flags: Iterable[str], date: Optional[_dtm.datetime],
+             folder: Optional[str]) -> int:
+        raw = _crlf(bytes(raw))
+        if date is None:
+            date = _dtm.datetime.now(_UTC).replace(microsecond=0)
+        elif date.tzinfo is None:
+            date = date.replace(tzinfo=_UTC)
+        msgid = self._next_msgid
+        self._next_msgid += 1
+        own, refs = self._thread_for(raw)
+        thrid = next((self._thread_ids[r] for r in refs if r in self._thread_ids), msgid)
+        if own:
+            self._thread_ids.setdefault(own, thrid)
+        msg = FakeMessage(msgid=msgid, thrid=thrid, raw=raw, date=date, flags={_canon_flag(f) for f in flags})
+        if self.gmail:
+            if isinstance(labels, str):
+                raise TypeError("labels must be an iterable of label names, not a str")
+            for label in labels:
+                self._apply_label(msg, _canon_label(label), add=True)
+            if folder is not None:
+                f = self._folders.get(self._folder_key(folder))
+                if f is None:
+                    raise KeyError("no folder %r" % folder)
+                self._enter(msg, f)
+        else:
+            msg.folder = self._ensure_folder(folder or "INBOX").name
+        self._msgs[msgid] = msg
+        self._changed([msgid])
+        return msgid
+
+    def _apply_label(self, msg: FakeMessage, label: str, add: bool) -> None:
+        """Gmail label semantics: \\Trash/\\Spam take a message out of every other view."""
+        if label == "\\Starred":
+            (msg.flags.add if add else msg.flags.discard)("\\Flagged")
+        elif not add:
+            msg.labels.discard(label)
+        elif label == "\\Trash":
+            msg.labels.difference_update({"\\Inbox", "\\Spam"})
+            msg.labels.add(label)
+        elif label == "\\Spam":
+            msg.labels.difference_update({"\\Inbox", "\\Trash"})
+            msg.labels.add(label)
+        else:
+            if not label.startswith("\\"):
+                self._ensure_folder(label)
+            msg.labels.add(label)
+
+    def _enter(self, msg: FakeMessage, f: _Folder) -> None:
+        """Gmail: make msg appear in folder view f (COPY/MOVE destination, APPEND)."""
+        if f.kind == "trash":
+            self._apply_label(msg, "\\Trash", True)
+            return
+        if f.kind == "spam":
+            self._apply_label(msg, "\\Spam", True)
+            return
+        msg.labels.difference_update({"\\Trash", "\\Spam"})
+        if f.kind == "starred":
+            msg.flags.add("\\Flagged")
+        elif f.kind in _FOLDER_LABEL:
+            msg.labels.add(_FOLDER_LABEL[f.kind])
+        elif f.kind == "label":
+            msg.labels.add(f.label)
+
+    def _leave(self, msg: FakeMessage, f: _Folder, expunge: bool) -> bool:
+        """Gmail: take msg out of view f (MOVE source, EXPUNGE). True = delete it for good."""
+        msg.flags.discard("\\Deleted")
+        k = f.kind
+        if k in ("trash", "spam"):
+            if expunge:
+                return True
+            msg.labels.discard("\\Trash" if k == "trash" else "\\Spam")
+        elif k == "all":
+            if expunge:
+                self._apply_label(msg, "\\Trash", True)
+        elif k == "starred":
+            msg.flags.discard("\\Flagged")
+        elif k in _FOLDER_LABEL:
+            msg.labels.discard(_FOLDER_LABEL[k])
+        elif k == "label":
+            msg.labels.discard(f.label)
+        return False
+
+    def _copy_messages(self, source: _Folder, dest: _Folder, msgs: List[FakeMessage],
+                       move: bool) -> List[Optional[int]]:
+        """COPY/MOVE; returns each message's UID in dest (None if it is not there)."""
+        if not msgs:
+            return []
+        if source is dest:
+            return [dest.by_msgid.get(m.msgid) for m in msgs]
+        if not self.gmail:
+            new_ids = []
+            for m in msgs:
+                if move:
+                    m.folder = dest.name
+                    new_ids.append(m.msgid)
+                else:
+                    mid = self._next_msgid
+                    self._next_msgid += 1
+                    self._msgs[mid] = FakeMessage(msgid=mid, thrid=mid, raw=m.raw, date=m.date,
+                                                  flags=set(m.flags), folder=dest.name)
+                    new_ids.append(mid)
+            self._changed([m.msgid for m in msgs] + new_ids)
+            return [dest.by_msgid.get(mid) for mid in new_ids]
+        for m in msgs:
+            self._enter(m, dest)
+        self._changed([m.msgid for m in msgs], folders=[dest])
+        result = [dest.by_msgid.get(m.msgid) for m in msgs]
+        if move and not (source.kind == "all" and dest.kind not in ("trash", "spam")):
+            for m in msgs:
+                self._leave(m, source, expunge=False)
+        self._changed([m.msgid for m in msgs])
+        return result
+
+    def _expunge(self, f: _Folder, mids: List[int]) -> None:
+        doomed = []
+        for mid in mids:
+            msg = self._msgs[mid]
+            if not self.gmail or self._leave(msg, f, expunge=True):
+                doomed.append(mid)
+        for mid in doomed:
+            del self._msgs[mid]
+            self._parsed_cache.pop(mid, None)
+        self._changed(mids)
+
+
+# --- Messages and the rule engine --------------------------------------------------------
 
 NOW = datetime(2024, 3, 31, 12, 0, tzinfo=timezone.utc)
 
@@ -969,7 +3555,7 @@ if __name__ == "__main__":
     unittest.main()
 
 
-# --- Wire format ---------------------------------------------------------------------------
+# --- Wire format -------------------------------------------------------------------------
 
 class WireFormatTest(unittest.TestCase):
     UTF7_VECTORS = [
@@ -1096,7 +3682,7 @@ class ParserTest(unittest.TestCase):
                 self.assertEqual(gc.parse_status_text(data), expected)
 
 
-# --- Command line, offline -----------------------------------------------------------------
+# --- Command line, offline ---------------------------------------------------------------
 
 def run_cli(*argv: str, env: Optional[dict] = None) -> Tuple[int, str, str]:
     """Run gc.main in-process; returns (exit code, stdout, stderr)."""
@@ -1224,3 +3810,883 @@ class OfflineCommandLineTest(unittest.TestCase):
         self.assertIn("Takeout.mbox#3: Lists:", out)
         self.assertIn("Takeout.mbox#4: no rule", out)
         self.assertIn("4 messages; Receipts: 2, Lists: 1", out)
+
+
+# --- Helpers for tests against the fake server -------------------------------------------
+
+PASSWORD = "abcdabcdabcdabcd"
+TOKEN = "ya29.good-token"
+USER = "user@example.com"
+
+
+def make_message(subject: str = "Hello", sender: str = "Alice <alice@example.com>",
+                 body: str = "Hi there.\n", extra: str = "", to: str = USER) -> bytes:
+    text = (f"From: {sender}\nTo: {to}\nSubject: {subject}\n"
+            f"Message-ID: <{abs(hash((subject, sender, body)))}@example.com>\n"
+            f"Date: Mon, 04 Mar 2024 10:00:00 +0000\n{extra}\n{body}")
+    return text.replace("\n", "\r\n").encode("utf-8")
+
+
+class Recorder:
+    """An injectable sleep that records the backoff delays instead of waiting."""
+
+    def __init__(self):
+        self.delays: List[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+
+
+class FakeServerTest(unittest.TestCase):
+    """Starts a FakeGmail per test; ``connect()`` opens a GmailConnection to it."""
+
+    server_options: Dict[str, Any] = {}
+
+    def setUp(self):
+        self.server = FakeGmail(**self.server_options).start()
+        self.addCleanup(self.server.stop)
+        self.sleep = Recorder()
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def connect(self, **overrides: Any) -> gc.GmailConnection:
+        options: Dict[str, Any] = dict(host="127.0.0.1", port=self.server.port,
+                                       security="plaintext", password=PASSWORD, timeout=5,
+                                       keepalive=None, retries=3, sleep=self.sleep,
+                                       rng=lambda: 1.0)
+        options.update(overrides)
+        if "token" in overrides:
+            options.pop("password")
+        conn = gc.GmailConnection(USER, **options)
+        conn.connect()
+        self.addCleanup(conn.close)
+        return conn
+
+    def commands(self) -> List[str]:
+        return self.server.commands()
+
+
+# --- Connection: TLS ---------------------------------------------------------------------
+
+class TLSTest(unittest.TestCase):
+    def start(self, **options: Any) -> FakeGmail:
+        server = FakeGmail(**options).start()
+        self.addCleanup(server.stop)
+        return server
+
+    def ca_file(self) -> str:
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        return write_ca_file(tmp)
+
+    def open(self, server: FakeGmail, **options: Any) -> gc.GmailConnection:
+        conn = gc.GmailConnection(USER, password=PASSWORD, host="localhost", port=server.port,
+                                  keepalive=None, retries=0, timeout=5, **options)
+        conn.connect()
+        self.addCleanup(conn.close)
+        return conn
+
+    def test_untrusted_certificate_is_refused_naming_host_and_fix(self):
+        server = self.start(tls=True)
+        with self.assertRaises(gc.TLSError) as ctx:
+            self.open(server)
+        message = str(ctx.exception)
+        self.assertIn(f"localhost:{server.port}", message)
+        self.assertIn("--cafile", message)
+        self.assertNotIn("LOGIN", server.commands())
+
+    def test_certificate_accepted_with_the_ca_file(self):
+        server = self.start(tls=True)
+        conn = self.open(server, cafile=self.ca_file())
+        self.assertTrue(conn.has("MOVE"))
+        names = server.commands()
+        self.assertEqual(names[names.index("LOGIN") + 1], "CAPABILITY")
+
+    def test_wrong_host_name_is_refused_even_with_the_ca_file(self):
+        server = self.start(tls=True, cert="wrong_host")
+        with self.assertRaises(gc.TLSError) as ctx:
+            self.open(server, cafile=self.ca_file())
+        self.assertIn("localhost", str(ctx.exception))
+
+    def test_starttls_upgrades_before_login(self):
+        server = self.start(starttls=True)
+        conn = self.open(server, security="starttls", cafile=self.ca_file())
+        self.assertTrue(conn.is_gmail)
+        names = server.commands()
+        self.assertLess(names.index("STARTTLS"), names.index("LOGIN"))
+
+    def test_starttls_missing_is_refused_without_sending_credentials(self):
+        server = self.start(starttls=False)
+        with self.assertRaises(gc.TLSError) as ctx:
+            self.open(server, security="starttls", cafile=self.ca_file())
+        self.assertIn("does not offer STARTTLS", str(ctx.exception))
+        self.assertNotIn("LOGIN", server.commands())
+        self.assertFalse(any(PASSWORD.encode() in line for line in server.raw_lines))
+
+    def test_plaintext_refused_to_a_remote_host(self):
+        with self.assertRaises(gc.TLSError) as ctx:
+            gc.GmailConnection(USER, password=PASSWORD, host="imap.gmail.com",
+                               security="plaintext")
+        self.assertIn("loopback", str(ctx.exception))
+
+
+# --- Connection: authentication and capabilities -----------------------------------------
+
+class AuthenticationTest(FakeServerTest):
+    def test_app_password_spaces_are_stripped(self):
+        conn = self.connect(password="abcd abcd abcd abcd")
+        self.assertTrue(conn.connected)
+
+    def test_wrong_password_raises_once_with_server_text(self):
+        with self.assertRaises(gc.AuthenticationError) as ctx:
+            self.connect(password="wrong password")
+        self.assertIn("[AUTHENTICATIONFAILED] Invalid credentials", str(ctx.exception))
+        self.assertNotIn("b'", str(ctx.exception))
+        self.assertEqual(self.server.count("LOGIN"), 1)
+        self.assertEqual(self.sleep.delays, [])
+
+    def test_xoauth2_with_token_provider_called_per_connect(self):
+        calls = []
+
+        def provider() -> str:
+            calls.append(1)
+            return TOKEN
+
+        conn = self.connect(token=provider)
+        self.assertEqual(self.server.count("AUTHENTICATE"), 1)
+        self.server.add_fault("NOOP", action="drop")
+        conn.noop()
+        self.assertEqual(len(calls), 2)
+        self.assertEqual(self.server.count("AUTHENTICATE"), 2)
+
+    def test_bad_token_answers_the_error_challenge_with_an_empty_line(self):
+        with self.assertRaises(gc.AuthenticationError) as ctx:
+            self.connect(token="ya29.expired")
+        self.assertIn("AUTHENTICATIONFAILED", str(ctx.exception))
+        self.assertIn("400", str(ctx.exception))   # the decoded JSON challenge
+        self.assertEqual(self.server.raw_lines[-1], b"\r\n")
+        self.assertFalse(any(b"BAD" in line for line in self.server.raw_lines))
+        self.assertEqual(self.server.count("AUTHENTICATE"), 1)
+
+    def test_capabilities_are_read_again_after_login(self):
+        conn = self.connect()
+        for cap in ("X-GM-EXT-1", "MOVE", "UIDPLUS", "IDLE", "SPECIAL-USE", "ENABLE",
+                    "UTF8=ACCEPT", "CONDSTORE"):
+            with self.subTest(cap=cap):
+                self.assertTrue(conn.has(cap))
+        self.assertTrue(conn.is_gmail)
+
+    def test_secrets_never_reach_the_log_at_debug(self):
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        logger = logging.getLogger("gmail_classify")
+        old_level = logger.level
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        self.addCleanup(logger.removeHandler, handler)
+        self.addCleanup(logger.setLevel, old_level)
+        self.server.add_message(make_message())
+        conn = self.connect()
+        conn.select("INBOX")
+        conn.fetch(conn.search(), ["FLAGS"])
+        with self.assertRaises(gc.AuthenticationError):
+            self.connect(password="wrong secret")
+        token_conn = self.connect(token=TOKEN)
+        token_conn.noop()
+        with self.assertRaises(gc.AuthenticationError):
+            self.connect(token="ya29.leaked-bad-token")
+        text = stream.getvalue()
+        self.assertIn("UID FETCH", text)   # the log did record the conversation
+        sasl = base64.b64encode(f"user={USER}\x01auth=Bearer {TOKEN}\x01\x01".encode()).decode()
+        for secret in (PASSWORD, "wrong secret", TOKEN, "ya29.leaked-bad-token", sasl):
+            with self.subTest(secret=secret):
+                self.assertNotIn(secret, text)
+
+
+# --- Connection: operations --------------------------------------------------------------
+
+class OperationsTest(FakeServerTest):
+    def test_list_folders_finds_special_use_by_attribute(self):
+        conn = self.connect()
+        names = {f.name for f in conn.list_folders()}
+        self.assertIn("[Gmail]/All Mail", names)
+        self.assertEqual(conn.special_folder("\\Trash").name, "[Gmail]/Trash")
+        self.assertEqual(conn.special_folder("\\All").name, "[Gmail]/All Mail")
+        self.assertEqual(conn.special_folder("\\Junk").name, "[Gmail]/Spam")
+        self.assertIsNone(conn.special_folder("\\Archive"))
+
+    def test_select_and_examine_report_status(self):
+        for _ in range(3):
+            self.server.add_message(make_message())
+        conn = self.connect()
+        status = conn.examine("INBOX")
+        self.assertEqual((status.exists, status.readonly), (3, True))
+        self.assertGreater(status.uidvalidity, 0)
+        self.assertEqual(status.uidnext, max(self.server.uids("INBOX")) + 1)
+        self.assertFalse(conn.select("INBOX").readonly)
+        self.assertEqual(self.commands()[-2:], ["EXAMINE", "SELECT"])
+
+    def test_fetch_returns_values_keyed_by_uid_without_marking_read(self):
+        self.server.add_message(make_message("=?UTF-8?B?w6nDqQ==?= first"),
+                                labels=("\\Inbox", "\\Important", "two words", "(foo)", "[bar]",
+                                        "a*b", "Entwürfe"))
+        self.server.add_message(make_message("second"))
+        conn = self.connect()
+        conn.select("INBOX")
+        uids = conn.search()
+        item = "BODY.PEEK[HEADER.FIELDS (From Subject)]"
+        result = conn.fetch(uids, ["FLAGS", "RFC822.SIZE", "INTERNALDATE", "X-GM-LABELS",
+                                   "X-GM-MSGID", item, "BODY.PEEK[]<0.20>"])
+        self.assertEqual(sorted(result), uids)
+        first = result[uids[0]]
+        self.assertEqual(set(first["X-GM-LABELS"]),
+                         {"\\Inbox", "\\Important", "two words", "(foo)", "[bar]", "a*b",
+                          "Entwürfe"})
+        self.assertIn(b"Subject: =?UTF-8?B?w6nDqQ==?= first", first[item])
+        self.assertEqual(len(first["BODY.PEEK[]<0.20>"]), 20)
+        self.assertIsInstance(first["RFC822.SIZE"], int)
+        self.assertIsNotNone(first["INTERNALDATE"].tzinfo)
+        for message in self.server.messages("INBOX"):
+            self.assertNotIn("\\Seen", message.flags)
+
+    def test_fetch_refuses_items_that_would_mark_read(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        for item in ("BODY[]", "RFC822", "BODY[TEXT]"):
+            with self.subTest(item=item), self.assertRaises(gc.ImapError):
+                conn.fetch([1], [item])
+
+    def test_search_with_gmail_query_and_non_ascii_literal(self):
+        self.server.add_message(make_message("Grüße aus Köln"))
+        self.server.add_message(make_message("plain hello"))
+        conn = self.connect()
+        conn.select("INBOX")
+        self.assertEqual(len(conn.search(gmail_raw="subject:hello")), 1)
+        found = conn.search(gmail_raw="Grüße")
+        self.assertEqual(len(found), 1)
+        line = self.server.log[-1].line
+        self.assertIn(b"CHARSET UTF-8", line)
+        self.assertIn("Grüße".encode("utf-8"), line)
+        self.assertEqual(conn.search(["SUBJECT", "Köln"]), found)
+
+    def test_labels_with_spaces_non_ascii_and_star_round_trip(self):
+        self.server.add_message(make_message())
+        conn = self.connect()
+        conn.select("INBOX")
+        uids = conn.search()
+        labels = ["two words", "Entwürfe", "a*b", 'Bills "2024"', "(foo)", "Dev/Notifications"]
+        conn.add_labels(uids, labels)
+        stored = self.server.messages("INBOX")[0].labels
+        for label in labels:
+            self.assertIn(label, stored)
+        conn.remove_labels(uids, ["two words"])
+        self.assertNotIn("two words", self.server.messages("INBOX")[0].labels)
+        self.assertIn("\\Inbox", self.server.messages("INBOX")[0].labels)
+
+    def test_label_with_line_break_cannot_inject_a_command(self):
+        self.server.add_message(make_message())
+        conn = self.connect()
+        conn.select("INBOX")
+        uids = conn.search()
+        before = len(self.server.log)
+        with self.assertRaises(gc.ImapError) as ctx:
+            conn.add_labels(uids, ['Bills "2024"\r\nA1 LOGOUT'])
+        self.assertIn("CR, LF or NUL", str(ctx.exception))
+        self.assertEqual(len(self.server.log), before)
+        for name in ('evil\r\nA1 DELETE INBOX', "x\x00y"):
+            with self.subTest(name=name), self.assertRaises(gc.ImapError):
+                conn.create_folder(name)
+        self.assertNotIn("LOGOUT", self.commands())
+        self.assertNotIn("DELETE", self.commands())
+
+    def test_create_folder_reports_existing(self):
+        conn = self.connect()
+        self.assertTrue(conn.create_folder("Receipts/2024"))
+        self.assertFalse(conn.create_folder("Receipts/2024"))
+        self.assertIn("Receipts/2024", self.server.folder_names())
+
+    def test_move_to_a_missing_folder_is_refused_with_trycreate(self):
+        self.server.add_message(make_message())
+        conn = self.connect()
+        conn.select("INBOX")
+        with self.assertRaises(gc.ImapError) as ctx:
+            conn.move([1], "Nowhere")
+        self.assertEqual(self.server.uids("INBOX"), [1])
+        self.assertEqual(ctx.exception.status, "NO")
+
+    def test_move_uses_uid_move_and_reports_new_uids(self):
+        for _ in range(3):
+            self.server.add_message(make_message())
+        conn = self.connect()
+        conn.create_folder("Receipts")
+        conn.select("INBOX")
+        uids = conn.search()
+        result = conn.move(uids[:2], "Receipts")
+        self.assertEqual(sorted(result.moved), uids[:2])
+        self.assertEqual(sorted(result.moved.values()), self.server.uids("Receipts"))
+        self.assertEqual(len(self.server.uids("INBOX")), 1)
+        self.assertEqual(self.server.count("UID MOVE"), 1)
+
+    def test_long_uid_sets_are_split_under_the_line_limit(self):
+        for _ in range(600):
+            self.server.add_message(make_message())
+        conn = self.connect()
+        conn.select("INBOX")
+        odd = conn.search()[::2]
+        with mock.patch.object(gc, "MAX_UID_SET_CHARS", 300):
+            result = conn.fetch(odd, ["FLAGS"])
+            conn.add_flags(odd, ["$Odd"])
+        self.assertEqual(sorted(result), odd)
+        self.assertGreater(self.server.count("UID FETCH"), 1)
+        self.assertEqual(self.server.count("UID FETCH"), self.server.count("UID STORE"))
+        self.assertTrue(all(len(e.line) < 400 for e in self.server.log))
+        self.assertEqual(len([m for m in self.server.messages("INBOX") if "$Odd" in m.flags]), 300)
+        self.assertEqual(self.server.long_lines, [])
+
+    def test_close_unselects_without_expunging(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        conn.close()
+        self.assertEqual(self.commands()[-2:], ["UNSELECT", "LOGOUT"])
+        self.assertNotIn("CLOSE", self.commands())
+        self.assertNotIn("EXPUNGE", self.commands())
+        conn.close()   # twice is fine
+
+    def test_close_after_the_connection_died_does_not_raise(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.drop_all_connections()
+        conn.close()
+        self.assertFalse(conn.connected)
+
+    def test_server_no_raises_imap_error_without_retry(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID SEARCH", action="no", text="[UNAVAILABLE] try later")
+        with self.assertRaises(gc.ImapError) as ctx:
+            conn.search()
+        self.assertEqual((ctx.exception.status, ctx.exception.code), ("NO", "UNAVAILABLE"))
+        self.assertEqual(self.server.count("UID SEARCH"), 1)
+
+    def test_garbage_raises_protocol_error_then_recovers(self):
+        self.server.add_message(make_message())
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID FETCH", action="garbage")
+        with self.assertRaises(gc.ProtocolError) as ctx:
+            conn.fetch([1], ["FLAGS"])
+        self.assertIn("near b'", str(ctx.exception))
+        self.assertEqual(sorted(conn.fetch([1], ["FLAGS"])), [1])
+
+    def test_unsolicited_responses_are_ignored_in_results(self):
+        for _ in range(3):
+            self.server.add_message(make_message())
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID FETCH", action="unsolicited", when="after")
+        result = conn.fetch([2, 3], ["FLAGS"])
+        self.assertEqual(sorted(result), [2, 3])
+
+
+class PlainServerTest(FakeServerTest):
+    server_options = {"gmail": False, "move": False}
+
+    def test_move_without_move_copies_deletes_and_expunges_only_those(self):
+        for _ in range(3):
+            self.server.add_message(make_message())
+        other = self.server.add_message(make_message("keep me"), flags=("\\Deleted",))
+        conn = self.connect()
+        self.assertFalse(conn.is_gmail)
+        conn.select("INBOX")
+        uids = conn.search()
+        result = conn.move(uids[:2], "Archive")
+        self.assertEqual(sorted(result.moved), uids[:2])
+        self.assertEqual(len(self.server.uids("Archive")), 2)
+        self.assertIn(other, [m.msgid for m in self.server.messages("INBOX")])
+        self.assertNotIn("EXPUNGE", self.commands())
+        self.assertIn("UID EXPUNGE", self.commands())
+
+    def test_labels_and_gmail_queries_refused_off_gmail(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        with self.assertRaises(gc.CapabilityError):
+            conn.add_labels([1], ["x"])
+        with self.assertRaises(gc.CapabilityError):
+            conn.search(gmail_raw="is:unread")
+
+    def test_close_after_select_without_unselect_sends_no_close(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        conn.close()
+        self.assertNotIn("CLOSE", self.commands())
+        self.assertEqual(self.commands()[-1], "LOGOUT")
+
+
+class NoUidplusServerTest(FakeServerTest):
+    server_options = {"gmail": False, "move": False, "uidplus": False}
+
+    def test_move_refuses_rather_than_bare_expunge(self):
+        self.server.add_message(make_message())
+        conn = self.connect()
+        conn.select("INBOX")
+        with self.assertRaises(gc.CapabilityError) as ctx:
+            conn.move([1], "Archive")
+        self.assertIn("bare EXPUNGE", str(ctx.exception))
+        with self.assertRaises(gc.CapabilityError):
+            conn.uid_expunge([1])
+        self.assertEqual(self.server.uids("INBOX"), [1])
+        self.assertFalse(any(c in self.commands() for c in ("EXPUNGE", "UID COPY", "UID STORE")))
+
+
+class LocalizedGmailTest(FakeServerTest):
+    server_options = {"localized": True}
+
+    def test_trash_found_by_attribute_not_name(self):
+        conn = self.connect()
+        self.assertEqual(conn.special_folder("\\Trash").name, "[Google Mail]/Papierkorb")
+
+
+# --- Connection: keepalive, reconnect, IDLE ----------------------------------------------
+
+class KeepaliveTest(FakeServerTest):
+    def test_noop_sent_only_after_idle_interval(self):
+        conn = self.connect(keepalive=0.05)
+        wait_until(lambda: self.server.count("NOOP") >= 2)
+        self.assertTrue(conn.connected)
+
+    def test_keepalive_never_interleaves_with_commands(self):
+        for _ in range(20):
+            self.server.add_message(make_message())
+        conn = self.connect(keepalive=0.001)
+        conn.select("INBOX")
+        errors: List[BaseException] = []
+
+        def worker() -> None:
+            try:
+                for _ in range(40):
+                    self.assertEqual(len(conn.fetch(range(1, 21), ["FLAGS", "X-GM-LABELS"])), 20)
+                    wait_until(lambda: self.server.count("NOOP") > 0)
+            except BaseException as exc:   # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(errors, [])
+        self.assertGreater(self.server.count("NOOP"), 0)
+        self.assertEqual(self.server.count("UID FETCH"), 120)
+        self.assertEqual(conn.reconnects, 0)
+
+    def test_keepalive_failure_is_handled_by_the_next_command(self):
+        conn = self.connect(keepalive=0.02)
+        conn.select("INBOX")
+        self.server.add_fault("NOOP", action="drop")
+        wait_until(lambda: self.server.fired)
+        wait_until(lambda: not conn.connected)
+        conn.search()
+        self.assertEqual(conn.reconnects, 1)
+        self.assertEqual(self.commands()[-2:], ["SELECT", "UID SEARCH"])
+
+    def test_keepalive_thread_stops_promptly_on_close(self):
+        conn = self.connect(keepalive=0.01)
+        thread = conn._keepalive_thread
+        conn.close()
+        self.assertFalse(thread.is_alive())
+
+
+class ReconnectTest(FakeServerTest):
+    def setUp(self):
+        super().setUp()
+        for index in range(5):
+            self.server.add_message(make_message(f"message {index}"))
+
+    def test_bye_during_fetch_reconnects_with_backoff(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID FETCH", action="bye")
+        self.assertEqual(sorted(conn.fetch([1, 2], ["FLAGS"])), [1, 2])
+        self.assertEqual(self.sleep.delays, [1.0])
+        self.assertEqual(conn.reconnects, 1)
+        self.assertEqual(self.commands()[-3:], ["CAPABILITY", "SELECT", "UID FETCH"])
+
+    def test_drop_mid_fetch_retries(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID FETCH", action="drop", when="mid")
+        result = conn.fetch(range(1, 6), ["FLAGS", "BODY.PEEK[HEADER]"])
+        self.assertEqual(sorted(result), [1, 2, 3, 4, 5])
+
+    def test_reset_and_timeout_are_retried(self):
+        for action, extra in (("reset", {}), ("delay", {"delay": 1.0})):
+            with self.subTest(action=action):
+                conn = self.connect(timeout=0.3)
+                conn.select("INBOX")
+                self.server.add_fault("UID SEARCH", action=action, **extra)
+                self.assertEqual(conn.search(), [1, 2, 3, 4, 5])
+                self.assertEqual(conn.reconnects, 1)
+
+    def test_drop_after_store_retries_and_flags_are_right(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID STORE", action="drop", when="after")
+        conn.add_flags([1, 2], ["\\Flagged"])
+        flagged = [m for m in self.server.messages("INBOX") if "\\Flagged" in m.flags]
+        self.assertEqual(len(flagged), 2)
+        self.assertEqual(self.server.count("UID STORE"), 2)
+
+    def test_drop_after_move_does_not_move_twice(self):
+        conn = self.connect()
+        conn.create_folder("Receipts")
+        conn.select("INBOX")
+        self.server.add_fault("UID MOVE", action="drop", when="after")
+        result = conn.move([1, 2], "Receipts")
+        self.assertEqual(sorted(result.moved), [1, 2])
+        self.assertEqual(self.server.count("UID MOVE"), 1)
+        self.assertEqual(len(self.server.uids("Receipts")), 2)
+        self.assertEqual(len(self.server.uids("INBOX")), 3)
+        self.assertEqual(len(self.server.uids("[Gmail]/All Mail")), 5)
+
+    def test_drop_before_move_moves_once_after_reconnect(self):
+        conn = self.connect()
+        conn.create_folder("Receipts")
+        conn.select("INBOX")
+        self.server.add_fault("UID MOVE", action="drop", when="before")
+        result = conn.move([1, 2], "Receipts")
+        self.assertEqual(sorted(result.moved), [1, 2])
+        self.assertEqual(self.server.count("UID MOVE"), 2)
+        self.assertEqual(len(self.server.uids("Receipts")), 2)
+        self.assertEqual(self.sleep.delays, [1.0])
+
+    def test_backoff_grows_and_gives_up_with_the_cause(self):
+        conn = self.connect(retries=3)
+        conn.select("INBOX")
+        self.server.add_fault("UID SEARCH", action="drop", count=100)
+        with self.assertRaises(gc.ConnectionLostError) as ctx:
+            conn.search()
+        self.assertIsNotNone(ctx.exception.__cause__)
+        self.assertEqual(self.server.count("UID SEARCH"), 4)
+        self.assertEqual(self.sleep.delays, [1.0, 1.0, 1.0])
+
+    def test_reconnect_backoff_doubles_while_the_server_is_down(self):
+        conn = self.connect(retries=3)
+        self.server.add_fault("LOGIN", action="drop", count=2)
+        self.server.drop_all_connections()
+        conn.noop()
+        self.assertEqual(self.sleep.delays, [1.0, 2.0, 4.0])
+
+    def test_auth_failure_on_reconnect_is_not_retried(self):
+        conn = self.connect()
+        self.server.users[USER] = "changed password"
+        self.server.drop_all_connections()
+        with self.assertRaises(gc.AuthenticationError):
+            conn.noop()
+        self.assertEqual(self.server.count("LOGIN"), 2)
+
+    def test_uidvalidity_change_on_reconnect_raises(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.bump_uidvalidity("INBOX")
+        self.server.drop_all_connections()
+        with self.assertRaises(gc.UidValidityError) as ctx:
+            conn.fetch([1], ["FLAGS"])
+        self.assertIn("UIDVALIDITY of INBOX changed", str(ctx.exception))
+        self.assertNotIn("UID FETCH", self.commands())
+
+
+class IdleTest(FakeServerTest):
+    def test_idle_returns_when_mail_arrives(self):
+        conn = self.connect(keepalive=0.01)
+        conn.select("INBOX")
+
+        def deliver_when_idling() -> None:
+            wait_until(lambda: "IDLE" in self.server.commands())
+            self.server.deliver(make_message("new mail"))
+
+        thread = threading.Thread(target=deliver_when_idling)
+        thread.start()
+        started = time.monotonic()
+        events = conn.idle(10)
+        thread.join()
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertIn([1, "EXISTS"], events)
+        self.assertIn(b"DONE", [line.strip() for line in self.server.raw_lines])
+        names = self.commands()
+        self.assertEqual(names[names.index("IDLE"):], ["IDLE"])   # no NOOP while idling
+        self.assertEqual(conn.search(), [1])
+
+    def test_idle_times_out_quietly(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.assertEqual(conn.idle(0.2), [])
+        self.assertEqual(self.commands()[-1], "IDLE")
+
+    def test_idle_refused_without_the_capability(self):
+        server = FakeGmail(idle=False).start()
+        self.addCleanup(server.stop)
+        conn = gc.GmailConnection(USER, password=PASSWORD, host="127.0.0.1", port=server.port,
+                                  security="plaintext", keepalive=None)
+        with conn:
+            conn.select("INBOX")
+            with self.assertRaises(gc.CapabilityError):
+                conn.idle(0.1)
+
+
+# --- Classify pipeline -------------------------------------------------------------------
+
+EXAMPLE_RULES = {
+    "rule": [
+        {"name": "Receipts", "subject": ["receipt", "invoice", "/order #?\\d{5,}/i"],
+         "label": "Receipts", "archive": True},
+        {"name": "Newsletters", "header": {"List-Unsubscribe": True},
+         "label": "Newsletters", "mark_read": True},
+        {"name": "GitHub", "from": "notifications@github.com",
+         "label": ["GitHub", "Dev/Notifications"]},
+        {"name": "Bank", "any": [{"from": "@mybank.example"}, {"subject": "/account alert/i"}],
+         "star": True, "continue": True},
+        {"name": "Old and big", "larger_than": "5M", "older_than": "1y",
+         "not": {"has_label": "Keep"}, "trash": True},
+    ],
+}
+
+WRITE_COMMANDS = {"UID STORE", "STORE", "UID MOVE", "MOVE", "UID COPY", "COPY", "CREATE",
+                  "EXPUNGE", "UID EXPUNGE", "APPEND", "DELETE", "RENAME", "SELECT"}
+
+
+class PipelineTest(FakeServerTest):
+    def seed_examples(self) -> Dict[str, int]:
+        old = datetime.now(timezone.utc) - timedelta(days=800)
+        big = "x" * 80 + "\n"
+        big_body = big * (6 * 1024 * 1024 // len(big))
+        add = self.server.add_message
+        return {
+            "receipt": add(make_message("Your =?UTF-8?Q?Rechnung_/_receipt?= #1")),
+            "order": add(make_message("Order 123456 shipped", sender="shop@example.com")),
+            "newsletter": add(make_message("Weekly news", extra="List-Unsubscribe: <mailto:u@x>\n")),
+            "github": add(make_message("[repo] PR", sender="GitHub <notifications@github.com>")),
+            "bank": add(make_message("Account alert: login", sender="Bank <alerts@mybank.example>")),
+            "old_big": add(make_message("holiday photos", body=big_body), date=old),
+            "old_big_keep": add(make_message("keep photos", body=big_body), date=old,
+                                labels=("\\Inbox", "Keep")),
+            "lunch": add(make_message("Lunch?", sender="Bob <bob@example.com>")),
+        }
+
+    def snapshot(self) -> Dict[int, Tuple[frozenset, frozenset]]:
+        return {m.msgid: (frozenset(m.labels), frozenset(m.flags))
+                for m in self.server.messages("[Gmail]/All Mail") + self.server.messages("[Gmail]/Trash")}
+
+    def rules(self, doc: Optional[dict] = None) -> gc.Ruleset:
+        return gc.parse_rules(doc or EXAMPLE_RULES, "rules.json")
+
+    def test_dry_run_changes_nothing_and_sends_no_write(self):
+        self.seed_examples()
+        before = self.snapshot()
+        conn = self.connect()
+        report = gc.classify_folder(conn, self.rules(), "INBOX")
+        self.assertEqual(report.matched, {"Receipts": 2, "Newsletters": 1, "GitHub": 1,
+                                          "Bank": 1, "Old and big": 1})
+        self.assertEqual(report.changes["trash"], 1)
+        self.assertEqual(self.snapshot(), before)
+        self.assertEqual(set(self.commands()) & WRITE_COMMANDS, set())
+        self.assertIn("EXAMINE", self.commands())
+
+    def test_apply_sorts_the_mailbox(self):
+        ids = self.seed_examples()
+        conn = self.connect()
+        gc.classify_folder(conn, self.rules(), "INBOX", apply=True)
+        msg = self.server.message
+        self.assertEqual(msg(ids["receipt"]).labels, {"Receipts"})       # archived
+        self.assertEqual(msg(ids["order"]).labels, {"Receipts"})
+        self.assertEqual(msg(ids["newsletter"]).labels, {"\\Inbox", "Newsletters"})
+        self.assertIn("\\Seen", msg(ids["newsletter"]).flags)
+        self.assertEqual(msg(ids["github"]).labels, {"\\Inbox", "GitHub", "Dev/Notifications"})
+        self.assertIn("\\Flagged", msg(ids["bank"]).flags)
+        self.assertIn("\\Trash", msg(ids["old_big"]).labels)
+        self.assertEqual(msg(ids["old_big_keep"]).labels, {"\\Inbox", "Keep"})
+        self.assertEqual(msg(ids["lunch"]).labels, {"\\Inbox"})
+        for name in ("receipt", "order", "github", "bank", "lunch", "old_big_keep"):
+            self.assertNotIn("\\Seen", msg(ids[name]).flags, name)
+        self.assertIn("Dev/Notifications", self.server.folder_names())
+
+    def test_second_apply_sends_no_changes(self):
+        self.seed_examples()
+        gc.classify_folder(self.connect(), self.rules(), "INBOX", apply=True)
+        before = self.snapshot()
+        start = len(self.server.log)
+        report = gc.classify_folder(self.connect(), self.rules(), "INBOX", apply=True)
+        later = [entry.command for entry in self.server.log[start:]]
+        self.assertEqual(set(later) & (WRITE_COMMANDS - {"SELECT"}), set())
+        self.assertEqual(report.changes, {})
+        self.assertEqual(self.snapshot(), before)
+
+    def test_labels_with_spaces_non_ascii_and_star_are_created_and_applied(self):
+        msgid = self.server.add_message(make_message("hello"))
+        labels = ["Two words", "Entwürfe/Rechnungen", "a*b"]
+        rules = self.rules({"rule": [{"name": "All", "subject": "hello", "label": labels}]})
+        gc.classify_folder(self.connect(), rules, "INBOX", apply=True)
+        self.assertEqual(self.server.message(msgid).labels, {"\\Inbox", *labels})
+        for label in labels:
+            self.assertIn(label, self.server.folder_names())
+
+    def test_body_is_fetched_only_for_undecided_messages(self):
+        self.server.add_message(make_message("invoice 1"))
+        self.server.add_message(make_message("other", body="please unsubscribe here\n"))
+        self.server.add_message(make_message("third", body="nothing\n"))
+        rules = self.rules({"rule": [
+            {"name": "Invoices", "subject": "invoice", "label": "Invoices"},
+            {"name": "Bulk", "body": "unsubscribe", "label": "Bulk"}]})
+        report = gc.classify_folder(self.connect(), rules, "INBOX")
+        self.assertEqual(report.matched, {"Invoices": 1, "Bulk": 1})
+        body_fetches = [e.line for e in self.server.log
+                        if e.command == "UID FETCH" and b"BODY.PEEK[]<0." in e.line]
+        self.assertEqual(len(body_fetches), 1)
+        self.assertIn(b"UID FETCH 2:3 ", body_fetches[0])
+
+    def test_gmail_query_runs_on_the_server(self):
+        self.server.add_message(make_message("with pdf", extra="", body="see attached\n"),
+                                labels=("\\Inbox", "Projects"))
+        self.server.add_message(make_message("plain"))
+        rules = self.rules({"rule": [{"name": "Proj", "gmail_query": "label:Projects",
+                                      "star": True}]})
+        report = gc.classify_folder(self.connect(), rules, "INBOX")
+        self.assertEqual(report.matched, {"Proj": 1})
+        self.assertTrue(any(b"X-GM-RAW" in e.line for e in self.server.log))
+
+    def test_since_and_limit_narrow_the_run(self):
+        old = datetime(2020, 1, 1, tzinfo=timezone.utc)
+        self.server.add_message(make_message("receipt old"), date=old)
+        for index in range(3):
+            self.server.add_message(make_message(f"receipt {index}"))
+        conn = self.connect()
+        report = gc.classify_folder(conn, self.rules(), "INBOX", since=date(2023, 1, 1))
+        self.assertEqual(report.examined, 3)
+        self.assertTrue(any(b"SINCE 01-Jan-2023" in e.line for e in self.server.log))
+        self.assertEqual(gc.classify_folder(conn, self.rules(), "INBOX", limit=2).examined, 2)
+
+    def test_thousands_of_messages_take_few_commands(self):
+        n, batch = 5000, 500
+        for index in range(n):
+            subject = ["receipt", "news", "hello", "alert"][index % 4]
+            extra = "List-Unsubscribe: <x>\n" if subject == "news" else ""
+            sender = "Bank <b@mybank.example>" if subject == "alert" else "a@example.com"
+            self.server.add_message(make_message(f"{subject} {index}", sender=sender, extra=extra))
+        conn = self.connect()
+        report = gc.classify_folder(conn, self.rules(), "INBOX", apply=True, batch_size=batch)
+        self.assertEqual(report.examined, n)
+        self.assertLessEqual(self.server.count("UID FETCH"), n // batch + 1)
+        # label Receipts, archive, label Newsletters, mark read, star: one command each
+        changing = [c for c in self.commands() if c in ("UID STORE", "UID MOVE", "UID COPY")]
+        self.assertLessEqual(len(changing), 5 + 2)
+        self.assertLessEqual(len(self.commands()), n // batch + 20)
+        self.assertEqual(len(self.server.uids("INBOX")), n - n // 4)
+        self.assertEqual(len(self.server.uids("Receipts")), n // 4)
+
+
+class PlainPipelineTest(FakeServerTest):
+    server_options = {"gmail": False}
+
+    def test_apply_on_a_plain_server_uses_folders(self):
+        self.server.add_message(make_message("receipt 1"))
+        self.server.add_message(make_message("news", extra="List-Unsubscribe: <x>\n"))
+        self.server.add_message(make_message("junk", sender="spam@spam.example"))
+        rules = gc.parse_rules({"rule": [
+            {"name": "Receipts", "subject": "receipt", "label": "Receipts", "archive": True},
+            {"name": "News", "header": {"List-Unsubscribe": True}, "move": "Lists"},
+            {"name": "Spam", "from": "@spam.example", "trash": True}]}, "rules.json")
+        conn = self.connect()
+        gc.classify_folder(conn, rules, "INBOX", apply=True)
+        self.assertEqual(self.server.uids("INBOX"), [])
+        self.assertEqual(len(self.server.uids("Receipts")), 1)   # the label: a copy
+        self.assertEqual(len(self.server.uids("Archive")), 1)    # archive: \Archive folder
+        self.assertEqual(len(self.server.uids("Lists")), 1)
+        self.assertEqual(len(self.server.uids("Trash")), 1)
+        self.assertNotIn("EXPUNGE", self.commands())
+        # a second run copies nothing again
+        self.server.add_message(make_message("receipt 2"))
+        gc.classify_folder(conn, rules, "INBOX", apply=True)
+        self.assertEqual(len(self.server.uids("Receipts")), 2)
+
+    def test_gmail_rules_refused_before_touching_the_folder(self):
+        rules = gc.parse_rules({"rule": [{"gmail_query": "is:unread", "star": True}]}, "r.json")
+        conn = self.connect()
+        with self.assertRaises(gc.CapabilityError) as ctx:
+            gc.classify_folder(conn, rules, "INBOX", apply=True)
+        self.assertIn("not Gmail", str(ctx.exception))
+        self.assertNotIn("SELECT", self.commands())
+
+
+class CommandLineRunTest(FakeServerTest):
+    def argv(self, *extra: str) -> List[str]:
+        return ["--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                "--plaintext", "--retries", "0", *extra]
+
+    def rules_file(self) -> str:
+        path = os.path.join(self.tmp, "rules.json")
+        with open(path, "w") as handle:
+            json.dump(EXAMPLE_RULES, handle)
+        return path
+
+    def test_dry_run_prints_what_would_happen(self):
+        self.server.add_message(make_message("receipt 42"))
+        code, out, err = run_cli(*self.argv("--rules", self.rules_file()),
+                                 env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("would label Receipts, archive", out)
+        self.assertIn("Dry run", out)
+        self.assertEqual(self.server.messages("INBOX")[0].labels, {"\\Inbox"})
+
+    def test_apply_and_json(self):
+        self.server.add_message(make_message("receipt 42"))
+        code, out, err = run_cli(*self.argv("run", "--rules", self.rules_file(), "--apply",
+                                            "--json"), env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual((code, err), (0, ""))
+        lines = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual(lines[0]["rules"], ["Receipts"])
+        self.assertEqual(lines[0]["subject"], "receipt 42")
+        self.assertIn("summary", lines[-1])
+        self.assertEqual(self.server.uids("INBOX"), [])
+
+    def test_password_from_command_and_netrc(self):
+        script = os.path.join(self.tmp, "secret.sh")
+        with open(script, "w") as handle:
+            handle.write(f"#!/bin/sh\necho '{PASSWORD}'\n")
+        os.chmod(script, 0o700)
+        code, _, err = run_cli(*self.argv("--password-command", script))
+        self.assertEqual((code, err), (0, ""))
+        home = os.path.join(self.tmp, "home")
+        os.mkdir(home)
+        netrc_path = os.path.join(home, ".netrc")
+        with open(netrc_path, "w") as handle:
+            handle.write(f"machine 127.0.0.1 login {USER} password {PASSWORD}\n")
+        os.chmod(netrc_path, 0o644)
+        code, _, err = run_cli(*self.argv(), env={"HOME": home})
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertIn("chmod 600", err)
+        os.chmod(netrc_path, 0o600)
+        code, _, err = run_cli(*self.argv(), env={"HOME": home})
+        self.assertEqual((code, err), (0, ""))
+
+    def test_exit_codes_for_auth_and_connection_failures(self):
+        code, out, err = run_cli(*self.argv(), env={"GMAIL_APP_PASSWORD": "wrong"})
+        self.assertEqual(code, gc.EXIT_AUTH)
+        self.assertIn("Invalid credentials", err)
+        self.assertEqual(len(err.strip().splitlines()), 1)
+        port = self.server.port
+        self.server.stop()
+        code, out, err = run_cli("--user", USER, "--host", "127.0.0.1", "--port", str(port),
+                                 "--plaintext", "--retries", "0",
+                                 env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, gc.EXIT_CONNECTION)
+        self.assertIn("127.0.0.1", err)
+        self.assertEqual(len(err.strip().splitlines()), 1)
+        self.assertNotIn("Traceback", err)
+
+    def test_labels_lists_folders(self):
+        code, out, err = run_cli("labels", *self.argv(), env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("[Gmail]/Trash  \\Trash", out)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -18,6 +18,7 @@ import email
 import email.parser
 import email.policy
 import email.utils
+import imaplib
 import io
 import json
 import logging
@@ -2623,6 +2624,840 @@ class FakeGmail:
         self._changed(mids)
 
 
+# --- The fake server itself, checked with the stdlib imaplib client ----------------------
+
+
+PLAIN_MSG = (b"From: Alice Example <alice@example.com>\r\nTo: bob@example.com\r\n"
+             b"Subject: Invoice 42\r\nDate: Mon, 01 Jan 2024 10:00:00 +0000\r\nMessage-ID: <m1@example.com>\r\n"
+             b"\r\nPlease find the invoice for March.\r\n")
+UNICODE_MSG = ("From: =?utf-8?q?J=C3=BCrgen?= <juergen@example.de>\r\nTo: bob@example.com\r\n"
+               "Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe_aus_K=C3=B6ln?=\r\n"
+               "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+               "Schöne Grüße, das Frühstück war gut.\r\n").encode("utf-8")
+MULTIPART_MSG = (b"From: Carol <carol@example.org>\r\nTo: bob@example.com\r\nSubject: Report attached\r\n"
+                 b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"XYZ\"\r\n\r\n"
+                 b"preamble\r\n--XYZ\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\nSee the report.\r\n"
+                 b"--XYZ\r\nContent-Type: application/pdf; name=\"r.pdf\"\r\n"
+                 b"Content-Disposition: attachment; filename=\"r.pdf\"\r\nContent-Transfer-Encoding: base64\r\n"
+                 b"\r\nJVBERi0xLjQK\r\n--XYZ--\r\n")
+
+
+def imaplib_connect(server: FakeGmail, login: bool = True, timeout: float = 5) -> imaplib.IMAP4:
+    m = imaplib.IMAP4(server.host, server.port, timeout=timeout)
+    if login:
+        m.login(USER, PASSWORD)
+    return m
+
+
+class RawClient:
+    """A minimal line-level IMAP client for exchanges imaplib cannot make (or would hide)."""
+
+    def __init__(self, server: FakeGmail, timeout: float = 5) -> None:
+        self.sock = socket.create_connection((server.host, server.port), timeout=timeout)
+        self.f = self.sock.makefile("rb")
+        self.greeting = self.readline()
+        self.n = 0
+
+    def readline(self) -> bytes:
+        line = self.f.readline()
+        if not line:
+            raise EOFError("server closed the connection")
+        return line
+
+    def read_response(self) -> bytes:
+        """One response line with any literals inline."""
+        data = self.readline()
+        while True:
+            m = re.search(rb"\{(\d+)\}\r\n\Z", data)
+            if not m:
+                return data
+            data += self.f.read(int(m.group(1)))
+            data += self.readline()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def command(self, text: bytes) -> tuple:
+        """Send 'TAG text' and return (tagged line, [untagged responses])."""
+        self.n += 1
+        tag = b"R%d" % self.n
+        self.send(tag + b" " + text + b"\r\n")
+        untagged = []
+        while True:
+            line = self.read_response()
+            if line.startswith(tag + b" "):
+                return line, untagged
+            untagged.append(line)
+
+    def login(self) -> None:
+        tagged, _ = self.command(b"LOGIN " + USER.encode() + b" " + PASSWORD.encode())
+        assert b" OK " in tagged, tagged
+
+    def close(self) -> None:
+        self.f.close()
+        self.sock.close()
+
+
+class FakeGmailTestCase(unittest.TestCase):
+    def start(self, **kw) -> FakeGmail:
+        server = FakeGmail(**kw).start()
+        self.addCleanup(self.assertEqual, server.errors, [])
+        self.addCleanup(server.stop)
+        return server
+
+    def imap(self, server: FakeGmail, **kw) -> imaplib.IMAP4:
+        m = imaplib_connect(server, **kw)
+        self.addCleanup(self._quietly_close, m)
+        return m
+
+    def raw(self, server: FakeGmail, **kw) -> RawClient:
+        c = RawClient(server, **kw)
+        self.addCleanup(c.close)
+        return c
+
+    @staticmethod
+    def _quietly_close(m: imaplib.IMAP4) -> None:
+        try:
+            m.shutdown()
+        except OSError:
+            pass
+
+
+class FakeServerHelpersTest(unittest.TestCase):
+    VECTORS = [("Entwürfe", "Entw&APw-rfe"), ("日本語", "&ZeVnLIqe-"), ("Tom & Jerry", "Tom &- Jerry"),
+               ("~peter/mail/日本語/台北", "~peter/mail/&ZeVnLIqe-/&U,BTFw-"),
+               ("Корзина", "&BBoEPgRABDcEOAQ9BDA-"), ("😀", "&2D3eAA-"), ("INBOX", "INBOX")]
+
+    def test_modified_utf7_vectors_both_ways(self):
+        for text, wire in self.VECTORS:
+            with self.subTest(text=text):
+                self.assertEqual(imap_utf7_encode(text), wire)
+                self.assertEqual(imap_utf7_decode(wire), text)
+
+    def test_modified_utf7_rejects_malformed(self):
+        for bad in ("a&b", "&AOk", "été", "&AO=-"):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                imap_utf7_decode(bad)
+
+    def test_wait_until_raises_assertion_on_timeout(self):
+        with self.assertRaises(AssertionError):
+            wait_until(lambda: False, timeout=0.05)
+        self.assertEqual(wait_until(lambda: 42), 42)
+
+
+class FakeServerAuthenticationTest(FakeGmailTestCase):
+    def test_login_ok_and_capabilities_grow_after_login(self):
+        server = self.start()
+        m = self.imap(server, login=False)
+        self.assertIn("X-GM-EXT-1", m.capabilities)
+        self.assertNotIn("MOVE", m.capabilities)
+        typ, data = m.login(USER, PASSWORD)
+        self.assertEqual(typ, "OK")
+        self.assertNotIn(b"CAPABILITY", data[0])  # the client must ask again
+        typ, data = m.capability()
+        caps = data[0].split()
+        for cap in (b"MOVE", b"UIDPLUS", b"ENABLE", b"UTF8=ACCEPT", b"SPECIAL-USE", b"LITERAL-"):
+            self.assertIn(cap, caps)
+        self.assertNotIn(b"AUTH=XOAUTH2", caps)
+        self.assertEqual(server.commands(), ["CAPABILITY", "LOGIN", "CAPABILITY"])
+
+    def test_login_wrong_password_fails_with_authenticationfailed(self):
+        server = self.start()
+        m = self.imap(server, login=False)
+        with self.assertRaises(imaplib.IMAP4.error) as cm:
+            m.login(USER, "wrong")
+        self.assertIn("[AUTHENTICATIONFAILED] Invalid credentials (Failure)", str(cm.exception))
+
+    def test_login_password_with_quote_backslash_and_as_literal(self):
+        password = 'pa"ss\\wörd'
+        server = self.start(users={USER: password})
+        m = self.imap(server, login=False)
+        server.users["plain@example.com"] = 'pa"ss\\word'  # imaplib quotes: "pa\"ss\\word"
+        self.assertEqual(m.login("plain@example.com", 'pa"ss\\word')[0], "OK")
+        self.assertIn(b'"pa\\"ss\\\\word"', server.log[-1].line)
+        c = self.raw(server)
+        pw = password.encode("utf-8")
+        c.send(b"L1 LOGIN " + USER.encode() + b" {%d}\r\n" % len(pw))
+        self.assertTrue(c.readline().startswith(b"+"))
+        c.send(pw + b"\r\n")
+        self.assertTrue(c.readline().startswith(b"L1 OK"))
+        self.assertEqual(server.log[-1].line, b"L1 LOGIN user@example.com {%d}\r\n" % len(pw) + pw + b"\r\n")
+
+    def test_commands_before_authentication_are_bad(self):
+        server = self.start()
+        c = self.raw(server)
+        for cmd in (b"SELECT INBOX", b"LIST \"\" *", b"ENABLE UTF8=ACCEPT"):
+            with self.subTest(cmd=cmd):
+                tagged, _ = c.command(cmd)
+                self.assertIn(b" BAD ", tagged)
+        self.assertIn(b" OK ", c.command(b"NOOP")[0])
+
+    def test_xoauth2_good_token(self):
+        server = self.start()
+        m = self.imap(server, login=False)
+        auth = ("user=%s\x01auth=Bearer %s\x01\x01" % (USER, TOKEN)).encode()
+        typ, data = m.authenticate("XOAUTH2", lambda challenge: auth)
+        self.assertEqual((typ, data), ("OK", [b"user@example.com authenticated (Success)"]))
+        self.assertEqual(base64.b64decode(server.raw_lines[2].strip()), auth)
+
+    def test_xoauth2_bad_token_answered_with_empty_line_gives_no(self):
+        server = self.start()
+        m = self.imap(server, login=False)
+        answers = [("user=%s\x01auth=Bearer expired\x01\x01" % USER).encode(), b""]
+        challenges = []
+
+        def callback(challenge):
+            challenges.append(challenge)
+            return answers.pop(0)
+
+        with self.assertRaises(imaplib.IMAP4.error) as cm:
+            m.authenticate("XOAUTH2", callback)
+        self.assertIn("[AUTHENTICATIONFAILED]", str(cm.exception))
+        self.assertIn(b'"status":"400"', challenges[1])
+        self.assertEqual(server.sasl_errors, [])
+
+    def test_xoauth2_bad_token_resent_is_a_protocol_error(self):
+        server = self.start()
+        c = self.raw(server)
+        auth = base64.b64encode(("user=%s\x01auth=Bearer expired\x01\x01" % USER).encode())
+        c.send(b"A1 AUTHENTICATE XOAUTH2 " + auth + b"\r\n")  # SASL-IR
+        challenge = c.readline()
+        self.assertTrue(challenge.startswith(b"+ "))
+        self.assertEqual(base64.b64decode(challenge[2:].strip()),
+                         b'{"status":"400","schemes":"Bearer","scope":"https://mail.google.com/"}')
+        c.send(auth + b"\r\n")  # the classic bug: `lambda _: auth`
+        self.assertEqual(c.readline(), b"A1 BAD Invalid SASL argument\r\n")
+        self.assertEqual(server.sasl_errors, [auth])
+
+    def test_authenticate_plain(self):
+        server = self.start()
+        m = self.imap(server, login=False)
+        typ, _ = m.authenticate("PLAIN", lambda _: ("\0%s\0%s" % (USER, PASSWORD)).encode())
+        self.assertEqual(typ, "OK")
+
+
+class FakeServerFoldersTest(FakeGmailTestCase):
+    def test_list_marks_special_use_folders(self):
+        server = self.start()
+        server.add_message(PLAIN_MSG, labels=("\\Inbox", "Dev/Notifications"))
+        m = self.imap(server)
+        typ, data = m.list('""', "*")
+        self.assertIn(b'(\\HasNoChildren \\Trash) "/" "[Gmail]/Trash"', data)
+        self.assertIn(b'(\\HasNoChildren \\All) "/" "[Gmail]/All Mail"', data)
+        self.assertIn(b'(\\HasChildren \\Noselect) "/" "[Gmail]"', data)
+        self.assertIn(b'(\\HasChildren) "/" "Dev"', data)
+        self.assertIn(b'(\\HasNoChildren) "/" "Dev/Notifications"', data)
+        typ, data = m.list('""', "%")
+        self.assertNotIn(b'(\\HasNoChildren) "/" "Dev/Notifications"', data)
+        c = self.raw(server)
+        c.login()
+        _, untagged = c.command(b'LIST (SPECIAL-USE) "" "*"')
+        self.assertEqual(len(untagged), 7)
+        _, untagged = c.command(b'XLIST "" "*"')
+        self.assertIn(b'* XLIST (\\HasNoChildren \\AllMail) "/" "[Gmail]/All Mail"\r\n', untagged)
+        self.assertIn(b'* XLIST (\\HasNoChildren \\Inbox) "/" "INBOX"\r\n', untagged)
+
+    def test_localized_folder_names_are_modified_utf7_on_the_wire(self):
+        server = self.start(localized=True)
+        m = self.imap(server)
+        data = m.list()[1]
+        self.assertIn(b'(\\HasNoChildren \\Trash) "/" "[Google Mail]/Papierkorb"', data)
+        self.assertIn(b'(\\HasNoChildren \\Drafts) "/" "[Google Mail]/Entw&APw-rfe"', data)
+        self.assertIn("[Google Mail]/Entwürfe", server.folder_names())
+        self.assertEqual(m.select('"[Google Mail]/Entw&APw-rfe"')[0], "OK")
+
+    def test_select_and_examine_answers(self):
+        server = self.start()
+        server.add_message(PLAIN_MSG)
+        server.add_message(PLAIN_MSG, flags=("\\Seen",))
+        m = self.imap(server)
+        typ, data = m.select("INBOX")
+        self.assertEqual((typ, data), ("OK", [b"2"]))
+        self.assertEqual(m.response("UIDVALIDITY")[1], [str(server.uidvalidity("INBOX")).encode()])
+        self.assertEqual(m.response("UIDNEXT")[1], [b"3"])
+        self.assertEqual(m.response("READ-WRITE")[0], "READ-WRITE")
+        typ, data = m.select('"[Gmail]/Trash"', readonly=True)
+        self.assertEqual((typ, data), ("OK", [b"0"]))
+        self.assertNotEqual(server.uidvalidity("[Gmail]/Trash"), server.uidvalidity("INBOX"))
+        m.select("INBOX", readonly=True)
+        self.assertEqual(m.uid("STORE", "1", "+FLAGS", "(\\Seen)")[0], "NO")
+        self.assertEqual(m.status("INBOX", "(MESSAGES UNSEEN UIDNEXT)"),
+                         ("OK", [b'"INBOX" (MESSAGES 2 UNSEEN 1 UIDNEXT 3)']))
+        self.assertEqual(m.select('"[Gmail]"')[0], "NO")
+        self.assertEqual(m.select("Nope")[0], "NO")
+
+    def test_create_and_already_exists(self):
+        server = self.start()
+        m = self.imap(server)
+        self.assertEqual(m.create('"Projects/2024"')[0], "OK")
+        self.assertIn("Projects/2024", server.folder_names())
+        typ, data = m.create('"Projects/2024"')
+        self.assertEqual(typ, "NO")
+        self.assertIn(b"[ALREADYEXISTS]", data[0])
+
+    def test_bump_uidvalidity_renumbers(self):
+        server = self.start()
+        for _ in range(3):
+            server.add_message(PLAIN_MSG)
+        server.add_message(PLAIN_MSG, labels=())
+        self.assertEqual(server.uids("[Gmail]/All Mail"), [1, 2, 3, 4])
+        old = server.uidvalidity("INBOX")
+        m = self.imap(server)
+        m.select("INBOX")
+        m.uid("STORE", "1", "-X-GM-LABELS", "(\\Inbox)")
+        server.bump_uidvalidity("INBOX")
+        self.assertEqual(server.uids("INBOX"), [1, 2])
+        self.assertNotEqual(server.uidvalidity("INBOX"), old)
+
+
+class FakeServerSearchTest(FakeGmailTestCase):
+    def setUp(self):
+        self.server = self.start()
+        s = self.server
+        old = _dtm.datetime(2020, 5, 17, 12, 0, tzinfo=_dtm.timezone.utc)
+        self.u1 = s.add_message(PLAIN_MSG, date=old, flags=("\\Seen",))
+        self.u2 = s.add_message(UNICODE_MSG, labels=("\\Inbox", "Receipts"))
+        self.u3 = s.add_message(MULTIPART_MSG, flags=("\\Flagged",))
+        self.m = self.imap(s)
+        self.m.select("INBOX")
+
+    def search(self, *criteria):
+        typ, data = self.m.uid("SEARCH", *criteria)
+        self.assertEqual(typ, "OK")
+        return [int(x) for x in data[0].split()]
+
+    def test_rfc3501_criteria(self):
+        cases = [
+            (("ALL",), [1, 2, 3]), (("UNSEEN",), [2, 3]), (("SEEN",), [1]), (("FLAGGED",), [3]),
+            (("UID", "2:*"), [2, 3]), (("UID", "9:*"), [3]), (("2,3",), [2, 3]),
+            (("FROM", "alice"), [1]), (("SUBJECT", '"invoice 42"'), [1]), (("TO", "BOB"), [1, 2, 3]),
+            (("SINCE", "01-Jan-2021"), [2, 3]), (("BEFORE", "1-Jan-2021"), [1]), (("ON", "17-May-2020"), [1]),
+            (("SENTBEFORE", "02-Jan-2024"), [1]), (("LARGER", "200"), [2, 3]), (("SMALLER", "200"), [1]),
+            (("NOT", "SEEN"), [2, 3]), (("OR", "FLAGGED", "SEEN"), [1, 3]),
+            (("(FROM carol FLAGGED)",), [3]),
+            (("HEADER", "Message-ID", "m1@"), [1]), (("BODY", "MARCH"), [1]), (("TEXT", "carol"), [3]),
+            (("KEYWORD", "$Work"), []), (("SUBJECT", '"Grüße"'.encode("utf-8")), [2]),
+        ]
+        for criteria, expected in cases:
+            with self.subTest(criteria=criteria):
+                self.assertEqual(self.search(*criteria), expected)
+
+    def test_x_gm_raw_queries(self):
+        cases = [
+            ('"has:attachment"', [3]), ('"is:unread -has:attachment"', [2]), ('"older_than:1y"', [1]),
+            ('"newer_than:2d"', [2, 3]), ('"label:receipts"', [2]), ('"from:alice OR from:carol"', [1, 3]),
+            ('"subject:(report)"', []), ('"subject:report"', [3]), ('"\\"invoice for march\\""', [1]),
+            ('"is:starred"', [3]), ('"larger:1K"', []), ('"in:inbox"', [1, 2, 3]), ('"in:trash"', []),
+            ('"fruhstuck"', []), ('"FRÜHSTÜCK"'.encode("utf-8"), [2]),
+        ]
+        for query, expected in cases:
+            with self.subTest(query=query):
+                self.assertEqual(self.search("X-GM-RAW", query), expected)
+
+    def test_charset_utf8_literal(self):
+        self.m.literal = "Grüße aus Köln".encode("utf-8")
+        self.assertEqual(self.search("CHARSET", "UTF-8", "SUBJECT"), [2])
+        self.m.literal = "frühstück".encode("utf-8")
+        self.assertEqual(self.search("CHARSET", "UTF-8", "X-GM-RAW"), [2])
+        line = self.server.log[-1].line
+        self.assertTrue(line.endswith(b"X-GM-RAW {11}\r\nfr\xc3\xbchst\xc3\xbcck\r\n"), line)
+
+    def test_esearch_return(self):
+        c = self.raw(self.server)
+        c.login()
+        c.command(b"SELECT INBOX")
+        tagged, untagged = c.command(b"UID SEARCH RETURN (MIN MAX COUNT) UNSEEN")
+        self.assertEqual(untagged, [b'* ESEARCH (TAG "R3") UID MIN 2 MAX 3 COUNT 2\r\n'])
+
+    def test_unknown_key_and_bad_charset(self):
+        self.assertRaises(imaplib.IMAP4.error, self.m.uid, "SEARCH", "FOO")
+        self.assertEqual(self.m.uid("SEARCH", "CHARSET", "KOI8-R", "ALL")[0], "NO")
+
+
+class FakeServerFetchStoreTest(FakeGmailTestCase):
+    def setUp(self):
+        self.server = self.start()
+        self.mid1 = self.server.add_message(PLAIN_MSG, labels=("\\Inbox", "\\Important", "Receipts"))
+        self.mid2 = self.server.add_message(MULTIPART_MSG)
+        self.m = self.imap(self.server)
+        self.m.select("INBOX")
+
+    def test_header_fields_labels_and_peek_does_not_set_seen(self):
+        typ, data = self.m.uid("FETCH", "1", "(X-GM-MSGID X-GM-LABELS BODY.PEEK[HEADER.FIELDS (from subject)])")
+        head, body = data[0]
+        self.assertIn(b"X-GM-MSGID %d" % self.mid1, head)
+        self.assertIn(b'X-GM-LABELS ("\\\\Important" "\\\\Inbox" Receipts)', head)
+        self.assertTrue(head.endswith(b"BODY[HEADER.FIELDS (FROM SUBJECT)] {64}"), head)
+        self.assertEqual(body, b"From: Alice Example <alice@example.com>\r\nSubject: Invoice 42\r\n\r\n")
+        self.assertNotIn("\\Seen", self.server.message(self.mid1).flags)
+
+    def test_partial_body_peek_then_body_sets_seen(self):
+        typ, data = self.m.uid("FETCH", "1", "(BODY.PEEK[]<0.10>)")
+        self.assertEqual(data[0], (b"1 (UID 1 BODY[]<0> {10}", PLAIN_MSG[:10]))
+        self.assertNotIn("\\Seen", self.server.message(self.mid1).flags)
+        typ, data = self.m.uid("FETCH", "1", "(BODY[TEXT])")
+        self.assertEqual(data[0][1], b"Please find the invoice for March.\r\n")
+        self.assertIn(b"FLAGS (\\Seen)", data[1])
+        self.assertIn("\\Seen", self.server.message(self.mid1).flags)
+
+    def test_bodystructure_and_parts_of_multipart(self):
+        typ, data = self.m.uid("FETCH", "2", "(BODYSTRUCTURE BODY.PEEK[2] BODY.PEEK[2.MIME] RFC822.SIZE)")
+        flat = b"".join(x if isinstance(x, bytes) else b"".join(x) for x in data)
+        self.assertIn(b'BODYSTRUCTURE (("TEXT" "PLAIN" ("CHARSET" "us-ascii") NIL NIL "7BIT" 15 1 NIL NIL NIL NIL)'
+                      b'("APPLICATION" "PDF" ("NAME" "r.pdf") NIL NIL "BASE64" 12 NIL ("attachment" ("filename" "r.pdf"))'
+                      b' NIL NIL) "MIXED" ("BOUNDARY" "XYZ") NIL NIL NIL)', flat)
+        self.assertIn(b"BODY[2] {12}\r\nJVBERi0xLjQK", flat.replace(b"{12}J", b"{12}\r\nJ"))
+        self.assertIn(b"RFC822.SIZE %d" % len(MULTIPART_MSG), flat)
+
+    def test_fetch_matching_nothing_is_just_ok(self):
+        self.assertEqual(self.m.uid("FETCH", "99", "(FLAGS)"), ("OK", [None]))
+
+    def test_store_labels_with_spaces_non_ascii_and_star(self):
+        typ, data = self.m.uid("STORE", "1", "+X-GM-LABELS", '("two words" "Entw&APw-rfe" "*" "(foo)")')
+        self.assertEqual(typ, "OK")
+        self.assertEqual(self.server.message(self.mid1).labels,
+                         {"\\Inbox", "\\Important", "Receipts", "two words", "Entwürfe", "*", "(foo)"})
+        self.assertIn(b'"two words"', data[0])
+        self.assertIn(b'"*"', data[0])
+        self.assertIn(b'"(foo)"', data[0])
+        self.assertIn("Entwürfe", self.server.folder_names())
+        self.m.uid("STORE", "1", "-X-GM-LABELS.SILENT", '("two words")')
+        self.assertNotIn("two words", self.server.message(self.mid1).labels)
+        self.m.uid("STORE", "1", "X-GM-LABELS", "(\\Inbox Only)")
+        self.assertEqual(self.server.message(self.mid1).labels, {"\\Inbox", "Only"})
+
+    def test_archive_by_removing_inbox_label_announces_expunge(self):
+        typ, data = self.m.uid("STORE", "1", "-X-GM-LABELS", "(\\Inbox)")
+        self.assertEqual(self.m.response("EXPUNGE")[1], [b"1"])
+        self.assertEqual(self.server.uids("INBOX"), [2])
+        self.assertEqual(len(self.server.uids("[Gmail]/All Mail")), 2)
+        self.assertEqual(self.server.uids("Receipts"), [1])
+
+    def test_flags_and_starred_view(self):
+        self.m.uid("STORE", "2", "+FLAGS.SILENT", "(\\Flagged $Work)")
+        self.assertEqual(self.server.uids("[Gmail]/Starred"), [1])
+        typ, data = self.m.uid("FETCH", "2", "(X-GM-LABELS FLAGS)")
+        self.assertIn(b'"\\\\Starred"', data[0])
+        self.assertIn(b"FLAGS (\\Flagged $Work)", data[0])
+        self.assertRaises(imaplib.IMAP4.error, self.m.uid, "STORE", "2", "+FLAGS", "(\\Bogus)")
+
+
+class FakeServerCopyMoveTest(FakeGmailTestCase):
+    def test_move_to_trash_with_copyuid_and_views(self):
+        server = self.start()
+        mids = [server.add_message(PLAIN_MSG, labels=("\\Inbox", "Receipts")) for _ in range(3)]
+        m = self.imap(server)
+        m.select("INBOX")
+        typ, data = m.uid("MOVE", "1,3", '"[Gmail]/Trash"')
+        self.assertEqual(typ, "OK")
+        self.assertEqual(m.response("COPYUID")[1], [b"%d 1,3 1:2" % server.uidvalidity("[Gmail]/Trash")])
+        self.assertEqual(server.uids("INBOX"), [2])
+        self.assertEqual(server.uids("[Gmail]/Trash"), [1, 2])
+        self.assertEqual(server.uids("[Gmail]/All Mail"), [2])
+        self.assertEqual(server.uids("Receipts"), [2])
+        self.assertIn("\\Trash", server.message(mids[0]).labels)
+        c_line = [e.line for e in server.log if e.command == "UID MOVE"][0]
+        self.assertEqual(c_line.split(b" ", 1)[1], b'UID MOVE 1,3 "[Gmail]/Trash"\r\n')
+        # back to INBOX: a new UID there
+        m.select('"[Gmail]/Trash"')
+        m.uid("MOVE", "1", "INBOX")
+        self.assertEqual(server.uids("INBOX"), [2, 4])
+
+    def test_move_sends_expunges_after_copyuid(self):
+        server = self.start()
+        for _ in range(3):
+            server.add_message(PLAIN_MSG)
+        c = self.raw(server)
+        c.login()
+        c.command(b"SELECT INBOX")
+        tagged, untagged = c.command(b'UID MOVE 2:3 "[Gmail]/Trash"')
+        self.assertEqual(untagged[0], b"* OK [COPYUID %d 2:3 1:2] (Success)\r\n" % server.uidvalidity("[Gmail]/Trash"))
+        self.assertEqual(untagged[1:], [b"* 3 EXPUNGE\r\n", b"* 2 EXPUNGE\r\n"])
+        self.assertEqual(tagged, b"R3 OK Done\r\n")
+
+    def test_copy_to_label_and_from_all_mail(self):
+        server = self.start()
+        server.add_message(PLAIN_MSG)
+        m = self.imap(server)
+        m.select("INBOX")
+        typ, data = m.uid("COPY", "1", "Receipts")
+        self.assertEqual(typ, "NO")
+        self.assertIn(b"[TRYCREATE]", data[0])
+        m.create("Receipts")
+        self.assertEqual(m.uid("COPY", "1", "Receipts")[0], "OK")
+        self.assertEqual(m.response("COPYUID")[1], [b"%d 1 1" % server.uidvalidity("Receipts")])
+        self.assertTrue(server.log[-1].line.endswith(b" UID COPY 1 Receipts\r\n"))
+        m.select('"[Gmail]/All Mail"')
+        m.uid("MOVE", "1", "Work")  # no such folder
+        m.create("Work")
+        m.uid("MOVE", "1", "Work")  # from All Mail: just adds the label
+        self.assertEqual(server.uids("[Gmail]/All Mail"), [1])
+        self.assertEqual(server.uids("Work"), [1])
+        self.assertEqual(server.uids("INBOX"), [1])
+
+    def test_expunge_in_gmail_inbox_removes_inbox_label(self):
+        server = self.start()
+        mid = server.add_message(PLAIN_MSG)
+        m = self.imap(server)
+        m.select("INBOX")
+        m.uid("STORE", "1", "+FLAGS.SILENT", "(\\Deleted)")
+        self.assertEqual(m.uid("EXPUNGE", "1")[0], "OK")
+        self.assertEqual(server.uids("INBOX"), [])
+        self.assertEqual(server.message(mid).labels, set())
+        self.assertEqual(server.count("UID EXPUNGE"), 1)
+        self.assertEqual(server.count("EXPUNGE"), 0)
+
+
+class FakeServerPlainModeTest(FakeGmailTestCase):
+    def test_plain_server_capabilities_and_no_gmail_extensions(self):
+        server = self.start(gmail=False)
+        server.add_message(PLAIN_MSG)
+        m = self.imap(server, login=False)
+        self.assertNotIn("X-GM-EXT-1", m.capabilities)
+        self.assertIn("AUTH=PLAIN", m.capabilities)
+        m.login(USER, PASSWORD)
+        caps = m.capability()[1][0].split()
+        self.assertEqual(caps, [b"IMAP4rev1", b"LITERAL+", b"SPECIAL-USE", b"MOVE", b"UIDPLUS", b"IDLE"])
+        m.select("INBOX")
+        self.assertRaises(imaplib.IMAP4.error, m.uid, "FETCH", "1", "(X-GM-LABELS)")
+        self.assertRaises(imaplib.IMAP4.error, m.uid, "SEARCH", "X-GM-RAW", '"foo"')
+        self.assertIn(b'(\\HasNoChildren \\Archive) "/" "Archive"', m.list()[1])
+
+    def test_plain_copy_delete_and_uid_expunge(self):
+        server = self.start(gmail=False)
+        for _ in range(3):
+            server.add_message(PLAIN_MSG)
+        m = self.imap(server)
+        m.select("INBOX")
+        m.uid("COPY", "1:2", "Archive")
+        self.assertEqual(m.response("COPYUID")[1], [b"%d 1:2 1:2" % server.uidvalidity("Archive")])
+        self.assertEqual(server.uids("Archive"), [1, 2])
+        m.uid("STORE", "1:3", "+FLAGS.SILENT", "(\\Deleted)")
+        m.uid("EXPUNGE", "2")
+        self.assertEqual(m.response("EXPUNGE")[1], [b"2"])
+        self.assertEqual(server.uids("INBOX"), [1, 3])
+        self.assertEqual(m.expunge(), ("OK", [b"2", b"1"]))
+        self.assertEqual(server.uids("INBOX"), [])
+        self.assertEqual(server.uids("Archive"), [1, 2])
+        self.assertEqual(server.count("EXPUNGE"), 1)
+        m.select("Archive")
+        m.uid("MOVE", "1", "Trash")
+        self.assertEqual((server.uids("Archive"), server.uids("Trash")), ([2], [1]))
+
+
+class FakeServerSwitchesTest(FakeGmailTestCase):
+    def test_move_uidplus_idle_switched_off(self):
+        server = self.start(move=False, uidplus=False, idle=False)
+        server.add_message(PLAIN_MSG)
+        m = self.imap(server)
+        caps = m.capability()[1][0].split()
+        for cap in (b"MOVE", b"UIDPLUS", b"IDLE"):
+            self.assertNotIn(cap, caps)
+        m.select("INBOX")
+        self.assertRaises(imaplib.IMAP4.error, m.uid, "MOVE", "1", '"[Gmail]/Trash"')
+        self.assertRaises(imaplib.IMAP4.error, m.uid, "EXPUNGE", "1")
+        self.assertEqual(m.uid("COPY", "1", '"[Gmail]/Trash"')[0], "OK")
+        self.assertEqual(m.response("COPYUID"), ("COPYUID", [None]))
+        c = self.raw(server)
+        c.login()
+        self.assertIn(b" BAD ", c.command(b"IDLE")[0])
+
+
+class FakeServerUpdatesAndIdleTest(FakeGmailTestCase):
+    def test_idle_receives_exists_fetch_and_expunge(self):
+        server = self.start()
+        server.add_message(PLAIN_MSG)
+        c = self.raw(server)
+        c.login()
+        c.command(b"SELECT INBOX")
+        c.send(b"I1 IDLE\r\n")
+        self.assertEqual(c.readline(), b"+ idling\r\n")
+        server.deliver(UNICODE_MSG)
+        self.assertEqual(c.readline(), b"* 2 EXISTS\r\n")
+        other = self.imap(server)
+        other.select("INBOX")
+        other.uid("STORE", "1", "+FLAGS.SILENT", "(\\Seen)")
+        self.assertEqual(c.readline(), b"* 1 FETCH (UID 1 FLAGS (\\Seen))\r\n")
+        other.uid("MOVE", "1", '"[Gmail]/Trash"')
+        self.assertEqual(c.readline(), b"* 1 EXPUNGE\r\n")
+        c.send(b"DONE\r\n")
+        self.assertEqual(c.readline(), b"I1 OK IDLE terminated (Success)\r\n")
+        self.assertIn(b"DONE\r\n", server.raw_lines)
+        self.assertIn("IDLE", server.commands())
+
+    def test_idle_rejects_anything_but_done(self):
+        server = self.start()
+        c = self.raw(server)
+        c.login()
+        c.send(b"I1 IDLE\r\n")
+        c.readline()
+        c.send(b"I2 NOOP\r\n")
+        self.assertTrue(c.readline().startswith(b"I1 BAD"))
+
+    def test_other_session_changes_are_announced_before_tagged_ok(self):
+        server = self.start()
+        server.add_message(PLAIN_MSG)
+        server.add_message(PLAIN_MSG)
+        a, b = self.imap(server), self.imap(server)
+        a.select("INBOX")
+        a.response("EXISTS")  # imaplib leaves SELECT's EXISTS in place
+        b.select("INBOX")
+        b.uid("STORE", "1", "-X-GM-LABELS", "(\\Inbox)")
+        server.deliver(MULTIPART_MSG)
+        a.noop()
+        self.assertEqual(a.response("EXPUNGE")[1], [b"1"])
+        self.assertEqual(a.response("EXISTS")[1], [b"2"])
+
+    def test_drop_all_connections(self):
+        server = self.start()
+        m = self.imap(server)
+        server.drop_all_connections()
+        self.assertRaises((imaplib.IMAP4.abort, OSError), m.noop)
+        self.assertEqual(server.sessions, [])
+        self.assertEqual(self.imap(server).noop()[0], "OK")
+
+
+class FakeServerFaultsTest(FakeGmailTestCase):
+    def setUp(self):
+        self.server = self.start()
+        self.server.add_message(PLAIN_MSG)
+        self.server.add_message(PLAIN_MSG)
+
+    def test_bye_drop_reset(self):
+        for action, errors in (("bye", imaplib.IMAP4.abort), ("drop", imaplib.IMAP4.abort),
+                               ("reset", (ConnectionResetError, imaplib.IMAP4.abort))):
+            with self.subTest(action=action):
+                m = self.imap(self.server)
+                self.server.add_fault("NOOP", action=action)
+                with self.assertRaises(errors):
+                    m.noop()
+        self.assertEqual(self.server.fired, [("NOOP", "bye", "before"), ("NOOP", "drop", "before"),
+                                             ("NOOP", "reset", "before")])
+
+    def test_delay_exceeds_client_timeout(self):
+        m = self.imap(self.server, timeout=0.2)
+        self.server.add_fault("NOOP", action="delay", delay=2)
+        with self.assertRaises(OSError):  # socket.timeout on 3.9, TimeoutError later
+            m.noop()
+
+    def test_no_and_bad_with_nth_and_count(self):
+        m = self.imap(self.server)
+        self.server.add_fault("NOOP", nth=2, count=2, action="no")
+        results = [m.noop()[0] for _ in range(4)]
+        self.assertEqual(results, ["OK", "NO", "NO", "OK"])
+        self.server.add_fault(None, action="bad", text="[CLIENTBUG] nope")
+        with self.assertRaises(imaplib.IMAP4.error) as cm:
+            m.noop()
+        self.assertIn("[CLIENTBUG] nope", str(cm.exception))
+
+    def test_garbage_and_unsolicited(self):
+        c = self.raw(self.server)
+        c.login()
+        c.command(b"SELECT INBOX")
+        self.server.add_fault("UID FETCH", action="garbage")
+        tagged, untagged = c.command(b"UID FETCH 1 (FLAGS)")
+        self.assertEqual(untagged, [b"* 1 FETCH (UID 7 FLAGS (\\Seen\r\n"])
+        self.assertEqual(tagged, b"R3 OK done\r\n")
+        self.server.add_fault("UID FETCH", action="unsolicited")
+        tagged, untagged = c.command(b"UID FETCH 1:* (FLAGS)")
+        self.assertEqual(untagged, [b"* 1 FETCH (FLAGS (\\Seen))\r\n", b"* 2 EXISTS\r\n",
+                                    b"* 1 FETCH (UID 1 FLAGS ())\r\n", b"* 2 FETCH (UID 2 FLAGS ())\r\n"])
+
+    def test_move_executed_but_connection_dropped_after(self):
+        m = self.imap(self.server)
+        m.select("INBOX")
+        self.server.add_fault("UID MOVE", action="drop", when="after")
+        with self.assertRaises(imaplib.IMAP4.abort):
+            m.uid("MOVE", "1", '"[Gmail]/Trash"')
+        self.assertEqual(self.server.uids("INBOX"), [2])
+        self.assertEqual(self.server.fired, [("UID MOVE", "drop", "after")])
+
+    def test_move_refused_before_changes_nothing(self):
+        m = self.imap(self.server)
+        m.select("INBOX")
+        self.server.add_fault("UID MOVE", action="no")
+        self.assertEqual(m.uid("MOVE", "1", '"[Gmail]/Trash"')[0], "NO")
+        self.assertEqual(self.server.uids("INBOX"), [1, 2])
+
+    def test_fetch_mid_sends_half_then_drops(self):
+        c = self.raw(self.server)
+        c.login()
+        c.command(b"SELECT INBOX")
+        self.server.add_fault("UID FETCH", action="drop", when="mid")
+        c.send(b"F1 UID FETCH 1:* (FLAGS)\r\n")
+        self.assertEqual(c.readline(), b"* 1 FETCH (UID 1 FLAGS ())\r\n")
+        self.assertRaises(EOFError, c.readline)
+
+    def test_drop_all_connections_interrupts_delay_and_idle(self):
+        c = self.raw(self.server)
+        c.login()
+        idler = self.raw(self.server)
+        idler.login()
+        idler.send(b"I1 IDLE\r\n")
+        self.assertEqual(idler.readline(), b"+ idling\r\n")
+        self.server.add_fault("NOOP", action="delay", delay=30)
+        c.send(b"N1 NOOP\r\n")
+        wait_until(lambda: self.server.fired)
+        started = time.monotonic()
+        self.server.drop_all_connections()
+        self.assertLess(time.monotonic() - started, 1)
+        self.assertRaises(EOFError, c.readline)
+        self.assertRaises(EOFError, idler.readline)
+        self.assertEqual(self.server.sessions, [])
+
+    def test_add_fault_validates(self):
+        self.assertRaises(ValueError, self.server.add_fault, "NOOP", action="explode")
+        self.assertRaises(ValueError, self.server.add_fault, "NOOP", when="later")
+
+
+class FakeServerTLSTest(FakeGmailTestCase):
+    def client_context(self) -> ssl.SSLContext:
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(lambda: (os.remove(os.path.join(tmp, "fake_gmail_ca.pem")), os.rmdir(tmp)))
+        return ssl.create_default_context(cafile=write_ca_file(tmp))
+
+    def test_implicit_tls_verifies_against_ca(self):
+        server = self.start(tls=True)
+        ctx = self.client_context()
+        self.assertTrue(ctx.check_hostname)
+        m = imaplib.IMAP4_SSL("localhost", server.port, ssl_context=ctx, timeout=5)
+        self.addCleanup(self._quietly_close, m)
+        self.assertEqual(m.login(USER, PASSWORD)[0], "OK")
+
+    def test_wrong_host_and_untrusted_ca_fail(self):
+        server = self.start(tls=True, cert="wrong_host")
+        with self.assertRaises(ssl.SSLCertVerificationError):
+            imaplib.IMAP4_SSL("localhost", server.port, ssl_context=self.client_context(), timeout=5)
+        server = self.start(tls=True)
+        with self.assertRaises(ssl.SSLCertVerificationError):
+            imaplib.IMAP4_SSL("localhost", server.port, ssl_context=ssl.create_default_context(), timeout=5)
+
+    def test_starttls(self):
+        server = self.start(starttls=True)
+        m = self.imap(server, login=False)
+        self.assertIn("STARTTLS", m.capabilities)
+        self.assertEqual(m.starttls(ssl_context=self.client_context())[0], "OK")
+        self.assertNotIn("STARTTLS", m.capabilities)
+        self.assertEqual(m.login(USER, PASSWORD)[0], "OK")
+        self.assertEqual(server.commands()[:3], ["CAPABILITY", "STARTTLS", "CAPABILITY"])
+
+    def test_starttls_refused_when_not_offered(self):
+        server = self.start()
+        m = self.imap(server, login=False)
+        self.assertNotIn("STARTTLS", m.capabilities)
+        c = self.raw(server)
+        self.assertIn(b" BAD ", c.command(b"STARTTLS")[0])
+
+
+class FakeServerWireTest(FakeGmailTestCase):
+    def test_append_literal_is_logged_inline(self):
+        server = self.start()
+        m = self.imap(server)
+        typ, data = m.append("INBOX", "(\\Seen)", None, PLAIN_MSG)
+        self.assertEqual(typ, "OK")
+        self.assertIn(b"[APPENDUID %d 1]" % server.uidvalidity("INBOX"), data[0])
+        entry = server.log[-1]
+        self.assertIsInstance(entry, LogEntry)
+        self.assertEqual(entry.command, "APPEND")
+        self.assertTrue(entry.line.endswith(b"{%d}\r\n" % len(PLAIN_MSG) + PLAIN_MSG + b"\r\n"))
+        self.assertEqual(server.messages("INBOX")[0].flags, {"\\Seen"})
+
+    def test_strict_syntax(self):
+        server = self.start()
+        c = self.raw(server)
+        c.login()
+        for line in (b'LIST "" "*', b'SELECT "IN\rBOX"', b"UID FETCH (1", b"FOO BAR"):
+            with self.subTest(line=line):
+                self.assertIn(b" BAD ", c.command(line)[0])
+        c.send(b"X1 NOOP\n")
+        self.assertIn(b"BAD", c.readline())
+        self.assertEqual(server.log[-1].line, b"X1 NOOP\n")
+
+    def test_long_lines_are_recorded(self):
+        server = self.start()
+        server.add_message(PLAIN_MSG)
+        m = self.imap(server)
+        m.select("INBOX")
+        m.uid("FETCH", "1:3", "(FLAGS)")
+        self.assertEqual(server.long_lines, [])
+        m.uid("FETCH", ",".join(str(n) for n in range(1, 4000, 2)), "(FLAGS)")
+        self.assertEqual(len(server.long_lines), 1)
+
+    def test_logout(self):
+        server = self.start()
+        m = self.imap(server)
+        self.assertEqual(m.logout(), ("BYE", [b"LOGOUT Requested"]))
+
+
+class FakeServerMiscCommandsTest(FakeGmailTestCase):
+    def test_enable_id_namespace_list_status(self):
+        server = self.start()
+        server.add_message(PLAIN_MSG)
+        c = self.raw(server)
+        c.login()
+        self.assertEqual(c.command(b"ENABLE UTF8=ACCEPT CONDSTORE")[1], [b"* ENABLED UTF8=ACCEPT CONDSTORE\r\n"])
+        self.assertTrue(c.command(b'ID ("name" "test")')[1][0].startswith(b'* ID ("name" "GImap"'))
+        self.assertEqual(c.command(b"NAMESPACE")[1], [b'* NAMESPACE (("" "/")) NIL NIL\r\n'])
+        _, untagged = c.command(b'LIST "" "INBOX" RETURN (STATUS (MESSAGES UNSEEN))')
+        self.assertEqual(untagged, [b'* LIST (\\HasNoChildren) "/" "INBOX"\r\n',
+                                    b'* STATUS "INBOX" (MESSAGES 1 UNSEEN 1)\r\n'])
+        self.assertEqual(c.command(b'LSUB "" "[Gmail]/%"')[1][0],
+                         b'* LSUB (\\HasNoChildren \\All) "/" "[Gmail]/All Mail"\r\n')
+
+    def test_oauthbearer(self):
+        server = self.start()
+        c = self.raw(server)
+        ir = base64.b64encode(("n,a=%s,\x01auth=Bearer %s\x01\x01" % (USER, TOKEN)).encode())
+        tagged, _ = c.command(b"AUTHENTICATE OAUTHBEARER " + ir)
+        self.assertEqual(tagged, b"R1 OK user@example.com authenticated (Success)\r\n")
+
+    def test_sequence_number_commands(self):
+        server = self.start()
+        for flags in ((), ("\\Seen",), ()):
+            server.add_message(PLAIN_MSG, flags=flags)
+        m = self.imap(server)
+        m.select("INBOX")
+        self.assertEqual(m.search(None, "UNSEEN"), ("OK", [b"1 3"]))
+        self.assertEqual(m.fetch("2", "(UID FLAGS)"), ("OK", [b"2 (UID 2 FLAGS (\\Seen))"]))
+        self.assertEqual(m.store("3", "+FLAGS", "(\\Answered)"), ("OK", [b"3 (FLAGS (\\Answered))"]))
+        typ, data = m.fetch("1", "(RFC822)")
+        self.assertEqual(data[0], (b"1 (RFC822 {%d}" % len(PLAIN_MSG), PLAIN_MSG))
+        self.assertIn(b"FLAGS (\\Seen)", data[1])
+
+    def test_examine_refuses_changes(self):
+        server = self.start()
+        server.add_message(PLAIN_MSG)
+        m = self.imap(server)
+        m.select("INBOX", readonly=True)
+        for args in (("MOVE", "1", '"[Gmail]/Trash"'), ("EXPUNGE", "1"), ("STORE", "1", "+FLAGS", "(\\Seen)")):
+            with self.subTest(args=args):
+                self.assertEqual(m.uid(*args)[0], "NO")
+        m.uid("FETCH", "1", "(BODY[])")  # read-only: does not set \\Seen
+        self.assertEqual(server.messages("INBOX")[0].flags, set())
+        self.assertEqual(server.uids("INBOX"), [1])
+
+    def test_append_with_date_to_label_and_threading(self):
+        server = self.start()
+        first = server.add_message(PLAIN_MSG)
+        m = self.imap(server)
+        m.create("Receipts")
+        reply = b"From: bob@example.com\r\nSubject: Re: Invoice 42\r\nIn-Reply-To: <m1@example.com>\r\n\r\nok\r\n"
+        when = imaplib.Time2Internaldate(_dtm.datetime(2023, 3, 4, 5, 6, 7, tzinfo=_dtm.timezone.utc))
+        self.assertEqual(m.append("Receipts", None, when, reply)[0], "OK")
+        msg = server.messages("Receipts")[0]
+        self.assertEqual(msg.labels, {"Receipts"})
+        self.assertEqual(msg.thrid, server.message(first).thrid)
+        self.assertEqual(msg.date, _dtm.datetime(2023, 3, 4, 5, 6, 7, tzinfo=_dtm.timezone.utc))
+        m.select("Receipts")
+        typ, data = m.uid("FETCH", "1", "(INTERNALDATE X-GM-THRID)")
+        self.assertIn(b'INTERNALDATE "04-Mar-2023 05:06:07 +0000"', data[0])
+        self.assertEqual(m.append("Nope", None, None, reply)[0], "NO")
+
+
+if __name__ == "__main__":
+    unittest.main()
+
+
 # --- Messages and the rule engine --------------------------------------------------------
 
 NOW = datetime(2024, 3, 31, 12, 0, tzinfo=timezone.utc)
@@ -3844,10 +4679,14 @@ class FakeServerTest(unittest.TestCase):
 
     def setUp(self):
         self.server = FakeGmail(**self.server_options).start()
+        self.addCleanup(self.check_fake_had_no_bugs)
         self.addCleanup(self.server.stop)
         self.sleep = Recorder()
         self.tmp = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, self.tmp)
+
+    def check_fake_had_no_bugs(self) -> None:
+        self.assertEqual(self.server.errors, [], "the fake server itself failed")
 
     def connect(self, **overrides: Any) -> gc.GmailConnection:
         options: Dict[str, Any] = dict(host="127.0.0.1", port=self.server.port,
@@ -4121,8 +4960,9 @@ class OperationsTest(FakeServerTest):
         conn.create_folder("Receipts")
         conn.select("INBOX")
         uids = conn.search()
-        result = conn.move(uids[:2], "Receipts")
+        result = conn.move(uids[:2] + [99], "Receipts")
         self.assertEqual(sorted(result.moved), uids[:2])
+        self.assertEqual(result.missing, (99,))   # never there: accounted for, not "moved"
         self.assertEqual(sorted(result.moved.values()), self.server.uids("Receipts"))
         self.assertEqual(len(self.server.uids("INBOX")), 1)
         self.assertEqual(self.server.count("UID MOVE"), 1)

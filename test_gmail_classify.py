@@ -4992,6 +4992,16 @@ class OperationsTest(FakeServerTest):
         self.assertNotIn("EXPUNGE", self.commands())
         conn.close()   # twice is fine
 
+    def test_ctrl_c_inside_with_still_logs_out(self):
+        conn = gc.GmailConnection(USER, password=PASSWORD, host="127.0.0.1",
+                                  port=self.server.port, security="plaintext", keepalive=60)
+        with self.assertRaises(KeyboardInterrupt):
+            with conn:
+                conn.select("INBOX")
+                raise KeyboardInterrupt
+        self.assertEqual(self.commands()[-2:], ["UNSELECT", "LOGOUT"])
+        self.assertIsNone(conn._keepalive_thread)
+
     def test_close_after_the_connection_died_does_not_raise(self):
         conn = self.connect()
         conn.select("INBOX")
@@ -5383,6 +5393,22 @@ class PipelineTest(FakeServerTest):
         self.assertEqual(len(body_fetches), 1)
         self.assertIn(b"UID FETCH 2:3 ", body_fetches[0])
 
+    def test_attachments_are_found_from_bodystructure(self):
+        with_pdf = (b"From: a@example.com\r\nSubject: report\r\nMIME-Version: 1.0\r\n"
+                    b"Content-Type: multipart/mixed; boundary=XYZ\r\n\r\n--XYZ\r\n"
+                    b"Content-Type: text/plain\r\n\r\nsee attached\r\n--XYZ\r\n"
+                    b"Content-Type: application/pdf; name=r.pdf\r\n"
+                    b"Content-Disposition: attachment; filename=r.pdf\r\n"
+                    b"Content-Transfer-Encoding: base64\r\n\r\nJVBERi0xLjQK\r\n--XYZ--\r\n")
+        self.server.add_message(with_pdf)
+        self.server.add_message(make_message("report without"))
+        rules = self.rules({"rule": [{"name": "Att", "has_attachment": True, "label": "Att"}]})
+        report = gc.classify_folder(self.connect(), rules, "INBOX")
+        self.assertEqual(report.matched, {"Att": 1})
+        fetches = [e.line for e in self.server.log if e.command == "UID FETCH"]
+        self.assertTrue(all(b"BODYSTRUCTURE" in line for line in fetches))
+        self.assertFalse(any(b"BODY.PEEK[]<" in line for line in fetches))
+
     def test_gmail_query_runs_on_the_server(self):
         self.server.add_message(make_message("with pdf", extra="", body="see attached\n"),
                                 labels=("\\Inbox", "Projects"))
@@ -5522,10 +5548,21 @@ class CommandLineRunTest(FakeServerTest):
         self.assertEqual(len(err.strip().splitlines()), 1)
         self.assertNotIn("Traceback", err)
 
-    def test_labels_lists_folders(self):
-        code, out, err = run_cli("labels", *self.argv(), env={"GMAIL_APP_PASSWORD": PASSWORD})
+    def test_labels_lists_folders_whatever_the_option_order(self):
+        for argv in (["labels", *self.argv()], [*self.argv(), "folders"]):
+            with self.subTest(argv=argv):
+                code, out, err = run_cli(*argv, env={"GMAIL_APP_PASSWORD": PASSWORD})
+                self.assertEqual((code, err), (0, ""))
+                self.assertIn("[Gmail]/Trash  \\Trash", out)
+
+    def test_xoauth2_token_from_environment(self):
+        argv = self.argv("--auth", "xoauth2", "-q")
+        code, out, err = run_cli(*argv, env={"GMAIL_OAUTH_TOKEN": TOKEN})
         self.assertEqual((code, err), (0, ""))
-        self.assertIn("[Gmail]/Trash  \\Trash", out)
+        code, out, err = run_cli(*argv, env={"GMAIL_OAUTH_TOKEN": "ya29.stale"})
+        self.assertEqual(code, gc.EXIT_AUTH)
+        self.assertIn("OAuth2 token", err)
+        self.assertNotIn("ya29.stale", err)
 
 
 if __name__ == "__main__":

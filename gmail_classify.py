@@ -92,6 +92,7 @@ except ImportError:  # Python < 3.11: rules files must be JSON
     tomllib = None  # type: ignore[assignment]
 
 log = logging.getLogger("gmail_classify")
+log.addHandler(logging.NullHandler())   # the library never prints; the CLI adds a handler
 
 
 # --- Errors ------------------------------------------------------------------------------
@@ -2304,31 +2305,17 @@ class Condition:
 
 @dataclass(frozen=True)
 class HeaderMatch(Condition):
-    """`subject`, `list_id` or `header.NAME`: a matcher over decoded header text."""
+    """A matcher over decoded header text: `subject`, `list_id`, `header.NAME`; with
+    ``addresses``, over each parsed 'Name <user@domain>' of `from`, `to`, `cc`, `recipient`."""
 
     key: str  # shown in explanations, e.g. "subject", "header X-Mailer"
     headers: Tuple[str, ...]  # lower-case header names
     matcher: Matcher
+    addresses: bool = False
 
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
-        values = [v for name in self.headers for v in header_text(msg.headers, name)]
-        hit = self.matcher.find(values)
-        return (True, f"{self.key} {hit}") if hit else (False, self.describe())
-
-    def describe(self) -> str:
-        return f"{self.key} {self.matcher.describe()}"
-
-
-@dataclass(frozen=True)
-class AddressMatch(Condition):
-    """`from`, `to`, `cc`, `recipient`: a matcher over 'Name <user@domain>' strings."""
-
-    key: str
-    headers: Tuple[str, ...]
-    matcher: Matcher
-
-    def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
-        values = [v for name in self.headers for v in header_addresses(msg.headers, name)]
+        read = header_addresses if self.addresses else header_text
+        values = [v for name in self.headers for v in read(msg.headers, name)]
         hit = self.matcher.find(values)
         return (True, f"{self.key} {hit}") if hit else (False, self.describe())
 
@@ -2684,7 +2671,7 @@ class Ruleset:
         headers, queries, kinds = set(DISPLAY_HEADERS), set(), set()
         for rule in self.rules:
             for cond in _walk(rule.condition):
-                if isinstance(cond, (HeaderMatch, AddressMatch)):
+                if isinstance(cond, HeaderMatch):
                     headers.update(cond.headers)
                 elif isinstance(cond, HeaderPresent):
                     headers.add(cond.name.lower())
@@ -2873,7 +2860,8 @@ def _parse_header_table(where: _Where, path: str, value: Any) -> List[Condition]
 
 def _parse_one_condition(where: _Where, path: str, key: str, value: Any) -> List[Condition]:
     if key in _ADDRESS_KEYS:
-        return [AddressMatch(key, _ADDRESS_KEYS[key], _parse_matcher(where, path, value))]
+        return [HeaderMatch(key, _ADDRESS_KEYS[key], _parse_matcher(where, path, value),
+                            addresses=True)]
     if key in _TEXT_KEYS:
         return [HeaderMatch(key, _TEXT_KEYS[key], _parse_matcher(where, path, value))]
     if key == "body":

@@ -5285,20 +5285,7 @@ class IdleTest(FakeServerTest):
 
 # --- Classify pipeline -------------------------------------------------------------------
 
-EXAMPLE_RULES = {
-    "rule": [
-        {"name": "Receipts", "subject": ["receipt", "invoice", "/order #?\\d{5,}/i"],
-         "label": "Receipts", "archive": True},
-        {"name": "Newsletters", "header": {"List-Unsubscribe": True},
-         "label": "Newsletters", "mark_read": True},
-        {"name": "GitHub", "from": "notifications@github.com",
-         "label": ["GitHub", "Dev/Notifications"]},
-        {"name": "Bank", "any": [{"from": "@mybank.example"}, {"subject": "/account alert/i"}],
-         "star": True, "continue": True},
-        {"name": "Old and big", "larger_than": "5M", "older_than": "1y",
-         "not": {"has_label": "Keep"}, "trash": True},
-    ],
-}
+# EXAMPLE_DOC (the example rules) is defined with the rule-engine tests above.
 
 WRITE_COMMANDS = {"UID STORE", "STORE", "UID MOVE", "MOVE", "UID COPY", "COPY", "CREATE",
                   "EXPUNGE", "UID EXPUNGE", "APPEND", "DELETE", "RENAME", "SELECT"}
@@ -5327,7 +5314,7 @@ class PipelineTest(FakeServerTest):
                 for m in self.server.messages("[Gmail]/All Mail") + self.server.messages("[Gmail]/Trash")}
 
     def rules(self, doc: Optional[dict] = None) -> gc.Ruleset:
-        return gc.parse_rules(doc or EXAMPLE_RULES, "rules.json")
+        return gc.parse_rules(doc or EXAMPLE_DOC, "rules.json")
 
     def test_dry_run_changes_nothing_and_sends_no_write(self):
         self.seed_examples()
@@ -5490,7 +5477,7 @@ class CommandLineRunTest(FakeServerTest):
     def rules_file(self) -> str:
         path = os.path.join(self.tmp, "rules.json")
         with open(path, "w") as handle:
-            json.dump(EXAMPLE_RULES, handle)
+            json.dump(EXAMPLE_DOC, handle)
         return path
 
     def test_dry_run_prints_what_would_happen(self):

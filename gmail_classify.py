@@ -970,18 +970,23 @@ class GmailConnection:
         """Open a connection, sleeping with backoff between failed attempts."""
         error = first_error
         attempt = 0 if first_error is None else 1
+        first_connect = first_error is None
         while True:
             if error is not None:
                 if attempt > self.retries:
-                    raise ConnectionLostError(
-                        f"lost the connection to {self.host}:{self.port} and could not get "
-                        f"it back after {self.retries} attempts: {error}; check the network "
-                        f"and try again later") from error
+                    tries = self.retries + first_connect
+                    what = (f"{error} (gave up after {tries} attempts)" if first_connect else
+                            f"lost the connection to {self.host}:{self.port} and could not get "
+                            f"it back after {tries} attempts: {error}")
+                    raise ConnectionLostError(f"{what}; check the host, port and network, "
+                                              f"then try again") from error
                 delay = min(MAX_BACKOFF, self.backoff * 2 ** (attempt - 1))
                 delay *= 0.5 + 0.5 * self._rng()
                 self.backoff_delays.append(delay)
-                log.warning("connection problem (%s); reconnecting in %.1f s (attempt %d of %d)",
-                            error, delay, attempt, self.retries)
+                # Mid-run reconnects deserve a warning; first-connect retries are routine.
+                log.log(logging.INFO if first_connect else logging.WARNING,
+                        "connection problem (%s); trying again in %.1f s (attempt %d of %d)",
+                        error, delay, attempt, self.retries)
                 self._sleep(delay)
             try:
                 self._open()

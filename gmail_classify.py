@@ -3452,7 +3452,14 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
         raise CapabilityError(f"the rules use gmail_query, but {conn.host} is not Gmail "
                               f"(no X-GM-EXT-1); remove those conditions for this server")
     report = FolderReport(folder, apply)
-    status = conn.select(folder) if apply else conn.examine(folder)
+    try:
+        status = conn.select(folder) if apply else conn.examine(folder)
+    except ImapError as exc:
+        if exc.status != "NO":
+            raise
+        raise ImapError(f"cannot open folder {folder!r}: {exc.text}; the 'labels' command "
+                        f"lists the folder names", command=exc.command, status=exc.status,
+                        code=exc.code, text=exc.text) from exc
     log.info("%s: %d messages (UIDVALIDITY %d)", folder, status.exists, status.uidvalidity)
     uids = conn.search(["SINCE", since] if since else ["ALL"])
     if limit is not None:
@@ -3789,27 +3796,27 @@ def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any]) -
         raise UsageError(f"--plaintext is only allowed to a loopback address, not {host}; "
                          f"drop it to use TLS")
     auth = args.auth or account.get("auth") or "password"
-    command = args.password_command or account.get("password_command")
+    # Where the secret comes from, first found wins: --password-command, the environment,
+    # the rules file's password_command, ~/.netrc, a prompt on a terminal.
+    env_secret = os.environ.get(TOKEN_ENV if auth == "xoauth2" else PASSWORD_ENV)
+    command = args.password_command or (None if env_secret else account.get("password_command"))
     if isinstance(command, list):
         command = " ".join(shlex.quote(part) for part in command)
     settings: Dict[str, Any] = dict(user=user, host=host, port=args.port or account.get("port"),
                                     security=security, cafile=args.cafile or account.get("cafile"),
                                     timeout=args.timeout, retries=max(0, args.retries))
     if auth == "xoauth2":
-        token = os.environ.get(TOKEN_ENV)
-        if token:
-            settings["token"] = token
-        elif command:
+        if command:
             # Access tokens expire within the hour: ask the command again on each reconnect.
             first = [_secret_from_command(command)]
             settings["token"] = lambda: first.pop() if first else _secret_from_command(command)
+        elif env_secret:
+            settings["token"] = env_secret
         else:
             raise UsageError(f"--auth xoauth2 needs an access token in {TOKEN_ENV} or from "
                              f"--password-command")
         return settings
-    password = os.environ.get(PASSWORD_ENV)
-    if not password and command:
-        password = _secret_from_command(command)
+    password = _secret_from_command(command) if command else env_secret
     if not password:
         password = _password_from_netrc(host, user)
     if not password and sys.stdin.isatty():

@@ -5520,6 +5520,20 @@ class CommandLineRunTest(FakeServerTest):
         code, _, err = run_cli(*self.argv(), env={"HOME": home})
         self.assertEqual((code, err), (0, ""))
 
+    def test_password_command_beats_the_environment(self):
+        code, _, err = run_cli(*self.argv("--password-command", "false"),
+                               env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertIn("--password-command exited with status 1", err)
+        self.assertNotIn("LOGIN", self.commands())
+
+    def test_missing_folder_points_at_labels(self):
+        code, _, err = run_cli(*self.argv("--folder", "Nope"), env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, gc.EXIT_SERVER)
+        self.assertIn("cannot open folder 'Nope'", err)
+        self.assertIn("'labels'", err)
+        self.assertEqual(len(err.strip().splitlines()), 1)
+
     def test_exit_codes_for_auth_and_connection_failures(self):
         code, out, err = run_cli(*self.argv(), env={"GMAIL_APP_PASSWORD": "wrong"})
         self.assertEqual(code, gc.EXIT_AUTH)

@@ -3301,7 +3301,7 @@ class FolderReport:
     matched: Dict[str, int] = field(default_factory=dict)       # rule name -> messages
     changed: Dict[str, int] = field(default_factory=dict)       # rule name -> needing a change
     changes: Dict[str, int] = field(default_factory=dict)       # "label Receipts" -> messages
-    created: List[str] = field(default_factory=list)            # folders/labels created
+    created: List[str] = field(default_factory=list)            # folders/labels (to be) created
     moved_missing: int = 0                                      # gone before we moved them
 
 
@@ -3510,6 +3510,8 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     report.changes = plan.changes()
     if apply:
         _apply_plan(conn, plan, report)
+    else:
+        report.created = _missing_folders(conn, plan)
     return report
 
 
@@ -3552,6 +3554,15 @@ def _special_destination(conn: GmailConnection, use: str, action: str) -> Folder
     return folder
 
 
+def _missing_folders(conn: GmailConnection, plan: _Plan) -> List[str]:
+    """Folders (labels, on Gmail) the plan writes to that do not exist yet."""
+    existing = {f.name for f in conn.list_folders() if f.selectable}
+    targets = list(plan.move) + [label for label in plan.add_labels
+                                 if not (conn.is_gmail and label.startswith("\\"))]
+    return [name for name in dict.fromkeys(targets)
+            if name not in existing and name.upper() != "INBOX"]
+
+
 def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport) -> None:
     """Carry out a plan: check destinations, create what is missing, then labels and flags,
     then moves (so a message is labelled where it stands, then leaves)."""
@@ -3560,13 +3571,9 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport) -> Non
     archive = None
     if plan.archive and not conn.is_gmail:
         archive = _special_destination(conn, "\\Archive", "archive")
-    existing = {f.name for f in conn.list_folders() if f.selectable}
-    targets = list(plan.move) + [label for label in plan.add_labels
-                                 if not (conn.is_gmail and label.startswith("\\"))]
-    for name in dict.fromkeys(targets):
-        if name not in existing and name.upper() != "INBOX":
-            if conn.create_folder(name):
-                report.created.append(name)
+    for name in _missing_folders(conn, plan):
+        if conn.create_folder(name):
+            report.created.append(name)
     for label, uids in plan.add_labels.items():
         if conn.is_gmail:
             conn.add_labels(uids, [label])
@@ -3894,7 +3901,7 @@ def _report_table(report: FolderReport, rules: Ruleset) -> str:
     for change, count in report.changes.items():
         lines.append(f"  {'done' if report.applied else 'would'}: {change} ({count})")
     for name in report.created:
-        lines.append(f"  created {name}")
+        lines.append(f"  {'created' if report.applied else 'would create'} {name}")
     if report.moved_missing:
         lines.append(f"  {report.moved_missing} messages were gone before they could be moved")
     return "\n".join(lines) + "\n"

@@ -5324,6 +5324,7 @@ class PipelineTest(FakeServerTest):
         self.assertEqual(report.matched, {"Receipts": 2, "Newsletters": 1, "GitHub": 1,
                                           "Bank": 1, "Old and big": 1})
         self.assertEqual(report.changes["trash"], 1)
+        self.assertEqual(report.created, ["Receipts", "Newsletters", "GitHub", "Dev/Notifications"])
         self.assertEqual(self.snapshot(), before)
         self.assertEqual(set(self.commands()) & WRITE_COMMANDS, set())
         self.assertIn("EXAMINE", self.commands())

@@ -3927,18 +3927,24 @@ def _cmd_test(args: argparse.Namespace, out: TextIO) -> int:
     rules = load_rules(args.rules_file)
     counts: Dict[str, int] = {}
     total = 0
-    for name, info in iter_message_files(args.files):
-        total += 1
-        decision = rules.classify(info, final=True)
-        subject = _first(header_text(info.headers, "subject"))
-        if not decision.matches:
-            out.write(f"{name}: no rule  ({subject[:60]})\n")
-            continue
-        for rule_name, reason in decision.matches:
-            counts[rule_name] = counts.get(rule_name, 0) + 1
-            out.write(f"{name}: {rule_name}: {reason}\n")
-        out.write(f"    -> {decision.actions.describe()}  ({subject[:60]})\n")
-    out.write(f"{total} messages; " + ", ".join(f"{k}: {v}" for k, v in counts.items())
+    try:
+        for name, info in iter_message_files(args.files):
+            total += 1
+            decision = rules.classify(info, final=True)
+            subject = _first(header_text(info.headers, "subject"))
+            if not decision.matches:
+                out.write(f"{name}: no rule  ({subject[:60]})\n")
+                continue
+            for rule_name, reason in decision.matches:
+                counts[rule_name] = counts.get(rule_name, 0) + 1
+                out.write(f"{name}: {rule_name}: {reason}\n")
+            out.write(f"    -> {decision.actions.describe()}  ({subject[:60]})\n")
+    except GmailClassifyError as exc:
+        if type(exc) is not GmailClassifyError:
+            raise
+        raise UsageError(str(exc)) from exc    # a FILE that is not mail: the user's input
+    noun = "message" if total == 1 else "messages"
+    out.write(f"{total} {noun}; " + ", ".join(f"{k}: {v}" for k, v in counts.items())
               + ("\n" if counts else "no rule matched\n"))
     return EXIT_OK
 

@@ -4646,6 +4646,13 @@ class OfflineCommandLineTest(unittest.TestCase):
         self.assertIn("Takeout.mbox#4: no rule", out)
         self.assertIn("4 messages; Receipts: 2, Lists: 1", out)
 
+    def test_test_command_on_a_file_that_is_not_mail_is_a_usage_error(self):
+        rules = self.write("rules.json", json.dumps({"rule": [{"subject": "x", "star": True}]}))
+        code, out, err = run_cli("test", rules, self.write("notes.txt", "hello\n"))
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertIn("not an .eml file, mbox or Maildir", err)
+        self.assertEqual(len(err.strip().splitlines()), 1)
+
 
 # --- Helpers for tests against the fake server -------------------------------------------
 

@@ -16,7 +16,8 @@ or import it from your own scripts::
 
 The layers, each using only those above it (``grep -n '^# ---'`` prints this outline):
 errors; the IMAP wire format (quoting, modified UTF-7, UID sets, the response parser);
-the connection; messages; the rule engine; the classify pipeline; the command line.
+the connection; messages; the rule engine; the classify pipeline; OAuth2 sign-in; the
+command line.
 
 Safety: dry run unless asked to apply; ``BODY.PEEK`` so classifying never marks mail read;
 never a bare ``EXPUNGE``; TLS certificates and host names always verified; passwords and
@@ -40,8 +41,13 @@ __all__ = [
     # rule engine
     "Actions", "Rule", "Decision", "Needs", "Ruleset", "parse_rules", "load_rules",
     "builtin_rules", "STARTER_RULES_TOML", "STARTER_RULES_JSON",
-    # pipeline and command line
-    "classify_folder", "Outcome", "FolderReport", "main",
+    # pipeline
+    "classify_folder", "Outcome", "FolderReport",
+    # OAuth2 sign-in
+    "OAuthError", "OAuthClient", "OAuthTokenSource", "authorize", "load_client_secret_file",
+    "save_refresh_token", "load_refresh_token", "token_path",
+    # command line
+    "main",
 ]
 
 __version__ = "0.1.0"
@@ -61,7 +67,11 @@ import email.parser
 import email.policy
 import email.utils
 import getpass
+import hashlib
+import html
 import html.parser
+import http.client
+import http.server
 import imaplib
 import ipaddress
 import json
@@ -72,6 +82,7 @@ import os
 import pathlib
 import random
 import re
+import secrets
 import select
 import shlex
 import ssl
@@ -80,6 +91,10 @@ import sys
 import threading
 import time
 import unicodedata
+import urllib.error
+import urllib.parse
+import urllib.request
+import webbrowser
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -920,6 +935,9 @@ class GmailConnection:
                 imap.login(self.user, _clean_password(password))
         except AuthenticationError:
             raise
+        except ConnectionLostError as exc:
+            # A token provider that cannot reach its issuer: as retryable as a lost link.
+            raise _Dropped(str(exc)) from exc
         except imaplib.IMAP4.abort as exc:
             raise _Dropped(f"connection lost while signing in: {_decode_server_text(exc)}") from exc
         except imaplib.IMAP4.error as exc:
@@ -2739,7 +2757,8 @@ CONDITION_KEYS = (
 ACTION_KEYS = ("label", "move", "archive", "mark_read", "mark_unread", "star", "unstar", "trash")
 RULE_KEYS = ("name", "continue") + CONDITION_KEYS + ACTION_KEYS
 TOP_LEVEL_KEYS = ("rule", "account")
-ACCOUNT_KEYS = ("user", "host", "port", "tls", "auth", "password_command", "cafile", "folders")
+ACCOUNT_KEYS = ("user", "host", "port", "tls", "auth", "password_command", "cafile", "folders",
+                "oauth_client_id", "oauth_client_secret", "oauth_client_file")
 TLS_MODES = ("implicit", "starttls", "plaintext")
 AUTH_METHODS = ("password", "xoauth2")
 
@@ -2983,7 +3002,8 @@ def _parse_account(source: str, value: Any) -> Dict[str, Any]:
         path = f"account.{key}"
         if key not in ACCOUNT_KEYS:
             raise where.error("account", _unknown_key(key, ACCOUNT_KEYS))
-        if key in ("user", "host", "cafile"):
+        if key in ("user", "host", "cafile", "oauth_client_id", "oauth_client_secret",
+                   "oauth_client_file"):
             account[key] = _check_text(where, path, item)
         elif key == "port":
             if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= 65535:
@@ -3199,6 +3219,9 @@ STARTER_RULES_TOML = r'''# gmail_classify rules. These are the built-in rules; e
 # password_command = ["pass", "show", "gmail-app-password"]
 # cafile = "/etc/ssl/certs/ca-certificates.crt"
 # folders = ["INBOX"]
+# oauth_client_file = "~/client_secret.json"   # your OAuth client, for `auth`, or:
+# oauth_client_id = "123-abc.apps.googleusercontent.com"
+# oauth_client_secret = "GOCSPX-..."
 
 # Google Calendar invitations and replies, by their subject prefixes.
 [[rule]]
@@ -3601,6 +3624,463 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport) -> Non
         report.moved_missing += len(conn.move(uids, destination).missing)
 
 
+# --- OAuth2 sign-in ----------------------------------------------------------------------
+#
+# Google's installed-app flow (RFC 8252, OAuth 2.0 for native apps) with PKCE (RFC 7636),
+# standard library only.  ``authorize`` opens the consent page in a browser; Google sends
+# the browser back to a one-shot HTTP server on 127.0.0.1 with a code, which we exchange,
+# with the PKCE verifier, for a refresh token.  A machine with no browser either forwards
+# the port (``ssh -L``) or pastes the final address from the browser back into the prompt.
+# The refresh token is stored per user, mode 0600; ``OAuthTokenSource`` turns it into
+# short-lived access tokens for XOAUTH2.  Tokens never reach a log line, argv or an
+# error message: errors quote only the endpoint's ``error`` and ``error_description``.
+#
+# Both endpoint URLs are parameters (module constants by default, read at call time), so
+# tests can run the whole flow against loopback servers.  Anything but https is refused
+# unless the host is a loopback address.
+
+GOOGLE_AUTH_URL = "https://accounts.google.com/o/oauth2/v2/auth"
+GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
+OAUTH_SCOPE = "https://mail.google.com/"     # the only scope Gmail IMAP accepts
+OAUTH_TIMEOUT = 30.0            # seconds for one request to the token endpoint
+OAUTH_WAIT = 300.0              # seconds `auth` waits for the browser to come back
+TOKEN_REFRESH_MARGIN = 300.0    # refresh an access token this long before it expires
+TOKEN_REUSE = 60.0              # a token fetched this recently serves a reconnect as is
+TOKEN_FILE_VERSION = 1
+
+
+class OAuthError(AuthenticationError):
+    """Google refused the sign-in or the refresh (``error`` holds its code, e.g. ``"invalid_grant"``)."""
+
+    def __init__(self, message: str, *, error: str = "") -> None:
+        super().__init__(message, command="OAUTH", status="NO", code=error, text=message)
+        self.error = error
+
+
+@dataclass(frozen=True)
+class OAuthClient:
+    """The user's own OAuth client (type "Desktop app"): ``OAuthClient("123-abc.apps.googleusercontent.com", "GOCSPX-...")``."""
+
+    client_id: str
+    client_secret: str = ""
+
+    def __repr__(self) -> str:      # never show the secret, not even in a traceback
+        return f"OAuthClient(client_id={self.client_id!r}, client_secret=<hidden>)"
+
+
+def load_client_secret_file(path: str) -> OAuthClient:
+    """Read the client JSON that Google Cloud Console downloads (``{"installed": {...}}``).
+
+    Raises RulesError (exit 2) when the file is missing or is not such a file.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            doc = json.load(handle)
+    except OSError as exc:
+        raise RulesError(f"cannot read the OAuth client file {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise RulesError(f"the OAuth client file {path} is not JSON ({exc}); download it "
+                         f"again from Google Cloud Console → Credentials") from exc
+    section = None
+    if isinstance(doc, dict):
+        section = doc.get("installed") or doc.get("web") or (doc if "client_id" in doc else None)
+    if not isinstance(section, dict) or not isinstance(section.get("client_id"), str):
+        raise RulesError(f"{path} is not a Google OAuth client file (no installed.client_id); "
+                         f"create a client of type 'Desktop app' and download its JSON")
+    secret = section.get("client_secret", "")
+    return OAuthClient(section["client_id"], secret if isinstance(secret, str) else "")
+
+
+def _endpoint(url: str, what: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https" or (parts.scheme == "http" and _is_loopback(parts.hostname or "")):
+        return url
+    raise OAuthError(f"refusing the {what} {url!r}: only https (or http to a loopback "
+                     f"address, for tests) is allowed")
+
+
+def _pkce_pair() -> Tuple[str, str]:
+    """A PKCE verifier (86 URL-safe characters) and its S256 challenge (RFC 7636 §4)."""
+    verifier = secrets.token_urlsafe(64)
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def _token_request(token_url: str, form: Mapping[str, str]) -> Dict[str, Any]:
+    """POST a form to the token endpoint; the JSON answer, or OAuthError / ConnectionLostError."""
+    url = _endpoint(token_url, "token endpoint")
+    request = urllib.request.Request(
+        url, data=urllib.parse.urlencode(form).encode("ascii"), method="POST",
+        headers={"Content-Type": "application/x-www-form-urlencoded",
+                 "Accept": "application/json", "User-Agent": f"gmail_classify/{__version__}"})
+    handlers: List[Any] = []
+    if _is_loopback(urllib.parse.urlsplit(url).hostname or ""):
+        handlers.append(urllib.request.ProxyHandler({}))    # never send loopback to a proxy
+    else:
+        handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context()))
+    opener = urllib.request.build_opener(*handlers)
+    try:
+        with opener.open(request, timeout=OAUTH_TIMEOUT) as response:
+            body = response.read(1024 * 1024)
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read(1024 * 1024)
+        exc.close()
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConnectionLostError(f"cannot reach the token endpoint {url}: {reason}; check "
+                                  f"the network, then try again") from exc
+    try:
+        doc = json.loads(body.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        doc = None
+    if not isinstance(doc, dict):
+        if status >= 500:
+            raise ConnectionLostError(f"the token endpoint {url} answered HTTP {status}; try again later")
+        raise ProtocolError(f"the token endpoint {url} answered HTTP {status} with something "
+                            f"that is not a JSON object")
+    if status >= 500:
+        raise ConnectionLostError(f"the token endpoint {url} answered HTTP {status}; try again later")
+    if status != 200 or "error" in doc:
+        error = str(doc.get("error", f"HTTP {status}"))[:80]
+        detail = str(doc.get("error_description", ""))[:200]
+        raise OAuthError(f"Google refused: {error}" + (f" ({detail})" if detail else ""),
+                         error=error)
+    return doc
+
+
+@dataclass(frozen=True)
+class _Redirect:
+    code: str = ""
+    error: str = ""
+
+
+def _read_redirect(query: str, state: str) -> _Redirect:
+    """Check the query of the address Google sent the browser back to; raise if it is wrong."""
+    params = urllib.parse.parse_qs(query, keep_blank_values=True)
+    got_state = (params.get("state") or [""])[0]
+    error = (params.get("error") or [""])[0]
+    if error:
+        if error == "access_denied":
+            raise OAuthError("sign-in refused: access was denied on Google's consent page; run "
+                             "auth again and allow access to mail", error=error)
+        raise OAuthError(f"sign-in failed: Google answered {error[:80]}", error=error)
+    if not got_state or not secrets.compare_digest(got_state, state):
+        raise OAuthError("sign-in failed: the answer's state parameter does not match this "
+                         "sign-in (an old browser tab, or a forged request); run auth again",
+                         error="bad_state")
+    code = (params.get("code") or [""])[0]
+    if not code:
+        raise OAuthError("sign-in failed: the answer carries no authorisation code; run auth again",
+                         error="no_code")
+    return _Redirect(code=code)
+
+
+def _parse_pasted(line: str, state: str) -> Optional[_Redirect]:
+    """A pasted redirect address (``http://127.0.0.1:PORT/?state=...&code=...``); None if blank."""
+    text = line.strip()
+    if not text:
+        return None
+    query = urllib.parse.urlsplit(text).query if "://" in text else text.lstrip("/?")
+    if "state=" not in query:
+        raise OAuthError("that is not the address Google redirected to; paste the whole "
+                         "address from the browser's address bar (it starts with "
+                         "http://127.0.0.1)", error="bad_paste")
+    return _read_redirect(query, state)
+
+
+_DONE_PAGE = ("<!doctype html><meta charset=utf-8><title>gmail_classify</title>"
+              "<p>{}</p><p>You can close this tab.</p>")
+
+
+class _RedirectCatcher(http.server.HTTPServer):
+    """A one-shot loopback server that waits for the browser's redirect."""
+
+    def __init__(self, port: int, state: str) -> None:
+        super().__init__(("127.0.0.1", port), _RedirectHandler)
+        self.state = state
+        self.result: Optional[_Redirect] = None
+        self.error: Optional[OAuthError] = None
+        self.done = threading.Event()
+
+
+class _RedirectHandler(http.server.BaseHTTPRequestHandler):
+    server: _RedirectCatcher
+
+    def do_GET(self) -> None:
+        parts = urllib.parse.urlsplit(self.path)
+        if parts.path not in ("", "/") or self.server.done.is_set():
+            self.send_error(404)
+            return
+        try:
+            self.server.result = _read_redirect(parts.query, self.server.state)
+            message, status = "Signed in: gmail_classify has its token.", 200
+        except OAuthError as exc:
+            self.server.error = exc
+            message, status = html.escape(str(exc)), 400
+        self.server.done.set()
+        body = _DONE_PAGE.format(message).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:   # the query holds the code
+        return
+
+
+def _stdin_lines(stream: TextIO = sys.stdin) -> Callable[[float], Optional[str]]:
+    """A reader for pasted lines: ``read(timeout)`` returns a line, or None after timeout."""
+    try:
+        stream.fileno()
+    except (OSError, ValueError, AttributeError):      # in memory: never blocks
+        def read_memory(timeout: float) -> Optional[str]:
+            line = stream.readline()
+            if not line:
+                time.sleep(timeout)
+            return line or None
+        return read_memory
+    if os.name != "posix":
+        pasted: List[str] = []
+
+        def reader() -> None:
+            try:
+                pasted.append(stream.readline())
+            except (OSError, ValueError):
+                pass
+
+        threading.Thread(target=reader, daemon=True).start()
+
+        def read_threaded(timeout: float) -> Optional[str]:
+            time.sleep(timeout)
+            return pasted.pop() if pasted else None
+        return read_threaded
+    closed = [False]
+
+    def read(timeout: float) -> Optional[str]:
+        if closed[0]:
+            time.sleep(timeout)
+            return None
+        try:
+            ready, _, _ = select.select([stream], [], [], timeout)
+        except (OSError, ValueError):
+            closed[0] = True
+            return None
+        if not ready:
+            return None
+        line = stream.readline()
+        if not line:
+            closed[0] = True
+            return None
+        return line
+    return read
+
+
+def authorize(client: OAuthClient, user: str, *, port: int = 0,
+              open_browser: Optional[Callable[[str], Any]] = webbrowser.open,
+              read_pasted: Optional[Callable[[float], Optional[str]]] = None,
+              show: Callable[[str], None] = lambda text: None,
+              wait: float = OAUTH_WAIT, auth_url: Optional[str] = None,
+              token_url: Optional[str] = None) -> Dict[str, Any]:
+    """Run Google's installed-app flow for ``user``; returns the token endpoint's answer.
+
+    Listens on 127.0.0.1:``port`` (0: any free port), passes the consent address to
+    ``show`` and ``open_browser``, then waits up to ``wait`` seconds for the browser's
+    redirect, or for a pasted redirect address from ``read_pasted(timeout)``.  The answer
+    is ``{"access_token": "ya29...", "refresh_token": "1//...", "expires_in": 3599, ...}``.
+    Raises OAuthError (refused, wrong state, timeout, no refresh token, mail access not
+    granted) and ConnectionLostError (the token endpoint is unreachable).
+    """
+    auth_endpoint = _endpoint(auth_url or GOOGLE_AUTH_URL, "authorisation endpoint")
+    token_endpoint = _endpoint(token_url or GOOGLE_TOKEN_URL, "token endpoint")
+    verifier, challenge = _pkce_pair()
+    state = secrets.token_urlsafe(24)
+    try:
+        catcher = _RedirectCatcher(port, state)
+    except OSError as exc:
+        raise OAuthError(f"cannot listen on 127.0.0.1:{port} for Google's redirect: "
+                         f"{exc.strerror or exc}; choose another --port", error="port") from exc
+    redirect_uri = f"http://127.0.0.1:{catcher.server_address[1]}/"
+    query = urllib.parse.urlencode({
+        "client_id": client.client_id, "redirect_uri": redirect_uri, "response_type": "code",
+        "scope": OAUTH_SCOPE, "state": state, "code_challenge": challenge,
+        "code_challenge_method": "S256", "access_type": "offline", "prompt": "consent",
+        "login_hint": user})
+    url = auth_endpoint + ("&" if "?" in auth_endpoint else "?") + query
+    thread = threading.Thread(target=catcher.serve_forever, kwargs={"poll_interval": 0.05},
+                              name="gmail_classify-oauth-redirect", daemon=True)
+    thread.start()
+    try:
+        show(url)
+        if open_browser is not None:
+            try:
+                open_browser(url)
+            except Exception as exc:  # a broken browser setup must not end the sign-in
+                log.info("could not open a browser (%s); use the address shown", exc)
+        redirect = None
+        deadline = time.monotonic() + wait
+        while redirect is None:
+            if catcher.done.wait(0 if read_pasted else min(0.2, max(0.0, deadline - time.monotonic()))):
+                if catcher.error is not None:
+                    raise catcher.error
+                redirect = catcher.result
+                break
+            if time.monotonic() >= deadline:
+                raise OAuthError(f"no answer from the browser within {wait:.0f} s; run auth "
+                                 f"again (on a machine without a browser, paste the address "
+                                 f"the browser ends on)", error="timeout")
+            if read_pasted is not None:
+                line = read_pasted(min(0.2, max(0.0, deadline - time.monotonic())))
+                if line is not None:
+                    redirect = _parse_pasted(line, state)
+    finally:
+        catcher.shutdown()
+        catcher.server_close()
+        thread.join(5)
+    assert redirect is not None
+    answer = _token_request(token_endpoint, {
+        "grant_type": "authorization_code", "code": redirect.code,
+        "code_verifier": verifier, "redirect_uri": redirect_uri,
+        "client_id": client.client_id, "client_secret": client.client_secret})
+    granted = str(answer.get("scope", OAUTH_SCOPE)).split()
+    if OAUTH_SCOPE not in granted:
+        raise OAuthError("sign-in incomplete: access to mail was not granted (the box for "
+                         "'Read, compose, send and permanently delete all your email' was "
+                         "left unticked); run auth again and allow it", error="scope")
+    if not answer.get("refresh_token"):
+        raise OAuthError("Google returned no refresh token; remove the app's access at "
+                         "https://myaccount.google.com/permissions and run auth again",
+                         error="no_refresh_token")
+    return answer
+
+
+def token_dir() -> pathlib.Path:
+    """``$XDG_CONFIG_HOME/gmail_classify/tokens`` (``~/.config/...`` by default)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return pathlib.Path(base) / "gmail_classify" / "tokens"
+
+
+def token_path(user: str) -> pathlib.Path:
+    """Where the refresh token of ``user`` lives; the name is the address, made file-safe."""
+    safe = re.sub(r"[^A-Za-z0-9@._+-]", "_", user.strip().lower()) or "_"
+    return token_dir() / f"{safe.lstrip('.')}.json"
+
+
+def save_refresh_token(user: str, client: OAuthClient, refresh_token: str) -> pathlib.Path:
+    """Store the refresh token (and the client it belongs to) atomically, mode 0600 in 0700."""
+    path = token_path(user)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if os.name == "posix":
+        os.chmod(path.parent, 0o700)
+    doc = {"version": TOKEN_FILE_VERSION, "user": user, "client_id": client.client_id,
+           "client_secret": client.client_secret, "refresh_token": refresh_token,
+           "scope": OAUTH_SCOPE,
+           "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(str(temporary), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(doc, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(str(temporary), str(path))
+    except BaseException:
+        try:
+            os.unlink(str(temporary))
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def load_refresh_token(user: str) -> Optional[Tuple[OAuthClient, str]]:
+    """The stored (client, refresh token) of ``user``, or None if ``auth`` never ran.
+
+    Raises RulesError for a file others can read or one that is not ours.
+    """
+    path = token_path(user)
+    try:
+        if os.name == "posix" and os.stat(path).st_mode & 0o077:
+            raise RulesError(f"{path} is readable by other users; run 'chmod 600 {path}' "
+                             f"(or 'auth' again)")
+        with open(path, encoding="utf-8") as handle:
+            doc = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise RulesError(f"cannot read the stored token {path}: {exc}; run auth again") from None
+    if not (isinstance(doc, dict) and doc.get("version") == TOKEN_FILE_VERSION
+            and isinstance(doc.get("refresh_token"), str) and isinstance(doc.get("client_id"), str)):
+        raise RulesError(f"{path} is not a gmail_classify token file; delete it and run auth again")
+    return OAuthClient(doc["client_id"], str(doc.get("client_secret") or "")), doc["refresh_token"]
+
+
+class OAuthTokenSource:
+    """A callable giving a current access token from a refresh token (for ``token=``).
+
+    ``GmailConnection(user, token=OAuthTokenSource(client, refresh_token))`` calls it on
+    every (re)connect; it refreshes over HTTPS unless the token in hand is fresh (fetched
+    within ``TOKEN_REUSE`` seconds and not within ``TOKEN_REFRESH_MARGIN`` of expiry).
+    Raises OAuthError (``invalid_grant``: the grant was revoked or expired; sign in again)
+    and ConnectionLostError (the token endpoint is unreachable; a retry may work).
+    """
+
+    def __init__(self, client: OAuthClient, refresh_token: str, *, user: str = "",
+                 token_url: Optional[str] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client
+        self.user = user
+        self.token_url = token_url
+        self._refresh_token = refresh_token
+        self._clock = clock
+        self._access: Optional[str] = None
+        self._fetched = 0.0
+        self._expires = 0.0
+        self.refreshes = 0
+
+    def __repr__(self) -> str:
+        return f"OAuthTokenSource(client_id={self.client.client_id!r}, user={self.user!r})"
+
+    def __call__(self) -> str:
+        now = self._clock()
+        if (self._access is not None and now - self._fetched < TOKEN_REUSE
+                and now < self._expires - TOKEN_REFRESH_MARGIN):
+            return self._access
+        return self.refresh()
+
+    def refresh(self) -> str:
+        """Ask the token endpoint for a new access token now."""
+        try:
+            answer = _token_request(self.token_url or GOOGLE_TOKEN_URL, {
+                "grant_type": "refresh_token", "refresh_token": self._refresh_token,
+                "client_id": self.client.client_id, "client_secret": self.client.client_secret})
+        except OAuthError as exc:
+            who = f" for {self.user}" if self.user else ""
+            if exc.error == "invalid_grant":
+                raise OAuthError(f"the Google sign-in{who} was revoked or has expired "
+                                 f"(invalid_grant); run 'gmail_classify.py auth"
+                                 f"{' --user ' + self.user if self.user else ''}' again",
+                                 error=exc.error) from None
+            if exc.error in ("invalid_client", "unauthorized_client"):
+                raise OAuthError(f"Google refused the OAuth client ({exc.error}); check the "
+                                 f"client id and secret, then run auth again",
+                                 error=exc.error) from None
+            raise
+        token = answer.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolError("the token endpoint answered without an access_token")
+        try:
+            lifetime = float(answer.get("expires_in", 3600))
+        except (TypeError, ValueError):
+            lifetime = 3600.0
+        now = self._clock()
+        self._access, self._fetched, self._expires = token, now, now + lifetime
+        self.refreshes += 1
+        log.info("refreshed the OAuth2 access token (valid for %d s)", int(lifetime))
+        return token
+
+
 # --- Command line ------------------------------------------------------------------------
 #
 # A thin layer over the library: parse arguments, find the rules and the password, call
@@ -3620,7 +4100,8 @@ exit codes:
   0  success
   1  unexpected error (run again with -v and report it)
   2  bad usage, or an invalid rules file
-  3  authentication failed (wrong password, app password needed, bad token)
+  3  authentication failed (wrong password, app password needed, bad token;
+     an OAuth2 sign-in refused or revoked: run auth again)
   4  connection failed, or was lost and could not be restored; TLS refused
   5  the server refused an operation or lacks a feature the rules need
   130 interrupted
@@ -3629,7 +4110,7 @@ exit codes:
 PASSWORD_ENV = "GMAIL_APP_PASSWORD"
 TOKEN_ENV = "GMAIL_OAUTH_TOKEN"
 USER_ENV = "GMAIL_USER"
-SUBCOMMANDS = ("run", "check", "test", "labels", "folders", "init")
+SUBCOMMANDS = ("run", "check", "test", "labels", "folders", "init", "auth")
 
 
 class UsageError(GmailClassifyError):
@@ -3691,7 +4172,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--auth", choices=("password", "xoauth2"),
                        help=f"password (app password from ${PASSWORD_ENV}, ~/.netrc, "
                             f"--password-command or a prompt) or xoauth2 (token from "
-                            f"${TOKEN_ENV} or --password-command)")
+                            f"--password-command, ${TOKEN_ENV}, or the refresh token "
+                            f"stored by 'auth')")
     group.add_argument("--password-command", metavar="CMD",
                        help="command whose first output line is the password or token")
     group.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
@@ -3735,6 +4217,21 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("labels", "folders"):
         sub.add_parser(name, parents=[common, conn], help="list folders and labels with "
                        "their special-use attributes")
+
+    auth = sub.add_parser("auth", parents=[common], help="sign in to Google with OAuth2 in a "
+                          "browser and store a refresh token for --auth xoauth2",
+                          epilog=EXIT_CODES_HELP,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    auth.add_argument("--user", help=f"the Google account (default: ${USER_ENV} or the rules' "
+                      f"[account])")
+    auth.add_argument("--client-secret-file", metavar="JSON", help="your OAuth client "
+                      "(type 'Desktop app') as downloaded from Google Cloud Console; default: "
+                      "the rules' oauth_client_file or oauth_client_id/oauth_client_secret")
+    auth.add_argument("--port", type=int, default=0, help="loopback port for Google's "
+                      "redirect, e.g. one forwarded with ssh -L (default: any free port)")
+    auth.add_argument("--no-browser", action="store_true", help="only print the address "
+                      "to open; do not start a browser")
+    auth.add_argument("--rules", help="rules file whose [account] names the user and client")
 
     init = sub.add_parser("init", parents=[common], help="write the starter rules file")
     init.add_argument("path", nargs="?", help="where (default: the default rules path)")
@@ -3820,8 +4317,13 @@ def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any]) -
         elif env_secret:
             settings["token"] = env_secret
         else:
-            raise UsageError(f"--auth xoauth2 needs an access token in {TOKEN_ENV} or from "
-                             f"--password-command")
+            stored = load_refresh_token(user)
+            if stored is None:
+                raise UsageError(f"--auth xoauth2 has no token for {user}: run "
+                                 f"'gmail_classify.py auth --user {user}' once to sign in, or "
+                                 f"give an access token in {TOKEN_ENV} or via --password-command")
+            client, refresh_token = stored
+            settings["token"] = OAuthTokenSource(client, refresh_token, user=user)
         return settings
     password = _secret_from_command(command) if command else env_secret
     if not password:
@@ -3960,6 +4462,56 @@ def _cmd_labels(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _oauth_client(args: argparse.Namespace, account: Mapping[str, Any]) -> OAuthClient:
+    """The OAuth client for ``auth``: --client-secret-file, else the rules' [account]."""
+    path = args.client_secret_file or account.get("oauth_client_file")
+    if path:
+        return load_client_secret_file(os.path.expanduser(path))
+    if account.get("oauth_client_id"):
+        return OAuthClient(account["oauth_client_id"], account.get("oauth_client_secret", ""))
+    raise UsageError("auth needs your own OAuth client: pass --client-secret-file with the JSON "
+                     "of a 'Desktop app' client from Google Cloud Console (see the README, "
+                     "'Signing in with OAuth2'), or set oauth_client_file in the rules' [account]")
+
+
+def _can_open_browser() -> bool:
+    """False on a Unix console with no display, where webbrowser would start lynx or w3m
+    in this very terminal instead of a browser the user can sign in with."""
+    if sys.platform in ("darwin", "win32") or os.name != "posix":
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _cmd_auth(args: argparse.Namespace, out: TextIO) -> int:
+    rules = find_rules(args.rules)
+    account = rules.account
+    user = args.user or os.environ.get(USER_ENV) or account.get("user")
+    if not user:
+        raise UsageError(f"no account given: pass --user you@gmail.com or set {USER_ENV}")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be from 1 to 65535 (or 0 for any), not {args.port}")
+    client = _oauth_client(args, account)
+    interactive = sys.stdin is not None and not getattr(sys.stdin, "closed", False)
+
+    def show(url: str) -> None:
+        port = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["redirect_uri"][0]
+        out.write(f"Sign in as {user} by opening this address in a browser:\n\n  {url}\n\n"
+                  f"Waiting for the browser to come back to {port} ...\n")
+        if interactive:
+            out.write("No browser on this machine? Open the address elsewhere, then paste "
+                      "here the address the browser ends on (it starts with "
+                      "http://127.0.0.1) and press Enter.\n")
+        out.flush()
+
+    browser = None if args.no_browser or not _can_open_browser() else webbrowser.open
+    answer = authorize(client, user, port=args.port, open_browser=browser, show=show,
+                       read_pasted=_stdin_lines(sys.stdin) if interactive else None)
+    path = save_refresh_token(user, client, answer["refresh_token"])
+    out.write(f"Signed in as {user}. The refresh token is stored in {path} (readable only "
+              f"by you).\nTry: python gmail_classify.py --user {user} --auth xoauth2 labels\n")
+    return EXIT_OK
+
+
 def _cmd_init(args: argparse.Namespace, out: TextIO) -> int:
     toml_ok = tomllib is not None
     path = pathlib.Path(args.path) if args.path else \
@@ -3974,7 +4526,8 @@ def _cmd_init(args: argparse.Namespace, out: TextIO) -> int:
 
 
 _COMMANDS = {"run": _cmd_run, "check": _cmd_check, "test": _cmd_test,
-             "labels": _cmd_labels, "folders": _cmd_labels, "init": _cmd_init}
+             "labels": _cmd_labels, "folders": _cmd_labels, "init": _cmd_init,
+             "auth": _cmd_auth}
 
 
 def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> int:
@@ -4006,7 +4559,8 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
 
 
 _OPTIONS_WITH_VALUES = ("--user", "--host", "--port", "--cafile", "--auth", "--password-command",
-                        "--timeout", "--retries", "--rules", "--folder", "--since", "--limit", "--batch-size")
+                        "--timeout", "--retries", "--rules", "--folder", "--since", "--limit", "--batch-size",
+                        "--client-secret-file")
 
 
 def _subcommand_first(argv: List[str]) -> List[str]:

@@ -18,12 +18,15 @@ import email
 import email.parser
 import email.policy
 import email.utils
+import hashlib
+import http.server
 import imaplib
 import io
 import json
 import logging
 import mailbox
 import os
+import pathlib
 import re
 import select
 import shutil
@@ -36,6 +39,9 @@ import threading
 import time
 import traceback
 import unittest
+import urllib.error
+import urllib.parse
+import urllib.request
 from unittest import mock
 import datetime as _dtm
 from datetime import date, datetime, timedelta, timezone
@@ -5572,6 +5578,438 @@ class CommandLineRunTest(FakeServerTest):
         self.assertEqual(code, gc.EXIT_AUTH)
         self.assertIn("OAuth2 token", err)
         self.assertNotIn("ya29.stale", err)
+
+
+# --- OAuth2 sign-in ----------------------------------------------------------------------
+
+CLIENT_ID = "123-test.apps.googleusercontent.com"
+CLIENT_SECRET = "GOCSPX-test-secret"
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+class FakeGoogle:
+    """Google's authorisation and token endpoints on loopback.
+
+    ``consent``: what the consent page does: "allow", "deny" (error=access_denied),
+    "forge" (a wrong state), "no_scope" (the mail box left unticked).  ``token_fault``:
+    None, "invalid_grant", "invalid_client", "503" or "garbage" for refresh requests.
+    Every access token it issues becomes the only one the given FakeGmail accepts, as if
+    the previous one had expired.
+    """
+
+    def __init__(self, imap: Optional[FakeGmail] = None) -> None:
+        self.imap = imap
+        self.consent = "allow"
+        self.token_fault: Optional[str] = None
+        self.auth_requests: List[Dict[str, str]] = []
+        self.token_requests: List[Dict[str, str]] = []
+        self.codes: Dict[str, Dict[str, str]] = {}
+        self.refresh_tokens: List[str] = []
+        self.access_tokens: List[str] = []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                fake._authorize(self)
+
+            def do_POST(self) -> None:
+                fake._token(self)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.01}, daemon=True)
+        self._thread.start()
+        port = self._server.server_address[1]
+        self.auth_url = f"http://127.0.0.1:{port}/o/oauth2/v2/auth"
+        self.token_url = f"http://127.0.0.1:{port}/token"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    @staticmethod
+    def _reply(handler: http.server.BaseHTTPRequestHandler, status: int, body: bytes,
+               headers: Optional[Dict[str, str]] = None) -> None:
+        handler.send_response(status)
+        for key, value in (headers or {"Content-Type": "application/json"}).items():
+            handler.send_header(key, value)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    def _authorize(self, handler: http.server.BaseHTTPRequestHandler) -> None:
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(handler.path).query))
+        self.auth_requests.append(query)
+        code = "4/code-%d" % len(self.auth_requests)
+        self.codes[code] = query
+        answer = {"state": query.get("state", ""), "code": code, "scope": query.get("scope", "")}
+        if self.consent == "deny":
+            answer = {"state": query.get("state", ""), "error": "access_denied"}
+        elif self.consent == "forge":
+            answer["state"] = "forged-state"
+        elif self.consent == "no_scope":
+            self.codes[code] = dict(query, scope="openid")
+        location = query["redirect_uri"] + "?" + urllib.parse.urlencode(answer)
+        self._reply(handler, 302, b"", {"Location": location})
+
+    def _issue(self) -> str:
+        token = "ya29.fresh-%d" % (len(self.access_tokens) + 1)
+        self.access_tokens.append(token)
+        if self.imap is not None:
+            self.imap.tokens[USER] = token
+        return token
+
+    def _token(self, handler: http.server.BaseHTTPRequestHandler) -> None:
+        length = int(handler.headers.get("Content-Length", "0"))
+        form = dict(urllib.parse.parse_qsl(handler.rfile.read(length).decode("ascii")))
+        self.token_requests.append(form)
+
+        def error(status: int, name: str) -> None:
+            self._reply(handler, status, json.dumps({"error": name, "error_description": "Bad"}).encode())
+
+        if (form.get("client_id"), form.get("client_secret")) != (CLIENT_ID, CLIENT_SECRET):
+            return error(401, "invalid_client")
+        if form.get("grant_type") == "authorization_code":
+            request = self.codes.pop(form.get("code", ""), None)
+            verifier = form.get("code_verifier", "").encode("ascii")
+            challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier).digest()).rstrip(b"=").decode()
+            if (request is None or request.get("code_challenge") != challenge
+                    or request.get("redirect_uri") != form.get("redirect_uri")):
+                return error(400, "invalid_grant")
+            refresh = "1//refresh-%d" % (len(self.refresh_tokens) + 1)
+            self.refresh_tokens.append(refresh)
+            body = {"access_token": self._issue(), "expires_in": 3599, "refresh_token": refresh,
+                    "scope": request.get("scope", ""), "token_type": "Bearer"}
+            return self._reply(handler, 200, json.dumps(body).encode())
+        if form.get("grant_type") != "refresh_token":
+            return error(400, "unsupported_grant_type")
+        if self.token_fault == "503":
+            return self._reply(handler, 503, b"<html>busy</html>", {"Content-Type": "text/html"})
+        if self.token_fault == "garbage":
+            return self._reply(handler, 200, b"[1, 2]")
+        if self.token_fault or form.get("refresh_token") not in self.refresh_tokens:
+            return error(400 if self.token_fault != "invalid_client" else 401,
+                         self.token_fault or "invalid_grant")
+        body = {"access_token": self._issue(), "expires_in": 3599, "token_type": "Bearer"}
+        self._reply(handler, 200, json.dumps(body).encode())
+
+    def browse(self, url: str) -> None:
+        """A browser that follows the consent page back to the loopback redirect."""
+        try:
+            _NO_PROXY.open(url, timeout=5).close()
+        except urllib.error.HTTPError as exc:   # the redirect catcher's 400 page
+            exc.close()
+
+    def final_address(self, url: str) -> str:
+        """The address a browser on another machine ends on (what the user pastes)."""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
+        try:
+            opener.open(url, timeout=5)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            return exc.headers["Location"]
+        raise AssertionError("the consent page did not redirect")
+
+
+class OAuthTest(FakeServerTest):
+    def setUp(self):
+        super().setUp()
+        self.google = FakeGoogle(self.server)
+        self.addCleanup(self.google.stop)
+        self.client = gc.OAuthClient(CLIENT_ID, CLIENT_SECRET)
+        self.env = {"XDG_CONFIG_HOME": os.path.join(self.tmp, "config"), "DISPLAY": ":0"}
+        for name, value in (("GOOGLE_AUTH_URL", self.google.auth_url),
+                            ("GOOGLE_TOKEN_URL", self.google.token_url)):
+            patcher = mock.patch.object(gc, name, value)
+            patcher.start()
+            self.addCleanup(patcher.stop)
+
+    def authorize(self, **options: Any) -> Dict[str, Any]:
+        options.setdefault("open_browser", self.google.browse)
+        options.setdefault("wait", 5)
+        return gc.authorize(self.client, USER, auth_url=self.google.auth_url,
+                            token_url=self.google.token_url, **options)
+
+    def client_file(self) -> str:
+        path = os.path.join(self.tmp, "client_secret_123.json")
+        with open(path, "w") as handle:
+            json.dump({"installed": {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
+                                     "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+                                     "redirect_uris": ["http://localhost"]}}, handle)
+        return path
+
+    def imap_argv(self, *extra: str) -> List[str]:
+        return ["--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                "--plaintext", "--retries", "0", "--auth", "xoauth2", *extra]
+
+    def store_grant(self) -> str:
+        answer = self.authorize()
+        with mock.patch.dict(os.environ, self.env):
+            gc.save_refresh_token(USER, self.client, answer["refresh_token"])
+        return answer["refresh_token"]
+
+    # -- the authorisation flow --
+
+    def test_flow_sends_pkce_scope_and_offline_access_and_returns_a_refresh_token(self):
+        shown: List[str] = []
+        answer = self.authorize(show=shown.append)
+        self.assertEqual(answer["refresh_token"], "1//refresh-1")
+        (request,) = self.google.auth_requests
+        self.assertEqual(shown[0].split("?")[0], self.google.auth_url)
+        self.assertEqual(request["client_id"], CLIENT_ID)
+        self.assertEqual(request["scope"], "https://mail.google.com/")
+        self.assertEqual((request["response_type"], request["access_type"], request["prompt"]),
+                         ("code", "offline", "consent"))
+        self.assertEqual(request["code_challenge_method"], "S256")
+        self.assertEqual(request["login_hint"], USER)
+        self.assertRegex(request["redirect_uri"], r"^http://127\.0\.0\.1:\d+/$")
+        self.assertNotIn(CLIENT_SECRET, shown[0])
+        (exchange,) = self.google.token_requests
+        self.assertEqual(exchange["grant_type"], "authorization_code")
+        self.assertEqual(exchange["redirect_uri"], request["redirect_uri"])
+        verifier = exchange["code_verifier"]
+        self.assertTrue(43 <= len(verifier) <= 128)
+        self.assertNotIn(verifier, shown[0])     # only its hash travels through the browser
+        self.assertGreaterEqual(len(request["state"]), 16)
+
+    def test_fixed_port_is_used_for_the_redirect(self):
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        self.authorize(port=port)
+        self.assertEqual(self.google.auth_requests[0]["redirect_uri"], f"http://127.0.0.1:{port}/")
+
+    def test_refusal_on_the_consent_page(self):
+        self.google.consent = "deny"
+        with self.assertRaises(gc.OAuthError) as caught:
+            self.authorize()
+        self.assertEqual(caught.exception.error, "access_denied")
+        self.assertIn("denied", str(caught.exception))
+        self.assertEqual(self.google.token_requests, [])
+
+    def test_bad_state_is_refused_before_any_exchange(self):
+        self.google.consent = "forge"
+        with self.assertRaises(gc.OAuthError) as caught:
+            self.authorize()
+        self.assertEqual(caught.exception.error, "bad_state")
+        self.assertIn("state", str(caught.exception))
+        self.assertEqual(self.google.token_requests, [])
+
+    def test_mail_scope_left_unticked(self):
+        self.google.consent = "no_scope"
+        with self.assertRaises(gc.OAuthError) as caught:
+            self.authorize()
+        self.assertEqual(caught.exception.error, "scope")
+
+    def test_pasted_redirect_address_is_accepted(self):
+        shown: List[str] = []
+        pasted: List[str] = []
+
+        def read_pasted(timeout: float) -> Optional[str]:
+            if pasted:
+                return None
+            pasted.append(self.google.final_address(shown[0]))
+            return "  " + pasted[0] + "\n"
+
+        answer = self.authorize(open_browser=None, show=shown.append, read_pasted=read_pasted)
+        self.assertEqual(answer["refresh_token"], "1//refresh-1")
+        self.assertTrue(pasted[0].startswith("http://127.0.0.1:"))
+        self.assertEqual(self.google.token_requests[0]["grant_type"], "authorization_code")
+
+    def test_pasted_garbage_or_a_forged_state_is_refused(self):
+        shown: List[str] = []
+        for paste, error in [("4/just-the-code", "bad_paste"),
+                             ("http://127.0.0.1:1/?state=other&code=4/x", "bad_state")]:
+            with self.subTest(paste=paste):
+                with self.assertRaises(gc.OAuthError) as caught:
+                    self.authorize(open_browser=None, show=shown.append,
+                                   read_pasted=lambda timeout, p=paste: p)
+                self.assertEqual(caught.exception.error, error)
+        self.assertEqual(self.google.token_requests, [])
+
+    def test_no_answer_times_out(self):
+        with self.assertRaises(gc.OAuthError) as caught:
+            self.authorize(open_browser=None, wait=0.3)
+        self.assertEqual(caught.exception.error, "timeout")
+
+    def test_endpoints_must_be_https_unless_loopback(self):
+        for url in ("http://oauth2.example.com/token", "ftp://127.0.0.1/token"):
+            with self.subTest(url=url):
+                with self.assertRaises(gc.OAuthError):
+                    gc.OAuthTokenSource(self.client, "1//r", token_url=url)()
+        self.assertEqual(gc._endpoint("https://oauth2.googleapis.com/token", "x"),
+                         "https://oauth2.googleapis.com/token")
+
+    # -- storing and refreshing --
+
+    def test_token_file_is_private_and_round_trips(self):
+        refresh = self.store_grant()
+        with mock.patch.dict(os.environ, self.env):
+            path = gc.token_path(USER)
+            self.assertEqual(gc.load_refresh_token(USER), (self.client, refresh))
+            self.assertIsNone(gc.load_refresh_token("other@example.com"))
+        self.assertEqual(path.parent, pathlib.Path(self.env["XDG_CONFIG_HOME"], "gmail_classify", "tokens"))
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.assertEqual(os.stat(path.parent).st_mode & 0o777, 0o700)
+        self.assertNotIn(CLIENT_SECRET, repr(self.client))
+        os.chmod(path, 0o644)
+        with mock.patch.dict(os.environ, self.env), self.assertRaises(gc.RulesError) as caught:
+            gc.load_refresh_token(USER)
+        self.assertIn("chmod 600", str(caught.exception))
+
+    def test_refresh_reuses_a_fresh_token_and_refreshes_before_expiry(self):
+        refresh = self.store_grant()
+        now = [1000.0]
+        source = gc.OAuthTokenSource(self.client, refresh, token_url=self.google.token_url,
+                                     clock=lambda: now[0])
+        first = source()
+        self.assertEqual(source(), first)                       # a reconnect right away
+        now[0] += gc.TOKEN_REUSE + 1
+        second = source()                                       # a later reconnect
+        self.assertNotEqual(second, first)
+        self.assertEqual(source.refreshes, 2)
+        grants = [r["grant_type"] for r in self.google.token_requests]
+        self.assertEqual(grants, ["authorization_code", "refresh_token", "refresh_token"])
+        self.assertEqual(self.google.token_requests[-1]["refresh_token"], refresh)
+
+    def test_reconnect_signs_in_with_a_refreshed_token(self):
+        refresh = self.store_grant()
+        now = [0.0]
+
+        def clock() -> float:
+            now[0] += 120           # every call is "much later"
+            return now[0]
+
+        source = gc.OAuthTokenSource(self.client, refresh, token_url=self.google.token_url,
+                                     clock=clock)
+        conn = self.connect(token=source)
+        conn.select("INBOX")
+        self.server.drop_all_connections()
+        self.assertEqual(conn.search(), [])
+        self.assertEqual(conn.reconnects, 1)
+        self.assertEqual(self.commands().count("AUTHENTICATE"), 2)
+        self.assertEqual(source.refreshes, 2)
+
+    def test_refresh_failures(self):
+        refresh = self.store_grant()
+        table = [("invalid_grant", gc.OAuthError, "auth"),
+                 ("invalid_client", gc.OAuthError, "client id and secret"),
+                 ("503", gc.ConnectionLostError, "HTTP 503"),
+                 ("garbage", gc.ProtocolError, "not a JSON object")]
+        for fault, error, text in table:
+            with self.subTest(fault=fault):
+                self.google.token_fault = fault
+                source = gc.OAuthTokenSource(self.client, refresh, user=USER,
+                                             token_url=self.google.token_url)
+                with self.assertRaises(error) as caught:
+                    source()
+                self.assertIn(text, str(caught.exception))
+                self.assertNotIn(refresh, str(caught.exception))
+
+    def test_unreachable_token_endpoint_is_a_connection_error(self):
+        self.google.stop()
+        source = gc.OAuthTokenSource(self.client, "1//r", token_url=self.google.token_url)
+        with self.assertRaises(gc.ConnectionLostError):
+            source()
+
+    # -- the command line --
+
+    def test_auth_command_then_runs_with_the_stored_token(self):
+        with mock.patch.object(gc.webbrowser, "open", self.google.browse):
+            code, out, err = run_cli("auth", "--user", USER, "--client-secret-file",
+                                     self.client_file(), env=self.env)
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn(self.google.auth_url + "?", out)
+        self.assertIn("Signed in as " + USER, out)
+        self.assertNotIn("1//refresh-1", out)
+        with mock.patch.dict(os.environ, self.env):
+            path = gc.token_path(USER)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.server.add_message(make_message("receipt 1"))
+        code, out, err = run_cli(*self.imap_argv("-vv", "run"), env=self.env)
+        self.assertEqual(code, 0, err)
+        self.assertIn("AUTHENTICATE", self.commands())
+        self.assertEqual(self.google.token_requests[-1]["grant_type"], "refresh_token")
+        for secret in ["1//refresh-1", CLIENT_SECRET] + self.google.access_tokens:
+            self.assertNotIn(secret, out + err)
+
+    def test_auth_client_from_the_rules_file(self):
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w") as handle:
+            json.dump({"account": {"user": USER, "oauth_client_id": CLIENT_ID,
+                                   "oauth_client_secret": CLIENT_SECRET},
+                       "rule": [{"subject": "x", "star": True}]}, handle)
+        with mock.patch.object(gc.webbrowser, "open", self.google.browse):
+            code, out, err = run_cli("auth", "--rules", rules, env=self.env)
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(self.google.auth_requests[0]["client_id"], CLIENT_ID)
+
+    def test_auth_refused_exits_3_with_one_line_and_stores_nothing(self):
+        self.google.consent = "deny"
+        with mock.patch.object(gc.webbrowser, "open", self.google.browse):
+            code, out, err = run_cli("auth", "--user", USER, "--client-secret-file",
+                                     self.client_file(), env=self.env)
+        self.assertEqual(code, gc.EXIT_AUTH)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn("denied", err)
+        self.assertFalse(os.path.exists(os.path.join(self.env["XDG_CONFIG_HOME"], "gmail_classify",
+                                                     "tokens")))
+
+    def test_auth_without_a_client_or_with_a_bad_file_is_a_usage_error(self):
+        bad = os.path.join(self.tmp, "bad.json")
+        with open(bad, "w") as handle:
+            handle.write('{"something": "else"}')
+        table = [([], "--client-secret-file"), (["--client-secret-file", bad], "Desktop app"),
+                 (["--client-secret-file", os.path.join(self.tmp, "nope.json")], "cannot read")]
+        for extra, text in table:
+            with self.subTest(extra=extra):
+                code, out, err = run_cli("auth", "--user", USER, *extra, env=self.env)
+                self.assertEqual(code, gc.EXIT_USAGE)
+                self.assertIn(text, err)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertEqual(self.google.auth_requests, [])
+
+    def test_xoauth2_without_any_token_says_run_auth(self):
+        code, out, err = run_cli(*self.imap_argv(), env=self.env)
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertIn("auth --user " + USER, err)
+        self.assertNotIn("AUTHENTICATE", self.commands())
+
+    def test_revoked_grant_exits_3_saying_run_auth_again(self):
+        refresh = self.store_grant()
+        self.google.refresh_tokens.remove(refresh)              # revoked by the user
+        code, out, err = run_cli(*self.imap_argv(), env=self.env)
+        self.assertEqual(code, gc.EXIT_AUTH)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn("invalid_grant", err)
+        self.assertIn("auth --user " + USER + "' again", err)
+        self.assertNotIn(refresh, err)
+        self.assertNotIn("AUTHENTICATE", self.commands())
+
+    def test_token_endpoint_down_exits_4(self):
+        self.store_grant()
+        self.google.token_fault = "503"
+        code, out, err = run_cli(*self.imap_argv(), env=self.env)
+        self.assertEqual(code, gc.EXIT_CONNECTION, err)
+        self.assertIn("HTTP 503", err)
+
+    def test_environment_token_beats_the_stored_one(self):
+        self.store_grant()
+        requests = len(self.google.token_requests)
+        self.server.tokens[USER] = TOKEN
+        code, out, err = run_cli(*self.imap_argv(), env=dict(self.env, GMAIL_OAUTH_TOKEN=TOKEN))
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(len(self.google.token_requests), requests)
 
 
 if __name__ == "__main__":

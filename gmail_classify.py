@@ -555,6 +555,7 @@ DEFAULT_RETRIES = 5             # reconnect attempts for one command before givi
 DEFAULT_BACKOFF = 1.0           # first backoff delay in seconds, doubled per attempt
 MAX_BACKOFF = 60.0
 IDLE_MAX_SECONDS = 29 * 60      # RFC 2177: re-issue IDLE at least every 29 minutes
+IDLE_POLL = 0.5                 # seconds between checks of an idle() interrupt callback
 MAX_RESPONSE_LINE = 64 * 1024 * 1024   # one response line, literals excluded
 NONSYNC_LITERAL_MAX = 4096      # RFC 7888: LITERAL- allows {n+} up to 4096 octets
 
@@ -1284,9 +1285,21 @@ class GmailConnection:
 
     # -- operations: folders -----------------------------------------------------------
 
-    def noop(self) -> None:
-        """Send NOOP (also collects pending EXISTS/EXPUNGE updates)."""
-        self._call("NOOP")
+    def noop(self) -> List[List[Any]]:
+        """Send NOOP; returns the pending updates it collected, e.g. ``[[13, "EXISTS"]]``."""
+        response = self._call("NOOP")
+        return [item for item in response.untagged if item and item[0] not in ("OK", "NO", "BAD")]
+
+    def status(self, folder: str) -> Dict[str, int]:
+        """STATUS of a folder that need not be selected: ``{"MESSAGES": 812, "UIDNEXT": 9001,
+        "UIDVALIDITY": 11}``.  RFC 3501 §6.3.10: not for the selected folder (use noop)."""
+        response = self._call("STATUS", mailbox_arg(folder), "(MESSAGES UIDNEXT UIDVALIDITY)")
+        for item in response.untagged:
+            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3:
+                attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
+                return {str(key).upper(): int(value) for key, value in attrs.items()
+                        if isinstance(value, int)}
+        return {}
 
     def list_folders(self, refresh: bool = False) -> List[Folder]:
         """Every folder (and Gmail label), names decoded from modified UTF-7."""
@@ -1592,13 +1605,16 @@ class GmailConnection:
 
     # -- IDLE ------------------------------------------------------------------------
 
-    def idle(self, timeout: float) -> List[List[Any]]:
+    def idle(self, timeout: float,
+             interrupt: Optional[Callable[[], bool]] = None) -> List[List[Any]]:
         """Wait in IDLE (RFC 2177) up to ``timeout`` seconds for the selected folder to change.
 
         Returns the untagged updates that arrived, e.g. ``[[12, "EXISTS"]]``, as soon as
-        there is at least one, or ``[]`` on timeout.  IDLE is left (DONE) before returning,
-        so other commands may follow.  Works the same on every Python version: imaplib's
-        own ``idle()`` exists only from 3.14.
+        there is at least one, or ``[]`` on timeout, or when ``interrupt()`` (asked about
+        every IDLE_POLL seconds) returns True.  IDLE is left (DONE) before returning, so
+        other commands may follow.  The keepalive stays away meanwhile: IDLE holds the
+        connection's lock.  Works the same on every Python version: imaplib's own
+        ``idle()`` exists only from 3.14.
         """
         if not self.has("IDLE"):
             raise CapabilityError(f"{self.host} does not support IDLE")
@@ -1607,14 +1623,15 @@ class GmailConnection:
             with self._lock:
                 self._check_background()
                 try:
-                    return self._idle_now(self._live(), timeout)
+                    return self._idle_now(self._live(), timeout, interrupt)
                 except _Dropped as exc:
                     if attempt == self.retries:
                         raise ConnectionLostError(f"IDLE kept failing: {exc}") from exc
                     self._reconnect(exc)
         raise AssertionError("unreachable")
 
-    def _idle_now(self, imap: imaplib.IMAP4, timeout: float) -> List[List[Any]]:
+    def _idle_now(self, imap: imaplib.IMAP4, timeout: float,
+                  interrupt: Optional[Callable[[], bool]] = None) -> List[List[Any]]:
         tag = imap._new_tag()  # type: ignore[attr-defined]
         events: List[List[Any]] = []
         ended: Optional[bytes] = None     # a tagged answer before DONE: IDLE refused or ended
@@ -1626,9 +1643,15 @@ class GmailConnection:
             imap.send(tag + b" IDLE\r\n")
             self.commands_sent += 1
             while True:
-                if idling and (events or not imap.wait_readable(  # type: ignore[attr-defined]
-                        deadline - time.monotonic())):
-                    break
+                if idling:
+                    if events or (interrupt is not None and interrupt()):
+                        break
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    if not imap.wait_readable(  # type: ignore[attr-defined]
+                            min(left, IDLE_POLL) if interrupt is not None else left):
+                        continue
                 raw = self._read_line(imap)
                 if raw.startswith(b"+"):
                     idling = True
@@ -3622,6 +3645,239 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport) -> Non
         moves.append((plan.trash, trash.name))
     for uids, destination in moves:
         report.moved_missing += len(conn.move(uids, destination).missing)
+
+
+# --- Watch: stay connected and classify new mail as it arrives --------------------------
+#
+# One connection, one owner at a time: the Watcher's thread runs IDLE on the first folder
+# (RFC 2177) and, between IDLEs, everything else; the connection's lock keeps the
+# keepalive thread out while IDLE runs, and IDLE itself is traffic, so the keepalive has
+# nothing to do.  Other folders, and every folder on a server without IDLE, are polled
+# every ``interval`` seconds: STATUS (UIDNEXT, UIDVALIDITY) for folders that are not
+# selected, NOOP for the one that is (RFC 3501 §6.3.10 advises against STATUS on it).
+# IDLE is re-issued every ``idle_interval`` seconds, well inside the 29 minutes after which
+# a server may drop an idle client.
+#
+# A lost connection starts an outage: logged once, retried forever with capped, jittered
+# exponential backoff, logged once more when it is over, then everything is caught up.
+# Only a refused sign-in (AuthenticationError, OAuthError) or a TLS failure ends the watch.
+# What "catch up" means is the caller's: a callable given the connection and the folders
+# that may have new mail (the command line runs the incremental classification there).
+
+DEFAULT_POLL_INTERVAL = 300.0   # seconds between STATUS/NOOP polls of folders without IDLE
+IDLE_REISSUE = 25 * 60.0        # seconds one IDLE lasts before it is re-issued (< 29 min)
+WATCH_BACKOFF = 2.0             # first delay after a lost connection, doubled per attempt
+WATCH_MAX_BACKOFF = 300.0       # the delay never grows beyond this (before jitter)
+SLEEP_JUMP = 60.0               # wall clock ahead of the monotonic one by this: we slept
+
+
+class Watcher:
+    """Keep ``folders`` classified as mail arrives, until ``stop()``.
+
+    ``connect()`` returns a new, connected GmailConnection (called at the start and after
+    every loss); ``catch_up(conn, folders)`` classifies what arrived in those folders.  It
+    is called for every folder after each (re)connect, then for the folders with news.
+    ``reload()`` is called at a safe point after ``request_reload()`` (SIGHUP) or whenever
+    ``reload_needed()`` says so (the rules file changed).  ``sleep`` waits (and returns
+    early on stop), ``rng`` jitters the backoff; both injectable for tests.
+
+    ``run()`` returns after ``stop()``, having logged out; it raises AuthenticationError,
+    TLSError, and ImapError other than the connection's own troubles.
+    """
+
+    def __init__(self, connect: Callable[[], GmailConnection], folders: Sequence[str],
+                 catch_up: Callable[[GmailConnection, List[str]], Any], *,
+                 interval: float = DEFAULT_POLL_INTERVAL, idle_interval: float = IDLE_REISSUE,
+                 backoff: float = WATCH_BACKOFF, max_backoff: float = WATCH_MAX_BACKOFF,
+                 reload: Optional[Callable[[], Any]] = None,
+                 reload_needed: Optional[Callable[[], bool]] = None,
+                 rng: Callable[[], float] = random.random) -> None:
+        if not folders:
+            raise ValueError("watch needs at least one folder")
+        self.folders = list(dict.fromkeys(folders))
+        self.interval = max(0.01, float(interval))
+        self.idle_interval = min(max(0.01, float(idle_interval)), IDLE_MAX_SECONDS)
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._connect = connect
+        self._catch_up = catch_up
+        self._reload = reload
+        self._reload_needed = reload_needed
+        self._rng = rng
+        self._stop = threading.Event()
+        self._reload_requested = threading.Event()
+        self._check_link = False
+        self._clocks = (time.time(), time.monotonic())
+        self._seen: Dict[str, Tuple[int, int]] = {}     # folder -> (UIDVALIDITY, UIDNEXT)
+        self._first_key: Optional[Tuple[int, Optional[int]]] = None   # the same, first folder
+        self._next_poll = 0.0
+        self.conn: Optional[GmailConnection] = None
+        # Counters for tests and the curious; they only ever hold numbers.
+        self.idles = 0
+        self.polls = 0
+        self.wakeups = 0
+        self.outages = 0
+
+    # -- control, safe to call from a signal handler or another thread -------------------
+
+    def stop(self) -> None:
+        """End the watch at the next safe point (the step in hand finishes), then log out."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def request_reload(self) -> None:
+        """Reload the rules at the next safe point (what SIGHUP does)."""
+        self._reload_requested.set()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        outage_since: Optional[float] = None
+        attempt = 0
+        try:
+            while not self._stop.is_set():
+                try:
+                    if self.conn is None:
+                        self.conn = self._connect()
+                        if outage_since is not None:
+                            log.warning("connected again after %s; catching up",
+                                        _duration(time.monotonic() - outage_since))
+                            outage_since = None
+                        attempt = 0
+                        self._seen.clear()
+                        self._first_key = None
+                        self._wake(self.conn, self.folders)
+                        self._remember_others(self.conn)
+                        self._next_poll = time.monotonic() + self.interval
+                    self._maybe_reload()
+                    if not self._stop.is_set():
+                        self._wait_and_wake(self.conn)
+                except (ConnectionLostError, ProtocolError, UidValidityError) as exc:
+                    if self._stop.is_set():
+                        break
+                    self._drop()
+                    attempt += 1
+                    if outage_since is None:
+                        outage_since = time.monotonic()
+                        self.outages += 1
+                        log.warning("lost the connection (%s); reconnecting in the background "
+                                    "until it is back", exc)
+                    else:
+                        log.debug("still no connection: %s", exc)
+                    delay = min(self.max_backoff, self.backoff * 2 ** min(attempt - 1, 30))
+                    self._stop.wait(delay * (0.5 + 0.5 * self._rng()))
+        finally:
+            if outage_since is not None:
+                log.warning("stopped while the connection was still down (for %s)",
+                            _duration(time.monotonic() - outage_since))
+            conn, self.conn = self.conn, None
+            if conn is not None:
+                conn.close()            # UNSELECT (never CLOSE: no expunge), LOGOUT
+
+    def _drop(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+
+    def _wake(self, conn: GmailConnection, folders: List[str]) -> None:
+        """Catch up on ``folders``, the first (IDLE) folder last, so that it stays selected
+        and what arrives there from now on is announced to the next IDLE."""
+        first = self.folders[0]
+        order = [f for f in folders if f != first] + [f for f in folders if f == first]
+        if order and not self._stop.is_set():
+            self.wakeups += 1
+            log.debug("catching up on %s", ", ".join(order))
+            self._catch_up(conn, order)
+        selected = conn.selected
+        if selected is not None and _same_folder(selected.name, first):
+            self._first_key = (selected.uidvalidity, selected.uidnext)
+
+    def _maybe_reload(self) -> None:
+        wanted = self._reload_requested.is_set()
+        if not wanted and self._reload_needed is not None:
+            wanted = self._reload_needed()
+        if wanted:
+            self._reload_requested.clear()
+            if self._reload is not None:
+                self._reload()
+
+    def _interrupted(self) -> bool:
+        """Asked by IDLE about twice a second: stop, reload, or a jump of the wall clock."""
+        wall, mono = time.time(), time.monotonic()
+        last_wall, last_mono = self._clocks
+        self._clocks = (wall, mono)
+        if (wall - last_wall) - (mono - last_mono) > SLEEP_JUMP:
+            # The monotonic clock stands still while a laptop sleeps; the wall clock does
+            # not.  A connection that slept is often dead without knowing it: check it.
+            log.info("the machine seems to have slept; checking the connection")
+            self._check_link = True
+            return True
+        if self._reload_needed is not None and self._reload_needed():
+            self._reload_requested.set()
+        return self._stop.is_set() or self._reload_requested.is_set()
+
+    def _remember_others(self, conn: GmailConnection) -> List[str]:
+        """STATUS of every folder but the first; returns those whose UIDNEXT or UIDVALIDITY
+        moved since the last look."""
+        changed = []
+        for folder in self.folders[1:]:
+            status = conn.status(folder)
+            key = (status.get("UIDVALIDITY", 0), status.get("UIDNEXT", 0))
+            if self._seen.get(folder) not in (None, key):
+                changed.append(folder)
+            self._seen[folder] = key
+        return changed
+
+    def _wait_and_wake(self, conn: GmailConnection) -> None:
+        first = self.folders[0]
+        idle = conn.has("IDLE")
+        selected = conn.selected
+        if selected is None or not _same_folder(selected.name, first):
+            # Mail that reached the first folder while another was selected was never
+            # announced to this session: compare UIDNEXT with the last time we were here.
+            before = self._first_key
+            status = conn.examine(first)
+            self._first_key = (status.uidvalidity, status.uidnext)
+            if before is not None and (self._first_key != before or status.uidnext is None):
+                self._wake(conn, [first])
+                return
+        changed: List[str] = []
+        left = self._next_poll - time.monotonic()
+        if left > 0:
+            if idle:
+                self.idles += 1
+                timeout = min(self.idle_interval, left) if (len(self.folders) > 1) else self.idle_interval
+                events = conn.idle(timeout, interrupt=self._interrupted)
+                if any(len(e) >= 2 and str(e[1]).upper() == "EXISTS" for e in events):
+                    changed.append(first)
+            else:
+                deadline = time.monotonic() + left
+                while not self._interrupted() and time.monotonic() < deadline:
+                    self._stop.wait(min(IDLE_POLL, max(0.0, deadline - time.monotonic())))
+            if self._check_link:
+                self._check_link = False
+                conn.noop()
+        if time.monotonic() >= self._next_poll and not self._stop.is_set():
+            self.polls += 1
+            self._next_poll = time.monotonic() + self.interval
+            if not idle:
+                events = conn.noop()
+                if any(len(e) >= 2 and str(e[1]).upper() == "EXISTS" for e in events):
+                    changed.append(first)
+            changed += self._remember_others(conn)
+        self._wake(conn, [folder for folder in self.folders if folder in changed])
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 # --- OAuth2 sign-in ----------------------------------------------------------------------

@@ -5580,6 +5580,166 @@ class CommandLineRunTest(FakeServerTest):
         self.assertNotIn("ya29.stale", err)
 
 
+# --- Watch -------------------------------------------------------------------------------
+
+class WatcherTest(FakeServerTest):
+    """The Watcher loop against the fake server, with catch_up = classify everything."""
+
+    rules = parse_rules(EXAMPLE_DOC, "example.json")
+
+    def start_watcher(self, folders: Sequence[str] = ("INBOX",), keepalive: Optional[float] = None,
+                      **options: Any) -> gc.Watcher:
+        self.caught_up: List[List[str]] = []
+        self.connections: List[gc.GmailConnection] = []
+
+        def connect() -> gc.GmailConnection:
+            conn = gc.GmailConnection(USER, password=PASSWORD, host="127.0.0.1",
+                                      port=self.server.port, security="plaintext", timeout=5,
+                                      keepalive=keepalive, retries=0)
+            conn.connect()
+            self.connections.append(conn)
+            return conn
+
+        def catch_up(conn: gc.GmailConnection, names: List[str]) -> None:
+            self.caught_up.append(list(names))
+            for name in names:
+                gc.classify_folder(conn, self.rules, name, apply=True)
+
+        options.setdefault("backoff", 0.01)
+        options.setdefault("rng", lambda: 1.0)
+        watcher = gc.Watcher(connect, list(folders), catch_up, **options)
+        self.failure: List[BaseException] = []
+
+        def run() -> None:
+            try:
+                watcher.run()
+            except BaseException as exc:   # reported by the test, not lost in the thread
+                self.failure.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+
+        def finish() -> None:
+            watcher.stop()
+            thread.join(10)
+        self.addCleanup(finish)
+        self.watcher_thread = thread
+        return watcher
+
+    def stop(self, watcher: gc.Watcher) -> None:
+        watcher.stop()
+        self.watcher_thread.join(10)
+        self.assertFalse(self.watcher_thread.is_alive())
+        self.assertEqual(self.failure, [])
+
+    def idling(self, count: int = 1) -> None:
+        wait_until(lambda: self.server.count("IDLE") >= count, message="never idled")
+
+    def test_mail_delivered_while_idling_is_classified_within_the_idle(self):
+        watcher = self.start_watcher(idle_interval=30)
+        self.idling()
+        self.server.deliver(make_message("receipt 77"))
+        wait_until(lambda: self.server.uids("INBOX") == [], message="not archived")
+        self.assertEqual(self.server.messages("[Gmail]/All Mail")[0].labels, {"Receipts"})
+        self.assertEqual(self.caught_up, [["INBOX"], ["INBOX"]])
+        self.stop(watcher)
+        names = self.commands()
+        self.assertEqual(names[-2:], ["UNSELECT", "LOGOUT"])
+        self.assertEqual(watcher.outages, 0)
+
+    def test_idle_is_reissued_and_the_keepalive_stays_out(self):
+        watcher = self.start_watcher(idle_interval=0.05, keepalive=0.01)
+        self.idling(4)
+        self.stop(watcher)
+        lines = [line.strip().upper() for line in self.server.raw_lines]
+        idles = [i for i, line in enumerate(lines) if line.endswith(b" IDLE")]
+        self.assertGreaterEqual(len(idles), 4)
+        for start in idles:
+            done = lines.index(b"DONE", start)
+            self.assertFalse(any(b"NOOP" in line for line in lines[start:done]),
+                             "the keepalive spoke during IDLE")
+        self.assertEqual(self.caught_up, [["INBOX"]])   # re-issuing is not a wake-up
+
+    def test_drop_during_idle_is_survived_and_mail_that_came_meanwhile_is_classified(self):
+        with self.assertLogs("gmail_classify", "INFO") as logs:
+            watcher = self.start_watcher(idle_interval=30)
+            self.idling()
+            self.server.add_fault("LOGIN", action="drop", count=3)
+            self.server.drop_all_connections()
+            self.server.deliver(make_message("invoice 9"))
+            wait_until(lambda: self.server.uids("INBOX") == [], message="not classified after the drop")
+            self.stop(watcher)
+        self.assertEqual(watcher.outages, 1)
+        self.assertEqual(len(self.connections), 2)
+        self.assertEqual(self.server.fired.count(("LOGIN", "drop", "before")), 3)
+        warnings = [r.getMessage() for r in logs.records if r.levelno >= logging.WARNING]
+        self.assertEqual(len(warnings), 2, warnings)        # once when it began, once when it ended
+        self.assertIn("lost the connection", warnings[0])
+        self.assertIn("connected again", warnings[1])
+
+    def test_backoff_is_capped_and_jittered(self):
+        delays: List[float] = []
+        watcher = gc.Watcher(lambda: (_ for _ in ()).throw(gc.ConnectionLostError("down")),
+                             ["INBOX"], lambda conn, names: None, backoff=1, max_backoff=8,
+                             rng=lambda: 0.0)
+        watcher._stop.wait = lambda delay: (delays.append(delay), len(delays) >= 7 and watcher.stop())  # type: ignore
+        with self.assertLogs("gmail_classify", "WARNING") as logs:
+            watcher.run()
+        self.assertEqual(delays, [0.5, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0])
+        self.assertEqual(len(logs.records), 2)       # lost, and stopped while still down
+
+    def test_authentication_failure_ends_the_watch(self):
+        server_users = self.server.users
+        server_users[USER] = "changed-password"
+        watcher = self.start_watcher()
+        self.watcher_thread.join(5)
+        self.assertEqual([type(e) for e in self.failure], [gc.AuthenticationError])
+        self.assertEqual(watcher.outages, 0)
+
+    def test_polling_where_idle_is_missing(self):
+        server = FakeGmail(idle=False).start()
+        self.addCleanup(server.stop)
+        self.server = server
+        watcher = self.start_watcher(interval=0.05)
+        wait_until(lambda: server.count("NOOP") >= 2)
+        server.deliver(make_message("receipt 5"))
+        wait_until(lambda: server.uids("INBOX") == [], message="not picked up by polling")
+        self.stop(watcher)
+        self.assertNotIn("IDLE", server.commands())
+        self.assertEqual(self.caught_up[-1], ["INBOX"])
+
+    def test_several_folders_idle_on_the_first_and_poll_the_others(self):
+        self.server.add_message(make_message("hello"), labels=("Work",))
+        watcher = self.start_watcher(["INBOX", "Work"], interval=0.05, idle_interval=30)
+        self.idling()
+        wait_until(lambda: self.server.count("STATUS") >= 2)
+        msgid = self.server.deliver(make_message("receipt for work"), labels=("Work",))
+        wait_until(lambda: "Receipts" in self.server.message(msgid).labels, message="Work not caught up")
+        self.server.deliver(make_message("invoice 3"))
+        wait_until(lambda: self.server.uids("INBOX") == [], message="INBOX not caught up")
+        self.stop(watcher)
+        self.assertEqual(self.caught_up[0], ["Work", "INBOX"])   # the IDLE folder last
+        self.assertIn(["Work"], self.caught_up)
+        self.assertIn(["INBOX"], self.caught_up)
+        statuses = [e.line for e in self.server.log if e.command == "STATUS"]
+        self.assertTrue(all(b'"Work"' in line or b" Work " in line for line in statuses), statuses)
+
+    def test_reload_is_asked_for_at_a_safe_point(self):
+        reloads: List[int] = []
+        changed = [False]
+        watcher = self.start_watcher(idle_interval=30, reload=lambda: reloads.append(1),
+                                     reload_needed=lambda: changed[0] and not changed.__setitem__(0, False))
+        self.idling()
+        watcher.request_reload()
+        wait_until(lambda: len(reloads) == 1)
+        self.idling(2)
+        changed[0] = True
+        wait_until(lambda: len(reloads) == 2)
+        self.idling(3)
+        self.stop(watcher)
+        self.assertEqual(len(self.connections), 1)      # reloading never reconnects
+
+
 # --- OAuth2 sign-in ----------------------------------------------------------------------
 
 CLIENT_ID = "123-test.apps.googleusercontent.com"

@@ -57,6 +57,7 @@ import argparse
 import base64
 import binascii
 import calendar
+import contextlib
 import dataclasses
 import datetime as _dt
 import difflib
@@ -85,6 +86,7 @@ import re
 import secrets
 import select
 import shlex
+import signal
 import ssl
 import subprocess
 import sys
@@ -3787,6 +3789,7 @@ class Watcher:
         and what arrives there from now on is announced to the next IDLE."""
         first = self.folders[0]
         order = [f for f in folders if f != first] + [f for f in folders if f == first]
+        self._maybe_reload()        # new mail is classified with the rules saved before it came
         if order and not self._stop.is_set():
             self.wakeups += 1
             log.debug("catching up on %s", ", ".join(order))
@@ -4366,7 +4369,7 @@ exit codes:
 PASSWORD_ENV = "GMAIL_APP_PASSWORD"
 TOKEN_ENV = "GMAIL_OAUTH_TOKEN"
 USER_ENV = "GMAIL_USER"
-SUBCOMMANDS = ("run", "check", "test", "labels", "folders", "init", "auth")
+SUBCOMMANDS = ("run", "check", "test", "labels", "folders", "init", "auth", "watch")
 
 
 class UsageError(GmailClassifyError):
@@ -4404,6 +4407,16 @@ def _positive(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
     return value
 
 
@@ -4460,6 +4473,24 @@ def build_parser() -> argparse.ArgumentParser:
                      "then a summary object")
     run.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH,
                      help="messages per FETCH (default: %(default)s)")
+
+    watch = sub.add_parser("watch", parents=[common, conn], help="stay connected and classify "
+                           "new mail as it arrives (dry run unless --apply)",
+                           epilog=EXIT_CODES_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    watch.add_argument("--folder", action="append", help="folder to watch (repeatable; "
+                       "default INBOX); the first waits with IDLE, the others are polled")
+    watch.add_argument("--apply", action="store_true", help="make the changes (default: only "
+                       "show them)")
+    watch.add_argument("--json", action="store_true", help="one JSON object per message")
+    watch.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH,
+                       help="messages per FETCH (default: %(default)s)")
+    watch.add_argument("--interval", type=_seconds, default=DEFAULT_POLL_INTERVAL,
+                       help="seconds between polls of the other folders, and of every folder "
+                            "when the server lacks IDLE (default: %(default)s)")
+    watch.add_argument("--idle-interval", type=_seconds, default=IDLE_REISSUE,
+                       help="seconds before IDLE is re-issued (default: %(default)s; at most "
+                            f"{IDLE_MAX_SECONDS})")
 
     check = sub.add_parser("check", parents=[common], help="validate and summarise a rules "
                            "file, offline")
@@ -4635,6 +4666,121 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+class _RulesReloader:
+    """The rules in force for a watch, reloaded when the file changes or on SIGHUP.
+
+    An invalid new file is reported and the old rules stay; the [account] table is read
+    only at the start (the connection is not rebuilt)."""
+
+    def __init__(self, path: Optional[str], rules: Ruleset) -> None:
+        self.path = path
+        self.rules = rules
+        self._signature = self._stat()
+
+    def _stat(self) -> Optional[Tuple[int, int, int]]:
+        if not self.path:
+            return None
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return None
+        return (info.st_mtime_ns, info.st_size, info.st_ino)
+
+    def changed(self) -> bool:
+        return self.path is not None and self._stat() != self._signature
+
+    def reload(self) -> None:
+        self._signature = self._stat()
+        if not self.path:
+            log.warning("using the built-in rules: there is no rules file to reload")
+            return
+        try:
+            new = load_rules(self.path)
+        except RulesError as exc:
+            log.error("the rules file changed but is not valid, so the old rules stay in "
+                      "force: %s", exc)
+            return
+        if new.account != self.rules.account:
+            log.warning("[account] changes in %s take effect when watch is restarted", self.path)
+        self.rules = dataclasses.replace(new, account=self.rules.account)
+        log.warning("rules reloaded from %s: %d rules", self.path, len(new.rules))
+
+
+@contextlib.contextmanager
+def _watch_signals(watcher: Watcher) -> Iterator[None]:
+    """SIGINT and SIGTERM stop the watch at a safe point; SIGHUP reloads the rules.
+
+    The handlers only set flags (no logging, no I/O: a signal may arrive anywhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = [(signal.SIGINT, watcher.stop), (signal.SIGTERM, watcher.stop)]
+    if hasattr(signal, "SIGHUP"):
+        wanted.append((signal.SIGHUP, watcher.request_reload))
+    previous = {}
+    try:
+        for signum, action in wanted:
+            previous[signum] = signal.signal(signum, lambda _n, _f, act=action: act())
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
+    rules = find_rules(args.rules)
+    settings = _connection_settings(args, rules.account)
+    # The watch retries forever itself, logging an outage once; the connection must not.
+    settings["retries"] = 0
+    folders = args.folder or list(rules.account.get("folders") or ["INBOX"])
+    source = args.rules or (rules.source if os.path.isfile(rules.source) else None)
+    reloader = _RulesReloader(source, rules)
+
+    def on_message(outcome: Outcome) -> None:
+        if args.json:
+            out.write(json.dumps(_outcome_json(outcome), ensure_ascii=False) + "\n")
+        elif outcome.decision.matches and not args.quiet and (not args.apply or args.verbose):
+            rules_text = ", ".join(name for name, _ in outcome.decision.matches)
+            verb = "" if args.apply else "would "
+            out.write(f"{outcome.folder} {outcome.uid}: {verb}{outcome.decision.actions.describe()}"
+                      f"  [{rules_text}]  {outcome.sender[:40]}  {outcome.subject[:60]}\n")
+
+    def connect() -> GmailConnection:
+        conn = GmailConnection(**settings)
+        conn.connect()
+        return conn
+
+    # Until the incremental state is here: a mark per folder in memory, so that each
+    # message is reported once.  (Every wake-up still classifies the whole folder.)
+    reported: Dict[str, Tuple[int, int]] = {}
+
+    def catch_up(conn: GmailConnection, names: List[str]) -> None:
+        for name in names:
+            if watcher.stopping:
+                break
+            seen: List[Outcome] = []
+            classify_folder(conn, reloader.rules, name, apply=args.apply,
+                            batch_size=args.batch_size, on_message=seen.append)
+            validity = conn.selected.uidvalidity if conn.selected else 0
+            old_validity, mark = reported.get(name, (validity, 0))
+            if old_validity != validity:
+                mark = 0
+            for outcome in seen:
+                if outcome.uid > mark:
+                    on_message(outcome)
+            reported[name] = (validity, max([mark] + [o.uid for o in seen]))
+        out.flush()
+
+    watcher = Watcher(connect, folders, catch_up, interval=args.interval,
+                      idle_interval=args.idle_interval, reload=reloader.reload,
+                      reload_needed=reloader.changed)
+    log.info("watching %s%s", ", ".join(folders), "" if args.apply else " (dry run)")
+    with _watch_signals(watcher):
+        watcher.run()
+    log.info("watch stopped")
+    return EXIT_OK
+
+
 def _outcome_json(outcome: Outcome) -> Dict[str, Any]:
     actions = outcome.decision.actions
     return {"folder": outcome.folder, "uid": outcome.uid, "msgid": outcome.msgid,
@@ -4783,7 +4929,7 @@ def _cmd_init(args: argparse.Namespace, out: TextIO) -> int:
 
 _COMMANDS = {"run": _cmd_run, "check": _cmd_check, "test": _cmd_test,
              "labels": _cmd_labels, "folders": _cmd_labels, "init": _cmd_init,
-             "auth": _cmd_auth}
+             "auth": _cmd_auth, "watch": _cmd_watch}
 
 
 def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> int:
@@ -4816,7 +4962,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
 
 _OPTIONS_WITH_VALUES = ("--user", "--host", "--port", "--cafile", "--auth", "--password-command",
                         "--timeout", "--retries", "--rules", "--folder", "--since", "--limit", "--batch-size",
-                        "--client-secret-file")
+                        "--client-secret-file", "--interval", "--idle-interval")
 
 
 def _subcommand_first(argv: List[str]) -> List[str]:

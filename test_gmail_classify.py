@@ -30,10 +30,13 @@ import pathlib
 import re
 import select
 import shutil
+import signal
 import socket
 import socketserver
 import ssl
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -5587,6 +5590,12 @@ class WatcherTest(FakeServerTest):
 
     rules = parse_rules(EXAMPLE_DOC, "example.json")
 
+    def setUp(self):
+        super().setUp()
+        patcher = mock.patch.object(gc, "IDLE_POLL", 0.02)   # quicker reaction to stop/reload
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
     def start_watcher(self, folders: Sequence[str] = ("INBOX",), keepalive: Optional[float] = None,
                       **options: Any) -> gc.Watcher:
         self.caught_up: List[List[str]] = []
@@ -5738,6 +5747,136 @@ class WatcherTest(FakeServerTest):
         self.idling(3)
         self.stop(watcher)
         self.assertEqual(len(self.connections), 1)      # reloading never reconnects
+
+
+class WatchCommandLineTest(FakeServerTest):
+    """`watch` as a user runs it: signals, rules reload, exit codes."""
+
+    def argv(self, *extra: str) -> List[str]:
+        return ["watch", "--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                "--plaintext", "--rules", self.rules_path, *extra]
+
+    def setUp(self):
+        super().setUp()
+        patcher = mock.patch.object(gc, "IDLE_POLL", 0.02)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.rules_path = os.path.join(self.tmp, "rules.json")
+        self.write_rules(EXAMPLE_DOC)
+        self.env = {"GMAIL_APP_PASSWORD": PASSWORD, "XDG_STATE_HOME": os.path.join(self.tmp, "state"),
+                    "XDG_CONFIG_HOME": os.path.join(self.tmp, "config")}
+
+    def write_rules(self, doc: Any) -> None:
+        text = doc if isinstance(doc, str) else json.dumps(doc)
+        temporary = self.rules_path + ".new"
+        with open(temporary, "w") as handle:
+            handle.write(text)
+        os.replace(temporary, self.rules_path)      # a new inode: a change whatever the clock
+
+    def watch_in_process(self, script: Callable[[], None], *extra: str) -> Tuple[int, str, str]:
+        """Run `watch` in this (main) thread while ``script`` drives it from another thread,
+        then SIGTERM ends it, as systemd would."""
+        problems: List[BaseException] = []
+
+        def drive() -> None:
+            try:
+                script()
+            except BaseException as exc:
+                problems.append(exc)
+            finally:
+                wait_until(lambda: signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None),
+                           message="watch installed no SIGTERM handler")
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        driver = threading.Thread(target=drive, daemon=True)
+        driver.start()
+        result = run_cli(*self.argv(*extra), env=self.env)
+        driver.join(10)
+        if problems:
+            raise problems[0]
+        return result
+
+    def idling(self, count: int = 1) -> None:
+        wait_until(lambda: self.server.count("IDLE") >= count, message="never idled")
+
+    @unittest.skipUnless(hasattr(signal, "SIGTERM") and os.name == "posix", "POSIX signals")
+    def test_sigterm_ends_a_running_watch_with_logout_and_exit_0(self):
+        self.server.add_message(make_message("receipt 1"))
+        env = dict(os.environ, **self.env)
+        env.pop("GMAIL_OAUTH_TOKEN", None)
+        script = os.path.join(os.path.dirname(os.path.abspath(gc.__file__)), "gmail_classify.py")
+        process = subprocess.Popen([sys.executable, script, *self.argv("--apply")], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        self.idling()
+        self.assertEqual(self.server.uids("INBOX"), [])          # caught up before idling
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=10)
+        self.assertEqual(process.returncode, 0, err)
+        self.assertEqual(err, b"")
+        names = self.commands()
+        self.assertEqual(names[-2:], ["UNSELECT", "LOGOUT"])
+        self.assertIn(b"DONE", [line.strip() for line in self.server.raw_lines])
+
+    def test_rules_reload_on_change_keeps_the_old_rules_when_the_new_file_is_invalid(self):
+        greetings = {"rule": [{"name": "Greetings", "subject": "hello", "label": "Greetings"}],
+                     "account": {"user": "someone-else@example.com"}}
+
+        def script() -> None:
+            self.idling()
+            self.write_rules('{"rule": [{"subject": "x", "lable": "typo"}]}')
+            msgid = self.server.deliver(make_message("invoice 1"))
+            wait_until(lambda: "Receipts" in self.server.message(msgid).labels,
+                       message="the old rules were not kept")
+            self.write_rules(greetings)
+            msgid = self.server.deliver(make_message("hello there"))
+            wait_until(lambda: "Greetings" in self.server.message(msgid).labels,
+                       message="the new rules were not used")
+
+        code, out, err = self.watch_in_process(script, "--apply")
+        self.assertEqual(code, 0, err)
+        lines = err.strip().splitlines()
+        invalid = [line for line in lines if "not valid" in line]
+        self.assertEqual(len(invalid), 1, err)
+        self.assertIn("'lable'", invalid[0])
+        self.assertEqual(sum("rules reloaded" in line for line in lines), 1, err)
+        self.assertEqual(sum("[account]" in line for line in lines), 1, err)
+        self.assertEqual(self.server.count("LOGIN"), 1)               # never reconnected
+        self.assertEqual(self.commands()[-1], "LOGOUT")
+
+    @unittest.skipUnless(hasattr(signal, "SIGHUP"), "no SIGHUP here")
+    def test_sighup_reloads_the_rules(self):
+        def script() -> None:
+            self.idling()
+            os.kill(os.getpid(), signal.SIGHUP)
+            self.idling(2)
+
+        code, out, err = self.watch_in_process(script, "--apply")
+        self.assertEqual(code, 0, err)
+        self.assertIn("rules reloaded from " + self.rules_path, err)
+
+    def test_dry_run_watch_changes_nothing(self):
+        self.server.add_message(make_message("receipt 1"))
+
+        def script() -> None:
+            self.idling()
+            self.server.deliver(make_message("invoice 2"))
+            wait_until(lambda: self.server.count("UID FETCH") >= 2)
+            self.idling(2)
+
+        code, out, err = self.watch_in_process(script)
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out.count("would label Receipts, archive"), 2, out)   # once each
+        self.assertEqual(len(self.server.uids("INBOX")), 2)
+        self.assertNotIn("SELECT", self.commands())
+
+    def test_bad_interval_and_auth_failure(self):
+        code, out, err = run_cli(*self.argv("--interval", "0"), env=self.env)
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertIn("seconds above 0", err)
+        code, out, err = run_cli(*self.argv(), env=dict(self.env, GMAIL_APP_PASSWORD="wrong"))
+        self.assertEqual(code, gc.EXIT_AUTH)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
 
 
 # --- OAuth2 sign-in ----------------------------------------------------------------------

@@ -39,7 +39,7 @@ __all__ = [
     "message_info_from_bytes", "iter_message_files",
     # rule engine
     "Actions", "Rule", "Decision", "Needs", "Ruleset", "parse_rules", "load_rules",
-    "builtin_rules", "STARTER_RULES_TOML", "STARTER_RULES_JSON",
+    "builtin_rules", "STARTER_RULES_TOML", "STARTER_RULES_JSON", "parse_toml", "TOMLError",
     # pipeline and command line
     "classify_folder", "Outcome", "FolderReport", "main",
 ]
@@ -85,11 +85,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional,
                     Sequence, TextIO, Tuple, Union)
-
-try:
-    import tomllib
-except ImportError:  # Python < 3.11: rules files must be JSON
-    tomllib = None  # type: ignore[assignment]
 
 log = logging.getLogger("gmail_classify")
 log.addHandler(logging.NullHandler())   # the library never prints; the CLI adds a handler
@@ -3041,10 +3036,437 @@ def parse_rules(doc: Any, source: str = "<rules>") -> Ruleset:
     return Ruleset(rules=parsed, source=source, account=account)
 
 
+# --- Rules files: a small TOML reader, the same on every Python --------------------------
+#
+# tomllib arrived in Python 3.11, but the locked-down machines this file is copied onto
+# often run the distribution's 3.9 or 3.10. So the module carries a small reader for the
+# part of TOML 1.0 that rules files use: tables, arrays of tables, inline tables; bare,
+# quoted and dotted keys; basic and literal strings, single- and multi-line; integers,
+# booleans, arrays and comments. It refuses the rest by name (floats, dates and times:
+# rules write sizes as "5M" and dates as strings) rather than guess. It keeps TOML's
+# rules on what may be defined twice, so a file it accepts means the same under tomllib;
+# the tests compare the two on one corpus wherever tomllib exists.
+#
+# load_rules uses this reader on every Python, tomllib or not. One code path means a rules
+# file that passes `check` on a laptop's 3.13 passes on the server's 3.9 with the same
+# messages, and every test exercises the reader that 3.9 users depend on. Its errors are
+# also better for a hand-edited file: tomllib reports a duplicate key "at end of
+# document", this reader names its line and column, and it says "text needs quotes" or
+# "write dates as strings" where tomllib says "Invalid value".
+
+class TOMLError(GmailClassifyError, ValueError):
+    """Text that parse_toml cannot read; ``msg``, ``lineno`` and ``colno`` (1-based) say
+    what and where. str() reads like tomllib's: "Expected '=' ... (at line 3, column 7)".
+    """
+
+    def __init__(self, msg: str, lineno: int, colno: int) -> None:
+        super().__init__(f"{msg} (at line {lineno}, column {colno})")
+        self.msg, self.lineno, self.colno = msg, lineno, colno
+
+
+_TOML_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_TOML_WS = " \t"
+_TOML_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_TOML_ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", '"': '"', "\\": "\\"}
+_TOML_DATE_OR_TIME = re.compile(r"\d{4}-\d{2}-\d{2}|\d{2}:\d{2}")
+_TOML_INTEGER = re.compile(r"[+-]?(?:0|[1-9](?:_?\d)*)|0x[0-9A-Fa-f](?:_?[0-9A-Fa-f])*"
+                           r"|0o[0-7](?:_?[0-7])*|0b[01](?:_?[01])*")
+_TOML_FLOAT = re.compile(r"[+-]?(?:[\d_]+(?:\.[\d_]+)?[eE][+-]?[\d_]+|[\d_]+\.[\d_]+|inf|nan)")
+_TOML_LINE_CONTINUATION = re.compile(r"\\[ \t]*\r?\n")
+_TOML_WORD = re.compile(r"[^\s,\]\}#]+")
+_TOML_VALUE_END = frozenset(" \t\r\n,]}#")
+
+
+class _TomlReader:
+    """Recursive descent over one document; see parse_toml."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.pos = text, 0
+        self.explicit: set = set()  # ids of tables that may not be defined again
+        self.pending: set = set()   # tables made by dotted keys in the current section
+        self.frozen: set = set()    # ids of inline tables and arrays: complete as written
+        self.table_arrays: set = set()  # ids of lists made by [[header]]
+
+    # Positions and errors
+
+    def fail(self, message: str, pos: Optional[int] = None) -> TOMLError:
+        pos = self.pos if pos is None else pos
+        line = self.text.count("\n", 0, pos) + 1
+        column = pos - (self.text.rfind("\n", 0, pos) + 1) + 1
+        return TOMLError(message, line, column)
+
+    def peek(self, length: int = 1) -> str:
+        return self.text[self.pos:self.pos + length]
+
+    def found(self) -> str:
+        """The next character, for error messages: "'x'", "the end of the line"."""
+        char = self.peek()
+        if not char:
+            return "the end of the file"
+        if char == "\n" or self.peek(2) == "\r\n":
+            return "the end of the line"
+        return repr(char)
+
+    def skip_ws(self) -> None:
+        while self.pos < len(self.text) and self.text[self.pos] in _TOML_WS:
+            self.pos += 1
+
+    def skip_comment(self) -> None:
+        if self.peek() != "#":
+            return
+        end = self.text.find("\n", self.pos)
+        end = len(self.text) if end < 0 else end
+        if end > self.pos and self.text[end - 1] == "\r":
+            end -= 1
+        bad = _TOML_CONTROL.search(self.text, self.pos, end)
+        if bad:
+            raise self.fail("control character in a comment", bad.start())
+        self.pos = end
+
+    def newline(self) -> bool:
+        """Consumes one line break; False at the end of the text."""
+        if self.peek() == "\n":
+            self.pos += 1
+            return True
+        if self.peek(2) == "\r\n":
+            self.pos += 2
+            return True
+        return False
+
+    def end_of_line(self, after: str) -> None:
+        self.skip_ws()
+        self.skip_comment()
+        if self.pos < len(self.text) and not self.newline():
+            raise self.fail(f"expected the end of the line after {after}, found {self.found()}")
+
+    def skip_blank(self) -> None:
+        """Whitespace, comments and line breaks, as allowed inside arrays."""
+        while True:
+            self.skip_ws()
+            self.skip_comment()
+            if not self.newline():
+                return
+
+    # Document structure
+
+    def document(self) -> Dict[str, Any]:
+        root: Dict[str, Any] = {}
+        current = root
+        while True:
+            self.skip_blank()
+            if self.pos >= len(self.text):
+                return root
+            if self.peek() == "[":
+                self.explicit |= self.pending
+                self.pending = set()
+                current = self.header(root)
+            else:
+                self.key_value(current, self.pending, "a value")
+
+    def header(self, root: Dict[str, Any]) -> Dict[str, Any]:
+        start = self.pos
+        array = self.peek(2) == "[["
+        self.pos += 2 if array else 1
+        self.skip_ws()
+        keys = self.key()
+        self.skip_ws()
+        close = "]]" if array else "]"
+        if self.peek(len(close)) != close:
+            raise self.fail(f"expected {close!r} to close the table header, found {self.found()}")
+        self.pos += len(close)
+        shown = "[" * len(close) + ".".join(keys) + "]" * len(close)
+        table = root
+        for key in keys[:-1]:
+            table = self.descend(table, key, start, shown)
+        last = keys[-1]
+        existing = table.get(last)
+        if array:
+            if last not in table:
+                table[last] = existing = []
+                self.table_arrays.add(id(existing))
+            elif not (isinstance(existing, list) and id(existing) in self.table_arrays):
+                raise self.fail(f"{shown}: '{last}' is already defined as something other "
+                                "than an array of tables", start)
+            new: Dict[str, Any] = {}
+            existing.append(new)
+            self.explicit.add(id(new))
+            self.end_of_line("a table header")
+            return new
+        if last not in table:
+            table[last] = existing = {}
+        elif not isinstance(existing, dict) or id(existing) in self.explicit \
+                or id(existing) in self.frozen:
+            raise self.fail(f"{shown}: this table is already defined", start)
+        self.explicit.add(id(existing))
+        self.end_of_line("a table header")
+        return existing
+
+    def descend(self, table: Dict[str, Any], key: str, pos: int, shown: str) -> Dict[str, Any]:
+        """The table `key` inside `table` on the way to a header, created when missing."""
+        if key not in table:
+            table[key] = {}
+        value = table[key]
+        if isinstance(value, list) and id(value) in self.table_arrays:
+            return value[-1]
+        if not isinstance(value, dict) or id(value) in self.frozen:
+            raise self.fail(f"{shown}: '{key}' is already defined as a value", pos)
+        return value
+
+    def key_value(self, table: Dict[str, Any], made: set, after: str) -> None:
+        """`key = value` into `table`; `made` collects tables that dotted keys create."""
+        start = self.pos
+        keys = self.key()
+        self.skip_ws()
+        if self.peek() != "=":
+            raise self.fail(f"expected '=' after the key {'.'.join(keys)!r}, found {self.found()}")
+        self.pos += 1
+        self.skip_ws()
+        value = self.value()
+        for key in keys[:-1]:
+            if key not in table:
+                table[key] = {}
+                made.add(id(table[key]))
+            inner = table[key]
+            if not isinstance(inner, dict) or id(inner) in self.frozen or id(inner) in self.explicit:
+                raise self.fail(f"'{key}' is already defined; a dotted key cannot add to it", start)
+            table = inner
+        if keys[-1] in table:
+            raise self.fail(f"duplicate key {'.'.join(keys)!r}", start)
+        table[keys[-1]] = value
+        if after:
+            self.end_of_line(after)
+
+    def key(self) -> List[str]:
+        keys = [self.simple_key()]
+        while True:
+            self.skip_ws()
+            if self.peek() != ".":
+                return keys
+            self.pos += 1
+            self.skip_ws()
+            keys.append(self.simple_key())
+
+    def simple_key(self) -> str:
+        char = self.peek()
+        if char == '"' and self.peek(3) != '"""':
+            return self.basic_string()
+        if char == "'" and self.peek(3) != "'''":
+            return self.literal_string()
+        bare = _TOML_BARE_KEY.match(self.text, self.pos)
+        if not bare:
+            raise self.fail(f"expected a key (letters, digits, '_' and '-', or a quoted "
+                            f"string), found {self.found()}")
+        self.pos = bare.end()
+        return bare.group()
+
+    # Values
+
+    def value(self) -> Any:
+        char = self.peek()
+        if self.peek(3) == '"""':
+            return self.multiline_basic_string()
+        if char == '"':
+            return self.basic_string()
+        if self.peek(3) == "'''":
+            return self.multiline_literal_string()
+        if char == "'":
+            return self.literal_string()
+        if char == "[":
+            return self.array()
+        if char == "{":
+            return self.inline_table()
+        start = self.pos
+        word = _TOML_WORD.match(self.text, self.pos)
+        if not word:
+            raise self.fail(f"expected a value, found {self.found()}")
+        text = word.group()
+        if text in ("true", "false"):
+            self.pos = word.end()
+            return text == "true"
+        if _TOML_DATE_OR_TIME.match(text):
+            raise self.fail(f"dates and times are not supported here; write {text} as a "
+                            f"string: \"{text}\"", start)
+        if _TOML_INTEGER.fullmatch(text):
+            self.pos = word.end()
+            return int(text.replace("_", ""), 0) if text[:2] in ("0x", "0o", "0b") \
+                else int(text.replace("_", ""))
+        if _TOML_FLOAT.fullmatch(text):
+            raise self.fail(f"floating-point numbers are not supported here; use a whole "
+                            f"number, or a string such as \"{text}\"", start)
+        if re.fullmatch(r"[+-]?[\d_]+", text):
+            raise self.fail(f"invalid integer {text} (no leading zeros; '_' only between "
+                            "digits)", start)
+        if text in ("True", "False", "TRUE", "FALSE"):
+            raise self.fail(f"expected a value, found {text}; TOML writes {text.lower()} "
+                            "in lower case", start)
+        raise self.fail(f"expected a value, found {text}; text needs quotes: \"{text}\"", start)
+
+    def array(self) -> List[Any]:
+        self.pos += 1
+        items: List[Any] = []
+        while True:
+            self.skip_blank()
+            if self.peek() == "]":
+                self.pos += 1
+                break
+            items.append(self.value())
+            self.skip_blank()
+            if self.peek() == ",":
+                self.pos += 1
+            elif self.peek() == "]":
+                self.pos += 1
+                break
+            else:
+                raise self.fail(f"expected ',' or ']' in the array, found {self.found()}")
+        self.frozen.add(id(items))
+        return items
+
+    def inline_table(self) -> Dict[str, Any]:
+        """`{ key = value, ... }` on one line, no trailing comma (TOML 1.0)."""
+        self.pos += 1
+        table: Dict[str, Any] = {}
+        self.skip_ws()
+        if self.peek() == "}":
+            self.pos += 1
+        else:
+            made: set = set()
+            while True:
+                self.key_value(table, made, "")
+                self.skip_ws()
+                if self.peek() == "}":
+                    self.pos += 1
+                    break
+                if self.peek() != ",":
+                    raise self.fail("expected ',' or '}' in the inline table (which must fit "
+                                    f"on one line), found {self.found()}")
+                self.pos += 1
+                self.skip_ws()
+            self.frozen |= made
+        self.frozen.add(id(table))
+        return table
+
+    def literal_string(self) -> str:
+        start = self.pos
+        self.pos += 1
+        end = self.pos
+        while end < len(self.text) and self.text[end] != "'":
+            if _TOML_CONTROL.match(self.text[end]):
+                raise self.fail("unterminated string" if self.text[end] in "\r\n"
+                                else "control character in a string", end)
+            end += 1
+        if end >= len(self.text):
+            raise self.fail("unterminated string", start)
+        self.pos = end + 1
+        return self.text[start + 1:end]
+
+    def basic_string(self) -> str:
+        start = self.pos
+        self.pos += 1
+        parts: List[str] = []
+        while True:
+            char = self.peek()
+            if not char or char in "\r\n":
+                raise self.fail("unterminated string", start)
+            if char == '"':
+                self.pos += 1
+                return "".join(parts)
+            if char == "\\":
+                parts.append(self.escape())
+            elif _TOML_CONTROL.match(char):
+                raise self.fail("control character in a string; write it as an escape "
+                                "such as \\t or \\u0001")
+            else:
+                parts.append(char)
+                self.pos += 1
+
+    def escape(self) -> str:
+        start = self.pos
+        code = self.text[self.pos + 1:self.pos + 2]
+        if code in _TOML_ESCAPES:
+            self.pos += 2
+            return _TOML_ESCAPES[code]
+        if code in ("u", "U"):
+            size = 4 if code == "u" else 8
+            digits = self.text[self.pos + 2:self.pos + 2 + size]
+            if re.fullmatch(r"[0-9A-Fa-f]{%d}" % size, digits):
+                value = int(digits, 16)
+                if value <= 0x10FFFF and not 0xD800 <= value <= 0xDFFF:
+                    self.pos += 2 + size
+                    return chr(value)
+            raise self.fail(f"\\{code} must be followed by {size} hex digits of a Unicode "
+                            "scalar value", start)
+        raise self.fail(f"unknown escape \\{code}; in a regex write the string in 'single "
+                        "quotes' so backslashes stay as typed", start)
+
+    def multiline_basic_string(self) -> str:
+        start = self.pos
+        self.pos += 3
+        self.newline()  # a line break right after the opening quotes is dropped
+        parts: List[str] = []
+        while True:
+            char = self.peek()
+            if not char:
+                raise self.fail("unterminated multi-line string", start)
+            if char == '"' and self.peek(3) == '"""':
+                return "".join(parts) + self.close_multiline('"')
+            if char == "\\":
+                after = _TOML_LINE_CONTINUATION.match(self.text, self.pos)
+                if after:  # line-ending backslash: drop it and all whitespace after it
+                    self.pos = after.end()
+                    while self.peek() in (" ", "\t", "\n") or self.peek(2) == "\r\n":
+                        self.pos += 1
+                    continue
+                parts.append(self.escape())
+            elif char == "\n" or self.peek(2) == "\r\n":
+                self.newline()
+                parts.append("\n")
+            elif _TOML_CONTROL.match(char):
+                raise self.fail("control character in a string")
+            else:
+                parts.append(char)
+                self.pos += 1
+
+    def multiline_literal_string(self) -> str:
+        start = self.pos
+        self.pos += 3
+        self.newline()
+        parts: List[str] = []
+        while True:
+            char = self.peek()
+            if not char:
+                raise self.fail("unterminated multi-line string", start)
+            if char == "'" and self.peek(3) == "'''":
+                return "".join(parts) + self.close_multiline("'")
+            if char == "\n" or self.peek(2) == "\r\n":
+                self.newline()
+                parts.append("\n")
+            elif _TOML_CONTROL.match(char):
+                raise self.fail("control character in a string")
+            else:
+                parts.append(char)
+                self.pos += 1
+
+    def close_multiline(self, quote: str) -> str:
+        """At a run of 3 to 5 quotes: the last three close; up to two belong to the text."""
+        run = 3
+        while self.text[self.pos + run:self.pos + run + 1] == quote:
+            run += 1
+        if run > 5:
+            raise self.fail("too many quotes at the end of a multi-line string")
+        self.pos += run
+        return quote * (run - 3)
+
+
+def parse_toml(text: str) -> Dict[str, Any]:
+    """Parse the TOML that rules files use, on any Python (see the banner above).
+
+    Returns plain dicts, lists, strings, ints and bools, the same as tomllib.loads
+    would; raises TOMLError with line and column for bad or unsupported input.
+    """
+    return _TomlReader(text).document()
+
+
 # --- Rules files: loading and the built-in rules -----------------------------------------
-
-_TOML_AT_RE = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
-
 
 def load_rules(path: Any) -> Ruleset:
     """Read, parse and validate a .toml or .json rules file.
@@ -3056,9 +3478,6 @@ def load_rules(path: Any) -> Ruleset:
     suffix = Path(source).suffix.lower()
     if suffix not in (".toml", ".json"):
         raise RulesError(f"{source}: unknown rules file type; name it *.toml or *.json")
-    if suffix == ".toml" and tomllib is None:
-        raise RulesError(f"{source}: reading TOML needs Python 3.11 or newer (tomllib); "
-                         "write the rules as JSON (rules.json) instead")
     try:
         with open(source, "rb") as fh:
             data = fh.read()
@@ -3073,13 +3492,10 @@ def load_rules(path: Any) -> Ruleset:
                          "save the file as UTF-8") from None
     if suffix == ".toml":
         try:
-            doc = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            message = str(exc.args[0] if exc.args else exc)
-            at = _TOML_AT_RE.search(message)
-            where = f"line {at.group(1)}, column {at.group(2)}: " if at else ""
-            message = _TOML_AT_RE.sub("", message)
-            raise RulesError(f"{source}: {where}invalid TOML: {message}") from None
+            doc = parse_toml(text)
+        except TOMLError as exc:
+            raise RulesError(f"{source}: line {exc.lineno}, column {exc.colno}: "
+                             f"invalid TOML: {exc.msg}") from None
     else:
         try:
             doc = json.loads(text)
@@ -3961,9 +4377,7 @@ def _cmd_labels(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_init(args: argparse.Namespace, out: TextIO) -> int:
-    toml_ok = tomllib is not None
-    path = pathlib.Path(args.path) if args.path else \
-        default_rules_dir() / ("rules.toml" if toml_ok else "rules.json")
+    path = pathlib.Path(args.path) if args.path else default_rules_dir() / "rules.toml"
     if path.exists() and not args.force:
         raise UsageError(f"{path} already exists; pass --force to overwrite it")
     text = STARTER_RULES_TOML if path.suffix == ".toml" else STARTER_RULES_JSON

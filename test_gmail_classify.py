@@ -24,6 +24,7 @@ import json
 import logging
 import mailbox
 import os
+import random
 import re
 import select
 import shutil
@@ -31,6 +32,8 @@ import socket
 import socketserver
 import ssl
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -3694,12 +3697,12 @@ class LoadRulesTest(TempDirMixin, unittest.TestCase):
             fh.write(text)
         return path
 
-    @unittest.skipIf(tomllib is None, "tomllib needs Python 3.11+")
     def test_error_gives_line_and_column_for_invalid_toml(self):
         path = self.write("rules.toml", '[[rule]]\nname = "x"\nsubject = \n')
         with self.assertRaises(RulesError) as caught:
             load_rules(path)
-        self.assertEqual(str(caught.exception), f"{path}: line 3, column 11: invalid TOML: Invalid value")
+        self.assertEqual(str(caught.exception), f"{path}: line 3, column 11: invalid TOML: "
+                                                "expected a value, found the end of the line")
 
     def test_error_gives_line_and_column_for_invalid_json(self):
         path = self.write("rules.json", '{"rule": [\n  {"name": "x" "label": 1}\n]}')
@@ -3728,15 +3731,6 @@ class LoadRulesTest(TempDirMixin, unittest.TestCase):
             load_rules(path)
         self.assertTrue(str(caught.exception).startswith(f"{path}: cannot read: "))
 
-    def test_error_asks_for_json_when_tomllib_missing(self):
-        path = self.write("rules.toml", EXAMPLE_TOML)
-        with mock.patch.object(gc, "tomllib", None):
-            with self.assertRaises(RulesError) as caught:
-                load_rules(path)
-        self.assertEqual(str(caught.exception),
-                         f"{path}: reading TOML needs Python 3.11 or newer (tomllib); "
-                         "write the rules as JSON (rules.json) instead")
-
     def test_validation_error_names_the_file_path(self):
         doc = {"rule": [{"name": "Bad", "subject": "a", "lable": "x"}]}
         path = self.write("rules.json", json.dumps(doc))
@@ -3753,10 +3747,222 @@ class LoadRulesTest(TempDirMixin, unittest.TestCase):
         self.assertEqual([r.position for r in ruleset.rules], [1, 2, 3, 4, 5])
         self.assertEqual(ruleset.rules, parse_rules(EXAMPLE_DOC).rules)
 
-    @unittest.skipIf(tomllib is None, "tomllib needs Python 3.11+")
     def test_example_rules_same_from_toml_and_json(self):
         path = self.write("rules.toml", EXAMPLE_TOML)
         self.assertEqual(load_rules(path).rules, parse_rules(EXAMPLE_DOC).rules)
+
+
+# --- TOML reader (issue 11) ----------------------------------------------------------------
+#
+# parse_toml is what reads every .toml rules file, on every Python. Each valid document
+# below has its expected value written out, so the table means something on 3.9 too;
+# where tomllib exists it must agree exactly, and must reject what parse_toml rejects.
+
+TOML_VALID = [
+    ("scalars", 'a = 1\nb = -17\nc = +0\nd = 1_000\ne = true\nf = false\n'
+                'h = 0x1F\no = 0o17\nbi = 0b101\n',
+     {"a": 1, "b": -17, "c": 0, "d": 1000, "e": True, "f": False, "h": 31, "o": 15, "bi": 5}),
+    ("basic string escapes", 'a = "tab\\there \\"q\\" \\\\ \\u00e9\\U0001F600 \\b\\f\\r\\n"',
+     {"a": 'tab\there "q" \\ \u00e9\U0001F600 \b\f\r\n'}),
+    ("literal string keeps backslashes", "a = '/order #?\\d{5}/i'", {"a": "/order #?\\d{5}/i"}),
+    ("empty strings", "a = \"\"\nb = ''", {"a": "", "b": ""}),
+    ("multi-line basic", 'a = """\nline one\n  line two\\\n     joined"""',
+     {"a": "line one\n  line two" "joined"}),
+    ("multi-line basic keeps quotes", 'a = """say ""hi"" """""', {"a": 'say ""hi"" ""'}),
+    ("multi-line literal", "a = '''\nno \\escapes\n'here''''", {"a": "no \\escapes\n'here'"}),
+    ("CRLF line ends", 'a = 1\r\nb = """x\r\ny"""\r\n# c\r\n', {"a": 1, "b": "x\ny"}),
+    ("quoted and dotted keys", '"List-Unsubscribe" = true\n\'lit.key\' = 1\n'
+                               'a . b."c d" = 2\n"" = 3\n',
+     {"List-Unsubscribe": True, "lit.key": 1, "a": {"b": {"c d": 2}}, "": 3}),
+    ("arrays over lines with comments", 'a = [\n  "x", # first\n  "y",\n\n]\nb = []\n'
+                                        'c = [[1, 2], ["m", {k = 1}]]',
+     {"a": ["x", "y"], "b": [], "c": [[1, 2], ["m", {"k": 1}]]}),
+    ("inline tables", 'h = { "List-Id" = true, x.y = "z" }\ne = {}\n'
+                      'n = { a = { b = [1,\n 2] } }',
+     {"h": {"List-Id": True, "x": {"y": "z"}}, "e": {}, "n": {"a": {"b": [1, 2]}}}),
+    ("tables and sub-tables", '[account]\nuser = "me"\n[a.b]\nc = 1\n[a]\nd = 2\n',
+     {"account": {"user": "me"}, "a": {"b": {"c": 1}, "d": 2}}),
+    ("sub-table under a dotted key", '[a]\nb.c = 1\n[a.b.d]\ne = 2\n',
+     {"a": {"b": {"c": 1, "d": {"e": 2}}}}),
+    ("arrays of tables", '[[rule]]\nname = "A"\n[rule.not]\nfrom = "x"\n[[rule]]\nname = "B"\n'
+                         '[[rule.any]]\nsubject = "s"\n',
+     {"rule": [{"name": "A", "not": {"from": "x"}}, {"name": "B", "any": [{"subject": "s"}]}]}),
+    ("comments and blank lines", "# top\n\n   a = 1   # trailing\n\t[t] # header\n",
+     {"a": 1, "t": {}}),
+    ("unicode everywhere", '"Prüfung" = "Bestellbestätigung ✓"\nλ = 1\n'.replace("λ", '"λ"'),
+     {"Prüfung": "Bestellbestätigung ✓", "λ": 1}),
+]
+
+TOML_INVALID = [
+    # (document, message, line, column)
+    ('a = 1\na = 2', "duplicate key 'a'", 2, 1),
+    ('[a]\n[a]', "[a]: this table is already defined", 2, 1),
+    ('a.b = 1\n[a]', "[a]: this table is already defined", 2, 1),
+    ('[a.b]\nx = 1\n[a]\nb.y = 2', "'b' is already defined; a dotted key cannot add to it", 4, 1),
+    ('a = { x = 1 }\na.y = 2', "'a' is already defined; a dotted key cannot add to it", 2, 1),
+    ('a = { x = 1 }\n[a]', "[a]: this table is already defined", 2, 1),
+    ('a = [1]\n[[a]]', "[[a]]: 'a' is already defined as something other than an array of "
+                       "tables", 2, 1),
+    ('[[a]]\n[a]', "[a]: this table is already defined", 2, 1),
+    ('a = 1\n[a.b]', "[a.b]: 'a' is already defined as a value", 2, 1),
+    ('a = { b = 1, }', "expected a key (letters, digits, '_' and '-', or a quoted string), "
+                       "found '}'", 1, 14),
+    ('a = { b = 1\n}', "expected ',' or '}' in the inline table (which must fit on one line), "
+                       "found the end of the line", 1, 12),
+    ('label = Receipts', 'expected a value, found Receipts; text needs quotes: "Receipts"', 1, 9),
+    ('larger_than = 5M', 'expected a value, found 5M; text needs quotes: "5M"', 1, 15),
+    ('star = True', "expected a value, found True; TOML writes true in lower case", 1, 8),
+    ('subject =', "expected a value, found the end of the file", 1, 10),
+    ('a = 01', "invalid integer 01 (no leading zeros; '_' only between digits)", 1, 5),
+    ('a = 1__0', "invalid integer 1__0 (no leading zeros; '_' only between digits)", 1, 5),
+    ('a = "\\d+"', "unknown escape \\d; in a regex write the string in 'single quotes' so "
+                   "backslashes stay as typed", 1, 6),
+    ('a = "\\uD800"', "\\u must be followed by 4 hex digits of a Unicode scalar value", 1, 6),
+    ('a = "\\u12"', "\\u must be followed by 4 hex digits of a Unicode scalar value", 1, 6),
+    ('a = "open\nb = 1', "unterminated string", 1, 5),
+    ("a = 'open", "unterminated string", 1, 5),
+    ('x = 1\na = """never closed', "unterminated multi-line string", 2, 5),
+    ("a = '''x''''''", "too many quotes at the end of a multi-line string", 1, 9),
+    ('a = "tab\x01"', "control character in a string; write it as an escape such as \\t or "
+                      "\\u0001", 1, 9),
+    ('# bell \x07', "control character in a comment", 1, 8),
+    ('a = 1 2', "expected the end of the line after a value, found '2'", 1, 7),
+    ('a = [1 2]', "expected ',' or ']' in the array, found '2'", 1, 8),
+    ('[a', "expected ']' to close the table header, found the end of the file", 1, 3),
+    ('[[a]\nx = 1', "expected ']]' to close the table header, found ']'", 1, 4),
+    ('[a] x = 1', "expected the end of the line after a table header, found 'x'", 1, 5),
+    ('a b = 1', "expected '=' after the key 'a', found 'b'", 1, 3),
+    ('= 1', "expected a key (letters, digits, '_' and '-', or a quoted string), found '='", 1, 1),
+    ('"""k""" = 1', "expected a key (letters, digits, '_' and '-', or a quoted string), "
+                    "found '\"'", 1, 1),
+    ('a = 1\r', "expected the end of the line after a value, found '\\r'", 1, 6),
+]
+
+TOML_UNSUPPORTED = [
+    # tomllib accepts these; a rules file never needs them, so the reader refuses by name.
+    ('d = 2024-01-31', 'dates and times are not supported here; write 2024-01-31 as a '
+                       'string: "2024-01-31"', 1, 5, _dtm.date),
+    ('d = 1979-05-27T07:32:00Z', 'dates and times are not supported here; write '
+                                 '1979-05-27T07:32:00Z as a string: "1979-05-27T07:32:00Z"',
+     1, 5, _dtm.datetime),
+    ('t = 07:32:00', 'dates and times are not supported here; write 07:32:00 as a string: '
+                     '"07:32:00"', 1, 5, _dtm.time),
+    ('f = 1.5', 'floating-point numbers are not supported here; use a whole number, or a '
+                'string such as "1.5"', 1, 5, float),
+    ('f = 5e3', 'floating-point numbers are not supported here; use a whole number, or a '
+                'string such as "5e3"', 1, 5, float),
+    ('f = -inf', 'floating-point numbers are not supported here; use a whole number, or a '
+                 'string such as "-inf"', 1, 5, float),
+]
+
+
+class TomlReaderTest(unittest.TestCase):
+    def test_valid_documents_read_as_expected(self):
+        for label, text, expected in TOML_VALID:
+            with self.subTest(label):
+                self.assertEqual(gc.parse_toml(text), expected)
+                if tomllib is not None:
+                    self.assertEqual(tomllib.loads(text), expected)
+
+    def test_invalid_documents_name_line_and_column(self):
+        for text, message, line, column in TOML_INVALID:
+            with self.subTest(text):
+                with self.assertRaises(gc.TOMLError) as caught:
+                    gc.parse_toml(text)
+                error = caught.exception
+                self.assertEqual((error.msg, error.lineno, error.colno), (message, line, column))
+                self.assertEqual(str(error), f"{message} (at line {line}, column {column})")
+                self.assertIsInstance(error, ValueError)
+                if tomllib is not None:
+                    with self.assertRaises(tomllib.TOMLDecodeError):
+                        tomllib.loads(text)
+
+    def test_dates_times_and_floats_are_refused_by_name(self):
+        for text, message, line, column, tomllib_type in TOML_UNSUPPORTED:
+            with self.subTest(text):
+                with self.assertRaises(gc.TOMLError) as caught:
+                    gc.parse_toml(text)
+                error = caught.exception
+                self.assertEqual((error.msg, error.lineno, error.colno), (message, line, column))
+                if tomllib is not None:
+                    self.assertIsInstance(next(iter(tomllib.loads(text).values())), tomllib_type)
+
+    @unittest.skipIf(tomllib is None, "tomllib needs Python 3.11+")
+    def test_agrees_with_tomllib_on_mutated_documents(self):
+        # Every valid document above, plus the starter and example rules, damaged one
+        # character at a time (deleted, duplicated, or replaced by a character TOML gives
+        # meaning to). Whatever tomllib makes of each, parse_toml must agree: reject
+        # what it rejects, and read the same value from the rest, except for the floats
+        # and dates it refuses on purpose.
+        corpus = [text for _, text, _ in TOML_VALID] + [EXAMPLE_TOML, STARTER_RULES_TOML[-1500:]]
+        rng = random.Random(11)
+        alphabet = "\"'[]{}=.,#\n \\tf01_-+:e"
+        checked = 0
+        for _ in range(3000):
+            text = rng.choice(corpus)
+            at = rng.randrange(len(text))
+            change = rng.randrange(3)
+            if change == 0:
+                text = text[:at] + text[at + 1:]
+            elif change == 1:
+                text = text[:at] + text[at] + text[at:]
+            else:
+                text = text[:at] + rng.choice(alphabet) + text[at + 1:]
+            try:
+                expected = tomllib.loads(text)
+            except tomllib.TOMLDecodeError:
+                with self.assertRaises(gc.TOMLError, msg=repr(text)):
+                    gc.parse_toml(text)
+                checked += 1
+                continue
+            if _has_float_or_date(expected):
+                with self.assertRaises(gc.TOMLError, msg=repr(text)):
+                    gc.parse_toml(text)
+                continue
+            self.assertEqual(gc.parse_toml(text), expected, msg=repr(text))
+            checked += 1
+        self.assertGreater(checked, 2500)
+
+    def test_rules_files_agree_with_tomllib(self):
+        self.assertEqual(gc.parse_toml(EXAMPLE_TOML), EXAMPLE_DOC)
+        self.assertEqual(gc.parse_toml(STARTER_RULES_TOML), json.loads(STARTER_RULES_JSON))
+        if tomllib is not None:
+            self.assertEqual(tomllib.loads(STARTER_RULES_TOML), json.loads(STARTER_RULES_JSON))
+
+    def test_a_rules_file_error_names_the_file_line_and_column(self):
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "rules.toml")
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write('[[rule]]\nname = "Old"\nolder_than = 2024-01-01\ntrash = true\n')
+            with self.assertRaises(RulesError) as caught:
+                load_rules(path)
+        self.assertEqual(str(caught.exception),
+                         f'{path}: line 3, column 14: invalid TOML: dates and times are not '
+                         'supported here; write 2024-01-01 as a string: "2024-01-01"')
+
+    def test_module_reads_toml_and_init_writes_it_without_tomllib(self):
+        # What a Python 3.9 or 3.10 user runs, wherever the suite runs: tomllib blocked.
+        with tempfile.TemporaryDirectory() as folder:
+            script = ("import sys; sys.modules['tomllib'] = None\n"
+                      "import gmail_classify as gc\n"
+                      "sys.exit(gc.main(['init']) or gc.main(['check', sys.argv[1]]))\n")
+            env = dict(os.environ, XDG_CONFIG_HOME=folder)
+            done = subprocess.run([sys.executable, "-c", script,
+                                   os.path.join(folder, "gmail_classify", "rules.toml")],
+                                  cwd=os.path.dirname(os.path.abspath(gc.__file__)), env=env,
+                                  capture_output=True, text=True, timeout=60)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            with open(os.path.join(folder, "gmail_classify", "rules.toml"), encoding="utf-8") as fh:
+                self.assertEqual(fh.read(), STARTER_RULES_TOML)
+        self.assertIn("5 rules", done.stdout)
+
+
+def _has_float_or_date(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_has_float_or_date(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_float_or_date(v) for v in value)
+    return isinstance(value, (float, _dtm.date, _dtm.time))
 
 
 # --- Matching ----------------------------------------------------------------------------
@@ -4111,9 +4317,8 @@ class ExampleRulesTest(unittest.TestCase):
     def test_example_rules_classify_from_json(self):
         self.check(parse_rules(json.loads(json.dumps(EXAMPLE_DOC)), "rules.json"))
 
-    @unittest.skipIf(tomllib is None, "tomllib needs Python 3.11+")
     def test_example_rules_classify_from_toml(self):
-        self.check(parse_rules(tomllib.loads(EXAMPLE_TOML), "rules.toml"))
+        self.check(parse_rules(gc.parse_toml(EXAMPLE_TOML), "rules.toml"))
 
     def test_needs_lists_what_to_fetch(self):
         doc = {"rule": EXAMPLE_DOC["rule"] + [
@@ -4130,9 +4335,8 @@ class ExampleRulesTest(unittest.TestCase):
 
 
 class BuiltinRulesTest(unittest.TestCase):
-    @unittest.skipIf(tomllib is None, "tomllib needs Python 3.11+")
     def test_starter_toml_equals_builtin_rules(self):
-        parsed = parse_rules(tomllib.loads(STARTER_RULES_TOML), "built-in rules")
+        parsed = parse_rules(gc.parse_toml(STARTER_RULES_TOML), "built-in rules")
         self.assertEqual(parsed, builtin_rules())
 
     def test_starter_json_equals_builtin_rules(self):
@@ -4620,9 +4824,9 @@ class OfflineCommandLineTest(unittest.TestCase):
     def test_init_default_path_is_under_xdg_config_home(self):
         code, out, err = run_cli("init", env={"XDG_CONFIG_HOME": self.tmp})
         self.assertEqual(code, 0, err)
-        name = "rules.toml" if gc.tomllib is not None else "rules.json"
-        expected = os.path.join(self.tmp, "gmail_classify", name)
-        self.assertTrue(os.path.exists(expected))
+        expected = os.path.join(self.tmp, "gmail_classify", "rules.toml")
+        with open(expected, encoding="utf-8") as fh:
+            self.assertEqual(fh.read(), STARTER_RULES_TOML)
         with mock.patch.dict(os.environ, {"XDG_CONFIG_HOME": self.tmp}):
             self.assertEqual(gc.find_rules(None).source, expected)
 

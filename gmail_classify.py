@@ -74,6 +74,7 @@ import random
 import re
 import select
 import shlex
+import socket
 import ssl
 import subprocess
 import sys
@@ -149,6 +150,12 @@ class RulesError(GmailClassifyError):
 
 class _Dropped(Exception):
     """Internal: the connection died (EOF, reset, timeout, BYE); reconnect and maybe retry."""
+
+
+class _Unreachable(_Dropped):
+    """Internal: a connect failed in a way waiting will not fix (refused, no such host, TLS
+    spoken to a plain port). The first connect of a run gives up at once; a reconnect
+    mid-run still retries, since a restarting server refuses for a moment."""
 
 
 # --- Wire format: quoting, modified UTF-7, UID sets, dates -------------------------------
@@ -873,6 +880,9 @@ class GmailConnection:
                            f"{exc.verify_message or exc.reason}; if the server uses a "
                            f"private CA, pass its certificate with --cafile") from exc
         except (ssl.SSLError, imaplib.IMAP4.error, OSError) as exc:
+            hint = self._hopeless(exc)
+            if hint:
+                raise _Unreachable(f"cannot connect to {where}: {hint}") from exc
             raise _Dropped(f"cannot connect to {where}: {_decode_server_text(exc)}") from exc
         try:
             if self.security == "starttls":
@@ -887,6 +897,29 @@ class GmailConnection:
             raise
         self._imap = imap
         return imap
+
+    # OpenSSL's reasons when the other side does not speak TLS at all (it sent an IMAP
+    # greeting in plain text), and when the two sides share no TLS version.
+    _NOT_TLS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
+                "UNKNOWN_PROTOCOL", "HTTP_REQUEST")
+    _OLD_TLS = ("UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PROTOCOL_VERSION", "NO_PROTOCOLS_AVAILABLE")
+
+    def _hopeless(self, exc: BaseException) -> str:
+        """What to do about a connect error that a retry cannot fix; "" if one might."""
+        if isinstance(exc, ConnectionRefusedError):
+            return ("connection refused: nothing listens on that port; check --host and "
+                    f"--port (IMAP uses {IMAPS_PORT} with TLS, {IMAP_PORT} with --starttls)")
+        if isinstance(exc, socket.gaierror) and exc.errno in (
+                getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None)):
+            return f"no such host {self.host!r} ({exc.strerror}); check --host"
+        reason = getattr(exc, "reason", None) if isinstance(exc, ssl.SSLError) else None
+        if reason in self._NOT_TLS:
+            return (f"the server did not answer in TLS ({reason.lower().replace('_', ' ')}): "
+                    f"is {self.port} a plain IMAP port? try --starttls, or port {IMAPS_PORT}")
+        if reason in self._OLD_TLS:
+            return (f"no TLS version in common ({reason.lower().replace('_', ' ')}): the "
+                    "server offers only versions that are no longer safe")
+        return ""
 
     def _starttls(self, imap: imaplib.IMAP4, where: str) -> None:
         if "STARTTLS" not in imap.capabilities:
@@ -920,10 +953,21 @@ class GmailConnection:
         except imaplib.IMAP4.error as exc:
             text = _decode_server_text(exc)
             raise AuthenticationError(f"{self.host} rejected the sign-in for {self.user}: "
-                                      f"{text}", command="LOGIN", status="NO", text=text) from exc
+                                      f"{text}{self._gmail_login_hint(imap)}", command="LOGIN",
+                                      status="NO", text=text) from exc
         except OSError as exc:
             raise _Dropped(f"connection lost while signing in: {exc}") from exc
         log.info("signed in to %s as %s", self.host, self.user)
+
+    def _gmail_login_hint(self, imap: imaplib.IMAP4) -> str:
+        """Gmail refuses the account's normal password over IMAP: say what works instead."""
+        gmail = "X-GM-EXT-1" in imap.capabilities or \
+            self.host.lower().rstrip(".").endswith((".gmail.com", ".googlemail.com"))
+        if not gmail:
+            return ""
+        return (" (Gmail needs an app password, not your Google password: Google Account -> "
+                "Security -> App passwords, which needs 2-Step Verification; and IMAP must be "
+                "on in Gmail's settings, under Forwarding and POP/IMAP)")
 
     def _xoauth2(self, imap: imaplib.IMAP4) -> None:
         token = _credential(self._token) or ""
@@ -968,6 +1012,8 @@ class GmailConnection:
         first_connect = first_error is None
         while True:
             if error is not None:
+                if first_connect and isinstance(error, _Unreachable):
+                    raise ConnectionLostError(str(error)) from error
                 if attempt > self.retries:
                     tries = self.retries + first_connect
                     what = (f"{error} (gave up after {tries} attempts)" if first_connect else
@@ -978,10 +1024,9 @@ class GmailConnection:
                 delay = min(MAX_BACKOFF, self.backoff * 2 ** (attempt - 1))
                 delay *= 0.5 + 0.5 * self._rng()
                 self.backoff_delays.append(delay)
-                # Mid-run reconnects deserve a warning; first-connect retries are routine.
-                log.log(logging.INFO if first_connect else logging.WARNING,
-                        "connection problem (%s); trying again in %.1f s (attempt %d of %d)",
-                        error, delay, attempt, self.retries)
+                # Said on every retry, so a slow start never looks like a hang.
+                log.warning("%s; retrying (%d/%d) in %.1f s...", error, attempt + 1,
+                            self.retries + 1, delay)
                 self._sleep(delay)
             try:
                 self._open()
@@ -2738,7 +2783,7 @@ ACCOUNT_KEYS = ("user", "host", "port", "tls", "auth", "password_command", "cafi
 TLS_MODES = ("implicit", "starttls", "plaintext")
 AUTH_METHODS = ("password", "xoauth2")
 
-_SIZE_RE = re.compile(r"(\d+)([KMG]?)", re.IGNORECASE)
+_SIZE_RE = re.compile(r"(\d+) ?([KMG]?)(?:i?B)?", re.IGNORECASE)  # 500K, 5M, 5MB, 5 MB, 1GiB
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
 _AGE_RE = re.compile(r"(\d+)([dwmy])")
 _HEADER_NAME_RE = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII but ':'
@@ -2746,10 +2791,42 @@ _FORBIDDEN_CHARS = re.compile(r"[\r\n\0]")
 
 
 def _unknown_key(key: str, known: Iterable[str], what: str = "known keys") -> str:
+    """'unknown key 'lable'; did you mean 'label'?', or the list of keys when none is close."""
     known = list(known)
     close = difflib.get_close_matches(str(key), known, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return f"unknown key '{key}'{hint} ({what}: {', '.join(known)})"
+    if close:
+        return f"unknown key '{key}'; did you mean '{close[0]}'?"
+    return f"unknown key '{key}' ({what}: {', '.join(known)})"
+
+
+class _Problems:
+    """Collects every RulesError of a rules file, so one `check` reports them all.
+
+    ``with problems.catch():`` around each independent part (a key, a rule) records its
+    error and carries on; ``raise_any()`` then raises one RulesError, one line per problem.
+    """
+
+    def __init__(self) -> None:
+        self.lines: List[str] = []
+
+    def catch(self) -> "_Problems":
+        return self
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> bool:
+        if isinstance(error, RulesError):
+            self.lines.extend(str(error).splitlines())
+            return True
+        return False
+
+    def add(self, error: RulesError) -> None:
+        self.lines.extend(str(error).splitlines())
+
+    def raise_any(self) -> None:
+        if self.lines:
+            raise RulesError("\n".join(self.lines))
 
 
 class _Where:
@@ -2819,7 +2896,7 @@ def _parse_size(where: _Where, path: str, value: Any) -> Tuple[int, str]:
         return value, str(value)
     found = _SIZE_RE.fullmatch(value) if isinstance(value, str) else None
     if not found:
-        raise where.error(path, f"expected a size like 500K, 5M or 1G, got {_quote(value)}")
+        raise where.error(path, f"expected a size like 500K, 5M, 5 MB or 1G, got {_quote(value)}")
     return int(found.group(1)) * _SIZE_UNITS[found.group(2).lower()], value
 
 
@@ -2924,17 +3001,23 @@ def _parse_labels(where: _Where, value: Any) -> Tuple[str, ...]:
     return tuple(labels)
 
 
-def _parse_actions(where: _Where, rule: dict) -> Actions:
+def _parse_actions(where: _Where, rule: dict, problems: _Problems, required: bool = True) -> Actions:
     values: Dict[str, Any] = {}
+    bad = len(problems.lines)
     if "label" in rule:
-        values["labels"] = _parse_labels(where, rule["label"])
+        with problems.catch():
+            values["labels"] = _parse_labels(where, rule["label"])
     if "move" in rule:
-        values["move"] = _check_text(where, "move", rule["move"], "a folder name")
+        with problems.catch():
+            values["move"] = _check_text(where, "move", rule["move"], "a folder name")
     for key in ("archive", "mark_read", "mark_unread", "star", "unstar", "trash"):
         if key in rule:
-            values[key] = _check_bool(where, key, rule[key])
+            with problems.catch():
+                values[key] = _check_bool(where, key, rule[key])
     actions = Actions(**values)
-    if actions.is_empty():
+    if len(problems.lines) > bad:
+        return actions
+    if actions.is_empty() and required:
         raise where.error("", "no action; add at least one of " + ", ".join(ACTION_KEYS)
                               + " (set to a label, a folder or true)")
     conflicts = [("move", "trash"), ("move", "archive"), ("archive", "trash"),
@@ -2946,81 +3029,104 @@ def _parse_actions(where: _Where, rule: dict) -> Actions:
     return actions
 
 
-def _parse_rule(source: str, position: int, rule: Any) -> Rule:
+def _parse_rule(source: str, position: int, rule: Any, problems: _Problems) -> Optional[Rule]:
+    """One rule; each bad key is added to `problems` (and None returned), not raised."""
     where = _Where(source, position)
     if not isinstance(rule, dict):
-        raise where.error("", f"expected a table, got {_quote(rule)}")
+        problems.add(where.error("", f"expected a table, got {_quote(rule)}"))
+        return None
+    bad = len(problems.lines)
     name = rule.get("name")
     if name is not None:
-        name = _check_text(where, "name", name)
-        where.name = name
-    for key in rule:
-        if key not in RULE_KEYS:
-            raise where.error("", _unknown_key(key, RULE_KEYS))
+        with problems.catch():
+            name = _check_text(where, "name", name)
+            where.name = name
+    unknown = [key for key in rule if key not in RULE_KEYS]
+    for key in unknown:
+        problems.add(where.error("", _unknown_key(key, RULE_KEYS)))
     parts: List[Condition] = []
     for key, value in rule.items():  # file order: explanations read as written
         if key in CONDITION_KEYS:
-            parts.extend(_parse_one_condition(where, key, key, value))
-    if not parts:
-        raise where.error("", "no condition; add at least one of " + ", ".join(CONDITION_KEYS))
-    actions = _parse_actions(where, rule)
-    keep_going = _check_bool(where, "continue", rule.get("continue", False))
+            with problems.catch():
+                parts.extend(_parse_one_condition(where, key, key, value))
+    # A misspelt key is most likely the missing condition or action: say it once.
+    if not unknown and not any(key in CONDITION_KEYS for key in rule):
+        problems.add(where.error("", "no condition; add at least one of "
+                                     + ", ".join(CONDITION_KEYS)))
+    actions = Actions()
+    with problems.catch():
+        actions = _parse_actions(where, rule, problems, required=not unknown)
+    keep_going = False
+    with problems.catch():
+        keep_going = _check_bool(where, "continue", rule.get("continue", False))
+    if len(problems.lines) > bad:
+        return None
     return Rule(name=name or f"rule {position}", position=position,
                 condition=_combine(parts), actions=actions, continue_=keep_going)
 
 
-def _parse_account(source: str, value: Any) -> Dict[str, Any]:
+def _parse_account(source: str, value: Any, problems: _Problems) -> Dict[str, Any]:
     where = _Where(source)
     if not isinstance(value, dict):
-        raise where.error("account", f"expected a table, got {_quote(value)}")
+        problems.add(where.error("account", f"expected a table, got {_quote(value)}"))
+        return {}
     account: Dict[str, Any] = {}
     for key, item in value.items():
-        path = f"account.{key}"
-        if key not in ACCOUNT_KEYS:
-            raise where.error("account", _unknown_key(key, ACCOUNT_KEYS))
-        if key in ("user", "host", "cafile"):
-            account[key] = _check_text(where, path, item)
-        elif key == "port":
-            if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= 65535:
-                raise where.error(path, f"expected a whole number from 1 to 65535, got {_quote(item)}")
-            account[key] = item
-        elif key in ("tls", "auth"):
-            choices = TLS_MODES if key == "tls" else AUTH_METHODS
-            if item not in choices:
-                raise where.error(path, f"expected one of {', '.join(map(_quote, choices))}, "
-                                        f"got {_quote(item)}")
-            account[key] = item
-        elif key == "password_command":
-            if isinstance(item, list):
-                if not item:
-                    raise where.error(path, "expected a command string or a list of strings, "
-                                            "got an empty list")
-                account[key] = [_check_text(where, f"{path}[{i}]", part, "a string")
-                                for i, part in enumerate(item, 1)]
-            else:
-                account[key] = _check_text(where, path, item, "a command string or a list of strings")
-        elif key == "folders":
-            if not isinstance(item, list) or not item:
-                raise where.error(path, f"expected a non-empty list of folder names, got {_quote(item)}")
-            account[key] = [_check_text(where, f"{path}[{i}]", part, "a folder name")
-                            for i, part in enumerate(item, 1)]
+        with problems.catch():
+            _parse_account_key(where, key, item, account)
     return account
+
+
+def _parse_account_key(where: _Where, key: str, item: Any, account: Dict[str, Any]) -> None:
+    """One key of [account] into `account`; raises RulesError when it is wrong."""
+    path = f"account.{key}"
+    if key not in ACCOUNT_KEYS:
+        raise where.error("account", _unknown_key(key, ACCOUNT_KEYS))
+    if key in ("user", "host", "cafile"):
+        account[key] = _check_text(where, path, item)
+    elif key == "port":
+        if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= 65535:
+            raise where.error(path, f"expected a whole number from 1 to 65535, got {_quote(item)}")
+        account[key] = item
+    elif key in ("tls", "auth"):
+        choices = TLS_MODES if key == "tls" else AUTH_METHODS
+        if item not in choices:
+            raise where.error(path, f"expected one of {', '.join(map(_quote, choices))}, "
+                                    f"got {_quote(item)}")
+        account[key] = item
+    elif key == "password_command":
+        if isinstance(item, list):
+            if not item:
+                raise where.error(path, "expected a command string or a list of strings, "
+                                        "got an empty list")
+            account[key] = [_check_text(where, f"{path}[{i}]", part, "a string")
+                            for i, part in enumerate(item, 1)]
+        else:
+            account[key] = _check_text(where, path, item, "a command string or a list of strings")
+    elif key == "folders":
+        if not isinstance(item, list) or not item:
+            raise where.error(path, f"expected a non-empty list of folder names, got {_quote(item)}")
+        account[key] = [_check_text(where, f"{path}[{i}]", part, "a folder name")
+                        for i, part in enumerate(item, 1)]
 
 
 def parse_rules(doc: Any, source: str = "<rules>") -> Ruleset:
     """Validate a rules document (parsed TOML or JSON) and build a Ruleset.
 
-    Returns the Ruleset; raises RulesError with one line naming the source, the
-    rule (position and name), the key and what was expected.
+    Returns the Ruleset; raises RulesError listing every problem of the file, one
+    line each, naming the source, the rule (position and name), the key and what was
+    expected, e.g. 'rules.toml: rule 2 ("News"): unknown key 'lable'; did you mean 'label'?'.
     """
     where = _Where(source)
+    problems = _Problems()
     if not isinstance(doc, dict):
         raise where.error("", "expected a table with a 'rule' list at the top level, "
                               f"got {_quote(doc)}")
     for key in doc:
         if key not in TOP_LEVEL_KEYS:
-            raise where.error("", _unknown_key(key, TOP_LEVEL_KEYS))
+            problems.add(where.error("", _unknown_key(key, TOP_LEVEL_KEYS)))
     if "rule" not in doc:
+        problems.raise_any()
         raise where.error("", "no rules; add at least one [[rule]] table (TOML) "
                               "or a \"rule\" list (JSON)")
     rules = doc["rule"]
@@ -3031,8 +3137,9 @@ def parse_rules(doc: Any, source: str = "<rules>") -> Ruleset:
         raise where.error("rule", f"expected a list of rule tables, got {_quote(rules)}")
     if not rules:
         raise where.error("rule", "the list is empty; add at least one rule")
-    parsed = tuple(_parse_rule(source, i, rule) for i, rule in enumerate(rules, 1))
-    account = _parse_account(source, doc["account"]) if "account" in doc else {}
+    parsed = tuple(_parse_rule(source, i, rule, problems) for i, rule in enumerate(rules, 1))
+    account = _parse_account(source, doc["account"], problems) if "account" in doc else {}
+    problems.raise_any()
     return Ruleset(rules=parsed, source=source, account=account)
 
 
@@ -3850,6 +3957,21 @@ def _message_info(uid: int, values: Mapping[str, Any], header_item: str,
     )
 
 
+def _folder_hint(conn: GmailConnection, folder: str) -> str:
+    """"did you mean 'Receipts'?" for a misspelt folder, else where to find the names."""
+    try:
+        names = [f.name for f in conn.list_folders() if f.selectable]
+    except GmailClassifyError:
+        names = []
+    if folder in names:
+        return "the 'labels' command lists the folder names"
+    by_key = {name.casefold(): name for name in names}
+    close = difflib.get_close_matches(folder.casefold(), list(by_key), n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {by_key[close[0]]!r}? (the 'labels' command lists them all)"
+    return "the 'labels' command lists the folder names"
+
+
 def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX", *,
                     apply: bool = False, since: Optional[_dt.date] = None,
                     limit: Optional[int] = None, batch_size: int = DEFAULT_BATCH,
@@ -3871,10 +3993,10 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     try:
         status = conn.select(folder) if apply else conn.examine(folder)
     except ImapError as exc:
-        if exc.status != "NO":
+        if exc.status not in ("NO", "BAD"):
             raise
-        raise ImapError(f"cannot open folder {folder!r}: {exc.text}; the 'labels' command "
-                        f"lists the folder names", command=exc.command, status=exc.status,
+        raise ImapError(f"cannot open folder {folder!r}: {exc.text or exc}; "
+                        f"{_folder_hint(conn, folder)}", command=exc.command, status=exc.status,
                         code=exc.code, text=exc.text) from exc
     log.info("%s: %d messages (UIDVALIDITY %d)", folder, status.exists, status.uidvalidity)
     uids = conn.search(["SINCE", since] if since else ["ALL"])
@@ -4045,6 +4167,9 @@ exit codes:
 PASSWORD_ENV = "GMAIL_APP_PASSWORD"
 TOKEN_ENV = "GMAIL_OAUTH_TOKEN"
 USER_ENV = "GMAIL_USER"
+# Generic names that other IMAP tools use; the GMAIL_* name wins when both are set.
+USER_ENV_ALIAS = "IMAP_USER"
+PASSWORD_ENV_ALIAS = "IMAP_PASSWORD"
 SUBCOMMANDS = ("run", "check", "test", "labels", "folders", "init")
 
 
@@ -4070,10 +4195,16 @@ def find_rules(path: Optional[str]) -> Ruleset:
 
 
 def _parse_since(text: str) -> _dt.date:
+    """``2024-01-31``, or an age in the rules' units: ``7d``, ``2w``, ``6m``, ``1y`` back from today."""
+    age = _AGE_RE.fullmatch(text.strip())
+    if age:
+        now = datetime.now(timezone.utc).astimezone()
+        return _cutoff(now, int(age.group(1)), age.group(2)).date()
     try:
         return _dt.date.fromisoformat(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a date as YYYY-MM-DD, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a date as YYYY-MM-DD or an age such as 7d, "
+                                         f"2w, 6m or 1y, got {text!r}") from None
 
 
 def _positive(text: str) -> int:
@@ -4097,7 +4228,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     conn = argparse.ArgumentParser(add_help=False)
     group = conn.add_argument_group("connection")
-    group.add_argument("--user", help=f"account name (default: ${USER_ENV} or the rules' [account])")
+    group.add_argument("--user", help=f"account name (default: ${USER_ENV} or ${USER_ENV_ALIAS}, "
+                                      "or the rules' [account])")
     group.add_argument("--host", help=f"IMAP server (default: {GMAIL_HOST})")
     group.add_argument("--port", type=int, help="port (default: 993, or 143 with --starttls)")
     group.add_argument("--starttls", action="store_true", help="port 143 with STARTTLS")
@@ -4105,7 +4237,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="no TLS at all; only allowed to a loopback address (tests)")
     group.add_argument("--cafile", help="extra CA certificate to trust (PEM)")
     group.add_argument("--auth", choices=("password", "xoauth2"),
-                       help=f"password (app password from ${PASSWORD_ENV}, ~/.netrc, "
+                       help=f"password (app password from ${PASSWORD_ENV} or "
+                            f"${PASSWORD_ENV_ALIAS}, ~/.netrc, "
                             f"--password-command or a prompt) or xoauth2 (token from "
                             f"${TOKEN_ENV} or --password-command)")
     group.add_argument("--password-command", metavar="CMD",
@@ -4130,7 +4263,8 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--folder", action="append", help="folder to classify (repeatable; "
                      "default INBOX)")
-    run.add_argument("--since", type=_parse_since, help="only mail received since YYYY-MM-DD")
+    run.add_argument("--since", type=_parse_since, help="only mail received since a date "
+                     "(YYYY-MM-DD) or an age: 7d, 2w, 6m, 1y")
     run.add_argument("--limit", type=_positive, help="only the newest N messages per folder")
     run.add_argument("--apply", action="store_true", help="make the changes (default: only "
                      "show them)")
@@ -4205,9 +4339,11 @@ def _password_from_netrc(host: str, user: str) -> Optional[str]:
 
 def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any]) -> Dict[str, Any]:
     """Combine flags, environment and the rules' [account] table (flags win)."""
-    user = args.user or os.environ.get(USER_ENV) or account.get("user")
+    user = (args.user or os.environ.get(USER_ENV) or os.environ.get(USER_ENV_ALIAS)
+            or account.get("user"))
     if not user:
-        raise UsageError(f"no account given: pass --user you@gmail.com or set {USER_ENV}")
+        raise UsageError(f"no account given: pass --user you@gmail.com or set {USER_ENV} "
+                         f"(or {USER_ENV_ALIAS})")
     host = args.host or account.get("host") or GMAIL_HOST
     security = account.get("tls", "implicit")
     if args.starttls:
@@ -4221,7 +4357,10 @@ def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any]) -
     auth = args.auth or account.get("auth") or "password"
     # Where the secret comes from, first found wins: --password-command, the environment,
     # the rules file's password_command, ~/.netrc, a prompt on a terminal.
-    env_secret = os.environ.get(TOKEN_ENV if auth == "xoauth2" else PASSWORD_ENV)
+    if auth == "xoauth2":
+        env_secret = os.environ.get(TOKEN_ENV)
+    else:
+        env_secret = os.environ.get(PASSWORD_ENV) or os.environ.get(PASSWORD_ENV_ALIAS)
     command = args.password_command or (None if env_secret else account.get("password_command"))
     if isinstance(command, list):
         command = " ".join(shlex.quote(part) for part in command)
@@ -4245,7 +4384,8 @@ def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any]) -
     if not password and sys.stdin.isatty():
         password = getpass.getpass(f"Password for {user} at {host}: ")
     if not password:
-        raise UsageError(f"no password: set {PASSWORD_ENV}, add {host} to ~/.netrc, use "
+        raise UsageError(f"no password: set {PASSWORD_ENV} (or {PASSWORD_ENV_ALIAS}), add "
+                         f"{host} to ~/.netrc, use "
                          f"--password-command, or run in a terminal to be asked")
     settings["password"] = password
     return settings
@@ -4409,7 +4549,8 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
     except GmailClassifyError as exc:
         if args.verbose:
             log.exception("details:")
-        sys.stderr.write(f"gmail_classify: {exc}\n")
+        for line in str(exc).splitlines() or [type(exc).__name__]:   # RulesError: one per problem
+            sys.stderr.write(f"gmail_classify: {line}\n")
         return _exit_code(exc)
     except Exception as exc:  # a bug: say so briefly, with the traceback under -v
         if args.verbose:

@@ -790,6 +790,7 @@ class GmailConnection:
         self.commands_sent = 0
         self.bytes_received = 0
         self.backoff_delays: List[float] = []
+        self._secrets: List[str] = []   # credentials sent, kept out of -vv logs
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -945,8 +946,9 @@ class GmailConnection:
             if self._token is not None:
                 self._xoauth2(imap)
             else:
-                password = _credential(self._password) or ""
-                imap.login(self.user, _clean_password(password))
+                password = _clean_password(_credential(self._password) or "")
+                self._remember_secret(password)
+                imap.login(self.user, password)
         except AuthenticationError:
             raise
         except imaplib.IMAP4.abort as exc:
@@ -959,6 +961,10 @@ class GmailConnection:
         except OSError as exc:
             raise _Dropped(f"connection lost while signing in: {exc}") from exc
         log.info("signed in to %s as %s", self.host, self.user)
+
+    def _remember_secret(self, secret: str) -> None:
+        if len(secret) >= 4 and secret not in self._secrets:
+            self._secrets.append(secret)
 
     def _gmail_login_hint(self, imap: imaplib.IMAP4) -> str:
         """Gmail refuses the account's normal password over IMAP: say what works instead."""
@@ -973,6 +979,8 @@ class GmailConnection:
     def _xoauth2(self, imap: imaplib.IMAP4) -> None:
         token = _credential(self._token) or ""
         initial = f"user={self.user}\x01auth=Bearer {token}\x01\x01".encode()
+        self._remember_secret(token)
+        self._remember_secret(base64.b64encode(initial).decode("ascii"))
         challenges: List[bytes] = []
 
         # Gmail answers a bad token with a JSON challenge and waits for an empty response
@@ -1129,6 +1137,13 @@ class GmailConnection:
                 shown.append(text if len(text) < 200 else text[:200] + "...")
         log.debug("C: %s %s %s", tag.decode(), command, " ".join(shown))
 
+    def _log_answer(self, raw: bytes) -> None:
+        """-vv: one server line, shortened, with any credential of ours blanked out."""
+        text = raw.decode("utf-8", "replace")
+        for secret in self._secrets:
+            text = text.replace(secret, "<redacted>")
+        log.debug("S: %s", text if len(text) < 200 else text[:200] + "...")
+
     def _send(self, imap: imaplib.IMAP4, tag: bytes, parts: List[Union[bytes, Literal]]) -> None:
         nonsync = self.has("LITERAL+") or self.has("LITERAL-")
         line = b""
@@ -1186,8 +1201,11 @@ class GmailConnection:
     def _read_response(self, imap: imaplib.IMAP4, tag: bytes, command: str, expect_bye: bool,
                        on_untagged: Optional[Callable[[List[Any]], None]]) -> _Response:
         untagged: List[List[Any]] = []
+        debug = log.isEnabledFor(logging.DEBUG)
         while True:
             raw = self._read_line(imap)
+            if debug:
+                self._log_answer(raw)
             if raw.startswith(b"* "):
                 body = raw[2:]
                 head = body.split(b" ", 1)
@@ -4546,9 +4564,9 @@ def _fit(text: str, width: int) -> str:
             break
         cut.append(char)
     shown = "".join(cut)
-    space = shown.rfind(" ")
-    if space >= len(shown) * 2 // 3:
-        shown = shown[:space]
+    if text[len(shown)] not in " ,;:":   # cut inside a word: back up to the word's start
+        space = shown.rfind(" ")
+        shown = shown[:space] if space > 0 else shown
     return shown.rstrip(" ,;:-") + "..."
 
 
@@ -4569,11 +4587,13 @@ def _message_line(outcome: Outcome, applied: bool, width: Optional[int] = None) 
     subject = " ".join(outcome.subject.split())
     if width is None:
         return f"{head}  {_sender(outcome.sender, 40)}  {_fit(subject, 60)}"
-    room = width - _columns(head) - 4
+    room = width - _columns(head) - 2
     if room < 10:
         return _fit(head, width)
-    who = _sender(outcome.sender, max(8, min(40, room // 3)))
-    return f"{head}  {who}  {_fit(subject, room - _columns(who))}"
+    if room < 40:   # too narrow for both: the subject says more than the sender
+        return f"{head}  {_fit(subject, room)}"
+    who = _sender(outcome.sender, min(40, room // 3))
+    return f"{head}  {who}  {_fit(subject, room - 2 - _columns(who))}"
 
 
 class _Progress:

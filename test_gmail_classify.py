@@ -5989,5 +5989,186 @@ class FailFastTest(unittest.TestCase):
 
 
 
+class DemoTest(unittest.TestCase):
+    def test_demo_classifies_the_sample_offline_like_a_dry_run(self):
+        with mock.patch.object(socket, "create_connection", side_effect=AssertionError("network")):
+            code, out, err = run_cli("demo")
+        self.assertEqual((code, err), (0, ""))
+        lines = out.splitlines()
+        self.assertEqual(lines[1], "Rules: built-in rules (5 rules, labels only); write your "
+                                   "own with: python gmail_classify.py init")
+        self.assertIn("INBOX 3: would label Receipts  [Receipts]  Stadtwerke Köln  "
+                      "Ihre Rechnung für März", lines)   # the name: the address is too long
+        self.assertIn("INBOX 9: would label Newsletters  [Newsletters]  株式会社サンプル <sale@"
+                      "shop.example.jp>  セール開始 🎉 Spring sale starts now", lines)
+        self.assertFalse(any(line.startswith("INBOX 7:") for line in lines))  # a friend: no rule
+        self.assertIn("INBOX: 10 messages examined", lines)
+        self.assertIn("  Receipts             3          2", lines)  # one already labelled
+        self.assertNotIn("--apply", out)
+
+    def test_demo_report_is_the_one_classify_folder_gives_on_a_server(self):
+        server = FakeGmail().start()
+        self.addCleanup(server.stop)
+        now = datetime.now(timezone.utc)
+        infos = gc.demo_messages(now)
+        for info in infos:
+            server.add_message(info.headers.as_bytes().replace(b"\n", b"\r\n") + b"\r\n",
+                               labels=info.labels, flags=info.flags)
+        conn = gc.GmailConnection(USER, password=PASSWORD, host="127.0.0.1", port=server.port,
+                                  security="plaintext", keepalive=None, retries=0)
+        with conn:
+            live = gc.classify_folder(conn, builtin_rules(), "INBOX", now=now)
+        offline = gc.classify_messages(builtin_rules(), infos, "INBOX", now=now)
+        self.assertEqual((offline.examined, offline.matched, offline.changed, offline.changes),
+                         (live.examined, live.matched, live.changed, live.changes))
+
+    def test_demo_with_your_own_rules_and_summary_only(self):
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "rules.toml")
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write('[[rule]]\nname = "Old and big"\nlarger_than = "5 MB"\n'
+                         'older_than = "1y"\ntrash = true\n')
+            code, out, err = run_cli("demo", "--rules", path, "--summary")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn(f"Rules: {path} (1 rule)\n", out)
+        self.assertNotIn("INBOX 10:", out)
+        self.assertIn("  would: trash (1)\n", out)
+
+
+class RunOutputTest(FakeServerTest):
+    def argv(self, *extra: str) -> List[str]:
+        return ["--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                "--plaintext", "--retries", "0", *extra]
+
+    def test_rules_in_force_one_total_and_singular_nouns(self):
+        self.server.add_message(make_message("Your receipt"))
+        self.server.add_message(make_message("old news"), labels=["Work"])
+        code, out, err = run_cli(*self.argv("--folder", "INBOX", "--folder", "Work"),
+                                 env={"GMAIL_APP_PASSWORD": PASSWORD, "XDG_CONFIG_HOME": self.tmp})
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out.splitlines()[0], "Rules: built-in rules (5 rules, labels only); "
+                                              "write your own with: python gmail_classify.py init")
+        self.assertIn("INBOX: 1 message examined\n  rule      matched  to change\n"
+                      "  Receipts        1          1\n", out)
+        self.assertIn("Work: 1 message examined\n  no rule matched\n", out)
+        self.assertIn("All 2 folders: 2 messages examined; would: label Receipts (1)\n", out)
+        self.assertNotIn("Calendar", out)   # no table of zeros
+
+    def test_apply_prints_a_line_per_message_and_summary_only_hides_them(self):
+        self.server.add_message(make_message("Your receipt"))
+        code, out, err = run_cli(*self.argv("--apply"), env={"GMAIL_APP_PASSWORD": PASSWORD,
+                                                             "XDG_CONFIG_HOME": self.tmp})
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("INBOX 1: label Receipts  [Receipts]  Alice <alice@example.com>  "
+                      "Your receipt\n", out)
+        self.assertIn("  done: label Receipts (1)", out)
+        self.server.add_message(make_message("Another receipt"))
+        code, out, err = run_cli(*self.argv("--apply", "--summary"),
+                                 env={"GMAIL_APP_PASSWORD": PASSWORD, "XDG_CONFIG_HOME": self.tmp})
+        self.assertEqual((code, err), (0, ""))
+        self.assertNotIn("INBOX 2:", out)
+        self.assertIn("  done: label Receipts (1)", out)
+
+    def test_minus_vv_shows_server_answers_without_secrets(self):
+        self.server.add_fault("EXAMINE", action="no", text=f"[TRYCREATE] no {PASSWORD} here")
+        code, _, err = run_cli(*self.argv("-vv"), env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, gc.EXIT_SERVER)
+        answers = [line for line in err.splitlines() if line.startswith("DEBUG: S: ")]
+        self.assertTrue(any(line.startswith("DEBUG: S: * CAPABILITY ") for line in answers), err)
+        self.assertIn("[TRYCREATE] no <redacted> here", "\n".join(answers))
+        self.assertNotIn(PASSWORD, "\n".join(line for line in err.splitlines()
+                                            if line.startswith("DEBUG:")))
+
+
+class XOAuthRedactionTest(FakeServerTest):
+    def test_minus_vv_never_shows_the_token(self):
+        self.server.add_fault("NOOP", action="no", text=f"token {TOKEN} rejected")
+        with self.assertLogs("gmail_classify", "DEBUG") as logs:
+            conn = self.connect(token=TOKEN)
+            with self.assertRaises(gc.ImapError):
+                conn.noop()
+        self.assertIn("S: ", "\n".join(logs.output))
+        self.assertNotIn(TOKEN, "\n".join(logs.output))
+
+
+class LineFittingTest(unittest.TestCase):
+    def outcome(self, sender: str, subject: str) -> gc.Outcome:
+        decision = Decision(matches=(("Newsletters", "header List-Id present"),),
+                            actions=Actions(labels=("Newsletters",)))
+        return gc.Outcome("INBOX", 4021, sender, subject, decision)
+
+    def test_lines_fit_the_terminal_and_cut_at_word_boundaries(self):
+        outcome = self.outcome('"Amazon.com Order Updates" <auto-confirm@amazon.com>',
+                               "Your Amazon.com order of \"Ultra-Soft Microfiber Sheet Set, "
+                               "Queen, Grey\" and 3 more items has shipped")
+        head = "INBOX 4021: would label Newsletters  [Newsletters]  "
+        for width in (70, 80, 100, 150):
+            with self.subTest(width=width):
+                line = gc._message_line(outcome, False, width)
+                self.assertLessEqual(gc._columns(line), width, line)
+                self.assertGreater(gc._columns(line), width - 10, line)
+                self.assertTrue(line.startswith(head), line)
+                self.assertTrue(line.endswith("..."), line)
+                kept = line[len(head):-3].split("  ")[-1]
+                self.assertTrue(outcome.subject.startswith(kept), kept)
+                self.assertIn(outcome.subject[len(kept)], ' ,"', "cut inside a word")
+        self.assertEqual(gc._message_line(outcome, False, 80),
+                         head + "Your Amazon.com order of...")
+        self.assertEqual(gc._message_line(outcome, False, 120),
+                         head + 'Amazon.com Order...  Your Amazon.com order of "Ultra-Soft...')
+        self.assertEqual(gc._message_line(outcome, False, 40),
+                         "INBOX 4021: would label Newsletters...")
+
+    def test_wide_characters_count_as_two_columns(self):
+        outcome = self.outcome("株式会社サンプル <sale@shop.example.jp>", "セール開始 " * 20)
+        line = gc._message_line(outcome, True, 80)
+        self.assertLessEqual(gc._columns(line), 80)
+        self.assertGreater(gc._columns(line), 66)   # 40 characters would have been 80 columns
+        self.assertLess(len(line), 70)   # counted as characters, it would fill 80
+
+    def test_without_a_terminal_lines_keep_the_fixed_caps(self):
+        outcome = self.outcome("Bob <bob@example.net>", "x" * 100)
+        self.assertEqual(gc._message_line(outcome, True, None),
+                         "INBOX 4021: label Newsletters  [Newsletters]  Bob <bob@example.net>  "
+                         + "x" * 57 + "...")
+
+
+class ProgressTest(unittest.TestCase):
+    def run_phase(self, enabled: bool, steps: List[Tuple[float, int]], total: int) -> str:
+        stream, clock = io.StringIO(), [0.0]
+        progress = gc._Progress(stream, enabled, clock=lambda: clock[0])
+        for at, done in steps:
+            clock[0] = at
+            progress("INBOX: classified", done, total)
+        return stream.getvalue()
+
+    def test_long_phase_on_a_terminal_redraws_in_place_and_ends_the_line(self):
+        shown = self.run_phase(True, [(0, 0), (0.5, 1000), (1.5, 2000), (1.6, 3000),
+                                      (2.0, 4000), (3.0, 5000)], 5000)
+        self.assertEqual(shown, "\r\x1b[KINBOX: classified 2,000 of 5,000"
+                                "\r\x1b[KINBOX: classified 4,000 of 5,000"
+                                "\r\x1b[KINBOX: classified 5,000 of 5,000\n")
+
+    def test_short_phase_or_no_terminal_shows_nothing(self):
+        self.assertEqual(self.run_phase(True, [(0, 0), (0.3, 500), (0.5, 1000)], 1000), "")
+        self.assertEqual(self.run_phase(False, [(0, 0), (5, 500), (9, 1000)], 1000), "")
+
+    def test_apply_reports_its_progress_to_the_end(self):
+        server = FakeGmail().start()
+        self.addCleanup(server.stop)
+        for n in range(3):
+            server.add_message(make_message(f"receipt {n}", extra="List-Id: <x.example>\n"))
+        seen: List[Tuple[int, int]] = []
+        conn = gc.GmailConnection(USER, password=PASSWORD, host="127.0.0.1", port=server.port,
+                                  security="plaintext", keepalive=None, retries=0)
+        rules = parse_rules({"rule": [{"subject": "receipt", "label": "R", "star": True,
+                                       "archive": True}]})
+        with conn:
+            gc.classify_folder(conn, rules, "INBOX", apply=True,
+                               on_applied=lambda done, total: seen.append((done, total)))
+        self.assertEqual(seen, [(3, 9), (6, 9), (9, 9)])
+
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -1113,7 +1113,7 @@ class GmailConnection:
         with quote/astring/compress_uids), int, or Literal.  Raises _Dropped when the
         connection dies, ImapError on NO/BAD, ProtocolError on garbage.
         """
-        tag = imap._new_tag()  # type: ignore[attr-defined]
+        tag = _new_tag(imap)
         parts: List[Union[bytes, Literal]] = [tag + b" " + command.encode("ascii")]
         for arg in args:
             if isinstance(arg, Literal):
@@ -1693,7 +1693,7 @@ class GmailConnection:
 
     def _idle_now(self, imap: imaplib.IMAP4, timeout: float,
                   interrupt: Optional[Callable[[], bool]] = None) -> List[List[Any]]:
-        tag = imap._new_tag()  # type: ignore[attr-defined]
+        tag = _new_tag(imap)
         events: List[List[Any]] = []
         ended: Optional[bytes] = None     # a tagged answer before DONE: IDLE refused or ended
         idling = False
@@ -1749,6 +1749,15 @@ class GmailConnection:
             raise ImapError(f"the server answered {response.status} to IDLE: {response.text}",
                             command="IDLE", status=response.status, text=response.text)
         return events
+
+
+def _new_tag(imap: imaplib.IMAP4) -> bytes:
+    """The next command tag.  imaplib's ``_new_tag`` also files the tag in
+    ``tagged_commands`` for its own reader, which we never use after sign-in: drop it
+    there, or a connection that lives for days (``watch``) grows by one entry a command."""
+    tag = imap._new_tag()  # type: ignore[attr-defined]
+    imap.tagged_commands.pop(tag, None)  # type: ignore[attr-defined]
+    return tag
 
 
 def _copyuid_map(response: _Response) -> Dict[int, int]:

@@ -31,6 +31,7 @@ import socket
 import socketserver
 import ssl
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -53,6 +54,13 @@ try:
     import tomllib
 except ImportError:
     tomllib = None
+
+if __name__ == "__main__" and sys.argv[1:2] in (["bench"], ["bench-serve"], ["bench-delay"], ["bench-client"]):
+    # The benchmark (last section) runs from a fully imported copy of this module, so that the
+    # unittest.main() calls between the sections never see its arguments.
+    import test_gmail_classify as _self
+    sys.exit({"bench": _self._bench_main, "bench-serve": _self._bench_serve,
+              "bench-delay": _self._bench_delay, "bench-client": _self._bench_client}[sys.argv[1]](sys.argv[2:]))
 
 
 # --- Fake Gmail IMAP server --------------------------------------------------------------
@@ -5576,3 +5584,354 @@ class CommandLineRunTest(FakeServerTest):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# --- Benchmark -----------------------------------------------------------------------------
+#
+# ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]
+# [--host H --port P --user U]`` measures the classify pipeline (never part of the unittest
+# run).  The mailbox is built in a FakeGmail that runs in its own process; a delay line (its
+# own process too) adds the latency to every chunk each way; each size runs in a fresh client
+# process, so CPU seconds and peak memory are the client's alone.  Against a real server
+# (--host) the mailbox must already be there; the password comes from BENCH_PASSWORD.
+
+BENCH_RULES = {
+    "rule": [r for r in gc._BUILTIN_DOC["rule"]] + [
+        {"name": "GitHub", "from": "notifications@github.com", "label": ["GitHub", "Dev/Notifications"]},
+        {"name": "Bank", "any": [{"from": "@mybank.example"}, {"subject": "/account alert/i"}],
+         "star": True, "continue": True},
+        {"name": "Team", "recipient": ["team@example.com", "/^staff@/"], "label": "Team"},
+        {"name": "Old attachments", "has_attachment": True, "older_than": "2y",
+         "larger_than": "20K", "move": "Old attachments"},
+        {"name": "Friends", "from": ["müller", "françois", "山田"], "subject": "/\\S/",
+         "label": "Friends", "archive": True},
+    ],
+}
+
+_BENCH_SENDERS = (
+    "Alice Example <alice@example.com>", '"Doe, John" <john.doe@corp.example>',
+    "=?UTF-8?Q?J=C3=B6rg_M=C3=BCller?= <joerg@example.de>",
+    "=?ISO-8859-1?Q?Fran=E7ois_Dupont?= <francois@example.fr>",
+    "=?UTF-8?B?5bGx55Sw5aSq6YOO?= <yamada@example.jp>", "no-reply@accounts.example.com",
+    "GitHub <notifications@github.com>", "Amazon.com <auto-confirm@amazon.com>",
+    "Bank <alerts@mybank.example>", "old.style@example.net (Old Style)",
+    "newsletter@shop.example", "Weekly Digest <digest@news.example>",
+    '"=?utf-8?q?Caf=C3=A9?= Team" <cafe@example.org>', "<bare@example.com>",
+    "Support Team <support@service.example>", "Mr. Smith <smith@example.co.uk>",
+)
+_BENCH_RECIPIENTS = (
+    "user@example.com", "User <user@example.com>", "Team: team@example.com, ann@example.com;",
+    "undisclosed-recipients:;", "staff@example.com, user@example.com",
+    '"Example, User" <user@example.com>, =?UTF-8?Q?B=C3=A9a?= <bea@example.com>',
+)
+_BENCH_SUBJECTS = (
+    "Your receipt #{n}", "Invitation: Standup @ Mon {n}", "Security alert: new sign-in",
+    "=?UTF-8?B?SWhyZSBCZXN0ZWxsYmVzdMOkdGlndW5nIE5yLiB7bn0=?=", "[repo] Issue #{n}: fix the parser",
+    "Weekly digest {n}", "Re: lunch on day {n}?", "=?UTF-8?Q?Caf=C3=A9_ol=C3=A9_{n}?=",
+    "Account alert: statement {n} is ready", "Order confirmation {n} and a much longer subject line\r\n"
+    " that is folded onto a second line", "=?iso-8859-1?q?R=E9union_{n}?=", "hello {n}",
+    "=?utf-8?b?broken {n}?=", "Meeting notes {n}", "=?koi8-r?b?8NLJ18XU?= {n}",
+    "FW: quarterly numbers {n}",
+)
+
+
+def bench_corpus(count: int, seed: int = 8) -> Iterator[Tuple[bytes, _dtm.datetime]]:
+    """A varied, reproducible mailbox: (raw message, INTERNALDATE) pairs."""
+    import random
+    rng = random.Random(seed)
+    now = _dtm.datetime(2026, 11, 30, 12, 0, tzinfo=_UTC)
+    filler = "The quick brown fox jumps over the lazy dog. " * 4 + "\r\n"
+    for n in range(1, count + 1):
+        date = now - _dtm.timedelta(seconds=rng.randrange(3 * 365 * 86400))
+        sender = rng.choice(_BENCH_SENDERS)
+        subject = rng.choice(_BENCH_SUBJECTS).replace("{n}", str(n))
+        if "=?UTF-8?B?SWhy" in subject:
+            subject = "=?UTF-8?B?%s?=" % base64.b64encode(
+                ("Ihre Bestellbestätigung Nr. %d" % n).encode()).decode()
+        lines = ["From: " + sender, "To: " + rng.choice(_BENCH_RECIPIENTS), "Subject: " + subject,
+                 "Date: " + email.utils.format_datetime(date),
+                 "Message-ID: <%d.%d@bench.example>" % (n, seed), "MIME-Version: 1.0"]
+        if "digest" in sender or "newsletter" in sender or rng.random() < 0.15:
+            lines += ["List-Id: Weekly news <news.example.com>",
+                      "List-Unsubscribe: <mailto:unsubscribe@news.example>"]
+        if rng.random() < 0.3:
+            lines.append("Received: from mx.example.net (mx.example.net [192.0.2.%d]) by mx.google.com"
+                         "\r\n\twith ESMTPS id %d; %s" % (n % 250, n, email.utils.format_datetime(date)))
+        body = filler * rng.randrange(1, 12)
+        if rng.random() < 0.1:
+            blob = base64.encodebytes(rng.getrandbits(8 * 1024 * rng.randrange(4, 40)).to_bytes(
+                1024 * 40, "little")[:1024 * rng.randrange(4, 40)]).decode().replace("\n", "\r\n")
+            lines.append('Content-Type: multipart/mixed; boundary="b%d"' % n)
+            text = ("--b{0}\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{1}\r\n--b{0}\r\n"
+                    "Content-Type: application/pdf; name=\"r{0}.pdf\"\r\nContent-Disposition: attachment; "
+                    "filename=\"r{0}.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\n{2}--b{0}--\r\n"
+                    ).format(n, body, blob)
+        else:
+            lines.append("Content-Type: text/plain; charset=utf-8")
+            text = body
+        yield ("\r\n".join(lines) + "\r\n\r\n" + text).encode("utf-8"), date
+
+
+def _bench_maildir(path: str, count: int) -> None:
+    """Write the corpus as a Maildir (for a local Dovecot), all messages unread."""
+    for sub in ("cur", "new", "tmp"):
+        os.makedirs(os.path.join(path, sub), exist_ok=True)
+    for n, (raw, date) in enumerate(bench_corpus(count), 1):
+        name = os.path.join(path, "cur", "%d.bench%d:2," % (int(date.timestamp()), n))
+        with open(name, "wb") as fh:
+            fh.write(raw)
+        os.utime(name, (date.timestamp(), date.timestamp()))
+
+
+def _bench_serve(argv: List[str]) -> int:
+    """Child process: a FakeGmail holding the corpus; prints its port, runs until stdin closes."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="bench-serve")
+    parser.add_argument("--messages", type=int, required=True)
+    args = parser.parse_args(argv)
+    server = FakeGmail()
+    for raw, date in bench_corpus(args.messages):
+        server.add_message(raw, date=date)
+    server.start()
+    print("PORT %d" % server.port, flush=True)
+    sys.stdin.read()
+    server.stop()
+    return 0
+
+
+def _bench_delay(argv: List[str]) -> int:
+    """Child process: a delay line that forwards to --target, adding --latency-ms to every
+    chunk in each direction (so pipelined data keeps flowing); prints its port."""
+    import argparse
+    import queue
+    parser = argparse.ArgumentParser(prog="bench-delay")
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--latency-ms", type=float, required=True)
+    args = parser.parse_args(argv)
+    host, port = args.target.rsplit(":", 1)
+    delay = args.latency_ms / 1000.0
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        chunks: "queue.Queue[Tuple[float, bytes]]" = queue.Queue()
+
+        def writer() -> None:
+            while True:
+                due, data = chunks.get()
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                try:
+                    if not data:
+                        dst.shutdown(socket.SHUT_WR)
+                        return
+                    dst.sendall(data)
+                except OSError:
+                    return
+        threading.Thread(target=writer, daemon=True).start()
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            chunks.put((time.monotonic() + delay, data))
+            if not data:
+                return
+
+    def serve() -> None:
+        while True:
+            client, _ = listener.accept()
+            upstream = socket.create_connection((host, int(port)))
+            for a, b in ((client, upstream), (upstream, client)):
+                a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                threading.Thread(target=pump, args=(a, b), daemon=True).start()
+    threading.Thread(target=serve, daemon=True).start()
+    print("PORT %d" % listener.getsockname()[1], flush=True)
+    sys.stdin.read()
+    return 0
+
+
+class _BenchStats:
+    def __init__(self) -> None:
+        self.sent = self.received = self.turns = 0
+        self.last = "recv"
+
+
+class _CountingSocket:
+    """Wraps the client's socket: bytes each way, and round trips (a send after a receive)."""
+
+    def __init__(self, sock: socket.socket, stats: _BenchStats) -> None:
+        self._sock, self._stats = sock, stats
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def sendall(self, data: bytes) -> None:
+        if self._stats.last == "recv":
+            self._stats.turns += 1
+        self._stats.last = "send"
+        self._stats.sent += len(data)
+        self._sock.sendall(data)
+
+    def recv(self, size: int) -> bytes:
+        data = self._sock.recv(size)
+        self._stats.received += len(data)
+        self._stats.last = "recv"
+        return data
+
+
+def _bench_client(argv: List[str]) -> int:
+    """Child process: one classify run; prints one JSON line of figures."""
+    import argparse
+    import cProfile
+    import pstats
+    parser = argparse.ArgumentParser(prog="bench-client")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--user", default=USER)
+    parser.add_argument("--folder", default="INBOX")
+    parser.add_argument("--apply", action="store_true")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        import resource
+    except ImportError:
+        resource = None
+    if resource is None:
+        import tracemalloc
+        tracemalloc.start()
+    stats = _BenchStats()
+
+    class CountingWire(gc._PlainWire):
+        def _create_socket(self, timeout: Optional[float] = None) -> Any:
+            return _CountingSocket(super()._create_socket(timeout), stats)
+    gc._PlainWire = CountingWire  # type: ignore[misc]
+    rules = gc.parse_rules(BENCH_RULES, "bench rules")
+    conn = gc.GmailConnection(args.user, host=args.host, port=args.port, security="plaintext",
+                              password=os.environ.get("BENCH_PASSWORD", PASSWORD),
+                              keepalive=None, timeout=300)
+    profiler = cProfile.Profile() if args.profile else None
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    if profiler:
+        profiler.enable()
+    with conn:
+        report = gc.classify_folder(conn, rules, args.folder, apply=args.apply)
+    if profiler:
+        profiler.disable()
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    peak = 0
+    try:  # Linux: the high-water mark of this process alone (ru_maxrss may count its parent's)
+        with open("/proc/self/status") as fh:
+            peak = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    if peak:
+        pass
+    elif resource is not None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    else:
+        peak = tracemalloc.get_traced_memory()[1]
+    if profiler:
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(30)
+        sys.stderr.write(out.getvalue())
+    print(json.dumps({"examined": report.examined, "cpu": cpu, "wall": wall,
+                      "commands": conn.commands_sent, "round_trips": stats.turns,
+                      "sent": stats.sent, "received": stats.received, "peak": peak,
+                      "matched": report.matched, "changes": report.changes}), flush=True)
+    return 0
+
+
+def _bench_seen(host: str, port: int, user: str) -> int:
+    """How many messages are marked read, summed over every selectable folder."""
+    conn = gc.GmailConnection(user, host=host, port=port, security="plaintext",
+                              password=os.environ.get("BENCH_PASSWORD", PASSWORD), keepalive=None,
+                              timeout=300)
+    seen = 0
+    with conn:
+        for folder in conn.list_folders():
+            if not folder.selectable:
+                continue
+            response = conn._call("STATUS", gc.mailbox_arg(folder.name), "(MESSAGES UNSEEN)")
+            for item in response.untagged:
+                if item and str(item[0]).upper() == "STATUS" and isinstance(item[-1], list):
+                    attrs = gc._pairs(item[-1])
+                    seen += int(attrs.get("MESSAGES", 0)) - int(attrs.get("UNSEEN", 0))
+    return seen
+
+
+def _bench_child(kind: str, args: List[str]) -> Tuple[Any, int]:
+    import subprocess
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), kind] + args,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("PORT "):
+        proc.kill()
+        raise SystemExit("%s did not start: %r" % (kind, line))
+    return proc, int(line.split()[1])
+
+
+def _bench_main(argv: List[str]) -> int:
+    import argparse
+    import subprocess
+    parser = argparse.ArgumentParser(prog="test_gmail_classify.py bench",
+                                     description="Measure the classify pipeline (see README, Performance).")
+    parser.add_argument("--messages", type=int, action="append",
+                        help="mailbox size; repeat for several (default 1000 and 10000)")
+    parser.add_argument("--latency-ms", type=float, action="append",
+                        help="delay added each way; repeat for several (default 0)")
+    parser.add_argument("--apply", action="store_true", help="apply the changes, not a dry run")
+    parser.add_argument("--profile", action="store_true", help="print the top functions by cumulative time")
+    parser.add_argument("--host", help="measure against this server (plaintext, loopback) instead")
+    parser.add_argument("--port", type=int, default=143)
+    parser.add_argument("--user", default=USER)
+    parser.add_argument("--folder", default="INBOX")
+    parser.add_argument("--make-maildir", metavar="DIR",
+                        help="only write the --messages corpus as a Maildir (for a local Dovecot)")
+    args = parser.parse_args(argv)
+    sizes = args.messages or [1000, 10000]
+    if args.make_maildir:
+        _bench_maildir(args.make_maildir, sizes[0])
+        return 0
+    latencies = args.latency_ms or [0.0]
+    load = ", ".join("%.2f" % x for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    print("gmail_classify benchmark: Python %s, %d CPUs, load average %s, %s%s" % (
+        sys.version.split()[0], os.cpu_count() or 0, load,
+        "server %s:%d" % (args.host, args.port) if args.host else "fake Gmail server",
+        ", --apply" if args.apply else ", dry run"))
+    header = ("messages", "RTT ms", "msgs/s CPU", "msgs/s wall", "CPU s", "wall s", "commands",
+              "round trips", "sent KB", "recv KB", "peak MB", "read before/after")
+    print(" | ".join(header))
+    for size in sizes:
+        for latency in latencies:
+            children = []
+            try:
+                if args.host:
+                    host, port = args.host, args.port
+                else:
+                    server, port = _bench_child("bench-serve", ["--messages", str(size)])
+                    children.append(server)
+                    host = "127.0.0.1"
+                seen_before = _bench_seen(host, port, args.user)
+                client_port = port
+                if latency:
+                    delay, client_port = _bench_child("bench-delay", ["--target", "%s:%d" % (host, port),
+                                                                      "--latency-ms", str(latency)])
+                    children.append(delay)
+                cmd = [sys.executable, os.path.abspath(__file__), "bench-client", "--host", host,
+                       "--port", str(client_port), "--user", args.user, "--folder", args.folder]
+                cmd += ["--apply"] * args.apply + ["--profile"] * args.profile
+                done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                seen_after = _bench_seen(host, port, args.user)
+            finally:
+                for child in children:
+                    child.stdin.close()
+                    child.wait(30)
+            n = result["examined"]
+            print(" | ".join(str(v) for v in (
+                n, "%g" % (2 * latency), "%.0f" % (n / result["cpu"]), "%.0f" % (n / result["wall"]),
+                "%.2f" % result["cpu"], "%.2f" % result["wall"], result["commands"], result["round_trips"],
+                "%.0f" % (result["sent"] / 1024), "%.0f" % (result["received"] / 1024),
+                "%.1f" % (result["peak"] / 2 ** 20), "%d/%d" % (seen_before, seen_after))), flush=True)
+    return 0

@@ -471,8 +471,22 @@ class _Reader:
         return _atom_value(self.data[start:self.pos])
 
 
+_ATOM_VALUES: Dict[bytes, Any] = {}   # FETCH, UID, NIL, \\Seen...: the same few words
+
+
 def _atom_value(word: bytes) -> Any:
     """An atom's value: NIL as None, a number as int, anything else as str."""
+    try:
+        return _ATOM_VALUES[word]
+    except KeyError:
+        pass
+    value = _convert_atom(word)
+    if len(word) < 24 and len(_ATOM_VALUES) < 4096:
+        _ATOM_VALUES[word] = value
+    return value
+
+
+def _convert_atom(word: bytes) -> Any:
     text = word.decode("utf-8", "surrogateescape")
     if text.isdigit() and text.isascii():
         return int(text)
@@ -483,15 +497,30 @@ def _atom_value(word: bytes) -> Any:
 
 # The fast tokenizer: one compiled pattern steps over a whole response, token by token, and
 # a stack builds the lists.  It knows the common shapes only (atoms with one level of
-# [section], quoted strings without escapes, literals); at anything else it gives up and
+# [section], quoted strings, literals); at anything else it gives up and
 # _Reader parses the response again, so both accept and reject exactly the same input.
 _TOKEN = re.compile(rb"""[ ]*(?:
     (\()                                               # 1: a list opens
   | (\))                                               # 2: a list closes
-  | "([^"\\\r\n]*)"                                    # 3: a quoted string, no escapes
+  | "((?:[^"\\\r\n]|\\[\x00-\xff])*)"                    # 3: a quoted string
   | ~?\{(\d+)\+?\}\r\n                                 # 4: a literal's size
   | ((?:[^ ()"{\r\n\[]+|\[[^\[\]\r\n]*\])+)             # 5: an atom, [sections] kept
 )""", re.VERBOSE)
+
+
+_QUOTED_PAIR = re.compile(rb"\\([\x00-\xff])")
+
+
+_UNESCAPED: Dict[bytes, str] = {}   # "\\Inbox", "\\Important"...: the same few strings
+
+
+def _unescape(text: bytes) -> str:
+    value = _UNESCAPED.get(text)
+    if value is None:
+        value = _QUOTED_PAIR.sub(lambda pair: pair.group(1), text).decode("utf-8", "surrogateescape")
+        if len(text) < 32 and len(_UNESCAPED) < 1024:
+            _UNESCAPED[text] = value
+    return value
 
 
 class _NotSimple(Exception):
@@ -515,7 +544,11 @@ def _parse_fast(data: bytes) -> List[Any]:
         if kind == 5:
             current.append(_atom_value(token.group(5)))
         elif kind == 3:
-            current.append(token.group(3).decode("utf-8", "surrogateescape"))
+            text = token.group(3)
+            if b"\\" in text:
+                current.append(_unescape(text))
+            else:
+                current.append(text.decode("utf-8", "surrogateescape"))
         elif kind == 1:
             stack.append(current)
             current.append([])
@@ -1760,12 +1793,20 @@ def _check_fetch_item(item: str) -> None:
                     f"sections only as BODY.PEEK[...], which leaves messages unread")
 
 
+_FETCH_KEYS: Dict[str, str] = {}
+
+
 def _fetch_key(item: str) -> str:
     """Canonical name of a fetch item: ``BODY.PEEK[TEXT]<0.100>`` and its answer
     ``BODY[TEXT]<0>`` both become ``BODY[TEXT]<0>``; header field lists are upper-cased."""
-    key = item.upper().replace("BODY.PEEK[", "BODY[")
-    key = re.sub(r"<(\d+)\.\d+>$", r"<\1>", key)
-    return re.sub(r"\s+", " ", key)
+    key = _FETCH_KEYS.get(item)
+    if key is None:
+        key = item.upper().replace("BODY.PEEK[", "BODY[")
+        key = re.sub(r"<(\d+)\.\d+>$", r"<\1>", key)
+        key = re.sub(r"\s+", " ", key)
+        if len(_FETCH_KEYS) < 1000:   # the items of a run are few; answers echo them
+            _FETCH_KEYS[item] = key
+    return key
 
 
 def _convert_fetch_value(key: str, value: Any) -> Any:
@@ -1933,8 +1974,11 @@ def parse_headers(raw: bytes) -> email.message.EmailMessage:
         return email.message.EmailMessage(policy=email.policy.default)
 
 
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
 def _has_surrogates(text: str) -> bool:
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
+    return not text.isascii() and _SURROGATE.search(text) is not None
 
 
 def _repair_surrogates(text: str) -> str:
@@ -2136,15 +2180,14 @@ _ATOMS = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _ADDR_SPEC = _ATOMS + r"(?:\." + _ATOMS + r")*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
 _MAILBOX = re.compile(r"[ \t]*(?:(" + _ADDR_SPEC + r")|"
                       r"(\"[^\"\\]*\"|[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+(?:[ \t]+[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+)*)?"
-                      r"[ \t]*<(" + _ADDR_SPEC + r")>)[ \t]*")
+                      r"[ \t]*<(" + _ADDR_SPEC + r")>)[ \t]*(?:\([^()\\\r\n]*\)[ \t]*)?")
 _GROUP = re.compile(r"[ \t]*[A-Za-z0-9!#$%&'*+/^_`{|}~-]+(?:[ \t]+[A-Za-z0-9!#$%&'*+/^_`{|}~-]+)*"
                     r"[ \t]*:[ \t]*")
 
 
 def _fast_display_name(phrase: str) -> Optional[str]:
-    if phrase.startswith('"'):
-        inner = phrase[1:-1]
-        return None if "=?" in inner else inner
+    if phrase.startswith('"'):   # headerregistry decodes words inside quotes too
+        return _fast_text(phrase[1:-1])
     if phrase.startswith("."):
         return None
     words = []
@@ -2209,6 +2252,9 @@ def _fast_addresses(raw: str) -> Optional[List[str]]:
 def _header_cache(msg: email.message.EmailMessage) -> Optional[Dict[Any, List[str]]]:
     """The cache of decoded values kept on a message, emptied when its headers change;
     None for messages not parsed with email.policy.default (the fast path would differ)."""
+    cached = msg.__dict__.get("_gmail_classify_cache")
+    if cached is not None and cached[0] == msg._headers and msg.policy is email.policy.default:
+        return cached[1]
     if getattr(msg, "policy", None) is not email.policy.default:
         return None
     headers = getattr(msg, "_headers", None)
@@ -2622,6 +2668,22 @@ class Matcher:
         """Returns 'contains "receipt"' / 'matches /x/i' for the first hit, else None."""
         values = list(values)
         normalised: Optional[List[str]] = None   # each value normalised once, if needed
+        # Most values match nothing: one search for all the plain texts (precompiled on
+        # first use) and one per regex say so; only a hit walks the patterns in order.
+        quick = self.__dict__.get("_quick")
+        if quick is None:
+            needles = [re.escape(p.needle) for p in self.patterns if p.regex is None]
+            quick = self.__dict__["_quick"] = (
+                re.compile("|".join(needles)) if needles else None,
+                tuple(p.regex for p in self.patterns if p.regex is not None))
+        plain, regexes = quick
+        if plain is not None:
+            normalised = [_normalise(value) for value in values]
+            plain_hit = any(plain.search(value) for value in normalised)
+        else:
+            plain_hit = False
+        if not plain_hit and not any(r.search(v) for r in regexes for v in values):
+            return None
         for pattern in self.patterns:
             if pattern.regex is not None:
                 hit = any(pattern.regex.search(value) for value in values)

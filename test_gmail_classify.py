@@ -5612,7 +5612,11 @@ TRICKY_ADDRESSES = [
     b".dot <dot@example.com>", b"x <a.b@c.d>, y@z.example", b"Group : a@example.com ;",
     b"Very\r\n Folded\r\n\t<folded@example.com>", b"=?utf-8?Q?=41bc?= <hack@example.com>",
     b'"a b" c <mixed@example.com>', b"Bob's Shop <shop@example.com>", b"=?utf-8?b??= <emptyword@example.com>",
-    b"First.Last@Example.COM", b"IDN <user@xn--bcher-kva.example>", b"",
+    b"First.Last@Example.COM", b"IDN <user@xn--bcher-kva.example>", b"a@example.com (c), d@example.com (f g)",
+    b"a@example.com (c (nested))", b"a@example.com(c)", b"Name <a@example.com>(c)", b"Name <a@example.com> (c)",
+    b'"=?utf-8?q?Caf=C3=A9?=  =?utf-8?q?Ol=C3=A9?=" <c@example.com>', b'"A =?utf-8?q?Caf=C3=A9?=" <c@example.com>',
+    b'"x=?utf-8?q?Caf=C3=A9?=" <c@example.com>', b'"=?utf-8?q?Caf=C3=A9?=x" <c@example.com>',
+    b'"=?utf-8?q?Caf=E9?=" <c@example.com>', b"Name (comment) <a@example.com>", b"",
 ]
 TRICKY_SUBJECTS = [
     b"Your receipt #1", b"=?UTF-8?B?SWhyZSBCZXN0ZWxsYmVzdMOkdGlndW5n?=", b"=?UTF-8?Q?Caf=C3=A9_ol=C3=A9?= 5",

@@ -802,6 +802,16 @@ class _Response:
     untagged: List[List[Any]]
 
 
+@dataclass
+class _Pending:
+    """A pipelined command: sent on ``imap``, its answer not read yet (or read early)."""
+
+    imap: Any
+    tag: bytes
+    command: str
+    response: Optional[_Response] = None
+
+
 # A retry policy says what to do when the connection drops during a command: "safe" retry
 # as is (reads, +/- STOREs, CREATE, UID EXPUNGE of a fixed set); "never" give up at once.
 # MOVE and COPY carry their own recovery in move() and copy().
@@ -898,6 +908,7 @@ class GmailConnection:
         self._keepalive_thread: Optional[threading.Thread] = None
         self._selected: Optional[FolderStatus] = None
         self._folders: Optional[List[Folder]] = None
+        self._inflight: List[_Pending] = []   # pipelined commands, oldest first
         self.capabilities: frozenset = frozenset()
         self.reconnects = 0
         self.commands_sent = 0
@@ -1159,17 +1170,10 @@ class GmailConnection:
         with quote/astring/compress_uids), int, or Literal.  Raises _Dropped when the
         connection dies, ImapError on NO/BAD, ProtocolError on garbage.
         """
+        if self._inflight:
+            self._drain(imap)   # pipelined answers come first on the wire
         tag = imap._new_tag()  # type: ignore[attr-defined]
-        parts: List[Union[bytes, Literal]] = [tag + b" " + command.encode("ascii")]
-        for arg in args:
-            if isinstance(arg, Literal):
-                parts.append(arg)
-            elif isinstance(arg, bytes):
-                parts.append(arg)
-            else:
-                text = str(arg)
-                _refuse_controls(text, "the argument")
-                parts.append(text.encode("utf-8"))
+        parts = self._command_parts(tag, command, args)
         self._log_command(tag, command, args)
         try:
             self._send(imap, tag, parts)
@@ -1190,6 +1194,83 @@ class GmailConnection:
                             f"{response.text}", command=command, status=response.status,
                             code=response.code, text=response.text)
         return response
+
+    @staticmethod
+    def _command_parts(tag: bytes, command: str, args: Sequence[Any]) -> List[Union[bytes, Literal]]:
+        parts: List[Union[bytes, Literal]] = [tag + b" " + command.encode("ascii")]
+        for arg in args:
+            if isinstance(arg, Literal):
+                parts.append(arg)
+            elif isinstance(arg, bytes):
+                parts.append(arg)
+            else:
+                text = str(arg)
+                _refuse_controls(text, "the argument")
+                parts.append(text.encode("utf-8"))
+        return parts
+
+    # -- pipelining (RFC 3501 §5.5) ---------------------------------------------------
+    #
+    # Read-only UID FETCHes may be sent before the answer to the previous one has come
+    # back, so that the server and the network work while we parse and classify.  Each
+    # stays in _inflight until its answer is read; any other command first reads those
+    # answers (and keeps them), so the wire never interleaves.  Writes are never
+    # pipelined.  After a drop, every FETCH whose answer had not completed is sent again.
+
+    def _send_ahead(self, imap: imaplib.IMAP4, command: str, *args: Any) -> _Pending:
+        """Send a read-only command without waiting for its answer; the caller holds the lock."""
+        if command != "UID FETCH":
+            raise AssertionError(f"only UID FETCH may be pipelined, not {command}")
+        tag = imap._new_tag()  # type: ignore[attr-defined]
+        parts = self._command_parts(tag, command, args)
+        self._log_command(tag, command, args)
+        try:
+            self._send(imap, tag, parts)
+        except _DROPPED_ERRORS as exc:
+            raise _Dropped(f"{command} failed: {_decode_server_text(exc) or type(exc).__name__}") from exc
+        finally:
+            self.commands_sent += 1
+            self._last_activity = time.monotonic()
+        pending = _Pending(imap, tag, command)
+        self._inflight.append(pending)
+        return pending
+
+    def _collect(self, imap: imaplib.IMAP4, pending: _Pending) -> _Response:
+        """Read answers in the order sent up to ``pending``'s; raises as _execute_on does."""
+        while pending.response is None:
+            if pending.imap is not imap or pending not in self._inflight:
+                raise _Dropped(f"{pending.command} was sent on a connection that is gone")
+            first = self._inflight[0]
+            try:
+                first.response = self._read_response(imap, first.tag, first.command, False, None)
+            except ProtocolError:
+                self._inflight.clear()
+                if imap is self._imap:
+                    self._mark_dead()
+                raise
+            except _DROPPED_ERRORS as exc:
+                self._inflight.clear()   # their answers are lost: the callers send again
+                raise _Dropped(f"{first.command} failed: "
+                               f"{_decode_server_text(exc) or type(exc).__name__}") from exc
+            finally:
+                self._last_activity = time.monotonic()
+            self._inflight.pop(0)
+        response = pending.response
+        if response.status != "OK":
+            raise ImapError(f"the server answered {response.status} to {pending.command}: "
+                            f"{response.text}", command=pending.command, status=response.status,
+                            code=response.code, text=response.text)
+        return response
+
+    def _drain(self, imap: imaplib.IMAP4) -> None:
+        """Read every pipelined answer still on the wire (kept for whoever sent it)."""
+        self._inflight = [p for p in self._inflight if p.imap is imap]
+        while self._inflight:
+            pending = self._inflight[-1]
+            try:
+                self._collect(imap, pending)
+            except ImapError:
+                pass        # kept in pending.response; its sender raises it
 
     @staticmethod
     def _log_command(tag: bytes, command: str, args: Sequence[Any]) -> None:
@@ -1512,19 +1593,53 @@ class GmailConnection:
         for chunk in chunk_uids(wanted):
             response = self._call("UID FETCH", compress_uids(chunk),
                                   "(UID " + " ".join(items) + ")")
-            for item in response.untagged:
-                if len(item) < 3 or str(item[1]).upper() != "FETCH" or not isinstance(item[2], list):
-                    continue
-                attrs = _pairs(item[2])
-                uid = attrs.get("UID")
-                if not isinstance(uid, int) or uid not in wanted:
-                    continue
-                values = result.setdefault(uid, {})
-                for key, value in attrs.items():
-                    if key == "UID":
-                        continue
-                    values[by_key.get(_fetch_key(key), key)] = _convert_fetch_value(key, value)
+            _fetch_answer(response, wanted, by_key, result)
         return result
+
+    def fetch_batches(self, batches: Iterable[Sequence[int]], items: Sequence[str], *,
+                      ahead: int = 1) -> Iterator[Tuple[List[int], Dict[int, Dict[str, Any]]]]:
+        """fetch() for each batch of UIDs in turn, pipelined: yields ``(batch, {uid: {item:
+        value}})`` while the FETCH of the next ``ahead`` batches is already on its way.
+
+        Between two yields the connection may be used for anything else (the answers in
+        flight are read first and kept).  A dropped connection is restored as in fetch(),
+        and every FETCH whose answer had not completed is sent again.
+        """
+        for item in items:
+            _check_fetch_item(item)
+        by_key = {_fetch_key(item): item for item in items}
+        line = "(UID " + " ".join(items) + ")"
+        todo = [[int(u) for u in batch] for batch in batches]
+        sent: Dict[int, List[_Pending]] = {}
+        for index, batch in enumerate(todo):
+            wanted = set(batch)
+            result: Dict[int, Dict[str, Any]] = {}
+            attempt = 0
+            with self._lock:
+                self._check_background()
+                while True:
+                    try:
+                        imap = self._live()
+                        for number in range(index, min(index + 1 + ahead, len(todo))):
+                            pendings = sent.get(number)
+                            if pendings is None or any(p.response is None and p.imap is not imap
+                                                       for p in pendings):
+                                sent[number] = [self._send_ahead(imap, "UID FETCH",
+                                                                 compress_uids(chunk), line)
+                                                for chunk in chunk_uids(todo[number])]
+                        for pending in sent[index]:
+                            _fetch_answer(self._collect(imap, pending), wanted, by_key, result)
+                        del sent[index]
+                        break
+                    except _Dropped as exc:
+                        attempt += 1
+                        result.clear()
+                        if attempt > self.retries:
+                            self._mark_dead()
+                            raise ConnectionLostError(f"UID FETCH kept failing after "
+                                                      f"{self.retries} reconnects: {exc}") from exc
+                        self._reconnect(exc)
+            yield batch, result
 
     # -- operations: changing messages ---------------------------------------------------
 
@@ -1713,6 +1828,8 @@ class GmailConnection:
         raise AssertionError("unreachable")
 
     def _idle_now(self, imap: imaplib.IMAP4, timeout: float) -> List[List[Any]]:
+        if self._inflight:
+            self._drain(imap)
         tag = imap._new_tag()  # type: ignore[attr-defined]
         events: List[List[Any]] = []
         ended: Optional[bytes] = None     # a tagged answer before DONE: IDLE refused or ended
@@ -1763,6 +1880,23 @@ class GmailConnection:
             raise ImapError(f"the server answered {response.status} to IDLE: {response.text}",
                             command="IDLE", status=response.status, text=response.text)
         return events
+
+
+def _fetch_answer(response: _Response, wanted: set, by_key: Mapping[str, str],
+                  result: Dict[int, Dict[str, Any]]) -> None:
+    """Add the FETCH lines of an answer to ``result``, keyed by UID (others ignored)."""
+    for item in response.untagged:
+        if len(item) < 3 or str(item[1]).upper() != "FETCH" or not isinstance(item[2], list):
+            continue
+        attrs = _pairs(item[2])
+        uid = attrs.get("UID")
+        if not isinstance(uid, int) or uid not in wanted:
+            continue
+        values = result.setdefault(uid, {})
+        for key, value in attrs.items():
+            if key == "UID":
+                continue
+            values[by_key.get(_fetch_key(key), key)] = _convert_fetch_value(key, value)
 
 
 def _copyuid_map(response: _Response) -> Dict[int, int]:
@@ -3920,9 +4054,9 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     items = _fetch_items(needs, conn.is_gmail)
     header_item = items[1]
     plan = _Plan()
-    for start in range(0, len(uids), batch_size):
-        batch = uids[start:start + batch_size]
-        fetched = conn.fetch(batch, items)
+    batches = [uids[start:start + batch_size] for start in range(0, len(uids), batch_size)]
+    for start, (batch, fetched) in zip(range(0, len(uids), batch_size),
+                                       conn.fetch_batches(batches, items)):
         infos = {uid: _message_info(uid, values, header_item, queries, folder)
                  for uid, values in fetched.items()}
         decisions: Dict[int, Decision] = {}

@@ -5739,6 +5739,76 @@ class FastPathTest(unittest.TestCase):
         self.assertGreater(sum(bool(d.matches) for d in fast_results), 100)
 
 
+class PipeliningTest(FakeServerTest):
+    """fetch_batches(): the next UID FETCH goes out before the current answer is used."""
+
+    ITEMS = ["FLAGS", "BODY.PEEK[HEADER.FIELDS (SUBJECT)]"]
+    BATCHES = [[1, 2], [3, 4], [5, 6]]
+
+    def setUp(self):
+        super().setUp()
+        for index in range(1, 7):
+            self.server.add_message(make_message(f"message {index}"))
+        self.conn = self.connect()
+        self.conn.examine("INBOX")
+
+    def fetch_lines(self) -> List[bytes]:
+        return [e.line.split(b" ", 3)[3] for e in self.server.log if e.command == "UID FETCH"]
+
+    def subjects(self, result: Dict[int, Dict[str, Any]]) -> Dict[int, bytes]:
+        return {uid: values[self.ITEMS[1]].strip() for uid, values in result.items()}
+
+    def test_next_fetch_is_on_the_wire_before_the_first_answer_is_used(self):
+        batches = gc.GmailConnection.fetch_batches(self.conn, self.BATCHES, self.ITEMS)
+        batch, result = next(batches)
+        self.assertEqual(batch, [1, 2])
+        self.assertEqual(self.subjects(result), {1: b"Subject: message 1", 2: b"Subject: message 2"})
+        wait_until(lambda: self.server.count("UID FETCH") == 2)
+        self.assertEqual(self.fetch_lines(), [b"1:2 (UID FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n",
+                                              b"3:4 (UID FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n"])
+        rest = list(batches)
+        self.assertEqual([b for b, _ in rest], [[3, 4], [5, 6]])
+        self.assertEqual(self.subjects(rest[1][1]), {5: b"Subject: message 5", 6: b"Subject: message 6"})
+        self.assertEqual(self.server.count("UID FETCH"), 3)
+
+    def test_a_command_between_batches_reads_the_answer_in_flight_first(self):
+        batches = self.conn.fetch_batches(self.BATCHES, self.ITEMS)
+        next(batches)
+        self.assertEqual(self.conn.search(["ALL"]), [1, 2, 3, 4, 5, 6])
+        batch, result = next(batches)
+        self.assertEqual(self.subjects(result), {3: b"Subject: message 3", 4: b"Subject: message 4"})
+        wait_until(lambda: self.server.count("UID FETCH") == 3)
+        self.assertEqual(self.commands()[-4:], ["UID FETCH", "UID FETCH", "UID SEARCH", "UID FETCH"])
+        self.assertEqual(len(list(batches)), 1)
+
+    def test_fetches_in_flight_are_sent_again_after_a_drop(self):
+        self.server.add_fault("UID FETCH", nth=2, action="drop")   # the one sent ahead
+        results = {tuple(b): self.subjects(r) for b, r in self.conn.fetch_batches(self.BATCHES, self.ITEMS)}
+        self.assertEqual(results[(3, 4)], {3: b"Subject: message 3", 4: b"Subject: message 4"})
+        self.assertEqual(sorted(results), [(1, 2), (3, 4), (5, 6)])
+        self.assertEqual(self.conn.reconnects, 1)
+        sets = [line.split(b" ")[0] for line in self.fetch_lines()]
+        self.assertEqual(sets, [b"1:2", b"3:4", b"3:4", b"5:6"])  # the complete answer is not asked again
+
+    def test_an_answer_cut_short_is_asked_again_with_the_one_behind_it(self):
+        self.server.add_fault("UID FETCH", nth=1, action="drop", when="mid")
+        results = {tuple(b): self.subjects(r) for b, r in self.conn.fetch_batches(self.BATCHES, self.ITEMS)}
+        self.assertEqual(results[(1, 2)], {1: b"Subject: message 1", 2: b"Subject: message 2"})
+        self.assertEqual(len(results), 3)
+        # the server dropped the link before it read the FETCH sent ahead: both go again
+        sets = [line.split(b" ")[0] for line in self.fetch_lines()]
+        self.assertEqual(sets, [b"1:2", b"1:2", b"3:4", b"5:6"])
+        self.assertEqual(self.conn.reconnects, 1)
+
+    def test_classify_gives_the_same_report_in_small_batches(self):
+        rules = gc.parse_rules({"rule": [{"name": "odd", "subject": ["/[135]$/"], "label": "Odd"}]}, "r.json")
+        whole = gc.classify_folder(self.conn, rules, "INBOX")
+        small = gc.classify_folder(self.conn, rules, "INBOX", batch_size=2)
+        self.assertEqual((small.examined, small.matched, small.changes), (6, {"odd": 3}, {"label Odd": 3}))
+        self.assertEqual((whole.examined, whole.matched, whole.changes),
+                         (small.examined, small.matched, small.changes))
+
+
 # --- Benchmark -----------------------------------------------------------------------------
 #
 # ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]

@@ -229,6 +229,8 @@ def decode_mailbox(name: Union[str, bytes]) -> str:
     """
     if isinstance(name, bytes):
         name = name.decode("utf-8", "replace")
+    if "&" not in name:
+        return name
 
     def run(match: "re.Match[str]") -> str:
         body = match.group(1)
@@ -2798,10 +2800,11 @@ class Matcher:
 
     patterns: Tuple[Pattern, ...]
 
-    def find(self, values: Iterable[str]) -> Optional[str]:
-        """Returns 'contains "receipt"' / 'matches /x/i' for the first hit, else None."""
+    def find(self, values: Iterable[str], normalised: Optional[List[str]] = None) -> Optional[str]:
+        """Returns 'contains "receipt"' / 'matches /x/i' for the first hit, else None.
+
+        ``normalised`` may give _normalise() of each value, when the caller has it."""
         values = list(values)
-        normalised: Optional[List[str]] = None   # each value normalised once, if needed
         # Most values match nothing: one search for all the plain texts (precompiled on
         # first use) and one per regex say so; only a hit walks the patterns in order.
         quick = self.__dict__.get("_quick")
@@ -2812,7 +2815,8 @@ class Matcher:
                 tuple(p.regex for p in self.patterns if p.regex is not None))
         plain, regexes = quick
         if plain is not None:
-            normalised = [_normalise(value) for value in values]
+            if normalised is None:
+                normalised = [_normalise(value) for value in values]
             plain_hit = any(plain.search(value) for value in normalised)
         else:
             plain_hit = False
@@ -2842,6 +2846,22 @@ def _label_key(label: str) -> str:
 
 
 Verdict = Tuple[Optional[bool], str]  # (True / False / None = unknown, explanation)
+
+
+def _header_values(headers: email.message.EmailMessage, addresses: bool,
+                   names: Tuple[str, ...]) -> Tuple[List[str], List[str]]:
+    """The decoded values of these headers and their _normalise() forms, kept in the
+    message's header cache: several rules read the same headers of each message."""
+    cache = _header_cache(headers)
+    key = ("rule", addresses, names)
+    found = cache.get(key) if cache is not None else None
+    if found is None:
+        read = header_addresses if addresses else header_text
+        values = [v for name in names for v in read(headers, name)]
+        found = (values, [_normalise(value) for value in values])
+        if cache is not None:
+            cache[key] = found
+    return found
 
 
 class Condition:
@@ -2885,9 +2905,8 @@ class HeaderMatch(Condition):
     addresses: bool = False
 
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
-        read = header_addresses if self.addresses else header_text
-        values = [v for name in self.headers for v in read(msg.headers, name)]
-        hit = self.matcher.find(values)
+        values, normalised = _header_values(msg.headers, self.addresses, self.headers)
+        hit = self.matcher.find(values, normalised)
         return (True, f"{self.key} {hit}") if hit else (False, self.describe())
 
     def describe(self) -> str:

@@ -4519,11 +4519,19 @@ class ParserTest(unittest.TestCase):
 
 # --- Command line, offline ---------------------------------------------------------------
 
+_STATE_ROOT = tempfile.TemporaryDirectory(prefix="gmail_classify_state_")
+
+
 def run_cli(*argv: str, env: Optional[dict] = None) -> Tuple[int, str, str]:
-    """Run gc.main in-process; returns (exit code, stdout, stderr)."""
+    """Run gc.main in-process; returns (exit code, stdout, stderr).
+
+    Unless ``env`` names an XDG_STATE_HOME, each call gets a fresh empty one, so no test
+    reads or writes the real ~/.local/state and every run starts without state.
+    """
     out, err = io.StringIO(), io.StringIO()
     environ = {k: v for k, v in os.environ.items()
                if k not in ("GMAIL_APP_PASSWORD", "GMAIL_USER", "GMAIL_OAUTH_TOKEN")}
+    environ["XDG_STATE_HOME"] = tempfile.mkdtemp(dir=_STATE_ROOT.name)
     environ.update(env or {})
     logger = logging.getLogger("gmail_classify")
     handlers = list(logger.handlers)
@@ -5505,7 +5513,7 @@ class CommandLineRunTest(FakeServerTest):
         lines = [json.loads(line) for line in out.splitlines()]
         self.assertEqual(lines[0]["rules"], ["Receipts"])
         self.assertEqual(lines[0]["subject"], "receipt 42")
-        self.assertIn("summary", lines[-1])
+        self.assertEqual(lines[-1]["type"], "summary")
         self.assertEqual(self.server.uids("INBOX"), [])
 
     def test_password_from_command_and_netrc(self):

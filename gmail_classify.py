@@ -1327,6 +1327,22 @@ class GmailConnection:
         self._folders = None
         return True
 
+    def delete_folder(self, name: str) -> None:
+        """Delete a folder (on Gmail a label, which then comes off every message)."""
+        self._call("DELETE", mailbox_arg(name))
+        self._folders = None
+
+    def message_count(self, folder: str) -> int:
+        """How many messages ``folder`` holds (STATUS MESSAGES), without opening it."""
+        response = self._call("STATUS", mailbox_arg(folder), "(MESSAGES)")
+        for item in response.untagged:
+            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3:
+                attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
+                if isinstance(attrs.get("MESSAGES"), int):
+                    return int(attrs["MESSAGES"])
+        raise ProtocolError(f"the server did not say how many messages {folder} holds",
+                            command="STATUS")
+
     def select(self, folder: str, readonly: bool = False) -> FolderStatus:
         """SELECT (or EXAMINE when ``readonly``) a folder and return its status."""
         with self._lock:
@@ -3651,6 +3667,7 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
         in_archive = archive is not None and _same_folder(archive.name, folder)
     items = _fetch_items(needs, conn.is_gmail)
     header_item = items[1]
+    copies: Dict[str, set] = {}       # off Gmail: label folder -> _message_key of its mail
 
     def finish(step: _Step) -> None:
         step.finished = True
@@ -3665,7 +3682,7 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
         ok = False
         try:
             if not conn.is_gmail and step.plan.add_labels:
-                _drop_copies_already_there(conn, step.plan)
+                _drop_copies_already_there(conn, step.plan, copies)
             if apply:
                 _apply_plan(conn, step.plan, report, done)
             else:
@@ -3681,6 +3698,9 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                     made = [key for key in keys if (uid, key) in confirmed]
                 else:
                     made = list(keys)
+                for key in made:
+                    if key[0] == "label" and key[1] in copies:
+                        copies[key[1]].add(step.plan.message_ids.get(uid))
                 changes = tuple(_change_entry(key, uid, status, conn.is_gmail, destinations,
                                               confirmed.get((uid, key))) for key in made)
                 for change in changes:
@@ -3822,15 +3842,20 @@ def _missing_folders(conn: GmailConnection, plan: _Plan) -> List[str]:
             if name not in existing and name.upper() != "INBOX"]
 
 
-def _drop_copies_already_there(conn: GmailConnection, plan: _Plan) -> None:
+def _drop_copies_already_there(conn: GmailConnection, plan: _Plan,
+                               known: Dict[str, set]) -> None:
     """Off Gmail a label is a copy in a folder of that name, and a copy is not idempotent:
-    forget planned copies of messages that folder already holds (by _message_key)."""
+    forget planned copies of messages that folder already holds (by _message_key).
+
+    ``known`` caches each folder's keys for the rest of the folder run; the caller adds
+    the keys of the copies it makes.
+    """
     existing = {f.name for f in conn.list_folders() if f.selectable}
     for label in list(plan.add_labels):
-        if label in existing:
-            there = _message_ids_in(conn, label)
-            plan.drop_label(label, [uid for uid in plan.add_labels[label]
-                                    if plan.message_ids.get(uid) in there])
+        if label not in known:
+            known[label] = _message_ids_in(conn, label) if label in existing else set()
+        plan.drop_label(label, [uid for uid in plan.add_labels[label]
+                                if plan.message_ids.get(uid) in known[label]])
 
 
 def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
@@ -4532,7 +4557,8 @@ class Run(Checkpoint):
                 "subject": outcome.subject, "from": outcome.sender,
                 "rules": [name for name, _ in outcome.decision.matches],
                 "reasons": [reason for _, reason in outcome.decision.matches],
-                "actions": {} if actions.is_empty() else dataclasses.asdict(actions),
+                "actions": {} if actions.is_empty() else
+                dict(dataclasses.asdict(actions), labels=list(actions.labels)),
                 "applied": outcome.applied, "changes": list(outcome.changes)}
 
     def _remember(self, folder: str, state: FolderState) -> None:
@@ -4558,11 +4584,13 @@ def history(store: StateStore) -> List[Dict[str, Any]]:
     died before writing its summary), ``undo_of`` and ``undone_by`` (run ids or None).
     """
     runs: Dict[str, Dict[str, Any]] = {}
+    order: Dict[str, int] = {}        # runs that started in the same second: log order
     summarised = set()
     for record in store.audit.records():
         run_id = record.get("run")
         if not isinstance(run_id, str):
             continue
+        order.setdefault(run_id, len(order))
         entry = runs.setdefault(run_id, {
             "run": run_id, "time": str(record.get("time", "")),
             "account": str(record.get("account", "")), "host": str(record.get("host", "")),
@@ -4592,7 +4620,7 @@ def history(store: StateStore) -> List[Dict[str, Any]]:
         target = runs.get(entry["undo_of"] or "")
         if target is not None and entry["changes_made"]:
             target["undone_by"] = entry["run"]
-    return sorted(runs.values(), key=lambda e: (e["time"], e["run"]), reverse=True)
+    return sorted(runs.values(), key=lambda e: (e["time"], order[e["run"]]), reverse=True)
 
 
 _UNDO_ACTIONS = {"label": "unlabel", "archive": "unarchive", "mark read": "mark unread",
@@ -4645,9 +4673,19 @@ class Undo:
             raise StateError(f"run {run_id} was already undone by {entry['undone_by']}")
         self.undo_of = run_id
         self.apply = apply
-        self.messages = [r for r in store.audit.records()
-                         if r.get("type") == "message" and r.get("run") == run_id
-                         and r.get("applied") and r.get("changes")]
+        self.messages = []
+        self.created: List[str] = []        # folders the run created, deleted if empty
+        for record in store.audit.records():
+            if record.get("run") != run_id:
+                continue
+            if record.get("type") == "message" and record.get("applied") \
+                    and record.get("changes"):
+                self.messages.append(record)
+            elif record.get("type") == "summary":
+                for report in record.get("reports") or []:
+                    self.created += [name for name in report.get("created") or []
+                                     if isinstance(name, str)]
+        self.deleted: List[str] = []
         self.run = Run(store, Ruleset(()), user, host, port, apply=apply, command="undo",
                        undo_of=run_id, daily_budget=None, on_record=on_record)
         self.reversed = 0
@@ -4720,6 +4758,21 @@ class Undo:
                 self._restore_flags(conn, found, work)
             self._delete_copies(conn, rest, work)
         self._report(work)
+        # Last, folders (labels) the run created, if nothing is left in them.
+        for name in dict.fromkeys(self.created):
+            if not any(f.name == name for f in conn.list_folders(refresh=True)):
+                continue
+            if conn.message_count(name):
+                log.warning("%s was created by run %s but holds mail now; it stays",
+                            name, self.undo_of)
+                continue
+            if self.apply:
+                if conn.selected is not None and _same_folder(conn.selected.name, name):
+                    conn.examine("INBOX")        # never delete the folder that is open
+                conn.delete_folder(name)
+            self.deleted.append(name)
+            label = f"delete folder {name}"
+            self.run.counts[label] = self.run.counts.get(label, 0) + 1
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -5277,6 +5330,9 @@ def _cmd_undo(args: argparse.Namespace, out: TextIO) -> int:
         out.write(json.dumps(summary, ensure_ascii=False) + "\n")
     elif not args.quiet:
         verb = "reversed" if args.apply else "would reverse"
+        for name in undo.deleted:
+            out.write(f"{'deleted' if args.apply else 'would delete'} the empty folder "
+                      f"{name}, which run {undo.undo_of} created\n")
         out.write(f"undo of {undo.undo_of}: {verb} {undo.reversed:,} changes; "
                   f"{undo.left_alone:,} left alone\n")
         if not args.apply:

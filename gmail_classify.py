@@ -4237,9 +4237,9 @@ def demo_messages(now: Optional[datetime] = None) -> List[MessageInfo]:
         raw = (f"{headers}\nTo: you@example.com\nDate: {date}\n"
                f"Message-ID: <demo-{uid}@gmail-classify.example>\nMIME-Version: 1.0\n"
                f"Content-Type: text/plain; charset=utf-8\n\n{body}\n").replace("\n", "\r\n")
-        info = message_info_from_bytes(raw.encode("utf-8") + b"x" * padding)
+        info = message_info_from_bytes(raw.encode("utf-8"))
         infos.append(dataclasses.replace(
-            info, uid=uid, flags=frozenset(flags.split()),
+            info, uid=uid, size=info.size + padding, flags=frozenset(flags.split()),
             labels=frozenset(["\\Inbox"] + labels.split())))
     return infos
 

@@ -3896,7 +3896,7 @@ class TomlReaderTest(unittest.TestCase):
         rng = random.Random(11)
         alphabet = "\"'[]{}=.,#\n \\tf01_-+:e"
         checked = 0
-        for _ in range(3000):
+        for _ in range(1500):
             text = rng.choice(corpus)
             at = rng.randrange(len(text))
             change = rng.randrange(3)
@@ -3919,7 +3919,7 @@ class TomlReaderTest(unittest.TestCase):
                 continue
             self.assertEqual(gc.parse_toml(text), expected, msg=repr(text))
             checked += 1
-        self.assertGreater(checked, 2500)
+        self.assertGreater(checked, 1250)
 
     def test_rules_files_agree_with_tomllib(self):
         self.assertEqual(gc.parse_toml(EXAMPLE_TOML), EXAMPLE_DOC)

@@ -3347,7 +3347,10 @@ class _TomlReader:
             raise self.fail(f"expected '=' after the key {'.'.join(keys)!r}, found {self.found()}")
         self.pos += 1
         self.skip_ws()
+        bare = self.pos
         value = self.value()
+        if after and self.text[bare] not in "\"'[{":
+            self.unquoted_words(self.text[bare:self.pos])
         for key in keys[:-1]:
             if key not in table:
                 table[key] = {}
@@ -3361,6 +3364,18 @@ class _TomlReader:
         table[keys[-1]] = value
         if after:
             self.end_of_line(after)
+
+    def unquoted_words(self, first: str) -> None:
+        """`larger_than = 5 MB`: a bare value followed by more words wanted quotes."""
+        self.skip_ws()
+        end = len(self.text)
+        for stop in ("#", "\n", "\r"):
+            found = self.text.find(stop, self.pos)
+            end = min(end, found) if found >= 0 else end
+        rest = self.text[self.pos:end].rstrip()
+        if rest:
+            raise self.fail(f"expected the end of the line after a value, found {self.found()}; "
+                            f"text with spaces needs quotes: \"{first} {rest}\"")
 
     def key(self) -> List[str]:
         keys = [self.simple_key()]

@@ -3824,7 +3824,11 @@ TOML_INVALID = [
     ('a = "tab\x01"', "control character in a string; write it as an escape such as \\t or "
                       "\\u0001", 1, 9),
     ('# bell \x07', "control character in a comment", 1, 8),
-    ('a = 1 2', "expected the end of the line after a value, found '2'", 1, 7),
+    ('a = 1 2', "expected the end of the line after a value, found '2'; text with spaces "
+                "needs quotes: \"1 2\"", 1, 7),
+    ('larger_than = 5 MB # big', "expected the end of the line after a value, found 'M'; "
+                                 "text with spaces needs quotes: \"5 MB\"", 1, 17),
+    ('a = "x" y', "expected the end of the line after a value, found 'y'", 1, 9),
     ('a = [1 2]', "expected ',' or ']' in the array, found '2'", 1, 8),
     ('[a', "expected ']' to close the table header, found the end of the file", 1, 3),
     ('[[a]\nx = 1', "expected ']]' to close the table header, found ']'", 1, 4),

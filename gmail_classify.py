@@ -8,15 +8,15 @@ One file, standard library only, CPython 3.9 or newer. Copy it anywhere and run:
 
 or import it from your own scripts::
 
-    from gmail_classify import GmailConnection
-    with GmailConnection("you@gmail.com", password="abcd efgh ijkl mnop") as conn:
-        conn.select("INBOX")
-        uids = conn.search(["UNSEEN"])
-        conn.add_labels(uids, ["Unread at 9am"])
+    from gmail_classify import GmailConnection, builtin_rules, classify_folder
+    with GmailConnection("you@gmail.com", password=os.environ["GMAIL_APP_PASSWORD"]) as conn:
+        report = classify_folder(conn, builtin_rules(), "INBOX")   # a dry run: read-only
+        print(report.changes)          # {'label Receipts': 12, 'label Newsletters': 40}
 
 The layers, each using only those above it (``grep -n '^# ---'`` prints this outline):
 errors; the IMAP wire format (quoting, modified UTF-7, UID sets, the response parser);
-the connection; messages; the rule engine; the classify pipeline; the command line.
+the connection; messages; the rule engine; rules files (with a small TOML reader, so
+TOML works without tomllib); the classify pipeline; a demo mailbox; the command line.
 
 Safety: dry run unless asked to apply; ``BODY.PEEK`` so classifying never marks mail read;
 never a bare ``EXPUNGE``; TLS certificates and host names always verified; passwords and
@@ -41,7 +41,7 @@ __all__ = [
     "Actions", "Rule", "Decision", "Needs", "Ruleset", "parse_rules", "load_rules",
     "builtin_rules", "STARTER_RULES_TOML", "STARTER_RULES_JSON", "parse_toml", "TOMLError",
     # pipeline and command line
-    "classify_folder", "Outcome", "FolderReport", "main",
+    "classify_folder", "classify_messages", "demo_messages", "Outcome", "FolderReport", "main",
 ]
 
 __version__ = "0.1.0"
@@ -4740,7 +4740,7 @@ def _report_table(report: FolderReport, rules: Ruleset) -> str:
 
 def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     rules = load_rules(args.rules_file)
-    out.write(f"{rules.source}: {len(rules.rules)} rules, valid\n")
+    out.write(f"{rules.source}: {_plural(len(rules.rules), 'rule')}, valid\n")
     for rule in rules.rules:
         more = " (continue)" if rule.continue_ else ""
         out.write(f"  {rule.position}. {rule.name}: {rule.actions.describe()}{more}\n")

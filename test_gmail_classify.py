@@ -4764,7 +4764,7 @@ class OfflineCommandLineTest(unittest.TestCase):
             {"name": "Receipts", "subject": "receipt", "label": "Receipts", "archive": True}]}))
         code, out, err = run_cli("check", path)
         self.assertEqual((code, err), (0, ""))
-        self.assertIn("1 rules, valid", out)
+        self.assertIn("rules.json: 1 rule, valid", out)
         self.assertIn("1. Receipts: label Receipts, archive", out)
 
     def test_bad_rules_give_one_line_and_exit_2(self):
@@ -6175,12 +6175,15 @@ class ProgressTest(unittest.TestCase):
 
 
 
+README_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+
+
+@unittest.skipUnless(os.path.exists(README_PATH), "README.md is not beside the tests")
 class ReadmeExamplesTest(unittest.TestCase):
     """The README's Python examples, run as written against the fake Gmail."""
 
     def blocks(self) -> List[str]:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
-        with open(path, encoding="utf-8") as fh:
+        with open(README_PATH, encoding="utf-8") as fh:
             return re.findall(r"```python\n(.*?)```", fh.read(), re.S)
 
     def run_block(self, code: str, server: "FakeGmail") -> str:

@@ -621,10 +621,23 @@ class _BufferedWire:
         return bool(readable)
 
 
+class _GreetingTimeout(socket.timeout):
+    """The port took the connection but sent no greeting: what a TLS-only port does to a
+    client that speaks plain IMAP (the server waits for a TLS hello that never comes)."""
+
+
 class _PlainWire(_BufferedWire, imaplib.IMAP4):
     def open(self, host: str = "", port: int = IMAP_PORT, timeout: Optional[float] = None) -> None:
         self._reset_buffer()
         super().open(host, port, timeout)
+
+    def _connect(self) -> None:   # imaplib: read the greeting, then CAPABILITY
+        try:
+            super()._connect()  # type: ignore[misc]
+        except socket.timeout as exc:
+            if getattr(self, "welcome", None):   # greeted, then went quiet: an ordinary timeout
+                raise
+            raise _GreetingTimeout("no greeting from the server") from exc
 
 
 
@@ -914,6 +927,10 @@ class GmailConnection:
         if isinstance(exc, socket.gaierror) and exc.errno in (
                 getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None)):
             return f"no such host {self.host!r} ({exc.strerror}); check --host"
+        if isinstance(exc, _GreetingTimeout) and self.security != "tls":
+            return (f"no IMAP greeting within {self.timeout:g} s: is {self.port} a TLS port? "
+                    f"connect without --starttls or --plaintext (TLS from the first byte, "
+                    f"port {IMAPS_PORT}), or use --starttls on port {IMAP_PORT}")
         reason = getattr(exc, "reason", None) if isinstance(exc, ssl.SSLError) else None
         if reason in self._NOT_TLS:
             return (f"the server did not answer in TLS ({reason.lower().replace('_', ' ')}): "

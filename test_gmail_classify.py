@@ -5960,6 +5960,47 @@ class FailFastTest(unittest.TestCase):
                       str(caught.exception))
         self.assertEqual(server.count("LOGIN"), 0)
 
+    def test_plain_imap_spoken_to_a_tls_port_fails_after_one_timeout_with_a_hint(self):
+        server = FakeGmail(tls=True).start()
+        self.addCleanup(server.stop)
+        for security in ("plaintext", "starttls"):
+            with self.subTest(security):
+                conn, sleep = self.connect(server.port, security=security)
+                conn.timeout = 0.5
+                with self.assertRaises(gc.ConnectionLostError) as caught:
+                    conn.connect()
+                self.assertEqual(sleep.delays, [])
+                self.assertEqual(str(caught.exception),
+                                 f"cannot connect to 127.0.0.1:{server.port}: no IMAP greeting "
+                                 f"within 0.5 s: is {server.port} a TLS port? connect without "
+                                 "--starttls or --plaintext (TLS from the first byte, port 993), "
+                                 "or use --starttls on port 143")
+
+    def test_a_server_that_greets_then_stalls_is_retried(self):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        self.addCleanup(listener.close)
+        held: List[socket.socket] = []
+
+        def greet_then_stall() -> None:
+            while True:
+                try:
+                    client, _ = listener.accept()
+                except OSError:
+                    return
+                client.sendall(b"* OK ready\r\n")    # then never answers CAPABILITY
+                held.append(client)
+
+        threading.Thread(target=greet_then_stall, daemon=True).start()
+        self.addCleanup(lambda: [c.close() for c in held])
+        conn, sleep = self.connect(listener.getsockname()[1], security="plaintext")
+        conn.timeout, conn.retries = 0.3, 2
+        with self.assertRaises(gc.ConnectionLostError):
+            with self.assertLogs("gmail_classify", "WARNING"):
+                conn.connect()
+        self.assertEqual(len(sleep.delays), 2)
+
     def test_unknown_host_fails_at_once(self):
         error = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         conn, sleep = self.connect(993, security="tls")

@@ -6001,6 +6001,28 @@ class FailFastTest(unittest.TestCase):
                 conn.connect()
         self.assertEqual(len(sleep.delays), 2)
 
+    def test_no_common_tls_version_fails_at_once(self):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        self.addCleanup(listener.close)
+
+        def refuse_the_version() -> None:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            with client:
+                client.recv(4096)                                  # the ClientHello
+                client.sendall(b"\x15\x03\x03\x00\x02\x02\x46")     # fatal alert: protocol_version
+
+        threading.Thread(target=refuse_the_version, daemon=True).start()
+        conn, sleep = self.connect(listener.getsockname()[1], security="tls")
+        with self.assertRaises(gc.ConnectionLostError) as caught:
+            conn.connect()
+        self.assertEqual(sleep.delays, [])
+        self.assertIn("no TLS version in common (tlsv1 alert protocol version)", str(caught.exception))
+
     def test_unknown_host_fails_at_once(self):
         error = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         conn, sleep = self.connect(993, security="tls")

@@ -8,15 +8,15 @@ One file, standard library only, CPython 3.9 or newer. Copy it anywhere and run:
 
 or import it from your own scripts::
 
-    from gmail_classify import GmailConnection
-    with GmailConnection("you@gmail.com", password="abcd efgh ijkl mnop") as conn:
-        conn.select("INBOX")
-        uids = conn.search(["UNSEEN"])
-        conn.add_labels(uids, ["Unread at 9am"])
+    from gmail_classify import GmailConnection, builtin_rules, classify_folder
+    with GmailConnection("you@gmail.com", password=os.environ["GMAIL_APP_PASSWORD"]) as conn:
+        report = classify_folder(conn, builtin_rules(), "INBOX")   # a dry run: read-only
+        print(report.changes)          # {'label Receipts': 12, 'label Newsletters': 40}
 
 The layers, each using only those above it (``grep -n '^# ---'`` prints this outline):
 errors; the IMAP wire format (quoting, modified UTF-7, UID sets, the response parser);
-the connection; messages; the rule engine; the classify pipeline; state and audit log;
+the connection; messages; the rule engine; rules files (with a small TOML reader, so
+TOML works without tomllib); the classify pipeline; a demo mailbox; state and audit log;
 the command line.
 
 Safety: dry run unless asked to apply; ``BODY.PEEK`` so classifying never marks mail read;
@@ -42,8 +42,8 @@ __all__ = [
     "Actions", "Rule", "Decision", "Needs", "Ruleset", "parse_rules", "load_rules",
     "builtin_rules", "STARTER_RULES_TOML", "STARTER_RULES_JSON", "parse_toml", "TOMLError",
     # pipeline
-    "classify_folder", "Outcome", "FolderReport", "Checkpoint", "RunStopped",
-    "describe_change",
+    "classify_folder", "classify_messages", "demo_messages", "Outcome", "FolderReport",
+    "Checkpoint", "RunStopped", "describe_change",
     # state and audit log
     "StateStore", "FolderState", "AccountLock", "AuditLog", "Run", "Undo", "history",
     "StateError", "LockedError", "BudgetExceededError", "account_key", "rules_hash",
@@ -639,10 +639,23 @@ class _BufferedWire:
         return bool(readable)
 
 
+class _GreetingTimeout(socket.timeout):
+    """The port took the connection but sent no greeting: what a TLS-only port does to a
+    client that speaks plain IMAP (the server waits for a TLS hello that never comes)."""
+
+
 class _PlainWire(_BufferedWire, imaplib.IMAP4):
     def open(self, host: str = "", port: int = IMAP_PORT, timeout: Optional[float] = None) -> None:
         self._reset_buffer()
         super().open(host, port, timeout)
+
+    def _connect(self) -> None:   # imaplib: read the greeting, then CAPABILITY
+        try:
+            super()._connect()  # type: ignore[misc]
+        except socket.timeout as exc:
+            if getattr(self, "welcome", None):   # greeted, then went quiet: an ordinary timeout
+                raise
+            raise _GreetingTimeout("no greeting from the server") from exc
 
 
 
@@ -932,6 +945,10 @@ class GmailConnection:
         if isinstance(exc, socket.gaierror) and exc.errno in (
                 getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None)):
             return f"no such host {self.host!r} ({exc.strerror}); check --host"
+        if isinstance(exc, _GreetingTimeout) and self.security != "tls":
+            return (f"no IMAP greeting within {self.timeout:g} s: is {self.port} a TLS port? "
+                    f"connect without --starttls or --plaintext (TLS from the first byte, "
+                    f"port {IMAPS_PORT}), or use --starttls on port {IMAP_PORT}")
         reason = getattr(exc, "reason", None) if isinstance(exc, ssl.SSLError) else None
         if reason in self._NOT_TLS:
             return (f"the server did not answer in TLS ({reason.lower().replace('_', ' ')}): "
@@ -3381,7 +3398,10 @@ class _TomlReader:
             raise self.fail(f"expected '=' after the key {'.'.join(keys)!r}, found {self.found()}")
         self.pos += 1
         self.skip_ws()
+        bare = self.pos
         value = self.value()
+        if after and self.text[bare] not in "\"'[{":
+            self.unquoted_words(self.text[bare:self.pos])
         for key in keys[:-1]:
             if key not in table:
                 table[key] = {}
@@ -3395,6 +3415,18 @@ class _TomlReader:
         table[keys[-1]] = value
         if after:
             self.end_of_line(after)
+
+    def unquoted_words(self, first: str) -> None:
+        """`larger_than = 5 MB`: a bare value followed by more words wanted quotes."""
+        self.skip_ws()
+        end = len(self.text)
+        for stop in ("#", "\n", "\r"):
+            found = self.text.find(stop, self.pos)
+            end = min(end, found) if found >= 0 else end
+        rest = self.text[self.pos:end].rstrip()
+        if rest:
+            raise self.fail(f"expected the end of the line after a value, found {self.found()}; "
+                            f"text with spaces needs quotes: \"{first} {rest}\"")
 
     def key(self) -> List[str]:
         keys = [self.simple_key()]
@@ -4546,9 +4578,9 @@ def demo_messages(now: Optional[datetime] = None) -> List[MessageInfo]:
         raw = (f"{headers}\nTo: you@example.com\nDate: {date}\n"
                f"Message-ID: <demo-{uid}@gmail-classify.example>\nMIME-Version: 1.0\n"
                f"Content-Type: text/plain; charset=utf-8\n\n{body}\n").replace("\n", "\r\n")
-        info = message_info_from_bytes(raw.encode("utf-8") + b"x" * padding)
+        info = message_info_from_bytes(raw.encode("utf-8"))
         infos.append(dataclasses.replace(
-            info, uid=uid, flags=frozenset(flags.split()),
+            info, uid=uid, size=info.size + padding, flags=frozenset(flags.split()),
             labels=frozenset(["\\Inbox"] + labels.split())))
     return infos
 
@@ -6192,7 +6224,7 @@ def _report_table(report: FolderReport, rules: Ruleset) -> str:
 
 def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     rules = load_rules(args.rules_file)
-    out.write(f"{rules.source}: {len(rules.rules)} rules, valid\n")
+    out.write(f"{rules.source}: {_plural(len(rules.rules), 'rule')}, valid\n")
     for rule in rules.rules:
         more = " (continue)" if rule.continue_ else ""
         out.write(f"  {rule.position}. {rule.name}: {rule.actions.describe()}{more}\n")

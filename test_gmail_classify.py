@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 import traceback
+import types
 import unittest
 from unittest import mock
 import datetime as _dtm
@@ -3825,7 +3826,11 @@ TOML_INVALID = [
     ('a = "tab\x01"', "control character in a string; write it as an escape such as \\t or "
                       "\\u0001", 1, 9),
     ('# bell \x07', "control character in a comment", 1, 8),
-    ('a = 1 2', "expected the end of the line after a value, found '2'", 1, 7),
+    ('a = 1 2', "expected the end of the line after a value, found '2'; text with spaces "
+                "needs quotes: \"1 2\"", 1, 7),
+    ('larger_than = 5 MB # big', "expected the end of the line after a value, found 'M'; "
+                                 "text with spaces needs quotes: \"5 MB\"", 1, 17),
+    ('a = "x" y', "expected the end of the line after a value, found 'y'", 1, 9),
     ('a = [1 2]', "expected ',' or ']' in the array, found '2'", 1, 8),
     ('[a', "expected ']' to close the table header, found the end of the file", 1, 3),
     ('[[a]\nx = 1', "expected ']]' to close the table header, found ']'", 1, 4),
@@ -3897,7 +3902,7 @@ class TomlReaderTest(unittest.TestCase):
         rng = random.Random(11)
         alphabet = "\"'[]{}=.,#\n \\tf01_-+:e"
         checked = 0
-        for _ in range(3000):
+        for _ in range(1500):
             text = rng.choice(corpus)
             at = rng.randrange(len(text))
             change = rng.randrange(3)
@@ -3920,7 +3925,7 @@ class TomlReaderTest(unittest.TestCase):
                 continue
             self.assertEqual(gc.parse_toml(text), expected, msg=repr(text))
             checked += 1
-        self.assertGreater(checked, 2500)
+        self.assertGreater(checked, 1250)
 
     def test_rules_files_agree_with_tomllib(self):
         self.assertEqual(gc.parse_toml(EXAMPLE_TOML), EXAMPLE_DOC)
@@ -4769,7 +4774,7 @@ class OfflineCommandLineTest(unittest.TestCase):
             {"name": "Receipts", "subject": "receipt", "label": "Receipts", "archive": True}]}))
         code, out, err = run_cli("check", path)
         self.assertEqual((code, err), (0, ""))
-        self.assertIn("1 rules, valid", out)
+        self.assertIn("rules.json: 1 rule, valid", out)
         self.assertIn("1. Receipts: label Receipts, archive", out)
 
     def test_bad_rules_give_one_line_and_exit_2(self):
@@ -5965,6 +5970,69 @@ class FailFastTest(unittest.TestCase):
                       str(caught.exception))
         self.assertEqual(server.count("LOGIN"), 0)
 
+    def test_plain_imap_spoken_to_a_tls_port_fails_after_one_timeout_with_a_hint(self):
+        server = FakeGmail(tls=True).start()
+        self.addCleanup(server.stop)
+        for security in ("plaintext", "starttls"):
+            with self.subTest(security):
+                conn, sleep = self.connect(server.port, security=security)
+                conn.timeout = 0.5
+                with self.assertRaises(gc.ConnectionLostError) as caught:
+                    conn.connect()
+                self.assertEqual(sleep.delays, [])
+                self.assertEqual(str(caught.exception),
+                                 f"cannot connect to 127.0.0.1:{server.port}: no IMAP greeting "
+                                 f"within 0.5 s: is {server.port} a TLS port? connect without "
+                                 "--starttls or --plaintext (TLS from the first byte, port 993), "
+                                 "or use --starttls on port 143")
+
+    def test_a_server_that_greets_then_stalls_is_retried(self):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        self.addCleanup(listener.close)
+        held: List[socket.socket] = []
+
+        def greet_then_stall() -> None:
+            while True:
+                try:
+                    client, _ = listener.accept()
+                except OSError:
+                    return
+                client.sendall(b"* OK ready\r\n")    # then never answers CAPABILITY
+                held.append(client)
+
+        threading.Thread(target=greet_then_stall, daemon=True).start()
+        self.addCleanup(lambda: [c.close() for c in held])
+        conn, sleep = self.connect(listener.getsockname()[1], security="plaintext")
+        conn.timeout, conn.retries = 0.3, 2
+        with self.assertRaises(gc.ConnectionLostError):
+            with self.assertLogs("gmail_classify", "WARNING"):
+                conn.connect()
+        self.assertEqual(len(sleep.delays), 2)
+
+    def test_no_common_tls_version_fails_at_once(self):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        self.addCleanup(listener.close)
+
+        def refuse_the_version() -> None:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            with client:
+                client.recv(4096)                                  # the ClientHello
+                client.sendall(b"\x15\x03\x03\x00\x02\x02\x46")     # fatal alert: protocol_version
+
+        threading.Thread(target=refuse_the_version, daemon=True).start()
+        conn, sleep = self.connect(listener.getsockname()[1], security="tls")
+        with self.assertRaises(gc.ConnectionLostError) as caught:
+            conn.connect()
+        self.assertEqual(sleep.delays, [])
+        self.assertIn("no TLS version in common (tlsv1 alert protocol version)", str(caught.exception))
+
     def test_unknown_host_fails_at_once(self):
         error = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         conn, sleep = self.connect(993, security="tls")
@@ -7038,6 +7106,60 @@ class FaultSweepTest(StateTestCase):
         cuts, total = self.sweep(gmail=False)
         self.assertEqual(cuts, 2 * total // self.every)
         self.assertGreater(total, 25)
+
+
+README_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+
+
+@unittest.skipUnless(os.path.exists(README_PATH), "README.md is not beside the tests")
+class ReadmeExamplesTest(unittest.TestCase):
+    """The README's Python examples, run as written against the fake Gmail."""
+
+    def blocks(self) -> List[str]:
+        with open(README_PATH, encoding="utf-8") as fh:
+            return re.findall(r"```python\n(.*?)```", fh.read(), re.S)
+
+    def run_block(self, code: str, server: "FakeGmail") -> str:
+        real = gc.GmailConnection
+
+        class ToTheFake(real):   # the example's account, on the fake server
+            def __init__(self, user: str, **options: Any) -> None:
+                super().__init__(user, host="127.0.0.1", port=server.port,
+                                 security="plaintext", keepalive=None, retries=0, **options)
+
+        shim = types.ModuleType("gmail_classify")
+        shim.__dict__.update({name: getattr(gc, name) for name in gc.__all__})
+        shim.GmailConnection = ToTheFake
+        out = io.StringIO()
+        with mock.patch.dict(sys.modules, {"gmail_classify": shim}), \
+                mock.patch.dict(os.environ, {"GMAIL_APP_PASSWORD": PASSWORD}), \
+                mock.patch("sys.stdout", out):
+            exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+        return out.getvalue()
+
+    def test_every_example_runs_and_only_the_marked_one_changes_mail(self):
+        blocks = self.blocks()
+        self.assertEqual(len(blocks), 2)
+        server = FakeGmail(users={"you@gmail.com": PASSWORD}).start()
+        self.addCleanup(server.stop)
+        server.add_message(make_message("Your receipt 42"))
+        server.add_message(make_message("Invoice due", sender="Billing <billing@example.com>"))
+        before = [(m.labels, m.flags) for m in server.messages("INBOX")]
+
+        shown = self.run_block(blocks[0], server)
+        self.assertEqual(shown, "2 messages; {'label Receipts': 2}\n"
+                                "1 unread bills; 0 old messages with attachments\n")
+        self.assertEqual([(m.labels, m.flags) for m in server.messages("INBOX")], before)
+        self.assertFalse({"SELECT", "UID STORE", "UID MOVE", "UID COPY"} & set(server.commands()))
+        self.assertIn("EXAMINE", server.commands())
+
+        shown = self.run_block(blocks[1], server)
+        self.assertEqual(shown, "{'label Receipts': 2}\n")
+        self.assertEqual(len(server.messages("INBOX")), 1)   # the bill left the Inbox
+        bill = [m for m in server.messages("[Gmail]/All Mail") if "Bills" in m.labels]
+        self.assertEqual(len(bill), 1)
+        self.assertIn("Receipts", bill[0].labels)
+
 
 
 if __name__ == "__main__":

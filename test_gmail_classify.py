@@ -5955,6 +5955,32 @@ class WatcherTest(FakeServerTest):
         statuses = [e.line for e in self.server.log if e.command == "STATUS"]
         self.assertTrue(all(b'"Work"' in line or b" Work " in line for line in statuses), statuses)
 
+    def test_session_pauses_at_the_budget_until_midnight_utc(self):
+        for n in range(6):
+            self.server.add_message(make_message(f"receipt {n}"))
+        now = [datetime(2026, 12, 1, 22, 30, tzinfo=timezone.utc).timestamp()]
+        paused: List[float] = []
+        store = gc.StateStore(os.path.join(self.tmp, "state"))
+        store.load()
+        session = gc.WatchSession(store, lambda: self.rules, USER, "127.0.0.1", self.server.port,
+                                  apply=True, reclassify=True, daily_budget=1024, batch_size=2,
+                                  on_pause=paused.append, clock=lambda: now[0])
+        session.check_start(["INBOX"])
+        conn = self.connect()
+        with self.assertLogs("gmail_classify", "WARNING"):
+            session(conn, ["INBOX"])
+        midnight = datetime(2026, 12, 2, tzinfo=timezone.utc).timestamp()
+        self.assertEqual(paused, [midnight])
+        left = self.server.uids("INBOX")
+        commands = len(self.commands())
+        session(conn, ["INBOX"])                       # still paused: not a word to the server
+        self.assertEqual(len(self.commands()), commands)
+        now[0] = midnight + 1
+        session.daily_budget = 10 ** 6                 # a new day, and room for the rest
+        session(conn, ["INBOX"])
+        self.assertEqual(self.server.uids("INBOX"), [])
+        self.assertGreater(len(left), 0)
+
     def test_reload_is_asked_for_at_a_safe_point(self):
         reloads: List[int] = []
         changed = [False]
@@ -6188,6 +6214,21 @@ class WatchCommandLineTest(FakeServerTest):
         self.assertEqual(sum(line.startswith("INBOX 2: would label Receipts") for line in lines), 1, out)
         self.assertEqual(len(self.server.uids("INBOX")), 3)
         self.assertNotIn("SELECT", self.commands())
+
+    def test_daily_budget_pauses_the_watch_instead_of_ending_it(self):
+        for n in range(6):
+            self.server.add_message(make_message(f"receipt {n}"))
+
+        def script() -> None:
+            self.idling()
+
+        code, out, err = self.watch_in_process(script, "--apply", "--all", "--batch-size", "2",
+                                               "--daily-budget", "1K")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(err.count("catches up after 00:00 UTC"), 1, err)
+        self.assertGreater(len(self.server.uids("INBOX")), 0)        # the rest waits
+        code, out, err = run_cli("history", "--json", env=self.env)
+        self.assertEqual([json.loads(line)["status"] for line in out.splitlines()], ["stopped"])
 
     def test_bad_interval_and_auth_failure(self):
         code, out, err = run_cli(*self.argv("--interval", "0"), env=self.env)

@@ -49,7 +49,7 @@ __all__ = [
     "StateError", "LockedError", "BudgetExceededError", "account_key", "rules_hash",
     "default_state_dir",
     # watch
-    "Watcher",
+    "Watcher", "WatchSession",
     # OAuth2 sign-in
     "OAuthError", "OAuthClient", "OAuthTokenSource", "authorize", "load_client_secret_file",
     "save_refresh_token", "load_refresh_token", "token_path",

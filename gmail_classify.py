@@ -966,6 +966,9 @@ class GmailConnection:
         self.commands_sent = 0
         self.bytes_received = 0
         self.backoff_delays: List[float] = []
+        # EXISTS responses seen, with any command or in IDLE: new mail in the selected
+        # folder is announced once, to whichever command comes next (RFC 3501 §7.3.1).
+        self.exists_seen = 0
         self._secrets: List[str] = []   # credentials sent, kept out of -vv logs
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -1493,6 +1496,8 @@ class GmailConnection:
 
     def _note_untagged(self, parsed: List[Any]) -> None:
         """Keep the selected folder's message count current from EXISTS."""
+        if len(parsed) >= 2 and str(parsed[1]).upper() == "EXISTS":
+            self.exists_seen += 1
         if len(parsed) >= 2 and str(parsed[1]).upper() == "EXISTS" and self._selected:
             selected = self._selected
             self._selected = FolderStatus(selected.name, selected.uidvalidity,
@@ -6387,6 +6392,7 @@ class Watcher:
         self._clocks = (time.time(), time.monotonic())
         self._seen: Dict[str, Tuple[int, int]] = {}     # folder -> (UIDVALIDITY, UIDNEXT)
         self._first_key: Optional[Tuple[int, Optional[int]]] = None   # the same, first folder
+        self._first_exists = 0      # conn.exists_seen when the first folder was last caught up
         self._next_poll = 0.0
         self.conn: Optional[GmailConnection] = None
         # Counters for tests and the curious; they only ever hold numbers.
@@ -6476,6 +6482,7 @@ class Watcher:
         selected = conn.selected
         if selected is not None and _same_folder(selected.name, first):
             self._first_key = (selected.uidvalidity, selected.uidnext)
+            self._first_exists = conn.exists_seen
 
     def _maybe_reload(self) -> None:
         wanted = self._reload_requested.is_set()
@@ -6524,18 +6531,19 @@ class Watcher:
             before = self._first_key
             status = conn.examine(first)
             self._first_key = (status.uidvalidity, status.uidnext)
+            self._first_exists = conn.exists_seen
             if before is not None and (self._first_key != before or status.uidnext is None):
                 self._wake(conn, [first])
                 return
         changed: List[str] = []
         left = self._next_poll - time.monotonic()
+        idled = False
         if left > 0:
             if idle:
+                idled = True
                 self.idles += 1
                 timeout = min(self.idle_interval, left) if (len(self.folders) > 1) else self.idle_interval
-                events = conn.idle(timeout, interrupt=self._interrupted)
-                if any(len(e) >= 2 and str(e[1]).upper() == "EXISTS" for e in events):
-                    changed.append(first)
+                conn.idle(timeout, interrupt=self._interrupted)
             else:
                 deadline = time.monotonic() + left
                 while not self._interrupted() and time.monotonic() < deadline:
@@ -6549,11 +6557,13 @@ class Watcher:
         if time.monotonic() >= self._next_poll and not self._stop.is_set():
             self.polls += 1
             self._next_poll = time.monotonic() + self.interval
-            if not idle:
-                events = conn.noop()
-                if any(len(e) >= 2 and str(e[1]).upper() == "EXISTS" for e in events):
-                    changed.append(first)
+            if not idled:
+                conn.noop()     # no IDLE here, or the polls left no time for it
             changed += self._remember_others(conn)
+        # New mail in the first folder shows as EXISTS, in IDLE or with any command since
+        # its last catch-up (a STATUS of another folder included).
+        if conn.exists_seen != self._first_exists:
+            changed.append(first)
         self._wake(conn, [folder for folder in self.folders if folder in changed])
 
 

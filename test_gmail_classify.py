@@ -5955,6 +5955,17 @@ class WatcherTest(FakeServerTest):
         statuses = [e.line for e in self.server.log if e.command == "STATUS"]
         self.assertTrue(all(b'"Work"' in line or b" Work " in line for line in statuses), statuses)
 
+    def test_first_folder_is_not_starved_when_polling_takes_all_the_time(self):
+        self.server.add_message(make_message("hello"), labels=("Work",))
+        self.server.add_fault("STATUS", action="delay", delay=0.05, count=10 ** 6)
+        watcher = self.start_watcher(["INBOX", "Work"], interval=0.01, idle_interval=30)
+        wait_until(lambda: self.server.count("STATUS") >= 3, timeout=15)
+        self.server.deliver(make_message("receipt 8"))
+        wait_until(lambda: self.server.uids("INBOX") == [], timeout=15,
+                   message="INBOX starved by the polls")
+        self.stop(watcher)
+        self.assertIn("NOOP", self.commands())
+
     def test_session_pauses_at_the_budget_until_midnight_utc(self):
         for n in range(6):
             self.server.add_message(make_message(f"receipt {n}"))

@@ -4350,6 +4350,8 @@ def import_gmail_filters(data: bytes, source: str = "mailFilters.xml") -> Import
 # suggest: what a folder's headers say about the rules its owner needs.
 _AUTOMATED_LOCAL = re.compile(r"no-?reply|do-?not-?reply|notifications?|alerts?|mailer-daemon|"
                               r"bounces?|updates?|news(letter)?|info|support|auto", re.IGNORECASE)
+_PLAIN_ADDRESS = re.compile(r"[\w.+=-]+@[\w-]+(\.[\w-]+)+")
+_PLAIN_LIST_ID = re.compile(r"[\w.+=-]+")
 SUGGEST_HEADERS = ("FROM", "SUBJECT", "LIST-ID", "LIST-UNSUBSCRIBE", "AUTO-SUBMITTED",
                    "PRECEDENCE")
 
@@ -4421,10 +4423,11 @@ def suggest_rules(conn: GmailConnection, folder: str = "INBOX", *, top: int = 10
                 found = re.search(r"<([^<>]+)>", list_id)
                 key = (found.group(1) if found else list_id).strip().lower()
                 description = list_id[:found.start()].strip().strip('"') if found else ""
-                lists.setdefault(key, _Tally()).add(subject, description)
+                if _PLAIN_LIST_ID.fullmatch(key):
+                    lists.setdefault(key, _Tally()).add(subject, description)
                 continue
-            if "@" not in address:
-                continue
+            if not _PLAIN_ADDRESS.fullmatch(address):
+                continue   # nothing a rule could name plainly (a sender chose it: be wary)
             local_part, _, domain = address.rpartition("@")
             bulk = bool(header_text(headers, "list-unsubscribe")) \
                 or _first(header_text(headers, "auto-submitted")).strip().lower() not in ("", "no") \
@@ -4443,7 +4446,7 @@ def suggest_rules(conn: GmailConnection, folder: str = "INBOX", *, top: int = 10
         comments.append((f"{what}: {tally.count} messages{sample}",))
 
     for key, tally in _top(lists, top, min_count):
-        short = clean_component(tally.name or key.split(".")[0])
+        short = clean_component(key.split(".")[0])
         propose({"name": f"List {key}", "list_id": key, "label": f"Lists/{short}"}, tally,
                 "Mailing list" + (f" {tally.name!r}" if tally.name else ""))
     for address, tally in _top(automated, top, min_count):
@@ -4459,7 +4462,7 @@ def suggest_rules(conn: GmailConnection, folder: str = "INBOX", *, top: int = 10
                  f"{len(tally.members)} senders at {domain}")
     for address, tally in _top(senders, top, min_count, skip=covered):
         propose({"name": f"Sender {address}", "from": address,
-                 "label": f"Senders/{clean_component(address.replace('@', '.at.'))}"},
+                 "label": "Senders/" + re.sub(r"[^\w.@+-]", "", address)[:_COMPONENT_MAX]},
                 tally, "Sender" + (f" {tally.name!r}" if tally.name else ""))
     return Suggestions({"rule": rules}, tuple(comments), examined, folder)
 
@@ -4866,7 +4869,7 @@ def _cmd_test(args: argparse.Namespace, out: TextIO) -> int:
             for rule_name, reason in decision.matches:
                 counts[rule_name] = counts.get(rule_name, 0) + 1
                 out.write(f"{name}: {rule_name}: {reason}\n")
-            out.write(f"    -> {decision.actions.describe()}  ({subject[:60]})\n")
+            out.write(f"    -> {decision.actions.expanded(info).describe()}  ({subject[:60]})\n")
     except GmailClassifyError as exc:
         if type(exc) is not GmailClassifyError:
             raise

@@ -16,7 +16,8 @@ or import it from your own scripts::
 
 The layers, each using only those above it (``grep -n '^# ---'`` prints this outline):
 errors; the IMAP wire format (quoting, modified UTF-7, UID sets, the response parser);
-the connection; messages; the rule engine; the classify pipeline; the command line.
+the connection; messages; the rule engine; rules files (reading, writing); the classify
+pipeline; importers and suggestions (Gmail filters, suggested rules); the command line.
 
 Safety: dry run unless asked to apply; ``BODY.PEEK`` so classifying never marks mail read;
 never a bare ``EXPUNGE``; TLS certificates and host names always verified; passwords and
@@ -40,8 +41,13 @@ __all__ = [
     # rule engine
     "Actions", "Rule", "Decision", "Needs", "Ruleset", "parse_rules", "load_rules",
     "builtin_rules", "STARTER_RULES_TOML", "STARTER_RULES_JSON",
+    "RuleTest", "run_rule_tests", "format_rules", "write_rules_file",
+    "TEMPLATE_FIELDS", "split_template", "expand_template", "clean_component",
     # pipeline and command line
-    "classify_folder", "Outcome", "FolderReport", "main",
+    "classify_folder", "Outcome", "FolderReport", "FolderLimitError", "DEFAULT_MAX_NEW_FOLDERS",
+    # importers and suggestions
+    "import_gmail_filters", "ImportedFilters", "suggest_rules", "Suggestions",
+    "main",
 ]
 
 __version__ = "0.1.0"

@@ -6253,9 +6253,20 @@ class GmailQueryEverywhereTest(FakeServerTest):
         self.assertEqual([n for n, _ in decision.matches], ["Query and subject"])
         decision = local.classify(info("Subject: urgent"), final=True, now=NOW)
         self.assertEqual([n for n, _ in decision.matches], ["Any"])
-        plain = gc.parse_rules({"rule": [{"subject": "x", "star": True}]})
+        plain = gc.parse_rules({"rule": [{"subject": "x", "star": True},
+                                         {"subject": "y", "from": "z", "star": True}]})
         self.assertIs(plain.local()[0], plain)
         self.assertEqual(plain.local()[1], ())
+
+    def test_a_table_of_queries_only_leaves_nothing_to_decide(self):
+        doc = {"rule": [{"name": "All", "all": [{"gmail_query": "a"}, {"gmail_query": "b"}],
+                         "star": True},
+                        {"name": "Any", "any": [{"gmail_query": "a"}, {"gmail_query": "b"}],
+                         "star": True}]}
+        local, notes = gc.parse_rules(doc).local()
+        self.assertEqual(local.rules, ())
+        self.assertEqual(len(notes), 2)
+        self.assertEqual(local.classify(info("Subject: x"), final=True, now=NOW).matches, ())
 
     def test_test_command_prints_the_notes(self):
         rules = os.path.join(self.tmp, "rules.json")

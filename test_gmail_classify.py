@@ -5793,6 +5793,23 @@ class ImportFiltersTest(unittest.TestCase):
                 decision = rules.classify(info(headers, **fields), final=True, now=NOW)
                 self.assertEqual([name for name, _ in decision.matches], expected)
 
+    def test_senders_map_locally_only_when_they_are_addresses_or_domains(self):
+        imported = gc.import_gmail_filters(filter_export(
+            [("from", "amazon"), ("label", "A")],
+            [("from", "John Smith"), ("label", "J")],
+            [("from", "bank.example"), ("label", "B")]))
+        rules = imported.doc["rule"]
+        self.assertNotIn("from", rules[0])
+        self.assertEqual(rules[1]["gmail_query"], "from:(John Smith)")
+        self.assertNotIn("from", rules[1])
+        self.assertEqual(rules[2]["from"], "/[@.]bank\\.example(?![\\w.-])/i")
+        local, _ = gc.parse_rules(imported.doc).local()
+        for sender, expected in [("a@bank.example", True), ("a@mail.bank.example", True),
+                                 ("a@notbank.example", False), ("a@bank.example.org", False)]:
+            with self.subTest(sender):
+                decision = local.classify(info(f"From: {sender}"), final=True, now=NOW)
+                self.assertEqual(bool(decision.matches), expected)
+
     def test_cli_writes_toml_and_json_that_check_accepts(self):
         xml_path = self.write("mailFilters.xml", SAMPLE_FILTERS)
         for fmt in ("toml", "json"):

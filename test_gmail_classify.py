@@ -6663,6 +6663,25 @@ class RuleTestTablesTest(unittest.TestCase):
         with self.assertRaises(RulesError):
             gc.parse_rules({"rule": [{"subject": "r", "label": "R"}], "test": {"x": 1}})
 
+    def test_every_problem_is_reported_at_once_without_spurious_names(self):
+        doc = {"rule": [{"name": "Good", "subject": "x", "label": "{yaer}"},
+                        {"name": "Other", "subject": "y", "star": True}],
+               "test": [{"subject": "x", "expect_rules": ["Good"]},
+                        {"subject": "x", "expect_rules": [], "size": "big"},
+                        {"expect_rules": ["Nope"]}]}
+        with self.assertRaises(RulesError) as ctx:
+            gc.parse_rules(doc, "rules.json")
+        lines = str(ctx.exception).splitlines()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn('rule 1 ("Good"): label: unknown field {yaer}', lines[0])
+        self.assertIn("test 2: size:", lines[1])
+        doc["rule"][0]["label"] = "{year}"
+        with self.assertRaises(RulesError) as ctx:
+            gc.parse_rules(doc, "rules.json")
+        lines = str(ctx.exception).splitlines()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("test 3: expect_rules[1]: no rule named 'Nope'", lines[1])
+
     def test_the_starter_file_shows_a_passing_test(self):
         self.assertIn("[[test]]", STARTER_RULES_TOML)
         self.assertEqual(len(builtin_rules().tests), 1)

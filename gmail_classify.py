@@ -5077,6 +5077,7 @@ def suggest_rules(conn: GmailConnection, folder: str = "INBOX", *, top: int = 10
     style addresses, List-Unsubscribe or Auto-Submitted without a list), domains
     with several senders, and single senders; at most ``top`` of each, each seen
     at least ``min_count`` times, with its count and a sample subject as comments.
+    Labels nest with the server's hierarchy separator ("Lists/python-announce").
     """
     conn.examine(folder)
     uids = conn.search(["ALL"])
@@ -5117,6 +5118,7 @@ def suggest_rules(conn: GmailConnection, folder: str = "INBOX", *, top: int = 10
             domains.setdefault(domain, _Tally()).add(subject, member=address)
     rules: List[Dict[str, Any]] = []
     comments: List[Tuple[str, ...]] = []
+    sep = next((f.delimiter for f in conn.list_folders() if f.delimiter), "/")
 
     def propose(rule: Dict[str, Any], tally: _Tally, what: str) -> None:
         rules.append(rule)
@@ -5124,23 +5126,24 @@ def suggest_rules(conn: GmailConnection, folder: str = "INBOX", *, top: int = 10
         comments.append((f"{what}: {tally.count} messages{sample}",))
 
     for key, tally in _top(lists, top, min_count):
-        short = clean_component(key.split(".")[0])
-        propose({"name": f"List {key}", "list_id": key, "label": f"Lists/{short}"}, tally,
+        short = clean_component(key.split(".")[0], sep)
+        propose({"name": f"List {key}", "list_id": key, "label": f"Lists{sep}{short}"}, tally,
                 "Mailing list" + (f" {tally.name!r}" if tally.name else ""))
     for address, tally in _top(automated, top, min_count):
-        domain = clean_component(address.rpartition("@")[2])
+        domain = clean_component(address.rpartition("@")[2], sep)
         propose({"name": f"Automated {address}", "from": address,
-                 "label": f"Automated/{domain}"}, tally, "Automated sender")
+                 "label": f"Automated{sep}{domain}"}, tally, "Automated sender")
     shared = {d: t for d, t in domains.items() if len(t.members) > 1}
     covered = set()
     for domain, tally in _top(shared, top, min_count):
         covered.update(tally.members)
         propose({"name": f"Domain {domain}", "from": f"@{domain}",
-                 "label": f"Senders/{clean_component(domain)}"}, tally,
+                 "label": f"Senders{sep}{clean_component(domain, sep)}"}, tally,
                  f"{len(tally.members)} senders at {domain}")
     for address, tally in _top(senders, top, min_count, skip=covered):
         propose({"name": f"Sender {address}", "from": address,
-                 "label": "Senders/" + re.sub(r"[^\w.@+-]", "", address)[:_COMPONENT_MAX]},
+                 "label": f"Senders{sep}" + re.sub(r"[^\w.@+-]", "", address).replace(
+                     sep, "-")[:_COMPONENT_MAX]},
                 tally, "Sender" + (f" {tally.name!r}" if tally.name else ""))
     return Suggestions({"rule": rules}, tuple(comments), examined, folder)
 

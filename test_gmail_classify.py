@@ -7420,6 +7420,15 @@ class PipeliningTest(FakeServerTest):
         self.assertEqual(self.server.count("UID FETCH"), 1)   # the refused one never went out
         self.assertEqual(self.conn.search(["ALL"]), [1, 2, 3, 4, 5, 6])   # the wire is clean
 
+    def test_a_refused_fetch_in_flight_raises_when_its_batch_is_asked_for(self):
+        self.server.add_fault("UID FETCH", nth=2, action="no", text="[UNAVAILABLE] try later")
+        batches = self.conn.fetch_batches(self.BATCHES, self.ITEMS)
+        self.assertEqual(sorted(next(batches)[1]), [1, 2])
+        with self.assertRaises(gc.ImapError) as caught:
+            next(batches)
+        self.assertEqual((caught.exception.command, caught.exception.status), ("UID FETCH", "NO"))
+        self.assertEqual(self.conn.search(["ALL"]), [1, 2, 3, 4, 5, 6])   # the third answer was read first
+
     def test_classify_gives_the_same_report_in_small_batches(self):
         rules = gc.parse_rules({"rule": [{"name": "odd", "subject": ["/[135]$/"], "label": "Odd"}]}, "r.json")
         whole = gc.classify_folder(self.conn, rules, "INBOX")

@@ -2527,35 +2527,48 @@ def _fast_addresses(raw: str) -> Optional[List[str]]:
         pos += 1
 
 
-def _header_cache(msg: email.message.EmailMessage) -> Optional[Dict[Any, List[str]]]:
-    """The cache of decoded values kept on a message, emptied when its headers change;
-    None for messages not parsed with email.policy.default (the fast path would differ)."""
-    cached = msg.__dict__.get("_gmail_classify_cache")
+_CACHE = "_gmail_classify_cache"
+
+
+def _unfolded(value: Any) -> str:
+    value = str(value)
+    return re.sub(r"\r?\n(?=[ \t])", "", value) if "\n" in value else value
+
+
+def _header_cache(msg: email.message.EmailMessage,
+                  create: bool = True) -> Optional[Dict[Any, List[str]]]:
+    """The cache of decoded values kept on a message while rules read it (emptied when
+    its headers change), or None: not created, or the message was not parsed with
+    email.policy.default (the fast path would then differ)."""
+    cached = msg.__dict__.get(_CACHE)
     if cached is not None and cached[0] == msg._headers and msg.policy is email.policy.default:
         return cached[1]
-    if getattr(msg, "policy", None) is not email.policy.default:
+    if not create or getattr(msg, "policy", None) is not email.policy.default:
         return None
     headers = getattr(msg, "_headers", None)
     if not isinstance(headers, list):
         return None
-    cached = msg.__dict__.get("_gmail_classify_cache")
-    if cached is None or cached[0] != headers:
-        index: Dict[Any, List[str]] = {}
-        for key, value in headers:
-            value = str(value)
-            if "\n" in value:
-                value = re.sub(r"\r?\n(?=[ \t])", "", value)
-            index.setdefault(("raw", key.lower()), []).append(value)
-        cached = (list(headers), index)
-        msg.__dict__["_gmail_classify_cache"] = cached
-    return cached[1]
+    index: Dict[Any, List[str]] = {}
+    for key, value in headers:
+        index.setdefault(("raw", key.lower()), []).append(_unfolded(value))
+    msg.__dict__[_CACHE] = (list(headers), index)
+    return index
+
+
+def _drop_header_cache(msg: email.message.EmailMessage) -> None:
+    """Forget what rules decoded (a run keeps many messages between applies)."""
+    msg.__dict__.pop(_CACHE, None)
 
 
 def _cached(msg: email.message.EmailMessage, kind: str, name: str) -> List[str]:
-    cache = _header_cache(msg)
-    if cache is None:
-        return (_plain_header_addresses if kind == "addresses" else _plain_header_text)(msg, name)
     name = name.lower()
+    cache = _header_cache(msg, create=False)
+    if cache is None:
+        if getattr(msg, "policy", None) is not email.policy.default \
+                or not isinstance(getattr(msg, "_headers", None), list):
+            return (_plain_header_addresses if kind == "addresses" else _plain_header_text)(msg, name)
+        raws = [_unfolded(value) for key, value in msg._headers if key.lower() == name]
+        return _decode_header(msg, raws, kind, name)
     values = cache.get((kind, name))
     if values is None:
         values = _decode_header(msg, cache.get(("raw", name), []), kind, name)
@@ -2588,7 +2601,7 @@ def header_text(msg: email.message.EmailMessage, name: str) -> List[str]:
     """All values of header `name`, decoded to str; never raises.
 
     Returns e.g. ["Your receipt from Café Olé"]; [] when the header is absent.
-    Decoded once per message and header, then cached on the message.
+    While rules classify the message, each header is decoded once and cached.
     """
     return _cached(msg, "text", name)
 
@@ -2599,13 +2612,13 @@ def header_addresses(msg: email.message.EmailMessage, name: str) -> List[str]:
     Returns e.g. ["Amazon.com <auto-confirm@amazon.com>"]; display names are
     RFC 2047 decoded. A value that holds no parseable address is returned as
     its decoded text, so that rules can still match it. Never raises.
-    Decoded once per message and header, then cached on the message.
+    While rules classify the message, each header is decoded once and cached.
     """
     return _cached(msg, "addresses", name)
 
 
 def _header_present(msg: email.message.EmailMessage, name: str) -> bool:
-    cache = _header_cache(msg)
+    cache = _header_cache(msg, create=False)
     if cache is None:
         return bool(_raw_values(msg, name))
     return bool(cache.get(("raw", name.lower())))
@@ -3628,17 +3641,20 @@ class Ruleset:
             now = now.replace(tzinfo=timezone.utc)
         matches: List[Tuple[str, str]] = []
         actions = Actions()
-        for rule in self.rules:
-            value, reason = rule.condition.evaluate(msg, now)
-            if value is None:
-                if not final:
-                    return None
-                continue
-            if value:
-                matches.append((rule.name, reason))
-                actions = actions.merged(rule.actions)
-                if not rule.continue_:
-                    break
+        try:
+            for rule in self.rules:
+                value, reason = rule.condition.evaluate(msg, now)
+                if value is None:
+                    if not final:
+                        return None
+                    continue
+                if value:
+                    matches.append((rule.name, reason))
+                    actions = actions.merged(rule.actions)
+                    if not rule.continue_:
+                        break
+        finally:
+            _drop_header_cache(msg.headers)   # decoded for these rules only: free it
         return Decision(matches=tuple(matches), actions=actions)
 
 

@@ -8008,12 +8008,25 @@ class FastPathTest(unittest.TestCase):
             self.assertEqual(header_addresses(msg, "to"), ["a@example.com", "B, C <b@example.com>"])
             self.assertEqual(header_text(msg, "subject"), ["Ihre Bestellbestätigung 5"])
 
+    def test_rules_decode_each_header_once_and_free_it_after(self):
+        rules = parse_rules({"rule": [{"name": "a", "from": "x@", "label": "A"},
+                                      {"name": "b", "from": "/bob/", "subject": "hi", "label": "B"},
+                                      {"name": "c", "any": [{"from": "y@"}, {"subject": "no"}], "label": "C"}]},
+                            "r.json")
+        msg = info("From: Bob <bob@example.com>\nSubject: hi there")
+        with mock.patch.object(gc, "_decode_header", wraps=gc._decode_header) as decode:
+            self.assertEqual([name for name, _ in rules.classify(msg, now=NOW).matches], ["b"])
+        self.assertEqual(sorted(call.args[2:] for call in decode.call_args_list),
+                         [("addresses", "from"), ("text", "subject")])
+        self.assertNotIn("_gmail_classify_cache", msg.headers.__dict__)
+
     def test_changed_headers_are_decoded_again(self):
         msg = parse_headers(b"Subject: old\r\n\r\n")
-        self.assertEqual(header_text(msg, "subject"), ["old"])
-        msg.replace_header("Subject", "new")
-        self.assertEqual(header_text(msg, "subject"), ["new"])
+        self.assertEqual(gc._header_values(msg, False, ("subject",)), (["old"], ["old"]))
+        msg.replace_header("Subject", "New")
+        self.assertEqual(gc._header_values(msg, False, ("subject",)), (["New"], ["new"]))
         del msg["Subject"]
+        self.assertEqual(gc._header_values(msg, False, ("subject",)), ([], []))
         self.assertEqual(header_text(msg, "subject"), [])
 
     def test_tokenizer_matches_the_plain_parser(self):
@@ -8145,6 +8158,15 @@ class PipeliningTest(FakeServerTest):
         self.assertEqual(calls, [0, 1])      # asked before the first and before the second
         self.assertEqual(self.server.count("UID FETCH"), 1)   # the refused one never went out
         self.assertEqual(self.conn.search(["ALL"]), [1, 2, 3, 4, 5, 6])   # the wire is clean
+
+    def test_a_refused_fetch_in_flight_raises_when_its_batch_is_asked_for(self):
+        self.server.add_fault("UID FETCH", nth=2, action="no", text="[UNAVAILABLE] try later")
+        batches = self.conn.fetch_batches(self.BATCHES, self.ITEMS)
+        self.assertEqual(sorted(next(batches)[1]), [1, 2])
+        with self.assertRaises(gc.ImapError) as caught:
+            next(batches)
+        self.assertEqual((caught.exception.command, caught.exception.status), ("UID FETCH", "NO"))
+        self.assertEqual(self.conn.search(["ALL"]), [1, 2, 3, 4, 5, 6])   # the third answer was read first
 
     def test_classify_gives_the_same_report_in_small_batches(self):
         rules = gc.parse_rules({"rule": [{"name": "odd", "subject": ["/[135]$/"], "label": "Odd"}]}, "r.json")

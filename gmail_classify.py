@@ -8720,11 +8720,17 @@ class _RulesReloader:
 def _watch_signals(watcher: Watcher) -> Iterator[None]:
     """SIGINT and SIGTERM stop the watch at a safe point; SIGHUP reloads the rules.
 
-    The handlers only set flags (no logging, no I/O: a signal may arrive anywhere)."""
+    The handlers only set flags (no logging, no I/O: a signal may arrive anywhere); a
+    second Ctrl-C interrupts at once (exit 130)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    wanted = [(signal.SIGINT, watcher.stop), (signal.SIGTERM, watcher.stop)]
+    def stop() -> None:
+        if watcher.stopping:            # asked twice: the user is not waiting any longer
+            raise KeyboardInterrupt
+        watcher.stop()
+
+    wanted = [(signal.SIGINT, stop), (signal.SIGTERM, watcher.stop)]
     if hasattr(signal, "SIGHUP"):
         wanted.append((signal.SIGHUP, watcher.request_reload))
     previous = {}

@@ -6237,6 +6237,30 @@ class WatchCommandLineTest(FakeServerTest):
         self.assertEqual(len(self.server.uids("INBOX")), 3)
         self.assertNotIn("SELECT", self.commands())
 
+    @unittest.skipUnless(os.name == "posix", "POSIX signals")
+    def test_second_ctrl_c_interrupts_at_once(self):
+        self.server.add_fault("LOGIN", action="delay", delay=3)
+        problems: List[BaseException] = []
+
+        def drive() -> None:
+            try:
+                wait_until(lambda: "LOGIN" in self.commands(), timeout=15)
+                os.kill(os.getpid(), signal.SIGINT)     # the first waits for a safe point
+                time.sleep(0.2)     # two signals at once would count as one; nothing to poll
+                os.kill(os.getpid(), signal.SIGINT)     # the second does not
+            except BaseException as exc:
+                problems.append(exc)
+
+        driver = threading.Thread(target=drive, daemon=True)
+        driver.start()
+        started = time.monotonic()
+        code, out, err = run_cli(*self.argv("--apply", "--all"), env=self.env)
+        driver.join(10)
+        self.assertEqual(problems, [])
+        self.assertEqual(code, gc.EXIT_INTERRUPTED, err)
+        self.assertLess(time.monotonic() - started, 2.5)          # before LOGIN's answer
+        self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
+
     def test_daily_budget_pauses_the_watch_instead_of_ending_it(self):
         for n in range(6):
             self.server.add_message(make_message(f"receipt {n}"))

@@ -6888,8 +6888,9 @@ class Watcher:
     every loss); ``catch_up(conn, folders)`` classifies what arrived in those folders.  It
     is called for every folder after each (re)connect, then for the folders with news.
     ``reload()`` is called at a safe point after ``request_reload()`` (SIGHUP) or whenever
-    ``reload_needed()`` says so (the rules file changed).  ``sleep`` waits (and returns
-    early on stop), ``rng`` jitters the backoff; both injectable for tests.
+    ``reload_needed()`` says so (the rules file changed).  ``rng`` jitters the backoff
+    (injectable for tests).  The connections should have ``retries=0``: the Watcher does
+    the retrying, forever, and logs an outage only when it begins and when it ends.
 
     ``run()`` returns after ``stop()``, having logged out; it raises AuthenticationError,
     TLSError, and ImapError other than the connection's own troubles.

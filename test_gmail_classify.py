@@ -5966,6 +5966,20 @@ class WatcherTest(FakeServerTest):
         statuses = [e.line for e in self.server.log if e.command == "STATUS"]
         self.assertTrue(all(b'"Work"' in line or b" Work " in line for line in statuses), statuses)
 
+    def test_a_jump_of_the_wall_clock_while_idling_checks_the_link(self):
+        watcher = self.start_watcher(idle_interval=30)
+        self.idling()
+        self.assertNotIn("NOOP", self.commands())
+        with self.assertLogs("gmail_classify", "INFO") as logs:
+            watcher._clocks = (time.time() - 3600, time.monotonic())    # as after a sleep
+            wait_until(lambda: "NOOP" in self.commands(), timeout=15)
+        self.idling(2)
+        self.stop(watcher)
+        names = self.commands()
+        self.assertEqual(names[names.index("NOOP") - 1:names.index("NOOP") + 2],
+                         ["IDLE", "NOOP", "IDLE"])
+        self.assertIn("slept", "\n".join(logs.output))
+
     def test_first_folder_is_not_starved_when_polling_takes_all_the_time(self):
         self.server.add_message(make_message("hello"), labels=("Work",))
         self.server.add_fault("STATUS", action="delay", delay=0.05, count=10 ** 6)
@@ -6152,7 +6166,9 @@ class WatchCommandLineTest(FakeServerTest):
 
         code, out, err = self.watch_in_process(script, "--apply", "--new-only",
                                                "--idle-interval", "0.05")
-        self.assertEqual(code, 0, err)
+        self.assertEqual((code, err), (0, ""))      # default verbosity: silent while all is well
+        self.assertEqual(len(out.splitlines()), 1, out)                   # the rules in force
+        self.assertGreaterEqual(self.server.count("IDLE"), 4)     # a re-issue among them
         code, out, err = run_cli("history", "--json", env=self.env)
         runs = [json.loads(line) for line in out.splitlines()]
         self.assertEqual([r["command"] for r in runs], ["watch", "watch"], out)

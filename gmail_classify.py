@@ -7483,17 +7483,19 @@ def authorize(client: OAuthClient, user: str, *, port: int = 0,
               open_browser: Optional[Callable[[str], Any]] = webbrowser.open,
               read_pasted: Optional[Callable[[float], Optional[str]]] = None,
               show: Callable[[str], None] = lambda text: None,
-              wait: float = OAUTH_WAIT, auth_url: Optional[str] = None,
+              wait: Optional[float] = None, auth_url: Optional[str] = None,
               token_url: Optional[str] = None) -> Dict[str, Any]:
     """Run Google's installed-app flow for ``user``; returns the token endpoint's answer.
 
     Listens on 127.0.0.1:``port`` (0: any free port), passes the consent address to
     ``show`` and ``open_browser``, then waits up to ``wait`` seconds for the browser's
-    redirect, or for a pasted redirect address from ``read_pasted(timeout)``.  The answer
+    redirect (default OAUTH_WAIT), or for a pasted redirect address from
+    ``read_pasted(timeout)``.  The answer
     is ``{"access_token": "ya29...", "refresh_token": "1//...", "expires_in": 3599, ...}``.
     Raises OAuthError (refused, wrong state, timeout, no refresh token, mail access not
     granted) and ConnectionLostError (the token endpoint is unreachable).
     """
+    wait = OAUTH_WAIT if wait is None else wait
     auth_endpoint = _endpoint(auth_url or GOOGLE_AUTH_URL, "authorisation endpoint")
     token_endpoint = _endpoint(token_url or GOOGLE_TOKEN_URL, "token endpoint")
     verifier, challenge = _pkce_pair()

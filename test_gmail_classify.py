@@ -6490,7 +6490,7 @@ class OAuthTest(FakeServerTest):
         self.client = gc.OAuthClient(CLIENT_ID, CLIENT_SECRET)
         self.env = {"XDG_CONFIG_HOME": os.path.join(self.tmp, "config"), "DISPLAY": ":0"}
         for name, value in (("GOOGLE_AUTH_URL", self.google.auth_url),
-                            ("GOOGLE_TOKEN_URL", self.google.token_url)):
+                            ("GOOGLE_TOKEN_URL", self.google.token_url), ("OAUTH_WAIT", 5)):
             patcher = mock.patch.object(gc, name, value)
             patcher.start()
             self.addCleanup(patcher.stop)

@@ -4953,7 +4953,7 @@ class StateStore:
 class AuditLog:
     """``audit.jsonl``: one JSON record per line, appended once the server confirmed.
 
-    Policy: when the file passes AUDIT_MAX_BYTES (16 MB, some 40,000 records) it becomes
+    Policy: when the file passes AUDIT_MAX_BYTES (16 MB, some 25,000 records) it becomes
     ``audit.jsonl.1``, replacing the one before; ``records()`` reads both, oldest first.
     """
 

@@ -5148,14 +5148,17 @@ class Run(Checkpoint):
             self._remember(status.name, FolderState(status.uidvalidity, newest,
                                                     self.rules_hash))
             return newest
-        if known is not None and known.mark and known.rules != self.rules_hash:
+        if known is not None and known.mark and known.rules != self.rules_hash \
+                and not self.reclassify:
             log.warning("%s: the rules changed since it was last classified; mail up to UID "
                         "%d was classified with the old rules (run with --all to classify it "
                         "again)", status.name, known.mark)
             self._remember(status.name, dataclasses.replace(known, rules=self.rules_hash))
-        if self.reclassify or known is None:
+        if self.reclassify:
+            if known is not None:
+                self._remember(status.name, dataclasses.replace(known, rules=self.rules_hash))
             return 0
-        return known.mark
+        return known.mark if known is not None else 0
 
     def before_fetch(self, conn: GmailConnection) -> None:
         self._count_bytes(conn)
@@ -5288,8 +5291,8 @@ def history(store: StateStore) -> List[Dict[str, Any]]:
                 entry["changes_made"] += 1
     for entry in runs.values():
         target = runs.get(entry["undo_of"] or "")
-        if target is not None and entry["changes_made"]:
-            target["undone_by"] = entry["run"]
+        if target is not None and entry["changes_made"] and entry["status"] == "complete":
+            target["undone_by"] = entry["run"]     # an undo cut short may be run again
     return sorted(runs.values(), key=lambda e: (e["time"], order[e["run"]]), reverse=True)
 
 
@@ -5368,6 +5371,13 @@ class Undo:
         self.run._count_bytes(conn)
         work: Dict[int, Dict[str, List[Any]]] = {
             i: {"done": [], "alone": []} for i in range(len(self.messages))}
+        try:
+            self._reverse(conn, work)
+        finally:
+            self._report(work)     # what was done, also when stopped half way
+        self._delete_created_folders(conn)
+
+    def _reverse(self, conn: GmailConnection, work: Dict[int, Dict[str, List[Any]]]) -> None:
         gone: set = set()
         located: Dict[int, Tuple[str, Optional[int]]] = {}
         # 1. Mail the run moved (or trashed, or archived off Gmail) goes back first.
@@ -5427,8 +5437,9 @@ class Undo:
                         work[i]["alone"].append(f"not found in {folder}; left as it is")
                 self._restore_flags(conn, found, work)
             self._delete_copies(conn, rest, work)
-        self._report(work)
-        # Last, folders (labels) the run created, if nothing is left in them.
+
+    def _delete_created_folders(self, conn: GmailConnection) -> None:
+        """Last, the folders (labels) the run created, if nothing is left in them."""
         for name in dict.fromkeys(self.created):
             if not any(f.name == name for f in conn.list_folders(refresh=True)):
                 continue
@@ -5560,7 +5571,7 @@ class Undo:
             changes = {i: change for i, change in pairs}
             found = self._locate(conn, folder, list(changes),
                                  lambda r, c=changes: None)
-            uids = []
+            uids: List[Tuple[int, int, Dict[str, Any]]] = []
             for i, change in pairs:
                 uid = change["after"].get("uid")
                 verified = self._locate_one(conn, i, uid) if uid else None
@@ -5569,11 +5580,12 @@ class Undo:
                     work[i]["alone"].append(f"{describe_change(change)}: the copy is no "
                                             f"longer in {folder}")
                     continue
-                uids.append(target)
-                work[i]["done"].append(_inverse_change(change))
+                uids.append((i, target, change))
             if uids and self.apply:
-                conn.add_flags(uids, ["\\Deleted"])
-                conn.uid_expunge(uids)
+                conn.add_flags([uid for _, uid, _ in uids], ["\\Deleted"])
+                conn.uid_expunge([uid for _, uid, _ in uids])
+            for i, _, change in uids:
+                work[i]["done"].append(_inverse_change(change))
 
     def _locate_one(self, conn: GmailConnection, i: int, uid: int) -> Optional[int]:
         item = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
@@ -5612,7 +5624,7 @@ EXIT_USAGE = 2          # bad arguments or rules file
 EXIT_AUTH = 3           # the server rejected the credentials
 EXIT_CONNECTION = 4     # could not connect, or lost the connection after retries; TLS refused
 EXIT_SERVER = 5         # the server refused an operation or lacks a needed feature
-EXIT_INCOMPLETE = 6     # stopped early (daily budget): some mail is left; run again
+EXIT_INCOMPLETE = 6     # stopped early (daily budget, UIDVALIDITY changed): run again
 EXIT_LOCKED = 7         # another --apply holds the account lock
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
@@ -5624,7 +5636,8 @@ exit codes:
   3  authentication failed (wrong password, app password needed, bad token)
   4  connection failed, or was lost and could not be restored; TLS refused
   5  the server refused an operation or lacks a feature the rules need
-  6  incomplete: stopped at the daily download budget; run again to finish
+  6  incomplete: stopped at the daily download budget, or a folder was renumbered
+     (UIDVALIDITY) during the run; run again to finish
   7  another --apply holds the lock for this account
   130 interrupted
 """
@@ -6338,7 +6351,7 @@ def _exit_code(exc: GmailClassifyError) -> int:
         return EXIT_USAGE
     if isinstance(exc, LockedError):
         return EXIT_LOCKED
-    if isinstance(exc, RunStopped):
+    if isinstance(exc, (RunStopped, UidValidityError)):
         return EXIT_INCOMPLETE
     if isinstance(exc, AuthenticationError):
         return EXIT_AUTH

@@ -6820,6 +6820,14 @@ class CommandLineStateTest(StateTestCase):
         code, out, err = self.cli("run", *self.argv("--daily-budget", "lots"))
         self.assertEqual(code, gc.EXIT_USAGE)
 
+    def test_exit_codes_of_the_state_layer(self):
+        table = [(gc.StateError("x"), gc.EXIT_USAGE), (gc.LockedError("x"), gc.EXIT_LOCKED),
+                 (gc.BudgetExceededError("x"), gc.EXIT_INCOMPLETE),
+                 (gc.UidValidityError("x"), gc.EXIT_INCOMPLETE)]
+        for error, code in table:
+            with self.subTest(error=type(error).__name__):
+                self.assertEqual(gc._exit_code(error), code)
+
     def test_history_lists_runs_newest_first_with_counts(self):
         seed_mailbox(self.server, 6)
         self.assertEqual(self.cli("run", *self.argv("--apply"))[0], 0)
@@ -6900,6 +6908,34 @@ class UndoTest(StateTestCase):
         self.assertEqual(self.server.message(receipt).labels, {"\\Inbox"})
         self.assertNotIn("\\Seen", self.server.message(news).flags)   # the rest was undone
         self.assertEqual(self.server.message(news).labels, {"\\Inbox"})
+
+    def test_an_undo_cut_short_logs_what_it_did_and_can_be_run_again(self):
+        seed_mailbox(self.server, 12)
+        before = mailbox_snapshot(self.server)
+        run = self.run_once()
+        original = gc.GmailConnection.move
+        calls = []
+
+        def move_once(conn, uids, destination):
+            calls.append(destination)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return original(conn, uids, destination)
+
+        store = self.store()
+        undo = gc.Undo(store, USER, "127.0.0.1", self.server.port, apply=True)
+        with mock.patch.object(gc.GmailConnection, "move", move_once):
+            with self.assertRaises(KeyboardInterrupt):
+                undo.execute(self.connect())
+        undo.run.finish("interrupted")
+        self.assertGreater(undo.reversed, 0)
+        logged = [r for r in self.store().audit.records()
+                  if r.get("undo_of") == run.id and r["type"] == "message"]
+        self.assertEqual(sum(len(r["changes"]) for r in logged), undo.reversed)
+        again = self.undo(run.id)                      # not "already undone"
+        # What the first undo did reads as "changed since" and is left as it is.
+        self.assertEqual(again.reversed + undo.reversed + again.left_alone, run.changes_made)
+        self.assertEqual(mailbox_snapshot(self.server), before)
 
     def test_unknown_or_foreign_run_ids_are_refused(self):
         seed_mailbox(self.server, 3)

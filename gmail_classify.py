@@ -5348,7 +5348,12 @@ class Undo:
         self.apply = apply
         self.messages = []
         self.created: List[str] = []        # folders the run created, deleted if empty
+        reversed_before = set()             # by an earlier undo of this run, cut short
         for record in store.audit.records():
+            if record.get("undo_of") == run_id and record.get("type") == "message" \
+                    and record.get("applied"):
+                for change in record.get("changes") or []:
+                    reversed_before.add(self._change_key(record, _inverse_change(change)))
             if record.get("run") != run_id:
                 continue
             if record.get("type") == "message" and record.get("applied") \
@@ -5358,6 +5363,10 @@ class Undo:
                 for report in record.get("reports") or []:
                     self.created += [name for name in report.get("created") or []
                                      if isinstance(name, str)]
+        if reversed_before:
+            left = [dict(record, changes=[c for c in record["changes"] if self._change_key(
+                        record, c) not in reversed_before]) for record in self.messages]
+            self.messages = [record for record in left if record["changes"]]
         self.deleted: List[str] = []
         self.run = Run(store, Ruleset(()), user, host, port, apply=apply, command="undo",
                        undo_of=run_id, daily_budget=None, on_record=on_record)
@@ -5456,6 +5465,10 @@ class Undo:
             self.run.counts[label] = self.run.counts.get(label, 0) + 1
 
     # -- helpers -------------------------------------------------------------------------
+
+    @staticmethod
+    def _change_key(record: Mapping[str, Any], change: Mapping[str, Any]) -> Tuple[Any, ...]:
+        return (record.get("folder"), record.get("uid"), json.dumps(change, sort_keys=True))
 
     @staticmethod
     def _moved(record: Mapping[str, Any]) -> Optional[Tuple[Dict[str, Any], Dict[str, Any],

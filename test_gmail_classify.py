@@ -6364,6 +6364,22 @@ class StateStoreTest(TempDirMixin, unittest.TestCase):
         self.assertEqual(third.folder("a", "INBOX").mark, 10)
         self.assertEqual(third.folder("a", "Work").mark, 20)
         self.assertEqual(third.downloaded("a"), 150)
+        # A later save of the first store writes only its new changes, not old ones again,
+        # and leaves it seeing what the others wrote.
+        third.set_folder("a", "INBOX", gc.FolderState(1, 30))
+        third.save()
+        first.add_download("a", 1)
+        first.save()
+        self.assertEqual(first.folder("a", "INBOX").mark, 30)
+        self.assertEqual(first.folder("a", "Work").mark, 20)
+        self.assertEqual(first.downloaded("a"), 151)
+
+    def test_nothing_to_save_writes_nothing(self):
+        directory = os.path.join(self.make_dir(), "state")
+        store = gc.StateStore(directory)
+        store.load()
+        store.save()
+        self.assertFalse(os.path.exists(directory))
 
     def test_download_counts_are_per_day_and_old_days_are_dropped(self):
         clock = Clock()
@@ -6613,6 +6629,7 @@ class IncrementalRunTest(StateTestCase):
         audit = [r for r in self.store().audit.records() if r["type"] == "message"]
         self.maxDiff = None
         self.assertEqual(audit, records)
+        self.assertEqual(run.reports[0].changed, {"Receipts": 1})
 
     def test_only_what_still_needs_doing_is_planned_or_shown(self):
         self.server.add_message(make_message("receipt done"), labels=("Receipts",))  # archived
@@ -6626,6 +6643,8 @@ class IncrementalRunTest(StateTestCase):
         self.assertEqual([r["changes"] for r in records], [[], [], [], []])
         self.assertEqual(run.counts, {})
         self.assertTrue(all(report.changes == {} for report in run.reports))
+        self.assertTrue(all(report.changed == {} for report in run.reports))
+        self.assertEqual(run.reports[0].matched, {"News": 1})
 
 
 class BudgetTest(StateTestCase):

@@ -6674,9 +6674,24 @@ class BudgetTest(StateTestCase):
         key = gc.account_key(USER, "127.0.0.1", self.server.port)
         used = self.store().downloaded(key)
         self.assertGreater(used, 1000)                     # a dry run counts too
+        store = self.store()
+        store.add_download(key, 1000000 - used)
+        store.save()
         with self.assertLogs("gmail_classify", "WARNING") as logs:
-            self.run_once(apply=False, daily_budget=used * 2)
+            self.run_once(apply=False, batch_size=1, daily_budget=1900000)
         self.assertEqual(sum("half of the daily budget" in line for line in logs.output), 1)
+        self.assertRegex(logs.output[0], r"9\d\d\.\d KB downloaded today")
+
+    def test_no_budget_never_stops(self):
+        seed_mailbox(self.server, 6)
+        store = self.store()
+        store.add_download(gc.account_key(USER, "127.0.0.1", self.server.port), 10 ** 12)
+        store.save()
+        run = self.run_once(batch_size=1, daily_budget=None)
+        self.assertEqual(run.reports[0].examined, 6)
+        self.server.add_message(make_message("receipt later"))
+        with self.assertRaises(gc.BudgetExceededError):
+            self.run_once(batch_size=1)                          # the default budget
 
 
 class InterruptionTest(StateTestCase):

@@ -29,6 +29,7 @@ __all__ = [
     # errors
     "GmailClassifyError", "ImapError", "ProtocolError", "AuthenticationError",
     "CapabilityError", "UidValidityError", "TLSError", "ConnectionLostError", "RulesError",
+    "CredentialError", "printable",
     # wire format
     "encode_mailbox", "decode_mailbox", "quote", "astring", "compress_uids",
     "parse_uid_set", "chunk_uids", "imap_date", "parse_response", "Literal",
@@ -74,6 +75,7 @@ import random
 import re
 import select
 import shlex
+import socket
 import ssl
 import subprocess
 import sys
@@ -152,8 +154,42 @@ class RulesError(GmailClassifyError):
     """The rules file is wrong; the message names the file, rule and key, and the fix."""
 
 
+class CredentialError(GmailClassifyError, ValueError):
+    """A user name, password or token holds CR, LF or NUL: sent to a server it could end
+    the command line and smuggle in another command, so it is refused before connecting.
+    The message never repeats the secret."""
+
+
 class _Dropped(Exception):
     """Internal: the connection died (EOF, reset, timeout, BYE); reconnect and maybe retry."""
+
+
+# What reaches a terminal.  A subject, an address, a folder name or a server's text can
+# carry CR (which returns the cursor and lets the rest of the line overwrite what came
+# before), ESC (terminal control sequences), other C0 and C1 controls, and the Unicode
+# bidirectional overrides that reorder what is displayed (CVE-2021-42574, "Trojan
+# Source").  Every human-readable line the program writes goes through printable().
+_UNSAFE_FOR_TERMINAL = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+    "\ufeff\ufff9-\ufffb\udc80-\udcff]")
+
+
+def _escape_char(match: "re.Match[str]") -> str:
+    code = ord(match.group(0))
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: Any, keep_newlines: bool = False) -> str:
+    """``text`` made safe to show on a terminal: controls and bidi overrides escaped.
+
+    ``printable("Invoice\\r\\x1b[2Kpaid") == "Invoice\\\\x0d\\\\x1b[2Kpaid"``; with
+    ``keep_newlines`` a LF stays a line break (for multi-line text such as a traceback).
+    """
+    text = str(text)
+    if keep_newlines:
+        return "\n".join(_UNSAFE_FOR_TERMINAL.sub(_escape_char, line)
+                         for line in text.split("\n"))
+    return _UNSAFE_FOR_TERMINAL.sub(_escape_char, text)
 
 
 # --- Wire format: quoting, modified UTF-7, UID sets, dates -------------------------------
@@ -278,8 +314,13 @@ def compress_uids(uids: Iterable[int]) -> str:
     return text
 
 
-def parse_uid_set(text: str, highest: Optional[int] = None) -> List[int]:
-    """Expand ``"1:3,7"`` into ``[1, 2, 3, 7]``; ``*`` needs ``highest``. Raises ValueError."""
+def parse_uid_set(text: str, highest: Optional[int] = None,
+                  limit: Optional[int] = None) -> List[int]:
+    """Expand ``"1:3,7"`` into ``[1, 2, 3, 7]``; ``*`` needs ``highest``. Raises ValueError,
+    also when the set names more than ``limit`` UIDs (checked before anything is expanded:
+    ``"1:4294967295"`` is 40 bytes from a server and would be 4 billion integers here)."""
+    if limit is not None and _uid_set_size(text, highest) > limit:
+        raise ValueError(f"UID set {text[:40]!r} names more than {limit} UIDs")
     result: List[int] = []
     for part in text.split(","):
         ends = part.split(":")
@@ -296,6 +337,20 @@ def parse_uid_set(text: str, highest: Optional[int] = None) -> List[int]:
         low, high = min(values), max(values)
         result.extend(range(low, high + 1))
     return result
+
+
+def _uid_set_size(text: str, highest: Optional[int] = None) -> int:
+    """How many UIDs ``"1:3,7"`` names (4), without expanding it. Raises ValueError."""
+    total = 0
+    for part in text.split(","):
+        ends = part.split(":")
+        if len(ends) > 2 or not all(ends):
+            raise ValueError(f"bad UID set {text[:40]!r}")
+        values = [highest if end == "*" else int(end) for end in ends]
+        if None in values:
+            raise ValueError(f"UID set {text[:40]!r} uses * without a highest UID")
+        total += max(values) - min(values) + 1  # type: ignore[type-var, operator]
+    return total
 
 
 # RFC 2683 §3.2.1.5 asks servers to accept lines of 8,000 octets and RFC 7162 §4 repeats
@@ -354,11 +409,16 @@ def parse_internaldate(text: str) -> Optional[_dt.datetime]:
 
 _ATOM_STOP = b" ()\"{\r\n"
 
+# The deepest real structure is a BODYSTRUCTURE of nested multiparts, a few levels per
+# part; a server that nests further is broken or hostile (and would exhaust the stack).
+MAX_NESTING = 100
+
 
 class _Reader:
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.pos = 0
+        self.depth = 0
 
     def fail(self, why: str) -> ProtocolError:
         start = max(0, self.pos - 20)
@@ -389,6 +449,9 @@ class _Reader:
 
     def list_(self) -> List[Any]:
         """list = "(" [value *(SP value)] ")" """
+        if self.depth >= MAX_NESTING:
+            raise self.fail(f"lists nested deeper than {MAX_NESTING} levels")
+        self.depth += 1
         self.pos += 1
         items: List[Any] = []
         while True:
@@ -397,6 +460,7 @@ class _Reader:
                 raise self.fail("unterminated list")
             if self.data[self.pos] == 0x29:  # ")"
                 self.pos += 1
+                self.depth -= 1
                 return items
             items.append(self.value())
 
@@ -503,7 +567,7 @@ def parse_status_text(text: bytes) -> Tuple[str, List[Any], str]:
             while reader.pos < len(text) and text[reader.pos:reader.pos + 1] not in b" ]":
                 reader.pos += 1
             word = text[start:reader.pos].decode("utf-8", "replace")
-            values.append(int(word) if word.isdigit() else word)
+            values.append(int(word) if word.isascii() and word.isdigit() else word)
     code = str(values[0]).upper() if values else ""
     return code, values[1:], text[reader.pos:].decode("utf-8", "replace").strip()
 
@@ -541,6 +605,16 @@ DEFAULT_BACKOFF = 1.0           # first backoff delay in seconds, doubled per at
 MAX_BACKOFF = 60.0
 IDLE_MAX_SECONDS = 29 * 60      # RFC 2177: re-issue IDLE at least every 29 minutes
 MAX_RESPONSE_LINE = 64 * 1024 * 1024   # one response line, literals excluded
+# Literals are limited by what was asked for: a FETCH of a 16 KiB prefix may bring 16 KiB,
+# a header block a few hundred; anything far beyond is read, thrown away and that message
+# skipped (see _fetch_literal_limit).  Gmail's own message limit is 35 MB (APPENDLIMIT).
+MAX_MESSAGE_LITERAL = 64 * 1024 * 1024  # a whole message or a body part
+MAX_HEADER_LITERAL = 2 * 1024 * 1024    # a header block (HEADER, HEADER.FIELDS, MIME)
+MAX_SMALL_LITERAL = 64 * 1024           # anything else: a folder name, a label, a flag
+MAX_KEPT_UNTAGGED = 200_000             # untagged answers kept for one command
+# A connection is stalled when an answer brings fewer than this many bytes in a whole
+# ``timeout`` window; a slow but working link sends far more (IDLE is exempt).
+STALL_MIN_BYTES = 1024
 NONSYNC_LITERAL_MAX = 4096      # RFC 7888: LITERAL- allows {n+} up to 4096 octets
 
 # Special-use attributes (RFC 6154) plus Gmail's \Important, in the order we look for them.
@@ -558,15 +632,34 @@ class _BufferedWire:
     """Mixin for imaplib.IMAP4 classes: our own read buffer with timeouts that recover."""
 
     _rbuf: bytearray
+    _window: Optional[float] = None     # seconds per progress window; None: not watched
+    _window_start = 0.0
+    _window_bytes = 0
 
     def _reset_buffer(self) -> None:
         self._rbuf = bytearray()
 
+    def watch_progress(self, window: Optional[float]) -> None:
+        """From now on, an answer must bring STALL_MIN_BYTES per ``window`` seconds, or the
+        next read raises TimeoutError; None stops watching (IDLE waits for as long as it
+        likes).  A socket timeout alone cannot see a server that sends one byte a second."""
+        self._window = window if window and window > 0 else None
+        self._window_start = time.monotonic()
+        self._window_bytes = 0
+
     def _fill(self) -> bool:
         sock = self.sock  # type: ignore[attr-defined]
+        if self._window is not None:
+            now = time.monotonic()
+            if now - self._window_start >= self._window:
+                if self._window_bytes < STALL_MIN_BYTES:
+                    raise TimeoutError(f"the server sent only {self._window_bytes} bytes in "
+                                       f"{self._window:g} s; the connection is stalled")
+                self._window_start, self._window_bytes = now, 0
         chunk = sock.recv(65536)
         if not chunk:
             return False
+        self._window_bytes += len(chunk)
         self._rbuf += chunk
         self._rbuf_sock = sock
         return True
@@ -621,6 +714,7 @@ class _BufferedWire:
 class _PlainWire(_BufferedWire, imaplib.IMAP4):
     def open(self, host: str = "", port: int = IMAP_PORT, timeout: Optional[float] = None) -> None:
         self._reset_buffer()
+        self.watch_progress(timeout)    # the greeting
         super().open(host, port, timeout)
 
 
@@ -628,6 +722,7 @@ class _PlainWire(_BufferedWire, imaplib.IMAP4):
 class _TLSWire(_BufferedWire, imaplib.IMAP4_SSL):
     def open(self, host: str = "", port: int = IMAPS_PORT, timeout: Optional[float] = None) -> None:
         self._reset_buffer()
+        self.watch_progress(timeout)    # the greeting
         super().open(host, port, timeout)
 
 
@@ -684,6 +779,42 @@ class _Response:
     code_args: List[Any]
     text: str
     untagged: List[List[Any]]
+    oversized: List[List[Any]] = field(default_factory=list)  # lines whose literal was dropped
+
+
+# Untagged answers a command's caller reads.  Everything else that arrives meanwhile
+# (EXISTS, EXPUNGE, RECENT, FLAGS, unsolicited FETCH: RFC 3501 §7) updates the connection's
+# state and is dropped, so a server that floods them cannot fill memory.
+_STATE_UPDATES = ("EXISTS", "EXPUNGE", "RECENT", "FETCH", "FLAGS")
+_UNTAGGED_NEEDED: Dict[str, Tuple[str, ...]] = {
+    "SELECT": ("OK", "EXISTS", "FLAGS"), "EXAMINE": ("OK", "EXISTS", "FLAGS"),
+    "FETCH": ("FETCH",), "UID FETCH": ("FETCH",),
+    "SEARCH": ("SEARCH", "ESEARCH"), "UID SEARCH": ("SEARCH", "ESEARCH"),
+    "NOOP": _STATE_UPDATES, "IDLE": _STATE_UPDATES,
+}
+
+
+def _untagged_kind(item: Sequence[Any]) -> str:
+    """``"EXISTS"`` for ``[12, "EXISTS"]``, ``"LIST"`` for ``["LIST", [...], "/", "x"]``."""
+    if not item:
+        return ""
+    if isinstance(item[0], int) and len(item) > 1:
+        return str(item[1]).upper()
+    return str(item[0]).upper()
+
+
+def _needed_by(command: str) -> Callable[[List[Any]], bool]:
+    """The default ``keep`` test of a command's untagged answers (see _UNTAGGED_NEEDED)."""
+    wanted = _UNTAGGED_NEEDED.get(command.upper())
+
+    def keep(item: List[Any]) -> bool:
+        kind = _untagged_kind(item)
+        if kind in ("OK", "NO", "BAD", "PREAUTH"):   # only those with a response code
+            return len(item) > 1 and bool(item[1]) and (wanted is None or kind in wanted)
+        if wanted is not None:
+            return kind in wanted
+        return kind not in _STATE_UPDATES
+    return keep
 
 
 # A retry policy says what to do when the connection drops during a command: "safe" retry
@@ -698,13 +829,38 @@ def _credential(source: CredentialSource) -> Optional[str]:
     return source() if callable(source) else source
 
 
-def _is_loopback(host: str) -> bool:
-    if host.lower() in ("localhost", "localhost.localdomain"):
-        return True
+def _loopback_addresses(host: str, port: int = IMAP_PORT) -> List[str]:
+    """Every address ``host`` resolves to, if all are loopback; else []. A name proves
+    nothing ("localhost" can be mapped anywhere in /etc/hosts), so plaintext is allowed
+    by address, and the connection then goes to the address that was checked."""
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError, ValueError):
+        return []
+    addresses = []
+    for info in infos:
+        address = str(info[4][0]).split("%", 1)[0]
+        try:
+            if not ipaddress.ip_address(address).is_loopback:
+                return []
+        except ValueError:
+            return []
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+def _is_loopback(host: str) -> bool:
+    """True when every address ``host`` resolves to is a loopback address."""
+    return bool(_loopback_addresses(host))
+
+
+def _check_credential(value: Any, what: str) -> None:
+    """Refuse a user name, password or token that could end the command line."""
+    if isinstance(value, str) and any(c in value for c in "\r\n\x00"):
+        raise CredentialError(f"the {what} contains a line break or NUL character, which "
+                              f"could inject commands; remove it (check where the {what} "
+                              f"comes from: option, environment, netrc, command or rules file)")
 
 
 _APP_PASSWORD_RE = re.compile(r"[a-zA-Z]{4}( ?[a-zA-Z]{4}){3}\Z")
@@ -760,6 +916,9 @@ class GmailConnection:
                            f"allowed to a loopback address; use TLS or STARTTLS")
         if (password is None) == (token is None):
             raise ValueError("give exactly one of password= or token=")
+        _check_credential(user, "user name")
+        _check_credential(password, "password")
+        _check_credential(token, "token")
         self.user = user
         self.host = host
         self.port = port or (IMAPS_PORT if security == "tls" else IMAP_PORT)
@@ -863,6 +1022,12 @@ class GmailConnection:
                 raise TLSError(f"cannot load the CA file {self.cafile}: {exc}") from exc
         return context
 
+    def _untrusted(self, where: str, exc: ssl.SSLCertVerificationError) -> TLSError:
+        hint = ("" if self.cafile else "; if the server uses a private CA, pass its "
+                "certificate with --cafile")
+        return TLSError(f"cannot trust the TLS certificate of {where}: "
+                        f"{exc.verify_message or exc.reason}{hint}")
+
     def _open(self) -> imaplib.IMAP4:
         """One attempt: TCP, TLS, greeting, authentication, capabilities."""
         where = f"{self.host}:{self.port}"
@@ -871,12 +1036,19 @@ class GmailConnection:
                 imap: imaplib.IMAP4 = _TLSWire(self.host, self.port,
                                                ssl_context=self._ssl_context(),
                                                timeout=self.timeout)
+            elif self.security == "plaintext":
+                # Resolve once, check every address, connect to the one checked: no second
+                # lookup that a hosts file or DNS could answer differently.
+                addresses = _loopback_addresses(self.host, self.port)
+                if not addresses:
+                    raise TLSError(f"refusing to connect to {self.host} without TLS: it does "
+                                   f"not resolve to loopback addresses only; use TLS or "
+                                   f"STARTTLS")
+                imap = _PlainWire(addresses[0], self.port, timeout=self.timeout)
             else:
                 imap = _PlainWire(self.host, self.port, timeout=self.timeout)
         except ssl.SSLCertVerificationError as exc:
-            raise TLSError(f"cannot trust the TLS certificate of {where}: "
-                           f"{exc.verify_message or exc.reason}; if the server uses a "
-                           f"private CA, pass its certificate with --cafile") from exc
+            raise self._untrusted(where, exc) from exc
         except (ssl.SSLError, imaplib.IMAP4.error, OSError) as exc:
             raise _Dropped(f"cannot connect to {where}: {_decode_server_text(exc)}") from exc
         try:
@@ -898,65 +1070,123 @@ class GmailConnection:
             raise TLSError(f"{where} does not offer STARTTLS; refusing to continue in "
                            f"plaintext. Use implicit TLS (port 993) if the server has it")
         try:
+            imap.watch_progress(self.timeout)  # type: ignore[attr-defined]
             imap.starttls(self._ssl_context())
         except ssl.SSLCertVerificationError as exc:
-            raise TLSError(f"cannot trust the TLS certificate of {where}: "
-                           f"{exc.verify_message or exc.reason}; if the server uses a "
-                           f"private CA, pass its certificate with --cafile") from exc
+            raise self._untrusted(where, exc) from exc
         except imaplib.IMAP4.abort as exc:
             raise _Dropped(f"STARTTLS failed: {_decode_server_text(exc)}") from exc
         except imaplib.IMAP4.error as exc:
             raise TLSError(f"{where} refused STARTTLS: {_decode_server_text(exc)}") from exc
         except (ssl.SSLError, OSError) as exc:
             raise _Dropped(f"STARTTLS failed: {exc}") from exc
+        if getattr(imap, "_rbuf", None):
+            # Bytes that arrived with the plaintext OK would be read as if TLS had
+            # protected them (CVE-2011-0411 style injection): refuse before signing in.
+            raise TLSError(f"{where} sent plaintext data after agreeing to STARTTLS; "
+                           f"refusing it as a possible injection")
 
     def _authenticate(self, imap: imaplib.IMAP4) -> None:
-        """LOGIN with the password, or AUTHENTICATE XOAUTH2 with the token; never logged."""
+        """LOGIN with the password, or AUTHENTICATE XOAUTH2 with the token; never logged.
+
+        We build these commands ourselves rather than through imaplib, which sends the
+        user name raw (a space or a quote in it changes who signs in) and cannot send
+        non-ASCII credentials or a SASL initial response (RFC 4959).
+        """
+        if getattr(imap, "state", "NONAUTH") != "NONAUTH":
+            raise AuthenticationError(f"{self.host} claims the session is signed in already "
+                                      f"(PREAUTH) without our credentials; refusing it",
+                                      command="LOGIN")
         try:
             if self._token is not None:
-                self._xoauth2(imap)
+                token = _credential(self._token) or ""
+                _check_credential(token, "token")
+                initial = f"user={self.user}\x01auth=Bearer {token}\x01\x01".encode("utf-8")
+                self._sasl(imap, "XOAUTH2", initial, "the OAuth2 token")
             else:
-                password = _credential(self._password) or ""
-                imap.login(self.user, _clean_password(password))
-        except AuthenticationError:
-            raise
-        except imaplib.IMAP4.abort as exc:
-            raise _Dropped(f"connection lost while signing in: {_decode_server_text(exc)}") from exc
-        except imaplib.IMAP4.error as exc:
-            text = _decode_server_text(exc)
-            raise AuthenticationError(f"{self.host} rejected the sign-in for {self.user}: "
-                                      f"{text}", command="LOGIN", status="NO", text=text) from exc
+                password = _clean_password(_credential(self._password) or "")
+                _check_credential(password, "password")
+                self._login(imap, password)
         except OSError as exc:
             raise _Dropped(f"connection lost while signing in: {exc}") from exc
         log.info("signed in to %s as %s", self.host, self.user)
 
-    def _xoauth2(self, imap: imaplib.IMAP4) -> None:
-        token = _credential(self._token) or ""
-        initial = f"user={self.user}\x01auth=Bearer {token}\x01\x01".encode()
-        challenges: List[bytes] = []
-
-        # Gmail answers a bad token with a JSON challenge and waits for an empty response
-        # before it sends the tagged NO; resending the token there gets a BAD instead.
-        def answer(challenge: bytes) -> bytes:
-            if challenges or challenge:
-                challenges.append(challenge)
-                return b""
-            challenges.append(b"")
-            return initial
-
+    def _login(self, imap: imaplib.IMAP4, password: str) -> None:
+        """LOGIN with both arguments quoted; non-ASCII goes as AUTHENTICATE PLAIN (UTF-8,
+        RFC 4616) when offered, else as literals."""
+        if not (self.user.isascii() and password.isascii()) and \
+                "AUTH=PLAIN" in imap.capabilities:
+            initial = b"\x00" + self.user.encode("utf-8") + b"\x00" + password.encode("utf-8")
+            self._sasl(imap, "PLAIN", initial, "the sign-in")
+            return
+        args = [quote(text) if text.isascii() else Literal(text.encode("utf-8"))
+                for text in (self.user, password)]
         try:
-            imap.authenticate("XOAUTH2", answer)
-        except imaplib.IMAP4.error as exc:
-            if isinstance(exc, imaplib.IMAP4.abort):
-                raise
-            detail = ""
-            for challenge in challenges:
-                if challenge:
-                    detail = " (" + challenge.decode("utf-8", "replace") + ")"
-            text = _decode_server_text(exc) + detail
-            raise AuthenticationError(f"{self.host} rejected the OAuth2 token for "
-                                      f"{self.user}: {text}", command="AUTHENTICATE",
-                                      status="NO", text=text) from exc
+            self._execute_on(imap, "LOGIN", *args, redact=True)
+        except ProtocolError:
+            raise
+        except ImapError as exc:
+            text = (f"[{exc.code}] " if exc.code else "") + exc.text
+            raise AuthenticationError(f"{self.host} rejected the sign-in for {self.user}: "
+                                      f"{text}", command="LOGIN", status=exc.status,
+                                      code=exc.code, text=text) from exc
+
+    def _sasl(self, imap: imaplib.IMAP4, mechanism: str, initial: bytes, what: str) -> None:
+        """AUTHENTICATE ``mechanism`` (RFC 3501 §6.2.2), the initial response on the first
+        line when the server has SASL-IR (RFC 4959), else after the first ``+``.
+
+        Gmail answers a bad XOAUTH2 token with a JSON challenge and waits for an empty
+        response before it sends the tagged NO; resending the token there gets a BAD.
+        """
+        tag = imap._new_tag()  # type: ignore[attr-defined]
+        encoded = base64.b64encode(initial) or b"="
+        line = tag + b" AUTHENTICATE " + mechanism.encode("ascii")
+        pending: Optional[bytes] = encoded
+        if "SASL-IR" in imap.capabilities:
+            line += b" " + encoded
+            pending = None
+        log.debug("C: %s AUTHENTICATE %s%s", tag.decode(), mechanism,
+                  "" if pending else " <redacted>")
+        challenges: List[str] = []
+        try:
+            imap.watch_progress(self.timeout)  # type: ignore[attr-defined]
+            imap.send(line + b"\r\n")
+            while True:
+                raw = self._read_line(imap)
+                if raw.startswith(b"+"):
+                    if pending is not None and not challenges:
+                        imap.send(pending + b"\r\n")
+                        pending = None
+                        challenges.append("")
+                        continue
+                    if len(challenges) > 3:
+                        raise ProtocolError(f"{self.host} keeps challenging AUTHENTICATE "
+                                            f"{mechanism}", command="AUTHENTICATE")
+                    try:
+                        challenges.append(base64.b64decode(raw[1:].strip()).decode("utf-8", "replace"))
+                    except (binascii.Error, ValueError):
+                        challenges.append(raw[1:].strip().decode("utf-8", "replace"))
+                    imap.send(b"\r\n")
+                elif raw.startswith(tag + b" "):
+                    status, _, rest = raw[len(tag) + 1:].partition(b" ")
+                    if status.upper() == b"OK":
+                        return
+                    code = parse_status_text(rest)[0]
+                    text = rest.decode("utf-8", "replace")
+                    detail = "".join(f" ({c})" for c in challenges if c)
+                    raise AuthenticationError(
+                        f"{self.host} rejected {what} for {self.user}: {text}{detail}",
+                        command="AUTHENTICATE", status=status.decode("ascii", "replace").upper(),
+                        code=code, text=text + detail)
+                elif raw.startswith(b"* BYE"):
+                    raise _Dropped("server said BYE while signing in: "
+                                   + raw[6:].decode("utf-8", "replace"))
+                elif not raw.startswith(b"* "):
+                    raise ProtocolError(f"unexpected line while signing in: {raw[:80]!r}",
+                                        command="AUTHENTICATE")
+        except _DROPPED_ERRORS as exc:
+            raise _Dropped(f"connection lost while signing in: "
+                           f"{_decode_server_text(exc) or type(exc).__name__}") from exc
 
     @staticmethod
     def _capabilities_from(untagged: List[List[Any]], imap: imaplib.IMAP4) -> frozenset:
@@ -1036,12 +1266,18 @@ class GmailConnection:
 
     def _execute_on(self, imap: imaplib.IMAP4, command: str, *args: Any,
                     expect_bye: bool = False,
-                    on_untagged: Optional[Callable[[List[Any]], None]] = None) -> _Response:
+                    on_untagged: Optional[Callable[[List[Any]], None]] = None,
+                    keep: Optional[Callable[[List[Any]], bool]] = None,
+                    max_literal: Optional[int] = None, redact: bool = False) -> _Response:
         """Send one command on ``imap`` and read its whole answer; the caller holds the lock.
 
         ``args`` are bytes (sent as they are), str (sent as they are: callers build them
-        with quote/astring/compress_uids), int, or Literal.  Raises _Dropped when the
-        connection dies, ImapError on NO/BAD, ProtocolError on garbage.
+        with quote/astring/compress_uids), int, or Literal.  ``keep`` chooses the untagged
+        answers worth keeping (default: what _needed_by says the command needs);
+        ``max_literal`` bounds each literal (larger ones in a FETCH are dropped and listed
+        in ``oversized``; elsewhere they are a ProtocolError); ``redact`` keeps the
+        arguments out of the debug log.  Raises _Dropped when the connection dies,
+        ImapError on NO/BAD, ProtocolError on garbage (and the connection is then closed).
         """
         tag = imap._new_tag()  # type: ignore[attr-defined]
         parts: List[Union[bytes, Literal]] = [tag + b" " + command.encode("ascii")]
@@ -1054,16 +1290,27 @@ class GmailConnection:
                 text = str(arg)
                 _refuse_controls(text, "the argument")
                 parts.append(text.encode("utf-8"))
-        self._log_command(tag, command, args)
+        self._log_command(tag, command, ["<redacted>"] if redact else args)
+        if hasattr(imap, "watch_progress"):
+            imap.watch_progress(self.timeout)  # type: ignore[attr-defined]
         try:
             self._send(imap, tag, parts)
-            response = self._read_response(imap, tag, command, expect_bye, on_untagged)
-        except ProtocolError:
+            response = self._read_response(imap, tag, command, expect_bye, on_untagged,
+                                           keep=keep, max_literal=max_literal)
+        except (ProtocolError, ValueError, TypeError, IndexError, RecursionError) as exc:
             # The rest of the answer is still unread, so the stream is out of step: start
-            # afresh on the next command rather than misread what follows.
+            # afresh on the next command rather than misread what follows.  Values the
+            # parser accepted but that make no sense (a UIDVALIDITY that is no number)
+            # count as protocol errors too: nothing a server sends may crash us.
             if imap is self._imap:
                 self._mark_dead()
-            raise
+            else:
+                self._shutdown(imap)
+            if isinstance(exc, ProtocolError):
+                raise
+            raise ProtocolError(f"the server's answer to {command} makes no sense: "
+                                f"{type(exc).__name__}: {str(exc)[:200]}",
+                                command=command) from exc
         except _DROPPED_ERRORS as exc:
             raise _Dropped(f"{command} failed: {_decode_server_text(exc) or type(exc).__name__}") from exc
         finally:
@@ -1119,8 +1366,15 @@ class GmailConnection:
             if raw.startswith(b"* BYE"):
                 raise _Dropped("server said BYE: " + raw[6:].decode("utf-8", "replace"))
 
-    def _read_line(self, imap: imaplib.IMAP4) -> bytes:
-        """One response line with any literals it announces inlined, CRLF stripped."""
+    def _read_line(self, imap: imaplib.IMAP4, max_literal: Optional[int] = None,
+                   dropped: Optional[List[int]] = None) -> bytes:
+        """One response line with any literals it announces inlined, CRLF stripped.
+
+        A literal larger than ``max_literal`` (default MAX_SMALL_LITERAL) is never kept:
+        with a ``dropped`` list it is read in small pieces, thrown away, replaced by NIL
+        and its size appended to ``dropped``; without one it is a ProtocolError.
+        """
+        limit = MAX_SMALL_LITERAL if max_literal is None else max_literal
         line = imap.readline()
         if not line:
             raise EOFError("connection closed by the server")
@@ -1135,18 +1389,35 @@ class GmailConnection:
                 data += line.rstrip(b"\r\n")
                 return bytes(data)
             size = int(match.group(1))
-            data += line[:match.start()] + b"{%d}\r\n" % size
-            data += imap.read(size)
-            self.bytes_received += size
+            if size > limit:
+                if dropped is None:
+                    raise ProtocolError(f"the server announced a literal of {size} bytes where "
+                                        f"at most {limit} make sense")
+                left = size
+                while left:
+                    left -= len(imap.read(min(left, 65536)))
+                self.bytes_received += size
+                dropped.append(size)
+                data += line[:match.start()] + b"NIL"
+            else:
+                data += line[:match.start()] + b"{%d}\r\n" % size
+                data += imap.read(size)
+                self.bytes_received += size
             line = imap.readline()
             if not line:
                 raise EOFError("connection closed after a literal")
 
     def _read_response(self, imap: imaplib.IMAP4, tag: bytes, command: str, expect_bye: bool,
-                       on_untagged: Optional[Callable[[List[Any]], None]]) -> _Response:
+                       on_untagged: Optional[Callable[[List[Any]], None]],
+                       keep: Optional[Callable[[List[Any]], bool]] = None,
+                       max_literal: Optional[int] = None) -> _Response:
         untagged: List[List[Any]] = []
+        oversized: List[List[Any]] = []
+        keep = keep or _needed_by(command)
         while True:
-            raw = self._read_line(imap)
+            dropped: List[int] = []
+            raw = self._read_line(imap, max_literal,
+                                  dropped if command.endswith("FETCH") else None)
             if raw.startswith(b"* "):
                 body = raw[2:]
                 head = body.split(b" ", 1)
@@ -1159,13 +1430,20 @@ class GmailConnection:
                         raise _Dropped(f"server said BYE: {text}")
                     if kind in (b"NO", b"BAD") or code == "ALERT":
                         log.warning("server: %s %s", kind.decode(), text)
-                    untagged.append([kind.decode(), code, args, text])
+                    status_line = [kind.decode(), code, args, text]
+                    if keep(status_line):
+                        self._keep(untagged, status_line, command)
+                    continue
+                if not self._plausible(body, command):
                     continue
                 parsed = parse_response(body)
                 self._note_untagged(parsed)
                 if on_untagged is not None:
                     on_untagged(parsed)
-                untagged.append(parsed)
+                if dropped:
+                    oversized.append(parsed)
+                elif keep(parsed):
+                    self._keep(untagged, parsed, command)
             elif raw.startswith(tag + b" "):
                 rest = raw[len(tag) + 1:]
                 status, _, text = rest.partition(b" ")
@@ -1173,25 +1451,50 @@ class GmailConnection:
                 if "THROTTLED" in message.upper() or code == "THROTTLED":
                     log.warning("the server is throttling this account (%s)", message)
                 return _Response(status.decode("ascii", "replace").upper(), code, args,
-                                 message, untagged)
+                                 message, untagged, oversized)
             elif raw.startswith(b"+"):
                 raise ProtocolError(f"unexpected continuation request to {command}: {raw[:80]!r}")
             else:
                 raise ProtocolError(f"unexpected line in the answer to {command}: {raw[:80]!r}")
 
+    @staticmethod
+    def _keep(untagged: List[List[Any]], item: List[Any], command: str) -> None:
+        if len(untagged) >= MAX_KEPT_UNTAGGED:
+            raise ProtocolError(f"the server sent more than {MAX_KEPT_UNTAGGED} answers to "
+                                f"{command}", command=command)
+        untagged.append(item)
+
+    def _plausible(self, body: bytes, command: str) -> bool:
+        """Check a SEARCH answer's size before parsing it: it cannot name more UIDs than
+        the folder holds, and one that does would cost gigabytes once expanded.  Raises
+        ProtocolError for the SEARCH we asked for; False (ignore) for an unsolicited one."""
+        if not body[:7].upper().startswith(b"SEARCH"):
+            return True
+        if not command.endswith("SEARCH"):
+            return False
+        selected = self._selected
+        ceiling = (selected.exists if selected else 0) * 2 + 10000
+        if body.count(b" ") > ceiling:
+            raise ProtocolError(f"the server answered {command} with more than {ceiling} "
+                                f"UIDs, far more than the folder holds; that answer is "
+                                f"unusable", command=command)
+        return True
+
     def _note_untagged(self, parsed: List[Any]) -> None:
         """Keep the selected folder's message count current from EXISTS."""
-        if len(parsed) >= 2 and str(parsed[1]).upper() == "EXISTS" and self._selected:
+        if len(parsed) >= 2 and str(parsed[1]).upper() == "EXISTS" and self._selected \
+                and isinstance(parsed[0], int):
             selected = self._selected
             self._selected = FolderStatus(selected.name, selected.uidvalidity,
                                           selected.uidnext, int(parsed[0]), selected.readonly)
 
-    def _call(self, command: str, *args: Any, policy: str = _SAFE) -> _Response:
-        """Run a command, reconnecting and retrying per ``policy`` when the link drops."""
+    def _call(self, command: str, *args: Any, policy: str = _SAFE, **reading: Any) -> _Response:
+        """Run a command, reconnecting and retrying per ``policy`` when the link drops;
+        ``reading`` passes keep= and max_literal= on to _execute_on."""
         with self._lock:
             self._check_background()
             try:
-                return self._execute_on(self._live(), command, *args)
+                return self._execute_on(self._live(), command, *args, **reading)
             except _Dropped as exc:
                 if policy == _NEVER:
                     self._mark_dead()
@@ -1203,7 +1506,7 @@ class GmailConnection:
             for _ in range(self.retries):
                 self._reconnect(cause)
                 try:
-                    return self._execute_on(self._live(), command, *args)
+                    return self._execute_on(self._live(), command, *args, **reading)
                 except _Dropped as exc:
                     cause = exc
             self._mark_dead()
@@ -1379,23 +1682,37 @@ class GmailConnection:
                 found.update(int(v) for v in item[1:] if isinstance(v, int))
         return sorted(found)
 
-    def fetch(self, uids: Iterable[int], items: Sequence[str]) -> Dict[int, Dict[str, Any]]:
+    def fetch(self, uids: Iterable[int], items: Sequence[str], *,
+              skipped: Optional[List[int]] = None) -> Dict[int, Dict[str, Any]]:
         """UID FETCH ``items`` for ``uids``; returns ``{uid: {item: value}}`` keyed by UID.
 
         Keys are the items as requested (``"BODY.PEEK[HEADER]"`` returns under that name);
         values: FLAGS -> tuple of str, X-GM-LABELS -> tuple of decoded str, INTERNALDATE ->
         aware datetime, RFC822.SIZE / X-GM-MSGID / X-GM-THRID -> int, body sections ->
         bytes, BODYSTRUCTURE -> nested lists.  UIDs the server no longer has are absent.
-        Unsolicited FETCHes for other messages are ignored.
+        Unsolicited FETCHes for other messages are ignored.  A message whose answer holds a
+        literal far larger than the items can need (see _fetch_literal_limit) is absent
+        too, its bytes read and thrown away; its UID is appended to ``skipped``.
         """
         for item in items:
             _check_fetch_item(item)
         by_key = {_fetch_key(item): item for item in items}
         wanted = set(int(u) for u in uids)
         result: Dict[int, Dict[str, Any]] = {}
+        limit = _fetch_literal_limit(items)
+
+        def keep(item: List[Any]) -> bool:   # this chunk's own answers, nothing unsolicited
+            return _untagged_kind(item) == "FETCH" and _fetch_uid(item) in wanted
+
         for chunk in chunk_uids(wanted):
             response = self._call("UID FETCH", compress_uids(chunk),
-                                  "(UID " + " ".join(items) + ")")
+                                  "(UID " + " ".join(items) + ")", keep=keep, max_literal=limit)
+            for item in response.oversized:
+                uid = _fetch_uid(item)
+                if uid in wanted and skipped is not None and uid not in skipped:
+                    log.warning("UID %d: the server sent far more than was asked for (at "
+                                "most %d bytes); skipped that message", uid, limit)
+                    skipped.append(uid)
             for item in response.untagged:
                 if len(item) < 3 or str(item[1]).upper() != "FETCH" or not isinstance(item[2], list):
                     continue
@@ -1498,7 +1815,7 @@ class GmailConnection:
                 except _Dropped as exc:
                     cause = exc
                     continue
-            mapping = _copyuid_map(response)
+            mapping = _copyuid_map(response, pending)
             for uid in pending:
                 if mapping and uid not in mapping:
                     missing.append(uid)   # gone before we asked: someone else moved it
@@ -1531,7 +1848,7 @@ class GmailConnection:
                 self._check_background()
                 response = self._execute_on(self._live(), "UID COPY", compress_uids(chunk),
                                             mailbox_arg(destination))
-                mapping = _copyuid_map(response)
+                mapping = _copyuid_map(response, chunk)
             except _Dropped as exc:
                 self._reconnect(exc)
                 if self._uidnext(destination) != before:
@@ -1543,7 +1860,7 @@ class GmailConnection:
                         f"then run again") from exc
                 response = self._call("UID COPY", compress_uids(chunk),
                                       mailbox_arg(destination), policy=_NEVER)
-                mapping = _copyuid_map(response)
+                mapping = _copyuid_map(response, chunk)
         present = set(self.search(uids=chunk))
         missing.extend(uid for uid in chunk if uid not in present)
         if present:
@@ -1568,7 +1885,7 @@ class GmailConnection:
             policy = _SAFE if self.is_gmail else _NEVER  # Gmail's COPY only adds a label
             response = self._call("UID COPY", compress_uids(chunk), mailbox_arg(destination),
                                   policy=policy)
-            mapping = _copyuid_map(response)
+            mapping = _copyuid_map(response, chunk)
             result.update({uid: mapping.get(uid) for uid in chunk})
         return result
 
@@ -1649,20 +1966,57 @@ class GmailConnection:
         return events
 
 
-def _copyuid_map(response: _Response) -> Dict[int, int]:
-    """Source UID -> destination UID from a COPYUID code (RFC 4315), tagged or untagged."""
+def _copyuid_map(response: _Response, sent: Sequence[int]) -> Dict[int, int]:
+    """Source UID -> destination UID from a COPYUID code (RFC 4315), tagged or untagged.
+
+    The answer can only concern the ``sent`` UIDs; one naming more (``1:4294967295`` is
+    40 bytes) is ignored as unusable, never expanded.
+    """
     codes = [(response.code, response.code_args)]
     codes += [(item[1], item[2]) for item in response.untagged
               if item and item[0] == "OK" and len(item) >= 3]
     for code, args in codes:
         if code == "COPYUID" and len(args) >= 3:
             try:
-                source = parse_uid_set(str(args[1]))
-                target = parse_uid_set(str(args[2]))
+                source = parse_uid_set(str(args[1]), limit=len(sent))
+                target = parse_uid_set(str(args[2]), limit=len(sent))
             except ValueError:
+                log.warning("ignoring an unusable COPYUID answer from the server")
                 return {}
-            return dict(zip(source, target)) if len(source) == len(target) else {}
+            if len(source) != len(target) or not set(source) <= set(sent):
+                return {}
+            return dict(zip(source, target))
     return {}
+
+
+def _fetch_uid(item: Sequence[Any]) -> Optional[int]:
+    """The UID inside an untagged ``[seq, "FETCH", [... "UID", 7 ...]]``, or None."""
+    if len(item) < 3 or not isinstance(item[2], list):
+        return None
+    attrs = item[2]
+    for i in range(0, len(attrs) - 1, 2):
+        if str(attrs[i]).upper() == "UID" and isinstance(attrs[i + 1], int):
+            return attrs[i + 1]
+    return None
+
+
+def _fetch_literal_limit(items: Sequence[str]) -> int:
+    """The largest literal a FETCH of ``items`` can honestly bring: the length of a partial
+    fetch (``<0.16384>``), a header block's limit for header sections, a whole message's
+    for other sections, a small one for anything else."""
+    limit = 0
+    for item in items:
+        if not re.match(r"(?i)(BODY|BINARY)\.PEEK\[|RFC822", item):
+            limit = max(limit, MAX_SMALL_LITERAL)
+            continue
+        partial = re.search(r"<\d+\.(\d+)>$", item)
+        if partial:
+            limit = max(limit, int(partial.group(1)))
+        elif re.search(r"(?i)\[(\d+\.)*(HEADER|MIME)", item) or item.upper() == "RFC822.HEADER":
+            limit = max(limit, MAX_HEADER_LITERAL)
+        else:
+            limit = max(limit, MAX_MESSAGE_LITERAL)
+    return limit
 
 
 def _check_fetch_item(item: str) -> None:

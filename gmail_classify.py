@@ -52,6 +52,7 @@ import argparse
 import base64
 import binascii
 import calendar
+import contextlib
 import dataclasses
 import datetime as _dt
 import difflib
@@ -175,15 +176,15 @@ _UNSAFE_FOR_TERMINAL = re.compile(
 
 
 def _escape_char(match: "re.Match[str]") -> str:
-    code = ord(match.group(0))
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return f"\\u{ord(match.group(0)):04x}"
 
 
 def printable(text: Any, keep_newlines: bool = False) -> str:
     """``text`` made safe to show on a terminal: controls and bidi overrides escaped.
 
-    ``printable("Invoice\\r\\x1b[2Kpaid") == "Invoice\\\\x0d\\\\x1b[2Kpaid"``; with
+    ``printable("Invoice\\r\\x1b[2Kpaid") == "Invoice\\\\u000d\\\\u001b[2Kpaid"``; with
     ``keep_newlines`` a LF stays a line break (for multi-line text such as a traceback).
+    The escapes are JSON's, so a JSON line passed through stays valid JSON.
     """
     text = str(text)
     if keep_newlines:
@@ -3100,7 +3101,9 @@ AUTH_METHODS = ("password", "xoauth2")
 _SIZE_RE = re.compile(r"(\d+)([KMG]?)", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
 _AGE_RE = re.compile(r"(\d+)([dwmy])")
-_HEADER_NAME_RE = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII but ':'
+# RFC 5322 ftext (printable ASCII but ':') that is also an IMAP atom, since header names
+# go on the wire inside BODY.PEEK[HEADER.FIELDS (...)]: no ( ) { } [ ] % * " \\.
+_HEADER_NAME_RE = re.compile(r"[!#$&'+\-./0-9;<=>?@A-Z^_`a-z|~]+")
 _FORBIDDEN_CHARS = re.compile(r"[\r\n\0]")
 
 
@@ -3205,8 +3208,8 @@ def _parse_header_table(where: _Where, path: str, value: Any) -> List[Condition]
     for name, test in value.items():
         sub = f"{path}.{name}"
         if not _HEADER_NAME_RE.fullmatch(name):
-            raise where.error(sub, f"{_quote(name)} is not a header name "
-                                   "(printable ASCII without spaces or ':')")
+            raise where.error(sub, f"{_quote(name)} is not a header name (letters, digits "
+                                   "and - _ . and the like; no spaces, ':' or brackets)")
         if isinstance(test, bool):
             parts.append(HeaderPresent(name, test))
         elif isinstance(test, (str, list)):
@@ -3657,6 +3660,8 @@ class FolderReport:
     changes: Dict[str, int] = field(default_factory=dict)       # "label Receipts" -> messages
     created: List[str] = field(default_factory=list)            # folders/labels (to be) created
     moved_missing: int = 0                                      # gone before we moved them
+    skipped: List[int] = field(default_factory=list)            # UIDs left alone: the server
+                                                                # sent far more than asked
 
 
 @dataclass
@@ -3826,7 +3831,7 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     plan = _Plan()
     for start in range(0, len(uids), batch_size):
         batch = uids[start:start + batch_size]
-        fetched = conn.fetch(batch, items)
+        fetched = conn.fetch(batch, items, skipped=report.skipped)
         infos = {uid: _message_info(uid, values, header_item, queries, folder)
                  for uid, values in fetched.items()}
         decisions: Dict[int, Decision] = {}
@@ -3840,8 +3845,10 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
         if undecided:
             # Only messages the headers could not settle pay for a body prefix.
             body_item = f"BODY.PEEK[]<0.{BODY_PREFIX_BYTES}>"
-            bodies = conn.fetch(undecided, [body_item])
+            bodies = conn.fetch(undecided, [body_item], skipped=report.skipped)
             for uid in undecided:
+                if uid in report.skipped:
+                    continue    # never judged on a body we did not get
                 raw = bodies.get(uid, {}).get(body_item)
                 info = dataclasses.replace(infos[uid], body=body_text(raw or b""))
                 decisions[uid] = rules.classify(info, final=True, now=now)
@@ -3967,6 +3974,7 @@ EXIT_USAGE = 2          # bad arguments or rules file
 EXIT_AUTH = 3           # the server rejected the credentials
 EXIT_CONNECTION = 4     # could not connect, or lost the connection after retries; TLS refused
 EXIT_SERVER = 5         # the server refused an operation or lacks a needed feature
+EXIT_INCOMPLETE = 6     # some messages or folders were skipped; run again
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 EXIT_CODES_HELP = """\
@@ -3976,7 +3984,10 @@ exit codes:
   2  bad usage, or an invalid rules file
   3  authentication failed (wrong password, app password needed, bad token)
   4  connection failed, or was lost and could not be restored; TLS refused
-  5  the server refused an operation or lacks a feature the rules need
+  5  the server refused an operation or lacks a feature the rules need, or sent
+     something that is not IMAP
+  6  incomplete: some messages or folders were skipped (UIDVALIDITY changed
+     mid-run, an oversized answer); run again
   130 interrupted
 """
 
@@ -4024,6 +4035,33 @@ def _positive(text: str) -> int:
     return value
 
 
+def _timeout_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
+def _port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
+    return value
+
+
+def _folder_name(text: str) -> str:
+    if _UNSAFE_FOR_TERMINAL.search(text) or not text.strip():
+        raise argparse.ArgumentTypeError(f"{printable(repr(text))} is not a folder name: it is "
+                                         f"empty or holds control characters")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; ``python gmail_classify.py`` alone means ``run``."""
     common = argparse.ArgumentParser(add_help=False)
@@ -4037,7 +4075,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = conn.add_argument_group("connection")
     group.add_argument("--user", help=f"account name (default: ${USER_ENV} or the rules' [account])")
     group.add_argument("--host", help=f"IMAP server (default: {GMAIL_HOST})")
-    group.add_argument("--port", type=int, help="port (default: 993, or 143 with --starttls)")
+    group.add_argument("--port", type=_port_number, help="port (default: 993, or 143 with --starttls)")
     group.add_argument("--starttls", action="store_true", help="port 143 with STARTTLS")
     group.add_argument("--plaintext", action="store_true",
                        help="no TLS at all; only allowed to a loopback address (tests)")
@@ -4048,7 +4086,7 @@ def build_parser() -> argparse.ArgumentParser:
                             f"${TOKEN_ENV} or --password-command)")
     group.add_argument("--password-command", metavar="CMD",
                        help="command whose first output line is the password or token")
-    group.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+    group.add_argument("--timeout", type=_timeout_seconds, default=DEFAULT_TIMEOUT,
                        help="seconds before a stalled connection is retried (default: %(default)s)")
     group.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
                        help="reconnect attempts before giving up (default: %(default)s)")
@@ -4066,7 +4104,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common, conn], help="classify a folder (dry run "
                          "unless --apply)", epilog=EXIT_CODES_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--folder", action="append", help="folder to classify (repeatable; "
+    run.add_argument("--folder", action="append", type=_folder_name, help="folder to classify (repeatable; "
                      "default INBOX)")
     run.add_argument("--since", type=_parse_since, help="only mail received since YYYY-MM-DD")
     run.add_argument("--limit", type=_positive, help="only the newest N messages per folder")
@@ -4096,6 +4134,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines quote servers and messages: pass them through printable()."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), keep_newlines=True)
+
+
+@contextlib.contextmanager
+def _signed_in(settings: Mapping[str, Any]) -> Iterator[GmailConnection]:
+    """A connection for one command.  Ctrl-C while signing out, after the work is done,
+    does not turn a finished run into an interrupted one."""
+    conn = GmailConnection(**settings)
+    conn.connect()
+    try:
+        yield conn
+    except BaseException:
+        conn.close()
+        raise
+    try:
+        conn.close()
+    except KeyboardInterrupt:
+        log.info("interrupted while signing out; the work was already done")
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.WARNING
     if args.quiet:
@@ -4105,7 +4167,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
     elif args.verbose == 1:
         level = logging.INFO
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.setFormatter(_PrintableFormatter("%(levelname)s: %(message)s"))
     log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
@@ -4198,12 +4260,13 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
 
     def on_message(outcome: Outcome) -> None:
         if args.json:
-            out.write(json.dumps(_outcome_json(outcome), ensure_ascii=False) + "\n")
+            out.write(printable(json.dumps(_outcome_json(outcome), ensure_ascii=False)) + "\n")
         elif outcome.decision.matches and not args.quiet and (not args.apply or args.verbose):
             rules_text = ", ".join(name for name, _ in outcome.decision.matches)
             verb = "" if args.apply else "would "
-            out.write(f"{outcome.folder} {outcome.uid}: {verb}{outcome.decision.actions.describe()}"
-                      f"  [{rules_text}]  {outcome.sender[:40]}  {outcome.subject[:60]}\n")
+            out.write(printable(f"{outcome.folder} {outcome.uid}: {verb}"
+                                f"{outcome.decision.actions.describe()}  [{rules_text}]  "
+                                f"{outcome.sender[:40]}  {outcome.subject[:60]}") + "\n")
 
     def on_progress(done: int, total: int) -> None:
         if show_progress and total > 1000:
@@ -4212,23 +4275,35 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
             if done == total:
                 sys.stderr.write("\n")
 
-    with GmailConnection(**settings) as conn:
+    incomplete: List[str] = []
+    with _signed_in(settings) as conn:
         for folder in folders:
-            reports.append(classify_folder(conn, rules, folder, apply=args.apply,
-                                           since=args.since, limit=args.limit,
-                                           batch_size=args.batch_size, on_message=on_message,
-                                           on_progress=on_progress))
+            try:
+                reports.append(classify_folder(conn, rules, folder, apply=args.apply,
+                                               since=args.since, limit=args.limit,
+                                               batch_size=args.batch_size,
+                                               on_message=on_message, on_progress=on_progress))
+            except UidValidityError as exc:
+                # The folder was renumbered under us: every UID in hand is stale, so stop
+                # there (nothing more is done to it) and let the other folders run.
+                incomplete.append(f"{folder}: {exc}")
         stats = {"imap_commands": conn.commands_sent, "bytes_received": conn.bytes_received,
                  "reconnects": conn.reconnects}
+    for report in reports:
+        if report.skipped:
+            incomplete.append(f"{report.folder}: {len(report.skipped)} messages skipped "
+                              f"because the server sent far more than was asked for; run again")
     if args.json:
-        out.write(json.dumps({"summary": [_report_json(r) for r in reports], **stats},
-                             ensure_ascii=False) + "\n")
+        out.write(printable(json.dumps({"summary": [_report_json(r) for r in reports], **stats},
+                                       ensure_ascii=False)) + "\n")
     elif not args.quiet:
         for report in reports:
             out.write(_report_table(report, rules))
         if not args.apply:
             out.write("Dry run: nothing was changed. Run again with --apply to do it.\n")
-    return EXIT_OK
+    for line in incomplete:
+        sys.stderr.write(printable(f"gmail_classify: {line}") + "\n")
+    return EXIT_INCOMPLETE if incomplete else EXIT_OK
 
 
 def _outcome_json(outcome: Outcome) -> Dict[str, Any]:
@@ -4258,22 +4333,26 @@ def _report_table(report: FolderReport, rules: Ruleset) -> str:
         lines.append(f"  {'created' if report.applied else 'would create'} {name}")
     if report.moved_missing:
         lines.append(f"  {report.moved_missing} messages were gone before they could be moved")
-    return "\n".join(lines) + "\n"
+    if report.skipped:
+        lines.append(f"  {len(report.skipped)} messages skipped (the server sent far more than "
+                     f"was asked for): UID {compress_uids(report.skipped)}")
+    return "\n".join(printable(line) for line in lines) + "\n"
 
 
 def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     rules = load_rules(args.rules_file)
-    out.write(f"{rules.source}: {len(rules.rules)} rules, valid\n")
+    out.write(printable(f"{rules.source}: {len(rules.rules)} rules, valid") + "\n")
     for rule in rules.rules:
         more = " (continue)" if rule.continue_ else ""
-        out.write(f"  {rule.position}. {rule.name}: {rule.actions.describe()}{more}\n")
+        out.write(printable(f"  {rule.position}. {rule.name}: {rule.actions.describe()}{more}")
+                  + "\n")
     needs = rules.needs
     fetched = ["headers " + ", ".join(sorted(needs.headers))]
     if needs.body:
         fetched.append(f"a body prefix ({BODY_PREFIX_BYTES} bytes) for undecided messages")
     if needs.queries:
         fetched.append(f"{len(needs.queries)} Gmail search(es)")
-    out.write("  fetches: " + "; ".join(fetched) + "\n")
+    out.write(printable("  fetches: " + "; ".join(fetched)) + "\n")
     return EXIT_OK
 
 
@@ -4287,30 +4366,30 @@ def _cmd_test(args: argparse.Namespace, out: TextIO) -> int:
             decision = rules.classify(info, final=True)
             subject = _first(header_text(info.headers, "subject"))
             if not decision.matches:
-                out.write(f"{name}: no rule  ({subject[:60]})\n")
+                out.write(printable(f"{name}: no rule  ({subject[:60]})") + "\n")
                 continue
             for rule_name, reason in decision.matches:
                 counts[rule_name] = counts.get(rule_name, 0) + 1
-                out.write(f"{name}: {rule_name}: {reason}\n")
-            out.write(f"    -> {decision.actions.describe()}  ({subject[:60]})\n")
+                out.write(printable(f"{name}: {rule_name}: {reason}") + "\n")
+            out.write(printable(f"    -> {decision.actions.describe()}  ({subject[:60]})") + "\n")
     except GmailClassifyError as exc:
         if type(exc) is not GmailClassifyError:
             raise
         raise UsageError(str(exc)) from exc    # a FILE that is not mail: the user's input
     noun = "message" if total == 1 else "messages"
-    out.write(f"{total} {noun}; " + ", ".join(f"{k}: {v}" for k, v in counts.items())
-              + ("\n" if counts else "no rule matched\n"))
+    out.write(printable(f"{total} {noun}; " + ", ".join(f"{k}: {v}" for k, v in counts.items())
+                        + ("" if counts else "no rule matched")) + "\n")
     return EXIT_OK
 
 
 def _cmd_labels(args: argparse.Namespace, out: TextIO) -> int:
     rules = find_rules(args.rules)
     settings = _connection_settings(args, rules.account)
-    with GmailConnection(**settings) as conn:
+    with _signed_in(settings) as conn:
         for folder in sorted(conn.list_folders(), key=lambda f: f.name.casefold()):
             use = f"  {folder.special_use}" if folder.special_use else ""
             flags = " ".join(sorted(f for f in folder.flags if f != folder.special_use))
-            out.write(f"{folder.name}{use}  {flags}".rstrip() + "\n")
+            out.write(printable(f"{folder.name}{use}  {flags}".rstrip()) + "\n")
     return EXIT_OK
 
 
@@ -4323,7 +4402,8 @@ def _cmd_init(args: argparse.Namespace, out: TextIO) -> int:
     text = STARTER_RULES_TOML if path.suffix == ".toml" else STARTER_RULES_JSON
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
-    out.write(f"wrote {path}; edit it, then try: python gmail_classify.py check {path}\n")
+    out.write(printable(f"wrote {path}; edit it, then try: python gmail_classify.py check {path}")
+              + "\n")
     return EXIT_OK
 
 
@@ -4349,13 +4429,13 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
     except GmailClassifyError as exc:
         if args.verbose:
             log.exception("details:")
-        sys.stderr.write(f"gmail_classify: {exc}\n")
+        sys.stderr.write(printable(f"gmail_classify: {exc}") + "\n")
         return _exit_code(exc)
     except Exception as exc:  # a bug: say so briefly, with the traceback under -v
         if args.verbose:
             log.exception("details:")
-        sys.stderr.write(f"gmail_classify: unexpected error: {type(exc).__name__}: {exc} "
-                         f"(run with -v for details)\n")
+        sys.stderr.write(printable(f"gmail_classify: unexpected error: {type(exc).__name__}: "
+                                   f"{exc} (run with -v for details)") + "\n")
         return EXIT_ERROR
 
 
@@ -4384,8 +4464,10 @@ def _subcommand_first(argv: List[str]) -> List[str]:
 
 
 def _exit_code(exc: GmailClassifyError) -> int:
-    if isinstance(exc, (UsageError, RulesError)):
+    if isinstance(exc, (UsageError, RulesError, CredentialError)):
         return EXIT_USAGE
+    if isinstance(exc, UidValidityError):
+        return EXIT_INCOMPLETE
     if isinstance(exc, AuthenticationError):
         return EXIT_AUTH
     if isinstance(exc, (ConnectionLostError, TLSError)):

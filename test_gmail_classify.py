@@ -3642,7 +3642,7 @@ class ValidationTest(unittest.TestCase):
             ("header name with space",
              {"rule": [{"name": "R", "header": {"List Id": True}, "star": True}]},
              'rules.toml: rule 1 ("R"): header.List Id: "List Id" is not a header name '
-             "(printable ASCII without spaces or ':')"),
+             "(letters, digits and - _ . and the like; no spaces, ':' or brackets)"),
             ("empty plain matcher",
              {"rule": [{"name": "R", "subject": "", "star": True}]},
              'rules.toml: rule 1 ("R"): subject: expected a string or a list of strings, '

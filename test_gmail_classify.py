@@ -824,7 +824,7 @@ _XLIST_ATTR = {"\\All": "\\AllMail", "\\Junk": "\\Spam", "\\Flagged": "\\Starred
 
 _SYSTEM_FLAGS = {f.lower(): f for f in ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")}
 _SYSTEM_LABELS = {
-    "\\inbox": "\\Inbox", "inbox": "\\Inbox", "\\trash": "\\Trash", "\\spam": "\\Spam",
+    "\\inbox": "\\Inbox", "\\trash": "\\Trash", "\\spam": "\\Spam",
     "\\sent": "\\Sent", "\\draft": "\\Draft", "\\drafts": "\\Draft", "\\important": "\\Important",
     "\\starred": "\\Starred",
 }
@@ -849,6 +849,8 @@ def _canon_label(label: str) -> str:
         return canon
     if label.startswith("\\") or not label.strip():
         raise ValueError("invalid label %r" % label)
+    if label.lower() == "inbox":   # the system label is \Inbox; a client must say so
+        raise ValueError("label %r is reserved; the inbox is \\Inbox" % label)
     return label
 
 
@@ -1083,7 +1085,18 @@ class _Session(socketserver.BaseRequestHandler):
         if not line.endswith(b"\r\n") or not re.fullmatch(r"[!#$&',./0-9:;<=>?@A-Z^_`a-z|}~-]+", tag) or not name:
             self._send(("%s BAD Invalid command line\r\n" % (tag if tag else "*")).encode())
             return
+        if length > GMAIL_MAX_LINE:   # recorded in long_lines, then refused as Gmail does
+            self._send(("%s BAD [TOOBIG] Command line too long\r\n" % tag).encode())
+            return
         fault = fake._take_fault(name)
+        if fault is not None and fault.action == "renumber":
+            if self.selected is not None:
+                fake.bump_uidvalidity(self.selected)
+            self._close("drop")
+        if fault is not None and fault.action in _HOSTILE_ACTIONS:
+            self._hostile(fault, tag, self._execute(tag, name, argbytes))
+            self._after_answer()
+            return
         if fault is not None and fault.when == "before" and fault.action not in ("delay", "unsolicited"):
             self._apply_fault(fault, tag)
             return
@@ -1093,6 +1106,8 @@ class _Session(socketserver.BaseRequestHandler):
         tagged = self._execute(tag, name, argbytes)
         if fault is not None and fault.action == "unsolicited":
             inject = [b"* 1 FETCH (FLAGS (\\Seen))\r\n", b"* %d EXISTS\r\n" % len(self.known)]
+            if fault.text:
+                inject = [line.encode() + b"\r\n" for line in fault.text.split("\r\n")]
             at = {"before": 0, "mid": max(1, len(self.out) // 2) if self.out else 0}.get(fault.when, len(self.out))
             self.out[at:at] = inject
             fault = None
@@ -1120,6 +1135,10 @@ class _Session(socketserver.BaseRequestHandler):
                 self.out = []
                 self.known, self.known_flags = snapshot
                 self._apply_fault(fault, tag)
+        self._after_answer()
+
+    def _after_answer(self) -> None:
+        fake = self.fake
         after, self._after = self._after, None
         if after == "close":
             self._close("drop")
@@ -1182,6 +1201,48 @@ class _Session(socketserver.BaseRequestHandler):
             self._send(("%s BAD %s\r\n" % (tag, fault.text or "fake protocol error")).encode())
         elif a == "garbage":
             self._send(b"* 1 FETCH (UID 7 FLAGS (\\Seen\r\n" + ("%s OK done\r\n" % tag).encode())
+
+    def _hostile(self, fault: "_Fault", tag: str, tagged: bytes) -> None:
+        """Answer the command just executed the way a broken or hostile server would."""
+        a, out = fault.action, self.out
+        self.out = []
+        fetches = [i for i, line in enumerate(out) if re.match(rb"\* \d+ FETCH \(", line)]
+        uid_of = lambda line: re.search(rb"UID (\d+)", line).group(1)  # noqa: E731
+        if a == "huge_literal" and fetches:
+            i = fetches[0]
+            self._send(b"".join(out[:i]))
+            seq = out[i].split(b" ")[1]
+            self._send(b"* %s FETCH (UID %s BODY[] {%d}\r\n" % (seq, uid_of(out[i]), fault.size))
+            chunk = b"x" * 65536
+            left = fault.size
+            while left:
+                self._send(chunk[:min(left, len(chunk))])
+                left -= min(left, len(chunk))
+            self._send(b")\r\n" + b"".join(out[i + 1:]) + tagged)
+            return
+        if a == "nesting_bomb" and fetches:
+            i = fetches[0]
+            depth = fault.size or 5000
+            out[i] = b"* %s FETCH (UID %s BODYSTRUCTURE %s%s)\r\n" % (
+                out[i].split(b" ")[1], uid_of(out[i]), b"(" * depth, b")" * depth)
+        elif a == "huge_copyuid":
+            tagged = ("%s OK [COPYUID 1 1:4294967295 1:4294967295] (Success)\r\n" % tag).encode()
+        elif a == "huge_search":
+            out = [line for line in out if not line.startswith(b"* SEARCH")]
+            out.append(b"* SEARCH" + b" 1" * (fault.size or 100000) + b"\r\n")
+        elif a == "exists_flood":
+            out = [b"* %d EXISTS\r\n" % (len(self.known) + n) for n in range(fault.size)] + out
+        elif a == "starttls_inject":
+            tagged += b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] injected before the handshake\r\n"
+        data = b"".join(out) + tagged
+        if a != "dribble":
+            self._send(data)
+            return
+        step = fault.size or 1
+        for start in range(0, len(data), step):
+            self._send(data[start:start + step])
+            if self.killed.wait(fault.delay):
+                raise _Closed()
 
     def _announce(self, expunge: bool = True) -> None:
         """Queue EXPUNGE / EXISTS / FETCH FLAGS for changes the client has not been told about."""
@@ -1660,6 +1721,8 @@ class _Session(socketserver.BaseRequestHandler):
             changedsince = int(_text(mods[1]))
         targets = self._targets(args[0], by_uid)
         changed = []
+        viewed = self._folder()
+        own_label = viewed.label if viewed.kind == "label" else _FOLDER_LABEL.get(viewed.kind)
         for seq, uid, msg in targets:
             if changedsince is not None and msg.modseq <= changedsince:
                 continue
@@ -1698,7 +1761,8 @@ class _Session(socketserver.BaseRequestHandler):
                 elif item == "X-GM-THRID":
                     parts.append(b"X-GM-THRID %d" % msg.thrid)
                 elif item == "X-GM-LABELS":
-                    parts.append(b"X-GM-LABELS " + _labels_bytes(fake._labels_of(msg)))
+                    # Gmail leaves out the label of the folder being viewed (\Inbox in INBOX).
+                    parts.append(b"X-GM-LABELS " + _labels_bytes(fake._labels_of(msg) - {own_label}))
                 else:
                     m = _FETCH_SECTION.fullmatch(item)
                     nums, kind, fields, echo = _parse_section(m.group(2))
@@ -1740,6 +1804,9 @@ class _Session(socketserver.BaseRequestHandler):
             raise _Bad(str(e)) from None
 
     def _label(self, tok: Any) -> str:
+        if isinstance(tok, Atom) and not tok.startswith("\\") and re.search(r"[\[\]*%&]", tok):
+            # Gmail misreads such atoms (a * or brackets unquoted): a client must quote them.
+            raise _Bad("Label %r must be quoted" % str(tok))
         text = _text(tok)
         if text.isascii():
             try:
@@ -2146,11 +2213,29 @@ class _Fault:
     count: int
     delay: float
     text: Optional[str]
+    size: int = 0
     seen: int = 0
 
 
-_FAULT_ACTIONS = ("bye", "drop", "reset", "delay", "no", "bad", "garbage", "unsolicited")
+# Hostile behaviours (issue "Hostile input"), each a fault that composes with any server
+# mode; ``size`` and ``delay`` tune them:
+#   dribble         the whole answer, ``size`` bytes (default 1) every ``delay`` seconds
+#   huge_literal    the first FETCH answer's body becomes a literal of ``size`` bytes
+#   nesting_bomb    the first FETCH answer gets a BODYSTRUCTURE nested ``size`` deep
+#   huge_copyuid    a COPY/MOVE answers OK [COPYUID v 1:4294967295 1:4294967295]
+#   huge_search     a SEARCH answers ``size`` UIDs whatever the folder holds
+#   exists_flood    ``size`` "* n EXISTS" lines before the tagged answer
+#   renumber        the selected folder gets a new UIDVALIDITY, then the connection drops
+#   starttls_inject plaintext "* OK" sent in the same packet as the STARTTLS OK
+# and "unsolicited" injects ``text`` (lines separated by CRLF) when given.
+_HOSTILE_ACTIONS = ("dribble", "huge_literal", "nesting_bomb", "huge_copyuid", "huge_search",
+                    "exists_flood", "renumber", "starttls_inject")
+_FAULT_ACTIONS = ("bye", "drop", "reset", "delay", "no", "bad", "garbage",
+                  "unsolicited") + _HOSTILE_ACTIONS
 _FAULT_WHEN = ("before", "after", "mid")
+
+
+GMAIL_MAX_LINE = 8192   # Gmail refuses longer command lines (literals excluded)
 
 
 class _TCPServer(socketserver.ThreadingTCPServer):
@@ -2281,12 +2366,14 @@ class FakeGmail:
             return sorted(self._sessions)
 
     def add_fault(self, command: Optional[str] = None, *, nth: int = 1, action: str = "drop",
-                  when: str = "before", count: int = 1, delay: float = 0.0, text: Optional[str] = None) -> None:
+                  when: str = "before", count: int = 1, delay: float = 0.0, text: Optional[str] = None,
+                  size: int = 0) -> None:
         """Misbehave on the nth (1-based) matching command from now on, for count commands.
 
         command: 'UID MOVE', 'NOOP', ... or None for any. action: one of bye, drop, reset, delay,
-        no, bad, garbage, unsolicited. when: before (instead of executing), after (execute, then
-        misbehave instead of answering), mid (send half of the untagged answers, then misbehave).
+        no, bad, garbage, unsolicited, or a hostile one (see _HOSTILE_ACTIONS). when: before
+        (instead of executing), after (execute, then misbehave instead of answering), mid (send
+        half of the untagged answers, then misbehave); hostile actions ignore ``when``.
         """
         if action not in _FAULT_ACTIONS:
             raise ValueError("action must be one of %s" % ", ".join(_FAULT_ACTIONS))
@@ -2296,7 +2383,7 @@ class FakeGmail:
             raise ValueError("nth and count start at 1")
         with self._cond:
             self._faults.append(_Fault(command.upper() if command else None, nth, action, when, count,
-                                       delay, text))
+                                       delay, text, size))
 
     # -- mailbox model, public --
 
@@ -2986,7 +3073,8 @@ class FakeServerFetchStoreTest(FakeGmailTestCase):
         typ, data = self.m.uid("FETCH", "1", "(X-GM-MSGID X-GM-LABELS BODY.PEEK[HEADER.FIELDS (from subject)])")
         head, body = data[0]
         self.assertIn(b"X-GM-MSGID %d" % self.mid1, head)
-        self.assertIn(b'X-GM-LABELS ("\\\\Important" "\\\\Inbox" Receipts)', head)
+        # As Gmail does, the viewed folder's own label (\Inbox here) is left out.
+        self.assertIn(b'X-GM-LABELS ("\\\\Important" Receipts)', head)
         self.assertTrue(head.endswith(b"BODY[HEADER.FIELDS (FROM SUBJECT)] {64}"), head)
         self.assertEqual(body, b"From: Alice Example <alice@example.com>\r\nSubject: Invoice 42\r\n\r\n")
         self.assertNotIn("\\Seen", self.server.message(self.mid1).flags)
@@ -3373,14 +3461,15 @@ class FakeServerWireTest(FakeGmailTestCase):
         self.assertIn(b"BAD", c.readline())
         self.assertEqual(server.log[-1].line, b"X1 NOOP\n")
 
-    def test_long_lines_are_recorded(self):
+    def test_long_lines_are_recorded_and_refused_as_gmail_does(self):
         server = self.start()
         server.add_message(PLAIN_MSG)
         m = self.imap(server)
         m.select("INBOX")
         m.uid("FETCH", "1:3", "(FLAGS)")
         self.assertEqual(server.long_lines, [])
-        m.uid("FETCH", ",".join(str(n) for n in range(1, 4000, 2)), "(FLAGS)")
+        with self.assertRaisesRegex(imaplib.IMAP4.error, "TOOBIG"):
+            m.uid("FETCH", ",".join(str(n) for n in range(1, 4000, 2)), "(FLAGS)")
         self.assertEqual(len(server.long_lines), 1)
 
     def test_logout(self):
@@ -4885,9 +4974,8 @@ class OperationsTest(FakeServerTest):
                                    "X-GM-MSGID", item, "BODY.PEEK[]<0.20>"])
         self.assertEqual(sorted(result), uids)
         first = result[uids[0]]
-        self.assertEqual(set(first["X-GM-LABELS"]),
-                         {"\\Inbox", "\\Important", "two words", "(foo)", "[bar]", "a*b",
-                          "Entwürfe"})
+        self.assertEqual(set(first["X-GM-LABELS"]),     # Gmail leaves out INBOX's own \Inbox
+                         {"\\Important", "two words", "(foo)", "[bar]", "a*b", "Entwürfe"})
         self.assertIn(b"Subject: =?UTF-8?B?w6nDqQ==?= first", first[item])
         self.assertEqual(len(first["BODY.PEEK[]<0.20>"]), 20)
         self.assertIsInstance(first["RFC822.SIZE"], int)

@@ -1708,11 +1708,11 @@ class GmailConnection:
         for chunk in chunk_uids(wanted):
             response = self._call("UID FETCH", compress_uids(chunk),
                                   "(UID " + " ".join(items) + ")", keep=keep, max_literal=limit)
-            for item in response.oversized:
-                uid = _fetch_uid(item)
-                if uid in wanted and skipped is not None and uid not in skipped:
-                    log.warning("UID %d: the server sent far more than was asked for (at "
-                                "most %d bytes); skipped that message", uid, limit)
+            dropped = {_fetch_uid(item) for item in response.oversized} & wanted
+            for uid in sorted(dropped):   # type: ignore[type-var]
+                log.warning("UID %d: the server sent far more than was asked for (at most "
+                            "%d bytes); skipped that message", uid, limit)
+                if skipped is not None and uid not in skipped:
                     skipped.append(uid)
             for item in response.untagged:
                 if len(item) < 3 or str(item[1]).upper() != "FETCH" or not isinstance(item[2], list):
@@ -1720,6 +1720,8 @@ class GmailConnection:
                 attrs = _pairs(item[2])
                 uid = attrs.get("UID")
                 if not isinstance(uid, int) or uid not in wanted:
+                    continue
+                if uid in dropped:
                     continue
                 values = result.setdefault(uid, {})
                 for key, value in attrs.items():
@@ -1923,6 +1925,7 @@ class GmailConnection:
         self._idling = True
         try:
             log.debug("C: %s IDLE", tag.decode())
+            imap.watch_progress(None)   # type: ignore[attr-defined]  # IDLE waits at will
             imap.send(tag + b" IDLE\r\n")
             self.commands_sent += 1
             while True:
@@ -1945,6 +1948,7 @@ class GmailConnection:
                 else:
                     raise ProtocolError(f"unexpected line during IDLE: {raw[:80]!r}")
             if ended is None:
+                imap.watch_progress(self.timeout)  # type: ignore[attr-defined]
                 imap.send(b"DONE\r\n")
                 response = self._read_response(imap, tag, "IDLE", False, None)
             else:

@@ -5662,5 +5662,324 @@ class CommandLineRunTest(FakeServerTest):
         self.assertNotIn("ya29.stale", err)
 
 
+# --- Hostile input: servers, senders and typos ---------------------------------------------
+#
+# Nothing a server, a sender or a typo can do makes gmail_classify leak a secret, hang or
+# crash.  The hostile servers are FakeGmail faults (see _HOSTILE_ACTIONS).
+
+_real_getaddrinfo = socket.getaddrinfo
+
+
+def fake_resolver(answers: Dict[str, List[Any]]) -> Callable[..., Any]:
+    """A getaddrinfo that answers the names in ``answers`` (one answer per call, in order:
+    an address string, or an exception to raise) and resolves everything else for real."""
+    calls: Dict[str, int] = collections.defaultdict(int)
+
+    def resolve(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host not in answers:
+            return _real_getaddrinfo(host, port, *args, **kwargs)
+        index = min(calls[host], len(answers[host]) - 1)
+        calls[host] += 1
+        answer = answers[host][index]
+        if isinstance(answer, BaseException):
+            raise answer
+        family = socket.AF_INET6 if ":" in answer else socket.AF_INET
+        return [(family, socket.SOCK_STREAM, 6, "", (answer, port or 0))]
+
+    resolve.calls = calls   # type: ignore[attr-defined]
+    return resolve
+
+
+class PlaintextOnlyToLoopbackTest(FakeServerTest):
+    def test_a_name_that_resolves_elsewhere_is_refused(self):
+        resolver = fake_resolver({"localhost": ["10.1.2.3"]})
+        with mock.patch("socket.getaddrinfo", resolver):
+            with self.assertRaises(gc.TLSError) as ctx:
+                gc.GmailConnection(USER, password=PASSWORD, host="localhost",
+                                   port=self.server.port, security="plaintext")
+            code, _, err = run_cli("--user", USER, "--host", "localhost", "--port",
+                                   str(self.server.port), "--plaintext",
+                                   env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertIn("loopback", str(ctx.exception))
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertIn("loopback", err)
+        self.assertEqual(self.server.log, [])
+
+    def test_one_non_loopback_address_among_several_is_refused(self):
+        def resolve(host, port, *args, **kwargs):
+            if host == "mixed.test":
+                return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+                        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.7", port))]
+            return _real_getaddrinfo(host, port, *args, **kwargs)
+
+        with mock.patch("socket.getaddrinfo", resolve):
+            with self.assertRaises(gc.TLSError):
+                gc.GmailConnection(USER, password=PASSWORD, host="mixed.test",
+                                   security="plaintext")
+
+    def test_connects_to_the_address_that_was_checked(self):
+        # The first two lookups (constructor, then connect) say loopback; a third lookup,
+        # as a connection by name would make, fails: only the checked address may be used.
+        resolver = fake_resolver({"imap.loopback.test": ["127.0.0.1", "127.0.0.1",
+                                                         socket.gaierror("rebound")]})
+        with mock.patch("socket.getaddrinfo", resolver):
+            conn = self.connect(host="imap.loopback.test", retries=0)
+        self.assertTrue(conn.connected)
+        self.assertEqual(resolver.calls["imap.loopback.test"], 2)
+        self.assertEqual(self.commands()[:3], ["CAPABILITY", "LOGIN", "CAPABILITY"])
+
+    def test_private_and_public_addresses_are_not_loopback(self):
+        for host in ("10.0.0.1", "192.168.1.10", "172.16.0.1", "169.254.1.1", "100.64.0.1",
+                     "fd00::1", "8.8.8.8"):
+            with self.subTest(host=host):
+                with self.assertRaises(gc.TLSError):
+                    gc.GmailConnection(USER, password=PASSWORD, host=host, security="plaintext")
+        for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]"):
+            with self.subTest(host=host):
+                gc.GmailConnection(USER, password=PASSWORD, host=host, security="plaintext")
+
+
+class CredentialSafetyTest(FakeServerTest):
+    INJECTION = "x\r\nA1 DELETE INBOX"
+
+    def assert_nothing_sent(self):
+        self.assertNotIn("LOGIN", self.commands())
+        self.assertNotIn("DELETE", self.commands())
+        self.assertFalse(any(b"DELETE" in line for line in self.server.raw_lines))
+
+    def test_library_refuses_cr_lf_nul_in_every_credential(self):
+        cases = [dict(user="a\r\nb", password=PASSWORD), dict(user="a\x00b", password=PASSWORD),
+                 dict(user=USER, password=self.INJECTION), dict(user=USER, password="p\x00w"),
+                 dict(user=USER, token="ya29.x\nA1 DELETE INBOX")]
+        for case in cases:
+            with self.subTest(case=case):
+                user = case.pop("user")
+                with self.assertRaises(gc.CredentialError) as ctx:
+                    gc.GmailConnection(user, host="127.0.0.1", port=self.server.port,
+                                       security="plaintext", **case)
+                self.assertNotIn("DELETE", str(ctx.exception))
+        for source in (dict(password=lambda: self.INJECTION),
+                       dict(token=lambda: "ya29.x\rA1 DELETE INBOX")):
+            with self.subTest(source=source):
+                with self.assertRaises(gc.CredentialError):
+                    self.connect(**source)
+        self.assert_nothing_sent()
+
+    def test_command_line_refuses_them_from_every_source_with_exit_2(self):
+        argv = ["--host", "127.0.0.1", "--port", str(self.server.port), "--plaintext",
+                "--retries", "0"]
+        home = os.path.join(self.tmp, "home")
+        os.mkdir(home)
+        with open(os.path.join(home, ".netrc"), "w") as handle:
+            handle.write(f"machine 127.0.0.1 login {USER} password pa\x00ss\n")
+        os.chmod(os.path.join(home, ".netrc"), 0o600)
+        script = os.path.join(self.tmp, "secret.sh")
+        with open(script, "w") as handle:
+            handle.write("#!/bin/sh\nprintf 'pa\\000ss\\n'\n")
+        os.chmod(script, 0o700)
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w") as handle:
+            json.dump({"rule": EXAMPLE_DOC["rule"], "account": {"user": "a\nb"}}, handle)
+        cases = {
+            "option": (["--user", "a\r\nb"], {"GMAIL_APP_PASSWORD": PASSWORD}),
+            "environment": (["--user", USER], {"GMAIL_APP_PASSWORD": self.INJECTION}),
+            "netrc": (["--user", USER], {"HOME": home}),
+            "command": (["--user", USER, "--password-command", script], {}),
+            "token environment": (["--user", USER, "--auth", "xoauth2"],
+                                  {"GMAIL_OAUTH_TOKEN": "ya29.x\r\nA1 DELETE INBOX"}),
+            "token command": (["--user", USER, "--auth", "xoauth2", "--password-command",
+                               script], {}),
+            "rules file": (["--rules", rules], {"GMAIL_APP_PASSWORD": PASSWORD}),
+        }
+        for name, (extra, env) in cases.items():
+            with self.subTest(source=name):
+                code, out, err = run_cli(*argv, *extra, env=env)
+                self.assertEqual(code, gc.EXIT_USAGE, err)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+                self.assertNotIn("DELETE", err)
+        self.assert_nothing_sent()
+
+    def test_user_name_goes_out_quoted(self):
+        self.server.users['we"ird user\\x'] = PASSWORD
+        conn = gc.GmailConnection('we"ird user\\x', password=PASSWORD, host="127.0.0.1",
+                                  port=self.server.port, security="plaintext", keepalive=None)
+        conn.connect()
+        self.addCleanup(conn.close)
+        login = [e.line for e in self.server.log if e.command == "LOGIN"]
+        self.assertEqual(login, [b'%s LOGIN "we\\"ird user\\\\x" "%s"\r\n'
+                                 % (login[0].split(b" ")[0], PASSWORD.encode())])
+
+    def test_non_ascii_credentials_use_authenticate_plain_in_utf8(self):
+        for options in ({}, {"gmail": False}):
+            with self.subTest(server=options):
+                server = FakeGmail(users={"jörg@example.com": "pässwörd 1"}, **options).start()
+                self.addCleanup(server.stop)
+                conn = gc.GmailConnection("jörg@example.com", password="pässwörd 1",
+                                          host="127.0.0.1", port=server.port,
+                                          security="plaintext", keepalive=None)
+                conn.connect()
+                self.addCleanup(conn.close)
+                self.assertEqual(server.commands()[:3], ["CAPABILITY", "AUTHENTICATE", "CAPABILITY"])
+                encoded = base64.b64encode("\0jörg@example.com\0pässwörd 1".encode("utf-8"))
+                self.assertTrue(any(encoded in line for line in server.raw_lines))
+
+    def test_non_ascii_credentials_go_as_literals_without_auth_plain(self):
+        self.server.users["jörg@example.com"] = "pässwörd"
+        original = _Session._capabilities
+
+        def without_plain(session, authenticated=None):
+            return [c for c in original(session, authenticated) if c != "AUTH=PLAIN"]
+
+        with mock.patch.object(_Session, "_capabilities", without_plain):
+            conn = gc.GmailConnection("jörg@example.com", password="pässwörd",
+                                      host="127.0.0.1", port=self.server.port,
+                                      security="plaintext", keepalive=None)
+            conn.connect()
+            self.addCleanup(conn.close)
+        login = [e.line for e in self.server.log if e.command == "LOGIN"][0]
+        self.assertIn(b"LOGIN {17}\r\nj\xc3\xb6rg@example.com {10}\r\np\xc3\xa4ssw\xc3\xb6rd\r\n",
+                      login)
+
+    def test_xoauth2_sends_the_initial_response_on_the_first_line_with_sasl_ir(self):
+        self.connect(token=TOKEN)
+        initial = base64.b64encode(f"user={USER}\x01auth=Bearer {TOKEN}\x01\x01".encode())
+        line = [e.line for e in self.server.log if e.command == "AUTHENTICATE"][0]
+        self.assertTrue(line.endswith(b" AUTHENTICATE XOAUTH2 " + initial + b"\r\n"), line)
+
+    def test_xoauth2_waits_for_the_continuation_without_sasl_ir(self):
+        original = _Session._capabilities
+
+        def without_ir(session, authenticated=None):
+            return [c for c in original(session, authenticated) if c != "SASL-IR"]
+
+        initial = base64.b64encode(f"user={USER}\x01auth=Bearer {TOKEN}\x01\x01".encode())
+        with mock.patch.object(_Session, "_capabilities", without_ir):
+            self.connect(token=TOKEN)
+        line = [e.line for e in self.server.log if e.command == "AUTHENTICATE"][0]
+        self.assertTrue(line.endswith(b" AUTHENTICATE XOAUTH2\r\n"), line)
+        self.assertIn(initial + b"\r\n", self.server.raw_lines)
+
+    def test_sasl_secrets_never_reach_the_debug_log(self):
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        logger = logging.getLogger("gmail_classify")
+        old_level = logger.level
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        self.addCleanup(logger.removeHandler, handler)
+        self.addCleanup(logger.setLevel, old_level)
+        self.server.users["jörg@example.com"] = "pässwörd"
+        conn = gc.GmailConnection("jörg@example.com", password="pässwörd", host="127.0.0.1",
+                                  port=self.server.port, security="plaintext", keepalive=None)
+        conn.connect()
+        self.addCleanup(conn.close)
+        self.connect(token=TOKEN)
+        text = stream.getvalue()
+        self.assertIn("AUTHENTICATE", text)
+        for secret in ("pässwörd", TOKEN,
+                       base64.b64encode("\0jörg@example.com\0pässwörd".encode()).decode()[:12],
+                       base64.b64encode(f"user={USER}\x01auth=Bearer {TOKEN}".encode()).decode()[:12]):
+            with self.subTest(secret=secret):
+                self.assertNotIn(secret, text)
+
+    def test_a_preauth_greeting_is_refused_without_sending_the_password(self):
+        original = _Session.handle
+
+        def preauth(session):
+            session._send = lambda data, send=session._send: send(
+                data.replace(b"* OK Gimap ready", b"* PREAUTH Gimap ready"))
+            original(session)
+
+        with mock.patch.object(_Session, "handle", preauth):
+            with self.assertRaises(gc.AuthenticationError) as ctx:
+                self.connect(retries=0)
+        self.assertIn("PREAUTH", str(ctx.exception))
+        self.assertFalse(any(PASSWORD.encode() in line for line in self.server.raw_lines))
+
+
+class TerminalSafetyTest(FakeServerTest):
+    EVIL = "Invoice paid\r\x1b[2K\u202eXXX\x9b31m\x07"   # CR, ESC, bidi override, C1 CSI, BEL
+
+    def assert_safe(self, text: str) -> None:
+        for char in ("\r", "\x1b", "\u202e", "\x9b", "\x07"):
+            self.assertNotIn(char, text)
+
+    def test_printable_escapes_controls_and_bidi_and_keeps_text(self):
+        table = [("plain", "plain"), ("Café 日本 😀", "Café 日本 😀"), ("a\rb", "a\\u000db"),
+                 ("\x1b[2J", "\\u001b[2J"), ("\x7f", "\\u007f"), ("\x85\x9b", "\\u0085\\u009b"),
+                 ("\u202ecod.exe", "\\u202ecod.exe"), ("\u2066x\u2069", "\\u2066x\\u2069"),
+                 ("a\nb\tc", "a\\u000ab\\u0009c"), ("\x00", "\\u0000")]
+        for raw, shown in table:
+            with self.subTest(raw=raw):
+                self.assertEqual(gc.printable(raw), shown)
+        self.assertEqual(gc.printable("a\n\x1b", keep_newlines=True), "a\n\\u001b")
+
+    def subject_header(self) -> str:
+        return "=?UTF-8?B?" + base64.b64encode(self.EVIL.encode()).decode() + "?="
+
+    def test_run_and_json_escape_what_a_sender_wrote(self):
+        self.server.add_message(make_message(self.subject_header(),
+                                             sender="=?UTF-8?Q?Eve=1B[31m?= <eve@example.com>"))
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w") as handle:
+            json.dump({"rule": [{"name": "All", "subject": "invoice", "trash": True}]}, handle)
+        argv = ["--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                "--plaintext", "--rules", rules, "-v"]
+        code, out, err = run_cli(*argv, env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, 0, err)
+        self.assert_safe(out + err)
+        self.assertIn("would trash", out)
+        self.assertIn("Invoice paid\\u000d\\u001b[2K\\u202eXXX", out)
+        self.assertIn("Eve\\u001b[31m", out)
+        code, out, err = run_cli(*argv, "--json", env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assert_safe(out)
+        self.assertEqual(json.loads(out.splitlines()[0])["subject"], self.EVIL)
+
+    def test_test_labels_errors_and_log_lines_are_escaped(self):
+        eml = os.path.join(self.tmp, "evil.eml")
+        with open(eml, "wb") as handle:
+            handle.write(make_message(self.subject_header()))
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w") as handle:
+            json.dump({"rule": [{"name": "R\u202e", "subject": "invoice", "star": True}]}, handle)
+        code, out, err = run_cli("test", rules, eml)
+        self.assertEqual(code, 0, err)
+        self.assert_safe(out)
+        self.assertIn("\\u202e", out)
+        code, out, err = run_cli("check", rules)
+        self.assertEqual(code, 0, err)
+        self.assert_safe(out)
+        self.server.add_message(make_message(), labels=("\\Inbox", "evil\x1b]0;pwned\x07"))
+        argv = ["--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                "--plaintext", "--retries", "0"]
+        code, out, err = run_cli("labels", *argv, env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, 0, err)
+        self.assert_safe(out)
+        self.assertIn("evil\\u001b]0;pwned\\u0007", out)
+        self.server.add_fault("EXAMINE", action="no", text="[ALERT] \x1b[2J\rall fine")
+        code, out, err = run_cli(*argv, "-v", env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, gc.EXIT_SERVER)
+        self.assertIn("\\u001b[2J\\u000dall fine", err)
+        self.assert_safe(err)
+
+
+class HeaderNameValidationTest(TempDirMixin, unittest.TestCase):
+    def test_only_names_that_are_safe_imap_atoms_pass_check(self):
+        tmp = self.make_dir()
+        for name, ok in (("X-Foo)", False), ("X{3}", False), ("X[1]", False), ('X"y', False),
+                         ("X*", False), ("X%", False), ("X\\y", False), ("List Id", False),
+                         ("X-Mailer", True), ("List-Unsubscribe", True), ("X_Spam.Flag", True),
+                         ("DKIM-Signature", True)):
+            with self.subTest(name=name):
+                path = os.path.join(tmp, "rules.json")
+                with open(path, "w") as handle:
+                    json.dump({"rule": [{"name": "R", "header": {name: True}, "star": True}]},
+                              handle)
+                code, out, err = run_cli("check", path)
+                self.assertEqual(code, 0 if ok else gc.EXIT_USAGE, err)
+                if not ok:
+                    self.assertIn("is not a header name", err)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 import traceback
+import tracemalloc
 import unittest
 from unittest import mock
 import datetime as _dtm
@@ -5979,6 +5980,272 @@ class HeaderNameValidationTest(TempDirMixin, unittest.TestCase):
                 self.assertEqual(code, 0 if ok else gc.EXIT_USAGE, err)
                 if not ok:
                     self.assertIn("is not a header name", err)
+
+
+class ResourceLimitsTest(FakeServerTest):
+    def setUp(self):
+        super().setUp()
+        for n in range(3):
+            self.server.add_message(make_message(f"message {n}", body=f"body {n} invoice\n"))
+
+    def test_an_oversized_literal_is_discarded_and_only_that_message_skipped(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID FETCH", action="huge_literal", size=8 * 1024 * 1024)
+        skipped: List[int] = []
+        tracemalloc.start()
+        try:
+            result = conn.fetch([1, 2, 3], ["BODY.PEEK[]<0.16384>"], skipped=skipped)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(skipped, [1])
+        self.assertEqual(sorted(result), [2, 3])
+        self.assertLess(peak, 2 * 1024 * 1024)   # the 8 MiB were never kept
+        self.assertTrue(conn.connected)
+        self.assertEqual(sorted(conn.fetch([1], ["FLAGS"])), [1])   # still in step
+
+    def test_the_run_skips_that_message_acts_on_the_others_and_exits_6(self):
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w") as handle:
+            json.dump({"rule": [{"name": "Bodies", "body": "invoice", "star": True}]}, handle)
+        self.server.add_fault("UID FETCH", nth=2, action="huge_literal", size=3 * 1024 * 1024)
+        code, out, err = run_cli("--user", USER, "--host", "127.0.0.1", "--port",
+                                 str(self.server.port), "--plaintext", "--rules", rules,
+                                 "--apply", env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, gc.EXIT_INCOMPLETE, err)
+        self.assertIn("1 messages skipped", err)
+        self.assertIn("run again", err)
+        flags = [m.flags for m in self.server.messages("INBOX")]
+        self.assertEqual(flags, [set(), {"\\Flagged"}, {"\\Flagged"}])
+
+    def test_a_huge_copyuid_is_ignored_not_expanded(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID MOVE", action="huge_copyuid")
+        tracemalloc.start()
+        try:
+            result = conn.move([1], "[Gmail]/Trash")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(dict(result.moved), {1: None})
+        self.assertLess(peak, 5 * 1024 * 1024)
+        self.assertEqual(self.server.uids("INBOX"), [2, 3])
+
+    def test_copyuid_naming_uids_that_were_not_sent_is_unusable(self):
+        response = gc._Response("OK", "COPYUID", [9, "1:2", "5:6"], "done", [])
+        self.assertEqual(gc._copyuid_map(response, [1, 2]), {1: 5, 2: 6})
+        self.assertEqual(gc._copyuid_map(response, [1]), {})
+        self.assertEqual(gc._copyuid_map(response, [1, 3]), {})
+        with self.assertRaises(ValueError):
+            gc.parse_uid_set("1:4294967295", limit=1000)
+        self.assertEqual(gc.parse_uid_set("3:1,7", limit=4), [1, 2, 3, 7])
+
+    def test_a_search_naming_more_uids_than_the_folder_holds_is_a_protocol_error(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID SEARCH", action="huge_search", size=50000)
+        with self.assertRaises(gc.ProtocolError) as ctx:
+            conn.search()
+        self.assertIn("far more than the folder holds", str(ctx.exception))
+        self.assertFalse(conn.connected)   # out of step: never read from again
+        self.assertEqual(conn.search(), [1, 2, 3])
+        self.assertEqual(self.server.count("LOGIN"), 2)
+
+    def test_an_exists_flood_updates_state_and_is_not_kept(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID SEARCH", action="exists_flood", size=3000)
+        with mock.patch.object(gc, "MAX_KEPT_UNTAGGED", 1000):
+            self.assertEqual(conn.search(), [1, 2, 3])
+        self.assertEqual(conn.selected.exists, 3 + 2999)
+
+    def test_too_many_needed_answers_are_a_protocol_error(self):
+        conn = self.connect()
+        lines = "\r\n".join(f'* LIST (\\HasNoChildren) "/" "folder {n}"' for n in range(50))
+        self.server.add_fault("LIST", action="unsolicited", text=lines)
+        with mock.patch.object(gc, "MAX_KEPT_UNTAGGED", 20):
+            with self.assertRaises(gc.ProtocolError):
+                conn.list_folders()
+
+    def test_a_nesting_bomb_is_a_protocol_error_exit_5_not_a_crash(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID FETCH", action="nesting_bomb", size=5000)
+        with self.assertRaises(gc.ProtocolError) as ctx:
+            conn.fetch([1], ["BODYSTRUCTURE"])
+        self.assertIn("nested deeper", str(ctx.exception))
+        self.assertFalse(conn.connected)
+        self.server.add_fault("UID FETCH", action="nesting_bomb", size=5000)
+        code, _, err = run_cli("--user", USER, "--host", "127.0.0.1", "--port",
+                               str(self.server.port), "--plaintext", "--retries", "0",
+                               env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, gc.EXIT_SERVER, err)
+        self.assertNotIn("Traceback", err)
+
+    def test_nonsense_values_are_protocol_errors_and_the_connection_is_dropped(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("NOOP", action="unsolicited", text="* OK [UIDNEXT \u00b2] hm")
+        conn.noop()   # a superscript digit is not a number: kept as text, no crash
+        self.server.add_fault("UID FETCH", action="garbage")
+        with self.assertRaises(gc.ProtocolError):
+            conn.fetch([1], ["FLAGS"])
+        self.assertFalse(conn.connected)
+        self.assertEqual(sorted(conn.fetch([1], ["FLAGS"])), [1])
+        self.assertEqual(conn.reconnects, 1)
+
+    def test_literal_limits_follow_what_was_asked(self):
+        table = [(["BODY.PEEK[]<0.16384>"], 16384),
+                 (["FLAGS", "BODY.PEEK[HEADER.FIELDS (FROM)]"], gc.MAX_HEADER_LITERAL),
+                 (["BODY.PEEK[]"], gc.MAX_MESSAGE_LITERAL),
+                 (["FLAGS", "X-GM-LABELS"], gc.MAX_SMALL_LITERAL),
+                 (["BODYSTRUCTURE", "BODY.PEEK[1]<0.100>"], gc.MAX_SMALL_LITERAL)]
+        for items, limit in table:
+            with self.subTest(items=items):
+                self.assertEqual(gc._fetch_literal_limit(items), limit)
+
+
+class StallTest(FakeServerTest):
+    def test_a_server_that_dribbles_is_a_stall_even_though_each_read_succeeds(self):
+        self.server.add_message(make_message())
+        conn = self.connect(timeout=0.3, retries=0)
+        conn.select("INBOX")
+        self.server.add_fault("UID SEARCH", action="dribble", size=1, delay=0.02)
+        started = time.monotonic()
+        with self.assertRaises(gc.ConnectionLostError) as ctx:
+            conn.search()
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertIn("stalled", str(ctx.exception))
+
+    def test_the_command_line_gives_up_on_a_dribbling_server_with_exit_4(self):
+        self.server.add_fault("EXAMINE", action="dribble", size=1, delay=0.02, count=5)
+        started = time.monotonic()
+        code, _, err = run_cli("--user", USER, "--host", "127.0.0.1", "--port",
+                               str(self.server.port), "--plaintext", "--retries", "0",
+                               "--timeout", "0.3", env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, gc.EXIT_CONNECTION, err)
+        self.assertLess(time.monotonic() - started, 5)
+
+    def test_a_slow_but_working_link_still_completes_a_large_fetch(self):
+        body = "".join(f"line {n} of a long message\n" for n in range(4000))   # ~110 KB
+        self.server.add_message(make_message(body=body))
+        conn = self.connect(timeout=0.3, retries=0)
+        conn.select("INBOX")
+        self.server.add_fault("UID FETCH", action="dribble", size=4096, delay=0.02)
+        started = time.monotonic()
+        result = conn.fetch([1], ["BODY.PEEK[]"])
+        self.assertGreater(time.monotonic() - started, 0.3)   # longer than one window
+        self.assertIn(b"line 3999 of a long message", result[1]["BODY.PEEK[]"])
+        self.assertEqual(conn.reconnects, 0)
+
+    def test_idle_is_exempt(self):
+        conn = self.connect(timeout=0.2)
+        conn.select("INBOX")
+        time.sleep(0.3)   # longer than a window since the last answer
+        self.assertEqual(conn.idle(0.5), [])
+        threading.Timer(0.3, self.server.deliver, [make_message("late")]).start()
+        events = conn.idle(3)
+        self.assertIn("EXISTS", [str(e[1]) for e in events])
+        self.assertEqual(conn.reconnects, 0)
+
+
+class ExitCodeTest(FakeServerTest):
+    def argv(self, *extra: str) -> List[str]:
+        return ["--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                "--plaintext", "--retries", "0", *extra]
+
+    def test_usage_mistakes_in_timeout_port_and_folder_exit_2(self):
+        for extra in (["--timeout", "0"], ["--timeout", "-1"], ["--timeout", "nan"],
+                      ["--timeout", "inf"], ["--timeout", "soon"], ["--port", "0"],
+                      ["--port", "65536"], ["--port", "-5"], ["--folder", "IN\x1bBOX"],
+                      ["--folder", "a\x7fb"], ["--folder", "a\rb"], ["--folder", ""]):
+            with self.subTest(extra=extra):
+                argv = ["--user", USER, "--host", "127.0.0.1", "--plaintext",
+                        "--retries", "0"] + extra
+                if "--port" not in extra:
+                    argv += ["--port", str(self.server.port)]
+                code, _, err = run_cli(*argv, env={"GMAIL_APP_PASSWORD": PASSWORD})
+                self.assertEqual(code, gc.EXIT_USAGE, err)
+                self.assert_no_raw_controls(err)
+        self.assertEqual(self.server.log, [])
+        code, _, err = run_cli(*self.argv("--timeout", "2.5", "--port", str(self.server.port)),
+                               env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, 0, err)
+
+    def assert_no_raw_controls(self, text: str) -> None:
+        self.assertFalse(re.search("[\x1b\x7f\r]", text), text)
+
+    def test_uidvalidity_change_mid_run_skips_that_folder_says_run_again_and_exits_6(self):
+        self.server.add_message(make_message("receipt 1"), labels=("\\Inbox", "Work"))
+        self.server.add_message(make_message("receipt 2"), labels=("Work",))
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w") as handle:
+            json.dump({"rule": [{"name": "R", "subject": "receipt", "star": True}]}, handle)
+        self.server.add_fault("UID FETCH", action="renumber")
+        argv = ["--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                "--plaintext", "--retries", "1", "--rules", rules, "--apply",
+                "--folder", "INBOX", "--folder", "Work"]
+        code, out, err = run_cli(*argv, env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, gc.EXIT_INCOMPLETE, err)
+        self.assertIn("UIDVALIDITY of INBOX changed", err)
+        self.assertIn("run again", err)
+        self.assertIn("Work: 2 messages examined", out)
+        self.assertEqual([m.flags for m in self.server.messages("Work")],
+                         [{"\\Flagged"}, {"\\Flagged"}])
+
+    def test_tls_hint_names_cafile_only_when_none_was_given(self):
+        server = FakeGmail(tls=True, cert="wrong_host").start()
+        self.addCleanup(server.stop)
+        ca_file = write_ca_file(self.tmp)
+        for options, hinted in (({}, True), ({"cafile": ca_file}, False)):
+            with self.subTest(options=options):
+                conn = gc.GmailConnection(USER, password=PASSWORD, host="localhost",
+                                          port=server.port, keepalive=None, retries=0,
+                                          timeout=5, **options)
+                with self.assertRaises(gc.TLSError) as ctx:
+                    conn.connect()
+                self.assertEqual("--cafile" in str(ctx.exception), hinted)
+
+    def test_tls_refusal_exits_4(self):
+        server = FakeGmail(tls=True).start()
+        self.addCleanup(server.stop)
+        code, _, err = run_cli("--user", USER, "--host", "localhost", "--port", str(server.port),
+                               "--retries", "0", env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, gc.EXIT_CONNECTION, err)
+        self.assertIn("cannot trust the TLS certificate", err)
+        self.assertNotIn("LOGIN", server.commands())
+
+    def test_ctrl_c_during_the_final_logout_is_not_an_interruption(self):
+        self.server.add_message(make_message("receipt 1"))
+        original = gc.GmailConnection._execute_on
+
+        def interrupt_on(command_name):
+            def execute(conn, imap, command, *args, **kwargs):
+                if command == command_name:
+                    raise KeyboardInterrupt
+                return original(conn, imap, command, *args, **kwargs)
+            return execute
+
+        with mock.patch.object(gc.GmailConnection, "_execute_on", interrupt_on("LOGOUT")):
+            code, out, err = run_cli(*self.argv(), env={"GMAIL_APP_PASSWORD": PASSWORD})
+            self.assertEqual(code, 0, err)
+            self.assertIn("Dry run", out)
+            code, out, err = run_cli("labels", *self.argv(), env={"GMAIL_APP_PASSWORD": PASSWORD})
+            self.assertEqual(code, 0, err)
+        with mock.patch.object(gc.GmailConnection, "_execute_on", interrupt_on("UID FETCH")):
+            code, out, err = run_cli(*self.argv(), env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, gc.EXIT_INTERRUPTED)
+        wait_until(lambda: self.server.sessions == [])   # the interrupted run still closed
+
+    def test_exit_code_table_is_documented(self):
+        with open(os.path.join(os.path.dirname(os.path.abspath(gc.__file__)), "README.md")) as fh:
+            readme = fh.read()
+        for code in ("0", "1", "2", "3", "4", "5", "6", "130"):
+            with self.subTest(code=code):
+                self.assertRegex(gc.EXIT_CODES_HELP, rf"(?m)^\s+{code}\s")
+                self.assertRegex(readme, rf"(?m)^\|\s*{code}\s*\|")
 
 
 if __name__ == "__main__":

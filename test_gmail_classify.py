@@ -6248,5 +6248,247 @@ class ExitCodeTest(FakeServerTest):
                 self.assertRegex(readme, rf"(?m)^\|\s*{code}\s*\|")
 
 
+class MutationGapTest(FakeServerTest):
+    """Behaviours that hand-made broken copies of the module showed nobody was checking."""
+
+    def run_rules(self, rule: Dict[str, Any], *extra: str) -> Tuple[int, str, str]:
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w") as handle:
+            json.dump({"rule": [dict(name="R", **rule)]}, handle)
+        return run_cli("--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                       "--plaintext", "--retries", "0", "--rules", rules, *extra,
+                       env={"GMAIL_APP_PASSWORD": PASSWORD})
+
+    def test_an_unsolicited_fetch_for_another_uid_never_reaches_the_results(self):
+        for n in range(3):
+            self.server.add_message(make_message(f"m{n}"))
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID FETCH", action="unsolicited",
+                              text="* 2 FETCH (UID 2 FLAGS (\\Seen))\r\n* 3 FETCH (UID 3 FLAGS ())")
+        result = conn.fetch([1], ["FLAGS"])
+        self.assertEqual(sorted(result), [1])
+        self.assertEqual(result[1]["FLAGS"], ())
+
+    def test_plaintext_injected_after_starttls_is_refused_before_signing_in(self):
+        server = FakeGmail(starttls=True).start()
+        self.addCleanup(server.stop)
+        server.add_fault("STARTTLS", action="starttls_inject")
+        conn = gc.GmailConnection(USER, password=PASSWORD, host="localhost", port=server.port,
+                                  security="starttls", cafile=write_ca_file(self.tmp),
+                                  keepalive=None, retries=0, timeout=5)
+        with self.assertRaises(gc.TLSError) as ctx:
+            conn.connect()
+        self.assertIn("injection", str(ctx.exception))
+        self.assertNotIn("LOGIN", server.commands())
+        self.assertFalse(any(PASSWORD.encode() in line for line in server.raw_lines))
+
+    def test_the_real_uid_set_limit_keeps_lines_under_gmails(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        sparse = list(range(1, 40000, 2))   # 20,000 UIDs that compress to nothing
+        self.assertEqual(conn.fetch(sparse, ["FLAGS"]), {})
+        lines = [e.line for e in self.server.log if e.command == "UID FETCH"]
+        self.assertGreaterEqual(len(lines), 14)
+        self.assertTrue(all(len(line) <= GMAIL_MAX_LINE for line in lines))
+        self.assertTrue(all(len(line) > GMAIL_MAX_LINE // 2 for line in lines[:-1]))
+        self.assertEqual(self.server.long_lines, [])
+
+    def test_backoff_has_jitter_and_a_cap(self):
+        port = self.server.port
+        self.server.stop()
+        for rng, first in ((lambda: 0.0, 0.5), (lambda: 1.0, 1.0), (lambda: 0.5, 0.75)):
+            with self.subTest(first=first):
+                sleep = Recorder()
+                conn = gc.GmailConnection(USER, password=PASSWORD, host="127.0.0.1", port=port,
+                                          security="plaintext", keepalive=None, retries=1,
+                                          backoff=1.0, sleep=sleep, rng=rng)
+                with self.assertRaises(gc.ConnectionLostError):
+                    conn.connect()
+                self.assertEqual(sleep.delays, [first])
+        sleep = Recorder()
+        conn = gc.GmailConnection(USER, password=PASSWORD, host="127.0.0.1", port=port,
+                                  security="plaintext", keepalive=None, retries=4, backoff=20,
+                                  sleep=sleep, rng=lambda: 1.0)
+        with self.assertRaises(gc.ConnectionLostError):
+            conn.connect()
+        self.assertEqual(sleep.delays, [20, 40, gc.MAX_BACKOFF, gc.MAX_BACKOFF])
+        self.assertEqual(gc.MAX_BACKOFF, 60.0)
+
+    def test_keepalive_waits_its_interval_and_its_default_beats_gmails_idle_drop(self):
+        self.assertGreaterEqual(gc.DEFAULT_KEEPALIVE, 60)
+        self.assertLessEqual(gc.DEFAULT_KEEPALIVE, 25 * 60)   # Gmail drops idle at ~30 min
+        default = gc.GmailConnection(USER, password=PASSWORD, host="127.0.0.1",
+                                     security="plaintext")
+        self.assertEqual(default.keepalive, gc.DEFAULT_KEEPALIVE)
+        conn = self.connect(keepalive=0.6)
+        conn.noop()
+        sent = time.monotonic()
+        wait_until(lambda: self.server.count("NOOP") >= 2)
+        self.assertGreaterEqual(time.monotonic() - sent, 0.55)
+
+    def test_regex_flags_combine(self):
+        ruleset = one_rule(body="/^total: \\d+$/im")
+        self.assertTrue(hit(ruleset, info("Subject: x", body="Hello\nTOTAL: 42\nbye")))
+        self.assertFalse(hit(one_rule(body="/^total: \\d+$/i"),
+                             info("Subject: x", body="Hello\nTOTAL: 42\nbye")))
+        self.assertFalse(hit(one_rule(body="/^total: \\d+$/m"),
+                             info("Subject: x", body="Hello\nTOTAL: 42\nbye")))
+
+    def test_plain_matches_normalise_whitespace(self):
+        ruleset = one_rule(subject="your   order\tshipped")
+        self.assertTrue(hit(ruleset, info("Subject: Your order  shipped today")))
+        self.assertTrue(hit(one_rule(subject="order shipped"),
+                            info("Subject: Order\t\tSHIPPED")))
+
+    def test_spaces_stay_in_passwords_that_are_not_app_passwords(self):
+        self.server.users[USER] = "correct horse battery"
+        conn = self.connect(password="correct horse battery")
+        self.assertTrue(conn.connected)
+        self.assertEqual(gc._clean_password("abcd efgh ijkl mnop"), "abcdefghijklmnop")
+        self.assertEqual(gc._clean_password("abc defgh ijkl mnop"), "abc defgh ijkl mnop")
+        self.assertIn(b'"correct horse battery"', [e.line for e in self.server.log
+                                                   if e.command == "LOGIN"][0])
+
+    def test_password_sources_follow_the_documented_order(self):
+        home = os.path.join(self.tmp, "home")
+        os.mkdir(home)
+        with open(os.path.join(home, ".netrc"), "w") as handle:
+            handle.write(f"machine 127.0.0.1 login {USER} password from-netrc\n")
+        os.chmod(os.path.join(home, ".netrc"), 0o600)
+        script = os.path.join(self.tmp, "secret.sh")
+        with open(script, "w") as handle:
+            handle.write("#!/bin/sh\necho from-rules-command\n")
+        os.chmod(script, 0o700)
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w") as handle:
+            json.dump({"rule": EXAMPLE_DOC["rule"], "account": {"password_command": script}},
+                      handle)
+        argv = ["--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                "--plaintext", "--retries", "0", "-q"]
+        for env, expected in (({"GMAIL_APP_PASSWORD": "from-env", "HOME": home}, "from-env"),
+                              ({"HOME": home}, "from-rules-command")):
+            with self.subTest(expected=expected):
+                run_cli(*argv, "--rules", rules, env=env)
+                login = [e.line for e in self.server.log if e.command == "LOGIN"][-1]
+                self.assertIn(b'"%s"' % expected.encode(), login)
+        run_cli(*argv, env={"HOME": home})
+        login = [e.line for e in self.server.log if e.command == "LOGIN"][-1]
+        self.assertIn(b'"from-netrc"', login)
+
+    def test_a_group_readable_netrc_is_refused(self):
+        home = os.path.join(self.tmp, "home")
+        os.mkdir(home)
+        path = os.path.join(home, ".netrc")
+        with open(path, "w") as handle:
+            handle.write(f"machine 127.0.0.1 login {USER} password {PASSWORD}\n")
+        for mode, code in ((0o640, gc.EXIT_USAGE), (0o604, gc.EXIT_USAGE), (0o600, 0)):
+            with self.subTest(mode=oct(mode)):
+                os.chmod(path, mode)
+                result, _, err = run_cli("--user", USER, "--host", "127.0.0.1", "--port",
+                                         str(self.server.port), "--plaintext", "--retries", "0",
+                                         env={"HOME": home})
+                self.assertEqual(result, code, err)
+
+    def test_unstar_and_mark_unread_remove_the_flags(self):
+        self.server.add_message(make_message("starred and read"), flags=("\\Flagged", "\\Seen"))
+        code, _, err = self.run_rules({"subject": "starred", "unstar": True, "mark_unread": True},
+                                      "--apply")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.server.messages("INBOX")[0].flags, set())
+        stores = [e.line for e in self.server.log if e.command == "UID STORE"]
+        self.assertTrue(any(b"-FLAGS.SILENT (\\Flagged)" in line for line in stores), stores)
+        self.assertTrue(any(b"-FLAGS.SILENT (\\Seen)" in line for line in stores), stores)
+        self.assertFalse(any(b"+FLAGS" in line for line in stores), stores)
+
+    def test_limit_takes_the_newest_messages(self):
+        for n in range(5):
+            self.server.add_message(make_message(f"receipt {n}"))
+        code, out, err = self.run_rules({"subject": "receipt", "star": True}, "--limit", "2")
+        self.assertEqual(code, 0, err)
+        fetches = [e.line for e in self.server.log if e.command == "UID FETCH"]
+        self.assertEqual(len(fetches), 1)
+        self.assertIn(b" UID FETCH 4:5 ", fetches[0])
+        self.assertIn("INBOX 5:", out)
+        self.assertNotIn("INBOX 1:", out)
+
+    def test_a_literal_shorter_than_announced_is_a_protocol_error(self):
+        with self.assertRaisesRegex(gc.ProtocolError, "shorter than announced"):
+            gc.parse_response(b"1 FETCH (UID 1 BODY[] {10}\r\nabc)")
+        self.assertEqual(gc.parse_response(b"1 FETCH (BODY[] {3}\r\nabc)"),
+                         [1, "FETCH", ["BODY[]", b"abc"]])
+
+    def test_a_bracket_inside_a_quoted_response_code_argument(self):
+        table = [(b'[BADCHARSET ("a]b" UTF-8)] no', ("BADCHARSET", [["a]b", "UTF-8"]], "no")),
+                 (b'[X-NOTE "we]ird" 3] text', ("X-NOTE", ["we]ird", 3], "text")),
+                 (b'[PERMANENTFLAGS (\\Seen $a]b \\*)] Flags', ("PERMANENTFLAGS",
+                                                               [["\\Seen", "$a]b", "\\*"]], "Flags"))]
+        for raw, expected in table:
+            with self.subTest(raw=raw):
+                self.assertEqual(gc.parse_status_text(raw), expected)
+
+    def test_del_in_folder_names_is_encoded_not_sent_raw(self):
+        self.assertEqual(gc.encode_mailbox("a\x7fb"), "a&AH8-b")
+        self.assertEqual(gc.mailbox_arg("a\x7fb"), b"a&AH8-b")
+        self.assertEqual(gc.decode_mailbox("a&AH8-b"), "a\x7fb")
+        self.assertEqual(gc.astring("a\x7fb"), b'"a\x7fb"')
+
+
+class FakeGmailStrictnessTest(FakeGmailTestCase):
+    def setUp(self):
+        self.server = self.start()
+        self.server.add_message(PLAIN_MSG, labels=("\\Inbox", "Receipts"))
+        self.client = self.raw(self.server)
+        self.client.login()
+        self.client.command(b"SELECT INBOX")
+
+    def test_unquoted_labels_gmail_misreads_are_refused(self):
+        for label in (b"a*b", b"[x]", b"x%"):
+            with self.subTest(label=label):
+                tagged, _ = self.client.command(b"UID STORE 1 +X-GM-LABELS (" + label + b")")
+                self.assertIn(b" BAD ", tagged)
+                tagged, _ = self.client.command(b'UID STORE 1 +X-GM-LABELS ("' + label + b'")')
+                self.assertIn(b" OK ", tagged)
+
+    def test_inbox_without_backslash_is_not_taken_for_the_system_label(self):
+        tagged, _ = self.client.command(b'UID STORE 1 -X-GM-LABELS ("Inbox")')
+        self.assertIn(b" BAD ", tagged)
+        self.assertEqual(self.server.uids("INBOX"), [1])
+        tagged, _ = self.client.command(b"UID STORE 1 -X-GM-LABELS (\\Inbox)")
+        self.assertIn(b" OK ", tagged)
+        self.assertEqual(self.server.uids("INBOX"), [])
+
+    def test_the_viewed_folders_own_label_is_left_out(self):
+        _, untagged = self.client.command(b"UID FETCH 1 (X-GM-LABELS)")
+        self.assertEqual(untagged, [b'* 1 FETCH (UID 1 X-GM-LABELS (Receipts))\r\n'])
+        self.client.command(b"SELECT Receipts")
+        _, untagged = self.client.command(b"UID FETCH 1 (X-GM-LABELS)")
+        self.assertEqual(untagged, [b'* 1 FETCH (UID 1 X-GM-LABELS ("\\\\Inbox"))\r\n'])
+
+    def test_hostile_faults_do_what_they_say(self):
+        self.server.add_fault("UID SEARCH", action="huge_search", size=5)
+        _, untagged = self.client.command(b"UID SEARCH ALL")
+        self.assertEqual(untagged, [b"* SEARCH 1 1 1 1 1\r\n"])
+        self.server.add_fault("UID FETCH", action="nesting_bomb", size=3)
+        _, untagged = self.client.command(b"UID FETCH 1 (FLAGS)")
+        self.assertEqual(untagged, [b"* 1 FETCH (UID 1 BODYSTRUCTURE ((())))\r\n"])
+        self.server.add_fault("UID FETCH", action="huge_literal", size=5)
+        _, untagged = self.client.command(b"UID FETCH 1 (FLAGS)")
+        self.assertEqual(untagged, [b"* 1 FETCH (UID 1 BODY[] {5}\r\nxxxxx)\r\n"])
+        self.server.add_fault("NOOP", action="exists_flood", size=2)
+        _, untagged = self.client.command(b"NOOP")
+        self.assertEqual(untagged, [b"* 1 EXISTS\r\n", b"* 2 EXISTS\r\n"])
+        self.server.add_fault("UID COPY", action="huge_copyuid")
+        tagged, _ = self.client.command(b'UID COPY 1 "[Gmail]/Trash"')
+        self.assertIn(b"[COPYUID 1 1:4294967295 1:4294967295]", tagged)
+        self.server.add_fault("NOOP", action="dribble", size=4, delay=0.001)
+        tagged, _ = self.client.command(b"NOOP")
+        self.assertTrue(tagged.endswith(b" OK Success\r\n"))
+        before = self.server.uidvalidity("INBOX")
+        self.server.add_fault("NOOP", action="renumber")
+        self.assertRaises(EOFError, self.client.command, b"NOOP")
+        self.assertNotEqual(self.server.uidvalidity("INBOX"), before)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -607,7 +607,9 @@ DEFAULT_RETRIES = 5             # reconnect attempts for one command before givi
 DEFAULT_BACKOFF = 1.0           # first backoff delay in seconds, doubled per attempt
 MAX_BACKOFF = 60.0
 IDLE_MAX_SECONDS = 29 * 60      # RFC 2177: re-issue IDLE at least every 29 minutes
-MAX_RESPONSE_LINE = 64 * 1024 * 1024   # one response line, literals excluded
+# One response line, literals excluded.  Only a SEARCH answer is ever longer (about 9
+# bytes per UID): its limit follows the folder's size (see _search_line_limit).
+MAX_RESPONSE_LINE = 4 * 1024 * 1024
 # Literals are limited by what was asked for: a FETCH of a 16 KiB prefix may bring 16 KiB,
 # a header block a few hundred; anything far beyond is read, thrown away and that message
 # skipped (see _fetch_literal_limit).  Gmail's own message limit is 35 MB (APPENDLIMIT).
@@ -635,6 +637,7 @@ class _BufferedWire:
     """Mixin for imaplib.IMAP4 classes: our own read buffer with timeouts that recover."""
 
     _rbuf: bytearray
+    max_line = MAX_RESPONSE_LINE        # set per command by GmailConnection
     _window: Optional[float] = None     # seconds per progress window; None: not watched
     _window_start = 0.0
     _window_bytes = 0
@@ -691,13 +694,13 @@ class _BufferedWire:
         scanned = 0
         while True:
             end = self._rbuf.find(b"\n", scanned)
+            if end > self.max_line or (end < 0 and len(self._rbuf) > self.max_line):
+                raise ProtocolError(f"server sent a line longer than {self.max_line} bytes")
             if end >= 0:
                 line = bytes(self._rbuf[:end + 1])
                 del self._rbuf[:end + 1]
                 return line
             scanned = len(self._rbuf)
-            if scanned > MAX_RESPONSE_LINE:
-                raise ProtocolError(f"server sent a line longer than {MAX_RESPONSE_LINE} bytes")
             if not self._fill():
                 line = bytes(self._rbuf)
                 self._rbuf.clear()
@@ -1342,6 +1345,8 @@ class GmailConnection:
         self._log_command(tag, command, ["<redacted>"] if redact else args)
         if hasattr(imap, "watch_progress"):
             imap.watch_progress(self.timeout)  # type: ignore[attr-defined]
+            imap.max_line = (self._search_line_limit()  # type: ignore[attr-defined]
+                             if command.endswith("SEARCH") else MAX_RESPONSE_LINE)
         try:
             self._send(imap, tag, parts)
             response = self._read_response(imap, tag, command, expect_bye, on_untagged,
@@ -1523,6 +1528,14 @@ class GmailConnection:
                                 f"{command}", command=command)
         untagged.append(item)
 
+    def _search_line_limit(self) -> int:
+        """A SEARCH answer names at most the folder's messages: 11 bytes per possible UID."""
+        return max(MAX_RESPONSE_LINE, self._search_ceiling() * 11)
+
+    def _search_ceiling(self) -> int:
+        selected = self._selected
+        return (selected.exists if selected else 0) * 2 + 10000
+
     def _plausible(self, body: bytes, command: str) -> bool:
         """Check a SEARCH answer's size before parsing it: it cannot name more UIDs than
         the folder holds, and one that does would cost gigabytes once expanded.  Raises
@@ -1531,8 +1544,7 @@ class GmailConnection:
             return True
         if not command.endswith("SEARCH"):
             return False
-        selected = self._selected
-        ceiling = (selected.exists if selected else 0) * 2 + 10000
+        ceiling = self._search_ceiling()
         if body.count(b" ") > ceiling:
             raise ProtocolError(f"the server answered {command} with more than {ceiling} "
                                 f"UIDs, far more than the folder holds; that answer is "

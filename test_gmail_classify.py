@@ -7086,5 +7086,22 @@ class FakeGmailStrictnessTest(FakeGmailTestCase):
         self.assertNotEqual(self.server.uidvalidity("INBOX"), before)
 
 
+class LineLimitTest(FakeServerTest):
+    def test_lines_are_bounded_and_only_search_may_be_long_in_proportion(self):
+        self.server.add_message(make_message())
+        conn = self.connect()
+        conn.select("INBOX")
+        with mock.patch.object(gc, "MAX_RESPONSE_LINE", 2000):
+            self.server.add_fault("UID SEARCH", action="huge_search", size=1500)   # ~3 KB
+            self.assertEqual(conn.search(), [1])
+            self.server.add_fault("NOOP", action="unsolicited",
+                                  text="* 1 FETCH (UID 1 X-JUNK (" + "1 " * 1500 + "))")
+            with self.assertRaisesRegex(gc.ProtocolError, "longer than 2000"):
+                conn.noop()
+        self.assertFalse(conn.connected)
+        conn.noop()
+        self.assertEqual(conn.reconnects, 1)
+
+
 if __name__ == "__main__":
     unittest.main()

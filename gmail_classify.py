@@ -899,8 +899,10 @@ class GmailConnection:
 
     ``security`` is ``"tls"`` (implicit TLS, port 993), ``"starttls"`` (port 143, refused if
     the server does not offer it) or ``"plaintext"`` (loopback hosts only, for tests and
-    local servers).  ``cafile`` adds a trusted CA.  ``timeout`` bounds every socket read and
-    write.  ``keepalive`` is the idle time after which a background thread sends NOOP.
+    local servers: every address the host resolves to must be loopback).  ``cafile`` adds a
+    trusted CA.  ``timeout`` bounds every socket read and write, and an answer that brings
+    less than STALL_MIN_BYTES in any ``timeout`` seconds is a stall (IDLE waits at will).
+    ``keepalive`` is the idle time after which a background thread sends NOOP.
     On a dropped connection the command is retried after reconnecting, up to ``retries``
     times with exponential backoff and jitter; ``sleep`` and ``rng`` are injectable.
 

@@ -620,6 +620,7 @@ MAX_KEPT_UNTAGGED = 200_000             # untagged answers kept for one command
 # A connection is stalled when an answer brings fewer than this many bytes in a whole
 # ``timeout`` window; a slow but working link sends far more (IDLE is exempt).
 STALL_MIN_BYTES = 1024
+IMAPLIB_MAX_LINES = 1000                # lines imaplib may read while it connects
 NONSYNC_LITERAL_MAX = 4096      # RFC 7888: LITERAL- allows {n+} up to 4096 octets
 
 # Special-use attributes (RFC 6154) plus Gmail's \Important, in the order we look for them.
@@ -641,17 +642,23 @@ class _BufferedWire:
     _window: Optional[float] = None     # seconds per progress window; None: not watched
     _window_start = 0.0
     _window_bytes = 0
+    _lines_left: Optional[int] = None
 
     def _reset_buffer(self) -> None:
         self._rbuf = bytearray()
 
-    def watch_progress(self, window: Optional[float]) -> None:
+    def watch_progress(self, window: Optional[float], lines: Optional[int] = None) -> None:
         """From now on, an answer must bring STALL_MIN_BYTES per ``window`` seconds, or the
         next read raises TimeoutError; None stops watching (IDLE waits for as long as it
-        likes).  A socket timeout alone cannot see a server that sends one byte a second."""
+        likes).  A socket timeout alone cannot see a server that sends one byte a second.
+
+        ``lines`` bounds the lines read until the next call: imaplib itself reads the
+        greeting and the answers to its CAPABILITY and STARTTLS, and keeps every untagged
+        line it sees, so there a flood must end the connection instead."""
         self._window = window if window and window > 0 else None
         self._window_start = time.monotonic()
         self._window_bytes = 0
+        self._lines_left = lines
 
     def _fill(self) -> bool:
         sock = self.sock  # type: ignore[attr-defined]
@@ -691,6 +698,11 @@ class _BufferedWire:
 
     def readline(self) -> bytes:
         self._check_buffer()
+        if self._lines_left is not None:
+            if self._lines_left <= 0:
+                raise ProtocolError("the server sent far more lines than the greeting, "
+                                    "CAPABILITY or STARTTLS can need")
+            self._lines_left -= 1
         scanned = 0
         while True:
             end = self._rbuf.find(b"\n", scanned)
@@ -720,7 +732,7 @@ class _BufferedWire:
 class _PlainWire(_BufferedWire, imaplib.IMAP4):
     def open(self, host: str = "", port: int = IMAP_PORT, timeout: Optional[float] = None) -> None:
         self._reset_buffer()
-        self.watch_progress(timeout)    # the greeting
+        self.watch_progress(timeout, lines=IMAPLIB_MAX_LINES)    # the greeting, CAPABILITY
         super().open(host, port, timeout)
 
 
@@ -728,7 +740,7 @@ class _PlainWire(_BufferedWire, imaplib.IMAP4):
 class _TLSWire(_BufferedWire, imaplib.IMAP4_SSL):
     def open(self, host: str = "", port: int = IMAPS_PORT, timeout: Optional[float] = None) -> None:
         self._reset_buffer()
-        self.watch_progress(timeout)    # the greeting
+        self.watch_progress(timeout, lines=IMAPLIB_MAX_LINES)    # the greeting, CAPABILITY
         super().open(host, port, timeout)
 
 
@@ -1105,7 +1117,7 @@ class GmailConnection:
             raise TLSError(f"{where} does not offer STARTTLS; refusing to continue in "
                            f"plaintext. Use implicit TLS (port 993) if the server has it")
         try:
-            imap.watch_progress(self.timeout)  # type: ignore[attr-defined]
+            imap.watch_progress(self.timeout, lines=IMAPLIB_MAX_LINES)  # type: ignore[attr-defined]
             imap.starttls(self._ssl_context())
         except ssl.SSLCertVerificationError as exc:
             raise self._untrusted(where, exc) from exc

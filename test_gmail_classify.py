@@ -7103,6 +7103,19 @@ class LineLimitTest(FakeServerTest):
         conn.noop()
         self.assertEqual(conn.reconnects, 1)
 
+    def test_a_flood_while_imaplib_reads_the_greeting_ends_the_connection(self):
+        original = _Session.handle
+
+        def flood(session):
+            session._send = lambda data, send=session._send: send(
+                data + b"* OK flood\r\n" * 1500 if data.startswith(b"* OK Gimap") else data)
+            original(session)
+
+        with mock.patch.object(_Session, "handle", flood):
+            with self.assertRaisesRegex(gc.ProtocolError, "far more lines"):
+                self.connect(retries=0)
+        self.assertNotIn("LOGIN", self.commands())
+
 
 if __name__ == "__main__":
     unittest.main()

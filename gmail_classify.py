@@ -1802,9 +1802,7 @@ class GmailConnection:
                 if len(item) < 3 or str(item[1]).upper() != "FETCH" or not isinstance(item[2], list):
                     continue
                 attrs = _pairs(item[2])
-                uid = attrs.get("UID")
-                if not isinstance(uid, int) or uid not in wanted:
-                    continue
+                uid = attrs.get("UID")   # one of ours: keep() let nothing else in
                 if uid in dropped:
                     continue
                 values = result.setdefault(uid, {})

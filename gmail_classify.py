@@ -1127,11 +1127,6 @@ class GmailConnection:
             raise TLSError(f"{where} refused STARTTLS: {_decode_server_text(exc)}") from exc
         except (ssl.SSLError, OSError) as exc:
             raise _Dropped(f"STARTTLS failed: {exc}") from exc
-        if getattr(imap, "_rbuf", None):
-            # Bytes that arrived with the plaintext OK would be read as if TLS had
-            # protected them (CVE-2011-0411 style injection): refuse before signing in.
-            raise TLSError(f"{where} sent plaintext data after agreeing to STARTTLS; "
-                           f"refusing it as a possible injection")
 
     def _authenticate(self, imap: imaplib.IMAP4) -> None:
         """LOGIN with the password, or AUTHENTICATE XOAUTH2 with the token; never logged.

@@ -1222,7 +1222,7 @@ class _Session(socketserver.BaseRequestHandler):
             while left:
                 self._send(chunk[:min(left, len(chunk))])
                 left -= min(left, len(chunk))
-            self._send(b")\r\n" + b"".join(out[i + 1:]) + tagged)
+            self._send(b")\r\n" + b"".join(out[i:]) + tagged)
             return
         if a == "nesting_bomb" and fetches:
             i = fetches[0]
@@ -2224,7 +2224,8 @@ class _Fault:
 # Hostile behaviours (issue "Hostile input"), each a fault that composes with any server
 # mode; ``size`` and ``delay`` tune them:
 #   dribble         the whole answer, ``size`` bytes (default 1) every ``delay`` seconds
-#   huge_literal    the first FETCH answer's body becomes a literal of ``size`` bytes
+#   huge_literal    before the first FETCH answer, one for the same message whose body is a
+#                   literal of ``size`` bytes
 #   nesting_bomb    the first FETCH answer gets a BODYSTRUCTURE nested ``size`` deep
 #   huge_copyuid    a COPY/MOVE answers OK [COPYUID v 1:4294967295 1:4294967295]
 #   huge_search     a SEARCH answers ``size`` UIDs whatever the folder holds
@@ -6604,7 +6605,9 @@ class ResourceLimitsTest(FakeServerTest):
     def test_the_run_skips_that_message_acts_on_the_others_and_exits_6(self):
         rules = os.path.join(self.tmp, "rules.json")
         with open(rules, "w") as handle:
-            json.dump({"rule": [{"name": "Bodies", "body": "invoice", "star": True}]}, handle)
+            # Matches an empty body too: a skipped message must not be judged without one.
+            json.dump({"rule": [{"name": "Bodies", "not": {"body": "zzz"}, "star": True}]},
+                      handle)
         self.server.add_fault("UID FETCH", nth=2, action="huge_literal", size=3 * 1024 * 1024)
         code, out, err = run_cli("--user", USER, "--host", "127.0.0.1", "--port",
                                  str(self.server.port), "--plaintext", "--rules", rules,
@@ -7071,7 +7074,8 @@ class FakeGmailStrictnessTest(FakeGmailTestCase):
         self.assertEqual(untagged, [b"* 1 FETCH (UID 1 BODYSTRUCTURE ((())))\r\n"])
         self.server.add_fault("UID FETCH", action="huge_literal", size=5)
         _, untagged = self.client.command(b"UID FETCH 1 (FLAGS)")
-        self.assertEqual(untagged, [b"* 1 FETCH (UID 1 BODY[] {5}\r\nxxxxx)\r\n"])
+        self.assertEqual(untagged, [b"* 1 FETCH (UID 1 BODY[] {5}\r\nxxxxx)\r\n",
+                                    b"* 1 FETCH (UID 1 FLAGS ())\r\n"])
         self.server.add_fault("NOOP", action="exists_flood", size=2)
         _, untagged = self.client.command(b"NOOP")
         self.assertEqual(untagged, [b"* 1 EXISTS\r\n", b"* 2 EXISTS\r\n"])

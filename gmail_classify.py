@@ -8,15 +8,16 @@ One file, standard library only, CPython 3.9 or newer. Copy it anywhere and run:
 
 or import it from your own scripts::
 
-    from gmail_classify import GmailConnection
-    with GmailConnection("you@gmail.com", password="abcd efgh ijkl mnop") as conn:
-        conn.select("INBOX")
-        uids = conn.search(["UNSEEN"])
-        conn.add_labels(uids, ["Unread at 9am"])
+    from gmail_classify import GmailConnection, builtin_rules, classify_folder
+    with GmailConnection("you@gmail.com", password=os.environ["GMAIL_APP_PASSWORD"]) as conn:
+        report = classify_folder(conn, builtin_rules(), "INBOX")   # a dry run: read-only
+        print(report.changes)          # {'label Receipts': 12, 'label Newsletters': 40}
 
 The layers, each using only those above it (``grep -n '^# ---'`` prints this outline):
 errors; the IMAP wire format (quoting, modified UTF-7, UID sets, the response parser);
-the connection; messages; the rule engine; the classify pipeline; the command line.
+the connection; messages; the rule engine; rules files (with a small TOML reader, so
+TOML works without tomllib); the classify pipeline; a demo mailbox; state and audit log;
+the command line.
 
 Safety: dry run unless asked to apply; ``BODY.PEEK`` so classifying never marks mail read;
 never a bare ``EXPUNGE``; TLS certificates and host names always verified; passwords and
@@ -41,8 +42,15 @@ __all__ = [
     # rule engine
     "Actions", "Rule", "Decision", "Needs", "Ruleset", "parse_rules", "load_rules",
     "builtin_rules", "STARTER_RULES_TOML", "STARTER_RULES_JSON", "parse_toml", "TOMLError",
-    # pipeline and command line
-    "classify_folder", "Outcome", "FolderReport", "main",
+    # pipeline
+    "classify_folder", "classify_messages", "demo_messages", "Outcome", "FolderReport",
+    "Checkpoint", "RunStopped", "describe_change",
+    # state and audit log
+    "StateStore", "FolderState", "AccountLock", "AuditLog", "Run", "Undo", "history",
+    "StateError", "LockedError", "BudgetExceededError", "account_key", "rules_hash",
+    "default_state_dir",
+    # command line
+    "main",
 ]
 
 __version__ = "0.1.0"
@@ -63,6 +71,7 @@ import email.parser
 import email.policy
 import email.utils
 import getpass
+import hashlib
 import html.parser
 import imaplib
 import ipaddress
@@ -89,6 +98,15 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional,
                     Sequence, TextIO, Tuple, Union)
+
+try:
+    import fcntl
+except ImportError:  # Windows: the account lock uses msvcrt instead
+    fcntl = None  # type: ignore[assignment]
+try:
+    import msvcrt
+except ImportError:  # everywhere but Windows
+    msvcrt = None  # type: ignore[assignment]
 
 log = logging.getLogger("gmail_classify")
 log.addHandler(logging.NullHandler())   # the library never prints; the CLI adds a handler
@@ -729,11 +747,24 @@ class _BufferedWire:
         return bool(readable)
 
 
+class _GreetingTimeout(socket.timeout):
+    """The port took the connection but sent no greeting: what a TLS-only port does to a
+    client that speaks plain IMAP (the server waits for a TLS hello that never comes)."""
+
+
 class _PlainWire(_BufferedWire, imaplib.IMAP4):
     def open(self, host: str = "", port: int = IMAP_PORT, timeout: Optional[float] = None) -> None:
         self._reset_buffer()
         self.watch_progress(timeout, lines=IMAPLIB_MAX_LINES)    # the greeting, CAPABILITY
         super().open(host, port, timeout)
+
+    def _connect(self) -> None:   # imaplib: read the greeting, then CAPABILITY
+        try:
+            super()._connect()  # type: ignore[misc]
+        except socket.timeout as exc:
+            if getattr(self, "welcome", None):   # greeted, then went quiet: an ordinary timeout
+                raise
+            raise _GreetingTimeout("no greeting from the server") from exc
 
 
 
@@ -1103,6 +1134,10 @@ class GmailConnection:
         if isinstance(exc, socket.gaierror) and exc.errno in (
                 getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None)):
             return f"no such host {self.host!r} ({exc.strerror}); check --host"
+        if isinstance(exc, _GreetingTimeout) and self.security != "tls":
+            return (f"no IMAP greeting within {self.timeout:g} s: is {self.port} a TLS port? "
+                    f"connect without --starttls or --plaintext (TLS from the first byte, "
+                    f"port {IMAPS_PORT}), or use --starttls on port {IMAP_PORT}")
         reason = getattr(exc, "reason", None) if isinstance(exc, ssl.SSLError) else None
         if reason in self._NOT_TLS:
             return (f"the server did not answer in TLS ({reason.lower().replace('_', ' ')}): "
@@ -1691,6 +1726,22 @@ class GmailConnection:
             raise
         self._folders = None
         return True
+
+    def delete_folder(self, name: str) -> None:
+        """Delete a folder (on Gmail a label, which then comes off every message)."""
+        self._call("DELETE", mailbox_arg(name))
+        self._folders = None
+
+    def message_count(self, folder: str) -> int:
+        """How many messages ``folder`` holds (STATUS MESSAGES), without opening it."""
+        response = self._call("STATUS", mailbox_arg(folder), "(MESSAGES)")
+        for item in response.untagged:
+            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3:
+                attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
+                if isinstance(attrs.get("MESSAGES"), int):
+                    return int(attrs["MESSAGES"])
+        raise ProtocolError(f"the server did not say how many messages {folder} holds",
+                            command="STATUS")
 
     def select(self, folder: str, readonly: bool = False) -> FolderStatus:
         """SELECT (or EXAMINE when ``readonly``) a folder and return its status."""
@@ -3726,7 +3777,10 @@ class _TomlReader:
             raise self.fail(f"expected '=' after the key {'.'.join(keys)!r}, found {self.found()}")
         self.pos += 1
         self.skip_ws()
+        bare = self.pos
         value = self.value()
+        if after and self.text[bare] not in "\"'[{":
+            self.unquoted_words(self.text[bare:self.pos])
         for key in keys[:-1]:
             if key not in table:
                 table[key] = {}
@@ -3740,6 +3794,18 @@ class _TomlReader:
         table[keys[-1]] = value
         if after:
             self.end_of_line(after)
+
+    def unquoted_words(self, first: str) -> None:
+        """`larger_than = 5 MB`: a bare value followed by more words wanted quotes."""
+        self.skip_ws()
+        end = len(self.text)
+        for stop in ("#", "\n", "\r"):
+            found = self.text.find(stop, self.pos)
+            end = min(end, found) if found >= 0 else end
+        rest = self.text[self.pos:end].rstrip()
+        if rest:
+            raise self.fail(f"expected the end of the line after a value, found {self.found()}; "
+                            f"text with spaces needs quotes: \"{first} {rest}\"")
 
     def key(self) -> List[str]:
         keys = [self.simple_key()]
@@ -4192,24 +4258,47 @@ def builtin_rules() -> Ruleset:
 # --- Classify pipeline -------------------------------------------------------------------
 #
 # For one folder: open it (EXAMINE in a dry run, so nothing can change), find the UIDs,
-# fetch in batches only what the rules read, classify in memory, and only then act: one
-# command per action per chunk of a compressed UID set, flags and labels before moves.
-# Round trips grow with N / batch size plus a few per distinct action, never with N alone;
-# after a batch is classified only its UIDs are kept.
+# fetch in batches only what the rules read, classify in memory, and act in steps of a few
+# batches: one command per action per chunk of a compressed UID set, flags and labels
+# before moves.  Round trips grow with N / batch size plus a few per distinct action and
+# step, never with N alone; after a step is applied only its UIDs' outcomes are kept.
+#
+# A Checkpoint (the state layer below supplies one that lives on disk) says where to start
+# and hears, after each step the server confirmed, how far the run got: the mark, the
+# highest UID below which everything is done.  Every step only plans what a message still
+# needs (a label it lacks, a flag not yet set, a move while it is still here), so a run cut
+# anywhere is finished by the next one without doing anything twice.
 
 DEFAULT_BATCH = 1000     # messages per FETCH: ~0.5 MB of headers, one round trip
+DEFAULT_APPLY_EVERY = 10 # batches classified per step; changes are applied after each step
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What the rules decided for one message, for reports and ``--json``."""
+    """What the rules decided for one message and what changed, for reports and ``--json``.
+
+    ``changes`` lists what the server confirmed (``applied``) or, in a dry run, what would
+    change; only what the message still needed, each with its before and after::
+
+        ({"action": "label", "label": "Receipts", "before": False, "after": True},
+         {"action": "archive", "label": "\\Inbox", "before": True, "after": False})
+
+    Moves and trash have ``before``/``after`` ``{"folder": ..., "uid": ...}`` (the new UID
+    from COPYUID where the server gives one, else None); a label off Gmail is a copy with
+    ``before`` None.  ``pending`` counts changes that were planned but not confirmed.
+    """
 
     folder: str
     uid: int
     sender: str
     subject: str
     decision: Decision
-    msgid: Optional[int] = None
+    msgid: Optional[int] = None          # X-GM-MSGID, Gmail only
+    uidvalidity: Optional[int] = None
+    message_id: str = ""
+    changes: Tuple[Dict[str, Any], ...] = ()
+    applied: bool = False
+    pending: int = 0
 
 
 @dataclass
@@ -4226,11 +4315,20 @@ class FolderReport:
     moved_missing: int = 0                                      # gone before we moved them
     skipped: List[int] = field(default_factory=list)            # UIDs left alone: the server
                                                                 # sent far more than asked
+    changes_made: int = 0           # changes the server confirmed (0 in a dry run)
+    changes_not_made: int = 0       # planned but not confirmed when the run stopped
+    start_uid: int = 0              # classified only UIDs above this (the mark)
+    mark: Optional[int] = None      # highest UID below which all is done, if it moved
 
 
 @dataclass
 class _Plan:
-    """UIDs grouped by the change they need; built while classifying, applied at the end."""
+    """UIDs grouped by the change they need; built while classifying, applied per step.
+
+    ``per_uid`` lists each message's changes as keys: ``("label", name)``,
+    ``("flag+", flag)``, ``("flag-", flag)``, ``("archive",)``, ``("move", folder)``,
+    ``("trash",)``.
+    """
 
     add_labels: Dict[str, List[int]] = field(default_factory=dict)
     add_flags: Dict[str, List[int]] = field(default_factory=dict)
@@ -4239,36 +4337,62 @@ class _Plan:
     move: Dict[str, List[int]] = field(default_factory=dict)
     trash: List[int] = field(default_factory=list)
     message_ids: Dict[int, str] = field(default_factory=dict)   # _message_key, off Gmail
+    per_uid: Dict[int, List[Tuple[str, ...]]] = field(default_factory=dict)
 
     def add(self, uid: int, actions: Actions, flags: frozenset,
-            labels: Optional[frozenset], folder: str) -> bool:
+            labels: Optional[frozenset], folder: str, *, in_trash: bool = False,
+            in_archive: bool = False) -> bool:
         """Record only changes the message still needs, so a second run sends nothing.
 
-        Returns True if the message needs any change at all.
+        ``in_trash``/``in_archive``: the message already is where trash/archive would put
+        it.  Returns True if the message needs any change at all.
         """
-        needed = False
+        keys: List[Tuple[str, ...]] = []
         for label in actions.labels:
             if labels is None or not any(_same_label(label, have) for have in labels):
                 self.add_labels.setdefault(label, []).append(uid)
-                needed = True
+                keys.append(("label", label))
         wanted = [("\\Seen", actions.mark_read, actions.mark_unread),
                   ("\\Flagged", actions.star, actions.unstar)]
         for flag, on, off in wanted:
             if on and flag not in flags:
                 self.add_flags.setdefault(flag, []).append(uid)
-                needed = True
+                keys.append(("flag+", flag))
             elif off and flag in flags:
                 self.remove_flags.setdefault(flag, []).append(uid)
-                needed = True
+                keys.append(("flag-", flag))
         if actions.trash:
-            self.trash.append(uid)
+            if not in_trash and not (labels is not None and
+                                     any(l.lower() == "\\trash" for l in labels)):
+                self.trash.append(uid)
+                keys.append(("trash",))
         elif actions.move and not _same_folder(actions.move, folder):
             self.move.setdefault(actions.move, []).append(uid)
-        elif actions.archive and (labels is None or any(l.lower() == "\\inbox" for l in labels)):
+            keys.append(("move", actions.move))
+        elif actions.archive and not in_archive and \
+                (labels is None or any(l.lower() == "\\inbox" for l in labels)):
             self.archive.append(uid)
-        else:
-            return needed
-        return True
+            keys.append(("archive",))
+        if keys:
+            self.per_uid[uid] = keys
+        return bool(keys)
+
+    def drop_label(self, label: str, uids: Iterable[int]) -> None:
+        """Forget a planned label for ``uids`` (off Gmail: that folder already holds them)."""
+        gone = set(uids)
+        self.add_labels[label] = [uid for uid in self.add_labels.get(label, []) if uid not in gone]
+        if not self.add_labels[label]:
+            del self.add_labels[label]
+        for uid in gone:
+            keys = [key for key in self.per_uid.get(uid, []) if key != ("label", label)]
+            if keys:
+                self.per_uid[uid] = keys
+            else:
+                self.per_uid.pop(uid, None)
+
+    def size(self) -> int:
+        """How many single changes (one message, one label or flag or move) are planned."""
+        return sum(len(keys) for keys in self.per_uid.values())
 
     def changes(self) -> Dict[str, int]:
         counts: Dict[str, int] = {}
@@ -4357,6 +4481,84 @@ def _message_info(uid: int, values: Mapping[str, Any], header_item: str,
     )
 
 
+class RunStopped(GmailClassifyError):
+    """A Checkpoint ended the run at a safe point: the daily download budget, a signal.
+
+    Raised once the changes already planned were applied and confirmed, so the next run
+    carries on from the mark; the command line exits 6 (incomplete, run again).
+    """
+
+
+class Checkpoint:
+    """The hooks classify_folder calls to learn where to start and to report its progress.
+
+    This base keeps nothing, so every run classifies the whole folder.  The state layer's
+    Run keeps a mark per account, host and folder on disk; a long-running loop may pass the
+    same object to classify_folder again and again.
+    """
+
+    def start(self, conn: GmailConnection, status: FolderStatus) -> int:
+        """Returns the mark for the folder just opened: only UIDs above it are classified."""
+        return 0
+
+    def before_fetch(self, conn: GmailConnection) -> None:
+        """Called before each FETCH batch; raise RunStopped to end the run here."""
+
+    def step_done(self, conn: GmailConnection, status: FolderStatus, mark: Optional[int],
+                  outcomes: Sequence[Outcome]) -> None:
+        """A step ended; ``outcomes`` carry what the server confirmed (in a dry run: what
+        would change).  Every selected UID up to ``mark`` is done; ``mark`` is None when
+        the mark must not move (a ``since``/``limit`` run, or a step cut short)."""
+
+
+_FLAG_ACTIONS = {("flag+", "\\Seen"): "mark read", ("flag-", "\\Seen"): "mark unread",
+                 ("flag+", "\\Flagged"): "star", ("flag-", "\\Flagged"): "unstar"}
+
+
+def describe_change(change: Mapping[str, Any]) -> str:
+    """One change record as words: ``"label Receipts"``, ``"move to Lists"``, ``"trash"``."""
+    action = change.get("action", "")
+    if action == "label":
+        return f"label {change.get('label')}"
+    if action == "unlabel":
+        return f"remove label {change.get('label')}"
+    if action in ("move", "move back"):
+        return f"{'move' if action == 'move' else 'move back'} to " \
+               f"{(change.get('after') or {}).get('folder')}"
+    return str(action)
+
+
+def _change_entry(key: Tuple[str, ...], uid: int, status: FolderStatus, gmail: bool,
+                  destinations: Mapping[str, Optional[str]], extra: Any) -> Dict[str, Any]:
+    """The record of one change (see Outcome), from a plan key and what the server said."""
+    kind = key[0]
+    if kind == "label":
+        if gmail:
+            return {"action": "label", "label": key[1], "before": False, "after": True}
+        return {"action": "label", "label": key[1], "before": None,
+                "after": extra or {"folder": key[1], "uid": None}}
+    if kind in ("flag+", "flag-"):
+        on = kind == "flag+"
+        return {"action": _FLAG_ACTIONS[(kind, key[1])], "flag": key[1], "before": not on,
+                "after": on}
+    if kind == "archive" and gmail:
+        return {"action": "archive", "label": "\\Inbox", "before": True, "after": False}
+    destination = key[1] if kind == "move" else destinations.get(kind)
+    return {"action": kind,
+            "before": {"folder": status.name, "uid": uid, "uidvalidity": status.uidvalidity},
+            "after": extra or {"folder": destination, "uid": None}}
+
+
+@dataclass
+class _Step:
+    """The batches classified since the last apply: their plan and what to report."""
+
+    plan: _Plan = field(default_factory=_Plan)
+    infos: Dict[int, MessageInfo] = field(default_factory=dict)
+    decisions: Dict[int, Decision] = field(default_factory=dict)
+    msgids: Dict[int, Optional[int]] = field(default_factory=dict)
+    last_uid: Optional[int] = None
+    finished: bool = False
 def _folder_hint(conn: GmailConnection, folder: str) -> str:
     """"did you mean 'Receipts'?" for a misspelt folder, else where to find the names."""
     try:
@@ -4378,20 +4580,30 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                     on_message: Optional[Callable[[Outcome], None]] = None,
                     on_progress: Optional[Callable[[int, int], None]] = None,
                     now: Optional[_dt.datetime] = None,
-                    on_applied: Optional[Callable[[int, int], None]] = None) -> FolderReport:
-    """Classify every message of ``folder`` (or those since ``since``; the newest ``limit``).
+                    on_applied: Optional[Callable[[int, int], None]] = None,
+                    checkpoint: Optional[Checkpoint] = None,
+                    apply_every: int = DEFAULT_APPLY_EVERY,
+                    report: Optional[FolderReport] = None) -> FolderReport:
+    """Classify the messages of ``folder`` above the checkpoint's mark (without a
+    checkpoint: all of them), or only those since ``since``; the newest ``limit``.
 
     Dry run unless ``apply``: the folder is opened with EXAMINE and nothing is written.
-    ``on_message`` receives an Outcome per message; ``on_progress(done, total)`` per batch
-    classified; with ``apply``, ``on_applied(done, total)`` counts changes as they are made.
-    Returns a FolderReport.  Raises CapabilityError before touching anything when the rules
-    need Gmail and the server is not Gmail, and the connection's errors.
+    With ``apply`` the changes are made after every ``apply_every`` batches, and the
+    checkpoint hears of each step the server confirmed.  ``on_message`` receives an Outcome
+    per message when its step is done (with ``apply``: after the server confirmed its
+    changes); ``on_progress(done, total)`` is called per batch classified; with ``apply``,
+    ``on_applied(done, total)`` counts changes as they are made (``total``: those planned
+    so far).  Pass your own ``report`` to keep the counts of a run that raises.  Returns
+    the FolderReport.  Raises CapabilityError before touching anything when the rules need
+    Gmail and the server is not Gmail, RunStopped when the checkpoint ends the run, and
+    the connection's errors.
     """
     needs = rules.needs
     if needs.queries and not conn.is_gmail:
         raise CapabilityError(f"the rules use gmail_query, but {conn.host} is not Gmail "
                               f"(no X-GM-EXT-1); remove those conditions for this server")
-    report = FolderReport(folder, apply)
+    checkpoint = checkpoint if checkpoint is not None else Checkpoint()
+    report = report if report is not None else FolderReport(folder, apply)
     try:
         status = conn.select(folder) if apply else conn.examine(folder)
     except ImapError as exc:
@@ -4401,63 +4613,170 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                         f"{_folder_hint(conn, folder)}", command=exc.command, status=exc.status,
                         code=exc.code, text=exc.text) from exc
     log.info("%s: %d messages (UIDVALIDITY %d)", folder, status.exists, status.uidvalidity)
-    uids = conn.search(["SINCE", since] if since else ["ALL"])
+    start = max(0, checkpoint.start(conn, status))
+    report.start_uid = start
+    above: List[Any] = ["UID", f"{start + 1}:*"] if start else []
+    criteria = above + (["SINCE", since] if since else [] if above else ["ALL"])
+    # "UID N:*" always matches the highest UID, even when it is below N (RFC 3501 §6.4.8).
+    uids = [uid for uid in conn.search(criteria) if uid > start]
+    narrowed = since is not None or limit is not None
     if limit is not None:
         uids = uids[-limit:] if limit > 0 else []
     queries: Optional[Dict[str, set]] = None
     if conn.is_gmail:
-        queries = {query: set(conn.search(["ALL"], gmail_raw=query)) for query in needs.queries}
+        queries = {query: set(conn.search(above or ["ALL"], gmail_raw=query))
+                   for query in needs.queries}
+    destinations: Dict[str, Optional[str]] = {}
+    in_trash = in_archive = False
+    if uids and any(r.actions.trash for r in rules.rules):
+        trash = conn.special_folder("\\Trash")
+        destinations["trash"] = trash.name if trash else None
+        in_trash = trash is not None and _same_folder(trash.name, folder)
+    if uids and not conn.is_gmail and any(r.actions.archive for r in rules.rules):
+        archive = conn.special_folder("\\Archive")
+        destinations["archive"] = archive.name if archive else None
+        in_archive = archive is not None and _same_folder(archive.name, folder)
     items = _fetch_items(needs, conn.is_gmail)
     header_item = items[1]
-    plan = _Plan()
-    for start in range(0, len(uids), batch_size):
-        batch = uids[start:start + batch_size]
-        fetched = conn.fetch(batch, items, skipped=report.skipped)
-        infos = {uid: _message_info(uid, values, header_item, queries, folder)
-                 for uid, values in fetched.items()}
-        decisions: Dict[int, Decision] = {}
-        undecided: List[int] = []
-        for uid, info in infos.items():
-            decision = rules.classify(info, final=not needs.body, now=now)
-            if decision is None:
-                undecided.append(uid)
-            else:
-                decisions[uid] = decision
-        if undecided:
-            # Only messages the headers could not settle pay for a body prefix.
-            body_item = f"BODY.PEEK[]<0.{BODY_PREFIX_BYTES}>"
-            bodies = conn.fetch(undecided, [body_item], skipped=report.skipped)
-            for uid in undecided:
-                if uid in report.skipped:
-                    continue    # never judged on a body we did not get
-                raw = bodies.get(uid, {}).get(body_item)
-                info = dataclasses.replace(infos[uid], body=body_text(raw or b""))
-                decisions[uid] = rules.classify(info, final=True, now=now)
-        for uid in sorted(decisions):
-            outcome = _tally(report, plan, decisions[uid], infos[uid], folder,
-                             fetched[uid].get("X-GM-MSGID"))
-            if on_message is not None:
-                on_message(outcome)
-        if on_progress is not None:
-            on_progress(min(start + batch_size, len(uids)), len(uids))
-    report.changes = plan.changes()
-    if apply:
-        total, done = sum(report.changes.values()), [0]
+    copies: Dict[str, set] = {}       # off Gmail: label folder -> _message_key of its mail
+    applied = [0, 0]                  # changes made, changes planned: for on_applied
 
-        def applied(count: int) -> None:
-            done[0] += count
+    def finish(step: _Step) -> None:
+        step.finished = True
+        if not step.decisions:
+            return
+        confirmed: Dict[Tuple[int, Tuple[str, ...]], Any] = {}
+
+        def done(key: Tuple[str, ...], result: Mapping[int, Any]) -> None:
+            for uid, extra in result.items():
+                confirmed[(uid, key)] = extra
+            applied[0] += len(result)
             if on_applied is not None:
-                on_applied(min(done[0], total), total)
+                on_applied(min(applied[0], applied[1]), applied[1])
 
-        _apply_plan(conn, plan, report, applied)
-    else:
-        report.created = _missing_folders(conn, plan)
+        ok = False
+        try:
+            if not conn.is_gmail and step.plan.add_labels:
+                _drop_copies_already_there(conn, step.plan, copies)
+            applied[1] += step.plan.size()
+            if apply:
+                _apply_plan(conn, step.plan, report, done)
+            else:
+                report.created.extend(name for name in _missing_folders(conn, step.plan)
+                                      if name not in report.created)
+            ok = True
+        finally:
+            outcomes = []
+            for uid in sorted(step.decisions):
+                decision, info = step.decisions[uid], step.infos[uid]
+                keys = step.plan.per_uid.get(uid, [])
+                if apply:
+                    made = [key for key in keys if (uid, key) in confirmed]
+                else:
+                    made = list(keys)
+                for key in made:
+                    if key[0] == "label" and key[1] in copies:
+                        copies[key[1]].add(step.plan.message_ids.get(uid))
+                changes = tuple(_change_entry(key, uid, status, conn.is_gmail, destinations,
+                                              confirmed.get((uid, key))) for key in made)
+                for change in changes:
+                    name = describe_change(change)
+                    report.changes[name] = report.changes.get(name, 0) + 1
+                if apply:
+                    report.changes_made += len(made)
+                    if not ok:
+                        report.changes_not_made += len(keys) - len(made)
+                outcomes.append(Outcome(
+                    folder, uid, _first(header_addresses(info.headers, "from")),
+                    _first(header_text(info.headers, "subject")), decision,
+                    step.msgids.get(uid), status.uidvalidity,
+                    _first(header_text(info.headers, "message-id")).strip(), changes, apply,
+                    len(keys) - len(made)))
+            mark = step.last_uid if ok and not narrowed else None
+            if mark is not None and report.skipped:
+                mark = min(mark, min(report.skipped) - 1)   # the next run looks again
+            if mark is not None:
+                report.mark = mark
+            checkpoint.step_done(conn, status, mark, outcomes)
+            if on_message is not None:
+                for outcome in outcomes:
+                    if ok or outcome.changes:
+                        on_message(outcome)
+
+    step = _Step()
+    batches = 0
+    try:
+        for start_index in range(0, len(uids), batch_size):
+            batch = uids[start_index:start_index + batch_size]
+            try:
+                checkpoint.before_fetch(conn)
+            except RunStopped:
+                finish(step)
+                raise
+            _classify_batch(conn, rules, batch, items, header_item, queries, folder, now,
+                            step, report, in_trash, in_archive)
+            batches += 1
+            if on_progress is not None:
+                on_progress(min(start_index + batch_size, len(uids)), len(uids))
+            if batches % max(1, apply_every) == 0:
+                finish(step)
+                step = _Step()
+        finish(step)
+    except BaseException:
+        if not step.finished and apply:
+            report.changes_not_made += step.plan.size()
+        raise
     return report
+
+
+def _classify_batch(conn: GmailConnection, rules: Ruleset, batch: List[int], items: List[str],
+                    header_item: str, queries: Optional[Dict[str, set]], folder: str,
+                    now: Optional[_dt.datetime], step: _Step, report: FolderReport,
+                    in_trash: bool, in_archive: bool) -> None:
+    """Fetch one batch, classify it, and add what its messages still need to the step."""
+    needs = rules.needs
+    fetched = conn.fetch(batch, items, skipped=report.skipped)
+    infos = {uid: _message_info(uid, values, header_item, queries, folder)
+             for uid, values in fetched.items()}
+    decisions: Dict[int, Decision] = {}
+    undecided: List[int] = []
+    for uid, info in infos.items():
+        decision = rules.classify(info, final=not needs.body, now=now)
+        if decision is None:
+            undecided.append(uid)
+        else:
+            decisions[uid] = decision
+    if undecided:
+        # Only messages the headers could not settle pay for a body prefix.
+        body_item = f"BODY.PEEK[]<0.{BODY_PREFIX_BYTES}>"
+        bodies = conn.fetch(undecided, [body_item], skipped=report.skipped)
+        for uid in undecided:
+            if uid in report.skipped:
+                continue    # never judged on a body we did not get
+            raw = bodies.get(uid, {}).get(body_item)
+            info = dataclasses.replace(infos[uid], body=body_text(raw or b""))
+            decisions[uid] = rules.classify(info, final=True, now=now)
+    for uid in sorted(decisions):
+        decision, info = decisions[uid], infos[uid]
+        report.examined += 1
+        needed = step.plan.add(uid, decision.actions, info.flags, info.labels, folder,
+                               in_trash=in_trash, in_archive=in_archive)
+        if decision.actions.labels and info.labels is None:
+            step.plan.message_ids[uid] = _message_key(info.headers)
+        for name, _reason in decision.matches:
+            report.matched[name] = report.matched.get(name, 0) + 1
+            if needed:
+                report.changed[name] = report.changed.get(name, 0) + 1
+        step.infos[uid] = info
+        step.decisions[uid] = decision
+        step.msgids[uid] = fetched[uid].get("X-GM-MSGID")
+    # Messages gone between SEARCH and FETCH need nothing: the mark may pass them.
+    step.last_uid = batch[-1] if batch else step.last_uid
 
 
 def _tally(report: FolderReport, plan: _Plan, decision: Decision, info: MessageInfo,
            folder: str, msgid: Optional[int] = None) -> Outcome:
-    """Count one classified message into the report and plan its changes."""
+    """Count one message classified offline into a dry-run report; plan its changes."""
     report.examined += 1
     needed = plan.add(info.uid, decision.actions, info.flags, info.labels, folder)
     if decision.actions.labels and info.labels is None:
@@ -4466,8 +4785,13 @@ def _tally(report: FolderReport, plan: _Plan, decision: Decision, info: MessageI
         report.matched[name] = report.matched.get(name, 0) + 1
         if needed:
             report.changed[name] = report.changed.get(name, 0) + 1
+    status = FolderStatus(folder, 0, None, 0, True)
+    changes = tuple(_change_entry(key, info.uid, status, info.labels is not None, {}, None)
+                    for key in plan.per_uid.get(info.uid, []))
     return Outcome(folder, info.uid, _first(header_addresses(info.headers, "from")),
-                   _first(header_text(info.headers, "subject")), decision, msgid)
+                   _first(header_text(info.headers, "subject")), decision, msgid,
+                   message_id=_first(header_text(info.headers, "message-id")).strip(),
+                   changes=changes)
 
 
 def _first(values: Sequence[str]) -> str:
@@ -4518,11 +4842,32 @@ def _missing_folders(conn: GmailConnection, plan: _Plan) -> List[str]:
             if name not in existing and name.upper() != "INBOX"]
 
 
+def _drop_copies_already_there(conn: GmailConnection, plan: _Plan,
+                               known: Dict[str, set]) -> None:
+    """Off Gmail a label is a copy in a folder of that name, and a copy is not idempotent:
+    forget planned copies of messages that folder already holds (by _message_key).
+
+    ``known`` caches each folder's keys for the rest of the folder run; the caller adds
+    the keys of the copies it makes.
+    """
+    existing = {f.name for f in conn.list_folders() if f.selectable}
+    for label in list(plan.add_labels):
+        if label not in known:
+            known[label] = _message_ids_in(conn, label) if label in existing else set()
+        plan.drop_label(label, [uid for uid in plan.add_labels[label]
+                                if plan.message_ids.get(uid) in known[label]])
+
+
 def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
-                applied: Callable[[int], None] = lambda count: None) -> None:
+                done: Optional[Callable[[Tuple[str, ...], Mapping[int, Any]], None]] = None
+                ) -> None:
     """Carry out a plan: check destinations, create what is missing, then labels and flags,
-    then moves (so a message is labelled where it stands, then leaves). ``applied(n)``
-    is told after each step how many changes it made."""
+    then moves (so a message is labelled where it stands, then leaves).
+
+    ``done(key, {uid: extra})`` hears of each command the server confirmed (a _Plan key;
+    ``extra`` is None, or ``{"folder": ..., "uid": ...}`` for copies and moves).
+    """
+    done = done or (lambda key, result: None)
     # Everything that can refuse is settled before the first change.
     trash = _special_destination(conn, "\\Trash", "trash") if plan.trash else None
     archive = None
@@ -4534,34 +4879,32 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
     for label, uids in plan.add_labels.items():
         if conn.is_gmail:
             conn.add_labels(uids, [label])
-            applied(len(uids))
+            done(("label", label), dict.fromkeys(uids))
             continue
-        # No labels here: a label is a copy in a folder of that name.  A copy is not
-        # idempotent, so skip messages that folder already holds (by _message_key).
-        there = _message_ids_in(conn, label)
-        todo = [uid for uid in uids if plan.message_ids.get(uid) not in there]
-        report.changes[f"label {label}"] = len(todo)
-        if todo:
-            conn.copy(todo, label)
-        applied(len(uids))
+        # No labels here: a label is a copy in a folder of that name (copies it already
+        # holds were dropped from the plan by _drop_copies_already_there).
+        copied = conn.copy(uids, label)
+        done(("label", label), {uid: {"folder": label, "uid": copied.get(uid)} for uid in uids})
     for flag, uids in plan.add_flags.items():
         conn.add_flags(uids, [flag])
-        applied(len(uids))
+        done(("flag+", flag), dict.fromkeys(uids))
     for flag, uids in plan.remove_flags.items():
         conn.remove_flags(uids, [flag])
-        applied(len(uids))
-    moves: List[Tuple[List[int], str]] = list((uids, dest) for dest, uids in plan.move.items())
+        done(("flag-", flag), dict.fromkeys(uids))
+    moves: List[Tuple[List[int], str, Tuple[str, ...]]] = [
+        (uids, dest, ("move", dest)) for dest, uids in plan.move.items()]
     if plan.archive and conn.is_gmail:
         # Gmail's archive is "remove the \Inbox label"; the message stays in All Mail.
         conn.remove_labels(plan.archive, ["\\Inbox"])
-        applied(len(plan.archive))
+        done(("archive",), dict.fromkeys(plan.archive))
     elif archive is not None and not _same_folder(archive.name, report.folder):
-        moves.append((plan.archive, archive.name))
+        moves.append((plan.archive, archive.name, ("archive",)))
     if trash is not None and not _same_folder(trash.name, report.folder):
-        moves.append((plan.trash, trash.name))
-    for uids, destination in moves:
-        report.moved_missing += len(conn.move(uids, destination).missing)
-        applied(len(uids))
+        moves.append((plan.trash, trash.name, ("trash",)))
+    for uids, destination, key in moves:
+        result = conn.move(uids, destination)
+        report.moved_missing += len(result.missing)
+        done(key, {uid: {"folder": destination, "uid": new} for uid, new in result.moved.items()})
 
 
 # --- Demo: a small sample mailbox, classified offline ------------------------------------
@@ -4620,9 +4963,9 @@ def demo_messages(now: Optional[datetime] = None) -> List[MessageInfo]:
         raw = (f"{headers}\nTo: you@example.com\nDate: {date}\n"
                f"Message-ID: <demo-{uid}@gmail-classify.example>\nMIME-Version: 1.0\n"
                f"Content-Type: text/plain; charset=utf-8\n\n{body}\n").replace("\n", "\r\n")
-        info = message_info_from_bytes(raw.encode("utf-8") + b"x" * padding)
+        info = message_info_from_bytes(raw.encode("utf-8"))
         infos.append(dataclasses.replace(
-            info, uid=uid, flags=frozenset(flags.split()),
+            info, uid=uid, size=info.size + padding, flags=frozenset(flags.split()),
             labels=frozenset(["\\Inbox"] + labels.split())))
     return infos
 
@@ -4645,6 +4988,1035 @@ def classify_messages(rules: Ruleset, messages: Iterable[MessageInfo], folder: s
     return report
 
 
+# --- State and audit log -----------------------------------------------------------------
+#
+# What makes runs incremental and explainable.  The state file remembers, per account, host
+# and folder, the folder's UIDVALIDITY and a mark: the highest UID below which every message
+# was classified and had its changes confirmed by the server.  It also remembers a hash of
+# the rules each mark was reached with, and the bytes downloaded per account per day (Gmail
+# suspends IMAP for a day past about 2.5 GB).  It lives in $XDG_STATE_HOME/gmail_classify/
+# (~/.local/state/gmail_classify/), mode 0600 in a 0700 directory, and every write is a
+# temporary file, fsync and rename, merged under a short lock with what other processes
+# wrote meanwhile.  Next to it, audit.jsonl holds one record per message per applied step
+# (the same records ``run --json`` prints), which `history` and `undo` read.  An `--apply`
+# holds a per-account lock for its whole length so two never interleave.
+
+STATE_FORMAT = "gmail_classify state"
+STATE_VERSION = 1              # bumped when the state file's layout changes incompatibly
+RECORD_VERSION = 1             # of the records in --json output and audit.jsonl
+DEFAULT_DAILY_BUDGET = 2 * 1024 ** 3   # bytes per account per day; Gmail's limit is ~2.5 GB
+AUDIT_MAX_BYTES = 16 * 1024 ** 2       # audit.jsonl past this size becomes audit.jsonl.1
+DOWNLOAD_DAYS_KEPT = 8                 # days of download counts kept in the state file
+
+
+class StateError(GmailClassifyError):
+    """The state file is corrupt, unreadable or not ours; the message names it and the way
+    out (``--all`` starts afresh, or delete the file)."""
+
+
+class LockedError(GmailClassifyError):
+    """Another ``--apply`` holds this account's lock; the message says which process."""
+
+
+class BudgetExceededError(RunStopped):
+    """The account's daily download budget is (nearly) used up; the message says when the
+    run can go on.  Raised at a safe point, after the pending changes were applied."""
+
+
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/gmail_classify`` (``~/.local/state/gmail_classify`` by default)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                            "state")
+    return Path(base) / "gmail_classify"
+
+
+def account_key(user: str, host: str, port: Optional[int] = None) -> str:
+    """How the state names an account: ``"you@gmail.com on imap.gmail.com"``; a port other
+    than 993 or 143 is kept (``"me on 127.0.0.1:1143"``), since it is another server."""
+    return f"{user} on {_where(host, port)}"
+
+
+def _where(host: str, port: Optional[int]) -> str:
+    return host if port in (None, IMAPS_PORT, IMAP_PORT) else f"{host}:{port}"
+
+
+def _canonical(value: Any) -> Any:
+    """A JSON-able form of rules that does not depend on set order or memory addresses."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [type(value).__name__] + [[f.name, _canonical(getattr(value, f.name))]
+                                         for f in dataclasses.fields(value)]
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_canonical(v) for v in value), key=lambda v: json.dumps(v, sort_keys=True))
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, re.Pattern):
+        return ["re", value.pattern, value.flags]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def rules_hash(rules: Ruleset) -> str:
+    """A short fingerprint of what the rules do (not of the file's comments or layout)."""
+    text = json.dumps(_canonical(rules.rules), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _ensure_private_dir(directory: Path) -> None:
+    """Create ``directory`` (mode 0700) and tighten it if others could read it."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if os.name == "posix" and directory.stat().st_mode & 0o077:
+            os.chmod(directory, 0o700)
+    except OSError as exc:
+        raise StateError(f"cannot create the state directory {directory}: {exc}; set "
+                         f"XDG_STATE_HOME to a writable place") from exc
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file (0600), fsync it, rename it over ``path``."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, text.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+        if os.name == "posix":
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except OSError as exc:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise StateError(f"cannot write the state file {path}: {exc}") from exc
+
+
+class _FileLock:
+    """An exclusive lock on an open file: fcntl.flock on POSIX, msvcrt.locking on Windows.
+
+    Held by the open file, so it goes away with the process, however it ends.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: Optional[int] = None
+
+    def acquire(self, wait: bool) -> bool:
+        """Take the lock; returns False when another holds it and ``wait`` is False."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            elif msvcrt is not None:
+                msvcrt.locking(fd, msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
+        except OSError:
+            os.close(fd)
+            if wait:
+                raise
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            elif msvcrt is not None:
+                os.lseek(fd, 0, os.SEEK_SET)
+                msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+class AccountLock:
+    """The per-account lock every ``--apply`` holds for its whole length.
+
+    ``with store.lock(key, "run"):`` ...; a second holder gets LockedError naming the
+    process that has it.  A long-running loop (watch) simply keeps it.  Dry runs never
+    take it.
+    """
+
+    def __init__(self, path: Path, account: str, command: str = "run") -> None:
+        self.path = path
+        self.account = account
+        self.command = command
+        self._lock = _FileLock(path)
+
+    @property
+    def held(self) -> bool:
+        return self._lock.fd is not None
+
+    def acquire(self) -> "AccountLock":
+        """Take the lock now or raise LockedError; never waits."""
+        _ensure_private_dir(self.path.parent)
+        try:
+            got = self._lock.acquire(wait=False)
+        except OSError as exc:
+            raise StateError(f"cannot open the lock file {self.path}: {exc}") from exc
+        if not got:
+            holder = ""
+            try:
+                info = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+                holder = (f" (pid {info.get('pid')}, {info.get('command')}, since "
+                          f"{info.get('since')})")
+            except (OSError, ValueError, AttributeError):
+                pass
+            raise LockedError(f"another --apply{holder} holds the lock for {self.account}; "
+                              f"wait for it to finish, or stop it, then try again")
+        assert self._lock.fd is not None
+        note = json.dumps({"pid": os.getpid(), "command": self.command,
+                           "since": _iso(_utcnow())}).encode()
+        os.ftruncate(self._lock.fd, 0)
+        os.lseek(self._lock.fd, 0, os.SEEK_SET)
+        os.write(self._lock.fd, note)
+        return self
+
+    def release(self) -> None:
+        if self._lock.fd is not None:
+            try:
+                os.ftruncate(self._lock.fd, 0)
+            except OSError:
+                pass
+        self._lock.release()
+
+    def __enter__(self) -> "AccountLock":
+        return self.acquire()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()
+
+
+@dataclass(frozen=True)
+class FolderState:
+    """What the state remembers of one folder: ``FolderState(uidvalidity=11, mark=812,
+    rules="3f2a9c0e5b7d1a64", updated="2026-12-01T17:03:00Z")``.
+
+    Every message with a UID up to ``mark`` was classified (with the rules whose hash is
+    ``rules``) and its changes were confirmed by the server.
+    """
+
+    uidvalidity: int
+    mark: int
+    rules: str = ""
+    updated: str = ""
+
+
+class StateStore:
+    """The state file (``state.json``) and the audit log (``audit.jsonl``) in ``directory``.
+
+    ``load()`` reads the file (missing: empty state); ``folder()``/``set_folder()`` and
+    ``add_download()``/``downloaded()`` work in memory; ``save()`` merges these changes into
+    whatever is on disk now and writes it atomically.  ``lock(account)`` gives the
+    AccountLock.  ``now`` (a callable returning an aware datetime) is injectable for tests.
+    Raises StateError for a corrupt, unreadable or foreign file.
+    """
+
+    def __init__(self, directory: Union[str, Path, None] = None, *,
+                 now: Callable[[], datetime] = _utcnow) -> None:
+        self.directory = Path(directory) if directory else default_state_dir()
+        self.path = self.directory / "state.json"
+        self.audit = AuditLog(self.directory / "audit.jsonl")
+        self.now = now
+        self._data: Dict[str, Any] = self._empty()
+        self._folders: Dict[Tuple[str, str], FolderState] = {}
+        self._downloads: Dict[Tuple[str, str], int] = {}
+        self._replace_bad_file = False
+
+    @staticmethod
+    def _empty() -> Dict[str, Any]:
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "accounts": {}}
+
+    def load(self, *, start_over: bool = False) -> None:
+        """Read the state file.  ``start_over``: a bad file is not an error but is replaced
+        at the next save (what ``--all`` does)."""
+        try:
+            self._data = self._read()
+        except StateError:
+            if not start_over:
+                raise
+            log.warning("ignoring the unusable state file %s; it will be replaced", self.path)
+            self._data = self._empty()
+            self._replace_bad_file = True
+
+    def _read(self) -> Dict[str, Any]:
+        fix = f"run with --all to start over, or delete {self.path}"
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return self._empty()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StateError(f"cannot read the state file {self.path}: {exc}; {fix}") from exc
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise StateError(f"the state file {self.path} is corrupt ({exc}); {fix}") from exc
+        if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+            raise StateError(f"{self.path} is not a gmail_classify state file; {fix}")
+        version = data.get("version")
+        if not isinstance(version, int) or version > STATE_VERSION:
+            raise StateError(f"the state file {self.path} has format version {version!r}, "
+                             f"newer than this program's ({STATE_VERSION}); use a newer "
+                             f"gmail_classify.py, or {fix}")
+        accounts = data.get("accounts")
+        try:
+            if not isinstance(accounts, dict):
+                raise TypeError("accounts")
+            for account in accounts.values():
+                for entry in account.get("folders", {}).values():
+                    FolderState(int(entry["uidvalidity"]), int(entry["mark"]))
+                for count in account.get("downloads", {}).values():
+                    int(count)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"the state file {self.path} is corrupt (bad entry: {exc}); "
+                             f"{fix}") from exc
+        return data
+
+    def folder(self, account: str, name: str) -> Optional[FolderState]:
+        """The remembered state of a folder, or None when there is none yet."""
+        if (account, name) in self._folders:
+            return self._folders[(account, name)]
+        entry = self._data["accounts"].get(account, {}).get("folders", {}).get(name)
+        if entry is None:
+            return None
+        return FolderState(int(entry["uidvalidity"]), int(entry["mark"]),
+                           str(entry.get("rules", "")), str(entry.get("updated", "")))
+
+    def set_folder(self, account: str, name: str, state: FolderState) -> None:
+        """Remember a folder's state (written by the next save())."""
+        self._folders[(account, name)] = state
+
+    def today(self) -> str:
+        return self.now().astimezone(timezone.utc).date().isoformat()
+
+    def add_download(self, account: str, nbytes: int) -> None:
+        """Count ``nbytes`` downloaded today (UTC) for ``account``."""
+        if nbytes > 0:
+            key = (account, self.today())
+            self._downloads[key] = self._downloads.get(key, 0) + nbytes
+
+    def downloaded(self, account: str) -> int:
+        """Bytes downloaded today (UTC) for ``account``, this process's unsaved ones included."""
+        day = self.today()
+        saved = self._data["accounts"].get(account, {}).get("downloads", {}).get(day, 0)
+        return int(saved) + self._downloads.get((account, day), 0)
+
+    def save(self) -> None:
+        """Merge this process's changes into the file on disk and write it atomically."""
+        if not self._folders and not self._downloads and not self._replace_bad_file:
+            return
+        _ensure_private_dir(self.directory)
+        guard = _FileLock(self.directory / "state.lock")
+        try:
+            guard.acquire(wait=True)
+        except OSError as exc:
+            raise StateError(f"cannot lock {self.directory / 'state.lock'}: {exc}") from exc
+        try:
+            try:
+                data = self._read()
+            except StateError:
+                if not self._replace_bad_file:
+                    raise
+                data = self._empty()
+            data["version"] = STATE_VERSION
+            horizon = (self.now().astimezone(timezone.utc).date()
+                       - timedelta(days=DOWNLOAD_DAYS_KEPT)).isoformat()
+            for (account, name), state in self._folders.items():
+                folders = data["accounts"].setdefault(account, {}).setdefault("folders", {})
+                folders[name] = dataclasses.asdict(state)
+            for (account, day), nbytes in self._downloads.items():
+                downloads = data["accounts"].setdefault(account, {}).setdefault("downloads", {})
+                downloads[day] = int(downloads.get(day, 0)) + nbytes
+            for account in data["accounts"].values():
+                downloads = account.get("downloads", {})
+                for day in [d for d in downloads if d < horizon]:
+                    del downloads[day]
+            _write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True,
+                                                ensure_ascii=False) + "\n")
+            self._data = data
+            self._folders.clear()
+            self._downloads.clear()
+            self._replace_bad_file = False
+        finally:
+            guard.release()
+
+    def lock(self, account: str, command: str = "run") -> AccountLock:
+        """The lock for ``account``; use it as ``with store.lock(key):``."""
+        safe = re.sub(r"[^A-Za-z0-9@._-]+", "_", account)
+        return AccountLock(self.directory / f"{safe}.lock", account, command)
+
+
+class AuditLog:
+    """``audit.jsonl``: one JSON record per line, appended once the server confirmed.
+
+    Policy: when the file passes AUDIT_MAX_BYTES (16 MB, some 40,000 records) it becomes
+    ``audit.jsonl.1``, replacing the one before; ``records()`` reads both, oldest first.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.previous = path.with_name(path.name + ".1")
+
+    def append(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Append records and fsync; rotate first if the file is past its size."""
+        lines = "".join(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
+                        for record in records)
+        if not lines:
+            return
+        _ensure_private_dir(self.path.parent)
+        try:
+            if self.path.exists() and self.path.stat().st_size > AUDIT_MAX_BYTES:
+                os.replace(self.path, self.previous)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, lines.encode("utf-8"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise StateError(f"cannot write the audit log {self.path}: {exc}") from exc
+
+    def records(self) -> Iterator[Dict[str, Any]]:
+        """Every record still held, oldest first; unreadable lines are skipped with a warning."""
+        bad = 0
+        for path in (self.previous, self.path):
+            try:
+                handle = open(path, encoding="utf-8", errors="replace")
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StateError(f"cannot read the audit log {path}: {exc}") from exc
+            with handle:
+                for line in handle:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        bad += 1
+                        continue
+                    if isinstance(record, dict):
+                        yield record
+        if bad:
+            log.warning("skipped %d unreadable lines of %s", bad, self.path)
+
+
+def _new_run_id(moment: datetime) -> str:
+    """``"20261201T170501-3fa2"``: sortable by time, unique enough to type into ``undo``."""
+    return moment.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + os.urandom(2).hex()
+
+
+def _size_text(nbytes: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if nbytes < 1024 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} GB"
+
+
+class Run(Checkpoint):
+    """One run over one account: classify folders, keep the marks, write the records.
+
+    A thin loop is all a caller needs (the command line and ``watch`` do this)::
+
+        store = StateStore(); store.load()
+        run = Run(store, rules, "you@gmail.com", "imap.gmail.com", apply=True)
+        with store.lock(run.account), GmailConnection(...) as conn:
+            for folder in ("INBOX", "Work"):
+                run.classify(conn, folder)
+            summary = run.finish()          # the summary record; run.finish("interrupted")
+
+    With ``apply`` each step the server confirmed moves the folder's mark, is saved to the
+    state file, and its records go to the audit log; a dry run reads the marks, keeps moved
+    marks only in memory (``mark_of``), and saves only the download count.
+    ``reclassify`` (``--all``) starts every folder from its first message; ``new_only``
+    (``--new-only``) sets each folder's mark to its newest message and classifies nothing.
+    ``on_record(record)`` receives every message record (with ``changes``) once its step is
+    done, and ``on_message(outcome)`` the same as an Outcome.  Raises BudgetExceededError (from classify) when today's downloads would pass
+    ``daily_budget`` bytes.
+    """
+
+    def __init__(self, store: StateStore, rules: Ruleset, user: str, host: str,
+                 port: Optional[int] = None, *, apply: bool = False, reclassify: bool = False,
+                 new_only: bool = False, daily_budget: Optional[int] = DEFAULT_DAILY_BUDGET,
+                 command: str = "run", undo_of: Optional[str] = None,
+                 on_record: Optional[Callable[[Dict[str, Any]], None]] = None,
+                 on_message: Optional[Callable[[Outcome], None]] = None) -> None:
+        self.store = store
+        self.rules = rules
+        self.user = user
+        self.host = _where(host, port)
+        self.account = account_key(user, host, port)
+        self.apply = apply
+        self.reclassify = reclassify
+        self.new_only = new_only
+        self.daily_budget = daily_budget
+        self.command = command
+        self.undo_of = undo_of
+        self.on_record = on_record
+        self.on_message = on_message
+        self.started = store.now()
+        self.id = _new_run_id(self.started)
+        self.rules_hash = rules_hash(rules)
+        self.reports: List[FolderReport] = []
+        self.counts: Dict[str, int] = {}
+        self.changes_made = 0
+        self.narrowed = False
+        self._memory_marks: Dict[str, FolderState] = {}
+        self._conn: Optional[GmailConnection] = None
+        self._bytes_seen = 0
+        self._largest_fetch = 0
+        self._last_fetch_bytes: Optional[int] = None
+        self._warned_half = False
+
+    # -- driving it ----------------------------------------------------------------------
+
+    def classify(self, conn: GmailConnection, folder: str, *, since: Optional[_dt.date] = None,
+                 limit: Optional[int] = None, batch_size: int = DEFAULT_BATCH,
+                 apply_every: int = DEFAULT_APPLY_EVERY,
+                 on_progress: Optional[Callable[[int, int], None]] = None,
+                 on_applied: Optional[Callable[[int, int], None]] = None,
+                 now: Optional[_dt.datetime] = None) -> FolderReport:
+        """classify_folder with this run as the checkpoint; ``since``/``limit`` never move
+        the mark.  Returns the folder's report (also kept in ``reports``)."""
+        report = FolderReport(folder, self.apply)
+        self.reports.append(report)
+        self.narrowed = since is not None or limit is not None
+        try:
+            return classify_folder(conn, self.rules, folder, apply=self.apply, since=since,
+                                   limit=limit, batch_size=batch_size, on_progress=on_progress,
+                                   on_applied=on_applied, now=now, checkpoint=self,
+                                   apply_every=apply_every, report=report)
+        finally:
+            self._count_bytes(conn)
+
+    def mark_of(self, folder: str) -> Optional[FolderState]:
+        """The folder's state as this run sees it (a dry run's moved marks included)."""
+        return self._memory_marks.get(folder) or self.store.folder(self.account, folder)
+
+    @property
+    def changes_not_made(self) -> int:
+        return sum(report.changes_not_made for report in self.reports)
+
+    def finish(self, status: str = "complete", error: str = "") -> Dict[str, Any]:
+        """End the run: save the state, and for an ``--apply`` that changed something or
+        did not complete, append the summary record to the audit log.  ``status`` is
+        ``complete``, ``interrupted``, ``stopped`` (budget) or ``failed``.  Returns the
+        summary record (what ``--json`` prints last)."""
+        if self._conn is not None:
+            self._count_bytes(self._conn)
+        self.store.save()
+        summary: Dict[str, Any] = {
+            "type": "summary", "version": RECORD_VERSION, "run": self.id,
+            "time": _iso(self.started), "ended": _iso(self.store.now()),
+            "account": self.user, "host": self.host, "command": self.command,
+            "applied": self.apply, "status": status, "error": error,
+            "folders": [report.folder for report in self.reports],
+            "counts": dict(self.counts), "changes_made": self.changes_made,
+            "changes_not_made": self.changes_not_made,
+            "reports": [dataclasses.asdict(report) for report in self.reports],
+        }
+        if self.undo_of:
+            summary["undo_of"] = self.undo_of
+        if self._conn is not None:
+            summary.update(imap_commands=self._conn.commands_sent,
+                           bytes_received=self._conn.bytes_received,
+                           reconnects=self._conn.reconnects)
+        if self.apply and (self.changes_made or self.changes_not_made or
+                           (status != "complete" and self.reports)):
+            self.store.audit.append([summary])
+        return summary
+
+    # -- the Checkpoint hooks ------------------------------------------------------------
+
+    def start(self, conn: GmailConnection, status: FolderStatus) -> int:
+        self._count_bytes(conn)
+        known = self.mark_of(status.name)
+        if known is not None and known.uidvalidity != status.uidvalidity:
+            log.warning("%s: UIDVALIDITY changed from %d to %d (the server renumbered the "
+                        "folder); its mark is reset and it is classified from the start",
+                        status.name, known.uidvalidity, status.uidvalidity)
+            known = None
+            self._remember(status.name, FolderState(status.uidvalidity, 0, self.rules_hash))
+        if self.new_only:
+            newest = (status.uidnext - 1) if status.uidnext else max(
+                conn.search(["UID", "*"]) or [0])
+            log.info("%s: --new-only: only mail above UID %d will be classified",
+                     status.name, newest)
+            self._remember(status.name, FolderState(status.uidvalidity, newest,
+                                                    self.rules_hash))
+            return newest
+        if known is not None and known.mark and known.rules != self.rules_hash:
+            log.warning("%s: the rules changed since it was last classified; mail up to UID "
+                        "%d was classified with the old rules (run with --all to classify it "
+                        "again)", status.name, known.mark)
+            self._remember(status.name, dataclasses.replace(known, rules=self.rules_hash))
+        if self.reclassify or known is None:
+            return 0
+        return known.mark
+
+    def before_fetch(self, conn: GmailConnection) -> None:
+        self._count_bytes(conn)
+        if self._last_fetch_bytes is not None:
+            self._largest_fetch = max(self._largest_fetch,
+                                      conn.bytes_received - self._last_fetch_bytes)
+        self._last_fetch_bytes = conn.bytes_received
+        if not self.daily_budget:
+            return
+        used = self.store.downloaded(self.account)
+        if used >= self.daily_budget / 2 and not self._warned_half:
+            self._warned_half = True
+            log.warning("%s downloaded today for %s: half of the daily budget of %s (best "
+                        "effort: phones and mail apps share Gmail's quota)", _size_text(used),
+                        self.account, _size_text(self.daily_budget))
+        if used + self._largest_fetch > self.daily_budget:
+            now = self.store.now().astimezone(timezone.utc)
+            tomorrow = datetime.combine(now.date() + timedelta(days=1), _dt.time(),
+                                        tzinfo=timezone.utc)
+            hours = (tomorrow - now).total_seconds() / 3600
+            raise BudgetExceededError(
+                f"stopped before passing the daily download budget of "
+                f"{_size_text(self.daily_budget)} for {self.account} ({_size_text(used)} "
+                f"today); run again after 00:00 UTC (in {hours:.1f} h), or raise "
+                f"--daily-budget")
+
+    def step_done(self, conn: GmailConnection, status: FolderStatus, mark: Optional[int],
+                  outcomes: Sequence[Outcome]) -> None:
+        records = [self.record(outcome) for outcome in outcomes]
+        self.add_records(records, announce=False)
+        if mark is not None and not self.narrowed:
+            known = self.mark_of(status.name)
+            if known is not None and known.uidvalidity == status.uidvalidity:
+                mark = max(mark, known.mark)
+            self._remember(status.name, FolderState(status.uidvalidity, mark, self.rules_hash))
+        self._count_bytes(conn)
+        self.store.save()
+        if self.on_record is not None:
+            for record in records:
+                self.on_record(record)
+        if self.on_message is not None:
+            for outcome in outcomes:
+                self.on_message(outcome)
+
+    def add_records(self, records: Sequence[Dict[str, Any]], announce: bool = True) -> None:
+        """Count message records; with ``apply``, append those with changes to the audit
+        log (the server has confirmed them); then pass them to ``on_record``."""
+        if self.apply:
+            self.store.audit.append(record for record in records if record["changes"])
+        for record in records:
+            for change in record["changes"]:
+                name = describe_change(change)
+                self.counts[name] = self.counts.get(name, 0) + 1
+                if record["applied"]:
+                    self.changes_made += 1
+        if announce and self.on_record is not None:
+            for record in records:
+                self.on_record(record)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def record(self, outcome: Outcome) -> Dict[str, Any]:
+        """The JSON record of one message (see README, "Records")."""
+        actions = outcome.decision.actions
+        return {"type": "message", "version": RECORD_VERSION, "run": self.id,
+                "time": _iso(self.store.now()), "account": self.user, "host": self.host,
+                "folder": outcome.folder, "uid": outcome.uid, "uidvalidity": outcome.uidvalidity,
+                "gm_msgid": outcome.msgid, "message_id": outcome.message_id,
+                "subject": outcome.subject, "from": outcome.sender,
+                "rules": [name for name, _ in outcome.decision.matches],
+                "reasons": [reason for _, reason in outcome.decision.matches],
+                "actions": {} if actions.is_empty() else
+                dict(dataclasses.asdict(actions), labels=list(actions.labels)),
+                "applied": outcome.applied, "changes": list(outcome.changes)}
+
+    def _remember(self, folder: str, state: FolderState) -> None:
+        state = dataclasses.replace(state, updated=_iso(self.store.now()))
+        self._memory_marks[folder] = state
+        if self.apply and not self.narrowed:
+            self.store.set_folder(self.account, folder, state)
+
+    def _count_bytes(self, conn: GmailConnection) -> None:
+        if conn is not self._conn:
+            self._conn, self._bytes_seen = conn, 0
+            self._last_fetch_bytes = None
+        self.store.add_download(self.account, conn.bytes_received - self._bytes_seen)
+        self._bytes_seen = conn.bytes_received
+
+
+def history(store: StateStore) -> List[Dict[str, Any]]:
+    """The runs the audit log still holds, newest first.
+
+    Each is a dict: ``run``, ``time``, ``account``, ``host``, ``command`` (run, undo),
+    ``folders``, ``counts`` (``{"label Receipts": 12, "archive": 12}``), ``changes_made``,
+    ``status`` (complete, interrupted, stopped, failed; ``unfinished`` when the process
+    died before writing its summary), ``undo_of`` and ``undone_by`` (run ids or None).
+    """
+    runs: Dict[str, Dict[str, Any]] = {}
+    order: Dict[str, int] = {}        # runs that started in the same second: log order
+    summarised = set()
+    for record in store.audit.records():
+        run_id = record.get("run")
+        if not isinstance(run_id, str):
+            continue
+        order.setdefault(run_id, len(order))
+        entry = runs.setdefault(run_id, {
+            "run": run_id, "time": str(record.get("time", "")),
+            "account": str(record.get("account", "")), "host": str(record.get("host", "")),
+            "command": "run", "folders": [], "counts": {}, "changes_made": 0,
+            "status": "unfinished", "undo_of": None, "undone_by": None})
+        if record.get("undo_of"):
+            entry["undo_of"] = record["undo_of"]
+        if record.get("type") == "summary":
+            summarised.add(run_id)
+            entry.update(time=str(record.get("time", entry["time"])),
+                         command=str(record.get("command", "run")),
+                         folders=list(record.get("folders") or entry["folders"]),
+                         counts=dict(record.get("counts") or {}),
+                         changes_made=int(record.get("changes_made") or 0),
+                         status=str(record.get("status", "complete")))
+        elif record.get("type") == "message" and record.get("applied") \
+                and run_id not in summarised:
+            if record.get("undo_of"):
+                entry["command"] = "undo"
+            if record.get("folder") not in entry["folders"]:
+                entry["folders"].append(record.get("folder"))
+            for change in record.get("changes") or []:
+                name = describe_change(change)
+                entry["counts"][name] = entry["counts"].get(name, 0) + 1
+                entry["changes_made"] += 1
+    for entry in runs.values():
+        target = runs.get(entry["undo_of"] or "")
+        if target is not None and entry["changes_made"]:
+            target["undone_by"] = entry["run"]
+    return sorted(runs.values(), key=lambda e: (e["time"], order[e["run"]]), reverse=True)
+
+
+_UNDO_ACTIONS = {"label": "unlabel", "archive": "unarchive", "mark read": "mark unread",
+                 "star": "unstar", "move": "move back", "trash": "untrash"}
+_UNDO_ACTIONS.update({after: before for before, after in list(_UNDO_ACTIONS.items())})
+
+
+def _inverse_change(change: Mapping[str, Any]) -> Dict[str, Any]:
+    inverse = dict(change)
+    inverse["before"], inverse["after"] = change.get("after"), change.get("before")
+    action = str(change.get("action", ""))
+    inverse["action"] = _UNDO_ACTIONS.get(action, f"undo {action}")
+    return inverse
+
+
+class Undo:
+    """Reverse one applied run from its audit records (dry run unless ``apply``).
+
+    ``Undo(store, user, host, run_id=None)`` picks the run (default: the newest applied
+    run of this account not undone yet; StateError if there is none, or if ``run_id`` is
+    unknown, of another account, or already undone).  ``execute(conn)`` then, for each
+    message: brings moved and trashed mail back (found by X-GM-MSGID on Gmail, elsewhere
+    by the destination UID checked against the Message-ID, or by Message-ID), restores
+    labels and flags, and off Gmail deletes the copies that stood for labels.  A change
+    the user has undone or altered since is left alone and reported, and a message that
+    is no longer where the run put it is left alone as a whole.  The undo is itself a run
+    (``self.run``) whose records reach the audit log; call ``self.run.finish()`` after.
+    """
+
+    def __init__(self, store: StateStore, user: str, host: str, port: Optional[int] = None,
+                 *, run_id: Optional[str] = None, apply: bool = False,
+                 on_record: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
+        key = account_key(user, host, port)
+        runs = history(store)
+        where = f"the audit log {store.audit.path}"
+        if run_id is None:
+            mine = [r for r in runs if f"{r['account']} on {r['host']}" == key
+                    and r["command"] == "run" and r["changes_made"] and not r["undone_by"]]
+            if not mine:
+                raise StateError(f"no applied run of {key} left to undo in {where}; "
+                                 f"'history' lists the runs")
+            run_id = mine[0]["run"]
+        entry = next((r for r in runs if r["run"] == run_id), None)
+        if entry is None:
+            raise StateError(f"no run {run_id} in {where}; 'history' lists the runs")
+        if f"{entry['account']} on {entry['host']}" != key:
+            raise StateError(f"run {run_id} was on {entry['account']} on {entry['host']}, "
+                             f"not {key}; pass that account's --user and --host")
+        if entry["undone_by"]:
+            raise StateError(f"run {run_id} was already undone by {entry['undone_by']}")
+        self.undo_of = run_id
+        self.apply = apply
+        self.messages = []
+        self.created: List[str] = []        # folders the run created, deleted if empty
+        for record in store.audit.records():
+            if record.get("run") != run_id:
+                continue
+            if record.get("type") == "message" and record.get("applied") \
+                    and record.get("changes"):
+                self.messages.append(record)
+            elif record.get("type") == "summary":
+                for report in record.get("reports") or []:
+                    self.created += [name for name in report.get("created") or []
+                                     if isinstance(name, str)]
+        self.deleted: List[str] = []
+        self.run = Run(store, Ruleset(()), user, host, port, apply=apply, command="undo",
+                       undo_of=run_id, daily_budget=None, on_record=on_record)
+        self.reversed = 0
+        self.left_alone = 0
+
+    # Each message's undo is worked out in ``_work``: index -> {"done": [...], "alone": [...]}.
+
+    def execute(self, conn: GmailConnection) -> None:
+        """Reverse the run over ``conn`` (the account it was made on)."""
+        self.run._count_bytes(conn)
+        work: Dict[int, Dict[str, List[Any]]] = {
+            i: {"done": [], "alone": []} for i in range(len(self.messages))}
+        gone: set = set()
+        located: Dict[int, Tuple[str, Optional[int]]] = {}
+        # 1. Mail the run moved (or trashed, or archived off Gmail) goes back first.
+        by_place: Dict[str, List[int]] = {}
+        for i, record in enumerate(self.messages):
+            place = self._moved(record)
+            if place is not None:
+                by_place.setdefault(place[1]["folder"], []).append(i)
+        for folder, indexes in by_place.items():
+            found = self._locate(conn, folder, indexes, lambda r: self._moved(r)[1].get("uid"))
+            for i in indexes:
+                if i not in found:
+                    gone.add(i)
+                    work[i]["alone"].append(f"no longer in {folder}; left as it is")
+            if not conn.is_gmail:
+                self._restore_flags(conn, found, work)
+            back: Dict[str, List[int]] = {}
+            for i, uid in found.items():
+                back.setdefault(self._moved(self.messages[i])[0]["folder"], []).append(i)
+            for destination, items in back.items():
+                if self.apply:
+                    result = conn.move([found[i] for i in items], destination)
+                    moved = dict(result.moved)
+                else:
+                    moved = {found[i]: None for i in items}
+                for i in items:
+                    if found[i] not in moved:
+                        gone.add(i)
+                        work[i]["alone"].append(f"vanished from {folder} while moving it back")
+                        continue
+                    work[i]["done"].append(_inverse_change(self._moved(self.messages[i])[2]))
+                    located[i] = (destination, moved[found[i]])
+        # 2. Labels and flags where the message is now; off Gmail, copies made for labels.
+        rest = [i for i in range(len(self.messages)) if i not in gone]
+        if conn.is_gmail:
+            everywhere = conn.special_folder("\\All")
+            groups: Dict[str, List[int]] = {}
+            for i in rest:
+                groups.setdefault(everywhere.name if everywhere else self.messages[i]["folder"],
+                                  []).append(i)
+            for folder, indexes in groups.items():
+                found = self._locate(conn, folder, indexes, lambda r: None)
+                for i in indexes:
+                    if i not in found and self._flag_or_label(self.messages[i]):
+                        work[i]["alone"].append(f"not found in {folder}; left as it is")
+                self._restore_flags(conn, found, work)
+        else:
+            groups = {}
+            for i in rest:
+                if self._moved(self.messages[i]) is None and \
+                        any(c.get("flag") for c in self.messages[i]["changes"]):
+                    groups.setdefault(self.messages[i]["folder"], []).append(i)
+            for folder, indexes in groups.items():
+                found = self._locate(conn, folder, indexes, self._original_uid)
+                for i in indexes:
+                    if i not in found:
+                        work[i]["alone"].append(f"not found in {folder}; left as it is")
+                self._restore_flags(conn, found, work)
+            self._delete_copies(conn, rest, work)
+        self._report(work)
+        # Last, folders (labels) the run created, if nothing is left in them.
+        for name in dict.fromkeys(self.created):
+            if not any(f.name == name for f in conn.list_folders(refresh=True)):
+                continue
+            if conn.message_count(name):
+                log.warning("%s was created by run %s but holds mail now; it stays",
+                            name, self.undo_of)
+                continue
+            if self.apply:
+                if conn.selected is not None and _same_folder(conn.selected.name, name):
+                    conn.examine("INBOX")        # never delete the folder that is open
+                conn.delete_folder(name)
+            self.deleted.append(name)
+            label = f"delete folder {name}"
+            self.run.counts[label] = self.run.counts.get(label, 0) + 1
+
+    # -- helpers -------------------------------------------------------------------------
+
+    @staticmethod
+    def _moved(record: Mapping[str, Any]) -> Optional[Tuple[Dict[str, Any], Dict[str, Any],
+                                                            Dict[str, Any]]]:
+        """(before, after, change) of the record's change of place, if it has one."""
+        for change in record.get("changes") or []:
+            before, after = change.get("before"), change.get("after")
+            if isinstance(before, dict) and isinstance(after, dict) and after.get("folder"):
+                return before, after, change
+        return None
+
+    @staticmethod
+    def _flag_or_label(record: Mapping[str, Any]) -> bool:
+        return any(isinstance(c.get("after"), bool) for c in record.get("changes") or [])
+
+    @staticmethod
+    def _original_uid(record: Mapping[str, Any]) -> Optional[int]:
+        return record.get("uid")
+
+    def _open(self, conn: GmailConnection, folder: str) -> None:
+        if self.apply:
+            conn.select(folder)
+        else:
+            conn.examine(folder)
+
+    def _locate(self, conn: GmailConnection, folder: str, indexes: List[int],
+                uid_of: Callable[[Mapping[str, Any]], Optional[int]]) -> Dict[int, int]:
+        """Find each message in ``folder``: its UID there, or absent when it is not there."""
+        self._open(conn, folder)
+        found: Dict[int, int] = {}
+        if conn.is_gmail:
+            for i in indexes:
+                msgid = self.messages[i].get("gm_msgid")
+                if msgid:
+                    hits = conn.search(["X-GM-MSGID", int(msgid)])
+                    if len(hits) == 1:
+                        found[i] = hits[0]
+            return found
+        # Elsewhere: the UID the server gave, if the Message-ID there still agrees.
+        guesses = {i: uid_of(self.messages[i]) for i in indexes}
+        item = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
+        known = [uid for uid in guesses.values() if uid]
+        there = conn.fetch(known, [item]) if known else {}
+        for i, uid in guesses.items():
+            wanted = self.messages[i].get("message_id") or ""
+            if uid and uid in there and wanted and _first(header_text(
+                    parse_headers(there[uid].get(item) or b""), "message-id")).strip() == wanted:
+                found[i] = uid
+            elif wanted:
+                hits = conn.search(["HEADER", "Message-ID", wanted])
+                if len(hits) == 1:
+                    found[i] = hits[0]
+        return found
+
+    def _restore_flags(self, conn: GmailConnection, found: Mapping[int, int],
+                       work: Dict[int, Dict[str, List[Any]]]) -> None:
+        """Put back labels and flags (in the folder just located in) that still read as
+        the run left them."""
+        if not found:
+            return
+        items = ["FLAGS"] + (["X-GM-LABELS"] if conn.is_gmail else [])
+        now = conn.fetch(list(found.values()), items)
+        stores: Dict[Tuple[str, str, bool], List[int]] = {}
+        owners: Dict[Tuple[str, str, bool], List[Tuple[int, Dict[str, Any]]]] = {}
+        for i, uid in found.items():
+            values = now.get(uid)
+            if values is None:
+                work[i]["alone"].append("vanished while undoing")
+                continue
+            flags = set(values.get("FLAGS") or ())
+            labels = set(values.get("X-GM-LABELS") or ())
+            for change in self.messages[i]["changes"]:
+                if not isinstance(change.get("after"), bool):
+                    continue
+                if change.get("flag"):
+                    kind, name, have = "flag", change["flag"], change["flag"] in flags
+                elif change.get("label") and conn.is_gmail:
+                    kind, name = "label", change["label"]
+                    have = any(_same_label(name, label) for label in labels)
+                else:
+                    continue
+                if have != change["after"]:
+                    state = "set" if have else "not set"
+                    work[i]["alone"].append(f"{describe_change(change)}: changed since "
+                                            f"({name} is {state} now); left as it is")
+                    continue
+                key = (kind, name, bool(change["before"]))
+                stores.setdefault(key, []).append(uid)
+                owners.setdefault(key, []).append((i, change))
+        for (kind, name, on), uids in stores.items():
+            if self.apply:
+                if kind == "flag":
+                    (conn.add_flags if on else conn.remove_flags)(uids, [name])
+                else:
+                    (conn.add_labels if on else conn.remove_labels)(uids, [name])
+            for i, change in owners[(kind, name, on)]:
+                work[i]["done"].append(_inverse_change(change))
+
+    def _delete_copies(self, conn: GmailConnection, indexes: List[int],
+                       work: Dict[int, Dict[str, List[Any]]]) -> None:
+        """Off Gmail a label was a copy: remove exactly that copy (UIDPLUS needed)."""
+        by_folder: Dict[str, List[Tuple[int, Dict[str, Any]]]] = {}
+        for i in indexes:
+            for change in self.messages[i]["changes"]:
+                if change.get("before") is None and isinstance(change.get("after"), dict):
+                    by_folder.setdefault(change["after"]["folder"], []).append((i, change))
+        for folder, pairs in by_folder.items():
+            if not conn.has("UIDPLUS"):
+                for i, change in pairs:
+                    work[i]["alone"].append(f"{describe_change(change)}: {conn.host} lacks "
+                                            f"UIDPLUS, so the copy in {folder} stays")
+                continue
+            changes = {i: change for i, change in pairs}
+            found = self._locate(conn, folder, list(changes),
+                                 lambda r, c=changes: None)
+            uids = []
+            for i, change in pairs:
+                uid = change["after"].get("uid")
+                verified = self._locate_one(conn, i, uid) if uid else None
+                target = verified or found.get(i)
+                if target is None:
+                    work[i]["alone"].append(f"{describe_change(change)}: the copy is no "
+                                            f"longer in {folder}")
+                    continue
+                uids.append(target)
+                work[i]["done"].append(_inverse_change(change))
+            if uids and self.apply:
+                conn.add_flags(uids, ["\\Deleted"])
+                conn.uid_expunge(uids)
+
+    def _locate_one(self, conn: GmailConnection, i: int, uid: int) -> Optional[int]:
+        item = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
+        values = conn.fetch([uid], [item]).get(uid)
+        wanted = self.messages[i].get("message_id") or ""
+        if values and wanted and _first(header_text(parse_headers(values.get(item) or b""),
+                                                    "message-id")).strip() == wanted:
+            return uid
+        return None
+
+    def _report(self, work: Dict[int, Dict[str, List[Any]]]) -> None:
+        records = []
+        for i, outcome in sorted(work.items()):
+            if not outcome["done"] and not outcome["alone"]:
+                continue
+            original = self.messages[i]
+            record = dict(original)
+            record.update(run=self.run.id, time=_iso(self.run.store.now()),
+                          undo_of=self.undo_of, applied=self.apply, rules=[], reasons=[],
+                          actions={}, changes=outcome["done"], left_alone=outcome["alone"])
+            self.reversed += len(outcome["done"])
+            self.left_alone += len(outcome["alone"])
+            records.append(record)
+        self.run.add_records(records)
+
+
 # --- Command line ------------------------------------------------------------------------
 #
 # A thin layer over the library: parse arguments, find the rules and the password, call
@@ -4657,20 +6029,22 @@ EXIT_USAGE = 2          # bad arguments or rules file
 EXIT_AUTH = 3           # the server rejected the credentials
 EXIT_CONNECTION = 4     # could not connect, or lost the connection after retries; TLS refused
 EXIT_SERVER = 5         # the server refused an operation or lacks a needed feature
-EXIT_INCOMPLETE = 6     # some messages or folders were skipped; run again
+EXIT_INCOMPLETE = 6     # incomplete (skipped messages or folders, daily budget); run again
+EXIT_LOCKED = 7         # another --apply holds the account lock
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 EXIT_CODES_HELP = """\
 exit codes:
   0  success
   1  unexpected error (run again with -v and report it)
-  2  bad usage, or an invalid rules file
+  2  bad usage, an invalid rules file, or an unusable state file
   3  authentication failed (wrong password, app password needed, bad token)
   4  connection failed, or was lost and could not be restored; TLS refused
   5  the server refused an operation or lacks a feature the rules need, or sent
      something that is not IMAP
-  6  incomplete: some messages or folders were skipped (UIDVALIDITY changed
-     mid-run, an oversized answer); run again
+  6  incomplete: stopped at the daily download budget, or some messages or folders
+     were skipped (UIDVALIDITY changed mid-run, an oversized answer); run again
+  7  another --apply holds the lock for this account
   130 interrupted
 """
 
@@ -4680,7 +6054,7 @@ USER_ENV = "GMAIL_USER"
 # Generic names that other IMAP tools use; the GMAIL_* name wins when both are set.
 USER_ENV_ALIAS = "IMAP_USER"
 PASSWORD_ENV_ALIAS = "IMAP_PASSWORD"
-SUBCOMMANDS = ("run", "check", "test", "labels", "folders", "init", "demo")
+SUBCOMMANDS = ("run", "check", "test", "labels", "folders", "init", "demo", "history", "undo")
 
 QUICK_HELP = """\
 common use (every option of a run: gmail_classify.py run --help):
@@ -4688,7 +6062,9 @@ common use (every option of a run: gmail_classify.py run --help):
   gmail_classify.py --user you@gmail.com          dry run on INBOX: shows, changes nothing
   gmail_classify.py --user you@gmail.com --apply  make the changes
   run options: --folder NAME (repeatable)  --rules FILE  --since 7d|YYYY-MM-DD  --limit N
-               --summary (totals only)  --json  --apply  -v / -vv / -q
+               --summary (totals only)  --json  --apply  --all  --new-only  -v / -vv / -q
+  gmail_classify.py history                       what each --apply did
+  gmail_classify.py undo [RUN_ID] [--apply]       take one back (the last by default)
   the password comes from $GMAIL_APP_PASSWORD (or $IMAP_PASSWORD), ~/.netrc,
   --password-command, or a prompt; never from the command line
 
@@ -4766,6 +6142,14 @@ def _folder_name(text: str) -> str:
     return text
 
 
+def _budget(text: str) -> int:
+    found = _SIZE_RE.fullmatch(text.strip())
+    if not found:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2G, 500M or 0 (no budget), "
+                                         f"got {text!r}")
+    return int(found.group(1)) * 1024 ** " KMG".index(found.group(2).upper() or " ")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; ``python gmail_classify.py`` alone means ``run``."""
     common = argparse.ArgumentParser(add_help=False)
@@ -4823,6 +6207,30 @@ def build_parser() -> argparse.ArgumentParser:
                      "message")
     run.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH,
                      help="messages per FETCH (default: %(default)s)")
+    fresh = run.add_mutually_exclusive_group()
+    fresh.add_argument("--all", action="store_true", help="classify every message again, not "
+                       "only those above the folder's mark (also starts over after a bad "
+                       "state file)")
+    fresh.add_argument("--new-only", action="store_true", help="classify nothing now; "
+                       "remember each folder's newest message so later runs act on new mail "
+                       "only")
+    run.add_argument("--daily-budget", type=_budget, default=DEFAULT_DAILY_BUDGET,
+                     metavar="SIZE", help="stop before downloading more than SIZE a day for "
+                     "this account (default: 2G; Gmail allows about 2.5G; 0: no limit)")
+
+    history = sub.add_parser("history", parents=[common], help="list the applied runs, "
+                             "newest first, from the audit log")
+    history.add_argument("--json", action="store_true", help="one JSON object per run")
+
+    undo = sub.add_parser("undo", parents=[common, conn], help="reverse one applied run "
+                          "(dry run unless --apply)", epilog=EXIT_CODES_HELP,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    undo.add_argument("run_id", metavar="RUN_ID", nargs="?", help="the run to reverse "
+                      "(default: the last applied run of this account; see 'history')")
+    undo.add_argument("--apply", action="store_true", help="reverse it (default: only show "
+                      "what would be reversed)")
+    undo.add_argument("--json", action="store_true", help="one JSON object per message, "
+                      "then a summary object")
 
     check = sub.add_parser("check", parents=[common], help="validate and summarise a rules "
                            "file, offline")
@@ -5020,8 +6428,10 @@ def _message_line(outcome: Outcome, applied: bool, width: Optional[int] = None) 
     """One line per matched message; fitted to `width` columns (a terminal) when given."""
     rules_text = ", ".join(name for name, _ in outcome.decision.matches)
     verb = "" if applied else "would "
-    head = printable(f"{outcome.folder} {outcome.uid}: {verb}"
-                     f"{outcome.decision.actions.describe()}  [{rules_text}]")
+    # What changes (or would): only what the message still needs, once the run knows it.
+    what = (", ".join(describe_change(change) for change in outcome.changes)
+            if outcome.changes else outcome.decision.actions.describe())
+    head = printable(f"{outcome.folder} {outcome.uid}: {verb}{what}  [{rules_text}]")
     subject = printable(" ".join(outcome.subject.split()))
     sender = printable(outcome.sender)
     if width is None:
@@ -5068,45 +6478,81 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     rules = find_rules(args.rules)
     settings = _connection_settings(args, rules.account)
     folders = args.folder or list(rules.account.get("folders") or ["INBOX"])
-    progress = _Progress(sys.stderr, sys.stderr.isatty() and not args.quiet)
+    progress = _Progress(sys.stderr, sys.stderr.isatty() and not args.quiet and not args.json)
     width = shutil.get_terminal_size().columns if out.isatty() else None
-    reports: List[FolderReport] = []
+    store = StateStore()
+    store.load(start_over=args.all)
     if not args.json and not args.quiet:
         out.write(_rules_line(rules))
 
-    def on_message(outcome: Outcome) -> None:
+    def on_record(record: Dict[str, Any]) -> None:
         if args.json:
-            out.write(printable(json.dumps(_outcome_json(outcome), ensure_ascii=False)) + "\n")
-        elif outcome.decision.matches and not args.quiet and not args.summary:
+            out.write(printable(json.dumps(record, ensure_ascii=False)) + "\n")
+
+    def on_message(outcome: Outcome) -> None:
+        # Only what changes (or would); with --apply, after the server confirmed it.
+        if outcome.changes and not args.json and not args.quiet and not args.summary:
             out.write(_message_line(outcome, args.apply, width) + "\n")
 
+    run = Run(store, rules, settings["user"], settings["host"], settings.get("port"),
+              apply=args.apply, reclassify=args.all, new_only=args.new_only,
+              daily_budget=args.daily_budget or None, on_record=on_record,
+              on_message=on_message)
+    lock = store.lock(run.account).acquire() if args.apply else None
     incomplete: List[str] = []
-    with _signed_in(settings) as conn:
-        for folder in folders:
-            try:
-                reports.append(classify_folder(
-                    conn, rules, folder, apply=args.apply, since=args.since, limit=args.limit,
-                    batch_size=args.batch_size, on_message=on_message,
-                    on_progress=lambda done, total: progress(f"{folder}: classified", done, total),
-                    on_applied=lambda done, total: progress(f"{folder}: applied", done, total)))
-            except UidValidityError as exc:
-                # The folder was renumbered under us: every UID in hand is stale, so stop
-                # there (nothing more is done to it) and let the other folders run.
-                incomplete.append(f"{folder}: {exc}")
-        stats = {"imap_commands": conn.commands_sent, "bytes_received": conn.bytes_received,
-                 "reconnects": conn.reconnects}
-    for report in reports:
+    try:
+        with _signed_in(settings) as conn:
+            for folder in folders:
+                try:
+                    run.classify(
+                        conn, folder, since=args.since, limit=args.limit,
+                        batch_size=args.batch_size,
+                        on_progress=lambda done, total: progress(f"{folder}: classified",
+                                                                 done, total),
+                        on_applied=lambda done, total: progress(f"{folder}: applied",
+                                                                done, total))
+                except UidValidityError as exc:
+                    # The folder was renumbered under us: every UID in hand is stale, so
+                    # stop there (nothing more is done to it) and let the other folders run.
+                    incomplete.append(f"{folder}: {exc}")
+    except KeyboardInterrupt:
+        _finish_run(run, args, out, "interrupted", "interrupted")
+        return EXIT_INTERRUPTED
+    except GmailClassifyError as exc:
+        _finish_run(run, args, out, "stopped" if isinstance(exc, RunStopped) else "failed",
+                    "incomplete", str(exc))
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+    for report in run.reports:
         if report.skipped:
-            incomplete.append(f"{report.folder}: {len(report.skipped)} messages skipped "
-                              f"because the server sent far more than was asked for; run again")
+            incomplete.append(f"{report.folder}: {_plural(len(report.skipped), 'message')} "
+                              f"skipped because the server sent far more than was asked for; "
+                              f"run again")
+    summary = run.finish("incomplete" if incomplete else "complete", "; ".join(incomplete))
     if args.json:
-        out.write(printable(json.dumps({"summary": [_report_json(r) for r in reports], **stats},
-                                       ensure_ascii=False)) + "\n")
+        out.write(printable(json.dumps(summary, ensure_ascii=False)) + "\n")
     elif not args.quiet:
-        _write_reports(out, reports, rules)
+        _write_reports(out, run.reports, rules)
+        if args.apply:
+            out.write(f"{_plural(run.changes_made, 'change')} made.\n")
     for line in incomplete:
         sys.stderr.write(printable(f"gmail_classify: {line}") + "\n")
     return EXIT_INCOMPLETE if incomplete else EXIT_OK
+
+
+def _finish_run(run: Run, args: argparse.Namespace, out: TextIO, status: str, word: str,
+                error: str = "") -> None:
+    """A run that stopped early: save and log it, then say what was and was not done."""
+    summary = run.finish(status, error)
+    if args.json:
+        out.write(printable(json.dumps(summary, ensure_ascii=False)) + "\n")
+    if args.apply:
+        sys.stderr.write(f"{word}: {run.changes_made:,} changes made, "
+                         f"{run.changes_not_made:,} not; run again to finish\n")
+    elif status == "interrupted":
+        sys.stderr.write("interrupted\n")
 
 
 _DRY_RUN_FOOTER = "Dry run: nothing was changed. Run again with --apply to do it.\n"
@@ -5138,17 +6584,73 @@ def _total_line(reports: List[FolderReport]) -> str:
     return line + "\n"
 
 
-def _outcome_json(outcome: Outcome) -> Dict[str, Any]:
-    actions = outcome.decision.actions
-    return {"folder": outcome.folder, "uid": outcome.uid, "msgid": outcome.msgid,
-            "from": outcome.sender, "subject": outcome.subject,
-            "rules": [name for name, _ in outcome.decision.matches],
-            "reasons": [reason for _, reason in outcome.decision.matches],
-            "actions": dataclasses.asdict(actions) if not actions.is_empty() else {}}
+def _cmd_history(args: argparse.Namespace, out: TextIO) -> int:
+    store = StateStore()
+    runs = history(store)
+    for entry in runs:
+        if args.json:
+            out.write(printable(json.dumps(entry, ensure_ascii=False)) + "\n")
+            continue
+        counts = ", ".join(f"{name} {count:,}" for name, count in entry["counts"].items())
+        status = "" if entry["status"] == "complete" else f"  [{entry['status']}]"
+        undone = f"  [undone by {entry['undone_by']}]" if entry.get("undone_by") else ""
+        what = f"undo of {entry['undo_of']}: " if entry.get("undo_of") else ""
+        out.write(printable(f"{entry['run']}  {entry['time']}  {entry['account']} on "
+                            f"{entry['host']}  {', '.join(entry['folders'])}  {what}"
+                            f"{counts or 'no changes'}{status}{undone}") + "\n")
+    if not runs and not args.json and not args.quiet:
+        out.write(f"no applied runs in {store.audit.path}\n")
+    return EXIT_OK
 
 
-def _report_json(report: FolderReport) -> Dict[str, Any]:
-    return dataclasses.asdict(report)
+def _cmd_undo(args: argparse.Namespace, out: TextIO) -> int:
+    rules = find_rules(args.rules)
+    settings = _connection_settings(args, rules.account)
+    store = StateStore()
+    store.load()
+
+    def on_record(record: Dict[str, Any]) -> None:
+        if args.json:
+            out.write(printable(json.dumps(record, ensure_ascii=False)) + "\n")
+            return
+        if args.quiet:
+            return
+        verb = "" if args.apply else "would "
+        for change in record["changes"]:
+            out.write(printable(f"{record['folder']} {record['uid']}: {verb}"
+                                f"{describe_change(change)}  {record['subject'][:60]}") + "\n")
+        for reason in record.get("left_alone", []):
+            out.write(printable(f"{record['folder']} {record['uid']}: left alone: {reason}  "
+                                f"{record['subject'][:60]}") + "\n")
+
+    undo = Undo(store, settings["user"], settings["host"], settings.get("port"),
+                run_id=args.run_id, apply=args.apply, on_record=on_record)
+    lock = store.lock(undo.run.account, "undo").acquire() if args.apply else None
+    try:
+        with _signed_in(settings) as conn:
+            undo.execute(conn)
+    except KeyboardInterrupt:
+        _finish_run(undo.run, args, out, "interrupted", "interrupted")
+        return EXIT_INTERRUPTED
+    except GmailClassifyError as exc:
+        _finish_run(undo.run, args, out, "failed", "incomplete", str(exc))
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+    summary = undo.run.finish()
+    if args.json:
+        out.write(printable(json.dumps(summary, ensure_ascii=False)) + "\n")
+    elif not args.quiet:
+        verb = "reversed" if args.apply else "would reverse"
+        for name in undo.deleted:
+            out.write(printable(f"{'deleted' if args.apply else 'would delete'} the empty "
+                                f"folder {name}, which run {undo.undo_of} created") + "\n")
+        out.write(f"undo of {undo.undo_of}: {verb} {undo.reversed:,} changes; "
+                  f"{undo.left_alone:,} left alone\n")
+        if not args.apply:
+            out.write("Dry run: nothing was changed. Run again with --apply to do it.\n")
+    return EXIT_OK
 
 
 def _report_table(report: FolderReport, rules: Ruleset) -> str:
@@ -5179,7 +6681,7 @@ def _report_table(report: FolderReport, rules: Ruleset) -> str:
 
 def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     rules = load_rules(args.rules_file)
-    out.write(printable(f"{rules.source}: {len(rules.rules)} rules, valid") + "\n")
+    out.write(printable(f"{rules.source}: {_plural(len(rules.rules), 'rule')}, valid") + "\n")
     for rule in rules.rules:
         more = " (continue)" if rule.continue_ else ""
         out.write(printable(f"  {rule.position}. {rule.name}: {rule.actions.describe()}{more}")
@@ -5240,7 +6742,7 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
         out.write(_rules_line(rules))
 
     def on_message(outcome: Outcome) -> None:
-        if outcome.decision.matches and not args.quiet and not args.summary:
+        if outcome.changes and not args.quiet and not args.summary:
             out.write(_message_line(outcome, False, width) + "\n")
 
     report = classify_messages(rules, demo_messages(), "INBOX", on_message=on_message)
@@ -5265,7 +6767,7 @@ def _cmd_init(args: argparse.Namespace, out: TextIO) -> int:
 
 _COMMANDS = {"run": _cmd_run, "check": _cmd_check, "test": _cmd_test,
              "labels": _cmd_labels, "folders": _cmd_labels, "init": _cmd_init,
-             "demo": _cmd_demo}
+             "demo": _cmd_demo, "history": _cmd_history, "undo": _cmd_undo}
 
 
 def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> int:
@@ -5300,7 +6802,8 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
 
 
 _OPTIONS_WITH_VALUES = ("--user", "--host", "--port", "--cafile", "--auth", "--password-command",
-                        "--timeout", "--retries", "--rules", "--folder", "--since", "--limit", "--batch-size")
+                        "--timeout", "--retries", "--rules", "--folder", "--since", "--limit", "--batch-size",
+                        "--daily-budget")
 
 
 def _subcommand_first(argv: List[str]) -> List[str]:
@@ -5324,9 +6827,11 @@ def _subcommand_first(argv: List[str]) -> List[str]:
 
 
 def _exit_code(exc: GmailClassifyError) -> int:
-    if isinstance(exc, (UsageError, RulesError, CredentialError)):
+    if isinstance(exc, (UsageError, RulesError, StateError, CredentialError)):
         return EXIT_USAGE
-    if isinstance(exc, UidValidityError):
+    if isinstance(exc, LockedError):
+        return EXIT_LOCKED
+    if isinstance(exc, (RunStopped, UidValidityError)):
         return EXIT_INCOMPLETE
     if isinstance(exc, AuthenticationError):
         return EXIT_AUTH

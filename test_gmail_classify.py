@@ -1246,7 +1246,8 @@ class _Session(socketserver.BaseRequestHandler):
             self._send(data)
             return
         step = fault.size or 1
-        for start in range(0, len(data), step):
+        self._send(data[:fault.burst])
+        for start in range(fault.burst, len(data), step):
             self._send(data[start:start + step])
             if self.killed.wait(fault.delay):
                 raise _Closed()
@@ -2221,12 +2222,14 @@ class _Fault:
     delay: float
     text: Optional[str]
     size: int = 0
+    burst: int = 0
     seen: int = 0
 
 
 # Hostile behaviours (issue "Hostile input"), each a fault that composes with any server
 # mode; ``size`` and ``delay`` tune them:
-#   dribble         the whole answer, ``size`` bytes (default 1) every ``delay`` seconds
+#   dribble         the whole answer, ``size`` bytes (default 1) every ``delay`` seconds,
+#                   after the first ``burst`` bytes at once
 #   huge_literal    before the first FETCH answer, one for the same message whose body is a
 #                   literal of ``size`` bytes
 #   nesting_bomb    the first FETCH answer gets a BODYSTRUCTURE nested ``size`` deep
@@ -2375,7 +2378,7 @@ class FakeGmail:
 
     def add_fault(self, command: Optional[str] = None, *, nth: int = 1, action: str = "drop",
                   when: str = "before", count: int = 1, delay: float = 0.0, text: Optional[str] = None,
-                  size: int = 0) -> None:
+                  size: int = 0, burst: int = 0) -> None:
         """Misbehave on the nth (1-based) matching command from now on, for count commands.
 
         command: 'UID MOVE', 'NOOP', ... or None for any. action: one of bye, drop, reset, delay,
@@ -2391,7 +2394,7 @@ class FakeGmail:
             raise ValueError("nth and count start at 1")
         with self._cond:
             self._faults.append(_Fault(command.upper() if command else None, nth, action, when, count,
-                                       delay, text, size))
+                                       delay, text, size, burst))
 
     # -- mailbox model, public --
 
@@ -7713,6 +7716,14 @@ class StallTest(FakeServerTest):
             conn.search()
         self.assertLess(time.monotonic() - started, 3)
         self.assertIn("stalled", str(ctx.exception))
+
+    def test_a_fast_start_does_not_excuse_a_dribble_later(self):
+        self.server.add_message(make_message(body="x" * 4000))
+        conn = self.connect(timeout=0.3, retries=0)
+        conn.select("INBOX")
+        self.server.add_fault("UID FETCH", action="dribble", burst=2048, size=1, delay=0.005)
+        with self.assertRaisesRegex(gc.ConnectionLostError, "stalled"):
+            conn.fetch([1], ["BODY.PEEK[]"])
 
     def test_the_command_line_gives_up_on_a_dribbling_server_with_exit_4(self):
         self.server.add_fault("EXAMINE", action="dribble", size=1, delay=0.02, count=5)

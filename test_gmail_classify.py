@@ -61,6 +61,13 @@ try:
 except ImportError:
     tomllib = None
 
+if __name__ == "__main__" and sys.argv[1:2] in (["bench"], ["bench-serve"], ["bench-delay"], ["bench-client"]):
+    # The benchmark (last section) runs from a fully imported copy of this module, so that the
+    # unittest.main() calls between the sections never see its arguments.
+    import test_gmail_classify as _self
+    sys.exit({"bench": _self._bench_main, "bench-serve": _self._bench_serve,
+              "bench-delay": _self._bench_delay, "bench-client": _self._bench_client}[sys.argv[1]](sys.argv[2:]))
+
 
 # --- Fake Gmail IMAP server --------------------------------------------------------------
 #
@@ -7617,6 +7624,19 @@ class ResourceLimitsTest(FakeServerTest):
         self.assertEqual(code, 0, err)
         self.assertEqual([m.flags for m in self.server.messages("INBOX")], [{"\\Flagged"}] * 3)
 
+    def test_an_oversized_header_answer_in_the_pipelined_fetch_skips_only_that_message(self):
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w") as handle:
+            json.dump({"rule": [{"name": "All", "subject": "message", "star": True}]}, handle)
+        self.server.add_fault("UID FETCH", action="huge_literal", size=3 * 1024 * 1024)
+        code, out, err = run_cli("--user", USER, "--host", "127.0.0.1", "--port",
+                                 str(self.server.port), "--plaintext", "--rules", rules,
+                                 "--apply", env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, gc.EXIT_INCOMPLETE, err)
+        self.assertIn("INBOX: 1 message skipped", err)
+        self.assertEqual([m.flags for m in self.server.messages("INBOX")],
+                         [set(), {"\\Flagged"}, {"\\Flagged"}])
+
     def test_a_huge_copyuid_is_ignored_not_expanded(self):
         conn = self.connect()
         conn.select("INBOX")
@@ -7840,7 +7860,7 @@ class ExitCodeTest(FakeServerTest):
             self.assertIn("Dry run", out)
             code, out, err = run_cli("labels", *self.argv(), env={"GMAIL_APP_PASSWORD": PASSWORD})
             self.assertEqual(code, 0, err)
-        with mock.patch.object(gc.GmailConnection, "_execute_on", interrupt_on("UID FETCH")):
+        with mock.patch.object(gc.GmailConnection, "_execute_on", interrupt_on("UID SEARCH")):
             code, out, err = run_cli(*self.argv(), env={"GMAIL_APP_PASSWORD": PASSWORD})
         self.assertEqual(code, gc.EXIT_INTERRUPTED)
         wait_until(lambda: self.server.sessions == [])   # the interrupted run still closed
@@ -8133,3 +8153,597 @@ class LineLimitTest(FakeServerTest):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# --- Fast paths against the plain ones -----------------------------------------------------
+
+# Header values in every shape the fast decoder accepts or must refuse: encoded display
+# names and subjects (Q and B, several charsets), groups, comments, quoted pairs, broken
+# encodings, unknown and non-UTF-8 charsets, raw 8-bit bytes, folding, odd spacing.
+TRICKY_ADDRESSES = [
+    b"Alice Example <alice@example.com>", b'"Doe, John" <john.doe@corp.example>',
+    b"=?UTF-8?Q?J=C3=B6rg_M=C3=BCller?= <joerg@example.de>",
+    b"=?UTF-8?Q?J=C3=B6rg?= =?UTF-8?Q?M=C3=BCller?= <j@example.de>",
+    b"=?ISO-8859-1?Q?Fran=E7ois_Dupont?= <francois@example.fr>",
+    b"=?UTF-8?Q?Fran=E7ois?= <bad-utf8@example.fr>", b"=?UTF-8?B?5bGx55Sw5aSq6YOO?= <yamada@example.jp>",
+    b"=?utf-8?b?5bGx55Sw5aSq6YO?= <badpad@example.jp>", b"=?x-unknown?q?abc?= <unknown@example.com>",
+    b"=?utf-8?q?a_?= b <space@example.com>", b"=?koi8-r?b?8NLJ18XU?= <koi@example.ru>",
+    b'"=?utf-8?q?Caf=C3=A9?= Team" <cafe@example.org>', b"Name=?utf-8?q?x?= <glued@example.com>",
+    b"old.style@example.net (Old Style)", b"(comment) a@example.com", b"<bare@example.com>",
+    b"no-reply@accounts.example.com", b"Mr. Smith <smith@example.co.uk>", b"A  B\t C <abc@example.com>",
+    b"Team: team@example.com, ann@example.com;", b"undisclosed-recipients:;",
+    b"Team: a@example.com;, b@example.com", b"staff@example.com, User <user@example.com>",
+    b'"Example, User" <user@example.com>, =?UTF-8?Q?B=C3=A9a?= <bea@example.com>',
+    b'"quoted \\"pair\\"" <qp@example.com>', b'"unterminated <x@example.com>', b"a@b@example.com",
+    b"<@route:user@example.com>", b"Name <user@[192.0.2.1]>", b"user@localhost", b"just text, no address",
+    b"M\xfcller <raw8bit@example.de>", b"M\xc3\xbcller <rawutf8@example.de>", b"a@example.com,,b@example.com",
+    b"a@example.com,", b"Name <a@example.com> trailing", b'"" <empty@example.com>',
+    b".dot <dot@example.com>", b"x <a.b@c.d>, y@z.example", b"Group : a@example.com ;",
+    b"Very\r\n Folded\r\n\t<folded@example.com>", b"=?utf-8?Q?=41bc?= <hack@example.com>",
+    b'"a b" c <mixed@example.com>', b"Bob's Shop <shop@example.com>", b"=?utf-8?b??= <emptyword@example.com>",
+    b"First.Last@Example.COM", b"IDN <user@xn--bcher-kva.example>", b"a@example.com (c), d@example.com (f g)",
+    b"a@example.com (c (nested))", b"a@example.com(c)", b"Name <a@example.com>(c)", b"Name <a@example.com> (c)",
+    b'"=?utf-8?q?Caf=C3=A9?=  =?utf-8?q?Ol=C3=A9?=" <c@example.com>', b'"A =?utf-8?q?Caf=C3=A9?=" <c@example.com>',
+    b'"x=?utf-8?q?Caf=C3=A9?=" <c@example.com>', b'"=?utf-8?q?Caf=C3=A9?=x" <c@example.com>',
+    b'"=?utf-8?q?Caf=E9?=" <c@example.com>', b"Name (comment) <a@example.com>", b"",
+]
+TRICKY_SUBJECTS = [
+    b"Your receipt #1", b"=?UTF-8?B?SWhyZSBCZXN0ZWxsYmVzdMOkdGlndW5n?=", b"=?UTF-8?Q?Caf=C3=A9_ol=C3=A9?= 5",
+    b"=?iso-8859-1?q?R=E9union?=", b"=?utf-8?b?broken 1?=", b"=?koi8-r?b?8NLJ18XU?= 5",
+    b"=?utf-8?q?a?= =?utf-8?q?b?=", b"x =?utf-8?q?a?=  y", b"=?utf-8?q?a?=\t=?utf-8?q?b?= c ", b"a  b ",
+    b"=?utf-8?q?a?=b", b"x=?utf-8?q?a?=", b"=?x-unknown?q?abc?=", b"=?utf-8?q?=E9?=",
+    b"=?utf-8?q?=zz?=", b"Order confirmation\r\n that is folded", b"Caf\xe9 latin-1 raw",
+    b"Caf\xc3\xa9 utf-8 raw", b"=?utf-8*en?q?lang?=", b"=?utf-8?Q?=41bc?=", b"=?utf-8?q?a?==?utf-8?q?b?=",
+    b"", b"   leading", b"trailing   ", b"=?UTF-8?B?8J+YgA==?= emoji", b"=?utf-16?b?AGEAYg==?=",
+    b"=?base64?b?YWJj?=", b"=?utf-8?b?YWJj?=?", b"a =?utf-8?q?x?= =?utf-8?q?_y?= z",
+]
+
+
+def tricky_header_blocks() -> List[bytes]:
+    blocks = []
+    for i, address in enumerate(TRICKY_ADDRESSES):
+        subject = TRICKY_SUBJECTS[i % len(TRICKY_SUBJECTS)]
+        blocks.append(b"From: " + address + b"\r\nTo: " + TRICKY_ADDRESSES[-1 - i] + b"\r\nCc: "
+                      + TRICKY_ADDRESSES[(i * 7) % len(TRICKY_ADDRESSES)] + b"\r\nSubject: " + subject
+                      + b"\r\nList-Id: " + subject + b"\r\nDelivered-To: " + address
+                      + b"\r\nX-Custom: " + address + b"\r\nMessage-ID: <%d.x@example.com>\r\n"
+                      b"Date: Mon, 04 Mar 2024 10:00:0%d +0000\r\n\r\n" % (i, i % 10))
+    for subject in TRICKY_SUBJECTS:
+        blocks.append(b"Subject: " + subject + b"\r\nSubject: second\r\n\r\n")
+    blocks += [b"From nobody Mon Jan 1\r\nSubject: unix from\r\n\r\n", b"Subject: no end",
+               b"Bad line\r\nSubject: x\r\n\r\n", b" Subject: leading space\r\n\r\n",
+               b"Subject: with body\r\n\r\nbody text", b"Subject: bare\nlf\r\n\r\n",
+               b"Subject:\r\n folded-empty\r\n\r\n", b"Subject:x\r\n\r\n", b""]
+    return blocks
+
+
+class FastPathTest(unittest.TestCase):
+    """The optimised header path gives exactly what the email package's header classes give."""
+
+    NAMES = ("from", "to", "cc", "subject", "list-id", "delivered-to", "x-custom", "message-id",
+             "date", "bcc", "missing")
+
+    def plain(self, raw: bytes) -> email.message.EmailMessage:
+        return email.parser.BytesParser(policy=email.policy.default).parsebytes(raw, headersonly=True)
+
+    def test_header_split_matches_the_feed_parser(self):
+        for raw in tricky_header_blocks():
+            with self.subTest(raw=raw):
+                self.assertEqual(list(parse_headers(raw).raw_items()), list(self.plain(raw).raw_items()))
+
+    def test_decoded_headers_match_the_plain_path(self):
+        for raw in tricky_header_blocks():
+            fast, plain = parse_headers(raw), self.plain(raw)
+            for name in self.NAMES:
+                want = (gc._plain_header_text(plain, name), gc._plain_header_addresses(plain, name))
+                got = (header_text(fast, name), header_addresses(fast, name))
+                header_text(fast, name).append("x")    # asked again: a copy of the cached answer
+                if got != want or header_text(fast, name) != want[0]:
+                    self.fail("%r, %s: fast %r, plain %r" % (raw, name, got, want))
+
+    def test_fast_decoder_handles_the_common_shapes_itself(self):
+        with mock.patch.object(gc, "_plain_header_addresses", side_effect=AssertionError), \
+                mock.patch.object(gc, "_plain_header_text", side_effect=AssertionError):
+            msg = parse_headers(b"From: =?UTF-8?Q?J=C3=B6rg?= <j@example.de>\r\nTo: Team: a@example.com,"
+                                b" \"B, C\" <b@example.com>;, undisclosed-recipients:;\r\n"
+                                b"Subject: =?UTF-8?B?SWhyZSBCZXN0ZWxsYmVzdMOkdGlndW5n?= 5\r\n\r\n")
+            self.assertEqual(header_addresses(msg, "from"), ["Jörg <j@example.de>"])
+            self.assertEqual(header_addresses(msg, "to"), ["a@example.com", "B, C <b@example.com>"])
+            self.assertEqual(header_text(msg, "subject"), ["Ihre Bestellbestätigung 5"])
+
+    def test_changed_headers_are_decoded_again(self):
+        msg = parse_headers(b"Subject: old\r\n\r\n")
+        self.assertEqual(header_text(msg, "subject"), ["old"])
+        msg.replace_header("Subject", "new")
+        self.assertEqual(header_text(msg, "subject"), ["new"])
+        del msg["Subject"]
+        self.assertEqual(header_text(msg, "subject"), [])
+
+    def test_tokenizer_matches_the_plain_parser(self):
+        import random
+        rng = random.Random(8)
+        pieces = [b"(", b")", b" ", b" ", b'"a b"', b'"a\\"b"', b'""', b"{3}\r\nabc", b"{5}\r\nab", b"NIL",
+                  b"nil", b"123", b"0", b"BODY[HEADER.FIELDS (FROM TO)]", b"BODY[TEXT]<0>", b"]", b"[", b"\r",
+                  b"\n", b"~{2}\r\nxy", b"\\Seen", b"x", b"a]b", b"[Gmail]/Sent", b"BODY[a[b]]", b"{", b"~",
+                  b'"\xc3\xa9"', b"\xff", b"{0}\r\n", b"{2+}\r\nab", b'"unterminated', b"UID", b"FETCH"]
+        samples = [b"1 FETCH (UID 5 FLAGS (\\Seen $Label) BODY[HEADER.FIELDS (FROM)] {4}\r\nab\r\n)",
+                   b'3 FETCH (X-GM-LABELS ("\\\\Important" "(foo)" "[bar]" fav) UID 9)', b"", b"  ", b"NIL",
+                   b'1 FETCH (BODYSTRUCTURE (("TEXT" "PLAIN" ("CHARSET" "utf-8") NIL NIL "7BIT" 12 1 NIL NIL'
+                   b' NIL NIL) "MIXED" ("BOUNDARY" "b") NIL NIL NIL))']
+        for _ in range(3000):
+            samples.append(b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 12))))
+        for raw, _ in bench_corpus(30):
+            samples.append(b"1 FETCH (UID 1 BODY[HEADER] {%d}\r\n%s)" % (len(raw), raw))
+
+        def outcome(parse, data):
+            try:
+                return parse(data)
+            except gc.ProtocolError as exc:
+                return "error: %s" % exc
+        fast_used = 0
+        for data in samples:
+            with self.subTest(data=data):
+                self.assertEqual(outcome(gc.parse_response, data), outcome(gc._parse_plain, data))
+            try:
+                gc._parse_fast(data)
+                fast_used += 1
+            except gc._NotSimple:
+                pass
+        self.assertGreater(fast_used, 500)   # the fast path did the work, not the fallback
+
+    def test_classification_matches_the_plain_path_on_the_bench_corpus(self):
+        rules = gc.parse_rules(BENCH_RULES, "bench rules")
+        now = datetime(2026, 11, 30, tzinfo=timezone.utc)
+        corpus = [raw.split(b"\r\n\r\n")[0] + b"\r\n\r\n" for raw, _ in bench_corpus(200)]
+        corpus += tricky_header_blocks()
+
+        def info(raw):
+            return MessageInfo(headers=parse_headers(raw), size=len(raw), date=now - timedelta(days=len(raw)),
+                               has_attachment=len(raw) % 3 == 0)
+        fast_results, plain_results = [], []
+        for raw in corpus:
+            fast_results.append(rules.classify(info(raw), final=True, now=now))
+        with mock.patch.object(gc, "header_text", gc._plain_header_text), \
+                mock.patch.object(gc, "header_addresses", gc._plain_header_addresses), \
+                mock.patch.object(gc, "_split_header_block", lambda raw: None):
+            for raw in corpus:
+                plain_results.append(rules.classify(info(raw), final=True, now=now))
+        self.assertEqual(fast_results, plain_results)
+        self.assertGreater(sum(bool(d.matches) for d in fast_results), 100)
+
+
+class PipeliningTest(FakeServerTest):
+    """fetch_batches(): the next UID FETCH goes out before the current answer is used."""
+
+    ITEMS = ["FLAGS", "BODY.PEEK[HEADER.FIELDS (SUBJECT)]"]
+    BATCHES = [[1, 2], [3, 4], [5, 6]]
+
+    def setUp(self):
+        super().setUp()
+        for index in range(1, 7):
+            self.server.add_message(make_message(f"message {index}"))
+        self.conn = self.connect()
+        self.conn.examine("INBOX")
+
+    def fetch_lines(self) -> List[bytes]:
+        return [e.line.split(b" ", 3)[3] for e in self.server.log if e.command == "UID FETCH"]
+
+    def subjects(self, result: Dict[int, Dict[str, Any]]) -> Dict[int, bytes]:
+        return {uid: values[self.ITEMS[1]].strip() for uid, values in result.items()}
+
+    def test_next_fetch_is_on_the_wire_before_the_first_answer_is_used(self):
+        batches = gc.GmailConnection.fetch_batches(self.conn, self.BATCHES, self.ITEMS)
+        batch, result = next(batches)
+        self.assertEqual(batch, [1, 2])
+        self.assertEqual(self.subjects(result), {1: b"Subject: message 1", 2: b"Subject: message 2"})
+        wait_until(lambda: self.server.count("UID FETCH") == 2)
+        self.assertEqual(self.fetch_lines(), [b"1:2 (UID FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n",
+                                              b"3:4 (UID FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n"])
+        rest = list(batches)
+        self.assertEqual([b for b, _ in rest], [[3, 4], [5, 6]])
+        self.assertEqual(self.subjects(rest[1][1]), {5: b"Subject: message 5", 6: b"Subject: message 6"})
+        self.assertEqual(self.server.count("UID FETCH"), 3)
+
+    def test_a_command_between_batches_reads_the_answer_in_flight_first(self):
+        batches = self.conn.fetch_batches(self.BATCHES, self.ITEMS)
+        next(batches)
+        self.assertEqual(self.conn.search(["ALL"]), [1, 2, 3, 4, 5, 6])
+        batch, result = next(batches)
+        self.assertEqual(self.subjects(result), {3: b"Subject: message 3", 4: b"Subject: message 4"})
+        wait_until(lambda: self.server.count("UID FETCH") == 3)
+        self.assertEqual(self.commands()[-4:], ["UID FETCH", "UID FETCH", "UID SEARCH", "UID FETCH"])
+        self.assertEqual(len(list(batches)), 1)
+
+    def test_fetches_in_flight_are_sent_again_after_a_drop(self):
+        self.server.add_fault("UID FETCH", nth=2, action="drop")   # the one sent ahead
+        results = {tuple(b): self.subjects(r) for b, r in self.conn.fetch_batches(self.BATCHES, self.ITEMS)}
+        self.assertEqual(results[(3, 4)], {3: b"Subject: message 3", 4: b"Subject: message 4"})
+        self.assertEqual(sorted(results), [(1, 2), (3, 4), (5, 6)])
+        self.assertEqual(self.conn.reconnects, 1)
+        sets = [line.split(b" ")[0] for line in self.fetch_lines()]
+        self.assertEqual(sets, [b"1:2", b"3:4", b"3:4", b"5:6"])  # the complete answer is not asked again
+
+    def test_an_answer_cut_short_is_asked_again_with_the_one_behind_it(self):
+        self.server.add_fault("UID FETCH", nth=1, action="drop", when="mid")
+        results = {tuple(b): self.subjects(r) for b, r in self.conn.fetch_batches(self.BATCHES, self.ITEMS)}
+        self.assertEqual(results[(1, 2)], {1: b"Subject: message 1", 2: b"Subject: message 2"})
+        self.assertEqual(len(results), 3)
+        # the server dropped the link before it read the FETCH sent ahead: both go again
+        sets = [line.split(b" ")[0] for line in self.fetch_lines()]
+        self.assertEqual(sets, [b"1:2", b"1:2", b"3:4", b"5:6"])
+        self.assertEqual(self.conn.reconnects, 1)
+
+    def test_before_each_approves_every_fetch_before_it_is_sent(self):
+        calls = []
+
+        def approve(conn):
+            calls.append(self.server.count("UID FETCH"))
+            if len(calls) == 2:
+                raise gc.RunStopped("budget reached")
+        batches = self.conn.fetch_batches(self.BATCHES, self.ITEMS, before_each=approve)
+        batch, result = next(batches)
+        self.assertEqual(sorted(result), [1, 2])
+        with self.assertRaises(gc.RunStopped):
+            next(batches)
+        self.assertEqual(calls, [0, 1])      # asked before the first and before the second
+        self.assertEqual(self.server.count("UID FETCH"), 1)   # the refused one never went out
+        self.assertEqual(self.conn.search(["ALL"]), [1, 2, 3, 4, 5, 6])   # the wire is clean
+
+    def test_classify_gives_the_same_report_in_small_batches(self):
+        rules = gc.parse_rules({"rule": [{"name": "odd", "subject": ["/[135]$/"], "label": "Odd"}]}, "r.json")
+        whole = gc.classify_folder(self.conn, rules, "INBOX")
+        small = gc.classify_folder(self.conn, rules, "INBOX", batch_size=2)
+        self.assertEqual((small.examined, small.matched, small.changes), (6, {"odd": 3}, {"label Odd": 3}))
+        self.assertEqual((whole.examined, whole.matched, whole.changes),
+                         (small.examined, small.matched, small.changes))
+
+
+# --- Benchmark -----------------------------------------------------------------------------
+#
+# ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]
+# [--host H --port P --user U]`` measures the classify pipeline (never part of the unittest
+# run).  The mailbox is built in a FakeGmail that runs in its own process; a delay line (its
+# own process too) adds the latency to every chunk each way; each size runs in a fresh client
+# process, so CPU seconds and peak memory are the client's alone.  Against a real server
+# (--host) the mailbox must already be there; the password comes from BENCH_PASSWORD.
+
+BENCH_RULES = {
+    "rule": [r for r in gc._BUILTIN_DOC["rule"]] + [
+        {"name": "GitHub", "from": "notifications@github.com", "label": ["GitHub", "Dev/Notifications"]},
+        {"name": "Bank", "any": [{"from": "@mybank.example"}, {"subject": "/account alert/i"}],
+         "star": True, "continue": True},
+        {"name": "Team", "recipient": ["team@example.com", "/^staff@/"], "label": "Team"},
+        {"name": "Old attachments", "has_attachment": True, "older_than": "2y",
+         "larger_than": "20K", "move": "Old attachments"},
+        {"name": "Friends", "from": ["müller", "françois", "山田"], "subject": "/\\S/",
+         "label": "Friends", "archive": True},
+    ],
+}
+
+_BENCH_SENDERS = (
+    "Alice Example <alice@example.com>", '"Doe, John" <john.doe@corp.example>',
+    "=?UTF-8?Q?J=C3=B6rg_M=C3=BCller?= <joerg@example.de>",
+    "=?ISO-8859-1?Q?Fran=E7ois_Dupont?= <francois@example.fr>",
+    "=?UTF-8?B?5bGx55Sw5aSq6YOO?= <yamada@example.jp>", "no-reply@accounts.example.com",
+    "GitHub <notifications@github.com>", "Amazon.com <auto-confirm@amazon.com>",
+    "Bank <alerts@mybank.example>", "old.style@example.net (Old Style)",
+    "newsletter@shop.example", "Weekly Digest <digest@news.example>",
+    '"=?utf-8?q?Caf=C3=A9?= Team" <cafe@example.org>', "<bare@example.com>",
+    "Support Team <support@service.example>", "Mr. Smith <smith@example.co.uk>",
+)
+_BENCH_RECIPIENTS = (
+    "user@example.com", "User <user@example.com>", "Team: team@example.com, ann@example.com;",
+    "undisclosed-recipients:;", "staff@example.com, user@example.com",
+    '"Example, User" <user@example.com>, =?UTF-8?Q?B=C3=A9a?= <bea@example.com>',
+)
+_BENCH_SUBJECTS = (
+    "Your receipt #{n}", "Invitation: Standup @ Mon {n}", "Security alert: new sign-in",
+    "=?UTF-8?B?SWhyZSBCZXN0ZWxsYmVzdMOkdGlndW5nIE5yLiB7bn0=?=", "[repo] Issue #{n}: fix the parser",
+    "Weekly digest {n}", "Re: lunch on day {n}?", "=?UTF-8?Q?Caf=C3=A9_ol=C3=A9_{n}?=",
+    "Account alert: statement {n} is ready", "Order confirmation {n} and a much longer subject line\r\n"
+    " that is folded onto a second line", "=?iso-8859-1?q?R=E9union_{n}?=", "hello {n}",
+    "=?utf-8?b?broken {n}?=", "Meeting notes {n}", "=?koi8-r?b?8NLJ18XU?= {n}",
+    "FW: quarterly numbers {n}",
+)
+
+
+def bench_corpus(count: int, seed: int = 8) -> Iterator[Tuple[bytes, _dtm.datetime]]:
+    """A varied, reproducible mailbox: (raw message, INTERNALDATE) pairs."""
+    import random
+    rng = random.Random(seed)
+    now = _dtm.datetime(2026, 11, 30, 12, 0, tzinfo=_UTC)
+    filler = "The quick brown fox jumps over the lazy dog. " * 4 + "\r\n"
+    for n in range(1, count + 1):
+        date = now - _dtm.timedelta(seconds=rng.randrange(3 * 365 * 86400))
+        sender = rng.choice(_BENCH_SENDERS)
+        subject = rng.choice(_BENCH_SUBJECTS).replace("{n}", str(n))
+        if "=?UTF-8?B?SWhy" in subject:
+            subject = "=?UTF-8?B?%s?=" % base64.b64encode(
+                ("Ihre Bestellbestätigung Nr. %d" % n).encode()).decode()
+        lines = ["From: " + sender, "To: " + rng.choice(_BENCH_RECIPIENTS), "Subject: " + subject,
+                 "Date: " + email.utils.format_datetime(date),
+                 "Message-ID: <%d.%d@bench.example>" % (n, seed), "MIME-Version: 1.0"]
+        if "digest" in sender or "newsletter" in sender or rng.random() < 0.15:
+            lines += ["List-Id: Weekly news <news.example.com>",
+                      "List-Unsubscribe: <mailto:unsubscribe@news.example>"]
+        if rng.random() < 0.3:
+            lines.append("Received: from mx.example.net (mx.example.net [192.0.2.%d]) by mx.google.com"
+                         "\r\n\twith ESMTPS id %d; %s" % (n % 250, n, email.utils.format_datetime(date)))
+        body = filler * rng.randrange(1, 12)
+        if rng.random() < 0.1:
+            blob = base64.encodebytes(rng.getrandbits(8 * 1024 * rng.randrange(4, 40)).to_bytes(
+                1024 * 40, "little")[:1024 * rng.randrange(4, 40)]).decode().replace("\n", "\r\n")
+            lines.append('Content-Type: multipart/mixed; boundary="b%d"' % n)
+            text = ("--b{0}\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{1}\r\n--b{0}\r\n"
+                    "Content-Type: application/pdf; name=\"r{0}.pdf\"\r\nContent-Disposition: attachment; "
+                    "filename=\"r{0}.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\n{2}--b{0}--\r\n"
+                    ).format(n, body, blob)
+        else:
+            lines.append("Content-Type: text/plain; charset=utf-8")
+            text = body
+        yield ("\r\n".join(lines) + "\r\n\r\n" + text).encode("utf-8"), date
+
+
+def _bench_maildir(path: str, count: int) -> None:
+    """Write the corpus as a Maildir (for a local Dovecot), all messages unread."""
+    for sub in ("cur", "new", "tmp"):
+        os.makedirs(os.path.join(path, sub), exist_ok=True)
+    for n, (raw, date) in enumerate(bench_corpus(count), 1):
+        name = os.path.join(path, "cur", "%d.bench%d:2," % (int(date.timestamp()), n))
+        with open(name, "wb") as fh:
+            fh.write(raw)
+        os.utime(name, (date.timestamp(), date.timestamp()))
+
+
+def _bench_serve(argv: List[str]) -> int:
+    """Child process: a FakeGmail holding the corpus; prints its port, runs until stdin closes."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="bench-serve")
+    parser.add_argument("--messages", type=int, required=True)
+    args = parser.parse_args(argv)
+    server = FakeGmail()
+    for raw, date in bench_corpus(args.messages):
+        server.add_message(raw, date=date)
+    server.start()
+    print("PORT %d" % server.port, flush=True)
+    sys.stdin.read()
+    server.stop()
+    return 0
+
+
+def _bench_delay(argv: List[str]) -> int:
+    """Child process: a delay line that forwards to --target, adding --latency-ms to every
+    chunk in each direction (so pipelined data keeps flowing); prints its port."""
+    import argparse
+    import queue
+    parser = argparse.ArgumentParser(prog="bench-delay")
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--latency-ms", type=float, required=True)
+    args = parser.parse_args(argv)
+    host, port = args.target.rsplit(":", 1)
+    delay = args.latency_ms / 1000.0
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        chunks: "queue.Queue[Tuple[float, bytes]]" = queue.Queue()
+
+        def writer() -> None:
+            while True:
+                due, data = chunks.get()
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                try:
+                    if not data:
+                        dst.shutdown(socket.SHUT_WR)
+                        return
+                    dst.sendall(data)
+                except OSError:
+                    return
+        threading.Thread(target=writer, daemon=True).start()
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            chunks.put((time.monotonic() + delay, data))
+            if not data:
+                return
+
+    def serve() -> None:
+        while True:
+            client, _ = listener.accept()
+            upstream = socket.create_connection((host, int(port)))
+            for a, b in ((client, upstream), (upstream, client)):
+                a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                threading.Thread(target=pump, args=(a, b), daemon=True).start()
+    threading.Thread(target=serve, daemon=True).start()
+    print("PORT %d" % listener.getsockname()[1], flush=True)
+    sys.stdin.read()
+    return 0
+
+
+class _BenchStats:
+    def __init__(self) -> None:
+        self.sent = self.received = self.turns = 0
+        self.last = "recv"
+
+
+class _CountingSocket:
+    """Wraps the client's socket: bytes each way, and round trips (a send after a receive)."""
+
+    def __init__(self, sock: socket.socket, stats: _BenchStats) -> None:
+        self._sock, self._stats = sock, stats
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def sendall(self, data: bytes) -> None:
+        if self._stats.last == "recv":
+            self._stats.turns += 1
+        self._stats.last = "send"
+        self._stats.sent += len(data)
+        self._sock.sendall(data)
+
+    def recv(self, size: int) -> bytes:
+        data = self._sock.recv(size)
+        self._stats.received += len(data)
+        self._stats.last = "recv"
+        return data
+
+
+def _bench_client(argv: List[str]) -> int:
+    """Child process: one classify run; prints one JSON line of figures."""
+    import argparse
+    import cProfile
+    import pstats
+    parser = argparse.ArgumentParser(prog="bench-client")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--user", default=USER)
+    parser.add_argument("--folder", default="INBOX")
+    parser.add_argument("--apply", action="store_true")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        import resource
+    except ImportError:
+        resource = None
+    if resource is None:
+        import tracemalloc
+        tracemalloc.start()
+    stats = _BenchStats()
+
+    class CountingWire(gc._PlainWire):
+        def _create_socket(self, timeout: Optional[float] = None) -> Any:
+            return _CountingSocket(super()._create_socket(timeout), stats)
+    gc._PlainWire = CountingWire  # type: ignore[misc]
+    rules = gc.parse_rules(BENCH_RULES, "bench rules")
+    conn = gc.GmailConnection(args.user, host=args.host, port=args.port, security="plaintext",
+                              password=os.environ.get("BENCH_PASSWORD", PASSWORD),
+                              keepalive=None, timeout=300)
+    profiler = cProfile.Profile() if args.profile else None
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    if profiler:
+        profiler.enable()
+    with conn:
+        report = gc.classify_folder(conn, rules, args.folder, apply=args.apply)
+    if profiler:
+        profiler.disable()
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    peak = 0
+    try:  # Linux: the high-water mark of this process alone (ru_maxrss may count its parent's)
+        with open("/proc/self/status") as fh:
+            peak = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    if peak:
+        pass
+    elif resource is not None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    else:
+        peak = tracemalloc.get_traced_memory()[1]
+    if profiler:
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats(os.environ.get("BENCH_SORT", "cumulative")).print_stats(30)
+        sys.stderr.write(out.getvalue())
+    print(json.dumps({"examined": report.examined, "cpu": cpu, "wall": wall,
+                      "commands": conn.commands_sent, "round_trips": stats.turns,
+                      "sent": stats.sent, "received": stats.received, "peak": peak,
+                      "matched": report.matched, "changes": report.changes}), flush=True)
+    return 0
+
+
+def _bench_seen(host: str, port: int, user: str) -> int:
+    """How many messages are marked read, summed over every selectable folder."""
+    conn = gc.GmailConnection(user, host=host, port=port, security="plaintext",
+                              password=os.environ.get("BENCH_PASSWORD", PASSWORD), keepalive=None,
+                              timeout=300)
+    seen = 0
+    with conn:
+        for folder in conn.list_folders():
+            if not folder.selectable:
+                continue
+            response = conn._call("STATUS", gc.mailbox_arg(folder.name), "(MESSAGES UNSEEN)")
+            for item in response.untagged:
+                if item and str(item[0]).upper() == "STATUS" and isinstance(item[-1], list):
+                    attrs = gc._pairs(item[-1])
+                    seen += int(attrs.get("MESSAGES", 0)) - int(attrs.get("UNSEEN", 0))
+    return seen
+
+
+def _bench_child(kind: str, args: List[str]) -> Tuple[Any, int]:
+    import subprocess
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), kind] + args,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("PORT "):
+        proc.kill()
+        raise SystemExit("%s did not start: %r" % (kind, line))
+    return proc, int(line.split()[1])
+
+
+def _bench_main(argv: List[str]) -> int:
+    import argparse
+    import subprocess
+    parser = argparse.ArgumentParser(prog="test_gmail_classify.py bench",
+                                     description="Measure the classify pipeline (see README, Performance).")
+    parser.add_argument("--messages", type=int, action="append",
+                        help="mailbox size; repeat for several (default 1000 and 10000)")
+    parser.add_argument("--latency-ms", type=float, action="append",
+                        help="delay added each way; repeat for several (default 0)")
+    parser.add_argument("--apply", action="store_true", help="apply the changes, not a dry run")
+    parser.add_argument("--profile", action="store_true", help="print the top functions by cumulative time")
+    parser.add_argument("--host", help="measure against this server (plaintext, loopback) instead")
+    parser.add_argument("--port", type=int, default=143)
+    parser.add_argument("--user", default=USER)
+    parser.add_argument("--folder", default="INBOX")
+    parser.add_argument("--make-maildir", metavar="DIR",
+                        help="only write the --messages corpus as a Maildir (for a local Dovecot)")
+    args = parser.parse_args(argv)
+    sizes = args.messages or [1000, 10000]
+    if args.make_maildir:
+        _bench_maildir(args.make_maildir, sizes[0])
+        return 0
+    latencies = args.latency_ms or [0.0]
+    load = ", ".join("%.2f" % x for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    print("gmail_classify benchmark: Python %s, %d CPUs, load average %s, %s%s" % (
+        sys.version.split()[0], os.cpu_count() or 0, load,
+        "server %s:%d" % (args.host, args.port) if args.host else "fake Gmail server",
+        ", --apply" if args.apply else ", dry run"))
+    header = ("messages", "RTT ms", "msgs/s CPU", "msgs/s wall", "CPU s", "wall s", "commands",
+              "round trips", "sent KB", "recv KB", "peak MB", "read before/after")
+    print(" | ".join(header))
+    for size in sizes:
+        for latency in latencies:
+            children = []
+            try:
+                if args.host:
+                    host, port = args.host, args.port
+                else:
+                    server, port = _bench_child("bench-serve", ["--messages", str(size)])
+                    children.append(server)
+                    host = "127.0.0.1"
+                seen_before = _bench_seen(host, port, args.user)
+                client_port = port
+                if latency:
+                    delay, client_port = _bench_child("bench-delay", ["--target", "%s:%d" % (host, port),
+                                                                      "--latency-ms", str(latency)])
+                    children.append(delay)
+                cmd = [sys.executable, os.path.abspath(__file__), "bench-client", "--host", host,
+                       "--port", str(client_port), "--user", args.user, "--folder", args.folder]
+                cmd += ["--apply"] * args.apply + ["--profile"] * args.profile
+                done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                seen_after = _bench_seen(host, port, args.user)
+            finally:
+                for child in children:
+                    child.stdin.close()
+                    child.wait(30)
+            n = result["examined"]
+            print(" | ".join(str(v) for v in (
+                n, "%g" % (2 * latency), "%.0f" % (n / result["cpu"]), "%.0f" % (n / result["wall"]),
+                "%.2f" % result["cpu"], "%.2f" % result["wall"], result["commands"], result["round_trips"],
+                "%.0f" % (result["sent"] / 1024), "%.0f" % (result["received"] / 1024),
+                "%.1f" % (result["peak"] / 2 ** 20), "%d/%d" % (seen_before, seen_after))), flush=True)
+    return 0

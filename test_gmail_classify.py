@@ -7429,6 +7429,11 @@ class PipeliningTest(FakeServerTest):
         self.assertEqual((caught.exception.command, caught.exception.status), ("UID FETCH", "NO"))
         self.assertEqual(self.conn.search(["ALL"]), [1, 2, 3, 4, 5, 6])   # the third answer was read first
 
+    def test_items_that_would_mark_mail_read_are_refused_before_anything_is_sent(self):
+        with self.assertRaises(gc.ImapError):
+            next(self.conn.fetch_batches(self.BATCHES, ["FLAGS", "BODY[HEADER]"]))
+        self.assertEqual(self.server.count("UID FETCH"), 0)
+
     def test_classify_gives_the_same_report_in_small_batches(self):
         rules = gc.parse_rules({"rule": [{"name": "odd", "subject": ["/[135]$/"], "label": "Odd"}]}, "r.json")
         whole = gc.classify_folder(self.conn, rules, "INBOX")

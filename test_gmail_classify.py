@@ -7228,6 +7228,9 @@ def tricky_header_blocks() -> List[bytes]:
                       b"Date: Mon, 04 Mar 2024 10:00:0%d +0000\r\n\r\n" % (i, i % 10))
     for subject in TRICKY_SUBJECTS:
         blocks.append(b"Subject: " + subject + b"\r\nSubject: second\r\n\r\n")
+    for msgid in (b" <a@b> ", b"<a@b> (c)", b"<a b@c>", b"<a@[1.2.3.4]>", b"abc", b"<a@b><c@d>", b'<"q"@b>',
+                  b"<a.b=?x@c.d>", b"<@b>", b"<a@b>\r\n <c@d>"):
+        blocks.append(b"Message-ID: " + msgid + b"\r\nMessage-ID: <ok@example.com>\r\n\r\n")
     blocks += [b"From nobody Mon Jan 1\r\nSubject: unix from\r\n\r\n", b"Subject: no end",
                b"Bad line\r\nSubject: x\r\n\r\n", b" Subject: leading space\r\n\r\n",
                b"Subject: with body\r\n\r\nbody text", b"Subject: bare\nlf\r\n\r\n",

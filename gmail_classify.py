@@ -2797,13 +2797,15 @@ _HEADER_KINDS: Dict[str, str] = {}
 
 
 def _header_kind(name: str) -> str:
-    """"address", "text" (unstructured) or "other", as email.policy.default parses it."""
+    """"address", "text" (unstructured), "msgid" or "other", as email.policy.default
+    parses it."""
     kind = _HEADER_KINDS.get(name)
     if kind is None:
         import email.headerregistry as registry
         cls = email.policy.default.header_factory[name]
         kind = ("address" if issubclass(cls, registry.AddressHeader) else
-                "text" if issubclass(cls, registry.UnstructuredHeader) else "other")
+                "text" if issubclass(cls, registry.UnstructuredHeader) else
+                "msgid" if issubclass(cls, registry.MessageIDHeader) else "other")
         _HEADER_KINDS[name] = kind
     return kind
 
@@ -2867,6 +2869,7 @@ _ADDR_SPEC = _ATOMS + r"(?:\." + _ATOMS + r")*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*
 _MAILBOX = re.compile(r"[ \t]*(?:(" + _ADDR_SPEC + r")|"
                       r"(\"[^\"\\]*\"|[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+(?:[ \t]+[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+)*)?"
                       r"[ \t]*<(" + _ADDR_SPEC + r")>)[ \t]*(?:\([^()\\\r\n]*\)[ \t]*)?")
+_PLAIN_MSGID = re.compile("<" + _ATOMS + r"(?:\." + _ATOMS + ")*@" + _ATOMS + r"(?:\." + _ATOMS + r")*>\Z")
 _GROUP = re.compile(r"[ \t]*[A-Za-z0-9!#$%&'*+/^_`{|}~-]+(?:[ \t]+[A-Za-z0-9!#$%&'*+/^_`{|}~-]+)*"
                     r"[ \t]*:[ \t]*")
 
@@ -2995,6 +2998,9 @@ def _decode_header(msg: email.message.EmailMessage, raws: List[str], kind: str,
         texts = [_fast_text(raw) for raw in raws]
         if None not in texts:
             return texts  # type: ignore[return-value]
+    elif kind == "text" and registry_kind == "msgid":    # <left@right> reads as it is
+        if all(_PLAIN_MSGID.match(raw) for raw in raws):
+            return list(raws)
     elif kind == "addresses" and registry_kind == "other":   # no address classes: no parse
         return [a for raw in raws for a in _addresses_without_parse(raw)]
     elif kind == "addresses" and registry_kind == "address":

@@ -8949,6 +8949,9 @@ def tricky_header_blocks() -> List[bytes]:
                       b"Date: Mon, 04 Mar 2024 10:00:0%d +0000\r\n\r\n" % (i, i % 10))
     for subject in TRICKY_SUBJECTS:
         blocks.append(b"Subject: " + subject + b"\r\nSubject: second\r\n\r\n")
+    for msgid in (b" <a@b> ", b"<a@b> (c)", b"<a b@c>", b"<a@[1.2.3.4]>", b"abc", b"<a@b><c@d>", b'<"q"@b>',
+                  b"<a.b=?x@c.d>", b"<@b>", b"<a@b>\r\n <c@d>"):
+        blocks.append(b"Message-ID: " + msgid + b"\r\nMessage-ID: <ok@example.com>\r\n\r\n")
     blocks += [b"From nobody Mon Jan 1\r\nSubject: unix from\r\n\r\n", b"Subject: no end",
                b"Bad line\r\nSubject: x\r\n\r\n", b" Subject: leading space\r\n\r\n",
                b"Subject: with body\r\n\r\nbody text", b"Subject: bare\nlf\r\n\r\n",
@@ -9149,6 +9152,11 @@ class PipeliningTest(FakeServerTest):
             next(batches)
         self.assertEqual((caught.exception.command, caught.exception.status), ("UID FETCH", "NO"))
         self.assertEqual(self.conn.search(["ALL"]), [1, 2, 3, 4, 5, 6])   # the third answer was read first
+
+    def test_items_that_would_mark_mail_read_are_refused_before_anything_is_sent(self):
+        with self.assertRaises(gc.ImapError):
+            next(self.conn.fetch_batches(self.BATCHES, ["FLAGS", "BODY[HEADER]"]))
+        self.assertEqual(self.server.count("UID FETCH"), 0)
 
     def test_classify_gives_the_same_report_in_small_batches(self):
         rules = gc.parse_rules({"rule": [{"name": "odd", "subject": ["/[135]$/"], "label": "Odd"}]}, "r.json")

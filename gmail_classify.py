@@ -16,8 +16,8 @@ or import it from your own scripts::
 The layers, each using only those above it (``grep -n '^# ---'`` prints this outline):
 errors; the IMAP wire format (quoting, modified UTF-7, UID sets, the response parser);
 the connection; messages; the rule engine; rules files (with a small TOML reader, so
-TOML works without tomllib); the classify pipeline; a demo mailbox; state and audit log;
-the command line.
+TOML works without tomllib, and a writer); the classify pipeline; a demo mailbox; state
+and audit log; importers and suggestions (Gmail filters, suggested rules); the command line.
 
 Safety: dry run unless asked to apply; ``BODY.PEEK`` so classifying never marks mail read;
 never a bare ``EXPUNGE``; TLS certificates and host names always verified; passwords and
@@ -41,13 +41,17 @@ __all__ = [
     # rule engine
     "Actions", "Rule", "Decision", "Needs", "Ruleset", "parse_rules", "load_rules",
     "builtin_rules", "STARTER_RULES_TOML", "STARTER_RULES_JSON", "parse_toml", "TOMLError",
+    "RuleTest", "run_rule_tests", "format_rules", "write_rules_file",
+    "TEMPLATE_FIELDS", "split_template", "expand_template", "clean_component",
     # pipeline
     "classify_folder", "classify_messages", "demo_messages", "Outcome", "FolderReport",
-    "Checkpoint", "RunStopped", "describe_change",
+    "Checkpoint", "RunStopped", "describe_change", "FolderLimitError", "DEFAULT_MAX_NEW_FOLDERS",
     # state and audit log
     "StateStore", "FolderState", "AccountLock", "AuditLog", "Run", "Undo", "history",
     "StateError", "LockedError", "BudgetExceededError", "account_key", "rules_hash",
     "default_state_dir",
+    # importers and suggestions
+    "import_gmail_filters", "ImportedFilters", "suggest_rules", "Suggestions",
     # command line
     "main",
 ]
@@ -91,6 +95,8 @@ import sys
 import threading
 import time
 import unicodedata
+import xml.etree.ElementTree
+import xml.parsers.expat
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -2521,35 +2527,48 @@ def _fast_addresses(raw: str) -> Optional[List[str]]:
         pos += 1
 
 
-def _header_cache(msg: email.message.EmailMessage) -> Optional[Dict[Any, List[str]]]:
-    """The cache of decoded values kept on a message, emptied when its headers change;
-    None for messages not parsed with email.policy.default (the fast path would differ)."""
-    cached = msg.__dict__.get("_gmail_classify_cache")
+_CACHE = "_gmail_classify_cache"
+
+
+def _unfolded(value: Any) -> str:
+    value = str(value)
+    return re.sub(r"\r?\n(?=[ \t])", "", value) if "\n" in value else value
+
+
+def _header_cache(msg: email.message.EmailMessage,
+                  create: bool = True) -> Optional[Dict[Any, List[str]]]:
+    """The cache of decoded values kept on a message while rules read it (emptied when
+    its headers change), or None: not created, or the message was not parsed with
+    email.policy.default (the fast path would then differ)."""
+    cached = msg.__dict__.get(_CACHE)
     if cached is not None and cached[0] == msg._headers and msg.policy is email.policy.default:
         return cached[1]
-    if getattr(msg, "policy", None) is not email.policy.default:
+    if not create or getattr(msg, "policy", None) is not email.policy.default:
         return None
     headers = getattr(msg, "_headers", None)
     if not isinstance(headers, list):
         return None
-    cached = msg.__dict__.get("_gmail_classify_cache")
-    if cached is None or cached[0] != headers:
-        index: Dict[Any, List[str]] = {}
-        for key, value in headers:
-            value = str(value)
-            if "\n" in value:
-                value = re.sub(r"\r?\n(?=[ \t])", "", value)
-            index.setdefault(("raw", key.lower()), []).append(value)
-        cached = (list(headers), index)
-        msg.__dict__["_gmail_classify_cache"] = cached
-    return cached[1]
+    index: Dict[Any, List[str]] = {}
+    for key, value in headers:
+        index.setdefault(("raw", key.lower()), []).append(_unfolded(value))
+    msg.__dict__[_CACHE] = (list(headers), index)
+    return index
+
+
+def _drop_header_cache(msg: email.message.EmailMessage) -> None:
+    """Forget what rules decoded (a run keeps many messages between applies)."""
+    msg.__dict__.pop(_CACHE, None)
 
 
 def _cached(msg: email.message.EmailMessage, kind: str, name: str) -> List[str]:
-    cache = _header_cache(msg)
-    if cache is None:
-        return (_plain_header_addresses if kind == "addresses" else _plain_header_text)(msg, name)
     name = name.lower()
+    cache = _header_cache(msg, create=False)
+    if cache is None:
+        if getattr(msg, "policy", None) is not email.policy.default \
+                or not isinstance(getattr(msg, "_headers", None), list):
+            return (_plain_header_addresses if kind == "addresses" else _plain_header_text)(msg, name)
+        raws = [_unfolded(value) for key, value in msg._headers if key.lower() == name]
+        return _decode_header(msg, raws, kind, name)
     values = cache.get((kind, name))
     if values is None:
         values = _decode_header(msg, cache.get(("raw", name), []), kind, name)
@@ -2582,7 +2601,7 @@ def header_text(msg: email.message.EmailMessage, name: str) -> List[str]:
     """All values of header `name`, decoded to str; never raises.
 
     Returns e.g. ["Your receipt from Café Olé"]; [] when the header is absent.
-    Decoded once per message and header, then cached on the message.
+    While rules classify the message, each header is decoded once and cached.
     """
     return _cached(msg, "text", name)
 
@@ -2593,13 +2612,13 @@ def header_addresses(msg: email.message.EmailMessage, name: str) -> List[str]:
     Returns e.g. ["Amazon.com <auto-confirm@amazon.com>"]; display names are
     RFC 2047 decoded. A value that holds no parseable address is returned as
     its decoded text, so that rules can still match it. Never raises.
-    Decoded once per message and header, then cached on the message.
+    While rules classify the message, each header is decoded once and cached.
     """
     return _cached(msg, "addresses", name)
 
 
 def _header_present(msg: email.message.EmailMessage, name: str) -> bool:
-    cache = _header_cache(msg)
+    cache = _header_cache(msg, create=False)
     if cache is None:
         return bool(_raw_values(msg, name))
     return bool(cache.get(("raw", name.lower())))
@@ -3310,6 +3329,119 @@ class Not(Condition):
         return (self.part,)
 
 
+def _without_queries(condition: Condition) -> Optional[Condition]:
+    """The condition with every gmail_query taken out; None when nothing is left.
+
+    Where no server can run Gmail searches (offline tests, other servers) a rule is
+    decided by its local conditions alone: a query inside all / any / not simply
+    drops out of it, and a rule made of queries only has nothing left to decide.
+    """
+    if isinstance(condition, GmailQuery):
+        return None
+    if isinstance(condition, (AllOf, AnyOf)):
+        parts = [p for p in (_without_queries(c) for c in condition.parts) if p is not None]
+        if not parts:
+            return None
+        if len(parts) == len(condition.parts):
+            return condition
+        if len(parts) == 1 and isinstance(condition, AllOf) and not condition.explicit:
+            return parts[0]
+        return dataclasses.replace(condition, parts=tuple(parts))
+    if isinstance(condition, Not):
+        inner = _without_queries(condition.part)
+        return None if inner is None else (condition if inner is condition.part else Not(inner))
+    return condition
+
+
+# Destination templates: `move = "Archive/{year}"`, `label = "Vendors/{sender_domain}"`.
+# {{ and }} stand for literal braces. Each expansion is one clean name component.
+TEMPLATE_FIELDS = ("year", "month", "sender_domain")
+_TEMPLATE_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+_COMPONENT_MAX = 63   # like a DNS label: long enough for any real domain, short in a folder list
+
+
+def split_template(text: str) -> Tuple[Tuple[bool, str], ...]:
+    """Split a destination into (is_field, text) pieces.
+
+    Returns e.g. ((False, "Archive/"), (True, "year")); raises ValueError naming
+    the unknown field or the stray brace.
+    """
+    pieces: List[Tuple[bool, str]] = []
+    literal, pos = [], 0
+    for found in _TEMPLATE_TOKEN.finditer(text):
+        literal.append(text[pos:found.start()])
+        pos = found.end()
+        token = found.group(0)
+        if token in ("{{", "}}"):
+            literal.append(token[0])
+        elif found.group(1) is None:
+            raise ValueError(f"a lone '{token}' in {text!r}; write '{token * 2}' for a "
+                             f"literal brace, or use {{year}}, {{month}}, {{sender_domain}}")
+        elif found.group(1) not in TEMPLATE_FIELDS:
+            close = difflib.get_close_matches(found.group(1), TEMPLATE_FIELDS, n=1)
+            hint = f"; did you mean {{{close[0]}}}?" if close else ""
+            raise ValueError(f"unknown field {{{found.group(1)}}} in {text!r}{hint} "
+                             f"(known: {{year}}, {{month}}, {{sender_domain}})")
+        else:
+            if literal:
+                pieces.append((False, "".join(literal)))
+                literal = []
+            pieces.append((True, found.group(1)))
+    literal.append(text[pos:])
+    if "".join(literal):
+        pieces.append((False, "".join(literal)))
+    return tuple(pieces)
+
+
+def clean_component(value: str, separator: Optional[str] = "/") -> str:
+    """One folder-name component made safe from text a sender chose.
+
+    Returns lower case with only a-z, 0-9, '-' and '.', no leading/trailing dot or
+    dash, no '..', at most 63 characters, never the hierarchy ``separator``;
+    "unknown" when nothing is left. Example: "EVIL.com/../INBOX" -> "evil.com.inbox".
+    International domains become their xn-- (IDNA) form.
+    """
+    text = unicodedata.normalize("NFKC", value).strip().lower()
+    try:
+        text = text.encode("idna").decode("ascii")
+    except (UnicodeError, ValueError):
+        pass
+    text = re.sub(r"[^a-z0-9.-]+", "", text)
+    if separator and separator not in ("-",):
+        text = text.replace(separator, "-")
+    text = re.sub(r"\.{2,}", ".", text)
+    text = text.strip(".-")[:_COMPONENT_MAX].strip(".-")
+    return text or "unknown"
+
+
+def _sender_domain(msg: MessageInfo) -> str:
+    for sender in header_addresses(msg.headers, "from")[:1]:
+        address = email.utils.parseaddr(sender)[1] or sender
+        if "@" in address:
+            return address.rpartition("@")[2]
+    return ""
+
+
+def expand_template(text: str, msg: MessageInfo, separator: Optional[str] = "/") -> str:
+    """A destination with {year}, {month} (of the message's date) and {sender_domain} filled in.
+
+    Returns e.g. "Vendors/amazon.com" for "Vendors/{sender_domain}". Raises
+    ValueError for a malformed template (validation catches those earlier).
+    """
+    pieces = split_template(text)
+    if not any(is_field for is_field, _ in pieces):
+        return "".join(piece for _, piece in pieces)
+    date = msg.date
+    values = {"year": f"{date.year:04d}" if date else "unknown",
+              "month": f"{date.month:02d}" if date else "unknown",
+              "sender_domain": clean_component(_sender_domain(msg), separator)}
+    return "".join(values[piece] if is_field else piece for is_field, piece in pieces)
+
+
+def _is_template(text: Optional[str]) -> bool:
+    return bool(text) and ("{" in text or "}" in text)
+
+
 @dataclass(frozen=True)
 class Actions:
     """What to do with a message; merged across `continue` rules by merged()."""
@@ -3352,6 +3484,22 @@ class Actions:
 
     def is_empty(self) -> bool:
         return self == Actions()
+
+    def templates(self) -> Tuple[str, ...]:
+        """The destinations that hold {fields}, e.g. ("Archive/{year}",)."""
+        return tuple(t for t in self.labels + (self.move or "",) if _is_template(t))
+
+    def expanded(self, msg: MessageInfo, separator: Optional[str] = "/") -> Actions:
+        """These actions with templated destinations filled in for ``msg``."""
+        if not self.templates():
+            return self
+        labels: List[str] = []
+        for label in self.labels:
+            name = expand_template(label, msg, separator)
+            if name not in labels:
+                labels.append(name)
+        move = expand_template(self.move, msg, separator) if self.move else None
+        return dataclasses.replace(self, labels=tuple(labels), move=move)
 
 
 @dataclass(frozen=True)
@@ -3402,18 +3550,62 @@ def _walk(condition: Condition) -> Iterator[Condition]:
 
 
 @dataclass(frozen=True)
+class RuleTest:
+    """One `[[test]]` table: a sample message and the outcome the rules must give it.
+
+    ``expect_rules`` names every rule that must match, in order (empty: none);
+    ``expect_actions`` is None when the test does not check the actions.
+    """
+
+    name: str
+    position: int  # 1-based among the [[test]] tables
+    message: MessageInfo = field(compare=False)
+    expect_rules: Tuple[str, ...] = ()
+    expect_actions: Optional[Actions] = None
+    sample: str = ""  # the table's message keys as canonical JSON, for comparing tests
+
+
+@dataclass(frozen=True)
 class Ruleset:
-    """Validated rules in order, where they came from, and the [account] table."""
+    """Validated rules in order, where they came from, the [account] table and [[test]]s."""
 
     rules: Tuple[Rule, ...]
     source: str = "built-in rules"
     account: Dict[str, Any] = field(default_factory=dict)
+    tests: Tuple[RuleTest, ...] = ()
+
+    def local(self) -> Tuple[Ruleset, Tuple[str, ...]]:
+        """These rules as decided where Gmail searches cannot run, with one note per change.
+
+        Returns (ruleset, notes): a rule with a gmail_query and other conditions is
+        decided by those alone; a rule with only gmail_query is left out. The same
+        ruleset and no notes when no rule uses gmail_query.
+        """
+        rules, notes = [], []
+        for rule in self.rules:
+            condition = _without_queries(rule.condition)
+            label = f"rule {rule.position} ({json.dumps(rule.name, ensure_ascii=False)})"
+            if condition is None:
+                notes.append(f"{label} has only a gmail_query: skipped where Gmail searches "
+                             f"cannot run (offline tests, other servers)")
+                continue
+            if condition is not rule.condition:
+                notes.append(f"{label}: its gmail_query needs Gmail; elsewhere the rule is "
+                             f"decided by its other conditions alone")
+                rule = dataclasses.replace(rule, condition=condition)
+            rules.append(rule)
+        if not notes:
+            return self, ()
+        return dataclasses.replace(self, rules=tuple(rules)), tuple(notes)
 
     @property
     def needs(self) -> Needs:
         """Returns the message data these rules read (see Needs)."""
         headers, queries, kinds = set(DISPLAY_HEADERS), set(), set()
         for rule in self.rules:
+            if any(is_field and name != "sender_domain" for text in rule.actions.templates()
+                   for is_field, name in split_template(text)):
+                kinds.add("date")
             for cond in _walk(rule.condition):
                 if isinstance(cond, HeaderMatch):
                     headers.update(cond.headers)
@@ -3449,17 +3641,20 @@ class Ruleset:
             now = now.replace(tzinfo=timezone.utc)
         matches: List[Tuple[str, str]] = []
         actions = Actions()
-        for rule in self.rules:
-            value, reason = rule.condition.evaluate(msg, now)
-            if value is None:
-                if not final:
-                    return None
-                continue
-            if value:
-                matches.append((rule.name, reason))
-                actions = actions.merged(rule.actions)
-                if not rule.continue_:
-                    break
+        try:
+            for rule in self.rules:
+                value, reason = rule.condition.evaluate(msg, now)
+                if value is None:
+                    if not final:
+                        return None
+                    continue
+                if value:
+                    matches.append((rule.name, reason))
+                    actions = actions.merged(rule.actions)
+                    if not rule.continue_:
+                        break
+        finally:
+            _drop_header_cache(msg.headers)   # decoded for these rules only: free it
         return Decision(matches=tuple(matches), actions=actions)
 
 
@@ -3477,7 +3672,7 @@ CONDITION_KEYS = (
 )
 ACTION_KEYS = ("label", "move", "archive", "mark_read", "mark_unread", "star", "unstar", "trash")
 RULE_KEYS = ("name", "continue") + CONDITION_KEYS + ACTION_KEYS
-TOP_LEVEL_KEYS = ("rule", "account")
+TOP_LEVEL_KEYS = ("rule", "account", "test")
 ACCOUNT_KEYS = ("user", "host", "port", "tls", "auth", "password_command", "cafile", "folders")
 TLS_MODES = ("implicit", "starttls", "plaintext")
 AUTH_METHODS = ("password", "xoauth2")
@@ -3531,14 +3726,15 @@ class _Problems:
 class _Where:
     """Builds one-line RulesError messages: 'rules.toml: rule 2 ("News"): label: ...'."""
 
-    def __init__(self, source: str, position: int = 0, name: Optional[str] = None) -> None:
-        self.source, self.position, self.name = source, position, name
+    def __init__(self, source: str, position: int = 0, name: Optional[str] = None,
+                 kind: str = "rule") -> None:
+        self.source, self.position, self.name, self.kind = source, position, name, kind
 
     def prefix(self) -> str:
         if not self.position:
             return f"{self.source}: "
         named = f" ({json.dumps(self.name, ensure_ascii=False)})" if self.name else ""
-        return f"{self.source}: rule {self.position}{named}: "
+        return f"{self.source}: {self.kind} {self.position}{named}: "
 
     def error(self, path: str, message: str) -> RulesError:
         return RulesError(f"{self.prefix()}{path + ': ' if path else ''}{message}")
@@ -3713,6 +3909,15 @@ def _parse_actions(where: _Where, rule: dict, problems: _Problems, required: boo
         if key in rule:
             with problems.catch():
                 values[key] = _check_bool(where, key, rule[key])
+    destinations = [("label", label) for label in values.get("labels", ())]
+    destinations += [("move", values["move"])] if "move" in values else []
+    for path, text in destinations:
+        if _is_template(text):
+            with problems.catch():
+                try:
+                    split_template(text)
+                except ValueError as exc:
+                    raise where.error(path, str(exc)) from None
     actions = Actions(**values)
     if len(problems.lines) > bad:
         return actions
@@ -3809,6 +4014,127 @@ def _parse_account_key(where: _Where, key: str, item: Any, account: Dict[str, An
                         for i, part in enumerate(item, 1)]
 
 
+# [[test]] tables: each message key -> how it shapes the sample message. Header keys
+# become header lines; the rest set what IMAP would report (size, labels, flags).
+_TEST_HEADER_KEYS = {"from": "From", "to": "To", "cc": "Cc", "subject": "Subject",
+                     "list_id": "List-Id"}
+_TEST_STATE_KEYS = ("has_attachment", "unread", "starred")
+TEST_MESSAGE_KEYS = tuple(_TEST_HEADER_KEYS) + ("headers", "body", "size", "date", "labels",
+                                                "eml") + _TEST_STATE_KEYS
+TEST_KEYS = ("name",) + TEST_MESSAGE_KEYS + ("expect_rules", "expect_actions")
+_EML_COMPATIBLE = ("eml", "labels") + _TEST_STATE_KEYS
+
+
+def _parse_test_date(where: _Where, value: Any) -> datetime:
+    text = _check_text(where, "date", value, "a date as text")
+    when: Optional[datetime] = None
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        try:
+            when = datetime.fromisoformat(text.strip())
+        except ValueError:
+            pass
+    if when is None:
+        raise where.error("date", f"expected a date like \"2024-03-04\", \"2024-03-04T10:00:00+01:00\" "
+                                  f"or \"Mon, 04 Mar 2024 10:00:00 +0000\", got {_quote(value)}")
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def _test_message(where: _Where, table: Dict[str, Any], source: str) -> MessageInfo:
+    """Build the sample message of one [[test]] table (read the .eml file when given)."""
+    if "eml" in table:
+        extra = [key for key in table if key in TEST_MESSAGE_KEYS and key not in _EML_COMPATIBLE]
+        if extra:
+            raise where.error("eml", f"the .eml file is the whole message; drop "
+                                     f"{', '.join(extra)} (or drop eml)")
+        path = _check_text(where, "eml", table["eml"], "a path to an .eml file")
+        full = path if os.path.isabs(path) else os.path.join(os.path.dirname(source), path)
+        try:
+            with open(full, "rb") as fh:
+                msg = message_info_from_bytes(fh.read())
+        except OSError as exc:
+            raise where.error("eml", f"cannot read {full}: {exc.strerror or exc}") from None
+    else:
+        lines: List[str] = []
+        for key, header in _TEST_HEADER_KEYS.items():
+            if key in table:
+                values = table[key] if isinstance(table[key], list) else [table[key]]
+                text = ", ".join(_check_text(where, key, v, "a string") for v in values)
+                lines.append(f"{header}: {text}")
+        headers = table.get("headers", {})
+        if not isinstance(headers, dict):
+            raise where.error("headers", f"expected a table of header names and values, "
+                                         f"got {_quote(headers)}")
+        for name, value in headers.items():
+            if not _HEADER_NAME_RE.fullmatch(name):
+                raise where.error(f"headers.{name}", f"{_quote(name)} is not a header name")
+            lines.append(f"{name}: {_check_text(where, f'headers.{name}', value)}")
+        if "date" in table:
+            lines.append("Date: " + email.utils.format_datetime(_parse_test_date(where, table["date"])))
+        body = table.get("body", "")
+        if not isinstance(body, str):
+            raise where.error("body", f"expected text, got {_quote(body)}")
+        lines.append("Content-Type: text/plain; charset=utf-8")
+        raw = ("\r\n".join(lines) + "\r\n\r\n" + body).encode("utf-8")
+        msg = message_info_from_bytes(raw)
+    if "size" in table:
+        msg = dataclasses.replace(msg, size=_parse_size(where, "size", table["size"])[0])
+    labels = table.get("labels", [])
+    labels = [labels] if isinstance(labels, str) else labels
+    if not isinstance(labels, list):
+        raise where.error("labels", f"expected a list of label names, got {_quote(labels)}")
+    state = {key: _check_bool(where, key, table[key]) for key in _TEST_STATE_KEYS if key in table}
+    flags = set() if state.get("unread") else {"\\Seen"}
+    if state.get("starred"):
+        flags.add("\\Flagged")
+    return dataclasses.replace(
+        msg, flags=frozenset(flags),
+        labels=frozenset(_check_text(where, "labels", label) for label in labels),
+        has_attachment=state.get("has_attachment", msg.has_attachment))
+
+
+def _parse_test(source: str, position: int, table: Any,
+                rule_names: Optional[Sequence[str]]) -> RuleTest:
+    where = _Where(source, position, kind="test")
+    if not isinstance(table, dict):
+        raise where.error("", f"expected a table, got {_quote(table)}")
+    name = table.get("name")
+    if name is not None:
+        where.name = name = _check_text(where, "name", name)
+    for key in table:
+        if key not in TEST_KEYS:
+            raise where.error("", _unknown_key(key, TEST_KEYS))
+    if "expect_rules" not in table:
+        raise where.error("", "no expect_rules; list the names of the rules that must match, "
+                              "in order ([] for none)")
+    expected = table["expect_rules"]
+    if not isinstance(expected, list):
+        raise where.error("expect_rules", f"expected a list of rule names, got {_quote(expected)}")
+    for i, rule_name in enumerate(expected, 1):
+        _check_text(where, f"expect_rules[{i}]", rule_name, "a rule name")
+        if rule_names is not None and rule_name not in rule_names:
+            raise where.error(f"expect_rules[{i}]", _unknown_key(rule_name, rule_names, "rules")
+                              .replace("unknown key", "no rule named"))
+    actions = None
+    if "expect_actions" in table:
+        value = table["expect_actions"]
+        if not isinstance(value, dict):
+            raise where.error("expect_actions", f"expected a table of actions, e.g. "
+                                                f"{{ label = \"Receipts\", archive = true }}, got {_quote(value)}")
+        for key in value:
+            if key not in ACTION_KEYS:
+                raise where.error("expect_actions", _unknown_key(key, ACTION_KEYS, "actions"))
+        problems = _Problems()
+        actions = _parse_actions(where, value, problems, required=False)
+        problems.raise_any()
+    sample = {key: table[key] for key in TEST_MESSAGE_KEYS if key in table}
+    return RuleTest(name=name or f"test {position}", position=position,
+                    message=_test_message(where, table, source), expect_rules=tuple(expected),
+                    expect_actions=actions,
+                    sample=json.dumps(sample, sort_keys=True, ensure_ascii=False))
+
+
 def parse_rules(doc: Any, source: str = "<rules>") -> Ruleset:
     """Validate a rules document (parsed TOML or JSON) and build a Ruleset.
 
@@ -3838,8 +4164,21 @@ def parse_rules(doc: Any, source: str = "<rules>") -> Ruleset:
         raise where.error("rule", "the list is empty; add at least one rule")
     parsed = tuple(_parse_rule(source, i, rule, problems) for i, rule in enumerate(rules, 1))
     account = _parse_account(source, doc["account"], problems) if "account" in doc else {}
+    tests: Tuple[RuleTest, ...] = ()
+    tables = doc.get("test", [])
+    if not isinstance(tables, list):
+        problems.add(where.error("test", "expected a list of test tables; in TOML write "
+                                         "[[test]] with double brackets"))
+    else:
+        # Names are checked only when every rule parsed; a broken rule is reported already.
+        names = None if None in parsed else list(dict.fromkeys(r.name for r in parsed))
+        found = []
+        for i, table in enumerate(tables, 1):
+            with problems.catch():
+                found.append(_parse_test(source, i, table, names))
+        tests = tuple(found)
     problems.raise_any()
-    return Ruleset(rules=parsed, source=source, account=account)
+    return Ruleset(rules=parsed, source=source, account=account, tests=tests)
 
 
 # --- Rules files: a small TOML reader, the same on every Python --------------------------
@@ -4326,6 +4665,31 @@ def load_rules(path: Any) -> Ruleset:
     return parse_rules(doc, source)
 
 
+def run_rule_tests(rules: Ruleset, now: Optional[datetime] = None) -> List[str]:
+    """Run the rules file's [[test]] tables offline, as `test` would classify them.
+
+    gmail_query is decided as everywhere off Gmail (Ruleset.local). Returns one
+    line per failed test, e.g. 'rules.toml: test 2 ("Shop"): expected rules
+    [Receipts], got [Receipts, Newsletters]'; [] when every test passes.
+    """
+    local, _notes = rules.local()
+    failures = []
+    for test in rules.tests:
+        decision = local.classify(test.message, final=True, now=now)
+        got = tuple(name for name, _ in decision.matches)
+        where = _Where(rules.source, test.position, None if test.name == f"test {test.position}"
+                       else test.name, kind="test").prefix()
+        if got != test.expect_rules:
+            failures.append(f"{where}expected rules [{', '.join(test.expect_rules)}], "
+                            f"got [{', '.join(got)}]")
+            continue
+        actions = decision.actions.expanded(test.message)
+        if test.expect_actions is not None and actions != test.expect_actions:
+            failures.append(f"{where}expected actions: {test.expect_actions.describe()}; "
+                            f"got: {actions.describe()}")
+    return failures
+
+
 # The built-in rules only add labels: nothing is archived, trashed or marked
 # read until the user writes a rules file that says so. STARTER_RULES_TOML is
 # the same document written out with comments; a test keeps the two equal.
@@ -4376,6 +4740,16 @@ _BUILTIN_DOC: Dict[str, Any] = {
             "label": "Newsletters",
         },
     ],
+    "test": [
+        {
+            "name": "A shop's receipt",
+            "from": "Shop <orders@shop.example>",
+            "subject": "Your receipt for order 1234",
+            "headers": {"List-Unsubscribe": "<mailto:unsubscribe@shop.example>"},
+            "expect_rules": ["Receipts"],
+            "expect_actions": {"label": "Receipts"},
+        },
+    ],
 }
 
 STARTER_RULES_JSON = json.dumps(_BUILTIN_DOC, indent=2, ensure_ascii=False) + "\n"
@@ -4419,6 +4793,8 @@ STARTER_RULES_TOML = r'''# gmail_classify rules. These are the built-in rules; e
 # Actions (at least one per rule)
 #   label = "Name" or ["A", "B/Sub"]   add Gmail labels (created when missing)
 #   move = "Folder"                    move the message to this folder / label
+#   move = "Archive/{year}", label = "Vendors/{sender_domain}"
+#                                      fields: {year}, {month} (received), {sender_domain}
 #   archive = true                     remove it from the Inbox
 #   trash = true                       move it to Trash
 #   mark_read, mark_unread = true      set or clear the read state
@@ -4497,12 +4873,130 @@ label = "Newsletters"
 # older_than = "1y"
 # not = { has_label = "Keep" }
 # trash = true
+
+# Tests: a sample message and the names of every rule that must match it, in
+# order (expect_rules = [] for none). `check` runs them; `run --apply` refuses to
+# start while one fails. A sample has from, to, cc, subject, list_id,
+# headers = { "X-Mailer" = "..." }, body, size = "2M", date = "2024-03-04",
+# labels = ["Receipts"], unread, starred, has_attachment = true, or instead
+# eml = "sample.eml". expect_actions = { ... } checks the resulting actions too.
+[[test]]
+name = "A shop's receipt"
+from = "Shop <orders@shop.example>"
+subject = "Your receipt for order 1234"
+headers = { "List-Unsubscribe" = "<mailto:unsubscribe@shop.example>" }
+expect_rules = ["Receipts"]       # not Newsletters: the first match wins
+expect_actions = { label = "Receipts" }
 '''
 
 
 def builtin_rules() -> Ruleset:
     """Returns the rules used when the user has no rules file (labels only)."""
     return parse_rules(_BUILTIN_DOC, "built-in rules")
+
+
+# --- Rules files: writing ----------------------------------------------------------------
+#
+# One small writer for the files import-filters, suggest and init produce: plain data
+# (str, int, bool, lists, tables) out, the same data back through load_rules. TOML gets
+# comments (a header, and lines above each rule); JSON has no comments.
+
+_TOML_WRITE_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                 "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(text: str) -> str:
+    """A TOML string: 'literal' when that keeps backslashes readable, else "escaped"."""
+    controls = re.search(r"[\x00-\x1f\x7f]", text)
+    if "\\" in text and "'" not in text and not controls:
+        return f"'{text}'"
+    out = []
+    for ch in text:
+        if ch in _TOML_WRITE_ESCAPES:
+            out.append(_TOML_WRITE_ESCAPES[ch])
+        elif ch < " " or ch == "\x7f":
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_key(key: str) -> str:
+    return key if _TOML_BARE_KEY.fullmatch(key) else _toml_string(key)
+
+
+def _toml_value(value: Any, indent: str = "") -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list):
+        items = [_toml_value(item, indent + "  ") for item in value]
+        one_line = "[" + ", ".join(items) + "]"
+        if len(one_line) <= 80 or not items:
+            return one_line
+        return "[\n" + "".join(f"{indent}  {item},\n" for item in items) + indent + "]"
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v, indent)}"
+                                for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} to a rules file")
+
+
+def _comment_lines(lines: Iterable[str]) -> str:
+    text = ""
+    for line in lines:
+        for part in str(line).splitlines() or [""]:
+            text += f"# {part}".rstrip() + "\n"
+    return text
+
+
+def format_rules(doc: Mapping[str, Any], fmt: str = "toml", header: Sequence[str] = (),
+                 comments: Optional[Sequence[Sequence[str]]] = None) -> str:
+    """Write a rules document ({"rule": [...], "test": [...], "account": {...}}) as text.
+
+    ``fmt`` is "toml" or "json". TOML carries ``header`` as comment lines at the top
+    and ``comments[i]`` above rule i; JSON cannot hold comments and leaves them out.
+    Returns text that load_rules reads back to the same document.
+    """
+    if fmt == "json":
+        return json.dumps(dict(doc), indent=2, ensure_ascii=False) + "\n"
+    if fmt != "toml":
+        raise ValueError(f"unknown rules file format {fmt!r}; use toml or json")
+    parts = [_comment_lines(header)] if header else []
+    if doc.get("account"):
+        parts.append("[account]\n" + "".join(f"{_toml_key(k)} = {_toml_value(v)}\n"
+                                             for k, v in doc["account"].items()))
+    for table in ("rule", "test"):
+        for index, entry in enumerate(doc.get(table, ())):
+            text = ""
+            if table == "rule" and comments and index < len(comments):
+                text += _comment_lines(comments[index])
+            text += f"[[{table}]]\n"
+            text += "".join(f"{_toml_key(k)} = {_toml_value(v)}\n" for k, v in entry.items())
+            parts.append(text)
+    return "\n".join(parts)
+
+
+def write_rules_file(path: Any, text: str, force: bool = False) -> None:
+    """Write a rules file created by this program; never over an existing file unless ``force``.
+
+    Raises RulesError when the file exists (without ``force``) or cannot be written.
+    """
+    path = pathlib.Path(path)
+    if path.exists() and not force:
+        raise RulesError(f"{path} already exists; pass --force to overwrite it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w" if force else "x", encoding="utf-8") as fh:
+            fh.write(text)
+    except FileExistsError:
+        raise RulesError(f"{path} already exists; pass --force to overwrite it") from None
+    except OSError as exc:
+        raise GmailClassifyError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 # --- Classify pipeline -------------------------------------------------------------------
@@ -4521,6 +5015,13 @@ def builtin_rules() -> Ruleset:
 
 DEFAULT_BATCH = 1000     # messages per FETCH: ~0.5 MB of headers, one round trip
 DEFAULT_APPLY_EVERY = 10 # batches classified per step; changes are applied after each step
+# At most this many new folders (labels) per run unless the caller raises it: a template
+# such as "Vendors/{sender_domain}" over years of mail could otherwise create hundreds.
+DEFAULT_MAX_NEW_FOLDERS = 20
+
+
+class FolderLimitError(GmailClassifyError):
+    """A run would create more new folders than allowed; nothing was changed."""
 
 
 @dataclass(frozen=True)
@@ -4831,7 +5332,8 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                     on_applied: Optional[Callable[[int, int], None]] = None,
                     checkpoint: Optional[Checkpoint] = None,
                     apply_every: int = DEFAULT_APPLY_EVERY,
-                    report: Optional[FolderReport] = None) -> FolderReport:
+                    report: Optional[FolderReport] = None,
+                    max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS) -> FolderReport:
     """Classify the messages of ``folder`` above the checkpoint's mark (without a
     checkpoint: all of them), or only those since ``since``; the newest ``limit``.
 
@@ -4842,14 +5344,20 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     changes); ``on_progress(done, total)`` is called per batch classified; with ``apply``,
     ``on_applied(done, total)`` counts changes as they are made (``total``: those planned
     so far).  Pass your own ``report`` to keep the counts of a run that raises.  Returns
-    the FolderReport.  Raises CapabilityError before touching anything when the rules need
-    Gmail and the server is not Gmail, RunStopped when the checkpoint ends the run, and
-    the connection's errors.
+    the FolderReport.  Off Gmail, gmail_query conditions drop out (see Ruleset.local; a
+    warning per rule).  Templated destinations are filled in per message; with ``apply``,
+    a step that would take the folders created past ``max_new_folders`` (None: no limit)
+    raises FolderLimitError before any of its changes.  Raises RunStopped when the
+    checkpoint ends the run, and the connection's errors.
     """
+    if rules.needs.queries and not conn.is_gmail:
+        rules, notes = rules.local()
+        for note in notes:
+            log.warning("%s: %s (%s is not Gmail)", rules.source, note, conn.host)
     needs = rules.needs
-    if needs.queries and not conn.is_gmail:
-        raise CapabilityError(f"the rules use gmail_query, but {conn.host} is not Gmail "
-                              f"(no X-GM-EXT-1); remove those conditions for this server")
+    separator: Optional[str] = None
+    if any(rule.actions.templates() for rule in rules.rules):
+        separator = next((f.delimiter for f in conn.list_folders() if f.delimiter), "/")
     checkpoint = checkpoint if checkpoint is not None else Checkpoint()
     report = report if report is not None else FolderReport(folder, apply)
     try:
@@ -4908,7 +5416,7 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                 _drop_copies_already_there(conn, step.plan, copies)
             applied[1] += step.plan.size()
             if apply:
-                _apply_plan(conn, step.plan, report, done)
+                _apply_plan(conn, step.plan, report, done, max_new_folders)
             else:
                 report.created.extend(name for name in _missing_folders(conn, step.plan)
                                       if name not in report.created)
@@ -4963,7 +5471,7 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                 finish(step)
                 raise
             _classify_batch(conn, rules, batch, items, header_item, queries, folder, now,
-                            step, report, in_trash, in_archive, fetched)
+                            step, report, in_trash, in_archive, fetched, separator)
             batches += 1
             if on_progress is not None:
                 on_progress(min(start_index + batch_size, len(uids)), len(uids))
@@ -4982,9 +5490,10 @@ def _classify_batch(conn: GmailConnection, rules: Ruleset, batch: List[int], ite
                     header_item: str, queries: Optional[Dict[str, set]], folder: str,
                     now: Optional[_dt.datetime], step: _Step, report: FolderReport,
                     in_trash: bool, in_archive: bool,
-                    fetched: Optional[Dict[int, Dict[str, Any]]] = None) -> None:
+                    fetched: Optional[Dict[int, Dict[str, Any]]] = None,
+                    separator: Optional[str] = None) -> None:
     """Fetch one batch (unless given), classify it, and add what its messages still need
-    to the step."""
+    to the step; with a ``separator``, templated destinations are filled in."""
     needs = rules.needs
     if fetched is None:
         fetched = conn.fetch(batch, items)
@@ -5008,6 +5517,9 @@ def _classify_batch(conn: GmailConnection, rules: Ruleset, batch: List[int], ite
             decisions[uid] = rules.classify(info, final=True, now=now)
     for uid in sorted(decisions):
         decision, info = decisions[uid], infos[uid]
+        if separator is not None:
+            decision = dataclasses.replace(decision,
+                                           actions=decision.actions.expanded(info, separator))
         report.examined += 1
         needed = step.plan.add(uid, decision.actions, info.flags, info.labels, folder,
                                in_trash=in_trash, in_archive=in_archive)
@@ -5109,8 +5621,8 @@ def _drop_copies_already_there(conn: GmailConnection, plan: _Plan,
 
 
 def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
-                done: Optional[Callable[[Tuple[str, ...], Mapping[int, Any]], None]] = None
-                ) -> None:
+                done: Optional[Callable[[Tuple[str, ...], Mapping[int, Any]], None]] = None,
+                max_new_folders: Optional[int] = None) -> None:
     """Carry out a plan: check destinations, create what is missing, then labels and flags,
     then moves (so a message is labelled where it stands, then leaves).
 
@@ -5119,11 +5631,21 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
     """
     done = done or (lambda key, result: None)
     # Everything that can refuse is settled before the first change.
+    missing = _missing_folders(conn, plan)
+    wanted = len(report.created) + len(missing)    # a step may follow steps that created some
+    if max_new_folders is not None and wanted > max_new_folders:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        before = "nothing was changed" if not report.created else \
+            f"nothing more was changed after creating {len(report.created)}"
+        raise FolderLimitError(f"{report.folder}: this run would create {wanted} new "
+                               f"folders ({shown}), more than the limit of {max_new_folders}; "
+                               f"{before}. Check the rules' templates, or raise the "
+                               f"limit with --max-new-folders {wanted}")
     trash = _special_destination(conn, "\\Trash", "trash") if plan.trash else None
     archive = None
     if plan.archive and not conn.is_gmail:
         archive = _special_destination(conn, "\\Archive", "archive")
-    for name in _missing_folders(conn, plan):
+    for name in missing:
         if conn.create_folder(name):
             report.created.append(name)
     for label, uids in plan.add_labels.items():
@@ -5226,12 +5748,16 @@ def classify_messages(rules: Ruleset, messages: Iterable[MessageInfo], folder: s
     """Classify messages already in hand, offline, as a dry run of ``folder`` would.
 
     Returns the same FolderReport classify_folder would for a dry run (without the
-    folders to create, which only the server knows); ``gmail_query`` conditions stay
-    unknown. ``on_message`` receives an Outcome per message.
+    folders to create, which only the server knows); ``gmail_query`` conditions drop out
+    as everywhere off Gmail (Ruleset.local), and templates are filled in as on Gmail.
+    ``on_message`` receives an Outcome per message.
     """
     report, plan = FolderReport(folder, applied=False), _Plan()
+    rules = rules.local()[0]
     for info in messages:
-        outcome = _tally(report, plan, rules.classify(info, final=True, now=now), info, folder)
+        decision = rules.classify(info, final=True, now=now)
+        decision = dataclasses.replace(decision, actions=decision.actions.expanded(info))
+        outcome = _tally(report, plan, decision, info, folder)
         if on_message is not None:
             on_message(outcome)
     report.changes = plan.changes()
@@ -5745,7 +6271,8 @@ class Run(Checkpoint):
                  apply_every: int = DEFAULT_APPLY_EVERY,
                  on_progress: Optional[Callable[[int, int], None]] = None,
                  on_applied: Optional[Callable[[int, int], None]] = None,
-                 now: Optional[_dt.datetime] = None) -> FolderReport:
+                 now: Optional[_dt.datetime] = None,
+                 max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS) -> FolderReport:
         """classify_folder with this run as the checkpoint; ``since``/``limit`` never move
         the mark.  Returns the folder's report (also kept in ``reports``)."""
         report = FolderReport(folder, self.apply)
@@ -5755,7 +6282,8 @@ class Run(Checkpoint):
             return classify_folder(conn, self.rules, folder, apply=self.apply, since=since,
                                    limit=limit, batch_size=batch_size, on_progress=on_progress,
                                    on_applied=on_applied, now=now, checkpoint=self,
-                                   apply_every=apply_every, report=report)
+                                   apply_every=apply_every, report=report,
+                                   max_new_folders=max_new_folders)
         finally:
             self._count_bytes(conn)
 
@@ -6267,6 +6795,386 @@ class Undo:
         self.run.add_records(records)
 
 
+# --- Importers and suggestions -----------------------------------------------------------
+#
+# Meet users where their rules already are: Gmail's own filters (Settings -> Filters ->
+# Export writes mailFilters.xml), or no rules at all (suggest reads a folder's headers and
+# proposes some). Both return plain rules documents that format_rules writes out.
+
+# Gmail's filter export is an Atom feed; each <entry> is one filter, each criterion and
+# action an <apps:property name='...' value='...'/> (see IMAP-NOTES.md, "filter export").
+_ATOM = "{http://www.w3.org/2005/Atom}"
+_APPS = "{http://schemas.google.com/apps/2006}"
+MAX_FILTER_FILE_BYTES = 16 * 1024 * 1024   # a real export is a few hundred KB at most
+
+# Filter actions -> the rule key they become; Gmail writes the value 'true'.
+_FILTER_ACTIONS = {"shouldArchive": "archive", "shouldMarkAsRead": "mark_read",
+                   "shouldStar": "star", "shouldTrash": "trash"}
+# Filter actions IMAP cannot carry out -> why, as reported per filter.
+_FILTER_UNMAPPED = {
+    "forwardTo": "forwarding; keep it as a filter in Gmail",
+    "smartLabelToApply": "a category; Gmail's tabs are not visible over IMAP",
+    "shouldAlwaysMarkAsImportant": "mark as important",
+    "shouldNeverMarkAsImportant": "never mark as important",
+    "shouldNeverSpam": "never send to spam",
+}
+_FILTER_CRITERIA = ("from", "to", "subject", "hasTheWord", "doesNotHaveTheWord",
+                    "hasAttachment", "excludeChats", "size", "sizeOperator", "sizeUnit")
+_SIZE_OPERATORS = {"s_sl": "larger", "s_ss": "smaller"}
+_SIZE_SUFFIXES = {"s_sb": "", "s_skb": "K", "s_smb": "M"}
+_QUERY_TOKEN = re.compile(r'"[^"]*"|[^\s"]+')
+_ADDRESS_TERM = re.compile(r"[\w.+-]*@[\w-]+(\.[\w-]+)+|[\w-]+(\.[\w-]+)+")
+_WORD_TERM = re.compile(r"[\w'-]+|\"[^\"{}()]+\"")
+
+
+@dataclass(frozen=True)
+class ImportedFilters:
+    """What import_gmail_filters made of an export.
+
+    doc: {"rule": [...]} ready for format_rules; comments: comment lines per rule;
+    notes: one line per property left out, e.g. 'filter 3: left out forwardTo
+    (forwarding ...)'; filters: how many filters the file held.
+    """
+
+    doc: Dict[str, Any]
+    comments: Tuple[Tuple[str, ...], ...]
+    notes: Tuple[str, ...]
+    filters: int
+
+
+class _HostileXML(Exception):
+    pass
+
+
+def _refuse_doctype(*_args: Any) -> None:
+    raise _HostileXML()
+
+
+def _check_plain_xml(data: bytes, source: str) -> None:
+    """Refuse a DOCTYPE (and so every entity) before ElementTree sees the bytes.
+
+    Gmail's export never has one; a file that does could expand entities without
+    end ("billion laughs") or point at external files. Raises RulesError.
+    """
+    parser = xml.parsers.expat.ParserCreate()
+    parser.StartDoctypeDeclHandler = _refuse_doctype
+    parser.EntityDeclHandler = _refuse_doctype
+    parser.ExternalEntityRefHandler = _refuse_doctype
+    try:
+        parser.Parse(data, True)
+    except _HostileXML:
+        raise RulesError(f"{source}: has a DOCTYPE or entity declarations, which Gmail's "
+                         f"export never has; refusing to read it") from None
+    except xml.parsers.expat.ExpatError as exc:
+        raise RulesError(f"{source}: not valid XML ({exc}); export the filters from Gmail "
+                         f"again") from None
+
+
+def _query_group(value: str) -> str:
+    """A criterion as one Gmail query term: bare when it is one simple token, else (kept whole)."""
+    if re.fullmatch(r'[^\s(){}"]+', value) and not value.startswith("-") and ":" not in value:
+        return value
+    return f"({value})"
+
+
+def _or_terms(value: str) -> Optional[List[str]]:
+    """'a', 'a OR b', '{a b}' or '(a OR b)' as the list of alternatives; None for anything else."""
+    text = value.strip()
+    if re.fullmatch(r"\{[^{}()]*\}", text):
+        return _QUERY_TOKEN.findall(text[1:-1]) or None
+    if re.fullmatch(r"\([^{}()]*\)", text):
+        text = text[1:-1].strip()
+    tokens = _QUERY_TOKEN.findall(text)
+    if not tokens or len(tokens) % 2 == 0:
+        return None
+    if any(tok != "OR" for tok in tokens[1::2]):
+        return None
+    return tokens[0::2]
+
+
+def _address_patterns(value: str) -> Optional[List[str]]:
+    """from:(...) as address regexes, when every alternative is an address or a domain."""
+    terms = _or_terms(value)
+    if not terms or not all(_ADDRESS_TERM.fullmatch(t) for t in terms):
+        return None
+    patterns = []
+    for term in terms:
+        escaped = re.escape(term.lower())
+        if term.startswith("@"):
+            patterns.append(f"/{escaped}(?![\\w.-])/i")
+        elif "@" in term:
+            patterns.append(f"/(?<![\\w.+-]){escaped}(?![\\w.-])/i")
+        else:
+            patterns.append(f"/[@.]{escaped}(?![\\w.-])/i")
+    return patterns
+
+
+def _word_patterns(value: str) -> Optional[List[str]]:
+    """subject:(...) as whole-word regexes, when every alternative is a word or a "phrase"."""
+    terms = _or_terms(value)
+    if not terms or not all(_WORD_TERM.fullmatch(t) for t in terms) or "OR" in terms:
+        return None
+    return ["/(?<!\\w)" + r"\s+".join(re.escape(w) for w in t.strip('"').split()) + "(?!\\w)/i"
+            for t in terms]
+
+
+def _one_or_list(items: List[str]) -> Any:
+    return items[0] if len(items) == 1 else items
+
+
+def _convert_filter(number: int, props: List[Tuple[str, str]]
+                    ) -> Tuple[Optional[Dict[str, Any]], List[str], List[str]]:
+    """One filter's properties -> (rule or None, comment lines, notes)."""
+    notes: List[str] = []
+    values: Dict[str, str] = {}
+    for name, value in props:
+        if name in values and values[name] != value:
+            notes.append(f"filter {number}: skipped: property {name} given twice")
+            return None, [], notes
+        values[name] = value
+    unknown = [n for n in values if n not in _FILTER_CRITERIA and n not in _FILTER_ACTIONS
+               and n not in _FILTER_UNMAPPED and n != "label"]
+    if unknown:
+        notes.append(f"filter {number}: skipped: unknown property {', '.join(unknown)}; left out "
+                     f"whole so that it never acts on more mail than it does in Gmail")
+        return None, [], notes
+
+    def text(name: str) -> str:   # a line break in a query is only whitespace
+        return " ".join(values.get(name, "").split())
+
+    query: List[str] = []
+    local: Dict[str, Any] = {}
+    exact = True
+    if text("from"):
+        query.append("from:" + _query_group(text("from")))
+        patterns = _address_patterns(text("from"))
+        exact = exact and patterns is not None
+        if patterns:
+            local["from"] = _one_or_list(patterns)
+    if text("to"):
+        query.append("to:" + _query_group(text("to")))
+        exact = False   # Gmail's to: also covers Cc and Bcc as Gmail saw them
+    if text("subject"):
+        query.append("subject:" + _query_group(text("subject")))
+        patterns = _word_patterns(text("subject"))
+        exact = exact and patterns is not None
+        if patterns:
+            local["subject"] = _one_or_list(patterns)
+    if text("hasTheWord"):
+        query.append(_query_group(text("hasTheWord")))
+        exact = False
+    if text("doesNotHaveTheWord"):
+        words = text("doesNotHaveTheWord")
+        single = re.fullmatch(r'[^\s(){}"-][^\s(){}"]*', words) and ":" not in words
+        query.append(f"-{words}" if single else f"-{{{words}}}")
+        exact = False
+    if values.get("hasAttachment") == "true":
+        query.append("has:attachment")
+        local["has_attachment"] = True
+    if values.get("excludeChats") == "true":
+        query.append("-in:chats")   # IMAP folders hold no chats: nothing to add locally
+    if values.get("size", "").strip():
+        size = values["size"].strip()
+        operator = _SIZE_OPERATORS.get(values.get("sizeOperator", "s_sl"))
+        suffix = _SIZE_SUFFIXES.get(values.get("sizeUnit", "s_sb"))
+        if not size.isdigit() or operator is None or suffix is None:
+            notes.append(f"filter {number}: skipped: size {size!r} with sizeOperator "
+                         f"{values.get('sizeOperator')!r}, sizeUnit {values.get('sizeUnit')!r} "
+                         f"is not understood")
+            return None, [], notes
+        query.append(f"{operator}:{size}{suffix}")
+        local["larger_than" if operator == "larger" else "smaller_than"] = f"{size}{suffix}"
+    if not query:
+        notes.append(f"filter {number}: skipped: no criteria")
+        return None, [], notes
+
+    actions: Dict[str, Any] = {}
+    label = values.get("label", "")
+    if label.strip():
+        if _FORBIDDEN_CHARS.search(label):
+            notes.append(f"filter {number}: left out label {label!r}: it holds a line break")
+        else:   # braces in a label are literal, not template fields
+            actions["label"] = label.replace("{", "{{").replace("}", "}}")
+    for name, key in _FILTER_ACTIONS.items():
+        if values.get(name) == "true":
+            actions[key] = True
+    if actions.get("trash") and actions.pop("archive", False):
+        notes.append(f"filter {number}: archive left out: it also trashes, which wins")
+    for name, why in _FILTER_UNMAPPED.items():
+        if values.get(name, "").strip() and values[name] != "false":
+            notes.append(f"filter {number}: left out {name} ({why})")
+    if not actions:
+        notes.append(f"filter {number}: skipped: none of its actions can be done over IMAP")
+        return None, [], notes
+
+    rule: Dict[str, Any] = {"name": f"Gmail filter {number}", "gmail_query": " ".join(query)}
+    if exact and local:
+        rule.update(local)
+    rule.update(actions)
+    rule["continue"] = True
+    comment = [f"Gmail filter {number}: {' '.join(query)}"]
+    if not (exact and local):
+        comment.append("Decided by Gmail's search alone: on other servers and in `test` "
+                       "this rule is skipped.")
+    return rule, comment, notes
+
+
+def import_gmail_filters(data: bytes, source: str = "mailFilters.xml") -> ImportedFilters:
+    """Convert Gmail's filter export (Atom XML) into a rules document.
+
+    Each filter becomes one rule, in order, with continue = true (Gmail applies
+    every matching filter). Its criteria become a gmail_query in Gmail's own
+    syntax; local conditions are added too where they say exactly the same.
+    Raises RulesError for a file that is not a safe, well-formed export.
+    """
+    if len(data) > MAX_FILTER_FILE_BYTES:
+        raise RulesError(f"{source}: {len(data)} bytes is far more than a filter export; "
+                         f"is it the right file?")
+    _check_plain_xml(data, source)
+    try:
+        root = xml.etree.ElementTree.fromstring(data)
+    except xml.etree.ElementTree.ParseError as exc:
+        raise RulesError(f"{source}: not valid XML ({exc})") from None
+    if root.tag != f"{_ATOM}feed":
+        raise RulesError(f"{source}: not a Gmail filter export (expected an Atom <feed>, "
+                         f"found <{root.tag}>); export it from Gmail's Settings -> Filters")
+    rules: List[Dict[str, Any]] = []
+    comments: List[Tuple[str, ...]] = []
+    notes: List[str] = []
+    entries = root.findall(f"{_ATOM}entry")
+    for number, entry in enumerate(entries, 1):
+        props = [(p.get("name", ""), p.get("value", "")) for p in entry.iter(f"{_APPS}property")]
+        rule, comment, found = _convert_filter(number, props)
+        notes.extend(found)
+        if rule is not None:
+            rules.append(rule)
+            comments.append(tuple(comment))
+    return ImportedFilters({"rule": rules}, tuple(comments), tuple(notes), len(entries))
+
+
+# suggest: what a folder's headers say about the rules its owner needs.
+_AUTOMATED_LOCAL = re.compile(r"no-?reply|do-?not-?reply|notifications?|alerts?|mailer-daemon|"
+                              r"bounces?|updates?|news(letter)?|info|support|auto", re.IGNORECASE)
+_PLAIN_ADDRESS = re.compile(r"[\w.+=-]+@[\w-]+(\.[\w-]+)+")
+_PLAIN_LIST_ID = re.compile(r"[\w.+=-]+")
+SUGGEST_HEADERS = ("FROM", "SUBJECT", "LIST-ID", "LIST-UNSUBSCRIBE", "AUTO-SUBMITTED",
+                   "PRECEDENCE")
+
+
+@dataclass(frozen=True)
+class Suggestions:
+    """What suggest_rules proposes: doc and comments for format_rules, and how much it read."""
+
+    doc: Dict[str, Any]
+    comments: Tuple[Tuple[str, ...], ...]
+    examined: int
+    folder: str
+
+
+@dataclass
+class _Tally:
+    count: int = 0
+    sample: str = ""
+    name: str = ""
+    members: set = field(default_factory=set)
+
+    def add(self, subject: str, name: str = "", member: str = "") -> None:
+        self.count += 1
+        if not self.sample and subject.strip():
+            self.sample = " ".join(subject.split())[:70]
+        if not self.name and name:
+            self.name = name
+        if member:
+            self.members.add(member)
+
+
+def _top(tallies: Dict[str, _Tally], top: int, min_count: int,
+         skip: Iterable[str] = ()) -> List[Tuple[str, _Tally]]:
+    skip = set(skip)
+    ranked = sorted(tallies.items(), key=lambda kv: (-kv[1].count, kv[0]))
+    return [(key, t) for key, t in ranked if t.count >= min_count and key not in skip][:top]
+
+
+def suggest_rules(conn: GmailConnection, folder: str = "INBOX", *, top: int = 10,
+                  min_count: int = 2, batch_size: int = DEFAULT_BATCH,
+                  limit: Optional[int] = None) -> Suggestions:
+    """Read a folder's headers (EXAMINE: nothing can change) and propose label rules.
+
+    Proposes, biggest first: mailing lists (List-Id), automated senders (no-reply
+    style addresses, List-Unsubscribe or Auto-Submitted without a list), domains
+    with several senders, and single senders; at most ``top`` of each, each seen
+    at least ``min_count`` times, with its count and a sample subject as comments.
+    Labels nest with the server's hierarchy separator ("Lists/python-announce").
+    """
+    conn.examine(folder)
+    uids = conn.search(["ALL"])
+    if limit is not None:
+        uids = uids[-limit:] if limit > 0 else []
+    item = f"BODY.PEEK[HEADER.FIELDS ({' '.join(SUGGEST_HEADERS)})]"
+    lists: Dict[str, _Tally] = {}
+    automated: Dict[str, _Tally] = {}
+    senders: Dict[str, _Tally] = {}
+    domains: Dict[str, _Tally] = {}
+    examined = 0
+    for start in range(0, len(uids), batch_size):
+        fetched = conn.fetch(uids[start:start + batch_size], [item])
+        for values in fetched.values():
+            examined += 1
+            headers = parse_headers(values.get(item) or b"")
+            subject = _first(header_text(headers, "subject"))
+            list_id = _first(header_text(headers, "list-id")).strip()
+            name, address = email.utils.parseaddr(_first(header_addresses(headers, "from")))
+            address = address.lower()
+            if list_id:
+                found = re.search(r"<([^<>]+)>", list_id)
+                key = (found.group(1) if found else list_id).strip().lower()
+                description = list_id[:found.start()].strip().strip('"') if found else ""
+                if _PLAIN_LIST_ID.fullmatch(key):
+                    lists.setdefault(key, _Tally()).add(subject, description)
+                continue
+            if not _PLAIN_ADDRESS.fullmatch(address):
+                continue   # nothing a rule could name plainly (a sender chose it: be wary)
+            local_part, _, domain = address.rpartition("@")
+            bulk = bool(header_text(headers, "list-unsubscribe")) \
+                or _first(header_text(headers, "auto-submitted")).strip().lower() not in ("", "no") \
+                or _first(header_text(headers, "precedence")).strip().lower() in ("bulk", "list", "junk")
+            if bulk or _AUTOMATED_LOCAL.search(local_part):
+                automated.setdefault(address, _Tally()).add(subject, name)
+                continue
+            senders.setdefault(address, _Tally()).add(subject, name)
+            domains.setdefault(domain, _Tally()).add(subject, member=address)
+    rules: List[Dict[str, Any]] = []
+    comments: List[Tuple[str, ...]] = []
+    sep = next((f.delimiter for f in conn.list_folders() if f.delimiter), "/")
+
+    def propose(rule: Dict[str, Any], tally: _Tally, what: str) -> None:
+        rules.append(rule)
+        sample = f', e.g. "{tally.sample}"' if tally.sample else ""
+        comments.append((f"{what}: {tally.count} messages{sample}",))
+
+    for key, tally in _top(lists, top, min_count):
+        short = clean_component(key.split(".")[0], sep)
+        propose({"name": f"List {key}", "list_id": key, "label": f"Lists{sep}{short}"}, tally,
+                "Mailing list" + (f" {tally.name!r}" if tally.name else ""))
+    for address, tally in _top(automated, top, min_count):
+        domain = clean_component(address.rpartition("@")[2], sep)
+        propose({"name": f"Automated {address}", "from": address,
+                 "label": f"Automated{sep}{domain}"}, tally, "Automated sender")
+    shared = {d: t for d, t in domains.items() if len(t.members) > 1}
+    covered = set()
+    for domain, tally in _top(shared, top, min_count):
+        covered.update(tally.members)
+        propose({"name": f"Domain {domain}", "from": f"@{domain}",
+                 "label": f"Senders{sep}{clean_component(domain, sep)}"}, tally,
+                 f"{len(tally.members)} senders at {domain}")
+    for address, tally in _top(senders, top, min_count, skip=covered):
+        propose({"name": f"Sender {address}", "from": address,
+                 "label": f"Senders{sep}" + re.sub(r"[^\w.@+-]", "", address).replace(
+                     sep, "-")[:_COMPONENT_MAX]},
+                tally, "Sender" + (f" {tally.name!r}" if tally.name else ""))
+    return Suggestions({"rule": rules}, tuple(comments), examined, folder)
+
+
 # --- Command line ------------------------------------------------------------------------
 #
 # A thin layer over the library: parse arguments, find the rules and the password, call
@@ -6281,6 +7189,7 @@ EXIT_CONNECTION = 4     # could not connect, or lost the connection after retrie
 EXIT_SERVER = 5         # the server refused an operation or lacks a needed feature
 EXIT_INCOMPLETE = 6     # stopped early (daily budget): some mail is left; run again
 EXIT_LOCKED = 7         # another --apply holds the account lock
+EXIT_RULE_TESTS = 8     # the rules file's own [[test]] tables failed
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 EXIT_CODES_HELP = """\
@@ -6293,6 +7202,7 @@ exit codes:
   5  the server refused an operation or lacks a feature the rules need
   6  incomplete: stopped at the daily download budget; run again to finish
   7  another --apply holds the lock for this account
+  8  the rules file's own tests ([[test]] tables) failed
   130 interrupted
 """
 
@@ -6302,7 +7212,8 @@ USER_ENV = "GMAIL_USER"
 # Generic names that other IMAP tools use; the GMAIL_* name wins when both are set.
 USER_ENV_ALIAS = "IMAP_USER"
 PASSWORD_ENV_ALIAS = "IMAP_PASSWORD"
-SUBCOMMANDS = ("run", "check", "test", "labels", "folders", "init", "demo", "history", "undo")
+SUBCOMMANDS = ("run", "check", "test", "labels", "folders", "init", "demo", "history", "undo",
+               "import-filters", "suggest")
 
 QUICK_HELP = """\
 common use (every option of a run: gmail_classify.py run --help):
@@ -6428,6 +7339,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "message")
     run.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH,
                      help="messages per FETCH (default: %(default)s)")
+    run.add_argument("--max-new-folders", type=_positive, default=DEFAULT_MAX_NEW_FOLDERS,
+                     metavar="N", help="refuse, before any change, a run that would create "
+                     "more than N folders or labels (default: %(default)s)")
     fresh = run.add_mutually_exclusive_group()
     fresh.add_argument("--all", action="store_true", help="classify every message again, not "
                        "only those above the folder's mark (also starts over after a bad "
@@ -6474,6 +7388,28 @@ def build_parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init", parents=[common], help="write the starter rules file")
     init.add_argument("path", nargs="?", help="where (default: the default rules path)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    writer = argparse.ArgumentParser(add_help=False)
+    group = writer.add_argument_group("output")
+    group.add_argument("-o", "--output", metavar="RULES", help="write the rules file here "
+                       "(.toml or .json; default: TOML on standard output)")
+    group.add_argument("--force", action="store_true", help="overwrite an existing RULES file")
+    group.add_argument("--format", choices=("toml", "json"), help="file format (default: "
+                       "from the -o file name, else toml)")
+
+    imports = sub.add_parser("import-filters", parents=[common, writer],
+                             help="turn Gmail's filter export (mailFilters.xml) into rules")
+    imports.add_argument("filters_file", metavar="FILE", help="mailFilters.xml from Gmail's "
+                         "Settings -> Filters and Blocked Addresses -> Export")
+
+    suggest = sub.add_parser("suggest", parents=[common, conn, writer],
+                             help="read a folder's headers (read-only) and propose rules")
+    suggest.add_argument("--folder", default="INBOX", help="folder to read (default: INBOX)")
+    suggest.add_argument("--top", type=_positive, default=10, help="at most N rules of each "
+                         "kind (default: %(default)s)")
+    suggest.add_argument("--limit", type=_positive, help="only the newest N messages")
+    suggest.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH,
+                         help="messages per FETCH (default: %(default)s)")
     return parser
 
 
@@ -6576,6 +7512,25 @@ def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any]) -
     return settings
 
 
+def _rule_tests_allow(rules: Ruleset, apply: bool) -> bool:
+    """Run the rules' [[test]] tables before connecting; False when --apply must be refused.
+
+    Each failure is one line on stderr; a dry run goes on after a warning.
+    """
+    failures = run_rule_tests(rules)
+    for line in failures:
+        sys.stderr.write(f"gmail_classify: {line}\n")
+    if failures and apply:
+        sys.stderr.write(f"gmail_classify: refusing --apply: {len(failures)} of "
+                         f"{len(rules.tests)} rule tests failed; fix the rules or the tests "
+                         f"(see 'check {rules.source}')\n")
+        return False
+    if failures:
+        sys.stderr.write(f"gmail_classify: {len(failures)} of {len(rules.tests)} rule tests "
+                         f"failed; this dry run goes on, --apply would be refused\n")
+    return True
+
+
 def _plural(count: int, noun: str) -> str:
     """'1 message', '1,204 messages'."""
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
@@ -6672,6 +7627,8 @@ class _Progress:
 
 def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     rules = find_rules(args.rules)
+    if not _rule_tests_allow(rules, args.apply):
+        return EXIT_RULE_TESTS
     settings = _connection_settings(args, rules.account)
     folders = args.folder or list(rules.account.get("folders") or ["INBOX"])
     progress = _Progress(sys.stderr, sys.stderr.isatty() and not args.quiet and not args.json)
@@ -6698,11 +7655,13 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     try:
         with GmailConnection(**settings) as conn:
             for folder in folders:
+                budget = args.max_new_folders - sum(len(r.created) for r in run.reports)
                 run.classify(
                     conn, folder, since=args.since, limit=args.limit,
                     batch_size=args.batch_size,
                     on_progress=lambda done, total: progress(f"{folder}: classified", done, total),
-                    on_applied=lambda done, total: progress(f"{folder}: applied", done, total))
+                    on_applied=lambda done, total: progress(f"{folder}: applied", done, total),
+                    max_new_folders=max(0, budget))
     except KeyboardInterrupt:
         _finish_run(run, args, out, "interrupted", "interrupted")
         return EXIT_INTERRUPTED
@@ -6717,7 +7676,13 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         out.write(json.dumps(summary, ensure_ascii=False) + "\n")
     elif not args.quiet:
-        _write_reports(out, run.reports, rules)
+        footer = _DRY_RUN_FOOTER
+        new_folders = len({name for r in run.reports for name in r.created})
+        if not args.apply and new_folders > args.max_new_folders:
+            footer = (f"--apply would refuse: {new_folders} new folders, more than the limit "
+                      f"of {args.max_new_folders}; check the templates or pass "
+                      f"--max-new-folders {new_folders}\n") + footer
+        _write_reports(out, run.reports, rules, footer)
         if args.apply:
             out.write(f"{_plural(run.changes_made, 'change')} made.\n")
     return EXIT_OK
@@ -6870,11 +7835,21 @@ def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     if needs.queries:
         fetched.append(f"{len(needs.queries)} Gmail search(es)")
     out.write("  fetches: " + "; ".join(fetched) + "\n")
-    return EXIT_OK
+    for note in rules.local()[1]:
+        out.write(f"  note: {note}\n")
+    failures = run_rule_tests(rules)
+    if rules.tests:
+        passed = len(rules.tests) - len(failures)
+        out.write(f"  tests: {passed} of {len(rules.tests)} passed\n")
+    for line in failures:
+        sys.stderr.write(f"gmail_classify: {line}\n")
+    return EXIT_RULE_TESTS if failures else EXIT_OK
 
 
 def _cmd_test(args: argparse.Namespace, out: TextIO) -> int:
-    rules = load_rules(args.rules_file)
+    rules, notes = load_rules(args.rules_file).local()
+    for note in notes:
+        out.write(f"note: {note}\n")
     counts: Dict[str, int] = {}
     total = 0
     try:
@@ -6888,7 +7863,7 @@ def _cmd_test(args: argparse.Namespace, out: TextIO) -> int:
             for rule_name, reason in decision.matches:
                 counts[rule_name] = counts.get(rule_name, 0) + 1
                 out.write(f"{name}: {rule_name}: {reason}\n")
-            out.write(f"    -> {decision.actions.describe()}  ({subject[:60]})\n")
+            out.write(f"    -> {decision.actions.expanded(info).describe()}  ({subject[:60]})\n")
     except GmailClassifyError as exc:
         if type(exc) is not GmailClassifyError:
             raise
@@ -6941,9 +7916,76 @@ def _cmd_init(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _output_format(args: argparse.Namespace) -> str:
+    if args.output:
+        suffix = pathlib.Path(args.output).suffix.lower()
+        if suffix not in (".toml", ".json"):
+            raise UsageError(f"{args.output}: name the rules file *.toml or *.json")
+        if args.format and args.format != suffix[1:]:
+            raise UsageError(f"--format {args.format} does not match {args.output}; drop one")
+        return suffix[1:]
+    return args.format or "toml"
+
+
+def _emit_rules(args: argparse.Namespace, out: TextIO, text: str, count: int) -> None:
+    if not args.output:
+        out.write(text)
+        return
+    write_rules_file(args.output, text, force=args.force)
+    sys.stderr.write(f"wrote {args.output}: {count} rules; next: python gmail_classify.py "
+                     f"check {args.output}\n")
+
+
+def _cmd_import_filters(args: argparse.Namespace, out: TextIO) -> int:
+    fmt = _output_format(args)
+    try:
+        with open(args.filters_file, "rb") as fh:
+            data = fh.read(MAX_FILTER_FILE_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"{args.filters_file}: cannot read: {exc.strerror or exc}") from None
+    imported = import_gmail_filters(data, args.filters_file)
+    for note in imported.notes:
+        sys.stderr.write(f"gmail_classify: {args.filters_file}: {note}\n")
+    if not imported.doc["rule"]:
+        raise UsageError(f"{args.filters_file}: none of its {imported.filters} filters can be "
+                         f"done over IMAP; nothing written")
+    header = [f"Imported from {os.path.basename(args.filters_file)} by gmail_classify "
+              f"{__version__}: {len(imported.doc['rule'])} rules from {imported.filters} filters.",
+              "Each Gmail filter is one rule with continue = true, so every matching filter",
+              "applies, as in Gmail. gmail_query keeps Gmail's own search; rules that also have",
+              "local conditions work in `test` and on other servers too.",
+              "Next: check this file, do a dry run, then --apply (or --new-only for new mail)."]
+    text = format_rules(imported.doc, fmt, header, imported.comments)
+    _emit_rules(args, out, text, len(imported.doc["rule"]))
+    return EXIT_OK
+
+
+def _cmd_suggest(args: argparse.Namespace, out: TextIO) -> int:
+    fmt = _output_format(args)
+    if args.output and os.path.exists(args.output) and not args.force:
+        raise UsageError(f"{args.output} already exists; pass --force to overwrite it")
+    rules = find_rules(args.rules)
+    settings = _connection_settings(args, rules.account)
+    with GmailConnection(**settings) as conn:
+        found = suggest_rules(conn, args.folder, top=args.top, batch_size=args.batch_size,
+                              limit=args.limit)
+    if not found.doc["rule"]:
+        sys.stderr.write(f"gmail_classify: {found.folder}: no sender, list or domain with at "
+                         f"least 2 of its {found.examined} messages; nothing to suggest\n")
+        return EXIT_OK
+    header = [f"Suggested by gmail_classify from the headers of {found.examined} messages "
+              f"in {found.folder}.",
+              "Every rule only adds a label. Rename the labels, merge or delete rules, then",
+              "check this file, do a dry run, and --apply."]
+    text = format_rules(found.doc, fmt, header, found.comments)
+    _emit_rules(args, out, text, len(found.doc["rule"]))
+    return EXIT_OK
+
+
 _COMMANDS = {"run": _cmd_run, "check": _cmd_check, "test": _cmd_test,
              "labels": _cmd_labels, "folders": _cmd_labels, "init": _cmd_init,
-             "demo": _cmd_demo, "history": _cmd_history, "undo": _cmd_undo}
+             "demo": _cmd_demo, "history": _cmd_history, "undo": _cmd_undo,
+             "import-filters": _cmd_import_filters, "suggest": _cmd_suggest}
 
 
 def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> int:
@@ -6977,7 +8019,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
 
 _OPTIONS_WITH_VALUES = ("--user", "--host", "--port", "--cafile", "--auth", "--password-command",
                         "--timeout", "--retries", "--rules", "--folder", "--since", "--limit", "--batch-size",
-                        "--daily-budget")
+                        "--daily-budget", "--max-new-folders", "-o", "--output", "--format", "--top")
 
 
 def _subcommand_first(argv: List[str]) -> List[str]:
@@ -7001,7 +8043,7 @@ def _subcommand_first(argv: List[str]) -> List[str]:
 
 
 def _exit_code(exc: GmailClassifyError) -> int:
-    if isinstance(exc, (UsageError, RulesError, StateError)):
+    if isinstance(exc, (UsageError, RulesError, StateError, FolderLimitError)):
         return EXIT_USAGE
     if isinstance(exc, LockedError):
         return EXIT_LOCKED

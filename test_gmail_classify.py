@@ -6308,6 +6308,12 @@ class LineFittingTest(unittest.TestCase):
         self.assertEqual(gc._message_line(outcome, False, 40),
                          "INBOX 4021: would label Newsletters...")
 
+    def test_fit_never_exceeds_the_width_even_when_tiny(self):
+        self.assertEqual(gc._fit("Receipts", 8), "Receipts")
+        self.assertEqual(gc._fit("Receipts and more", 12), "Receipts...")
+        self.assertEqual(gc._fit("Receipts", 2), "Re")
+        self.assertEqual(gc._fit("Receipts", 0), "")
+
     def test_wide_characters_count_as_two_columns(self):
         outcome = self.outcome("株式会社サンプル <sale@shop.example.jp>", "セール開始 " * 20)
         line = gc._message_line(outcome, True, 80)

@@ -7552,6 +7552,18 @@ class ImportFiltersTest(unittest.TestCase):
         self.assertEqual(code, gc.EXIT_USAGE)
         self.assertIn("cannot read", err)
 
+    def test_output_name_and_format_must_agree(self):
+        xml_path = self.write("mailFilters.xml", SAMPLE_FILTERS)
+        for extra, expected in [(["-o", os.path.join(self.tmp, "r.yaml")], "*.toml or *.json"),
+                                (["-o", os.path.join(self.tmp, "r.toml"), "--format", "json"],
+                                 "--format json does not match")]:
+            with self.subTest(extra):
+                code, out, err = run_cli("import-filters", xml_path, *extra)
+                self.assertEqual(code, gc.EXIT_USAGE)
+                self.assertIn(expected, err)
+                self.assertEqual(len(err.strip().splitlines()), 1)
+        self.assertEqual(sorted(os.listdir(self.tmp)), ["mailFilters.xml"])
+
     def test_a_file_with_nothing_imap_can_do_writes_nothing(self):
         path = self.write("f.xml", filter_export([("from", "a@b.example"), ("forwardTo", "c@d.example")]))
         out_path = os.path.join(self.tmp, "rules.json")

@@ -8320,6 +8320,19 @@ class TerminalSafetyTest(FakeServerTest):
         self.assert_safe(err)
 
 
+class TerminalSafetyOfPathsTest(FakeServerTest):
+    def test_a_rules_file_name_with_controls_is_shown_escaped(self):
+        rules = os.path.join(self.tmp, "rules\u202e\x1b[1m.json")
+        with open(rules, "w") as handle:
+            json.dump({"rule": [{"name": "R", "subject": "x", "star": True}]}, handle)
+        code, out, err = run_cli("--user", USER, "--host", "127.0.0.1", "--port",
+                                 str(self.server.port), "--plaintext", "--rules", rules,
+                                 env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, 0, err)
+        self.assertIn("rules\\u202e\\u001b[1m.json", out)
+        self.assertFalse(re.search("[\x1b\u202e]", out + err))
+
+
 class HeaderNameValidationTest(TempDirMixin, unittest.TestCase):
     def test_only_names_that_are_safe_imap_atoms_pass_check(self):
         tmp = self.make_dir()

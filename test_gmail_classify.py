@@ -8239,6 +8239,12 @@ class CredentialSafetyTest(FakeServerTest):
             with self.subTest(secret=secret):
                 self.assertNotIn(secret, text)
 
+    def test_garbage_in_answer_to_login_is_a_protocol_error_not_a_refusal(self):
+        self.server.add_fault("LOGIN", action="garbage")
+        with self.assertRaises(gc.ProtocolError) as ctx:
+            self.connect(retries=0)
+        self.assertNotIsInstance(ctx.exception, gc.AuthenticationError)
+
     def test_a_preauth_greeting_is_refused_without_sending_the_password(self):
         original = _Session.handle
 

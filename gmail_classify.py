@@ -8020,11 +8020,11 @@ def _rule_tests_allow(rules: Ruleset, apply: bool) -> bool:
     """
     failures = run_rule_tests(rules)
     for line in failures:
-        sys.stderr.write(f"gmail_classify: {line}\n")
+        sys.stderr.write(printable(f"gmail_classify: {line}") + "\n")
     if failures and apply:
-        sys.stderr.write(f"gmail_classify: refusing --apply: {len(failures)} of "
-                         f"{len(rules.tests)} rule tests failed; fix the rules or the tests "
-                         f"(see 'check {rules.source}')\n")
+        sys.stderr.write(printable(f"gmail_classify: refusing --apply: {len(failures)} of "
+                                   f"{len(rules.tests)} rule tests failed; fix the rules or "
+                                   f"the tests (see 'check {rules.source}')") + "\n")
         return False
     if failures:
         sys.stderr.write(f"gmail_classify: {len(failures)} of {len(rules.tests)} rule tests "
@@ -8042,7 +8042,7 @@ def _rules_line(rules: Ruleset) -> str:
     if rules.source == builtin_rules().source:
         return (f"Rules: built-in rules ({_plural(len(rules.rules), 'rule')}, labels only); "
                 f"write your own with: python gmail_classify.py init\n")
-    return f"Rules: {rules.source} ({_plural(len(rules.rules), 'rule')})\n"
+    return printable(f"Rules: {rules.source} ({_plural(len(rules.rules), 'rule')})") + "\n"
 
 
 def _columns(text: str) -> int:
@@ -8262,7 +8262,7 @@ def _cmd_history(args: argparse.Namespace, out: TextIO) -> int:
                             f"{entry['host']}  {', '.join(entry['folders'])}  {what}"
                             f"{counts or 'no changes'}{status}{undone}") + "\n")
     if not runs and not args.json and not args.quiet:
-        out.write(f"no applied runs in {store.audit.path}\n")
+        out.write(printable(f"no applied runs in {store.audit.path}") + "\n")
     return EXIT_OK
 
 
@@ -8455,8 +8455,8 @@ def _emit_rules(args: argparse.Namespace, out: TextIO, text: str, count: int) ->
         out.write(text)
         return
     write_rules_file(args.output, text, force=args.force)
-    sys.stderr.write(f"wrote {args.output}: {count} rules; next: python gmail_classify.py "
-                     f"check {args.output}\n")
+    sys.stderr.write(printable(f"wrote {args.output}: {count} rules; next: python "
+                               f"gmail_classify.py check {args.output}") + "\n")
 
 
 def _cmd_import_filters(args: argparse.Namespace, out: TextIO) -> int:
@@ -8468,7 +8468,7 @@ def _cmd_import_filters(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"{args.filters_file}: cannot read: {exc.strerror or exc}") from None
     imported = import_gmail_filters(data, args.filters_file)
     for note in imported.notes:
-        sys.stderr.write(f"gmail_classify: {args.filters_file}: {note}\n")
+        sys.stderr.write(printable(f"gmail_classify: {args.filters_file}: {note}") + "\n")
     if not imported.doc["rule"]:
         raise UsageError(f"{args.filters_file}: none of its {imported.filters} filters can be "
                          f"done over IMAP; nothing written")
@@ -8489,12 +8489,13 @@ def _cmd_suggest(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"{args.output} already exists; pass --force to overwrite it")
     rules = find_rules(args.rules)
     settings = _connection_settings(args, rules.account)
-    with GmailConnection(**settings) as conn:
+    with _signed_in(settings) as conn:
         found = suggest_rules(conn, args.folder, top=args.top, batch_size=args.batch_size,
                               limit=args.limit)
     if not found.doc["rule"]:
-        sys.stderr.write(f"gmail_classify: {found.folder}: no sender, list or domain with at "
-                         f"least 2 of its {found.examined} messages; nothing to suggest\n")
+        sys.stderr.write(printable(f"gmail_classify: {found.folder}: no sender, list or domain "
+                                   f"with at least 2 of its {found.examined} messages; "
+                                   f"nothing to suggest") + "\n")
         return EXIT_OK
     header = [f"Suggested by gmail_classify from the headers of {found.examined} messages "
               f"in {found.folder}.",

@@ -8317,6 +8317,12 @@ class CredentialSafetyTest(FakeServerTest):
             with self.subTest(secret=secret):
                 self.assertNotIn(secret, text)
 
+    def test_garbage_in_answer_to_login_is_a_protocol_error_not_a_refusal(self):
+        self.server.add_fault("LOGIN", action="garbage")
+        with self.assertRaises(gc.ProtocolError) as ctx:
+            self.connect(retries=0)
+        self.assertNotIsInstance(ctx.exception, gc.AuthenticationError)
+
     def test_a_preauth_greeting_is_refused_without_sending_the_password(self):
         original = _Session.handle
 
@@ -8396,6 +8402,19 @@ class TerminalSafetyTest(FakeServerTest):
         self.assertEqual(code, gc.EXIT_SERVER)
         self.assertIn("\\u001b[2J\\u000dall fine", err)
         self.assert_safe(err)
+
+
+class TerminalSafetyOfPathsTest(FakeServerTest):
+    def test_a_rules_file_name_with_controls_is_shown_escaped(self):
+        rules = os.path.join(self.tmp, "rules\u202e\x1b[1m.json")
+        with open(rules, "w") as handle:
+            json.dump({"rule": [{"name": "R", "subject": "x", "star": True}]}, handle)
+        code, out, err = run_cli("--user", USER, "--host", "127.0.0.1", "--port",
+                                 str(self.server.port), "--plaintext", "--rules", rules,
+                                 env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, 0, err)
+        self.assertIn("rules\\u202e\\u001b[1m.json", out)
+        self.assertFalse(re.search("[\x1b\u202e]", out + err))
 
 
 class HeaderNameValidationTest(TempDirMixin, unittest.TestCase):

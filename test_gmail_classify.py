@@ -7630,6 +7630,13 @@ class ImportFiltersTest(unittest.TestCase):
         self.assertEqual(code, gc.EXIT_USAGE)
         self.assertIn("cannot read", err)
 
+    def test_a_property_given_twice_with_different_values_skips_the_filter(self):
+        imported = gc.import_gmail_filters(filter_export(
+            [("from", "a@x.example"), ("from", "b@x.example"), ("label", "A")],
+            [("label", "B"), ("label", "B"), ("subject", "hi")]))
+        self.assertEqual([r["name"] for r in imported.doc["rule"]], ["Gmail filter 2"])
+        self.assertEqual(imported.notes, ("filter 1: skipped: property from given twice",))
+
     def test_output_name_and_format_must_agree(self):
         xml_path = self.write("mailFilters.xml", SAMPLE_FILTERS)
         for extra, expected in [(["-o", os.path.join(self.tmp, "r.yaml")], "*.toml or *.json"),

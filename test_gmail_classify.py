@@ -8853,14 +8853,17 @@ class MutationGapTest(FakeServerTest):
         os.chmod(script, 0o700)
         rules = os.path.join(self.tmp, "rules.json")
         with open(rules, "w") as handle:
-            json.dump({"rule": EXAMPLE_DOC["rule"], "account": {"password_command": script}},
-                      handle)
+            # Run through /bin/sh, not exec'd directly: a script just written can be
+            # "busy" (ETXTBSY) while another thread of the suite forks.
+            json.dump({"rule": EXAMPLE_DOC["rule"],
+                       "account": {"password_command": ["/bin/sh", script]}}, handle)
         argv = ["--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
                 "--plaintext", "--retries", "0", "-q"]
         for env, expected in (({"GMAIL_APP_PASSWORD": "from-env", "HOME": home}, "from-env"),
                               ({"HOME": home}, "from-rules-command")):
             with self.subTest(expected=expected):
-                run_cli(*argv, "--rules", rules, env=env)
+                code, _, err = run_cli(*argv, "--rules", rules, env=env)
+                self.assertEqual(code, gc.EXIT_AUTH, err)   # signed in with that secret
                 login = [e.line for e in self.server.log if e.command == "LOGIN"][-1]
                 self.assertIn(b'"%s"' % expected.encode(), login)
         run_cli(*argv, env={"HOME": home})

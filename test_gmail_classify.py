@@ -6750,6 +6750,22 @@ class IncrementalRunTest(StateTestCase):
         self.assertEqual(state.uidvalidity, self.server.uidvalidity("INBOX"))
         self.assertEqual(state.mark, max(self.server.uids("INBOX")))
 
+    def test_a_renumbered_folder_is_remembered_even_with_nothing_to_classify(self):
+        seed_mailbox(self.server, 3)
+        self.run_once()
+        conn = self.connect()
+        conn.select("INBOX")
+        conn.move(conn.search(["ALL"]), "[Gmail]/Trash")
+        conn.close()
+        self.server.bump_uidvalidity("INBOX")
+        with self.assertLogs("gmail_classify", "WARNING"):
+            self.run_once()
+        self.assertEqual(self.mark(), gc.FolderState(self.server.uidvalidity("INBOX"), 0,
+                                                     self.mark().rules, self.mark().updated))
+        with self.assertNoLogs("gmail_classify", "WARNING") if hasattr(self, "assertNoLogs") \
+                else contextlib.nullcontext():
+            self.run_once()                          # said once, not on every run
+
     def test_new_only_remembers_uidnext_and_classifies_nothing(self):
         seed_mailbox(self.server, 6)
         before = mailbox_snapshot(self.server)

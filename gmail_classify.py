@@ -348,11 +348,30 @@ def parse_internaldate(text: str) -> Optional[_dt.datetime]:
 #
 # Responses are parsed by a small recursive-descent reader over the raw bytes, literals
 # included inline as ``{n}\r\n`` followed by n octets.  Values come back as Python values:
-# atoms as str, numbers as int, NIL as None, quoted strings as str, literals as bytes,
-# parenthesised lists as lists.  A fetch item such as ``BODY[HEADER.FIELDS (FROM)]<0>``
+# atoms as str, all-digit atoms as Number (an int that keeps its text), NIL as None,
+# quoted strings as str, literals as bytes, parenthesised lists as lists.  A fetch item such as ``BODY[HEADER.FIELDS (FROM)]<0>``
 # stays one atom even though it holds spaces and parentheses (RFC 3501 §7.4.2).
 
 _ATOM_STOP = b" ()\"{\r\n"
+
+
+class Number(int):
+    """An all-digit atom: an int where the grammar says ``number``, its exact text where it
+    says atom or astring.  A folder ``0123``, a label ``007`` or a keyword ``0123`` are
+    names, not numbers, so ``str()`` gives back what the server sent, leading zeros and all.
+
+    ``str(parse_response(b'LIST () "/" 0123')[3]) == "0123"``; ``Number("0123") + 1 == 124``.
+    """
+
+    text: str
+
+    def __new__(cls, text: str) -> "Number":
+        self = super().__new__(cls, text)
+        self.text = text
+        return self
+
+    def __str__(self) -> str:
+        return self.text
 
 
 class _Reader:
@@ -454,7 +473,7 @@ class _Reader:
         if not text:
             raise self.fail("empty atom")
         if text.isdigit() and text.isascii():
-            return int(text)
+            return Number(text)
         if text.upper() == "NIL":
             return None
         return text
@@ -503,7 +522,7 @@ def parse_status_text(text: bytes) -> Tuple[str, List[Any], str]:
             while reader.pos < len(text) and text[reader.pos:reader.pos + 1] not in b" ]":
                 reader.pos += 1
             word = text[start:reader.pos].decode("utf-8", "replace")
-            values.append(int(word) if word.isdigit() else word)
+            values.append(Number(word) if word.isdigit() and word.isascii() else word)
     code = str(values[0]).upper() if values else ""
     return code, values[1:], text[reader.pos:].decode("utf-8", "replace").strip()
 
@@ -550,6 +569,20 @@ SPECIAL_USES = ("\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Important",
 # Gmail system labels travel as atoms such as \Inbox; anything else is a user label.
 GMAIL_SYSTEM_LABELS = ("\\Inbox", "\\Important", "\\Starred", "\\Sent", "\\Draft",
                        "\\Drafts", "\\Trash", "\\Spam")
+
+# Where no folder carries a special-use attribute (servers without SPECIAL-USE), trash and
+# archive go to the first folder found by one of these names, compared case-insensitively,
+# with or without the personal namespace prefix.  English names first, then the names of
+# common servers and clients (Exchange, Apple Mail, Thunderbird, Gmail) and localised ones.
+FALLBACK_FOLDER_NAMES = {
+    "\\Trash": ("Trash", "Deleted Items", "Deleted Messages", "Deleted", "Bin",
+               "[Gmail]/Trash", "[Gmail]/Bin", "[Google Mail]/Trash", "[Google Mail]/Bin",
+               "[Gmail]/Papierkorb", "[Google Mail]/Papierkorb", "Papierkorb",
+               "Gelöschte Elemente", "Corbeille", "Éléments supprimés", "Papelera",
+               "Elementos eliminados", "Cestino", "Posta eliminata", "Prullenbak",
+               "Verwijderde items", "Lixeira", "Kosz", "Корзина"),
+    "\\Archive": ("Archive", "Archives", "Archiv", "Archivio", "Archivo", "Archief", "Arquivo"),
+}
 
 _DROPPED_ERRORS = (OSError, imaplib.IMAP4.abort, EOFError)
 
@@ -641,6 +674,9 @@ class Folder:
     name: str
     delimiter: Optional[str]
     flags: frozenset
+    # The name exactly as LIST sent it (modified UTF-7, or the raw octets of a server that
+    # sends UTF-8 or worse); this, not a re-encoding of ``name``, is what goes back.
+    wire: Optional[bytes] = field(default=None, compare=False, repr=False)
 
     @property
     def special_use(self) -> Optional[str]:
@@ -782,6 +818,7 @@ class GmailConnection:
         self._keepalive_thread: Optional[threading.Thread] = None
         self._selected: Optional[FolderStatus] = None
         self._folders: Optional[List[Folder]] = None
+        self._namespace: Optional[Tuple[str, str]] = None
         self.capabilities: frozenset = frozenset()
         self.reconnects = 0
         self.commands_sent = 0
@@ -1271,7 +1308,12 @@ class GmailConnection:
         self._call("NOOP")
 
     def list_folders(self, refresh: bool = False) -> List[Folder]:
-        """Every folder (and Gmail label), names decoded from modified UTF-7."""
+        """Every folder (and Gmail label), names decoded from modified UTF-7.
+
+        Each Folder keeps its name as LIST sent it (``wire``); commands that name a listed
+        folder send exactly that back, so a server that lists raw UTF-8 (or invalid UTF-8)
+        gets its own octets, never a re-encoding that could name another mailbox.
+        """
         if self._folders is not None and not refresh:
             return list(self._folders)
         response = self._call("LIST", quote(""), quote("*"))
@@ -1279,33 +1321,126 @@ class GmailConnection:
         for item in response.untagged:
             if len(item) >= 4 and str(item[0]).upper() == "LIST":
                 flags, delimiter, name = item[1], item[2], item[3]
-                if isinstance(name, int):
-                    name = str(name)
-                folders.append(Folder(decode_mailbox(_as_text(name)),
-                                      None if delimiter is None else _as_text(delimiter),
-                                      frozenset(str(f) for f in (flags or []))))
+                if isinstance(name, bytes):
+                    wire = name
+                else:
+                    wire = str(name).encode("utf-8", "surrogateescape")
+                # Modified UTF-7 is ASCII; anything else is a non-compliant server's raw
+                # octets, shown as UTF-8 (invalid bytes replaced) but sent back as they came.
+                shown = (decode_mailbox(wire.decode("ascii")) if wire.isascii()
+                         else wire.decode("utf-8", "replace"))
+                folders.append(Folder(shown, None if delimiter is None else _as_text(delimiter),
+                                      frozenset(str(f) for f in (flags or [])), wire))
         self._folders = folders
         return list(folders)
+
+    def namespace(self) -> Tuple[str, str]:
+        """The personal namespace as ``(prefix, delimiter)``: ``("", "/")`` on Gmail and most
+        Dovecots, ``("INBOX.", ".")`` on Courier, classic Cyrus and many hosted servers.
+
+        From NAMESPACE (RFC 2342) where the server has it; the delimiter otherwise from
+        LIST.  Asked once per connection object.
+        """
+        if self._namespace is not None:
+            return self._namespace
+        prefix, delimiter = "", None
+        if self.is_gmail:
+            delimiter = "/"
+        elif self.has("NAMESPACE"):
+            for item in self._call("NAMESPACE").untagged:
+                if item and str(item[0]).upper() == "NAMESPACE" and len(item) >= 2:
+                    personal = item[1]
+                    if isinstance(personal, list) and personal and isinstance(personal[0], list):
+                        first = personal[0]
+                        prefix = decode_mailbox(_as_text(first[0])) if first else ""
+                        if len(first) > 1 and first[1] is not None:
+                            delimiter = _as_text(first[1])
+        if delimiter is None:
+            delimiters = [f.delimiter for f in self.list_folders() if f.delimiter]
+            delimiter = delimiters[0] if delimiters else "/"
+        self._namespace = (prefix, delimiter)
+        return self._namespace
+
+    def server_name(self, name: str) -> str:
+        """The server's name for a folder written with ``/`` as separator (as rules are).
+
+        ``"Receipts/2024"`` is ``"INBOX.Receipts.2024"`` on a server whose personal
+        namespace is ``INBOX.`` with ``.``; a name that already carries the prefix, INBOX,
+        and every name on a ``("", "/")`` server stay as they are.
+        """
+        if name.upper() == "INBOX":
+            return "INBOX"
+        prefix, delimiter = self.namespace()
+        mapped = name.replace("/", delimiter) if delimiter != "/" else name
+        if not prefix or mapped.startswith(prefix):
+            return mapped
+        if prefix.upper().startswith("INBOX") and mapped.upper().startswith(prefix.upper()):
+            return mapped      # INBOX is case-insensitive, so is a prefix that starts with it
+        if any(f.name == name for f in self._folders or ()):
+            return name        # a folder listed outside the personal namespace
+        return prefix + mapped
+
+    def _mailbox(self, name: str) -> Union[bytes, Literal]:
+        """A folder name for the wire: a listed folder's own octets, else modified UTF-7."""
+        for folder in self._folders or ():
+            if folder.name == name and folder.wire is not None:
+                wire = folder.wire
+                if name.upper() == "INBOX":
+                    return b"INBOX"
+                if wire.isascii():
+                    return astring(wire.decode("ascii"))
+                return Literal(wire)
+        return mailbox_arg(name)
 
     def special_folder(self, use: str) -> Optional[Folder]:
         """The folder with special-use ``use`` (``"\\\\Trash"``, ``"\\\\All"`` ...), or None.
 
         Gmail localises folder names ("[Google Mail]/Papierkorb"), so find them by
-        attribute, never by name (RFC 6154).
+        attribute (RFC 6154).  Only when no folder carries the attribute (a server without
+        SPECIAL-USE) are ``\\Trash`` and ``\\Archive`` looked up by the names in
+        FALLBACK_FOLDER_NAMES, case-insensitively, under the namespace prefix or not.
         """
-        for folder in self.list_folders():
+        folders = self.list_folders()
+        for folder in folders:
             if folder.special_use and folder.special_use.lower() == use.lower():
+                return folder
+        names = next((names for key, names in FALLBACK_FOLDER_NAMES.items()
+                      if key.lower() == use.lower()), ())
+        if not names:
+            return None
+        prefix, delimiter = self.namespace()
+        by_name: Dict[str, Folder] = {}
+        for folder in folders:
+            if not folder.selectable:
+                continue
+            short = folder.name
+            if prefix and short.upper().startswith(prefix.upper()):
+                short = short[len(prefix):]
+            if delimiter != "/":
+                short = short.replace(delimiter, "/")
+            by_name.setdefault(short.casefold(), folder)
+            by_name.setdefault(folder.name.casefold(), folder)
+        for candidate in names:
+            folder = by_name.get(candidate.casefold())
+            if folder is not None:
+                log.info("no folder is marked %s; using %r, found by its name", use, folder.name)
                 return folder
         return None
 
     def create_folder(self, name: str) -> bool:
-        """Create a folder (a label on Gmail). Returns False if it already existed."""
+        """Create a folder (a label on Gmail). Returns False if it already existed.
+
+        ``name`` is the server's name (see server_name).  Raises ImapError naming the folder
+        and quoting the server's answer when it refuses.
+        """
         try:
-            self._call("CREATE", mailbox_arg(name))
+            self._call("CREATE", self._mailbox(name))
         except ImapError as exc:
             if exc.code == "ALREADYEXISTS" or "exist" in exc.text.lower():
                 return False
-            raise
+            raise ImapError(f"the server refused to create the folder {name!r}: "
+                            f"{exc.status} {exc.text}", command="CREATE", status=exc.status,
+                            code=exc.code, text=exc.text) from exc
         self._folders = None
         return True
 
@@ -1329,7 +1464,7 @@ class GmailConnection:
 
     def _select_now(self, folder: str, readonly: bool) -> FolderStatus:
         response = self._execute_on(self._live(), "EXAMINE" if readonly else "SELECT",
-                                    mailbox_arg(folder))
+                                    self._mailbox(folder))
         uidvalidity = uidnext = None
         exists = 0
         for item in response.untagged:
@@ -1451,19 +1586,33 @@ class GmailConnection:
         for chunk in chunk_uids(uids):
             self._call("UID EXPUNGE", compress_uids(chunk))
 
-    def move(self, uids: Iterable[int], destination: str) -> MoveResult:
+    def can_move(self, allow_expunge: bool = False) -> bool:
+        """True if move() can work here: MOVE, or UIDPLUS, or a plain EXPUNGE allowed."""
+        return self.has("MOVE") or self.has("UIDPLUS") or allow_expunge
+
+    def refuse_moves(self) -> CapabilityError:
+        """The error for a server where moving would need a plain EXPUNGE (see move())."""
+        return CapabilityError(
+            f"{self.host} has neither MOVE nor UIDPLUS, so removing moved messages from "
+            f"their folder needs a plain EXPUNGE, which also deletes every other message "
+            f"marked \\Deleted there (another mail client's too); nothing was changed. "
+            f"Pass --allow-expunge (allow_expunge=True) to allow it, or drop move, archive "
+            f"and trash from the rules for this server", command="MOVE")
+
+    def move(self, uids: Iterable[int], destination: str, *,
+             allow_expunge: bool = False) -> MoveResult:
         """Move messages from the selected folder to ``destination``.
 
         Uses UID MOVE (RFC 6851) where the server has it, else UID COPY, +FLAGS \\Deleted
-        and UID EXPUNGE of exactly those UIDs (needs UIDPLUS; without it this refuses with
-        CapabilityError rather than expunge more than asked).  If the connection drops
-        mid-way, the source folder is searched after reconnecting, and only the messages
-        still there are moved again: nothing moves twice and every UID is accounted for.
+        and UID EXPUNGE of exactly those UIDs (UIDPLUS).  With neither, this refuses with
+        CapabilityError unless ``allow_expunge``: then the originals go with a plain
+        EXPUNGE, sent only while UID SEARCH DELETED shows no other message marked.  If the
+        connection drops mid-way, the source folder is searched after reconnecting, and only
+        the messages still there are moved again, and a COPY is never repeated blindly (see
+        _copy_once): nothing moves twice and every UID is accounted for in the result.
         """
-        if not self.has("MOVE") and not self.has("UIDPLUS"):
-            raise CapabilityError(f"{self.host} has neither MOVE nor UIDPLUS: moving would "
-                                  f"need a bare EXPUNGE, which could delete other messages "
-                                  f"flagged \\Deleted; refusing")
+        if not self.can_move(allow_expunge):
+            raise self.refuse_moves()
         moved: Dict[int, Optional[int]] = {}
         missing: List[int] = []
         for chunk in chunk_uids(uids):
@@ -1494,7 +1643,7 @@ class GmailConnection:
                         if not pending:
                             return
                     response = self._execute_on(self._live(), "UID MOVE", compress_uids(pending),
-                                                mailbox_arg(destination))
+                                                self._mailbox(destination))
                 except _Dropped as exc:
                     cause = exc
                     continue
@@ -1518,56 +1667,189 @@ class GmailConnection:
 
     def _copy_delete_chunk(self, chunk: List[int], destination: str,
                            moved: Dict[int, Optional[int]], missing: List[int]) -> None:
-        """MOVE without MOVE: COPY, then \\Deleted + UID EXPUNGE of exactly these UIDs.
+        """MOVE without MOVE: COPY (never twice, see _copy_once), then \\Deleted on exactly
+        these UIDs and UID EXPUNGE of them, or without UIDPLUS a checked plain EXPUNGE.
 
-        COPY is not idempotent on ordinary servers, so before it we note the destination's
-        UIDNEXT: if the link drops during COPY and UIDNEXT has moved since, the copy
-        happened and only the deletion is left to do.
+        Messages already marked \\Deleted here may be the originals of an earlier run that
+        stopped between COPY and EXPUNGE: those are copied only if the destination does
+        not already hold them.
         """
-        mapping: Dict[int, int] = {}
-        with self._lock:
-            before = self._uidnext(destination)
-            try:
-                self._check_background()
-                response = self._execute_on(self._live(), "UID COPY", compress_uids(chunk),
-                                            mailbox_arg(destination))
-                mapping = _copyuid_map(response)
-            except _Dropped as exc:
-                self._reconnect(exc)
-                if self._uidnext(destination) != before:
-                    # Perhaps copied, perhaps another client delivered there: deleting the
-                    # originals on a guess could lose mail, so stop with both in place.
-                    raise ConnectionLostError(
-                        f"the connection dropped during UID COPY to {destination}; the "
-                        f"originals were kept and {destination} may hold copies: check it, "
-                        f"then run again") from exc
-                response = self._call("UID COPY", compress_uids(chunk),
-                                      mailbox_arg(destination), policy=_NEVER)
-                mapping = _copyuid_map(response)
         present = set(self.search(uids=chunk))
         missing.extend(uid for uid in chunk if uid not in present)
-        if present:
-            self.add_flags(present, ["\\Deleted"])
+        if not present:
+            return
+        if not self.has("UIDPLUS"):
+            self._check_no_other_deleted(present, destination, copied=False)
+        mapping: Dict[int, Optional[int]] = {}
+        marked = sorted(self.search(["DELETED"], uids=present))
+        if marked:
+            mapping.update(self._copies_in(destination, marked, None))
+        todo = sorted(uid for uid in present if uid not in mapping)
+        if todo:
+            mapping.update(self._copy_once(todo, destination))
+        self.add_flags(present, ["\\Deleted"])
+        if self.has("UIDPLUS"):
             self.uid_expunge(present)
+        else:
+            self._expunge_only(present, destination)
         for uid in present:
             moved[uid] = mapping.get(uid)
 
+    def _check_no_other_deleted(self, ours: set, destination: str, copied: bool) -> set:
+        """Refuse (CapabilityError) if a message other than ``ours`` is marked \\Deleted in
+        the selected folder; returns those of ``ours`` that are marked."""
+        marked = set(self.search(["DELETED"]))
+        others = marked - ours
+        if others:
+            folder = self._selected.name if self._selected else "the folder"
+            done = (f"the messages were copied to {destination} and left in {folder} as well"
+                    if copied else "nothing was moved")
+            raise CapabilityError(
+                f"refusing a plain EXPUNGE in {folder}: {len(others)} other message(s) there "
+                f"are marked \\Deleted (perhaps by another mail client) and would be deleted "
+                f"too; {done}. Expunge or unmark them, then run again", command="EXPUNGE")
+        return marked & ours
+
+    def _expunge_only(self, uids: set, destination: str) -> None:
+        """A plain EXPUNGE (no UIDPLUS) that removes exactly ``uids``: sent only right after
+        UID SEARCH DELETED showed no other message marked, and checked again after a drop."""
+        cause: Optional[BaseException] = None
+        for _ in range(self.retries + 1):
+            try:
+                ours = self._check_no_other_deleted(uids, destination, copied=True)
+            except CapabilityError:
+                self.remove_flags(uids, ["\\Deleted"])
+                raise
+            if not ours:
+                return          # the last EXPUNGE got through before the link dropped
+            with self._lock:
+                try:
+                    self._check_background()
+                    self._execute_on(self._live(), "EXPUNGE")
+                    return
+                except _Dropped as exc:
+                    cause = exc
+                    self._reconnect(exc)
+        raise ConnectionLostError(f"EXPUNGE kept failing after {self.retries} reconnects: "
+                                  f"{cause}") from cause
+
+    def _copy_once(self, uids: List[int], destination: str) -> Dict[int, Optional[int]]:
+        """UID COPY that never leaves a message copied twice, even if the link drops.
+
+        COPY is not idempotent, and a drop before its answer loses the COPYUID too.  So the
+        destination's UIDNEXT is noted first: after reconnecting, a UIDNEXT that has not
+        moved proves the COPY never ran (send it again); otherwise the messages that arrived
+        since are compared with ours by Message-ID, size and INTERNALDATE (COPY keeps all
+        three) and only those not there are copied again.  Returns {source UID: new UID or
+        None where the server did not say}.
+        """
+        pending = list(uids)
+        result: Dict[int, Optional[int]] = {}
+        cause: Optional[BaseException] = None
+        for _ in range(self.retries + 1):
+            before = self._uidnext(destination)
+            with self._lock:
+                try:
+                    self._check_background()
+                    response = self._execute_on(self._live(), "UID COPY", compress_uids(pending),
+                                                self._mailbox(destination))
+                except _Dropped as exc:
+                    cause = exc
+                    self._reconnect(exc)
+                    response = None
+            if response is not None:
+                mapping = _copyuid_map(response)
+                result.update({uid: mapping.get(uid) for uid in pending})
+                return result
+            if before is not None and self._uidnext(destination) == before:
+                log.info("the connection dropped before UID COPY to %s reached the server; "
+                         "sending it again", destination)
+                continue
+            found = self._copies_in(destination, pending, before)
+            log.info("the connection dropped during UID COPY to %s; %d of %d messages had "
+                     "been copied", destination, len(found), len(pending))
+            result.update(found)
+            pending = [uid for uid in pending if uid not in found]
+            if not pending:
+                return result
+        raise ConnectionLostError(f"UID COPY to {destination} kept failing after "
+                                  f"{self.retries} reconnects: {cause}") from cause
+
+    def _copies_in(self, destination: str, uids: List[int],
+                   since: Optional[int]) -> Dict[int, Optional[int]]:
+        """Which of ``uids`` (selected folder) ``destination`` holds a copy of, among its
+        messages from UID ``since`` on (all if None): {source UID: destination UID}.
+
+        Opens ``destination`` read-only, then the source folder again; raises
+        UidValidityError if the source was renumbered meanwhile.
+        """
+        source = self._selected
+        if source is None:
+            raise ImapError("no folder is selected", command="UID COPY")
+        fields = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
+        items = [fields, "RFC822.SIZE", "INTERNALDATE"]
+
+        def key(values: Mapping[str, Any]) -> Tuple[bytes, Any, Any]:
+            message_id = b" ".join((values.get(fields) or b"").split()).lower()
+            return message_id, values.get("RFC822.SIZE"), values.get("INTERNALDATE")
+
+        ours = self.fetch(uids, items)
+        self.examine(destination)
+        try:
+            there = self.search(["UID", f"{since}:*"] if since else ["ALL"])
+            there = [uid for uid in there if since is None or uid >= since]
+            theirs = self.fetch(there, items) if there else {}
+        finally:
+            status = self.select(source.name, readonly=source.readonly)
+        if status.uidvalidity != source.uidvalidity:
+            raise UidValidityError(f"UIDVALIDITY of {source.name} changed while checking "
+                                   f"{destination}; nothing more was done, run again",
+                                   command="SELECT")
+        pool: Dict[Tuple[bytes, Any, Any], List[int]] = {}
+        for uid in sorted(theirs):
+            pool.setdefault(key(theirs[uid]), []).append(uid)
+        found: Dict[int, Optional[int]] = {}
+        for uid in uids:
+            bucket = pool.get(key(ours[uid])) if uid in ours else None
+            if bucket:
+                found[uid] = bucket.pop(0)
+        return found
+
+    def _wire_name(self, name: str) -> bytes:
+        """The octets that name ``name`` on the wire (without quoting)."""
+        for folder in self._folders or ():
+            if folder.name == name and folder.wire is not None:
+                return folder.wire
+        return b"INBOX" if name.upper() == "INBOX" else encode_mailbox(name).encode("ascii")
+
     def _uidnext(self, folder: str) -> Optional[int]:
-        response = self._call("STATUS", mailbox_arg(folder), "(UIDNEXT)")
+        """UIDNEXT of ``folder`` by STATUS.  Any untagged response may arrive at any time
+        (RFC 3501 §7), so a STATUS for another folder is not taken as this one's."""
+        response = self._call("STATUS", self._mailbox(folder), "(UIDNEXT)")
+        wanted = self._wire_name(folder)
         for item in response.untagged:
             if item and str(item[0]).upper() == "STATUS" and len(item) >= 3:
+                named = item[1] if isinstance(item[1], bytes) else \
+                    str(item[1]).encode("utf-8", "surrogateescape")
+                if named != wanted and not (named.upper() == wanted.upper() == b"INBOX"):
+                    continue
                 attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
                 value = attrs.get("UIDNEXT")
                 return int(value) if isinstance(value, int) else None
         return None
 
     def copy(self, uids: Iterable[int], destination: str) -> Dict[int, Optional[int]]:
-        """Copy messages to ``destination`` (on Gmail: add that label); returns the COPYUID map."""
+        """Copy messages to ``destination`` (on Gmail: add that label); returns the COPYUID map.
+
+        Off Gmail a copy is a new message, so a dropped COPY is never blindly repeated
+        (see _copy_once).
+        """
         result: Dict[int, Optional[int]] = {}
         for chunk in chunk_uids(uids):
-            policy = _SAFE if self.is_gmail else _NEVER  # Gmail's COPY only adds a label
-            response = self._call("UID COPY", compress_uids(chunk), mailbox_arg(destination),
-                                  policy=policy)
+            if not self.is_gmail:
+                result.update(self._copy_once(chunk, destination))
+                continue
+            response = self._call("UID COPY", compress_uids(chunk), self._mailbox(destination))
             mapping = _copyuid_map(response)
             result.update({uid: mapping.get(uid) for uid in chunk})
         return result

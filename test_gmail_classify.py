@@ -5088,7 +5088,8 @@ class NoUidplusServerTest(FakeServerTest):
         conn.select("INBOX")
         with self.assertRaises(gc.CapabilityError) as ctx:
             conn.move([1], "Archive")
-        self.assertIn("bare EXPUNGE", str(ctx.exception))
+        self.assertIn("plain EXPUNGE", str(ctx.exception))
+        self.assertIn("--allow-expunge", str(ctx.exception))
         with self.assertRaises(gc.CapabilityError):
             conn.uid_expunge([1])
         self.assertEqual(self.server.uids("INBOX"), [1])

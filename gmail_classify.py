@@ -28,7 +28,7 @@ from __future__ import annotations
 __all__ = [
     # errors
     "GmailClassifyError", "ImapError", "ProtocolError", "AuthenticationError",
-    "CapabilityError", "UidValidityError", "TLSError", "ConnectionLostError", "RulesError",
+    "CapabilityError", "UidValidityError", "FolderUnavailableError", "TLSError", "ConnectionLostError", "RulesError",
     # wire format
     "encode_mailbox", "decode_mailbox", "quote", "astring", "compress_uids",
     "parse_uid_set", "chunk_uids", "imap_date", "parse_response", "Literal",
@@ -138,6 +138,10 @@ class CapabilityError(ImapError):
 
 class UidValidityError(ImapError):
     """A folder's UIDVALIDITY changed, so every UID remembered for it is stale."""
+
+
+class FolderUnavailableError(ImapError):
+    """A folder to classify could not be opened (missing, or refused with NO or BAD)."""
 
 
 class TLSError(GmailClassifyError):
@@ -1517,11 +1521,13 @@ class GmailConnection:
     def fetch(self, uids: Iterable[int], items: Sequence[str]) -> Dict[int, Dict[str, Any]]:
         """UID FETCH ``items`` for ``uids``; returns ``{uid: {item: value}}`` keyed by UID.
 
-        Keys are the items as requested (``"BODY.PEEK[HEADER]"`` returns under that name);
-        values: FLAGS -> tuple of str, X-GM-LABELS -> tuple of decoded str, INTERNALDATE ->
-        aware datetime, RFC822.SIZE / X-GM-MSGID / X-GM-THRID -> int, body sections ->
-        bytes, BODYSTRUCTURE -> nested lists.  UIDs the server no longer has are absent.
-        Unsolicited FETCHes for other messages are ignored.
+        Keys are the items as requested (``"BODY.PEEK[HEADER]"`` returns under that name,
+        however the server spells it); values: FLAGS -> tuple of str, X-GM-LABELS -> tuple
+        of decoded str, INTERNALDATE -> aware datetime, RFC822.SIZE / X-GM-MSGID /
+        X-GM-THRID -> int, body sections -> bytes, BODYSTRUCTURE -> nested lists.  An item
+        the server left out is absent, and one it sent as NIL (or could not be read) is
+        None: callers must treat both as unknown, never as empty.  UIDs the server no
+        longer has are absent.  Unsolicited FETCHes for other messages are ignored.
         """
         for item in items:
             _check_fetch_item(item)
@@ -1538,7 +1544,7 @@ class GmailConnection:
                 uid = attrs.get("UID")
                 if not isinstance(uid, int) or uid not in wanted:
                     continue
-                values = result.setdefault(uid, {})
+                values = result.setdefault(int(uid), {})
                 for key, value in attrs.items():
                     if key == "UID":
                         continue
@@ -1960,18 +1966,34 @@ def _check_fetch_item(item: str) -> None:
 
 
 def _fetch_key(item: str) -> str:
-    """Canonical name of a fetch item: ``BODY.PEEK[TEXT]<0.100>`` and its answer
-    ``BODY[TEXT]<0>`` both become ``BODY[TEXT]<0>``; header field lists are upper-cased."""
-    key = item.upper().replace("BODY.PEEK[", "BODY[")
+    """Canonical name of a fetch item, so that an answer is matched to its request by
+    meaning: ``BODY.PEEK[TEXT]<0.100>`` and its answer ``BODY[TEXT]<0>`` both become
+    ``BODY[TEXT]<0>``.  Header field names are astrings (RFC 3501 ``header-fld-name``), so
+    a server may echo them quoted, in another case or order:
+    ``body[header.fields ("Subject" FROM)]`` becomes ``BODY[HEADER.FIELDS (FROM SUBJECT)]``.
+    """
+    key = re.sub(r"\s+", " ", item.strip()).upper().replace("BODY.PEEK[", "BODY[")
     key = re.sub(r"<(\d+)\.\d+>$", r"<\1>", key)
-    return re.sub(r"\s+", " ", key)
+    match = re.fullmatch(r"(BODY\[(?:[\d.]*\.)?HEADER\.FIELDS(?:\.NOT)?) ?\((.*)\)\](<\d+>)?",
+                         key, re.S)
+    if match:
+        try:
+            names = parse_response(match.group(2).encode("utf-8", "surrogateescape"))
+        except ProtocolError:
+            return key
+        fields = sorted({str(name.decode("ascii", "replace") if isinstance(name, bytes)
+                             else name).upper() for name in names})
+        key = f"{match.group(1)} ({' '.join(fields)})]{match.group(3) or ''}"
+    return key
 
 
 def _convert_fetch_value(key: str, value: Any) -> Any:
+    if key in ("FLAGS", "X-GM-LABELS") and not isinstance(value, list):
+        return None     # NIL or an atom where a list belongs: unknown, not "none"
     if key == "FLAGS":
-        return tuple(str(flag) for flag in (value or []))
+        return tuple(str(flag) for flag in value)
     if key == "X-GM-LABELS":
-        return tuple(decode_mailbox(_as_text(label)) for label in (value or []))
+        return tuple(decode_mailbox(_as_text(label)) for label in value)
     if key == "INTERNALDATE":
         return parse_internaldate(_as_text(value))
     if key in ("RFC822.SIZE", "X-GM-MSGID", "X-GM-THRID", "MODSEQ"):
@@ -1981,7 +2003,7 @@ def _convert_fetch_value(key: str, value: Any) -> Any:
     if key.startswith("BODY[") or key.startswith("RFC822"):
         if isinstance(value, str):
             return value.encode("utf-8", "surrogateescape")
-        return value if value is not None else b""
+        return value    # NIL stays None: the section is missing, not empty
     return value
 
 
@@ -3585,6 +3607,13 @@ class FolderReport:
     changes: Dict[str, int] = field(default_factory=dict)       # "label Receipts" -> messages
     created: List[str] = field(default_factory=list)            # folders/labels (to be) created
     moved_missing: int = 0                                      # gone before we moved them
+    skipped: Dict[int, str] = field(default_factory=dict)       # UID -> why it was left alone
+    notes: List[str] = field(default_factory=list)              # e.g. where trash goes
+
+    @property
+    def complete(self) -> bool:
+        """False when messages were skipped: the run must be repeated (exit code 6)."""
+        return not self.skipped
 
 
 @dataclass
@@ -3598,6 +3627,7 @@ class _Plan:
     move: Dict[str, List[int]] = field(default_factory=dict)
     trash: List[int] = field(default_factory=list)
     message_ids: Dict[int, str] = field(default_factory=dict)   # _message_key, off Gmail
+    server_name: Callable[[str], str] = str                     # rule name -> server's name
 
     def add(self, uid: int, actions: Actions, flags: frozenset,
             labels: Optional[frozenset], folder: str) -> bool:
@@ -3619,11 +3649,15 @@ class _Plan:
             elif off and flag in flags:
                 self.remove_flags.setdefault(flag, []).append(uid)
                 needed = True
+        # Archive means "out of the Inbox": on Gmail, messages carrying \\Inbox (whatever
+        # folder view they were found in); elsewhere, messages in INBOX itself.
+        in_inbox = (_same_folder(folder, "INBOX") if labels is None
+                    else any(label.lower() == "\\inbox" for label in labels))
         if actions.trash:
             self.trash.append(uid)
-        elif actions.move and not _same_folder(actions.move, folder):
+        elif actions.move and not _same_folder(self.server_name(actions.move), folder):
             self.move.setdefault(actions.move, []).append(uid)
-        elif actions.archive and (labels is None or any(l.lower() == "\\inbox" for l in labels)):
+        elif actions.archive and in_inbox:
             self.archive.append(uid)
         else:
             return needed
@@ -3716,33 +3750,95 @@ def _message_info(uid: int, values: Mapping[str, Any], header_item: str,
     )
 
 
+# What each fetched item is called when a message is skipped for lacking it.
+_ITEM_NAMES = {"FLAGS": "flags", "RFC822.SIZE": "size", "INTERNALDATE": "date",
+               "BODYSTRUCTURE": "structure", "X-GM-LABELS": "labels", "X-GM-MSGID": "message id"}
+
+
+def _lacking(items: Sequence[str], values: Optional[Mapping[str, Any]]) -> str:
+    """Why a message cannot be classified, or "" when every requested item came back."""
+    if values is None:
+        return "the server sent nothing for it (deleted meanwhile?)"
+    absent = [item for item in items if values.get(item) is None]
+    if not absent:
+        return ""
+    names = [_ITEM_NAMES.get(item.upper(), "headers" if "HEADER" in item.upper()
+                             else "body prefix") for item in absent]
+    return "the server's answer lacked its " + ", ".join(names)
+
+
+@dataclass(frozen=True)
+class _Destinations:
+    """What the rules need from the server, settled before anything changes."""
+
+    trash: Optional[Folder] = None
+    archive: Optional[Folder] = None      # off Gmail only: Gmail archives by label
+    plain_expunge: bool = False           # moving off this server needs a checked EXPUNGE
+    notes: Tuple[str, ...] = ()
+
+
+def _settle(conn: GmailConnection, rules: Ruleset, allow_expunge: bool) -> _Destinations:
+    """Check, before the first change and the same way in a dry run, everything the rules'
+    actions need from this server: a way to move (MOVE, UIDPLUS or an allowed plain
+    EXPUNGE) and the trash and archive folders.  Raises CapabilityError naming what is
+    missing and what to do; nothing has been changed then."""
+    actions = [rule.actions for rule in rules.rules]
+    trash = any(a.trash for a in actions)
+    archive = any(a.archive for a in actions) and not conn.is_gmail
+    moves = trash or archive or any(a.move for a in actions)
+    if moves and not conn.can_move(allow_expunge):
+        raise conn.refuse_moves()
+    found: Dict[str, Folder] = {}
+    notes: List[str] = []
+    for use, action, wanted in (("\\Trash", "trash", trash), ("\\Archive", "archive", archive)):
+        if not wanted:
+            continue
+        folder = _special_destination(conn, use, action)
+        if (folder.special_use or "").lower() != use.lower():
+            notes.append(f"{action} goes to {folder.name!r}: no folder is marked {use}, so it "
+                         f"was chosen by its name")
+        found[action] = folder
+    plain = moves and not conn.has("MOVE") and not conn.has("UIDPLUS")
+    return _Destinations(found.get("trash"), found.get("archive"), plain, tuple(notes))
+
+
 def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX", *,
                     apply: bool = False, since: Optional[_dt.date] = None,
                     limit: Optional[int] = None, batch_size: int = DEFAULT_BATCH,
                     on_message: Optional[Callable[[Outcome], None]] = None,
                     on_progress: Optional[Callable[[int, int], None]] = None,
-                    now: Optional[_dt.datetime] = None) -> FolderReport:
+                    now: Optional[_dt.datetime] = None,
+                    allow_expunge: bool = False) -> FolderReport:
     """Classify every message of ``folder`` (or those since ``since``; the newest ``limit``).
 
-    Dry run unless ``apply``: the folder is opened with EXAMINE and nothing is written.
-    ``on_message`` receives an Outcome per message; ``on_progress(done, total)`` per batch.
-    Returns a FolderReport.  Raises CapabilityError before touching anything when the rules
-    need Gmail and the server is not Gmail, and the connection's errors.
+    Dry run unless ``apply``: the folder is opened with EXAMINE and nothing is written, but
+    every check ``apply`` would make first is made, with the same error.  Folder names are
+    written with ``/`` and mapped to the server's namespace (GmailConnection.server_name).
+    ``allow_expunge`` lets moves use a plain EXPUNGE on servers with neither MOVE nor
+    UIDPLUS (see GmailConnection.move).  ``on_message`` receives an Outcome per message;
+    ``on_progress(done, total)`` per batch.  A message whose FETCH answer lacks anything
+    the rules read is never acted on: it is listed in ``report.skipped`` (run again).
+    Returns a FolderReport.  Raises CapabilityError before touching anything when the
+    server cannot do what the rules ask, FolderUnavailableError when the folder cannot be
+    opened, and the connection's errors.
     """
     needs = rules.needs
     if needs.queries and not conn.is_gmail:
         raise CapabilityError(f"the rules use gmail_query, but {conn.host} is not Gmail "
                               f"(no X-GM-EXT-1); remove those conditions for this server")
-    report = FolderReport(folder, apply)
+    destinations = _settle(conn, rules, allow_expunge)
+    report = FolderReport(folder, apply, notes=list(destinations.notes))
+    source = conn.server_name(folder)
     try:
-        status = conn.select(folder) if apply else conn.examine(folder)
+        status = conn.select(source) if apply else conn.examine(source)
     except ImapError as exc:
-        if exc.status != "NO":
+        if exc.status not in ("NO", "BAD"):
             raise
-        raise ImapError(f"cannot open folder {folder!r}: {exc.text}; the 'labels' command "
-                        f"lists the folder names", command=exc.command, status=exc.status,
-                        code=exc.code, text=exc.text) from exc
-    log.info("%s: %d messages (UIDVALIDITY %d)", folder, status.exists, status.uidvalidity)
+        raise FolderUnavailableError(
+            f"cannot open folder {folder!r}: {exc.text}; the 'labels' command lists the "
+            f"folder names", command=exc.command, status=exc.status, code=exc.code,
+            text=exc.text) from exc
+    log.info("%s: %d messages (UIDVALIDITY %d)", source, status.exists, status.uidvalidity)
     uids = conn.search(["SINCE", since] if since else ["ALL"])
     if limit is not None:
         uids = uids[-limit:] if limit > 0 else []
@@ -3751,12 +3847,20 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
         queries = {query: set(conn.search(["ALL"], gmail_raw=query)) for query in needs.queries}
     items = _fetch_items(needs, conn.is_gmail)
     header_item = items[1]
-    plan = _Plan()
+    plan = _Plan(server_name=conn.server_name)
     for start in range(0, len(uids), batch_size):
         batch = uids[start:start + batch_size]
         fetched = conn.fetch(batch, items)
-        infos = {uid: _message_info(uid, values, header_item, queries, folder)
-                 for uid, values in fetched.items()}
+        # Fail closed: a message the server answered only in part (an item missing, NIL,
+        # unreadable) would look like one with no headers or flags, and a `not` rule
+        # would match it.  It is skipped as a whole, before any rule runs.
+        infos: Dict[int, MessageInfo] = {}
+        for uid in batch:
+            why = _lacking(items, fetched.get(uid))
+            if why:
+                report.skipped[uid] = why
+            else:
+                infos[uid] = _message_info(uid, fetched[uid], header_item, queries, folder)
         decisions: Dict[int, Decision] = {}
         undecided: List[int] = []
         for uid, info in infos.items():
@@ -3770,13 +3874,16 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
             body_item = f"BODY.PEEK[]<0.{BODY_PREFIX_BYTES}>"
             bodies = conn.fetch(undecided, [body_item])
             for uid in undecided:
-                raw = bodies.get(uid, {}).get(body_item)
-                info = dataclasses.replace(infos[uid], body=body_text(raw or b""))
+                why = _lacking([body_item], bodies.get(uid))
+                if why:
+                    report.skipped[uid] = why
+                    continue
+                info = dataclasses.replace(infos[uid], body=body_text(bodies[uid][body_item]))
                 decisions[uid] = rules.classify(info, final=True, now=now)
         for uid in sorted(decisions):
             decision, info = decisions[uid], infos[uid]
             report.examined += 1
-            needed = plan.add(uid, decision.actions, info.flags, info.labels, folder)
+            needed = plan.add(uid, decision.actions, info.flags, info.labels, source)
             if decision.actions.labels and info.labels is None:
                 plan.message_ids[uid] = _message_key(info.headers)
             for name, _reason in decision.matches:
@@ -3789,9 +3896,12 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                                    fetched[uid].get("X-GM-MSGID")))
         if on_progress is not None:
             on_progress(min(start + batch_size, len(uids)), len(uids))
+    for uid, why in sorted(report.skipped.items()):
+        log.warning("%s: skipped UID %d: %s; it was left as it is", folder, uid, why)
     report.changes = plan.changes()
+    _check_plain_expunge(conn, plan, destinations, source)
     if apply:
-        _apply_plan(conn, plan, report)
+        _apply_plan(conn, plan, report, destinations, allow_expunge)
     else:
         report.created = _missing_folders(conn, plan)
     return report
@@ -3830,29 +3940,45 @@ def _message_ids_in(conn: GmailConnection, folder: str) -> set:
 def _special_destination(conn: GmailConnection, use: str, action: str) -> Folder:
     folder = conn.special_folder(use)
     if folder is None:
-        raise CapabilityError(f"{conn.host} has no folder marked {use}, so '{action}' has "
-                              f"nowhere to go; nothing was changed. Use move = \"<folder>\" "
-                              f"in the rule instead")
+        names = ", ".join(FALLBACK_FOLDER_NAMES.get(use, ())[:4])
+        raise CapabilityError(f"{conn.host} has no folder marked {use} and none named "
+                              f"{names} or the like, so '{action}' has nowhere to go; "
+                              f"nothing was changed. Use move = \"<folder>\" in the rule "
+                              f"instead", command="LIST")
     return folder
 
 
+def _check_plain_expunge(conn: GmailConnection, plan: _Plan, destinations: _Destinations,
+                         source: str) -> None:
+    """Before the first change (and in a dry run): where moves need a plain EXPUNGE, refuse
+    if another message in the folder is already marked \\Deleted, as EXPUNGE would take it."""
+    if not destinations.plain_expunge or not (plan.move or plan.trash or plan.archive):
+        return
+    marked = conn.search(["DELETED"])
+    if marked:
+        raise CapabilityError(
+            f"refusing to move messages out of {source}: moving needs a plain EXPUNGE here, "
+            f"and {len(marked)} other message(s) in {source} are marked \\Deleted (perhaps "
+            f"by another mail client) and would be deleted too; nothing was changed. "
+            f"Expunge or unmark them, then run again", command="EXPUNGE")
+
+
 def _missing_folders(conn: GmailConnection, plan: _Plan) -> List[str]:
-    """Folders (labels, on Gmail) the plan writes to that do not exist yet."""
+    """Folders (labels, on Gmail) the plan writes to that do not exist yet: server names."""
     existing = {f.name for f in conn.list_folders() if f.selectable}
     targets = list(plan.move) + [label for label in plan.add_labels
                                  if not (conn.is_gmail and label.startswith("\\"))]
-    return [name for name in dict.fromkeys(targets)
+    names = [conn.server_name(name) for name in targets]
+    return [name for name in dict.fromkeys(names)
             if name not in existing and name.upper() != "INBOX"]
 
 
-def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport) -> None:
-    """Carry out a plan: check destinations, create what is missing, then labels and flags,
-    then moves (so a message is labelled where it stands, then leaves)."""
-    # Everything that can refuse is settled before the first change.
-    trash = _special_destination(conn, "\\Trash", "trash") if plan.trash else None
-    archive = None
-    if plan.archive and not conn.is_gmail:
-        archive = _special_destination(conn, "\\Archive", "archive")
+def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
+                destinations: _Destinations, allow_expunge: bool = False) -> None:
+    """Carry out a plan: create what is missing, then labels and flags, then moves (so a
+    message is labelled where it stands, then leaves).  Everything that can refuse was
+    settled before (_settle, _check_plain_expunge) and folders are created first, so a
+    refusal comes before the first message changes."""
     for name in _missing_folders(conn, plan):
         if conn.create_folder(name):
             report.created.append(name)
@@ -3862,25 +3988,29 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport) -> Non
             continue
         # No labels here: a label is a copy in a folder of that name.  A copy is not
         # idempotent, so skip messages that folder already holds (by _message_key).
-        there = _message_ids_in(conn, label)
+        target = conn.server_name(label)
+        there = _message_ids_in(conn, target)
         todo = [uid for uid in uids if plan.message_ids.get(uid) not in there]
         report.changes[f"label {label}"] = len(todo)
         if todo:
-            conn.copy(todo, label)
+            conn.copy(todo, target)
     for flag, uids in plan.add_flags.items():
         conn.add_flags(uids, [flag])
     for flag, uids in plan.remove_flags.items():
         conn.remove_flags(uids, [flag])
-    moves: List[Tuple[List[int], str]] = list((uids, dest) for dest, uids in plan.move.items())
+    moves = [(uids, conn.server_name(dest)) for dest, uids in plan.move.items()]
+    trash, archive = destinations.trash, destinations.archive
+    source = conn.server_name(report.folder)
     if plan.archive and conn.is_gmail:
         # Gmail's archive is "remove the \Inbox label"; the message stays in All Mail.
         conn.remove_labels(plan.archive, ["\\Inbox"])
-    elif archive is not None and not _same_folder(archive.name, report.folder):
+    elif plan.archive and archive is not None and not _same_folder(archive.name, source):
         moves.append((plan.archive, archive.name))
-    if trash is not None and not _same_folder(trash.name, report.folder):
+    if plan.trash and trash is not None and not _same_folder(trash.name, source):
         moves.append((plan.trash, trash.name))
     for uids, destination in moves:
-        report.moved_missing += len(conn.move(uids, destination).missing)
+        result = conn.move(uids, destination, allow_expunge=allow_expunge)
+        report.moved_missing += len(result.missing)
 
 
 # --- Command line ------------------------------------------------------------------------
@@ -3895,6 +4025,7 @@ EXIT_USAGE = 2          # bad arguments or rules file
 EXIT_AUTH = 3           # the server rejected the credentials
 EXIT_CONNECTION = 4     # could not connect, or lost the connection after retries; TLS refused
 EXIT_SERVER = 5         # the server refused an operation or lacks a needed feature
+EXIT_INCOMPLETE = 6     # some messages or folders were skipped; run again
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 EXIT_CODES_HELP = """\
@@ -3905,6 +4036,7 @@ exit codes:
   3  authentication failed (wrong password, app password needed, bad token)
   4  connection failed, or was lost and could not be restored; TLS refused
   5  the server refused an operation or lacks a feature the rules need
+  6  incomplete: some messages or folders were skipped (named on stderr); run again
   130 interrupted
 """
 
@@ -4004,6 +4136,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "then a summary object")
     run.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH,
                      help="messages per FETCH (default: %(default)s)")
+    run.add_argument("--allow-expunge", action="store_true",
+                     help="on servers with neither MOVE nor UIDPLUS, let moves remove the "
+                          "originals with a plain EXPUNGE (only while no other message in "
+                          "the folder is marked \\Deleted); see the README for the risk")
 
     check = sub.add_parser("check", parents=[common], help="validate and summarise a rules "
                            "file, offline")
@@ -4140,12 +4276,19 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
             if done == total:
                 sys.stderr.write("\n")
 
+    unavailable: List[str] = []
     with GmailConnection(**settings) as conn:
         for folder in folders:
-            reports.append(classify_folder(conn, rules, folder, apply=args.apply,
-                                           since=args.since, limit=args.limit,
-                                           batch_size=args.batch_size, on_message=on_message,
-                                           on_progress=on_progress))
+            try:
+                reports.append(classify_folder(conn, rules, folder, apply=args.apply,
+                                               since=args.since, limit=args.limit,
+                                               batch_size=args.batch_size,
+                                               on_message=on_message, on_progress=on_progress,
+                                               allow_expunge=args.allow_expunge))
+            except FolderUnavailableError as exc:
+                # One folder that cannot be opened does not stop the others.
+                sys.stderr.write(f"gmail_classify: {exc}; skipped it\n")
+                unavailable.append(folder)
         stats = {"imap_commands": conn.commands_sent, "bytes_received": conn.bytes_received,
                  "reconnects": conn.reconnects}
     if args.json:
@@ -4156,6 +4299,16 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
             out.write(_report_table(report, rules))
         if not args.apply:
             out.write("Dry run: nothing was changed. Run again with --apply to do it.\n")
+    skipped = sum(len(report.skipped) for report in reports)
+    for report in reports:
+        for uid, why in sorted(report.skipped.items()):
+            sys.stderr.write(f"gmail_classify: {report.folder} UID {uid} skipped: {why}\n")
+    if skipped or unavailable:
+        parts = [f"{skipped} message(s) skipped"] if skipped else []
+        parts += [f"folder {name!r} skipped" for name in unavailable]
+        sys.stderr.write(f"gmail_classify: incomplete: {'; '.join(parts)}; nothing was done "
+                         f"to them; run again\n")
+        return EXIT_INCOMPLETE
     return EXIT_OK
 
 
@@ -4184,6 +4337,11 @@ def _report_table(report: FolderReport, rules: Ruleset) -> str:
         lines.append(f"  {'done' if report.applied else 'would'}: {change} ({count})")
     for name in report.created:
         lines.append(f"  {'created' if report.applied else 'would create'} {name}")
+    for note in report.notes:
+        lines.append(f"  note: {note}")
+    if report.skipped:
+        lines.append(f"  skipped {len(report.skipped)} messages the server did not fully "
+                     f"answer for (UIDs {compress_uids(report.skipped)}); run again")
     if report.moved_missing:
         lines.append(f"  {report.moved_missing} messages were gone before they could be moved")
     return "\n".join(lines) + "\n"
@@ -4318,6 +4476,8 @@ def _exit_code(exc: GmailClassifyError) -> int:
         return EXIT_AUTH
     if isinstance(exc, (ConnectionLostError, TLSError)):
         return EXIT_CONNECTION
+    if isinstance(exc, UidValidityError):
+        return EXIT_INCOMPLETE
     if isinstance(exc, ImapError):
         return EXIT_SERVER
     return EXIT_ERROR

@@ -5536,12 +5536,19 @@ class CommandLineRunTest(FakeServerTest):
         self.assertIn("--password-command exited with status 1", err)
         self.assertNotIn("LOGIN", self.commands())
 
-    def test_missing_folder_points_at_labels(self):
-        code, _, err = run_cli(*self.argv("--folder", "Nope"), env={"GMAIL_APP_PASSWORD": PASSWORD})
-        self.assertEqual(code, gc.EXIT_SERVER)
-        self.assertIn("cannot open folder 'Nope'", err)
-        self.assertIn("'labels'", err)
-        self.assertEqual(len(err.strip().splitlines()), 1)
+    def test_missing_folder_points_at_labels_and_the_others_still_run(self):
+        self.server.add_message(make_message("receipt 42"))
+        code, out, err = run_cli(*self.argv("--rules", self.rules_file(), "--folder", "Nope",
+                                            "--folder", "INBOX", "--apply"),
+                                 env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, gc.EXIT_INCOMPLETE)
+        lines = err.strip().splitlines()
+        self.assertIn("cannot open folder 'Nope'", lines[0])
+        self.assertIn("'labels'", lines[0])
+        self.assertIn("folder 'Nope' skipped", lines[-1])
+        self.assertEqual(len(lines), 2)
+        self.assertEqual(self.server.uids("INBOX"), [])          # INBOX still sorted
+        self.assertEqual(len(self.server.uids("Receipts")), 1)
 
     def test_exit_codes_for_auth_and_connection_failures(self):
         code, out, err = run_cli(*self.argv(), env={"GMAIL_APP_PASSWORD": "wrong"})

@@ -819,6 +819,38 @@ _GMAIL_SPECIAL = (
 # Plain mode folders: name, SPECIAL-USE attribute.
 _PLAIN_FOLDERS = (("INBOX", ""), ("Archive", "\\Archive"), ("Drafts", "\\Drafts"),
                   ("Junk", "\\Junk"), ("Sent", "\\Sent"), ("Trash", "\\Trash"))
+# Server kinds the fake can play (FakeGmail(kind=...)): one row per kind of server seen in
+# the wild, as the FakeGmail options that make it.  Tests loop over this table, so a new
+# kind is one line here.  Plain kinds are RFC 3501 servers: one folder per message.
+SERVER_KINDS: Dict[str, Dict[str, Any]] = {
+    # Gmail: labels, X-GM-EXT-1, MOVE, UIDPLUS, SPECIAL-USE.
+    "gmail": dict(gmail=True),
+    # Dovecot, Cyrus 3, Fastmail: MOVE, UIDPLUS, SPECIAL-USE, ("" "/").
+    "move": dict(gmail=False, move=True, uidplus=True),
+    # Older Dovecot/Cyrus and many hosting providers: UIDPLUS without MOVE.
+    "uidplus": dict(gmail=False, move=False, uidplus=True),
+    # Old or minimal servers: neither MOVE nor UIDPLUS (only a plain EXPUNGE removes mail).
+    "neither": dict(gmail=False, move=False, uidplus=False),
+    # No SPECIAL-USE: trash and archive only by name (Exchange-style names here).
+    "no-special-use": dict(gmail=False, special_use=False, folders=(
+        ("INBOX", ""), ("Archives", ""), ("Deleted Items", ""), ("Drafts", ""),
+        ("Junk E-mail", ""), ("Sent Items", ""))),
+    # Courier, classic Cyrus, many hosted Dovecots: personal namespace "INBOX." with ".".
+    "inbox-prefix": dict(gmail=False, prefix="INBOX.", delimiter="."),
+}
+
+# Ways a legal (or common but non-compliant) server answers differently; FakeGmail(quirks=...).
+# FETCH quirks hit every message, or only those in FakeGmail.quirk_msgids when it is set.
+FAKE_QUIRKS = {
+    "quoted-header-fields": "echo BODY[HEADER.FIELDS (...)] with quoted, lower-case, reordered names",
+    "nil-header": "answer a HEADER.FIELDS section with NIL",
+    "omit-header": "leave a requested HEADER.FIELDS section out of the FETCH answer",
+    "omit-flags": "leave FLAGS out of the FETCH answer",
+    "omit-body": "leave a requested BODY[]<...> partial out of the FETCH answer",
+    "status-other-first": "send an untagged STATUS for another folder before the asked one's",
+    "raw-utf8-names": "list folder names as raw UTF-8 and take names literally (no modified UTF-7)",
+}
+
 # XLIST (Gmail's pre-SPECIAL-USE extension) spells some attributes differently.
 _XLIST_ATTR = {"\\All": "\\AllMail", "\\Junk": "\\Spam", "\\Flagged": "\\Starred"}
 
@@ -1084,6 +1116,9 @@ class _Session(socketserver.BaseRequestHandler):
             self._send(("%s BAD Invalid command line\r\n" % (tag if tag else "*")).encode())
             return
         fault = fake._take_fault(name)
+        if fault is not None and fault.action == "call":
+            fault.callback()
+            fault = None
         if fault is not None and fault.when == "before" and fault.action not in ("delay", "unsolicited"):
             self._apply_fault(fault, tag)
             return
@@ -1230,7 +1265,8 @@ class _Session(socketserver.BaseRequestHandler):
                     "CONDSTORE", "ESEARCH", "UTF8=ACCEPT", "LIST-EXTENDED", "LIST-STATUS",
                     "LITERAL-", "SPECIAL-USE", "APPENDLIMIT=35651584"]
         else:
-            caps = ["IMAP4rev1", "LITERAL+", "SPECIAL-USE"] + (["MOVE"] if fake.move else []) + (
+            caps = ["IMAP4rev1", "LITERAL+", "NAMESPACE"] + (
+                ["SPECIAL-USE"] if fake.special_use else []) + (["MOVE"] if fake.move else []) + (
                 ["UIDPLUS"] if fake.uidplus else []) + (["IDLE"] if fake.idle else [])
             if not auth:
                 caps.append("AUTH=PLAIN")
@@ -1239,6 +1275,9 @@ class _Session(socketserver.BaseRequestHandler):
         return caps
 
     def _mailbox(self, tok: Any) -> str:
+        if "raw-utf8-names" in self.fake.quirks:   # a non-compliant server: names as sent
+            s = tok.decode("utf-8", "surrogateescape") if isinstance(tok, bytes) else _text(tok)
+            return "INBOX" if s.upper() == "INBOX" else s
         s = _text(tok)
         if s.upper() == "INBOX":
             return "INBOX"
@@ -1397,7 +1436,8 @@ class _Session(socketserver.BaseRequestHandler):
         return "OK Success"
 
     def cmd_NAMESPACE(self, tag: str, args: list) -> str:
-        self._u('* NAMESPACE (("" "/")) NIL NIL')
+        self._u(b"* NAMESPACE ((" + _quoted(self.fake.prefix) + b" " + _quoted(self.fake.delimiter)
+                + b")) NIL NIL")
         return "OK Success"
 
     def cmd_COMPRESS(self, tag: str, args: list) -> str:
@@ -1440,33 +1480,40 @@ class _Session(socketserver.BaseRequestHandler):
                 if isinstance(o, Atom) and o.upper() == "STATUS" and i + 1 < len(opts) and isinstance(opts[i + 1], list):
                     status_items = [_text(x).upper() for x in opts[i + 1]]
         patterns = [ref + self._mailbox(p) for p in pats]
+        delim = fake.delimiter
         if len(patterns) == 1 and patterns[0] == "":
-            self._u('* %s (\\Noselect) "/" ""' % verb)
+            self._u(b"* %s (\\Noselect) %s \"\"" % (verb.encode(), _quoted(delim)))
             return "OK Success"
         names = fake._sorted_folder_names()
         for name in names:
             folder = fake._folders[name]
-            if not any(self._list_match(p, name) for p in patterns):
+            if not any(self._list_match(p, name, delim) for p in patterns):
                 continue
-            if "SPECIAL-USE" in select_opts and not folder.special:
+            special = folder.special if fake.special_use else ""
+            if "SPECIAL-USE" in select_opts and not special:
                 continue
-            has_children = any(n.startswith(name + "/") for n in names)
+            has_children = any(n.startswith(name + delim) for n in names)
             attrs = ["\\HasChildren" if has_children else "\\HasNoChildren"]
             if not folder.selectable:
                 attrs.append("\\Noselect")
-            if folder.special:
-                attrs.append(_XLIST_ATTR.get(folder.special, folder.special) if verb == "XLIST" else folder.special)
+            if special:
+                attrs.append(_XLIST_ATTR.get(special, special) if verb == "XLIST" else special)
             if verb == "XLIST" and name == "INBOX":
                 attrs.append("\\Inbox")
-            self._u(b"* %s (%s) \"/\" %s" % (verb.encode(), " ".join(attrs).encode(),
-                                             _quoted(imap_utf7_encode(name))))
+            shown = name if "raw-utf8-names" in fake.quirks else imap_utf7_encode(name)
+            if "raw-utf8-names" in fake.quirks and not shown.isascii():
+                wire = b'"' + shown.encode("utf-8", "surrogateescape") + b'"'   # not even a literal
+            else:
+                wire = _quoted(shown)
+            self._u(b"* %s (%s) %s %s" % (verb.encode(), " ".join(attrs).encode(), _quoted(delim), wire))
             if status_items and folder.selectable:
                 self._u(self._status_line(folder, status_items))
         return "OK Success"
 
     @staticmethod
-    def _list_match(pattern: str, name: str) -> bool:
-        rx = "".join(".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c) for c in pattern)
+    def _list_match(pattern: str, name: str, delim: str = "/") -> bool:
+        rx = "".join(".*" if c == "*" else "[^%s]*" % re.escape(delim) if c == "%" else re.escape(c)
+                     for c in pattern)
         if re.fullmatch(rx, name, re.S):
             return True
         return name == "INBOX" and re.fullmatch(rx, name, re.S | re.I) is not None
@@ -1490,7 +1537,8 @@ class _Session(socketserver.BaseRequestHandler):
             else:
                 raise _Bad("Unknown STATUS item %s" % item)
             vals.append("%s %d" % (item, v))
-        return b"* STATUS " + _quoted(imap_utf7_encode(folder.name)) + b" (" + " ".join(vals).encode() + b")"
+        name = folder.name if "raw-utf8-names" in self.fake.quirks else imap_utf7_encode(folder.name)
+        return b"* STATUS " + _quoted(name) + b" (" + " ".join(vals).encode() + b")"
 
     def cmd_STATUS(self, tag: str, args: list) -> str:
         if len(args) != 2 or not isinstance(args[1], list) or not args[1]:
@@ -1499,18 +1547,25 @@ class _Session(socketserver.BaseRequestHandler):
         folder = self.fake._folders.get(name)
         if folder is None or not folder.selectable:
             raise _No("[NONEXISTENT] Unknown Mailbox: %s (Failure)" % name)
-        self._u(self._status_line(folder, [_text(x).upper() for x in args[1]]))
+        items = [_text(x).upper() for x in args[1]]
+        if "status-other-first" in self.fake.quirks:
+            # Any untagged response may come at any time (RFC 3501 §7): here a STATUS for
+            # another folder whose numbers never change.
+            self._u(b'* STATUS "Elsewhere" (' + " ".join("%s 1" % i for i in items).encode() + b")")
+        self._u(self._status_line(folder, items))
         return "OK Success"
 
     def cmd_CREATE(self, tag: str, args: list) -> str:
         fake = self.fake
         if len(args) != 1:
             raise _Bad("CREATE needs a mailbox name")
-        name = self._mailbox(args[0]).rstrip("/")
+        name = self._mailbox(args[0]).rstrip(fake.delimiter)
         if not name:
             raise _Bad("Empty mailbox name")
         if name in fake._folders:
             raise _No("[ALREADYEXISTS] Folder name conflicts with existing folder name. (Failure)")
+        if fake.prefix and not name.startswith(fake.prefix):
+            raise _No("Invalid mailbox name.")     # what Courier says: no folder, no cause
         if fake.gmail and (name.startswith(fake._special_root + "/") or name.startswith("\\")):
             raise _No("[CANNOT] Folder name is not allowed. (Failure)")
         fake._ensure_folder(name)
@@ -1660,9 +1715,12 @@ class _Session(socketserver.BaseRequestHandler):
             changedsince = int(_text(mods[1]))
         targets = self._targets(args[0], by_uid)
         changed = []
+        quirky = fake.quirks if fake.quirk_msgids is None else set()
         for seq, uid, msg in targets:
             if changedsince is not None and msg.modseq <= changedsince:
                 continue
+            if fake.quirk_msgids is not None:
+                quirky = fake.quirks if msg.msgid in fake.quirk_msgids else set()
             parts: List[bytes] = []
             sets_seen = False
             if by_uid and "UID" not in items:
@@ -1672,7 +1730,8 @@ class _Session(socketserver.BaseRequestHandler):
                 if item == "UID":
                     parts.append(b"UID %d" % uid)
                 elif item == "FLAGS":
-                    parts.append(None)  # filled below, after \Seen may have been set
+                    if "omit-flags" not in quirky:
+                        parts.append(None)  # filled below, after \Seen may have been set
                 elif item == "INTERNALDATE":
                     parts.append(b'INTERNALDATE "%s"' % _internaldate(msg.date).encode())
                 elif item == "RFC822.SIZE":
@@ -1709,6 +1768,17 @@ class _Session(socketserver.BaseRequestHandler):
                         length = int(m.group(4)) if m.group(4) is not None else len(data)
                         data = data[start:start + length]
                         origin = "<%d>" % start
+                        if "omit-body" in quirky:
+                            continue
+                    if kind == "HEADER.FIELDS":
+                        if "omit-header" in quirky:
+                            continue
+                        if "quoted-header-fields" in quirky:
+                            echo = echo.replace("HEADER.FIELDS (%s)" % " ".join(fields), "header.fields (%s)" % " ".join(
+                                '"%s"' % f.lower() for f in reversed(fields)))
+                        if "nil-header" in quirky:
+                            parts.append(("BODY[%s]%s NIL" % (echo, origin)).encode())
+                            continue
                     parts.append(("BODY[%s]%s " % (echo, origin)).encode() + _literal(data))
                     if m.group(1) == "BODY":
                         sets_seen = True
@@ -2147,9 +2217,10 @@ class _Fault:
     delay: float
     text: Optional[str]
     seen: int = 0
+    callback: Optional[Callable[[], None]] = None
 
 
-_FAULT_ACTIONS = ("bye", "drop", "reset", "delay", "no", "bad", "garbage", "unsolicited")
+_FAULT_ACTIONS = ("bye", "drop", "reset", "delay", "no", "bad", "garbage", "unsolicited", "call")
 _FAULT_WHEN = ("before", "after", "mid")
 
 
@@ -2173,7 +2244,35 @@ class FakeGmail:
 
     def __init__(self, *, gmail: bool = True, move: bool = True, uidplus: bool = True, idle: bool = True,
                  tls: bool = False, starttls: bool = False, cert: str = "good", localized: bool = False,
-                 users: Optional[Dict[str, str]] = None, tokens: Optional[Dict[str, str]] = None) -> None:
+                 users: Optional[Dict[str, str]] = None, tokens: Optional[Dict[str, str]] = None,
+                 kind: Optional[str] = None, special_use: bool = True, prefix: str = "",
+                 delimiter: str = "/", folders: Optional[Sequence[Tuple[str, str]]] = None,
+                 quirks: Iterable[str] = ()) -> None:
+        """Options as named; ``kind`` (a key of SERVER_KINDS) sets several at once and the
+        options given beside it override its row; ``quirks`` are keys of FAKE_QUIRKS;
+        ``folders`` replaces the plain-mode folders as (name, special-use) pairs; ``prefix``
+        and ``delimiter`` are the personal namespace (plain mode)."""
+        if kind is not None:
+            if kind not in SERVER_KINDS:
+                raise ValueError("kind must be one of %s" % ", ".join(SERVER_KINDS))
+            given = dict(gmail=gmail, move=move, uidplus=uidplus, special_use=special_use,
+                         prefix=prefix, delimiter=delimiter, folders=folders)
+            defaults = dict(gmail=True, move=True, uidplus=True, special_use=True, prefix="",
+                            delimiter="/", folders=None)
+            chosen = dict(defaults, **SERVER_KINDS[kind])
+            chosen.update({k: v for k, v in given.items() if v != defaults[k]})
+            gmail, move, uidplus = chosen["gmail"], chosen["move"], chosen["uidplus"]
+            special_use, prefix, delimiter = chosen["special_use"], chosen["prefix"], chosen["delimiter"]
+            folders = chosen["folders"]
+        unknown = set(quirks) - set(FAKE_QUIRKS)
+        if unknown:
+            raise ValueError("unknown quirks %s; known: %s" % (sorted(unknown), ", ".join(FAKE_QUIRKS)))
+        if gmail and (prefix or delimiter != "/"):
+            raise ValueError("Gmail's namespace is always (\"\" \"/\")")
+        self.kind = kind
+        self.special_use, self.prefix, self.delimiter = special_use, prefix, delimiter
+        self.quirks = set(quirks)
+        self.quirk_msgids: Optional[set] = None   # FETCH quirks only for these messages, if set
         if cert not in SERVER_CERTS:
             raise ValueError("cert must be one of %s" % ", ".join(SERVER_CERTS))
         if tls and starttls:
@@ -2214,7 +2313,9 @@ class FakeGmail:
                     self._new_folder("%s/%s" % (self._special_root, german if localized else english),
                                      kind, special)
             else:
-                for name, special in _PLAIN_FOLDERS:
+                for name, special in (folders if folders is not None else _PLAIN_FOLDERS):
+                    if prefix and name != "INBOX" and not name.startswith(prefix):
+                        name = prefix + name
                     self._new_folder(name, "plain", special)
 
     # -- lifecycle --
@@ -2281,13 +2382,17 @@ class FakeGmail:
             return sorted(self._sessions)
 
     def add_fault(self, command: Optional[str] = None, *, nth: int = 1, action: str = "drop",
-                  when: str = "before", count: int = 1, delay: float = 0.0, text: Optional[str] = None) -> None:
+                  when: str = "before", count: int = 1, delay: float = 0.0, text: Optional[str] = None,
+                  callback: Optional[Callable[[], None]] = None) -> None:
         """Misbehave on the nth (1-based) matching command from now on, for count commands.
 
         command: 'UID MOVE', 'NOOP', ... or None for any. action: one of bye, drop, reset, delay,
-        no, bad, garbage, unsolicited. when: before (instead of executing), after (execute, then
-        misbehave instead of answering), mid (send half of the untagged answers, then misbehave).
+        no, bad, garbage, unsolicited, call (run ``callback``, e.g. a change by "another client",
+        then execute the command normally). when: before (instead of executing), after (execute,
+        then misbehave instead of answering), mid (send half of the untagged answers, then misbehave).
         """
+        if (action == "call") != (callback is not None):
+            raise ValueError("action 'call' needs a callback, and only it takes one")
         if action not in _FAULT_ACTIONS:
             raise ValueError("action must be one of %s" % ", ".join(_FAULT_ACTIONS))
         if when not in _FAULT_WHEN:
@@ -2296,7 +2401,7 @@ class FakeGmail:
             raise ValueError("nth and count start at 1")
         with self._cond:
             self._faults.append(_Fault(command.upper() if command else None, nth, action, when, count,
-                                       delay, text))
+                                       delay, text, callback=callback))
 
     # -- mailbox model, public --
 
@@ -2414,9 +2519,11 @@ class FakeGmail:
         name = self._folder_key(name)
         if name in self._folders:
             return self._folders[name]
-        parts = name.split("/")
+        parts = name.split(self.delimiter)
         for i in range(1, len(parts)):
-            parent = "/".join(parts[:i])
+            parent = self.delimiter.join(parts[:i])
+            if parent == "INBOX" or parent + self.delimiter == self.prefix:
+                continue
             if parent and parent not in self._folders:
                 self._new_folder(parent, "label" if self.gmail else "plain", label=parent)
         return self._new_folder(name, "label" if self.gmail else "plain", label=name)
@@ -3117,7 +3224,8 @@ class FakeServerPlainModeTest(FakeGmailTestCase):
         self.assertIn("AUTH=PLAIN", m.capabilities)
         m.login(USER, PASSWORD)
         caps = m.capability()[1][0].split()
-        self.assertEqual(caps, [b"IMAP4rev1", b"LITERAL+", b"SPECIAL-USE", b"MOVE", b"UIDPLUS", b"IDLE"])
+        self.assertEqual(caps, [b"IMAP4rev1", b"LITERAL+", b"NAMESPACE", b"SPECIAL-USE", b"MOVE", b"UIDPLUS",
+                                b"IDLE"])
         m.select("INBOX")
         self.assertRaises(imaplib.IMAP4.error, m.uid, "FETCH", "1", "(X-GM-LABELS)")
         self.assertRaises(imaplib.IMAP4.error, m.uid, "SEARCH", "X-GM-RAW", '"foo"')

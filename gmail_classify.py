@@ -3897,7 +3897,7 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
         if on_progress is not None:
             on_progress(min(start + batch_size, len(uids)), len(uids))
     for uid, why in sorted(report.skipped.items()):
-        log.warning("%s: skipped UID %d: %s; it was left as it is", folder, uid, why)
+        log.info("%s: skipped UID %d: %s; it was left as it is", folder, uid, why)
     report.changes = plan.changes()
     _check_plain_expunge(conn, plan, destinations, source)
     if apply:

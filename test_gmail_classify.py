@@ -1613,8 +1613,8 @@ class _Session(socketserver.BaseRequestHandler):
         self._u("* OK [UIDNEXT %d] Predicted next UID." % folder.uidnext)
         if fake.gmail:
             self._u("* OK [HIGHESTMODSEQ %d]" % fake._modseq)
-        return "OK [%s] %s selected. (Success)" % ("READ-ONLY" if readonly else "READ-WRITE",
-                                                  imap_utf7_encode(name))
+        shown = "Mailbox" if "raw-utf8-names" in fake.quirks else imap_utf7_encode(name)
+        return "OK [%s] %s selected. (Success)" % ("READ-ONLY" if readonly else "READ-WRITE", shown)
 
     def cmd_APPEND(self, tag: str, args: list) -> str:
         fake = self.fake
@@ -5688,6 +5688,508 @@ class CommandLineRunTest(FakeServerTest):
         self.assertEqual(code, gc.EXIT_AUTH)
         self.assertIn("OAuth2 token", err)
         self.assertNotIn("ya29.stale", err)
+
+
+# --- Any server: server kinds, fail closed, never a duplicate, namespaces -----------------
+#
+# Issue 6.  Every test names the server kind it runs against (SERVER_KINDS); the matrix
+# test runs the same rules against each kind and checks the final mailboxes.
+
+KIND_RULES = {"rule": [
+    {"name": "Receipts", "subject": "receipt", "label": "Receipts/2024", "archive": True},
+    {"name": "Lists", "header": {"List-Id": True}, "move": "Lists"},
+    {"name": "Spam", "from": "@spam.example", "trash": True},
+    {"name": "Bank", "from": "@mybank.example", "star": True},
+]}
+
+
+class AnyServerTest(FakeServerTest):
+    """FakeServerTest with helpers to start servers of a given kind."""
+
+    def serve(self, kind: Optional[str] = None, **options: Any) -> FakeGmail:
+        server = FakeGmail(kind=kind, **options).start()
+        self.addCleanup(lambda: self.assertEqual(server.errors, [], "the fake server failed"))
+        self.addCleanup(server.stop)
+        self.server = server
+        return server
+
+    def seed(self) -> Dict[str, int]:
+        add = self.server.add_message
+        return {"receipt": add(make_message("Your receipt #1")),
+                "list": add(make_message("Digest", extra="List-Id: <dev.lists.example>\n")),
+                "spam": add(make_message("Win!", sender="x@spam.example")),
+                "bank": add(make_message("Statement", sender="Bank <b@mybank.example>")),
+                "other": add(make_message("Lunch?"))}
+
+    def subjects(self, folder: str) -> List[str]:
+        return sorted(str(email.message_from_bytes(m.raw)["Subject"])
+                      for m in self.server.messages(folder))
+
+    def lines(self, command: str) -> List[bytes]:
+        return [e.line for e in self.server.log if e.command == command]
+
+    def writes(self) -> set:
+        return set(self.commands()) & (WRITE_COMMANDS - {"SELECT"})
+
+    def cli(self, *extra: str) -> Tuple[int, str, str]:
+        path = os.path.join(self.tmp, "rules.json")
+        if not os.path.exists(path):
+            with open(path, "w") as handle:
+                json.dump(self.rules_doc, handle)
+        return run_cli("--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                       "--plaintext", "--retries", "1", "--rules", path, *extra,
+                       env={"GMAIL_APP_PASSWORD": PASSWORD})
+
+    rules_doc: Dict[str, Any] = KIND_RULES
+
+
+class ServerKindsTest(AnyServerTest):
+    # Where each kind keeps things (server names).
+    EXPECTED = {
+        "move": ("Receipts/2024", "Archive", "Lists", "Trash"),
+        "uidplus": ("Receipts/2024", "Archive", "Lists", "Trash"),
+        "neither": ("Receipts/2024", "Archive", "Lists", "Trash"),
+        "no-special-use": ("Receipts/2024", "Archives", "Lists", "Deleted Items"),
+        "inbox-prefix": ("INBOX.Receipts.2024", "INBOX.Archive", "INBOX.Lists", "INBOX.Trash"),
+    }
+
+    def test_every_kind_sorts_the_mailbox_and_a_second_run_changes_nothing(self):
+        rules = gc.parse_rules(KIND_RULES, "rules.json")
+        for kind in SERVER_KINDS:
+            with self.subTest(kind=kind):
+                server = self.serve(kind)
+                ids = self.seed()
+                conn = self.connect()
+                allow = kind == "neither"
+                dry = gc.classify_folder(conn, rules, "INBOX", allow_expunge=allow)
+                self.assertEqual(self.writes(), set())
+                report = gc.classify_folder(conn, rules, "INBOX", apply=True, allow_expunge=allow)
+                self.assertEqual(report.created, dry.created)
+                self.assertEqual(report.skipped, {})
+                self.assertEqual(self.subjects("INBOX"), ["Lunch?", "Statement"])
+                self.assertIn("\\Flagged", server.message(ids["bank"]).flags)
+                if kind == "gmail":
+                    self.assertEqual(server.message(ids["receipt"]).labels, {"Receipts/2024"})
+                    self.assertEqual(server.message(ids["list"]).labels, {"Lists"})
+                    self.assertIn("\\Trash", server.message(ids["spam"]).labels)
+                else:
+                    label, archive, lists, trash = self.EXPECTED[kind]
+                    self.assertEqual(report.created, [lists, label])
+                    self.assertEqual(self.subjects(label), ["Your receipt #1"])   # a copy
+                    self.assertEqual(self.subjects(archive), ["Your receipt #1"])
+                    self.assertEqual(self.subjects(lists), ["Digest"])
+                    self.assertEqual(self.subjects(trash), ["Win!"])
+                # Never a bare EXPUNGE, except where explicitly allowed and checked first.
+                self.assertEqual("EXPUNGE" in self.commands(), kind == "neither")
+                start = len(server.log)
+                again = gc.classify_folder(conn, rules, "INBOX", apply=True, allow_expunge=allow)
+                later = {e.command for e in server.log[start:]}
+                self.assertEqual(later & (WRITE_COMMANDS - {"SELECT"}), set())
+                self.assertEqual(again.changes, {})
+
+    def test_neither_refuses_before_any_change_and_the_dry_run_says_the_same(self):
+        self.serve("neither")
+        self.seed()
+        before = [(m.msgid, frozenset(m.flags)) for m in self.server.messages("INBOX")]
+        code, out, err = self.cli("--apply")
+        self.assertEqual(code, gc.EXIT_SERVER)
+        self.assertIn("neither MOVE nor UIDPLUS", err)
+        self.assertIn("--allow-expunge", err)
+        self.assertIn("nothing was changed", err)
+        self.assertEqual(self.writes(), set())          # not even the star or the label copy
+        self.assertNotIn("SELECT", self.commands())
+        self.assertEqual([(m.msgid, frozenset(m.flags)) for m in self.server.messages("INBOX")],
+                         before)
+        dry_code, dry_out, dry_err = self.cli()
+        self.assertEqual((dry_code, dry_err), (code, err))
+        self.assertNotIn("would", dry_out)
+
+    def test_neither_with_allow_expunge_marks_exactly_those_then_checks_then_expunges(self):
+        self.serve("neither")
+        for index in range(3):
+            self.server.add_message(make_message(f"receipt {index}"))
+        conn = self.connect()
+        conn.select("INBOX")
+        result = conn.move([1, 2], "Archive", allow_expunge=True)
+        self.assertEqual(sorted(result.moved), [1, 2])
+        self.assertEqual(self.server.uids("INBOX"), [3])
+        self.assertEqual(self.subjects("Archive"), ["receipt 0", "receipt 1"])
+        wire = b"".join(e.line for e in self.server.log)
+        copy_at = wire.index(b"UID COPY 1:2 Archive")
+        store_at = wire.index(b"UID STORE 1:2 +FLAGS.SILENT (\\Deleted)")
+        check_at = wire.rindex(b"UID SEARCH DELETED")
+        expunge_at = wire.index(b" EXPUNGE\r\n")
+        self.assertLess(copy_at, store_at)
+        self.assertLess(store_at, check_at)
+        self.assertLess(check_at, expunge_at)
+        self.assertNotIn("UID EXPUNGE", self.commands())
+
+    def test_allow_expunge_refuses_when_another_message_is_marked_deleted(self):
+        self.serve("neither")
+        self.seed()
+        other = self.server.add_message(make_message("someone else's"), flags=("\\Deleted",))
+        for extra in ((), ("--apply",)):
+            with self.subTest(extra=extra):
+                code, _, err = self.cli("--allow-expunge", *extra)
+                self.assertEqual(code, gc.EXIT_SERVER)
+                self.assertIn("marked \\Deleted", err)
+                self.assertIn("nothing was changed", err)
+        self.assertEqual(self.writes(), set())
+        self.assertIn(other, [m.msgid for m in self.server.messages("INBOX")])
+        conn = self.connect()
+        conn.select("INBOX")
+        with self.assertRaises(gc.CapabilityError):
+            conn.move([1], "Archive", allow_expunge=True)
+        self.assertNotIn("UID COPY", self.commands())
+        self.assertNotIn("EXPUNGE", self.commands())
+
+    def test_kind_table_builds_what_it_says(self):
+        caps = {}
+        for kind in SERVER_KINDS:
+            server = self.serve(kind)
+            conn = self.connect()
+            caps[kind] = conn.capabilities
+            names = {f.name for f in conn.list_folders()}
+            if kind == "inbox-prefix":
+                self.assertEqual(conn.namespace(), ("INBOX.", "."))
+                self.assertIn("INBOX.Trash", names)
+            if kind == "no-special-use":
+                self.assertFalse(any(f.special_use for f in conn.list_folders()))
+        self.assertIn("X-GM-EXT-1", caps["gmail"])
+        self.assertTrue({"MOVE", "UIDPLUS"} <= caps["move"])
+        self.assertEqual(({"MOVE", "UIDPLUS"} & caps["uidplus"]), {"UIDPLUS"})
+        self.assertEqual(({"MOVE", "UIDPLUS"} & caps["neither"]), set())
+        self.assertNotIn("SPECIAL-USE", caps["no-special-use"])
+        with self.assertRaises(ValueError):
+            FakeGmail(kind="exchange")
+        with self.assertRaises(ValueError):
+            FakeGmail(quirks=["made-up"])
+
+
+class FailClosedTest(AnyServerTest):
+    rules_doc = {"rule": [{"name": "Not from a friend", "not": {"from": "friend@"},
+                           "trash": True}]}
+
+    def test_quoted_header_field_names_are_matched_by_meaning(self):
+        for kind in ("gmail", "move"):
+            with self.subTest(kind=kind):
+                self.serve(kind, quirks=["quoted-header-fields"])
+                self.server.add_message(make_message("hi", sender="friend@example.com"))
+                self.server.add_message(make_message("buy", sender="shop@example.com"))
+                raw = RawClient(self.server)
+                self.addCleanup(raw.close)
+                raw.login()
+                raw.command(b"EXAMINE INBOX")
+                _, answer = raw.command(b"UID FETCH 1 (BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)])")
+                self.assertIn(b'BODY[header.fields ("subject" "from")]', answer[0])
+                code, _, err = self.cli("--apply")
+                self.assertEqual((code, err), (0, ""))
+                self.assertEqual(self.subjects("INBOX"), ["hi"])
+
+    def test_incomplete_answers_skip_the_message_name_it_and_exit_6(self):
+        for kind in ("gmail", "move"):
+            for quirk in ("nil-header", "omit-header", "omit-flags"):
+                with self.subTest(kind=kind, quirk=quirk):
+                    self.serve(kind, quirks=[quirk])
+                    self.server.add_message(make_message("hi", sender="friend@example.com"))
+                    self.server.add_message(make_message("buy", sender="shop@example.com"))
+                    code, out, err = self.cli("--apply")
+                    self.assertEqual(code, gc.EXIT_INCOMPLETE)
+                    self.assertIn("INBOX UID 1 skipped", err)
+                    self.assertIn("INBOX UID 2 skipped", err)
+                    self.assertIn("2 message(s) skipped", err)
+                    self.assertIn("skipped 2 messages", out)
+                    self.assertEqual(self.subjects("INBOX"), ["buy", "hi"])
+                    self.assertFalse({"UID MOVE", "UID STORE", "UID COPY"} & set(self.commands()))
+
+    def test_only_the_incomplete_message_is_skipped(self):
+        self.serve("move", quirks=["omit-flags"])
+        self.server.add_message(make_message("buy 1", sender="shop@example.com"))
+        odd = self.server.add_message(make_message("buy 2", sender="shop@example.com"))
+        self.server.add_message(make_message("buy 3", sender="shop@example.com"))
+        self.server.quirk_msgids = {odd}
+        conn = self.connect()
+        rules = gc.parse_rules(self.rules_doc, "rules.json")
+        report = gc.classify_folder(conn, rules, "INBOX", apply=True)
+        self.assertEqual(report.skipped, {2: "the server's answer lacked its flags"})
+        self.assertFalse(report.complete)
+        self.assertEqual(self.subjects("INBOX"), ["buy 2"])
+        self.assertEqual(self.subjects("Trash"), ["buy 1", "buy 3"])
+
+    def test_missing_body_prefix_skips_the_message(self):
+        self.serve("move", quirks=["omit-body"])
+        self.server.add_message(make_message("a", body="please unsubscribe\n"))
+        rules = gc.parse_rules({"rule": [{"name": "No unsubscribe", "not": {"body": "zzz"},
+                                          "trash": True}]}, "rules.json")
+        report = gc.classify_folder(self.connect(), rules, "INBOX", apply=True)
+        self.assertEqual(report.skipped, {1: "the server's answer lacked its body prefix"})
+        self.assertEqual(self.subjects("Trash"), [])
+
+    def test_fetch_key_normalises_the_section_spec(self):
+        cases = [("BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)]", 'BODY[header.fields ("Subject" from)]'),
+                 ("BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)]", "BODY[HEADER.FIELDS (SUBJECT  FROM)]"),
+                 ("BODY.PEEK[]<0.16384>", "BODY[]<0>"),
+                 ("BODY.PEEK[1.HEADER.FIELDS.NOT (X-A)]", 'BODY[1.HEADER.FIELDS.NOT ("x-a")]')]
+        for asked, answered in cases:
+            with self.subTest(answered=answered):
+                self.assertEqual(gc._fetch_key(asked), gc._fetch_key(answered))
+        self.assertNotEqual(gc._fetch_key("BODY.PEEK[HEADER.FIELDS (FROM)]"),
+                            gc._fetch_key("BODY[HEADER.FIELDS.NOT (FROM)]"))
+
+
+class NeverDuplicateTest(AnyServerTest):
+    def move_three(self, kind: str, when: str, **options: Any) -> gc.MoveResult:
+        self.serve(kind, **options)
+        for index in range(3):
+            self.server.add_message(make_message(f"receipt {index}"))
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID COPY", action="drop", when=when)
+        return conn.move([1, 2, 3], "Archive", allow_expunge=True)
+
+    def test_drop_right_after_copy_never_copies_twice(self):
+        for kind in ("uidplus", "neither"):
+            with self.subTest(kind=kind):
+                result = self.move_three(kind, "after")
+                self.assertEqual(self.server.fired, [("UID COPY", "drop", "after")])
+                self.assertEqual(self.subjects("Archive"), ["receipt 0", "receipt 1", "receipt 2"])
+                self.assertEqual(self.server.uids("INBOX"), [])
+                self.assertEqual(self.server.count("UID COPY"), 1)
+                self.assertEqual(sorted(result.moved), [1, 2, 3])
+                self.assertEqual(sorted(result.moved.values()), [1, 2, 3])   # found by search
+
+    def test_copy_that_never_reached_the_server_is_simply_sent_again(self):
+        for kind in ("uidplus", "neither"):
+            with self.subTest(kind=kind):
+                self.move_three(kind, "before")
+                self.assertEqual(self.server.count("UID COPY"), 2)
+                self.assertEqual(self.subjects("Archive"), ["receipt 0", "receipt 1", "receipt 2"])
+                self.assertEqual(self.server.uids("INBOX"), [])
+
+    def test_status_for_another_folder_is_not_taken_for_the_destination(self):
+        # The fake's other-folder STATUS always says UIDNEXT 1: taken as the destination's,
+        # "UIDNEXT did not move" would wrongly prove the dropped COPY never ran.
+        self.move_three("uidplus", "after", quirks=["status-other-first"])
+        self.assertEqual(self.subjects("Archive"), ["receipt 0", "receipt 1", "receipt 2"])
+        self.assertEqual(self.server.count("UID COPY"), 1)
+
+    def test_labels_as_copies_after_a_drop_are_not_copied_twice(self):
+        self.serve("move")
+        self.server.add_message(make_message("receipt 1"))
+        self.server.add_message(make_message("receipt 2"))
+        self.server.add_fault("UID COPY", action="drop", when="after")
+        rules = gc.parse_rules({"rule": [{"subject": "receipt", "label": "Receipts"}]}, "r.json")
+        gc.classify_folder(self.connect(), rules, "INBOX", apply=True)
+        self.assertEqual(self.server.fired, [("UID COPY", "drop", "after")])
+        self.assertEqual(self.subjects("Receipts"), ["receipt 1", "receipt 2"])
+        self.assertEqual(self.subjects("INBOX"), ["receipt 1", "receipt 2"])
+
+    def test_rerun_skips_originals_the_destination_already_holds(self):
+        # An earlier run copied and marked the message, then stopped before UID EXPUNGE.
+        self.serve("uidplus")
+        when = datetime(2024, 3, 4, 10, 0, tzinfo=timezone.utc)
+        raw = make_message("receipt 1")
+        self.server.add_message(raw, flags=("\\Deleted",), date=when)
+        self.server.add_message(raw, flags=("\\Deleted",), date=when, folder="Archive")
+        self.server.add_message(make_message("receipt 2"))
+        conn = self.connect()
+        conn.select("INBOX")
+        result = conn.move([1, 2], "Archive")
+        self.assertEqual(self.subjects("Archive"), ["receipt 1", "receipt 2"])
+        self.assertEqual(self.server.uids("INBOX"), [])
+        self.assertEqual(result.moved[1], 1)
+        self.assertIn(b"UID COPY 2 Archive", b"".join(self.lines("UID COPY")))
+        self.assertEqual(self.server.count("UID COPY"), 1)
+
+
+class NamespaceTest(AnyServerTest):
+    def test_rule_names_map_to_the_prefix_and_delimiter(self):
+        self.serve("inbox-prefix")
+        self.server.add_message(make_message("receipt 1"))
+        self.server.add_message(make_message("done 1"))
+        rules = gc.parse_rules({"rule": [
+            {"subject": "receipt", "move": "Receipts/2024"},
+            {"subject": "done", "move": "INBOX.Done"}]}, "r.json")
+        conn = self.connect()
+        dry = gc.classify_folder(conn, rules, "INBOX")
+        self.assertEqual(dry.created, ["INBOX.Receipts.2024", "INBOX.Done"])
+        gc.classify_folder(conn, rules, "INBOX", apply=True)
+        creates = b"".join(self.lines("CREATE"))
+        self.assertIn(b"CREATE INBOX.Receipts.2024\r\n", creates)
+        self.assertIn(b"CREATE INBOX.Done\r\n", creates)
+        self.assertNotIn(b"INBOX.INBOX", creates)
+        self.assertEqual(self.subjects("INBOX.Receipts.2024"), ["receipt 1"])
+        self.assertEqual(self.subjects("INBOX.Done"), ["done 1"])
+        report = gc.classify_folder(conn, rules, "Receipts/2024")     # a source folder too
+        self.assertEqual(report.examined, 1)
+        self.assertIn(b"EXAMINE INBOX.Receipts.2024\r\n", b"".join(self.lines("EXAMINE")))
+
+    def test_refused_create_names_the_folder_and_the_answer(self):
+        self.serve("inbox-prefix")
+        conn = self.connect()
+        with self.assertRaises(gc.ImapError) as ctx:
+            conn.create_folder("Outside")
+        self.assertIn("'Outside'", str(ctx.exception))
+        self.assertIn("Invalid mailbox name", str(ctx.exception))
+
+    def test_without_namespace_the_delimiter_comes_from_list(self):
+        self.serve("move", delimiter=".")
+        self.server.add_message(make_message("receipt 1"))
+        conn = self.connect()
+        self.assertEqual(conn.namespace(), ("", "."))
+        self.assertEqual(conn.server_name("A/B"), "A.B")
+
+
+class SpecialUseFallbackTest(AnyServerTest):
+    rules_doc = {"rule": [{"name": "Spam", "from": "@spam.example", "trash": True},
+                          {"name": "Bank", "from": "@mybank.example", "star": True},
+                          {"name": "Receipts", "subject": "receipt", "archive": True}]}
+
+    def test_trash_and_archive_found_by_name_and_the_report_says_which(self):
+        self.serve("no-special-use")
+        self.seed()
+        code, out, err = self.cli("--apply")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("note: trash goes to 'Deleted Items'", out)
+        self.assertIn("note: archive goes to 'Archives'", out)
+        self.assertEqual(self.subjects("Deleted Items"), ["Win!"])
+        self.assertEqual(self.subjects("Archives"), ["Your receipt #1"])
+
+    def test_names_match_case_insensitively_under_the_prefix(self):
+        self.serve("inbox-prefix", special_use=False,
+                   folders=(("INBOX", ""), ("deleted messages", ""), ("ARCHIVE", "")))
+        conn = self.connect()
+        self.assertEqual(conn.special_folder("\\Trash").name, "INBOX.deleted messages")
+        self.assertEqual(conn.special_folder("\\Archive").name, "INBOX.ARCHIVE")
+        self.assertIsNone(conn.special_folder("\\Junk"))
+
+    def test_no_trash_folder_refuses_before_any_change_and_the_dry_run_alike(self):
+        self.serve("move", special_use=False, folders=(("INBOX", ""), ("Sent", "")))
+        self.seed()
+        results = [self.cli("--apply"), self.cli()]
+        for code, _, err in results:
+            self.assertEqual(code, gc.EXIT_SERVER)
+            self.assertIn("no folder marked \\Trash", err)
+            self.assertIn("nothing was changed", err)
+        self.assertEqual(results[0][2], results[1][2])
+        self.assertEqual(self.writes(), set())
+
+
+class WireNamesTest(AnyServerTest):
+    def test_raw_utf8_names_go_back_as_listed(self):
+        self.serve("move", quirks=["raw-utf8-names"])
+        self.server.add_message(make_message("old"), folder="Entwürfe")
+        self.server.add_message(make_message("receipt 1"))
+        rules = gc.parse_rules({"rule": [{"subject": "receipt", "move": "Entwürfe"}]}, "r.json")
+        report = gc.classify_folder(self.connect(), rules, "INBOX", apply=True)
+        self.assertEqual(report.created, [])
+        self.assertEqual(self.subjects("Entwürfe"), ["old", "receipt 1"])
+        self.assertNotIn("Entw&APw-rfe", self.server.folder_names())
+        self.assertIn("Entwürfe".encode(), b"".join(self.lines("UID MOVE")))
+
+    def test_invalid_utf8_name_is_neither_renamed_nor_a_crash(self):
+        self.serve("move", quirks=["raw-utf8-names"])
+        self.server.add_message(make_message("café"), folder="Caf\udce9")
+        conn = self.connect()
+        names = [f.name for f in conn.list_folders()]
+        self.assertIn("Caf\ufffd", names)
+        status = conn.examine("Caf\ufffd")
+        self.assertEqual(status.exists, 1)
+        self.assertIn(b"Caf\xe9", b"".join(self.lines("EXAMINE")))
+        code, out, err = run_cli("labels", "--user", USER, "--host", "127.0.0.1", "--port",
+                                 str(self.server.port), "--plaintext",
+                                 env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("Caf\ufffd", out)
+
+
+class ParserFaultsTest(AnyServerTest):
+    def test_all_digit_atoms_stay_text_where_the_grammar_says_astring(self):
+        parsed = gc.parse_response(b'LIST (\\HasNoChildren) "/" 0123')
+        self.assertEqual(str(parsed[3]), "0123")
+        exists = gc.parse_response(b"0012 EXISTS")[0]
+        self.assertEqual((exists, exists + 1), (12, 13))
+        self.assertEqual(gc.parse_status_text(b"[UIDNEXT 0042] x")[1][0] + 0, 42)
+        self.serve("gmail")
+        self.server.add_message(make_message("x"), labels=("\\Inbox", "007"), flags=("0123",))
+        conn = self.connect()
+        conn.select("INBOX")
+        values = conn.fetch([1], ["FLAGS", "X-GM-LABELS"])[1]
+        self.assertIn("0123", values["FLAGS"])
+        self.assertIn("007", values["X-GM-LABELS"])
+        rules = gc.parse_rules({"rule": [{"has_label": "007", "star": True}]}, "r.json")
+        report = gc.classify_folder(conn, rules, "INBOX")
+        self.assertEqual(report.changes, {"star": 1})
+
+
+class MutationGapsTest(AnyServerTest):
+    def test_copy_delete_move_removes_the_originals(self):
+        self.serve("uidplus")
+        for index in range(3):
+            self.server.add_message(make_message(f"m{index}"))
+        conn = self.connect()
+        conn.select("INBOX")
+        conn.move([1, 2], "Archive")
+        self.assertEqual(self.subjects("INBOX"), ["m2"])
+        self.assertIn(b"UID EXPUNGE 1:2\r\n", b"".join(self.lines("UID EXPUNGE")))
+
+    def test_uids_already_gone_are_reported_missing(self):
+        for kind in ("move", "uidplus", "gmail"):
+            with self.subTest(kind=kind):
+                self.serve(kind)
+                self.server.add_message(make_message("m"))
+                conn = self.connect()
+                conn.select("INBOX")
+                target = "[Gmail]/Trash" if kind == "gmail" else "Archive"
+                result = conn.move([1, 99], target)
+                self.assertEqual(result.missing, (99,))
+                self.assertEqual(sorted(result.moved), [1])
+
+    def test_dry_run_reopens_with_examine_after_a_reconnect(self):
+        self.serve("gmail")
+        self.server.add_message(make_message("receipt"))
+        self.server.add_fault("UID FETCH", action="drop")
+        rules = gc.parse_rules({"rule": [{"subject": "receipt", "label": "R"}]}, "r.json")
+        report = gc.classify_folder(self.connect(), rules, "INBOX")
+        self.assertEqual(report.changes, {"label R": 1})
+        self.assertEqual(self.commands().count("EXAMINE"), 2)
+        self.assertNotIn("SELECT", self.commands())
+
+    def test_labels_as_copies_are_not_copied_again(self):
+        self.serve("move")
+        self.server.add_message(make_message("receipt 1"))
+        rules = gc.parse_rules({"rule": [{"subject": "receipt", "label": "Receipts"}]}, "r.json")
+        conn = self.connect()
+        gc.classify_folder(conn, rules, "INBOX", apply=True)
+        gc.classify_folder(conn, rules, "INBOX", apply=True)
+        self.assertEqual(self.server.count("UID COPY"), 1)
+        self.assertEqual(self.subjects("Receipts"), ["receipt 1"])
+
+    def test_archive_is_planned_only_for_messages_in_the_inbox(self):
+        rules = gc.parse_rules({"rule": [{"subject": "receipt", "archive": True}]}, "r.json")
+        self.serve("gmail")
+        self.server.add_message(make_message("receipt 1"), labels=("Receipts",))
+        report = gc.classify_folder(self.connect(), rules, "Receipts", apply=True)
+        self.assertEqual(report.changes, {})
+        self.assertNotIn("UID STORE", self.commands())
+        self.serve("move")
+        self.server.add_message(make_message("receipt 2"), folder="Lists")
+        report = gc.classify_folder(self.connect(), rules, "Lists", apply=True)
+        self.assertEqual(report.changes, {})
+        self.assertEqual(self.subjects("Lists"), ["receipt 2"])
+        self.assertEqual(self.subjects("Archive"), [])
+
+    def test_uidvalidity_change_while_collecting_a_label_folder_stops_before_copying(self):
+        self.serve("move")
+        self.server.add_message(make_message("receipt 1"))
+        self.server.add_message(make_message("old"), folder="Receipts")
+        self.server.add_fault("EXAMINE", action="call",
+                              callback=lambda: self.server.bump_uidvalidity("INBOX"))
+        rules = gc.parse_rules({"rule": [{"subject": "receipt", "label": "Receipts"}]}, "r.json")
+        with self.assertRaises(gc.UidValidityError):
+            gc.classify_folder(self.connect(), rules, "INBOX", apply=True)
+        self.assertNotIn("UID COPY", self.commands())
+        self.assertEqual(gc._exit_code(gc.UidValidityError("x")), gc.EXIT_INCOMPLETE)
 
 
 if __name__ == "__main__":

@@ -26,16 +26,19 @@ import mailbox
 import os
 import re
 import select
+import shlex
 import shutil
 import socket
 import socketserver
 import ssl
 import struct
+import subprocess
 import tempfile
 import threading
 import time
 import traceback
 import unittest
+import uuid
 from unittest import mock
 import datetime as _dtm
 from datetime import date, datetime, timedelta, timezone
@@ -6190,6 +6193,228 @@ class MutationGapsTest(AnyServerTest):
             gc.classify_folder(self.connect(), rules, "INBOX", apply=True)
         self.assertNotIn("UID COPY", self.commands())
         self.assertEqual(gc._exit_code(gc.UidValidityError("x")), gc.EXIT_INCOMPLETE)
+
+
+# --- Live tests against a real server (opt-in) -------------------------------------------
+#
+# The fake server is only as faithful as what we know, so the end-to-end behaviour can also
+# be run against a real account.  Meant for a DEDICATED TEST ACCOUNT: the tests append,
+# flag, copy, move and trash messages, but only in scratch folders (and labels) with a
+# unique name, and clean up by the UIDs of the messages they created.  Opt in with:
+#
+#   GMAIL_CLASSIFY_LIVE=1  GMAIL_CLASSIFY_LIVE_HOST=imap.gmail.com
+#   GMAIL_CLASSIFY_LIVE_USER=test@gmail.com
+#   GMAIL_CLASSIFY_LIVE_PASSWORD_COMMAND="pass show test-app-password"   (or _PASSWORD_FILE,
+#       a file only you can read, or _PASSWORD; never a prompt)
+#   optional: GMAIL_CLASSIFY_LIVE_PORT, GMAIL_CLASSIFY_LIVE_SECURITY (tls, starttls, or
+#       plaintext to a loopback host), GMAIL_CLASSIFY_LIVE_CAFILE
+#
+# then run: python -m unittest -v test_gmail_classify.LiveServerTest
+
+LIVE_PREFIX = "GMAIL_CLASSIFY_LIVE"
+
+
+def _live_settings() -> Dict[str, Any]:
+    """Connection settings from the environment; raises unittest.SkipTest saying why not."""
+    env = os.environ
+    if env.get(LIVE_PREFIX) != "1":
+        raise unittest.SkipTest(f"live tests are opt-in: set {LIVE_PREFIX}=1 with "
+                                f"{LIVE_PREFIX}_HOST, _USER and a password source, for a "
+                                f"dedicated test account (see the README)")
+    host, user = env.get(LIVE_PREFIX + "_HOST"), env.get(LIVE_PREFIX + "_USER")
+    if not host or not user:
+        raise unittest.SkipTest(f"{LIVE_PREFIX}=1 but {LIVE_PREFIX}_HOST or _USER is not set")
+    command = env.get(LIVE_PREFIX + "_PASSWORD_COMMAND")
+    path = env.get(LIVE_PREFIX + "_PASSWORD_FILE")
+    if command:
+        result = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=60)
+        password = result.stdout.splitlines()[0] if result.stdout.strip() else ""
+    elif path:
+        with open(path, encoding="utf-8") as handle:
+            password = handle.readline().rstrip("\r\n")
+    else:
+        password = env.get(LIVE_PREFIX + "_PASSWORD", "")
+    if not password:
+        raise unittest.SkipTest(f"no password: set {LIVE_PREFIX}_PASSWORD_COMMAND, "
+                                f"_PASSWORD_FILE or _PASSWORD (the tests never prompt)")
+    security = env.get(LIVE_PREFIX + "_SECURITY", "tls")
+    port = env.get(LIVE_PREFIX + "_PORT")
+    return dict(user=user, host=host, password=password, security=security,
+                port=int(port) if port else None, cafile=env.get(LIVE_PREFIX + "_CAFILE"))
+
+
+class LiveServerTest(unittest.TestCase):
+    """End-to-end against a real server, in scratch folders; skipped unless opted in."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.settings = _live_settings()
+
+    def setUp(self):
+        self.token = "gct-" + uuid.uuid4().hex[:10]
+        self.conn = gc.GmailConnection(self.settings["user"], password=self.settings["password"],
+                                       host=self.settings["host"], port=self.settings["port"],
+                                       security=self.settings["security"],
+                                       cafile=self.settings["cafile"], timeout=30, keepalive=None)
+        self.conn.connect()
+        self.addCleanup(self.conn.close)
+        self.scratch = self.conn.server_name(f"gmail_classify-test-{self.token}")
+        self.created: List[str] = []
+        self.addCleanup(self.clean_up)
+        self.make_folder(self.scratch)
+
+    # -- helpers (a second, plain imaplib client: independent of the code under test) --
+
+    def side_client(self) -> imaplib.IMAP4:
+        s = self.settings
+        context = ssl.create_default_context(cafile=s["cafile"]) if s["cafile"] else \
+            ssl.create_default_context()
+        if s["security"] == "tls":
+            client = imaplib.IMAP4_SSL(s["host"], s["port"] or 993, ssl_context=context)
+        else:
+            client = imaplib.IMAP4(s["host"], s["port"] or 143)
+            if s["security"] == "starttls":
+                client.starttls(context)
+        client.login(s["user"], s["password"])
+        return client
+
+    def make_folder(self, name: str) -> str:
+        self.conn.create_folder(name)
+        self.created.append(name)
+        return name
+
+    def append(self, subject: str, sender: str = "Alice <alice@example.com>",
+               folder: Optional[str] = None) -> None:
+        raw = make_message(subject, sender=sender, extra=f"X-Gmail-Classify-Test: {self.token}\n")
+        client = self.side_client()
+        try:
+            # Scratch names are atoms (ASCII, no spaces), so any imaplib version sends them as is.
+            typ, data = client.append(folder or self.scratch, None, None, raw)
+            self.assertEqual(typ, "OK", data)
+        finally:
+            client.logout()
+
+    def ours(self) -> List[str]:
+        return ["HEADER", "X-Gmail-Classify-Test", self.token]
+
+    def clean_up(self) -> None:
+        """Delete exactly the messages this test created (found by its unique header),
+        wherever they went, then the scratch folders."""
+        conn = self.conn
+        conn.list_folders(refresh=True)
+        trash = conn.special_folder("\\Trash")
+        places = list(reversed(self.created))
+        if conn.is_gmail:
+            places = [conn.special_folder("\\All").name]
+        for folder in places + ([trash.name] if trash else []):
+            try:
+                conn.select(folder)
+                uids = conn.search(self.ours())
+                if not uids:
+                    continue
+                if conn.is_gmail and folder != (trash.name if trash else None):
+                    conn.move(uids, trash.name)       # Gmail: delete = move to Trash first
+                    continue
+                conn.add_flags(uids, ["\\Deleted"])
+                if conn.has("UIDPLUS"):
+                    conn.uid_expunge(uids)
+                elif set(conn.search(["DELETED"])) == set(uids):
+                    conn._call("EXPUNGE")        # only ours are marked: exactly them go
+            except gc.ImapError:
+                continue
+        for folder in sorted(self.created, key=len, reverse=True):
+            try:
+                conn._call("DELETE", conn._mailbox(folder))
+            except gc.ImapError:
+                pass
+
+    # -- the tests --
+
+    def test_sign_in_capabilities_and_namespace(self):
+        self.assertIn("IMAP4REV1", self.conn.capabilities)
+        prefix, delimiter = self.conn.namespace()
+        self.assertTrue(delimiter)
+        self.assertTrue(self.scratch.startswith(prefix))
+
+    def test_create_and_list_non_ascii_names(self):
+        name = self.make_folder(self.conn.server_name(f"gmail_classify-test-{self.token}/Entwürfe 日本"))
+        names = {f.name for f in self.conn.list_folders(refresh=True)}
+        self.assertIn(name, names)
+        self.assertIn("Entwürfe 日本", name)
+
+    def test_append_search_fetch_flags_copy_move_and_trash(self):
+        for subject in ("live one", "live two", "live three"):
+            self.append(subject)
+        conn = self.conn
+        conn.select(self.scratch)
+        uids = conn.search(self.ours())
+        self.assertEqual(len(uids), 3)
+        item = "BODY.PEEK[HEADER.FIELDS (SUBJECT)]"
+        fetched = conn.fetch(uids, ["FLAGS", item, "RFC822.SIZE"])
+        self.assertEqual(sorted(parse_headers(v[item])["Subject"] for v in fetched.values()),
+                         ["live one", "live three", "live two"])
+        self.assertTrue(all("\\Seen" not in v["FLAGS"] for v in fetched.values()))
+        conn.add_flags(uids[:1], ["\\Flagged"])
+        self.assertIn("\\Flagged", conn.fetch(uids[:1], ["FLAGS"])[uids[0]]["FLAGS"])
+        conn.remove_flags(uids[:1], ["\\Flagged"])
+        self.assertNotIn("\\Flagged", conn.fetch(uids[:1], ["FLAGS"])[uids[0]]["FLAGS"])
+        other = self.make_folder(conn.server_name(f"gmail_classify-test-{self.token}-copies"))
+        if conn.is_gmail:
+            conn.add_labels(uids[:1], [other])
+        else:
+            conn.copy(uids[:1], other)
+        allow = not conn.can_move()
+        if allow:   # neither MOVE nor UIDPLUS: refused unless allowed (safe in a scratch folder)
+            with self.assertRaises(gc.CapabilityError):
+                conn.move(uids[1:2], other)
+        moved = conn.move(uids[1:2], other, allow_expunge=allow)
+        self.assertEqual(list(moved.moved), uids[1:2])
+        trash = conn.special_folder("\\Trash")
+        self.assertIsNotNone(trash)
+        conn.move(uids[2:], trash.name, allow_expunge=allow)
+        self.assertEqual(conn.search(self.ours()), uids[:1])
+        conn.examine(other)
+        self.assertEqual(len(conn.search(self.ours())), 2)
+
+    def test_idle_wakes_up_on_new_mail(self):
+        if not self.conn.has("IDLE"):
+            self.skipTest("the server has no IDLE")
+        self.conn.select(self.scratch)
+        worker = threading.Thread(target=lambda: (wait_until(lambda: self.conn._idling, timeout=20),
+                                                  self.append("live idle")), daemon=True)
+        worker.start()
+        events = self.conn.idle(timeout=60)
+        worker.join(30)
+        self.assertTrue(any(len(e) >= 2 and str(e[1]).upper() == "EXISTS" for e in events), events)
+
+    def test_classify_run_with_apply(self):
+        self.append("live receipt 1")
+        self.append("live receipt 2")
+        self.append("live hello", sender="Bob <bob@example.com>")
+        target = f"gmail_classify-test-{self.token}/Receipts"
+        self.created.append(self.conn.server_name(target))
+        rules = gc.parse_rules({"rule": [
+            {"name": "Receipts", "subject": "live receipt", "move": target, "star": True}]},
+            "live.json")
+        allow = not self.conn.can_move()
+        if allow:
+            for apply in (False, True):     # the dry run refuses just as --apply does
+                with self.assertRaises(gc.CapabilityError):
+                    gc.classify_folder(self.conn, rules, self.scratch, apply=apply)
+        dry = gc.classify_folder(self.conn, rules, self.scratch, allow_expunge=allow)
+        self.assertEqual(dry.changes, {"star": 2, f"move to {target}": 2})
+        report = gc.classify_folder(self.conn, rules, self.scratch, apply=True,
+                                    allow_expunge=allow)
+        self.assertEqual(report.skipped, {})
+        self.assertEqual(report.created, [self.conn.server_name(target)])
+        self.conn.examine(self.conn.server_name(target))
+        moved = self.conn.search(self.ours())
+        self.assertEqual(len(moved), 2)
+        flags = self.conn.fetch(moved, ["FLAGS"])
+        self.assertTrue(all("\\Flagged" in v["FLAGS"] for v in flags.values()))
+        again = gc.classify_folder(self.conn, rules, self.scratch, apply=True,
+                                   allow_expunge=allow)
+        self.assertEqual(again.changes, {})
 
 
 if __name__ == "__main__":

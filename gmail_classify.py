@@ -41,7 +41,7 @@ __all__ = [
     "Actions", "Rule", "Decision", "Needs", "Ruleset", "parse_rules", "load_rules",
     "builtin_rules", "STARTER_RULES_TOML", "STARTER_RULES_JSON",
     # pipeline and command line
-    "classify_folder", "Outcome", "FolderReport", "main",
+    "classify_folder", "check_run", "Outcome", "FolderReport", "main",
 ]
 
 __version__ = "0.1.0"
@@ -3802,6 +3802,26 @@ def _settle(conn: GmailConnection, rules: Ruleset, allow_expunge: bool) -> _Dest
     return _Destinations(found.get("trash"), found.get("archive"), plain, tuple(notes))
 
 
+def check_run(conn: GmailConnection, rules: Ruleset, folders: Sequence[str], *,
+              allow_expunge: bool = False) -> None:
+    """Before a run over several folders changes anything: what classify_folder checks
+    for each folder before its first change (a way to move, trash and archive folders,
+    and, where moves need a plain EXPUNGE, no other message marked \\Deleted), checked
+    for all of them.  Folders that cannot be opened are left for classify_folder to report.
+    Raises CapabilityError."""
+    destinations = _settle(conn, rules, allow_expunge)
+    if not destinations.plain_expunge:
+        return
+    for folder in folders:
+        try:
+            conn.examine(conn.server_name(folder))
+        except ImapError as exc:
+            if exc.status in ("NO", "BAD"):
+                continue
+            raise
+        _check_plain_expunge(conn, conn.server_name(folder))
+
+
 def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX", *,
                     apply: bool = False, since: Optional[_dt.date] = None,
                     limit: Optional[int] = None, batch_size: int = DEFAULT_BATCH,
@@ -3899,7 +3919,8 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     for uid, why in sorted(report.skipped.items()):
         log.info("%s: skipped UID %d: %s; it was left as it is", folder, uid, why)
     report.changes = plan.changes()
-    _check_plain_expunge(conn, plan, destinations, source)
+    if destinations.plain_expunge and (plan.move or plan.trash or plan.archive):
+        _check_plain_expunge(conn, source)
     if apply:
         _apply_plan(conn, plan, report, destinations, allow_expunge)
     else:
@@ -3948,12 +3969,9 @@ def _special_destination(conn: GmailConnection, use: str, action: str) -> Folder
     return folder
 
 
-def _check_plain_expunge(conn: GmailConnection, plan: _Plan, destinations: _Destinations,
-                         source: str) -> None:
-    """Before the first change (and in a dry run): where moves need a plain EXPUNGE, refuse
-    if another message in the folder is already marked \\Deleted, as EXPUNGE would take it."""
-    if not destinations.plain_expunge or not (plan.move or plan.trash or plan.archive):
-        return
+def _check_plain_expunge(conn: GmailConnection, source: str) -> None:
+    """Before the first change (and in a dry run) where moves need a plain EXPUNGE: refuse
+    if a message in the open folder is already marked \\Deleted, as EXPUNGE would take it."""
     marked = conn.search(["DELETED"])
     if marked:
         raise CapabilityError(
@@ -4278,6 +4296,7 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
 
     unavailable: List[str] = []
     with GmailConnection(**settings) as conn:
+        check_run(conn, rules, folders, allow_expunge=args.allow_expunge)
         for folder in folders:
             try:
                 reports.append(classify_folder(conn, rules, folder, apply=args.apply,

@@ -850,6 +850,7 @@ FAKE_QUIRKS = {
     "omit-header": "leave a requested HEADER.FIELDS section out of the FETCH answer",
     "omit-flags": "leave FLAGS out of the FETCH answer",
     "omit-body": "leave a requested BODY[]<...> partial out of the FETCH answer",
+    "omit-labels": "leave X-GM-LABELS out of the FETCH answer (Gmail)",
     "status-other-first": "send an untagged STATUS for another folder before the asked one's",
     "raw-utf8-names": "list folder names as raw UTF-8 and take names literally (no modified UTF-7)",
 }
@@ -1760,7 +1761,8 @@ class _Session(socketserver.BaseRequestHandler):
                 elif item == "X-GM-THRID":
                     parts.append(b"X-GM-THRID %d" % msg.thrid)
                 elif item == "X-GM-LABELS":
-                    parts.append(b"X-GM-LABELS " + _labels_bytes(fake._labels_of(msg)))
+                    if "omit-labels" not in quirky:
+                        parts.append(b"X-GM-LABELS " + _labels_bytes(fake._labels_of(msg)))
                 else:
                     m = _FETCH_SECTION.fullmatch(item)
                     nums, kind, fields, echo = _parse_section(m.group(2))
@@ -5846,6 +5848,16 @@ class ServerKindsTest(AnyServerTest):
         self.assertNotIn("UID COPY", self.commands())
         self.assertNotIn("EXPUNGE", self.commands())
 
+    def test_a_marked_message_in_any_folder_of_the_run_refuses_before_the_first_change(self):
+        self.serve("neither")
+        self.seed()
+        self.server.add_message(make_message("digest 2"), folder="Lists", flags=("\\Deleted",))
+        code, _, err = self.cli("--allow-expunge", "--apply", "--folder", "INBOX", "--folder", "Lists")
+        self.assertEqual(code, gc.EXIT_SERVER)
+        self.assertIn("refusing to move messages out of Lists", err)
+        self.assertEqual(self.writes(), set())
+        self.assertNotIn("SELECT", self.commands())
+
     def test_kind_table_builds_what_it_says(self):
         caps = {}
         for kind in SERVER_KINDS:
@@ -5890,20 +5902,21 @@ class FailClosedTest(AnyServerTest):
                 self.assertEqual(self.subjects("INBOX"), ["hi"])
 
     def test_incomplete_answers_skip_the_message_name_it_and_exit_6(self):
-        for kind in ("gmail", "move"):
-            for quirk in ("nil-header", "omit-header", "omit-flags"):
-                with self.subTest(kind=kind, quirk=quirk):
-                    self.serve(kind, quirks=[quirk])
-                    self.server.add_message(make_message("hi", sender="friend@example.com"))
-                    self.server.add_message(make_message("buy", sender="shop@example.com"))
-                    code, out, err = self.cli("--apply")
-                    self.assertEqual(code, gc.EXIT_INCOMPLETE)
-                    self.assertIn("INBOX UID 1 skipped", err)
-                    self.assertIn("INBOX UID 2 skipped", err)
-                    self.assertIn("2 message(s) skipped", err)
-                    self.assertIn("skipped 2 messages", out)
-                    self.assertEqual(self.subjects("INBOX"), ["buy", "hi"])
-                    self.assertFalse({"UID MOVE", "UID STORE", "UID COPY"} & set(self.commands()))
+        cases = [(kind, quirk) for kind in ("gmail", "move")
+                 for quirk in ("nil-header", "omit-header", "omit-flags")] + [("gmail", "omit-labels")]
+        for kind, quirk in cases:
+            with self.subTest(kind=kind, quirk=quirk):
+                self.serve(kind, quirks=[quirk])
+                self.server.add_message(make_message("hi", sender="friend@example.com"))
+                self.server.add_message(make_message("buy", sender="shop@example.com"))
+                code, out, err = self.cli("--apply")
+                self.assertEqual(code, gc.EXIT_INCOMPLETE)
+                self.assertIn("INBOX UID 1 skipped", err)
+                self.assertIn("INBOX UID 2 skipped", err)
+                self.assertIn("2 message(s) skipped", err)
+                self.assertIn("skipped 2 messages", out)
+                self.assertEqual(self.subjects("INBOX"), ["buy", "hi"])
+                self.assertFalse({"UID MOVE", "UID STORE", "UID COPY"} & set(self.commands()))
 
     def test_only_the_incomplete_message_is_skipped(self):
         self.serve("move", quirks=["omit-flags"])

@@ -51,6 +51,7 @@ import argparse
 import base64
 import binascii
 import calendar
+import contextlib
 import dataclasses
 import datetime as _dt
 import difflib
@@ -1380,7 +1381,7 @@ class GmailConnection:
             return mapped
         if prefix.upper().startswith("INBOX") and mapped.upper().startswith(prefix.upper()):
             return mapped      # INBOX is case-insensitive, so is a prefix that starts with it
-        if any(f.name == name for f in self._folders or ()):
+        if any(f.name == name for f in self.list_folders()):
             return name        # a folder listed outside the personal namespace
         return prefix + mapped
 
@@ -1621,11 +1622,12 @@ class GmailConnection:
             raise self.refuse_moves()
         moved: Dict[int, Optional[int]] = {}
         missing: List[int] = []
-        for chunk in chunk_uids(uids):
-            if self.has("MOVE"):
-                self._move_chunk(chunk, destination, moved, missing)
-            else:
-                self._copy_delete_chunk(chunk, destination, moved, missing)
+        with _naming(destination, "move messages to"):
+            for chunk in chunk_uids(uids):
+                if self.has("MOVE"):
+                    self._move_chunk(chunk, destination, moved, missing)
+                else:
+                    self._copy_delete_chunk(chunk, destination, moved, missing)
         return MoveResult(moved, tuple(missing))
 
     def _move_chunk(self, chunk: List[int], destination: str,
@@ -1851,13 +1853,14 @@ class GmailConnection:
         (see _copy_once).
         """
         result: Dict[int, Optional[int]] = {}
-        for chunk in chunk_uids(uids):
-            if not self.is_gmail:
-                result.update(self._copy_once(chunk, destination))
-                continue
-            response = self._call("UID COPY", compress_uids(chunk), self._mailbox(destination))
-            mapping = _copyuid_map(response)
-            result.update({uid: mapping.get(uid) for uid in chunk})
+        with _naming(destination, "copy messages to"):
+            for chunk in chunk_uids(uids):
+                if not self.is_gmail:
+                    result.update(self._copy_once(chunk, destination))
+                    continue
+                response = self._call("UID COPY", compress_uids(chunk), self._mailbox(destination))
+                mapping = _copyuid_map(response)
+                result.update({uid: mapping.get(uid) for uid in chunk})
         return result
 
     # -- IDLE ------------------------------------------------------------------------
@@ -1935,6 +1938,19 @@ class GmailConnection:
             raise ImapError(f"the server answered {response.status} to IDLE: {response.text}",
                             command="IDLE", status=response.status, text=response.text)
         return events
+
+
+@contextlib.contextmanager
+def _naming(folder: str, what: str) -> Iterator[None]:
+    """Turn the server's plain NO or BAD into an error that names the folder."""
+    try:
+        yield
+    except ImapError as exc:
+        if type(exc) is not ImapError or exc.status not in ("NO", "BAD"):
+            raise
+        raise ImapError(f"the server refused to {what} {folder!r}: {exc.status} {exc.text}",
+                        command=exc.command, status=exc.status, code=exc.code,
+                        text=exc.text) from exc
 
 
 def _copyuid_map(response: _Response) -> Dict[int, int]:

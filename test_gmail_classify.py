@@ -6048,6 +6048,16 @@ class NamespaceTest(AnyServerTest):
         self.assertIn("'Outside'", str(ctx.exception))
         self.assertIn("Invalid mailbox name", str(ctx.exception))
 
+    def test_refused_move_names_the_folder_and_the_answer(self):
+        self.serve("move")
+        self.server.add_message(make_message("m"))
+        conn = self.connect()
+        conn.select("INBOX")
+        with self.assertRaises(gc.ImapError) as ctx:
+            conn.move([1], "Nowhere")
+        self.assertIn("move messages to 'Nowhere'", str(ctx.exception))
+        self.assertIn("TRYCREATE", str(ctx.exception) + ctx.exception.code)
+
     def test_without_namespace_the_delimiter_comes_from_list(self):
         self.serve("move", delimiter=".")
         self.server.add_message(make_message("receipt 1"))

@@ -6183,6 +6183,19 @@ class NeverDuplicateTest(AnyServerTest):
                 self.assertEqual(self.subjects("Archive"), ["receipt 0", "receipt 1", "receipt 2"])
                 self.assertEqual(self.server.uids("INBOX"), [])
 
+    def test_a_copy_that_keeps_dropping_gives_up_with_the_originals_kept(self):
+        self.serve("uidplus")
+        self.server.add_message(make_message("receipt 0"))
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID COPY", action="drop", count=10)
+        with self.assertRaises(gc.ConnectionLostError) as ctx:
+            conn.move([1], "Archive")
+        self.assertIn("UID COPY to Archive kept failing", str(ctx.exception))
+        self.assertEqual(self.server.count("UID COPY"), 4)     # the first try and 3 retries
+        self.assertEqual(self.subjects("INBOX"), ["receipt 0"])
+        self.assertEqual(self.subjects("Archive"), [])
+
     def test_status_for_another_folder_is_not_taken_for_the_destination(self):
         # The fake's other-folder STATUS always says UIDNEXT 1: taken as the destination's,
         # "UIDNEXT did not move" would wrongly prove the dropped COPY never ran.

@@ -6030,6 +6030,28 @@ class ServerKindsTest(AnyServerTest):
         self.assertLess(check_at, expunge_at)
         self.assertNotIn("UID EXPUNGE", self.commands())
 
+    def test_plain_expunge_after_a_drop_is_checked_again_and_not_repeated_blindly(self):
+        for when, expunges in (("after", 1), ("before", 2)):
+            with self.subTest(when=when):
+                self.serve("neither")
+                for index in range(2):
+                    self.server.add_message(make_message(f"receipt {index}"))
+                conn = self.connect()
+                conn.select("INBOX")
+                self.server.add_fault("EXPUNGE", action="drop", when=when)
+                result = conn.move([1, 2], "Archive", allow_expunge=True)
+                self.assertEqual(sorted(result.moved), [1, 2])
+                self.assertEqual(self.server.uids("INBOX"), [])
+                self.assertEqual(self.subjects("Archive"), ["receipt 0", "receipt 1"])
+                self.assertEqual(self.server.count("EXPUNGE"), expunges)
+        self.server.add_message(make_message("receipt 2"))
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("EXPUNGE", action="drop", count=10)
+        with self.assertRaises(gc.ConnectionLostError) as ctx:
+            conn.move(conn.search(), "Archive", allow_expunge=True)
+        self.assertIn("EXPUNGE kept failing", str(ctx.exception))
+
     def test_allow_expunge_refuses_when_another_message_is_marked_deleted(self):
         self.serve("neither")
         self.seed()

@@ -6155,6 +6155,21 @@ class FailClosedTest(AnyServerTest):
         self.assertEqual(self.subjects("INBOX"), ["buy 2"])
         self.assertEqual(self.subjects("Trash"), ["buy 1", "buy 3"])
 
+    def test_a_message_deleted_before_its_fetch_is_skipped_not_guessed(self):
+        self.serve("move")
+        self.server.add_message(make_message("buy 1", sender="shop@example.com"))
+        gone = self.server.add_message(make_message("buy 2", sender="shop@example.com"))
+
+        def another_client_expunges() -> None:
+            with self.server._cond:
+                self.server._expunge(self.server._folders["INBOX"], [gone])
+
+        self.server.add_fault("UID FETCH", action="call", callback=another_client_expunges)
+        rules = gc.parse_rules(self.rules_doc, "rules.json")
+        report = gc.classify_folder(self.connect(), rules, "INBOX", apply=True)
+        self.assertEqual(report.skipped, {2: "the server sent nothing for it (deleted meanwhile?)"})
+        self.assertEqual(self.subjects("Trash"), ["buy 1"])
+
     def test_missing_body_prefix_skips_the_message(self):
         self.serve("move", quirks=["omit-body"])
         self.server.add_message(make_message("a", body="please unsubscribe\n"))
@@ -6204,6 +6219,10 @@ class NeverDuplicateTest(AnyServerTest):
                 self.assertEqual(self.server.count("UID COPY"), 2)
                 self.assertEqual(self.subjects("Archive"), ["receipt 0", "receipt 1", "receipt 2"])
                 self.assertEqual(self.server.uids("INBOX"), [])
+                # Proven by UIDNEXT alone: the destination was not searched.
+                self.assertNotIn("EXAMINE", self.commands())
+                self.assertEqual(self.lines("STATUS")[-1].split(b" ", 1)[1],
+                                 b"STATUS Archive (UIDNEXT)\r\n")
 
     def test_a_copy_that_keeps_dropping_gives_up_with_the_originals_kept(self):
         self.serve("uidplus")

@@ -2255,8 +2255,9 @@ class FakeGmail:
                  kind: Optional[str] = None, special_use: bool = True, prefix: str = "",
                  delimiter: str = "/", folders: Optional[Sequence[Tuple[str, str]]] = None,
                  quirks: Iterable[str] = ()) -> None:
-        """Options as named; ``kind`` (a key of SERVER_KINDS) sets several at once and the
-        options given beside it override its row; ``quirks`` are keys of FAKE_QUIRKS;
+        """Options as named; ``kind`` (a key of SERVER_KINDS) sets several at once, and
+        options given beside it with a non-default value override its row (``kind="move",
+        delimiter="."``); ``quirks`` are keys of FAKE_QUIRKS;
         ``folders`` replaces the plain-mode folders as (name, special-use) pairs; ``prefix``
         and ``delimiter`` are the personal namespace (plain mode)."""
         if kind is not None:

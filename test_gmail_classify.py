@@ -6291,6 +6291,9 @@ class NamespaceTest(AnyServerTest):
         conn = self.connect()
         dry = gc.classify_folder(conn, rules, "INBOX")
         self.assertEqual(dry.created, ["INBOX.Receipts.2024", "INBOX.Done"])
+        self.assertEqual(self.server.count("LIST"), 1)       # the folder list is kept
+        self.assertEqual([conn.server_name(n) for n in ("inbox", "INBOX", "Inbox.Done")],
+                         ["INBOX", "INBOX", "Inbox.Done"])
         gc.classify_folder(conn, rules, "INBOX", apply=True)
         creates = b"".join(self.lines("CREATE"))
         self.assertIn(b"CREATE INBOX.Receipts.2024\r\n", creates)
@@ -6319,6 +6322,16 @@ class NamespaceTest(AnyServerTest):
             conn.move([1], "Nowhere")
         self.assertIn("move messages to 'Nowhere'", str(ctx.exception))
         self.assertIn("TRYCREATE", str(ctx.exception) + ctx.exception.code)
+
+    def test_a_prefix_that_is_not_inbox(self):
+        self.serve("move", prefix="Mail/")
+        conn = self.connect()
+        self.assertEqual(conn.namespace(), ("Mail/", "/"))
+        self.assertEqual(conn.server_name("Mail/Foo"), "Mail/Foo")
+        self.assertEqual(conn.server_name("Foo/Bar"), "Mail/Foo/Bar")
+        self.assertTrue(conn.create_folder(conn.server_name("Foo")))
+        self.assertIn("Mail/Foo", self.server.folder_names())
+        self.assertEqual(self.server.count("CREATE"), 1)
 
     def test_without_namespace_the_delimiter_comes_from_list(self):
         self.serve("move", delimiter=".")

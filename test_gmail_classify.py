@@ -6225,6 +6225,28 @@ class NeverDuplicateTest(AnyServerTest):
                 self.assertEqual(self.lines("STATUS")[-1].split(b" ", 1)[1],
                                  b"STATUS Archive (UIDNEXT)\r\n")
 
+    def test_a_partly_done_copy_copies_only_the_rest(self):
+        self.serve("uidplus")
+        for index in range(3):
+            self.server.add_message(make_message(f"receipt {index}"))
+        first = self.server.messages("INBOX")[0].msgid
+
+        def server_copied_the_first_only() -> None:
+            with self.server._cond:
+                folders = self.server._folders
+                self.server._copy_messages(folders["INBOX"], folders["Archive"],
+                                           [self.server._msgs[first]], move=False)
+
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID COPY", action="drop")          # the answer never comes
+        self.server.add_fault("STATUS", nth=2, action="call", callback=server_copied_the_first_only)
+        result = conn.move([1, 2, 3], "Archive")
+        self.assertEqual(self.subjects("Archive"), ["receipt 0", "receipt 1", "receipt 2"])
+        self.assertEqual(self.server.uids("INBOX"), [])
+        self.assertEqual(self.lines("UID COPY")[-1].split(b" ", 1)[1], b"UID COPY 2:3 Archive\r\n")
+        self.assertEqual(result.moved[1], 1)
+
     def test_a_copy_that_keeps_dropping_gives_up_with_the_originals_kept(self):
         self.serve("uidplus")
         self.server.add_message(make_message("receipt 0"))

@@ -6452,7 +6452,8 @@ class MutationGapsTest(AnyServerTest):
             self.server.add_message(make_message(f"m{index}"))
         conn = self.connect()
         conn.select("INBOX")
-        conn.move([1, 2], "Archive")
+        result = conn.move([1, 2], "Archive")
+        self.assertEqual(result.moved, {1: 1, 2: 2})          # from COPYUID
         self.assertEqual(self.subjects("INBOX"), ["m2"])
         self.assertIn(b"UID EXPUNGE 1:2\r\n", b"".join(self.lines("UID EXPUNGE")))
 

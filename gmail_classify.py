@@ -8,15 +8,16 @@ One file, standard library only, CPython 3.9 or newer. Copy it anywhere and run:
 
 or import it from your own scripts::
 
-    from gmail_classify import GmailConnection
-    with GmailConnection("you@gmail.com", password="abcd efgh ijkl mnop") as conn:
-        conn.select("INBOX")
-        uids = conn.search(["UNSEEN"])
-        conn.add_labels(uids, ["Unread at 9am"])
+    from gmail_classify import GmailConnection, builtin_rules, classify_folder
+    with GmailConnection("you@gmail.com", password=os.environ["GMAIL_APP_PASSWORD"]) as conn:
+        report = classify_folder(conn, builtin_rules(), "INBOX")   # a dry run: read-only
+        print(report.changes)          # {'label Receipts': 12, 'label Newsletters': 40}
 
 The layers, each using only those above it (``grep -n '^# ---'`` prints this outline):
 errors; the IMAP wire format (quoting, modified UTF-7, UID sets, the response parser);
-the connection; messages; the rule engine; the classify pipeline; the command line.
+the connection; messages; the rule engine; rules files (with a small TOML reader, so
+TOML works without tomllib, and a writer); the classify pipeline; a demo mailbox; state
+and audit log; importers and suggestions (Gmail filters, suggested rules); the command line.
 
 Safety: dry run unless asked to apply; ``BODY.PEEK`` so classifying never marks mail read;
 never a bare ``EXPUNGE``; TLS certificates and host names always verified; passwords and
@@ -28,7 +29,8 @@ from __future__ import annotations
 __all__ = [
     # errors
     "GmailClassifyError", "ImapError", "ProtocolError", "AuthenticationError",
-    "CapabilityError", "UidValidityError", "FolderUnavailableError", "TLSError", "ConnectionLostError", "RulesError",
+    "CapabilityError", "UidValidityError", "FolderUnavailableError", "TLSError",
+    "ConnectionLostError", "RulesError", "CredentialError", "printable",
     # wire format
     "encode_mailbox", "decode_mailbox", "quote", "astring", "compress_uids",
     "parse_uid_set", "chunk_uids", "imap_date", "parse_response", "Literal",
@@ -40,8 +42,20 @@ __all__ = [
     # rule engine
     "Actions", "Rule", "Decision", "Needs", "Ruleset", "parse_rules", "load_rules",
     "builtin_rules", "STARTER_RULES_TOML", "STARTER_RULES_JSON", "parse_toml", "TOMLError",
-    # pipeline and command line
-    "classify_folder", "check_run", "Outcome", "FolderReport", "main",
+    "RuleTest", "run_rule_tests", "format_rules", "write_rules_file",
+    "TEMPLATE_FIELDS", "split_template", "expand_template", "clean_component",
+    # pipeline
+    "classify_folder", "check_run", "classify_messages", "demo_messages", "Outcome",
+    "FolderReport",
+    "Checkpoint", "RunStopped", "describe_change", "FolderLimitError", "DEFAULT_MAX_NEW_FOLDERS",
+    # state and audit log
+    "StateStore", "FolderState", "AccountLock", "AuditLog", "Run", "Undo", "history",
+    "StateError", "LockedError", "BudgetExceededError", "account_key", "rules_hash",
+    "default_state_dir",
+    # importers and suggestions
+    "import_gmail_filters", "ImportedFilters", "suggest_rules", "Suggestions",
+    # command line
+    "main",
 ]
 
 __version__ = "0.1.0"
@@ -62,6 +76,7 @@ import email.parser
 import email.policy
 import email.utils
 import getpass
+import hashlib
 import html.parser
 import imaplib
 import ipaddress
@@ -83,11 +98,22 @@ import sys
 import threading
 import time
 import unicodedata
+import xml.etree.ElementTree
+import xml.parsers.expat
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional,
                     Sequence, TextIO, Tuple, Union)
+
+try:
+    import fcntl
+except ImportError:  # Windows: the account lock uses msvcrt instead
+    fcntl = None  # type: ignore[assignment]
+try:
+    import msvcrt
+except ImportError:  # everywhere but Windows
+    msvcrt = None  # type: ignore[assignment]
 
 log = logging.getLogger("gmail_classify")
 log.addHandler(logging.NullHandler())   # the library never prints; the CLI adds a handler
@@ -154,6 +180,12 @@ class RulesError(GmailClassifyError):
     """The rules file is wrong; the message names the file, rule and key, and the fix."""
 
 
+class CredentialError(GmailClassifyError, ValueError):
+    """A user name, password or token holds CR, LF or NUL: sent to a server it could end
+    the command line and smuggle in another command, so it is refused before connecting.
+    The message never repeats the secret."""
+
+
 class _Dropped(Exception):
     """Internal: the connection died (EOF, reset, timeout, BYE); reconnect and maybe retry."""
 
@@ -162,6 +194,34 @@ class _Unreachable(_Dropped):
     """Internal: a connect failed in a way waiting will not fix (refused, no such host, TLS
     spoken to a plain port). The first connect of a run gives up at once; a reconnect
     mid-run still retries, since a restarting server refuses for a moment."""
+
+
+# What reaches a terminal.  A subject, an address, a folder name or a server's text can
+# carry CR (which returns the cursor and lets the rest of the line overwrite what came
+# before), ESC (terminal control sequences), other C0 and C1 controls, and the Unicode
+# bidirectional overrides that reorder what is displayed (CVE-2021-42574, "Trojan
+# Source").  Every human-readable line the program writes goes through printable().
+_UNSAFE_FOR_TERMINAL = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+    "\ufeff\ufff9-\ufffb\udc80-\udcff]")
+
+
+def _escape_char(match: "re.Match[str]") -> str:
+    return f"\\u{ord(match.group(0)):04x}"
+
+
+def printable(text: Any, keep_newlines: bool = False) -> str:
+    """``text`` made safe to show on a terminal: controls and bidi overrides escaped.
+
+    ``printable("Invoice\\r\\x1b[2Kpaid") == "Invoice\\\\u000d\\\\u001b[2Kpaid"``; with
+    ``keep_newlines`` a LF stays a line break (for multi-line text such as a traceback).
+    The escapes are JSON's, so a JSON line passed through stays valid JSON.
+    """
+    text = str(text)
+    if keep_newlines:
+        return "\n".join(_UNSAFE_FOR_TERMINAL.sub(_escape_char, line)
+                         for line in text.split("\n"))
+    return _UNSAFE_FOR_TERMINAL.sub(_escape_char, text)
 
 
 # --- Wire format: quoting, modified UTF-7, UID sets, dates -------------------------------
@@ -237,6 +297,8 @@ def decode_mailbox(name: Union[str, bytes]) -> str:
     """
     if isinstance(name, bytes):
         name = name.decode("utf-8", "replace")
+    if "&" not in name:
+        return name
 
     def run(match: "re.Match[str]") -> str:
         body = match.group(1)
@@ -286,8 +348,13 @@ def compress_uids(uids: Iterable[int]) -> str:
     return text
 
 
-def parse_uid_set(text: str, highest: Optional[int] = None) -> List[int]:
-    """Expand ``"1:3,7"`` into ``[1, 2, 3, 7]``; ``*`` needs ``highest``. Raises ValueError."""
+def parse_uid_set(text: str, highest: Optional[int] = None,
+                  limit: Optional[int] = None) -> List[int]:
+    """Expand ``"1:3,7"`` into ``[1, 2, 3, 7]``; ``*`` needs ``highest``. Raises ValueError,
+    also when the set names more than ``limit`` UIDs (checked before anything is expanded:
+    ``"1:4294967295"`` is 40 bytes from a server and would be 4 billion integers here)."""
+    if limit is not None and _uid_set_size(text, highest) > limit:
+        raise ValueError(f"UID set {text[:40]!r} names more than {limit} UIDs")
     result: List[int] = []
     for part in text.split(","):
         ends = part.split(":")
@@ -304,6 +371,20 @@ def parse_uid_set(text: str, highest: Optional[int] = None) -> List[int]:
         low, high = min(values), max(values)
         result.extend(range(low, high + 1))
     return result
+
+
+def _uid_set_size(text: str, highest: Optional[int] = None) -> int:
+    """How many UIDs ``"1:3,7"`` names (4), without expanding it. Raises ValueError."""
+    total = 0
+    for part in text.split(","):
+        ends = part.split(":")
+        if len(ends) > 2 or not all(ends):
+            raise ValueError(f"bad UID set {text[:40]!r}")
+        values = [highest if end == "*" else int(end) for end in ends]
+        if None in values:
+            raise ValueError(f"UID set {text[:40]!r} uses * without a highest UID")
+        total += max(values) - min(values) + 1  # type: ignore[type-var, operator]
+    return total
 
 
 # RFC 2683 §3.2.1.5 asks servers to accept lines of 8,000 octets and RFC 7162 §4 repeats
@@ -356,11 +437,19 @@ def parse_internaldate(text: str) -> Optional[_dt.datetime]:
 #
 # Responses are parsed by a small recursive-descent reader over the raw bytes, literals
 # included inline as ``{n}\r\n`` followed by n octets.  Values come back as Python values:
-# atoms as str, all-digit atoms as Number (an int that keeps its text), NIL as None,
-# quoted strings as str, literals as bytes, parenthesised lists as lists.  A fetch item such as ``BODY[HEADER.FIELDS (FROM)]<0>``
+# atoms as str, numbers as int, NIL as None, quoted strings as str, literals as bytes,
+# parenthesised lists as lists.  A fetch item such as ``BODY[HEADER.FIELDS (FROM)]<0>``
 # stays one atom even though it holds spaces and parentheses (RFC 3501 §7.4.2).
 
 _ATOM_STOP = b" ()\"{\r\n"
+_ATOM_RUN = re.compile(rb"[^ ()\"{\r\n\[]+")           # an atom without a [section]
+_PLAIN_QUOTED = re.compile(rb'"([^"\\\\\r\n]*)"')      # a quoted string without escapes
+_SECTION_RUN = re.compile(rb"[^\[\]\r\n]+")              # inside a [section]
+_LITERAL_HEAD = re.compile(rb"~?\{(\d+)\+?\}\r\n")
+
+# The deepest real structure is a BODYSTRUCTURE of nested multiparts, a few levels per
+# part; a server that nests further is broken or hostile (and would exhaust the stack).
+MAX_NESTING = 100
 
 
 class Number(int):
@@ -386,6 +475,7 @@ class _Reader:
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.pos = 0
+        self.depth = 0
 
     def fail(self, why: str) -> ProtocolError:
         start = max(0, self.pos - 20)
@@ -396,39 +486,51 @@ class _Reader:
         return self.pos >= len(self.data)
 
     def skip_spaces(self) -> None:
-        while self.pos < len(self.data) and self.data[self.pos] == 0x20:
-            self.pos += 1
+        data, pos = self.data, self.pos
+        while pos < len(data) and data[pos] == 0x20:
+            pos += 1
+        self.pos = pos
 
     def value(self) -> Any:
         """value = list / quoted / literal / number / NIL / atom"""
-        if self.at_end():
+        if self.pos >= len(self.data):
             raise self.fail("unexpected end")
-        ch = self.data[self.pos:self.pos + 1]
-        if ch == b"(":
+        ch = self.data[self.pos]
+        if ch == 0x28:  # "("
             return self.list_()
-        if ch == b'"':
+        if ch == 0x22:  # '"'
             return self.quoted()
-        if ch == b"{" or self.data.startswith(b"~{", self.pos):
+        if ch == 0x7B or (ch == 0x7E and self.data.startswith(b"~{", self.pos)):
             return self.literal()
-        if ch in (b")", b" "):
-            raise self.fail(f"unexpected {ch.decode()!r}")
+        if ch in (0x29, 0x20):
+            raise self.fail(f"unexpected {chr(ch)!r}")
         return self.atom()
 
     def list_(self) -> List[Any]:
         """list = "(" [value *(SP value)] ")" """
+        if self.depth >= MAX_NESTING:
+            raise self.fail(f"lists nested deeper than {MAX_NESTING} levels")
+        self.depth += 1
         self.pos += 1
         items: List[Any] = []
+        data = self.data
         while True:
-            self.skip_spaces()
-            if self.at_end():
-                raise self.fail("unterminated list")
-            if self.data[self.pos] == 0x29:  # ")"
+            while self.pos < len(data) and data[self.pos] == 0x20:
                 self.pos += 1
+            if self.pos >= len(data):
+                raise self.fail("unterminated list")
+            if data[self.pos] == 0x29:  # ")"
+                self.pos += 1
+                self.depth -= 1
                 return items
             items.append(self.value())
 
     def quoted(self) -> str:
         """quoted = DQUOTE *(QUOTED-CHAR / "\\" quoted-specials) DQUOTE"""
+        plain = _PLAIN_QUOTED.match(self.data, self.pos)
+        if plain is not None:
+            self.pos = plain.end()
+            return plain.group(1).decode("utf-8", "surrogateescape")
         self.pos += 1
         out = bytearray()
         while True:
@@ -450,7 +552,7 @@ class _Reader:
 
     def literal(self) -> bytes:
         """literal = ["~"] "{" number ["+"] "}" CRLF *OCTET"""
-        match = re.compile(rb"~?\{(\d+)\+?\}\r\n").match(self.data, self.pos)
+        match = _LITERAL_HEAD.match(self.data, self.pos)
         if not match:
             raise self.fail("bad literal header")
         size = int(match.group(1))
@@ -465,6 +567,10 @@ class _Reader:
         start = self.pos
         depth = 0
         while self.pos < len(self.data):
+            run = (_SECTION_RUN if depth else _ATOM_RUN).match(self.data, self.pos)
+            if run is not None:
+                self.pos = run.end()
+                continue
             byte = self.data[self.pos:self.pos + 1]
             if byte == b"[":
                 depth += 1
@@ -477,14 +583,105 @@ class _Reader:
             self.pos += 1
         if depth:
             raise self.fail("unterminated [section]")
-        text = self.data[start:self.pos].decode("utf-8", "surrogateescape")
-        if not text:
+        if start == self.pos:
             raise self.fail("empty atom")
-        if text.isdigit() and text.isascii():
-            return Number(text)
-        if text.upper() == "NIL":
-            return None
-        return text
+        return _atom_value(self.data[start:self.pos])
+
+
+_ATOM_VALUES: Dict[bytes, Any] = {}   # FETCH, UID, NIL, \\Seen...: the same few words
+
+
+def _atom_value(word: bytes) -> Any:
+    """An atom's value: NIL as None, a number as int, anything else as str."""
+    try:
+        return _ATOM_VALUES[word]
+    except KeyError:
+        pass
+    value = _convert_atom(word)
+    if len(word) < 24 and len(_ATOM_VALUES) < 4096:
+        _ATOM_VALUES[word] = value
+    return value
+
+
+def _convert_atom(word: bytes) -> Any:
+    text = word.decode("utf-8", "surrogateescape")
+    if text.isdigit() and text.isascii():
+        return Number(text)
+    if text.upper() == "NIL":
+        return None
+    return text
+
+
+# The fast tokenizer: one compiled pattern steps over a whole response, token by token, and
+# a stack builds the lists.  It knows the common shapes only (atoms with one level of
+# [section], quoted strings, literals); at anything else it gives up and
+# _Reader parses the response again, so both accept and reject exactly the same input.
+_TOKEN = re.compile(rb"""[ ]*(?:
+    (\()                                               # 1: a list opens
+  | (\))                                               # 2: a list closes
+  | "((?:[^"\\\r\n]|\\[\x00-\xff])*)"                    # 3: a quoted string
+  | ~?\{(\d+)\+?\}\r\n                                 # 4: a literal's size
+  | ((?:[^ ()"{\r\n\[]+|\[[^\[\]\r\n]*\])+)             # 5: an atom, [sections] kept
+)""", re.VERBOSE)
+
+
+_QUOTED_PAIR = re.compile(rb"\\([\x00-\xff])")
+
+
+_UNESCAPED: Dict[bytes, str] = {}   # "\\Inbox", "\\Important"...: the same few strings
+
+
+def _unescape(text: bytes) -> str:
+    value = _UNESCAPED.get(text)
+    if value is None:
+        value = _QUOTED_PAIR.sub(lambda pair: pair.group(1), text).decode("utf-8", "surrogateescape")
+        if len(text) < 32 and len(_UNESCAPED) < 1024:
+            _UNESCAPED[text] = value
+    return value
+
+
+class _NotSimple(Exception):
+    pass
+
+
+def _parse_fast(data: bytes) -> List[Any]:
+    values: List[Any] = []
+    current = values
+    stack: List[List[Any]] = []
+    pos, end = 0, len(data)
+    match = _TOKEN.match
+    while True:
+        token = match(data, pos)
+        if token is None:
+            if stack or data[pos:].strip(b" "):
+                raise _NotSimple()
+            return values
+        pos = token.end()
+        kind = token.lastindex
+        if kind == 5:
+            current.append(_atom_value(token.group(5)))
+        elif kind == 3:
+            text = token.group(3)
+            if b"\\" in text:
+                current.append(_unescape(text))
+            else:
+                current.append(text.decode("utf-8", "surrogateescape"))
+        elif kind == 1:
+            if len(stack) >= MAX_NESTING:
+                raise _NotSimple()   # the plain reader says so, as a ProtocolError
+            stack.append(current)
+            current.append([])
+            current = current[-1]
+        elif kind == 2:
+            if not stack:
+                raise _NotSimple()
+            current = stack.pop()
+        else:
+            size = int(token.group(4))
+            if pos + size > end:
+                raise _NotSimple()
+            current.append(data[pos:pos + size])
+            pos += size
 
 
 def parse_response(data: bytes) -> List[Any]:
@@ -494,6 +691,16 @@ def parse_response(data: bytes) -> List[Any]:
     returns ``[3, "FETCH", ["UID", 7, "FLAGS", ["\\\\Seen"], "BODY[HEADER.FIELDS (FROM)]", b"ab\\r\\n"]]``.
     Raises ProtocolError, quoting the fragment, for malformed input.
     """
+    try:
+        return _parse_fast(data)
+    except _NotSimple:
+        pass
+    return _parse_plain(data)
+
+
+def _parse_plain(data: bytes) -> List[Any]:
+    """parse_response() by recursive descent: the reference, and the path for the rare
+    shapes the fast tokenizer leaves alone."""
     reader = _Reader(data)
     values: List[Any] = []
     while True:
@@ -530,7 +737,7 @@ def parse_status_text(text: bytes) -> Tuple[str, List[Any], str]:
             while reader.pos < len(text) and text[reader.pos:reader.pos + 1] not in b" ]":
                 reader.pos += 1
             word = text[start:reader.pos].decode("utf-8", "replace")
-            values.append(Number(word) if word.isdigit() and word.isascii() else word)
+            values.append(Number(word) if word.isascii() and word.isdigit() else word)
     code = str(values[0]).upper() if values else ""
     return code, values[1:], text[reader.pos:].decode("utf-8", "replace").strip()
 
@@ -567,7 +774,20 @@ DEFAULT_RETRIES = 5             # reconnect attempts for one command before givi
 DEFAULT_BACKOFF = 1.0           # first backoff delay in seconds, doubled per attempt
 MAX_BACKOFF = 60.0
 IDLE_MAX_SECONDS = 29 * 60      # RFC 2177: re-issue IDLE at least every 29 minutes
-MAX_RESPONSE_LINE = 64 * 1024 * 1024   # one response line, literals excluded
+# One response line, literals excluded.  Only a SEARCH answer is ever longer (about 9
+# bytes per UID): its limit follows the folder's size (see _search_line_limit).
+MAX_RESPONSE_LINE = 4 * 1024 * 1024
+# Literals are limited by what was asked for: a FETCH of a 16 KiB prefix may bring 16 KiB,
+# a header block a few hundred; anything far beyond is read, thrown away and that message
+# skipped (see _fetch_literal_limit).  Gmail's own message limit is 35 MB (APPENDLIMIT).
+MAX_MESSAGE_LITERAL = 64 * 1024 * 1024  # a whole message or a body part
+MAX_HEADER_LITERAL = 2 * 1024 * 1024    # a header block (HEADER, HEADER.FIELDS, MIME)
+MAX_SMALL_LITERAL = 64 * 1024           # anything else: a folder name, a label, a flag
+MAX_KEPT_UNTAGGED = 200_000             # untagged answers kept for one command
+# A connection is stalled when an answer brings fewer than this many bytes in a whole
+# ``timeout`` window; a slow but working link sends far more (IDLE is exempt).
+STALL_MIN_BYTES = 1024
+IMAPLIB_MAX_LINES = 1000                # lines imaplib may read while it connects
 NONSYNC_LITERAL_MAX = 4096      # RFC 7888: LITERAL- allows {n+} up to 4096 octets
 
 # Special-use attributes (RFC 6154) plus Gmail's \Important, in the order we look for them.
@@ -593,21 +813,48 @@ FALLBACK_FOLDER_NAMES = {
 }
 
 _DROPPED_ERRORS = (OSError, imaplib.IMAP4.abort, EOFError)
+_LITERAL_AT_END = re.compile(rb"\{(\d+)\+?\}\r?\n\Z")
 
 
 class _BufferedWire:
     """Mixin for imaplib.IMAP4 classes: our own read buffer with timeouts that recover."""
 
     _rbuf: bytearray
+    max_line = MAX_RESPONSE_LINE        # set per command by GmailConnection
+    _window: Optional[float] = None     # seconds per progress window; None: not watched
+    _window_start = 0.0
+    _window_bytes = 0
+    _lines_left: Optional[int] = None
 
     def _reset_buffer(self) -> None:
         self._rbuf = bytearray()
 
+    def watch_progress(self, window: Optional[float], lines: Optional[int] = None) -> None:
+        """From now on, an answer must bring STALL_MIN_BYTES per ``window`` seconds, or the
+        next read raises TimeoutError; None stops watching (IDLE waits for as long as it
+        likes).  A socket timeout alone cannot see a server that sends one byte a second.
+
+        ``lines`` bounds the lines read until the next call: imaplib itself reads the
+        greeting and the answers to its CAPABILITY and STARTTLS, and keeps every untagged
+        line it sees, so there a flood must end the connection instead."""
+        self._window = window if window and window > 0 else None
+        self._window_start = time.monotonic()
+        self._window_bytes = 0
+        self._lines_left = lines
+
     def _fill(self) -> bool:
         sock = self.sock  # type: ignore[attr-defined]
+        if self._window is not None:
+            now = time.monotonic()
+            if now - self._window_start >= self._window:
+                if self._window_bytes < STALL_MIN_BYTES:
+                    raise TimeoutError(f"the server sent only {self._window_bytes} bytes in "
+                                       f"{self._window:g} s; the connection is stalled")
+                self._window_start, self._window_bytes = now, 0
         chunk = sock.recv(65536)
         if not chunk:
             return False
+        self._window_bytes += len(chunk)
         self._rbuf += chunk
         self._rbuf_sock = sock
         return True
@@ -633,16 +880,21 @@ class _BufferedWire:
 
     def readline(self) -> bytes:
         self._check_buffer()
+        if self._lines_left is not None:
+            if self._lines_left <= 0:
+                raise ProtocolError("the server sent far more lines than the greeting, "
+                                    "CAPABILITY or STARTTLS can need")
+            self._lines_left -= 1
         scanned = 0
         while True:
             end = self._rbuf.find(b"\n", scanned)
+            if end > self.max_line or (end < 0 and len(self._rbuf) > self.max_line):
+                raise ProtocolError(f"server sent a line longer than {self.max_line} bytes")
             if end >= 0:
                 line = bytes(self._rbuf[:end + 1])
                 del self._rbuf[:end + 1]
                 return line
             scanned = len(self._rbuf)
-            if scanned > MAX_RESPONSE_LINE:
-                raise ProtocolError(f"server sent a line longer than {MAX_RESPONSE_LINE} bytes")
             if not self._fill():
                 line = bytes(self._rbuf)
                 self._rbuf.clear()
@@ -659,16 +911,31 @@ class _BufferedWire:
         return bool(readable)
 
 
+class _GreetingTimeout(socket.timeout):
+    """The port took the connection but sent no greeting: what a TLS-only port does to a
+    client that speaks plain IMAP (the server waits for a TLS hello that never comes)."""
+
+
 class _PlainWire(_BufferedWire, imaplib.IMAP4):
     def open(self, host: str = "", port: int = IMAP_PORT, timeout: Optional[float] = None) -> None:
         self._reset_buffer()
+        self.watch_progress(timeout, lines=IMAPLIB_MAX_LINES)    # the greeting, CAPABILITY
         super().open(host, port, timeout)
+
+    def _connect(self) -> None:   # imaplib: read the greeting, then CAPABILITY
+        try:
+            super()._connect()  # type: ignore[misc]
+        except socket.timeout as exc:
+            if getattr(self, "welcome", None):   # greeted, then went quiet: an ordinary timeout
+                raise
+            raise _GreetingTimeout("no greeting from the server") from exc
 
 
 
 class _TLSWire(_BufferedWire, imaplib.IMAP4_SSL):
     def open(self, host: str = "", port: int = IMAPS_PORT, timeout: Optional[float] = None) -> None:
         self._reset_buffer()
+        self.watch_progress(timeout, lines=IMAPLIB_MAX_LINES)    # the greeting, CAPABILITY
         super().open(host, port, timeout)
 
 
@@ -728,6 +995,54 @@ class _Response:
     code_args: List[Any]
     text: str
     untagged: List[List[Any]]
+    oversized: List[List[Any]] = field(default_factory=list)  # lines whose literal was dropped
+
+
+# Untagged answers a command's caller reads.  Everything else that arrives meanwhile
+# (EXISTS, EXPUNGE, RECENT, FLAGS, unsolicited FETCH: RFC 3501 §7) updates the connection's
+# state and is dropped, so a server that floods them cannot fill memory.
+_STATE_UPDATES = ("EXISTS", "EXPUNGE", "RECENT", "FETCH", "FLAGS")
+_UNTAGGED_NEEDED: Dict[str, Tuple[str, ...]] = {
+    "SELECT": ("OK", "EXISTS", "FLAGS"), "EXAMINE": ("OK", "EXISTS", "FLAGS"),
+    "FETCH": ("FETCH",), "UID FETCH": ("FETCH",),
+    "SEARCH": ("SEARCH", "ESEARCH"), "UID SEARCH": ("SEARCH", "ESEARCH"),
+    "NOOP": _STATE_UPDATES, "IDLE": _STATE_UPDATES,
+}
+
+
+def _untagged_kind(item: Sequence[Any]) -> str:
+    """``"EXISTS"`` for ``[12, "EXISTS"]``, ``"LIST"`` for ``["LIST", [...], "/", "x"]``."""
+    if not item:
+        return ""
+    if isinstance(item[0], int) and len(item) > 1:
+        return str(item[1]).upper()
+    return str(item[0]).upper()
+
+
+def _needed_by(command: str) -> Callable[[List[Any]], bool]:
+    """The default ``keep`` test of a command's untagged answers (see _UNTAGGED_NEEDED)."""
+    wanted = _UNTAGGED_NEEDED.get(command.upper())
+
+    def keep(item: List[Any]) -> bool:
+        kind = _untagged_kind(item)
+        if kind in ("OK", "NO", "BAD", "PREAUTH"):   # only those with a response code
+            return len(item) > 1 and bool(item[1]) and (wanted is None or kind in wanted)
+        if wanted is not None:
+            return kind in wanted
+        return kind not in _STATE_UPDATES
+    return keep
+
+
+@dataclass
+class _Pending:
+    """A pipelined command: sent on ``imap``, its answer not read yet (or read early)."""
+
+    imap: Any
+    tag: bytes
+    command: str
+    response: Optional[_Response] = None
+    keep: Optional[Callable[[List[Any]], bool]] = None    # as for _execute_on
+    max_literal: Optional[int] = None
 
 
 # A retry policy says what to do when the connection drops during a command: "safe" retry
@@ -742,13 +1057,38 @@ def _credential(source: CredentialSource) -> Optional[str]:
     return source() if callable(source) else source
 
 
-def _is_loopback(host: str) -> bool:
-    if host.lower() in ("localhost", "localhost.localdomain"):
-        return True
+def _loopback_addresses(host: str, port: int = IMAP_PORT) -> List[str]:
+    """Every address ``host`` resolves to, if all are loopback; else []. A name proves
+    nothing ("localhost" can be mapped anywhere in /etc/hosts), so plaintext is allowed
+    by address, and the connection then goes to the address that was checked."""
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError, ValueError):
+        return []
+    addresses = []
+    for info in infos:
+        address = str(info[4][0]).split("%", 1)[0]
+        try:
+            if not ipaddress.ip_address(address).is_loopback:
+                return []
+        except ValueError:
+            return []
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+def _is_loopback(host: str) -> bool:
+    """True when every address ``host`` resolves to is a loopback address."""
+    return bool(_loopback_addresses(host))
+
+
+def _check_credential(value: Any, what: str) -> None:
+    """Refuse a user name, password or token that could end the command line."""
+    if isinstance(value, str) and any(c in value for c in "\r\n\x00"):
+        raise CredentialError(f"the {what} contains a line break or NUL character, which "
+                              f"could inject commands; remove it (check where the {what} "
+                              f"comes from: option, environment, netrc, command or rules file)")
 
 
 _APP_PASSWORD_RE = re.compile(r"[a-zA-Z]{4}( ?[a-zA-Z]{4}){3}\Z")
@@ -781,8 +1121,10 @@ class GmailConnection:
 
     ``security`` is ``"tls"`` (implicit TLS, port 993), ``"starttls"`` (port 143, refused if
     the server does not offer it) or ``"plaintext"`` (loopback hosts only, for tests and
-    local servers).  ``cafile`` adds a trusted CA.  ``timeout`` bounds every socket read and
-    write.  ``keepalive`` is the idle time after which a background thread sends NOOP.
+    local servers: every address the host resolves to must be loopback).  ``cafile`` adds a
+    trusted CA.  ``timeout`` bounds every socket read and write, and an answer that brings
+    less than STALL_MIN_BYTES in any ``timeout`` seconds is a stall (IDLE waits at will).
+    ``keepalive`` is the idle time after which a background thread sends NOOP.
     On a dropped connection the command is retried after reconnecting, up to ``retries``
     times with exponential backoff and jitter; ``sleep`` and ``rng`` are injectable.
 
@@ -804,6 +1146,9 @@ class GmailConnection:
                            f"allowed to a loopback address; use TLS or STARTTLS")
         if (password is None) == (token is None):
             raise ValueError("give exactly one of password= or token=")
+        _check_credential(user, "user name")
+        _check_credential(password, "password")
+        _check_credential(token, "token")
         self.user = user
         self.host = host
         self.port = port or (IMAPS_PORT if security == "tls" else IMAP_PORT)
@@ -827,6 +1172,7 @@ class GmailConnection:
         self._selected: Optional[FolderStatus] = None
         self._folders: Optional[List[Folder]] = None
         self._namespace: Optional[Tuple[str, str]] = None
+        self._inflight: List[_Pending] = []   # pipelined commands, oldest first
         self.capabilities: frozenset = frozenset()
         self.reconnects = 0
         self.commands_sent = 0
@@ -909,6 +1255,12 @@ class GmailConnection:
                 raise TLSError(f"cannot load the CA file {self.cafile}: {exc}") from exc
         return context
 
+    def _untrusted(self, where: str, exc: ssl.SSLCertVerificationError) -> TLSError:
+        hint = ("" if self.cafile else "; if the server uses a private CA, pass its "
+                "certificate with --cafile")
+        return TLSError(f"cannot trust the TLS certificate of {where}: "
+                        f"{exc.verify_message or exc.reason}{hint}")
+
     def _open(self) -> imaplib.IMAP4:
         """One attempt: TCP, TLS, greeting, authentication, capabilities."""
         where = f"{self.host}:{self.port}"
@@ -917,12 +1269,19 @@ class GmailConnection:
                 imap: imaplib.IMAP4 = _TLSWire(self.host, self.port,
                                                ssl_context=self._ssl_context(),
                                                timeout=self.timeout)
+            elif self.security == "plaintext":
+                # Resolve once, check every address, connect to the one checked: no second
+                # lookup that a hosts file or DNS could answer differently.
+                addresses = _loopback_addresses(self.host, self.port)
+                if not addresses:
+                    raise TLSError(f"refusing to connect to {self.host} without TLS: it does "
+                                   f"not resolve to loopback addresses only; use TLS or "
+                                   f"STARTTLS")
+                imap = _PlainWire(addresses[0], self.port, timeout=self.timeout)
             else:
                 imap = _PlainWire(self.host, self.port, timeout=self.timeout)
         except ssl.SSLCertVerificationError as exc:
-            raise TLSError(f"cannot trust the TLS certificate of {where}: "
-                           f"{exc.verify_message or exc.reason}; if the server uses a "
-                           f"private CA, pass its certificate with --cafile") from exc
+            raise self._untrusted(where, exc) from exc
         except (ssl.SSLError, imaplib.IMAP4.error, OSError) as exc:
             hint = self._hopeless(exc)
             if hint:
@@ -956,6 +1315,10 @@ class GmailConnection:
         if isinstance(exc, socket.gaierror) and exc.errno in (
                 getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None)):
             return f"no such host {self.host!r} ({exc.strerror}); check --host"
+        if isinstance(exc, _GreetingTimeout) and self.security != "tls":
+            return (f"no IMAP greeting within {self.timeout:g} s: is {self.port} a TLS port? "
+                    f"connect without --starttls or --plaintext (TLS from the first byte, "
+                    f"port {IMAPS_PORT}), or use --starttls on port {IMAP_PORT}")
         reason = getattr(exc, "reason", None) if isinstance(exc, ssl.SSLError) else None
         if reason in self._NOT_TLS:
             return (f"the server did not answer in TLS ({reason.lower().replace('_', ' ')}): "
@@ -970,11 +1333,10 @@ class GmailConnection:
             raise TLSError(f"{where} does not offer STARTTLS; refusing to continue in "
                            f"plaintext. Use implicit TLS (port 993) if the server has it")
         try:
+            imap.watch_progress(self.timeout, lines=IMAPLIB_MAX_LINES)  # type: ignore[attr-defined]
             imap.starttls(self._ssl_context())
         except ssl.SSLCertVerificationError as exc:
-            raise TLSError(f"cannot trust the TLS certificate of {where}: "
-                           f"{exc.verify_message or exc.reason}; if the server uses a "
-                           f"private CA, pass its certificate with --cafile") from exc
+            raise self._untrusted(where, exc) from exc
         except imaplib.IMAP4.abort as exc:
             raise _Dropped(f"STARTTLS failed: {_decode_server_text(exc)}") from exc
         except imaplib.IMAP4.error as exc:
@@ -983,23 +1345,29 @@ class GmailConnection:
             raise _Dropped(f"STARTTLS failed: {exc}") from exc
 
     def _authenticate(self, imap: imaplib.IMAP4) -> None:
-        """LOGIN with the password, or AUTHENTICATE XOAUTH2 with the token; never logged."""
+        """LOGIN with the password, or AUTHENTICATE XOAUTH2 with the token; never logged.
+
+        We build these commands ourselves rather than through imaplib, which sends the
+        user name raw (a space or a quote in it changes who signs in) and cannot send
+        non-ASCII credentials or a SASL initial response (RFC 4959).
+        """
+        if getattr(imap, "state", "NONAUTH") != "NONAUTH":
+            raise AuthenticationError(f"{self.host} claims the session is signed in already "
+                                      f"(PREAUTH) without our credentials; refusing it",
+                                      command="LOGIN")
         try:
             if self._token is not None:
-                self._xoauth2(imap)
+                token = _credential(self._token) or ""
+                _check_credential(token, "token")
+                initial = f"user={self.user}\x01auth=Bearer {token}\x01\x01".encode("utf-8")
+                self._remember_secret(token)
+                self._remember_secret(base64.b64encode(initial).decode("ascii"))
+                self._sasl(imap, "XOAUTH2", initial, "the OAuth2 token")
             else:
                 password = _clean_password(_credential(self._password) or "")
+                _check_credential(password, "password")
                 self._remember_secret(password)
-                imap.login(self.user, password)
-        except AuthenticationError:
-            raise
-        except imaplib.IMAP4.abort as exc:
-            raise _Dropped(f"connection lost while signing in: {_decode_server_text(exc)}") from exc
-        except imaplib.IMAP4.error as exc:
-            text = _decode_server_text(exc)
-            raise AuthenticationError(f"{self.host} rejected the sign-in for {self.user}: "
-                                      f"{text}{self._gmail_login_hint(imap)}", command="LOGIN",
-                                      status="NO", text=text) from exc
+                self._login(imap, password)
         except OSError as exc:
             raise _Dropped(f"connection lost while signing in: {exc}") from exc
         log.info("signed in to %s as %s", self.host, self.user)
@@ -1018,35 +1386,83 @@ class GmailConnection:
                 "Security -> App passwords, which needs 2-Step Verification; and IMAP must be "
                 "on in Gmail's settings, under Forwarding and POP/IMAP)")
 
-    def _xoauth2(self, imap: imaplib.IMAP4) -> None:
-        token = _credential(self._token) or ""
-        initial = f"user={self.user}\x01auth=Bearer {token}\x01\x01".encode()
-        self._remember_secret(token)
-        self._remember_secret(base64.b64encode(initial).decode("ascii"))
-        challenges: List[bytes] = []
-
-        # Gmail answers a bad token with a JSON challenge and waits for an empty response
-        # before it sends the tagged NO; resending the token there gets a BAD instead.
-        def answer(challenge: bytes) -> bytes:
-            if challenges or challenge:
-                challenges.append(challenge)
-                return b""
-            challenges.append(b"")
-            return initial
-
+    def _login(self, imap: imaplib.IMAP4, password: str) -> None:
+        """LOGIN with both arguments quoted; non-ASCII goes as AUTHENTICATE PLAIN (UTF-8,
+        RFC 4616) when offered, else as literals."""
+        if not (self.user.isascii() and password.isascii()) and \
+                "AUTH=PLAIN" in imap.capabilities:
+            initial = b"\x00" + self.user.encode("utf-8") + b"\x00" + password.encode("utf-8")
+            self._remember_secret(base64.b64encode(initial).decode("ascii"))
+            self._sasl(imap, "PLAIN", initial, "the sign-in")
+            return
+        args = [quote(text) if text.isascii() else Literal(text.encode("utf-8"))
+                for text in (self.user, password)]
         try:
-            imap.authenticate("XOAUTH2", answer)
-        except imaplib.IMAP4.error as exc:
-            if isinstance(exc, imaplib.IMAP4.abort):
-                raise
-            detail = ""
-            for challenge in challenges:
-                if challenge:
-                    detail = " (" + challenge.decode("utf-8", "replace") + ")"
-            text = _decode_server_text(exc) + detail
-            raise AuthenticationError(f"{self.host} rejected the OAuth2 token for "
-                                      f"{self.user}: {text}", command="AUTHENTICATE",
-                                      status="NO", text=text) from exc
+            self._execute_on(imap, "LOGIN", *args, redact=True)
+        except ProtocolError:
+            raise
+        except ImapError as exc:
+            text = (f"[{exc.code}] " if exc.code else "") + exc.text
+            raise AuthenticationError(f"{self.host} rejected the sign-in for {self.user}: "
+                                      f"{text}{self._gmail_login_hint(imap)}", command="LOGIN",
+                                      status=exc.status, code=exc.code, text=text) from exc
+
+    def _sasl(self, imap: imaplib.IMAP4, mechanism: str, initial: bytes, what: str) -> None:
+        """AUTHENTICATE ``mechanism`` (RFC 3501 §6.2.2), the initial response on the first
+        line when the server has SASL-IR (RFC 4959), else after the first ``+``.
+
+        Gmail answers a bad XOAUTH2 token with a JSON challenge and waits for an empty
+        response before it sends the tagged NO; resending the token there gets a BAD.
+        """
+        tag = imap._new_tag()  # type: ignore[attr-defined]
+        encoded = base64.b64encode(initial) or b"="
+        line = tag + b" AUTHENTICATE " + mechanism.encode("ascii")
+        pending: Optional[bytes] = encoded
+        if "SASL-IR" in imap.capabilities:
+            line += b" " + encoded
+            pending = None
+        log.debug("C: %s AUTHENTICATE %s%s", tag.decode(), mechanism,
+                  "" if pending else " <redacted>")
+        challenges: List[str] = []
+        try:
+            imap.watch_progress(self.timeout)  # type: ignore[attr-defined]
+            imap.send(line + b"\r\n")
+            while True:
+                raw = self._read_line(imap)
+                if raw.startswith(b"+"):
+                    if pending is not None and not challenges:
+                        imap.send(pending + b"\r\n")
+                        pending = None
+                        challenges.append("")
+                        continue
+                    if len(challenges) > 3:
+                        raise ProtocolError(f"{self.host} keeps challenging AUTHENTICATE "
+                                            f"{mechanism}", command="AUTHENTICATE")
+                    try:
+                        challenges.append(base64.b64decode(raw[1:].strip()).decode("utf-8", "replace"))
+                    except (binascii.Error, ValueError):
+                        challenges.append(raw[1:].strip().decode("utf-8", "replace"))
+                    imap.send(b"\r\n")
+                elif raw.startswith(tag + b" "):
+                    status, _, rest = raw[len(tag) + 1:].partition(b" ")
+                    if status.upper() == b"OK":
+                        return
+                    code = parse_status_text(rest)[0]
+                    text = rest.decode("utf-8", "replace")
+                    detail = "".join(f" ({c})" for c in challenges if c)
+                    raise AuthenticationError(
+                        f"{self.host} rejected {what} for {self.user}: {text}{detail}",
+                        command="AUTHENTICATE", status=status.decode("ascii", "replace").upper(),
+                        code=code, text=text + detail)
+                elif raw.startswith(b"* BYE"):
+                    raise _Dropped("server said BYE while signing in: "
+                                   + raw[6:].decode("utf-8", "replace"))
+                elif not raw.startswith(b"* "):
+                    raise ProtocolError(f"unexpected line while signing in: {raw[:80]!r}",
+                                        command="AUTHENTICATE")
+        except _DROPPED_ERRORS as exc:
+            raise _Dropped(f"connection lost while signing in: "
+                           f"{_decode_server_text(exc) or type(exc).__name__}") from exc
 
     @staticmethod
     def _capabilities_from(untagged: List[List[Any]], imap: imaplib.IMAP4) -> frozenset:
@@ -1127,34 +1543,43 @@ class GmailConnection:
 
     def _execute_on(self, imap: imaplib.IMAP4, command: str, *args: Any,
                     expect_bye: bool = False,
-                    on_untagged: Optional[Callable[[List[Any]], None]] = None) -> _Response:
+                    on_untagged: Optional[Callable[[List[Any]], None]] = None,
+                    keep: Optional[Callable[[List[Any]], bool]] = None,
+                    max_literal: Optional[int] = None, redact: bool = False) -> _Response:
         """Send one command on ``imap`` and read its whole answer; the caller holds the lock.
 
         ``args`` are bytes (sent as they are), str (sent as they are: callers build them
-        with quote/astring/compress_uids), int, or Literal.  Raises _Dropped when the
-        connection dies, ImapError on NO/BAD, ProtocolError on garbage.
+        with quote/astring/compress_uids), int, or Literal.  ``keep`` chooses the untagged
+        answers worth keeping (default: what _needed_by says the command needs);
+        ``max_literal`` bounds each literal (larger ones in a FETCH are dropped and listed
+        in ``oversized``; elsewhere they are a ProtocolError); ``redact`` keeps the
+        arguments out of the debug log.  Raises _Dropped when the connection dies,
+        ImapError on NO/BAD, ProtocolError on garbage (and the connection is then closed).
         """
+        if self._inflight:
+            self._drain(imap)   # pipelined answers come first on the wire
         tag = imap._new_tag()  # type: ignore[attr-defined]
-        parts: List[Union[bytes, Literal]] = [tag + b" " + command.encode("ascii")]
-        for arg in args:
-            if isinstance(arg, Literal):
-                parts.append(arg)
-            elif isinstance(arg, bytes):
-                parts.append(arg)
-            else:
-                text = str(arg)
-                _refuse_controls(text, "the argument")
-                parts.append(text.encode("utf-8"))
-        self._log_command(tag, command, args)
+        parts = self._command_parts(tag, command, args)
+        self._log_command(tag, command, ["<redacted>"] if redact else args)
+        self._watch(imap, command)
         try:
             self._send(imap, tag, parts)
-            response = self._read_response(imap, tag, command, expect_bye, on_untagged)
-        except ProtocolError:
+            response = self._read_response(imap, tag, command, expect_bye, on_untagged,
+                                           keep=keep, max_literal=max_literal)
+        except (ProtocolError, ValueError, TypeError, IndexError, RecursionError) as exc:
             # The rest of the answer is still unread, so the stream is out of step: start
-            # afresh on the next command rather than misread what follows.
+            # afresh on the next command rather than misread what follows.  Values the
+            # parser accepted but that make no sense (a UIDVALIDITY that is no number)
+            # count as protocol errors too: nothing a server sends may crash us.
             if imap is self._imap:
                 self._mark_dead()
-            raise
+            else:
+                self._shutdown(imap)
+            if isinstance(exc, ProtocolError):
+                raise
+            raise ProtocolError(f"the server's answer to {command} makes no sense: "
+                                f"{type(exc).__name__}: {str(exc)[:200]}",
+                                command=command) from exc
         except _DROPPED_ERRORS as exc:
             raise _Dropped(f"{command} failed: {_decode_server_text(exc) or type(exc).__name__}") from exc
         finally:
@@ -1165,6 +1590,100 @@ class GmailConnection:
                             f"{response.text}", command=command, status=response.status,
                             code=response.code, text=response.text)
         return response
+
+    def _watch(self, imap: imaplib.IMAP4, command: str) -> None:
+        """Before reading an answer: restart the progress window, set the line limit."""
+        if hasattr(imap, "watch_progress"):
+            imap.watch_progress(self.timeout)  # type: ignore[attr-defined]
+            imap.max_line = (self._search_line_limit()  # type: ignore[attr-defined]
+                             if command.endswith("SEARCH") else MAX_RESPONSE_LINE)
+
+    @staticmethod
+    def _command_parts(tag: bytes, command: str, args: Sequence[Any]) -> List[Union[bytes, Literal]]:
+        parts: List[Union[bytes, Literal]] = [tag + b" " + command.encode("ascii")]
+        for arg in args:
+            if isinstance(arg, Literal):
+                parts.append(arg)
+            elif isinstance(arg, bytes):
+                parts.append(arg)
+            else:
+                text = str(arg)
+                _refuse_controls(text, "the argument")
+                parts.append(text.encode("utf-8"))
+        return parts
+
+    # -- pipelining (RFC 3501 §5.5) ---------------------------------------------------
+    #
+    # Read-only UID FETCHes may be sent before the answer to the previous one has come
+    # back, so that the server and the network work while we parse and classify.  Each
+    # stays in _inflight until its answer is read; any other command first reads those
+    # answers (and keeps them), so the wire never interleaves.  Writes are never
+    # pipelined.  After a drop, every FETCH whose answer had not completed is sent again.
+
+    def _send_ahead(self, imap: imaplib.IMAP4, command: str, *args: Any,
+                    keep: Optional[Callable[[List[Any]], bool]] = None,
+                    max_literal: Optional[int] = None) -> _Pending:
+        """Send a read-only command without waiting for its answer; the caller holds the
+        lock.  ``keep`` and ``max_literal`` apply when the answer is read, as in _execute_on."""
+        if command != "UID FETCH":
+            raise AssertionError(f"only UID FETCH may be pipelined, not {command}")
+        tag = imap._new_tag()  # type: ignore[attr-defined]
+        parts = self._command_parts(tag, command, args)
+        self._log_command(tag, command, args)
+        try:
+            self._send(imap, tag, parts)
+        except _DROPPED_ERRORS as exc:
+            raise _Dropped(f"{command} failed: {_decode_server_text(exc) or type(exc).__name__}") from exc
+        finally:
+            self.commands_sent += 1
+            self._last_activity = time.monotonic()
+        pending = _Pending(imap, tag, command, keep=keep, max_literal=max_literal)
+        self._inflight.append(pending)
+        return pending
+
+    def _collect(self, imap: imaplib.IMAP4, pending: _Pending) -> _Response:
+        """Read answers in the order sent up to ``pending``'s; raises as _execute_on does."""
+        while pending.response is None:
+            if pending.imap is not imap or pending not in self._inflight:
+                raise _Dropped(f"{pending.command} was sent on a connection that is gone")
+            first = self._inflight[0]
+            try:
+                self._watch(imap, first.command)
+                first.response = self._read_response(imap, first.tag, first.command, False, None,
+                                                      keep=first.keep,
+                                                      max_literal=first.max_literal)
+            except (ProtocolError, ValueError, TypeError, IndexError, RecursionError) as exc:
+                self._inflight.clear()
+                if imap is self._imap:
+                    self._mark_dead()
+                if isinstance(exc, ProtocolError):
+                    raise
+                raise ProtocolError(f"the server's answer to {first.command} makes no sense: "
+                                    f"{type(exc).__name__}: {str(exc)[:200]}",
+                                    command=first.command) from exc
+            except _DROPPED_ERRORS as exc:
+                self._inflight.clear()   # their answers are lost: the callers send again
+                raise _Dropped(f"{first.command} failed: "
+                               f"{_decode_server_text(exc) or type(exc).__name__}") from exc
+            finally:
+                self._last_activity = time.monotonic()
+            self._inflight.pop(0)
+        response = pending.response
+        if response.status != "OK":
+            raise ImapError(f"the server answered {response.status} to {pending.command}: "
+                            f"{response.text}", command=pending.command, status=response.status,
+                            code=response.code, text=response.text)
+        return response
+
+    def _drain(self, imap: imaplib.IMAP4) -> None:
+        """Read every pipelined answer still on the wire (kept for whoever sent it)."""
+        self._inflight = [p for p in self._inflight if p.imap is imap]
+        while self._inflight:
+            pending = self._inflight[-1]
+            try:
+                self._collect(imap, pending)
+            except ImapError:
+                pass        # kept in pending.response; its sender raises it
 
     @staticmethod
     def _log_command(tag: bytes, command: str, args: Sequence[Any]) -> None:
@@ -1217,8 +1736,15 @@ class GmailConnection:
             if raw.startswith(b"* BYE"):
                 raise _Dropped("server said BYE: " + raw[6:].decode("utf-8", "replace"))
 
-    def _read_line(self, imap: imaplib.IMAP4) -> bytes:
-        """One response line with any literals it announces inlined, CRLF stripped."""
+    def _read_line(self, imap: imaplib.IMAP4, max_literal: Optional[int] = None,
+                   dropped: Optional[List[int]] = None) -> bytes:
+        """One response line with any literals it announces inlined, CRLF stripped.
+
+        A literal larger than ``max_literal`` (default MAX_SMALL_LITERAL) is never kept:
+        with a ``dropped`` list it is read in small pieces, thrown away, replaced by NIL
+        and its size appended to ``dropped``; without one it is a ProtocolError.
+        """
+        limit = MAX_SMALL_LITERAL if max_literal is None else max_literal
         line = imap.readline()
         if not line:
             raise EOFError("connection closed by the server")
@@ -1228,24 +1754,41 @@ class GmailConnection:
             if not line.endswith(b"\r\n"):
                 if not line.endswith(b"\n"):
                     raise EOFError("connection closed in the middle of a line")
-            match = re.search(rb"\{(\d+)\+?\}\r?\n\Z", line)
+            match = _LITERAL_AT_END.search(line) if line.endswith((b"}\r\n", b"}\n")) else None
             if not match:
                 data += line.rstrip(b"\r\n")
                 return bytes(data)
             size = int(match.group(1))
-            data += line[:match.start()] + b"{%d}\r\n" % size
-            data += imap.read(size)
-            self.bytes_received += size
+            if size > limit:
+                if dropped is None:
+                    raise ProtocolError(f"the server announced a literal of {size} bytes where "
+                                        f"at most {limit} make sense")
+                left = size
+                while left:
+                    left -= len(imap.read(min(left, 65536)))
+                self.bytes_received += size
+                dropped.append(size)
+                data += line[:match.start()] + b"NIL"
+            else:
+                data += line[:match.start()] + b"{%d}\r\n" % size
+                data += imap.read(size)
+                self.bytes_received += size
             line = imap.readline()
             if not line:
                 raise EOFError("connection closed after a literal")
 
     def _read_response(self, imap: imaplib.IMAP4, tag: bytes, command: str, expect_bye: bool,
-                       on_untagged: Optional[Callable[[List[Any]], None]]) -> _Response:
+                       on_untagged: Optional[Callable[[List[Any]], None]],
+                       keep: Optional[Callable[[List[Any]], bool]] = None,
+                       max_literal: Optional[int] = None) -> _Response:
         untagged: List[List[Any]] = []
+        oversized: List[List[Any]] = []
+        keep = keep or _needed_by(command)
         debug = log.isEnabledFor(logging.DEBUG)
         while True:
-            raw = self._read_line(imap)
+            dropped: List[int] = []
+            raw = self._read_line(imap, max_literal,
+                                  dropped if command.endswith("FETCH") else None)
             if debug:
                 self._log_answer(raw)
             if raw.startswith(b"* "):
@@ -1260,13 +1803,20 @@ class GmailConnection:
                         raise _Dropped(f"server said BYE: {text}")
                     if kind in (b"NO", b"BAD") or code == "ALERT":
                         log.warning("server: %s %s", kind.decode(), text)
-                    untagged.append([kind.decode(), code, args, text])
+                    status_line = [kind.decode(), code, args, text]
+                    if keep(status_line):
+                        self._keep(untagged, status_line, command)
+                    continue
+                if not self._plausible(body, command):
                     continue
                 parsed = parse_response(body)
                 self._note_untagged(parsed)
                 if on_untagged is not None:
                     on_untagged(parsed)
-                untagged.append(parsed)
+                if dropped:
+                    oversized.append(parsed)
+                elif keep(parsed):
+                    self._keep(untagged, parsed, command)
             elif raw.startswith(tag + b" "):
                 rest = raw[len(tag) + 1:]
                 status, _, text = rest.partition(b" ")
@@ -1274,25 +1824,57 @@ class GmailConnection:
                 if "THROTTLED" in message.upper() or code == "THROTTLED":
                     log.warning("the server is throttling this account (%s)", message)
                 return _Response(status.decode("ascii", "replace").upper(), code, args,
-                                 message, untagged)
+                                 message, untagged, oversized)
             elif raw.startswith(b"+"):
                 raise ProtocolError(f"unexpected continuation request to {command}: {raw[:80]!r}")
             else:
                 raise ProtocolError(f"unexpected line in the answer to {command}: {raw[:80]!r}")
 
+    @staticmethod
+    def _keep(untagged: List[List[Any]], item: List[Any], command: str) -> None:
+        if len(untagged) >= MAX_KEPT_UNTAGGED:
+            raise ProtocolError(f"the server sent more than {MAX_KEPT_UNTAGGED} answers to "
+                                f"{command}", command=command)
+        untagged.append(item)
+
+    def _search_line_limit(self) -> int:
+        """A SEARCH answer names at most the folder's messages: 11 bytes per possible UID."""
+        return max(MAX_RESPONSE_LINE, self._search_ceiling() * 11)
+
+    def _search_ceiling(self) -> int:
+        selected = self._selected
+        return (selected.exists if selected else 0) * 2 + 10000
+
+    def _plausible(self, body: bytes, command: str) -> bool:
+        """Check a SEARCH answer's size before parsing it: it cannot name more UIDs than
+        the folder holds, and one that does would cost gigabytes once expanded.  Raises
+        ProtocolError for the SEARCH we asked for; False (ignore) for an unsolicited one."""
+        if not body[:7].upper().startswith(b"SEARCH"):
+            return True
+        if not command.endswith("SEARCH"):
+            return False
+        ceiling = self._search_ceiling()
+        if body.count(b" ") > ceiling:
+            raise ProtocolError(f"the server answered {command} with more than {ceiling} "
+                                f"UIDs, far more than the folder holds; that answer is "
+                                f"unusable", command=command)
+        return True
+
     def _note_untagged(self, parsed: List[Any]) -> None:
         """Keep the selected folder's message count current from EXISTS."""
-        if len(parsed) >= 2 and str(parsed[1]).upper() == "EXISTS" and self._selected:
+        if len(parsed) >= 2 and str(parsed[1]).upper() == "EXISTS" and self._selected \
+                and isinstance(parsed[0], int):
             selected = self._selected
             self._selected = FolderStatus(selected.name, selected.uidvalidity,
                                           selected.uidnext, int(parsed[0]), selected.readonly)
 
-    def _call(self, command: str, *args: Any, policy: str = _SAFE) -> _Response:
-        """Run a command, reconnecting and retrying per ``policy`` when the link drops."""
+    def _call(self, command: str, *args: Any, policy: str = _SAFE, **reading: Any) -> _Response:
+        """Run a command, reconnecting and retrying per ``policy`` when the link drops;
+        ``reading`` passes keep= and max_literal= on to _execute_on."""
         with self._lock:
             self._check_background()
             try:
-                return self._execute_on(self._live(), command, *args)
+                return self._execute_on(self._live(), command, *args, **reading)
             except _Dropped as exc:
                 if policy == _NEVER:
                     self._mark_dead()
@@ -1304,7 +1886,7 @@ class GmailConnection:
             for _ in range(self.retries):
                 self._reconnect(cause)
                 try:
-                    return self._execute_on(self._live(), command, *args)
+                    return self._execute_on(self._live(), command, *args, **reading)
                 except _Dropped as exc:
                     cause = exc
             self._mark_dead()
@@ -1508,6 +2090,23 @@ class GmailConnection:
         self._folders = None
         return True
 
+    def delete_folder(self, name: str) -> None:
+        """Delete a folder (on Gmail a label, which then comes off every message)."""
+        self._call("DELETE", self._mailbox(name))
+        self._folders = None
+
+    def message_count(self, folder: str) -> int:
+        """How many messages ``folder`` holds (STATUS MESSAGES), without opening it."""
+        response = self._call("STATUS", self._mailbox(folder), "(MESSAGES)")
+        for item in response.untagged:
+            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
+                    and self._names(item[1], folder):
+                attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
+                if isinstance(attrs.get("MESSAGES"), int):
+                    return int(attrs["MESSAGES"])
+        raise ProtocolError(f"the server did not say how many messages {folder} holds",
+                            command="STATUS")
+
     def select(self, folder: str, readonly: bool = False) -> FolderStatus:
         """SELECT (or EXAMINE when ``readonly``) a folder and return its status."""
         with self._lock:
@@ -1578,38 +2177,107 @@ class GmailConnection:
                 found.update(int(v) for v in item[1:] if isinstance(v, int))
         return sorted(found)
 
-    def fetch(self, uids: Iterable[int], items: Sequence[str]) -> Dict[int, Dict[str, Any]]:
+    def fetch(self, uids: Iterable[int], items: Sequence[str], *,
+              skipped: Optional[List[int]] = None) -> Dict[int, Dict[str, Any]]:
         """UID FETCH ``items`` for ``uids``; returns ``{uid: {item: value}}`` keyed by UID.
 
-        Keys are the items as requested (``"BODY.PEEK[HEADER]"`` returns under that name,
-        however the server spells it); values: FLAGS -> tuple of str, X-GM-LABELS -> tuple
-        of decoded str, INTERNALDATE -> aware datetime, RFC822.SIZE / X-GM-MSGID /
-        X-GM-THRID -> int, body sections -> bytes, BODYSTRUCTURE -> nested lists.  An item
-        the server left out is absent, and one it sent as NIL (or could not be read) is
-        None: callers must treat both as unknown, never as empty.  UIDs the server no
-        longer has are absent.  Unsolicited FETCHes for other messages are ignored.
+        Keys are the items as requested (``"BODY.PEEK[HEADER]"`` returns under that name);
+        values: FLAGS -> tuple of str, X-GM-LABELS -> tuple of decoded str, INTERNALDATE ->
+        aware datetime, RFC822.SIZE / X-GM-MSGID / X-GM-THRID -> int, body sections ->
+        bytes, BODYSTRUCTURE -> nested lists.  UIDs the server no longer has are absent.
+        Unsolicited FETCHes for other messages are ignored.  A message whose answer holds a
+        literal far larger than the items can need (see _fetch_literal_limit) is absent
+        too, its bytes read and thrown away; its UID is appended to ``skipped``.
         """
         for item in items:
             _check_fetch_item(item)
         by_key = {_fetch_key(item): item for item in items}
         wanted = set(int(u) for u in uids)
         result: Dict[int, Dict[str, Any]] = {}
+        limit = _fetch_literal_limit(items)
+        keep = _fetch_keep(wanted)
         for chunk in chunk_uids(wanted):
             response = self._call("UID FETCH", compress_uids(chunk),
-                                  "(UID " + " ".join(items) + ")")
-            for item in response.untagged:
-                if len(item) < 3 or str(item[1]).upper() != "FETCH" or not isinstance(item[2], list):
-                    continue
-                attrs = _pairs(item[2])
-                uid = attrs.get("UID")
-                if not isinstance(uid, int) or uid not in wanted:
-                    continue
-                values = result.setdefault(int(uid), {})
-                for key, value in attrs.items():
-                    if key == "UID":
-                        continue
-                    values[by_key.get(_fetch_key(key), key)] = _convert_fetch_value(key, value)
+                                  "(UID " + " ".join(items) + ")", keep=keep, max_literal=limit)
+            _fetch_answer(response, wanted, by_key, result, limit, skipped)
         return result
+
+    def fetch_batches(self, batches: Iterable[Sequence[int]], items: Sequence[str], *,
+                      ahead: int = 1,
+                      before_each: Optional[Callable[["GmailConnection"], None]] = None,
+                      skipped: Optional[List[int]] = None
+                      ) -> Iterator[Tuple[List[int], Dict[int, Dict[str, Any]]]]:
+        """fetch() for each batch of UIDs in turn, pipelined: yields ``(batch, {uid: {item:
+        value}})`` while the FETCH of the next ``ahead`` batches is already on its way.
+
+        ``before_each(conn)`` is called before a batch's FETCH is first sent (after the
+        previous answer is in); what it raises comes out when that batch is asked for.
+        Between two yields the connection may be used for anything else (the answers in
+        flight are read first and kept).  A dropped connection is restored as in fetch(),
+        and every FETCH whose answer had not completed is sent again.  Oversized answers
+        are handled as in fetch(): the message is left out and its UID added to ``skipped``.
+        """
+        for item in items:
+            _check_fetch_item(item)
+        by_key = {_fetch_key(item): item for item in items}
+        line = "(UID " + " ".join(items) + ")"
+        limit = _fetch_literal_limit(items)
+        todo = [[int(u) for u in batch] for batch in batches]
+        sent: Dict[int, List[_Pending]] = {}
+        refused: Optional[BaseException] = None   # what before_each raised for a later batch
+
+        def send(imap: imaplib.IMAP4, number: int) -> None:
+            keep = _fetch_keep(set(todo[number]))
+            sent[number] = [self._send_ahead(imap, "UID FETCH", compress_uids(chunk), line,
+                                             keep=keep, max_literal=limit)
+                            for chunk in chunk_uids(todo[number])]
+
+        for index, batch in enumerate(todo):
+            if refused is not None:
+                raise refused
+            if index not in sent and before_each is not None:
+                before_each(self)
+            wanted = set(batch)
+            result: Dict[int, Dict[str, Any]] = {}
+            attempt = 0
+            with self._lock:
+                self._check_background()
+                while True:
+                    try:
+                        imap = self._live()
+                        pendings = sent.get(index)
+                        if pendings is None or any(p.response is None and p.imap is not imap
+                                                   for p in pendings):
+                            send(imap, index)
+                        for number in range(index + 1, min(index + 1 + ahead, len(todo))):
+                            pendings = sent.get(number)
+                            if pendings is not None and any(p.response is None and p.imap is not imap
+                                                            for p in pendings):
+                                send(imap, number)   # lost with the old connection
+                        for pending in sent[index]:
+                            _fetch_answer(self._collect(imap, pending), wanted, by_key, result,
+                                          limit, skipped)
+                        del sent[index]
+                        for number in range(index + 1, min(index + 1 + ahead, len(todo))):
+                            if number in sent or refused is not None:
+                                continue
+                            if before_each is not None:
+                                try:
+                                    before_each(self)
+                                except Exception as exc:
+                                    refused = exc
+                                    break
+                            send(imap, number)
+                        break
+                    except _Dropped as exc:
+                        attempt += 1
+                        result.clear()
+                        if attempt > self.retries:
+                            self._mark_dead()
+                            raise ConnectionLostError(f"UID FETCH kept failing after "
+                                                      f"{self.retries} reconnects: {exc}") from exc
+                        self._reconnect(exc)
+            yield batch, result
 
     # -- operations: changing messages ---------------------------------------------------
 
@@ -1714,7 +2382,7 @@ class GmailConnection:
                 except _Dropped as exc:
                     cause = exc
                     continue
-            mapping = _copyuid_map(response)
+            mapping = _copyuid_map(response, pending)
             for uid in pending:
                 if mapping and uid not in mapping:
                     missing.append(uid)   # gone before we asked: someone else moved it
@@ -1825,7 +2493,7 @@ class GmailConnection:
                     self._reconnect(exc)
                     response = None
             if response is not None:
-                mapping = _copyuid_map(response)
+                mapping = _copyuid_map(response, pending)
                 result.update({uid: mapping.get(uid) for uid in pending})
                 return result
             if before is not None and self._uidnext(destination) == before:
@@ -1889,17 +2557,19 @@ class GmailConnection:
                 return folder.wire
         return b"INBOX" if name.upper() == "INBOX" else encode_mailbox(name).encode("ascii")
 
+    def _names(self, named: Any, folder: str) -> bool:
+        """True if ``named`` (a mailbox name as an answer gave it) is ``folder``."""
+        wire = named if isinstance(named, bytes) else str(named).encode("utf-8", "surrogateescape")
+        wanted = self._wire_name(folder)
+        return wire == wanted or wire.upper() == wanted.upper() == b"INBOX"
+
     def _uidnext(self, folder: str) -> Optional[int]:
         """UIDNEXT of ``folder`` by STATUS.  Any untagged response may arrive at any time
         (RFC 3501 §7), so a STATUS for another folder is not taken as this one's."""
         response = self._call("STATUS", self._mailbox(folder), "(UIDNEXT)")
-        wanted = self._wire_name(folder)
         for item in response.untagged:
-            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3:
-                named = item[1] if isinstance(item[1], bytes) else \
-                    str(item[1]).encode("utf-8", "surrogateescape")
-                if named != wanted and not (named.upper() == wanted.upper() == b"INBOX"):
-                    continue
+            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
+                    and self._names(item[1], folder):
                 attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
                 value = attrs.get("UIDNEXT")
                 return int(value) if isinstance(value, int) else None
@@ -1918,7 +2588,7 @@ class GmailConnection:
                     result.update(self._copy_once(chunk, destination))
                     continue
                 response = self._call("UID COPY", compress_uids(chunk), self._mailbox(destination))
-                mapping = _copyuid_map(response)
+                mapping = _copyuid_map(response, chunk)
                 result.update({uid: mapping.get(uid) for uid in chunk})
         return result
 
@@ -1947,6 +2617,8 @@ class GmailConnection:
         raise AssertionError("unreachable")
 
     def _idle_now(self, imap: imaplib.IMAP4, timeout: float) -> List[List[Any]]:
+        if self._inflight:
+            self._drain(imap)
         tag = imap._new_tag()  # type: ignore[attr-defined]
         events: List[List[Any]] = []
         ended: Optional[bytes] = None     # a tagged answer before DONE: IDLE refused or ended
@@ -1955,6 +2627,7 @@ class GmailConnection:
         self._idling = True
         try:
             log.debug("C: %s IDLE", tag.decode())
+            imap.watch_progress(None)   # type: ignore[attr-defined]  # IDLE waits at will
             imap.send(tag + b" IDLE\r\n")
             self.commands_sent += 1
             while True:
@@ -1977,6 +2650,7 @@ class GmailConnection:
                 else:
                     raise ProtocolError(f"unexpected line during IDLE: {raw[:80]!r}")
             if ended is None:
+                imap.watch_progress(self.timeout)  # type: ignore[attr-defined]
                 imap.send(b"DONE\r\n")
                 response = self._read_response(imap, tag, "IDLE", False, None)
             else:
@@ -2012,20 +2686,90 @@ def _naming(folder: str, what: str) -> Iterator[None]:
                         text=exc.text) from exc
 
 
-def _copyuid_map(response: _Response) -> Dict[int, int]:
-    """Source UID -> destination UID from a COPYUID code (RFC 4315), tagged or untagged."""
+def _fetch_answer(response: _Response, wanted: set, by_key: Mapping[str, str],
+                  result: Dict[int, Dict[str, Any]], limit: int,
+                  skipped: Optional[List[int]]) -> None:
+    """Add the FETCH lines of an answer to ``result``, keyed by UID (the answer's keep()
+    let in only the wanted UIDs).  A message with a literal dropped as oversized is left
+    out whole, and its UID appended to ``skipped``."""
+    dropped = {_fetch_uid(item) for item in response.oversized} & wanted
+    for uid in sorted(dropped):   # type: ignore[type-var]
+        log.warning("UID %d: the server sent far more than was asked for (at most %d "
+                    "bytes); skipped that message", uid, limit)
+        if skipped is not None and uid not in skipped:
+            skipped.append(uid)
+    for item in response.untagged:
+        if len(item) < 3 or str(item[1]).upper() != "FETCH" or not isinstance(item[2], list):
+            continue
+        attrs = _pairs(item[2])
+        uid = attrs.get("UID")
+        if uid in dropped:
+            continue
+        values = result.setdefault(int(uid), {})
+        for key, value in attrs.items():
+            if key == "UID":
+                continue
+            values[by_key.get(_fetch_key(key), key)] = _convert_fetch_value(key, value)
+
+
+def _fetch_keep(wanted: set) -> Callable[[List[Any]], bool]:
+    """keep() for a FETCH: its own answers, never an unsolicited FETCH for another UID."""
+    def keep(item: List[Any]) -> bool:
+        return _untagged_kind(item) == "FETCH" and _fetch_uid(item) in wanted
+    return keep
+
+
+def _copyuid_map(response: _Response, sent: Sequence[int]) -> Dict[int, int]:
+    """Source UID -> destination UID from a COPYUID code (RFC 4315), tagged or untagged.
+
+    The answer can only concern the ``sent`` UIDs; one naming more (``1:4294967295`` is
+    40 bytes) is ignored as unusable, never expanded.
+    """
     codes = [(response.code, response.code_args)]
     codes += [(item[1], item[2]) for item in response.untagged
               if item and item[0] == "OK" and len(item) >= 3]
     for code, args in codes:
         if code == "COPYUID" and len(args) >= 3:
             try:
-                source = parse_uid_set(str(args[1]))
-                target = parse_uid_set(str(args[2]))
+                source = parse_uid_set(str(args[1]), limit=len(sent))
+                target = parse_uid_set(str(args[2]), limit=len(sent))
             except ValueError:
+                log.warning("ignoring an unusable COPYUID answer from the server")
                 return {}
-            return dict(zip(source, target)) if len(source) == len(target) else {}
+            if len(source) != len(target) or not set(source) <= set(sent):
+                return {}
+            return dict(zip(source, target))
     return {}
+
+
+def _fetch_uid(item: Sequence[Any]) -> Optional[int]:
+    """The UID inside an untagged ``[seq, "FETCH", [... "UID", 7 ...]]``, or None."""
+    if len(item) < 3 or not isinstance(item[2], list):
+        return None
+    attrs = item[2]
+    for i in range(0, len(attrs) - 1, 2):
+        if str(attrs[i]).upper() == "UID" and isinstance(attrs[i + 1], int):
+            return attrs[i + 1]
+    return None
+
+
+def _fetch_literal_limit(items: Sequence[str]) -> int:
+    """The largest literal a FETCH of ``items`` can honestly bring: the length of a partial
+    fetch (``<0.16384>``), a header block's limit for header sections, a whole message's
+    for other sections, a small one for anything else."""
+    limit = 0
+    for item in items:
+        if not re.match(r"(?i)(BODY|BINARY)\.PEEK\[|RFC822", item):
+            limit = max(limit, MAX_SMALL_LITERAL)
+            continue
+        partial = re.search(r"<\d+\.(\d+)>$", item)
+        if partial:
+            limit = max(limit, int(partial.group(1)))
+        elif re.search(r"(?i)\[(\d+\.)*(HEADER|MIME)", item) or item.upper() == "RFC822.HEADER":
+            limit = max(limit, MAX_HEADER_LITERAL)
+        else:
+            limit = max(limit, MAX_MESSAGE_LITERAL)
+    return limit
 
 
 def _check_fetch_item(item: str) -> None:
@@ -2040,6 +2784,9 @@ def _check_fetch_item(item: str) -> None:
                     f"sections only as BODY.PEEK[...], which leaves messages unread")
 
 
+_FETCH_KEYS: Dict[str, str] = {}
+
+
 def _fetch_key(item: str) -> str:
     """Canonical name of a fetch item, so that an answer is matched to its request by
     meaning: ``BODY.PEEK[TEXT]<0.100>`` and its answer ``BODY[TEXT]<0>`` both become
@@ -2047,6 +2794,15 @@ def _fetch_key(item: str) -> str:
     a server may echo them quoted, in another case or order:
     ``body[header.fields ("Subject" FROM)]`` becomes ``BODY[HEADER.FIELDS (FROM SUBJECT)]``.
     """
+    key = _FETCH_KEYS.get(item)
+    if key is None:
+        key = _canonical_fetch_key(item)
+        if len(_FETCH_KEYS) < 1000:   # the items of a run are few; answers echo them
+            _FETCH_KEYS[item] = key
+    return key
+
+
+def _canonical_fetch_key(item: str) -> str:
     key = re.sub(r"\s+", " ", item.strip()).upper().replace("BODY.PEEK[", "BODY[")
     key = re.sub(r"<(\d+)\.\d+>$", r"<\1>", key)
     match = re.fullmatch(r"(BODY\[(?:[\d.]*\.)?HEADER\.FIELDS(?:\.NOT)?) ?\((.*)\)\](<\d+>)?",
@@ -2184,6 +2940,34 @@ class MessageInfo:
     queries: Optional[frozenset] = None  # gmail_query strings this message matched; None = cannot know
 
 
+# A header block made only of well-formed fields (name, colon, value, folded lines) and
+# ending at its blank line can be split without the feed parser, with the same result
+# (email.policy.EmailPolicy.header_source_parse); anything else goes to the parser.
+_SIMPLE_FIELD = re.compile(r"([!-9;-~]+):[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)\r\n")
+
+
+def _split_header_block(raw: bytes) -> Optional[email.message.EmailMessage]:
+    """The header block as an EmailMessage, or None when it is not simple."""
+    text = raw.decode("ascii", "surrogateescape")
+    end = text.find("\r\n\r\n")
+    if end >= 0:
+        if end + 4 != len(text):
+            return None    # a body follows: let the parser keep it
+        text = text[:end + 2]
+    elif not text.endswith("\r\n"):
+        text += "\r\n"
+    msg = email.message.EmailMessage(policy=email.policy.default)
+    pos = 0
+    match = _SIMPLE_FIELD.match
+    while pos < len(text):
+        field = match(text, pos)
+        if field is None:
+            return None
+        msg.set_raw(field.group(1), field.group(2))
+        pos = field.end()
+    return msg
+
+
 def parse_headers(raw: bytes) -> email.message.EmailMessage:
     """Parse a header block (or a whole message, body ignored); never raises.
 
@@ -2191,6 +2975,9 @@ def parse_headers(raw: bytes) -> email.message.EmailMessage:
     message when the bytes cannot be parsed at all.
     """
     try:
+        msg = _split_header_block(raw)
+        if msg is not None:
+            return msg
         parser = email.parser.BytesParser(policy=email.policy.default)
         return parser.parsebytes(raw, headersonly=True)
     except Exception:  # the parser is lenient, but older patch releases had crashes
@@ -2198,8 +2985,11 @@ def parse_headers(raw: bytes) -> email.message.EmailMessage:
         return email.message.EmailMessage(policy=email.policy.default)
 
 
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
 def _has_surrogates(text: str) -> bool:
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
+    return not text.isascii() and _SURROGATE.search(text) is not None
 
 
 def _repair_surrogates(text: str) -> str:
@@ -2258,11 +3048,8 @@ def _parsed_values(msg: email.message.EmailMessage, name: str, raws: List[str]) 
     return [None if _has_surrogates(raw) else value for raw, value in zip(raws, parsed)]
 
 
-def header_text(msg: email.message.EmailMessage, name: str) -> List[str]:
-    """All values of header `name`, decoded to str; never raises.
-
-    Returns e.g. ["Your receipt from Café Olé"]; [] when the header is absent.
-    """
+def _plain_header_text(msg: email.message.EmailMessage, name: str) -> List[str]:
+    """header_text() through the email package's header classes: slow, the reference."""
     raws = _raw_values(msg, name)
     values = []
     for raw, parsed in zip(raws, _parsed_values(msg, name, raws)):
@@ -2283,13 +3070,26 @@ def _format_address(display_name: str, addr_spec: str) -> str:
     return display_name or addr_spec
 
 
-def header_addresses(msg: email.message.EmailMessage, name: str) -> List[str]:
-    """Each address in header `name` as 'Display Name <user@domain>' (or 'user@domain').
+def _addresses_without_parse(raw: str) -> List[str]:
+    """What header_addresses() makes of a value the header classes found no address in."""
+    raw = _repair_surrogates(raw)
+    try:
+        pairs = email.utils.getaddresses([raw])
+    except Exception:
+        pairs = []
+    found = [
+        _format_address(_decode_words(display), addr)
+        for display, addr in pairs
+        if "@" in addr
+    ]
+    if not found:
+        text = _decode_words(raw).strip()
+        found = [text] if text else []
+    return found
 
-    Returns e.g. ["Amazon.com <auto-confirm@amazon.com>"]; display names are
-    RFC 2047 decoded. A value that holds no parseable address is returned as
-    its decoded text, so that rules can still match it. Never raises.
-    """
+
+def _plain_header_addresses(msg: email.message.EmailMessage, name: str) -> List[str]:
+    """header_addresses() through the email package's header classes: slow, the reference."""
     raws = _raw_values(msg, name)
     result: List[str] = []
     for raw, parsed in zip(raws, _parsed_values(msg, name, raws)):
@@ -2303,22 +3103,264 @@ def header_addresses(msg: email.message.EmailMessage, name: str) -> List[str]:
                 ]
             except Exception:
                 found = []
-        raw = _repair_surrogates(raw)
-        if not found:
-            try:
-                pairs = email.utils.getaddresses([raw])
-            except Exception:
-                pairs = []
-            found = [
-                _format_address(_decode_words(display), addr)
-                for display, addr in pairs
-                if "@" in addr
-            ]
-        if not found:
-            text = _decode_words(raw).strip()
-            found = [text] if text else []
-        result.extend(found)
+        result.extend(found or _addresses_without_parse(raw))
     return result
+
+
+# --- the fast path ---
+#
+# email.policy.default parses a header through headerregistry each time it is read
+# (about 0.3 ms for an address), and the rules read From, To and Subject many times per
+# message.  So each message keeps its decoded headers in a cache, filled on first use,
+# and the common shapes of values are decoded here directly: plain text, RFC 2047 words
+# that decode cleanly, and lists of "Name <user@domain>", "user@domain" and groups.  A
+# header holding any other shape (comments, quoted pairs, broken or unknown encodings,
+# 8-bit bytes...) goes through the reference path above for all its values, so the
+# results are the same either way; a test compares the two over a varied corpus.
+
+_HEADER_KINDS: Dict[str, str] = {}
+
+
+def _header_kind(name: str) -> str:
+    """"address", "text" (unstructured), "msgid" or "other", as email.policy.default
+    parses it."""
+    kind = _HEADER_KINDS.get(name)
+    if kind is None:
+        import email.headerregistry as registry
+        cls = email.policy.default.header_factory[name]
+        kind = ("address" if issubclass(cls, registry.AddressHeader) else
+                "text" if issubclass(cls, registry.UnstructuredHeader) else
+                "msgid" if issubclass(cls, registry.MessageIDHeader) else "other")
+        _HEADER_KINDS[name] = kind
+    return kind
+
+
+_CLEAN_WORD = re.compile(r"=\?([A-Za-z0-9_.:-]+)\?(?:[Qq]\?((?:[!-<>@-~]|=[0-9A-Fa-f]{2})*)"
+                         r"|[Bb]\?((?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?))\?=\Z")
+_Q_ESCAPE = re.compile(rb"=([0-9A-Fa-f]{2})")
+
+
+def _clean_word(word: str) -> Optional[str]:
+    """An RFC 2047 encoded word decoded, or None unless it is well formed and its bytes
+    are valid in its charset (then headerregistry reads it the same way)."""
+    match = _CLEAN_WORD.match(word)
+    if match is None:
+        return None
+    charset, q_text, b_text = match.groups()
+    try:
+        if q_text is not None:
+            data = _Q_ESCAPE.sub(lambda m: bytes.fromhex(m.group(1).decode()),
+                                 q_text.encode("ascii").replace(b"_", b" "))
+        else:
+            data = base64.b64decode(b_text, validate=True)
+        return data.decode(charset)
+    except (LookupError, UnicodeError, ValueError, TypeError):
+        return None
+
+
+_SPACES = re.compile(r"([ \t]+)")
+
+
+def _fast_text(raw: str) -> Optional[str]:
+    """An unstructured value decoded as headerregistry decodes it, or None if unsure."""
+    if "=?" not in raw:
+        return raw
+    out: List[str] = []
+    after_word = False
+    space = ""
+    for index, part in enumerate(_SPACES.split(raw)):
+        if index % 2:
+            space = part
+            continue
+        if "=?" in part:
+            decoded = _clean_word(part)
+            if decoded is None:
+                return None
+            if not after_word:    # white space between two encoded words is dropped
+                out.append(space)
+            out.append(decoded)
+            after_word = True
+        elif part:
+            out += (space, part)
+            after_word = False
+        else:
+            out.append(space)
+        space = ""
+    return "".join(out)
+
+
+_ATOMS = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_ADDR_SPEC = _ATOMS + r"(?:\." + _ATOMS + r")*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_MAILBOX = re.compile(r"[ \t]*(?:(" + _ADDR_SPEC + r")|"
+                      r"(\"[^\"\\]*\"|[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+(?:[ \t]+[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+)*)?"
+                      r"[ \t]*<(" + _ADDR_SPEC + r")>)[ \t]*(?:\([^()\\\r\n]*\)[ \t]*)?")
+_PLAIN_MSGID = re.compile("<" + _ATOMS + r"(?:\." + _ATOMS + ")*@" + _ATOMS + r"(?:\." + _ATOMS + r")*>\Z")
+_GROUP = re.compile(r"[ \t]*[A-Za-z0-9!#$%&'*+/^_`{|}~-]+(?:[ \t]+[A-Za-z0-9!#$%&'*+/^_`{|}~-]+)*"
+                    r"[ \t]*:[ \t]*")
+
+
+def _fast_display_name(phrase: str) -> Optional[str]:
+    if phrase.startswith('"'):   # headerregistry decodes words inside quotes too
+        return _fast_text(phrase[1:-1])
+    if phrase.startswith("."):
+        return None
+    words = []
+    for word in phrase.split():
+        if "=?" in word:
+            decoded = _clean_word(word)
+            if decoded is None:
+                return None
+            word = decoded
+        words.append(word)
+    return " ".join(words)
+
+
+def _fast_addresses(raw: str) -> Optional[List[str]]:
+    """The addresses of a value in a common shape, as headerregistry finds them, or None.
+
+    address-list = item *("," item); item = mailbox / phrase ":" [mailbox *("," mailbox)] ";"
+    """
+    found: List[str] = []
+    pos, end = 0, len(raw)
+
+    def mailbox(at: int) -> int:
+        match = _MAILBOX.match(raw, at)
+        if match is None or "=?" in (match.group(1) or match.group(3)):
+            return -1
+        if match.group(1):
+            found.append(match.group(1))
+            return match.end()
+        display = _fast_display_name(match.group(2)) if match.group(2) else ""
+        if display is None:
+            return -1
+        found.append(_format_address(display, match.group(3)))
+        return match.end()
+
+    while True:
+        group = _GROUP.match(raw, pos)
+        if group is None:
+            pos = mailbox(pos)
+        elif raw.startswith(";", group.end()):
+            pos = group.end() + 1
+        else:
+            pos = group.end()
+            while pos >= 0:
+                pos = mailbox(pos)
+                if pos >= 0 and raw.startswith(";", pos):
+                    pos += 1
+                    break
+                if pos < 0 or not raw.startswith(",", pos):
+                    return None
+                pos += 1
+        if pos < 0:
+            return None
+        while pos < end and raw[pos] in " \t":
+            pos += 1
+        if pos == end:
+            return found
+        if raw[pos] != ",":
+            return None
+        pos += 1
+
+
+_CACHE = "_gmail_classify_cache"
+
+
+def _unfolded(value: Any) -> str:
+    value = str(value)
+    return re.sub(r"\r?\n(?=[ \t])", "", value) if "\n" in value else value
+
+
+def _header_cache(msg: email.message.EmailMessage,
+                  create: bool = True) -> Optional[Dict[Any, List[str]]]:
+    """The cache of decoded values kept on a message while rules read it (emptied when
+    its headers change), or None: not created, or the message was not parsed with
+    email.policy.default (the fast path would then differ)."""
+    cached = msg.__dict__.get(_CACHE)
+    if cached is not None and cached[0] == msg._headers and msg.policy is email.policy.default:
+        return cached[1]
+    if not create or getattr(msg, "policy", None) is not email.policy.default:
+        return None
+    headers = getattr(msg, "_headers", None)
+    if not isinstance(headers, list):
+        return None
+    index: Dict[Any, List[str]] = {}
+    for key, value in headers:
+        index.setdefault(("raw", key.lower()), []).append(_unfolded(value))
+    msg.__dict__[_CACHE] = (list(headers), index)
+    return index
+
+
+def _drop_header_cache(msg: email.message.EmailMessage) -> None:
+    """Forget what rules decoded (a run keeps many messages between applies)."""
+    msg.__dict__.pop(_CACHE, None)
+
+
+def _cached(msg: email.message.EmailMessage, kind: str, name: str) -> List[str]:
+    name = name.lower()
+    cache = _header_cache(msg, create=False)
+    if cache is None:
+        if getattr(msg, "policy", None) is not email.policy.default \
+                or not isinstance(getattr(msg, "_headers", None), list):
+            return (_plain_header_addresses if kind == "addresses" else _plain_header_text)(msg, name)
+        raws = [_unfolded(value) for key, value in msg._headers if key.lower() == name]
+        return _decode_header(msg, raws, kind, name)
+    values = cache.get((kind, name))
+    if values is None:
+        values = _decode_header(msg, cache.get(("raw", name), []), kind, name)
+        cache[(kind, name)] = values
+    return list(values)
+
+
+def _decode_header(msg: email.message.EmailMessage, raws: List[str], kind: str,
+                   name: str) -> List[str]:
+    if not raws:
+        return []
+    registry_kind = _header_kind(name)
+    if any(_has_surrogates(raw) for raw in raws):
+        registry_kind = "reference"
+    if kind == "text" and registry_kind == "text":
+        texts = [_fast_text(raw) for raw in raws]
+        if None not in texts:
+            return texts  # type: ignore[return-value]
+    elif kind == "text" and registry_kind == "msgid":    # <left@right> reads as it is
+        if all(_PLAIN_MSGID.match(raw) for raw in raws):
+            return list(raws)
+    elif kind == "addresses" and registry_kind == "other":   # no address classes: no parse
+        return [a for raw in raws for a in _addresses_without_parse(raw)]
+    elif kind == "addresses" and registry_kind == "address":
+        lists = [_fast_addresses(raw) for raw in raws]
+        if None not in lists:
+            return [a for raw, found in zip(raws, lists)
+                    for a in (found or _addresses_without_parse(raw))]
+    return (_plain_header_addresses if kind == "addresses" else _plain_header_text)(msg, name)
+
+
+def header_text(msg: email.message.EmailMessage, name: str) -> List[str]:
+    """All values of header `name`, decoded to str; never raises.
+
+    Returns e.g. ["Your receipt from Café Olé"]; [] when the header is absent.
+    While rules classify the message, each header is decoded once and cached.
+    """
+    return _cached(msg, "text", name)
+
+
+def header_addresses(msg: email.message.EmailMessage, name: str) -> List[str]:
+    """Each address in header `name` as 'Display Name <user@domain>' (or 'user@domain').
+
+    Returns e.g. ["Amazon.com <auto-confirm@amazon.com>"]; display names are
+    RFC 2047 decoded. A value that holds no parseable address is returned as
+    its decoded text, so that rules can still match it. Never raises.
+    While rules classify the message, each header is decoded once and cached.
+    """
+    return _cached(msg, "addresses", name)
+
+
+def _header_present(msg: email.message.EmailMessage, name: str) -> bool:
+    cache = _header_cache(msg, create=False)
+    if cache is None:
+        return bool(_raw_values(msg, name))
+    return bool(cache.get(("raw", name.lower())))
 
 
 class _HTMLText(html.parser.HTMLParser):
@@ -2608,6 +3650,8 @@ def _normalise(text: str) -> str:
     Returns e.g. "hauptstrasse 5" for "HAUPTSTRAẞE\t5" (casefold maps ß to ss;
     NFKC maps ligatures and full-width forms to plain letters).
     """
+    if text.isascii():  # the common case: NFKC changes no ASCII, casefold is lower
+        return " ".join(text.lower().split())
     folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
     return " ".join(folded.split())
 
@@ -2650,11 +3694,36 @@ class Matcher:
 
     patterns: Tuple[Pattern, ...]
 
-    def find(self, values: Iterable[str]) -> Optional[str]:
-        """Returns 'contains "receipt"' / 'matches /x/i' for the first hit, else None."""
+    def find(self, values: Iterable[str], normalised: Optional[List[str]] = None) -> Optional[str]:
+        """Returns 'contains "receipt"' / 'matches /x/i' for the first hit, else None.
+
+        ``normalised`` may give _normalise() of each value, when the caller has it."""
         values = list(values)
+        # Most values match nothing: one search for all the plain texts (precompiled on
+        # first use) and one per regex say so; only a hit walks the patterns in order.
+        quick = self.__dict__.get("_quick")
+        if quick is None:
+            needles = [re.escape(p.needle) for p in self.patterns if p.regex is None]
+            quick = self.__dict__["_quick"] = (
+                re.compile("|".join(needles)) if needles else None,
+                tuple(p.regex for p in self.patterns if p.regex is not None))
+        plain, regexes = quick
+        if plain is not None:
+            if normalised is None:
+                normalised = [_normalise(value) for value in values]
+            plain_hit = any(plain.search(value) for value in normalised)
+        else:
+            plain_hit = False
+        if not plain_hit and not any(r.search(v) for r in regexes for v in values):
+            return None
         for pattern in self.patterns:
-            if any(pattern.search(value) for value in values):
+            if pattern.regex is not None:
+                hit = any(pattern.regex.search(value) for value in values)
+            else:
+                if normalised is None:
+                    normalised = [_normalise(value) for value in values]
+                hit = any(pattern.needle in value for value in normalised)
+            if hit:
                 return f"{pattern.verb()} {pattern.describe()}"
         return None
 
@@ -2673,8 +3742,40 @@ def _label_key(label: str) -> str:
 Verdict = Tuple[Optional[bool], str]  # (True / False / None = unknown, explanation)
 
 
+def _header_values(headers: email.message.EmailMessage, addresses: bool,
+                   names: Tuple[str, ...]) -> Tuple[List[str], List[str]]:
+    """The decoded values of these headers and their _normalise() forms, kept in the
+    message's header cache: several rules read the same headers of each message."""
+    cache = _header_cache(headers)
+    key = ("rule", addresses, names)
+    found = cache.get(key) if cache is not None else None
+    if found is None:
+        read = header_addresses if addresses else header_text
+        values = [v for name in names for v in read(headers, name)]
+        found = (values, [_normalise(value) for value in values])
+        if cache is not None:
+            cache[key] = found
+    return found
+
+
 class Condition:
     """A test on a MessageInfo with three-valued (Kleene) results."""
+
+    # Rules are immutable, so each description is built once (a message that does not
+    # match returns one, and classify() sees thousands of those) and kept on the rule.
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        build = cls.__dict__.get("describe")
+        if build is None:
+            return
+
+        def describe(self: "Condition") -> str:
+            text = self.__dict__.get("_description")
+            if text is None:
+                text = self.__dict__["_description"] = build(self)
+            return text
+        describe.__doc__ = build.__doc__
+        cls.describe = describe  # type: ignore[assignment]
 
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
         """Returns (True, what matched), (False, description) or (None, description)."""
@@ -2698,9 +3799,8 @@ class HeaderMatch(Condition):
     addresses: bool = False
 
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
-        read = header_addresses if self.addresses else header_text
-        values = [v for name in self.headers for v in read(msg.headers, name)]
-        hit = self.matcher.find(values)
+        values, normalised = _header_values(msg.headers, self.addresses, self.headers)
+        hit = self.matcher.find(values, normalised)
         return (True, f"{self.key} {hit}") if hit else (False, self.describe())
 
     def describe(self) -> str:
@@ -2715,7 +3815,7 @@ class HeaderPresent(Condition):
     present: bool
 
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
-        found = bool(_raw_values(msg.headers, self.name))
+        found = _header_present(msg.headers, self.name)
         return (found == self.present), self.describe()
 
     def describe(self) -> str:
@@ -2878,6 +3978,18 @@ class GmailQuery(Condition):
         return f"gmail query {json.dumps(self.query, ensure_ascii=False)}"
 
 
+def _cost(condition: Condition) -> int:
+    """How dear a condition is to evaluate: flags, sizes and dates are free, headers cost
+    a decode (once per message), the body a second fetch."""
+    if isinstance(condition, BodyMatch):
+        return 3
+    if isinstance(condition, HeaderMatch):
+        return 2
+    if isinstance(condition, HeaderPresent):
+        return 1
+    return max((_cost(child) for child in condition.children()), default=0)
+
+
 @dataclass(frozen=True)
 class AllOf(Condition):
     """`all` (or the keys of one table): every part holds. Kleene: False beats unknown."""
@@ -2886,14 +3998,20 @@ class AllOf(Condition):
     explicit: bool = True  # False for the implicit "and" of a table's keys
 
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
-        reasons, unknown = [], False
-        for part in self.parts:
-            value, reason = part.evaluate(msg, now)
+        # Cheap parts first: any False settles it, whatever the order, and the reasons
+        # of a match are put back in the order the rule gives them.
+        order = self.__dict__.get("_order")
+        if order is None:
+            order = self.__dict__["_order"] = sorted(range(len(self.parts)),
+                                                     key=lambda i: _cost(self.parts[i]))
+        reasons, unknown = [""] * len(self.parts), False
+        for index in order:
+            value, reason = self.parts[index].evaluate(msg, now)
             if value is False:
                 return False, self.describe()
             if value is None:
                 unknown = True
-            reasons.append(reason)
+            reasons[index] = reason
         if unknown:
             return None, self.describe()
         return True, self._wrap(reasons)
@@ -2950,6 +4068,119 @@ class Not(Condition):
         return (self.part,)
 
 
+def _without_queries(condition: Condition) -> Optional[Condition]:
+    """The condition with every gmail_query taken out; None when nothing is left.
+
+    Where no server can run Gmail searches (offline tests, other servers) a rule is
+    decided by its local conditions alone: a query inside all / any / not simply
+    drops out of it, and a rule made of queries only has nothing left to decide.
+    """
+    if isinstance(condition, GmailQuery):
+        return None
+    if isinstance(condition, (AllOf, AnyOf)):
+        parts = [p for p in (_without_queries(c) for c in condition.parts) if p is not None]
+        if not parts:
+            return None
+        if len(parts) == len(condition.parts):
+            return condition
+        if len(parts) == 1 and isinstance(condition, AllOf) and not condition.explicit:
+            return parts[0]
+        return dataclasses.replace(condition, parts=tuple(parts))
+    if isinstance(condition, Not):
+        inner = _without_queries(condition.part)
+        return None if inner is None else (condition if inner is condition.part else Not(inner))
+    return condition
+
+
+# Destination templates: `move = "Archive/{year}"`, `label = "Vendors/{sender_domain}"`.
+# {{ and }} stand for literal braces. Each expansion is one clean name component.
+TEMPLATE_FIELDS = ("year", "month", "sender_domain")
+_TEMPLATE_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+_COMPONENT_MAX = 63   # like a DNS label: long enough for any real domain, short in a folder list
+
+
+def split_template(text: str) -> Tuple[Tuple[bool, str], ...]:
+    """Split a destination into (is_field, text) pieces.
+
+    Returns e.g. ((False, "Archive/"), (True, "year")); raises ValueError naming
+    the unknown field or the stray brace.
+    """
+    pieces: List[Tuple[bool, str]] = []
+    literal, pos = [], 0
+    for found in _TEMPLATE_TOKEN.finditer(text):
+        literal.append(text[pos:found.start()])
+        pos = found.end()
+        token = found.group(0)
+        if token in ("{{", "}}"):
+            literal.append(token[0])
+        elif found.group(1) is None:
+            raise ValueError(f"a lone '{token}' in {text!r}; write '{token * 2}' for a "
+                             f"literal brace, or use {{year}}, {{month}}, {{sender_domain}}")
+        elif found.group(1) not in TEMPLATE_FIELDS:
+            close = difflib.get_close_matches(found.group(1), TEMPLATE_FIELDS, n=1)
+            hint = f"; did you mean {{{close[0]}}}?" if close else ""
+            raise ValueError(f"unknown field {{{found.group(1)}}} in {text!r}{hint} "
+                             f"(known: {{year}}, {{month}}, {{sender_domain}})")
+        else:
+            if literal:
+                pieces.append((False, "".join(literal)))
+                literal = []
+            pieces.append((True, found.group(1)))
+    literal.append(text[pos:])
+    if "".join(literal):
+        pieces.append((False, "".join(literal)))
+    return tuple(pieces)
+
+
+def clean_component(value: str, separator: Optional[str] = "/") -> str:
+    """One folder-name component made safe from text a sender chose.
+
+    Returns lower case with only a-z, 0-9, '-' and '.', no leading/trailing dot or
+    dash, no '..', at most 63 characters, never the hierarchy ``separator``;
+    "unknown" when nothing is left. Example: "EVIL.com/../INBOX" -> "evil.com.inbox".
+    International domains become their xn-- (IDNA) form.
+    """
+    text = unicodedata.normalize("NFKC", value).strip().lower()
+    try:
+        text = text.encode("idna").decode("ascii")
+    except (UnicodeError, ValueError):
+        pass
+    text = re.sub(r"[^a-z0-9.-]+", "", text)
+    if separator and separator not in ("-",):
+        text = text.replace(separator, "-")
+    text = re.sub(r"\.{2,}", ".", text)
+    text = text.strip(".-")[:_COMPONENT_MAX].strip(".-")
+    return text or "unknown"
+
+
+def _sender_domain(msg: MessageInfo) -> str:
+    for sender in header_addresses(msg.headers, "from")[:1]:
+        address = email.utils.parseaddr(sender)[1] or sender
+        if "@" in address:
+            return address.rpartition("@")[2]
+    return ""
+
+
+def expand_template(text: str, msg: MessageInfo, separator: Optional[str] = "/") -> str:
+    """A destination with {year}, {month} (of the message's date) and {sender_domain} filled in.
+
+    Returns e.g. "Vendors/amazon.com" for "Vendors/{sender_domain}". Raises
+    ValueError for a malformed template (validation catches those earlier).
+    """
+    pieces = split_template(text)
+    if not any(is_field for is_field, _ in pieces):
+        return "".join(piece for _, piece in pieces)
+    date = msg.date
+    values = {"year": f"{date.year:04d}" if date else "unknown",
+              "month": f"{date.month:02d}" if date else "unknown",
+              "sender_domain": clean_component(_sender_domain(msg), separator)}
+    return "".join(values[piece] if is_field else piece for is_field, piece in pieces)
+
+
+def _is_template(text: Optional[str]) -> bool:
+    return bool(text) and ("{" in text or "}" in text)
+
+
 @dataclass(frozen=True)
 class Actions:
     """What to do with a message; merged across `continue` rules by merged()."""
@@ -2992,6 +4223,22 @@ class Actions:
 
     def is_empty(self) -> bool:
         return self == Actions()
+
+    def templates(self) -> Tuple[str, ...]:
+        """The destinations that hold {fields}, e.g. ("Archive/{year}",)."""
+        return tuple(t for t in self.labels + (self.move or "",) if _is_template(t))
+
+    def expanded(self, msg: MessageInfo, separator: Optional[str] = "/") -> Actions:
+        """These actions with templated destinations filled in for ``msg``."""
+        if not self.templates():
+            return self
+        labels: List[str] = []
+        for label in self.labels:
+            name = expand_template(label, msg, separator)
+            if name not in labels:
+                labels.append(name)
+        move = expand_template(self.move, msg, separator) if self.move else None
+        return dataclasses.replace(self, labels=tuple(labels), move=move)
 
 
 @dataclass(frozen=True)
@@ -3042,18 +4289,62 @@ def _walk(condition: Condition) -> Iterator[Condition]:
 
 
 @dataclass(frozen=True)
+class RuleTest:
+    """One `[[test]]` table: a sample message and the outcome the rules must give it.
+
+    ``expect_rules`` names every rule that must match, in order (empty: none);
+    ``expect_actions`` is None when the test does not check the actions.
+    """
+
+    name: str
+    position: int  # 1-based among the [[test]] tables
+    message: MessageInfo = field(compare=False)
+    expect_rules: Tuple[str, ...] = ()
+    expect_actions: Optional[Actions] = None
+    sample: str = ""  # the table's message keys as canonical JSON, for comparing tests
+
+
+@dataclass(frozen=True)
 class Ruleset:
-    """Validated rules in order, where they came from, and the [account] table."""
+    """Validated rules in order, where they came from, the [account] table and [[test]]s."""
 
     rules: Tuple[Rule, ...]
     source: str = "built-in rules"
     account: Dict[str, Any] = field(default_factory=dict)
+    tests: Tuple[RuleTest, ...] = ()
+
+    def local(self) -> Tuple[Ruleset, Tuple[str, ...]]:
+        """These rules as decided where Gmail searches cannot run, with one note per change.
+
+        Returns (ruleset, notes): a rule with a gmail_query and other conditions is
+        decided by those alone; a rule with only gmail_query is left out. The same
+        ruleset and no notes when no rule uses gmail_query.
+        """
+        rules, notes = [], []
+        for rule in self.rules:
+            condition = _without_queries(rule.condition)
+            label = f"rule {rule.position} ({json.dumps(rule.name, ensure_ascii=False)})"
+            if condition is None:
+                notes.append(f"{label} has only a gmail_query: skipped where Gmail searches "
+                             f"cannot run (offline tests, other servers)")
+                continue
+            if condition is not rule.condition:
+                notes.append(f"{label}: its gmail_query needs Gmail; elsewhere the rule is "
+                             f"decided by its other conditions alone")
+                rule = dataclasses.replace(rule, condition=condition)
+            rules.append(rule)
+        if not notes:
+            return self, ()
+        return dataclasses.replace(self, rules=tuple(rules)), tuple(notes)
 
     @property
     def needs(self) -> Needs:
         """Returns the message data these rules read (see Needs)."""
         headers, queries, kinds = set(DISPLAY_HEADERS), set(), set()
         for rule in self.rules:
+            if any(is_field and name != "sender_domain" for text in rule.actions.templates()
+                   for is_field, name in split_template(text)):
+                kinds.add("date")
             for cond in _walk(rule.condition):
                 if isinstance(cond, HeaderMatch):
                     headers.update(cond.headers)
@@ -3089,17 +4380,20 @@ class Ruleset:
             now = now.replace(tzinfo=timezone.utc)
         matches: List[Tuple[str, str]] = []
         actions = Actions()
-        for rule in self.rules:
-            value, reason = rule.condition.evaluate(msg, now)
-            if value is None:
-                if not final:
-                    return None
-                continue
-            if value:
-                matches.append((rule.name, reason))
-                actions = actions.merged(rule.actions)
-                if not rule.continue_:
-                    break
+        try:
+            for rule in self.rules:
+                value, reason = rule.condition.evaluate(msg, now)
+                if value is None:
+                    if not final:
+                        return None
+                    continue
+                if value:
+                    matches.append((rule.name, reason))
+                    actions = actions.merged(rule.actions)
+                    if not rule.continue_:
+                        break
+        finally:
+            _drop_header_cache(msg.headers)   # decoded for these rules only: free it
         return Decision(matches=tuple(matches), actions=actions)
 
 
@@ -3117,7 +4411,7 @@ CONDITION_KEYS = (
 )
 ACTION_KEYS = ("label", "move", "archive", "mark_read", "mark_unread", "star", "unstar", "trash")
 RULE_KEYS = ("name", "continue") + CONDITION_KEYS + ACTION_KEYS
-TOP_LEVEL_KEYS = ("rule", "account")
+TOP_LEVEL_KEYS = ("rule", "account", "test")
 ACCOUNT_KEYS = ("user", "host", "port", "tls", "auth", "password_command", "cafile", "folders")
 TLS_MODES = ("implicit", "starttls", "plaintext")
 AUTH_METHODS = ("password", "xoauth2")
@@ -3125,7 +4419,9 @@ AUTH_METHODS = ("password", "xoauth2")
 _SIZE_RE = re.compile(r"(\d+) ?([KMG]?)(?:i?B)?", re.IGNORECASE)  # 500K, 5M, 5MB, 5 MB, 1GiB
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
 _AGE_RE = re.compile(r"(\d+)([dwmy])")
-_HEADER_NAME_RE = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII but ':'
+# RFC 5322 ftext (printable ASCII but ':') that is also an IMAP atom, since header names
+# go on the wire inside BODY.PEEK[HEADER.FIELDS (...)]: no ( ) { } [ ] % * " \\.
+_HEADER_NAME_RE = re.compile(r"[!#$&'+\-./0-9;<=>?@A-Z^_`a-z|~]+")
 _FORBIDDEN_CHARS = re.compile(r"[\r\n\0]")
 
 
@@ -3171,14 +4467,15 @@ class _Problems:
 class _Where:
     """Builds one-line RulesError messages: 'rules.toml: rule 2 ("News"): label: ...'."""
 
-    def __init__(self, source: str, position: int = 0, name: Optional[str] = None) -> None:
-        self.source, self.position, self.name = source, position, name
+    def __init__(self, source: str, position: int = 0, name: Optional[str] = None,
+                 kind: str = "rule") -> None:
+        self.source, self.position, self.name, self.kind = source, position, name, kind
 
     def prefix(self) -> str:
         if not self.position:
             return f"{self.source}: "
         named = f" ({json.dumps(self.name, ensure_ascii=False)})" if self.name else ""
-        return f"{self.source}: rule {self.position}{named}: "
+        return f"{self.source}: {self.kind} {self.position}{named}: "
 
     def error(self, path: str, message: str) -> RulesError:
         return RulesError(f"{self.prefix()}{path + ': ' if path else ''}{message}")
@@ -3262,8 +4559,8 @@ def _parse_header_table(where: _Where, path: str, value: Any) -> List[Condition]
     for name, test in value.items():
         sub = f"{path}.{name}"
         if not _HEADER_NAME_RE.fullmatch(name):
-            raise where.error(sub, f"{_quote(name)} is not a header name "
-                                   "(printable ASCII without spaces or ':')")
+            raise where.error(sub, f"{_quote(name)} is not a header name (letters, digits "
+                                   "and - _ . and the like; no spaces, ':' or brackets)")
         if isinstance(test, bool):
             parts.append(HeaderPresent(name, test))
         elif isinstance(test, (str, list)):
@@ -3353,6 +4650,15 @@ def _parse_actions(where: _Where, rule: dict, problems: _Problems, required: boo
         if key in rule:
             with problems.catch():
                 values[key] = _check_bool(where, key, rule[key])
+    destinations = [("label", label) for label in values.get("labels", ())]
+    destinations += [("move", values["move"])] if "move" in values else []
+    for path, text in destinations:
+        if _is_template(text):
+            with problems.catch():
+                try:
+                    split_template(text)
+                except ValueError as exc:
+                    raise where.error(path, str(exc)) from None
     actions = Actions(**values)
     if len(problems.lines) > bad:
         return actions
@@ -3449,6 +4755,127 @@ def _parse_account_key(where: _Where, key: str, item: Any, account: Dict[str, An
                         for i, part in enumerate(item, 1)]
 
 
+# [[test]] tables: each message key -> how it shapes the sample message. Header keys
+# become header lines; the rest set what IMAP would report (size, labels, flags).
+_TEST_HEADER_KEYS = {"from": "From", "to": "To", "cc": "Cc", "subject": "Subject",
+                     "list_id": "List-Id"}
+_TEST_STATE_KEYS = ("has_attachment", "unread", "starred")
+TEST_MESSAGE_KEYS = tuple(_TEST_HEADER_KEYS) + ("headers", "body", "size", "date", "labels",
+                                                "eml") + _TEST_STATE_KEYS
+TEST_KEYS = ("name",) + TEST_MESSAGE_KEYS + ("expect_rules", "expect_actions")
+_EML_COMPATIBLE = ("eml", "labels") + _TEST_STATE_KEYS
+
+
+def _parse_test_date(where: _Where, value: Any) -> datetime:
+    text = _check_text(where, "date", value, "a date as text")
+    when: Optional[datetime] = None
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        try:
+            when = datetime.fromisoformat(text.strip())
+        except ValueError:
+            pass
+    if when is None:
+        raise where.error("date", f"expected a date like \"2024-03-04\", \"2024-03-04T10:00:00+01:00\" "
+                                  f"or \"Mon, 04 Mar 2024 10:00:00 +0000\", got {_quote(value)}")
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def _test_message(where: _Where, table: Dict[str, Any], source: str) -> MessageInfo:
+    """Build the sample message of one [[test]] table (read the .eml file when given)."""
+    if "eml" in table:
+        extra = [key for key in table if key in TEST_MESSAGE_KEYS and key not in _EML_COMPATIBLE]
+        if extra:
+            raise where.error("eml", f"the .eml file is the whole message; drop "
+                                     f"{', '.join(extra)} (or drop eml)")
+        path = _check_text(where, "eml", table["eml"], "a path to an .eml file")
+        full = path if os.path.isabs(path) else os.path.join(os.path.dirname(source), path)
+        try:
+            with open(full, "rb") as fh:
+                msg = message_info_from_bytes(fh.read())
+        except OSError as exc:
+            raise where.error("eml", f"cannot read {full}: {exc.strerror or exc}") from None
+    else:
+        lines: List[str] = []
+        for key, header in _TEST_HEADER_KEYS.items():
+            if key in table:
+                values = table[key] if isinstance(table[key], list) else [table[key]]
+                text = ", ".join(_check_text(where, key, v, "a string") for v in values)
+                lines.append(f"{header}: {text}")
+        headers = table.get("headers", {})
+        if not isinstance(headers, dict):
+            raise where.error("headers", f"expected a table of header names and values, "
+                                         f"got {_quote(headers)}")
+        for name, value in headers.items():
+            if not _HEADER_NAME_RE.fullmatch(name):
+                raise where.error(f"headers.{name}", f"{_quote(name)} is not a header name")
+            lines.append(f"{name}: {_check_text(where, f'headers.{name}', value)}")
+        if "date" in table:
+            lines.append("Date: " + email.utils.format_datetime(_parse_test_date(where, table["date"])))
+        body = table.get("body", "")
+        if not isinstance(body, str):
+            raise where.error("body", f"expected text, got {_quote(body)}")
+        lines.append("Content-Type: text/plain; charset=utf-8")
+        raw = ("\r\n".join(lines) + "\r\n\r\n" + body).encode("utf-8")
+        msg = message_info_from_bytes(raw)
+    if "size" in table:
+        msg = dataclasses.replace(msg, size=_parse_size(where, "size", table["size"])[0])
+    labels = table.get("labels", [])
+    labels = [labels] if isinstance(labels, str) else labels
+    if not isinstance(labels, list):
+        raise where.error("labels", f"expected a list of label names, got {_quote(labels)}")
+    state = {key: _check_bool(where, key, table[key]) for key in _TEST_STATE_KEYS if key in table}
+    flags = set() if state.get("unread") else {"\\Seen"}
+    if state.get("starred"):
+        flags.add("\\Flagged")
+    return dataclasses.replace(
+        msg, flags=frozenset(flags),
+        labels=frozenset(_check_text(where, "labels", label) for label in labels),
+        has_attachment=state.get("has_attachment", msg.has_attachment))
+
+
+def _parse_test(source: str, position: int, table: Any,
+                rule_names: Optional[Sequence[str]]) -> RuleTest:
+    where = _Where(source, position, kind="test")
+    if not isinstance(table, dict):
+        raise where.error("", f"expected a table, got {_quote(table)}")
+    name = table.get("name")
+    if name is not None:
+        where.name = name = _check_text(where, "name", name)
+    for key in table:
+        if key not in TEST_KEYS:
+            raise where.error("", _unknown_key(key, TEST_KEYS))
+    if "expect_rules" not in table:
+        raise where.error("", "no expect_rules; list the names of the rules that must match, "
+                              "in order ([] for none)")
+    expected = table["expect_rules"]
+    if not isinstance(expected, list):
+        raise where.error("expect_rules", f"expected a list of rule names, got {_quote(expected)}")
+    for i, rule_name in enumerate(expected, 1):
+        _check_text(where, f"expect_rules[{i}]", rule_name, "a rule name")
+        if rule_names is not None and rule_name not in rule_names:
+            raise where.error(f"expect_rules[{i}]", _unknown_key(rule_name, rule_names, "rules")
+                              .replace("unknown key", "no rule named"))
+    actions = None
+    if "expect_actions" in table:
+        value = table["expect_actions"]
+        if not isinstance(value, dict):
+            raise where.error("expect_actions", f"expected a table of actions, e.g. "
+                                                f"{{ label = \"Receipts\", archive = true }}, got {_quote(value)}")
+        for key in value:
+            if key not in ACTION_KEYS:
+                raise where.error("expect_actions", _unknown_key(key, ACTION_KEYS, "actions"))
+        problems = _Problems()
+        actions = _parse_actions(where, value, problems, required=False)
+        problems.raise_any()
+    sample = {key: table[key] for key in TEST_MESSAGE_KEYS if key in table}
+    return RuleTest(name=name or f"test {position}", position=position,
+                    message=_test_message(where, table, source), expect_rules=tuple(expected),
+                    expect_actions=actions,
+                    sample=json.dumps(sample, sort_keys=True, ensure_ascii=False))
+
+
 def parse_rules(doc: Any, source: str = "<rules>") -> Ruleset:
     """Validate a rules document (parsed TOML or JSON) and build a Ruleset.
 
@@ -3478,8 +4905,21 @@ def parse_rules(doc: Any, source: str = "<rules>") -> Ruleset:
         raise where.error("rule", "the list is empty; add at least one rule")
     parsed = tuple(_parse_rule(source, i, rule, problems) for i, rule in enumerate(rules, 1))
     account = _parse_account(source, doc["account"], problems) if "account" in doc else {}
+    tests: Tuple[RuleTest, ...] = ()
+    tables = doc.get("test", [])
+    if not isinstance(tables, list):
+        problems.add(where.error("test", "expected a list of test tables; in TOML write "
+                                         "[[test]] with double brackets"))
+    else:
+        # Names are checked only when every rule parsed; a broken rule is reported already.
+        names = None if None in parsed else list(dict.fromkeys(r.name for r in parsed))
+        found = []
+        for i, table in enumerate(tables, 1):
+            with problems.catch():
+                found.append(_parse_test(source, i, table, names))
+        tests = tuple(found)
     problems.raise_any()
-    return Ruleset(rules=parsed, source=source, account=account)
+    return Ruleset(rules=parsed, source=source, account=account, tests=tests)
 
 
 # --- Rules files: a small TOML reader, the same on every Python --------------------------
@@ -3667,7 +5107,10 @@ class _TomlReader:
             raise self.fail(f"expected '=' after the key {'.'.join(keys)!r}, found {self.found()}")
         self.pos += 1
         self.skip_ws()
+        bare = self.pos
         value = self.value()
+        if after and self.text[bare] not in "\"'[{":
+            self.unquoted_words(self.text[bare:self.pos])
         for key in keys[:-1]:
             if key not in table:
                 table[key] = {}
@@ -3681,6 +5124,18 @@ class _TomlReader:
         table[keys[-1]] = value
         if after:
             self.end_of_line(after)
+
+    def unquoted_words(self, first: str) -> None:
+        """`larger_than = 5 MB`: a bare value followed by more words wanted quotes."""
+        self.skip_ws()
+        end = len(self.text)
+        for stop in ("#", "\n", "\r"):
+            found = self.text.find(stop, self.pos)
+            end = min(end, found) if found >= 0 else end
+        rest = self.text[self.pos:end].rstrip()
+        if rest:
+            raise self.fail(f"expected the end of the line after a value, found {self.found()}; "
+                            f"text with spaces needs quotes: \"{first} {rest}\"")
 
     def key(self) -> List[str]:
         keys = [self.simple_key()]
@@ -3951,6 +5406,31 @@ def load_rules(path: Any) -> Ruleset:
     return parse_rules(doc, source)
 
 
+def run_rule_tests(rules: Ruleset, now: Optional[datetime] = None) -> List[str]:
+    """Run the rules file's [[test]] tables offline, as `test` would classify them.
+
+    gmail_query is decided as everywhere off Gmail (Ruleset.local). Returns one
+    line per failed test, e.g. 'rules.toml: test 2 ("Shop"): expected rules
+    [Receipts], got [Receipts, Newsletters]'; [] when every test passes.
+    """
+    local, _notes = rules.local()
+    failures = []
+    for test in rules.tests:
+        decision = local.classify(test.message, final=True, now=now)
+        got = tuple(name for name, _ in decision.matches)
+        where = _Where(rules.source, test.position, None if test.name == f"test {test.position}"
+                       else test.name, kind="test").prefix()
+        if got != test.expect_rules:
+            failures.append(f"{where}expected rules [{', '.join(test.expect_rules)}], "
+                            f"got [{', '.join(got)}]")
+            continue
+        actions = decision.actions.expanded(test.message)
+        if test.expect_actions is not None and actions != test.expect_actions:
+            failures.append(f"{where}expected actions: {test.expect_actions.describe()}; "
+                            f"got: {actions.describe()}")
+    return failures
+
+
 # The built-in rules only add labels: nothing is archived, trashed or marked
 # read until the user writes a rules file that says so. STARTER_RULES_TOML is
 # the same document written out with comments; a test keeps the two equal.
@@ -4001,6 +5481,16 @@ _BUILTIN_DOC: Dict[str, Any] = {
             "label": "Newsletters",
         },
     ],
+    "test": [
+        {
+            "name": "A shop's receipt",
+            "from": "Shop <orders@shop.example>",
+            "subject": "Your receipt for order 1234",
+            "headers": {"List-Unsubscribe": "<mailto:unsubscribe@shop.example>"},
+            "expect_rules": ["Receipts"],
+            "expect_actions": {"label": "Receipts"},
+        },
+    ],
 }
 
 STARTER_RULES_JSON = json.dumps(_BUILTIN_DOC, indent=2, ensure_ascii=False) + "\n"
@@ -4044,6 +5534,8 @@ STARTER_RULES_TOML = r'''# gmail_classify rules. These are the built-in rules; e
 # Actions (at least one per rule)
 #   label = "Name" or ["A", "B/Sub"]   add Gmail labels (created when missing)
 #   move = "Folder"                    move the message to this folder / label
+#   move = "Archive/{year}", label = "Vendors/{sender_domain}"
+#                                      fields: {year}, {month} (received), {sender_domain}
 #   archive = true                     remove it from the Inbox
 #   trash = true                       move it to Trash
 #   mark_read, mark_unread = true      set or clear the read state
@@ -4122,6 +5614,20 @@ label = "Newsletters"
 # older_than = "1y"
 # not = { has_label = "Keep" }
 # trash = true
+
+# Tests: a sample message and the names of every rule that must match it, in
+# order (expect_rules = [] for none). `check` runs them; `run --apply` refuses to
+# start while one fails. A sample has from, to, cc, subject, list_id,
+# headers = { "X-Mailer" = "..." }, body, size = "2M", date = "2024-03-04",
+# labels = ["Receipts"], unread, starred, has_attachment = true, or instead
+# eml = "sample.eml". expect_actions = { ... } checks the resulting actions too.
+[[test]]
+name = "A shop's receipt"
+from = "Shop <orders@shop.example>"
+subject = "Your receipt for order 1234"
+headers = { "List-Unsubscribe" = "<mailto:unsubscribe@shop.example>" }
+expect_rules = ["Receipts"]       # not Newsletters: the first match wins
+expect_actions = { label = "Receipts" }
 '''
 
 
@@ -4130,27 +5636,161 @@ def builtin_rules() -> Ruleset:
     return parse_rules(_BUILTIN_DOC, "built-in rules")
 
 
+# --- Rules files: writing ----------------------------------------------------------------
+#
+# One small writer for the files import-filters, suggest and init produce: plain data
+# (str, int, bool, lists, tables) out, the same data back through load_rules. TOML gets
+# comments (a header, and lines above each rule); JSON has no comments.
+
+_TOML_WRITE_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                 "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(text: str) -> str:
+    """A TOML string: 'literal' when that keeps backslashes readable, else "escaped"."""
+    controls = re.search(r"[\x00-\x1f\x7f]", text)
+    if "\\" in text and "'" not in text and not controls:
+        return f"'{text}'"
+    out = []
+    for ch in text:
+        if ch in _TOML_WRITE_ESCAPES:
+            out.append(_TOML_WRITE_ESCAPES[ch])
+        elif ch < " " or ch == "\x7f":
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_key(key: str) -> str:
+    return key if _TOML_BARE_KEY.fullmatch(key) else _toml_string(key)
+
+
+def _toml_value(value: Any, indent: str = "") -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list):
+        items = [_toml_value(item, indent + "  ") for item in value]
+        one_line = "[" + ", ".join(items) + "]"
+        if len(one_line) <= 80 or not items:
+            return one_line
+        return "[\n" + "".join(f"{indent}  {item},\n" for item in items) + indent + "]"
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v, indent)}"
+                                for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} to a rules file")
+
+
+def _comment_lines(lines: Iterable[str]) -> str:
+    text = ""
+    for line in lines:
+        for part in str(line).splitlines() or [""]:
+            text += f"# {part}".rstrip() + "\n"
+    return text
+
+
+def format_rules(doc: Mapping[str, Any], fmt: str = "toml", header: Sequence[str] = (),
+                 comments: Optional[Sequence[Sequence[str]]] = None) -> str:
+    """Write a rules document ({"rule": [...], "test": [...], "account": {...}}) as text.
+
+    ``fmt`` is "toml" or "json". TOML carries ``header`` as comment lines at the top
+    and ``comments[i]`` above rule i; JSON cannot hold comments and leaves them out.
+    Returns text that load_rules reads back to the same document.
+    """
+    if fmt == "json":
+        return json.dumps(dict(doc), indent=2, ensure_ascii=False) + "\n"
+    if fmt != "toml":
+        raise ValueError(f"unknown rules file format {fmt!r}; use toml or json")
+    parts = [_comment_lines(header)] if header else []
+    if doc.get("account"):
+        parts.append("[account]\n" + "".join(f"{_toml_key(k)} = {_toml_value(v)}\n"
+                                             for k, v in doc["account"].items()))
+    for table in ("rule", "test"):
+        for index, entry in enumerate(doc.get(table, ())):
+            text = ""
+            if table == "rule" and comments and index < len(comments):
+                text += _comment_lines(comments[index])
+            text += f"[[{table}]]\n"
+            text += "".join(f"{_toml_key(k)} = {_toml_value(v)}\n" for k, v in entry.items())
+            parts.append(text)
+    return "\n".join(parts)
+
+
+def write_rules_file(path: Any, text: str, force: bool = False) -> None:
+    """Write a rules file created by this program; never over an existing file unless ``force``.
+
+    Raises RulesError when the file exists (without ``force``) or cannot be written.
+    """
+    path = pathlib.Path(path)
+    if path.exists() and not force:
+        raise RulesError(f"{path} already exists; pass --force to overwrite it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w" if force else "x", encoding="utf-8") as fh:
+            fh.write(text)
+    except FileExistsError:
+        raise RulesError(f"{path} already exists; pass --force to overwrite it") from None
+    except OSError as exc:
+        raise GmailClassifyError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 # --- Classify pipeline -------------------------------------------------------------------
 #
 # For one folder: open it (EXAMINE in a dry run, so nothing can change), find the UIDs,
-# fetch in batches only what the rules read, classify in memory, and only then act: one
-# command per action per chunk of a compressed UID set, flags and labels before moves.
-# Round trips grow with N / batch size plus a few per distinct action, never with N alone;
-# after a batch is classified only its UIDs are kept.
+# fetch in batches only what the rules read, classify in memory, and act in steps of a few
+# batches: one command per action per chunk of a compressed UID set, flags and labels
+# before moves.  Round trips grow with N / batch size plus a few per distinct action and
+# step, never with N alone; after a step is applied only its UIDs' outcomes are kept.
+#
+# A Checkpoint (the state layer below supplies one that lives on disk) says where to start
+# and hears, after each step the server confirmed, how far the run got: the mark, the
+# highest UID below which everything is done.  Every step only plans what a message still
+# needs (a label it lacks, a flag not yet set, a move while it is still here), so a run cut
+# anywhere is finished by the next one without doing anything twice.
 
 DEFAULT_BATCH = 1000     # messages per FETCH: ~0.5 MB of headers, one round trip
+DEFAULT_APPLY_EVERY = 10 # batches classified per step; changes are applied after each step
+# At most this many new folders (labels) per run unless the caller raises it: a template
+# such as "Vendors/{sender_domain}" over years of mail could otherwise create hundreds.
+DEFAULT_MAX_NEW_FOLDERS = 20
+
+
+class FolderLimitError(GmailClassifyError):
+    """A run would create more new folders than allowed; nothing was changed."""
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What the rules decided for one message, for reports and ``--json``."""
+    """What the rules decided for one message and what changed, for reports and ``--json``.
+
+    ``changes`` lists what the server confirmed (``applied``) or, in a dry run, what would
+    change; only what the message still needed, each with its before and after::
+
+        ({"action": "label", "label": "Receipts", "before": False, "after": True},
+         {"action": "archive", "label": "\\Inbox", "before": True, "after": False})
+
+    Moves and trash have ``before``/``after`` ``{"folder": ..., "uid": ...}`` (the new UID
+    from COPYUID where the server gives one, else None); a label off Gmail is a copy with
+    ``before`` None.  ``pending`` counts changes that were planned but not confirmed.
+    """
 
     folder: str
     uid: int
     sender: str
     subject: str
     decision: Decision
-    msgid: Optional[int] = None
+    msgid: Optional[int] = None          # X-GM-MSGID, Gmail only
+    uidvalidity: Optional[int] = None
+    message_id: str = ""
+    changes: Tuple[Dict[str, Any], ...] = ()
+    applied: bool = False
+    pending: int = 0
 
 
 @dataclass
@@ -4165,18 +5805,24 @@ class FolderReport:
     changes: Dict[str, int] = field(default_factory=dict)       # "label Receipts" -> messages
     created: List[str] = field(default_factory=list)            # folders/labels (to be) created
     moved_missing: int = 0                                      # gone before we moved them
-    skipped: Dict[int, str] = field(default_factory=dict)       # UID -> why it was left alone
+    skipped: List[int] = field(default_factory=list)            # UIDs left alone (run again):
+    why_skipped: Dict[int, str] = field(default_factory=dict)   # the server sent far more than
+                                                                # asked, or left items out
     notes: List[str] = field(default_factory=list)              # e.g. where trash goes
-
-    @property
-    def complete(self) -> bool:
-        """False when messages were skipped: the run must be repeated (exit code 6)."""
-        return not self.skipped
+    changes_made: int = 0           # changes the server confirmed (0 in a dry run)
+    changes_not_made: int = 0       # planned but not confirmed when the run stopped
+    start_uid: int = 0              # classified only UIDs above this (the mark)
+    mark: Optional[int] = None      # highest UID below which all is done, if it moved
 
 
 @dataclass
 class _Plan:
-    """UIDs grouped by the change they need; built while classifying, applied at the end."""
+    """UIDs grouped by the change they need; built while classifying, applied per step.
+
+    ``per_uid`` lists each message's changes as keys: ``("label", name)``,
+    ``("flag+", flag)``, ``("flag-", flag)``, ``("archive",)``, ``("move", folder)``,
+    ``("trash",)``.
+    """
 
     add_labels: Dict[str, List[int]] = field(default_factory=dict)
     add_flags: Dict[str, List[int]] = field(default_factory=dict)
@@ -4185,41 +5831,66 @@ class _Plan:
     move: Dict[str, List[int]] = field(default_factory=dict)
     trash: List[int] = field(default_factory=list)
     message_ids: Dict[int, str] = field(default_factory=dict)   # _message_key, off Gmail
+    per_uid: Dict[int, List[Tuple[str, ...]]] = field(default_factory=dict)
     server_name: Callable[[str], str] = str                     # rule name -> server's name
 
     def add(self, uid: int, actions: Actions, flags: frozenset,
-            labels: Optional[frozenset], folder: str) -> bool:
+            labels: Optional[frozenset], folder: str, *, in_trash: bool = False,
+            in_archive: bool = False) -> bool:
         """Record only changes the message still needs, so a second run sends nothing.
 
-        Returns True if the message needs any change at all.
+        ``in_trash``/``in_archive``: the message already is where trash/archive would put
+        it.  Returns True if the message needs any change at all.
         """
-        needed = False
+        keys: List[Tuple[str, ...]] = []
         for label in actions.labels:
             if labels is None or not any(_same_label(label, have) for have in labels):
                 self.add_labels.setdefault(label, []).append(uid)
-                needed = True
+                keys.append(("label", label))
         wanted = [("\\Seen", actions.mark_read, actions.mark_unread),
                   ("\\Flagged", actions.star, actions.unstar)]
         for flag, on, off in wanted:
             if on and flag not in flags:
                 self.add_flags.setdefault(flag, []).append(uid)
-                needed = True
+                keys.append(("flag+", flag))
             elif off and flag in flags:
                 self.remove_flags.setdefault(flag, []).append(uid)
-                needed = True
+                keys.append(("flag-", flag))
         # Archive means "out of the Inbox": on Gmail, messages carrying \\Inbox (whatever
         # folder view they were found in); elsewhere, messages in INBOX itself.
         in_inbox = (_same_folder(folder, "INBOX") if labels is None
                     else any(label.lower() == "\\inbox" for label in labels))
         if actions.trash:
-            self.trash.append(uid)
+            if not in_trash and not (labels is not None and
+                                     any(l.lower() == "\\trash" for l in labels)):
+                self.trash.append(uid)
+                keys.append(("trash",))
         elif actions.move and not _same_folder(self.server_name(actions.move), folder):
             self.move.setdefault(actions.move, []).append(uid)
-        elif actions.archive and in_inbox:
+            keys.append(("move", actions.move))
+        elif actions.archive and not in_archive and in_inbox:
             self.archive.append(uid)
-        else:
-            return needed
-        return True
+            keys.append(("archive",))
+        if keys:
+            self.per_uid[uid] = keys
+        return bool(keys)
+
+    def drop_label(self, label: str, uids: Iterable[int]) -> None:
+        """Forget a planned label for ``uids`` (off Gmail: that folder already holds them)."""
+        gone = set(uids)
+        self.add_labels[label] = [uid for uid in self.add_labels.get(label, []) if uid not in gone]
+        if not self.add_labels[label]:
+            del self.add_labels[label]
+        for uid in gone:
+            keys = [key for key in self.per_uid.get(uid, []) if key != ("label", label)]
+            if keys:
+                self.per_uid[uid] = keys
+            else:
+                self.per_uid.pop(uid, None)
+
+    def size(self) -> int:
+        """How many single changes (one message, one label or flag or move) are planned."""
+        return sum(len(keys) for keys in self.per_uid.values())
 
     def changes(self) -> Dict[str, int]:
         counts: Dict[str, int] = {}
@@ -4308,6 +5979,99 @@ def _message_info(uid: int, values: Mapping[str, Any], header_item: str,
     )
 
 
+class RunStopped(GmailClassifyError):
+    """A Checkpoint ended the run at a safe point: the daily download budget, a signal.
+
+    Raised once the changes already planned were applied and confirmed, so the next run
+    carries on from the mark; the command line exits 6 (incomplete, run again).
+    """
+
+
+class Checkpoint:
+    """The hooks classify_folder calls to learn where to start and to report its progress.
+
+    This base keeps nothing, so every run classifies the whole folder.  The state layer's
+    Run keeps a mark per account, host and folder on disk; a long-running loop may pass the
+    same object to classify_folder again and again.
+    """
+
+    def start(self, conn: GmailConnection, status: FolderStatus) -> int:
+        """Returns the mark for the folder just opened: only UIDs above it are classified."""
+        return 0
+
+    def before_fetch(self, conn: GmailConnection) -> None:
+        """Called before each FETCH batch; raise RunStopped to end the run here."""
+
+    def step_done(self, conn: GmailConnection, status: FolderStatus, mark: Optional[int],
+                  outcomes: Sequence[Outcome]) -> None:
+        """A step ended; ``outcomes`` carry what the server confirmed (in a dry run: what
+        would change).  Every selected UID up to ``mark`` is done; ``mark`` is None when
+        the mark must not move (a ``since``/``limit`` run, or a step cut short)."""
+
+
+_FLAG_ACTIONS = {("flag+", "\\Seen"): "mark read", ("flag-", "\\Seen"): "mark unread",
+                 ("flag+", "\\Flagged"): "star", ("flag-", "\\Flagged"): "unstar"}
+
+
+def describe_change(change: Mapping[str, Any]) -> str:
+    """One change record as words: ``"label Receipts"``, ``"move to Lists"``, ``"trash"``."""
+    action = change.get("action", "")
+    if action == "label":
+        return f"label {change.get('label')}"
+    if action == "unlabel":
+        return f"remove label {change.get('label')}"
+    if action in ("move", "move back"):
+        return f"{'move' if action == 'move' else 'move back'} to " \
+               f"{(change.get('after') or {}).get('folder')}"
+    return str(action)
+
+
+def _change_entry(key: Tuple[str, ...], uid: int, status: FolderStatus, gmail: bool,
+                  destinations: Mapping[str, Optional[str]], extra: Any) -> Dict[str, Any]:
+    """The record of one change (see Outcome), from a plan key and what the server said."""
+    kind = key[0]
+    if kind == "label":
+        if gmail:
+            return {"action": "label", "label": key[1], "before": False, "after": True}
+        return {"action": "label", "label": key[1], "before": None,
+                "after": extra or {"folder": key[1], "uid": None}}
+    if kind in ("flag+", "flag-"):
+        on = kind == "flag+"
+        return {"action": _FLAG_ACTIONS[(kind, key[1])], "flag": key[1], "before": not on,
+                "after": on}
+    if kind == "archive" and gmail:
+        return {"action": "archive", "label": "\\Inbox", "before": True, "after": False}
+    destination = key[1] if kind == "move" else destinations.get(kind)
+    return {"action": kind,
+            "before": {"folder": status.name, "uid": uid, "uidvalidity": status.uidvalidity},
+            "after": extra or {"folder": destination, "uid": None}}
+
+
+@dataclass
+class _Step:
+    """The batches classified since the last apply: their plan and what to report."""
+
+    plan: _Plan = field(default_factory=_Plan)
+    infos: Dict[int, MessageInfo] = field(default_factory=dict)
+    decisions: Dict[int, Decision] = field(default_factory=dict)
+    msgids: Dict[int, Optional[int]] = field(default_factory=dict)
+    last_uid: Optional[int] = None
+    finished: bool = False
+def _folder_hint(conn: GmailConnection, folder: str) -> str:
+    """"did you mean 'Receipts'?" for a misspelt folder, else where to find the names."""
+    try:
+        names = [f.name for f in conn.list_folders() if f.selectable]
+    except GmailClassifyError:
+        names = []
+    if folder in names:
+        return "the 'labels' command lists the folder names"
+    by_key = {name.casefold(): name for name in names}
+    close = difflib.get_close_matches(folder.casefold(), list(by_key), n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {by_key[close[0]]!r}? (the 'labels' command lists them all)"
+    return "the 'labels' command lists the folder names"
+
+
 # What each fetched item is called when a message is skipped for lacking it.
 _ITEM_NAMES = {"FLAGS": "flags", "RFC822.SIZE": "size", "INTERNALDATE": "date",
                "BODYSTRUCTURE": "structure", "X-GM-LABELS": "labels", "X-GM-MSGID": "message id"}
@@ -4380,49 +6144,55 @@ def check_run(conn: GmailConnection, rules: Ruleset, folders: Sequence[str], *,
         _check_plain_expunge(conn, conn.server_name(folder))
 
 
-def _folder_hint(conn: GmailConnection, folder: str) -> str:
-    """"did you mean 'Receipts'?" for a misspelt folder, else where to find the names."""
-    try:
-        names = [f.name for f in conn.list_folders() if f.selectable]
-    except GmailClassifyError:
-        names = []
-    if folder in names:
-        return "the 'labels' command lists the folder names"
-    by_key = {name.casefold(): name for name in names}
-    close = difflib.get_close_matches(folder.casefold(), list(by_key), n=1, cutoff=0.6)
-    if close:
-        return f"did you mean {by_key[close[0]]!r}? (the 'labels' command lists them all)"
-    return "the 'labels' command lists the folder names"
-
-
 def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX", *,
                     apply: bool = False, since: Optional[_dt.date] = None,
                     limit: Optional[int] = None, batch_size: int = DEFAULT_BATCH,
                     on_message: Optional[Callable[[Outcome], None]] = None,
                     on_progress: Optional[Callable[[int, int], None]] = None,
                     now: Optional[_dt.datetime] = None,
-                    allow_expunge: bool = False,
-                    on_applied: Optional[Callable[[int, int], None]] = None) -> FolderReport:
-    """Classify every message of ``folder`` (or those since ``since``; the newest ``limit``).
+                    on_applied: Optional[Callable[[int, int], None]] = None,
+                    checkpoint: Optional[Checkpoint] = None,
+                    apply_every: int = DEFAULT_APPLY_EVERY,
+                    report: Optional[FolderReport] = None,
+                    max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS,
+                    allow_expunge: bool = False) -> FolderReport:
+    """Classify the messages of ``folder`` above the checkpoint's mark (without a
+    checkpoint: all of them), or only those since ``since``; the newest ``limit``.
 
-    Dry run unless ``apply``: the folder is opened with EXAMINE and nothing is written, but
-    every check ``apply`` would make first is made, with the same error.  Folder names are
-    written with ``/`` and mapped to the server's namespace (GmailConnection.server_name).
-    ``allow_expunge`` lets moves use a plain EXPUNGE on servers with neither MOVE nor
-    UIDPLUS (see GmailConnection.move).  ``on_message`` receives an Outcome per message;
-    ``on_progress(done, total)`` per batch classified; with ``apply``,
-    ``on_applied(done, total)`` counts changes as they are made.  A message whose FETCH
-    answer lacks anything the rules read is never acted on: it is listed in
-    ``report.skipped`` (run again).  Returns a FolderReport.  Raises CapabilityError before
-    touching anything when the server cannot do what the rules ask,
-    FolderUnavailableError when the folder cannot be opened, and the connection's errors.
+    Dry run unless ``apply``: the folder is opened with EXAMINE and nothing is written.
+    With ``apply`` the changes are made after every ``apply_every`` batches, and the
+    checkpoint hears of each step the server confirmed.  ``on_message`` receives an Outcome
+    per message when its step is done (with ``apply``: after the server confirmed its
+    changes); ``on_progress(done, total)`` is called per batch classified; with ``apply``,
+    ``on_applied(done, total)`` counts changes as they are made (``total``: those planned
+    so far).  Pass your own ``report`` to keep the counts of a run that raises.  Returns
+    the FolderReport.  Off Gmail, gmail_query conditions drop out (see Ruleset.local; a
+    warning per rule).  Templated destinations are filled in per message; with ``apply``,
+    a step that would take the folders created past ``max_new_folders`` (None: no limit)
+    raises FolderLimitError before any of its changes.  Raises RunStopped when the
+    checkpoint ends the run, and the connection's errors.
+
+    Any server: every check ``apply`` makes before its first change (a way to move, trash
+    and archive folders) is made in a dry run too, with the same CapabilityError.  Folder
+    names are written with ``/`` and mapped to the server's namespace
+    (GmailConnection.server_name).  ``allow_expunge`` lets moves use a checked plain
+    EXPUNGE on servers with neither MOVE nor UIDPLUS (see GmailConnection.move).  A message
+    whose FETCH answer lacks anything the rules read is never acted on: it is listed in
+    ``report.skipped`` with the reason in ``report.why_skipped`` (run again).  A folder
+    that cannot be opened raises FolderUnavailableError.
     """
+    if rules.needs.queries and not conn.is_gmail:
+        rules, notes = rules.local()
+        for note in notes:
+            log.warning("%s: %s (%s is not Gmail)", rules.source, note, conn.host)
     needs = rules.needs
-    if needs.queries and not conn.is_gmail:
-        raise CapabilityError(f"the rules use gmail_query, but {conn.host} is not Gmail "
-                              f"(no X-GM-EXT-1); remove those conditions for this server")
-    destinations = _settle(conn, rules, allow_expunge)
-    report = FolderReport(folder, apply, notes=list(destinations.notes))
+    separator: Optional[str] = None
+    if any(rule.actions.templates() for rule in rules.rules):
+        separator = next((f.delimiter for f in conn.list_folders() if f.delimiter), "/")
+    checkpoint = checkpoint if checkpoint is not None else Checkpoint()
+    settled = _settle(conn, rules, allow_expunge)
+    report = report if report is not None else FolderReport(folder, apply)
+    report.notes.extend(note for note in settled.notes if note not in report.notes)
     source = conn.server_name(folder)
     try:
         status = conn.select(source) if apply else conn.examine(source)
@@ -4433,87 +6203,221 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
             f"cannot open folder {folder!r}: {exc.text or exc}; {_folder_hint(conn, source)}",
             command=exc.command, status=exc.status, code=exc.code, text=exc.text) from exc
     log.info("%s: %d messages (UIDVALIDITY %d)", source, status.exists, status.uidvalidity)
-    uids = conn.search(["SINCE", since] if since else ["ALL"])
+    start = max(0, checkpoint.start(conn, status))
+    report.start_uid = start
+    above: List[Any] = ["UID", f"{start + 1}:*"] if start else []
+    criteria = above + (["SINCE", since] if since else [] if above else ["ALL"])
+    # "UID N:*" always matches the highest UID, even when it is below N (RFC 3501 §6.4.8).
+    uids = [uid for uid in conn.search(criteria) if uid > start]
+    narrowed = since is not None or limit is not None
     if limit is not None:
         uids = uids[-limit:] if limit > 0 else []
     queries: Optional[Dict[str, set]] = None
     if conn.is_gmail:
-        queries = {query: set(conn.search(["ALL"], gmail_raw=query)) for query in needs.queries}
+        queries = {query: set(conn.search(above or ["ALL"], gmail_raw=query))
+                   for query in needs.queries}
+    destinations: Dict[str, Optional[str]] = {}
+    in_trash = in_archive = False
+    if settled.trash is not None:
+        destinations["trash"] = settled.trash.name
+        in_trash = _same_folder(settled.trash.name, source)
+    if settled.archive is not None:
+        destinations["archive"] = settled.archive.name
+        in_archive = _same_folder(settled.archive.name, source)
     items = _fetch_items(needs, conn.is_gmail)
     header_item = items[1]
-    plan = _Plan(server_name=conn.server_name)
-    for start in range(0, len(uids), batch_size):
-        batch = uids[start:start + batch_size]
-        fetched = conn.fetch(batch, items)
-        # Fail closed: a message the server answered only in part (an item missing, NIL,
-        # unreadable) would look like one with no headers or flags, and a `not` rule
-        # would match it.  It is skipped as a whole, before any rule runs.
-        infos: Dict[int, MessageInfo] = {}
-        for uid in batch:
-            why = _lacking(items, fetched.get(uid))
-            if why:
-                report.skipped[uid] = why
-            else:
-                infos[uid] = _message_info(uid, fetched[uid], header_item, queries, folder)
-        decisions: Dict[int, Decision] = {}
-        undecided: List[int] = []
-        for uid, info in infos.items():
-            decision = rules.classify(info, final=not needs.body, now=now)
-            if decision is None:
-                undecided.append(uid)
-            else:
-                decisions[uid] = decision
-        if undecided:
-            # Only messages the headers could not settle pay for a body prefix.
-            body_item = f"BODY.PEEK[]<0.{BODY_PREFIX_BYTES}>"
-            bodies = conn.fetch(undecided, [body_item])
-            for uid in undecided:
-                why = _lacking([body_item], bodies.get(uid))
-                if why:
-                    report.skipped[uid] = why
-                    continue
-                info = dataclasses.replace(infos[uid], body=body_text(bodies[uid][body_item]))
-                decisions[uid] = rules.classify(info, final=True, now=now)
-        for uid in sorted(decisions):
-            outcome = _tally(report, plan, decisions[uid], infos[uid], folder,
-                             fetched[uid].get("X-GM-MSGID"), source)
-            if on_message is not None:
-                on_message(outcome)
-        if on_progress is not None:
-            on_progress(min(start + batch_size, len(uids)), len(uids))
-    for uid, why in sorted(report.skipped.items()):
-        log.info("%s: skipped UID %d: %s; it was left as it is", folder, uid, why)
-    report.changes = plan.changes()
-    if destinations.plain_expunge and (plan.move or plan.trash or plan.archive):
-        _check_plain_expunge(conn, source)
-    if apply:
-        total, done = sum(report.changes.values()), [0]
+    copies: Dict[str, set] = {}       # off Gmail: label folder -> _message_key of its mail
+    applied = [0, 0]                  # changes made, changes planned: for on_applied
 
-        def applied(count: int) -> None:
-            done[0] += count
+    def finish(step: _Step) -> None:
+        step.finished = True
+        if not step.decisions:
+            return
+        confirmed: Dict[Tuple[int, Tuple[str, ...]], Any] = {}
+
+        def done(key: Tuple[str, ...], result: Mapping[int, Any]) -> None:
+            for uid, extra in result.items():
+                confirmed[(uid, key)] = extra
+            applied[0] += len(result)
             if on_applied is not None:
-                on_applied(min(done[0], total), total)
+                on_applied(min(applied[0], applied[1]), applied[1])
 
-        _apply_plan(conn, plan, report, destinations, allow_expunge, applied)
-    else:
-        report.created = _missing_folders(conn, plan)
+        ok = False
+        try:
+            plan = step.plan
+            if settled.plain_expunge and (plan.move or plan.trash or plan.archive):
+                _check_plain_expunge(conn, source)
+            if not conn.is_gmail and step.plan.add_labels:
+                _drop_copies_already_there(conn, step.plan, copies)
+            applied[1] += step.plan.size()
+            if apply:
+                _apply_plan(conn, step.plan, report, done, max_new_folders, settled,
+                            allow_expunge)
+            else:
+                report.created.extend(name for name in _missing_folders(conn, step.plan)
+                                      if name not in report.created)
+            ok = True
+        finally:
+            outcomes = []
+            for uid in sorted(step.decisions):
+                decision, info = step.decisions[uid], step.infos[uid]
+                keys = step.plan.per_uid.get(uid, [])
+                if apply:
+                    made = [key for key in keys if (uid, key) in confirmed]
+                else:
+                    made = list(keys)
+                for key in made:
+                    if key[0] == "label" and key[1] in copies:
+                        copies[key[1]].add(step.plan.message_ids.get(uid))
+                changes = tuple(_change_entry(key, uid, status, conn.is_gmail, destinations,
+                                              confirmed.get((uid, key))) for key in made)
+                for change in changes:
+                    name = describe_change(change)
+                    report.changes[name] = report.changes.get(name, 0) + 1
+                if apply:
+                    report.changes_made += len(made)
+                    if not ok:
+                        report.changes_not_made += len(keys) - len(made)
+                outcomes.append(Outcome(
+                    folder, uid, _first(header_addresses(info.headers, "from")),
+                    _first(header_text(info.headers, "subject")), decision,
+                    step.msgids.get(uid), status.uidvalidity,
+                    _first(header_text(info.headers, "message-id")).strip(), changes, apply,
+                    len(keys) - len(made)))
+            mark = step.last_uid if ok and not narrowed else None
+            if mark is not None and report.skipped:
+                mark = min(mark, min(report.skipped) - 1)   # the next run looks again
+            if mark is not None:
+                report.mark = mark
+            checkpoint.step_done(conn, status, mark, outcomes)
+            if on_message is not None:
+                for outcome in outcomes:
+                    if ok or outcome.changes:
+                        on_message(outcome)
+
+    def new_step() -> _Step:
+        return _Step(plan=_Plan(server_name=conn.server_name))
+
+    step = new_step()
+    batches = 0
+    # The next batch's FETCH is sent while this one is classified (pipelining); the
+    # checkpoint still approves each FETCH before it goes out.
+    fetches = conn.fetch_batches([uids[i:i + batch_size] for i in range(0, len(uids), batch_size)],
+                                 items, before_each=checkpoint.before_fetch,
+                                 skipped=report.skipped)
+    try:
+        for start_index in range(0, len(uids), batch_size):
+            try:
+                batch, fetched = next(fetches)
+            except RunStopped:
+                finish(step)
+                raise
+            _classify_batch(conn, rules, batch, items, header_item, queries, folder, now,
+                            step, report, in_trash, in_archive, fetched, separator, source)
+            batches += 1
+            if on_progress is not None:
+                on_progress(min(start_index + batch_size, len(uids)), len(uids))
+            if batches % max(1, apply_every) == 0:
+                finish(step)
+                step = new_step()
+        finish(step)
+    except BaseException:
+        if not step.finished and apply:
+            report.changes_not_made += step.plan.size()
+        raise
     return report
 
 
+def _classify_batch(conn: GmailConnection, rules: Ruleset, batch: List[int], items: List[str],
+                    header_item: str, queries: Optional[Dict[str, set]], folder: str,
+                    now: Optional[_dt.datetime], step: _Step, report: FolderReport,
+                    in_trash: bool, in_archive: bool,
+                    fetched: Optional[Dict[int, Dict[str, Any]]] = None,
+                    separator: Optional[str] = None, source: Optional[str] = None) -> None:
+    """Fetch one batch (unless given), classify it, and add what its messages still need
+    to the step; with a ``separator``, templated destinations are filled in.  ``source``
+    is the folder's name on the server (see server_name)."""
+    needs = rules.needs
+    if fetched is None:
+        fetched = conn.fetch(batch, items, skipped=report.skipped)
+    # Fail closed: a message the server answered only in part (an item missing, NIL,
+    # unreadable) would look like one with no headers or flags, and a `not` rule would
+    # match it.  It is skipped as a whole, before any rule runs.
+    infos: Dict[int, MessageInfo] = {}
+    for uid in batch:
+        why = "the server sent far more than was asked for" if uid in report.skipped \
+            else _lacking(items, fetched.get(uid))
+        if why:
+            _skip(report, uid, why)
+        else:
+            infos[uid] = _message_info(uid, fetched[uid], header_item, queries, folder)
+    decisions: Dict[int, Decision] = {}
+    undecided: List[int] = []
+    for uid, info in infos.items():
+        decision = rules.classify(info, final=not needs.body, now=now)
+        if decision is None:
+            undecided.append(uid)
+        else:
+            decisions[uid] = decision
+    if undecided:
+        # Only messages the headers could not settle pay for a body prefix.
+        body_item = f"BODY.PEEK[]<0.{BODY_PREFIX_BYTES}>"
+        bodies = conn.fetch(undecided, [body_item], skipped=report.skipped)
+        for uid in undecided:
+            why = "the server sent far more than was asked for" if uid in report.skipped \
+                else _lacking([body_item], bodies.get(uid))
+            if why:
+                _skip(report, uid, why)
+                continue    # never judged on a body we did not get
+            info = dataclasses.replace(infos[uid], body=body_text(bodies[uid][body_item]))
+            decisions[uid] = rules.classify(info, final=True, now=now)
+    for uid in sorted(decisions):
+        decision, info = decisions[uid], infos[uid]
+        if separator is not None:
+            decision = dataclasses.replace(decision,
+                                           actions=decision.actions.expanded(info, separator))
+        report.examined += 1
+        needed = step.plan.add(uid, decision.actions, info.flags, info.labels, source or folder,
+                               in_trash=in_trash, in_archive=in_archive)
+        if decision.actions.labels and info.labels is None:
+            step.plan.message_ids[uid] = _message_key(info.headers)
+        for name, _reason in decision.matches:
+            report.matched[name] = report.matched.get(name, 0) + 1
+            if needed:
+                report.changed[name] = report.changed.get(name, 0) + 1
+        step.infos[uid] = info
+        step.decisions[uid] = decision
+        step.msgids[uid] = fetched[uid].get("X-GM-MSGID")
+    # Skipped messages (gone between SEARCH and FETCH too) keep the mark below them.
+    step.last_uid = batch[-1] if batch else step.last_uid
+
+
+def _skip(report: FolderReport, uid: int, why: str) -> None:
+    """Leave one message alone for this run, saying why (the run ends incomplete)."""
+    if uid not in report.skipped:
+        report.skipped.append(uid)
+    report.why_skipped.setdefault(uid, why)
+    log.info("%s: skipped UID %d: %s; it was left as it is", report.folder, uid, why)
+
+
 def _tally(report: FolderReport, plan: _Plan, decision: Decision, info: MessageInfo,
-           folder: str, msgid: Optional[int] = None, source: Optional[str] = None) -> Outcome:
-    """Count one classified message into the report and plan its changes; ``source`` is
-    the folder's name on the server when it differs from ``folder`` (see server_name)."""
+           folder: str, msgid: Optional[int] = None) -> Outcome:
+    """Count one message classified offline into a dry-run report; plan its changes."""
     report.examined += 1
-    needed = plan.add(info.uid, decision.actions, info.flags, info.labels, source or folder)
+    needed = plan.add(info.uid, decision.actions, info.flags, info.labels, folder)
     if decision.actions.labels and info.labels is None:
         plan.message_ids[info.uid] = _message_key(info.headers)
     for name, _reason in decision.matches:
         report.matched[name] = report.matched.get(name, 0) + 1
         if needed:
             report.changed[name] = report.changed.get(name, 0) + 1
+    status = FolderStatus(folder, 0, None, 0, True)
+    changes = tuple(_change_entry(key, info.uid, status, info.labels is not None, {}, None)
+                    for key in plan.per_uid.get(info.uid, []))
     return Outcome(folder, info.uid, _first(header_addresses(info.headers, "from")),
-                   _first(header_text(info.headers, "subject")), decision, msgid)
+                   _first(header_text(info.headers, "subject")), decision, msgid,
+                   message_id=_first(header_text(info.headers, "message-id")).strip(),
+                   changes=changes)
 
 
 def _first(values: Sequence[str]) -> str:
@@ -4579,53 +6483,88 @@ def _missing_folders(conn: GmailConnection, plan: _Plan) -> List[str]:
             if name not in existing and name.upper() != "INBOX"]
 
 
+def _drop_copies_already_there(conn: GmailConnection, plan: _Plan,
+                               known: Dict[str, set]) -> None:
+    """Off Gmail a label is a copy in a folder of that name, and a copy is not idempotent:
+    forget planned copies of messages that folder already holds (by _message_key).
+
+    ``known`` caches each folder's keys for the rest of the folder run; the caller adds
+    the keys of the copies it makes.
+    """
+    existing = {f.name for f in conn.list_folders() if f.selectable}
+    for label in list(plan.add_labels):
+        if label not in known:
+            target = conn.server_name(label)
+            known[label] = _message_ids_in(conn, target) if target in existing else set()
+        plan.drop_label(label, [uid for uid in plan.add_labels[label]
+                                if plan.message_ids.get(uid) in known[label]])
+
+
 def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
-                destinations: _Destinations, allow_expunge: bool = False,
-                applied: Callable[[int], None] = lambda count: None) -> None:
-    """Carry out a plan: create what is missing, then labels and flags, then moves (so a
-    message is labelled where it stands, then leaves).  Everything that can refuse was
-    settled before (_settle, _check_plain_expunge) and folders are created first, so a
-    refusal comes before the first message changes.  ``applied(n)`` is told after each
-    step how many changes it made."""
-    for name in _missing_folders(conn, plan):
+                done: Optional[Callable[[Tuple[str, ...], Mapping[int, Any]], None]] = None,
+                max_new_folders: Optional[int] = None,
+                settled: Optional[_Destinations] = None, allow_expunge: bool = False) -> None:
+    """Carry out a plan: check destinations, create what is missing, then labels and flags,
+    then moves (so a message is labelled where it stands, then leaves).
+
+    ``done(key, {uid: extra})`` hears of each command the server confirmed (a _Plan key;
+    ``extra`` is None, or ``{"folder": ..., "uid": ...}`` for copies and moves).
+    ``settled``: the trash and archive folders _settle found (looked up here if None).
+    Names go to the server mapped to its namespace (server_name).
+    """
+    done = done or (lambda key, result: None)
+    # Everything that can refuse is settled before the first change.
+    missing = _missing_folders(conn, plan)
+    wanted = len(report.created) + len(missing)    # a step may follow steps that created some
+    if max_new_folders is not None and wanted > max_new_folders:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        before = "nothing was changed" if not report.created else \
+            f"nothing more was changed after creating {len(report.created)}"
+        raise FolderLimitError(f"{report.folder}: this run would create {wanted} new "
+                               f"folders ({shown}), more than the limit of {max_new_folders}; "
+                               f"{before}. Check the rules' templates, or raise the "
+                               f"limit with --max-new-folders {wanted}")
+    if settled is not None:
+        trash, archive = settled.trash, settled.archive
+    else:
+        trash = _special_destination(conn, "\\Trash", "trash") if plan.trash else None
+        archive = None
+        if plan.archive and not conn.is_gmail:
+            archive = _special_destination(conn, "\\Archive", "archive")
+    source = conn.server_name(report.folder)
+    for name in missing:
         if conn.create_folder(name):
             report.created.append(name)
     for label, uids in plan.add_labels.items():
         if conn.is_gmail:
             conn.add_labels(uids, [label])
-            applied(len(uids))
+            done(("label", label), dict.fromkeys(uids))
             continue
-        # No labels here: a label is a copy in a folder of that name.  A copy is not
-        # idempotent, so skip messages that folder already holds (by _message_key).
+        # No labels here: a label is a copy in a folder of that name (copies it already
+        # holds were dropped from the plan by _drop_copies_already_there).
         target = conn.server_name(label)
-        there = _message_ids_in(conn, target)
-        todo = [uid for uid in uids if plan.message_ids.get(uid) not in there]
-        report.changes[f"label {label}"] = len(todo)
-        if todo:
-            conn.copy(todo, target)
-        applied(len(uids))
+        copied = conn.copy(uids, target)
+        done(("label", label), {uid: {"folder": target, "uid": copied.get(uid)} for uid in uids})
     for flag, uids in plan.add_flags.items():
         conn.add_flags(uids, [flag])
-        applied(len(uids))
+        done(("flag+", flag), dict.fromkeys(uids))
     for flag, uids in plan.remove_flags.items():
         conn.remove_flags(uids, [flag])
-        applied(len(uids))
-    moves = [(uids, conn.server_name(dest)) for dest, uids in plan.move.items()]
-    trash, archive = destinations.trash, destinations.archive
-    source = conn.server_name(report.folder)
+        done(("flag-", flag), dict.fromkeys(uids))
+    moves: List[Tuple[List[int], str, Tuple[str, ...]]] = [
+        (uids, conn.server_name(dest), ("move", dest)) for dest, uids in plan.move.items()]
     if plan.archive and conn.is_gmail:
         # Gmail's archive is "remove the \Inbox label"; the message stays in All Mail.
         conn.remove_labels(plan.archive, ["\\Inbox"])
-        applied(len(plan.archive))
+        done(("archive",), dict.fromkeys(plan.archive))
     elif plan.archive and archive is not None and not _same_folder(archive.name, source):
-        moves.append((plan.archive, archive.name))
+        moves.append((plan.archive, archive.name, ("archive",)))
     if plan.trash and trash is not None and not _same_folder(trash.name, source):
-        moves.append((plan.trash, trash.name))
-    for uids, destination in moves:
+        moves.append((plan.trash, trash.name, ("trash",)))
+    for uids, destination, key in moves:
         result = conn.move(uids, destination, allow_expunge=allow_expunge)
         report.moved_missing += len(result.missing)
-        applied(len(uids))
-
+        done(key, {uid: {"folder": destination, "uid": new} for uid, new in result.moved.items()})
 
 
 # --- Demo: a small sample mailbox, classified offline ------------------------------------
@@ -4684,9 +6623,9 @@ def demo_messages(now: Optional[datetime] = None) -> List[MessageInfo]:
         raw = (f"{headers}\nTo: you@example.com\nDate: {date}\n"
                f"Message-ID: <demo-{uid}@gmail-classify.example>\nMIME-Version: 1.0\n"
                f"Content-Type: text/plain; charset=utf-8\n\n{body}\n").replace("\n", "\r\n")
-        info = message_info_from_bytes(raw.encode("utf-8") + b"x" * padding)
+        info = message_info_from_bytes(raw.encode("utf-8"))
         infos.append(dataclasses.replace(
-            info, uid=uid, flags=frozenset(flags.split()),
+            info, uid=uid, size=info.size + padding, flags=frozenset(flags.split()),
             labels=frozenset(["\\Inbox"] + labels.split())))
     return infos
 
@@ -4697,16 +6636,1436 @@ def classify_messages(rules: Ruleset, messages: Iterable[MessageInfo], folder: s
     """Classify messages already in hand, offline, as a dry run of ``folder`` would.
 
     Returns the same FolderReport classify_folder would for a dry run (without the
-    folders to create, which only the server knows); ``gmail_query`` conditions stay
-    unknown. ``on_message`` receives an Outcome per message.
+    folders to create, which only the server knows); ``gmail_query`` conditions drop out
+    as everywhere off Gmail (Ruleset.local), and templates are filled in as on Gmail.
+    ``on_message`` receives an Outcome per message.
     """
     report, plan = FolderReport(folder, applied=False), _Plan()
+    rules = rules.local()[0]
     for info in messages:
-        outcome = _tally(report, plan, rules.classify(info, final=True, now=now), info, folder)
+        decision = rules.classify(info, final=True, now=now)
+        decision = dataclasses.replace(decision, actions=decision.actions.expanded(info))
+        outcome = _tally(report, plan, decision, info, folder)
         if on_message is not None:
             on_message(outcome)
     report.changes = plan.changes()
     return report
+
+
+# --- State and audit log -----------------------------------------------------------------
+#
+# What makes runs incremental and explainable.  The state file remembers, per account, host
+# and folder, the folder's UIDVALIDITY and a mark: the highest UID below which every message
+# was classified and had its changes confirmed by the server.  It also remembers a hash of
+# the rules each mark was reached with, and the bytes downloaded per account per day (Gmail
+# suspends IMAP for a day past about 2.5 GB).  It lives in $XDG_STATE_HOME/gmail_classify/
+# (~/.local/state/gmail_classify/), mode 0600 in a 0700 directory, and every write is a
+# temporary file, fsync and rename, merged under a short lock with what other processes
+# wrote meanwhile.  Next to it, audit.jsonl holds one record per message per applied step
+# (the same records ``run --json`` prints), which `history` and `undo` read.  An `--apply`
+# holds a per-account lock for its whole length so two never interleave.
+
+STATE_FORMAT = "gmail_classify state"
+STATE_VERSION = 1              # bumped when the state file's layout changes incompatibly
+RECORD_VERSION = 1             # of the records in --json output and audit.jsonl
+DEFAULT_DAILY_BUDGET = 2 * 1024 ** 3   # bytes per account per day; Gmail's limit is ~2.5 GB
+AUDIT_MAX_BYTES = 16 * 1024 ** 2       # audit.jsonl past this size becomes audit.jsonl.1
+DOWNLOAD_DAYS_KEPT = 8                 # days of download counts kept in the state file
+
+
+class StateError(GmailClassifyError):
+    """The state file is corrupt, unreadable or not ours; the message names it and the way
+    out (``--all`` starts afresh, or delete the file)."""
+
+
+class LockedError(GmailClassifyError):
+    """Another ``--apply`` holds this account's lock; the message says which process."""
+
+
+class BudgetExceededError(RunStopped):
+    """The account's daily download budget is (nearly) used up; the message says when the
+    run can go on.  Raised at a safe point, after the pending changes were applied."""
+
+
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/gmail_classify`` (``~/.local/state/gmail_classify`` by default)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                            "state")
+    return Path(base) / "gmail_classify"
+
+
+def account_key(user: str, host: str, port: Optional[int] = None) -> str:
+    """How the state names an account: ``"you@gmail.com on imap.gmail.com"``; a port other
+    than 993 or 143 is kept (``"me on 127.0.0.1:1143"``), since it is another server."""
+    return f"{user} on {_where(host, port)}"
+
+
+def _where(host: str, port: Optional[int]) -> str:
+    return host if port in (None, IMAPS_PORT, IMAP_PORT) else f"{host}:{port}"
+
+
+def _canonical(value: Any) -> Any:
+    """A JSON-able form of rules that does not depend on set order or memory addresses."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [type(value).__name__] + [[f.name, _canonical(getattr(value, f.name))]
+                                         for f in dataclasses.fields(value)]
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_canonical(v) for v in value), key=lambda v: json.dumps(v, sort_keys=True))
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, re.Pattern):
+        return ["re", value.pattern, value.flags]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def rules_hash(rules: Ruleset) -> str:
+    """A short fingerprint of what the rules do (not of the file's comments or layout)."""
+    text = json.dumps(_canonical(rules.rules), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _ensure_private_dir(directory: Path) -> None:
+    """Create ``directory`` (mode 0700) and tighten it if others could read it."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if os.name == "posix" and directory.stat().st_mode & 0o077:
+            os.chmod(directory, 0o700)
+    except OSError as exc:
+        raise StateError(f"cannot create the state directory {directory}: {exc}; set "
+                         f"XDG_STATE_HOME to a writable place") from exc
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file (0600), fsync it, rename it over ``path``."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, text.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+        if os.name == "posix":
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except OSError as exc:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise StateError(f"cannot write the state file {path}: {exc}") from exc
+
+
+class _FileLock:
+    """An exclusive lock on an open file: fcntl.flock on POSIX, msvcrt.locking on Windows.
+
+    Held by the open file, so it goes away with the process, however it ends.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: Optional[int] = None
+
+    def acquire(self, wait: bool) -> bool:
+        """Take the lock; returns False when another holds it and ``wait`` is False."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            elif msvcrt is not None:
+                msvcrt.locking(fd, msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
+        except OSError:
+            os.close(fd)
+            if wait:
+                raise
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            elif msvcrt is not None:
+                os.lseek(fd, 0, os.SEEK_SET)
+                msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+class AccountLock:
+    """The per-account lock every ``--apply`` holds for its whole length.
+
+    ``with store.lock(key, "run"):`` ...; a second holder gets LockedError naming the
+    process that has it.  A long-running loop (watch) simply keeps it.  Dry runs never
+    take it.
+    """
+
+    def __init__(self, path: Path, account: str, command: str = "run") -> None:
+        self.path = path
+        self.account = account
+        self.command = command
+        self._lock = _FileLock(path)
+
+    @property
+    def held(self) -> bool:
+        return self._lock.fd is not None
+
+    def acquire(self) -> "AccountLock":
+        """Take the lock now or raise LockedError; never waits."""
+        _ensure_private_dir(self.path.parent)
+        try:
+            got = self._lock.acquire(wait=False)
+        except OSError as exc:
+            raise StateError(f"cannot open the lock file {self.path}: {exc}") from exc
+        if not got:
+            holder = ""
+            try:
+                info = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+                holder = (f" (pid {info.get('pid')}, {info.get('command')}, since "
+                          f"{info.get('since')})")
+            except (OSError, ValueError, AttributeError):
+                pass
+            raise LockedError(f"another --apply{holder} holds the lock for {self.account}; "
+                              f"wait for it to finish, or stop it, then try again")
+        assert self._lock.fd is not None
+        note = json.dumps({"pid": os.getpid(), "command": self.command,
+                           "since": _iso(_utcnow())}).encode()
+        os.ftruncate(self._lock.fd, 0)
+        os.lseek(self._lock.fd, 0, os.SEEK_SET)
+        os.write(self._lock.fd, note)
+        return self
+
+    def release(self) -> None:
+        if self._lock.fd is not None:
+            try:
+                os.ftruncate(self._lock.fd, 0)
+            except OSError:
+                pass
+        self._lock.release()
+
+    def __enter__(self) -> "AccountLock":
+        return self.acquire()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()
+
+
+@dataclass(frozen=True)
+class FolderState:
+    """What the state remembers of one folder: ``FolderState(uidvalidity=11, mark=812,
+    rules="3f2a9c0e5b7d1a64", updated="2026-12-01T17:03:00Z")``.
+
+    Every message with a UID up to ``mark`` was classified (with the rules whose hash is
+    ``rules``) and its changes were confirmed by the server.
+    """
+
+    uidvalidity: int
+    mark: int
+    rules: str = ""
+    updated: str = ""
+
+
+class StateStore:
+    """The state file (``state.json``) and the audit log (``audit.jsonl``) in ``directory``.
+
+    ``load()`` reads the file (missing: empty state); ``folder()``/``set_folder()`` and
+    ``add_download()``/``downloaded()`` work in memory; ``save()`` merges these changes into
+    whatever is on disk now and writes it atomically.  ``lock(account)`` gives the
+    AccountLock.  ``now`` (a callable returning an aware datetime) is injectable for tests.
+    Raises StateError for a corrupt, unreadable or foreign file.
+    """
+
+    def __init__(self, directory: Union[str, Path, None] = None, *,
+                 now: Callable[[], datetime] = _utcnow) -> None:
+        self.directory = Path(directory) if directory else default_state_dir()
+        self.path = self.directory / "state.json"
+        self.audit = AuditLog(self.directory / "audit.jsonl")
+        self.now = now
+        self._data: Dict[str, Any] = self._empty()
+        self._folders: Dict[Tuple[str, str], FolderState] = {}
+        self._downloads: Dict[Tuple[str, str], int] = {}
+        self._replace_bad_file = False
+
+    @staticmethod
+    def _empty() -> Dict[str, Any]:
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "accounts": {}}
+
+    def load(self, *, start_over: bool = False) -> None:
+        """Read the state file.  ``start_over``: a bad file is not an error but is replaced
+        at the next save (what ``--all`` does)."""
+        try:
+            self._data = self._read()
+        except StateError:
+            if not start_over:
+                raise
+            log.warning("ignoring the unusable state file %s; it will be replaced", self.path)
+            self._data = self._empty()
+            self._replace_bad_file = True
+
+    def _read(self) -> Dict[str, Any]:
+        fix = f"run with --all to start over, or delete {self.path}"
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return self._empty()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StateError(f"cannot read the state file {self.path}: {exc}; {fix}") from exc
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise StateError(f"the state file {self.path} is corrupt ({exc}); {fix}") from exc
+        if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+            raise StateError(f"{self.path} is not a gmail_classify state file; {fix}")
+        version = data.get("version")
+        if not isinstance(version, int) or version > STATE_VERSION:
+            raise StateError(f"the state file {self.path} has format version {version!r}, "
+                             f"newer than this program's ({STATE_VERSION}); use a newer "
+                             f"gmail_classify.py, or {fix}")
+        accounts = data.get("accounts")
+        try:
+            if not isinstance(accounts, dict):
+                raise TypeError("accounts")
+            for account in accounts.values():
+                for entry in account.get("folders", {}).values():
+                    FolderState(int(entry["uidvalidity"]), int(entry["mark"]))
+                for count in account.get("downloads", {}).values():
+                    int(count)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"the state file {self.path} is corrupt (bad entry: {exc}); "
+                             f"{fix}") from exc
+        return data
+
+    def folder(self, account: str, name: str) -> Optional[FolderState]:
+        """The remembered state of a folder, or None when there is none yet."""
+        if (account, name) in self._folders:
+            return self._folders[(account, name)]
+        entry = self._data["accounts"].get(account, {}).get("folders", {}).get(name)
+        if entry is None:
+            return None
+        return FolderState(int(entry["uidvalidity"]), int(entry["mark"]),
+                           str(entry.get("rules", "")), str(entry.get("updated", "")))
+
+    def set_folder(self, account: str, name: str, state: FolderState) -> None:
+        """Remember a folder's state (written by the next save())."""
+        self._folders[(account, name)] = state
+
+    def today(self) -> str:
+        return self.now().astimezone(timezone.utc).date().isoformat()
+
+    def add_download(self, account: str, nbytes: int) -> None:
+        """Count ``nbytes`` downloaded today (UTC) for ``account``."""
+        if nbytes > 0:
+            key = (account, self.today())
+            self._downloads[key] = self._downloads.get(key, 0) + nbytes
+
+    def downloaded(self, account: str) -> int:
+        """Bytes downloaded today (UTC) for ``account``, this process's unsaved ones included."""
+        day = self.today()
+        saved = self._data["accounts"].get(account, {}).get("downloads", {}).get(day, 0)
+        return int(saved) + self._downloads.get((account, day), 0)
+
+    def save(self) -> None:
+        """Merge this process's changes into the file on disk and write it atomically."""
+        if not self._folders and not self._downloads and not self._replace_bad_file:
+            return
+        _ensure_private_dir(self.directory)
+        guard = _FileLock(self.directory / "state.lock")
+        try:
+            guard.acquire(wait=True)
+        except OSError as exc:
+            raise StateError(f"cannot lock {self.directory / 'state.lock'}: {exc}") from exc
+        try:
+            try:
+                data = self._read()
+            except StateError:
+                if not self._replace_bad_file:
+                    raise
+                data = self._empty()
+            data["version"] = STATE_VERSION
+            horizon = (self.now().astimezone(timezone.utc).date()
+                       - timedelta(days=DOWNLOAD_DAYS_KEPT)).isoformat()
+            for (account, name), state in self._folders.items():
+                folders = data["accounts"].setdefault(account, {}).setdefault("folders", {})
+                folders[name] = dataclasses.asdict(state)
+            for (account, day), nbytes in self._downloads.items():
+                downloads = data["accounts"].setdefault(account, {}).setdefault("downloads", {})
+                downloads[day] = int(downloads.get(day, 0)) + nbytes
+            for account in data["accounts"].values():
+                downloads = account.get("downloads", {})
+                for day in [d for d in downloads if d < horizon]:
+                    del downloads[day]
+            _write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True,
+                                                ensure_ascii=False) + "\n")
+            self._data = data
+            self._folders.clear()
+            self._downloads.clear()
+            self._replace_bad_file = False
+        finally:
+            guard.release()
+
+    def lock(self, account: str, command: str = "run") -> AccountLock:
+        """The lock for ``account``; use it as ``with store.lock(key):``."""
+        safe = re.sub(r"[^A-Za-z0-9@._-]+", "_", account)
+        return AccountLock(self.directory / f"{safe}.lock", account, command)
+
+
+class AuditLog:
+    """``audit.jsonl``: one JSON record per line, appended once the server confirmed.
+
+    Policy: when the file passes AUDIT_MAX_BYTES (16 MB, some 40,000 records) it becomes
+    ``audit.jsonl.1``, replacing the one before; ``records()`` reads both, oldest first.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.previous = path.with_name(path.name + ".1")
+
+    def append(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Append records and fsync; rotate first if the file is past its size."""
+        lines = "".join(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
+                        for record in records)
+        if not lines:
+            return
+        _ensure_private_dir(self.path.parent)
+        try:
+            if self.path.exists() and self.path.stat().st_size > AUDIT_MAX_BYTES:
+                os.replace(self.path, self.previous)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, lines.encode("utf-8"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise StateError(f"cannot write the audit log {self.path}: {exc}") from exc
+
+    def records(self) -> Iterator[Dict[str, Any]]:
+        """Every record still held, oldest first; unreadable lines are skipped with a warning."""
+        bad = 0
+        for path in (self.previous, self.path):
+            try:
+                handle = open(path, encoding="utf-8", errors="replace")
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StateError(f"cannot read the audit log {path}: {exc}") from exc
+            with handle:
+                for line in handle:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        bad += 1
+                        continue
+                    if isinstance(record, dict):
+                        yield record
+        if bad:
+            log.warning("skipped %d unreadable lines of %s", bad, self.path)
+
+
+def _new_run_id(moment: datetime) -> str:
+    """``"20261201T170501-3fa2"``: sortable by time, unique enough to type into ``undo``."""
+    return moment.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + os.urandom(2).hex()
+
+
+def _size_text(nbytes: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if nbytes < 1024 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} GB"
+
+
+class Run(Checkpoint):
+    """One run over one account: classify folders, keep the marks, write the records.
+
+    A thin loop is all a caller needs (the command line and ``watch`` do this)::
+
+        store = StateStore(); store.load()
+        run = Run(store, rules, "you@gmail.com", "imap.gmail.com", apply=True)
+        with store.lock(run.account), GmailConnection(...) as conn:
+            for folder in ("INBOX", "Work"):
+                run.classify(conn, folder)
+            summary = run.finish()          # the summary record; run.finish("interrupted")
+
+    With ``apply`` each step the server confirmed moves the folder's mark, is saved to the
+    state file, and its records go to the audit log; a dry run reads the marks, keeps moved
+    marks only in memory (``mark_of``), and saves only the download count.
+    ``reclassify`` (``--all``) starts every folder from its first message; ``new_only``
+    (``--new-only``) sets each folder's mark to its newest message and classifies nothing.
+    ``on_record(record)`` receives every message record (with ``changes``) once its step is
+    done, and ``on_message(outcome)`` the same as an Outcome.  Raises BudgetExceededError (from classify) when today's downloads would pass
+    ``daily_budget`` bytes.
+    """
+
+    def __init__(self, store: StateStore, rules: Ruleset, user: str, host: str,
+                 port: Optional[int] = None, *, apply: bool = False, reclassify: bool = False,
+                 new_only: bool = False, daily_budget: Optional[int] = DEFAULT_DAILY_BUDGET,
+                 command: str = "run", undo_of: Optional[str] = None,
+                 on_record: Optional[Callable[[Dict[str, Any]], None]] = None,
+                 on_message: Optional[Callable[[Outcome], None]] = None) -> None:
+        self.store = store
+        self.rules = rules
+        self.user = user
+        self.host = _where(host, port)
+        self.account = account_key(user, host, port)
+        self.apply = apply
+        self.reclassify = reclassify
+        self.new_only = new_only
+        self.daily_budget = daily_budget
+        self.command = command
+        self.undo_of = undo_of
+        self.on_record = on_record
+        self.on_message = on_message
+        self.started = store.now()
+        self.id = _new_run_id(self.started)
+        self.rules_hash = rules_hash(rules)
+        self.reports: List[FolderReport] = []
+        self.counts: Dict[str, int] = {}
+        self.changes_made = 0
+        self.narrowed = False
+        self._memory_marks: Dict[str, FolderState] = {}
+        self._conn: Optional[GmailConnection] = None
+        self._bytes_seen = 0
+        self._largest_fetch = 0
+        self._last_fetch_bytes: Optional[int] = None
+        self._warned_half = False
+
+    # -- driving it ----------------------------------------------------------------------
+
+    def classify(self, conn: GmailConnection, folder: str, *, since: Optional[_dt.date] = None,
+                 limit: Optional[int] = None, batch_size: int = DEFAULT_BATCH,
+                 apply_every: int = DEFAULT_APPLY_EVERY,
+                 on_progress: Optional[Callable[[int, int], None]] = None,
+                 on_applied: Optional[Callable[[int, int], None]] = None,
+                 now: Optional[_dt.datetime] = None,
+                 max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS,
+                 allow_expunge: bool = False) -> FolderReport:
+        """classify_folder with this run as the checkpoint; ``since``/``limit`` never move
+        the mark.  Returns the folder's report (also kept in ``reports``, unless the folder
+        could not be opened)."""
+        report = FolderReport(folder, self.apply)
+        self.reports.append(report)
+        self.narrowed = since is not None or limit is not None
+        try:
+            return classify_folder(conn, self.rules, folder, apply=self.apply, since=since,
+                                   limit=limit, batch_size=batch_size, on_progress=on_progress,
+                                   on_applied=on_applied, now=now, checkpoint=self,
+                                   apply_every=apply_every, report=report,
+                                   max_new_folders=max_new_folders, allow_expunge=allow_expunge)
+        except FolderUnavailableError:
+            self.reports.remove(report)     # never opened: nothing to report
+            raise
+        finally:
+            self._count_bytes(conn)
+
+    def mark_of(self, folder: str) -> Optional[FolderState]:
+        """The folder's state as this run sees it (a dry run's moved marks included)."""
+        return self._memory_marks.get(folder) or self.store.folder(self.account, folder)
+
+    @property
+    def changes_not_made(self) -> int:
+        return sum(report.changes_not_made for report in self.reports)
+
+    def finish(self, status: str = "complete", error: str = "") -> Dict[str, Any]:
+        """End the run: save the state, and for an ``--apply`` that changed something or
+        did not complete, append the summary record to the audit log.  ``status`` is
+        ``complete``, ``interrupted``, ``stopped`` (budget) or ``failed``.  Returns the
+        summary record (what ``--json`` prints last)."""
+        if self._conn is not None:
+            self._count_bytes(self._conn)
+        self.store.save()
+        summary: Dict[str, Any] = {
+            "type": "summary", "version": RECORD_VERSION, "run": self.id,
+            "time": _iso(self.started), "ended": _iso(self.store.now()),
+            "account": self.user, "host": self.host, "command": self.command,
+            "applied": self.apply, "status": status, "error": error,
+            "folders": [report.folder for report in self.reports],
+            "counts": dict(self.counts), "changes_made": self.changes_made,
+            "changes_not_made": self.changes_not_made,
+            "reports": [dataclasses.asdict(report) for report in self.reports],
+        }
+        if self.undo_of:
+            summary["undo_of"] = self.undo_of
+        if self._conn is not None:
+            summary.update(imap_commands=self._conn.commands_sent,
+                           bytes_received=self._conn.bytes_received,
+                           reconnects=self._conn.reconnects)
+        if self.apply and (self.changes_made or self.changes_not_made or
+                           (status != "complete" and self.reports)):
+            self.store.audit.append([summary])
+        return summary
+
+    # -- the Checkpoint hooks ------------------------------------------------------------
+
+    def start(self, conn: GmailConnection, status: FolderStatus) -> int:
+        self._count_bytes(conn)
+        known = self.mark_of(status.name)
+        if known is not None and known.uidvalidity != status.uidvalidity:
+            log.warning("%s: UIDVALIDITY changed from %d to %d (the server renumbered the "
+                        "folder); its mark is reset and it is classified from the start",
+                        status.name, known.uidvalidity, status.uidvalidity)
+            known = None
+            self._remember(status.name, FolderState(status.uidvalidity, 0, self.rules_hash))
+        if self.new_only:
+            newest = (status.uidnext - 1) if status.uidnext else max(
+                conn.search(["UID", "*"]) or [0])
+            log.info("%s: --new-only: only mail above UID %d will be classified",
+                     status.name, newest)
+            self._remember(status.name, FolderState(status.uidvalidity, newest,
+                                                    self.rules_hash))
+            return newest
+        if known is not None and known.mark and known.rules != self.rules_hash:
+            log.warning("%s: the rules changed since it was last classified; mail up to UID "
+                        "%d was classified with the old rules (run with --all to classify it "
+                        "again)", status.name, known.mark)
+            self._remember(status.name, dataclasses.replace(known, rules=self.rules_hash))
+        if self.reclassify or known is None:
+            return 0
+        return known.mark
+
+    def before_fetch(self, conn: GmailConnection) -> None:
+        self._count_bytes(conn)
+        if self._last_fetch_bytes is not None:
+            self._largest_fetch = max(self._largest_fetch,
+                                      conn.bytes_received - self._last_fetch_bytes)
+        self._last_fetch_bytes = conn.bytes_received
+        if not self.daily_budget:
+            return
+        used = self.store.downloaded(self.account)
+        if used >= self.daily_budget / 2 and not self._warned_half:
+            self._warned_half = True
+            log.warning("%s downloaded today for %s: half of the daily budget of %s (best "
+                        "effort: phones and mail apps share Gmail's quota)", _size_text(used),
+                        self.account, _size_text(self.daily_budget))
+        if used + self._largest_fetch > self.daily_budget:
+            now = self.store.now().astimezone(timezone.utc)
+            tomorrow = datetime.combine(now.date() + timedelta(days=1), _dt.time(),
+                                        tzinfo=timezone.utc)
+            hours = (tomorrow - now).total_seconds() / 3600
+            raise BudgetExceededError(
+                f"stopped before passing the daily download budget of "
+                f"{_size_text(self.daily_budget)} for {self.account} ({_size_text(used)} "
+                f"today); run again after 00:00 UTC (in {hours:.1f} h), or raise "
+                f"--daily-budget")
+
+    def step_done(self, conn: GmailConnection, status: FolderStatus, mark: Optional[int],
+                  outcomes: Sequence[Outcome]) -> None:
+        records = [self.record(outcome) for outcome in outcomes]
+        self.add_records(records, announce=False)
+        if mark is not None and not self.narrowed:
+            known = self.mark_of(status.name)
+            if known is not None and known.uidvalidity == status.uidvalidity:
+                mark = max(mark, known.mark)
+            self._remember(status.name, FolderState(status.uidvalidity, mark, self.rules_hash))
+        self._count_bytes(conn)
+        self.store.save()
+        if self.on_record is not None:
+            for record in records:
+                self.on_record(record)
+        if self.on_message is not None:
+            for outcome in outcomes:
+                self.on_message(outcome)
+
+    def add_records(self, records: Sequence[Dict[str, Any]], announce: bool = True) -> None:
+        """Count message records; with ``apply``, append those with changes to the audit
+        log (the server has confirmed them); then pass them to ``on_record``."""
+        if self.apply:
+            self.store.audit.append(record for record in records if record["changes"])
+        for record in records:
+            for change in record["changes"]:
+                name = describe_change(change)
+                self.counts[name] = self.counts.get(name, 0) + 1
+                if record["applied"]:
+                    self.changes_made += 1
+        if announce and self.on_record is not None:
+            for record in records:
+                self.on_record(record)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def record(self, outcome: Outcome) -> Dict[str, Any]:
+        """The JSON record of one message (see README, "Records")."""
+        actions = outcome.decision.actions
+        return {"type": "message", "version": RECORD_VERSION, "run": self.id,
+                "time": _iso(self.store.now()), "account": self.user, "host": self.host,
+                "folder": outcome.folder, "uid": outcome.uid, "uidvalidity": outcome.uidvalidity,
+                "gm_msgid": outcome.msgid, "message_id": outcome.message_id,
+                "subject": outcome.subject, "from": outcome.sender,
+                "rules": [name for name, _ in outcome.decision.matches],
+                "reasons": [reason for _, reason in outcome.decision.matches],
+                "actions": {} if actions.is_empty() else
+                dict(dataclasses.asdict(actions), labels=list(actions.labels)),
+                "applied": outcome.applied, "changes": list(outcome.changes)}
+
+    def _remember(self, folder: str, state: FolderState) -> None:
+        state = dataclasses.replace(state, updated=_iso(self.store.now()))
+        self._memory_marks[folder] = state
+        if self.apply and not self.narrowed:
+            self.store.set_folder(self.account, folder, state)
+
+    def _count_bytes(self, conn: GmailConnection) -> None:
+        if conn is not self._conn:
+            self._conn, self._bytes_seen = conn, 0
+            self._last_fetch_bytes = None
+        self.store.add_download(self.account, conn.bytes_received - self._bytes_seen)
+        self._bytes_seen = conn.bytes_received
+
+
+def history(store: StateStore) -> List[Dict[str, Any]]:
+    """The runs the audit log still holds, newest first.
+
+    Each is a dict: ``run``, ``time``, ``account``, ``host``, ``command`` (run, undo),
+    ``folders``, ``counts`` (``{"label Receipts": 12, "archive": 12}``), ``changes_made``,
+    ``status`` (complete, interrupted, stopped, failed; ``unfinished`` when the process
+    died before writing its summary), ``undo_of`` and ``undone_by`` (run ids or None).
+    """
+    runs: Dict[str, Dict[str, Any]] = {}
+    order: Dict[str, int] = {}        # runs that started in the same second: log order
+    summarised = set()
+    for record in store.audit.records():
+        run_id = record.get("run")
+        if not isinstance(run_id, str):
+            continue
+        order.setdefault(run_id, len(order))
+        entry = runs.setdefault(run_id, {
+            "run": run_id, "time": str(record.get("time", "")),
+            "account": str(record.get("account", "")), "host": str(record.get("host", "")),
+            "command": "run", "folders": [], "counts": {}, "changes_made": 0,
+            "status": "unfinished", "undo_of": None, "undone_by": None})
+        if record.get("undo_of"):
+            entry["undo_of"] = record["undo_of"]
+        if record.get("type") == "summary":
+            summarised.add(run_id)
+            entry.update(time=str(record.get("time", entry["time"])),
+                         command=str(record.get("command", "run")),
+                         folders=list(record.get("folders") or entry["folders"]),
+                         counts=dict(record.get("counts") or {}),
+                         changes_made=int(record.get("changes_made") or 0),
+                         status=str(record.get("status", "complete")))
+        elif record.get("type") == "message" and record.get("applied") \
+                and run_id not in summarised:
+            if record.get("undo_of"):
+                entry["command"] = "undo"
+            if record.get("folder") not in entry["folders"]:
+                entry["folders"].append(record.get("folder"))
+            for change in record.get("changes") or []:
+                name = describe_change(change)
+                entry["counts"][name] = entry["counts"].get(name, 0) + 1
+                entry["changes_made"] += 1
+    for entry in runs.values():
+        target = runs.get(entry["undo_of"] or "")
+        if target is not None and entry["changes_made"]:
+            target["undone_by"] = entry["run"]
+    return sorted(runs.values(), key=lambda e: (e["time"], order[e["run"]]), reverse=True)
+
+
+_UNDO_ACTIONS = {"label": "unlabel", "archive": "unarchive", "mark read": "mark unread",
+                 "star": "unstar", "move": "move back", "trash": "untrash"}
+_UNDO_ACTIONS.update({after: before for before, after in list(_UNDO_ACTIONS.items())})
+
+
+def _inverse_change(change: Mapping[str, Any]) -> Dict[str, Any]:
+    inverse = dict(change)
+    inverse["before"], inverse["after"] = change.get("after"), change.get("before")
+    action = str(change.get("action", ""))
+    inverse["action"] = _UNDO_ACTIONS.get(action, f"undo {action}")
+    return inverse
+
+
+class Undo:
+    """Reverse one applied run from its audit records (dry run unless ``apply``).
+
+    ``Undo(store, user, host, run_id=None)`` picks the run (default: the newest applied
+    run of this account not undone yet; StateError if there is none, or if ``run_id`` is
+    unknown, of another account, or already undone).  ``execute(conn)`` then, for each
+    message: brings moved and trashed mail back (found by X-GM-MSGID on Gmail, elsewhere
+    by the destination UID checked against the Message-ID, or by Message-ID), restores
+    labels and flags, and off Gmail deletes the copies that stood for labels.  A change
+    the user has undone or altered since is left alone and reported, and a message that
+    is no longer where the run put it is left alone as a whole.  The undo is itself a run
+    (``self.run``) whose records reach the audit log; call ``self.run.finish()`` after.
+    """
+
+    def __init__(self, store: StateStore, user: str, host: str, port: Optional[int] = None,
+                 *, run_id: Optional[str] = None, apply: bool = False,
+                 on_record: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
+        key = account_key(user, host, port)
+        runs = history(store)
+        where = f"the audit log {store.audit.path}"
+        if run_id is None:
+            mine = [r for r in runs if f"{r['account']} on {r['host']}" == key
+                    and r["command"] == "run" and r["changes_made"] and not r["undone_by"]]
+            if not mine:
+                raise StateError(f"no applied run of {key} left to undo in {where}; "
+                                 f"'history' lists the runs")
+            run_id = mine[0]["run"]
+        entry = next((r for r in runs if r["run"] == run_id), None)
+        if entry is None:
+            raise StateError(f"no run {run_id} in {where}; 'history' lists the runs")
+        if f"{entry['account']} on {entry['host']}" != key:
+            raise StateError(f"run {run_id} was on {entry['account']} on {entry['host']}, "
+                             f"not {key}; pass that account's --user and --host")
+        if entry["undone_by"]:
+            raise StateError(f"run {run_id} was already undone by {entry['undone_by']}")
+        self.undo_of = run_id
+        self.apply = apply
+        self.messages = []
+        self.created: List[str] = []        # folders the run created, deleted if empty
+        for record in store.audit.records():
+            if record.get("run") != run_id:
+                continue
+            if record.get("type") == "message" and record.get("applied") \
+                    and record.get("changes"):
+                self.messages.append(record)
+            elif record.get("type") == "summary":
+                for report in record.get("reports") or []:
+                    self.created += [name for name in report.get("created") or []
+                                     if isinstance(name, str)]
+        self.deleted: List[str] = []
+        self.run = Run(store, Ruleset(()), user, host, port, apply=apply, command="undo",
+                       undo_of=run_id, daily_budget=None, on_record=on_record)
+        self.reversed = 0
+        self.left_alone = 0
+
+    # Each message's undo is worked out in ``_work``: index -> {"done": [...], "alone": [...]}.
+
+    def execute(self, conn: GmailConnection) -> None:
+        """Reverse the run over ``conn`` (the account it was made on)."""
+        self.run._count_bytes(conn)
+        work: Dict[int, Dict[str, List[Any]]] = {
+            i: {"done": [], "alone": []} for i in range(len(self.messages))}
+        gone: set = set()
+        located: Dict[int, Tuple[str, Optional[int]]] = {}
+        # 1. Mail the run moved (or trashed, or archived off Gmail) goes back first.
+        by_place: Dict[str, List[int]] = {}
+        for i, record in enumerate(self.messages):
+            place = self._moved(record)
+            if place is not None:
+                by_place.setdefault(place[1]["folder"], []).append(i)
+        for folder, indexes in by_place.items():
+            found = self._locate(conn, folder, indexes, lambda r: self._moved(r)[1].get("uid"))
+            for i in indexes:
+                if i not in found:
+                    gone.add(i)
+                    work[i]["alone"].append(f"no longer in {folder}; left as it is")
+            if not conn.is_gmail:
+                self._restore_flags(conn, found, work)
+            back: Dict[str, List[int]] = {}
+            for i, uid in found.items():
+                back.setdefault(self._moved(self.messages[i])[0]["folder"], []).append(i)
+            for destination, items in back.items():
+                if self.apply:
+                    result = conn.move([found[i] for i in items], destination)
+                    moved = dict(result.moved)
+                else:
+                    moved = {found[i]: None for i in items}
+                for i in items:
+                    if found[i] not in moved:
+                        gone.add(i)
+                        work[i]["alone"].append(f"vanished from {folder} while moving it back")
+                        continue
+                    work[i]["done"].append(_inverse_change(self._moved(self.messages[i])[2]))
+                    located[i] = (destination, moved[found[i]])
+        # 2. Labels and flags where the message is now; off Gmail, copies made for labels.
+        rest = [i for i in range(len(self.messages)) if i not in gone]
+        if conn.is_gmail:
+            everywhere = conn.special_folder("\\All")
+            groups: Dict[str, List[int]] = {}
+            for i in rest:
+                groups.setdefault(everywhere.name if everywhere else self.messages[i]["folder"],
+                                  []).append(i)
+            for folder, indexes in groups.items():
+                found = self._locate(conn, folder, indexes, lambda r: None)
+                for i in indexes:
+                    if i not in found and self._flag_or_label(self.messages[i]):
+                        work[i]["alone"].append(f"not found in {folder}; left as it is")
+                self._restore_flags(conn, found, work)
+        else:
+            groups = {}
+            for i in rest:
+                if self._moved(self.messages[i]) is None and \
+                        any(c.get("flag") for c in self.messages[i]["changes"]):
+                    groups.setdefault(self.messages[i]["folder"], []).append(i)
+            for folder, indexes in groups.items():
+                found = self._locate(conn, folder, indexes, self._original_uid)
+                for i in indexes:
+                    if i not in found:
+                        work[i]["alone"].append(f"not found in {folder}; left as it is")
+                self._restore_flags(conn, found, work)
+            self._delete_copies(conn, rest, work)
+        self._report(work)
+        # Last, folders (labels) the run created, if nothing is left in them.
+        for name in dict.fromkeys(self.created):
+            if not any(f.name == name for f in conn.list_folders(refresh=True)):
+                continue
+            if conn.message_count(name):
+                log.warning("%s was created by run %s but holds mail now; it stays",
+                            name, self.undo_of)
+                continue
+            if self.apply:
+                if conn.selected is not None and _same_folder(conn.selected.name, name):
+                    conn.examine("INBOX")        # never delete the folder that is open
+                conn.delete_folder(name)
+            self.deleted.append(name)
+            label = f"delete folder {name}"
+            self.run.counts[label] = self.run.counts.get(label, 0) + 1
+
+    # -- helpers -------------------------------------------------------------------------
+
+    @staticmethod
+    def _moved(record: Mapping[str, Any]) -> Optional[Tuple[Dict[str, Any], Dict[str, Any],
+                                                            Dict[str, Any]]]:
+        """(before, after, change) of the record's change of place, if it has one."""
+        for change in record.get("changes") or []:
+            before, after = change.get("before"), change.get("after")
+            if isinstance(before, dict) and isinstance(after, dict) and after.get("folder"):
+                return before, after, change
+        return None
+
+    @staticmethod
+    def _flag_or_label(record: Mapping[str, Any]) -> bool:
+        return any(isinstance(c.get("after"), bool) for c in record.get("changes") or [])
+
+    @staticmethod
+    def _original_uid(record: Mapping[str, Any]) -> Optional[int]:
+        return record.get("uid")
+
+    def _open(self, conn: GmailConnection, folder: str) -> None:
+        if self.apply:
+            conn.select(folder)
+        else:
+            conn.examine(folder)
+
+    def _locate(self, conn: GmailConnection, folder: str, indexes: List[int],
+                uid_of: Callable[[Mapping[str, Any]], Optional[int]]) -> Dict[int, int]:
+        """Find each message in ``folder``: its UID there, or absent when it is not there."""
+        self._open(conn, folder)
+        found: Dict[int, int] = {}
+        if conn.is_gmail:
+            for i in indexes:
+                msgid = self.messages[i].get("gm_msgid")
+                if msgid:
+                    hits = conn.search(["X-GM-MSGID", int(msgid)])
+                    if len(hits) == 1:
+                        found[i] = hits[0]
+            return found
+        # Elsewhere: the UID the server gave, if the Message-ID there still agrees.
+        guesses = {i: uid_of(self.messages[i]) for i in indexes}
+        item = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
+        known = [uid for uid in guesses.values() if uid]
+        there = conn.fetch(known, [item]) if known else {}
+        for i, uid in guesses.items():
+            wanted = self.messages[i].get("message_id") or ""
+            if uid and uid in there and wanted and _first(header_text(
+                    parse_headers(there[uid].get(item) or b""), "message-id")).strip() == wanted:
+                found[i] = uid
+            elif wanted:
+                hits = conn.search(["HEADER", "Message-ID", wanted])
+                if len(hits) == 1:
+                    found[i] = hits[0]
+        return found
+
+    def _restore_flags(self, conn: GmailConnection, found: Mapping[int, int],
+                       work: Dict[int, Dict[str, List[Any]]]) -> None:
+        """Put back labels and flags (in the folder just located in) that still read as
+        the run left them."""
+        if not found:
+            return
+        items = ["FLAGS"] + (["X-GM-LABELS"] if conn.is_gmail else [])
+        now = conn.fetch(list(found.values()), items)
+        stores: Dict[Tuple[str, str, bool], List[int]] = {}
+        owners: Dict[Tuple[str, str, bool], List[Tuple[int, Dict[str, Any]]]] = {}
+        for i, uid in found.items():
+            values = now.get(uid)
+            if values is None:
+                work[i]["alone"].append("vanished while undoing")
+                continue
+            flags = set(values.get("FLAGS") or ())
+            labels = set(values.get("X-GM-LABELS") or ())
+            for change in self.messages[i]["changes"]:
+                if not isinstance(change.get("after"), bool):
+                    continue
+                if change.get("flag"):
+                    kind, name, have = "flag", change["flag"], change["flag"] in flags
+                elif change.get("label") and conn.is_gmail:
+                    kind, name = "label", change["label"]
+                    have = any(_same_label(name, label) for label in labels)
+                else:
+                    continue
+                if have != change["after"]:
+                    state = "set" if have else "not set"
+                    work[i]["alone"].append(f"{describe_change(change)}: changed since "
+                                            f"({name} is {state} now); left as it is")
+                    continue
+                key = (kind, name, bool(change["before"]))
+                stores.setdefault(key, []).append(uid)
+                owners.setdefault(key, []).append((i, change))
+        for (kind, name, on), uids in stores.items():
+            if self.apply:
+                if kind == "flag":
+                    (conn.add_flags if on else conn.remove_flags)(uids, [name])
+                else:
+                    (conn.add_labels if on else conn.remove_labels)(uids, [name])
+            for i, change in owners[(kind, name, on)]:
+                work[i]["done"].append(_inverse_change(change))
+
+    def _delete_copies(self, conn: GmailConnection, indexes: List[int],
+                       work: Dict[int, Dict[str, List[Any]]]) -> None:
+        """Off Gmail a label was a copy: remove exactly that copy (UIDPLUS needed)."""
+        by_folder: Dict[str, List[Tuple[int, Dict[str, Any]]]] = {}
+        for i in indexes:
+            for change in self.messages[i]["changes"]:
+                if change.get("before") is None and isinstance(change.get("after"), dict):
+                    by_folder.setdefault(change["after"]["folder"], []).append((i, change))
+        for folder, pairs in by_folder.items():
+            if not conn.has("UIDPLUS"):
+                for i, change in pairs:
+                    work[i]["alone"].append(f"{describe_change(change)}: {conn.host} lacks "
+                                            f"UIDPLUS, so the copy in {folder} stays")
+                continue
+            changes = {i: change for i, change in pairs}
+            found = self._locate(conn, folder, list(changes),
+                                 lambda r, c=changes: None)
+            uids = []
+            for i, change in pairs:
+                uid = change["after"].get("uid")
+                verified = self._locate_one(conn, i, uid) if uid else None
+                target = verified or found.get(i)
+                if target is None:
+                    work[i]["alone"].append(f"{describe_change(change)}: the copy is no "
+                                            f"longer in {folder}")
+                    continue
+                uids.append(target)
+                work[i]["done"].append(_inverse_change(change))
+            if uids and self.apply:
+                conn.add_flags(uids, ["\\Deleted"])
+                conn.uid_expunge(uids)
+
+    def _locate_one(self, conn: GmailConnection, i: int, uid: int) -> Optional[int]:
+        item = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
+        values = conn.fetch([uid], [item]).get(uid)
+        wanted = self.messages[i].get("message_id") or ""
+        if values and wanted and _first(header_text(parse_headers(values.get(item) or b""),
+                                                    "message-id")).strip() == wanted:
+            return uid
+        return None
+
+    def _report(self, work: Dict[int, Dict[str, List[Any]]]) -> None:
+        records = []
+        for i, outcome in sorted(work.items()):
+            if not outcome["done"] and not outcome["alone"]:
+                continue
+            original = self.messages[i]
+            record = dict(original)
+            record.update(run=self.run.id, time=_iso(self.run.store.now()),
+                          undo_of=self.undo_of, applied=self.apply, rules=[], reasons=[],
+                          actions={}, changes=outcome["done"], left_alone=outcome["alone"])
+            self.reversed += len(outcome["done"])
+            self.left_alone += len(outcome["alone"])
+            records.append(record)
+        self.run.add_records(records)
+
+
+# --- Importers and suggestions -----------------------------------------------------------
+#
+# Meet users where their rules already are: Gmail's own filters (Settings -> Filters ->
+# Export writes mailFilters.xml), or no rules at all (suggest reads a folder's headers and
+# proposes some). Both return plain rules documents that format_rules writes out.
+
+# Gmail's filter export is an Atom feed; each <entry> is one filter, each criterion and
+# action an <apps:property name='...' value='...'/> (see IMAP-NOTES.md, "filter export").
+_ATOM = "{http://www.w3.org/2005/Atom}"
+_APPS = "{http://schemas.google.com/apps/2006}"
+MAX_FILTER_FILE_BYTES = 16 * 1024 * 1024   # a real export is a few hundred KB at most
+
+# Filter actions -> the rule key they become; Gmail writes the value 'true'.
+_FILTER_ACTIONS = {"shouldArchive": "archive", "shouldMarkAsRead": "mark_read",
+                   "shouldStar": "star", "shouldTrash": "trash"}
+# Filter actions IMAP cannot carry out -> why, as reported per filter.
+_FILTER_UNMAPPED = {
+    "forwardTo": "forwarding; keep it as a filter in Gmail",
+    "smartLabelToApply": "a category; Gmail's tabs are not visible over IMAP",
+    "shouldAlwaysMarkAsImportant": "mark as important",
+    "shouldNeverMarkAsImportant": "never mark as important",
+    "shouldNeverSpam": "never send to spam",
+}
+_FILTER_CRITERIA = ("from", "to", "subject", "hasTheWord", "doesNotHaveTheWord",
+                    "hasAttachment", "excludeChats", "size", "sizeOperator", "sizeUnit")
+_SIZE_OPERATORS = {"s_sl": "larger", "s_ss": "smaller"}
+_SIZE_SUFFIXES = {"s_sb": "", "s_skb": "K", "s_smb": "M"}
+_QUERY_TOKEN = re.compile(r'"[^"]*"|[^\s"]+')
+_ADDRESS_TERM = re.compile(r"[\w.+-]*@[\w-]+(\.[\w-]+)+|[\w-]+(\.[\w-]+)+")
+_WORD_TERM = re.compile(r"[\w'-]+|\"[^\"{}()]+\"")
+
+
+@dataclass(frozen=True)
+class ImportedFilters:
+    """What import_gmail_filters made of an export.
+
+    doc: {"rule": [...]} ready for format_rules; comments: comment lines per rule;
+    notes: one line per property left out, e.g. 'filter 3: left out forwardTo
+    (forwarding ...)'; filters: how many filters the file held.
+    """
+
+    doc: Dict[str, Any]
+    comments: Tuple[Tuple[str, ...], ...]
+    notes: Tuple[str, ...]
+    filters: int
+
+
+class _HostileXML(Exception):
+    pass
+
+
+def _refuse_doctype(*_args: Any) -> None:
+    raise _HostileXML()
+
+
+def _check_plain_xml(data: bytes, source: str) -> None:
+    """Refuse a DOCTYPE (and so every entity) before ElementTree sees the bytes.
+
+    Gmail's export never has one; a file that does could expand entities without
+    end ("billion laughs") or point at external files. Raises RulesError.
+    """
+    parser = xml.parsers.expat.ParserCreate()
+    parser.StartDoctypeDeclHandler = _refuse_doctype
+    parser.EntityDeclHandler = _refuse_doctype
+    parser.ExternalEntityRefHandler = _refuse_doctype
+    try:
+        parser.Parse(data, True)
+    except _HostileXML:
+        raise RulesError(f"{source}: has a DOCTYPE or entity declarations, which Gmail's "
+                         f"export never has; refusing to read it") from None
+    except xml.parsers.expat.ExpatError as exc:
+        raise RulesError(f"{source}: not valid XML ({exc}); export the filters from Gmail "
+                         f"again") from None
+
+
+def _query_group(value: str) -> str:
+    """A criterion as one Gmail query term: bare when it is one simple token, else (kept whole)."""
+    if re.fullmatch(r'[^\s(){}"]+', value) and not value.startswith("-") and ":" not in value:
+        return value
+    return f"({value})"
+
+
+def _or_terms(value: str) -> Optional[List[str]]:
+    """'a', 'a OR b', '{a b}' or '(a OR b)' as the list of alternatives; None for anything else."""
+    text = value.strip()
+    if re.fullmatch(r"\{[^{}()]*\}", text):
+        return _QUERY_TOKEN.findall(text[1:-1]) or None
+    if re.fullmatch(r"\([^{}()]*\)", text):
+        text = text[1:-1].strip()
+    tokens = _QUERY_TOKEN.findall(text)
+    if not tokens or len(tokens) % 2 == 0:
+        return None
+    if any(tok != "OR" for tok in tokens[1::2]):
+        return None
+    return tokens[0::2]
+
+
+def _address_patterns(value: str) -> Optional[List[str]]:
+    """from:(...) as address regexes, when every alternative is an address or a domain."""
+    terms = _or_terms(value)
+    if not terms or not all(_ADDRESS_TERM.fullmatch(t) for t in terms):
+        return None
+    patterns = []
+    for term in terms:
+        escaped = re.escape(term.lower())
+        if term.startswith("@"):
+            patterns.append(f"/{escaped}(?![\\w.-])/i")
+        elif "@" in term:
+            patterns.append(f"/(?<![\\w.+-]){escaped}(?![\\w.-])/i")
+        else:
+            patterns.append(f"/[@.]{escaped}(?![\\w.-])/i")
+    return patterns
+
+
+def _word_patterns(value: str) -> Optional[List[str]]:
+    """subject:(...) as whole-word regexes, when every alternative is a word or a "phrase"."""
+    terms = _or_terms(value)
+    if not terms or not all(_WORD_TERM.fullmatch(t) for t in terms) or "OR" in terms:
+        return None
+    return ["/(?<!\\w)" + r"\s+".join(re.escape(w) for w in t.strip('"').split()) + "(?!\\w)/i"
+            for t in terms]
+
+
+def _one_or_list(items: List[str]) -> Any:
+    return items[0] if len(items) == 1 else items
+
+
+def _convert_filter(number: int, props: List[Tuple[str, str]]
+                    ) -> Tuple[Optional[Dict[str, Any]], List[str], List[str]]:
+    """One filter's properties -> (rule or None, comment lines, notes)."""
+    notes: List[str] = []
+    values: Dict[str, str] = {}
+    for name, value in props:
+        if name in values and values[name] != value:
+            notes.append(f"filter {number}: skipped: property {name} given twice")
+            return None, [], notes
+        values[name] = value
+    unknown = [n for n in values if n not in _FILTER_CRITERIA and n not in _FILTER_ACTIONS
+               and n not in _FILTER_UNMAPPED and n != "label"]
+    if unknown:
+        notes.append(f"filter {number}: skipped: unknown property {', '.join(unknown)}; left out "
+                     f"whole so that it never acts on more mail than it does in Gmail")
+        return None, [], notes
+
+    def text(name: str) -> str:   # a line break in a query is only whitespace
+        return " ".join(values.get(name, "").split())
+
+    query: List[str] = []
+    local: Dict[str, Any] = {}
+    exact = True
+    if text("from"):
+        query.append("from:" + _query_group(text("from")))
+        patterns = _address_patterns(text("from"))
+        exact = exact and patterns is not None
+        if patterns:
+            local["from"] = _one_or_list(patterns)
+    if text("to"):
+        query.append("to:" + _query_group(text("to")))
+        exact = False   # Gmail's to: also covers Cc and Bcc as Gmail saw them
+    if text("subject"):
+        query.append("subject:" + _query_group(text("subject")))
+        patterns = _word_patterns(text("subject"))
+        exact = exact and patterns is not None
+        if patterns:
+            local["subject"] = _one_or_list(patterns)
+    if text("hasTheWord"):
+        query.append(_query_group(text("hasTheWord")))
+        exact = False
+    if text("doesNotHaveTheWord"):
+        words = text("doesNotHaveTheWord")
+        single = re.fullmatch(r'[^\s(){}"-][^\s(){}"]*', words) and ":" not in words
+        query.append(f"-{words}" if single else f"-{{{words}}}")
+        exact = False
+    if values.get("hasAttachment") == "true":
+        query.append("has:attachment")
+        local["has_attachment"] = True
+    if values.get("excludeChats") == "true":
+        query.append("-in:chats")   # IMAP folders hold no chats: nothing to add locally
+    if values.get("size", "").strip():
+        size = values["size"].strip()
+        operator = _SIZE_OPERATORS.get(values.get("sizeOperator", "s_sl"))
+        suffix = _SIZE_SUFFIXES.get(values.get("sizeUnit", "s_sb"))
+        if not size.isdigit() or operator is None or suffix is None:
+            notes.append(f"filter {number}: skipped: size {size!r} with sizeOperator "
+                         f"{values.get('sizeOperator')!r}, sizeUnit {values.get('sizeUnit')!r} "
+                         f"is not understood")
+            return None, [], notes
+        query.append(f"{operator}:{size}{suffix}")
+        local["larger_than" if operator == "larger" else "smaller_than"] = f"{size}{suffix}"
+    if not query:
+        notes.append(f"filter {number}: skipped: no criteria")
+        return None, [], notes
+
+    actions: Dict[str, Any] = {}
+    label = values.get("label", "")
+    if label.strip():
+        if _FORBIDDEN_CHARS.search(label):
+            notes.append(f"filter {number}: left out label {label!r}: it holds a line break")
+        else:   # braces in a label are literal, not template fields
+            actions["label"] = label.replace("{", "{{").replace("}", "}}")
+    for name, key in _FILTER_ACTIONS.items():
+        if values.get(name) == "true":
+            actions[key] = True
+    if actions.get("trash") and actions.pop("archive", False):
+        notes.append(f"filter {number}: archive left out: it also trashes, which wins")
+    for name, why in _FILTER_UNMAPPED.items():
+        if values.get(name, "").strip() and values[name] != "false":
+            notes.append(f"filter {number}: left out {name} ({why})")
+    if not actions:
+        notes.append(f"filter {number}: skipped: none of its actions can be done over IMAP")
+        return None, [], notes
+
+    rule: Dict[str, Any] = {"name": f"Gmail filter {number}", "gmail_query": " ".join(query)}
+    if exact and local:
+        rule.update(local)
+    rule.update(actions)
+    rule["continue"] = True
+    comment = [f"Gmail filter {number}: {' '.join(query)}"]
+    if not (exact and local):
+        comment.append("Decided by Gmail's search alone: on other servers and in `test` "
+                       "this rule is skipped.")
+    return rule, comment, notes
+
+
+def import_gmail_filters(data: bytes, source: str = "mailFilters.xml") -> ImportedFilters:
+    """Convert Gmail's filter export (Atom XML) into a rules document.
+
+    Each filter becomes one rule, in order, with continue = true (Gmail applies
+    every matching filter). Its criteria become a gmail_query in Gmail's own
+    syntax; local conditions are added too where they say exactly the same.
+    Raises RulesError for a file that is not a safe, well-formed export.
+    """
+    if len(data) > MAX_FILTER_FILE_BYTES:
+        raise RulesError(f"{source}: {len(data)} bytes is far more than a filter export; "
+                         f"is it the right file?")
+    _check_plain_xml(data, source)
+    try:
+        root = xml.etree.ElementTree.fromstring(data)
+    except xml.etree.ElementTree.ParseError as exc:
+        raise RulesError(f"{source}: not valid XML ({exc})") from None
+    if root.tag != f"{_ATOM}feed":
+        raise RulesError(f"{source}: not a Gmail filter export (expected an Atom <feed>, "
+                         f"found <{root.tag}>); export it from Gmail's Settings -> Filters")
+    rules: List[Dict[str, Any]] = []
+    comments: List[Tuple[str, ...]] = []
+    notes: List[str] = []
+    entries = root.findall(f"{_ATOM}entry")
+    for number, entry in enumerate(entries, 1):
+        props = [(p.get("name", ""), p.get("value", "")) for p in entry.iter(f"{_APPS}property")]
+        rule, comment, found = _convert_filter(number, props)
+        notes.extend(found)
+        if rule is not None:
+            rules.append(rule)
+            comments.append(tuple(comment))
+    return ImportedFilters({"rule": rules}, tuple(comments), tuple(notes), len(entries))
+
+
+# suggest: what a folder's headers say about the rules its owner needs.
+_AUTOMATED_LOCAL = re.compile(r"no-?reply|do-?not-?reply|notifications?|alerts?|mailer-daemon|"
+                              r"bounces?|updates?|news(letter)?|info|support|auto", re.IGNORECASE)
+_PLAIN_ADDRESS = re.compile(r"[\w.+=-]+@[\w-]+(\.[\w-]+)+")
+_PLAIN_LIST_ID = re.compile(r"[\w.+=-]+")
+SUGGEST_HEADERS = ("FROM", "SUBJECT", "LIST-ID", "LIST-UNSUBSCRIBE", "AUTO-SUBMITTED",
+                   "PRECEDENCE")
+
+
+@dataclass(frozen=True)
+class Suggestions:
+    """What suggest_rules proposes: doc and comments for format_rules, and how much it read."""
+
+    doc: Dict[str, Any]
+    comments: Tuple[Tuple[str, ...], ...]
+    examined: int
+    folder: str
+
+
+@dataclass
+class _Tally:
+    count: int = 0
+    sample: str = ""
+    name: str = ""
+    members: set = field(default_factory=set)
+
+    def add(self, subject: str, name: str = "", member: str = "") -> None:
+        self.count += 1
+        if not self.sample and subject.strip():
+            self.sample = " ".join(subject.split())[:70]
+        if not self.name and name:
+            self.name = name
+        if member:
+            self.members.add(member)
+
+
+def _top(tallies: Dict[str, _Tally], top: int, min_count: int,
+         skip: Iterable[str] = ()) -> List[Tuple[str, _Tally]]:
+    skip = set(skip)
+    ranked = sorted(tallies.items(), key=lambda kv: (-kv[1].count, kv[0]))
+    return [(key, t) for key, t in ranked if t.count >= min_count and key not in skip][:top]
+
+
+def suggest_rules(conn: GmailConnection, folder: str = "INBOX", *, top: int = 10,
+                  min_count: int = 2, batch_size: int = DEFAULT_BATCH,
+                  limit: Optional[int] = None) -> Suggestions:
+    """Read a folder's headers (EXAMINE: nothing can change) and propose label rules.
+
+    Proposes, biggest first: mailing lists (List-Id), automated senders (no-reply
+    style addresses, List-Unsubscribe or Auto-Submitted without a list), domains
+    with several senders, and single senders; at most ``top`` of each, each seen
+    at least ``min_count`` times, with its count and a sample subject as comments.
+    Labels nest with the server's hierarchy separator ("Lists/python-announce").
+    """
+    conn.examine(folder)
+    uids = conn.search(["ALL"])
+    if limit is not None:
+        uids = uids[-limit:] if limit > 0 else []
+    item = f"BODY.PEEK[HEADER.FIELDS ({' '.join(SUGGEST_HEADERS)})]"
+    lists: Dict[str, _Tally] = {}
+    automated: Dict[str, _Tally] = {}
+    senders: Dict[str, _Tally] = {}
+    domains: Dict[str, _Tally] = {}
+    examined = 0
+    for start in range(0, len(uids), batch_size):
+        fetched = conn.fetch(uids[start:start + batch_size], [item])
+        for values in fetched.values():
+            examined += 1
+            headers = parse_headers(values.get(item) or b"")
+            subject = _first(header_text(headers, "subject"))
+            list_id = _first(header_text(headers, "list-id")).strip()
+            name, address = email.utils.parseaddr(_first(header_addresses(headers, "from")))
+            address = address.lower()
+            if list_id:
+                found = re.search(r"<([^<>]+)>", list_id)
+                key = (found.group(1) if found else list_id).strip().lower()
+                description = list_id[:found.start()].strip().strip('"') if found else ""
+                if _PLAIN_LIST_ID.fullmatch(key):
+                    lists.setdefault(key, _Tally()).add(subject, description)
+                continue
+            if not _PLAIN_ADDRESS.fullmatch(address):
+                continue   # nothing a rule could name plainly (a sender chose it: be wary)
+            local_part, _, domain = address.rpartition("@")
+            bulk = bool(header_text(headers, "list-unsubscribe")) \
+                or _first(header_text(headers, "auto-submitted")).strip().lower() not in ("", "no") \
+                or _first(header_text(headers, "precedence")).strip().lower() in ("bulk", "list", "junk")
+            if bulk or _AUTOMATED_LOCAL.search(local_part):
+                automated.setdefault(address, _Tally()).add(subject, name)
+                continue
+            senders.setdefault(address, _Tally()).add(subject, name)
+            domains.setdefault(domain, _Tally()).add(subject, member=address)
+    rules: List[Dict[str, Any]] = []
+    comments: List[Tuple[str, ...]] = []
+    sep = next((f.delimiter for f in conn.list_folders() if f.delimiter), "/")
+
+    def propose(rule: Dict[str, Any], tally: _Tally, what: str) -> None:
+        rules.append(rule)
+        sample = f', e.g. "{tally.sample}"' if tally.sample else ""
+        comments.append((f"{what}: {tally.count} messages{sample}",))
+
+    for key, tally in _top(lists, top, min_count):
+        short = clean_component(key.split(".")[0], sep)
+        propose({"name": f"List {key}", "list_id": key, "label": f"Lists{sep}{short}"}, tally,
+                "Mailing list" + (f" {tally.name!r}" if tally.name else ""))
+    for address, tally in _top(automated, top, min_count):
+        domain = clean_component(address.rpartition("@")[2], sep)
+        propose({"name": f"Automated {address}", "from": address,
+                 "label": f"Automated{sep}{domain}"}, tally, "Automated sender")
+    shared = {d: t for d, t in domains.items() if len(t.members) > 1}
+    covered = set()
+    for domain, tally in _top(shared, top, min_count):
+        covered.update(tally.members)
+        propose({"name": f"Domain {domain}", "from": f"@{domain}",
+                 "label": f"Senders{sep}{clean_component(domain, sep)}"}, tally,
+                 f"{len(tally.members)} senders at {domain}")
+    for address, tally in _top(senders, top, min_count, skip=covered):
+        propose({"name": f"Sender {address}", "from": address,
+                 "label": f"Senders{sep}" + re.sub(r"[^\w.@+-]", "", address).replace(
+                     sep, "-")[:_COMPONENT_MAX]},
+                tally, "Sender" + (f" {tally.name!r}" if tally.name else ""))
+    return Suggestions({"rule": rules}, tuple(comments), examined, folder)
 
 
 # --- Command line ------------------------------------------------------------------------
@@ -4721,18 +8080,24 @@ EXIT_USAGE = 2          # bad arguments or rules file
 EXIT_AUTH = 3           # the server rejected the credentials
 EXIT_CONNECTION = 4     # could not connect, or lost the connection after retries; TLS refused
 EXIT_SERVER = 5         # the server refused an operation or lacks a needed feature
-EXIT_INCOMPLETE = 6     # some messages or folders were skipped; run again
+EXIT_INCOMPLETE = 6     # incomplete (skipped messages or folders, daily budget); run again
+EXIT_LOCKED = 7         # another --apply holds the account lock
+EXIT_RULE_TESTS = 8     # the rules file's own [[test]] tables failed
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 EXIT_CODES_HELP = """\
 exit codes:
   0  success
   1  unexpected error (run again with -v and report it)
-  2  bad usage, or an invalid rules file
+  2  bad usage, an invalid rules file, or an unusable state file
   3  authentication failed (wrong password, app password needed, bad token)
   4  connection failed, or was lost and could not be restored; TLS refused
-  5  the server refused an operation or lacks a feature the rules need
-  6  incomplete: some messages or folders were skipped (named on stderr); run again
+  5  the server refused an operation or lacks a feature the rules need, or sent
+     something that is not IMAP
+  6  incomplete: stopped at the daily download budget, or some messages or folders
+     were skipped (UIDVALIDITY changed mid-run, an oversized answer); run again
+  7  another --apply holds the lock for this account
+  8  the rules file's own tests ([[test]] tables) failed
   130 interrupted
 """
 
@@ -4742,7 +8107,8 @@ USER_ENV = "GMAIL_USER"
 # Generic names that other IMAP tools use; the GMAIL_* name wins when both are set.
 USER_ENV_ALIAS = "IMAP_USER"
 PASSWORD_ENV_ALIAS = "IMAP_PASSWORD"
-SUBCOMMANDS = ("run", "check", "test", "labels", "folders", "init", "demo")
+SUBCOMMANDS = ("run", "check", "test", "labels", "folders", "init", "demo", "history", "undo",
+               "import-filters", "suggest")
 
 QUICK_HELP = """\
 common use (every option of a run: gmail_classify.py run --help):
@@ -4750,7 +8116,9 @@ common use (every option of a run: gmail_classify.py run --help):
   gmail_classify.py --user you@gmail.com          dry run on INBOX: shows, changes nothing
   gmail_classify.py --user you@gmail.com --apply  make the changes
   run options: --folder NAME (repeatable)  --rules FILE  --since 7d|YYYY-MM-DD  --limit N
-               --summary (totals only)  --json  --apply  -v / -vv / -q
+               --summary (totals only)  --json  --apply  --all  --new-only  -v / -vv / -q
+  gmail_classify.py history                       what each --apply did
+  gmail_classify.py undo [RUN_ID] [--apply]       take one back (the last by default)
   the password comes from $GMAIL_APP_PASSWORD (or $IMAP_PASSWORD), ~/.netrc,
   --password-command, or a prompt; never from the command line
 
@@ -4801,6 +8169,41 @@ def _positive(text: str) -> int:
     return value
 
 
+def _timeout_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
+def _port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
+    return value
+
+
+def _folder_name(text: str) -> str:
+    if _UNSAFE_FOR_TERMINAL.search(text) or not text.strip():
+        raise argparse.ArgumentTypeError(f"{printable(repr(text))} is not a folder name: it is "
+                                         f"empty or holds control characters")
+    return text
+
+
+def _budget(text: str) -> int:
+    found = _SIZE_RE.fullmatch(text.strip())
+    if not found:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2G, 500M or 0 (no budget), "
+                                         f"got {text!r}")
+    return int(found.group(1)) * 1024 ** " KMG".index(found.group(2).upper() or " ")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; ``python gmail_classify.py`` alone means ``run``."""
     common = argparse.ArgumentParser(add_help=False)
@@ -4815,7 +8218,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--user", help=f"account name (default: ${USER_ENV} or ${USER_ENV_ALIAS}, "
                                       "or the rules' [account])")
     group.add_argument("--host", help=f"IMAP server (default: {GMAIL_HOST})")
-    group.add_argument("--port", type=int, help="port (default: 993, or 143 with --starttls)")
+    group.add_argument("--port", type=_port_number, help="port (default: 993, or 143 with --starttls)")
     group.add_argument("--starttls", action="store_true", help="port 143 with STARTTLS")
     group.add_argument("--plaintext", action="store_true",
                        help="no TLS at all; only allowed to a loopback address (tests)")
@@ -4827,7 +8230,7 @@ def build_parser() -> argparse.ArgumentParser:
                             f"${TOKEN_ENV} or --password-command)")
     group.add_argument("--password-command", metavar="CMD",
                        help="command whose first output line is the password or token")
-    group.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+    group.add_argument("--timeout", type=_timeout_seconds, default=DEFAULT_TIMEOUT,
                        help="seconds before a stalled connection is retried (default: %(default)s)")
     group.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
                        help="reconnect attempts before giving up (default: %(default)s)")
@@ -4845,7 +8248,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common, conn], help="classify a folder (dry run "
                          "unless --apply)", epilog=EXIT_CODES_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--folder", action="append", help="folder to classify (repeatable; "
+    run.add_argument("--folder", action="append", type=_folder_name, help="folder to classify (repeatable; "
                      "default INBOX)")
     run.add_argument("--since", type=_parse_since, help="only mail received since a date "
                      "(YYYY-MM-DD) or an age: 7d, 2w, 6m, 1y")
@@ -4862,6 +8265,33 @@ def build_parser() -> argparse.ArgumentParser:
                      help="on servers with neither MOVE nor UIDPLUS, let moves remove the "
                           "originals with a plain EXPUNGE (only while no other message in "
                           "the folder is marked \\Deleted); see the README for the risk")
+    run.add_argument("--max-new-folders", type=_positive, default=DEFAULT_MAX_NEW_FOLDERS,
+                     metavar="N", help="refuse, before any change, a run that would create "
+                     "more than N folders or labels (default: %(default)s)")
+    fresh = run.add_mutually_exclusive_group()
+    fresh.add_argument("--all", action="store_true", help="classify every message again, not "
+                       "only those above the folder's mark (also starts over after a bad "
+                       "state file)")
+    fresh.add_argument("--new-only", action="store_true", help="classify nothing now; "
+                       "remember each folder's newest message so later runs act on new mail "
+                       "only")
+    run.add_argument("--daily-budget", type=_budget, default=DEFAULT_DAILY_BUDGET,
+                     metavar="SIZE", help="stop before downloading more than SIZE a day for "
+                     "this account (default: 2G; Gmail allows about 2.5G; 0: no limit)")
+
+    history = sub.add_parser("history", parents=[common], help="list the applied runs, "
+                             "newest first, from the audit log")
+    history.add_argument("--json", action="store_true", help="one JSON object per run")
+
+    undo = sub.add_parser("undo", parents=[common, conn], help="reverse one applied run "
+                          "(dry run unless --apply)", epilog=EXIT_CODES_HELP,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    undo.add_argument("run_id", metavar="RUN_ID", nargs="?", help="the run to reverse "
+                      "(default: the last applied run of this account; see 'history')")
+    undo.add_argument("--apply", action="store_true", help="reverse it (default: only show "
+                      "what would be reversed)")
+    undo.add_argument("--json", action="store_true", help="one JSON object per message, "
+                      "then a summary object")
 
     check = sub.add_parser("check", parents=[common], help="validate and summarise a rules "
                            "file, offline")
@@ -4884,7 +8314,53 @@ def build_parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init", parents=[common], help="write the starter rules file")
     init.add_argument("path", nargs="?", help="where (default: the default rules path)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    writer = argparse.ArgumentParser(add_help=False)
+    group = writer.add_argument_group("output")
+    group.add_argument("-o", "--output", metavar="RULES", help="write the rules file here "
+                       "(.toml or .json; default: TOML on standard output)")
+    group.add_argument("--force", action="store_true", help="overwrite an existing RULES file")
+    group.add_argument("--format", choices=("toml", "json"), help="file format (default: "
+                       "from the -o file name, else toml)")
+
+    imports = sub.add_parser("import-filters", parents=[common, writer],
+                             help="turn Gmail's filter export (mailFilters.xml) into rules")
+    imports.add_argument("filters_file", metavar="FILE", help="mailFilters.xml from Gmail's "
+                         "Settings -> Filters and Blocked Addresses -> Export")
+
+    suggest = sub.add_parser("suggest", parents=[common, conn, writer],
+                             help="read a folder's headers (read-only) and propose rules")
+    suggest.add_argument("--folder", default="INBOX", help="folder to read (default: INBOX)")
+    suggest.add_argument("--top", type=_positive, default=10, help="at most N rules of each "
+                         "kind (default: %(default)s)")
+    suggest.add_argument("--limit", type=_positive, help="only the newest N messages")
+    suggest.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH,
+                         help="messages per FETCH (default: %(default)s)")
     return parser
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log lines quote servers and messages: pass them through printable()."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), keep_newlines=True)
+
+
+@contextlib.contextmanager
+def _signed_in(settings: Mapping[str, Any]) -> Iterator[GmailConnection]:
+    """A connection for one command.  Ctrl-C while signing out, after the work is done,
+    does not turn a finished run into an interrupted one."""
+    conn = GmailConnection(**settings)
+    conn.connect()
+    try:
+        yield conn
+    except BaseException:
+        conn.close()
+        raise
+    try:
+        conn.close()
+    except KeyboardInterrupt:
+        log.info("interrupted while signing out; the work was already done")
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
@@ -4896,7 +8372,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
     elif args.verbose == 1:
         level = logging.INFO
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.setFormatter(_PrintableFormatter("%(levelname)s: %(message)s"))
     log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
@@ -4986,6 +8462,25 @@ def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any]) -
     return settings
 
 
+def _rule_tests_allow(rules: Ruleset, apply: bool) -> bool:
+    """Run the rules' [[test]] tables before connecting; False when --apply must be refused.
+
+    Each failure is one line on stderr; a dry run goes on after a warning.
+    """
+    failures = run_rule_tests(rules)
+    for line in failures:
+        sys.stderr.write(f"gmail_classify: {line}\n")
+    if failures and apply:
+        sys.stderr.write(f"gmail_classify: refusing --apply: {len(failures)} of "
+                         f"{len(rules.tests)} rule tests failed; fix the rules or the tests "
+                         f"(see 'check {rules.source}')\n")
+        return False
+    if failures:
+        sys.stderr.write(f"gmail_classify: {len(failures)} of {len(rules.tests)} rule tests "
+                         f"failed; this dry run goes on, --apply would be refused\n")
+    return True
+
+
 def _plural(count: int, noun: str) -> str:
     """'1 message', '1,204 messages'."""
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
@@ -5035,17 +8530,20 @@ def _message_line(outcome: Outcome, applied: bool, width: Optional[int] = None) 
     """One line per matched message; fitted to `width` columns (a terminal) when given."""
     rules_text = ", ".join(name for name, _ in outcome.decision.matches)
     verb = "" if applied else "would "
-    head = (f"{outcome.folder} {outcome.uid}: {verb}{outcome.decision.actions.describe()}"
-            f"  [{rules_text}]")
-    subject = " ".join(outcome.subject.split())
+    # What changes (or would): only what the message still needs, once the run knows it.
+    what = (", ".join(describe_change(change) for change in outcome.changes)
+            if outcome.changes else outcome.decision.actions.describe())
+    head = printable(f"{outcome.folder} {outcome.uid}: {verb}{what}  [{rules_text}]")
+    subject = printable(" ".join(outcome.subject.split()))
+    sender = printable(outcome.sender)
     if width is None:
-        return f"{head}  {_sender(outcome.sender, 40)}  {_fit(subject, 60)}"
+        return f"{head}  {_sender(sender, 40)}  {_fit(subject, 60)}"
     room = width - _columns(head) - 2
     if room < 10:
         return _fit(head, width)
     if room < 40:   # too narrow for both: the subject says more than the sender
         return f"{head}  {_fit(subject, room)}"
-    who = _sender(outcome.sender, min(40, room // 3))
+    who = _sender(sender, min(40, room // 3))
     return f"{head}  {who}  {_fit(subject, room - 2 - _columns(who))}"
 
 
@@ -5071,7 +8569,7 @@ class _Progress:
         if done >= total and not self.shown:
             return   # a phase that ended quickly needs no progress line
         self.drawn, self.shown = now, True
-        self.stream.write(f"\r\x1b[K{phase} {done:,} of {total:,}")
+        self.stream.write(f"\r\x1b[K{printable(phase)} {done:,} of {total:,}")
         if done >= total:
             self.stream.write("\n")
             self.shown = False
@@ -5080,53 +8578,98 @@ class _Progress:
 
 def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     rules = find_rules(args.rules)
+    if not _rule_tests_allow(rules, args.apply):
+        return EXIT_RULE_TESTS
     settings = _connection_settings(args, rules.account)
     folders = args.folder or list(rules.account.get("folders") or ["INBOX"])
-    progress = _Progress(sys.stderr, sys.stderr.isatty() and not args.quiet)
+    progress = _Progress(sys.stderr, sys.stderr.isatty() and not args.quiet and not args.json)
     width = shutil.get_terminal_size().columns if out.isatty() else None
-    reports: List[FolderReport] = []
+    store = StateStore()
+    store.load(start_over=args.all)
     if not args.json and not args.quiet:
         out.write(_rules_line(rules))
 
-    def on_message(outcome: Outcome) -> None:
+    def on_record(record: Dict[str, Any]) -> None:
         if args.json:
-            out.write(json.dumps(_outcome_json(outcome), ensure_ascii=False) + "\n")
-        elif outcome.decision.matches and not args.quiet and not args.summary:
+            out.write(printable(json.dumps(record, ensure_ascii=False)) + "\n")
+
+    def on_message(outcome: Outcome) -> None:
+        # Only what changes (or would); with --apply, after the server confirmed it.
+        if outcome.changes and not args.json and not args.quiet and not args.summary:
             out.write(_message_line(outcome, args.apply, width) + "\n")
 
-    unavailable: List[str] = []
-    with GmailConnection(**settings) as conn:
-        check_run(conn, rules, folders, allow_expunge=args.allow_expunge)
-        for folder in folders:
-            try:
-                reports.append(classify_folder(
-                    conn, rules, folder, apply=args.apply, since=args.since, limit=args.limit,
-                    batch_size=args.batch_size, on_message=on_message,
-                    on_progress=lambda done, total: progress(f"{folder}: classified", done, total),
-                    on_applied=lambda done, total: progress(f"{folder}: applied", done, total),
-                    allow_expunge=args.allow_expunge))
-            except FolderUnavailableError as exc:
-                # One folder that cannot be opened does not stop the others.
-                sys.stderr.write(f"gmail_classify: {exc}; skipped it\n")
-                unavailable.append(folder)
-        stats = {"imap_commands": conn.commands_sent, "bytes_received": conn.bytes_received,
-                 "reconnects": conn.reconnects}
+    run = Run(store, rules, settings["user"], settings["host"], settings.get("port"),
+              apply=args.apply, reclassify=args.all, new_only=args.new_only,
+              daily_budget=args.daily_budget or None, on_record=on_record,
+              on_message=on_message)
+    lock = store.lock(run.account).acquire() if args.apply else None
+    incomplete: List[str] = []
+    try:
+        with _signed_in(settings) as conn:
+            # Every folder's checks before the first change in any of them.
+            check_run(conn, rules, folders, allow_expunge=args.allow_expunge)
+            for folder in folders:
+                budget = args.max_new_folders - sum(len(r.created) for r in run.reports)
+                try:
+                    run.classify(
+                        conn, folder, since=args.since, limit=args.limit,
+                        batch_size=args.batch_size,
+                        on_progress=lambda done, total: progress(f"{folder}: classified",
+                                                                 done, total),
+                        on_applied=lambda done, total: progress(f"{folder}: applied",
+                                                                done, total),
+                        max_new_folders=max(0, budget), allow_expunge=args.allow_expunge)
+                except FolderUnavailableError as exc:
+                    # One folder that cannot be opened does not stop the others.
+                    incomplete.append(f"{exc}; skipped that folder")
+                except UidValidityError as exc:
+                    # The folder was renumbered under us: every UID in hand is stale, so
+                    # stop there (nothing more is done to it) and let the other folders run.
+                    incomplete.append(f"{folder}: {exc}")
+    except KeyboardInterrupt:
+        _finish_run(run, args, out, "interrupted", "interrupted")
+        return EXIT_INTERRUPTED
+    except GmailClassifyError as exc:
+        _finish_run(run, args, out, "stopped" if isinstance(exc, RunStopped) else "failed",
+                    "incomplete", str(exc))
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+    for report in run.reports:
+        for why, uids in _skipped_by_reason(report).items():
+            incomplete.append(f"{report.folder}: {_plural(len(uids), 'message')} skipped "
+                              f"because {why} (UID {compress_uids(uids)}); nothing was done "
+                              f"to them; run again")
+    summary = run.finish("incomplete" if incomplete else "complete", "; ".join(incomplete))
     if args.json:
-        out.write(json.dumps({"summary": [_report_json(r) for r in reports], **stats},
-                             ensure_ascii=False) + "\n")
+        out.write(printable(json.dumps(summary, ensure_ascii=False)) + "\n")
     elif not args.quiet:
-        _write_reports(out, reports, rules)
-    skipped = sum(len(report.skipped) for report in reports)
-    for report in reports:
-        for uid, why in sorted(report.skipped.items()):
-            sys.stderr.write(f"gmail_classify: {report.folder} UID {uid} skipped: {why}\n")
-    if skipped or unavailable:
-        parts = [f"{skipped} message(s) skipped"] if skipped else []
-        parts += [f"folder {name!r} skipped" for name in unavailable]
-        sys.stderr.write(f"gmail_classify: incomplete: {'; '.join(parts)}; nothing was done "
-                         f"to them; run again\n")
-        return EXIT_INCOMPLETE
-    return EXIT_OK
+        footer = _DRY_RUN_FOOTER
+        new_folders = len({name for r in run.reports for name in r.created})
+        if not args.apply and new_folders > args.max_new_folders:
+            footer = (f"--apply would refuse: {new_folders} new folders, more than the limit "
+                      f"of {args.max_new_folders}; check the templates or pass "
+                      f"--max-new-folders {new_folders}\n") + footer
+        _write_reports(out, run.reports, rules, footer)
+        if args.apply:
+            out.write(f"{_plural(run.changes_made, 'change')} made.\n")
+    for line in incomplete:
+        sys.stderr.write(printable(f"gmail_classify: {line}") + "\n")
+    return EXIT_INCOMPLETE if incomplete else EXIT_OK
+
+
+def _finish_run(run: Run, args: argparse.Namespace, out: TextIO, status: str, word: str,
+                error: str = "") -> None:
+    """A run that stopped early: save and log it, then say what was and was not done."""
+    summary = run.finish(status, error)
+    if args.json:
+        out.write(printable(json.dumps(summary, ensure_ascii=False)) + "\n")
+    if args.apply:
+        sys.stderr.write(f"{word}: {run.changes_made:,} changes made, "
+                         f"{run.changes_not_made:,} not; run again to finish\n")
+    elif status == "interrupted":
+        sys.stderr.write("interrupted\n")
 
 
 _DRY_RUN_FOOTER = "Dry run: nothing was changed. Run again with --apply to do it.\n"
@@ -5158,17 +8701,73 @@ def _total_line(reports: List[FolderReport]) -> str:
     return line + "\n"
 
 
-def _outcome_json(outcome: Outcome) -> Dict[str, Any]:
-    actions = outcome.decision.actions
-    return {"folder": outcome.folder, "uid": outcome.uid, "msgid": outcome.msgid,
-            "from": outcome.sender, "subject": outcome.subject,
-            "rules": [name for name, _ in outcome.decision.matches],
-            "reasons": [reason for _, reason in outcome.decision.matches],
-            "actions": dataclasses.asdict(actions) if not actions.is_empty() else {}}
+def _cmd_history(args: argparse.Namespace, out: TextIO) -> int:
+    store = StateStore()
+    runs = history(store)
+    for entry in runs:
+        if args.json:
+            out.write(printable(json.dumps(entry, ensure_ascii=False)) + "\n")
+            continue
+        counts = ", ".join(f"{name} {count:,}" for name, count in entry["counts"].items())
+        status = "" if entry["status"] == "complete" else f"  [{entry['status']}]"
+        undone = f"  [undone by {entry['undone_by']}]" if entry.get("undone_by") else ""
+        what = f"undo of {entry['undo_of']}: " if entry.get("undo_of") else ""
+        out.write(printable(f"{entry['run']}  {entry['time']}  {entry['account']} on "
+                            f"{entry['host']}  {', '.join(entry['folders'])}  {what}"
+                            f"{counts or 'no changes'}{status}{undone}") + "\n")
+    if not runs and not args.json and not args.quiet:
+        out.write(f"no applied runs in {store.audit.path}\n")
+    return EXIT_OK
 
 
-def _report_json(report: FolderReport) -> Dict[str, Any]:
-    return dataclasses.asdict(report)
+def _cmd_undo(args: argparse.Namespace, out: TextIO) -> int:
+    rules = find_rules(args.rules)
+    settings = _connection_settings(args, rules.account)
+    store = StateStore()
+    store.load()
+
+    def on_record(record: Dict[str, Any]) -> None:
+        if args.json:
+            out.write(printable(json.dumps(record, ensure_ascii=False)) + "\n")
+            return
+        if args.quiet:
+            return
+        verb = "" if args.apply else "would "
+        for change in record["changes"]:
+            out.write(printable(f"{record['folder']} {record['uid']}: {verb}"
+                                f"{describe_change(change)}  {record['subject'][:60]}") + "\n")
+        for reason in record.get("left_alone", []):
+            out.write(printable(f"{record['folder']} {record['uid']}: left alone: {reason}  "
+                                f"{record['subject'][:60]}") + "\n")
+
+    undo = Undo(store, settings["user"], settings["host"], settings.get("port"),
+                run_id=args.run_id, apply=args.apply, on_record=on_record)
+    lock = store.lock(undo.run.account, "undo").acquire() if args.apply else None
+    try:
+        with _signed_in(settings) as conn:
+            undo.execute(conn)
+    except KeyboardInterrupt:
+        _finish_run(undo.run, args, out, "interrupted", "interrupted")
+        return EXIT_INTERRUPTED
+    except GmailClassifyError as exc:
+        _finish_run(undo.run, args, out, "failed", "incomplete", str(exc))
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+    summary = undo.run.finish()
+    if args.json:
+        out.write(printable(json.dumps(summary, ensure_ascii=False)) + "\n")
+    elif not args.quiet:
+        verb = "reversed" if args.apply else "would reverse"
+        for name in undo.deleted:
+            out.write(printable(f"{'deleted' if args.apply else 'would delete'} the empty "
+                                f"folder {name}, which run {undo.undo_of} created") + "\n")
+        out.write(f"undo of {undo.undo_of}: {verb} {undo.reversed:,} changes; "
+                  f"{undo.left_alone:,} left alone\n")
+        if not args.apply:
+            out.write("Dry run: nothing was changed. Run again with --apply to do it.\n")
+    return EXIT_OK
 
 
 def _report_table(report: FolderReport, rules: Ruleset) -> str:
@@ -5188,35 +8787,55 @@ def _report_table(report: FolderReport, rules: Ruleset) -> str:
         lines.append(f"  {'done' if report.applied else 'would'}: {change} ({count})")
     for name in report.created:
         lines.append(f"  {'created' if report.applied else 'would create'} {name}")
-    for note in report.notes:
-        lines.append(f"  note: {note}")
-    if report.skipped:
-        lines.append(f"  skipped {len(report.skipped)} messages the server did not fully "
-                     f"answer for (UIDs {compress_uids(report.skipped)}); run again")
     if report.moved_missing:
         lines.append(f"  {_plural(report.moved_missing, 'message')} had gone before they could "
                      "be moved")
-    return "\n".join(lines) + "\n"
+    for why, uids in _skipped_by_reason(report).items():
+        lines.append(f"  {_plural(len(uids), 'message')} skipped ({why}): UID "
+                     f"{compress_uids(uids)}; run again")
+    for note in report.notes:
+        lines.append(f"  note: {note}")
+    return "\n".join(printable(line) for line in lines) + "\n"
+
+
+def _skipped_by_reason(report: FolderReport) -> Dict[str, List[int]]:
+    """The skipped UIDs grouped by why: ``{"the server's answer lacked its flags": [4, 9]}``."""
+    groups: Dict[str, List[int]] = {}
+    for uid in sorted(report.skipped):
+        why = report.why_skipped.get(uid, "the server sent far more than was asked for")
+        groups.setdefault(why, []).append(uid)
+    return groups
 
 
 def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     rules = load_rules(args.rules_file)
-    out.write(f"{rules.source}: {len(rules.rules)} rules, valid\n")
+    out.write(printable(f"{rules.source}: {_plural(len(rules.rules), 'rule')}, valid") + "\n")
     for rule in rules.rules:
         more = " (continue)" if rule.continue_ else ""
-        out.write(f"  {rule.position}. {rule.name}: {rule.actions.describe()}{more}\n")
+        out.write(printable(f"  {rule.position}. {rule.name}: {rule.actions.describe()}{more}")
+                  + "\n")
     needs = rules.needs
     fetched = ["headers " + ", ".join(sorted(needs.headers))]
     if needs.body:
         fetched.append(f"a body prefix ({BODY_PREFIX_BYTES} bytes) for undecided messages")
     if needs.queries:
         fetched.append(f"{len(needs.queries)} Gmail search(es)")
-    out.write("  fetches: " + "; ".join(fetched) + "\n")
-    return EXIT_OK
+    out.write(printable("  fetches: " + "; ".join(fetched)) + "\n")
+    for note in rules.local()[1]:
+        out.write(printable(f"  note: {note}") + "\n")
+    failures = run_rule_tests(rules)
+    if rules.tests:
+        passed = len(rules.tests) - len(failures)
+        out.write(f"  tests: {passed} of {len(rules.tests)} passed\n")
+    for line in failures:
+        sys.stderr.write(printable(f"gmail_classify: {line}") + "\n")
+    return EXIT_RULE_TESTS if failures else EXIT_OK
 
 
 def _cmd_test(args: argparse.Namespace, out: TextIO) -> int:
-    rules = load_rules(args.rules_file)
+    rules, notes = load_rules(args.rules_file).local()
+    for note in notes:
+        out.write(printable(f"note: {note}") + "\n")
     counts: Dict[str, int] = {}
     total = 0
     try:
@@ -5225,30 +8844,31 @@ def _cmd_test(args: argparse.Namespace, out: TextIO) -> int:
             decision = rules.classify(info, final=True)
             subject = _first(header_text(info.headers, "subject"))
             if not decision.matches:
-                out.write(f"{name}: no rule  ({subject[:60]})\n")
+                out.write(printable(f"{name}: no rule  ({subject[:60]})") + "\n")
                 continue
             for rule_name, reason in decision.matches:
                 counts[rule_name] = counts.get(rule_name, 0) + 1
-                out.write(f"{name}: {rule_name}: {reason}\n")
-            out.write(f"    -> {decision.actions.describe()}  ({subject[:60]})\n")
+                out.write(printable(f"{name}: {rule_name}: {reason}") + "\n")
+            out.write(printable(f"    -> {decision.actions.expanded(info).describe()}  "
+                                f"({subject[:60]})") + "\n")
     except GmailClassifyError as exc:
         if type(exc) is not GmailClassifyError:
             raise
         raise UsageError(str(exc)) from exc    # a FILE that is not mail: the user's input
     noun = "message" if total == 1 else "messages"
-    out.write(f"{total} {noun}; " + ", ".join(f"{k}: {v}" for k, v in counts.items())
-              + ("\n" if counts else "no rule matched\n"))
+    out.write(printable(f"{total} {noun}; " + ", ".join(f"{k}: {v}" for k, v in counts.items())
+                        + ("" if counts else "no rule matched")) + "\n")
     return EXIT_OK
 
 
 def _cmd_labels(args: argparse.Namespace, out: TextIO) -> int:
     rules = find_rules(args.rules)
     settings = _connection_settings(args, rules.account)
-    with GmailConnection(**settings) as conn:
+    with _signed_in(settings) as conn:
         for folder in sorted(conn.list_folders(), key=lambda f: f.name.casefold()):
             use = f"  {folder.special_use}" if folder.special_use else ""
             flags = " ".join(sorted(f for f in folder.flags if f != folder.special_use))
-            out.write(f"{folder.name}{use}  {flags}".rstrip() + "\n")
+            out.write(printable(f"{folder.name}{use}  {flags}".rstrip()) + "\n")
     return EXIT_OK
 
 
@@ -5261,7 +8881,7 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
         out.write(_rules_line(rules))
 
     def on_message(outcome: Outcome) -> None:
-        if outcome.decision.matches and not args.quiet and not args.summary:
+        if outcome.changes and not args.quiet and not args.summary:
             out.write(_message_line(outcome, False, width) + "\n")
 
     report = classify_messages(rules, demo_messages(), "INBOX", on_message=on_message)
@@ -5279,13 +8899,81 @@ def _cmd_init(args: argparse.Namespace, out: TextIO) -> int:
     text = STARTER_RULES_TOML if path.suffix == ".toml" else STARTER_RULES_JSON
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
-    out.write(f"wrote {path}; edit it, then try: python gmail_classify.py check {path}\n")
+    out.write(printable(f"wrote {path}; edit it, then try: python gmail_classify.py check {path}")
+              + "\n")
+    return EXIT_OK
+
+
+def _output_format(args: argparse.Namespace) -> str:
+    if args.output:
+        suffix = pathlib.Path(args.output).suffix.lower()
+        if suffix not in (".toml", ".json"):
+            raise UsageError(f"{args.output}: name the rules file *.toml or *.json")
+        if args.format and args.format != suffix[1:]:
+            raise UsageError(f"--format {args.format} does not match {args.output}; drop one")
+        return suffix[1:]
+    return args.format or "toml"
+
+
+def _emit_rules(args: argparse.Namespace, out: TextIO, text: str, count: int) -> None:
+    if not args.output:
+        out.write(text)
+        return
+    write_rules_file(args.output, text, force=args.force)
+    sys.stderr.write(f"wrote {args.output}: {count} rules; next: python gmail_classify.py "
+                     f"check {args.output}\n")
+
+
+def _cmd_import_filters(args: argparse.Namespace, out: TextIO) -> int:
+    fmt = _output_format(args)
+    try:
+        with open(args.filters_file, "rb") as fh:
+            data = fh.read(MAX_FILTER_FILE_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"{args.filters_file}: cannot read: {exc.strerror or exc}") from None
+    imported = import_gmail_filters(data, args.filters_file)
+    for note in imported.notes:
+        sys.stderr.write(f"gmail_classify: {args.filters_file}: {note}\n")
+    if not imported.doc["rule"]:
+        raise UsageError(f"{args.filters_file}: none of its {imported.filters} filters can be "
+                         f"done over IMAP; nothing written")
+    header = [f"Imported from {os.path.basename(args.filters_file)} by gmail_classify "
+              f"{__version__}: {len(imported.doc['rule'])} rules from {imported.filters} filters.",
+              "Each Gmail filter is one rule with continue = true, so every matching filter",
+              "applies, as in Gmail. gmail_query keeps Gmail's own search; rules that also have",
+              "local conditions work in `test` and on other servers too.",
+              "Next: check this file, do a dry run, then --apply (or --new-only for new mail)."]
+    text = format_rules(imported.doc, fmt, header, imported.comments)
+    _emit_rules(args, out, text, len(imported.doc["rule"]))
+    return EXIT_OK
+
+
+def _cmd_suggest(args: argparse.Namespace, out: TextIO) -> int:
+    fmt = _output_format(args)
+    if args.output and os.path.exists(args.output) and not args.force:
+        raise UsageError(f"{args.output} already exists; pass --force to overwrite it")
+    rules = find_rules(args.rules)
+    settings = _connection_settings(args, rules.account)
+    with GmailConnection(**settings) as conn:
+        found = suggest_rules(conn, args.folder, top=args.top, batch_size=args.batch_size,
+                              limit=args.limit)
+    if not found.doc["rule"]:
+        sys.stderr.write(f"gmail_classify: {found.folder}: no sender, list or domain with at "
+                         f"least 2 of its {found.examined} messages; nothing to suggest\n")
+        return EXIT_OK
+    header = [f"Suggested by gmail_classify from the headers of {found.examined} messages "
+              f"in {found.folder}.",
+              "Every rule only adds a label. Rename the labels, merge or delete rules, then",
+              "check this file, do a dry run, and --apply."]
+    text = format_rules(found.doc, fmt, header, found.comments)
+    _emit_rules(args, out, text, len(found.doc["rule"]))
     return EXIT_OK
 
 
 _COMMANDS = {"run": _cmd_run, "check": _cmd_check, "test": _cmd_test,
              "labels": _cmd_labels, "folders": _cmd_labels, "init": _cmd_init,
-             "demo": _cmd_demo}
+             "demo": _cmd_demo, "history": _cmd_history, "undo": _cmd_undo,
+             "import-filters": _cmd_import_filters, "suggest": _cmd_suggest}
 
 
 def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> int:
@@ -5306,19 +8994,22 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
     except GmailClassifyError as exc:
         if args.verbose:
             log.exception("details:")
-        for line in str(exc).splitlines() or [type(exc).__name__]:   # RulesError: one per problem
-            sys.stderr.write(f"gmail_classify: {line}\n")
+        # One line per problem (a RulesError lists each); only LF separates them, so a CR
+        # from a server's text is shown escaped, never obeyed.
+        for line in str(exc).split("\n") if str(exc) else [type(exc).__name__]:
+            sys.stderr.write(printable(f"gmail_classify: {line}") + "\n")
         return _exit_code(exc)
     except Exception as exc:  # a bug: say so briefly, with the traceback under -v
         if args.verbose:
             log.exception("details:")
-        sys.stderr.write(f"gmail_classify: unexpected error: {type(exc).__name__}: {exc} "
-                         f"(run with -v for details)\n")
+        sys.stderr.write(printable(f"gmail_classify: unexpected error: {type(exc).__name__}: "
+                                   f"{exc} (run with -v for details)") + "\n")
         return EXIT_ERROR
 
 
 _OPTIONS_WITH_VALUES = ("--user", "--host", "--port", "--cafile", "--auth", "--password-command",
-                        "--timeout", "--retries", "--rules", "--folder", "--since", "--limit", "--batch-size")
+                        "--timeout", "--retries", "--rules", "--folder", "--since", "--limit", "--batch-size",
+                        "--daily-budget", "--max-new-folders", "-o", "--output", "--format", "--top")
 
 
 def _subcommand_first(argv: List[str]) -> List[str]:
@@ -5342,14 +9033,16 @@ def _subcommand_first(argv: List[str]) -> List[str]:
 
 
 def _exit_code(exc: GmailClassifyError) -> int:
-    if isinstance(exc, (UsageError, RulesError)):
+    if isinstance(exc, (UsageError, RulesError, StateError, FolderLimitError, CredentialError)):
         return EXIT_USAGE
+    if isinstance(exc, LockedError):
+        return EXIT_LOCKED
+    if isinstance(exc, (RunStopped, UidValidityError)):
+        return EXIT_INCOMPLETE
     if isinstance(exc, AuthenticationError):
         return EXIT_AUTH
     if isinstance(exc, (ConnectionLostError, TLSError)):
         return EXIT_CONNECTION
-    if isinstance(exc, UidValidityError):
-        return EXIT_INCOMPLETE
     if isinstance(exc, ImapError):
         return EXIT_SERVER
     return EXIT_ERROR

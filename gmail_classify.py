@@ -7034,7 +7034,7 @@ class StateStore:
 class AuditLog:
     """``audit.jsonl``: one JSON record per line, appended once the server confirmed.
 
-    Policy: when the file passes AUDIT_MAX_BYTES (16 MB, some 40,000 records) it becomes
+    Policy: when the file passes AUDIT_MAX_BYTES (16 MB, some 25,000 records) it becomes
     ``audit.jsonl.1``, replacing the one before; ``records()`` reads both, oldest first.
     """
 
@@ -7236,14 +7236,17 @@ class Run(Checkpoint):
             self._remember(status.name, FolderState(status.uidvalidity, newest,
                                                     self.rules_hash))
             return newest
-        if known is not None and known.mark and known.rules != self.rules_hash:
+        if known is not None and known.mark and known.rules != self.rules_hash \
+                and not self.reclassify:
             log.warning("%s: the rules changed since it was last classified; mail up to UID "
                         "%d was classified with the old rules (run with --all to classify it "
                         "again)", status.name, known.mark)
             self._remember(status.name, dataclasses.replace(known, rules=self.rules_hash))
-        if self.reclassify or known is None:
+        if self.reclassify:
+            if known is not None:
+                self._remember(status.name, dataclasses.replace(known, rules=self.rules_hash))
             return 0
-        return known.mark
+        return known.mark if known is not None else 0
 
     def before_fetch(self, conn: GmailConnection) -> None:
         self._count_bytes(conn)
@@ -7376,8 +7379,8 @@ def history(store: StateStore) -> List[Dict[str, Any]]:
                 entry["changes_made"] += 1
     for entry in runs.values():
         target = runs.get(entry["undo_of"] or "")
-        if target is not None and entry["changes_made"]:
-            target["undone_by"] = entry["run"]
+        if target is not None and entry["changes_made"] and entry["status"] == "complete":
+            target["undone_by"] = entry["run"]     # an undo cut short may be run again
     return sorted(runs.values(), key=lambda e: (e["time"], order[e["run"]]), reverse=True)
 
 
@@ -7433,7 +7436,12 @@ class Undo:
         self.apply = apply
         self.messages = []
         self.created: List[str] = []        # folders the run created, deleted if empty
+        reversed_before = set()             # by an earlier undo of this run, cut short
         for record in store.audit.records():
+            if record.get("undo_of") == run_id and record.get("type") == "message" \
+                    and record.get("applied"):
+                for change in record.get("changes") or []:
+                    reversed_before.add(self._change_key(record, _inverse_change(change)))
             if record.get("run") != run_id:
                 continue
             if record.get("type") == "message" and record.get("applied") \
@@ -7443,6 +7451,10 @@ class Undo:
                 for report in record.get("reports") or []:
                     self.created += [name for name in report.get("created") or []
                                      if isinstance(name, str)]
+        if reversed_before:
+            left = [dict(record, changes=[c for c in record["changes"] if self._change_key(
+                        record, c) not in reversed_before]) for record in self.messages]
+            self.messages = [record for record in left if record["changes"]]
         self.deleted: List[str] = []
         self.run = Run(store, Ruleset(()), user, host, port, apply=apply, command="undo",
                        undo_of=run_id, daily_budget=None, on_record=on_record)
@@ -7456,6 +7468,13 @@ class Undo:
         self.run._count_bytes(conn)
         work: Dict[int, Dict[str, List[Any]]] = {
             i: {"done": [], "alone": []} for i in range(len(self.messages))}
+        try:
+            self._reverse(conn, work)
+        finally:
+            self._report(work)     # what was done, also when stopped half way
+        self._delete_created_folders(conn)
+
+    def _reverse(self, conn: GmailConnection, work: Dict[int, Dict[str, List[Any]]]) -> None:
         gone: set = set()
         located: Dict[int, Tuple[str, Optional[int]]] = {}
         # 1. Mail the run moved (or trashed, or archived off Gmail) goes back first.
@@ -7515,8 +7534,9 @@ class Undo:
                         work[i]["alone"].append(f"not found in {folder}; left as it is")
                 self._restore_flags(conn, found, work)
             self._delete_copies(conn, rest, work)
-        self._report(work)
-        # Last, folders (labels) the run created, if nothing is left in them.
+
+    def _delete_created_folders(self, conn: GmailConnection) -> None:
+        """Last, the folders (labels) the run created, if nothing is left in them."""
         for name in dict.fromkeys(self.created):
             if not any(f.name == name for f in conn.list_folders(refresh=True)):
                 continue
@@ -7533,6 +7553,10 @@ class Undo:
             self.run.counts[label] = self.run.counts.get(label, 0) + 1
 
     # -- helpers -------------------------------------------------------------------------
+
+    @staticmethod
+    def _change_key(record: Mapping[str, Any], change: Mapping[str, Any]) -> Tuple[Any, ...]:
+        return (record.get("folder"), record.get("uid"), json.dumps(change, sort_keys=True))
 
     @staticmethod
     def _moved(record: Mapping[str, Any]) -> Optional[Tuple[Dict[str, Any], Dict[str, Any],
@@ -7648,7 +7672,7 @@ class Undo:
             changes = {i: change for i, change in pairs}
             found = self._locate(conn, folder, list(changes),
                                  lambda r, c=changes: None)
-            uids = []
+            uids: List[Tuple[int, int, Dict[str, Any]]] = []
             for i, change in pairs:
                 uid = change["after"].get("uid")
                 verified = self._locate_one(conn, i, uid) if uid else None
@@ -7657,11 +7681,12 @@ class Undo:
                     work[i]["alone"].append(f"{describe_change(change)}: the copy is no "
                                             f"longer in {folder}")
                     continue
-                uids.append(target)
-                work[i]["done"].append(_inverse_change(change))
+                uids.append((i, target, change))
             if uids and self.apply:
-                conn.add_flags(uids, ["\\Deleted"])
-                conn.uid_expunge(uids)
+                conn.add_flags([uid for _, uid, _ in uids], ["\\Deleted"])
+                conn.uid_expunge([uid for _, uid, _ in uids])
+            for i, _, change in uids:
+                work[i]["done"].append(_inverse_change(change))
 
     def _locate_one(self, conn: GmailConnection, i: int, uid: int) -> Optional[int]:
         item = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
@@ -8080,7 +8105,7 @@ EXIT_USAGE = 2          # bad arguments or rules file
 EXIT_AUTH = 3           # the server rejected the credentials
 EXIT_CONNECTION = 4     # could not connect, or lost the connection after retries; TLS refused
 EXIT_SERVER = 5         # the server refused an operation or lacks a needed feature
-EXIT_INCOMPLETE = 6     # incomplete (skipped messages or folders, daily budget); run again
+EXIT_INCOMPLETE = 6     # incomplete (skipped messages or folders, daily budget, UIDVALIDITY changed): run again
 EXIT_LOCKED = 7         # another --apply holds the account lock
 EXIT_RULE_TESTS = 8     # the rules file's own [[test]] tables failed
 EXIT_INTERRUPTED = 130  # Ctrl-C
@@ -8469,11 +8494,11 @@ def _rule_tests_allow(rules: Ruleset, apply: bool) -> bool:
     """
     failures = run_rule_tests(rules)
     for line in failures:
-        sys.stderr.write(f"gmail_classify: {line}\n")
+        sys.stderr.write(printable(f"gmail_classify: {line}") + "\n")
     if failures and apply:
-        sys.stderr.write(f"gmail_classify: refusing --apply: {len(failures)} of "
-                         f"{len(rules.tests)} rule tests failed; fix the rules or the tests "
-                         f"(see 'check {rules.source}')\n")
+        sys.stderr.write(printable(f"gmail_classify: refusing --apply: {len(failures)} of "
+                                   f"{len(rules.tests)} rule tests failed; fix the rules or "
+                                   f"the tests (see 'check {rules.source}')") + "\n")
         return False
     if failures:
         sys.stderr.write(f"gmail_classify: {len(failures)} of {len(rules.tests)} rule tests "
@@ -8491,7 +8516,7 @@ def _rules_line(rules: Ruleset) -> str:
     if rules.source == builtin_rules().source:
         return (f"Rules: built-in rules ({_plural(len(rules.rules), 'rule')}, labels only); "
                 f"write your own with: python gmail_classify.py init\n")
-    return f"Rules: {rules.source} ({_plural(len(rules.rules), 'rule')})\n"
+    return printable(f"Rules: {rules.source} ({_plural(len(rules.rules), 'rule')})") + "\n"
 
 
 def _columns(text: str) -> int:
@@ -8716,7 +8741,7 @@ def _cmd_history(args: argparse.Namespace, out: TextIO) -> int:
                             f"{entry['host']}  {', '.join(entry['folders'])}  {what}"
                             f"{counts or 'no changes'}{status}{undone}") + "\n")
     if not runs and not args.json and not args.quiet:
-        out.write(f"no applied runs in {store.audit.path}\n")
+        out.write(printable(f"no applied runs in {store.audit.path}") + "\n")
     return EXIT_OK
 
 
@@ -8920,8 +8945,8 @@ def _emit_rules(args: argparse.Namespace, out: TextIO, text: str, count: int) ->
         out.write(text)
         return
     write_rules_file(args.output, text, force=args.force)
-    sys.stderr.write(f"wrote {args.output}: {count} rules; next: python gmail_classify.py "
-                     f"check {args.output}\n")
+    sys.stderr.write(printable(f"wrote {args.output}: {count} rules; next: python "
+                               f"gmail_classify.py check {args.output}") + "\n")
 
 
 def _cmd_import_filters(args: argparse.Namespace, out: TextIO) -> int:
@@ -8933,7 +8958,7 @@ def _cmd_import_filters(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"{args.filters_file}: cannot read: {exc.strerror or exc}") from None
     imported = import_gmail_filters(data, args.filters_file)
     for note in imported.notes:
-        sys.stderr.write(f"gmail_classify: {args.filters_file}: {note}\n")
+        sys.stderr.write(printable(f"gmail_classify: {args.filters_file}: {note}") + "\n")
     if not imported.doc["rule"]:
         raise UsageError(f"{args.filters_file}: none of its {imported.filters} filters can be "
                          f"done over IMAP; nothing written")
@@ -8954,12 +8979,13 @@ def _cmd_suggest(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"{args.output} already exists; pass --force to overwrite it")
     rules = find_rules(args.rules)
     settings = _connection_settings(args, rules.account)
-    with GmailConnection(**settings) as conn:
+    with _signed_in(settings) as conn:
         found = suggest_rules(conn, args.folder, top=args.top, batch_size=args.batch_size,
                               limit=args.limit)
     if not found.doc["rule"]:
-        sys.stderr.write(f"gmail_classify: {found.folder}: no sender, list or domain with at "
-                         f"least 2 of its {found.examined} messages; nothing to suggest\n")
+        sys.stderr.write(printable(f"gmail_classify: {found.folder}: no sender, list or domain "
+                                   f"with at least 2 of its {found.examined} messages; "
+                                   f"nothing to suggest") + "\n")
         return EXIT_OK
     header = [f"Suggested by gmail_classify from the headers of {found.examined} messages "
               f"in {found.folder}.",

@@ -7518,6 +7518,22 @@ class StateStoreTest(TempDirMixin, unittest.TestCase):
         self.assertEqual(third.folder("a", "INBOX").mark, 10)
         self.assertEqual(third.folder("a", "Work").mark, 20)
         self.assertEqual(third.downloaded("a"), 150)
+        # A later save of the first store writes only its new changes, not old ones again,
+        # and leaves it seeing what the others wrote.
+        third.set_folder("a", "INBOX", gc.FolderState(1, 30))
+        third.save()
+        first.add_download("a", 1)
+        first.save()
+        self.assertEqual(first.folder("a", "INBOX").mark, 30)
+        self.assertEqual(first.folder("a", "Work").mark, 20)
+        self.assertEqual(first.downloaded("a"), 151)
+
+    def test_nothing_to_save_writes_nothing(self):
+        directory = os.path.join(self.make_dir(), "state")
+        store = gc.StateStore(directory)
+        store.load()
+        store.save()
+        self.assertFalse(os.path.exists(directory))
 
     def test_download_counts_are_per_day_and_old_days_are_dropped(self):
         clock = Clock()
@@ -7767,6 +7783,7 @@ class IncrementalRunTest(StateTestCase):
         audit = [r for r in self.store().audit.records() if r["type"] == "message"]
         self.maxDiff = None
         self.assertEqual(audit, records)
+        self.assertEqual(run.reports[0].changed, {"Receipts": 1})
 
     def test_only_what_still_needs_doing_is_planned_or_shown(self):
         self.server.add_message(make_message("receipt done"), labels=("Receipts",))  # archived
@@ -7780,6 +7797,8 @@ class IncrementalRunTest(StateTestCase):
         self.assertEqual([r["changes"] for r in records], [[], [], [], []])
         self.assertEqual(run.counts, {})
         self.assertTrue(all(report.changes == {} for report in run.reports))
+        self.assertTrue(all(report.changed == {} for report in run.reports))
+        self.assertEqual(run.reports[0].matched, {"News": 1})
 
 
 class BudgetTest(StateTestCase):
@@ -7809,9 +7828,24 @@ class BudgetTest(StateTestCase):
         key = gc.account_key(USER, "127.0.0.1", self.server.port)
         used = self.store().downloaded(key)
         self.assertGreater(used, 1000)                     # a dry run counts too
+        store = self.store()
+        store.add_download(key, 1000000 - used)
+        store.save()
         with self.assertLogs("gmail_classify", "WARNING") as logs:
-            self.run_once(apply=False, daily_budget=used * 2)
+            self.run_once(apply=False, batch_size=1, daily_budget=1900000)
         self.assertEqual(sum("half of the daily budget" in line for line in logs.output), 1)
+        self.assertRegex(logs.output[0], r"9\d\d\.\d KB downloaded today")
+
+    def test_no_budget_never_stops(self):
+        seed_mailbox(self.server, 6)
+        store = self.store()
+        store.add_download(gc.account_key(USER, "127.0.0.1", self.server.port), 10 ** 12)
+        store.save()
+        run = self.run_once(batch_size=1, daily_budget=None)
+        self.assertEqual(run.reports[0].examined, 6)
+        self.server.add_message(make_message("receipt later"))
+        with self.assertRaises(gc.BudgetExceededError):
+            self.run_once(batch_size=1)                          # the default budget
 
 
 class InterruptionTest(StateTestCase):
@@ -7974,6 +8008,14 @@ class CommandLineStateTest(StateTestCase):
         code, out, err = self.cli("run", *self.argv("--daily-budget", "lots"))
         self.assertEqual(code, gc.EXIT_USAGE)
 
+    def test_exit_codes_of_the_state_layer(self):
+        table = [(gc.StateError("x"), gc.EXIT_USAGE), (gc.LockedError("x"), gc.EXIT_LOCKED),
+                 (gc.BudgetExceededError("x"), gc.EXIT_INCOMPLETE),
+                 (gc.UidValidityError("x"), gc.EXIT_INCOMPLETE)]
+        for error, code in table:
+            with self.subTest(error=type(error).__name__):
+                self.assertEqual(gc._exit_code(error), code)
+
     def test_history_lists_runs_newest_first_with_counts(self):
         seed_mailbox(self.server, 6)
         self.assertEqual(self.cli("run", *self.argv("--apply"))[0], 0)
@@ -8054,6 +8096,34 @@ class UndoTest(StateTestCase):
         self.assertEqual(self.server.message(receipt).labels, {"\\Inbox"})
         self.assertNotIn("\\Seen", self.server.message(news).flags)   # the rest was undone
         self.assertEqual(self.server.message(news).labels, {"\\Inbox"})
+
+    def test_an_undo_cut_short_logs_what_it_did_and_can_be_run_again(self):
+        seed_mailbox(self.server, 12)
+        before = mailbox_snapshot(self.server)
+        run = self.run_once()
+        original = gc.GmailConnection.move
+        calls = []
+
+        def move_once(conn, uids, destination):
+            calls.append(destination)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return original(conn, uids, destination)
+
+        store = self.store()
+        undo = gc.Undo(store, USER, "127.0.0.1", self.server.port, apply=True)
+        with mock.patch.object(gc.GmailConnection, "move", move_once):
+            with self.assertRaises(KeyboardInterrupt):
+                undo.execute(self.connect())
+        undo.run.finish("interrupted")
+        self.assertGreater(undo.reversed, 0)
+        logged = [r for r in self.store().audit.records()
+                  if r.get("undo_of") == run.id and r["type"] == "message"]
+        self.assertEqual(sum(len(r["changes"]) for r in logged), undo.reversed)
+        again = self.undo(run.id)                      # not "already undone"
+        self.assertEqual((again.reversed + undo.reversed, again.left_alone),
+                         (run.changes_made, 0))        # the rest, nothing twice
+        self.assertEqual(mailbox_snapshot(self.server), before)
 
     def test_unknown_or_foreign_run_ids_are_refused(self):
         seed_mailbox(self.server, 3)
@@ -8217,15 +8287,17 @@ class ReadmeExamplesTest(unittest.TestCase):
         shim.__dict__.update({name: getattr(gc, name) for name in gc.__all__})
         shim.GmailConnection = ToTheFake
         out = io.StringIO()
+        state = tempfile.mkdtemp(dir=_STATE_ROOT.name)
         with mock.patch.dict(sys.modules, {"gmail_classify": shim}), \
-                mock.patch.dict(os.environ, {"GMAIL_APP_PASSWORD": PASSWORD}), \
+                mock.patch.dict(os.environ, {"GMAIL_APP_PASSWORD": PASSWORD,
+                                             "XDG_STATE_HOME": state}), \
                 mock.patch("sys.stdout", out):
             exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
         return out.getvalue()
 
     def test_every_example_runs_and_only_the_marked_one_changes_mail(self):
         blocks = self.blocks()
-        self.assertEqual(len(blocks), 2)
+        self.assertEqual(len(blocks), 3)
         server = FakeGmail(users={"you@gmail.com": PASSWORD}).start()
         self.addCleanup(server.stop)
         server.add_message(make_message("Your receipt 42"))
@@ -8245,6 +8317,12 @@ class ReadmeExamplesTest(unittest.TestCase):
         bill = [m for m in server.messages("[Gmail]/All Mail") if "Bills" in m.labels]
         self.assertEqual(len(bill), 1)
         self.assertIn("Receipts", bill[0].labels)
+
+        after = [(m.labels, m.flags) for m in server.messages("[Gmail]/All Mail")]
+        shown = self.run_block(blocks[2], server)           # a Run, dry: nothing left to do
+        self.assertEqual(shown, "1 {}\n")
+        self.assertEqual([(m.labels, m.flags) for m in server.messages("[Gmail]/All Mail")],
+                         after)
 
 
 
@@ -8520,6 +8598,13 @@ class ImportFiltersTest(unittest.TestCase):
         code, _, err = run_cli("import-filters", os.path.join(self.tmp, "missing.xml"))
         self.assertEqual(code, gc.EXIT_USAGE)
         self.assertIn("cannot read", err)
+
+    def test_a_property_given_twice_with_different_values_skips_the_filter(self):
+        imported = gc.import_gmail_filters(filter_export(
+            [("from", "a@x.example"), ("from", "b@x.example"), ("label", "A")],
+            [("label", "B"), ("label", "B"), ("subject", "hi")]))
+        self.assertEqual([r["name"] for r in imported.doc["rule"]], ["Gmail filter 2"])
+        self.assertEqual(imported.notes, ("filter 1: skipped: property from given twice",))
 
     def test_output_name_and_format_must_agree(self):
         xml_path = self.write("mailFilters.xml", SAMPLE_FILTERS)
@@ -9208,6 +9293,12 @@ class CredentialSafetyTest(FakeServerTest):
             with self.subTest(secret=secret):
                 self.assertNotIn(secret, text)
 
+    def test_garbage_in_answer_to_login_is_a_protocol_error_not_a_refusal(self):
+        self.server.add_fault("LOGIN", action="garbage")
+        with self.assertRaises(gc.ProtocolError) as ctx:
+            self.connect(retries=0)
+        self.assertNotIsInstance(ctx.exception, gc.AuthenticationError)
+
     def test_a_preauth_greeting_is_refused_without_sending_the_password(self):
         original = _Session.handle
 
@@ -9287,6 +9378,19 @@ class TerminalSafetyTest(FakeServerTest):
         self.assertEqual(code, gc.EXIT_INCOMPLETE)     # that folder is skipped
         self.assertIn("\\u001b[2J\\u000dall fine", err)
         self.assert_safe(err)
+
+
+class TerminalSafetyOfPathsTest(FakeServerTest):
+    def test_a_rules_file_name_with_controls_is_shown_escaped(self):
+        rules = os.path.join(self.tmp, "rules\u202e\x1b[1m.json")
+        with open(rules, "w") as handle:
+            json.dump({"rule": [{"name": "R", "subject": "x", "star": True}]}, handle)
+        code, out, err = run_cli("--user", USER, "--host", "127.0.0.1", "--port",
+                                 str(self.server.port), "--plaintext", "--rules", rules,
+                                 env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, 0, err)
+        self.assertIn("rules\\u202e\\u001b[1m.json", out)
+        self.assertFalse(re.search("[\x1b\u202e]", out + err))
 
 
 class HeaderNameValidationTest(TempDirMixin, unittest.TestCase):
@@ -9718,14 +9822,17 @@ class MutationGapTest(FakeServerTest):
         os.chmod(script, 0o700)
         rules = os.path.join(self.tmp, "rules.json")
         with open(rules, "w") as handle:
-            json.dump({"rule": EXAMPLE_DOC["rule"], "account": {"password_command": script}},
-                      handle)
+            # Run through /bin/sh, not exec'd directly: a script just written can be
+            # "busy" (ETXTBSY) while another thread of the suite forks.
+            json.dump({"rule": EXAMPLE_DOC["rule"],
+                       "account": {"password_command": ["/bin/sh", script]}}, handle)
         argv = ["--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
                 "--plaintext", "--retries", "0", "-q"]
         for env, expected in (({"GMAIL_APP_PASSWORD": "from-env", "HOME": home}, "from-env"),
                               ({"HOME": home}, "from-rules-command")):
             with self.subTest(expected=expected):
-                run_cli(*argv, "--rules", rules, env=env)
+                code, _, err = run_cli(*argv, "--rules", rules, env=env)
+                self.assertEqual(code, gc.EXIT_AUTH, err)   # signed in with that secret
                 login = [e.line for e in self.server.log if e.command == "LOGIN"][-1]
                 self.assertIn(b'"%s"' % expected.encode(), login)
         run_cli(*argv, env={"HOME": home})

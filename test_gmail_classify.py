@@ -7460,6 +7460,14 @@ class ImportFiltersTest(unittest.TestCase):
         self.assertEqual([r["name"] for r in imported.doc["rule"]], ["Gmail filter 2"])
         self.assertEqual(imported.notes, ("filter 1: skipped: property from given twice",))
 
+    def test_a_label_with_a_line_break_is_left_out_with_a_note(self):
+        imported = gc.import_gmail_filters(filter_export(
+            [("from", "a@x.example"), ("label", "Two\nlines"), ("shouldStar", "true")]))
+        self.assertEqual(imported.doc["rule"][0]["star"], True)
+        self.assertNotIn("label", imported.doc["rule"][0])
+        self.assertEqual(imported.notes,
+                         ("filter 1: left out label 'Two\\nlines': it holds a line break",))
+
     def test_output_name_and_format_must_agree(self):
         xml_path = self.write("mailFilters.xml", SAMPLE_FILTERS)
         for extra, expected in [(["-o", os.path.join(self.tmp, "r.yaml")], "*.toml or *.json"),

@@ -7592,6 +7592,8 @@ class ImportFiltersTest(unittest.TestCase):
                 self.assertIn("--force", err)
                 code, _, err = run_cli("import-filters", xml_path, "-o", out_path, "--force", "-q")
                 self.assertEqual(code, 0, err)
+                self.assertNotIn("wrote", err)          # -q: the notes only
+                self.assertEqual(len(err.splitlines()), len(SAMPLE_NOTES))
 
     def test_cli_prints_toml_to_stdout_by_default(self):
         xml_path = self.write("mailFilters.xml", SAMPLE_FILTERS)

@@ -8945,7 +8945,8 @@ def _emit_rules(args: argparse.Namespace, out: TextIO, text: str, count: int) ->
         out.write(text)
         return
     write_rules_file(args.output, text, force=args.force)
-    sys.stderr.write(printable(f"wrote {args.output}: {count} rules; next: python "
+    if not args.quiet:
+        sys.stderr.write(printable(f"wrote {args.output}: {count} rules; next: python "
                                f"gmail_classify.py check {args.output}") + "\n")
 
 

@@ -8577,6 +8577,8 @@ class ImportFiltersTest(unittest.TestCase):
                 self.assertIn("--force", err)
                 code, _, err = run_cli("import-filters", xml_path, "-o", out_path, "--force", "-q")
                 self.assertEqual(code, 0, err)
+                self.assertNotIn("wrote", err)          # -q: the notes only
+                self.assertEqual(len(err.splitlines()), len(SAMPLE_NOTES))
 
     def test_cli_prints_toml_to_stdout_by_default(self):
         xml_path = self.write("mailFilters.xml", SAMPLE_FILTERS)
@@ -8621,6 +8623,14 @@ class ImportFiltersTest(unittest.TestCase):
             [("label", "B"), ("label", "B"), ("subject", "hi")]))
         self.assertEqual([r["name"] for r in imported.doc["rule"]], ["Gmail filter 2"])
         self.assertEqual(imported.notes, ("filter 1: skipped: property from given twice",))
+
+    def test_a_label_with_a_line_break_is_left_out_with_a_note(self):
+        imported = gc.import_gmail_filters(filter_export(
+            [("from", "a@x.example"), ("label", "Two\nlines"), ("shouldStar", "true")]))
+        self.assertEqual(imported.doc["rule"][0]["star"], True)
+        self.assertNotIn("label", imported.doc["rule"][0])
+        self.assertEqual(imported.notes,
+                         ("filter 1: left out label 'Two\\nlines': it holds a line break",))
 
     def test_output_name_and_format_must_agree(self):
         xml_path = self.write("mailFilters.xml", SAMPLE_FILTERS)

@@ -8778,9 +8778,9 @@ class MutationGapTest(FakeServerTest):
                 run_cli(*argv, "--rules", rules, env=env)
                 login = [e.line for e in self.server.log if e.command == "LOGIN"][-1]
                 self.assertIn(b'"%s"' % expected.encode(), login)
-        run_cli(*argv, env={"HOME": home})
+        code, out, err = run_cli(*argv, env={"HOME": home})
         login = [e.line for e in self.server.log if e.command == "LOGIN"][-1]
-        self.assertIn(b'"from-netrc"', login)
+        self.assertIn(b'"from-netrc"', login, err)
 
     def test_a_group_readable_netrc_is_refused(self):
         home = os.path.join(self.tmp, "home")

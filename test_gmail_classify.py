@@ -9861,9 +9861,9 @@ class MutationGapTest(FakeServerTest):
                 self.assertEqual(code, gc.EXIT_AUTH, err)   # signed in with that secret
                 login = [e.line for e in self.server.log if e.command == "LOGIN"][-1]
                 self.assertIn(b'"%s"' % expected.encode(), login)
-        run_cli(*argv, env={"HOME": home})
+        code, out, err = run_cli(*argv, env={"HOME": home})
         login = [e.line for e in self.server.log if e.command == "LOGIN"][-1]
-        self.assertIn(b'"from-netrc"', login)
+        self.assertIn(b'"from-netrc"', login, err)
 
     def test_a_group_readable_netrc_is_refused(self):
         home = os.path.join(self.tmp, "home")

@@ -30,7 +30,8 @@ from __future__ import annotations
 __all__ = [
     # errors
     "GmailClassifyError", "ImapError", "ProtocolError", "AuthenticationError",
-    "CapabilityError", "UidValidityError", "TLSError", "ConnectionLostError", "RulesError",
+    "CapabilityError", "UidValidityError", "FolderUnavailableError", "TLSError",
+    "ConnectionLostError", "RulesError", "CredentialError", "printable",
     # wire format
     "encode_mailbox", "decode_mailbox", "quote", "astring", "compress_uids",
     "parse_uid_set", "chunk_uids", "imap_date", "parse_response", "Literal",
@@ -45,7 +46,8 @@ __all__ = [
     "RuleTest", "run_rule_tests", "format_rules", "write_rules_file",
     "TEMPLATE_FIELDS", "split_template", "expand_template", "clean_component",
     # pipeline
-    "classify_folder", "classify_messages", "demo_messages", "Outcome", "FolderReport",
+    "classify_folder", "check_run", "classify_messages", "demo_messages", "Outcome",
+    "FolderReport",
     "Checkpoint", "RunStopped", "describe_change", "FolderLimitError", "DEFAULT_MAX_NEW_FOLDERS",
     # state and audit log
     "StateStore", "FolderState", "AccountLock", "AuditLog", "Run", "Undo", "history",
@@ -177,6 +179,10 @@ class UidValidityError(ImapError):
     """A folder's UIDVALIDITY changed, so every UID remembered for it is stale."""
 
 
+class FolderUnavailableError(ImapError):
+    """A folder to classify could not be opened (missing, or refused with NO or BAD)."""
+
+
 class TLSError(GmailClassifyError):
     """TLS could not be set up safely: untrusted certificate, wrong host, no STARTTLS."""
 
@@ -189,6 +195,12 @@ class RulesError(GmailClassifyError):
     """The rules file is wrong; the message names the file, rule and key, and the fix."""
 
 
+class CredentialError(GmailClassifyError, ValueError):
+    """A user name, password or token holds CR, LF or NUL: sent to a server it could end
+    the command line and smuggle in another command, so it is refused before connecting.
+    The message never repeats the secret."""
+
+
 class _Dropped(Exception):
     """Internal: the connection died (EOF, reset, timeout, BYE); reconnect and maybe retry."""
 
@@ -197,6 +209,34 @@ class _Unreachable(_Dropped):
     """Internal: a connect failed in a way waiting will not fix (refused, no such host, TLS
     spoken to a plain port). The first connect of a run gives up at once; a reconnect
     mid-run still retries, since a restarting server refuses for a moment."""
+
+
+# What reaches a terminal.  A subject, an address, a folder name or a server's text can
+# carry CR (which returns the cursor and lets the rest of the line overwrite what came
+# before), ESC (terminal control sequences), other C0 and C1 controls, and the Unicode
+# bidirectional overrides that reorder what is displayed (CVE-2021-42574, "Trojan
+# Source").  Every human-readable line the program writes goes through printable().
+_UNSAFE_FOR_TERMINAL = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+    "\ufeff\ufff9-\ufffb\udc80-\udcff]")
+
+
+def _escape_char(match: "re.Match[str]") -> str:
+    return f"\\u{ord(match.group(0)):04x}"
+
+
+def printable(text: Any, keep_newlines: bool = False) -> str:
+    """``text`` made safe to show on a terminal: controls and bidi overrides escaped.
+
+    ``printable("Invoice\\r\\x1b[2Kpaid") == "Invoice\\\\u000d\\\\u001b[2Kpaid"``; with
+    ``keep_newlines`` a LF stays a line break (for multi-line text such as a traceback).
+    The escapes are JSON's, so a JSON line passed through stays valid JSON.
+    """
+    text = str(text)
+    if keep_newlines:
+        return "\n".join(_UNSAFE_FOR_TERMINAL.sub(_escape_char, line)
+                         for line in text.split("\n"))
+    return _UNSAFE_FOR_TERMINAL.sub(_escape_char, text)
 
 
 # --- Wire format: quoting, modified UTF-7, UID sets, dates -------------------------------
@@ -323,8 +363,13 @@ def compress_uids(uids: Iterable[int]) -> str:
     return text
 
 
-def parse_uid_set(text: str, highest: Optional[int] = None) -> List[int]:
-    """Expand ``"1:3,7"`` into ``[1, 2, 3, 7]``; ``*`` needs ``highest``. Raises ValueError."""
+def parse_uid_set(text: str, highest: Optional[int] = None,
+                  limit: Optional[int] = None) -> List[int]:
+    """Expand ``"1:3,7"`` into ``[1, 2, 3, 7]``; ``*`` needs ``highest``. Raises ValueError,
+    also when the set names more than ``limit`` UIDs (checked before anything is expanded:
+    ``"1:4294967295"`` is 40 bytes from a server and would be 4 billion integers here)."""
+    if limit is not None and _uid_set_size(text, highest) > limit:
+        raise ValueError(f"UID set {text[:40]!r} names more than {limit} UIDs")
     result: List[int] = []
     for part in text.split(","):
         ends = part.split(":")
@@ -341,6 +386,20 @@ def parse_uid_set(text: str, highest: Optional[int] = None) -> List[int]:
         low, high = min(values), max(values)
         result.extend(range(low, high + 1))
     return result
+
+
+def _uid_set_size(text: str, highest: Optional[int] = None) -> int:
+    """How many UIDs ``"1:3,7"`` names (4), without expanding it. Raises ValueError."""
+    total = 0
+    for part in text.split(","):
+        ends = part.split(":")
+        if len(ends) > 2 or not all(ends):
+            raise ValueError(f"bad UID set {text[:40]!r}")
+        values = [highest if end == "*" else int(end) for end in ends]
+        if None in values:
+            raise ValueError(f"UID set {text[:40]!r} uses * without a highest UID")
+        total += max(values) - min(values) + 1  # type: ignore[type-var, operator]
+    return total
 
 
 # RFC 2683 §3.2.1.5 asks servers to accept lines of 8,000 octets and RFC 7162 §4 repeats
@@ -403,11 +462,35 @@ _PLAIN_QUOTED = re.compile(rb'"([^"\\\\\r\n]*)"')      # a quoted string without
 _SECTION_RUN = re.compile(rb"[^\[\]\r\n]+")              # inside a [section]
 _LITERAL_HEAD = re.compile(rb"~?\{(\d+)\+?\}\r\n")
 
+# The deepest real structure is a BODYSTRUCTURE of nested multiparts, a few levels per
+# part; a server that nests further is broken or hostile (and would exhaust the stack).
+MAX_NESTING = 100
+
+
+class Number(int):
+    """An all-digit atom: an int where the grammar says ``number``, its exact text where it
+    says atom or astring.  A folder ``0123``, a label ``007`` or a keyword ``0123`` are
+    names, not numbers, so ``str()`` gives back what the server sent, leading zeros and all.
+
+    ``str(parse_response(b'LIST () "/" 0123')[3]) == "0123"``; ``Number("0123") + 1 == 124``.
+    """
+
+    text: str
+
+    def __new__(cls, text: str) -> "Number":
+        self = super().__new__(cls, text)
+        self.text = text
+        return self
+
+    def __str__(self) -> str:
+        return self.text
+
 
 class _Reader:
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.pos = 0
+        self.depth = 0
 
     def fail(self, why: str) -> ProtocolError:
         start = max(0, self.pos - 20)
@@ -440,6 +523,9 @@ class _Reader:
 
     def list_(self) -> List[Any]:
         """list = "(" [value *(SP value)] ")" """
+        if self.depth >= MAX_NESTING:
+            raise self.fail(f"lists nested deeper than {MAX_NESTING} levels")
+        self.depth += 1
         self.pos += 1
         items: List[Any] = []
         data = self.data
@@ -450,6 +536,7 @@ class _Reader:
                 raise self.fail("unterminated list")
             if data[self.pos] == 0x29:  # ")"
                 self.pos += 1
+                self.depth -= 1
                 return items
             items.append(self.value())
 
@@ -534,7 +621,7 @@ def _atom_value(word: bytes) -> Any:
 def _convert_atom(word: bytes) -> Any:
     text = word.decode("utf-8", "surrogateescape")
     if text.isdigit() and text.isascii():
-        return int(text)
+        return Number(text)
     if text.upper() == "NIL":
         return None
     return text
@@ -595,6 +682,8 @@ def _parse_fast(data: bytes) -> List[Any]:
             else:
                 current.append(text.decode("utf-8", "surrogateescape"))
         elif kind == 1:
+            if len(stack) >= MAX_NESTING:
+                raise _NotSimple()   # the plain reader says so, as a ProtocolError
             stack.append(current)
             current.append([])
             current = current[-1]
@@ -663,7 +752,7 @@ def parse_status_text(text: bytes) -> Tuple[str, List[Any], str]:
             while reader.pos < len(text) and text[reader.pos:reader.pos + 1] not in b" ]":
                 reader.pos += 1
             word = text[start:reader.pos].decode("utf-8", "replace")
-            values.append(int(word) if word.isdigit() else word)
+            values.append(Number(word) if word.isascii() and word.isdigit() else word)
     code = str(values[0]).upper() if values else ""
     return code, values[1:], text[reader.pos:].decode("utf-8", "replace").strip()
 
@@ -701,7 +790,20 @@ DEFAULT_BACKOFF = 1.0           # first backoff delay in seconds, doubled per at
 MAX_BACKOFF = 60.0
 IDLE_MAX_SECONDS = 29 * 60      # RFC 2177: re-issue IDLE at least every 29 minutes
 IDLE_POLL = 0.5                 # seconds between checks of an idle() interrupt callback
-MAX_RESPONSE_LINE = 64 * 1024 * 1024   # one response line, literals excluded
+# One response line, literals excluded.  Only a SEARCH answer is ever longer (about 9
+# bytes per UID): its limit follows the folder's size (see _search_line_limit).
+MAX_RESPONSE_LINE = 4 * 1024 * 1024
+# Literals are limited by what was asked for: a FETCH of a 16 KiB prefix may bring 16 KiB,
+# a header block a few hundred; anything far beyond is read, thrown away and that message
+# skipped (see _fetch_literal_limit).  Gmail's own message limit is 35 MB (APPENDLIMIT).
+MAX_MESSAGE_LITERAL = 64 * 1024 * 1024  # a whole message or a body part
+MAX_HEADER_LITERAL = 2 * 1024 * 1024    # a header block (HEADER, HEADER.FIELDS, MIME)
+MAX_SMALL_LITERAL = 64 * 1024           # anything else: a folder name, a label, a flag
+MAX_KEPT_UNTAGGED = 200_000             # untagged answers kept for one command
+# A connection is stalled when an answer brings fewer than this many bytes in a whole
+# ``timeout`` window; a slow but working link sends far more (IDLE is exempt).
+STALL_MIN_BYTES = 1024
+IMAPLIB_MAX_LINES = 1000                # lines imaplib may read while it connects
 NONSYNC_LITERAL_MAX = 4096      # RFC 7888: LITERAL- allows {n+} up to 4096 octets
 
 # Special-use attributes (RFC 6154) plus Gmail's \Important, in the order we look for them.
@@ -712,6 +814,20 @@ SPECIAL_USES = ("\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Important",
 GMAIL_SYSTEM_LABELS = ("\\Inbox", "\\Important", "\\Starred", "\\Sent", "\\Draft",
                        "\\Drafts", "\\Trash", "\\Spam")
 
+# Where no folder carries a special-use attribute (servers without SPECIAL-USE), trash and
+# archive go to the first folder found by one of these names, compared case-insensitively,
+# with or without the personal namespace prefix.  English names first, then the names of
+# common servers and clients (Exchange, Apple Mail, Thunderbird, Gmail) and localised ones.
+FALLBACK_FOLDER_NAMES = {
+    "\\Trash": ("Trash", "Deleted Items", "Deleted Messages", "Deleted", "Bin",
+               "[Gmail]/Trash", "[Gmail]/Bin", "[Google Mail]/Trash", "[Google Mail]/Bin",
+               "[Gmail]/Papierkorb", "[Google Mail]/Papierkorb", "Papierkorb",
+               "Gelöschte Elemente", "Corbeille", "Éléments supprimés", "Papelera",
+               "Elementos eliminados", "Cestino", "Posta eliminata", "Prullenbak",
+               "Verwijderde items", "Lixeira", "Kosz", "Корзина"),
+    "\\Archive": ("Archive", "Archives", "Archiv", "Archivio", "Archivo", "Archief", "Arquivo"),
+}
+
 _DROPPED_ERRORS = (OSError, imaplib.IMAP4.abort, EOFError)
 _LITERAL_AT_END = re.compile(rb"\{(\d+)\+?\}\r?\n\Z")
 
@@ -720,15 +836,41 @@ class _BufferedWire:
     """Mixin for imaplib.IMAP4 classes: our own read buffer with timeouts that recover."""
 
     _rbuf: bytearray
+    max_line = MAX_RESPONSE_LINE        # set per command by GmailConnection
+    _window: Optional[float] = None     # seconds per progress window; None: not watched
+    _window_start = 0.0
+    _window_bytes = 0
+    _lines_left: Optional[int] = None
 
     def _reset_buffer(self) -> None:
         self._rbuf = bytearray()
 
+    def watch_progress(self, window: Optional[float], lines: Optional[int] = None) -> None:
+        """From now on, an answer must bring STALL_MIN_BYTES per ``window`` seconds, or the
+        next read raises TimeoutError; None stops watching (IDLE waits for as long as it
+        likes).  A socket timeout alone cannot see a server that sends one byte a second.
+
+        ``lines`` bounds the lines read until the next call: imaplib itself reads the
+        greeting and the answers to its CAPABILITY and STARTTLS, and keeps every untagged
+        line it sees, so there a flood must end the connection instead."""
+        self._window = window if window and window > 0 else None
+        self._window_start = time.monotonic()
+        self._window_bytes = 0
+        self._lines_left = lines
+
     def _fill(self) -> bool:
         sock = self.sock  # type: ignore[attr-defined]
+        if self._window is not None:
+            now = time.monotonic()
+            if now - self._window_start >= self._window:
+                if self._window_bytes < STALL_MIN_BYTES:
+                    raise TimeoutError(f"the server sent only {self._window_bytes} bytes in "
+                                       f"{self._window:g} s; the connection is stalled")
+                self._window_start, self._window_bytes = now, 0
         chunk = sock.recv(65536)
         if not chunk:
             return False
+        self._window_bytes += len(chunk)
         self._rbuf += chunk
         self._rbuf_sock = sock
         return True
@@ -754,16 +896,21 @@ class _BufferedWire:
 
     def readline(self) -> bytes:
         self._check_buffer()
+        if self._lines_left is not None:
+            if self._lines_left <= 0:
+                raise ProtocolError("the server sent far more lines than the greeting, "
+                                    "CAPABILITY or STARTTLS can need")
+            self._lines_left -= 1
         scanned = 0
         while True:
             end = self._rbuf.find(b"\n", scanned)
+            if end > self.max_line or (end < 0 and len(self._rbuf) > self.max_line):
+                raise ProtocolError(f"server sent a line longer than {self.max_line} bytes")
             if end >= 0:
                 line = bytes(self._rbuf[:end + 1])
                 del self._rbuf[:end + 1]
                 return line
             scanned = len(self._rbuf)
-            if scanned > MAX_RESPONSE_LINE:
-                raise ProtocolError(f"server sent a line longer than {MAX_RESPONSE_LINE} bytes")
             if not self._fill():
                 line = bytes(self._rbuf)
                 self._rbuf.clear()
@@ -788,6 +935,7 @@ class _GreetingTimeout(socket.timeout):
 class _PlainWire(_BufferedWire, imaplib.IMAP4):
     def open(self, host: str = "", port: int = IMAP_PORT, timeout: Optional[float] = None) -> None:
         self._reset_buffer()
+        self.watch_progress(timeout, lines=IMAPLIB_MAX_LINES)    # the greeting, CAPABILITY
         super().open(host, port, timeout)
 
     def _connect(self) -> None:   # imaplib: read the greeting, then CAPABILITY
@@ -803,6 +951,7 @@ class _PlainWire(_BufferedWire, imaplib.IMAP4):
 class _TLSWire(_BufferedWire, imaplib.IMAP4_SSL):
     def open(self, host: str = "", port: int = IMAPS_PORT, timeout: Optional[float] = None) -> None:
         self._reset_buffer()
+        self.watch_progress(timeout, lines=IMAPLIB_MAX_LINES)    # the greeting, CAPABILITY
         super().open(host, port, timeout)
 
 
@@ -816,6 +965,9 @@ class Folder:
     name: str
     delimiter: Optional[str]
     flags: frozenset
+    # The name exactly as LIST sent it (modified UTF-7, or the raw octets of a server that
+    # sends UTF-8 or worse); this, not a re-encoding of ``name``, is what goes back.
+    wire: Optional[bytes] = field(default=None, compare=False, repr=False)
 
     @property
     def special_use(self) -> Optional[str]:
@@ -859,6 +1011,42 @@ class _Response:
     code_args: List[Any]
     text: str
     untagged: List[List[Any]]
+    oversized: List[List[Any]] = field(default_factory=list)  # lines whose literal was dropped
+
+
+# Untagged answers a command's caller reads.  Everything else that arrives meanwhile
+# (EXISTS, EXPUNGE, RECENT, FLAGS, unsolicited FETCH: RFC 3501 §7) updates the connection's
+# state and is dropped, so a server that floods them cannot fill memory.
+_STATE_UPDATES = ("EXISTS", "EXPUNGE", "RECENT", "FETCH", "FLAGS")
+_UNTAGGED_NEEDED: Dict[str, Tuple[str, ...]] = {
+    "SELECT": ("OK", "EXISTS", "FLAGS"), "EXAMINE": ("OK", "EXISTS", "FLAGS"),
+    "FETCH": ("FETCH",), "UID FETCH": ("FETCH",),
+    "SEARCH": ("SEARCH", "ESEARCH"), "UID SEARCH": ("SEARCH", "ESEARCH"),
+    "NOOP": _STATE_UPDATES, "IDLE": _STATE_UPDATES,
+}
+
+
+def _untagged_kind(item: Sequence[Any]) -> str:
+    """``"EXISTS"`` for ``[12, "EXISTS"]``, ``"LIST"`` for ``["LIST", [...], "/", "x"]``."""
+    if not item:
+        return ""
+    if isinstance(item[0], int) and len(item) > 1:
+        return str(item[1]).upper()
+    return str(item[0]).upper()
+
+
+def _needed_by(command: str) -> Callable[[List[Any]], bool]:
+    """The default ``keep`` test of a command's untagged answers (see _UNTAGGED_NEEDED)."""
+    wanted = _UNTAGGED_NEEDED.get(command.upper())
+
+    def keep(item: List[Any]) -> bool:
+        kind = _untagged_kind(item)
+        if kind in ("OK", "NO", "BAD", "PREAUTH"):   # only those with a response code
+            return len(item) > 1 and bool(item[1]) and (wanted is None or kind in wanted)
+        if wanted is not None:
+            return kind in wanted
+        return kind not in _STATE_UPDATES
+    return keep
 
 
 @dataclass
@@ -869,6 +1057,8 @@ class _Pending:
     tag: bytes
     command: str
     response: Optional[_Response] = None
+    keep: Optional[Callable[[List[Any]], bool]] = None    # as for _execute_on
+    max_literal: Optional[int] = None
 
 
 # A retry policy says what to do when the connection drops during a command: "safe" retry
@@ -883,13 +1073,38 @@ def _credential(source: CredentialSource) -> Optional[str]:
     return source() if callable(source) else source
 
 
-def _is_loopback(host: str) -> bool:
-    if host.lower() in ("localhost", "localhost.localdomain"):
-        return True
+def _loopback_addresses(host: str, port: int = IMAP_PORT) -> List[str]:
+    """Every address ``host`` resolves to, if all are loopback; else []. A name proves
+    nothing ("localhost" can be mapped anywhere in /etc/hosts), so plaintext is allowed
+    by address, and the connection then goes to the address that was checked."""
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError, ValueError):
+        return []
+    addresses = []
+    for info in infos:
+        address = str(info[4][0]).split("%", 1)[0]
+        try:
+            if not ipaddress.ip_address(address).is_loopback:
+                return []
+        except ValueError:
+            return []
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+def _is_loopback(host: str) -> bool:
+    """True when every address ``host`` resolves to is a loopback address."""
+    return bool(_loopback_addresses(host))
+
+
+def _check_credential(value: Any, what: str) -> None:
+    """Refuse a user name, password or token that could end the command line."""
+    if isinstance(value, str) and any(c in value for c in "\r\n\x00"):
+        raise CredentialError(f"the {what} contains a line break or NUL character, which "
+                              f"could inject commands; remove it (check where the {what} "
+                              f"comes from: option, environment, netrc, command or rules file)")
 
 
 _APP_PASSWORD_RE = re.compile(r"[a-zA-Z]{4}( ?[a-zA-Z]{4}){3}\Z")
@@ -922,8 +1137,10 @@ class GmailConnection:
 
     ``security`` is ``"tls"`` (implicit TLS, port 993), ``"starttls"`` (port 143, refused if
     the server does not offer it) or ``"plaintext"`` (loopback hosts only, for tests and
-    local servers).  ``cafile`` adds a trusted CA.  ``timeout`` bounds every socket read and
-    write.  ``keepalive`` is the idle time after which a background thread sends NOOP.
+    local servers: every address the host resolves to must be loopback).  ``cafile`` adds a
+    trusted CA.  ``timeout`` bounds every socket read and write, and an answer that brings
+    less than STALL_MIN_BYTES in any ``timeout`` seconds is a stall (IDLE waits at will).
+    ``keepalive`` is the idle time after which a background thread sends NOOP.
     On a dropped connection the command is retried after reconnecting, up to ``retries``
     times with exponential backoff and jitter; ``sleep`` and ``rng`` are injectable.
 
@@ -945,6 +1162,9 @@ class GmailConnection:
                            f"allowed to a loopback address; use TLS or STARTTLS")
         if (password is None) == (token is None):
             raise ValueError("give exactly one of password= or token=")
+        _check_credential(user, "user name")
+        _check_credential(password, "password")
+        _check_credential(token, "token")
         self.user = user
         self.host = host
         self.port = port or (IMAPS_PORT if security == "tls" else IMAP_PORT)
@@ -967,6 +1187,7 @@ class GmailConnection:
         self._keepalive_thread: Optional[threading.Thread] = None
         self._selected: Optional[FolderStatus] = None
         self._folders: Optional[List[Folder]] = None
+        self._namespace: Optional[Tuple[str, str]] = None
         self._inflight: List[_Pending] = []   # pipelined commands, oldest first
         self.capabilities: frozenset = frozenset()
         self.reconnects = 0
@@ -1053,6 +1274,12 @@ class GmailConnection:
                 raise TLSError(f"cannot load the CA file {self.cafile}: {exc}") from exc
         return context
 
+    def _untrusted(self, where: str, exc: ssl.SSLCertVerificationError) -> TLSError:
+        hint = ("" if self.cafile else "; if the server uses a private CA, pass its "
+                "certificate with --cafile")
+        return TLSError(f"cannot trust the TLS certificate of {where}: "
+                        f"{exc.verify_message or exc.reason}{hint}")
+
     def _open(self) -> imaplib.IMAP4:
         """One attempt: TCP, TLS, greeting, authentication, capabilities."""
         where = f"{self.host}:{self.port}"
@@ -1061,12 +1288,19 @@ class GmailConnection:
                 imap: imaplib.IMAP4 = _TLSWire(self.host, self.port,
                                                ssl_context=self._ssl_context(),
                                                timeout=self.timeout)
+            elif self.security == "plaintext":
+                # Resolve once, check every address, connect to the one checked: no second
+                # lookup that a hosts file or DNS could answer differently.
+                addresses = _loopback_addresses(self.host, self.port)
+                if not addresses:
+                    raise TLSError(f"refusing to connect to {self.host} without TLS: it does "
+                                   f"not resolve to loopback addresses only; use TLS or "
+                                   f"STARTTLS")
+                imap = _PlainWire(addresses[0], self.port, timeout=self.timeout)
             else:
                 imap = _PlainWire(self.host, self.port, timeout=self.timeout)
         except ssl.SSLCertVerificationError as exc:
-            raise TLSError(f"cannot trust the TLS certificate of {where}: "
-                           f"{exc.verify_message or exc.reason}; if the server uses a "
-                           f"private CA, pass its certificate with --cafile") from exc
+            raise self._untrusted(where, exc) from exc
         except (ssl.SSLError, imaplib.IMAP4.error, OSError) as exc:
             hint = self._hopeless(exc)
             if hint:
@@ -1118,11 +1352,10 @@ class GmailConnection:
             raise TLSError(f"{where} does not offer STARTTLS; refusing to continue in "
                            f"plaintext. Use implicit TLS (port 993) if the server has it")
         try:
+            imap.watch_progress(self.timeout, lines=IMAPLIB_MAX_LINES)  # type: ignore[attr-defined]
             imap.starttls(self._ssl_context())
         except ssl.SSLCertVerificationError as exc:
-            raise TLSError(f"cannot trust the TLS certificate of {where}: "
-                           f"{exc.verify_message or exc.reason}; if the server uses a "
-                           f"private CA, pass its certificate with --cafile") from exc
+            raise self._untrusted(where, exc) from exc
         except imaplib.IMAP4.abort as exc:
             raise _Dropped(f"STARTTLS failed: {_decode_server_text(exc)}") from exc
         except imaplib.IMAP4.error as exc:
@@ -1131,26 +1364,32 @@ class GmailConnection:
             raise _Dropped(f"STARTTLS failed: {exc}") from exc
 
     def _authenticate(self, imap: imaplib.IMAP4) -> None:
-        """LOGIN with the password, or AUTHENTICATE XOAUTH2 with the token; never logged."""
+        """LOGIN with the password, or AUTHENTICATE XOAUTH2 with the token; never logged.
+
+        We build these commands ourselves rather than through imaplib, which sends the
+        user name raw (a space or a quote in it changes who signs in) and cannot send
+        non-ASCII credentials or a SASL initial response (RFC 4959).
+        """
+        if getattr(imap, "state", "NONAUTH") != "NONAUTH":
+            raise AuthenticationError(f"{self.host} claims the session is signed in already "
+                                      f"(PREAUTH) without our credentials; refusing it",
+                                      command="LOGIN")
         try:
             if self._token is not None:
-                self._xoauth2(imap)
+                token = _credential(self._token) or ""
+                _check_credential(token, "token")
+                initial = f"user={self.user}\x01auth=Bearer {token}\x01\x01".encode("utf-8")
+                self._remember_secret(token)
+                self._remember_secret(base64.b64encode(initial).decode("ascii"))
+                self._sasl(imap, "XOAUTH2", initial, "the OAuth2 token")
             else:
                 password = _clean_password(_credential(self._password) or "")
+                _check_credential(password, "password")
                 self._remember_secret(password)
-                imap.login(self.user, password)
-        except AuthenticationError:
-            raise
+                self._login(imap, password)
         except ConnectionLostError as exc:
             # A token provider that cannot reach its issuer: as retryable as a lost link.
             raise _Dropped(str(exc)) from exc
-        except imaplib.IMAP4.abort as exc:
-            raise _Dropped(f"connection lost while signing in: {_decode_server_text(exc)}") from exc
-        except imaplib.IMAP4.error as exc:
-            text = _decode_server_text(exc)
-            raise AuthenticationError(f"{self.host} rejected the sign-in for {self.user}: "
-                                      f"{text}{self._gmail_login_hint(imap)}", command="LOGIN",
-                                      status="NO", text=text) from exc
         except OSError as exc:
             raise _Dropped(f"connection lost while signing in: {exc}") from exc
         log.info("signed in to %s as %s", self.host, self.user)
@@ -1169,35 +1408,83 @@ class GmailConnection:
                 "Security -> App passwords, which needs 2-Step Verification; and IMAP must be "
                 "on in Gmail's settings, under Forwarding and POP/IMAP)")
 
-    def _xoauth2(self, imap: imaplib.IMAP4) -> None:
-        token = _credential(self._token) or ""
-        initial = f"user={self.user}\x01auth=Bearer {token}\x01\x01".encode()
-        self._remember_secret(token)
-        self._remember_secret(base64.b64encode(initial).decode("ascii"))
-        challenges: List[bytes] = []
-
-        # Gmail answers a bad token with a JSON challenge and waits for an empty response
-        # before it sends the tagged NO; resending the token there gets a BAD instead.
-        def answer(challenge: bytes) -> bytes:
-            if challenges or challenge:
-                challenges.append(challenge)
-                return b""
-            challenges.append(b"")
-            return initial
-
+    def _login(self, imap: imaplib.IMAP4, password: str) -> None:
+        """LOGIN with both arguments quoted; non-ASCII goes as AUTHENTICATE PLAIN (UTF-8,
+        RFC 4616) when offered, else as literals."""
+        if not (self.user.isascii() and password.isascii()) and \
+                "AUTH=PLAIN" in imap.capabilities:
+            initial = b"\x00" + self.user.encode("utf-8") + b"\x00" + password.encode("utf-8")
+            self._remember_secret(base64.b64encode(initial).decode("ascii"))
+            self._sasl(imap, "PLAIN", initial, "the sign-in")
+            return
+        args = [quote(text) if text.isascii() else Literal(text.encode("utf-8"))
+                for text in (self.user, password)]
         try:
-            imap.authenticate("XOAUTH2", answer)
-        except imaplib.IMAP4.error as exc:
-            if isinstance(exc, imaplib.IMAP4.abort):
-                raise
-            detail = ""
-            for challenge in challenges:
-                if challenge:
-                    detail = " (" + challenge.decode("utf-8", "replace") + ")"
-            text = _decode_server_text(exc) + detail
-            raise AuthenticationError(f"{self.host} rejected the OAuth2 token for "
-                                      f"{self.user}: {text}", command="AUTHENTICATE",
-                                      status="NO", text=text) from exc
+            self._execute_on(imap, "LOGIN", *args, redact=True)
+        except ProtocolError:
+            raise
+        except ImapError as exc:
+            text = (f"[{exc.code}] " if exc.code else "") + exc.text
+            raise AuthenticationError(f"{self.host} rejected the sign-in for {self.user}: "
+                                      f"{text}{self._gmail_login_hint(imap)}", command="LOGIN",
+                                      status=exc.status, code=exc.code, text=text) from exc
+
+    def _sasl(self, imap: imaplib.IMAP4, mechanism: str, initial: bytes, what: str) -> None:
+        """AUTHENTICATE ``mechanism`` (RFC 3501 §6.2.2), the initial response on the first
+        line when the server has SASL-IR (RFC 4959), else after the first ``+``.
+
+        Gmail answers a bad XOAUTH2 token with a JSON challenge and waits for an empty
+        response before it sends the tagged NO; resending the token there gets a BAD.
+        """
+        tag = imap._new_tag()  # type: ignore[attr-defined]
+        encoded = base64.b64encode(initial) or b"="
+        line = tag + b" AUTHENTICATE " + mechanism.encode("ascii")
+        pending: Optional[bytes] = encoded
+        if "SASL-IR" in imap.capabilities:
+            line += b" " + encoded
+            pending = None
+        log.debug("C: %s AUTHENTICATE %s%s", tag.decode(), mechanism,
+                  "" if pending else " <redacted>")
+        challenges: List[str] = []
+        try:
+            imap.watch_progress(self.timeout)  # type: ignore[attr-defined]
+            imap.send(line + b"\r\n")
+            while True:
+                raw = self._read_line(imap)
+                if raw.startswith(b"+"):
+                    if pending is not None and not challenges:
+                        imap.send(pending + b"\r\n")
+                        pending = None
+                        challenges.append("")
+                        continue
+                    if len(challenges) > 3:
+                        raise ProtocolError(f"{self.host} keeps challenging AUTHENTICATE "
+                                            f"{mechanism}", command="AUTHENTICATE")
+                    try:
+                        challenges.append(base64.b64decode(raw[1:].strip()).decode("utf-8", "replace"))
+                    except (binascii.Error, ValueError):
+                        challenges.append(raw[1:].strip().decode("utf-8", "replace"))
+                    imap.send(b"\r\n")
+                elif raw.startswith(tag + b" "):
+                    status, _, rest = raw[len(tag) + 1:].partition(b" ")
+                    if status.upper() == b"OK":
+                        return
+                    code = parse_status_text(rest)[0]
+                    text = rest.decode("utf-8", "replace")
+                    detail = "".join(f" ({c})" for c in challenges if c)
+                    raise AuthenticationError(
+                        f"{self.host} rejected {what} for {self.user}: {text}{detail}",
+                        command="AUTHENTICATE", status=status.decode("ascii", "replace").upper(),
+                        code=code, text=text + detail)
+                elif raw.startswith(b"* BYE"):
+                    raise _Dropped("server said BYE while signing in: "
+                                   + raw[6:].decode("utf-8", "replace"))
+                elif not raw.startswith(b"* "):
+                    raise ProtocolError(f"unexpected line while signing in: {raw[:80]!r}",
+                                        command="AUTHENTICATE")
+        except _DROPPED_ERRORS as exc:
+            raise _Dropped(f"connection lost while signing in: "
+                           f"{_decode_server_text(exc) or type(exc).__name__}") from exc
 
     @staticmethod
     def _capabilities_from(untagged: List[List[Any]], imap: imaplib.IMAP4) -> frozenset:
@@ -1278,27 +1565,43 @@ class GmailConnection:
 
     def _execute_on(self, imap: imaplib.IMAP4, command: str, *args: Any,
                     expect_bye: bool = False,
-                    on_untagged: Optional[Callable[[List[Any]], None]] = None) -> _Response:
+                    on_untagged: Optional[Callable[[List[Any]], None]] = None,
+                    keep: Optional[Callable[[List[Any]], bool]] = None,
+                    max_literal: Optional[int] = None, redact: bool = False) -> _Response:
         """Send one command on ``imap`` and read its whole answer; the caller holds the lock.
 
         ``args`` are bytes (sent as they are), str (sent as they are: callers build them
-        with quote/astring/compress_uids), int, or Literal.  Raises _Dropped when the
-        connection dies, ImapError on NO/BAD, ProtocolError on garbage.
+        with quote/astring/compress_uids), int, or Literal.  ``keep`` chooses the untagged
+        answers worth keeping (default: what _needed_by says the command needs);
+        ``max_literal`` bounds each literal (larger ones in a FETCH are dropped and listed
+        in ``oversized``; elsewhere they are a ProtocolError); ``redact`` keeps the
+        arguments out of the debug log.  Raises _Dropped when the connection dies,
+        ImapError on NO/BAD, ProtocolError on garbage (and the connection is then closed).
         """
         if self._inflight:
             self._drain(imap)   # pipelined answers come first on the wire
         tag = _new_tag(imap)
         parts = self._command_parts(tag, command, args)
-        self._log_command(tag, command, args)
+        self._log_command(tag, command, ["<redacted>"] if redact else args)
+        self._watch(imap, command)
         try:
             self._send(imap, tag, parts)
-            response = self._read_response(imap, tag, command, expect_bye, on_untagged)
-        except ProtocolError:
+            response = self._read_response(imap, tag, command, expect_bye, on_untagged,
+                                           keep=keep, max_literal=max_literal)
+        except (ProtocolError, ValueError, TypeError, IndexError, RecursionError) as exc:
             # The rest of the answer is still unread, so the stream is out of step: start
-            # afresh on the next command rather than misread what follows.
+            # afresh on the next command rather than misread what follows.  Values the
+            # parser accepted but that make no sense (a UIDVALIDITY that is no number)
+            # count as protocol errors too: nothing a server sends may crash us.
             if imap is self._imap:
                 self._mark_dead()
-            raise
+            else:
+                self._shutdown(imap)
+            if isinstance(exc, ProtocolError):
+                raise
+            raise ProtocolError(f"the server's answer to {command} makes no sense: "
+                                f"{type(exc).__name__}: {str(exc)[:200]}",
+                                command=command) from exc
         except _DROPPED_ERRORS as exc:
             raise _Dropped(f"{command} failed: {_decode_server_text(exc) or type(exc).__name__}") from exc
         finally:
@@ -1309,6 +1612,13 @@ class GmailConnection:
                             f"{response.text}", command=command, status=response.status,
                             code=response.code, text=response.text)
         return response
+
+    def _watch(self, imap: imaplib.IMAP4, command: str) -> None:
+        """Before reading an answer: restart the progress window, set the line limit."""
+        if hasattr(imap, "watch_progress"):
+            imap.watch_progress(self.timeout)  # type: ignore[attr-defined]
+            imap.max_line = (self._search_line_limit()  # type: ignore[attr-defined]
+                             if command.endswith("SEARCH") else MAX_RESPONSE_LINE)
 
     @staticmethod
     def _command_parts(tag: bytes, command: str, args: Sequence[Any]) -> List[Union[bytes, Literal]]:
@@ -1332,8 +1642,11 @@ class GmailConnection:
     # answers (and keeps them), so the wire never interleaves.  Writes are never
     # pipelined.  After a drop, every FETCH whose answer had not completed is sent again.
 
-    def _send_ahead(self, imap: imaplib.IMAP4, command: str, *args: Any) -> _Pending:
-        """Send a read-only command without waiting for its answer; the caller holds the lock."""
+    def _send_ahead(self, imap: imaplib.IMAP4, command: str, *args: Any,
+                    keep: Optional[Callable[[List[Any]], bool]] = None,
+                    max_literal: Optional[int] = None) -> _Pending:
+        """Send a read-only command without waiting for its answer; the caller holds the
+        lock.  ``keep`` and ``max_literal`` apply when the answer is read, as in _execute_on."""
         if command != "UID FETCH":
             raise AssertionError(f"only UID FETCH may be pipelined, not {command}")
         tag = _new_tag(imap)
@@ -1346,7 +1659,7 @@ class GmailConnection:
         finally:
             self.commands_sent += 1
             self._last_activity = time.monotonic()
-        pending = _Pending(imap, tag, command)
+        pending = _Pending(imap, tag, command, keep=keep, max_literal=max_literal)
         self._inflight.append(pending)
         return pending
 
@@ -1357,12 +1670,19 @@ class GmailConnection:
                 raise _Dropped(f"{pending.command} was sent on a connection that is gone")
             first = self._inflight[0]
             try:
-                first.response = self._read_response(imap, first.tag, first.command, False, None)
-            except ProtocolError:
+                self._watch(imap, first.command)
+                first.response = self._read_response(imap, first.tag, first.command, False, None,
+                                                      keep=first.keep,
+                                                      max_literal=first.max_literal)
+            except (ProtocolError, ValueError, TypeError, IndexError, RecursionError) as exc:
                 self._inflight.clear()
                 if imap is self._imap:
                     self._mark_dead()
-                raise
+                if isinstance(exc, ProtocolError):
+                    raise
+                raise ProtocolError(f"the server's answer to {first.command} makes no sense: "
+                                    f"{type(exc).__name__}: {str(exc)[:200]}",
+                                    command=first.command) from exc
             except _DROPPED_ERRORS as exc:
                 self._inflight.clear()   # their answers are lost: the callers send again
                 raise _Dropped(f"{first.command} failed: "
@@ -1438,8 +1758,15 @@ class GmailConnection:
             if raw.startswith(b"* BYE"):
                 raise _Dropped("server said BYE: " + raw[6:].decode("utf-8", "replace"))
 
-    def _read_line(self, imap: imaplib.IMAP4) -> bytes:
-        """One response line with any literals it announces inlined, CRLF stripped."""
+    def _read_line(self, imap: imaplib.IMAP4, max_literal: Optional[int] = None,
+                   dropped: Optional[List[int]] = None) -> bytes:
+        """One response line with any literals it announces inlined, CRLF stripped.
+
+        A literal larger than ``max_literal`` (default MAX_SMALL_LITERAL) is never kept:
+        with a ``dropped`` list it is read in small pieces, thrown away, replaced by NIL
+        and its size appended to ``dropped``; without one it is a ProtocolError.
+        """
+        limit = MAX_SMALL_LITERAL if max_literal is None else max_literal
         line = imap.readline()
         if not line:
             raise EOFError("connection closed by the server")
@@ -1454,19 +1781,36 @@ class GmailConnection:
                 data += line.rstrip(b"\r\n")
                 return bytes(data)
             size = int(match.group(1))
-            data += line[:match.start()] + b"{%d}\r\n" % size
-            data += imap.read(size)
-            self.bytes_received += size
+            if size > limit:
+                if dropped is None:
+                    raise ProtocolError(f"the server announced a literal of {size} bytes where "
+                                        f"at most {limit} make sense")
+                left = size
+                while left:
+                    left -= len(imap.read(min(left, 65536)))
+                self.bytes_received += size
+                dropped.append(size)
+                data += line[:match.start()] + b"NIL"
+            else:
+                data += line[:match.start()] + b"{%d}\r\n" % size
+                data += imap.read(size)
+                self.bytes_received += size
             line = imap.readline()
             if not line:
                 raise EOFError("connection closed after a literal")
 
     def _read_response(self, imap: imaplib.IMAP4, tag: bytes, command: str, expect_bye: bool,
-                       on_untagged: Optional[Callable[[List[Any]], None]]) -> _Response:
+                       on_untagged: Optional[Callable[[List[Any]], None]],
+                       keep: Optional[Callable[[List[Any]], bool]] = None,
+                       max_literal: Optional[int] = None) -> _Response:
         untagged: List[List[Any]] = []
+        oversized: List[List[Any]] = []
+        keep = keep or _needed_by(command)
         debug = log.isEnabledFor(logging.DEBUG)
         while True:
-            raw = self._read_line(imap)
+            dropped: List[int] = []
+            raw = self._read_line(imap, max_literal,
+                                  dropped if command.endswith("FETCH") else None)
             if debug:
                 self._log_answer(raw)
             if raw.startswith(b"* "):
@@ -1481,13 +1825,20 @@ class GmailConnection:
                         raise _Dropped(f"server said BYE: {text}")
                     if kind in (b"NO", b"BAD") or code == "ALERT":
                         log.warning("server: %s %s", kind.decode(), text)
-                    untagged.append([kind.decode(), code, args, text])
+                    status_line = [kind.decode(), code, args, text]
+                    if keep(status_line):
+                        self._keep(untagged, status_line, command)
+                    continue
+                if not self._plausible(body, command):
                     continue
                 parsed = parse_response(body)
                 self._note_untagged(parsed)
                 if on_untagged is not None:
                     on_untagged(parsed)
-                untagged.append(parsed)
+                if dropped:
+                    oversized.append(parsed)
+                elif keep(parsed):
+                    self._keep(untagged, parsed, command)
             elif raw.startswith(tag + b" "):
                 rest = raw[len(tag) + 1:]
                 status, _, text = rest.partition(b" ")
@@ -1495,27 +1846,59 @@ class GmailConnection:
                 if "THROTTLED" in message.upper() or code == "THROTTLED":
                     log.warning("the server is throttling this account (%s)", message)
                 return _Response(status.decode("ascii", "replace").upper(), code, args,
-                                 message, untagged)
+                                 message, untagged, oversized)
             elif raw.startswith(b"+"):
                 raise ProtocolError(f"unexpected continuation request to {command}: {raw[:80]!r}")
             else:
                 raise ProtocolError(f"unexpected line in the answer to {command}: {raw[:80]!r}")
 
+    @staticmethod
+    def _keep(untagged: List[List[Any]], item: List[Any], command: str) -> None:
+        if len(untagged) >= MAX_KEPT_UNTAGGED:
+            raise ProtocolError(f"the server sent more than {MAX_KEPT_UNTAGGED} answers to "
+                                f"{command}", command=command)
+        untagged.append(item)
+
+    def _search_line_limit(self) -> int:
+        """A SEARCH answer names at most the folder's messages: 11 bytes per possible UID."""
+        return max(MAX_RESPONSE_LINE, self._search_ceiling() * 11)
+
+    def _search_ceiling(self) -> int:
+        selected = self._selected
+        return (selected.exists if selected else 0) * 2 + 10000
+
+    def _plausible(self, body: bytes, command: str) -> bool:
+        """Check a SEARCH answer's size before parsing it: it cannot name more UIDs than
+        the folder holds, and one that does would cost gigabytes once expanded.  Raises
+        ProtocolError for the SEARCH we asked for; False (ignore) for an unsolicited one."""
+        if not body[:7].upper().startswith(b"SEARCH"):
+            return True
+        if not command.endswith("SEARCH"):
+            return False
+        ceiling = self._search_ceiling()
+        if body.count(b" ") > ceiling:
+            raise ProtocolError(f"the server answered {command} with more than {ceiling} "
+                                f"UIDs, far more than the folder holds; that answer is "
+                                f"unusable", command=command)
+        return True
+
     def _note_untagged(self, parsed: List[Any]) -> None:
         """Keep the selected folder's message count current from EXISTS."""
         if len(parsed) >= 2 and str(parsed[1]).upper() == "EXISTS":
             self.exists_seen += 1
-        if len(parsed) >= 2 and str(parsed[1]).upper() == "EXISTS" and self._selected:
+        if len(parsed) >= 2 and str(parsed[1]).upper() == "EXISTS" and self._selected \
+                and isinstance(parsed[0], int):
             selected = self._selected
             self._selected = FolderStatus(selected.name, selected.uidvalidity,
                                           selected.uidnext, int(parsed[0]), selected.readonly)
 
-    def _call(self, command: str, *args: Any, policy: str = _SAFE) -> _Response:
-        """Run a command, reconnecting and retrying per ``policy`` when the link drops."""
+    def _call(self, command: str, *args: Any, policy: str = _SAFE, **reading: Any) -> _Response:
+        """Run a command, reconnecting and retrying per ``policy`` when the link drops;
+        ``reading`` passes keep= and max_literal= on to _execute_on."""
         with self._lock:
             self._check_background()
             try:
-                return self._execute_on(self._live(), command, *args)
+                return self._execute_on(self._live(), command, *args, **reading)
             except _Dropped as exc:
                 if policy == _NEVER:
                     self._mark_dead()
@@ -1527,7 +1910,7 @@ class GmailConnection:
             for _ in range(self.retries):
                 self._reconnect(cause)
                 try:
-                    return self._execute_on(self._live(), command, *args)
+                    return self._execute_on(self._live(), command, *args, **reading)
                 except _Dropped as exc:
                     cause = exc
             self._mark_dead()
@@ -1607,7 +1990,12 @@ class GmailConnection:
         return {}
 
     def list_folders(self, refresh: bool = False) -> List[Folder]:
-        """Every folder (and Gmail label), names decoded from modified UTF-7."""
+        """Every folder (and Gmail label), names decoded from modified UTF-7.
+
+        Each Folder keeps its name as LIST sent it (``wire``); commands that name a listed
+        folder send exactly that back, so a server that lists raw UTF-8 (or invalid UTF-8)
+        gets its own octets, never a re-encoding that could name another mailbox.
+        """
         if self._folders is not None and not refresh:
             return list(self._folders)
         response = self._call("LIST", quote(""), quote("*"))
@@ -1615,46 +2003,140 @@ class GmailConnection:
         for item in response.untagged:
             if len(item) >= 4 and str(item[0]).upper() == "LIST":
                 flags, delimiter, name = item[1], item[2], item[3]
-                if isinstance(name, int):
-                    name = str(name)
-                folders.append(Folder(decode_mailbox(_as_text(name)),
-                                      None if delimiter is None else _as_text(delimiter),
-                                      frozenset(str(f) for f in (flags or []))))
+                if isinstance(name, bytes):
+                    wire = name
+                else:
+                    wire = str(name).encode("utf-8", "surrogateescape")
+                # Modified UTF-7 is ASCII; anything else is a non-compliant server's raw
+                # octets, shown as UTF-8 (invalid bytes replaced) but sent back as they came.
+                shown = (decode_mailbox(wire.decode("ascii")) if wire.isascii()
+                         else wire.decode("utf-8", "replace"))
+                folders.append(Folder(shown, None if delimiter is None else _as_text(delimiter),
+                                      frozenset(str(f) for f in (flags or [])), wire))
         self._folders = folders
         return list(folders)
+
+    def namespace(self) -> Tuple[str, str]:
+        """The personal namespace as ``(prefix, delimiter)``: ``("", "/")`` on Gmail and most
+        Dovecots, ``("INBOX.", ".")`` on Courier, classic Cyrus and many hosted servers.
+
+        From NAMESPACE (RFC 2342) where the server has it; the delimiter otherwise from
+        LIST.  Asked once per connection object.
+        """
+        if self._namespace is not None:
+            return self._namespace
+        prefix, delimiter = "", None
+        if self.is_gmail:
+            delimiter = "/"
+        elif self.has("NAMESPACE"):
+            for item in self._call("NAMESPACE").untagged:
+                if item and str(item[0]).upper() == "NAMESPACE" and len(item) >= 2:
+                    personal = item[1]
+                    if isinstance(personal, list) and personal and isinstance(personal[0], list):
+                        first = personal[0]
+                        prefix = decode_mailbox(_as_text(first[0])) if first else ""
+                        if len(first) > 1 and first[1] is not None:
+                            delimiter = _as_text(first[1])
+        if delimiter is None:
+            delimiters = [f.delimiter for f in self.list_folders() if f.delimiter]
+            delimiter = delimiters[0] if delimiters else "/"
+        self._namespace = (prefix, delimiter)
+        return self._namespace
+
+    def server_name(self, name: str) -> str:
+        """The server's name for a folder written with ``/`` as separator (as rules are).
+
+        ``"Receipts/2024"`` is ``"INBOX.Receipts.2024"`` on a server whose personal
+        namespace is ``INBOX.`` with ``.``; a name that already carries the prefix, INBOX,
+        and every name on a ``("", "/")`` server stay as they are.
+        """
+        if name.upper() == "INBOX":
+            return "INBOX"
+        prefix, delimiter = self.namespace()
+        mapped = name.replace("/", delimiter) if delimiter != "/" else name
+        if not prefix or mapped.startswith(prefix):
+            return mapped
+        if prefix.upper().startswith("INBOX") and mapped.upper().startswith(prefix.upper()):
+            return mapped      # INBOX is case-insensitive, so is a prefix that starts with it
+        if any(f.name == name for f in self.list_folders()):
+            return name        # a folder listed outside the personal namespace
+        return prefix + mapped
+
+    def _mailbox(self, name: str) -> Union[bytes, Literal]:
+        """A folder name for the wire: a listed folder's own octets, else modified UTF-7."""
+        for folder in self._folders or ():
+            if folder.name == name and folder.wire is not None:
+                wire = folder.wire
+                if name.upper() == "INBOX":
+                    return b"INBOX"
+                if wire.isascii():
+                    return astring(wire.decode("ascii"))
+                return Literal(wire)
+        return mailbox_arg(name)
 
     def special_folder(self, use: str) -> Optional[Folder]:
         """The folder with special-use ``use`` (``"\\\\Trash"``, ``"\\\\All"`` ...), or None.
 
         Gmail localises folder names ("[Google Mail]/Papierkorb"), so find them by
-        attribute, never by name (RFC 6154).
+        attribute (RFC 6154).  Only when no folder carries the attribute (a server without
+        SPECIAL-USE) are ``\\Trash`` and ``\\Archive`` looked up by the names in
+        FALLBACK_FOLDER_NAMES, case-insensitively, under the namespace prefix or not.
         """
-        for folder in self.list_folders():
+        folders = self.list_folders()
+        for folder in folders:
             if folder.special_use and folder.special_use.lower() == use.lower():
+                return folder
+        names = next((names for key, names in FALLBACK_FOLDER_NAMES.items()
+                      if key.lower() == use.lower()), ())
+        if not names:
+            return None
+        prefix, delimiter = self.namespace()
+        by_name: Dict[str, Folder] = {}
+        for folder in folders:
+            if not folder.selectable:
+                continue
+            short = folder.name
+            if prefix and short.upper().startswith(prefix.upper()):
+                short = short[len(prefix):]
+            if delimiter != "/":
+                short = short.replace(delimiter, "/")
+            by_name.setdefault(short.casefold(), folder)
+            by_name.setdefault(folder.name.casefold(), folder)
+        for candidate in names:
+            folder = by_name.get(candidate.casefold())
+            if folder is not None:
+                log.info("no folder is marked %s; using %r, found by its name", use, folder.name)
                 return folder
         return None
 
     def create_folder(self, name: str) -> bool:
-        """Create a folder (a label on Gmail). Returns False if it already existed."""
+        """Create a folder (a label on Gmail). Returns False if it already existed.
+
+        ``name`` is the server's name (see server_name).  Raises ImapError naming the folder
+        and quoting the server's answer when it refuses.
+        """
         try:
-            self._call("CREATE", mailbox_arg(name))
+            self._call("CREATE", self._mailbox(name))
         except ImapError as exc:
             if exc.code == "ALREADYEXISTS" or "exist" in exc.text.lower():
                 return False
-            raise
+            raise ImapError(f"the server refused to create the folder {name!r}: "
+                            f"{exc.status} {exc.text}", command="CREATE", status=exc.status,
+                            code=exc.code, text=exc.text) from exc
         self._folders = None
         return True
 
     def delete_folder(self, name: str) -> None:
         """Delete a folder (on Gmail a label, which then comes off every message)."""
-        self._call("DELETE", mailbox_arg(name))
+        self._call("DELETE", self._mailbox(name))
         self._folders = None
 
     def message_count(self, folder: str) -> int:
         """How many messages ``folder`` holds (STATUS MESSAGES), without opening it."""
-        response = self._call("STATUS", mailbox_arg(folder), "(MESSAGES)")
+        response = self._call("STATUS", self._mailbox(folder), "(MESSAGES)")
         for item in response.untagged:
-            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3:
+            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
+                    and self._names(item[1], folder):
                 attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
                 if isinstance(attrs.get("MESSAGES"), int):
                     return int(attrs["MESSAGES"])
@@ -1681,7 +2163,7 @@ class GmailConnection:
 
     def _select_now(self, folder: str, readonly: bool) -> FolderStatus:
         response = self._execute_on(self._live(), "EXAMINE" if readonly else "SELECT",
-                                    mailbox_arg(folder))
+                                    self._mailbox(folder))
         uidvalidity = uidnext = None
         exists = 0
         for item in response.untagged:
@@ -1731,29 +2213,35 @@ class GmailConnection:
                 found.update(int(v) for v in item[1:] if isinstance(v, int))
         return sorted(found)
 
-    def fetch(self, uids: Iterable[int], items: Sequence[str]) -> Dict[int, Dict[str, Any]]:
+    def fetch(self, uids: Iterable[int], items: Sequence[str], *,
+              skipped: Optional[List[int]] = None) -> Dict[int, Dict[str, Any]]:
         """UID FETCH ``items`` for ``uids``; returns ``{uid: {item: value}}`` keyed by UID.
 
         Keys are the items as requested (``"BODY.PEEK[HEADER]"`` returns under that name);
         values: FLAGS -> tuple of str, X-GM-LABELS -> tuple of decoded str, INTERNALDATE ->
         aware datetime, RFC822.SIZE / X-GM-MSGID / X-GM-THRID -> int, body sections ->
         bytes, BODYSTRUCTURE -> nested lists.  UIDs the server no longer has are absent.
-        Unsolicited FETCHes for other messages are ignored.
+        Unsolicited FETCHes for other messages are ignored.  A message whose answer holds a
+        literal far larger than the items can need (see _fetch_literal_limit) is absent
+        too, its bytes read and thrown away; its UID is appended to ``skipped``.
         """
         for item in items:
             _check_fetch_item(item)
         by_key = {_fetch_key(item): item for item in items}
         wanted = set(int(u) for u in uids)
         result: Dict[int, Dict[str, Any]] = {}
+        limit = _fetch_literal_limit(items)
+        keep = _fetch_keep(wanted)
         for chunk in chunk_uids(wanted):
             response = self._call("UID FETCH", compress_uids(chunk),
-                                  "(UID " + " ".join(items) + ")")
-            _fetch_answer(response, wanted, by_key, result)
+                                  "(UID " + " ".join(items) + ")", keep=keep, max_literal=limit)
+            _fetch_answer(response, wanted, by_key, result, limit, skipped)
         return result
 
     def fetch_batches(self, batches: Iterable[Sequence[int]], items: Sequence[str], *,
                       ahead: int = 1,
-                      before_each: Optional[Callable[["GmailConnection"], None]] = None
+                      before_each: Optional[Callable[["GmailConnection"], None]] = None,
+                      skipped: Optional[List[int]] = None
                       ) -> Iterator[Tuple[List[int], Dict[int, Dict[str, Any]]]]:
         """fetch() for each batch of UIDs in turn, pipelined: yields ``(batch, {uid: {item:
         value}})`` while the FETCH of the next ``ahead`` batches is already on its way.
@@ -1762,18 +2250,22 @@ class GmailConnection:
         previous answer is in); what it raises comes out when that batch is asked for.
         Between two yields the connection may be used for anything else (the answers in
         flight are read first and kept).  A dropped connection is restored as in fetch(),
-        and every FETCH whose answer had not completed is sent again.
+        and every FETCH whose answer had not completed is sent again.  Oversized answers
+        are handled as in fetch(): the message is left out and its UID added to ``skipped``.
         """
         for item in items:
             _check_fetch_item(item)
         by_key = {_fetch_key(item): item for item in items}
         line = "(UID " + " ".join(items) + ")"
+        limit = _fetch_literal_limit(items)
         todo = [[int(u) for u in batch] for batch in batches]
         sent: Dict[int, List[_Pending]] = {}
         refused: Optional[BaseException] = None   # what before_each raised for a later batch
 
         def send(imap: imaplib.IMAP4, number: int) -> None:
-            sent[number] = [self._send_ahead(imap, "UID FETCH", compress_uids(chunk), line)
+            keep = _fetch_keep(set(todo[number]))
+            sent[number] = [self._send_ahead(imap, "UID FETCH", compress_uids(chunk), line,
+                                             keep=keep, max_literal=limit)
                             for chunk in chunk_uids(todo[number])]
 
         for index, batch in enumerate(todo):
@@ -1799,7 +2291,8 @@ class GmailConnection:
                                                             for p in pendings):
                                 send(imap, number)   # lost with the old connection
                         for pending in sent[index]:
-                            _fetch_answer(self._collect(imap, pending), wanted, by_key, result)
+                            _fetch_answer(self._collect(imap, pending), wanted, by_key, result,
+                                          limit, skipped)
                         del sent[index]
                         for number in range(index + 1, min(index + 1 + ahead, len(todo))):
                             if number in sent or refused is not None:
@@ -1863,26 +2356,41 @@ class GmailConnection:
         for chunk in chunk_uids(uids):
             self._call("UID EXPUNGE", compress_uids(chunk))
 
-    def move(self, uids: Iterable[int], destination: str) -> MoveResult:
+    def can_move(self, allow_expunge: bool = False) -> bool:
+        """True if move() can work here: MOVE, or UIDPLUS, or a plain EXPUNGE allowed."""
+        return self.has("MOVE") or self.has("UIDPLUS") or allow_expunge
+
+    def refuse_moves(self) -> CapabilityError:
+        """The error for a server where moving would need a plain EXPUNGE (see move())."""
+        return CapabilityError(
+            f"{self.host} has neither MOVE nor UIDPLUS, so removing moved messages from "
+            f"their folder needs a plain EXPUNGE, which also deletes every other message "
+            f"marked \\Deleted there (another mail client's too); nothing was changed. "
+            f"Pass --allow-expunge (allow_expunge=True) to allow it, or drop move, archive "
+            f"and trash from the rules for this server", command="MOVE")
+
+    def move(self, uids: Iterable[int], destination: str, *,
+             allow_expunge: bool = False) -> MoveResult:
         """Move messages from the selected folder to ``destination``.
 
         Uses UID MOVE (RFC 6851) where the server has it, else UID COPY, +FLAGS \\Deleted
-        and UID EXPUNGE of exactly those UIDs (needs UIDPLUS; without it this refuses with
-        CapabilityError rather than expunge more than asked).  If the connection drops
-        mid-way, the source folder is searched after reconnecting, and only the messages
-        still there are moved again: nothing moves twice and every UID is accounted for.
+        and UID EXPUNGE of exactly those UIDs (UIDPLUS).  With neither, this refuses with
+        CapabilityError unless ``allow_expunge``: then the originals go with a plain
+        EXPUNGE, sent only while UID SEARCH DELETED shows no other message marked.  If the
+        connection drops mid-way, the source folder is searched after reconnecting, and only
+        the messages still there are moved again, and a COPY is never repeated blindly (see
+        _copy_once): nothing moves twice and every UID is accounted for in the result.
         """
-        if not self.has("MOVE") and not self.has("UIDPLUS"):
-            raise CapabilityError(f"{self.host} has neither MOVE nor UIDPLUS: moving would "
-                                  f"need a bare EXPUNGE, which could delete other messages "
-                                  f"flagged \\Deleted; refusing")
+        if not self.can_move(allow_expunge):
+            raise self.refuse_moves()
         moved: Dict[int, Optional[int]] = {}
         missing: List[int] = []
-        for chunk in chunk_uids(uids):
-            if self.has("MOVE"):
-                self._move_chunk(chunk, destination, moved, missing)
-            else:
-                self._copy_delete_chunk(chunk, destination, moved, missing)
+        with _naming(destination, "move messages to"):
+            for chunk in chunk_uids(uids):
+                if self.has("MOVE"):
+                    self._move_chunk(chunk, destination, moved, missing)
+                else:
+                    self._copy_delete_chunk(chunk, destination, moved, missing)
         return MoveResult(moved, tuple(missing))
 
     def _move_chunk(self, chunk: List[int], destination: str,
@@ -1906,11 +2414,11 @@ class GmailConnection:
                         if not pending:
                             return
                     response = self._execute_on(self._live(), "UID MOVE", compress_uids(pending),
-                                                mailbox_arg(destination))
+                                                self._mailbox(destination))
                 except _Dropped as exc:
                     cause = exc
                     continue
-            mapping = _copyuid_map(response)
+            mapping = _copyuid_map(response, pending)
             for uid in pending:
                 if mapping and uid not in mapping:
                     missing.append(uid)   # gone before we asked: someone else moved it
@@ -1930,58 +2438,194 @@ class GmailConnection:
 
     def _copy_delete_chunk(self, chunk: List[int], destination: str,
                            moved: Dict[int, Optional[int]], missing: List[int]) -> None:
-        """MOVE without MOVE: COPY, then \\Deleted + UID EXPUNGE of exactly these UIDs.
+        """MOVE without MOVE: COPY (never twice, see _copy_once), then \\Deleted on exactly
+        these UIDs and UID EXPUNGE of them, or without UIDPLUS a checked plain EXPUNGE.
 
-        COPY is not idempotent on ordinary servers, so before it we note the destination's
-        UIDNEXT: if the link drops during COPY and UIDNEXT has moved since, the copy
-        happened and only the deletion is left to do.
+        Messages already marked \\Deleted here may be the originals of an earlier run that
+        stopped between COPY and EXPUNGE: those are copied only if the destination does
+        not already hold them.
         """
-        mapping: Dict[int, int] = {}
-        with self._lock:
-            before = self._uidnext(destination)
-            try:
-                self._check_background()
-                response = self._execute_on(self._live(), "UID COPY", compress_uids(chunk),
-                                            mailbox_arg(destination))
-                mapping = _copyuid_map(response)
-            except _Dropped as exc:
-                self._reconnect(exc)
-                if self._uidnext(destination) != before:
-                    # Perhaps copied, perhaps another client delivered there: deleting the
-                    # originals on a guess could lose mail, so stop with both in place.
-                    raise ConnectionLostError(
-                        f"the connection dropped during UID COPY to {destination}; the "
-                        f"originals were kept and {destination} may hold copies: check it, "
-                        f"then run again") from exc
-                response = self._call("UID COPY", compress_uids(chunk),
-                                      mailbox_arg(destination), policy=_NEVER)
-                mapping = _copyuid_map(response)
         present = set(self.search(uids=chunk))
         missing.extend(uid for uid in chunk if uid not in present)
-        if present:
-            self.add_flags(present, ["\\Deleted"])
+        if not present:
+            return
+        if not self.has("UIDPLUS"):
+            self._check_no_other_deleted(present, destination, copied=False)
+        mapping: Dict[int, Optional[int]] = {}
+        marked = sorted(self.search(["DELETED"], uids=present))
+        if marked:
+            mapping.update(self._copies_in(destination, marked, None))
+        todo = sorted(uid for uid in present if uid not in mapping)
+        if todo:
+            mapping.update(self._copy_once(todo, destination))
+        self.add_flags(present, ["\\Deleted"])
+        if self.has("UIDPLUS"):
             self.uid_expunge(present)
+        else:
+            self._expunge_only(present, destination)
         for uid in present:
             moved[uid] = mapping.get(uid)
 
+    def _check_no_other_deleted(self, ours: set, destination: str, copied: bool) -> set:
+        """Refuse (CapabilityError) if a message other than ``ours`` is marked \\Deleted in
+        the selected folder; returns those of ``ours`` that are marked."""
+        marked = set(self.search(["DELETED"]))
+        others = marked - ours
+        if others:
+            folder = self._selected.name if self._selected else "the folder"
+            done = (f"the messages were copied to {destination} and left in {folder} as well"
+                    if copied else "nothing was moved")
+            raise CapabilityError(
+                f"refusing a plain EXPUNGE in {folder}: {len(others)} other message(s) there "
+                f"are marked \\Deleted (perhaps by another mail client) and would be deleted "
+                f"too; {done}. Expunge or unmark them, then run again", command="EXPUNGE")
+        return marked & ours
+
+    def _expunge_only(self, uids: set, destination: str) -> None:
+        """A plain EXPUNGE (no UIDPLUS) that removes exactly ``uids``: sent only right after
+        UID SEARCH DELETED showed no other message marked, and checked again after a drop."""
+        cause: Optional[BaseException] = None
+        for _ in range(self.retries + 1):
+            try:
+                ours = self._check_no_other_deleted(uids, destination, copied=True)
+            except CapabilityError:
+                self.remove_flags(uids, ["\\Deleted"])
+                raise
+            if not ours:
+                return          # the last EXPUNGE got through before the link dropped
+            with self._lock:
+                try:
+                    self._check_background()
+                    self._execute_on(self._live(), "EXPUNGE")
+                    return
+                except _Dropped as exc:
+                    cause = exc
+                    self._reconnect(exc)
+        raise ConnectionLostError(f"EXPUNGE kept failing after {self.retries} reconnects: "
+                                  f"{cause}") from cause
+
+    def _copy_once(self, uids: List[int], destination: str) -> Dict[int, Optional[int]]:
+        """UID COPY that never leaves a message copied twice, even if the link drops.
+
+        COPY is not idempotent, and a drop before its answer loses the COPYUID too.  So the
+        destination's UIDNEXT is noted first: after reconnecting, a UIDNEXT that has not
+        moved proves the COPY never ran (send it again); otherwise the messages that arrived
+        since are compared with ours by Message-ID, size and INTERNALDATE (COPY keeps all
+        three) and only those not there are copied again.  Returns {source UID: new UID or
+        None where the server did not say}.
+        """
+        pending = list(uids)
+        result: Dict[int, Optional[int]] = {}
+        cause: Optional[BaseException] = None
+        for _ in range(self.retries + 1):
+            before = self._uidnext(destination)
+            with self._lock:
+                try:
+                    self._check_background()
+                    response = self._execute_on(self._live(), "UID COPY", compress_uids(pending),
+                                                self._mailbox(destination))
+                except _Dropped as exc:
+                    cause = exc
+                    self._reconnect(exc)
+                    response = None
+            if response is not None:
+                mapping = _copyuid_map(response, pending)
+                result.update({uid: mapping.get(uid) for uid in pending})
+                return result
+            if before is not None and self._uidnext(destination) == before:
+                log.info("the connection dropped before UID COPY to %s reached the server; "
+                         "sending it again", destination)
+                continue
+            found = self._copies_in(destination, pending, before)
+            log.info("the connection dropped during UID COPY to %s; %d of %d messages had "
+                     "been copied", destination, len(found), len(pending))
+            result.update(found)
+            pending = [uid for uid in pending if uid not in found]
+            if not pending:
+                return result
+        raise ConnectionLostError(f"UID COPY to {destination} kept failing after "
+                                  f"{self.retries} reconnects: {cause}") from cause
+
+    def _copies_in(self, destination: str, uids: List[int],
+                   since: Optional[int]) -> Dict[int, Optional[int]]:
+        """Which of ``uids`` (selected folder) ``destination`` holds a copy of, among its
+        messages from UID ``since`` on (all if None): {source UID: destination UID}.
+
+        Opens ``destination`` read-only, then the source folder again; raises
+        UidValidityError if the source was renumbered meanwhile.
+        """
+        source = self._selected
+        if source is None:
+            raise ImapError("no folder is selected", command="UID COPY")
+        fields = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
+        items = [fields, "RFC822.SIZE", "INTERNALDATE"]
+
+        def key(values: Mapping[str, Any]) -> Tuple[bytes, Any, Any]:
+            message_id = b" ".join((values.get(fields) or b"").split()).lower()
+            return message_id, values.get("RFC822.SIZE"), values.get("INTERNALDATE")
+
+        ours = self.fetch(uids, items)
+        self.examine(destination)
+        try:
+            there = self.search(["UID", f"{since}:*"] if since else ["ALL"])
+            there = [uid for uid in there if since is None or uid >= since]
+            theirs = self.fetch(there, items) if there else {}
+        finally:
+            status = self.select(source.name, readonly=source.readonly)
+        if status.uidvalidity != source.uidvalidity:
+            raise UidValidityError(f"UIDVALIDITY of {source.name} changed while checking "
+                                   f"{destination}; nothing more was done, run again",
+                                   command="SELECT")
+        pool: Dict[Tuple[bytes, Any, Any], List[int]] = {}
+        for uid in sorted(theirs):
+            pool.setdefault(key(theirs[uid]), []).append(uid)
+        found: Dict[int, Optional[int]] = {}
+        for uid in uids:
+            bucket = pool.get(key(ours[uid])) if uid in ours else None
+            if bucket:
+                found[uid] = bucket.pop(0)
+        return found
+
+    def _wire_name(self, name: str) -> bytes:
+        """The octets that name ``name`` on the wire (without quoting)."""
+        for folder in self._folders or ():
+            if folder.name == name and folder.wire is not None:
+                return folder.wire
+        return b"INBOX" if name.upper() == "INBOX" else encode_mailbox(name).encode("ascii")
+
+    def _names(self, named: Any, folder: str) -> bool:
+        """True if ``named`` (a mailbox name as an answer gave it) is ``folder``."""
+        wire = named if isinstance(named, bytes) else str(named).encode("utf-8", "surrogateescape")
+        wanted = self._wire_name(folder)
+        return wire == wanted or wire.upper() == wanted.upper() == b"INBOX"
+
     def _uidnext(self, folder: str) -> Optional[int]:
-        response = self._call("STATUS", mailbox_arg(folder), "(UIDNEXT)")
+        """UIDNEXT of ``folder`` by STATUS.  Any untagged response may arrive at any time
+        (RFC 3501 §7), so a STATUS for another folder is not taken as this one's."""
+        response = self._call("STATUS", self._mailbox(folder), "(UIDNEXT)")
         for item in response.untagged:
-            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3:
+            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
+                    and self._names(item[1], folder):
                 attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
                 value = attrs.get("UIDNEXT")
                 return int(value) if isinstance(value, int) else None
         return None
 
     def copy(self, uids: Iterable[int], destination: str) -> Dict[int, Optional[int]]:
-        """Copy messages to ``destination`` (on Gmail: add that label); returns the COPYUID map."""
+        """Copy messages to ``destination`` (on Gmail: add that label); returns the COPYUID map.
+
+        Off Gmail a copy is a new message, so a dropped COPY is never blindly repeated
+        (see _copy_once).
+        """
         result: Dict[int, Optional[int]] = {}
-        for chunk in chunk_uids(uids):
-            policy = _SAFE if self.is_gmail else _NEVER  # Gmail's COPY only adds a label
-            response = self._call("UID COPY", compress_uids(chunk), mailbox_arg(destination),
-                                  policy=policy)
-            mapping = _copyuid_map(response)
-            result.update({uid: mapping.get(uid) for uid in chunk})
+        with _naming(destination, "copy messages to"):
+            for chunk in chunk_uids(uids):
+                if not self.is_gmail:
+                    result.update(self._copy_once(chunk, destination))
+                    continue
+                response = self._call("UID COPY", compress_uids(chunk), self._mailbox(destination))
+                mapping = _copyuid_map(response, chunk)
+                result.update({uid: mapping.get(uid) for uid in chunk})
         return result
 
     # -- IDLE ------------------------------------------------------------------------
@@ -2023,6 +2667,7 @@ class GmailConnection:
         self._idling = True
         try:
             log.debug("C: %s IDLE", tag.decode())
+            imap.watch_progress(None)   # type: ignore[attr-defined]  # IDLE waits at will
             imap.send(tag + b" IDLE\r\n")
             self.commands_sent += 1
             while True:
@@ -2051,6 +2696,7 @@ class GmailConnection:
                 else:
                     raise ProtocolError(f"unexpected line during IDLE: {raw[:80]!r}")
             if ended is None:
+                imap.watch_progress(self.timeout)  # type: ignore[attr-defined]
                 imap.send(b"DONE\r\n")
                 response = self._read_response(imap, tag, "IDLE", False, None)
             else:
@@ -2082,37 +2728,103 @@ def _new_tag(imap: imaplib.IMAP4) -> bytes:
     return tag
 
 
+@contextlib.contextmanager
+def _naming(folder: str, what: str) -> Iterator[None]:
+    """Turn the server's plain NO or BAD into an error that names the folder."""
+    try:
+        yield
+    except ImapError as exc:
+        if type(exc) is not ImapError or exc.status not in ("NO", "BAD"):
+            raise
+        raise ImapError(f"the server refused to {what} {folder!r}: {exc.status} {exc.text}",
+                        command=exc.command, status=exc.status, code=exc.code,
+                        text=exc.text) from exc
+
+
 def _fetch_answer(response: _Response, wanted: set, by_key: Mapping[str, str],
-                  result: Dict[int, Dict[str, Any]]) -> None:
-    """Add the FETCH lines of an answer to ``result``, keyed by UID (others ignored)."""
+                  result: Dict[int, Dict[str, Any]], limit: int,
+                  skipped: Optional[List[int]]) -> None:
+    """Add the FETCH lines of an answer to ``result``, keyed by UID (the answer's keep()
+    let in only the wanted UIDs).  A message with a literal dropped as oversized is left
+    out whole, and its UID appended to ``skipped``."""
+    dropped = {_fetch_uid(item) for item in response.oversized} & wanted
+    for uid in sorted(dropped):   # type: ignore[type-var]
+        log.warning("UID %d: the server sent far more than was asked for (at most %d "
+                    "bytes); skipped that message", uid, limit)
+        if skipped is not None and uid not in skipped:
+            skipped.append(uid)
     for item in response.untagged:
         if len(item) < 3 or str(item[1]).upper() != "FETCH" or not isinstance(item[2], list):
             continue
         attrs = _pairs(item[2])
         uid = attrs.get("UID")
-        if not isinstance(uid, int) or uid not in wanted:
+        if uid in dropped:
             continue
-        values = result.setdefault(uid, {})
+        values = result.setdefault(int(uid), {})
         for key, value in attrs.items():
             if key == "UID":
                 continue
             values[by_key.get(_fetch_key(key), key)] = _convert_fetch_value(key, value)
 
 
-def _copyuid_map(response: _Response) -> Dict[int, int]:
-    """Source UID -> destination UID from a COPYUID code (RFC 4315), tagged or untagged."""
+def _fetch_keep(wanted: set) -> Callable[[List[Any]], bool]:
+    """keep() for a FETCH: its own answers, never an unsolicited FETCH for another UID."""
+    def keep(item: List[Any]) -> bool:
+        return _untagged_kind(item) == "FETCH" and _fetch_uid(item) in wanted
+    return keep
+
+
+def _copyuid_map(response: _Response, sent: Sequence[int]) -> Dict[int, int]:
+    """Source UID -> destination UID from a COPYUID code (RFC 4315), tagged or untagged.
+
+    The answer can only concern the ``sent`` UIDs; one naming more (``1:4294967295`` is
+    40 bytes) is ignored as unusable, never expanded.
+    """
     codes = [(response.code, response.code_args)]
     codes += [(item[1], item[2]) for item in response.untagged
               if item and item[0] == "OK" and len(item) >= 3]
     for code, args in codes:
         if code == "COPYUID" and len(args) >= 3:
             try:
-                source = parse_uid_set(str(args[1]))
-                target = parse_uid_set(str(args[2]))
+                source = parse_uid_set(str(args[1]), limit=len(sent))
+                target = parse_uid_set(str(args[2]), limit=len(sent))
             except ValueError:
+                log.warning("ignoring an unusable COPYUID answer from the server")
                 return {}
-            return dict(zip(source, target)) if len(source) == len(target) else {}
+            if len(source) != len(target) or not set(source) <= set(sent):
+                return {}
+            return dict(zip(source, target))
     return {}
+
+
+def _fetch_uid(item: Sequence[Any]) -> Optional[int]:
+    """The UID inside an untagged ``[seq, "FETCH", [... "UID", 7 ...]]``, or None."""
+    if len(item) < 3 or not isinstance(item[2], list):
+        return None
+    attrs = item[2]
+    for i in range(0, len(attrs) - 1, 2):
+        if str(attrs[i]).upper() == "UID" and isinstance(attrs[i + 1], int):
+            return attrs[i + 1]
+    return None
+
+
+def _fetch_literal_limit(items: Sequence[str]) -> int:
+    """The largest literal a FETCH of ``items`` can honestly bring: the length of a partial
+    fetch (``<0.16384>``), a header block's limit for header sections, a whole message's
+    for other sections, a small one for anything else."""
+    limit = 0
+    for item in items:
+        if not re.match(r"(?i)(BODY|BINARY)\.PEEK\[|RFC822", item):
+            limit = max(limit, MAX_SMALL_LITERAL)
+            continue
+        partial = re.search(r"<\d+\.(\d+)>$", item)
+        if partial:
+            limit = max(limit, int(partial.group(1)))
+        elif re.search(r"(?i)\[(\d+\.)*(HEADER|MIME)", item) or item.upper() == "RFC822.HEADER":
+            limit = max(limit, MAX_HEADER_LITERAL)
+        else:
+            limit = max(limit, MAX_MESSAGE_LITERAL)
+    return limit
 
 
 def _check_fetch_item(item: str) -> None:
@@ -2131,23 +2843,43 @@ _FETCH_KEYS: Dict[str, str] = {}
 
 
 def _fetch_key(item: str) -> str:
-    """Canonical name of a fetch item: ``BODY.PEEK[TEXT]<0.100>`` and its answer
-    ``BODY[TEXT]<0>`` both become ``BODY[TEXT]<0>``; header field lists are upper-cased."""
+    """Canonical name of a fetch item, so that an answer is matched to its request by
+    meaning: ``BODY.PEEK[TEXT]<0.100>`` and its answer ``BODY[TEXT]<0>`` both become
+    ``BODY[TEXT]<0>``.  Header field names are astrings (RFC 3501 ``header-fld-name``), so
+    a server may echo them quoted, in another case or order:
+    ``body[header.fields ("Subject" FROM)]`` becomes ``BODY[HEADER.FIELDS (FROM SUBJECT)]``.
+    """
     key = _FETCH_KEYS.get(item)
     if key is None:
-        key = item.upper().replace("BODY.PEEK[", "BODY[")
-        key = re.sub(r"<(\d+)\.\d+>$", r"<\1>", key)
-        key = re.sub(r"\s+", " ", key)
+        key = _canonical_fetch_key(item)
         if len(_FETCH_KEYS) < 1000:   # the items of a run are few; answers echo them
             _FETCH_KEYS[item] = key
     return key
 
 
+def _canonical_fetch_key(item: str) -> str:
+    key = re.sub(r"\s+", " ", item.strip()).upper().replace("BODY.PEEK[", "BODY[")
+    key = re.sub(r"<(\d+)\.\d+>$", r"<\1>", key)
+    match = re.fullmatch(r"(BODY\[(?:[\d.]*\.)?HEADER\.FIELDS(?:\.NOT)?) ?\((.*)\)\](<\d+>)?",
+                         key, re.S)
+    if match:
+        try:
+            names = parse_response(match.group(2).encode("utf-8", "surrogateescape"))
+        except ProtocolError:
+            return key
+        fields = sorted({str(name.decode("ascii", "replace") if isinstance(name, bytes)
+                             else name).upper() for name in names})
+        key = f"{match.group(1)} ({' '.join(fields)})]{match.group(3) or ''}"
+    return key
+
+
 def _convert_fetch_value(key: str, value: Any) -> Any:
+    if key in ("FLAGS", "X-GM-LABELS") and not isinstance(value, list):
+        return None     # NIL or an atom where a list belongs: unknown, not "none"
     if key == "FLAGS":
-        return tuple(str(flag) for flag in (value or []))
+        return tuple(str(flag) for flag in value)
     if key == "X-GM-LABELS":
-        return tuple(decode_mailbox(_as_text(label)) for label in (value or []))
+        return tuple(decode_mailbox(_as_text(label)) for label in value)
     if key == "INTERNALDATE":
         return parse_internaldate(_as_text(value))
     if key in ("RFC822.SIZE", "X-GM-MSGID", "X-GM-THRID", "MODSEQ"):
@@ -2157,7 +2889,7 @@ def _convert_fetch_value(key: str, value: Any) -> Any:
     if key.startswith("BODY[") or key.startswith("RFC822"):
         if isinstance(value, str):
             return value.encode("utf-8", "surrogateescape")
-        return value if value is not None else b""
+        return value    # NIL stays None: the section is missing, not empty
     return value
 
 
@@ -2445,13 +3177,15 @@ _HEADER_KINDS: Dict[str, str] = {}
 
 
 def _header_kind(name: str) -> str:
-    """"address", "text" (unstructured) or "other", as email.policy.default parses it."""
+    """"address", "text" (unstructured), "msgid" or "other", as email.policy.default
+    parses it."""
     kind = _HEADER_KINDS.get(name)
     if kind is None:
         import email.headerregistry as registry
         cls = email.policy.default.header_factory[name]
         kind = ("address" if issubclass(cls, registry.AddressHeader) else
-                "text" if issubclass(cls, registry.UnstructuredHeader) else "other")
+                "text" if issubclass(cls, registry.UnstructuredHeader) else
+                "msgid" if issubclass(cls, registry.MessageIDHeader) else "other")
         _HEADER_KINDS[name] = kind
     return kind
 
@@ -2515,6 +3249,7 @@ _ADDR_SPEC = _ATOMS + r"(?:\." + _ATOMS + r")*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*
 _MAILBOX = re.compile(r"[ \t]*(?:(" + _ADDR_SPEC + r")|"
                       r"(\"[^\"\\]*\"|[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+(?:[ \t]+[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+)*)?"
                       r"[ \t]*<(" + _ADDR_SPEC + r")>)[ \t]*(?:\([^()\\\r\n]*\)[ \t]*)?")
+_PLAIN_MSGID = re.compile("<" + _ATOMS + r"(?:\." + _ATOMS + ")*@" + _ATOMS + r"(?:\." + _ATOMS + r")*>\Z")
 _GROUP = re.compile(r"[ \t]*[A-Za-z0-9!#$%&'*+/^_`{|}~-]+(?:[ \t]+[A-Za-z0-9!#$%&'*+/^_`{|}~-]+)*"
                     r"[ \t]*:[ \t]*")
 
@@ -2643,6 +3378,9 @@ def _decode_header(msg: email.message.EmailMessage, raws: List[str], kind: str,
         texts = [_fast_text(raw) for raw in raws]
         if None not in texts:
             return texts  # type: ignore[return-value]
+    elif kind == "text" and registry_kind == "msgid":    # <left@right> reads as it is
+        if all(_PLAIN_MSGID.match(raw) for raw in raws):
+            return list(raws)
     elif kind == "addresses" and registry_kind == "other":   # no address classes: no parse
         return [a for raw in raws for a in _addresses_without_parse(raw)]
     elif kind == "addresses" and registry_kind == "address":
@@ -3737,7 +4475,9 @@ AUTH_METHODS = ("password", "xoauth2")
 _SIZE_RE = re.compile(r"(\d+) ?([KMG]?)(?:i?B)?", re.IGNORECASE)  # 500K, 5M, 5MB, 5 MB, 1GiB
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
 _AGE_RE = re.compile(r"(\d+)([dwmy])")
-_HEADER_NAME_RE = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII but ':'
+# RFC 5322 ftext (printable ASCII but ':') that is also an IMAP atom, since header names
+# go on the wire inside BODY.PEEK[HEADER.FIELDS (...)]: no ( ) { } [ ] % * " \\.
+_HEADER_NAME_RE = re.compile(r"[!#$&'+\-./0-9;<=>?@A-Z^_`a-z|~]+")
 _FORBIDDEN_CHARS = re.compile(r"[\r\n\0]")
 
 
@@ -3875,8 +4615,8 @@ def _parse_header_table(where: _Where, path: str, value: Any) -> List[Condition]
     for name, test in value.items():
         sub = f"{path}.{name}"
         if not _HEADER_NAME_RE.fullmatch(name):
-            raise where.error(sub, f"{_quote(name)} is not a header name "
-                                   "(printable ASCII without spaces or ':')")
+            raise where.error(sub, f"{_quote(name)} is not a header name (letters, digits "
+                                   "and - _ . and the like; no spaces, ':' or brackets)")
         if isinstance(test, bool):
             parts.append(HeaderPresent(name, test))
         elif isinstance(test, (str, list)):
@@ -5125,6 +5865,10 @@ class FolderReport:
     changes: Dict[str, int] = field(default_factory=dict)       # "label Receipts" -> messages
     created: List[str] = field(default_factory=list)            # folders/labels (to be) created
     moved_missing: int = 0                                      # gone before we moved them
+    skipped: List[int] = field(default_factory=list)            # UIDs left alone (run again):
+    why_skipped: Dict[int, str] = field(default_factory=dict)   # the server sent far more than
+                                                                # asked, or left items out
+    notes: List[str] = field(default_factory=list)              # e.g. where trash goes
     changes_made: int = 0           # changes the server confirmed (0 in a dry run)
     changes_not_made: int = 0       # planned but not confirmed when the run stopped
     start_uid: int = 0              # classified only UIDs above this (the mark)
@@ -5148,6 +5892,7 @@ class _Plan:
     trash: List[int] = field(default_factory=list)
     message_ids: Dict[int, str] = field(default_factory=dict)   # _message_key, off Gmail
     per_uid: Dict[int, List[Tuple[str, ...]]] = field(default_factory=dict)
+    server_name: Callable[[str], str] = str                     # rule name -> server's name
 
     def add(self, uid: int, actions: Actions, flags: frozenset,
             labels: Optional[frozenset], folder: str, *, in_trash: bool = False,
@@ -5171,16 +5916,19 @@ class _Plan:
             elif off and flag in flags:
                 self.remove_flags.setdefault(flag, []).append(uid)
                 keys.append(("flag-", flag))
+        # Archive means "out of the Inbox": on Gmail, messages carrying \\Inbox (whatever
+        # folder view they were found in); elsewhere, messages in INBOX itself.
+        in_inbox = (_same_folder(folder, "INBOX") if labels is None
+                    else any(label.lower() == "\\inbox" for label in labels))
         if actions.trash:
             if not in_trash and not (labels is not None and
                                      any(l.lower() == "\\trash" for l in labels)):
                 self.trash.append(uid)
                 keys.append(("trash",))
-        elif actions.move and not _same_folder(actions.move, folder):
+        elif actions.move and not _same_folder(self.server_name(actions.move), folder):
             self.move.setdefault(actions.move, []).append(uid)
             keys.append(("move", actions.move))
-        elif actions.archive and not in_archive and \
-                (labels is None or any(l.lower() == "\\inbox" for l in labels)):
+        elif actions.archive and not in_archive and in_inbox:
             self.archive.append(uid)
             keys.append(("archive",))
         if keys:
@@ -5384,6 +6132,78 @@ def _folder_hint(conn: GmailConnection, folder: str) -> str:
     return "the 'labels' command lists the folder names"
 
 
+# What each fetched item is called when a message is skipped for lacking it.
+_ITEM_NAMES = {"FLAGS": "flags", "RFC822.SIZE": "size", "INTERNALDATE": "date",
+               "BODYSTRUCTURE": "structure", "X-GM-LABELS": "labels", "X-GM-MSGID": "message id"}
+
+
+def _lacking(items: Sequence[str], values: Optional[Mapping[str, Any]]) -> str:
+    """Why a message cannot be classified, or "" when every requested item came back."""
+    if values is None:
+        return "the server sent nothing for it (deleted meanwhile?)"
+    absent = [item for item in items if values.get(item) is None]
+    if not absent:
+        return ""
+    names = [_ITEM_NAMES.get(item.upper(), "headers" if "HEADER" in item.upper()
+                             else "body prefix") for item in absent]
+    return "the server's answer lacked its " + ", ".join(names)
+
+
+@dataclass(frozen=True)
+class _Destinations:
+    """What the rules need from the server, settled before anything changes."""
+
+    trash: Optional[Folder] = None
+    archive: Optional[Folder] = None      # off Gmail only: Gmail archives by label
+    plain_expunge: bool = False           # moving off this server needs a checked EXPUNGE
+    notes: Tuple[str, ...] = ()
+
+
+def _settle(conn: GmailConnection, rules: Ruleset, allow_expunge: bool) -> _Destinations:
+    """Check, before the first change and the same way in a dry run, everything the rules'
+    actions need from this server: a way to move (MOVE, UIDPLUS or an allowed plain
+    EXPUNGE) and the trash and archive folders.  Raises CapabilityError naming what is
+    missing and what to do; nothing has been changed then."""
+    actions = [rule.actions for rule in rules.rules]
+    trash = any(a.trash for a in actions)
+    archive = any(a.archive for a in actions) and not conn.is_gmail
+    moves = trash or archive or any(a.move for a in actions)
+    if moves and not conn.can_move(allow_expunge):
+        raise conn.refuse_moves()
+    found: Dict[str, Folder] = {}
+    notes: List[str] = []
+    for use, action, wanted in (("\\Trash", "trash", trash), ("\\Archive", "archive", archive)):
+        if not wanted:
+            continue
+        folder = _special_destination(conn, use, action)
+        if (folder.special_use or "").lower() != use.lower():
+            notes.append(f"{action} goes to {folder.name!r}: no folder is marked {use}, so it "
+                         f"was chosen by its name")
+        found[action] = folder
+    plain = moves and not conn.has("MOVE") and not conn.has("UIDPLUS")
+    return _Destinations(found.get("trash"), found.get("archive"), plain, tuple(notes))
+
+
+def check_run(conn: GmailConnection, rules: Ruleset, folders: Sequence[str], *,
+              allow_expunge: bool = False) -> None:
+    """Before a run over several folders changes anything: what classify_folder checks
+    for each folder before its first change (a way to move, trash and archive folders,
+    and, where moves need a plain EXPUNGE, no other message marked \\Deleted), checked
+    for all of them.  Folders that cannot be opened are left for classify_folder to report.
+    Raises CapabilityError."""
+    destinations = _settle(conn, rules, allow_expunge)
+    if not destinations.plain_expunge:
+        return
+    for folder in folders:
+        try:
+            conn.examine(conn.server_name(folder))
+        except ImapError as exc:
+            if exc.status in ("NO", "BAD"):
+                continue
+            raise
+        _check_plain_expunge(conn, conn.server_name(folder))
+
+
 def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX", *,
                     apply: bool = False, since: Optional[_dt.date] = None,
                     limit: Optional[int] = None, batch_size: int = DEFAULT_BATCH,
@@ -5394,7 +6214,8 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                     checkpoint: Optional[Checkpoint] = None,
                     apply_every: int = DEFAULT_APPLY_EVERY,
                     report: Optional[FolderReport] = None,
-                    max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS) -> FolderReport:
+                    max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS,
+                    allow_expunge: bool = False) -> FolderReport:
     """Classify the messages of ``folder`` above the checkpoint's mark (without a
     checkpoint: all of them), or only those since ``since``; the newest ``limit``.
 
@@ -5410,6 +6231,15 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     a step that would take the folders created past ``max_new_folders`` (None: no limit)
     raises FolderLimitError before any of its changes.  Raises RunStopped when the
     checkpoint ends the run, and the connection's errors.
+
+    Any server: every check ``apply`` makes before its first change (a way to move, trash
+    and archive folders) is made in a dry run too, with the same CapabilityError.  Folder
+    names are written with ``/`` and mapped to the server's namespace
+    (GmailConnection.server_name).  ``allow_expunge`` lets moves use a checked plain
+    EXPUNGE on servers with neither MOVE nor UIDPLUS (see GmailConnection.move).  A message
+    whose FETCH answer lacks anything the rules read is never acted on: it is listed in
+    ``report.skipped`` with the reason in ``report.why_skipped`` (run again).  A folder
+    that cannot be opened raises FolderUnavailableError.
     """
     if rules.needs.queries and not conn.is_gmail:
         rules, notes = rules.local()
@@ -5420,16 +6250,19 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     if any(rule.actions.templates() for rule in rules.rules):
         separator = next((f.delimiter for f in conn.list_folders() if f.delimiter), "/")
     checkpoint = checkpoint if checkpoint is not None else Checkpoint()
+    settled = _settle(conn, rules, allow_expunge)
     report = report if report is not None else FolderReport(folder, apply)
+    report.notes.extend(note for note in settled.notes if note not in report.notes)
+    source = conn.server_name(folder)
     try:
-        status = conn.select(folder) if apply else conn.examine(folder)
+        status = conn.select(source) if apply else conn.examine(source)
     except ImapError as exc:
         if exc.status not in ("NO", "BAD"):
             raise
-        raise ImapError(f"cannot open folder {folder!r}: {exc.text or exc}; "
-                        f"{_folder_hint(conn, folder)}", command=exc.command, status=exc.status,
-                        code=exc.code, text=exc.text) from exc
-    log.info("%s: %d messages (UIDVALIDITY %d)", folder, status.exists, status.uidvalidity)
+        raise FolderUnavailableError(
+            f"cannot open folder {folder!r}: {exc.text or exc}; {_folder_hint(conn, source)}",
+            command=exc.command, status=exc.status, code=exc.code, text=exc.text) from exc
+    log.info("%s: %d messages (UIDVALIDITY %d)", source, status.exists, status.uidvalidity)
     start = max(0, checkpoint.start(conn, status))
     report.start_uid = start
     above: List[Any] = ["UID", f"{start + 1}:*"] if start else []
@@ -5445,14 +6278,12 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                    for query in needs.queries}
     destinations: Dict[str, Optional[str]] = {}
     in_trash = in_archive = False
-    if uids and any(r.actions.trash for r in rules.rules):
-        trash = conn.special_folder("\\Trash")
-        destinations["trash"] = trash.name if trash else None
-        in_trash = trash is not None and _same_folder(trash.name, folder)
-    if uids and not conn.is_gmail and any(r.actions.archive for r in rules.rules):
-        archive = conn.special_folder("\\Archive")
-        destinations["archive"] = archive.name if archive else None
-        in_archive = archive is not None and _same_folder(archive.name, folder)
+    if settled.trash is not None:
+        destinations["trash"] = settled.trash.name
+        in_trash = _same_folder(settled.trash.name, source)
+    if settled.archive is not None:
+        destinations["archive"] = settled.archive.name
+        in_archive = _same_folder(settled.archive.name, source)
     items = _fetch_items(needs, conn.is_gmail)
     header_item = items[1]
     copies: Dict[str, set] = {}       # off Gmail: label folder -> _message_key of its mail
@@ -5473,11 +6304,15 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
 
         ok = False
         try:
+            plan = step.plan
+            if settled.plain_expunge and (plan.move or plan.trash or plan.archive):
+                _check_plain_expunge(conn, source)
             if not conn.is_gmail and step.plan.add_labels:
                 _drop_copies_already_there(conn, step.plan, copies)
             applied[1] += step.plan.size()
             if apply:
-                _apply_plan(conn, step.plan, report, done, max_new_folders)
+                _apply_plan(conn, step.plan, report, done, max_new_folders, settled,
+                            allow_expunge)
             else:
                 report.created.extend(name for name in _missing_folders(conn, step.plan)
                                       if name not in report.created)
@@ -5510,6 +6345,8 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                     _first(header_text(info.headers, "message-id")).strip(), changes, apply,
                     len(keys) - len(made)))
             mark = step.last_uid if ok and not narrowed else None
+            if mark is not None and report.skipped:
+                mark = min(mark, min(report.skipped) - 1)   # the next run looks again
             if mark is not None:
                 report.mark = mark
             checkpoint.step_done(conn, status, mark, outcomes)
@@ -5518,12 +6355,16 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                     if ok or outcome.changes:
                         on_message(outcome)
 
-    step = _Step()
+    def new_step() -> _Step:
+        return _Step(plan=_Plan(server_name=conn.server_name))
+
+    step = new_step()
     batches = 0
     # The next batch's FETCH is sent while this one is classified (pipelining); the
     # checkpoint still approves each FETCH before it goes out.
     fetches = conn.fetch_batches([uids[i:i + batch_size] for i in range(0, len(uids), batch_size)],
-                                 items, before_each=checkpoint.before_fetch)
+                                 items, before_each=checkpoint.before_fetch,
+                                 skipped=report.skipped)
     try:
         for start_index in range(0, len(uids), batch_size):
             try:
@@ -5532,13 +6373,13 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                 finish(step)
                 raise
             _classify_batch(conn, rules, batch, items, header_item, queries, folder, now,
-                            step, report, in_trash, in_archive, fetched, separator)
+                            step, report, in_trash, in_archive, fetched, separator, source)
             batches += 1
             if on_progress is not None:
                 on_progress(min(start_index + batch_size, len(uids)), len(uids))
             if batches % max(1, apply_every) == 0:
                 finish(step)
-                step = _Step()
+                step = new_step()
         finish(step)
     except BaseException:
         if not step.finished and apply:
@@ -5552,14 +6393,24 @@ def _classify_batch(conn: GmailConnection, rules: Ruleset, batch: List[int], ite
                     now: Optional[_dt.datetime], step: _Step, report: FolderReport,
                     in_trash: bool, in_archive: bool,
                     fetched: Optional[Dict[int, Dict[str, Any]]] = None,
-                    separator: Optional[str] = None) -> None:
+                    separator: Optional[str] = None, source: Optional[str] = None) -> None:
     """Fetch one batch (unless given), classify it, and add what its messages still need
-    to the step; with a ``separator``, templated destinations are filled in."""
+    to the step; with a ``separator``, templated destinations are filled in.  ``source``
+    is the folder's name on the server (see server_name)."""
     needs = rules.needs
     if fetched is None:
-        fetched = conn.fetch(batch, items)
-    infos = {uid: _message_info(uid, values, header_item, queries, folder)
-             for uid, values in fetched.items()}
+        fetched = conn.fetch(batch, items, skipped=report.skipped)
+    # Fail closed: a message the server answered only in part (an item missing, NIL,
+    # unreadable) would look like one with no headers or flags, and a `not` rule would
+    # match it.  It is skipped as a whole, before any rule runs.
+    infos: Dict[int, MessageInfo] = {}
+    for uid in batch:
+        why = "the server sent far more than was asked for" if uid in report.skipped \
+            else _lacking(items, fetched.get(uid))
+        if why:
+            _skip(report, uid, why)
+        else:
+            infos[uid] = _message_info(uid, fetched[uid], header_item, queries, folder)
     decisions: Dict[int, Decision] = {}
     undecided: List[int] = []
     for uid, info in infos.items():
@@ -5571,10 +6422,14 @@ def _classify_batch(conn: GmailConnection, rules: Ruleset, batch: List[int], ite
     if undecided:
         # Only messages the headers could not settle pay for a body prefix.
         body_item = f"BODY.PEEK[]<0.{BODY_PREFIX_BYTES}>"
-        bodies = conn.fetch(undecided, [body_item])
+        bodies = conn.fetch(undecided, [body_item], skipped=report.skipped)
         for uid in undecided:
-            raw = bodies.get(uid, {}).get(body_item)
-            info = dataclasses.replace(infos[uid], body=body_text(raw or b""))
+            why = "the server sent far more than was asked for" if uid in report.skipped \
+                else _lacking([body_item], bodies.get(uid))
+            if why:
+                _skip(report, uid, why)
+                continue    # never judged on a body we did not get
+            info = dataclasses.replace(infos[uid], body=body_text(bodies[uid][body_item]))
             decisions[uid] = rules.classify(info, final=True, now=now)
     for uid in sorted(decisions):
         decision, info = decisions[uid], infos[uid]
@@ -5582,7 +6437,7 @@ def _classify_batch(conn: GmailConnection, rules: Ruleset, batch: List[int], ite
             decision = dataclasses.replace(decision,
                                            actions=decision.actions.expanded(info, separator))
         report.examined += 1
-        needed = step.plan.add(uid, decision.actions, info.flags, info.labels, folder,
+        needed = step.plan.add(uid, decision.actions, info.flags, info.labels, source or folder,
                                in_trash=in_trash, in_archive=in_archive)
         if decision.actions.labels and info.labels is None:
             step.plan.message_ids[uid] = _message_key(info.headers)
@@ -5593,8 +6448,16 @@ def _classify_batch(conn: GmailConnection, rules: Ruleset, batch: List[int], ite
         step.infos[uid] = info
         step.decisions[uid] = decision
         step.msgids[uid] = fetched[uid].get("X-GM-MSGID")
-    # Messages gone between SEARCH and FETCH need nothing: the mark may pass them.
+    # Skipped messages (gone between SEARCH and FETCH too) keep the mark below them.
     step.last_uid = batch[-1] if batch else step.last_uid
+
+
+def _skip(report: FolderReport, uid: int, why: str) -> None:
+    """Leave one message alone for this run, saying why (the run ends incomplete)."""
+    if uid not in report.skipped:
+        report.skipped.append(uid)
+    report.why_skipped.setdefault(uid, why)
+    log.info("%s: skipped UID %d: %s; it was left as it is", report.folder, uid, why)
 
 
 def _tally(report: FolderReport, plan: _Plan, decision: Decision, info: MessageInfo,
@@ -5650,18 +6513,33 @@ def _message_ids_in(conn: GmailConnection, folder: str) -> set:
 def _special_destination(conn: GmailConnection, use: str, action: str) -> Folder:
     folder = conn.special_folder(use)
     if folder is None:
-        raise CapabilityError(f"{conn.host} has no folder marked {use}, so '{action}' has "
-                              f"nowhere to go; nothing was changed. Use move = \"<folder>\" "
-                              f"in the rule instead")
+        names = ", ".join(FALLBACK_FOLDER_NAMES.get(use, ())[:4])
+        raise CapabilityError(f"{conn.host} has no folder marked {use} and none named "
+                              f"{names} or the like, so '{action}' has nowhere to go; "
+                              f"nothing was changed. Use move = \"<folder>\" in the rule "
+                              f"instead", command="LIST")
     return folder
 
 
+def _check_plain_expunge(conn: GmailConnection, source: str) -> None:
+    """Before the first change (and in a dry run) where moves need a plain EXPUNGE: refuse
+    if a message in the open folder is already marked \\Deleted, as EXPUNGE would take it."""
+    marked = conn.search(["DELETED"])
+    if marked:
+        raise CapabilityError(
+            f"refusing to move messages out of {source}: moving needs a plain EXPUNGE here, "
+            f"and {len(marked)} other message(s) in {source} are marked \\Deleted (perhaps "
+            f"by another mail client) and would be deleted too; nothing was changed. "
+            f"Expunge or unmark them, then run again", command="EXPUNGE")
+
+
 def _missing_folders(conn: GmailConnection, plan: _Plan) -> List[str]:
-    """Folders (labels, on Gmail) the plan writes to that do not exist yet."""
+    """Folders (labels, on Gmail) the plan writes to that do not exist yet: server names."""
     existing = {f.name for f in conn.list_folders() if f.selectable}
     targets = list(plan.move) + [label for label in plan.add_labels
                                  if not (conn.is_gmail and label.startswith("\\"))]
-    return [name for name in dict.fromkeys(targets)
+    names = [conn.server_name(name) for name in targets]
+    return [name for name in dict.fromkeys(names)
             if name not in existing and name.upper() != "INBOX"]
 
 
@@ -5676,19 +6554,23 @@ def _drop_copies_already_there(conn: GmailConnection, plan: _Plan,
     existing = {f.name for f in conn.list_folders() if f.selectable}
     for label in list(plan.add_labels):
         if label not in known:
-            known[label] = _message_ids_in(conn, label) if label in existing else set()
+            target = conn.server_name(label)
+            known[label] = _message_ids_in(conn, target) if target in existing else set()
         plan.drop_label(label, [uid for uid in plan.add_labels[label]
                                 if plan.message_ids.get(uid) in known[label]])
 
 
 def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
                 done: Optional[Callable[[Tuple[str, ...], Mapping[int, Any]], None]] = None,
-                max_new_folders: Optional[int] = None) -> None:
+                max_new_folders: Optional[int] = None,
+                settled: Optional[_Destinations] = None, allow_expunge: bool = False) -> None:
     """Carry out a plan: check destinations, create what is missing, then labels and flags,
     then moves (so a message is labelled where it stands, then leaves).
 
     ``done(key, {uid: extra})`` hears of each command the server confirmed (a _Plan key;
     ``extra`` is None, or ``{"folder": ..., "uid": ...}`` for copies and moves).
+    ``settled``: the trash and archive folders _settle found (looked up here if None).
+    Names go to the server mapped to its namespace (server_name).
     """
     done = done or (lambda key, result: None)
     # Everything that can refuse is settled before the first change.
@@ -5702,10 +6584,14 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
                                f"folders ({shown}), more than the limit of {max_new_folders}; "
                                f"{before}. Check the rules' templates, or raise the "
                                f"limit with --max-new-folders {wanted}")
-    trash = _special_destination(conn, "\\Trash", "trash") if plan.trash else None
-    archive = None
-    if plan.archive and not conn.is_gmail:
-        archive = _special_destination(conn, "\\Archive", "archive")
+    if settled is not None:
+        trash, archive = settled.trash, settled.archive
+    else:
+        trash = _special_destination(conn, "\\Trash", "trash") if plan.trash else None
+        archive = None
+        if plan.archive and not conn.is_gmail:
+            archive = _special_destination(conn, "\\Archive", "archive")
+    source = conn.server_name(report.folder)
     for name in missing:
         if conn.create_folder(name):
             report.created.append(name)
@@ -5716,8 +6602,9 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
             continue
         # No labels here: a label is a copy in a folder of that name (copies it already
         # holds were dropped from the plan by _drop_copies_already_there).
-        copied = conn.copy(uids, label)
-        done(("label", label), {uid: {"folder": label, "uid": copied.get(uid)} for uid in uids})
+        target = conn.server_name(label)
+        copied = conn.copy(uids, target)
+        done(("label", label), {uid: {"folder": target, "uid": copied.get(uid)} for uid in uids})
     for flag, uids in plan.add_flags.items():
         conn.add_flags(uids, [flag])
         done(("flag+", flag), dict.fromkeys(uids))
@@ -5725,17 +6612,17 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
         conn.remove_flags(uids, [flag])
         done(("flag-", flag), dict.fromkeys(uids))
     moves: List[Tuple[List[int], str, Tuple[str, ...]]] = [
-        (uids, dest, ("move", dest)) for dest, uids in plan.move.items()]
+        (uids, conn.server_name(dest), ("move", dest)) for dest, uids in plan.move.items()]
     if plan.archive and conn.is_gmail:
         # Gmail's archive is "remove the \Inbox label"; the message stays in All Mail.
         conn.remove_labels(plan.archive, ["\\Inbox"])
         done(("archive",), dict.fromkeys(plan.archive))
-    elif archive is not None and not _same_folder(archive.name, report.folder):
+    elif plan.archive and archive is not None and not _same_folder(archive.name, source):
         moves.append((plan.archive, archive.name, ("archive",)))
-    if trash is not None and not _same_folder(trash.name, report.folder):
+    if plan.trash and trash is not None and not _same_folder(trash.name, source):
         moves.append((plan.trash, trash.name, ("trash",)))
     for uids, destination, key in moves:
-        result = conn.move(uids, destination)
+        result = conn.move(uids, destination, allow_expunge=allow_expunge)
         report.moved_missing += len(result.missing)
         done(key, {uid: {"folder": destination, "uid": new} for uid, new in result.moved.items()})
 
@@ -6207,7 +7094,7 @@ class StateStore:
 class AuditLog:
     """``audit.jsonl``: one JSON record per line, appended once the server confirmed.
 
-    Policy: when the file passes AUDIT_MAX_BYTES (16 MB, some 40,000 records) it becomes
+    Policy: when the file passes AUDIT_MAX_BYTES (16 MB, some 25,000 records) it becomes
     ``audit.jsonl.1``, replacing the one before; ``records()`` reads both, oldest first.
     """
 
@@ -6333,9 +7220,11 @@ class Run(Checkpoint):
                  on_progress: Optional[Callable[[int, int], None]] = None,
                  on_applied: Optional[Callable[[int, int], None]] = None,
                  now: Optional[_dt.datetime] = None,
-                 max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS) -> FolderReport:
+                 max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS,
+                 allow_expunge: bool = False) -> FolderReport:
         """classify_folder with this run as the checkpoint; ``since``/``limit`` never move
-        the mark.  Returns the folder's report (also kept in ``reports``)."""
+        the mark.  Returns the folder's report (also kept in ``reports``, unless the folder
+        could not be opened)."""
         report = FolderReport(folder, self.apply)
         self.reports.append(report)
         self.narrowed = since is not None or limit is not None
@@ -6344,7 +7233,10 @@ class Run(Checkpoint):
                                    limit=limit, batch_size=batch_size, on_progress=on_progress,
                                    on_applied=on_applied, now=now, checkpoint=self,
                                    apply_every=apply_every, report=report,
-                                   max_new_folders=max_new_folders)
+                                   max_new_folders=max_new_folders, allow_expunge=allow_expunge)
+        except FolderUnavailableError:
+            self.reports.remove(report)     # never opened: nothing to report
+            raise
         finally:
             self._count_bytes(conn)
 
@@ -6404,14 +7296,17 @@ class Run(Checkpoint):
             self._remember(status.name, FolderState(status.uidvalidity, newest,
                                                     self.rules_hash))
             return newest
-        if known is not None and known.mark and known.rules != self.rules_hash:
+        if known is not None and known.mark and known.rules != self.rules_hash \
+                and not self.reclassify:
             log.warning("%s: the rules changed since it was last classified; mail up to UID "
                         "%d was classified with the old rules (run with --all to classify it "
                         "again)", status.name, known.mark)
             self._remember(status.name, dataclasses.replace(known, rules=self.rules_hash))
-        if self.reclassify or known is None:
+        if self.reclassify:
+            if known is not None:
+                self._remember(status.name, dataclasses.replace(known, rules=self.rules_hash))
             return 0
-        return known.mark
+        return known.mark if known is not None else 0
 
     def before_fetch(self, conn: GmailConnection) -> None:
         self._count_bytes(conn)
@@ -6544,8 +7439,8 @@ def history(store: StateStore) -> List[Dict[str, Any]]:
                 entry["changes_made"] += 1
     for entry in runs.values():
         target = runs.get(entry["undo_of"] or "")
-        if target is not None and entry["changes_made"]:
-            target["undone_by"] = entry["run"]
+        if target is not None and entry["changes_made"] and entry["status"] == "complete":
+            target["undone_by"] = entry["run"]     # an undo cut short may be run again
     return sorted(runs.values(), key=lambda e: (e["time"], order[e["run"]]), reverse=True)
 
 
@@ -6602,7 +7497,12 @@ class Undo:
         self.apply = apply
         self.messages = []
         self.created: List[str] = []        # folders the run created, deleted if empty
+        reversed_before = set()             # by an earlier undo of this run, cut short
         for record in store.audit.records():
+            if record.get("undo_of") == run_id and record.get("type") == "message" \
+                    and record.get("applied"):
+                for change in record.get("changes") or []:
+                    reversed_before.add(self._change_key(record, _inverse_change(change)))
             if record.get("run") != run_id:
                 continue
             if record.get("type") == "message" and record.get("applied") \
@@ -6612,6 +7512,10 @@ class Undo:
                 for report in record.get("reports") or []:
                     self.created += [name for name in report.get("created") or []
                                      if isinstance(name, str)]
+        if reversed_before:
+            left = [dict(record, changes=[c for c in record["changes"] if self._change_key(
+                        record, c) not in reversed_before]) for record in self.messages]
+            self.messages = [record for record in left if record["changes"]]
         self.deleted: List[str] = []
         self.run = Run(store, Ruleset(()), user, host, port, apply=apply, command="undo",
                        undo_of=run_id, daily_budget=None, on_record=on_record)
@@ -6625,6 +7529,13 @@ class Undo:
         self.run._count_bytes(conn)
         work: Dict[int, Dict[str, List[Any]]] = {
             i: {"done": [], "alone": []} for i in range(len(self.messages))}
+        try:
+            self._reverse(conn, work)
+        finally:
+            self._report(work)     # what was done, also when stopped half way
+        self._delete_created_folders(conn)
+
+    def _reverse(self, conn: GmailConnection, work: Dict[int, Dict[str, List[Any]]]) -> None:
         gone: set = set()
         located: Dict[int, Tuple[str, Optional[int]]] = {}
         # 1. Mail the run moved (or trashed, or archived off Gmail) goes back first.
@@ -6684,8 +7595,9 @@ class Undo:
                         work[i]["alone"].append(f"not found in {folder}; left as it is")
                 self._restore_flags(conn, found, work)
             self._delete_copies(conn, rest, work)
-        self._report(work)
-        # Last, folders (labels) the run created, if nothing is left in them.
+
+    def _delete_created_folders(self, conn: GmailConnection) -> None:
+        """Last, the folders (labels) the run created, if nothing is left in them."""
         for name in dict.fromkeys(self.created):
             if not any(f.name == name for f in conn.list_folders(refresh=True)):
                 continue
@@ -6702,6 +7614,10 @@ class Undo:
             self.run.counts[label] = self.run.counts.get(label, 0) + 1
 
     # -- helpers -------------------------------------------------------------------------
+
+    @staticmethod
+    def _change_key(record: Mapping[str, Any], change: Mapping[str, Any]) -> Tuple[Any, ...]:
+        return (record.get("folder"), record.get("uid"), json.dumps(change, sort_keys=True))
 
     @staticmethod
     def _moved(record: Mapping[str, Any]) -> Optional[Tuple[Dict[str, Any], Dict[str, Any],
@@ -6817,7 +7733,7 @@ class Undo:
             changes = {i: change for i, change in pairs}
             found = self._locate(conn, folder, list(changes),
                                  lambda r, c=changes: None)
-            uids = []
+            uids: List[Tuple[int, int, Dict[str, Any]]] = []
             for i, change in pairs:
                 uid = change["after"].get("uid")
                 verified = self._locate_one(conn, i, uid) if uid else None
@@ -6826,11 +7742,12 @@ class Undo:
                     work[i]["alone"].append(f"{describe_change(change)}: the copy is no "
                                             f"longer in {folder}")
                     continue
-                uids.append(target)
-                work[i]["done"].append(_inverse_change(change))
+                uids.append((i, target, change))
             if uids and self.apply:
-                conn.add_flags(uids, ["\\Deleted"])
-                conn.uid_expunge(uids)
+                conn.add_flags([uid for _, uid, _ in uids], ["\\Deleted"])
+                conn.uid_expunge([uid for _, uid, _ in uids])
+            for i, _, change in uids:
+                work[i]["done"].append(_inverse_change(change))
 
     def _locate_one(self, conn: GmailConnection, i: int, uid: int) -> Optional[int]:
         item = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
@@ -8077,7 +8994,7 @@ EXIT_USAGE = 2          # bad arguments or rules file
 EXIT_AUTH = 3           # the server rejected the credentials
 EXIT_CONNECTION = 4     # could not connect, or lost the connection after retries; TLS refused
 EXIT_SERVER = 5         # the server refused an operation or lacks a needed feature
-EXIT_INCOMPLETE = 6     # stopped early (daily budget): some mail is left; run again
+EXIT_INCOMPLETE = 6     # incomplete (skipped messages or folders, daily budget, UIDVALIDITY changed): run again
 EXIT_LOCKED = 7         # another --apply holds the account lock
 EXIT_RULE_TESTS = 8     # the rules file's own [[test]] tables failed
 EXIT_INTERRUPTED = 130  # Ctrl-C
@@ -8090,8 +9007,10 @@ exit codes:
   3  authentication failed (wrong password, app password needed, bad token;
      an OAuth2 sign-in refused or revoked: run auth again)
   4  connection failed, or was lost and could not be restored; TLS refused
-  5  the server refused an operation or lacks a feature the rules need
-  6  incomplete: stopped at the daily download budget; run again to finish
+  5  the server refused an operation or lacks a feature the rules need, or sent
+     something that is not IMAP
+  6  incomplete: stopped at the daily download budget, or some messages or folders
+     were skipped (UIDVALIDITY changed mid-run, an oversized answer); run again
   7  another --apply holds the lock for this account
   8  the rules file's own tests ([[test]] tables) failed
   130 interrupted
@@ -8165,14 +9084,31 @@ def _positive(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
+def _timeout_seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        value = 0.0
-    if not value > 0 or value != value or value == float("inf"):
+        value = float("nan")
+    if not (0 < value < float("inf")):
         raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
     return value
+
+
+def _port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
+    return value
+
+
+def _folder_name(text: str) -> str:
+    if _UNSAFE_FOR_TERMINAL.search(text) or not text.strip():
+        raise argparse.ArgumentTypeError(f"{printable(repr(text))} is not a folder name: it is "
+                                         f"empty or holds control characters")
+    return text
 
 
 def _budget(text: str) -> int:
@@ -8197,7 +9133,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--user", help=f"account name (default: ${USER_ENV} or ${USER_ENV_ALIAS}, "
                                       "or the rules' [account])")
     group.add_argument("--host", help=f"IMAP server (default: {GMAIL_HOST})")
-    group.add_argument("--port", type=int, help="port (default: 993, or 143 with --starttls)")
+    group.add_argument("--port", type=_port_number, help="port (default: 993, or 143 with --starttls)")
     group.add_argument("--starttls", action="store_true", help="port 143 with STARTTLS")
     group.add_argument("--plaintext", action="store_true",
                        help="no TLS at all; only allowed to a loopback address (tests)")
@@ -8210,7 +9146,7 @@ def build_parser() -> argparse.ArgumentParser:
                             f"stored by 'auth')")
     group.add_argument("--password-command", metavar="CMD",
                        help="command whose first output line is the password or token")
-    group.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+    group.add_argument("--timeout", type=_timeout_seconds, default=DEFAULT_TIMEOUT,
                        help="seconds before a stalled connection is retried (default: %(default)s)")
     group.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
                        help="reconnect attempts before giving up (default: %(default)s)")
@@ -8228,7 +9164,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common, conn], help="classify a folder (dry run "
                          "unless --apply)", epilog=EXIT_CODES_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--folder", action="append", help="folder to classify (repeatable; "
+    run.add_argument("--folder", action="append", type=_folder_name, help="folder to classify (repeatable; "
                      "default INBOX)")
     run.add_argument("--since", type=_parse_since, help="only mail received since a date "
                      "(YYYY-MM-DD) or an age: 7d, 2w, 6m, 1y")
@@ -8241,6 +9177,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "message")
     run.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH,
                      help="messages per FETCH (default: %(default)s)")
+    run.add_argument("--allow-expunge", action="store_true",
+                     help="on servers with neither MOVE nor UIDPLUS, let moves remove the "
+                          "originals with a plain EXPUNGE (only while no other message in "
+                          "the folder is marked \\Deleted); see the README for the risk")
     run.add_argument("--max-new-folders", type=_positive, default=DEFAULT_MAX_NEW_FOLDERS,
                      metavar="N", help="refuse, before any change, a run that would create "
                      "more than N folders or labels (default: %(default)s)")
@@ -8273,7 +9213,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "new mail as it arrives (dry run unless --apply)",
                            epilog=EXIT_CODES_HELP,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    watch.add_argument("--folder", action="append", help="folder to watch (repeatable; "
+    watch.add_argument("--folder", action="append", type=_folder_name, help="folder to watch (repeatable; "
                        "default INBOX); the first waits with IDLE, the others are polled")
     watch.add_argument("--apply", action="store_true", help="make the changes (default: only "
                        "show them)")
@@ -8289,10 +9229,10 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="SIZE", help="pause catching up until 00:00 UTC before "
                        "downloading more than SIZE a day for this account (default: 2G; 0: "
                        "no limit)")
-    watch.add_argument("--interval", type=_seconds, default=DEFAULT_POLL_INTERVAL,
+    watch.add_argument("--interval", type=_timeout_seconds, default=DEFAULT_POLL_INTERVAL,
                        help="seconds between polls of the other folders, and of every folder "
                             "when the server lacks IDLE (default: %(default)s)")
-    watch.add_argument("--idle-interval", type=_seconds, default=IDLE_REISSUE,
+    watch.add_argument("--idle-interval", type=_timeout_seconds, default=IDLE_REISSUE,
                        help="seconds before IDLE is re-issued (default: %(default)s; at most "
                             f"{IDLE_MAX_SECONDS})")
 
@@ -8357,6 +9297,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines quote servers and messages: pass them through printable()."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), keep_newlines=True)
+
+
+@contextlib.contextmanager
+def _signed_in(settings: Mapping[str, Any]) -> Iterator[GmailConnection]:
+    """A connection for one command.  Ctrl-C while signing out, after the work is done,
+    does not turn a finished run into an interrupted one."""
+    conn = GmailConnection(**settings)
+    conn.connect()
+    try:
+        yield conn
+    except BaseException:
+        conn.close()
+        raise
+    try:
+        conn.close()
+    except KeyboardInterrupt:
+        log.info("interrupted while signing out; the work was already done")
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.WARNING
     if args.quiet:
@@ -8366,7 +9330,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
     elif args.verbose == 1:
         level = logging.INFO
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.setFormatter(_PrintableFormatter("%(levelname)s: %(message)s"))
     log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
@@ -8468,11 +9432,11 @@ def _rule_tests_allow(rules: Ruleset, apply: bool) -> bool:
     """
     failures = run_rule_tests(rules)
     for line in failures:
-        sys.stderr.write(f"gmail_classify: {line}\n")
+        sys.stderr.write(printable(f"gmail_classify: {line}") + "\n")
     if failures and apply:
-        sys.stderr.write(f"gmail_classify: refusing --apply: {len(failures)} of "
-                         f"{len(rules.tests)} rule tests failed; fix the rules or the tests "
-                         f"(see 'check {rules.source}')\n")
+        sys.stderr.write(printable(f"gmail_classify: refusing --apply: {len(failures)} of "
+                                   f"{len(rules.tests)} rule tests failed; fix the rules or "
+                                   f"the tests (see 'check {rules.source}')") + "\n")
         return False
     if failures:
         sys.stderr.write(f"gmail_classify: {len(failures)} of {len(rules.tests)} rule tests "
@@ -8490,7 +9454,7 @@ def _rules_line(rules: Ruleset) -> str:
     if rules.source == builtin_rules().source:
         return (f"Rules: built-in rules ({_plural(len(rules.rules), 'rule')}, labels only); "
                 f"write your own with: python gmail_classify.py init\n")
-    return f"Rules: {rules.source} ({_plural(len(rules.rules), 'rule')})\n"
+    return printable(f"Rules: {rules.source} ({_plural(len(rules.rules), 'rule')})") + "\n"
 
 
 def _columns(text: str) -> int:
@@ -8532,16 +9496,17 @@ def _message_line(outcome: Outcome, applied: bool, width: Optional[int] = None) 
     # What changes (or would): only what the message still needs, once the run knows it.
     what = (", ".join(describe_change(change) for change in outcome.changes)
             if outcome.changes else outcome.decision.actions.describe())
-    head = f"{outcome.folder} {outcome.uid}: {verb}{what}  [{rules_text}]"
-    subject = " ".join(outcome.subject.split())
+    head = printable(f"{outcome.folder} {outcome.uid}: {verb}{what}  [{rules_text}]")
+    subject = printable(" ".join(outcome.subject.split()))
+    sender = printable(outcome.sender)
     if width is None:
-        return f"{head}  {_sender(outcome.sender, 40)}  {_fit(subject, 60)}"
+        return f"{head}  {_sender(sender, 40)}  {_fit(subject, 60)}"
     room = width - _columns(head) - 2
     if room < 10:
         return _fit(head, width)
     if room < 40:   # too narrow for both: the subject says more than the sender
         return f"{head}  {_fit(subject, room)}"
-    who = _sender(outcome.sender, min(40, room // 3))
+    who = _sender(sender, min(40, room // 3))
     return f"{head}  {who}  {_fit(subject, room - 2 - _columns(who))}"
 
 
@@ -8567,7 +9532,7 @@ class _Progress:
         if done >= total and not self.shown:
             return   # a phase that ended quickly needs no progress line
         self.drawn, self.shown = now, True
-        self.stream.write(f"\r\x1b[K{phase} {done:,} of {total:,}")
+        self.stream.write(f"\r\x1b[K{printable(phase)} {done:,} of {total:,}")
         if done >= total:
             self.stream.write("\n")
             self.shown = False
@@ -8589,7 +9554,7 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
 
     def on_record(record: Dict[str, Any]) -> None:
         if args.json:
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.write(printable(json.dumps(record, ensure_ascii=False)) + "\n")
 
     def on_message(outcome: Outcome) -> None:
         # Only what changes (or would); with --apply, after the server confirmed it.
@@ -8601,16 +9566,29 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
               daily_budget=args.daily_budget or None, on_record=on_record,
               on_message=on_message)
     lock = store.lock(run.account).acquire() if args.apply else None
+    incomplete: List[str] = []
     try:
-        with GmailConnection(**settings) as conn:
+        with _signed_in(settings) as conn:
+            # Every folder's checks before the first change in any of them.
+            check_run(conn, rules, folders, allow_expunge=args.allow_expunge)
             for folder in folders:
                 budget = args.max_new_folders - sum(len(r.created) for r in run.reports)
-                run.classify(
-                    conn, folder, since=args.since, limit=args.limit,
-                    batch_size=args.batch_size,
-                    on_progress=lambda done, total: progress(f"{folder}: classified", done, total),
-                    on_applied=lambda done, total: progress(f"{folder}: applied", done, total),
-                    max_new_folders=max(0, budget))
+                try:
+                    run.classify(
+                        conn, folder, since=args.since, limit=args.limit,
+                        batch_size=args.batch_size,
+                        on_progress=lambda done, total: progress(f"{folder}: classified",
+                                                                 done, total),
+                        on_applied=lambda done, total: progress(f"{folder}: applied",
+                                                                done, total),
+                        max_new_folders=max(0, budget), allow_expunge=args.allow_expunge)
+                except FolderUnavailableError as exc:
+                    # One folder that cannot be opened does not stop the others.
+                    incomplete.append(f"{exc}; skipped that folder")
+                except UidValidityError as exc:
+                    # The folder was renumbered under us: every UID in hand is stale, so
+                    # stop there (nothing more is done to it) and let the other folders run.
+                    incomplete.append(f"{folder}: {exc}")
     except KeyboardInterrupt:
         _finish_run(run, args, out, "interrupted", "interrupted")
         return EXIT_INTERRUPTED
@@ -8621,9 +9599,14 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     finally:
         if lock is not None:
             lock.release()
-    summary = run.finish()
+    for report in run.reports:
+        for why, uids in _skipped_by_reason(report).items():
+            incomplete.append(f"{report.folder}: {_plural(len(uids), 'message')} skipped "
+                              f"because {why} (UID {compress_uids(uids)}); nothing was done "
+                              f"to them; run again")
+    summary = run.finish("incomplete" if incomplete else "complete", "; ".join(incomplete))
     if args.json:
-        out.write(json.dumps(summary, ensure_ascii=False) + "\n")
+        out.write(printable(json.dumps(summary, ensure_ascii=False)) + "\n")
     elif not args.quiet:
         footer = _DRY_RUN_FOOTER
         new_folders = len({name for r in run.reports for name in r.created})
@@ -8634,7 +9617,9 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
         _write_reports(out, run.reports, rules, footer)
         if args.apply:
             out.write(f"{_plural(run.changes_made, 'change')} made.\n")
-    return EXIT_OK
+    for line in incomplete:
+        sys.stderr.write(printable(f"gmail_classify: {line}") + "\n")
+    return EXIT_INCOMPLETE if incomplete else EXIT_OK
 
 
 def _finish_run(run: Run, args: argparse.Namespace, out: TextIO, status: str, word: str,
@@ -8642,7 +9627,7 @@ def _finish_run(run: Run, args: argparse.Namespace, out: TextIO, status: str, wo
     """A run that stopped early: save and log it, then say what was and was not done."""
     summary = run.finish(status, error)
     if args.json:
-        out.write(json.dumps(summary, ensure_ascii=False) + "\n")
+        out.write(printable(json.dumps(summary, ensure_ascii=False)) + "\n")
     if args.apply:
         sys.stderr.write(f"{word}: {run.changes_made:,} changes made, "
                          f"{run.changes_not_made:,} not; run again to finish\n")
@@ -8812,17 +9797,17 @@ def _cmd_history(args: argparse.Namespace, out: TextIO) -> int:
     runs = history(store)
     for entry in runs:
         if args.json:
-            out.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            out.write(printable(json.dumps(entry, ensure_ascii=False)) + "\n")
             continue
         counts = ", ".join(f"{name} {count:,}" for name, count in entry["counts"].items())
         status = "" if entry["status"] == "complete" else f"  [{entry['status']}]"
         undone = f"  [undone by {entry['undone_by']}]" if entry.get("undone_by") else ""
         what = f"undo of {entry['undo_of']}: " if entry.get("undo_of") else ""
-        out.write(f"{entry['run']}  {entry['time']}  {entry['account']} on {entry['host']}  "
-                  f"{', '.join(entry['folders'])}  {what}{counts or 'no changes'}"
-                  f"{status}{undone}\n")
+        out.write(printable(f"{entry['run']}  {entry['time']}  {entry['account']} on "
+                            f"{entry['host']}  {', '.join(entry['folders'])}  {what}"
+                            f"{counts or 'no changes'}{status}{undone}") + "\n")
     if not runs and not args.json and not args.quiet:
-        out.write(f"no applied runs in {store.audit.path}\n")
+        out.write(printable(f"no applied runs in {store.audit.path}") + "\n")
     return EXIT_OK
 
 
@@ -8834,23 +9819,23 @@ def _cmd_undo(args: argparse.Namespace, out: TextIO) -> int:
 
     def on_record(record: Dict[str, Any]) -> None:
         if args.json:
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.write(printable(json.dumps(record, ensure_ascii=False)) + "\n")
             return
         if args.quiet:
             return
         verb = "" if args.apply else "would "
         for change in record["changes"]:
-            out.write(f"{record['folder']} {record['uid']}: {verb}{describe_change(change)}  "
-                      f"{record['subject'][:60]}\n")
+            out.write(printable(f"{record['folder']} {record['uid']}: {verb}"
+                                f"{describe_change(change)}  {record['subject'][:60]}") + "\n")
         for reason in record.get("left_alone", []):
-            out.write(f"{record['folder']} {record['uid']}: left alone: {reason}  "
-                      f"{record['subject'][:60]}\n")
+            out.write(printable(f"{record['folder']} {record['uid']}: left alone: {reason}  "
+                                f"{record['subject'][:60]}") + "\n")
 
     undo = Undo(store, settings["user"], settings["host"], settings.get("port"),
                 run_id=args.run_id, apply=args.apply, on_record=on_record)
     lock = store.lock(undo.run.account, "undo").acquire() if args.apply else None
     try:
-        with GmailConnection(**settings) as conn:
+        with _signed_in(settings) as conn:
             undo.execute(conn)
     except KeyboardInterrupt:
         _finish_run(undo.run, args, out, "interrupted", "interrupted")
@@ -8863,12 +9848,12 @@ def _cmd_undo(args: argparse.Namespace, out: TextIO) -> int:
             lock.release()
     summary = undo.run.finish()
     if args.json:
-        out.write(json.dumps(summary, ensure_ascii=False) + "\n")
+        out.write(printable(json.dumps(summary, ensure_ascii=False)) + "\n")
     elif not args.quiet:
         verb = "reversed" if args.apply else "would reverse"
         for name in undo.deleted:
-            out.write(f"{'deleted' if args.apply else 'would delete'} the empty folder "
-                      f"{name}, which run {undo.undo_of} created\n")
+            out.write(printable(f"{'deleted' if args.apply else 'would delete'} the empty "
+                                f"folder {name}, which run {undo.undo_of} created") + "\n")
         out.write(f"undo of {undo.undo_of}: {verb} {undo.reversed:,} changes; "
                   f"{undo.left_alone:,} left alone\n")
         if not args.apply:
@@ -8896,37 +9881,52 @@ def _report_table(report: FolderReport, rules: Ruleset) -> str:
     if report.moved_missing:
         lines.append(f"  {_plural(report.moved_missing, 'message')} had gone before they could "
                      "be moved")
-    return "\n".join(lines) + "\n"
+    for why, uids in _skipped_by_reason(report).items():
+        lines.append(f"  {_plural(len(uids), 'message')} skipped ({why}): UID "
+                     f"{compress_uids(uids)}; run again")
+    for note in report.notes:
+        lines.append(f"  note: {note}")
+    return "\n".join(printable(line) for line in lines) + "\n"
+
+
+def _skipped_by_reason(report: FolderReport) -> Dict[str, List[int]]:
+    """The skipped UIDs grouped by why: ``{"the server's answer lacked its flags": [4, 9]}``."""
+    groups: Dict[str, List[int]] = {}
+    for uid in sorted(report.skipped):
+        why = report.why_skipped.get(uid, "the server sent far more than was asked for")
+        groups.setdefault(why, []).append(uid)
+    return groups
 
 
 def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     rules = load_rules(args.rules_file)
-    out.write(f"{rules.source}: {_plural(len(rules.rules), 'rule')}, valid\n")
+    out.write(printable(f"{rules.source}: {_plural(len(rules.rules), 'rule')}, valid") + "\n")
     for rule in rules.rules:
         more = " (continue)" if rule.continue_ else ""
-        out.write(f"  {rule.position}. {rule.name}: {rule.actions.describe()}{more}\n")
+        out.write(printable(f"  {rule.position}. {rule.name}: {rule.actions.describe()}{more}")
+                  + "\n")
     needs = rules.needs
     fetched = ["headers " + ", ".join(sorted(needs.headers))]
     if needs.body:
         fetched.append(f"a body prefix ({BODY_PREFIX_BYTES} bytes) for undecided messages")
     if needs.queries:
         fetched.append(f"{len(needs.queries)} Gmail search(es)")
-    out.write("  fetches: " + "; ".join(fetched) + "\n")
+    out.write(printable("  fetches: " + "; ".join(fetched)) + "\n")
     for note in rules.local()[1]:
-        out.write(f"  note: {note}\n")
+        out.write(printable(f"  note: {note}") + "\n")
     failures = run_rule_tests(rules)
     if rules.tests:
         passed = len(rules.tests) - len(failures)
         out.write(f"  tests: {passed} of {len(rules.tests)} passed\n")
     for line in failures:
-        sys.stderr.write(f"gmail_classify: {line}\n")
+        sys.stderr.write(printable(f"gmail_classify: {line}") + "\n")
     return EXIT_RULE_TESTS if failures else EXIT_OK
 
 
 def _cmd_test(args: argparse.Namespace, out: TextIO) -> int:
     rules, notes = load_rules(args.rules_file).local()
     for note in notes:
-        out.write(f"note: {note}\n")
+        out.write(printable(f"note: {note}") + "\n")
     counts: Dict[str, int] = {}
     total = 0
     try:
@@ -8935,30 +9935,31 @@ def _cmd_test(args: argparse.Namespace, out: TextIO) -> int:
             decision = rules.classify(info, final=True)
             subject = _first(header_text(info.headers, "subject"))
             if not decision.matches:
-                out.write(f"{name}: no rule  ({subject[:60]})\n")
+                out.write(printable(f"{name}: no rule  ({subject[:60]})") + "\n")
                 continue
             for rule_name, reason in decision.matches:
                 counts[rule_name] = counts.get(rule_name, 0) + 1
-                out.write(f"{name}: {rule_name}: {reason}\n")
-            out.write(f"    -> {decision.actions.expanded(info).describe()}  ({subject[:60]})\n")
+                out.write(printable(f"{name}: {rule_name}: {reason}") + "\n")
+            out.write(printable(f"    -> {decision.actions.expanded(info).describe()}  "
+                                f"({subject[:60]})") + "\n")
     except GmailClassifyError as exc:
         if type(exc) is not GmailClassifyError:
             raise
         raise UsageError(str(exc)) from exc    # a FILE that is not mail: the user's input
     noun = "message" if total == 1 else "messages"
-    out.write(f"{total} {noun}; " + ", ".join(f"{k}: {v}" for k, v in counts.items())
-              + ("\n" if counts else "no rule matched\n"))
+    out.write(printable(f"{total} {noun}; " + ", ".join(f"{k}: {v}" for k, v in counts.items())
+                        + ("" if counts else "no rule matched")) + "\n")
     return EXIT_OK
 
 
 def _cmd_labels(args: argparse.Namespace, out: TextIO) -> int:
     rules = find_rules(args.rules)
     settings = _connection_settings(args, rules.account)
-    with GmailConnection(**settings) as conn:
+    with _signed_in(settings) as conn:
         for folder in sorted(conn.list_folders(), key=lambda f: f.name.casefold()):
             use = f"  {folder.special_use}" if folder.special_use else ""
             flags = " ".join(sorted(f for f in folder.flags if f != folder.special_use))
-            out.write(f"{folder.name}{use}  {flags}".rstrip() + "\n")
+            out.write(printable(f"{folder.name}{use}  {flags}".rstrip()) + "\n")
     return EXIT_OK
 
 
@@ -9039,7 +10040,8 @@ def _cmd_init(args: argparse.Namespace, out: TextIO) -> int:
     text = STARTER_RULES_TOML if path.suffix == ".toml" else STARTER_RULES_JSON
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
-    out.write(f"wrote {path}; edit it, then try: python gmail_classify.py check {path}\n")
+    out.write(printable(f"wrote {path}; edit it, then try: python gmail_classify.py check {path}")
+              + "\n")
     return EXIT_OK
 
 
@@ -9059,8 +10061,9 @@ def _emit_rules(args: argparse.Namespace, out: TextIO, text: str, count: int) ->
         out.write(text)
         return
     write_rules_file(args.output, text, force=args.force)
-    sys.stderr.write(f"wrote {args.output}: {count} rules; next: python gmail_classify.py "
-                     f"check {args.output}\n")
+    if not args.quiet:
+        sys.stderr.write(printable(f"wrote {args.output}: {count} rules; next: python "
+                               f"gmail_classify.py check {args.output}") + "\n")
 
 
 def _cmd_import_filters(args: argparse.Namespace, out: TextIO) -> int:
@@ -9072,7 +10075,7 @@ def _cmd_import_filters(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"{args.filters_file}: cannot read: {exc.strerror or exc}") from None
     imported = import_gmail_filters(data, args.filters_file)
     for note in imported.notes:
-        sys.stderr.write(f"gmail_classify: {args.filters_file}: {note}\n")
+        sys.stderr.write(printable(f"gmail_classify: {args.filters_file}: {note}") + "\n")
     if not imported.doc["rule"]:
         raise UsageError(f"{args.filters_file}: none of its {imported.filters} filters can be "
                          f"done over IMAP; nothing written")
@@ -9093,12 +10096,13 @@ def _cmd_suggest(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"{args.output} already exists; pass --force to overwrite it")
     rules = find_rules(args.rules)
     settings = _connection_settings(args, rules.account)
-    with GmailConnection(**settings) as conn:
+    with _signed_in(settings) as conn:
         found = suggest_rules(conn, args.folder, top=args.top, batch_size=args.batch_size,
                               limit=args.limit)
     if not found.doc["rule"]:
-        sys.stderr.write(f"gmail_classify: {found.folder}: no sender, list or domain with at "
-                         f"least 2 of its {found.examined} messages; nothing to suggest\n")
+        sys.stderr.write(printable(f"gmail_classify: {found.folder}: no sender, list or domain "
+                                   f"with at least 2 of its {found.examined} messages; "
+                                   f"nothing to suggest") + "\n")
         return EXIT_OK
     header = [f"Suggested by gmail_classify from the headers of {found.examined} messages "
               f"in {found.folder}.",
@@ -9134,14 +10138,16 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
     except GmailClassifyError as exc:
         if args.verbose:
             log.exception("details:")
-        for line in str(exc).splitlines() or [type(exc).__name__]:   # RulesError: one per problem
-            sys.stderr.write(f"gmail_classify: {line}\n")
+        # One line per problem (a RulesError lists each); only LF separates them, so a CR
+        # from a server's text is shown escaped, never obeyed.
+        for line in str(exc).split("\n") if str(exc) else [type(exc).__name__]:
+            sys.stderr.write(printable(f"gmail_classify: {line}") + "\n")
         return _exit_code(exc)
     except Exception as exc:  # a bug: say so briefly, with the traceback under -v
         if args.verbose:
             log.exception("details:")
-        sys.stderr.write(f"gmail_classify: unexpected error: {type(exc).__name__}: {exc} "
-                         f"(run with -v for details)\n")
+        sys.stderr.write(printable(f"gmail_classify: unexpected error: {type(exc).__name__}: "
+                                   f"{exc} (run with -v for details)") + "\n")
         return EXIT_ERROR
 
 
@@ -9172,11 +10178,11 @@ def _subcommand_first(argv: List[str]) -> List[str]:
 
 
 def _exit_code(exc: GmailClassifyError) -> int:
-    if isinstance(exc, (UsageError, RulesError, StateError, FolderLimitError)):
+    if isinstance(exc, (UsageError, RulesError, StateError, FolderLimitError, CredentialError)):
         return EXIT_USAGE
     if isinstance(exc, LockedError):
         return EXIT_LOCKED
-    if isinstance(exc, RunStopped):
+    if isinstance(exc, (RunStopped, UidValidityError)):
         return EXIT_INCOMPLETE
     if isinstance(exc, AuthenticationError):
         return EXIT_AUTH

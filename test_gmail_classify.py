@@ -31,6 +31,7 @@ import pathlib
 import random
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -43,11 +44,13 @@ import tempfile
 import threading
 import time
 import traceback
+import tracemalloc
 import types
 import unittest
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from unittest import mock
 import datetime as _dtm
 from datetime import date, datetime, timedelta, timezone
@@ -839,12 +842,45 @@ _GMAIL_SPECIAL = (
 # Plain mode folders: name, SPECIAL-USE attribute.
 _PLAIN_FOLDERS = (("INBOX", ""), ("Archive", "\\Archive"), ("Drafts", "\\Drafts"),
                   ("Junk", "\\Junk"), ("Sent", "\\Sent"), ("Trash", "\\Trash"))
+# Server kinds the fake can play (FakeGmail(kind=...)): one row per kind of server seen in
+# the wild, as the FakeGmail options that make it.  Tests loop over this table, so a new
+# kind is one line here.  Plain kinds are RFC 3501 servers: one folder per message.
+SERVER_KINDS: Dict[str, Dict[str, Any]] = {
+    # Gmail: labels, X-GM-EXT-1, MOVE, UIDPLUS, SPECIAL-USE.
+    "gmail": dict(gmail=True),
+    # Dovecot, Cyrus 3, Fastmail: MOVE, UIDPLUS, SPECIAL-USE, ("" "/").
+    "move": dict(gmail=False, move=True, uidplus=True),
+    # Older Dovecot/Cyrus and many hosting providers: UIDPLUS without MOVE.
+    "uidplus": dict(gmail=False, move=False, uidplus=True),
+    # Old or minimal servers: neither MOVE nor UIDPLUS (only a plain EXPUNGE removes mail).
+    "neither": dict(gmail=False, move=False, uidplus=False),
+    # No SPECIAL-USE: trash and archive only by name (Exchange-style names here).
+    "no-special-use": dict(gmail=False, special_use=False, folders=(
+        ("INBOX", ""), ("Archives", ""), ("Deleted Items", ""), ("Drafts", ""),
+        ("Junk E-mail", ""), ("Sent Items", ""))),
+    # Courier, classic Cyrus, many hosted Dovecots: personal namespace "INBOX." with ".".
+    "inbox-prefix": dict(gmail=False, prefix="INBOX.", delimiter="."),
+}
+
+# Ways a legal (or common but non-compliant) server answers differently; FakeGmail(quirks=...).
+# FETCH quirks hit every message, or only those in FakeGmail.quirk_msgids when it is set.
+FAKE_QUIRKS = {
+    "quoted-header-fields": "echo BODY[HEADER.FIELDS (...)] with quoted, lower-case, reordered names",
+    "nil-header": "answer a HEADER.FIELDS section with NIL",
+    "omit-header": "leave a requested HEADER.FIELDS section out of the FETCH answer",
+    "omit-flags": "leave FLAGS out of the FETCH answer",
+    "omit-body": "leave a requested BODY[]<...> partial out of the FETCH answer",
+    "omit-labels": "leave X-GM-LABELS out of the FETCH answer (Gmail)",
+    "status-other-first": "send an untagged STATUS for another folder before the asked one's",
+    "raw-utf8-names": "list folder names as raw UTF-8 and take names literally (no modified UTF-7)",
+}
+
 # XLIST (Gmail's pre-SPECIAL-USE extension) spells some attributes differently.
 _XLIST_ATTR = {"\\All": "\\AllMail", "\\Junk": "\\Spam", "\\Flagged": "\\Starred"}
 
 _SYSTEM_FLAGS = {f.lower(): f for f in ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")}
 _SYSTEM_LABELS = {
-    "\\inbox": "\\Inbox", "inbox": "\\Inbox", "\\trash": "\\Trash", "\\spam": "\\Spam",
+    "\\inbox": "\\Inbox", "\\trash": "\\Trash", "\\spam": "\\Spam",
     "\\sent": "\\Sent", "\\draft": "\\Draft", "\\drafts": "\\Draft", "\\important": "\\Important",
     "\\starred": "\\Starred",
 }
@@ -869,6 +905,8 @@ def _canon_label(label: str) -> str:
         return canon
     if label.startswith("\\") or not label.strip():
         raise ValueError("invalid label %r" % label)
+    if label.lower() == "inbox":   # the system label is \Inbox; a client must say so
+        raise ValueError("label %r is reserved; the inbox is \\Inbox" % label)
     return label
 
 
@@ -1103,7 +1141,21 @@ class _Session(socketserver.BaseRequestHandler):
         if not line.endswith(b"\r\n") or not re.fullmatch(r"[!#$&',./0-9:;<=>?@A-Z^_`a-z|}~-]+", tag) or not name:
             self._send(("%s BAD Invalid command line\r\n" % (tag if tag else "*")).encode())
             return
+        if length > GMAIL_MAX_LINE:   # recorded in long_lines, then refused as Gmail does
+            self._send(("%s BAD [TOOBIG] Command line too long\r\n" % tag).encode())
+            return
         fault = fake._take_fault(name)
+        if fault is not None and fault.action == "call":
+            fault.callback()
+            fault = None
+        if fault is not None and fault.action == "renumber":
+            if self.selected is not None:
+                fake.bump_uidvalidity(self.selected)
+            self._close("drop")
+        if fault is not None and fault.action in _HOSTILE_ACTIONS:
+            self._hostile(fault, tag, self._execute(tag, name, argbytes))
+            self._after_answer()
+            return
         if fault is not None and fault.when == "before" and fault.action not in ("delay", "unsolicited"):
             self._apply_fault(fault, tag)
             return
@@ -1113,6 +1165,8 @@ class _Session(socketserver.BaseRequestHandler):
         tagged = self._execute(tag, name, argbytes)
         if fault is not None and fault.action == "unsolicited":
             inject = [b"* 1 FETCH (FLAGS (\\Seen))\r\n", b"* %d EXISTS\r\n" % len(self.known)]
+            if fault.text:
+                inject = [line.encode() + b"\r\n" for line in fault.text.split("\r\n")]
             at = {"before": 0, "mid": max(1, len(self.out) // 2) if self.out else 0}.get(fault.when, len(self.out))
             self.out[at:at] = inject
             fault = None
@@ -1140,6 +1194,10 @@ class _Session(socketserver.BaseRequestHandler):
                 self.out = []
                 self.known, self.known_flags = snapshot
                 self._apply_fault(fault, tag)
+        self._after_answer()
+
+    def _after_answer(self) -> None:
+        fake = self.fake
         after, self._after = self._after, None
         if after == "close":
             self._close("drop")
@@ -1203,6 +1261,49 @@ class _Session(socketserver.BaseRequestHandler):
         elif a == "garbage":
             self._send(b"* 1 FETCH (UID 7 FLAGS (\\Seen\r\n" + ("%s OK done\r\n" % tag).encode())
 
+    def _hostile(self, fault: "_Fault", tag: str, tagged: bytes) -> None:
+        """Answer the command just executed the way a broken or hostile server would."""
+        a, out = fault.action, self.out
+        self.out = []
+        fetches = [i for i, line in enumerate(out) if re.match(rb"\* \d+ FETCH \(", line)]
+        uid_of = lambda line: re.search(rb"UID (\d+)", line).group(1)  # noqa: E731
+        if a == "huge_literal" and fetches:
+            i = fetches[0]
+            self._send(b"".join(out[:i]))
+            seq = out[i].split(b" ")[1]
+            self._send(b"* %s FETCH (UID %s BODY[] {%d}\r\n" % (seq, uid_of(out[i]), fault.size))
+            chunk = b"x" * 65536
+            left = fault.size
+            while left:
+                self._send(chunk[:min(left, len(chunk))])
+                left -= min(left, len(chunk))
+            self._send(b")\r\n" + b"".join(out[i:]) + tagged)
+            return
+        if a == "nesting_bomb" and fetches:
+            i = fetches[0]
+            depth = fault.size or 5000
+            out[i] = b"* %s FETCH (UID %s BODYSTRUCTURE %s%s)\r\n" % (
+                out[i].split(b" ")[1], uid_of(out[i]), b"(" * depth, b")" * depth)
+        elif a == "huge_copyuid":
+            tagged = ("%s OK [COPYUID 1 1:4294967295 1:4294967295] (Success)\r\n" % tag).encode()
+        elif a == "huge_search":
+            out = [line for line in out if not line.startswith(b"* SEARCH")]
+            out.append(b"* SEARCH" + b" 1" * (fault.size or 100000) + b"\r\n")
+        elif a == "exists_flood":
+            out = [b"* %d EXISTS\r\n" % (len(self.known) + n) for n in range(fault.size)] + out
+        elif a == "starttls_inject":
+            tagged += b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] injected before the handshake\r\n"
+        data = b"".join(out) + tagged
+        if a != "dribble":
+            self._send(data)
+            return
+        step = fault.size or 1
+        self._send(data[:fault.burst])
+        for start in range(fault.burst, len(data), step):
+            self._send(data[start:start + step])
+            if self.killed.wait(fault.delay):
+                raise _Closed()
+
     def _announce(self, expunge: bool = True) -> None:
         """Queue EXPUNGE / EXISTS / FETCH FLAGS for changes the client has not been told about."""
         if self.selected is None:
@@ -1250,7 +1351,8 @@ class _Session(socketserver.BaseRequestHandler):
                     "CONDSTORE", "ESEARCH", "UTF8=ACCEPT", "LIST-EXTENDED", "LIST-STATUS",
                     "LITERAL-", "SPECIAL-USE", "APPENDLIMIT=35651584"]
         else:
-            caps = ["IMAP4rev1", "LITERAL+", "SPECIAL-USE"] + (["MOVE"] if fake.move else []) + (
+            caps = ["IMAP4rev1", "LITERAL+", "NAMESPACE"] + (
+                ["SPECIAL-USE"] if fake.special_use else []) + (["MOVE"] if fake.move else []) + (
                 ["UIDPLUS"] if fake.uidplus else []) + (["IDLE"] if fake.idle else [])
             if not auth:
                 caps.append("AUTH=PLAIN")
@@ -1259,6 +1361,9 @@ class _Session(socketserver.BaseRequestHandler):
         return caps
 
     def _mailbox(self, tok: Any) -> str:
+        if "raw-utf8-names" in self.fake.quirks:   # a non-compliant server: names as sent
+            s = tok.decode("utf-8", "surrogateescape") if isinstance(tok, bytes) else _text(tok)
+            return "INBOX" if s.upper() == "INBOX" else s
         s = _text(tok)
         if s.upper() == "INBOX":
             return "INBOX"
@@ -1417,7 +1522,8 @@ class _Session(socketserver.BaseRequestHandler):
         return "OK Success"
 
     def cmd_NAMESPACE(self, tag: str, args: list) -> str:
-        self._u('* NAMESPACE (("" "/")) NIL NIL')
+        self._u(b"* NAMESPACE ((" + _quoted(self.fake.prefix) + b" " + _quoted(self.fake.delimiter)
+                + b")) NIL NIL")
         return "OK Success"
 
     def cmd_COMPRESS(self, tag: str, args: list) -> str:
@@ -1460,33 +1566,40 @@ class _Session(socketserver.BaseRequestHandler):
                 if isinstance(o, Atom) and o.upper() == "STATUS" and i + 1 < len(opts) and isinstance(opts[i + 1], list):
                     status_items = [_text(x).upper() for x in opts[i + 1]]
         patterns = [ref + self._mailbox(p) for p in pats]
+        delim = fake.delimiter
         if len(patterns) == 1 and patterns[0] == "":
-            self._u('* %s (\\Noselect) "/" ""' % verb)
+            self._u(b"* %s (\\Noselect) %s \"\"" % (verb.encode(), _quoted(delim)))
             return "OK Success"
         names = fake._sorted_folder_names()
         for name in names:
             folder = fake._folders[name]
-            if not any(self._list_match(p, name) for p in patterns):
+            if not any(self._list_match(p, name, delim) for p in patterns):
                 continue
-            if "SPECIAL-USE" in select_opts and not folder.special:
+            special = folder.special if fake.special_use else ""
+            if "SPECIAL-USE" in select_opts and not special:
                 continue
-            has_children = any(n.startswith(name + "/") for n in names)
+            has_children = any(n.startswith(name + delim) for n in names)
             attrs = ["\\HasChildren" if has_children else "\\HasNoChildren"]
             if not folder.selectable:
                 attrs.append("\\Noselect")
-            if folder.special:
-                attrs.append(_XLIST_ATTR.get(folder.special, folder.special) if verb == "XLIST" else folder.special)
+            if special:
+                attrs.append(_XLIST_ATTR.get(special, special) if verb == "XLIST" else special)
             if verb == "XLIST" and name == "INBOX":
                 attrs.append("\\Inbox")
-            self._u(b"* %s (%s) \"/\" %s" % (verb.encode(), " ".join(attrs).encode(),
-                                             _quoted(imap_utf7_encode(name))))
+            shown = name if "raw-utf8-names" in fake.quirks else imap_utf7_encode(name)
+            if "raw-utf8-names" in fake.quirks and not shown.isascii():
+                wire = b'"' + shown.encode("utf-8", "surrogateescape") + b'"'   # not even a literal
+            else:
+                wire = _quoted(shown)
+            self._u(b"* %s (%s) %s %s" % (verb.encode(), " ".join(attrs).encode(), _quoted(delim), wire))
             if status_items and folder.selectable:
                 self._u(self._status_line(folder, status_items))
         return "OK Success"
 
     @staticmethod
-    def _list_match(pattern: str, name: str) -> bool:
-        rx = "".join(".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c) for c in pattern)
+    def _list_match(pattern: str, name: str, delim: str = "/") -> bool:
+        rx = "".join(".*" if c == "*" else "[^%s]*" % re.escape(delim) if c == "%" else re.escape(c)
+                     for c in pattern)
         if re.fullmatch(rx, name, re.S):
             return True
         return name == "INBOX" and re.fullmatch(rx, name, re.S | re.I) is not None
@@ -1510,7 +1623,8 @@ class _Session(socketserver.BaseRequestHandler):
             else:
                 raise _Bad("Unknown STATUS item %s" % item)
             vals.append("%s %d" % (item, v))
-        return b"* STATUS " + _quoted(imap_utf7_encode(folder.name)) + b" (" + " ".join(vals).encode() + b")"
+        name = folder.name if "raw-utf8-names" in self.fake.quirks else imap_utf7_encode(folder.name)
+        return b"* STATUS " + _quoted(name) + b" (" + " ".join(vals).encode() + b")"
 
     def cmd_STATUS(self, tag: str, args: list) -> str:
         if len(args) != 2 or not isinstance(args[1], list) or not args[1]:
@@ -1519,18 +1633,25 @@ class _Session(socketserver.BaseRequestHandler):
         folder = self.fake._folders.get(name)
         if folder is None or not folder.selectable:
             raise _No("[NONEXISTENT] Unknown Mailbox: %s (Failure)" % name)
-        self._u(self._status_line(folder, [_text(x).upper() for x in args[1]]))
+        items = [_text(x).upper() for x in args[1]]
+        if "status-other-first" in self.fake.quirks:
+            # Any untagged response may come at any time (RFC 3501 §7): here a STATUS for
+            # another folder whose numbers never change.
+            self._u(b'* STATUS "Elsewhere" (' + " ".join("%s 1" % i for i in items).encode() + b")")
+        self._u(self._status_line(folder, items))
         return "OK Success"
 
     def cmd_CREATE(self, tag: str, args: list) -> str:
         fake = self.fake
         if len(args) != 1:
             raise _Bad("CREATE needs a mailbox name")
-        name = self._mailbox(args[0]).rstrip("/")
+        name = self._mailbox(args[0]).rstrip(fake.delimiter)
         if not name:
             raise _Bad("Empty mailbox name")
         if name in fake._folders:
             raise _No("[ALREADYEXISTS] Folder name conflicts with existing folder name. (Failure)")
+        if fake.prefix and not name.startswith(fake.prefix):
+            raise _No("Invalid mailbox name.")     # what Courier says: no folder, no cause
         if fake.gmail and (name.startswith(fake._special_root + "/") or name.startswith("\\")):
             raise _No("[CANNOT] Folder name is not allowed. (Failure)")
         fake._ensure_folder(name)
@@ -1578,8 +1699,8 @@ class _Session(socketserver.BaseRequestHandler):
         self._u("* OK [UIDNEXT %d] Predicted next UID." % folder.uidnext)
         if fake.gmail:
             self._u("* OK [HIGHESTMODSEQ %d]" % fake._modseq)
-        return "OK [%s] %s selected. (Success)" % ("READ-ONLY" if readonly else "READ-WRITE",
-                                                  imap_utf7_encode(name))
+        shown = "Mailbox" if "raw-utf8-names" in fake.quirks else imap_utf7_encode(name)
+        return "OK [%s] %s selected. (Success)" % ("READ-ONLY" if readonly else "READ-WRITE", shown)
 
     def cmd_APPEND(self, tag: str, args: list) -> str:
         fake = self.fake
@@ -1680,9 +1801,14 @@ class _Session(socketserver.BaseRequestHandler):
             changedsince = int(_text(mods[1]))
         targets = self._targets(args[0], by_uid)
         changed = []
+        quirky = fake.quirks if fake.quirk_msgids is None else set()
+        viewed = self._folder()
+        own_label = viewed.label if viewed.kind == "label" else _FOLDER_LABEL.get(viewed.kind)
         for seq, uid, msg in targets:
             if changedsince is not None and msg.modseq <= changedsince:
                 continue
+            if fake.quirk_msgids is not None:
+                quirky = fake.quirks if msg.msgid in fake.quirk_msgids else set()
             parts: List[bytes] = []
             sets_seen = False
             if by_uid and "UID" not in items:
@@ -1692,7 +1818,8 @@ class _Session(socketserver.BaseRequestHandler):
                 if item == "UID":
                     parts.append(b"UID %d" % uid)
                 elif item == "FLAGS":
-                    parts.append(None)  # filled below, after \Seen may have been set
+                    if "omit-flags" not in quirky:
+                        parts.append(None)  # filled below, after \Seen may have been set
                 elif item == "INTERNALDATE":
                     parts.append(b'INTERNALDATE "%s"' % _internaldate(msg.date).encode())
                 elif item == "RFC822.SIZE":
@@ -1718,7 +1845,9 @@ class _Session(socketserver.BaseRequestHandler):
                 elif item == "X-GM-THRID":
                     parts.append(b"X-GM-THRID %d" % msg.thrid)
                 elif item == "X-GM-LABELS":
-                    parts.append(b"X-GM-LABELS " + _labels_bytes(fake._labels_of(msg)))
+                    if "omit-labels" not in quirky:
+                        # Gmail leaves out the label of the folder being viewed (\Inbox in INBOX).
+                        parts.append(b"X-GM-LABELS " + _labels_bytes(fake._labels_of(msg) - {own_label}))
                 else:
                     m = _FETCH_SECTION.fullmatch(item)
                     nums, kind, fields, echo = _parse_section(m.group(2))
@@ -1729,6 +1858,17 @@ class _Session(socketserver.BaseRequestHandler):
                         length = int(m.group(4)) if m.group(4) is not None else len(data)
                         data = data[start:start + length]
                         origin = "<%d>" % start
+                        if "omit-body" in quirky:
+                            continue
+                    if kind == "HEADER.FIELDS":
+                        if "omit-header" in quirky:
+                            continue
+                        if "quoted-header-fields" in quirky:
+                            echo = echo.replace("HEADER.FIELDS (%s)" % " ".join(fields), "header.fields (%s)" % " ".join(
+                                '"%s"' % f.lower() for f in reversed(fields)))
+                        if "nil-header" in quirky:
+                            parts.append(("BODY[%s]%s NIL" % (echo, origin)).encode())
+                            continue
                     parts.append(("BODY[%s]%s " % (echo, origin)).encode() + _literal(data))
                     if m.group(1) == "BODY":
                         sets_seen = True
@@ -1760,6 +1900,9 @@ class _Session(socketserver.BaseRequestHandler):
             raise _Bad(str(e)) from None
 
     def _label(self, tok: Any) -> str:
+        if isinstance(tok, Atom) and not tok.startswith("\\") and re.search(r"[\[\]*%&]", tok):
+            # Gmail misreads such atoms (a * or brackets unquoted): a client must quote them.
+            raise _Bad("Label %r must be quoted" % str(tok))
         text = _text(tok)
         if text.isascii():
             try:
@@ -2166,11 +2309,33 @@ class _Fault:
     count: int
     delay: float
     text: Optional[str]
+    size: int = 0
+    burst: int = 0
     seen: int = 0
+    callback: Optional[Callable[[], None]] = None
 
 
-_FAULT_ACTIONS = ("bye", "drop", "reset", "delay", "no", "bad", "garbage", "unsolicited")
+# Hostile behaviours (issue "Hostile input"), each a fault that composes with any server
+# mode; ``size`` and ``delay`` tune them:
+#   dribble         the whole answer, ``size`` bytes (default 1) every ``delay`` seconds,
+#                   after the first ``burst`` bytes at once
+#   huge_literal    before the first FETCH answer, one for the same message whose body is a
+#                   literal of ``size`` bytes
+#   nesting_bomb    the first FETCH answer gets a BODYSTRUCTURE nested ``size`` deep
+#   huge_copyuid    a COPY/MOVE answers OK [COPYUID v 1:4294967295 1:4294967295]
+#   huge_search     a SEARCH answers ``size`` UIDs whatever the folder holds
+#   exists_flood    ``size`` "* n EXISTS" lines before the tagged answer
+#   renumber        the selected folder gets a new UIDVALIDITY, then the connection drops
+#   starttls_inject plaintext "* OK" sent in the same packet as the STARTTLS OK
+# and "unsolicited" injects ``text`` (lines separated by CRLF) when given.
+_HOSTILE_ACTIONS = ("dribble", "huge_literal", "nesting_bomb", "huge_copyuid", "huge_search",
+                    "exists_flood", "renumber", "starttls_inject")
+_FAULT_ACTIONS = ("bye", "drop", "reset", "delay", "no", "bad", "garbage",
+                  "unsolicited", "call") + _HOSTILE_ACTIONS
 _FAULT_WHEN = ("before", "after", "mid")
+
+
+GMAIL_MAX_LINE = 8192   # Gmail refuses longer command lines (literals excluded)
 
 
 class _TCPServer(socketserver.ThreadingTCPServer):
@@ -2193,7 +2358,36 @@ class FakeGmail:
 
     def __init__(self, *, gmail: bool = True, move: bool = True, uidplus: bool = True, idle: bool = True,
                  tls: bool = False, starttls: bool = False, cert: str = "good", localized: bool = False,
-                 users: Optional[Dict[str, str]] = None, tokens: Optional[Dict[str, str]] = None) -> None:
+                 users: Optional[Dict[str, str]] = None, tokens: Optional[Dict[str, str]] = None,
+                 kind: Optional[str] = None, special_use: bool = True, prefix: str = "",
+                 delimiter: str = "/", folders: Optional[Sequence[Tuple[str, str]]] = None,
+                 quirks: Iterable[str] = ()) -> None:
+        """Options as named; ``kind`` (a key of SERVER_KINDS) sets several at once, and
+        options given beside it with a non-default value override its row (``kind="move",
+        delimiter="."``); ``quirks`` are keys of FAKE_QUIRKS;
+        ``folders`` replaces the plain-mode folders as (name, special-use) pairs; ``prefix``
+        and ``delimiter`` are the personal namespace (plain mode)."""
+        if kind is not None:
+            if kind not in SERVER_KINDS:
+                raise ValueError("kind must be one of %s" % ", ".join(SERVER_KINDS))
+            given = dict(gmail=gmail, move=move, uidplus=uidplus, special_use=special_use,
+                         prefix=prefix, delimiter=delimiter, folders=folders)
+            defaults = dict(gmail=True, move=True, uidplus=True, special_use=True, prefix="",
+                            delimiter="/", folders=None)
+            chosen = dict(defaults, **SERVER_KINDS[kind])
+            chosen.update({k: v for k, v in given.items() if v != defaults[k]})
+            gmail, move, uidplus = chosen["gmail"], chosen["move"], chosen["uidplus"]
+            special_use, prefix, delimiter = chosen["special_use"], chosen["prefix"], chosen["delimiter"]
+            folders = chosen["folders"]
+        unknown = set(quirks) - set(FAKE_QUIRKS)
+        if unknown:
+            raise ValueError("unknown quirks %s; known: %s" % (sorted(unknown), ", ".join(FAKE_QUIRKS)))
+        if gmail and (prefix or delimiter != "/"):
+            raise ValueError("Gmail's namespace is always (\"\" \"/\")")
+        self.kind = kind
+        self.special_use, self.prefix, self.delimiter = special_use, prefix, delimiter
+        self.quirks = set(quirks)
+        self.quirk_msgids: Optional[set] = None   # FETCH quirks only for these messages, if set
         if cert not in SERVER_CERTS:
             raise ValueError("cert must be one of %s" % ", ".join(SERVER_CERTS))
         if tls and starttls:
@@ -2234,7 +2428,9 @@ class FakeGmail:
                     self._new_folder("%s/%s" % (self._special_root, german if localized else english),
                                      kind, special)
             else:
-                for name, special in _PLAIN_FOLDERS:
+                for name, special in (folders if folders is not None else _PLAIN_FOLDERS):
+                    if prefix and name != "INBOX" and not name.startswith(prefix):
+                        name = prefix + name
                     self._new_folder(name, "plain", special)
 
     # -- lifecycle --
@@ -2301,13 +2497,19 @@ class FakeGmail:
             return sorted(self._sessions)
 
     def add_fault(self, command: Optional[str] = None, *, nth: int = 1, action: str = "drop",
-                  when: str = "before", count: int = 1, delay: float = 0.0, text: Optional[str] = None) -> None:
+                  when: str = "before", count: int = 1, delay: float = 0.0, text: Optional[str] = None,
+                  size: int = 0, burst: int = 0, callback: Optional[Callable[[], None]] = None) -> None:
         """Misbehave on the nth (1-based) matching command from now on, for count commands.
 
         command: 'UID MOVE', 'NOOP', ... or None for any. action: one of bye, drop, reset, delay,
-        no, bad, garbage, unsolicited. when: before (instead of executing), after (execute, then
-        misbehave instead of answering), mid (send half of the untagged answers, then misbehave).
+        no, bad, garbage, unsolicited, call (run ``callback``, e.g. a change by "another
+        client", then execute the command normally), or a hostile one (see _HOSTILE_ACTIONS).
+        when: before (instead of executing), after (execute, then misbehave instead of
+        answering), mid (send half of the untagged answers, then misbehave); hostile actions
+        ignore ``when``.
         """
+        if (action == "call") != (callback is not None):
+            raise ValueError("action 'call' needs a callback, and only it takes one")
         if action not in _FAULT_ACTIONS:
             raise ValueError("action must be one of %s" % ", ".join(_FAULT_ACTIONS))
         if when not in _FAULT_WHEN:
@@ -2316,7 +2518,7 @@ class FakeGmail:
             raise ValueError("nth and count start at 1")
         with self._cond:
             self._faults.append(_Fault(command.upper() if command else None, nth, action, when, count,
-                                       delay, text))
+                                       delay, text, size, burst, callback=callback))
 
     # -- mailbox model, public --
 
@@ -2434,9 +2636,11 @@ class FakeGmail:
         name = self._folder_key(name)
         if name in self._folders:
             return self._folders[name]
-        parts = name.split("/")
+        parts = name.split(self.delimiter)
         for i in range(1, len(parts)):
-            parent = "/".join(parts[:i])
+            parent = self.delimiter.join(parts[:i])
+            if parent == "INBOX" or parent + self.delimiter == self.prefix:
+                continue
             if parent and parent not in self._folders:
                 self._new_folder(parent, "label" if self.gmail else "plain", label=parent)
         return self._new_folder(name, "label" if self.gmail else "plain", label=name)
@@ -3006,7 +3210,8 @@ class FakeServerFetchStoreTest(FakeGmailTestCase):
         typ, data = self.m.uid("FETCH", "1", "(X-GM-MSGID X-GM-LABELS BODY.PEEK[HEADER.FIELDS (from subject)])")
         head, body = data[0]
         self.assertIn(b"X-GM-MSGID %d" % self.mid1, head)
-        self.assertIn(b'X-GM-LABELS ("\\\\Important" "\\\\Inbox" Receipts)', head)
+        # As Gmail does, the viewed folder's own label (\Inbox here) is left out.
+        self.assertIn(b'X-GM-LABELS ("\\\\Important" Receipts)', head)
         self.assertTrue(head.endswith(b"BODY[HEADER.FIELDS (FROM SUBJECT)] {64}"), head)
         self.assertEqual(body, b"From: Alice Example <alice@example.com>\r\nSubject: Invoice 42\r\n\r\n")
         self.assertNotIn("\\Seen", self.server.message(self.mid1).flags)
@@ -3137,7 +3342,8 @@ class FakeServerPlainModeTest(FakeGmailTestCase):
         self.assertIn("AUTH=PLAIN", m.capabilities)
         m.login(USER, PASSWORD)
         caps = m.capability()[1][0].split()
-        self.assertEqual(caps, [b"IMAP4rev1", b"LITERAL+", b"SPECIAL-USE", b"MOVE", b"UIDPLUS", b"IDLE"])
+        self.assertEqual(caps, [b"IMAP4rev1", b"LITERAL+", b"NAMESPACE", b"SPECIAL-USE", b"MOVE", b"UIDPLUS",
+                                b"IDLE"])
         m.select("INBOX")
         self.assertRaises(imaplib.IMAP4.error, m.uid, "FETCH", "1", "(X-GM-LABELS)")
         self.assertRaises(imaplib.IMAP4.error, m.uid, "SEARCH", "X-GM-RAW", '"foo"')
@@ -3393,14 +3599,15 @@ class FakeServerWireTest(FakeGmailTestCase):
         self.assertIn(b"BAD", c.readline())
         self.assertEqual(server.log[-1].line, b"X1 NOOP\n")
 
-    def test_long_lines_are_recorded(self):
+    def test_long_lines_are_recorded_and_refused_as_gmail_does(self):
         server = self.start()
         server.add_message(PLAIN_MSG)
         m = self.imap(server)
         m.select("INBOX")
         m.uid("FETCH", "1:3", "(FLAGS)")
         self.assertEqual(server.long_lines, [])
-        m.uid("FETCH", ",".join(str(n) for n in range(1, 4000, 2)), "(FLAGS)")
+        with self.assertRaisesRegex(imaplib.IMAP4.error, "TOOBIG"):
+            m.uid("FETCH", ",".join(str(n) for n in range(1, 4000, 2)), "(FLAGS)")
         self.assertEqual(len(server.long_lines), 1)
 
     def test_logout(self):
@@ -3660,7 +3867,7 @@ class ValidationTest(unittest.TestCase):
             ("header name with space",
              {"rule": [{"name": "R", "header": {"List Id": True}, "star": True}]},
              'rules.toml: rule 1 ("R"): header.List Id: "List Id" is not a header name '
-             "(printable ASCII without spaces or ':')"),
+             "(letters, digits and - _ . and the like; no spaces, ':' or brackets)"),
             ("empty plain matcher",
              {"rule": [{"name": "R", "subject": "", "star": True}]},
              'rules.toml: rule 1 ("R"): subject: expected a string or a list of strings, '
@@ -5116,9 +5323,8 @@ class OperationsTest(FakeServerTest):
                                    "X-GM-MSGID", item, "BODY.PEEK[]<0.20>"])
         self.assertEqual(sorted(result), uids)
         first = result[uids[0]]
-        self.assertEqual(set(first["X-GM-LABELS"]),
-                         {"\\Inbox", "\\Important", "two words", "(foo)", "[bar]", "a*b",
-                          "Entwürfe"})
+        self.assertEqual(set(first["X-GM-LABELS"]),     # Gmail leaves out INBOX's own \Inbox
+                         {"\\Important", "two words", "(foo)", "[bar]", "a*b", "Entwürfe"})
         self.assertIn(b"Subject: =?UTF-8?B?w6nDqQ==?= first", first[item])
         self.assertEqual(len(first["BODY.PEEK[]<0.20>"]), 20)
         self.assertIsInstance(first["RFC822.SIZE"], int)
@@ -5319,7 +5525,8 @@ class NoUidplusServerTest(FakeServerTest):
         conn.select("INBOX")
         with self.assertRaises(gc.CapabilityError) as ctx:
             conn.move([1], "Archive")
-        self.assertIn("bare EXPUNGE", str(ctx.exception))
+        self.assertIn("plain EXPUNGE", str(ctx.exception))
+        self.assertIn("--allow-expunge", str(ctx.exception))
         with self.assertRaises(gc.CapabilityError):
             conn.uid_expunge([1])
         self.assertEqual(self.server.uids("INBOX"), [1])
@@ -5777,12 +5984,19 @@ class CommandLineRunTest(FakeServerTest):
         self.assertIn("--password-command exited with status 1", err)
         self.assertNotIn("LOGIN", self.commands())
 
-    def test_missing_folder_points_at_labels(self):
-        code, _, err = run_cli(*self.argv("--folder", "Nope"), env={"GMAIL_APP_PASSWORD": PASSWORD})
-        self.assertEqual(code, gc.EXIT_SERVER)
-        self.assertIn("cannot open folder 'Nope'", err)
-        self.assertIn("'labels'", err)
-        self.assertEqual(len(err.strip().splitlines()), 1)
+    def test_missing_folder_points_at_labels_and_the_others_still_run(self):
+        self.server.add_message(make_message("receipt 42"))
+        code, out, err = run_cli(*self.argv("--rules", self.rules_file(), "--folder", "Nope",
+                                            "--folder", "INBOX", "--apply"),
+                                 env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, gc.EXIT_INCOMPLETE)
+        lines = err.strip().splitlines()
+        self.assertIn("cannot open folder 'Nope'", lines[0])
+        self.assertIn("'labels'", lines[0])
+        self.assertIn("skipped that folder", lines[0])
+        self.assertEqual(len(lines), 1)
+        self.assertEqual(self.server.uids("INBOX"), [])          # INBOX still sorted
+        self.assertEqual(len(self.server.uids("Receipts")), 1)
 
     def test_exit_codes_for_auth_and_connection_failures(self):
         code, out, err = run_cli(*self.argv(), env={"GMAIL_APP_PASSWORD": "wrong"})
@@ -6774,6 +6988,853 @@ class OAuthTest(FakeServerTest):
         self.assertEqual(len(self.google.token_requests), requests)
 
 
+# --- Any server: server kinds, fail closed, never a duplicate, namespaces -----------------
+#
+# Issue 6.  Every test names the server kind it runs against (SERVER_KINDS); the matrix
+# test runs the same rules against each kind and checks the final mailboxes.
+
+KIND_RULES = {"rule": [
+    {"name": "Receipts", "subject": "receipt", "label": "Receipts/2024", "archive": True},
+    {"name": "Lists", "header": {"List-Id": True}, "move": "Lists"},
+    {"name": "Spam", "from": "@spam.example", "trash": True},
+    {"name": "Bank", "from": "@mybank.example", "star": True},
+]}
+
+
+def errors(stderr: str) -> List[str]:
+    """The error lines of a run's stderr (an --apply also says how many changes it made)."""
+    return [line for line in stderr.splitlines() if line.startswith("gmail_classify: ")]
+
+
+class AnyServerTest(FakeServerTest):
+    """FakeServerTest with helpers to start servers of a given kind."""
+
+    def serve(self, kind: Optional[str] = None, **options: Any) -> FakeGmail:
+        server = FakeGmail(kind=kind, **options).start()
+        self.addCleanup(lambda: self.assertEqual(server.errors, [], "the fake server failed"))
+        self.addCleanup(server.stop)
+        self.server = server
+        return server
+
+    def seed(self) -> Dict[str, int]:
+        add = self.server.add_message
+        return {"receipt": add(make_message("Your receipt #1")),
+                "list": add(make_message("Digest", extra="List-Id: <dev.lists.example>\n")),
+                "spam": add(make_message("Win!", sender="x@spam.example")),
+                "bank": add(make_message("Statement", sender="Bank <b@mybank.example>")),
+                "other": add(make_message("Lunch?"))}
+
+    def subjects(self, folder: str) -> List[str]:
+        return sorted(str(email.message_from_bytes(m.raw)["Subject"])
+                      for m in self.server.messages(folder))
+
+    def lines(self, command: str) -> List[bytes]:
+        return [e.line for e in self.server.log if e.command == command]
+
+    def writes(self) -> set:
+        return set(self.commands()) & (WRITE_COMMANDS - {"SELECT"})
+
+    def cli(self, *extra: str) -> Tuple[int, str, str]:
+        path = os.path.join(self.tmp, "rules.json")
+        if not os.path.exists(path):
+            with open(path, "w") as handle:
+                json.dump(self.rules_doc, handle)
+        return run_cli("--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                       "--plaintext", "--retries", "1", "--rules", path, *extra,
+                       env={"GMAIL_APP_PASSWORD": PASSWORD})
+
+    rules_doc: Dict[str, Any] = KIND_RULES
+
+
+class ServerKindsTest(AnyServerTest):
+    # Where each kind keeps things (server names).
+    EXPECTED = {
+        "move": ("Receipts/2024", "Archive", "Lists", "Trash"),
+        "uidplus": ("Receipts/2024", "Archive", "Lists", "Trash"),
+        "neither": ("Receipts/2024", "Archive", "Lists", "Trash"),
+        "no-special-use": ("Receipts/2024", "Archives", "Lists", "Deleted Items"),
+        "inbox-prefix": ("INBOX.Receipts.2024", "INBOX.Archive", "INBOX.Lists", "INBOX.Trash"),
+    }
+
+    def test_every_kind_sorts_the_mailbox_and_a_second_run_changes_nothing(self):
+        rules = gc.parse_rules(KIND_RULES, "rules.json")
+        for kind in SERVER_KINDS:
+            with self.subTest(kind=kind):
+                server = self.serve(kind)
+                ids = self.seed()
+                conn = self.connect()
+                allow = kind == "neither"
+                dry = gc.classify_folder(conn, rules, "INBOX", allow_expunge=allow)
+                self.assertEqual(self.writes(), set())
+                report = gc.classify_folder(conn, rules, "INBOX", apply=True, allow_expunge=allow)
+                self.assertEqual(report.created, dry.created)
+                self.assertEqual(report.skipped, [])
+                self.assertEqual(self.subjects("INBOX"), ["Lunch?", "Statement"])
+                self.assertIn("\\Flagged", server.message(ids["bank"]).flags)
+                if kind == "gmail":
+                    self.assertEqual(server.message(ids["receipt"]).labels, {"Receipts/2024"})
+                    self.assertEqual(server.message(ids["list"]).labels, {"Lists"})
+                    self.assertIn("\\Trash", server.message(ids["spam"]).labels)
+                else:
+                    label, archive, lists, trash = self.EXPECTED[kind]
+                    self.assertEqual(report.created, [lists, label])
+                    self.assertEqual(self.subjects(label), ["Your receipt #1"])   # a copy
+                    self.assertEqual(self.subjects(archive), ["Your receipt #1"])
+                    self.assertEqual(self.subjects(lists), ["Digest"])
+                    self.assertEqual(self.subjects(trash), ["Win!"])
+                # Never a bare EXPUNGE, except where explicitly allowed and checked first.
+                self.assertEqual("EXPUNGE" in self.commands(), kind == "neither")
+                start = len(server.log)
+                again = gc.classify_folder(conn, rules, "INBOX", apply=True, allow_expunge=allow)
+                later = {e.command for e in server.log[start:]}
+                self.assertEqual(later & (WRITE_COMMANDS - {"SELECT"}), set())
+                self.assertEqual(again.changes, {})
+
+    def test_neither_refuses_before_any_change_and_the_dry_run_says_the_same(self):
+        self.serve("neither")
+        self.seed()
+        before = [(m.msgid, frozenset(m.flags)) for m in self.server.messages("INBOX")]
+        code, out, err = self.cli("--apply")
+        self.assertEqual(code, gc.EXIT_SERVER)
+        self.assertIn("neither MOVE nor UIDPLUS", err)
+        self.assertIn("--allow-expunge", err)
+        self.assertIn("nothing was changed", err)
+        self.assertEqual(self.writes(), set())          # not even the star or the label copy
+        self.assertNotIn("SELECT", self.commands())
+        self.assertEqual([(m.msgid, frozenset(m.flags)) for m in self.server.messages("INBOX")],
+                         before)
+        dry_code, dry_out, dry_err = self.cli()
+        self.assertEqual((dry_code, errors(dry_err)), (code, errors(err)))
+        self.assertNotIn("would", dry_out)
+
+    def test_neither_with_allow_expunge_marks_exactly_those_then_checks_then_expunges(self):
+        self.serve("neither")
+        for index in range(3):
+            self.server.add_message(make_message(f"receipt {index}"))
+        conn = self.connect()
+        conn.select("INBOX")
+        result = conn.move([1, 2], "Archive", allow_expunge=True)
+        self.assertEqual(sorted(result.moved), [1, 2])
+        self.assertEqual(self.server.uids("INBOX"), [3])
+        self.assertEqual(self.subjects("Archive"), ["receipt 0", "receipt 1"])
+        wire = b"".join(e.line for e in self.server.log)
+        copy_at = wire.index(b"UID COPY 1:2 Archive")
+        store_at = wire.index(b"UID STORE 1:2 +FLAGS.SILENT (\\Deleted)")
+        check_at = wire.rindex(b"UID SEARCH DELETED")
+        expunge_at = wire.index(b" EXPUNGE\r\n")
+        self.assertLess(copy_at, store_at)
+        self.assertLess(store_at, check_at)
+        self.assertLess(check_at, expunge_at)
+        self.assertNotIn("UID EXPUNGE", self.commands())
+
+    def test_plain_expunge_after_a_drop_is_checked_again_and_not_repeated_blindly(self):
+        for when, expunges in (("after", 1), ("before", 2)):
+            with self.subTest(when=when):
+                self.serve("neither")
+                for index in range(2):
+                    self.server.add_message(make_message(f"receipt {index}"))
+                conn = self.connect()
+                conn.select("INBOX")
+                self.server.add_fault("EXPUNGE", action="drop", when=when)
+                result = conn.move([1, 2], "Archive", allow_expunge=True)
+                self.assertEqual(sorted(result.moved), [1, 2])
+                self.assertEqual(self.server.uids("INBOX"), [])
+                self.assertEqual(self.subjects("Archive"), ["receipt 0", "receipt 1"])
+                self.assertEqual(self.server.count("EXPUNGE"), expunges)
+        self.server.add_message(make_message("receipt 2"))
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("EXPUNGE", action="drop", count=10)
+        with self.assertRaises(gc.ConnectionLostError) as ctx:
+            conn.move(conn.search(), "Archive", allow_expunge=True)
+        self.assertIn("EXPUNGE kept failing", str(ctx.exception))
+
+    def test_allow_expunge_refuses_when_another_message_is_marked_deleted(self):
+        self.serve("neither")
+        self.seed()
+        other = self.server.add_message(make_message("someone else's"), flags=("\\Deleted",))
+        for extra in ((), ("--apply",)):
+            with self.subTest(extra=extra):
+                code, _, err = self.cli("--allow-expunge", *extra)
+                self.assertEqual(code, gc.EXIT_SERVER)
+                self.assertIn("marked \\Deleted", err)
+                self.assertIn("nothing was changed", err)
+        self.assertEqual(self.writes(), set())
+        self.assertIn(other, [m.msgid for m in self.server.messages("INBOX")])
+        conn = self.connect()
+        conn.select("INBOX")
+        with self.assertRaises(gc.CapabilityError):
+            conn.move([1], "Archive", allow_expunge=True)
+        self.assertNotIn("UID COPY", self.commands())
+        self.assertNotIn("EXPUNGE", self.commands())
+
+    def test_a_marked_message_in_any_folder_of_the_run_refuses_before_the_first_change(self):
+        self.serve("neither")
+        self.seed()
+        self.server.add_message(make_message("digest 2"), folder="Lists", flags=("\\Deleted",))
+        code, _, err = self.cli("--allow-expunge", "--apply", "--folder", "INBOX", "--folder", "Lists")
+        self.assertEqual(code, gc.EXIT_SERVER)
+        self.assertIn("refusing to move messages out of Lists", err)
+        self.assertEqual(self.writes(), set())
+        self.assertNotIn("SELECT", self.commands())
+
+    def test_kind_table_builds_what_it_says(self):
+        caps = {}
+        for kind in SERVER_KINDS:
+            server = self.serve(kind)
+            conn = self.connect()
+            caps[kind] = conn.capabilities
+            names = {f.name for f in conn.list_folders()}
+            if kind == "inbox-prefix":
+                self.assertEqual(conn.namespace(), ("INBOX.", "."))
+                self.assertIn("INBOX.Trash", names)
+            if kind == "no-special-use":
+                self.assertFalse(any(f.special_use for f in conn.list_folders()))
+        self.assertIn("X-GM-EXT-1", caps["gmail"])
+        self.assertTrue({"MOVE", "UIDPLUS"} <= caps["move"])
+        self.assertEqual(({"MOVE", "UIDPLUS"} & caps["uidplus"]), {"UIDPLUS"})
+        self.assertEqual(({"MOVE", "UIDPLUS"} & caps["neither"]), set())
+        self.assertNotIn("SPECIAL-USE", caps["no-special-use"])
+        with self.assertRaises(ValueError):
+            FakeGmail(kind="exchange")
+        with self.assertRaises(ValueError):
+            FakeGmail(quirks=["made-up"])
+
+
+class FailClosedTest(AnyServerTest):
+    rules_doc = {"rule": [{"name": "Not from a friend", "not": {"from": "friend@"},
+                           "trash": True}]}
+
+    def test_quoted_header_field_names_are_matched_by_meaning(self):
+        for kind in ("gmail", "move"):
+            with self.subTest(kind=kind):
+                self.serve(kind, quirks=["quoted-header-fields"])
+                self.server.add_message(make_message("hi", sender="friend@example.com"))
+                self.server.add_message(make_message("buy", sender="shop@example.com"))
+                raw = RawClient(self.server)
+                self.addCleanup(raw.close)
+                raw.login()
+                raw.command(b"EXAMINE INBOX")
+                _, answer = raw.command(b"UID FETCH 1 (BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)])")
+                self.assertIn(b'BODY[header.fields ("subject" "from")]', answer[0])
+                code, _, err = self.cli("--apply")
+                self.assertEqual((code, err), (0, ""))
+                self.assertEqual(self.subjects("INBOX"), ["hi"])
+
+    def test_incomplete_answers_skip_the_message_name_it_and_exit_6(self):
+        cases = [(kind, quirk) for kind in SERVER_KINDS
+                 for quirk in ("nil-header", "omit-header", "omit-flags")] + [("gmail", "omit-labels")]
+        for kind, quirk in cases:
+            with self.subTest(kind=kind, quirk=quirk):
+                self.serve(kind, quirks=[quirk])
+                self.server.add_message(make_message("hi", sender="friend@example.com"))
+                self.server.add_message(make_message("buy", sender="shop@example.com"))
+                code, out, err = self.cli("--apply", "--allow-expunge")
+                self.assertEqual(code, gc.EXIT_INCOMPLETE)
+                self.assertIn("INBOX: 2 messages skipped because the server's answer lacked "
+                              "its", err)
+                self.assertIn("(UID 1:2); nothing was done to them; run again", err)
+                self.assertIn("2 messages skipped (the server's answer lacked its", out)
+                self.assertEqual(self.subjects("INBOX"), ["buy", "hi"])
+                self.assertFalse({"UID MOVE", "UID STORE", "UID COPY"} & set(self.commands()))
+
+    def test_only_the_incomplete_message_is_skipped(self):
+        self.serve("move", quirks=["omit-flags"])
+        self.server.add_message(make_message("buy 1", sender="shop@example.com"))
+        odd = self.server.add_message(make_message("buy 2", sender="shop@example.com"))
+        self.server.add_message(make_message("buy 3", sender="shop@example.com"))
+        self.server.quirk_msgids = {odd}
+        conn = self.connect()
+        rules = gc.parse_rules(self.rules_doc, "rules.json")
+        report = gc.classify_folder(conn, rules, "INBOX", apply=True)
+        self.assertEqual(report.skipped, [2])
+        self.assertEqual(report.why_skipped, {2: "the server's answer lacked its flags"})
+        self.assertEqual(self.subjects("INBOX"), ["buy 2"])
+        self.assertEqual(self.subjects("Trash"), ["buy 1", "buy 3"])
+
+    def test_a_message_deleted_before_its_fetch_is_skipped_not_guessed(self):
+        self.serve("move")
+        self.server.add_message(make_message("buy 1", sender="shop@example.com"))
+        gone = self.server.add_message(make_message("buy 2", sender="shop@example.com"))
+
+        def another_client_expunges() -> None:
+            with self.server._cond:
+                self.server._expunge(self.server._folders["INBOX"], [gone])
+
+        self.server.add_fault("UID FETCH", action="call", callback=another_client_expunges)
+        rules = gc.parse_rules(self.rules_doc, "rules.json")
+        report = gc.classify_folder(self.connect(), rules, "INBOX", apply=True)
+        self.assertEqual(report.skipped, [2])
+        self.assertEqual(report.why_skipped, {2: "the server sent nothing for it (deleted meanwhile?)"})
+        self.assertEqual(self.subjects("Trash"), ["buy 1"])
+
+    def test_missing_body_prefix_skips_the_message(self):
+        self.serve("move", quirks=["omit-body"])
+        self.server.add_message(make_message("a", body="please unsubscribe\n"))
+        rules = gc.parse_rules({"rule": [{"name": "No unsubscribe", "not": {"body": "zzz"},
+                                          "trash": True}]}, "rules.json")
+        report = gc.classify_folder(self.connect(), rules, "INBOX", apply=True)
+        self.assertEqual(report.why_skipped, {1: "the server's answer lacked its body prefix"})
+        self.assertEqual(self.subjects("Trash"), [])
+
+    def test_fetch_key_normalises_the_section_spec(self):
+        cases = [("BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)]", 'BODY[header.fields ("Subject" from)]'),
+                 ("BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)]", "BODY[HEADER.FIELDS (SUBJECT  FROM)]"),
+                 ("BODY.PEEK[]<0.16384>", "BODY[]<0>"),
+                 ("BODY.PEEK[1.HEADER.FIELDS.NOT (X-A)]", 'BODY[1.HEADER.FIELDS.NOT ("x-a")]')]
+        for asked, answered in cases:
+            with self.subTest(answered=answered):
+                self.assertEqual(gc._fetch_key(asked), gc._fetch_key(answered))
+        self.assertNotEqual(gc._fetch_key("BODY.PEEK[HEADER.FIELDS (FROM)]"),
+                            gc._fetch_key("BODY[HEADER.FIELDS.NOT (FROM)]"))
+
+
+class NeverDuplicateTest(AnyServerTest):
+    def move_three(self, kind: str, when: str, **options: Any) -> gc.MoveResult:
+        self.serve(kind, **options)
+        for index in range(3):
+            self.server.add_message(make_message(f"receipt {index}"))
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID COPY", action="drop", when=when)
+        return conn.move([1, 2, 3], "Archive", allow_expunge=True)
+
+    def test_drop_right_after_copy_never_copies_twice(self):
+        for kind in ("uidplus", "neither"):
+            with self.subTest(kind=kind):
+                result = self.move_three(kind, "after")
+                self.assertEqual(self.server.fired, [("UID COPY", "drop", "after")])
+                self.assertEqual(self.subjects("Archive"), ["receipt 0", "receipt 1", "receipt 2"])
+                self.assertEqual(self.server.uids("INBOX"), [])
+                self.assertEqual(self.server.count("UID COPY"), 1)
+                self.assertEqual(sorted(result.moved), [1, 2, 3])
+                self.assertEqual(sorted(result.moved.values()), [1, 2, 3])   # found by search
+
+    def test_copy_that_never_reached_the_server_is_simply_sent_again(self):
+        for kind in ("uidplus", "neither"):
+            with self.subTest(kind=kind):
+                self.move_three(kind, "before")
+                self.assertEqual(self.server.count("UID COPY"), 2)
+                self.assertEqual(self.subjects("Archive"), ["receipt 0", "receipt 1", "receipt 2"])
+                self.assertEqual(self.server.uids("INBOX"), [])
+                # Proven by UIDNEXT alone: the destination was not searched.
+                self.assertNotIn("EXAMINE", self.commands())
+                self.assertEqual(self.lines("STATUS")[-1].split(b" ", 1)[1],
+                                 b"STATUS Archive (UIDNEXT)\r\n")
+
+    def test_a_partly_done_copy_copies_only_the_rest(self):
+        self.serve("uidplus")
+        for index in range(3):
+            self.server.add_message(make_message(f"receipt {index}"))
+        first = self.server.messages("INBOX")[0].msgid
+
+        def server_copied_the_first_only() -> None:
+            with self.server._cond:
+                folders = self.server._folders
+                self.server._copy_messages(folders["INBOX"], folders["Archive"],
+                                           [self.server._msgs[first]], move=False)
+
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID COPY", action="drop")          # the answer never comes
+        self.server.add_fault("STATUS", nth=2, action="call", callback=server_copied_the_first_only)
+        result = conn.move([1, 2, 3], "Archive")
+        self.assertEqual(self.subjects("Archive"), ["receipt 0", "receipt 1", "receipt 2"])
+        self.assertEqual(self.server.uids("INBOX"), [])
+        self.assertEqual(self.lines("UID COPY")[-1].split(b" ", 1)[1], b"UID COPY 2:3 Archive\r\n")
+        self.assertEqual(result.moved[1], 1)
+
+    def test_a_copy_that_keeps_dropping_gives_up_with_the_originals_kept(self):
+        self.serve("uidplus")
+        self.server.add_message(make_message("receipt 0"))
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID COPY", action="drop", count=10)
+        with self.assertRaises(gc.ConnectionLostError) as ctx:
+            conn.move([1], "Archive")
+        self.assertIn("UID COPY to Archive kept failing", str(ctx.exception))
+        self.assertEqual(self.server.count("UID COPY"), 4)     # the first try and 3 retries
+        self.assertEqual(self.subjects("INBOX"), ["receipt 0"])
+        self.assertEqual(self.subjects("Archive"), [])
+
+    def test_status_for_another_folder_is_not_taken_for_the_destination(self):
+        # The fake's other-folder STATUS always says UIDNEXT 1: taken as the destination's,
+        # "UIDNEXT did not move" would wrongly prove the dropped COPY never ran.
+        self.move_three("uidplus", "after", quirks=["status-other-first"])
+        self.assertEqual(self.subjects("Archive"), ["receipt 0", "receipt 1", "receipt 2"])
+        self.assertEqual(self.server.count("UID COPY"), 1)
+
+    def test_labels_as_copies_after_a_drop_are_not_copied_twice(self):
+        rules = gc.parse_rules({"rule": [{"subject": "receipt", "label": "Receipts"}]}, "r.json")
+        for kind in SERVER_KINDS:
+            if kind == "gmail":
+                continue        # Gmail labels are stored, not copied
+            with self.subTest(kind=kind):
+                self.serve(kind)
+                self.server.add_message(make_message("receipt 1"))
+                self.server.add_message(make_message("receipt 2"))
+                self.server.add_fault("UID COPY", action="drop", when="after")
+                conn = self.connect()
+                gc.classify_folder(conn, rules, "INBOX", apply=True)
+                self.assertEqual(self.server.fired, [("UID COPY", "drop", "after")])
+                target = conn.server_name("Receipts")
+                self.assertEqual(self.subjects(target), ["receipt 1", "receipt 2"])
+                self.assertEqual(self.subjects("INBOX"), ["receipt 1", "receipt 2"])
+
+    def test_rerun_skips_originals_the_destination_already_holds(self):
+        # An earlier run copied and marked the message, then stopped before UID EXPUNGE.
+        self.serve("uidplus")
+        when = datetime(2024, 3, 4, 10, 0, tzinfo=timezone.utc)
+        raw = make_message("receipt 1")
+        self.server.add_message(raw, flags=("\\Deleted",), date=when)
+        self.server.add_message(raw, flags=("\\Deleted",), date=when, folder="Archive")
+        self.server.add_message(make_message("receipt 2"))
+        conn = self.connect()
+        conn.select("INBOX")
+        result = conn.move([1, 2], "Archive")
+        self.assertEqual(self.subjects("Archive"), ["receipt 1", "receipt 2"])
+        self.assertEqual(self.server.uids("INBOX"), [])
+        self.assertEqual(result.moved[1], 1)
+        self.assertIn(b"UID COPY 2 Archive", b"".join(self.lines("UID COPY")))
+        self.assertEqual(self.server.count("UID COPY"), 1)
+
+
+class NamespaceTest(AnyServerTest):
+    def test_rule_names_map_to_the_prefix_and_delimiter(self):
+        self.serve("inbox-prefix")
+        self.server.add_message(make_message("receipt 1"))
+        self.server.add_message(make_message("done 1"))
+        rules = gc.parse_rules({"rule": [
+            {"subject": "receipt", "move": "Receipts/2024"},
+            {"subject": "done", "move": "INBOX.Done"}]}, "r.json")
+        conn = self.connect()
+        dry = gc.classify_folder(conn, rules, "INBOX")
+        self.assertEqual(dry.created, ["INBOX.Receipts.2024", "INBOX.Done"])
+        self.assertEqual(self.server.count("LIST"), 1)       # the folder list is kept
+        self.assertEqual([conn.server_name(n) for n in ("inbox", "INBOX", "Inbox.Done")],
+                         ["INBOX", "INBOX", "Inbox.Done"])
+        gc.classify_folder(conn, rules, "INBOX", apply=True)
+        creates = b"".join(self.lines("CREATE"))
+        self.assertIn(b"CREATE INBOX.Receipts.2024\r\n", creates)
+        self.assertIn(b"CREATE INBOX.Done\r\n", creates)
+        self.assertNotIn(b"INBOX.INBOX", creates)
+        self.assertEqual(self.subjects("INBOX.Receipts.2024"), ["receipt 1"])
+        self.assertEqual(self.subjects("INBOX.Done"), ["done 1"])
+        report = gc.classify_folder(conn, rules, "Receipts/2024")     # a source folder too
+        self.assertEqual(report.examined, 1)
+        self.assertIn(b"EXAMINE INBOX.Receipts.2024\r\n", b"".join(self.lines("EXAMINE")))
+
+    def test_refused_create_names_the_folder_and_the_answer(self):
+        self.serve("inbox-prefix")
+        conn = self.connect()
+        with self.assertRaises(gc.ImapError) as ctx:
+            conn.create_folder("Outside")
+        self.assertIn("'Outside'", str(ctx.exception))
+        self.assertIn("Invalid mailbox name", str(ctx.exception))
+
+    def test_refused_move_names_the_folder_and_the_answer(self):
+        self.serve("move")
+        self.server.add_message(make_message("m"))
+        conn = self.connect()
+        conn.select("INBOX")
+        with self.assertRaises(gc.ImapError) as ctx:
+            conn.move([1], "Nowhere")
+        self.assertIn("move messages to 'Nowhere'", str(ctx.exception))
+        self.assertIn("TRYCREATE", str(ctx.exception) + ctx.exception.code)
+
+    def test_a_prefix_that_is_not_inbox(self):
+        self.serve("move", prefix="Mail/")
+        conn = self.connect()
+        self.assertEqual(conn.namespace(), ("Mail/", "/"))
+        self.assertEqual(conn.server_name("Mail/Foo"), "Mail/Foo")
+        self.assertEqual(conn.server_name("Foo/Bar"), "Mail/Foo/Bar")
+        self.assertTrue(conn.create_folder(conn.server_name("Foo")))
+        self.assertIn("Mail/Foo", self.server.folder_names())
+        self.assertEqual(self.server.count("CREATE"), 1)
+
+    def test_without_namespace_the_delimiter_comes_from_list(self):
+        self.serve("move", delimiter=".")
+        self.server.add_message(make_message("receipt 1"))
+        conn = self.connect()
+        self.assertEqual(conn.namespace(), ("", "."))
+        self.assertEqual(conn.server_name("A/B"), "A.B")
+
+
+class SpecialUseFallbackTest(AnyServerTest):
+    rules_doc = {"rule": [{"name": "Spam", "from": "@spam.example", "trash": True},
+                          {"name": "Bank", "from": "@mybank.example", "star": True},
+                          {"name": "Receipts", "subject": "receipt", "archive": True}]}
+
+    def test_trash_and_archive_found_by_name_and_the_report_says_which(self):
+        self.serve("no-special-use")
+        self.seed()
+        code, out, err = self.cli("--apply")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("note: trash goes to 'Deleted Items'", out)
+        self.assertIn("note: archive goes to 'Archives'", out)
+        self.assertEqual(self.subjects("Deleted Items"), ["Win!"])
+        self.assertEqual(self.subjects("Archives"), ["Your receipt #1"])
+
+    def test_names_match_case_insensitively_under_the_prefix(self):
+        self.serve("inbox-prefix", special_use=False,
+                   folders=(("INBOX", ""), ("deleted messages", ""), ("ARCHIVE", "")))
+        conn = self.connect()
+        self.assertEqual(conn.special_folder("\\Trash").name, "INBOX.deleted messages")
+        self.assertEqual(conn.special_folder("\\Archive").name, "INBOX.ARCHIVE")
+        self.assertIsNone(conn.special_folder("\\Junk"))
+
+    def test_no_trash_folder_refuses_before_any_change_and_the_dry_run_alike(self):
+        self.serve("move", special_use=False, folders=(("INBOX", ""), ("Sent", "")))
+        self.seed()
+        results = [self.cli("--apply"), self.cli()]
+        for code, _, err in results:
+            self.assertEqual(code, gc.EXIT_SERVER)
+            self.assertIn("no folder marked \\Trash", err)
+            self.assertIn("nothing was changed", err)
+        self.assertEqual(errors(results[0][2]), errors(results[1][2]))
+        self.assertEqual(self.writes(), set())
+
+
+class WireNamesTest(AnyServerTest):
+    def test_raw_utf8_names_go_back_as_listed(self):
+        self.serve("move", quirks=["raw-utf8-names"])
+        self.server.add_message(make_message("old"), folder="Entwürfe")
+        self.server.add_message(make_message("receipt 1"))
+        rules = gc.parse_rules({"rule": [{"subject": "receipt", "move": "Entwürfe"}]}, "r.json")
+        report = gc.classify_folder(self.connect(), rules, "INBOX", apply=True)
+        self.assertEqual(report.created, [])
+        self.assertEqual(self.subjects("Entwürfe"), ["old", "receipt 1"])
+        self.assertNotIn("Entw&APw-rfe", self.server.folder_names())
+        self.assertIn("Entwürfe".encode(), b"".join(self.lines("UID MOVE")))
+
+    def test_invalid_utf8_name_is_neither_renamed_nor_a_crash(self):
+        self.serve("move", quirks=["raw-utf8-names"])
+        self.server.add_message(make_message("café"), folder="Caf\udce9")
+        conn = self.connect()
+        names = [f.name for f in conn.list_folders()]
+        self.assertIn("Caf\ufffd", names)
+        status = conn.examine("Caf\ufffd")
+        self.assertEqual(status.exists, 1)
+        self.assertIn(b"Caf\xe9", b"".join(self.lines("EXAMINE")))
+        code, out, err = run_cli("labels", "--user", USER, "--host", "127.0.0.1", "--port",
+                                 str(self.server.port), "--plaintext",
+                                 env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("Caf\ufffd", out)
+
+
+class ParserFaultsTest(AnyServerTest):
+    def test_all_digit_atoms_stay_text_where_the_grammar_says_astring(self):
+        parsed = gc.parse_response(b'LIST (\\HasNoChildren) "/" 0123')
+        self.assertEqual(str(parsed[3]), "0123")
+        exists = gc.parse_response(b"0012 EXISTS")[0]
+        self.assertEqual((exists, exists + 1), (12, 13))
+        self.assertEqual(gc.parse_status_text(b"[UIDNEXT 0042] x")[1][0] + 0, 42)
+        self.serve("gmail")
+        self.server.add_message(make_message("x"), labels=("\\Inbox", "007"), flags=("0123",))
+        conn = self.connect()
+        conn.select("INBOX")
+        values = conn.fetch([1], ["FLAGS", "X-GM-LABELS"])[1]
+        self.assertIn("0123", values["FLAGS"])
+        self.assertIn("007", values["X-GM-LABELS"])
+        rules = gc.parse_rules({"rule": [{"has_label": "007", "star": True}]}, "r.json")
+        report = gc.classify_folder(conn, rules, "INBOX")
+        self.assertEqual(report.changes, {"star": 1})
+
+
+class MutationGapsTest(AnyServerTest):
+    def test_copy_delete_move_removes_the_originals(self):
+        self.serve("uidplus")
+        for index in range(3):
+            self.server.add_message(make_message(f"m{index}"))
+        conn = self.connect()
+        conn.select("INBOX")
+        result = conn.move([1, 2], "Archive")
+        self.assertEqual(result.moved, {1: 1, 2: 2})          # from COPYUID
+        self.assertEqual(self.subjects("INBOX"), ["m2"])
+        self.assertIn(b"UID EXPUNGE 1:2\r\n", b"".join(self.lines("UID EXPUNGE")))
+
+    def test_uids_already_gone_are_reported_missing(self):
+        for kind in ("move", "uidplus", "gmail"):
+            with self.subTest(kind=kind):
+                self.serve(kind)
+                self.server.add_message(make_message("m"))
+                conn = self.connect()
+                conn.select("INBOX")
+                target = "[Gmail]/Trash" if kind == "gmail" else "Archive"
+                result = conn.move([1, 99], target)
+                self.assertEqual(result.missing, (99,))
+                self.assertEqual(sorted(result.moved), [1])
+
+    def test_dry_run_reopens_with_examine_after_a_reconnect(self):
+        self.serve("gmail")
+        self.server.add_message(make_message("receipt"))
+        self.server.add_fault("UID FETCH", action="drop")
+        rules = gc.parse_rules({"rule": [{"subject": "receipt", "label": "R"}]}, "r.json")
+        report = gc.classify_folder(self.connect(), rules, "INBOX")
+        self.assertEqual(report.changes, {"label R": 1})
+        self.assertEqual(self.commands().count("EXAMINE"), 2)
+        self.assertNotIn("SELECT", self.commands())
+
+    def test_labels_as_copies_are_not_copied_again(self):
+        self.serve("move")
+        self.server.add_message(make_message("receipt 1"))
+        rules = gc.parse_rules({"rule": [{"subject": "receipt", "label": "Receipts"}]}, "r.json")
+        conn = self.connect()
+        gc.classify_folder(conn, rules, "INBOX", apply=True)
+        gc.classify_folder(conn, rules, "INBOX", apply=True)
+        self.assertEqual(self.server.count("UID COPY"), 1)
+        self.assertEqual(self.subjects("Receipts"), ["receipt 1"])
+
+    def test_archive_is_planned_only_for_messages_in_the_inbox(self):
+        rules = gc.parse_rules({"rule": [{"subject": "receipt", "archive": True}]}, "r.json")
+        self.serve("gmail")
+        self.server.add_message(make_message("receipt 1"), labels=("Receipts",))
+        report = gc.classify_folder(self.connect(), rules, "Receipts", apply=True)
+        self.assertEqual(report.changes, {})
+        self.assertNotIn("UID STORE", self.commands())
+        self.serve("move")
+        self.server.add_message(make_message("receipt 2"), folder="Lists")
+        report = gc.classify_folder(self.connect(), rules, "Lists", apply=True)
+        self.assertEqual(report.changes, {})
+        self.assertEqual(self.subjects("Lists"), ["receipt 2"])
+        self.assertEqual(self.subjects("Archive"), [])
+
+    def test_uidvalidity_change_while_collecting_a_label_folder_stops_before_copying(self):
+        self.serve("move")
+        self.server.add_message(make_message("receipt 1"))
+        self.server.add_message(make_message("old"), folder="Receipts")
+        self.server.add_fault("EXAMINE", action="call",
+                              callback=lambda: self.server.bump_uidvalidity("INBOX"))
+        rules = gc.parse_rules({"rule": [{"subject": "receipt", "label": "Receipts"}]}, "r.json")
+        with self.assertRaises(gc.UidValidityError):
+            gc.classify_folder(self.connect(), rules, "INBOX", apply=True)
+        self.assertNotIn("UID COPY", self.commands())
+        self.assertEqual(gc._exit_code(gc.UidValidityError("x")), gc.EXIT_INCOMPLETE)
+
+
+# --- Live tests against a real server (opt-in) -------------------------------------------
+#
+# The fake server is only as faithful as what we know, so the end-to-end behaviour can also
+# be run against a real account.  Meant for a DEDICATED TEST ACCOUNT: the tests append,
+# flag, copy, move and trash messages, but only in scratch folders (and labels) with a
+# unique name, and clean up by the UIDs of the messages they created.  Opt in with:
+#
+#   GMAIL_CLASSIFY_LIVE=1  GMAIL_CLASSIFY_LIVE_HOST=imap.gmail.com
+#   GMAIL_CLASSIFY_LIVE_USER=test@gmail.com
+#   GMAIL_CLASSIFY_LIVE_PASSWORD_COMMAND="pass show test-app-password"   (or _PASSWORD_FILE,
+#       a file only you can read, or _PASSWORD; never a prompt)
+#   optional: GMAIL_CLASSIFY_LIVE_PORT, GMAIL_CLASSIFY_LIVE_SECURITY (tls, starttls, or
+#       plaintext to a loopback host), GMAIL_CLASSIFY_LIVE_CAFILE
+#
+# then run: python -m unittest -v test_gmail_classify.LiveServerTest
+
+LIVE_PREFIX = "GMAIL_CLASSIFY_LIVE"
+
+
+def _live_settings() -> Dict[str, Any]:
+    """Connection settings from the environment; raises unittest.SkipTest saying why not."""
+    env = os.environ
+    if env.get(LIVE_PREFIX) != "1":
+        raise unittest.SkipTest(f"live tests are opt-in: set {LIVE_PREFIX}=1 with "
+                                f"{LIVE_PREFIX}_HOST, _USER and a password source, for a "
+                                f"dedicated test account (see the README)")
+    host, user = env.get(LIVE_PREFIX + "_HOST"), env.get(LIVE_PREFIX + "_USER")
+    if not host or not user:
+        raise unittest.SkipTest(f"{LIVE_PREFIX}=1 but {LIVE_PREFIX}_HOST or _USER is not set")
+    command = env.get(LIVE_PREFIX + "_PASSWORD_COMMAND")
+    path = env.get(LIVE_PREFIX + "_PASSWORD_FILE")
+    if command:
+        result = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=60)
+        password = result.stdout.splitlines()[0] if result.stdout.strip() else ""
+    elif path:
+        with open(path, encoding="utf-8") as handle:
+            password = handle.readline().rstrip("\r\n")
+    else:
+        password = env.get(LIVE_PREFIX + "_PASSWORD", "")
+    if not password:
+        raise unittest.SkipTest(f"no password: set {LIVE_PREFIX}_PASSWORD_COMMAND, "
+                                f"_PASSWORD_FILE or _PASSWORD (the tests never prompt)")
+    security = env.get(LIVE_PREFIX + "_SECURITY", "tls")
+    port = env.get(LIVE_PREFIX + "_PORT")
+    return dict(user=user, host=host, password=password, security=security,
+                port=int(port) if port else None, cafile=env.get(LIVE_PREFIX + "_CAFILE"))
+
+
+class LiveServerTest(unittest.TestCase):
+    """End-to-end against a real server, in scratch folders; skipped unless opted in."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.settings = _live_settings()
+
+    def setUp(self):
+        self.token = "gct-" + uuid.uuid4().hex[:10]
+        self.conn = gc.GmailConnection(self.settings["user"], password=self.settings["password"],
+                                       host=self.settings["host"], port=self.settings["port"],
+                                       security=self.settings["security"],
+                                       cafile=self.settings["cafile"], timeout=30, keepalive=None)
+        self.conn.connect()
+        self.addCleanup(self.conn.close)
+        self.scratch = self.conn.server_name(f"gmail_classify-test-{self.token}")
+        self.created: List[str] = []
+        self.addCleanup(self.clean_up)
+        self.make_folder(self.scratch)
+
+    # -- helpers (a second, plain imaplib client: independent of the code under test) --
+
+    def side_client(self) -> imaplib.IMAP4:
+        s = self.settings
+        context = ssl.create_default_context(cafile=s["cafile"]) if s["cafile"] else \
+            ssl.create_default_context()
+        if s["security"] == "tls":
+            client = imaplib.IMAP4_SSL(s["host"], s["port"] or 993, ssl_context=context)
+        else:
+            client = imaplib.IMAP4(s["host"], s["port"] or 143)
+            if s["security"] == "starttls":
+                client.starttls(context)
+        client.login(s["user"], s["password"])
+        return client
+
+    def make_folder(self, name: str) -> str:
+        self.conn.create_folder(name)
+        self.created.append(name)
+        return name
+
+    def append(self, subject: str, sender: str = "Alice <alice@example.com>",
+               folder: Optional[str] = None) -> None:
+        raw = make_message(subject, sender=sender, extra=f"X-Gmail-Classify-Test: {self.token}\n")
+        client = self.side_client()
+        try:
+            # Scratch names are atoms (ASCII, no spaces), so any imaplib version sends them as is.
+            typ, data = client.append(folder or self.scratch, None, None, raw)
+            self.assertEqual(typ, "OK", data)
+        finally:
+            client.logout()
+
+    def ours(self) -> List[str]:
+        return ["HEADER", "X-Gmail-Classify-Test", self.token]
+
+    def clean_up(self) -> None:
+        """Delete exactly the messages this test created (found by its unique header),
+        wherever they went, then the scratch folders."""
+        conn = self.conn
+        conn.list_folders(refresh=True)
+        trash = conn.special_folder("\\Trash")
+        places = list(reversed(self.created))
+        if conn.is_gmail:
+            places = [conn.special_folder("\\All").name]
+        for folder in places + ([trash.name] if trash else []):
+            try:
+                conn.select(folder)
+                uids = conn.search(self.ours())
+                if not uids:
+                    continue
+                if conn.is_gmail and folder != (trash.name if trash else None):
+                    conn.move(uids, trash.name)       # Gmail: delete = move to Trash first
+                    continue
+                conn.add_flags(uids, ["\\Deleted"])
+                if conn.has("UIDPLUS"):
+                    conn.uid_expunge(uids)
+                elif set(conn.search(["DELETED"])) == set(uids):
+                    conn._call("EXPUNGE")        # only ours are marked: exactly them go
+            except gc.ImapError:
+                continue
+        for folder in sorted(self.created, key=len, reverse=True):
+            try:
+                conn._call("DELETE", conn._mailbox(folder))
+            except gc.ImapError:
+                pass
+
+    # -- the tests --
+
+    def test_sign_in_capabilities_and_namespace(self):
+        self.assertIn("IMAP4REV1", self.conn.capabilities)
+        prefix, delimiter = self.conn.namespace()
+        self.assertTrue(delimiter)
+        self.assertTrue(self.scratch.startswith(prefix))
+
+    def test_create_and_list_non_ascii_names(self):
+        name = self.make_folder(self.conn.server_name(f"gmail_classify-test-{self.token}/Entwürfe 日本"))
+        names = {f.name for f in self.conn.list_folders(refresh=True)}
+        self.assertIn(name, names)
+        self.assertIn("Entwürfe 日本", name)
+
+    def test_append_search_fetch_flags_copy_move_and_trash(self):
+        for subject in ("live one", "live two", "live three"):
+            self.append(subject)
+        conn = self.conn
+        conn.select(self.scratch)
+        uids = conn.search(self.ours())
+        self.assertEqual(len(uids), 3)
+        item = "BODY.PEEK[HEADER.FIELDS (SUBJECT)]"
+        fetched = conn.fetch(uids, ["FLAGS", item, "RFC822.SIZE"])
+        self.assertEqual(sorted(parse_headers(v[item])["Subject"] for v in fetched.values()),
+                         ["live one", "live three", "live two"])
+        self.assertTrue(all("\\Seen" not in v["FLAGS"] for v in fetched.values()))
+        conn.add_flags(uids[:1], ["\\Flagged"])
+        self.assertIn("\\Flagged", conn.fetch(uids[:1], ["FLAGS"])[uids[0]]["FLAGS"])
+        conn.remove_flags(uids[:1], ["\\Flagged"])
+        self.assertNotIn("\\Flagged", conn.fetch(uids[:1], ["FLAGS"])[uids[0]]["FLAGS"])
+        other = self.make_folder(conn.server_name(f"gmail_classify-test-{self.token}-copies"))
+        if conn.is_gmail:
+            conn.add_labels(uids[:1], [other])
+        else:
+            conn.copy(uids[:1], other)
+        allow = not conn.can_move()
+        if allow:   # neither MOVE nor UIDPLUS: refused unless allowed (safe in a scratch folder)
+            with self.assertRaises(gc.CapabilityError):
+                conn.move(uids[1:2], other)
+        moved = conn.move(uids[1:2], other, allow_expunge=allow)
+        self.assertEqual(list(moved.moved), uids[1:2])
+        trash = conn.special_folder("\\Trash")
+        self.assertIsNotNone(trash)
+        conn.move(uids[2:], trash.name, allow_expunge=allow)
+        self.assertEqual(conn.search(self.ours()), uids[:1])
+        conn.examine(other)
+        self.assertEqual(len(conn.search(self.ours())), 2)
+
+    def test_idle_wakes_up_on_new_mail(self):
+        if not self.conn.has("IDLE"):
+            self.skipTest("the server has no IDLE")
+        self.conn.select(self.scratch)
+        worker = threading.Thread(target=lambda: (wait_until(lambda: self.conn._idling, timeout=20),
+                                                  self.append("live idle")), daemon=True)
+        worker.start()
+        events = self.conn.idle(timeout=60)
+        worker.join(30)
+        self.assertTrue(any(len(e) >= 2 and str(e[1]).upper() == "EXISTS" for e in events), events)
+
+    def test_classify_run_with_apply(self):
+        self.append("live receipt 1")
+        self.append("live receipt 2")
+        self.append("live hello", sender="Bob <bob@example.com>")
+        target = f"gmail_classify-test-{self.token}/Receipts"
+        self.created.append(self.conn.server_name(target))
+        rules = gc.parse_rules({"rule": [
+            {"name": "Receipts", "subject": "live receipt", "move": target, "star": True}]},
+            "live.json")
+        allow = not self.conn.can_move()
+        if allow:
+            for apply in (False, True):     # the dry run refuses just as --apply does
+                with self.assertRaises(gc.CapabilityError):
+                    gc.classify_folder(self.conn, rules, self.scratch, apply=apply)
+        dry = gc.classify_folder(self.conn, rules, self.scratch, allow_expunge=allow)
+        self.assertEqual(dry.changes, {"star": 2, f"move to {target}": 2})
+        report = gc.classify_folder(self.conn, rules, self.scratch, apply=True,
+                                    allow_expunge=allow)
+        self.assertEqual(report.skipped, [])
+        self.assertEqual(report.created, [self.conn.server_name(target)])
+        self.conn.examine(self.conn.server_name(target))
+        moved = self.conn.search(self.ours())
+        self.assertEqual(len(moved), 2)
+        flags = self.conn.fetch(moved, ["FLAGS"])
+        self.assertTrue(all("\\Flagged" in v["FLAGS"] for v in flags.values()))
+        again = gc.classify_folder(self.conn, rules, self.scratch, apply=True,
+                                   allow_expunge=allow)
+        self.assertEqual(again.changes, {})
+
+
 # --- The first ten minutes (issue 11) ----------------------------------------------------
 
 class AllRuleErrorsAtOnceTest(unittest.TestCase):
@@ -6880,16 +7941,17 @@ class NewcomerServerTest(FakeServerTest):
     def test_misspelt_folder_gets_a_did_you_mean(self):
         code, _, err = run_cli(*self.argv("--user", USER, "--folder", "[Gmail]/Tarsh"),
                                env={"GMAIL_APP_PASSWORD": PASSWORD})
-        self.assertEqual(code, gc.EXIT_SERVER)
+        self.assertEqual(code, gc.EXIT_INCOMPLETE)     # skipped; other folders would still run
         self.assertIn("cannot open folder '[Gmail]/Tarsh'", err)
         self.assertIn("did you mean '[Gmail]/Trash'?", err)
         self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn("skipped that folder", err)
 
     def test_a_bad_answer_to_select_still_names_the_folder(self):
         self.server.add_fault("EXAMINE", action="bad", text="Could not parse command")
         code, _, err = run_cli(*self.argv("--user", USER, "--folder", "INBOX"),
                                env={"GMAIL_APP_PASSWORD": PASSWORD})
-        self.assertEqual(code, gc.EXIT_SERVER)
+        self.assertEqual(code, gc.EXIT_INCOMPLETE)
         self.assertIn("cannot open folder 'INBOX': Could not parse command", err)
 
     def test_wrong_password_on_gmail_says_app_password_and_imap_setting(self):
@@ -7133,7 +8195,7 @@ class RunOutputTest(FakeServerTest):
     def test_minus_vv_shows_server_answers_without_secrets(self):
         self.server.add_fault("EXAMINE", action="no", text=f"[TRYCREATE] no {PASSWORD} here")
         code, _, err = run_cli(*self.argv("-vv"), env={"GMAIL_APP_PASSWORD": PASSWORD})
-        self.assertEqual(code, gc.EXIT_SERVER)
+        self.assertEqual(code, gc.EXIT_INCOMPLETE)     # the folder could not be opened: skipped
         answers = [line for line in err.splitlines() if line.startswith("DEBUG: S: ")]
         self.assertTrue(any(line.startswith("DEBUG: S: * CAPABILITY ") for line in answers), err)
         self.assertIn("[TRYCREATE] no <redacted> here", "\n".join(answers))
@@ -7179,6 +8241,12 @@ class LineFittingTest(unittest.TestCase):
                          head + 'Amazon.com Order...  Your Amazon.com order of "Ultra-Soft...')
         self.assertEqual(gc._message_line(outcome, False, 40),
                          "INBOX 4021: would label Newsletters...")
+
+    def test_fit_never_exceeds_the_width_even_when_tiny(self):
+        self.assertEqual(gc._fit("Receipts", 8), "Receipts")
+        self.assertEqual(gc._fit("Receipts and more", 12), "Receipts...")
+        self.assertEqual(gc._fit("Receipts", 2), "Re")
+        self.assertEqual(gc._fit("Receipts", 0), "")
 
     def test_wide_characters_count_as_two_columns(self):
         outcome = self.outcome("株式会社サンプル <sale@shop.example.jp>", "セール開始 " * 20)
@@ -7415,6 +8483,22 @@ class StateStoreTest(TempDirMixin, unittest.TestCase):
         self.assertEqual(third.folder("a", "INBOX").mark, 10)
         self.assertEqual(third.folder("a", "Work").mark, 20)
         self.assertEqual(third.downloaded("a"), 150)
+        # A later save of the first store writes only its new changes, not old ones again,
+        # and leaves it seeing what the others wrote.
+        third.set_folder("a", "INBOX", gc.FolderState(1, 30))
+        third.save()
+        first.add_download("a", 1)
+        first.save()
+        self.assertEqual(first.folder("a", "INBOX").mark, 30)
+        self.assertEqual(first.folder("a", "Work").mark, 20)
+        self.assertEqual(first.downloaded("a"), 151)
+
+    def test_nothing_to_save_writes_nothing(self):
+        directory = os.path.join(self.make_dir(), "state")
+        store = gc.StateStore(directory)
+        store.load()
+        store.save()
+        self.assertFalse(os.path.exists(directory))
 
     def test_download_counts_are_per_day_and_old_days_are_dropped(self):
         clock = Clock()
@@ -7600,6 +8684,22 @@ class IncrementalRunTest(StateTestCase):
         self.assertEqual(state.uidvalidity, self.server.uidvalidity("INBOX"))
         self.assertEqual(state.mark, max(self.server.uids("INBOX")))
 
+    def test_a_renumbered_folder_is_remembered_even_with_nothing_to_classify(self):
+        seed_mailbox(self.server, 3)
+        self.run_once()
+        conn = self.connect()
+        conn.select("INBOX")
+        conn.move(conn.search(["ALL"]), "[Gmail]/Trash")
+        conn.close()
+        self.server.bump_uidvalidity("INBOX")
+        with self.assertLogs("gmail_classify", "WARNING"):
+            self.run_once()
+        self.assertEqual(self.mark(), gc.FolderState(self.server.uidvalidity("INBOX"), 0,
+                                                     self.mark().rules, self.mark().updated))
+        with self.assertNoLogs("gmail_classify", "WARNING") if hasattr(self, "assertNoLogs") \
+                else contextlib.nullcontext():
+            self.run_once()                          # said once, not on every run
+
     def test_new_only_remembers_uidnext_and_classifies_nothing(self):
         seed_mailbox(self.server, 6)
         before = mailbox_snapshot(self.server)
@@ -7664,6 +8764,7 @@ class IncrementalRunTest(StateTestCase):
         audit = [r for r in self.store().audit.records() if r["type"] == "message"]
         self.maxDiff = None
         self.assertEqual(audit, records)
+        self.assertEqual(run.reports[0].changed, {"Receipts": 1})
 
     def test_only_what_still_needs_doing_is_planned_or_shown(self):
         self.server.add_message(make_message("receipt done"), labels=("Receipts",))  # archived
@@ -7677,6 +8778,8 @@ class IncrementalRunTest(StateTestCase):
         self.assertEqual([r["changes"] for r in records], [[], [], [], []])
         self.assertEqual(run.counts, {})
         self.assertTrue(all(report.changes == {} for report in run.reports))
+        self.assertTrue(all(report.changed == {} for report in run.reports))
+        self.assertEqual(run.reports[0].matched, {"News": 1})
 
 
 class BudgetTest(StateTestCase):
@@ -7706,9 +8809,24 @@ class BudgetTest(StateTestCase):
         key = gc.account_key(USER, "127.0.0.1", self.server.port)
         used = self.store().downloaded(key)
         self.assertGreater(used, 1000)                     # a dry run counts too
+        store = self.store()
+        store.add_download(key, 1000000 - used)
+        store.save()
         with self.assertLogs("gmail_classify", "WARNING") as logs:
-            self.run_once(apply=False, daily_budget=used * 2)
+            self.run_once(apply=False, batch_size=1, daily_budget=1900000)
         self.assertEqual(sum("half of the daily budget" in line for line in logs.output), 1)
+        self.assertRegex(logs.output[0], r"9\d\d\.\d KB downloaded today")
+
+    def test_no_budget_never_stops(self):
+        seed_mailbox(self.server, 6)
+        store = self.store()
+        store.add_download(gc.account_key(USER, "127.0.0.1", self.server.port), 10 ** 12)
+        store.save()
+        run = self.run_once(batch_size=1, daily_budget=None)
+        self.assertEqual(run.reports[0].examined, 6)
+        self.server.add_message(make_message("receipt later"))
+        with self.assertRaises(gc.BudgetExceededError):
+            self.run_once(batch_size=1)                          # the default budget
 
 
 class InterruptionTest(StateTestCase):
@@ -7722,11 +8840,11 @@ class InterruptionTest(StateTestCase):
         original = gc.GmailConnection.move
         calls = []
 
-        def move_then_interrupt(conn, uids, destination):
+        def move_then_interrupt(conn, uids, destination, **options):
             calls.append(destination)
             if len(calls) == 3:
                 raise KeyboardInterrupt
-            return original(conn, uids, destination)
+            return original(conn, uids, destination, **options)
 
         with mock.patch.object(gc.GmailConnection, "move", move_then_interrupt):
             with self.assertRaises(KeyboardInterrupt):
@@ -7871,6 +8989,14 @@ class CommandLineStateTest(StateTestCase):
         code, out, err = self.cli("run", *self.argv("--daily-budget", "lots"))
         self.assertEqual(code, gc.EXIT_USAGE)
 
+    def test_exit_codes_of_the_state_layer(self):
+        table = [(gc.StateError("x"), gc.EXIT_USAGE), (gc.LockedError("x"), gc.EXIT_LOCKED),
+                 (gc.BudgetExceededError("x"), gc.EXIT_INCOMPLETE),
+                 (gc.UidValidityError("x"), gc.EXIT_INCOMPLETE)]
+        for error, code in table:
+            with self.subTest(error=type(error).__name__):
+                self.assertEqual(gc._exit_code(error), code)
+
     def test_history_lists_runs_newest_first_with_counts(self):
         seed_mailbox(self.server, 6)
         self.assertEqual(self.cli("run", *self.argv("--apply"))[0], 0)
@@ -7951,6 +9077,34 @@ class UndoTest(StateTestCase):
         self.assertEqual(self.server.message(receipt).labels, {"\\Inbox"})
         self.assertNotIn("\\Seen", self.server.message(news).flags)   # the rest was undone
         self.assertEqual(self.server.message(news).labels, {"\\Inbox"})
+
+    def test_an_undo_cut_short_logs_what_it_did_and_can_be_run_again(self):
+        seed_mailbox(self.server, 12)
+        before = mailbox_snapshot(self.server)
+        run = self.run_once()
+        original = gc.GmailConnection.move
+        calls = []
+
+        def move_once(conn, uids, destination):
+            calls.append(destination)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return original(conn, uids, destination)
+
+        store = self.store()
+        undo = gc.Undo(store, USER, "127.0.0.1", self.server.port, apply=True)
+        with mock.patch.object(gc.GmailConnection, "move", move_once):
+            with self.assertRaises(KeyboardInterrupt):
+                undo.execute(self.connect())
+        undo.run.finish("interrupted")
+        self.assertGreater(undo.reversed, 0)
+        logged = [r for r in self.store().audit.records()
+                  if r.get("undo_of") == run.id and r["type"] == "message"]
+        self.assertEqual(sum(len(r["changes"]) for r in logged), undo.reversed)
+        again = self.undo(run.id)                      # not "already undone"
+        self.assertEqual((again.reversed + undo.reversed, again.left_alone),
+                         (run.changes_made, 0))        # the rest, nothing twice
+        self.assertEqual(mailbox_snapshot(self.server), before)
 
     def test_unknown_or_foreign_run_ids_are_refused(self):
         seed_mailbox(self.server, 3)
@@ -8114,8 +9268,10 @@ class ReadmeExamplesTest(unittest.TestCase):
         shim.__dict__.update({name: getattr(gc, name) for name in gc.__all__})
         shim.GmailConnection = ToTheFake
         out = io.StringIO()
+        state = tempfile.mkdtemp(dir=_STATE_ROOT.name)
         with mock.patch.dict(sys.modules, {"gmail_classify": shim}), \
-                mock.patch.dict(os.environ, {"GMAIL_APP_PASSWORD": PASSWORD}), \
+                mock.patch.dict(os.environ, {"GMAIL_APP_PASSWORD": PASSWORD,
+                                             "XDG_STATE_HOME": state}), \
                 mock.patch("sys.stdout", out):
             exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
         return out.getvalue()
@@ -8123,7 +9279,7 @@ class ReadmeExamplesTest(unittest.TestCase):
     def test_every_example_runs_and_only_the_marked_one_changes_mail(self):
         # The watch example runs forever; ReadmeWatchExampleTest runs it.
         blocks = [block for block in self.blocks() if "Watcher(" not in block]
-        self.assertEqual(len(blocks), 2)
+        self.assertEqual(len(blocks), 3)
         server = FakeGmail(users={"you@gmail.com": PASSWORD}).start()
         self.addCleanup(server.stop)
         server.add_message(make_message("Your receipt 42"))
@@ -8143,6 +9299,12 @@ class ReadmeExamplesTest(unittest.TestCase):
         bill = [m for m in server.messages("[Gmail]/All Mail") if "Bills" in m.labels]
         self.assertEqual(len(bill), 1)
         self.assertIn("Receipts", bill[0].labels)
+
+        after = [(m.labels, m.flags) for m in server.messages("[Gmail]/All Mail")]
+        shown = self.run_block(blocks[2], server)           # a Run, dry: nothing left to do
+        self.assertEqual(shown, "1 {}\n")
+        self.assertEqual([(m.labels, m.flags) for m in server.messages("[Gmail]/All Mail")],
+                         after)
 
 
 
@@ -8381,6 +9543,8 @@ class ImportFiltersTest(unittest.TestCase):
                 self.assertIn("--force", err)
                 code, _, err = run_cli("import-filters", xml_path, "-o", out_path, "--force", "-q")
                 self.assertEqual(code, 0, err)
+                self.assertNotIn("wrote", err)          # -q: the notes only
+                self.assertEqual(len(err.splitlines()), len(SAMPLE_NOTES))
 
     def test_cli_prints_toml_to_stdout_by_default(self):
         xml_path = self.write("mailFilters.xml", SAMPLE_FILTERS)
@@ -8418,6 +9582,33 @@ class ImportFiltersTest(unittest.TestCase):
         code, _, err = run_cli("import-filters", os.path.join(self.tmp, "missing.xml"))
         self.assertEqual(code, gc.EXIT_USAGE)
         self.assertIn("cannot read", err)
+
+    def test_a_property_given_twice_with_different_values_skips_the_filter(self):
+        imported = gc.import_gmail_filters(filter_export(
+            [("from", "a@x.example"), ("from", "b@x.example"), ("label", "A")],
+            [("label", "B"), ("label", "B"), ("subject", "hi")]))
+        self.assertEqual([r["name"] for r in imported.doc["rule"]], ["Gmail filter 2"])
+        self.assertEqual(imported.notes, ("filter 1: skipped: property from given twice",))
+
+    def test_a_label_with_a_line_break_is_left_out_with_a_note(self):
+        imported = gc.import_gmail_filters(filter_export(
+            [("from", "a@x.example"), ("label", "Two\nlines"), ("shouldStar", "true")]))
+        self.assertEqual(imported.doc["rule"][0]["star"], True)
+        self.assertNotIn("label", imported.doc["rule"][0])
+        self.assertEqual(imported.notes,
+                         ("filter 1: left out label 'Two\\nlines': it holds a line break",))
+
+    def test_output_name_and_format_must_agree(self):
+        xml_path = self.write("mailFilters.xml", SAMPLE_FILTERS)
+        for extra, expected in [(["-o", os.path.join(self.tmp, "r.yaml")], "*.toml or *.json"),
+                                (["-o", os.path.join(self.tmp, "r.toml"), "--format", "json"],
+                                 "--format json does not match")]:
+            with self.subTest(extra):
+                code, out, err = run_cli("import-filters", xml_path, *extra)
+                self.assertEqual(code, gc.EXIT_USAGE)
+                self.assertIn(expected, err)
+                self.assertEqual(len(err.strip().splitlines()), 1)
+        self.assertEqual(sorted(os.listdir(self.tmp)), ["mailFilters.xml"])
 
     def test_a_file_with_nothing_imap_can_do_writes_nothing(self):
         path = self.write("f.xml", filter_export([("from", "a@b.example"), ("forwardTo", "c@d.example")]))
@@ -8874,6 +10065,917 @@ class GmailQueryEverywhereTest(FakeServerTest):
         self.assertIn(f"{eml}: Query and subject: subject contains \"report\"", out)
 
 
+# --- Hostile input: servers, senders and typos ---------------------------------------------
+#
+# Nothing a server, a sender or a typo can do makes gmail_classify leak a secret, hang or
+# crash.  The hostile servers are FakeGmail faults (see _HOSTILE_ACTIONS).
+
+_real_getaddrinfo = socket.getaddrinfo
+
+
+def fake_resolver(answers: Dict[str, List[Any]]) -> Callable[..., Any]:
+    """A getaddrinfo that answers the names in ``answers`` (one answer per call, in order:
+    an address string, or an exception to raise) and resolves everything else for real."""
+    calls: Dict[str, int] = collections.defaultdict(int)
+
+    def resolve(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host not in answers:
+            return _real_getaddrinfo(host, port, *args, **kwargs)
+        index = min(calls[host], len(answers[host]) - 1)
+        calls[host] += 1
+        answer = answers[host][index]
+        if isinstance(answer, BaseException):
+            raise answer
+        family = socket.AF_INET6 if ":" in answer else socket.AF_INET
+        return [(family, socket.SOCK_STREAM, 6, "", (answer, port or 0))]
+
+    resolve.calls = calls   # type: ignore[attr-defined]
+    return resolve
+
+
+class PlaintextOnlyToLoopbackTest(FakeServerTest):
+    def test_a_name_that_resolves_elsewhere_is_refused(self):
+        resolver = fake_resolver({"localhost": ["10.1.2.3"]})
+        with mock.patch("socket.getaddrinfo", resolver):
+            with self.assertRaises(gc.TLSError) as ctx:
+                gc.GmailConnection(USER, password=PASSWORD, host="localhost",
+                                   port=self.server.port, security="plaintext")
+            code, _, err = run_cli("--user", USER, "--host", "localhost", "--port",
+                                   str(self.server.port), "--plaintext",
+                                   env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertIn("loopback", str(ctx.exception))
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertIn("loopback", err)
+        self.assertEqual(self.server.log, [])
+
+    def test_one_non_loopback_address_among_several_is_refused(self):
+        def resolve(host, port, *args, **kwargs):
+            if host == "mixed.test":
+                return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+                        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.7", port))]
+            return _real_getaddrinfo(host, port, *args, **kwargs)
+
+        with mock.patch("socket.getaddrinfo", resolve):
+            with self.assertRaises(gc.TLSError):
+                gc.GmailConnection(USER, password=PASSWORD, host="mixed.test",
+                                   security="plaintext")
+
+    def test_connects_to_the_address_that_was_checked(self):
+        # The first two lookups (constructor, then connect) say loopback; a third lookup,
+        # as a connection by name would make, fails: only the checked address may be used.
+        resolver = fake_resolver({"imap.loopback.test": ["127.0.0.1", "127.0.0.1",
+                                                         socket.gaierror("rebound")]})
+        with mock.patch("socket.getaddrinfo", resolver):
+            conn = self.connect(host="imap.loopback.test", retries=0)
+        self.assertTrue(conn.connected)
+        self.assertEqual(resolver.calls["imap.loopback.test"], 2)
+        self.assertEqual(self.commands()[:3], ["CAPABILITY", "LOGIN", "CAPABILITY"])
+
+    def test_private_and_public_addresses_are_not_loopback(self):
+        for host in ("10.0.0.1", "192.168.1.10", "172.16.0.1", "169.254.1.1", "100.64.0.1",
+                     "fd00::1", "8.8.8.8"):
+            with self.subTest(host=host):
+                with self.assertRaises(gc.TLSError):
+                    gc.GmailConnection(USER, password=PASSWORD, host=host, security="plaintext")
+        for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]"):
+            with self.subTest(host=host):
+                gc.GmailConnection(USER, password=PASSWORD, host=host, security="plaintext")
+
+
+class CredentialSafetyTest(FakeServerTest):
+    INJECTION = "x\r\nA1 DELETE INBOX"
+
+    def assert_nothing_sent(self):
+        self.assertNotIn("LOGIN", self.commands())
+        self.assertNotIn("DELETE", self.commands())
+        self.assertFalse(any(b"DELETE" in line for line in self.server.raw_lines))
+
+    def test_library_refuses_cr_lf_nul_in_every_credential(self):
+        cases = [dict(user="a\r\nb", password=PASSWORD), dict(user="a\x00b", password=PASSWORD),
+                 dict(user=USER, password=self.INJECTION), dict(user=USER, password="p\x00w"),
+                 dict(user=USER, token="ya29.x\nA1 DELETE INBOX")]
+        for case in cases:
+            with self.subTest(case=case):
+                user = case.pop("user")
+                with self.assertRaises(gc.CredentialError) as ctx:
+                    gc.GmailConnection(user, host="127.0.0.1", port=self.server.port,
+                                       security="plaintext", **case)
+                self.assertNotIn("DELETE", str(ctx.exception))
+        for source in (dict(password=lambda: self.INJECTION),
+                       dict(token=lambda: "ya29.x\rA1 DELETE INBOX")):
+            with self.subTest(source=source):
+                with self.assertRaises(gc.CredentialError):
+                    self.connect(**source)
+        self.assert_nothing_sent()
+
+    def test_command_line_refuses_them_from_every_source_with_exit_2(self):
+        argv = ["--host", "127.0.0.1", "--port", str(self.server.port), "--plaintext",
+                "--retries", "0"]
+        home = os.path.join(self.tmp, "home")
+        os.mkdir(home)
+        with open(os.path.join(home, ".netrc"), "w") as handle:
+            handle.write(f"machine 127.0.0.1 login {USER} password pa\x00ss\n")
+        os.chmod(os.path.join(home, ".netrc"), 0o600)
+        script = os.path.join(self.tmp, "secret.sh")
+        with open(script, "w") as handle:
+            handle.write("#!/bin/sh\nprintf 'pa\\000ss\\n'\n")
+        os.chmod(script, 0o700)
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w") as handle:
+            json.dump({"rule": EXAMPLE_DOC["rule"], "account": {"user": "a\nb"}}, handle)
+        cases = {
+            "option": (["--user", "a\r\nb"], {"GMAIL_APP_PASSWORD": PASSWORD}),
+            "environment": (["--user", USER], {"GMAIL_APP_PASSWORD": self.INJECTION}),
+            "netrc": (["--user", USER], {"HOME": home}),
+            "command": (["--user", USER, "--password-command", script], {}),
+            "token environment": (["--user", USER, "--auth", "xoauth2"],
+                                  {"GMAIL_OAUTH_TOKEN": "ya29.x\r\nA1 DELETE INBOX"}),
+            "token command": (["--user", USER, "--auth", "xoauth2", "--password-command",
+                               script], {}),
+            "rules file": (["--rules", rules], {"GMAIL_APP_PASSWORD": PASSWORD}),
+        }
+        for name, (extra, env) in cases.items():
+            with self.subTest(source=name):
+                code, out, err = run_cli(*argv, *extra, env=env)
+                self.assertEqual(code, gc.EXIT_USAGE, err)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+                self.assertNotIn("DELETE", err)
+        self.assert_nothing_sent()
+
+    def test_user_name_goes_out_quoted(self):
+        self.server.users['we"ird user\\x'] = PASSWORD
+        conn = gc.GmailConnection('we"ird user\\x', password=PASSWORD, host="127.0.0.1",
+                                  port=self.server.port, security="plaintext", keepalive=None)
+        conn.connect()
+        self.addCleanup(conn.close)
+        login = [e.line for e in self.server.log if e.command == "LOGIN"]
+        self.assertEqual(login, [b'%s LOGIN "we\\"ird user\\\\x" "%s"\r\n'
+                                 % (login[0].split(b" ")[0], PASSWORD.encode())])
+
+    def test_non_ascii_credentials_use_authenticate_plain_in_utf8(self):
+        for options in ({}, {"gmail": False}):
+            with self.subTest(server=options):
+                server = FakeGmail(users={"jörg@example.com": "pässwörd 1"}, **options).start()
+                self.addCleanup(server.stop)
+                conn = gc.GmailConnection("jörg@example.com", password="pässwörd 1",
+                                          host="127.0.0.1", port=server.port,
+                                          security="plaintext", keepalive=None)
+                conn.connect()
+                self.addCleanup(conn.close)
+                self.assertEqual(server.commands()[:3], ["CAPABILITY", "AUTHENTICATE", "CAPABILITY"])
+                encoded = base64.b64encode("\0jörg@example.com\0pässwörd 1".encode("utf-8"))
+                self.assertTrue(any(encoded in line for line in server.raw_lines))
+
+    def test_non_ascii_credentials_go_as_literals_without_auth_plain(self):
+        self.server.users["jörg@example.com"] = "pässwörd"
+        original = _Session._capabilities
+
+        def without_plain(session, authenticated=None):
+            return [c for c in original(session, authenticated) if c != "AUTH=PLAIN"]
+
+        with mock.patch.object(_Session, "_capabilities", without_plain):
+            conn = gc.GmailConnection("jörg@example.com", password="pässwörd",
+                                      host="127.0.0.1", port=self.server.port,
+                                      security="plaintext", keepalive=None)
+            conn.connect()
+            self.addCleanup(conn.close)
+        login = [e.line for e in self.server.log if e.command == "LOGIN"][0]
+        self.assertIn(b"LOGIN {17}\r\nj\xc3\xb6rg@example.com {10}\r\np\xc3\xa4ssw\xc3\xb6rd\r\n",
+                      login)
+
+    def test_xoauth2_sends_the_initial_response_on_the_first_line_with_sasl_ir(self):
+        self.connect(token=TOKEN)
+        initial = base64.b64encode(f"user={USER}\x01auth=Bearer {TOKEN}\x01\x01".encode())
+        line = [e.line for e in self.server.log if e.command == "AUTHENTICATE"][0]
+        self.assertTrue(line.endswith(b" AUTHENTICATE XOAUTH2 " + initial + b"\r\n"), line)
+
+    def test_xoauth2_waits_for_the_continuation_without_sasl_ir(self):
+        original = _Session._capabilities
+
+        def without_ir(session, authenticated=None):
+            return [c for c in original(session, authenticated) if c != "SASL-IR"]
+
+        initial = base64.b64encode(f"user={USER}\x01auth=Bearer {TOKEN}\x01\x01".encode())
+        with mock.patch.object(_Session, "_capabilities", without_ir):
+            self.connect(token=TOKEN)
+        line = [e.line for e in self.server.log if e.command == "AUTHENTICATE"][0]
+        self.assertTrue(line.endswith(b" AUTHENTICATE XOAUTH2\r\n"), line)
+        self.assertIn(initial + b"\r\n", self.server.raw_lines)
+
+    def test_sasl_secrets_never_reach_the_debug_log(self):
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        logger = logging.getLogger("gmail_classify")
+        old_level = logger.level
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        self.addCleanup(logger.removeHandler, handler)
+        self.addCleanup(logger.setLevel, old_level)
+        self.server.users["jörg@example.com"] = "pässwörd"
+        conn = gc.GmailConnection("jörg@example.com", password="pässwörd", host="127.0.0.1",
+                                  port=self.server.port, security="plaintext", keepalive=None)
+        conn.connect()
+        self.addCleanup(conn.close)
+        self.connect(token=TOKEN)
+        text = stream.getvalue()
+        self.assertIn("AUTHENTICATE", text)
+        for secret in ("pässwörd", TOKEN,
+                       base64.b64encode("\0jörg@example.com\0pässwörd".encode()).decode()[:12],
+                       base64.b64encode(f"user={USER}\x01auth=Bearer {TOKEN}".encode()).decode()[:12]):
+            with self.subTest(secret=secret):
+                self.assertNotIn(secret, text)
+
+    def test_garbage_in_answer_to_login_is_a_protocol_error_not_a_refusal(self):
+        self.server.add_fault("LOGIN", action="garbage")
+        with self.assertRaises(gc.ProtocolError) as ctx:
+            self.connect(retries=0)
+        self.assertNotIsInstance(ctx.exception, gc.AuthenticationError)
+
+    def test_a_preauth_greeting_is_refused_without_sending_the_password(self):
+        original = _Session.handle
+
+        def preauth(session):
+            session._send = lambda data, send=session._send: send(
+                data.replace(b"* OK Gimap ready", b"* PREAUTH Gimap ready"))
+            original(session)
+
+        with mock.patch.object(_Session, "handle", preauth):
+            with self.assertRaises(gc.AuthenticationError) as ctx:
+                self.connect(retries=0)
+        self.assertIn("PREAUTH", str(ctx.exception))
+        self.assertFalse(any(PASSWORD.encode() in line for line in self.server.raw_lines))
+
+
+class TerminalSafetyTest(FakeServerTest):
+    EVIL = "Invoice paid\r\x1b[2K\u202eXXX\x9b31m\x07"   # CR, ESC, bidi override, C1 CSI, BEL
+
+    def assert_safe(self, text: str) -> None:
+        for char in ("\r", "\x1b", "\u202e", "\x9b", "\x07"):
+            self.assertNotIn(char, text)
+
+    def test_printable_escapes_controls_and_bidi_and_keeps_text(self):
+        table = [("plain", "plain"), ("Café 日本 😀", "Café 日本 😀"), ("a\rb", "a\\u000db"),
+                 ("\x1b[2J", "\\u001b[2J"), ("\x7f", "\\u007f"), ("\x85\x9b", "\\u0085\\u009b"),
+                 ("\u202ecod.exe", "\\u202ecod.exe"), ("\u2066x\u2069", "\\u2066x\\u2069"),
+                 ("a\nb\tc", "a\\u000ab\\u0009c"), ("\x00", "\\u0000")]
+        for raw, shown in table:
+            with self.subTest(raw=raw):
+                self.assertEqual(gc.printable(raw), shown)
+        self.assertEqual(gc.printable("a\n\x1b", keep_newlines=True), "a\n\\u001b")
+
+    def subject_header(self) -> str:
+        return "=?UTF-8?B?" + base64.b64encode(self.EVIL.encode()).decode() + "?="
+
+    def test_run_and_json_escape_what_a_sender_wrote(self):
+        self.server.add_message(make_message(self.subject_header(),
+                                             sender="=?UTF-8?Q?Eve=1B[31m?= <eve@example.com>"))
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w") as handle:
+            json.dump({"rule": [{"name": "All", "subject": "invoice", "trash": True}]}, handle)
+        argv = ["--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                "--plaintext", "--rules", rules, "-v"]
+        code, out, err = run_cli(*argv, env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, 0, err)
+        self.assert_safe(out + err)
+        self.assertIn("would trash", out)
+        self.assertIn("Invoice paid \\u001b[2K\\u202eXXX", out)   # CR folded as whitespace
+        self.assertIn("Eve\\u001b[31m", out)
+        code, out, err = run_cli(*argv, "--json", env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assert_safe(out)
+        self.assertEqual(json.loads(out.splitlines()[0])["subject"], self.EVIL)
+
+    def test_test_labels_errors_and_log_lines_are_escaped(self):
+        eml = os.path.join(self.tmp, "evil.eml")
+        with open(eml, "wb") as handle:
+            handle.write(make_message(self.subject_header()))
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w") as handle:
+            json.dump({"rule": [{"name": "R\u202e", "subject": "invoice", "star": True}]}, handle)
+        code, out, err = run_cli("test", rules, eml)
+        self.assertEqual(code, 0, err)
+        self.assert_safe(out)
+        self.assertIn("\\u202e", out)
+        code, out, err = run_cli("check", rules)
+        self.assertEqual(code, 0, err)
+        self.assert_safe(out)
+        self.server.add_message(make_message(), labels=("\\Inbox", "evil\x1b]0;pwned\x07"))
+        argv = ["--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                "--plaintext", "--retries", "0"]
+        code, out, err = run_cli("labels", *argv, env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, 0, err)
+        self.assert_safe(out)
+        self.assertIn("evil\\u001b]0;pwned\\u0007", out)
+        self.server.add_fault("EXAMINE", action="no", text="[ALERT] \x1b[2J\rall fine")
+        code, out, err = run_cli(*argv, "-v", env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, gc.EXIT_INCOMPLETE)     # that folder is skipped
+        self.assertIn("\\u001b[2J\\u000dall fine", err)
+        self.assert_safe(err)
+
+
+class TerminalSafetyOfPathsTest(FakeServerTest):
+    def test_a_rules_file_name_with_controls_is_shown_escaped(self):
+        rules = os.path.join(self.tmp, "rules\u202e\x1b[1m.json")
+        with open(rules, "w") as handle:
+            json.dump({"rule": [{"name": "R", "subject": "x", "star": True}]}, handle)
+        code, out, err = run_cli("--user", USER, "--host", "127.0.0.1", "--port",
+                                 str(self.server.port), "--plaintext", "--rules", rules,
+                                 env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, 0, err)
+        self.assertIn("rules\\u202e\\u001b[1m.json", out)
+        self.assertFalse(re.search("[\x1b\u202e]", out + err))
+
+
+class HeaderNameValidationTest(TempDirMixin, unittest.TestCase):
+    def test_only_names_that_are_safe_imap_atoms_pass_check(self):
+        tmp = self.make_dir()
+        for name, ok in (("X-Foo)", False), ("X{3}", False), ("X[1]", False), ('X"y', False),
+                         ("X*", False), ("X%", False), ("X\\y", False), ("List Id", False),
+                         ("X-Mailer", True), ("List-Unsubscribe", True), ("X_Spam.Flag", True),
+                         ("DKIM-Signature", True)):
+            with self.subTest(name=name):
+                path = os.path.join(tmp, "rules.json")
+                with open(path, "w") as handle:
+                    json.dump({"rule": [{"name": "R", "header": {name: True}, "star": True}]},
+                              handle)
+                code, out, err = run_cli("check", path)
+                self.assertEqual(code, 0 if ok else gc.EXIT_USAGE, err)
+                if not ok:
+                    self.assertIn("is not a header name", err)
+
+
+class ResourceLimitsTest(FakeServerTest):
+    def setUp(self):
+        super().setUp()
+        for n in range(3):
+            self.server.add_message(make_message(f"message {n}", body=f"body {n} invoice\n"))
+
+    def test_an_oversized_literal_is_discarded_and_only_that_message_skipped(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID FETCH", action="huge_literal", size=8 * 1024 * 1024)
+        skipped: List[int] = []
+        tracemalloc.start()
+        try:
+            result = conn.fetch([1, 2, 3], ["BODY.PEEK[]<0.16384>"], skipped=skipped)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(skipped, [1])
+        self.assertEqual(sorted(result), [2, 3])
+        self.assertLess(peak, 2 * 1024 * 1024)   # the 8 MiB were never kept
+        self.assertTrue(conn.connected)
+        self.assertEqual(sorted(conn.fetch([1], ["FLAGS"])), [1])   # still in step
+
+    def test_the_run_skips_that_message_acts_on_the_others_and_exits_6(self):
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w") as handle:
+            # Matches an empty body too: a skipped message must not be judged without one.
+            json.dump({"rule": [{"name": "Bodies", "not": {"body": "zzz"}, "star": True}]},
+                      handle)
+        self.server.add_fault("UID FETCH", nth=2, action="huge_literal", size=3 * 1024 * 1024)
+        argv = ["--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                "--plaintext", "--rules", rules, "--apply"]
+        code, out, err = run_cli(*argv, env={"GMAIL_APP_PASSWORD": PASSWORD, "XDG_STATE_HOME": self.tmp})
+        self.assertEqual(code, gc.EXIT_INCOMPLETE, err)
+        self.assertIn("1 message skipped", err)
+        self.assertIn("run again", err)
+        flags = [m.flags for m in self.server.messages("INBOX")]
+        self.assertEqual(flags, [set(), {"\\Flagged"}, {"\\Flagged"}])
+        # Running again, the skipped message is looked at (the mark stopped before it).
+        code, out, err = run_cli(*argv, env={"GMAIL_APP_PASSWORD": PASSWORD, "XDG_STATE_HOME": self.tmp})
+        self.assertEqual(code, 0, err)
+        self.assertEqual([m.flags for m in self.server.messages("INBOX")], [{"\\Flagged"}] * 3)
+
+    def test_an_oversized_header_answer_in_the_pipelined_fetch_skips_only_that_message(self):
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w") as handle:
+            json.dump({"rule": [{"name": "All", "subject": "message", "star": True}]}, handle)
+        self.server.add_fault("UID FETCH", action="huge_literal", size=3 * 1024 * 1024)
+        code, out, err = run_cli("--user", USER, "--host", "127.0.0.1", "--port",
+                                 str(self.server.port), "--plaintext", "--rules", rules,
+                                 "--apply", env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, gc.EXIT_INCOMPLETE, err)
+        self.assertIn("INBOX: 1 message skipped", err)
+        self.assertEqual([m.flags for m in self.server.messages("INBOX")],
+                         [set(), {"\\Flagged"}, {"\\Flagged"}])
+
+    def test_a_huge_copyuid_is_ignored_not_expanded(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID MOVE", action="huge_copyuid")
+        tracemalloc.start()
+        try:
+            result = conn.move([1], "[Gmail]/Trash")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(dict(result.moved), {1: None})
+        self.assertLess(peak, 5 * 1024 * 1024)
+        self.assertEqual(self.server.uids("INBOX"), [2, 3])
+
+    def test_copyuid_naming_uids_that_were_not_sent_is_unusable(self):
+        response = gc._Response("OK", "COPYUID", [9, "1:2", "5:6"], "done", [])
+        self.assertEqual(gc._copyuid_map(response, [1, 2]), {1: 5, 2: 6})
+        self.assertEqual(gc._copyuid_map(response, [1]), {})
+        self.assertEqual(gc._copyuid_map(response, [1, 3]), {})
+        with self.assertRaises(ValueError):
+            gc.parse_uid_set("1:4294967295", limit=1000)
+        self.assertEqual(gc.parse_uid_set("3:1,7", limit=4), [1, 2, 3, 7])
+
+    def test_a_search_naming_more_uids_than_the_folder_holds_is_a_protocol_error(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID SEARCH", action="huge_search", size=50000)
+        with self.assertRaises(gc.ProtocolError) as ctx:
+            conn.search()
+        self.assertIn("far more than the folder holds", str(ctx.exception))
+        self.assertFalse(conn.connected)   # out of step: never read from again
+        self.assertEqual(conn.search(), [1, 2, 3])
+        self.assertEqual(self.server.count("LOGIN"), 2)
+
+    def test_an_exists_flood_updates_state_and_is_not_kept(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID SEARCH", action="exists_flood", size=3000)
+        with mock.patch.object(gc, "MAX_KEPT_UNTAGGED", 1000):
+            self.assertEqual(conn.search(), [1, 2, 3])
+        self.assertEqual(conn.selected.exists, 3 + 2999)
+
+    def test_too_many_needed_answers_are_a_protocol_error(self):
+        conn = self.connect()
+        lines = "\r\n".join(f'* LIST (\\HasNoChildren) "/" "folder {n}"' for n in range(50))
+        self.server.add_fault("LIST", action="unsolicited", text=lines)
+        with mock.patch.object(gc, "MAX_KEPT_UNTAGGED", 20):
+            with self.assertRaises(gc.ProtocolError):
+                conn.list_folders()
+
+    def test_a_nesting_bomb_is_a_protocol_error_exit_5_not_a_crash(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID FETCH", action="nesting_bomb", size=5000)
+        with self.assertRaises(gc.ProtocolError) as ctx:
+            conn.fetch([1], ["BODYSTRUCTURE"])
+        self.assertIn("nested deeper", str(ctx.exception))
+        self.assertFalse(conn.connected)
+        self.server.add_fault("UID FETCH", action="nesting_bomb", size=5000)
+        code, _, err = run_cli("--user", USER, "--host", "127.0.0.1", "--port",
+                               str(self.server.port), "--plaintext", "--retries", "0",
+                               env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, gc.EXIT_SERVER, err)
+        self.assertNotIn("Traceback", err)
+
+    def test_nonsense_values_are_protocol_errors_and_the_connection_is_dropped(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("NOOP", action="unsolicited", text="* OK [UIDNEXT \u00b2] hm")
+        conn.noop()   # a superscript digit is not a number: kept as text, no crash
+        self.server.add_fault("UID FETCH", action="garbage")
+        with self.assertRaises(gc.ProtocolError):
+            conn.fetch([1], ["FLAGS"])
+        self.assertFalse(conn.connected)
+        self.assertEqual(sorted(conn.fetch([1], ["FLAGS"])), [1])
+        self.assertEqual(conn.reconnects, 1)
+
+    def test_literal_limits_follow_what_was_asked(self):
+        table = [(["BODY.PEEK[]<0.16384>"], 16384),
+                 (["FLAGS", "BODY.PEEK[HEADER.FIELDS (FROM)]"], gc.MAX_HEADER_LITERAL),
+                 (["BODY.PEEK[]"], gc.MAX_MESSAGE_LITERAL),
+                 (["FLAGS", "X-GM-LABELS"], gc.MAX_SMALL_LITERAL),
+                 (["BODYSTRUCTURE", "BODY.PEEK[1]<0.100>"], gc.MAX_SMALL_LITERAL)]
+        for items, limit in table:
+            with self.subTest(items=items):
+                self.assertEqual(gc._fetch_literal_limit(items), limit)
+
+
+class StallTest(FakeServerTest):
+    def test_a_server_that_dribbles_is_a_stall_even_though_each_read_succeeds(self):
+        self.server.add_message(make_message())
+        conn = self.connect(timeout=0.3, retries=0)
+        conn.select("INBOX")
+        self.server.add_fault("UID SEARCH", action="dribble", size=1, delay=0.02)
+        started = time.monotonic()
+        with self.assertRaises(gc.ConnectionLostError) as ctx:
+            conn.search()
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertIn("stalled", str(ctx.exception))
+
+    def test_a_fast_start_does_not_excuse_a_dribble_later(self):
+        self.server.add_message(make_message(body="x" * 4000))
+        conn = self.connect(timeout=0.3, retries=0)
+        conn.select("INBOX")
+        self.server.add_fault("UID FETCH", action="dribble", burst=2048, size=1, delay=0.005)
+        with self.assertRaisesRegex(gc.ConnectionLostError, "stalled"):
+            conn.fetch([1], ["BODY.PEEK[]"])
+
+    def test_the_command_line_gives_up_on_a_dribbling_server_with_exit_4(self):
+        self.server.add_fault("EXAMINE", action="dribble", size=1, delay=0.02, count=5)
+        started = time.monotonic()
+        code, _, err = run_cli("--user", USER, "--host", "127.0.0.1", "--port",
+                               str(self.server.port), "--plaintext", "--retries", "0",
+                               "--timeout", "0.3", env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, gc.EXIT_CONNECTION, err)
+        self.assertLess(time.monotonic() - started, 5)
+
+    def test_a_slow_but_working_link_still_completes_a_large_fetch(self):
+        body = "".join(f"line {n} of a long message\n" for n in range(4000))   # ~110 KB
+        self.server.add_message(make_message(body=body))
+        conn = self.connect(timeout=0.3, retries=0)
+        conn.select("INBOX")
+        self.server.add_fault("UID FETCH", action="dribble", size=4096, delay=0.02)
+        started = time.monotonic()
+        result = conn.fetch([1], ["BODY.PEEK[]"])
+        self.assertGreater(time.monotonic() - started, 0.3)   # longer than one window
+        self.assertIn(b"line 3999 of a long message", result[1]["BODY.PEEK[]"])
+        self.assertEqual(conn.reconnects, 0)
+
+    def test_idle_is_exempt(self):
+        conn = self.connect(timeout=0.2)
+        conn.select("INBOX")
+        time.sleep(0.3)   # longer than a window since the last answer
+        self.assertEqual(conn.idle(0.5), [])
+        threading.Timer(0.3, self.server.deliver, [make_message("late")]).start()
+        events = conn.idle(3)
+        self.assertIn("EXISTS", [str(e[1]) for e in events])
+        self.assertEqual(conn.reconnects, 0)
+
+
+class ExitCodeTest(FakeServerTest):
+    def argv(self, *extra: str) -> List[str]:
+        return ["--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                "--plaintext", "--retries", "0", *extra]
+
+    def test_usage_mistakes_in_timeout_port_and_folder_exit_2(self):
+        for extra in (["--timeout", "0"], ["--timeout", "-1"], ["--timeout", "nan"],
+                      ["--timeout", "inf"], ["--timeout", "soon"], ["--port", "0"],
+                      ["--port", "65536"], ["--port", "-5"], ["--folder", "IN\x1bBOX"],
+                      ["--folder", "a\x7fb"], ["--folder", "a\rb"], ["--folder", ""]):
+            with self.subTest(extra=extra):
+                argv = ["--user", USER, "--host", "127.0.0.1", "--plaintext",
+                        "--retries", "0"] + extra
+                if "--port" not in extra:
+                    argv += ["--port", str(self.server.port)]
+                code, _, err = run_cli(*argv, env={"GMAIL_APP_PASSWORD": PASSWORD})
+                self.assertEqual(code, gc.EXIT_USAGE, err)
+                self.assert_no_raw_controls(err)
+        self.assertEqual(self.server.log, [])
+        code, _, err = run_cli(*self.argv("--timeout", "2.5", "--port", str(self.server.port)),
+                               env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, 0, err)
+
+    def assert_no_raw_controls(self, text: str) -> None:
+        self.assertFalse(re.search("[\x1b\x7f\r]", text), text)
+
+    def test_uidvalidity_change_mid_run_skips_that_folder_says_run_again_and_exits_6(self):
+        self.server.add_message(make_message("receipt 1"), labels=("\\Inbox", "Work"))
+        self.server.add_message(make_message("receipt 2"), labels=("Work",))
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w") as handle:
+            json.dump({"rule": [{"name": "R", "subject": "receipt", "star": True}]}, handle)
+        self.server.add_fault("UID FETCH", action="renumber")
+        argv = ["--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                "--plaintext", "--retries", "1", "--rules", rules, "--apply",
+                "--folder", "INBOX", "--folder", "Work"]
+        code, out, err = run_cli(*argv, env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, gc.EXIT_INCOMPLETE, err)
+        self.assertIn("UIDVALIDITY of INBOX changed", err)
+        self.assertIn("run again", err)
+        self.assertIn("Work: 2 messages examined", out)
+        self.assertEqual([m.flags for m in self.server.messages("Work")],
+                         [{"\\Flagged"}, {"\\Flagged"}])
+
+    def test_tls_hint_names_cafile_only_when_none_was_given(self):
+        server = FakeGmail(tls=True, cert="wrong_host").start()
+        self.addCleanup(server.stop)
+        ca_file = write_ca_file(self.tmp)
+        for options, hinted in (({}, True), ({"cafile": ca_file}, False)):
+            with self.subTest(options=options):
+                conn = gc.GmailConnection(USER, password=PASSWORD, host="localhost",
+                                          port=server.port, keepalive=None, retries=0,
+                                          timeout=5, **options)
+                with self.assertRaises(gc.TLSError) as ctx:
+                    conn.connect()
+                self.assertEqual("--cafile" in str(ctx.exception), hinted)
+
+    def test_tls_refusal_exits_4(self):
+        server = FakeGmail(tls=True).start()
+        self.addCleanup(server.stop)
+        code, _, err = run_cli("--user", USER, "--host", "localhost", "--port", str(server.port),
+                               "--retries", "0", env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, gc.EXIT_CONNECTION, err)
+        self.assertIn("cannot trust the TLS certificate", err)
+        self.assertNotIn("LOGIN", server.commands())
+
+    def test_ctrl_c_during_the_final_logout_is_not_an_interruption(self):
+        self.server.add_message(make_message("receipt 1"))
+        original = gc.GmailConnection._execute_on
+
+        def interrupt_on(command_name):
+            def execute(conn, imap, command, *args, **kwargs):
+                if command == command_name:
+                    raise KeyboardInterrupt
+                return original(conn, imap, command, *args, **kwargs)
+            return execute
+
+        with mock.patch.object(gc.GmailConnection, "_execute_on", interrupt_on("LOGOUT")):
+            code, out, err = run_cli(*self.argv(), env={"GMAIL_APP_PASSWORD": PASSWORD})
+            self.assertEqual(code, 0, err)
+            self.assertIn("Dry run", out)
+            code, out, err = run_cli("labels", *self.argv(), env={"GMAIL_APP_PASSWORD": PASSWORD})
+            self.assertEqual(code, 0, err)
+        with mock.patch.object(gc.GmailConnection, "_execute_on", interrupt_on("UID SEARCH")):
+            code, out, err = run_cli(*self.argv(), env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, gc.EXIT_INTERRUPTED)
+        wait_until(lambda: self.server.sessions == [])   # the interrupted run still closed
+
+    def test_exit_code_table_is_documented(self):
+        path = os.path.join(os.path.dirname(os.path.abspath(gc.__file__)), "README.md")
+        readme = None   # absent in a bare copy (mutation runs)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                readme = handle.read()
+        for code in ("0", "1", "2", "3", "4", "5", "6", "130"):
+            with self.subTest(code=code):
+                self.assertRegex(gc.EXIT_CODES_HELP, rf"(?m)^\s+{code}\s")
+                if readme is not None:
+                    self.assertRegex(readme, rf"(?m)^\|\s*{code}\s*\|")
+
+
+class MutationGapTest(FakeServerTest):
+    """Behaviours that hand-made broken copies of the module showed nobody was checking."""
+
+    def run_rules(self, rule: Dict[str, Any], *extra: str) -> Tuple[int, str, str]:
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w") as handle:
+            json.dump({"rule": [dict(name="R", **rule)]}, handle)
+        return run_cli("--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                       "--plaintext", "--retries", "0", "--rules", rules, *extra,
+                       env={"GMAIL_APP_PASSWORD": PASSWORD})
+
+    def test_an_unsolicited_fetch_for_another_uid_never_reaches_the_results(self):
+        for n in range(3):
+            self.server.add_message(make_message(f"m{n}"))
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID FETCH", action="unsolicited",
+                              text="* 2 FETCH (UID 2 FLAGS (\\Seen))\r\n* 3 FETCH (UID 3 FLAGS ())")
+        result = conn.fetch([1], ["FLAGS"])
+        self.assertEqual(sorted(result), [1])
+        self.assertEqual(result[1]["FLAGS"], ())
+
+    def test_plaintext_injected_after_starttls_is_refused_before_signing_in(self):
+        server = FakeGmail(starttls=True).start()
+        self.addCleanup(server.stop)
+        server.add_fault("STARTTLS", action="starttls_inject")
+        conn = gc.GmailConnection(USER, password=PASSWORD, host="localhost", port=server.port,
+                                  security="starttls", cafile=write_ca_file(self.tmp),
+                                  keepalive=None, retries=0, timeout=5)
+        with self.assertRaises(gc.TLSError) as ctx:
+            conn.connect()
+        self.assertIn("injection", str(ctx.exception))
+        self.assertNotIn("LOGIN", server.commands())
+        self.assertFalse(any(PASSWORD.encode() in line for line in server.raw_lines))
+
+    def test_the_real_uid_set_limit_keeps_lines_under_gmails(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        sparse = list(range(1, 40000, 2))   # 20,000 UIDs that compress to nothing
+        self.assertEqual(conn.fetch(sparse, ["FLAGS"]), {})
+        lines = [e.line for e in self.server.log if e.command == "UID FETCH"]
+        self.assertGreaterEqual(len(lines), 14)
+        self.assertTrue(all(len(line) <= GMAIL_MAX_LINE for line in lines))
+        self.assertTrue(all(len(line) > GMAIL_MAX_LINE // 2 for line in lines[:-1]))
+        self.assertEqual(self.server.long_lines, [])
+
+    def test_backoff_has_jitter_and_a_cap(self):
+        port = self.server.port
+        self.server.add_fault("LOGIN", action="drop", count=100)   # a flaky server: retried
+        for rng, first in ((lambda: 0.0, 0.5), (lambda: 1.0, 1.0), (lambda: 0.5, 0.75)):
+            with self.subTest(first=first):
+                sleep = Recorder()
+                conn = gc.GmailConnection(USER, password=PASSWORD, host="127.0.0.1", port=port,
+                                          security="plaintext", keepalive=None, retries=1,
+                                          backoff=1.0, sleep=sleep, rng=rng)
+                with self.assertRaises(gc.ConnectionLostError):
+                    conn.connect()
+                self.assertEqual(sleep.delays, [first])
+        sleep = Recorder()
+        conn = gc.GmailConnection(USER, password=PASSWORD, host="127.0.0.1", port=port,
+                                  security="plaintext", keepalive=None, retries=4, backoff=20,
+                                  sleep=sleep, rng=lambda: 1.0)
+        with self.assertRaises(gc.ConnectionLostError):
+            conn.connect()
+        self.assertEqual(sleep.delays, [20, 40, gc.MAX_BACKOFF, gc.MAX_BACKOFF])
+        self.assertEqual(gc.MAX_BACKOFF, 60.0)
+
+    def test_keepalive_waits_its_interval_and_its_default_beats_gmails_idle_drop(self):
+        self.assertGreaterEqual(gc.DEFAULT_KEEPALIVE, 60)
+        self.assertLessEqual(gc.DEFAULT_KEEPALIVE, 25 * 60)   # Gmail drops idle at ~30 min
+        default = gc.GmailConnection(USER, password=PASSWORD, host="127.0.0.1",
+                                     security="plaintext")
+        self.assertEqual(default.keepalive, gc.DEFAULT_KEEPALIVE)
+        conn = self.connect(keepalive=0.6)
+        conn.noop()
+        sent = time.monotonic()
+        wait_until(lambda: self.server.count("NOOP") >= 2)
+        self.assertGreaterEqual(time.monotonic() - sent, 0.55)
+
+    def test_regex_flags_combine(self):
+        ruleset = one_rule(body="/^total: \\d+$/im")
+        self.assertTrue(hit(ruleset, info("Subject: x", body="Hello\nTOTAL: 42\nbye")))
+        self.assertFalse(hit(one_rule(body="/^total: \\d+$/i"),
+                             info("Subject: x", body="Hello\nTOTAL: 42\nbye")))
+        self.assertFalse(hit(one_rule(body="/^total: \\d+$/m"),
+                             info("Subject: x", body="Hello\nTOTAL: 42\nbye")))
+
+    def test_plain_matches_normalise_whitespace(self):
+        ruleset = one_rule(subject="your   order\tshipped")
+        self.assertTrue(hit(ruleset, info("Subject: Your order  shipped today")))
+        self.assertTrue(hit(one_rule(subject="order shipped"),
+                            info("Subject: Order\t\tSHIPPED")))
+
+    def test_spaces_stay_in_passwords_that_are_not_app_passwords(self):
+        self.server.users[USER] = "correct horse battery"
+        conn = self.connect(password="correct horse battery")
+        self.assertTrue(conn.connected)
+        self.assertEqual(gc._clean_password("abcd efgh ijkl mnop"), "abcdefghijklmnop")
+        self.assertEqual(gc._clean_password("abc defgh ijkl mnop"), "abc defgh ijkl mnop")
+        self.assertIn(b'"correct horse battery"', [e.line for e in self.server.log
+                                                   if e.command == "LOGIN"][0])
+
+    def test_password_sources_follow_the_documented_order(self):
+        home = os.path.join(self.tmp, "home")
+        os.mkdir(home)
+        with open(os.path.join(home, ".netrc"), "w") as handle:
+            handle.write(f"machine 127.0.0.1 login {USER} password from-netrc\n")
+        os.chmod(os.path.join(home, ".netrc"), 0o600)
+        script = os.path.join(self.tmp, "secret.sh")
+        with open(script, "w") as handle:
+            handle.write("#!/bin/sh\necho from-rules-command\n")
+        os.chmod(script, 0o700)
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w") as handle:
+            # Run through /bin/sh, not exec'd directly: a script just written can be
+            # "busy" (ETXTBSY) while another thread of the suite forks.
+            json.dump({"rule": EXAMPLE_DOC["rule"],
+                       "account": {"password_command": ["/bin/sh", script]}}, handle)
+        argv = ["--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                "--plaintext", "--retries", "0", "-q"]
+        for env, expected in (({"GMAIL_APP_PASSWORD": "from-env", "HOME": home}, "from-env"),
+                              ({"HOME": home}, "from-rules-command")):
+            with self.subTest(expected=expected):
+                code, _, err = run_cli(*argv, "--rules", rules, env=env)
+                self.assertEqual(code, gc.EXIT_AUTH, err)   # signed in with that secret
+                login = [e.line for e in self.server.log if e.command == "LOGIN"][-1]
+                self.assertIn(b'"%s"' % expected.encode(), login)
+        code, out, err = run_cli(*argv, env={"HOME": home})
+        login = [e.line for e in self.server.log if e.command == "LOGIN"][-1]
+        self.assertIn(b'"from-netrc"', login, err)
+
+    def test_a_group_readable_netrc_is_refused(self):
+        home = os.path.join(self.tmp, "home")
+        os.mkdir(home)
+        path = os.path.join(home, ".netrc")
+        with open(path, "w") as handle:
+            handle.write(f"machine 127.0.0.1 login {USER} password {PASSWORD}\n")
+        for mode, code in ((0o640, gc.EXIT_USAGE), (0o604, gc.EXIT_USAGE), (0o600, 0)):
+            with self.subTest(mode=oct(mode)):
+                os.chmod(path, mode)
+                result, _, err = run_cli("--user", USER, "--host", "127.0.0.1", "--port",
+                                         str(self.server.port), "--plaintext", "--retries", "0",
+                                         env={"HOME": home})
+                self.assertEqual(result, code, err)
+
+    def test_unstar_and_mark_unread_remove_the_flags(self):
+        self.server.add_message(make_message("starred and read"), flags=("\\Flagged", "\\Seen"))
+        code, _, err = self.run_rules({"subject": "starred", "unstar": True, "mark_unread": True},
+                                      "--apply")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.server.messages("INBOX")[0].flags, set())
+        stores = [e.line for e in self.server.log if e.command == "UID STORE"]
+        self.assertTrue(any(b"-FLAGS.SILENT (\\Flagged)" in line for line in stores), stores)
+        self.assertTrue(any(b"-FLAGS.SILENT (\\Seen)" in line for line in stores), stores)
+        self.assertFalse(any(b"+FLAGS" in line for line in stores), stores)
+
+    def test_limit_takes_the_newest_messages(self):
+        for n in range(5):
+            self.server.add_message(make_message(f"receipt {n}"))
+        code, out, err = self.run_rules({"subject": "receipt", "star": True}, "--limit", "2")
+        self.assertEqual(code, 0, err)
+        fetches = [e.line for e in self.server.log if e.command == "UID FETCH"]
+        self.assertEqual(len(fetches), 1)
+        self.assertIn(b" UID FETCH 4:5 ", fetches[0])
+        self.assertIn("INBOX 5:", out)
+        self.assertNotIn("INBOX 1:", out)
+
+    def test_a_literal_shorter_than_announced_is_a_protocol_error(self):
+        with self.assertRaisesRegex(gc.ProtocolError, "shorter than announced"):
+            gc.parse_response(b"1 FETCH (UID 1 BODY[] {10}\r\nabc)")
+        self.assertEqual(gc.parse_response(b"1 FETCH (BODY[] {3}\r\nabc)"),
+                         [1, "FETCH", ["BODY[]", b"abc"]])
+
+    def test_a_bracket_inside_a_quoted_response_code_argument(self):
+        table = [(b'[BADCHARSET ("a]b" UTF-8)] no', ("BADCHARSET", [["a]b", "UTF-8"]], "no")),
+                 (b'[X-NOTE "we]ird" 3] text', ("X-NOTE", ["we]ird", 3], "text")),
+                 (b'[PERMANENTFLAGS (\\Seen $a]b \\*)] Flags', ("PERMANENTFLAGS",
+                                                               [["\\Seen", "$a]b", "\\*"]], "Flags"))]
+        for raw, expected in table:
+            with self.subTest(raw=raw):
+                self.assertEqual(gc.parse_status_text(raw), expected)
+
+    def test_del_in_folder_names_is_encoded_not_sent_raw(self):
+        self.assertEqual(gc.encode_mailbox("a\x7fb"), "a&AH8-b")
+        self.assertEqual(gc.mailbox_arg("a\x7fb"), b"a&AH8-b")
+        self.assertEqual(gc.decode_mailbox("a&AH8-b"), "a\x7fb")
+        self.assertEqual(gc.astring("a\x7fb"), b'"a\x7fb"')
+
+
+class FakeGmailStrictnessTest(FakeGmailTestCase):
+    def setUp(self):
+        self.server = self.start()
+        self.server.add_message(PLAIN_MSG, labels=("\\Inbox", "Receipts"))
+        self.client = self.raw(self.server)
+        self.client.login()
+        self.client.command(b"SELECT INBOX")
+
+    def test_unquoted_labels_gmail_misreads_are_refused(self):
+        for label in (b"a*b", b"[x]", b"x%"):
+            with self.subTest(label=label):
+                tagged, _ = self.client.command(b"UID STORE 1 +X-GM-LABELS (" + label + b")")
+                self.assertIn(b" BAD ", tagged)
+                tagged, _ = self.client.command(b'UID STORE 1 +X-GM-LABELS ("' + label + b'")')
+                self.assertIn(b" OK ", tagged)
+
+    def test_inbox_without_backslash_is_not_taken_for_the_system_label(self):
+        tagged, _ = self.client.command(b'UID STORE 1 -X-GM-LABELS ("Inbox")')
+        self.assertIn(b" BAD ", tagged)
+        self.assertEqual(self.server.uids("INBOX"), [1])
+        tagged, _ = self.client.command(b"UID STORE 1 -X-GM-LABELS (\\Inbox)")
+        self.assertIn(b" OK ", tagged)
+        self.assertEqual(self.server.uids("INBOX"), [])
+
+    def test_the_viewed_folders_own_label_is_left_out(self):
+        _, untagged = self.client.command(b"UID FETCH 1 (X-GM-LABELS)")
+        self.assertEqual(untagged, [b'* 1 FETCH (UID 1 X-GM-LABELS (Receipts))\r\n'])
+        self.client.command(b"SELECT Receipts")
+        _, untagged = self.client.command(b"UID FETCH 1 (X-GM-LABELS)")
+        self.assertEqual(untagged, [b'* 1 FETCH (UID 1 X-GM-LABELS ("\\\\Inbox"))\r\n'])
+
+    def test_hostile_faults_do_what_they_say(self):
+        self.server.add_fault("UID SEARCH", action="huge_search", size=5)
+        _, untagged = self.client.command(b"UID SEARCH ALL")
+        self.assertEqual(untagged, [b"* SEARCH 1 1 1 1 1\r\n"])
+        self.server.add_fault("UID FETCH", action="nesting_bomb", size=3)
+        _, untagged = self.client.command(b"UID FETCH 1 (FLAGS)")
+        self.assertEqual(untagged, [b"* 1 FETCH (UID 1 BODYSTRUCTURE ((())))\r\n"])
+        self.server.add_fault("UID FETCH", action="huge_literal", size=5)
+        _, untagged = self.client.command(b"UID FETCH 1 (FLAGS)")
+        self.assertEqual(untagged, [b"* 1 FETCH (UID 1 BODY[] {5}\r\nxxxxx)\r\n",
+                                    b"* 1 FETCH (UID 1 FLAGS ())\r\n"])
+        self.server.add_fault("NOOP", action="exists_flood", size=2)
+        _, untagged = self.client.command(b"NOOP")
+        self.assertEqual(untagged, [b"* 1 EXISTS\r\n", b"* 2 EXISTS\r\n"])
+        self.server.add_fault("UID COPY", action="huge_copyuid")
+        tagged, _ = self.client.command(b'UID COPY 1 "[Gmail]/Trash"')
+        self.assertIn(b"[COPYUID 1 1:4294967295 1:4294967295]", tagged)
+        self.server.add_fault("NOOP", action="dribble", size=4, delay=0.001)
+        tagged, _ = self.client.command(b"NOOP")
+        self.assertTrue(tagged.endswith(b" OK Success\r\n"))
+        before = self.server.uidvalidity("INBOX")
+        self.server.add_fault("NOOP", action="renumber")
+        self.assertRaises(EOFError, self.client.command, b"NOOP")
+        self.assertNotEqual(self.server.uidvalidity("INBOX"), before)
+
+
+class LineLimitTest(FakeServerTest):
+    def test_lines_are_bounded_and_only_search_may_be_long_in_proportion(self):
+        self.server.add_message(make_message())
+        conn = self.connect()
+        conn.select("INBOX")
+        with mock.patch.object(gc, "MAX_RESPONSE_LINE", 2000):
+            self.server.add_fault("UID SEARCH", action="huge_search", size=1500)   # ~3 KB
+            self.assertEqual(conn.search(), [1])
+            self.server.add_fault("NOOP", action="unsolicited",
+                                  text="* 1 FETCH (UID 1 X-JUNK (" + "1 " * 1500 + "))")
+            with self.assertRaisesRegex(gc.ProtocolError, "longer than 2000"):
+                conn.noop()
+        self.assertFalse(conn.connected)
+        conn.noop()
+        self.assertEqual(conn.reconnects, 1)
+
+    def test_a_flood_while_imaplib_reads_the_greeting_ends_the_connection(self):
+        original = _Session.handle
+
+        def flood(session):
+            session._send = lambda data, send=session._send: send(
+                data + b"* OK flood\r\n" * 1500 if data.startswith(b"* OK Gimap") else data)
+            original(session)
+
+        with mock.patch.object(_Session, "handle", flood):
+            with self.assertRaisesRegex(gc.ProtocolError, "far more lines"):
+                self.connect(retries=0)
+        self.assertNotIn("LOGIN", self.commands())
+
+
 if __name__ == "__main__":
     unittest.main()
 
@@ -8933,6 +11035,9 @@ def tricky_header_blocks() -> List[bytes]:
                       b"Date: Mon, 04 Mar 2024 10:00:0%d +0000\r\n\r\n" % (i, i % 10))
     for subject in TRICKY_SUBJECTS:
         blocks.append(b"Subject: " + subject + b"\r\nSubject: second\r\n\r\n")
+    for msgid in (b" <a@b> ", b"<a@b> (c)", b"<a b@c>", b"<a@[1.2.3.4]>", b"abc", b"<a@b><c@d>", b'<"q"@b>',
+                  b"<a.b=?x@c.d>", b"<@b>", b"<a@b>\r\n <c@d>"):
+        blocks.append(b"Message-ID: " + msgid + b"\r\nMessage-ID: <ok@example.com>\r\n\r\n")
     blocks += [b"From nobody Mon Jan 1\r\nSubject: unix from\r\n\r\n", b"Subject: no end",
                b"Bad line\r\nSubject: x\r\n\r\n", b" Subject: leading space\r\n\r\n",
                b"Subject: with body\r\n\r\nbody text", b"Subject: bare\nlf\r\n\r\n",
@@ -9133,6 +11238,11 @@ class PipeliningTest(FakeServerTest):
             next(batches)
         self.assertEqual((caught.exception.command, caught.exception.status), ("UID FETCH", "NO"))
         self.assertEqual(self.conn.search(["ALL"]), [1, 2, 3, 4, 5, 6])   # the third answer was read first
+
+    def test_items_that_would_mark_mail_read_are_refused_before_anything_is_sent(self):
+        with self.assertRaises(gc.ImapError):
+            next(self.conn.fetch_batches(self.BATCHES, ["FLAGS", "BODY[HEADER]"]))
+        self.assertEqual(self.server.count("UID FETCH"), 0)
 
     def test_classify_gives_the_same_report_in_small_batches(self):
         rules = gc.parse_rules({"rule": [{"name": "odd", "subject": ["/[135]$/"], "label": "Odd"}]}, "r.json")

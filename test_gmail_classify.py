@@ -6628,8 +6628,11 @@ class FakeGoogle:
         code = "4/code-%d" % len(self.auth_requests)
         self.codes[code] = query
         answer = {"state": query.get("state", ""), "code": code, "scope": query.get("scope", "")}
-        if self.consent == "deny":
-            answer = {"state": query.get("state", ""), "error": "access_denied"}
+        if self.consent in ("deny", "server_error"):
+            answer = {"state": query.get("state", ""),
+                      "error": "access_denied" if self.consent == "deny" else "server_error"}
+        elif self.consent == "no_code":
+            answer = {"state": query.get("state", "")}
         elif self.consent == "forge":
             answer["state"] = "forged-state"
         elif self.consent == "no_scope":
@@ -6770,7 +6773,18 @@ class OAuthTest(FakeServerTest):
         with self.assertRaises(gc.OAuthError) as caught:
             self.authorize()
         self.assertEqual(caught.exception.error, "access_denied")
-        self.assertIn("denied", str(caught.exception))
+        self.assertIn("access was denied on Google's consent page", str(caught.exception))
+        self.assertEqual(self.google.token_requests, [])
+
+    def test_other_errors_and_an_answer_without_a_code(self):
+        for consent, error in (("server_error", "server_error"), ("no_code", "no_code")):
+            with self.subTest(consent=consent):
+                self.google.consent = consent
+                with self.assertRaises(gc.OAuthError) as caught:
+                    self.authorize()
+                self.assertEqual(caught.exception.error, error)
+                self.assertIn("run auth again" if error == "no_code" else "server_error",
+                              str(caught.exception))
         self.assertEqual(self.google.token_requests, [])
 
     def test_bad_state_is_refused_before_any_exchange(self):

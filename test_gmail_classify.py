@@ -6115,6 +6115,9 @@ class WatcherTest(FakeServerTest):
             self.assertFalse(any(b"NOOP" in line for line in lines[start:done]),
                              "the keepalive spoke during IDLE")
         self.assertEqual(self.caught_up, [["INBOX"]])   # re-issuing is not a wake-up
+        names = self.commands()
+        self.assertEqual(set(names[names.index("IDLE"):-2]), {"IDLE"})   # nothing in between
+        self.assertEqual(names[-2:], ["UNSELECT", "LOGOUT"])
 
     def test_drop_during_idle_is_survived_and_mail_that_came_meanwhile_is_classified(self):
         with self.assertLogs("gmail_classify", "INFO") as logs:
@@ -6675,6 +6678,8 @@ class FakeGoogle:
             return self._reply(handler, 503, b"<html>busy</html>", {"Content-Type": "text/html"})
         if self.token_fault == "garbage":
             return self._reply(handler, 200, b"[1, 2]")
+        if self.token_fault == "no_token":
+            return self._reply(handler, 200, b'{"expires_in": 3599, "token_type": "Bearer"}')
         if self.token_fault or form.get("refresh_token") not in self.refresh_tokens:
             return error(400 if self.token_fault != "invalid_client" else 401,
                          self.token_fault or "invalid_grant")
@@ -6895,7 +6900,8 @@ class OAuthTest(FakeServerTest):
         table = [("invalid_grant", gc.OAuthError, "auth"),
                  ("invalid_client", gc.OAuthError, "client id and secret"),
                  ("503", gc.ConnectionLostError, "HTTP 503"),
-                 ("garbage", gc.ProtocolError, "not a JSON object")]
+                 ("garbage", gc.ProtocolError, "not a JSON object"),
+                 ("no_token", gc.ProtocolError, "without an access_token")]
         for fault, error, text in table:
             with self.subTest(fault=fault):
                 self.google.token_fault = fault

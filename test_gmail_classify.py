@@ -8757,30 +8757,34 @@ class MutationGapTest(FakeServerTest):
                                                    if e.command == "LOGIN"][0])
 
     def test_password_sources_follow_the_documented_order(self):
+        # Checked where the order is decided, without a connection per source: the
+        # command line's option, then the environment, then the rules' password_command,
+        # then ~/.netrc.
         home = os.path.join(self.tmp, "home")
         os.mkdir(home)
         with open(os.path.join(home, ".netrc"), "w") as handle:
             handle.write(f"machine 127.0.0.1 login {USER} password from-netrc\n")
         os.chmod(os.path.join(home, ".netrc"), 0o600)
-        script = os.path.join(self.tmp, "secret.sh")
-        with open(script, "w") as handle:
-            handle.write("#!/bin/sh\necho from-rules-command\n")
-        os.chmod(script, 0o700)
-        rules = os.path.join(self.tmp, "rules.json")
-        with open(rules, "w") as handle:
-            json.dump({"rule": EXAMPLE_DOC["rule"], "account": {"password_command": script}},
-                      handle)
-        argv = ["--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
-                "--plaintext", "--retries", "0", "-q"]
-        for env, expected in (({"GMAIL_APP_PASSWORD": "from-env", "HOME": home}, "from-env"),
-                              ({"HOME": home}, "from-rules-command")):
+        scripts = {}
+        for name in ("option", "rules"):
+            scripts[name] = os.path.join(self.tmp, f"{name}.sh")
+            with open(scripts[name], "w") as handle:
+                handle.write(f"#!/bin/sh\necho from-{name}-command\n")
+            os.chmod(scripts[name], 0o700)
+        account = {"password_command": scripts["rules"]}
+        argv = ["run", "--user", USER, "--host", "127.0.0.1", "--plaintext"]
+        cases = [(["--password-command", scripts["option"]], {"GMAIL_APP_PASSWORD": "from-env"},
+                  account, "from-option-command"),
+                 ([], {"GMAIL_APP_PASSWORD": "from-env"}, account, "from-env"),
+                 ([], {}, account, "from-rules-command"),
+                 ([], {}, {}, "from-netrc")]
+        for extra, env, table, expected in cases:
             with self.subTest(expected=expected):
-                run_cli(*argv, "--rules", rules, env=env)
-                login = [e.line for e in self.server.log if e.command == "LOGIN"][-1]
-                self.assertIn(b'"%s"' % expected.encode(), login)
-        code, out, err = run_cli(*argv, env={"HOME": home})
-        login = [e.line for e in self.server.log if e.command == "LOGIN"][-1]
-        self.assertIn(b'"from-netrc"', login, err)
+                args = gc.build_parser().parse_args(argv + extra)
+                environ = {"HOME": home, "PATH": os.environ.get("PATH", ""), **env}
+                with mock.patch.dict(os.environ, environ, clear=True):
+                    settings = gc._connection_settings(args, table)
+                self.assertEqual(settings["password"], expected)
 
     def test_a_group_readable_netrc_is_refused(self):
         home = os.path.join(self.tmp, "home")

@@ -6990,12 +6990,15 @@ class NewcomerServerTest(FakeServerTest):
         self.assertIn("cannot open folder 'INBOX': Could not parse command", err)
 
     def test_wrong_password_on_gmail_says_app_password_and_imap_setting(self):
-        code, _, err = run_cli(*self.argv("--user", USER), env={"GMAIL_APP_PASSWORD": "wrong"})
-        self.assertEqual(code, gc.EXIT_AUTH)
-        self.assertIn("Invalid credentials", err)
-        self.assertIn("app password", err)
-        self.assertIn("IMAP must be on in Gmail's settings", err)
-        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        for extra in ((), ("--apply",)):   # --apply too: no "0 changes made" beside it
+            with self.subTest(extra=extra):
+                code, _, err = run_cli(*self.argv("--user", USER, *extra),
+                                       env={"GMAIL_APP_PASSWORD": "wrong"})
+                self.assertEqual(code, gc.EXIT_AUTH)
+                self.assertIn("Invalid credentials", err)
+                self.assertIn("app password", err)
+                self.assertIn("IMAP must be on in Gmail's settings", err)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
 
     def test_connection_retries_are_announced_with_a_count(self):
         self.server.add_fault("LOGIN", action="drop", count=2)

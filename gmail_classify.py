@@ -29,8 +29,8 @@ from __future__ import annotations
 __all__ = [
     # errors
     "GmailClassifyError", "ImapError", "ProtocolError", "AuthenticationError",
-    "CapabilityError", "UidValidityError", "TLSError", "ConnectionLostError", "RulesError",
-    "CredentialError", "printable",
+    "CapabilityError", "UidValidityError", "FolderUnavailableError", "TLSError",
+    "ConnectionLostError", "RulesError", "CredentialError", "printable",
     # wire format
     "encode_mailbox", "decode_mailbox", "quote", "astring", "compress_uids",
     "parse_uid_set", "chunk_uids", "imap_date", "parse_response", "Literal",
@@ -45,7 +45,8 @@ __all__ = [
     "RuleTest", "run_rule_tests", "format_rules", "write_rules_file",
     "TEMPLATE_FIELDS", "split_template", "expand_template", "clean_component",
     # pipeline
-    "classify_folder", "classify_messages", "demo_messages", "Outcome", "FolderReport",
+    "classify_folder", "check_run", "classify_messages", "demo_messages", "Outcome",
+    "FolderReport",
     "Checkpoint", "RunStopped", "describe_change", "FolderLimitError", "DEFAULT_MAX_NEW_FOLDERS",
     # state and audit log
     "StateStore", "FolderState", "AccountLock", "AuditLog", "Run", "Undo", "history",
@@ -161,6 +162,10 @@ class CapabilityError(ImapError):
 
 class UidValidityError(ImapError):
     """A folder's UIDVALIDITY changed, so every UID remembered for it is stale."""
+
+
+class FolderUnavailableError(ImapError):
+    """A folder to classify could not be opened (missing, or refused with NO or BAD)."""
 
 
 class TLSError(GmailClassifyError):
@@ -447,6 +452,25 @@ _LITERAL_HEAD = re.compile(rb"~?\{(\d+)\+?\}\r\n")
 MAX_NESTING = 100
 
 
+class Number(int):
+    """An all-digit atom: an int where the grammar says ``number``, its exact text where it
+    says atom or astring.  A folder ``0123``, a label ``007`` or a keyword ``0123`` are
+    names, not numbers, so ``str()`` gives back what the server sent, leading zeros and all.
+
+    ``str(parse_response(b'LIST () "/" 0123')[3]) == "0123"``; ``Number("0123") + 1 == 124``.
+    """
+
+    text: str
+
+    def __new__(cls, text: str) -> "Number":
+        self = super().__new__(cls, text)
+        self.text = text
+        return self
+
+    def __str__(self) -> str:
+        return self.text
+
+
 class _Reader:
     def __init__(self, data: bytes) -> None:
         self.data = data
@@ -582,7 +606,7 @@ def _atom_value(word: bytes) -> Any:
 def _convert_atom(word: bytes) -> Any:
     text = word.decode("utf-8", "surrogateescape")
     if text.isdigit() and text.isascii():
-        return int(text)
+        return Number(text)
     if text.upper() == "NIL":
         return None
     return text
@@ -713,7 +737,7 @@ def parse_status_text(text: bytes) -> Tuple[str, List[Any], str]:
             while reader.pos < len(text) and text[reader.pos:reader.pos + 1] not in b" ]":
                 reader.pos += 1
             word = text[start:reader.pos].decode("utf-8", "replace")
-            values.append(int(word) if word.isascii() and word.isdigit() else word)
+            values.append(Number(word) if word.isascii() and word.isdigit() else word)
     code = str(values[0]).upper() if values else ""
     return code, values[1:], text[reader.pos:].decode("utf-8", "replace").strip()
 
@@ -773,6 +797,20 @@ SPECIAL_USES = ("\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Important",
 # Gmail system labels travel as atoms such as \Inbox; anything else is a user label.
 GMAIL_SYSTEM_LABELS = ("\\Inbox", "\\Important", "\\Starred", "\\Sent", "\\Draft",
                        "\\Drafts", "\\Trash", "\\Spam")
+
+# Where no folder carries a special-use attribute (servers without SPECIAL-USE), trash and
+# archive go to the first folder found by one of these names, compared case-insensitively,
+# with or without the personal namespace prefix.  English names first, then the names of
+# common servers and clients (Exchange, Apple Mail, Thunderbird, Gmail) and localised ones.
+FALLBACK_FOLDER_NAMES = {
+    "\\Trash": ("Trash", "Deleted Items", "Deleted Messages", "Deleted", "Bin",
+               "[Gmail]/Trash", "[Gmail]/Bin", "[Google Mail]/Trash", "[Google Mail]/Bin",
+               "[Gmail]/Papierkorb", "[Google Mail]/Papierkorb", "Papierkorb",
+               "Gelöschte Elemente", "Corbeille", "Éléments supprimés", "Papelera",
+               "Elementos eliminados", "Cestino", "Posta eliminata", "Prullenbak",
+               "Verwijderde items", "Lixeira", "Kosz", "Корзина"),
+    "\\Archive": ("Archive", "Archives", "Archiv", "Archivio", "Archivo", "Archief", "Arquivo"),
+}
 
 _DROPPED_ERRORS = (OSError, imaplib.IMAP4.abort, EOFError)
 _LITERAL_AT_END = re.compile(rb"\{(\d+)\+?\}\r?\n\Z")
@@ -911,6 +949,9 @@ class Folder:
     name: str
     delimiter: Optional[str]
     flags: frozenset
+    # The name exactly as LIST sent it (modified UTF-7, or the raw octets of a server that
+    # sends UTF-8 or worse); this, not a re-encoding of ``name``, is what goes back.
+    wire: Optional[bytes] = field(default=None, compare=False, repr=False)
 
     @property
     def special_use(self) -> Optional[str]:
@@ -1130,6 +1171,7 @@ class GmailConnection:
         self._keepalive_thread: Optional[threading.Thread] = None
         self._selected: Optional[FolderStatus] = None
         self._folders: Optional[List[Folder]] = None
+        self._namespace: Optional[Tuple[str, str]] = None
         self._inflight: List[_Pending] = []   # pipelined commands, oldest first
         self.capabilities: frozenset = frozenset()
         self.reconnects = 0
@@ -1912,7 +1954,12 @@ class GmailConnection:
         self._call("NOOP")
 
     def list_folders(self, refresh: bool = False) -> List[Folder]:
-        """Every folder (and Gmail label), names decoded from modified UTF-7."""
+        """Every folder (and Gmail label), names decoded from modified UTF-7.
+
+        Each Folder keeps its name as LIST sent it (``wire``); commands that name a listed
+        folder send exactly that back, so a server that lists raw UTF-8 (or invalid UTF-8)
+        gets its own octets, never a re-encoding that could name another mailbox.
+        """
         if self._folders is not None and not refresh:
             return list(self._folders)
         response = self._call("LIST", quote(""), quote("*"))
@@ -1920,46 +1967,140 @@ class GmailConnection:
         for item in response.untagged:
             if len(item) >= 4 and str(item[0]).upper() == "LIST":
                 flags, delimiter, name = item[1], item[2], item[3]
-                if isinstance(name, int):
-                    name = str(name)
-                folders.append(Folder(decode_mailbox(_as_text(name)),
-                                      None if delimiter is None else _as_text(delimiter),
-                                      frozenset(str(f) for f in (flags or []))))
+                if isinstance(name, bytes):
+                    wire = name
+                else:
+                    wire = str(name).encode("utf-8", "surrogateescape")
+                # Modified UTF-7 is ASCII; anything else is a non-compliant server's raw
+                # octets, shown as UTF-8 (invalid bytes replaced) but sent back as they came.
+                shown = (decode_mailbox(wire.decode("ascii")) if wire.isascii()
+                         else wire.decode("utf-8", "replace"))
+                folders.append(Folder(shown, None if delimiter is None else _as_text(delimiter),
+                                      frozenset(str(f) for f in (flags or [])), wire))
         self._folders = folders
         return list(folders)
+
+    def namespace(self) -> Tuple[str, str]:
+        """The personal namespace as ``(prefix, delimiter)``: ``("", "/")`` on Gmail and most
+        Dovecots, ``("INBOX.", ".")`` on Courier, classic Cyrus and many hosted servers.
+
+        From NAMESPACE (RFC 2342) where the server has it; the delimiter otherwise from
+        LIST.  Asked once per connection object.
+        """
+        if self._namespace is not None:
+            return self._namespace
+        prefix, delimiter = "", None
+        if self.is_gmail:
+            delimiter = "/"
+        elif self.has("NAMESPACE"):
+            for item in self._call("NAMESPACE").untagged:
+                if item and str(item[0]).upper() == "NAMESPACE" and len(item) >= 2:
+                    personal = item[1]
+                    if isinstance(personal, list) and personal and isinstance(personal[0], list):
+                        first = personal[0]
+                        prefix = decode_mailbox(_as_text(first[0])) if first else ""
+                        if len(first) > 1 and first[1] is not None:
+                            delimiter = _as_text(first[1])
+        if delimiter is None:
+            delimiters = [f.delimiter for f in self.list_folders() if f.delimiter]
+            delimiter = delimiters[0] if delimiters else "/"
+        self._namespace = (prefix, delimiter)
+        return self._namespace
+
+    def server_name(self, name: str) -> str:
+        """The server's name for a folder written with ``/`` as separator (as rules are).
+
+        ``"Receipts/2024"`` is ``"INBOX.Receipts.2024"`` on a server whose personal
+        namespace is ``INBOX.`` with ``.``; a name that already carries the prefix, INBOX,
+        and every name on a ``("", "/")`` server stay as they are.
+        """
+        if name.upper() == "INBOX":
+            return "INBOX"
+        prefix, delimiter = self.namespace()
+        mapped = name.replace("/", delimiter) if delimiter != "/" else name
+        if not prefix or mapped.startswith(prefix):
+            return mapped
+        if prefix.upper().startswith("INBOX") and mapped.upper().startswith(prefix.upper()):
+            return mapped      # INBOX is case-insensitive, so is a prefix that starts with it
+        if any(f.name == name for f in self.list_folders()):
+            return name        # a folder listed outside the personal namespace
+        return prefix + mapped
+
+    def _mailbox(self, name: str) -> Union[bytes, Literal]:
+        """A folder name for the wire: a listed folder's own octets, else modified UTF-7."""
+        for folder in self._folders or ():
+            if folder.name == name and folder.wire is not None:
+                wire = folder.wire
+                if name.upper() == "INBOX":
+                    return b"INBOX"
+                if wire.isascii():
+                    return astring(wire.decode("ascii"))
+                return Literal(wire)
+        return mailbox_arg(name)
 
     def special_folder(self, use: str) -> Optional[Folder]:
         """The folder with special-use ``use`` (``"\\\\Trash"``, ``"\\\\All"`` ...), or None.
 
         Gmail localises folder names ("[Google Mail]/Papierkorb"), so find them by
-        attribute, never by name (RFC 6154).
+        attribute (RFC 6154).  Only when no folder carries the attribute (a server without
+        SPECIAL-USE) are ``\\Trash`` and ``\\Archive`` looked up by the names in
+        FALLBACK_FOLDER_NAMES, case-insensitively, under the namespace prefix or not.
         """
-        for folder in self.list_folders():
+        folders = self.list_folders()
+        for folder in folders:
             if folder.special_use and folder.special_use.lower() == use.lower():
+                return folder
+        names = next((names for key, names in FALLBACK_FOLDER_NAMES.items()
+                      if key.lower() == use.lower()), ())
+        if not names:
+            return None
+        prefix, delimiter = self.namespace()
+        by_name: Dict[str, Folder] = {}
+        for folder in folders:
+            if not folder.selectable:
+                continue
+            short = folder.name
+            if prefix and short.upper().startswith(prefix.upper()):
+                short = short[len(prefix):]
+            if delimiter != "/":
+                short = short.replace(delimiter, "/")
+            by_name.setdefault(short.casefold(), folder)
+            by_name.setdefault(folder.name.casefold(), folder)
+        for candidate in names:
+            folder = by_name.get(candidate.casefold())
+            if folder is not None:
+                log.info("no folder is marked %s; using %r, found by its name", use, folder.name)
                 return folder
         return None
 
     def create_folder(self, name: str) -> bool:
-        """Create a folder (a label on Gmail). Returns False if it already existed."""
+        """Create a folder (a label on Gmail). Returns False if it already existed.
+
+        ``name`` is the server's name (see server_name).  Raises ImapError naming the folder
+        and quoting the server's answer when it refuses.
+        """
         try:
-            self._call("CREATE", mailbox_arg(name))
+            self._call("CREATE", self._mailbox(name))
         except ImapError as exc:
             if exc.code == "ALREADYEXISTS" or "exist" in exc.text.lower():
                 return False
-            raise
+            raise ImapError(f"the server refused to create the folder {name!r}: "
+                            f"{exc.status} {exc.text}", command="CREATE", status=exc.status,
+                            code=exc.code, text=exc.text) from exc
         self._folders = None
         return True
 
     def delete_folder(self, name: str) -> None:
         """Delete a folder (on Gmail a label, which then comes off every message)."""
-        self._call("DELETE", mailbox_arg(name))
+        self._call("DELETE", self._mailbox(name))
         self._folders = None
 
     def message_count(self, folder: str) -> int:
         """How many messages ``folder`` holds (STATUS MESSAGES), without opening it."""
-        response = self._call("STATUS", mailbox_arg(folder), "(MESSAGES)")
+        response = self._call("STATUS", self._mailbox(folder), "(MESSAGES)")
         for item in response.untagged:
-            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3:
+            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
+                    and self._names(item[1], folder):
                 attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
                 if isinstance(attrs.get("MESSAGES"), int):
                     return int(attrs["MESSAGES"])
@@ -1986,7 +2127,7 @@ class GmailConnection:
 
     def _select_now(self, folder: str, readonly: bool) -> FolderStatus:
         response = self._execute_on(self._live(), "EXAMINE" if readonly else "SELECT",
-                                    mailbox_arg(folder))
+                                    self._mailbox(folder))
         uidvalidity = uidnext = None
         exists = 0
         for item in response.untagged:
@@ -2179,26 +2320,41 @@ class GmailConnection:
         for chunk in chunk_uids(uids):
             self._call("UID EXPUNGE", compress_uids(chunk))
 
-    def move(self, uids: Iterable[int], destination: str) -> MoveResult:
+    def can_move(self, allow_expunge: bool = False) -> bool:
+        """True if move() can work here: MOVE, or UIDPLUS, or a plain EXPUNGE allowed."""
+        return self.has("MOVE") or self.has("UIDPLUS") or allow_expunge
+
+    def refuse_moves(self) -> CapabilityError:
+        """The error for a server where moving would need a plain EXPUNGE (see move())."""
+        return CapabilityError(
+            f"{self.host} has neither MOVE nor UIDPLUS, so removing moved messages from "
+            f"their folder needs a plain EXPUNGE, which also deletes every other message "
+            f"marked \\Deleted there (another mail client's too); nothing was changed. "
+            f"Pass --allow-expunge (allow_expunge=True) to allow it, or drop move, archive "
+            f"and trash from the rules for this server", command="MOVE")
+
+    def move(self, uids: Iterable[int], destination: str, *,
+             allow_expunge: bool = False) -> MoveResult:
         """Move messages from the selected folder to ``destination``.
 
         Uses UID MOVE (RFC 6851) where the server has it, else UID COPY, +FLAGS \\Deleted
-        and UID EXPUNGE of exactly those UIDs (needs UIDPLUS; without it this refuses with
-        CapabilityError rather than expunge more than asked).  If the connection drops
-        mid-way, the source folder is searched after reconnecting, and only the messages
-        still there are moved again: nothing moves twice and every UID is accounted for.
+        and UID EXPUNGE of exactly those UIDs (UIDPLUS).  With neither, this refuses with
+        CapabilityError unless ``allow_expunge``: then the originals go with a plain
+        EXPUNGE, sent only while UID SEARCH DELETED shows no other message marked.  If the
+        connection drops mid-way, the source folder is searched after reconnecting, and only
+        the messages still there are moved again, and a COPY is never repeated blindly (see
+        _copy_once): nothing moves twice and every UID is accounted for in the result.
         """
-        if not self.has("MOVE") and not self.has("UIDPLUS"):
-            raise CapabilityError(f"{self.host} has neither MOVE nor UIDPLUS: moving would "
-                                  f"need a bare EXPUNGE, which could delete other messages "
-                                  f"flagged \\Deleted; refusing")
+        if not self.can_move(allow_expunge):
+            raise self.refuse_moves()
         moved: Dict[int, Optional[int]] = {}
         missing: List[int] = []
-        for chunk in chunk_uids(uids):
-            if self.has("MOVE"):
-                self._move_chunk(chunk, destination, moved, missing)
-            else:
-                self._copy_delete_chunk(chunk, destination, moved, missing)
+        with _naming(destination, "move messages to"):
+            for chunk in chunk_uids(uids):
+                if self.has("MOVE"):
+                    self._move_chunk(chunk, destination, moved, missing)
+                else:
+                    self._copy_delete_chunk(chunk, destination, moved, missing)
         return MoveResult(moved, tuple(missing))
 
     def _move_chunk(self, chunk: List[int], destination: str,
@@ -2222,7 +2378,7 @@ class GmailConnection:
                         if not pending:
                             return
                     response = self._execute_on(self._live(), "UID MOVE", compress_uids(pending),
-                                                mailbox_arg(destination))
+                                                self._mailbox(destination))
                 except _Dropped as exc:
                     cause = exc
                     continue
@@ -2246,58 +2402,194 @@ class GmailConnection:
 
     def _copy_delete_chunk(self, chunk: List[int], destination: str,
                            moved: Dict[int, Optional[int]], missing: List[int]) -> None:
-        """MOVE without MOVE: COPY, then \\Deleted + UID EXPUNGE of exactly these UIDs.
+        """MOVE without MOVE: COPY (never twice, see _copy_once), then \\Deleted on exactly
+        these UIDs and UID EXPUNGE of them, or without UIDPLUS a checked plain EXPUNGE.
 
-        COPY is not idempotent on ordinary servers, so before it we note the destination's
-        UIDNEXT: if the link drops during COPY and UIDNEXT has moved since, the copy
-        happened and only the deletion is left to do.
+        Messages already marked \\Deleted here may be the originals of an earlier run that
+        stopped between COPY and EXPUNGE: those are copied only if the destination does
+        not already hold them.
         """
-        mapping: Dict[int, int] = {}
-        with self._lock:
-            before = self._uidnext(destination)
-            try:
-                self._check_background()
-                response = self._execute_on(self._live(), "UID COPY", compress_uids(chunk),
-                                            mailbox_arg(destination))
-                mapping = _copyuid_map(response, chunk)
-            except _Dropped as exc:
-                self._reconnect(exc)
-                if self._uidnext(destination) != before:
-                    # Perhaps copied, perhaps another client delivered there: deleting the
-                    # originals on a guess could lose mail, so stop with both in place.
-                    raise ConnectionLostError(
-                        f"the connection dropped during UID COPY to {destination}; the "
-                        f"originals were kept and {destination} may hold copies: check it, "
-                        f"then run again") from exc
-                response = self._call("UID COPY", compress_uids(chunk),
-                                      mailbox_arg(destination), policy=_NEVER)
-                mapping = _copyuid_map(response, chunk)
         present = set(self.search(uids=chunk))
         missing.extend(uid for uid in chunk if uid not in present)
-        if present:
-            self.add_flags(present, ["\\Deleted"])
+        if not present:
+            return
+        if not self.has("UIDPLUS"):
+            self._check_no_other_deleted(present, destination, copied=False)
+        mapping: Dict[int, Optional[int]] = {}
+        marked = sorted(self.search(["DELETED"], uids=present))
+        if marked:
+            mapping.update(self._copies_in(destination, marked, None))
+        todo = sorted(uid for uid in present if uid not in mapping)
+        if todo:
+            mapping.update(self._copy_once(todo, destination))
+        self.add_flags(present, ["\\Deleted"])
+        if self.has("UIDPLUS"):
             self.uid_expunge(present)
+        else:
+            self._expunge_only(present, destination)
         for uid in present:
             moved[uid] = mapping.get(uid)
 
+    def _check_no_other_deleted(self, ours: set, destination: str, copied: bool) -> set:
+        """Refuse (CapabilityError) if a message other than ``ours`` is marked \\Deleted in
+        the selected folder; returns those of ``ours`` that are marked."""
+        marked = set(self.search(["DELETED"]))
+        others = marked - ours
+        if others:
+            folder = self._selected.name if self._selected else "the folder"
+            done = (f"the messages were copied to {destination} and left in {folder} as well"
+                    if copied else "nothing was moved")
+            raise CapabilityError(
+                f"refusing a plain EXPUNGE in {folder}: {len(others)} other message(s) there "
+                f"are marked \\Deleted (perhaps by another mail client) and would be deleted "
+                f"too; {done}. Expunge or unmark them, then run again", command="EXPUNGE")
+        return marked & ours
+
+    def _expunge_only(self, uids: set, destination: str) -> None:
+        """A plain EXPUNGE (no UIDPLUS) that removes exactly ``uids``: sent only right after
+        UID SEARCH DELETED showed no other message marked, and checked again after a drop."""
+        cause: Optional[BaseException] = None
+        for _ in range(self.retries + 1):
+            try:
+                ours = self._check_no_other_deleted(uids, destination, copied=True)
+            except CapabilityError:
+                self.remove_flags(uids, ["\\Deleted"])
+                raise
+            if not ours:
+                return          # the last EXPUNGE got through before the link dropped
+            with self._lock:
+                try:
+                    self._check_background()
+                    self._execute_on(self._live(), "EXPUNGE")
+                    return
+                except _Dropped as exc:
+                    cause = exc
+                    self._reconnect(exc)
+        raise ConnectionLostError(f"EXPUNGE kept failing after {self.retries} reconnects: "
+                                  f"{cause}") from cause
+
+    def _copy_once(self, uids: List[int], destination: str) -> Dict[int, Optional[int]]:
+        """UID COPY that never leaves a message copied twice, even if the link drops.
+
+        COPY is not idempotent, and a drop before its answer loses the COPYUID too.  So the
+        destination's UIDNEXT is noted first: after reconnecting, a UIDNEXT that has not
+        moved proves the COPY never ran (send it again); otherwise the messages that arrived
+        since are compared with ours by Message-ID, size and INTERNALDATE (COPY keeps all
+        three) and only those not there are copied again.  Returns {source UID: new UID or
+        None where the server did not say}.
+        """
+        pending = list(uids)
+        result: Dict[int, Optional[int]] = {}
+        cause: Optional[BaseException] = None
+        for _ in range(self.retries + 1):
+            before = self._uidnext(destination)
+            with self._lock:
+                try:
+                    self._check_background()
+                    response = self._execute_on(self._live(), "UID COPY", compress_uids(pending),
+                                                self._mailbox(destination))
+                except _Dropped as exc:
+                    cause = exc
+                    self._reconnect(exc)
+                    response = None
+            if response is not None:
+                mapping = _copyuid_map(response, pending)
+                result.update({uid: mapping.get(uid) for uid in pending})
+                return result
+            if before is not None and self._uidnext(destination) == before:
+                log.info("the connection dropped before UID COPY to %s reached the server; "
+                         "sending it again", destination)
+                continue
+            found = self._copies_in(destination, pending, before)
+            log.info("the connection dropped during UID COPY to %s; %d of %d messages had "
+                     "been copied", destination, len(found), len(pending))
+            result.update(found)
+            pending = [uid for uid in pending if uid not in found]
+            if not pending:
+                return result
+        raise ConnectionLostError(f"UID COPY to {destination} kept failing after "
+                                  f"{self.retries} reconnects: {cause}") from cause
+
+    def _copies_in(self, destination: str, uids: List[int],
+                   since: Optional[int]) -> Dict[int, Optional[int]]:
+        """Which of ``uids`` (selected folder) ``destination`` holds a copy of, among its
+        messages from UID ``since`` on (all if None): {source UID: destination UID}.
+
+        Opens ``destination`` read-only, then the source folder again; raises
+        UidValidityError if the source was renumbered meanwhile.
+        """
+        source = self._selected
+        if source is None:
+            raise ImapError("no folder is selected", command="UID COPY")
+        fields = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
+        items = [fields, "RFC822.SIZE", "INTERNALDATE"]
+
+        def key(values: Mapping[str, Any]) -> Tuple[bytes, Any, Any]:
+            message_id = b" ".join((values.get(fields) or b"").split()).lower()
+            return message_id, values.get("RFC822.SIZE"), values.get("INTERNALDATE")
+
+        ours = self.fetch(uids, items)
+        self.examine(destination)
+        try:
+            there = self.search(["UID", f"{since}:*"] if since else ["ALL"])
+            there = [uid for uid in there if since is None or uid >= since]
+            theirs = self.fetch(there, items) if there else {}
+        finally:
+            status = self.select(source.name, readonly=source.readonly)
+        if status.uidvalidity != source.uidvalidity:
+            raise UidValidityError(f"UIDVALIDITY of {source.name} changed while checking "
+                                   f"{destination}; nothing more was done, run again",
+                                   command="SELECT")
+        pool: Dict[Tuple[bytes, Any, Any], List[int]] = {}
+        for uid in sorted(theirs):
+            pool.setdefault(key(theirs[uid]), []).append(uid)
+        found: Dict[int, Optional[int]] = {}
+        for uid in uids:
+            bucket = pool.get(key(ours[uid])) if uid in ours else None
+            if bucket:
+                found[uid] = bucket.pop(0)
+        return found
+
+    def _wire_name(self, name: str) -> bytes:
+        """The octets that name ``name`` on the wire (without quoting)."""
+        for folder in self._folders or ():
+            if folder.name == name and folder.wire is not None:
+                return folder.wire
+        return b"INBOX" if name.upper() == "INBOX" else encode_mailbox(name).encode("ascii")
+
+    def _names(self, named: Any, folder: str) -> bool:
+        """True if ``named`` (a mailbox name as an answer gave it) is ``folder``."""
+        wire = named if isinstance(named, bytes) else str(named).encode("utf-8", "surrogateescape")
+        wanted = self._wire_name(folder)
+        return wire == wanted or wire.upper() == wanted.upper() == b"INBOX"
+
     def _uidnext(self, folder: str) -> Optional[int]:
-        response = self._call("STATUS", mailbox_arg(folder), "(UIDNEXT)")
+        """UIDNEXT of ``folder`` by STATUS.  Any untagged response may arrive at any time
+        (RFC 3501 §7), so a STATUS for another folder is not taken as this one's."""
+        response = self._call("STATUS", self._mailbox(folder), "(UIDNEXT)")
         for item in response.untagged:
-            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3:
+            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
+                    and self._names(item[1], folder):
                 attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
                 value = attrs.get("UIDNEXT")
                 return int(value) if isinstance(value, int) else None
         return None
 
     def copy(self, uids: Iterable[int], destination: str) -> Dict[int, Optional[int]]:
-        """Copy messages to ``destination`` (on Gmail: add that label); returns the COPYUID map."""
+        """Copy messages to ``destination`` (on Gmail: add that label); returns the COPYUID map.
+
+        Off Gmail a copy is a new message, so a dropped COPY is never blindly repeated
+        (see _copy_once).
+        """
         result: Dict[int, Optional[int]] = {}
-        for chunk in chunk_uids(uids):
-            policy = _SAFE if self.is_gmail else _NEVER  # Gmail's COPY only adds a label
-            response = self._call("UID COPY", compress_uids(chunk), mailbox_arg(destination),
-                                  policy=policy)
-            mapping = _copyuid_map(response, chunk)
-            result.update({uid: mapping.get(uid) for uid in chunk})
+        with _naming(destination, "copy messages to"):
+            for chunk in chunk_uids(uids):
+                if not self.is_gmail:
+                    result.update(self._copy_once(chunk, destination))
+                    continue
+                response = self._call("UID COPY", compress_uids(chunk), self._mailbox(destination))
+                mapping = _copyuid_map(response, chunk)
+                result.update({uid: mapping.get(uid) for uid in chunk})
         return result
 
     # -- IDLE ------------------------------------------------------------------------
@@ -2381,6 +2673,19 @@ class GmailConnection:
         return events
 
 
+@contextlib.contextmanager
+def _naming(folder: str, what: str) -> Iterator[None]:
+    """Turn the server's plain NO or BAD into an error that names the folder."""
+    try:
+        yield
+    except ImapError as exc:
+        if type(exc) is not ImapError or exc.status not in ("NO", "BAD"):
+            raise
+        raise ImapError(f"the server refused to {what} {folder!r}: {exc.status} {exc.text}",
+                        command=exc.command, status=exc.status, code=exc.code,
+                        text=exc.text) from exc
+
+
 def _fetch_answer(response: _Response, wanted: set, by_key: Mapping[str, str],
                   result: Dict[int, Dict[str, Any]], limit: int,
                   skipped: Optional[List[int]]) -> None:
@@ -2400,7 +2705,7 @@ def _fetch_answer(response: _Response, wanted: set, by_key: Mapping[str, str],
         uid = attrs.get("UID")
         if uid in dropped:
             continue
-        values = result.setdefault(uid, {})
+        values = result.setdefault(int(uid), {})
         for key, value in attrs.items():
             if key == "UID":
                 continue
@@ -2483,23 +2788,43 @@ _FETCH_KEYS: Dict[str, str] = {}
 
 
 def _fetch_key(item: str) -> str:
-    """Canonical name of a fetch item: ``BODY.PEEK[TEXT]<0.100>`` and its answer
-    ``BODY[TEXT]<0>`` both become ``BODY[TEXT]<0>``; header field lists are upper-cased."""
+    """Canonical name of a fetch item, so that an answer is matched to its request by
+    meaning: ``BODY.PEEK[TEXT]<0.100>`` and its answer ``BODY[TEXT]<0>`` both become
+    ``BODY[TEXT]<0>``.  Header field names are astrings (RFC 3501 ``header-fld-name``), so
+    a server may echo them quoted, in another case or order:
+    ``body[header.fields ("Subject" FROM)]`` becomes ``BODY[HEADER.FIELDS (FROM SUBJECT)]``.
+    """
     key = _FETCH_KEYS.get(item)
     if key is None:
-        key = item.upper().replace("BODY.PEEK[", "BODY[")
-        key = re.sub(r"<(\d+)\.\d+>$", r"<\1>", key)
-        key = re.sub(r"\s+", " ", key)
+        key = _canonical_fetch_key(item)
         if len(_FETCH_KEYS) < 1000:   # the items of a run are few; answers echo them
             _FETCH_KEYS[item] = key
     return key
 
 
+def _canonical_fetch_key(item: str) -> str:
+    key = re.sub(r"\s+", " ", item.strip()).upper().replace("BODY.PEEK[", "BODY[")
+    key = re.sub(r"<(\d+)\.\d+>$", r"<\1>", key)
+    match = re.fullmatch(r"(BODY\[(?:[\d.]*\.)?HEADER\.FIELDS(?:\.NOT)?) ?\((.*)\)\](<\d+>)?",
+                         key, re.S)
+    if match:
+        try:
+            names = parse_response(match.group(2).encode("utf-8", "surrogateescape"))
+        except ProtocolError:
+            return key
+        fields = sorted({str(name.decode("ascii", "replace") if isinstance(name, bytes)
+                             else name).upper() for name in names})
+        key = f"{match.group(1)} ({' '.join(fields)})]{match.group(3) or ''}"
+    return key
+
+
 def _convert_fetch_value(key: str, value: Any) -> Any:
+    if key in ("FLAGS", "X-GM-LABELS") and not isinstance(value, list):
+        return None     # NIL or an atom where a list belongs: unknown, not "none"
     if key == "FLAGS":
-        return tuple(str(flag) for flag in (value or []))
+        return tuple(str(flag) for flag in value)
     if key == "X-GM-LABELS":
-        return tuple(decode_mailbox(_as_text(label)) for label in (value or []))
+        return tuple(decode_mailbox(_as_text(label)) for label in value)
     if key == "INTERNALDATE":
         return parse_internaldate(_as_text(value))
     if key in ("RFC822.SIZE", "X-GM-MSGID", "X-GM-THRID", "MODSEQ"):
@@ -2509,7 +2834,7 @@ def _convert_fetch_value(key: str, value: Any) -> Any:
     if key.startswith("BODY[") or key.startswith("RFC822"):
         if isinstance(value, str):
             return value.encode("utf-8", "surrogateescape")
-        return value if value is not None else b""
+        return value    # NIL stays None: the section is missing, not empty
     return value
 
 
@@ -5480,8 +5805,10 @@ class FolderReport:
     changes: Dict[str, int] = field(default_factory=dict)       # "label Receipts" -> messages
     created: List[str] = field(default_factory=list)            # folders/labels (to be) created
     moved_missing: int = 0                                      # gone before we moved them
-    skipped: List[int] = field(default_factory=list)            # UIDs left alone: the server
-                                                                # sent far more than asked
+    skipped: List[int] = field(default_factory=list)            # UIDs left alone (run again):
+    why_skipped: Dict[int, str] = field(default_factory=dict)   # the server sent far more than
+                                                                # asked, or left items out
+    notes: List[str] = field(default_factory=list)              # e.g. where trash goes
     changes_made: int = 0           # changes the server confirmed (0 in a dry run)
     changes_not_made: int = 0       # planned but not confirmed when the run stopped
     start_uid: int = 0              # classified only UIDs above this (the mark)
@@ -5505,6 +5832,7 @@ class _Plan:
     trash: List[int] = field(default_factory=list)
     message_ids: Dict[int, str] = field(default_factory=dict)   # _message_key, off Gmail
     per_uid: Dict[int, List[Tuple[str, ...]]] = field(default_factory=dict)
+    server_name: Callable[[str], str] = str                     # rule name -> server's name
 
     def add(self, uid: int, actions: Actions, flags: frozenset,
             labels: Optional[frozenset], folder: str, *, in_trash: bool = False,
@@ -5528,16 +5856,19 @@ class _Plan:
             elif off and flag in flags:
                 self.remove_flags.setdefault(flag, []).append(uid)
                 keys.append(("flag-", flag))
+        # Archive means "out of the Inbox": on Gmail, messages carrying \\Inbox (whatever
+        # folder view they were found in); elsewhere, messages in INBOX itself.
+        in_inbox = (_same_folder(folder, "INBOX") if labels is None
+                    else any(label.lower() == "\\inbox" for label in labels))
         if actions.trash:
             if not in_trash and not (labels is not None and
                                      any(l.lower() == "\\trash" for l in labels)):
                 self.trash.append(uid)
                 keys.append(("trash",))
-        elif actions.move and not _same_folder(actions.move, folder):
+        elif actions.move and not _same_folder(self.server_name(actions.move), folder):
             self.move.setdefault(actions.move, []).append(uid)
             keys.append(("move", actions.move))
-        elif actions.archive and not in_archive and \
-                (labels is None or any(l.lower() == "\\inbox" for l in labels)):
+        elif actions.archive and not in_archive and in_inbox:
             self.archive.append(uid)
             keys.append(("archive",))
         if keys:
@@ -5741,6 +6072,78 @@ def _folder_hint(conn: GmailConnection, folder: str) -> str:
     return "the 'labels' command lists the folder names"
 
 
+# What each fetched item is called when a message is skipped for lacking it.
+_ITEM_NAMES = {"FLAGS": "flags", "RFC822.SIZE": "size", "INTERNALDATE": "date",
+               "BODYSTRUCTURE": "structure", "X-GM-LABELS": "labels", "X-GM-MSGID": "message id"}
+
+
+def _lacking(items: Sequence[str], values: Optional[Mapping[str, Any]]) -> str:
+    """Why a message cannot be classified, or "" when every requested item came back."""
+    if values is None:
+        return "the server sent nothing for it (deleted meanwhile?)"
+    absent = [item for item in items if values.get(item) is None]
+    if not absent:
+        return ""
+    names = [_ITEM_NAMES.get(item.upper(), "headers" if "HEADER" in item.upper()
+                             else "body prefix") for item in absent]
+    return "the server's answer lacked its " + ", ".join(names)
+
+
+@dataclass(frozen=True)
+class _Destinations:
+    """What the rules need from the server, settled before anything changes."""
+
+    trash: Optional[Folder] = None
+    archive: Optional[Folder] = None      # off Gmail only: Gmail archives by label
+    plain_expunge: bool = False           # moving off this server needs a checked EXPUNGE
+    notes: Tuple[str, ...] = ()
+
+
+def _settle(conn: GmailConnection, rules: Ruleset, allow_expunge: bool) -> _Destinations:
+    """Check, before the first change and the same way in a dry run, everything the rules'
+    actions need from this server: a way to move (MOVE, UIDPLUS or an allowed plain
+    EXPUNGE) and the trash and archive folders.  Raises CapabilityError naming what is
+    missing and what to do; nothing has been changed then."""
+    actions = [rule.actions for rule in rules.rules]
+    trash = any(a.trash for a in actions)
+    archive = any(a.archive for a in actions) and not conn.is_gmail
+    moves = trash or archive or any(a.move for a in actions)
+    if moves and not conn.can_move(allow_expunge):
+        raise conn.refuse_moves()
+    found: Dict[str, Folder] = {}
+    notes: List[str] = []
+    for use, action, wanted in (("\\Trash", "trash", trash), ("\\Archive", "archive", archive)):
+        if not wanted:
+            continue
+        folder = _special_destination(conn, use, action)
+        if (folder.special_use or "").lower() != use.lower():
+            notes.append(f"{action} goes to {folder.name!r}: no folder is marked {use}, so it "
+                         f"was chosen by its name")
+        found[action] = folder
+    plain = moves and not conn.has("MOVE") and not conn.has("UIDPLUS")
+    return _Destinations(found.get("trash"), found.get("archive"), plain, tuple(notes))
+
+
+def check_run(conn: GmailConnection, rules: Ruleset, folders: Sequence[str], *,
+              allow_expunge: bool = False) -> None:
+    """Before a run over several folders changes anything: what classify_folder checks
+    for each folder before its first change (a way to move, trash and archive folders,
+    and, where moves need a plain EXPUNGE, no other message marked \\Deleted), checked
+    for all of them.  Folders that cannot be opened are left for classify_folder to report.
+    Raises CapabilityError."""
+    destinations = _settle(conn, rules, allow_expunge)
+    if not destinations.plain_expunge:
+        return
+    for folder in folders:
+        try:
+            conn.examine(conn.server_name(folder))
+        except ImapError as exc:
+            if exc.status in ("NO", "BAD"):
+                continue
+            raise
+        _check_plain_expunge(conn, conn.server_name(folder))
+
+
 def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX", *,
                     apply: bool = False, since: Optional[_dt.date] = None,
                     limit: Optional[int] = None, batch_size: int = DEFAULT_BATCH,
@@ -5751,7 +6154,8 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                     checkpoint: Optional[Checkpoint] = None,
                     apply_every: int = DEFAULT_APPLY_EVERY,
                     report: Optional[FolderReport] = None,
-                    max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS) -> FolderReport:
+                    max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS,
+                    allow_expunge: bool = False) -> FolderReport:
     """Classify the messages of ``folder`` above the checkpoint's mark (without a
     checkpoint: all of them), or only those since ``since``; the newest ``limit``.
 
@@ -5767,6 +6171,15 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     a step that would take the folders created past ``max_new_folders`` (None: no limit)
     raises FolderLimitError before any of its changes.  Raises RunStopped when the
     checkpoint ends the run, and the connection's errors.
+
+    Any server: every check ``apply`` makes before its first change (a way to move, trash
+    and archive folders) is made in a dry run too, with the same CapabilityError.  Folder
+    names are written with ``/`` and mapped to the server's namespace
+    (GmailConnection.server_name).  ``allow_expunge`` lets moves use a checked plain
+    EXPUNGE on servers with neither MOVE nor UIDPLUS (see GmailConnection.move).  A message
+    whose FETCH answer lacks anything the rules read is never acted on: it is listed in
+    ``report.skipped`` with the reason in ``report.why_skipped`` (run again).  A folder
+    that cannot be opened raises FolderUnavailableError.
     """
     if rules.needs.queries and not conn.is_gmail:
         rules, notes = rules.local()
@@ -5777,16 +6190,19 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     if any(rule.actions.templates() for rule in rules.rules):
         separator = next((f.delimiter for f in conn.list_folders() if f.delimiter), "/")
     checkpoint = checkpoint if checkpoint is not None else Checkpoint()
+    settled = _settle(conn, rules, allow_expunge)
     report = report if report is not None else FolderReport(folder, apply)
+    report.notes.extend(note for note in settled.notes if note not in report.notes)
+    source = conn.server_name(folder)
     try:
-        status = conn.select(folder) if apply else conn.examine(folder)
+        status = conn.select(source) if apply else conn.examine(source)
     except ImapError as exc:
         if exc.status not in ("NO", "BAD"):
             raise
-        raise ImapError(f"cannot open folder {folder!r}: {exc.text or exc}; "
-                        f"{_folder_hint(conn, folder)}", command=exc.command, status=exc.status,
-                        code=exc.code, text=exc.text) from exc
-    log.info("%s: %d messages (UIDVALIDITY %d)", folder, status.exists, status.uidvalidity)
+        raise FolderUnavailableError(
+            f"cannot open folder {folder!r}: {exc.text or exc}; {_folder_hint(conn, source)}",
+            command=exc.command, status=exc.status, code=exc.code, text=exc.text) from exc
+    log.info("%s: %d messages (UIDVALIDITY %d)", source, status.exists, status.uidvalidity)
     start = max(0, checkpoint.start(conn, status))
     report.start_uid = start
     above: List[Any] = ["UID", f"{start + 1}:*"] if start else []
@@ -5802,14 +6218,12 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                    for query in needs.queries}
     destinations: Dict[str, Optional[str]] = {}
     in_trash = in_archive = False
-    if uids and any(r.actions.trash for r in rules.rules):
-        trash = conn.special_folder("\\Trash")
-        destinations["trash"] = trash.name if trash else None
-        in_trash = trash is not None and _same_folder(trash.name, folder)
-    if uids and not conn.is_gmail and any(r.actions.archive for r in rules.rules):
-        archive = conn.special_folder("\\Archive")
-        destinations["archive"] = archive.name if archive else None
-        in_archive = archive is not None and _same_folder(archive.name, folder)
+    if settled.trash is not None:
+        destinations["trash"] = settled.trash.name
+        in_trash = _same_folder(settled.trash.name, source)
+    if settled.archive is not None:
+        destinations["archive"] = settled.archive.name
+        in_archive = _same_folder(settled.archive.name, source)
     items = _fetch_items(needs, conn.is_gmail)
     header_item = items[1]
     copies: Dict[str, set] = {}       # off Gmail: label folder -> _message_key of its mail
@@ -5830,11 +6244,15 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
 
         ok = False
         try:
+            plan = step.plan
+            if settled.plain_expunge and (plan.move or plan.trash or plan.archive):
+                _check_plain_expunge(conn, source)
             if not conn.is_gmail and step.plan.add_labels:
                 _drop_copies_already_there(conn, step.plan, copies)
             applied[1] += step.plan.size()
             if apply:
-                _apply_plan(conn, step.plan, report, done, max_new_folders)
+                _apply_plan(conn, step.plan, report, done, max_new_folders, settled,
+                            allow_expunge)
             else:
                 report.created.extend(name for name in _missing_folders(conn, step.plan)
                                       if name not in report.created)
@@ -5877,7 +6295,10 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                     if ok or outcome.changes:
                         on_message(outcome)
 
-    step = _Step()
+    def new_step() -> _Step:
+        return _Step(plan=_Plan(server_name=conn.server_name))
+
+    step = new_step()
     batches = 0
     # The next batch's FETCH is sent while this one is classified (pipelining); the
     # checkpoint still approves each FETCH before it goes out.
@@ -5892,13 +6313,13 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                 finish(step)
                 raise
             _classify_batch(conn, rules, batch, items, header_item, queries, folder, now,
-                            step, report, in_trash, in_archive, fetched, separator)
+                            step, report, in_trash, in_archive, fetched, separator, source)
             batches += 1
             if on_progress is not None:
                 on_progress(min(start_index + batch_size, len(uids)), len(uids))
             if batches % max(1, apply_every) == 0:
                 finish(step)
-                step = _Step()
+                step = new_step()
         finish(step)
     except BaseException:
         if not step.finished and apply:
@@ -5912,14 +6333,24 @@ def _classify_batch(conn: GmailConnection, rules: Ruleset, batch: List[int], ite
                     now: Optional[_dt.datetime], step: _Step, report: FolderReport,
                     in_trash: bool, in_archive: bool,
                     fetched: Optional[Dict[int, Dict[str, Any]]] = None,
-                    separator: Optional[str] = None) -> None:
+                    separator: Optional[str] = None, source: Optional[str] = None) -> None:
     """Fetch one batch (unless given), classify it, and add what its messages still need
-    to the step; with a ``separator``, templated destinations are filled in."""
+    to the step; with a ``separator``, templated destinations are filled in.  ``source``
+    is the folder's name on the server (see server_name)."""
     needs = rules.needs
     if fetched is None:
         fetched = conn.fetch(batch, items, skipped=report.skipped)
-    infos = {uid: _message_info(uid, values, header_item, queries, folder)
-             for uid, values in fetched.items()}
+    # Fail closed: a message the server answered only in part (an item missing, NIL,
+    # unreadable) would look like one with no headers or flags, and a `not` rule would
+    # match it.  It is skipped as a whole, before any rule runs.
+    infos: Dict[int, MessageInfo] = {}
+    for uid in batch:
+        why = "the server sent far more than was asked for" if uid in report.skipped \
+            else _lacking(items, fetched.get(uid))
+        if why:
+            _skip(report, uid, why)
+        else:
+            infos[uid] = _message_info(uid, fetched[uid], header_item, queries, folder)
     decisions: Dict[int, Decision] = {}
     undecided: List[int] = []
     for uid, info in infos.items():
@@ -5933,10 +6364,12 @@ def _classify_batch(conn: GmailConnection, rules: Ruleset, batch: List[int], ite
         body_item = f"BODY.PEEK[]<0.{BODY_PREFIX_BYTES}>"
         bodies = conn.fetch(undecided, [body_item], skipped=report.skipped)
         for uid in undecided:
-            if uid in report.skipped:
+            why = "the server sent far more than was asked for" if uid in report.skipped \
+                else _lacking([body_item], bodies.get(uid))
+            if why:
+                _skip(report, uid, why)
                 continue    # never judged on a body we did not get
-            raw = bodies.get(uid, {}).get(body_item)
-            info = dataclasses.replace(infos[uid], body=body_text(raw or b""))
+            info = dataclasses.replace(infos[uid], body=body_text(bodies[uid][body_item]))
             decisions[uid] = rules.classify(info, final=True, now=now)
     for uid in sorted(decisions):
         decision, info = decisions[uid], infos[uid]
@@ -5944,7 +6377,7 @@ def _classify_batch(conn: GmailConnection, rules: Ruleset, batch: List[int], ite
             decision = dataclasses.replace(decision,
                                            actions=decision.actions.expanded(info, separator))
         report.examined += 1
-        needed = step.plan.add(uid, decision.actions, info.flags, info.labels, folder,
+        needed = step.plan.add(uid, decision.actions, info.flags, info.labels, source or folder,
                                in_trash=in_trash, in_archive=in_archive)
         if decision.actions.labels and info.labels is None:
             step.plan.message_ids[uid] = _message_key(info.headers)
@@ -5955,8 +6388,16 @@ def _classify_batch(conn: GmailConnection, rules: Ruleset, batch: List[int], ite
         step.infos[uid] = info
         step.decisions[uid] = decision
         step.msgids[uid] = fetched[uid].get("X-GM-MSGID")
-    # Messages gone between SEARCH and FETCH need nothing: the mark may pass them.
+    # Skipped messages (gone between SEARCH and FETCH too) keep the mark below them.
     step.last_uid = batch[-1] if batch else step.last_uid
+
+
+def _skip(report: FolderReport, uid: int, why: str) -> None:
+    """Leave one message alone for this run, saying why (the run ends incomplete)."""
+    if uid not in report.skipped:
+        report.skipped.append(uid)
+    report.why_skipped.setdefault(uid, why)
+    log.info("%s: skipped UID %d: %s; it was left as it is", report.folder, uid, why)
 
 
 def _tally(report: FolderReport, plan: _Plan, decision: Decision, info: MessageInfo,
@@ -6012,18 +6453,33 @@ def _message_ids_in(conn: GmailConnection, folder: str) -> set:
 def _special_destination(conn: GmailConnection, use: str, action: str) -> Folder:
     folder = conn.special_folder(use)
     if folder is None:
-        raise CapabilityError(f"{conn.host} has no folder marked {use}, so '{action}' has "
-                              f"nowhere to go; nothing was changed. Use move = \"<folder>\" "
-                              f"in the rule instead")
+        names = ", ".join(FALLBACK_FOLDER_NAMES.get(use, ())[:4])
+        raise CapabilityError(f"{conn.host} has no folder marked {use} and none named "
+                              f"{names} or the like, so '{action}' has nowhere to go; "
+                              f"nothing was changed. Use move = \"<folder>\" in the rule "
+                              f"instead", command="LIST")
     return folder
 
 
+def _check_plain_expunge(conn: GmailConnection, source: str) -> None:
+    """Before the first change (and in a dry run) where moves need a plain EXPUNGE: refuse
+    if a message in the open folder is already marked \\Deleted, as EXPUNGE would take it."""
+    marked = conn.search(["DELETED"])
+    if marked:
+        raise CapabilityError(
+            f"refusing to move messages out of {source}: moving needs a plain EXPUNGE here, "
+            f"and {len(marked)} other message(s) in {source} are marked \\Deleted (perhaps "
+            f"by another mail client) and would be deleted too; nothing was changed. "
+            f"Expunge or unmark them, then run again", command="EXPUNGE")
+
+
 def _missing_folders(conn: GmailConnection, plan: _Plan) -> List[str]:
-    """Folders (labels, on Gmail) the plan writes to that do not exist yet."""
+    """Folders (labels, on Gmail) the plan writes to that do not exist yet: server names."""
     existing = {f.name for f in conn.list_folders() if f.selectable}
     targets = list(plan.move) + [label for label in plan.add_labels
                                  if not (conn.is_gmail and label.startswith("\\"))]
-    return [name for name in dict.fromkeys(targets)
+    names = [conn.server_name(name) for name in targets]
+    return [name for name in dict.fromkeys(names)
             if name not in existing and name.upper() != "INBOX"]
 
 
@@ -6038,19 +6494,23 @@ def _drop_copies_already_there(conn: GmailConnection, plan: _Plan,
     existing = {f.name for f in conn.list_folders() if f.selectable}
     for label in list(plan.add_labels):
         if label not in known:
-            known[label] = _message_ids_in(conn, label) if label in existing else set()
+            target = conn.server_name(label)
+            known[label] = _message_ids_in(conn, target) if target in existing else set()
         plan.drop_label(label, [uid for uid in plan.add_labels[label]
                                 if plan.message_ids.get(uid) in known[label]])
 
 
 def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
                 done: Optional[Callable[[Tuple[str, ...], Mapping[int, Any]], None]] = None,
-                max_new_folders: Optional[int] = None) -> None:
+                max_new_folders: Optional[int] = None,
+                settled: Optional[_Destinations] = None, allow_expunge: bool = False) -> None:
     """Carry out a plan: check destinations, create what is missing, then labels and flags,
     then moves (so a message is labelled where it stands, then leaves).
 
     ``done(key, {uid: extra})`` hears of each command the server confirmed (a _Plan key;
     ``extra`` is None, or ``{"folder": ..., "uid": ...}`` for copies and moves).
+    ``settled``: the trash and archive folders _settle found (looked up here if None).
+    Names go to the server mapped to its namespace (server_name).
     """
     done = done or (lambda key, result: None)
     # Everything that can refuse is settled before the first change.
@@ -6064,10 +6524,14 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
                                f"folders ({shown}), more than the limit of {max_new_folders}; "
                                f"{before}. Check the rules' templates, or raise the "
                                f"limit with --max-new-folders {wanted}")
-    trash = _special_destination(conn, "\\Trash", "trash") if plan.trash else None
-    archive = None
-    if plan.archive and not conn.is_gmail:
-        archive = _special_destination(conn, "\\Archive", "archive")
+    if settled is not None:
+        trash, archive = settled.trash, settled.archive
+    else:
+        trash = _special_destination(conn, "\\Trash", "trash") if plan.trash else None
+        archive = None
+        if plan.archive and not conn.is_gmail:
+            archive = _special_destination(conn, "\\Archive", "archive")
+    source = conn.server_name(report.folder)
     for name in missing:
         if conn.create_folder(name):
             report.created.append(name)
@@ -6078,8 +6542,9 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
             continue
         # No labels here: a label is a copy in a folder of that name (copies it already
         # holds were dropped from the plan by _drop_copies_already_there).
-        copied = conn.copy(uids, label)
-        done(("label", label), {uid: {"folder": label, "uid": copied.get(uid)} for uid in uids})
+        target = conn.server_name(label)
+        copied = conn.copy(uids, target)
+        done(("label", label), {uid: {"folder": target, "uid": copied.get(uid)} for uid in uids})
     for flag, uids in plan.add_flags.items():
         conn.add_flags(uids, [flag])
         done(("flag+", flag), dict.fromkeys(uids))
@@ -6087,17 +6552,17 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
         conn.remove_flags(uids, [flag])
         done(("flag-", flag), dict.fromkeys(uids))
     moves: List[Tuple[List[int], str, Tuple[str, ...]]] = [
-        (uids, dest, ("move", dest)) for dest, uids in plan.move.items()]
+        (uids, conn.server_name(dest), ("move", dest)) for dest, uids in plan.move.items()]
     if plan.archive and conn.is_gmail:
         # Gmail's archive is "remove the \Inbox label"; the message stays in All Mail.
         conn.remove_labels(plan.archive, ["\\Inbox"])
         done(("archive",), dict.fromkeys(plan.archive))
-    elif archive is not None and not _same_folder(archive.name, report.folder):
+    elif plan.archive and archive is not None and not _same_folder(archive.name, source):
         moves.append((plan.archive, archive.name, ("archive",)))
-    if trash is not None and not _same_folder(trash.name, report.folder):
+    if plan.trash and trash is not None and not _same_folder(trash.name, source):
         moves.append((plan.trash, trash.name, ("trash",)))
     for uids, destination, key in moves:
-        result = conn.move(uids, destination)
+        result = conn.move(uids, destination, allow_expunge=allow_expunge)
         report.moved_missing += len(result.missing)
         done(key, {uid: {"folder": destination, "uid": new} for uid, new in result.moved.items()})
 
@@ -6569,7 +7034,7 @@ class StateStore:
 class AuditLog:
     """``audit.jsonl``: one JSON record per line, appended once the server confirmed.
 
-    Policy: when the file passes AUDIT_MAX_BYTES (16 MB, some 40,000 records) it becomes
+    Policy: when the file passes AUDIT_MAX_BYTES (16 MB, some 25,000 records) it becomes
     ``audit.jsonl.1``, replacing the one before; ``records()`` reads both, oldest first.
     """
 
@@ -6695,9 +7160,11 @@ class Run(Checkpoint):
                  on_progress: Optional[Callable[[int, int], None]] = None,
                  on_applied: Optional[Callable[[int, int], None]] = None,
                  now: Optional[_dt.datetime] = None,
-                 max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS) -> FolderReport:
+                 max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS,
+                 allow_expunge: bool = False) -> FolderReport:
         """classify_folder with this run as the checkpoint; ``since``/``limit`` never move
-        the mark.  Returns the folder's report (also kept in ``reports``)."""
+        the mark.  Returns the folder's report (also kept in ``reports``, unless the folder
+        could not be opened)."""
         report = FolderReport(folder, self.apply)
         self.reports.append(report)
         self.narrowed = since is not None or limit is not None
@@ -6706,7 +7173,10 @@ class Run(Checkpoint):
                                    limit=limit, batch_size=batch_size, on_progress=on_progress,
                                    on_applied=on_applied, now=now, checkpoint=self,
                                    apply_every=apply_every, report=report,
-                                   max_new_folders=max_new_folders)
+                                   max_new_folders=max_new_folders, allow_expunge=allow_expunge)
+        except FolderUnavailableError:
+            self.reports.remove(report)     # never opened: nothing to report
+            raise
         finally:
             self._count_bytes(conn)
 
@@ -6766,14 +7236,17 @@ class Run(Checkpoint):
             self._remember(status.name, FolderState(status.uidvalidity, newest,
                                                     self.rules_hash))
             return newest
-        if known is not None and known.mark and known.rules != self.rules_hash:
+        if known is not None and known.mark and known.rules != self.rules_hash \
+                and not self.reclassify:
             log.warning("%s: the rules changed since it was last classified; mail up to UID "
                         "%d was classified with the old rules (run with --all to classify it "
                         "again)", status.name, known.mark)
             self._remember(status.name, dataclasses.replace(known, rules=self.rules_hash))
-        if self.reclassify or known is None:
+        if self.reclassify:
+            if known is not None:
+                self._remember(status.name, dataclasses.replace(known, rules=self.rules_hash))
             return 0
-        return known.mark
+        return known.mark if known is not None else 0
 
     def before_fetch(self, conn: GmailConnection) -> None:
         self._count_bytes(conn)
@@ -6906,8 +7379,8 @@ def history(store: StateStore) -> List[Dict[str, Any]]:
                 entry["changes_made"] += 1
     for entry in runs.values():
         target = runs.get(entry["undo_of"] or "")
-        if target is not None and entry["changes_made"]:
-            target["undone_by"] = entry["run"]
+        if target is not None and entry["changes_made"] and entry["status"] == "complete":
+            target["undone_by"] = entry["run"]     # an undo cut short may be run again
     return sorted(runs.values(), key=lambda e: (e["time"], order[e["run"]]), reverse=True)
 
 
@@ -6963,7 +7436,12 @@ class Undo:
         self.apply = apply
         self.messages = []
         self.created: List[str] = []        # folders the run created, deleted if empty
+        reversed_before = set()             # by an earlier undo of this run, cut short
         for record in store.audit.records():
+            if record.get("undo_of") == run_id and record.get("type") == "message" \
+                    and record.get("applied"):
+                for change in record.get("changes") or []:
+                    reversed_before.add(self._change_key(record, _inverse_change(change)))
             if record.get("run") != run_id:
                 continue
             if record.get("type") == "message" and record.get("applied") \
@@ -6973,6 +7451,10 @@ class Undo:
                 for report in record.get("reports") or []:
                     self.created += [name for name in report.get("created") or []
                                      if isinstance(name, str)]
+        if reversed_before:
+            left = [dict(record, changes=[c for c in record["changes"] if self._change_key(
+                        record, c) not in reversed_before]) for record in self.messages]
+            self.messages = [record for record in left if record["changes"]]
         self.deleted: List[str] = []
         self.run = Run(store, Ruleset(()), user, host, port, apply=apply, command="undo",
                        undo_of=run_id, daily_budget=None, on_record=on_record)
@@ -6986,6 +7468,13 @@ class Undo:
         self.run._count_bytes(conn)
         work: Dict[int, Dict[str, List[Any]]] = {
             i: {"done": [], "alone": []} for i in range(len(self.messages))}
+        try:
+            self._reverse(conn, work)
+        finally:
+            self._report(work)     # what was done, also when stopped half way
+        self._delete_created_folders(conn)
+
+    def _reverse(self, conn: GmailConnection, work: Dict[int, Dict[str, List[Any]]]) -> None:
         gone: set = set()
         located: Dict[int, Tuple[str, Optional[int]]] = {}
         # 1. Mail the run moved (or trashed, or archived off Gmail) goes back first.
@@ -7045,8 +7534,9 @@ class Undo:
                         work[i]["alone"].append(f"not found in {folder}; left as it is")
                 self._restore_flags(conn, found, work)
             self._delete_copies(conn, rest, work)
-        self._report(work)
-        # Last, folders (labels) the run created, if nothing is left in them.
+
+    def _delete_created_folders(self, conn: GmailConnection) -> None:
+        """Last, the folders (labels) the run created, if nothing is left in them."""
         for name in dict.fromkeys(self.created):
             if not any(f.name == name for f in conn.list_folders(refresh=True)):
                 continue
@@ -7063,6 +7553,10 @@ class Undo:
             self.run.counts[label] = self.run.counts.get(label, 0) + 1
 
     # -- helpers -------------------------------------------------------------------------
+
+    @staticmethod
+    def _change_key(record: Mapping[str, Any], change: Mapping[str, Any]) -> Tuple[Any, ...]:
+        return (record.get("folder"), record.get("uid"), json.dumps(change, sort_keys=True))
 
     @staticmethod
     def _moved(record: Mapping[str, Any]) -> Optional[Tuple[Dict[str, Any], Dict[str, Any],
@@ -7178,7 +7672,7 @@ class Undo:
             changes = {i: change for i, change in pairs}
             found = self._locate(conn, folder, list(changes),
                                  lambda r, c=changes: None)
-            uids = []
+            uids: List[Tuple[int, int, Dict[str, Any]]] = []
             for i, change in pairs:
                 uid = change["after"].get("uid")
                 verified = self._locate_one(conn, i, uid) if uid else None
@@ -7187,11 +7681,12 @@ class Undo:
                     work[i]["alone"].append(f"{describe_change(change)}: the copy is no "
                                             f"longer in {folder}")
                     continue
-                uids.append(target)
-                work[i]["done"].append(_inverse_change(change))
+                uids.append((i, target, change))
             if uids and self.apply:
-                conn.add_flags(uids, ["\\Deleted"])
-                conn.uid_expunge(uids)
+                conn.add_flags([uid for _, uid, _ in uids], ["\\Deleted"])
+                conn.uid_expunge([uid for _, uid, _ in uids])
+            for i, _, change in uids:
+                work[i]["done"].append(_inverse_change(change))
 
     def _locate_one(self, conn: GmailConnection, i: int, uid: int) -> Optional[int]:
         item = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
@@ -7610,7 +8105,7 @@ EXIT_USAGE = 2          # bad arguments or rules file
 EXIT_AUTH = 3           # the server rejected the credentials
 EXIT_CONNECTION = 4     # could not connect, or lost the connection after retries; TLS refused
 EXIT_SERVER = 5         # the server refused an operation or lacks a needed feature
-EXIT_INCOMPLETE = 6     # incomplete (skipped messages or folders, daily budget); run again
+EXIT_INCOMPLETE = 6     # incomplete (skipped messages or folders, daily budget, UIDVALIDITY changed): run again
 EXIT_LOCKED = 7         # another --apply holds the account lock
 EXIT_RULE_TESTS = 8     # the rules file's own [[test]] tables failed
 EXIT_INTERRUPTED = 130  # Ctrl-C
@@ -7791,6 +8286,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "message")
     run.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH,
                      help="messages per FETCH (default: %(default)s)")
+    run.add_argument("--allow-expunge", action="store_true",
+                     help="on servers with neither MOVE nor UIDPLUS, let moves remove the "
+                          "originals with a plain EXPUNGE (only while no other message in "
+                          "the folder is marked \\Deleted); see the README for the risk")
     run.add_argument("--max-new-folders", type=_positive, default=DEFAULT_MAX_NEW_FOLDERS,
                      metavar="N", help="refuse, before any change, a run that would create "
                      "more than N folders or labels (default: %(default)s)")
@@ -8132,6 +8631,8 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     incomplete: List[str] = []
     try:
         with _signed_in(settings) as conn:
+            # Every folder's checks before the first change in any of them.
+            check_run(conn, rules, folders, allow_expunge=args.allow_expunge)
             for folder in folders:
                 budget = args.max_new_folders - sum(len(r.created) for r in run.reports)
                 try:
@@ -8142,7 +8643,10 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
                                                                  done, total),
                         on_applied=lambda done, total: progress(f"{folder}: applied",
                                                                 done, total),
-                        max_new_folders=max(0, budget))
+                        max_new_folders=max(0, budget), allow_expunge=args.allow_expunge)
+                except FolderUnavailableError as exc:
+                    # One folder that cannot be opened does not stop the others.
+                    incomplete.append(f"{exc}; skipped that folder")
                 except UidValidityError as exc:
                     # The folder was renumbered under us: every UID in hand is stale, so
                     # stop there (nothing more is done to it) and let the other folders run.
@@ -8158,10 +8662,10 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
         if lock is not None:
             lock.release()
     for report in run.reports:
-        if report.skipped:
-            incomplete.append(f"{report.folder}: {_plural(len(report.skipped), 'message')} "
-                              f"skipped because the server sent far more than was asked for; "
-                              f"run again")
+        for why, uids in _skipped_by_reason(report).items():
+            incomplete.append(f"{report.folder}: {_plural(len(uids), 'message')} skipped "
+                              f"because {why} (UID {compress_uids(uids)}); nothing was done "
+                              f"to them; run again")
     summary = run.finish("incomplete" if incomplete else "complete", "; ".join(incomplete))
     if args.json:
         out.write(printable(json.dumps(summary, ensure_ascii=False)) + "\n")
@@ -8186,7 +8690,9 @@ def _finish_run(run: Run, args: argparse.Namespace, out: TextIO, status: str, wo
     summary = run.finish(status, error)
     if args.json:
         out.write(printable(json.dumps(summary, ensure_ascii=False)) + "\n")
-    if args.apply:
+    # A run stopped before it planned any change (a refused sign-in, say) has no counts
+    # to give: its error line says it all.
+    if args.apply and (run.changes_made or run.changes_not_made):
         sys.stderr.write(f"{word}: {run.changes_made:,} changes made, "
                          f"{run.changes_not_made:,} not; run again to finish\n")
     elif status == "interrupted":
@@ -8311,10 +8817,21 @@ def _report_table(report: FolderReport, rules: Ruleset) -> str:
     if report.moved_missing:
         lines.append(f"  {_plural(report.moved_missing, 'message')} had gone before they could "
                      "be moved")
-    if report.skipped:
-        lines.append(f"  {_plural(len(report.skipped), 'message')} skipped (the server sent far "
-                     f"more than was asked for): UID {compress_uids(report.skipped)}")
+    for why, uids in _skipped_by_reason(report).items():
+        lines.append(f"  {_plural(len(uids), 'message')} skipped ({why}): UID "
+                     f"{compress_uids(uids)}; run again")
+    for note in report.notes:
+        lines.append(f"  note: {note}")
     return "\n".join(printable(line) for line in lines) + "\n"
+
+
+def _skipped_by_reason(report: FolderReport) -> Dict[str, List[int]]:
+    """The skipped UIDs grouped by why: ``{"the server's answer lacked its flags": [4, 9]}``."""
+    groups: Dict[str, List[int]] = {}
+    for uid in sorted(report.skipped):
+        why = report.why_skipped.get(uid, "the server sent far more than was asked for")
+        groups.setdefault(why, []).append(uid)
+    return groups
 
 
 def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
@@ -8430,7 +8947,8 @@ def _emit_rules(args: argparse.Namespace, out: TextIO, text: str, count: int) ->
         out.write(text)
         return
     write_rules_file(args.output, text, force=args.force)
-    sys.stderr.write(printable(f"wrote {args.output}: {count} rules; next: python "
+    if not args.quiet:
+        sys.stderr.write(printable(f"wrote {args.output}: {count} rules; next: python "
                                f"gmail_classify.py check {args.output}") + "\n")
 
 

@@ -28,6 +28,7 @@ import os
 import random
 import re
 import select
+import shlex
 import shutil
 import socket
 import socketserver
@@ -42,6 +43,7 @@ import traceback
 import tracemalloc
 import types
 import unittest
+import uuid
 from unittest import mock
 import datetime as _dtm
 from datetime import date, datetime, timedelta, timezone
@@ -833,6 +835,39 @@ _GMAIL_SPECIAL = (
 # Plain mode folders: name, SPECIAL-USE attribute.
 _PLAIN_FOLDERS = (("INBOX", ""), ("Archive", "\\Archive"), ("Drafts", "\\Drafts"),
                   ("Junk", "\\Junk"), ("Sent", "\\Sent"), ("Trash", "\\Trash"))
+# Server kinds the fake can play (FakeGmail(kind=...)): one row per kind of server seen in
+# the wild, as the FakeGmail options that make it.  Tests loop over this table, so a new
+# kind is one line here.  Plain kinds are RFC 3501 servers: one folder per message.
+SERVER_KINDS: Dict[str, Dict[str, Any]] = {
+    # Gmail: labels, X-GM-EXT-1, MOVE, UIDPLUS, SPECIAL-USE.
+    "gmail": dict(gmail=True),
+    # Dovecot, Cyrus 3, Fastmail: MOVE, UIDPLUS, SPECIAL-USE, ("" "/").
+    "move": dict(gmail=False, move=True, uidplus=True),
+    # Older Dovecot/Cyrus and many hosting providers: UIDPLUS without MOVE.
+    "uidplus": dict(gmail=False, move=False, uidplus=True),
+    # Old or minimal servers: neither MOVE nor UIDPLUS (only a plain EXPUNGE removes mail).
+    "neither": dict(gmail=False, move=False, uidplus=False),
+    # No SPECIAL-USE: trash and archive only by name (Exchange-style names here).
+    "no-special-use": dict(gmail=False, special_use=False, folders=(
+        ("INBOX", ""), ("Archives", ""), ("Deleted Items", ""), ("Drafts", ""),
+        ("Junk E-mail", ""), ("Sent Items", ""))),
+    # Courier, classic Cyrus, many hosted Dovecots: personal namespace "INBOX." with ".".
+    "inbox-prefix": dict(gmail=False, prefix="INBOX.", delimiter="."),
+}
+
+# Ways a legal (or common but non-compliant) server answers differently; FakeGmail(quirks=...).
+# FETCH quirks hit every message, or only those in FakeGmail.quirk_msgids when it is set.
+FAKE_QUIRKS = {
+    "quoted-header-fields": "echo BODY[HEADER.FIELDS (...)] with quoted, lower-case, reordered names",
+    "nil-header": "answer a HEADER.FIELDS section with NIL",
+    "omit-header": "leave a requested HEADER.FIELDS section out of the FETCH answer",
+    "omit-flags": "leave FLAGS out of the FETCH answer",
+    "omit-body": "leave a requested BODY[]<...> partial out of the FETCH answer",
+    "omit-labels": "leave X-GM-LABELS out of the FETCH answer (Gmail)",
+    "status-other-first": "send an untagged STATUS for another folder before the asked one's",
+    "raw-utf8-names": "list folder names as raw UTF-8 and take names literally (no modified UTF-7)",
+}
+
 # XLIST (Gmail's pre-SPECIAL-USE extension) spells some attributes differently.
 _XLIST_ATTR = {"\\All": "\\AllMail", "\\Junk": "\\Spam", "\\Flagged": "\\Starred"}
 
@@ -1103,6 +1138,9 @@ class _Session(socketserver.BaseRequestHandler):
             self._send(("%s BAD [TOOBIG] Command line too long\r\n" % tag).encode())
             return
         fault = fake._take_fault(name)
+        if fault is not None and fault.action == "call":
+            fault.callback()
+            fault = None
         if fault is not None and fault.action == "renumber":
             if self.selected is not None:
                 fake.bump_uidvalidity(self.selected)
@@ -1306,7 +1344,8 @@ class _Session(socketserver.BaseRequestHandler):
                     "CONDSTORE", "ESEARCH", "UTF8=ACCEPT", "LIST-EXTENDED", "LIST-STATUS",
                     "LITERAL-", "SPECIAL-USE", "APPENDLIMIT=35651584"]
         else:
-            caps = ["IMAP4rev1", "LITERAL+", "SPECIAL-USE"] + (["MOVE"] if fake.move else []) + (
+            caps = ["IMAP4rev1", "LITERAL+", "NAMESPACE"] + (
+                ["SPECIAL-USE"] if fake.special_use else []) + (["MOVE"] if fake.move else []) + (
                 ["UIDPLUS"] if fake.uidplus else []) + (["IDLE"] if fake.idle else [])
             if not auth:
                 caps.append("AUTH=PLAIN")
@@ -1315,6 +1354,9 @@ class _Session(socketserver.BaseRequestHandler):
         return caps
 
     def _mailbox(self, tok: Any) -> str:
+        if "raw-utf8-names" in self.fake.quirks:   # a non-compliant server: names as sent
+            s = tok.decode("utf-8", "surrogateescape") if isinstance(tok, bytes) else _text(tok)
+            return "INBOX" if s.upper() == "INBOX" else s
         s = _text(tok)
         if s.upper() == "INBOX":
             return "INBOX"
@@ -1473,7 +1515,8 @@ class _Session(socketserver.BaseRequestHandler):
         return "OK Success"
 
     def cmd_NAMESPACE(self, tag: str, args: list) -> str:
-        self._u('* NAMESPACE (("" "/")) NIL NIL')
+        self._u(b"* NAMESPACE ((" + _quoted(self.fake.prefix) + b" " + _quoted(self.fake.delimiter)
+                + b")) NIL NIL")
         return "OK Success"
 
     def cmd_COMPRESS(self, tag: str, args: list) -> str:
@@ -1516,33 +1559,40 @@ class _Session(socketserver.BaseRequestHandler):
                 if isinstance(o, Atom) and o.upper() == "STATUS" and i + 1 < len(opts) and isinstance(opts[i + 1], list):
                     status_items = [_text(x).upper() for x in opts[i + 1]]
         patterns = [ref + self._mailbox(p) for p in pats]
+        delim = fake.delimiter
         if len(patterns) == 1 and patterns[0] == "":
-            self._u('* %s (\\Noselect) "/" ""' % verb)
+            self._u(b"* %s (\\Noselect) %s \"\"" % (verb.encode(), _quoted(delim)))
             return "OK Success"
         names = fake._sorted_folder_names()
         for name in names:
             folder = fake._folders[name]
-            if not any(self._list_match(p, name) for p in patterns):
+            if not any(self._list_match(p, name, delim) for p in patterns):
                 continue
-            if "SPECIAL-USE" in select_opts and not folder.special:
+            special = folder.special if fake.special_use else ""
+            if "SPECIAL-USE" in select_opts and not special:
                 continue
-            has_children = any(n.startswith(name + "/") for n in names)
+            has_children = any(n.startswith(name + delim) for n in names)
             attrs = ["\\HasChildren" if has_children else "\\HasNoChildren"]
             if not folder.selectable:
                 attrs.append("\\Noselect")
-            if folder.special:
-                attrs.append(_XLIST_ATTR.get(folder.special, folder.special) if verb == "XLIST" else folder.special)
+            if special:
+                attrs.append(_XLIST_ATTR.get(special, special) if verb == "XLIST" else special)
             if verb == "XLIST" and name == "INBOX":
                 attrs.append("\\Inbox")
-            self._u(b"* %s (%s) \"/\" %s" % (verb.encode(), " ".join(attrs).encode(),
-                                             _quoted(imap_utf7_encode(name))))
+            shown = name if "raw-utf8-names" in fake.quirks else imap_utf7_encode(name)
+            if "raw-utf8-names" in fake.quirks and not shown.isascii():
+                wire = b'"' + shown.encode("utf-8", "surrogateescape") + b'"'   # not even a literal
+            else:
+                wire = _quoted(shown)
+            self._u(b"* %s (%s) %s %s" % (verb.encode(), " ".join(attrs).encode(), _quoted(delim), wire))
             if status_items and folder.selectable:
                 self._u(self._status_line(folder, status_items))
         return "OK Success"
 
     @staticmethod
-    def _list_match(pattern: str, name: str) -> bool:
-        rx = "".join(".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c) for c in pattern)
+    def _list_match(pattern: str, name: str, delim: str = "/") -> bool:
+        rx = "".join(".*" if c == "*" else "[^%s]*" % re.escape(delim) if c == "%" else re.escape(c)
+                     for c in pattern)
         if re.fullmatch(rx, name, re.S):
             return True
         return name == "INBOX" and re.fullmatch(rx, name, re.S | re.I) is not None
@@ -1566,7 +1616,8 @@ class _Session(socketserver.BaseRequestHandler):
             else:
                 raise _Bad("Unknown STATUS item %s" % item)
             vals.append("%s %d" % (item, v))
-        return b"* STATUS " + _quoted(imap_utf7_encode(folder.name)) + b" (" + " ".join(vals).encode() + b")"
+        name = folder.name if "raw-utf8-names" in self.fake.quirks else imap_utf7_encode(folder.name)
+        return b"* STATUS " + _quoted(name) + b" (" + " ".join(vals).encode() + b")"
 
     def cmd_STATUS(self, tag: str, args: list) -> str:
         if len(args) != 2 or not isinstance(args[1], list) or not args[1]:
@@ -1575,18 +1626,25 @@ class _Session(socketserver.BaseRequestHandler):
         folder = self.fake._folders.get(name)
         if folder is None or not folder.selectable:
             raise _No("[NONEXISTENT] Unknown Mailbox: %s (Failure)" % name)
-        self._u(self._status_line(folder, [_text(x).upper() for x in args[1]]))
+        items = [_text(x).upper() for x in args[1]]
+        if "status-other-first" in self.fake.quirks:
+            # Any untagged response may come at any time (RFC 3501 §7): here a STATUS for
+            # another folder whose numbers never change.
+            self._u(b'* STATUS "Elsewhere" (' + " ".join("%s 1" % i for i in items).encode() + b")")
+        self._u(self._status_line(folder, items))
         return "OK Success"
 
     def cmd_CREATE(self, tag: str, args: list) -> str:
         fake = self.fake
         if len(args) != 1:
             raise _Bad("CREATE needs a mailbox name")
-        name = self._mailbox(args[0]).rstrip("/")
+        name = self._mailbox(args[0]).rstrip(fake.delimiter)
         if not name:
             raise _Bad("Empty mailbox name")
         if name in fake._folders:
             raise _No("[ALREADYEXISTS] Folder name conflicts with existing folder name. (Failure)")
+        if fake.prefix and not name.startswith(fake.prefix):
+            raise _No("Invalid mailbox name.")     # what Courier says: no folder, no cause
         if fake.gmail and (name.startswith(fake._special_root + "/") or name.startswith("\\")):
             raise _No("[CANNOT] Folder name is not allowed. (Failure)")
         fake._ensure_folder(name)
@@ -1634,8 +1692,8 @@ class _Session(socketserver.BaseRequestHandler):
         self._u("* OK [UIDNEXT %d] Predicted next UID." % folder.uidnext)
         if fake.gmail:
             self._u("* OK [HIGHESTMODSEQ %d]" % fake._modseq)
-        return "OK [%s] %s selected. (Success)" % ("READ-ONLY" if readonly else "READ-WRITE",
-                                                  imap_utf7_encode(name))
+        shown = "Mailbox" if "raw-utf8-names" in fake.quirks else imap_utf7_encode(name)
+        return "OK [%s] %s selected. (Success)" % ("READ-ONLY" if readonly else "READ-WRITE", shown)
 
     def cmd_APPEND(self, tag: str, args: list) -> str:
         fake = self.fake
@@ -1736,11 +1794,14 @@ class _Session(socketserver.BaseRequestHandler):
             changedsince = int(_text(mods[1]))
         targets = self._targets(args[0], by_uid)
         changed = []
+        quirky = fake.quirks if fake.quirk_msgids is None else set()
         viewed = self._folder()
         own_label = viewed.label if viewed.kind == "label" else _FOLDER_LABEL.get(viewed.kind)
         for seq, uid, msg in targets:
             if changedsince is not None and msg.modseq <= changedsince:
                 continue
+            if fake.quirk_msgids is not None:
+                quirky = fake.quirks if msg.msgid in fake.quirk_msgids else set()
             parts: List[bytes] = []
             sets_seen = False
             if by_uid and "UID" not in items:
@@ -1750,7 +1811,8 @@ class _Session(socketserver.BaseRequestHandler):
                 if item == "UID":
                     parts.append(b"UID %d" % uid)
                 elif item == "FLAGS":
-                    parts.append(None)  # filled below, after \Seen may have been set
+                    if "omit-flags" not in quirky:
+                        parts.append(None)  # filled below, after \Seen may have been set
                 elif item == "INTERNALDATE":
                     parts.append(b'INTERNALDATE "%s"' % _internaldate(msg.date).encode())
                 elif item == "RFC822.SIZE":
@@ -1776,8 +1838,9 @@ class _Session(socketserver.BaseRequestHandler):
                 elif item == "X-GM-THRID":
                     parts.append(b"X-GM-THRID %d" % msg.thrid)
                 elif item == "X-GM-LABELS":
-                    # Gmail leaves out the label of the folder being viewed (\Inbox in INBOX).
-                    parts.append(b"X-GM-LABELS " + _labels_bytes(fake._labels_of(msg) - {own_label}))
+                    if "omit-labels" not in quirky:
+                        # Gmail leaves out the label of the folder being viewed (\Inbox in INBOX).
+                        parts.append(b"X-GM-LABELS " + _labels_bytes(fake._labels_of(msg) - {own_label}))
                 else:
                     m = _FETCH_SECTION.fullmatch(item)
                     nums, kind, fields, echo = _parse_section(m.group(2))
@@ -1788,6 +1851,17 @@ class _Session(socketserver.BaseRequestHandler):
                         length = int(m.group(4)) if m.group(4) is not None else len(data)
                         data = data[start:start + length]
                         origin = "<%d>" % start
+                        if "omit-body" in quirky:
+                            continue
+                    if kind == "HEADER.FIELDS":
+                        if "omit-header" in quirky:
+                            continue
+                        if "quoted-header-fields" in quirky:
+                            echo = echo.replace("HEADER.FIELDS (%s)" % " ".join(fields), "header.fields (%s)" % " ".join(
+                                '"%s"' % f.lower() for f in reversed(fields)))
+                        if "nil-header" in quirky:
+                            parts.append(("BODY[%s]%s NIL" % (echo, origin)).encode())
+                            continue
                     parts.append(("BODY[%s]%s " % (echo, origin)).encode() + _literal(data))
                     if m.group(1) == "BODY":
                         sets_seen = True
@@ -2231,6 +2305,7 @@ class _Fault:
     size: int = 0
     burst: int = 0
     seen: int = 0
+    callback: Optional[Callable[[], None]] = None
 
 
 # Hostile behaviours (issue "Hostile input"), each a fault that composes with any server
@@ -2249,7 +2324,7 @@ class _Fault:
 _HOSTILE_ACTIONS = ("dribble", "huge_literal", "nesting_bomb", "huge_copyuid", "huge_search",
                     "exists_flood", "renumber", "starttls_inject")
 _FAULT_ACTIONS = ("bye", "drop", "reset", "delay", "no", "bad", "garbage",
-                  "unsolicited") + _HOSTILE_ACTIONS
+                  "unsolicited", "call") + _HOSTILE_ACTIONS
 _FAULT_WHEN = ("before", "after", "mid")
 
 
@@ -2276,7 +2351,36 @@ class FakeGmail:
 
     def __init__(self, *, gmail: bool = True, move: bool = True, uidplus: bool = True, idle: bool = True,
                  tls: bool = False, starttls: bool = False, cert: str = "good", localized: bool = False,
-                 users: Optional[Dict[str, str]] = None, tokens: Optional[Dict[str, str]] = None) -> None:
+                 users: Optional[Dict[str, str]] = None, tokens: Optional[Dict[str, str]] = None,
+                 kind: Optional[str] = None, special_use: bool = True, prefix: str = "",
+                 delimiter: str = "/", folders: Optional[Sequence[Tuple[str, str]]] = None,
+                 quirks: Iterable[str] = ()) -> None:
+        """Options as named; ``kind`` (a key of SERVER_KINDS) sets several at once, and
+        options given beside it with a non-default value override its row (``kind="move",
+        delimiter="."``); ``quirks`` are keys of FAKE_QUIRKS;
+        ``folders`` replaces the plain-mode folders as (name, special-use) pairs; ``prefix``
+        and ``delimiter`` are the personal namespace (plain mode)."""
+        if kind is not None:
+            if kind not in SERVER_KINDS:
+                raise ValueError("kind must be one of %s" % ", ".join(SERVER_KINDS))
+            given = dict(gmail=gmail, move=move, uidplus=uidplus, special_use=special_use,
+                         prefix=prefix, delimiter=delimiter, folders=folders)
+            defaults = dict(gmail=True, move=True, uidplus=True, special_use=True, prefix="",
+                            delimiter="/", folders=None)
+            chosen = dict(defaults, **SERVER_KINDS[kind])
+            chosen.update({k: v for k, v in given.items() if v != defaults[k]})
+            gmail, move, uidplus = chosen["gmail"], chosen["move"], chosen["uidplus"]
+            special_use, prefix, delimiter = chosen["special_use"], chosen["prefix"], chosen["delimiter"]
+            folders = chosen["folders"]
+        unknown = set(quirks) - set(FAKE_QUIRKS)
+        if unknown:
+            raise ValueError("unknown quirks %s; known: %s" % (sorted(unknown), ", ".join(FAKE_QUIRKS)))
+        if gmail and (prefix or delimiter != "/"):
+            raise ValueError("Gmail's namespace is always (\"\" \"/\")")
+        self.kind = kind
+        self.special_use, self.prefix, self.delimiter = special_use, prefix, delimiter
+        self.quirks = set(quirks)
+        self.quirk_msgids: Optional[set] = None   # FETCH quirks only for these messages, if set
         if cert not in SERVER_CERTS:
             raise ValueError("cert must be one of %s" % ", ".join(SERVER_CERTS))
         if tls and starttls:
@@ -2317,7 +2421,9 @@ class FakeGmail:
                     self._new_folder("%s/%s" % (self._special_root, german if localized else english),
                                      kind, special)
             else:
-                for name, special in _PLAIN_FOLDERS:
+                for name, special in (folders if folders is not None else _PLAIN_FOLDERS):
+                    if prefix and name != "INBOX" and not name.startswith(prefix):
+                        name = prefix + name
                     self._new_folder(name, "plain", special)
 
     # -- lifecycle --
@@ -2385,14 +2491,18 @@ class FakeGmail:
 
     def add_fault(self, command: Optional[str] = None, *, nth: int = 1, action: str = "drop",
                   when: str = "before", count: int = 1, delay: float = 0.0, text: Optional[str] = None,
-                  size: int = 0, burst: int = 0) -> None:
+                  size: int = 0, burst: int = 0, callback: Optional[Callable[[], None]] = None) -> None:
         """Misbehave on the nth (1-based) matching command from now on, for count commands.
 
         command: 'UID MOVE', 'NOOP', ... or None for any. action: one of bye, drop, reset, delay,
-        no, bad, garbage, unsolicited, or a hostile one (see _HOSTILE_ACTIONS). when: before
-        (instead of executing), after (execute, then misbehave instead of answering), mid (send
-        half of the untagged answers, then misbehave); hostile actions ignore ``when``.
+        no, bad, garbage, unsolicited, call (run ``callback``, e.g. a change by "another
+        client", then execute the command normally), or a hostile one (see _HOSTILE_ACTIONS).
+        when: before (instead of executing), after (execute, then misbehave instead of
+        answering), mid (send half of the untagged answers, then misbehave); hostile actions
+        ignore ``when``.
         """
+        if (action == "call") != (callback is not None):
+            raise ValueError("action 'call' needs a callback, and only it takes one")
         if action not in _FAULT_ACTIONS:
             raise ValueError("action must be one of %s" % ", ".join(_FAULT_ACTIONS))
         if when not in _FAULT_WHEN:
@@ -2401,7 +2511,7 @@ class FakeGmail:
             raise ValueError("nth and count start at 1")
         with self._cond:
             self._faults.append(_Fault(command.upper() if command else None, nth, action, when, count,
-                                       delay, text, size, burst))
+                                       delay, text, size, burst, callback=callback))
 
     # -- mailbox model, public --
 
@@ -2519,9 +2629,11 @@ class FakeGmail:
         name = self._folder_key(name)
         if name in self._folders:
             return self._folders[name]
-        parts = name.split("/")
+        parts = name.split(self.delimiter)
         for i in range(1, len(parts)):
-            parent = "/".join(parts[:i])
+            parent = self.delimiter.join(parts[:i])
+            if parent == "INBOX" or parent + self.delimiter == self.prefix:
+                continue
             if parent and parent not in self._folders:
                 self._new_folder(parent, "label" if self.gmail else "plain", label=parent)
         return self._new_folder(name, "label" if self.gmail else "plain", label=name)
@@ -3223,7 +3335,8 @@ class FakeServerPlainModeTest(FakeGmailTestCase):
         self.assertIn("AUTH=PLAIN", m.capabilities)
         m.login(USER, PASSWORD)
         caps = m.capability()[1][0].split()
-        self.assertEqual(caps, [b"IMAP4rev1", b"LITERAL+", b"SPECIAL-USE", b"MOVE", b"UIDPLUS", b"IDLE"])
+        self.assertEqual(caps, [b"IMAP4rev1", b"LITERAL+", b"NAMESPACE", b"SPECIAL-USE", b"MOVE", b"UIDPLUS",
+                                b"IDLE"])
         m.select("INBOX")
         self.assertRaises(imaplib.IMAP4.error, m.uid, "FETCH", "1", "(X-GM-LABELS)")
         self.assertRaises(imaplib.IMAP4.error, m.uid, "SEARCH", "X-GM-RAW", '"foo"')
@@ -5405,7 +5518,8 @@ class NoUidplusServerTest(FakeServerTest):
         conn.select("INBOX")
         with self.assertRaises(gc.CapabilityError) as ctx:
             conn.move([1], "Archive")
-        self.assertIn("bare EXPUNGE", str(ctx.exception))
+        self.assertIn("plain EXPUNGE", str(ctx.exception))
+        self.assertIn("--allow-expunge", str(ctx.exception))
         with self.assertRaises(gc.CapabilityError):
             conn.uid_expunge([1])
         self.assertEqual(self.server.uids("INBOX"), [1])
@@ -5863,12 +5977,19 @@ class CommandLineRunTest(FakeServerTest):
         self.assertIn("--password-command exited with status 1", err)
         self.assertNotIn("LOGIN", self.commands())
 
-    def test_missing_folder_points_at_labels(self):
-        code, _, err = run_cli(*self.argv("--folder", "Nope"), env={"GMAIL_APP_PASSWORD": PASSWORD})
-        self.assertEqual(code, gc.EXIT_SERVER)
-        self.assertIn("cannot open folder 'Nope'", err)
-        self.assertIn("'labels'", err)
-        self.assertEqual(len(err.strip().splitlines()), 1)
+    def test_missing_folder_points_at_labels_and_the_others_still_run(self):
+        self.server.add_message(make_message("receipt 42"))
+        code, out, err = run_cli(*self.argv("--rules", self.rules_file(), "--folder", "Nope",
+                                            "--folder", "INBOX", "--apply"),
+                                 env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, gc.EXIT_INCOMPLETE)
+        lines = err.strip().splitlines()
+        self.assertIn("cannot open folder 'Nope'", lines[0])
+        self.assertIn("'labels'", lines[0])
+        self.assertIn("skipped that folder", lines[0])
+        self.assertEqual(len(lines), 1)
+        self.assertEqual(self.server.uids("INBOX"), [])          # INBOX still sorted
+        self.assertEqual(len(self.server.uids("Receipts")), 1)
 
     def test_exit_codes_for_auth_and_connection_failures(self):
         code, out, err = run_cli(*self.argv(), env={"GMAIL_APP_PASSWORD": "wrong"})
@@ -5900,6 +6021,853 @@ class CommandLineRunTest(FakeServerTest):
         self.assertEqual(code, gc.EXIT_AUTH)
         self.assertIn("OAuth2 token", err)
         self.assertNotIn("ya29.stale", err)
+
+
+# --- Any server: server kinds, fail closed, never a duplicate, namespaces -----------------
+#
+# Issue 6.  Every test names the server kind it runs against (SERVER_KINDS); the matrix
+# test runs the same rules against each kind and checks the final mailboxes.
+
+KIND_RULES = {"rule": [
+    {"name": "Receipts", "subject": "receipt", "label": "Receipts/2024", "archive": True},
+    {"name": "Lists", "header": {"List-Id": True}, "move": "Lists"},
+    {"name": "Spam", "from": "@spam.example", "trash": True},
+    {"name": "Bank", "from": "@mybank.example", "star": True},
+]}
+
+
+def errors(stderr: str) -> List[str]:
+    """The error lines of a run's stderr (an --apply also says how many changes it made)."""
+    return [line for line in stderr.splitlines() if line.startswith("gmail_classify: ")]
+
+
+class AnyServerTest(FakeServerTest):
+    """FakeServerTest with helpers to start servers of a given kind."""
+
+    def serve(self, kind: Optional[str] = None, **options: Any) -> FakeGmail:
+        server = FakeGmail(kind=kind, **options).start()
+        self.addCleanup(lambda: self.assertEqual(server.errors, [], "the fake server failed"))
+        self.addCleanup(server.stop)
+        self.server = server
+        return server
+
+    def seed(self) -> Dict[str, int]:
+        add = self.server.add_message
+        return {"receipt": add(make_message("Your receipt #1")),
+                "list": add(make_message("Digest", extra="List-Id: <dev.lists.example>\n")),
+                "spam": add(make_message("Win!", sender="x@spam.example")),
+                "bank": add(make_message("Statement", sender="Bank <b@mybank.example>")),
+                "other": add(make_message("Lunch?"))}
+
+    def subjects(self, folder: str) -> List[str]:
+        return sorted(str(email.message_from_bytes(m.raw)["Subject"])
+                      for m in self.server.messages(folder))
+
+    def lines(self, command: str) -> List[bytes]:
+        return [e.line for e in self.server.log if e.command == command]
+
+    def writes(self) -> set:
+        return set(self.commands()) & (WRITE_COMMANDS - {"SELECT"})
+
+    def cli(self, *extra: str) -> Tuple[int, str, str]:
+        path = os.path.join(self.tmp, "rules.json")
+        if not os.path.exists(path):
+            with open(path, "w") as handle:
+                json.dump(self.rules_doc, handle)
+        return run_cli("--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                       "--plaintext", "--retries", "1", "--rules", path, *extra,
+                       env={"GMAIL_APP_PASSWORD": PASSWORD})
+
+    rules_doc: Dict[str, Any] = KIND_RULES
+
+
+class ServerKindsTest(AnyServerTest):
+    # Where each kind keeps things (server names).
+    EXPECTED = {
+        "move": ("Receipts/2024", "Archive", "Lists", "Trash"),
+        "uidplus": ("Receipts/2024", "Archive", "Lists", "Trash"),
+        "neither": ("Receipts/2024", "Archive", "Lists", "Trash"),
+        "no-special-use": ("Receipts/2024", "Archives", "Lists", "Deleted Items"),
+        "inbox-prefix": ("INBOX.Receipts.2024", "INBOX.Archive", "INBOX.Lists", "INBOX.Trash"),
+    }
+
+    def test_every_kind_sorts_the_mailbox_and_a_second_run_changes_nothing(self):
+        rules = gc.parse_rules(KIND_RULES, "rules.json")
+        for kind in SERVER_KINDS:
+            with self.subTest(kind=kind):
+                server = self.serve(kind)
+                ids = self.seed()
+                conn = self.connect()
+                allow = kind == "neither"
+                dry = gc.classify_folder(conn, rules, "INBOX", allow_expunge=allow)
+                self.assertEqual(self.writes(), set())
+                report = gc.classify_folder(conn, rules, "INBOX", apply=True, allow_expunge=allow)
+                self.assertEqual(report.created, dry.created)
+                self.assertEqual(report.skipped, [])
+                self.assertEqual(self.subjects("INBOX"), ["Lunch?", "Statement"])
+                self.assertIn("\\Flagged", server.message(ids["bank"]).flags)
+                if kind == "gmail":
+                    self.assertEqual(server.message(ids["receipt"]).labels, {"Receipts/2024"})
+                    self.assertEqual(server.message(ids["list"]).labels, {"Lists"})
+                    self.assertIn("\\Trash", server.message(ids["spam"]).labels)
+                else:
+                    label, archive, lists, trash = self.EXPECTED[kind]
+                    self.assertEqual(report.created, [lists, label])
+                    self.assertEqual(self.subjects(label), ["Your receipt #1"])   # a copy
+                    self.assertEqual(self.subjects(archive), ["Your receipt #1"])
+                    self.assertEqual(self.subjects(lists), ["Digest"])
+                    self.assertEqual(self.subjects(trash), ["Win!"])
+                # Never a bare EXPUNGE, except where explicitly allowed and checked first.
+                self.assertEqual("EXPUNGE" in self.commands(), kind == "neither")
+                start = len(server.log)
+                again = gc.classify_folder(conn, rules, "INBOX", apply=True, allow_expunge=allow)
+                later = {e.command for e in server.log[start:]}
+                self.assertEqual(later & (WRITE_COMMANDS - {"SELECT"}), set())
+                self.assertEqual(again.changes, {})
+
+    def test_neither_refuses_before_any_change_and_the_dry_run_says_the_same(self):
+        self.serve("neither")
+        self.seed()
+        before = [(m.msgid, frozenset(m.flags)) for m in self.server.messages("INBOX")]
+        code, out, err = self.cli("--apply")
+        self.assertEqual(code, gc.EXIT_SERVER)
+        self.assertIn("neither MOVE nor UIDPLUS", err)
+        self.assertIn("--allow-expunge", err)
+        self.assertIn("nothing was changed", err)
+        self.assertEqual(self.writes(), set())          # not even the star or the label copy
+        self.assertNotIn("SELECT", self.commands())
+        self.assertEqual([(m.msgid, frozenset(m.flags)) for m in self.server.messages("INBOX")],
+                         before)
+        dry_code, dry_out, dry_err = self.cli()
+        self.assertEqual((dry_code, errors(dry_err)), (code, errors(err)))
+        self.assertNotIn("would", dry_out)
+
+    def test_neither_with_allow_expunge_marks_exactly_those_then_checks_then_expunges(self):
+        self.serve("neither")
+        for index in range(3):
+            self.server.add_message(make_message(f"receipt {index}"))
+        conn = self.connect()
+        conn.select("INBOX")
+        result = conn.move([1, 2], "Archive", allow_expunge=True)
+        self.assertEqual(sorted(result.moved), [1, 2])
+        self.assertEqual(self.server.uids("INBOX"), [3])
+        self.assertEqual(self.subjects("Archive"), ["receipt 0", "receipt 1"])
+        wire = b"".join(e.line for e in self.server.log)
+        copy_at = wire.index(b"UID COPY 1:2 Archive")
+        store_at = wire.index(b"UID STORE 1:2 +FLAGS.SILENT (\\Deleted)")
+        check_at = wire.rindex(b"UID SEARCH DELETED")
+        expunge_at = wire.index(b" EXPUNGE\r\n")
+        self.assertLess(copy_at, store_at)
+        self.assertLess(store_at, check_at)
+        self.assertLess(check_at, expunge_at)
+        self.assertNotIn("UID EXPUNGE", self.commands())
+
+    def test_plain_expunge_after_a_drop_is_checked_again_and_not_repeated_blindly(self):
+        for when, expunges in (("after", 1), ("before", 2)):
+            with self.subTest(when=when):
+                self.serve("neither")
+                for index in range(2):
+                    self.server.add_message(make_message(f"receipt {index}"))
+                conn = self.connect()
+                conn.select("INBOX")
+                self.server.add_fault("EXPUNGE", action="drop", when=when)
+                result = conn.move([1, 2], "Archive", allow_expunge=True)
+                self.assertEqual(sorted(result.moved), [1, 2])
+                self.assertEqual(self.server.uids("INBOX"), [])
+                self.assertEqual(self.subjects("Archive"), ["receipt 0", "receipt 1"])
+                self.assertEqual(self.server.count("EXPUNGE"), expunges)
+        self.server.add_message(make_message("receipt 2"))
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("EXPUNGE", action="drop", count=10)
+        with self.assertRaises(gc.ConnectionLostError) as ctx:
+            conn.move(conn.search(), "Archive", allow_expunge=True)
+        self.assertIn("EXPUNGE kept failing", str(ctx.exception))
+
+    def test_allow_expunge_refuses_when_another_message_is_marked_deleted(self):
+        self.serve("neither")
+        self.seed()
+        other = self.server.add_message(make_message("someone else's"), flags=("\\Deleted",))
+        for extra in ((), ("--apply",)):
+            with self.subTest(extra=extra):
+                code, _, err = self.cli("--allow-expunge", *extra)
+                self.assertEqual(code, gc.EXIT_SERVER)
+                self.assertIn("marked \\Deleted", err)
+                self.assertIn("nothing was changed", err)
+        self.assertEqual(self.writes(), set())
+        self.assertIn(other, [m.msgid for m in self.server.messages("INBOX")])
+        conn = self.connect()
+        conn.select("INBOX")
+        with self.assertRaises(gc.CapabilityError):
+            conn.move([1], "Archive", allow_expunge=True)
+        self.assertNotIn("UID COPY", self.commands())
+        self.assertNotIn("EXPUNGE", self.commands())
+
+    def test_a_marked_message_in_any_folder_of_the_run_refuses_before_the_first_change(self):
+        self.serve("neither")
+        self.seed()
+        self.server.add_message(make_message("digest 2"), folder="Lists", flags=("\\Deleted",))
+        code, _, err = self.cli("--allow-expunge", "--apply", "--folder", "INBOX", "--folder", "Lists")
+        self.assertEqual(code, gc.EXIT_SERVER)
+        self.assertIn("refusing to move messages out of Lists", err)
+        self.assertEqual(self.writes(), set())
+        self.assertNotIn("SELECT", self.commands())
+
+    def test_kind_table_builds_what_it_says(self):
+        caps = {}
+        for kind in SERVER_KINDS:
+            server = self.serve(kind)
+            conn = self.connect()
+            caps[kind] = conn.capabilities
+            names = {f.name for f in conn.list_folders()}
+            if kind == "inbox-prefix":
+                self.assertEqual(conn.namespace(), ("INBOX.", "."))
+                self.assertIn("INBOX.Trash", names)
+            if kind == "no-special-use":
+                self.assertFalse(any(f.special_use for f in conn.list_folders()))
+        self.assertIn("X-GM-EXT-1", caps["gmail"])
+        self.assertTrue({"MOVE", "UIDPLUS"} <= caps["move"])
+        self.assertEqual(({"MOVE", "UIDPLUS"} & caps["uidplus"]), {"UIDPLUS"})
+        self.assertEqual(({"MOVE", "UIDPLUS"} & caps["neither"]), set())
+        self.assertNotIn("SPECIAL-USE", caps["no-special-use"])
+        with self.assertRaises(ValueError):
+            FakeGmail(kind="exchange")
+        with self.assertRaises(ValueError):
+            FakeGmail(quirks=["made-up"])
+
+
+class FailClosedTest(AnyServerTest):
+    rules_doc = {"rule": [{"name": "Not from a friend", "not": {"from": "friend@"},
+                           "trash": True}]}
+
+    def test_quoted_header_field_names_are_matched_by_meaning(self):
+        for kind in ("gmail", "move"):
+            with self.subTest(kind=kind):
+                self.serve(kind, quirks=["quoted-header-fields"])
+                self.server.add_message(make_message("hi", sender="friend@example.com"))
+                self.server.add_message(make_message("buy", sender="shop@example.com"))
+                raw = RawClient(self.server)
+                self.addCleanup(raw.close)
+                raw.login()
+                raw.command(b"EXAMINE INBOX")
+                _, answer = raw.command(b"UID FETCH 1 (BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)])")
+                self.assertIn(b'BODY[header.fields ("subject" "from")]', answer[0])
+                code, _, err = self.cli("--apply")
+                self.assertEqual((code, err), (0, ""))
+                self.assertEqual(self.subjects("INBOX"), ["hi"])
+
+    def test_incomplete_answers_skip_the_message_name_it_and_exit_6(self):
+        cases = [(kind, quirk) for kind in SERVER_KINDS
+                 for quirk in ("nil-header", "omit-header", "omit-flags")] + [("gmail", "omit-labels")]
+        for kind, quirk in cases:
+            with self.subTest(kind=kind, quirk=quirk):
+                self.serve(kind, quirks=[quirk])
+                self.server.add_message(make_message("hi", sender="friend@example.com"))
+                self.server.add_message(make_message("buy", sender="shop@example.com"))
+                code, out, err = self.cli("--apply", "--allow-expunge")
+                self.assertEqual(code, gc.EXIT_INCOMPLETE)
+                self.assertIn("INBOX: 2 messages skipped because the server's answer lacked "
+                              "its", err)
+                self.assertIn("(UID 1:2); nothing was done to them; run again", err)
+                self.assertIn("2 messages skipped (the server's answer lacked its", out)
+                self.assertEqual(self.subjects("INBOX"), ["buy", "hi"])
+                self.assertFalse({"UID MOVE", "UID STORE", "UID COPY"} & set(self.commands()))
+
+    def test_only_the_incomplete_message_is_skipped(self):
+        self.serve("move", quirks=["omit-flags"])
+        self.server.add_message(make_message("buy 1", sender="shop@example.com"))
+        odd = self.server.add_message(make_message("buy 2", sender="shop@example.com"))
+        self.server.add_message(make_message("buy 3", sender="shop@example.com"))
+        self.server.quirk_msgids = {odd}
+        conn = self.connect()
+        rules = gc.parse_rules(self.rules_doc, "rules.json")
+        report = gc.classify_folder(conn, rules, "INBOX", apply=True)
+        self.assertEqual(report.skipped, [2])
+        self.assertEqual(report.why_skipped, {2: "the server's answer lacked its flags"})
+        self.assertEqual(self.subjects("INBOX"), ["buy 2"])
+        self.assertEqual(self.subjects("Trash"), ["buy 1", "buy 3"])
+
+    def test_a_message_deleted_before_its_fetch_is_skipped_not_guessed(self):
+        self.serve("move")
+        self.server.add_message(make_message("buy 1", sender="shop@example.com"))
+        gone = self.server.add_message(make_message("buy 2", sender="shop@example.com"))
+
+        def another_client_expunges() -> None:
+            with self.server._cond:
+                self.server._expunge(self.server._folders["INBOX"], [gone])
+
+        self.server.add_fault("UID FETCH", action="call", callback=another_client_expunges)
+        rules = gc.parse_rules(self.rules_doc, "rules.json")
+        report = gc.classify_folder(self.connect(), rules, "INBOX", apply=True)
+        self.assertEqual(report.skipped, [2])
+        self.assertEqual(report.why_skipped, {2: "the server sent nothing for it (deleted meanwhile?)"})
+        self.assertEqual(self.subjects("Trash"), ["buy 1"])
+
+    def test_missing_body_prefix_skips_the_message(self):
+        self.serve("move", quirks=["omit-body"])
+        self.server.add_message(make_message("a", body="please unsubscribe\n"))
+        rules = gc.parse_rules({"rule": [{"name": "No unsubscribe", "not": {"body": "zzz"},
+                                          "trash": True}]}, "rules.json")
+        report = gc.classify_folder(self.connect(), rules, "INBOX", apply=True)
+        self.assertEqual(report.why_skipped, {1: "the server's answer lacked its body prefix"})
+        self.assertEqual(self.subjects("Trash"), [])
+
+    def test_fetch_key_normalises_the_section_spec(self):
+        cases = [("BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)]", 'BODY[header.fields ("Subject" from)]'),
+                 ("BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)]", "BODY[HEADER.FIELDS (SUBJECT  FROM)]"),
+                 ("BODY.PEEK[]<0.16384>", "BODY[]<0>"),
+                 ("BODY.PEEK[1.HEADER.FIELDS.NOT (X-A)]", 'BODY[1.HEADER.FIELDS.NOT ("x-a")]')]
+        for asked, answered in cases:
+            with self.subTest(answered=answered):
+                self.assertEqual(gc._fetch_key(asked), gc._fetch_key(answered))
+        self.assertNotEqual(gc._fetch_key("BODY.PEEK[HEADER.FIELDS (FROM)]"),
+                            gc._fetch_key("BODY[HEADER.FIELDS.NOT (FROM)]"))
+
+
+class NeverDuplicateTest(AnyServerTest):
+    def move_three(self, kind: str, when: str, **options: Any) -> gc.MoveResult:
+        self.serve(kind, **options)
+        for index in range(3):
+            self.server.add_message(make_message(f"receipt {index}"))
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID COPY", action="drop", when=when)
+        return conn.move([1, 2, 3], "Archive", allow_expunge=True)
+
+    def test_drop_right_after_copy_never_copies_twice(self):
+        for kind in ("uidplus", "neither"):
+            with self.subTest(kind=kind):
+                result = self.move_three(kind, "after")
+                self.assertEqual(self.server.fired, [("UID COPY", "drop", "after")])
+                self.assertEqual(self.subjects("Archive"), ["receipt 0", "receipt 1", "receipt 2"])
+                self.assertEqual(self.server.uids("INBOX"), [])
+                self.assertEqual(self.server.count("UID COPY"), 1)
+                self.assertEqual(sorted(result.moved), [1, 2, 3])
+                self.assertEqual(sorted(result.moved.values()), [1, 2, 3])   # found by search
+
+    def test_copy_that_never_reached_the_server_is_simply_sent_again(self):
+        for kind in ("uidplus", "neither"):
+            with self.subTest(kind=kind):
+                self.move_three(kind, "before")
+                self.assertEqual(self.server.count("UID COPY"), 2)
+                self.assertEqual(self.subjects("Archive"), ["receipt 0", "receipt 1", "receipt 2"])
+                self.assertEqual(self.server.uids("INBOX"), [])
+                # Proven by UIDNEXT alone: the destination was not searched.
+                self.assertNotIn("EXAMINE", self.commands())
+                self.assertEqual(self.lines("STATUS")[-1].split(b" ", 1)[1],
+                                 b"STATUS Archive (UIDNEXT)\r\n")
+
+    def test_a_partly_done_copy_copies_only_the_rest(self):
+        self.serve("uidplus")
+        for index in range(3):
+            self.server.add_message(make_message(f"receipt {index}"))
+        first = self.server.messages("INBOX")[0].msgid
+
+        def server_copied_the_first_only() -> None:
+            with self.server._cond:
+                folders = self.server._folders
+                self.server._copy_messages(folders["INBOX"], folders["Archive"],
+                                           [self.server._msgs[first]], move=False)
+
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID COPY", action="drop")          # the answer never comes
+        self.server.add_fault("STATUS", nth=2, action="call", callback=server_copied_the_first_only)
+        result = conn.move([1, 2, 3], "Archive")
+        self.assertEqual(self.subjects("Archive"), ["receipt 0", "receipt 1", "receipt 2"])
+        self.assertEqual(self.server.uids("INBOX"), [])
+        self.assertEqual(self.lines("UID COPY")[-1].split(b" ", 1)[1], b"UID COPY 2:3 Archive\r\n")
+        self.assertEqual(result.moved[1], 1)
+
+    def test_a_copy_that_keeps_dropping_gives_up_with_the_originals_kept(self):
+        self.serve("uidplus")
+        self.server.add_message(make_message("receipt 0"))
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID COPY", action="drop", count=10)
+        with self.assertRaises(gc.ConnectionLostError) as ctx:
+            conn.move([1], "Archive")
+        self.assertIn("UID COPY to Archive kept failing", str(ctx.exception))
+        self.assertEqual(self.server.count("UID COPY"), 4)     # the first try and 3 retries
+        self.assertEqual(self.subjects("INBOX"), ["receipt 0"])
+        self.assertEqual(self.subjects("Archive"), [])
+
+    def test_status_for_another_folder_is_not_taken_for_the_destination(self):
+        # The fake's other-folder STATUS always says UIDNEXT 1: taken as the destination's,
+        # "UIDNEXT did not move" would wrongly prove the dropped COPY never ran.
+        self.move_three("uidplus", "after", quirks=["status-other-first"])
+        self.assertEqual(self.subjects("Archive"), ["receipt 0", "receipt 1", "receipt 2"])
+        self.assertEqual(self.server.count("UID COPY"), 1)
+
+    def test_labels_as_copies_after_a_drop_are_not_copied_twice(self):
+        rules = gc.parse_rules({"rule": [{"subject": "receipt", "label": "Receipts"}]}, "r.json")
+        for kind in SERVER_KINDS:
+            if kind == "gmail":
+                continue        # Gmail labels are stored, not copied
+            with self.subTest(kind=kind):
+                self.serve(kind)
+                self.server.add_message(make_message("receipt 1"))
+                self.server.add_message(make_message("receipt 2"))
+                self.server.add_fault("UID COPY", action="drop", when="after")
+                conn = self.connect()
+                gc.classify_folder(conn, rules, "INBOX", apply=True)
+                self.assertEqual(self.server.fired, [("UID COPY", "drop", "after")])
+                target = conn.server_name("Receipts")
+                self.assertEqual(self.subjects(target), ["receipt 1", "receipt 2"])
+                self.assertEqual(self.subjects("INBOX"), ["receipt 1", "receipt 2"])
+
+    def test_rerun_skips_originals_the_destination_already_holds(self):
+        # An earlier run copied and marked the message, then stopped before UID EXPUNGE.
+        self.serve("uidplus")
+        when = datetime(2024, 3, 4, 10, 0, tzinfo=timezone.utc)
+        raw = make_message("receipt 1")
+        self.server.add_message(raw, flags=("\\Deleted",), date=when)
+        self.server.add_message(raw, flags=("\\Deleted",), date=when, folder="Archive")
+        self.server.add_message(make_message("receipt 2"))
+        conn = self.connect()
+        conn.select("INBOX")
+        result = conn.move([1, 2], "Archive")
+        self.assertEqual(self.subjects("Archive"), ["receipt 1", "receipt 2"])
+        self.assertEqual(self.server.uids("INBOX"), [])
+        self.assertEqual(result.moved[1], 1)
+        self.assertIn(b"UID COPY 2 Archive", b"".join(self.lines("UID COPY")))
+        self.assertEqual(self.server.count("UID COPY"), 1)
+
+
+class NamespaceTest(AnyServerTest):
+    def test_rule_names_map_to_the_prefix_and_delimiter(self):
+        self.serve("inbox-prefix")
+        self.server.add_message(make_message("receipt 1"))
+        self.server.add_message(make_message("done 1"))
+        rules = gc.parse_rules({"rule": [
+            {"subject": "receipt", "move": "Receipts/2024"},
+            {"subject": "done", "move": "INBOX.Done"}]}, "r.json")
+        conn = self.connect()
+        dry = gc.classify_folder(conn, rules, "INBOX")
+        self.assertEqual(dry.created, ["INBOX.Receipts.2024", "INBOX.Done"])
+        self.assertEqual(self.server.count("LIST"), 1)       # the folder list is kept
+        self.assertEqual([conn.server_name(n) for n in ("inbox", "INBOX", "Inbox.Done")],
+                         ["INBOX", "INBOX", "Inbox.Done"])
+        gc.classify_folder(conn, rules, "INBOX", apply=True)
+        creates = b"".join(self.lines("CREATE"))
+        self.assertIn(b"CREATE INBOX.Receipts.2024\r\n", creates)
+        self.assertIn(b"CREATE INBOX.Done\r\n", creates)
+        self.assertNotIn(b"INBOX.INBOX", creates)
+        self.assertEqual(self.subjects("INBOX.Receipts.2024"), ["receipt 1"])
+        self.assertEqual(self.subjects("INBOX.Done"), ["done 1"])
+        report = gc.classify_folder(conn, rules, "Receipts/2024")     # a source folder too
+        self.assertEqual(report.examined, 1)
+        self.assertIn(b"EXAMINE INBOX.Receipts.2024\r\n", b"".join(self.lines("EXAMINE")))
+
+    def test_refused_create_names_the_folder_and_the_answer(self):
+        self.serve("inbox-prefix")
+        conn = self.connect()
+        with self.assertRaises(gc.ImapError) as ctx:
+            conn.create_folder("Outside")
+        self.assertIn("'Outside'", str(ctx.exception))
+        self.assertIn("Invalid mailbox name", str(ctx.exception))
+
+    def test_refused_move_names_the_folder_and_the_answer(self):
+        self.serve("move")
+        self.server.add_message(make_message("m"))
+        conn = self.connect()
+        conn.select("INBOX")
+        with self.assertRaises(gc.ImapError) as ctx:
+            conn.move([1], "Nowhere")
+        self.assertIn("move messages to 'Nowhere'", str(ctx.exception))
+        self.assertIn("TRYCREATE", str(ctx.exception) + ctx.exception.code)
+
+    def test_a_prefix_that_is_not_inbox(self):
+        self.serve("move", prefix="Mail/")
+        conn = self.connect()
+        self.assertEqual(conn.namespace(), ("Mail/", "/"))
+        self.assertEqual(conn.server_name("Mail/Foo"), "Mail/Foo")
+        self.assertEqual(conn.server_name("Foo/Bar"), "Mail/Foo/Bar")
+        self.assertTrue(conn.create_folder(conn.server_name("Foo")))
+        self.assertIn("Mail/Foo", self.server.folder_names())
+        self.assertEqual(self.server.count("CREATE"), 1)
+
+    def test_without_namespace_the_delimiter_comes_from_list(self):
+        self.serve("move", delimiter=".")
+        self.server.add_message(make_message("receipt 1"))
+        conn = self.connect()
+        self.assertEqual(conn.namespace(), ("", "."))
+        self.assertEqual(conn.server_name("A/B"), "A.B")
+
+
+class SpecialUseFallbackTest(AnyServerTest):
+    rules_doc = {"rule": [{"name": "Spam", "from": "@spam.example", "trash": True},
+                          {"name": "Bank", "from": "@mybank.example", "star": True},
+                          {"name": "Receipts", "subject": "receipt", "archive": True}]}
+
+    def test_trash_and_archive_found_by_name_and_the_report_says_which(self):
+        self.serve("no-special-use")
+        self.seed()
+        code, out, err = self.cli("--apply")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("note: trash goes to 'Deleted Items'", out)
+        self.assertIn("note: archive goes to 'Archives'", out)
+        self.assertEqual(self.subjects("Deleted Items"), ["Win!"])
+        self.assertEqual(self.subjects("Archives"), ["Your receipt #1"])
+
+    def test_names_match_case_insensitively_under_the_prefix(self):
+        self.serve("inbox-prefix", special_use=False,
+                   folders=(("INBOX", ""), ("deleted messages", ""), ("ARCHIVE", "")))
+        conn = self.connect()
+        self.assertEqual(conn.special_folder("\\Trash").name, "INBOX.deleted messages")
+        self.assertEqual(conn.special_folder("\\Archive").name, "INBOX.ARCHIVE")
+        self.assertIsNone(conn.special_folder("\\Junk"))
+
+    def test_no_trash_folder_refuses_before_any_change_and_the_dry_run_alike(self):
+        self.serve("move", special_use=False, folders=(("INBOX", ""), ("Sent", "")))
+        self.seed()
+        results = [self.cli("--apply"), self.cli()]
+        for code, _, err in results:
+            self.assertEqual(code, gc.EXIT_SERVER)
+            self.assertIn("no folder marked \\Trash", err)
+            self.assertIn("nothing was changed", err)
+        self.assertEqual(errors(results[0][2]), errors(results[1][2]))
+        self.assertEqual(self.writes(), set())
+
+
+class WireNamesTest(AnyServerTest):
+    def test_raw_utf8_names_go_back_as_listed(self):
+        self.serve("move", quirks=["raw-utf8-names"])
+        self.server.add_message(make_message("old"), folder="Entwürfe")
+        self.server.add_message(make_message("receipt 1"))
+        rules = gc.parse_rules({"rule": [{"subject": "receipt", "move": "Entwürfe"}]}, "r.json")
+        report = gc.classify_folder(self.connect(), rules, "INBOX", apply=True)
+        self.assertEqual(report.created, [])
+        self.assertEqual(self.subjects("Entwürfe"), ["old", "receipt 1"])
+        self.assertNotIn("Entw&APw-rfe", self.server.folder_names())
+        self.assertIn("Entwürfe".encode(), b"".join(self.lines("UID MOVE")))
+
+    def test_invalid_utf8_name_is_neither_renamed_nor_a_crash(self):
+        self.serve("move", quirks=["raw-utf8-names"])
+        self.server.add_message(make_message("café"), folder="Caf\udce9")
+        conn = self.connect()
+        names = [f.name for f in conn.list_folders()]
+        self.assertIn("Caf\ufffd", names)
+        status = conn.examine("Caf\ufffd")
+        self.assertEqual(status.exists, 1)
+        self.assertIn(b"Caf\xe9", b"".join(self.lines("EXAMINE")))
+        code, out, err = run_cli("labels", "--user", USER, "--host", "127.0.0.1", "--port",
+                                 str(self.server.port), "--plaintext",
+                                 env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("Caf\ufffd", out)
+
+
+class ParserFaultsTest(AnyServerTest):
+    def test_all_digit_atoms_stay_text_where_the_grammar_says_astring(self):
+        parsed = gc.parse_response(b'LIST (\\HasNoChildren) "/" 0123')
+        self.assertEqual(str(parsed[3]), "0123")
+        exists = gc.parse_response(b"0012 EXISTS")[0]
+        self.assertEqual((exists, exists + 1), (12, 13))
+        self.assertEqual(gc.parse_status_text(b"[UIDNEXT 0042] x")[1][0] + 0, 42)
+        self.serve("gmail")
+        self.server.add_message(make_message("x"), labels=("\\Inbox", "007"), flags=("0123",))
+        conn = self.connect()
+        conn.select("INBOX")
+        values = conn.fetch([1], ["FLAGS", "X-GM-LABELS"])[1]
+        self.assertIn("0123", values["FLAGS"])
+        self.assertIn("007", values["X-GM-LABELS"])
+        rules = gc.parse_rules({"rule": [{"has_label": "007", "star": True}]}, "r.json")
+        report = gc.classify_folder(conn, rules, "INBOX")
+        self.assertEqual(report.changes, {"star": 1})
+
+
+class MutationGapsTest(AnyServerTest):
+    def test_copy_delete_move_removes_the_originals(self):
+        self.serve("uidplus")
+        for index in range(3):
+            self.server.add_message(make_message(f"m{index}"))
+        conn = self.connect()
+        conn.select("INBOX")
+        result = conn.move([1, 2], "Archive")
+        self.assertEqual(result.moved, {1: 1, 2: 2})          # from COPYUID
+        self.assertEqual(self.subjects("INBOX"), ["m2"])
+        self.assertIn(b"UID EXPUNGE 1:2\r\n", b"".join(self.lines("UID EXPUNGE")))
+
+    def test_uids_already_gone_are_reported_missing(self):
+        for kind in ("move", "uidplus", "gmail"):
+            with self.subTest(kind=kind):
+                self.serve(kind)
+                self.server.add_message(make_message("m"))
+                conn = self.connect()
+                conn.select("INBOX")
+                target = "[Gmail]/Trash" if kind == "gmail" else "Archive"
+                result = conn.move([1, 99], target)
+                self.assertEqual(result.missing, (99,))
+                self.assertEqual(sorted(result.moved), [1])
+
+    def test_dry_run_reopens_with_examine_after_a_reconnect(self):
+        self.serve("gmail")
+        self.server.add_message(make_message("receipt"))
+        self.server.add_fault("UID FETCH", action="drop")
+        rules = gc.parse_rules({"rule": [{"subject": "receipt", "label": "R"}]}, "r.json")
+        report = gc.classify_folder(self.connect(), rules, "INBOX")
+        self.assertEqual(report.changes, {"label R": 1})
+        self.assertEqual(self.commands().count("EXAMINE"), 2)
+        self.assertNotIn("SELECT", self.commands())
+
+    def test_labels_as_copies_are_not_copied_again(self):
+        self.serve("move")
+        self.server.add_message(make_message("receipt 1"))
+        rules = gc.parse_rules({"rule": [{"subject": "receipt", "label": "Receipts"}]}, "r.json")
+        conn = self.connect()
+        gc.classify_folder(conn, rules, "INBOX", apply=True)
+        gc.classify_folder(conn, rules, "INBOX", apply=True)
+        self.assertEqual(self.server.count("UID COPY"), 1)
+        self.assertEqual(self.subjects("Receipts"), ["receipt 1"])
+
+    def test_archive_is_planned_only_for_messages_in_the_inbox(self):
+        rules = gc.parse_rules({"rule": [{"subject": "receipt", "archive": True}]}, "r.json")
+        self.serve("gmail")
+        self.server.add_message(make_message("receipt 1"), labels=("Receipts",))
+        report = gc.classify_folder(self.connect(), rules, "Receipts", apply=True)
+        self.assertEqual(report.changes, {})
+        self.assertNotIn("UID STORE", self.commands())
+        self.serve("move")
+        self.server.add_message(make_message("receipt 2"), folder="Lists")
+        report = gc.classify_folder(self.connect(), rules, "Lists", apply=True)
+        self.assertEqual(report.changes, {})
+        self.assertEqual(self.subjects("Lists"), ["receipt 2"])
+        self.assertEqual(self.subjects("Archive"), [])
+
+    def test_uidvalidity_change_while_collecting_a_label_folder_stops_before_copying(self):
+        self.serve("move")
+        self.server.add_message(make_message("receipt 1"))
+        self.server.add_message(make_message("old"), folder="Receipts")
+        self.server.add_fault("EXAMINE", action="call",
+                              callback=lambda: self.server.bump_uidvalidity("INBOX"))
+        rules = gc.parse_rules({"rule": [{"subject": "receipt", "label": "Receipts"}]}, "r.json")
+        with self.assertRaises(gc.UidValidityError):
+            gc.classify_folder(self.connect(), rules, "INBOX", apply=True)
+        self.assertNotIn("UID COPY", self.commands())
+        self.assertEqual(gc._exit_code(gc.UidValidityError("x")), gc.EXIT_INCOMPLETE)
+
+
+# --- Live tests against a real server (opt-in) -------------------------------------------
+#
+# The fake server is only as faithful as what we know, so the end-to-end behaviour can also
+# be run against a real account.  Meant for a DEDICATED TEST ACCOUNT: the tests append,
+# flag, copy, move and trash messages, but only in scratch folders (and labels) with a
+# unique name, and clean up by the UIDs of the messages they created.  Opt in with:
+#
+#   GMAIL_CLASSIFY_LIVE=1  GMAIL_CLASSIFY_LIVE_HOST=imap.gmail.com
+#   GMAIL_CLASSIFY_LIVE_USER=test@gmail.com
+#   GMAIL_CLASSIFY_LIVE_PASSWORD_COMMAND="pass show test-app-password"   (or _PASSWORD_FILE,
+#       a file only you can read, or _PASSWORD; never a prompt)
+#   optional: GMAIL_CLASSIFY_LIVE_PORT, GMAIL_CLASSIFY_LIVE_SECURITY (tls, starttls, or
+#       plaintext to a loopback host), GMAIL_CLASSIFY_LIVE_CAFILE
+#
+# then run: python -m unittest -v test_gmail_classify.LiveServerTest
+
+LIVE_PREFIX = "GMAIL_CLASSIFY_LIVE"
+
+
+def _live_settings() -> Dict[str, Any]:
+    """Connection settings from the environment; raises unittest.SkipTest saying why not."""
+    env = os.environ
+    if env.get(LIVE_PREFIX) != "1":
+        raise unittest.SkipTest(f"live tests are opt-in: set {LIVE_PREFIX}=1 with "
+                                f"{LIVE_PREFIX}_HOST, _USER and a password source, for a "
+                                f"dedicated test account (see the README)")
+    host, user = env.get(LIVE_PREFIX + "_HOST"), env.get(LIVE_PREFIX + "_USER")
+    if not host or not user:
+        raise unittest.SkipTest(f"{LIVE_PREFIX}=1 but {LIVE_PREFIX}_HOST or _USER is not set")
+    command = env.get(LIVE_PREFIX + "_PASSWORD_COMMAND")
+    path = env.get(LIVE_PREFIX + "_PASSWORD_FILE")
+    if command:
+        result = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=60)
+        password = result.stdout.splitlines()[0] if result.stdout.strip() else ""
+    elif path:
+        with open(path, encoding="utf-8") as handle:
+            password = handle.readline().rstrip("\r\n")
+    else:
+        password = env.get(LIVE_PREFIX + "_PASSWORD", "")
+    if not password:
+        raise unittest.SkipTest(f"no password: set {LIVE_PREFIX}_PASSWORD_COMMAND, "
+                                f"_PASSWORD_FILE or _PASSWORD (the tests never prompt)")
+    security = env.get(LIVE_PREFIX + "_SECURITY", "tls")
+    port = env.get(LIVE_PREFIX + "_PORT")
+    return dict(user=user, host=host, password=password, security=security,
+                port=int(port) if port else None, cafile=env.get(LIVE_PREFIX + "_CAFILE"))
+
+
+class LiveServerTest(unittest.TestCase):
+    """End-to-end against a real server, in scratch folders; skipped unless opted in."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.settings = _live_settings()
+
+    def setUp(self):
+        self.token = "gct-" + uuid.uuid4().hex[:10]
+        self.conn = gc.GmailConnection(self.settings["user"], password=self.settings["password"],
+                                       host=self.settings["host"], port=self.settings["port"],
+                                       security=self.settings["security"],
+                                       cafile=self.settings["cafile"], timeout=30, keepalive=None)
+        self.conn.connect()
+        self.addCleanup(self.conn.close)
+        self.scratch = self.conn.server_name(f"gmail_classify-test-{self.token}")
+        self.created: List[str] = []
+        self.addCleanup(self.clean_up)
+        self.make_folder(self.scratch)
+
+    # -- helpers (a second, plain imaplib client: independent of the code under test) --
+
+    def side_client(self) -> imaplib.IMAP4:
+        s = self.settings
+        context = ssl.create_default_context(cafile=s["cafile"]) if s["cafile"] else \
+            ssl.create_default_context()
+        if s["security"] == "tls":
+            client = imaplib.IMAP4_SSL(s["host"], s["port"] or 993, ssl_context=context)
+        else:
+            client = imaplib.IMAP4(s["host"], s["port"] or 143)
+            if s["security"] == "starttls":
+                client.starttls(context)
+        client.login(s["user"], s["password"])
+        return client
+
+    def make_folder(self, name: str) -> str:
+        self.conn.create_folder(name)
+        self.created.append(name)
+        return name
+
+    def append(self, subject: str, sender: str = "Alice <alice@example.com>",
+               folder: Optional[str] = None) -> None:
+        raw = make_message(subject, sender=sender, extra=f"X-Gmail-Classify-Test: {self.token}\n")
+        client = self.side_client()
+        try:
+            # Scratch names are atoms (ASCII, no spaces), so any imaplib version sends them as is.
+            typ, data = client.append(folder or self.scratch, None, None, raw)
+            self.assertEqual(typ, "OK", data)
+        finally:
+            client.logout()
+
+    def ours(self) -> List[str]:
+        return ["HEADER", "X-Gmail-Classify-Test", self.token]
+
+    def clean_up(self) -> None:
+        """Delete exactly the messages this test created (found by its unique header),
+        wherever they went, then the scratch folders."""
+        conn = self.conn
+        conn.list_folders(refresh=True)
+        trash = conn.special_folder("\\Trash")
+        places = list(reversed(self.created))
+        if conn.is_gmail:
+            places = [conn.special_folder("\\All").name]
+        for folder in places + ([trash.name] if trash else []):
+            try:
+                conn.select(folder)
+                uids = conn.search(self.ours())
+                if not uids:
+                    continue
+                if conn.is_gmail and folder != (trash.name if trash else None):
+                    conn.move(uids, trash.name)       # Gmail: delete = move to Trash first
+                    continue
+                conn.add_flags(uids, ["\\Deleted"])
+                if conn.has("UIDPLUS"):
+                    conn.uid_expunge(uids)
+                elif set(conn.search(["DELETED"])) == set(uids):
+                    conn._call("EXPUNGE")        # only ours are marked: exactly them go
+            except gc.ImapError:
+                continue
+        for folder in sorted(self.created, key=len, reverse=True):
+            try:
+                conn._call("DELETE", conn._mailbox(folder))
+            except gc.ImapError:
+                pass
+
+    # -- the tests --
+
+    def test_sign_in_capabilities_and_namespace(self):
+        self.assertIn("IMAP4REV1", self.conn.capabilities)
+        prefix, delimiter = self.conn.namespace()
+        self.assertTrue(delimiter)
+        self.assertTrue(self.scratch.startswith(prefix))
+
+    def test_create_and_list_non_ascii_names(self):
+        name = self.make_folder(self.conn.server_name(f"gmail_classify-test-{self.token}/Entwürfe 日本"))
+        names = {f.name for f in self.conn.list_folders(refresh=True)}
+        self.assertIn(name, names)
+        self.assertIn("Entwürfe 日本", name)
+
+    def test_append_search_fetch_flags_copy_move_and_trash(self):
+        for subject in ("live one", "live two", "live three"):
+            self.append(subject)
+        conn = self.conn
+        conn.select(self.scratch)
+        uids = conn.search(self.ours())
+        self.assertEqual(len(uids), 3)
+        item = "BODY.PEEK[HEADER.FIELDS (SUBJECT)]"
+        fetched = conn.fetch(uids, ["FLAGS", item, "RFC822.SIZE"])
+        self.assertEqual(sorted(parse_headers(v[item])["Subject"] for v in fetched.values()),
+                         ["live one", "live three", "live two"])
+        self.assertTrue(all("\\Seen" not in v["FLAGS"] for v in fetched.values()))
+        conn.add_flags(uids[:1], ["\\Flagged"])
+        self.assertIn("\\Flagged", conn.fetch(uids[:1], ["FLAGS"])[uids[0]]["FLAGS"])
+        conn.remove_flags(uids[:1], ["\\Flagged"])
+        self.assertNotIn("\\Flagged", conn.fetch(uids[:1], ["FLAGS"])[uids[0]]["FLAGS"])
+        other = self.make_folder(conn.server_name(f"gmail_classify-test-{self.token}-copies"))
+        if conn.is_gmail:
+            conn.add_labels(uids[:1], [other])
+        else:
+            conn.copy(uids[:1], other)
+        allow = not conn.can_move()
+        if allow:   # neither MOVE nor UIDPLUS: refused unless allowed (safe in a scratch folder)
+            with self.assertRaises(gc.CapabilityError):
+                conn.move(uids[1:2], other)
+        moved = conn.move(uids[1:2], other, allow_expunge=allow)
+        self.assertEqual(list(moved.moved), uids[1:2])
+        trash = conn.special_folder("\\Trash")
+        self.assertIsNotNone(trash)
+        conn.move(uids[2:], trash.name, allow_expunge=allow)
+        self.assertEqual(conn.search(self.ours()), uids[:1])
+        conn.examine(other)
+        self.assertEqual(len(conn.search(self.ours())), 2)
+
+    def test_idle_wakes_up_on_new_mail(self):
+        if not self.conn.has("IDLE"):
+            self.skipTest("the server has no IDLE")
+        self.conn.select(self.scratch)
+        worker = threading.Thread(target=lambda: (wait_until(lambda: self.conn._idling, timeout=20),
+                                                  self.append("live idle")), daemon=True)
+        worker.start()
+        events = self.conn.idle(timeout=60)
+        worker.join(30)
+        self.assertTrue(any(len(e) >= 2 and str(e[1]).upper() == "EXISTS" for e in events), events)
+
+    def test_classify_run_with_apply(self):
+        self.append("live receipt 1")
+        self.append("live receipt 2")
+        self.append("live hello", sender="Bob <bob@example.com>")
+        target = f"gmail_classify-test-{self.token}/Receipts"
+        self.created.append(self.conn.server_name(target))
+        rules = gc.parse_rules({"rule": [
+            {"name": "Receipts", "subject": "live receipt", "move": target, "star": True}]},
+            "live.json")
+        allow = not self.conn.can_move()
+        if allow:
+            for apply in (False, True):     # the dry run refuses just as --apply does
+                with self.assertRaises(gc.CapabilityError):
+                    gc.classify_folder(self.conn, rules, self.scratch, apply=apply)
+        dry = gc.classify_folder(self.conn, rules, self.scratch, allow_expunge=allow)
+        self.assertEqual(dry.changes, {"star": 2, f"move to {target}": 2})
+        report = gc.classify_folder(self.conn, rules, self.scratch, apply=True,
+                                    allow_expunge=allow)
+        self.assertEqual(report.skipped, [])
+        self.assertEqual(report.created, [self.conn.server_name(target)])
+        self.conn.examine(self.conn.server_name(target))
+        moved = self.conn.search(self.ours())
+        self.assertEqual(len(moved), 2)
+        flags = self.conn.fetch(moved, ["FLAGS"])
+        self.assertTrue(all("\\Flagged" in v["FLAGS"] for v in flags.values()))
+        again = gc.classify_folder(self.conn, rules, self.scratch, apply=True,
+                                   allow_expunge=allow)
+        self.assertEqual(again.changes, {})
 
 
 # --- The first ten minutes (issue 11) ----------------------------------------------------
@@ -6008,25 +6976,29 @@ class NewcomerServerTest(FakeServerTest):
     def test_misspelt_folder_gets_a_did_you_mean(self):
         code, _, err = run_cli(*self.argv("--user", USER, "--folder", "[Gmail]/Tarsh"),
                                env={"GMAIL_APP_PASSWORD": PASSWORD})
-        self.assertEqual(code, gc.EXIT_SERVER)
+        self.assertEqual(code, gc.EXIT_INCOMPLETE)     # skipped; other folders would still run
         self.assertIn("cannot open folder '[Gmail]/Tarsh'", err)
         self.assertIn("did you mean '[Gmail]/Trash'?", err)
         self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn("skipped that folder", err)
 
     def test_a_bad_answer_to_select_still_names_the_folder(self):
         self.server.add_fault("EXAMINE", action="bad", text="Could not parse command")
         code, _, err = run_cli(*self.argv("--user", USER, "--folder", "INBOX"),
                                env={"GMAIL_APP_PASSWORD": PASSWORD})
-        self.assertEqual(code, gc.EXIT_SERVER)
+        self.assertEqual(code, gc.EXIT_INCOMPLETE)
         self.assertIn("cannot open folder 'INBOX': Could not parse command", err)
 
     def test_wrong_password_on_gmail_says_app_password_and_imap_setting(self):
-        code, _, err = run_cli(*self.argv("--user", USER), env={"GMAIL_APP_PASSWORD": "wrong"})
-        self.assertEqual(code, gc.EXIT_AUTH)
-        self.assertIn("Invalid credentials", err)
-        self.assertIn("app password", err)
-        self.assertIn("IMAP must be on in Gmail's settings", err)
-        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        for extra in ((), ("--apply",)):   # --apply too: no "0 changes made" beside it
+            with self.subTest(extra=extra):
+                code, _, err = run_cli(*self.argv("--user", USER, *extra),
+                                       env={"GMAIL_APP_PASSWORD": "wrong"})
+                self.assertEqual(code, gc.EXIT_AUTH)
+                self.assertIn("Invalid credentials", err)
+                self.assertIn("app password", err)
+                self.assertIn("IMAP must be on in Gmail's settings", err)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
 
     def test_connection_retries_are_announced_with_a_count(self):
         self.server.add_fault("LOGIN", action="drop", count=2)
@@ -6261,7 +7233,7 @@ class RunOutputTest(FakeServerTest):
     def test_minus_vv_shows_server_answers_without_secrets(self):
         self.server.add_fault("EXAMINE", action="no", text=f"[TRYCREATE] no {PASSWORD} here")
         code, _, err = run_cli(*self.argv("-vv"), env={"GMAIL_APP_PASSWORD": PASSWORD})
-        self.assertEqual(code, gc.EXIT_SERVER)
+        self.assertEqual(code, gc.EXIT_INCOMPLETE)     # the folder could not be opened: skipped
         answers = [line for line in err.splitlines() if line.startswith("DEBUG: S: ")]
         self.assertTrue(any(line.startswith("DEBUG: S: * CAPABILITY ") for line in answers), err)
         self.assertIn("[TRYCREATE] no <redacted> here", "\n".join(answers))
@@ -6549,6 +7521,22 @@ class StateStoreTest(TempDirMixin, unittest.TestCase):
         self.assertEqual(third.folder("a", "INBOX").mark, 10)
         self.assertEqual(third.folder("a", "Work").mark, 20)
         self.assertEqual(third.downloaded("a"), 150)
+        # A later save of the first store writes only its new changes, not old ones again,
+        # and leaves it seeing what the others wrote.
+        third.set_folder("a", "INBOX", gc.FolderState(1, 30))
+        third.save()
+        first.add_download("a", 1)
+        first.save()
+        self.assertEqual(first.folder("a", "INBOX").mark, 30)
+        self.assertEqual(first.folder("a", "Work").mark, 20)
+        self.assertEqual(first.downloaded("a"), 151)
+
+    def test_nothing_to_save_writes_nothing(self):
+        directory = os.path.join(self.make_dir(), "state")
+        store = gc.StateStore(directory)
+        store.load()
+        store.save()
+        self.assertFalse(os.path.exists(directory))
 
     def test_download_counts_are_per_day_and_old_days_are_dropped(self):
         clock = Clock()
@@ -6734,6 +7722,22 @@ class IncrementalRunTest(StateTestCase):
         self.assertEqual(state.uidvalidity, self.server.uidvalidity("INBOX"))
         self.assertEqual(state.mark, max(self.server.uids("INBOX")))
 
+    def test_a_renumbered_folder_is_remembered_even_with_nothing_to_classify(self):
+        seed_mailbox(self.server, 3)
+        self.run_once()
+        conn = self.connect()
+        conn.select("INBOX")
+        conn.move(conn.search(["ALL"]), "[Gmail]/Trash")
+        conn.close()
+        self.server.bump_uidvalidity("INBOX")
+        with self.assertLogs("gmail_classify", "WARNING"):
+            self.run_once()
+        self.assertEqual(self.mark(), gc.FolderState(self.server.uidvalidity("INBOX"), 0,
+                                                     self.mark().rules, self.mark().updated))
+        with self.assertNoLogs("gmail_classify", "WARNING") if hasattr(self, "assertNoLogs") \
+                else contextlib.nullcontext():
+            self.run_once()                          # said once, not on every run
+
     def test_new_only_remembers_uidnext_and_classifies_nothing(self):
         seed_mailbox(self.server, 6)
         before = mailbox_snapshot(self.server)
@@ -6798,6 +7802,7 @@ class IncrementalRunTest(StateTestCase):
         audit = [r for r in self.store().audit.records() if r["type"] == "message"]
         self.maxDiff = None
         self.assertEqual(audit, records)
+        self.assertEqual(run.reports[0].changed, {"Receipts": 1})
 
     def test_only_what_still_needs_doing_is_planned_or_shown(self):
         self.server.add_message(make_message("receipt done"), labels=("Receipts",))  # archived
@@ -6811,6 +7816,8 @@ class IncrementalRunTest(StateTestCase):
         self.assertEqual([r["changes"] for r in records], [[], [], [], []])
         self.assertEqual(run.counts, {})
         self.assertTrue(all(report.changes == {} for report in run.reports))
+        self.assertTrue(all(report.changed == {} for report in run.reports))
+        self.assertEqual(run.reports[0].matched, {"News": 1})
 
 
 class BudgetTest(StateTestCase):
@@ -6840,9 +7847,24 @@ class BudgetTest(StateTestCase):
         key = gc.account_key(USER, "127.0.0.1", self.server.port)
         used = self.store().downloaded(key)
         self.assertGreater(used, 1000)                     # a dry run counts too
+        store = self.store()
+        store.add_download(key, 1000000 - used)
+        store.save()
         with self.assertLogs("gmail_classify", "WARNING") as logs:
-            self.run_once(apply=False, daily_budget=used * 2)
+            self.run_once(apply=False, batch_size=1, daily_budget=1900000)
         self.assertEqual(sum("half of the daily budget" in line for line in logs.output), 1)
+        self.assertRegex(logs.output[0], r"9\d\d\.\d KB downloaded today")
+
+    def test_no_budget_never_stops(self):
+        seed_mailbox(self.server, 6)
+        store = self.store()
+        store.add_download(gc.account_key(USER, "127.0.0.1", self.server.port), 10 ** 12)
+        store.save()
+        run = self.run_once(batch_size=1, daily_budget=None)
+        self.assertEqual(run.reports[0].examined, 6)
+        self.server.add_message(make_message("receipt later"))
+        with self.assertRaises(gc.BudgetExceededError):
+            self.run_once(batch_size=1)                          # the default budget
 
 
 class InterruptionTest(StateTestCase):
@@ -6856,11 +7878,11 @@ class InterruptionTest(StateTestCase):
         original = gc.GmailConnection.move
         calls = []
 
-        def move_then_interrupt(conn, uids, destination):
+        def move_then_interrupt(conn, uids, destination, **options):
             calls.append(destination)
             if len(calls) == 3:
                 raise KeyboardInterrupt
-            return original(conn, uids, destination)
+            return original(conn, uids, destination, **options)
 
         with mock.patch.object(gc.GmailConnection, "move", move_then_interrupt):
             with self.assertRaises(KeyboardInterrupt):
@@ -7005,6 +8027,14 @@ class CommandLineStateTest(StateTestCase):
         code, out, err = self.cli("run", *self.argv("--daily-budget", "lots"))
         self.assertEqual(code, gc.EXIT_USAGE)
 
+    def test_exit_codes_of_the_state_layer(self):
+        table = [(gc.StateError("x"), gc.EXIT_USAGE), (gc.LockedError("x"), gc.EXIT_LOCKED),
+                 (gc.BudgetExceededError("x"), gc.EXIT_INCOMPLETE),
+                 (gc.UidValidityError("x"), gc.EXIT_INCOMPLETE)]
+        for error, code in table:
+            with self.subTest(error=type(error).__name__):
+                self.assertEqual(gc._exit_code(error), code)
+
     def test_history_lists_runs_newest_first_with_counts(self):
         seed_mailbox(self.server, 6)
         self.assertEqual(self.cli("run", *self.argv("--apply"))[0], 0)
@@ -7085,6 +8115,34 @@ class UndoTest(StateTestCase):
         self.assertEqual(self.server.message(receipt).labels, {"\\Inbox"})
         self.assertNotIn("\\Seen", self.server.message(news).flags)   # the rest was undone
         self.assertEqual(self.server.message(news).labels, {"\\Inbox"})
+
+    def test_an_undo_cut_short_logs_what_it_did_and_can_be_run_again(self):
+        seed_mailbox(self.server, 12)
+        before = mailbox_snapshot(self.server)
+        run = self.run_once()
+        original = gc.GmailConnection.move
+        calls = []
+
+        def move_once(conn, uids, destination):
+            calls.append(destination)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return original(conn, uids, destination)
+
+        store = self.store()
+        undo = gc.Undo(store, USER, "127.0.0.1", self.server.port, apply=True)
+        with mock.patch.object(gc.GmailConnection, "move", move_once):
+            with self.assertRaises(KeyboardInterrupt):
+                undo.execute(self.connect())
+        undo.run.finish("interrupted")
+        self.assertGreater(undo.reversed, 0)
+        logged = [r for r in self.store().audit.records()
+                  if r.get("undo_of") == run.id and r["type"] == "message"]
+        self.assertEqual(sum(len(r["changes"]) for r in logged), undo.reversed)
+        again = self.undo(run.id)                      # not "already undone"
+        self.assertEqual((again.reversed + undo.reversed, again.left_alone),
+                         (run.changes_made, 0))        # the rest, nothing twice
+        self.assertEqual(mailbox_snapshot(self.server), before)
 
     def test_unknown_or_foreign_run_ids_are_refused(self):
         seed_mailbox(self.server, 3)
@@ -7248,15 +8306,17 @@ class ReadmeExamplesTest(unittest.TestCase):
         shim.__dict__.update({name: getattr(gc, name) for name in gc.__all__})
         shim.GmailConnection = ToTheFake
         out = io.StringIO()
+        state = tempfile.mkdtemp(dir=_STATE_ROOT.name)
         with mock.patch.dict(sys.modules, {"gmail_classify": shim}), \
-                mock.patch.dict(os.environ, {"GMAIL_APP_PASSWORD": PASSWORD}), \
+                mock.patch.dict(os.environ, {"GMAIL_APP_PASSWORD": PASSWORD,
+                                             "XDG_STATE_HOME": state}), \
                 mock.patch("sys.stdout", out):
             exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
         return out.getvalue()
 
     def test_every_example_runs_and_only_the_marked_one_changes_mail(self):
         blocks = self.blocks()
-        self.assertEqual(len(blocks), 2)
+        self.assertEqual(len(blocks), 3)
         server = FakeGmail(users={"you@gmail.com": PASSWORD}).start()
         self.addCleanup(server.stop)
         server.add_message(make_message("Your receipt 42"))
@@ -7276,6 +8336,12 @@ class ReadmeExamplesTest(unittest.TestCase):
         bill = [m for m in server.messages("[Gmail]/All Mail") if "Bills" in m.labels]
         self.assertEqual(len(bill), 1)
         self.assertIn("Receipts", bill[0].labels)
+
+        after = [(m.labels, m.flags) for m in server.messages("[Gmail]/All Mail")]
+        shown = self.run_block(blocks[2], server)           # a Run, dry: nothing left to do
+        self.assertEqual(shown, "1 {}\n")
+        self.assertEqual([(m.labels, m.flags) for m in server.messages("[Gmail]/All Mail")],
+                         after)
 
 
 
@@ -7514,6 +8580,8 @@ class ImportFiltersTest(unittest.TestCase):
                 self.assertIn("--force", err)
                 code, _, err = run_cli("import-filters", xml_path, "-o", out_path, "--force", "-q")
                 self.assertEqual(code, 0, err)
+                self.assertNotIn("wrote", err)          # -q: the notes only
+                self.assertEqual(len(err.splitlines()), len(SAMPLE_NOTES))
 
     def test_cli_prints_toml_to_stdout_by_default(self):
         xml_path = self.write("mailFilters.xml", SAMPLE_FILTERS)
@@ -7551,6 +8619,21 @@ class ImportFiltersTest(unittest.TestCase):
         code, _, err = run_cli("import-filters", os.path.join(self.tmp, "missing.xml"))
         self.assertEqual(code, gc.EXIT_USAGE)
         self.assertIn("cannot read", err)
+
+    def test_a_property_given_twice_with_different_values_skips_the_filter(self):
+        imported = gc.import_gmail_filters(filter_export(
+            [("from", "a@x.example"), ("from", "b@x.example"), ("label", "A")],
+            [("label", "B"), ("label", "B"), ("subject", "hi")]))
+        self.assertEqual([r["name"] for r in imported.doc["rule"]], ["Gmail filter 2"])
+        self.assertEqual(imported.notes, ("filter 1: skipped: property from given twice",))
+
+    def test_a_label_with_a_line_break_is_left_out_with_a_note(self):
+        imported = gc.import_gmail_filters(filter_export(
+            [("from", "a@x.example"), ("label", "Two\nlines"), ("shouldStar", "true")]))
+        self.assertEqual(imported.doc["rule"][0]["star"], True)
+        self.assertNotIn("label", imported.doc["rule"][0])
+        self.assertEqual(imported.notes,
+                         ("filter 1: left out label 'Two\\nlines': it holds a line break",))
 
     def test_output_name_and_format_must_agree(self):
         xml_path = self.write("mailFilters.xml", SAMPLE_FILTERS)
@@ -8141,11 +9224,11 @@ class CredentialSafetyTest(FakeServerTest):
             "option": (["--user", "a\r\nb"], {"GMAIL_APP_PASSWORD": PASSWORD}),
             "environment": (["--user", USER], {"GMAIL_APP_PASSWORD": self.INJECTION}),
             "netrc": (["--user", USER], {"HOME": home}),
-            "command": (["--user", USER, "--password-command", script], {}),
+            "command": (["--user", USER, "--password-command", "/bin/sh " + script], {}),
             "token environment": (["--user", USER, "--auth", "xoauth2"],
                                   {"GMAIL_OAUTH_TOKEN": "ya29.x\r\nA1 DELETE INBOX"}),
             "token command": (["--user", USER, "--auth", "xoauth2", "--password-command",
-                               script], {}),
+                               "/bin/sh " + script], {}),
             "rules file": (["--rules", rules], {"GMAIL_APP_PASSWORD": PASSWORD}),
         }
         for name, (extra, env) in cases.items():
@@ -8321,7 +9404,7 @@ class TerminalSafetyTest(FakeServerTest):
         self.assertIn("evil\\u001b]0;pwned\\u0007", out)
         self.server.add_fault("EXAMINE", action="no", text="[ALERT] \x1b[2J\rall fine")
         code, out, err = run_cli(*argv, "-v", env={"GMAIL_APP_PASSWORD": PASSWORD})
-        self.assertEqual(code, gc.EXIT_SERVER)
+        self.assertEqual(code, gc.EXIT_INCOMPLETE)     # that folder is skipped
         self.assertIn("\\u001b[2J\\u000dall fine", err)
         self.assert_safe(err)
 
@@ -8771,9 +9854,12 @@ class MutationGapTest(FakeServerTest):
             with open(scripts[name], "w") as handle:
                 handle.write(f"#!/bin/sh\necho from-{name}-command\n")
             os.chmod(scripts[name], 0o700)
-        account = {"password_command": scripts["rules"]}
+        # Run through /bin/sh, not exec'd directly: a script just written can be "busy"
+        # (ETXTBSY) while another thread of the suite forks.
+        account = {"password_command": ["/bin/sh", scripts["rules"]]}
         argv = ["run", "--user", USER, "--host", "127.0.0.1", "--plaintext"]
-        cases = [(["--password-command", scripts["option"]], {"GMAIL_APP_PASSWORD": "from-env"},
+        cases = [(["--password-command", "/bin/sh " + scripts["option"]],
+                  {"GMAIL_APP_PASSWORD": "from-env"},
                   account, "from-option-command"),
                  ([], {"GMAIL_APP_PASSWORD": "from-env"}, account, "from-env"),
                  ([], {}, account, "from-rules-command"),

@@ -9628,7 +9628,9 @@ def _finish_run(run: Run, args: argparse.Namespace, out: TextIO, status: str, wo
     summary = run.finish(status, error)
     if args.json:
         out.write(printable(json.dumps(summary, ensure_ascii=False)) + "\n")
-    if args.apply:
+    # A run stopped before it planned any change (a refused sign-in, say) has no counts
+    # to give: its error line says it all.
+    if args.apply and (run.changes_made or run.changes_not_made):
         sys.stderr.write(f"{word}: {run.changes_made:,} changes made, "
                          f"{run.changes_not_made:,} not; run again to finish\n")
     elif status == "interrupted":

@@ -7975,12 +7975,15 @@ class NewcomerServerTest(FakeServerTest):
         self.assertIn("cannot open folder 'INBOX': Could not parse command", err)
 
     def test_wrong_password_on_gmail_says_app_password_and_imap_setting(self):
-        code, _, err = run_cli(*self.argv("--user", USER), env={"GMAIL_APP_PASSWORD": "wrong"})
-        self.assertEqual(code, gc.EXIT_AUTH)
-        self.assertIn("Invalid credentials", err)
-        self.assertIn("app password", err)
-        self.assertIn("IMAP must be on in Gmail's settings", err)
-        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        for extra in ((), ("--apply",)):   # --apply too: no "0 changes made" beside it
+            with self.subTest(extra=extra):
+                code, _, err = run_cli(*self.argv("--user", USER, *extra),
+                                       env={"GMAIL_APP_PASSWORD": "wrong"})
+                self.assertEqual(code, gc.EXIT_AUTH)
+                self.assertIn("Invalid credentials", err)
+                self.assertIn("app password", err)
+                self.assertIn("IMAP must be on in Gmail's settings", err)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
 
     def test_connection_retries_are_announced_with_a_count(self):
         self.server.add_fault("LOGIN", action="drop", count=2)
@@ -10207,11 +10210,11 @@ class CredentialSafetyTest(FakeServerTest):
             "option": (["--user", "a\r\nb"], {"GMAIL_APP_PASSWORD": PASSWORD}),
             "environment": (["--user", USER], {"GMAIL_APP_PASSWORD": self.INJECTION}),
             "netrc": (["--user", USER], {"HOME": home}),
-            "command": (["--user", USER, "--password-command", script], {}),
+            "command": (["--user", USER, "--password-command", "/bin/sh " + script], {}),
             "token environment": (["--user", USER, "--auth", "xoauth2"],
                                   {"GMAIL_OAUTH_TOKEN": "ya29.x\r\nA1 DELETE INBOX"}),
             "token command": (["--user", USER, "--auth", "xoauth2", "--password-command",
-                               script], {}),
+                               "/bin/sh " + script], {}),
             "rules file": (["--rules", rules], {"GMAIL_APP_PASSWORD": PASSWORD}),
         }
         for name, (extra, env) in cases.items():
@@ -10823,33 +10826,37 @@ class MutationGapTest(FakeServerTest):
                                                    if e.command == "LOGIN"][0])
 
     def test_password_sources_follow_the_documented_order(self):
+        # Checked where the order is decided, without a connection per source: the
+        # command line's option, then the environment, then the rules' password_command,
+        # then ~/.netrc.
         home = os.path.join(self.tmp, "home")
         os.mkdir(home)
         with open(os.path.join(home, ".netrc"), "w") as handle:
             handle.write(f"machine 127.0.0.1 login {USER} password from-netrc\n")
         os.chmod(os.path.join(home, ".netrc"), 0o600)
-        script = os.path.join(self.tmp, "secret.sh")
-        with open(script, "w") as handle:
-            handle.write("#!/bin/sh\necho from-rules-command\n")
-        os.chmod(script, 0o700)
-        rules = os.path.join(self.tmp, "rules.json")
-        with open(rules, "w") as handle:
-            # Run through /bin/sh, not exec'd directly: a script just written can be
-            # "busy" (ETXTBSY) while another thread of the suite forks.
-            json.dump({"rule": EXAMPLE_DOC["rule"],
-                       "account": {"password_command": ["/bin/sh", script]}}, handle)
-        argv = ["--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
-                "--plaintext", "--retries", "0", "-q"]
-        for env, expected in (({"GMAIL_APP_PASSWORD": "from-env", "HOME": home}, "from-env"),
-                              ({"HOME": home}, "from-rules-command")):
+        scripts = {}
+        for name in ("option", "rules"):
+            scripts[name] = os.path.join(self.tmp, f"{name}.sh")
+            with open(scripts[name], "w") as handle:
+                handle.write(f"#!/bin/sh\necho from-{name}-command\n")
+            os.chmod(scripts[name], 0o700)
+        # Run through /bin/sh, not exec'd directly: a script just written can be "busy"
+        # (ETXTBSY) while another thread of the suite forks.
+        account = {"password_command": ["/bin/sh", scripts["rules"]]}
+        argv = ["run", "--user", USER, "--host", "127.0.0.1", "--plaintext"]
+        cases = [(["--password-command", "/bin/sh " + scripts["option"]],
+                  {"GMAIL_APP_PASSWORD": "from-env"},
+                  account, "from-option-command"),
+                 ([], {"GMAIL_APP_PASSWORD": "from-env"}, account, "from-env"),
+                 ([], {}, account, "from-rules-command"),
+                 ([], {}, {}, "from-netrc")]
+        for extra, env, table, expected in cases:
             with self.subTest(expected=expected):
-                code, _, err = run_cli(*argv, "--rules", rules, env=env)
-                self.assertEqual(code, gc.EXIT_AUTH, err)   # signed in with that secret
-                login = [e.line for e in self.server.log if e.command == "LOGIN"][-1]
-                self.assertIn(b'"%s"' % expected.encode(), login)
-        code, out, err = run_cli(*argv, env={"HOME": home})
-        login = [e.line for e in self.server.log if e.command == "LOGIN"][-1]
-        self.assertIn(b'"from-netrc"', login, err)
+                args = gc.build_parser().parse_args(argv + extra)
+                environ = {"HOME": home, "PATH": os.environ.get("PATH", ""), **env}
+                with mock.patch.dict(os.environ, environ, clear=True):
+                    settings = gc._connection_settings(args, table)
+                self.assertEqual(settings["password"], expected)
 
     def test_a_group_readable_netrc_is_refused(self):
         home = os.path.join(self.tmp, "home")

@@ -6183,6 +6183,16 @@ class WatcherTest(FakeServerTest):
         statuses = [e.line for e in self.server.log if e.command == "STATUS"]
         self.assertTrue(all(b'"Work"' in line or b" Work " in line for line in statuses), statuses)
 
+    def test_a_requested_catch_up_wakes_every_folder_without_news(self):
+        self.server.add_message(make_message("hello"), labels=("Work",))
+        watcher = self.start_watcher(["INBOX", "Work"], idle_interval=30, interval=60)
+        self.idling()
+        watcher.request_catch_up()          # what the end of a budget pause does
+        wait_until(lambda: len(self.caught_up) == 2, timeout=15)
+        self.idling(2)
+        self.stop(watcher)
+        self.assertEqual(self.caught_up, [["Work", "INBOX"], ["Work", "INBOX"]])
+
     def test_a_jump_of_the_wall_clock_while_idling_checks_the_link(self):
         watcher = self.start_watcher(idle_interval=30)
         self.idling()

@@ -5864,7 +5864,7 @@ class PipelineTest(FakeServerTest):
         self.assertEqual(gc.classify_folder(conn, self.rules(), "INBOX", limit=2).examined, 2)
 
     def test_thousands_of_messages_take_few_commands(self):
-        n, batch = 5000, 500
+        n, batch = 2000, 200
         for index in range(n):
             subject = ["receipt", "news", "hello", "alert"][index % 4]
             extra = "List-Unsubscribe: <x>\n" if subject == "news" else ""

@@ -3162,7 +3162,7 @@ def _plain_header_addresses(msg: email.message.EmailMessage, name: str) -> List[
     return result
 
 
-# --- the fast path ---
+# --- Messages: the fast path -----------------------------------------------------------
 #
 # email.policy.default parses a header through headerregistry each time it is read
 # (about 0.3 ms for an address), and the rules read From, To and Subject many times per

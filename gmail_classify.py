@@ -7473,6 +7473,7 @@ class Undo:
 
     def __init__(self, store: StateStore, user: str, host: str, port: Optional[int] = None,
                  *, run_id: Optional[str] = None, apply: bool = False,
+                 allow_expunge: bool = False,
                  on_record: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
         key = account_key(user, host, port)
         runs = history(store)
@@ -7495,6 +7496,7 @@ class Undo:
             raise StateError(f"run {run_id} was already undone by {entry['undone_by']}")
         self.undo_of = run_id
         self.apply = apply
+        self.allow_expunge = allow_expunge
         self.messages = []
         self.created: List[str] = []        # folders the run created, deleted if empty
         reversed_before = set()             # by an earlier undo of this run, cut short
@@ -7527,6 +7529,7 @@ class Undo:
     def execute(self, conn: GmailConnection) -> None:
         """Reverse the run over ``conn`` (the account it was made on)."""
         self.run._count_bytes(conn)
+        self._check(conn)
         work: Dict[int, Dict[str, List[Any]]] = {
             i: {"done": [], "alone": []} for i in range(len(self.messages))}
         try:
@@ -7534,6 +7537,27 @@ class Undo:
         finally:
             self._report(work)     # what was done, also when stopped half way
         self._delete_created_folders(conn)
+
+    def _check(self, conn: GmailConnection) -> None:
+        """Before the first change, and the same in a dry run (as check_run does for a
+        run): a way to move the moved mail back, and where that needs a plain EXPUNGE, no
+        other message marked \\Deleted in the folders it leaves.  Raises CapabilityError."""
+        places = [self._moved(record)[1]["folder"] for record in self.messages
+                  if self._moved(record) is not None]
+        if not places:
+            return
+        if not conn.can_move(self.allow_expunge):
+            raise conn.refuse_moves()
+        if conn.has("MOVE") or conn.has("UIDPLUS"):
+            return
+        for folder in dict.fromkeys(places):
+            try:
+                conn.examine(folder)
+            except ImapError as exc:
+                if exc.status in ("NO", "BAD"):
+                    continue                # reported as "no longer in" by _reverse
+                raise
+            _check_plain_expunge(conn, folder)
 
     def _reverse(self, conn: GmailConnection, work: Dict[int, Dict[str, List[Any]]]) -> None:
         gone: set = set()
@@ -7557,7 +7581,8 @@ class Undo:
                 back.setdefault(self._moved(self.messages[i])[0]["folder"], []).append(i)
             for destination, items in back.items():
                 if self.apply:
-                    result = conn.move([found[i] for i in items], destination)
+                    result = conn.move([found[i] for i in items], destination,
+                                       allow_expunge=self.allow_expunge)
                     moved = dict(result.moved)
                 else:
                     moved = {found[i]: None for i in items}
@@ -8045,7 +8070,7 @@ class WatchSession:
     def __init__(self, store: StateStore, rules: Callable[[], Ruleset], user: str, host: str,
                  port: Optional[int] = None, *, apply: bool = False, reclassify: bool = False,
                  new_only: bool = False, daily_budget: Optional[int] = DEFAULT_DAILY_BUDGET,
-                 batch_size: int = DEFAULT_BATCH,
+                 batch_size: int = DEFAULT_BATCH, allow_expunge: bool = False,
                  on_record: Optional[Callable[[Dict[str, Any]], None]] = None,
                  on_message: Optional[Callable[[Outcome], None]] = None,
                  stopping: Callable[[], bool] = lambda: False,
@@ -8058,6 +8083,7 @@ class WatchSession:
         self.apply = apply
         self.daily_budget = daily_budget
         self.batch_size = batch_size
+        self.allow_expunge = allow_expunge
         self.on_record = on_record
         self.on_message = on_message
         self.stopping = stopping
@@ -8108,7 +8134,8 @@ class WatchSession:
             for folder in folders:
                 run.reclassify = folder in self._reclassify
                 run.new_only = folder in self._new_only
-                run.classify(conn, folder, batch_size=self.batch_size)
+                run.classify(conn, folder, batch_size=self.batch_size,
+                             allow_expunge=self.allow_expunge)
                 self._reclassify.discard(folder)
                 self._new_only.discard(folder)
         except BudgetExceededError as exc:
@@ -9208,6 +9235,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "what would be reversed)")
     undo.add_argument("--json", action="store_true", help="one JSON object per message, "
                       "then a summary object")
+    undo.add_argument("--allow-expunge", action="store_true",
+                      help="on servers with neither MOVE nor UIDPLUS, let moving mail back "
+                           "remove it with a plain EXPUNGE (only while no other message in "
+                           "the folder is marked \\Deleted); see the README for the risk")
 
     watch = sub.add_parser("watch", parents=[common, conn], help="stay connected and classify "
                            "new mail as it arrives (dry run unless --apply)",
@@ -9220,6 +9251,10 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--json", action="store_true", help="one JSON object per message")
     watch.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH,
                        help="messages per FETCH (default: %(default)s)")
+    watch.add_argument("--allow-expunge", action="store_true",
+                       help="on servers with neither MOVE nor UIDPLUS, let moves remove the "
+                            "originals with a plain EXPUNGE (only while no other message in "
+                            "the folder is marked \\Deleted); see the README for the risk")
     fresh = watch.add_mutually_exclusive_group()
     fresh.add_argument("--all", action="store_true", help="classify every message again "
                        "first, then watch (also starts a folder that has no state yet)")
@@ -9774,7 +9809,8 @@ def _cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
     session = WatchSession(store, lambda: reloader.rules, settings["user"], settings["host"],
                            settings.get("port"), apply=args.apply, reclassify=args.all,
                            new_only=args.new_only, daily_budget=args.daily_budget or None,
-                           batch_size=args.batch_size, on_record=on_record,
+                           batch_size=args.batch_size, allow_expunge=args.allow_expunge,
+                           on_record=on_record,
                            on_message=on_message, stopping=lambda: watcher.stopping,
                            on_pause=resume_at)
     session.check_start(folders)
@@ -9834,7 +9870,8 @@ def _cmd_undo(args: argparse.Namespace, out: TextIO) -> int:
                                 f"{record['subject'][:60]}") + "\n")
 
     undo = Undo(store, settings["user"], settings["host"], settings.get("port"),
-                run_id=args.run_id, apply=args.apply, on_record=on_record)
+                run_id=args.run_id, apply=args.apply, allow_expunge=args.allow_expunge,
+                on_record=on_record)
     lock = store.lock(undo.run.account, "undo").acquire() if args.apply else None
     try:
         with _signed_in(settings) as conn:

@@ -9102,11 +9102,11 @@ class UndoTest(StateTestCase):
         original = gc.GmailConnection.move
         calls = []
 
-        def move_once(conn, uids, destination):
+        def move_once(conn, uids, destination, **options):
             calls.append(destination)
             if len(calls) == 2:
                 raise KeyboardInterrupt
-            return original(conn, uids, destination)
+            return original(conn, uids, destination, **options)
 
         store = self.store()
         undo = gc.Undo(store, USER, "127.0.0.1", self.server.port, apply=True)
@@ -9177,6 +9177,99 @@ class PlainUndoTest(UndoTest):
         self.assertNotIn("News", self.server.folder_names())
         self.assertEqual(len(self.server.uids("INBOX")), 2)       # back from Archive
         self.assertEqual(self.server.uids("Archive"), [])
+
+
+# --- Undo safety: --allow-expunge, malformed audit records, only the run's own copies ------
+
+
+class UndoSafetyTest(StateTestCase):
+    undo = UndoTest.undo
+
+    def cli(self, *argv: str) -> Tuple[int, str, str]:
+        env = {"GMAIL_APP_PASSWORD": PASSWORD, "XDG_STATE_HOME": os.path.join(self.tmp, "xdg")}
+        if argv[0] == "history":
+            return run_cli(*argv, env=env)
+        rules = os.path.join(self.tmp, "rules.json")
+        if not os.path.exists(rules):
+            with open(rules, "w") as handle:
+                json.dump(SWEEP_DOC, handle)
+        return run_cli(*argv, "--user", USER, "--host", "127.0.0.1", "--port",
+                       str(self.server.port), "--plaintext", "--rules", rules, env=env)
+
+    def audit_path(self) -> str:
+        (path,) = pathlib.Path(self.tmp, "xdg").glob("*/audit.jsonl")
+        return str(path)
+
+    def use(self, **options: Any) -> FakeGmail:
+        self.server = FakeGmail(**options).start()
+        self.addCleanup(self.check_fake_had_no_bugs)
+        self.addCleanup(self.server.stop)
+        return self.server
+
+    def test_undo_on_a_server_without_move_or_uidplus_needs_allow_expunge_dry_run_too(self):
+        self.use(kind="neither")
+        seed_mailbox(self.server, 6)
+        before = mailbox_snapshot(self.server)
+        code, out, err = self.cli("run", "--apply", "--allow-expunge")
+        self.assertEqual(code, gc.EXIT_OK, err)
+        after_run = mailbox_snapshot(self.server)
+        self.assertNotEqual(after_run["INBOX"], before["INBOX"])
+        # Without --allow-expunge the dry run refuses exactly as --apply does, before any change.
+        dry = self.cli("undo")
+        applied = self.cli("undo", "--apply")
+        self.assertEqual(applied[0], gc.EXIT_SERVER, applied[2])
+        self.assertIn("--allow-expunge", applied[2])
+        self.assertEqual((dry[0], errors(dry[2])), (applied[0], errors(applied[2])))
+        self.assertNotIn("would", dry[1])
+        self.assertEqual(mailbox_snapshot(self.server), after_run)
+        # With it: the dry run shows the moves back, --apply makes them.
+        code, out, err = self.cli("undo", "--allow-expunge")
+        self.assertEqual(code, gc.EXIT_OK, err)
+        self.assertIn("would move back to INBOX", out)
+        self.assertEqual(mailbox_snapshot(self.server), after_run)
+        code, out, err = self.cli("undo", "--apply", "--allow-expunge")
+        self.assertEqual(code, gc.EXIT_OK, err)
+        after_undo = mailbox_snapshot(self.server)
+        self.assertEqual(after_undo["INBOX"], before["INBOX"])
+        self.assertEqual(after_undo["Trash"], [])
+        self.assertEqual(after_undo["Archive"], [])
+
+    def test_undo_refuses_in_dry_run_too_where_another_message_is_marked_deleted(self):
+        self.use(kind="neither")
+        seed_mailbox(self.server, 6)
+        self.assertEqual(self.cli("run", "--apply", "--allow-expunge")[0], gc.EXIT_OK)
+        self.server.add_message(make_message("someone else's"), folder="Trash",
+                                flags=["\\Deleted"])
+        box = mailbox_snapshot(self.server)
+        dry = self.cli("undo", "--allow-expunge")
+        applied = self.cli("undo", "--apply", "--allow-expunge")
+        self.assertEqual(applied[0], gc.EXIT_SERVER, applied[2])
+        self.assertIn("marked \\Deleted", applied[2])
+        self.assertEqual((dry[0], errors(dry[2])), (applied[0], errors(applied[2])))
+        self.assertEqual(mailbox_snapshot(self.server), box)
+
+    def test_watch_takes_allow_expunge_and_passes_it_on(self):
+        self.use(kind="neither")
+        parsed = gc.build_parser().parse_args(["watch", "--allow-expunge"])
+        self.assertTrue(parsed.allow_expunge)
+        self.assertTrue(gc.build_parser().parse_args(["undo", "--allow-expunge"]).allow_expunge)
+        self.server.add_message(make_message("a digest"))
+        rules = gc.parse_rules(SWEEP_DOC, "rules.json")
+        for allow in (False, True):
+            session = gc.WatchSession(self.store(), lambda: rules, USER, "127.0.0.1",
+                                      self.server.port, apply=True, reclassify=True,
+                                      allow_expunge=allow)
+            session.check_start(["INBOX"])
+            conn = self.connect()
+            if allow:
+                session(conn, ["INBOX"])
+            else:
+                with self.assertRaises(gc.CapabilityError):
+                    session(conn, ["INBOX"])
+            conn.close()
+        self.assertEqual([_message_id_of(m.raw) for m in self.server.messages("Lists")],
+                         [_message_id_of(make_message("a digest"))])
+        self.assertEqual(self.server.uids("INBOX"), [])
 
 
 # The fault-injection sweep: an --apply is cut at every command of the run (the default

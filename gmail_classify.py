@@ -7122,8 +7122,11 @@ class AuditLog:
             raise StateError(f"cannot write the audit log {self.path}: {exc}") from exc
 
     def records(self) -> Iterator[Dict[str, Any]]:
-        """Every record still held, oldest first; unreadable lines are skipped with a warning."""
+        """Every record still held, oldest first; unreadable lines, and records whose fields
+        have the wrong types (see _audit_record_problem), are skipped with a warning:
+        history and undo never act on them."""
         bad = 0
+        malformed: List[str] = []
         for path in (self.previous, self.path):
             try:
                 handle = open(path, encoding="utf-8", errors="replace")
@@ -7132,16 +7135,90 @@ class AuditLog:
             except OSError as exc:
                 raise StateError(f"cannot read the audit log {path}: {exc}") from exc
             with handle:
-                for line in handle:
+                for number, line in enumerate(handle, 1):
                     try:
                         record = json.loads(line)
                     except ValueError:
                         bad += 1
                         continue
-                    if isinstance(record, dict):
-                        yield record
+                    if not isinstance(record, dict):
+                        continue
+                    problem = _audit_record_problem(record)
+                    if problem:
+                        malformed.append(f"{path} line {number}: {problem}")
+                        continue
+                    yield record
         if bad:
             log.warning("skipped %d unreadable lines of %s", bad, self.path)
+        if malformed:
+            more = f" (and {len(malformed) - 3} more)" if len(malformed) > 3 else ""
+            log.warning("skipped %d malformed audit records, left out of history and undo: "
+                        "%s%s", len(malformed), "; ".join(malformed[:3]), more)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def _list_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list) and all(check(item) for item in value)
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_place(value: Any) -> bool:
+    """A change's before/after: a flag or label state, nothing, or where the message was."""
+    if value is None or isinstance(value, bool):
+        return True
+    return isinstance(value, dict) and _is_str(value.get("folder")) and \
+        _optional(_is_int)(value.get("uid")) and _optional(_is_int)(value.get("uidvalidity"))
+
+
+def _is_change(value: Any) -> bool:
+    return isinstance(value, dict) and _is_str(value.get("action")) and \
+        _optional(_is_str)(value.get("label")) and _optional(_is_str)(value.get("flag")) and \
+        _is_place(value.get("before")) and _is_place(value.get("after"))
+
+
+def _is_msgid(value: Any) -> bool:
+    return _is_int(value) or (isinstance(value, str) and value.isdigit())
+
+
+# The audit record fields history and undo read, and the type each must have when present.
+_AUDIT_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "type": (_is_str, "a string"), "run": (_is_str, "a string"),
+    "undo_of": (_optional(_is_str), "a run id"), "time": (_optional(_is_str), "a string"),
+    "account": (_optional(_is_str), "a string"), "host": (_optional(_is_str), "a string"),
+    "command": (_optional(_is_str), "a string"), "status": (_optional(_is_str), "a string"),
+    "applied": (lambda v: isinstance(v, bool), "true or false"),
+    "changes_made": (_is_int, "a whole number"),
+    "folders": (_list_of(_is_str), "a list of folder names"),
+    "counts": (lambda v: isinstance(v, dict) and all(_is_int(n) for n in v.values()),
+               "an object of whole numbers"),
+    "reports": (_list_of(lambda r: isinstance(r, dict) and
+                         _optional(_list_of(_is_str))(r.get("created"))),
+                "a list of folder reports"),
+    "folder": (_is_str, "a folder name"), "uid": (_optional(_is_int), "a UID"),
+    "uidvalidity": (_optional(_is_int), "a whole number"),
+    "gm_msgid": (_optional(_is_msgid), "a message id number"),
+    "message_id": (_optional(_is_str), "a string"), "subject": (_optional(_is_str), "a string"),
+    "changes": (_list_of(_is_change), "a list of changes"),
+    "left_alone": (_list_of(_is_str), "a list of strings"),
+}
+
+
+def _audit_record_problem(record: Mapping[str, Any]) -> str:
+    """What is wrong with one audit record's field types ("" when nothing is)."""
+    for name, (check, wanted) in _AUDIT_FIELDS.items():
+        if name in record and not check(record[name]):
+            return f"{name!r} is not {wanted}"
+    return ""
 
 
 def _new_run_id(moment: datetime) -> str:

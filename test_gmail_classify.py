@@ -9271,6 +9271,35 @@ class UndoSafetyTest(StateTestCase):
                          [_message_id_of(make_message("a digest"))])
         self.assertEqual(self.server.uids("INBOX"), [])
 
+    def test_malformed_audit_records_are_skipped_with_a_warning_never_undone(self):
+        seed_mailbox(self.server, 6)
+        before = mailbox_snapshot(self.server)
+        self.assertEqual(self.cli("run", "--apply")[0], gc.EXIT_OK)
+        path = self.audit_path()
+        with open(path, encoding="utf-8") as handle:
+            records = [json.loads(line) for line in handle]
+        message = next(r for r in records if r["type"] == "message")
+        summary = records[-1]
+        bad = [dict(summary, run="20200101T000000-aaaa", changes_made="abc"),
+               dict(message, run="20200101T000000-bbbb", changes=["x"]),
+               dict(message, gm_msgid="abc"),        # the real run's: must not be acted on
+               dict(message, uid="7")]
+        with open(path, "a", encoding="utf-8") as handle:
+            for record in bad:
+                handle.write(json.dumps(record) + "\n")
+        code, out, err = self.cli("history")
+        self.assertEqual(code, gc.EXIT_OK, err)
+        self.assertIn(summary["run"], out)
+        self.assertNotIn("20200101T000000", out)
+        self.assertIn(f"{path} line {len(records) + 1}:", err)
+        self.assertIn("'changes_made' is not a whole number", err)
+        code, out, err = self.cli("undo", "20200101T000000-bbbb")
+        self.assertEqual(code, gc.EXIT_USAGE, err)
+        code, out, err = self.cli("undo", "--apply")
+        self.assertEqual(code, gc.EXIT_OK, err)
+        self.assertIn(f"{path} line", err)
+        self.assertEqual(mailbox_snapshot(self.server), before)
+
 
 # The fault-injection sweep: an --apply is cut at every command of the run (the default
 # suite: a dense sample; GMAIL_CLASSIFY_SWEEP=full: every command, both before and after

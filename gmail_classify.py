@@ -7832,17 +7832,17 @@ class Undo:
                     work[i]["alone"].append(f"{describe_change(change)}: {conn.host} lacks "
                                             f"UIDPLUS, so the copy in {folder} stays")
                 continue
-            changes = {i: change for i, change in pairs}
-            found = self._locate(conn, folder, list(changes),
-                                 lambda r, c=changes: None)
+            # Only the copy the run made: its recorded UID, with the Message-ID still
+            # agreeing.  Another message with that Message-ID (the user's own copy) stays.
+            self._open(conn, folder)
             uids: List[Tuple[int, int, Dict[str, Any]]] = []
             for i, change in pairs:
                 uid = change["after"].get("uid")
-                verified = self._locate_one(conn, i, uid) if uid else None
-                target = verified or found.get(i)
+                target = self._locate_one(conn, i, uid) if uid else None
                 if target is None:
-                    work[i]["alone"].append(f"{describe_change(change)}: the copy is no "
-                                            f"longer in {folder}")
+                    work[i]["alone"].append(f"{describe_change(change)}: the copy the run "
+                                            f"made is no longer in {folder} (or its UID is "
+                                            f"unknown); left as it is")
                     continue
                 uids.append((i, target, change))
             if uids and self.apply:

@@ -9300,6 +9300,28 @@ class UndoSafetyTest(StateTestCase):
         self.assertIn(f"{path} line", err)
         self.assertEqual(mailbox_snapshot(self.server), before)
 
+    def test_undo_never_deletes_a_copy_the_run_did_not_make(self):
+        self.use(gmail=False)
+        self.server.add_message(make_message("receipt 1"))
+        self.run_once()
+        (copy,) = self.server.messages("Receipts")
+        conn = self.connect()
+        conn.select("Receipts")              # the user deletes the run's copy ...
+        uids = conn.search(["ALL"])
+        conn.add_flags(uids, ["\\Deleted"])
+        conn.uid_expunge(uids)
+        conn.close()
+        self.server.add_message(copy.raw, folder="Receipts")   # ... and files their own
+        records: list = []
+        undo = self.undo(records=records)
+        self.assertEqual([m.raw for m in self.server.messages("Receipts")], [copy.raw])
+        self.assertEqual(undo.left_alone, 1)
+        (alone,) = [r["left_alone"] for r in records if r["left_alone"]]
+        self.assertIn("label Receipts: the copy the run made is no longer in Receipts",
+                      alone[0])
+        self.assertEqual(len(self.server.uids("INBOX")), 1)       # the rest was undone
+        self.assertIn("Receipts", self.server.folder_names())    # it holds mail: it stays
+
 
 # The fault-injection sweep: an --apply is cut at every command of the run (the default
 # suite: a dense sample; GMAIL_CLASSIFY_SWEEP=full: every command, both before and after

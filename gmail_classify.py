@@ -7613,7 +7613,7 @@ class Undo:
             self._reverse(conn, work)
         finally:
             self._report(work)     # what was done, also when stopped half way
-        self._delete_created_folders(conn)
+        self._delete_created_folders(conn, {} if self.apply else self._leaving(work))
 
     def _check(self, conn: GmailConnection) -> None:
         """Before the first change, and the same in a dry run (as check_run does for a
@@ -7698,12 +7698,29 @@ class Undo:
                 self._restore_flags(conn, found, work)
             self._delete_copies(conn, rest, work)
 
-    def _delete_created_folders(self, conn: GmailConnection) -> None:
-        """Last, the folders (labels) the run created, if nothing is left in them."""
+    @staticmethod
+    def _leaving(work: Mapping[int, Mapping[str, List[Any]]]) -> Dict[str, int]:
+        """How many messages the undo takes out of each folder (a dry run's prediction):
+        mail moved back, copies deleted, and on Gmail labels removed."""
+        out: Dict[str, set] = {}
+        for i, outcome in work.items():
+            for change in outcome["done"]:
+                before = change.get("before")
+                if isinstance(before, dict) and before.get("folder"):
+                    out.setdefault(before["folder"], set()).add(i)
+                elif before is True and change.get("after") is False and change.get("label"):
+                    out.setdefault(change["label"], set()).add(i)
+        return {folder: len(indexes) for folder, indexes in out.items()}
+
+    def _delete_created_folders(self, conn: GmailConnection,
+                                leaving: Mapping[str, int]) -> None:
+        """Last, the folders (labels) the run created, if nothing is left in them (in a
+        dry run: if nothing would be, once ``leaving`` messages had left)."""
         for name in dict.fromkeys(self.created):
             if not any(f.name == name for f in conn.list_folders(refresh=True)):
                 continue
-            if conn.message_count(name):
+            going = sum(n for folder, n in leaving.items() if _same_folder(folder, name))
+            if conn.message_count(name) > going:
                 log.warning("%s was created by run %s but holds mail now; it stays",
                             name, self.undo_of)
                 continue

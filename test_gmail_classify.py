@@ -9322,6 +9322,24 @@ class UndoSafetyTest(StateTestCase):
         self.assertEqual(len(self.server.uids("INBOX")), 1)       # the rest was undone
         self.assertIn("Receipts", self.server.folder_names())    # it holds mail: it stays
 
+    def test_a_dry_run_undo_predicts_which_created_folders_go(self):
+        for options in ({"gmail": False}, {}):
+            with self.subTest(**options):
+                self.use(**options)
+                self.state_dir = os.path.join(self.tmp, f"state-{len(options)}")
+                seed_mailbox(self.server, 12)
+                run = self.run_once()
+                created = [name for report in run.reports for name in report.created]
+                self.assertIn("Lists", created)
+                with self.assertLogs("gmail_classify", "INFO") as logs:
+                    dry = self.undo(apply=False)
+                self.assertEqual([line for line in logs.output if "holds mail" in line], [])
+                self.assertEqual(sorted(dry.deleted), sorted(created))
+                undo = self.undo()
+                self.assertEqual(undo.deleted, dry.deleted)
+                for name in created:
+                    self.assertNotIn(name, self.server.folder_names())
+
 
 # The fault-injection sweep: an --apply is cut at every command of the run (the default
 # suite: a dense sample; GMAIL_CLASSIFY_SWEEP=full: every command, both before and after

@@ -5785,19 +5785,26 @@ def format_rules(doc: Mapping[str, Any], fmt: str = "toml", header: Sequence[str
 def write_rules_file(path: Any, text: str, force: bool = False) -> None:
     """Write a rules file created by this program; never over an existing file unless ``force``.
 
-    Raises RulesError when the file exists (without ``force``) or cannot be written.
+    The file is readable by its owner only (0600 on POSIX): a rules file may come to hold
+    ``oauth_client_secret``.  Raises RulesError when the file exists (without ``force``)
+    or cannot be written.
     """
     path = pathlib.Path(path)
     if path.exists() and not force:
         raise RulesError(f"{path} already exists; pass --force to overwrite it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w" if force else "x", encoding="utf-8") as fh:
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+        fd = os.open(str(path), flags, 0o600)
+        if os.name == "posix":
+            os.fchmod(fd, 0o600)    # an existing file overwritten with --force keeps no old mode
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
     except FileExistsError:
         raise RulesError(f"{path} already exists; pass --force to overwrite it") from None
     except OSError as exc:
-        raise GmailClassifyError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise RulesError(f"cannot write {path}: {exc.strerror or exc}; choose another "
+                         f"place") from None
 
 
 # --- Classify pipeline -------------------------------------------------------------------
@@ -8491,6 +8498,15 @@ def token_path(user: str) -> pathlib.Path:
 def save_refresh_token(user: str, client: OAuthClient, refresh_token: str) -> pathlib.Path:
     """Store the refresh token (and the client it belongs to) atomically, mode 0600 in 0700."""
     path = token_path(user)
+    try:
+        return _save_token_file(path, user, client, refresh_token)
+    except OSError as exc:
+        raise RulesError(f"cannot store the token in {path}: {exc.strerror or exc}; set "
+                         f"XDG_CONFIG_HOME to a writable place") from None
+
+
+def _save_token_file(path: pathlib.Path, user: str, client: OAuthClient,
+                     refresh_token: str) -> pathlib.Path:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if os.name == "posix":
         os.chmod(path.parent, 0o700)
@@ -10040,8 +10056,7 @@ def _cmd_init(args: argparse.Namespace, out: TextIO) -> int:
     if path.exists() and not args.force:
         raise UsageError(f"{path} already exists; pass --force to overwrite it")
     text = STARTER_RULES_TOML if path.suffix == ".toml" else STARTER_RULES_JSON
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    write_rules_file(path, text, force=args.force)
     out.write(printable(f"wrote {path}; edit it, then try: python gmail_classify.py check {path}")
               + "\n")
     return EXIT_OK

@@ -11270,6 +11270,77 @@ class PipeliningTest(FakeServerTest):
                          (small.examined, small.matched, small.changes))
 
 
+# --- Files, modes, dates and redirects (bad paths, secrets on disk, one date grammar) -------
+
+UNWRITABLE = "/proc/nope"    # no one can create a folder here, not even root
+
+
+class RulesFileWritingTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp)
+        old = os.umask(0o022)
+        self.addCleanup(os.umask, old)
+
+    def assert_one_line(self, code: int, err: str, path: str) -> None:
+        self.assertEqual(code, gc.EXIT_USAGE, err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn(path, err)
+        self.assertNotIn("Traceback", err)
+        self.assertNotIn("unexpected", err)
+
+    def test_init_to_an_unwritable_place_is_one_line_exit_2(self):
+        for name in ("r.toml", "r.json"):
+            with self.subTest(name):
+                path = os.path.join(UNWRITABLE, name)
+                code, out, err = run_cli("init", path)
+                self.assert_one_line(code, err, path)
+
+    def test_import_filters_to_an_unwritable_place_is_one_line_exit_2(self):
+        filters = os.path.join(self.tmp, "mailFilters.xml")
+        with open(filters, "wb") as handle:
+            handle.write(filter_export([("from", "a@b.example"), ("label", "A")]))
+        path = os.path.join(UNWRITABLE, "x.toml")
+        code, out, err = run_cli("import-filters", filters, "-o", path)
+        self.assert_one_line(code, err, path)
+        with self.assertRaises(gc.RulesError):
+            gc.write_rules_file(path, "")
+
+
+
+class TokenEndpointSafetyTest(FakeServerTest):
+    def setUp(self):
+        super().setUp()
+        self.google = FakeGoogle(self.server)
+        self.addCleanup(self.google.stop)
+        self.client = gc.OAuthClient(CLIENT_ID, CLIENT_SECRET)
+        self.env = {"XDG_CONFIG_HOME": os.path.join(self.tmp, "config"), "DISPLAY": ":0"}
+        for name, value in (("GOOGLE_AUTH_URL", self.google.auth_url),
+                            ("GOOGLE_TOKEN_URL", self.google.token_url), ("OAUTH_WAIT", 5)):
+            patcher = mock.patch.object(gc, name, value)
+            patcher.start()
+            self.addCleanup(patcher.stop)
+
+    client_file = OAuthTest.client_file
+    authorize = OAuthTest.authorize
+    store_grant = OAuthTest.store_grant
+    imap_argv = OAuthTest.imap_argv
+
+    def test_auth_with_an_unwritable_config_home_is_one_line_exit_2(self):
+        env = dict(self.env, XDG_CONFIG_HOME=UNWRITABLE)
+        with mock.patch.object(gc.webbrowser, "open", self.google.browse):
+            code, out, err = run_cli("auth", "--user", USER, "--client-secret-file",
+                                     self.client_file(), env=env)
+        self.assertEqual(code, gc.EXIT_USAGE, err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn(UNWRITABLE, err)
+        self.assertIn("XDG_CONFIG_HOME", err)
+        self.assertNotIn("1//refresh", out + err)
+        with mock.patch.dict(os.environ, env):
+            with self.assertRaises(gc.RulesError):
+                gc.save_refresh_token(USER, self.client, "1//r")
+
+
 # --- Benchmark -----------------------------------------------------------------------------
 #
 # ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]

@@ -4469,6 +4469,8 @@ RULE_KEYS = ("name", "continue") + CONDITION_KEYS + ACTION_KEYS
 TOP_LEVEL_KEYS = ("rule", "account", "test")
 ACCOUNT_KEYS = ("user", "host", "port", "tls", "auth", "password_command", "cafile", "folders",
                 "oauth_client_id", "oauth_client_secret", "oauth_client_file")
+# [account] keys whose value is a secret: a rules file holding one must be its owner's alone.
+SECRET_ACCOUNT_KEYS = ("oauth_client_secret",)
 TLS_MODES = ("implicit", "starttls", "plaintext")
 AUTH_METHODS = ("password", "xoauth2")
 
@@ -5438,6 +5440,7 @@ def load_rules(path: Any) -> Ruleset:
         raise RulesError(f"{source}: unknown rules file type; name it *.toml or *.json")
     try:
         with open(source, "rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
             data = fh.read()
     except FileNotFoundError:
         raise RulesError(f"{source}: no such file") from None
@@ -5460,7 +5463,12 @@ def load_rules(path: Any) -> Ruleset:
         except json.JSONDecodeError as exc:
             raise RulesError(f"{source}: line {exc.lineno}, column {exc.colno}: "
                              f"invalid JSON: {exc.msg}") from None
-    return parse_rules(doc, source)
+    rules = parse_rules(doc, source)
+    secrets_held = [key for key in SECRET_ACCOUNT_KEYS if key in rules.account]
+    if secrets_held and os.name == "posix" and mode & 0o077:
+        raise RulesError(f"{source} holds {secrets_held[0]} and is readable by other users; "
+                         f"run 'chmod 600 {source}'")
+    return rules
 
 
 def run_rule_tests(rules: Ruleset, now: Optional[datetime] = None) -> List[str]:

@@ -6939,6 +6939,7 @@ class OAuthTest(FakeServerTest):
             json.dump({"account": {"user": USER, "oauth_client_id": CLIENT_ID,
                                    "oauth_client_secret": CLIENT_SECRET},
                        "rule": [{"subject": "x", "star": True}]}, handle)
+        os.chmod(rules, 0o600)    # a rules file holding a secret must be its owner's alone
         with mock.patch.object(gc.webbrowser, "open", self.google.browse):
             code, out, err = run_cli("auth", "--rules", rules, env=self.env)
         self.assertEqual((code, err), (0, ""))
@@ -11306,6 +11307,49 @@ class RulesFileWritingTest(unittest.TestCase):
         with self.assertRaises(gc.RulesError):
             gc.write_rules_file(path, "")
 
+
+
+@unittest.skipUnless(os.name == "posix", "file modes")
+class SecretRulesFileModeTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def rules(self, account: Dict[str, Any], mode: int, name: str = "rules.json") -> str:
+        path = os.path.join(self.tmp, name)
+        doc = {"account": account, "rule": [{"name": "R", "subject": "x", "star": True}]}
+        with open(path, "w") as handle:
+            if name.endswith(".json"):
+                json.dump(doc, handle)
+            else:
+                handle.write("[account]\n"
+                             + "".join(f'{k} = "{v}"\n' for k, v in account.items())
+                             + '[[rule]]\nname = "R"\nsubject = "x"\nstar = true\n')
+        os.chmod(path, mode)
+        return path
+
+    def test_a_client_secret_in_a_file_others_can_read_is_refused(self):
+        secret = {"oauth_client_id": CLIENT_ID, "oauth_client_secret": CLIENT_SECRET}
+        table = [(secret, 0o644, "rules.json", True), (secret, 0o640, "rules.toml", True),
+                 (secret, 0o604, "rules.json", True), (secret, 0o600, "rules.json", False),
+                 (secret, 0o400, "rules.toml", False),
+                 ({"oauth_client_id": CLIENT_ID}, 0o644, "rules.json", False),
+                 ({"user": USER}, 0o644, "rules.toml", False)]
+        for account, mode, name, refused in table:
+            with self.subTest(account=sorted(account), mode=oct(mode), name=name):
+                path = self.rules(account, mode, name)
+                code, out, err = run_cli("check", path)
+                if refused:
+                    self.assertEqual(code, gc.EXIT_USAGE, err)
+                    self.assertEqual(err.strip().splitlines(), [
+                        f"gmail_classify: {path} holds oauth_client_secret and is readable by "
+                        f"other users; run 'chmod 600 {path}'"])
+                    self.assertNotIn(CLIENT_SECRET, err)
+                    with self.assertRaises(gc.RulesError):
+                        gc.load_rules(path)
+                else:
+                    self.assertEqual(code, 0, err)
+                os.unlink(path)
 
 
 class TokenEndpointSafetyTest(FakeServerTest):

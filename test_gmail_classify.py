@@ -11352,6 +11352,58 @@ class SecretRulesFileModeTest(unittest.TestCase):
                 os.unlink(path)
 
 
+class OneDateGrammarTest(unittest.TestCase):
+    """The same dates are valid on every Python (fromisoformat grew on 3.11)."""
+
+    UTC = timezone.utc
+
+    def rule_test_date(self, value: str) -> Any:
+        doc = {"rule": [{"name": "R", "subject": "x", "star": True}],
+               "test": [{"subject": "x", "date": value, "expect_rules": ["R"]}]}
+        return gc.parse_rules(doc, "r.json").tests[0].message.date
+
+    def test_rule_test_dates(self):
+        plus1 = timezone(timedelta(hours=1))
+        table = [
+            ("2024-03-04", datetime(2024, 3, 4, tzinfo=self.UTC)),
+            ("2024-03-04T10:00:00Z", datetime(2024, 3, 4, 10, tzinfo=self.UTC)),
+            ("2024-03-04T10:00Z", datetime(2024, 3, 4, 10, tzinfo=self.UTC)),
+            ("2024-03-04T10:00:00+01:00", datetime(2024, 3, 4, 10, tzinfo=plus1)),
+            ("2024-03-04T10:00:00-05:30", datetime(2024, 3, 4, 15, 30, tzinfo=self.UTC)),
+            ("2024-03-04 10:00:00.5+01:00", datetime(2024, 3, 4, 10, tzinfo=plus1)),
+            ("2024-03-04T10:00:00", datetime(2024, 3, 4, 10, tzinfo=self.UTC)),
+            (" 2024-03-04 ", datetime(2024, 3, 4, tzinfo=self.UTC)),
+            ("Mon, 04 Mar 2024 10:00:00 +0000", datetime(2024, 3, 4, 10, tzinfo=self.UTC)),
+        ]
+        for text, expected in table:
+            with self.subTest(text):
+                self.assertEqual(self.rule_test_date(text), expected)
+        for text in ("20240304", "2024-03-04T10", "2024-3-4", "2024-02-30", "2024-03-04T25:00",
+                     "2024-03-04T10:00:00+24:00", "2024-03-04T10:00:00+0100", "2024-W10-1",
+                     "2024-03-04T10:00:00.1234567", "tomorrow", "２０２４-03-04"):
+            with self.subTest(text):
+                with self.assertRaises(gc.RulesError) as caught:
+                    self.rule_test_date(text)
+                self.assertIn('expected a date like "2024-03-04"', str(caught.exception))
+
+    def test_the_one_parser(self):
+        self.assertEqual(gc._parse_iso_date("2024-03-04 10:00:00.5+01:00", with_time=True),
+                         datetime(2024, 3, 4, 10, 0, 0, 500000, timezone(timedelta(hours=1))))
+        self.assertEqual(gc._parse_iso_date("2024-03-04"), datetime(2024, 3, 4))
+        self.assertIsNone(gc._parse_iso_date("2024-03-04T10:00"))
+
+    def test_since(self):
+        self.assertEqual(gc._parse_since("2024-03-04"), date(2024, 3, 4))
+        for text in ("20240304", "2024-03-04T10:00:00Z", "2024-03-04T10:00", "2024-02-30",
+                     "2024-3-4", "2024-W10"):
+            with self.subTest(text):
+                with self.assertRaises(gc.argparse.ArgumentTypeError):
+                    gc._parse_since(text)
+        code, out, err = run_cli("--user", USER, "--since", "20240304", "run")
+        self.assertEqual(code, gc.EXIT_USAGE, err)
+        self.assertIn("expected a date as YYYY-MM-DD", err)
+
+
 class TokenEndpointSafetyTest(FakeServerTest):
     def setUp(self):
         super().setUp()

@@ -6853,6 +6853,8 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
+            if os.name == "posix":
+                os.fchmod(fd, 0o600)    # a leftover temporary file keeps its old mode
             os.write(fd, text.encode("utf-8"))
             os.fsync(fd)
         finally:
@@ -8550,6 +8552,8 @@ def _save_token_file(path: pathlib.Path, user: str, client: OAuthClient,
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(str(temporary), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
+        if os.name == "posix":
+            os.fchmod(fd, 0o600)    # a leftover temporary file keeps its old mode
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(doc, handle, indent=1)
             handle.flush()

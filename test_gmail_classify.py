@@ -11404,6 +11404,36 @@ class OneDateGrammarTest(unittest.TestCase):
         self.assertIn("expected a date as YYYY-MM-DD", err)
 
 
+@unittest.skipUnless(os.name == "posix", "file modes")
+class LeftoverTemporaryFileTest(unittest.TestCase):
+    """A temporary file left by a crashed run (same pid, mode 0644) must not lend its mode."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp)
+        old = os.umask(0o022)
+        self.addCleanup(os.umask, old)
+
+    def leftover(self, path: Path) -> None:
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text("old")
+        os.chmod(temporary, 0o644)
+
+    def test_state_file(self):
+        path = Path(self.tmp) / "state.json"
+        self.leftover(path)
+        gc._write_atomic(path, "{}")
+        self.assertEqual((path.read_text(), os.stat(path).st_mode & 0o777), ("{}", 0o600))
+
+    def test_token_file(self):
+        with mock.patch.dict(os.environ, {"XDG_CONFIG_HOME": self.tmp}):
+            self.leftover(gc.token_path(USER))
+            path = gc.save_refresh_token(USER, gc.OAuthClient(CLIENT_ID, CLIENT_SECRET), "1//r")
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.assertEqual(json.loads(path.read_text())["refresh_token"], "1//r")
+
+
 class TokenEndpointSafetyTest(FakeServerTest):
     def setUp(self):
         super().setUp()

@@ -8267,6 +8267,17 @@ def _pkce_pair() -> Tuple[str, str]:
     return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
+class _RefuseRedirect(urllib.request.HTTPRedirectHandler):
+    """The token endpoint answers itself: a redirect would take the client secret and the
+    grant to an address the https-or-loopback check never saw."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> None:
+        fp.close()
+        raise ProtocolError(f"the token endpoint {req.full_url} answered HTTP {code}, a redirect "
+                            f"to {newurl!r}; refusing to follow it: check the token URL")
+
+
 def _token_request(token_url: str, form: Mapping[str, str]) -> Dict[str, Any]:
     """POST a form to the token endpoint; the JSON answer, or OAuthError / ConnectionLostError."""
     url = _endpoint(token_url, "token endpoint")
@@ -8274,7 +8285,7 @@ def _token_request(token_url: str, form: Mapping[str, str]) -> Dict[str, Any]:
         url, data=urllib.parse.urlencode(form).encode("ascii"), method="POST",
         headers={"Content-Type": "application/x-www-form-urlencoded",
                  "Accept": "application/json", "User-Agent": f"gmail_classify/{__version__}"})
-    handlers: List[Any] = []
+    handlers: List[Any] = [_RefuseRedirect()]
     if _is_loopback(urllib.parse.urlsplit(url).hostname or ""):
         handlers.append(urllib.request.ProxyHandler({}))    # never send loopback to a proxy
     else:

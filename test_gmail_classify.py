@@ -6570,7 +6570,9 @@ class FakeGoogle:
 
     ``consent``: what the consent page does: "allow", "deny" (error=access_denied),
     "forge" (a wrong state), "no_scope" (the mail box left unticked).  ``token_fault``:
-    None, "invalid_grant", "invalid_client", "503" or "garbage" for refresh requests.
+    None, "invalid_grant", "invalid_client", "503", "garbage" or "redirect" (a 302 to
+    /elsewhere, which hands out a token and records the request in ``redirected``) for
+    refresh requests.
     Every access token it issues becomes the only one the given FakeGmail accepts, as if
     the previous one had expired.
     """
@@ -6584,10 +6586,15 @@ class FakeGoogle:
         self.codes: Dict[str, Dict[str, str]] = {}
         self.refresh_tokens: List[str] = []
         self.access_tokens: List[str] = []
+        self.redirected: List[str] = []
         fake = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                if self.path.startswith("/elsewhere"):
+                    fake.redirected.append(self.path)
+                    body = {"access_token": "ya29.elsewhere", "expires_in": 3599}
+                    return fake._reply(self, 200, json.dumps(body).encode())
                 fake._authorize(self)
 
             def do_POST(self) -> None:
@@ -6668,6 +6675,10 @@ class FakeGoogle:
             return self._reply(handler, 200, json.dumps(body).encode())
         if form.get("grant_type") != "refresh_token":
             return error(400, "unsupported_grant_type")
+        if self.token_fault == "redirect":
+            port = self._server.server_address[1]
+            return self._reply(handler, 302, b"",
+                               {"Location": f"http://127.0.0.1:{port}/elsewhere"})
         if self.token_fault == "503":
             return self._reply(handler, 503, b"<html>busy</html>", {"Content-Type": "text/html"})
         if self.token_fault == "garbage":
@@ -11451,6 +11462,23 @@ class TokenEndpointSafetyTest(FakeServerTest):
     authorize = OAuthTest.authorize
     store_grant = OAuthTest.store_grant
     imap_argv = OAuthTest.imap_argv
+
+    def test_a_redirect_from_the_token_endpoint_is_refused(self):
+        refresh = self.store_grant()
+        self.google.token_fault = "redirect"
+        source = gc.OAuthTokenSource(self.client, refresh, user=USER,
+                                     token_url=self.google.token_url)
+        with self.assertRaises(gc.ProtocolError) as caught:
+            source()
+        self.assertIn("redirect", str(caught.exception))
+        self.assertIn("refusing to follow it", str(caught.exception))
+        self.assertEqual(self.google.redirected, [])          # nothing went to the new address
+        code, out, err = run_cli(*self.imap_argv(), env=self.env)
+        self.assertEqual(code, gc.EXIT_SERVER, err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn("refusing to follow it", err)
+        self.assertNotIn(refresh, err)
+        self.assertEqual(self.google.redirected, [])
 
     def test_auth_with_an_unwritable_config_home_is_one_line_exit_2(self):
         env = dict(self.env, XDG_CONFIG_HOME=UNWRITABLE)

@@ -5044,7 +5044,6 @@ _TOML_INTEGER = re.compile(r"[+-]?(?:0|[1-9](?:_?\d)*)|0x[0-9A-Fa-f](?:_?[0-9A-F
 _TOML_FLOAT = re.compile(r"[+-]?(?:[\d_]+(?:\.[\d_]+)?[eE][+-]?[\d_]+|[\d_]+\.[\d_]+|inf|nan)")
 _TOML_LINE_CONTINUATION = re.compile(r"\\[ \t]*\r?\n")
 _TOML_WORD = re.compile(r"[^\s,\]\}#]+")
-_TOML_VALUE_END = frozenset(" \t\r\n,]}#")
 
 
 class _TomlReader:
@@ -10127,7 +10126,7 @@ def _emit_rules(args: argparse.Namespace, out: TextIO, text: str, count: int) ->
         return
     write_rules_file(args.output, text, force=args.force)
     if not args.quiet:
-        sys.stderr.write(printable(f"wrote {args.output}: {count} rules; next: python "
+        sys.stderr.write(printable(f"wrote {args.output}: {_plural(count, 'rule')}; next: python "
                                f"gmail_classify.py check {args.output}") + "\n")
 
 

@@ -11318,6 +11318,34 @@ class RulesFileWritingTest(unittest.TestCase):
         with self.assertRaises(gc.RulesError):
             gc.write_rules_file(path, "")
 
+    def test_wrote_one_rule_is_singular(self):
+        filters = os.path.join(self.tmp, "mailFilters.xml")
+        with open(filters, "wb") as handle:
+            handle.write(filter_export([("from", "a@b.example"), ("label", "A")]))
+        path = os.path.join(self.tmp, "one.toml")
+        code, out, err = run_cli("import-filters", filters, "-o", path)
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"wrote {path}: 1 rule; next", err)
+
+    @unittest.skipUnless(os.name == "posix", "file modes")
+    def test_init_and_import_write_files_only_their_owner_can_read(self):
+        filters = os.path.join(self.tmp, "mailFilters.xml")
+        with open(filters, "wb") as handle:
+            handle.write(SAMPLE_FILTERS)
+        for argv in (["init", "{}"], ["init", "{}", "--force"],
+                     ["import-filters", filters, "-o", "{}", "--force"]):
+            for name in ("rules.toml", "rules.json"):
+                with self.subTest(argv=argv, name=name):
+                    path = os.path.join(self.tmp, name)
+                    if "--force" in argv:
+                        with open(path, "w") as handle:    # an old file others could read
+                            handle.write("# old\n")
+                        os.chmod(path, 0o644)
+                    code, out, err = run_cli(*[a.format(path) for a in argv])
+                    self.assertEqual(code, 0, err)
+                    self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+                    if "--force" not in argv:
+                        os.unlink(path)
 
 
 @unittest.skipUnless(os.name == "posix", "file modes")

@@ -11270,6 +11270,92 @@ class PipeliningTest(FakeServerTest):
                          (small.examined, small.matched, small.changes))
 
 
+# --- Connection: numbers the server sends, and the folder a refused SELECT leaves ---------
+#
+# A SELECT answer we cannot use must not leave the EXAMINE before it standing: close() would
+# then CLOSE a read-write folder, expunging every \\Deleted message in it.  Numbers that are
+# not unsigned 32-bit numbers are a ProtocolError (exit 5), never a ValueError (exit 1).
+
+class ServerNumbersTest(AnyServerTest):
+    BAD_SELECT_LINES = ("* OK [UIDVALIDITY abc] bad", "* OK [UIDVALIDITY 0] zero",
+                        "* OK [UIDVALIDITY 4294967296] too big", "* OK [UIDNEXT (1 2)] list",
+                        "* OK [UIDNEXT abc] bad", "* OK [UIDNEXT 0] zero",
+                        "* 4294967296 EXISTS")
+
+    def test_a_refused_select_answer_leaves_no_folder_to_close(self):
+        for line in self.BAD_SELECT_LINES:
+            with self.subTest(line=line):
+                server = self.serve("neither")
+                self.seed()
+                conn = self.connect()
+                conn.examine("INBOX")
+                conn.search()
+                server.add_fault("SELECT", action="unsolicited", when="after", text=line)
+                with self.assertRaises(gc.ProtocolError) as ctx:
+                    conn.select("INBOX")
+                self.assertIn("unusable", str(ctx.exception))
+                self.assertIsNone(conn.selected)
+                conn.close()
+                # The server holds INBOX read-write now: CLOSE would expunge it.
+                self.assertEqual(self.commands()[-4:],
+                                 ["EXAMINE", "UID SEARCH", "SELECT", "LOGOUT"])
+
+    def test_a_select_without_uidvalidity_leaves_no_folder_to_close(self):
+        server = self.serve("neither")
+        conn = self.connect()
+        conn.examine("INBOX")
+        queue = _Session._u
+        def without_uidvalidity(session, line):
+            if "UIDVALIDITY" not in str(line):
+                queue(session, line)
+        with mock.patch.object(_Session, "_u", without_uidvalidity):
+            with self.assertRaises(gc.ProtocolError) as ctx:
+                conn.select("INBOX")
+        self.assertIn("did not report UIDVALIDITY", str(ctx.exception))
+        conn.close()
+        self.assertNotIn("CLOSE", self.commands())
+        self.assertEqual(self.commands()[-2:], ["SELECT", "LOGOUT"])
+
+    def test_unselect_still_ends_a_select_the_server_accepted(self):
+        server = self.serve("uidplus")
+        conn = self.connect()
+        conn.examine("INBOX")
+        server.add_fault("SELECT", action="unsolicited", when="after",
+                         text="* OK [UIDVALIDITY abc] bad")
+        with self.assertRaises(gc.ProtocolError):
+            conn.select("INBOX")
+        conn.close()
+        self.assertEqual(self.commands()[-2:], ["SELECT", "LOGOUT"])
+
+    def test_good_numbers_still_read(self):
+        server = self.serve()
+        self.seed()
+        conn = self.connect()
+        server.add_fault("UID SEARCH", action="unsolicited", when="after",
+                         text="* SEARCH 4294967295 (MODSEQ 12)")
+        status = conn.select("INBOX")
+        self.assertGreater(status.uidvalidity, 0)
+        self.assertEqual(status.exists, 5)
+        self.assertIn(4294967295, conn.search())
+
+    def test_cli_exits_5_with_one_line_and_no_close(self):
+        for line in ("* OK [UIDVALIDITY abc] bad", "* OK [UIDNEXT (1 2)] list"):
+            with self.subTest(line=line):
+                server = self.serve("neither")
+                self.seed()
+                for command in ("EXAMINE", "SELECT"):
+                    server.add_fault(command, action="unsolicited", when="after", text=line,
+                                     count=5)
+                code, out, err = self.cli("run", "--apply", "--allow-expunge")
+                self.assertEqual(code, 5, err)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+                self.assertIn("not a valid", err)
+                self.assertNotIn("Traceback", err)
+                self.assertNotIn("CLOSE", self.commands())
+                self.assertEqual(self.commands()[-1], "LOGOUT")
+                self.assertEqual(len(server.messages("INBOX")), 5)
+
+
 # --- Benchmark -----------------------------------------------------------------------------
 #
 # ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]

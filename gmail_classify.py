@@ -1985,8 +1985,10 @@ class GmailConnection:
         for item in response.untagged:
             if item and str(item[0]).upper() == "STATUS" and len(item) >= 3:
                 attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
-                return {str(key).upper(): int(value) for key, value in attrs.items()
-                        if isinstance(value, int)}
+                return {str(key).upper(): _server_number(
+                            value, str(key).upper(), "STATUS",
+                            nonzero=str(key).upper() in ("UIDNEXT", "UIDVALIDITY"))
+                        for key, value in attrs.items()}
         return {}
 
     def list_folders(self, refresh: bool = False) -> List[Folder]:
@@ -2138,8 +2140,8 @@ class GmailConnection:
             if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
                     and self._names(item[1], folder):
                 attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
-                if isinstance(attrs.get("MESSAGES"), int):
-                    return int(attrs["MESSAGES"])
+                if "MESSAGES" in attrs:
+                    return _server_number(attrs["MESSAGES"], "MESSAGES", "STATUS")
         raise ProtocolError(f"the server did not say how many messages {folder} holds",
                             command="STATUS")
 
@@ -2215,7 +2217,8 @@ class GmailConnection:
         found = set()
         for item in response.untagged:
             if item and str(item[0]).upper() == "SEARCH":
-                found.update(int(v) for v in item[1:] if isinstance(v, int))
+                found.update(_server_number(v, "UID", "UID SEARCH", nonzero=True)
+                             for v in item[1:] if not isinstance(v, list))   # not (MODSEQ n)
         return sorted(found)
 
     def fetch(self, uids: Iterable[int], items: Sequence[str], *,
@@ -2438,7 +2441,8 @@ class GmailConnection:
         found: List[int] = []
         for item in response.untagged:
             if item and str(item[0]).upper() == "SEARCH":
-                found.extend(int(v) for v in item[1:] if isinstance(v, int))
+                found.extend(_server_number(v, "UID", "UID SEARCH", nonzero=True)
+                             for v in item[1:] if not isinstance(v, list))   # not (MODSEQ n)
         return found
 
     def _copy_delete_chunk(self, chunk: List[int], destination: str,
@@ -2613,7 +2617,8 @@ class GmailConnection:
                     and self._names(item[1], folder):
                 attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
                 value = attrs.get("UIDNEXT")
-                return int(value) if isinstance(value, int) else None
+                return None if value is None else \
+                    _server_number(value, "UIDNEXT", "STATUS", nonzero=True)
         return None
 
     def copy(self, uids: Iterable[int], destination: str) -> Dict[int, Optional[int]]:

@@ -11327,12 +11327,35 @@ class ServerNumbersTest(AnyServerTest):
         conn.close()
         self.assertEqual(self.commands()[-2:], ["SELECT", "LOGOUT"])
 
+    def test_status_and_search_numbers_are_checked(self):
+        cases = [("STATUS", '* STATUS INBOX (MESSAGES abc UIDNEXT 5 UIDVALIDITY 1)',
+                  lambda conn: conn.status("INBOX")),
+                 ("STATUS", '* STATUS INBOX (MESSAGES 1 UIDNEXT 0 UIDVALIDITY 1)',
+                  lambda conn: conn.status("INBOX")),
+                 ("UID SEARCH", "* SEARCH 1 abc 3", lambda conn: conn.search()),
+                 ("UID SEARCH", "* SEARCH 1 0", lambda conn: conn.search()),
+                 ("UID SEARCH", "* SEARCH 4294967296", lambda conn: conn.search())]
+        for command, line, call in cases:
+            with self.subTest(line=line):
+                server = self.serve()
+                self.seed()
+                conn = self.connect()
+                if command != "STATUS":
+                    conn.select("INBOX")
+                # status() reads the first STATUS line: put the bad one first.
+                server.add_fault(command, action="unsolicited", text=line,
+                                 when="before" if command == "STATUS" else "after")
+                with self.assertRaises(gc.ProtocolError) as ctx:
+                    call(conn)
+                self.assertIn("not a valid", str(ctx.exception))
+
     def test_good_numbers_still_read(self):
         server = self.serve()
         self.seed()
         conn = self.connect()
         server.add_fault("UID SEARCH", action="unsolicited", when="after",
                          text="* SEARCH 4294967295 (MODSEQ 12)")
+        self.assertEqual(conn.status("INBOX").get("MESSAGES"), 5)
         status = conn.select("INBOX")
         self.assertGreater(status.uidvalidity, 0)
         self.assertEqual(status.exists, 5)

@@ -11316,6 +11316,17 @@ class ServerNumbersTest(AnyServerTest):
         self.assertNotIn("CLOSE", self.commands())
         self.assertEqual(self.commands()[-2:], ["SELECT", "LOGOUT"])
 
+    def test_a_select_answered_no_leaves_no_folder_either(self):
+        server = self.serve("neither")
+        conn = self.connect()
+        conn.examine("INBOX")
+        server.add_fault("SELECT", action="no")
+        with self.assertRaises(gc.ImapError):
+            conn.select("INBOX")
+        self.assertIsNone(conn.selected)
+        conn.close()
+        self.assertEqual(self.commands()[-3:], ["EXAMINE", "SELECT", "LOGOUT"])
+
     def test_unselect_still_ends_a_select_the_server_accepted(self):
         server = self.serve("uidplus")
         conn = self.connect()

@@ -261,6 +261,49 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: flo
         time.sleep(interval)
 
 
+def start_raw_server(test: unittest.TestCase, handle: Callable[[socket.socket], None]) -> int:
+    """Listen on an ephemeral loopback port and pass each connection to ``handle(client)``,
+    one at a time, in one thread; returns the port.  For servers too broken for FakeGmail.
+
+    Only that thread accepts on the listener and closes it, and every client socket, once
+    the test's cleanup has told it to stop; the cleanup then joins it.  Closing a listener
+    while another thread is about to call accept() on it frees the descriptor number; a
+    later test's FakeGmail gets that number for its own listener, and the stale accept()
+    then takes a connection meant for it (its client sees EOF once the stale socket dies).
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+    clients: List[socket.socket] = []
+
+    def serve() -> None:
+        try:
+            with listener:
+                while not stop.is_set():
+                    if select.select([listener], [], [], 0.01)[0]:
+                        client, _ = listener.accept()
+                        clients.append(client)
+                        try:
+                            handle(client)
+                        except OSError:   # the client went away: the test sees that
+                            pass
+        finally:
+            for client in clients:
+                client.close()
+
+    thread = threading.Thread(target=serve, name="raw-server:%d" % port, daemon=True)
+    thread.start()
+
+    def finish() -> None:
+        stop.set()
+        thread.join(10)
+        test.assertFalse(thread.is_alive(), "the raw test server on port %d did not stop" % port)
+    test.addCleanup(finish)
+    return port
+
+
 def imap_utf7_encode(text: str) -> str:
     """Encode a mailbox/label name in modified UTF-7 (RFC 3501 5.1.3): 'Entwürfe' -> 'Entw&APw-rfe'."""
     out: List[str] = []
@@ -7067,24 +7110,10 @@ class FailFastTest(unittest.TestCase):
                                  "or use --starttls on port 143")
 
     def test_a_server_that_greets_then_stalls_is_retried(self):
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        self.addCleanup(listener.close)
-        held: List[socket.socket] = []
+        def greet_then_stall(client: socket.socket) -> None:
+            client.sendall(b"* OK ready\r\n")    # then never answers CAPABILITY
 
-        def greet_then_stall() -> None:
-            while True:
-                try:
-                    client, _ = listener.accept()
-                except OSError:
-                    return
-                client.sendall(b"* OK ready\r\n")    # then never answers CAPABILITY
-                held.append(client)
-
-        threading.Thread(target=greet_then_stall, daemon=True).start()
-        self.addCleanup(lambda: [c.close() for c in held])
-        conn, sleep = self.connect(listener.getsockname()[1], security="plaintext")
+        conn, sleep = self.connect(start_raw_server(self, greet_then_stall), security="plaintext")
         conn.timeout, conn.retries = 0.3, 2
         with self.assertRaises(gc.ConnectionLostError):
             with self.assertLogs("gmail_classify", "WARNING"):
@@ -7092,22 +7121,12 @@ class FailFastTest(unittest.TestCase):
         self.assertEqual(len(sleep.delays), 2)
 
     def test_no_common_tls_version_fails_at_once(self):
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(4)
-        self.addCleanup(listener.close)
+        def refuse_the_version(client: socket.socket) -> None:
+            client.settimeout(10)
+            client.recv(4096)                                  # the ClientHello
+            client.sendall(b"\x15\x03\x03\x00\x02\x02\x46")     # fatal alert: protocol_version
 
-        def refuse_the_version() -> None:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            with client:
-                client.recv(4096)                                  # the ClientHello
-                client.sendall(b"\x15\x03\x03\x00\x02\x02\x46")     # fatal alert: protocol_version
-
-        threading.Thread(target=refuse_the_version, daemon=True).start()
-        conn, sleep = self.connect(listener.getsockname()[1], security="tls")
+        conn, sleep = self.connect(start_raw_server(self, refuse_the_version), security="tls")
         with self.assertRaises(gc.ConnectionLostError) as caught:
             conn.connect()
         self.assertEqual(sleep.delays, [])

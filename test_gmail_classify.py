@@ -1053,14 +1053,18 @@ class _Session(socketserver.BaseRequestHandler):
         self.out: List[bytes] = []
         self._after: Optional[str] = None      # "close" / "starttls" once the answer is sent
         self.killed = threading.Event()        # set by drop_all_connections()/stop(): ends delays
+        # Held while this thread closes the socket and while another thread shuts it down:
+        # a shutdown() racing a close() could hit whatever socket reuses the fd number.
+        self.sock_lock = threading.Lock()
         self.id = self.fake._register(self)
 
     def finish(self) -> None:
         self.fake._unregister(self)
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        with self.sock_lock:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
 
     # -- I/O --
 
@@ -1068,7 +1072,7 @@ class _Session(socketserver.BaseRequestHandler):
         try:
             if self.fake.tls:
                 self.sock.settimeout(10)
-                self.sock = self.fake._ssl_context.wrap_socket(self.sock, server_side=True)
+                self._start_tls()
                 self.sock.settimeout(None)
                 self.tls = True
             self._send(b"* OK Gimap ready for requests from 127.0.0.1\r\n")
@@ -1146,17 +1150,18 @@ class _Session(socketserver.BaseRequestHandler):
 
     def _close(self, how: str) -> None:
         """End the connection: "drop" (FIN), "reset" (RST via SO_LINGER 0)."""
-        try:
-            if how == "reset":
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            else:
-                socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
-        except OSError:
-            pass
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        with self.sock_lock:
+            try:
+                if how == "reset":
+                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                else:
+                    socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
+                self.sock.close()
+            except OSError:
+                pass
         raise _Closed()
 
     # -- dispatch --
@@ -1233,14 +1238,23 @@ class _Session(socketserver.BaseRequestHandler):
         self._after_answer()
 
     def _after_answer(self) -> None:
-        fake = self.fake
         after, self._after = self._after, None
         if after == "close":
             self._close("drop")
         elif after == "starttls":
             self._buf = bytearray()  # RFC 3501 6.2.1: discard anything sent before the handshake
-            self.sock = fake._ssl_context.wrap_socket(self.sock, server_side=True)
+            self._start_tls()
             self.tls = True
+
+    def _start_tls(self) -> None:
+        """Swap self.sock for its TLS wrapper under sock_lock, then shake hands outside it
+        (drop_all_connections must still be able to cut a handshake short).  A failed
+        handshake leaves the wrapper open in self.sock, for finish() to close under the lock,
+        instead of ssl closing the descriptor behind drop_all_connections' back."""
+        with self.sock_lock:
+            self.sock = self.fake._ssl_context.wrap_socket(self.sock, server_side=True,
+                                                           do_handshake_on_connect=False)
+        self.sock.do_handshake()
 
     def _execute(self, tag: str, name: str, argbytes: bytes) -> bytes:
         """Run one command; leaves untagged answers in self.out, returns the tagged line."""
@@ -2505,10 +2519,11 @@ class FakeGmail:
         with self._cond:
             sessions = list(self._sessions.values())
         for s in sessions:
-            try:
-                socket.socket.shutdown(s.sock, socket.SHUT_RDWR)
-            except (OSError, ValueError):
-                pass
+            with s.sock_lock:   # not while its own thread closes it (see _Session.setup)
+                try:
+                    socket.socket.shutdown(s.sock, socket.SHUT_RDWR)
+                except (OSError, ValueError):
+                    pass
             s.killed.set()  # after the shutdown, so a delayed answer can no longer get out
         for s in sessions:
             s.thread.join(2)

@@ -17,7 +17,8 @@ The layers, each using only those above it (``grep -n '^# ---'`` prints this out
 errors; the IMAP wire format (quoting, modified UTF-7, UID sets, the response parser);
 the connection; messages; the rule engine; rules files (with a small TOML reader, so
 TOML works without tomllib, and a writer); the classify pipeline; a demo mailbox; state
-and audit log; importers and suggestions (Gmail filters, suggested rules); the command line.
+and audit log; watch; OAuth2 sign-in; importers and suggestions (Gmail filters, suggested
+rules); the command line.
 
 Safety: dry run unless asked to apply; ``BODY.PEEK`` so classifying never marks mail read;
 never a bare ``EXPUNGE``; TLS certificates and host names always verified; passwords and
@@ -52,6 +53,11 @@ __all__ = [
     "StateStore", "FolderState", "AccountLock", "AuditLog", "Run", "Undo", "history",
     "StateError", "LockedError", "BudgetExceededError", "account_key", "rules_hash",
     "default_state_dir",
+    # watch
+    "Watcher", "WatchSession",
+    # OAuth2 sign-in
+    "OAuthError", "OAuthClient", "OAuthTokenSource", "authorize", "load_client_secret_file",
+    "save_refresh_token", "load_refresh_token", "token_path",
     # importers and suggestions
     "import_gmail_filters", "ImportedFilters", "suggest_rules", "Suggestions",
     # command line
@@ -77,7 +83,10 @@ import email.policy
 import email.utils
 import getpass
 import hashlib
+import html
 import html.parser
+import http.client
+import http.server
 import imaplib
 import ipaddress
 import json
@@ -88,9 +97,11 @@ import os
 import pathlib
 import random
 import re
+import secrets
 import select
 import shlex
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -98,6 +109,10 @@ import sys
 import threading
 import time
 import unicodedata
+import urllib.error
+import urllib.parse
+import urllib.request
+import webbrowser
 import xml.etree.ElementTree
 import xml.parsers.expat
 from dataclasses import dataclass, field
@@ -774,6 +789,7 @@ DEFAULT_RETRIES = 5             # reconnect attempts for one command before givi
 DEFAULT_BACKOFF = 1.0           # first backoff delay in seconds, doubled per attempt
 MAX_BACKOFF = 60.0
 IDLE_MAX_SECONDS = 29 * 60      # RFC 2177: re-issue IDLE at least every 29 minutes
+IDLE_POLL = 0.5                 # seconds between checks of an idle() interrupt callback
 # One response line, literals excluded.  Only a SEARCH answer is ever longer (about 9
 # bytes per UID): its limit follows the folder's size (see _search_line_limit).
 MAX_RESPONSE_LINE = 4 * 1024 * 1024
@@ -1178,6 +1194,9 @@ class GmailConnection:
         self.commands_sent = 0
         self.bytes_received = 0
         self.backoff_delays: List[float] = []
+        # EXISTS responses seen, with any command or in IDLE: new mail in the selected
+        # folder is announced once, to whichever command comes next (RFC 3501 §7.3.1).
+        self.exists_seen = 0
         self._secrets: List[str] = []   # credentials sent, kept out of -vv logs
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -1368,6 +1387,9 @@ class GmailConnection:
                 _check_credential(password, "password")
                 self._remember_secret(password)
                 self._login(imap, password)
+        except ConnectionLostError as exc:
+            # A token provider that cannot reach its issuer: as retryable as a lost link.
+            raise _Dropped(str(exc)) from exc
         except OSError as exc:
             raise _Dropped(f"connection lost while signing in: {exc}") from exc
         log.info("signed in to %s as %s", self.host, self.user)
@@ -1558,7 +1580,7 @@ class GmailConnection:
         """
         if self._inflight:
             self._drain(imap)   # pipelined answers come first on the wire
-        tag = imap._new_tag()  # type: ignore[attr-defined]
+        tag = _new_tag(imap)
         parts = self._command_parts(tag, command, args)
         self._log_command(tag, command, ["<redacted>"] if redact else args)
         self._watch(imap, command)
@@ -1627,7 +1649,7 @@ class GmailConnection:
         lock.  ``keep`` and ``max_literal`` apply when the answer is read, as in _execute_on."""
         if command != "UID FETCH":
             raise AssertionError(f"only UID FETCH may be pipelined, not {command}")
-        tag = imap._new_tag()  # type: ignore[attr-defined]
+        tag = _new_tag(imap)
         parts = self._command_parts(tag, command, args)
         self._log_command(tag, command, args)
         try:
@@ -1862,6 +1884,8 @@ class GmailConnection:
 
     def _note_untagged(self, parsed: List[Any]) -> None:
         """Keep the selected folder's message count current from EXISTS."""
+        if len(parsed) >= 2 and str(parsed[1]).upper() == "EXISTS":
+            self.exists_seen += 1
         if len(parsed) >= 2 and str(parsed[1]).upper() == "EXISTS" and self._selected \
                 and isinstance(parsed[0], int):
             selected = self._selected
@@ -1949,9 +1973,21 @@ class GmailConnection:
 
     # -- operations: folders -----------------------------------------------------------
 
-    def noop(self) -> None:
-        """Send NOOP (also collects pending EXISTS/EXPUNGE updates)."""
-        self._call("NOOP")
+    def noop(self) -> List[List[Any]]:
+        """Send NOOP; returns the pending updates it collected, e.g. ``[[13, "EXISTS"]]``."""
+        response = self._call("NOOP")
+        return [item for item in response.untagged if item and item[0] not in ("OK", "NO", "BAD")]
+
+    def status(self, folder: str) -> Dict[str, int]:
+        """STATUS of a folder that need not be selected: ``{"MESSAGES": 812, "UIDNEXT": 9001,
+        "UIDVALIDITY": 11}``.  RFC 3501 §6.3.10: not for the selected folder (use noop)."""
+        response = self._call("STATUS", mailbox_arg(folder), "(MESSAGES UIDNEXT UIDVALIDITY)")
+        for item in response.untagged:
+            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3:
+                attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
+                return {str(key).upper(): int(value) for key, value in attrs.items()
+                        if isinstance(value, int)}
+        return {}
 
     def list_folders(self, refresh: bool = False) -> List[Folder]:
         """Every folder (and Gmail label), names decoded from modified UTF-7.
@@ -2594,13 +2630,16 @@ class GmailConnection:
 
     # -- IDLE ------------------------------------------------------------------------
 
-    def idle(self, timeout: float) -> List[List[Any]]:
+    def idle(self, timeout: float,
+             interrupt: Optional[Callable[[], bool]] = None) -> List[List[Any]]:
         """Wait in IDLE (RFC 2177) up to ``timeout`` seconds for the selected folder to change.
 
         Returns the untagged updates that arrived, e.g. ``[[12, "EXISTS"]]``, as soon as
-        there is at least one, or ``[]`` on timeout.  IDLE is left (DONE) before returning,
-        so other commands may follow.  Works the same on every Python version: imaplib's
-        own ``idle()`` exists only from 3.14.
+        there is at least one, or ``[]`` on timeout, or when ``interrupt()`` (asked about
+        every IDLE_POLL seconds) returns True.  IDLE is left (DONE) before returning, so
+        other commands may follow.  The keepalive stays away meanwhile: IDLE holds the
+        connection's lock.  Works the same on every Python version: imaplib's own
+        ``idle()`` exists only from 3.14.
         """
         if not self.has("IDLE"):
             raise CapabilityError(f"{self.host} does not support IDLE")
@@ -2609,17 +2648,18 @@ class GmailConnection:
             with self._lock:
                 self._check_background()
                 try:
-                    return self._idle_now(self._live(), timeout)
+                    return self._idle_now(self._live(), timeout, interrupt)
                 except _Dropped as exc:
                     if attempt == self.retries:
                         raise ConnectionLostError(f"IDLE kept failing: {exc}") from exc
                     self._reconnect(exc)
         raise AssertionError("unreachable")
 
-    def _idle_now(self, imap: imaplib.IMAP4, timeout: float) -> List[List[Any]]:
+    def _idle_now(self, imap: imaplib.IMAP4, timeout: float,
+                  interrupt: Optional[Callable[[], bool]] = None) -> List[List[Any]]:
         if self._inflight:
             self._drain(imap)
-        tag = imap._new_tag()  # type: ignore[attr-defined]
+        tag = _new_tag(imap)
         events: List[List[Any]] = []
         ended: Optional[bytes] = None     # a tagged answer before DONE: IDLE refused or ended
         idling = False
@@ -2631,9 +2671,15 @@ class GmailConnection:
             imap.send(tag + b" IDLE\r\n")
             self.commands_sent += 1
             while True:
-                if idling and (events or not imap.wait_readable(  # type: ignore[attr-defined]
-                        deadline - time.monotonic())):
-                    break
+                if idling:
+                    if events or (interrupt is not None and interrupt()):
+                        break
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    if not imap.wait_readable(  # type: ignore[attr-defined]
+                            min(left, IDLE_POLL) if interrupt is not None else left):
+                        continue
                 raw = self._read_line(imap)
                 if raw.startswith(b"+"):
                     idling = True
@@ -2671,6 +2717,15 @@ class GmailConnection:
             raise ImapError(f"the server answered {response.status} to IDLE: {response.text}",
                             command="IDLE", status=response.status, text=response.text)
         return events
+
+
+def _new_tag(imap: imaplib.IMAP4) -> bytes:
+    """The next command tag.  imaplib's ``_new_tag`` also files the tag in
+    ``tagged_commands`` for its own reader, which we never use after sign-in: drop it
+    there, or a connection that lives for days (``watch``) grows by one entry a command."""
+    tag = imap._new_tag()  # type: ignore[attr-defined]
+    imap.tagged_commands.pop(tag, None)  # type: ignore[attr-defined]
+    return tag
 
 
 @contextlib.contextmanager
@@ -3107,7 +3162,7 @@ def _plain_header_addresses(msg: email.message.EmailMessage, name: str) -> List[
     return result
 
 
-# --- the fast path ---
+# --- Messages: the fast path -----------------------------------------------------------
 #
 # email.policy.default parses a header through headerregistry each time it is read
 # (about 0.3 ms for an address), and the rules read From, To and Subject many times per
@@ -4412,7 +4467,8 @@ CONDITION_KEYS = (
 ACTION_KEYS = ("label", "move", "archive", "mark_read", "mark_unread", "star", "unstar", "trash")
 RULE_KEYS = ("name", "continue") + CONDITION_KEYS + ACTION_KEYS
 TOP_LEVEL_KEYS = ("rule", "account", "test")
-ACCOUNT_KEYS = ("user", "host", "port", "tls", "auth", "password_command", "cafile", "folders")
+ACCOUNT_KEYS = ("user", "host", "port", "tls", "auth", "password_command", "cafile", "folders",
+                "oauth_client_id", "oauth_client_secret", "oauth_client_file")
 TLS_MODES = ("implicit", "starttls", "plaintext")
 AUTH_METHODS = ("password", "xoauth2")
 
@@ -4727,7 +4783,8 @@ def _parse_account_key(where: _Where, key: str, item: Any, account: Dict[str, An
     path = f"account.{key}"
     if key not in ACCOUNT_KEYS:
         raise where.error("account", _unknown_key(key, ACCOUNT_KEYS))
-    if key in ("user", "host", "cafile"):
+    if key in ("user", "host", "cafile", "oauth_client_id", "oauth_client_secret",
+               "oauth_client_file"):
         account[key] = _check_text(where, path, item)
     elif key == "port":
         if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= 65535:
@@ -5553,6 +5610,9 @@ STARTER_RULES_TOML = r'''# gmail_classify rules. These are the built-in rules; e
 # password_command = ["pass", "show", "gmail-app-password"]
 # cafile = "/etc/ssl/certs/ca-certificates.crt"
 # folders = ["INBOX"]
+# oauth_client_file = "~/client_secret.json"   # your OAuth client, for `auth`, or:
+# oauth_client_id = "123-abc.apps.googleusercontent.com"
+# oauth_client_secret = "GOCSPX-..."
 
 # Google Calendar invitations and replies, by their subject prefixes.
 [[rule]]
@@ -7419,7 +7479,8 @@ class Undo:
         where = f"the audit log {store.audit.path}"
         if run_id is None:
             mine = [r for r in runs if f"{r['account']} on {r['host']}" == key
-                    and r["command"] == "run" and r["changes_made"] and not r["undone_by"]]
+                    and r["command"] in ("run", "watch") and r["changes_made"]
+                    and not r["undone_by"]]     # a watch's wake-ups are runs too
             if not mine:
                 raise StateError(f"no applied run of {key} left to undo in {where}; "
                                  f"'history' lists the runs")
@@ -7711,6 +7772,834 @@ class Undo:
             self.left_alone += len(outcome["alone"])
             records.append(record)
         self.run.add_records(records)
+
+
+# --- Watch: stay connected and classify new mail as it arrives --------------------------
+#
+# One connection, one owner at a time: the Watcher's thread runs IDLE on the first folder
+# (RFC 2177) and, between IDLEs, everything else; the connection's lock keeps the
+# keepalive thread out while IDLE runs, and IDLE itself is traffic, so the keepalive has
+# nothing to do.  Other folders, and every folder on a server without IDLE, are polled
+# every ``interval`` seconds: STATUS (UIDNEXT, UIDVALIDITY) for folders that are not
+# selected, NOOP for the one that is (RFC 3501 §6.3.10 advises against STATUS on it).
+# IDLE is re-issued every ``idle_interval`` seconds, well inside the 29 minutes after which
+# a server may drop an idle client.
+#
+# A lost connection starts an outage: logged once, retried forever with capped, jittered
+# exponential backoff, logged once more when it is over, then everything is caught up.
+# Only a refused sign-in (AuthenticationError, OAuthError) or a TLS failure ends the watch.
+# What "catch up" means is the caller's: a callable given the connection and the folders
+# that may have new mail (the command line runs the incremental classification there).
+
+DEFAULT_POLL_INTERVAL = 300.0   # seconds between STATUS/NOOP polls of folders without IDLE
+IDLE_REISSUE = 25 * 60.0        # seconds one IDLE lasts before it is re-issued (< 29 min)
+WATCH_BACKOFF = 2.0             # first delay after a lost connection, doubled per attempt
+WATCH_MAX_BACKOFF = 300.0       # the delay never grows beyond this (before jitter)
+SLEEP_JUMP = 60.0               # wall clock ahead of the monotonic one by this: we slept
+
+
+class Watcher:
+    """Keep ``folders`` classified as mail arrives, until ``stop()``.
+
+    ``connect()`` returns a new, connected GmailConnection (called at the start and after
+    every loss); ``catch_up(conn, folders)`` classifies what arrived in those folders.  It
+    is called for every folder after each (re)connect, then for the folders with news.
+    ``reload()`` is called at a safe point after ``request_reload()`` (SIGHUP) or whenever
+    ``reload_needed()`` says so (the rules file changed).  ``rng`` jitters the backoff
+    (injectable for tests).  The connections should have ``retries=0``: the Watcher does
+    the retrying, forever, and logs an outage only when it begins and when it ends.
+
+    ``run()`` returns after ``stop()``, having logged out; it raises AuthenticationError,
+    TLSError, and ImapError other than the connection's own troubles.
+    """
+
+    def __init__(self, connect: Callable[[], GmailConnection], folders: Sequence[str],
+                 catch_up: Callable[[GmailConnection, List[str]], Any], *,
+                 interval: float = DEFAULT_POLL_INTERVAL, idle_interval: float = IDLE_REISSUE,
+                 backoff: float = WATCH_BACKOFF, max_backoff: float = WATCH_MAX_BACKOFF,
+                 reload: Optional[Callable[[], Any]] = None,
+                 reload_needed: Optional[Callable[[], bool]] = None,
+                 rng: Callable[[], float] = random.random) -> None:
+        if not folders:
+            raise ValueError("watch needs at least one folder")
+        self.folders = list(dict.fromkeys(folders))
+        self.interval = max(0.01, float(interval))
+        self.idle_interval = min(max(0.01, float(idle_interval)), IDLE_MAX_SECONDS)
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._connect = connect
+        self._catch_up = catch_up
+        self._reload = reload
+        self._reload_needed = reload_needed
+        self._rng = rng
+        self._stop = threading.Event()
+        self._reload_requested = threading.Event()
+        self._catch_up_requested = threading.Event()
+        self._check_link = False
+        self._clocks = (time.time(), time.monotonic())
+        self._seen: Dict[str, Tuple[int, int]] = {}     # folder -> (UIDVALIDITY, UIDNEXT)
+        self._first_key: Optional[Tuple[int, Optional[int]]] = None   # the same, first folder
+        self._first_exists = 0      # conn.exists_seen when the first folder was last caught up
+        self._next_poll = 0.0
+        self.conn: Optional[GmailConnection] = None
+        # Counters for tests and the curious; they only ever hold numbers.
+        self.idles = 0
+        self.polls = 0
+        self.wakeups = 0
+        self.outages = 0
+
+    # -- control, safe to call from a signal handler or another thread -------------------
+
+    def stop(self) -> None:
+        """End the watch at the next safe point (the step in hand finishes), then log out."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def request_reload(self) -> None:
+        """Reload the rules at the next safe point (what SIGHUP does)."""
+        self._reload_requested.set()
+
+    def request_catch_up(self) -> None:
+        """Catch up on every folder at the next safe point, news or not."""
+        self._catch_up_requested.set()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        outage_since: Optional[float] = None
+        attempt = 0
+        try:
+            while not self._stop.is_set():
+                try:
+                    if self.conn is None:
+                        self.conn = self._connect()
+                        if outage_since is not None:
+                            log.warning("connected again after %s; catching up",
+                                        _duration(time.monotonic() - outage_since))
+                            outage_since = None
+                        attempt = 0
+                        self._seen.clear()
+                        self._first_key = None
+                        self._wake(self.conn, self.folders)
+                        self._remember_others(self.conn)
+                        self._next_poll = time.monotonic() + self.interval
+                    self._maybe_reload()
+                    if not self._stop.is_set():
+                        self._wait_and_wake(self.conn)
+                except (ConnectionLostError, ProtocolError, UidValidityError) as exc:
+                    if self._stop.is_set():
+                        break
+                    self._drop()
+                    attempt += 1
+                    if outage_since is None:
+                        outage_since = time.monotonic()
+                        self.outages += 1
+                        log.warning("lost the connection (%s); reconnecting in the background "
+                                    "until it is back", exc)
+                    else:
+                        log.debug("still no connection: %s", exc)
+                    delay = min(self.max_backoff, self.backoff * 2 ** min(attempt - 1, 30))
+                    self._stop.wait(delay * (0.5 + 0.5 * self._rng()))
+        finally:
+            if outage_since is not None:
+                log.warning("stopped while the connection was still down (for %s)",
+                            _duration(time.monotonic() - outage_since))
+            conn, self.conn = self.conn, None
+            if conn is not None:
+                conn.close()            # UNSELECT (never CLOSE: no expunge), LOGOUT
+
+    def _drop(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+
+    def _wake(self, conn: GmailConnection, folders: List[str]) -> None:
+        """Catch up on ``folders``, the first (IDLE) folder last, so that it stays selected
+        and what arrives there from now on is announced to the next IDLE."""
+        first = self.folders[0]
+        order = [f for f in folders if f != first] + [f for f in folders if f == first]
+        self._maybe_reload()        # new mail is classified with the rules saved before it came
+        if order and not self._stop.is_set():
+            self.wakeups += 1
+            log.debug("catching up on %s", ", ".join(order))
+            self._catch_up(conn, order)
+        selected = conn.selected
+        if selected is not None and _same_folder(selected.name, first):
+            self._first_key = (selected.uidvalidity, selected.uidnext)
+            self._first_exists = conn.exists_seen
+
+    def _maybe_reload(self) -> None:
+        wanted = self._reload_requested.is_set()
+        if not wanted and self._reload_needed is not None:
+            wanted = self._reload_needed()
+        if wanted:
+            self._reload_requested.clear()
+            if self._reload is not None:
+                self._reload()
+
+    def _interrupted(self) -> bool:
+        """Asked by IDLE about twice a second: stop, reload, or a jump of the wall clock."""
+        wall, mono = time.time(), time.monotonic()
+        last_wall, last_mono = self._clocks
+        self._clocks = (wall, mono)
+        if (wall - last_wall) - (mono - last_mono) > SLEEP_JUMP:
+            # The monotonic clock stands still while a laptop sleeps; the wall clock does
+            # not.  A connection that slept is often dead without knowing it: check it.
+            log.info("the machine seems to have slept; checking the connection")
+            self._check_link = True
+            return True
+        if self._reload_needed is not None and self._reload_needed():
+            self._reload_requested.set()
+        return (self._stop.is_set() or self._reload_requested.is_set()
+                or self._catch_up_requested.is_set())
+
+    def _remember_others(self, conn: GmailConnection) -> List[str]:
+        """STATUS of every folder but the first; returns those whose UIDNEXT or UIDVALIDITY
+        moved since the last look."""
+        changed = []
+        for folder in self.folders[1:]:
+            status = conn.status(folder)
+            key = (status.get("UIDVALIDITY", 0), status.get("UIDNEXT", 0))
+            if self._seen.get(folder) not in (None, key):
+                changed.append(folder)
+            self._seen[folder] = key
+        return changed
+
+    def _wait_and_wake(self, conn: GmailConnection) -> None:
+        first = self.folders[0]
+        idle = conn.has("IDLE")
+        selected = conn.selected
+        if selected is None or not _same_folder(selected.name, first):
+            # Mail that reached the first folder while another was selected was never
+            # announced to this session: compare UIDNEXT with the last time we were here.
+            before = self._first_key
+            status = conn.examine(first)
+            self._first_key = (status.uidvalidity, status.uidnext)
+            self._first_exists = conn.exists_seen
+            if before is not None and (self._first_key != before or status.uidnext is None):
+                self._wake(conn, [first])
+                return
+        changed: List[str] = []
+        left = self._next_poll - time.monotonic()
+        idled = False
+        if left > 0:
+            if idle:
+                idled = True
+                self.idles += 1
+                timeout = min(self.idle_interval, left) if (len(self.folders) > 1) else self.idle_interval
+                conn.idle(timeout, interrupt=self._interrupted)
+            else:
+                deadline = time.monotonic() + left
+                while not self._interrupted() and time.monotonic() < deadline:
+                    self._stop.wait(min(IDLE_POLL, max(0.0, deadline - time.monotonic())))
+            if self._check_link:
+                self._check_link = False
+                conn.noop()
+        if self._catch_up_requested.is_set():
+            self._catch_up_requested.clear()
+            changed = list(self.folders)
+        if time.monotonic() >= self._next_poll and not self._stop.is_set():
+            self.polls += 1
+            self._next_poll = time.monotonic() + self.interval
+            if not idled:
+                conn.noop()     # no IDLE here, or the polls left no time for it
+            changed += self._remember_others(conn)
+        # New mail in the first folder shows as EXISTS, in IDLE or with any command since
+        # its last catch-up (a STATUS of another folder included).
+        if conn.exists_seen != self._first_exists:
+            changed.append(first)
+        self._wake(conn, [folder for folder in self.folders if folder in changed])
+
+
+class _WatchRun(Run):
+    """A Run that a stopping watch ends before its next FETCH, at a safe point."""
+
+    def __init__(self, *args: Any, stopping: Callable[[], bool], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stopping = stopping
+
+    def before_fetch(self, conn: GmailConnection) -> None:
+        if self._stopping():
+            raise RunStopped("stopped by a signal before the next batch")
+        super().before_fetch(conn)
+
+
+class WatchSession:
+    """The catch-up of a watch over the incremental state: ``Watcher(connect, folders,
+    WatchSession(store, ...))``.
+
+    Each wake-up is one Run, so each one that applies something is one run in
+    ``history`` (and the latest batch is what ``undo`` reverses).  A dry run keeps one Run
+    for the whole watch, whose marks move only in memory: each message is reported once.
+    ``reclassify`` (``--all``) and ``new_only`` (``--new-only``) apply to each folder until
+    its first catch-up completes.  ``rules()`` gives the rules in force (they may be
+    reloaded); ``stopping()`` ends a catch-up before its next FETCH.  When the daily
+    download budget is reached, catching up pauses until 00:00 UTC (``paused_until``, a
+    ``time.time()`` value; ``on_pause(paused_until)`` is told, so that it can ask the
+    Watcher to catch up then) and the watch stays connected.
+    """
+
+    def __init__(self, store: StateStore, rules: Callable[[], Ruleset], user: str, host: str,
+                 port: Optional[int] = None, *, apply: bool = False, reclassify: bool = False,
+                 new_only: bool = False, daily_budget: Optional[int] = DEFAULT_DAILY_BUDGET,
+                 batch_size: int = DEFAULT_BATCH,
+                 on_record: Optional[Callable[[Dict[str, Any]], None]] = None,
+                 on_message: Optional[Callable[[Outcome], None]] = None,
+                 stopping: Callable[[], bool] = lambda: False,
+                 on_pause: Optional[Callable[[float], None]] = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.rules = rules
+        self.user, self.host, self.port = user, host, port
+        self.account = account_key(user, host, port)
+        self.apply = apply
+        self.daily_budget = daily_budget
+        self.batch_size = batch_size
+        self.on_record = on_record
+        self.on_message = on_message
+        self.stopping = stopping
+        self.on_pause = on_pause
+        self.clock = clock
+        self.paused_until = 0.0
+        self._reclassify: set = set()
+        self._new_only: set = set()
+        self._all_folders = reclassify
+        self._new_only_folders = new_only
+        self._dry_run: Optional[Run] = None
+        self.runs = 0               # wake-ups that ran (applied or not)
+
+    def check_start(self, folders: Sequence[str]) -> None:
+        """Refuse to watch a folder the state knows nothing about, unless told what to do.
+
+        Raises StateError (exit 2) naming the folders and the three ways forward."""
+        self._reclassify = set(folders) if self._all_folders else set()
+        self._new_only = set(folders) if self._new_only_folders else set()
+        if self._all_folders or self._new_only_folders:
+            return
+        unknown = [f for f in folders if self.store.folder(self.account, f) is None]
+        if unknown:
+            raise StateError(f"no state yet for {', '.join(unknown)} of {self.account}: do a "
+                             f"'run --apply' first, or start watch with --all (classify "
+                             f"everything, then watch) or --new-only (only mail that "
+                             f"arrives from now on)")
+
+    def _run(self) -> Run:
+        if not self.apply and self._dry_run is not None:
+            self._dry_run.rules = self.rules()
+            self._dry_run.rules_hash = rules_hash(self._dry_run.rules)
+            return self._dry_run
+        run = _WatchRun(self.store, self.rules(), self.user, self.host, self.port,
+                        apply=self.apply, daily_budget=self.daily_budget, command="watch",
+                        on_record=self.on_record, on_message=self.on_message,
+                        stopping=self.stopping)
+        if not self.apply:
+            self._dry_run = run
+        return run
+
+    def __call__(self, conn: GmailConnection, folders: Sequence[str]) -> None:
+        if self.clock() < self.paused_until:
+            return
+        run = self._run()
+        status, error = "complete", ""
+        try:
+            for folder in folders:
+                run.reclassify = folder in self._reclassify
+                run.new_only = folder in self._new_only
+                run.classify(conn, folder, batch_size=self.batch_size)
+                self._reclassify.discard(folder)
+                self._new_only.discard(folder)
+        except BudgetExceededError as exc:
+            status, error = "stopped", str(exc)
+            now = datetime.fromtimestamp(self.clock(), timezone.utc)
+            midnight = datetime.combine(now.date() + timedelta(days=1), _dt.time(),
+                                        tzinfo=timezone.utc)
+            self.paused_until = midnight.timestamp()
+            log.warning("%s; watch stays connected and catches up after 00:00 UTC", exc)
+            if self.on_pause is not None:
+                self.on_pause(self.paused_until)
+        except RunStopped as exc:
+            status, error = "interrupted", str(exc)
+        except BaseException as exc:
+            status, error = "failed", str(exc)
+            raise
+        finally:
+            self.runs += 1
+            if self.apply:
+                run.finish(status, error)
+            else:
+                self.store.save()               # the download count, nothing else
+                run.reports.clear()             # a dry run lives for days: keep it small
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+# --- OAuth2 sign-in ----------------------------------------------------------------------
+#
+# Google's installed-app flow (RFC 8252, OAuth 2.0 for native apps) with PKCE (RFC 7636),
+# standard library only.  ``authorize`` opens the consent page in a browser; Google sends
+# the browser back to a one-shot HTTP server on 127.0.0.1 with a code, which we exchange,
+# with the PKCE verifier, for a refresh token.  A machine with no browser either forwards
+# the port (``ssh -L``) or pastes the final address from the browser back into the prompt.
+# The refresh token is stored per user, mode 0600; ``OAuthTokenSource`` turns it into
+# short-lived access tokens for XOAUTH2.  Tokens never reach a log line, argv or an
+# error message: errors quote only the endpoint's ``error`` and ``error_description``.
+#
+# Both endpoint URLs are parameters (module constants by default, read at call time), so
+# tests can run the whole flow against loopback servers.  Anything but https is refused
+# unless the host is a loopback address.
+
+GOOGLE_AUTH_URL = "https://accounts.google.com/o/oauth2/v2/auth"
+GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
+OAUTH_SCOPE = "https://mail.google.com/"     # the only scope Gmail IMAP accepts
+OAUTH_TIMEOUT = 30.0            # seconds for one request to the token endpoint
+OAUTH_WAIT = 300.0              # seconds `auth` waits for the browser to come back
+TOKEN_REFRESH_MARGIN = 300.0    # refresh an access token this long before it expires
+TOKEN_REUSE = 60.0              # a token fetched this recently serves a reconnect as is
+TOKEN_FILE_VERSION = 1
+
+
+class OAuthError(AuthenticationError):
+    """Google refused the sign-in or the refresh (``error`` holds its code, e.g. ``"invalid_grant"``)."""
+
+    def __init__(self, message: str, *, error: str = "") -> None:
+        super().__init__(message, command="OAUTH", status="NO", code=error, text=message)
+        self.error = error
+
+
+@dataclass(frozen=True)
+class OAuthClient:
+    """The user's own OAuth client (type "Desktop app"): ``OAuthClient("123-abc.apps.googleusercontent.com", "GOCSPX-...")``."""
+
+    client_id: str
+    client_secret: str = ""
+
+    def __repr__(self) -> str:      # never show the secret, not even in a traceback
+        return f"OAuthClient(client_id={self.client_id!r}, client_secret=<hidden>)"
+
+
+def load_client_secret_file(path: str) -> OAuthClient:
+    """Read the client JSON that Google Cloud Console downloads (``{"installed": {...}}``).
+
+    Raises RulesError (exit 2) when the file is missing or is not such a file.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            doc = json.load(handle)
+    except OSError as exc:
+        raise RulesError(f"cannot read the OAuth client file {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise RulesError(f"the OAuth client file {path} is not JSON ({exc}); download it "
+                         f"again from Google Cloud Console → Credentials") from exc
+    section = None
+    if isinstance(doc, dict):
+        section = doc.get("installed") or doc.get("web") or (doc if "client_id" in doc else None)
+    if not isinstance(section, dict) or not isinstance(section.get("client_id"), str):
+        raise RulesError(f"{path} is not a Google OAuth client file (no installed.client_id); "
+                         f"create a client of type 'Desktop app' and download its JSON")
+    secret = section.get("client_secret", "")
+    return OAuthClient(section["client_id"], secret if isinstance(secret, str) else "")
+
+
+def _endpoint(url: str, what: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https" or (parts.scheme == "http" and _is_loopback(parts.hostname or "")):
+        return url
+    raise OAuthError(f"refusing the {what} {url!r}: only https (or http to a loopback "
+                     f"address, for tests) is allowed")
+
+
+def _pkce_pair() -> Tuple[str, str]:
+    """A PKCE verifier (86 URL-safe characters) and its S256 challenge (RFC 7636 §4)."""
+    verifier = secrets.token_urlsafe(64)
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def _token_request(token_url: str, form: Mapping[str, str]) -> Dict[str, Any]:
+    """POST a form to the token endpoint; the JSON answer, or OAuthError / ConnectionLostError."""
+    url = _endpoint(token_url, "token endpoint")
+    request = urllib.request.Request(
+        url, data=urllib.parse.urlencode(form).encode("ascii"), method="POST",
+        headers={"Content-Type": "application/x-www-form-urlencoded",
+                 "Accept": "application/json", "User-Agent": f"gmail_classify/{__version__}"})
+    handlers: List[Any] = []
+    if _is_loopback(urllib.parse.urlsplit(url).hostname or ""):
+        handlers.append(urllib.request.ProxyHandler({}))    # never send loopback to a proxy
+    else:
+        handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context()))
+    opener = urllib.request.build_opener(*handlers)
+    try:
+        with opener.open(request, timeout=OAUTH_TIMEOUT) as response:
+            body = response.read(1024 * 1024)
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read(1024 * 1024)
+        exc.close()
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConnectionLostError(f"cannot reach the token endpoint {url}: {reason}; check "
+                                  f"the network, then try again") from exc
+    try:
+        doc = json.loads(body.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        doc = None
+    if not isinstance(doc, dict):
+        if status >= 500:
+            raise ConnectionLostError(f"the token endpoint {url} answered HTTP {status}; try again later")
+        raise ProtocolError(f"the token endpoint {url} answered HTTP {status} with something "
+                            f"that is not a JSON object")
+    if status >= 500:
+        raise ConnectionLostError(f"the token endpoint {url} answered HTTP {status}; try again later")
+    if status != 200 or "error" in doc:
+        error = str(doc.get("error", f"HTTP {status}"))[:80]
+        detail = str(doc.get("error_description", ""))[:200]
+        raise OAuthError(f"Google refused: {error}" + (f" ({detail})" if detail else ""),
+                         error=error)
+    return doc
+
+
+@dataclass(frozen=True)
+class _Redirect:
+    code: str = ""
+    error: str = ""
+
+
+def _read_redirect(query: str, state: str) -> _Redirect:
+    """Check the query of the address Google sent the browser back to; raise if it is wrong."""
+    params = urllib.parse.parse_qs(query, keep_blank_values=True)
+    got_state = (params.get("state") or [""])[0]
+    error = (params.get("error") or [""])[0]
+    if error:
+        if error == "access_denied":
+            raise OAuthError("sign-in refused: access was denied on Google's consent page; run "
+                             "auth again and allow access to mail", error=error)
+        raise OAuthError(f"sign-in failed: Google answered {error[:80]}", error=error)
+    if not got_state or not secrets.compare_digest(got_state, state):
+        raise OAuthError("sign-in failed: the answer's state parameter does not match this "
+                         "sign-in (an old browser tab, or a forged request); run auth again",
+                         error="bad_state")
+    code = (params.get("code") or [""])[0]
+    if not code:
+        raise OAuthError("sign-in failed: the answer carries no authorisation code; run auth again",
+                         error="no_code")
+    return _Redirect(code=code)
+
+
+def _parse_pasted(line: str, state: str) -> Optional[_Redirect]:
+    """A pasted redirect address (``http://127.0.0.1:PORT/?state=...&code=...``); None if blank."""
+    text = line.strip()
+    if not text:
+        return None
+    query = urllib.parse.urlsplit(text).query if "://" in text else text.lstrip("/?")
+    if "state=" not in query:
+        raise OAuthError("that is not the address Google redirected to; paste the whole "
+                         "address from the browser's address bar (it starts with "
+                         "http://127.0.0.1)", error="bad_paste")
+    return _read_redirect(query, state)
+
+
+_DONE_PAGE = ("<!doctype html><meta charset=utf-8><title>gmail_classify</title>"
+              "<p>{}</p><p>You can close this tab.</p>")
+
+
+class _RedirectCatcher(http.server.HTTPServer):
+    """A one-shot loopback server that waits for the browser's redirect."""
+
+    def __init__(self, port: int, state: str) -> None:
+        super().__init__(("127.0.0.1", port), _RedirectHandler)
+        self.state = state
+        self.result: Optional[_Redirect] = None
+        self.error: Optional[OAuthError] = None
+        self.done = threading.Event()
+
+
+class _RedirectHandler(http.server.BaseHTTPRequestHandler):
+    server: _RedirectCatcher
+
+    def do_GET(self) -> None:
+        parts = urllib.parse.urlsplit(self.path)
+        if parts.path not in ("", "/") or self.server.done.is_set():
+            self.send_error(404)
+            return
+        try:
+            self.server.result = _read_redirect(parts.query, self.server.state)
+            message, status = "Signed in: gmail_classify has its token.", 200
+        except OAuthError as exc:
+            self.server.error = exc
+            message, status = html.escape(str(exc)), 400
+        self.server.done.set()
+        body = _DONE_PAGE.format(message).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:   # the query holds the code
+        return
+
+
+def _stdin_lines(stream: TextIO = sys.stdin) -> Callable[[float], Optional[str]]:
+    """A reader for pasted lines: ``read(timeout)`` returns a line, or None after timeout."""
+    try:
+        stream.fileno()
+    except (OSError, ValueError, AttributeError):      # in memory: never blocks
+        def read_memory(timeout: float) -> Optional[str]:
+            line = stream.readline()
+            if not line:
+                time.sleep(timeout)
+            return line or None
+        return read_memory
+    if os.name != "posix":
+        pasted: List[str] = []
+
+        def reader() -> None:
+            try:
+                pasted.append(stream.readline())
+            except (OSError, ValueError):
+                pass
+
+        threading.Thread(target=reader, daemon=True).start()
+
+        def read_threaded(timeout: float) -> Optional[str]:
+            time.sleep(timeout)
+            return pasted.pop() if pasted else None
+        return read_threaded
+    closed = [False]
+
+    def read(timeout: float) -> Optional[str]:
+        if closed[0]:
+            time.sleep(timeout)
+            return None
+        try:
+            ready, _, _ = select.select([stream], [], [], timeout)
+        except (OSError, ValueError):
+            closed[0] = True
+            return None
+        if not ready:
+            return None
+        line = stream.readline()
+        if not line:
+            closed[0] = True
+            return None
+        return line
+    return read
+
+
+def authorize(client: OAuthClient, user: str, *, port: int = 0,
+              open_browser: Optional[Callable[[str], Any]] = webbrowser.open,
+              read_pasted: Optional[Callable[[float], Optional[str]]] = None,
+              show: Callable[[str], None] = lambda text: None,
+              wait: Optional[float] = None, auth_url: Optional[str] = None,
+              token_url: Optional[str] = None) -> Dict[str, Any]:
+    """Run Google's installed-app flow for ``user``; returns the token endpoint's answer.
+
+    Listens on 127.0.0.1:``port`` (0: any free port), passes the consent address to
+    ``show`` and ``open_browser``, then waits up to ``wait`` seconds for the browser's
+    redirect (default OAUTH_WAIT), or for a pasted redirect address from
+    ``read_pasted(timeout)``.  The answer
+    is ``{"access_token": "ya29...", "refresh_token": "1//...", "expires_in": 3599, ...}``.
+    Raises OAuthError (refused, wrong state, timeout, no refresh token, mail access not
+    granted) and ConnectionLostError (the token endpoint is unreachable).
+    """
+    wait = OAUTH_WAIT if wait is None else wait
+    auth_endpoint = _endpoint(auth_url or GOOGLE_AUTH_URL, "authorisation endpoint")
+    token_endpoint = _endpoint(token_url or GOOGLE_TOKEN_URL, "token endpoint")
+    verifier, challenge = _pkce_pair()
+    state = secrets.token_urlsafe(24)
+    try:
+        catcher = _RedirectCatcher(port, state)
+    except OSError as exc:
+        raise OAuthError(f"cannot listen on 127.0.0.1:{port} for Google's redirect: "
+                         f"{exc.strerror or exc}; choose another --port", error="port") from exc
+    redirect_uri = f"http://127.0.0.1:{catcher.server_address[1]}/"
+    query = urllib.parse.urlencode({
+        "client_id": client.client_id, "redirect_uri": redirect_uri, "response_type": "code",
+        "scope": OAUTH_SCOPE, "state": state, "code_challenge": challenge,
+        "code_challenge_method": "S256", "access_type": "offline", "prompt": "consent",
+        "login_hint": user})
+    url = auth_endpoint + ("&" if "?" in auth_endpoint else "?") + query
+    thread = threading.Thread(target=catcher.serve_forever, kwargs={"poll_interval": 0.05},
+                              name="gmail_classify-oauth-redirect", daemon=True)
+    thread.start()
+    try:
+        show(url)
+        if open_browser is not None:
+            try:
+                open_browser(url)
+            except Exception as exc:  # a broken browser setup must not end the sign-in
+                log.info("could not open a browser (%s); use the address shown", exc)
+        redirect = None
+        deadline = time.monotonic() + wait
+        while redirect is None:
+            if catcher.done.wait(0 if read_pasted else min(0.2, max(0.0, deadline - time.monotonic()))):
+                if catcher.error is not None:
+                    raise catcher.error
+                redirect = catcher.result
+                break
+            if time.monotonic() >= deadline:
+                raise OAuthError(f"no answer from the browser within {wait:.0f} s; run auth "
+                                 f"again (on a machine without a browser, paste the address "
+                                 f"the browser ends on)", error="timeout")
+            if read_pasted is not None:
+                line = read_pasted(min(0.2, max(0.0, deadline - time.monotonic())))
+                if line is not None:
+                    redirect = _parse_pasted(line, state)
+    finally:
+        catcher.shutdown()
+        catcher.server_close()
+        thread.join(5)
+    assert redirect is not None
+    answer = _token_request(token_endpoint, {
+        "grant_type": "authorization_code", "code": redirect.code,
+        "code_verifier": verifier, "redirect_uri": redirect_uri,
+        "client_id": client.client_id, "client_secret": client.client_secret})
+    granted = str(answer.get("scope", OAUTH_SCOPE)).split()
+    if OAUTH_SCOPE not in granted:
+        raise OAuthError("sign-in incomplete: access to mail was not granted (the box for "
+                         "'Read, compose, send and permanently delete all your email' was "
+                         "left unticked); run auth again and allow it", error="scope")
+    if not answer.get("refresh_token"):
+        raise OAuthError("Google returned no refresh token; remove the app's access at "
+                         "https://myaccount.google.com/permissions and run auth again",
+                         error="no_refresh_token")
+    return answer
+
+
+def token_dir() -> pathlib.Path:
+    """``$XDG_CONFIG_HOME/gmail_classify/tokens`` (``~/.config/...`` by default)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return pathlib.Path(base) / "gmail_classify" / "tokens"
+
+
+def token_path(user: str) -> pathlib.Path:
+    """Where the refresh token of ``user`` lives; the name is the address, made file-safe."""
+    safe = re.sub(r"[^A-Za-z0-9@._+-]", "_", user.strip().lower()) or "_"
+    return token_dir() / f"{safe.lstrip('.')}.json"
+
+
+def save_refresh_token(user: str, client: OAuthClient, refresh_token: str) -> pathlib.Path:
+    """Store the refresh token (and the client it belongs to) atomically, mode 0600 in 0700."""
+    path = token_path(user)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if os.name == "posix":
+        os.chmod(path.parent, 0o700)
+    doc = {"version": TOKEN_FILE_VERSION, "user": user, "client_id": client.client_id,
+           "client_secret": client.client_secret, "refresh_token": refresh_token,
+           "scope": OAUTH_SCOPE,
+           "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(str(temporary), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(doc, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(str(temporary), str(path))
+    except BaseException:
+        try:
+            os.unlink(str(temporary))
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def load_refresh_token(user: str) -> Optional[Tuple[OAuthClient, str]]:
+    """The stored (client, refresh token) of ``user``, or None if ``auth`` never ran.
+
+    Raises RulesError for a file others can read or one that is not ours.
+    """
+    path = token_path(user)
+    try:
+        if os.name == "posix" and os.stat(path).st_mode & 0o077:
+            raise RulesError(f"{path} is readable by other users; run 'chmod 600 {path}' "
+                             f"(or 'auth' again)")
+        with open(path, encoding="utf-8") as handle:
+            doc = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise RulesError(f"cannot read the stored token {path}: {exc}; run auth again") from None
+    if not (isinstance(doc, dict) and doc.get("version") == TOKEN_FILE_VERSION
+            and isinstance(doc.get("refresh_token"), str) and isinstance(doc.get("client_id"), str)):
+        raise RulesError(f"{path} is not a gmail_classify token file; delete it and run auth again")
+    return OAuthClient(doc["client_id"], str(doc.get("client_secret") or "")), doc["refresh_token"]
+
+
+class OAuthTokenSource:
+    """A callable giving a current access token from a refresh token (for ``token=``).
+
+    ``GmailConnection(user, token=OAuthTokenSource(client, refresh_token))`` calls it on
+    every (re)connect; it refreshes over HTTPS unless the token in hand is fresh (fetched
+    within ``TOKEN_REUSE`` seconds and not within ``TOKEN_REFRESH_MARGIN`` of expiry).
+    Raises OAuthError (``invalid_grant``: the grant was revoked or expired; sign in again)
+    and ConnectionLostError (the token endpoint is unreachable; a retry may work).
+    """
+
+    def __init__(self, client: OAuthClient, refresh_token: str, *, user: str = "",
+                 token_url: Optional[str] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client
+        self.user = user
+        self.token_url = token_url
+        self._refresh_token = refresh_token
+        self._clock = clock
+        self._access: Optional[str] = None
+        self._fetched = 0.0
+        self._expires = 0.0
+        self.refreshes = 0
+
+    def __repr__(self) -> str:
+        return f"OAuthTokenSource(client_id={self.client.client_id!r}, user={self.user!r})"
+
+    def __call__(self) -> str:
+        now = self._clock()
+        if (self._access is not None and now - self._fetched < TOKEN_REUSE
+                and now < self._expires - TOKEN_REFRESH_MARGIN):
+            return self._access
+        return self.refresh()
+
+    def refresh(self) -> str:
+        """Ask the token endpoint for a new access token now."""
+        try:
+            answer = _token_request(self.token_url or GOOGLE_TOKEN_URL, {
+                "grant_type": "refresh_token", "refresh_token": self._refresh_token,
+                "client_id": self.client.client_id, "client_secret": self.client.client_secret})
+        except OAuthError as exc:
+            who = f" for {self.user}" if self.user else ""
+            if exc.error == "invalid_grant":
+                raise OAuthError(f"the Google sign-in{who} was revoked or has expired "
+                                 f"(invalid_grant); run 'gmail_classify.py auth"
+                                 f"{' --user ' + self.user if self.user else ''}' again",
+                                 error=exc.error) from None
+            if exc.error in ("invalid_client", "unauthorized_client"):
+                raise OAuthError(f"Google refused the OAuth client ({exc.error}); check the "
+                                 f"client id and secret, then run auth again",
+                                 error=exc.error) from None
+            raise
+        token = answer.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolError("the token endpoint answered without an access_token")
+        try:
+            lifetime = float(answer.get("expires_in", 3600))
+        except (TypeError, ValueError):
+            lifetime = 3600.0
+        now = self._clock()
+        self._access, self._fetched, self._expires = token, now, now + lifetime
+        self.refreshes += 1
+        log.info("refreshed the OAuth2 access token (valid for %d s)", int(lifetime))
+        return token
 
 
 # --- Importers and suggestions -----------------------------------------------------------
@@ -8115,7 +9004,8 @@ exit codes:
   0  success
   1  unexpected error (run again with -v and report it)
   2  bad usage, an invalid rules file, or an unusable state file
-  3  authentication failed (wrong password, app password needed, bad token)
+  3  authentication failed (wrong password, app password needed, bad token;
+     an OAuth2 sign-in refused or revoked: run auth again)
   4  connection failed, or was lost and could not be restored; TLS refused
   5  the server refused an operation or lacks a feature the rules need, or sent
      something that is not IMAP
@@ -8133,7 +9023,7 @@ USER_ENV = "GMAIL_USER"
 USER_ENV_ALIAS = "IMAP_USER"
 PASSWORD_ENV_ALIAS = "IMAP_PASSWORD"
 SUBCOMMANDS = ("run", "check", "test", "labels", "folders", "init", "demo", "history", "undo",
-               "import-filters", "suggest")
+               "import-filters", "suggest", "auth", "watch")
 
 QUICK_HELP = """\
 common use (every option of a run: gmail_classify.py run --help):
@@ -8252,7 +9142,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"password (app password from ${PASSWORD_ENV} or "
                             f"${PASSWORD_ENV_ALIAS}, ~/.netrc, "
                             f"--password-command or a prompt) or xoauth2 (token from "
-                            f"${TOKEN_ENV} or --password-command)")
+                            f"--password-command, ${TOKEN_ENV}, or the refresh token "
+                            f"stored by 'auth')")
     group.add_argument("--password-command", metavar="CMD",
                        help="command whose first output line is the password or token")
     group.add_argument("--timeout", type=_timeout_seconds, default=DEFAULT_TIMEOUT,
@@ -8318,6 +9209,33 @@ def build_parser() -> argparse.ArgumentParser:
     undo.add_argument("--json", action="store_true", help="one JSON object per message, "
                       "then a summary object")
 
+    watch = sub.add_parser("watch", parents=[common, conn], help="stay connected and classify "
+                           "new mail as it arrives (dry run unless --apply)",
+                           epilog=EXIT_CODES_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    watch.add_argument("--folder", action="append", type=_folder_name, help="folder to watch (repeatable; "
+                       "default INBOX); the first waits with IDLE, the others are polled")
+    watch.add_argument("--apply", action="store_true", help="make the changes (default: only "
+                       "show them)")
+    watch.add_argument("--json", action="store_true", help="one JSON object per message")
+    watch.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH,
+                       help="messages per FETCH (default: %(default)s)")
+    fresh = watch.add_mutually_exclusive_group()
+    fresh.add_argument("--all", action="store_true", help="classify every message again "
+                       "first, then watch (also starts a folder that has no state yet)")
+    fresh.add_argument("--new-only", action="store_true", help="classify only mail that "
+                       "arrives from now on (also starts a folder that has no state yet)")
+    watch.add_argument("--daily-budget", type=_budget, default=DEFAULT_DAILY_BUDGET,
+                       metavar="SIZE", help="pause catching up until 00:00 UTC before "
+                       "downloading more than SIZE a day for this account (default: 2G; 0: "
+                       "no limit)")
+    watch.add_argument("--interval", type=_timeout_seconds, default=DEFAULT_POLL_INTERVAL,
+                       help="seconds between polls of the other folders, and of every folder "
+                            "when the server lacks IDLE (default: %(default)s)")
+    watch.add_argument("--idle-interval", type=_timeout_seconds, default=IDLE_REISSUE,
+                       help="seconds before IDLE is re-issued (default: %(default)s; at most "
+                            f"{IDLE_MAX_SECONDS})")
+
     check = sub.add_parser("check", parents=[common], help="validate and summarise a rules "
                            "file, offline")
     check.add_argument("rules_file", metavar="RULES")
@@ -8330,6 +9248,21 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("labels", "folders"):
         sub.add_parser(name, parents=[common, conn], help="list folders and labels with "
                        "their special-use attributes")
+
+    auth = sub.add_parser("auth", parents=[common], help="sign in to Google with OAuth2 in a "
+                          "browser and store a refresh token for --auth xoauth2",
+                          epilog=EXIT_CODES_HELP,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    auth.add_argument("--user", help=f"the Google account (default: ${USER_ENV} or the rules' "
+                      f"[account])")
+    auth.add_argument("--client-secret-file", metavar="JSON", help="your OAuth client "
+                      "(type 'Desktop app') as downloaded from Google Cloud Console; default: "
+                      "the rules' oauth_client_file or oauth_client_id/oauth_client_secret")
+    auth.add_argument("--port", type=int, default=0, help="loopback port for Google's "
+                      "redirect, e.g. one forwarded with ssh -L (default: any free port)")
+    auth.add_argument("--no-browser", action="store_true", help="only print the address "
+                      "to open; do not start a browser")
+    auth.add_argument("--rules", help="rules file whose [account] names the user and client")
 
     demo = sub.add_parser("demo", parents=[common], help="classify a built-in sample of "
                           "mail offline, as a dry run would show it")
@@ -8471,8 +9404,13 @@ def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any]) -
         elif env_secret:
             settings["token"] = env_secret
         else:
-            raise UsageError(f"--auth xoauth2 needs an access token in {TOKEN_ENV} or from "
-                             f"--password-command")
+            stored = load_refresh_token(user)
+            if stored is None:
+                raise UsageError(f"--auth xoauth2 has no token for {user}: run "
+                                 f"'gmail_classify.py auth --user {user}' once to sign in, or "
+                                 f"give an access token in {TOKEN_ENV} or via --password-command")
+            client, refresh_token = stored
+            settings["token"] = OAuthTokenSource(client, refresh_token, user=user)
         return settings
     password = _secret_from_command(command) if command else env_secret
     if not password:
@@ -8690,7 +9628,9 @@ def _finish_run(run: Run, args: argparse.Namespace, out: TextIO, status: str, wo
     summary = run.finish(status, error)
     if args.json:
         out.write(printable(json.dumps(summary, ensure_ascii=False)) + "\n")
-    if args.apply:
+    # A run stopped before it planned any change (a refused sign-in, say) has no counts
+    # to give: its error line says it all.
+    if args.apply and (run.changes_made or run.changes_not_made):
         sys.stderr.write(f"{word}: {run.changes_made:,} changes made, "
                          f"{run.changes_not_made:,} not; run again to finish\n")
     elif status == "interrupted":
@@ -8724,6 +9664,134 @@ def _total_line(reports: List[FolderReport]) -> str:
     else:
         line += "; nothing to change"
     return line + "\n"
+
+
+class _RulesReloader:
+    """The rules in force for a watch, reloaded when the file changes or on SIGHUP.
+
+    An invalid new file is reported and the old rules stay; the [account] table is read
+    only at the start (the connection is not rebuilt)."""
+
+    def __init__(self, path: Optional[str], rules: Ruleset) -> None:
+        self.path = path
+        self.rules = rules
+        self._signature = self._stat()
+
+    def _stat(self) -> Optional[Tuple[int, int, int]]:
+        if not self.path:
+            return None
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return None
+        return (info.st_mtime_ns, info.st_size, info.st_ino)
+
+    def changed(self) -> bool:
+        return self.path is not None and self._stat() != self._signature
+
+    def reload(self) -> None:
+        self._signature = self._stat()
+        if not self.path:
+            log.warning("using the built-in rules: there is no rules file to reload")
+            return
+        try:
+            new = load_rules(self.path)
+        except RulesError as exc:
+            log.error("the rules file changed but is not valid, so the old rules stay in "
+                      "force: %s", exc)
+            return
+        if new.account != self.rules.account:
+            log.warning("[account] changes in %s take effect when watch is restarted", self.path)
+        self.rules = dataclasses.replace(new, account=self.rules.account)
+        log.warning("rules reloaded from %s: %d rules", self.path, len(new.rules))
+
+
+@contextlib.contextmanager
+def _watch_signals(watcher: Watcher) -> Iterator[None]:
+    """SIGINT and SIGTERM stop the watch at a safe point; SIGHUP reloads the rules.
+
+    The handlers only set flags (no logging, no I/O: a signal may arrive anywhere); a
+    second Ctrl-C interrupts at once (exit 130)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    def stop() -> None:
+        if watcher.stopping:            # asked twice: the user is not waiting any longer
+            raise KeyboardInterrupt
+        watcher.stop()
+
+    wanted = [(signal.SIGINT, stop), (signal.SIGTERM, watcher.stop)]
+    if hasattr(signal, "SIGHUP"):
+        wanted.append((signal.SIGHUP, watcher.request_reload))
+    previous = {}
+    try:
+        for signum, action in wanted:
+            previous[signum] = signal.signal(signum, lambda _n, _f, act=action: act())
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
+    rules = find_rules(args.rules)
+    settings = _connection_settings(args, rules.account)
+    # The watch retries forever itself, logging an outage once; the connection must not.
+    settings["retries"] = 0
+    folders = list(dict.fromkeys(args.folder or rules.account.get("folders") or ["INBOX"]))
+    source = args.rules or (rules.source if os.path.isfile(rules.source) else None)
+    reloader = _RulesReloader(source, rules)
+    width = shutil.get_terminal_size().columns if out.isatty() else None
+    store = StateStore()
+    store.load(start_over=args.all)
+    if not args.json and not args.quiet:
+        out.write(_rules_line(rules))
+
+    def on_record(record: Dict[str, Any]) -> None:
+        if args.json:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def on_message(outcome: Outcome) -> None:
+        # A dry run shows each message it would change once; --apply is quiet unless -v.
+        if outcome.changes and not args.json and not args.quiet and (
+                not args.apply or args.verbose):
+            out.write(_message_line(outcome, args.apply, width) + "\n")
+
+    def connect() -> GmailConnection:
+        conn = GmailConnection(**settings)
+        conn.connect()
+        return conn
+
+    def catch_up(conn: GmailConnection, names: List[str]) -> None:
+        session(conn, names)
+        out.flush()
+
+    def resume_at(when: float) -> None:
+        timer = threading.Timer(max(0.0, when - time.time()), watcher.request_catch_up)
+        timer.daemon = True
+        timer.start()
+
+    session = WatchSession(store, lambda: reloader.rules, settings["user"], settings["host"],
+                           settings.get("port"), apply=args.apply, reclassify=args.all,
+                           new_only=args.new_only, daily_budget=args.daily_budget or None,
+                           batch_size=args.batch_size, on_record=on_record,
+                           on_message=on_message, stopping=lambda: watcher.stopping,
+                           on_pause=resume_at)
+    session.check_start(folders)
+    watcher = Watcher(connect, folders, catch_up, interval=args.interval,
+                      idle_interval=args.idle_interval, reload=reloader.reload,
+                      reload_needed=reloader.changed)
+    # Held for as long as the watch runs: a cron 'run --apply' meanwhile exits 7.
+    lock = store.lock(session.account, "watch").acquire() if args.apply else None
+    try:
+        log.info("watching %s%s", ", ".join(folders), "" if args.apply else " (dry run)")
+        with _watch_signals(watcher):
+            watcher.run()
+    finally:
+        if lock is not None:
+            lock.release()
+    log.info("watch stopped after %d wake-ups", session.runs)
+    return EXIT_OK
 
 
 def _cmd_history(args: argparse.Namespace, out: TextIO) -> int:
@@ -8897,6 +9965,56 @@ def _cmd_labels(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _oauth_client(args: argparse.Namespace, account: Mapping[str, Any]) -> OAuthClient:
+    """The OAuth client for ``auth``: --client-secret-file, else the rules' [account]."""
+    path = args.client_secret_file or account.get("oauth_client_file")
+    if path:
+        return load_client_secret_file(os.path.expanduser(path))
+    if account.get("oauth_client_id"):
+        return OAuthClient(account["oauth_client_id"], account.get("oauth_client_secret", ""))
+    raise UsageError("auth needs your own OAuth client: pass --client-secret-file with the JSON "
+                     "of a 'Desktop app' client from Google Cloud Console (see the README, "
+                     "'Signing in with OAuth2'), or set oauth_client_file in the rules' [account]")
+
+
+def _can_open_browser() -> bool:
+    """False on a Unix console with no display, where webbrowser would start lynx or w3m
+    in this very terminal instead of a browser the user can sign in with."""
+    if sys.platform in ("darwin", "win32") or os.name != "posix":
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _cmd_auth(args: argparse.Namespace, out: TextIO) -> int:
+    rules = find_rules(args.rules)
+    account = rules.account
+    user = args.user or os.environ.get(USER_ENV) or account.get("user")
+    if not user:
+        raise UsageError(f"no account given: pass --user you@gmail.com or set {USER_ENV}")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be from 1 to 65535 (or 0 for any), not {args.port}")
+    client = _oauth_client(args, account)
+    interactive = sys.stdin is not None and not getattr(sys.stdin, "closed", False)
+
+    def show(url: str) -> None:
+        port = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["redirect_uri"][0]
+        out.write(f"Sign in as {user} by opening this address in a browser:\n\n  {url}\n\n"
+                  f"Waiting for the browser to come back to {port} ...\n")
+        if interactive:
+            out.write("No browser on this machine? Open the address elsewhere, then paste "
+                      "here the address the browser ends on (it starts with "
+                      "http://127.0.0.1) and press Enter.\n")
+        out.flush()
+
+    browser = None if args.no_browser or not _can_open_browser() else webbrowser.open
+    answer = authorize(client, user, port=args.port, open_browser=browser, show=show,
+                       read_pasted=_stdin_lines(sys.stdin) if interactive else None)
+    path = save_refresh_token(user, client, answer["refresh_token"])
+    out.write(f"Signed in as {user}. The refresh token is stored in {path} (readable only "
+              f"by you).\nTry: python gmail_classify.py --user {user} --auth xoauth2 labels\n")
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     """Classify the built-in sample offline and print what a dry run would."""
     rules = load_rules(args.rules) if args.rules else builtin_rules()
@@ -9000,7 +10118,8 @@ def _cmd_suggest(args: argparse.Namespace, out: TextIO) -> int:
 _COMMANDS = {"run": _cmd_run, "check": _cmd_check, "test": _cmd_test,
              "labels": _cmd_labels, "folders": _cmd_labels, "init": _cmd_init,
              "demo": _cmd_demo, "history": _cmd_history, "undo": _cmd_undo,
-             "import-filters": _cmd_import_filters, "suggest": _cmd_suggest}
+             "import-filters": _cmd_import_filters, "suggest": _cmd_suggest,
+             "auth": _cmd_auth, "watch": _cmd_watch}
 
 
 def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> int:
@@ -9036,7 +10155,8 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
 
 _OPTIONS_WITH_VALUES = ("--user", "--host", "--port", "--cafile", "--auth", "--password-command",
                         "--timeout", "--retries", "--rules", "--folder", "--since", "--limit", "--batch-size",
-                        "--daily-budget", "--max-new-folders", "-o", "--output", "--format", "--top")
+                        "--daily-budget", "--max-new-folders", "-o", "--output", "--format", "--top",
+                        "--client-secret-file", "--interval", "--idle-interval")
 
 
 def _subcommand_first(argv: List[str]) -> List[str]:

@@ -265,10 +265,11 @@ def start_raw_server(test: unittest.TestCase, handle: Callable[[socket.socket], 
     one at a time, in one thread; returns the port.  For servers too broken for FakeGmail.
 
     Only that thread accepts on the listener and closes it, and every client socket, once
-    the test's cleanup has told it to stop; the cleanup then joins it.  Closing a listener
-    while another thread is about to call accept() on it frees the descriptor number; a
-    later test's FakeGmail gets that number for its own listener, and the stale accept()
-    then takes a connection meant for it (its client sees EOF once the stale socket dies).
+    the test's cleanup has told it to stop; the cleanup then joins it.  A thread left in
+    accept() on a listener closed under it is not harmless: its descriptor number goes to
+    a later test's FakeGmail listener, and once the process has run a child (a
+    password_command) that accept() was seen to come back on that number and take the
+    FakeGmail's next connection, whose client then saw EOF when the stray socket died.
     """
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))

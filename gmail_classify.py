@@ -1985,8 +1985,10 @@ class GmailConnection:
         for item in response.untagged:
             if item and str(item[0]).upper() == "STATUS" and len(item) >= 3:
                 attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
-                return {str(key).upper(): int(value) for key, value in attrs.items()
-                        if isinstance(value, int)}
+                return {str(key).upper(): _server_number(
+                            value, str(key).upper(), "STATUS",
+                            nonzero=str(key).upper() in ("UIDNEXT", "UIDVALIDITY"))
+                        for key, value in attrs.items()}
         return {}
 
     def list_folders(self, refresh: bool = False) -> List[Folder]:
@@ -2138,8 +2140,8 @@ class GmailConnection:
             if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
                     and self._names(item[1], folder):
                 attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
-                if isinstance(attrs.get("MESSAGES"), int):
-                    return int(attrs["MESSAGES"])
+                if "MESSAGES" in attrs:
+                    return _server_number(attrs["MESSAGES"], "MESSAGES", "STATUS")
         raise ProtocolError(f"the server did not say how many messages {folder} holds",
                             command="STATUS")
 
@@ -2162,18 +2164,23 @@ class GmailConnection:
         return self.select(folder, readonly=True)
 
     def _select_now(self, folder: str, readonly: bool) -> FolderStatus:
-        response = self._execute_on(self._live(), "EXAMINE" if readonly else "SELECT",
-                                    self._mailbox(folder))
+        # Whatever this SELECT's answer, the folder open before it is gone (RFC 3501
+        # §6.3.1): forget it first, so close() never takes a read-write folder the server
+        # accepted but we could not parse for the read-only one before, and CLOSEs it.
+        self._selected = None
+        command = "EXAMINE" if readonly else "SELECT"
+        response = self._execute_on(self._live(), command, self._mailbox(folder))
         uidvalidity = uidnext = None
         exists = 0
         for item in response.untagged:
             if item and item[0] == "OK":
                 if item[1] == "UIDVALIDITY" and item[2]:
-                    uidvalidity = int(item[2][0])
+                    uidvalidity = _server_number(item[2][0], "UIDVALIDITY", command,
+                                                 nonzero=True)
                 elif item[1] == "UIDNEXT" and item[2]:
-                    uidnext = int(item[2][0])
+                    uidnext = _server_number(item[2][0], "UIDNEXT", command, nonzero=True)
             elif len(item) >= 2 and str(item[1]).upper() == "EXISTS":
-                exists = int(item[0])
+                exists = _server_number(item[0], "EXISTS", command)
         if uidvalidity is None:
             raise ProtocolError(f"the server did not report UIDVALIDITY for {folder}",
                                 command="SELECT")
@@ -2210,7 +2217,8 @@ class GmailConnection:
         found = set()
         for item in response.untagged:
             if item and str(item[0]).upper() == "SEARCH":
-                found.update(int(v) for v in item[1:] if isinstance(v, int))
+                found.update(_server_number(v, "UID", "UID SEARCH", nonzero=True)
+                             for v in item[1:] if not isinstance(v, list))   # not (MODSEQ n)
         return sorted(found)
 
     def fetch(self, uids: Iterable[int], items: Sequence[str], *,
@@ -2433,7 +2441,8 @@ class GmailConnection:
         found: List[int] = []
         for item in response.untagged:
             if item and str(item[0]).upper() == "SEARCH":
-                found.extend(int(v) for v in item[1:] if isinstance(v, int))
+                found.extend(_server_number(v, "UID", "UID SEARCH", nonzero=True)
+                             for v in item[1:] if not isinstance(v, list))   # not (MODSEQ n)
         return found
 
     def _copy_delete_chunk(self, chunk: List[int], destination: str,
@@ -2608,7 +2617,8 @@ class GmailConnection:
                     and self._names(item[1], folder):
                 attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
                 value = attrs.get("UIDNEXT")
-                return int(value) if isinstance(value, int) else None
+                return None if value is None else \
+                    _server_number(value, "UIDNEXT", "STATUS", nonzero=True)
         return None
 
     def copy(self, uids: Iterable[int], destination: str) -> Dict[int, Optional[int]]:
@@ -2765,6 +2775,18 @@ def _fetch_answer(response: _Response, wanted: set, by_key: Mapping[str, str],
             if key == "UID":
                 continue
             values[by_key.get(_fetch_key(key), key)] = _convert_fetch_value(key, value)
+
+
+def _server_number(value: Any, what: str, command: str, nonzero: bool = False) -> int:
+    """``value`` as the server sent it where IMAP's grammar wants a number (RFC 3501 §9:
+    unsigned 32-bit; nz-number when ``nonzero``); anything else is a ProtocolError."""
+    if isinstance(value, int) and not isinstance(value, bool) \
+            and (1 if nonzero else 0) <= value <= 0xFFFFFFFF:
+        return value
+    shown = value if isinstance(value, (int, str, bytes)) else "(...)"
+    raise ProtocolError(f"the server answered {command} with {what} {str(shown)[:40]!r}, "
+                        f"which is not a valid {'non-zero ' if nonzero else ''}32-bit "
+                        f"number; that answer is unusable", command=command)
 
 
 def _fetch_keep(wanted: set) -> Callable[[List[Any]], bool]:

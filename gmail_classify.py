@@ -1985,8 +1985,10 @@ class GmailConnection:
         for item in response.untagged:
             if item and str(item[0]).upper() == "STATUS" and len(item) >= 3:
                 attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
-                return {str(key).upper(): int(value) for key, value in attrs.items()
-                        if isinstance(value, int)}
+                return {str(key).upper(): _server_number(
+                            value, str(key).upper(), "STATUS",
+                            nonzero=str(key).upper() in ("UIDNEXT", "UIDVALIDITY"))
+                        for key, value in attrs.items()}
         return {}
 
     def list_folders(self, refresh: bool = False) -> List[Folder]:
@@ -2138,8 +2140,8 @@ class GmailConnection:
             if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
                     and self._names(item[1], folder):
                 attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
-                if isinstance(attrs.get("MESSAGES"), int):
-                    return int(attrs["MESSAGES"])
+                if "MESSAGES" in attrs:
+                    return _server_number(attrs["MESSAGES"], "MESSAGES", "STATUS")
         raise ProtocolError(f"the server did not say how many messages {folder} holds",
                             command="STATUS")
 
@@ -2162,18 +2164,23 @@ class GmailConnection:
         return self.select(folder, readonly=True)
 
     def _select_now(self, folder: str, readonly: bool) -> FolderStatus:
-        response = self._execute_on(self._live(), "EXAMINE" if readonly else "SELECT",
-                                    self._mailbox(folder))
+        # Whatever this SELECT's answer, the folder open before it is gone (RFC 3501
+        # §6.3.1): forget it first, so close() never takes a read-write folder the server
+        # accepted but we could not parse for the read-only one before, and CLOSEs it.
+        self._selected = None
+        command = "EXAMINE" if readonly else "SELECT"
+        response = self._execute_on(self._live(), command, self._mailbox(folder))
         uidvalidity = uidnext = None
         exists = 0
         for item in response.untagged:
             if item and item[0] == "OK":
                 if item[1] == "UIDVALIDITY" and item[2]:
-                    uidvalidity = int(item[2][0])
+                    uidvalidity = _server_number(item[2][0], "UIDVALIDITY", command,
+                                                 nonzero=True)
                 elif item[1] == "UIDNEXT" and item[2]:
-                    uidnext = int(item[2][0])
+                    uidnext = _server_number(item[2][0], "UIDNEXT", command, nonzero=True)
             elif len(item) >= 2 and str(item[1]).upper() == "EXISTS":
-                exists = int(item[0])
+                exists = _server_number(item[0], "EXISTS", command)
         if uidvalidity is None:
             raise ProtocolError(f"the server did not report UIDVALIDITY for {folder}",
                                 command="SELECT")
@@ -2210,7 +2217,8 @@ class GmailConnection:
         found = set()
         for item in response.untagged:
             if item and str(item[0]).upper() == "SEARCH":
-                found.update(int(v) for v in item[1:] if isinstance(v, int))
+                found.update(_server_number(v, "UID", "UID SEARCH", nonzero=True)
+                             for v in item[1:] if not isinstance(v, list))   # not (MODSEQ n)
         return sorted(found)
 
     def fetch(self, uids: Iterable[int], items: Sequence[str], *,
@@ -2433,7 +2441,8 @@ class GmailConnection:
         found: List[int] = []
         for item in response.untagged:
             if item and str(item[0]).upper() == "SEARCH":
-                found.extend(int(v) for v in item[1:] if isinstance(v, int))
+                found.extend(_server_number(v, "UID", "UID SEARCH", nonzero=True)
+                             for v in item[1:] if not isinstance(v, list))   # not (MODSEQ n)
         return found
 
     def _copy_delete_chunk(self, chunk: List[int], destination: str,
@@ -2608,7 +2617,8 @@ class GmailConnection:
                     and self._names(item[1], folder):
                 attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
                 value = attrs.get("UIDNEXT")
-                return int(value) if isinstance(value, int) else None
+                return None if value is None else \
+                    _server_number(value, "UIDNEXT", "STATUS", nonzero=True)
         return None
 
     def copy(self, uids: Iterable[int], destination: str) -> Dict[int, Optional[int]]:
@@ -2765,6 +2775,18 @@ def _fetch_answer(response: _Response, wanted: set, by_key: Mapping[str, str],
             if key == "UID":
                 continue
             values[by_key.get(_fetch_key(key), key)] = _convert_fetch_value(key, value)
+
+
+def _server_number(value: Any, what: str, command: str, nonzero: bool = False) -> int:
+    """``value`` as the server sent it where IMAP's grammar wants a number (RFC 3501 §9:
+    unsigned 32-bit; nz-number when ``nonzero``); anything else is a ProtocolError."""
+    if isinstance(value, int) and not isinstance(value, bool) \
+            and (1 if nonzero else 0) <= value <= 0xFFFFFFFF:
+        return value
+    shown = value if isinstance(value, (int, str, bytes)) else "(...)"
+    raise ProtocolError(f"the server answered {command} with {what} {str(shown)[:40]!r}, "
+                        f"which is not a valid {'non-zero ' if nonzero else ''}32-bit "
+                        f"number; that answer is unusable", command=command)
 
 
 def _fetch_keep(wanted: set) -> Callable[[List[Any]], bool]:
@@ -4469,6 +4491,8 @@ RULE_KEYS = ("name", "continue") + CONDITION_KEYS + ACTION_KEYS
 TOP_LEVEL_KEYS = ("rule", "account", "test")
 ACCOUNT_KEYS = ("user", "host", "port", "tls", "auth", "password_command", "cafile", "folders",
                 "oauth_client_id", "oauth_client_secret", "oauth_client_file")
+# [account] keys whose value is a secret: a rules file holding one must be its owner's alone.
+SECRET_ACCOUNT_KEYS = ("oauth_client_secret",)
 TLS_MODES = ("implicit", "starttls", "plaintext")
 AUTH_METHODS = ("password", "xoauth2")
 
@@ -4823,16 +4847,41 @@ TEST_KEYS = ("name",) + TEST_MESSAGE_KEYS + ("expect_rules", "expect_actions")
 _EML_COMPATIBLE = ("eml", "labels") + _TEST_STATE_KEYS
 
 
+# The ISO 8601 forms accepted wherever a date is written out: 2024-03-04, and where a time
+# may follow, 2024-03-04T10:00, 2024-03-04T10:00:00.5, each with an optional Z or +01:00.
+# Parsed here rather than by fromisoformat, which accepts more forms on newer Pythons
+# (3.11 takes 20240304 and a trailing Z), so a rules file valid on one is valid on all.
+_ISO_DATE_RE = re.compile(r"(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2})"
+                          r"(?:\.(\d{1,6}))?)?(Z|[+-]\d{2}:\d{2})?)?", re.ASCII)
+
+
+def _parse_iso_date(text: str, with_time: bool = False) -> Optional[datetime]:
+    """``text`` as a datetime (naive unless it names an offset), or None if it is not
+    YYYY-MM-DD (followed, when ``with_time``, by an optional time and offset)."""
+    match = _ISO_DATE_RE.fullmatch(text.strip())
+    if match is None or (match.group(4) is not None and not with_time):
+        return None
+    year, month, day, hour, minute, second, fraction, offset = match.groups()
+    try:
+        tzinfo = None
+        if offset is not None:
+            if offset == "Z":
+                offset = "+00:00"
+            delta = timedelta(hours=int(offset[1:3]), minutes=int(offset[4:6]))
+            tzinfo = timezone(-delta if offset[0] == "-" else delta)
+        return datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0),
+                        int(second or 0), int((fraction or "0").ljust(6, "0")), tzinfo)
+    except ValueError:
+        return None
+
+
 def _parse_test_date(where: _Where, value: Any) -> datetime:
     text = _check_text(where, "date", value, "a date as text")
     when: Optional[datetime] = None
     try:
         when = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError, OverflowError):
-        try:
-            when = datetime.fromisoformat(text.strip())
-        except ValueError:
-            pass
+        when = _parse_iso_date(text, with_time=True)
     if when is None:
         raise where.error("date", f"expected a date like \"2024-03-04\", \"2024-03-04T10:00:00+01:00\" "
                                   f"or \"Mon, 04 Mar 2024 10:00:00 +0000\", got {_quote(value)}")
@@ -5017,7 +5066,6 @@ _TOML_INTEGER = re.compile(r"[+-]?(?:0|[1-9](?:_?\d)*)|0x[0-9A-Fa-f](?:_?[0-9A-F
 _TOML_FLOAT = re.compile(r"[+-]?(?:[\d_]+(?:\.[\d_]+)?[eE][+-]?[\d_]+|[\d_]+\.[\d_]+|inf|nan)")
 _TOML_LINE_CONTINUATION = re.compile(r"\\[ \t]*\r?\n")
 _TOML_WORD = re.compile(r"[^\s,\]\}#]+")
-_TOML_VALUE_END = frozenset(" \t\r\n,]}#")
 
 
 class _TomlReader:
@@ -5438,6 +5486,7 @@ def load_rules(path: Any) -> Ruleset:
         raise RulesError(f"{source}: unknown rules file type; name it *.toml or *.json")
     try:
         with open(source, "rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
             data = fh.read()
     except FileNotFoundError:
         raise RulesError(f"{source}: no such file") from None
@@ -5460,7 +5509,12 @@ def load_rules(path: Any) -> Ruleset:
         except json.JSONDecodeError as exc:
             raise RulesError(f"{source}: line {exc.lineno}, column {exc.colno}: "
                              f"invalid JSON: {exc.msg}") from None
-    return parse_rules(doc, source)
+    rules = parse_rules(doc, source)
+    secrets_held = [key for key in SECRET_ACCOUNT_KEYS if key in rules.account]
+    if secrets_held and os.name == "posix" and mode & 0o077:
+        raise RulesError(f"{source} holds {secrets_held[0]} and is readable by other users; "
+                         f"run 'chmod 600 {source}'")
+    return rules
 
 
 def run_rule_tests(rules: Ruleset, now: Optional[datetime] = None) -> List[str]:
@@ -5785,19 +5839,26 @@ def format_rules(doc: Mapping[str, Any], fmt: str = "toml", header: Sequence[str
 def write_rules_file(path: Any, text: str, force: bool = False) -> None:
     """Write a rules file created by this program; never over an existing file unless ``force``.
 
-    Raises RulesError when the file exists (without ``force``) or cannot be written.
+    The file is readable by its owner only (0600 on POSIX): a rules file may come to hold
+    ``oauth_client_secret``.  Raises RulesError when the file exists (without ``force``)
+    or cannot be written.
     """
     path = pathlib.Path(path)
     if path.exists() and not force:
         raise RulesError(f"{path} already exists; pass --force to overwrite it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w" if force else "x", encoding="utf-8") as fh:
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+        fd = os.open(str(path), flags, 0o600)
+        if os.name == "posix":
+            os.fchmod(fd, 0o600)    # an existing file overwritten with --force keeps no old mode
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
     except FileExistsError:
         raise RulesError(f"{path} already exists; pass --force to overwrite it") from None
     except OSError as exc:
-        raise GmailClassifyError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise RulesError(f"cannot write {path}: {exc.strerror or exc}; choose another "
+                         f"place") from None
 
 
 # --- Classify pipeline -------------------------------------------------------------------
@@ -6813,6 +6874,8 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
+            if os.name == "posix":
+                os.fchmod(fd, 0o600)    # a leftover temporary file keeps its old mode
             os.write(fd, text.encode("utf-8"))
             os.fsync(fd)
         finally:
@@ -8346,6 +8409,17 @@ def _pkce_pair() -> Tuple[str, str]:
     return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
+class _RefuseRedirect(urllib.request.HTTPRedirectHandler):
+    """The token endpoint answers itself: a redirect would take the client secret and the
+    grant to an address the https-or-loopback check never saw."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> None:
+        fp.close()
+        raise ProtocolError(f"the token endpoint {req.full_url} answered HTTP {code}, a redirect "
+                            f"to {newurl!r}; refusing to follow it: check the token URL")
+
+
 def _token_request(token_url: str, form: Mapping[str, str]) -> Dict[str, Any]:
     """POST a form to the token endpoint; the JSON answer, or OAuthError / ConnectionLostError."""
     url = _endpoint(token_url, "token endpoint")
@@ -8353,7 +8427,7 @@ def _token_request(token_url: str, form: Mapping[str, str]) -> Dict[str, Any]:
         url, data=urllib.parse.urlencode(form).encode("ascii"), method="POST",
         headers={"Content-Type": "application/x-www-form-urlencoded",
                  "Accept": "application/json", "User-Agent": f"gmail_classify/{__version__}"})
-    handlers: List[Any] = []
+    handlers: List[Any] = [_RefuseRedirect()]
     if _is_loopback(urllib.parse.urlsplit(url).hostname or ""):
         handlers.append(urllib.request.ProxyHandler({}))    # never send loopback to a proxy
     else:
@@ -8612,6 +8686,15 @@ def token_path(user: str) -> pathlib.Path:
 def save_refresh_token(user: str, client: OAuthClient, refresh_token: str) -> pathlib.Path:
     """Store the refresh token (and the client it belongs to) atomically, mode 0600 in 0700."""
     path = token_path(user)
+    try:
+        return _save_token_file(path, user, client, refresh_token)
+    except OSError as exc:
+        raise RulesError(f"cannot store the token in {path}: {exc.strerror or exc}; set "
+                         f"XDG_CONFIG_HOME to a writable place") from None
+
+
+def _save_token_file(path: pathlib.Path, user: str, client: OAuthClient,
+                     refresh_token: str) -> pathlib.Path:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if os.name == "posix":
         os.chmod(path.parent, 0o700)
@@ -8622,6 +8705,8 @@ def save_refresh_token(user: str, client: OAuthClient, refresh_token: str) -> pa
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(str(temporary), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
+        if os.name == "posix":
+            os.fchmod(fd, 0o600)    # a leftover temporary file keeps its old mode
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(doc, handle, indent=1)
             handle.flush()
@@ -9188,11 +9273,11 @@ def _parse_since(text: str) -> _dt.date:
     if age:
         now = datetime.now(timezone.utc).astimezone()
         return _cutoff(now, int(age.group(1)), age.group(2)).date()
-    try:
-        return _dt.date.fromisoformat(text)
-    except ValueError:
+    when = _parse_iso_date(text)
+    if when is None:
         raise argparse.ArgumentTypeError(f"expected a date as YYYY-MM-DD or an age such as 7d, "
-                                         f"2w, 6m or 1y, got {text!r}") from None
+                                         f"2w, 6m or 1y, got {text!r}")
+    return when.date()
 
 
 def _positive(text: str) -> int:
@@ -10171,8 +10256,7 @@ def _cmd_init(args: argparse.Namespace, out: TextIO) -> int:
     if path.exists() and not args.force:
         raise UsageError(f"{path} already exists; pass --force to overwrite it")
     text = STARTER_RULES_TOML if path.suffix == ".toml" else STARTER_RULES_JSON
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    write_rules_file(path, text, force=args.force)
     out.write(printable(f"wrote {path}; edit it, then try: python gmail_classify.py check {path}")
               + "\n")
     return EXIT_OK
@@ -10195,7 +10279,7 @@ def _emit_rules(args: argparse.Namespace, out: TextIO, text: str, count: int) ->
         return
     write_rules_file(args.output, text, force=args.force)
     if not args.quiet:
-        sys.stderr.write(printable(f"wrote {args.output}: {count} rules; next: python "
+        sys.stderr.write(printable(f"wrote {args.output}: {_plural(count, 'rule')}; next: python "
                                f"gmail_classify.py check {args.output}") + "\n")
 
 

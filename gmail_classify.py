@@ -6868,8 +6868,10 @@ def _ensure_private_dir(directory: Path) -> None:
                          f"XDG_STATE_HOME to a writable place") from exc
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file (0600), fsync it, rename it over ``path``."""
+def _replace_privately(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file (0600), fsync it, rename it over ``path``, and
+    fsync the directory, so a crash leaves the old file or the new one, never half of one.
+    Raises OSError (the temporary file is removed)."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -6887,11 +6889,19 @@ def _write_atomic(path: Path, text: str) -> None:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-    except OSError as exc:
+    except BaseException:
         try:
             os.unlink(temporary)
         except OSError:
             pass
+        raise
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """The state file's write: _replace_privately, failures as StateError."""
+    try:
+        _replace_privately(path, text)
+    except OSError as exc:
         raise StateError(f"cannot write the state file {path}: {exc}") from exc
 
 
@@ -8702,22 +8712,7 @@ def _save_token_file(path: pathlib.Path, user: str, client: OAuthClient,
            "client_secret": client.client_secret, "refresh_token": refresh_token,
            "scope": OAUTH_SCOPE,
            "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(str(temporary), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        if os.name == "posix":
-            os.fchmod(fd, 0o600)    # a leftover temporary file keeps its old mode
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(doc, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(str(temporary), str(path))
-    except BaseException:
-        try:
-            os.unlink(str(temporary))
-        except OSError:
-            pass
-        raise
+    _replace_privately(path, json.dumps(doc, indent=1))
     return path
 
 

@@ -31,7 +31,8 @@ __all__ = [
     # errors
     "GmailClassifyError", "ImapError", "ProtocolError", "AuthenticationError",
     "CapabilityError", "UidValidityError", "FolderUnavailableError", "TLSError",
-    "ConnectionLostError", "RulesError", "CredentialError", "printable",
+    "ConnectionLostError", "RulesError", "CredentialError", "StopRequested", "Stop",
+    "printable",
     # wire format
     "encode_mailbox", "decode_mailbox", "quote", "astring", "compress_uids",
     "parse_uid_set", "chunk_uids", "imap_date", "parse_response", "Literal",
@@ -199,6 +200,50 @@ class CredentialError(GmailClassifyError, ValueError):
     """A user name, password or token holds CR, LF or NUL: sent to a server it could end
     the command line and smuggle in another command, so it is refused before connecting.
     The message never repeats the secret."""
+
+
+class StopRequested(GmailClassifyError):
+    """A stop was asked for (a signal, or ``Stop.request`` from a vendoring program) and the
+    work ended at the next safe point: no new command was sent after it.  ``signum`` is the
+    signal's number, or None when a program asked."""
+
+    def __init__(self, message: str = "stopped", signum: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class Stop:
+    """The one stop mechanism: whoever wants the work to end calls ``request()``; every loop
+    that waits or sends asks ``requested`` (or calls ``check()``) at its safe points.
+
+    Safe to call from a signal handler or another thread: it only sets an Event.  The first
+    signal number asked with is kept in ``signum``; ``count`` says how often it was asked
+    (a second Ctrl-C means "now").
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.signum: Optional[int] = None
+        self.count = 0
+
+    def request(self, signum: Optional[int] = None) -> None:
+        if self.signum is None:
+            self.signum = signum
+        self.count += 1
+        self._event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def check(self, where: str = "") -> None:
+        """Raise StopRequested if a stop was asked for (``where`` names the safe point)."""
+        if self._event.is_set():
+            raise StopRequested(f"stopped {where}".strip(), self.signum)
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``, waking early when a stop is asked for; returns requested."""
+        return self._event.wait(seconds)
 
 
 class _Dropped(Exception):
@@ -1143,6 +1188,7 @@ class GmailConnection:
     ``keepalive`` is the idle time after which a background thread sends NOOP.
     On a dropped connection the command is retried after reconnecting, up to ``retries``
     times with exponential backoff and jitter; ``sleep`` and ``rng`` are injectable.
+    ``stop`` is the caller's Stop: once requested, no new command is sent and waits end.
 
     Raises AuthenticationError, TLSError, ConnectionLostError, ImapError and subclasses.
     """
@@ -1154,7 +1200,8 @@ class GmailConnection:
                  keepalive: Optional[float] = DEFAULT_KEEPALIVE,
                  retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF,
                  sleep: Callable[[float], None] = time.sleep,
-                 rng: Callable[[], float] = random.random) -> None:
+                 rng: Callable[[], float] = random.random,
+                 stop: Optional[Stop] = None) -> None:
         if security not in ("tls", "starttls", "plaintext"):
             raise ValueError(f"security must be 'tls', 'starttls' or 'plaintext', not {security!r}")
         if security == "plaintext" and not _is_loopback(host):
@@ -1184,6 +1231,8 @@ class GmailConnection:
         self._last_activity = time.monotonic()
         self._background_error: Optional[BaseException] = None
         self._stop = threading.Event()
+        # The caller's stop mechanism: read loops and retries look at it (see Stop).
+        self.stop = stop if stop is not None else Stop()
         self._keepalive_thread: Optional[threading.Thread] = None
         self._selected: Optional[FolderStatus] = None
         self._folders: Optional[List[Folder]] = None

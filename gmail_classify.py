@@ -845,6 +845,25 @@ MAX_MESSAGE_LITERAL = 64 * 1024 * 1024  # a whole message or a body part
 MAX_HEADER_LITERAL = 2 * 1024 * 1024    # a header block (HEADER, HEADER.FIELDS, MIME)
 MAX_SMALL_LITERAL = 64 * 1024           # anything else: a folder name, a label, a flag
 MAX_KEPT_UNTAGGED = 200_000             # untagged answers kept for one command
+# What one command's answer may cost, whatever the server sends (issue 20).  Untagged
+# answers it did not ask for ("* OK still thinking", junk, an unsolicited SEARCH): at most
+# MAX_UNREQUESTED_ANSWERS; state updates (EXISTS, EXPUNGE, FETCH FLAGS) are legitimate in
+# any number, but every unasked answer counts against MAX_UNREQUESTED_BYTES.  What is kept
+# for the caller: at most MAX_KEPT_BYTES (a FETCH keeps one entry per UID, latest wins).
+# Past either: a ProtocolError naming the command and the limit.  Time is never a limit
+# while data flows: an honest X-GM-RAW search over years of mail can take minutes.
+MAX_UNREQUESTED_ANSWERS = 1000
+MAX_UNREQUESTED_BYTES = 16 * 1024 * 1024
+MAX_KEPT_BYTES = 256 * 1024 * 1024
+# A folder's size as far as a SEARCH answer's limit believes EXISTS: a server that claims
+# 4,294,967,295 messages must not lift the limit to gigabytes (Gmail's largest real folders
+# hold a few hundred thousand).
+MAX_FOLDER_MESSAGES = 2_000_000
+# Once a stop is asked for, the answer being read may take this much longer (bounded by
+# the timeout) so that DONE or LOGOUT can end cleanly; then StopRequested.  A blocking
+# read looks at the stop every STOP_POLL seconds.
+STOP_GRACE = 2.0
+STOP_POLL = 0.2
 # A connection is stalled when an answer brings fewer than this many bytes in a whole
 # ``timeout`` window; a slow but working link sends far more (IDLE is exempt).
 STALL_MIN_BYTES = 1024
@@ -886,9 +905,38 @@ class _BufferedWire:
     _window_start = 0.0
     _window_bytes = 0
     _lines_left: Optional[int] = None
+    stop: Optional[Stop] = None         # the connection's Stop, set by GmailConnection
+    stop_grace = STOP_GRACE
+    _stop_deadline: Optional[float] = None
 
     def _reset_buffer(self) -> None:
         self._rbuf = bytearray()
+
+    def _check_stop(self) -> None:
+        """Raise StopRequested once a stop was asked for and its grace has run out."""
+        stop = self.stop
+        if stop is None or not stop.requested:
+            return
+        now = time.monotonic()
+        if self._stop_deadline is None:
+            self._stop_deadline = now + self.stop_grace
+        elif now >= self._stop_deadline:
+            raise StopRequested("stopped while reading the server's answer", stop.signum)
+
+    def _wait_for_data(self, sock: socket.socket) -> None:
+        """Block until ``sock`` is readable, as recv would, but look at the stop every
+        STOP_POLL seconds; raises socket.timeout after the socket's own timeout."""
+        if self.stop is None or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            return
+        timeout = sock.gettimeout()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._check_stop()
+            wait = STOP_POLL if deadline is None else min(STOP_POLL, deadline - time.monotonic())
+            if wait <= 0:
+                raise socket.timeout("timed out")
+            if select.select([sock], [], [], wait)[0]:
+                return
 
     def watch_progress(self, window: Optional[float], lines: Optional[int] = None) -> None:
         """From now on, an answer must bring STALL_MIN_BYTES per ``window`` seconds, or the
@@ -912,6 +960,7 @@ class _BufferedWire:
                     raise TimeoutError(f"the server sent only {self._window_bytes} bytes in "
                                        f"{self._window:g} s; the connection is stalled")
                 self._window_start, self._window_bytes = now, 0
+        self._wait_for_data(sock)
         chunk = sock.recv(65536)
         if not chunk:
             return False
@@ -941,10 +990,11 @@ class _BufferedWire:
 
     def readline(self) -> bytes:
         self._check_buffer()
+        self._check_stop()
         if self._lines_left is not None:
             if self._lines_left <= 0:
                 raise ProtocolError("the server sent far more lines than the greeting, "
-                                    "CAPABILITY or STARTTLS can need")
+                                    "CAPABILITY, STARTTLS or signing in can need")
             self._lines_left -= 1
         scanned = 0
         while True:
@@ -960,6 +1010,18 @@ class _BufferedWire:
                 line = bytes(self._rbuf)
                 self._rbuf.clear()
                 return line
+
+    def _get_capabilities(self) -> None:
+        """imaplib's, without its trap: it decodes the pre-login CAPABILITY as strict ASCII,
+        so one 8-bit byte there (or in a greeting's [CAPABILITY] code it falls back to) was
+        a UnicodeDecodeError.  An atom with 8-bit bytes names no capability we could use:
+        it is ignored."""
+        typ, dat = self.capability()  # type: ignore[attr-defined]
+        if dat == [None]:
+            raise imaplib.IMAP4.error("no CAPABILITY response from server")
+        last = dat[-1] if isinstance(dat[-1], bytes) else b""
+        self.capabilities = tuple(word.decode("ascii").upper()
+                                  for word in last.split() if word.isascii())
 
     def wait_readable(self, timeout: float) -> bool:
         """True when a read would not block: data buffered here or in TLS, or on the socket."""
@@ -1106,6 +1168,78 @@ class _Pending:
     max_literal: Optional[int] = None
 
 
+def _weight(value: Any, depth: int = 0) -> int:
+    """Roughly the bytes a parsed value holds: its text, plus a little per list and atom."""
+    if isinstance(value, (bytes, str)):
+        return len(value) + 8
+    if isinstance(value, list) and depth < MAX_NESTING:
+        return 16 + sum(_weight(item, depth + 1) for item in value)
+    return 8
+
+
+class _AnswerBudget:
+    """What one command's answer has cost so far, against MAX_UNREQUESTED_ANSWERS,
+    MAX_UNREQUESTED_BYTES and MAX_KEPT_BYTES; ``kept`` also merges a FETCH's answers per
+    UID (latest item wins: servers send FLAGS updates in the middle of a FETCH)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+        self.unrequested = 0
+        self.unrequested_bytes = 0
+        self.kept_bytes = 0
+        self.warnings = 0
+        self._by_uid: Dict[int, Tuple[List[Any], int]] = {}   # uid -> (item, its weight)
+
+    def _refuse(self, what: str) -> ProtocolError:
+        return ProtocolError(f"the server sent {what} in its answer to {self.command}; "
+                             f"refusing the answer as a flood", command=self.command)
+
+    def unasked(self, size: int, update: bool) -> None:
+        """Count an untagged answer that is not kept; ``update`` for EXISTS, EXPUNGE,
+        RECENT, FLAGS and FETCH, which are legitimate in any number but not in any size."""
+        self.unrequested_bytes += size
+        if not update:
+            self.unrequested += 1
+            if self.unrequested > MAX_UNREQUESTED_ANSWERS:
+                raise self._refuse(f"more than {MAX_UNREQUESTED_ANSWERS} untagged answers "
+                                   f"it did not ask for")
+        if self.unrequested_bytes > MAX_UNREQUESTED_BYTES:
+            raise self._refuse(f"more than {MAX_UNREQUESTED_BYTES} bytes of untagged answers "
+                               f"it did not ask for")
+
+    def kept(self, untagged: List[List[Any]], item: List[Any], size: int) -> None:
+        """Keep ``item`` (``size`` bytes on the wire) in ``untagged``, or merge it into the
+        FETCH already kept for the same UID."""
+        uid = _fetch_uid(item) if _untagged_kind(item) == "FETCH" else None
+        if uid is not None and uid in self._by_uid:
+            earlier, weight = self._by_uid[uid]
+            merged = _pairs(earlier[2])
+            merged.update(_pairs(item[2]))
+            earlier[2] = [part for pair in merged.items() for part in pair]
+            size = _weight(earlier[2])
+            self.kept_bytes += size - weight
+            self._by_uid[uid] = (earlier, size)
+        else:
+            if len(untagged) >= MAX_KEPT_UNTAGGED:
+                raise self._refuse(f"more than {MAX_KEPT_UNTAGGED} answers")
+            if uid is not None:
+                size = _weight(item[2])
+                self._by_uid[uid] = (item, size)
+            self.kept_bytes += size
+            untagged.append(item)
+        if self.kept_bytes > MAX_KEPT_BYTES:
+            raise self._refuse(f"more than {MAX_KEPT_BYTES} bytes worth keeping (the most "
+                               f"one command may keep)")
+
+    def warn(self, message: str, *args: Any) -> None:
+        """A warning about the server, said at most three times per command."""
+        self.warnings += 1
+        if self.warnings <= 3:
+            log.warning(message, *args)
+        else:
+            log.debug(message, *args)
+
+
 # A retry policy says what to do when the connection drops during a command: "safe" retry
 # as is (reads, +/- STOREs, CREATE, UID EXPUNGE of a fixed set); "never" give up at once.
 # MOVE and COPY carry their own recovery in move() and copy().
@@ -1159,6 +1293,23 @@ def _clean_password(password: str) -> str:
     """Strip the spaces Google shows inside a 16-letter app password; leave others alone."""
     stripped = password.strip()
     return stripped.replace(" ", "") if _APP_PASSWORD_RE.match(stripped) else password
+
+
+def _scrubbed(method: Callable[..., Any]) -> Callable[..., Any]:
+    """For GmailConnection's methods that read server text: an error leaving them has every
+    credential blanked out of its message and ``text`` (see GmailConnection.redact)."""
+    def scrubbing(self: "GmailConnection", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (GmailClassifyError, _Dropped) as exc:
+            if exc.args and isinstance(exc.args[0], str):
+                exc.args = (self.redact(exc.args[0]),) + exc.args[1:]
+            if isinstance(exc, ImapError):
+                exc.text = self.redact(exc.text)
+            raise
+    scrubbing.__name__ = method.__name__
+    scrubbing.__doc__ = method.__doc__
+    return scrubbing
 
 
 def _decode_server_text(error: BaseException) -> str:
@@ -1289,7 +1440,7 @@ class GmailConnection:
                     elif self._selected.readonly:
                         self._execute_on(imap, "CLOSE")
                 self._execute_on(imap, "LOGOUT", expect_bye=True)
-            except (_Dropped, ImapError, ProtocolError):
+            except (_Dropped, ImapError, ProtocolError, StopRequested):
                 pass
             finally:
                 self._selected = None
@@ -1329,6 +1480,7 @@ class GmailConnection:
         return TLSError(f"cannot trust the TLS certificate of {where}: "
                         f"{exc.verify_message or exc.reason}{hint}")
 
+    @_scrubbed
     def _open(self) -> imaplib.IMAP4:
         """One attempt: TCP, TLS, greeting, authentication, capabilities."""
         where = f"{self.host}:{self.port}"
@@ -1355,6 +1507,7 @@ class GmailConnection:
             if hint:
                 raise _Unreachable(f"cannot connect to {where}: {hint}") from exc
             raise _Dropped(f"cannot connect to {where}: {_decode_server_text(exc)}") from exc
+        imap.stop = self.stop  # type: ignore[attr-defined]
         try:
             if self.security == "starttls":
                 self._starttls(imap, where)
@@ -1444,8 +1597,27 @@ class GmailConnection:
         log.info("signed in to %s as %s", self.host, self.user)
 
     def _remember_secret(self, secret: str) -> None:
-        if len(secret) >= 4 and secret not in self._secrets:
-            self._secrets.append(secret)
+        """Keep ``secret`` (and its base64 and quoted forms) out of every text that leaves
+        the connection: a server may repeat what we sent (see redact)."""
+        forms = [secret, base64.b64encode(secret.encode("utf-8")).decode("ascii"),
+                 secret.replace("\\", "\\\\").replace('"', '\\"')]
+        for form in forms:
+            if len(form) >= 4 and form not in self._secrets:
+                self._secrets.append(form)
+        self._secrets.sort(key=len, reverse=True)   # a longer form before a part of it
+
+    def redact(self, text: str) -> str:
+        """``text`` from the server with every credential we sent blanked out.
+
+        A server may quote the command it refuses (``NO your command was LOGIN "user"
+        "secret"``), put it in an untagged NO or ALERT, or echo a SASL string in a
+        challenge; such text reaches messages, warnings, logs and the audit log, so every
+        piece of server text passes through here first.
+        """
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "<redacted>")
+        return text
 
     def _gmail_login_hint(self, imap: imaplib.IMAP4) -> str:
         """Gmail refuses the account's normal password over IMAP: say what works instead."""
@@ -1496,7 +1668,8 @@ class GmailConnection:
                   "" if pending else " <redacted>")
         challenges: List[str] = []
         try:
-            imap.watch_progress(self.timeout)  # type: ignore[attr-defined]
+            # Untagged lines mean nothing here: a few are harmless, a flood is not.
+            imap.watch_progress(self.timeout, lines=MAX_UNREQUESTED_ANSWERS)  # type: ignore[attr-defined]
             imap.send(line + b"\r\n")
             while True:
                 raw = self._read_line(imap)
@@ -1540,7 +1713,8 @@ class GmailConnection:
         caps = set()
         for response in untagged:
             if response and str(response[0]).upper() == "CAPABILITY":
-                caps.update(str(word).upper() for word in response[1:])
+                caps.update(str(word).upper() for word in response[1:]
+                            if str(word).isascii())   # 8-bit: names nothing we use
         return frozenset(caps or imap.capabilities)
 
     def _connect_with_retries(self, first_error: Optional[BaseException]) -> None:
@@ -1563,9 +1737,14 @@ class GmailConnection:
                 delay *= 0.5 + 0.5 * self._rng()
                 self.backoff_delays.append(delay)
                 # Said on every retry, so a slow start never looks like a hang.
+                self.stop.check("instead of reconnecting")
                 log.warning("%s; retrying (%d/%d) in %.1f s...", error, attempt + 1,
                             self.retries + 1, delay)
-                self._sleep(delay)
+                if self._sleep is time.sleep:
+                    self.stop.wait(delay)       # a stop ends the wait at once
+                else:
+                    self._sleep(delay)
+                self.stop.check("instead of reconnecting")
             try:
                 self._open()
                 if error is not None:
@@ -1612,6 +1791,7 @@ class GmailConnection:
 
     # -- sending commands ----------------------------------------------------------------
 
+    @_scrubbed
     def _execute_on(self, imap: imaplib.IMAP4, command: str, *args: Any,
                     expect_bye: bool = False,
                     on_untagged: Optional[Callable[[List[Any]], None]] = None,
@@ -1637,6 +1817,13 @@ class GmailConnection:
             self._send(imap, tag, parts)
             response = self._read_response(imap, tag, command, expect_bye, on_untagged,
                                            keep=keep, max_literal=max_literal)
+        except StopRequested:
+            # The answer is cut short, so the stream is out of step: never read it again.
+            if imap is self._imap:
+                self._mark_dead()
+            else:
+                self._shutdown(imap)
+            raise
         except (ProtocolError, ValueError, TypeError, IndexError, RecursionError) as exc:
             # The rest of the answer is still unread, so the stream is out of step: start
             # afresh on the next command rather than misread what follows.  Values the
@@ -1712,6 +1899,7 @@ class GmailConnection:
         self._inflight.append(pending)
         return pending
 
+    @_scrubbed
     def _collect(self, imap: imaplib.IMAP4, pending: _Pending) -> _Response:
         """Read answers in the order sent up to ``pending``'s; raises as _execute_on does."""
         while pending.response is None:
@@ -1723,6 +1911,11 @@ class GmailConnection:
                 first.response = self._read_response(imap, first.tag, first.command, False, None,
                                                       keep=first.keep,
                                                       max_literal=first.max_literal)
+            except StopRequested:
+                self._inflight.clear()
+                if imap is self._imap:
+                    self._mark_dead()
+                raise
             except (ProtocolError, ValueError, TypeError, IndexError, RecursionError) as exc:
                 self._inflight.clear()
                 if imap is self._imap:
@@ -1771,9 +1964,7 @@ class GmailConnection:
 
     def _log_answer(self, raw: bytes) -> None:
         """-vv: one server line, shortened, with any credential of ours blanked out."""
-        text = raw.decode("utf-8", "replace")
-        for secret in self._secrets:
-            text = text.replace(secret, "<redacted>")
+        text = self.redact(raw.decode("utf-8", "replace"))
         log.debug("S: %s", text if len(text) < 200 else text[:200] + "...")
 
     def _send(self, imap: imaplib.IMAP4, tag: bytes, parts: List[Union[bytes, Literal]]) -> None:
@@ -1796,6 +1987,7 @@ class GmailConnection:
         imap.send(line + b"\r\n")
 
     def _wait_continuation(self, imap: imaplib.IMAP4, tag: bytes) -> None:
+        budget = _AnswerBudget("a literal's continuation")
         while True:
             raw = self._read_line(imap)
             if raw.startswith(b"+"):
@@ -1806,6 +1998,7 @@ class GmailConnection:
                                 code=code, text=text)
             if raw.startswith(b"* BYE"):
                 raise _Dropped("server said BYE: " + raw[6:].decode("utf-8", "replace"))
+            budget.unasked(len(raw), update=False)
 
     def _read_line(self, imap: imaplib.IMAP4, max_literal: Optional[int] = None,
                    dropped: Optional[List[int]] = None) -> bytes:
@@ -1855,6 +2048,7 @@ class GmailConnection:
         untagged: List[List[Any]] = []
         oversized: List[List[Any]] = []
         keep = keep or _needed_by(command)
+        budget = _AnswerBudget(command)
         debug = log.isEnabledFor(logging.DEBUG)
         while True:
             dropped: List[int] = []
@@ -1868,30 +2062,41 @@ class GmailConnection:
                 kind = head[0].upper()
                 if kind in (b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"):
                     code, args, text = parse_status_text(head[1] if len(head) > 1 else b"")
+                    text = self.redact(text)
                     if kind == b"BYE":
                         if expect_bye:
                             continue
                         raise _Dropped(f"server said BYE: {text}")
                     if kind in (b"NO", b"BAD") or code == "ALERT":
-                        log.warning("server: %s %s", kind.decode(), text)
+                        budget.warn("server: %s %s", kind.decode(), text)
                     status_line = [kind.decode(), code, args, text]
                     if keep(status_line):
-                        self._keep(untagged, status_line, command)
+                        budget.kept(untagged, status_line, len(raw))
+                    else:
+                        budget.unasked(len(raw), update=False)
                     continue
                 if not self._plausible(body, command):
+                    budget.unasked(len(raw), update=False)
                     continue
                 parsed = parse_response(body)
                 self._note_untagged(parsed)
                 if on_untagged is not None:
                     on_untagged(parsed)
                 if dropped:
-                    oversized.append(parsed)
+                    # Read and thrown away; the same message's again counts as a flood.
+                    if any(_fetch_uid(item) == _fetch_uid(parsed) for item in oversized):
+                        budget.unasked(len(raw) + sum(dropped), update=True)
+                    else:
+                        budget.kept(oversized, parsed, len(raw))
                 elif keep(parsed):
-                    self._keep(untagged, parsed, command)
+                    budget.kept(untagged, parsed, len(raw))
+                else:
+                    budget.unasked(len(raw), update=_untagged_kind(parsed) in _STATE_UPDATES)
             elif raw.startswith(tag + b" "):
                 rest = raw[len(tag) + 1:]
                 status, _, text = rest.partition(b" ")
                 code, args, message = parse_status_text(text)
+                message = self.redact(message)
                 if "THROTTLED" in message.upper() or code == "THROTTLED":
                     log.warning("the server is throttling this account (%s)", message)
                 return _Response(status.decode("ascii", "replace").upper(), code, args,
@@ -1901,20 +2106,15 @@ class GmailConnection:
             else:
                 raise ProtocolError(f"unexpected line in the answer to {command}: {raw[:80]!r}")
 
-    @staticmethod
-    def _keep(untagged: List[List[Any]], item: List[Any], command: str) -> None:
-        if len(untagged) >= MAX_KEPT_UNTAGGED:
-            raise ProtocolError(f"the server sent more than {MAX_KEPT_UNTAGGED} answers to "
-                                f"{command}", command=command)
-        untagged.append(item)
-
     def _search_line_limit(self) -> int:
         """A SEARCH answer names at most the folder's messages: 11 bytes per possible UID."""
         return max(MAX_RESPONSE_LINE, self._search_ceiling() * 11)
 
     def _search_ceiling(self) -> int:
+        """The most UIDs a SEARCH answer may name: twice the folder's size (it may grow
+        meanwhile) plus some, the size as EXISTS says but never above MAX_FOLDER_MESSAGES."""
         selected = self._selected
-        return (selected.exists if selected else 0) * 2 + 10000
+        return min(selected.exists if selected else 0, MAX_FOLDER_MESSAGES) * 2 + 10000
 
     def _plausible(self, body: bytes, command: str) -> bool:
         """Check a SEARCH answer's size before parsing it: it cannot name more UIDs than
@@ -2714,6 +2914,7 @@ class GmailConnection:
                     self._reconnect(exc)
         raise AssertionError("unreachable")
 
+    @_scrubbed
     def _idle_now(self, imap: imaplib.IMAP4, timeout: float,
                   interrupt: Optional[Callable[[], bool]] = None) -> List[List[Any]]:
         if self._inflight:
@@ -2731,13 +2932,13 @@ class GmailConnection:
             self.commands_sent += 1
             while True:
                 if idling:
-                    if events or (interrupt is not None and interrupt()):
+                    if events or self.stop.requested or (interrupt is not None and interrupt()):
                         break
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     if not imap.wait_readable(  # type: ignore[attr-defined]
-                            min(left, IDLE_POLL) if interrupt is not None else left):
+                            min(left, IDLE_POLL)):
                         continue
                 raw = self._read_line(imap)
                 if raw.startswith(b"+"):
@@ -2763,7 +2964,7 @@ class GmailConnection:
                 code, args, message = parse_status_text(text)
                 response = _Response(status.decode("ascii", "replace").upper(), code, args,
                                      message, [])
-        except ProtocolError:
+        except (ProtocolError, StopRequested):
             self._mark_dead()   # the server may still be idling: start afresh
             raise
         except _DROPPED_ERRORS as exc:

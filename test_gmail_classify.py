@@ -909,6 +909,7 @@ FAKE_QUIRKS = {
     "omit-labels": "leave X-GM-LABELS out of the FETCH answer (Gmail)",
     "status-other-first": "send an untagged STATUS for another folder before the asked one's",
     "raw-utf8-names": "list folder names as raw UTF-8 and take names literally (no modified UTF-7)",
+    "8bit-greeting": "greet in Latin-1 and list a capability atom with an 8-bit byte before sign-in",
 }
 
 # XLIST (Gmail's pre-SPECIAL-USE extension) spells some attributes differently.
@@ -1075,7 +1076,10 @@ class _Session(socketserver.BaseRequestHandler):
                 self._start_tls()
                 self.sock.settimeout(None)
                 self.tls = True
-            self._send(b"* OK Gimap ready for requests from 127.0.0.1\r\n")
+            if "8bit-greeting" in self.fake.quirks:
+                self._send("* OK Gimap prêt à servir 127.0.0.1\r\n".encode("latin-1"))
+            else:
+                self._send(b"* OK Gimap ready for requests from 127.0.0.1\r\n")
             while True:
                 cmd = self._read_command()
                 if cmd is None:
@@ -1193,6 +1197,9 @@ class _Session(socketserver.BaseRequestHandler):
             if self.selected is not None:
                 fake.bump_uidvalidity(self.selected)
             self._close("drop")
+        if fault is not None and fault.action == "echo":
+            self._echo(tag, name, argbytes)
+            return
         if fault is not None and fault.action in _HOSTILE_ACTIONS:
             self._hostile(fault, tag, self._execute(tag, name, argbytes))
             self._after_answer()
@@ -1341,6 +1348,26 @@ class _Session(socketserver.BaseRequestHandler):
             out.append(b"* SEARCH" + b" 1" * (fault.size or 100000) + b"\r\n")
         elif a == "exists_flood":
             out = [b"* %d EXISTS\r\n" % (len(self.known) + n) for n in range(fault.size)] + out
+        elif a == "flood":
+            line = (fault.text or "* OK still thinking").encode() + b"\r\n"
+            self._send(b"".join(out))
+            block, left = line * 1000, fault.size
+            while fault.size == 0 or left > 0:
+                self._send(block if fault.size == 0 else line * min(left, 1000))
+                left -= 1000
+                if self.killed.is_set():
+                    raise _Closed()
+            out = []
+        elif a == "big_list":
+            name = b"x" * (fault.burst or 1024 * 1024)
+            out += [b'* LIST (\\HasNoChildren) "/" "%s%d"\r\n' % (name, n) for n in range(fault.size)]
+        elif a == "repeat_fetch" and fetches:
+            self._send(b"".join(out[:fetches[0]]))
+            for _ in range(fault.size):     # one copy at a time: the fake keeps only one
+                self._send(out[fetches[0]])
+            out = out[fetches[0]:]
+        elif a == "lying_exists":
+            out.insert(0, b"* 4294967295 EXISTS\r\n")
         elif a == "starttls_inject":
             tagged += b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] injected before the handshake\r\n"
         data = b"".join(out) + tagged
@@ -1353,6 +1380,22 @@ class _Session(socketserver.BaseRequestHandler):
             self._send(data[start:start + step])
             if self.killed.wait(fault.delay):
                 raise _Closed()
+
+    def _echo(self, tag: str, name: str, argbytes: bytes) -> None:
+        """The "echo" fault: quote the command back, secrets and all, and refuse it."""
+        said = b"%s %s" % (name.encode(), argbytes)
+        if name == "AUTHENTICATE":
+            words = argbytes.split(b" ")
+            sent = words[1] if len(words) > 1 else b""
+            if not sent:
+                self._send(b"+ \r\n")
+                sent = self._read_continuation()
+            decoded = base64.b64decode(sent + b"=" * (-len(sent) % 4))
+            self._send(b"+ " + base64.b64encode(b'{"you sent": "' + sent + b'", "decoded": "'
+                                                  + decoded.replace(b"\x01", b" ") + b'"}') + b"\r\n")
+            self._read_continuation()
+        self._send(b"* NO [ALERT] we did not like " + said + b"\r\n"
+                   + tag.encode() + b" NO your command was " + said + b"\r\n")
 
     def _announce(self, expunge: bool = True) -> None:
         """Queue EXPUNGE / EXISTS / FETCH FLAGS for changes the client has not been told about."""
@@ -1457,7 +1500,10 @@ class _Session(socketserver.BaseRequestHandler):
     # -- any state --
 
     def cmd_CAPABILITY(self, tag: str, args: list) -> str:
-        self._u("* CAPABILITY " + " ".join(self._capabilities()))
+        line = ("* CAPABILITY " + " ".join(self._capabilities())).encode()
+        if "8bit-greeting" in self.fake.quirks and self.user is None:
+            line += " X-CAFÉ".encode("latin-1")
+        self._u(line)
         return "OK Thats all she wrote! (Success)"
 
     def cmd_NOOP(self, tag: str, args: list) -> str:
@@ -2377,11 +2423,19 @@ class _Fault:
 #   exists_flood    ``size`` "* n EXISTS" lines before the tagged answer
 #   renumber        the selected folder gets a new UIDVALIDITY, then the connection drops
 #   starttls_inject plaintext "* OK" sent in the same packet as the STARTTLS OK
-# and "unsolicited" injects ``text`` (lines separated by CRLF) when given.
+#   flood           ``size`` untagged lines (``text``, default "* OK still thinking") before
+#                   the tagged answer; size 0: endless, until the client goes away
+#   big_list        ``size`` extra LIST answers, each naming a folder of ``burst`` bytes
+#   repeat_fetch    the first FETCH answer sent ``size`` times over
+#   lying_exists    "* 4294967295 EXISTS" before the answer
+# and "unsolicited" injects ``text`` (lines separated by CRLF) when given.  "echo" answers
+# without executing: the command line quoted back in an untagged "* NO [ALERT]" and in the
+# tagged NO; an AUTHENTICATE first gets a challenge carrying what it sent.
 _HOSTILE_ACTIONS = ("dribble", "huge_literal", "nesting_bomb", "huge_copyuid", "huge_search",
-                    "exists_flood", "renumber", "starttls_inject")
+                    "exists_flood", "renumber", "starttls_inject", "flood", "big_list",
+                    "repeat_fetch", "lying_exists")
 _FAULT_ACTIONS = ("bye", "drop", "reset", "delay", "no", "bad", "garbage",
-                  "unsolicited", "call") + _HOSTILE_ACTIONS
+                  "unsolicited", "call", "echo") + _HOSTILE_ACTIONS
 _FAULT_WHEN = ("before", "after", "mid")
 
 
@@ -11251,6 +11305,263 @@ class LineLimitTest(FakeServerTest):
             with self.assertRaisesRegex(gc.ProtocolError, "far more lines"):
                 self.connect(retries=0)
         self.assertNotIn("LOGIN", self.commands())
+
+
+# --- Hostile servers, round two: floods, caps, 8-bit greetings, repeated secrets (issue 20) --
+#
+# Each fault is a FakeGmail fault (flood, big_list, repeat_fetch, lying_exists, echo) or
+# quirk (8bit-greeting).  What is asserted: the one-line refusal and its exit code, that
+# the time or memory stays bounded, and that nothing changed on the server.
+
+class FloodTest(FakeServerTest):
+    def setUp(self):
+        super().setUp()
+        for n in range(3):
+            self.server.add_message(make_message(f"message {n}"))
+
+    def argv(self, rules: str, *extra: str) -> List[str]:
+        return ["--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                "--plaintext", "--rules", rules, *extra]
+
+    def star_all(self) -> str:
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w") as handle:
+            json.dump({"rule": [{"name": "All", "subject": "message", "star": True}]}, handle)
+        return rules
+
+    def test_a_flood_of_lines_nobody_asked_for_is_a_protocol_error(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID SEARCH", action="flood", size=50000)
+        started = time.monotonic()
+        with self.assertRaises(gc.ProtocolError) as ctx:
+            conn.search()
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertIn("UID SEARCH", str(ctx.exception))
+        self.assertIn(f"more than {gc.MAX_UNREQUESTED_ANSWERS} untagged answers", str(ctx.exception))
+        self.assertFalse(conn.connected)          # out of step: never read from again
+        self.assertEqual(conn.search(), [1, 2, 3])
+
+    def test_a_thousand_lines_nobody_asked_for_are_still_fine(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID SEARCH", action="flood", size=gc.MAX_UNREQUESTED_ANSWERS)
+        self.assertEqual(conn.search(), [1, 2, 3])
+        self.assertTrue(conn.connected)
+
+    def test_state_updates_are_fine_in_number_but_not_in_bytes(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID SEARCH", action="flood", size=5000,
+                              text="* 1 FETCH (FLAGS (\\Seen))")
+        self.assertEqual(conn.search(), [1, 2, 3])       # 5,000 updates: legitimate
+        self.server.add_fault("UID SEARCH", action="flood", size=5000,
+                              text="* 1 FETCH (FLAGS (\\Seen))")
+        with mock.patch.object(gc, "MAX_UNREQUESTED_BYTES", 50_000):
+            with self.assertRaisesRegex(gc.ProtocolError, "more than 50000 bytes"):
+                conn.search()
+
+    def test_a_flood_after_done_ends_idle_with_a_protocol_error(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("IDLE", action="flood", size=20000, text="* OK still here")
+        started = time.monotonic()
+        with self.assertRaisesRegex(gc.ProtocolError, "IDLE"):
+            conn.idle(0.2)
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertFalse(conn.connected)
+
+    def test_the_command_line_refuses_a_flooding_server_with_exit_5_and_changes_nothing(self):
+        rules = self.star_all()
+        before = mailbox_snapshot(self.server)
+        self.server.add_fault("SELECT", action="flood", size=300000, count=5)
+        started = time.monotonic()
+        code, out, err = run_cli(*self.argv(rules, "--apply", "--timeout", "5", "--retries", "1"),
+                                 env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, gc.EXIT_SERVER, err)
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(len([l for l in errors(err) if "untagged answers" in l]), 1, err)
+        self.assertEqual(mailbox_snapshot(self.server), before)
+
+
+class StopWhileReadingTest(FakeServerTest):
+    def setUp(self):
+        super().setUp()
+        self.server.add_message(make_message())
+        self.stop = gc.Stop()
+
+    def stop_soon(self, after: float = 0.2) -> None:
+        timer = threading.Timer(after, self.stop.request, [signal.SIGTERM])
+        timer.start()
+        self.addCleanup(timer.cancel)
+
+    def test_a_stop_ends_the_read_of_a_server_that_floods_within_the_grace(self):
+        conn = self.connect(stop=self.stop, timeout=30)
+        conn.select("INBOX")
+        # Updates are legitimate in any number: without a stop this read goes on for long.
+        self.server.add_fault("UID SEARCH", action="flood", size=2_000_000, text="* 1 EXISTS")
+        self.stop_soon()
+        started = time.monotonic()
+        with mock.patch.object(gc, "MAX_UNREQUESTED_BYTES", 10 ** 12):
+            with self.assertRaises(gc.StopRequested) as ctx:
+                conn.search()
+        self.assertLess(time.monotonic() - started, gc.STOP_GRACE + 2)
+        self.assertEqual(ctx.exception.signum, signal.SIGTERM)
+        self.assertFalse(conn.connected)
+
+    def test_a_stop_ends_a_read_that_waits_for_a_silent_server(self):
+        conn = self.connect(stop=self.stop, timeout=30)
+        self.server.add_fault("NOOP", action="delay", delay=10)
+        self.stop_soon()
+        started = time.monotonic()
+        with self.assertRaises(gc.StopRequested):
+            conn.noop()
+        self.assertLess(time.monotonic() - started, gc.STOP_GRACE + 2)
+
+    def test_an_answer_already_coming_still_completes_within_the_grace(self):
+        conn = self.connect(stop=self.stop)
+        self.stop.request()
+        self.assertEqual(conn.noop(), [])       # the answer came at once: no need to cut it
+        conn.close()
+        self.assertEqual(self.server.count("LOGOUT"), 1)
+
+    def test_a_stop_ends_the_backoff_between_reconnects(self):
+        conn = self.connect(stop=self.stop, retries=3, backoff=4, sleep=time.sleep)
+        self.server.stop()
+        self.stop_soon(0.3)
+        started = time.monotonic()
+        with self.assertRaises(gc.StopRequested):
+            conn.noop()
+        self.assertLess(time.monotonic() - started, 2)
+
+    def test_a_stop_ends_idle_cleanly(self):
+        conn = self.connect(stop=self.stop)
+        conn.select("INBOX")
+        self.stop_soon(0.3)
+        started = time.monotonic()
+        self.assertEqual(conn.idle(20), [])
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertTrue(conn.connected)          # DONE was sent and answered
+
+
+class KeptBytesTest(FakeServerTest):
+    def setUp(self):
+        super().setUp()
+        body = "".join(f"line {n} of a long message\n" for n in range(4000))   # ~110 KB
+        self.server.add_message(make_message("big", body=body))
+        self.server.add_message(make_message("small"))
+
+    def test_a_list_of_huge_names_stops_at_the_cap(self):
+        conn = self.connect()
+        self.server.add_fault("LIST", action="big_list", size=40, burst=512 * 1024)
+        started = time.monotonic()
+        with mock.patch.object(gc, "MAX_KEPT_BYTES", 4 * 1024 * 1024):
+            with self.assertRaises(gc.ProtocolError) as ctx:
+                conn.list_folders()
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertIn("LIST", str(ctx.exception))
+        self.assertIn(f"more than {4 * 1024 * 1024} bytes", str(ctx.exception))
+        self.assertLess(self.server.count("LIST"), 2)
+
+    def test_the_same_fetch_repeated_is_kept_once_latest_wins(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("UID FETCH", action="repeat_fetch", size=100)
+        tracemalloc.start()
+        try:
+            result = conn.fetch([1, 2], ["FLAGS", "BODY.PEEK[]"])
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertIn(b"line 3999 of a long message", result[1]["BODY.PEEK[]"])
+        self.assertEqual(sorted(result), [1, 2])
+        self.assertLess(peak, 3 * 1024 * 1024)   # 100 copies of 110 KB were never all kept
+
+    def test_fetch_answers_for_one_uid_merge_latest_wins(self):
+        budget = gc._AnswerBudget("UID FETCH")
+        kept: List[List[Any]] = []
+        budget.kept(kept, [1, "FETCH", ["UID", 7, "FLAGS", [], "BODY[]", b"abc"]], 40)
+        budget.kept(kept, [1, "FETCH", ["FLAGS", ["\\Seen"], "UID", 7]], 30)
+        budget.kept(kept, [2, "FETCH", ["UID", 8, "FLAGS", []]], 20)
+        self.assertEqual(kept, [[1, "FETCH", ["UID", 7, "FLAGS", ["\\Seen"], "BODY[]", b"abc"]],
+                                [2, "FETCH", ["UID", 8, "FLAGS", []]]])
+        self.assertLess(budget.kept_bytes, 200)
+        with mock.patch.object(gc, "MAX_KEPT_BYTES", 1000):
+            with self.assertRaisesRegex(gc.ProtocolError, "more than 1000 bytes.*UID FETCH"):
+                budget.kept(kept, [3, "FETCH", ["UID", 9, "BODY[]", b"x" * 1000]], 1030)
+
+    def test_a_lying_exists_does_not_lift_the_search_limit(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        self.server.add_fault("NOOP", action="lying_exists")
+        conn.noop()
+        self.assertEqual(conn.selected.exists, 4294967295)
+        self.server.add_fault("UID SEARCH", action="huge_search",
+                              size=gc.MAX_FOLDER_MESSAGES * 2 + 10001)
+        with self.assertRaisesRegex(gc.ProtocolError, "far more than the folder holds"):
+            conn.search()
+        self.assertLessEqual(conn._search_line_limit(), 11 * (gc.MAX_FOLDER_MESSAGES * 2 + 10000))
+
+
+class EightBitGreetingTest(FakeServerTest):
+    server_options = {"quirks": ["8bit-greeting"]}
+
+    def test_an_8bit_greeting_and_capability_are_tolerated(self):
+        conn = self.connect()
+        self.assertIn("IMAP4REV1", conn.capabilities)
+        self.assertTrue(all(cap.isascii() for cap in conn.capabilities))
+        self.server.add_message(make_message())
+        code, out, err = run_cli("--user", USER, "--host", "127.0.0.1", "--port",
+                                 str(self.server.port), "--plaintext",
+                                 env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, 0, err)
+        self.assertNotIn("UnicodeDecodeError", err)
+
+
+class RepeatedSecretTest(FakeServerTest):
+    """A server that quotes back what we sent must not make us print a credential."""
+
+    def secret_forms(self, secret: str, sasl: bytes) -> List[str]:
+        return [secret, base64.b64encode(secret.encode()).decode(),
+                base64.b64encode(sasl).decode()]
+
+    def run_both_verbosities(self, env: Dict[str, str], forms: List[str], expected: int,
+                             *extra: str) -> None:
+        for verbosity in (extra, (*extra, "-vv")):
+            with self.subTest(verbosity=verbosity):
+                code, out, err = run_cli("--user", USER, "--host", "127.0.0.1", "--port",
+                                         str(self.server.port), "--plaintext", "--retries",
+                                         "0", *verbosity, env=env)
+                self.assertEqual(code, expected, err)
+                self.assertIn("<redacted>", err)
+                for form in forms:
+                    self.assertNotIn(form, out + err)
+
+    def test_a_login_quoted_back_in_the_refusal_is_redacted(self):
+        self.server.add_fault("LOGIN", action="echo", count=2)
+        forms = self.secret_forms(PASSWORD, f"\0{USER}\0{PASSWORD}".encode())
+        self.run_both_verbosities({"GMAIL_APP_PASSWORD": PASSWORD}, forms, gc.EXIT_AUTH)
+
+    def test_an_xoauth2_string_in_a_challenge_is_redacted(self):
+        self.server.add_fault("AUTHENTICATE", action="echo", count=2)
+        forms = self.secret_forms(TOKEN, f"user={USER}\x01auth=Bearer {TOKEN}\x01\x01".encode())
+        self.run_both_verbosities({"GMAIL_OAUTH_TOKEN": TOKEN}, forms, gc.EXIT_AUTH,
+                                  "--auth", "xoauth2")
+
+    def test_an_untagged_alert_repeating_the_password_is_redacted(self):
+        self.server.add_message(make_message())
+        self.server.add_fault("EXAMINE", action="unsolicited", count=2,
+                              text=f"* NO [ALERT] someone signed in with {PASSWORD}")
+        self.run_both_verbosities({"GMAIL_APP_PASSWORD": PASSWORD}, [PASSWORD], 0)
+
+    def test_redact_blanks_every_form_of_every_secret(self):
+        conn = gc.GmailConnection(USER, password="x", host="127.0.0.1", security="plaintext")
+        conn._remember_secret('pa"ss\\word')
+        conn._remember_secret("dG9rZW4=")
+        text = conn.redact('LOGIN "pa\\"ss\\\\word" ' + base64.b64encode(b'pa"ss\\word').decode()
+                           + ' pa"ss\\word dG9rZW4=')
+        self.assertEqual(text, "LOGIN \"<redacted>\" <redacted> <redacted> <redacted>")
 
 
 # --- Fast paths against the plain ones -----------------------------------------------------

@@ -8322,7 +8322,6 @@ class Watcher:
                             log.warning("connected again after %s; catching up",
                                         _duration(time.monotonic() - outage_since))
                             outage_since = None
-                        attempt = 0
                         self._seen.clear()
                         self._first_key = None
                         self._wake(self.conn, self.folders)
@@ -8331,6 +8330,9 @@ class Watcher:
                     self._maybe_reload()
                     if not self._stop.is_set():
                         self._wait_and_wake(self.conn)
+                    # Only a connection that did its work ends the backoff: a server that
+                    # signs us in and then floods must not get a reconnect a second.
+                    attempt = 0
                 except (ConnectionLostError, ProtocolError, UidValidityError) as exc:
                     if self._stop.is_set():
                         break

@@ -11385,6 +11385,22 @@ class FloodTest(FakeServerTest):
         self.assertEqual(mailbox_snapshot(self.server), before)
 
 
+class FloodingWatchTest(FakeServerTest):
+    rules = WatcherTest.rules
+    start_watcher = WatcherTest.start_watcher
+    stop = WatcherTest.stop
+
+    def test_a_server_that_floods_after_sign_in_gets_the_backoff(self):
+        self.server.add_fault("SELECT", action="flood", size=5000, count=1000)
+        self.server.add_fault("EXAMINE", action="flood", size=5000, count=1000)
+        watcher = self.start_watcher(backoff=0.05, max_backoff=10)
+        time.sleep(1.2)     # the backoff itself is what is measured
+        self.stop(watcher)
+        # 0.05 + 0.1 + 0.2 + 0.4 + 0.8 s: at most six sign-ins, never one per 0.05 s.
+        self.assertGreaterEqual(self.server.count("LOGIN"), 2)
+        self.assertLessEqual(self.server.count("LOGIN"), 6)
+
+
 class StopWhileReadingTest(FakeServerTest):
     def setUp(self):
         super().setUp()

@@ -906,7 +906,6 @@ class _BufferedWire:
     _window_bytes = 0
     _lines_left: Optional[int] = None
     stop: Optional[Stop] = None         # the connection's Stop, set by GmailConnection
-    stop_grace = STOP_GRACE
     _stop_deadline: Optional[float] = None
 
     def _reset_buffer(self) -> None:
@@ -919,7 +918,8 @@ class _BufferedWire:
             return
         now = time.monotonic()
         if self._stop_deadline is None:
-            self._stop_deadline = now + self.stop_grace
+            timeout = self.sock.gettimeout()  # type: ignore[attr-defined]
+            self._stop_deadline = now + min(STOP_GRACE, timeout or STOP_GRACE)
         elif now >= self._stop_deadline:
             raise StopRequested("stopped while reading the server's answer", stop.signum)
 

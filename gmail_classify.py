@@ -935,8 +935,11 @@ class _BufferedWire:
             wait = STOP_POLL if deadline is None else min(STOP_POLL, deadline - time.monotonic())
             if wait <= 0:
                 raise socket.timeout("timed out")
-            if select.select([sock], [], [], wait)[0]:
-                return
+            try:
+                if select.select([sock], [], [], wait)[0]:
+                    return
+            except (OSError, ValueError) as exc:     # closed under us: as recv would say
+                raise OSError(f"cannot wait for the server: {exc}") from exc
 
     def watch_progress(self, window: Optional[float], lines: Optional[int] = None) -> None:
         """From now on, an answer must bring STALL_MIN_BYTES per ``window`` seconds, or the
@@ -1736,8 +1739,8 @@ class GmailConnection:
                 delay = min(MAX_BACKOFF, self.backoff * 2 ** (attempt - 1))
                 delay *= 0.5 + 0.5 * self._rng()
                 self.backoff_delays.append(delay)
-                # Said on every retry, so a slow start never looks like a hang.
                 self.stop.check("instead of reconnecting")
+                # Said on every retry, so a slow start never looks like a hang.
                 log.warning("%s; retrying (%d/%d) in %.1f s...", error, attempt + 1,
                             self.retries + 1, delay)
                 if self._sleep is time.sleep:
@@ -2212,7 +2215,7 @@ class GmailConnection:
                     continue
                 try:
                     self._execute_on(self._imap, "NOOP")
-                except (_Dropped, ImapError) as exc:
+                except (_Dropped, ImapError, StopRequested) as exc:
                     log.info("keepalive NOOP failed (%s); will reconnect on the next command", exc)
                     self._background_error = exc
                     self._mark_dead()

@@ -11276,6 +11276,25 @@ class FakeGmailStrictnessTest(FakeGmailTestCase):
         self.assertRaises(EOFError, self.client.command, b"NOOP")
         self.assertNotEqual(self.server.uidvalidity("INBOX"), before)
 
+    def test_round_two_faults_do_what_they_say(self):
+        self.server.add_fault("NOOP", action="flood", size=3, text="* OK hm")
+        _, untagged = self.client.command(b"NOOP")
+        self.assertEqual(untagged, [b"* OK hm\r\n"] * 3)
+        self.server.add_fault("NOOP", action="lying_exists")
+        _, untagged = self.client.command(b"NOOP")
+        self.assertEqual(untagged, [b"* 4294967295 EXISTS\r\n"])
+        self.server.add_fault("LIST", action="big_list", size=2, burst=3)
+        _, untagged = self.client.command(b'LIST "" "nothing"')
+        self.assertEqual(untagged, [b'* LIST (\\HasNoChildren) "/" "xxx0"\r\n',
+                                    b'* LIST (\\HasNoChildren) "/" "xxx1"\r\n'])
+        self.server.add_fault("UID FETCH", action="repeat_fetch", size=2)
+        _, untagged = self.client.command(b"UID FETCH 1 (FLAGS)")
+        self.assertEqual(untagged, [b"* 1 FETCH (UID 1 FLAGS ())\r\n"] * 3)
+        self.server.add_fault("NOOP", action="echo")
+        tagged, untagged = self.client.command(b'NOOP "secret"')
+        self.assertEqual(untagged, [b'* NO [ALERT] we did not like NOOP "secret"\r\n'])
+        self.assertTrue(tagged.endswith(b' NO your command was NOOP "secret"\r\n'))
+
 
 class LineLimitTest(FakeServerTest):
     def test_lines_are_bounded_and_only_search_may_be_long_in_proportion(self):

@@ -7406,7 +7406,8 @@ class Run(Checkpoint):
         self.narrowed = False
         self._memory_marks: Dict[str, FolderState] = {}
         self._conn: Optional[GmailConnection] = None
-        self._bytes_seen = 0
+        self._bytes_seen = 0            # the connection's bytes_received when last counted
+        self.bytes_counted = 0          # what this run added to the day's download count
         self._largest_fetch = 0
         self._last_fetch_bytes: Optional[int] = None
         self._warned_half = False
@@ -7469,7 +7470,7 @@ class Run(Checkpoint):
             summary["undo_of"] = self.undo_of
         if self._conn is not None:
             summary.update(imap_commands=self._conn.commands_sent,
-                           bytes_received=self._conn.bytes_received,
+                           bytes_received=self.bytes_counted,
                            reconnects=self._conn.reconnects)
         if self.apply and (self.changes_made or self.changes_not_made or
                            (status != "complete" and self.reports)):
@@ -7587,11 +7588,21 @@ class Run(Checkpoint):
         if self.apply and not self.narrowed:
             self.store.set_folder(self.account, folder, state)
 
+    def count_after(self, previous: "Run") -> None:
+        """Go on counting downloaded bytes where ``previous`` stopped, on the connection
+        they share (a watch's wake-ups): without this, a run that meets a connection
+        counts all it received since it connected, as it must for a new one, and every
+        wake-up on a long-lived connection would count the whole watch again."""
+        if previous._conn is not None:
+            self._conn, self._bytes_seen = previous._conn, previous._bytes_seen
+
     def _count_bytes(self, conn: GmailConnection) -> None:
         if conn is not self._conn:
             self._conn, self._bytes_seen = conn, 0
             self._last_fetch_bytes = None
-        self.store.add_download(self.account, conn.bytes_received - self._bytes_seen)
+        received = conn.bytes_received - self._bytes_seen
+        self.store.add_download(self.account, received)
+        self.bytes_counted += received
         self._bytes_seen = conn.bytes_received
 
 
@@ -8311,6 +8322,7 @@ class WatchSession:
         self._all_folders = reclassify
         self._new_only_folders = new_only
         self._dry_run: Optional[Run] = None
+        self._last_run: Optional[Run] = None
         self.runs = 0               # wake-ups that ran (applied or not)
 
     def check_start(self, folders: Sequence[str]) -> None:
@@ -8337,6 +8349,9 @@ class WatchSession:
                         apply=self.apply, daily_budget=self.daily_budget, command="watch",
                         on_record=self.on_record, on_message=self.on_message,
                         stopping=self.stopping)
+        if self._last_run is not None:
+            run.count_after(self._last_run)     # one connection, many runs: count each byte once
+        self._last_run = run
         if not self.apply:
             self._dry_run = run
         return run

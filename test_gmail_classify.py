@@ -6310,6 +6310,33 @@ class WatcherTest(FakeServerTest):
         self.assertEqual(self.server.uids("INBOX"), [])
         self.assertGreater(len(left), 0)
 
+    def test_each_wake_up_counts_only_its_own_bytes_toward_the_budget(self):
+        # One connection, many wake-ups (each a Run when applying), traffic between them
+        # (NOOP here, IDLE in a real watch), and now and then new mail: the day's count is
+        # what the connection received, each byte once, whether the watch applies or not.
+        counted: Dict[bool, Tuple[int, int, int]] = {}
+        for apply in (False, True):
+            with self.subTest(apply=apply):
+                store = gc.StateStore(os.path.join(self.tmp, f"state-{apply}"))
+                store.load()
+                session = gc.WatchSession(store, lambda: self.rules, USER, "127.0.0.1",
+                                          self.server.port, apply=apply, reclassify=True,
+                                          batch_size=2)
+                session.check_start(["INBOX"])
+                conn = self.connect()
+                for wake in range(40):
+                    if wake % 10 == 5:
+                        self.server.deliver(make_message(f"hello {apply} {wake}"))
+                    session(conn, ["INBOX"])
+                    conn.noop()
+                session(conn, ["INBOX"])
+                used = store.downloaded(session.account)
+                self.assertEqual(session.runs, 41)
+                self.assertEqual(used, conn.bytes_received)
+                counted[apply] = (used, conn.bytes_received, session._last_run.bytes_counted)
+        # Each applying wake-up counted its own bytes: the last one, far less than the total.
+        self.assertLess(counted[True][2], counted[True][1] // 10)
+
     def test_reload_is_asked_for_at_a_safe_point(self):
         reloads: List[int] = []
         changed = [False]

@@ -5965,14 +5965,21 @@ class Outcome:
 
 @dataclass
 class FolderReport:
-    """Counts for one folder run: what matched, what was (or would be) done."""
+    """Counts for one folder run: what matched, what was (or would be) done.
+
+    A *decision* is what the rules chose for a message ("label Bank"); a *change* is
+    what the server still lacked of it.  ``changes`` counts changes only; decisions the
+    server already had (the label, the flag, a copy in the label's folder off Gmail) are
+    counted in ``already_done``, so the two always add up to what the rules decided.
+    """
 
     folder: str
     applied: bool
     examined: int = 0
     matched: Dict[str, int] = field(default_factory=dict)       # rule name -> messages
-    changed: Dict[str, int] = field(default_factory=dict)       # rule name -> needing a change
+    changed: Dict[str, int] = field(default_factory=dict)       # rule name -> messages changed
     changes: Dict[str, int] = field(default_factory=dict)       # "label Receipts" -> messages
+    already_done: Dict[str, int] = field(default_factory=dict)  # "label Receipts" -> messages
     created: List[str] = field(default_factory=list)            # folders/labels (to be) created
     moved_missing: int = 0                                      # gone before we moved them
     skipped: List[int] = field(default_factory=list)            # UIDs left alone (run again):
@@ -6044,6 +6051,25 @@ class _Plan:
         if keys:
             self.per_uid[uid] = keys
         return bool(keys)
+
+    @staticmethod
+    def decided(actions: Actions) -> List[Tuple[str, ...]]:
+        """The keys of everything ``actions`` ask for, needed or not (see add): the
+        decision, of which the plan keeps only the changes."""
+        keys: List[Tuple[str, ...]] = [("label", label) for label in actions.labels]
+        for flag, on, off in (("\\Seen", actions.mark_read, actions.mark_unread),
+                              ("\\Flagged", actions.star, actions.unstar)):
+            if on:
+                keys.append(("flag+", flag))
+            elif off:
+                keys.append(("flag-", flag))
+        if actions.trash:
+            keys.append(("trash",))
+        elif actions.move:
+            keys.append(("move", actions.move))
+        elif actions.archive:
+            keys.append(("archive",))
+        return keys
 
     def drop_label(self, label: str, uids: Iterable[int]) -> None:
         """Forget a planned label for ``uids`` (off Gmail: that folder already holds them)."""
@@ -6444,6 +6470,8 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                 for change in changes:
                     name = describe_change(change)
                     report.changes[name] = report.changes.get(name, 0) + 1
+                _count_decision(report, decision, keys, made, lambda key: describe_change(
+                    _change_entry(key, uid, status, conn.is_gmail, destinations, None)))
                 if apply:
                     report.changes_made += len(made)
                     if not ok:
@@ -6547,19 +6575,34 @@ def _classify_batch(conn: GmailConnection, rules: Ruleset, batch: List[int], ite
             decision = dataclasses.replace(decision,
                                            actions=decision.actions.expanded(info, separator))
         report.examined += 1
-        needed = step.plan.add(uid, decision.actions, info.flags, info.labels, source or folder,
-                               in_trash=in_trash, in_archive=in_archive)
+        # report.changed is counted when the step is done: off Gmail the plan may still
+        # lose label copies the label's folder already holds (_drop_copies_already_there).
+        step.plan.add(uid, decision.actions, info.flags, info.labels, source or folder,
+                      in_trash=in_trash, in_archive=in_archive)
         if decision.actions.labels and info.labels is None:
             step.plan.message_ids[uid] = _message_key(info.headers)
         for name, _reason in decision.matches:
             report.matched[name] = report.matched.get(name, 0) + 1
-            if needed:
-                report.changed[name] = report.changed.get(name, 0) + 1
         step.infos[uid] = info
         step.decisions[uid] = decision
         step.msgids[uid] = fetched[uid].get("X-GM-MSGID")
     # Skipped messages (gone between SEARCH and FETCH too) keep the mark below them.
     step.last_uid = batch[-1] if batch else step.last_uid
+
+
+def _count_decision(report: FolderReport, decision: Decision, planned: Sequence[Tuple[str, ...]],
+                    made: Sequence[Tuple[str, ...]],
+                    name: Callable[[Tuple[str, ...]], str]) -> None:
+    """Count one message's decision into the report: its rules in ``changed`` when some
+    change was ``made`` (or would be), and what the server already had (decided, not
+    ``planned``) in ``already_done``, named by ``name(key)`` as changes are."""
+    if made:
+        for rule, _reason in decision.matches:
+            report.changed[rule] = report.changed.get(rule, 0) + 1
+    for key in _Plan.decided(decision.actions):
+        if key not in planned:
+            done = name(key)
+            report.already_done[done] = report.already_done.get(done, 0) + 1
 
 
 def _skip(report: FolderReport, uid: int, why: str) -> None:
@@ -6574,16 +6617,17 @@ def _tally(report: FolderReport, plan: _Plan, decision: Decision, info: MessageI
            folder: str, msgid: Optional[int] = None) -> Outcome:
     """Count one message classified offline into a dry-run report; plan its changes."""
     report.examined += 1
-    needed = plan.add(info.uid, decision.actions, info.flags, info.labels, folder)
+    plan.add(info.uid, decision.actions, info.flags, info.labels, folder)
     if decision.actions.labels and info.labels is None:
         plan.message_ids[info.uid] = _message_key(info.headers)
     for name, _reason in decision.matches:
         report.matched[name] = report.matched.get(name, 0) + 1
-        if needed:
-            report.changed[name] = report.changed.get(name, 0) + 1
     status = FolderStatus(folder, 0, None, 0, True)
+    keys = plan.per_uid.get(info.uid, [])
     changes = tuple(_change_entry(key, info.uid, status, info.labels is not None, {}, None)
-                    for key in plan.per_uid.get(info.uid, []))
+                    for key in keys)
+    _count_decision(report, decision, keys, keys, lambda key: describe_change(
+        _change_entry(key, info.uid, status, info.labels is not None, {}, None)))
     return Outcome(folder, info.uid, _first(header_addresses(info.headers, "from")),
                    _first(header_text(info.headers, "subject")), decision, msgid,
                    message_id=_first(header_text(info.headers, "message-id")).strip(),
@@ -7448,6 +7492,14 @@ class Run(Checkpoint):
     def changes_not_made(self) -> int:
         return sum(report.changes_not_made for report in self.reports)
 
+    def already_done(self) -> Dict[str, int]:
+        """Decisions the server already had, over all folders: ``{"label Bank": 237}``."""
+        total: Dict[str, int] = {}
+        for report in self.reports:
+            for name, count in report.already_done.items():
+                total[name] = total.get(name, 0) + count
+        return total
+
     def finish(self, status: str = "complete", error: str = "") -> Dict[str, Any]:
         """End the run: save the state, and for an ``--apply`` that changed something or
         did not complete, append the summary record to the audit log.  ``status`` is
@@ -7463,7 +7515,7 @@ class Run(Checkpoint):
             "applied": self.apply, "status": status, "error": error,
             "folders": [report.folder for report in self.reports],
             "counts": dict(self.counts), "changes_made": self.changes_made,
-            "changes_not_made": self.changes_not_made,
+            "changes_not_made": self.changes_not_made, "already_done": self.already_done(),
             "reports": [dataclasses.asdict(report) for report in self.reports],
         }
         if self.undo_of:
@@ -9936,6 +9988,13 @@ def _total_line(reports: List[FolderReport]) -> str:
         line += f"; {verb}: " + ", ".join(f"{change} ({count:,})" for change, count in changes.items())
     else:
         line += "; nothing to change"
+    already: Dict[str, int] = {}
+    for report in reports:
+        for decision, count in report.already_done.items():
+            already[decision] = already.get(decision, 0) + count
+    if already:
+        line += "; already done: " + ", ".join(f"{decision} ({count:,})"
+                                               for decision, count in already.items())
     return line + "\n"
 
 
@@ -10153,6 +10212,8 @@ def _report_table(report: FolderReport, rules: Ruleset) -> str:
         lines.append("  no rule matched")
     for change, count in report.changes.items():
         lines.append(f"  {'done' if report.applied else 'would'}: {change} ({count})")
+    for decision, count in report.already_done.items():
+        lines.append(f"  already done: {decision} ({count})")
     for name in report.created:
         lines.append(f"  {'created' if report.applied else 'would create'} {name}")
     if report.moved_missing:

@@ -7772,6 +7772,71 @@ class MutationGapsTest(AnyServerTest):
         self.assertEqual(gc._exit_code(gc.UidValidityError("x")), gc.EXIT_INCOMPLETE)
 
 
+class DecisionsAndChangesTest(AnyServerTest):
+    """Issue 15, item 5: a *decision* is what the rules choose for a message, a *change*
+    what the server still lacks of it; every count the user sees says which one it is."""
+
+    rules_doc = {"rule": [{"name": "Bank", "from": "@mybank.example", "label": "Bank"}]}
+
+    def seed_copies(self, copied: int, new: int) -> None:
+        """Off Gmail: ``copied`` bank messages whose copy is already in folder Bank (an
+        earlier run, or the user), and ``new`` ones that still need theirs."""
+        for n in range(copied + new):
+            raw = make_message(f"Statement {n}", sender="Bank <b@mybank.example>")
+            self.server.add_message(raw)
+            if n < copied:
+                self.server.add_message(raw, folder="Bank")
+
+    def test_dry_run_counts_copies_already_there_as_already_done_not_to_change(self):
+        self.serve("move")
+        self.seed_copies(copied=3, new=1)
+        code, out, err = self.cli()
+        self.assertEqual((code, err), (0, ""))
+        self.assertRegex(out, r"\n  rule\s+matched\s+to change\n  Bank\s+4\s+1\n")
+        self.assertIn("  would: label Bank (1)\n", out)
+        self.assertIn("  already done: label Bank (3)\n", out)
+
+    def test_apply_says_no_change_when_every_copy_is_already_there(self):
+        self.serve("move")
+        self.seed_copies(copied=3, new=0)
+        code, out, err = self.cli("--apply")
+        self.assertEqual((code, err), (0, ""))
+        self.assertRegex(out, r"\n  rule\s+matched\s+changed\n  Bank\s+3\s+0\n")
+        self.assertNotIn("done: label", out.replace("already done: label", ""))
+        self.assertIn("  already done: label Bank (3)\n", out)
+        self.assertTrue(out.endswith("0 changes made.\n"), out)
+        self.assertNotIn("UID COPY", self.commands())
+        self.assertEqual(len(self.server.messages("Bank")), 3)
+
+    def test_json_changes_and_already_done_add_up_to_the_decisions(self):
+        self.serve("move")
+        self.seed_copies(copied=3, new=1)
+        code, out, err = self.cli("--apply", "--json")
+        self.assertEqual((code, err), (0, ""))
+        summary = json.loads(out.splitlines()[-1])
+        report = summary["reports"][0]
+        self.assertEqual((report["matched"], report["changed"], report["changes"],
+                          report["already_done"]),
+                         ({"Bank": 4}, {"Bank": 1}, {"label Bank": 1}, {"label Bank": 3}))
+        self.assertEqual((summary["counts"], summary["changes_made"], summary["already_done"]),
+                         ({"label Bank": 1}, 1, {"label Bank": 3}))
+        self.assertEqual(len(self.server.messages("Bank")), 4)
+
+    def test_gmail_labels_and_flags_already_set_are_already_done(self):
+        self.serve("gmail")
+        self.rules_doc = {"rule": [{"name": "Bank", "from": "@mybank.example", "label": "Bank",
+                                    "star": True}]}
+        self.server.add_message(make_message("Statement 1", sender="b@mybank.example"),
+                                labels=("\\Inbox", "Bank"), flags=("\\Flagged",))
+        self.server.add_message(make_message("Statement 2", sender="b@mybank.example"),
+                                labels=("\\Inbox", "Bank"))
+        code, out, err = self.cli("--json")
+        self.assertEqual((code, err), (0, ""))
+        report = json.loads(out.splitlines()[-1])["reports"][0]
+        self.assertEqual((report["changed"], report["changes"], report["already_done"]),
+                         ({"Bank": 1}, {"star": 1}, {"label Bank": 2, "star": 1}))
+
+
 # --- Live tests against a real server (opt-in) -------------------------------------------
 #
 # The fake server is only as faithful as what we know, so the end-to-end behaviour can also
@@ -9056,8 +9121,9 @@ class CommandLineStateTest(StateTestCase):
         code, out, err = self.cli("run", *self.argv())
         self.assertEqual(code, 0, err)
         self.assertIn("INBOX 1: would label News  [News]", out)
-        self.assertNotIn("mark read", out)
+        self.assertNotIn("would: mark read", out)
         self.assertIn("would: label News (1)", out)
+        self.assertIn("already done: mark read (1)", out)   # decided, but no change
 
     def test_second_apply_while_one_holds_the_lock_exits_7(self):
         store = gc.StateStore(self.state_dir_of_cli())

@@ -1043,10 +1043,41 @@ class MoveResult:
     """The outcome of a move: ``moved`` maps each source UID to its new UID (None if unknown).
 
     ``missing`` holds the UIDs that were no longer in the source folder when we looked.
+    Only a checked plain EXPUNGE (no UIDPLUS, see GmailConnection.move) fills the other
+    two: ``stayed``, ours still in the source folder after it (copied, but another client
+    cleared their \\Deleted flag: not moved), and ``others_expunged``, how many messages
+    that were not ours it removed (another client marked them \\Deleted meanwhile).
     """
 
     moved: Mapping[int, Optional[int]]
     missing: Tuple[int, ...] = ()
+    stayed: Tuple[int, ...] = ()
+    others_expunged: int = 0
+
+
+@dataclass
+class _ExpungeCheck:
+    """What a checked plain EXPUNGE did that was not asked for (see _expunge_only)."""
+
+    stayed: List[int] = field(default_factory=list)   # ours, still in the folder
+    others: int = 0                                   # messages not ours it removed
+
+    def add(self, other: "_ExpungeCheck") -> None:
+        self.stayed.extend(other.stayed)
+        self.others += other.others
+
+    def describe(self, folder: str, destination: str) -> str:
+        """``"1 other message was deleted for good; UID 7 stayed in INBOX (...)"``."""
+        parts = []
+        if self.others:
+            one = self.others == 1
+            parts.append(f"{self.others} other message{'' if one else 's'} marked \\Deleted "
+                         f"by another client {'was' if one else 'were'} deleted for good")
+        if self.stayed:
+            parts.append(f"UID {compress_uids(self.stayed)} stayed in {folder} (their "
+                         f"\\Deleted flag was cleared; a copy is in {destination} too), so "
+                         f"{'it was' if len(self.stayed) == 1 else 'they were'} not moved")
+        return "; ".join(parts)
 
 
 @dataclass
@@ -2442,13 +2473,19 @@ class GmailConnection:
             raise self.refuse_moves()
         moved: Dict[int, Optional[int]] = {}
         missing: List[int] = []
+        surprises = _ExpungeCheck()
         with _naming(destination, "move messages to"):
             for chunk in chunk_uids(uids):
                 if self.has("MOVE"):
                     self._move_chunk(chunk, destination, moved, missing)
                 else:
-                    self._copy_delete_chunk(chunk, destination, moved, missing)
-        return MoveResult(moved, tuple(missing))
+                    self._copy_delete_chunk(chunk, destination, moved, missing, surprises)
+        if surprises.stayed or surprises.others:
+            folder = self._selected.name if self._selected else "the folder"
+            log.warning("%s: the plain EXPUNGE did not do what was expected (another mail "
+                        "client changed \\Deleted flags between the check and the "
+                        "EXPUNGE): %s", folder, surprises.describe(folder, destination))
+        return MoveResult(moved, tuple(missing), tuple(surprises.stayed), surprises.others)
 
     def _move_chunk(self, chunk: List[int], destination: str,
                     moved: Dict[int, Optional[int]], missing: List[int]) -> None:
@@ -2495,7 +2532,8 @@ class GmailConnection:
         return found
 
     def _copy_delete_chunk(self, chunk: List[int], destination: str,
-                           moved: Dict[int, Optional[int]], missing: List[int]) -> None:
+                           moved: Dict[int, Optional[int]], missing: List[int],
+                           surprises: Optional["_ExpungeCheck"] = None) -> None:
         """MOVE without MOVE: COPY (never twice, see _copy_once), then \\Deleted on exactly
         these UIDs and UID EXPUNGE of them, or without UIDPLUS a checked plain EXPUNGE.
 
@@ -2517,12 +2555,17 @@ class GmailConnection:
         if todo:
             mapping.update(self._copy_once(todo, destination))
         self.add_flags(present, ["\\Deleted"])
+        stayed: set = set()
         if self.has("UIDPLUS"):
             self.uid_expunge(present)
         else:
-            self._expunge_only(present, destination)
+            check = self._expunge_only(present, destination)
+            stayed = set(check.stayed)
+            if surprises is not None:
+                surprises.add(check)
         for uid in present:
-            moved[uid] = mapping.get(uid)
+            if uid not in stayed:
+                moved[uid] = mapping.get(uid)
 
     def _check_no_other_deleted(self, ours: set, destination: str, copied: bool) -> set:
         """Refuse (CapabilityError) if a message other than ``ours`` is marked \\Deleted in
@@ -2539,9 +2582,15 @@ class GmailConnection:
                 f"too; {done}. Expunge or unmark them, then run again", command="EXPUNGE")
         return marked & ours
 
-    def _expunge_only(self, uids: set, destination: str) -> None:
+    def _expunge_only(self, uids: set, destination: str) -> "_ExpungeCheck":
         """A plain EXPUNGE (no UIDPLUS) that removes exactly ``uids``: sent only right after
-        UID SEARCH DELETED showed no other message marked, and checked again after a drop."""
+        UID SEARCH DELETED showed no other message marked, and checked again after a drop.
+
+        Without UIDPLUS nothing closes the gap between that SEARCH and the EXPUNGE, where
+        another client may mark a message of its own \\Deleted (our EXPUNGE deletes it for
+        good) or clear the flag on one of ours (it stays).  Both can be seen afterwards:
+        each message removed is one untagged EXPUNGE (RFC 3501 §7.4.1), and ours that
+        stayed are still found by UID.  Returns what was seen (an _ExpungeCheck)."""
         cause: Optional[BaseException] = None
         for _ in range(self.retries + 1):
             try:
@@ -2550,15 +2599,23 @@ class GmailConnection:
                 self.remove_flags(uids, ["\\Deleted"])
                 raise
             if not ours:
-                return          # the last EXPUNGE got through before the link dropped
+                return _ExpungeCheck()   # the last EXPUNGE got through before the link dropped
+            expunged = [0]
+
+            def count(item: List[Any]) -> None:
+                if len(item) >= 2 and str(item[1]).upper() == "EXPUNGE":
+                    expunged[0] += 1
+
             with self._lock:
                 try:
                     self._check_background()
-                    self._execute_on(self._live(), "EXPUNGE")
-                    return
+                    self._execute_on(self._live(), "EXPUNGE", on_untagged=count)
+                    stayed = sorted(set(self._search_now(sorted(uids))) & uids)
                 except _Dropped as exc:
                     cause = exc
                     self._reconnect(exc)
+                    continue
+            return _ExpungeCheck(stayed, max(0, expunged[0] - (len(uids) - len(stayed))))
         raise ConnectionLostError(f"EXPUNGE kept failing after {self.retries} reconnects: "
                                   f"{cause}") from cause
 
@@ -5982,6 +6039,9 @@ class FolderReport:
     already_done: Dict[str, int] = field(default_factory=dict)  # "label Receipts" -> messages
     created: List[str] = field(default_factory=list)            # folders/labels (to be) created
     moved_missing: int = 0                                      # gone before we moved them
+    expunge_stayed: List[int] = field(default_factory=list)     # copied, but a plain EXPUNGE
+                                                                # left them here: not moved
+    others_expunged: int = 0        # messages not ours that a plain EXPUNGE deleted for good
     skipped: List[int] = field(default_factory=list)            # UIDs left alone (run again):
     why_skipped: Dict[int, str] = field(default_factory=dict)   # the server sent far more than
                                                                 # asked, or left items out
@@ -6485,6 +6545,8 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
             mark = step.last_uid if ok and not narrowed else None
             if mark is not None and report.skipped:
                 mark = min(mark, min(report.skipped) - 1)   # the next run looks again
+            if mark is not None and report.expunge_stayed:
+                mark = min(mark, min(report.expunge_stayed) - 1)    # not moved: not done
             if mark is not None:
                 report.mark = mark
             checkpoint.step_done(conn, status, mark, outcomes)
@@ -6778,6 +6840,8 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
     for uids, destination, key in moves:
         result = conn.move(uids, destination, allow_expunge=allow_expunge)
         report.moved_missing += len(result.missing)
+        report.expunge_stayed.extend(result.stayed)     # not in result.moved: not confirmed
+        report.others_expunged += result.others_expunged
         done(key, {uid: {"folder": destination, "uid": new} for uid, new in result.moved.items()})
 
 
@@ -9929,6 +9993,10 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
             incomplete.append(f"{report.folder}: {_plural(len(uids), 'message')} skipped "
                               f"because {why} (UID {compress_uids(uids)}); nothing was done "
                               f"to them; run again")
+        if report.expunge_stayed or report.others_expunged:
+            incomplete.append(f"{report.folder}: the plain EXPUNGE did not do what was "
+                              f"expected (see the warning above); run again when no other "
+                              f"mail client is at work there")
     summary = run.finish("incomplete" if incomplete else "complete", "; ".join(incomplete))
     if args.json:
         out.write(printable(json.dumps(summary, ensure_ascii=False)) + "\n")

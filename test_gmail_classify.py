@@ -1189,6 +1189,9 @@ class _Session(socketserver.BaseRequestHandler):
         if fault is not None and fault.action == "call":
             fault.callback()
             fault = None
+        if fault is not None and fault.action in _OTHER_CLIENT_ACTIONS:
+            self._other_client(fault)
+            fault = None
         if fault is not None and fault.action == "renumber":
             if self.selected is not None:
                 fake.bump_uidvalidity(self.selected)
@@ -1236,6 +1239,25 @@ class _Session(socketserver.BaseRequestHandler):
                 self.known, self.known_flags = snapshot
                 self._apply_fault(fault, tag)
         self._after_answer()
+
+    def _other_client(self, fault: "_Fault") -> None:
+        """Another client's STORE in this session's folder, just before the command runs:
+        \\Deleted set (mark_deleted) or cleared (unmark_deleted) on the message with UID
+        ``fault.size``, or on the first one without (with) the flag when ``size`` is 0."""
+        fake = self.fake
+        on = fault.action == "mark_deleted"
+        with fake._cond:
+            folder = fake._folders[fake._folder_key(self.selected)]
+            for uid, mid in folder.uids.items():
+                flags = fake._msgs[mid].flags
+                if (uid == fault.size) if fault.size else (("\\Deleted" in flags) != on):
+                    if on:
+                        flags.add("\\Deleted")
+                    else:
+                        flags.discard("\\Deleted")
+                    fake._changed([mid])
+                    fake.other_client.append((fault.action, self.selected, uid))
+                    return
 
     def _after_answer(self) -> None:
         after, self._after = self._after, None
@@ -2380,8 +2402,13 @@ class _Fault:
 # and "unsolicited" injects ``text`` (lines separated by CRLF) when given.
 _HOSTILE_ACTIONS = ("dribble", "huge_literal", "nesting_bomb", "huge_copyuid", "huge_search",
                     "exists_flood", "renumber", "starttls_inject")
+# Another client at work in the same folder, just before the command runs (then the command
+# runs normally): mark_deleted / unmark_deleted set or clear \Deleted on the message with
+# UID ``size`` (0: the first message without / with the flag).  FakeGmail.other_client
+# lists what they did: (action, folder, UID).
+_OTHER_CLIENT_ACTIONS = ("mark_deleted", "unmark_deleted")
 _FAULT_ACTIONS = ("bye", "drop", "reset", "delay", "no", "bad", "garbage",
-                  "unsolicited", "call") + _HOSTILE_ACTIONS
+                  "unsolicited", "call") + _HOSTILE_ACTIONS + _OTHER_CLIENT_ACTIONS
 _FAULT_WHEN = ("before", "after", "mid")
 
 
@@ -2452,6 +2479,7 @@ class FakeGmail:
         self.raw_lines: List[bytes] = []       # every line (and literal) received, in order
         self.long_lines: List[bytes] = []      # commands longer than 8192 octets (excl. literals)
         self.fired: List[Tuple[Optional[str], str, str]] = []
+        self.other_client: List[Tuple[str, Optional[str], int]] = []   # see _OTHER_CLIENT_ACTIONS
         self.sasl_errors: List[bytes] = []     # non-empty answers to a SASL failure challenge etc.
         self.errors: List[str] = []            # tracebacks of bugs in the fake (should stay empty)
         self._cond = threading.Condition(threading.RLock())
@@ -7336,6 +7364,88 @@ class ServerKindsTest(AnyServerTest):
         self.assertIn("refusing to move messages out of Lists", err)
         self.assertEqual(self.writes(), set())
         self.assertNotIn("SELECT", self.commands())
+
+    # Issue 15, item 8: without UIDPLUS nothing closes the gap between UID SEARCH DELETED
+    # and EXPUNGE; another client acting in it is seen afterwards and reported.
+
+    def test_plain_expunge_counts_what_it_removed_and_finds_ours_that_stayed(self):
+        for action, size in (("mark_deleted", 3), ("unmark_deleted", 0)):
+            with self.subTest(action=action):
+                self.serve("neither")
+                for index in range(3):
+                    self.server.add_message(make_message(f"receipt {index}"))
+                conn = self.connect()
+                conn.select("INBOX")
+                self.server.add_fault("EXPUNGE", action=action, size=size)
+                with self.assertLogs("gmail_classify", "WARNING") as logs:
+                    result = conn.move([1, 2], "Archive", allow_expunge=True)
+                self.assertEqual(len(self.server.other_client), 1)
+                self.assertEqual(self.subjects("Archive"), ["receipt 0", "receipt 1"])
+                if action == "mark_deleted":
+                    # UID 3 was not ours: deleted for good, and said so.
+                    self.assertEqual((sorted(result.moved), result.stayed,
+                                      result.others_expunged), ([1, 2], (), 1))
+                    self.assertEqual(self.server.uids("INBOX"), [])
+                    self.assertIn("1 other message marked \\Deleted by another client was "
+                                  "deleted for good", "\n".join(logs.output))
+                else:
+                    # Ours at UID 1 lost its flag: it stayed, and is not reported as moved.
+                    self.assertEqual((sorted(result.moved), result.stayed,
+                                      result.others_expunged), ([2], (1,), 0))
+                    self.assertEqual(self.server.uids("INBOX"), [1, 3])
+                    self.assertIn("UID 1 stayed in INBOX", "\n".join(logs.output))
+                wire = [e.line for e in self.server.log]
+                expunge_at = wire.index(next(l for l in wire if l.endswith(b" EXPUNGE\r\n")))
+                self.assertTrue(wire[expunge_at + 1].endswith(b" UID SEARCH UID 1:2\r\n"),
+                                wire[expunge_at + 1])
+
+    def test_plain_expunge_without_a_race_warns_of_nothing(self):
+        self.serve("neither")
+        for index in range(3):
+            self.server.add_message(make_message(f"receipt {index}"))
+        conn = self.connect()
+        conn.select("INBOX")
+        with mock.patch.object(gc.log, "warning") as warning:
+            result = conn.move([1, 2], "Archive", allow_expunge=True)
+        self.assertEqual((sorted(result.moved), result.stayed, result.others_expunged),
+                         ([1, 2], (), 0))
+        warning.assert_not_called()
+
+    def test_a_message_of_ours_left_by_the_expunge_holds_the_mark_back(self):
+        self.serve("neither")
+        self.seed()
+        self.server.add_fault("EXPUNGE", action="unmark_deleted")   # the first move: Lists
+        rules = gc.parse_rules(KIND_RULES, "rules.json")
+        with self.assertLogs("gmail_classify", "WARNING"):
+            report = gc.classify_folder(self.connect(), rules, "INBOX", apply=True,
+                                        allow_expunge=True)
+        self.assertEqual(self.server.other_client, [("unmark_deleted", "INBOX", 2)])
+        self.assertEqual((report.expunge_stayed, report.others_expunged), ([2], 0))
+        self.assertEqual(report.mark, 1)            # UID 2 is not done: the next run looks again
+        self.assertNotIn("move to Lists", report.changes)
+        self.assertEqual(report.changes["trash"], 1)
+        self.assertEqual(self.subjects("INBOX"), ["Digest", "Lunch?", "Statement"])
+
+    def test_cli_exits_6_naming_what_the_expunge_did_for_either_race(self):
+        for action, size in (("mark_deleted", 6), ("unmark_deleted", 0)):
+            with self.subTest(action=action):
+                self.serve("neither")
+                self.seed()
+                other = self.server.add_message(make_message("someone else's"))   # UID 6
+                self.server.add_fault("EXPUNGE", action=action, size=size)
+                code, out, err = self.cli("--apply", "--allow-expunge")
+                self.assertEqual(code, gc.EXIT_INCOMPLETE, err)
+                self.assertIn("the plain EXPUNGE did not do what was expected", err)
+                self.assertIn("run again", err)
+                if action == "mark_deleted":
+                    self.assertIn("1 other message marked \\Deleted by another client was "
+                                  "deleted for good", err)
+                    with self.assertRaises(KeyError):
+                        self.server.message(other)
+                else:
+                    self.assertIn("UID 2 stayed in INBOX", err)
+                    self.assertIn("a copy is in Lists too", err)
+                    self.assertIn("Digest", self.subjects("INBOX"))
 
     def test_kind_table_builds_what_it_says(self):
         caps = {}

@@ -7932,6 +7932,17 @@ class DecisionsAndChangesTest(AnyServerTest):
                          ({"label Bank": 1}, 1, {"label Bank": 3}))
         self.assertEqual(len(self.server.messages("Bank")), 4)
 
+    def test_total_over_folders_adds_up_changes_and_already_done(self):
+        self.serve("move")
+        self.seed_copies(copied=2, new=1)
+        raw = make_message("Statement in Old", sender="Bank <b@mybank.example>")
+        self.server.add_message(raw, folder="Old")
+        self.server.add_message(raw, folder="Bank")
+        code, out, err = self.cli("--folder", "INBOX", "--folder", "Old")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("All 2 folders: 4 messages examined; would: label Bank (1); "
+                      "already done: label Bank (3)\n", out)
+
     def test_gmail_labels_and_flags_already_set_are_already_done(self):
         self.serve("gmail")
         self.rules_doc = {"rule": [{"name": "Bank", "from": "@mybank.example", "label": "Bank",

@@ -7943,6 +7943,23 @@ class DecisionsAndChangesTest(AnyServerTest):
         self.assertIn("All 2 folders: 4 messages examined; would: label Bank (1); "
                       "already done: label Bank (3)\n", out)
 
+    def test_a_move_archive_trash_or_flag_the_server_already_has_is_already_done(self):
+        table = (("Lists", {"move": "Lists", "mark_unread": True}, (),
+                  {"move to Lists": 1, "mark unread": 1}),
+                 ("Archive", {"archive": True, "unstar": True}, (), {"archive": 1, "unstar": 1}),
+                 ("Trash", {"trash": True, "mark_read": True}, ("\\Seen",),
+                  {"trash": 1, "mark read": 1}))
+        for folder, actions, flags, expected in table:
+            with self.subTest(folder=folder):
+                self.serve("move")
+                self.server.add_message(make_message("Digest"), folder=folder, flags=flags)
+                rules = gc.parse_rules({"rule": [dict(name="R", subject="Digest", **actions)]},
+                                       "rules.json")
+                report = gc.classify_folder(self.connect(), rules, folder, apply=True)
+                self.assertEqual((report.changes, report.changed, report.already_done),
+                                 ({}, {}, expected))
+                self.assertEqual(self.writes(), set())
+
     def test_gmail_labels_and_flags_already_set_are_already_done(self):
         self.serve("gmail")
         self.rules_doc = {"rule": [{"name": "Bank", "from": "@mybank.example", "label": "Bank",

@@ -1108,10 +1108,41 @@ class MoveResult:
     """The outcome of a move: ``moved`` maps each source UID to its new UID (None if unknown).
 
     ``missing`` holds the UIDs that were no longer in the source folder when we looked.
+    Only a checked plain EXPUNGE (no UIDPLUS, see GmailConnection.move) fills the other
+    two: ``stayed``, ours still in the source folder after it (copied, but another client
+    cleared their \\Deleted flag: not moved), and ``others_expunged``, how many messages
+    that were not ours it removed (another client marked them \\Deleted meanwhile).
     """
 
     moved: Mapping[int, Optional[int]]
     missing: Tuple[int, ...] = ()
+    stayed: Tuple[int, ...] = ()
+    others_expunged: int = 0
+
+
+@dataclass
+class _ExpungeCheck:
+    """What a checked plain EXPUNGE did that was not asked for (see _expunge_only)."""
+
+    stayed: List[int] = field(default_factory=list)   # ours, still in the folder
+    others: int = 0                                   # messages not ours it removed
+
+    def add(self, other: "_ExpungeCheck") -> None:
+        self.stayed.extend(other.stayed)
+        self.others += other.others
+
+    def describe(self, folder: str, destination: str) -> str:
+        """``"1 other message was deleted for good; UID 7 stayed in INBOX (...)"``."""
+        parts = []
+        if self.others:
+            one = self.others == 1
+            parts.append(f"{self.others} other message{'' if one else 's'} marked \\Deleted "
+                         f"by another client {'was' if one else 'were'} deleted for good")
+        if self.stayed:
+            parts.append(f"UID {compress_uids(self.stayed)} stayed in {folder} (their "
+                         f"\\Deleted flag was cleared; a copy is in {destination} too), so "
+                         f"{'it was' if len(self.stayed) == 1 else 'they were'} not moved")
+        return "; ".join(parts)
 
 
 @dataclass
@@ -2645,13 +2676,19 @@ class GmailConnection:
             raise self.refuse_moves()
         moved: Dict[int, Optional[int]] = {}
         missing: List[int] = []
+        surprises = _ExpungeCheck()
         with _naming(destination, "move messages to"):
             for chunk in chunk_uids(uids):
                 if self.has("MOVE"):
                     self._move_chunk(chunk, destination, moved, missing)
                 else:
-                    self._copy_delete_chunk(chunk, destination, moved, missing)
-        return MoveResult(moved, tuple(missing))
+                    self._copy_delete_chunk(chunk, destination, moved, missing, surprises)
+        if surprises.stayed or surprises.others:
+            folder = self._selected.name if self._selected else "the folder"
+            log.warning("%s: the plain EXPUNGE did not do what was expected (another mail "
+                        "client changed \\Deleted flags between the check and the "
+                        "EXPUNGE): %s", folder, surprises.describe(folder, destination))
+        return MoveResult(moved, tuple(missing), tuple(surprises.stayed), surprises.others)
 
     def _move_chunk(self, chunk: List[int], destination: str,
                     moved: Dict[int, Optional[int]], missing: List[int]) -> None:
@@ -2698,7 +2735,8 @@ class GmailConnection:
         return found
 
     def _copy_delete_chunk(self, chunk: List[int], destination: str,
-                           moved: Dict[int, Optional[int]], missing: List[int]) -> None:
+                           moved: Dict[int, Optional[int]], missing: List[int],
+                           surprises: Optional["_ExpungeCheck"] = None) -> None:
         """MOVE without MOVE: COPY (never twice, see _copy_once), then \\Deleted on exactly
         these UIDs and UID EXPUNGE of them, or without UIDPLUS a checked plain EXPUNGE.
 
@@ -2720,12 +2758,17 @@ class GmailConnection:
         if todo:
             mapping.update(self._copy_once(todo, destination))
         self.add_flags(present, ["\\Deleted"])
+        stayed: set = set()
         if self.has("UIDPLUS"):
             self.uid_expunge(present)
         else:
-            self._expunge_only(present, destination)
+            check = self._expunge_only(present, destination)
+            stayed = set(check.stayed)
+            if surprises is not None:
+                surprises.add(check)
         for uid in present:
-            moved[uid] = mapping.get(uid)
+            if uid not in stayed:
+                moved[uid] = mapping.get(uid)
 
     def _check_no_other_deleted(self, ours: set, destination: str, copied: bool) -> set:
         """Refuse (CapabilityError) if a message other than ``ours`` is marked \\Deleted in
@@ -2742,9 +2785,15 @@ class GmailConnection:
                 f"too; {done}. Expunge or unmark them, then run again", command="EXPUNGE")
         return marked & ours
 
-    def _expunge_only(self, uids: set, destination: str) -> None:
+    def _expunge_only(self, uids: set, destination: str) -> "_ExpungeCheck":
         """A plain EXPUNGE (no UIDPLUS) that removes exactly ``uids``: sent only right after
-        UID SEARCH DELETED showed no other message marked, and checked again after a drop."""
+        UID SEARCH DELETED showed no other message marked, and checked again after a drop.
+
+        Without UIDPLUS nothing closes the gap between that SEARCH and the EXPUNGE, where
+        another client may mark a message of its own \\Deleted (our EXPUNGE deletes it for
+        good) or clear the flag on one of ours (it stays).  Both can be seen afterwards:
+        each message removed is one untagged EXPUNGE (RFC 3501 §7.4.1), and ours that
+        stayed are still found by UID.  Returns what was seen (an _ExpungeCheck)."""
         cause: Optional[BaseException] = None
         for _ in range(self.retries + 1):
             try:
@@ -2753,15 +2802,23 @@ class GmailConnection:
                 self.remove_flags(uids, ["\\Deleted"])
                 raise
             if not ours:
-                return          # the last EXPUNGE got through before the link dropped
+                return _ExpungeCheck()   # the last EXPUNGE got through before the link dropped
+            expunged = [0]
+
+            def count(item: List[Any]) -> None:
+                if len(item) >= 2 and str(item[1]).upper() == "EXPUNGE":
+                    expunged[0] += 1
+
             with self._lock:
                 try:
                     self._check_background()
-                    self._execute_on(self._live(), "EXPUNGE")
-                    return
+                    self._execute_on(self._live(), "EXPUNGE", on_untagged=count)
+                    stayed = sorted(set(self._search_now(sorted(uids))) & uids)
                 except _Dropped as exc:
                     cause = exc
                     self._reconnect(exc)
+                    continue
+            return _ExpungeCheck(stayed, max(0, expunged[0] - (len(uids) - len(stayed))))
         raise ConnectionLostError(f"EXPUNGE kept failing after {self.retries} reconnects: "
                                   f"{cause}") from cause
 
@@ -6169,16 +6226,26 @@ class Outcome:
 
 @dataclass
 class FolderReport:
-    """Counts for one folder run: what matched, what was (or would be) done."""
+    """Counts for one folder run: what matched, what was (or would be) done.
+
+    A *decision* is what the rules chose for a message ("label Bank"); a *change* is
+    what the server still lacked of it.  ``changes`` counts changes only; decisions the
+    server already had (the label, the flag, a copy in the label's folder off Gmail) are
+    counted in ``already_done``, so the two always add up to what the rules decided.
+    """
 
     folder: str
     applied: bool
     examined: int = 0
     matched: Dict[str, int] = field(default_factory=dict)       # rule name -> messages
-    changed: Dict[str, int] = field(default_factory=dict)       # rule name -> needing a change
+    changed: Dict[str, int] = field(default_factory=dict)       # rule name -> messages changed
     changes: Dict[str, int] = field(default_factory=dict)       # "label Receipts" -> messages
+    already_done: Dict[str, int] = field(default_factory=dict)  # "label Receipts" -> messages
     created: List[str] = field(default_factory=list)            # folders/labels (to be) created
     moved_missing: int = 0                                      # gone before we moved them
+    expunge_stayed: List[int] = field(default_factory=list)     # copied, but a plain EXPUNGE
+                                                                # left them here: not moved
+    others_expunged: int = 0        # messages not ours that a plain EXPUNGE deleted for good
     skipped: List[int] = field(default_factory=list)            # UIDs left alone (run again):
     why_skipped: Dict[int, str] = field(default_factory=dict)   # the server sent far more than
                                                                 # asked, or left items out
@@ -6248,6 +6315,25 @@ class _Plan:
         if keys:
             self.per_uid[uid] = keys
         return bool(keys)
+
+    @staticmethod
+    def decided(actions: Actions) -> List[Tuple[str, ...]]:
+        """The keys of everything ``actions`` ask for, needed or not (see add): the
+        decision, of which the plan keeps only the changes."""
+        keys: List[Tuple[str, ...]] = [("label", label) for label in actions.labels]
+        for flag, on, off in (("\\Seen", actions.mark_read, actions.mark_unread),
+                              ("\\Flagged", actions.star, actions.unstar)):
+            if on:
+                keys.append(("flag+", flag))
+            elif off:
+                keys.append(("flag-", flag))
+        if actions.trash:
+            keys.append(("trash",))
+        elif actions.move:
+            keys.append(("move", actions.move))
+        elif actions.archive:
+            keys.append(("archive",))
+        return keys
 
     def drop_label(self, label: str, uids: Iterable[int]) -> None:
         """Forget a planned label for ``uids`` (off Gmail: that folder already holds them)."""
@@ -6648,6 +6734,8 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                 for change in changes:
                     name = describe_change(change)
                     report.changes[name] = report.changes.get(name, 0) + 1
+                _count_decision(report, decision, keys, made, lambda key: describe_change(
+                    _change_entry(key, uid, status, conn.is_gmail, destinations, None)))
                 if apply:
                     report.changes_made += len(made)
                     if not ok:
@@ -6661,6 +6749,8 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
             mark = step.last_uid if ok and not narrowed else None
             if mark is not None and report.skipped:
                 mark = min(mark, min(report.skipped) - 1)   # the next run looks again
+            if mark is not None and report.expunge_stayed:
+                mark = min(mark, min(report.expunge_stayed) - 1)    # not moved: not done
             if mark is not None:
                 report.mark = mark
             checkpoint.step_done(conn, status, mark, outcomes)
@@ -6751,19 +6841,34 @@ def _classify_batch(conn: GmailConnection, rules: Ruleset, batch: List[int], ite
             decision = dataclasses.replace(decision,
                                            actions=decision.actions.expanded(info, separator))
         report.examined += 1
-        needed = step.plan.add(uid, decision.actions, info.flags, info.labels, source or folder,
-                               in_trash=in_trash, in_archive=in_archive)
+        # report.changed is counted when the step is done: off Gmail the plan may still
+        # lose label copies the label's folder already holds (_drop_copies_already_there).
+        step.plan.add(uid, decision.actions, info.flags, info.labels, source or folder,
+                      in_trash=in_trash, in_archive=in_archive)
         if decision.actions.labels and info.labels is None:
             step.plan.message_ids[uid] = _message_key(info.headers)
         for name, _reason in decision.matches:
             report.matched[name] = report.matched.get(name, 0) + 1
-            if needed:
-                report.changed[name] = report.changed.get(name, 0) + 1
         step.infos[uid] = info
         step.decisions[uid] = decision
         step.msgids[uid] = fetched[uid].get("X-GM-MSGID")
     # Skipped messages (gone between SEARCH and FETCH too) keep the mark below them.
     step.last_uid = batch[-1] if batch else step.last_uid
+
+
+def _count_decision(report: FolderReport, decision: Decision, planned: Sequence[Tuple[str, ...]],
+                    made: Sequence[Tuple[str, ...]],
+                    name: Callable[[Tuple[str, ...]], str]) -> None:
+    """Count one message's decision into the report: its rules in ``changed`` when some
+    change was ``made`` (or would be), and what the server already had (decided, not
+    ``planned``) in ``already_done``, named by ``name(key)`` as changes are."""
+    if made:
+        for rule, _reason in decision.matches:
+            report.changed[rule] = report.changed.get(rule, 0) + 1
+    for key in _Plan.decided(decision.actions):
+        if key not in planned:
+            done = name(key)
+            report.already_done[done] = report.already_done.get(done, 0) + 1
 
 
 def _skip(report: FolderReport, uid: int, why: str) -> None:
@@ -6778,16 +6883,17 @@ def _tally(report: FolderReport, plan: _Plan, decision: Decision, info: MessageI
            folder: str, msgid: Optional[int] = None) -> Outcome:
     """Count one message classified offline into a dry-run report; plan its changes."""
     report.examined += 1
-    needed = plan.add(info.uid, decision.actions, info.flags, info.labels, folder)
+    plan.add(info.uid, decision.actions, info.flags, info.labels, folder)
     if decision.actions.labels and info.labels is None:
         plan.message_ids[info.uid] = _message_key(info.headers)
     for name, _reason in decision.matches:
         report.matched[name] = report.matched.get(name, 0) + 1
-        if needed:
-            report.changed[name] = report.changed.get(name, 0) + 1
     status = FolderStatus(folder, 0, None, 0, True)
+    keys = plan.per_uid.get(info.uid, [])
     changes = tuple(_change_entry(key, info.uid, status, info.labels is not None, {}, None)
-                    for key in plan.per_uid.get(info.uid, []))
+                    for key in keys)
+    _count_decision(report, decision, keys, keys, lambda key: describe_change(
+        _change_entry(key, info.uid, status, info.labels is not None, {}, None)))
     return Outcome(folder, info.uid, _first(header_addresses(info.headers, "from")),
                    _first(header_text(info.headers, "subject")), decision, msgid,
                    message_id=_first(header_text(info.headers, "message-id")).strip(),
@@ -6938,6 +7044,8 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
     for uids, destination, key in moves:
         result = conn.move(uids, destination, allow_expunge=allow_expunge)
         report.moved_missing += len(result.missing)
+        report.expunge_stayed.extend(result.stayed)     # not in result.moved: not confirmed
+        report.others_expunged += result.others_expunged
         done(key, {uid: {"folder": destination, "uid": new} for uid, new in result.moved.items()})
 
 
@@ -7610,7 +7718,8 @@ class Run(Checkpoint):
         self.narrowed = False
         self._memory_marks: Dict[str, FolderState] = {}
         self._conn: Optional[GmailConnection] = None
-        self._bytes_seen = 0
+        self._bytes_seen = 0            # the connection's bytes_received when last counted
+        self.bytes_counted = 0          # what this run added to the day's download count
         self._largest_fetch = 0
         self._last_fetch_bytes: Optional[int] = None
         self._warned_half = False
@@ -7651,6 +7760,14 @@ class Run(Checkpoint):
     def changes_not_made(self) -> int:
         return sum(report.changes_not_made for report in self.reports)
 
+    def already_done(self) -> Dict[str, int]:
+        """Decisions the server already had, over all folders: ``{"label Bank": 237}``."""
+        total: Dict[str, int] = {}
+        for report in self.reports:
+            for name, count in report.already_done.items():
+                total[name] = total.get(name, 0) + count
+        return total
+
     def finish(self, status: str = "complete", error: str = "") -> Dict[str, Any]:
         """End the run: save the state, and for an ``--apply`` that changed something or
         did not complete, append the summary record to the audit log.  ``status`` is
@@ -7666,14 +7783,14 @@ class Run(Checkpoint):
             "applied": self.apply, "status": status, "error": error,
             "folders": [report.folder for report in self.reports],
             "counts": dict(self.counts), "changes_made": self.changes_made,
-            "changes_not_made": self.changes_not_made,
+            "changes_not_made": self.changes_not_made, "already_done": self.already_done(),
             "reports": [dataclasses.asdict(report) for report in self.reports],
         }
         if self.undo_of:
             summary["undo_of"] = self.undo_of
         if self._conn is not None:
             summary.update(imap_commands=self._conn.commands_sent,
-                           bytes_received=self._conn.bytes_received,
+                           bytes_received=self.bytes_counted,
                            reconnects=self._conn.reconnects)
         if self.apply and (self.changes_made or self.changes_not_made or
                            (status != "complete" and self.reports)):
@@ -7791,11 +7908,21 @@ class Run(Checkpoint):
         if self.apply and not self.narrowed:
             self.store.set_folder(self.account, folder, state)
 
+    def count_after(self, previous: "Run") -> None:
+        """Go on counting downloaded bytes where ``previous`` stopped, on the connection
+        they share (a watch's wake-ups): without this, a run that meets a connection
+        counts all it received since it connected, as it must for a new one, and every
+        wake-up on a long-lived connection would count the whole watch again."""
+        if previous._conn is not None:
+            self._conn, self._bytes_seen = previous._conn, previous._bytes_seen
+
     def _count_bytes(self, conn: GmailConnection) -> None:
         if conn is not self._conn:
             self._conn, self._bytes_seen = conn, 0
             self._last_fetch_bytes = None
-        self.store.add_download(self.account, conn.bytes_received - self._bytes_seen)
+        received = conn.bytes_received - self._bytes_seen
+        self.store.add_download(self.account, received)
+        self.bytes_counted += received
         self._bytes_seen = conn.bytes_received
 
 
@@ -8517,6 +8644,7 @@ class WatchSession:
         self._all_folders = reclassify
         self._new_only_folders = new_only
         self._dry_run: Optional[Run] = None
+        self._last_run: Optional[Run] = None
         self.runs = 0               # wake-ups that ran (applied or not)
 
     def check_start(self, folders: Sequence[str]) -> None:
@@ -8543,6 +8671,9 @@ class WatchSession:
                         apply=self.apply, daily_budget=self.daily_budget, command="watch",
                         on_record=self.on_record, on_message=self.on_message,
                         stopping=self.stopping)
+        if self._last_run is not None:
+            run.count_after(self._last_run)     # one connection, many runs: count each byte once
+        self._last_run = run
         if not self.apply:
             self._dry_run = run
         return run
@@ -10068,6 +10199,10 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
             incomplete.append(f"{report.folder}: {_plural(len(uids), 'message')} skipped "
                               f"because {why} (UID {compress_uids(uids)}); nothing was done "
                               f"to them; run again")
+        if report.expunge_stayed or report.others_expunged:
+            incomplete.append(f"{report.folder}: the plain EXPUNGE did not do what was "
+                              f"expected (see the warning above); run again when no other "
+                              f"mail client is at work there")
     summary = run.finish("incomplete" if incomplete else "complete", "; ".join(incomplete))
     if args.json:
         out.write(printable(json.dumps(summary, ensure_ascii=False)) + "\n")
@@ -10127,6 +10262,13 @@ def _total_line(reports: List[FolderReport]) -> str:
         line += f"; {verb}: " + ", ".join(f"{change} ({count:,})" for change, count in changes.items())
     else:
         line += "; nothing to change"
+    already: Dict[str, int] = {}
+    for report in reports:
+        for decision, count in report.already_done.items():
+            already[decision] = already.get(decision, 0) + count
+    if already:
+        line += "; already done: " + ", ".join(f"{decision} ({count:,})"
+                                               for decision, count in already.items())
     return line + "\n"
 
 
@@ -10344,6 +10486,8 @@ def _report_table(report: FolderReport, rules: Ruleset) -> str:
         lines.append("  no rule matched")
     for change, count in report.changes.items():
         lines.append(f"  {'done' if report.applied else 'would'}: {change} ({count})")
+    for decision, count in report.already_done.items():
+        lines.append(f"  already done: {decision} ({count})")
     for name in report.created:
         lines.append(f"  {'created' if report.applied else 'would create'} {name}")
     if report.moved_missing:

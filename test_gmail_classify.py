@@ -1193,6 +1193,9 @@ class _Session(socketserver.BaseRequestHandler):
         if fault is not None and fault.action == "call":
             fault.callback()
             fault = None
+        if fault is not None and fault.action in _OTHER_CLIENT_ACTIONS:
+            self._other_client(fault)
+            fault = None
         if fault is not None and fault.action == "renumber":
             if self.selected is not None:
                 fake.bump_uidvalidity(self.selected)
@@ -1243,6 +1246,25 @@ class _Session(socketserver.BaseRequestHandler):
                 self.known, self.known_flags = snapshot
                 self._apply_fault(fault, tag)
         self._after_answer()
+
+    def _other_client(self, fault: "_Fault") -> None:
+        """Another client's STORE in this session's folder, just before the command runs:
+        \\Deleted set (mark_deleted) or cleared (unmark_deleted) on the message with UID
+        ``fault.size``, or on the first one without (with) the flag when ``size`` is 0."""
+        fake = self.fake
+        on = fault.action == "mark_deleted"
+        with fake._cond:
+            folder = fake._folders[fake._folder_key(self.selected)]
+            for uid, mid in folder.uids.items():
+                flags = fake._msgs[mid].flags
+                if (uid == fault.size) if fault.size else (("\\Deleted" in flags) != on):
+                    if on:
+                        flags.add("\\Deleted")
+                    else:
+                        flags.discard("\\Deleted")
+                    fake._changed([mid])
+                    fake.other_client.append((fault.action, self.selected, uid))
+                    return
 
     def _after_answer(self) -> None:
         after, self._after = self._after, None
@@ -2434,8 +2456,13 @@ class _Fault:
 _HOSTILE_ACTIONS = ("dribble", "huge_literal", "nesting_bomb", "huge_copyuid", "huge_search",
                     "exists_flood", "renumber", "starttls_inject", "flood", "big_list",
                     "repeat_fetch", "lying_exists")
+# Another client at work in the same folder, just before the command runs (then the command
+# runs normally): mark_deleted / unmark_deleted set or clear \Deleted on the message with
+# UID ``size`` (0: the first message without / with the flag).  FakeGmail.other_client
+# lists what they did: (action, folder, UID).
+_OTHER_CLIENT_ACTIONS = ("mark_deleted", "unmark_deleted")
 _FAULT_ACTIONS = ("bye", "drop", "reset", "delay", "no", "bad", "garbage",
-                  "unsolicited", "call", "echo") + _HOSTILE_ACTIONS
+                  "unsolicited", "call", "echo") + _HOSTILE_ACTIONS + _OTHER_CLIENT_ACTIONS
 _FAULT_WHEN = ("before", "after", "mid")
 
 
@@ -2506,6 +2533,7 @@ class FakeGmail:
         self.raw_lines: List[bytes] = []       # every line (and literal) received, in order
         self.long_lines: List[bytes] = []      # commands longer than 8192 octets (excl. literals)
         self.fired: List[Tuple[Optional[str], str, str]] = []
+        self.other_client: List[Tuple[str, Optional[str], int]] = []   # see _OTHER_CLIENT_ACTIONS
         self.sasl_errors: List[bytes] = []     # non-empty answers to a SASL failure challenge etc.
         self.errors: List[str] = []            # tracebacks of bugs in the fake (should stay empty)
         self._cond = threading.Condition(threading.RLock())
@@ -6364,6 +6392,33 @@ class WatcherTest(FakeServerTest):
         self.assertEqual(self.server.uids("INBOX"), [])
         self.assertGreater(len(left), 0)
 
+    def test_each_wake_up_counts_only_its_own_bytes_toward_the_budget(self):
+        # One connection, many wake-ups (each a Run when applying), traffic between them
+        # (NOOP here, IDLE in a real watch), and now and then new mail: the day's count is
+        # what the connection received, each byte once, whether the watch applies or not.
+        counted: Dict[bool, Tuple[int, int, int]] = {}
+        for apply in (False, True):
+            with self.subTest(apply=apply):
+                store = gc.StateStore(os.path.join(self.tmp, f"state-{apply}"))
+                store.load()
+                session = gc.WatchSession(store, lambda: self.rules, USER, "127.0.0.1",
+                                          self.server.port, apply=apply, reclassify=True,
+                                          batch_size=2)
+                session.check_start(["INBOX"])
+                conn = self.connect()
+                for wake in range(40):
+                    if wake % 10 == 5:
+                        self.server.deliver(make_message(f"hello {apply} {wake}"))
+                    session(conn, ["INBOX"])
+                    conn.noop()
+                session(conn, ["INBOX"])
+                used = store.downloaded(session.account)
+                self.assertEqual(session.runs, 41)
+                self.assertEqual(used, conn.bytes_received)
+                counted[apply] = (used, conn.bytes_received, session._last_run.bytes_counted)
+        # Each applying wake-up counted its own bytes: the last one, far less than the total.
+        self.assertLess(counted[True][2], counted[True][1] // 10)
+
     def test_reload_is_asked_for_at_a_safe_point(self):
         reloads: List[int] = []
         changed = [False]
@@ -7364,6 +7419,88 @@ class ServerKindsTest(AnyServerTest):
         self.assertEqual(self.writes(), set())
         self.assertNotIn("SELECT", self.commands())
 
+    # Issue 15, item 8: without UIDPLUS nothing closes the gap between UID SEARCH DELETED
+    # and EXPUNGE; another client acting in it is seen afterwards and reported.
+
+    def test_plain_expunge_counts_what_it_removed_and_finds_ours_that_stayed(self):
+        for action, size in (("mark_deleted", 3), ("unmark_deleted", 0)):
+            with self.subTest(action=action):
+                self.serve("neither")
+                for index in range(3):
+                    self.server.add_message(make_message(f"receipt {index}"))
+                conn = self.connect()
+                conn.select("INBOX")
+                self.server.add_fault("EXPUNGE", action=action, size=size)
+                with self.assertLogs("gmail_classify", "WARNING") as logs:
+                    result = conn.move([1, 2], "Archive", allow_expunge=True)
+                self.assertEqual(len(self.server.other_client), 1)
+                self.assertEqual(self.subjects("Archive"), ["receipt 0", "receipt 1"])
+                if action == "mark_deleted":
+                    # UID 3 was not ours: deleted for good, and said so.
+                    self.assertEqual((sorted(result.moved), result.stayed,
+                                      result.others_expunged), ([1, 2], (), 1))
+                    self.assertEqual(self.server.uids("INBOX"), [])
+                    self.assertIn("1 other message marked \\Deleted by another client was "
+                                  "deleted for good", "\n".join(logs.output))
+                else:
+                    # Ours at UID 1 lost its flag: it stayed, and is not reported as moved.
+                    self.assertEqual((sorted(result.moved), result.stayed,
+                                      result.others_expunged), ([2], (1,), 0))
+                    self.assertEqual(self.server.uids("INBOX"), [1, 3])
+                    self.assertIn("UID 1 stayed in INBOX", "\n".join(logs.output))
+                wire = [e.line for e in self.server.log]
+                expunge_at = wire.index(next(l for l in wire if l.endswith(b" EXPUNGE\r\n")))
+                self.assertTrue(wire[expunge_at + 1].endswith(b" UID SEARCH UID 1:2\r\n"),
+                                wire[expunge_at + 1])
+
+    def test_plain_expunge_without_a_race_warns_of_nothing(self):
+        self.serve("neither")
+        for index in range(3):
+            self.server.add_message(make_message(f"receipt {index}"))
+        conn = self.connect()
+        conn.select("INBOX")
+        with mock.patch.object(gc.log, "warning") as warning:
+            result = conn.move([1, 2], "Archive", allow_expunge=True)
+        self.assertEqual((sorted(result.moved), result.stayed, result.others_expunged),
+                         ([1, 2], (), 0))
+        warning.assert_not_called()
+
+    def test_a_message_of_ours_left_by_the_expunge_holds_the_mark_back(self):
+        self.serve("neither")
+        self.seed()
+        self.server.add_fault("EXPUNGE", action="unmark_deleted")   # the first move: Lists
+        rules = gc.parse_rules(KIND_RULES, "rules.json")
+        with self.assertLogs("gmail_classify", "WARNING"):
+            report = gc.classify_folder(self.connect(), rules, "INBOX", apply=True,
+                                        allow_expunge=True)
+        self.assertEqual(self.server.other_client, [("unmark_deleted", "INBOX", 2)])
+        self.assertEqual((report.expunge_stayed, report.others_expunged), ([2], 0))
+        self.assertEqual(report.mark, 1)            # UID 2 is not done: the next run looks again
+        self.assertNotIn("move to Lists", report.changes)
+        self.assertEqual(report.changes["trash"], 1)
+        self.assertEqual(self.subjects("INBOX"), ["Digest", "Lunch?", "Statement"])
+
+    def test_cli_exits_6_naming_what_the_expunge_did_for_either_race(self):
+        for action, size in (("mark_deleted", 6), ("unmark_deleted", 0)):
+            with self.subTest(action=action):
+                self.serve("neither")
+                self.seed()
+                other = self.server.add_message(make_message("someone else's"))   # UID 6
+                self.server.add_fault("EXPUNGE", action=action, size=size)
+                code, out, err = self.cli("--apply", "--allow-expunge")
+                self.assertEqual(code, gc.EXIT_INCOMPLETE, err)
+                self.assertIn("the plain EXPUNGE did not do what was expected", err)
+                self.assertIn("run again", err)
+                if action == "mark_deleted":
+                    self.assertIn("1 other message marked \\Deleted by another client was "
+                                  "deleted for good", err)
+                    with self.assertRaises(KeyError):
+                        self.server.message(other)
+                else:
+                    self.assertIn("UID 2 stayed in INBOX", err)
+                    self.assertIn("a copy is in Lists too", err)
+                    self.assertIn("Digest", self.subjects("INBOX"))
+
     def test_kind_table_builds_what_it_says(self):
         caps = {}
         for kind in SERVER_KINDS:
@@ -7797,6 +7934,99 @@ class MutationGapsTest(AnyServerTest):
             gc.classify_folder(self.connect(), rules, "INBOX", apply=True)
         self.assertNotIn("UID COPY", self.commands())
         self.assertEqual(gc._exit_code(gc.UidValidityError("x")), gc.EXIT_INCOMPLETE)
+
+
+class DecisionsAndChangesTest(AnyServerTest):
+    """Issue 15, item 5: a *decision* is what the rules choose for a message, a *change*
+    what the server still lacks of it; every count the user sees says which one it is."""
+
+    rules_doc = {"rule": [{"name": "Bank", "from": "@mybank.example", "label": "Bank"}]}
+
+    def seed_copies(self, copied: int, new: int) -> None:
+        """Off Gmail: ``copied`` bank messages whose copy is already in folder Bank (an
+        earlier run, or the user), and ``new`` ones that still need theirs."""
+        for n in range(copied + new):
+            raw = make_message(f"Statement {n}", sender="Bank <b@mybank.example>")
+            self.server.add_message(raw)
+            if n < copied:
+                self.server.add_message(raw, folder="Bank")
+
+    def test_dry_run_counts_copies_already_there_as_already_done_not_to_change(self):
+        self.serve("move")
+        self.seed_copies(copied=3, new=1)
+        code, out, err = self.cli()
+        self.assertEqual((code, err), (0, ""))
+        self.assertRegex(out, r"\n  rule\s+matched\s+to change\n  Bank\s+4\s+1\n")
+        self.assertIn("  would: label Bank (1)\n", out)
+        self.assertIn("  already done: label Bank (3)\n", out)
+
+    def test_apply_says_no_change_when_every_copy_is_already_there(self):
+        self.serve("move")
+        self.seed_copies(copied=3, new=0)
+        code, out, err = self.cli("--apply")
+        self.assertEqual((code, err), (0, ""))
+        self.assertRegex(out, r"\n  rule\s+matched\s+changed\n  Bank\s+3\s+0\n")
+        self.assertNotIn("done: label", out.replace("already done: label", ""))
+        self.assertIn("  already done: label Bank (3)\n", out)
+        self.assertTrue(out.endswith("0 changes made.\n"), out)
+        self.assertNotIn("UID COPY", self.commands())
+        self.assertEqual(len(self.server.messages("Bank")), 3)
+
+    def test_json_changes_and_already_done_add_up_to_the_decisions(self):
+        self.serve("move")
+        self.seed_copies(copied=3, new=1)
+        code, out, err = self.cli("--apply", "--json")
+        self.assertEqual((code, err), (0, ""))
+        summary = json.loads(out.splitlines()[-1])
+        report = summary["reports"][0]
+        self.assertEqual((report["matched"], report["changed"], report["changes"],
+                          report["already_done"]),
+                         ({"Bank": 4}, {"Bank": 1}, {"label Bank": 1}, {"label Bank": 3}))
+        self.assertEqual((summary["counts"], summary["changes_made"], summary["already_done"]),
+                         ({"label Bank": 1}, 1, {"label Bank": 3}))
+        self.assertEqual(len(self.server.messages("Bank")), 4)
+
+    def test_total_over_folders_adds_up_changes_and_already_done(self):
+        self.serve("move")
+        self.seed_copies(copied=2, new=1)
+        raw = make_message("Statement in Old", sender="Bank <b@mybank.example>")
+        self.server.add_message(raw, folder="Old")
+        self.server.add_message(raw, folder="Bank")
+        code, out, err = self.cli("--folder", "INBOX", "--folder", "Old")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("All 2 folders: 4 messages examined; would: label Bank (1); "
+                      "already done: label Bank (3)\n", out)
+
+    def test_a_move_archive_trash_or_flag_the_server_already_has_is_already_done(self):
+        table = (("Lists", {"move": "Lists", "mark_unread": True}, (),
+                  {"move to Lists": 1, "mark unread": 1}),
+                 ("Archive", {"archive": True, "unstar": True}, (), {"archive": 1, "unstar": 1}),
+                 ("Trash", {"trash": True, "mark_read": True}, ("\\Seen",),
+                  {"trash": 1, "mark read": 1}))
+        for folder, actions, flags, expected in table:
+            with self.subTest(folder=folder):
+                self.serve("move")
+                self.server.add_message(make_message("Digest"), folder=folder, flags=flags)
+                rules = gc.parse_rules({"rule": [dict(name="R", subject="Digest", **actions)]},
+                                       "rules.json")
+                report = gc.classify_folder(self.connect(), rules, folder, apply=True)
+                self.assertEqual((report.changes, report.changed, report.already_done),
+                                 ({}, {}, expected))
+                self.assertEqual(self.writes(), set())
+
+    def test_gmail_labels_and_flags_already_set_are_already_done(self):
+        self.serve("gmail")
+        self.rules_doc = {"rule": [{"name": "Bank", "from": "@mybank.example", "label": "Bank",
+                                    "star": True}]}
+        self.server.add_message(make_message("Statement 1", sender="b@mybank.example"),
+                                labels=("\\Inbox", "Bank"), flags=("\\Flagged",))
+        self.server.add_message(make_message("Statement 2", sender="b@mybank.example"),
+                                labels=("\\Inbox", "Bank"))
+        code, out, err = self.cli("--json")
+        self.assertEqual((code, err), (0, ""))
+        report = json.loads(out.splitlines()[-1])["reports"][0]
+        self.assertEqual((report["changed"], report["changes"], report["already_done"]),
+                         ({"Bank": 1}, {"star": 1}, {"label Bank": 2, "star": 1}))
 
 
 # --- Live tests against a real server (opt-in) -------------------------------------------
@@ -9083,8 +9313,9 @@ class CommandLineStateTest(StateTestCase):
         code, out, err = self.cli("run", *self.argv())
         self.assertEqual(code, 0, err)
         self.assertIn("INBOX 1: would label News  [News]", out)
-        self.assertNotIn("mark read", out)
+        self.assertNotIn("would: mark read", out)
         self.assertIn("would: label News (1)", out)
+        self.assertIn("already done: mark read (1)", out)   # decided, but no change
 
     def test_second_apply_while_one_holds_the_lock_exits_7(self):
         store = gc.StateStore(self.state_dir_of_cli())

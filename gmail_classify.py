@@ -6090,12 +6090,14 @@ def _same_label(wanted: str, have: str) -> bool:
     return wanted == have
 
 
-def _fetch_items(needs: Needs, gmail: bool) -> List[str]:
+def _fetch_items(needs: Needs, gmail: bool, apply: bool = False) -> List[str]:
+    """What one batch's FETCH asks for: what the rules read, and with ``apply`` the size
+    and INTERNALDATE the intent records carry (undo tells the run's own copy by them)."""
     fields = " ".join(sorted(h.upper() for h in needs.headers))
     items = ["FLAGS", f"BODY.PEEK[HEADER.FIELDS ({fields})]"]
-    if needs.size:
+    if needs.size or apply:
         items.append("RFC822.SIZE")
-    if needs.date:
+    if needs.date or apply:
         items.append("INTERNALDATE")
     if needs.attachment:
         items.append("BODYSTRUCTURE")
@@ -6171,6 +6173,10 @@ class Checkpoint:
 
     def before_fetch(self, conn: GmailConnection) -> None:
         """Called before each FETCH batch; raise RunStopped to end the run here."""
+
+    def intend(self, conn: GmailConnection, entries: Sequence[Dict[str, Any]]) -> None:
+        """With ``apply``, before a step's write commands go out (see _intent_entries):
+        what they may change.  Must make it durable before returning (write-ahead)."""
 
     def step_done(self, conn: GmailConnection, status: FolderStatus, mark: Optional[int],
                   outcomes: Sequence[Outcome]) -> None:
@@ -6394,7 +6400,7 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     if settled.archive is not None:
         destinations["archive"] = settled.archive.name
         in_archive = _same_folder(settled.archive.name, source)
-    items = _fetch_items(needs, conn.is_gmail)
+    items = _fetch_items(needs, conn.is_gmail, apply)
     header_item = items[1]
     copies: Dict[str, set] = {}       # off Gmail: label folder -> _message_key of its mail
     applied = [0, 0]                  # changes made, changes planned: for on_applied
@@ -6421,8 +6427,18 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                 _drop_copies_already_there(conn, step.plan, copies)
             applied[1] += step.plan.size()
             if apply:
+                def intend(phase: str, folders: Sequence[str]) -> None:
+                    if phase == "create":
+                        checkpoint.intend(conn, [{"create": name, "folder": folder}
+                                                 for name in folders])
+                        return
+                    places = {name: _place_status(conn, name) for name in folders}
+                    checkpoint.intend(conn, _intent_entries(step, status, conn.is_gmail,
+                                                            destinations, places, folder,
+                                                            conn.server_name))
+
                 _apply_plan(conn, step.plan, report, done, max_new_folders, settled,
-                            allow_expunge)
+                            allow_expunge, intend)
             else:
                 report.created.extend(name for name in _missing_folders(conn, step.plan)
                                       if name not in report.created)
@@ -6496,6 +6512,48 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
             report.changes_not_made += step.plan.size()
         raise
     return report
+
+
+def _place_status(conn: GmailConnection, name: str) -> Dict[str, Optional[int]]:
+    """A destination's UIDVALIDITY and UIDNEXT before a step writes to it: every copy with a
+    UID at or above that UIDNEXT, under that UIDVALIDITY, came after the step began."""
+    selected = conn.selected
+    if selected is not None and _same_folder(selected.name, name):
+        return {"uidvalidity": selected.uidvalidity, "uidnext": selected.uidnext}
+    values = conn.status(name)
+    return {"uidvalidity": values.get("UIDVALIDITY"), "uidnext": values.get("UIDNEXT")}
+
+
+def _intent_entries(step: _Step, status: FolderStatus, gmail: bool,
+                    destinations: Mapping[str, Optional[str]],
+                    places: Mapping[str, Mapping[str, Optional[int]]],
+                    folder: str, server_name: Callable[[str], str]) -> List[Dict[str, Any]]:
+    """One entry per message the step may change: where it is, what tells it apart (size,
+    INTERNALDATE, Message-ID) and the changes planned, each destination with the
+    UIDVALIDITY and UIDNEXT it had before the step (``places``, by server name)."""
+    entries = []
+    for uid in sorted(step.plan.per_uid):
+        info = step.infos.get(uid)
+        if info is None:
+            continue
+        changes = []
+        for key in step.plan.per_uid[uid]:
+            change = _change_entry(key, uid, status, gmail, destinations, None)
+            after = change.get("after")
+            if isinstance(after, dict):
+                name = after["folder"] if after["folder"] in places else \
+                    server_name(str(after["folder"]))
+                if name in places:
+                    after = dict(after, folder=name, **places[name])
+                change = dict(change, after=after)
+            changes.append(change)
+        entries.append({
+            "folder": folder, "uid": uid, "uidvalidity": status.uidvalidity,
+            "gm_msgid": step.msgids.get(uid),
+            "message_id": _first(header_text(info.headers, "message-id")).strip(),
+            "size": info.size, "internaldate": _iso(info.date) if info.date else None,
+            "changes": changes})
+    return entries
 
 
 def _classify_batch(conn: GmailConnection, rules: Ruleset, batch: List[int], items: List[str],
@@ -6673,9 +6731,14 @@ def _drop_copies_already_there(conn: GmailConnection, plan: _Plan,
 def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
                 done: Optional[Callable[[Tuple[str, ...], Mapping[int, Any]], None]] = None,
                 max_new_folders: Optional[int] = None,
-                settled: Optional[_Destinations] = None, allow_expunge: bool = False) -> None:
+                settled: Optional[_Destinations] = None, allow_expunge: bool = False,
+                intend: Optional[Callable[[str, Sequence[str]], None]] = None) -> None:
     """Carry out a plan: check destinations, create what is missing, then labels and flags,
     then moves (so a message is labelled where it stands, then leaves).
+
+    ``intend(phase, folders)`` is called before any write command goes out: ``"create"``
+    with the folders about to be created, then ``"change"`` with the folders the step
+    copies or moves mail into (server names), before the first STORE, COPY or MOVE.
 
     ``done(key, {uid: extra})`` hears of each command the server confirmed (a _Plan key;
     ``extra`` is None, or ``{"folder": ..., "uid": ...}`` for copies and moves).
@@ -6702,9 +6765,17 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
         if plan.archive and not conn.is_gmail:
             archive = _special_destination(conn, "\\Archive", "archive")
     source = conn.server_name(report.folder)
+    intend = intend or (lambda phase, folders: None)
+    if missing:
+        intend("create", missing)
     for name in missing:
         if conn.create_folder(name):
             report.created.append(name)
+    targets = [] if conn.is_gmail else [conn.server_name(label) for label in plan.add_labels]
+    targets += [conn.server_name(dest) for dest in plan.move]
+    targets += [folder.name for folder, uids in ((archive, plan.archive), (trash, plan.trash))
+                if folder is not None and uids and not _same_folder(folder.name, source)]
+    intend("change", list(dict.fromkeys(targets)))
     for label, uids in plan.add_labels.items():
         if conn.is_gmail:
             conn.add_labels(uids, [label])
@@ -6838,6 +6909,7 @@ def classify_messages(rules: Ruleset, messages: Iterable[MessageInfo], folder: s
 STATE_FORMAT = "gmail_classify state"
 STATE_VERSION = 1              # bumped when the state file's layout changes incompatibly
 RECORD_VERSION = 1             # of the records in --json output and audit.jsonl
+INTENT_VERSION = 2             # of the audit log's write-ahead "intent" and "skipped" records
 DEFAULT_DAILY_BUDGET = 2 * 1024 ** 3   # bytes per account per day; Gmail's limit is ~2.5 GB
 AUDIT_MAX_BYTES = 16 * 1024 ** 2       # audit.jsonl past this size becomes audit.jsonl.1
 DOWNLOAD_DAYS_KEPT = 8                 # days of download counts kept in the state file
@@ -7213,6 +7285,24 @@ class StateStore:
         return AccountLock(self.directory / f"{safe}.lock", account, command)
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold off SIGINT, SIGTERM and SIGHUP for a moment (one write of audit records), so a
+    signal handler never runs half way through it.  Main thread and POSIX only; elsewhere
+    a no-op."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+              if hasattr(signal, name)}
+    old = mask(signal.SIG_BLOCK, wanted)
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, old)
+
+
 class AuditLog:
     """``audit.jsonl``: one JSON record per line, appended once the server confirmed.
 
@@ -7224,8 +7314,11 @@ class AuditLog:
         self.path = path
         self.previous = path.with_name(path.name + ".1")
 
-    def append(self, records: Iterable[Mapping[str, Any]]) -> None:
-        """Append records and fsync; rotate first if the file is past its size."""
+    def append(self, records: Iterable[Mapping[str, Any]], *, sync: bool = True) -> None:
+        """Append records with one write() while signals are held off, then fsync (unless
+        ``sync`` is False: records the next synced append or the run's end makes durable);
+        rotate first if the file is past its size.  A torn last line (a crash mid-write)
+        gets its newline first, so it can never swallow the records that follow."""
         lines = "".join(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
                         for record in records)
         if not lines:
@@ -7234,21 +7327,31 @@ class AuditLog:
         try:
             if self.path.exists() and self.path.stat().st_size > AUDIT_MAX_BYTES:
                 os.replace(self.path, self.previous)
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
             try:
-                os.write(fd, lines.encode("utf-8"))
-                os.fsync(fd)
+                size = os.fstat(fd).st_size
+                if size:
+                    os.lseek(fd, size - 1, os.SEEK_SET)    # O_APPEND writes at the end anyway
+                    if os.read(fd, 1) != b"\n":
+                        lines = "\n" + lines
+                with _signals_held():
+                    os.write(fd, lines.encode("utf-8"))
+                if sync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
         except OSError as exc:
             raise StateError(f"cannot write the audit log {self.path}: {exc}") from exc
 
-    def records(self) -> Iterator[Dict[str, Any]]:
+    def records(self, *, unreadable: bool = False) -> Iterator[Dict[str, Any]]:
         """Every record still held, oldest first; unreadable lines, and records whose fields
         have the wrong types (see _audit_record_problem), are skipped with a warning:
-        history and undo never act on them."""
+        history and undo never act on them.  With ``unreadable``, each unreadable line
+        yields ``{"type": "unreadable", "run": ...}`` naming the run it most likely
+        belonged to (its own "run" field if legible, else the record before it)."""
         bad = 0
         malformed: List[str] = []
+        last_run: Optional[str] = None
         for path in (self.previous, self.path):
             try:
                 handle = open(path, encoding="utf-8", errors="replace")
@@ -7258,10 +7361,18 @@ class AuditLog:
                 raise StateError(f"cannot read the audit log {path}: {exc}") from exc
             with handle:
                 for number, line in enumerate(handle, 1):
+                    if not line.strip():
+                        continue
                     try:
                         record = json.loads(line)
                     except ValueError:
                         bad += 1
+                        # A torn or damaged line: whose it was, as far as can be told, so
+                        # history can call that run possibly incomplete.
+                        named = re.search(r'"run":\s*"([^"\\]{1,64})"', line)
+                        owner = named.group(1) if named else last_run
+                        if unreadable and owner:
+                            yield {"type": "unreadable", "run": owner}
                         continue
                     if not isinstance(record, dict):
                         continue
@@ -7269,6 +7380,8 @@ class AuditLog:
                     if problem:
                         malformed.append(f"{path} line {number}: {problem}")
                         continue
+                    if isinstance(record.get("run"), str):
+                        last_run = record["run"]
                     yield record
         if bad:
             log.warning("skipped %d unreadable lines of %s", bad, self.path)
@@ -7299,7 +7412,8 @@ def _is_place(value: Any) -> bool:
     if value is None or isinstance(value, bool):
         return True
     return isinstance(value, dict) and _is_str(value.get("folder")) and \
-        _optional(_is_int)(value.get("uid")) and _optional(_is_int)(value.get("uidvalidity"))
+        _optional(_is_int)(value.get("uid")) and _optional(_is_int)(value.get("uidvalidity")) \
+        and _optional(_is_int)(value.get("uidnext"))
 
 
 def _is_change(value: Any) -> bool:
@@ -7332,6 +7446,10 @@ _AUDIT_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "message_id": (_optional(_is_str), "a string"), "subject": (_optional(_is_str), "a string"),
     "changes": (_list_of(_is_change), "a list of changes"),
     "left_alone": (_list_of(_is_str), "a list of strings"),
+    "version": (_is_int, "a whole number"), "create": (_optional(_is_str), "a folder name"),
+    "size": (_optional(_is_int), "a size in bytes"),
+    "internaldate": (_optional(_is_str), "a date"), "rules_hash": (_optional(_is_str), "a string"),
+    "reason": (_optional(_is_str), "a string"),
 }
 
 
@@ -7471,7 +7589,7 @@ class Run(Checkpoint):
             summary.update(imap_commands=self._conn.commands_sent,
                            bytes_received=self._conn.bytes_received,
                            reconnects=self._conn.reconnects)
-        if self.apply and (self.changes_made or self.changes_not_made or
+        if self.apply and (self.changes_made or self.changes_not_made or self.undo_of or
                            (status != "complete" and self.reports)):
             self.store.audit.append([summary])
         return summary
@@ -7531,6 +7649,19 @@ class Run(Checkpoint):
                 f"{_size_text(self.daily_budget)} for {self.account} ({_size_text(used)} "
                 f"today); run again after 00:00 UTC (in {hours:.1f} h), or raise "
                 f"--daily-budget")
+
+    def intend(self, conn: GmailConnection, entries: Sequence[Dict[str, Any]]) -> None:
+        """Write-ahead: the step's intent records, in one write and one fsync, before any
+        of its write commands goes on the wire (see README, "Audit log")."""
+        if not self.apply or not entries:
+            return
+        self._count_bytes(conn)
+        stamp = {"type": "intent", "version": INTENT_VERSION, "run": self.id,
+                 "time": _iso(self.store.now()), "account": self.user, "host": self.host,
+                 "command": self.command, "rules_hash": self.rules_hash}
+        if self.undo_of:
+            stamp["undo_of"] = self.undo_of
+        self.store.audit.append([dict(stamp, **entry) for entry in entries])
 
     def step_done(self, conn: GmailConnection, status: FolderStatus, mark: Optional[int],
                   outcomes: Sequence[Outcome]) -> None:
@@ -7602,22 +7733,46 @@ def history(store: StateStore) -> List[Dict[str, Any]]:
     ``folders``, ``counts`` (``{"label Receipts": 12, "archive": 12}``), ``changes_made``,
     ``status`` (complete, interrupted, stopped, failed; ``unfinished`` when the process
     died before writing its summary), ``undo_of`` and ``undone_by`` (run ids or None).
+    ``maybe`` counts changes whose intent was written but whose confirmation was not (the
+    command was sent, or was about to be, when the run ended): they count as made, in
+    ``counts`` and ``changes_made`` too.  ``skipped``: messages left alone for their
+    content.  ``possibly_incomplete``: a line of the log that seems to be this run's
+    could not be read.
     """
     runs: Dict[str, Dict[str, Any]] = {}
     order: Dict[str, int] = {}        # runs that started in the same second: log order
     summarised = set()
-    for record in store.audit.records():
+    intended: Dict[str, Dict[Tuple[Any, ...], Dict[str, Any]]] = {}   # run -> change -> it
+    confirmed: Dict[str, set] = {}
+    for record in store.audit.records(unreadable=True):
         run_id = record.get("run")
         if not isinstance(run_id, str):
+            continue
+        if record.get("type") == "unreadable":
+            if run_id in runs:
+                runs[run_id]["possibly_incomplete"] = True
             continue
         order.setdefault(run_id, len(order))
         entry = runs.setdefault(run_id, {
             "run": run_id, "time": str(record.get("time", "")),
             "account": str(record.get("account", "")), "host": str(record.get("host", "")),
-            "command": "run", "folders": [], "counts": {}, "changes_made": 0,
-            "status": "unfinished", "undo_of": None, "undone_by": None})
+            "command": "run", "folders": [], "counts": {}, "changes_made": 0, "maybe": 0,
+            "skipped": 0, "status": "unfinished", "undo_of": None, "undone_by": None,
+            "possibly_incomplete": False})
         if record.get("undo_of"):
             entry["undo_of"] = record["undo_of"]
+        if record.get("type") == "intent":
+            if record.get("undo_of") or record.get("command") == "undo":
+                entry["command"] = "undo"
+            for change in record.get("changes") or []:
+                intended.setdefault(run_id, {})[_change_identity(record, change)] = change
+            continue
+        if record.get("type") == "skipped":
+            entry["skipped"] += 1
+            continue
+        if record.get("type") == "message" and record.get("applied"):
+            for change in record.get("changes") or []:
+                confirmed.setdefault(run_id, set()).add(_change_identity(record, change))
         if record.get("type") == "summary":
             summarised.add(run_id)
             entry.update(time=str(record.get("time", entry["time"])),
@@ -7636,11 +7791,28 @@ def history(store: StateStore) -> List[Dict[str, Any]]:
                 name = describe_change(change)
                 entry["counts"][name] = entry["counts"].get(name, 0) + 1
                 entry["changes_made"] += 1
+    for run_id, changes in intended.items():
+        # Sent (or about to be) but never confirmed: maybe made, so counted as made.
+        entry = runs[run_id]
+        for key, change in changes.items():
+            if key not in confirmed.get(run_id, ()):
+                entry["maybe"] += 1
+                name = describe_change(change)
+                entry["counts"][name] = entry["counts"].get(name, 0) + 1
+                entry["changes_made"] += 1
     for entry in runs.values():
         target = runs.get(entry["undo_of"] or "")
-        if target is not None and entry["changes_made"] and entry["status"] == "complete":
+        if target is not None and entry["status"] == "complete":
             target["undone_by"] = entry["run"]     # an undo cut short may be run again
     return sorted(runs.values(), key=lambda e: (e["time"], order[e["run"]]), reverse=True)
+
+
+def _change_identity(record: Mapping[str, Any], change: Mapping[str, Any]) -> Tuple[Any, ...]:
+    """What names one change of one message across its intent and its confirmation (the
+    destination UID, known only once confirmed, left out)."""
+    after = change.get("after")
+    return (record.get("folder"), record.get("uid"), change.get("action"), change.get("label"),
+            change.get("flag"), after.get("folder") if isinstance(after, dict) else None)
 
 
 _UNDO_ACTIONS = {"label": "unlabel", "archive": "unarchive", "mark read": "mark unread",
@@ -10062,6 +10234,13 @@ def _cmd_history(args: argparse.Namespace, out: TextIO) -> int:
             continue
         counts = ", ".join(f"{name} {count:,}" for name, count in entry["counts"].items())
         status = "" if entry["status"] == "complete" else f"  [{entry['status']}]"
+        if entry.get("maybe"):
+            status += f"  [{entry['maybe']:,} maybe made: the run ended before the server " \
+                      f"confirmed them; undo checks each]"
+        if entry.get("skipped"):
+            status += f"  [{_plural(entry['skipped'], 'message')} skipped for its content]"
+        if entry.get("possibly_incomplete"):
+            status += "  [possibly incomplete: a line of its audit log is unreadable]"
         undone = f"  [undone by {entry['undone_by']}]" if entry.get("undone_by") else ""
         what = f"undo of {entry['undo_of']}: " if entry.get("undo_of") else ""
         out.write(printable(f"{entry['run']}  {entry['time']}  {entry['account']} on "

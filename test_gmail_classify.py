@@ -9003,7 +9003,12 @@ class CommandLineStateTest(StateTestCase):
         self.assertIn("signed in", err)                               # people read stderr
         with open(os.path.join(self.state_dir_of_cli(), "audit.jsonl")) as handle:
             audit = [json.loads(line) for line in handle]
-        self.assertEqual(audit, [r for r in lines if r["type"] == "summary" or r["changes"]])
+        # Write-ahead: every change's intent came before the record of it being made.
+        intents = [i for i, r in enumerate(audit) if r["type"] == "intent"]
+        first_done = min(i for i, r in enumerate(audit) if r["type"] == "message")
+        self.assertTrue(intents and max(intents) < first_done)
+        self.assertEqual([r for r in audit if r["type"] != "intent"],
+                         [r for r in lines if r["type"] == "summary" or r["changes"]])
 
     def test_apply_lines_at_v_come_after_the_server_confirmed(self):
         self.server.add_message(make_message("receipt 1"))

@@ -6552,7 +6552,7 @@ def _intent_entries(step: _Step, status: FolderStatus, gmail: bool,
             "gm_msgid": step.msgids.get(uid),
             "message_id": _first(header_text(info.headers, "message-id")).strip(),
             "size": info.size, "internaldate": _iso(info.date) if info.date else None,
-            "changes": changes})
+            "subject": _first(header_text(info.headers, "subject")), "changes": changes})
     return entries
 
 
@@ -7870,7 +7870,11 @@ class Undo:
         self.allow_expunge = allow_expunge
         self.messages = []
         self.created: List[str] = []        # folders the run created, deleted if empty
+        self.used: set = set()              # folders the run wrote to, by its own records
+        self.intents: Dict[Tuple[Any, Any], Dict[str, Any]] = {}   # (folder, uid) -> intent
+        self.rules_hash = ""                # the undone run's rules (see StateStore.undone)
         reversed_before = set()             # by an earlier undo of this run, cut short
+        intents: List[Dict[str, Any]] = []
         for record in store.audit.records():
             if record.get("undo_of") == run_id and record.get("type") == "message" \
                     and record.get("applied"):
@@ -7881,10 +7885,32 @@ class Undo:
             if record.get("type") == "message" and record.get("applied") \
                     and record.get("changes"):
                 self.messages.append(record)
+            elif record.get("type") == "intent":
+                self.rules_hash = record.get("rules_hash") or self.rules_hash
+                if record.get("create"):
+                    self.created.append(record["create"])
+                elif record.get("changes"):
+                    intents.append(record)
+                    self.intents[(record.get("folder"), record.get("uid"))] = record
             elif record.get("type") == "summary":
                 for report in record.get("reports") or []:
                     self.created += [name for name in report.get("created") or []
                                      if isinstance(name, str)]
+                for name in record.get("counts") or {}:
+                    if name.startswith("move to "):
+                        self.used.add(name[len("move to "):])
+        # Intents never confirmed are "maybe" changes: each is checked on the server and
+        # reversed only if it happened.
+        confirmed = {_change_identity(r, c) for r in self.messages for c in r["changes"]}
+        for record in intents:
+            for change in record["changes"]:
+                if isinstance(change.get("after"), dict):
+                    self.used.add(change["after"]["folder"])
+            maybe = [c for c in record["changes"] if _change_identity(record, c) not in confirmed]
+            if maybe:
+                self.messages.append(dict(record, type="message", version=RECORD_VERSION,
+                                          applied=True, changes=maybe, maybe=True))
+        self.created = list(dict.fromkeys(self.created))
         if reversed_before:
             left = [dict(record, changes=[c for c in record["changes"] if self._change_key(
                         record, c) not in reversed_before]) for record in self.messages]
@@ -7894,20 +7920,87 @@ class Undo:
                        undo_of=run_id, daily_budget=None, on_record=on_record)
         self.reversed = 0
         self.left_alone = 0
+        self.unmade = 0                     # maybe changes found never made: nothing to do
+        self.restored: List[Tuple[str, Optional[int], Any]] = []  # (folder, UID, X-GM-MSGID)
 
     # Each message's undo is worked out in ``_work``: index -> {"done": [...], "alone": [...]}.
 
     def execute(self, conn: GmailConnection) -> None:
         """Reverse the run over ``conn`` (the account it was made on)."""
         self.run._count_bytes(conn)
-        self._check(conn)
         work: Dict[int, Dict[str, List[Any]]] = {
-            i: {"done": [], "alone": []} for i in range(len(self.messages))}
+            i: {"done": [], "alone": [], "unmade": []} for i in range(len(self.messages))}
+        self._vet(conn, work)
+        self._check(conn)
         try:
             self._reverse(conn, work)
         finally:
             self._report(work)     # what was done, also when stopped half way
         self._delete_created_folders(conn, {} if self.apply else self._leaving(work))
+
+    def _vet(self, conn: GmailConnection, work: Dict[int, Dict[str, List[Any]]]) -> None:
+        """Take out of the undo every change no run can have made (a forged or damaged
+        record, however well typed): a label's copy lives in that label's folder, never in
+        the message's own; a move leaves the message's own folder for one the run itself
+        wrote to (its intents and summary say which), trash for the trash folder, archive
+        for the archive folder.  Such changes are reported and left alone."""
+        trash = conn.special_folder("\\Trash")
+        archive = None if conn.is_gmail else conn.special_folder("\\Archive")
+        used = self.used | {conn.server_name(name) for name in self.used}
+        for i, record in enumerate(self.messages):
+            own = str(record.get("folder", ""))
+            homes = (own, conn.server_name(own))
+            kept = []
+            for change in record["changes"]:
+                before, after = change.get("before"), change.get("after")
+                action = change.get("action")
+                problem = ""
+                if isinstance(after, dict):
+                    there = str(after.get("folder"))
+                    if any(_same_folder(there, home) for home in homes):
+                        problem = f"it says the message went to its own folder {there}"
+                    elif before is None:
+                        label = str(change.get("label") or "")
+                        if action != "label" or there not in (label, conn.server_name(label)):
+                            problem = f"a copy for {action} {label} cannot be in {there}"
+                    elif not isinstance(before, dict) or \
+                            not any(_same_folder(str(before.get("folder")), h) for h in homes):
+                        problem = "it does not start from the message's own folder"
+                    elif action == "trash" and (trash is None or trash.name != there):
+                        problem = f"{there} is not the trash folder"
+                    elif action == "archive" and (archive is None or archive.name != there):
+                        problem = f"{there} is not the archive folder"
+                    elif action == "move" and there not in used:
+                        problem = f"the run never moved mail to {there}"
+                    elif action not in ("move", "trash", "archive"):
+                        problem = f"{action!r} does not move mail"
+                elif isinstance(before, dict):
+                    problem = "it has a place before but none after"
+                if problem:
+                    work[i]["alone"].append(f"{describe_change(change)}: not something the "
+                                            f"run can have done ({problem}); left as it is")
+                else:
+                    kept.append(change)
+            self.messages[i] = dict(record, changes=kept)
+
+    def _place_of(self, i: int, change: Mapping[str, Any]) -> Dict[str, Any]:
+        """The destination as the run's intent recorded it before the step: ``folder``,
+        ``uidvalidity``, ``uidnext`` (empty when the run wrote no intent for it)."""
+        record = self.messages[i]
+        intent = record if record.get("maybe") else \
+            self.intents.get((record.get("folder"), record.get("uid")))
+        for planned in (intent or {}).get("changes") or []:
+            if _change_identity(record, planned) == _change_identity(record, change) and \
+                    isinstance(planned.get("after"), dict):
+                return planned["after"]
+        return {}
+
+    def _looks(self, i: int) -> Tuple[str, Optional[int], Optional[str]]:
+        """Message-ID, size and INTERNALDATE of message ``i`` as the run saw it."""
+        record = self.messages[i]
+        intent = record if record.get("maybe") else \
+            self.intents.get((record.get("folder"), record.get("uid"))) or {}
+        return (record.get("message_id") or "", intent.get("size"), intent.get("internaldate"))
 
     def _check(self, conn: GmailConnection) -> None:
         """Before the first change, and the same in a dry run (as check_run does for a
@@ -7940,11 +8033,17 @@ class Undo:
             if place is not None:
                 by_place.setdefault(place[1]["folder"], []).append(i)
         for folder, indexes in by_place.items():
-            found = self._locate(conn, folder, indexes, lambda r: self._moved(r)[1].get("uid"))
+            found = self._locate(conn, folder, indexes, lambda r: self._moved(r)[1].get("uid"),
+                                 lambda i: self._place_of(i, self._moved(self.messages[i])[2]))
             for i in indexes:
                 if i not in found:
                     gone.add(i)
-                    work[i]["alone"].append(f"no longer in {folder}; left as it is")
+                    if self.messages[i].get("maybe"):
+                        work[i]["unmade"].append(f"not in {folder}: the run ended before "
+                                                 f"moving it, so there is nothing to undo")
+                    else:
+                        work[i]["alone"].append(f"no longer in {folder} (nor found there by "
+                                                f"Message-ID, size and date); left as it is")
             if not conn.is_gmail:
                 self._restore_flags(conn, found, work)
             back: Dict[str, List[int]] = {}
@@ -7962,8 +8061,12 @@ class Undo:
                         gone.add(i)
                         work[i]["alone"].append(f"vanished from {folder} while moving it back")
                         continue
-                    work[i]["done"].append(_inverse_change(self._moved(self.messages[i])[2]))
+                    inverse = _inverse_change(self._moved(self.messages[i])[2])
+                    inverse["before"] = dict(inverse["before"], folder=folder, uid=found[i])
+                    work[i]["done"].append(inverse)
                     located[i] = (destination, moved[found[i]])
+                    self.restored.append((destination, moved[found[i]],
+                                          self.messages[i].get("gm_msgid")))
         # 2. Labels and flags where the message is now; off Gmail, copies made for labels.
         rest = [i for i in range(len(self.messages)) if i not in gone]
         if conn.is_gmail:
@@ -8050,16 +8153,19 @@ class Undo:
     def _original_uid(record: Mapping[str, Any]) -> Optional[int]:
         return record.get("uid")
 
-    def _open(self, conn: GmailConnection, folder: str) -> None:
-        if self.apply:
-            conn.select(folder)
-        else:
-            conn.examine(folder)
+    def _open(self, conn: GmailConnection, folder: str) -> FolderStatus:
+        return conn.select(folder) if self.apply else conn.examine(folder)
 
     def _locate(self, conn: GmailConnection, folder: str, indexes: List[int],
-                uid_of: Callable[[Mapping[str, Any]], Optional[int]]) -> Dict[int, int]:
-        """Find each message in ``folder``: its UID there, or absent when it is not there."""
-        self._open(conn, folder)
+                uid_of: Callable[[Mapping[str, Any]], Optional[int]],
+                place_of: Callable[[int], Mapping[str, Any]] = lambda i: {}) -> Dict[int, int]:
+        """Find each message in ``folder``: its UID there, or absent when it is not there.
+
+        Off Gmail: the UID the run recorded, if the folder was not renumbered since and
+        the Message-ID there still agrees; else the one message with that Message-ID, size
+        and INTERNALDATE (at or above the UIDNEXT ``place_of(i)`` recorded, when it
+        recorded one), since Message-IDs are the sender's to choose and may be shared."""
+        status = self._open(conn, folder)
         found: Dict[int, int] = {}
         if conn.is_gmail:
             for i in indexes:
@@ -8069,8 +8175,11 @@ class Undo:
                     if len(hits) == 1:
                         found[i] = hits[0]
             return found
-        # Elsewhere: the UID the server gave, if the Message-ID there still agrees.
-        guesses = {i: uid_of(self.messages[i]) for i in indexes}
+        guesses = {}
+        for i in indexes:
+            place = place_of(i)
+            renumbered = place.get("uidvalidity") not in (None, status.uidvalidity)
+            guesses[i] = None if renumbered else uid_of(self.messages[i])
         item = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
         known = [uid for uid in guesses.values() if uid]
         there = conn.fetch(known, [item]) if known else {}
@@ -8079,11 +8188,32 @@ class Undo:
             if uid and uid in there and wanted and _first(header_text(
                     parse_headers(there[uid].get(item) or b""), "message-id")).strip() == wanted:
                 found[i] = uid
-            elif wanted:
-                hits = conn.search(["HEADER", "Message-ID", wanted])
-                if len(hits) == 1:
-                    found[i] = hits[0]
+            else:
+                place = place_of(i)
+                since = place.get("uidnext") \
+                    if place.get("uidvalidity") == status.uidvalidity else None
+                match = self._find_by_looks(conn, i, since)
+                if match is not None:
+                    found[i] = match
         return found
+
+    def _find_by_looks(self, conn: GmailConnection, i: int,
+                       since: Optional[int]) -> Optional[int]:
+        """The one message in the open folder (from UID ``since`` on) with message ``i``'s
+        Message-ID, size and INTERNALDATE, or None (none, several, or not known)."""
+        wanted, size, date = self._looks(i)
+        if not wanted or size is None or date is None:
+            return None
+        hits = [uid for uid in conn.search(["HEADER", "Message-ID", wanted])
+                if since is None or uid >= since]
+        if not hits:
+            return None
+        values = conn.fetch(hits, ["RFC822.SIZE", "INTERNALDATE"])
+        same = [uid for uid in hits if uid in values
+                and values[uid].get("RFC822.SIZE") == size
+                and values[uid].get("INTERNALDATE") is not None
+                and _iso(values[uid]["INTERNALDATE"]) == date]
+        return same[0] if len(same) == 1 else None
 
     def _restore_flags(self, conn: GmailConnection, found: Mapping[int, int],
                        work: Dict[int, Dict[str, List[Any]]]) -> None:
@@ -8114,6 +8244,10 @@ class Undo:
                     continue
                 if have != change["after"]:
                     state = "set" if have else "not set"
+                    if self.messages[i].get("maybe"):
+                        work[i]["unmade"].append(f"{describe_change(change)}: never made "
+                                                 f"({name} is {state}); nothing to undo")
+                        continue
                     work[i]["alone"].append(f"{describe_change(change)}: changed since "
                                             f"({name} is {state} now); left as it is")
                     continue
@@ -8143,37 +8277,72 @@ class Undo:
                     work[i]["alone"].append(f"{describe_change(change)}: {conn.host} lacks "
                                             f"UIDPLUS, so the copy in {folder} stays")
                 continue
-            # Only the copy the run made: its recorded UID, with the Message-ID still
-            # agreeing.  Another message with that Message-ID (the user's own copy) stays.
-            self._open(conn, folder)
+            # Only the copy the run made: in the folder as it was when the run wrote its
+            # intent (same UIDVALIDITY), at or above the UIDNEXT it had then, with the
+            # Message-ID, size and INTERNALDATE agreeing.  Anything else stays: another
+            # message with that Message-ID (the user's own copy), a folder deleted and
+            # made again, a record from before intents carried the folder's UIDVALIDITY.
+            status = self._open(conn, folder)
             uids: List[Tuple[int, int, Dict[str, Any]]] = []
             for i, change in pairs:
+                place = self._place_of(i, change)
+                what = describe_change(change)
+                if place.get("uidvalidity") is None:
+                    work[i]["alone"].append(f"{what}: the run's records do not say which "
+                                            f"{folder} it copied into (written by an older "
+                                            f"version); the copy stays")
+                    continue
+                if place["uidvalidity"] != status.uidvalidity:
+                    work[i]["alone"].append(f"{what}: {folder} was deleted and made again "
+                                            f"since the run (its UIDVALIDITY changed); "
+                                            f"the copy stays")
+                    continue
+                since = place.get("uidnext")
                 uid = change["after"].get("uid")
-                target = self._locate_one(conn, i, uid) if uid else None
+                if uid and since is not None and uid < since:
+                    target = None
+                elif uid:
+                    target = self._locate_one(conn, i, uid)
+                else:
+                    target = self._find_by_looks(conn, i, since)
                 if target is None:
-                    work[i]["alone"].append(f"{describe_change(change)}: the copy the run "
-                                            f"made is no longer in {folder} (or its UID is "
-                                            f"unknown); left as it is")
+                    if self.messages[i].get("maybe"):
+                        work[i]["unmade"].append(f"{what}: no copy in {folder}; the run "
+                                                 f"ended before making it")
+                        continue
+                    work[i]["alone"].append(f"{what}: the copy the run made is no longer in "
+                                            f"{folder} (or its UID is unknown); left as it is")
                     continue
                 uids.append((i, target, change))
             if uids and self.apply:
                 conn.add_flags([uid for _, uid, _ in uids], ["\\Deleted"])
                 conn.uid_expunge([uid for _, uid, _ in uids])
-            for i, _, change in uids:
-                work[i]["done"].append(_inverse_change(change))
+            for i, uid, change in uids:
+                inverse = _inverse_change(change)
+                inverse["before"] = {"folder": folder, "uid": uid,
+                                     "uidvalidity": status.uidvalidity}
+                work[i]["done"].append(inverse)
 
     def _locate_one(self, conn: GmailConnection, i: int, uid: int) -> Optional[int]:
+        """``uid`` if the message there has message ``i``'s Message-ID (and, where the run
+        recorded them, its size and INTERNALDATE), else None."""
         item = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
-        values = conn.fetch([uid], [item]).get(uid)
-        wanted = self.messages[i].get("message_id") or ""
-        if values and wanted and _first(header_text(parse_headers(values.get(item) or b""),
-                                                    "message-id")).strip() == wanted:
-            return uid
-        return None
+        wanted, size, date = self._looks(i)
+        values = conn.fetch([uid], [item, "RFC822.SIZE", "INTERNALDATE"]).get(uid)
+        if not values or not wanted or _first(header_text(
+                parse_headers(values.get(item) or b""), "message-id")).strip() != wanted:
+            return None
+        if size is not None and values.get("RFC822.SIZE") != size:
+            return None
+        if date is not None and (values.get("INTERNALDATE") is None or
+                                 _iso(values["INTERNALDATE"]) != date):
+            return None
+        return uid
 
     def _report(self, work: Dict[int, Dict[str, List[Any]]]) -> None:
         records = []
         for i, outcome in sorted(work.items()):
+            self.unmade += len(outcome.get("unmade", ()))
             if not outcome["done"] and not outcome["alone"]:
                 continue
             original = self.messages[i]

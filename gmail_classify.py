@@ -6171,6 +6171,11 @@ class Checkpoint:
         """Returns the mark for the folder just opened: only UIDs above it are classified."""
         return 0
 
+    def leave_alone(self, status: FolderStatus) -> Tuple[frozenset, frozenset]:
+        """(UIDs, X-GM-MSGIDs) of the folder just opened not to classify: messages an undo
+        restored while the rules are still those of the undone run."""
+        return frozenset(), frozenset()
+
     def before_fetch(self, conn: GmailConnection) -> None:
         """Called before each FETCH batch; raise RunStopped to end the run here."""
 
@@ -6385,6 +6390,15 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     criteria = above + (["SINCE", since] if since else [] if above else ["ALL"])
     # "UID N:*" always matches the highest UID, even when it is below N (RFC 3501 §6.4.8).
     uids = [uid for uid in conn.search(criteria) if uid > start]
+    # Restored by an undo of a run with these same rules: classifying them again would
+    # only redo what was undone (change the rules, or --all, to have them classified).
+    undone_uids, undone_msgids = checkpoint.leave_alone(status)
+    if undone_uids:
+        kept = [uid for uid in uids if uid not in undone_uids]
+        if len(kept) < len(uids):
+            log.info("%s: %d message(s) an undo restored are left alone (same rules as the "
+                     "undone run)", source, len(uids) - len(kept))
+        uids = kept
     narrowed = since is not None or limit is not None
     if limit is not None:
         uids = uids[-limit:] if limit > 0 else []
@@ -6499,7 +6513,8 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                 finish(step)
                 raise
             _classify_batch(conn, rules, batch, items, header_item, queries, folder, now,
-                            step, report, in_trash, in_archive, fetched, separator, source)
+                            step, report, in_trash, in_archive, fetched, separator, source,
+                            undone_msgids)
             batches += 1
             if on_progress is not None:
                 on_progress(min(start_index + batch_size, len(uids)), len(uids))
@@ -6561,10 +6576,12 @@ def _classify_batch(conn: GmailConnection, rules: Ruleset, batch: List[int], ite
                     now: Optional[_dt.datetime], step: _Step, report: FolderReport,
                     in_trash: bool, in_archive: bool,
                     fetched: Optional[Dict[int, Dict[str, Any]]] = None,
-                    separator: Optional[str] = None, source: Optional[str] = None) -> None:
+                    separator: Optional[str] = None, source: Optional[str] = None,
+                    leave: frozenset = frozenset()) -> None:
     """Fetch one batch (unless given), classify it, and add what its messages still need
     to the step; with a ``separator``, templated destinations are filled in.  ``source``
-    is the folder's name on the server (see server_name)."""
+    is the folder's name on the server (see server_name).  Messages whose X-GM-MSGID is
+    in ``leave`` (restored by an undo) are passed over."""
     needs = rules.needs
     if fetched is None:
         fetched = conn.fetch(batch, items, skipped=report.skipped)
@@ -6573,6 +6590,9 @@ def _classify_batch(conn: GmailConnection, rules: Ruleset, batch: List[int], ite
     # match it.  It is skipped as a whole, before any rule runs.
     infos: Dict[int, MessageInfo] = {}
     for uid in batch:
+        if leave and _is_msgid((fetched.get(uid) or {}).get("X-GM-MSGID")) and \
+                int(fetched[uid]["X-GM-MSGID"]) in leave:
+            continue
         why = "the server sent far more than was asked for" if uid in report.skipped \
             else _lacking(items, fetched.get(uid))
         if why:
@@ -7160,6 +7180,7 @@ class StateStore:
         self._data: Dict[str, Any] = self._empty()
         self._folders: Dict[Tuple[str, str], FolderState] = {}
         self._downloads: Dict[Tuple[str, str], int] = {}
+        self._undone: Dict[Tuple[str, str], Dict[str, Any]] = {}
         self._replace_bad_file = False
 
     @staticmethod
@@ -7225,6 +7246,39 @@ class StateStore:
         """Remember a folder's state (written by the next save())."""
         self._folders[(account, name)] = state
 
+    def add_undone(self, account: str, rules: str, folder: Optional[str],
+                   uidvalidity: Optional[int], uid: Optional[int], msgid: Any = None) -> None:
+        """Remember a message an undo restored, so that runs with the same ``rules`` (the
+        undone run's hash) leave it alone: by ``folder``/``uidvalidity``/``uid`` where it
+        now is, and on Gmail by X-GM-MSGID.  Written by the next save()."""
+        entry = self._undone.setdefault((account, rules), {"folders": {}, "gm_msgids": []})
+        if folder and uidvalidity and uid:
+            place = entry["folders"].setdefault(folder, {"uidvalidity": uidvalidity, "uids": []})
+            if place["uidvalidity"] == uidvalidity:
+                place["uids"].append(int(uid))
+        if msgid is not None and _is_msgid(msgid):
+            entry["gm_msgids"].append(int(msgid))
+
+    def undone(self, account: str, rules: str, folder: str,
+               uidvalidity: int) -> Tuple[frozenset, frozenset]:
+        """(UIDs in ``folder`` under ``uidvalidity``, X-GM-MSGIDs) that an undo of a run
+        with these ``rules`` restored: runs with the same rules leave them alone."""
+        uids: set = set()
+        msgids: set = set()
+        saved = self._data["accounts"].get(account, {}).get("undone", {})
+        for entry in (saved.get(rules) if isinstance(saved, dict) else None,
+                      self._undone.get((account, rules))):
+            if not isinstance(entry, dict):
+                continue
+            place = (entry.get("folders") or {}).get(folder)
+            try:
+                if isinstance(place, dict) and int(place.get("uidvalidity")) == uidvalidity:
+                    uids.update(int(uid) for uid in place.get("uids") or ())
+                msgids.update(int(m) for m in entry.get("gm_msgids") or ())
+            except (TypeError, ValueError):
+                log.warning("ignoring a damaged 'undone' entry in %s", self.path)
+        return frozenset(uids), frozenset(msgids)
+
     def today(self) -> str:
         return self.now().astimezone(timezone.utc).date().isoformat()
 
@@ -7242,7 +7296,8 @@ class StateStore:
 
     def save(self) -> None:
         """Merge this process's changes into the file on disk and write it atomically."""
-        if not self._folders and not self._downloads and not self._replace_bad_file:
+        if not self._folders and not self._downloads and not self._undone \
+                and not self._replace_bad_file:
             return
         _ensure_private_dir(self.directory)
         guard = _FileLock(self.directory / "state.lock")
@@ -7266,6 +7321,21 @@ class StateStore:
             for (account, day), nbytes in self._downloads.items():
                 downloads = data["accounts"].setdefault(account, {}).setdefault("downloads", {})
                 downloads[day] = int(downloads.get(day, 0)) + nbytes
+            for (account, rules), entry in self._undone.items():
+                undone = data["accounts"].setdefault(account, {}).setdefault("undone", {})
+                if not isinstance(undone, dict):
+                    undone = data["accounts"][account]["undone"] = {}
+                kept = undone.get(rules)
+                if not isinstance(kept, dict):
+                    kept = undone[rules] = {"folders": {}, "gm_msgids": []}
+                for name, place in entry["folders"].items():
+                    old = kept.setdefault("folders", {}).get(name)
+                    if not isinstance(old, dict) or old.get("uidvalidity") != place["uidvalidity"]:
+                        old = kept["folders"][name] = {"uidvalidity": place["uidvalidity"],
+                                                       "uids": []}
+                    old["uids"] = sorted(set(old.get("uids") or []) | set(place["uids"]))
+                kept["gm_msgids"] = sorted(set(kept.get("gm_msgids") or [])
+                                           | set(entry["gm_msgids"]))
             for account in data["accounts"].values():
                 downloads = account.get("downloads", {})
                 for day in [d for d in downloads if d < horizon]:
@@ -7275,6 +7345,7 @@ class StateStore:
             self._data = data
             self._folders.clear()
             self._downloads.clear()
+            self._undone.clear()
             self._replace_bad_file = False
         finally:
             guard.release()
@@ -7447,6 +7518,7 @@ _AUDIT_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "changes": (_list_of(_is_change), "a list of changes"),
     "left_alone": (_list_of(_is_str), "a list of strings"),
     "version": (_is_int, "a whole number"), "create": (_optional(_is_str), "a folder name"),
+    "delete": (_optional(_is_str), "a folder name"),
     "size": (_optional(_is_int), "a size in bytes"),
     "internaldate": (_optional(_is_str), "a date"), "rules_hash": (_optional(_is_str), "a string"),
     "reason": (_optional(_is_str), "a string"),
@@ -7624,6 +7696,13 @@ class Run(Checkpoint):
                 self._remember(status.name, dataclasses.replace(known, rules=self.rules_hash))
             return 0
         return known.mark if known is not None else 0
+
+    def leave_alone(self, status: FolderStatus) -> Tuple[frozenset, frozenset]:
+        if self.reclassify:
+            return frozenset(), frozenset()
+        uids, msgids = self.store.undone(self.account, self.rules_hash, status.name,
+                                         status.uidvalidity)
+        return uids, msgids
 
     def before_fetch(self, conn: GmailConnection) -> None:
         self._count_bytes(conn)
@@ -7921,7 +8000,9 @@ class Undo:
         self.reversed = 0
         self.left_alone = 0
         self.unmade = 0                     # maybe changes found never made: nothing to do
-        self.restored: List[Tuple[str, Optional[int], Any]] = []  # (folder, UID, X-GM-MSGID)
+        # (folder, UID, X-GM-MSGID, UIDVALIDITY) of each message moved back
+        self.restored: List[Tuple[str, Optional[int], Any, Optional[int]]] = []
+        self.restored_count = 0             # messages runs with the same rules leave alone
 
     # Each message's undo is worked out in ``_work``: index -> {"done": [...], "alone": [...]}.
 
@@ -7936,6 +8017,7 @@ class Undo:
             self._reverse(conn, work)
         finally:
             self._report(work)     # what was done, also when stopped half way
+            self._remember_restored(conn, work)
         self._delete_created_folders(conn, {} if self.apply else self._leaving(work))
 
     def _vet(self, conn: GmailConnection, work: Dict[int, Dict[str, List[Any]]]) -> None:
@@ -7982,6 +8064,42 @@ class Undo:
                 else:
                     kept.append(change)
             self.messages[i] = dict(record, changes=kept)
+
+    def _remember_restored(self, conn: GmailConnection,
+                           work: Mapping[int, Mapping[str, List[Any]]]) -> None:
+        """Keep in the state what this undo restored, so runs with the undone run's rules
+        do not classify it again (see StateStore.undone); saved by ``run.finish()``."""
+        if not self.apply:
+            return
+        store, account = self.run.store, self.run.account
+        for folder, uid, msgid, uidvalidity in self.restored:
+            rules = self.rules_hash or (store.folder(account, folder) or FolderState(0, 0)).rules
+            store.add_undone(account, rules, folder, uidvalidity, uid,
+                             msgid if conn.is_gmail else None)
+            self.restored_count += 1
+        if conn.is_gmail:
+            for i, outcome in work.items():
+                record = self.messages[i]
+                if outcome["done"] and not self._moved(record):
+                    rules = self.rules_hash or (store.folder(account, str(record.get(
+                        "folder"))) or FolderState(0, 0)).rules
+                    store.add_undone(account, rules, None, None, None, record.get("gm_msgid"))
+                    self.restored_count += 1
+
+    def _intend(self, conn: GmailConnection, pairs: Sequence[Tuple[int, Dict[str, Any]]]) -> None:
+        """Write-ahead for the undo's own writes: the changes about to be made, per message."""
+        if not self.apply or not pairs:
+            return
+        grouped: Dict[int, List[Dict[str, Any]]] = {}
+        for i, change in pairs:
+            grouped.setdefault(i, []).append(change)
+        entries = []
+        for i, changes in grouped.items():
+            record = self.messages[i]
+            entries.append({name: record.get(name) for name in (
+                "folder", "uid", "uidvalidity", "gm_msgid", "message_id", "subject")})
+            entries[-1]["changes"] = changes
+        self.run.intend(conn, entries)
 
     def _place_of(self, i: int, change: Mapping[str, Any]) -> Dict[str, Any]:
         """The destination as the run's intent recorded it before the step: ``folder``,
@@ -8050,6 +8168,8 @@ class Undo:
             for i, uid in found.items():
                 back.setdefault(self._moved(self.messages[i])[0]["folder"], []).append(i)
             for destination, items in back.items():
+                self._intend(conn, [(i, _inverse_change(self._moved(self.messages[i])[2]))
+                                    for i in items])
                 if self.apply:
                     result = conn.move([found[i] for i in items], destination,
                                        allow_expunge=self.allow_expunge)
@@ -8066,7 +8186,8 @@ class Undo:
                     work[i]["done"].append(inverse)
                     located[i] = (destination, moved[found[i]])
                     self.restored.append((destination, moved[found[i]],
-                                          self.messages[i].get("gm_msgid")))
+                                          self.messages[i].get("gm_msgid"),
+                                          self._moved(self.messages[i])[0].get("uidvalidity")))
         # 2. Labels and flags where the message is now; off Gmail, copies made for labels.
         rest = [i for i in range(len(self.messages)) if i not in gone]
         if conn.is_gmail:
@@ -8124,6 +8245,7 @@ class Undo:
             if self.apply:
                 if conn.selected is not None and _same_folder(conn.selected.name, name):
                     conn.examine("INBOX")        # never delete the folder that is open
+                self.run.intend(conn, [{"delete": name, "folder": name}])
                 conn.delete_folder(name)
             self.deleted.append(name)
             label = f"delete folder {name}"
@@ -8254,6 +8376,8 @@ class Undo:
                 key = (kind, name, bool(change["before"]))
                 stores.setdefault(key, []).append(uid)
                 owners.setdefault(key, []).append((i, change))
+        self._intend(conn, [(i, _inverse_change(change)) for pairs in owners.values()
+                            for i, change in pairs])
         for (kind, name, on), uids in stores.items():
             if self.apply:
                 if kind == "flag":
@@ -8314,6 +8438,7 @@ class Undo:
                                             f"{folder} (or its UID is unknown); left as it is")
                     continue
                 uids.append((i, target, change))
+            self._intend(conn, [(i, _inverse_change(change)) for i, _, change in uids])
             if uids and self.apply:
                 conn.add_flags([uid for _, uid, _ in uids], ["\\Deleted"])
                 conn.uid_expunge([uid for _, uid, _ in uids])
@@ -10434,11 +10559,18 @@ def _cmd_undo(args: argparse.Namespace, out: TextIO) -> int:
             return
         verb = "" if args.apply else "would "
         for change in record["changes"]:
+            # Name what leaves a folder (an expunged copy, mail moved back): folder and UID.
+            before, after = change.get("before"), change.get("after")
+            place = ""
+            if isinstance(before, dict) and before.get("uid"):
+                what = "expunges" if after is None else "from"
+                place = f" ({what} {before.get('folder')} UID {before.get('uid')})"
             out.write(printable(f"{record['folder']} {record['uid']}: {verb}"
-                                f"{describe_change(change)}  {record['subject'][:60]}") + "\n")
+                                f"{describe_change(change)}{place}  "
+                                f"{str(record.get('subject') or '')[:60]}") + "\n")
         for reason in record.get("left_alone", []):
             out.write(printable(f"{record['folder']} {record['uid']}: left alone: {reason}  "
-                                f"{record['subject'][:60]}") + "\n")
+                                f"{str(record.get('subject') or '')[:60]}") + "\n")
 
     undo = Undo(store, settings["user"], settings["host"], settings.get("port"),
                 run_id=args.run_id, apply=args.apply, allow_expunge=args.allow_expunge,
@@ -10464,8 +10596,14 @@ def _cmd_undo(args: argparse.Namespace, out: TextIO) -> int:
         for name in undo.deleted:
             out.write(printable(f"{'deleted' if args.apply else 'would delete'} the empty "
                                 f"folder {name}, which run {undo.undo_of} created") + "\n")
+        unmade = f"; {undo.unmade:,} never made (the run ended first)" if undo.unmade else ""
         out.write(f"undo of {undo.undo_of}: {verb} {undo.reversed:,} changes; "
-                  f"{undo.left_alone:,} left alone\n")
+                  f"{undo.left_alone:,} left alone{unmade}\n")
+        if undo.reversed:
+            out.write(f"The mail {'this undo restored' if args.apply else 'it would restore'} "
+                      f"is not classified again while the rules stay as they were for run "
+                      f"{undo.undo_of} (changed rules, or run --all, classify it again): fix "
+                      f"the rules before restarting a timer or watch.\n")
         if not args.apply:
             out.write("Dry run: nothing was changed. Run again with --apply to do it.\n")
     return EXIT_OK

@@ -9671,6 +9671,47 @@ class WriteAheadUndoTest(StateTestCase):
         self.assertEqual(self.server.uids("INBOX"), [])
         self.assertEqual(undo.left_alone, 1)
 
+    def test_undo_then_run_leaves_the_restored_mail_alone_until_the_rules_change(self):
+        for options in ({}, {"gmail": False}):
+            with self.subTest(**options):
+                self.use(**options)
+                self.state_dir = os.path.join(self.tmp, f"undone-{len(options)}")
+                seed_mailbox(self.server, 12)
+                before = mailbox_snapshot(self.server)
+                self.run_once()
+                undo = self.undo()
+                self.assertGreater(undo.restored_count, 0)
+                self.assertEqual(mailbox_snapshot(self.server), before)
+                start = len(self.server.log)
+                again = self.run_once()                   # same rules: nothing redone
+                self.assertEqual(again.changes_made, 0)
+                self.assertEqual(mailbox_snapshot(self.server), before)
+                self.assertFalse([e.line for e in self.server.log[start:]
+                                  if e.command in WRITE_COMMANDS - {"SELECT"}])
+                # Changed rules classify them again; so does --all with the same rules.
+                changed = dict(SWEEP_DOC, rule=SWEEP_DOC["rule"] + [
+                    {"name": "Never", "subject": "no such subject at all", "star": True}])
+                redo = self.run_once(gc.parse_rules(changed, "rules.json"))
+                self.assertGreater(redo.changes_made, 0)
+                self.undo()
+                self.assertEqual(mailbox_snapshot(self.server), before)
+                self.assertGreater(self.run_once(reclassify=True).changes_made, 0)
+
+    def test_the_undo_dry_run_names_the_folder_and_uid_of_what_it_would_expunge(self):
+        self.use(gmail=False)
+        self.server.add_message(make_message("receipt 1"))
+        self.server.add_message(make_message("weekly digest 1"))
+        self.assertEqual(UndoSafetyTest.cli(self, "run", "--apply")[0], gc.EXIT_OK)
+        (copy_uid,) = self.server.uids("Receipts")
+        (moved_uid,) = self.server.uids("Lists")
+        box = mailbox_snapshot(self.server)
+        code, out, err = UndoSafetyTest.cli(self, "undo")
+        self.assertEqual(code, gc.EXIT_OK, err)
+        self.assertIn(f"would remove label Receipts (expunges Receipts UID {copy_uid})", out)
+        self.assertIn(f"would move back to INBOX (from Lists UID {moved_uid})", out)
+        self.assertIn("fix the rules before restarting a timer or watch", out)
+        self.assertEqual(mailbox_snapshot(self.server), box)
+
     def test_the_moved_message_is_found_by_message_id_size_and_date(self):
         self.use(gmail=False)
         digest = make_message("weekly digest 1")

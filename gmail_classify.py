@@ -49,7 +49,7 @@ __all__ = [
     # pipeline
     "classify_folder", "check_run", "classify_messages", "demo_messages", "Outcome",
     "FolderReport",
-    "Checkpoint", "RunStopped", "describe_change", "FolderLimitError", "DEFAULT_MAX_NEW_FOLDERS",
+    "Checkpoint", "RunStopped", "ContentSkip", "describe_change", "FolderLimitError", "DEFAULT_MAX_NEW_FOLDERS",
     # state and audit log
     "StateStore", "FolderState", "AccountLock", "AuditLog", "Run", "Undo", "history",
     "StateError", "LockedError", "BudgetExceededError", "account_key", "rules_hash",
@@ -2030,9 +2030,12 @@ class GmailConnection:
     def status(self, folder: str) -> Dict[str, int]:
         """STATUS of a folder that need not be selected: ``{"MESSAGES": 812, "UIDNEXT": 9001,
         "UIDVALIDITY": 11}``.  RFC 3501 §6.3.10: not for the selected folder (use noop)."""
-        response = self._call("STATUS", mailbox_arg(folder), "(MESSAGES UIDNEXT UIDVALIDITY)")
+        response = self._call("STATUS", self._mailbox(folder), "(MESSAGES UIDNEXT UIDVALIDITY)")
         for item in response.untagged:
-            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3:
+            # The folder's own octets as listed (a raw UTF-8 name stays raw), and only its
+            # own answer: any untagged response may arrive with any command (RFC 3501 §7).
+            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
+                    and self._names(item[1], folder):
                 attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
                 return {str(key).upper(): _server_number(
                             value, str(key).upper(), "STATUS",
@@ -2885,7 +2888,7 @@ def _fetch_literal_limit(items: Sequence[str]) -> int:
     for other sections, a small one for anything else."""
     limit = 0
     for item in items:
-        if not re.match(r"(?i)(BODY|BINARY)\.PEEK\[|RFC822", item):
+        if not re.match(r"(?i)(BODY|BINARY)\.PEEK\[|RFC822(?!\.SIZE)", item):  # SIZE: a number
             limit = max(limit, MAX_SMALL_LITERAL)
             continue
         partial = re.search(r"<\d+\.(\d+)>$", item)
@@ -5979,6 +5982,9 @@ class FolderReport:
     why_skipped: Dict[int, str] = field(default_factory=dict)   # the server sent far more than
                                                                 # asked, or left items out
     notes: List[str] = field(default_factory=list)              # e.g. where trash goes
+    content_skipped: Dict[int, str] = field(default_factory=dict)  # UID -> why: left alone
+                                                                # for its content (the mark
+                                                                # passes it; see ContentSkip)
     changes_made: int = 0           # changes the server confirmed (0 in a dry run)
     changes_not_made: int = 0       # planned but not confirmed when the run stopped
     start_uid: int = 0              # classified only UIDs above this (the mark)
@@ -6151,6 +6157,17 @@ def _message_info(uid: int, values: Mapping[str, Any], header_item: str,
     )
 
 
+class ContentSkip(GmailClassifyError):
+    """A message cannot be classified for what it contains (a header no parser reads in
+    bounded time, a classifier that always fails on it): running again would not help.
+
+    Raise it (with the reason as its message) anywhere between a message's FETCH answer and
+    its decision; _classify_batch then leaves that message alone, warns, has the audit log
+    record it as ``skipped``, and lets the mark pass it (so scheduled runs do not exit 6
+    for ever).  ``raise ContentSkip("its Subject header has 40,000 encoded words")``.
+    """
+
+
 class RunStopped(GmailClassifyError):
     """A Checkpoint ended the run at a safe point: the daily download budget, a signal.
 
@@ -6178,6 +6195,10 @@ class Checkpoint:
 
     def before_fetch(self, conn: GmailConnection) -> None:
         """Called before each FETCH batch; raise RunStopped to end the run here."""
+
+    def content_skipped(self, status: FolderStatus, skips: Mapping[int, str]) -> None:
+        """Messages (UID -> why) left alone for their content this step (see ContentSkip);
+        called before ``step_done`` lets the mark pass them."""
 
     def intend(self, conn: GmailConnection, entries: Sequence[Dict[str, Any]]) -> None:
         """With ``apply``, before a step's write commands go out (see _intent_entries):
@@ -6238,6 +6259,7 @@ class _Step:
     msgids: Dict[int, Optional[int]] = field(default_factory=dict)
     last_uid: Optional[int] = None
     finished: bool = False
+    content_skips: Dict[int, str] = field(default_factory=dict)   # UID -> why (ContentSkip)
 def _folder_hint(conn: GmailConnection, folder: str) -> str:
     """"did you mean 'Receipts'?" for a misspelt folder, else where to find the names."""
     try:
@@ -6417,6 +6439,10 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     items = _fetch_items(needs, conn.is_gmail, apply)
     header_item = items[1]
     copies: Dict[str, set] = {}       # off Gmail: label folder -> _message_key of its mail
+    # Destinations' UIDVALIDITY and UIDNEXT for the intent records: one STATUS per folder
+    # run, UIDNEXT then moved past the UIDs the server reported (an older UIDNEXT only
+    # widens the range undo searches, where Message-ID, size and date must still agree).
+    places: Dict[str, Dict[str, Optional[int]]] = {}
     applied = [0, 0]                  # changes made, changes planned: for on_applied
 
     def finish(step: _Step) -> None:
@@ -6428,6 +6454,9 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
         def done(key: Tuple[str, ...], result: Mapping[int, Any]) -> None:
             for uid, extra in result.items():
                 confirmed[(uid, key)] = extra
+                place = places.get(extra.get("folder")) if isinstance(extra, dict) else None
+                if place is not None and extra.get("uid") and place.get("uidnext"):
+                    place["uidnext"] = max(place["uidnext"], extra["uid"] + 1)
             applied[0] += len(result)
             if on_applied is not None:
                 on_applied(min(applied[0], applied[1]), applied[1])
@@ -6446,7 +6475,9 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                         checkpoint.intend(conn, [{"create": name, "folder": folder}
                                                  for name in folders])
                         return
-                    places = {name: _place_status(conn, name) for name in folders}
+                    for name in folders:
+                        if name not in places:
+                            places[name] = _place_status(conn, name)
                     checkpoint.intend(conn, _intent_entries(step, status, conn.is_gmail,
                                                             destinations, places, folder,
                                                             conn.server_name))
@@ -6489,6 +6520,8 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                 mark = min(mark, min(report.skipped) - 1)   # the next run looks again
             if mark is not None:
                 report.mark = mark
+            if step.content_skips:
+                checkpoint.content_skipped(status, step.content_skips)  # before the mark
             checkpoint.step_done(conn, status, mark, outcomes)
             if on_message is not None:
                 for outcome in outcomes:
@@ -6597,12 +6630,20 @@ def _classify_batch(conn: GmailConnection, rules: Ruleset, batch: List[int], ite
             else _lacking(items, fetched.get(uid))
         if why:
             _skip(report, uid, why)
-        else:
+            continue
+        try:
             infos[uid] = _message_info(uid, fetched[uid], header_item, queries, folder)
+        except ContentSkip as exc:
+            _skip_content(report, step, uid, str(exc))
     decisions: Dict[int, Decision] = {}
     undecided: List[int] = []
-    for uid, info in infos.items():
-        decision = rules.classify(info, final=not needs.body, now=now)
+    for uid, info in list(infos.items()):
+        try:
+            decision = rules.classify(info, final=not needs.body, now=now)
+        except ContentSkip as exc:
+            _skip_content(report, step, uid, str(exc))
+            del infos[uid]
+            continue
         if decision is None:
             undecided.append(uid)
         else:
@@ -6617,8 +6658,11 @@ def _classify_batch(conn: GmailConnection, rules: Ruleset, batch: List[int], ite
             if why:
                 _skip(report, uid, why)
                 continue    # never judged on a body we did not get
-            info = dataclasses.replace(infos[uid], body=body_text(bodies[uid][body_item]))
-            decisions[uid] = rules.classify(info, final=True, now=now)
+            try:
+                info = dataclasses.replace(infos[uid], body=body_text(bodies[uid][body_item]))
+                decisions[uid] = rules.classify(info, final=True, now=now)
+            except ContentSkip as exc:
+                _skip_content(report, step, uid, str(exc))
     for uid in sorted(decisions):
         decision, info = decisions[uid], infos[uid]
         if separator is not None:
@@ -6646,6 +6690,15 @@ def _skip(report: FolderReport, uid: int, why: str) -> None:
         report.skipped.append(uid)
     report.why_skipped.setdefault(uid, why)
     log.info("%s: skipped UID %d: %s; it was left as it is", report.folder, uid, why)
+
+
+def _skip_content(report: FolderReport, step: _Step, uid: int, why: str) -> None:
+    """Leave one message alone for its content (ContentSkip): warned about, recorded in the
+    audit log as ``skipped``, and passed by the mark, since a rerun would fail the same."""
+    report.content_skipped[uid] = why
+    step.content_skips[uid] = why
+    log.warning("%s: UID %d left alone for its content: %s; it is recorded as skipped and "
+                "not tried again", report.folder, uid, why)
 
 
 def _tally(report: FolderReport, plan: _Plan, decision: Decision, info: MessageInfo,
@@ -7728,6 +7781,16 @@ class Run(Checkpoint):
                 f"{_size_text(self.daily_budget)} for {self.account} ({_size_text(used)} "
                 f"today); run again after 00:00 UTC (in {hours:.1f} h), or raise "
                 f"--daily-budget")
+
+    def content_skipped(self, status: FolderStatus, skips: Mapping[int, str]) -> None:
+        if not self.apply:
+            return
+        self.store.audit.append([
+            {"type": "skipped", "version": INTENT_VERSION, "run": self.id,
+             "time": _iso(self.store.now()), "account": self.user, "host": self.host,
+             "command": self.command, "folder": status.name, "uid": uid,
+             "uidvalidity": status.uidvalidity, "reason": why}
+            for uid, why in sorted(skips.items())])
 
     def intend(self, conn: GmailConnection, entries: Sequence[Dict[str, Any]]) -> None:
         """Write-ahead: the step's intent records, in one write and one fsync, before any
@@ -10629,6 +10692,12 @@ def _report_table(report: FolderReport, rules: Ruleset) -> str:
     if report.moved_missing:
         lines.append(f"  {_plural(report.moved_missing, 'message')} had gone before they could "
                      "be moved")
+    content: Dict[str, List[int]] = {}
+    for uid, why in sorted(report.content_skipped.items()):
+        content.setdefault(why, []).append(uid)
+    for why, uids in content.items():
+        lines.append(f"  {_plural(len(uids), 'message')} left alone for their content ({why}): "
+                     f"UID {compress_uids(uids)}; a rerun would not help, see 'history'")
     for why, uids in _skipped_by_reason(report).items():
         lines.append(f"  {_plural(len(uids), 'message')} skipped ({why}): UID "
                      f"{compress_uids(uids)}; run again")

@@ -9712,6 +9712,37 @@ class WriteAheadUndoTest(StateTestCase):
         self.assertIn("fix the rules before restarting a timer or watch", out)
         self.assertEqual(mailbox_snapshot(self.server), box)
 
+    def test_a_message_skipped_for_its_content_is_recorded_and_passed_by_the_mark(self):
+        self.use(gmail=False)
+        self.state_dir = os.path.join(self.tmp, "gmail_classify")   # where the CLI looks
+        for subject in ("receipt 1", "poisoned", "receipt 2"):
+            self.server.add_message(make_message(subject))
+        original = gc._message_info
+
+        def unreadable(uid, values, *args):
+            info = original(uid, values, *args)
+            if gc.header_text(info.headers, "subject") == ["poisoned"]:
+                raise gc.ContentSkip("its Subject cannot be read in bounded time")
+            return info
+
+        with mock.patch.object(gc, "_message_info", unreadable):
+            with self.assertLogs("gmail_classify", "WARNING") as logs:
+                run = self.run_once()
+        self.assertTrue(any("left alone for its content" in line for line in logs.output))
+        (report,) = run.reports
+        poisoned = 2                                       # the second message
+        self.assertEqual(report.content_skipped, {poisoned: "its Subject cannot be read in "
+                                                            "bounded time"})
+        self.assertEqual(report.skipped, [])
+        self.assertEqual(self.mark().mark, 3)             # the mark passed it
+        self.assertEqual(len(self.server.uids("Receipts")), 2)
+        skipped = [r for r in self.store().audit.records() if r["type"] == "skipped"]
+        self.assertEqual([(r["uid"], r["version"]) for r in skipped], [(poisoned, 2)])
+        self.assertEqual(gc.history(self.store())[0]["skipped"], 1)
+        code, out, err = run_cli("history", env={"XDG_STATE_HOME": self.tmp,
+                                                 "GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertIn("1 message skipped for its content", out)
+
     def test_the_moved_message_is_found_by_message_id_size_and_date(self):
         self.use(gmail=False)
         digest = make_message("weekly digest 1")

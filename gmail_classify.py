@@ -6447,7 +6447,7 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
 
     def finish(step: _Step) -> None:
         step.finished = True
-        if not step.decisions:
+        if not step.decisions and not step.content_skips:
             return
         confirmed: Dict[Tuple[int, Tuple[str, ...]], Any] = {}
 

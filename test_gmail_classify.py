@@ -9727,7 +9727,7 @@ class WriteAheadUndoTest(StateTestCase):
 
         with mock.patch.object(gc, "_message_info", unreadable):
             with self.assertLogs("gmail_classify", "WARNING") as logs:
-                run = self.run_once()
+                run = self.run_once(batch_size=1, apply_every=1)   # a step of it alone
         self.assertTrue(any("left alone for its content" in line for line in logs.output))
         (report,) = run.reports
         poisoned = 2                                       # the second message

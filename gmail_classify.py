@@ -8206,6 +8206,7 @@ class Undo:
 
     def _reverse(self, conn: GmailConnection, work: Dict[int, Dict[str, List[Any]]]) -> None:
         gone: set = set()
+        unmoved: set = set()       # maybe moves that never happened
         located: Dict[int, Tuple[str, Optional[int]]] = {}
         # 1. Mail the run moved (or trashed, or archived off Gmail) goes back first.
         by_place: Dict[str, List[int]] = {}
@@ -8218,11 +8219,13 @@ class Undo:
                                  lambda i: self._place_of(i, self._moved(self.messages[i])[2]))
             for i in indexes:
                 if i not in found:
-                    gone.add(i)
                     if self.messages[i].get("maybe"):
+                        # Never moved: it is still where it was, with its other changes.
+                        unmoved.add(i)
                         work[i]["unmade"].append(f"not in {folder}: the run ended before "
                                                  f"moving it, so there is nothing to undo")
                     else:
+                        gone.add(i)
                         work[i]["alone"].append(f"no longer in {folder} (nor found there by "
                                                 f"Message-ID, size and date); left as it is")
             if not conn.is_gmail:
@@ -8268,7 +8271,7 @@ class Undo:
         else:
             groups = {}
             for i in rest:
-                if self._moved(self.messages[i]) is None and \
+                if (self._moved(self.messages[i]) is None or i in unmoved) and \
                         any(c.get("flag") for c in self.messages[i]["changes"]):
                     groups.setdefault(self.messages[i]["folder"], []).append(i)
             for folder, indexes in groups.items():

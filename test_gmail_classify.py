@@ -9485,14 +9485,44 @@ class WriteAheadUndoTest(StateTestCase):
         self.assertEqual(gc.history(self.store())[0]["maybe"], 0)
         self.assertEqual(gc.history(self.store())[0]["changes_made"], run.changes_made)
 
-    def test_a_command_executed_but_never_confirmed_is_maybe_and_undo_reverses_it(self):
-        for options in ({}, {"gmail": False}):
+    def test_a_clean_run_has_no_maybe_changes_on_any_server(self):
+        for options in ({}, {"gmail": False}, {"kind": "uidplus"}, {"kind": "no-special-use"}):
             with self.subTest(**options):
                 self.use(**options)
-                self.state_dir = os.path.join(self.tmp, f"state-{len(options)}")
+                self.state_dir = os.path.join(self.tmp, f"clean-{len(self.server.log)}-"
+                                                        f"{self.server.port}")
+                seed_mailbox(self.server, 12)
+                run = self.run_once(batch_size=3, apply_every=2)
+                (entry,) = gc.history(self.store())
+                self.assertEqual((entry["maybe"], entry["changes_made"]),
+                                 (0, run.changes_made))
+
+    def test_undo_writes_its_own_intents_before_its_changes(self):
+        self.use(gmail=False)
+        seed_mailbox(self.server, 6)
+        run = self.run_once()
+        undo = self.undo()
+        with open(self.audit_file(), encoding="utf-8") as handle:
+            mine = [json.loads(line) for line in handle]
+        mine = [r for r in mine if r["run"] == undo.run.id]
+        kinds = [r["type"] for r in mine]
+        self.assertIn("intent", kinds)
+        self.assertLess(kinds.index("intent"), kinds.index("message"))
+        self.assertTrue(any(r.get("delete") for r in mine if r["type"] == "intent"))
+        entry = next(e for e in gc.history(self.store()) if e["run"] == undo.run.id)
+        self.assertEqual((entry["command"], entry["maybe"]), ("undo", 0))
+        self.assertEqual(entry["changes_made"], run.changes_made)
+
+    def test_a_command_executed_but_never_confirmed_is_maybe_and_undo_reverses_it(self):
+        for command, options in (("UID MOVE", {}), ("UID MOVE", {"gmail": False}),
+                                 ("UID COPY", {"gmail": False}),      # a label's copy
+                                 ("UID EXPUNGE", {"kind": "uidplus"})):
+            with self.subTest(command=command, **options):
+                self.use(**options)
+                self.state_dir = os.path.join(self.tmp, f"state-{self.server.port}")
                 seed_mailbox(self.server, 6)
                 before = mailbox_snapshot(self.server)
-                self.server.add_fault("UID MOVE", action="drop", when="after")
+                self.server.add_fault(command, action="drop", when="after")
                 with self.assertRaises(gc.GmailClassifyError):
                     self.run_once(retries=0)
                 self.assertNotEqual(mailbox_snapshot(self.server), before)

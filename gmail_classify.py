@@ -6184,6 +6184,7 @@ class Checkpoint:
     same object to classify_folder again and again.
     """
 
+    writes_ahead = False    # True: wants intend() before each step's write commands
     def start(self, conn: GmailConnection, status: FolderStatus) -> int:
         """Returns the mark for the folder just opened: only UIDs above it are classified."""
         return 0
@@ -6436,7 +6437,7 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     if settled.archive is not None:
         destinations["archive"] = settled.archive.name
         in_archive = _same_folder(settled.archive.name, source)
-    items = _fetch_items(needs, conn.is_gmail, apply)
+    items = _fetch_items(needs, conn.is_gmail, apply and checkpoint.writes_ahead)
     header_item = items[1]
     copies: Dict[str, set] = {}       # off Gmail: label folder -> _message_key of its mail
     # Destinations' UIDVALIDITY and UIDNEXT for the intent records: one STATUS per folder
@@ -6471,6 +6472,8 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
             applied[1] += step.plan.size()
             if apply:
                 def intend(phase: str, folders: Sequence[str]) -> None:
+                    if not checkpoint.writes_ahead:
+                        return                  # nothing keeps a record: no STATUS spent
                     if phase == "create":
                         checkpoint.intend(conn, [{"create": name, "folder": folder}
                                                  for name in folders])
@@ -7781,6 +7784,8 @@ class Run(Checkpoint):
                 f"{_size_text(self.daily_budget)} for {self.account} ({_size_text(used)} "
                 f"today); run again after 00:00 UTC (in {hours:.1f} h), or raise "
                 f"--daily-budget")
+
+    writes_ahead = True
 
     def content_skipped(self, status: FolderStatus, skips: Mapping[int, str]) -> None:
         if not self.apply:

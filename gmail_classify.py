@@ -8022,11 +8022,15 @@ class Undo:
         self.rules_hash = ""                # the undone run's rules (see StateStore.undone)
         reversed_before = set()             # by an earlier undo of this run, cut short
         intents: List[Dict[str, Any]] = []
+        self.tried_before: set = set()      # changes an earlier undo, cut short, sent
         for record in store.audit.records():
             if record.get("undo_of") == run_id and record.get("type") == "message" \
                     and record.get("applied"):
                 for change in record.get("changes") or []:
                     reversed_before.add(self._change_key(record, _inverse_change(change)))
+            if record.get("undo_of") == run_id and record.get("type") == "intent":
+                for change in record.get("changes") or []:
+                    self.tried_before.add(_change_identity(record, _inverse_change(change)))
             if record.get("run") != run_id:
                 continue
             if record.get("type") == "message" and record.get("applied") \
@@ -8154,6 +8158,11 @@ class Undo:
                     store.add_undone(account, rules, None, None, None, record.get("gm_msgid"))
                     self.restored_count += 1
 
+    def _tried(self, i: int, change: Mapping[str, Any]) -> bool:
+        """Whether an earlier undo of this run, cut short, sent the reversal of ``change``
+        (its intent is in the log, its confirmation is not)."""
+        return _change_identity(self.messages[i], change) in self.tried_before
+
     def _intend(self, conn: GmailConnection, pairs: Sequence[Tuple[int, Dict[str, Any]]]) -> None:
         """Write-ahead for the undo's own writes: the changes about to be made, per message."""
         if not self.apply or not pairs:
@@ -8211,7 +8220,7 @@ class Undo:
 
     def _reverse(self, conn: GmailConnection, work: Dict[int, Dict[str, List[Any]]]) -> None:
         gone: set = set()
-        unmoved: set = set()       # maybe moves that never happened
+        unmoved: set = set()       # maybe moves that never happened, or already moved back
         located: Dict[int, Tuple[str, Optional[int]]] = {}
         # 1. Mail the run moved (or trashed, or archived off Gmail) goes back first.
         by_place: Dict[str, List[int]] = {}
@@ -8229,6 +8238,10 @@ class Undo:
                         unmoved.add(i)
                         work[i]["unmade"].append(f"not in {folder}: the run ended before "
                                                  f"moving it, so there is nothing to undo")
+                    elif self._tried(i, self._moved(self.messages[i])[2]):
+                        unmoved.add(i)          # back home: its other changes go on there
+                        work[i]["unmade"].append(f"not in {folder}: an earlier undo, cut "
+                                                 f"short, moved it back already")
                     else:
                         gone.add(i)
                         work[i]["alone"].append(f"no longer in {folder} (nor found there by "
@@ -8441,6 +8454,10 @@ class Undo:
                         work[i]["unmade"].append(f"{describe_change(change)}: never made "
                                                  f"({name} is {state}); nothing to undo")
                         continue
+                    if self._tried(i, change):
+                        work[i]["unmade"].append(f"{describe_change(change)}: reversed "
+                                                 f"already by an earlier undo, cut short")
+                        continue
                     work[i]["alone"].append(f"{describe_change(change)}: changed since "
                                             f"({name} is {state} now); left as it is")
                     continue
@@ -8501,9 +8518,9 @@ class Undo:
                 else:
                     target = self._find_by_looks(conn, i, since)
                 if target is None:
-                    if self.messages[i].get("maybe"):
-                        work[i]["unmade"].append(f"{what}: no copy in {folder}; the run "
-                                                 f"ended before making it")
+                    if self.messages[i].get("maybe") or self._tried(i, change):
+                        work[i]["unmade"].append(f"{what}: no copy in {folder}; never made, "
+                                                 f"or removed by an earlier undo cut short")
                         continue
                     work[i]["alone"].append(f"{what}: the copy the run made is no longer in "
                                             f"{folder} (or its UID is unknown); left as it is")

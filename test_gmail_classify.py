@@ -9516,7 +9516,8 @@ class WriteAheadUndoTest(StateTestCase):
     def test_a_command_executed_but_never_confirmed_is_maybe_and_undo_reverses_it(self):
         for command, options in (("UID MOVE", {}), ("UID MOVE", {"gmail": False}),
                                  ("UID COPY", {"gmail": False}),      # a label's copy
-                                 ("UID EXPUNGE", {"kind": "uidplus"})):
+                                 ("UID EXPUNGE", {"kind": "uidplus"}),
+                                 ("UID STORE", {}), ("UID STORE", {"gmail": False})):
             with self.subTest(command=command, **options):
                 self.use(**options)
                 self.state_dir = os.path.join(self.tmp, f"state-{self.server.port}")
@@ -9531,6 +9532,27 @@ class WriteAheadUndoTest(StateTestCase):
                 self.assertGreaterEqual(entry["changes_made"], entry["maybe"])
                 undo = self.undo()
                 self.assertEqual(undo.left_alone, 0)
+                self.assertEqual(mailbox_snapshot(self.server), before)
+
+    def test_an_undo_cut_after_a_command_it_sent_finishes_on_the_next_undo(self):
+        for command, options in (("UID MOVE", {}), ("UID MOVE", {"gmail": False}),
+                                 ("UID STORE", {"gmail": False}),
+                                 ("UID EXPUNGE", {"gmail": False})):
+            with self.subTest(command=command, **options):
+                self.use(**options)
+                self.state_dir = os.path.join(self.tmp, f"undo-cut-{self.server.port}")
+                seed_mailbox(self.server, 12)
+                before = mailbox_snapshot(self.server)
+                run = self.run_once()
+                store = self.store()
+                first = gc.Undo(store, USER, "127.0.0.1", self.server.port, apply=True)
+                self.server.add_fault(command, action="drop", when="after")
+                with self.assertRaises(gc.GmailClassifyError):
+                    first.execute(self.connect(retries=0))
+                first.run.finish("failed")
+                self.assertTrue(self.server.fired)
+                second = self.undo(run.id)
+                self.assertEqual(second.left_alone, 0)
                 self.assertEqual(mailbox_snapshot(self.server), before)
 
     def test_a_maybe_change_that_did_not_happen_sends_nothing(self):

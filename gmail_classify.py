@@ -32,6 +32,7 @@ __all__ = [
     "GmailClassifyError", "ImapError", "ProtocolError", "AuthenticationError",
     "CapabilityError", "UidValidityError", "FolderUnavailableError", "TLSError",
     "ConnectionLostError", "RulesError", "CredentialError", "StopRequested", "Stop",
+    "ContentSkip",
     "printable",
     # wire format
     "encode_mailbox", "decode_mailbox", "quote", "astring", "compress_uids",
@@ -49,7 +50,7 @@ __all__ = [
     # pipeline
     "classify_folder", "check_run", "classify_messages", "demo_messages", "Outcome",
     "FolderReport",
-    "Checkpoint", "RunStopped", "ContentSkip", "describe_change", "FolderLimitError", "DEFAULT_MAX_NEW_FOLDERS",
+    "Checkpoint", "RunStopped", "describe_change", "FolderLimitError", "DEFAULT_MAX_NEW_FOLDERS",
     # state and audit log
     "StateStore", "FolderState", "AccountLock", "AuditLog", "Run", "Undo", "history",
     "StateError", "LockedError", "BudgetExceededError", "account_key", "rules_hash",
@@ -194,6 +195,17 @@ class ConnectionLostError(GmailClassifyError):
 
 class RulesError(GmailClassifyError):
     """The rules file is wrong; the message names the file, rule and key, and the fix."""
+
+
+class ContentSkip(GmailClassifyError):
+    """A message cannot be classified for what it contains (a header no parser reads in
+    bounded time, a classifier that always fails on it): running again would not help.
+
+    Raise it (with the reason as its message) anywhere between a message's FETCH answer and
+    its decision; _classify_batch then leaves that message alone, warns, has the audit log
+    record it as ``skipped``, and lets the mark pass it (so scheduled runs do not exit 6
+    for ever).  ``raise ContentSkip("its Subject header has 40,000 encoded words")``.
+    """
 
 
 class CredentialError(GmailClassifyError, ValueError):
@@ -6155,17 +6167,6 @@ def _message_info(uid: int, values: Mapping[str, Any], header_item: str,
         has_attachment=None if structure is None else bool(_structure_has_attachment(structure)),
         queries=None if queries is None else frozenset(q for q, hits in queries.items() if uid in hits),
     )
-
-
-class ContentSkip(GmailClassifyError):
-    """A message cannot be classified for what it contains (a header no parser reads in
-    bounded time, a classifier that always fails on it): running again would not help.
-
-    Raise it (with the reason as its message) anywhere between a message's FETCH answer and
-    its decision; _classify_batch then leaves that message alone, warns, has the audit log
-    record it as ``skipped``, and lets the mark pass it (so scheduled runs do not exit 6
-    for ever).  ``raise ContentSkip("its Subject header has 40,000 encoded words")``.
-    """
 
 
 class RunStopped(GmailClassifyError):

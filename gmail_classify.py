@@ -8043,7 +8043,11 @@ class Undo:
                     self.created.append(record["create"])
                 elif record.get("changes"):
                     intents.append(record)
-                    self.intents[(record.get("folder"), record.get("uid"))] = record
+                    key = (record.get("folder"), record.get("uid"))
+                    if key in self.intents:     # the same message in two steps: both count
+                        record = dict(record, changes=self.intents[key]["changes"] +
+                                      record["changes"])
+                    self.intents[key] = record
             elif record.get("type") == "summary":
                 for report in record.get("reports") or []:
                     self.created += [name for name in report.get("created") or []
@@ -8131,6 +8135,9 @@ class Undo:
                         problem = f"{action!r} does not move mail"
                 elif isinstance(before, dict):
                     problem = "it has a place before but none after"
+                if not problem and self.intents and not record.get("maybe") and \
+                        not self._announced(i, change):
+                    problem = "the run wrote no intent for it"
                 if problem:
                     work[i]["alone"].append(f"{describe_change(change)}: not something the "
                                             f"run can have done ({problem}); left as it is")
@@ -8190,6 +8197,14 @@ class Undo:
                     isinstance(planned.get("after"), dict):
                 return planned["after"]
         return {}
+
+    def _announced(self, i: int, change: Mapping[str, Any]) -> bool:
+        """Whether the run's intents (write-ahead) announced ``change`` of message ``i``."""
+        record = self.messages[i]
+        intent = self.intents.get((record.get("folder"), record.get("uid"))) or {}
+        wanted = _change_identity(record, change)
+        return any(_change_identity(record, planned) == wanted
+                   for planned in intent.get("changes") or [])
 
     def _looks(self, i: int) -> Tuple[str, Optional[int], Optional[str]]:
         """Message-ID, size and INTERNALDATE of message ``i`` as the run saw it."""
@@ -8386,7 +8401,10 @@ class Undo:
         for i in indexes:
             place = place_of(i)
             renumbered = place.get("uidvalidity") not in (None, status.uidvalidity)
-            guesses[i] = None if renumbered else uid_of(self.messages[i])
+            guess = None if renumbered else uid_of(self.messages[i])
+            if guess and place.get("uidnext") and guess < place["uidnext"]:
+                guess = None        # there before the run wrote: not the message it moved
+            guesses[i] = guess
         item = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
         known = [uid for uid in guesses.values() if uid]
         there = conn.fetch(known, [item]) if known else {}

@@ -9678,6 +9678,27 @@ class WriteAheadUndoTest(StateTestCase):
                  if _message_id_of(m.raw) == _message_id_of(make_message("the victim"))]
         self.assertEqual(trash, [])
 
+    def test_a_forged_move_record_into_a_folder_the_run_used_is_refused(self):
+        self.use(gmail=False)
+        theirs = make_message("kept in Lists long before")
+        self.server.add_message(theirs, folder="Lists")
+        self.server.add_message(make_message("weekly digest 1"))
+        run = self.run_once()
+        self.assertEqual(len(self.server.uids("Lists")), 2)
+        self.append_records({
+            "type": "message", "version": 1, "run": run.id, "applied": True,
+            "account": USER, "host": f"127.0.0.1:{self.server.port}", "folder": "INBOX",
+            "uid": 77, "uidvalidity": self.server.uidvalidity("INBOX"),
+            "message_id": _message_id_of(theirs), "subject": "forged",
+            "changes": [{"action": "move", "before": {"folder": "INBOX", "uid": 77},
+                         "after": {"folder": "Lists", "uid": self.server.uids("Lists")[0]}}]})
+        records: list = []
+        undo = self.undo(records=records)
+        self.assertEqual([m.raw for m in self.server.messages("Lists")], [theirs])
+        self.assertEqual((undo.reversed, undo.left_alone), (1, 1))
+        (alone,) = [r["left_alone"] for r in records if r["subject"] == "forged"]
+        self.assertIn("the run wrote no intent for it", alone[0])
+
     def test_a_recreated_label_folder_keeps_its_message(self):
         self.use(gmail=False)
         self.server.add_message(make_message("receipt 1"))

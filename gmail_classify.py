@@ -6572,7 +6572,12 @@ def _place_status(conn: GmailConnection, name: str) -> Dict[str, Optional[int]]:
     selected = conn.selected
     if selected is not None and _same_folder(selected.name, name):
         return {"uidvalidity": selected.uidvalidity, "uidnext": selected.uidnext}
-    values = conn.status(name)
+    try:
+        values = conn.status(name)
+    except ImapError as exc:
+        if exc.status not in ("NO", "BAD"):
+            raise
+        values = {}     # the write that follows says what is wrong; undo leaves it alone
     return {"uidvalidity": values.get("UIDVALIDITY"), "uidnext": values.get("UIDNEXT")}
 
 

@@ -9612,6 +9612,23 @@ class WriteAheadUndoTest(StateTestCase):
         self.assertNotIn(_message_id_of(make_message("weekly digest late")),
                          [_message_id_of(m.raw) for m in self.server.messages("Lists")])
 
+    @unittest.skipUnless(hasattr(signal, "pthread_sigmask"), "POSIX signal masks")
+    def test_a_signal_during_the_audit_write_waits_for_the_whole_write(self):
+        log = gc.AuditLog(Path(self.tmp) / "audit.jsonl")
+        real_write = os.write
+        sent = []
+
+        def write(fd, data):
+            if not sent:                     # Ctrl-C lands in the middle of the write
+                sent.append(True)
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            return real_write(fd, data)
+
+        with mock.patch("os.write", write):
+            with self.assertRaises(KeyboardInterrupt):
+                log.append([{"type": "intent", "run": "r", "n": n} for n in range(3)])
+        self.assertEqual([r["n"] for r in log.records()], [0, 1, 2])
+
     def test_a_torn_last_line_never_swallows_the_next_run(self):
         self.use(gmail=False)
         self.state_dir = os.path.join(self.tmp, "gmail_classify")   # where the CLI looks

@@ -32,6 +32,7 @@ __all__ = [
     "GmailClassifyError", "ImapError", "ProtocolError", "AuthenticationError",
     "CapabilityError", "UidValidityError", "FolderUnavailableError", "TLSError",
     "ConnectionLostError", "RulesError", "CredentialError", "StopRequested", "Stop",
+    "ContentSkip",
     "printable",
     # wire format
     "encode_mailbox", "decode_mailbox", "quote", "astring", "compress_uids",
@@ -194,6 +195,17 @@ class ConnectionLostError(GmailClassifyError):
 
 class RulesError(GmailClassifyError):
     """The rules file is wrong; the message names the file, rule and key, and the fix."""
+
+
+class ContentSkip(GmailClassifyError):
+    """A message cannot be classified for what it contains (a header no parser reads in
+    bounded time, a classifier that always fails on it): running again would not help.
+
+    Raise it (with the reason as its message) anywhere between a message's FETCH answer and
+    its decision; _classify_batch then leaves that message alone, warns, has the audit log
+    record it as ``skipped``, and lets the mark pass it (so scheduled runs do not exit 6
+    for ever).  ``raise ContentSkip("its Subject header has 40,000 encoded words")``.
+    """
 
 
 class CredentialError(GmailClassifyError, ValueError):
@@ -2264,9 +2276,12 @@ class GmailConnection:
     def status(self, folder: str) -> Dict[str, int]:
         """STATUS of a folder that need not be selected: ``{"MESSAGES": 812, "UIDNEXT": 9001,
         "UIDVALIDITY": 11}``.  RFC 3501 §6.3.10: not for the selected folder (use noop)."""
-        response = self._call("STATUS", mailbox_arg(folder), "(MESSAGES UIDNEXT UIDVALIDITY)")
+        response = self._call("STATUS", self._mailbox(folder), "(MESSAGES UIDNEXT UIDVALIDITY)")
         for item in response.untagged:
-            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3:
+            # The folder's own octets as listed (a raw UTF-8 name stays raw), and only its
+            # own answer: any untagged response may arrive with any command (RFC 3501 §7).
+            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
+                    and self._names(item[1], folder):
                 attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
                 return {str(key).upper(): _server_number(
                             value, str(key).upper(), "STATUS",
@@ -3146,7 +3161,7 @@ def _fetch_literal_limit(items: Sequence[str]) -> int:
     for other sections, a small one for anything else."""
     limit = 0
     for item in items:
-        if not re.match(r"(?i)(BODY|BINARY)\.PEEK\[|RFC822", item):
+        if not re.match(r"(?i)(BODY|BINARY)\.PEEK\[|RFC822(?!\.SIZE)", item):  # SIZE: a number
             limit = max(limit, MAX_SMALL_LITERAL)
             continue
         partial = re.search(r"<\d+\.(\d+)>$", item)
@@ -6250,6 +6265,9 @@ class FolderReport:
     why_skipped: Dict[int, str] = field(default_factory=dict)   # the server sent far more than
                                                                 # asked, or left items out
     notes: List[str] = field(default_factory=list)              # e.g. where trash goes
+    content_skipped: Dict[int, str] = field(default_factory=dict)  # UID -> why: left alone
+                                                                # for its content (the mark
+                                                                # passes it; see ContentSkip)
     changes_made: int = 0           # changes the server confirmed (0 in a dry run)
     changes_not_made: int = 0       # planned but not confirmed when the run stopped
     start_uid: int = 0              # classified only UIDs above this (the mark)
@@ -6380,12 +6398,14 @@ def _same_label(wanted: str, have: str) -> bool:
     return wanted == have
 
 
-def _fetch_items(needs: Needs, gmail: bool) -> List[str]:
+def _fetch_items(needs: Needs, gmail: bool, apply: bool = False) -> List[str]:
+    """What one batch's FETCH asks for: what the rules read, and with ``apply`` the size
+    and INTERNALDATE the intent records carry (undo tells the run's own copy by them)."""
     fields = " ".join(sorted(h.upper() for h in needs.headers))
     items = ["FLAGS", f"BODY.PEEK[HEADER.FIELDS ({fields})]"]
-    if needs.size:
+    if needs.size or apply:
         items.append("RFC822.SIZE")
-    if needs.date:
+    if needs.date or apply:
         items.append("INTERNALDATE")
     if needs.attachment:
         items.append("BODYSTRUCTURE")
@@ -6455,12 +6475,26 @@ class Checkpoint:
     same object to classify_folder again and again.
     """
 
+    writes_ahead = False    # True: wants intend() before each step's write commands
     def start(self, conn: GmailConnection, status: FolderStatus) -> int:
         """Returns the mark for the folder just opened: only UIDs above it are classified."""
         return 0
 
+    def leave_alone(self, status: FolderStatus) -> Tuple[frozenset, frozenset]:
+        """(UIDs, X-GM-MSGIDs) of the folder just opened not to classify: messages an undo
+        restored while the rules are still those of the undone run."""
+        return frozenset(), frozenset()
+
     def before_fetch(self, conn: GmailConnection) -> None:
         """Called before each FETCH batch; raise RunStopped to end the run here."""
+
+    def content_skipped(self, status: FolderStatus, skips: Mapping[int, str]) -> None:
+        """Messages (UID -> why) left alone for their content this step (see ContentSkip);
+        called before ``step_done`` lets the mark pass them."""
+
+    def intend(self, conn: GmailConnection, entries: Sequence[Dict[str, Any]]) -> None:
+        """With ``apply``, before a step's write commands go out (see _intent_entries):
+        what they may change.  Must make it durable before returning (write-ahead)."""
 
     def step_done(self, conn: GmailConnection, status: FolderStatus, mark: Optional[int],
                   outcomes: Sequence[Outcome]) -> None:
@@ -6517,6 +6551,7 @@ class _Step:
     msgids: Dict[int, Optional[int]] = field(default_factory=dict)
     last_uid: Optional[int] = None
     finished: bool = False
+    content_skips: Dict[int, str] = field(default_factory=dict)   # UID -> why (ContentSkip)
 def _folder_hint(conn: GmailConnection, folder: str) -> str:
     """"did you mean 'Receipts'?" for a misspelt folder, else where to find the names."""
     try:
@@ -6669,6 +6704,15 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     criteria = above + (["SINCE", since] if since else [] if above else ["ALL"])
     # "UID N:*" always matches the highest UID, even when it is below N (RFC 3501 §6.4.8).
     uids = [uid for uid in conn.search(criteria) if uid > start]
+    # Restored by an undo of a run with these same rules: classifying them again would
+    # only redo what was undone (change the rules, or --all, to have them classified).
+    undone_uids, undone_msgids = checkpoint.leave_alone(status)
+    if undone_uids:
+        kept = [uid for uid in uids if uid not in undone_uids]
+        if len(kept) < len(uids):
+            log.info("%s: %d message(s) an undo restored are left alone (same rules as the "
+                     "undone run)", source, len(uids) - len(kept))
+        uids = kept
     narrowed = since is not None or limit is not None
     if limit is not None:
         uids = uids[-limit:] if limit > 0 else []
@@ -6684,20 +6728,27 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     if settled.archive is not None:
         destinations["archive"] = settled.archive.name
         in_archive = _same_folder(settled.archive.name, source)
-    items = _fetch_items(needs, conn.is_gmail)
+    items = _fetch_items(needs, conn.is_gmail, apply and checkpoint.writes_ahead)
     header_item = items[1]
     copies: Dict[str, set] = {}       # off Gmail: label folder -> _message_key of its mail
+    # Destinations' UIDVALIDITY and UIDNEXT for the intent records: one STATUS per folder
+    # run, UIDNEXT then moved past the UIDs the server reported (an older UIDNEXT only
+    # widens the range undo searches, where Message-ID, size and date must still agree).
+    places: Dict[str, Dict[str, Optional[int]]] = {}
     applied = [0, 0]                  # changes made, changes planned: for on_applied
 
     def finish(step: _Step) -> None:
         step.finished = True
-        if not step.decisions:
+        if not step.decisions and not step.content_skips:
             return
         confirmed: Dict[Tuple[int, Tuple[str, ...]], Any] = {}
 
         def done(key: Tuple[str, ...], result: Mapping[int, Any]) -> None:
             for uid, extra in result.items():
                 confirmed[(uid, key)] = extra
+                place = places.get(extra.get("folder")) if isinstance(extra, dict) else None
+                if place is not None and extra.get("uid") and place.get("uidnext"):
+                    place["uidnext"] = max(place["uidnext"], extra["uid"] + 1)
             applied[0] += len(result)
             if on_applied is not None:
                 on_applied(min(applied[0], applied[1]), applied[1])
@@ -6711,8 +6762,22 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                 _drop_copies_already_there(conn, step.plan, copies)
             applied[1] += step.plan.size()
             if apply:
+                def intend(phase: str, folders: Sequence[str]) -> None:
+                    if not checkpoint.writes_ahead:
+                        return                  # nothing keeps a record: no STATUS spent
+                    if phase == "create":
+                        checkpoint.intend(conn, [{"create": name, "folder": folder}
+                                                 for name in folders])
+                        return
+                    for name in folders:
+                        if name not in places:
+                            places[name] = _place_status(conn, name)
+                    checkpoint.intend(conn, _intent_entries(step, status, conn.is_gmail,
+                                                            destinations, places, folder,
+                                                            conn.server_name))
+
                 _apply_plan(conn, step.plan, report, done, max_new_folders, settled,
-                            allow_expunge)
+                            allow_expunge, intend)
             else:
                 report.created.extend(name for name in _missing_folders(conn, step.plan)
                                       if name not in report.created)
@@ -6753,6 +6818,8 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                 mark = min(mark, min(report.expunge_stayed) - 1)    # not moved: not done
             if mark is not None:
                 report.mark = mark
+            if step.content_skips:
+                checkpoint.content_skipped(status, step.content_skips)  # before the mark
             checkpoint.step_done(conn, status, mark, outcomes)
             if on_message is not None:
                 for outcome in outcomes:
@@ -6777,7 +6844,8 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                 finish(step)
                 raise
             _classify_batch(conn, rules, batch, items, header_item, queries, folder, now,
-                            step, report, in_trash, in_archive, fetched, separator, source)
+                            step, report, in_trash, in_archive, fetched, separator, source,
+                            undone_msgids)
             batches += 1
             if on_progress is not None:
                 on_progress(min(start_index + batch_size, len(uids)), len(uids))
@@ -6792,15 +6860,64 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     return report
 
 
+def _place_status(conn: GmailConnection, name: str) -> Dict[str, Optional[int]]:
+    """A destination's UIDVALIDITY and UIDNEXT before a step writes to it: every copy with a
+    UID at or above that UIDNEXT, under that UIDVALIDITY, came after the step began."""
+    selected = conn.selected
+    if selected is not None and _same_folder(selected.name, name):
+        return {"uidvalidity": selected.uidvalidity, "uidnext": selected.uidnext}
+    try:
+        values = conn.status(name)
+    except ImapError as exc:
+        if exc.status not in ("NO", "BAD"):
+            raise
+        values = {}     # the write that follows says what is wrong; undo leaves it alone
+    return {"uidvalidity": values.get("UIDVALIDITY"), "uidnext": values.get("UIDNEXT")}
+
+
+def _intent_entries(step: _Step, status: FolderStatus, gmail: bool,
+                    destinations: Mapping[str, Optional[str]],
+                    places: Mapping[str, Mapping[str, Optional[int]]],
+                    folder: str, server_name: Callable[[str], str]) -> List[Dict[str, Any]]:
+    """One entry per message the step may change: where it is, what tells it apart (size,
+    INTERNALDATE, Message-ID) and the changes planned, each destination with the
+    UIDVALIDITY and UIDNEXT it had before the step (``places``, by server name)."""
+    entries = []
+    for uid in sorted(step.plan.per_uid):
+        info = step.infos.get(uid)
+        if info is None:
+            continue
+        changes = []
+        for key in step.plan.per_uid[uid]:
+            change = _change_entry(key, uid, status, gmail, destinations, None)
+            after = change.get("after")
+            if isinstance(after, dict):
+                name = after["folder"] if after["folder"] in places else \
+                    server_name(str(after["folder"]))
+                if name in places:
+                    after = dict(after, folder=name, **places[name])
+                change = dict(change, after=after)
+            changes.append(change)
+        entries.append({
+            "folder": folder, "uid": uid, "uidvalidity": status.uidvalidity,
+            "gm_msgid": step.msgids.get(uid),
+            "message_id": _first(header_text(info.headers, "message-id")).strip(),
+            "size": info.size, "internaldate": _iso(info.date) if info.date else None,
+            "subject": _first(header_text(info.headers, "subject")), "changes": changes})
+    return entries
+
+
 def _classify_batch(conn: GmailConnection, rules: Ruleset, batch: List[int], items: List[str],
                     header_item: str, queries: Optional[Dict[str, set]], folder: str,
                     now: Optional[_dt.datetime], step: _Step, report: FolderReport,
                     in_trash: bool, in_archive: bool,
                     fetched: Optional[Dict[int, Dict[str, Any]]] = None,
-                    separator: Optional[str] = None, source: Optional[str] = None) -> None:
+                    separator: Optional[str] = None, source: Optional[str] = None,
+                    leave: frozenset = frozenset()) -> None:
     """Fetch one batch (unless given), classify it, and add what its messages still need
     to the step; with a ``separator``, templated destinations are filled in.  ``source``
-    is the folder's name on the server (see server_name)."""
+    is the folder's name on the server (see server_name).  Messages whose X-GM-MSGID is
+    in ``leave`` (restored by an undo) are passed over."""
     needs = rules.needs
     if fetched is None:
         fetched = conn.fetch(batch, items, skipped=report.skipped)
@@ -6809,16 +6926,27 @@ def _classify_batch(conn: GmailConnection, rules: Ruleset, batch: List[int], ite
     # match it.  It is skipped as a whole, before any rule runs.
     infos: Dict[int, MessageInfo] = {}
     for uid in batch:
+        if leave and _is_msgid((fetched.get(uid) or {}).get("X-GM-MSGID")) and \
+                int(fetched[uid]["X-GM-MSGID"]) in leave:
+            continue
         why = "the server sent far more than was asked for" if uid in report.skipped \
             else _lacking(items, fetched.get(uid))
         if why:
             _skip(report, uid, why)
-        else:
+            continue
+        try:
             infos[uid] = _message_info(uid, fetched[uid], header_item, queries, folder)
+        except ContentSkip as exc:
+            _skip_content(report, step, uid, str(exc))
     decisions: Dict[int, Decision] = {}
     undecided: List[int] = []
-    for uid, info in infos.items():
-        decision = rules.classify(info, final=not needs.body, now=now)
+    for uid, info in list(infos.items()):
+        try:
+            decision = rules.classify(info, final=not needs.body, now=now)
+        except ContentSkip as exc:
+            _skip_content(report, step, uid, str(exc))
+            del infos[uid]
+            continue
         if decision is None:
             undecided.append(uid)
         else:
@@ -6833,8 +6961,11 @@ def _classify_batch(conn: GmailConnection, rules: Ruleset, batch: List[int], ite
             if why:
                 _skip(report, uid, why)
                 continue    # never judged on a body we did not get
-            info = dataclasses.replace(infos[uid], body=body_text(bodies[uid][body_item]))
-            decisions[uid] = rules.classify(info, final=True, now=now)
+            try:
+                info = dataclasses.replace(infos[uid], body=body_text(bodies[uid][body_item]))
+                decisions[uid] = rules.classify(info, final=True, now=now)
+            except ContentSkip as exc:
+                _skip_content(report, step, uid, str(exc))
     for uid in sorted(decisions):
         decision, info = decisions[uid], infos[uid]
         if separator is not None:
@@ -6877,6 +7008,15 @@ def _skip(report: FolderReport, uid: int, why: str) -> None:
         report.skipped.append(uid)
     report.why_skipped.setdefault(uid, why)
     log.info("%s: skipped UID %d: %s; it was left as it is", report.folder, uid, why)
+
+
+def _skip_content(report: FolderReport, step: _Step, uid: int, why: str) -> None:
+    """Leave one message alone for its content (ContentSkip): warned about, recorded in the
+    audit log as ``skipped``, and passed by the mark, since a rerun would fail the same."""
+    report.content_skipped[uid] = why
+    step.content_skips[uid] = why
+    log.warning("%s: UID %d left alone for its content: %s; it is recorded as skipped and "
+                "not tried again", report.folder, uid, why)
 
 
 def _tally(report: FolderReport, plan: _Plan, decision: Decision, info: MessageInfo,
@@ -6983,9 +7123,14 @@ def _drop_copies_already_there(conn: GmailConnection, plan: _Plan,
 def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
                 done: Optional[Callable[[Tuple[str, ...], Mapping[int, Any]], None]] = None,
                 max_new_folders: Optional[int] = None,
-                settled: Optional[_Destinations] = None, allow_expunge: bool = False) -> None:
+                settled: Optional[_Destinations] = None, allow_expunge: bool = False,
+                intend: Optional[Callable[[str, Sequence[str]], None]] = None) -> None:
     """Carry out a plan: check destinations, create what is missing, then labels and flags,
     then moves (so a message is labelled where it stands, then leaves).
+
+    ``intend(phase, folders)`` is called before any write command goes out: ``"create"``
+    with the folders about to be created, then ``"change"`` with the folders the step
+    copies or moves mail into (server names), before the first STORE, COPY or MOVE.
 
     ``done(key, {uid: extra})`` hears of each command the server confirmed (a _Plan key;
     ``extra`` is None, or ``{"folder": ..., "uid": ...}`` for copies and moves).
@@ -7012,9 +7157,17 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
         if plan.archive and not conn.is_gmail:
             archive = _special_destination(conn, "\\Archive", "archive")
     source = conn.server_name(report.folder)
+    intend = intend or (lambda phase, folders: None)
+    if missing:
+        intend("create", missing)
     for name in missing:
         if conn.create_folder(name):
             report.created.append(name)
+    targets = [] if conn.is_gmail else [conn.server_name(label) for label in plan.add_labels]
+    targets += [conn.server_name(dest) for dest in plan.move]
+    targets += [folder.name for folder, uids in ((archive, plan.archive), (trash, plan.trash))
+                if folder is not None and uids and not _same_folder(folder.name, source)]
+    intend("change", list(dict.fromkeys(targets)))
     for label, uids in plan.add_labels.items():
         if conn.is_gmail:
             conn.add_labels(uids, [label])
@@ -7150,6 +7303,7 @@ def classify_messages(rules: Ruleset, messages: Iterable[MessageInfo], folder: s
 STATE_FORMAT = "gmail_classify state"
 STATE_VERSION = 1              # bumped when the state file's layout changes incompatibly
 RECORD_VERSION = 1             # of the records in --json output and audit.jsonl
+INTENT_VERSION = 2             # of the audit log's write-ahead "intent" and "skipped" records
 DEFAULT_DAILY_BUDGET = 2 * 1024 ** 3   # bytes per account per day; Gmail's limit is ~2.5 GB
 AUDIT_MAX_BYTES = 16 * 1024 ** 2       # audit.jsonl past this size becomes audit.jsonl.1
 DOWNLOAD_DAYS_KEPT = 8                 # days of download counts kept in the state file
@@ -7400,6 +7554,7 @@ class StateStore:
         self._data: Dict[str, Any] = self._empty()
         self._folders: Dict[Tuple[str, str], FolderState] = {}
         self._downloads: Dict[Tuple[str, str], int] = {}
+        self._undone: Dict[Tuple[str, str], Dict[str, Any]] = {}
         self._replace_bad_file = False
 
     @staticmethod
@@ -7465,6 +7620,39 @@ class StateStore:
         """Remember a folder's state (written by the next save())."""
         self._folders[(account, name)] = state
 
+    def add_undone(self, account: str, rules: str, folder: Optional[str],
+                   uidvalidity: Optional[int], uid: Optional[int], msgid: Any = None) -> None:
+        """Remember a message an undo restored, so that runs with the same ``rules`` (the
+        undone run's hash) leave it alone: by ``folder``/``uidvalidity``/``uid`` where it
+        now is, and on Gmail by X-GM-MSGID.  Written by the next save()."""
+        entry = self._undone.setdefault((account, rules), {"folders": {}, "gm_msgids": []})
+        if folder and uidvalidity and uid:
+            place = entry["folders"].setdefault(folder, {"uidvalidity": uidvalidity, "uids": []})
+            if place["uidvalidity"] == uidvalidity:
+                place["uids"].append(int(uid))
+        if msgid is not None and _is_msgid(msgid):
+            entry["gm_msgids"].append(int(msgid))
+
+    def undone(self, account: str, rules: str, folder: str,
+               uidvalidity: int) -> Tuple[frozenset, frozenset]:
+        """(UIDs in ``folder`` under ``uidvalidity``, X-GM-MSGIDs) that an undo of a run
+        with these ``rules`` restored: runs with the same rules leave them alone."""
+        uids: set = set()
+        msgids: set = set()
+        saved = self._data["accounts"].get(account, {}).get("undone", {})
+        for entry in (saved.get(rules) if isinstance(saved, dict) else None,
+                      self._undone.get((account, rules))):
+            if not isinstance(entry, dict):
+                continue
+            place = (entry.get("folders") or {}).get(folder)
+            try:
+                if isinstance(place, dict) and int(place.get("uidvalidity")) == uidvalidity:
+                    uids.update(int(uid) for uid in place.get("uids") or ())
+                msgids.update(int(m) for m in entry.get("gm_msgids") or ())
+            except (TypeError, ValueError):
+                log.warning("ignoring a damaged 'undone' entry in %s", self.path)
+        return frozenset(uids), frozenset(msgids)
+
     def today(self) -> str:
         return self.now().astimezone(timezone.utc).date().isoformat()
 
@@ -7482,7 +7670,8 @@ class StateStore:
 
     def save(self) -> None:
         """Merge this process's changes into the file on disk and write it atomically."""
-        if not self._folders and not self._downloads and not self._replace_bad_file:
+        if not self._folders and not self._downloads and not self._undone \
+                and not self._replace_bad_file:
             return
         _ensure_private_dir(self.directory)
         guard = _FileLock(self.directory / "state.lock")
@@ -7506,6 +7695,21 @@ class StateStore:
             for (account, day), nbytes in self._downloads.items():
                 downloads = data["accounts"].setdefault(account, {}).setdefault("downloads", {})
                 downloads[day] = int(downloads.get(day, 0)) + nbytes
+            for (account, rules), entry in self._undone.items():
+                undone = data["accounts"].setdefault(account, {}).setdefault("undone", {})
+                if not isinstance(undone, dict):
+                    undone = data["accounts"][account]["undone"] = {}
+                kept = undone.get(rules)
+                if not isinstance(kept, dict):
+                    kept = undone[rules] = {"folders": {}, "gm_msgids": []}
+                for name, place in entry["folders"].items():
+                    old = kept.setdefault("folders", {}).get(name)
+                    if not isinstance(old, dict) or old.get("uidvalidity") != place["uidvalidity"]:
+                        old = kept["folders"][name] = {"uidvalidity": place["uidvalidity"],
+                                                       "uids": []}
+                    old["uids"] = sorted(set(old.get("uids") or []) | set(place["uids"]))
+                kept["gm_msgids"] = sorted(set(kept.get("gm_msgids") or [])
+                                           | set(entry["gm_msgids"]))
             for account in data["accounts"].values():
                 downloads = account.get("downloads", {})
                 for day in [d for d in downloads if d < horizon]:
@@ -7515,6 +7719,7 @@ class StateStore:
             self._data = data
             self._folders.clear()
             self._downloads.clear()
+            self._undone.clear()
             self._replace_bad_file = False
         finally:
             guard.release()
@@ -7523,6 +7728,24 @@ class StateStore:
         """The lock for ``account``; use it as ``with store.lock(key):``."""
         safe = re.sub(r"[^A-Za-z0-9@._-]+", "_", account)
         return AccountLock(self.directory / f"{safe}.lock", account, command)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold off SIGINT, SIGTERM and SIGHUP for a moment (one write of audit records), so a
+    signal handler never runs half way through it.  Main thread and POSIX only; elsewhere
+    a no-op."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+              if hasattr(signal, name)}
+    old = mask(signal.SIG_BLOCK, wanted)
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, old)
 
 
 class AuditLog:
@@ -7536,8 +7759,11 @@ class AuditLog:
         self.path = path
         self.previous = path.with_name(path.name + ".1")
 
-    def append(self, records: Iterable[Mapping[str, Any]]) -> None:
-        """Append records and fsync; rotate first if the file is past its size."""
+    def append(self, records: Iterable[Mapping[str, Any]], *, sync: bool = True) -> None:
+        """Append records with one write() while signals are held off, then fsync (unless
+        ``sync`` is False: records the next synced append or the run's end makes durable);
+        rotate first if the file is past its size.  A torn last line (a crash mid-write)
+        gets its newline first, so it can never swallow the records that follow."""
         lines = "".join(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
                         for record in records)
         if not lines:
@@ -7546,21 +7772,31 @@ class AuditLog:
         try:
             if self.path.exists() and self.path.stat().st_size > AUDIT_MAX_BYTES:
                 os.replace(self.path, self.previous)
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
             try:
-                os.write(fd, lines.encode("utf-8"))
-                os.fsync(fd)
+                size = os.fstat(fd).st_size
+                if size:
+                    os.lseek(fd, size - 1, os.SEEK_SET)    # O_APPEND writes at the end anyway
+                    if os.read(fd, 1) != b"\n":
+                        lines = "\n" + lines
+                with _signals_held():
+                    os.write(fd, lines.encode("utf-8"))
+                if sync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
         except OSError as exc:
             raise StateError(f"cannot write the audit log {self.path}: {exc}") from exc
 
-    def records(self) -> Iterator[Dict[str, Any]]:
+    def records(self, *, unreadable: bool = False) -> Iterator[Dict[str, Any]]:
         """Every record still held, oldest first; unreadable lines, and records whose fields
         have the wrong types (see _audit_record_problem), are skipped with a warning:
-        history and undo never act on them."""
+        history and undo never act on them.  With ``unreadable``, each unreadable line
+        yields ``{"type": "unreadable", "run": ...}`` naming the run it most likely
+        belonged to (its own "run" field if legible, else the record before it)."""
         bad = 0
         malformed: List[str] = []
+        last_run: Optional[str] = None
         for path in (self.previous, self.path):
             try:
                 handle = open(path, encoding="utf-8", errors="replace")
@@ -7570,10 +7806,18 @@ class AuditLog:
                 raise StateError(f"cannot read the audit log {path}: {exc}") from exc
             with handle:
                 for number, line in enumerate(handle, 1):
+                    if not line.strip():
+                        continue
                     try:
                         record = json.loads(line)
                     except ValueError:
                         bad += 1
+                        # A torn or damaged line: whose it was, as far as can be told, so
+                        # history can call that run possibly incomplete.
+                        named = re.search(r'"run":\s*"([^"\\]{1,64})"', line)
+                        owner = named.group(1) if named else last_run
+                        if unreadable and owner:
+                            yield {"type": "unreadable", "run": owner}
                         continue
                     if not isinstance(record, dict):
                         continue
@@ -7581,6 +7825,8 @@ class AuditLog:
                     if problem:
                         malformed.append(f"{path} line {number}: {problem}")
                         continue
+                    if isinstance(record.get("run"), str):
+                        last_run = record["run"]
                     yield record
         if bad:
             log.warning("skipped %d unreadable lines of %s", bad, self.path)
@@ -7611,7 +7857,8 @@ def _is_place(value: Any) -> bool:
     if value is None or isinstance(value, bool):
         return True
     return isinstance(value, dict) and _is_str(value.get("folder")) and \
-        _optional(_is_int)(value.get("uid")) and _optional(_is_int)(value.get("uidvalidity"))
+        _optional(_is_int)(value.get("uid")) and _optional(_is_int)(value.get("uidvalidity")) \
+        and _optional(_is_int)(value.get("uidnext"))
 
 
 def _is_change(value: Any) -> bool:
@@ -7644,6 +7891,11 @@ _AUDIT_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "message_id": (_optional(_is_str), "a string"), "subject": (_optional(_is_str), "a string"),
     "changes": (_list_of(_is_change), "a list of changes"),
     "left_alone": (_list_of(_is_str), "a list of strings"),
+    "version": (_is_int, "a whole number"), "create": (_optional(_is_str), "a folder name"),
+    "delete": (_optional(_is_str), "a folder name"),
+    "size": (_optional(_is_int), "a size in bytes"),
+    "internaldate": (_optional(_is_str), "a date"), "rules_hash": (_optional(_is_str), "a string"),
+    "reason": (_optional(_is_str), "a string"),
 }
 
 
@@ -7792,7 +8044,7 @@ class Run(Checkpoint):
             summary.update(imap_commands=self._conn.commands_sent,
                            bytes_received=self.bytes_counted,
                            reconnects=self._conn.reconnects)
-        if self.apply and (self.changes_made or self.changes_not_made or
+        if self.apply and (self.changes_made or self.changes_not_made or self.undo_of or
                            (status != "complete" and self.reports)):
             self.store.audit.append([summary])
         return summary
@@ -7828,6 +8080,13 @@ class Run(Checkpoint):
             return 0
         return known.mark if known is not None else 0
 
+    def leave_alone(self, status: FolderStatus) -> Tuple[frozenset, frozenset]:
+        if self.reclassify:
+            return frozenset(), frozenset()
+        uids, msgids = self.store.undone(self.account, self.rules_hash, status.name,
+                                         status.uidvalidity)
+        return uids, msgids
+
     def before_fetch(self, conn: GmailConnection) -> None:
         self._count_bytes(conn)
         if self._last_fetch_bytes is not None:
@@ -7852,6 +8111,31 @@ class Run(Checkpoint):
                 f"{_size_text(self.daily_budget)} for {self.account} ({_size_text(used)} "
                 f"today); run again after 00:00 UTC (in {hours:.1f} h), or raise "
                 f"--daily-budget")
+
+    writes_ahead = True
+
+    def content_skipped(self, status: FolderStatus, skips: Mapping[int, str]) -> None:
+        if not self.apply:
+            return
+        self.store.audit.append([
+            {"type": "skipped", "version": INTENT_VERSION, "run": self.id,
+             "time": _iso(self.store.now()), "account": self.user, "host": self.host,
+             "command": self.command, "folder": status.name, "uid": uid,
+             "uidvalidity": status.uidvalidity, "reason": why}
+            for uid, why in sorted(skips.items())])
+
+    def intend(self, conn: GmailConnection, entries: Sequence[Dict[str, Any]]) -> None:
+        """Write-ahead: the step's intent records, in one write and one fsync, before any
+        of its write commands goes on the wire (see README, "Audit log")."""
+        if not self.apply or not entries:
+            return
+        self._count_bytes(conn)
+        stamp = {"type": "intent", "version": INTENT_VERSION, "run": self.id,
+                 "time": _iso(self.store.now()), "account": self.user, "host": self.host,
+                 "command": self.command, "rules_hash": self.rules_hash}
+        if self.undo_of:
+            stamp["undo_of"] = self.undo_of
+        self.store.audit.append([dict(stamp, **entry) for entry in entries])
 
     def step_done(self, conn: GmailConnection, status: FolderStatus, mark: Optional[int],
                   outcomes: Sequence[Outcome]) -> None:
@@ -7933,22 +8217,46 @@ def history(store: StateStore) -> List[Dict[str, Any]]:
     ``folders``, ``counts`` (``{"label Receipts": 12, "archive": 12}``), ``changes_made``,
     ``status`` (complete, interrupted, stopped, failed; ``unfinished`` when the process
     died before writing its summary), ``undo_of`` and ``undone_by`` (run ids or None).
+    ``maybe`` counts changes whose intent was written but whose confirmation was not (the
+    command was sent, or was about to be, when the run ended): they count as made, in
+    ``counts`` and ``changes_made`` too.  ``skipped``: messages left alone for their
+    content.  ``possibly_incomplete``: a line of the log that seems to be this run's
+    could not be read.
     """
     runs: Dict[str, Dict[str, Any]] = {}
     order: Dict[str, int] = {}        # runs that started in the same second: log order
     summarised = set()
-    for record in store.audit.records():
+    intended: Dict[str, Dict[Tuple[Any, ...], Dict[str, Any]]] = {}   # run -> change -> it
+    confirmed: Dict[str, set] = {}
+    for record in store.audit.records(unreadable=True):
         run_id = record.get("run")
         if not isinstance(run_id, str):
+            continue
+        if record.get("type") == "unreadable":
+            if run_id in runs:
+                runs[run_id]["possibly_incomplete"] = True
             continue
         order.setdefault(run_id, len(order))
         entry = runs.setdefault(run_id, {
             "run": run_id, "time": str(record.get("time", "")),
             "account": str(record.get("account", "")), "host": str(record.get("host", "")),
-            "command": "run", "folders": [], "counts": {}, "changes_made": 0,
-            "status": "unfinished", "undo_of": None, "undone_by": None})
+            "command": "run", "folders": [], "counts": {}, "changes_made": 0, "maybe": 0,
+            "skipped": 0, "status": "unfinished", "undo_of": None, "undone_by": None,
+            "possibly_incomplete": False})
         if record.get("undo_of"):
             entry["undo_of"] = record["undo_of"]
+        if record.get("type") == "intent":
+            if record.get("undo_of") or record.get("command") == "undo":
+                entry["command"] = "undo"
+            for change in record.get("changes") or []:
+                intended.setdefault(run_id, {})[_change_identity(record, change)] = change
+            continue
+        if record.get("type") == "skipped":
+            entry["skipped"] += 1
+            continue
+        if record.get("type") == "message" and record.get("applied"):
+            for change in record.get("changes") or []:
+                confirmed.setdefault(run_id, set()).add(_change_identity(record, change))
         if record.get("type") == "summary":
             summarised.add(run_id)
             entry.update(time=str(record.get("time", entry["time"])),
@@ -7967,11 +8275,28 @@ def history(store: StateStore) -> List[Dict[str, Any]]:
                 name = describe_change(change)
                 entry["counts"][name] = entry["counts"].get(name, 0) + 1
                 entry["changes_made"] += 1
+    for run_id, changes in intended.items():
+        # Sent (or about to be) but never confirmed: maybe made, so counted as made.
+        entry = runs[run_id]
+        for key, change in changes.items():
+            if key not in confirmed.get(run_id, ()):
+                entry["maybe"] += 1
+                name = describe_change(change)
+                entry["counts"][name] = entry["counts"].get(name, 0) + 1
+                entry["changes_made"] += 1
     for entry in runs.values():
         target = runs.get(entry["undo_of"] or "")
-        if target is not None and entry["changes_made"] and entry["status"] == "complete":
+        if target is not None and entry["status"] == "complete":
             target["undone_by"] = entry["run"]     # an undo cut short may be run again
     return sorted(runs.values(), key=lambda e: (e["time"], order[e["run"]]), reverse=True)
+
+
+def _change_identity(record: Mapping[str, Any], change: Mapping[str, Any]) -> Tuple[Any, ...]:
+    """What names one change of one message across its intent and its confirmation (the
+    destination UID, known only once confirmed, left out)."""
+    after = change.get("after")
+    return (record.get("folder"), record.get("uid"), change.get("action"), change.get("label"),
+            change.get("flag"), after.get("folder") if isinstance(after, dict) else None)
 
 
 _UNDO_ACTIONS = {"label": "unlabel", "archive": "unarchive", "mark read": "mark unread",
@@ -8029,21 +8354,55 @@ class Undo:
         self.allow_expunge = allow_expunge
         self.messages = []
         self.created: List[str] = []        # folders the run created, deleted if empty
+        self.used: set = set()              # folders the run wrote to, by its own records
+        self.intents: Dict[Tuple[Any, Any], Dict[str, Any]] = {}   # (folder, uid) -> intent
+        self.rules_hash = ""                # the undone run's rules (see StateStore.undone)
         reversed_before = set()             # by an earlier undo of this run, cut short
+        intents: List[Dict[str, Any]] = []
+        self.tried_before: set = set()      # changes an earlier undo, cut short, sent
         for record in store.audit.records():
             if record.get("undo_of") == run_id and record.get("type") == "message" \
                     and record.get("applied"):
                 for change in record.get("changes") or []:
                     reversed_before.add(self._change_key(record, _inverse_change(change)))
+            if record.get("undo_of") == run_id and record.get("type") == "intent":
+                for change in record.get("changes") or []:
+                    self.tried_before.add(_change_identity(record, _inverse_change(change)))
             if record.get("run") != run_id:
                 continue
             if record.get("type") == "message" and record.get("applied") \
                     and record.get("changes"):
                 self.messages.append(record)
+            elif record.get("type") == "intent":
+                self.rules_hash = record.get("rules_hash") or self.rules_hash
+                if record.get("create"):
+                    self.created.append(record["create"])
+                elif record.get("changes"):
+                    intents.append(record)
+                    key = (record.get("folder"), record.get("uid"))
+                    if key in self.intents:     # the same message in two steps: both count
+                        record = dict(record, changes=self.intents[key]["changes"] +
+                                      record["changes"])
+                    self.intents[key] = record
             elif record.get("type") == "summary":
                 for report in record.get("reports") or []:
                     self.created += [name for name in report.get("created") or []
                                      if isinstance(name, str)]
+                for name in record.get("counts") or {}:
+                    if name.startswith("move to "):
+                        self.used.add(name[len("move to "):])
+        # Intents never confirmed are "maybe" changes: each is checked on the server and
+        # reversed only if it happened.
+        confirmed = {_change_identity(r, c) for r in self.messages for c in r["changes"]}
+        for record in intents:
+            for change in record["changes"]:
+                if isinstance(change.get("after"), dict):
+                    self.used.add(change["after"]["folder"])
+            maybe = [c for c in record["changes"] if _change_identity(record, c) not in confirmed]
+            if maybe:
+                self.messages.append(dict(record, type="message", version=RECORD_VERSION,
+                                          applied=True, changes=maybe, maybe=True))
+        self.created = list(dict.fromkeys(self.created))
         if reversed_before:
             left = [dict(record, changes=[c for c in record["changes"] if self._change_key(
                         record, c) not in reversed_before]) for record in self.messages]
@@ -8053,20 +8412,142 @@ class Undo:
                        undo_of=run_id, daily_budget=None, on_record=on_record)
         self.reversed = 0
         self.left_alone = 0
+        self.unmade = 0                     # maybe changes found never made: nothing to do
+        # (folder, UID, X-GM-MSGID, UIDVALIDITY) of each message moved back
+        self.restored: List[Tuple[str, Optional[int], Any, Optional[int]]] = []
+        self.restored_count = 0             # messages runs with the same rules leave alone
 
     # Each message's undo is worked out in ``_work``: index -> {"done": [...], "alone": [...]}.
 
     def execute(self, conn: GmailConnection) -> None:
         """Reverse the run over ``conn`` (the account it was made on)."""
         self.run._count_bytes(conn)
-        self._check(conn)
         work: Dict[int, Dict[str, List[Any]]] = {
-            i: {"done": [], "alone": []} for i in range(len(self.messages))}
+            i: {"done": [], "alone": [], "unmade": []} for i in range(len(self.messages))}
+        self._vet(conn, work)
+        self._check(conn)
         try:
             self._reverse(conn, work)
         finally:
             self._report(work)     # what was done, also when stopped half way
+            self._remember_restored(conn, work)
         self._delete_created_folders(conn, {} if self.apply else self._leaving(work))
+
+    def _vet(self, conn: GmailConnection, work: Dict[int, Dict[str, List[Any]]]) -> None:
+        """Take out of the undo every change no run can have made (a forged or damaged
+        record, however well typed): a label's copy lives in that label's folder, never in
+        the message's own; a move leaves the message's own folder for one the run itself
+        wrote to (its intents and summary say which), trash for the trash folder, archive
+        for the archive folder.  Such changes are reported and left alone."""
+        trash = conn.special_folder("\\Trash")
+        archive = None if conn.is_gmail else conn.special_folder("\\Archive")
+        used = self.used | {conn.server_name(name) for name in self.used}
+        for i, record in enumerate(self.messages):
+            own = str(record.get("folder", ""))
+            homes = (own, conn.server_name(own))
+            kept = []
+            for change in record["changes"]:
+                before, after = change.get("before"), change.get("after")
+                action = change.get("action")
+                problem = ""
+                if isinstance(after, dict):
+                    there = str(after.get("folder"))
+                    if any(_same_folder(there, home) for home in homes):
+                        problem = f"it says the message went to its own folder {there}"
+                    elif before is None:
+                        label = str(change.get("label") or "")
+                        if action != "label" or there not in (label, conn.server_name(label)):
+                            problem = f"a copy for {action} {label} cannot be in {there}"
+                    elif not isinstance(before, dict) or \
+                            not any(_same_folder(str(before.get("folder")), h) for h in homes):
+                        problem = "it does not start from the message's own folder"
+                    elif action == "trash" and (trash is None or trash.name != there):
+                        problem = f"{there} is not the trash folder"
+                    elif action == "archive" and (archive is None or archive.name != there):
+                        problem = f"{there} is not the archive folder"
+                    elif action == "move" and there not in used:
+                        problem = f"the run never moved mail to {there}"
+                    elif action not in ("move", "trash", "archive"):
+                        problem = f"{action!r} does not move mail"
+                elif isinstance(before, dict):
+                    problem = "it has a place before but none after"
+                if not problem and self.intents and not record.get("maybe") and \
+                        not self._announced(i, change):
+                    problem = "the run wrote no intent for it"
+                if problem:
+                    work[i]["alone"].append(f"{describe_change(change)}: not something the "
+                                            f"run can have done ({problem}); left as it is")
+                else:
+                    kept.append(change)
+            self.messages[i] = dict(record, changes=kept)
+
+    def _remember_restored(self, conn: GmailConnection,
+                           work: Mapping[int, Mapping[str, List[Any]]]) -> None:
+        """Keep in the state what this undo restored, so runs with the undone run's rules
+        do not classify it again (see StateStore.undone); saved by ``run.finish()``."""
+        if not self.apply:
+            return
+        store, account = self.run.store, self.run.account
+        for folder, uid, msgid, uidvalidity in self.restored:
+            rules = self.rules_hash or (store.folder(account, folder) or FolderState(0, 0)).rules
+            store.add_undone(account, rules, folder, uidvalidity, uid,
+                             msgid if conn.is_gmail else None)
+            self.restored_count += 1
+        if conn.is_gmail:
+            for i, outcome in work.items():
+                record = self.messages[i]
+                if outcome["done"] and not self._moved(record):
+                    rules = self.rules_hash or (store.folder(account, str(record.get(
+                        "folder"))) or FolderState(0, 0)).rules
+                    store.add_undone(account, rules, None, None, None, record.get("gm_msgid"))
+                    self.restored_count += 1
+
+    def _tried(self, i: int, change: Mapping[str, Any]) -> bool:
+        """Whether an earlier undo of this run, cut short, sent the reversal of ``change``
+        (its intent is in the log, its confirmation is not)."""
+        return _change_identity(self.messages[i], change) in self.tried_before
+
+    def _intend(self, conn: GmailConnection, pairs: Sequence[Tuple[int, Dict[str, Any]]]) -> None:
+        """Write-ahead for the undo's own writes: the changes about to be made, per message."""
+        if not self.apply or not pairs:
+            return
+        grouped: Dict[int, List[Dict[str, Any]]] = {}
+        for i, change in pairs:
+            grouped.setdefault(i, []).append(change)
+        entries = []
+        for i, changes in grouped.items():
+            record = self.messages[i]
+            entries.append({name: record.get(name) for name in (
+                "folder", "uid", "uidvalidity", "gm_msgid", "message_id", "subject")})
+            entries[-1]["changes"] = changes
+        self.run.intend(conn, entries)
+
+    def _place_of(self, i: int, change: Mapping[str, Any]) -> Dict[str, Any]:
+        """The destination as the run's intent recorded it before the step: ``folder``,
+        ``uidvalidity``, ``uidnext`` (empty when the run wrote no intent for it)."""
+        record = self.messages[i]
+        intent = record if record.get("maybe") else \
+            self.intents.get((record.get("folder"), record.get("uid")))
+        for planned in (intent or {}).get("changes") or []:
+            if _change_identity(record, planned) == _change_identity(record, change) and \
+                    isinstance(planned.get("after"), dict):
+                return planned["after"]
+        return {}
+
+    def _announced(self, i: int, change: Mapping[str, Any]) -> bool:
+        """Whether the run's intents (write-ahead) announced ``change`` of message ``i``."""
+        record = self.messages[i]
+        intent = self.intents.get((record.get("folder"), record.get("uid"))) or {}
+        wanted = _change_identity(record, change)
+        return any(_change_identity(record, planned) == wanted
+                   for planned in intent.get("changes") or [])
+
+    def _looks(self, i: int) -> Tuple[str, Optional[int], Optional[str]]:
+        """Message-ID, size and INTERNALDATE of message ``i`` as the run saw it."""
+        record = self.messages[i]
+        intent = record if record.get("maybe") else \
+            self.intents.get((record.get("folder"), record.get("uid"))) or {}
+        return (record.get("message_id") or "", intent.get("size"), intent.get("internaldate"))
 
     def _check(self, conn: GmailConnection) -> None:
         """Before the first change, and the same in a dry run (as check_run does for a
@@ -8091,6 +8572,7 @@ class Undo:
 
     def _reverse(self, conn: GmailConnection, work: Dict[int, Dict[str, List[Any]]]) -> None:
         gone: set = set()
+        unmoved: set = set()       # maybe moves that never happened, or already moved back
         located: Dict[int, Tuple[str, Optional[int]]] = {}
         # 1. Mail the run moved (or trashed, or archived off Gmail) goes back first.
         by_place: Dict[str, List[int]] = {}
@@ -8099,17 +8581,31 @@ class Undo:
             if place is not None:
                 by_place.setdefault(place[1]["folder"], []).append(i)
         for folder, indexes in by_place.items():
-            found = self._locate(conn, folder, indexes, lambda r: self._moved(r)[1].get("uid"))
+            found = self._locate(conn, folder, indexes, lambda r: self._moved(r)[1].get("uid"),
+                                 lambda i: self._place_of(i, self._moved(self.messages[i])[2]))
             for i in indexes:
                 if i not in found:
-                    gone.add(i)
-                    work[i]["alone"].append(f"no longer in {folder}; left as it is")
+                    if self.messages[i].get("maybe"):
+                        # Never moved: it is still where it was, with its other changes.
+                        unmoved.add(i)
+                        work[i]["unmade"].append(f"not in {folder}: the run ended before "
+                                                 f"moving it, so there is nothing to undo")
+                    elif self._tried(i, self._moved(self.messages[i])[2]):
+                        unmoved.add(i)          # back home: its other changes go on there
+                        work[i]["unmade"].append(f"not in {folder}: an earlier undo, cut "
+                                                 f"short, moved it back already")
+                    else:
+                        gone.add(i)
+                        work[i]["alone"].append(f"no longer in {folder} (nor found there by "
+                                                f"Message-ID, size and date); left as it is")
             if not conn.is_gmail:
                 self._restore_flags(conn, found, work)
             back: Dict[str, List[int]] = {}
             for i, uid in found.items():
                 back.setdefault(self._moved(self.messages[i])[0]["folder"], []).append(i)
             for destination, items in back.items():
+                self._intend(conn, [(i, _inverse_change(self._moved(self.messages[i])[2]))
+                                    for i in items])
                 if self.apply:
                     result = conn.move([found[i] for i in items], destination,
                                        allow_expunge=self.allow_expunge)
@@ -8121,8 +8617,13 @@ class Undo:
                         gone.add(i)
                         work[i]["alone"].append(f"vanished from {folder} while moving it back")
                         continue
-                    work[i]["done"].append(_inverse_change(self._moved(self.messages[i])[2]))
+                    inverse = _inverse_change(self._moved(self.messages[i])[2])
+                    inverse["before"] = dict(inverse["before"], folder=folder, uid=found[i])
+                    work[i]["done"].append(inverse)
                     located[i] = (destination, moved[found[i]])
+                    self.restored.append((destination, moved[found[i]],
+                                          self.messages[i].get("gm_msgid"),
+                                          self._moved(self.messages[i])[0].get("uidvalidity")))
         # 2. Labels and flags where the message is now; off Gmail, copies made for labels.
         rest = [i for i in range(len(self.messages)) if i not in gone]
         if conn.is_gmail:
@@ -8140,7 +8641,7 @@ class Undo:
         else:
             groups = {}
             for i in rest:
-                if self._moved(self.messages[i]) is None and \
+                if (self._moved(self.messages[i]) is None or i in unmoved) and \
                         any(c.get("flag") for c in self.messages[i]["changes"]):
                     groups.setdefault(self.messages[i]["folder"], []).append(i)
             for folder, indexes in groups.items():
@@ -8180,6 +8681,7 @@ class Undo:
             if self.apply:
                 if conn.selected is not None and _same_folder(conn.selected.name, name):
                     conn.examine("INBOX")        # never delete the folder that is open
+                self.run.intend(conn, [{"delete": name, "folder": name}])
                 conn.delete_folder(name)
             self.deleted.append(name)
             label = f"delete folder {name}"
@@ -8209,16 +8711,19 @@ class Undo:
     def _original_uid(record: Mapping[str, Any]) -> Optional[int]:
         return record.get("uid")
 
-    def _open(self, conn: GmailConnection, folder: str) -> None:
-        if self.apply:
-            conn.select(folder)
-        else:
-            conn.examine(folder)
+    def _open(self, conn: GmailConnection, folder: str) -> FolderStatus:
+        return conn.select(folder) if self.apply else conn.examine(folder)
 
     def _locate(self, conn: GmailConnection, folder: str, indexes: List[int],
-                uid_of: Callable[[Mapping[str, Any]], Optional[int]]) -> Dict[int, int]:
-        """Find each message in ``folder``: its UID there, or absent when it is not there."""
-        self._open(conn, folder)
+                uid_of: Callable[[Mapping[str, Any]], Optional[int]],
+                place_of: Callable[[int], Mapping[str, Any]] = lambda i: {}) -> Dict[int, int]:
+        """Find each message in ``folder``: its UID there, or absent when it is not there.
+
+        Off Gmail: the UID the run recorded, if the folder was not renumbered since and
+        the Message-ID there still agrees; else the one message with that Message-ID, size
+        and INTERNALDATE (at or above the UIDNEXT ``place_of(i)`` recorded, when it
+        recorded one), since Message-IDs are the sender's to choose and may be shared."""
+        status = self._open(conn, folder)
         found: Dict[int, int] = {}
         if conn.is_gmail:
             for i in indexes:
@@ -8228,8 +8733,14 @@ class Undo:
                     if len(hits) == 1:
                         found[i] = hits[0]
             return found
-        # Elsewhere: the UID the server gave, if the Message-ID there still agrees.
-        guesses = {i: uid_of(self.messages[i]) for i in indexes}
+        guesses = {}
+        for i in indexes:
+            place = place_of(i)
+            renumbered = place.get("uidvalidity") not in (None, status.uidvalidity)
+            guess = None if renumbered else uid_of(self.messages[i])
+            if guess and place.get("uidnext") and guess < place["uidnext"]:
+                guess = None        # there before the run wrote: not the message it moved
+            guesses[i] = guess
         item = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
         known = [uid for uid in guesses.values() if uid]
         there = conn.fetch(known, [item]) if known else {}
@@ -8238,11 +8749,32 @@ class Undo:
             if uid and uid in there and wanted and _first(header_text(
                     parse_headers(there[uid].get(item) or b""), "message-id")).strip() == wanted:
                 found[i] = uid
-            elif wanted:
-                hits = conn.search(["HEADER", "Message-ID", wanted])
-                if len(hits) == 1:
-                    found[i] = hits[0]
+            else:
+                place = place_of(i)
+                since = place.get("uidnext") \
+                    if place.get("uidvalidity") == status.uidvalidity else None
+                match = self._find_by_looks(conn, i, since)
+                if match is not None:
+                    found[i] = match
         return found
+
+    def _find_by_looks(self, conn: GmailConnection, i: int,
+                       since: Optional[int]) -> Optional[int]:
+        """The one message in the open folder (from UID ``since`` on) with message ``i``'s
+        Message-ID, size and INTERNALDATE, or None (none, several, or not known)."""
+        wanted, size, date = self._looks(i)
+        if not wanted or size is None or date is None:
+            return None
+        hits = [uid for uid in conn.search(["HEADER", "Message-ID", wanted])
+                if since is None or uid >= since]
+        if not hits:
+            return None
+        values = conn.fetch(hits, ["RFC822.SIZE", "INTERNALDATE"])
+        same = [uid for uid in hits if uid in values
+                and values[uid].get("RFC822.SIZE") == size
+                and values[uid].get("INTERNALDATE") is not None
+                and _iso(values[uid]["INTERNALDATE"]) == date]
+        return same[0] if len(same) == 1 else None
 
     def _restore_flags(self, conn: GmailConnection, found: Mapping[int, int],
                        work: Dict[int, Dict[str, List[Any]]]) -> None:
@@ -8273,12 +8805,22 @@ class Undo:
                     continue
                 if have != change["after"]:
                     state = "set" if have else "not set"
+                    if self.messages[i].get("maybe"):
+                        work[i]["unmade"].append(f"{describe_change(change)}: never made "
+                                                 f"({name} is {state}); nothing to undo")
+                        continue
+                    if self._tried(i, change):
+                        work[i]["unmade"].append(f"{describe_change(change)}: reversed "
+                                                 f"already by an earlier undo, cut short")
+                        continue
                     work[i]["alone"].append(f"{describe_change(change)}: changed since "
                                             f"({name} is {state} now); left as it is")
                     continue
                 key = (kind, name, bool(change["before"]))
                 stores.setdefault(key, []).append(uid)
                 owners.setdefault(key, []).append((i, change))
+        self._intend(conn, [(i, _inverse_change(change)) for pairs in owners.values()
+                            for i, change in pairs])
         for (kind, name, on), uids in stores.items():
             if self.apply:
                 if kind == "flag":
@@ -8302,37 +8844,73 @@ class Undo:
                     work[i]["alone"].append(f"{describe_change(change)}: {conn.host} lacks "
                                             f"UIDPLUS, so the copy in {folder} stays")
                 continue
-            # Only the copy the run made: its recorded UID, with the Message-ID still
-            # agreeing.  Another message with that Message-ID (the user's own copy) stays.
-            self._open(conn, folder)
+            # Only the copy the run made: in the folder as it was when the run wrote its
+            # intent (same UIDVALIDITY), at or above the UIDNEXT it had then, with the
+            # Message-ID, size and INTERNALDATE agreeing.  Anything else stays: another
+            # message with that Message-ID (the user's own copy), a folder deleted and
+            # made again, a record from before intents carried the folder's UIDVALIDITY.
+            status = self._open(conn, folder)
             uids: List[Tuple[int, int, Dict[str, Any]]] = []
             for i, change in pairs:
+                place = self._place_of(i, change)
+                what = describe_change(change)
+                if place.get("uidvalidity") is None:
+                    work[i]["alone"].append(f"{what}: the run's records do not say which "
+                                            f"{folder} it copied into (written by an older "
+                                            f"version); the copy stays")
+                    continue
+                if place["uidvalidity"] != status.uidvalidity:
+                    work[i]["alone"].append(f"{what}: {folder} was deleted and made again "
+                                            f"since the run (its UIDVALIDITY changed); "
+                                            f"the copy stays")
+                    continue
+                since = place.get("uidnext")
                 uid = change["after"].get("uid")
-                target = self._locate_one(conn, i, uid) if uid else None
+                if uid and since is not None and uid < since:
+                    target = None
+                elif uid:
+                    target = self._locate_one(conn, i, uid)
+                else:
+                    target = self._find_by_looks(conn, i, since)
                 if target is None:
-                    work[i]["alone"].append(f"{describe_change(change)}: the copy the run "
-                                            f"made is no longer in {folder} (or its UID is "
-                                            f"unknown); left as it is")
+                    if self.messages[i].get("maybe") or self._tried(i, change):
+                        work[i]["unmade"].append(f"{what}: no copy in {folder}; never made, "
+                                                 f"or removed by an earlier undo cut short")
+                        continue
+                    work[i]["alone"].append(f"{what}: the copy the run made is no longer in "
+                                            f"{folder} (or its UID is unknown); left as it is")
                     continue
                 uids.append((i, target, change))
+            self._intend(conn, [(i, _inverse_change(change)) for i, _, change in uids])
             if uids and self.apply:
                 conn.add_flags([uid for _, uid, _ in uids], ["\\Deleted"])
                 conn.uid_expunge([uid for _, uid, _ in uids])
-            for i, _, change in uids:
-                work[i]["done"].append(_inverse_change(change))
+            for i, uid, change in uids:
+                inverse = _inverse_change(change)
+                inverse["before"] = {"folder": folder, "uid": uid,
+                                     "uidvalidity": status.uidvalidity}
+                work[i]["done"].append(inverse)
 
     def _locate_one(self, conn: GmailConnection, i: int, uid: int) -> Optional[int]:
+        """``uid`` if the message there has message ``i``'s Message-ID (and, where the run
+        recorded them, its size and INTERNALDATE), else None."""
         item = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
-        values = conn.fetch([uid], [item]).get(uid)
-        wanted = self.messages[i].get("message_id") or ""
-        if values and wanted and _first(header_text(parse_headers(values.get(item) or b""),
-                                                    "message-id")).strip() == wanted:
-            return uid
-        return None
+        wanted, size, date = self._looks(i)
+        values = conn.fetch([uid], [item, "RFC822.SIZE", "INTERNALDATE"]).get(uid)
+        if not values or not wanted or _first(header_text(
+                parse_headers(values.get(item) or b""), "message-id")).strip() != wanted:
+            return None
+        if size is not None and values.get("RFC822.SIZE") != size:
+            return None
+        if date is not None and (values.get("INTERNALDATE") is None or
+                                 _iso(values["INTERNALDATE"]) != date):
+            return None
+        return uid
 
     def _report(self, work: Dict[int, Dict[str, List[Any]]]) -> None:
         records = []
         for i, outcome in sorted(work.items()):
+            self.unmade += len(outcome.get("unmade", ()))
             if not outcome["done"] and not outcome["alone"]:
                 continue
             original = self.messages[i]
@@ -10410,6 +10988,13 @@ def _cmd_history(args: argparse.Namespace, out: TextIO) -> int:
             continue
         counts = ", ".join(f"{name} {count:,}" for name, count in entry["counts"].items())
         status = "" if entry["status"] == "complete" else f"  [{entry['status']}]"
+        if entry.get("maybe"):
+            status += f"  [{entry['maybe']:,} maybe made: the run ended before the server " \
+                      f"confirmed them; undo checks each]"
+        if entry.get("skipped"):
+            status += f"  [{_plural(entry['skipped'], 'message')} skipped for its content]"
+        if entry.get("possibly_incomplete"):
+            status += "  [possibly incomplete: a line of its audit log is unreadable]"
         undone = f"  [undone by {entry['undone_by']}]" if entry.get("undone_by") else ""
         what = f"undo of {entry['undo_of']}: " if entry.get("undo_of") else ""
         out.write(printable(f"{entry['run']}  {entry['time']}  {entry['account']} on "
@@ -10434,11 +11019,18 @@ def _cmd_undo(args: argparse.Namespace, out: TextIO) -> int:
             return
         verb = "" if args.apply else "would "
         for change in record["changes"]:
+            # Name what leaves a folder (an expunged copy, mail moved back): folder and UID.
+            before, after = change.get("before"), change.get("after")
+            place = ""
+            if isinstance(before, dict) and before.get("uid"):
+                what = "expunges" if after is None else "from"
+                place = f" ({what} {before.get('folder')} UID {before.get('uid')})"
             out.write(printable(f"{record['folder']} {record['uid']}: {verb}"
-                                f"{describe_change(change)}  {record['subject'][:60]}") + "\n")
+                                f"{describe_change(change)}{place}  "
+                                f"{str(record.get('subject') or '')[:60]}") + "\n")
         for reason in record.get("left_alone", []):
             out.write(printable(f"{record['folder']} {record['uid']}: left alone: {reason}  "
-                                f"{record['subject'][:60]}") + "\n")
+                                f"{str(record.get('subject') or '')[:60]}") + "\n")
 
     undo = Undo(store, settings["user"], settings["host"], settings.get("port"),
                 run_id=args.run_id, apply=args.apply, allow_expunge=args.allow_expunge,
@@ -10464,8 +11056,14 @@ def _cmd_undo(args: argparse.Namespace, out: TextIO) -> int:
         for name in undo.deleted:
             out.write(printable(f"{'deleted' if args.apply else 'would delete'} the empty "
                                 f"folder {name}, which run {undo.undo_of} created") + "\n")
+        unmade = f"; {undo.unmade:,} never made (the run ended first)" if undo.unmade else ""
         out.write(f"undo of {undo.undo_of}: {verb} {undo.reversed:,} changes; "
-                  f"{undo.left_alone:,} left alone\n")
+                  f"{undo.left_alone:,} left alone{unmade}\n")
+        if undo.reversed:
+            out.write(f"The mail {'this undo restored' if args.apply else 'it would restore'} "
+                      f"is not classified again while the rules stay as they were for run "
+                      f"{undo.undo_of} (changed rules, or run --all, classify it again): fix "
+                      f"the rules before restarting a timer or watch.\n")
         if not args.apply:
             out.write("Dry run: nothing was changed. Run again with --apply to do it.\n")
     return EXIT_OK
@@ -10493,6 +11091,12 @@ def _report_table(report: FolderReport, rules: Ruleset) -> str:
     if report.moved_missing:
         lines.append(f"  {_plural(report.moved_missing, 'message')} had gone before they could "
                      "be moved")
+    content: Dict[str, List[int]] = {}
+    for uid, why in sorted(report.content_skipped.items()):
+        content.setdefault(why, []).append(uid)
+    for why, uids in content.items():
+        lines.append(f"  {_plural(len(uids), 'message')} left alone for their content ({why}): "
+                     f"UID {compress_uids(uids)}; a rerun would not help, see 'history'")
     for why, uids in _skipped_by_reason(report).items():
         lines.append(f"  {_plural(len(uids), 'message')} skipped ({why}): UID "
                      f"{compress_uids(uids)}; run again")

@@ -9287,7 +9287,12 @@ class CommandLineStateTest(StateTestCase):
         self.assertIn("signed in", err)                               # people read stderr
         with open(os.path.join(self.state_dir_of_cli(), "audit.jsonl")) as handle:
             audit = [json.loads(line) for line in handle]
-        self.assertEqual(audit, [r for r in lines if r["type"] == "summary" or r["changes"]])
+        # Write-ahead: every change's intent came before the record of it being made.
+        intents = [i for i, r in enumerate(audit) if r["type"] == "intent"]
+        first_done = min(i for i, r in enumerate(audit) if r["type"] == "message")
+        self.assertTrue(intents and max(intents) < first_done)
+        self.assertEqual([r for r in audit if r["type"] != "intent"],
+                         [r for r in lines if r["type"] == "summary" or r["changes"]])
 
     def test_apply_lines_at_v_come_after_the_server_confirmed(self):
         self.server.add_message(make_message("receipt 1"))
@@ -9718,6 +9723,411 @@ class UndoSafetyTest(StateTestCase):
                 self.assertEqual(undo.deleted, dry.deleted)
                 for name in created:
                     self.assertNotIn(name, self.server.folder_names())
+
+
+# --- Write-ahead audit log and an undo that checks what it reverses (issue 15) -----------
+
+
+class WriteAheadUndoTest(StateTestCase):
+    undo = UndoTest.undo
+    use = UndoSafetyTest.use
+
+    def audit_file(self) -> str:
+        return os.path.join(self.state_dir, "audit.jsonl")
+
+    def append_records(self, *records: Dict[str, Any]) -> None:
+        with open(self.audit_file(), "a", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record) + "\n")
+
+    def logged(self, since: int = 0) -> List[bytes]:
+        return [e.line for e in self.server.log[since:]]
+
+    def test_intents_reach_the_log_before_the_first_write_command(self):
+        self.use(gmail=False)
+        seed_mailbox(self.server, 6)
+        seen = []
+        original = gc.GmailConnection.copy
+
+        def copy(conn, uids, destination):
+            with open(self.audit_file(), encoding="utf-8") as handle:
+                seen.append([json.loads(line) for line in handle])
+            return original(conn, uids, destination)
+
+        with mock.patch.object(gc.GmailConnection, "copy", copy):
+            run = self.run_once()
+        intents = [r for r in seen[0] if r["type"] == "intent" and r.get("changes")]
+        self.assertEqual({r["version"] for r in intents}, {2})
+        labelled = [r for r in intents for c in r["changes"] if c["action"] == "label"]
+        self.assertTrue(labelled)
+        for record in intents:
+            self.assertIsInstance(record["size"], int)
+            self.assertRegex(record["internaldate"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        after = next(c["after"] for r in labelled for c in r["changes"] if c["action"] == "label")
+        self.assertEqual(after["uidvalidity"], self.server.uidvalidity(after["folder"]))
+        self.assertEqual(after["uidnext"], 1)
+        self.assertTrue(any(r.get("create") for r in seen[0]))   # CREATE was announced too
+        self.assertEqual(gc.history(self.store())[0]["maybe"], 0)
+        self.assertEqual(gc.history(self.store())[0]["changes_made"], run.changes_made)
+
+    def test_a_clean_run_has_no_maybe_changes_on_any_server(self):
+        for options in ({}, {"gmail": False}, {"kind": "uidplus"}, {"kind": "no-special-use"}):
+            with self.subTest(**options):
+                self.use(**options)
+                self.state_dir = os.path.join(self.tmp, f"clean-{len(self.server.log)}-"
+                                                        f"{self.server.port}")
+                seed_mailbox(self.server, 12)
+                run = self.run_once(batch_size=3, apply_every=2)
+                (entry,) = gc.history(self.store())
+                self.assertEqual((entry["maybe"], entry["changes_made"]),
+                                 (0, run.changes_made))
+
+    def test_undo_writes_its_own_intents_before_its_changes(self):
+        self.use(gmail=False)
+        seed_mailbox(self.server, 6)
+        run = self.run_once()
+        undo = self.undo()
+        with open(self.audit_file(), encoding="utf-8") as handle:
+            mine = [json.loads(line) for line in handle]
+        mine = [r for r in mine if r["run"] == undo.run.id]
+        kinds = [r["type"] for r in mine]
+        self.assertIn("intent", kinds)
+        self.assertLess(kinds.index("intent"), kinds.index("message"))
+        self.assertTrue(any(r.get("delete") for r in mine if r["type"] == "intent"))
+        entry = next(e for e in gc.history(self.store()) if e["run"] == undo.run.id)
+        self.assertEqual((entry["command"], entry["maybe"]), ("undo", 0))
+        self.assertEqual(entry["changes_made"], run.changes_made)
+
+    def test_a_command_executed_but_never_confirmed_is_maybe_and_undo_reverses_it(self):
+        for command, options in (("UID MOVE", {}), ("UID MOVE", {"gmail": False}),
+                                 ("UID COPY", {"gmail": False}),      # a label's copy
+                                 ("UID EXPUNGE", {"kind": "uidplus"}),
+                                 ("UID STORE", {}), ("UID STORE", {"gmail": False})):
+            with self.subTest(command=command, **options):
+                self.use(**options)
+                self.state_dir = os.path.join(self.tmp, f"state-{self.server.port}")
+                seed_mailbox(self.server, 6)
+                before = mailbox_snapshot(self.server)
+                self.server.add_fault(command, action="drop", when="after")
+                with self.assertRaises(gc.GmailClassifyError):
+                    self.run_once(retries=0)
+                self.assertNotEqual(mailbox_snapshot(self.server), before)
+                (entry,) = gc.history(self.store())
+                self.assertGreater(entry["maybe"], 0)      # the MOVE the server made
+                self.assertGreaterEqual(entry["changes_made"], entry["maybe"])
+                undo = self.undo()
+                self.assertEqual(undo.left_alone, 0)
+                self.assertEqual(mailbox_snapshot(self.server), before)
+
+    def test_an_undo_cut_after_a_command_it_sent_finishes_on_the_next_undo(self):
+        for command, options in (("UID MOVE", {}), ("UID MOVE", {"gmail": False}),
+                                 ("UID STORE", {"gmail": False}),
+                                 ("UID EXPUNGE", {"gmail": False})):
+            with self.subTest(command=command, **options):
+                self.use(**options)
+                self.state_dir = os.path.join(self.tmp, f"undo-cut-{self.server.port}")
+                seed_mailbox(self.server, 12)
+                before = mailbox_snapshot(self.server)
+                run = self.run_once()
+                store = self.store()
+                first = gc.Undo(store, USER, "127.0.0.1", self.server.port, apply=True)
+                self.server.add_fault(command, action="drop", when="after")
+                with self.assertRaises(gc.GmailClassifyError):
+                    first.execute(self.connect(retries=0))
+                first.run.finish("failed")
+                self.assertTrue(self.server.fired)
+                second = self.undo(run.id)
+                self.assertEqual(second.left_alone, 0)
+                self.assertEqual(mailbox_snapshot(self.server), before)
+
+    def test_a_maybe_change_that_did_not_happen_sends_nothing(self):
+        self.use(gmail=False)
+        seed_mailbox(self.server, 6)
+        before = mailbox_snapshot(self.server)
+        self.server.add_fault("UID MOVE", action="drop", when="before")
+        with self.assertRaises(gc.GmailClassifyError):
+            self.run_once(retries=0)
+        entry = gc.history(self.store())[0]
+        self.assertGreater(entry["maybe"], 0)
+        start = len(self.server.log)
+        undo = self.undo()
+        self.assertGreater(undo.unmade, 0)
+        self.assertEqual(undo.left_alone, 0)
+        self.assertEqual(mailbox_snapshot(self.server), before)
+        moves = [line for line in self.logged(start) if b" MOVE " in line]
+        # Only what the run made went back: nothing was moved out of the folder the
+        # unconfirmed MOVE would have filled, since it never was.
+        self.assertFalse(any(b"Lists" in line for line in moves), moves)
+
+    def test_undo_without_a_run_id_picks_an_unfinished_run(self):
+        self.use(gmail=False)
+        seed_mailbox(self.server, 6)
+        first = self.run_once()
+        self.server.add_message(make_message("weekly digest late"))
+        self.server.add_fault("UID MOVE", action="drop", when="after")
+        with self.assertRaises(gc.GmailClassifyError):
+            self.run_once(retries=0)
+        entries = gc.history(self.store())
+        self.assertEqual(entries[0]["status"], "failed")
+        store = self.store()
+        undo = gc.Undo(store, USER, "127.0.0.1", self.server.port)
+        self.assertNotEqual(undo.undo_of, first.id)
+        self.assertEqual(undo.undo_of, entries[0]["run"])
+
+    def test_an_unfinished_run_with_only_intents_is_picked_by_undo(self):
+        # A run killed right after its intents were written: no done record at all.
+        self.use(gmail=False)
+        seed_mailbox(self.server, 6)
+        first = self.run_once()
+        self.server.add_message(make_message("weekly digest late"))
+        original = gc.GmailConnection.move
+
+        def die(conn, uids, destination, **options):
+            original(conn, uids, destination, **options)
+            raise SystemExit(143)           # killed: no record after the command
+
+        with mock.patch.object(gc.GmailConnection, "move", die):
+            with self.assertRaises(SystemExit):
+                self.run_once()
+        entries = gc.history(self.store())
+        self.assertEqual((entries[0]["status"], entries[0]["maybe"]), ("failed", 1))
+        undo = self.undo()
+        self.assertNotEqual(undo.undo_of, first.id)
+        self.assertEqual((undo.reversed, undo.left_alone), (1, 0))
+        self.assertNotIn(_message_id_of(make_message("weekly digest late")),
+                         [_message_id_of(m.raw) for m in self.server.messages("Lists")])
+
+    @unittest.skipUnless(hasattr(signal, "pthread_sigmask"), "POSIX signal masks")
+    def test_a_signal_during_the_audit_write_waits_for_the_whole_write(self):
+        log = gc.AuditLog(Path(self.tmp) / "audit.jsonl")
+        real_write = os.write
+        sent = []
+
+        def write(fd, data):
+            if not sent:                     # Ctrl-C lands in the middle of the write
+                sent.append(True)
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            return real_write(fd, data)
+
+        with mock.patch("os.write", write):
+            with self.assertRaises(KeyboardInterrupt):
+                log.append([{"type": "intent", "run": "r", "n": n} for n in range(3)])
+        self.assertEqual([r["n"] for r in log.records()], [0, 1, 2])
+
+    def test_a_torn_last_line_never_swallows_the_next_run(self):
+        self.use(gmail=False)
+        self.state_dir = os.path.join(self.tmp, "gmail_classify")   # where the CLI looks
+        seed_mailbox(self.server, 6)
+        first = self.run_once()
+        with open(self.audit_file(), "rb") as handle:
+            data = handle.read()
+        with open(self.audit_file(), "wb") as handle:
+            handle.write(data[:-40])            # the summary line cut mid-way
+        self.server.add_message(make_message("weekly digest late"))
+        second = self.run_once()
+        entries = {e["run"]: e for e in gc.history(self.store())}
+        self.assertEqual(entries[second.id]["changes_made"], second.changes_made)
+        self.assertEqual(entries[second.id]["status"], "complete")
+        self.assertTrue(entries[first.id]["possibly_incomplete"])
+        self.assertFalse(entries[second.id]["possibly_incomplete"])
+        code, out, err = run_cli("history", env={"XDG_STATE_HOME": self.tmp,
+                                                 "GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, 0, err)
+        self.assertIn("possibly incomplete", out)
+
+    def test_a_forged_label_record_in_inbox_is_refused(self):
+        self.use(gmail=False)
+        seed_mailbox(self.server, 6)
+        self.server.add_message(make_message("the victim"))
+        run = self.run_once()
+        (victim,) = [m for m in self.server.messages("INBOX") if b"the victim" in m.raw]
+        uid = self.server.uids("INBOX")[[m.raw for m in self.server.messages("INBOX")].index(victim.raw)]
+        self.append_records({
+            "type": "message", "version": 1, "run": run.id, "applied": True,
+            "account": USER, "host": f"127.0.0.1:{self.server.port}", "folder": "INBOX",
+            "uid": uid, "uidvalidity": self.server.uidvalidity("INBOX"),
+            "message_id": _message_id_of(victim.raw), "subject": "the victim",
+            "changes": [{"action": "label", "label": "Receipts", "before": None,
+                         "after": {"folder": "INBOX", "uid": uid}}]})
+        start = len(self.server.log)
+        records: list = []
+        self.undo(records=records)
+        self.assertIn(victim.raw, [m.raw for m in self.server.messages("INBOX")])
+        for line in self.logged(start):
+            self.assertNotIn(b"UID EXPUNGE " + str(uid).encode(), line)
+        (alone,) = [r["left_alone"] for r in records if r["subject"] == "the victim"]
+        self.assertIn("not something the run can have done", alone[0])
+
+    def test_a_forged_gmail_trash_record_is_refused(self):
+        seed_mailbox(self.server, 6)
+        victim = self.server.add_message(make_message("the victim"))
+        run = self.run_once()
+        self.assertIn("\\Inbox", self.server.message(victim).labels)
+        self.append_records({
+            "type": "message", "version": 1, "run": run.id, "applied": True,
+            "account": USER, "host": f"127.0.0.1:{self.server.port}",
+            "folder": "[Gmail]/Trash", "uid": 1, "gm_msgid": victim,
+            "message_id": _message_id_of(make_message("the victim")), "subject": "the victim",
+            "changes": [{"action": "trash", "before": {"folder": "[Gmail]/Trash", "uid": 1},
+                         "after": {"folder": "INBOX", "uid": 7}}]})
+        start = len(self.server.log)
+        self.undo()
+        self.assertIn("\\Inbox", self.server.message(victim).labels)
+        self.assertNotIn("\\Trash", self.server.message(victim).labels)
+        self.assertFalse([e.line for e in self.server.log[start:]
+                          if e.command in ("UID MOVE", "UID COPY") and b"Trash" in e.line])
+        trash = [m for m in self.server.messages("[Gmail]/Trash")
+                 if _message_id_of(m.raw) == _message_id_of(make_message("the victim"))]
+        self.assertEqual(trash, [])
+
+    def test_a_forged_move_record_into_a_folder_the_run_used_is_refused(self):
+        self.use(gmail=False)
+        theirs = make_message("kept in Lists long before")
+        self.server.add_message(theirs, folder="Lists")
+        self.server.add_message(make_message("weekly digest 1"))
+        run = self.run_once()
+        self.assertEqual(len(self.server.uids("Lists")), 2)
+        self.append_records({
+            "type": "message", "version": 1, "run": run.id, "applied": True,
+            "account": USER, "host": f"127.0.0.1:{self.server.port}", "folder": "INBOX",
+            "uid": 77, "uidvalidity": self.server.uidvalidity("INBOX"),
+            "message_id": _message_id_of(theirs), "subject": "forged",
+            "changes": [{"action": "move", "before": {"folder": "INBOX", "uid": 77},
+                         "after": {"folder": "Lists", "uid": self.server.uids("Lists")[0]}}]})
+        records: list = []
+        undo = self.undo(records=records)
+        self.assertEqual([m.raw for m in self.server.messages("Lists")], [theirs])
+        self.assertEqual((undo.reversed, undo.left_alone), (1, 1))
+        (alone,) = [r["left_alone"] for r in records if r["subject"] == "forged"]
+        self.assertIn("the run wrote no intent for it", alone[0])
+
+    def test_a_recreated_label_folder_keeps_its_message(self):
+        self.use(gmail=False)
+        self.server.add_message(make_message("receipt 1"))
+        self.run_once()
+        (copy,) = self.server.messages("Receipts")
+        conn = self.connect()
+        conn.select("Receipts")                  # the folder is emptied, made anew ...
+        uids = conn.search(["ALL"])
+        conn.add_flags(uids, ["\\Deleted"])
+        conn.uid_expunge(uids)
+        conn.close()
+        self.server.bump_uidvalidity("Receipts")
+        self.server.add_message(copy.raw, folder="Receipts")   # ... and holds another copy
+        self.assertEqual(self.server.uids("Receipts"), [1])
+        start = len(self.server.log)
+        records: list = []
+        undo = self.undo(records=records)
+        self.assertEqual([m.raw for m in self.server.messages("Receipts")], [copy.raw])
+        self.assertIn("Receipts", self.server.folder_names())
+        self.assertFalse([line for line in self.logged(start) if b"EXPUNGE" in line])
+        (alone,) = [r["left_alone"] for r in records if r["left_alone"]]
+        self.assertIn("UIDVALIDITY changed", alone[0])
+        self.assertEqual(undo.left_alone, 1)
+
+    def test_a_moved_message_gone_is_not_replaced_by_one_sharing_its_message_id(self):
+        self.use(gmail=False)
+        digest = make_message("weekly digest 1")
+        self.server.add_message(digest)
+        self.run_once()
+        conn = self.connect()
+        conn.select("Lists")                     # the user deletes the moved digest ...
+        uids = conn.search(["ALL"])
+        conn.add_flags(uids, ["\\Deleted"])
+        conn.uid_expunge(uids)
+        conn.close()
+        # ... and a stranger's message claims its Message-ID.
+        forged = digest.replace(b"weekly digest 1", b"something else entirely")
+        self.assertEqual(_message_id_of(forged), _message_id_of(digest))
+        self.server.add_message(forged, folder="Lists")
+        records: list = []
+        undo = self.undo(records=records)
+        self.assertEqual([m.raw for m in self.server.messages("Lists")], [forged])
+        self.assertEqual(self.server.uids("INBOX"), [])
+        self.assertEqual(undo.left_alone, 1)
+
+    def test_undo_then_run_leaves_the_restored_mail_alone_until_the_rules_change(self):
+        for options in ({}, {"gmail": False}):
+            with self.subTest(**options):
+                self.use(**options)
+                self.state_dir = os.path.join(self.tmp, f"undone-{len(options)}")
+                seed_mailbox(self.server, 12)
+                before = mailbox_snapshot(self.server)
+                self.run_once()
+                undo = self.undo()
+                self.assertGreater(undo.restored_count, 0)
+                self.assertEqual(mailbox_snapshot(self.server), before)
+                start = len(self.server.log)
+                again = self.run_once()                   # same rules: nothing redone
+                self.assertEqual(again.changes_made, 0)
+                self.assertEqual(mailbox_snapshot(self.server), before)
+                self.assertFalse([e.line for e in self.server.log[start:]
+                                  if e.command in WRITE_COMMANDS - {"SELECT"}])
+                # Changed rules classify them again; so does --all with the same rules.
+                changed = dict(SWEEP_DOC, rule=SWEEP_DOC["rule"] + [
+                    {"name": "Never", "subject": "no such subject at all", "star": True}])
+                redo = self.run_once(gc.parse_rules(changed, "rules.json"))
+                self.assertGreater(redo.changes_made, 0)
+                self.undo()
+                self.assertEqual(mailbox_snapshot(self.server), before)
+                self.assertGreater(self.run_once(reclassify=True).changes_made, 0)
+
+    def test_the_undo_dry_run_names_the_folder_and_uid_of_what_it_would_expunge(self):
+        self.use(gmail=False)
+        self.server.add_message(make_message("receipt 1"))
+        self.server.add_message(make_message("weekly digest 1"))
+        self.assertEqual(UndoSafetyTest.cli(self, "run", "--apply")[0], gc.EXIT_OK)
+        (copy_uid,) = self.server.uids("Receipts")
+        (moved_uid,) = self.server.uids("Lists")
+        box = mailbox_snapshot(self.server)
+        code, out, err = UndoSafetyTest.cli(self, "undo")
+        self.assertEqual(code, gc.EXIT_OK, err)
+        self.assertIn(f"would remove label Receipts (expunges Receipts UID {copy_uid})", out)
+        self.assertIn(f"would move back to INBOX (from Lists UID {moved_uid})", out)
+        self.assertIn("fix the rules before restarting a timer or watch", out)
+        self.assertEqual(mailbox_snapshot(self.server), box)
+
+    def test_a_message_skipped_for_its_content_is_recorded_and_passed_by_the_mark(self):
+        self.use(gmail=False)
+        self.state_dir = os.path.join(self.tmp, "gmail_classify")   # where the CLI looks
+        for subject in ("receipt 1", "poisoned", "receipt 2"):
+            self.server.add_message(make_message(subject))
+        original = gc._message_info
+
+        def unreadable(uid, values, *args):
+            info = original(uid, values, *args)
+            if gc.header_text(info.headers, "subject") == ["poisoned"]:
+                raise gc.ContentSkip("its Subject cannot be read in bounded time")
+            return info
+
+        with mock.patch.object(gc, "_message_info", unreadable):
+            with self.assertLogs("gmail_classify", "WARNING") as logs:
+                run = self.run_once(batch_size=1, apply_every=1)   # a step of it alone
+        self.assertTrue(any("left alone for its content" in line for line in logs.output))
+        (report,) = run.reports
+        poisoned = 2                                       # the second message
+        self.assertEqual(report.content_skipped, {poisoned: "its Subject cannot be read in "
+                                                            "bounded time"})
+        self.assertEqual(report.skipped, [])
+        self.assertEqual(self.mark().mark, 3)             # the mark passed it
+        self.assertEqual(len(self.server.uids("Receipts")), 2)
+        skipped = [r for r in self.store().audit.records() if r["type"] == "skipped"]
+        self.assertEqual([(r["uid"], r["version"]) for r in skipped], [(poisoned, 2)])
+        self.assertEqual(gc.history(self.store())[0]["skipped"], 1)
+        code, out, err = run_cli("history", env={"XDG_STATE_HOME": self.tmp,
+                                                 "GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertIn("1 message skipped for its content", out)
+
+    def test_the_moved_message_is_found_by_message_id_size_and_date(self):
+        self.use(gmail=False)
+        digest = make_message("weekly digest 1")
+        self.server.add_message(digest)
+        self.run_once()
+        self.server.bump_uidvalidity("Lists")       # renumbered: the recorded UID means nothing
+        self.server.add_message(make_message("another list mail"), folder="Lists")
+        undo = self.undo()
+        self.assertEqual((undo.reversed, undo.left_alone), (1, 0))
+        self.assertEqual([m.raw for m in self.server.messages("INBOX")], [digest])
 
 
 # The fault-injection sweep: an --apply is cut at every command of the run (the default

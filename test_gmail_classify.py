@@ -10966,7 +10966,7 @@ class ExitCodeTest(FakeServerTest):
         if os.path.exists(path):
             with open(path, encoding="utf-8") as handle:
                 readme = handle.read()
-        for code in ("0", "1", "2", "3", "4", "5", "6", "130"):
+        for code in ("0", "1", "2", "3", "4", "5", "6", "7", "8", "129", "130", "141", "143"):
             with self.subTest(code=code):
                 self.assertRegex(gc.EXIT_CODES_HELP, rf"(?m)^\s+{code}\s")
                 if readme is not None:

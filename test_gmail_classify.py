@@ -19,6 +19,7 @@ import email
 import email.parser
 import email.policy
 import email.utils
+import errno
 import hashlib
 import http.server
 import imaplib
@@ -9757,6 +9758,140 @@ class SignalSweepTest(StateTestCase):
                 return [int(n) for n in handle.read().split()]
         except OSError:
             return []
+
+
+class ClosedOutputTest(StateTestCase):
+    """Every subcommand with a standard output nobody reads (``| head`` that has read
+    enough, a terminal that hung up): no traceback, no "unexpected error", nothing on
+    stderr; an --apply does all its work and records it; the exit code is what the work
+    earned, 141 for data output, 0 for a listing that stopped early."""
+
+    def setUp(self):
+        super().setUp()
+        seed_mailbox(self.server, 12)
+        self.rules = self.write("rules.json", json.dumps(SWEEP_DOC))
+        self.state = os.path.join(self.tmp, "state-home")
+
+    def write(self, name: str, text: Any) -> str:
+        path = os.path.join(self.tmp, name)
+        with open(path, "wb") as handle:
+            handle.write(text.encode() if isinstance(text, str) else text)
+        return path
+
+    def connection(self) -> List[str]:
+        return ["--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                "--plaintext", "--rules", self.rules]
+
+    def closed_stdout(self, *argvs: List[str], unbuffered: bool = False) -> List[Tuple[int, str]]:
+        """The program run once per argv, side by side, each with a pipe for stdout whose
+        read end is already closed, so that even its first line cannot get through.
+        Buffered (as usual): the error comes with a flush, up to the one at exit;
+        ``unbuffered``: with the first write.  Returns (exit status, stderr) of each."""
+        env = dict(os.environ, GMAIL_APP_PASSWORD=PASSWORD, XDG_STATE_HOME=self.state,
+                   XDG_CONFIG_HOME=os.path.join(self.tmp, "config"))
+        env.pop("GMAIL_OAUTH_TOKEN", None)
+        env.pop("PYTHONUNBUFFERED", None)
+        if unbuffered:
+            env["PYTHONUNBUFFERED"] = "1"
+        # The module imported (its compiled copy is cached), then the program's own exit.
+        here = os.path.dirname(os.path.abspath(gc.__file__))
+        shim = ("import sys; sys.path.insert(0, sys.argv[1]); import gmail_classify as gc; "
+                "getattr(gc, '_exit_program', sys.exit)(gc.main(sys.argv[2:]))")
+        processes = []
+        for argv in argvs:
+            read, write = os.pipe()
+            os.close(read)
+            try:
+                processes.append(subprocess.Popen(
+                    [sys.executable, "-c", shim, here, *argv], stdout=write,
+                    stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True))
+            finally:
+                os.close(write)
+        results = []
+        for process in processes:
+            self.addCleanup(lambda p=process: p.poll() is None and p.kill())
+            _, err = process.communicate(timeout=60)
+            results.append((process.returncode, err))
+        return results
+
+    def cases(self) -> List[Tuple[str, List[str], int]]:
+        client = self.write("client.json", json.dumps({"installed": {
+            "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}}))
+        mail = self.write("one.eml", make_message("receipt 1"))
+        filters = self.write("mailFilters.xml", filter_export(
+            [("from", "alerts@bank.example"), ("label", "Bank")]))
+        conn = self.connection()
+        return [
+            ("demo", ["demo"], 0),
+            ("check", ["check", self.rules], 0),
+            ("test", ["test", self.rules, mail], 0),
+            ("init", ["init", os.path.join(self.tmp, "new-rules.toml")], 0),
+            ("import-filters", ["import-filters", filters], 141),
+            ("labels", ["labels", *conn], 0),
+            ("folders", ["folders", *conn], 0),
+            ("suggest", ["suggest", *conn], 141),
+            ("run", ["run", *conn], 0),                                 # a dry run
+            ("run", ["run", "--json", *conn], 141),
+            ("run", ["run", "--apply", *conn], 0),
+            ("history", ["history"], 0),
+            ("undo", ["undo", *conn], 0),                               # a dry run
+            ("watch", ["watch", "--new-only", *conn], 0),               # a dry run
+            ("auth", ["auth", "--user", USER, "--client-secret-file", client,
+                      "--no-browser"], 141),
+        ]
+
+    def test_every_command_with_a_closed_stdout_ends_quietly(self):
+        cases = self.cases()
+        self.assertEqual({name for name, _, _ in cases}, set(gc._COMMANDS))
+        before = mailbox_snapshot(self.server)
+        # Side by side, but what reads the audit log after the --apply that writes it.
+        later = [case for case in cases if case[0] in ("history", "undo")]
+        first = [case for case in cases if case not in later]
+        results = []
+        for wave in (first, later):
+            results += zip(wave, self.closed_stdout(*[argv for _, argv, _ in wave]))
+        for (name, argv, expected), (code, err) in results:
+            with self.subTest(argv=argv[:2]):
+                self.assertEqual((code, err), (expected, ""))
+        # The --apply was made and recorded in full, although nobody saw it.
+        self.assertNotEqual(mailbox_snapshot(self.server), before)
+        code, out, err = run_cli("history", "--json", env={"XDG_STATE_HOME": self.state})
+        (entry,) = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual(entry["status"], "complete")
+        self.assertGreater(entry["changes_made"], 0)
+        self.assertEqual(self.mark().mark, 12)
+
+    def mark(self, folder: str = "INBOX", state_dir: Optional[str] = None) -> Optional[gc.FolderState]:
+        return super().mark(folder, os.path.join(self.state, "gmail_classify"))
+
+    def test_a_listing_stops_at_the_first_line_nobody_reads(self):
+        # Its first line (the rules in force) fails: a dry run goes no further.
+        self.assertEqual(self.closed_stdout(["run", *self.connection()], unbuffered=True),
+                         [(0, "")])
+        self.assertEqual(self.server.commands(), [])
+
+    def test_output_that_goes_away_mid_run_is_dropped_and_the_apply_goes_on(self):
+        out = gc._Output(io.StringIO(), keep_going=True)
+        broken = gc._Output(mock.Mock(**{"write.side_effect": BrokenPipeError(errno.EPIPE, "x"),
+                                         "fileno.side_effect": OSError}), keep_going=True)
+        self.assertEqual(broken.write("abc"), 3)
+        self.assertTrue(broken.gone)
+        broken.flush()
+        self.assertFalse(broken.isatty())
+        listing = gc._Output(mock.Mock(**{"flush.side_effect": OSError(errno.EIO, "hung up"),
+                                          "fileno.side_effect": OSError}), keep_going=False)
+        with self.assertRaises(gc._OutputClosed):
+            listing.flush()
+        self.assertTrue(listing.gone)
+        with self.assertRaises(gc._OutputClosed):
+            listing.write("more")
+        other = gc._Output(mock.Mock(**{"write.side_effect": OSError(errno.ENOSPC, "full")}),
+                           keep_going=True)
+        with self.assertRaises(OSError):
+            other.write("x")                # a full disk is not a reader that went away
+        self.assertFalse(other.gone)
+        out.write("kept\n")
+        self.assertFalse(out.gone)
 
 
 README_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")

@@ -9894,6 +9894,102 @@ class ClosedOutputTest(StateTestCase):
         self.assertFalse(out.gone)
 
 
+class StopInProcessTest(StateTestCase):
+    """main() called from Python (a vendoring script, a test): a stop ends the command at
+    its next safe point and main() returns 128 + the signal's number; the process lives."""
+
+    def cli(self, *argv: str) -> Tuple[int, str, str]:
+        env = {"GMAIL_APP_PASSWORD": PASSWORD, "XDG_STATE_HOME": os.path.join(self.tmp, "xdg")}
+        if argv[0] == "history":
+            return run_cli(*argv, env=env)
+        rules = os.path.join(self.tmp, "rules.json")
+        if not os.path.exists(rules):
+            with open(rules, "w") as handle:
+                json.dump(SWEEP_DOC, handle)
+        return run_cli(*argv, "--user", USER, "--host", "127.0.0.1", "--port",
+                       str(self.server.port), "--plaintext", "--rules", rules, env=env)
+
+    def stop_after_first(self, method: str, signum: int) -> Any:
+        """Patch GmailConnection.<method> so that a stop is asked for once it returned."""
+        real = getattr(gc.GmailConnection, method)
+
+        def then_stop(conn: gc.GmailConnection, *args: Any, **kwargs: Any) -> Any:
+            result = real(conn, *args, **kwargs)
+            conn.stop.request(signum)
+            return result
+        return mock.patch.object(gc.GmailConnection, method, then_stop)
+
+    def writes(self, since: int = 0) -> List[str]:
+        return [e.command for e in self.server.log[since:] if e.command in _WRITE_COMMANDS]
+
+    def test_a_stop_after_the_first_write_ends_the_run_there_and_says_so(self):
+        seed_mailbox(self.server, 12)
+        with self.stop_after_first("add_labels", signal.SIGTERM):
+            code, out, err = self.cli("run", "--apply")
+        self.assertEqual(code, 143, err)
+        # The folders it needs, then the first label: nothing was sent after it.
+        self.assertEqual(self.writes(), ["CREATE"] * 4 + ["UID STORE"])
+        self.assertEqual(self.server.commands()[-1], "LOGOUT")
+        made, not_made = map(int, _INTERRUPTED_RE.search(err).groups())
+        self.assertEqual(made, 2)                                 # Receipts on 2 messages
+        self.assertGreater(not_made, 0)
+        self.assertNotIn("changes made.", out)
+        code, out, err = self.cli("history", "--json")
+        (entry,) = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual((entry["status"], entry["changes_made"]), ("interrupted", made))
+
+    def test_a_stopped_undo_says_what_it_reversed_and_how_to_finish(self):
+        seed_mailbox(self.server, 12)
+        start = mailbox_snapshot(self.server)
+        code, _, err = self.cli("run", "--apply")
+        self.assertEqual(code, 0, err)
+        (run,) = [json.loads(line)["run"] for line in self.cli("history", "--json")[1].splitlines()]
+        since = len(self.server.log)
+        with self.stop_after_first("move", signal.SIGINT):
+            code, out, err = self.cli("undo", run, "--apply")
+        self.assertEqual(code, 130, err)
+        self.assertEqual(self.writes(since), ["UID MOVE"])
+        found = re.search(r"interrupted: (\d+) changes reversed, (\d+) not; run 'undo (\S+) "
+                          r"--apply' again to finish", err)
+        self.assertIsNotNone(found, err)
+        self.assertGreater(int(found.group(1)), 0)
+        self.assertGreater(int(found.group(2)), 0)
+        self.assertEqual(found.group(3), run)
+        code, _, err = self.cli("undo", run, "--apply")          # the rest
+        self.assertEqual(code, 0, err)
+        self.assertEqual(mailbox_snapshot(self.server), start)
+
+    def test_a_signal_before_anything_was_sent_ends_at_once(self):
+        # Not yet armed (a password prompt, say): the signal interrupts where it lands.
+        stop = gc.Stop()
+        signals = gc._Signals(stop)
+        with self.assertRaises(KeyboardInterrupt):
+            signals._handle(signal.SIGTERM, None)
+        self.assertEqual(gc._signal_exit(stop.signum), 143)
+        armed = gc._Signals(gc.Stop(), armed=True)
+        armed._handle(signal.SIGTERM, None)                       # the first: a request
+        self.assertEqual(armed.stop.signum, signal.SIGTERM)
+        with self.assertRaises(KeyboardInterrupt):
+            armed._handle(signal.SIGINT, None)                    # the second: at once
+        hangups: List[int] = []
+        watch = gc._Signals(gc.Stop(), armed=True, on_hangup=lambda: hangups.append(1))
+        if hasattr(signal, "SIGHUP"):
+            watch._handle(signal.SIGHUP, None)
+            self.assertEqual((hangups, watch.stop.requested), ([1], False))
+            plain = gc._Signals(gc.Stop(), armed=True)
+            plain._handle(signal.SIGHUP, None)
+            self.assertEqual(plain.stop.signum, signal.SIGHUP)
+
+    def test_the_readme_exit_code_table_and_the_help_list_the_same_codes(self):
+        if not os.path.exists(README_PATH):
+            self.skipTest("README.md is not beside the tests")
+        with open(README_PATH, encoding="utf-8") as handle:
+            table = set(re.findall(r"(?m)^\| (\d+) \|", handle.read()))
+        listed = set(re.findall(r"(?m)^ {2}(\d+) ", gc.EXIT_CODES_HELP))
+        self.assertEqual(table, listed)
+        self.assertLessEqual({"129", "130", "141", "143"}, listed)
+
+
 README_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
 
 

@@ -8073,6 +8073,8 @@ class Watcher:
     ``reload_needed()`` says so (the rules file changed).  ``rng`` jitters the backoff
     (injectable for tests).  The connections should have ``retries=0``: the Watcher does
     the retrying, forever, and logs an outage only when it begins and when it ends.
+    ``stop`` is the Stop that ends the watch (``stop()`` asks it); give the connections
+    the same one, so that a stop also ends their waits and sends no further change.
 
     ``run()`` returns after ``stop()``, having logged out; it raises AuthenticationError,
     TLSError, and ImapError other than the connection's own troubles.

@@ -9782,12 +9782,14 @@ class ClosedOutputTest(StateTestCase):
         return ["--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
                 "--plaintext", "--rules", self.rules]
 
-    def closed_stdout(self, *argvs: List[str], unbuffered: bool = False) -> List[Tuple[int, str]]:
+    def closed_stdout(self, *argvs: List[str], unbuffered: bool = False,
+                      stderr_too: bool = False, password: str = PASSWORD) -> List[Tuple[int, str]]:
         """The program run once per argv, side by side, each with a pipe for stdout whose
         read end is already closed, so that even its first line cannot get through.
         Buffered (as usual): the error comes with a flush, up to the one at exit;
-        ``unbuffered``: with the first write.  Returns (exit status, stderr) of each."""
-        env = dict(os.environ, GMAIL_APP_PASSWORD=PASSWORD, XDG_STATE_HOME=self.state,
+        ``unbuffered``: with the first write; ``stderr_too``: stderr is such a pipe as well.
+        Returns (exit status, stderr) of each."""
+        env = dict(os.environ, GMAIL_APP_PASSWORD=password, XDG_STATE_HOME=self.state,
                    XDG_CONFIG_HOME=os.path.join(self.tmp, "config"))
         env.pop("GMAIL_OAUTH_TOKEN", None)
         env.pop("PYTHONUNBUFFERED", None)
@@ -9804,14 +9806,15 @@ class ClosedOutputTest(StateTestCase):
             try:
                 processes.append(subprocess.Popen(
                     [sys.executable, "-c", shim, here, *argv], stdout=write,
-                    stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True))
+                    stderr=write if stderr_too else subprocess.PIPE,
+                    stdin=subprocess.DEVNULL, env=env, text=True))
             finally:
                 os.close(write)
         results = []
         for process in processes:
             self.addCleanup(lambda p=process: p.poll() is None and p.kill())
             _, err = process.communicate(timeout=60)
-            results.append((process.returncode, err))
+            results.append((process.returncode, err or ""))
         return results
 
     def cases(self) -> List[Tuple[str, List[str], int]]:
@@ -9869,6 +9872,15 @@ class ClosedOutputTest(StateTestCase):
         self.assertEqual(self.closed_stdout(["run", *self.connection()], unbuffered=True),
                          [(0, "")])
         self.assertEqual(self.server.commands(), [])
+
+    def test_a_closed_stderr_too_leaves_the_exit_code_of_the_error(self):
+        # A refused password: its line (and -v's traceback) has nowhere to go; the exit
+        # code still says what happened, and nothing crashes on the way out.
+        conn = self.connection()
+        results = self.closed_stdout(["run", *conn], ["labels", "-v", *conn],
+                                     stderr_too=True, password="wrong" * 4)
+        self.assertEqual(results, [(gc.EXIT_AUTH, ""), (gc.EXIT_AUTH, "")])
+        self.assertEqual(self.server.count("LOGIN"), 2)
 
     def test_output_that_goes_away_mid_run_is_dropped_and_the_apply_goes_on(self):
         out = gc._Output(io.StringIO(), keep_going=True)

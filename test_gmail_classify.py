@@ -9722,7 +9722,8 @@ class SignalSweepTest(StateTestCase):
                 self.assertEqual(entry["status"], "complete")
                 self.assertEqual(mailbox_snapshot(server), expected_box)
 
-    @unittest.skipUnless(hasattr(signal, "SIGHUP"), "no SIGHUP here")
+    @unittest.skipUnless(hasattr(signal, "SIGHUP") and os.path.isdir("/proc/self/task"),
+                         "no SIGHUP, or no /proc to find the shell's child")
     def test_sighup_stops_a_run_like_sigint_and_the_shell_sees_129(self):
         clean, _, _, last_write = self.clean()
         nth = last_write // 2

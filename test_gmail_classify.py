@@ -9613,7 +9613,7 @@ class SignalSweepTest(StateTestCase):
         if SWEEP_FULL:
             return [(nth, when, signum) for nth in range(1, total + 1)
                     for when in ("before", "after") for signum in signals]
-        picks = sorted({max(1, round(total * k / 7)) for k in range(1, 8)})
+        picks = sorted({max(1, round(total * k / 6)) for k in range(1, 7)})
         return [(nth, ("before", "after")[i % 2], signals[i // 2 % 2])
                 for i, nth in enumerate(picks)]
 
@@ -9696,8 +9696,8 @@ class SignalSweepTest(StateTestCase):
         back (on servers with MOVE or UIDPLUS)."""
         for options in ({}, {"gmail": False}):
             clean, _, _, last_write = self.clean(**options)
-            picks = range(1, last_write) if SWEEP_FULL else \
-                [n for n in (last_write // 2, last_write - 1)]
+            # Default: one cut in the middle of the run on each kind of server.
+            picks = range(1, last_write) if SWEEP_FULL else [last_write // 2 + len(options)]
             for nth in picks:
                 for when in ("before", "after") if SWEEP_FULL else ("before",):
                     with self.subTest(nth=nth, when=when, **options,
@@ -9735,12 +9735,6 @@ class SignalSweepTest(StateTestCase):
     def test_sighup_stops_a_run_like_sigint_and_the_shell_sees_129(self):
         clean, _, _, last_write = self.clean()
         nth = last_write // 2
-        server = FakeGmail().start()
-        self.addCleanup(server.stop)
-        seed_mailbox(server, self.messages)
-        state = os.path.join(self.tmp, "hup")
-        entry = self.check_cut(server, state, nth, "before", signal.SIGHUP, last_write)
-        self.assertEqual(entry["status"], "interrupted")
         # Through a shell, as a user or a script sees it: 128 + 1.  The shell's child is
         # the program, found when the fault fires.
         server = FakeGmail().start()
@@ -9750,7 +9744,8 @@ class SignalSweepTest(StateTestCase):
         server.add_fault(None, nth=nth, action="call", callback=lambda: os.kill(
             self._children(shell[0].pid)[0], signal.SIGHUP))
         here = os.path.dirname(os.path.abspath(gc.__file__))
-        env = dict(os.environ, **self.env(os.path.join(self.tmp, "hup-shell")))
+        state = os.path.join(self.tmp, "hup-shell")
+        env = dict(os.environ, **self.env(state))
         shell.append(subprocess.Popen(
             ["sh", "-c", '"$@" 2>/dev/null; echo "exit $?"', "sh", sys.executable, "-c",
              _SIGNAL_SHIM, here, *self.argv(server)], env=env, stdout=subprocess.PIPE,
@@ -9759,6 +9754,9 @@ class SignalSweepTest(StateTestCase):
         out, _ = shell[0].communicate(timeout=60)
         self.assertTrue(server.fired)
         self.assertEqual(out.strip().splitlines()[-1], "exit 129")
+        (entry,) = self.history(state)
+        self.assertEqual(entry["status"], "interrupted")
+        self.assertGreater(entry["changes_made"], 0)
 
     @staticmethod
     def _children(pid: int) -> List[int]:

@@ -83,6 +83,7 @@ import email.message
 import email.parser
 import email.policy
 import email.utils
+import errno
 import getpass
 import hashlib
 import html
@@ -6685,6 +6686,7 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     if any(rule.actions.templates() for rule in rules.rules):
         separator = next((f.delimiter for f in conn.list_folders() if f.delimiter), "/")
     checkpoint = checkpoint if checkpoint is not None else Checkpoint()
+    conn.stop.check(f"before opening {folder}")     # a safe point: nothing sent yet
     settled = _settle(conn, rules, allow_expunge)
     report = report if report is not None else FolderReport(folder, apply)
     report.notes.extend(note for note in settled.notes if note not in report.notes)
@@ -6755,6 +6757,7 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
 
         ok = False
         try:
+            conn.stop.check("before the step's changes")    # a safe point (see Stop)
             plan = step.plan
             if settled.plain_expunge and (plan.move or plan.trash or plan.archive):
                 _check_plain_expunge(conn, source)
@@ -6829,12 +6832,16 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     def new_step() -> _Step:
         return _Step(plan=_Plan(server_name=conn.server_name))
 
+    def before_fetch(conn: GmailConnection) -> None:
+        conn.stop.check("before the next FETCH")       # a safe point (see Stop)
+        checkpoint.before_fetch(conn)
+
     step = new_step()
     batches = 0
     # The next batch's FETCH is sent while this one is classified (pipelining); the
     # checkpoint still approves each FETCH before it goes out.
     fetches = conn.fetch_batches([uids[i:i + batch_size] for i in range(0, len(uids), batch_size)],
-                                 items, before_each=checkpoint.before_fetch,
+                                 items, before_each=before_fetch,
                                  skipped=report.skipped)
     try:
         for start_index in range(0, len(uids), batch_size):
@@ -7157,18 +7164,26 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
         if plan.archive and not conn.is_gmail:
             archive = _special_destination(conn, "\\Archive", "archive")
     source = conn.server_name(report.folder)
+    # Safe points (see Stop): once a stop is asked for, no further write command is sent
+    # and no intent is written for one; the command in flight has finished, and what it did
+    # was reported through done().
+    stop = conn.stop
     intend = intend or (lambda phase, folders: None)
     if missing:
+        stop.check("before creating folders")
         intend("create", missing)
     for name in missing:
+        stop.check(f"before creating {name}")
         if conn.create_folder(name):
             report.created.append(name)
     targets = [] if conn.is_gmail else [conn.server_name(label) for label in plan.add_labels]
     targets += [conn.server_name(dest) for dest in plan.move]
     targets += [folder.name for folder, uids in ((archive, plan.archive), (trash, plan.trash))
                 if folder is not None and uids and not _same_folder(folder.name, source)]
+    stop.check("before changing messages")
     intend("change", list(dict.fromkeys(targets)))
     for label, uids in plan.add_labels.items():
+        stop.check(f"before labelling with {label}")
         if conn.is_gmail:
             conn.add_labels(uids, [label])
             done(("label", label), dict.fromkeys(uids))
@@ -7179,15 +7194,18 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
         copied = conn.copy(uids, target)
         done(("label", label), {uid: {"folder": target, "uid": copied.get(uid)} for uid in uids})
     for flag, uids in plan.add_flags.items():
+        stop.check(f"before setting {flag}")
         conn.add_flags(uids, [flag])
         done(("flag+", flag), dict.fromkeys(uids))
     for flag, uids in plan.remove_flags.items():
+        stop.check(f"before clearing {flag}")
         conn.remove_flags(uids, [flag])
         done(("flag-", flag), dict.fromkeys(uids))
     moves: List[Tuple[List[int], str, Tuple[str, ...]]] = [
         (uids, conn.server_name(dest), ("move", dest)) for dest, uids in plan.move.items()]
     if plan.archive and conn.is_gmail:
         # Gmail's archive is "remove the \Inbox label"; the message stays in All Mail.
+        stop.check("before archiving")
         conn.remove_labels(plan.archive, ["\\Inbox"])
         done(("archive",), dict.fromkeys(plan.archive))
     elif plan.archive and archive is not None and not _same_folder(archive.name, source):
@@ -7195,6 +7213,7 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
     if plan.trash and trash is not None and not _same_folder(trash.name, source):
         moves.append((plan.trash, trash.name, ("trash",)))
     for uids, destination, key in moves:
+        stop.check(f"before moving to {destination}")
         result = conn.move(uids, destination, allow_expunge=allow_expunge)
         report.moved_missing += len(result.missing)
         report.expunge_stayed.extend(result.stayed)     # not in result.moved: not confirmed
@@ -8508,9 +8527,11 @@ class Undo:
         return _change_identity(self.messages[i], change) in self.tried_before
 
     def _intend(self, conn: GmailConnection, pairs: Sequence[Tuple[int, Dict[str, Any]]]) -> None:
-        """Write-ahead for the undo's own writes: the changes about to be made, per message."""
+        """Write-ahead for the undo's own writes: the changes about to be made, per message.
+        A stop asked for before it ends the undo here: no intent for a write never sent."""
         if not self.apply or not pairs:
             return
+        conn.stop.check("before undoing more")
         grouped: Dict[int, List[Dict[str, Any]]] = {}
         for i, change in pairs:
             grouped.setdefault(i, []).append(change)
@@ -8581,6 +8602,7 @@ class Undo:
             if place is not None:
                 by_place.setdefault(place[1]["folder"], []).append(i)
         for folder, indexes in by_place.items():
+            conn.stop.check(f"before looking in {folder}")     # safe points: see Stop
             found = self._locate(conn, folder, indexes, lambda r: self._moved(r)[1].get("uid"),
                                  lambda i: self._place_of(i, self._moved(self.messages[i])[2]))
             for i in indexes:
@@ -8607,6 +8629,7 @@ class Undo:
                 self._intend(conn, [(i, _inverse_change(self._moved(self.messages[i])[2]))
                                     for i in items])
                 if self.apply:
+                    conn.stop.check(f"before moving mail back to {destination}")
                     result = conn.move([found[i] for i in items], destination,
                                        allow_expunge=self.allow_expunge)
                     moved = dict(result.moved)
@@ -8633,6 +8656,7 @@ class Undo:
                 groups.setdefault(everywhere.name if everywhere else self.messages[i]["folder"],
                                   []).append(i)
             for folder, indexes in groups.items():
+                conn.stop.check(f"before looking in {folder}")
                 found = self._locate(conn, folder, indexes, lambda r: None)
                 for i in indexes:
                     if i not in found and self._flag_or_label(self.messages[i]):
@@ -8645,6 +8669,7 @@ class Undo:
                         any(c.get("flag") for c in self.messages[i]["changes"]):
                     groups.setdefault(self.messages[i]["folder"], []).append(i)
             for folder, indexes in groups.items():
+                conn.stop.check(f"before looking in {folder}")
                 found = self._locate(conn, folder, indexes, self._original_uid)
                 for i in indexes:
                     if i not in found:
@@ -8679,6 +8704,7 @@ class Undo:
                             name, self.undo_of)
                 continue
             if self.apply:
+                conn.stop.check(f"before deleting the folder {name}")
                 if conn.selected is not None and _same_folder(conn.selected.name, name):
                     conn.examine("INBOX")        # never delete the folder that is open
                 self.run.intend(conn, [{"delete": name, "folder": name}])
@@ -8823,6 +8849,7 @@ class Undo:
                             for i, change in pairs])
         for (kind, name, on), uids in stores.items():
             if self.apply:
+                conn.stop.check(f"before restoring {name}")
                 if kind == "flag":
                     (conn.add_flags if on else conn.remove_flags)(uids, [name])
                 else:
@@ -8839,6 +8866,7 @@ class Undo:
                 if change.get("before") is None and isinstance(change.get("after"), dict):
                     by_folder.setdefault(change["after"]["folder"], []).append((i, change))
         for folder, pairs in by_folder.items():
+            conn.stop.check(f"before looking in {folder}")
             if not conn.has("UIDPLUS"):
                 for i, change in pairs:
                     work[i]["alone"].append(f"{describe_change(change)}: {conn.host} lacks "
@@ -8883,6 +8911,7 @@ class Undo:
                 uids.append((i, target, change))
             self._intend(conn, [(i, _inverse_change(change)) for i, _, change in uids])
             if uids and self.apply:
+                conn.stop.check(f"before deleting copies in {folder}")
                 conn.add_flags([uid for _, uid, _ in uids], ["\\Deleted"])
                 conn.uid_expunge([uid for _, uid, _ in uids])
             for i, uid, change in uids:
@@ -8958,6 +8987,8 @@ class Watcher:
     ``reload_needed()`` says so (the rules file changed).  ``rng`` jitters the backoff
     (injectable for tests).  The connections should have ``retries=0``: the Watcher does
     the retrying, forever, and logs an outage only when it begins and when it ends.
+    ``stop`` is the Stop that ends the watch (``stop()`` asks it); give the connections
+    the same one, so that a stop also ends their waits and sends no further change.
 
     ``run()`` returns after ``stop()``, having logged out; it raises AuthenticationError,
     TLSError, and ImapError other than the connection's own troubles.
@@ -8969,7 +9000,8 @@ class Watcher:
                  backoff: float = WATCH_BACKOFF, max_backoff: float = WATCH_MAX_BACKOFF,
                  reload: Optional[Callable[[], Any]] = None,
                  reload_needed: Optional[Callable[[], bool]] = None,
-                 rng: Callable[[], float] = random.random) -> None:
+                 rng: Callable[[], float] = random.random,
+                 stop: Optional[Stop] = None) -> None:
         if not folders:
             raise ValueError("watch needs at least one folder")
         self.folders = list(dict.fromkeys(folders))
@@ -8982,7 +9014,9 @@ class Watcher:
         self._reload = reload
         self._reload_needed = reload_needed
         self._rng = rng
-        self._stop = threading.Event()
+        # The one stop mechanism: the command line hands in the Stop its signal handlers
+        # and the connections share, so a stop ends IDLE, waits and the next step alike.
+        self._stop = stop if stop is not None else Stop()
         self._reload_requested = threading.Event()
         self._catch_up_requested = threading.Event()
         self._check_link = False
@@ -9000,13 +9034,13 @@ class Watcher:
 
     # -- control, safe to call from a signal handler or another thread -------------------
 
-    def stop(self) -> None:
-        """End the watch at the next safe point (the step in hand finishes), then log out."""
-        self._stop.set()
+    def stop(self, signum: Optional[int] = None) -> None:
+        """End the watch at the next safe point (no new command is sent), then log out."""
+        self._stop.request(signum)
 
     @property
     def stopping(self) -> bool:
-        return self._stop.is_set()
+        return self._stop.requested
 
     def request_reload(self) -> None:
         """Reload the rules at the next safe point (what SIGHUP does)."""
@@ -9022,7 +9056,7 @@ class Watcher:
         outage_since: Optional[float] = None
         attempt = 0
         try:
-            while not self._stop.is_set():
+            while not self._stop.requested:
                 try:
                     if self.conn is None:
                         self.conn = self._connect()
@@ -9036,13 +9070,13 @@ class Watcher:
                         self._remember_others(self.conn)
                         self._next_poll = time.monotonic() + self.interval
                     self._maybe_reload()
-                    if not self._stop.is_set():
+                    if not self._stop.requested:
                         self._wait_and_wake(self.conn)
                     # Only a connection that did its work ends the backoff: a server that
                     # signs us in and then floods must not get a reconnect a second.
                     attempt = 0
                 except (ConnectionLostError, ProtocolError, UidValidityError) as exc:
-                    if self._stop.is_set():
+                    if self._stop.requested:
                         break
                     self._drop()
                     attempt += 1
@@ -9074,7 +9108,7 @@ class Watcher:
         first = self.folders[0]
         order = [f for f in folders if f != first] + [f for f in folders if f == first]
         self._maybe_reload()        # new mail is classified with the rules saved before it came
-        if order and not self._stop.is_set():
+        if order and not self._stop.requested:
             self.wakeups += 1
             log.debug("catching up on %s", ", ".join(order))
             self._catch_up(conn, order)
@@ -9105,7 +9139,7 @@ class Watcher:
             return True
         if self._reload_needed is not None and self._reload_needed():
             self._reload_requested.set()
-        return (self._stop.is_set() or self._reload_requested.is_set()
+        return (self._stop.requested or self._reload_requested.is_set()
                 or self._catch_up_requested.is_set())
 
     def _remember_others(self, conn: GmailConnection) -> List[str]:
@@ -9153,7 +9187,7 @@ class Watcher:
         if self._catch_up_requested.is_set():
             self._catch_up_requested.clear()
             changed = list(self.folders)
-        if time.monotonic() >= self._next_poll and not self._stop.is_set():
+        if time.monotonic() >= self._next_poll and not self._stop.requested:
             self.polls += 1
             self._next_poll = time.monotonic() + self.interval
             if not idled:
@@ -9278,7 +9312,7 @@ class WatchSession:
             log.warning("%s; watch stays connected and catches up after 00:00 UTC", exc)
             if self.on_pause is not None:
                 self.on_pause(self.paused_until)
-        except RunStopped as exc:
+        except (RunStopped, StopRequested) as exc:
             status, error = "interrupted", str(exc)
         except BaseException as exc:
             status, error = "failed", str(exc)
@@ -10089,6 +10123,7 @@ def suggest_rules(conn: GmailConnection, folder: str = "INBOX", *, top: int = 10
     domains: Dict[str, _Tally] = {}
     examined = 0
     for start in range(0, len(uids), batch_size):
+        conn.stop.check("before the next FETCH")       # a safe point (see Stop)
         fetched = conn.fetch(uids[start:start + batch_size], [item])
         for values in fetched.values():
             examined += 1
@@ -10162,7 +10197,12 @@ EXIT_SERVER = 5         # the server refused an operation or lacks a needed feat
 EXIT_INCOMPLETE = 6     # incomplete (skipped messages or folders, daily budget, UIDVALIDITY changed): run again
 EXIT_LOCKED = 7         # another --apply holds the account lock
 EXIT_RULE_TESTS = 8     # the rules file's own [[test]] tables failed
-EXIT_INTERRUPTED = 130  # Ctrl-C
+# A signal ends a command at its next safe point, then the program ends by that signal
+# (see _exit_program), so that a shell sees 128 + its number and systemd a clean stop.
+EXIT_HANGUP = 129       # SIGHUP: the terminal went away
+EXIT_INTERRUPTED = 130  # SIGINT: Ctrl-C
+EXIT_TERMINATED = 143   # SIGTERM: kill, systemctl stop, shutdown
+EXIT_OUTPUT_CUT = 141   # data output (--json, rules on standard output) cut by a closed pipe
 
 EXIT_CODES_HELP = """\
 exit codes:
@@ -10178,7 +10218,14 @@ exit codes:
      were skipped (UIDVALIDITY changed mid-run, an oversized answer); run again
   7  another --apply holds the lock for this account
   8  the rules file's own tests ([[test]] tables) failed
-  130 interrupted
+  129 stopped by SIGHUP (the terminal closed) at a safe point: stderr says how
+      many changes were made and how many not; run again to finish
+  130 stopped by SIGINT (Ctrl-C), the same way; a second Ctrl-C stops at once
+  141 data output (--json, rules or the sign-in address on standard output) was
+      cut short by a closed pipe; the work itself was done
+  143 stopped by SIGTERM (kill, systemctl stop, shutdown), the same way
+  a watch stopped by SIGINT or SIGTERM exits 0; a signal that comes once every
+  change is made (during the report or sign-out) leaves the usual code
 """
 
 PASSWORD_ENV = "GMAIL_APP_PASSWORD"
@@ -10494,6 +10541,130 @@ def _signed_in(settings: Mapping[str, Any]) -> Iterator[GmailConnection]:
         log.info("interrupted while signing out; the work was already done")
 
 
+class _Signals:
+    """SIGINT, SIGTERM and SIGHUP for one command, all through one Stop (a context manager).
+
+    Once ``armed`` (the command is about to talk to a server, where ending between two
+    commands keeps the record whole) the first signal only asks ``stop`` to stop: the work
+    ends at its next safe point and says what was done, and main() returns 128 + the
+    signal's number.  Before that (nothing to record yet: a password prompt, say), and on
+    a second signal (the user is not waiting any longer), KeyboardInterrupt is raised at
+    once.  ``on_stop()`` replaces the first signal's ``stop.request`` (watch: Watcher.stop)
+    and ``on_hangup()`` SIGHUP's (watch: reload the rules).  The handlers do no I/O, since a
+    signal may arrive anywhere; they are installed only in the main thread (Python allows
+    no other) and put back as they were on exit.  Windows has no SIGHUP.
+    """
+
+    def __init__(self, stop: Stop, *, armed: bool = False,
+                 on_stop: Optional[Callable[[], Any]] = None,
+                 on_hangup: Optional[Callable[[], Any]] = None) -> None:
+        self.stop = stop
+        self.armed = armed
+        self.on_stop = on_stop
+        self.on_hangup = on_hangup
+        self._previous: Dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if signum == getattr(signal, "SIGHUP", None) and self.on_hangup is not None:
+            self.on_hangup()
+            return
+        if self.stop.requested or not self.armed:
+            self.stop.request(signum)
+            raise KeyboardInterrupt
+        if self.on_stop is not None:
+            self.on_stop()
+        self.stop.request(signum)
+
+    def __enter__(self) -> "_Signals":
+        if threading.current_thread() is threading.main_thread():
+            names = ("SIGINT", "SIGTERM", "SIGHUP")
+            for signum in [getattr(signal, name) for name in names if hasattr(signal, name)]:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        while self._previous:
+            signum, handler = self._previous.popitem()
+            signal.signal(signum, handler)
+
+
+def _signal_exit(signum: Optional[int]) -> int:
+    """The exit code of a command a signal ended: 128 + its number (130 for Ctrl-C)."""
+    return 128 + int(signum or signal.SIGINT)
+
+
+class _OutputClosed(BaseException):
+    """Internal: nobody reads standard output any more, and the command only lists; end it.
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
+
+
+class _Output:
+    """A command's standard output (or error) that outlives its reader.
+
+    When the reader goes away (EPIPE: ``| head`` has read enough; EIO: the terminal hung
+    up), nothing more is written.  With ``keep_going`` (an --apply, whose work must
+    finish and be recorded) writes are then dropped and the work goes on; without it the
+    next write raises _OutputClosed (a listing nobody reads ends early).  ``gone`` says
+    whether it happened.  The file descriptor is pointed at /dev/null, so that Python's
+    own flush at exit has nowhere to fail ("Exception ignored ... BrokenPipeError").
+    """
+
+    def __init__(self, stream: Optional[TextIO], keep_going: bool) -> None:
+        self._stream = stream
+        self.keep_going = keep_going
+        self.gone = stream is None            # started without one (``>&-``)
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self._stream.write(text)
+            except OSError as exc:
+                self._lost(exc)
+        if not self.keep_going:
+            raise _OutputClosed()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self._stream.flush()
+                return
+            except OSError as exc:
+                self._lost(exc)
+        if not self.keep_going:
+            raise _OutputClosed()
+
+    def close_quietly(self) -> None:
+        """The last flush: never raises, whatever the reader did."""
+        try:
+            self.flush()
+        except _OutputClosed:
+            pass
+
+    def isatty(self) -> bool:
+        try:
+            return not self.gone and self._stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def _lost(self, exc: OSError) -> None:
+        if exc.errno not in (errno.EPIPE, errno.EIO):
+            raise exc
+        self.gone = True
+        try:
+            fd = self._stream.fileno()
+        except (OSError, ValueError, AttributeError):
+            return                          # not a file (a test's StringIO)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.WARNING
     if args.quiet:
@@ -10584,7 +10755,7 @@ def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any]) -
                                  f"give an access token in {TOKEN_ENV} or via --password-command")
             client, refresh_token = stored
             settings["token"] = OAuthTokenSource(client, refresh_token, user=user)
-        return settings
+        return _armed(args, settings)
     password = _secret_from_command(command) if command else env_secret
     if not password:
         password = _password_from_netrc(host, user)
@@ -10595,6 +10766,16 @@ def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any]) -
                          f"{host} to ~/.netrc, use "
                          f"--password-command, or run in a terminal to be asked")
     settings["password"] = password
+    return _armed(args, settings)
+
+
+def _armed(args: argparse.Namespace, settings: Dict[str, Any]) -> Dict[str, Any]:
+    """The settings with the command's Stop for the connection; from now on a signal
+    stops at the next safe point instead of at once (see _Signals)."""
+    signals = getattr(args, "signals", None)
+    if signals is not None:
+        settings["stop"] = signals.stop
+        signals.armed = True
     return settings
 
 
@@ -10745,6 +10926,7 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
             # Every folder's checks before the first change in any of them.
             check_run(conn, rules, folders, allow_expunge=args.allow_expunge)
             for folder in folders:
+                conn.stop.check(f"before {folder}")     # a safe point (see _Signals)
                 budget = args.max_new_folders - sum(len(r.created) for r in run.reports)
                 try:
                     run.classify(
@@ -10762,9 +10944,11 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
                     # The folder was renumbered under us: every UID in hand is stale, so
                     # stop there (nothing more is done to it) and let the other folders run.
                     incomplete.append(f"{folder}: {exc}")
-    except KeyboardInterrupt:
+    except (StopRequested, KeyboardInterrupt) as exc:
+        # A signal before every message was classified and every change confirmed (one
+        # after that finds no safe point left, and the run ends as it would have).
         _finish_run(run, args, out, "interrupted", "interrupted")
-        return EXIT_INTERRUPTED
+        return _signal_exit(getattr(exc, "signum", None) or args.stop.signum)
     except GmailClassifyError as exc:
         _finish_run(run, args, out, "stopped" if isinstance(exc, RunStopped) else "failed",
                     "incomplete", str(exc))
@@ -10800,16 +10984,19 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _finish_run(run: Run, args: argparse.Namespace, out: TextIO, status: str, word: str,
-                error: str = "") -> None:
-    """A run that stopped early: save and log it, then say what was and was not done."""
+                error: str = "", *, not_made: Optional[int] = None, made: str = "made",
+                again: str = "run again to finish") -> None:
+    """A run that stopped early: save and log it, then say what was and was not done
+    (an undo passes its own ``not_made`` count and words)."""
     summary = run.finish(status, error)
     if args.json:
         out.write(printable(json.dumps(summary, ensure_ascii=False)) + "\n")
+    not_made = run.changes_not_made if not_made is None else not_made
     # A run stopped before it planned any change (a refused sign-in, say) has no counts
-    # to give: its error line says it all.
-    if args.apply and (run.changes_made or run.changes_not_made):
-        sys.stderr.write(f"{word}: {run.changes_made:,} changes made, "
-                         f"{run.changes_not_made:,} not; run again to finish\n")
+    # to give: its error line says it all.  An interrupted --apply always gives them.
+    if args.apply and (run.changes_made or not_made or status == "interrupted"):
+        sys.stderr.write(f"{word}: {run.changes_made:,} changes {made}, "
+                         f"{not_made:,} not; {again}\n")
     elif status == "interrupted":
         sys.stderr.write("interrupted\n")
 
@@ -10890,33 +11077,6 @@ class _RulesReloader:
         log.warning("rules reloaded from %s: %d rules", self.path, len(new.rules))
 
 
-@contextlib.contextmanager
-def _watch_signals(watcher: Watcher) -> Iterator[None]:
-    """SIGINT and SIGTERM stop the watch at a safe point; SIGHUP reloads the rules.
-
-    The handlers only set flags (no logging, no I/O: a signal may arrive anywhere); a
-    second Ctrl-C interrupts at once (exit 130)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    def stop() -> None:
-        if watcher.stopping:            # asked twice: the user is not waiting any longer
-            raise KeyboardInterrupt
-        watcher.stop()
-
-    wanted = [(signal.SIGINT, stop), (signal.SIGTERM, watcher.stop)]
-    if hasattr(signal, "SIGHUP"):
-        wanted.append((signal.SIGHUP, watcher.request_reload))
-    previous = {}
-    try:
-        for signum, action in wanted:
-            previous[signum] = signal.signal(signum, lambda _n, _f, act=action: act())
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 def _cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
     rules = find_rules(args.rules)
     settings = _connection_settings(args, rules.account)
@@ -10965,13 +11125,19 @@ def _cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
     session.check_start(folders)
     watcher = Watcher(connect, folders, catch_up, interval=args.interval,
                       idle_interval=args.idle_interval, reload=reloader.reload,
-                      reload_needed=reloader.changed)
+                      reload_needed=reloader.changed, stop=args.stop)
     # Held for as long as the watch runs: a cron 'run --apply' meanwhile exits 7.
     lock = store.lock(session.account, "watch").acquire() if args.apply else None
     try:
         log.info("watching %s%s", ", ".join(folders), "" if args.apply else " (dry run)")
-        with _watch_signals(watcher):
-            watcher.run()
+        # SIGINT and SIGTERM end the watch at a safe point (exit 0), a second one at once
+        # (130); SIGHUP reloads the rules.
+        with _Signals(args.stop, armed=True, on_stop=watcher.stop,
+                      on_hangup=watcher.request_reload):
+            try:
+                watcher.run()
+            except StopRequested:
+                pass        # a wait that ended at the stop: the watch ends as asked
     finally:
         if lock is not None:
             lock.release()
@@ -11039,9 +11205,12 @@ def _cmd_undo(args: argparse.Namespace, out: TextIO) -> int:
     try:
         with _signed_in(settings) as conn:
             undo.execute(conn)
-    except KeyboardInterrupt:
-        _finish_run(undo.run, args, out, "interrupted", "interrupted")
-        return EXIT_INTERRUPTED
+    except (StopRequested, KeyboardInterrupt) as exc:
+        planned = sum(len(record["changes"]) for record in undo.messages)
+        _finish_run(undo.run, args, out, "interrupted", "interrupted", made="reversed",
+                    not_made=max(0, planned - undo.reversed - undo.left_alone),
+                    again=f"run 'undo {undo.undo_of} --apply' again to finish")
+        return _signal_exit(getattr(exc, "signum", None) or args.stop.signum)
     except GmailClassifyError as exc:
         _finish_run(undo.run, args, out, "failed", "incomplete", str(exc))
         raise
@@ -11335,21 +11504,57 @@ _COMMANDS = {"run": _cmd_run, "check": _cmd_check, "test": _cmd_test,
              "auth": _cmd_auth, "watch": _cmd_watch}
 
 
+def _output_kind(args: argparse.Namespace) -> Tuple[bool, bool]:
+    """(keep_going, data) for a command's standard output; see main()."""
+    data = bool(getattr(args, "json", False)) or args.command == "auth" or (
+        args.command in ("import-filters", "suggest") and not args.output)
+    keep_going = args.command == "init" or (
+        args.command in ("run", "undo", "watch") and bool(args.apply))
+    return keep_going, data
+
+
 def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> int:
-    """Run the command line; returns the exit code (see EXIT_CODES_HELP)."""
+    """Run the command line; returns the exit code (see EXIT_CODES_HELP).
+
+    Signals (see _Signals): a command ended by one returns 128 + its number and leaves the
+    signal to the program's own exit (_exit_program), never to a caller of main(): a
+    vendoring script or a test keeps its process.  A closed standard output (see _Output):
+    an --apply finishes its work and records; a listing ends early; the exit code is what
+    the work earned, or 141 when the output was data (--json, rules, the auth address)
+    and nothing else went wrong.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    out = out or sys.stdout
     parser = build_parser()
     argv = _subcommand_first(argv)
     args = parser.parse_args(argv)
     args.verbose = getattr(args, "verbose", 0)
     args.quiet = getattr(args, "quiet", False)
-    _setup_logging(args)
+    keep_going, data = _output_kind(args)
+    guarded = _Output(out or sys.stdout, keep_going)
+    errors, sys.stderr = sys.stderr, _Output(sys.stderr, keep_going=True)
+    args.stop = Stop()
+    args.signals = _Signals(args.stop)
+    try:
+        _setup_logging(args)
+        with args.signals:
+            code = _dispatch(args, guarded)
+            guarded.close_quietly()
+    finally:
+        sys.stderr = errors
+    if guarded.gone and data and code == EXIT_OK:
+        return EXIT_OUTPUT_CUT
+    return code
+
+
+def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
+    """The command, its errors as one line each on stderr, and its exit code."""
     try:
         return _COMMANDS[args.command](args, out)
-    except KeyboardInterrupt:
+    except _OutputClosed:
+        return EXIT_OK                  # a listing nobody reads any more
+    except (StopRequested, KeyboardInterrupt) as exc:
         sys.stderr.write("interrupted\n")
-        return EXIT_INTERRUPTED
+        return _signal_exit(getattr(exc, "signum", None) or args.stop.signum)
     except GmailClassifyError as exc:
         if args.verbose:
             log.exception("details:")
@@ -11408,5 +11613,25 @@ def _exit_code(exc: GmailClassifyError) -> int:
     return EXIT_ERROR
 
 
+def _exit_program(code: int) -> None:
+    """The program's own exit.  After a command a signal ended (129, 130, 143) the signal
+    is raised again with its default action, once the output is flushed, so that the shell
+    sees 128 + its number and systemd a stop by the signal it sent.  Only the program
+    itself does this: main() returns the code to whoever called it."""
+    signum = {EXIT_INTERRUPTED: "SIGINT", EXIT_TERMINATED: "SIGTERM",
+              EXIT_HANGUP: "SIGHUP"}.get(code)
+    if signum and hasattr(signal, signum) and os.name == "posix":
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):
+                pass
+        number = getattr(signal, signum)
+        signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_program(main())

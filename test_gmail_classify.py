@@ -19,6 +19,7 @@ import email
 import email.parser
 import email.policy
 import email.utils
+import errno
 import hashlib
 import http.server
 import imaplib
@@ -1190,7 +1191,7 @@ class _Session(socketserver.BaseRequestHandler):
             self._send(("%s BAD [TOOBIG] Command line too long\r\n" % tag).encode())
             return
         fault = fake._take_fault(name)
-        if fault is not None and fault.action == "call":
+        if fault is not None and fault.action == "call" and fault.when != "after":
             fault.callback()
             fault = None
         if fault is not None and fault.action in _OTHER_CLIENT_ACTIONS:
@@ -1225,7 +1226,11 @@ class _Session(socketserver.BaseRequestHandler):
             self.out.append(tagged)
             self._flush()
         elif fault.when == "after":
-            if fault.action == "delay":
+            if fault.action == "call":      # answered first, then the callback
+                self.out.append(tagged)
+                self._flush()
+                fault.callback()
+            elif fault.action == "delay":
                 self.killed.wait(fault.delay)
                 self.out.append(tagged)
                 self._flush()
@@ -2636,7 +2641,8 @@ class FakeGmail:
 
         command: 'UID MOVE', 'NOOP', ... or None for any. action: one of bye, drop, reset, delay,
         no, bad, garbage, unsolicited, call (run ``callback``, e.g. a change by "another
-        client", then execute the command normally), or a hostile one (see _HOSTILE_ACTIONS).
+        client", then execute the command normally; when="after": execute and answer it,
+        then call), or a hostile one (see _HOSTILE_ACTIONS).
         when: before (instead of executing), after (execute, then misbehave instead of
         answering), mid (send half of the untagged answers, then misbehave); hostile actions
         ignore ``when``.
@@ -10213,6 +10219,490 @@ class FaultSweepTest(StateTestCase):
         self.assertGreater(total, 25)
 
 
+# The signal sweep: a real `run --apply` in a subprocess gets SIGINT or SIGTERM when the
+# fake server receives one of its commands (before answering it) or has answered it; it
+# must end at a safe point, say what it did, leave a run that `history` shows, and die
+# by the signal; a rerun must then leave what a run never stopped leaves.  The default
+# suite takes a sample of the commands; GMAIL_CLASSIFY_SWEEP=full every one, both sides,
+# both signals, over a larger mailbox.  The subprocess applies every 2 batches of 3, as
+# the fault sweep does (the command line has no option for it: a two-line shim sets it).
+_SIGNAL_SHIM = (
+    "import sys; sys.path.insert(0, sys.argv[1]); import gmail_classify as gc\n"
+    "classify = gc.Run.classify\n"
+    "gc.Run.classify = lambda self, *a, **k: classify(self, *a, **dict(k, apply_every=2))\n"
+    "getattr(gc, '_exit_program', sys.exit)(gc.main(sys.argv[2:]))\n")
+_WRITE_COMMANDS = {"UID STORE", "UID COPY", "UID MOVE", "UID EXPUNGE", "EXPUNGE", "CREATE",
+                   "DELETE", "STORE", "COPY", "MOVE"}
+_INTERRUPTED_RE = re.compile(r"interrupted: (\d+) changes made, (\d+) not; run again to finish")
+
+
+@unittest.skipUnless(os.name == "posix", "POSIX signals")
+class SignalSweepTest(StateTestCase):
+    messages = 240 if SWEEP_FULL else 12
+    batch_size = 8 if SWEEP_FULL else 3
+
+    def setUp(self):
+        super().setUp()
+        self.rules = os.path.join(self.tmp, "rules.json")
+        with open(self.rules, "w") as handle:
+            json.dump(SWEEP_DOC, handle)
+
+    def argv(self, server: FakeGmail, *extra: str) -> List[str]:
+        return ["run", "--apply", "--batch-size", str(self.batch_size), "--user", USER,
+                "--host", "127.0.0.1", "--port", str(server.port), "--plaintext",
+                "--rules", self.rules, *extra]
+
+    def env(self, state: str) -> Dict[str, str]:
+        return {"GMAIL_APP_PASSWORD": PASSWORD, "XDG_STATE_HOME": state,
+                "XDG_CONFIG_HOME": os.path.join(self.tmp, "config")}
+
+    def in_process(self, state: str, *argv: str) -> Tuple[int, str, str]:
+        classify = gc.Run.classify
+
+        def every_two(run: gc.Run, *args: Any, **kwargs: Any) -> gc.FolderReport:
+            return classify(run, *args, **dict(kwargs, apply_every=2))
+
+        with mock.patch.object(gc.Run, "classify", every_two):
+            return run_cli(*argv, env=self.env(state))
+
+    def signalled(self, server: FakeGmail, state: str, nth: int, when: str,
+                  signum: int, *extra: str) -> subprocess.CompletedProcess:
+        """The subprocess's run, with ``signum`` sent to it at the nth command."""
+        pid: List[int] = []
+        server.add_fault(None, nth=nth, action="call", when=when,
+                         callback=lambda: os.kill(pid[0], signum))
+        env = dict(os.environ, **self.env(state))
+        env.pop("GMAIL_OAUTH_TOKEN", None)
+        here = os.path.dirname(os.path.abspath(gc.__file__))
+        process = subprocess.Popen([sys.executable, "-c", _SIGNAL_SHIM, here,
+                                    *self.argv(server, *extra)], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        pid.append(process.pid)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        out, err = process.communicate(timeout=60)
+        return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+    def history(self, state: str) -> List[Dict[str, Any]]:
+        code, out, err = run_cli("history", "--json", env=self.env(state))
+        self.assertEqual(code, 0, err)
+        return [json.loads(line) for line in out.splitlines()]
+
+    def clean(self, **server_options: Any) -> Tuple[FakeGmail, Any, Any, int]:
+        """An uninterrupted run: its server, final mailbox and state, and where in its log
+        (1-based) the last write command is."""
+        clean = FakeGmail(**server_options).start()
+        self.addCleanup(clean.stop)
+        seed_mailbox(clean, self.messages)
+        state = os.path.join(self.tmp, "clean")
+        code, _, err = self.in_process(state, *self.argv(clean))
+        self.assertEqual(code, 0, err)
+        last_write = max(i for i, e in enumerate(clean.log, 1) if e.command in _WRITE_COMMANDS)
+        return (clean, mailbox_snapshot(clean),
+                list(state_snapshot(os.path.join(state, "gmail_classify"))["accounts"].values()),
+                last_write)
+
+    def cut_points(self, total: int) -> List[Tuple[int, str, int]]:
+        """(nth, when, signal): full: every command, both sides, both signals; else a
+        sample spread over the run, the sides and the signals alternating."""
+        signals = (signal.SIGINT, signal.SIGTERM)
+        if SWEEP_FULL:
+            return [(nth, when, signum) for nth in range(1, total + 1)
+                    for when in ("before", "after") for signum in signals]
+        picks = sorted({max(1, round(total * k / 6)) for k in range(1, 7)})
+        return [(nth, ("before", "after")[i % 2], signals[i // 2 % 2])
+                for i, nth in enumerate(picks)]
+
+    def check_cut(self, server: FakeGmail, state: str, nth: int, when: str, signum: int,
+                  last_write: int) -> Dict[str, Any]:
+        """One cut: exit status, printed counts, history.  Returns the run's history entry
+        (its status says whether the signal found a safe point before the work was done)."""
+        done = self.signalled(server, state, nth, when, signum)
+        self.assertTrue(server.fired, "the signal was never sent")
+        self.assertNotIn("Traceback", done.stderr)
+        self.assertNotIn("unexpected error", done.stderr)
+        entries = self.history(state)
+        counted = _INTERRUPTED_RE.search(done.stderr)
+        if not entries and counted and counted.groups() == ("0", "0"):
+            # Stopped while signing in or looking around: nothing was planned or done,
+            # so nothing was applied and history has no run to show.
+            entries = [{"run": None, "status": "interrupted", "changes_made": 0}]
+        (entry,) = entries
+        # After the last write command was sent, no safe point is left: the run ends as
+        # if no signal had come.  Before it, one is.  A signal sent after an answer may
+        # land a few commands later (the client reads on meanwhile): either, consistently.
+        if nth >= last_write:
+            expected = [0]
+        elif when == "before":
+            expected = [-signum]
+        else:
+            expected = [-signum, 0]
+        self.assertIn(done.returncode, expected, done.stderr)
+        if done.returncode == 0:
+            self.assertIsNone(counted, done.stderr)
+            self.assertEqual(entry["status"], "complete")
+            self.assertIn("changes made.", done.stdout)
+        else:
+            self.assertIsNotNone(counted, done.stderr)
+            self.assertEqual(entry["status"], "interrupted")
+            self.assertEqual(entry["changes_made"], int(counted.group(1)))
+            self.assertNotIn("changes made.", done.stdout)   # the report: finished runs
+            # Nothing was sent after the signal but what the run needs to end: the
+            # command it had in flight, at most a FETCH already on the way, and the end.
+            after = [e.command for e in server.log[nth:]]
+            self.assertLessEqual(len([c for c in after if c in _WRITE_COMMANDS]), 1, after)
+            self.assertEqual(after[-1:], ["LOGOUT"])
+        return entry
+
+    def sweep(self, **server_options: Any) -> int:
+        clean, expected_box, expected_state, last_write = self.clean(**server_options)
+        cuts = self.cut_points(len(clean.log))
+        interrupted = 0
+        for nth, when, signum in cuts:
+            with self.subTest(nth=nth, when=when, signal=signal.Signals(signum).name,
+                              command=clean.log[nth - 1].command):
+                server = FakeGmail(**server_options).start()
+                self.addCleanup(server.stop)
+                seed_mailbox(server, self.messages)
+                state = os.path.join(self.tmp, f"cut-{nth}-{when}-{signum}")
+                entry = self.check_cut(server, state, nth, when, signum, last_write)
+                interrupted += entry["status"] == "interrupted"
+                code, _, err = self.in_process(state, *self.argv(server))
+                self.assertEqual(code, 0, err)
+                self.assertEqual(mailbox_snapshot(server), expected_box)
+                self.assertEqual(list(state_snapshot(os.path.join(
+                    state, "gmail_classify"))["accounts"].values()), expected_state)
+                self.assertEqual(server.errors, [])
+                server.stop()
+                shutil.rmtree(state, ignore_errors=True)
+        if SWEEP_FULL:
+            sys.stderr.write(f"[{len(cuts)} signal cuts over {len(clean.log)} commands, "
+                             f"{interrupted} interrupted] ")
+        return interrupted
+
+    def test_gmail_signal_anywhere_then_rerun_equals_a_clean_run(self):
+        self.assertGreater(self.sweep(), 2)
+
+    @unittest.skipUnless(SWEEP_FULL, "GMAIL_CLASSIFY_SWEEP=full")
+    def test_plain_server_signal_anywhere_then_rerun_equals_a_clean_run(self):
+        self.assertGreater(self.sweep(gmail=False), 2)
+
+    def test_undo_after_a_signal_restores_the_mailbox_exactly(self):
+        """Every change an interrupted run made is in the audit log, so undo takes it all
+        back (on servers with MOVE or UIDPLUS)."""
+        for options in ({}, {"gmail": False}):
+            clean, _, _, last_write = self.clean(**options)
+            # Default: one cut in the middle of the run on each kind of server.
+            picks = range(1, last_write) if SWEEP_FULL else [last_write // 2 + len(options)]
+            for nth in picks:
+                for when in ("before", "after") if SWEEP_FULL else ("before",):
+                    with self.subTest(nth=nth, when=when, **options,
+                                      command=clean.log[nth - 1].command):
+                        server = FakeGmail(**options).start()
+                        self.addCleanup(server.stop)
+                        seed_mailbox(server, self.messages)
+                        start = mailbox_snapshot(server)
+                        state = os.path.join(self.tmp, f"undo-{nth}-{when}-{len(options)}")
+                        entry = self.check_cut(server, state, nth, when, signal.SIGTERM,
+                                               last_write)
+                        if entry["run"] is None:
+                            self.assertEqual(mailbox_snapshot(server), start)
+                            continue
+                        code, out, err = self.in_process(
+                            state, "undo", entry["run"], "--apply", *self.argv(server)[4:])
+                        self.assertEqual(code, 0, err)
+                        self.assertEqual(mailbox_snapshot(server), start)
+                        server.stop()
+
+    def test_a_signal_after_the_last_change_leaves_the_normal_exit_code(self):
+        clean, expected_box, _, last_write = self.clean()
+        for nth, when in ((last_write, "after"), (len(clean.log), "before")):
+            with self.subTest(nth=nth, when=when, command=clean.log[nth - 1].command):
+                server = FakeGmail().start()
+                self.addCleanup(server.stop)
+                seed_mailbox(server, self.messages)
+                state = os.path.join(self.tmp, f"late-{nth}-{when}")
+                entry = self.check_cut(server, state, nth, when, signal.SIGINT, last_write)
+                self.assertEqual(entry["status"], "complete")
+                self.assertEqual(mailbox_snapshot(server), expected_box)
+
+    @unittest.skipUnless(hasattr(signal, "SIGHUP") and os.path.isdir("/proc/self/task"),
+                         "no SIGHUP, or no /proc to find the shell's child")
+    def test_sighup_stops_a_run_like_sigint_and_the_shell_sees_129(self):
+        clean, _, _, last_write = self.clean()
+        nth = last_write // 2
+        # Through a shell, as a user or a script sees it: 128 + 1.  The shell's child is
+        # the program, found when the fault fires.
+        server = FakeGmail().start()
+        self.addCleanup(server.stop)
+        seed_mailbox(server, self.messages)
+        shell: List[subprocess.Popen] = []
+        server.add_fault(None, nth=nth, action="call", callback=lambda: os.kill(
+            self._children(shell[0].pid)[0], signal.SIGHUP))
+        here = os.path.dirname(os.path.abspath(gc.__file__))
+        state = os.path.join(self.tmp, "hup-shell")
+        env = dict(os.environ, **self.env(state))
+        shell.append(subprocess.Popen(
+            ["sh", "-c", '"$@" 2>/dev/null; echo "exit $?"', "sh", sys.executable, "-c",
+             _SIGNAL_SHIM, here, *self.argv(server)], env=env, stdout=subprocess.PIPE,
+            text=True))
+        self.addCleanup(lambda: shell[0].poll() is None and shell[0].kill())
+        out, _ = shell[0].communicate(timeout=60)
+        self.assertTrue(server.fired)
+        self.assertEqual(out.strip().splitlines()[-1], "exit 129")
+        (entry,) = self.history(state)
+        self.assertEqual(entry["status"], "interrupted")
+        self.assertGreater(entry["changes_made"], 0)
+
+    @staticmethod
+    def _children(pid: int) -> List[int]:
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as handle:
+                return [int(n) for n in handle.read().split()]
+        except OSError:
+            return []
+
+
+class ClosedOutputTest(StateTestCase):
+    """Every subcommand with a standard output nobody reads (``| head`` that has read
+    enough, a terminal that hung up): no traceback, no "unexpected error", nothing on
+    stderr; an --apply does all its work and records it; the exit code is what the work
+    earned, 141 for data output, 0 for a listing that stopped early."""
+
+    def setUp(self):
+        super().setUp()
+        seed_mailbox(self.server, 12)
+        self.rules = self.write("rules.json", json.dumps(SWEEP_DOC))
+        self.state = os.path.join(self.tmp, "state-home")
+
+    def write(self, name: str, text: Any) -> str:
+        path = os.path.join(self.tmp, name)
+        with open(path, "wb") as handle:
+            handle.write(text.encode() if isinstance(text, str) else text)
+        return path
+
+    def connection(self) -> List[str]:
+        return ["--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                "--plaintext", "--rules", self.rules]
+
+    def closed_stdout(self, *argvs: List[str], unbuffered: bool = False,
+                      stderr_too: bool = False, password: str = PASSWORD) -> List[Tuple[int, str]]:
+        """The program run once per argv, side by side, each with a pipe for stdout whose
+        read end is already closed, so that even its first line cannot get through.
+        Buffered (as usual): the error comes with a flush, up to the one at exit;
+        ``unbuffered``: with the first write; ``stderr_too``: stderr is such a pipe as well.
+        Returns (exit status, stderr) of each."""
+        env = dict(os.environ, GMAIL_APP_PASSWORD=password, XDG_STATE_HOME=self.state,
+                   XDG_CONFIG_HOME=os.path.join(self.tmp, "config"))
+        env.pop("GMAIL_OAUTH_TOKEN", None)
+        env.pop("PYTHONUNBUFFERED", None)
+        if unbuffered:
+            env["PYTHONUNBUFFERED"] = "1"
+        # The module imported (its compiled copy is cached), then the program's own exit.
+        here = os.path.dirname(os.path.abspath(gc.__file__))
+        shim = ("import sys; sys.path.insert(0, sys.argv[1]); import gmail_classify as gc; "
+                "getattr(gc, '_exit_program', sys.exit)(gc.main(sys.argv[2:]))")
+        processes = []
+        for argv in argvs:
+            read, write = os.pipe()
+            os.close(read)
+            try:
+                processes.append(subprocess.Popen(
+                    [sys.executable, "-c", shim, here, *argv], stdout=write,
+                    stderr=write if stderr_too else subprocess.PIPE,
+                    stdin=subprocess.DEVNULL, env=env, text=True))
+            finally:
+                os.close(write)
+        results = []
+        for process in processes:
+            self.addCleanup(lambda p=process: p.poll() is None and p.kill())
+            _, err = process.communicate(timeout=60)
+            results.append((process.returncode, err or ""))
+        return results
+
+    def cases(self) -> List[Tuple[str, List[str], int]]:
+        client = self.write("client.json", json.dumps({"installed": {
+            "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}}))
+        mail = self.write("one.eml", make_message("receipt 1"))
+        filters = self.write("mailFilters.xml", filter_export(
+            [("from", "alerts@bank.example"), ("label", "Bank")]))
+        conn = self.connection()
+        return [
+            ("demo", ["demo"], 0),
+            ("check", ["check", self.rules], 0),
+            ("test", ["test", self.rules, mail], 0),
+            ("init", ["init", os.path.join(self.tmp, "new-rules.toml")], 0),
+            ("import-filters", ["import-filters", filters], 141),
+            ("labels", ["labels", *conn], 0),
+            ("folders", ["folders", *conn], 0),
+            ("suggest", ["suggest", *conn], 141),
+            ("run", ["run", *conn], 0),                                 # a dry run
+            ("run", ["run", "--json", *conn], 141),
+            ("run", ["run", "--apply", *conn], 0),
+            ("history", ["history"], 0),
+            ("undo", ["undo", *conn], 0),                               # a dry run
+            ("watch", ["watch", "--new-only", *conn], 0),               # a dry run
+            ("auth", ["auth", "--user", USER, "--client-secret-file", client,
+                      "--no-browser"], 141),
+        ]
+
+    def test_every_command_with_a_closed_stdout_ends_quietly(self):
+        cases = self.cases()
+        self.assertEqual({name for name, _, _ in cases}, set(gc._COMMANDS))
+        before = mailbox_snapshot(self.server)
+        # Side by side, but what reads the audit log after the --apply that writes it.
+        later = [case for case in cases if case[0] in ("history", "undo")]
+        first = [case for case in cases if case not in later]
+        results = []
+        for wave in (first, later):
+            results += zip(wave, self.closed_stdout(*[argv for _, argv, _ in wave]))
+        for (name, argv, expected), (code, err) in results:
+            with self.subTest(argv=argv[:2]):
+                self.assertEqual((code, err), (expected, ""))
+        # The --apply was made and recorded in full, although nobody saw it.
+        self.assertNotEqual(mailbox_snapshot(self.server), before)
+        code, out, err = run_cli("history", "--json", env={"XDG_STATE_HOME": self.state})
+        (entry,) = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual(entry["status"], "complete")
+        self.assertGreater(entry["changes_made"], 0)
+        self.assertEqual(self.mark().mark, 12)
+
+    def mark(self, folder: str = "INBOX", state_dir: Optional[str] = None) -> Optional[gc.FolderState]:
+        return super().mark(folder, os.path.join(self.state, "gmail_classify"))
+
+    def test_a_listing_stops_at_the_first_line_nobody_reads(self):
+        # Its first line (the rules in force) fails: a dry run goes no further.
+        self.assertEqual(self.closed_stdout(["run", *self.connection()], unbuffered=True),
+                         [(0, "")])
+        self.assertEqual(self.server.commands(), [])
+
+    def test_a_closed_stderr_too_leaves_the_exit_code_of_the_error(self):
+        # A refused password: its line (and -v's traceback) has nowhere to go; the exit
+        # code still says what happened, and nothing crashes on the way out.
+        results = self.closed_stdout(["run", "-v", *self.connection()], stderr_too=True,
+                                     password="wrong" * 4)
+        self.assertEqual(results, [(gc.EXIT_AUTH, "")])
+        self.assertEqual(self.server.count("LOGIN"), 1)
+
+    def test_output_that_goes_away_mid_run_is_dropped_and_the_apply_goes_on(self):
+        out = gc._Output(io.StringIO(), keep_going=True)
+        broken = gc._Output(mock.Mock(**{"write.side_effect": BrokenPipeError(errno.EPIPE, "x"),
+                                         "fileno.side_effect": OSError}), keep_going=True)
+        self.assertEqual(broken.write("abc"), 3)
+        self.assertTrue(broken.gone)
+        broken.flush()
+        self.assertFalse(broken.isatty())
+        listing = gc._Output(mock.Mock(**{"flush.side_effect": OSError(errno.EIO, "hung up"),
+                                          "fileno.side_effect": OSError}), keep_going=False)
+        with self.assertRaises(gc._OutputClosed):
+            listing.flush()
+        self.assertTrue(listing.gone)
+        with self.assertRaises(gc._OutputClosed):
+            listing.write("more")
+        other = gc._Output(mock.Mock(**{"write.side_effect": OSError(errno.ENOSPC, "full")}),
+                           keep_going=True)
+        with self.assertRaises(OSError):
+            other.write("x")                # a full disk is not a reader that went away
+        self.assertFalse(other.gone)
+        out.write("kept\n")
+        self.assertFalse(out.gone)
+
+
+class StopInProcessTest(StateTestCase):
+    """main() called from Python (a vendoring script, a test): a stop ends the command at
+    its next safe point and main() returns 128 + the signal's number; the process lives."""
+
+    def cli(self, *argv: str) -> Tuple[int, str, str]:
+        env = {"GMAIL_APP_PASSWORD": PASSWORD, "XDG_STATE_HOME": os.path.join(self.tmp, "xdg")}
+        if argv[0] == "history":
+            return run_cli(*argv, env=env)
+        rules = os.path.join(self.tmp, "rules.json")
+        if not os.path.exists(rules):
+            with open(rules, "w") as handle:
+                json.dump(SWEEP_DOC, handle)
+        return run_cli(*argv, "--user", USER, "--host", "127.0.0.1", "--port",
+                       str(self.server.port), "--plaintext", "--rules", rules, env=env)
+
+    def stop_after_first(self, method: str, signum: int) -> Any:
+        """Patch GmailConnection.<method> so that a stop is asked for once it returned."""
+        real = getattr(gc.GmailConnection, method)
+
+        def then_stop(conn: gc.GmailConnection, *args: Any, **kwargs: Any) -> Any:
+            result = real(conn, *args, **kwargs)
+            conn.stop.request(signum)
+            return result
+        return mock.patch.object(gc.GmailConnection, method, then_stop)
+
+    def writes(self, since: int = 0) -> List[str]:
+        return [e.command for e in self.server.log[since:] if e.command in _WRITE_COMMANDS]
+
+    def test_a_stop_after_the_first_write_ends_the_run_there_and_says_so(self):
+        seed_mailbox(self.server, 12)
+        with self.stop_after_first("add_labels", signal.SIGTERM):
+            code, out, err = self.cli("run", "--apply")
+        self.assertEqual(code, 143, err)
+        # The folders it needs, then the first label: nothing was sent after it.
+        self.assertEqual(self.writes(), ["CREATE"] * 4 + ["UID STORE"])
+        self.assertEqual(self.server.commands()[-1], "LOGOUT")
+        made, not_made = map(int, _INTERRUPTED_RE.search(err).groups())
+        self.assertEqual(made, 2)                                 # Receipts on 2 messages
+        self.assertGreater(not_made, 0)
+        self.assertNotIn("changes made.", out)
+        code, out, err = self.cli("history", "--json")
+        (entry,) = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual((entry["status"], entry["changes_made"]), ("interrupted", made))
+
+    def test_a_stopped_undo_says_what_it_reversed_and_how_to_finish(self):
+        seed_mailbox(self.server, 12)
+        start = mailbox_snapshot(self.server)
+        code, _, err = self.cli("run", "--apply")
+        self.assertEqual(code, 0, err)
+        (run,) = [json.loads(line)["run"] for line in self.cli("history", "--json")[1].splitlines()]
+        since = len(self.server.log)
+        with self.stop_after_first("move", signal.SIGINT):
+            code, out, err = self.cli("undo", run, "--apply")
+        self.assertEqual(code, 130, err)
+        self.assertEqual(self.writes(since), ["UID MOVE"])
+        found = re.search(r"interrupted: (\d+) changes reversed, (\d+) not; run 'undo (\S+) "
+                          r"--apply' again to finish", err)
+        self.assertIsNotNone(found, err)
+        self.assertGreater(int(found.group(1)), 0)
+        self.assertGreater(int(found.group(2)), 0)
+        self.assertEqual(found.group(3), run)
+        code, _, err = self.cli("undo", run, "--apply")          # the rest
+        self.assertEqual(code, 0, err)
+        self.assertEqual(mailbox_snapshot(self.server), start)
+
+    def test_a_signal_before_anything_was_sent_ends_at_once(self):
+        # Not yet armed (a password prompt, say): the signal interrupts where it lands.
+        stop = gc.Stop()
+        signals = gc._Signals(stop)
+        with self.assertRaises(KeyboardInterrupt):
+            signals._handle(signal.SIGTERM, None)
+        self.assertEqual(gc._signal_exit(stop.signum), 143)
+        armed = gc._Signals(gc.Stop(), armed=True)
+        armed._handle(signal.SIGTERM, None)                       # the first: a request
+        self.assertEqual(armed.stop.signum, signal.SIGTERM)
+        with self.assertRaises(KeyboardInterrupt):
+            armed._handle(signal.SIGINT, None)                    # the second: at once
+        hangups: List[int] = []
+        watch = gc._Signals(gc.Stop(), armed=True, on_hangup=lambda: hangups.append(1))
+        if hasattr(signal, "SIGHUP"):
+            watch._handle(signal.SIGHUP, None)
+            self.assertEqual((hangups, watch.stop.requested), ([1], False))
+            plain = gc._Signals(gc.Stop(), armed=True)
+            plain._handle(signal.SIGHUP, None)
+            self.assertEqual(plain.stop.signum, signal.SIGHUP)
+
+    def test_the_readme_exit_code_table_and_the_help_list_the_same_codes(self):
+        if not os.path.exists(README_PATH):
+            self.skipTest("README.md is not beside the tests")
+        with open(README_PATH, encoding="utf-8") as handle:
+            table = set(re.findall(r"(?m)^\| (\d+) \|", handle.read()))
+        listed = set(re.findall(r"(?m)^ {2}(\d+) ", gc.EXIT_CODES_HELP))
+        self.assertEqual(table, listed)
+        self.assertLessEqual({"129", "130", "141", "143"}, listed)
+
+
 README_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
 
 
@@ -11661,7 +12151,7 @@ class ExitCodeTest(FakeServerTest):
         if os.path.exists(path):
             with open(path, encoding="utf-8") as handle:
                 readme = handle.read()
-        for code in ("0", "1", "2", "3", "4", "5", "6", "130"):
+        for code in ("0", "1", "2", "3", "4", "5", "6", "7", "8", "129", "130", "141", "143"):
             with self.subTest(code=code):
                 self.assertRegex(gc.EXIT_CODES_HELP, rf"(?m)^\s+{code}\s")
                 if readme is not None:

@@ -218,11 +218,16 @@ class CredentialError(GmailClassifyError, ValueError):
 class StopRequested(GmailClassifyError):
     """A stop was asked for (a signal, or ``Stop.request`` from a vendoring program) and the
     work ended at the next safe point: no new command was sent after it.  ``signum`` is the
-    signal's number, or None when a program asked."""
+    signal's number, or None when a program asked.  ``between_commands`` is True when it was
+    raised between two commands (Stop.check), so every command sent had its answer; False
+    when a read was cut short and the command in flight may or may not have been carried out.
+    """
 
-    def __init__(self, message: str = "stopped", signum: Optional[int] = None) -> None:
+    def __init__(self, message: str = "stopped", signum: Optional[int] = None,
+                 between_commands: bool = False) -> None:
         super().__init__(message)
         self.signum = signum
+        self.between_commands = between_commands
 
 
 class Stop:
@@ -252,7 +257,7 @@ class Stop:
     def check(self, where: str = "") -> None:
         """Raise StopRequested if a stop was asked for (``where`` names the safe point)."""
         if self._event.is_set():
-            raise StopRequested(f"stopped {where}".strip(), self.signum)
+            raise StopRequested(f"stopped {where}".strip(), self.signum, between_commands=True)
 
     def wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``, waking early when a stop is asked for; returns requested."""
@@ -6497,6 +6502,10 @@ class Checkpoint:
         """With ``apply``, before a step's write commands go out (see _intent_entries):
         what they may change.  Must make it durable before returning (write-ahead)."""
 
+    def not_sent(self, conn: GmailConnection, entries: Sequence[Dict[str, Any]]) -> None:
+        """A stop between commands ended the step: these intended changes (the same shape
+        as ``intend``'s) were never sent, so they are known not made."""
+
     def step_done(self, conn: GmailConnection, status: FolderStatus, mark: Optional[int],
                   outcomes: Sequence[Outcome]) -> None:
         """A step ended; ``outcomes`` carry what the server confirmed (in a dry run: what
@@ -6785,6 +6794,18 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                 report.created.extend(name for name in _missing_folders(conn, step.plan)
                                       if name not in report.created)
             ok = True
+        except StopRequested as exc:
+            if apply and exc.between_commands and checkpoint.writes_ahead:
+                # Every command sent was answered: what is not confirmed was never sent, and
+                # the log says so, so that history and undo do not take it for "maybe".
+                unsent = [dict(entry, changes=[
+                    change for key, change in zip(step.plan.per_uid[entry["uid"]],
+                                                  entry["changes"])
+                    if (entry["uid"], key) not in confirmed])
+                    for entry in _intent_entries(step, status, conn.is_gmail, destinations,
+                                                 places, folder, conn.server_name)]
+                checkpoint.not_sent(conn, [entry for entry in unsent if entry["changes"]])
+            raise
         finally:
             outcomes = []
             for uid in sorted(step.decisions):
@@ -8156,6 +8177,15 @@ class Run(Checkpoint):
             stamp["undo_of"] = self.undo_of
         self.store.audit.append([dict(stamp, **entry) for entry in entries])
 
+    def not_sent(self, conn: GmailConnection, entries: Sequence[Dict[str, Any]]) -> None:
+        """Record that these intended changes were never sent (a stop between commands):
+        history does not count them and undo does not look for them."""
+        if self.apply and entries:
+            stamp = {"type": "unsent", "version": INTENT_VERSION, "run": self.id,
+                     "time": _iso(self.store.now()), "account": self.user, "host": self.host,
+                     "command": self.command}
+            self.store.audit.append([dict(stamp, **entry) for entry in entries])
+
     def step_done(self, conn: GmailConnection, status: FolderStatus, mark: Optional[int],
                   outcomes: Sequence[Outcome]) -> None:
         records = [self.record(outcome) for outcome in outcomes]
@@ -8246,7 +8276,7 @@ def history(store: StateStore) -> List[Dict[str, Any]]:
     order: Dict[str, int] = {}        # runs that started in the same second: log order
     summarised = set()
     intended: Dict[str, Dict[Tuple[Any, ...], Dict[str, Any]]] = {}   # run -> change -> it
-    confirmed: Dict[str, set] = {}
+    confirmed: Dict[str, set] = {}     # run -> changes confirmed, or known never sent
     for record in store.audit.records(unreadable=True):
         run_id = record.get("run")
         if not isinstance(run_id, str):
@@ -8272,6 +8302,10 @@ def history(store: StateStore) -> List[Dict[str, Any]]:
             continue
         if record.get("type") == "skipped":
             entry["skipped"] += 1
+            continue
+        if record.get("type") == "unsent":     # a stop came between commands: not made
+            for change in record.get("changes") or []:
+                confirmed.setdefault(run_id, set()).add(_change_identity(record, change))
             continue
         if record.get("type") == "message" and record.get("applied"):
             for change in record.get("changes") or []:
@@ -8378,6 +8412,7 @@ class Undo:
         self.rules_hash = ""                # the undone run's rules (see StateStore.undone)
         reversed_before = set()             # by an earlier undo of this run, cut short
         intents: List[Dict[str, Any]] = []
+        unsent: set = set()                 # intended, but a stop came before it was sent
         self.tried_before: set = set()      # changes an earlier undo, cut short, sent
         for record in store.audit.records():
             if record.get("undo_of") == run_id and record.get("type") == "message" \
@@ -8392,6 +8427,8 @@ class Undo:
             if record.get("type") == "message" and record.get("applied") \
                     and record.get("changes"):
                 self.messages.append(record)
+            elif record.get("type") == "unsent":
+                unsent.update(_change_identity(record, c) for c in record.get("changes") or [])
             elif record.get("type") == "intent":
                 self.rules_hash = record.get("rules_hash") or self.rules_hash
                 if record.get("create"):
@@ -8413,6 +8450,7 @@ class Undo:
         # Intents never confirmed are "maybe" changes: each is checked on the server and
         # reversed only if it happened.
         confirmed = {_change_identity(r, c) for r in self.messages for c in r["changes"]}
+        confirmed |= unsent                 # known never sent: nothing to look for
         for record in intents:
             for change in record["changes"]:
                 if isinstance(change.get("after"), dict):

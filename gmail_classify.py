@@ -5885,6 +5885,37 @@ def format_rules(doc: Mapping[str, Any], fmt: str = "toml", header: Sequence[str
     return "\n".join(parts)
 
 
+def _replace_privately(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file (0600), fsync it, rename it over ``path``, and
+    fsync the directory, so a crash leaves the old file or the new one, never half of one.
+    Raises OSError (the temporary file is removed)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            if os.name == "posix":
+                os.fchmod(fd, 0o600)    # a leftover temporary file keeps its old mode
+            data = memoryview(text.encode("utf-8"))
+            while data:     # os.write may write less than it was given
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+        if os.name == "posix":
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
 def write_rules_file(path: Any, text: str, force: bool = False) -> None:
     """Write a rules file created by this program; never over an existing file unless ``force``.
 
@@ -5897,12 +5928,20 @@ def write_rules_file(path: Any, text: str, force: bool = False) -> None:
         raise RulesError(f"{path} already exists; pass --force to overwrite it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
-        fd = os.open(str(path), flags, 0o600)
-        if os.name == "posix":
-            os.fchmod(fd, 0o600)    # an existing file overwritten with --force keeps no old mode
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        if force:
+            # Replaced whole or not at all: a failed write must not cost the old rules.
+            _replace_privately(path, text)
+            return
+        fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        except BaseException:
+            try:
+                os.unlink(path)     # ours alone (O_EXCL): leave no half-written file behind
+            except OSError:
+                pass
+            raise
     except FileExistsError:
         raise RulesError(f"{path} already exists; pass --force to overwrite it") from None
     except OSError as exc:
@@ -6915,35 +6954,6 @@ def _ensure_private_dir(directory: Path) -> None:
     except OSError as exc:
         raise StateError(f"cannot create the state directory {directory}: {exc}; set "
                          f"XDG_STATE_HOME to a writable place") from exc
-
-
-def _replace_privately(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file (0600), fsync it, rename it over ``path``, and
-    fsync the directory, so a crash leaves the old file or the new one, never half of one.
-    Raises OSError (the temporary file is removed)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            if os.name == "posix":
-                os.fchmod(fd, 0o600)    # a leftover temporary file keeps its old mode
-            os.write(fd, text.encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-        if os.name == "posix":
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
 
 
 def _write_atomic(path: Path, text: str) -> None:

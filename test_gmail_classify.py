@@ -9723,6 +9723,68 @@ class RulesWriterTest(unittest.TestCase):
         with open(path, encoding="utf-8") as fh:
             self.assertEqual(fh.read(), "third")
 
+    def write_past_a_size_limit(self, path: str, force: bool) -> str:
+        """write_rules_file in a child whose file-size limit makes every write past 4 KiB
+        fail (EFBIG), as a full disk would; returns the RulesError it printed."""
+        if os.name != "posix" or not hasattr(signal, "SIGXFSZ"):
+            self.skipTest("needs RLIMIT_FSIZE")
+        script = ("import resource, signal, sys, gmail_classify as gc\n"
+                  "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+                  "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+                  "try:\n"
+                  "    gc.write_rules_file(sys.argv[1], 'x' * 100000, force=sys.argv[2] == '1')\n"
+                  "except gc.RulesError as exc:\n"
+                  "    print(exc)\n")
+        done = subprocess.run([sys.executable, "-c", script, path, "1" if force else "0"],
+                              capture_output=True, text=True, timeout=60,
+                              cwd=os.path.dirname(os.path.abspath(gc.__file__)))
+        self.assertEqual(done.stderr, "")
+        return done.stdout
+
+    def test_a_forced_write_that_fills_the_disk_leaves_the_old_file_whole(self):
+        # `init --force` / `import-filters -o --force` must keep the user's old rules.
+        path = os.path.join(self.tmp, "rules.toml")
+        gc.write_rules_file(path, "# my old rules\n")
+        self.assertTrue(self.write_past_a_size_limit(path, True).startswith(f"cannot write {path}: "))
+        with open(path, encoding="utf-8") as fh:
+            self.assertEqual(fh.read(), "# my old rules\n")
+        self.assertEqual(os.listdir(self.tmp), ["rules.toml"])      # no temporary file left
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+
+    def test_a_new_file_that_fills_the_disk_is_not_left_half_written(self):
+        path = os.path.join(self.tmp, "rules.toml")
+        self.assertTrue(self.write_past_a_size_limit(path, False).startswith(f"cannot write {path}: "))
+        self.assertEqual(os.listdir(self.tmp), [])
+
+    def test_a_forced_write_failing_half_way_keeps_the_old_file_and_cleans_up(self):
+        path = os.path.join(self.tmp, "rules.toml")
+        gc.write_rules_file(path, "old")
+        real_write = os.write
+
+        def half_then_full(fd, data):
+            if len(data) > 4:
+                return real_write(fd, bytes(data[:len(data) // 2]))
+            raise OSError(28, "No space left on device")
+        with mock.patch.object(gc.os, "write", side_effect=half_then_full):
+            with self.assertRaises(gc.RulesError) as caught:
+                gc.write_rules_file(path, "new rules, longer than the old", force=True)
+        self.assertEqual(str(caught.exception),
+                         f"cannot write {path}: No space left on device; choose another place")
+        with open(path, encoding="utf-8") as fh:
+            self.assertEqual(fh.read(), "old")
+        self.assertEqual(os.listdir(self.tmp), ["rules.toml"])
+
+    def test_short_writes_are_carried_on_until_the_whole_text_is_written(self):
+        path = os.path.join(self.tmp, "rules.toml")
+        gc.write_rules_file(path, "old")
+        real_write = os.write
+        with mock.patch.object(gc.os, "write",
+                               side_effect=lambda fd, data: real_write(fd, bytes(data[:3]))) as write:
+            gc.write_rules_file(path, "ünïcödé rules", force=True)
+        with open(path, encoding="utf-8") as fh:
+            self.assertEqual(fh.read(), "ünïcödé rules")
+        self.assertEqual(write.call_count, 6)   # 17 bytes, three at a time
+
     def test_unknown_values_and_formats_are_refused(self):
         with self.assertRaises(TypeError):
             gc.format_rules({"rule": [{"x": 1.5}]})

@@ -20,6 +20,11 @@ TOML works without tomllib, and a writer); the classify pipeline; a demo mailbox
 and audit log; watch; OAuth2 sign-in; importers and suggestions (Gmail filters, suggested
 rules); the command line.
 
+Where to add things: a rule condition is one ``Condition`` subclass and one row in
+``_CONDITION_KINDS`` (rule engine; from a vendoring script, ``Ruleset.add_condition``);
+an action that sets or clears a flag is one row in ``_FLAG_ACTION_ROWS`` (rule engine,
+above ``Actions``); each also wants its line in the README's Rules section.
+
 Safety: dry run unless asked to apply; ``BODY.PEEK`` so classifying never marks mail read;
 never a bare ``EXPUNGE``; TLS certificates and host names always verified; passwords and
 tokens never logged.

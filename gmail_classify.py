@@ -3957,8 +3957,7 @@ class Condition:
         """The same verdict as evaluate(), with the value seen and why it decided so, e.g.
         (True, 'from: "GitHub <notifications@github.com>" contains "notifications@github.com"')
         or (False, 'subject: "Hello": no match for /invoice/i')."""
-        value, reason = self.evaluate(msg, now)
-        return value, reason
+        return self.evaluate(msg, now)
 
     def needs(self) -> Needs:
         """The message data this condition reads (its own, not its children's)."""

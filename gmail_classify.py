@@ -4305,8 +4305,9 @@ class HasLabel(Condition):
             return None, "labels: unknown"
         hit = self._hit(msg.labels)
         seen = _shown(sorted(msg.labels), most=8)
-        return (True, f"labels: {seen}: {hit}") if hit else (False, f"labels: {seen}: "
-                                                                     f"none is {self.describe()[10:]}")
+        if hit:
+            return True, f"labels: {seen}: {hit}"
+        return False, f"labels: {seen}: none is {' or '.join(p.describe() for p in self.matcher.patterns)}"
 
     def needs(self) -> Needs:
         return Needs(headers=frozenset(), labels=True)
@@ -4683,8 +4684,6 @@ class Actions:
         """Actions from rules-file keys: flag keys without a field go to ``more_flags``."""
         names = {f.name for f in dataclasses.fields(cls)}
         more = tuple(key for key in _FLAG_ACTION_ROWS if key not in names and values.pop(key, False))
-        for key in [key for key in values if key in _FLAG_ACTION_ROWS and key not in names]:
-            del values[key]
         return cls(**values, more_flags=more) if more else cls(**values)
 
     def flag(self, key: str) -> bool:

@@ -4903,11 +4903,23 @@ class Ruleset:
 
 # --- Rules files: validation -------------------------------------------------------------
 
+def _condition_keys() -> Tuple[str, ...]:
+    return tuple(_CONDITION_KINDS)
+
+
+def _action_keys() -> Tuple[str, ...]:
+    return ("label", "move", "archive") + tuple(_FLAG_ACTION_ROWS) + ("trash",)
+
+
+def _rule_keys() -> Tuple[str, ...]:
+    return ("name", "continue") + _condition_keys() + _action_keys()
+
+
 # The built-in keys, from the tables in the Rule engine (validation reads the tables
 # themselves, so a key added by Ruleset.add_condition or a new flag-action row counts too).
-CONDITION_KEYS = tuple(_CONDITION_KINDS)
-ACTION_KEYS = ("label", "move", "archive") + tuple(_FLAG_ACTION_ROWS) + ("trash",)
-RULE_KEYS = ("name", "continue") + CONDITION_KEYS + ACTION_KEYS
+CONDITION_KEYS = _condition_keys()
+ACTION_KEYS = _action_keys()
+RULE_KEYS = _rule_keys()
 TOP_LEVEL_KEYS = ("rule", "account", "test")
 ACCOUNT_KEYS = ("user", "host", "port", "tls", "auth", "password_command", "cafile", "folders",
                 "oauth_client_id", "oauth_client_secret", "oauth_client_file")
@@ -4923,18 +4935,6 @@ _AGE_RE = re.compile(r"(\d+)([dwmy])")
 # go on the wire inside BODY.PEEK[HEADER.FIELDS (...)]: no ( ) { } [ ] % * " \\.
 _HEADER_NAME_RE = re.compile(r"[!#$&'+\-./0-9;<=>?@A-Z^_`a-z|~]+")
 _FORBIDDEN_CHARS = re.compile(r"[\r\n\0]")
-
-
-def _condition_keys() -> Tuple[str, ...]:
-    return tuple(_CONDITION_KINDS)
-
-
-def _action_keys() -> Tuple[str, ...]:
-    return ("label", "move", "archive") + tuple(_FLAG_ACTION_ROWS) + ("trash",)
-
-
-def _rule_keys() -> Tuple[str, ...]:
-    return ("name", "continue") + _condition_keys() + _action_keys()
 
 
 def _unknown_key(key: str, known: Iterable[str], what: str = "known keys") -> str:

@@ -4862,6 +4862,9 @@ class Ruleset:
             raise ValueError(f"cannot add condition {key!r}: the key is taken or not a "
                              f"lower-case name")
         if isinstance(kind, type) and issubclass(kind, Condition):
+            if kind.from_rules.__func__ is Condition.from_rules.__func__:  # type: ignore[attr-defined]
+                raise ValueError(f"cannot add condition {key!r}: {kind.__name__} has no "
+                                 f"from_rules() to read its value")
             _CONDITION_KINDS[key] = kind
         elif callable(kind):
             _CONDITION_KINDS[key] = _PythonKind(kind, needs or NO_NEEDS, cost)

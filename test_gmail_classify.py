@@ -11638,7 +11638,15 @@ class ConditionTableTest(unittest.TestCase):
                 gc.Ruleset.add_condition(key, lambda msg: True)
         with self.assertRaises(ValueError):
             gc.Ruleset.add_condition("fine_name", "not callable")
+        with self.assertRaises(ValueError):     # cannot read a value from a rules file
+            gc.Ruleset.add_condition("fine_name", gc.HeaderPresent)
         self.assertNotIn("fine_name", gc._CONDITION_KINDS)
+        with mock.patch.dict(gc._CONDITION_KINDS):
+            gc.Ruleset.add_condition("fine_name2", gc.HasLabel)
+            rules = parse_rules({"rule": [{"name": "r", "fine_name2": "Keep", "label": "L"}]}, "r.json")
+            self.assertEqual(rules.rules[0].condition, gc.HasLabel(gc.Matcher((gc.Pattern("Keep", "keep"),))))
+            self.assertTrue(rules.needs.labels)
+        self.assertNotIn("fine_name2", gc._CONDITION_KINDS)
 
 
 # Rules for the explain/evaluate sweep: every kind, plain and regex, nested, unknowns.
@@ -11795,6 +11803,15 @@ class ExtensionPointTest(FakeServerTest):
             gc.parse_rules({"rule": [{"name": "x", "from_a_robot": True, "flag_answered": True,
                                       "unflag_answered": True}]}, "r.json")
         self.assertIn("'flag_answered' and 'unflag_answered' contradict each other", str(caught.exception))
+        # `check` knows the new key, [[test]] tables included
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write('\n[[test]]\nheaders = { "X-Sender-Kind" = "robot" }\nexpect_rules = ["Robots"]\n'
+                     '\n[[test]]\nsubject = "a subject well over twenty characters"\nexpect_rules = ["Long"]\n'
+                     'expect_actions = { flag_answered = true, star = true }\n')
+        code, out, err = run_cli("check", path)
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("1. Long: star, flag answered\n", out)
+        self.assertIn("tests: 2 of 2 passed", out)
 
 
 class PipeliningTest(FakeServerTest):

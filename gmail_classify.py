@@ -20,6 +20,11 @@ TOML works without tomllib, and a writer); the classify pipeline; a demo mailbox
 and audit log; watch; OAuth2 sign-in; importers and suggestions (Gmail filters, suggested
 rules); the command line.
 
+Where to add things: a rule condition is one ``Condition`` subclass and one row in
+``_CONDITION_KINDS`` (rule engine; from a vendoring script, ``Ruleset.add_condition``);
+an action that sets or clears a flag is one row in ``_FLAG_ACTION_ROWS`` (rule engine,
+above ``Actions``); each also wants its line in the README's Rules section.
+
 Safety: dry run unless asked to apply; ``BODY.PEEK`` so classifying never marks mail read;
 never a bare ``EXPUNGE``; TLS certificates and host names always verified; passwords and
 tokens never logged.
@@ -4150,6 +4155,33 @@ def _label_key(label: str) -> str:
 Verdict = Tuple[Optional[bool], str]  # (True / False / None = unknown, explanation)
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What the IMAP pipeline must fetch for these rules."""
+
+    headers: frozenset  # lower-case header names
+    body: bool = False
+    attachment: bool = False
+    labels: bool = False
+    flags: bool = False
+    size: bool = False
+    date: bool = False
+    queries: frozenset = frozenset()  # gmail_query strings, to run with X-GM-RAW
+
+    @classmethod
+    def merge(cls, parts: Iterable[Needs]) -> Needs:
+        """Everything any of ``parts`` needs: sets joined, yes/no fields or-ed."""
+        values: Dict[str, Any] = {"headers": frozenset()}
+        for part in parts:
+            for item in dataclasses.fields(part):
+                have, more = values.get(item.name), getattr(part, item.name)
+                values[item.name] = more if have is None else have | more
+        return cls(**values)
+
+
+NO_NEEDS = Needs(headers=frozenset())
+
+
 def _header_values(headers: email.message.EmailMessage, addresses: bool,
                    names: Tuple[str, ...]) -> Tuple[List[str], List[str]]:
     """The decoded values of these headers and their _normalise() forms, kept in the
@@ -4167,7 +4199,15 @@ def _header_values(headers: email.message.EmailMessage, addresses: bool,
 
 
 class Condition:
-    """A test on a MessageInfo with three-valued (Kleene) results."""
+    """A test on a MessageInfo with three-valued (Kleene) results: one kind of rule condition.
+
+    A kind is one subclass and one row in the table below (_CONDITION_KINDS); it says how
+    to read its value from a rules file (``from_rules``), what must be fetched for it
+    (``needs``), how dear it is (``cost``), and how it decides (``evaluate``, the fast path
+    the pipeline runs) and explains (``explain``, the plain path that shows what it saw).
+    """
+
+    cost = 0   # flags, sizes and dates are free; a header decode 1-2; the body a second fetch 3
 
     # Rules are immutable, so each description is built once (a message that does not
     # match returns one, and classify() sees thousands of those) and kept on the rule.
@@ -4185,15 +4225,54 @@ class Condition:
         describe.__doc__ = build.__doc__
         cls.describe = describe  # type: ignore[assignment]
 
+    @classmethod
+    def from_rules(cls, key: str, value: Any, read: Any) -> Union["Condition", List["Condition"]]:
+        """The condition(s) for ``key = value`` in a rule; ``read`` (a _ConditionReader)
+        checks values and raises RulesError naming the file, rule and key."""
+        raise NotImplementedError
+
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
         """Returns (True, what matched), (False, description) or (None, description)."""
         raise NotImplementedError
+
+    def explain(self, msg: MessageInfo, now: datetime) -> Verdict:
+        """The same verdict as evaluate(), with the value seen and why it decided so, e.g.
+        (True, 'from: "GitHub <notifications@github.com>" contains "notifications@github.com"')
+        or (False, 'subject: "Hello": no match for /invoice/i')."""
+        return self.evaluate(msg, now)
+
+    def needs(self) -> Needs:
+        """The message data this condition reads (its own, not its children's)."""
+        return NO_NEEDS
 
     def describe(self) -> str:
         raise NotImplementedError
 
     def children(self) -> Tuple["Condition", ...]:
         return ()
+
+
+def _shown(values: Sequence[str], most: int = 3) -> str:
+    """Values for an explanation: '"a", "b" and 2 more'; '(none)' when there are none."""
+    if not values:
+        return "(none)"
+    text = ", ".join(_quote(value) for value in values[:most])
+    return text + (f" and {len(values) - most} more" if len(values) > most else "")
+
+
+def _first_hit(matcher: Matcher, values: Sequence[str],
+               normalised: Sequence[str]) -> Optional[Tuple[Pattern, str]]:
+    """The plain walk Matcher.find() short-cuts: the first pattern (in order) that matches
+    some value, and that value."""
+    for pattern in matcher.patterns:
+        for value, folded in zip(values, normalised):
+            if pattern.regex.search(value) if pattern.regex is not None else pattern.needle in folded:
+                return pattern, value
+    return None
+
+
+def _no_match(matcher: Matcher) -> str:
+    return "no match for " + ", ".join(p.describe() for p in matcher.patterns)
 
 
 @dataclass(frozen=True)
@@ -4206,10 +4285,49 @@ class HeaderMatch(Condition):
     matcher: Matcher
     addresses: bool = False
 
+    cost = 2
+    ADDRESS_KEYS = {"from": ("from",), "to": ("to",), "cc": ("cc",),
+                    "recipient": ("to", "cc", "delivered-to", "bcc")}
+    TEXT_KEYS = {"subject": ("subject",), "list_id": ("list-id",)}
+
+    @classmethod
+    def from_rules(cls, key: str, value: Any, read: Any) -> Union[Condition, List[Condition]]:
+        if key in cls.ADDRESS_KEYS:
+            return cls(key, cls.ADDRESS_KEYS[key], read.matcher(value), addresses=True)
+        if key in cls.TEXT_KEYS:
+            return cls(key, cls.TEXT_KEYS[key], read.matcher(value))
+        # `header = { "List-Unsubscribe" = true, "X-Mailer" = "/bulk/i" }`: one part each
+        if not isinstance(value, dict) or not value:
+            raise read.error("expected a table of header names, e.g. "
+                             f"{{ \"List-Unsubscribe\" = true }}, got {_quote(value)}")
+        parts: List[Condition] = []
+        for name, test in value.items():
+            sub = read.at(name)
+            sub.header_name(name)
+            if isinstance(test, bool):
+                parts.append(HeaderPresent(name, test))
+            elif isinstance(test, (str, list)):
+                parts.append(cls(f"header {name}", (name.lower(),), sub.matcher(test)))
+            else:
+                raise sub.error("expected true (present), false (absent), a string or a list "
+                                f"of strings, got {_quote(test)}")
+        return parts
+
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
         values, normalised = _header_values(msg.headers, self.addresses, self.headers)
         hit = self.matcher.find(values, normalised)
         return (True, f"{self.key} {hit}") if hit else (False, self.describe())
+
+    def explain(self, msg: MessageInfo, now: datetime) -> Verdict:
+        values, normalised = _header_values(msg.headers, self.addresses, self.headers)
+        found = _first_hit(self.matcher, values, normalised)
+        if found is None:
+            return False, f"{self.key}: {_shown(values)}: {_no_match(self.matcher)}"
+        pattern, value = found
+        return True, f"{self.key}: {_quote(value)} {pattern.verb()} {pattern.describe()}"
+
+    def needs(self) -> Needs:
+        return Needs(headers=frozenset(self.headers))
 
     def describe(self) -> str:
         return f"{self.key} {self.matcher.describe()}"
@@ -4222,9 +4340,21 @@ class HeaderPresent(Condition):
     name: str
     present: bool
 
+    cost = 1
+
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
         found = _header_present(msg.headers, self.name)
         return (found == self.present), self.describe()
+
+    def explain(self, msg: MessageInfo, now: datetime) -> Verdict:
+        found = _header_present(msg.headers, self.name)
+        text = f"header {self.name}: {'present' if found else 'absent'}"
+        if found != self.present:
+            text += f", wanted {'present' if self.present else 'absent'}"
+        return found == self.present, text
+
+    def needs(self) -> Needs:
+        return Needs(headers=frozenset({self.name.lower()}))
 
     def describe(self) -> str:
         return f"header {self.name} {'present' if self.present else 'absent'}"
@@ -4236,11 +4366,37 @@ class BodyMatch(Condition):
 
     matcher: Matcher
 
+    cost = 3
+
+    @classmethod
+    def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
+        return cls(read.matcher(value))
+
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
         if msg.body is None:
             return None, self.describe()
         hit = self.matcher.find([msg.body])
         return (True, f"body {hit}") if hit else (False, self.describe())
+
+    def explain(self, msg: MessageInfo, now: datetime) -> Verdict:
+        if msg.body is None:
+            return None, "body: not fetched yet"
+        folded = _normalise(msg.body)
+        for pattern in self.matcher.patterns:
+            text = msg.body if pattern.regex is not None else folded
+            if pattern.regex is not None:
+                found = pattern.regex.search(text)
+                span = found.span() if found else None
+            else:
+                start = text.find(pattern.needle)
+                span = (start, start + len(pattern.needle)) if start >= 0 else None
+            if span is not None:
+                seen = text[max(0, span[0] - 20):span[1] + 20]
+                return True, f"body: {_quote(seen)} {pattern.verb()} {pattern.describe()}"
+        return False, f"body ({len(msg.body)} characters read): {_no_match(self.matcher)}"
+
+    def needs(self) -> Needs:
+        return Needs(headers=frozenset(), body=True)
 
     def describe(self) -> str:
         return f"body {self.matcher.describe()}"
@@ -4264,12 +4420,27 @@ class SizeCompare(Condition):
     limit: int  # bytes
     text: str  # as written, e.g. "5M"
 
+    @classmethod
+    def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
+        limit, text = read.size(value)
+        return cls(key == "larger_than", limit, text)
+
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
         if msg.size is None:
             return None, self.describe()
         hit = msg.size > self.limit if self.larger else msg.size < self.limit
         op = ">" if self.larger else "<"
         return (True, f"size {_human_size(msg.size)} {op} {self.text}") if hit else (False, self.describe())
+
+    def explain(self, msg: MessageInfo, now: datetime) -> Verdict:
+        if msg.size is None:
+            return None, "size: unknown"
+        hit = msg.size > self.limit if self.larger else msg.size < self.limit
+        op = ">" if self.larger else "<"
+        return hit, f"size: {_human_size(msg.size)}{' ' if hit else ', not '}{op} {self.text}"
+
+    def needs(self) -> Needs:
+        return Needs(headers=frozenset(), size=True)
 
     def describe(self) -> str:
         return f"size {'>' if self.larger else '<'} {self.text}"
@@ -4305,6 +4476,11 @@ class AgeCompare(Condition):
     unit: str  # d, w, m or y
     text: str
 
+    @classmethod
+    def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
+        amount, unit = read.age(value)
+        return cls(key == "older_than", amount, unit, value)
+
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
         if msg.date is None:
             return None, self.describe()
@@ -4315,8 +4491,20 @@ class AgeCompare(Condition):
             return False, self.describe()
         return True, f"date {date.date().isoformat()} {self._relation()}"
 
+    def explain(self, msg: MessageInfo, now: datetime) -> Verdict:
+        if msg.date is None:
+            return None, "date: unknown"
+        date = msg.date if msg.date.tzinfo else msg.date.replace(tzinfo=timezone.utc)
+        cutoff = _cutoff(now, self.amount, self.unit)
+        hit = date < cutoff if self.older else date > cutoff
+        return hit, (f"date: {date.date().isoformat()}{' ' if hit else ', not '}"
+                     f"{self._relation()} (cutoff {cutoff.date().isoformat()})")
+
     def _relation(self) -> str:
         return f"{'older' if self.older else 'newer'} than {self.text}"
+
+    def needs(self) -> Needs:
+        return Needs(headers=frozenset(), date=True)
 
     def describe(self) -> str:
         return f"date {self._relation()}"
@@ -4332,17 +4520,36 @@ class StateIs(Condition):
     _WORDS = {"has_attachment": ("has attachment", "no attachment"),
               "unread": ("unread", "read"), "starred": ("starred", "not starred")}
 
-    def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
+    @classmethod
+    def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
+        return cls(key, read.boolean(value))
+
+    def _actual(self, msg: MessageInfo) -> Optional[bool]:
         if self.key == "has_attachment":
-            actual = msg.has_attachment
-        elif msg.flags is None:
-            actual = None
-        else:
-            flags = {f.casefold() for f in msg.flags}
-            actual = ("\\seen" not in flags) if self.key == "unread" else ("\\flagged" in flags)
+            return msg.has_attachment
+        if msg.flags is None:
+            return None
+        flags = {f.casefold() for f in msg.flags}
+        return ("\\seen" not in flags) if self.key == "unread" else ("\\flagged" in flags)
+
+    def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
+        actual = self._actual(msg)
         if actual is None:
             return None, self.describe()
         return (actual == self.want), self.describe()
+
+    def explain(self, msg: MessageInfo, now: datetime) -> Verdict:
+        actual = self._actual(msg)
+        if actual is None:
+            return None, f"{self.key}: unknown"
+        yes, no = self._WORDS[self.key]
+        text = f"{self.key}: {yes if actual else no}"
+        return actual == self.want, text + ("" if actual == self.want else f", wanted {self.describe()}")
+
+    def needs(self) -> Needs:
+        if self.key == "has_attachment":
+            return Needs(headers=frozenset(), attachment=True)
+        return Needs(headers=frozenset(), flags=True)
 
     def describe(self) -> str:
         yes, no = self._WORDS[self.key]
@@ -4355,17 +4562,37 @@ class HasLabel(Condition):
 
     matcher: Matcher
 
+    @classmethod
+    def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
+        return cls(read.matcher(value))
+
+    def _hit(self, labels: frozenset) -> Optional[str]:
+        keys = {_label_key(label) for label in labels}
+        for pattern in self.matcher.patterns:
+            if pattern.regex is not None:
+                if any(pattern.regex.search(label) for label in labels):
+                    return f"has label matching {pattern.text}"
+            elif _label_key(pattern.text) in keys:
+                return f"has label {pattern.describe()}"
+        return None
+
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
         if msg.labels is None:
             return None, self.describe()
-        keys = {_label_key(label) for label in msg.labels}
-        for pattern in self.matcher.patterns:
-            if pattern.regex is not None:
-                if any(pattern.regex.search(label) for label in msg.labels):
-                    return True, f"has label matching {pattern.text}"
-            elif _label_key(pattern.text) in keys:
-                return True, f"has label {pattern.describe()}"
-        return False, self.describe()
+        hit = self._hit(msg.labels)
+        return (True, hit) if hit else (False, self.describe())
+
+    def explain(self, msg: MessageInfo, now: datetime) -> Verdict:
+        if msg.labels is None:
+            return None, "labels: unknown"
+        hit = self._hit(msg.labels)
+        seen = _shown(sorted(msg.labels), most=8)
+        if hit:
+            return True, f"labels: {seen}: {hit}"
+        return False, f"labels: {seen}: none is {' or '.join(p.describe() for p in self.matcher.patterns)}"
+
+    def needs(self) -> Needs:
+        return Needs(headers=frozenset(), labels=True)
 
     def describe(self) -> str:
         return "has label " + " or ".join(p.describe() for p in self.matcher.patterns)
@@ -4377,25 +4604,42 @@ class GmailQuery(Condition):
 
     query: str
 
+    @classmethod
+    def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
+        return cls(read.text(value, "a Gmail search string"))
+
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
         if msg.queries is None:
             return None, self.describe()
         return (self.query in msg.queries), self.describe()
+
+    def explain(self, msg: MessageInfo, now: datetime) -> Verdict:
+        if msg.queries is None:
+            return None, f"{self.describe()}: cannot be asked here (Gmail only)"
+        found = self.query in msg.queries
+        return found, f"{self.describe()}: {'found' if found else 'not found'} by the server"
+
+    def needs(self) -> Needs:
+        return Needs(headers=frozenset(), queries=frozenset({self.query}))
 
     def describe(self) -> str:
         return f"gmail query {json.dumps(self.query, ensure_ascii=False)}"
 
 
 def _cost(condition: Condition) -> int:
-    """How dear a condition is to evaluate: flags, sizes and dates are free, headers cost
-    a decode (once per message), the body a second fetch."""
-    if isinstance(condition, BodyMatch):
-        return 3
-    if isinstance(condition, HeaderMatch):
-        return 2
-    if isinstance(condition, HeaderPresent):
-        return 1
-    return max((_cost(child) for child in condition.children()), default=0)
+    """How dear a condition is to evaluate (Condition.cost): a compound costs its dearest part."""
+    return max([condition.cost] + [_cost(child) for child in condition.children()])
+
+
+def _kleene(values: Iterable[Optional[bool]], every: bool) -> Optional[bool]:
+    """AND (``every``) or OR of three-valued results: False (AND) / True (OR) settles it."""
+    unknown = False
+    for value in values:
+        if value is None:
+            unknown = True
+        elif value is not every:
+            return value
+    return None if unknown else every
 
 
 @dataclass(frozen=True)
@@ -4404,6 +4648,10 @@ class AllOf(Condition):
 
     parts: Tuple[Condition, ...]
     explicit: bool = True  # False for the implicit "and" of a table's keys
+
+    @classmethod
+    def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
+        return cls(read.conditions(value))
 
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
         # Cheap parts first: any False settles it, whatever the order, and the reasons
@@ -4424,6 +4672,10 @@ class AllOf(Condition):
             return None, self.describe()
         return True, self._wrap(reasons)
 
+    def explain(self, msg: MessageInfo, now: datetime) -> Verdict:
+        verdicts = [part.explain(msg, now) for part in self.parts]
+        return _kleene((v for v, _ in verdicts), True), self._wrap([t for _, t in verdicts])
+
     def _wrap(self, texts: List[str]) -> str:
         if self.explicit:
             return f"all of ({'; '.join(texts)})"
@@ -4442,6 +4694,10 @@ class AnyOf(Condition):
 
     parts: Tuple[Condition, ...]
 
+    @classmethod
+    def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
+        return cls(read.conditions(value))
+
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
         unknown = False
         for part in self.parts:
@@ -4451,6 +4707,10 @@ class AnyOf(Condition):
             if value is None:
                 unknown = True
         return (None if unknown else False), self.describe()
+
+    def explain(self, msg: MessageInfo, now: datetime) -> Verdict:
+        verdicts = [part.explain(msg, now) for part in self.parts]
+        return _kleene((v for v, _ in verdicts), False), f"any of ({'; '.join(t for _, t in verdicts)})"
 
     def describe(self) -> str:
         return f"any of ({'; '.join(p.describe() for p in self.parts)})"
@@ -4465,15 +4725,78 @@ class Not(Condition):
 
     part: Condition
 
+    @classmethod
+    def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
+        return cls(read.table(value))
+
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
         value, _ = self.part.evaluate(msg, now)
         return (None if value is None else not value), self.describe()
+
+    def explain(self, msg: MessageInfo, now: datetime) -> Verdict:
+        value, text = self.part.explain(msg, now)
+        return (None if value is None else not value), f"not ({text})"
 
     def describe(self) -> str:
         return f"not ({self.part.describe()})"
 
     def children(self) -> Tuple[Condition, ...]:
         return (self.part,)
+
+
+@dataclass(frozen=True)
+class PythonCondition(Condition):
+    """A condition written in Python by a vendoring script (Ruleset.add_condition):
+    `key = true` holds when ``function(msg)`` is true, `key = false` when it is false;
+    a function that returns None cannot tell yet (e.g. the body is not fetched)."""
+
+    key: str
+    function: Callable[[MessageInfo], Optional[bool]] = field(compare=False, repr=False)
+    want: bool = True
+    fetch: Needs = NO_NEEDS
+    cost: int = 2    # type: ignore[misc]   # a header decode, most likely
+
+    def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
+        return self.explain(msg, now)[0], self.describe()
+
+    def explain(self, msg: MessageInfo, now: datetime) -> Verdict:
+        result = self.function(msg)
+        if result is None:
+            return None, f"{self.key}: cannot tell yet"
+        return bool(result) == self.want, f"{self.key}: {'true' if result else 'false'}" + (
+            "" if bool(result) == self.want else f", wanted {'true' if self.want else 'false'}")
+
+    def needs(self) -> Needs:
+        return self.fetch
+
+    def describe(self) -> str:
+        return self.key if self.want else f"not {self.key}"
+
+
+class _PythonKind:
+    """The table entry for a PythonCondition: reads `key = true/false`."""
+
+    def __init__(self, function: Callable[[MessageInfo], Optional[bool]], needs: Needs,
+                 cost: int) -> None:
+        self.function, self.fetch, self.cost = function, needs, cost
+
+    def from_rules(self, key: str, value: Any, read: Any) -> Condition:
+        return PythonCondition(key, self.function, read.boolean(value), self.fetch, self.cost)
+
+
+# The condition kinds: rules-file key -> the class that reads it (Condition.from_rules).
+# A new kind is one Condition subclass above and one row here (from outside the file:
+# Ruleset.add_condition); validation, CONDITION_KEYS, Ruleset.needs and the cost order
+# all read this table, and the order of its keys is the order error messages list them.
+_CONDITION_KINDS: Dict[str, Any] = {
+    "from": HeaderMatch, "to": HeaderMatch, "cc": HeaderMatch, "recipient": HeaderMatch,
+    "subject": HeaderMatch, "body": BodyMatch, "list_id": HeaderMatch, "header": HeaderMatch,
+    "any": AnyOf, "all": AllOf, "not": Not,
+    "larger_than": SizeCompare, "smaller_than": SizeCompare,
+    "older_than": AgeCompare, "newer_than": AgeCompare,
+    "has_attachment": StateIs, "unread": StateIs, "starred": StateIs,
+    "has_label": HasLabel, "gmail_query": GmailQuery,
+}
 
 
 def _without_queries(condition: Condition) -> Optional[Condition]:
@@ -4590,8 +4913,41 @@ def _is_template(text: Optional[str]) -> bool:
 
 
 @dataclass(frozen=True)
+class FlagAction:
+    """One row of the flag-action table: a rules-file key that sets or clears an IMAP flag."""
+
+    key: str        # the rules-file key (and Actions field), e.g. "mark_read"
+    flag: str       # the IMAP flag it changes, e.g. "\\Seen"
+    add: bool       # True: +FLAGS; False: -FLAGS
+    opposite: str   # the key that does the reverse, which undo uses: "mark_unread"
+    words: str      # in reports, the audit log and history: "mark read"
+
+
+# The flag actions, in the order error messages list them.  A new one is one row (and a
+# line of README): parsing, conflicts, merging, the plan, its counts, the audit record's
+# words and undo all read this table.  The first four are also fields of Actions (their
+# JSON shape is kept); a row added later is stored in Actions.more_flags.
+_FLAG_ACTION_ROWS: Dict[str, FlagAction] = {row.key: row for row in (
+    FlagAction("mark_read", "\\Seen", True, "mark_unread", "mark read"),
+    FlagAction("mark_unread", "\\Seen", False, "mark_read", "mark unread"),
+    FlagAction("star", "\\Flagged", True, "unstar", "star"),
+    FlagAction("unstar", "\\Flagged", False, "star", "unstar"),
+)}
+
+
+def _flag_action(change: str, flag: str) -> Optional[FlagAction]:
+    """The row for a planned ("flag+" / "flag-", flag) change; None when none has it."""
+    for row in _FLAG_ACTION_ROWS.values():
+        if row.flag == flag and row.add == (change == "flag+"):
+            return row
+    return None
+
+
+@dataclass(frozen=True)
 class Actions:
-    """What to do with a message; merged across `continue` rules by merged()."""
+    """What to do with a message; merged across `continue` rules by merged().
+
+    The flag actions are read through the table above: ``actions.flag_actions()``."""
 
     labels: Tuple[str, ...] = ()
     move: Optional[str] = None
@@ -4601,6 +4957,32 @@ class Actions:
     star: bool = False
     unstar: bool = False
     trash: bool = False
+    # Keys of flag-action rows added to the table (not fields); left out of rules_hash
+    # when empty, so the hash of every rules file written before stays the same.
+    more_flags: Tuple[str, ...] = field(default=(), repr=False, metadata={"omit_empty": True})
+
+    @classmethod
+    def make(cls, **values: Any) -> Actions:
+        """Actions from rules-file keys: flag keys without a field go to ``more_flags``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        more = tuple(key for key in _FLAG_ACTION_ROWS if key not in names and values.pop(key, False))
+        return cls(**values, more_flags=more) if more else cls(**values)
+
+    def flag(self, key: str) -> bool:
+        """Whether the flag action ``key`` (a row of the table) is asked for."""
+        return key in self.more_flags or bool(self.__dict__.get(key, False))
+
+    def flag_actions(self) -> Tuple[FlagAction, ...]:
+        """The rows of the flag-action table these actions ask for, in table order."""
+        return tuple(row for row in _FLAG_ACTION_ROWS.values() if self.flag(row.key))
+
+    def as_record(self) -> Dict[str, Any]:
+        """The audit record's "actions": the fields as JSON, rows added to the table as
+        `key: true` (the shape a field would have had)."""
+        record = dataclasses.asdict(self)
+        del record["more_flags"]
+        record.update(dict.fromkeys(self.more_flags, True))
+        return dict(record, labels=list(self.labels))
 
     def has_destination(self) -> bool:
         return bool(self.move or self.archive or self.trash)
@@ -4612,21 +4994,22 @@ class Actions:
         archive, trash) and the first choice of read/unread and star/unstar win.
         """
         dest = self if self.has_destination() else later
-        read = self if (self.mark_read or self.mark_unread) else later
-        star = self if (self.star or self.unstar) else later
+        flags = {}
+        for row in _FLAG_ACTION_ROWS.values():      # per flag, the first choice wins
+            if row.flag not in flags:
+                flags[row.flag] = self if any(self.flag(r.key) for r in _FLAG_ACTION_ROWS.values()
+                                              if r.flag == row.flag) else later
         labels = self.labels + tuple(x for x in later.labels if x not in self.labels)
-        return Actions(labels=labels, move=dest.move, archive=dest.archive, trash=dest.trash,
-                       mark_read=read.mark_read, mark_unread=read.mark_unread,
-                       star=star.star, unstar=star.unstar)
+        return Actions.make(labels=labels, move=dest.move, archive=dest.archive, trash=dest.trash,
+                            **{key: flags[row.flag].flag(key) for key, row in _FLAG_ACTION_ROWS.items()})
 
     def describe(self) -> str:
         """Returns e.g. 'label Receipts, archive'; 'no action' when empty."""
         words = [f"label {label}" for label in self.labels]
         if self.move:
             words.append(f"move to {self.move}")
-        for name in ("archive", "trash", "mark_read", "mark_unread", "star", "unstar"):
-            if getattr(self, name):
-                words.append(name.replace("_", " "))
+        words += [name for name in ("archive", "trash") if getattr(self, name)]
+        words += [row.words for row in self.flag_actions()]
         return ", ".join(words) or "no action"
 
     def is_empty(self) -> bool:
@@ -4670,20 +5053,6 @@ class Decision:
 
     matches: Tuple[Tuple[str, str], ...]
     actions: Actions
-
-
-@dataclass(frozen=True)
-class Needs:
-    """What the IMAP pipeline must fetch for these rules."""
-
-    headers: frozenset  # lower-case header names
-    body: bool = False
-    attachment: bool = False
-    labels: bool = False
-    flags: bool = False
-    size: bool = False
-    date: bool = False
-    queries: frozenset = frozenset()  # gmail_query strings, to run with X-GM-RAW
 
 
 # Headers always fetched so that messages can be shown and logged.
@@ -4748,30 +5117,42 @@ class Ruleset:
     @property
     def needs(self) -> Needs:
         """Returns the message data these rules read (see Needs)."""
-        headers, queries, kinds = set(DISPLAY_HEADERS), set(), set()
+        parts = [Needs(headers=DISPLAY_HEADERS)]
         for rule in self.rules:
             if any(is_field and name != "sender_domain" for text in rule.actions.templates()
                    for is_field, name in split_template(text)):
-                kinds.add("date")
-            for cond in _walk(rule.condition):
-                if isinstance(cond, HeaderMatch):
-                    headers.update(cond.headers)
-                elif isinstance(cond, HeaderPresent):
-                    headers.add(cond.name.lower())
-                elif isinstance(cond, BodyMatch):
-                    kinds.add("body")
-                elif isinstance(cond, SizeCompare):
-                    kinds.add("size")
-                elif isinstance(cond, AgeCompare):
-                    kinds.add("date")
-                elif isinstance(cond, HasLabel):
-                    kinds.add("labels")
-                elif isinstance(cond, GmailQuery):
-                    queries.add(cond.query)
-                elif isinstance(cond, StateIs):
-                    kinds.add("attachment" if cond.key == "has_attachment" else "flags")
-        return Needs(headers=frozenset(headers), queries=frozenset(queries),
-                     **{kind: True for kind in kinds})
+                parts.append(Needs(headers=frozenset(), date=True))
+            parts.extend(cond.needs() for cond in _walk(rule.condition))
+        return Needs.merge(parts)
+
+    @classmethod
+    def add_condition(cls, key: str, kind: Any, *, needs: Optional[Needs] = None,
+                      cost: int = 2) -> None:
+        """Teach every rules file a new condition key (for scripts that vendor this file).
+
+        ``kind`` is a Condition subclass (its ``from_rules`` reads the value), or a plain
+        function of a MessageInfo returning True / False (None: cannot tell yet), used as
+        `key = true` (or false) in a rule; for a function, ``needs`` says what to fetch
+        beyond the display headers (From, Subject, Date, Message-ID) and ``cost`` orders
+        it among a rule's conditions.  The key then works in every rule, inside any /
+        all / not, and in `check`.  Raises ValueError for a key taken or not a bare name.
+        Example: ``Ruleset.add_condition("is_bulk", lambda m: "precedence" in m.headers)``.
+        """
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", key or "") or key in _CONDITION_KINDS \
+                or key in ("name", "continue", "label", "move", "archive", "trash") \
+                or key in _FLAG_ACTION_ROWS:
+            raise ValueError(f"cannot add condition {key!r}: the key is taken or not a "
+                             f"lower-case name")
+        if isinstance(kind, type) and issubclass(kind, Condition):
+            if kind.from_rules.__func__ is Condition.from_rules.__func__:  # type: ignore[attr-defined]
+                raise ValueError(f"cannot add condition {key!r}: {kind.__name__} has no "
+                                 f"from_rules() to read its value")
+            _CONDITION_KINDS[key] = kind
+        elif callable(kind):
+            _CONDITION_KINDS[key] = _PythonKind(kind, needs or NO_NEEDS, cost)
+        else:
+            raise ValueError(f"cannot add condition {key!r}: give a Condition subclass or "
+                             f"a function of the message")
 
     def classify(self, msg: MessageInfo, final: bool = False,
                  now: Optional[datetime] = None) -> Optional[Decision]:
@@ -4807,18 +5188,23 @@ class Ruleset:
 
 # --- Rules files: validation -------------------------------------------------------------
 
-_ADDRESS_KEYS = {
-    "from": ("from",), "to": ("to",), "cc": ("cc",),
-    "recipient": ("to", "cc", "delivered-to", "bcc"),
-}
-_TEXT_KEYS = {"subject": ("subject",), "list_id": ("list-id",)}
-CONDITION_KEYS = (
-    "from", "to", "cc", "recipient", "subject", "body", "list_id", "header",
-    "any", "all", "not", "larger_than", "smaller_than", "older_than", "newer_than",
-    "has_attachment", "unread", "starred", "has_label", "gmail_query",
-)
-ACTION_KEYS = ("label", "move", "archive", "mark_read", "mark_unread", "star", "unstar", "trash")
-RULE_KEYS = ("name", "continue") + CONDITION_KEYS + ACTION_KEYS
+def _condition_keys() -> Tuple[str, ...]:
+    return tuple(_CONDITION_KINDS)
+
+
+def _action_keys() -> Tuple[str, ...]:
+    return ("label", "move", "archive") + tuple(_FLAG_ACTION_ROWS) + ("trash",)
+
+
+def _rule_keys() -> Tuple[str, ...]:
+    return ("name", "continue") + _condition_keys() + _action_keys()
+
+
+# The built-in keys, from the tables in the Rule engine (validation reads the tables
+# themselves, so a key added by Ruleset.add_condition or a new flag-action row counts too).
+CONDITION_KEYS = _condition_keys()
+ACTION_KEYS = _action_keys()
+RULE_KEYS = _rule_keys()
 TOP_LEVEL_KEYS = ("rule", "account", "test")
 ACCOUNT_KEYS = ("user", "host", "port", "tls", "auth", "password_command", "cafile", "folders",
                 "oauth_client_id", "oauth_client_secret", "oauth_client_file")
@@ -4955,6 +5341,53 @@ def _parse_age(where: _Where, path: str, value: Any) -> Tuple[int, str]:
     return int(found.group(1)), found.group(2)
 
 
+class _ConditionReader:
+    """What Condition.from_rules reads a value with: the checks every key shares, each
+    raising RulesError that names the file, the rule and the key (``path``)."""
+
+    def __init__(self, where: _Where, path: str) -> None:
+        self.where, self.path = where, path
+
+    def at(self, name: str) -> _ConditionReader:
+        """A reader for a part of the value: `header.X-Mailer`."""
+        return _ConditionReader(self.where, f"{self.path}.{name}")
+
+    def error(self, message: str) -> RulesError:
+        return self.where.error(self.path, message)
+
+    def text(self, value: Any, what: str = "a string") -> str:
+        return _check_text(self.where, self.path, value, what)
+
+    def boolean(self, value: Any) -> bool:
+        return _check_bool(self.where, self.path, value)
+
+    def matcher(self, value: Any) -> Matcher:
+        """A string or list of strings, each plain text or a /regex/flags."""
+        return _parse_matcher(self.where, self.path, value)
+
+    def size(self, value: Any) -> Tuple[int, str]:
+        """(bytes, as written) for 500K, 5M, 5 MB, 1G or a number of bytes."""
+        return _parse_size(self.where, self.path, value)
+
+    def age(self, value: Any) -> Tuple[int, str]:
+        """(amount, unit) for "30d", "2w", "6m", "1y"."""
+        return _parse_age(self.where, self.path, value)
+
+    def header_name(self, name: Any) -> str:
+        if not _HEADER_NAME_RE.fullmatch(name):
+            raise self.error(f"{_quote(name)} is not a header name (letters, digits "
+                             "and - _ . and the like; no spaces, ':' or brackets)")
+        return name
+
+    def conditions(self, value: Any) -> Tuple[Condition, ...]:
+        """A non-empty list of condition tables (`any`, `all`)."""
+        return _parse_condition_list(self.where, self.path, value)
+
+    def table(self, value: Any) -> Condition:
+        """One table of conditions, all of which must hold (`not`)."""
+        return _parse_condition_table(self.where, self.path, value)
+
+
 def _parse_condition_list(where: _Where, path: str, value: Any) -> Tuple[Condition, ...]:
     if not isinstance(value, list) or not value:
         raise where.error(path, f"expected a non-empty list of condition tables, got {_quote(value)}")
@@ -4962,55 +5395,9 @@ def _parse_condition_list(where: _Where, path: str, value: Any) -> Tuple[Conditi
                  for i, item in enumerate(value, 1))
 
 
-def _parse_header_table(where: _Where, path: str, value: Any) -> List[Condition]:
-    if not isinstance(value, dict) or not value:
-        raise where.error(path, "expected a table of header names, e.g. "
-                                f"{{ \"List-Unsubscribe\" = true }}, got {_quote(value)}")
-    parts: List[Condition] = []
-    for name, test in value.items():
-        sub = f"{path}.{name}"
-        if not _HEADER_NAME_RE.fullmatch(name):
-            raise where.error(sub, f"{_quote(name)} is not a header name (letters, digits "
-                                   "and - _ . and the like; no spaces, ':' or brackets)")
-        if isinstance(test, bool):
-            parts.append(HeaderPresent(name, test))
-        elif isinstance(test, (str, list)):
-            parts.append(HeaderMatch(f"header {name}", (name.lower(),), _parse_matcher(where, sub, test)))
-        else:
-            raise where.error(sub, "expected true (present), false (absent), a string or a list "
-                                   f"of strings, got {_quote(test)}")
-    return parts
-
-
 def _parse_one_condition(where: _Where, path: str, key: str, value: Any) -> List[Condition]:
-    if key in _ADDRESS_KEYS:
-        return [HeaderMatch(key, _ADDRESS_KEYS[key], _parse_matcher(where, path, value),
-                            addresses=True)]
-    if key in _TEXT_KEYS:
-        return [HeaderMatch(key, _TEXT_KEYS[key], _parse_matcher(where, path, value))]
-    if key == "body":
-        return [BodyMatch(_parse_matcher(where, path, value))]
-    if key == "header":
-        return _parse_header_table(where, path, value)
-    if key == "any":
-        return [AnyOf(_parse_condition_list(where, path, value))]
-    if key == "all":
-        return [AllOf(_parse_condition_list(where, path, value))]
-    if key == "not":
-        return [Not(_parse_condition_table(where, path, value))]
-    if key in ("larger_than", "smaller_than"):
-        limit, text = _parse_size(where, path, value)
-        return [SizeCompare(key == "larger_than", limit, text)]
-    if key in ("older_than", "newer_than"):
-        amount, unit = _parse_age(where, path, value)
-        return [AgeCompare(key == "older_than", amount, unit, value)]
-    if key in ("has_attachment", "unread", "starred"):
-        return [StateIs(key, _check_bool(where, path, value))]
-    if key == "has_label":
-        return [HasLabel(_parse_matcher(where, path, value))]
-    if key == "gmail_query":
-        return [GmailQuery(_check_text(where, path, value, "a Gmail search string"))]
-    raise AssertionError(key)  # callers pass CONDITION_KEYS only
+    made = _CONDITION_KINDS[key].from_rules(key, value, _ConditionReader(where, path))
+    return list(made) if isinstance(made, (list, tuple)) else [made]
 
 
 def _combine(parts: List[Condition]) -> Condition:
@@ -5025,11 +5412,11 @@ def _parse_condition_table(where: _Where, path: str, value: Any) -> Condition:
         raise where.error(path, "empty table; add at least one condition")
     parts: List[Condition] = []
     for key, item in value.items():
-        if key in ACTION_KEYS or key in ("name", "continue"):
+        if key in _action_keys() or key in ("name", "continue"):
             raise where.error(path, f"'{key}' is not a condition; put it at the top level of "
                                     "the rule (only conditions go inside any / all / not)")
-        if key not in CONDITION_KEYS:
-            raise where.error(path, _unknown_key(key, CONDITION_KEYS, "known conditions"))
+        if key not in _CONDITION_KINDS:
+            raise where.error(path, _unknown_key(key, _condition_keys(), "known conditions"))
         parts.extend(_parse_one_condition(where, f"{path}.{key}", key, item))
     return _combine(parts)
 
@@ -5057,7 +5444,7 @@ def _parse_actions(where: _Where, rule: dict, problems: _Problems, required: boo
     if "move" in rule:
         with problems.catch():
             values["move"] = _check_text(where, "move", rule["move"], "a folder name")
-    for key in ("archive", "mark_read", "mark_unread", "star", "unstar", "trash"):
+    for key in ("archive",) + tuple(_FLAG_ACTION_ROWS) + ("trash",):
         if key in rule:
             with problems.catch():
                 values[key] = _check_bool(where, key, rule[key])
@@ -5070,16 +5457,17 @@ def _parse_actions(where: _Where, rule: dict, problems: _Problems, required: boo
                     split_template(text)
                 except ValueError as exc:
                     raise where.error(path, str(exc)) from None
-    actions = Actions(**values)
+    actions = Actions.make(**values)
     if len(problems.lines) > bad:
         return actions
     if actions.is_empty() and required:
-        raise where.error("", "no action; add at least one of " + ", ".join(ACTION_KEYS)
+        raise where.error("", "no action; add at least one of " + ", ".join(_action_keys())
                               + " (set to a label, a folder or true)")
-    conflicts = [("move", "trash"), ("move", "archive"), ("archive", "trash"),
-                 ("mark_read", "mark_unread"), ("star", "unstar")]
+    conflicts = [("move", "trash"), ("move", "archive"), ("archive", "trash")]
+    conflicts += [(row.key, row.opposite) for row in _FLAG_ACTION_ROWS.values()
+                  if row.add and row.opposite in _FLAG_ACTION_ROWS]
     for first, second in conflicts:
-        if getattr(actions, first) and getattr(actions, second):
+        if actions.flag(first) and actions.flag(second):
             raise where.error("", f"'{first}' and '{second}' contradict each other; keep one, "
                                   "or split them into two rules")
     return actions
@@ -5097,18 +5485,18 @@ def _parse_rule(source: str, position: int, rule: Any, problems: _Problems) -> O
         with problems.catch():
             name = _check_text(where, "name", name)
             where.name = name
-    unknown = [key for key in rule if key not in RULE_KEYS]
+    unknown = [key for key in rule if key not in _rule_keys()]
     for key in unknown:
-        problems.add(where.error("", _unknown_key(key, RULE_KEYS)))
+        problems.add(where.error("", _unknown_key(key, _rule_keys())))
     parts: List[Condition] = []
     for key, value in rule.items():  # file order: explanations read as written
-        if key in CONDITION_KEYS:
+        if key in _CONDITION_KINDS:
             with problems.catch():
                 parts.extend(_parse_one_condition(where, key, key, value))
     # A misspelt key is most likely the missing condition or action: say it once.
-    if not unknown and not any(key in CONDITION_KEYS for key in rule):
+    if not unknown and not any(key in _CONDITION_KINDS for key in rule):
         problems.add(where.error("", "no condition; add at least one of "
-                                     + ", ".join(CONDITION_KEYS)))
+                                     + ", ".join(_condition_keys())))
     actions = Actions()
     with problems.catch():
         actions = _parse_actions(where, rule, problems, required=not unknown)
@@ -5301,8 +5689,8 @@ def _parse_test(source: str, position: int, table: Any,
             raise where.error("expect_actions", f"expected a table of actions, e.g. "
                                                 f"{{ label = \"Receipts\", archive = true }}, got {_quote(value)}")
         for key in value:
-            if key not in ACTION_KEYS:
-                raise where.error("expect_actions", _unknown_key(key, ACTION_KEYS, "actions"))
+            if key not in _action_keys():
+                raise where.error("expect_actions", _unknown_key(key, _action_keys(), "actions"))
         problems = _Problems()
         actions = _parse_actions(where, value, problems, required=False)
         problems.raise_any()
@@ -6167,6 +6555,37 @@ def format_rules(doc: Mapping[str, Any], fmt: str = "toml", header: Sequence[str
     return "\n".join(parts)
 
 
+def _replace_privately(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file (0600), fsync it, rename it over ``path``, and
+    fsync the directory, so a crash leaves the old file or the new one, never half of one.
+    Raises OSError (the temporary file is removed)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            if os.name == "posix":
+                os.fchmod(fd, 0o600)    # a leftover temporary file keeps its old mode
+            data = memoryview(text.encode("utf-8"))
+            while data:     # os.write may write less than it was given
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+        if os.name == "posix":
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
 def write_rules_file(path: Any, text: str, force: bool = False) -> None:
     """Write a rules file created by this program; never over an existing file unless ``force``.
 
@@ -6179,12 +6598,20 @@ def write_rules_file(path: Any, text: str, force: bool = False) -> None:
         raise RulesError(f"{path} already exists; pass --force to overwrite it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
-        fd = os.open(str(path), flags, 0o600)
-        if os.name == "posix":
-            os.fchmod(fd, 0o600)    # an existing file overwritten with --force keeps no old mode
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        if force:
+            # Replaced whole or not at all: a failed write must not cost the old rules.
+            _replace_privately(path, text)
+            return
+        fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        except BaseException:
+            try:
+                os.unlink(path)     # ours alone (O_EXCL): leave no half-written file behind
+            except OSError:
+                pass
+            raise
     except FileExistsError:
         raise RulesError(f"{path} already exists; pass --force to overwrite it") from None
     except OSError as exc:
@@ -6312,15 +6739,13 @@ class _Plan:
             if labels is None or not any(_same_label(label, have) for have in labels):
                 self.add_labels.setdefault(label, []).append(uid)
                 keys.append(("label", label))
-        wanted = [("\\Seen", actions.mark_read, actions.mark_unread),
-                  ("\\Flagged", actions.star, actions.unstar)]
-        for flag, on, off in wanted:
-            if on and flag not in flags:
-                self.add_flags.setdefault(flag, []).append(uid)
-                keys.append(("flag+", flag))
-            elif off and flag in flags:
-                self.remove_flags.setdefault(flag, []).append(uid)
-                keys.append(("flag-", flag))
+        for row in actions.flag_actions():
+            if row.add and row.flag not in flags:
+                self.add_flags.setdefault(row.flag, []).append(uid)
+                keys.append(("flag+", row.flag))
+            elif not row.add and row.flag in flags:
+                self.remove_flags.setdefault(row.flag, []).append(uid)
+                keys.append(("flag-", row.flag))
         # Archive means "out of the Inbox": on Gmail, messages carrying \\Inbox (whatever
         # folder view they were found in); elsewhere, messages in INBOX itself.
         in_inbox = (_same_folder(folder, "INBOX") if labels is None
@@ -6380,11 +6805,10 @@ class _Plan:
         counts: Dict[str, int] = {}
         for label, uids in self.add_labels.items():
             counts[f"label {label}"] = len(uids)
-        names = {"\\Seen": ("mark read", "mark unread"), "\\Flagged": ("star", "unstar")}
         for flag, uids in self.add_flags.items():
-            counts[names[flag][0]] = len(uids)
+            counts[_flag_action("flag+", flag).words] = len(uids)
         for flag, uids in self.remove_flags.items():
-            counts[names[flag][1]] = len(uids)
+            counts[_flag_action("flag-", flag).words] = len(uids)
         if self.archive:
             counts["archive"] = len(self.archive)
         for folder, uids in self.move.items():
@@ -6513,10 +6937,6 @@ class Checkpoint:
         the mark must not move (a ``since``/``limit`` run, or a step cut short)."""
 
 
-_FLAG_ACTIONS = {("flag+", "\\Seen"): "mark read", ("flag-", "\\Seen"): "mark unread",
-                 ("flag+", "\\Flagged"): "star", ("flag-", "\\Flagged"): "unstar"}
-
-
 def describe_change(change: Mapping[str, Any]) -> str:
     """One change record as words: ``"label Receipts"``, ``"move to Lists"``, ``"trash"``."""
     action = change.get("action", "")
@@ -6541,7 +6961,7 @@ def _change_entry(key: Tuple[str, ...], uid: int, status: FolderStatus, gmail: b
                 "after": extra or {"folder": key[1], "uid": None}}
     if kind in ("flag+", "flag-"):
         on = kind == "flag+"
-        return {"action": _FLAG_ACTIONS[(kind, key[1])], "flag": key[1], "before": not on,
+        return {"action": _flag_action(kind, key[1]).words, "flag": key[1], "before": not on,
                 "after": on}
     if kind == "archive" and gmail:
         return {"action": "archive", "label": "\\Inbox", "before": True, "after": False}
@@ -7384,7 +7804,8 @@ def _canonical(value: Any) -> Any:
     """A JSON-able form of rules that does not depend on set order or memory addresses."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return [type(value).__name__] + [[f.name, _canonical(getattr(value, f.name))]
-                                         for f in dataclasses.fields(value)]
+                                         for f in dataclasses.fields(value)
+                                         if getattr(value, f.name) or not f.metadata.get("omit_empty")]
     if isinstance(value, (list, tuple)):
         return [_canonical(v) for v in value]
     if isinstance(value, (set, frozenset)):
@@ -7395,6 +7816,8 @@ def _canonical(value: Any) -> Any:
         return ["re", value.pattern, value.flags]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if callable(value) and hasattr(value, "__qualname__"):   # an added Python condition
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
     return repr(value)
 
 
@@ -7421,35 +7844,6 @@ def _ensure_private_dir(directory: Path) -> None:
     except OSError as exc:
         raise StateError(f"cannot create the state directory {directory}: {exc}; set "
                          f"XDG_STATE_HOME to a writable place") from exc
-
-
-def _replace_privately(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file (0600), fsync it, rename it over ``path``, and
-    fsync the directory, so a crash leaves the old file or the new one, never half of one.
-    Raises OSError (the temporary file is removed)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            if os.name == "posix":
-                os.fchmod(fd, 0o600)    # a leftover temporary file keeps its old mode
-            os.write(fd, text.encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-        if os.name == "posix":
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -8232,7 +8626,7 @@ class Run(Checkpoint):
                 "rules": [name for name, _ in outcome.decision.matches],
                 "reasons": [reason for _, reason in outcome.decision.matches],
                 "actions": {} if actions.is_empty() else
-                dict(dataclasses.asdict(actions), labels=list(actions.labels)),
+                actions.as_record(),
                 "applied": outcome.applied, "changes": list(outcome.changes)}
 
     def _remember(self, folder: str, state: FolderState) -> None:
@@ -8352,8 +8746,7 @@ def _change_identity(record: Mapping[str, Any], change: Mapping[str, Any]) -> Tu
             change.get("flag"), after.get("folder") if isinstance(after, dict) else None)
 
 
-_UNDO_ACTIONS = {"label": "unlabel", "archive": "unarchive", "mark read": "mark unread",
-                 "star": "unstar", "move": "move back", "trash": "untrash"}
+_UNDO_ACTIONS = {"label": "unlabel", "archive": "unarchive", "move": "move back", "trash": "untrash"}
 _UNDO_ACTIONS.update({after: before for before, after in list(_UNDO_ACTIONS.items())})
 
 
@@ -8361,7 +8754,11 @@ def _inverse_change(change: Mapping[str, Any]) -> Dict[str, Any]:
     inverse = dict(change)
     inverse["before"], inverse["after"] = change.get("after"), change.get("before")
     action = str(change.get("action", ""))
-    inverse["action"] = _UNDO_ACTIONS.get(action, f"undo {action}")
+    rows = {row.words: row for row in _FLAG_ACTION_ROWS.values()}
+    if action in rows and rows[action].opposite in _FLAG_ACTION_ROWS:
+        inverse["action"] = _FLAG_ACTION_ROWS[rows[action].opposite].words
+    else:
+        inverse["action"] = _UNDO_ACTIONS.get(action, f"undo {action}")
     return inverse
 
 

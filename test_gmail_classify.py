@@ -10736,7 +10736,8 @@ class ReadmeExamplesTest(unittest.TestCase):
 
     def test_every_example_runs_and_only_the_marked_one_changes_mail(self):
         # The watch example runs forever; ReadmeWatchExampleTest runs it.
-        blocks = [block for block in self.blocks() if "Watcher(" not in block]
+        blocks = [block for block in self.blocks()
+                  if "Watcher(" not in block and "add_condition" not in block]
         self.assertEqual(len(blocks), 3)
         server = FakeGmail(users={"you@gmail.com": PASSWORD}).start()
         self.addCleanup(server.stop)
@@ -10763,6 +10764,20 @@ class ReadmeExamplesTest(unittest.TestCase):
         self.assertEqual(shown, "1 {}\n")
         self.assertEqual([(m.labels, m.flags) for m in server.messages("[Gmail]/All Mail")],
                          after)
+
+    def test_the_add_condition_example_finds_bulk_mail(self):
+        (block,) = [block for block in self.blocks() if "add_condition" in block]
+        server = FakeGmail(users={"you@gmail.com": PASSWORD}).start()
+        self.addCleanup(server.stop)
+        server.add_message(make_message("Weekly digest", extra="Precedence: bulk\n"))
+        server.add_message(make_message("Lunch?"))
+        with mock.patch.dict(gc._CONDITION_KINDS):
+            shown = self.run_block(block, server)
+        self.assertEqual(shown, "{'label Bulk': 1}\n")
+        self.assertNotIn("is_bulk", gc._CONDITION_KINDS)
+        fetches = [e.line for e in server.log if e.command == "UID FETCH"]
+        self.assertTrue(any(b"PRECEDENCE" in line for line in fetches), fetches)
+        self.assertFalse({"SELECT", "UID STORE"} & set(server.commands()))
 
 
 
@@ -10907,6 +10922,68 @@ class RulesWriterTest(unittest.TestCase):
         gc.write_rules_file(path, "third", force=True)
         with open(path, encoding="utf-8") as fh:
             self.assertEqual(fh.read(), "third")
+
+    def write_past_a_size_limit(self, path: str, force: bool) -> str:
+        """write_rules_file in a child whose file-size limit makes every write past 4 KiB
+        fail (EFBIG), as a full disk would; returns the RulesError it printed."""
+        if os.name != "posix" or not hasattr(signal, "SIGXFSZ"):
+            self.skipTest("needs RLIMIT_FSIZE")
+        script = ("import resource, signal, sys, gmail_classify as gc\n"
+                  "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+                  "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+                  "try:\n"
+                  "    gc.write_rules_file(sys.argv[1], 'x' * 100000, force=sys.argv[2] == '1')\n"
+                  "except gc.RulesError as exc:\n"
+                  "    print(exc)\n")
+        done = subprocess.run([sys.executable, "-c", script, path, "1" if force else "0"],
+                              capture_output=True, text=True, timeout=60,
+                              cwd=os.path.dirname(os.path.abspath(gc.__file__)))
+        self.assertEqual(done.stderr, "")
+        return done.stdout
+
+    def test_a_forced_write_that_fills_the_disk_leaves_the_old_file_whole(self):
+        # `init --force` / `import-filters -o --force` must keep the user's old rules.
+        path = os.path.join(self.tmp, "rules.toml")
+        gc.write_rules_file(path, "# my old rules\n")
+        self.assertTrue(self.write_past_a_size_limit(path, True).startswith(f"cannot write {path}: "))
+        with open(path, encoding="utf-8") as fh:
+            self.assertEqual(fh.read(), "# my old rules\n")
+        self.assertEqual(os.listdir(self.tmp), ["rules.toml"])      # no temporary file left
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+
+    def test_a_new_file_that_fills_the_disk_is_not_left_half_written(self):
+        path = os.path.join(self.tmp, "rules.toml")
+        self.assertTrue(self.write_past_a_size_limit(path, False).startswith(f"cannot write {path}: "))
+        self.assertEqual(os.listdir(self.tmp), [])
+
+    def test_a_forced_write_failing_half_way_keeps_the_old_file_and_cleans_up(self):
+        path = os.path.join(self.tmp, "rules.toml")
+        gc.write_rules_file(path, "old")
+        real_write = os.write
+
+        def half_then_full(fd, data):
+            if len(data) > 4:
+                return real_write(fd, bytes(data[:len(data) // 2]))
+            raise OSError(28, "No space left on device")
+        with mock.patch.object(gc.os, "write", side_effect=half_then_full):
+            with self.assertRaises(gc.RulesError) as caught:
+                gc.write_rules_file(path, "new rules, longer than the old", force=True)
+        self.assertEqual(str(caught.exception),
+                         f"cannot write {path}: No space left on device; choose another place")
+        with open(path, encoding="utf-8") as fh:
+            self.assertEqual(fh.read(), "old")
+        self.assertEqual(os.listdir(self.tmp), ["rules.toml"])
+
+    def test_short_writes_are_carried_on_until_the_whole_text_is_written(self):
+        path = os.path.join(self.tmp, "rules.toml")
+        gc.write_rules_file(path, "old")
+        real_write = os.write
+        with mock.patch.object(gc.os, "write",
+                               side_effect=lambda fd, data: real_write(fd, bytes(data[:3]))) as write:
+            gc.write_rules_file(path, "ünïcödé rules", force=True)
+        with open(path, encoding="utf-8") as fh:
+            self.assertEqual(fh.read(), "ünïcödé rules")
+        self.assertEqual(write.call_count, 6)   # 17 bytes, three at a time
 
     def test_unknown_values_and_formats_are_refused(self):
         with self.assertRaises(TypeError):
@@ -12916,6 +12993,317 @@ class FastPathTest(unittest.TestCase):
                 plain_results.append(rules.classify(info(raw), final=True, now=now))
         self.assertEqual(fast_results, plain_results)
         self.assertGreater(sum(bool(d.matches) for d in fast_results), 100)
+
+
+class ConditionTableTest(unittest.TestCase):
+    """One table of condition kinds: each class reads its value, says what it needs and
+    explains its verdict; the validation, CONDITION_KEYS and Ruleset.needs follow the table."""
+
+    def rule(self, **keys: Any) -> gc.Condition:
+        return parse_rules({"rule": [dict(name="R", label="L", **keys)]}, "r.json").rules[0].condition
+
+    def test_condition_keys_are_the_table_in_order(self):
+        self.assertEqual(gc.CONDITION_KEYS, tuple(gc._CONDITION_KINDS))
+        self.assertEqual(gc.CONDITION_KEYS[:8], ("from", "to", "cc", "recipient", "subject", "body",
+                                                 "list_id", "header"))
+        self.assertEqual(gc.ACTION_KEYS, ("label", "move", "archive", "mark_read", "mark_unread",
+                                          "star", "unstar", "trash"))
+
+    def test_each_kind_explains_the_value_it_saw(self):
+        msg = info("From: GitHub <notifications@github.com>\nSubject: Hello there\nTo: a@x.example, "
+                   "b@x.example, c@x.example, d@x.example\nList-Unsubscribe: <mailto:u@x>",
+                   size=6 * 1024 * 1024, date=datetime(2023, 1, 2, tzinfo=timezone.utc),
+                   flags=frozenset({"\\Seen"}), labels=frozenset({"\\Inbox", "Receipts"}),
+                   has_attachment=False, body="Dear customer,\nyour invoice 42 is attached.",
+                   queries=frozenset({"has:attachment"}))
+        cases = [
+            ({"from": "notifications@github.com"},
+             (True, 'from: "GitHub <notifications@github.com>" contains "notifications@github.com"')),
+            ({"subject": "/invoice/i"}, (False, 'subject: "Hello there": no match for /invoice/i')),
+            ({"to": ["zzz", "/^d@/"]}, (True, 'to: "d@x.example" matches /^d@/')),
+            ({"cc": "x"}, (False, 'cc: (none): no match for "x"')),
+            ({"recipient": "nobody"}, (False, 'recipient: "a@x.example", "b@x.example", "c@x.example" '
+                                              'and 1 more: no match for "nobody"')),
+            ({"header": {"List-Unsubscribe": True}}, (True, "header List-Unsubscribe: present")),
+            ({"header": {"X-Spam": True}}, (False, "header X-Spam: absent, wanted present")),
+            ({"header": {"List-Unsubscribe": "/mailto/"}},
+             (True, 'header List-Unsubscribe: "<mailto:u@x>" matches /mailto/')),
+            ({"body": "INVOICE 42"}, (True, 'body: "dear customer, your invoice 42 is attached." contains "INVOICE 42"')),
+            ({"body": "/refund/"}, (False, "body (43 characters read): no match for /refund/")),
+            ({"larger_than": "5M"}, (True, "size: 6.0 MB > 5M")),
+            ({"smaller_than": "5M"}, (False, "size: 6.0 MB, not < 5M")),
+            ({"older_than": "1y"}, (True, "date: 2023-01-02 older than 1y (cutoff 2023-03-31)")),
+            ({"newer_than": "2w"}, (False, "date: 2023-01-02, not newer than 2w (cutoff 2024-03-17)")),
+            ({"unread": True}, (False, "unread: read, wanted unread")),
+            ({"starred": False}, (True, "starred: not starred")),
+            ({"has_attachment": False}, (True, "has_attachment: no attachment")),
+            ({"has_label": "receipts"}, (True, 'labels: "Receipts", "\\\\Inbox": has label "receipts"')),
+            ({"has_label": "Keep"}, (False, 'labels: "Receipts", "\\\\Inbox": none is "Keep"')),
+            ({"gmail_query": "has:attachment"}, (True, 'gmail query "has:attachment": found by the server')),
+            ({"not": {"subject": "hello"}}, (False, 'not (subject: "Hello there" contains "hello")')),
+            ({"any": [{"subject": "x"}, {"unread": False}]},
+             (True, 'any of (subject: "Hello there": no match for "x"; unread: read)')),
+            ({"all": [{"subject": "hello"}, {"starred": True}]},
+             (False, 'all of (subject: "Hello there" contains "hello"; starred: not starred, wanted starred)')),
+            ({"subject": "hello", "larger_than": 10},
+             (True, 'subject: "Hello there" contains "hello" and size: 6.0 MB > 10')),
+        ]
+        for keys, want in cases:
+            with self.subTest(keys=keys):
+                condition = self.rule(**keys)
+                self.assertEqual(condition.explain(msg, NOW), want)
+                self.assertEqual(condition.evaluate(msg, NOW)[0], want[0])
+
+    def test_unknown_data_is_explained_as_unknown(self):
+        msg = info("Subject: x", flags=None)
+        cases = [({"body": "x"}, "body: not fetched yet"), ({"larger_than": 5}, "size: unknown"),
+                 ({"older_than": "1d"}, "date: unknown"), ({"unread": True}, "unread: unknown"),
+                 ({"has_attachment": True}, "has_attachment: unknown"), ({"has_label": "x"}, "labels: unknown"),
+                 ({"gmail_query": "in:x"}, 'gmail query "in:x": cannot be asked here (Gmail only)'),
+                 ({"not": {"body": "x"}}, "not (body: not fetched yet)")]
+        for keys, text in cases:
+            with self.subTest(keys=keys):
+                self.assertEqual(self.rule(**keys).explain(msg, NOW), (None, text))
+                self.assertIsNone(self.rule(**keys).evaluate(msg, NOW)[0])
+        both = self.rule(any=[{"body": "x"}, {"subject": "x"}])
+        self.assertEqual(both.explain(msg, NOW)[0], True)     # Kleene: True beats unknown
+        both = self.rule(all=[{"body": "x"}, {"subject": "y"}])
+        self.assertEqual(both.explain(msg, NOW)[0], False)    # Kleene: False beats unknown
+        self.assertEqual(self.rule(all=[{"body": "x"}, {"subject": "x"}]).explain(msg, NOW)[0], None)
+
+    def test_needs_and_cost_come_from_the_classes(self):
+        rules = parse_rules({"rule": [
+            {"name": "a", "from": "x", "header": {"X-A": True, "X-B": "b"}, "label": "L"},
+            {"name": "b", "not": {"any": [{"body": "x"}, {"larger_than": 1}]}, "label": "L"},
+            {"name": "c", "older_than": "1d", "has_label": "x", "unread": True, "label": "L"},
+            {"name": "d", "has_attachment": True, "gmail_query": "in:x", "label": "L"},
+        ]}, "r.json")
+        self.assertEqual(rules.needs, gc.Needs(
+            headers=gc.DISPLAY_HEADERS | {"from", "x-a", "x-b"}, body=True, attachment=True,
+            labels=True, flags=True, size=True, date=True, queries=frozenset({"in:x"})))
+        costs = [gc._cost(c) for c in (self.rule(body="x"), self.rule(subject="x"),
+                                        self.rule(header={"X": True}), self.rule(unread=True),
+                                        self.rule(any=[{"unread": True}, {"body": "x"}]))]
+        self.assertEqual(costs, [3, 2, 1, 0, 3])
+        self.assertEqual(parse_rules({"rule": [{"name": "t", "unread": True, "move": "A/{year}"}]},
+                                     "r.json").needs, gc.Needs(headers=gc.DISPLAY_HEADERS, flags=True, date=True))
+
+    def test_the_rules_hash_of_existing_files_is_unchanged(self):
+        # the state file and audit log keep this fingerprint: the tables must not move it
+        self.assertEqual(gc.rules_hash(parse_rules(EXAMPLE_DOC, "r.json")), "e29e14870439df25")
+        self.assertEqual(gc.rules_hash(gc.builtin_rules()), "99247fd915e3aee0")
+
+    def test_a_flag_row_added_to_the_table_is_recorded_and_undone_like_a_field(self):
+        with mock.patch.dict(gc._FLAG_ACTION_ROWS):
+            gc._FLAG_ACTION_ROWS["important"] = gc.FlagAction("important", "$Important", True,
+                                                              "unimportant", "mark important")
+            gc._FLAG_ACTION_ROWS["unimportant"] = gc.FlagAction("unimportant", "$Important", False,
+                                                                "important", "mark unimportant")
+            first = parse_rules({"rule": [{"name": "a", "subject": "x", "important": True,
+                                           "continue": True},
+                                          {"name": "b", "subject": "x", "unimportant": True,
+                                           "star": True}]}, "r.json")
+            actions = first.classify(info("Subject: x"), now=NOW).actions
+            self.assertEqual(actions, gc.Actions(star=True, more_flags=("important",)))
+            self.assertEqual(actions.describe(), "star, mark important")
+            self.assertEqual(actions.as_record(), {
+                "labels": [], "move": None, "archive": False, "mark_read": False,
+                "mark_unread": False, "star": True, "unstar": False, "trash": False,
+                "important": True})
+            inverse = gc._inverse_change({"action": "mark important", "flag": "$Important",
+                                          "before": False, "after": True})
+            self.assertEqual(inverse, {"action": "mark unimportant", "flag": "$Important",
+                                       "before": True, "after": False})
+            self.assertEqual(gc.ACTION_KEYS[-1], "trash")
+            self.assertIn("important", gc._action_keys())
+        self.assertEqual(gc.Actions(star=True).as_record(),      # the record's shape as before
+                         {"labels": [], "move": None, "archive": False, "mark_read": False,
+                          "mark_unread": False, "star": True, "unstar": False, "trash": False})
+        self.assertEqual(gc._inverse_change({"action": "unstar"})["action"], "star")
+        self.assertEqual(gc._inverse_change({"action": "mark read"})["action"], "mark unread")
+        self.assertEqual(gc._inverse_change({"action": "archive"})["action"], "unarchive")
+        self.assertEqual(gc._inverse_change({"action": "odd"})["action"], "undo odd")
+
+    def test_add_condition_refuses_taken_and_odd_keys(self):
+        for key in ("from", "label", "mark_read", "Bad-Key", "", "continue"):
+            with self.subTest(key=key), self.assertRaises(ValueError):
+                gc.Ruleset.add_condition(key, lambda msg: True)
+        with self.assertRaises(ValueError):
+            gc.Ruleset.add_condition("fine_name", "not callable")
+        with self.assertRaises(ValueError):     # cannot read a value from a rules file
+            gc.Ruleset.add_condition("fine_name", gc.HeaderPresent)
+        self.assertNotIn("fine_name", gc._CONDITION_KINDS)
+        with mock.patch.dict(gc._CONDITION_KINDS):
+            gc.Ruleset.add_condition("fine_name2", gc.HasLabel)
+            rules = parse_rules({"rule": [{"name": "r", "fine_name2": "Keep", "label": "L"}]}, "r.json")
+            self.assertEqual(rules.rules[0].condition, gc.HasLabel(gc.Matcher((gc.Pattern("Keep", "keep"),))))
+            self.assertTrue(rules.needs.labels)
+        self.assertNotIn("fine_name2", gc._CONDITION_KINDS)
+
+
+# Rules for the explain/evaluate sweep: every kind, plain and regex, nested, unknowns.
+EXPLAIN_RULES = {"rule": [
+    {"name": "a", "from": ["müller", "/@example\\.(com|de)$/", "github"], "label": "A"},
+    {"name": "b", "recipient": ["team@", "/^staff@/i"], "subject": ["receipt", "/\\d{3}/"], "label": "B"},
+    {"name": "c", "any": [{"subject": "café"}, {"list_id": "/./"}, {"body": "unsubscribe"}], "label": "C"},
+    {"name": "d", "not": {"header": {"X-Custom": True, "Delivered-To": "/example/"}}, "label": "D"},
+    {"name": "e", "all": [{"larger_than": "1K"}, {"older_than": "30d"}, {"cc": "/a/"}], "label": "E"},
+    {"name": "f", "has_attachment": True, "newer_than": "2y", "unread": False, "starred": False,
+     "has_label": ["/^Rec/", "Keep"], "label": "F"},
+    {"name": "g", "not": {"any": [{"to": "ann"}, {"all": [{"smaller_than": 500}, {"subject": "/^re:/i"}]}]},
+     "gmail_query": "x", "label": "G"},
+]}
+
+
+class ExplainFastPathTest(unittest.TestCase):
+    """explain() (the plain walk `why` will print) agrees with evaluate() (the short-cut
+    matcher, the cost order, the header cache) on every condition of every message, and
+    gives the same text whichever header decoder ran."""
+
+    def messages(self) -> List[Tuple[bytes, Dict[str, Any]]]:
+        now = datetime(2026, 11, 30, tzinfo=timezone.utc)
+        corpus = [raw.split(b"\r\n\r\n")[0] + b"\r\n\r\n" for raw, _ in bench_corpus(120)]
+        corpus += tricky_header_blocks()
+        out = []
+        for i, raw in enumerate(corpus):
+            fields = dict(size=len(raw) * (i % 5), date=now - timedelta(days=len(raw) * (i % 4)),
+                          has_attachment=[True, False, None][i % 3],
+                          flags=[frozenset(), frozenset({"\\Seen"}), None, frozenset({"\\Flagged"})][i % 4],
+                          labels=[None, frozenset({"Receipts"}), frozenset({"keep", "\\Inbox"})][i % 3],
+                          body=[None, "please Unsubscribe here", "nothing"][i % 3],
+                          queries=[None, frozenset({"x"}), frozenset()][(i // 3) % 3])
+            out.append((raw, fields))
+        return out
+
+    def verdicts(self, rules: gc.Ruleset, corpus, now) -> List[Any]:
+        results = []
+        for raw, fields in corpus:
+            msg = MessageInfo(headers=parse_headers(raw), **fields)
+            for rule in rules.rules:
+                for condition in gc._walk(rule.condition):
+                    fast, plain = condition.evaluate(msg, now), condition.explain(msg, now)
+                    if fast[0] != plain[0]:
+                        self.fail(f"{raw!r}: {condition.describe()}: evaluate {fast}, explain {plain}")
+                    results.append(plain)
+        return results
+
+    def test_explain_and_evaluate_agree_and_the_text_does_not_depend_on_the_decoder(self):
+        rules = gc.parse_rules(EXPLAIN_RULES, "explain rules")
+        now = datetime(2026, 11, 30, tzinfo=timezone.utc)
+        corpus = self.messages()
+        fast = self.verdicts(rules, corpus, now)
+        with mock.patch.object(gc, "header_text", gc._plain_header_text), \
+                mock.patch.object(gc, "header_addresses", gc._plain_header_addresses), \
+                mock.patch.object(gc, "_split_header_block", lambda raw: None):
+            plain = self.verdicts(rules, corpus, now)
+        self.assertEqual(fast, plain)
+        self.assertEqual({v for v, _ in fast}, {True, False, None})
+        self.assertGreater(sum(v is True for v, _ in fast), 300)
+
+    def test_a_hit_names_the_pattern_evaluate_names(self):
+        rules = gc.parse_rules(EXPLAIN_RULES, "explain rules")
+        now = datetime(2026, 11, 30, tzinfo=timezone.utc)
+        checked = 0
+        for raw, fields in self.messages():
+            msg = MessageInfo(headers=parse_headers(raw), **fields)
+            for rule in rules.rules:
+                for condition in gc._walk(rule.condition):
+                    if isinstance(condition, (gc.HeaderMatch, gc.BodyMatch)):
+                        value, reason = condition.evaluate(msg, now)
+                        if value:
+                            verb_and_pattern = reason.split(" ", 1)[1] if isinstance(condition, gc.BodyMatch) \
+                                else reason[len(condition.key) + 1:]
+                            self.assertTrue(condition.explain(msg, now)[1].endswith(verb_and_pattern),
+                                            (raw, reason, condition.explain(msg, now)))
+                            checked += 1
+        self.assertGreater(checked, 200)
+
+
+class ExtensionPointTest(FakeServerTest):
+    """A new condition kind and a new flag action are one class / one row each: a rules
+    file uses them and a run against the server sends what they say."""
+
+    def setUp(self):
+        super().setUp()
+        for table in (gc._CONDITION_KINDS, gc._FLAG_ACTION_ROWS):
+            patcher = mock.patch.dict(table)
+            patcher.start()
+            self.addCleanup(patcher.stop)
+
+    def test_a_condition_class_a_python_condition_and_a_flag_row_run_against_the_server(self):
+        @dataclasses.dataclass(frozen=True)
+        class SubjectLength(gc.Condition):
+            """`subject_longer_than = N`: the subject has more than N characters."""
+
+            limit: int
+            cost = 2
+
+            @classmethod
+            def from_rules(cls, key, value, read):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise read.error(f"expected a number, got {value!r}")
+                return cls(value)
+
+            def evaluate(self, msg, now):
+                return self.explain(msg, now)[0], self.describe()
+
+            def explain(self, msg, now):
+                subject = (header_text(msg.headers, "subject") or [""])[0]
+                return len(subject) > self.limit, f"subject: {len(subject)} characters"
+
+            def needs(self):
+                return gc.Needs(headers=frozenset({"subject"}))
+
+            def describe(self):
+                return f"subject longer than {self.limit}"
+
+        gc.Ruleset.add_condition("subject_longer_than", SubjectLength)
+        gc.Ruleset.add_condition("from_a_robot", lambda msg: "robot" in str(msg.headers["X-Sender-Kind"]),
+                                 needs=gc.Needs(headers=frozenset({"x-sender-kind"})))
+        gc._FLAG_ACTION_ROWS["flag_answered"] = gc.FlagAction(
+            "flag_answered", "\\Answered", True, "unflag_answered", "flag answered")
+        gc._FLAG_ACTION_ROWS["unflag_answered"] = gc.FlagAction(
+            "unflag_answered", "\\Answered", False, "flag_answered", "unflag answered")
+
+        long_id = self.server.add_message(make_message("a subject well over twenty characters"))
+        short_id = self.server.add_message(make_message("short"))
+        robot_id = self.server.add_message(make_message("beep", extra="X-Sender-Kind: robot\n"),
+                                           flags=("\\Answered",))
+        path = os.path.join(self.tmp, "rules.toml")
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write('[[rule]]\nname = "Long"\nsubject_longer_than = 20\nflag_answered = true\n'
+                     'star = true\n\n[[rule]]\nname = "Robots"\nany = [{ from_a_robot = true }]\n'
+                     'unflag_answered = true\nlabel = "Robots"\n')
+        rules = gc.load_rules(path)
+        self.assertEqual(rules.rules[0].actions.describe(), "star, flag answered")
+        self.assertIn("x-sender-kind", rules.needs.headers)
+        report = gc.classify_folder(self.connect(), rules, "INBOX", apply=True)
+        self.assertEqual(report.matched, {"Long": 1, "Robots": 1})
+        self.assertEqual(report.changes, {"flag answered": 1, "star": 1, "unflag answered": 1,
+                                          "label Robots": 1})
+        stores = sorted(e.line.split(b" ", 3)[3] for e in self.server.log if e.command == "UID STORE")
+        self.assertEqual(stores, [b"1 +FLAGS.SILENT (\\Answered)\r\n", b"1 +FLAGS.SILENT (\\Flagged)\r\n",
+                                  b'3 +X-GM-LABELS ("Robots")\r\n', b"3 -FLAGS.SILENT (\\Answered)\r\n"])
+        self.assertEqual(self.server.message(long_id).flags, {"\\Answered", "\\Flagged"})
+        self.assertEqual(self.server.message(short_id).flags, set())
+        self.assertEqual(self.server.message(robot_id).flags, set())
+        # a misspelt new key is offered the registered one; a conflicting pair is refused
+        with self.assertRaises(gc.RulesError) as caught:
+            gc.parse_rules({"rule": [{"name": "x", "subject_longer_then": 3, "star": True}]}, "r.json")
+        self.assertIn("did you mean 'subject_longer_than'?", str(caught.exception))
+        with self.assertRaises(gc.RulesError) as caught:
+            gc.parse_rules({"rule": [{"name": "x", "from_a_robot": True, "flag_answered": True,
+                                      "unflag_answered": True}]}, "r.json")
+        self.assertIn("'flag_answered' and 'unflag_answered' contradict each other", str(caught.exception))
+        # `check` knows the new key, [[test]] tables included
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write('\n[[test]]\nheaders = { "X-Sender-Kind" = "robot" }\nexpect_rules = ["Robots"]\n'
+                     '\n[[test]]\nsubject = "a subject well over twenty characters"\nexpect_rules = ["Long"]\n'
+                     'expect_actions = { flag_answered = true, star = true }\n')
+        code, out, err = run_cli("check", path)
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("1. Long: star, flag answered\n", out)
+        self.assertIn("tests: 2 of 2 passed", out)
 
 
 class PipeliningTest(FakeServerTest):

@@ -3135,7 +3135,9 @@ def _repair_surrogates(text: str) -> str:
 
 # A run of RFC 2047 encoded words; the whitespace between two of them is not
 # part of the text (RFC 2047 section 6.2), which decode_header handles per run.
-_ENCODED_WORDS = re.compile(r"=\?[^?\s]+\?[BbQq]\?[^?\s]*\?=(?:\s+=\?[^?\s]+\?[BbQq]\?[^?\s]*\?=)*")
+# It joins the bytes of a run by repeated concatenation (quadratic), so a
+# run is taken 64 words at a time: a sender's endless run costs linear time.
+_ENCODED_WORDS = re.compile(r"=\?[^?\s]+\?[BbQq]\?[^?\s]*\?=(?:\s+=\?[^?\s]+\?[BbQq]\?[^?\s]*\?=){0,63}")
 
 
 def _decode_words(text: str) -> str:
@@ -3148,6 +3150,26 @@ def _decode_words(text: str) -> str:
     return _ENCODED_WORDS.sub(decode, text)
 
 
+# How much of one header (all its values together) is decoded: far more than any
+# honest header holds (500 recipients fit in 20 KB), and a bound on the time a sender
+# can make each reading of it cost, whatever the shape (every reader below is linear).
+HEADER_VALUE_LIMIT = 32768
+
+
+def _bounded(raws: List[str]) -> List[str]:
+    """The values of one header cut to HEADER_VALUE_LIMIT characters in all."""
+    if sum(map(len, raws)) <= HEADER_VALUE_LIMIT:
+        return raws
+    kept: List[str] = []
+    room = HEADER_VALUE_LIMIT
+    for raw in raws:
+        if room <= 0:
+            break
+        kept.append(raw[:room])
+        room -= len(raw)
+    return kept
+
+
 def _raw_values(msg: email.message.EmailMessage, name: str) -> List[str]:
     """The unparsed, unfolded values of one header (8-bit bytes as lone surrogates)."""
     wanted = name.lower()
@@ -3155,7 +3177,17 @@ def _raw_values(msg: email.message.EmailMessage, name: str) -> List[str]:
         items = [value for key, value in msg.raw_items() if key.lower() == wanted]
     except Exception:
         return []
-    return [re.sub(r"\r?\n(?=[ \t])", "", str(value)) for value in items]
+    return _bounded([re.sub(r"\r?\n(?=[ \t])", "", str(value)) for value in items])
+
+
+# The header classes of email.policy.default (email._header_value_parser) take time
+# that grows with the square of some values: a From of '"\\"' repeated 20,000 times
+# (60 KB, an obsolete local part) costs 30 seconds, one near the 2 MiB header limit
+# hours, while watch holds the account lock.  A sender chooses these bytes, so values
+# longer than this never reach those classes; _address_pairs() below reads them in
+# linear time instead.  Common shapes never get there (the fast path reads them), so
+# the limit only decides how exotic long headers are read.
+HEADER_PARSE_LIMIT = 2048
 
 
 def _parsed_values(msg: email.message.EmailMessage, name: str, raws: List[str]) -> list:
@@ -3163,7 +3195,10 @@ def _parsed_values(msg: email.message.EmailMessage, name: str, raws: List[str]) 
 
     policy.default turns raw 8-bit bytes into U+FFFD; such values are left to
     the caller, who repairs the raw value instead and keeps the characters.
+    Values longer than HEADER_PARSE_LIMIT in all are not parsed (all None).
     """
+    if sum(map(len, raws)) > HEADER_PARSE_LIMIT:
+        return [None] * len(raws)    # too long for the header classes (see above)
     try:
         parsed = msg.get_all(name) or []
     except Exception:
@@ -3196,20 +3231,112 @@ def _format_address(display_name: str, addr_spec: str) -> str:
     return display_name or addr_spec
 
 
+# Tokens of an address list outside comments: white space, a quoted string (its closing
+# quote optional, so that the pattern never backtracks), a quoted pair, a special, or a
+# run of anything else (atoms, dots and "@" stay together).  Inside a comment only
+# parentheses and quoted pairs count.
+_ADDRESS_TOKEN = re.compile(r'[ \t\r\n]+|"((?:[^"\\]|\\[\s\S]?)*)"?|\\[\s\S]?|[()<>,:;]'
+                            r'|[^ \t\r\n"()<>,:;\\]+')
+_COMMENT_TOKEN = re.compile(r'[^()\\]+|\\[\s\S]?|[()]')
+
+
+def _address_pairs(raw: str) -> List[Tuple[str, str]]:
+    """(display name, addr-spec) of each mailbox in an address-list value, read in
+    linear time whatever its length or shape (RFC 5322 section 3.4, leniently).
+
+    Returns e.g. [("support@paypal.com", "phisher@evil.example")] for
+    '"support@paypal.com" <phisher@evil.example>': the address comes from the
+    angle brackets, never from the display name; comments are dropped, group names
+    skipped, an obsolete route (<@a,@b:x@y>) removed; the address is "" where
+    there is none. Display names are not decoded.
+    """
+    pairs: List[Tuple[str, str]] = []
+    words: List[str] = []          # display-name words, quotes removed
+    bare: List[str] = []           # the same tokens as written, for a bare addr-spec
+    angle: Optional[List[str]] = None
+    addr: Optional[str] = None
+    pos, end = 0, len(raw)
+
+    def flush() -> None:
+        nonlocal addr
+        display = " ".join(words)
+        if addr is not None:
+            pairs.append((display, addr))
+        elif any("@" in token for token in bare if token[0] != '"'):
+            pairs.append(("", "".join(bare)))
+        elif words:
+            pairs.append((display, ""))
+        words.clear()
+        bare.clear()
+        addr = None
+
+    while pos < end:
+        if raw[pos] == "(":
+            depth, pos = 1, pos + 1
+            while depth and pos < end:
+                token = _COMMENT_TOKEN.match(raw, pos)
+                depth += {"(": 1, ")": -1}.get(token.group(), 0)
+                pos = token.end()
+            continue
+        token = _ADDRESS_TOKEN.match(raw, pos)
+        text, pos = token.group(), token.end()
+        first = text[0]
+        if angle is not None:
+            if text == ">":
+                addr = _angle_address(angle)
+                angle = None
+            elif first not in " \t\r\n":
+                angle.append(text)
+        elif text == "<":
+            angle = []
+        elif text in (",", ";"):
+            flush()
+        elif text == ":":
+            words.clear()      # a group's name
+            bare.clear()
+        elif first in " \t\r\n" or text in (")", ">") or addr is not None:
+            continue
+        elif first == '"':
+            words.append(re.sub(r"\\([\s\S])", r"\1", token.group(1)))
+            bare.append(text)
+        else:
+            words.append(text)
+            bare.append(text)
+    if angle is not None:
+        addr = _angle_address(angle)
+    flush()
+    return pairs
+
+
+def _angle_address(tokens: List[str]) -> str:
+    """The addr-spec between angle brackets, its obsolete route dropped; "" unless it
+    has an "@" outside quotes (<"x@paypal.com"> names no domain)."""
+    if tokens and tokens[0].startswith("@") and ":" in tokens:
+        tokens = tokens[len(tokens) - tokens[::-1].index(":"):]
+    if not any("@" in token for token in tokens if token[0] != '"'):
+        return ""
+    return "".join(tokens)
+
+
+def _mailboxes_without_parse(raw: str) -> List[Tuple[str, str]]:
+    """(display name, addr-spec) pairs with an address, read without the header classes."""
+    raw = _repair_surrogates(raw)
+    pairs: List[Tuple[str, str]] = []
+    if len(raw) <= HEADER_PARSE_LIMIT:
+        try:
+            pairs = [pair for pair in email.utils.getaddresses([raw]) if "@" in pair[1]]
+        except Exception:
+            pairs = []
+    if not pairs:    # long, or too odd for getaddresses (which is strict on newer Pythons)
+        pairs = [pair for pair in _address_pairs(raw) if "@" in pair[1]]
+    return [(_decode_words(display), addr) for display, addr in pairs]
+
+
 def _addresses_without_parse(raw: str) -> List[str]:
     """What header_addresses() makes of a value the header classes found no address in."""
-    raw = _repair_surrogates(raw)
-    try:
-        pairs = email.utils.getaddresses([raw])
-    except Exception:
-        pairs = []
-    found = [
-        _format_address(_decode_words(display), addr)
-        for display, addr in pairs
-        if "@" in addr
-    ]
+    found = [_format_address(display, addr) for display, addr in _mailboxes_without_parse(raw)]
     if not found:
-        text = _decode_words(raw).strip()
+        text = _decode_words(_repair_surrogates(raw)).strip()
         found = [text] if text else []
     return found
 
@@ -3342,11 +3469,17 @@ def _fast_display_name(phrase: str) -> Optional[str]:
 
 
 def _fast_addresses(raw: str) -> Optional[List[str]]:
-    """The addresses of a value in a common shape, as headerregistry finds them, or None.
+    """The addresses of a value in a common shape, as headerregistry finds them, or None."""
+    pairs = _fast_mailboxes(raw)
+    return None if pairs is None else [_format_address(*pair) for pair in pairs]
+
+
+def _fast_mailboxes(raw: str) -> Optional[List[Tuple[str, str]]]:
+    """(display name, addr-spec) pairs of a value in a common shape, or None.
 
     address-list = item *("," item); item = mailbox / phrase ":" [mailbox *("," mailbox)] ";"
     """
-    found: List[str] = []
+    found: List[Tuple[str, str]] = []
     pos, end = 0, len(raw)
 
     def mailbox(at: int) -> int:
@@ -3354,12 +3487,12 @@ def _fast_addresses(raw: str) -> Optional[List[str]]:
         if match is None or "=?" in (match.group(1) or match.group(3)):
             return -1
         if match.group(1):
-            found.append(match.group(1))
+            found.append(("", match.group(1)))
             return match.end()
         display = _fast_display_name(match.group(2)) if match.group(2) else ""
         if display is None:
             return -1
-        found.append(_format_address(display, match.group(3)))
+        found.append((" ".join(display.split()), match.group(3)))
         return match.end()
 
     while True:
@@ -3442,6 +3575,7 @@ def _decode_header(msg: email.message.EmailMessage, raws: List[str], kind: str,
                    name: str) -> List[str]:
     if not raws:
         return []
+    raws = _bounded(raws)
     registry_kind = _header_kind(name)
     if any(_has_surrogates(raw) for raw in raws):
         registry_kind = "reference"
@@ -3480,6 +3614,29 @@ def header_addresses(msg: email.message.EmailMessage, name: str) -> List[str]:
     While rules classify the message, each header is decoded once and cached.
     """
     return _cached(msg, "addresses", name)
+
+
+def _header_mailboxes(msg: email.message.EmailMessage, name: str) -> List[Tuple[str, str]]:
+    """(display name, addr-spec) of each address in header `name`; never raises.
+
+    Returns e.g. [("support@paypal.com", "phisher@evil.example")]: what a sender
+    domain or a suggested rule is taken from. The address is always the parsed
+    addr-spec, never text of the display name; ("text", "") stands for a value
+    with no address in it.
+    """
+    cache = _header_cache(msg, create=False)
+    raws = _bounded(cache.get(("raw", name.lower()), [])) if cache is not None else _raw_values(msg, name)
+    pairs: List[Tuple[str, str]] = []
+    for raw in raws:
+        found = None if _has_surrogates(raw) else _fast_mailboxes(raw)
+        if found is None:
+            raw = _repair_surrogates(raw)
+            found = [(_decode_words(display), addr) for display, addr in _address_pairs(raw) if addr]
+        if not found:
+            text = _decode_words(_repair_surrogates(raw)).strip()
+            found = [(text, "")] if text else []
+        pairs.extend(found)
+    return pairs
 
 
 def _header_present(msg: email.message.EmailMessage, name: str) -> bool:
@@ -4280,8 +4437,9 @@ def clean_component(value: str, separator: Optional[str] = "/") -> str:
 
 
 def _sender_domain(msg: MessageInfo) -> str:
-    for sender in header_addresses(msg.headers, "from")[:1]:
-        address = email.utils.parseaddr(sender)[1] or sender
+    """The domain of the first From address: of its addr-spec, never of its display name
+    ('"support@paypal.com" <phisher@evil.example>' is evil.example)."""
+    for _, address in _header_mailboxes(msg.headers, "from")[:1]:
         if "@" in address:
             return address.rpartition("@")[2]
     return ""
@@ -9180,7 +9338,7 @@ def suggest_rules(conn: GmailConnection, folder: str = "INBOX", *, top: int = 10
             headers = parse_headers(values.get(item) or b"")
             subject = _first(header_text(headers, "subject"))
             list_id = _first(header_text(headers, "list-id")).strip()
-            name, address = email.utils.parseaddr(_first(header_addresses(headers, "from")))
+            name, address = (_header_mailboxes(headers, "from") or [("", "")])[0]
             address = address.lower()
             if list_id:
                 found = re.search(r"<([^<>]+)>", list_id)

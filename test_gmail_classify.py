@@ -10162,7 +10162,7 @@ class TemplateTest(unittest.TestCase):
     def test_hostile_sender_domains_are_cleaned(self):
         cases = [
             ("x <a@evil.example/../INBOX>", "/", "evil.example.inbox"),
-            ("a@[Gmail].Trash", "/", "gmail"),
+            ("a@[Gmail].Trash", "/", "gmail.trash"),
             ("=?utf-8?q?J=C3=BCrgen?= <a@München.DE>", "/", "xn--mnchen-3ya.de"),
             ("a@EXAMPLE.COM.", "/", "example.com"),
             ("a@EXAMPLE.COM.", ".", "example-com"),
@@ -11885,6 +11885,100 @@ class ServerNumbersTest(AnyServerTest):
                 self.assertNotIn("CLOSE", self.commands())
                 self.assertEqual(self.commands()[-1], "LOGOUT")
                 self.assertEqual(len(server.messages("INBOX")), 5)
+
+
+# --- Hostile input, round two: senders, files and the OAuth listener (issue 20) ------------
+
+class HostileSenderTest(unittest.TestCase):
+    """Header values a sender crafts cost linear time, and a sender domain is the address's."""
+
+    RULES = {"rule": [{"name": "Evil", "from": "@evil.example", "label": "Evil"},
+                      {"name": "Orders", "subject": "order", "label": "V/{sender_domain}"}]}
+
+    def classify_timed(self, raw: bytes) -> Tuple[float, Any, str]:
+        rules = parse_rules(self.RULES, "r.json")
+        started = time.perf_counter()
+        msg = MessageInfo(headers=parse_headers(raw))
+        decision = rules.classify(msg, now=NOW)
+        name = gc.expand_template("V/{sender_domain}", msg)
+        texts = [header_text(msg.headers, name) for name in ("to", "cc", "reply-to", "sender", "list-id")]
+        gc._drop_header_cache(msg.headers)
+        header_addresses(msg.headers, "from"), gc._plain_header_addresses(msg.headers, "from")
+        gc._plain_header_text(msg.headers, "to")
+        return time.perf_counter() - started, decision, name if texts else ""
+
+    def test_a_crafted_from_header_costs_linear_time_and_the_message_is_classified(self):
+        # '"\"' repeated: an obsolete local part the email package parses in quadratic time
+        # (30 s for this 60 KB header before; hours near the 2 MiB header limit).
+        import email._header_value_parser as hvp
+        for size in (60 * 1024, 2 * 1024 * 1024):
+            crafted = '"\\"' * (size // 3)
+            raw = ("From: %s\r\nTo: %s\r\nCc: %s\r\nReply-To: %s\r\nSender: %s\r\nList-Id: %s\r\n"
+                   "Subject: your order\r\n\r\n" % ((crafted,) * 6)).encode()
+            handed = []
+
+            def refuse(value, *args):
+                handed.append(len(value))
+                raise AssertionError("the quadratic parser got %d characters" % len(value))
+            with self.subTest(size=size), \
+                    mock.patch.object(hvp, "get_address_list", side_effect=refuse), \
+                    mock.patch.object(hvp, "get_unstructured", side_effect=refuse):
+                spent, decision, name = self.classify_timed(raw)
+                self.assertEqual(handed, [])
+                self.assertEqual([rule for rule, _ in decision.matches], ["Orders"])
+                self.assertEqual(name, "V/unknown")
+                self.assertLess(spent, 5.0)
+
+    def test_cost_does_not_grow_with_the_square_of_the_header(self):
+        costs = []
+        for size in (64 * 1024, 256 * 1024):
+            raw = b"From: " + b'(\\"' * (size // 3) + b" <a@evil.example>\r\nSubject: order\r\n\r\n"
+            best = min(self.classify_timed(raw)[0] for _ in range(2))
+            costs.append(best)
+        self.assertLess(costs[1], 6 * costs[0] + 0.05)
+
+    def test_encoded_word_runs_cost_linear_time(self):
+        for size in (64 * 1024, 2 * 1024 * 1024):
+            run = "=?utf-8?q?a=C3=A9?= " * (size // 20)
+            raw = ("Subject: %s\r\nFrom: %s <x@shop.example>\r\n\r\n" % (run + "order =?x", run)).encode()
+            with self.subTest(size=size):
+                spent, decision, name = self.classify_timed(raw)
+                self.assertEqual([rule for rule, _ in decision.matches], [])   # the cut subject has no "order"
+                self.assertEqual(name, "V/shop.example" if size < gc.HEADER_VALUE_LIMIT else "V/unknown")
+                self.assertLess(spent, 5.0)
+
+    def test_sender_domain_comes_from_the_address_never_the_display_name(self):
+        cases = [
+            ('"support@paypal.com" <phisher@evil.example>', "evil.example"),
+            ('support@paypal.com <phisher@evil.example>', "evil.example"),
+            ('"Smith, support@paypal.com" <phisher@evil.example>', "evil.example"),
+            ('=?utf-8?q?support=40paypal=2Ecom?= <phisher@evil.example>', "evil.example"),
+            ('"support@paypal.com" <>', "unknown"),
+            ('"support@paypal.com"', "unknown"),
+            ('"support@paypal.com" (a@paypal.com) <phisher@evil.example> (b@paypal.com)', "evil.example"),
+            ('"a\\"b@paypal.com" <phisher@evil.example>', "evil.example"),
+            ('Group: "x@paypal.com" <phisher@evil.example>;', "evil.example"),
+            ('"' + "\\" * 3000 + '@paypal.com" <phisher@evil.example>', "evil.example"),
+            ('"x@paypal.com' + "(" * 5000 + '" <phisher@evil.example>', "evil.example"),
+        ]
+        for sender, expected in cases:
+            raw = ("From: %s\r\nSubject: order\r\n\r\n" % sender).encode()
+            with self.subTest(sender=sender[:80]):
+                msg = MessageInfo(headers=parse_headers(raw))
+                self.assertEqual(gc.expand_template("V/{sender_domain}", msg), "V/" + expected)
+                plain = MessageInfo(headers=email.parser.BytesParser(policy=email.policy.default)
+                                    .parsebytes(raw, headersonly=True))
+                self.assertEqual(gc.expand_template("V/{sender_domain}", plain), "V/" + expected)
+
+    def test_the_linear_address_reader_finds_what_the_header_classes_find(self):
+        cases = ['a@b.example', 'Name <a@b.example>', '"Q, R" <a@b.example>, c@d.example',
+                 'G: a@b.example, "x" <c@d.example>;, e@f.example', '(c) N (d) <a@b.example> (e)',
+                 '<@r1,@r2:a@b.example>', '"a\\"b" <a@b.example>', 'a @ b.example']
+        for value in cases:
+            with self.subTest(value=value):
+                msg = parse_headers(("To: %s\r\n\r\n" % value).encode())
+                want = [(" ".join(a.display_name.split()), a.addr_spec) for a in msg["to"].addresses]
+                self.assertEqual(gc._address_pairs(value), want)
 
 
 # --- Benchmark -----------------------------------------------------------------------------

@@ -82,6 +82,7 @@ import email.message
 import email.parser
 import email.policy
 import email.utils
+import errno
 import getpass
 import hashlib
 import html
@@ -8564,6 +8565,7 @@ GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
 OAUTH_SCOPE = "https://mail.google.com/"     # the only scope Gmail IMAP accepts
 OAUTH_TIMEOUT = 30.0            # seconds for one request to the token endpoint
 OAUTH_WAIT = 300.0              # seconds `auth` waits for the browser to come back
+OAUTH_CONNECTION_TIMEOUT = 10.0  # seconds one connection to the redirect listener may idle
 TOKEN_REFRESH_MARGIN = 300.0    # refresh an access token this long before it expires
 TOKEN_REUSE = 60.0              # a token fetched this recently serves a reconnect as is
 TOKEN_FILE_VERSION = 1
@@ -8691,15 +8693,19 @@ def _read_redirect(query: str, state: str) -> _Redirect:
     params = urllib.parse.parse_qs(query, keep_blank_values=True)
     got_state = (params.get("state") or [""])[0]
     error = (params.get("error") or [""])[0]
+    # The state first: only an answer carrying this sign-in's state comes from Google.
+    # Anything else (another local user, a web page fetching 127.0.0.1, an old tab) may
+    # not end the sign-in, not even with error=access_denied.
+    if not got_state or not secrets.compare_digest(got_state.encode("utf-8", "replace"),
+                                                   state.encode("utf-8")):
+        raise OAuthError("sign-in failed: the answer's state parameter does not match this "
+                         "sign-in (an old browser tab, or a forged request); run auth again",
+                         error="bad_state")
     if error:
         if error == "access_denied":
             raise OAuthError("sign-in refused: access was denied on Google's consent page; run "
                              "auth again and allow access to mail", error=error)
         raise OAuthError(f"sign-in failed: Google answered {error[:80]}", error=error)
-    if not got_state or not secrets.compare_digest(got_state, state):
-        raise OAuthError("sign-in failed: the answer's state parameter does not match this "
-                         "sign-in (an old browser tab, or a forged request); run auth again",
-                         error="bad_state")
     code = (params.get("code") or [""])[0]
     if not code:
         raise OAuthError("sign-in failed: the answer carries no authorisation code; run auth again",
@@ -8724,8 +8730,16 @@ _DONE_PAGE = ("<!doctype html><meta charset=utf-8><title>gmail_classify</title>"
               "<p>{}</p><p>You can close this tab.</p>")
 
 
-class _RedirectCatcher(http.server.HTTPServer):
-    """A one-shot loopback server that waits for the browser's redirect."""
+class _RedirectCatcher(http.server.ThreadingHTTPServer):
+    """A one-shot loopback server that waits for the browser's redirect.
+
+    Any local program can connect to it, so one thread per connection (an idle one
+    blocks only itself, and gives up after OAUTH_CONNECTION_TIMEOUT), and only a
+    request carrying this sign-in's state ends the wait; anything else gets 400.
+    """
+
+    daemon_threads = True
+    block_on_close = False     # shutting down never waits for an idle connection
 
     def __init__(self, port: int, state: str) -> None:
         super().__init__(("127.0.0.1", port), _RedirectHandler)
@@ -8737,6 +8751,7 @@ class _RedirectCatcher(http.server.HTTPServer):
 
 class _RedirectHandler(http.server.BaseHTTPRequestHandler):
     server: _RedirectCatcher
+    timeout = OAUTH_CONNECTION_TIMEOUT     # per connection: a silent client is dropped
 
     def do_GET(self) -> None:
         parts = urllib.parse.urlsplit(self.path)
@@ -8744,11 +8759,15 @@ class _RedirectHandler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         try:
-            self.server.result = _read_redirect(parts.query, self.server.state)
+            result = _read_redirect(parts.query, self.server.state)
             message, status = "Signed in: gmail_classify has its token.", 200
         except OAuthError as exc:
+            if exc.error == "bad_state":     # not this sign-in's answer: keep waiting
+                self.send_error(400, "not the answer to this sign-in")
+                return
+            result, message, status = None, html.escape(str(exc)), 400
             self.server.error = exc
-            message, status = html.escape(str(exc)), 400
+        self.server.result = result
         self.server.done.set()
         body = _DONE_PAGE.format(message).encode("utf-8")
         self.send_response(status)
@@ -8832,6 +8851,9 @@ def authorize(client: OAuthClient, user: str, *, port: int = 0,
     try:
         catcher = _RedirectCatcher(port, state)
     except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise OAuthError(f"port {port} is in use; choose another --port (or 0 for any "
+                             f"free port)", error="port") from exc
         raise OAuthError(f"cannot listen on 127.0.0.1:{port} for Google's redirect: "
                          f"{exc.strerror or exc}; choose another --port", error="port") from exc
     redirect_uri = f"http://127.0.0.1:{catcher.server_address[1]}/"
@@ -10425,8 +10447,13 @@ def _cmd_auth(args: argparse.Namespace, out: TextIO) -> int:
         out.flush()
 
     browser = None if args.no_browser or not _can_open_browser() else webbrowser.open
-    answer = authorize(client, user, port=args.port, open_browser=browser, show=show,
-                       read_pasted=_stdin_lines(sys.stdin) if interactive else None)
+    try:
+        answer = authorize(client, user, port=args.port, open_browser=browser, show=show,
+                           read_pasted=_stdin_lines(sys.stdin) if interactive else None)
+    except OAuthError as exc:
+        if exc.error == "port":      # the user's --port: a usage error, not a refusal
+            raise UsageError(str(exc)) from exc
+        raise
     path = save_refresh_token(user, client, answer["refresh_token"])
     out.write(f"Signed in as {user}. The refresh token is stored in {path} (readable only "
               f"by you).\nTry: python gmail_classify.py --user {user} --auth xoauth2 labels\n")

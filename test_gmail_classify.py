@@ -6904,11 +6904,12 @@ class OAuthTest(FakeServerTest):
         self.assertEqual(self.google.token_requests, [])
 
     def test_bad_state_is_refused_before_any_exchange(self):
+        # A redirect with a wrong state is not this sign-in's answer: it gets 400 and the
+        # listener keeps waiting (here until the deadline), exchanging nothing.
         self.google.consent = "forge"
         with self.assertRaises(gc.OAuthError) as caught:
-            self.authorize()
-        self.assertEqual(caught.exception.error, "bad_state")
-        self.assertIn("state", str(caught.exception))
+            self.authorize(wait=1)
+        self.assertEqual(caught.exception.error, "timeout")
         self.assertEqual(self.google.token_requests, [])
 
     def test_mail_scope_left_unticked(self):
@@ -11979,6 +11980,121 @@ class HostileSenderTest(unittest.TestCase):
                 msg = parse_headers(("To: %s\r\n\r\n" % value).encode())
                 want = [(" ".join(a.display_name.split()), a.addr_spec) for a in msg["to"].addresses]
                 self.assertEqual(gc._address_pairs(value), want)
+
+
+class OAuthListenerTest(FakeServerTest):
+    """The loopback redirect listener: anyone local can connect to it, only Google's
+    answer to this sign-in (the right state) may end it, and its deadline holds."""
+
+    def setUp(self):
+        super().setUp()
+        self.google = FakeGoogle(self.server)
+        self.addCleanup(self.google.stop)
+        self.client = gc.OAuthClient(CLIENT_ID, CLIENT_SECRET)
+        self.env = {"XDG_CONFIG_HOME": os.path.join(self.tmp, "config"), "DISPLAY": ":0"}
+
+    authorize = OAuthTest.authorize
+    client_file = OAuthTest.client_file
+
+    def start(self, **options: Any) -> Tuple[threading.Thread, Dict[str, Any], List[str]]:
+        shown: List[str] = []
+        outcome: Dict[str, Any] = {}
+
+        def run() -> None:
+            started = time.monotonic()
+            try:
+                outcome["answer"] = self.authorize(show=shown.append, **options)
+            except Exception as exc:     # examined by the test
+                outcome["error"] = exc
+            outcome["took"] = time.monotonic() - started
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        wait_until(lambda: shown)
+        return thread, outcome, shown
+
+    @staticmethod
+    def port_of(url: str) -> int:
+        redirect = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["redirect_uri"][0]
+        return urllib.parse.urlsplit(redirect).port
+
+    @staticmethod
+    def get(port: int, path: str) -> Tuple[int, bytes]:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n" % path.encode())
+            data = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return int(data.split(b" ", 2)[1]), data
+
+    def test_forged_requests_get_400_and_the_real_redirect_still_signs_in(self):
+        thread, outcome, shown = self.start(open_browser=None, wait=10)
+        port = self.port_of(shown[0])
+        idle = socket.create_connection(("127.0.0.1", port), timeout=5)   # held open, silent
+        self.addCleanup(idle.close)
+        for path in ("/?error=access_denied", "/?error=access_denied&state=wrong",
+                     "/?code=4/stolen&state=", "/?code=4/stolen"):
+            with self.subTest(path=path):
+                status, _ = self.get(port, path)
+                self.assertEqual(status, 400)
+        self.assertTrue(thread.is_alive())       # still waiting for the real answer
+        self.google.browse(shown[0])             # the real redirect, with the idle one still open
+        thread.join(10)
+        self.assertFalse(thread.is_alive())
+        self.assertNotIn("error", outcome)
+        self.assertEqual(outcome["answer"]["refresh_token"], "1//refresh-1")
+        self.assertEqual([r["code"] for r in self.google.token_requests], ["4/code-1"])
+
+    def test_a_refusal_with_the_right_state_still_ends_the_sign_in(self):
+        self.google.consent = "deny"
+        thread, outcome, shown = self.start(open_browser=None, wait=10)
+        self.get(self.port_of(shown[0]), "/?error=access_denied")     # no state: ignored
+        self.assertTrue(thread.is_alive())
+        self.google.browse(shown[0])
+        thread.join(10)
+        self.assertEqual(outcome["error"].error, "access_denied")
+
+    def test_an_idle_connection_neither_blocks_a_pasted_address_nor_the_deadline(self):
+        pasted: List[str] = []
+        shown_box: List[str] = []
+
+        def read_pasted(timeout: float) -> Optional[str]:
+            time.sleep(min(timeout, 0.05))
+            if pasted or not shown_box:
+                return None
+            pasted.append(self.google.final_address(shown_box[0]))
+            return pasted[0]
+
+        def show(url: str) -> None:
+            shown_box.append(url)
+            idle = socket.create_connection(("127.0.0.1", self.port_of(url)), timeout=5)
+            self.addCleanup(idle.close)
+            idle.sendall(b"GET /?st")            # a request that never ends
+        started = time.monotonic()
+        answer = self.authorize(open_browser=None, show=show, read_pasted=read_pasted, wait=10)
+        self.assertEqual(answer["refresh_token"], "1//refresh-1")
+        self.assertLess(time.monotonic() - started, 5)
+        thread, outcome, shown = self.start(open_browser=None, wait=1)
+        idle = socket.create_connection(("127.0.0.1", self.port_of(shown[0])), timeout=5)
+        self.addCleanup(idle.close)
+        thread.join(8)
+        self.assertFalse(thread.is_alive())
+        self.assertEqual(outcome["error"].error, "timeout")
+        self.assertLess(outcome["took"], 4)
+
+    def test_auth_on_a_busy_port_is_a_usage_error(self):
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        code, out, err = run_cli("auth", "--user", USER, "--client-secret-file", self.client_file(),
+                                 "--no-browser", "--port", str(port), env=self.env)
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertEqual(err.strip().count("\n"), 0)
+        self.assertIn("port %d is in use" % port, err)
 
 
 # --- Benchmark -----------------------------------------------------------------------------

@@ -5682,6 +5682,67 @@ def parse_toml(text: str) -> Dict[str, Any]:
 
 # --- Rules files: loading and the built-in rules -----------------------------------------
 
+# One trust question for every file whose contents we act on: a rules file that names a
+# program to run (password_command; the coming plug-in conditions add their programs and
+# the directories they live in), or one that holds a secret.  Another user who can write
+# the file, or any directory above it (and so rename or replace what is in it), could
+# make us run their program as the user.  A directory others can write is acceptable
+# only with the sticky bit (like /tmp): then nobody but an entry's owner may rename or
+# remove that entry, and the entry below it is checked in its turn (owned by the user or
+# root).  Owners other than the user and root are refused for the same reason.  A secret
+# must, on top of that, be readable by its owner alone.
+
+def trust_problem(path: Any, *, private: bool = False, directories: bool = True,
+                  stat: Optional[os.stat_result] = None) -> Optional[str]:
+    """Why ``path`` cannot be trusted, or None (always None off POSIX).
+
+    Returns e.g. "/tmp/x/rules.toml can be changed by other users (group or
+    others may write it); run 'chmod go-w /tmp/x/rules.toml'". ``private``: the
+    file holds a secret, so others may not read it either; ``directories``: check
+    every directory above it too (the real path and the path as given); ``stat``:
+    the file's own status (from the open file, so that it cannot be swapped after).
+    """
+    if os.name != "posix":
+        return None
+    me = os.geteuid()
+    name = os.fspath(path)
+    try:
+        info = stat or os.stat(name)
+    except OSError as exc:
+        return f"cannot check {name}: {exc.strerror or exc}"
+    if info.st_uid not in (me, 0):
+        return (f"{name} belongs to another user (uid {info.st_uid}); use a file of your "
+                f"own ('chown {me} {name}' as root)")
+    if private and info.st_mode & 0o077:
+        return f"{name} is readable by other users; run 'chmod 600 {name}'"
+    if info.st_mode & 0o022:
+        return (f"{name} can be changed by other users (group or others may write it); "
+                f"run 'chmod go-w {name}'")
+    if not directories:
+        return None
+    seen = set()
+    for start in (os.path.abspath(name), os.path.realpath(name)):
+        directory = os.path.dirname(start)
+        while directory not in seen:
+            seen.add(directory)
+            try:
+                here = os.stat(directory)
+            except OSError as exc:
+                return f"cannot check {directory}: {exc.strerror or exc}"
+            if here.st_uid not in (me, 0):
+                return (f"{name} lies in {directory}, which belongs to another user (uid "
+                        f"{here.st_uid}), who could replace the file; move it into a "
+                        f"directory of your own")
+            if here.st_mode & 0o022 and not here.st_mode & 0o1000:
+                return (f"{name} lies in {directory}, which other users can write (and so "
+                        f"replace the file); run 'chmod go-w {directory}' or move the file")
+            parent = os.path.dirname(directory)
+            if parent == directory:
+                break
+            directory = parent
+    return None
+
+
 def load_rules(path: Any) -> Ruleset:
     """Read, parse and validate a .toml or .json rules file.
 
@@ -5694,7 +5755,7 @@ def load_rules(path: Any) -> Ruleset:
         raise RulesError(f"{source}: unknown rules file type; name it *.toml or *.json")
     try:
         with open(source, "rb") as fh:
-            mode = os.fstat(fh.fileno()).st_mode
+            status = os.fstat(fh.fileno())
             data = fh.read()
     except FileNotFoundError:
         raise RulesError(f"{source}: no such file") from None
@@ -5719,9 +5780,13 @@ def load_rules(path: Any) -> Ruleset:
                              f"invalid JSON: {exc.msg}") from None
     rules = parse_rules(doc, source)
     secrets_held = [key for key in SECRET_ACCOUNT_KEYS if key in rules.account]
-    if secrets_held and os.name == "posix" and mode & 0o077:
+    if secrets_held and os.name == "posix" and status.st_mode & 0o077:
         raise RulesError(f"{source} holds {secrets_held[0]} and is readable by other users; "
                          f"run 'chmod 600 {source}'")
+    acts = secrets_held + [key for key in ("password_command",) if key in rules.account]
+    problem = trust_problem(source, stat=status) if acts else None
+    if problem:
+        raise RulesError(f"{problem}; refusing a rules file that holds {acts[0]}")
     return rules
 
 
@@ -8952,9 +9017,9 @@ def load_refresh_token(user: str) -> Optional[Tuple[OAuthClient, str]]:
     """
     path = token_path(user)
     try:
-        if os.name == "posix" and os.stat(path).st_mode & 0o077:
-            raise RulesError(f"{path} is readable by other users; run 'chmod 600 {path}' "
-                             f"(or 'auth' again)")
+        problem = trust_problem(path, private=True, directories=False)
+        if problem and not problem.startswith("cannot check"):
+            raise RulesError(f"{problem} (or 'auth' again)")
         with open(path, encoding="utf-8") as handle:
             doc = json.load(handle)
     except FileNotFoundError:
@@ -9794,8 +9859,9 @@ def _password_from_netrc(host: str, user: str) -> Optional[str]:
     if not os.path.exists(path):
         return None
     try:
-        if os.name == "posix" and os.stat(path).st_mode & 0o077:
-            raise UsageError(f"{path} is readable by other users; run 'chmod 600 {path}'")
+        problem = trust_problem(path, private=True, directories=False)
+        if problem:
+            raise UsageError(problem)
         entry = netrc.netrc(path).authenticators(host)
     except (netrc.NetrcParseError, OSError) as exc:
         raise UsageError(f"cannot read {path}: {exc}") from exc

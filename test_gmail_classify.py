@@ -12097,6 +12097,76 @@ class OAuthListenerTest(FakeServerTest):
         self.assertIn("port %d is in use" % port, err)
 
 
+class UntrustedFilesTest(FakeServerTest):
+    """A rules file that names a program to run must be the user's alone to change."""
+
+    def rules_file(self, directory: str, mode: int) -> Tuple[str, str]:
+        os.makedirs(directory, exist_ok=True)
+        marker = os.path.join(self.tmp, "pwned")
+        path = os.path.join(directory, "rules.toml")
+        with open(path, "w") as handle:
+            handle.write('[account]\npassword_command = ["/bin/sh", "-c", "touch %s; echo %s"]\n'
+                         '[[rule]]\nsubject = "x"\nlabel = "X"\n' % (marker, PASSWORD))
+        os.chmod(path, mode)
+        return path, marker
+
+    def run_with(self, path: str) -> Tuple[int, str, str]:
+        return run_cli("run", "--rules", path, "--user", USER, "--host", "127.0.0.1",
+                       "--port", str(self.server.port), "--plaintext", "--retries", "0")
+
+    def test_a_rules_file_others_can_write_does_not_run_its_password_command(self):
+        for mode in (0o666, 0o620, 0o602):
+            with self.subTest(mode=oct(mode)):
+                path, marker = self.rules_file(os.path.join(self.tmp, "r%o" % mode), mode)
+                code, out, err = self.run_with(path)
+                self.assertEqual(code, gc.EXIT_USAGE)
+                self.assertEqual(err, "gmail_classify: %s can be changed by other users (group or "
+                                 "others may write it); run 'chmod go-w %s'; refusing a rules "
+                                 "file that holds password_command\n" % (path, path))
+                self.assertFalse(os.path.exists(marker))
+        path, marker = self.rules_file(os.path.join(self.tmp, "fine"), 0o644)
+        self.assertEqual(self.run_with(path)[0], 0)
+        self.assertTrue(os.path.exists(marker))
+
+    def test_a_directory_above_it_that_others_can_write_is_refused_unless_sticky(self):
+        shared = os.path.join(self.tmp, "shared")
+        path, marker = self.rules_file(os.path.join(shared, "mine"), 0o600)
+        os.chmod(shared, 0o777)
+        code, _, err = self.run_with(path)
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertIn("%s lies in %s, which other users can write" % (path, shared), err)
+        self.assertEqual(err.count("\n"), 1)
+        self.assertFalse(os.path.exists(marker))
+        os.chmod(shared, 0o1777)      # like /tmp: others cannot rename what is not theirs
+        self.assertEqual(self.run_with(path)[0], 0)
+        self.assertTrue(os.path.exists(marker))
+
+    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "needs root to chown")
+    def test_a_file_or_directory_of_another_user_is_refused(self):
+        path, marker = self.rules_file(os.path.join(self.tmp, "theirs"), 0o644)
+        os.chown(path, 65534, -1)
+        code, _, err = self.run_with(path)
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertIn("%s belongs to another user (uid 65534)" % path, err)
+        os.chown(path, 0, -1)
+        os.chown(os.path.dirname(path), 65534, -1)
+        code, _, err = self.run_with(path)
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertIn("which belongs to another user (uid 65534)", err)
+        self.assertFalse(os.path.exists(marker))
+
+    def test_a_symlink_is_judged_by_where_it_points(self):
+        shared = os.path.join(self.tmp, "open")
+        target, marker = self.rules_file(shared, 0o644)
+        os.chmod(shared, 0o777)
+        link = os.path.join(self.tmp, "rules.toml")
+        os.symlink(target, link)
+        code, _, err = self.run_with(link)
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertIn("which other users can write", err)
+        self.assertFalse(os.path.exists(marker))
+
+
 # --- Benchmark -----------------------------------------------------------------------------
 #
 # ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]

@@ -106,6 +106,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import threading
@@ -3894,6 +3895,28 @@ def _iter_maildir(path: str) -> Iterator[Tuple[str, MessageInfo]]:
             yield file_path, dataclasses.replace(message_info_from_bytes(raw), flags=flags)
 
 
+# An .eml file is read whole (headers, body, attachments), and the email package needs
+# about 14 times its size in memory: a sample message is far smaller than this ceiling,
+# which bounds that (a 100 MB file cost 1.38 GB), and only regular files are read
+# (/dev/zero is endless; a FIFO would block).
+MAX_EML_BYTES = 10 * 1024 * 1024
+
+
+def read_message_file(path: str) -> bytes:
+    """The bytes of one .eml file; raises ValueError (not a regular file, larger than
+    MAX_EML_BYTES) or OSError."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as fh:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise ValueError("not a regular file")
+        data = fh.read(MAX_EML_BYTES + 1)
+    if len(data) > MAX_EML_BYTES:
+        raise ValueError(f"larger than {MAX_EML_BYTES // (1024 * 1024)} MiB, more than a "
+                         f"sample message needs; trim its attachments")
+    return data
+
+
 def iter_message_files(paths: Iterable[Any]) -> Iterator[Tuple[str, MessageInfo]]:
     """Read messages from .eml files, mbox files (Google Takeout) and Maildir folders.
 
@@ -3910,13 +3933,17 @@ def iter_message_files(paths: Iterable[Any]) -> Iterator[Tuple[str, MessageInfo]
                     raise GmailClassifyError(f"{path}: not an .eml file, mbox or Maildir")
                 yield from _iter_maildir(path)
                 continue
+            if not stat.S_ISREG(os.stat(path).st_mode):    # a FIFO would block, /dev/zero never end
+                raise GmailClassifyError(f"{path}: not a regular file")
             with open(path, "rb") as fh:
                 start = fh.read(5)
             if start == b"From " or path.lower().endswith(".mbox"):
                 yield from _iter_mbox(path)
             elif path.lower().endswith(".eml"):
-                with open(path, "rb") as fh:
-                    raw = fh.read()
+                try:
+                    raw = read_message_file(path)
+                except ValueError as exc:
+                    raise GmailClassifyError(f"{path}: {exc}") from None
                 yield path, message_info_from_bytes(raw)
             else:
                 raise GmailClassifyError(f"{path}: not an .eml file, mbox or Maildir")
@@ -5106,8 +5133,9 @@ def _test_message(where: _Where, table: Dict[str, Any], source: str) -> MessageI
         path = _check_text(where, "eml", table["eml"], "a path to an .eml file")
         full = path if os.path.isabs(path) else os.path.join(os.path.dirname(source), path)
         try:
-            with open(full, "rb") as fh:
-                msg = message_info_from_bytes(fh.read())
+            msg = message_info_from_bytes(read_message_file(full))
+        except ValueError as exc:
+            raise where.error("eml", f"{full}: {exc}") from None
         except OSError as exc:
             raise where.error("eml", f"cannot read {full}: {exc.strerror or exc}") from None
     else:
@@ -5693,13 +5721,13 @@ def parse_toml(text: str) -> Dict[str, Any]:
 # must, on top of that, be readable by its owner alone.
 
 def trust_problem(path: Any, *, private: bool = False, directories: bool = True,
-                  stat: Optional[os.stat_result] = None) -> Optional[str]:
+                  status: Optional[os.stat_result] = None) -> Optional[str]:
     """Why ``path`` cannot be trusted, or None (always None off POSIX).
 
     Returns e.g. "/tmp/x/rules.toml can be changed by other users (group or
     others may write it); run 'chmod go-w /tmp/x/rules.toml'". ``private``: the
     file holds a secret, so others may not read it either; ``directories``: check
-    every directory above it too (the real path and the path as given); ``stat``:
+    every directory above it too (the real path and the path as given); ``status``:
     the file's own status (from the open file, so that it cannot be swapped after).
     """
     if os.name != "posix":
@@ -5707,7 +5735,7 @@ def trust_problem(path: Any, *, private: bool = False, directories: bool = True,
     me = os.geteuid()
     name = os.fspath(path)
     try:
-        info = stat or os.stat(name)
+        info = status or os.stat(name)
     except OSError as exc:
         return f"cannot check {name}: {exc.strerror or exc}"
     if info.st_uid not in (me, 0):
@@ -5784,7 +5812,7 @@ def load_rules(path: Any) -> Ruleset:
         raise RulesError(f"{source} holds {secrets_held[0]} and is readable by other users; "
                          f"run 'chmod 600 {source}'")
     acts = secrets_held + [key for key in ("password_command",) if key in rules.account]
-    problem = trust_problem(source, stat=status) if acts else None
+    problem = trust_problem(source, status=status) if acts else None
     if problem:
         raise RulesError(f"{problem}; refusing a rules file that holds {acts[0]}")
     return rules

@@ -12167,6 +12167,53 @@ class UntrustedFilesTest(FakeServerTest):
         self.assertFalse(os.path.exists(marker))
 
 
+class TestMessageFilesTest(unittest.TestCase):
+    """[[test]] eml reads regular files of a bounded size only."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def check_with(self, eml: str) -> Tuple[int, str, str]:
+        path = os.path.join(self.tmp, "rules.json")
+        with open(path, "w") as handle:
+            json.dump({"rule": [{"name": "R", "subject": "x", "label": "X"}],
+                       "test": [{"eml": eml, "expect_rules": []}]}, handle)
+        return run_cli("check", path)
+
+    def test_eml_that_is_not_a_regular_file_or_too_big_exits_2_naming_it(self):
+        big = os.path.join(self.tmp, "big.eml")
+        with open(big, "wb") as handle:
+            handle.write(b"Subject: y\r\n\r\n")
+            handle.truncate(gc.MAX_EML_BYTES + 1)       # sparse: costs no disk
+        fifo = os.path.join(self.tmp, "pipe.eml")
+        os.mkfifo(fifo)
+        cases = [("/dev/zero", "/dev/zero: not a regular file"),
+                 (fifo, fifo + ": not a regular file"),
+                 (big, big + ": larger than 10 MiB")]
+        for eml, message in cases:
+            with self.subTest(eml=eml):
+                started = time.monotonic()
+                code, out, err = self.check_with(eml)
+                self.assertEqual(code, gc.EXIT_USAGE)
+                self.assertEqual(err.count("\n"), 1, err)
+                self.assertIn('test 1: eml: ' + message, err)
+                self.assertLess(time.monotonic() - started, 5)
+        with open(big, "r+b") as handle:
+            handle.truncate(gc.MAX_EML_BYTES)
+        self.assertEqual(self.check_with(big)[0], 0)
+
+    def test_the_test_command_refuses_the_same_files(self):
+        fifo = os.path.join(self.tmp, "pipe.eml")
+        os.mkfifo(fifo)
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w") as handle:
+            json.dump({"rule": [{"name": "R", "subject": "x", "label": "X"}]}, handle)
+        code, out, err = run_cli("test", rules, fifo)
+        self.assertNotEqual(code, 0)
+        self.assertIn(fifo + ": not a regular file", err)
+
+
 # --- Benchmark -----------------------------------------------------------------------------
 #
 # ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]

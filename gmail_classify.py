@@ -5265,6 +5265,42 @@ def parse_rules(doc: Any, source: str = "<rules>") -> Ruleset:
 
 
 # --- Rules files: a small TOML reader, the same on every Python --------------------------
+
+# Files we read (rules, state, audit lines, tokens, the OAuth client file) may have
+# been written by anyone who could write them, or be damaged: both readers recurse
+# (100,000 nested brackets crashed with RecursionError), int() of a very long number
+# is quadratic (and refused past 4,300 digits on newer Pythons), and JSON's Infinity
+# and NaN are no numbers we use.  Nothing we write comes near these bounds.
+MAX_NESTING = 64          # arrays and tables (objects) inside one another
+MAX_NUMBER_DIGITS = 40    # digits of one number
+
+_JSON_SCAN = re.compile(r'"(?:[^"\\]|\\[\s\S])*"?|[\[{]|[\]}]|-?\d{%d,}|-?Infinity|NaN'
+                        % (MAX_NUMBER_DIGITS + 1))
+
+
+def load_json(text: str) -> Any:
+    """json.loads() with bounds: at most MAX_NESTING levels, MAX_NUMBER_DIGITS digits
+    per number, no Infinity or NaN.
+
+    Raises json.JSONDecodeError (a ValueError with lineno and colno) for anything
+    beyond them, as for any invalid JSON; never RecursionError.
+    """
+    depth = 0
+    for token in _JSON_SCAN.finditer(text):
+        first = token.group()[0]
+        if first in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise json.JSONDecodeError(f"nested more than {MAX_NESTING} levels deep",
+                                           text, token.start())
+        elif first in "]}":
+            depth -= 1
+        elif first != '"':
+            what = (f"a number of more than {MAX_NUMBER_DIGITS} digits"
+                    if token.group()[-1].isdigit() else f"{token.group()} is not a number here")
+            raise json.JSONDecodeError(what, text, token.start())
+    return json.loads(text)
+
 #
 # tomllib arrived in Python 3.11, but the locked-down machines this file is copied onto
 # often run the distribution's 3.9 or 3.10. So the module carries a small reader for the
@@ -5313,6 +5349,8 @@ class _TomlReader:
         self.pending: set = set()   # tables made by dotted keys in the current section
         self.frozen: set = set()    # ids of inline tables and arrays: complete as written
         self.table_arrays: set = set()  # ids of lists made by [[header]]
+        self.depth = 0              # tables and arrays open around the value being read
+        self.base = 0               # the current [header]'s depth
 
     # Positions and errors
 
@@ -5324,6 +5362,13 @@ class _TomlReader:
 
     def peek(self, length: int = 1) -> str:
         return self.text[self.pos:self.pos + length]
+
+    def enter(self, levels: int, pos: int) -> None:
+        """Go ``levels`` tables or arrays deeper; fail past MAX_NESTING (the reader and
+        everything after it recurse, and a sender of a rules file may not crash them)."""
+        self.depth += levels
+        if self.depth > MAX_NESTING:
+            raise self.fail(f"nested more than {MAX_NESTING} levels deep; rules never need that", pos)
 
     def found(self) -> str:
         """The next character, for error messages: "'x'", "the end of the line"."""
@@ -5402,6 +5447,9 @@ class _TomlReader:
             raise self.fail(f"expected {close!r} to close the table header, found {self.found()}")
         self.pos += len(close)
         shown = "[" * len(close) + ".".join(keys) + "]" * len(close)
+        self.depth = 0
+        self.enter(len(keys), start)
+        self.base = len(keys)
         table = root
         for key in keys[:-1]:
             table = self.descend(table, key, start, shown)
@@ -5449,7 +5497,10 @@ class _TomlReader:
         self.pos += 1
         self.skip_ws()
         bare = self.pos
+        levels = len(keys) - 1 + (self.base if after else 0)
+        self.enter(levels, start)
         value = self.value()
+        self.depth -= levels
         if after and self.text[bare] not in "\"'[{":
             self.unquoted_words(self.text[bare:self.pos])
         for key in keys[:-1]:
@@ -5529,6 +5580,9 @@ class _TomlReader:
             raise self.fail(f"dates and times are not supported here; write {text} as a "
                             f"string: \"{text}\"", start)
         if _TOML_INTEGER.fullmatch(text):
+            if len(text) > MAX_NUMBER_DIGITS:
+                raise self.fail(f"a number of more than {MAX_NUMBER_DIGITS} digits; rules "
+                                f"never need one", start)
             self.pos = word.end()
             return int(text.replace("_", ""), 0) if text[:2] in ("0x", "0o", "0b") \
                 else int(text.replace("_", ""))
@@ -5544,6 +5598,7 @@ class _TomlReader:
         raise self.fail(f"expected a value, found {text}; text needs quotes: \"{text}\"", start)
 
     def array(self) -> List[Any]:
+        self.enter(1, self.pos)
         self.pos += 1
         items: List[Any] = []
         while True:
@@ -5561,10 +5616,12 @@ class _TomlReader:
             else:
                 raise self.fail(f"expected ',' or ']' in the array, found {self.found()}")
         self.frozen.add(id(items))
+        self.depth -= 1
         return items
 
     def inline_table(self) -> Dict[str, Any]:
         """`{ key = value, ... }` on one line, no trailing comma (TOML 1.0)."""
+        self.enter(1, self.pos)
         self.pos += 1
         table: Dict[str, Any] = {}
         self.skip_ws()
@@ -5585,6 +5642,7 @@ class _TomlReader:
                 self.skip_ws()
             self.frozen |= made
         self.frozen.add(id(table))
+        self.depth -= 1
         return table
 
     def literal_string(self) -> str:
@@ -5802,7 +5860,7 @@ def load_rules(path: Any) -> Ruleset:
                              f"invalid TOML: {exc.msg}") from None
     else:
         try:
-            doc = json.loads(text)
+            doc = load_json(text)
         except json.JSONDecodeError as exc:
             raise RulesError(f"{source}: line {exc.lineno}, column {exc.colno}: "
                              f"invalid JSON: {exc.msg}") from None
@@ -7095,6 +7153,14 @@ AUDIT_MAX_BYTES = 16 * 1024 ** 2       # audit.jsonl past this size becomes audi
 DOWNLOAD_DAYS_KEPT = 8                 # days of download counts kept in the state file
 
 
+def _stored_number(value: Any, what: str, low: int, high: int = 2 ** 32 - 1) -> int:
+    """A number from the state file, checked: UIDs and UIDVALIDITY are 32-bit and
+    non-zero (RFC 3501 section 2.3.1.1), a mark is a UID or 0. Raises ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what} {_quote(value)} is not a number from {low} to {high}")
+    return value
+
+
 class StateError(GmailClassifyError):
     """The state file is corrupt, unreadable or not ours; the message names it and the way
     out (``--all`` starts afresh, or delete the file)."""
@@ -7276,7 +7342,7 @@ class AccountLock:
         if not got:
             holder = ""
             try:
-                info = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+                info = load_json(self.path.read_text(encoding="utf-8") or "{}")
                 holder = (f" (pid {info.get('pid')}, {info.get('command')}, since "
                           f"{info.get('since')})")
             except (OSError, ValueError, AttributeError):
@@ -7367,7 +7433,7 @@ class StateStore:
         except (OSError, UnicodeDecodeError) as exc:
             raise StateError(f"cannot read the state file {self.path}: {exc}; {fix}") from exc
         try:
-            data = json.loads(text)
+            data = load_json(text)
         except ValueError as exc:
             raise StateError(f"the state file {self.path} is corrupt ({exc}); {fix}") from exc
         if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
@@ -7383,9 +7449,10 @@ class StateStore:
                 raise TypeError("accounts")
             for account in accounts.values():
                 for entry in account.get("folders", {}).values():
-                    FolderState(int(entry["uidvalidity"]), int(entry["mark"]))
+                    _stored_number(entry["uidvalidity"], "uidvalidity", 1)
+                    _stored_number(entry["mark"], "mark", 0)
                 for count in account.get("downloads", {}).values():
-                    int(count)
+                    _stored_number(count, "download count", 0, 2 ** 63 - 1)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise StateError(f"the state file {self.path} is corrupt (bad entry: {exc}); "
                              f"{fix}") from exc
@@ -7511,7 +7578,7 @@ class AuditLog:
             with handle:
                 for number, line in enumerate(handle, 1):
                     try:
-                        record = json.loads(line)
+                        record = load_json(line)
                     except ValueError:
                         bad += 1
                         continue
@@ -8690,7 +8757,7 @@ def load_client_secret_file(path: str) -> OAuthClient:
     """
     try:
         with open(path, encoding="utf-8") as handle:
-            doc = json.load(handle)
+            doc = load_json(handle.read())
     except OSError as exc:
         raise RulesError(f"cannot read the OAuth client file {path}: {exc.strerror or exc}") from exc
     except ValueError as exc:
@@ -8757,7 +8824,7 @@ def _token_request(token_url: str, form: Mapping[str, str]) -> Dict[str, Any]:
         raise ConnectionLostError(f"cannot reach the token endpoint {url}: {reason}; check "
                                   f"the network, then try again") from exc
     try:
-        doc = json.loads(body.decode("utf-8"))
+        doc = load_json(body.decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
         doc = None
     if not isinstance(doc, dict):
@@ -9049,7 +9116,7 @@ def load_refresh_token(user: str) -> Optional[Tuple[OAuthClient, str]]:
         if problem and not problem.startswith("cannot check"):
             raise RulesError(f"{problem} (or 'auth' again)")
         with open(path, encoding="utf-8") as handle:
-            doc = json.load(handle)
+            doc = load_json(handle.read())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:

@@ -12214,6 +12214,121 @@ class TestMessageFilesTest(unittest.TestCase):
         self.assertIn(fifo + ": not a regular file", err)
 
 
+class DeepFilesTest(StateTestCase):
+    """Files we read nested or numbered beyond reason: exit 2 naming the file, or skipped
+    (audit lines), never a RecursionError."""
+
+    argv = CommandLineStateTest.argv
+    cli = CommandLineStateTest.cli
+    state_dir_of_cli = CommandLineStateTest.state_dir_of_cli
+
+    def state_file(self, text: str) -> str:
+        os.makedirs(self.state_dir_of_cli(), exist_ok=True)
+        path = os.path.join(self.state_dir_of_cli(), "state.json")
+        with open(path, "w") as handle:
+            handle.write(text)
+        return path
+
+    def test_a_deep_or_out_of_range_state_file_exits_2_naming_it(self):
+        seed_mailbox(self.server, 2)
+        key = gc.account_key(USER, "127.0.0.1", self.server.port)
+
+        def state(mark: str, uidvalidity: str = "1") -> str:
+            return ('{"format": "%s", "version": 1, "accounts": {"%s": {"folders": {"INBOX": '
+                    '{"uidvalidity": %s, "mark": %s}}}}}' % (gc.STATE_FORMAT, key, uidvalidity, mark))
+        cases = [("[" * 100000 + "]" * 100000, "nested more than 64 levels"),
+                 (state("Infinity"), "Infinity is not a number"),
+                 (state("NaN"), "NaN is not a number"),
+                 (state("4294967296"), "mark 4294967296 is not a number from 0 to 4294967295"),
+                 (state("-1"), "mark -1 is not a number"),
+                 (state("1.5"), "mark 1.5 is not a number"),
+                 (state("true"), "mark true is not a number"),
+                 (state("3", "0"), "uidvalidity 0 is not a number from 1"),
+                 (state("3", "9" * 5000), "more than 40 digits")]
+        for text, message in cases:
+            with self.subTest(message=message):
+                path = self.state_file(text)
+                code, out, err = self.cli("run", *self.argv("--apply"))
+                self.assertEqual(code, gc.EXIT_USAGE, err)
+                self.assertEqual(err.count("\n"), 1, err)
+                self.assertIn(path, err)
+                self.assertIn(message, err)
+                self.assertNotIn("UID FETCH", self.commands())
+        self.state_file(state("4294967295"))
+        self.assertEqual(self.cli("run", *self.argv("--apply"))[0], 0)
+
+    def test_an_unreadable_audit_line_is_skipped_by_history_and_undo(self):
+        seed_mailbox(self.server, 3)
+        code, out, err = self.cli("run", *self.argv("--apply"))
+        self.assertEqual(code, 0, err)
+        path = os.path.join(self.state_dir_of_cli(), "audit.jsonl")
+        with open(path, "a") as handle:
+            handle.write("[" * 100000 + "]" * 100000 + "\n")
+            handle.write('{"type": "run", "n": ' + "7" * 5000 + "}\n")
+        code, out, err = self.cli("history")
+        self.assertEqual(code, 0, err)
+        self.assertNotIn("Traceback", err)
+        code, out, err = self.cli("undo", *self.argv("--apply"))
+        self.assertEqual(code, 0, err)
+        self.assertNotIn("Traceback", err)
+
+
+class DeepRulesTest(TempDirMixin, unittest.TestCase):
+    def write(self, name: str, text: str) -> str:
+        path = os.path.join(self.make_dir(), name)
+        with open(path, "w") as handle:
+            handle.write(text)
+        return path
+
+    def test_deep_or_huge_rules_exit_2_with_line_and_column(self):
+        cases = [("rules.toml", 'x = ' + "[" * 100000 + "]" * 100000 + "\n",
+                  "line 1, column 69", "nested more than 64 levels"),
+                 ("rules.toml", '[[rule]]\nname = "a"\nx = ' + "{a=" * 5000 + "1" + "}" * 5000 + "\n",
+                  "line 3, column ", "nested more than 64 levels"),
+                 ("rules.toml", "[" + ".".join(["a"] * 5000) + "]\n", "line 1, column 1", "nested"),
+                 ("rules.toml", "a." * 5000 + "b = 1\n", "line 1, column 1", "nested"),
+                 ("rules.toml", "[[rule]]\nolder_than_days = " + "9" * 5000 + "\n",
+                  "line 2, column 19", "more than 40 digits"),
+                 ("rules.json", '{"rule": ' + "[" * 100000 + "]" * 100000 + "}",
+                  "line 1, column ", "nested more than 64 levels"),
+                 ("rules.json", '{"rule": [{"name": "x", "older_than_days": ' + "9" * 5000 + "}]}",
+                  "line 1, column 44", "more than 40 digits"),
+                 ("rules.json", '{"rule": [{"larger_than": Infinity}]}', "line 1, column 27",
+                  "Infinity")]
+        for name, text, where, message in cases:
+            with self.subTest(text=text[:40]):
+                path = self.write(name, text)
+                code, out, err = run_cli("check", path)
+                self.assertEqual(code, gc.EXIT_USAGE, err)
+                self.assertEqual(err.count("\n"), 1, err[:300])
+                self.assertIn("%s: %s" % (path, where), err)
+                self.assertIn(message, err)
+
+    def test_honest_nesting_still_loads(self):
+        doc = {"rule": [{"name": "deep", "label": "D", "any": [{"all": [{"not": {"any": [
+            {"subject": "x"}, {"from": "y"}]}}]}]}]}
+        path = self.write("rules.json", json.dumps(doc))
+        self.assertEqual(len(gc.load_rules(path).rules), 1)
+
+    def test_watch_keeps_the_old_rules_when_the_new_file_is_too_deep(self):
+        path = self.write("rules.json", json.dumps({"rule": [{"name": "a", "subject": "x",
+                                                               "label": "A"}]}))
+        reloader = gc._RulesReloader(path, gc.load_rules(path))
+        with open(path, "w") as handle:
+            handle.write('{"rule": ' + "[" * 100000 + "]" * 100000 + "}")
+        with self.assertLogs("gmail_classify", "ERROR") as logs:
+            reloader.reload()
+        self.assertEqual([rule.name for rule in reloader.rules.rules], ["a"])
+        self.assertIn("old rules stay", logs.output[0])
+        self.assertIn("nested more than 64 levels", logs.output[0])
+
+    def test_tokens_and_the_client_file_are_bounded_too(self):
+        path = self.write("client.json", '{"installed": ' + "[" * 100000 + "]" * 100000 + "}")
+        with self.assertRaises(gc.RulesError) as caught:
+            gc.load_client_secret_file(path)
+        self.assertIn("nested more than 64 levels", str(caught.exception))
+
+
 # --- Benchmark -----------------------------------------------------------------------------
 #
 # ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]

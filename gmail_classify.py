@@ -5266,6 +5266,23 @@ def parse_rules(doc: Any, source: str = "<rules>") -> Ruleset:
 
 # --- Rules files: a small TOML reader, the same on every Python --------------------------
 
+#
+# tomllib arrived in Python 3.11, but the locked-down machines this file is copied onto
+# often run the distribution's 3.9 or 3.10. So the module carries a small reader for the
+# part of TOML 1.0 that rules files use: tables, arrays of tables, inline tables; bare,
+# quoted and dotted keys; basic and literal strings, single- and multi-line; integers,
+# booleans, arrays and comments. It refuses the rest by name (floats, dates and times:
+# rules write sizes as "5M" and dates as strings) rather than guess. It keeps TOML's
+# rules on what may be defined twice, so a file it accepts means the same under tomllib;
+# the tests compare the two on one corpus wherever tomllib exists.
+#
+# load_rules uses this reader on every Python, tomllib or not. One code path means a rules
+# file that passes `check` on a laptop's 3.13 passes on the server's 3.9 with the same
+# messages, and every test exercises the reader that 3.9 users depend on. Its errors are
+# also better for a hand-edited file: tomllib reports a duplicate key "at end of
+# document", this reader names its line and column, and it says "text needs quotes" or
+# "write dates as strings" where tomllib says "Invalid value".
+
 # Files we read (rules, state, audit lines, tokens, the OAuth client file) may have
 # been written by anyone who could write them, or be damaged: both readers recurse
 # (100,000 nested brackets crashed with RecursionError), int() of a very long number
@@ -5301,22 +5318,6 @@ def load_json(text: str) -> Any:
             raise json.JSONDecodeError(what, text, token.start())
     return json.loads(text)
 
-#
-# tomllib arrived in Python 3.11, but the locked-down machines this file is copied onto
-# often run the distribution's 3.9 or 3.10. So the module carries a small reader for the
-# part of TOML 1.0 that rules files use: tables, arrays of tables, inline tables; bare,
-# quoted and dotted keys; basic and literal strings, single- and multi-line; integers,
-# booleans, arrays and comments. It refuses the rest by name (floats, dates and times:
-# rules write sizes as "5M" and dates as strings) rather than guess. It keeps TOML's
-# rules on what may be defined twice, so a file it accepts means the same under tomllib;
-# the tests compare the two on one corpus wherever tomllib exists.
-#
-# load_rules uses this reader on every Python, tomllib or not. One code path means a rules
-# file that passes `check` on a laptop's 3.13 passes on the server's 3.9 with the same
-# messages, and every test exercises the reader that 3.9 users depend on. Its errors are
-# also better for a hand-edited file: tomllib reports a duplicate key "at end of
-# document", this reader names its line and column, and it says "text needs quotes" or
-# "write dates as strings" where tomllib says "Invalid value".
 
 class TOMLError(GmailClassifyError, ValueError):
     """Text that parse_toml cannot read; ``msg``, ``lineno`` and ``colno`` (1-based) say

@@ -112,6 +112,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import threading
@@ -3391,8 +3392,15 @@ def parse_headers(raw: bytes) -> email.message.EmailMessage:
         msg = _split_header_block(raw)
         if msg is not None:
             return msg
-        parser = email.parser.BytesParser(policy=email.policy.default)
-        return parser.parsebytes(raw, headersonly=True)
+        # compat32 splits the fields exactly as policy.default does, but never hands a
+        # value to the header classes while parsing (the parser asks for Content-Type,
+        # whose crafted values cost quadratic time there; see _MIME_POLICY).
+        parser = email.parser.BytesParser(policy=email.policy.compat32)
+        plain = parser.parsebytes(raw, headersonly=True)
+        msg = email.message.EmailMessage(policy=email.policy.default)
+        for name, value in plain.raw_items():
+            msg.set_raw(name, value)
+        return msg
     except Exception:  # the parser is lenient, but older patch releases had crashes
         log.debug("cannot parse header block", exc_info=True)
         return email.message.EmailMessage(policy=email.policy.default)
@@ -3422,7 +3430,9 @@ def _repair_surrogates(text: str) -> str:
 
 # A run of RFC 2047 encoded words; the whitespace between two of them is not
 # part of the text (RFC 2047 section 6.2), which decode_header handles per run.
-_ENCODED_WORDS = re.compile(r"=\?[^?\s]+\?[BbQq]\?[^?\s]*\?=(?:\s+=\?[^?\s]+\?[BbQq]\?[^?\s]*\?=)*")
+# It joins the bytes of a run by repeated concatenation (quadratic), so a
+# run is taken 64 words at a time: a sender's endless run costs linear time.
+_ENCODED_WORDS = re.compile(r"=\?[^?\s]+\?[BbQq]\?[^?\s]*\?=(?:\s+=\?[^?\s]+\?[BbQq]\?[^?\s]*\?=){0,63}")
 
 
 def _decode_words(text: str) -> str:
@@ -3435,6 +3445,26 @@ def _decode_words(text: str) -> str:
     return _ENCODED_WORDS.sub(decode, text)
 
 
+# How much of one header (all its values together) is decoded: far more than any
+# honest header holds (500 recipients fit in 20 KB), and a bound on the time a sender
+# can make each reading of it cost, whatever the shape (every reader below is linear).
+HEADER_VALUE_LIMIT = 32768
+
+
+def _bounded(raws: List[str]) -> List[str]:
+    """The values of one header cut to HEADER_VALUE_LIMIT characters in all."""
+    if sum(map(len, raws)) <= HEADER_VALUE_LIMIT:
+        return raws
+    kept: List[str] = []
+    room = HEADER_VALUE_LIMIT
+    for raw in raws:
+        if room <= 0:
+            break
+        kept.append(raw[:room])
+        room -= len(raw)
+    return kept
+
+
 def _raw_values(msg: email.message.EmailMessage, name: str) -> List[str]:
     """The unparsed, unfolded values of one header (8-bit bytes as lone surrogates)."""
     wanted = name.lower()
@@ -3442,7 +3472,17 @@ def _raw_values(msg: email.message.EmailMessage, name: str) -> List[str]:
         items = [value for key, value in msg.raw_items() if key.lower() == wanted]
     except Exception:
         return []
-    return [re.sub(r"\r?\n(?=[ \t])", "", str(value)) for value in items]
+    return _bounded([re.sub(r"\r?\n(?=[ \t])", "", str(value)) for value in items])
+
+
+# The header classes of email.policy.default (email._header_value_parser) take time
+# that grows with the square of some values: a From of '"\\"' repeated 20,000 times
+# (60 KB, an obsolete local part) costs 30 seconds, one near the 2 MiB header limit
+# hours, while watch holds the account lock.  A sender chooses these bytes, so values
+# longer than this never reach those classes; _address_pairs() below reads them in
+# linear time instead.  Common shapes never get there (the fast path reads them), so
+# the limit only decides how exotic long headers are read.
+HEADER_PARSE_LIMIT = 2048
 
 
 def _parsed_values(msg: email.message.EmailMessage, name: str, raws: List[str]) -> list:
@@ -3450,7 +3490,10 @@ def _parsed_values(msg: email.message.EmailMessage, name: str, raws: List[str]) 
 
     policy.default turns raw 8-bit bytes into U+FFFD; such values are left to
     the caller, who repairs the raw value instead and keeps the characters.
+    Values longer than HEADER_PARSE_LIMIT in all are not parsed (all None).
     """
+    if sum(map(len, raws)) > HEADER_PARSE_LIMIT:
+        return [None] * len(raws)    # too long for the header classes (see above)
     try:
         parsed = msg.get_all(name) or []
     except Exception:
@@ -3483,20 +3526,112 @@ def _format_address(display_name: str, addr_spec: str) -> str:
     return display_name or addr_spec
 
 
+# Tokens of an address list outside comments: white space, a quoted string (its closing
+# quote optional, so that the pattern never backtracks), a quoted pair, a special, or a
+# run of anything else (atoms, dots and "@" stay together).  Inside a comment only
+# parentheses and quoted pairs count.
+_ADDRESS_TOKEN = re.compile(r'[ \t\r\n]+|"((?:[^"\\]|\\[\s\S]?)*)"?|\\[\s\S]?|[()<>,:;]'
+                            r'|[^ \t\r\n"()<>,:;\\]+')
+_COMMENT_TOKEN = re.compile(r'[^()\\]+|\\[\s\S]?|[()]')
+
+
+def _address_pairs(raw: str) -> List[Tuple[str, str]]:
+    """(display name, addr-spec) of each mailbox in an address-list value, read in
+    linear time whatever its length or shape (RFC 5322 section 3.4, leniently).
+
+    Returns e.g. [("support@paypal.com", "phisher@evil.example")] for
+    '"support@paypal.com" <phisher@evil.example>': the address comes from the
+    angle brackets, never from the display name; comments are dropped, group names
+    skipped, an obsolete route (<@a,@b:x@y>) removed; the address is "" where
+    there is none. Display names are not decoded.
+    """
+    pairs: List[Tuple[str, str]] = []
+    words: List[str] = []          # display-name words, quotes removed
+    bare: List[str] = []           # the same tokens as written, for a bare addr-spec
+    angle: Optional[List[str]] = None
+    addr: Optional[str] = None
+    pos, end = 0, len(raw)
+
+    def flush() -> None:
+        nonlocal addr
+        display = " ".join(words)
+        if addr is not None:
+            pairs.append((display, addr))
+        elif any("@" in token for token in bare if token[0] != '"'):
+            pairs.append(("", "".join(bare)))
+        elif words:
+            pairs.append((display, ""))
+        words.clear()
+        bare.clear()
+        addr = None
+
+    while pos < end:
+        if raw[pos] == "(":
+            depth, pos = 1, pos + 1
+            while depth and pos < end:
+                token = _COMMENT_TOKEN.match(raw, pos)
+                depth += {"(": 1, ")": -1}.get(token.group(), 0)
+                pos = token.end()
+            continue
+        token = _ADDRESS_TOKEN.match(raw, pos)
+        text, pos = token.group(), token.end()
+        first = text[0]
+        if angle is not None:
+            if text == ">":
+                addr = _angle_address(angle)
+                angle = None
+            elif first not in " \t\r\n":
+                angle.append(text)
+        elif text == "<":
+            angle = []
+        elif text in (",", ";"):
+            flush()
+        elif text == ":":
+            words.clear()      # a group's name
+            bare.clear()
+        elif first in " \t\r\n" or text in (")", ">") or addr is not None:
+            continue
+        elif first == '"':
+            words.append(re.sub(r"\\([\s\S])", r"\1", token.group(1)))
+            bare.append(text)
+        else:
+            words.append(text)
+            bare.append(text)
+    if angle is not None:
+        addr = _angle_address(angle)
+    flush()
+    return pairs
+
+
+def _angle_address(tokens: List[str]) -> str:
+    """The addr-spec between angle brackets, its obsolete route dropped; "" unless it
+    has an "@" outside quotes (<"x@paypal.com"> names no domain)."""
+    if tokens and tokens[0].startswith("@") and ":" in tokens:
+        tokens = tokens[len(tokens) - tokens[::-1].index(":"):]
+    if not any("@" in token for token in tokens if token[0] != '"'):
+        return ""
+    return "".join(tokens)
+
+
+def _mailboxes_without_parse(raw: str) -> List[Tuple[str, str]]:
+    """(display name, addr-spec) pairs with an address, read without the header classes."""
+    raw = _repair_surrogates(raw)
+    pairs: List[Tuple[str, str]] = []
+    if len(raw) <= HEADER_PARSE_LIMIT:
+        try:
+            pairs = [pair for pair in email.utils.getaddresses([raw]) if "@" in pair[1]]
+        except Exception:
+            pairs = []
+    if not pairs:    # long, or too odd for getaddresses (which is strict on newer Pythons)
+        pairs = [pair for pair in _address_pairs(raw) if "@" in pair[1]]
+    return [(_decode_words(display), addr) for display, addr in pairs]
+
+
 def _addresses_without_parse(raw: str) -> List[str]:
     """What header_addresses() makes of a value the header classes found no address in."""
-    raw = _repair_surrogates(raw)
-    try:
-        pairs = email.utils.getaddresses([raw])
-    except Exception:
-        pairs = []
-    found = [
-        _format_address(_decode_words(display), addr)
-        for display, addr in pairs
-        if "@" in addr
-    ]
+    found = [_format_address(display, addr) for display, addr in _mailboxes_without_parse(raw)]
     if not found:
-        text = _decode_words(raw).strip()
+        text = _decode_words(_repair_surrogates(raw)).strip()
         found = [text] if text else []
     return found
 
@@ -3629,11 +3764,17 @@ def _fast_display_name(phrase: str) -> Optional[str]:
 
 
 def _fast_addresses(raw: str) -> Optional[List[str]]:
-    """The addresses of a value in a common shape, as headerregistry finds them, or None.
+    """The addresses of a value in a common shape, as headerregistry finds them, or None."""
+    pairs = _fast_mailboxes(raw)
+    return None if pairs is None else [_format_address(*pair) for pair in pairs]
+
+
+def _fast_mailboxes(raw: str) -> Optional[List[Tuple[str, str]]]:
+    """(display name, addr-spec) pairs of a value in a common shape, or None.
 
     address-list = item *("," item); item = mailbox / phrase ":" [mailbox *("," mailbox)] ";"
     """
-    found: List[str] = []
+    found: List[Tuple[str, str]] = []
     pos, end = 0, len(raw)
 
     def mailbox(at: int) -> int:
@@ -3641,12 +3782,12 @@ def _fast_addresses(raw: str) -> Optional[List[str]]:
         if match is None or "=?" in (match.group(1) or match.group(3)):
             return -1
         if match.group(1):
-            found.append(match.group(1))
+            found.append(("", match.group(1)))
             return match.end()
         display = _fast_display_name(match.group(2)) if match.group(2) else ""
         if display is None:
             return -1
-        found.append(_format_address(display, match.group(3)))
+        found.append((" ".join(display.split()), match.group(3)))
         return match.end()
 
     while True:
@@ -3729,6 +3870,7 @@ def _decode_header(msg: email.message.EmailMessage, raws: List[str], kind: str,
                    name: str) -> List[str]:
     if not raws:
         return []
+    raws = _bounded(raws)
     registry_kind = _header_kind(name)
     if any(_has_surrogates(raw) for raw in raws):
         registry_kind = "reference"
@@ -3767,6 +3909,29 @@ def header_addresses(msg: email.message.EmailMessage, name: str) -> List[str]:
     While rules classify the message, each header is decoded once and cached.
     """
     return _cached(msg, "addresses", name)
+
+
+def _header_mailboxes(msg: email.message.EmailMessage, name: str) -> List[Tuple[str, str]]:
+    """(display name, addr-spec) of each address in header `name`; never raises.
+
+    Returns e.g. [("support@paypal.com", "phisher@evil.example")]: what a sender
+    domain or a suggested rule is taken from. The address is always the parsed
+    addr-spec, never text of the display name; ("text", "") stands for a value
+    with no address in it.
+    """
+    cache = _header_cache(msg, create=False)
+    raws = _bounded(cache.get(("raw", name.lower()), [])) if cache is not None else _raw_values(msg, name)
+    pairs: List[Tuple[str, str]] = []
+    for raw in raws:
+        found = None if _has_surrogates(raw) else _fast_mailboxes(raw)
+        if found is None:
+            raw = _repair_surrogates(raw)
+            found = [(_decode_words(display), addr) for display, addr in _address_pairs(raw) if addr]
+        if not found:
+            text = _decode_words(_repair_surrogates(raw)).strip()
+            found = [(text, "")] if text else []
+        pairs.extend(found)
+    return pairs
 
 
 def _header_present(msg: email.message.EmailMessage, name: str) -> bool:
@@ -3865,6 +4030,14 @@ def _is_attachment(part: email.message.Message) -> bool:
         return False
 
 
+# The MIME structure (Content-Type, Content-Disposition, their parameters) is read with
+# the compat32 policy: its headers are plain strings, which get_content_type() and
+# get_param() parse by text anyway.  policy.default would first hand each one to its
+# header classes, which take time growing with the square of a crafted value (a
+# Content-Type of '"\\"' repeated, 12 KB, cost over 40 seconds) while parsing the parts.
+_MIME_POLICY = email.policy.compat32
+
+
 def body_text(raw: bytes, limit: int = BODY_PREFIX_BYTES) -> str:
     """The readable text of a message or of a prefix of one; never raises.
 
@@ -3872,7 +4045,7 @@ def body_text(raw: bytes, limit: int = BODY_PREFIX_BYTES) -> str:
     stripped to text. Returns at most `limit` characters ("" when there is none).
     """
     try:
-        msg = email.message_from_bytes(raw, policy=email.policy.default)
+        msg = email.message_from_bytes(raw, policy=_MIME_POLICY)
         plain = html_text = None
         for part in msg.walk():
             if part.is_multipart() or _is_attachment(part):
@@ -3937,7 +4110,7 @@ def message_info_from_bytes(raw: bytes) -> MessageInfo:
     """
     headers = parse_headers(raw)
     try:
-        whole = email.message_from_bytes(raw, policy=email.policy.default)
+        whole = email.message_from_bytes(raw, policy=_MIME_POLICY)
         has_attachment = attachment_in(whole)
     except Exception:
         has_attachment = False
@@ -4023,6 +4196,28 @@ def _iter_maildir(path: str) -> Iterator[Tuple[str, MessageInfo]]:
             yield file_path, dataclasses.replace(message_info_from_bytes(raw), flags=flags)
 
 
+# An .eml file is read whole (headers, body, attachments), and the email package needs
+# about 14 times its size in memory: a sample message is far smaller than this ceiling,
+# which bounds that (a 100 MB file cost 1.38 GB), and only regular files are read
+# (/dev/zero is endless; a FIFO would block).
+MAX_EML_BYTES = 10 * 1024 * 1024
+
+
+def read_message_file(path: str) -> bytes:
+    """The bytes of one .eml file; raises ValueError (not a regular file, larger than
+    MAX_EML_BYTES) or OSError."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as fh:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise ValueError("not a regular file")
+        data = fh.read(MAX_EML_BYTES + 1)
+    if len(data) > MAX_EML_BYTES:
+        raise ValueError(f"larger than {MAX_EML_BYTES // (1024 * 1024)} MiB, more than a "
+                         f"sample message needs; trim its attachments")
+    return data
+
+
 def iter_message_files(paths: Iterable[Any]) -> Iterator[Tuple[str, MessageInfo]]:
     """Read messages from .eml files, mbox files (Google Takeout) and Maildir folders.
 
@@ -4039,13 +4234,17 @@ def iter_message_files(paths: Iterable[Any]) -> Iterator[Tuple[str, MessageInfo]
                     raise GmailClassifyError(f"{path}: not an .eml file, mbox or Maildir")
                 yield from _iter_maildir(path)
                 continue
+            if not stat.S_ISREG(os.stat(path).st_mode):    # a FIFO would block, /dev/zero never end
+                raise GmailClassifyError(f"{path}: not a regular file")
             with open(path, "rb") as fh:
                 start = fh.read(5)
             if start == b"From " or path.lower().endswith(".mbox"):
                 yield from _iter_mbox(path)
             elif path.lower().endswith(".eml"):
-                with open(path, "rb") as fh:
-                    raw = fh.read()
+                try:
+                    raw = read_message_file(path)
+                except ValueError as exc:
+                    raise GmailClassifyError(f"{path}: {exc}") from None
                 yield path, message_info_from_bytes(raw)
             else:
                 raise GmailClassifyError(f"{path}: not an .eml file, mbox or Maildir")
@@ -4885,8 +5084,9 @@ def clean_component(value: str, separator: Optional[str] = "/") -> str:
 
 
 def _sender_domain(msg: MessageInfo) -> str:
-    for sender in header_addresses(msg.headers, "from")[:1]:
-        address = email.utils.parseaddr(sender)[1] or sender
+    """The domain of the first From address: of its addr-spec, never of its display name
+    ('"support@paypal.com" <phisher@evil.example>' is evil.example)."""
+    for _, address in _header_mailboxes(msg.headers, "from")[:1]:
         if "@" in address:
             return address.rpartition("@")[2]
     return ""
@@ -5617,8 +5817,9 @@ def _test_message(where: _Where, table: Dict[str, Any], source: str) -> MessageI
         path = _check_text(where, "eml", table["eml"], "a path to an .eml file")
         full = path if os.path.isabs(path) else os.path.join(os.path.dirname(source), path)
         try:
-            with open(full, "rb") as fh:
-                msg = message_info_from_bytes(fh.read())
+            msg = message_info_from_bytes(read_message_file(full))
+        except ValueError as exc:
+            raise where.error("eml", f"{full}: {exc}") from None
         except OSError as exc:
             raise where.error("eml", f"cannot read {full}: {exc.strerror or exc}") from None
     else:
@@ -5748,6 +5949,7 @@ def parse_rules(doc: Any, source: str = "<rules>") -> Ruleset:
 
 
 # --- Rules files: a small TOML reader, the same on every Python --------------------------
+
 #
 # tomllib arrived in Python 3.11, but the locked-down machines this file is copied onto
 # often run the distribution's 3.9 or 3.10. So the module carries a small reader for the
@@ -5764,6 +5966,42 @@ def parse_rules(doc: Any, source: str = "<rules>") -> Ruleset:
 # also better for a hand-edited file: tomllib reports a duplicate key "at end of
 # document", this reader names its line and column, and it says "text needs quotes" or
 # "write dates as strings" where tomllib says "Invalid value".
+
+# Files we read (rules, state, audit lines, tokens, the OAuth client file) may have
+# been written by anyone who could write them, or be damaged: both readers recurse
+# (100,000 nested brackets crashed with RecursionError), int() of a very long number
+# is quadratic (and refused past 4,300 digits on newer Pythons), and JSON's Infinity
+# and NaN are no numbers we use.  Nothing we write comes near these bounds.
+MAX_NESTING = 64          # arrays and tables (objects) inside one another
+MAX_NUMBER_DIGITS = 40    # digits of one number
+
+_JSON_SCAN = re.compile(r'"(?:[^"\\]|\\[\s\S])*"?|[\[{]|[\]}]|-?\d{%d,}|-?Infinity|NaN'
+                        % (MAX_NUMBER_DIGITS + 1))
+
+
+def load_json(text: str) -> Any:
+    """json.loads() with bounds: at most MAX_NESTING levels, MAX_NUMBER_DIGITS digits
+    per number, no Infinity or NaN.
+
+    Raises json.JSONDecodeError (a ValueError with lineno and colno) for anything
+    beyond them, as for any invalid JSON; never RecursionError.
+    """
+    depth = 0
+    for token in _JSON_SCAN.finditer(text):
+        first = token.group()[0]
+        if first in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise json.JSONDecodeError(f"nested more than {MAX_NESTING} levels deep",
+                                           text, token.start())
+        elif first in "]}":
+            depth -= 1
+        elif first != '"':
+            what = (f"a number of more than {MAX_NUMBER_DIGITS} digits"
+                    if token.group()[-1].isdigit() else f"{token.group()} is not a number here")
+            raise json.JSONDecodeError(what, text, token.start())
+    return json.loads(text)
+
 
 class TOMLError(GmailClassifyError, ValueError):
     """Text that parse_toml cannot read; ``msg``, ``lineno`` and ``colno`` (1-based) say
@@ -5796,6 +6034,8 @@ class _TomlReader:
         self.pending: set = set()   # tables made by dotted keys in the current section
         self.frozen: set = set()    # ids of inline tables and arrays: complete as written
         self.table_arrays: set = set()  # ids of lists made by [[header]]
+        self.depth = 0              # tables and arrays open around the value being read
+        self.base = 0               # the current [header]'s depth
 
     # Positions and errors
 
@@ -5807,6 +6047,13 @@ class _TomlReader:
 
     def peek(self, length: int = 1) -> str:
         return self.text[self.pos:self.pos + length]
+
+    def enter(self, levels: int, pos: int) -> None:
+        """Go ``levels`` tables or arrays deeper; fail past MAX_NESTING (the reader and
+        everything after it recurse, and a sender of a rules file may not crash them)."""
+        self.depth += levels
+        if self.depth > MAX_NESTING:
+            raise self.fail(f"nested more than {MAX_NESTING} levels deep; rules never need that", pos)
 
     def found(self) -> str:
         """The next character, for error messages: "'x'", "the end of the line"."""
@@ -5885,6 +6132,9 @@ class _TomlReader:
             raise self.fail(f"expected {close!r} to close the table header, found {self.found()}")
         self.pos += len(close)
         shown = "[" * len(close) + ".".join(keys) + "]" * len(close)
+        self.depth = 0
+        self.enter(len(keys), start)
+        self.base = len(keys)
         table = root
         for key in keys[:-1]:
             table = self.descend(table, key, start, shown)
@@ -5932,7 +6182,10 @@ class _TomlReader:
         self.pos += 1
         self.skip_ws()
         bare = self.pos
+        levels = len(keys) - 1 + (self.base if after else 0)
+        self.enter(levels, start)
         value = self.value()
+        self.depth -= levels
         if after and self.text[bare] not in "\"'[{":
             self.unquoted_words(self.text[bare:self.pos])
         for key in keys[:-1]:
@@ -6012,6 +6265,9 @@ class _TomlReader:
             raise self.fail(f"dates and times are not supported here; write {text} as a "
                             f"string: \"{text}\"", start)
         if _TOML_INTEGER.fullmatch(text):
+            if len(text) > MAX_NUMBER_DIGITS:
+                raise self.fail(f"a number of more than {MAX_NUMBER_DIGITS} digits; rules "
+                                f"never need one", start)
             self.pos = word.end()
             return int(text.replace("_", ""), 0) if text[:2] in ("0x", "0o", "0b") \
                 else int(text.replace("_", ""))
@@ -6027,6 +6283,7 @@ class _TomlReader:
         raise self.fail(f"expected a value, found {text}; text needs quotes: \"{text}\"", start)
 
     def array(self) -> List[Any]:
+        self.enter(1, self.pos)
         self.pos += 1
         items: List[Any] = []
         while True:
@@ -6044,10 +6301,12 @@ class _TomlReader:
             else:
                 raise self.fail(f"expected ',' or ']' in the array, found {self.found()}")
         self.frozen.add(id(items))
+        self.depth -= 1
         return items
 
     def inline_table(self) -> Dict[str, Any]:
         """`{ key = value, ... }` on one line, no trailing comma (TOML 1.0)."""
+        self.enter(1, self.pos)
         self.pos += 1
         table: Dict[str, Any] = {}
         self.skip_ws()
@@ -6068,6 +6327,7 @@ class _TomlReader:
                 self.skip_ws()
             self.frozen |= made
         self.frozen.add(id(table))
+        self.depth -= 1
         return table
 
     def literal_string(self) -> str:
@@ -6193,6 +6453,67 @@ def parse_toml(text: str) -> Dict[str, Any]:
 
 # --- Rules files: loading and the built-in rules -----------------------------------------
 
+# One trust question for every file whose contents we act on: a rules file that names a
+# program to run (password_command; the coming plug-in conditions add their programs and
+# the directories they live in), or one that holds a secret.  Another user who can write
+# the file, or any directory above it (and so rename or replace what is in it), could
+# make us run their program as the user.  A directory others can write is acceptable
+# only with the sticky bit (like /tmp): then nobody but an entry's owner may rename or
+# remove that entry, and the entry below it is checked in its turn (owned by the user or
+# root).  Owners other than the user and root are refused for the same reason.  A secret
+# must, on top of that, be readable by its owner alone.
+
+def trust_problem(path: Any, *, private: bool = False, directories: bool = True,
+                  status: Optional[os.stat_result] = None) -> Optional[str]:
+    """Why ``path`` cannot be trusted, or None (always None off POSIX).
+
+    Returns e.g. "/tmp/x/rules.toml can be changed by other users (group or
+    others may write it); run 'chmod go-w /tmp/x/rules.toml'". ``private``: the
+    file holds a secret, so others may not read it either; ``directories``: check
+    every directory above it too (the real path and the path as given); ``status``:
+    the file's own status (from the open file, so that it cannot be swapped after).
+    """
+    if os.name != "posix":
+        return None
+    me = os.geteuid()
+    name = os.fspath(path)
+    try:
+        info = status or os.stat(name)
+    except OSError as exc:
+        return f"cannot check {name}: {exc.strerror or exc}"
+    if info.st_uid not in (me, 0):
+        return (f"{name} belongs to another user (uid {info.st_uid}); use a file of your "
+                f"own ('chown {me} {name}' as root)")
+    if private and info.st_mode & 0o077:
+        return f"{name} is readable by other users; run 'chmod 600 {name}'"
+    if info.st_mode & 0o022:
+        return (f"{name} can be changed by other users (group or others may write it); "
+                f"run 'chmod go-w {name}'")
+    if not directories:
+        return None
+    seen = set()
+    for start in (os.path.abspath(name), os.path.realpath(name)):
+        directory = os.path.dirname(start)
+        while directory not in seen:
+            seen.add(directory)
+            try:
+                here = os.stat(directory)
+            except OSError as exc:
+                return f"cannot check {directory}: {exc.strerror or exc}"
+            if here.st_uid not in (me, 0):
+                return (f"{name} lies in {directory}, which belongs to another user (uid "
+                        f"{here.st_uid}), who could replace the file; move it into a "
+                        f"directory of your own")
+            if here.st_mode & 0o022 and not here.st_mode & 0o1000:
+                return (f"{name} lies in {directory}, which other users can write (and so "
+                        f"replace the file); run 'chmod go-w {directory}' or move the file")
+            parent = os.path.dirname(directory)
+            if parent == directory:
+                break
+            directory = parent
+    return None
+
+
 def load_rules(path: Any) -> Ruleset:
     """Read, parse and validate a .toml or .json rules file.
 
@@ -6205,7 +6526,7 @@ def load_rules(path: Any) -> Ruleset:
         raise RulesError(f"{source}: unknown rules file type; name it *.toml or *.json")
     try:
         with open(source, "rb") as fh:
-            mode = os.fstat(fh.fileno()).st_mode
+            status = os.fstat(fh.fileno())
             data = fh.read()
     except FileNotFoundError:
         raise RulesError(f"{source}: no such file") from None
@@ -6224,15 +6545,19 @@ def load_rules(path: Any) -> Ruleset:
                              f"invalid TOML: {exc.msg}") from None
     else:
         try:
-            doc = json.loads(text)
+            doc = load_json(text)
         except json.JSONDecodeError as exc:
             raise RulesError(f"{source}: line {exc.lineno}, column {exc.colno}: "
                              f"invalid JSON: {exc.msg}") from None
     rules = parse_rules(doc, source)
     secrets_held = [key for key in SECRET_ACCOUNT_KEYS if key in rules.account]
-    if secrets_held and os.name == "posix" and mode & 0o077:
+    if secrets_held and os.name == "posix" and status.st_mode & 0o077:
         raise RulesError(f"{source} holds {secrets_held[0]} and is readable by other users; "
                          f"run 'chmod 600 {source}'")
+    acts = secrets_held + [key for key in ("password_command",) if key in rules.account]
+    problem = trust_problem(source, status=status) if acts else None
+    if problem:
+        raise RulesError(f"{problem}; refusing a rules file that holds {acts[0]}")
     return rules
 
 
@@ -7769,6 +8094,14 @@ AUDIT_MAX_BYTES = 16 * 1024 ** 2       # audit.jsonl past this size becomes audi
 DOWNLOAD_DAYS_KEPT = 8                 # days of download counts kept in the state file
 
 
+def _stored_number(value: Any, what: str, low: int, high: int = 2 ** 32 - 1) -> int:
+    """A number from the state file, checked: UIDs and UIDVALIDITY are 32-bit and
+    non-zero (RFC 3501 section 2.3.1.1), a mark is a UID or 0. Raises ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what} {_quote(value)} is not a number from {low} to {high}")
+    return value
+
+
 class StateError(GmailClassifyError):
     """The state file is corrupt, unreadable or not ours; the message names it and the way
     out (``--all`` starts afresh, or delete the file)."""
@@ -7924,7 +8257,7 @@ class AccountLock:
         if not got:
             holder = ""
             try:
-                info = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+                info = load_json(self.path.read_text(encoding="utf-8") or "{}")
                 holder = (f" (pid {info.get('pid')}, {info.get('command')}, since "
                           f"{info.get('since')})")
             except (OSError, ValueError, AttributeError):
@@ -8016,7 +8349,7 @@ class StateStore:
         except (OSError, UnicodeDecodeError) as exc:
             raise StateError(f"cannot read the state file {self.path}: {exc}; {fix}") from exc
         try:
-            data = json.loads(text)
+            data = load_json(text)
         except ValueError as exc:
             raise StateError(f"the state file {self.path} is corrupt ({exc}); {fix}") from exc
         if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
@@ -8032,9 +8365,10 @@ class StateStore:
                 raise TypeError("accounts")
             for account in accounts.values():
                 for entry in account.get("folders", {}).values():
-                    FolderState(int(entry["uidvalidity"]), int(entry["mark"]))
+                    _stored_number(entry["uidvalidity"], "uidvalidity", 1)
+                    _stored_number(entry["mark"], "mark", 0)
                 for count in account.get("downloads", {}).values():
-                    int(count)
+                    _stored_number(count, "download count", 0, 2 ** 63 - 1)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise StateError(f"the state file {self.path} is corrupt (bad entry: {exc}); "
                              f"{fix}") from exc
@@ -8243,7 +8577,7 @@ class AuditLog:
                     if not line.strip():
                         continue
                     try:
-                        record = json.loads(line)
+                        record = load_json(line)
                     except ValueError:
                         bad += 1
                         # A torn or damaged line: whose it was, as far as can be told, so
@@ -9790,6 +10124,7 @@ GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
 OAUTH_SCOPE = "https://mail.google.com/"     # the only scope Gmail IMAP accepts
 OAUTH_TIMEOUT = 30.0            # seconds for one request to the token endpoint
 OAUTH_WAIT = 300.0              # seconds `auth` waits for the browser to come back
+OAUTH_CONNECTION_TIMEOUT = 10.0  # seconds one connection to the redirect listener may idle
 TOKEN_REFRESH_MARGIN = 300.0    # refresh an access token this long before it expires
 TOKEN_REUSE = 60.0              # a token fetched this recently serves a reconnect as is
 TOKEN_FILE_VERSION = 1
@@ -9821,7 +10156,7 @@ def load_client_secret_file(path: str) -> OAuthClient:
     """
     try:
         with open(path, encoding="utf-8") as handle:
-            doc = json.load(handle)
+            doc = load_json(handle.read())
     except OSError as exc:
         raise RulesError(f"cannot read the OAuth client file {path}: {exc.strerror or exc}") from exc
     except ValueError as exc:
@@ -9888,7 +10223,7 @@ def _token_request(token_url: str, form: Mapping[str, str]) -> Dict[str, Any]:
         raise ConnectionLostError(f"cannot reach the token endpoint {url}: {reason}; check "
                                   f"the network, then try again") from exc
     try:
-        doc = json.loads(body.decode("utf-8"))
+        doc = load_json(body.decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
         doc = None
     if not isinstance(doc, dict):
@@ -9917,15 +10252,19 @@ def _read_redirect(query: str, state: str) -> _Redirect:
     params = urllib.parse.parse_qs(query, keep_blank_values=True)
     got_state = (params.get("state") or [""])[0]
     error = (params.get("error") or [""])[0]
+    # The state first: only an answer carrying this sign-in's state comes from Google.
+    # Anything else (another local user, a web page fetching 127.0.0.1, an old tab) may
+    # not end the sign-in, not even with error=access_denied.
+    if not got_state or not secrets.compare_digest(got_state.encode("utf-8", "replace"),
+                                                   state.encode("utf-8")):
+        raise OAuthError("sign-in failed: the answer's state parameter does not match this "
+                         "sign-in (an old browser tab, or a forged request); run auth again",
+                         error="bad_state")
     if error:
         if error == "access_denied":
             raise OAuthError("sign-in refused: access was denied on Google's consent page; run "
                              "auth again and allow access to mail", error=error)
         raise OAuthError(f"sign-in failed: Google answered {error[:80]}", error=error)
-    if not got_state or not secrets.compare_digest(got_state, state):
-        raise OAuthError("sign-in failed: the answer's state parameter does not match this "
-                         "sign-in (an old browser tab, or a forged request); run auth again",
-                         error="bad_state")
     code = (params.get("code") or [""])[0]
     if not code:
         raise OAuthError("sign-in failed: the answer carries no authorisation code; run auth again",
@@ -9950,8 +10289,16 @@ _DONE_PAGE = ("<!doctype html><meta charset=utf-8><title>gmail_classify</title>"
               "<p>{}</p><p>You can close this tab.</p>")
 
 
-class _RedirectCatcher(http.server.HTTPServer):
-    """A one-shot loopback server that waits for the browser's redirect."""
+class _RedirectCatcher(http.server.ThreadingHTTPServer):
+    """A one-shot loopback server that waits for the browser's redirect.
+
+    Any local program can connect to it, so one thread per connection (an idle one
+    blocks only itself, and gives up after OAUTH_CONNECTION_TIMEOUT), and only a
+    request carrying this sign-in's state ends the wait; anything else gets 400.
+    """
+
+    daemon_threads = True
+    block_on_close = False     # shutting down never waits for an idle connection
 
     def __init__(self, port: int, state: str) -> None:
         super().__init__(("127.0.0.1", port), _RedirectHandler)
@@ -9963,6 +10310,7 @@ class _RedirectCatcher(http.server.HTTPServer):
 
 class _RedirectHandler(http.server.BaseHTTPRequestHandler):
     server: _RedirectCatcher
+    timeout = OAUTH_CONNECTION_TIMEOUT     # per connection: a silent client is dropped
 
     def do_GET(self) -> None:
         parts = urllib.parse.urlsplit(self.path)
@@ -9970,11 +10318,15 @@ class _RedirectHandler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         try:
-            self.server.result = _read_redirect(parts.query, self.server.state)
+            result = _read_redirect(parts.query, self.server.state)
             message, status = "Signed in: gmail_classify has its token.", 200
         except OAuthError as exc:
+            if exc.error == "bad_state":     # not this sign-in's answer: keep waiting
+                self.send_error(400, "not the answer to this sign-in")
+                return
+            result, message, status = None, html.escape(str(exc)), 400
             self.server.error = exc
-            message, status = html.escape(str(exc)), 400
+        self.server.result = result
         self.server.done.set()
         body = _DONE_PAGE.format(message).encode("utf-8")
         self.send_response(status)
@@ -10058,6 +10410,9 @@ def authorize(client: OAuthClient, user: str, *, port: int = 0,
     try:
         catcher = _RedirectCatcher(port, state)
     except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise OAuthError(f"port {port} is in use; choose another --port (or 0 for any "
+                             f"free port)", error="port") from exc
         raise OAuthError(f"cannot listen on 127.0.0.1:{port} for Google's redirect: "
                          f"{exc.strerror or exc}; choose another --port", error="port") from exc
     redirect_uri = f"http://127.0.0.1:{catcher.server_address[1]}/"
@@ -10156,11 +10511,11 @@ def load_refresh_token(user: str) -> Optional[Tuple[OAuthClient, str]]:
     """
     path = token_path(user)
     try:
-        if os.name == "posix" and os.stat(path).st_mode & 0o077:
-            raise RulesError(f"{path} is readable by other users; run 'chmod 600 {path}' "
-                             f"(or 'auth' again)")
+        problem = trust_problem(path, private=True, directories=False)
+        if problem and not problem.startswith("cannot check"):
+            raise RulesError(f"{problem} (or 'auth' again)")
         with open(path, encoding="utf-8") as handle:
-            doc = json.load(handle)
+            doc = load_json(handle.read())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
@@ -10565,7 +10920,7 @@ def suggest_rules(conn: GmailConnection, folder: str = "INBOX", *, top: int = 10
             headers = parse_headers(values.get(item) or b"")
             subject = _first(header_text(headers, "subject"))
             list_id = _first(header_text(headers, "list-id")).strip()
-            name, address = email.utils.parseaddr(_first(header_addresses(headers, "from")))
+            name, address = (_header_mailboxes(headers, "from") or [("", "")])[0]
             address = address.lower()
             if list_id:
                 found = re.search(r"<([^<>]+)>", list_id)
@@ -11135,8 +11490,9 @@ def _password_from_netrc(host: str, user: str) -> Optional[str]:
     if not os.path.exists(path):
         return None
     try:
-        if os.name == "posix" and os.stat(path).st_mode & 0o077:
-            raise UsageError(f"{path} is readable by other users; run 'chmod 600 {path}'")
+        problem = trust_problem(path, private=True, directories=False)
+        if problem:
+            raise UsageError(problem)
         entry = netrc.netrc(path).authenticators(host)
     except (netrc.NetrcParseError, OSError) as exc:
         raise UsageError(f"cannot read {path}: {exc}") from exc
@@ -11825,8 +12181,13 @@ def _cmd_auth(args: argparse.Namespace, out: TextIO) -> int:
         out.flush()
 
     browser = None if args.no_browser or not _can_open_browser() else webbrowser.open
-    answer = authorize(client, user, port=args.port, open_browser=browser, show=show,
-                       read_pasted=_stdin_lines(sys.stdin) if interactive else None)
+    try:
+        answer = authorize(client, user, port=args.port, open_browser=browser, show=show,
+                           read_pasted=_stdin_lines(sys.stdin) if interactive else None)
+    except OAuthError as exc:
+        if exc.error == "port":      # the user's --port: a usage error, not a refusal
+            raise UsageError(str(exc)) from exc
+        raise
     path = save_refresh_token(user, client, answer["refresh_token"])
     out.write(f"Signed in as {user}. The refresh token is stored in {path} (readable only "
               f"by you).\nTry: python gmail_classify.py --user {user} --auth xoauth2 labels\n")

@@ -10130,6 +10130,36 @@ class WriteAheadUndoTest(StateTestCase):
         self.assertEqual([m.raw for m in self.server.messages("INBOX")], [digest])
 
 
+class WholeRecordTest(StateTestCase):
+    """Issue 15, finishing the record: done records, undo of folder-only runs, batched
+    undo lookups, and undo after a plain EXPUNGE that left a message behind."""
+    undo = UndoTest.undo
+    use = UndoSafetyTest.use
+    LABEL_ONLY = {"rule": [{"name": "Receipts", "subject": "receipt", "label": "Receipts"}]}
+
+    def audit(self) -> List[Dict[str, Any]]:
+        with open(os.path.join(self.state_dir, "audit.jsonl"), encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+    def test_undo_looks_up_label_copies_with_one_fetch_per_folder(self):
+        self.use(gmail=False)
+        for n in range(7):
+            self.server.add_message(make_message(f"receipt {n}"))
+        self.run_once(gc.parse_rules(self.LABEL_ONLY, "rules.json"))
+        self.assertEqual(len(self.server.uids("Receipts")), 7)
+        start = len(self.server.log)
+        undo = self.undo()
+        self.assertEqual((undo.reversed, undo.left_alone), (7, 0))
+        fetches = [e.line for e in self.server.log[start:] if e.command == "UID FETCH"]
+        looks = [line for line in fetches if b"MESSAGE-ID" in line.upper()
+                 and b"RFC822.SIZE" in line.upper()]
+        self.assertEqual(len(looks), 1, fetches)
+        self.assertIn(b" 1:7 ", looks[0])
+        self.assertEqual(self.server.uids("Receipts") if "Receipts" in
+                         self.server.folder_names() else [], [])
+        self.assertEqual(len(self.server.uids("INBOX")), 7)
+
+
 # The fault-injection sweep: an --apply is cut at every command of the run (the default
 # suite: a dense sample; GMAIL_CLASSIFY_SWEEP=full: every command, both before and after
 # the server executes it, over a larger mailbox), then run again without faults; the final

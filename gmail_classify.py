@@ -8416,6 +8416,7 @@ class Undo:
         # (folder, UID, X-GM-MSGID, UIDVALIDITY) of each message moved back
         self.restored: List[Tuple[str, Optional[int], Any, Optional[int]]] = []
         self.restored_count = 0             # messages runs with the same rules leave alone
+        self.expunge_surprises: List[str] = []   # folders a plain EXPUNGE surprised in
 
     # Each message's undo is worked out in ``_work``: index -> {"done": [...], "alone": [...]}.
 
@@ -8606,13 +8607,25 @@ class Undo:
             for destination, items in back.items():
                 self._intend(conn, [(i, _inverse_change(self._moved(self.messages[i])[2]))
                                     for i in items])
+                stayed: Tuple[int, ...] = ()
                 if self.apply:
                     result = conn.move([found[i] for i in items], destination,
                                        allow_expunge=self.allow_expunge)
                     moved = dict(result.moved)
+                    stayed = result.stayed
+                    if result.stayed or result.others_expunged:
+                        self.expunge_surprises.append(folder)
                 else:
                     moved = {found[i]: None for i in items}
                 for i in items:
+                    if found[i] in stayed:
+                        # A checked plain EXPUNGE (no UIDPLUS) left it: another client
+                        # cleared its \Deleted flag, so it is in both folders now.
+                        work[i]["alone"].append(
+                            f"copied back to {destination}, but still in {folder} too: "
+                            f"another mail client cleared its \\Deleted flag before the "
+                            f"plain EXPUNGE; remove one of the two by hand")
+                        continue
                     if found[i] not in moved:
                         gone.add(i)
                         work[i]["alone"].append(f"vanished from {folder} while moving it back")
@@ -11087,7 +11100,12 @@ def _cmd_undo(args: argparse.Namespace, out: TextIO) -> int:
                       f"the rules before restarting a timer or watch.\n")
         if not args.apply:
             out.write("Dry run: nothing was changed. Run again with --apply to do it.\n")
-    return EXIT_OK
+    for folder in undo.expunge_surprises:
+        sys.stderr.write(printable(f"gmail_classify: {folder}: the plain EXPUNGE did not do "
+                                   f"what was expected (see the warning above); check that "
+                                   f"folder when no other mail client is at work there")
+                         + "\n")
+    return EXIT_INCOMPLETE if undo.expunge_surprises else EXIT_OK
 
 
 def _report_table(report: FolderReport, rules: Ruleset) -> str:

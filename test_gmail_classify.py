@@ -10136,6 +10136,8 @@ class WholeRecordTest(StateTestCase):
     undo = UndoTest.undo
     use = UndoSafetyTest.use
     LABEL_ONLY = {"rule": [{"name": "Receipts", "subject": "receipt", "label": "Receipts"}]}
+    cli = UndoSafetyTest.cli
+    subjects = AnyServerTest.subjects
 
     def audit(self) -> List[Dict[str, Any]]:
         with open(os.path.join(self.state_dir, "audit.jsonl"), encoding="utf-8") as handle:
@@ -10158,6 +10160,35 @@ class WholeRecordTest(StateTestCase):
         self.assertEqual(self.server.uids("Receipts") if "Receipts" in
                          self.server.folder_names() else [], [])
         self.assertEqual(len(self.server.uids("INBOX")), 7)
+
+    def test_undo_reports_a_message_a_plain_expunge_left_and_exits_6(self):
+        self.use(kind="neither")
+        self.server.add_message(make_message("weekly digest"))
+        code, out, err = self.cli("run", "--apply", "--allow-expunge")
+        self.assertEqual(code, gc.EXIT_OK, err)
+        self.assertEqual(self.subjects("Lists"), ["weekly digest"])
+        # Another client clears \Deleted on our message in Lists between the undo's
+        # check and its EXPUNGE: it is copied to INBOX but stays in Lists too.
+        self.server.add_fault("EXPUNGE", action="unmark_deleted")
+        code, out, err = self.cli("undo", "--apply", "--allow-expunge")
+        self.assertEqual(code, gc.EXIT_INCOMPLETE, err)
+        self.assertEqual([a for a, _, _ in self.server.other_client], ["unmark_deleted"])
+        self.assertEqual(self.subjects("INBOX"), ["weekly digest"])
+        self.assertEqual(self.subjects("Lists"), ["weekly digest"])
+        self.assertIn("left alone: copied back to INBOX, but still in Lists too", out)
+        self.assertNotIn("vanished", out)
+        self.assertIn("Lists: the plain EXPUNGE did not do what was expected", err)
+        self.assertIn("reversed 0 changes; 1 left alone", out)
+
+    def test_undo_with_a_plain_expunge_that_did_what_was_expected_exits_0(self):
+        self.use(kind="neither")
+        self.server.add_message(make_message("weekly digest"))
+        self.assertEqual(self.cli("run", "--apply", "--allow-expunge")[0], gc.EXIT_OK)
+        code, out, err = self.cli("undo", "--apply", "--allow-expunge")
+        self.assertEqual((code, errors(err)), (gc.EXIT_OK, []), err)
+        self.assertEqual(self.subjects("INBOX"), ["weekly digest"])
+        self.assertEqual(self.server.uids("Lists") if "Lists" in self.server.folder_names()
+                         else [], [])
 
 
 # The fault-injection sweep: an --apply is cut at every command of the run (the default

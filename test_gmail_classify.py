@@ -9291,7 +9291,10 @@ class CommandLineStateTest(StateTestCase):
         intents = [i for i, r in enumerate(audit) if r["type"] == "intent"]
         first_done = min(i for i, r in enumerate(audit) if r["type"] == "message")
         self.assertTrue(intents and max(intents) < first_done)
-        self.assertEqual([r for r in audit if r["type"] != "intent"],
+        # The server's confirmations (done records) are the audit log's, never stdout's.
+        dones = [i for i, r in enumerate(audit) if r["type"] == "done"]
+        self.assertTrue(dones and max(dones) < first_done)
+        self.assertEqual([r for r in audit if r["type"] not in ("intent", "done")],
                          [r for r in lines if r["type"] == "summary" or r["changes"]])
 
     def test_apply_lines_at_v_come_after_the_server_confirmed(self):

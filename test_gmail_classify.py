@@ -10193,6 +10193,22 @@ class WholeRecordTest(StateTestCase):
         self.assertEqual(self.server.uids("Lists") if "Lists" in self.server.folder_names()
                          else [], [])
 
+    def test_history_and_undo_skip_record_types_they_do_not_know(self):
+        self.use(gmail=False)
+        seed_mailbox(self.server, 6)
+        before = mailbox_snapshot(self.server)
+        run = self.run_once()
+        expected = gc.history(self.store())
+        with open(os.path.join(self.state_dir, "audit.jsonl"), "a", encoding="utf-8") as handle:
+            for uid in (1, 2):      # what a later version might write, naming this run
+                handle.write(json.dumps({"type": "checkpoint", "version": 3, "run": run.id,
+                                         "folder": "INBOX", "uid": uid, "uids": [uid],
+                                         "changes": [{"action": "trash"}]}) + "\n")
+        self.assertEqual(gc.history(self.store()), expected)
+        undo = self.undo()
+        self.assertEqual((undo.reversed, undo.left_alone), (run.changes_made, 0))
+        self.assertEqual(mailbox_snapshot(self.server), before)
+
     # -- done records: a run killed outright (SIGKILL, a power cut) -----------------------
 
     def run_killed_at(self, command: str, nth: int) -> subprocess.Popen:

@@ -7255,6 +7255,10 @@ class Checkpoint:
         """A stop between commands ended the step: these intended changes (the same shape
         as ``intend``'s) were never sent, so they are known not made."""
 
+    def confirmed(self, conn: GmailConnection, entry: Dict[str, Any]) -> None:
+        """With ``apply``, as the server answers each write command the step's intents
+        announced: what it confirmed (see _done_entry).  Need not be durable at once."""
+
     def step_done(self, conn: GmailConnection, status: FolderStatus, mark: Optional[int],
                   outcomes: Sequence[Outcome]) -> None:
         """A step ended; ``outcomes`` carry what the server confirmed (in a dry run: what
@@ -7500,6 +7504,11 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
         confirmed: Dict[Tuple[int, Tuple[str, ...]], Any] = {}
 
         def done(key: Tuple[str, ...], result: Mapping[int, Any]) -> None:
+            if apply and checkpoint.writes_ahead:
+                checkpoint.confirmed(conn, _done_entry(key, result, status, conn.is_gmail,
+                                                       destinations, folder))
+            if key[0] == "create":
+                return
             for uid, extra in result.items():
                 confirmed[(uid, key)] = extra
                 place = places.get(extra.get("folder")) if isinstance(extra, dict) else None
@@ -7646,6 +7655,32 @@ def _place_status(conn: GmailConnection, name: str) -> Dict[str, Optional[int]]:
             raise
         values = {}     # the write that follows says what is wrong; undo leaves it alone
     return {"uidvalidity": values.get("UIDVALIDITY"), "uidnext": values.get("UIDNEXT")}
+
+
+def _done_entry(key: Tuple[str, ...], result: Mapping[int, Any], status: FolderStatus,
+                gmail: bool, destinations: Mapping[str, Optional[str]],
+                folder: str) -> Dict[str, Any]:
+    """The audit log's ``done`` record of one confirmed write command (without the run's
+    stamp): the folder, the change as _change_identity names it (action, label, flag,
+    destination), the UIDs confirmed and their new UIDs (COPYUID; None where unknown).
+    A CREATE's names the folder and what the server said: created, existed or refused.
+
+    ``{"folder": "INBOX", "uidvalidity": 7, "action": "move", "label": None, "flag": None,
+    "destination": "Lists", "uids": [3, 4], "new_uids": [1, 2]}``
+    """
+    if key[0] == "create":
+        return {"folder": folder, "create": key[1], "created": key[2] == "created",
+                "answer": key[2]}
+    uids = sorted(result)
+    first = result[uids[0]] if uids else None
+    change = _change_entry(key, uids[0] if uids else 0, status, gmail, destinations,
+                           first if isinstance(first, dict) else None)
+    after = change.get("after")
+    return {"folder": folder, "uidvalidity": status.uidvalidity, "action": change["action"],
+            "label": change.get("label"), "flag": change.get("flag"),
+            "destination": after.get("folder") if isinstance(after, dict) else None,
+            "uids": uids, "new_uids": [result[uid].get("uid") if isinstance(result[uid], dict)
+                                       else None for uid in uids]}
 
 
 def _intent_entries(step: _Step, status: FolderStatus, gmail: bool,
@@ -7906,7 +7941,9 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
     copies or moves mail into (server names), before the first STORE, COPY or MOVE.
 
     ``done(key, {uid: extra})`` hears of each command the server confirmed (a _Plan key;
-    ``extra`` is None, or ``{"folder": ..., "uid": ...}`` for copies and moves).
+    ``extra`` is None, or ``{"folder": ..., "uid": ...}`` for copies and moves), and of
+    each CREATE answered, as ``done(("create", name, outcome), {})`` with ``outcome``
+    "created", "existed" or "refused".
     ``settled``: the trash and archive folders _settle found (looked up here if None).
     Names go to the server mapped to its namespace (server_name).
     """
@@ -7940,7 +7977,14 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
         intend("create", missing)
     for name in missing:
         stop.check(f"before creating {name}")
-        if conn.create_folder(name):
+        try:
+            created = conn.create_folder(name)
+        except ImapError as exc:
+            if exc.status in ("NO", "BAD"):
+                done(("create", name, "refused"), {})     # answered: nothing was made
+            raise
+        done(("create", name, "created" if created else "existed"), {})
+        if created:
             report.created.append(name)
     targets = [] if conn.is_gmail else [conn.server_name(label) for label in plan.add_labels]
     targets += [conn.server_name(dest) for dest in plan.move]
@@ -8664,6 +8708,12 @@ _AUDIT_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "size": (_optional(_is_int), "a size in bytes"),
     "internaldate": (_optional(_is_str), "a date"), "rules_hash": (_optional(_is_str), "a string"),
     "reason": (_optional(_is_str), "a string"),
+    "uids": (_list_of(_is_int), "a list of UIDs"),
+    "new_uids": (_list_of(_optional(_is_int)), "a list of UIDs"),
+    "destination": (_optional(_is_str), "a folder name"),
+    "action": (_optional(_is_str), "a string"), "label": (_optional(_is_str), "a string"),
+    "flag": (_optional(_is_str), "a string"),
+    "created": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 
@@ -8914,6 +8964,18 @@ class Run(Checkpoint):
                      "command": self.command}
             self.store.audit.append([dict(stamp, **entry) for entry in entries])
 
+    def confirmed(self, conn: GmailConnection, entry: Dict[str, Any]) -> None:
+        """A ``done`` record as each write command is confirmed: one write, no fsync (the
+        step's records end with one; the intents before it were made durable)."""
+        if not self.apply:
+            return
+        stamp = {"type": "done", "version": INTENT_VERSION, "run": self.id,
+                 "time": _iso(self.store.now()), "account": self.user, "host": self.host,
+                 "command": self.command}
+        if self.undo_of:
+            stamp["undo_of"] = self.undo_of
+        self.store.audit.append([dict(stamp, **entry)], sync=False)
+
     def step_done(self, conn: GmailConnection, status: FolderStatus, mark: Optional[int],
                   outcomes: Sequence[Outcome]) -> None:
         records = [self.record(outcome) for outcome in outcomes]
@@ -8987,6 +9049,44 @@ class Run(Checkpoint):
         self._bytes_seen = conn.bytes_received
 
 
+class _Creates:
+    """What became of the CREATEs one run announced, read from its records in log order.
+
+    A step announces all its new folders in one intent, then sends their CREATEs one by
+    one, each answer recorded by a ``done`` record (created, existed or refused).  So at
+    the end of the log only the first announced and unanswered folder can have been sent
+    (the process ended while it was in flight): it is "maybe"; a refusal ends the step,
+    and nothing announced after the command in flight was ever sent.
+    """
+
+    def __init__(self) -> None:
+        self.made: Dict[str, Optional[bool]] = {}
+        self._pending: List[str] = []
+
+    def read(self, record: Mapping[str, Any]) -> None:
+        """Take in one record of the run (others are ignored)."""
+        name = record.get("create")
+        if record.get("type") == "intent" and name:
+            self._pending.append(name)
+        elif record.get("type") == "done" and name:
+            self.made[name] = bool(record.get("created"))
+            if record.get("answer") == "refused":
+                self._pending = []
+            elif name in self._pending:
+                self._pending = self._pending[self._pending.index(name) + 1:]
+        elif record.get("type") == "summary":
+            for report in record.get("reports") or []:
+                for created in report.get("created") or []:
+                    self.made[created] = True
+
+    def outcome(self) -> Dict[str, Optional[bool]]:
+        """folder -> True (the run made it), False (it did not), None (maybe)."""
+        result = dict(self.made)
+        if self._pending and self._pending[0] not in result:
+            result[self._pending[0]] = None
+        return result
+
+
 def history(store: StateStore) -> List[Dict[str, Any]]:
     """The runs the audit log still holds, newest first.
 
@@ -8998,13 +9098,18 @@ def history(store: StateStore) -> List[Dict[str, Any]]:
     command was sent, or was about to be, when the run ended): they count as made, in
     ``counts`` and ``changes_made`` too.  ``skipped``: messages left alone for their
     content.  ``possibly_incomplete``: a line of the log that seems to be this run's
-    could not be read.
+    could not be read.  A change a ``done`` record confirmed is made, not maybe, even
+    when the process died before writing its message record.  ``folders_created``: the
+    folders the run created (undo deletes them when empty), ``folders_created_maybe`` of
+    them whose CREATE was announced but never answered.
     """
     runs: Dict[str, Dict[str, Any]] = {}
     order: Dict[str, int] = {}        # runs that started in the same second: log order
     summarised = set()
     intended: Dict[str, Dict[Tuple[Any, ...], Dict[str, Any]]] = {}   # run -> change -> it
-    confirmed: Dict[str, set] = {}     # run -> changes confirmed, or known never sent
+    confirmed: Dict[str, set] = {}    # by a message record (counted there), or never sent
+    done: Dict[str, set] = {}         # by a done record only, so far
+    creates: Dict[str, _Creates] = {}
     for record in store.audit.records(unreadable=True):
         run_id = record.get("run")
         if not isinstance(run_id, str):
@@ -9022,6 +9127,11 @@ def history(store: StateStore) -> List[Dict[str, Any]]:
             "possibly_incomplete": False})
         if record.get("undo_of"):
             entry["undo_of"] = record["undo_of"]
+        creates.setdefault(run_id, _Creates()).read(record)
+        if record.get("type") == "done":
+            for uid in record.get("uids") or []:
+                done.setdefault(run_id, set()).add(_done_identity(record, uid))
+            continue
         if record.get("type") == "intent":
             if record.get("undo_of") or record.get("command") == "undo":
                 entry["command"] = "undo"
@@ -9057,19 +9167,38 @@ def history(store: StateStore) -> List[Dict[str, Any]]:
                 entry["counts"][name] = entry["counts"].get(name, 0) + 1
                 entry["changes_made"] += 1
     for run_id, changes in intended.items():
-        # Sent (or about to be) but never confirmed: maybe made, so counted as made.
+        # Sent (or about to be) but never confirmed: maybe made, so counted as made.  A
+        # done record without its message record (the process died before the step's
+        # end): made, counted here unless the run's summary counted it.
         entry = runs[run_id]
         for key, change in changes.items():
-            if key not in confirmed.get(run_id, ()):
+            if key in confirmed.get(run_id, ()):
+                continue
+            if key in done.get(run_id, ()):
+                if run_id in summarised:
+                    continue
+                if key[0] not in entry["folders"]:
+                    entry["folders"].append(key[0])
+            else:
                 entry["maybe"] += 1
-                name = describe_change(change)
-                entry["counts"][name] = entry["counts"].get(name, 0) + 1
-                entry["changes_made"] += 1
+            name = describe_change(change)
+            entry["counts"][name] = entry["counts"].get(name, 0) + 1
+            entry["changes_made"] += 1
+    for entry in runs.values():
+        made = creates[entry["run"]].outcome() if entry["run"] in creates else {}
+        entry["folders_created"] = sum(1 for value in made.values() if value is not False)
+        entry["folders_created_maybe"] = sum(1 for value in made.values() if value is None)
     for entry in runs.values():
         target = runs.get(entry["undo_of"] or "")
         if target is not None and entry["status"] == "complete":
             target["undone_by"] = entry["run"]     # an undo cut short may be run again
     return sorted(runs.values(), key=lambda e: (e["time"], order[e["run"]]), reverse=True)
+
+
+def _done_identity(record: Mapping[str, Any], uid: Any) -> Tuple[Any, ...]:
+    """_change_identity of the change a ``done`` record confirmed for ``uid``."""
+    return (record.get("folder"), uid, record.get("action"), record.get("label"),
+            record.get("flag"), record.get("destination"))
 
 
 def _change_identity(record: Mapping[str, Any], change: Mapping[str, Any]) -> Tuple[Any, ...]:
@@ -9119,7 +9248,8 @@ class Undo:
         where = f"the audit log {store.audit.path}"
         if run_id is None:
             mine = [r for r in runs if f"{r['account']} on {r['host']}" == key
-                    and r["command"] in ("run", "watch") and r["changes_made"]
+                    and r["command"] in ("run", "watch")
+                    and (r["changes_made"] or r.get("folders_created"))
                     and not r["undone_by"]]     # a watch's wake-ups are runs too
             if not mine:
                 raise StateError(f"no applied run of {key} left to undo in {where}; "
@@ -9138,6 +9268,8 @@ class Undo:
         self.allow_expunge = allow_expunge
         self.messages = []
         self.created: List[str] = []        # folders the run created, deleted if empty
+        creates = _Creates()                # and those whose CREATE was never answered
+        done: Dict[Tuple[Any, ...], Optional[int]] = {}   # confirmed change -> new UID
         self.used: set = set()              # folders the run wrote to, by its own records
         self.intents: Dict[Tuple[Any, Any], Dict[str, Any]] = {}   # (folder, uid) -> intent
         self.rules_hash = ""                # the undone run's rules (see StateStore.undone)
@@ -9155,42 +9287,56 @@ class Undo:
                     self.tried_before.add(_change_identity(record, _inverse_change(change)))
             if record.get("run") != run_id:
                 continue
+            creates.read(record)
             if record.get("type") == "message" and record.get("applied") \
                     and record.get("changes"):
                 self.messages.append(record)
             elif record.get("type") == "unsent":
                 unsent.update(_change_identity(record, c) for c in record.get("changes") or [])
+            elif record.get("type") == "done":
+                new_uids = record.get("new_uids") or []
+                for n, uid in enumerate(record.get("uids") or []):
+                    done[_done_identity(record, uid)] = \
+                        new_uids[n] if n < len(new_uids) else None
             elif record.get("type") == "intent":
                 self.rules_hash = record.get("rules_hash") or self.rules_hash
-                if record.get("create"):
-                    self.created.append(record["create"])
-                elif record.get("changes"):
+                if record.get("changes"):
                     intents.append(record)
                     key = (record.get("folder"), record.get("uid"))
                     if key in self.intents:     # the same message in two steps: both count
                         record = dict(record, changes=self.intents[key]["changes"] +
                                       record["changes"])
                     self.intents[key] = record
-            elif record.get("type") == "summary":
-                for report in record.get("reports") or []:
-                    self.created += [name for name in report.get("created") or []
-                                     if isinstance(name, str)]
+            elif record.get("type") == "summary":     # its folders: see _Creates
                 for name in record.get("counts") or {}:
                     if name.startswith("move to "):
                         self.used.add(name[len("move to "):])
         # Intents never confirmed are "maybe" changes: each is checked on the server and
-        # reversed only if it happened.
+        # reversed only if it happened.  Those a done record confirmed (the process ended
+        # before the step's message records) are made, with the new UID COPYUID gave.
         confirmed = {_change_identity(r, c) for r in self.messages for c in r["changes"]}
         confirmed |= unsent                 # known never sent: nothing to look for
         for record in intents:
             for change in record["changes"]:
                 if isinstance(change.get("after"), dict):
                     self.used.add(change["after"]["folder"])
-            maybe = [c for c in record["changes"] if _change_identity(record, c) not in confirmed]
+            left = [c for c in record["changes"] if _change_identity(record, c) not in confirmed]
+            made = [dict(c, after=dict(c["after"], uid=done[_change_identity(record, c)]))
+                    if isinstance(c.get("after"), dict) else c
+                    for c in left if _change_identity(record, c) in done]
+            maybe = [c for c in left if _change_identity(record, c) not in done]
+            if made:
+                self.messages.append(dict(record, type="message", version=RECORD_VERSION,
+                                          applied=True, changes=made))
             if maybe:
                 self.messages.append(dict(record, type="message", version=RECORD_VERSION,
                                           applied=True, changes=maybe, maybe=True))
-        self.created = list(dict.fromkeys(self.created))
+        # Folders: made by the run when a done record or the summary says so; announced
+        # but never answered (the process ended in between): maybe, deleted only when the
+        # server shows the folder never held a message (see _delete_created_folders).
+        made = creates.outcome()
+        self.created = [name for name, value in made.items() if value]
+        self.maybe_created: List[str] = [name for name, value in made.items() if value is None]
         if reversed_before:
             left = [dict(record, changes=[c for c in record["changes"] if self._change_key(
                         record, c) not in reversed_before]) for record in self.messages]
@@ -9204,6 +9350,7 @@ class Undo:
         # (folder, UID, X-GM-MSGID, UIDVALIDITY) of each message moved back
         self.restored: List[Tuple[str, Optional[int], Any, Optional[int]]] = []
         self.restored_count = 0             # messages runs with the same rules leave alone
+        self.expunge_surprises: List[str] = []   # folders a plain EXPUNGE surprised in
 
     # Each message's undo is worked out in ``_work``: index -> {"done": [...], "alone": [...]}.
 
@@ -9397,14 +9544,26 @@ class Undo:
             for destination, items in back.items():
                 self._intend(conn, [(i, _inverse_change(self._moved(self.messages[i])[2]))
                                     for i in items])
+                stayed: Tuple[int, ...] = ()
                 if self.apply:
                     conn.stop.check(f"before moving mail back to {destination}")
                     result = conn.move([found[i] for i in items], destination,
                                        allow_expunge=self.allow_expunge)
                     moved = dict(result.moved)
+                    stayed = result.stayed
+                    if result.stayed or result.others_expunged:
+                        self.expunge_surprises.append(folder)
                 else:
                     moved = {found[i]: None for i in items}
                 for i in items:
+                    if found[i] in stayed:
+                        # A checked plain EXPUNGE (no UIDPLUS) left it: another client
+                        # cleared its \Deleted flag, so it is in both folders now.
+                        work[i]["alone"].append(
+                            f"copied back to {destination}, but still in {folder} too: "
+                            f"another mail client cleared its \\Deleted flag before the "
+                            f"plain EXPUNGE; remove one of the two by hand")
+                        continue
                     if found[i] not in moved:
                         gone.add(i)
                         work[i]["alone"].append(f"vanished from {folder} while moving it back")
@@ -9463,12 +9622,24 @@ class Undo:
     def _delete_created_folders(self, conn: GmailConnection,
                                 leaving: Mapping[str, int]) -> None:
         """Last, the folders (labels) the run created, if nothing is left in them (in a
-        dry run: if nothing would be, once ``leaving`` messages had left)."""
-        for name in dict.fromkeys(self.created):
+        dry run: if nothing would be, once ``leaving`` messages had left).
+
+        A folder whose CREATE the run announced but whose answer it never recorded (it
+        ended in between) is deleted only if it is empty and its UIDNEXT is still 1: the
+        intent was written after LIST showed no such folder, and a folder that never held
+        a message loses nothing when it goes.  Any other stays, with a warning."""
+        for name in list(dict.fromkeys(self.created)) + self.maybe_created:
             if not any(f.name == name for f in conn.list_folders(refresh=True)):
                 continue
             going = sum(n for folder, n in leaving.items() if _same_folder(folder, name))
-            if conn.message_count(name) > going:
+            if name in self.maybe_created:
+                values = conn.status(name)
+                if values.get("MESSAGES", 0) > 0 or values.get("UIDNEXT", 1) > 1:
+                    log.warning("%s may have been created by run %s (it ended before the "
+                                "server answered), but it holds or has held mail; it stays",
+                                name, self.undo_of)
+                    continue
+            elif conn.message_count(name) > going:
                 log.warning("%s was created by run %s but holds mail now; it stays",
                             name, self.undo_of)
                 continue
@@ -9648,6 +9819,8 @@ class Undo:
             # made again, a record from before intents carried the folder's UIDVALIDITY.
             status = self._open(conn, folder)
             uids: List[Tuple[int, int, Dict[str, Any]]] = []
+            looks = self._looks_at(conn, [change["after"].get("uid") for i, change in pairs
+                                          if self._recorded_copy(i, change, status)])
             for i, change in pairs:
                 place = self._place_of(i, change)
                 what = describe_change(change)
@@ -9666,7 +9839,7 @@ class Undo:
                 if uid and since is not None and uid < since:
                     target = None
                 elif uid:
-                    target = self._locate_one(conn, i, uid)
+                    target = uid if self._same_looks(i, looks.get(uid)) else None
                 else:
                     target = self._find_by_looks(conn, i, since)
                 if target is None:
@@ -9689,21 +9862,40 @@ class Undo:
                                      "uidvalidity": status.uidvalidity}
                 work[i]["done"].append(inverse)
 
-    def _locate_one(self, conn: GmailConnection, i: int, uid: int) -> Optional[int]:
-        """``uid`` if the message there has message ``i``'s Message-ID (and, where the run
-        recorded them, its size and INTERNALDATE), else None."""
-        item = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
+    def _recorded_copy(self, i: int, change: Mapping[str, Any], status: FolderStatus) -> bool:
+        """Whether the label copy ``change`` of message ``i`` is to be looked for at the
+        UID its record names, in the folder now open as ``status`` (the checks
+        _delete_copies makes before it looks)."""
+        place = self._place_of(i, change)
+        uid = change["after"].get("uid")
+        since = place.get("uidnext")
+        return bool(uid) and place.get("uidvalidity") == status.uidvalidity and \
+            not (since is not None and uid < since)
+
+    _LOOKS = ("BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]", "RFC822.SIZE", "INTERNALDATE")
+
+    def _looks_at(self, conn: GmailConnection, uids: Sequence[Optional[int]]
+                  ) -> Dict[int, Dict[str, Any]]:
+        """Message-ID, size and INTERNALDATE of the messages at ``uids`` in the open folder,
+        with one UID FETCH for them all (conn.fetch chunks long sets), not one per copy:
+        an undo of 900 label copies would otherwise wait 900 round trips."""
+        wanted = sorted({uid for uid in uids if uid})
+        return conn.fetch(wanted, list(self._LOOKS)) if wanted else {}
+
+    def _same_looks(self, i: int, values: Optional[Mapping[str, Any]]) -> bool:
+        """Whether ``values`` (from _looks_at) have message ``i``'s Message-ID and, where the
+        run recorded them, its size and INTERNALDATE."""
         wanted, size, date = self._looks(i)
-        values = conn.fetch([uid], [item, "RFC822.SIZE", "INTERNALDATE"]).get(uid)
         if not values or not wanted or _first(header_text(
-                parse_headers(values.get(item) or b""), "message-id")).strip() != wanted:
-            return None
+                parse_headers(values.get(self._LOOKS[0]) or b""), "message-id")).strip() \
+                != wanted:
+            return False
         if size is not None and values.get("RFC822.SIZE") != size:
-            return None
+            return False
         if date is not None and (values.get("INTERNALDATE") is None or
                                  _iso(values["INTERNALDATE"]) != date):
-            return None
-        return uid
+            return False
+        return True
 
     def _report(self, work: Dict[int, Dict[str, List[Any]]]) -> None:
         records = []
@@ -11952,6 +12144,11 @@ def _cmd_history(args: argparse.Namespace, out: TextIO) -> int:
             status += f"  [{_plural(entry['skipped'], 'message')} skipped for its content]"
         if entry.get("possibly_incomplete"):
             status += "  [possibly incomplete: a line of its audit log is unreadable]"
+        if entry.get("folders_created"):
+            maybe = entry.get("folders_created_maybe")
+            counts = ", ".join(filter(None, [counts, _plural(
+                entry["folders_created"], "folder") + " created" +
+                (f" ({maybe:,} maybe)" if maybe else "")]))
         undone = f"  [undone by {entry['undone_by']}]" if entry.get("undone_by") else ""
         what = f"undo of {entry['undo_of']}: " if entry.get("undo_of") else ""
         out.write(printable(f"{entry['run']}  {entry['time']}  {entry['account']} on "
@@ -12026,7 +12223,12 @@ def _cmd_undo(args: argparse.Namespace, out: TextIO) -> int:
                       f"the rules before restarting a timer or watch.\n")
         if not args.apply:
             out.write("Dry run: nothing was changed. Run again with --apply to do it.\n")
-    return EXIT_OK
+    for folder in undo.expunge_surprises:
+        sys.stderr.write(printable(f"gmail_classify: {folder}: the plain EXPUNGE did not do "
+                                   f"what was expected (see the warning above); check that "
+                                   f"folder when no other mail client is at work there")
+                         + "\n")
+    return EXIT_INCOMPLETE if undo.expunge_surprises else EXIT_OK
 
 
 def _report_table(report: FolderReport, rules: Ruleset) -> str:

@@ -9298,7 +9298,10 @@ class CommandLineStateTest(StateTestCase):
         intents = [i for i, r in enumerate(audit) if r["type"] == "intent"]
         first_done = min(i for i, r in enumerate(audit) if r["type"] == "message")
         self.assertTrue(intents and max(intents) < first_done)
-        self.assertEqual([r for r in audit if r["type"] != "intent"],
+        # The server's confirmations (done records) are the audit log's, never stdout's.
+        dones = [i for i, r in enumerate(audit) if r["type"] == "done"]
+        self.assertTrue(dones and max(dones) < first_done)
+        self.assertEqual([r for r in audit if r["type"] not in ("intent", "done")],
                          [r for r in lines if r["type"] == "summary" or r["changes"]])
 
     def test_apply_lines_at_v_come_after_the_server_confirmed(self):
@@ -10135,6 +10138,208 @@ class WriteAheadUndoTest(StateTestCase):
         undo = self.undo()
         self.assertEqual((undo.reversed, undo.left_alone), (1, 0))
         self.assertEqual([m.raw for m in self.server.messages("INBOX")], [digest])
+
+
+class WholeRecordTest(StateTestCase):
+    """Issue 15, finishing the record: done records, undo of folder-only runs, batched
+    undo lookups, and undo after a plain EXPUNGE that left a message behind."""
+    undo = UndoTest.undo
+    use = UndoSafetyTest.use
+    LABEL_ONLY = {"rule": [{"name": "Receipts", "subject": "receipt", "label": "Receipts"}]}
+    cli = UndoSafetyTest.cli
+    subjects = AnyServerTest.subjects
+
+    def audit(self) -> List[Dict[str, Any]]:
+        with open(os.path.join(self.state_dir, "audit.jsonl"), encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+    def test_undo_looks_up_label_copies_with_one_fetch_per_folder(self):
+        self.use(gmail=False)
+        for n in range(7):
+            self.server.add_message(make_message(f"receipt {n}"))
+        self.run_once(gc.parse_rules(self.LABEL_ONLY, "rules.json"))
+        self.assertEqual(len(self.server.uids("Receipts")), 7)
+        start = len(self.server.log)
+        undo = self.undo()
+        self.assertEqual((undo.reversed, undo.left_alone), (7, 0))
+        fetches = [e.line for e in self.server.log[start:] if e.command == "UID FETCH"]
+        looks = [line for line in fetches if b"MESSAGE-ID" in line.upper()
+                 and b"RFC822.SIZE" in line.upper()]
+        self.assertEqual(len(looks), 1, fetches)
+        self.assertIn(b" 1:7 ", looks[0])
+        self.assertEqual(self.server.uids("Receipts") if "Receipts" in
+                         self.server.folder_names() else [], [])
+        self.assertEqual(len(self.server.uids("INBOX")), 7)
+
+    def test_undo_reports_a_message_a_plain_expunge_left_and_exits_6(self):
+        self.use(kind="neither")
+        self.server.add_message(make_message("weekly digest"))
+        code, out, err = self.cli("run", "--apply", "--allow-expunge")
+        self.assertEqual(code, gc.EXIT_OK, err)
+        self.assertEqual(self.subjects("Lists"), ["weekly digest"])
+        # Another client clears \Deleted on our message in Lists between the undo's
+        # check and its EXPUNGE: it is copied to INBOX but stays in Lists too.
+        self.server.add_fault("EXPUNGE", action="unmark_deleted")
+        code, out, err = self.cli("undo", "--apply", "--allow-expunge")
+        self.assertEqual(code, gc.EXIT_INCOMPLETE, err)
+        self.assertEqual([a for a, _, _ in self.server.other_client], ["unmark_deleted"])
+        self.assertEqual(self.subjects("INBOX"), ["weekly digest"])
+        self.assertEqual(self.subjects("Lists"), ["weekly digest"])
+        self.assertIn("left alone: copied back to INBOX, but still in Lists too", out)
+        self.assertNotIn("vanished", out)
+        self.assertIn("Lists: the plain EXPUNGE did not do what was expected", err)
+        self.assertIn("reversed 0 changes; 1 left alone", out)
+
+    def test_undo_with_a_plain_expunge_that_did_what_was_expected_exits_0(self):
+        self.use(kind="neither")
+        self.server.add_message(make_message("weekly digest"))
+        self.assertEqual(self.cli("run", "--apply", "--allow-expunge")[0], gc.EXIT_OK)
+        code, out, err = self.cli("undo", "--apply", "--allow-expunge")
+        self.assertEqual((code, errors(err)), (gc.EXIT_OK, []), err)
+        self.assertEqual(self.subjects("INBOX"), ["weekly digest"])
+        self.assertEqual(self.server.uids("Lists") if "Lists" in self.server.folder_names()
+                         else [], [])
+
+    def test_history_and_undo_skip_record_types_they_do_not_know(self):
+        self.use(gmail=False)
+        seed_mailbox(self.server, 6)
+        before = mailbox_snapshot(self.server)
+        run = self.run_once()
+        expected = gc.history(self.store())
+        with open(os.path.join(self.state_dir, "audit.jsonl"), "a", encoding="utf-8") as handle:
+            for uid in (1, 2):      # what a later version might write, naming this run
+                handle.write(json.dumps({"type": "checkpoint", "version": 3, "run": run.id,
+                                         "folder": "INBOX", "uid": uid, "uids": [uid],
+                                         "changes": [{"action": "trash"}]}) + "\n")
+        self.assertEqual(gc.history(self.store()), expected)
+        undo = self.undo()
+        self.assertEqual((undo.reversed, undo.left_alone), (run.changes_made, 0))
+        self.assertEqual(mailbox_snapshot(self.server), before)
+
+    # -- done records: a run killed outright (SIGKILL, a power cut) -----------------------
+
+    def run_killed_at(self, command: str, nth: int) -> subprocess.Popen:
+        """`run --apply` in a subprocess, killed with SIGKILL when the fake server receives
+        the nth ``command`` (before executing it: the fake then executes it all the same,
+        as a server that read the command would)."""
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w") as handle:
+            json.dump(SWEEP_DOC, handle)
+        holder: List[subprocess.Popen] = []
+        self.server.add_fault(command, nth=nth, action="call",
+                              callback=lambda: os.kill(holder[0].pid, signal.SIGKILL))
+        env = dict(os.environ, GMAIL_APP_PASSWORD=PASSWORD,
+                   XDG_STATE_HOME=os.path.join(self.tmp, "xdg"))
+        env.pop("GMAIL_OAUTH_TOKEN", None)
+        script = os.path.join(os.path.dirname(os.path.abspath(gc.__file__)), "gmail_classify.py")
+        process = subprocess.Popen([sys.executable, script, "run", "--apply", "--user", USER,
+                                    "--host", "127.0.0.1", "--port", str(self.server.port),
+                                    "--plaintext", "--rules", rules], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        holder.append(process)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        process.communicate(timeout=60)
+        self.assertEqual(process.returncode, -signal.SIGKILL)
+        return process
+
+    def killed_audit(self) -> List[Dict[str, Any]]:
+        with open(UndoSafetyTest.audit_path(self), encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+    @unittest.skipUnless(hasattr(signal, "SIGKILL"), "POSIX signals")
+    def test_a_run_killed_after_a_confirmed_copy_has_done_records_and_history_counts_it_made(self):
+        self.use(gmail=False)
+        seed_mailbox(self.server, 12)
+        before = mailbox_snapshot(self.server)
+        self.run_killed_at("UID COPY", 2)
+        records = self.killed_audit()
+        self.assertEqual([r for r in records if r["type"] in ("message", "summary")], [])
+        done = [r for r in records if r["type"] == "done"]
+        copies = [r for r in done if r.get("action") == "label"]
+        self.assertEqual(len(copies), 1)                  # the first COPY; the second never
+        (first,) = copies
+        self.assertEqual(first["version"], 2)
+        self.assertEqual(first["folder"], "INBOX")
+        self.assertEqual(first["uidvalidity"], self.server.uidvalidity("INBOX"))
+        self.assertEqual(first["destination"], first["label"])
+        self.assertEqual(len(first["new_uids"]), len(first["uids"]))
+        self.assertEqual(sorted(first["new_uids"]), self.server.uids(first["destination"]))
+        creates = [r for r in done if r.get("create")]
+        self.assertTrue(creates)
+        self.assertTrue(all(r["created"] for r in creates))
+        intended = sum(len(r["changes"]) for r in records
+                       if r["type"] == "intent" and r.get("changes"))
+        (entry,) = gc.history(self.store(os.path.join(self.tmp, "xdg", "gmail_classify")))
+        self.assertEqual(entry["status"], "unfinished")
+        self.assertEqual(entry["changes_made"], intended)
+        self.assertEqual(entry["maybe"], intended - len(first["uids"]))
+        self.assertEqual(entry["counts"][f"label {first['label']}"], len(first["uids"]))
+        self.assertEqual(entry["folders_created"], len(creates))
+        # Undo takes back what was made (the confirmed copies by their COPYUID UIDs, the
+        # second COPY, which the server did execute, as a maybe change found on the server).
+        code, out, err = UndoSafetyTest.cli(self, "undo", "--apply")
+        self.assertEqual(code, gc.EXIT_OK, err)
+        self.assertEqual(mailbox_snapshot(self.server), before)
+
+    def test_history_and_undo_of_a_run_that_only_created_folders_before_a_refused_create(self):
+        self.use(gmail=False)
+        seed_mailbox(self.server, 12)
+        before = mailbox_snapshot(self.server)
+        self.server.add_fault("CREATE", nth=3, action="no", text="Character not allowed")
+        code, out, err = UndoSafetyTest.cli(self, "run", "--apply")
+        self.assertEqual(code, gc.EXIT_SERVER, err)
+        made = sorted(set(self.server.folder_names()) - set(before))
+        self.assertEqual(len(made), 2)
+        self.assertEqual([self.server.uids(name) for name in made], [[], []])
+        code, out, err = UndoSafetyTest.cli(self, "history")
+        self.assertEqual(code, gc.EXIT_OK, err)
+        self.assertIn("2 folders created", out)
+        self.assertNotIn("no changes", out)
+        code, out, err = UndoSafetyTest.cli(self, "undo")           # dry run
+        self.assertEqual(code, gc.EXIT_OK, err)
+        for name in made:
+            self.assertIn(f"would delete the empty folder {name}", out)
+        self.assertEqual(sorted(set(self.server.folder_names()) - set(before)), made)
+        code, out, err = UndoSafetyTest.cli(self, "undo", "--apply")
+        self.assertEqual(code, gc.EXIT_OK, err)
+        self.assertEqual(mailbox_snapshot(self.server), before)
+        self.assertEqual(self.server.count("DELETE"), 2)
+        code, out, err = UndoSafetyTest.cli(self, "undo", "--apply")  # nothing left to undo
+        self.assertEqual(code, gc.EXIT_USAGE, err)
+
+    @unittest.skipUnless(hasattr(signal, "SIGKILL"), "POSIX signals")
+    def test_undo_deletes_a_folder_whose_create_was_never_answered_only_if_it_never_held_mail(self):
+        for holds in (False, True):
+            with self.subTest(holds=holds):
+                self.use(gmail=False)
+                self.tmp = tempfile.mkdtemp(dir=self.tmp)
+                seed_mailbox(self.server, 12)
+                before = mailbox_snapshot(self.server)
+                self.run_killed_at("CREATE", 2)      # the fake creates it all the same
+                records = self.killed_audit()
+                (done,) = [r for r in records if r["type"] == "done"]
+                maybe = [r["create"] for r in records if r["type"] == "intent"
+                         and r.get("create") and r["create"] != done["create"]][0]
+                self.assertIn(maybe, self.server.folder_names())
+                (entry,) = gc.history(self.store(os.path.join(self.tmp, "xdg",
+                                                              "gmail_classify")))
+                self.assertEqual((entry["folders_created"], entry["folders_created_maybe"]),
+                                 (2, 1))
+                if holds:   # someone filed mail there and took it out again: it stays
+                    uid = self.server.add_message(make_message("mine"), folder=maybe)
+                    conn = self.connect()
+                    conn.select(maybe)
+                    conn.add_flags(conn.search(["ALL"]), ["\\Deleted"])
+                    conn.uid_expunge(conn.search(["ALL"]))
+                    conn.close()
+                code, out, err = UndoSafetyTest.cli(self, "undo", "--apply")
+                self.assertEqual(code, gc.EXIT_OK, err)
+                self.assertNotIn(done["create"], self.server.folder_names())
+                if holds:
+                    self.assertIn(maybe, self.server.folder_names())
+                    self.assertIn("holds or has held mail; it stays", err)
+                else:
+                    self.assertEqual(mailbox_snapshot(self.server), before)
 
 
 # The fault-injection sweep: an --apply is cut at every command of the run (the default

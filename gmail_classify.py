@@ -150,9 +150,30 @@ log.addHandler(logging.NullHandler())   # the library never prints; the CLI adds
 # will not help.  ConnectionLostError: the network or the server went away and our own
 # reconnect attempts ran out; trying again later may well work.  imaplib's exceptions never
 # escape: they are translated and chained with ``from``.
+#
+# Each error class carries the command line's exit code for it (``exit_code``): a new
+# error class that needs its own code says so in one line.
+
+EXIT_OK = 0
+EXIT_ERROR = 1          # an unexpected failure (a bug: please report it with -v)
+EXIT_USAGE = 2          # bad arguments or rules file
+EXIT_AUTH = 3           # the server rejected the credentials
+EXIT_CONNECTION = 4     # could not connect, or lost the connection after retries; TLS refused
+EXIT_SERVER = 5         # the server refused an operation or lacks a needed feature
+EXIT_INCOMPLETE = 6     # incomplete (skipped messages or folders, daily budget, UIDVALIDITY changed): run again
+EXIT_LOCKED = 7         # another --apply holds the account lock
+EXIT_RULE_TESTS = 8     # the rules file's own [[test]] tables failed
+# A signal ends a command at its next safe point, then the program ends by that signal
+# (see _exit_program), so that a shell sees 128 + its number and systemd a clean stop.
+EXIT_HANGUP = 129       # SIGHUP: the terminal went away
+EXIT_INTERRUPTED = 130  # SIGINT: Ctrl-C
+EXIT_TERMINATED = 143   # SIGTERM: kill, systemctl stop, shutdown
+EXIT_OUTPUT_CUT = 141   # data output (--json, rules on standard output) cut by a closed pipe
+
 
 class GmailClassifyError(Exception):
     """Base of every error this module raises."""
+    exit_code = EXIT_ERROR
 
 
 class ImapError(GmailClassifyError):
@@ -162,6 +183,7 @@ class ImapError(GmailClassifyError):
     (empty when we refused before sending), ``code`` the response code (``"TRYCREATE"``)
     or empty, and ``text`` the server's human-readable text.
     """
+    exit_code = EXIT_SERVER
 
     def __init__(self, message: str, *, command: str = "", status: str = "",
                  code: str = "", text: str = "") -> None:
@@ -178,6 +200,7 @@ class ProtocolError(ImapError):
 
 class AuthenticationError(ImapError):
     """The server rejected the credentials; ``text`` holds its decoded explanation."""
+    exit_code = EXIT_AUTH
 
 
 class CapabilityError(ImapError):
@@ -186,6 +209,7 @@ class CapabilityError(ImapError):
 
 class UidValidityError(ImapError):
     """A folder's UIDVALIDITY changed, so every UID remembered for it is stale."""
+    exit_code = EXIT_INCOMPLETE
 
 
 class FolderUnavailableError(ImapError):
@@ -194,14 +218,17 @@ class FolderUnavailableError(ImapError):
 
 class TLSError(GmailClassifyError):
     """TLS could not be set up safely: untrusted certificate, wrong host, no STARTTLS."""
+    exit_code = EXIT_CONNECTION
 
 
 class ConnectionLostError(GmailClassifyError):
     """The server could not be reached or kept, even after reconnecting with backoff."""
+    exit_code = EXIT_CONNECTION
 
 
 class RulesError(GmailClassifyError):
     """The rules file is wrong; the message names the file, rule and key, and the fix."""
+    exit_code = EXIT_USAGE
 
 
 class ContentSkip(GmailClassifyError):
@@ -219,6 +246,7 @@ class CredentialError(GmailClassifyError, ValueError):
     """A user name, password or token holds CR, LF or NUL: sent to a server it could end
     the command line and smuggle in another command, so it is refused before connecting.
     The message never repeats the secret."""
+    exit_code = EXIT_USAGE
 
 
 class StopRequested(GmailClassifyError):
@@ -6967,6 +6995,7 @@ DEFAULT_MAX_NEW_FOLDERS = 20
 
 class FolderLimitError(GmailClassifyError):
     """A run would create more new folders than allowed; nothing was changed."""
+    exit_code = EXIT_USAGE
 
 
 @dataclass(frozen=True)
@@ -7220,6 +7249,7 @@ class RunStopped(GmailClassifyError):
     Raised once the changes already planned were applied and confirmed, so the next run
     carries on from the mark; the command line exits 6 (incomplete, run again).
     """
+    exit_code = EXIT_INCOMPLETE
 
 
 class Checkpoint:
@@ -8105,10 +8135,12 @@ def _stored_number(value: Any, what: str, low: int, high: int = 2 ** 32 - 1) -> 
 class StateError(GmailClassifyError):
     """The state file is corrupt, unreadable or not ours; the message names it and the way
     out (``--all`` starts afresh, or delete the file)."""
+    exit_code = EXIT_USAGE
 
 
 class LockedError(GmailClassifyError):
     """Another ``--apply`` holds this account's lock; the message says which process."""
+    exit_code = EXIT_LOCKED
 
 
 class BudgetExceededError(RunStopped):
@@ -10978,22 +11010,6 @@ def suggest_rules(conn: GmailConnection, folder: str = "INBOX", *, top: int = 10
 # classify_folder, print.  Every failure a user can cause ends in one line on stderr and a
 # documented exit code; -v adds the traceback.
 
-EXIT_OK = 0
-EXIT_ERROR = 1          # an unexpected failure (a bug: please report it with -v)
-EXIT_USAGE = 2          # bad arguments or rules file
-EXIT_AUTH = 3           # the server rejected the credentials
-EXIT_CONNECTION = 4     # could not connect, or lost the connection after retries; TLS refused
-EXIT_SERVER = 5         # the server refused an operation or lacks a needed feature
-EXIT_INCOMPLETE = 6     # incomplete (skipped messages or folders, daily budget, UIDVALIDITY changed): run again
-EXIT_LOCKED = 7         # another --apply holds the account lock
-EXIT_RULE_TESTS = 8     # the rules file's own [[test]] tables failed
-# A signal ends a command at its next safe point, then the program ends by that signal
-# (see _exit_program), so that a shell sees 128 + its number and systemd a clean stop.
-EXIT_HANGUP = 129       # SIGHUP: the terminal went away
-EXIT_INTERRUPTED = 130  # SIGINT: Ctrl-C
-EXIT_TERMINATED = 143   # SIGTERM: kill, systemctl stop, shutdown
-EXIT_OUTPUT_CUT = 141   # data output (--json, rules on standard output) cut by a closed pipe
-
 EXIT_CODES_HELP = """\
 exit codes:
   0  success
@@ -11044,6 +11060,7 @@ common use (every option of a run: gmail_classify.py run --help):
 
 class UsageError(GmailClassifyError):
     """A command-line mistake; the message says what to do instead."""
+    exit_code = EXIT_USAGE
 
 
 def default_rules_dir() -> pathlib.Path:
@@ -11388,73 +11405,6 @@ class _OutputClosed(BaseException):
     A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
 
 
-class _Output:
-    """A command's standard output (or error) that outlives its reader.
-
-    When the reader goes away (EPIPE: ``| head`` has read enough; EIO: the terminal hung
-    up), nothing more is written.  With ``keep_going`` (an --apply, whose work must
-    finish and be recorded) writes are then dropped and the work goes on; without it the
-    next write raises _OutputClosed (a listing nobody reads ends early).  ``gone`` says
-    whether it happened.  The file descriptor is pointed at /dev/null, so that Python's
-    own flush at exit has nowhere to fail ("Exception ignored ... BrokenPipeError").
-    """
-
-    def __init__(self, stream: Optional[TextIO], keep_going: bool) -> None:
-        self._stream = stream
-        self.keep_going = keep_going
-        self.gone = stream is None            # started without one (``>&-``)
-
-    def write(self, text: str) -> int:
-        if not self.gone:
-            try:
-                return self._stream.write(text)
-            except OSError as exc:
-                self._lost(exc)
-        if not self.keep_going:
-            raise _OutputClosed()
-        return len(text)
-
-    def flush(self) -> None:
-        if not self.gone:
-            try:
-                self._stream.flush()
-                return
-            except OSError as exc:
-                self._lost(exc)
-        if not self.keep_going:
-            raise _OutputClosed()
-
-    def close_quietly(self) -> None:
-        """The last flush: never raises, whatever the reader did."""
-        try:
-            self.flush()
-        except _OutputClosed:
-            pass
-
-    def isatty(self) -> bool:
-        try:
-            return not self.gone and self._stream.isatty()
-        except (OSError, ValueError):
-            return False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-    def _lost(self, exc: OSError) -> None:
-        if exc.errno not in (errno.EPIPE, errno.EIO):
-            raise exc
-        self.gone = True
-        try:
-            fd = self._stream.fileno()
-        except (OSError, ValueError, AttributeError):
-            return                          # not a file (a test's StringIO)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, fd)
-        finally:
-            os.close(devnull)
-
-
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.WARNING
     if args.quiet:
@@ -11684,31 +11634,147 @@ class _Progress:
         self.stream.flush()
 
 
+class _Output:
+    """A command's standard output, as its arguments ask: the one place that knows the
+    format (this class: text for a person; _JsonOutput: JSON lines), -q, the terminal's
+    width and the escaping of what servers and messages say.  A new format is one subclass
+    and its row in _OUTPUT_FORMATS; main() builds the output (see _open_output) and every
+    command writes through it.
+
+    ``human`` is True when a person reads text here (text, and not -q); ``data`` when a
+    program reads it (a cut pipe then exits 141); ``width`` is the terminal's columns, or
+    None when it is not a terminal.
+
+    The output outlives its reader (standard error is wrapped the same way).  When the reader goes away (EPIPE: ``| head`` has read enough; EIO: the terminal hung
+    up), nothing more is written.  With ``keep_going`` (an --apply, whose work must
+    finish and be recorded) writes are then dropped and the work goes on; without it the
+    next write raises _OutputClosed (a listing nobody reads ends early).  ``gone`` says
+    whether it happened.  The file descriptor is pointed at /dev/null, so that Python's
+    own flush at exit has nowhere to fail ("Exception ignored ... BrokenPipeError").
+    """
+
+    data = False
+
+    def __init__(self, stream: Optional[TextIO], keep_going: bool, *, quiet: bool = False) -> None:
+        self._stream = stream
+        self.keep_going = keep_going
+        self.gone = stream is None            # started without one (``>&-``)
+        self.human = not quiet
+        self.width = shutil.get_terminal_size().columns if self.isatty() else None
+
+    def record(self, record: Mapping[str, Any],
+               text: Optional[Callable[[], Iterable[str]]] = None) -> None:
+        """One result (a message, a run, a summary): as JSON in a JSON output; here, the
+        lines ``text()`` gives for a person, if any."""
+        for line in text() if text is not None else ():
+            self.write(printable(line) + "\n")
+
+    def message(self, outcome: Outcome, applied: bool) -> None:
+        """A message that changes (or would): one line, fitted to the terminal."""
+        if self.human:
+            self.write(_message_line(outcome, applied, self.width) + "\n")
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self._stream.write(text)
+            except OSError as exc:
+                self._lost(exc)
+        if not self.keep_going:
+            raise _OutputClosed()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self._stream.flush()
+                return
+            except OSError as exc:
+                self._lost(exc)
+        if not self.keep_going:
+            raise _OutputClosed()
+
+    def close_quietly(self) -> None:
+        """The last flush: never raises, whatever the reader did."""
+        try:
+            self.flush()
+        except _OutputClosed:
+            pass
+
+    def isatty(self) -> bool:
+        try:
+            return not self.gone and self._stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def _lost(self, exc: OSError) -> None:
+        if exc.errno not in (errno.EPIPE, errno.EIO):
+            raise exc
+        self.gone = True
+        try:
+            fd = self._stream.fileno()
+        except (OSError, ValueError, AttributeError):
+            return                          # not a file (a test's StringIO)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+
+
+class _JsonOutput(_Output):
+    """--json: one JSON object a line (escaped like text: a bidi override or a C1 control
+    in a subject reaches a terminal as ``\\u202e``, never raw); nothing for a person."""
+
+    data = True
+
+    def __init__(self, stream: Optional[TextIO], keep_going: bool, *, quiet: bool = False) -> None:
+        super().__init__(stream, keep_going, quiet=quiet)
+        self.human = False
+
+    def record(self, record: Mapping[str, Any],
+               text: Optional[Callable[[], Iterable[str]]] = None) -> None:
+        self.write(printable(json.dumps(record, ensure_ascii=False)) + "\n")
+
+
+_OUTPUT_FORMATS = {"text": _Output, "json": _JsonOutput}
+
+
+def _open_output(args: argparse.Namespace, stream: Optional[TextIO]) -> _Output:
+    """The command's standard output.  An --apply (and init) must finish and record its
+    work even when nobody reads any more (``keep_going``); rules written to standard output
+    and the sign-in address are data, like JSON."""
+    keep_going = args.command == "init" or bool(getattr(args, "apply", False))
+    fmt = "json" if getattr(args, "json", False) else "text"
+    out = _OUTPUT_FORMATS[fmt](stream, keep_going, quiet=args.quiet)
+    out.data = out.data or args.command == "auth" or (
+        hasattr(args, "output") and not args.output)
+    return out
+
+
 def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     rules = find_rules(args.rules)
     if not _rule_tests_allow(rules, args.apply):
         return EXIT_RULE_TESTS
     settings = _connection_settings(args, rules.account)
     folders = args.folder or list(rules.account.get("folders") or ["INBOX"])
-    progress = _Progress(sys.stderr, sys.stderr.isatty() and not args.quiet and not args.json)
-    width = shutil.get_terminal_size().columns if out.isatty() else None
+    progress = _Progress(sys.stderr, sys.stderr.isatty() and out.human)
     store = StateStore()
     store.load(start_over=args.all)
-    if not args.json and not args.quiet:
+    if out.human:
         out.write(_rules_line(rules))
-
-    def on_record(record: Dict[str, Any]) -> None:
-        if args.json:
-            out.write(printable(json.dumps(record, ensure_ascii=False)) + "\n")
 
     def on_message(outcome: Outcome) -> None:
         # Only what changes (or would); with --apply, after the server confirmed it.
-        if outcome.changes and not args.json and not args.quiet and not args.summary:
-            out.write(_message_line(outcome, args.apply, width) + "\n")
+        if outcome.changes and not args.summary:
+            out.message(outcome, args.apply)
 
     run = Run(store, rules, settings["user"], settings["host"], settings.get("port"),
               apply=args.apply, reclassify=args.all, new_only=args.new_only,
-              daily_budget=args.daily_budget or None, on_record=on_record,
+              daily_budget=args.daily_budget or None, on_record=out.record,
               on_message=on_message)
     lock = store.lock(run.account).acquire() if args.apply else None
     incomplete: List[str] = []
@@ -11756,10 +11822,8 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
             incomplete.append(f"{report.folder}: the plain EXPUNGE did not do what was "
                               f"expected (see the warning above); run again when no other "
                               f"mail client is at work there")
-    summary = run.finish("incomplete" if incomplete else "complete", "; ".join(incomplete))
-    if args.json:
-        out.write(printable(json.dumps(summary, ensure_ascii=False)) + "\n")
-    elif not args.quiet:
+    out.record(run.finish("incomplete" if incomplete else "complete", "; ".join(incomplete)))
+    if out.human:
         footer = _DRY_RUN_FOOTER
         new_folders = len({name for r in run.reports for name in r.created})
         if not args.apply and new_folders > args.max_new_folders:
@@ -11774,14 +11838,12 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_INCOMPLETE if incomplete else EXIT_OK
 
 
-def _finish_run(run: Run, args: argparse.Namespace, out: TextIO, status: str, word: str,
+def _finish_run(run: Run, args: argparse.Namespace, out: _Output, status: str, word: str,
                 error: str = "", *, not_made: Optional[int] = None, made: str = "made",
                 again: str = "run again to finish") -> None:
     """A run that stopped early: save and log it, then say what was and was not done
     (an undo passes its own ``not_made`` count and words)."""
-    summary = run.finish(status, error)
-    if args.json:
-        out.write(printable(json.dumps(summary, ensure_ascii=False)) + "\n")
+    out.record(run.finish(status, error))
     not_made = run.changes_not_made if not_made is None else not_made
     # A run stopped before it planned any change (a refused sign-in, say) has no counts
     # to give: its error line says it all.  An interrupted --apply always gives them.
@@ -11876,21 +11938,15 @@ def _cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
     folders = list(dict.fromkeys(args.folder or rules.account.get("folders") or ["INBOX"]))
     source = args.rules or (rules.source if os.path.isfile(rules.source) else None)
     reloader = _RulesReloader(source, rules)
-    width = shutil.get_terminal_size().columns if out.isatty() else None
     store = StateStore()
     store.load(start_over=args.all)
-    if not args.json and not args.quiet:
+    if out.human:
         out.write(_rules_line(rules))
-
-    def on_record(record: Dict[str, Any]) -> None:
-        if args.json:
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def on_message(outcome: Outcome) -> None:
         # A dry run shows each message it would change once; --apply is quiet unless -v.
-        if outcome.changes and not args.json and not args.quiet and (
-                not args.apply or args.verbose):
-            out.write(_message_line(outcome, args.apply, width) + "\n")
+        if outcome.changes and (not args.apply or args.verbose):
+            out.message(outcome, args.apply)
 
     def connect() -> GmailConnection:
         conn = GmailConnection(**settings)
@@ -11910,7 +11966,7 @@ def _cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
                            settings.get("port"), apply=args.apply, reclassify=args.all,
                            new_only=args.new_only, daily_budget=args.daily_budget or None,
                            batch_size=args.batch_size, allow_expunge=args.allow_expunge,
-                           on_record=on_record,
+                           on_record=out.record,
                            on_message=on_message, stopping=lambda: watcher.stopping,
                            on_pause=resume_at)
     session.check_start(folders)
@@ -11936,28 +11992,29 @@ def _cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _cmd_history(args: argparse.Namespace, out: TextIO) -> int:
+def _history_line(entry: Mapping[str, Any]) -> str:
+    """One applied run as ``history`` lists it for a person."""
+    counts = ", ".join(f"{name} {count:,}" for name, count in entry["counts"].items())
+    status = "" if entry["status"] == "complete" else f"  [{entry['status']}]"
+    if entry.get("maybe"):
+        status += f"  [{entry['maybe']:,} maybe made: the run ended before the server " \
+                  f"confirmed them; undo checks each]"
+    if entry.get("skipped"):
+        status += f"  [{_plural(entry['skipped'], 'message')} skipped for its content]"
+    if entry.get("possibly_incomplete"):
+        status += "  [possibly incomplete: a line of its audit log is unreadable]"
+    undone = f"  [undone by {entry['undone_by']}]" if entry.get("undone_by") else ""
+    what = f"undo of {entry['undo_of']}: " if entry.get("undo_of") else ""
+    return (f"{entry['run']}  {entry['time']}  {entry['account']} on {entry['host']}  "
+            f"{', '.join(entry['folders'])}  {what}{counts or 'no changes'}{status}{undone}")
+
+
+def _cmd_history(args: argparse.Namespace, out: _Output) -> int:
     store = StateStore()
     runs = history(store)
     for entry in runs:
-        if args.json:
-            out.write(printable(json.dumps(entry, ensure_ascii=False)) + "\n")
-            continue
-        counts = ", ".join(f"{name} {count:,}" for name, count in entry["counts"].items())
-        status = "" if entry["status"] == "complete" else f"  [{entry['status']}]"
-        if entry.get("maybe"):
-            status += f"  [{entry['maybe']:,} maybe made: the run ended before the server " \
-                      f"confirmed them; undo checks each]"
-        if entry.get("skipped"):
-            status += f"  [{_plural(entry['skipped'], 'message')} skipped for its content]"
-        if entry.get("possibly_incomplete"):
-            status += "  [possibly incomplete: a line of its audit log is unreadable]"
-        undone = f"  [undone by {entry['undone_by']}]" if entry.get("undone_by") else ""
-        what = f"undo of {entry['undo_of']}: " if entry.get("undo_of") else ""
-        out.write(printable(f"{entry['run']}  {entry['time']}  {entry['account']} on "
-                            f"{entry['host']}  {', '.join(entry['folders'])}  {what}"
-                            f"{counts or 'no changes'}{status}{undone}") + "\n")
-    if not runs and not args.json and not args.quiet:
+        out.record(entry, lambda: [_history_line(entry)])
+    if not runs and out.human:
         out.write(printable(f"no applied runs in {store.audit.path}") + "\n")
     return EXIT_OK
 
@@ -11968,13 +12025,8 @@ def _cmd_undo(args: argparse.Namespace, out: TextIO) -> int:
     store = StateStore()
     store.load()
 
-    def on_record(record: Dict[str, Any]) -> None:
-        if args.json:
-            out.write(printable(json.dumps(record, ensure_ascii=False)) + "\n")
-            return
-        if args.quiet:
-            return
-        verb = "" if args.apply else "would "
+    def lines(record: Dict[str, Any]) -> Iterator[str]:
+        subject = str(record.get("subject") or "")[:60]
         for change in record["changes"]:
             # Name what leaves a folder (an expunged copy, mail moved back): folder and UID.
             before, after = change.get("before"), change.get("after")
@@ -11982,12 +12034,13 @@ def _cmd_undo(args: argparse.Namespace, out: TextIO) -> int:
             if isinstance(before, dict) and before.get("uid"):
                 what = "expunges" if after is None else "from"
                 place = f" ({what} {before.get('folder')} UID {before.get('uid')})"
-            out.write(printable(f"{record['folder']} {record['uid']}: {verb}"
-                                f"{describe_change(change)}{place}  "
-                                f"{str(record.get('subject') or '')[:60]}") + "\n")
+            yield (f"{record['folder']} {record['uid']}: {'' if args.apply else 'would '}"
+                   f"{describe_change(change)}{place}  {subject}")
         for reason in record.get("left_alone", []):
-            out.write(printable(f"{record['folder']} {record['uid']}: left alone: {reason}  "
-                                f"{str(record.get('subject') or '')[:60]}") + "\n")
+            yield f"{record['folder']} {record['uid']}: left alone: {reason}  {subject}"
+
+    def on_record(record: Dict[str, Any]) -> None:
+        out.record(record, lambda: lines(record) if out.human else ())
 
     undo = Undo(store, settings["user"], settings["host"], settings.get("port"),
                 run_id=args.run_id, apply=args.apply, allow_expunge=args.allow_expunge,
@@ -12008,10 +12061,8 @@ def _cmd_undo(args: argparse.Namespace, out: TextIO) -> int:
     finally:
         if lock is not None:
             lock.release()
-    summary = undo.run.finish()
-    if args.json:
-        out.write(printable(json.dumps(summary, ensure_ascii=False)) + "\n")
-    elif not args.quiet:
+    out.record(undo.run.finish())
+    if out.human:
         verb = "reversed" if args.apply else "would reverse"
         for name in undo.deleted:
             out.write(printable(f"{'deleted' if args.apply else 'would delete'} the empty "
@@ -12197,17 +12248,16 @@ def _cmd_auth(args: argparse.Namespace, out: TextIO) -> int:
 def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     """Classify the built-in sample offline and print what a dry run would."""
     rules = load_rules(args.rules) if args.rules else builtin_rules()
-    width = shutil.get_terminal_size().columns if out.isatty() else None
-    if not args.quiet:
+    if out.human:
         out.write("Demo: 10 sample messages in an offline INBOX; no account, nothing sent.\n")
         out.write(_rules_line(rules))
 
     def on_message(outcome: Outcome) -> None:
-        if outcome.changes and not args.quiet and not args.summary:
-            out.write(_message_line(outcome, False, width) + "\n")
+        if outcome.changes and not args.summary:
+            out.message(outcome, False)
 
     report = classify_messages(rules, demo_messages(), "INBOX", on_message=on_message)
-    if not args.quiet:
+    if out.human:
         _write_reports(out, [report], rules, footer="Next: a dry run on your own INBOX, "
                        "which changes nothing either:\n  python gmail_classify.py --user "
                        "you@gmail.com\n")
@@ -12300,15 +12350,6 @@ _COMMANDS = {"run": _cmd_run, "check": _cmd_check, "test": _cmd_test,
              "auth": _cmd_auth, "watch": _cmd_watch}
 
 
-def _output_kind(args: argparse.Namespace) -> Tuple[bool, bool]:
-    """(keep_going, data) for a command's standard output; see main()."""
-    data = bool(getattr(args, "json", False)) or args.command == "auth" or (
-        args.command in ("import-filters", "suggest") and not args.output)
-    keep_going = args.command == "init" or (
-        args.command in ("run", "undo", "watch") and bool(args.apply))
-    return keep_going, data
-
-
 def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> int:
     """Run the command line; returns the exit code (see EXIT_CODES_HELP).
 
@@ -12325,8 +12366,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
     args = parser.parse_args(argv)
     args.verbose = getattr(args, "verbose", 0)
     args.quiet = getattr(args, "quiet", False)
-    keep_going, data = _output_kind(args)
-    guarded = _Output(out or sys.stdout, keep_going)
+    guarded = _open_output(args, out or sys.stdout)
     errors, sys.stderr = sys.stderr, _Output(sys.stderr, keep_going=True)
     args.stop = Stop()
     args.signals = _Signals(args.stop)
@@ -12337,7 +12377,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
             guarded.close_quietly()
     finally:
         sys.stderr = errors
-    if guarded.gone and data and code == EXIT_OK:
+    if guarded.gone and guarded.data and code == EXIT_OK:
         return EXIT_OUTPUT_CUT
     return code
 
@@ -12358,7 +12398,7 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
         # from a server's text is shown escaped, never obeyed.
         for line in str(exc).split("\n") if str(exc) else [type(exc).__name__]:
             sys.stderr.write(printable(f"gmail_classify: {line}") + "\n")
-        return _exit_code(exc)
+        return exc.exit_code            # each error class says (see the Errors section)
     except Exception as exc:  # a bug: say so briefly, with the traceback under -v
         if args.verbose:
             log.exception("details:")
@@ -12391,22 +12431,6 @@ def _subcommand_first(argv: List[str]) -> List[str]:
         else:
             break
     return ["run"] + argv
-
-
-def _exit_code(exc: GmailClassifyError) -> int:
-    if isinstance(exc, (UsageError, RulesError, StateError, FolderLimitError, CredentialError)):
-        return EXIT_USAGE
-    if isinstance(exc, LockedError):
-        return EXIT_LOCKED
-    if isinstance(exc, (RunStopped, UidValidityError)):
-        return EXIT_INCOMPLETE
-    if isinstance(exc, AuthenticationError):
-        return EXIT_AUTH
-    if isinstance(exc, (ConnectionLostError, TLSError)):
-        return EXIT_CONNECTION
-    if isinstance(exc, ImapError):
-        return EXIT_SERVER
-    return EXIT_ERROR
 
 
 def _exit_program(code: int) -> None:

@@ -6661,6 +6661,27 @@ class WatchCommandLineTest(FakeServerTest):
         self.assertEqual(len(self.server.uids("INBOX")), 3)
         self.assertNotIn("SELECT", self.commands())
 
+    def test_watch_json_escapes_what_a_sender_wrote_like_run_json(self):
+        evil = "receipt \u202eXXX\x9b31m\x1b[2K"             # bidi override, C1 CSI, ESC
+        header = "=?UTF-8?B?" + base64.b64encode(evil.encode()).decode() + "?="
+        self.server.add_message(make_message(header))
+        self.server.add_message(make_message("invoice 2"))
+
+        def script() -> None:
+            self.idling()
+            idles = self.server.count("IDLE")
+            self.server.deliver(make_message(header))
+            self.idling(idles + 1)
+
+        code, out, err = self.watch_in_process(script, "--all", "--json")
+        self.assertEqual((code, err), (0, ""))
+        for char in ("\u202e", "\x9b", "\x1b"):
+            self.assertNotIn(char, out)
+        self.assertIn("receipt \\u202eXXX\\u009b31m\\u001b[2K", out)
+        records = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual([(r["uid"], r["subject"]) for r in records],
+                         [(1, evil), (2, "invoice 2"), (3, evil)])
+
     @unittest.skipUnless(os.name == "posix", "POSIX signals")
     def test_second_ctrl_c_interrupts_at_once(self):
         delay = 30      # LOGIN's answer; the server's stop at cleanup cuts it short
@@ -7940,7 +7961,7 @@ class MutationGapsTest(AnyServerTest):
         with self.assertRaises(gc.UidValidityError):
             gc.classify_folder(self.connect(), rules, "INBOX", apply=True)
         self.assertNotIn("UID COPY", self.commands())
-        self.assertEqual(gc._exit_code(gc.UidValidityError("x")), gc.EXIT_INCOMPLETE)
+        self.assertEqual(gc.UidValidityError("x").exit_code, gc.EXIT_INCOMPLETE)
 
 
 class DecisionsAndChangesTest(AnyServerTest):
@@ -9403,7 +9424,7 @@ class CommandLineStateTest(StateTestCase):
                  (gc.UidValidityError("x"), gc.EXIT_INCOMPLETE)]
         for error, code in table:
             with self.subTest(error=type(error).__name__):
-                self.assertEqual(gc._exit_code(error), code)
+                self.assertEqual(error.exit_code, code)
 
     def test_history_lists_runs_newest_first_with_counts(self):
         seed_mailbox(self.server, 6)

@@ -11040,8 +11040,6 @@ USER_ENV = "GMAIL_USER"
 # Generic names that other IMAP tools use; the GMAIL_* name wins when both are set.
 USER_ENV_ALIAS = "IMAP_USER"
 PASSWORD_ENV_ALIAS = "IMAP_PASSWORD"
-SUBCOMMANDS = ("run", "check", "test", "labels", "folders", "init", "demo", "history", "undo",
-               "import-filters", "suggest", "auth", "watch")
 
 QUICK_HELP = """\
 common use (every option of a run: gmail_classify.py run --help):
@@ -11138,8 +11136,42 @@ def _budget(text: str) -> int:
     return int(found.group(1)) * 1024 ** " KMG".index(found.group(2).upper() or " ")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; ``python gmail_classify.py`` alone means ``run``."""
+def _any_port(text: str) -> int:
+    """A loopback port to listen on, or 0 for any free one."""
+    return 0 if text.strip() == "0" else _port_number(text)
+
+
+class _Opt:
+    """A subcommand's option or argument, as add_argument takes it; one named in
+    _SHARED_OPTIONS starts from its definition there (a row may give its own help)."""
+
+    def __init__(self, *flags: str, **settings: Any) -> None:
+        self.flags, self.settings = flags, settings
+
+    def add_to(self, parser: Any) -> None:
+        parser.add_argument(*self.flags, **{**_SHARED_OPTIONS.get(self.flags[0], {}),
+                                            **self.settings})
+
+
+_EXPUNGE_RISK = ("with a plain EXPUNGE (only while no other message in the folder is marked "
+                 "\\Deleted); see the README for the risk")
+
+# Options several subcommands take, defined once (the rows in _COMMANDS name them).
+_SHARED_OPTIONS: Dict[str, Dict[str, Any]] = {
+    "--apply": dict(action="store_true", help="make the changes (default: only show them)"),
+    "--json": dict(action="store_true", help="one JSON object per message, then a summary "
+                   "object"),
+    "--batch-size": dict(type=_positive, default=DEFAULT_BATCH,
+                         help="messages per FETCH (default: %(default)s)"),
+    "--allow-expunge": dict(action="store_true", help="on servers with neither MOVE nor "
+                            "UIDPLUS, let moves remove the originals " + _EXPUNGE_RISK),
+    "--daily-budget": dict(type=_budget, default=DEFAULT_DAILY_BUDGET, metavar="SIZE"),
+}
+
+
+def _parent_parsers() -> Dict[str, argparse.ArgumentParser]:
+    """The option sets whole groups of subcommands share: ``common`` (every one: -v, -q),
+    ``connection`` (the server and the password) and ``output`` (where rules are written)."""
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a subcommand's defaults must not undo a -v given before the subcommand.
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
@@ -11172,134 +11204,6 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--rules", help="rules file (.toml or .json); default: "
                        "$XDG_CONFIG_HOME/gmail_classify/rules.toml or .json, else built-in rules")
 
-    parser = argparse.ArgumentParser(
-        prog="gmail_classify.py", parents=[common],
-        description="Sort a Gmail (or any IMAP) mailbox with keyword and regex rules. "
-                    "Without a subcommand, 'run' is meant. Dry run unless --apply.",
-        epilog=QUICK_HELP + EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    run = sub.add_parser("run", parents=[common, conn], help="classify a folder (dry run "
-                         "unless --apply)", epilog=EXIT_CODES_HELP,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--folder", action="append", type=_folder_name, help="folder to classify (repeatable; "
-                     "default INBOX)")
-    run.add_argument("--since", type=_parse_since, help="only mail received since a date "
-                     "(YYYY-MM-DD) or an age: 7d, 2w, 6m, 1y")
-    run.add_argument("--limit", type=_positive, help="only the newest N messages per folder")
-    run.add_argument("--apply", action="store_true", help="make the changes (default: only "
-                     "show them)")
-    run.add_argument("--json", action="store_true", help="one JSON object per message, "
-                     "then a summary object")
-    run.add_argument("--summary", action="store_true", help="only the totals, no line per "
-                     "message")
-    run.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH,
-                     help="messages per FETCH (default: %(default)s)")
-    run.add_argument("--allow-expunge", action="store_true",
-                     help="on servers with neither MOVE nor UIDPLUS, let moves remove the "
-                          "originals with a plain EXPUNGE (only while no other message in "
-                          "the folder is marked \\Deleted); see the README for the risk")
-    run.add_argument("--max-new-folders", type=_positive, default=DEFAULT_MAX_NEW_FOLDERS,
-                     metavar="N", help="refuse, before any change, a run that would create "
-                     "more than N folders or labels (default: %(default)s)")
-    fresh = run.add_mutually_exclusive_group()
-    fresh.add_argument("--all", action="store_true", help="classify every message again, not "
-                       "only those above the folder's mark (also starts over after a bad "
-                       "state file)")
-    fresh.add_argument("--new-only", action="store_true", help="classify nothing now; "
-                       "remember each folder's newest message so later runs act on new mail "
-                       "only")
-    run.add_argument("--daily-budget", type=_budget, default=DEFAULT_DAILY_BUDGET,
-                     metavar="SIZE", help="stop before downloading more than SIZE a day for "
-                     "this account (default: 2G; Gmail allows about 2.5G; 0: no limit)")
-
-    history = sub.add_parser("history", parents=[common], help="list the applied runs, "
-                             "newest first, from the audit log")
-    history.add_argument("--json", action="store_true", help="one JSON object per run")
-
-    undo = sub.add_parser("undo", parents=[common, conn], help="reverse one applied run "
-                          "(dry run unless --apply)", epilog=EXIT_CODES_HELP,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    undo.add_argument("run_id", metavar="RUN_ID", nargs="?", help="the run to reverse "
-                      "(default: the last applied run of this account; see 'history')")
-    undo.add_argument("--apply", action="store_true", help="reverse it (default: only show "
-                      "what would be reversed)")
-    undo.add_argument("--json", action="store_true", help="one JSON object per message, "
-                      "then a summary object")
-    undo.add_argument("--allow-expunge", action="store_true",
-                      help="on servers with neither MOVE nor UIDPLUS, let moving mail back "
-                           "remove it with a plain EXPUNGE (only while no other message in "
-                           "the folder is marked \\Deleted); see the README for the risk")
-
-    watch = sub.add_parser("watch", parents=[common, conn], help="stay connected and classify "
-                           "new mail as it arrives (dry run unless --apply)",
-                           epilog=EXIT_CODES_HELP,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    watch.add_argument("--folder", action="append", type=_folder_name, help="folder to watch (repeatable; "
-                       "default INBOX); the first waits with IDLE, the others are polled")
-    watch.add_argument("--apply", action="store_true", help="make the changes (default: only "
-                       "show them)")
-    watch.add_argument("--json", action="store_true", help="one JSON object per message")
-    watch.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH,
-                       help="messages per FETCH (default: %(default)s)")
-    watch.add_argument("--allow-expunge", action="store_true",
-                       help="on servers with neither MOVE nor UIDPLUS, let moves remove the "
-                            "originals with a plain EXPUNGE (only while no other message in "
-                            "the folder is marked \\Deleted); see the README for the risk")
-    fresh = watch.add_mutually_exclusive_group()
-    fresh.add_argument("--all", action="store_true", help="classify every message again "
-                       "first, then watch (also starts a folder that has no state yet)")
-    fresh.add_argument("--new-only", action="store_true", help="classify only mail that "
-                       "arrives from now on (also starts a folder that has no state yet)")
-    watch.add_argument("--daily-budget", type=_budget, default=DEFAULT_DAILY_BUDGET,
-                       metavar="SIZE", help="pause catching up until 00:00 UTC before "
-                       "downloading more than SIZE a day for this account (default: 2G; 0: "
-                       "no limit)")
-    watch.add_argument("--interval", type=_timeout_seconds, default=DEFAULT_POLL_INTERVAL,
-                       help="seconds between polls of the other folders, and of every folder "
-                            "when the server lacks IDLE (default: %(default)s)")
-    watch.add_argument("--idle-interval", type=_timeout_seconds, default=IDLE_REISSUE,
-                       help="seconds before IDLE is re-issued (default: %(default)s; at most "
-                            f"{IDLE_MAX_SECONDS})")
-
-    check = sub.add_parser("check", parents=[common], help="validate and summarise a rules "
-                           "file, offline")
-    check.add_argument("rules_file", metavar="RULES")
-
-    test = sub.add_parser("test", parents=[common], help="classify .eml files, an mbox or a "
-                          "Maildir offline")
-    test.add_argument("rules_file", metavar="RULES")
-    test.add_argument("files", metavar="FILE", nargs="+")
-
-    for name in ("labels", "folders"):
-        sub.add_parser(name, parents=[common, conn], help="list folders and labels with "
-                       "their special-use attributes")
-
-    auth = sub.add_parser("auth", parents=[common], help="sign in to Google with OAuth2 in a "
-                          "browser and store a refresh token for --auth xoauth2",
-                          epilog=EXIT_CODES_HELP,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    auth.add_argument("--user", help=f"the Google account (default: ${USER_ENV} or the rules' "
-                      f"[account])")
-    auth.add_argument("--client-secret-file", metavar="JSON", help="your OAuth client "
-                      "(type 'Desktop app') as downloaded from Google Cloud Console; default: "
-                      "the rules' oauth_client_file or oauth_client_id/oauth_client_secret")
-    auth.add_argument("--port", type=int, default=0, help="loopback port for Google's "
-                      "redirect, e.g. one forwarded with ssh -L (default: any free port)")
-    auth.add_argument("--no-browser", action="store_true", help="only print the address "
-                      "to open; do not start a browser")
-    auth.add_argument("--rules", help="rules file whose [account] names the user and client")
-
-    demo = sub.add_parser("demo", parents=[common], help="classify a built-in sample of "
-                          "mail offline, as a dry run would show it")
-    demo.add_argument("--rules", help="rules file (default: the built-in rules)")
-    demo.add_argument("--summary", action="store_true", help="only the totals")
-
-    init = sub.add_parser("init", parents=[common], help="write the starter rules file")
-    init.add_argument("path", nargs="?", help="where (default: the default rules path)")
-    init.add_argument("--force", action="store_true", help="overwrite an existing file")
-
     writer = argparse.ArgumentParser(add_help=False)
     group = writer.add_argument_group("output")
     group.add_argument("-o", "--output", metavar="RULES", help="write the rules file here "
@@ -11307,21 +11211,23 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--force", action="store_true", help="overwrite an existing RULES file")
     group.add_argument("--format", choices=("toml", "json"), help="file format (default: "
                        "from the -o file name, else toml)")
+    return {"common": common, "connection": conn, "output": writer}
 
-    imports = sub.add_parser("import-filters", parents=[common, writer],
-                             help="turn Gmail's filter export (mailFilters.xml) into rules")
-    imports.add_argument("filters_file", metavar="FILE", help="mailFilters.xml from Gmail's "
-                         "Settings -> Filters and Blocked Addresses -> Export")
 
-    suggest = sub.add_parser("suggest", parents=[common, conn, writer],
-                             help="read a folder's headers (read-only) and propose rules")
-    suggest.add_argument("--folder", default="INBOX", help="folder to read (default: INBOX)")
-    suggest.add_argument("--top", type=_positive, default=10, help="at most N rules of each "
-                         "kind (default: %(default)s)")
-    suggest.add_argument("--limit", type=_positive, help="only the newest N messages")
-    suggest.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH,
-                         help="messages per FETCH (default: %(default)s)")
-    return parser
+@dataclass(frozen=True)
+class _Command:
+    """A subcommand: its function, --help line, option sets besides ``common`` (see
+    _parent_parsers), own options, whether its --help ends with the exit codes, whether its
+    output is data (see _Output) and whether its work goes on when nobody reads the output
+    any more (``keep_going``; an --apply always does)."""
+
+    run: Callable[[argparse.Namespace, Any], int]
+    help: str
+    parents: Tuple[str, ...] = ()
+    options: Tuple[Any, ...] = ()
+    exit_codes: bool = False
+    data: bool = False
+    keep_going: bool = False
 
 
 class _PrintableFormatter(logging.Formatter):
@@ -11635,31 +11541,27 @@ class _Progress:
 
 
 class _Output:
-    """A command's standard output, as its arguments ask: the one place that knows the
-    format (this class: text for a person; _JsonOutput: JSON lines), -q, the terminal's
-    width and the escaping of what servers and messages say.  A new format is one subclass
-    and its row in _OUTPUT_FORMATS; main() builds the output (see _open_output) and every
-    command writes through it.
+    """A command's standard output as its arguments ask (built by _open_output): the one
+    place that knows the format (text here; a new format is one subclass, see _JsonOutput,
+    and its row in _OUTPUT_FORMATS), -q, the terminal's ``width`` (None if no terminal) and
+    printable escaping.  ``human``: a person reads text here (text, not -q); ``data``: a
+    program reads it (cut by a closed pipe, the command exits 141).
 
-    ``human`` is True when a person reads text here (text, and not -q); ``data`` when a
-    program reads it (a cut pipe then exits 141); ``width`` is the terminal's columns, or
-    None when it is not a terminal.
-
-    The output outlives its reader (standard error is wrapped the same way).  When the reader goes away (EPIPE: ``| head`` has read enough; EIO: the terminal hung
-    up), nothing more is written.  With ``keep_going`` (an --apply, whose work must
+    It outlives its reader (stderr is wrapped too): when the reader goes away (EPIPE:
+    ``| head`` has read enough; EIO: the terminal hung up), nothing more is written.  With ``keep_going`` (an --apply, whose work must
     finish and be recorded) writes are then dropped and the work goes on; without it the
     next write raises _OutputClosed (a listing nobody reads ends early).  ``gone`` says
     whether it happened.  The file descriptor is pointed at /dev/null, so that Python's
     own flush at exit has nowhere to fail ("Exception ignored ... BrokenPipeError").
     """
 
-    data = False
+    data, text = False, True
 
     def __init__(self, stream: Optional[TextIO], keep_going: bool, *, quiet: bool = False) -> None:
         self._stream = stream
         self.keep_going = keep_going
         self.gone = stream is None            # started without one (``>&-``)
-        self.human = not quiet
+        self.human = self.text and not quiet
         self.width = shutil.get_terminal_size().columns if self.isatty() else None
 
     def record(self, record: Mapping[str, Any],
@@ -11729,30 +11631,11 @@ class _JsonOutput(_Output):
     """--json: one JSON object a line (escaped like text: a bidi override or a C1 control
     in a subject reaches a terminal as ``\\u202e``, never raw); nothing for a person."""
 
-    data = True
-
-    def __init__(self, stream: Optional[TextIO], keep_going: bool, *, quiet: bool = False) -> None:
-        super().__init__(stream, keep_going, quiet=quiet)
-        self.human = False
+    data, text = True, False
 
     def record(self, record: Mapping[str, Any],
                text: Optional[Callable[[], Iterable[str]]] = None) -> None:
         self.write(printable(json.dumps(record, ensure_ascii=False)) + "\n")
-
-
-_OUTPUT_FORMATS = {"text": _Output, "json": _JsonOutput}
-
-
-def _open_output(args: argparse.Namespace, stream: Optional[TextIO]) -> _Output:
-    """The command's standard output.  An --apply (and init) must finish and record its
-    work even when nobody reads any more (``keep_going``); rules written to standard output
-    and the sign-in address are data, like JSON."""
-    keep_going = args.command == "init" or bool(getattr(args, "apply", False))
-    fmt = "json" if getattr(args, "json", False) else "text"
-    out = _OUTPUT_FORMATS[fmt](stream, keep_going, quiet=args.quiet)
-    out.data = out.data or args.command == "auth" or (
-        hasattr(args, "output") and not args.output)
-    return out
 
 
 def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
@@ -11788,12 +11671,10 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
                 try:
                     run.classify(
                         conn, folder, since=args.since, limit=args.limit,
-                        batch_size=args.batch_size,
-                        on_progress=lambda done, total: progress(f"{folder}: classified",
-                                                                 done, total),
-                        on_applied=lambda done, total: progress(f"{folder}: applied",
-                                                                done, total),
-                        max_new_folders=max(0, budget), allow_expunge=args.allow_expunge)
+                        batch_size=args.batch_size, allow_expunge=args.allow_expunge,
+                        on_progress=lambda done, total: progress(f"{folder}: classified", done, total),
+                        on_applied=lambda done, total: progress(f"{folder}: applied", done, total),
+                        max_new_folders=max(0, budget))
                 except FolderUnavailableError as exc:
                     # One folder that cannot be opened does not stop the others.
                     incomplete.append(f"{exc}; skipped that folder")
@@ -11804,11 +11685,11 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     except (StopRequested, KeyboardInterrupt) as exc:
         # A signal before every message was classified and every change confirmed (one
         # after that finds no safe point left, and the run ends as it would have).
-        _finish_run(run, args, out, "interrupted", "interrupted")
+        _finish_run(run, args, out, "interrupted")
         return _signal_exit(getattr(exc, "signum", None) or args.stop.signum)
     except GmailClassifyError as exc:
         _finish_run(run, args, out, "stopped" if isinstance(exc, RunStopped) else "failed",
-                    "incomplete", str(exc))
+                    str(exc))
         raise
     finally:
         if lock is not None:
@@ -11838,7 +11719,7 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_INCOMPLETE if incomplete else EXIT_OK
 
 
-def _finish_run(run: Run, args: argparse.Namespace, out: _Output, status: str, word: str,
+def _finish_run(run: Run, args: argparse.Namespace, out: _Output, status: str,
                 error: str = "", *, not_made: Optional[int] = None, made: str = "made",
                 again: str = "run again to finish") -> None:
     """A run that stopped early: save and log it, then say what was and was not done
@@ -11848,6 +11729,7 @@ def _finish_run(run: Run, args: argparse.Namespace, out: _Output, status: str, w
     # A run stopped before it planned any change (a refused sign-in, say) has no counts
     # to give: its error line says it all.  An interrupted --apply always gives them.
     if args.apply and (run.changes_made or not_made or status == "interrupted"):
+        word = "interrupted" if status == "interrupted" else "incomplete"
         sys.stderr.write(f"{word}: {run.changes_made:,} changes {made}, "
                          f"{not_made:,} not; {again}\n")
     elif status == "interrupted":
@@ -12051,12 +11933,12 @@ def _cmd_undo(args: argparse.Namespace, out: TextIO) -> int:
             undo.execute(conn)
     except (StopRequested, KeyboardInterrupt) as exc:
         planned = sum(len(record["changes"]) for record in undo.messages)
-        _finish_run(undo.run, args, out, "interrupted", "interrupted", made="reversed",
+        _finish_run(undo.run, args, out, "interrupted", made="reversed",
                     not_made=max(0, planned - undo.reversed - undo.left_alone),
                     again=f"run 'undo {undo.undo_of} --apply' again to finish")
         return _signal_exit(getattr(exc, "signum", None) or args.stop.signum)
     except GmailClassifyError as exc:
-        _finish_run(undo.run, args, out, "failed", "incomplete", str(exc))
+        _finish_run(undo.run, args, out, "failed", str(exc))
         raise
     finally:
         if lock is not None:
@@ -12076,7 +11958,7 @@ def _cmd_undo(args: argparse.Namespace, out: TextIO) -> int:
                       f"{undo.undo_of} (changed rules, or run --all, classify it again): fix "
                       f"the rules before restarting a timer or watch.\n")
         if not args.apply:
-            out.write("Dry run: nothing was changed. Run again with --apply to do it.\n")
+            out.write(_DRY_RUN_FOOTER)
     return EXIT_OK
 
 
@@ -12216,8 +12098,6 @@ def _cmd_auth(args: argparse.Namespace, out: TextIO) -> int:
     user = args.user or os.environ.get(USER_ENV) or account.get("user")
     if not user:
         raise UsageError(f"no account given: pass --user you@gmail.com or set {USER_ENV}")
-    if not 0 <= args.port <= 65535:
-        raise UsageError(f"--port must be from 1 to 65535 (or 0 for any), not {args.port}")
     client = _oauth_client(args, account)
     interactive = sys.stdin is not None and not getattr(sys.stdin, "closed", False)
 
@@ -12343,11 +12223,147 @@ def _cmd_suggest(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"run": _cmd_run, "check": _cmd_check, "test": _cmd_test,
-             "labels": _cmd_labels, "folders": _cmd_labels, "init": _cmd_init,
-             "demo": _cmd_demo, "history": _cmd_history, "undo": _cmd_undo,
-             "import-filters": _cmd_import_filters, "suggest": _cmd_suggest,
-             "auth": _cmd_auth, "watch": _cmd_watch}
+# The subcommands, in the order --help lists them.  A new subcommand is its function and
+# its row here; build_parser, main() and the option scan in _subcommand_first read this.
+_COMMANDS: Dict[str, _Command] = {
+    "run": _Command(_cmd_run, "classify a folder (dry run unless --apply)", ("connection",), (
+        _Opt("--folder", action="append", type=_folder_name, help="folder to classify "
+             "(repeatable; default INBOX)"),
+        _Opt("--since", type=_parse_since, help="only mail received since a date "
+             "(YYYY-MM-DD) or an age: 7d, 2w, 6m, 1y"),
+        _Opt("--limit", type=_positive, help="only the newest N messages per folder"),
+        _Opt("--apply"), _Opt("--json"),
+        _Opt("--summary", action="store_true", help="only the totals, no line per message"),
+        _Opt("--batch-size"), _Opt("--allow-expunge"),
+        _Opt("--max-new-folders", type=_positive, default=DEFAULT_MAX_NEW_FOLDERS,
+             metavar="N", help="refuse, before any change, a run that would create more "
+             "than N folders or labels (default: %(default)s)"),
+        (_Opt("--all", action="store_true", help="classify every message again, not "
+                    "only those above the folder's mark (also starts over after a bad "
+                    "state file)"),
+               _Opt("--new-only", action="store_true", help="classify nothing now; "
+                    "remember each folder's newest message so later runs act on new mail "
+                    "only")),
+        _Opt("--daily-budget", help="stop before downloading more than SIZE a day for this "
+             "account (default: 2G; Gmail allows about 2.5G; 0: no limit)")), exit_codes=True),
+    "history": _Command(_cmd_history, "list the applied runs, newest first, from the audit "
+                        "log", options=(_Opt("--json", help="one JSON object per run"),)),
+    "undo": _Command(_cmd_undo, "reverse one applied run (dry run unless --apply)",
+                     ("connection",), (
+        _Opt("run_id", metavar="RUN_ID", nargs="?", help="the run to reverse (default: the "
+             "last applied run of this account; see 'history')"),
+        _Opt("--apply", help="reverse it (default: only show what would be reversed)"),
+        _Opt("--json"),
+        _Opt("--allow-expunge", help="on servers with neither MOVE nor UIDPLUS, let moving "
+             "mail back remove it " + _EXPUNGE_RISK)), exit_codes=True),
+    "watch": _Command(_cmd_watch, "stay connected and classify new mail as it arrives (dry "
+                      "run unless --apply)", ("connection",), (
+        _Opt("--folder", action="append", type=_folder_name, help="folder to watch "
+             "(repeatable; default INBOX); the first waits with IDLE, the others are polled"),
+        _Opt("--apply"), _Opt("--json", help="one JSON object per message"),
+        _Opt("--batch-size"), _Opt("--allow-expunge"),
+        (_Opt("--all", action="store_true", help="classify every message again "
+                    "first, then watch (also starts a folder that has no state yet)"),
+               _Opt("--new-only", action="store_true", help="classify only mail that "
+                    "arrives from now on (also starts a folder that has no state yet)")),
+        _Opt("--daily-budget", help="pause catching up until 00:00 UTC before downloading "
+             "more than SIZE a day for this account (default: 2G; 0: no limit)"),
+        _Opt("--interval", type=_timeout_seconds, default=DEFAULT_POLL_INTERVAL,
+             help="seconds between polls of the other folders, and of every folder when the "
+             "server lacks IDLE (default: %(default)s)"),
+        _Opt("--idle-interval", type=_timeout_seconds, default=IDLE_REISSUE,
+             help=f"seconds before IDLE is re-issued (default: %(default)s; at most "
+             f"{IDLE_MAX_SECONDS})")), exit_codes=True),
+    "check": _Command(_cmd_check, "validate and summarise a rules file, offline",
+                      options=(_Opt("rules_file", metavar="RULES"),)),
+    "test": _Command(_cmd_test, "classify .eml files, an mbox or a Maildir offline", options=(
+        _Opt("rules_file", metavar="RULES"), _Opt("files", metavar="FILE", nargs="+"))),
+    "labels": _Command(_cmd_labels, "list folders and labels with their special-use "
+                       "attributes", ("connection",)),
+    "folders": _Command(_cmd_labels, "list folders and labels with their special-use "
+                        "attributes", ("connection",)),
+    "auth": _Command(_cmd_auth, "sign in to Google with OAuth2 in a browser and store a "
+                     "refresh token for --auth xoauth2", options=(
+        _Opt("--user", help=f"the Google account (default: ${USER_ENV} or the rules' "
+             f"[account])"),
+        _Opt("--client-secret-file", metavar="JSON", help="your OAuth client (type 'Desktop "
+             "app') as downloaded from Google Cloud Console; default: the rules' "
+             "oauth_client_file or oauth_client_id/oauth_client_secret"),
+        _Opt("--port", type=_any_port, default=0, help="loopback port for Google's redirect, "
+             "e.g. one forwarded with ssh -L (default: any free port)"),
+        _Opt("--no-browser", action="store_true", help="only print the address to open; do "
+             "not start a browser"),
+        _Opt("--rules", help="rules file whose [account] names the user and client")),
+        exit_codes=True, data=True),
+    "demo": _Command(_cmd_demo, "classify a built-in sample of mail offline, as a dry run "
+                     "would show it", options=(
+        _Opt("--rules", help="rules file (default: the built-in rules)"),
+        _Opt("--summary", action="store_true", help="only the totals"))),
+    "init": _Command(_cmd_init, "write the starter rules file", options=(
+        _Opt("path", nargs="?", help="where (default: the default rules path)"),
+        _Opt("--force", action="store_true", help="overwrite an existing file")),
+        keep_going=True),
+    "import-filters": _Command(_cmd_import_filters, "turn Gmail's filter export "
+                               "(mailFilters.xml) into rules", ("output",), (
+        _Opt("filters_file", metavar="FILE", help="mailFilters.xml from Gmail's Settings -> "
+             "Filters and Blocked Addresses -> Export"),)),
+    "suggest": _Command(_cmd_suggest, "read a folder's headers (read-only) and propose rules",
+                        ("connection", "output"), (
+        _Opt("--folder", default="INBOX", type=_folder_name, help="folder to read (default: "
+             "INBOX)"),
+        _Opt("--top", type=_positive, default=10, help="at most N rules of each kind "
+             "(default: %(default)s)"),
+        _Opt("--limit", type=_positive, help="only the newest N messages"),
+        _Opt("--batch-size"))),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, from _COMMANDS; ``python gmail_classify.py`` alone means ``run``."""
+    parents = _parent_parsers()
+    parser = argparse.ArgumentParser(
+        prog="gmail_classify.py", parents=[parents["common"]],
+        description="Sort a Gmail (or any IMAP) mailbox with keyword and regex rules. "
+                    "Without a subcommand, 'run' is meant. Dry run unless --apply.",
+        epilog=QUICK_HELP + EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, command in _COMMANDS.items():
+        extra: Dict[str, Any] = {}
+        if command.exit_codes:
+            extra = dict(epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        child = sub.add_parser(name, help=command.help, **extra,
+                               parents=[parents[p] for p in ("common",) + command.parents])
+        for option in command.options:   # a tuple: options that exclude each other
+            together = isinstance(option, tuple)
+            target = child.add_mutually_exclusive_group() if together else child
+            for each in option if together else (option,):
+                each.add_to(target)
+    return parser
+
+
+def _options_with_values(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option of any subcommand that takes a value (``--folder``, ``-o``)."""
+    commands = next(action for action in parser._actions
+                    if isinstance(action, argparse._SubParsersAction))
+    return {flag for child in commands.choices.values() for action in child._actions
+            if action.nargs != 0 for flag in action.option_strings}
+
+
+_OUTPUT_FORMATS = {"text": _Output, "json": _JsonOutput}
+
+
+def _open_output(args: argparse.Namespace, stream: Optional[TextIO]) -> _Output:
+    """The command's standard output.  An --apply (and init) must finish and record its
+    work even when nobody reads any more (``keep_going``); rules written to standard output
+    and the sign-in address are data, like JSON."""
+    command = _COMMANDS[args.command]
+    keep_going = command.keep_going or bool(getattr(args, "apply", False))
+    fmt = "json" if getattr(args, "json", False) else "text"
+    out = _OUTPUT_FORMATS[fmt](stream, keep_going, quiet=args.quiet)
+    # Rules written to standard output (no -o) are data too.
+    out.data = out.data or command.data or (hasattr(args, "output") and not args.output)
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> int:
@@ -12362,7 +12378,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    argv = _subcommand_first(argv)
+    argv = _subcommand_first(argv, parser)
     args = parser.parse_args(argv)
     args.verbose = getattr(args, "verbose", 0)
     args.quiet = getattr(args, "quiet", False)
@@ -12385,7 +12401,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
 def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
     """The command, its errors as one line each on stderr, and its exit code."""
     try:
-        return _COMMANDS[args.command](args, out)
+        return _COMMANDS[args.command].run(args, out)
     except _OutputClosed:
         return EXIT_OK                  # a listing nobody reads any more
     except (StopRequested, KeyboardInterrupt) as exc:
@@ -12407,26 +12423,21 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
         return EXIT_ERROR
 
 
-_OPTIONS_WITH_VALUES = ("--user", "--host", "--port", "--cafile", "--auth", "--password-command",
-                        "--timeout", "--retries", "--rules", "--folder", "--since", "--limit", "--batch-size",
-                        "--daily-budget", "--max-new-folders", "-o", "--output", "--format", "--top",
-                        "--client-secret-file", "--interval", "--idle-interval")
-
-
-def _subcommand_first(argv: List[str]) -> List[str]:
+def _subcommand_first(argv: List[str], parser: argparse.ArgumentParser) -> List[str]:
     """Put the subcommand first (``--user x labels`` -> ``labels --user x``); none means run.
 
     Every subcommand accepts the options, so their order does not matter to the user.
     """
+    with_values = _options_with_values(parser)
     skip = False
     for index, arg in enumerate(argv):
         if skip:
             skip = False
-        elif arg in ("-h", "--help", "--version") and not any(a in SUBCOMMANDS for a in argv):
+        elif arg in ("-h", "--help", "--version") and not any(a in _COMMANDS for a in argv):
             return argv
         elif arg.startswith("-"):
-            skip = arg in _OPTIONS_WITH_VALUES
-        elif arg in SUBCOMMANDS:
+            skip = arg in with_values
+        elif arg in _COMMANDS:
             return [arg] + argv[:index] + argv[index + 1:]
         else:
             break

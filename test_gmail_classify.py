@@ -5223,6 +5223,114 @@ class OfflineCommandLineTest(unittest.TestCase):
         self.assertEqual(len(err.strip().splitlines()), 1)
 
 
+class CommandLineDescriptionTest(unittest.TestCase):
+    """The command line from one description (_COMMANDS), one output object, exit codes."""
+
+    def test_the_subcommands_and_options_with_values_come_from_the_parser(self):
+        parser = gc.build_parser()
+        commands = next(a for a in parser._actions if isinstance(a, gc.argparse._SubParsersAction))
+        self.assertEqual(list(commands.choices), list(gc._COMMANDS))
+        flags = {flag: action.nargs != 0 for child in commands.choices.values()
+                 for action in child._actions for flag in action.option_strings}
+        self.assertEqual(gc._options_with_values(parser), {f for f, v in flags.items() if v})
+        for flag, takes_value in sorted(flags.items()):
+            if flag in ("-h", "--help", "--version"):
+                continue
+            with self.subTest(flag=flag):       # a value that looks like a subcommand is a value
+                expected = ["run", flag, "labels"] if takes_value else ["labels", flag]
+                self.assertEqual(gc._subcommand_first([flag, "labels"], parser), expected)
+        self.assertEqual(gc._subcommand_first(["--user", "u", "history", "--json"], parser),
+                         ["history", "--user", "u", "--json"])
+        self.assertEqual(gc._subcommand_first(["--help"], parser), ["--help"])
+        self.assertEqual(gc._subcommand_first(["history", "--help"], parser),
+                         ["history", "--help"])
+
+    def test_a_new_subcommand_is_its_function_and_its_row(self):
+        def hello(args: Any, out: Any) -> int:
+            out.record({"hello": args.name}, lambda: [f"hello {args.name}"])
+            return 3 if args.apply else 0
+
+        row = gc._Command(hello, "say hello", options=(gc._Opt("--name", default="you"),
+                                                        gc._Opt("--apply"), gc._Opt("--json")))
+        with mock.patch.dict(gc._COMMANDS, {"hello": row}):
+            self.assertEqual(run_cli("--name", "hello", "hello"), (0, "hello hello\n", ""))
+            self.assertEqual(run_cli("hello", "--json", "--apply"), (3, '{"hello": "you"}\n', ""))
+            code, out, _ = run_cli("--help")
+            self.assertRegex(out, r"\n +hello +say hello\n")
+            code, out, _ = run_cli("hello", "--help")
+            self.assertIn("make the changes (default: only show them)", out)
+        self.assertEqual(run_cli("hello")[0], gc.EXIT_USAGE)      # the row is the subcommand
+
+    def test_suggest_refuses_a_folder_name_with_control_characters(self):
+        code, out, err = run_cli("suggest", "--folder", "In\x1b[2Jbox", "--user", "u@example.com",
+                                 "--host", "127.0.0.1", "--port", "9", "--plaintext")
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertIn("is not a folder name", err)
+        self.assertIn("In\\x1b[2Jbox", err)
+        self.assertNotIn("\x1b", err)
+        self.assertEqual(err.strip().splitlines()[-1], "gmail_classify.py suggest: error: "
+                         "argument --folder: 'In\\x1b[2Jbox' is not a folder name: it is "
+                         "empty or holds control characters")
+
+    def test_auth_port_is_checked_by_the_parser_and_0_means_any(self):
+        parser = gc.build_parser()
+        self.assertEqual(parser.parse_args(["auth"]).port, 0)
+        self.assertEqual(parser.parse_args(["auth", "--port", "0"]).port, 0)
+        self.assertEqual(parser.parse_args(["auth", "--port", "8765"]).port, 8765)
+        for bad in ("70000", "-1", "x"):
+            with self.subTest(port=bad):
+                code, out, err = run_cli("auth", "--port", bad, "--user", "u@example.com")
+                self.assertEqual(code, gc.EXIT_USAGE)
+                self.assertIn(f"expected a port from 1 to 65535, got '{bad}'", err)
+
+    def test_every_error_class_carries_its_exit_code(self):
+        table = [(gc.GmailClassifyError("x"), 1), (gc.ImapError("x"), 5),
+                 (gc.ProtocolError("x"), 5), (gc.CapabilityError("x"), 5),
+                 (gc.FolderUnavailableError("x"), 5), (gc.AuthenticationError("x"), 3),
+                 (gc.OAuthError("x"), 3), (gc.UidValidityError("x"), 6), (gc.TLSError("x"), 4),
+                 (gc.ConnectionLostError("x"), 4), (gc.RulesError("x"), 2),
+                 (gc.CredentialError("x"), 2), (gc.UsageError("x"), 2),
+                 (gc.FolderLimitError("x"), 2), (gc.StateError("x"), 2),
+                 (gc.LockedError("x"), 7), (gc.RunStopped("x"), 6),
+                 (gc.BudgetExceededError("x"), 6), (gc.ContentSkip("x"), 1),
+                 (gc.TOMLError("x", 1, 1), 1)]
+        for error, code in table:
+            with self.subTest(error=type(error).__name__):
+                self.assertEqual(error.exit_code, code)
+
+    def test_the_output_object_writes_each_format_and_knows_who_reads_it(self):
+        evil = {"subject": "\u202e\x9b"}
+        for fmt, quiet, human, written in [
+                ("text", False, True, "line \\u202e\n"), ("text", True, False, "line \\u202e\n"),
+                ("json", False, False, '{"subject": "\\u202e\\u009b"}\n'),
+                ("json", True, False, '{"subject": "\\u202e\\u009b"}\n')]:
+            with self.subTest(fmt=fmt, quiet=quiet):
+                stream = io.StringIO()
+                out = gc._OUTPUT_FORMATS[fmt](stream, False, quiet=quiet)
+                self.assertEqual((out.human, out.data, out.width), (human, fmt == "json", None))
+                out.record(evil)
+                out.record(evil, lambda: ["line \u202e"])
+                self.assertEqual(stream.getvalue(), ("" if fmt == "text" else written) + written)
+
+    def test_the_output_follows_the_arguments(self):
+        parser = gc.build_parser()
+        table = [(["run"], gc._Output, False, False), (["run", "--json"], gc._JsonOutput, False, True),
+                 (["run", "--apply"], gc._Output, True, False),
+                 (["undo", "--apply", "--json"], gc._JsonOutput, True, True),
+                 (["history", "--json"], gc._JsonOutput, False, True),
+                 (["init"], gc._Output, True, False), (["auth"], gc._Output, False, True),
+                 (["import-filters", "f.xml"], gc._Output, False, True),
+                 (["import-filters", "f.xml", "-o", "r.toml"], gc._Output, False, False),
+                 (["suggest"], gc._Output, False, True), (["labels"], gc._Output, False, False)]
+        for argv, kind, keep_going, data in table:
+            with self.subTest(argv=argv):
+                args = parser.parse_args(argv)
+                args.quiet = False
+                out = gc._open_output(args, io.StringIO())
+                self.assertIs(type(out), kind)
+                self.assertEqual((out.keep_going, out.data, out.human), (keep_going, data, not data or kind is gc._Output))
+
+
 # --- Helpers for tests against the fake server -------------------------------------------
 
 PASSWORD = "abcdabcdabcdabcd"

@@ -11638,7 +11638,7 @@ class _JsonOutput(_Output):
         self.write(printable(json.dumps(record, ensure_ascii=False)) + "\n")
 
 
-def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
+def _cmd_run(args: argparse.Namespace, out: _Output) -> int:
     rules = find_rules(args.rules)
     if not _rule_tests_allow(rules, args.apply):
         return EXIT_RULE_TESTS
@@ -11812,7 +11812,7 @@ class _RulesReloader:
         log.warning("rules reloaded from %s: %d rules", self.path, len(new.rules))
 
 
-def _cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
+def _cmd_watch(args: argparse.Namespace, out: _Output) -> int:
     rules = find_rules(args.rules)
     settings = _connection_settings(args, rules.account)
     # The watch retries forever itself, logging an outage once; the connection must not.
@@ -11901,7 +11901,7 @@ def _cmd_history(args: argparse.Namespace, out: _Output) -> int:
     return EXIT_OK
 
 
-def _cmd_undo(args: argparse.Namespace, out: TextIO) -> int:
+def _cmd_undo(args: argparse.Namespace, out: _Output) -> int:
     rules = find_rules(args.rules)
     settings = _connection_settings(args, rules.account)
     store = StateStore()
@@ -12125,7 +12125,7 @@ def _cmd_auth(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+def _cmd_demo(args: argparse.Namespace, out: _Output) -> int:
     """Classify the built-in sample offline and print what a dry run would."""
     rules = load_rules(args.rules) if args.rules else builtin_rules()
     if out.human:
@@ -12350,6 +12350,7 @@ def _options_with_values(parser: argparse.ArgumentParser) -> set[str]:
             if action.nargs != 0 for flag in action.option_strings}
 
 
+# The output formats, chosen by the option of the same name (--json); text by default.
 _OUTPUT_FORMATS = {"text": _Output, "json": _JsonOutput}
 
 
@@ -12359,7 +12360,7 @@ def _open_output(args: argparse.Namespace, stream: Optional[TextIO]) -> _Output:
     and the sign-in address are data, like JSON."""
     command = _COMMANDS[args.command]
     keep_going = command.keep_going or bool(getattr(args, "apply", False))
-    fmt = "json" if getattr(args, "json", False) else "text"
+    fmt = next((name for name in _OUTPUT_FORMATS if getattr(args, name, False)), "text")
     out = _OUTPUT_FORMATS[fmt](stream, keep_going, quiet=args.quiet)
     # Rules written to standard output (no -o) are data too.
     out.data = out.data or command.data or (hasattr(args, "output") and not args.output)

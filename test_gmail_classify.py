@@ -5245,16 +5245,25 @@ class CommandLineDescriptionTest(unittest.TestCase):
         self.assertEqual(gc._subcommand_first(["history", "--help"], parser),
                          ["history", "--help"])
 
-    def test_a_new_subcommand_is_its_function_and_its_row(self):
+    def test_a_new_subcommand_is_a_function_and_a_row_and_a_new_format_a_class(self):
         def hello(args: Any, out: Any) -> int:
             out.record({"hello": args.name}, lambda: [f"hello {args.name}"])
             return 3 if args.apply else 0
 
-        row = gc._Command(hello, "say hello", options=(gc._Opt("--name", default="you"),
-                                                        gc._Opt("--apply"), gc._Opt("--json")))
-        with mock.patch.dict(gc._COMMANDS, {"hello": row}):
+        class Tabs(gc._Output):                 # a new output format is one class
+            data, text = True, False
+
+            def record(self, record: Any, text: Any = None) -> None:
+                self.write("\t".join(map(str, record.values())) + "\n")
+
+        row = gc._Command(hello, "say hello", options=(
+            gc._Opt("--name", default="you"), gc._Opt("--apply"), gc._Opt("--json"),
+            gc._Opt("--tabs", action="store_true")))
+        with mock.patch.dict(gc._COMMANDS, {"hello": row}), \
+                mock.patch.dict(gc._OUTPUT_FORMATS, {"tabs": Tabs}):
             self.assertEqual(run_cli("--name", "hello", "hello"), (0, "hello hello\n", ""))
             self.assertEqual(run_cli("hello", "--json", "--apply"), (3, '{"hello": "you"}\n', ""))
+            self.assertEqual(run_cli("hello", "--tabs", "--name", "x"), (0, "x\n", ""))
             code, out, _ = run_cli("--help")
             self.assertRegex(out, r"\n +hello +say hello\n")
             code, out, _ = run_cli("hello", "--help")

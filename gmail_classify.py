@@ -11569,7 +11569,11 @@ class _Output:
         """One result (a message, a run, a summary): as JSON in a JSON output; here, the
         lines ``text()`` gives for a person, if any."""
         for line in text() if text is not None else ():
-            self.write(printable(line) + "\n")
+            self.line(line)
+
+    def line(self, text: str) -> None:
+        """One line of text, escaped (see printable)."""
+        self.write(printable(text) + "\n")
 
     def message(self, outcome: Outcome, applied: bool) -> None:
         """A message that changes (or would): one line, fitted to the terminal."""
@@ -11897,7 +11901,7 @@ def _cmd_history(args: argparse.Namespace, out: _Output) -> int:
     for entry in runs:
         out.record(entry, lambda: [_history_line(entry)])
     if not runs and out.human:
-        out.write(printable(f"no applied runs in {store.audit.path}") + "\n")
+        out.line(f"no applied runs in {store.audit.path}")
     return EXIT_OK
 
 
@@ -11947,8 +11951,8 @@ def _cmd_undo(args: argparse.Namespace, out: _Output) -> int:
     if out.human:
         verb = "reversed" if args.apply else "would reverse"
         for name in undo.deleted:
-            out.write(printable(f"{'deleted' if args.apply else 'would delete'} the empty "
-                                f"folder {name}, which run {undo.undo_of} created") + "\n")
+            out.line(f"{'deleted' if args.apply else 'would delete'} the empty "
+                     f"folder {name}, which run {undo.undo_of} created")
         unmade = f"; {undo.unmade:,} never made (the run ended first)" if undo.unmade else ""
         out.write(f"undo of {undo.undo_of}: {verb} {undo.reversed:,} changes; "
                   f"{undo.left_alone:,} left alone{unmade}\n")
@@ -12009,20 +12013,19 @@ def _skipped_by_reason(report: FolderReport) -> Dict[str, List[int]]:
 
 def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     rules = load_rules(args.rules_file)
-    out.write(printable(f"{rules.source}: {_plural(len(rules.rules), 'rule')}, valid") + "\n")
+    out.line(f"{rules.source}: {_plural(len(rules.rules), 'rule')}, valid")
     for rule in rules.rules:
         more = " (continue)" if rule.continue_ else ""
-        out.write(printable(f"  {rule.position}. {rule.name}: {rule.actions.describe()}{more}")
-                  + "\n")
+        out.line(f"  {rule.position}. {rule.name}: {rule.actions.describe()}{more}")
     needs = rules.needs
     fetched = ["headers " + ", ".join(sorted(needs.headers))]
     if needs.body:
         fetched.append(f"a body prefix ({BODY_PREFIX_BYTES} bytes) for undecided messages")
     if needs.queries:
         fetched.append(f"{len(needs.queries)} Gmail search(es)")
-    out.write(printable("  fetches: " + "; ".join(fetched)) + "\n")
+    out.line("  fetches: " + "; ".join(fetched))
     for note in rules.local()[1]:
-        out.write(printable(f"  note: {note}") + "\n")
+        out.line(f"  note: {note}")
     failures = run_rule_tests(rules)
     if rules.tests:
         passed = len(rules.tests) - len(failures)
@@ -12035,7 +12038,7 @@ def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
 def _cmd_test(args: argparse.Namespace, out: TextIO) -> int:
     rules, notes = load_rules(args.rules_file).local()
     for note in notes:
-        out.write(printable(f"note: {note}") + "\n")
+        out.line(f"note: {note}")
     counts: Dict[str, int] = {}
     total = 0
     try:
@@ -12044,20 +12047,19 @@ def _cmd_test(args: argparse.Namespace, out: TextIO) -> int:
             decision = rules.classify(info, final=True)
             subject = _first(header_text(info.headers, "subject"))
             if not decision.matches:
-                out.write(printable(f"{name}: no rule  ({subject[:60]})") + "\n")
+                out.line(f"{name}: no rule  ({subject[:60]})")
                 continue
             for rule_name, reason in decision.matches:
                 counts[rule_name] = counts.get(rule_name, 0) + 1
-                out.write(printable(f"{name}: {rule_name}: {reason}") + "\n")
-            out.write(printable(f"    -> {decision.actions.expanded(info).describe()}  "
-                                f"({subject[:60]})") + "\n")
+                out.line(f"{name}: {rule_name}: {reason}")
+            out.line(f"    -> {decision.actions.expanded(info).describe()}  ({subject[:60]})")
     except GmailClassifyError as exc:
         if type(exc) is not GmailClassifyError:
             raise
         raise UsageError(str(exc)) from exc    # a FILE that is not mail: the user's input
     noun = "message" if total == 1 else "messages"
-    out.write(printable(f"{total} {noun}; " + ", ".join(f"{k}: {v}" for k, v in counts.items())
-                        + ("" if counts else "no rule matched")) + "\n")
+    out.line(f"{total} {noun}; " + ", ".join(f"{k}: {v}" for k, v in counts.items())
+             + ("" if counts else "no rule matched"))
     return EXIT_OK
 
 
@@ -12068,7 +12070,7 @@ def _cmd_labels(args: argparse.Namespace, out: TextIO) -> int:
         for folder in sorted(conn.list_folders(), key=lambda f: f.name.casefold()):
             use = f"  {folder.special_use}" if folder.special_use else ""
             flags = " ".join(sorted(f for f in folder.flags if f != folder.special_use))
-            out.write(printable(f"{folder.name}{use}  {flags}".rstrip()) + "\n")
+            out.line(f"{folder.name}{use}  {flags}".rstrip())
     return EXIT_OK
 
 
@@ -12150,8 +12152,7 @@ def _cmd_init(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"{path} already exists; pass --force to overwrite it")
     text = STARTER_RULES_TOML if path.suffix == ".toml" else STARTER_RULES_JSON
     write_rules_file(path, text, force=args.force)
-    out.write(printable(f"wrote {path}; edit it, then try: python gmail_classify.py check {path}")
-              + "\n")
+    out.line(f"wrote {path}; edit it, then try: python gmail_classify.py check {path}")
     return EXIT_OK
 
 

@@ -150,9 +150,30 @@ log.addHandler(logging.NullHandler())   # the library never prints; the CLI adds
 # will not help.  ConnectionLostError: the network or the server went away and our own
 # reconnect attempts ran out; trying again later may well work.  imaplib's exceptions never
 # escape: they are translated and chained with ``from``.
+#
+# Each error class carries the command line's exit code for it (``exit_code``): a new
+# error class that needs its own code says so in one line.
+
+EXIT_OK = 0
+EXIT_ERROR = 1          # an unexpected failure (a bug: please report it with -v)
+EXIT_USAGE = 2          # bad arguments or rules file
+EXIT_AUTH = 3           # the server rejected the credentials
+EXIT_CONNECTION = 4     # could not connect, or lost the connection after retries; TLS refused
+EXIT_SERVER = 5         # the server refused an operation or lacks a needed feature
+EXIT_INCOMPLETE = 6     # incomplete (skipped messages or folders, daily budget, UIDVALIDITY changed): run again
+EXIT_LOCKED = 7         # another --apply holds the account lock
+EXIT_RULE_TESTS = 8     # the rules file's own [[test]] tables failed
+# A signal ends a command at its next safe point, then the program ends by that signal
+# (see _exit_program), so that a shell sees 128 + its number and systemd a clean stop.
+EXIT_HANGUP = 129       # SIGHUP: the terminal went away
+EXIT_INTERRUPTED = 130  # SIGINT: Ctrl-C
+EXIT_TERMINATED = 143   # SIGTERM: kill, systemctl stop, shutdown
+EXIT_OUTPUT_CUT = 141   # data output (--json, rules on standard output) cut by a closed pipe
+
 
 class GmailClassifyError(Exception):
     """Base of every error this module raises."""
+    exit_code = EXIT_ERROR
 
 
 class ImapError(GmailClassifyError):
@@ -162,6 +183,7 @@ class ImapError(GmailClassifyError):
     (empty when we refused before sending), ``code`` the response code (``"TRYCREATE"``)
     or empty, and ``text`` the server's human-readable text.
     """
+    exit_code = EXIT_SERVER
 
     def __init__(self, message: str, *, command: str = "", status: str = "",
                  code: str = "", text: str = "") -> None:
@@ -178,6 +200,7 @@ class ProtocolError(ImapError):
 
 class AuthenticationError(ImapError):
     """The server rejected the credentials; ``text`` holds its decoded explanation."""
+    exit_code = EXIT_AUTH
 
 
 class CapabilityError(ImapError):
@@ -186,6 +209,7 @@ class CapabilityError(ImapError):
 
 class UidValidityError(ImapError):
     """A folder's UIDVALIDITY changed, so every UID remembered for it is stale."""
+    exit_code = EXIT_INCOMPLETE
 
 
 class FolderUnavailableError(ImapError):
@@ -194,14 +218,17 @@ class FolderUnavailableError(ImapError):
 
 class TLSError(GmailClassifyError):
     """TLS could not be set up safely: untrusted certificate, wrong host, no STARTTLS."""
+    exit_code = EXIT_CONNECTION
 
 
 class ConnectionLostError(GmailClassifyError):
     """The server could not be reached or kept, even after reconnecting with backoff."""
+    exit_code = EXIT_CONNECTION
 
 
 class RulesError(GmailClassifyError):
     """The rules file is wrong; the message names the file, rule and key, and the fix."""
+    exit_code = EXIT_USAGE
 
 
 class ContentSkip(GmailClassifyError):
@@ -219,6 +246,7 @@ class CredentialError(GmailClassifyError, ValueError):
     """A user name, password or token holds CR, LF or NUL: sent to a server it could end
     the command line and smuggle in another command, so it is refused before connecting.
     The message never repeats the secret."""
+    exit_code = EXIT_USAGE
 
 
 class StopRequested(GmailClassifyError):
@@ -6967,6 +6995,7 @@ DEFAULT_MAX_NEW_FOLDERS = 20
 
 class FolderLimitError(GmailClassifyError):
     """A run would create more new folders than allowed; nothing was changed."""
+    exit_code = EXIT_USAGE
 
 
 @dataclass(frozen=True)
@@ -7220,6 +7249,7 @@ class RunStopped(GmailClassifyError):
     Raised once the changes already planned were applied and confirmed, so the next run
     carries on from the mark; the command line exits 6 (incomplete, run again).
     """
+    exit_code = EXIT_INCOMPLETE
 
 
 class Checkpoint:
@@ -8149,10 +8179,12 @@ def _stored_number(value: Any, what: str, low: int, high: int = 2 ** 32 - 1) -> 
 class StateError(GmailClassifyError):
     """The state file is corrupt, unreadable or not ours; the message names it and the way
     out (``--all`` starts afresh, or delete the file)."""
+    exit_code = EXIT_USAGE
 
 
 class LockedError(GmailClassifyError):
     """Another ``--apply`` holds this account's lock; the message says which process."""
+    exit_code = EXIT_LOCKED
 
 
 class BudgetExceededError(RunStopped):
@@ -11170,22 +11202,6 @@ def suggest_rules(conn: GmailConnection, folder: str = "INBOX", *, top: int = 10
 # classify_folder, print.  Every failure a user can cause ends in one line on stderr and a
 # documented exit code; -v adds the traceback.
 
-EXIT_OK = 0
-EXIT_ERROR = 1          # an unexpected failure (a bug: please report it with -v)
-EXIT_USAGE = 2          # bad arguments or rules file
-EXIT_AUTH = 3           # the server rejected the credentials
-EXIT_CONNECTION = 4     # could not connect, or lost the connection after retries; TLS refused
-EXIT_SERVER = 5         # the server refused an operation or lacks a needed feature
-EXIT_INCOMPLETE = 6     # incomplete (skipped messages or folders, daily budget, UIDVALIDITY changed): run again
-EXIT_LOCKED = 7         # another --apply holds the account lock
-EXIT_RULE_TESTS = 8     # the rules file's own [[test]] tables failed
-# A signal ends a command at its next safe point, then the program ends by that signal
-# (see _exit_program), so that a shell sees 128 + its number and systemd a clean stop.
-EXIT_HANGUP = 129       # SIGHUP: the terminal went away
-EXIT_INTERRUPTED = 130  # SIGINT: Ctrl-C
-EXIT_TERMINATED = 143   # SIGTERM: kill, systemctl stop, shutdown
-EXIT_OUTPUT_CUT = 141   # data output (--json, rules on standard output) cut by a closed pipe
-
 EXIT_CODES_HELP = """\
 exit codes:
   0  success
@@ -11216,8 +11232,6 @@ USER_ENV = "GMAIL_USER"
 # Generic names that other IMAP tools use; the GMAIL_* name wins when both are set.
 USER_ENV_ALIAS = "IMAP_USER"
 PASSWORD_ENV_ALIAS = "IMAP_PASSWORD"
-SUBCOMMANDS = ("run", "check", "test", "labels", "folders", "init", "demo", "history", "undo",
-               "import-filters", "suggest", "auth", "watch")
 
 QUICK_HELP = """\
 common use (every option of a run: gmail_classify.py run --help):
@@ -11236,6 +11250,7 @@ common use (every option of a run: gmail_classify.py run --help):
 
 class UsageError(GmailClassifyError):
     """A command-line mistake; the message says what to do instead."""
+    exit_code = EXIT_USAGE
 
 
 def default_rules_dir() -> pathlib.Path:
@@ -11313,8 +11328,42 @@ def _budget(text: str) -> int:
     return int(found.group(1)) * 1024 ** " KMG".index(found.group(2).upper() or " ")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; ``python gmail_classify.py`` alone means ``run``."""
+def _any_port(text: str) -> int:
+    """A loopback port to listen on, or 0 for any free one."""
+    return 0 if text.strip() == "0" else _port_number(text)
+
+
+class _Opt:
+    """A subcommand's option or argument, as add_argument takes it; one named in
+    _SHARED_OPTIONS starts from its definition there (a row may give its own help)."""
+
+    def __init__(self, *flags: str, **settings: Any) -> None:
+        self.flags, self.settings = flags, settings
+
+    def add_to(self, parser: Any) -> None:
+        parser.add_argument(*self.flags, **{**_SHARED_OPTIONS.get(self.flags[0], {}),
+                                            **self.settings})
+
+
+_EXPUNGE_RISK = ("with a plain EXPUNGE (only while no other message in the folder is marked "
+                 "\\Deleted); see the README for the risk")
+
+# Options several subcommands take, defined once (the rows in _COMMANDS name them).
+_SHARED_OPTIONS: Dict[str, Dict[str, Any]] = {
+    "--apply": dict(action="store_true", help="make the changes (default: only show them)"),
+    "--json": dict(action="store_true", help="one JSON object per message, then a summary "
+                   "object"),
+    "--batch-size": dict(type=_positive, default=DEFAULT_BATCH,
+                         help="messages per FETCH (default: %(default)s)"),
+    "--allow-expunge": dict(action="store_true", help="on servers with neither MOVE nor "
+                            "UIDPLUS, let moves remove the originals " + _EXPUNGE_RISK),
+    "--daily-budget": dict(type=_budget, default=DEFAULT_DAILY_BUDGET, metavar="SIZE"),
+}
+
+
+def _parent_parsers() -> Dict[str, argparse.ArgumentParser]:
+    """The option sets whole groups of subcommands share: ``common`` (every one: -v, -q),
+    ``connection`` (the server and the password) and ``output`` (where rules are written)."""
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a subcommand's defaults must not undo a -v given before the subcommand.
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
@@ -11347,134 +11396,6 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--rules", help="rules file (.toml or .json); default: "
                        "$XDG_CONFIG_HOME/gmail_classify/rules.toml or .json, else built-in rules")
 
-    parser = argparse.ArgumentParser(
-        prog="gmail_classify.py", parents=[common],
-        description="Sort a Gmail (or any IMAP) mailbox with keyword and regex rules. "
-                    "Without a subcommand, 'run' is meant. Dry run unless --apply.",
-        epilog=QUICK_HELP + EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    run = sub.add_parser("run", parents=[common, conn], help="classify a folder (dry run "
-                         "unless --apply)", epilog=EXIT_CODES_HELP,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--folder", action="append", type=_folder_name, help="folder to classify (repeatable; "
-                     "default INBOX)")
-    run.add_argument("--since", type=_parse_since, help="only mail received since a date "
-                     "(YYYY-MM-DD) or an age: 7d, 2w, 6m, 1y")
-    run.add_argument("--limit", type=_positive, help="only the newest N messages per folder")
-    run.add_argument("--apply", action="store_true", help="make the changes (default: only "
-                     "show them)")
-    run.add_argument("--json", action="store_true", help="one JSON object per message, "
-                     "then a summary object")
-    run.add_argument("--summary", action="store_true", help="only the totals, no line per "
-                     "message")
-    run.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH,
-                     help="messages per FETCH (default: %(default)s)")
-    run.add_argument("--allow-expunge", action="store_true",
-                     help="on servers with neither MOVE nor UIDPLUS, let moves remove the "
-                          "originals with a plain EXPUNGE (only while no other message in "
-                          "the folder is marked \\Deleted); see the README for the risk")
-    run.add_argument("--max-new-folders", type=_positive, default=DEFAULT_MAX_NEW_FOLDERS,
-                     metavar="N", help="refuse, before any change, a run that would create "
-                     "more than N folders or labels (default: %(default)s)")
-    fresh = run.add_mutually_exclusive_group()
-    fresh.add_argument("--all", action="store_true", help="classify every message again, not "
-                       "only those above the folder's mark (also starts over after a bad "
-                       "state file)")
-    fresh.add_argument("--new-only", action="store_true", help="classify nothing now; "
-                       "remember each folder's newest message so later runs act on new mail "
-                       "only")
-    run.add_argument("--daily-budget", type=_budget, default=DEFAULT_DAILY_BUDGET,
-                     metavar="SIZE", help="stop before downloading more than SIZE a day for "
-                     "this account (default: 2G; Gmail allows about 2.5G; 0: no limit)")
-
-    history = sub.add_parser("history", parents=[common], help="list the applied runs, "
-                             "newest first, from the audit log")
-    history.add_argument("--json", action="store_true", help="one JSON object per run")
-
-    undo = sub.add_parser("undo", parents=[common, conn], help="reverse one applied run "
-                          "(dry run unless --apply)", epilog=EXIT_CODES_HELP,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    undo.add_argument("run_id", metavar="RUN_ID", nargs="?", help="the run to reverse "
-                      "(default: the last applied run of this account; see 'history')")
-    undo.add_argument("--apply", action="store_true", help="reverse it (default: only show "
-                      "what would be reversed)")
-    undo.add_argument("--json", action="store_true", help="one JSON object per message, "
-                      "then a summary object")
-    undo.add_argument("--allow-expunge", action="store_true",
-                      help="on servers with neither MOVE nor UIDPLUS, let moving mail back "
-                           "remove it with a plain EXPUNGE (only while no other message in "
-                           "the folder is marked \\Deleted); see the README for the risk")
-
-    watch = sub.add_parser("watch", parents=[common, conn], help="stay connected and classify "
-                           "new mail as it arrives (dry run unless --apply)",
-                           epilog=EXIT_CODES_HELP,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    watch.add_argument("--folder", action="append", type=_folder_name, help="folder to watch (repeatable; "
-                       "default INBOX); the first waits with IDLE, the others are polled")
-    watch.add_argument("--apply", action="store_true", help="make the changes (default: only "
-                       "show them)")
-    watch.add_argument("--json", action="store_true", help="one JSON object per message")
-    watch.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH,
-                       help="messages per FETCH (default: %(default)s)")
-    watch.add_argument("--allow-expunge", action="store_true",
-                       help="on servers with neither MOVE nor UIDPLUS, let moves remove the "
-                            "originals with a plain EXPUNGE (only while no other message in "
-                            "the folder is marked \\Deleted); see the README for the risk")
-    fresh = watch.add_mutually_exclusive_group()
-    fresh.add_argument("--all", action="store_true", help="classify every message again "
-                       "first, then watch (also starts a folder that has no state yet)")
-    fresh.add_argument("--new-only", action="store_true", help="classify only mail that "
-                       "arrives from now on (also starts a folder that has no state yet)")
-    watch.add_argument("--daily-budget", type=_budget, default=DEFAULT_DAILY_BUDGET,
-                       metavar="SIZE", help="pause catching up until 00:00 UTC before "
-                       "downloading more than SIZE a day for this account (default: 2G; 0: "
-                       "no limit)")
-    watch.add_argument("--interval", type=_timeout_seconds, default=DEFAULT_POLL_INTERVAL,
-                       help="seconds between polls of the other folders, and of every folder "
-                            "when the server lacks IDLE (default: %(default)s)")
-    watch.add_argument("--idle-interval", type=_timeout_seconds, default=IDLE_REISSUE,
-                       help="seconds before IDLE is re-issued (default: %(default)s; at most "
-                            f"{IDLE_MAX_SECONDS})")
-
-    check = sub.add_parser("check", parents=[common], help="validate and summarise a rules "
-                           "file, offline")
-    check.add_argument("rules_file", metavar="RULES")
-
-    test = sub.add_parser("test", parents=[common], help="classify .eml files, an mbox or a "
-                          "Maildir offline")
-    test.add_argument("rules_file", metavar="RULES")
-    test.add_argument("files", metavar="FILE", nargs="+")
-
-    for name in ("labels", "folders"):
-        sub.add_parser(name, parents=[common, conn], help="list folders and labels with "
-                       "their special-use attributes")
-
-    auth = sub.add_parser("auth", parents=[common], help="sign in to Google with OAuth2 in a "
-                          "browser and store a refresh token for --auth xoauth2",
-                          epilog=EXIT_CODES_HELP,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    auth.add_argument("--user", help=f"the Google account (default: ${USER_ENV} or the rules' "
-                      f"[account])")
-    auth.add_argument("--client-secret-file", metavar="JSON", help="your OAuth client "
-                      "(type 'Desktop app') as downloaded from Google Cloud Console; default: "
-                      "the rules' oauth_client_file or oauth_client_id/oauth_client_secret")
-    auth.add_argument("--port", type=int, default=0, help="loopback port for Google's "
-                      "redirect, e.g. one forwarded with ssh -L (default: any free port)")
-    auth.add_argument("--no-browser", action="store_true", help="only print the address "
-                      "to open; do not start a browser")
-    auth.add_argument("--rules", help="rules file whose [account] names the user and client")
-
-    demo = sub.add_parser("demo", parents=[common], help="classify a built-in sample of "
-                          "mail offline, as a dry run would show it")
-    demo.add_argument("--rules", help="rules file (default: the built-in rules)")
-    demo.add_argument("--summary", action="store_true", help="only the totals")
-
-    init = sub.add_parser("init", parents=[common], help="write the starter rules file")
-    init.add_argument("path", nargs="?", help="where (default: the default rules path)")
-    init.add_argument("--force", action="store_true", help="overwrite an existing file")
-
     writer = argparse.ArgumentParser(add_help=False)
     group = writer.add_argument_group("output")
     group.add_argument("-o", "--output", metavar="RULES", help="write the rules file here "
@@ -11482,21 +11403,23 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--force", action="store_true", help="overwrite an existing RULES file")
     group.add_argument("--format", choices=("toml", "json"), help="file format (default: "
                        "from the -o file name, else toml)")
+    return {"common": common, "connection": conn, "output": writer}
 
-    imports = sub.add_parser("import-filters", parents=[common, writer],
-                             help="turn Gmail's filter export (mailFilters.xml) into rules")
-    imports.add_argument("filters_file", metavar="FILE", help="mailFilters.xml from Gmail's "
-                         "Settings -> Filters and Blocked Addresses -> Export")
 
-    suggest = sub.add_parser("suggest", parents=[common, conn, writer],
-                             help="read a folder's headers (read-only) and propose rules")
-    suggest.add_argument("--folder", default="INBOX", help="folder to read (default: INBOX)")
-    suggest.add_argument("--top", type=_positive, default=10, help="at most N rules of each "
-                         "kind (default: %(default)s)")
-    suggest.add_argument("--limit", type=_positive, help="only the newest N messages")
-    suggest.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH,
-                         help="messages per FETCH (default: %(default)s)")
-    return parser
+@dataclass(frozen=True)
+class _Command:
+    """A subcommand: its function, --help line, option sets besides ``common`` (see
+    _parent_parsers), own options, whether its --help ends with the exit codes, whether its
+    output is data (see _Output) and whether its work goes on when nobody reads the output
+    any more (``keep_going``; an --apply always does)."""
+
+    run: Callable[[argparse.Namespace, Any], int]
+    help: str
+    parents: Tuple[str, ...] = ()
+    options: Tuple[Any, ...] = ()
+    exit_codes: bool = False
+    data: bool = False
+    keep_going: bool = False
 
 
 class _PrintableFormatter(logging.Formatter):
@@ -11578,73 +11501,6 @@ def _signal_exit(signum: Optional[int]) -> int:
 class _OutputClosed(BaseException):
     """Internal: nobody reads standard output any more, and the command only lists; end it.
     A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
-
-
-class _Output:
-    """A command's standard output (or error) that outlives its reader.
-
-    When the reader goes away (EPIPE: ``| head`` has read enough; EIO: the terminal hung
-    up), nothing more is written.  With ``keep_going`` (an --apply, whose work must
-    finish and be recorded) writes are then dropped and the work goes on; without it the
-    next write raises _OutputClosed (a listing nobody reads ends early).  ``gone`` says
-    whether it happened.  The file descriptor is pointed at /dev/null, so that Python's
-    own flush at exit has nowhere to fail ("Exception ignored ... BrokenPipeError").
-    """
-
-    def __init__(self, stream: Optional[TextIO], keep_going: bool) -> None:
-        self._stream = stream
-        self.keep_going = keep_going
-        self.gone = stream is None            # started without one (``>&-``)
-
-    def write(self, text: str) -> int:
-        if not self.gone:
-            try:
-                return self._stream.write(text)
-            except OSError as exc:
-                self._lost(exc)
-        if not self.keep_going:
-            raise _OutputClosed()
-        return len(text)
-
-    def flush(self) -> None:
-        if not self.gone:
-            try:
-                self._stream.flush()
-                return
-            except OSError as exc:
-                self._lost(exc)
-        if not self.keep_going:
-            raise _OutputClosed()
-
-    def close_quietly(self) -> None:
-        """The last flush: never raises, whatever the reader did."""
-        try:
-            self.flush()
-        except _OutputClosed:
-            pass
-
-    def isatty(self) -> bool:
-        try:
-            return not self.gone and self._stream.isatty()
-        except (OSError, ValueError):
-            return False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-    def _lost(self, exc: OSError) -> None:
-        if exc.errno not in (errno.EPIPE, errno.EIO):
-            raise exc
-        self.gone = True
-        try:
-            fd = self._stream.fileno()
-        except (OSError, ValueError, AttributeError):
-            return                          # not a file (a test's StringIO)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, fd)
-        finally:
-            os.close(devnull)
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
@@ -11876,31 +11732,128 @@ class _Progress:
         self.stream.flush()
 
 
-def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
+class _Output:
+    """A command's standard output as its arguments ask (built by _open_output): the one
+    place that knows the format (text here; a new format is one subclass, see _JsonOutput,
+    and its row in _OUTPUT_FORMATS), -q, the terminal's ``width`` (None if no terminal) and
+    printable escaping.  ``human``: a person reads text here (text, not -q); ``data``: a
+    program reads it (cut by a closed pipe, the command exits 141).
+
+    It outlives its reader (stderr is wrapped too): when the reader goes away (EPIPE:
+    ``| head`` has read enough; EIO: the terminal hung up), nothing more is written.  With ``keep_going`` (an --apply, whose work must
+    finish and be recorded) writes are then dropped and the work goes on; without it the
+    next write raises _OutputClosed (a listing nobody reads ends early).  ``gone`` says
+    whether it happened.  The file descriptor is pointed at /dev/null, so that Python's
+    own flush at exit has nowhere to fail ("Exception ignored ... BrokenPipeError").
+    """
+
+    data, text = False, True
+
+    def __init__(self, stream: Optional[TextIO], keep_going: bool, *, quiet: bool = False) -> None:
+        self._stream = stream
+        self.keep_going = keep_going
+        self.gone = stream is None            # started without one (``>&-``)
+        self.human = self.text and not quiet
+        self.width = shutil.get_terminal_size().columns if self.isatty() else None
+
+    def record(self, record: Mapping[str, Any],
+               text: Optional[Callable[[], Iterable[str]]] = None) -> None:
+        """One result (a message, a run, a summary): as JSON in a JSON output; here, the
+        lines ``text()`` gives for a person, if any."""
+        for line in text() if text is not None else ():
+            self.line(line)
+
+    def line(self, text: str) -> None:
+        """One line of text, escaped (see printable)."""
+        self.write(printable(text) + "\n")
+
+    def message(self, outcome: Outcome, applied: bool) -> None:
+        """A message that changes (or would): one line, fitted to the terminal."""
+        if self.human:
+            self.write(_message_line(outcome, applied, self.width) + "\n")
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self._stream.write(text)
+            except OSError as exc:
+                self._lost(exc)
+        if not self.keep_going:
+            raise _OutputClosed()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self._stream.flush()
+                return
+            except OSError as exc:
+                self._lost(exc)
+        if not self.keep_going:
+            raise _OutputClosed()
+
+    def close_quietly(self) -> None:
+        """The last flush: never raises, whatever the reader did."""
+        try:
+            self.flush()
+        except _OutputClosed:
+            pass
+
+    def isatty(self) -> bool:
+        try:
+            return not self.gone and self._stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def _lost(self, exc: OSError) -> None:
+        if exc.errno not in (errno.EPIPE, errno.EIO):
+            raise exc
+        self.gone = True
+        try:
+            fd = self._stream.fileno()
+        except (OSError, ValueError, AttributeError):
+            return                          # not a file (a test's StringIO)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+
+
+class _JsonOutput(_Output):
+    """--json: one JSON object a line (escaped like text: a bidi override or a C1 control
+    in a subject reaches a terminal as ``\\u202e``, never raw); nothing for a person."""
+
+    data, text = True, False
+
+    def record(self, record: Mapping[str, Any],
+               text: Optional[Callable[[], Iterable[str]]] = None) -> None:
+        self.write(printable(json.dumps(record, ensure_ascii=False)) + "\n")
+
+
+def _cmd_run(args: argparse.Namespace, out: _Output) -> int:
     rules = find_rules(args.rules)
     if not _rule_tests_allow(rules, args.apply):
         return EXIT_RULE_TESTS
     settings = _connection_settings(args, rules.account)
     folders = args.folder or list(rules.account.get("folders") or ["INBOX"])
-    progress = _Progress(sys.stderr, sys.stderr.isatty() and not args.quiet and not args.json)
-    width = shutil.get_terminal_size().columns if out.isatty() else None
+    progress = _Progress(sys.stderr, sys.stderr.isatty() and out.human)
     store = StateStore()
     store.load(start_over=args.all)
-    if not args.json and not args.quiet:
+    if out.human:
         out.write(_rules_line(rules))
-
-    def on_record(record: Dict[str, Any]) -> None:
-        if args.json:
-            out.write(printable(json.dumps(record, ensure_ascii=False)) + "\n")
 
     def on_message(outcome: Outcome) -> None:
         # Only what changes (or would); with --apply, after the server confirmed it.
-        if outcome.changes and not args.json and not args.quiet and not args.summary:
-            out.write(_message_line(outcome, args.apply, width) + "\n")
+        if outcome.changes and not args.summary:
+            out.message(outcome, args.apply)
 
     run = Run(store, rules, settings["user"], settings["host"], settings.get("port"),
               apply=args.apply, reclassify=args.all, new_only=args.new_only,
-              daily_budget=args.daily_budget or None, on_record=on_record,
+              daily_budget=args.daily_budget or None, on_record=out.record,
               on_message=on_message)
     lock = store.lock(run.account).acquire() if args.apply else None
     incomplete: List[str] = []
@@ -11914,12 +11867,10 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
                 try:
                     run.classify(
                         conn, folder, since=args.since, limit=args.limit,
-                        batch_size=args.batch_size,
-                        on_progress=lambda done, total: progress(f"{folder}: classified",
-                                                                 done, total),
-                        on_applied=lambda done, total: progress(f"{folder}: applied",
-                                                                done, total),
-                        max_new_folders=max(0, budget), allow_expunge=args.allow_expunge)
+                        batch_size=args.batch_size, allow_expunge=args.allow_expunge,
+                        on_progress=lambda done, total: progress(f"{folder}: classified", done, total),
+                        on_applied=lambda done, total: progress(f"{folder}: applied", done, total),
+                        max_new_folders=max(0, budget))
                 except FolderUnavailableError as exc:
                     # One folder that cannot be opened does not stop the others.
                     incomplete.append(f"{exc}; skipped that folder")
@@ -11930,11 +11881,11 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     except (StopRequested, KeyboardInterrupt) as exc:
         # A signal before every message was classified and every change confirmed (one
         # after that finds no safe point left, and the run ends as it would have).
-        _finish_run(run, args, out, "interrupted", "interrupted")
+        _finish_run(run, args, out, "interrupted")
         return _signal_exit(getattr(exc, "signum", None) or args.stop.signum)
     except GmailClassifyError as exc:
         _finish_run(run, args, out, "stopped" if isinstance(exc, RunStopped) else "failed",
-                    "incomplete", str(exc))
+                    str(exc))
         raise
     finally:
         if lock is not None:
@@ -11948,10 +11899,8 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
             incomplete.append(f"{report.folder}: the plain EXPUNGE did not do what was "
                               f"expected (see the warning above); run again when no other "
                               f"mail client is at work there")
-    summary = run.finish("incomplete" if incomplete else "complete", "; ".join(incomplete))
-    if args.json:
-        out.write(printable(json.dumps(summary, ensure_ascii=False)) + "\n")
-    elif not args.quiet:
+    out.record(run.finish("incomplete" if incomplete else "complete", "; ".join(incomplete)))
+    if out.human:
         footer = _DRY_RUN_FOOTER
         new_folders = len({name for r in run.reports for name in r.created})
         if not args.apply and new_folders > args.max_new_folders:
@@ -11966,18 +11915,17 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_INCOMPLETE if incomplete else EXIT_OK
 
 
-def _finish_run(run: Run, args: argparse.Namespace, out: TextIO, status: str, word: str,
+def _finish_run(run: Run, args: argparse.Namespace, out: _Output, status: str,
                 error: str = "", *, not_made: Optional[int] = None, made: str = "made",
                 again: str = "run again to finish") -> None:
     """A run that stopped early: save and log it, then say what was and was not done
     (an undo passes its own ``not_made`` count and words)."""
-    summary = run.finish(status, error)
-    if args.json:
-        out.write(printable(json.dumps(summary, ensure_ascii=False)) + "\n")
+    out.record(run.finish(status, error))
     not_made = run.changes_not_made if not_made is None else not_made
     # A run stopped before it planned any change (a refused sign-in, say) has no counts
     # to give: its error line says it all.  An interrupted --apply always gives them.
     if args.apply and (run.changes_made or not_made or status == "interrupted"):
+        word = "interrupted" if status == "interrupted" else "incomplete"
         sys.stderr.write(f"{word}: {run.changes_made:,} changes {made}, "
                          f"{not_made:,} not; {again}\n")
     elif status == "interrupted":
@@ -12060,7 +12008,7 @@ class _RulesReloader:
         log.warning("rules reloaded from %s: %d rules", self.path, len(new.rules))
 
 
-def _cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
+def _cmd_watch(args: argparse.Namespace, out: _Output) -> int:
     rules = find_rules(args.rules)
     settings = _connection_settings(args, rules.account)
     # The watch retries forever itself, logging an outage once; the connection must not.
@@ -12068,21 +12016,15 @@ def _cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
     folders = list(dict.fromkeys(args.folder or rules.account.get("folders") or ["INBOX"]))
     source = args.rules or (rules.source if os.path.isfile(rules.source) else None)
     reloader = _RulesReloader(source, rules)
-    width = shutil.get_terminal_size().columns if out.isatty() else None
     store = StateStore()
     store.load(start_over=args.all)
-    if not args.json and not args.quiet:
+    if out.human:
         out.write(_rules_line(rules))
-
-    def on_record(record: Dict[str, Any]) -> None:
-        if args.json:
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def on_message(outcome: Outcome) -> None:
         # A dry run shows each message it would change once; --apply is quiet unless -v.
-        if outcome.changes and not args.json and not args.quiet and (
-                not args.apply or args.verbose):
-            out.write(_message_line(outcome, args.apply, width) + "\n")
+        if outcome.changes and (not args.apply or args.verbose):
+            out.message(outcome, args.apply)
 
     def connect() -> GmailConnection:
         conn = GmailConnection(**settings)
@@ -12102,7 +12044,7 @@ def _cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
                            settings.get("port"), apply=args.apply, reclassify=args.all,
                            new_only=args.new_only, daily_budget=args.daily_budget or None,
                            batch_size=args.batch_size, allow_expunge=args.allow_expunge,
-                           on_record=on_record,
+                           on_record=out.record,
                            on_message=on_message, stopping=lambda: watcher.stopping,
                            on_pause=resume_at)
     session.check_start(folders)
@@ -12128,50 +12070,46 @@ def _cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _cmd_history(args: argparse.Namespace, out: TextIO) -> int:
+def _history_line(entry: Mapping[str, Any]) -> str:
+    """One applied run as ``history`` lists it for a person."""
+    counts = ", ".join(f"{name} {count:,}" for name, count in entry["counts"].items())
+    status = "" if entry["status"] == "complete" else f"  [{entry['status']}]"
+    if entry.get("maybe"):
+        status += f"  [{entry['maybe']:,} maybe made: the run ended before the server " \
+                  f"confirmed them; undo checks each]"
+    if entry.get("skipped"):
+        status += f"  [{_plural(entry['skipped'], 'message')} skipped for its content]"
+    if entry.get("possibly_incomplete"):
+        status += "  [possibly incomplete: a line of its audit log is unreadable]"
+    if entry.get("folders_created"):
+        maybe = entry.get("folders_created_maybe")
+        counts = ", ".join(filter(None, [counts, _plural(
+            entry["folders_created"], "folder") + " created" +
+            (f" ({maybe:,} maybe)" if maybe else "")]))
+    undone = f"  [undone by {entry['undone_by']}]" if entry.get("undone_by") else ""
+    what = f"undo of {entry['undo_of']}: " if entry.get("undo_of") else ""
+    return (f"{entry['run']}  {entry['time']}  {entry['account']} on {entry['host']}  "
+            f"{', '.join(entry['folders'])}  {what}{counts or 'no changes'}{status}{undone}")
+
+
+def _cmd_history(args: argparse.Namespace, out: _Output) -> int:
     store = StateStore()
     runs = history(store)
     for entry in runs:
-        if args.json:
-            out.write(printable(json.dumps(entry, ensure_ascii=False)) + "\n")
-            continue
-        counts = ", ".join(f"{name} {count:,}" for name, count in entry["counts"].items())
-        status = "" if entry["status"] == "complete" else f"  [{entry['status']}]"
-        if entry.get("maybe"):
-            status += f"  [{entry['maybe']:,} maybe made: the run ended before the server " \
-                      f"confirmed them; undo checks each]"
-        if entry.get("skipped"):
-            status += f"  [{_plural(entry['skipped'], 'message')} skipped for its content]"
-        if entry.get("possibly_incomplete"):
-            status += "  [possibly incomplete: a line of its audit log is unreadable]"
-        if entry.get("folders_created"):
-            maybe = entry.get("folders_created_maybe")
-            counts = ", ".join(filter(None, [counts, _plural(
-                entry["folders_created"], "folder") + " created" +
-                (f" ({maybe:,} maybe)" if maybe else "")]))
-        undone = f"  [undone by {entry['undone_by']}]" if entry.get("undone_by") else ""
-        what = f"undo of {entry['undo_of']}: " if entry.get("undo_of") else ""
-        out.write(printable(f"{entry['run']}  {entry['time']}  {entry['account']} on "
-                            f"{entry['host']}  {', '.join(entry['folders'])}  {what}"
-                            f"{counts or 'no changes'}{status}{undone}") + "\n")
-    if not runs and not args.json and not args.quiet:
-        out.write(printable(f"no applied runs in {store.audit.path}") + "\n")
+        out.record(entry, lambda: [_history_line(entry)])
+    if not runs and out.human:
+        out.line(f"no applied runs in {store.audit.path}")
     return EXIT_OK
 
 
-def _cmd_undo(args: argparse.Namespace, out: TextIO) -> int:
+def _cmd_undo(args: argparse.Namespace, out: _Output) -> int:
     rules = find_rules(args.rules)
     settings = _connection_settings(args, rules.account)
     store = StateStore()
     store.load()
 
-    def on_record(record: Dict[str, Any]) -> None:
-        if args.json:
-            out.write(printable(json.dumps(record, ensure_ascii=False)) + "\n")
-            return
-        if args.quiet:
-            return
-        verb = "" if args.apply else "would "
+    def lines(record: Dict[str, Any]) -> Iterator[str]:
+        subject = str(record.get("subject") or "")[:60]
         for change in record["changes"]:
             # Name what leaves a folder (an expunged copy, mail moved back): folder and UID.
             before, after = change.get("before"), change.get("after")
@@ -12179,12 +12117,13 @@ def _cmd_undo(args: argparse.Namespace, out: TextIO) -> int:
             if isinstance(before, dict) and before.get("uid"):
                 what = "expunges" if after is None else "from"
                 place = f" ({what} {before.get('folder')} UID {before.get('uid')})"
-            out.write(printable(f"{record['folder']} {record['uid']}: {verb}"
-                                f"{describe_change(change)}{place}  "
-                                f"{str(record.get('subject') or '')[:60]}") + "\n")
+            yield (f"{record['folder']} {record['uid']}: {'' if args.apply else 'would '}"
+                   f"{describe_change(change)}{place}  {subject}")
         for reason in record.get("left_alone", []):
-            out.write(printable(f"{record['folder']} {record['uid']}: left alone: {reason}  "
-                                f"{str(record.get('subject') or '')[:60]}") + "\n")
+            yield f"{record['folder']} {record['uid']}: left alone: {reason}  {subject}"
+
+    def on_record(record: Dict[str, Any]) -> None:
+        out.record(record, lambda: lines(record) if out.human else ())
 
     undo = Undo(store, settings["user"], settings["host"], settings.get("port"),
                 run_id=args.run_id, apply=args.apply, allow_expunge=args.allow_expunge,
@@ -12195,24 +12134,22 @@ def _cmd_undo(args: argparse.Namespace, out: TextIO) -> int:
             undo.execute(conn)
     except (StopRequested, KeyboardInterrupt) as exc:
         planned = sum(len(record["changes"]) for record in undo.messages)
-        _finish_run(undo.run, args, out, "interrupted", "interrupted", made="reversed",
+        _finish_run(undo.run, args, out, "interrupted", made="reversed",
                     not_made=max(0, planned - undo.reversed - undo.left_alone),
                     again=f"run 'undo {undo.undo_of} --apply' again to finish")
         return _signal_exit(getattr(exc, "signum", None) or args.stop.signum)
     except GmailClassifyError as exc:
-        _finish_run(undo.run, args, out, "failed", "incomplete", str(exc))
+        _finish_run(undo.run, args, out, "failed", str(exc))
         raise
     finally:
         if lock is not None:
             lock.release()
-    summary = undo.run.finish()
-    if args.json:
-        out.write(printable(json.dumps(summary, ensure_ascii=False)) + "\n")
-    elif not args.quiet:
+    out.record(undo.run.finish())
+    if out.human:
         verb = "reversed" if args.apply else "would reverse"
         for name in undo.deleted:
-            out.write(printable(f"{'deleted' if args.apply else 'would delete'} the empty "
-                                f"folder {name}, which run {undo.undo_of} created") + "\n")
+            out.line(f"{'deleted' if args.apply else 'would delete'} the empty "
+                     f"folder {name}, which run {undo.undo_of} created")
         unmade = f"; {undo.unmade:,} never made (the run ended first)" if undo.unmade else ""
         out.write(f"undo of {undo.undo_of}: {verb} {undo.reversed:,} changes; "
                   f"{undo.left_alone:,} left alone{unmade}\n")
@@ -12222,7 +12159,7 @@ def _cmd_undo(args: argparse.Namespace, out: TextIO) -> int:
                       f"{undo.undo_of} (changed rules, or run --all, classify it again): fix "
                       f"the rules before restarting a timer or watch.\n")
         if not args.apply:
-            out.write("Dry run: nothing was changed. Run again with --apply to do it.\n")
+            out.write(_DRY_RUN_FOOTER)
     for folder in undo.expunge_surprises:
         sys.stderr.write(printable(f"gmail_classify: {folder}: the plain EXPUNGE did not do "
                                    f"what was expected (see the warning above); check that "
@@ -12278,20 +12215,19 @@ def _skipped_by_reason(report: FolderReport) -> Dict[str, List[int]]:
 
 def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     rules = load_rules(args.rules_file)
-    out.write(printable(f"{rules.source}: {_plural(len(rules.rules), 'rule')}, valid") + "\n")
+    out.line(f"{rules.source}: {_plural(len(rules.rules), 'rule')}, valid")
     for rule in rules.rules:
         more = " (continue)" if rule.continue_ else ""
-        out.write(printable(f"  {rule.position}. {rule.name}: {rule.actions.describe()}{more}")
-                  + "\n")
+        out.line(f"  {rule.position}. {rule.name}: {rule.actions.describe()}{more}")
     needs = rules.needs
     fetched = ["headers " + ", ".join(sorted(needs.headers))]
     if needs.body:
         fetched.append(f"a body prefix ({BODY_PREFIX_BYTES} bytes) for undecided messages")
     if needs.queries:
         fetched.append(f"{len(needs.queries)} Gmail search(es)")
-    out.write(printable("  fetches: " + "; ".join(fetched)) + "\n")
+    out.line("  fetches: " + "; ".join(fetched))
     for note in rules.local()[1]:
-        out.write(printable(f"  note: {note}") + "\n")
+        out.line(f"  note: {note}")
     failures = run_rule_tests(rules)
     if rules.tests:
         passed = len(rules.tests) - len(failures)
@@ -12304,7 +12240,7 @@ def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
 def _cmd_test(args: argparse.Namespace, out: TextIO) -> int:
     rules, notes = load_rules(args.rules_file).local()
     for note in notes:
-        out.write(printable(f"note: {note}") + "\n")
+        out.line(f"note: {note}")
     counts: Dict[str, int] = {}
     total = 0
     try:
@@ -12313,20 +12249,19 @@ def _cmd_test(args: argparse.Namespace, out: TextIO) -> int:
             decision = rules.classify(info, final=True)
             subject = _first(header_text(info.headers, "subject"))
             if not decision.matches:
-                out.write(printable(f"{name}: no rule  ({subject[:60]})") + "\n")
+                out.line(f"{name}: no rule  ({subject[:60]})")
                 continue
             for rule_name, reason in decision.matches:
                 counts[rule_name] = counts.get(rule_name, 0) + 1
-                out.write(printable(f"{name}: {rule_name}: {reason}") + "\n")
-            out.write(printable(f"    -> {decision.actions.expanded(info).describe()}  "
-                                f"({subject[:60]})") + "\n")
+                out.line(f"{name}: {rule_name}: {reason}")
+            out.line(f"    -> {decision.actions.expanded(info).describe()}  ({subject[:60]})")
     except GmailClassifyError as exc:
         if type(exc) is not GmailClassifyError:
             raise
         raise UsageError(str(exc)) from exc    # a FILE that is not mail: the user's input
     noun = "message" if total == 1 else "messages"
-    out.write(printable(f"{total} {noun}; " + ", ".join(f"{k}: {v}" for k, v in counts.items())
-                        + ("" if counts else "no rule matched")) + "\n")
+    out.line(f"{total} {noun}; " + ", ".join(f"{k}: {v}" for k, v in counts.items())
+             + ("" if counts else "no rule matched"))
     return EXIT_OK
 
 
@@ -12337,7 +12272,7 @@ def _cmd_labels(args: argparse.Namespace, out: TextIO) -> int:
         for folder in sorted(conn.list_folders(), key=lambda f: f.name.casefold()):
             use = f"  {folder.special_use}" if folder.special_use else ""
             flags = " ".join(sorted(f for f in folder.flags if f != folder.special_use))
-            out.write(printable(f"{folder.name}{use}  {flags}".rstrip()) + "\n")
+            out.line(f"{folder.name}{use}  {flags}".rstrip())
     return EXIT_OK
 
 
@@ -12367,8 +12302,6 @@ def _cmd_auth(args: argparse.Namespace, out: TextIO) -> int:
     user = args.user or os.environ.get(USER_ENV) or account.get("user")
     if not user:
         raise UsageError(f"no account given: pass --user you@gmail.com or set {USER_ENV}")
-    if not 0 <= args.port <= 65535:
-        raise UsageError(f"--port must be from 1 to 65535 (or 0 for any), not {args.port}")
     client = _oauth_client(args, account)
     interactive = sys.stdin is not None and not getattr(sys.stdin, "closed", False)
 
@@ -12396,20 +12329,19 @@ def _cmd_auth(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+def _cmd_demo(args: argparse.Namespace, out: _Output) -> int:
     """Classify the built-in sample offline and print what a dry run would."""
     rules = load_rules(args.rules) if args.rules else builtin_rules()
-    width = shutil.get_terminal_size().columns if out.isatty() else None
-    if not args.quiet:
+    if out.human:
         out.write("Demo: 10 sample messages in an offline INBOX; no account, nothing sent.\n")
         out.write(_rules_line(rules))
 
     def on_message(outcome: Outcome) -> None:
-        if outcome.changes and not args.quiet and not args.summary:
-            out.write(_message_line(outcome, False, width) + "\n")
+        if outcome.changes and not args.summary:
+            out.message(outcome, False)
 
     report = classify_messages(rules, demo_messages(), "INBOX", on_message=on_message)
-    if not args.quiet:
+    if out.human:
         _write_reports(out, [report], rules, footer="Next: a dry run on your own INBOX, "
                        "which changes nothing either:\n  python gmail_classify.py --user "
                        "you@gmail.com\n")
@@ -12422,8 +12354,7 @@ def _cmd_init(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"{path} already exists; pass --force to overwrite it")
     text = STARTER_RULES_TOML if path.suffix == ".toml" else STARTER_RULES_JSON
     write_rules_file(path, text, force=args.force)
-    out.write(printable(f"wrote {path}; edit it, then try: python gmail_classify.py check {path}")
-              + "\n")
+    out.line(f"wrote {path}; edit it, then try: python gmail_classify.py check {path}")
     return EXIT_OK
 
 
@@ -12495,20 +12426,148 @@ def _cmd_suggest(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"run": _cmd_run, "check": _cmd_check, "test": _cmd_test,
-             "labels": _cmd_labels, "folders": _cmd_labels, "init": _cmd_init,
-             "demo": _cmd_demo, "history": _cmd_history, "undo": _cmd_undo,
-             "import-filters": _cmd_import_filters, "suggest": _cmd_suggest,
-             "auth": _cmd_auth, "watch": _cmd_watch}
+# The subcommands, in the order --help lists them.  A new subcommand is its function and
+# its row here; build_parser, main() and the option scan in _subcommand_first read this.
+_COMMANDS: Dict[str, _Command] = {
+    "run": _Command(_cmd_run, "classify a folder (dry run unless --apply)", ("connection",), (
+        _Opt("--folder", action="append", type=_folder_name, help="folder to classify "
+             "(repeatable; default INBOX)"),
+        _Opt("--since", type=_parse_since, help="only mail received since a date "
+             "(YYYY-MM-DD) or an age: 7d, 2w, 6m, 1y"),
+        _Opt("--limit", type=_positive, help="only the newest N messages per folder"),
+        _Opt("--apply"), _Opt("--json"),
+        _Opt("--summary", action="store_true", help="only the totals, no line per message"),
+        _Opt("--batch-size"), _Opt("--allow-expunge"),
+        _Opt("--max-new-folders", type=_positive, default=DEFAULT_MAX_NEW_FOLDERS,
+             metavar="N", help="refuse, before any change, a run that would create more "
+             "than N folders or labels (default: %(default)s)"),
+        (_Opt("--all", action="store_true", help="classify every message again, not "
+                    "only those above the folder's mark (also starts over after a bad "
+                    "state file)"),
+               _Opt("--new-only", action="store_true", help="classify nothing now; "
+                    "remember each folder's newest message so later runs act on new mail "
+                    "only")),
+        _Opt("--daily-budget", help="stop before downloading more than SIZE a day for this "
+             "account (default: 2G; Gmail allows about 2.5G; 0: no limit)")), exit_codes=True),
+    "history": _Command(_cmd_history, "list the applied runs, newest first, from the audit "
+                        "log", options=(_Opt("--json", help="one JSON object per run"),)),
+    "undo": _Command(_cmd_undo, "reverse one applied run (dry run unless --apply)",
+                     ("connection",), (
+        _Opt("run_id", metavar="RUN_ID", nargs="?", help="the run to reverse (default: the "
+             "last applied run of this account; see 'history')"),
+        _Opt("--apply", help="reverse it (default: only show what would be reversed)"),
+        _Opt("--json"),
+        _Opt("--allow-expunge", help="on servers with neither MOVE nor UIDPLUS, let moving "
+             "mail back remove it " + _EXPUNGE_RISK)), exit_codes=True),
+    "watch": _Command(_cmd_watch, "stay connected and classify new mail as it arrives (dry "
+                      "run unless --apply)", ("connection",), (
+        _Opt("--folder", action="append", type=_folder_name, help="folder to watch "
+             "(repeatable; default INBOX); the first waits with IDLE, the others are polled"),
+        _Opt("--apply"), _Opt("--json", help="one JSON object per message"),
+        _Opt("--batch-size"), _Opt("--allow-expunge"),
+        (_Opt("--all", action="store_true", help="classify every message again "
+                    "first, then watch (also starts a folder that has no state yet)"),
+               _Opt("--new-only", action="store_true", help="classify only mail that "
+                    "arrives from now on (also starts a folder that has no state yet)")),
+        _Opt("--daily-budget", help="pause catching up until 00:00 UTC before downloading "
+             "more than SIZE a day for this account (default: 2G; 0: no limit)"),
+        _Opt("--interval", type=_timeout_seconds, default=DEFAULT_POLL_INTERVAL,
+             help="seconds between polls of the other folders, and of every folder when the "
+             "server lacks IDLE (default: %(default)s)"),
+        _Opt("--idle-interval", type=_timeout_seconds, default=IDLE_REISSUE,
+             help=f"seconds before IDLE is re-issued (default: %(default)s; at most "
+             f"{IDLE_MAX_SECONDS})")), exit_codes=True),
+    "check": _Command(_cmd_check, "validate and summarise a rules file, offline",
+                      options=(_Opt("rules_file", metavar="RULES"),)),
+    "test": _Command(_cmd_test, "classify .eml files, an mbox or a Maildir offline", options=(
+        _Opt("rules_file", metavar="RULES"), _Opt("files", metavar="FILE", nargs="+"))),
+    "labels": _Command(_cmd_labels, "list folders and labels with their special-use "
+                       "attributes", ("connection",)),
+    "folders": _Command(_cmd_labels, "list folders and labels with their special-use "
+                        "attributes", ("connection",)),
+    "auth": _Command(_cmd_auth, "sign in to Google with OAuth2 in a browser and store a "
+                     "refresh token for --auth xoauth2", options=(
+        _Opt("--user", help=f"the Google account (default: ${USER_ENV} or the rules' "
+             f"[account])"),
+        _Opt("--client-secret-file", metavar="JSON", help="your OAuth client (type 'Desktop "
+             "app') as downloaded from Google Cloud Console; default: the rules' "
+             "oauth_client_file or oauth_client_id/oauth_client_secret"),
+        _Opt("--port", type=_any_port, default=0, help="loopback port for Google's redirect, "
+             "e.g. one forwarded with ssh -L (default: any free port)"),
+        _Opt("--no-browser", action="store_true", help="only print the address to open; do "
+             "not start a browser"),
+        _Opt("--rules", help="rules file whose [account] names the user and client")),
+        exit_codes=True, data=True),
+    "demo": _Command(_cmd_demo, "classify a built-in sample of mail offline, as a dry run "
+                     "would show it", options=(
+        _Opt("--rules", help="rules file (default: the built-in rules)"),
+        _Opt("--summary", action="store_true", help="only the totals"))),
+    "init": _Command(_cmd_init, "write the starter rules file", options=(
+        _Opt("path", nargs="?", help="where (default: the default rules path)"),
+        _Opt("--force", action="store_true", help="overwrite an existing file")),
+        keep_going=True),
+    "import-filters": _Command(_cmd_import_filters, "turn Gmail's filter export "
+                               "(mailFilters.xml) into rules", ("output",), (
+        _Opt("filters_file", metavar="FILE", help="mailFilters.xml from Gmail's Settings -> "
+             "Filters and Blocked Addresses -> Export"),)),
+    "suggest": _Command(_cmd_suggest, "read a folder's headers (read-only) and propose rules",
+                        ("connection", "output"), (
+        _Opt("--folder", default="INBOX", type=_folder_name, help="folder to read (default: "
+             "INBOX)"),
+        _Opt("--top", type=_positive, default=10, help="at most N rules of each kind "
+             "(default: %(default)s)"),
+        _Opt("--limit", type=_positive, help="only the newest N messages"),
+        _Opt("--batch-size"))),
+}
 
 
-def _output_kind(args: argparse.Namespace) -> Tuple[bool, bool]:
-    """(keep_going, data) for a command's standard output; see main()."""
-    data = bool(getattr(args, "json", False)) or args.command == "auth" or (
-        args.command in ("import-filters", "suggest") and not args.output)
-    keep_going = args.command == "init" or (
-        args.command in ("run", "undo", "watch") and bool(args.apply))
-    return keep_going, data
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, from _COMMANDS; ``python gmail_classify.py`` alone means ``run``."""
+    parents = _parent_parsers()
+    parser = argparse.ArgumentParser(
+        prog="gmail_classify.py", parents=[parents["common"]],
+        description="Sort a Gmail (or any IMAP) mailbox with keyword and regex rules. "
+                    "Without a subcommand, 'run' is meant. Dry run unless --apply.",
+        epilog=QUICK_HELP + EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, command in _COMMANDS.items():
+        extra: Dict[str, Any] = {}
+        if command.exit_codes:
+            extra = dict(epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        child = sub.add_parser(name, help=command.help, **extra,
+                               parents=[parents[p] for p in ("common",) + command.parents])
+        for option in command.options:   # a tuple: options that exclude each other
+            together = isinstance(option, tuple)
+            target = child.add_mutually_exclusive_group() if together else child
+            for each in option if together else (option,):
+                each.add_to(target)
+    return parser
+
+
+def _options_with_values(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option of any subcommand that takes a value (``--folder``, ``-o``)."""
+    commands = next(action for action in parser._actions
+                    if isinstance(action, argparse._SubParsersAction))
+    return {flag for child in commands.choices.values() for action in child._actions
+            if action.nargs != 0 for flag in action.option_strings}
+
+
+# The output formats, chosen by the option of the same name (--json); text by default.
+_OUTPUT_FORMATS = {"text": _Output, "json": _JsonOutput}
+
+
+def _open_output(args: argparse.Namespace, stream: Optional[TextIO]) -> _Output:
+    """The command's standard output.  An --apply (and init) must finish and record its
+    work even when nobody reads any more (``keep_going``); rules written to standard output
+    and the sign-in address are data, like JSON."""
+    command = _COMMANDS[args.command]
+    keep_going = command.keep_going or bool(getattr(args, "apply", False))
+    fmt = next((name for name in _OUTPUT_FORMATS if getattr(args, name, False)), "text")
+    out = _OUTPUT_FORMATS[fmt](stream, keep_going, quiet=args.quiet)
+    # Rules written to standard output (no -o) are data too.
+    out.data = out.data or command.data or (hasattr(args, "output") and not args.output)
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> int:
@@ -12523,12 +12582,11 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    argv = _subcommand_first(argv)
+    argv = _subcommand_first(argv, parser)
     args = parser.parse_args(argv)
     args.verbose = getattr(args, "verbose", 0)
     args.quiet = getattr(args, "quiet", False)
-    keep_going, data = _output_kind(args)
-    guarded = _Output(out or sys.stdout, keep_going)
+    guarded = _open_output(args, out or sys.stdout)
     errors, sys.stderr = sys.stderr, _Output(sys.stderr, keep_going=True)
     args.stop = Stop()
     args.signals = _Signals(args.stop)
@@ -12539,7 +12597,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
             guarded.close_quietly()
     finally:
         sys.stderr = errors
-    if guarded.gone and data and code == EXIT_OK:
+    if guarded.gone and guarded.data and code == EXIT_OK:
         return EXIT_OUTPUT_CUT
     return code
 
@@ -12547,7 +12605,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
 def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
     """The command, its errors as one line each on stderr, and its exit code."""
     try:
-        return _COMMANDS[args.command](args, out)
+        return _COMMANDS[args.command].run(args, out)
     except _OutputClosed:
         return EXIT_OK                  # a listing nobody reads any more
     except (StopRequested, KeyboardInterrupt) as exc:
@@ -12560,7 +12618,7 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
         # from a server's text is shown escaped, never obeyed.
         for line in str(exc).split("\n") if str(exc) else [type(exc).__name__]:
             sys.stderr.write(printable(f"gmail_classify: {line}") + "\n")
-        return _exit_code(exc)
+        return exc.exit_code            # each error class says (see the Errors section)
     except Exception as exc:  # a bug: say so briefly, with the traceback under -v
         if args.verbose:
             log.exception("details:")
@@ -12569,46 +12627,25 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
         return EXIT_ERROR
 
 
-_OPTIONS_WITH_VALUES = ("--user", "--host", "--port", "--cafile", "--auth", "--password-command",
-                        "--timeout", "--retries", "--rules", "--folder", "--since", "--limit", "--batch-size",
-                        "--daily-budget", "--max-new-folders", "-o", "--output", "--format", "--top",
-                        "--client-secret-file", "--interval", "--idle-interval")
-
-
-def _subcommand_first(argv: List[str]) -> List[str]:
+def _subcommand_first(argv: List[str], parser: argparse.ArgumentParser) -> List[str]:
     """Put the subcommand first (``--user x labels`` -> ``labels --user x``); none means run.
 
     Every subcommand accepts the options, so their order does not matter to the user.
     """
+    with_values = _options_with_values(parser)
     skip = False
     for index, arg in enumerate(argv):
         if skip:
             skip = False
-        elif arg in ("-h", "--help", "--version") and not any(a in SUBCOMMANDS for a in argv):
+        elif arg in ("-h", "--help", "--version") and not any(a in _COMMANDS for a in argv):
             return argv
         elif arg.startswith("-"):
-            skip = arg in _OPTIONS_WITH_VALUES
-        elif arg in SUBCOMMANDS:
+            skip = arg in with_values
+        elif arg in _COMMANDS:
             return [arg] + argv[:index] + argv[index + 1:]
         else:
             break
     return ["run"] + argv
-
-
-def _exit_code(exc: GmailClassifyError) -> int:
-    if isinstance(exc, (UsageError, RulesError, StateError, FolderLimitError, CredentialError)):
-        return EXIT_USAGE
-    if isinstance(exc, LockedError):
-        return EXIT_LOCKED
-    if isinstance(exc, (RunStopped, UidValidityError)):
-        return EXIT_INCOMPLETE
-    if isinstance(exc, AuthenticationError):
-        return EXIT_AUTH
-    if isinstance(exc, (ConnectionLostError, TLSError)):
-        return EXIT_CONNECTION
-    if isinstance(exc, ImapError):
-        return EXIT_SERVER
-    return EXIT_ERROR
 
 
 def _exit_program(code: int) -> None:

@@ -5223,6 +5223,123 @@ class OfflineCommandLineTest(unittest.TestCase):
         self.assertEqual(len(err.strip().splitlines()), 1)
 
 
+class CommandLineDescriptionTest(unittest.TestCase):
+    """The command line from one description (_COMMANDS), one output object, exit codes."""
+
+    def test_the_subcommands_and_options_with_values_come_from_the_parser(self):
+        parser = gc.build_parser()
+        commands = next(a for a in parser._actions if isinstance(a, gc.argparse._SubParsersAction))
+        self.assertEqual(list(commands.choices), list(gc._COMMANDS))
+        flags = {flag: action.nargs != 0 for child in commands.choices.values()
+                 for action in child._actions for flag in action.option_strings}
+        self.assertEqual(gc._options_with_values(parser), {f for f, v in flags.items() if v})
+        for flag, takes_value in sorted(flags.items()):
+            if flag in ("-h", "--help", "--version"):
+                continue
+            with self.subTest(flag=flag):       # a value that looks like a subcommand is a value
+                expected = ["run", flag, "labels"] if takes_value else ["labels", flag]
+                self.assertEqual(gc._subcommand_first([flag, "labels"], parser), expected)
+        self.assertEqual(gc._subcommand_first(["--user", "u", "history", "--json"], parser),
+                         ["history", "--user", "u", "--json"])
+        self.assertEqual(gc._subcommand_first(["--help"], parser), ["--help"])
+        self.assertEqual(gc._subcommand_first(["history", "--help"], parser),
+                         ["history", "--help"])
+
+    def test_a_new_subcommand_is_a_function_and_a_row_and_a_new_format_a_class(self):
+        def hello(args: Any, out: Any) -> int:
+            out.record({"hello": args.name}, lambda: [f"hello {args.name}"])
+            return 3 if args.apply else 0
+
+        class Tabs(gc._Output):                 # a new output format is one class
+            data, text = True, False
+
+            def record(self, record: Any, text: Any = None) -> None:
+                self.write("\t".join(map(str, record.values())) + "\n")
+
+        row = gc._Command(hello, "say hello", options=(
+            gc._Opt("--name", default="you"), gc._Opt("--apply"), gc._Opt("--json"),
+            gc._Opt("--tabs", action="store_true")))
+        with mock.patch.dict(gc._COMMANDS, {"hello": row}), \
+                mock.patch.dict(gc._OUTPUT_FORMATS, {"tabs": Tabs}):
+            self.assertEqual(run_cli("--name", "hello", "hello"), (0, "hello hello\n", ""))
+            self.assertEqual(run_cli("hello", "--json", "--apply"), (3, '{"hello": "you"}\n', ""))
+            self.assertEqual(run_cli("hello", "--tabs", "--name", "x"), (0, "x\n", ""))
+            code, out, _ = run_cli("--help")
+            self.assertRegex(out, r"\n +hello +say hello\n")
+            code, out, _ = run_cli("hello", "--help")
+            self.assertIn("make the changes (default: only show them)", out)
+        self.assertEqual(run_cli("hello")[0], gc.EXIT_USAGE)      # the row is the subcommand
+
+    def test_suggest_refuses_a_folder_name_with_control_characters(self):
+        code, out, err = run_cli("suggest", "--folder", "In\x1b[2Jbox", "--user", "u@example.com",
+                                 "--host", "127.0.0.1", "--port", "9", "--plaintext")
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertIn("is not a folder name", err)
+        self.assertIn("In\\x1b[2Jbox", err)
+        self.assertNotIn("\x1b", err)
+        self.assertEqual(err.strip().splitlines()[-1], "gmail_classify.py suggest: error: "
+                         "argument --folder: 'In\\x1b[2Jbox' is not a folder name: it is "
+                         "empty or holds control characters")
+
+    def test_auth_port_is_checked_by_the_parser_and_0_means_any(self):
+        parser = gc.build_parser()
+        self.assertEqual(parser.parse_args(["auth"]).port, 0)
+        self.assertEqual(parser.parse_args(["auth", "--port", "0"]).port, 0)
+        self.assertEqual(parser.parse_args(["auth", "--port", "8765"]).port, 8765)
+        for bad in ("70000", "-1", "x"):
+            with self.subTest(port=bad):
+                code, out, err = run_cli("auth", "--port", bad, "--user", "u@example.com")
+                self.assertEqual(code, gc.EXIT_USAGE)
+                self.assertIn(f"expected a port from 1 to 65535, got '{bad}'", err)
+
+    def test_every_error_class_carries_its_exit_code(self):
+        table = [(gc.GmailClassifyError("x"), 1), (gc.ImapError("x"), 5),
+                 (gc.ProtocolError("x"), 5), (gc.CapabilityError("x"), 5),
+                 (gc.FolderUnavailableError("x"), 5), (gc.AuthenticationError("x"), 3),
+                 (gc.OAuthError("x"), 3), (gc.UidValidityError("x"), 6), (gc.TLSError("x"), 4),
+                 (gc.ConnectionLostError("x"), 4), (gc.RulesError("x"), 2),
+                 (gc.CredentialError("x"), 2), (gc.UsageError("x"), 2),
+                 (gc.FolderLimitError("x"), 2), (gc.StateError("x"), 2),
+                 (gc.LockedError("x"), 7), (gc.RunStopped("x"), 6),
+                 (gc.BudgetExceededError("x"), 6), (gc.ContentSkip("x"), 1),
+                 (gc.TOMLError("x", 1, 1), 1)]
+        for error, code in table:
+            with self.subTest(error=type(error).__name__):
+                self.assertEqual(error.exit_code, code)
+
+    def test_the_output_object_writes_each_format_and_knows_who_reads_it(self):
+        evil = {"subject": "\u202e\x9b"}
+        for fmt, quiet, human, written in [
+                ("text", False, True, "line \\u202e\n"), ("text", True, False, "line \\u202e\n"),
+                ("json", False, False, '{"subject": "\\u202e\\u009b"}\n'),
+                ("json", True, False, '{"subject": "\\u202e\\u009b"}\n')]:
+            with self.subTest(fmt=fmt, quiet=quiet):
+                stream = io.StringIO()
+                out = gc._OUTPUT_FORMATS[fmt](stream, False, quiet=quiet)
+                self.assertEqual((out.human, out.data, out.width), (human, fmt == "json", None))
+                out.record(evil)
+                out.record(evil, lambda: ["line \u202e"])
+                self.assertEqual(stream.getvalue(), ("" if fmt == "text" else written) + written)
+
+    def test_the_output_follows_the_arguments(self):
+        parser = gc.build_parser()
+        table = [(["run"], gc._Output, False, False), (["run", "--json"], gc._JsonOutput, False, True),
+                 (["run", "--apply"], gc._Output, True, False),
+                 (["undo", "--apply", "--json"], gc._JsonOutput, True, True),
+                 (["history", "--json"], gc._JsonOutput, False, True),
+                 (["init"], gc._Output, True, False), (["auth"], gc._Output, False, True),
+                 (["import-filters", "f.xml"], gc._Output, False, True),
+                 (["import-filters", "f.xml", "-o", "r.toml"], gc._Output, False, False),
+                 (["suggest"], gc._Output, False, True), (["labels"], gc._Output, False, False)]
+        for argv, kind, keep_going, data in table:
+            with self.subTest(argv=argv):
+                args = parser.parse_args(argv)
+                args.quiet = False
+                out = gc._open_output(args, io.StringIO())
+                self.assertIs(type(out), kind)
+                self.assertEqual((out.keep_going, out.data, out.human), (keep_going, data, not data or kind is gc._Output))
+
+
 # --- Helpers for tests against the fake server -------------------------------------------
 
 PASSWORD = "abcdabcdabcdabcd"
@@ -6661,6 +6778,27 @@ class WatchCommandLineTest(FakeServerTest):
         self.assertEqual(len(self.server.uids("INBOX")), 3)
         self.assertNotIn("SELECT", self.commands())
 
+    def test_watch_json_escapes_what_a_sender_wrote_like_run_json(self):
+        evil = "receipt \u202eXXX\x9b31m\x1b[2K"             # bidi override, C1 CSI, ESC
+        header = "=?UTF-8?B?" + base64.b64encode(evil.encode()).decode() + "?="
+        self.server.add_message(make_message(header))
+        self.server.add_message(make_message("invoice 2"))
+
+        def script() -> None:
+            self.idling()
+            idles = self.server.count("IDLE")
+            self.server.deliver(make_message(header))
+            self.idling(idles + 1)
+
+        code, out, err = self.watch_in_process(script, "--all", "--json")
+        self.assertEqual((code, err), (0, ""))
+        for char in ("\u202e", "\x9b", "\x1b"):
+            self.assertNotIn(char, out)
+        self.assertIn("receipt \\u202eXXX\\u009b31m\\u001b[2K", out)
+        records = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual([(r["uid"], r["subject"]) for r in records],
+                         [(1, evil), (2, "invoice 2"), (3, evil)])
+
     @unittest.skipUnless(os.name == "posix", "POSIX signals")
     def test_second_ctrl_c_interrupts_at_once(self):
         delay = 30      # LOGIN's answer; the server's stop at cleanup cuts it short
@@ -7940,7 +8078,7 @@ class MutationGapsTest(AnyServerTest):
         with self.assertRaises(gc.UidValidityError):
             gc.classify_folder(self.connect(), rules, "INBOX", apply=True)
         self.assertNotIn("UID COPY", self.commands())
-        self.assertEqual(gc._exit_code(gc.UidValidityError("x")), gc.EXIT_INCOMPLETE)
+        self.assertEqual(gc.UidValidityError("x").exit_code, gc.EXIT_INCOMPLETE)
 
 
 class DecisionsAndChangesTest(AnyServerTest):
@@ -9406,7 +9544,7 @@ class CommandLineStateTest(StateTestCase):
                  (gc.UidValidityError("x"), gc.EXIT_INCOMPLETE)]
         for error, code in table:
             with self.subTest(error=type(error).__name__):
-                self.assertEqual(gc._exit_code(error), code)
+                self.assertEqual(error.exit_code, code)
 
     def test_history_lists_runs_newest_first_with_counts(self):
         seed_mailbox(self.server, 6)

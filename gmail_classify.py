@@ -4601,14 +4601,12 @@ class BodyMatch(Condition):
         return f"body {self.matcher.describe()}"
 
 
-def _human_size(size: int) -> str:
-    if size < 1024:
-        return f"{size} bytes"
-    for unit in ("KB", "MB", "GB"):
-        size /= 1024
-        if size < 1024 or unit == "GB":
-            return f"{size:.1f} {unit}"
-    return f"{size} bytes"  # not reached
+def _human_size(size: float) -> str:
+    """``"500 bytes"``, ``"1.5 MB"``; GB is the largest unit (``"2048.0 GB"``)."""
+    step = 0
+    while size >= 1024 and step < 3:
+        size, step = size / 1024, step + 1
+    return f"{size:.0f} bytes" if step == 0 else f"{size:.1f} {('KB', 'MB', 'GB')[step - 1]}"
 
 
 @dataclass(frozen=True)
@@ -8680,14 +8678,6 @@ def _new_run_id(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + os.urandom(2).hex()
 
 
-def _size_text(nbytes: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if nbytes < 1024 or unit == "GB":
-            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.1f} GB"
-
-
 class Run(Checkpoint):
     """One run over one account: classify folders, keep the marks, write the records.
 
@@ -8867,8 +8857,8 @@ class Run(Checkpoint):
         if used >= self.daily_budget / 2 and not self._warned_half:
             self._warned_half = True
             log.warning("%s downloaded today for %s: half of the daily budget of %s (best "
-                        "effort: phones and mail apps share Gmail's quota)", _size_text(used),
-                        self.account, _size_text(self.daily_budget))
+                        "effort: phones and mail apps share Gmail's quota)", _human_size(used),
+                        self.account, _human_size(self.daily_budget))
         if used + self._largest_fetch > self.daily_budget:
             now = self.store.now().astimezone(timezone.utc)
             tomorrow = datetime.combine(now.date() + timedelta(days=1), _dt.time(),
@@ -8876,7 +8866,7 @@ class Run(Checkpoint):
             hours = (tomorrow - now).total_seconds() / 3600
             raise BudgetExceededError(
                 f"stopped before passing the daily download budget of "
-                f"{_size_text(self.daily_budget)} for {self.account} ({_size_text(used)} "
+                f"{_human_size(self.daily_budget)} for {self.account} ({_human_size(used)} "
                 f"today); run again after 00:00 UTC (in {hours:.1f} h), or raise "
                 f"--daily-budget")
 

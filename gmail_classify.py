@@ -5414,6 +5414,14 @@ AUTH_METHODS = ("password", "xoauth2")
 _SIZE_RE = re.compile(r"(\d+) ?([KMG]?)(?:i?B)?", re.IGNORECASE)  # 500K, 5M, 5MB, 5 MB, 1GiB
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
 _AGE_RE = re.compile(r"(\d+)([dwmy])")
+
+
+def _size_bytes(text: str) -> Optional[int]:
+    """Bytes for ``"500K"``, ``"5 MB"``, ``"1GiB"`` or ``"300"`` (units of 1024); else None."""
+    found = _SIZE_RE.fullmatch(text)
+    return int(found.group(1)) * _SIZE_UNITS[found.group(2).lower()] if found else None
+
+
 # RFC 5322 ftext (printable ASCII but ':') that is also an IMAP atom, since header names
 # go on the wire inside BODY.PEEK[HEADER.FIELDS (...)]: no ( ) { } [ ] % * " \\.
 _HEADER_NAME_RE = re.compile(r"[!#$&'+\-./0-9;<=>?@A-Z^_`a-z|~]+")
@@ -5525,10 +5533,10 @@ def _parse_matcher(where: _Where, path: str, value: Any) -> Matcher:
 def _parse_size(where: _Where, path: str, value: Any) -> Tuple[int, str]:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value, str(value)
-    found = _SIZE_RE.fullmatch(value) if isinstance(value, str) else None
-    if not found:
+    size = _size_bytes(value) if isinstance(value, str) else None
+    if size is None:
         raise where.error(path, f"expected a size like 500K, 5M, 5 MB or 1G, got {_quote(value)}")
-    return int(found.group(1)) * _SIZE_UNITS[found.group(2).lower()], value
+    return size, value
 
 
 def _parse_age(where: _Where, path: str, value: Any) -> Tuple[int, str]:
@@ -11104,11 +11112,11 @@ def _folder_name(text: str) -> str:
 
 
 def _budget(text: str) -> int:
-    found = _SIZE_RE.fullmatch(text.strip())
-    if not found:
+    size = _size_bytes(text.strip())
+    if size is None:
         raise argparse.ArgumentTypeError(f"expected a size such as 2G, 500M or 0 (no budget), "
                                          f"got {text!r}")
-    return int(found.group(1)) * 1024 ** " KMG".index(found.group(2).upper() or " ")
+    return size
 
 
 def build_parser() -> argparse.ArgumentParser:

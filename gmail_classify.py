@@ -8170,8 +8170,9 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _iso(moment: datetime, utc: str = "Z") -> str:
+    """``"2026-12-01T17:05:01Z"`` (state and audit log); the token file has ``utc="+00:00"``."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + utc
 
 
 def _ensure_private_dir(directory: Path) -> None:
@@ -10497,7 +10498,7 @@ def _save_token_file(path: pathlib.Path, user: str, client: OAuthClient,
     doc = {"version": TOKEN_FILE_VERSION, "user": user, "client_id": client.client_id,
            "client_secret": client.client_secret, "refresh_token": refresh_token,
            "scope": OAUTH_SCOPE,
-           "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
+           "created": _iso(_utcnow(), "+00:00")}
     _replace_privately(path, json.dumps(doc, indent=1))
     return path
 

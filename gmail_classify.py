@@ -8175,12 +8175,17 @@ def _iso(moment: datetime, utc: str = "Z") -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + utc
 
 
+def _make_private_dir(directory: Path) -> None:
+    """Create ``directory`` (mode 0700) and tighten it if others could read it; OSError."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if os.name == "posix" and directory.stat().st_mode & 0o077:
+        os.chmod(directory, 0o700)
+
+
 def _ensure_private_dir(directory: Path) -> None:
-    """Create ``directory`` (mode 0700) and tighten it if others could read it."""
+    """_make_private_dir for the state directory, failures as StateError."""
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if os.name == "posix" and directory.stat().st_mode & 0o077:
-            os.chmod(directory, 0o700)
+        _make_private_dir(directory)
     except OSError as exc:
         raise StateError(f"cannot create the state directory {directory}: {exc}; set "
                          f"XDG_STATE_HOME to a writable place") from exc
@@ -10492,9 +10497,7 @@ def save_refresh_token(user: str, client: OAuthClient, refresh_token: str) -> pa
 
 def _save_token_file(path: pathlib.Path, user: str, client: OAuthClient,
                      refresh_token: str) -> pathlib.Path:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if os.name == "posix":
-        os.chmod(path.parent, 0o700)
+    _make_private_dir(path.parent)
     doc = {"version": TOKEN_FILE_VERSION, "user": user, "client_id": client.client_id,
            "client_secret": client.client_secret, "refresh_token": refresh_token,
            "scope": OAUTH_SCOPE,

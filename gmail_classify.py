@@ -6520,6 +6520,12 @@ def trust_problem(path: Any, *, private: bool = False, directories: bool = True,
     return None
 
 
+def default_rules_dir() -> pathlib.Path:
+    """``$XDG_CONFIG_HOME/gmail_classify`` (``~/.config/gmail_classify`` by default)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return pathlib.Path(base) / "gmail_classify"
+
+
 def load_rules(path: Any) -> Ruleset:
     """Read, parse and validate a .toml or .json rules file.
 
@@ -10475,8 +10481,7 @@ def authorize(client: OAuthClient, user: str, *, port: int = 0,
 
 def token_dir() -> pathlib.Path:
     """``$XDG_CONFIG_HOME/gmail_classify/tokens`` (``~/.config/...`` by default)."""
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return pathlib.Path(base) / "gmail_classify" / "tokens"
+    return default_rules_dir() / "tokens"
 
 
 def token_path(user: str) -> pathlib.Path:
@@ -11046,12 +11051,6 @@ common use (every option of a run: gmail_classify.py run --help):
 
 class UsageError(GmailClassifyError):
     """A command-line mistake; the message says what to do instead."""
-
-
-def default_rules_dir() -> pathlib.Path:
-    """``$XDG_CONFIG_HOME/gmail_classify`` (``~/.config/gmail_classify`` by default)."""
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return pathlib.Path(base) / "gmail_classify"
 
 
 def find_rules(path: Optional[str]) -> Ruleset:

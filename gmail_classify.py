@@ -7382,7 +7382,7 @@ def _settle(conn: GmailConnection, rules: Ruleset, allow_expunge: bool) -> _Dest
             notes.append(f"{action} goes to {folder.name!r}: no folder is marked {use}, so it "
                          f"was chosen by its name")
         found[action] = folder
-    plain = moves and not conn.has("MOVE") and not conn.has("UIDPLUS")
+    plain = moves and not conn.can_move()
     return _Destinations(found.get("trash"), found.get("archive"), plain, tuple(notes))
 
 
@@ -7393,17 +7393,8 @@ def check_run(conn: GmailConnection, rules: Ruleset, folders: Sequence[str], *,
     and, where moves need a plain EXPUNGE, no other message marked \\Deleted), checked
     for all of them.  Folders that cannot be opened are left for classify_folder to report.
     Raises CapabilityError."""
-    destinations = _settle(conn, rules, allow_expunge)
-    if not destinations.plain_expunge:
-        return
-    for folder in folders:
-        try:
-            conn.examine(conn.server_name(folder))
-        except ImapError as exc:
-            if exc.status in ("NO", "BAD"):
-                continue
-            raise
-        _check_plain_expunge(conn, conn.server_name(folder))
+    if _settle(conn, rules, allow_expunge).plain_expunge:
+        _check_plain_expunges(conn, (conn.server_name(folder) for folder in folders))
 
 
 def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX", *,
@@ -7876,6 +7867,19 @@ def _check_plain_expunge(conn: GmailConnection, source: str) -> None:
             f"and {len(marked)} other message(s) in {source} are marked \\Deleted (perhaps "
             f"by another mail client) and would be deleted too; nothing was changed. "
             f"Expunge or unmark them, then run again", command="EXPUNGE")
+
+
+def _check_plain_expunges(conn: GmailConnection, folders: Iterable[str]) -> None:
+    """_check_plain_expunge in each folder (server names), opened read-only; one that
+    cannot be opened (NO or BAD) is skipped, left for the run or the undo to report."""
+    for folder in folders:
+        try:
+            conn.examine(folder)
+        except ImapError as exc:
+            if exc.status in ("NO", "BAD"):
+                continue
+            raise
+        _check_plain_expunge(conn, folder)
 
 
 def _missing_folders(conn: GmailConnection, plan: _Plan) -> List[str]:
@@ -9359,16 +9363,8 @@ class Undo:
             return
         if not conn.can_move(self.allow_expunge):
             raise conn.refuse_moves()
-        if conn.has("MOVE") or conn.has("UIDPLUS"):
-            return
-        for folder in dict.fromkeys(places):
-            try:
-                conn.examine(folder)
-            except ImapError as exc:
-                if exc.status in ("NO", "BAD"):
-                    continue                # reported as "no longer in" by _reverse
-                raise
-            _check_plain_expunge(conn, folder)
+        if not conn.can_move():      # moving back needs a plain EXPUNGE ("no longer in": _reverse)
+            _check_plain_expunges(conn, dict.fromkeys(places))
 
     def _reverse(self, conn: GmailConnection, work: Dict[int, Dict[str, List[Any]]]) -> None:
         gone: set = set()

@@ -6600,68 +6600,7 @@ def run_rule_tests(rules: Ruleset, now: Optional[datetime] = None) -> List[str]:
 
 # The built-in rules only add labels: nothing is archived, trashed or marked
 # read until the user writes a rules file that says so. STARTER_RULES_TOML is
-# the same document written out with comments; a test keeps the two equal.
-_BUILTIN_DOC: Dict[str, Any] = {
-    "rule": [
-        {
-            "name": "Calendar",
-            "subject": [
-                "/^(new |updated )?invitation( with note)?:/i",
-                "/^(accepted|declined|tentatively accepted)( with note)?:/i",
-                "/^(canceled|cancelled) (event|invitation)( with note)?:/i",
-            ],
-            "label": "Calendar",
-        },
-        {
-            "name": "Security",
-            "subject": [
-                "security alert", "new sign-in", "sign-in attempt", "new login",
-                "/password (was |has been )?(changed|reset)/i", "verification code",
-                "Sicherheitswarnung", "alerte de sécurité", "alerta de seguridad",
-            ],
-            "label": "Security",
-        },
-        {
-            "name": "Receipts",
-            "subject": [
-                "receipt", "invoice", "order confirmation", "your order", "order #",
-                "payment received", "payment confirmation", "thanks for your purchase",
-                "thank you for your purchase", "thank you for your order",
-                "Rechnung", "Bestellbestätigung", "Ihre Bestellung", "Zahlungsbestätigung",
-                "facture", "votre commande", "confirmation de commande",
-                "factura", "recibo", "tu pedido", "su pedido", "confirmación de pedido",
-                "ricevuta", "fattura", "il tuo ordine", "factuur", "bestelling",
-            ],
-            "label": "Receipts",
-        },
-        {
-            "name": "Notifications",
-            "from": "/no-?reply|do-?not-?reply|notifications?@/i",
-            "label": "Notifications",
-        },
-        {
-            "name": "Newsletters",
-            "any": [
-                {"header": {"List-Unsubscribe": True}},
-                {"header": {"List-Id": True}},
-            ],
-            "label": "Newsletters",
-        },
-    ],
-    "test": [
-        {
-            "name": "A shop's receipt",
-            "from": "Shop <orders@shop.example>",
-            "subject": "Your receipt for order 1234",
-            "headers": {"List-Unsubscribe": "<mailto:unsubscribe@shop.example>"},
-            "expect_rules": ["Receipts"],
-            "expect_actions": {"label": "Receipts"},
-        },
-    ],
-}
-
-STARTER_RULES_JSON = json.dumps(_BUILTIN_DOC, indent=2, ensure_ascii=False) + "\n"
-
+# the one copy; the built-in rules and STARTER_RULES_JSON are read from it.
 STARTER_RULES_TOML = r'''# gmail_classify rules. These are the built-in rules; edit them to taste.
 #
 # How rules work
@@ -6799,6 +6738,10 @@ headers = { "List-Unsubscribe" = "<mailto:unsubscribe@shop.example>" }
 expect_rules = ["Receipts"]       # not Newsletters: the first match wins
 expect_actions = { label = "Receipts" }
 '''
+
+_BUILTIN_DOC: Dict[str, Any] = parse_toml(STARTER_RULES_TOML)
+
+STARTER_RULES_JSON = json.dumps(_BUILTIN_DOC, indent=2, ensure_ascii=False) + "\n"
 
 
 def builtin_rules() -> Ruleset:

@@ -6248,11 +6248,11 @@ class _TomlReader:
     def value(self) -> Any:
         char = self.peek()
         if self.peek(3) == '"""':
-            return self.multiline_basic_string()
+            return self.multiline_string('"')
         if char == '"':
             return self.basic_string()
         if self.peek(3) == "'''":
-            return self.multiline_literal_string()
+            return self.multiline_string("'")
         if char == "'":
             return self.literal_string()
         if char == "[":
@@ -6389,7 +6389,8 @@ class _TomlReader:
         raise self.fail(f"unknown escape \\{code}; in a regex write the string in 'single "
                         "quotes' so backslashes stay as typed", start)
 
-    def multiline_basic_string(self) -> str:
+    def multiline_string(self, quote: str) -> str:
+        """A multi-line basic (quote ``"``) or literal (``'``) string; only basic has escapes."""
         start = self.pos
         self.pos += 3
         self.newline()  # a line break right after the opening quotes is dropped
@@ -6398,9 +6399,9 @@ class _TomlReader:
             char = self.peek()
             if not char:
                 raise self.fail("unterminated multi-line string", start)
-            if char == '"' and self.peek(3) == '"""':
-                return "".join(parts) + self.close_multiline('"')
-            if char == "\\":
+            if char == quote and self.peek(3) == quote * 3:
+                return "".join(parts) + self.close_multiline(quote)
+            if char == "\\" and quote == '"':
                 after = _TOML_LINE_CONTINUATION.match(self.text, self.pos)
                 if after:  # line-ending backslash: drop it and all whitespace after it
                     self.pos = after.end()
@@ -6409,26 +6410,6 @@ class _TomlReader:
                     continue
                 parts.append(self.escape())
             elif char == "\n" or self.peek(2) == "\r\n":
-                self.newline()
-                parts.append("\n")
-            elif _TOML_CONTROL.match(char):
-                raise self.fail("control character in a string")
-            else:
-                parts.append(char)
-                self.pos += 1
-
-    def multiline_literal_string(self) -> str:
-        start = self.pos
-        self.pos += 3
-        self.newline()
-        parts: List[str] = []
-        while True:
-            char = self.peek()
-            if not char:
-                raise self.fail("unterminated multi-line string", start)
-            if char == "'" and self.peek(3) == "'''":
-                return "".join(parts) + self.close_multiline("'")
-            if char == "\n" or self.peek(2) == "\r\n":
                 self.newline()
                 parts.append("\n")
             elif _TOML_CONTROL.match(char):

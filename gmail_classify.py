@@ -4629,14 +4629,12 @@ class BodyMatch(Condition):
         return f"body {self.matcher.describe()}"
 
 
-def _human_size(size: int) -> str:
-    if size < 1024:
-        return f"{size} bytes"
-    for unit in ("KB", "MB", "GB"):
-        size /= 1024
-        if size < 1024 or unit == "GB":
-            return f"{size:.1f} {unit}"
-    return f"{size} bytes"  # not reached
+def _human_size(size: float) -> str:
+    """``"500 bytes"``, ``"1.5 MB"``; GB is the largest unit (``"2048.0 GB"``)."""
+    step = 0
+    while size >= 1024 and step < 3:
+        size, step = size / 1024, step + 1
+    return f"{size:.0f} bytes" if step == 0 else f"{size:.1f} {('KB', 'MB', 'GB')[step - 1]}"
 
 
 @dataclass(frozen=True)
@@ -5444,6 +5442,14 @@ AUTH_METHODS = ("password", "xoauth2")
 _SIZE_RE = re.compile(r"(\d+) ?([KMG]?)(?:i?B)?", re.IGNORECASE)  # 500K, 5M, 5MB, 5 MB, 1GiB
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
 _AGE_RE = re.compile(r"(\d+)([dwmy])")
+
+
+def _size_bytes(text: str) -> Optional[int]:
+    """Bytes for ``"500K"``, ``"5 MB"``, ``"1GiB"`` or ``"300"`` (units of 1024); else None."""
+    found = _SIZE_RE.fullmatch(text)
+    return int(found.group(1)) * _SIZE_UNITS[found.group(2).lower()] if found else None
+
+
 # RFC 5322 ftext (printable ASCII but ':') that is also an IMAP atom, since header names
 # go on the wire inside BODY.PEEK[HEADER.FIELDS (...)]: no ( ) { } [ ] % * " \\.
 _HEADER_NAME_RE = re.compile(r"[!#$&'+\-./0-9;<=>?@A-Z^_`a-z|~]+")
@@ -5555,10 +5561,10 @@ def _parse_matcher(where: _Where, path: str, value: Any) -> Matcher:
 def _parse_size(where: _Where, path: str, value: Any) -> Tuple[int, str]:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value, str(value)
-    found = _SIZE_RE.fullmatch(value) if isinstance(value, str) else None
-    if not found:
+    size = _size_bytes(value) if isinstance(value, str) else None
+    if size is None:
         raise where.error(path, f"expected a size like 500K, 5M, 5 MB or 1G, got {_quote(value)}")
-    return int(found.group(1)) * _SIZE_UNITS[found.group(2).lower()], value
+    return size, value
 
 
 def _parse_age(where: _Where, path: str, value: Any) -> Tuple[int, str]:
@@ -6270,11 +6276,11 @@ class _TomlReader:
     def value(self) -> Any:
         char = self.peek()
         if self.peek(3) == '"""':
-            return self.multiline_basic_string()
+            return self.multiline_string('"')
         if char == '"':
             return self.basic_string()
         if self.peek(3) == "'''":
-            return self.multiline_literal_string()
+            return self.multiline_string("'")
         if char == "'":
             return self.literal_string()
         if char == "[":
@@ -6411,7 +6417,8 @@ class _TomlReader:
         raise self.fail(f"unknown escape \\{code}; in a regex write the string in 'single "
                         "quotes' so backslashes stay as typed", start)
 
-    def multiline_basic_string(self) -> str:
+    def multiline_string(self, quote: str) -> str:
+        """A multi-line basic (quote ``"``) or literal (``'``) string; only basic has escapes."""
         start = self.pos
         self.pos += 3
         self.newline()  # a line break right after the opening quotes is dropped
@@ -6420,9 +6427,9 @@ class _TomlReader:
             char = self.peek()
             if not char:
                 raise self.fail("unterminated multi-line string", start)
-            if char == '"' and self.peek(3) == '"""':
-                return "".join(parts) + self.close_multiline('"')
-            if char == "\\":
+            if char == quote and self.peek(3) == quote * 3:
+                return "".join(parts) + self.close_multiline(quote)
+            if char == "\\" and quote == '"':
                 after = _TOML_LINE_CONTINUATION.match(self.text, self.pos)
                 if after:  # line-ending backslash: drop it and all whitespace after it
                     self.pos = after.end()
@@ -6431,26 +6438,6 @@ class _TomlReader:
                     continue
                 parts.append(self.escape())
             elif char == "\n" or self.peek(2) == "\r\n":
-                self.newline()
-                parts.append("\n")
-            elif _TOML_CONTROL.match(char):
-                raise self.fail("control character in a string")
-            else:
-                parts.append(char)
-                self.pos += 1
-
-    def multiline_literal_string(self) -> str:
-        start = self.pos
-        self.pos += 3
-        self.newline()
-        parts: List[str] = []
-        while True:
-            char = self.peek()
-            if not char:
-                raise self.fail("unterminated multi-line string", start)
-            if char == "'" and self.peek(3) == "'''":
-                return "".join(parts) + self.close_multiline("'")
-            if char == "\n" or self.peek(2) == "\r\n":
                 self.newline()
                 parts.append("\n")
             elif _TOML_CONTROL.match(char):
@@ -6542,6 +6529,12 @@ def trust_problem(path: Any, *, private: bool = False, directories: bool = True,
     return None
 
 
+def default_rules_dir() -> pathlib.Path:
+    """``$XDG_CONFIG_HOME/gmail_classify`` (``~/.config/gmail_classify`` by default)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return pathlib.Path(base) / "gmail_classify"
+
+
 def load_rules(path: Any) -> Ruleset:
     """Read, parse and validate a .toml or .json rules file.
 
@@ -6616,68 +6609,7 @@ def run_rule_tests(rules: Ruleset, now: Optional[datetime] = None) -> List[str]:
 
 # The built-in rules only add labels: nothing is archived, trashed or marked
 # read until the user writes a rules file that says so. STARTER_RULES_TOML is
-# the same document written out with comments; a test keeps the two equal.
-_BUILTIN_DOC: Dict[str, Any] = {
-    "rule": [
-        {
-            "name": "Calendar",
-            "subject": [
-                "/^(new |updated )?invitation( with note)?:/i",
-                "/^(accepted|declined|tentatively accepted)( with note)?:/i",
-                "/^(canceled|cancelled) (event|invitation)( with note)?:/i",
-            ],
-            "label": "Calendar",
-        },
-        {
-            "name": "Security",
-            "subject": [
-                "security alert", "new sign-in", "sign-in attempt", "new login",
-                "/password (was |has been )?(changed|reset)/i", "verification code",
-                "Sicherheitswarnung", "alerte de sécurité", "alerta de seguridad",
-            ],
-            "label": "Security",
-        },
-        {
-            "name": "Receipts",
-            "subject": [
-                "receipt", "invoice", "order confirmation", "your order", "order #",
-                "payment received", "payment confirmation", "thanks for your purchase",
-                "thank you for your purchase", "thank you for your order",
-                "Rechnung", "Bestellbestätigung", "Ihre Bestellung", "Zahlungsbestätigung",
-                "facture", "votre commande", "confirmation de commande",
-                "factura", "recibo", "tu pedido", "su pedido", "confirmación de pedido",
-                "ricevuta", "fattura", "il tuo ordine", "factuur", "bestelling",
-            ],
-            "label": "Receipts",
-        },
-        {
-            "name": "Notifications",
-            "from": "/no-?reply|do-?not-?reply|notifications?@/i",
-            "label": "Notifications",
-        },
-        {
-            "name": "Newsletters",
-            "any": [
-                {"header": {"List-Unsubscribe": True}},
-                {"header": {"List-Id": True}},
-            ],
-            "label": "Newsletters",
-        },
-    ],
-    "test": [
-        {
-            "name": "A shop's receipt",
-            "from": "Shop <orders@shop.example>",
-            "subject": "Your receipt for order 1234",
-            "headers": {"List-Unsubscribe": "<mailto:unsubscribe@shop.example>"},
-            "expect_rules": ["Receipts"],
-            "expect_actions": {"label": "Receipts"},
-        },
-    ],
-}
-
-STARTER_RULES_JSON = json.dumps(_BUILTIN_DOC, indent=2, ensure_ascii=False) + "\n"
-
+# the one copy; the built-in rules and STARTER_RULES_JSON are read from it.
 STARTER_RULES_TOML = r'''# gmail_classify rules. These are the built-in rules; edit them to taste.
 #
 # How rules work
@@ -6815,6 +6747,10 @@ headers = { "List-Unsubscribe" = "<mailto:unsubscribe@shop.example>" }
 expect_rules = ["Receipts"]       # not Newsletters: the first match wins
 expect_actions = { label = "Receipts" }
 '''
+
+_BUILTIN_DOC: Dict[str, Any] = parse_toml(STARTER_RULES_TOML)
+
+STARTER_RULES_JSON = json.dumps(_BUILTIN_DOC, indent=2, ensure_ascii=False) + "\n"
 
 
 def builtin_rules() -> Ruleset:
@@ -7404,7 +7340,7 @@ def _settle(conn: GmailConnection, rules: Ruleset, allow_expunge: bool) -> _Dest
             notes.append(f"{action} goes to {folder.name!r}: no folder is marked {use}, so it "
                          f"was chosen by its name")
         found[action] = folder
-    plain = moves and not conn.has("MOVE") and not conn.has("UIDPLUS")
+    plain = moves and not conn.can_move()
     return _Destinations(found.get("trash"), found.get("archive"), plain, tuple(notes))
 
 
@@ -7415,17 +7351,8 @@ def check_run(conn: GmailConnection, rules: Ruleset, folders: Sequence[str], *,
     and, where moves need a plain EXPUNGE, no other message marked \\Deleted), checked
     for all of them.  Folders that cannot be opened are left for classify_folder to report.
     Raises CapabilityError."""
-    destinations = _settle(conn, rules, allow_expunge)
-    if not destinations.plain_expunge:
-        return
-    for folder in folders:
-        try:
-            conn.examine(conn.server_name(folder))
-        except ImapError as exc:
-            if exc.status in ("NO", "BAD"):
-                continue
-            raise
-        _check_plain_expunge(conn, conn.server_name(folder))
+    if _settle(conn, rules, allow_expunge).plain_expunge:
+        _check_plain_expunges(conn, (conn.server_name(folder) for folder in folders))
 
 
 def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX", *,
@@ -7931,6 +7858,19 @@ def _check_plain_expunge(conn: GmailConnection, source: str) -> None:
             f"Expunge or unmark them, then run again", command="EXPUNGE")
 
 
+def _check_plain_expunges(conn: GmailConnection, folders: Iterable[str]) -> None:
+    """_check_plain_expunge in each folder (server names), opened read-only; one that
+    cannot be opened (NO or BAD) is skipped, left for the run or the undo to report."""
+    for folder in folders:
+        try:
+            conn.examine(folder)
+        except ImapError as exc:
+            if exc.status in ("NO", "BAD"):
+                continue
+            raise
+        _check_plain_expunge(conn, folder)
+
+
 def _missing_folders(conn: GmailConnection, plan: _Plan) -> List[str]:
     """Folders (labels, on Gmail) the plan writes to that do not exist yet: server names."""
     existing = {f.name for f in conn.list_folders() if f.selectable}
@@ -8240,16 +8180,22 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _iso(moment: datetime, utc: str = "Z") -> str:
+    """``"2026-12-01T17:05:01Z"`` (state and audit log); the token file has ``utc="+00:00"``."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + utc
+
+
+def _make_private_dir(directory: Path) -> None:
+    """Create ``directory`` (mode 0700) and tighten it if others could read it; OSError."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if os.name == "posix" and directory.stat().st_mode & 0o077:
+        os.chmod(directory, 0o700)
 
 
 def _ensure_private_dir(directory: Path) -> None:
-    """Create ``directory`` (mode 0700) and tighten it if others could read it."""
+    """_make_private_dir for the state directory, failures as StateError."""
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if os.name == "posix" and directory.stat().st_mode & 0o077:
-            os.chmod(directory, 0o700)
+        _make_private_dir(directory)
     except OSError as exc:
         raise StateError(f"cannot create the state directory {directory}: {exc}; set "
                          f"XDG_STATE_HOME to a writable place") from exc
@@ -8762,14 +8708,6 @@ def _new_run_id(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + os.urandom(2).hex()
 
 
-def _size_text(nbytes: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if nbytes < 1024 or unit == "GB":
-            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.1f} GB"
-
-
 class Run(Checkpoint):
     """One run over one account: classify folders, keep the marks, write the records.
 
@@ -8949,8 +8887,8 @@ class Run(Checkpoint):
         if used >= self.daily_budget / 2 and not self._warned_half:
             self._warned_half = True
             log.warning("%s downloaded today for %s: half of the daily budget of %s (best "
-                        "effort: phones and mail apps share Gmail's quota)", _size_text(used),
-                        self.account, _size_text(self.daily_budget))
+                        "effort: phones and mail apps share Gmail's quota)", _human_size(used),
+                        self.account, _human_size(self.daily_budget))
         if used + self._largest_fetch > self.daily_budget:
             now = self.store.now().astimezone(timezone.utc)
             tomorrow = datetime.combine(now.date() + timedelta(days=1), _dt.time(),
@@ -8958,7 +8896,7 @@ class Run(Checkpoint):
             hours = (tomorrow - now).total_seconds() / 3600
             raise BudgetExceededError(
                 f"stopped before passing the daily download budget of "
-                f"{_size_text(self.daily_budget)} for {self.account} ({_size_text(used)} "
+                f"{_human_size(self.daily_budget)} for {self.account} ({_human_size(used)} "
                 f"today); run again after 00:00 UTC (in {hours:.1f} h), or raise "
                 f"--daily-budget")
 
@@ -9528,16 +9466,8 @@ class Undo:
             return
         if not conn.can_move(self.allow_expunge):
             raise conn.refuse_moves()
-        if conn.has("MOVE") or conn.has("UIDPLUS"):
-            return
-        for folder in dict.fromkeys(places):
-            try:
-                conn.examine(folder)
-            except ImapError as exc:
-                if exc.status in ("NO", "BAD"):
-                    continue                # reported as "no longer in" by _reverse
-                raise
-            _check_plain_expunge(conn, folder)
+        if not conn.can_move():      # moving back needs a plain EXPUNGE ("no longer in": _reverse)
+            _check_plain_expunges(conn, dict.fromkeys(places))
 
     def _reverse(self, conn: GmailConnection, work: Dict[int, Dict[str, List[Any]]]) -> None:
         gone: set = set()
@@ -10695,8 +10625,7 @@ def authorize(client: OAuthClient, user: str, *, port: int = 0,
 
 def token_dir() -> pathlib.Path:
     """``$XDG_CONFIG_HOME/gmail_classify/tokens`` (``~/.config/...`` by default)."""
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return pathlib.Path(base) / "gmail_classify" / "tokens"
+    return default_rules_dir() / "tokens"
 
 
 def token_path(user: str) -> pathlib.Path:
@@ -10717,13 +10646,11 @@ def save_refresh_token(user: str, client: OAuthClient, refresh_token: str) -> pa
 
 def _save_token_file(path: pathlib.Path, user: str, client: OAuthClient,
                      refresh_token: str) -> pathlib.Path:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if os.name == "posix":
-        os.chmod(path.parent, 0o700)
+    _make_private_dir(path.parent)
     doc = {"version": TOKEN_FILE_VERSION, "user": user, "client_id": client.client_id,
            "client_secret": client.client_secret, "refresh_token": refresh_token,
            "scope": OAUTH_SCOPE,
-           "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
+           "created": _iso(_utcnow(), "+00:00")}
     _replace_privately(path, json.dumps(doc, indent=1))
     return path
 
@@ -11253,12 +11180,6 @@ class UsageError(GmailClassifyError):
     exit_code = EXIT_USAGE
 
 
-def default_rules_dir() -> pathlib.Path:
-    """``$XDG_CONFIG_HOME/gmail_classify`` (``~/.config/gmail_classify`` by default)."""
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return pathlib.Path(base) / "gmail_classify"
-
-
 def find_rules(path: Optional[str]) -> Ruleset:
     """Load ``path``; else the default rules file if there is one; else the built-in rules."""
     if path:
@@ -11321,11 +11242,11 @@ def _folder_name(text: str) -> str:
 
 
 def _budget(text: str) -> int:
-    found = _SIZE_RE.fullmatch(text.strip())
-    if not found:
+    size = _size_bytes(text.strip())
+    if size is None:
         raise argparse.ArgumentTypeError(f"expected a size such as 2G, 500M or 0 (no budget), "
                                          f"got {text!r}")
-    return int(found.group(1)) * 1024 ** " KMG".index(found.group(2).upper() or " ")
+    return size
 
 
 def _any_port(text: str) -> int:

@@ -7227,6 +7227,23 @@ class OAuthTest(FakeServerTest):
             gc.load_refresh_token(USER)
         self.assertIn("chmod 600", str(caught.exception))
 
+    def test_token_file_lives_beside_the_rules_and_records_its_creation(self):
+        tokens = pathlib.Path(self.env["XDG_CONFIG_HOME"], "gmail_classify", "tokens")
+        tokens.mkdir(parents=True)
+        os.chmod(tokens, 0o755)
+        before = datetime.now(timezone.utc).replace(microsecond=0)
+        self.store_grant()
+        with mock.patch.dict(os.environ, self.env):
+            self.assertEqual(gc.token_dir(), gc.default_rules_dir() / "tokens")
+            path = gc.token_path(USER)
+        self.assertEqual(path.parent, tokens)
+        if os.name == "posix":
+            self.assertEqual(os.stat(tokens).st_mode & 0o777, 0o700)
+        created = json.loads(path.read_text(encoding="utf-8"))["created"]
+        self.assertRegex(created, r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00\Z")
+        self.assertLessEqual(before, datetime.fromisoformat(created))
+        self.assertLessEqual(datetime.fromisoformat(created), datetime.now(timezone.utc))
+
     def test_refresh_reuses_a_fresh_token_and_refreshes_before_expiry(self):
         refresh = self.store_grant()
         now = [1000.0]
@@ -8462,6 +8479,37 @@ class SmallConveniencesTest(unittest.TestCase):
             with self.subTest(text):
                 with self.assertRaises(RulesError):
                     parse_rules({"rule": [{"larger_than": text, "star": True}]})
+
+    def test_daily_budget_reads_sizes_with_the_rules_units(self):
+        for text, size in [("5M", 5 * 1024 ** 2), ("5 mb", 5 * 1024 ** 2), ("500K", 500 * 1024),
+                           ("500 KiB", 500 * 1024), ("2G", 2 * 1024 ** 3), (" 1gb ", 1024 ** 3),
+                           ("700", 700), ("700B", 700), ("0", 0)]:
+            with self.subTest(text):
+                self.assertEqual(gc._budget(text), size)
+        for text in ("5  MB", "5 TB", "MB", "5.5M", "-5M", ""):
+            with self.subTest(text):
+                with self.assertRaises(gc.argparse.ArgumentTypeError) as caught:
+                    gc._budget(text)
+                self.assertEqual(str(caught.exception), "expected a size such as 2G, 500M or 0 "
+                                                         f"(no budget), got {text!r}")
+
+    def test_sizes_are_written_in_one_form_everywhere(self):
+        table = [(0, "0 bytes"), (1023, "1023 bytes"), (1024, "1.0 KB"), (1536, "1.5 KB"),
+                 (1024 ** 2 - 1, "1024.0 KB"), (5 * 1024 ** 2, "5.0 MB"),
+                 (1024 ** 3, "1.0 GB"), (3 * 1024 ** 4, "3072.0 GB"), (1000.4, "1000 bytes"),
+                 (2.5 * 1024 ** 2, "2.5 MB")]
+        for size, text in table:
+            with self.subTest(size):
+                self.assertEqual(gc._human_size(size), text)
+        message = info(size=3 * 1024 ** 2)
+        rule = parse_rules({"rule": [{"larger_than": "2M", "star": True}]}).rules[0]
+        self.assertEqual(rule.condition.explain(message, datetime.now(timezone.utc)),
+                         (True, "size: 3.0 MB > 2M"))
+
+    def test_timestamps_are_utc_with_the_ending_each_file_has(self):
+        moment = datetime(2026, 12, 1, 18, 5, 1, 999999, tzinfo=timezone(timedelta(hours=1)))
+        self.assertEqual(gc._iso(moment), "2026-12-01T17:05:01Z")
+        self.assertEqual(gc._iso(moment, "+00:00"), "2026-12-01T17:05:01+00:00")
 
     def test_since_accepts_ages_in_the_rules_units_and_dates(self):
         today = datetime.now(timezone.utc).astimezone().date()

@@ -1298,11 +1298,6 @@ class _AnswerBudget:
             log.debug(message, *args)
 
 
-# A retry policy says what to do when the connection drops during a command: "safe" retry
-# as is (reads, +/- STOREs, CREATE, UID EXPUNGE of a fixed set); "never" give up at once.
-# MOVE and COPY carry their own recovery in move() and copy().
-_SAFE, _NEVER = "safe", "never"
-
 CredentialSource = Union[str, Callable[[], str], None]
 
 
@@ -2199,30 +2194,47 @@ class GmailConnection:
             self._selected = FolderStatus(selected.name, selected.uidvalidity,
                                           selected.uidnext, int(parsed[0]), selected.readonly)
 
-    def _call(self, command: str, *args: Any, policy: str = _SAFE, **reading: Any) -> _Response:
-        """Run a command, reconnecting and retrying per ``policy`` when the link drops;
-        ``reading`` passes keep= and max_literal= on to _execute_on."""
+    def _call(self, command: str, *args: Any, **reading: Any) -> _Response:
+        """Run a command that is safe to repeat (reads, +/- STOREs, CREATE, UID EXPUNGE of
+        a fixed set, COPY on Gmail), sent again after a drop; ``reading`` passes keep= and
+        max_literal= on to _execute_on.  The lock is held across the retries."""
         with self._lock:
-            self._check_background()
-            try:
-                return self._execute_on(self._live(), command, *args, **reading)
-            except _Dropped as exc:
-                if policy == _NEVER:
-                    self._mark_dead()
-                    raise ConnectionLostError(f"the connection dropped during {command}, "
-                                              f"which is not safe to repeat: {exc}") from exc
-                cause: BaseException = exc
-            # Retrying: each reconnect gets the full backoff schedule, and the command gets
-            # as many tries as there are attempts.
-            for _ in range(self.retries):
-                self._reconnect(cause)
+            return self._retrying(command, lambda: self._execute_on(self._live(), command,
+                                                                    *args, **reading))
+
+    def _retrying(self, what: str, attempt: Callable[[], Any],
+                  settle: Optional[Callable[[], bool]] = None) -> Any:
+        """``attempt()`` under the lock; after a drop, reconnect (the selected folder is
+        reopened) and try again, up to ``retries`` times: the one retry loop.
+
+        A write that must never be sent twice (MOVE, a COPY off Gmail) passes ``settle``:
+        after every drop, the last one included, once reconnected, ``settle()`` finds out
+        what the lost attempt did and narrows what is left (a drop in it counts as a
+        failed attempt); True means nothing is left, and None is returned (the caller's
+        own record holds the outcome).  Without ``settle`` the connection is left marked
+        dead when the retries are spent.  Each attempt holds the lock; a caller that must
+        keep it across the retries holds it around this call.  Raises ConnectionLostError
+        naming ``what``; errors other than a drop pass through.
+        """
+        cause: Optional[BaseException] = None
+        tries = self.retries + 1
+        for number in range(tries + (settle is not None)):   # a write settles its last drop
+            with self._lock:
                 try:
-                    return self._execute_on(self._live(), command, *args, **reading)
+                    if number == 0:
+                        self._check_background()
+                    else:
+                        self._reconnect(cause or _Dropped("not connected"))
+                        if settle is not None and settle():
+                            return None
+                    if number < tries:
+                        return attempt()
                 except _Dropped as exc:
                     cause = exc
+        if settle is None:
             self._mark_dead()
-            raise ConnectionLostError(f"{command} kept failing after {self.retries} "
-                                      f"reconnects: {cause}") from cause
+        raise ConnectionLostError(f"{what} kept failing after {self.retries} reconnects: "
+                                  f"{cause}") from cause
 
     def _live(self) -> imaplib.IMAP4:
         if self._imap is None:
@@ -2458,16 +2470,8 @@ class GmailConnection:
     def select(self, folder: str, readonly: bool = False) -> FolderStatus:
         """SELECT (or EXAMINE when ``readonly``) a folder and return its status."""
         with self._lock:
-            self._check_background()
-            for attempt in range(self.retries + 1):
-                try:
-                    return self._select_now(folder, readonly)
-                except _Dropped as exc:
-                    if attempt == self.retries:
-                        raise ConnectionLostError(f"could not open {folder}: {exc}") from exc
-                    self._selected = None
-                    self._reconnect(exc)
-        raise AssertionError("unreachable")
+            return self._retrying(f"{'EXAMINE' if readonly else 'SELECT'} {folder}",
+                                  lambda: self._select_now(folder, readonly))
 
     def examine(self, folder: str) -> FolderStatus:
         """Open a folder read-only: nothing, not even \\Seen, can change."""
@@ -2593,44 +2597,37 @@ class GmailConnection:
                 before_each(self)
             wanted = set(batch)
             result: Dict[int, Dict[str, Any]] = {}
-            attempt = 0
-            with self._lock:
-                self._check_background()
-                while True:
-                    try:
-                        imap = self._live()
-                        pendings = sent.get(index)
-                        if pendings is None or any(p.response is None and p.imap is not imap
-                                                   for p in pendings):
-                            send(imap, index)
-                        for number in range(index + 1, min(index + 1 + ahead, len(todo))):
-                            pendings = sent.get(number)
-                            if pendings is not None and any(p.response is None and p.imap is not imap
-                                                            for p in pendings):
-                                send(imap, number)   # lost with the old connection
-                        for pending in sent[index]:
-                            _fetch_answer(self._collect(imap, pending), wanted, by_key, result,
-                                          limit, skipped)
-                        del sent[index]
-                        for number in range(index + 1, min(index + 1 + ahead, len(todo))):
-                            if number in sent or refused is not None:
-                                continue
-                            if before_each is not None:
-                                try:
-                                    before_each(self)
-                                except Exception as exc:
-                                    refused = exc
-                                    break
-                            send(imap, number)
-                        break
-                    except _Dropped as exc:
-                        attempt += 1
-                        result.clear()
-                        if attempt > self.retries:
-                            self._mark_dead()
-                            raise ConnectionLostError(f"UID FETCH kept failing after "
-                                                      f"{self.retries} reconnects: {exc}") from exc
-                        self._reconnect(exc)
+
+            def receive() -> None:
+                nonlocal refused
+                result.clear()
+                imap = self._live()
+                pendings = sent.get(index)
+                if pendings is None or any(p.response is None and p.imap is not imap
+                                           for p in pendings):
+                    send(imap, index)
+                for number in range(index + 1, min(index + 1 + ahead, len(todo))):
+                    pendings = sent.get(number)
+                    if pendings is not None and any(p.response is None and p.imap is not imap
+                                                    for p in pendings):
+                        send(imap, number)   # lost with the old connection
+                for pending in sent[index]:
+                    _fetch_answer(self._collect(imap, pending), wanted, by_key, result,
+                                  limit, skipped)
+                del sent[index]
+                for number in range(index + 1, min(index + 1 + ahead, len(todo))):
+                    if number in sent or refused is not None:
+                        continue
+                    if before_each is not None:
+                        try:
+                            before_each(self)
+                        except Exception as exc:
+                            refused = exc
+                            break
+                    send(imap, number)
+
+            with self._lock:    # held across the retries, as in _call
+                self._retrying("UID FETCH", receive)
             yield batch, result
 
     # -- operations: changing messages ---------------------------------------------------
@@ -2720,37 +2717,29 @@ class GmailConnection:
     def _move_chunk(self, chunk: List[int], destination: str,
                     moved: Dict[int, Optional[int]], missing: List[int]) -> None:
         pending = list(chunk)
-        cause: Optional[BaseException] = None
-        for attempt in range(self.retries + 1):
-            with self._lock:
-                try:
-                    if attempt == 0:
-                        self._check_background()
-                    else:
-                        self._reconnect(cause or _Dropped("not connected"))
-                        # Did the last attempt happen before the link died?  What is still
-                        # in the source folder was not moved; what is gone was.
-                        still_here = set(self._search_now(pending))
-                        for uid in pending:
-                            if uid not in still_here:
-                                moved.setdefault(uid, None)
-                        pending = [uid for uid in pending if uid in still_here]
-                        if not pending:
-                            return
-                    response = self._execute_on(self._live(), "UID MOVE", compress_uids(pending),
-                                                self._mailbox(destination))
-                except _Dropped as exc:
-                    cause = exc
-                    continue
+
+        def settle() -> bool:
+            # Did the lost attempt happen before the link died?  What is still in the
+            # source folder was not moved; what is gone was.
+            nonlocal pending
+            still_here = set(self._search_now(pending))
+            for uid in pending:
+                if uid not in still_here:
+                    moved.setdefault(uid, None)
+            pending = [uid for uid in pending if uid in still_here]
+            return not pending
+
+        def attempt() -> None:
+            response = self._execute_on(self._live(), "UID MOVE", compress_uids(pending),
+                                        self._mailbox(destination))
             mapping = _copyuid_map(response, pending)
             for uid in pending:
                 if mapping and uid not in mapping:
                     missing.append(uid)   # gone before we asked: someone else moved it
                 else:
                     moved[uid] = mapping.get(uid)
-            return
-        raise ConnectionLostError(f"UID MOVE to {destination} kept failing after "
-                                  f"{self.retries} reconnects: {cause}") from cause
+
+        self._retrying(f"UID MOVE to {destination}", attempt, settle)
 
     def _search_now(self, uids: Sequence[int]) -> List[int]:
         response = self._execute_on(self._live(), "UID SEARCH", "UID", compress_uids(uids))
@@ -2821,8 +2810,7 @@ class GmailConnection:
         good) or clear the flag on one of ours (it stays).  Both can be seen afterwards:
         each message removed is one untagged EXPUNGE (RFC 3501 §7.4.1), and ours that
         stayed are still found by UID.  Returns what was seen (an _ExpungeCheck)."""
-        cause: Optional[BaseException] = None
-        for _ in range(self.retries + 1):
+        def attempt() -> _ExpungeCheck:
             try:
                 ours = self._check_no_other_deleted(uids, destination, copied=True)
             except CapabilityError:
@@ -2836,18 +2824,11 @@ class GmailConnection:
                 if len(item) >= 2 and str(item[1]).upper() == "EXPUNGE":
                     expunged[0] += 1
 
-            with self._lock:
-                try:
-                    self._check_background()
-                    self._execute_on(self._live(), "EXPUNGE", on_untagged=count)
-                    stayed = sorted(set(self._search_now(sorted(uids))) & uids)
-                except _Dropped as exc:
-                    cause = exc
-                    self._reconnect(exc)
-                    continue
+            self._execute_on(self._live(), "EXPUNGE", on_untagged=count)
+            stayed = sorted(set(self._search_now(sorted(uids))) & uids)
             return _ExpungeCheck(stayed, max(0, expunged[0] - (len(uids) - len(stayed))))
-        raise ConnectionLostError(f"EXPUNGE kept failing after {self.retries} reconnects: "
-                                  f"{cause}") from cause
+
+        return self._retrying("EXPUNGE", attempt)
 
     def _copy_once(self, uids: List[int], destination: str) -> Dict[int, Optional[int]]:
         """UID COPY that never leaves a message copied twice, even if the link drops.
@@ -2861,35 +2842,31 @@ class GmailConnection:
         """
         pending = list(uids)
         result: Dict[int, Optional[int]] = {}
-        cause: Optional[BaseException] = None
-        for _ in range(self.retries + 1):
+        before: Optional[int] = None
+
+        def attempt() -> None:
+            nonlocal before
             before = self._uidnext(destination)
-            with self._lock:
-                try:
-                    self._check_background()
-                    response = self._execute_on(self._live(), "UID COPY", compress_uids(pending),
-                                                self._mailbox(destination))
-                except _Dropped as exc:
-                    cause = exc
-                    self._reconnect(exc)
-                    response = None
-            if response is not None:
-                mapping = _copyuid_map(response, pending)
-                result.update({uid: mapping.get(uid) for uid in pending})
-                return result
+            response = self._execute_on(self._live(), "UID COPY", compress_uids(pending),
+                                        self._mailbox(destination))
+            mapping = _copyuid_map(response, pending)
+            result.update({uid: mapping.get(uid) for uid in pending})
+
+        def settle() -> bool:
+            nonlocal pending
             if before is not None and self._uidnext(destination) == before:
                 log.info("the connection dropped before UID COPY to %s reached the server; "
                          "sending it again", destination)
-                continue
+                return False
             found = self._copies_in(destination, pending, before)
             log.info("the connection dropped during UID COPY to %s; %d of %d messages had "
                      "been copied", destination, len(found), len(pending))
             result.update(found)
             pending = [uid for uid in pending if uid not in found]
-            if not pending:
-                return result
-        raise ConnectionLostError(f"UID COPY to {destination} kept failing after "
-                                  f"{self.retries} reconnects: {cause}") from cause
+            return not pending
+
+        self._retrying(f"UID COPY to {destination}", attempt, settle)
+        return result
 
     def _copies_in(self, destination: str, uids: List[int],
                    since: Optional[int]) -> Dict[int, Optional[int]]:
@@ -2990,16 +2967,7 @@ class GmailConnection:
         if not self.has("IDLE"):
             raise CapabilityError(f"{self.host} does not support IDLE")
         timeout = min(timeout, IDLE_MAX_SECONDS)
-        for attempt in range(self.retries + 1):
-            with self._lock:
-                self._check_background()
-                try:
-                    return self._idle_now(self._live(), timeout, interrupt)
-                except _Dropped as exc:
-                    if attempt == self.retries:
-                        raise ConnectionLostError(f"IDLE kept failing: {exc}") from exc
-                    self._reconnect(exc)
-        raise AssertionError("unreachable")
+        return self._retrying("IDLE", lambda: self._idle_now(self._live(), timeout, interrupt))
 
     @_scrubbed
     def _idle_now(self, imap: imaplib.IMAP4, timeout: float,

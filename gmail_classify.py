@@ -841,10 +841,13 @@ def _as_text(value: Any) -> str:
 
 # --- Connection --------------------------------------------------------------------------
 #
-# imaplib opens the socket, does TLS and STARTTLS, and runs LOGIN / AUTHENTICATE.  Every
-# other command goes through GmailConnection._execute, which builds the line itself (so
-# quoting is ours and consistent on every Python version), sends literals, and reads the
-# answer in order, literals inline, for the parser above.  Reading goes through our own
+# Two layers over imaplib, which only opens the socket and does TLS, STARTTLS and the
+# greeting.  _Protocol, the engine, sends every command itself, sign-in included (so quoting
+# is ours and consistent on every Python version), pipelines FETCHes, and reads each
+# answer in order, literals inline, for the parser above; it never retries.
+# GmailConnection is the policy around it: reconnecting with backoff, one retry helper
+# (_retrying) that knows what may be sent again, the keepalive, the public methods.
+# Reading goes through our own
 # buffer rather than imaplib's ``file``: on Python <= 3.13 a socket timeout leaves
 # ``socket.makefile`` objects unusable, and IDLE needs "wait up to N seconds for a line",
 # which a buffered file cannot answer without blocking.
@@ -860,7 +863,7 @@ MAX_BACKOFF = 60.0
 IDLE_MAX_SECONDS = 29 * 60      # RFC 2177: re-issue IDLE at least every 29 minutes
 IDLE_POLL = 0.5                 # seconds between checks of an idle() interrupt callback
 # One response line, literals excluded.  Only a SEARCH answer is ever longer (about 9
-# bytes per UID): its limit follows the folder's size (see _search_line_limit).
+# bytes per UID): its limit follows the folder's size (see search_line_limit).
 MAX_RESPONSE_LINE = 4 * 1024 * 1024
 # Literals are limited by what was asked for: a FETCH of a 16 KiB prefix may bring 16 KiB,
 # a header block a few hundred; anything far beyond is read, thrown away and that message
@@ -1222,7 +1225,7 @@ class _Pending:
     tag: bytes
     command: str
     response: Optional[_Response] = None
-    keep: Optional[Callable[[List[Any]], bool]] = None    # as for _execute_on
+    keep: Optional[Callable[[List[Any]], bool]] = None    # as for _Protocol.execute
     max_literal: Optional[int] = None
 
 
@@ -1349,9 +1352,9 @@ def _clean_password(password: str) -> str:
 
 
 def _scrubbed(method: Callable[..., Any]) -> Callable[..., Any]:
-    """For GmailConnection's methods that read server text: an error leaving them has every
-    credential blanked out of its message and ``text`` (see GmailConnection.redact)."""
-    def scrubbing(self: "GmailConnection", *args: Any, **kwargs: Any) -> Any:
+    """For the methods that read server text: an error leaving them has every credential
+    blanked out of its message and ``text`` (see _Protocol.redact)."""
+    def scrubbing(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
         except (GmailClassifyError, _Dropped) as exc:
@@ -1365,6 +1368,12 @@ def _scrubbed(method: Callable[..., Any]) -> Callable[..., Any]:
     return scrubbing
 
 
+def _forwarded(name: str) -> property:
+    """An attribute of GmailConnection that lives in its protocol engine (``_proto``)."""
+    return property(lambda self: getattr(self._proto, name),
+                    lambda self, value: setattr(self._proto, name, value))
+
+
 def _decode_server_text(error: BaseException) -> str:
     """imaplib raises with bytes inside (``"b'[AUTHENTICATIONFAILED] ...'"``); decode it."""
     if isinstance(error, OSError):
@@ -1375,6 +1384,587 @@ def _decode_server_text(error: BaseException) -> str:
     text = str(text)
     match = re.fullmatch(r"b(['\"])(.*)\1", text, re.S)
     return match.group(2) if match else text
+
+
+class _Protocol:
+    """The protocol engine under GmailConnection: sends commands (quoting, literals,
+    pipelining), reads and parses their answers through the bounded reader, and keeps
+    every credential it sent out of what it says.  It owns one imaplib object at a time
+    (``imap``; None when there is no connection) and never retries: a drop raises
+    _Dropped, and GmailConnection decides what happens next.
+
+    Counters and the selected folder's size outlive each imaplib object: GmailConnection
+    shows them as its own attributes (``commands_sent``, ``exists_seen`` ...).
+    """
+
+    def __init__(self, host: str, user: str, timeout: float, stop: Stop) -> None:
+        self.host = host
+        self.user = user
+        self.timeout = timeout
+        self.stop = stop
+        self.imap: Optional[imaplib.IMAP4] = None
+        self.capabilities: frozenset = frozenset()
+        self.selected: Optional[FolderStatus] = None
+        self.idling = False
+        self.last_activity = time.monotonic()
+        self.commands_sent = 0
+        self.bytes_received = 0
+        # EXISTS responses seen, with any command or in IDLE: new mail in the selected
+        # folder is announced once, to whichever command comes next (RFC 3501 §7.3.1).
+        self.exists_seen = 0
+        self._inflight: List[_Pending] = []   # pipelined commands, oldest first
+        self._secrets: List[str] = []   # credentials sent, kept out of -vv logs
+
+    def attach(self, imap: imaplib.IMAP4) -> None:
+        """Take over a freshly opened imaplib object (the previous one is dropped)."""
+        self.drop()
+        self.imap = imap
+
+    def live(self) -> imaplib.IMAP4:
+        if self.imap is None:
+            raise _Dropped("not connected")
+        return self.imap
+
+    def drop(self) -> None:
+        """Forget the imaplib object and close its socket, without a word; never raises."""
+        imap, self.imap = self.imap, None
+        if imap is not None:
+            self._shutdown(imap)
+
+    @staticmethod
+    def _shutdown(imap: imaplib.IMAP4) -> None:
+        try:
+            imap.shutdown()
+        except (OSError, AttributeError, ValueError):
+            pass
+
+    def remember_secret(self, secret: str) -> None:
+        """Keep ``secret`` (and its base64 and quoted forms) out of every text that leaves
+        the connection: a server may repeat what we sent (see redact)."""
+        forms = [secret, base64.b64encode(secret.encode("utf-8")).decode("ascii"),
+                 secret.replace("\\", "\\\\").replace('"', '\\"')]
+        for form in forms:
+            if len(form) >= 4 and form not in self._secrets:
+                self._secrets.append(form)
+        self._secrets.sort(key=len, reverse=True)   # a longer form before a part of it
+
+    def redact(self, text: str) -> str:
+        """``text`` from the server with every credential we sent blanked out.
+
+        A server may quote the command it refuses (``NO your command was LOGIN "user"
+        "secret"``), put it in an untagged NO or ALERT, or echo a SASL string in a
+        challenge; such text reaches messages, warnings, logs and the audit log, so every
+        piece of server text passes through here first.
+        """
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "<redacted>")
+        return text
+
+    def _gmail_login_hint(self) -> str:
+        """Gmail refuses the account's normal password over IMAP: say what works instead."""
+        gmail = "X-GM-EXT-1" in self.imap.capabilities or \
+            self.host.lower().rstrip(".").endswith((".gmail.com", ".googlemail.com"))
+        if not gmail:
+            return ""
+        return (" (Gmail needs an app password, not your Google password: Google Account -> "
+                "Security -> App passwords, which needs 2-Step Verification; and IMAP must be "
+                "on in Gmail's settings, under Forwarding and POP/IMAP)")
+
+    def login(self, password: str) -> None:
+        """LOGIN with both arguments quoted; non-ASCII goes as AUTHENTICATE PLAIN (UTF-8,
+        RFC 4616) when offered, else as literals."""
+        if not (self.user.isascii() and password.isascii()) and \
+                "AUTH=PLAIN" in self.imap.capabilities:
+            initial = b"\x00" + self.user.encode("utf-8") + b"\x00" + password.encode("utf-8")
+            self.remember_secret(base64.b64encode(initial).decode("ascii"))
+            self.sasl("PLAIN", initial, "the sign-in")
+            return
+        args = [quote(text) if text.isascii() else Literal(text.encode("utf-8"))
+                for text in (self.user, password)]
+        try:
+            self.execute("LOGIN", *args, redact=True)
+        except ProtocolError:
+            raise
+        except ImapError as exc:
+            text = (f"[{exc.code}] " if exc.code else "") + exc.text
+            raise AuthenticationError(f"{self.host} rejected the sign-in for {self.user}: "
+                                      f"{text}{self._gmail_login_hint()}", command="LOGIN",
+                                      status=exc.status, code=exc.code, text=text) from exc
+
+    def sasl(self, mechanism: str, initial: bytes, what: str) -> None:
+        """AUTHENTICATE ``mechanism`` (RFC 3501 §6.2.2), the initial response on the first
+        line when the server has SASL-IR (RFC 4959), else after the first ``+``.
+
+        Gmail answers a bad XOAUTH2 token with a JSON challenge and waits for an empty
+        response before it sends the tagged NO; resending the token there gets a BAD.
+        """
+        imap = self.live()
+        tag = imap._new_tag()  # type: ignore[attr-defined]
+        encoded = base64.b64encode(initial) or b"="
+        line = tag + b" AUTHENTICATE " + mechanism.encode("ascii")
+        pending: Optional[bytes] = encoded
+        if "SASL-IR" in imap.capabilities:
+            line += b" " + encoded
+            pending = None
+        log.debug("C: %s AUTHENTICATE %s%s", tag.decode(), mechanism,
+                  "" if pending else " <redacted>")
+        challenges: List[str] = []
+        try:
+            # Untagged lines mean nothing here: a few are harmless, a flood is not.
+            imap.watch_progress(self.timeout, lines=MAX_UNREQUESTED_ANSWERS)  # type: ignore[attr-defined]
+            imap.send(line + b"\r\n")
+            while True:
+                raw = self._read_line()
+                if raw.startswith(b"+"):
+                    if pending is not None and not challenges:
+                        imap.send(pending + b"\r\n")
+                        pending = None
+                        challenges.append("")
+                        continue
+                    if len(challenges) > 3:
+                        raise ProtocolError(f"{self.host} keeps challenging AUTHENTICATE "
+                                            f"{mechanism}", command="AUTHENTICATE")
+                    try:
+                        challenges.append(base64.b64decode(raw[1:].strip()).decode("utf-8", "replace"))
+                    except (binascii.Error, ValueError):
+                        challenges.append(raw[1:].strip().decode("utf-8", "replace"))
+                    imap.send(b"\r\n")
+                elif raw.startswith(tag + b" "):
+                    status, _, rest = raw[len(tag) + 1:].partition(b" ")
+                    if status.upper() == b"OK":
+                        return
+                    code = parse_status_text(rest)[0]
+                    text = rest.decode("utf-8", "replace")
+                    detail = "".join(f" ({c})" for c in challenges if c)
+                    raise AuthenticationError(
+                        f"{self.host} rejected {what} for {self.user}: {text}{detail}",
+                        command="AUTHENTICATE", status=status.decode("ascii", "replace").upper(),
+                        code=code, text=text + detail)
+                elif raw.startswith(b"* BYE"):
+                    raise _Dropped("server said BYE while signing in: "
+                                   + raw[6:].decode("utf-8", "replace"))
+                elif not raw.startswith(b"* "):
+                    raise ProtocolError(f"unexpected line while signing in: {raw[:80]!r}",
+                                        command="AUTHENTICATE")
+        except _DROPPED_ERRORS as exc:
+            raise _Dropped(f"connection lost while signing in: "
+                           f"{_decode_server_text(exc) or type(exc).__name__}") from exc
+
+    def ask_capabilities(self) -> None:
+        """imaplib read the capabilities once, before login; Gmail adds MOVE, UIDPLUS and
+        more only afterwards, so ask again (an 8-bit word names nothing we use)."""
+        caps = set()
+        for response in self.execute("CAPABILITY").untagged:
+            if response and str(response[0]).upper() == "CAPABILITY":
+                caps.update(str(word).upper() for word in response[1:]
+                            if str(word).isascii())
+        self.capabilities = frozenset(caps or self.imap.capabilities)
+
+    @_scrubbed
+    def execute(self, command: str, *args: Any,
+                    expect_bye: bool = False,
+                    on_untagged: Optional[Callable[[List[Any]], None]] = None,
+                    keep: Optional[Callable[[List[Any]], bool]] = None,
+                    max_literal: Optional[int] = None, redact: bool = False) -> _Response:
+        """Send one command and read its whole answer; the caller holds the lock.
+
+        ``args`` are bytes (sent as they are), str (sent as they are: callers build them
+        with quote/astring/compress_uids), int, or Literal.  ``keep`` chooses the untagged
+        answers worth keeping (default: what _needed_by says the command needs);
+        ``max_literal`` bounds each literal (larger ones in a FETCH are dropped and listed
+        in ``oversized``; elsewhere they are a ProtocolError); ``redact`` keeps the
+        arguments out of the debug log.  Raises _Dropped when the connection dies,
+        ImapError on NO/BAD, ProtocolError on garbage (and the connection is then closed).
+        """
+        imap = self.live()
+        if self._inflight:
+            self.drain()   # pipelined answers come first on the wire
+        tag = _new_tag(imap)
+        parts = self._command_parts(tag, command, args)
+        self._log_command(tag, command, ["<redacted>"] if redact else args)
+        self._watch(command)
+        try:
+            self._send(tag, parts)
+            response = self._read_response(tag, command, expect_bye, on_untagged,
+                                           keep=keep, max_literal=max_literal)
+        except StopRequested:
+            # The answer is cut short, so the stream is out of step: never read it again.
+            self.drop()
+            raise
+        except (ProtocolError, ValueError, TypeError, IndexError, RecursionError) as exc:
+            # The rest of the answer is still unread, so the stream is out of step: start
+            # afresh on the next command rather than misread what follows.  Values the
+            # parser accepted but that make no sense (a UIDVALIDITY that is no number)
+            # count as protocol errors too: nothing a server sends may crash us.
+            self.drop()
+            if isinstance(exc, ProtocolError):
+                raise
+            raise ProtocolError(f"the server's answer to {command} makes no sense: "
+                                f"{type(exc).__name__}: {str(exc)[:200]}",
+                                command=command) from exc
+        except _DROPPED_ERRORS as exc:
+            raise _Dropped(f"{command} failed: {_decode_server_text(exc) or type(exc).__name__}") from exc
+        finally:
+            self.commands_sent += 1
+            self.last_activity = time.monotonic()
+        if response.status not in ("OK",) and not (expect_bye and response.status == "BYE"):
+            raise ImapError(f"the server answered {response.status} to {command}: "
+                            f"{response.text}", command=command, status=response.status,
+                            code=response.code, text=response.text)
+        return response
+
+    def _watch(self, command: str) -> None:
+        """Before reading an answer: restart the progress window, set the line limit."""
+        if hasattr(self.imap, "watch_progress"):
+            self.imap.watch_progress(self.timeout)  # type: ignore[attr-defined]
+            self.imap.max_line = (self.search_line_limit()  # type: ignore[attr-defined]
+                             if command.endswith("SEARCH") else MAX_RESPONSE_LINE)
+
+    @staticmethod
+    def _command_parts(tag: bytes, command: str, args: Sequence[Any]) -> List[Union[bytes, Literal]]:
+        parts: List[Union[bytes, Literal]] = [tag + b" " + command.encode("ascii")]
+        for arg in args:
+            if isinstance(arg, Literal):
+                parts.append(arg)
+            elif isinstance(arg, bytes):
+                parts.append(arg)
+            else:
+                text = str(arg)
+                _refuse_controls(text, "the argument")
+                parts.append(text.encode("utf-8"))
+        return parts
+
+    def send_ahead(self, command: str, *args: Any,
+                    keep: Optional[Callable[[List[Any]], bool]] = None,
+                    max_literal: Optional[int] = None) -> _Pending:
+        """Send a read-only command without waiting for its answer; the caller holds the
+        lock.  ``keep`` and ``max_literal`` apply when the answer is read, as in execute."""
+        if command != "UID FETCH":
+            raise AssertionError(f"only UID FETCH may be pipelined, not {command}")
+        imap = self.live()
+        tag = _new_tag(imap)
+        parts = self._command_parts(tag, command, args)
+        self._log_command(tag, command, args)
+        try:
+            self._send(tag, parts)
+        except _DROPPED_ERRORS as exc:
+            raise _Dropped(f"{command} failed: {_decode_server_text(exc) or type(exc).__name__}") from exc
+        finally:
+            self.commands_sent += 1
+            self.last_activity = time.monotonic()
+        pending = _Pending(imap, tag, command, keep=keep, max_literal=max_literal)
+        self._inflight.append(pending)
+        return pending
+
+    @_scrubbed
+    def collect(self, pending: _Pending) -> _Response:
+        """Read answers in the order sent up to ``pending``'s; raises as execute does."""
+        while pending.response is None:
+            imap = self.imap
+            if imap is None or pending.imap is not imap or pending not in self._inflight:
+                raise _Dropped(f"{pending.command} was sent on a connection that is gone")
+            first = self._inflight[0]
+            try:
+                self._watch(first.command)
+                first.response = self._read_response(first.tag, first.command, False, None,
+                                                      keep=first.keep,
+                                                      max_literal=first.max_literal)
+            except StopRequested:
+                self._inflight.clear()
+                self.drop()
+                raise
+            except (ProtocolError, ValueError, TypeError, IndexError, RecursionError) as exc:
+                self._inflight.clear()
+                self.drop()
+                if isinstance(exc, ProtocolError):
+                    raise
+                raise ProtocolError(f"the server's answer to {first.command} makes no sense: "
+                                    f"{type(exc).__name__}: {str(exc)[:200]}",
+                                    command=first.command) from exc
+            except _DROPPED_ERRORS as exc:
+                self._inflight.clear()   # their answers are lost: the callers send again
+                raise _Dropped(f"{first.command} failed: "
+                               f"{_decode_server_text(exc) or type(exc).__name__}") from exc
+            finally:
+                self.last_activity = time.monotonic()
+            self._inflight.pop(0)
+        response = pending.response
+        if response.status != "OK":
+            raise ImapError(f"the server answered {response.status} to {pending.command}: "
+                            f"{response.text}", command=pending.command, status=response.status,
+                            code=response.code, text=response.text)
+        return response
+
+    def drain(self) -> None:
+        """Read every pipelined answer still on the wire (kept for whoever sent it)."""
+        self._inflight = [p for p in self._inflight if p.imap is self.imap]
+        while self._inflight:
+            pending = self._inflight[-1]
+            try:
+                self.collect(pending)
+            except ImapError:
+                pass        # kept in pending.response; its sender raises it
+
+    @staticmethod
+    def _log_command(tag: bytes, command: str, args: Sequence[Any]) -> None:
+        if not log.isEnabledFor(logging.DEBUG):
+            return
+        shown = []
+        for arg in args:
+            if isinstance(arg, Literal):
+                shown.append(f"{{{len(arg.data)} bytes}}")
+            else:
+                text = arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
+                shown.append(text if len(text) < 200 else text[:200] + "...")
+        log.debug("C: %s %s %s", tag.decode(), command, " ".join(shown))
+
+    def _log_answer(self, raw: bytes) -> None:
+        """-vv: one server line, shortened, with any credential of ours blanked out."""
+        text = self.redact(raw.decode("utf-8", "replace"))
+        log.debug("S: %s", text if len(text) < 200 else text[:200] + "...")
+
+    def _send(self, tag: bytes, parts: List[Union[bytes, Literal]]) -> None:
+        imap = self.live()
+        nonsync = bool({"LITERAL+", "LITERAL-"} & self.capabilities)
+        line = b""
+        for index, part in enumerate(parts):
+            if index:
+                line += b" "
+            if not isinstance(part, Literal):
+                line += part
+                continue
+            size = len(part.data)
+            if nonsync and size <= NONSYNC_LITERAL_MAX:
+                line += b"{%d+}\r\n" % size + part.data
+                continue
+            imap.send(line + b"{%d}\r\n" % size)
+            line = b""
+            self._wait_continuation(tag)
+            line = part.data
+        imap.send(line + b"\r\n")
+
+    def _wait_continuation(self, tag: bytes) -> None:
+        budget = _AnswerBudget("a literal's continuation")
+        while True:
+            raw = self._read_line()
+            if raw.startswith(b"+"):
+                return
+            if raw.startswith(tag + b" "):
+                code, _, text = parse_status_text(raw[len(tag) + 1:].split(b" ", 1)[-1])
+                raise ImapError(f"the server refused a literal: {text}", status="NO",
+                                code=code, text=text)
+            if raw.startswith(b"* BYE"):
+                raise _Dropped("server said BYE: " + raw[6:].decode("utf-8", "replace"))
+            budget.unasked(len(raw), update=False)
+
+    def _read_line(self, max_literal: Optional[int] = None,
+                   dropped: Optional[List[int]] = None) -> bytes:
+        """One response line with any literals it announces inlined, CRLF stripped.
+
+        A literal larger than ``max_literal`` (default MAX_SMALL_LITERAL) is never kept:
+        with a ``dropped`` list it is read in small pieces, thrown away, replaced by NIL
+        and its size appended to ``dropped``; without one it is a ProtocolError.
+        """
+        limit = MAX_SMALL_LITERAL if max_literal is None else max_literal
+        imap = self.live()
+        line = imap.readline()
+        if not line:
+            raise EOFError("connection closed by the server")
+        data = bytearray()
+        while True:
+            self.bytes_received += len(line)
+            if not line.endswith(b"\r\n"):
+                if not line.endswith(b"\n"):
+                    raise EOFError("connection closed in the middle of a line")
+            match = _LITERAL_AT_END.search(line) if line.endswith((b"}\r\n", b"}\n")) else None
+            if not match:
+                data += line.rstrip(b"\r\n")
+                return bytes(data)
+            size = int(match.group(1))
+            if size > limit:
+                if dropped is None:
+                    raise ProtocolError(f"the server announced a literal of {size} bytes where "
+                                        f"at most {limit} make sense")
+                left = size
+                while left:
+                    left -= len(imap.read(min(left, 65536)))
+                self.bytes_received += size
+                dropped.append(size)
+                data += line[:match.start()] + b"NIL"
+            else:
+                data += line[:match.start()] + b"{%d}\r\n" % size
+                data += imap.read(size)
+                self.bytes_received += size
+            line = imap.readline()
+            if not line:
+                raise EOFError("connection closed after a literal")
+
+    def _read_response(self, tag: bytes, command: str, expect_bye: bool,
+                       on_untagged: Optional[Callable[[List[Any]], None]],
+                       keep: Optional[Callable[[List[Any]], bool]] = None,
+                       max_literal: Optional[int] = None) -> _Response:
+        untagged: List[List[Any]] = []
+        oversized: List[List[Any]] = []
+        keep = keep or _needed_by(command)
+        budget = _AnswerBudget(command)
+        debug = log.isEnabledFor(logging.DEBUG)
+        while True:
+            dropped: List[int] = []
+            raw = self._read_line(max_literal,
+                                  dropped if command.endswith("FETCH") else None)
+            if debug:
+                self._log_answer(raw)
+            if raw.startswith(b"* "):
+                body = raw[2:]
+                head = body.split(b" ", 1)
+                kind = head[0].upper()
+                if kind in (b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"):
+                    code, args, text = parse_status_text(head[1] if len(head) > 1 else b"")
+                    text = self.redact(text)
+                    if kind == b"BYE":
+                        if expect_bye:
+                            continue
+                        raise _Dropped(f"server said BYE: {text}")
+                    if kind in (b"NO", b"BAD") or code == "ALERT":
+                        budget.warn("server: %s %s", kind.decode(), text)
+                    status_line = [kind.decode(), code, args, text]
+                    if keep(status_line):
+                        budget.kept(untagged, status_line, len(raw))
+                    else:
+                        budget.unasked(len(raw), update=False)
+                    continue
+                if not self._plausible(body, command):
+                    budget.unasked(len(raw), update=False)
+                    continue
+                parsed = parse_response(body)
+                self.note_untagged(parsed)
+                if on_untagged is not None:
+                    on_untagged(parsed)
+                if dropped:
+                    # Read and thrown away; the same message's again counts as a flood.
+                    if any(_fetch_uid(item) == _fetch_uid(parsed) for item in oversized):
+                        budget.unasked(len(raw) + sum(dropped), update=True)
+                    else:
+                        budget.kept(oversized, parsed, len(raw))
+                elif keep(parsed):
+                    budget.kept(untagged, parsed, len(raw))
+                else:
+                    budget.unasked(len(raw), update=_untagged_kind(parsed) in _STATE_UPDATES)
+            elif raw.startswith(tag + b" "):
+                rest = raw[len(tag) + 1:]
+                status, _, text = rest.partition(b" ")
+                code, args, message = parse_status_text(text)
+                message = self.redact(message)
+                if "THROTTLED" in message.upper() or code == "THROTTLED":
+                    log.warning("the server is throttling this account (%s)", message)
+                return _Response(status.decode("ascii", "replace").upper(), code, args,
+                                 message, untagged, oversized)
+            elif raw.startswith(b"+"):
+                raise ProtocolError(f"unexpected continuation request to {command}: {raw[:80]!r}")
+            else:
+                raise ProtocolError(f"unexpected line in the answer to {command}: {raw[:80]!r}")
+
+    def search_line_limit(self) -> int:
+        """A SEARCH answer names at most the folder's messages: 11 bytes per possible UID."""
+        return max(MAX_RESPONSE_LINE, self._search_ceiling() * 11)
+
+    def _search_ceiling(self) -> int:
+        """The most UIDs a SEARCH answer may name: twice the folder's size (it may grow
+        meanwhile) plus some, the size as EXISTS says but never above MAX_FOLDER_MESSAGES."""
+        selected = self.selected
+        return min(selected.exists if selected else 0, MAX_FOLDER_MESSAGES) * 2 + 10000
+
+    def _plausible(self, body: bytes, command: str) -> bool:
+        """Check a SEARCH answer's size before parsing it: it cannot name more UIDs than
+        the folder holds, and one that does would cost gigabytes once expanded.  Raises
+        ProtocolError for the SEARCH we asked for; False (ignore) for an unsolicited one."""
+        if not body[:7].upper().startswith(b"SEARCH"):
+            return True
+        if not command.endswith("SEARCH"):
+            return False
+        ceiling = self._search_ceiling()
+        if body.count(b" ") > ceiling:
+            raise ProtocolError(f"the server answered {command} with more than {ceiling} "
+                                f"UIDs, far more than the folder holds; that answer is "
+                                f"unusable", command=command)
+        return True
+
+    def note_untagged(self, parsed: List[Any]) -> None:
+        """Keep the selected folder's message count current from EXISTS."""
+        if len(parsed) >= 2 and str(parsed[1]).upper() == "EXISTS":
+            self.exists_seen += 1
+        if len(parsed) >= 2 and str(parsed[1]).upper() == "EXISTS" and self.selected \
+                and isinstance(parsed[0], int):
+            selected = self.selected
+            self.selected = FolderStatus(selected.name, selected.uidvalidity,
+                                          selected.uidnext, int(parsed[0]), selected.readonly)
+
+    @_scrubbed
+    def idle(self, timeout: float,
+             interrupt: Optional[Callable[[], bool]] = None) -> List[List[Any]]:
+        """IDLE once (see GmailConnection.idle); a drop raises _Dropped."""
+        imap = self.live()
+        if self._inflight:
+            self.drain()
+        tag = _new_tag(imap)
+        events: List[List[Any]] = []
+        ended: Optional[bytes] = None     # a tagged answer before DONE: IDLE refused or ended
+        idling = False
+        deadline = time.monotonic() + timeout
+        self.idling = True
+        try:
+            log.debug("C: %s IDLE", tag.decode())
+            imap.watch_progress(None)   # type: ignore[attr-defined]  # IDLE waits at will
+            imap.send(tag + b" IDLE\r\n")
+            self.commands_sent += 1
+            while True:
+                if idling:
+                    if events or self.stop.requested or (interrupt is not None and interrupt()):
+                        break
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    if not imap.wait_readable(  # type: ignore[attr-defined]
+                            min(left, IDLE_POLL)):
+                        continue
+                raw = self._read_line()
+                if raw.startswith(b"+"):
+                    idling = True
+                elif raw.startswith(tag + b" "):
+                    ended = raw
+                    break
+                elif raw.startswith(b"* BYE"):
+                    raise _Dropped("server said BYE during IDLE")
+                elif raw.startswith(b"* "):
+                    parsed = parse_response(raw[2:])
+                    if parsed and str(parsed[0]).upper() not in ("OK", "NO", "BAD"):
+                        self.note_untagged(parsed)
+                        events.append(parsed)
+                else:
+                    raise ProtocolError(f"unexpected line during IDLE: {raw[:80]!r}")
+            if ended is None:
+                imap.watch_progress(self.timeout)  # type: ignore[attr-defined]
+                imap.send(b"DONE\r\n")
+                response = self._read_response(tag, "IDLE", False, None)
+            else:
+                status, _, text = ended[len(tag) + 1:].partition(b" ")
+                code, args, message = parse_status_text(text)
+                response = _Response(status.decode("ascii", "replace").upper(), code, args,
+                                     message, [])
+        except (ProtocolError, StopRequested):
+            self.drop()   # the server may still be idling: start afresh
+            raise
+        except _DROPPED_ERRORS as exc:
+            raise _Dropped(f"IDLE failed: {_decode_server_text(exc)}") from exc
+        finally:
+            self.idling = False
+            self.last_activity = time.monotonic()
+        events.extend(item for item in response.untagged if item and item[0] != "OK")
+        if response.status != "OK":
+            raise ImapError(f"the server answered {response.status} to IDLE: {response.text}",
+                            command="IDLE", status=response.status, text=response.text)
+        return events
 
 
 class GmailConnection:
@@ -1416,12 +2006,13 @@ class GmailConnection:
         _check_credential(user, "user name")
         _check_credential(password, "password")
         _check_credential(token, "token")
+        # The caller's stop mechanism: read loops and retries look at it (see Stop).
+        self._proto = _Protocol(host, user, timeout, stop if stop is not None else Stop())
         self.user = user
         self.host = host
         self.port = port or (IMAPS_PORT if security == "tls" else IMAP_PORT)
         self.security = security
         self.cafile = cafile
-        self.timeout = timeout
         self.keepalive = keepalive
         self.retries = retries
         self.backoff = backoff
@@ -1429,28 +2020,23 @@ class GmailConnection:
         self._token = token
         self._sleep = sleep
         self._rng = rng
-        self._imap: Optional[imaplib.IMAP4] = None
         self._lock = threading.RLock()
-        self._idling = False
-        self._last_activity = time.monotonic()
         self._background_error: Optional[BaseException] = None
         self._stop = threading.Event()
-        # The caller's stop mechanism: read loops and retries look at it (see Stop).
-        self.stop = stop if stop is not None else Stop()
         self._keepalive_thread: Optional[threading.Thread] = None
-        self._selected: Optional[FolderStatus] = None
         self._folders: Optional[List[Folder]] = None
         self._namespace: Optional[Tuple[str, str]] = None
-        self._inflight: List[_Pending] = []   # pipelined commands, oldest first
-        self.capabilities: frozenset = frozenset()
         self.reconnects = 0
-        self.commands_sent = 0
-        self.bytes_received = 0
         self.backoff_delays: List[float] = []
-        # EXISTS responses seen, with any command or in IDLE: new mail in the selected
-        # folder is announced once, to whichever command comes next (RFC 3501 §7.3.1).
-        self.exists_seen = 0
-        self._secrets: List[str] = []   # credentials sent, kept out of -vv logs
+
+    # What the protocol engine keeps, shown as this object's own (see _Protocol).
+    stop = _forwarded("stop")
+    timeout = _forwarded("timeout")
+    capabilities = _forwarded("capabilities")
+    commands_sent = _forwarded("commands_sent")
+    bytes_received = _forwarded("bytes_received")
+    exists_seen = _forwarded("exists_seen")
+    _selected = _forwarded("selected")
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -1483,25 +2069,30 @@ class GmailConnection:
             thread.join(timeout=5)
         self._keepalive_thread = None
         with self._lock:
-            imap, self._imap = self._imap, None
-            if imap is None:
+            proto = self._proto
+            if proto.imap is None:
                 return
             try:
                 if self._selected is not None:
                     if self.has("UNSELECT"):
-                        self._execute_on(imap, "UNSELECT")
+                        proto.execute("UNSELECT")
                     elif self._selected.readonly:
-                        self._execute_on(imap, "CLOSE")
-                self._execute_on(imap, "LOGOUT", expect_bye=True)
+                        proto.execute("CLOSE")
+                proto.execute("LOGOUT", expect_bye=True)
             except (_Dropped, ImapError, ProtocolError, StopRequested):
                 pass
             finally:
                 self._selected = None
-                self._shutdown(imap)
+                proto.drop()
+
+    def redact(self, text: str) -> str:
+        """``text`` from the server with every credential we sent blanked out (see
+        _Protocol.redact)."""
+        return self._proto.redact(text)
 
     @property
     def connected(self) -> bool:
-        return self._imap is not None
+        return self._proto.imap is not None
 
     def has(self, capability: str) -> bool:
         """True if the server announced ``capability`` (after login), e.g. ``has("MOVE")``."""
@@ -1561,18 +2152,15 @@ class GmailConnection:
                 raise _Unreachable(f"cannot connect to {where}: {hint}") from exc
             raise _Dropped(f"cannot connect to {where}: {_decode_server_text(exc)}") from exc
         imap.stop = self.stop  # type: ignore[attr-defined]
+        self._proto.attach(imap)
         try:
             if self.security == "starttls":
                 self._starttls(imap, where)
-            self._authenticate(imap)
-            # imaplib read the capabilities once, before login; Gmail adds MOVE, UIDPLUS and
-            # more only afterwards, so ask again.
-            untagged = self._execute_on(imap, "CAPABILITY").untagged
-            self.capabilities = self._capabilities_from(untagged, imap)
+            self._authenticate()
+            self._proto.ask_capabilities()
         except BaseException:
-            self._shutdown(imap)
+            self._proto.drop()
             raise
-        self._imap = imap
         return imap
 
     # OpenSSL's reasons when the other side does not speak TLS at all (it sent an IMAP
@@ -1618,14 +2206,14 @@ class GmailConnection:
         except (ssl.SSLError, OSError) as exc:
             raise _Dropped(f"STARTTLS failed: {exc}") from exc
 
-    def _authenticate(self, imap: imaplib.IMAP4) -> None:
+    def _authenticate(self) -> None:
         """LOGIN with the password, or AUTHENTICATE XOAUTH2 with the token; never logged.
 
         We build these commands ourselves rather than through imaplib, which sends the
         user name raw (a space or a quote in it changes who signs in) and cannot send
         non-ASCII credentials or a SASL initial response (RFC 4959).
         """
-        if getattr(imap, "state", "NONAUTH") != "NONAUTH":
+        if getattr(self._proto.imap, "state", "NONAUTH") != "NONAUTH":
             raise AuthenticationError(f"{self.host} claims the session is signed in already "
                                       f"(PREAUTH) without our credentials; refusing it",
                                       command="LOGIN")
@@ -1634,141 +2222,20 @@ class GmailConnection:
                 token = _credential(self._token) or ""
                 _check_credential(token, "token")
                 initial = f"user={self.user}\x01auth=Bearer {token}\x01\x01".encode("utf-8")
-                self._remember_secret(token)
-                self._remember_secret(base64.b64encode(initial).decode("ascii"))
-                self._sasl(imap, "XOAUTH2", initial, "the OAuth2 token")
+                self._proto.remember_secret(token)
+                self._proto.remember_secret(base64.b64encode(initial).decode("ascii"))
+                self._proto.sasl("XOAUTH2", initial, "the OAuth2 token")
             else:
                 password = _clean_password(_credential(self._password) or "")
                 _check_credential(password, "password")
-                self._remember_secret(password)
-                self._login(imap, password)
+                self._proto.remember_secret(password)
+                self._proto.login(password)
         except ConnectionLostError as exc:
             # A token provider that cannot reach its issuer: as retryable as a lost link.
             raise _Dropped(str(exc)) from exc
         except OSError as exc:
             raise _Dropped(f"connection lost while signing in: {exc}") from exc
         log.info("signed in to %s as %s", self.host, self.user)
-
-    def _remember_secret(self, secret: str) -> None:
-        """Keep ``secret`` (and its base64 and quoted forms) out of every text that leaves
-        the connection: a server may repeat what we sent (see redact)."""
-        forms = [secret, base64.b64encode(secret.encode("utf-8")).decode("ascii"),
-                 secret.replace("\\", "\\\\").replace('"', '\\"')]
-        for form in forms:
-            if len(form) >= 4 and form not in self._secrets:
-                self._secrets.append(form)
-        self._secrets.sort(key=len, reverse=True)   # a longer form before a part of it
-
-    def redact(self, text: str) -> str:
-        """``text`` from the server with every credential we sent blanked out.
-
-        A server may quote the command it refuses (``NO your command was LOGIN "user"
-        "secret"``), put it in an untagged NO or ALERT, or echo a SASL string in a
-        challenge; such text reaches messages, warnings, logs and the audit log, so every
-        piece of server text passes through here first.
-        """
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, "<redacted>")
-        return text
-
-    def _gmail_login_hint(self, imap: imaplib.IMAP4) -> str:
-        """Gmail refuses the account's normal password over IMAP: say what works instead."""
-        gmail = "X-GM-EXT-1" in imap.capabilities or \
-            self.host.lower().rstrip(".").endswith((".gmail.com", ".googlemail.com"))
-        if not gmail:
-            return ""
-        return (" (Gmail needs an app password, not your Google password: Google Account -> "
-                "Security -> App passwords, which needs 2-Step Verification; and IMAP must be "
-                "on in Gmail's settings, under Forwarding and POP/IMAP)")
-
-    def _login(self, imap: imaplib.IMAP4, password: str) -> None:
-        """LOGIN with both arguments quoted; non-ASCII goes as AUTHENTICATE PLAIN (UTF-8,
-        RFC 4616) when offered, else as literals."""
-        if not (self.user.isascii() and password.isascii()) and \
-                "AUTH=PLAIN" in imap.capabilities:
-            initial = b"\x00" + self.user.encode("utf-8") + b"\x00" + password.encode("utf-8")
-            self._remember_secret(base64.b64encode(initial).decode("ascii"))
-            self._sasl(imap, "PLAIN", initial, "the sign-in")
-            return
-        args = [quote(text) if text.isascii() else Literal(text.encode("utf-8"))
-                for text in (self.user, password)]
-        try:
-            self._execute_on(imap, "LOGIN", *args, redact=True)
-        except ProtocolError:
-            raise
-        except ImapError as exc:
-            text = (f"[{exc.code}] " if exc.code else "") + exc.text
-            raise AuthenticationError(f"{self.host} rejected the sign-in for {self.user}: "
-                                      f"{text}{self._gmail_login_hint(imap)}", command="LOGIN",
-                                      status=exc.status, code=exc.code, text=text) from exc
-
-    def _sasl(self, imap: imaplib.IMAP4, mechanism: str, initial: bytes, what: str) -> None:
-        """AUTHENTICATE ``mechanism`` (RFC 3501 §6.2.2), the initial response on the first
-        line when the server has SASL-IR (RFC 4959), else after the first ``+``.
-
-        Gmail answers a bad XOAUTH2 token with a JSON challenge and waits for an empty
-        response before it sends the tagged NO; resending the token there gets a BAD.
-        """
-        tag = imap._new_tag()  # type: ignore[attr-defined]
-        encoded = base64.b64encode(initial) or b"="
-        line = tag + b" AUTHENTICATE " + mechanism.encode("ascii")
-        pending: Optional[bytes] = encoded
-        if "SASL-IR" in imap.capabilities:
-            line += b" " + encoded
-            pending = None
-        log.debug("C: %s AUTHENTICATE %s%s", tag.decode(), mechanism,
-                  "" if pending else " <redacted>")
-        challenges: List[str] = []
-        try:
-            # Untagged lines mean nothing here: a few are harmless, a flood is not.
-            imap.watch_progress(self.timeout, lines=MAX_UNREQUESTED_ANSWERS)  # type: ignore[attr-defined]
-            imap.send(line + b"\r\n")
-            while True:
-                raw = self._read_line(imap)
-                if raw.startswith(b"+"):
-                    if pending is not None and not challenges:
-                        imap.send(pending + b"\r\n")
-                        pending = None
-                        challenges.append("")
-                        continue
-                    if len(challenges) > 3:
-                        raise ProtocolError(f"{self.host} keeps challenging AUTHENTICATE "
-                                            f"{mechanism}", command="AUTHENTICATE")
-                    try:
-                        challenges.append(base64.b64decode(raw[1:].strip()).decode("utf-8", "replace"))
-                    except (binascii.Error, ValueError):
-                        challenges.append(raw[1:].strip().decode("utf-8", "replace"))
-                    imap.send(b"\r\n")
-                elif raw.startswith(tag + b" "):
-                    status, _, rest = raw[len(tag) + 1:].partition(b" ")
-                    if status.upper() == b"OK":
-                        return
-                    code = parse_status_text(rest)[0]
-                    text = rest.decode("utf-8", "replace")
-                    detail = "".join(f" ({c})" for c in challenges if c)
-                    raise AuthenticationError(
-                        f"{self.host} rejected {what} for {self.user}: {text}{detail}",
-                        command="AUTHENTICATE", status=status.decode("ascii", "replace").upper(),
-                        code=code, text=text + detail)
-                elif raw.startswith(b"* BYE"):
-                    raise _Dropped("server said BYE while signing in: "
-                                   + raw[6:].decode("utf-8", "replace"))
-                elif not raw.startswith(b"* "):
-                    raise ProtocolError(f"unexpected line while signing in: {raw[:80]!r}",
-                                        command="AUTHENTICATE")
-        except _DROPPED_ERRORS as exc:
-            raise _Dropped(f"connection lost while signing in: "
-                           f"{_decode_server_text(exc) or type(exc).__name__}") from exc
-
-    @staticmethod
-    def _capabilities_from(untagged: List[List[Any]], imap: imaplib.IMAP4) -> frozenset:
-        caps = set()
-        for response in untagged:
-            if response and str(response[0]).upper() == "CAPABILITY":
-                caps.update(str(word).upper() for word in response[1:]
-                            if str(word).isascii())   # 8-bit: names nothing we use
-        return frozenset(caps or imap.capabilities)
 
     def _connect_with_retries(self, first_error: Optional[BaseException]) -> None:
         """Open a connection, sleeping with backoff between failed attempts."""
@@ -1803,7 +2270,7 @@ class GmailConnection:
                 if error is not None:
                     self.reconnects += 1
                 self._background_error = None
-                self._last_activity = time.monotonic()
+                self._proto.last_activity = time.monotonic()
                 return
             except _Dropped as exc:
                 error = exc
@@ -1835,93 +2302,7 @@ class GmailConnection:
         raise ConnectionLostError(f"reconnected to {self.host} but could not reopen "
                                   f"{previous.name}: {error}") from error
 
-    @staticmethod
-    def _shutdown(imap: imaplib.IMAP4) -> None:
-        try:
-            imap.shutdown()
-        except (OSError, AttributeError, ValueError):
-            pass
-
     # -- sending commands ----------------------------------------------------------------
-
-    @_scrubbed
-    def _execute_on(self, imap: imaplib.IMAP4, command: str, *args: Any,
-                    expect_bye: bool = False,
-                    on_untagged: Optional[Callable[[List[Any]], None]] = None,
-                    keep: Optional[Callable[[List[Any]], bool]] = None,
-                    max_literal: Optional[int] = None, redact: bool = False) -> _Response:
-        """Send one command on ``imap`` and read its whole answer; the caller holds the lock.
-
-        ``args`` are bytes (sent as they are), str (sent as they are: callers build them
-        with quote/astring/compress_uids), int, or Literal.  ``keep`` chooses the untagged
-        answers worth keeping (default: what _needed_by says the command needs);
-        ``max_literal`` bounds each literal (larger ones in a FETCH are dropped and listed
-        in ``oversized``; elsewhere they are a ProtocolError); ``redact`` keeps the
-        arguments out of the debug log.  Raises _Dropped when the connection dies,
-        ImapError on NO/BAD, ProtocolError on garbage (and the connection is then closed).
-        """
-        if self._inflight:
-            self._drain(imap)   # pipelined answers come first on the wire
-        tag = _new_tag(imap)
-        parts = self._command_parts(tag, command, args)
-        self._log_command(tag, command, ["<redacted>"] if redact else args)
-        self._watch(imap, command)
-        try:
-            self._send(imap, tag, parts)
-            response = self._read_response(imap, tag, command, expect_bye, on_untagged,
-                                           keep=keep, max_literal=max_literal)
-        except StopRequested:
-            # The answer is cut short, so the stream is out of step: never read it again.
-            if imap is self._imap:
-                self._mark_dead()
-            else:
-                self._shutdown(imap)
-            raise
-        except (ProtocolError, ValueError, TypeError, IndexError, RecursionError) as exc:
-            # The rest of the answer is still unread, so the stream is out of step: start
-            # afresh on the next command rather than misread what follows.  Values the
-            # parser accepted but that make no sense (a UIDVALIDITY that is no number)
-            # count as protocol errors too: nothing a server sends may crash us.
-            if imap is self._imap:
-                self._mark_dead()
-            else:
-                self._shutdown(imap)
-            if isinstance(exc, ProtocolError):
-                raise
-            raise ProtocolError(f"the server's answer to {command} makes no sense: "
-                                f"{type(exc).__name__}: {str(exc)[:200]}",
-                                command=command) from exc
-        except _DROPPED_ERRORS as exc:
-            raise _Dropped(f"{command} failed: {_decode_server_text(exc) or type(exc).__name__}") from exc
-        finally:
-            self.commands_sent += 1
-            self._last_activity = time.monotonic()
-        if response.status not in ("OK",) and not (expect_bye and response.status == "BYE"):
-            raise ImapError(f"the server answered {response.status} to {command}: "
-                            f"{response.text}", command=command, status=response.status,
-                            code=response.code, text=response.text)
-        return response
-
-    def _watch(self, imap: imaplib.IMAP4, command: str) -> None:
-        """Before reading an answer: restart the progress window, set the line limit."""
-        if hasattr(imap, "watch_progress"):
-            imap.watch_progress(self.timeout)  # type: ignore[attr-defined]
-            imap.max_line = (self._search_line_limit()  # type: ignore[attr-defined]
-                             if command.endswith("SEARCH") else MAX_RESPONSE_LINE)
-
-    @staticmethod
-    def _command_parts(tag: bytes, command: str, args: Sequence[Any]) -> List[Union[bytes, Literal]]:
-        parts: List[Union[bytes, Literal]] = [tag + b" " + command.encode("ascii")]
-        for arg in args:
-            if isinstance(arg, Literal):
-                parts.append(arg)
-            elif isinstance(arg, bytes):
-                parts.append(arg)
-            else:
-                text = str(arg)
-                _refuse_controls(text, "the argument")
-                parts.append(text.encode("utf-8"))
-        return parts
 
     # -- pipelining (RFC 3501 §5.5) ---------------------------------------------------
     #
@@ -1931,276 +2312,13 @@ class GmailConnection:
     # answers (and keeps them), so the wire never interleaves.  Writes are never
     # pipelined.  After a drop, every FETCH whose answer had not completed is sent again.
 
-    def _send_ahead(self, imap: imaplib.IMAP4, command: str, *args: Any,
-                    keep: Optional[Callable[[List[Any]], bool]] = None,
-                    max_literal: Optional[int] = None) -> _Pending:
-        """Send a read-only command without waiting for its answer; the caller holds the
-        lock.  ``keep`` and ``max_literal`` apply when the answer is read, as in _execute_on."""
-        if command != "UID FETCH":
-            raise AssertionError(f"only UID FETCH may be pipelined, not {command}")
-        tag = _new_tag(imap)
-        parts = self._command_parts(tag, command, args)
-        self._log_command(tag, command, args)
-        try:
-            self._send(imap, tag, parts)
-        except _DROPPED_ERRORS as exc:
-            raise _Dropped(f"{command} failed: {_decode_server_text(exc) or type(exc).__name__}") from exc
-        finally:
-            self.commands_sent += 1
-            self._last_activity = time.monotonic()
-        pending = _Pending(imap, tag, command, keep=keep, max_literal=max_literal)
-        self._inflight.append(pending)
-        return pending
-
-    @_scrubbed
-    def _collect(self, imap: imaplib.IMAP4, pending: _Pending) -> _Response:
-        """Read answers in the order sent up to ``pending``'s; raises as _execute_on does."""
-        while pending.response is None:
-            if pending.imap is not imap or pending not in self._inflight:
-                raise _Dropped(f"{pending.command} was sent on a connection that is gone")
-            first = self._inflight[0]
-            try:
-                self._watch(imap, first.command)
-                first.response = self._read_response(imap, first.tag, first.command, False, None,
-                                                      keep=first.keep,
-                                                      max_literal=first.max_literal)
-            except StopRequested:
-                self._inflight.clear()
-                if imap is self._imap:
-                    self._mark_dead()
-                raise
-            except (ProtocolError, ValueError, TypeError, IndexError, RecursionError) as exc:
-                self._inflight.clear()
-                if imap is self._imap:
-                    self._mark_dead()
-                if isinstance(exc, ProtocolError):
-                    raise
-                raise ProtocolError(f"the server's answer to {first.command} makes no sense: "
-                                    f"{type(exc).__name__}: {str(exc)[:200]}",
-                                    command=first.command) from exc
-            except _DROPPED_ERRORS as exc:
-                self._inflight.clear()   # their answers are lost: the callers send again
-                raise _Dropped(f"{first.command} failed: "
-                               f"{_decode_server_text(exc) or type(exc).__name__}") from exc
-            finally:
-                self._last_activity = time.monotonic()
-            self._inflight.pop(0)
-        response = pending.response
-        if response.status != "OK":
-            raise ImapError(f"the server answered {response.status} to {pending.command}: "
-                            f"{response.text}", command=pending.command, status=response.status,
-                            code=response.code, text=response.text)
-        return response
-
-    def _drain(self, imap: imaplib.IMAP4) -> None:
-        """Read every pipelined answer still on the wire (kept for whoever sent it)."""
-        self._inflight = [p for p in self._inflight if p.imap is imap]
-        while self._inflight:
-            pending = self._inflight[-1]
-            try:
-                self._collect(imap, pending)
-            except ImapError:
-                pass        # kept in pending.response; its sender raises it
-
-    @staticmethod
-    def _log_command(tag: bytes, command: str, args: Sequence[Any]) -> None:
-        if not log.isEnabledFor(logging.DEBUG):
-            return
-        shown = []
-        for arg in args:
-            if isinstance(arg, Literal):
-                shown.append(f"{{{len(arg.data)} bytes}}")
-            else:
-                text = arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
-                shown.append(text if len(text) < 200 else text[:200] + "...")
-        log.debug("C: %s %s %s", tag.decode(), command, " ".join(shown))
-
-    def _log_answer(self, raw: bytes) -> None:
-        """-vv: one server line, shortened, with any credential of ours blanked out."""
-        text = self.redact(raw.decode("utf-8", "replace"))
-        log.debug("S: %s", text if len(text) < 200 else text[:200] + "...")
-
-    def _send(self, imap: imaplib.IMAP4, tag: bytes, parts: List[Union[bytes, Literal]]) -> None:
-        nonsync = self.has("LITERAL+") or self.has("LITERAL-")
-        line = b""
-        for index, part in enumerate(parts):
-            if index:
-                line += b" "
-            if not isinstance(part, Literal):
-                line += part
-                continue
-            size = len(part.data)
-            if nonsync and size <= NONSYNC_LITERAL_MAX:
-                line += b"{%d+}\r\n" % size + part.data
-                continue
-            imap.send(line + b"{%d}\r\n" % size)
-            line = b""
-            self._wait_continuation(imap, tag)
-            line = part.data
-        imap.send(line + b"\r\n")
-
-    def _wait_continuation(self, imap: imaplib.IMAP4, tag: bytes) -> None:
-        budget = _AnswerBudget("a literal's continuation")
-        while True:
-            raw = self._read_line(imap)
-            if raw.startswith(b"+"):
-                return
-            if raw.startswith(tag + b" "):
-                code, _, text = parse_status_text(raw[len(tag) + 1:].split(b" ", 1)[-1])
-                raise ImapError(f"the server refused a literal: {text}", status="NO",
-                                code=code, text=text)
-            if raw.startswith(b"* BYE"):
-                raise _Dropped("server said BYE: " + raw[6:].decode("utf-8", "replace"))
-            budget.unasked(len(raw), update=False)
-
-    def _read_line(self, imap: imaplib.IMAP4, max_literal: Optional[int] = None,
-                   dropped: Optional[List[int]] = None) -> bytes:
-        """One response line with any literals it announces inlined, CRLF stripped.
-
-        A literal larger than ``max_literal`` (default MAX_SMALL_LITERAL) is never kept:
-        with a ``dropped`` list it is read in small pieces, thrown away, replaced by NIL
-        and its size appended to ``dropped``; without one it is a ProtocolError.
-        """
-        limit = MAX_SMALL_LITERAL if max_literal is None else max_literal
-        line = imap.readline()
-        if not line:
-            raise EOFError("connection closed by the server")
-        data = bytearray()
-        while True:
-            self.bytes_received += len(line)
-            if not line.endswith(b"\r\n"):
-                if not line.endswith(b"\n"):
-                    raise EOFError("connection closed in the middle of a line")
-            match = _LITERAL_AT_END.search(line) if line.endswith((b"}\r\n", b"}\n")) else None
-            if not match:
-                data += line.rstrip(b"\r\n")
-                return bytes(data)
-            size = int(match.group(1))
-            if size > limit:
-                if dropped is None:
-                    raise ProtocolError(f"the server announced a literal of {size} bytes where "
-                                        f"at most {limit} make sense")
-                left = size
-                while left:
-                    left -= len(imap.read(min(left, 65536)))
-                self.bytes_received += size
-                dropped.append(size)
-                data += line[:match.start()] + b"NIL"
-            else:
-                data += line[:match.start()] + b"{%d}\r\n" % size
-                data += imap.read(size)
-                self.bytes_received += size
-            line = imap.readline()
-            if not line:
-                raise EOFError("connection closed after a literal")
-
-    def _read_response(self, imap: imaplib.IMAP4, tag: bytes, command: str, expect_bye: bool,
-                       on_untagged: Optional[Callable[[List[Any]], None]],
-                       keep: Optional[Callable[[List[Any]], bool]] = None,
-                       max_literal: Optional[int] = None) -> _Response:
-        untagged: List[List[Any]] = []
-        oversized: List[List[Any]] = []
-        keep = keep or _needed_by(command)
-        budget = _AnswerBudget(command)
-        debug = log.isEnabledFor(logging.DEBUG)
-        while True:
-            dropped: List[int] = []
-            raw = self._read_line(imap, max_literal,
-                                  dropped if command.endswith("FETCH") else None)
-            if debug:
-                self._log_answer(raw)
-            if raw.startswith(b"* "):
-                body = raw[2:]
-                head = body.split(b" ", 1)
-                kind = head[0].upper()
-                if kind in (b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"):
-                    code, args, text = parse_status_text(head[1] if len(head) > 1 else b"")
-                    text = self.redact(text)
-                    if kind == b"BYE":
-                        if expect_bye:
-                            continue
-                        raise _Dropped(f"server said BYE: {text}")
-                    if kind in (b"NO", b"BAD") or code == "ALERT":
-                        budget.warn("server: %s %s", kind.decode(), text)
-                    status_line = [kind.decode(), code, args, text]
-                    if keep(status_line):
-                        budget.kept(untagged, status_line, len(raw))
-                    else:
-                        budget.unasked(len(raw), update=False)
-                    continue
-                if not self._plausible(body, command):
-                    budget.unasked(len(raw), update=False)
-                    continue
-                parsed = parse_response(body)
-                self._note_untagged(parsed)
-                if on_untagged is not None:
-                    on_untagged(parsed)
-                if dropped:
-                    # Read and thrown away; the same message's again counts as a flood.
-                    if any(_fetch_uid(item) == _fetch_uid(parsed) for item in oversized):
-                        budget.unasked(len(raw) + sum(dropped), update=True)
-                    else:
-                        budget.kept(oversized, parsed, len(raw))
-                elif keep(parsed):
-                    budget.kept(untagged, parsed, len(raw))
-                else:
-                    budget.unasked(len(raw), update=_untagged_kind(parsed) in _STATE_UPDATES)
-            elif raw.startswith(tag + b" "):
-                rest = raw[len(tag) + 1:]
-                status, _, text = rest.partition(b" ")
-                code, args, message = parse_status_text(text)
-                message = self.redact(message)
-                if "THROTTLED" in message.upper() or code == "THROTTLED":
-                    log.warning("the server is throttling this account (%s)", message)
-                return _Response(status.decode("ascii", "replace").upper(), code, args,
-                                 message, untagged, oversized)
-            elif raw.startswith(b"+"):
-                raise ProtocolError(f"unexpected continuation request to {command}: {raw[:80]!r}")
-            else:
-                raise ProtocolError(f"unexpected line in the answer to {command}: {raw[:80]!r}")
-
-    def _search_line_limit(self) -> int:
-        """A SEARCH answer names at most the folder's messages: 11 bytes per possible UID."""
-        return max(MAX_RESPONSE_LINE, self._search_ceiling() * 11)
-
-    def _search_ceiling(self) -> int:
-        """The most UIDs a SEARCH answer may name: twice the folder's size (it may grow
-        meanwhile) plus some, the size as EXISTS says but never above MAX_FOLDER_MESSAGES."""
-        selected = self._selected
-        return min(selected.exists if selected else 0, MAX_FOLDER_MESSAGES) * 2 + 10000
-
-    def _plausible(self, body: bytes, command: str) -> bool:
-        """Check a SEARCH answer's size before parsing it: it cannot name more UIDs than
-        the folder holds, and one that does would cost gigabytes once expanded.  Raises
-        ProtocolError for the SEARCH we asked for; False (ignore) for an unsolicited one."""
-        if not body[:7].upper().startswith(b"SEARCH"):
-            return True
-        if not command.endswith("SEARCH"):
-            return False
-        ceiling = self._search_ceiling()
-        if body.count(b" ") > ceiling:
-            raise ProtocolError(f"the server answered {command} with more than {ceiling} "
-                                f"UIDs, far more than the folder holds; that answer is "
-                                f"unusable", command=command)
-        return True
-
-    def _note_untagged(self, parsed: List[Any]) -> None:
-        """Keep the selected folder's message count current from EXISTS."""
-        if len(parsed) >= 2 and str(parsed[1]).upper() == "EXISTS":
-            self.exists_seen += 1
-        if len(parsed) >= 2 and str(parsed[1]).upper() == "EXISTS" and self._selected \
-                and isinstance(parsed[0], int):
-            selected = self._selected
-            self._selected = FolderStatus(selected.name, selected.uidvalidity,
-                                          selected.uidnext, int(parsed[0]), selected.readonly)
-
     def _call(self, command: str, *args: Any, **reading: Any) -> _Response:
         """Run a command that is safe to repeat (reads, +/- STOREs, CREATE, UID EXPUNGE of
         a fixed set, COPY on Gmail), sent again after a drop; ``reading`` passes keep= and
-        max_literal= on to _execute_on.  The lock is held across the retries."""
+        max_literal= on to _Protocol.execute.  The lock is held across the retries."""
         with self._lock:
-            return self._retrying(command, lambda: self._execute_on(self._live(), command,
-                                                                    *args, **reading))
+            return self._retrying(command, lambda: self._proto.execute(command, *args,
+                                                                       **reading))
 
     def _retrying(self, what: str, attempt: Callable[[], Any],
                   settle: Optional[Callable[[], bool]] = None) -> Any:
@@ -2236,20 +2354,13 @@ class GmailConnection:
         raise ConnectionLostError(f"{what} kept failing after {self.retries} reconnects: "
                                   f"{cause}") from cause
 
-    def _live(self) -> imaplib.IMAP4:
-        if self._imap is None:
-            raise _Dropped("not connected")
-        return self._imap
-
     def _mark_dead(self) -> None:
-        imap, self._imap = self._imap, None
-        if imap is not None:
-            self._shutdown(imap)
+        self._proto.drop()
 
     def _check_background(self) -> None:
         """Turn a failure the keepalive thread recorded into a reconnect, here and now."""
         error, self._background_error = self._background_error, None
-        if error is not None or self._imap is None:
+        if error is not None or self._proto.imap is None:
             self._reconnect(error or _Dropped("not connected"))
 
     # -- keepalive ---------------------------------------------------------------------
@@ -2267,7 +2378,7 @@ class GmailConnection:
         """Send NOOP after ``keepalive`` idle seconds; record failures for the foreground."""
         interval = float(self.keepalive or 0)
         while not self._stop.is_set():
-            wait = self._last_activity + interval - time.monotonic()
+            wait = self._proto.last_activity + interval - time.monotonic()
             if wait > 0:
                 self._stop.wait(wait)
                 continue
@@ -2275,18 +2386,18 @@ class GmailConnection:
             if not self._lock.acquire(timeout=min(interval, 0.5)):
                 continue
             try:
-                if self._stop.is_set() or self._idling or self._imap is None:
-                    self._last_activity = time.monotonic()
+                if self._stop.is_set() or self._proto.idling or self._proto.imap is None:
+                    self._proto.last_activity = time.monotonic()
                     continue
-                if time.monotonic() - self._last_activity < interval:
+                if time.monotonic() - self._proto.last_activity < interval:
                     continue
                 try:
-                    self._execute_on(self._imap, "NOOP")
+                    self._proto.execute("NOOP")
                 except (_Dropped, ImapError, StopRequested) as exc:
                     log.info("keepalive NOOP failed (%s); will reconnect on the next command", exc)
                     self._background_error = exc
                     self._mark_dead()
-                    self._last_activity = time.monotonic()
+                    self._proto.last_activity = time.monotonic()
             finally:
                 self._lock.release()
 
@@ -2483,7 +2594,7 @@ class GmailConnection:
         # accepted but we could not parse for the read-only one before, and CLOSEs it.
         self._selected = None
         command = "EXAMINE" if readonly else "SELECT"
-        response = self._execute_on(self._live(), command, self._mailbox(folder))
+        response = self._proto.execute(command, self._mailbox(folder))
         uidvalidity = uidnext = None
         exists = 0
         for item in response.untagged:
@@ -2584,10 +2695,10 @@ class GmailConnection:
         sent: Dict[int, List[_Pending]] = {}
         refused: Optional[BaseException] = None   # what before_each raised for a later batch
 
-        def send(imap: imaplib.IMAP4, number: int) -> None:
+        def send(number: int) -> None:
             keep = _fetch_keep(set(todo[number]))
-            sent[number] = [self._send_ahead(imap, "UID FETCH", compress_uids(chunk), line,
-                                             keep=keep, max_literal=limit)
+            sent[number] = [self._proto.send_ahead("UID FETCH", compress_uids(chunk), line,
+                                                   keep=keep, max_literal=limit)
                             for chunk in chunk_uids(todo[number])]
 
         for index, batch in enumerate(todo):
@@ -2601,18 +2712,18 @@ class GmailConnection:
             def receive() -> None:
                 nonlocal refused
                 result.clear()
-                imap = self._live()
+                imap = self._proto.live()
                 pendings = sent.get(index)
                 if pendings is None or any(p.response is None and p.imap is not imap
                                            for p in pendings):
-                    send(imap, index)
+                    send(index)
                 for number in range(index + 1, min(index + 1 + ahead, len(todo))):
                     pendings = sent.get(number)
                     if pendings is not None and any(p.response is None and p.imap is not imap
                                                     for p in pendings):
-                        send(imap, number)   # lost with the old connection
+                        send(number)   # lost with the old connection
                 for pending in sent[index]:
-                    _fetch_answer(self._collect(imap, pending), wanted, by_key, result,
+                    _fetch_answer(self._proto.collect(pending), wanted, by_key, result,
                                   limit, skipped)
                 del sent[index]
                 for number in range(index + 1, min(index + 1 + ahead, len(todo))):
@@ -2624,7 +2735,7 @@ class GmailConnection:
                         except Exception as exc:
                             refused = exc
                             break
-                    send(imap, number)
+                    send(number)
 
             with self._lock:    # held across the retries, as in _call
                 self._retrying("UID FETCH", receive)
@@ -2730,7 +2841,7 @@ class GmailConnection:
             return not pending
 
         def attempt() -> None:
-            response = self._execute_on(self._live(), "UID MOVE", compress_uids(pending),
+            response = self._proto.execute("UID MOVE", compress_uids(pending),
                                         self._mailbox(destination))
             mapping = _copyuid_map(response, pending)
             for uid in pending:
@@ -2742,7 +2853,7 @@ class GmailConnection:
         self._retrying(f"UID MOVE to {destination}", attempt, settle)
 
     def _search_now(self, uids: Sequence[int]) -> List[int]:
-        response = self._execute_on(self._live(), "UID SEARCH", "UID", compress_uids(uids))
+        response = self._proto.execute("UID SEARCH", "UID", compress_uids(uids))
         found: List[int] = []
         for item in response.untagged:
             if item and str(item[0]).upper() == "SEARCH":
@@ -2824,7 +2935,7 @@ class GmailConnection:
                 if len(item) >= 2 and str(item[1]).upper() == "EXPUNGE":
                     expunged[0] += 1
 
-            self._execute_on(self._live(), "EXPUNGE", on_untagged=count)
+            self._proto.execute("EXPUNGE", on_untagged=count)
             stayed = sorted(set(self._search_now(sorted(uids))) & uids)
             return _ExpungeCheck(stayed, max(0, expunged[0] - (len(uids) - len(stayed))))
 
@@ -2847,7 +2958,7 @@ class GmailConnection:
         def attempt() -> None:
             nonlocal before
             before = self._uidnext(destination)
-            response = self._execute_on(self._live(), "UID COPY", compress_uids(pending),
+            response = self._proto.execute("UID COPY", compress_uids(pending),
                                         self._mailbox(destination))
             mapping = _copyuid_map(response, pending)
             result.update({uid: mapping.get(uid) for uid in pending})
@@ -2967,71 +3078,7 @@ class GmailConnection:
         if not self.has("IDLE"):
             raise CapabilityError(f"{self.host} does not support IDLE")
         timeout = min(timeout, IDLE_MAX_SECONDS)
-        return self._retrying("IDLE", lambda: self._idle_now(self._live(), timeout, interrupt))
-
-    @_scrubbed
-    def _idle_now(self, imap: imaplib.IMAP4, timeout: float,
-                  interrupt: Optional[Callable[[], bool]] = None) -> List[List[Any]]:
-        if self._inflight:
-            self._drain(imap)
-        tag = _new_tag(imap)
-        events: List[List[Any]] = []
-        ended: Optional[bytes] = None     # a tagged answer before DONE: IDLE refused or ended
-        idling = False
-        deadline = time.monotonic() + timeout
-        self._idling = True
-        try:
-            log.debug("C: %s IDLE", tag.decode())
-            imap.watch_progress(None)   # type: ignore[attr-defined]  # IDLE waits at will
-            imap.send(tag + b" IDLE\r\n")
-            self.commands_sent += 1
-            while True:
-                if idling:
-                    if events or self.stop.requested or (interrupt is not None and interrupt()):
-                        break
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    if not imap.wait_readable(  # type: ignore[attr-defined]
-                            min(left, IDLE_POLL)):
-                        continue
-                raw = self._read_line(imap)
-                if raw.startswith(b"+"):
-                    idling = True
-                elif raw.startswith(tag + b" "):
-                    ended = raw
-                    break
-                elif raw.startswith(b"* BYE"):
-                    raise _Dropped("server said BYE during IDLE")
-                elif raw.startswith(b"* "):
-                    parsed = parse_response(raw[2:])
-                    if parsed and str(parsed[0]).upper() not in ("OK", "NO", "BAD"):
-                        self._note_untagged(parsed)
-                        events.append(parsed)
-                else:
-                    raise ProtocolError(f"unexpected line during IDLE: {raw[:80]!r}")
-            if ended is None:
-                imap.watch_progress(self.timeout)  # type: ignore[attr-defined]
-                imap.send(b"DONE\r\n")
-                response = self._read_response(imap, tag, "IDLE", False, None)
-            else:
-                status, _, text = ended[len(tag) + 1:].partition(b" ")
-                code, args, message = parse_status_text(text)
-                response = _Response(status.decode("ascii", "replace").upper(), code, args,
-                                     message, [])
-        except (ProtocolError, StopRequested):
-            self._mark_dead()   # the server may still be idling: start afresh
-            raise
-        except _DROPPED_ERRORS as exc:
-            raise _Dropped(f"IDLE failed: {_decode_server_text(exc)}") from exc
-        finally:
-            self._idling = False
-            self._last_activity = time.monotonic()
-        events.extend(item for item in response.untagged if item and item[0] != "OK")
-        if response.status != "OK":
-            raise ImapError(f"the server answered {response.status} to IDLE: {response.text}",
-                            command="IDLE", status=response.status, text=response.text)
-        return events
+        return self._retrying("IDLE", lambda: self._proto.idle(timeout, interrupt))
 
 
 def _new_tag(imap: imaplib.IMAP4) -> bytes:

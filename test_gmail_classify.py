@@ -6236,21 +6236,20 @@ class WatcherTest(FakeServerTest):
 
     def test_idle_is_reissued_and_the_keepalive_stays_out(self):
         sent_by: List[Tuple[str, str]] = []     # (thread, command) for every command sent
-        execute_on = gc.GmailConnection._execute_on
+        execute = gc._Protocol.execute
 
-        def recording(conn: gc.GmailConnection, imap: Any, command: str, *args: Any,
-                      **kwargs: Any) -> Any:
+        def recording(proto: Any, command: str, *args: Any, **kwargs: Any) -> Any:
             sent_by.append((threading.current_thread().name, command))
-            return execute_on(conn, imap, command, *args, **kwargs)
+            return execute(proto, command, *args, **kwargs)
 
-        idle_now = gc.GmailConnection._idle_now
+        idle = gc._Protocol.idle
 
-        def recording_idle(conn: gc.GmailConnection, *args: Any, **kwargs: Any) -> Any:
+        def recording_idle(proto: Any, *args: Any, **kwargs: Any) -> Any:
             sent_by.append((threading.current_thread().name, "IDLE"))
-            return idle_now(conn, *args, **kwargs)
+            return idle(proto, *args, **kwargs)
 
-        with mock.patch.object(gc.GmailConnection, "_execute_on", recording), \
-                mock.patch.object(gc.GmailConnection, "_idle_now", recording_idle):
+        with mock.patch.object(gc._Protocol, "execute", recording), \
+                mock.patch.object(gc._Protocol, "idle", recording_idle):
             watcher = self.start_watcher(idle_interval=0.05, keepalive=0.01)
             self.idling(4)
             self.stop(watcher)
@@ -8221,7 +8220,7 @@ class LiveServerTest(unittest.TestCase):
         if not self.conn.has("IDLE"):
             self.skipTest("the server has no IDLE")
         self.conn.select(self.scratch)
-        worker = threading.Thread(target=lambda: (wait_until(lambda: self.conn._idling, timeout=20),
+        worker = threading.Thread(target=lambda: (wait_until(lambda: self.conn._proto.idling, timeout=20),
                                                   self.append("live idle")), daemon=True)
         worker.start()
         events = self.conn.idle(timeout=60)
@@ -12203,22 +12202,22 @@ class ExitCodeTest(FakeServerTest):
 
     def test_ctrl_c_during_the_final_logout_is_not_an_interruption(self):
         self.server.add_message(make_message("receipt 1"))
-        original = gc.GmailConnection._execute_on
+        original = gc._Protocol.execute
 
         def interrupt_on(command_name):
-            def execute(conn, imap, command, *args, **kwargs):
+            def execute(proto, command, *args, **kwargs):
                 if command == command_name:
                     raise KeyboardInterrupt
-                return original(conn, imap, command, *args, **kwargs)
+                return original(proto, command, *args, **kwargs)
             return execute
 
-        with mock.patch.object(gc.GmailConnection, "_execute_on", interrupt_on("LOGOUT")):
+        with mock.patch.object(gc._Protocol, "execute", interrupt_on("LOGOUT")):
             code, out, err = run_cli(*self.argv(), env={"GMAIL_APP_PASSWORD": PASSWORD})
             self.assertEqual(code, 0, err)
             self.assertIn("Dry run", out)
             code, out, err = run_cli("labels", *self.argv(), env={"GMAIL_APP_PASSWORD": PASSWORD})
             self.assertEqual(code, 0, err)
-        with mock.patch.object(gc.GmailConnection, "_execute_on", interrupt_on("UID SEARCH")):
+        with mock.patch.object(gc._Protocol, "execute", interrupt_on("UID SEARCH")):
             code, out, err = run_cli(*self.argv(), env={"GMAIL_APP_PASSWORD": PASSWORD})
         self.assertEqual(code, gc.EXIT_INTERRUPTED)
         wait_until(lambda: self.server.sessions == [])   # the interrupted run still closed
@@ -12760,7 +12759,7 @@ class KeptBytesTest(FakeServerTest):
                               size=gc.MAX_FOLDER_MESSAGES * 2 + 10001)
         with self.assertRaisesRegex(gc.ProtocolError, "far more than the folder holds"):
             conn.search()
-        self.assertLessEqual(conn._search_line_limit(), 11 * (gc.MAX_FOLDER_MESSAGES * 2 + 10000))
+        self.assertLessEqual(conn._proto.search_line_limit(), 11 * (gc.MAX_FOLDER_MESSAGES * 2 + 10000))
 
 
 class EightBitGreetingTest(FakeServerTest):
@@ -12816,8 +12815,8 @@ class RepeatedSecretTest(FakeServerTest):
 
     def test_redact_blanks_every_form_of_every_secret(self):
         conn = gc.GmailConnection(USER, password="x", host="127.0.0.1", security="plaintext")
-        conn._remember_secret('pa"ss\\word')
-        conn._remember_secret("dG9rZW4=")
+        conn._proto.remember_secret('pa"ss\\word')
+        conn._proto.remember_secret("dG9rZW4=")
         text = conn.redact('LOGIN "pa\\"ss\\\\word" ' + base64.b64encode(b'pa"ss\\word').decode()
                            + ' pa"ss\\word dG9rZW4=')
         self.assertEqual(text, "LOGIN \"<redacted>\" <redacted> <redacted> <redacted>")

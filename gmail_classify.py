@@ -839,6 +839,173 @@ def _as_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+# What an answer means: the tagged status and the untagged lines kept for one command,
+# and the helpers that read FETCH, SEARCH and COPYUID answers out of them.
+
+
+@dataclass
+class _Response:
+    status: str
+    code: str
+    code_args: List[Any]
+    text: str
+    untagged: List[List[Any]]
+    oversized: List[List[Any]] = field(default_factory=list)  # lines whose literal was dropped
+
+
+def _untagged_kind(item: Sequence[Any]) -> str:
+    """``"EXISTS"`` for ``[12, "EXISTS"]``, ``"LIST"`` for ``["LIST", [...], "/", "x"]``."""
+    if not item:
+        return ""
+    if isinstance(item[0], int) and len(item) > 1:
+        return str(item[1]).upper()
+    return str(item[0]).upper()
+
+
+def _server_number(value: Any, what: str, command: str, nonzero: bool = False) -> int:
+    """``value`` as the server sent it where IMAP's grammar wants a number (RFC 3501 §9:
+    unsigned 32-bit; nz-number when ``nonzero``); anything else is a ProtocolError."""
+    if isinstance(value, int) and not isinstance(value, bool) \
+            and (1 if nonzero else 0) <= value <= 0xFFFFFFFF:
+        return value
+    shown = value if isinstance(value, (int, str, bytes)) else "(...)"
+    raise ProtocolError(f"the server answered {command} with {what} {str(shown)[:40]!r}, "
+                        f"which is not a valid {'non-zero ' if nonzero else ''}32-bit "
+                        f"number; that answer is unusable", command=command)
+
+
+def _fetch_uid(item: Sequence[Any]) -> Optional[int]:
+    """The UID inside an untagged ``[seq, "FETCH", [... "UID", 7 ...]]``, or None."""
+    if len(item) < 3 or not isinstance(item[2], list):
+        return None
+    attrs = item[2]
+    for i in range(0, len(attrs) - 1, 2):
+        if str(attrs[i]).upper() == "UID" and isinstance(attrs[i + 1], int):
+            return attrs[i + 1]
+    return None
+
+
+_FETCH_KEYS: Dict[str, str] = {}
+
+
+def _fetch_key(item: str) -> str:
+    """Canonical name of a fetch item, so that an answer is matched to its request by
+    meaning: ``BODY.PEEK[TEXT]<0.100>`` and its answer ``BODY[TEXT]<0>`` both become
+    ``BODY[TEXT]<0>``.  Header field names are astrings (RFC 3501 ``header-fld-name``), so
+    a server may echo them quoted, in another case or order:
+    ``body[header.fields ("Subject" FROM)]`` becomes ``BODY[HEADER.FIELDS (FROM SUBJECT)]``.
+    """
+    key = _FETCH_KEYS.get(item)
+    if key is None:
+        key = _canonical_fetch_key(item)
+        if len(_FETCH_KEYS) < 1000:   # the items of a run are few; answers echo them
+            _FETCH_KEYS[item] = key
+    return key
+
+
+def _canonical_fetch_key(item: str) -> str:
+    key = re.sub(r"\s+", " ", item.strip()).upper().replace("BODY.PEEK[", "BODY[")
+    key = re.sub(r"<(\d+)\.\d+>$", r"<\1>", key)
+    match = re.fullmatch(r"(BODY\[(?:[\d.]*\.)?HEADER\.FIELDS(?:\.NOT)?) ?\((.*)\)\](<\d+>)?",
+                         key, re.S)
+    if match:
+        try:
+            names = parse_response(match.group(2).encode("utf-8", "surrogateescape"))
+        except ProtocolError:
+            return key
+        fields = sorted({str(name.decode("ascii", "replace") if isinstance(name, bytes)
+                             else name).upper() for name in names})
+        key = f"{match.group(1)} ({' '.join(fields)})]{match.group(3) or ''}"
+    return key
+
+
+def _convert_fetch_value(key: str, value: Any) -> Any:
+    if key in ("FLAGS", "X-GM-LABELS") and not isinstance(value, list):
+        return None     # NIL or an atom where a list belongs: unknown, not "none"
+    if key == "FLAGS":
+        return tuple(str(flag) for flag in value)
+    if key == "X-GM-LABELS":
+        return tuple(decode_mailbox(_as_text(label)) for label in value)
+    if key == "INTERNALDATE":
+        return parse_internaldate(_as_text(value))
+    if key in ("RFC822.SIZE", "X-GM-MSGID", "X-GM-THRID", "MODSEQ"):
+        if isinstance(value, list) and value:
+            value = value[0]
+        return int(value) if isinstance(value, int) or str(value).isdigit() else None
+    if key.startswith("BODY[") or key.startswith("RFC822"):
+        if isinstance(value, str):
+            return value.encode("utf-8", "surrogateescape")
+        return value    # NIL stays None: the section is missing, not empty
+    return value
+
+
+def _fetch_keep(wanted: set) -> Callable[[List[Any]], bool]:
+    """keep() for a FETCH: its own answers, never an unsolicited FETCH for another UID."""
+    def keep(item: List[Any]) -> bool:
+        return _untagged_kind(item) == "FETCH" and _fetch_uid(item) in wanted
+    return keep
+
+
+def _fetch_answer(response: _Response, wanted: set, by_key: Mapping[str, str],
+                  result: Dict[int, Dict[str, Any]], limit: int,
+                  skipped: Optional[List[int]]) -> None:
+    """Add the FETCH lines of an answer to ``result``, keyed by UID (the answer's keep()
+    let in only the wanted UIDs).  A message with a literal dropped as oversized is left
+    out whole, and its UID appended to ``skipped``."""
+    dropped = {_fetch_uid(item) for item in response.oversized} & wanted
+    for uid in sorted(dropped):   # type: ignore[type-var]
+        log.warning("UID %d: the server sent far more than was asked for (at most %d "
+                    "bytes); skipped that message", uid, limit)
+        if skipped is not None and uid not in skipped:
+            skipped.append(uid)
+    for item in response.untagged:
+        if len(item) < 3 or str(item[1]).upper() != "FETCH" or not isinstance(item[2], list):
+            continue
+        attrs = _pairs(item[2])
+        uid = attrs.get("UID")
+        if uid in dropped:
+            continue
+        values = result.setdefault(int(uid), {})
+        for key, value in attrs.items():
+            if key == "UID":
+                continue
+            values[by_key.get(_fetch_key(key), key)] = _convert_fetch_value(key, value)
+
+
+def _copyuid_map(response: _Response, sent: Sequence[int]) -> Dict[int, int]:
+    """Source UID -> destination UID from a COPYUID code (RFC 4315), tagged or untagged.
+
+    The answer can only concern the ``sent`` UIDs; one naming more (``1:4294967295`` is
+    40 bytes) is ignored as unusable, never expanded.
+    """
+    codes = [(response.code, response.code_args)]
+    codes += [(item[1], item[2]) for item in response.untagged
+              if item and item[0] == "OK" and len(item) >= 3]
+    for code, args in codes:
+        if code == "COPYUID" and len(args) >= 3:
+            try:
+                source = parse_uid_set(str(args[1]), limit=len(sent))
+                target = parse_uid_set(str(args[2]), limit=len(sent))
+            except ValueError:
+                log.warning("ignoring an unusable COPYUID answer from the server")
+                return {}
+            if len(source) != len(target) or not set(source) <= set(sent):
+                return {}
+            return dict(zip(source, target))
+    return {}
+
+
+def _search_uids(response: _Response) -> List[int]:
+    """The UIDs a UID SEARCH answer names, in the order sent: ``[4, 9, 10]`` (a CONDSTORE
+    server's ``(MODSEQ n)`` is not one)."""
+    found: List[int] = []
+    for item in response.untagged:
+        if item and str(item[0]).upper() == "SEARCH":
+            found.extend(_server_number(v, "UID", "UID SEARCH", nonzero=True)
+                         for v in item[1:] if not isinstance(v, list))
+    return found
+
+
 # --- Connection --------------------------------------------------------------------------
 #
 # Two layers over imaplib, which only opens the socket and does TLS, STARTTLS and the
@@ -1172,16 +1339,6 @@ class _ExpungeCheck:
         return "; ".join(parts)
 
 
-@dataclass
-class _Response:
-    status: str
-    code: str
-    code_args: List[Any]
-    text: str
-    untagged: List[List[Any]]
-    oversized: List[List[Any]] = field(default_factory=list)  # lines whose literal was dropped
-
-
 # Untagged answers a command's caller reads.  Everything else that arrives meanwhile
 # (EXISTS, EXPUNGE, RECENT, FLAGS, unsolicited FETCH: RFC 3501 §7) updates the connection's
 # state and is dropped, so a server that floods them cannot fill memory.
@@ -1192,15 +1349,6 @@ _UNTAGGED_NEEDED: Dict[str, Tuple[str, ...]] = {
     "SEARCH": ("SEARCH", "ESEARCH"), "UID SEARCH": ("SEARCH", "ESEARCH"),
     "NOOP": _STATE_UPDATES, "IDLE": _STATE_UPDATES,
 }
-
-
-def _untagged_kind(item: Sequence[Any]) -> str:
-    """``"EXISTS"`` for ``[12, "EXISTS"]``, ``"LIST"`` for ``["LIST", [...], "/", "x"]``."""
-    if not item:
-        return ""
-    if isinstance(item[0], int) and len(item) > 1:
-        return str(item[1]).upper()
-    return str(item[0]).upper()
 
 
 def _needed_by(command: str) -> Callable[[List[Any]], bool]:
@@ -2638,13 +2786,7 @@ class GmailConnection:
             args += ["X-GM-RAW", _string_arg(gmail_raw)]
         if any(isinstance(a, Literal) for a in args):
             args = ["CHARSET", "UTF-8"] + args
-        response = self._call("UID SEARCH", *args)
-        found = set()
-        for item in response.untagged:
-            if item and str(item[0]).upper() == "SEARCH":
-                found.update(_server_number(v, "UID", "UID SEARCH", nonzero=True)
-                             for v in item[1:] if not isinstance(v, list))   # not (MODSEQ n)
-        return sorted(found)
+        return sorted(set(_search_uids(self._call("UID SEARCH", *args))))
 
     def fetch(self, uids: Iterable[int], items: Sequence[str], *,
               skipped: Optional[List[int]] = None) -> Dict[int, Dict[str, Any]]:
@@ -2853,13 +2995,7 @@ class GmailConnection:
         self._retrying(f"UID MOVE to {destination}", attempt, settle)
 
     def _search_now(self, uids: Sequence[int]) -> List[int]:
-        response = self._proto.execute("UID SEARCH", "UID", compress_uids(uids))
-        found: List[int] = []
-        for item in response.untagged:
-            if item and str(item[0]).upper() == "SEARCH":
-                found.extend(_server_number(v, "UID", "UID SEARCH", nonzero=True)
-                             for v in item[1:] if not isinstance(v, list))   # not (MODSEQ n)
-        return found
+        return _search_uids(self._proto.execute("UID SEARCH", "UID", compress_uids(uids)))
 
     def _copy_delete_chunk(self, chunk: List[int], destination: str,
                            moved: Dict[int, Optional[int]], missing: List[int],
@@ -3103,85 +3239,6 @@ def _naming(folder: str, what: str) -> Iterator[None]:
                         text=exc.text) from exc
 
 
-def _fetch_answer(response: _Response, wanted: set, by_key: Mapping[str, str],
-                  result: Dict[int, Dict[str, Any]], limit: int,
-                  skipped: Optional[List[int]]) -> None:
-    """Add the FETCH lines of an answer to ``result``, keyed by UID (the answer's keep()
-    let in only the wanted UIDs).  A message with a literal dropped as oversized is left
-    out whole, and its UID appended to ``skipped``."""
-    dropped = {_fetch_uid(item) for item in response.oversized} & wanted
-    for uid in sorted(dropped):   # type: ignore[type-var]
-        log.warning("UID %d: the server sent far more than was asked for (at most %d "
-                    "bytes); skipped that message", uid, limit)
-        if skipped is not None and uid not in skipped:
-            skipped.append(uid)
-    for item in response.untagged:
-        if len(item) < 3 or str(item[1]).upper() != "FETCH" or not isinstance(item[2], list):
-            continue
-        attrs = _pairs(item[2])
-        uid = attrs.get("UID")
-        if uid in dropped:
-            continue
-        values = result.setdefault(int(uid), {})
-        for key, value in attrs.items():
-            if key == "UID":
-                continue
-            values[by_key.get(_fetch_key(key), key)] = _convert_fetch_value(key, value)
-
-
-def _server_number(value: Any, what: str, command: str, nonzero: bool = False) -> int:
-    """``value`` as the server sent it where IMAP's grammar wants a number (RFC 3501 §9:
-    unsigned 32-bit; nz-number when ``nonzero``); anything else is a ProtocolError."""
-    if isinstance(value, int) and not isinstance(value, bool) \
-            and (1 if nonzero else 0) <= value <= 0xFFFFFFFF:
-        return value
-    shown = value if isinstance(value, (int, str, bytes)) else "(...)"
-    raise ProtocolError(f"the server answered {command} with {what} {str(shown)[:40]!r}, "
-                        f"which is not a valid {'non-zero ' if nonzero else ''}32-bit "
-                        f"number; that answer is unusable", command=command)
-
-
-def _fetch_keep(wanted: set) -> Callable[[List[Any]], bool]:
-    """keep() for a FETCH: its own answers, never an unsolicited FETCH for another UID."""
-    def keep(item: List[Any]) -> bool:
-        return _untagged_kind(item) == "FETCH" and _fetch_uid(item) in wanted
-    return keep
-
-
-def _copyuid_map(response: _Response, sent: Sequence[int]) -> Dict[int, int]:
-    """Source UID -> destination UID from a COPYUID code (RFC 4315), tagged or untagged.
-
-    The answer can only concern the ``sent`` UIDs; one naming more (``1:4294967295`` is
-    40 bytes) is ignored as unusable, never expanded.
-    """
-    codes = [(response.code, response.code_args)]
-    codes += [(item[1], item[2]) for item in response.untagged
-              if item and item[0] == "OK" and len(item) >= 3]
-    for code, args in codes:
-        if code == "COPYUID" and len(args) >= 3:
-            try:
-                source = parse_uid_set(str(args[1]), limit=len(sent))
-                target = parse_uid_set(str(args[2]), limit=len(sent))
-            except ValueError:
-                log.warning("ignoring an unusable COPYUID answer from the server")
-                return {}
-            if len(source) != len(target) or not set(source) <= set(sent):
-                return {}
-            return dict(zip(source, target))
-    return {}
-
-
-def _fetch_uid(item: Sequence[Any]) -> Optional[int]:
-    """The UID inside an untagged ``[seq, "FETCH", [... "UID", 7 ...]]``, or None."""
-    if len(item) < 3 or not isinstance(item[2], list):
-        return None
-    attrs = item[2]
-    for i in range(0, len(attrs) - 1, 2):
-        if str(attrs[i]).upper() == "UID" and isinstance(attrs[i + 1], int):
-            return attrs[i + 1]
-    return None
-
-
 def _fetch_literal_limit(items: Sequence[str]) -> int:
     """The largest literal a FETCH of ``items`` can honestly bring: the length of a partial
     fetch (``<0.16384>``), a header block's limit for header sections, a whole message's
@@ -3211,60 +3268,6 @@ def _check_fetch_item(item: str) -> None:
         return
     raise ImapError(f"refusing to FETCH {item!r}: only single items are allowed, and body "
                     f"sections only as BODY.PEEK[...], which leaves messages unread")
-
-
-_FETCH_KEYS: Dict[str, str] = {}
-
-
-def _fetch_key(item: str) -> str:
-    """Canonical name of a fetch item, so that an answer is matched to its request by
-    meaning: ``BODY.PEEK[TEXT]<0.100>`` and its answer ``BODY[TEXT]<0>`` both become
-    ``BODY[TEXT]<0>``.  Header field names are astrings (RFC 3501 ``header-fld-name``), so
-    a server may echo them quoted, in another case or order:
-    ``body[header.fields ("Subject" FROM)]`` becomes ``BODY[HEADER.FIELDS (FROM SUBJECT)]``.
-    """
-    key = _FETCH_KEYS.get(item)
-    if key is None:
-        key = _canonical_fetch_key(item)
-        if len(_FETCH_KEYS) < 1000:   # the items of a run are few; answers echo them
-            _FETCH_KEYS[item] = key
-    return key
-
-
-def _canonical_fetch_key(item: str) -> str:
-    key = re.sub(r"\s+", " ", item.strip()).upper().replace("BODY.PEEK[", "BODY[")
-    key = re.sub(r"<(\d+)\.\d+>$", r"<\1>", key)
-    match = re.fullmatch(r"(BODY\[(?:[\d.]*\.)?HEADER\.FIELDS(?:\.NOT)?) ?\((.*)\)\](<\d+>)?",
-                         key, re.S)
-    if match:
-        try:
-            names = parse_response(match.group(2).encode("utf-8", "surrogateescape"))
-        except ProtocolError:
-            return key
-        fields = sorted({str(name.decode("ascii", "replace") if isinstance(name, bytes)
-                             else name).upper() for name in names})
-        key = f"{match.group(1)} ({' '.join(fields)})]{match.group(3) or ''}"
-    return key
-
-
-def _convert_fetch_value(key: str, value: Any) -> Any:
-    if key in ("FLAGS", "X-GM-LABELS") and not isinstance(value, list):
-        return None     # NIL or an atom where a list belongs: unknown, not "none"
-    if key == "FLAGS":
-        return tuple(str(flag) for flag in value)
-    if key == "X-GM-LABELS":
-        return tuple(decode_mailbox(_as_text(label)) for label in value)
-    if key == "INTERNALDATE":
-        return parse_internaldate(_as_text(value))
-    if key in ("RFC822.SIZE", "X-GM-MSGID", "X-GM-THRID", "MODSEQ"):
-        if isinstance(value, list) and value:
-            value = value[0]
-        return int(value) if isinstance(value, int) or str(value).isdigit() else None
-    if key.startswith("BODY[") or key.startswith("RFC822"):
-        if isinstance(value, str):
-            return value.encode("utf-8", "surrogateescape")
-        return value    # NIL stays None: the section is missing, not empty
-    return value
 
 
 def _string_arg(text: str) -> Union[bytes, Literal]:

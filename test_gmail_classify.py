@@ -5785,6 +5785,40 @@ class ReconnectTest(FakeServerTest):
         self.assertEqual(len(self.server.uids("Receipts")), 2)
         self.assertEqual(self.sleep.delays, [1.0])
 
+    def test_a_move_whose_last_answer_was_lost_is_settled_not_failed(self):
+        conn = self.connect(retries=1)
+        conn.create_folder("Receipts")
+        conn.select("INBOX")
+        self.server.add_fault("UID MOVE", action="drop", when="before")
+        self.server.add_fault("UID MOVE", nth=2, action="drop", when="after")
+        result = conn.move([1, 2], "Receipts")
+        self.assertEqual(dict(result.moved), {1: None, 2: None})
+        self.assertEqual(self.server.count("UID MOVE"), 2)      # never a third
+        self.assertEqual(len(self.server.uids("Receipts")), 2)
+        self.assertEqual(len(self.server.uids("INBOX")), 3)
+        self.assertEqual(conn.reconnects, 2)
+        self.assertTrue(conn.connected)
+
+    def test_a_command_that_keeps_dropping_gives_up_naming_it_with_the_link_dead(self):
+        cases = [("UID SEARCH", "UID SEARCH", lambda conn: conn.search()),
+                 ("UID FETCH", "UID FETCH", lambda conn: list(conn.fetch_batches([[1]], ["FLAGS"]))),
+                 ("IDLE", "IDLE", lambda conn: conn.idle(5)),
+                 ("SELECT", "SELECT INBOX", lambda conn: conn.select("INBOX")),
+                 ("EXAMINE", "EXAMINE INBOX", lambda conn: conn.examine("INBOX"))]
+        for command, named, call in cases:      # in this order: each fault stays
+            with self.subTest(command):
+                conn = self.connect(retries=2)
+                if command not in ("SELECT", "EXAMINE"):
+                    conn.select("INBOX")
+                before = self.server.count(command)
+                self.server.add_fault(command, action="drop", count=100)
+                with self.assertRaises(gc.ConnectionLostError) as ctx:
+                    call(conn)
+                self.assertTrue(str(ctx.exception).startswith(
+                    f"{named} kept failing after 2 reconnects: "), str(ctx.exception))
+                self.assertEqual(self.server.count(command) - before, 3)
+                self.assertFalse(conn.connected)
+
     def test_backoff_grows_and_gives_up_with_the_cause(self):
         conn = self.connect(retries=3)
         conn.select("INBOX")

@@ -1577,14 +1577,10 @@ class _Protocol:
         """Forget the imaplib object and close its socket, without a word; never raises."""
         imap, self.imap = self.imap, None
         if imap is not None:
-            self._shutdown(imap)
-
-    @staticmethod
-    def _shutdown(imap: imaplib.IMAP4) -> None:
-        try:
-            imap.shutdown()
-        except (OSError, AttributeError, ValueError):
-            pass
+            try:
+                imap.shutdown()
+            except (OSError, AttributeError, ValueError):
+                pass
 
     def remember_secret(self, secret: str) -> None:
         """Keep ``secret`` (and its base64 and quoted forms) out of every text that leaves
@@ -1710,11 +1706,10 @@ class _Protocol:
         self.capabilities = frozenset(caps or self.imap.capabilities)
 
     @_scrubbed
-    def execute(self, command: str, *args: Any,
-                    expect_bye: bool = False,
-                    on_untagged: Optional[Callable[[List[Any]], None]] = None,
-                    keep: Optional[Callable[[List[Any]], bool]] = None,
-                    max_literal: Optional[int] = None, redact: bool = False) -> _Response:
+    def execute(self, command: str, *args: Any, expect_bye: bool = False,
+                on_untagged: Optional[Callable[[List[Any]], None]] = None,
+                keep: Optional[Callable[[List[Any]], bool]] = None,
+                max_literal: Optional[int] = None, redact: bool = False) -> _Response:
         """Send one command and read its whole answer; the caller holds the lock.
 
         ``args`` are bytes (sent as they are), str (sent as they are: callers build them
@@ -1733,18 +1728,31 @@ class _Protocol:
         self._log_command(tag, command, ["<redacted>"] if redact else args)
         self._watch(command)
         try:
-            self._send(tag, parts)
-            response = self._read_response(tag, command, expect_bye, on_untagged,
-                                           keep=keep, max_literal=max_literal)
+            with self._reading(command):
+                self._send(tag, parts)
+                response = self._read_response(tag, command, expect_bye, on_untagged,
+                                               keep=keep, max_literal=max_literal)
+        finally:
+            self.commands_sent += 1
+            self.last_activity = time.monotonic()
+        return self._checked(response, command, expect_bye)
+
+    @contextlib.contextmanager
+    def _reading(self, command: str) -> Iterator[None]:
+        """Around sending a command or reading its answer: a stop, or an answer that makes
+        no sense, leaves the rest of it unread and the stream out of step, so the
+        connection is dropped (pipelined answers with it) rather than misread; values
+        the parser accepted but that make no sense (a UIDVALIDITY that is no number) are
+        protocol errors too: nothing a server sends may crash us.  A lost link is _Dropped.
+        """
+        try:
+            yield
         except StopRequested:
-            # The answer is cut short, so the stream is out of step: never read it again.
+            self._inflight.clear()
             self.drop()
             raise
         except (ProtocolError, ValueError, TypeError, IndexError, RecursionError) as exc:
-            # The rest of the answer is still unread, so the stream is out of step: start
-            # afresh on the next command rather than misread what follows.  Values the
-            # parser accepted but that make no sense (a UIDVALIDITY that is no number)
-            # count as protocol errors too: nothing a server sends may crash us.
+            self._inflight.clear()
             self.drop()
             if isinstance(exc, ProtocolError):
                 raise
@@ -1752,15 +1760,18 @@ class _Protocol:
                                 f"{type(exc).__name__}: {str(exc)[:200]}",
                                 command=command) from exc
         except _DROPPED_ERRORS as exc:
-            raise _Dropped(f"{command} failed: {_decode_server_text(exc) or type(exc).__name__}") from exc
-        finally:
-            self.commands_sent += 1
-            self.last_activity = time.monotonic()
-        if response.status not in ("OK",) and not (expect_bye and response.status == "BYE"):
-            raise ImapError(f"the server answered {response.status} to {command}: "
-                            f"{response.text}", command=command, status=response.status,
-                            code=response.code, text=response.text)
-        return response
+            self._inflight.clear()   # their answers are lost: the callers send again
+            raise _Dropped(f"{command} failed: "
+                           f"{_decode_server_text(exc) or type(exc).__name__}") from exc
+
+    @staticmethod
+    def _checked(response: _Response, command: str, expect_bye: bool = False) -> _Response:
+        """``response`` when it is OK (or the BYE expected), else ImapError quoting it."""
+        if response.status == "OK" or (expect_bye and response.status == "BYE"):
+            return response
+        raise ImapError(f"the server answered {response.status} to {command}: "
+                        f"{response.text}", command=command, status=response.status,
+                        code=response.code, text=response.text)
 
     def _watch(self, command: str) -> None:
         """Before reading an answer: restart the progress window, set the line limit."""
@@ -1784,8 +1795,8 @@ class _Protocol:
         return parts
 
     def send_ahead(self, command: str, *args: Any,
-                    keep: Optional[Callable[[List[Any]], bool]] = None,
-                    max_literal: Optional[int] = None) -> _Pending:
+                   keep: Optional[Callable[[List[Any]], bool]] = None,
+                   max_literal: Optional[int] = None) -> _Pending:
         """Send a read-only command without waiting for its answer; the caller holds the
         lock.  ``keep`` and ``max_literal`` apply when the answer is read, as in execute."""
         if command != "UID FETCH":
@@ -1795,9 +1806,8 @@ class _Protocol:
         parts = self._command_parts(tag, command, args)
         self._log_command(tag, command, args)
         try:
-            self._send(tag, parts)
-        except _DROPPED_ERRORS as exc:
-            raise _Dropped(f"{command} failed: {_decode_server_text(exc) or type(exc).__name__}") from exc
+            with self._reading(command):
+                self._send(tag, parts)
         finally:
             self.commands_sent += 1
             self.last_activity = time.monotonic()
@@ -1814,35 +1824,15 @@ class _Protocol:
                 raise _Dropped(f"{pending.command} was sent on a connection that is gone")
             first = self._inflight[0]
             try:
-                self._watch(first.command)
-                first.response = self._read_response(first.tag, first.command, False, None,
-                                                      keep=first.keep,
-                                                      max_literal=first.max_literal)
-            except StopRequested:
-                self._inflight.clear()
-                self.drop()
-                raise
-            except (ProtocolError, ValueError, TypeError, IndexError, RecursionError) as exc:
-                self._inflight.clear()
-                self.drop()
-                if isinstance(exc, ProtocolError):
-                    raise
-                raise ProtocolError(f"the server's answer to {first.command} makes no sense: "
-                                    f"{type(exc).__name__}: {str(exc)[:200]}",
-                                    command=first.command) from exc
-            except _DROPPED_ERRORS as exc:
-                self._inflight.clear()   # their answers are lost: the callers send again
-                raise _Dropped(f"{first.command} failed: "
-                               f"{_decode_server_text(exc) or type(exc).__name__}") from exc
+                with self._reading(first.command):
+                    self._watch(first.command)
+                    first.response = self._read_response(first.tag, first.command, False,
+                                                          None, keep=first.keep,
+                                                          max_literal=first.max_literal)
             finally:
                 self.last_activity = time.monotonic()
             self._inflight.pop(0)
-        response = pending.response
-        if response.status != "OK":
-            raise ImapError(f"the server answered {response.status} to {pending.command}: "
-                            f"{response.text}", command=pending.command, status=response.status,
-                            code=response.code, text=response.text)
-        return response
+        return self._checked(pending.response, pending.command)
 
     def drain(self) -> None:
         """Read every pipelined answer still on the wire (kept for whoever sent it)."""
@@ -2056,63 +2046,63 @@ class _Protocol:
         if self._inflight:
             self.drain()
         tag = _new_tag(imap)
-        events: List[List[Any]] = []
-        ended: Optional[bytes] = None     # a tagged answer before DONE: IDLE refused or ended
-        idling = False
         deadline = time.monotonic() + timeout
         self.idling = True
         try:
-            log.debug("C: %s IDLE", tag.decode())
-            imap.watch_progress(None)   # type: ignore[attr-defined]  # IDLE waits at will
-            imap.send(tag + b" IDLE\r\n")
-            self.commands_sent += 1
-            while True:
-                if idling:
-                    if events or self.stop.requested or (interrupt is not None and interrupt()):
-                        break
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    if not imap.wait_readable(  # type: ignore[attr-defined]
-                            min(left, IDLE_POLL)):
-                        continue
-                raw = self._read_line()
-                if raw.startswith(b"+"):
-                    idling = True
-                elif raw.startswith(tag + b" "):
-                    ended = raw
-                    break
-                elif raw.startswith(b"* BYE"):
-                    raise _Dropped("server said BYE during IDLE")
-                elif raw.startswith(b"* "):
-                    parsed = parse_response(raw[2:])
-                    if parsed and str(parsed[0]).upper() not in ("OK", "NO", "BAD"):
-                        self.note_untagged(parsed)
-                        events.append(parsed)
-                else:
-                    raise ProtocolError(f"unexpected line during IDLE: {raw[:80]!r}")
-            if ended is None:
-                imap.watch_progress(self.timeout)  # type: ignore[attr-defined]
-                imap.send(b"DONE\r\n")
-                response = self._read_response(tag, "IDLE", False, None)
-            else:
-                status, _, text = ended[len(tag) + 1:].partition(b" ")
-                code, args, message = parse_status_text(text)
-                response = _Response(status.decode("ascii", "replace").upper(), code, args,
-                                     message, [])
-        except (ProtocolError, StopRequested):
-            self.drop()   # the server may still be idling: start afresh
-            raise
-        except _DROPPED_ERRORS as exc:
-            raise _Dropped(f"IDLE failed: {_decode_server_text(exc)}") from exc
+            # A stop or garbage drops the connection: the server may still be idling.
+            with self._reading("IDLE"):
+                log.debug("C: %s IDLE", tag.decode())
+                imap.watch_progress(None)   # type: ignore[attr-defined]  # IDLE waits at will
+                imap.send(tag + b" IDLE\r\n")
+                self.commands_sent += 1
+                events, ended = self._idle_wait(tag, deadline, interrupt)
+                if ended is None:
+                    imap.watch_progress(self.timeout)  # type: ignore[attr-defined]
+                    imap.send(b"DONE\r\n")
+                    response = self._read_response(tag, "IDLE", False, None)
+                else:           # a tagged answer before DONE: IDLE refused or ended
+                    status, _, text = ended[len(tag) + 1:].partition(b" ")
+                    code, args, message = parse_status_text(text)
+                    response = _Response(status.decode("ascii", "replace").upper(), code,
+                                         args, message, [])
         finally:
             self.idling = False
             self.last_activity = time.monotonic()
         events.extend(item for item in response.untagged if item and item[0] != "OK")
-        if response.status != "OK":
-            raise ImapError(f"the server answered {response.status} to IDLE: {response.text}",
-                            command="IDLE", status=response.status, text=response.text)
+        self._checked(response, "IDLE")
         return events
+
+    def _idle_wait(self, tag: bytes, deadline: float, interrupt: Optional[Callable[[], bool]]
+                   ) -> Tuple[List[List[Any]], Optional[bytes]]:
+        """Read what comes in IDLE until an update arrives, the deadline passes, a stop is
+        asked for or ``interrupt()`` says so: returns ``(updates, None)``, or ``(updates,
+        tagged line)`` when the server ended (or refused) IDLE first."""
+        imap = self.live()
+        events: List[List[Any]] = []
+        idling = False
+        while True:
+            if idling:
+                if events or self.stop.requested or (interrupt is not None and interrupt()):
+                    return events, None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return events, None
+                if not imap.wait_readable(min(left, IDLE_POLL)):  # type: ignore[attr-defined]
+                    continue
+            raw = self._read_line()
+            if raw.startswith(b"+"):
+                idling = True
+            elif raw.startswith(tag + b" "):
+                return events, raw
+            elif raw.startswith(b"* BYE"):
+                raise _Dropped("server said BYE during IDLE")
+            elif raw.startswith(b"* "):
+                parsed = parse_response(raw[2:])
+                if parsed and str(parsed[0]).upper() not in ("OK", "NO", "BAD"):
+                    self.note_untagged(parsed)
+                    events.append(parsed)
+            else:
+                raise ProtocolError(f"unexpected line during IDLE: {raw[:80]!r}")
 
 
 class GmailConnection:
@@ -2430,7 +2420,7 @@ class GmailConnection:
         self._selected = None
         error: BaseException = cause
         for _ in range(self.retries + 1):
-            self._mark_dead()
+            self._proto.drop()
             self._connect_with_retries(first_error=error)
             if previous is None:
                 return
@@ -2446,7 +2436,7 @@ class GmailConnection:
                     f"folder, so the UIDs in hand are stale; run again",
                     command="SELECT")
             return
-        self._mark_dead()
+        self._proto.drop()
         raise ConnectionLostError(f"reconnected to {self.host} but could not reopen "
                                   f"{previous.name}: {error}") from error
 
@@ -2498,12 +2488,9 @@ class GmailConnection:
                 except _Dropped as exc:
                     cause = exc
         if settle is None:
-            self._mark_dead()
+            self._proto.drop()
         raise ConnectionLostError(f"{what} kept failing after {self.retries} reconnects: "
                                   f"{cause}") from cause
-
-    def _mark_dead(self) -> None:
-        self._proto.drop()
 
     def _check_background(self) -> None:
         """Turn a failure the keepalive thread recorded into a reconnect, here and now."""
@@ -2544,7 +2531,7 @@ class GmailConnection:
                 except (_Dropped, ImapError, StopRequested) as exc:
                     log.info("keepalive NOOP failed (%s); will reconnect on the next command", exc)
                     self._background_error = exc
-                    self._mark_dead()
+                    self._proto.drop()
                     self._proto.last_activity = time.monotonic()
             finally:
                 self._lock.release()
@@ -2559,17 +2546,19 @@ class GmailConnection:
     def status(self, folder: str) -> Dict[str, int]:
         """STATUS of a folder that need not be selected: ``{"MESSAGES": 812, "UIDNEXT": 9001,
         "UIDVALIDITY": 11}``.  RFC 3501 §6.3.10: not for the selected folder (use noop)."""
-        response = self._call("STATUS", self._mailbox(folder), "(MESSAGES UIDNEXT UIDVALIDITY)")
-        for item in response.untagged:
-            # The folder's own octets as listed (a raw UTF-8 name stays raw), and only its
-            # own answer: any untagged response may arrive with any command (RFC 3501 §7).
+        attrs = self._status(folder, "(MESSAGES UIDNEXT UIDVALIDITY)")
+        return {key: _server_number(value, key, "STATUS",
+                                    nonzero=key in ("UIDNEXT", "UIDVALIDITY"))
+                for key, value in ((str(key).upper(), value) for key, value in attrs.items())}
+
+    def _status(self, folder: str, items: str) -> Dict[str, Any]:
+        """The attributes STATUS ``folder`` ``items`` answered ({} for no answer).  Only the
+        folder's own answer counts, by its octets as listed (a raw UTF-8 name stays raw):
+        any untagged response may arrive with any command (RFC 3501 §7)."""
+        for item in self._call("STATUS", self._mailbox(folder), items).untagged:
             if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
                     and self._names(item[1], folder):
-                attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
-                return {str(key).upper(): _server_number(
-                            value, str(key).upper(), "STATUS",
-                            nonzero=str(key).upper() in ("UIDNEXT", "UIDVALIDITY"))
-                        for key, value in attrs.items()}
+                return _pairs(item[2]) if isinstance(item[2], list) else {}
         return {}
 
     def list_folders(self, refresh: bool = False) -> List[Folder]:
@@ -2716,15 +2705,11 @@ class GmailConnection:
 
     def message_count(self, folder: str) -> int:
         """How many messages ``folder`` holds (STATUS MESSAGES), without opening it."""
-        response = self._call("STATUS", self._mailbox(folder), "(MESSAGES)")
-        for item in response.untagged:
-            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
-                    and self._names(item[1], folder):
-                attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
-                if "MESSAGES" in attrs:
-                    return _server_number(attrs["MESSAGES"], "MESSAGES", "STATUS")
-        raise ProtocolError(f"the server did not say how many messages {folder} holds",
-                            command="STATUS")
+        attrs = self._status(folder, "(MESSAGES)")
+        if "MESSAGES" not in attrs:
+            raise ProtocolError(f"the server did not say how many messages {folder} holds",
+                                command="STATUS")
+        return _server_number(attrs["MESSAGES"], "MESSAGES", "STATUS")
 
     def select(self, folder: str, readonly: bool = False) -> FolderStatus:
         """SELECT (or EXAMINE when ``readonly``) a folder and return its status."""
@@ -3169,17 +3154,9 @@ class GmailConnection:
         return wire == wanted or wire.upper() == wanted.upper() == b"INBOX"
 
     def _uidnext(self, folder: str) -> Optional[int]:
-        """UIDNEXT of ``folder`` by STATUS.  Any untagged response may arrive at any time
-        (RFC 3501 §7), so a STATUS for another folder is not taken as this one's."""
-        response = self._call("STATUS", self._mailbox(folder), "(UIDNEXT)")
-        for item in response.untagged:
-            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
-                    and self._names(item[1], folder):
-                attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
-                value = attrs.get("UIDNEXT")
-                return None if value is None else \
-                    _server_number(value, "UIDNEXT", "STATUS", nonzero=True)
-        return None
+        """UIDNEXT of ``folder`` by STATUS (see _status), or None if it did not say."""
+        value = self._status(folder, "(UIDNEXT)").get("UIDNEXT")
+        return None if value is None else _server_number(value, "UIDNEXT", "STATUS", nonzero=True)
 
     def copy(self, uids: Iterable[int], destination: str) -> Dict[int, Optional[int]]:
         """Copy messages to ``destination`` (on Gmail: add that label); returns the COPYUID map.

@@ -2168,6 +2168,8 @@ class GmailConnection:
         self.backoff_delays: List[float] = []
 
     # What the protocol engine keeps, shown as this object's own (see _Protocol).
+    user = _forwarded("user")
+    host = _forwarded("host")
     stop = _forwarded("stop")
     timeout = _forwarded("timeout")
     capabilities = _forwarded("capabilities")

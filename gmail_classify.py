@@ -1541,8 +1541,8 @@ class _Protocol:
     (``imap``; None when there is no connection) and never retries: a drop raises
     _Dropped, and GmailConnection decides what happens next.
 
-    Counters and the selected folder's size outlive each imaplib object: GmailConnection
-    shows them as its own attributes (``commands_sent``, ``exists_seen`` ...).
+    Counters and the selected folder outlive each imaplib object; GmailConnection shows
+    them as its own attributes (``commands_sent``, ``exists_seen`` ...).
     """
 
     def __init__(self, host: str, user: str, timeout: float, stop: Stop) -> None:
@@ -1581,6 +1581,8 @@ class _Protocol:
                 imap.shutdown()
             except (OSError, AttributeError, ValueError):
                 pass
+
+    # -- signing in --------------------------------------------------------------------
 
     def remember_secret(self, secret: str) -> None:
         """Keep ``secret`` (and its base64 and quoted forms) out of every text that leaves
@@ -1705,6 +1707,8 @@ class _Protocol:
                             if str(word).isascii())
         self.capabilities = frozenset(caps or self.imap.capabilities)
 
+    # -- sending commands and reading answers ----------------------------------------
+
     @_scrubbed
     def execute(self, command: str, *args: Any, expect_bye: bool = False,
                 on_untagged: Optional[Callable[[List[Any]], None]] = None,
@@ -1740,11 +1744,9 @@ class _Protocol:
     @contextlib.contextmanager
     def _reading(self, command: str) -> Iterator[None]:
         """Around sending a command or reading its answer: a stop, or an answer that makes
-        no sense, leaves the rest of it unread and the stream out of step, so the
-        connection is dropped (pipelined answers with it) rather than misread; values
-        the parser accepted but that make no sense (a UIDVALIDITY that is no number) are
-        protocol errors too: nothing a server sends may crash us.  A lost link is _Dropped.
-        """
+        no sense (a UIDVALIDITY that is no number too: nothing a server sends may crash
+        us), leaves the rest unread and the stream out of step, so the connection (and any
+        pipelined answer) is dropped rather than misread.  A lost link is _Dropped."""
         try:
             yield
         except StopRequested:
@@ -1793,6 +1795,14 @@ class _Protocol:
                 _refuse_controls(text, "the argument")
                 parts.append(text.encode("utf-8"))
         return parts
+
+    # -- pipelining (RFC 3501 §5.5) ---------------------------------------------------
+    #
+    # Read-only UID FETCHes may be sent before the answer to the previous one has come
+    # back, so that the server and the network work while we parse and classify.  Each
+    # stays in _inflight until its answer is read; any other command first reads those
+    # answers (and keeps them), so the wire never interleaves.  Writes are never
+    # pipelined.  After a drop, every FETCH whose answer had not completed is sent again.
 
     def send_ahead(self, command: str, *args: Any,
                    keep: Optional[Callable[[List[Any]], bool]] = None,
@@ -1843,6 +1853,8 @@ class _Protocol:
                 self.collect(pending)
             except ImapError:
                 pass        # kept in pending.response; its sender raises it
+
+    # -- the wire: lines, literals, answers ---------------------------------------------
 
     @staticmethod
     def _log_command(tag: bytes, command: str, args: Sequence[Any]) -> None:
@@ -1990,18 +2002,22 @@ class _Protocol:
                 else:
                     budget.unasked(len(raw), update=_untagged_kind(parsed) in _STATE_UPDATES)
             elif raw.startswith(tag + b" "):
-                rest = raw[len(tag) + 1:]
-                status, _, text = rest.partition(b" ")
-                code, args, message = parse_status_text(text)
-                message = self.redact(message)
-                if "THROTTLED" in message.upper() or code == "THROTTLED":
-                    log.warning("the server is throttling this account (%s)", message)
-                return _Response(status.decode("ascii", "replace").upper(), code, args,
-                                 message, untagged, oversized)
+                response = self._tagged(raw[len(tag) + 1:], untagged, oversized)
+                if "THROTTLED" in response.text.upper() or response.code == "THROTTLED":
+                    log.warning("the server is throttling this account (%s)", response.text)
+                return response
             elif raw.startswith(b"+"):
                 raise ProtocolError(f"unexpected continuation request to {command}: {raw[:80]!r}")
             else:
                 raise ProtocolError(f"unexpected line in the answer to {command}: {raw[:80]!r}")
+
+    def _tagged(self, line: bytes, untagged: Optional[List[List[Any]]] = None,
+                oversized: Optional[List[List[Any]]] = None) -> _Response:
+        """A tagged status line (its tag cut off) as the command's _Response."""
+        status, _, text = line.partition(b" ")
+        code, args, message = parse_status_text(text)
+        return _Response(status.decode("ascii", "replace").upper(), code, args,
+                         self.redact(message), untagged or [], oversized or [])
 
     def search_line_limit(self) -> int:
         """A SEARCH answer names at most the folder's messages: 11 bytes per possible UID."""
@@ -2038,6 +2054,8 @@ class _Protocol:
             self.selected = FolderStatus(selected.name, selected.uidvalidity,
                                           selected.uidnext, int(parsed[0]), selected.readonly)
 
+    # -- IDLE ------------------------------------------------------------------------
+
     @_scrubbed
     def idle(self, timeout: float,
              interrupt: Optional[Callable[[], bool]] = None) -> List[List[Any]]:
@@ -2061,10 +2079,7 @@ class _Protocol:
                     imap.send(b"DONE\r\n")
                     response = self._read_response(tag, "IDLE", False, None)
                 else:           # a tagged answer before DONE: IDLE refused or ended
-                    status, _, text = ended[len(tag) + 1:].partition(b" ")
-                    code, args, message = parse_status_text(text)
-                    response = _Response(status.decode("ascii", "replace").upper(), code,
-                                         args, message, [])
+                    response = self._tagged(ended[len(tag) + 1:])
         finally:
             self.idling = False
             self.last_activity = time.monotonic()
@@ -2209,21 +2224,20 @@ class GmailConnection:
             thread.join(timeout=5)
         self._keepalive_thread = None
         with self._lock:
-            proto = self._proto
-            if proto.imap is None:
+            if self._proto.imap is None:
                 return
             try:
                 if self._selected is not None:
                     if self.has("UNSELECT"):
-                        proto.execute("UNSELECT")
+                        self._proto.execute("UNSELECT")
                     elif self._selected.readonly:
-                        proto.execute("CLOSE")
-                proto.execute("LOGOUT", expect_bye=True)
+                        self._proto.execute("CLOSE")
+                self._proto.execute("LOGOUT", expect_bye=True)
             except (_Dropped, ImapError, ProtocolError, StopRequested):
                 pass
             finally:
                 self._selected = None
-                proto.drop()
+                self._proto.drop()
 
     def redact(self, text: str) -> str:
         """``text`` from the server with every credential we sent blanked out (see
@@ -2265,7 +2279,7 @@ class GmailConnection:
                         f"{exc.verify_message or exc.reason}{hint}")
 
     @_scrubbed
-    def _open(self) -> imaplib.IMAP4:
+    def _open(self) -> None:
         """One attempt: TCP, TLS, greeting, authentication, capabilities."""
         where = f"{self.host}:{self.port}"
         try:
@@ -2301,7 +2315,6 @@ class GmailConnection:
         except BaseException:
             self._proto.drop()
             raise
-        return imap
 
     # OpenSSL's reasons when the other side does not speak TLS at all (it sent an IMAP
     # greeting in plain text), and when the two sides share no TLS version.
@@ -2442,15 +2455,7 @@ class GmailConnection:
         raise ConnectionLostError(f"reconnected to {self.host} but could not reopen "
                                   f"{previous.name}: {error}") from error
 
-    # -- sending commands ----------------------------------------------------------------
-
-    # -- pipelining (RFC 3501 §5.5) ---------------------------------------------------
-    #
-    # Read-only UID FETCHes may be sent before the answer to the previous one has come
-    # back, so that the server and the network work while we parse and classify.  Each
-    # stays in _inflight until its answer is read; any other command first reads those
-    # answers (and keeps them), so the wire never interleaves.  Writes are never
-    # pipelined.  After a drop, every FETCH whose answer had not completed is sent again.
+    # -- retrying ----------------------------------------------------------------------
 
     def _call(self, command: str, *args: Any, **reading: Any) -> _Response:
         """Run a command that is safe to repeat (reads, +/- STOREs, CREATE, UID EXPUNGE of
@@ -2842,20 +2847,17 @@ class GmailConnection:
                 nonlocal refused
                 result.clear()
                 imap = self._proto.live()
-                pendings = sent.get(index)
-                if pendings is None or any(p.response is None and p.imap is not imap
-                                           for p in pendings):
-                    send(index)
-                for number in range(index + 1, min(index + 1 + ahead, len(todo))):
-                    pendings = sent.get(number)
-                    if pendings is not None and any(p.response is None and p.imap is not imap
-                                                    for p in pendings):
-                        send(number)   # lost with the old connection
+                later = range(index + 1, min(index + 1 + ahead, len(todo)))
+                for number in (index, *later):   # not sent yet, or lost with the old connection
+                    pendings = sent.get(number, ())
+                    if (number == index and number not in sent) or any(
+                            p.response is None and p.imap is not imap for p in pendings):
+                        send(number)
                 for pending in sent[index]:
                     _fetch_answer(self._proto.collect(pending), wanted, by_key, result,
                                   limit, skipped)
                 del sent[index]
-                for number in range(index + 1, min(index + 1 + ahead, len(todo))):
+                for number in later:
                     if number in sent or refused is not None:
                         continue
                     if before_each is not None:

@@ -867,12 +867,182 @@ def _as_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+# What an answer means: the tagged status and the untagged lines kept for one command,
+# and the helpers that read FETCH, SEARCH and COPYUID answers out of them.
+
+
+@dataclass
+class _Response:
+    status: str
+    code: str
+    code_args: List[Any]
+    text: str
+    untagged: List[List[Any]]
+    oversized: List[List[Any]] = field(default_factory=list)  # lines whose literal was dropped
+
+
+def _untagged_kind(item: Sequence[Any]) -> str:
+    """``"EXISTS"`` for ``[12, "EXISTS"]``, ``"LIST"`` for ``["LIST", [...], "/", "x"]``."""
+    if not item:
+        return ""
+    if isinstance(item[0], int) and len(item) > 1:
+        return str(item[1]).upper()
+    return str(item[0]).upper()
+
+
+def _server_number(value: Any, what: str, command: str, nonzero: bool = False) -> int:
+    """``value`` as the server sent it where IMAP's grammar wants a number (RFC 3501 §9:
+    unsigned 32-bit; nz-number when ``nonzero``); anything else is a ProtocolError."""
+    if isinstance(value, int) and not isinstance(value, bool) \
+            and (1 if nonzero else 0) <= value <= 0xFFFFFFFF:
+        return value
+    shown = value if isinstance(value, (int, str, bytes)) else "(...)"
+    raise ProtocolError(f"the server answered {command} with {what} {str(shown)[:40]!r}, "
+                        f"which is not a valid {'non-zero ' if nonzero else ''}32-bit "
+                        f"number; that answer is unusable", command=command)
+
+
+def _fetch_uid(item: Sequence[Any]) -> Optional[int]:
+    """The UID inside an untagged ``[seq, "FETCH", [... "UID", 7 ...]]``, or None."""
+    if len(item) < 3 or not isinstance(item[2], list):
+        return None
+    attrs = item[2]
+    for i in range(0, len(attrs) - 1, 2):
+        if str(attrs[i]).upper() == "UID" and isinstance(attrs[i + 1], int):
+            return attrs[i + 1]
+    return None
+
+
+_FETCH_KEYS: Dict[str, str] = {}
+
+
+def _fetch_key(item: str) -> str:
+    """Canonical name of a fetch item, so that an answer is matched to its request by
+    meaning: ``BODY.PEEK[TEXT]<0.100>`` and its answer ``BODY[TEXT]<0>`` both become
+    ``BODY[TEXT]<0>``.  Header field names are astrings (RFC 3501 ``header-fld-name``), so
+    a server may echo them quoted, in another case or order:
+    ``body[header.fields ("Subject" FROM)]`` becomes ``BODY[HEADER.FIELDS (FROM SUBJECT)]``.
+    """
+    key = _FETCH_KEYS.get(item)
+    if key is None:
+        key = _canonical_fetch_key(item)
+        if len(_FETCH_KEYS) < 1000:   # the items of a run are few; answers echo them
+            _FETCH_KEYS[item] = key
+    return key
+
+
+def _canonical_fetch_key(item: str) -> str:
+    key = re.sub(r"\s+", " ", item.strip()).upper().replace("BODY.PEEK[", "BODY[")
+    key = re.sub(r"<(\d+)\.\d+>$", r"<\1>", key)
+    match = re.fullmatch(r"(BODY\[(?:[\d.]*\.)?HEADER\.FIELDS(?:\.NOT)?) ?\((.*)\)\](<\d+>)?",
+                         key, re.S)
+    if match:
+        try:
+            names = parse_response(match.group(2).encode("utf-8", "surrogateescape"))
+        except ProtocolError:
+            return key
+        fields = sorted({str(name.decode("ascii", "replace") if isinstance(name, bytes)
+                             else name).upper() for name in names})
+        key = f"{match.group(1)} ({' '.join(fields)})]{match.group(3) or ''}"
+    return key
+
+
+def _convert_fetch_value(key: str, value: Any) -> Any:
+    if key in ("FLAGS", "X-GM-LABELS") and not isinstance(value, list):
+        return None     # NIL or an atom where a list belongs: unknown, not "none"
+    if key == "FLAGS":
+        return tuple(str(flag) for flag in value)
+    if key == "X-GM-LABELS":
+        return tuple(decode_mailbox(_as_text(label)) for label in value)
+    if key == "INTERNALDATE":
+        return parse_internaldate(_as_text(value))
+    if key in ("RFC822.SIZE", "X-GM-MSGID", "X-GM-THRID", "MODSEQ"):
+        if isinstance(value, list) and value:
+            value = value[0]
+        return int(value) if isinstance(value, int) or str(value).isdigit() else None
+    if key.startswith("BODY[") or key.startswith("RFC822"):
+        if isinstance(value, str):
+            return value.encode("utf-8", "surrogateescape")
+        return value    # NIL stays None: the section is missing, not empty
+    return value
+
+
+def _fetch_keep(wanted: set) -> Callable[[List[Any]], bool]:
+    """keep() for a FETCH: its own answers, never an unsolicited FETCH for another UID."""
+    def keep(item: List[Any]) -> bool:
+        return _untagged_kind(item) == "FETCH" and _fetch_uid(item) in wanted
+    return keep
+
+
+def _fetch_answer(response: _Response, wanted: set, by_key: Mapping[str, str],
+                  result: Dict[int, Dict[str, Any]], limit: int,
+                  skipped: Optional[List[int]]) -> None:
+    """Add the FETCH lines of an answer to ``result``, keyed by UID (the answer's keep()
+    let in only the wanted UIDs).  A message with a literal dropped as oversized is left
+    out whole, and its UID appended to ``skipped``."""
+    dropped = {_fetch_uid(item) for item in response.oversized} & wanted
+    for uid in sorted(dropped):   # type: ignore[type-var]
+        log.warning("UID %d: the server sent far more than was asked for (at most %d "
+                    "bytes); skipped that message", uid, limit)
+        if skipped is not None and uid not in skipped:
+            skipped.append(uid)
+    for item in response.untagged:
+        if len(item) < 3 or str(item[1]).upper() != "FETCH" or not isinstance(item[2], list):
+            continue
+        attrs = _pairs(item[2])
+        uid = attrs.get("UID")
+        if uid in dropped:
+            continue
+        values = result.setdefault(int(uid), {})
+        for key, value in attrs.items():
+            if key == "UID":
+                continue
+            values[by_key.get(_fetch_key(key), key)] = _convert_fetch_value(key, value)
+
+
+def _copyuid_map(response: _Response, sent: Sequence[int]) -> Dict[int, int]:
+    """Source UID -> destination UID from a COPYUID code (RFC 4315), tagged or untagged.
+
+    The answer can only concern the ``sent`` UIDs; one naming more (``1:4294967295`` is
+    40 bytes) is ignored as unusable, never expanded.
+    """
+    codes = [(response.code, response.code_args)]
+    codes += [(item[1], item[2]) for item in response.untagged
+              if item and item[0] == "OK" and len(item) >= 3]
+    for code, args in codes:
+        if code == "COPYUID" and len(args) >= 3:
+            try:
+                source = parse_uid_set(str(args[1]), limit=len(sent))
+                target = parse_uid_set(str(args[2]), limit=len(sent))
+            except ValueError:
+                log.warning("ignoring an unusable COPYUID answer from the server")
+                return {}
+            if len(source) != len(target) or not set(source) <= set(sent):
+                return {}
+            return dict(zip(source, target))
+    return {}
+
+
+def _search_uids(response: _Response) -> List[int]:
+    """The UIDs a UID SEARCH answer names, in the order sent: ``[4, 9, 10]`` (a CONDSTORE
+    server's ``(MODSEQ n)`` is not one)."""
+    found: List[int] = []
+    for item in response.untagged:
+        if item and str(item[0]).upper() == "SEARCH":
+            found.extend(_server_number(v, "UID", "UID SEARCH", nonzero=True)
+                         for v in item[1:] if not isinstance(v, list))
+    return found
+
+
 # --- Connection --------------------------------------------------------------------------
 #
-# imaplib opens the socket, does TLS and STARTTLS, and runs LOGIN / AUTHENTICATE.  Every
-# other command goes through GmailConnection._execute, which builds the line itself (so
-# quoting is ours and consistent on every Python version), sends literals, and reads the
-# answer in order, literals inline, for the parser above.  Reading goes through our own
+# Two layers over imaplib, which only opens the socket and does TLS, STARTTLS and the
+# greeting.  _Protocol, the engine, sends every command itself, sign-in included (so quoting
+# is ours and consistent on every Python version), pipelines FETCHes, and reads each
+# answer in order, literals inline, for the parser above; it never retries.
+# GmailConnection is the policy around it: reconnecting with backoff, one retry helper
+# (_retrying) that knows what may be sent again, the keepalive, the public methods.
+# Reading goes through our own
 # buffer rather than imaplib's ``file``: on Python <= 3.13 a socket timeout leaves
 # ``socket.makefile`` objects unusable, and IDLE needs "wait up to N seconds for a line",
 # which a buffered file cannot answer without blocking.
@@ -888,7 +1058,7 @@ MAX_BACKOFF = 60.0
 IDLE_MAX_SECONDS = 29 * 60      # RFC 2177: re-issue IDLE at least every 29 minutes
 IDLE_POLL = 0.5                 # seconds between checks of an idle() interrupt callback
 # One response line, literals excluded.  Only a SEARCH answer is ever longer (about 9
-# bytes per UID): its limit follows the folder's size (see _search_line_limit).
+# bytes per UID): its limit follows the folder's size (see search_line_limit).
 MAX_RESPONSE_LINE = 4 * 1024 * 1024
 # Literals are limited by what was asked for: a FETCH of a 16 KiB prefix may bring 16 KiB,
 # a header block a few hundred; anything far beyond is read, thrown away and that message
@@ -1197,16 +1367,6 @@ class _ExpungeCheck:
         return "; ".join(parts)
 
 
-@dataclass
-class _Response:
-    status: str
-    code: str
-    code_args: List[Any]
-    text: str
-    untagged: List[List[Any]]
-    oversized: List[List[Any]] = field(default_factory=list)  # lines whose literal was dropped
-
-
 # Untagged answers a command's caller reads.  Everything else that arrives meanwhile
 # (EXISTS, EXPUNGE, RECENT, FLAGS, unsolicited FETCH: RFC 3501 §7) updates the connection's
 # state and is dropped, so a server that floods them cannot fill memory.
@@ -1217,15 +1377,6 @@ _UNTAGGED_NEEDED: Dict[str, Tuple[str, ...]] = {
     "SEARCH": ("SEARCH", "ESEARCH"), "UID SEARCH": ("SEARCH", "ESEARCH"),
     "NOOP": _STATE_UPDATES, "IDLE": _STATE_UPDATES,
 }
-
-
-def _untagged_kind(item: Sequence[Any]) -> str:
-    """``"EXISTS"`` for ``[12, "EXISTS"]``, ``"LIST"`` for ``["LIST", [...], "/", "x"]``."""
-    if not item:
-        return ""
-    if isinstance(item[0], int) and len(item) > 1:
-        return str(item[1]).upper()
-    return str(item[0]).upper()
 
 
 def _needed_by(command: str) -> Callable[[List[Any]], bool]:
@@ -1250,7 +1401,7 @@ class _Pending:
     tag: bytes
     command: str
     response: Optional[_Response] = None
-    keep: Optional[Callable[[List[Any]], bool]] = None    # as for _execute_on
+    keep: Optional[Callable[[List[Any]], bool]] = None    # as for _Protocol.execute
     max_literal: Optional[int] = None
 
 
@@ -1326,11 +1477,6 @@ class _AnswerBudget:
             log.debug(message, *args)
 
 
-# A retry policy says what to do when the connection drops during a command: "safe" retry
-# as is (reads, +/- STOREs, CREATE, UID EXPUNGE of a fixed set); "never" give up at once.
-# MOVE and COPY carry their own recovery in move() and copy().
-_SAFE, _NEVER = "safe", "never"
-
 CredentialSource = Union[str, Callable[[], str], None]
 
 
@@ -1382,9 +1528,9 @@ def _clean_password(password: str) -> str:
 
 
 def _scrubbed(method: Callable[..., Any]) -> Callable[..., Any]:
-    """For GmailConnection's methods that read server text: an error leaving them has every
-    credential blanked out of its message and ``text`` (see GmailConnection.redact)."""
-    def scrubbing(self: "GmailConnection", *args: Any, **kwargs: Any) -> Any:
+    """For the methods that read server text: an error leaving them has every credential
+    blanked out of its message and ``text`` (see _Protocol.redact)."""
+    def scrubbing(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
         except (GmailClassifyError, _Dropped) as exc:
@@ -1398,6 +1544,12 @@ def _scrubbed(method: Callable[..., Any]) -> Callable[..., Any]:
     return scrubbing
 
 
+def _forwarded(name: str) -> property:
+    """An attribute of GmailConnection that lives in its protocol engine (``_proto``)."""
+    return property(lambda self: getattr(self._proto, name),
+                    lambda self, value: setattr(self._proto, name, value))
+
+
 def _decode_server_text(error: BaseException) -> str:
     """imaplib raises with bytes inside (``"b'[AUTHENTICATIONFAILED] ...'"``); decode it."""
     if isinstance(error, OSError):
@@ -1408,6 +1560,592 @@ def _decode_server_text(error: BaseException) -> str:
     text = str(text)
     match = re.fullmatch(r"b(['\"])(.*)\1", text, re.S)
     return match.group(2) if match else text
+
+
+class _Protocol:
+    """The protocol engine under GmailConnection: sends commands (quoting, literals,
+    pipelining), reads and parses their answers through the bounded reader, and keeps
+    every credential it sent out of what it says.  It owns one imaplib object at a time
+    (``imap``; None when there is no connection) and never retries: a drop raises
+    _Dropped, and GmailConnection decides what happens next.
+
+    Counters and the selected folder outlive each imaplib object; GmailConnection shows
+    them as its own attributes (``commands_sent``, ``exists_seen`` ...).
+    """
+
+    def __init__(self, host: str, user: str, timeout: float, stop: Stop) -> None:
+        self.host = host
+        self.user = user
+        self.timeout = timeout
+        self.stop = stop
+        self.imap: Optional[imaplib.IMAP4] = None
+        self.capabilities: frozenset = frozenset()
+        self.selected: Optional[FolderStatus] = None
+        self.idling = False
+        self.last_activity = time.monotonic()
+        self.commands_sent = 0
+        self.bytes_received = 0
+        # EXISTS responses seen, with any command or in IDLE: new mail in the selected
+        # folder is announced once, to whichever command comes next (RFC 3501 §7.3.1).
+        self.exists_seen = 0
+        self._inflight: List[_Pending] = []   # pipelined commands, oldest first
+        self._secrets: List[str] = []   # credentials sent, kept out of -vv logs
+
+    def attach(self, imap: imaplib.IMAP4) -> None:
+        """Take over a freshly opened imaplib object (the previous one is dropped)."""
+        self.drop()
+        self.imap = imap
+
+    def live(self) -> imaplib.IMAP4:
+        if self.imap is None:
+            raise _Dropped("not connected")
+        return self.imap
+
+    def drop(self) -> None:
+        """Forget the imaplib object and close its socket, without a word; never raises."""
+        imap, self.imap = self.imap, None
+        if imap is not None:
+            try:
+                imap.shutdown()
+            except (OSError, AttributeError, ValueError):
+                pass
+
+    # -- signing in --------------------------------------------------------------------
+
+    def remember_secret(self, secret: str) -> None:
+        """Keep ``secret`` (and its base64 and quoted forms) out of every text that leaves
+        the connection: a server may repeat what we sent (see redact)."""
+        forms = [secret, base64.b64encode(secret.encode("utf-8")).decode("ascii"),
+                 secret.replace("\\", "\\\\").replace('"', '\\"')]
+        for form in forms:
+            if len(form) >= 4 and form not in self._secrets:
+                self._secrets.append(form)
+        self._secrets.sort(key=len, reverse=True)   # a longer form before a part of it
+
+    def redact(self, text: str) -> str:
+        """``text`` from the server with every credential we sent blanked out.
+
+        A server may quote the command it refuses (``NO your command was LOGIN "user"
+        "secret"``), put it in an untagged NO or ALERT, or echo a SASL string in a
+        challenge; such text reaches messages, warnings, logs and the audit log, so every
+        piece of server text passes through here first.
+        """
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "<redacted>")
+        return text
+
+    def _gmail_login_hint(self) -> str:
+        """Gmail refuses the account's normal password over IMAP: say what works instead."""
+        gmail = "X-GM-EXT-1" in self.imap.capabilities or \
+            self.host.lower().rstrip(".").endswith((".gmail.com", ".googlemail.com"))
+        if not gmail:
+            return ""
+        return (" (Gmail needs an app password, not your Google password: Google Account -> "
+                "Security -> App passwords, which needs 2-Step Verification; and IMAP must be "
+                "on in Gmail's settings, under Forwarding and POP/IMAP)")
+
+    def login(self, password: str) -> None:
+        """LOGIN with both arguments quoted; non-ASCII goes as AUTHENTICATE PLAIN (UTF-8,
+        RFC 4616) when offered, else as literals."""
+        if not (self.user.isascii() and password.isascii()) and \
+                "AUTH=PLAIN" in self.imap.capabilities:
+            initial = b"\x00" + self.user.encode("utf-8") + b"\x00" + password.encode("utf-8")
+            self.remember_secret(base64.b64encode(initial).decode("ascii"))
+            self.sasl("PLAIN", initial, "the sign-in")
+            return
+        args = [quote(text) if text.isascii() else Literal(text.encode("utf-8"))
+                for text in (self.user, password)]
+        try:
+            self.execute("LOGIN", *args, redact=True)
+        except ProtocolError:
+            raise
+        except ImapError as exc:
+            text = (f"[{exc.code}] " if exc.code else "") + exc.text
+            raise AuthenticationError(f"{self.host} rejected the sign-in for {self.user}: "
+                                      f"{text}{self._gmail_login_hint()}", command="LOGIN",
+                                      status=exc.status, code=exc.code, text=text) from exc
+
+    def sasl(self, mechanism: str, initial: bytes, what: str) -> None:
+        """AUTHENTICATE ``mechanism`` (RFC 3501 §6.2.2), the initial response on the first
+        line when the server has SASL-IR (RFC 4959), else after the first ``+``.
+
+        Gmail answers a bad XOAUTH2 token with a JSON challenge and waits for an empty
+        response before it sends the tagged NO; resending the token there gets a BAD.
+        """
+        imap = self.live()
+        tag = imap._new_tag()  # type: ignore[attr-defined]
+        encoded = base64.b64encode(initial) or b"="
+        line = tag + b" AUTHENTICATE " + mechanism.encode("ascii")
+        pending: Optional[bytes] = encoded
+        if "SASL-IR" in imap.capabilities:
+            line += b" " + encoded
+            pending = None
+        log.debug("C: %s AUTHENTICATE %s%s", tag.decode(), mechanism,
+                  "" if pending else " <redacted>")
+        challenges: List[str] = []
+        try:
+            # Untagged lines mean nothing here: a few are harmless, a flood is not.
+            imap.watch_progress(self.timeout, lines=MAX_UNREQUESTED_ANSWERS)  # type: ignore[attr-defined]
+            imap.send(line + b"\r\n")
+            while True:
+                raw = self._read_line()
+                if raw.startswith(b"+"):
+                    if pending is not None and not challenges:
+                        imap.send(pending + b"\r\n")
+                        pending = None
+                        challenges.append("")
+                        continue
+                    if len(challenges) > 3:
+                        raise ProtocolError(f"{self.host} keeps challenging AUTHENTICATE "
+                                            f"{mechanism}", command="AUTHENTICATE")
+                    try:
+                        challenges.append(base64.b64decode(raw[1:].strip()).decode("utf-8", "replace"))
+                    except (binascii.Error, ValueError):
+                        challenges.append(raw[1:].strip().decode("utf-8", "replace"))
+                    imap.send(b"\r\n")
+                elif raw.startswith(tag + b" "):
+                    status, _, rest = raw[len(tag) + 1:].partition(b" ")
+                    if status.upper() == b"OK":
+                        return
+                    code = parse_status_text(rest)[0]
+                    text = rest.decode("utf-8", "replace")
+                    detail = "".join(f" ({c})" for c in challenges if c)
+                    raise AuthenticationError(
+                        f"{self.host} rejected {what} for {self.user}: {text}{detail}",
+                        command="AUTHENTICATE", status=status.decode("ascii", "replace").upper(),
+                        code=code, text=text + detail)
+                elif raw.startswith(b"* BYE"):
+                    raise _Dropped("server said BYE while signing in: "
+                                   + raw[6:].decode("utf-8", "replace"))
+                elif not raw.startswith(b"* "):
+                    raise ProtocolError(f"unexpected line while signing in: {raw[:80]!r}",
+                                        command="AUTHENTICATE")
+        except _DROPPED_ERRORS as exc:
+            raise _Dropped(f"connection lost while signing in: "
+                           f"{_decode_server_text(exc) or type(exc).__name__}") from exc
+
+    def ask_capabilities(self) -> None:
+        """imaplib read the capabilities once, before login; Gmail adds MOVE, UIDPLUS and
+        more only afterwards, so ask again (an 8-bit word names nothing we use)."""
+        caps = set()
+        for response in self.execute("CAPABILITY").untagged:
+            if response and str(response[0]).upper() == "CAPABILITY":
+                caps.update(str(word).upper() for word in response[1:]
+                            if str(word).isascii())
+        self.capabilities = frozenset(caps or self.imap.capabilities)
+
+    # -- sending commands and reading answers ----------------------------------------
+
+    @_scrubbed
+    def execute(self, command: str, *args: Any, expect_bye: bool = False,
+                on_untagged: Optional[Callable[[List[Any]], None]] = None,
+                keep: Optional[Callable[[List[Any]], bool]] = None,
+                max_literal: Optional[int] = None, redact: bool = False) -> _Response:
+        """Send one command and read its whole answer; the caller holds the lock.
+
+        ``args`` are bytes (sent as they are), str (sent as they are: callers build them
+        with quote/astring/compress_uids), int, or Literal.  ``keep`` chooses the untagged
+        answers worth keeping (default: what _needed_by says the command needs);
+        ``max_literal`` bounds each literal (larger ones in a FETCH are dropped and listed
+        in ``oversized``; elsewhere they are a ProtocolError); ``redact`` keeps the
+        arguments out of the debug log.  Raises _Dropped when the connection dies,
+        ImapError on NO/BAD, ProtocolError on garbage (and the connection is then closed).
+        """
+        imap = self.live()
+        if self._inflight:
+            self.drain()   # pipelined answers come first on the wire
+        tag = _new_tag(imap)
+        parts = self._command_parts(tag, command, args)
+        self._log_command(tag, command, ["<redacted>"] if redact else args)
+        self._watch(command)
+        try:
+            with self._reading(command):
+                self._send(tag, parts)
+                response = self._read_response(tag, command, expect_bye, on_untagged,
+                                               keep=keep, max_literal=max_literal)
+        finally:
+            self.commands_sent += 1
+            self.last_activity = time.monotonic()
+        return self._checked(response, command, expect_bye)
+
+    @contextlib.contextmanager
+    def _reading(self, command: str) -> Iterator[None]:
+        """Around sending a command or reading its answer: a stop, or an answer that makes
+        no sense (a UIDVALIDITY that is no number too: nothing a server sends may crash
+        us), leaves the rest unread and the stream out of step, so the connection (and any
+        pipelined answer) is dropped rather than misread.  A lost link is _Dropped."""
+        try:
+            yield
+        except StopRequested:
+            self._inflight.clear()
+            self.drop()
+            raise
+        except (ProtocolError, ValueError, TypeError, IndexError, RecursionError) as exc:
+            self._inflight.clear()
+            self.drop()
+            if isinstance(exc, ProtocolError):
+                raise
+            raise ProtocolError(f"the server's answer to {command} makes no sense: "
+                                f"{type(exc).__name__}: {str(exc)[:200]}",
+                                command=command) from exc
+        except _DROPPED_ERRORS as exc:
+            self._inflight.clear()   # their answers are lost: the callers send again
+            raise _Dropped(f"{command} failed: "
+                           f"{_decode_server_text(exc) or type(exc).__name__}") from exc
+
+    @staticmethod
+    def _checked(response: _Response, command: str, expect_bye: bool = False) -> _Response:
+        """``response`` when it is OK (or the BYE expected), else ImapError quoting it."""
+        if response.status == "OK" or (expect_bye and response.status == "BYE"):
+            return response
+        raise ImapError(f"the server answered {response.status} to {command}: "
+                        f"{response.text}", command=command, status=response.status,
+                        code=response.code, text=response.text)
+
+    def _watch(self, command: str) -> None:
+        """Before reading an answer: restart the progress window, set the line limit."""
+        if hasattr(self.imap, "watch_progress"):
+            self.imap.watch_progress(self.timeout)  # type: ignore[attr-defined]
+            self.imap.max_line = (self.search_line_limit()  # type: ignore[attr-defined]
+                             if command.endswith("SEARCH") else MAX_RESPONSE_LINE)
+
+    @staticmethod
+    def _command_parts(tag: bytes, command: str, args: Sequence[Any]) -> List[Union[bytes, Literal]]:
+        parts: List[Union[bytes, Literal]] = [tag + b" " + command.encode("ascii")]
+        for arg in args:
+            if isinstance(arg, Literal):
+                parts.append(arg)
+            elif isinstance(arg, bytes):
+                parts.append(arg)
+            else:
+                text = str(arg)
+                _refuse_controls(text, "the argument")
+                parts.append(text.encode("utf-8"))
+        return parts
+
+    # -- pipelining (RFC 3501 §5.5) ---------------------------------------------------
+    #
+    # Read-only UID FETCHes may be sent before the answer to the previous one has come
+    # back, so that the server and the network work while we parse and classify.  Each
+    # stays in _inflight until its answer is read; any other command first reads those
+    # answers (and keeps them), so the wire never interleaves.  Writes are never
+    # pipelined.  After a drop, every FETCH whose answer had not completed is sent again.
+
+    def send_ahead(self, command: str, *args: Any,
+                   keep: Optional[Callable[[List[Any]], bool]] = None,
+                   max_literal: Optional[int] = None) -> _Pending:
+        """Send a read-only command without waiting for its answer; the caller holds the
+        lock.  ``keep`` and ``max_literal`` apply when the answer is read, as in execute."""
+        if command != "UID FETCH":
+            raise AssertionError(f"only UID FETCH may be pipelined, not {command}")
+        imap = self.live()
+        tag = _new_tag(imap)
+        parts = self._command_parts(tag, command, args)
+        self._log_command(tag, command, args)
+        try:
+            with self._reading(command):
+                self._send(tag, parts)
+        finally:
+            self.commands_sent += 1
+            self.last_activity = time.monotonic()
+        pending = _Pending(imap, tag, command, keep=keep, max_literal=max_literal)
+        self._inflight.append(pending)
+        return pending
+
+    @_scrubbed
+    def collect(self, pending: _Pending) -> _Response:
+        """Read answers in the order sent up to ``pending``'s; raises as execute does."""
+        while pending.response is None:
+            imap = self.imap
+            if imap is None or pending.imap is not imap or pending not in self._inflight:
+                raise _Dropped(f"{pending.command} was sent on a connection that is gone")
+            first = self._inflight[0]
+            try:
+                with self._reading(first.command):
+                    self._watch(first.command)
+                    first.response = self._read_response(first.tag, first.command, False,
+                                                          None, keep=first.keep,
+                                                          max_literal=first.max_literal)
+            finally:
+                self.last_activity = time.monotonic()
+            self._inflight.pop(0)
+        return self._checked(pending.response, pending.command)
+
+    def drain(self) -> None:
+        """Read every pipelined answer still on the wire (kept for whoever sent it)."""
+        self._inflight = [p for p in self._inflight if p.imap is self.imap]
+        while self._inflight:
+            pending = self._inflight[-1]
+            try:
+                self.collect(pending)
+            except ImapError:
+                pass        # kept in pending.response; its sender raises it
+
+    # -- the wire: lines, literals, answers ---------------------------------------------
+
+    @staticmethod
+    def _log_command(tag: bytes, command: str, args: Sequence[Any]) -> None:
+        if not log.isEnabledFor(logging.DEBUG):
+            return
+        shown = []
+        for arg in args:
+            if isinstance(arg, Literal):
+                shown.append(f"{{{len(arg.data)} bytes}}")
+            else:
+                text = arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
+                shown.append(text if len(text) < 200 else text[:200] + "...")
+        log.debug("C: %s %s %s", tag.decode(), command, " ".join(shown))
+
+    def _log_answer(self, raw: bytes) -> None:
+        """-vv: one server line, shortened, with any credential of ours blanked out."""
+        text = self.redact(raw.decode("utf-8", "replace"))
+        log.debug("S: %s", text if len(text) < 200 else text[:200] + "...")
+
+    def _send(self, tag: bytes, parts: List[Union[bytes, Literal]]) -> None:
+        imap = self.live()
+        nonsync = bool({"LITERAL+", "LITERAL-"} & self.capabilities)
+        line = b""
+        for index, part in enumerate(parts):
+            if index:
+                line += b" "
+            if not isinstance(part, Literal):
+                line += part
+                continue
+            size = len(part.data)
+            if nonsync and size <= NONSYNC_LITERAL_MAX:
+                line += b"{%d+}\r\n" % size + part.data
+                continue
+            imap.send(line + b"{%d}\r\n" % size)
+            line = b""
+            self._wait_continuation(tag)
+            line = part.data
+        imap.send(line + b"\r\n")
+
+    def _wait_continuation(self, tag: bytes) -> None:
+        budget = _AnswerBudget("a literal's continuation")
+        while True:
+            raw = self._read_line()
+            if raw.startswith(b"+"):
+                return
+            if raw.startswith(tag + b" "):
+                code, _, text = parse_status_text(raw[len(tag) + 1:].split(b" ", 1)[-1])
+                raise ImapError(f"the server refused a literal: {text}", status="NO",
+                                code=code, text=text)
+            if raw.startswith(b"* BYE"):
+                raise _Dropped("server said BYE: " + raw[6:].decode("utf-8", "replace"))
+            budget.unasked(len(raw), update=False)
+
+    def _read_line(self, max_literal: Optional[int] = None,
+                   dropped: Optional[List[int]] = None) -> bytes:
+        """One response line with any literals it announces inlined, CRLF stripped.
+
+        A literal larger than ``max_literal`` (default MAX_SMALL_LITERAL) is never kept:
+        with a ``dropped`` list it is read in small pieces, thrown away, replaced by NIL
+        and its size appended to ``dropped``; without one it is a ProtocolError.
+        """
+        limit = MAX_SMALL_LITERAL if max_literal is None else max_literal
+        imap = self.live()
+        line = imap.readline()
+        if not line:
+            raise EOFError("connection closed by the server")
+        data = bytearray()
+        while True:
+            self.bytes_received += len(line)
+            if not line.endswith(b"\r\n"):
+                if not line.endswith(b"\n"):
+                    raise EOFError("connection closed in the middle of a line")
+            match = _LITERAL_AT_END.search(line) if line.endswith((b"}\r\n", b"}\n")) else None
+            if not match:
+                data += line.rstrip(b"\r\n")
+                return bytes(data)
+            size = int(match.group(1))
+            if size > limit:
+                if dropped is None:
+                    raise ProtocolError(f"the server announced a literal of {size} bytes where "
+                                        f"at most {limit} make sense")
+                left = size
+                while left:
+                    left -= len(imap.read(min(left, 65536)))
+                self.bytes_received += size
+                dropped.append(size)
+                data += line[:match.start()] + b"NIL"
+            else:
+                data += line[:match.start()] + b"{%d}\r\n" % size
+                data += imap.read(size)
+                self.bytes_received += size
+            line = imap.readline()
+            if not line:
+                raise EOFError("connection closed after a literal")
+
+    def _read_response(self, tag: bytes, command: str, expect_bye: bool,
+                       on_untagged: Optional[Callable[[List[Any]], None]],
+                       keep: Optional[Callable[[List[Any]], bool]] = None,
+                       max_literal: Optional[int] = None) -> _Response:
+        untagged: List[List[Any]] = []
+        oversized: List[List[Any]] = []
+        keep = keep or _needed_by(command)
+        budget = _AnswerBudget(command)
+        debug = log.isEnabledFor(logging.DEBUG)
+        while True:
+            dropped: List[int] = []
+            raw = self._read_line(max_literal,
+                                  dropped if command.endswith("FETCH") else None)
+            if debug:
+                self._log_answer(raw)
+            if raw.startswith(b"* "):
+                body = raw[2:]
+                head = body.split(b" ", 1)
+                kind = head[0].upper()
+                if kind in (b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"):
+                    code, args, text = parse_status_text(head[1] if len(head) > 1 else b"")
+                    text = self.redact(text)
+                    if kind == b"BYE":
+                        if expect_bye:
+                            continue
+                        raise _Dropped(f"server said BYE: {text}")
+                    if kind in (b"NO", b"BAD") or code == "ALERT":
+                        budget.warn("server: %s %s", kind.decode(), text)
+                    status_line = [kind.decode(), code, args, text]
+                    if keep(status_line):
+                        budget.kept(untagged, status_line, len(raw))
+                    else:
+                        budget.unasked(len(raw), update=False)
+                    continue
+                if not self._plausible(body, command):
+                    budget.unasked(len(raw), update=False)
+                    continue
+                parsed = parse_response(body)
+                self.note_untagged(parsed)
+                if on_untagged is not None:
+                    on_untagged(parsed)
+                if dropped:
+                    # Read and thrown away; the same message's again counts as a flood.
+                    if any(_fetch_uid(item) == _fetch_uid(parsed) for item in oversized):
+                        budget.unasked(len(raw) + sum(dropped), update=True)
+                    else:
+                        budget.kept(oversized, parsed, len(raw))
+                elif keep(parsed):
+                    budget.kept(untagged, parsed, len(raw))
+                else:
+                    budget.unasked(len(raw), update=_untagged_kind(parsed) in _STATE_UPDATES)
+            elif raw.startswith(tag + b" "):
+                response = self._tagged(raw[len(tag) + 1:], untagged, oversized)
+                if "THROTTLED" in response.text.upper() or response.code == "THROTTLED":
+                    log.warning("the server is throttling this account (%s)", response.text)
+                return response
+            elif raw.startswith(b"+"):
+                raise ProtocolError(f"unexpected continuation request to {command}: {raw[:80]!r}")
+            else:
+                raise ProtocolError(f"unexpected line in the answer to {command}: {raw[:80]!r}")
+
+    def _tagged(self, line: bytes, untagged: Optional[List[List[Any]]] = None,
+                oversized: Optional[List[List[Any]]] = None) -> _Response:
+        """A tagged status line (its tag cut off) as the command's _Response."""
+        status, _, text = line.partition(b" ")
+        code, args, message = parse_status_text(text)
+        return _Response(status.decode("ascii", "replace").upper(), code, args,
+                         self.redact(message), untagged or [], oversized or [])
+
+    def search_line_limit(self) -> int:
+        """A SEARCH answer names at most the folder's messages: 11 bytes per possible UID."""
+        return max(MAX_RESPONSE_LINE, self._search_ceiling() * 11)
+
+    def _search_ceiling(self) -> int:
+        """The most UIDs a SEARCH answer may name: twice the folder's size (it may grow
+        meanwhile) plus some, the size as EXISTS says but never above MAX_FOLDER_MESSAGES."""
+        selected = self.selected
+        return min(selected.exists if selected else 0, MAX_FOLDER_MESSAGES) * 2 + 10000
+
+    def _plausible(self, body: bytes, command: str) -> bool:
+        """Check a SEARCH answer's size before parsing it: it cannot name more UIDs than
+        the folder holds, and one that does would cost gigabytes once expanded.  Raises
+        ProtocolError for the SEARCH we asked for; False (ignore) for an unsolicited one."""
+        if not body[:7].upper().startswith(b"SEARCH"):
+            return True
+        if not command.endswith("SEARCH"):
+            return False
+        ceiling = self._search_ceiling()
+        if body.count(b" ") > ceiling:
+            raise ProtocolError(f"the server answered {command} with more than {ceiling} "
+                                f"UIDs, far more than the folder holds; that answer is "
+                                f"unusable", command=command)
+        return True
+
+    def note_untagged(self, parsed: List[Any]) -> None:
+        """Keep the selected folder's message count current from EXISTS."""
+        if len(parsed) >= 2 and str(parsed[1]).upper() == "EXISTS":
+            self.exists_seen += 1
+        if len(parsed) >= 2 and str(parsed[1]).upper() == "EXISTS" and self.selected \
+                and isinstance(parsed[0], int):
+            selected = self.selected
+            self.selected = FolderStatus(selected.name, selected.uidvalidity,
+                                          selected.uidnext, int(parsed[0]), selected.readonly)
+
+    # -- IDLE ------------------------------------------------------------------------
+
+    @_scrubbed
+    def idle(self, timeout: float,
+             interrupt: Optional[Callable[[], bool]] = None) -> List[List[Any]]:
+        """IDLE once (see GmailConnection.idle); a drop raises _Dropped."""
+        imap = self.live()
+        if self._inflight:
+            self.drain()
+        tag = _new_tag(imap)
+        deadline = time.monotonic() + timeout
+        self.idling = True
+        try:
+            # A stop or garbage drops the connection: the server may still be idling.
+            with self._reading("IDLE"):
+                log.debug("C: %s IDLE", tag.decode())
+                imap.watch_progress(None)   # type: ignore[attr-defined]  # IDLE waits at will
+                imap.send(tag + b" IDLE\r\n")
+                self.commands_sent += 1
+                events, ended = self._idle_wait(tag, deadline, interrupt)
+                if ended is None:
+                    imap.watch_progress(self.timeout)  # type: ignore[attr-defined]
+                    imap.send(b"DONE\r\n")
+                    response = self._read_response(tag, "IDLE", False, None)
+                else:           # a tagged answer before DONE: IDLE refused or ended
+                    response = self._tagged(ended[len(tag) + 1:])
+        finally:
+            self.idling = False
+            self.last_activity = time.monotonic()
+        events.extend(item for item in response.untagged if item and item[0] != "OK")
+        self._checked(response, "IDLE")
+        return events
+
+    def _idle_wait(self, tag: bytes, deadline: float, interrupt: Optional[Callable[[], bool]]
+                   ) -> Tuple[List[List[Any]], Optional[bytes]]:
+        """Read what comes in IDLE until an update arrives, the deadline passes, a stop is
+        asked for or ``interrupt()`` says so: returns ``(updates, None)``, or ``(updates,
+        tagged line)`` when the server ended (or refused) IDLE first."""
+        imap = self.live()
+        events: List[List[Any]] = []
+        idling = False
+        while True:
+            if idling:
+                if events or self.stop.requested or (interrupt is not None and interrupt()):
+                    return events, None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return events, None
+                if not imap.wait_readable(min(left, IDLE_POLL)):  # type: ignore[attr-defined]
+                    continue
+            raw = self._read_line()
+            if raw.startswith(b"+"):
+                idling = True
+            elif raw.startswith(tag + b" "):
+                return events, raw
+            elif raw.startswith(b"* BYE"):
+                raise _Dropped("server said BYE during IDLE")
+            elif raw.startswith(b"* "):
+                parsed = parse_response(raw[2:])
+                if parsed and str(parsed[0]).upper() not in ("OK", "NO", "BAD"):
+                    self.note_untagged(parsed)
+                    events.append(parsed)
+            else:
+                raise ProtocolError(f"unexpected line during IDLE: {raw[:80]!r}")
 
 
 class GmailConnection:
@@ -1449,12 +2187,13 @@ class GmailConnection:
         _check_credential(user, "user name")
         _check_credential(password, "password")
         _check_credential(token, "token")
+        # The caller's stop mechanism: read loops and retries look at it (see Stop).
+        self._proto = _Protocol(host, user, timeout, stop if stop is not None else Stop())
         self.user = user
         self.host = host
         self.port = port or (IMAPS_PORT if security == "tls" else IMAP_PORT)
         self.security = security
         self.cafile = cafile
-        self.timeout = timeout
         self.keepalive = keepalive
         self.retries = retries
         self.backoff = backoff
@@ -1462,28 +2201,25 @@ class GmailConnection:
         self._token = token
         self._sleep = sleep
         self._rng = rng
-        self._imap: Optional[imaplib.IMAP4] = None
         self._lock = threading.RLock()
-        self._idling = False
-        self._last_activity = time.monotonic()
         self._background_error: Optional[BaseException] = None
         self._stop = threading.Event()
-        # The caller's stop mechanism: read loops and retries look at it (see Stop).
-        self.stop = stop if stop is not None else Stop()
         self._keepalive_thread: Optional[threading.Thread] = None
-        self._selected: Optional[FolderStatus] = None
         self._folders: Optional[List[Folder]] = None
         self._namespace: Optional[Tuple[str, str]] = None
-        self._inflight: List[_Pending] = []   # pipelined commands, oldest first
-        self.capabilities: frozenset = frozenset()
         self.reconnects = 0
-        self.commands_sent = 0
-        self.bytes_received = 0
         self.backoff_delays: List[float] = []
-        # EXISTS responses seen, with any command or in IDLE: new mail in the selected
-        # folder is announced once, to whichever command comes next (RFC 3501 §7.3.1).
-        self.exists_seen = 0
-        self._secrets: List[str] = []   # credentials sent, kept out of -vv logs
+
+    # What the protocol engine keeps, shown as this object's own (see _Protocol).
+    user = _forwarded("user")
+    host = _forwarded("host")
+    stop = _forwarded("stop")
+    timeout = _forwarded("timeout")
+    capabilities = _forwarded("capabilities")
+    commands_sent = _forwarded("commands_sent")
+    bytes_received = _forwarded("bytes_received")
+    exists_seen = _forwarded("exists_seen")
+    _selected = _forwarded("selected")
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -1516,25 +2252,29 @@ class GmailConnection:
             thread.join(timeout=5)
         self._keepalive_thread = None
         with self._lock:
-            imap, self._imap = self._imap, None
-            if imap is None:
+            if self._proto.imap is None:
                 return
             try:
                 if self._selected is not None:
                     if self.has("UNSELECT"):
-                        self._execute_on(imap, "UNSELECT")
+                        self._proto.execute("UNSELECT")
                     elif self._selected.readonly:
-                        self._execute_on(imap, "CLOSE")
-                self._execute_on(imap, "LOGOUT", expect_bye=True)
+                        self._proto.execute("CLOSE")
+                self._proto.execute("LOGOUT", expect_bye=True)
             except (_Dropped, ImapError, ProtocolError, StopRequested):
                 pass
             finally:
                 self._selected = None
-                self._shutdown(imap)
+                self._proto.drop()
+
+    def redact(self, text: str) -> str:
+        """``text`` from the server with every credential we sent blanked out (see
+        _Protocol.redact)."""
+        return self._proto.redact(text)
 
     @property
     def connected(self) -> bool:
-        return self._imap is not None
+        return self._proto.imap is not None
 
     def has(self, capability: str) -> bool:
         """True if the server announced ``capability`` (after login), e.g. ``has("MOVE")``."""
@@ -1567,7 +2307,7 @@ class GmailConnection:
                         f"{exc.verify_message or exc.reason}{hint}")
 
     @_scrubbed
-    def _open(self) -> imaplib.IMAP4:
+    def _open(self) -> None:
         """One attempt: TCP, TLS, greeting, authentication, capabilities."""
         where = f"{self.host}:{self.port}"
         try:
@@ -1594,19 +2334,15 @@ class GmailConnection:
                 raise _Unreachable(f"cannot connect to {where}: {hint}") from exc
             raise _Dropped(f"cannot connect to {where}: {_decode_server_text(exc)}") from exc
         imap.stop = self.stop  # type: ignore[attr-defined]
+        self._proto.attach(imap)
         try:
             if self.security == "starttls":
                 self._starttls(imap, where)
-            self._authenticate(imap)
-            # imaplib read the capabilities once, before login; Gmail adds MOVE, UIDPLUS and
-            # more only afterwards, so ask again.
-            untagged = self._execute_on(imap, "CAPABILITY").untagged
-            self.capabilities = self._capabilities_from(untagged, imap)
+            self._authenticate()
+            self._proto.ask_capabilities()
         except BaseException:
-            self._shutdown(imap)
+            self._proto.drop()
             raise
-        self._imap = imap
-        return imap
 
     # OpenSSL's reasons when the other side does not speak TLS at all (it sent an IMAP
     # greeting in plain text), and when the two sides share no TLS version.
@@ -1651,14 +2387,14 @@ class GmailConnection:
         except (ssl.SSLError, OSError) as exc:
             raise _Dropped(f"STARTTLS failed: {exc}") from exc
 
-    def _authenticate(self, imap: imaplib.IMAP4) -> None:
+    def _authenticate(self) -> None:
         """LOGIN with the password, or AUTHENTICATE XOAUTH2 with the token; never logged.
 
         We build these commands ourselves rather than through imaplib, which sends the
         user name raw (a space or a quote in it changes who signs in) and cannot send
         non-ASCII credentials or a SASL initial response (RFC 4959).
         """
-        if getattr(imap, "state", "NONAUTH") != "NONAUTH":
+        if getattr(self._proto.imap, "state", "NONAUTH") != "NONAUTH":
             raise AuthenticationError(f"{self.host} claims the session is signed in already "
                                       f"(PREAUTH) without our credentials; refusing it",
                                       command="LOGIN")
@@ -1667,141 +2403,20 @@ class GmailConnection:
                 token = _credential(self._token) or ""
                 _check_credential(token, "token")
                 initial = f"user={self.user}\x01auth=Bearer {token}\x01\x01".encode("utf-8")
-                self._remember_secret(token)
-                self._remember_secret(base64.b64encode(initial).decode("ascii"))
-                self._sasl(imap, "XOAUTH2", initial, "the OAuth2 token")
+                self._proto.remember_secret(token)
+                self._proto.remember_secret(base64.b64encode(initial).decode("ascii"))
+                self._proto.sasl("XOAUTH2", initial, "the OAuth2 token")
             else:
                 password = _clean_password(_credential(self._password) or "")
                 _check_credential(password, "password")
-                self._remember_secret(password)
-                self._login(imap, password)
+                self._proto.remember_secret(password)
+                self._proto.login(password)
         except ConnectionLostError as exc:
             # A token provider that cannot reach its issuer: as retryable as a lost link.
             raise _Dropped(str(exc)) from exc
         except OSError as exc:
             raise _Dropped(f"connection lost while signing in: {exc}") from exc
         log.info("signed in to %s as %s", self.host, self.user)
-
-    def _remember_secret(self, secret: str) -> None:
-        """Keep ``secret`` (and its base64 and quoted forms) out of every text that leaves
-        the connection: a server may repeat what we sent (see redact)."""
-        forms = [secret, base64.b64encode(secret.encode("utf-8")).decode("ascii"),
-                 secret.replace("\\", "\\\\").replace('"', '\\"')]
-        for form in forms:
-            if len(form) >= 4 and form not in self._secrets:
-                self._secrets.append(form)
-        self._secrets.sort(key=len, reverse=True)   # a longer form before a part of it
-
-    def redact(self, text: str) -> str:
-        """``text`` from the server with every credential we sent blanked out.
-
-        A server may quote the command it refuses (``NO your command was LOGIN "user"
-        "secret"``), put it in an untagged NO or ALERT, or echo a SASL string in a
-        challenge; such text reaches messages, warnings, logs and the audit log, so every
-        piece of server text passes through here first.
-        """
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, "<redacted>")
-        return text
-
-    def _gmail_login_hint(self, imap: imaplib.IMAP4) -> str:
-        """Gmail refuses the account's normal password over IMAP: say what works instead."""
-        gmail = "X-GM-EXT-1" in imap.capabilities or \
-            self.host.lower().rstrip(".").endswith((".gmail.com", ".googlemail.com"))
-        if not gmail:
-            return ""
-        return (" (Gmail needs an app password, not your Google password: Google Account -> "
-                "Security -> App passwords, which needs 2-Step Verification; and IMAP must be "
-                "on in Gmail's settings, under Forwarding and POP/IMAP)")
-
-    def _login(self, imap: imaplib.IMAP4, password: str) -> None:
-        """LOGIN with both arguments quoted; non-ASCII goes as AUTHENTICATE PLAIN (UTF-8,
-        RFC 4616) when offered, else as literals."""
-        if not (self.user.isascii() and password.isascii()) and \
-                "AUTH=PLAIN" in imap.capabilities:
-            initial = b"\x00" + self.user.encode("utf-8") + b"\x00" + password.encode("utf-8")
-            self._remember_secret(base64.b64encode(initial).decode("ascii"))
-            self._sasl(imap, "PLAIN", initial, "the sign-in")
-            return
-        args = [quote(text) if text.isascii() else Literal(text.encode("utf-8"))
-                for text in (self.user, password)]
-        try:
-            self._execute_on(imap, "LOGIN", *args, redact=True)
-        except ProtocolError:
-            raise
-        except ImapError as exc:
-            text = (f"[{exc.code}] " if exc.code else "") + exc.text
-            raise AuthenticationError(f"{self.host} rejected the sign-in for {self.user}: "
-                                      f"{text}{self._gmail_login_hint(imap)}", command="LOGIN",
-                                      status=exc.status, code=exc.code, text=text) from exc
-
-    def _sasl(self, imap: imaplib.IMAP4, mechanism: str, initial: bytes, what: str) -> None:
-        """AUTHENTICATE ``mechanism`` (RFC 3501 §6.2.2), the initial response on the first
-        line when the server has SASL-IR (RFC 4959), else after the first ``+``.
-
-        Gmail answers a bad XOAUTH2 token with a JSON challenge and waits for an empty
-        response before it sends the tagged NO; resending the token there gets a BAD.
-        """
-        tag = imap._new_tag()  # type: ignore[attr-defined]
-        encoded = base64.b64encode(initial) or b"="
-        line = tag + b" AUTHENTICATE " + mechanism.encode("ascii")
-        pending: Optional[bytes] = encoded
-        if "SASL-IR" in imap.capabilities:
-            line += b" " + encoded
-            pending = None
-        log.debug("C: %s AUTHENTICATE %s%s", tag.decode(), mechanism,
-                  "" if pending else " <redacted>")
-        challenges: List[str] = []
-        try:
-            # Untagged lines mean nothing here: a few are harmless, a flood is not.
-            imap.watch_progress(self.timeout, lines=MAX_UNREQUESTED_ANSWERS)  # type: ignore[attr-defined]
-            imap.send(line + b"\r\n")
-            while True:
-                raw = self._read_line(imap)
-                if raw.startswith(b"+"):
-                    if pending is not None and not challenges:
-                        imap.send(pending + b"\r\n")
-                        pending = None
-                        challenges.append("")
-                        continue
-                    if len(challenges) > 3:
-                        raise ProtocolError(f"{self.host} keeps challenging AUTHENTICATE "
-                                            f"{mechanism}", command="AUTHENTICATE")
-                    try:
-                        challenges.append(base64.b64decode(raw[1:].strip()).decode("utf-8", "replace"))
-                    except (binascii.Error, ValueError):
-                        challenges.append(raw[1:].strip().decode("utf-8", "replace"))
-                    imap.send(b"\r\n")
-                elif raw.startswith(tag + b" "):
-                    status, _, rest = raw[len(tag) + 1:].partition(b" ")
-                    if status.upper() == b"OK":
-                        return
-                    code = parse_status_text(rest)[0]
-                    text = rest.decode("utf-8", "replace")
-                    detail = "".join(f" ({c})" for c in challenges if c)
-                    raise AuthenticationError(
-                        f"{self.host} rejected {what} for {self.user}: {text}{detail}",
-                        command="AUTHENTICATE", status=status.decode("ascii", "replace").upper(),
-                        code=code, text=text + detail)
-                elif raw.startswith(b"* BYE"):
-                    raise _Dropped("server said BYE while signing in: "
-                                   + raw[6:].decode("utf-8", "replace"))
-                elif not raw.startswith(b"* "):
-                    raise ProtocolError(f"unexpected line while signing in: {raw[:80]!r}",
-                                        command="AUTHENTICATE")
-        except _DROPPED_ERRORS as exc:
-            raise _Dropped(f"connection lost while signing in: "
-                           f"{_decode_server_text(exc) or type(exc).__name__}") from exc
-
-    @staticmethod
-    def _capabilities_from(untagged: List[List[Any]], imap: imaplib.IMAP4) -> frozenset:
-        caps = set()
-        for response in untagged:
-            if response and str(response[0]).upper() == "CAPABILITY":
-                caps.update(str(word).upper() for word in response[1:]
-                            if str(word).isascii())   # 8-bit: names nothing we use
-        return frozenset(caps or imap.capabilities)
 
     def _connect_with_retries(self, first_error: Optional[BaseException]) -> None:
         """Open a connection, sleeping with backoff between failed attempts."""
@@ -1836,7 +2451,7 @@ class GmailConnection:
                 if error is not None:
                     self.reconnects += 1
                 self._background_error = None
-                self._last_activity = time.monotonic()
+                self._proto.last_activity = time.monotonic()
                 return
             except _Dropped as exc:
                 error = exc
@@ -1848,7 +2463,7 @@ class GmailConnection:
         self._selected = None
         error: BaseException = cause
         for _ in range(self.retries + 1):
-            self._mark_dead()
+            self._proto.drop()
             self._connect_with_retries(first_error=error)
             if previous is None:
                 return
@@ -1864,408 +2479,58 @@ class GmailConnection:
                     f"folder, so the UIDs in hand are stale; run again",
                     command="SELECT")
             return
-        self._mark_dead()
+        self._proto.drop()
         raise ConnectionLostError(f"reconnected to {self.host} but could not reopen "
                                   f"{previous.name}: {error}") from error
 
-    @staticmethod
-    def _shutdown(imap: imaplib.IMAP4) -> None:
-        try:
-            imap.shutdown()
-        except (OSError, AttributeError, ValueError):
-            pass
+    # -- retrying ----------------------------------------------------------------------
 
-    # -- sending commands ----------------------------------------------------------------
-
-    @_scrubbed
-    def _execute_on(self, imap: imaplib.IMAP4, command: str, *args: Any,
-                    expect_bye: bool = False,
-                    on_untagged: Optional[Callable[[List[Any]], None]] = None,
-                    keep: Optional[Callable[[List[Any]], bool]] = None,
-                    max_literal: Optional[int] = None, redact: bool = False) -> _Response:
-        """Send one command on ``imap`` and read its whole answer; the caller holds the lock.
-
-        ``args`` are bytes (sent as they are), str (sent as they are: callers build them
-        with quote/astring/compress_uids), int, or Literal.  ``keep`` chooses the untagged
-        answers worth keeping (default: what _needed_by says the command needs);
-        ``max_literal`` bounds each literal (larger ones in a FETCH are dropped and listed
-        in ``oversized``; elsewhere they are a ProtocolError); ``redact`` keeps the
-        arguments out of the debug log.  Raises _Dropped when the connection dies,
-        ImapError on NO/BAD, ProtocolError on garbage (and the connection is then closed).
-        """
-        if self._inflight:
-            self._drain(imap)   # pipelined answers come first on the wire
-        tag = _new_tag(imap)
-        parts = self._command_parts(tag, command, args)
-        self._log_command(tag, command, ["<redacted>"] if redact else args)
-        self._watch(imap, command)
-        try:
-            self._send(imap, tag, parts)
-            response = self._read_response(imap, tag, command, expect_bye, on_untagged,
-                                           keep=keep, max_literal=max_literal)
-        except StopRequested:
-            # The answer is cut short, so the stream is out of step: never read it again.
-            if imap is self._imap:
-                self._mark_dead()
-            else:
-                self._shutdown(imap)
-            raise
-        except (ProtocolError, ValueError, TypeError, IndexError, RecursionError) as exc:
-            # The rest of the answer is still unread, so the stream is out of step: start
-            # afresh on the next command rather than misread what follows.  Values the
-            # parser accepted but that make no sense (a UIDVALIDITY that is no number)
-            # count as protocol errors too: nothing a server sends may crash us.
-            if imap is self._imap:
-                self._mark_dead()
-            else:
-                self._shutdown(imap)
-            if isinstance(exc, ProtocolError):
-                raise
-            raise ProtocolError(f"the server's answer to {command} makes no sense: "
-                                f"{type(exc).__name__}: {str(exc)[:200]}",
-                                command=command) from exc
-        except _DROPPED_ERRORS as exc:
-            raise _Dropped(f"{command} failed: {_decode_server_text(exc) or type(exc).__name__}") from exc
-        finally:
-            self.commands_sent += 1
-            self._last_activity = time.monotonic()
-        if response.status not in ("OK",) and not (expect_bye and response.status == "BYE"):
-            raise ImapError(f"the server answered {response.status} to {command}: "
-                            f"{response.text}", command=command, status=response.status,
-                            code=response.code, text=response.text)
-        return response
-
-    def _watch(self, imap: imaplib.IMAP4, command: str) -> None:
-        """Before reading an answer: restart the progress window, set the line limit."""
-        if hasattr(imap, "watch_progress"):
-            imap.watch_progress(self.timeout)  # type: ignore[attr-defined]
-            imap.max_line = (self._search_line_limit()  # type: ignore[attr-defined]
-                             if command.endswith("SEARCH") else MAX_RESPONSE_LINE)
-
-    @staticmethod
-    def _command_parts(tag: bytes, command: str, args: Sequence[Any]) -> List[Union[bytes, Literal]]:
-        parts: List[Union[bytes, Literal]] = [tag + b" " + command.encode("ascii")]
-        for arg in args:
-            if isinstance(arg, Literal):
-                parts.append(arg)
-            elif isinstance(arg, bytes):
-                parts.append(arg)
-            else:
-                text = str(arg)
-                _refuse_controls(text, "the argument")
-                parts.append(text.encode("utf-8"))
-        return parts
-
-    # -- pipelining (RFC 3501 §5.5) ---------------------------------------------------
-    #
-    # Read-only UID FETCHes may be sent before the answer to the previous one has come
-    # back, so that the server and the network work while we parse and classify.  Each
-    # stays in _inflight until its answer is read; any other command first reads those
-    # answers (and keeps them), so the wire never interleaves.  Writes are never
-    # pipelined.  After a drop, every FETCH whose answer had not completed is sent again.
-
-    def _send_ahead(self, imap: imaplib.IMAP4, command: str, *args: Any,
-                    keep: Optional[Callable[[List[Any]], bool]] = None,
-                    max_literal: Optional[int] = None) -> _Pending:
-        """Send a read-only command without waiting for its answer; the caller holds the
-        lock.  ``keep`` and ``max_literal`` apply when the answer is read, as in _execute_on."""
-        if command != "UID FETCH":
-            raise AssertionError(f"only UID FETCH may be pipelined, not {command}")
-        tag = _new_tag(imap)
-        parts = self._command_parts(tag, command, args)
-        self._log_command(tag, command, args)
-        try:
-            self._send(imap, tag, parts)
-        except _DROPPED_ERRORS as exc:
-            raise _Dropped(f"{command} failed: {_decode_server_text(exc) or type(exc).__name__}") from exc
-        finally:
-            self.commands_sent += 1
-            self._last_activity = time.monotonic()
-        pending = _Pending(imap, tag, command, keep=keep, max_literal=max_literal)
-        self._inflight.append(pending)
-        return pending
-
-    @_scrubbed
-    def _collect(self, imap: imaplib.IMAP4, pending: _Pending) -> _Response:
-        """Read answers in the order sent up to ``pending``'s; raises as _execute_on does."""
-        while pending.response is None:
-            if pending.imap is not imap or pending not in self._inflight:
-                raise _Dropped(f"{pending.command} was sent on a connection that is gone")
-            first = self._inflight[0]
-            try:
-                self._watch(imap, first.command)
-                first.response = self._read_response(imap, first.tag, first.command, False, None,
-                                                      keep=first.keep,
-                                                      max_literal=first.max_literal)
-            except StopRequested:
-                self._inflight.clear()
-                if imap is self._imap:
-                    self._mark_dead()
-                raise
-            except (ProtocolError, ValueError, TypeError, IndexError, RecursionError) as exc:
-                self._inflight.clear()
-                if imap is self._imap:
-                    self._mark_dead()
-                if isinstance(exc, ProtocolError):
-                    raise
-                raise ProtocolError(f"the server's answer to {first.command} makes no sense: "
-                                    f"{type(exc).__name__}: {str(exc)[:200]}",
-                                    command=first.command) from exc
-            except _DROPPED_ERRORS as exc:
-                self._inflight.clear()   # their answers are lost: the callers send again
-                raise _Dropped(f"{first.command} failed: "
-                               f"{_decode_server_text(exc) or type(exc).__name__}") from exc
-            finally:
-                self._last_activity = time.monotonic()
-            self._inflight.pop(0)
-        response = pending.response
-        if response.status != "OK":
-            raise ImapError(f"the server answered {response.status} to {pending.command}: "
-                            f"{response.text}", command=pending.command, status=response.status,
-                            code=response.code, text=response.text)
-        return response
-
-    def _drain(self, imap: imaplib.IMAP4) -> None:
-        """Read every pipelined answer still on the wire (kept for whoever sent it)."""
-        self._inflight = [p for p in self._inflight if p.imap is imap]
-        while self._inflight:
-            pending = self._inflight[-1]
-            try:
-                self._collect(imap, pending)
-            except ImapError:
-                pass        # kept in pending.response; its sender raises it
-
-    @staticmethod
-    def _log_command(tag: bytes, command: str, args: Sequence[Any]) -> None:
-        if not log.isEnabledFor(logging.DEBUG):
-            return
-        shown = []
-        for arg in args:
-            if isinstance(arg, Literal):
-                shown.append(f"{{{len(arg.data)} bytes}}")
-            else:
-                text = arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
-                shown.append(text if len(text) < 200 else text[:200] + "...")
-        log.debug("C: %s %s %s", tag.decode(), command, " ".join(shown))
-
-    def _log_answer(self, raw: bytes) -> None:
-        """-vv: one server line, shortened, with any credential of ours blanked out."""
-        text = self.redact(raw.decode("utf-8", "replace"))
-        log.debug("S: %s", text if len(text) < 200 else text[:200] + "...")
-
-    def _send(self, imap: imaplib.IMAP4, tag: bytes, parts: List[Union[bytes, Literal]]) -> None:
-        nonsync = self.has("LITERAL+") or self.has("LITERAL-")
-        line = b""
-        for index, part in enumerate(parts):
-            if index:
-                line += b" "
-            if not isinstance(part, Literal):
-                line += part
-                continue
-            size = len(part.data)
-            if nonsync and size <= NONSYNC_LITERAL_MAX:
-                line += b"{%d+}\r\n" % size + part.data
-                continue
-            imap.send(line + b"{%d}\r\n" % size)
-            line = b""
-            self._wait_continuation(imap, tag)
-            line = part.data
-        imap.send(line + b"\r\n")
-
-    def _wait_continuation(self, imap: imaplib.IMAP4, tag: bytes) -> None:
-        budget = _AnswerBudget("a literal's continuation")
-        while True:
-            raw = self._read_line(imap)
-            if raw.startswith(b"+"):
-                return
-            if raw.startswith(tag + b" "):
-                code, _, text = parse_status_text(raw[len(tag) + 1:].split(b" ", 1)[-1])
-                raise ImapError(f"the server refused a literal: {text}", status="NO",
-                                code=code, text=text)
-            if raw.startswith(b"* BYE"):
-                raise _Dropped("server said BYE: " + raw[6:].decode("utf-8", "replace"))
-            budget.unasked(len(raw), update=False)
-
-    def _read_line(self, imap: imaplib.IMAP4, max_literal: Optional[int] = None,
-                   dropped: Optional[List[int]] = None) -> bytes:
-        """One response line with any literals it announces inlined, CRLF stripped.
-
-        A literal larger than ``max_literal`` (default MAX_SMALL_LITERAL) is never kept:
-        with a ``dropped`` list it is read in small pieces, thrown away, replaced by NIL
-        and its size appended to ``dropped``; without one it is a ProtocolError.
-        """
-        limit = MAX_SMALL_LITERAL if max_literal is None else max_literal
-        line = imap.readline()
-        if not line:
-            raise EOFError("connection closed by the server")
-        data = bytearray()
-        while True:
-            self.bytes_received += len(line)
-            if not line.endswith(b"\r\n"):
-                if not line.endswith(b"\n"):
-                    raise EOFError("connection closed in the middle of a line")
-            match = _LITERAL_AT_END.search(line) if line.endswith((b"}\r\n", b"}\n")) else None
-            if not match:
-                data += line.rstrip(b"\r\n")
-                return bytes(data)
-            size = int(match.group(1))
-            if size > limit:
-                if dropped is None:
-                    raise ProtocolError(f"the server announced a literal of {size} bytes where "
-                                        f"at most {limit} make sense")
-                left = size
-                while left:
-                    left -= len(imap.read(min(left, 65536)))
-                self.bytes_received += size
-                dropped.append(size)
-                data += line[:match.start()] + b"NIL"
-            else:
-                data += line[:match.start()] + b"{%d}\r\n" % size
-                data += imap.read(size)
-                self.bytes_received += size
-            line = imap.readline()
-            if not line:
-                raise EOFError("connection closed after a literal")
-
-    def _read_response(self, imap: imaplib.IMAP4, tag: bytes, command: str, expect_bye: bool,
-                       on_untagged: Optional[Callable[[List[Any]], None]],
-                       keep: Optional[Callable[[List[Any]], bool]] = None,
-                       max_literal: Optional[int] = None) -> _Response:
-        untagged: List[List[Any]] = []
-        oversized: List[List[Any]] = []
-        keep = keep or _needed_by(command)
-        budget = _AnswerBudget(command)
-        debug = log.isEnabledFor(logging.DEBUG)
-        while True:
-            dropped: List[int] = []
-            raw = self._read_line(imap, max_literal,
-                                  dropped if command.endswith("FETCH") else None)
-            if debug:
-                self._log_answer(raw)
-            if raw.startswith(b"* "):
-                body = raw[2:]
-                head = body.split(b" ", 1)
-                kind = head[0].upper()
-                if kind in (b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"):
-                    code, args, text = parse_status_text(head[1] if len(head) > 1 else b"")
-                    text = self.redact(text)
-                    if kind == b"BYE":
-                        if expect_bye:
-                            continue
-                        raise _Dropped(f"server said BYE: {text}")
-                    if kind in (b"NO", b"BAD") or code == "ALERT":
-                        budget.warn("server: %s %s", kind.decode(), text)
-                    status_line = [kind.decode(), code, args, text]
-                    if keep(status_line):
-                        budget.kept(untagged, status_line, len(raw))
-                    else:
-                        budget.unasked(len(raw), update=False)
-                    continue
-                if not self._plausible(body, command):
-                    budget.unasked(len(raw), update=False)
-                    continue
-                parsed = parse_response(body)
-                self._note_untagged(parsed)
-                if on_untagged is not None:
-                    on_untagged(parsed)
-                if dropped:
-                    # Read and thrown away; the same message's again counts as a flood.
-                    if any(_fetch_uid(item) == _fetch_uid(parsed) for item in oversized):
-                        budget.unasked(len(raw) + sum(dropped), update=True)
-                    else:
-                        budget.kept(oversized, parsed, len(raw))
-                elif keep(parsed):
-                    budget.kept(untagged, parsed, len(raw))
-                else:
-                    budget.unasked(len(raw), update=_untagged_kind(parsed) in _STATE_UPDATES)
-            elif raw.startswith(tag + b" "):
-                rest = raw[len(tag) + 1:]
-                status, _, text = rest.partition(b" ")
-                code, args, message = parse_status_text(text)
-                message = self.redact(message)
-                if "THROTTLED" in message.upper() or code == "THROTTLED":
-                    log.warning("the server is throttling this account (%s)", message)
-                return _Response(status.decode("ascii", "replace").upper(), code, args,
-                                 message, untagged, oversized)
-            elif raw.startswith(b"+"):
-                raise ProtocolError(f"unexpected continuation request to {command}: {raw[:80]!r}")
-            else:
-                raise ProtocolError(f"unexpected line in the answer to {command}: {raw[:80]!r}")
-
-    def _search_line_limit(self) -> int:
-        """A SEARCH answer names at most the folder's messages: 11 bytes per possible UID."""
-        return max(MAX_RESPONSE_LINE, self._search_ceiling() * 11)
-
-    def _search_ceiling(self) -> int:
-        """The most UIDs a SEARCH answer may name: twice the folder's size (it may grow
-        meanwhile) plus some, the size as EXISTS says but never above MAX_FOLDER_MESSAGES."""
-        selected = self._selected
-        return min(selected.exists if selected else 0, MAX_FOLDER_MESSAGES) * 2 + 10000
-
-    def _plausible(self, body: bytes, command: str) -> bool:
-        """Check a SEARCH answer's size before parsing it: it cannot name more UIDs than
-        the folder holds, and one that does would cost gigabytes once expanded.  Raises
-        ProtocolError for the SEARCH we asked for; False (ignore) for an unsolicited one."""
-        if not body[:7].upper().startswith(b"SEARCH"):
-            return True
-        if not command.endswith("SEARCH"):
-            return False
-        ceiling = self._search_ceiling()
-        if body.count(b" ") > ceiling:
-            raise ProtocolError(f"the server answered {command} with more than {ceiling} "
-                                f"UIDs, far more than the folder holds; that answer is "
-                                f"unusable", command=command)
-        return True
-
-    def _note_untagged(self, parsed: List[Any]) -> None:
-        """Keep the selected folder's message count current from EXISTS."""
-        if len(parsed) >= 2 and str(parsed[1]).upper() == "EXISTS":
-            self.exists_seen += 1
-        if len(parsed) >= 2 and str(parsed[1]).upper() == "EXISTS" and self._selected \
-                and isinstance(parsed[0], int):
-            selected = self._selected
-            self._selected = FolderStatus(selected.name, selected.uidvalidity,
-                                          selected.uidnext, int(parsed[0]), selected.readonly)
-
-    def _call(self, command: str, *args: Any, policy: str = _SAFE, **reading: Any) -> _Response:
-        """Run a command, reconnecting and retrying per ``policy`` when the link drops;
-        ``reading`` passes keep= and max_literal= on to _execute_on."""
+    def _call(self, command: str, *args: Any, **reading: Any) -> _Response:
+        """Run a command that is safe to repeat (reads, +/- STOREs, CREATE, UID EXPUNGE of
+        a fixed set, COPY on Gmail), sent again after a drop; ``reading`` passes keep= and
+        max_literal= on to _Protocol.execute.  The lock is held across the retries."""
         with self._lock:
-            self._check_background()
-            try:
-                return self._execute_on(self._live(), command, *args, **reading)
-            except _Dropped as exc:
-                if policy == _NEVER:
-                    self._mark_dead()
-                    raise ConnectionLostError(f"the connection dropped during {command}, "
-                                              f"which is not safe to repeat: {exc}") from exc
-                cause: BaseException = exc
-            # Retrying: each reconnect gets the full backoff schedule, and the command gets
-            # as many tries as there are attempts.
-            for _ in range(self.retries):
-                self._reconnect(cause)
+            return self._retrying(command, lambda: self._proto.execute(command, *args,
+                                                                       **reading))
+
+    def _retrying(self, what: str, attempt: Callable[[], Any],
+                  settle: Optional[Callable[[], bool]] = None) -> Any:
+        """``attempt()`` under the lock; after a drop, reconnect (the selected folder is
+        reopened) and try again, up to ``retries`` times: the one retry loop.
+
+        A write that must never be sent twice (MOVE, a COPY off Gmail) passes ``settle``:
+        after every drop, the last one included, once reconnected, ``settle()`` finds out
+        what the lost attempt did and narrows what is left (a drop in it counts as a
+        failed attempt); True means nothing is left, and None is returned (the caller's
+        own record holds the outcome).  Without ``settle`` the connection is left marked
+        dead when the retries are spent.  Each attempt holds the lock; a caller that must
+        keep it across the retries holds it around this call.  Raises ConnectionLostError
+        naming ``what``; errors other than a drop pass through.
+        """
+        cause: Optional[BaseException] = None
+        tries = self.retries + 1
+        for number in range(tries + (settle is not None)):   # a write settles its last drop
+            with self._lock:
                 try:
-                    return self._execute_on(self._live(), command, *args, **reading)
+                    if number == 0:
+                        self._check_background()
+                    else:
+                        self._reconnect(cause or _Dropped("not connected"))
+                        if settle is not None and settle():
+                            return None
+                    if number < tries:
+                        return attempt()
                 except _Dropped as exc:
                     cause = exc
-            self._mark_dead()
-            raise ConnectionLostError(f"{command} kept failing after {self.retries} "
-                                      f"reconnects: {cause}") from cause
-
-    def _live(self) -> imaplib.IMAP4:
-        if self._imap is None:
-            raise _Dropped("not connected")
-        return self._imap
-
-    def _mark_dead(self) -> None:
-        imap, self._imap = self._imap, None
-        if imap is not None:
-            self._shutdown(imap)
+        if settle is None:
+            self._proto.drop()
+        raise ConnectionLostError(f"{what} kept failing after {self.retries} reconnects: "
+                                  f"{cause}") from cause
 
     def _check_background(self) -> None:
         """Turn a failure the keepalive thread recorded into a reconnect, here and now."""
         error, self._background_error = self._background_error, None
-        if error is not None or self._imap is None:
+        if error is not None or self._proto.imap is None:
             self._reconnect(error or _Dropped("not connected"))
 
     # -- keepalive ---------------------------------------------------------------------
@@ -2283,7 +2548,7 @@ class GmailConnection:
         """Send NOOP after ``keepalive`` idle seconds; record failures for the foreground."""
         interval = float(self.keepalive or 0)
         while not self._stop.is_set():
-            wait = self._last_activity + interval - time.monotonic()
+            wait = self._proto.last_activity + interval - time.monotonic()
             if wait > 0:
                 self._stop.wait(wait)
                 continue
@@ -2291,18 +2556,18 @@ class GmailConnection:
             if not self._lock.acquire(timeout=min(interval, 0.5)):
                 continue
             try:
-                if self._stop.is_set() or self._idling or self._imap is None:
-                    self._last_activity = time.monotonic()
+                if self._stop.is_set() or self._proto.idling or self._proto.imap is None:
+                    self._proto.last_activity = time.monotonic()
                     continue
-                if time.monotonic() - self._last_activity < interval:
+                if time.monotonic() - self._proto.last_activity < interval:
                     continue
                 try:
-                    self._execute_on(self._imap, "NOOP")
+                    self._proto.execute("NOOP")
                 except (_Dropped, ImapError, StopRequested) as exc:
                     log.info("keepalive NOOP failed (%s); will reconnect on the next command", exc)
                     self._background_error = exc
-                    self._mark_dead()
-                    self._last_activity = time.monotonic()
+                    self._proto.drop()
+                    self._proto.last_activity = time.monotonic()
             finally:
                 self._lock.release()
 
@@ -2316,17 +2581,19 @@ class GmailConnection:
     def status(self, folder: str) -> Dict[str, int]:
         """STATUS of a folder that need not be selected: ``{"MESSAGES": 812, "UIDNEXT": 9001,
         "UIDVALIDITY": 11}``.  RFC 3501 §6.3.10: not for the selected folder (use noop)."""
-        response = self._call("STATUS", self._mailbox(folder), "(MESSAGES UIDNEXT UIDVALIDITY)")
-        for item in response.untagged:
-            # The folder's own octets as listed (a raw UTF-8 name stays raw), and only its
-            # own answer: any untagged response may arrive with any command (RFC 3501 §7).
+        attrs = self._status(folder, "(MESSAGES UIDNEXT UIDVALIDITY)")
+        return {key: _server_number(value, key, "STATUS",
+                                    nonzero=key in ("UIDNEXT", "UIDVALIDITY"))
+                for key, value in ((str(key).upper(), value) for key, value in attrs.items())}
+
+    def _status(self, folder: str, items: str) -> Dict[str, Any]:
+        """The attributes STATUS ``folder`` ``items`` answered ({} for no answer).  Only the
+        folder's own answer counts, by its octets as listed (a raw UTF-8 name stays raw):
+        any untagged response may arrive with any command (RFC 3501 §7)."""
+        for item in self._call("STATUS", self._mailbox(folder), items).untagged:
             if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
                     and self._names(item[1], folder):
-                attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
-                return {str(key).upper(): _server_number(
-                            value, str(key).upper(), "STATUS",
-                            nonzero=str(key).upper() in ("UIDNEXT", "UIDVALIDITY"))
-                        for key, value in attrs.items()}
+                return _pairs(item[2]) if isinstance(item[2], list) else {}
         return {}
 
     def list_folders(self, refresh: bool = False) -> List[Folder]:
@@ -2473,29 +2740,17 @@ class GmailConnection:
 
     def message_count(self, folder: str) -> int:
         """How many messages ``folder`` holds (STATUS MESSAGES), without opening it."""
-        response = self._call("STATUS", self._mailbox(folder), "(MESSAGES)")
-        for item in response.untagged:
-            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
-                    and self._names(item[1], folder):
-                attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
-                if "MESSAGES" in attrs:
-                    return _server_number(attrs["MESSAGES"], "MESSAGES", "STATUS")
-        raise ProtocolError(f"the server did not say how many messages {folder} holds",
-                            command="STATUS")
+        attrs = self._status(folder, "(MESSAGES)")
+        if "MESSAGES" not in attrs:
+            raise ProtocolError(f"the server did not say how many messages {folder} holds",
+                                command="STATUS")
+        return _server_number(attrs["MESSAGES"], "MESSAGES", "STATUS")
 
     def select(self, folder: str, readonly: bool = False) -> FolderStatus:
         """SELECT (or EXAMINE when ``readonly``) a folder and return its status."""
         with self._lock:
-            self._check_background()
-            for attempt in range(self.retries + 1):
-                try:
-                    return self._select_now(folder, readonly)
-                except _Dropped as exc:
-                    if attempt == self.retries:
-                        raise ConnectionLostError(f"could not open {folder}: {exc}") from exc
-                    self._selected = None
-                    self._reconnect(exc)
-        raise AssertionError("unreachable")
+            return self._retrying(f"{'EXAMINE' if readonly else 'SELECT'} {folder}",
+                                  lambda: self._select_now(folder, readonly))
 
     def examine(self, folder: str) -> FolderStatus:
         """Open a folder read-only: nothing, not even \\Seen, can change."""
@@ -2507,7 +2762,7 @@ class GmailConnection:
         # accepted but we could not parse for the read-only one before, and CLOSEs it.
         self._selected = None
         command = "EXAMINE" if readonly else "SELECT"
-        response = self._execute_on(self._live(), command, self._mailbox(folder))
+        response = self._proto.execute(command, self._mailbox(folder))
         uidvalidity = uidnext = None
         exists = 0
         for item in response.untagged:
@@ -2551,13 +2806,7 @@ class GmailConnection:
             args += ["X-GM-RAW", _string_arg(gmail_raw)]
         if any(isinstance(a, Literal) for a in args):
             args = ["CHARSET", "UTF-8"] + args
-        response = self._call("UID SEARCH", *args)
-        found = set()
-        for item in response.untagged:
-            if item and str(item[0]).upper() == "SEARCH":
-                found.update(_server_number(v, "UID", "UID SEARCH", nonzero=True)
-                             for v in item[1:] if not isinstance(v, list))   # not (MODSEQ n)
-        return sorted(found)
+        return sorted(set(_search_uids(self._call("UID SEARCH", *args))))
 
     def fetch(self, uids: Iterable[int], items: Sequence[str], *,
               skipped: Optional[List[int]] = None) -> Dict[int, Dict[str, Any]]:
@@ -2608,10 +2857,10 @@ class GmailConnection:
         sent: Dict[int, List[_Pending]] = {}
         refused: Optional[BaseException] = None   # what before_each raised for a later batch
 
-        def send(imap: imaplib.IMAP4, number: int) -> None:
+        def send(number: int) -> None:
             keep = _fetch_keep(set(todo[number]))
-            sent[number] = [self._send_ahead(imap, "UID FETCH", compress_uids(chunk), line,
-                                             keep=keep, max_literal=limit)
+            sent[number] = [self._proto.send_ahead("UID FETCH", compress_uids(chunk), line,
+                                                   keep=keep, max_literal=limit)
                             for chunk in chunk_uids(todo[number])]
 
         for index, batch in enumerate(todo):
@@ -2621,44 +2870,34 @@ class GmailConnection:
                 before_each(self)
             wanted = set(batch)
             result: Dict[int, Dict[str, Any]] = {}
-            attempt = 0
-            with self._lock:
-                self._check_background()
-                while True:
-                    try:
-                        imap = self._live()
-                        pendings = sent.get(index)
-                        if pendings is None or any(p.response is None and p.imap is not imap
-                                                   for p in pendings):
-                            send(imap, index)
-                        for number in range(index + 1, min(index + 1 + ahead, len(todo))):
-                            pendings = sent.get(number)
-                            if pendings is not None and any(p.response is None and p.imap is not imap
-                                                            for p in pendings):
-                                send(imap, number)   # lost with the old connection
-                        for pending in sent[index]:
-                            _fetch_answer(self._collect(imap, pending), wanted, by_key, result,
-                                          limit, skipped)
-                        del sent[index]
-                        for number in range(index + 1, min(index + 1 + ahead, len(todo))):
-                            if number in sent or refused is not None:
-                                continue
-                            if before_each is not None:
-                                try:
-                                    before_each(self)
-                                except Exception as exc:
-                                    refused = exc
-                                    break
-                            send(imap, number)
-                        break
-                    except _Dropped as exc:
-                        attempt += 1
-                        result.clear()
-                        if attempt > self.retries:
-                            self._mark_dead()
-                            raise ConnectionLostError(f"UID FETCH kept failing after "
-                                                      f"{self.retries} reconnects: {exc}") from exc
-                        self._reconnect(exc)
+
+            def receive() -> None:
+                nonlocal refused
+                result.clear()
+                imap = self._proto.live()
+                later = range(index + 1, min(index + 1 + ahead, len(todo)))
+                for number in (index, *later):   # not sent yet, or lost with the old connection
+                    pendings = sent.get(number, ())
+                    if (number == index and number not in sent) or any(
+                            p.response is None and p.imap is not imap for p in pendings):
+                        send(number)
+                for pending in sent[index]:
+                    _fetch_answer(self._proto.collect(pending), wanted, by_key, result,
+                                  limit, skipped)
+                del sent[index]
+                for number in later:
+                    if number in sent or refused is not None:
+                        continue
+                    if before_each is not None:
+                        try:
+                            before_each(self)
+                        except Exception as exc:
+                            refused = exc
+                            break
+                    send(number)
+
+            with self._lock:    # held across the retries, as in _call
+                self._retrying("UID FETCH", receive)
             yield batch, result
 
     # -- operations: changing messages ---------------------------------------------------
@@ -2748,46 +2987,32 @@ class GmailConnection:
     def _move_chunk(self, chunk: List[int], destination: str,
                     moved: Dict[int, Optional[int]], missing: List[int]) -> None:
         pending = list(chunk)
-        cause: Optional[BaseException] = None
-        for attempt in range(self.retries + 1):
-            with self._lock:
-                try:
-                    if attempt == 0:
-                        self._check_background()
-                    else:
-                        self._reconnect(cause or _Dropped("not connected"))
-                        # Did the last attempt happen before the link died?  What is still
-                        # in the source folder was not moved; what is gone was.
-                        still_here = set(self._search_now(pending))
-                        for uid in pending:
-                            if uid not in still_here:
-                                moved.setdefault(uid, None)
-                        pending = [uid for uid in pending if uid in still_here]
-                        if not pending:
-                            return
-                    response = self._execute_on(self._live(), "UID MOVE", compress_uids(pending),
-                                                self._mailbox(destination))
-                except _Dropped as exc:
-                    cause = exc
-                    continue
+
+        def settle() -> bool:
+            # Did the lost attempt happen before the link died?  What is still in the
+            # source folder was not moved; what is gone was.
+            nonlocal pending
+            still_here = set(self._search_now(pending))
+            for uid in pending:
+                if uid not in still_here:
+                    moved.setdefault(uid, None)
+            pending = [uid for uid in pending if uid in still_here]
+            return not pending
+
+        def attempt() -> None:
+            response = self._proto.execute("UID MOVE", compress_uids(pending),
+                                        self._mailbox(destination))
             mapping = _copyuid_map(response, pending)
             for uid in pending:
                 if mapping and uid not in mapping:
                     missing.append(uid)   # gone before we asked: someone else moved it
                 else:
                     moved[uid] = mapping.get(uid)
-            return
-        raise ConnectionLostError(f"UID MOVE to {destination} kept failing after "
-                                  f"{self.retries} reconnects: {cause}") from cause
+
+        self._retrying(f"UID MOVE to {destination}", attempt, settle)
 
     def _search_now(self, uids: Sequence[int]) -> List[int]:
-        response = self._execute_on(self._live(), "UID SEARCH", "UID", compress_uids(uids))
-        found: List[int] = []
-        for item in response.untagged:
-            if item and str(item[0]).upper() == "SEARCH":
-                found.extend(_server_number(v, "UID", "UID SEARCH", nonzero=True)
-                             for v in item[1:] if not isinstance(v, list))   # not (MODSEQ n)
-        return found
+        return _search_uids(self._proto.execute("UID SEARCH", "UID", compress_uids(uids)))
 
     def _copy_delete_chunk(self, chunk: List[int], destination: str,
                            moved: Dict[int, Optional[int]], missing: List[int],
@@ -2849,8 +3074,7 @@ class GmailConnection:
         good) or clear the flag on one of ours (it stays).  Both can be seen afterwards:
         each message removed is one untagged EXPUNGE (RFC 3501 §7.4.1), and ours that
         stayed are still found by UID.  Returns what was seen (an _ExpungeCheck)."""
-        cause: Optional[BaseException] = None
-        for _ in range(self.retries + 1):
+        def attempt() -> _ExpungeCheck:
             try:
                 ours = self._check_no_other_deleted(uids, destination, copied=True)
             except CapabilityError:
@@ -2864,18 +3088,11 @@ class GmailConnection:
                 if len(item) >= 2 and str(item[1]).upper() == "EXPUNGE":
                     expunged[0] += 1
 
-            with self._lock:
-                try:
-                    self._check_background()
-                    self._execute_on(self._live(), "EXPUNGE", on_untagged=count)
-                    stayed = sorted(set(self._search_now(sorted(uids))) & uids)
-                except _Dropped as exc:
-                    cause = exc
-                    self._reconnect(exc)
-                    continue
+            self._proto.execute("EXPUNGE", on_untagged=count)
+            stayed = sorted(set(self._search_now(sorted(uids))) & uids)
             return _ExpungeCheck(stayed, max(0, expunged[0] - (len(uids) - len(stayed))))
-        raise ConnectionLostError(f"EXPUNGE kept failing after {self.retries} reconnects: "
-                                  f"{cause}") from cause
+
+        return self._retrying("EXPUNGE", attempt)
 
     def _copy_once(self, uids: List[int], destination: str) -> Dict[int, Optional[int]]:
         """UID COPY that never leaves a message copied twice, even if the link drops.
@@ -2889,35 +3106,31 @@ class GmailConnection:
         """
         pending = list(uids)
         result: Dict[int, Optional[int]] = {}
-        cause: Optional[BaseException] = None
-        for _ in range(self.retries + 1):
+        before: Optional[int] = None
+
+        def attempt() -> None:
+            nonlocal before
             before = self._uidnext(destination)
-            with self._lock:
-                try:
-                    self._check_background()
-                    response = self._execute_on(self._live(), "UID COPY", compress_uids(pending),
-                                                self._mailbox(destination))
-                except _Dropped as exc:
-                    cause = exc
-                    self._reconnect(exc)
-                    response = None
-            if response is not None:
-                mapping = _copyuid_map(response, pending)
-                result.update({uid: mapping.get(uid) for uid in pending})
-                return result
+            response = self._proto.execute("UID COPY", compress_uids(pending),
+                                        self._mailbox(destination))
+            mapping = _copyuid_map(response, pending)
+            result.update({uid: mapping.get(uid) for uid in pending})
+
+        def settle() -> bool:
+            nonlocal pending
             if before is not None and self._uidnext(destination) == before:
                 log.info("the connection dropped before UID COPY to %s reached the server; "
                          "sending it again", destination)
-                continue
+                return False
             found = self._copies_in(destination, pending, before)
             log.info("the connection dropped during UID COPY to %s; %d of %d messages had "
                      "been copied", destination, len(found), len(pending))
             result.update(found)
             pending = [uid for uid in pending if uid not in found]
-            if not pending:
-                return result
-        raise ConnectionLostError(f"UID COPY to {destination} kept failing after "
-                                  f"{self.retries} reconnects: {cause}") from cause
+            return not pending
+
+        self._retrying(f"UID COPY to {destination}", attempt, settle)
+        return result
 
     def _copies_in(self, destination: str, uids: List[int],
                    since: Optional[int]) -> Dict[int, Optional[int]]:
@@ -2973,17 +3186,9 @@ class GmailConnection:
         return wire == wanted or wire.upper() == wanted.upper() == b"INBOX"
 
     def _uidnext(self, folder: str) -> Optional[int]:
-        """UIDNEXT of ``folder`` by STATUS.  Any untagged response may arrive at any time
-        (RFC 3501 §7), so a STATUS for another folder is not taken as this one's."""
-        response = self._call("STATUS", self._mailbox(folder), "(UIDNEXT)")
-        for item in response.untagged:
-            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
-                    and self._names(item[1], folder):
-                attrs = _pairs(item[2]) if isinstance(item[2], list) else {}
-                value = attrs.get("UIDNEXT")
-                return None if value is None else \
-                    _server_number(value, "UIDNEXT", "STATUS", nonzero=True)
-        return None
+        """UIDNEXT of ``folder`` by STATUS (see _status), or None if it did not say."""
+        value = self._status(folder, "(UIDNEXT)").get("UIDNEXT")
+        return None if value is None else _server_number(value, "UIDNEXT", "STATUS", nonzero=True)
 
     def copy(self, uids: Iterable[int], destination: str) -> Dict[int, Optional[int]]:
         """Copy messages to ``destination`` (on Gmail: add that label); returns the COPYUID map.
@@ -3018,80 +3223,7 @@ class GmailConnection:
         if not self.has("IDLE"):
             raise CapabilityError(f"{self.host} does not support IDLE")
         timeout = min(timeout, IDLE_MAX_SECONDS)
-        for attempt in range(self.retries + 1):
-            with self._lock:
-                self._check_background()
-                try:
-                    return self._idle_now(self._live(), timeout, interrupt)
-                except _Dropped as exc:
-                    if attempt == self.retries:
-                        raise ConnectionLostError(f"IDLE kept failing: {exc}") from exc
-                    self._reconnect(exc)
-        raise AssertionError("unreachable")
-
-    @_scrubbed
-    def _idle_now(self, imap: imaplib.IMAP4, timeout: float,
-                  interrupt: Optional[Callable[[], bool]] = None) -> List[List[Any]]:
-        if self._inflight:
-            self._drain(imap)
-        tag = _new_tag(imap)
-        events: List[List[Any]] = []
-        ended: Optional[bytes] = None     # a tagged answer before DONE: IDLE refused or ended
-        idling = False
-        deadline = time.monotonic() + timeout
-        self._idling = True
-        try:
-            log.debug("C: %s IDLE", tag.decode())
-            imap.watch_progress(None)   # type: ignore[attr-defined]  # IDLE waits at will
-            imap.send(tag + b" IDLE\r\n")
-            self.commands_sent += 1
-            while True:
-                if idling:
-                    if events or self.stop.requested or (interrupt is not None and interrupt()):
-                        break
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    if not imap.wait_readable(  # type: ignore[attr-defined]
-                            min(left, IDLE_POLL)):
-                        continue
-                raw = self._read_line(imap)
-                if raw.startswith(b"+"):
-                    idling = True
-                elif raw.startswith(tag + b" "):
-                    ended = raw
-                    break
-                elif raw.startswith(b"* BYE"):
-                    raise _Dropped("server said BYE during IDLE")
-                elif raw.startswith(b"* "):
-                    parsed = parse_response(raw[2:])
-                    if parsed and str(parsed[0]).upper() not in ("OK", "NO", "BAD"):
-                        self._note_untagged(parsed)
-                        events.append(parsed)
-                else:
-                    raise ProtocolError(f"unexpected line during IDLE: {raw[:80]!r}")
-            if ended is None:
-                imap.watch_progress(self.timeout)  # type: ignore[attr-defined]
-                imap.send(b"DONE\r\n")
-                response = self._read_response(imap, tag, "IDLE", False, None)
-            else:
-                status, _, text = ended[len(tag) + 1:].partition(b" ")
-                code, args, message = parse_status_text(text)
-                response = _Response(status.decode("ascii", "replace").upper(), code, args,
-                                     message, [])
-        except (ProtocolError, StopRequested):
-            self._mark_dead()   # the server may still be idling: start afresh
-            raise
-        except _DROPPED_ERRORS as exc:
-            raise _Dropped(f"IDLE failed: {_decode_server_text(exc)}") from exc
-        finally:
-            self._idling = False
-            self._last_activity = time.monotonic()
-        events.extend(item for item in response.untagged if item and item[0] != "OK")
-        if response.status != "OK":
-            raise ImapError(f"the server answered {response.status} to IDLE: {response.text}",
-                            command="IDLE", status=response.status, text=response.text)
-        return events
+        return self._retrying("IDLE", lambda: self._proto.idle(timeout, interrupt))
 
 
 def _new_tag(imap: imaplib.IMAP4) -> bytes:
@@ -3114,85 +3246,6 @@ def _naming(folder: str, what: str) -> Iterator[None]:
         raise ImapError(f"the server refused to {what} {folder!r}: {exc.status} {exc.text}",
                         command=exc.command, status=exc.status, code=exc.code,
                         text=exc.text) from exc
-
-
-def _fetch_answer(response: _Response, wanted: set, by_key: Mapping[str, str],
-                  result: Dict[int, Dict[str, Any]], limit: int,
-                  skipped: Optional[List[int]]) -> None:
-    """Add the FETCH lines of an answer to ``result``, keyed by UID (the answer's keep()
-    let in only the wanted UIDs).  A message with a literal dropped as oversized is left
-    out whole, and its UID appended to ``skipped``."""
-    dropped = {_fetch_uid(item) for item in response.oversized} & wanted
-    for uid in sorted(dropped):   # type: ignore[type-var]
-        log.warning("UID %d: the server sent far more than was asked for (at most %d "
-                    "bytes); skipped that message", uid, limit)
-        if skipped is not None and uid not in skipped:
-            skipped.append(uid)
-    for item in response.untagged:
-        if len(item) < 3 or str(item[1]).upper() != "FETCH" or not isinstance(item[2], list):
-            continue
-        attrs = _pairs(item[2])
-        uid = attrs.get("UID")
-        if uid in dropped:
-            continue
-        values = result.setdefault(int(uid), {})
-        for key, value in attrs.items():
-            if key == "UID":
-                continue
-            values[by_key.get(_fetch_key(key), key)] = _convert_fetch_value(key, value)
-
-
-def _server_number(value: Any, what: str, command: str, nonzero: bool = False) -> int:
-    """``value`` as the server sent it where IMAP's grammar wants a number (RFC 3501 §9:
-    unsigned 32-bit; nz-number when ``nonzero``); anything else is a ProtocolError."""
-    if isinstance(value, int) and not isinstance(value, bool) \
-            and (1 if nonzero else 0) <= value <= 0xFFFFFFFF:
-        return value
-    shown = value if isinstance(value, (int, str, bytes)) else "(...)"
-    raise ProtocolError(f"the server answered {command} with {what} {str(shown)[:40]!r}, "
-                        f"which is not a valid {'non-zero ' if nonzero else ''}32-bit "
-                        f"number; that answer is unusable", command=command)
-
-
-def _fetch_keep(wanted: set) -> Callable[[List[Any]], bool]:
-    """keep() for a FETCH: its own answers, never an unsolicited FETCH for another UID."""
-    def keep(item: List[Any]) -> bool:
-        return _untagged_kind(item) == "FETCH" and _fetch_uid(item) in wanted
-    return keep
-
-
-def _copyuid_map(response: _Response, sent: Sequence[int]) -> Dict[int, int]:
-    """Source UID -> destination UID from a COPYUID code (RFC 4315), tagged or untagged.
-
-    The answer can only concern the ``sent`` UIDs; one naming more (``1:4294967295`` is
-    40 bytes) is ignored as unusable, never expanded.
-    """
-    codes = [(response.code, response.code_args)]
-    codes += [(item[1], item[2]) for item in response.untagged
-              if item and item[0] == "OK" and len(item) >= 3]
-    for code, args in codes:
-        if code == "COPYUID" and len(args) >= 3:
-            try:
-                source = parse_uid_set(str(args[1]), limit=len(sent))
-                target = parse_uid_set(str(args[2]), limit=len(sent))
-            except ValueError:
-                log.warning("ignoring an unusable COPYUID answer from the server")
-                return {}
-            if len(source) != len(target) or not set(source) <= set(sent):
-                return {}
-            return dict(zip(source, target))
-    return {}
-
-
-def _fetch_uid(item: Sequence[Any]) -> Optional[int]:
-    """The UID inside an untagged ``[seq, "FETCH", [... "UID", 7 ...]]``, or None."""
-    if len(item) < 3 or not isinstance(item[2], list):
-        return None
-    attrs = item[2]
-    for i in range(0, len(attrs) - 1, 2):
-        if str(attrs[i]).upper() == "UID" and isinstance(attrs[i + 1], int):
-            return attrs[i + 1]
-    return None
 
 
 def _fetch_literal_limit(items: Sequence[str]) -> int:
@@ -3224,60 +3277,6 @@ def _check_fetch_item(item: str) -> None:
         return
     raise ImapError(f"refusing to FETCH {item!r}: only single items are allowed, and body "
                     f"sections only as BODY.PEEK[...], which leaves messages unread")
-
-
-_FETCH_KEYS: Dict[str, str] = {}
-
-
-def _fetch_key(item: str) -> str:
-    """Canonical name of a fetch item, so that an answer is matched to its request by
-    meaning: ``BODY.PEEK[TEXT]<0.100>`` and its answer ``BODY[TEXT]<0>`` both become
-    ``BODY[TEXT]<0>``.  Header field names are astrings (RFC 3501 ``header-fld-name``), so
-    a server may echo them quoted, in another case or order:
-    ``body[header.fields ("Subject" FROM)]`` becomes ``BODY[HEADER.FIELDS (FROM SUBJECT)]``.
-    """
-    key = _FETCH_KEYS.get(item)
-    if key is None:
-        key = _canonical_fetch_key(item)
-        if len(_FETCH_KEYS) < 1000:   # the items of a run are few; answers echo them
-            _FETCH_KEYS[item] = key
-    return key
-
-
-def _canonical_fetch_key(item: str) -> str:
-    key = re.sub(r"\s+", " ", item.strip()).upper().replace("BODY.PEEK[", "BODY[")
-    key = re.sub(r"<(\d+)\.\d+>$", r"<\1>", key)
-    match = re.fullmatch(r"(BODY\[(?:[\d.]*\.)?HEADER\.FIELDS(?:\.NOT)?) ?\((.*)\)\](<\d+>)?",
-                         key, re.S)
-    if match:
-        try:
-            names = parse_response(match.group(2).encode("utf-8", "surrogateescape"))
-        except ProtocolError:
-            return key
-        fields = sorted({str(name.decode("ascii", "replace") if isinstance(name, bytes)
-                             else name).upper() for name in names})
-        key = f"{match.group(1)} ({' '.join(fields)})]{match.group(3) or ''}"
-    return key
-
-
-def _convert_fetch_value(key: str, value: Any) -> Any:
-    if key in ("FLAGS", "X-GM-LABELS") and not isinstance(value, list):
-        return None     # NIL or an atom where a list belongs: unknown, not "none"
-    if key == "FLAGS":
-        return tuple(str(flag) for flag in value)
-    if key == "X-GM-LABELS":
-        return tuple(decode_mailbox(_as_text(label)) for label in value)
-    if key == "INTERNALDATE":
-        return parse_internaldate(_as_text(value))
-    if key in ("RFC822.SIZE", "X-GM-MSGID", "X-GM-THRID", "MODSEQ"):
-        if isinstance(value, list) and value:
-            value = value[0]
-        return int(value) if isinstance(value, int) or str(value).isdigit() else None
-    if key.startswith("BODY[") or key.startswith("RFC822"):
-        if isinstance(value, str):
-            return value.encode("utf-8", "surrogateescape")
-        return value    # NIL stays None: the section is missing, not empty
-    return value
 
 
 def _string_arg(text: str) -> Union[bytes, Literal]:

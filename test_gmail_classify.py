@@ -5902,6 +5902,40 @@ class ReconnectTest(FakeServerTest):
         self.assertEqual(len(self.server.uids("Receipts")), 2)
         self.assertEqual(self.sleep.delays, [1.0])
 
+    def test_a_move_whose_last_answer_was_lost_is_settled_not_failed(self):
+        conn = self.connect(retries=1)
+        conn.create_folder("Receipts")
+        conn.select("INBOX")
+        self.server.add_fault("UID MOVE", action="drop", when="before")
+        self.server.add_fault("UID MOVE", nth=2, action="drop", when="after")
+        result = conn.move([1, 2], "Receipts")
+        self.assertEqual(dict(result.moved), {1: None, 2: None})
+        self.assertEqual(self.server.count("UID MOVE"), 2)      # never a third
+        self.assertEqual(len(self.server.uids("Receipts")), 2)
+        self.assertEqual(len(self.server.uids("INBOX")), 3)
+        self.assertEqual(conn.reconnects, 2)
+        self.assertTrue(conn.connected)
+
+    def test_a_command_that_keeps_dropping_gives_up_naming_it_with_the_link_dead(self):
+        cases = [("UID SEARCH", "UID SEARCH", lambda conn: conn.search()),
+                 ("UID FETCH", "UID FETCH", lambda conn: list(conn.fetch_batches([[1]], ["FLAGS"]))),
+                 ("IDLE", "IDLE", lambda conn: conn.idle(5)),
+                 ("SELECT", "SELECT INBOX", lambda conn: conn.select("INBOX")),
+                 ("EXAMINE", "EXAMINE INBOX", lambda conn: conn.examine("INBOX"))]
+        for command, named, call in cases:      # in this order: each fault stays
+            with self.subTest(command):
+                conn = self.connect(retries=2)
+                if command not in ("SELECT", "EXAMINE"):
+                    conn.select("INBOX")
+                before = self.server.count(command)
+                self.server.add_fault(command, action="drop", count=100)
+                with self.assertRaises(gc.ConnectionLostError) as ctx:
+                    call(conn)
+                self.assertTrue(str(ctx.exception).startswith(
+                    f"{named} kept failing after 2 reconnects: "), str(ctx.exception))
+                self.assertEqual(self.server.count(command) - before, 3)
+                self.assertFalse(conn.connected)
+
     def test_backoff_grows_and_gives_up_with_the_cause(self):
         conn = self.connect(retries=3)
         conn.select("INBOX")
@@ -6353,21 +6387,20 @@ class WatcherTest(FakeServerTest):
 
     def test_idle_is_reissued_and_the_keepalive_stays_out(self):
         sent_by: List[Tuple[str, str]] = []     # (thread, command) for every command sent
-        execute_on = gc.GmailConnection._execute_on
+        execute = gc._Protocol.execute
 
-        def recording(conn: gc.GmailConnection, imap: Any, command: str, *args: Any,
-                      **kwargs: Any) -> Any:
+        def recording(proto: Any, command: str, *args: Any, **kwargs: Any) -> Any:
             sent_by.append((threading.current_thread().name, command))
-            return execute_on(conn, imap, command, *args, **kwargs)
+            return execute(proto, command, *args, **kwargs)
 
-        idle_now = gc.GmailConnection._idle_now
+        idle = gc._Protocol.idle
 
-        def recording_idle(conn: gc.GmailConnection, *args: Any, **kwargs: Any) -> Any:
+        def recording_idle(proto: Any, *args: Any, **kwargs: Any) -> Any:
             sent_by.append((threading.current_thread().name, "IDLE"))
-            return idle_now(conn, *args, **kwargs)
+            return idle(proto, *args, **kwargs)
 
-        with mock.patch.object(gc.GmailConnection, "_execute_on", recording), \
-                mock.patch.object(gc.GmailConnection, "_idle_now", recording_idle):
+        with mock.patch.object(gc._Protocol, "execute", recording), \
+                mock.patch.object(gc._Protocol, "idle", recording_idle):
             watcher = self.start_watcher(idle_interval=0.05, keepalive=0.01)
             self.idling(4)
             self.stop(watcher)
@@ -8376,7 +8409,7 @@ class LiveServerTest(unittest.TestCase):
         if not self.conn.has("IDLE"):
             self.skipTest("the server has no IDLE")
         self.conn.select(self.scratch)
-        worker = threading.Thread(target=lambda: (wait_until(lambda: self.conn._idling, timeout=20),
+        worker = threading.Thread(target=lambda: (wait_until(lambda: self.conn._proto.idling, timeout=20),
                                                   self.append("live idle")), daemon=True)
         worker.start()
         events = self.conn.idle(timeout=60)
@@ -12594,22 +12627,22 @@ class ExitCodeTest(FakeServerTest):
 
     def test_ctrl_c_during_the_final_logout_is_not_an_interruption(self):
         self.server.add_message(make_message("receipt 1"))
-        original = gc.GmailConnection._execute_on
+        original = gc._Protocol.execute
 
         def interrupt_on(command_name):
-            def execute(conn, imap, command, *args, **kwargs):
+            def execute(proto, command, *args, **kwargs):
                 if command == command_name:
                     raise KeyboardInterrupt
-                return original(conn, imap, command, *args, **kwargs)
+                return original(proto, command, *args, **kwargs)
             return execute
 
-        with mock.patch.object(gc.GmailConnection, "_execute_on", interrupt_on("LOGOUT")):
+        with mock.patch.object(gc._Protocol, "execute", interrupt_on("LOGOUT")):
             code, out, err = run_cli(*self.argv(), env={"GMAIL_APP_PASSWORD": PASSWORD})
             self.assertEqual(code, 0, err)
             self.assertIn("Dry run", out)
             code, out, err = run_cli("labels", *self.argv(), env={"GMAIL_APP_PASSWORD": PASSWORD})
             self.assertEqual(code, 0, err)
-        with mock.patch.object(gc.GmailConnection, "_execute_on", interrupt_on("UID SEARCH")):
+        with mock.patch.object(gc._Protocol, "execute", interrupt_on("UID SEARCH")):
             code, out, err = run_cli(*self.argv(), env={"GMAIL_APP_PASSWORD": PASSWORD})
         self.assertEqual(code, gc.EXIT_INTERRUPTED)
         wait_until(lambda: self.server.sessions == [])   # the interrupted run still closed
@@ -13151,7 +13184,7 @@ class KeptBytesTest(FakeServerTest):
                               size=gc.MAX_FOLDER_MESSAGES * 2 + 10001)
         with self.assertRaisesRegex(gc.ProtocolError, "far more than the folder holds"):
             conn.search()
-        self.assertLessEqual(conn._search_line_limit(), 11 * (gc.MAX_FOLDER_MESSAGES * 2 + 10000))
+        self.assertLessEqual(conn._proto.search_line_limit(), 11 * (gc.MAX_FOLDER_MESSAGES * 2 + 10000))
 
 
 class EightBitGreetingTest(FakeServerTest):
@@ -13207,8 +13240,8 @@ class RepeatedSecretTest(FakeServerTest):
 
     def test_redact_blanks_every_form_of_every_secret(self):
         conn = gc.GmailConnection(USER, password="x", host="127.0.0.1", security="plaintext")
-        conn._remember_secret('pa"ss\\word')
-        conn._remember_secret("dG9rZW4=")
+        conn._proto.remember_secret('pa"ss\\word')
+        conn._proto.remember_secret("dG9rZW4=")
         text = conn.redact('LOGIN "pa\\"ss\\\\word" ' + base64.b64encode(b'pa"ss\\word').decode()
                            + ' pa"ss\\word dG9rZW4=')
         self.assertEqual(text, "LOGIN \"<redacted>\" <redacted> <redacted> <redacted>")

@@ -13,17 +13,42 @@ or import it from your own scripts::
         report = classify_folder(conn, builtin_rules(), "INBOX")   # a dry run: read-only
         print(report.changes)          # {'label Receipts': 12, 'label Newsletters': 40}
 
-The layers, each using only those above it (``grep -n '^# ---'`` prints this outline):
-errors; the IMAP wire format (quoting, modified UTF-7, UID sets, the response parser);
-the connection; messages; the rule engine; rules files (with a small TOML reader, so
-TOML works without tomllib, and a writer); the classify pipeline; a demo mailbox; state
-and audit log; watch; OAuth2 sign-in; importers and suggestions (Gmail filters, suggested
-rules); the command line.
+Reading guide.  Sections in dependency order, each using only those above it
+(``grep -n '^# ---'`` prints them with their line numbers):
 
-Where to add things: a rule condition is one ``Condition`` subclass and one row in
-``_CONDITION_KINDS`` (rule engine; from a vendoring script, ``Ruleset.add_condition``);
-an action that sets or clears a flag is one row in ``_FLAG_ACTION_ROWS`` (rule engine,
-above ``Actions``); each also wants its line in the README's Rules section.
+ 1. Errors: the exception family (each class carries its ``exit_code``), ``printable``,
+    and ``Stop``, the one stop mechanism every loop asks at its safe points.
+ 2. Wire format: quoting, modified UTF-7, UID sets, dates; then the response parser and
+    the helpers that read FETCH, SEARCH, STATUS and COPYUID answers.  Skip on a first read.
+ 3. Connection: ``_Protocol`` (send, pipeline, read within bounds, sign in, IDLE) under
+    ``GmailConnection`` (reconnect with backoff, one retry helper ``_retrying``, keepalive,
+    the public operations).
+ 4. Messages: what the rule engine sees (``MessageInfo``), header decoding bounded in
+    time, and the fast path that must agree with the plain one.  Skip on a first read.
+ 5. Rule engine: conditions, actions, ``Ruleset``.
+ 6. Rules files: validation, a small TOML reader (so TOML works without tomllib),
+    loading, the built-in rules, writing.
+ 7. Classify pipeline: ``classify_folder`` (plan, write-ahead intents, apply, confirm).
+ 8. Demo: a sample mailbox classified offline.
+ 9. State and audit log: marks, the lock, ``audit.jsonl`` (intent, done, unsent,
+    message, skipped and summary records), ``Run``, ``history``, ``Undo``.
+10. Watch: stay connected, IDLE or poll, classify new mail.
+11. OAuth2 sign-in.
+12. Importers and suggestions: Gmail's filter export, suggested rules.
+13. Command line: the output object, one row per subcommand, ``main``.
+
+Where to add things (each is one place):
+  a rule condition   a ``Condition`` subclass and its row in ``_CONDITION_KINDS`` (5);
+                     from a vendoring script, ``Ruleset.add_condition``
+  a flag action      a row in ``_FLAG_ACTION_ROWS`` (5, above ``Actions``)
+  a subcommand       its ``_cmd_*`` function and its row in ``_COMMANDS`` (13)
+  an output format   an ``_Output`` subclass and its row in ``_OUTPUT_FORMATS`` (13)
+  an exit code       ``exit_code`` on the error class (1)
+  a server quirk     folder names without SPECIAL-USE: ``FALLBACK_FOLDER_NAMES`` (3); what an
+                     answer may hold: ``_UNTAGGED_NEEDED`` (3); a capability check: the
+                     ``GmailConnection`` method that asks it (``can_move``)
+Each also wants its line in the README.  The tests follow the same order, with the fake
+IMAP server (``SERVER_KINDS``, ``FAKE_QUIRKS``, fault actions) first.
 
 Safety: dry run unless asked to apply; ``BODY.PEEK`` so classifying never marks mail read;
 never a bare ``EXPUNGE``; TLS certificates and host names always verified; passwords and

@@ -47,8 +47,8 @@ Where to add things (each is one place):
   a server quirk     folder names without SPECIAL-USE: ``FALLBACK_FOLDER_NAMES`` (3); what an
                      answer may hold: ``_UNTAGGED_NEEDED`` (3); a capability check: the
                      ``GmailConnection`` method that asks it (``can_move``)
-Each also wants its line in the README.  The tests follow the same order, with the fake
-IMAP server (``SERVER_KINDS``, ``FAKE_QUIRKS``, fault actions) first.
+Each also wants its line in the README, and a server behaviour its model in the test
+file's fake IMAP server (``SERVER_KINDS``, ``FAKE_QUIRKS``, its fault actions).
 
 Safety: dry run unless asked to apply; ``BODY.PEEK`` so classifying never marks mail read;
 never a bare ``EXPUNGE``; TLS certificates and host names always verified; passwords and

@@ -6927,6 +6927,7 @@ DEFAULT_APPLY_EVERY = 10 # batches classified per step; changes are applied afte
 # At most this many new folders (labels) per run unless the caller raises it: a template
 # such as "Vendors/{sender_domain}" over years of mail could otherwise create hundreds.
 DEFAULT_MAX_NEW_FOLDERS = 20
+DEFAULT_DAILY_BUDGET = 2 * 1024 ** 3   # bytes per account per day; Gmail's limit is ~2.5 GB
 
 
 class FolderLimitError(GmailClassifyError):
@@ -7353,6 +7354,26 @@ def check_run(conn: GmailConnection, rules: Ruleset, folders: Sequence[str], *,
     Raises CapabilityError."""
     if _settle(conn, rules, allow_expunge).plain_expunge:
         _check_plain_expunges(conn, (conn.server_name(folder) for folder in folders))
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The settings a run or a watch keeps from start to end (Run, WatchSession): dry run
+    unless ``apply``; ``reclassify`` (``--all``) and ``new_only`` (``--new-only``);
+    ``since``/``limit`` narrow a folder's messages; ``batch_size`` messages per FETCH,
+    ``apply_every`` batches per step; ``max_new_folders`` (None: no limit);
+    ``allow_expunge`` (a checked plain EXPUNGE where moves need one); ``daily_budget``
+    bytes downloaded per account and day (None: no limit)."""
+    apply: bool = False
+    reclassify: bool = False
+    new_only: bool = False
+    since: Optional[_dt.date] = None
+    limit: Optional[int] = None
+    batch_size: int = DEFAULT_BATCH
+    apply_every: int = DEFAULT_APPLY_EVERY
+    max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS
+    allow_expunge: bool = False
+    daily_budget: Optional[int] = DEFAULT_DAILY_BUDGET
 
 
 def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX", *,
@@ -8103,7 +8124,6 @@ STATE_FORMAT = "gmail_classify state"
 STATE_VERSION = 1              # bumped when the state file's layout changes incompatibly
 RECORD_VERSION = 1             # of the records in --json output and audit.jsonl
 INTENT_VERSION = 2             # of the audit log's write-ahead "intent" and "skipped" records
-DEFAULT_DAILY_BUDGET = 2 * 1024 ** 3   # bytes per account per day; Gmail's limit is ~2.5 GB
 AUDIT_MAX_BYTES = 16 * 1024 ** 2       # audit.jsonl past this size becomes audit.jsonl.1
 DOWNLOAD_DAYS_KEPT = 8                 # days of download counts kept in the state file
 
@@ -8735,16 +8755,21 @@ class Run(Checkpoint):
                  new_only: bool = False, daily_budget: Optional[int] = DEFAULT_DAILY_BUDGET,
                  command: str = "run", undo_of: Optional[str] = None,
                  on_record: Optional[Callable[[Dict[str, Any]], None]] = None,
-                 on_message: Optional[Callable[[Outcome], None]] = None) -> None:
+                 on_message: Optional[Callable[[Outcome], None]] = None,
+                 options: Optional[RunOptions] = None) -> None:
+        if options is None:         # the keyword settings, unless given as one RunOptions
+            options = RunOptions(apply=apply, reclassify=reclassify, new_only=new_only,
+                                 daily_budget=daily_budget)
+        self.options = options
         self.store = store
         self.rules = rules
         self.user = user
         self.host = _where(host, port)
         self.account = account_key(user, host, port)
-        self.apply = apply
-        self.reclassify = reclassify
-        self.new_only = new_only
-        self.daily_budget = daily_budget
+        self.apply = options.apply
+        self.reclassify = options.reclassify
+        self.new_only = options.new_only
+        self.daily_budget = options.daily_budget
         self.command = command
         self.undo_of = undo_of
         self.on_record = on_record
@@ -10164,10 +10189,9 @@ class WatchSession:
         self.rules = rules
         self.user, self.host, self.port = user, host, port
         self.account = account_key(user, host, port)
-        self.apply = apply
-        self.daily_budget = daily_budget
-        self.batch_size = batch_size
-        self.allow_expunge = allow_expunge
+        self.options = RunOptions(apply=apply, reclassify=reclassify, new_only=new_only,
+                                  daily_budget=daily_budget, batch_size=batch_size,
+                                  allow_expunge=allow_expunge)
         self.on_record = on_record
         self.on_message = on_message
         self.stopping = stopping
@@ -10176,19 +10200,29 @@ class WatchSession:
         self.paused_until = 0.0
         self._reclassify: set = set()
         self._new_only: set = set()
-        self._all_folders = reclassify
-        self._new_only_folders = new_only
         self._dry_run: Optional[Run] = None
         self._last_run: Optional[Run] = None
         self.runs = 0               # wake-ups that ran (applied or not)
+
+    @property
+    def apply(self) -> bool:
+        return self.options.apply
+
+    @property
+    def daily_budget(self) -> Optional[int]:
+        return self.options.daily_budget
+
+    @daily_budget.setter
+    def daily_budget(self, value: Optional[int]) -> None:
+        self.options = dataclasses.replace(self.options, daily_budget=value)
 
     def check_start(self, folders: Sequence[str]) -> None:
         """Refuse to watch a folder the state knows nothing about, unless told what to do.
 
         Raises StateError (exit 2) naming the folders and the three ways forward."""
-        self._reclassify = set(folders) if self._all_folders else set()
-        self._new_only = set(folders) if self._new_only_folders else set()
-        if self._all_folders or self._new_only_folders:
+        self._reclassify = set(folders) if self.options.reclassify else set()
+        self._new_only = set(folders) if self.options.new_only else set()
+        if self.options.reclassify or self.options.new_only:
             return
         unknown = [f for f in folders if self.store.folder(self.account, f) is None]
         if unknown:
@@ -10202,10 +10236,11 @@ class WatchSession:
             self._dry_run.rules = self.rules()
             self._dry_run.rules_hash = rules_hash(self._dry_run.rules)
             return self._dry_run
+        # --all and --new-only are set per folder, until its first catch-up completes.
+        options = dataclasses.replace(self.options, reclassify=False, new_only=False)
         run = _WatchRun(self.store, self.rules(), self.user, self.host, self.port,
-                        apply=self.apply, daily_budget=self.daily_budget, command="watch",
-                        on_record=self.on_record, on_message=self.on_message,
-                        stopping=self.stopping)
+                        options=options, command="watch", on_record=self.on_record,
+                        on_message=self.on_message, stopping=self.stopping)
         if self._last_run is not None:
             run.count_after(self._last_run)     # one connection, many runs: count each byte once
         self._last_run = run
@@ -10222,8 +10257,8 @@ class WatchSession:
             for folder in folders:
                 run.reclassify = folder in self._reclassify
                 run.new_only = folder in self._new_only
-                run.classify(conn, folder, batch_size=self.batch_size,
-                             allow_expunge=self.allow_expunge)
+                run.classify(conn, folder, batch_size=self.options.batch_size,
+                             allow_expunge=self.options.allow_expunge)
                 self._reclassify.discard(folder)
                 self._new_only.discard(folder)
         except BudgetExceededError as exc:

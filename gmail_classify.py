@@ -261,7 +261,7 @@ class ContentSkip(GmailClassifyError):
     bounded time, a classifier that always fails on it): running again would not help.
 
     Raise it (with the reason as its message) anywhere between a message's FETCH answer and
-    its decision; _classify_batch then leaves that message alone, warns, has the audit log
+    its decision; _FolderRun.classify then leaves that message alone, warns, has the audit log
     record it as ``skipped``, and lets the mark pass it (so scheduled runs do not exit 6
     for ever).  ``raise ContentSkip("its Subject header has 40,000 encoded words")``.
     """
@@ -6951,6 +6951,7 @@ DEFAULT_APPLY_EVERY = 10 # batches classified per step; changes are applied afte
 # At most this many new folders (labels) per run unless the caller raises it: a template
 # such as "Vendors/{sender_domain}" over years of mail could otherwise create hundreds.
 DEFAULT_MAX_NEW_FOLDERS = 20
+DEFAULT_DAILY_BUDGET = 2 * 1024 ** 3   # bytes per account per day; Gmail's limit is ~2.5 GB
 
 
 class FolderLimitError(GmailClassifyError):
@@ -7379,6 +7380,26 @@ def check_run(conn: GmailConnection, rules: Ruleset, folders: Sequence[str], *,
         _check_plain_expunges(conn, (conn.server_name(folder) for folder in folders))
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """The settings a run or a watch keeps from start to end (Run, WatchSession): dry run
+    unless ``apply``; ``reclassify`` (``--all``) and ``new_only`` (``--new-only``);
+    ``since``/``limit`` narrow a folder's messages; ``batch_size`` messages per FETCH,
+    ``apply_every`` batches per step; ``max_new_folders`` (None: no limit);
+    ``allow_expunge`` (a checked plain EXPUNGE where moves need one); ``daily_budget``
+    bytes downloaded per account and day (None: no limit)."""
+    apply: bool = False
+    reclassify: bool = False
+    new_only: bool = False
+    since: Optional[_dt.date] = None
+    limit: Optional[int] = None
+    batch_size: int = DEFAULT_BATCH
+    apply_every: int = DEFAULT_APPLY_EVERY
+    max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS
+    allow_expunge: bool = False
+    daily_budget: Optional[int] = DEFAULT_DAILY_BUDGET
+
+
 def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX", *,
                     apply: bool = False, since: Optional[_dt.date] = None,
                     limit: Optional[int] = None, batch_size: int = DEFAULT_BATCH,
@@ -7416,211 +7437,368 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     ``report.skipped`` with the reason in ``report.why_skipped`` (run again).  A folder
     that cannot be opened raises FolderUnavailableError.
     """
-    if rules.needs.queries and not conn.is_gmail:
-        rules, notes = rules.local()
-        for note in notes:
-            log.warning("%s: %s (%s is not Gmail)", rules.source, note, conn.host)
-    needs = rules.needs
-    separator: Optional[str] = None
-    if any(rule.actions.templates() for rule in rules.rules):
-        separator = next((f.delimiter for f in conn.list_folders() if f.delimiter), "/")
-    checkpoint = checkpoint if checkpoint is not None else Checkpoint()
-    conn.stop.check(f"before opening {folder}")     # a safe point: nothing sent yet
-    settled = _settle(conn, rules, allow_expunge)
-    report = report if report is not None else FolderReport(folder, apply)
-    report.notes.extend(note for note in settled.notes if note not in report.notes)
-    source = conn.server_name(folder)
-    try:
-        status = conn.select(source) if apply else conn.examine(source)
-    except ImapError as exc:
-        if exc.status not in ("NO", "BAD"):
-            raise
-        raise FolderUnavailableError(
-            f"cannot open folder {folder!r}: {exc.text or exc}; {_folder_hint(conn, source)}",
-            command=exc.command, status=exc.status, code=exc.code, text=exc.text) from exc
-    log.info("%s: %d messages (UIDVALIDITY %d)", source, status.exists, status.uidvalidity)
-    start = max(0, checkpoint.start(conn, status))
-    report.start_uid = start
-    above: List[Any] = ["UID", f"{start + 1}:*"] if start else []
-    criteria = above + (["SINCE", since] if since else [] if above else ["ALL"])
-    # "UID N:*" always matches the highest UID, even when it is below N (RFC 3501 §6.4.8).
-    uids = [uid for uid in conn.search(criteria) if uid > start]
-    # Restored by an undo of a run with these same rules: classifying them again would
-    # only redo what was undone (change the rules, or --all, to have them classified).
-    undone_uids, undone_msgids = checkpoint.leave_alone(status)
-    if undone_uids:
-        kept = [uid for uid in uids if uid not in undone_uids]
-        if len(kept) < len(uids):
-            log.info("%s: %d message(s) an undo restored are left alone (same rules as the "
-                     "undone run)", source, len(uids) - len(kept))
-        uids = kept
-    narrowed = since is not None or limit is not None
-    if limit is not None:
-        uids = uids[-limit:] if limit > 0 else []
-    queries: Optional[Dict[str, set]] = None
-    if conn.is_gmail:
-        queries = {query: set(conn.search(above or ["ALL"], gmail_raw=query))
-                   for query in needs.queries}
-    destinations: Dict[str, Optional[str]] = {}
-    in_trash = in_archive = False
-    if settled.trash is not None:
-        destinations["trash"] = settled.trash.name
-        in_trash = _same_folder(settled.trash.name, source)
-    if settled.archive is not None:
-        destinations["archive"] = settled.archive.name
-        in_archive = _same_folder(settled.archive.name, source)
-    items = _fetch_items(needs, conn.is_gmail, apply and checkpoint.writes_ahead)
-    header_item = items[1]
-    copies: Dict[str, set] = {}       # off Gmail: label folder -> _message_key of its mail
-    # Destinations' UIDVALIDITY and UIDNEXT for the intent records: one STATUS per folder
-    # run, UIDNEXT then moved past the UIDs the server reported (an older UIDNEXT only
-    # widens the range undo searches, where Message-ID, size and date must still agree).
-    places: Dict[str, Dict[str, Optional[int]]] = {}
-    applied = [0, 0]                  # changes made, changes planned: for on_applied
+    options = RunOptions(apply=apply, since=since, limit=limit, batch_size=batch_size,
+                         apply_every=apply_every, max_new_folders=max_new_folders,
+                         allow_expunge=allow_expunge)
+    run = _FolderRun(conn, rules, folder, options,
+                     checkpoint if checkpoint is not None else Checkpoint(),
+                     report if report is not None else FolderReport(folder, apply),
+                     now, _Listeners(on_message, on_progress, on_applied))
+    run.open()
+    run.classify_all()
+    return run.report
 
-    def finish(step: _Step) -> None:
+
+@dataclass(frozen=True)
+class _Listeners:
+    """classify_folder's callers' ears: see its docstring."""
+    on_message: Optional[Callable[[Outcome], None]] = None
+    on_progress: Optional[Callable[[int, int], None]] = None
+    on_applied: Optional[Callable[[int, int], None]] = None
+
+
+class _ApplyHooks:
+    """What _apply_plan tells as it goes (see there): ``intend(phase, folders)`` before
+    write commands go out, ``done(key, {uid: extra})`` after each one answered.  These
+    hear nothing."""
+
+    def intend(self, phase: str, folders: Sequence[str]) -> None:
+        pass
+
+    def done(self, key: Tuple[str, ...], result: Mapping[int, Any]) -> None:
+        pass
+
+
+class _FolderRun(_ApplyHooks):
+    """One classify_folder call: ``open()`` the folder and find its messages, then
+    ``classify_all()``: batches fetched and classified (``classify``), their changes made
+    in steps (``finish``) that tell the checkpoint what the server confirmed.  As the
+    _ApplyHooks of the step in hand it writes the intents and counts the confirmations."""
+
+    def __init__(self, conn: GmailConnection, rules: Ruleset, folder: str, options: RunOptions,
+                 checkpoint: Checkpoint, report: FolderReport, now: Optional[_dt.datetime],
+                 listeners: _Listeners) -> None:
+        self.conn, self.rules, self.folder, self.options = conn, rules, folder, options
+        self.checkpoint, self.report, self.now, self.listeners = checkpoint, report, now, listeners
+        self.apply = options.apply
+        self.copies: Dict[str, set] = {}    # off Gmail: label folder -> _message_key of its mail
+        # Destinations' UIDVALIDITY and UIDNEXT for the intent records: one STATUS per folder
+        # run, UIDNEXT then moved past the UIDs the server reported (an older UIDNEXT only
+        # widens the range undo searches, where Message-ID, size and date must still agree).
+        self.places: Dict[str, Dict[str, Optional[int]]] = {}
+        self.applied = self.planned = 0     # changes made, changes planned: for on_applied
+        self.step = self.new_step()         # the step in hand, and what of it was confirmed
+        self.confirmed: Dict[Tuple[int, Tuple[str, ...]], Any] = {}
+
+    # -- opening the folder ---------------------------------------------------------------
+
+    def open(self) -> None:
+        """Settle the destinations, open the folder, find the messages to classify."""
+        conn, folder = self.conn, self.folder
+        if self.rules.needs.queries and not conn.is_gmail:
+            self.rules, notes = self.rules.local()
+            for note in notes:
+                log.warning("%s: %s (%s is not Gmail)", self.rules.source, note, conn.host)
+        self.separator: Optional[str] = None
+        if any(rule.actions.templates() for rule in self.rules.rules):
+            self.separator = next((f.delimiter for f in conn.list_folders() if f.delimiter),
+                                  "/")
+        conn.stop.check(f"before opening {folder}")     # a safe point: nothing sent yet
+        self.settled = settled = _settle(conn, self.rules, self.options.allow_expunge)
+        self.report.notes.extend(note for note in settled.notes if note not in self.report.notes)
+        self.source = source = conn.server_name(folder)
+        try:
+            self.status = conn.select(source) if self.apply else conn.examine(source)
+        except ImapError as exc:
+            if exc.status not in ("NO", "BAD"):
+                raise
+            raise FolderUnavailableError(
+                f"cannot open folder {folder!r}: {exc.text or exc}; {_folder_hint(conn, source)}",
+                command=exc.command, status=exc.status, code=exc.code, text=exc.text) from exc
+        log.info("%s: %d messages (UIDVALIDITY %d)", source, self.status.exists,
+                 self.status.uidvalidity)
+        self.uids, above = self._search()
+        self.queries: Optional[Dict[str, set]] = None
+        if conn.is_gmail:
+            self.queries = {query: set(conn.search(above or ["ALL"], gmail_raw=query))
+                            for query in self.rules.needs.queries}
+        self.destinations: Dict[str, Optional[str]] = {}
+        self.in_trash = self.in_archive = False
+        if settled.trash is not None:
+            self.destinations["trash"] = settled.trash.name
+            self.in_trash = _same_folder(settled.trash.name, source)
+        if settled.archive is not None:
+            self.destinations["archive"] = settled.archive.name
+            self.in_archive = _same_folder(settled.archive.name, source)
+        self.items = _fetch_items(self.rules.needs, conn.is_gmail,
+                                  self.apply and self.checkpoint.writes_ahead)
+        self.header_item = self.items[1]
+
+    def _search(self) -> Tuple[List[int], List[Any]]:
+        """The UIDs to classify, and the SEARCH key for those above the mark."""
+        conn, options = self.conn, self.options
+        start = max(0, self.checkpoint.start(conn, self.status))
+        self.report.start_uid = start
+        above: List[Any] = ["UID", f"{start + 1}:*"] if start else []
+        criteria = above + (["SINCE", options.since] if options.since else [] if above
+                            else ["ALL"])
+        # "UID N:*" always matches the highest UID, even when it is below N (RFC 3501 §6.4.8).
+        uids = [uid for uid in conn.search(criteria) if uid > start]
+        # Restored by an undo of a run with these same rules: classifying them again would
+        # only redo what was undone (change the rules, or --all, to have them classified).
+        undone_uids, self.undone_msgids = self.checkpoint.leave_alone(self.status)
+        if undone_uids:
+            kept = [uid for uid in uids if uid not in undone_uids]
+            if len(kept) < len(uids):
+                log.info("%s: %d message(s) an undo restored are left alone (same rules as "
+                         "the undone run)", self.source, len(uids) - len(kept))
+            uids = kept
+        self.narrowed = options.since is not None or options.limit is not None
+        if options.limit is not None:
+            uids = uids[-options.limit:] if options.limit > 0 else []
+        return uids, above
+
+    # -- the batches ----------------------------------------------------------------------
+
+    def new_step(self) -> _Step:
+        return _Step(plan=_Plan(server_name=self.conn.server_name))
+
+    def before_fetch(self, conn: GmailConnection) -> None:
+        conn.stop.check("before the next FETCH")       # a safe point (see Stop)
+        self.checkpoint.before_fetch(conn)
+
+    def classify_all(self) -> None:
+        """Every batch, a step after every ``apply_every`` of them, and the last step."""
+        uids, size, report = self.uids, self.options.batch_size, self.report
+        batches = 0
+        # The next batch's FETCH is sent while this one is classified (pipelining); the
+        # checkpoint still approves each FETCH before it goes out.
+        fetches = self.conn.fetch_batches([uids[i:i + size] for i in range(0, len(uids), size)],
+                                          self.items, before_each=self.before_fetch,
+                                          skipped=report.skipped)
+        try:
+            for start_index in range(0, len(uids), size):
+                try:
+                    batch, fetched = next(fetches)
+                except RunStopped:
+                    self.finish(self.step)
+                    raise
+                self.classify(batch, fetched)
+                batches += 1
+                if self.listeners.on_progress is not None:
+                    self.listeners.on_progress(min(start_index + size, len(uids)), len(uids))
+                if batches % max(1, self.options.apply_every) == 0:
+                    self.finish(self.step)
+                    self.step = self.new_step()
+            self.finish(self.step)
+        except BaseException:
+            if not self.step.finished and self.apply:
+                report.changes_not_made += self.step.plan.size()
+            raise
+
+    def classify(self, batch: List[int], fetched: Optional[Dict[int, Dict[str, Any]]] = None
+                 ) -> None:
+        """Fetch one batch (unless given), classify it, and add what its messages still
+        need to the step in hand; with a separator, templated destinations are filled in.
+        Messages an undo restored (``undone_msgids``) are passed over."""
+        conn, report, step, items = self.conn, self.report, self.step, self.items
+        if fetched is None:
+            fetched = conn.fetch(batch, items, skipped=report.skipped)
+        # Fail closed: a message the server answered only in part (an item missing, NIL,
+        # unreadable) would look like one with no headers or flags, and a `not` rule would
+        # match it.  It is skipped as a whole, before any rule runs.
+        infos: Dict[int, MessageInfo] = {}
+        leave = self.undone_msgids
+        for uid in batch:
+            if leave and _is_msgid((fetched.get(uid) or {}).get("X-GM-MSGID")) and \
+                    int(fetched[uid]["X-GM-MSGID"]) in leave:
+                continue
+            why = "the server sent far more than was asked for" if uid in report.skipped \
+                else _lacking(items, fetched.get(uid))
+            if why:
+                _skip(report, uid, why)
+                continue
+            try:
+                infos[uid] = _message_info(uid, fetched[uid], self.header_item, self.queries,
+                                           self.folder)
+            except ContentSkip as exc:
+                _skip_content(report, step, uid, str(exc))
+        decisions = self._decide(infos)
+        for uid in sorted(decisions):
+            decision, info = decisions[uid], infos[uid]
+            if self.separator is not None:
+                decision = dataclasses.replace(
+                    decision, actions=decision.actions.expanded(info, self.separator))
+            report.examined += 1
+            # report.changed is counted when the step is done: off Gmail the plan may still
+            # lose label copies the label's folder already holds (_drop_copies_already_there).
+            step.plan.add(uid, decision.actions, info.flags, info.labels, self.source,
+                          in_trash=self.in_trash, in_archive=self.in_archive)
+            if decision.actions.labels and info.labels is None:
+                step.plan.message_ids[uid] = _message_key(info.headers)
+            for name, _reason in decision.matches:
+                report.matched[name] = report.matched.get(name, 0) + 1
+            step.infos[uid] = info
+            step.decisions[uid] = decision
+            step.msgids[uid] = fetched[uid].get("X-GM-MSGID")
+        # Skipped messages (gone between SEARCH and FETCH too) keep the mark below them.
+        step.last_uid = batch[-1] if batch else step.last_uid
+
+    def _decide(self, infos: Dict[int, MessageInfo]) -> Dict[int, Decision]:
+        """The rules' decisions on a batch's messages (``infos`` loses those skipped for
+        their content); only those the headers could not settle pay for a body prefix."""
+        report, step, now = self.report, self.step, self.now
+        decisions: Dict[int, Decision] = {}
+        undecided: List[int] = []
+        for uid, info in list(infos.items()):
+            try:
+                decision = self.rules.classify(info, final=not self.rules.needs.body, now=now)
+            except ContentSkip as exc:
+                _skip_content(report, step, uid, str(exc))
+                del infos[uid]
+                continue
+            if decision is None:
+                undecided.append(uid)
+            else:
+                decisions[uid] = decision
+        if undecided:
+            body_item = f"BODY.PEEK[]<0.{BODY_PREFIX_BYTES}>"
+            bodies = self.conn.fetch(undecided, [body_item], skipped=report.skipped)
+            for uid in undecided:
+                why = "the server sent far more than was asked for" if uid in report.skipped \
+                    else _lacking([body_item], bodies.get(uid))
+                if why:
+                    _skip(report, uid, why)
+                    continue    # never judged on a body we did not get
+                try:
+                    info = dataclasses.replace(infos[uid],
+                                               body=body_text(bodies[uid][body_item]))
+                    decisions[uid] = self.rules.classify(info, final=True, now=now)
+                except ContentSkip as exc:
+                    _skip_content(report, step, uid, str(exc))
+        return decisions
+
+    # -- the steps ------------------------------------------------------------------------
+
+    def finish(self, step: _Step) -> None:
+        """Make the step's changes (with ``apply``), then tell the checkpoint and the
+        listeners what was done, and where the mark is; a stop between commands writes
+        the changes never sent as ``unsent`` first."""
         step.finished = True
         if not step.decisions and not step.content_skips:
             return
-        confirmed: Dict[Tuple[int, Tuple[str, ...]], Any] = {}
-
-        def done(key: Tuple[str, ...], result: Mapping[int, Any]) -> None:
-            if apply and checkpoint.writes_ahead:
-                checkpoint.confirmed(conn, _done_entry(key, result, status, conn.is_gmail,
-                                                       destinations, folder))
-            if key[0] == "create":
-                return
-            for uid, extra in result.items():
-                confirmed[(uid, key)] = extra
-                place = places.get(extra.get("folder")) if isinstance(extra, dict) else None
-                if place is not None and extra.get("uid") and place.get("uidnext"):
-                    place["uidnext"] = max(place["uidnext"], extra["uid"] + 1)
-            applied[0] += len(result)
-            if on_applied is not None:
-                on_applied(min(applied[0], applied[1]), applied[1])
-
+        self.applying, self.confirmed = step, {}
         ok = False
         try:
-            conn.stop.check("before the step's changes")    # a safe point (see Stop)
-            plan = step.plan
-            if settled.plain_expunge and (plan.move or plan.trash or plan.archive):
-                _check_plain_expunge(conn, source)
-            if not conn.is_gmail and step.plan.add_labels:
-                _drop_copies_already_there(conn, step.plan, copies)
-            applied[1] += step.plan.size()
-            if apply:
-                def intend(phase: str, folders: Sequence[str]) -> None:
-                    if not checkpoint.writes_ahead:
-                        return                  # nothing keeps a record: no STATUS spent
-                    if phase == "create":
-                        checkpoint.intend(conn, [{"create": name, "folder": folder}
-                                                 for name in folders])
-                        return
-                    for name in folders:
-                        if name not in places:
-                            places[name] = _place_status(conn, name)
-                    checkpoint.intend(conn, _intent_entries(step, status, conn.is_gmail,
-                                                            destinations, places, folder,
-                                                            conn.server_name))
-
-                _apply_plan(conn, step.plan, report, done, max_new_folders, settled,
-                            allow_expunge, intend)
-            else:
-                report.created.extend(name for name in _missing_folders(conn, step.plan)
-                                      if name not in report.created)
+            self._apply_step(step)
             ok = True
         except StopRequested as exc:
-            if apply and exc.between_commands and checkpoint.writes_ahead:
-                # Every command sent was answered: what is not confirmed was never sent, and
-                # the log says so, so that history and undo do not take it for "maybe".
-                unsent = [dict(entry, changes=[
-                    change for key, change in zip(step.plan.per_uid[entry["uid"]],
-                                                  entry["changes"])
-                    if (entry["uid"], key) not in confirmed])
-                    for entry in _intent_entries(step, status, conn.is_gmail, destinations,
-                                                 places, folder, conn.server_name)]
-                checkpoint.not_sent(conn, [entry for entry in unsent if entry["changes"]])
+            if self.apply and exc.between_commands and self.checkpoint.writes_ahead:
+                self._not_sent(step)
             raise
         finally:
-            outcomes = []
-            for uid in sorted(step.decisions):
-                decision, info = step.decisions[uid], step.infos[uid]
-                keys = step.plan.per_uid.get(uid, [])
-                if apply:
-                    made = [key for key in keys if (uid, key) in confirmed]
-                else:
-                    made = list(keys)
-                for key in made:
-                    if key[0] == "label" and key[1] in copies:
-                        copies[key[1]].add(step.plan.message_ids.get(uid))
-                changes = tuple(_change_entry(key, uid, status, conn.is_gmail, destinations,
-                                              confirmed.get((uid, key))) for key in made)
-                for change in changes:
-                    name = describe_change(change)
-                    report.changes[name] = report.changes.get(name, 0) + 1
-                _count_decision(report, decision, keys, made, lambda key: describe_change(
-                    _change_entry(key, uid, status, conn.is_gmail, destinations, None)))
-                if apply:
-                    report.changes_made += len(made)
-                    if not ok:
-                        report.changes_not_made += len(keys) - len(made)
-                outcomes.append(Outcome(
-                    folder, uid, _first(header_addresses(info.headers, "from")),
-                    _first(header_text(info.headers, "subject")), decision,
-                    step.msgids.get(uid), status.uidvalidity,
-                    _first(header_text(info.headers, "message-id")).strip(), changes, apply,
-                    len(keys) - len(made)))
-            mark = step.last_uid if ok and not narrowed else None
-            if mark is not None and report.skipped:
-                mark = min(mark, min(report.skipped) - 1)   # the next run looks again
-            if mark is not None and report.expunge_stayed:
-                mark = min(mark, min(report.expunge_stayed) - 1)    # not moved: not done
-            if mark is not None:
-                report.mark = mark
-            if step.content_skips:
-                checkpoint.content_skipped(status, step.content_skips)  # before the mark
-            checkpoint.step_done(conn, status, mark, outcomes)
-            if on_message is not None:
-                for outcome in outcomes:
-                    if ok or outcome.changes:
-                        on_message(outcome)
+            self._step_done(step, ok)
 
-    def new_step() -> _Step:
-        return _Step(plan=_Plan(server_name=conn.server_name))
+    def _apply_step(self, step: _Step) -> None:
+        conn, plan = self.conn, step.plan
+        conn.stop.check("before the step's changes")    # a safe point (see Stop)
+        if self.settled.plain_expunge and (plan.move or plan.trash or plan.archive):
+            _check_plain_expunge(conn, self.source)
+        if not conn.is_gmail and plan.add_labels:
+            _drop_copies_already_there(conn, plan, self.copies)
+        self.planned += plan.size()
+        if self.apply:
+            _apply_plan(conn, plan, self.report, self, self.options.max_new_folders,
+                        self.settled, self.options.allow_expunge)
+        else:
+            self.report.created.extend(name for name in _missing_folders(conn, plan)
+                                       if name not in self.report.created)
 
-    def before_fetch(conn: GmailConnection) -> None:
-        conn.stop.check("before the next FETCH")       # a safe point (see Stop)
-        checkpoint.before_fetch(conn)
+    def _intents(self, step: _Step) -> List[Dict[str, Any]]:
+        return _intent_entries(step, self.status, self.conn.is_gmail, self.destinations,
+                               self.places, self.folder, self.conn.server_name)
 
-    step = new_step()
-    batches = 0
-    # The next batch's FETCH is sent while this one is classified (pipelining); the
-    # checkpoint still approves each FETCH before it goes out.
-    fetches = conn.fetch_batches([uids[i:i + batch_size] for i in range(0, len(uids), batch_size)],
-                                 items, before_each=before_fetch,
-                                 skipped=report.skipped)
-    try:
-        for start_index in range(0, len(uids), batch_size):
-            try:
-                batch, fetched = next(fetches)
-            except RunStopped:
-                finish(step)
-                raise
-            _classify_batch(conn, rules, batch, items, header_item, queries, folder, now,
-                            step, report, in_trash, in_archive, fetched, separator, source,
-                            undone_msgids)
-            batches += 1
-            if on_progress is not None:
-                on_progress(min(start_index + batch_size, len(uids)), len(uids))
-            if batches % max(1, apply_every) == 0:
-                finish(step)
-                step = new_step()
-        finish(step)
-    except BaseException:
-        if not step.finished and apply:
-            report.changes_not_made += step.plan.size()
-        raise
-    return report
+    def intend(self, phase: str, folders: Sequence[str]) -> None:
+        if not self.checkpoint.writes_ahead:
+            return                  # nothing keeps a record: no STATUS spent
+        if phase == "create":
+            self.checkpoint.intend(self.conn, [{"create": name, "folder": self.folder}
+                                               for name in folders])
+            return
+        for name in folders:
+            if name not in self.places:
+                self.places[name] = _place_status(self.conn, name)
+        self.checkpoint.intend(self.conn, self._intents(self.applying))
+
+    def done(self, key: Tuple[str, ...], result: Mapping[int, Any]) -> None:
+        if self.apply and self.checkpoint.writes_ahead:
+            self.checkpoint.confirmed(self.conn, _done_entry(
+                key, result, self.status, self.conn.is_gmail, self.destinations, self.folder))
+        if key[0] == "create":
+            return
+        for uid, extra in result.items():
+            self.confirmed[(uid, key)] = extra
+            place = self.places.get(extra.get("folder")) if isinstance(extra, dict) else None
+            if place is not None and extra.get("uid") and place.get("uidnext"):
+                place["uidnext"] = max(place["uidnext"], extra["uid"] + 1)
+        self.applied += len(result)
+        if self.listeners.on_applied is not None:
+            self.listeners.on_applied(min(self.applied, self.planned), self.planned)
+
+    def _not_sent(self, step: _Step) -> None:
+        # Every command sent was answered: what is not confirmed was never sent, and the
+        # log says so, so that history and undo do not take it for "maybe".
+        unsent = [dict(entry, changes=[
+            change for key, change in zip(step.plan.per_uid[entry["uid"]], entry["changes"])
+            if (entry["uid"], key) not in self.confirmed]) for entry in self._intents(step)]
+        self.checkpoint.not_sent(self.conn, [entry for entry in unsent if entry["changes"]])
+
+    def _step_done(self, step: _Step, ok: bool) -> None:
+        report, checkpoint = self.report, self.checkpoint
+        outcomes = [self._outcome(step, uid, ok) for uid in sorted(step.decisions)]
+        mark = step.last_uid if ok and not self.narrowed else None
+        if mark is not None and report.skipped:
+            mark = min(mark, min(report.skipped) - 1)   # the next run looks again
+        if mark is not None and report.expunge_stayed:
+            mark = min(mark, min(report.expunge_stayed) - 1)    # not moved: not done
+        if mark is not None:
+            report.mark = mark
+        if step.content_skips:
+            checkpoint.content_skipped(self.status, step.content_skips)  # before the mark
+        checkpoint.step_done(self.conn, self.status, mark, outcomes)
+        if self.listeners.on_message is not None:
+            for outcome in outcomes:
+                if ok or outcome.changes:
+                    self.listeners.on_message(outcome)
+
+    def _outcome(self, step: _Step, uid: int, ok: bool) -> Outcome:
+        """One message's Outcome, counted into the report."""
+        report, status, gmail = self.report, self.status, self.conn.is_gmail
+        decision, info = step.decisions[uid], step.infos[uid]
+        keys = step.plan.per_uid.get(uid, [])
+        if self.apply:
+            made = [key for key in keys if (uid, key) in self.confirmed]
+        else:
+            made = list(keys)
+        for key in made:
+            if key[0] == "label" and key[1] in self.copies:
+                self.copies[key[1]].add(step.plan.message_ids.get(uid))
+        changes = tuple(_change_entry(key, uid, status, gmail, self.destinations,
+                                      self.confirmed.get((uid, key))) for key in made)
+        for change in changes:
+            name = describe_change(change)
+            report.changes[name] = report.changes.get(name, 0) + 1
+        _count_decision(report, decision, keys, made, lambda key: describe_change(
+            _change_entry(key, uid, status, gmail, self.destinations, None)))
+        if self.apply:
+            report.changes_made += len(made)
+            if not ok:
+                report.changes_not_made += len(keys) - len(made)
+        return Outcome(
+            self.folder, uid, _first(header_addresses(info.headers, "from")),
+            _first(header_text(info.headers, "subject")), decision, step.msgids.get(uid),
+            status.uidvalidity, _first(header_text(info.headers, "message-id")).strip(),
+            changes, self.apply, len(keys) - len(made))
 
 
 def _place_status(conn: GmailConnection, name: str) -> Dict[str, Optional[int]]:
@@ -7694,86 +7872,6 @@ def _intent_entries(step: _Step, status: FolderStatus, gmail: bool,
             "size": info.size, "internaldate": _iso(info.date) if info.date else None,
             "subject": _first(header_text(info.headers, "subject")), "changes": changes})
     return entries
-
-
-def _classify_batch(conn: GmailConnection, rules: Ruleset, batch: List[int], items: List[str],
-                    header_item: str, queries: Optional[Dict[str, set]], folder: str,
-                    now: Optional[_dt.datetime], step: _Step, report: FolderReport,
-                    in_trash: bool, in_archive: bool,
-                    fetched: Optional[Dict[int, Dict[str, Any]]] = None,
-                    separator: Optional[str] = None, source: Optional[str] = None,
-                    leave: frozenset = frozenset()) -> None:
-    """Fetch one batch (unless given), classify it, and add what its messages still need
-    to the step; with a ``separator``, templated destinations are filled in.  ``source``
-    is the folder's name on the server (see server_name).  Messages whose X-GM-MSGID is
-    in ``leave`` (restored by an undo) are passed over."""
-    needs = rules.needs
-    if fetched is None:
-        fetched = conn.fetch(batch, items, skipped=report.skipped)
-    # Fail closed: a message the server answered only in part (an item missing, NIL,
-    # unreadable) would look like one with no headers or flags, and a `not` rule would
-    # match it.  It is skipped as a whole, before any rule runs.
-    infos: Dict[int, MessageInfo] = {}
-    for uid in batch:
-        if leave and _is_msgid((fetched.get(uid) or {}).get("X-GM-MSGID")) and \
-                int(fetched[uid]["X-GM-MSGID"]) in leave:
-            continue
-        why = "the server sent far more than was asked for" if uid in report.skipped \
-            else _lacking(items, fetched.get(uid))
-        if why:
-            _skip(report, uid, why)
-            continue
-        try:
-            infos[uid] = _message_info(uid, fetched[uid], header_item, queries, folder)
-        except ContentSkip as exc:
-            _skip_content(report, step, uid, str(exc))
-    decisions: Dict[int, Decision] = {}
-    undecided: List[int] = []
-    for uid, info in list(infos.items()):
-        try:
-            decision = rules.classify(info, final=not needs.body, now=now)
-        except ContentSkip as exc:
-            _skip_content(report, step, uid, str(exc))
-            del infos[uid]
-            continue
-        if decision is None:
-            undecided.append(uid)
-        else:
-            decisions[uid] = decision
-    if undecided:
-        # Only messages the headers could not settle pay for a body prefix.
-        body_item = f"BODY.PEEK[]<0.{BODY_PREFIX_BYTES}>"
-        bodies = conn.fetch(undecided, [body_item], skipped=report.skipped)
-        for uid in undecided:
-            why = "the server sent far more than was asked for" if uid in report.skipped \
-                else _lacking([body_item], bodies.get(uid))
-            if why:
-                _skip(report, uid, why)
-                continue    # never judged on a body we did not get
-            try:
-                info = dataclasses.replace(infos[uid], body=body_text(bodies[uid][body_item]))
-                decisions[uid] = rules.classify(info, final=True, now=now)
-            except ContentSkip as exc:
-                _skip_content(report, step, uid, str(exc))
-    for uid in sorted(decisions):
-        decision, info = decisions[uid], infos[uid]
-        if separator is not None:
-            decision = dataclasses.replace(decision,
-                                           actions=decision.actions.expanded(info, separator))
-        report.examined += 1
-        # report.changed is counted when the step is done: off Gmail the plan may still
-        # lose label copies the label's folder already holds (_drop_copies_already_there).
-        step.plan.add(uid, decision.actions, info.flags, info.labels, source or folder,
-                      in_trash=in_trash, in_archive=in_archive)
-        if decision.actions.labels and info.labels is None:
-            step.plan.message_ids[uid] = _message_key(info.headers)
-        for name, _reason in decision.matches:
-            report.matched[name] = report.matched.get(name, 0) + 1
-        step.infos[uid] = info
-        step.decisions[uid] = decision
-        step.msgids[uid] = fetched[uid].get("X-GM-MSGID")
-    # Skipped messages (gone between SEARCH and FETCH too) keep the mark below them.
-    step.last_uid = batch[-1] if batch else step.last_uid
 
 
 def _count_decision(report: FolderReport, decision: Decision, planned: Sequence[Tuple[str, ...]],
@@ -7922,28 +8020,9 @@ def _drop_copies_already_there(conn: GmailConnection, plan: _Plan,
                                 if plan.message_ids.get(uid) in known[label]])
 
 
-def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
-                done: Optional[Callable[[Tuple[str, ...], Mapping[int, Any]], None]] = None,
-                max_new_folders: Optional[int] = None,
-                settled: Optional[_Destinations] = None, allow_expunge: bool = False,
-                intend: Optional[Callable[[str, Sequence[str]], None]] = None) -> None:
-    """Carry out a plan: check destinations, create what is missing, then labels and flags,
-    then moves (so a message is labelled where it stands, then leaves).
-
-    ``intend(phase, folders)`` is called before any write command goes out: ``"create"``
-    with the folders about to be created, then ``"change"`` with the folders the step
-    copies or moves mail into (server names), before the first STORE, COPY or MOVE.
-
-    ``done(key, {uid: extra})`` hears of each command the server confirmed (a _Plan key;
-    ``extra`` is None, or ``{"folder": ..., "uid": ...}`` for copies and moves), and of
-    each CREATE answered, as ``done(("create", name, outcome), {})`` with ``outcome``
-    "created", "existed" or "refused".
-    ``settled``: the trash and archive folders _settle found (looked up here if None).
-    Names go to the server mapped to its namespace (server_name).
-    """
-    done = done or (lambda key, result: None)
-    # Everything that can refuse is settled before the first change.
-    missing = _missing_folders(conn, plan)
+def _check_folder_limit(report: FolderReport, missing: Sequence[str],
+                        max_new_folders: Optional[int]) -> None:
+    """Raise FolderLimitError if creating ``missing`` takes the run past the limit."""
     wanted = len(report.created) + len(missing)    # a step may follow steps that created some
     if max_new_folders is not None and wanted > max_new_folders:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
@@ -7953,6 +8032,49 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
                                f"folders ({shown}), more than the limit of {max_new_folders}; "
                                f"{before}. Check the rules' templates, or raise the "
                                f"limit with --max-new-folders {wanted}")
+
+
+def _create_folders(conn: GmailConnection, missing: Sequence[str], report: FolderReport,
+                    hooks: _ApplyHooks) -> None:
+    """Create the folders a step needs, the intent first; each answer goes to hooks.done."""
+    if missing:
+        conn.stop.check("before creating folders")
+        hooks.intend("create", missing)
+    for name in missing:
+        conn.stop.check(f"before creating {name}")
+        try:
+            created = conn.create_folder(name)
+        except ImapError as exc:
+            if exc.status in ("NO", "BAD"):
+                hooks.done(("create", name, "refused"), {})     # answered: nothing was made
+            raise
+        hooks.done(("create", name, "created" if created else "existed"), {})
+        if created:
+            report.created.append(name)
+
+
+def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
+                hooks: Optional[_ApplyHooks] = None, max_new_folders: Optional[int] = None,
+                settled: Optional[_Destinations] = None, allow_expunge: bool = False) -> None:
+    """Carry out a plan: check destinations, create what is missing, then labels and flags,
+    then moves (so a message is labelled where it stands, then leaves).
+
+    ``hooks.intend(phase, folders)`` is called before any write command goes out:
+    ``"create"`` with the folders about to be created, then ``"change"`` with the folders
+    the step copies or moves mail into (server names), before the first STORE, COPY or MOVE.
+
+    ``hooks.done(key, {uid: extra})`` hears of each command the server confirmed (a _Plan
+    key; ``extra`` is None, or ``{"folder": ..., "uid": ...}`` for copies and moves), and of
+    each CREATE answered, as ``done(("create", name, outcome), {})`` with ``outcome``
+    "created", "existed" or "refused".
+    ``settled``: the trash and archive folders _settle found (looked up here if None).
+    Names go to the server mapped to its namespace (server_name).
+    """
+    hooks = hooks if hooks is not None else _ApplyHooks()
+    done = hooks.done
+    # Everything that can refuse is settled before the first change.
+    missing = _missing_folders(conn, plan)
+    _check_folder_limit(report, missing, max_new_folders)
     if settled is not None:
         trash, archive = settled.trash, settled.archive
     else:
@@ -7965,27 +8087,13 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
     # and no intent is written for one; the command in flight has finished, and what it did
     # was reported through done().
     stop = conn.stop
-    intend = intend or (lambda phase, folders: None)
-    if missing:
-        stop.check("before creating folders")
-        intend("create", missing)
-    for name in missing:
-        stop.check(f"before creating {name}")
-        try:
-            created = conn.create_folder(name)
-        except ImapError as exc:
-            if exc.status in ("NO", "BAD"):
-                done(("create", name, "refused"), {})     # answered: nothing was made
-            raise
-        done(("create", name, "created" if created else "existed"), {})
-        if created:
-            report.created.append(name)
+    _create_folders(conn, missing, report, hooks)
     targets = [] if conn.is_gmail else [conn.server_name(label) for label in plan.add_labels]
     targets += [conn.server_name(dest) for dest in plan.move]
     targets += [folder.name for folder, uids in ((archive, plan.archive), (trash, plan.trash))
                 if folder is not None and uids and not _same_folder(folder.name, source)]
     stop.check("before changing messages")
-    intend("change", list(dict.fromkeys(targets)))
+    hooks.intend("change", list(dict.fromkeys(targets)))
     for label, uids in plan.add_labels.items():
         stop.check(f"before labelling with {label}")
         if conn.is_gmail:
@@ -8127,7 +8235,6 @@ STATE_FORMAT = "gmail_classify state"
 STATE_VERSION = 1              # bumped when the state file's layout changes incompatibly
 RECORD_VERSION = 1             # of the records in --json output and audit.jsonl
 INTENT_VERSION = 2             # of the audit log's write-ahead "intent" and "skipped" records
-DEFAULT_DAILY_BUDGET = 2 * 1024 ** 3   # bytes per account per day; Gmail's limit is ~2.5 GB
 AUDIT_MAX_BYTES = 16 * 1024 ** 2       # audit.jsonl past this size becomes audit.jsonl.1
 DOWNLOAD_DAYS_KEPT = 8                 # days of download counts kept in the state file
 
@@ -8759,16 +8866,21 @@ class Run(Checkpoint):
                  new_only: bool = False, daily_budget: Optional[int] = DEFAULT_DAILY_BUDGET,
                  command: str = "run", undo_of: Optional[str] = None,
                  on_record: Optional[Callable[[Dict[str, Any]], None]] = None,
-                 on_message: Optional[Callable[[Outcome], None]] = None) -> None:
+                 on_message: Optional[Callable[[Outcome], None]] = None,
+                 options: Optional[RunOptions] = None) -> None:
+        if options is None:         # the keyword settings, unless given as one RunOptions
+            options = RunOptions(apply=apply, reclassify=reclassify, new_only=new_only,
+                                 daily_budget=daily_budget)
+        self.options = options
         self.store = store
         self.rules = rules
         self.user = user
         self.host = _where(host, port)
         self.account = account_key(user, host, port)
-        self.apply = apply
-        self.reclassify = reclassify
-        self.new_only = new_only
-        self.daily_budget = daily_budget
+        self.apply = options.apply
+        self.reclassify = options.reclassify
+        self.new_only = options.new_only
+        self.daily_budget = options.daily_budget
         self.command = command
         self.undo_of = undo_of
         self.on_record = on_record
@@ -10188,10 +10300,9 @@ class WatchSession:
         self.rules = rules
         self.user, self.host, self.port = user, host, port
         self.account = account_key(user, host, port)
-        self.apply = apply
-        self.daily_budget = daily_budget
-        self.batch_size = batch_size
-        self.allow_expunge = allow_expunge
+        self.options = RunOptions(apply=apply, reclassify=reclassify, new_only=new_only,
+                                  daily_budget=daily_budget, batch_size=batch_size,
+                                  allow_expunge=allow_expunge)
         self.on_record = on_record
         self.on_message = on_message
         self.stopping = stopping
@@ -10200,19 +10311,29 @@ class WatchSession:
         self.paused_until = 0.0
         self._reclassify: set = set()
         self._new_only: set = set()
-        self._all_folders = reclassify
-        self._new_only_folders = new_only
         self._dry_run: Optional[Run] = None
         self._last_run: Optional[Run] = None
         self.runs = 0               # wake-ups that ran (applied or not)
+
+    @property
+    def apply(self) -> bool:
+        return self.options.apply
+
+    @property
+    def daily_budget(self) -> Optional[int]:
+        return self.options.daily_budget
+
+    @daily_budget.setter
+    def daily_budget(self, value: Optional[int]) -> None:
+        self.options = dataclasses.replace(self.options, daily_budget=value)
 
     def check_start(self, folders: Sequence[str]) -> None:
         """Refuse to watch a folder the state knows nothing about, unless told what to do.
 
         Raises StateError (exit 2) naming the folders and the three ways forward."""
-        self._reclassify = set(folders) if self._all_folders else set()
-        self._new_only = set(folders) if self._new_only_folders else set()
-        if self._all_folders or self._new_only_folders:
+        self._reclassify = set(folders) if self.options.reclassify else set()
+        self._new_only = set(folders) if self.options.new_only else set()
+        if self.options.reclassify or self.options.new_only:
             return
         unknown = [f for f in folders if self.store.folder(self.account, f) is None]
         if unknown:
@@ -10226,10 +10347,11 @@ class WatchSession:
             self._dry_run.rules = self.rules()
             self._dry_run.rules_hash = rules_hash(self._dry_run.rules)
             return self._dry_run
+        # --all and --new-only are set per folder, until its first catch-up completes.
+        options = dataclasses.replace(self.options, reclassify=False, new_only=False)
         run = _WatchRun(self.store, self.rules(), self.user, self.host, self.port,
-                        apply=self.apply, daily_budget=self.daily_budget, command="watch",
-                        on_record=self.on_record, on_message=self.on_message,
-                        stopping=self.stopping)
+                        options=options, command="watch", on_record=self.on_record,
+                        on_message=self.on_message, stopping=self.stopping)
         if self._last_run is not None:
             run.count_after(self._last_run)     # one connection, many runs: count each byte once
         self._last_run = run
@@ -10246,8 +10368,8 @@ class WatchSession:
             for folder in folders:
                 run.reclassify = folder in self._reclassify
                 run.new_only = folder in self._new_only
-                run.classify(conn, folder, batch_size=self.batch_size,
-                             allow_expunge=self.allow_expunge)
+                run.classify(conn, folder, batch_size=self.options.batch_size,
+                             allow_expunge=self.options.allow_expunge)
                 self._reclassify.discard(folder)
                 self._new_only.discard(folder)
         except BudgetExceededError as exc:

@@ -9403,6 +9403,45 @@ class IncrementalRunTest(StateTestCase):
         self.assertEqual(run.reports[0].matched, {"News": 1})
 
 
+class RunOptionsTest(TempDirMixin, unittest.TestCase):
+    """One RunOptions holds the settings Run and WatchSession share (issue 16, step 3)."""
+
+    def store(self) -> gc.StateStore:
+        store = gc.StateStore(self.make_dir())
+        store.load()
+        return store
+
+    def test_run_takes_its_settings_as_keywords_or_as_one_options(self):
+        rules = gc.Ruleset(())
+        by_keyword = gc.Run(self.store(), rules, USER, "127.0.0.1", 993, apply=True,
+                            reclassify=True, new_only=True, daily_budget=5)
+        given = gc.RunOptions(apply=True, reclassify=True, new_only=True, daily_budget=5)
+        by_options = gc.Run(self.store(), rules, USER, "127.0.0.1", 993, options=given)
+        self.assertEqual(by_keyword.options, given)
+        for run in (by_keyword, by_options):
+            self.assertEqual((run.apply, run.reclassify, run.new_only, run.daily_budget),
+                             (True, True, True, 5))
+        self.assertEqual(gc.Run(self.store(), rules, USER, "h").options, gc.RunOptions())
+
+    def test_watch_session_hands_its_options_to_each_run(self):
+        session = gc.WatchSession(self.store(), lambda: gc.Ruleset(()), USER, "127.0.0.1",
+                                  993, apply=True, reclassify=True, new_only=True,
+                                  daily_budget=7, batch_size=3, allow_expunge=True)
+        self.assertEqual(session.options, gc.RunOptions(
+            apply=True, reclassify=True, new_only=True, daily_budget=7, batch_size=3,
+            allow_expunge=True))
+        self.assertTrue(session.apply)
+        run = session._run()
+        # --all and --new-only are set per folder by the session, not for the whole run.
+        self.assertEqual(run.options, gc.RunOptions(apply=True, daily_budget=7, batch_size=3,
+                                                    allow_expunge=True))
+        self.assertEqual((run.apply, run.reclassify, run.new_only, run.daily_budget),
+                         (True, False, False, 7))
+        session.daily_budget = 11                       # a new day: the next run has it
+        self.assertEqual(session.options.daily_budget, 11)
+        self.assertEqual(session._run().daily_budget, 11)
+
+
 class BudgetTest(StateTestCase):
     def test_stops_cleanly_before_the_daily_budget_and_goes_on_the_next_day(self):
         seed_mailbox(self.server, 30)

@@ -10765,14 +10765,15 @@ class SignalSweepTest(StateTestCase):
                 list(state_snapshot(os.path.join(state, "gmail_classify"))["accounts"].values()),
                 last_write)
 
-    def cut_points(self, total: int) -> List[Tuple[int, str, int]]:
-        """(nth, when, signal): full: every command, both sides, both signals; else a
-        sample spread over the run, the sides and the signals alternating."""
+    def cut_points(self, total: int, last_write: int) -> List[Tuple[int, str, int]]:
+        """(nth, when, signal): full: every command, both sides, both signals; else four
+        cuts spread up to the last write command (later ones are the late-signal test's),
+        both sides and both signals."""
         signals = (signal.SIGINT, signal.SIGTERM)
         if SWEEP_FULL:
             return [(nth, when, signum) for nth in range(1, total + 1)
                     for when in ("before", "after") for signum in signals]
-        picks = sorted({max(1, round(total * k / 6)) for k in range(1, 7)})
+        picks = sorted({max(1, round(last_write * k / 4)) for k in range(1, 5)})
         return [(nth, ("before", "after")[i % 2], signals[i // 2 % 2])
                 for i, nth in enumerate(picks)]
 
@@ -10819,7 +10820,7 @@ class SignalSweepTest(StateTestCase):
 
     def sweep(self, **server_options: Any) -> int:
         clean, expected_box, expected_state, last_write = self.clean(**server_options)
-        cuts = self.cut_points(len(clean.log))
+        cuts = self.cut_points(len(clean.log), last_write)
         interrupted = 0
         for nth, when, signum in cuts:
             with self.subTest(nth=nth, when=when, signal=signal.Signals(signum).name,

@@ -81,6 +81,7 @@ __all__ = [
     "classify_folder", "check_run", "classify_messages", "demo_messages", "Outcome",
     "FolderReport",
     "Checkpoint", "RunStopped", "describe_change", "FolderLimitError", "DEFAULT_MAX_NEW_FOLDERS",
+    "RunOptions",
     # state and audit log
     "StateStore", "FolderState", "AccountLock", "AuditLog", "Run", "Undo", "history",
     "StateError", "LockedError", "BudgetExceededError", "account_key", "rules_hash",

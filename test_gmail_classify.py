@@ -32,6 +32,7 @@ import pathlib
 import random
 import re
 import select
+import selectors
 import shlex
 import shutil
 import signal
@@ -2579,20 +2580,36 @@ class FakeGmail:
         self._server = _TCPServer(("127.0.0.1", 0), _Session)
         self._server.fake = self
         self.host, self.port = self._server.server_address[:2]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.01},
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._serve, args=(self._server, self._wake_r),
                                         name="FakeGmail:%d" % self.port, daemon=True)
         self._thread.start()
         return self
+
+    def _serve(self, server: "_TCPServer", wake: socket.socket) -> None:
+        """Accept until stop() writes to ``wake``: no polling, so a stop never waits for a
+        poll interval (socketserver's serve_forever would, at every stop)."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(server, selectors.EVENT_READ)
+            selector.register(wake, selectors.EVENT_READ)
+            while not self._stopping:
+                ready = [key.fileobj for key, _ in selector.select()]
+                if server in ready and not self._stopping:
+                    server._handle_request_noblock()
 
     def stop(self) -> None:
         """Stop accepting, close every client connection, join the threads."""
         if self._server is None:
             return
-        self._server.shutdown()
-        self._server.server_close()
-        self.drop_all_connections()
+        self._stopping = True
+        self._wake_w.send(b"x")
         if self._thread is not None:
             self._thread.join(5)
+        self._server.server_close()
+        self._wake_r.close()
+        self._wake_w.close()
+        self.drop_all_connections()
         self._server = None
 
     def __enter__(self) -> "FakeGmail":

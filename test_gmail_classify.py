@@ -11095,16 +11095,7 @@ class StopInProcessTest(StateTestCase):
     """main() called from Python (a vendoring script, a test): a stop ends the command at
     its next safe point and main() returns 128 + the signal's number; the process lives."""
 
-    def cli(self, *argv: str) -> Tuple[int, str, str]:
-        env = {"GMAIL_APP_PASSWORD": PASSWORD, "XDG_STATE_HOME": os.path.join(self.tmp, "xdg")}
-        if argv[0] == "history":
-            return run_cli(*argv, env=env)
-        rules = os.path.join(self.tmp, "rules.json")
-        if not os.path.exists(rules):
-            with open(rules, "w") as handle:
-                json.dump(SWEEP_DOC, handle)
-        return run_cli(*argv, "--user", USER, "--host", "127.0.0.1", "--port",
-                       str(self.server.port), "--plaintext", "--rules", rules, env=env)
+    cli = UndoSafetyTest.cli
 
     def stop_after_first(self, method: str, signum: int) -> Any:
         """Patch GmailConnection.<method> so that a stop is asked for once it returned."""

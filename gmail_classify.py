@@ -9210,23 +9210,35 @@ def history(store: StateStore) -> List[Dict[str, Any]]:
     folders the run created (undo deletes them when empty), ``folders_created_maybe`` of
     them whose CREATE was announced but never answered.
     """
-    runs: Dict[str, Dict[str, Any]] = {}
-    order: Dict[str, int] = {}        # runs that started in the same second: log order
-    summarised = set()
-    intended: Dict[str, Dict[Tuple[Any, ...], Dict[str, Any]]] = {}   # run -> change -> it
-    confirmed: Dict[str, set] = {}    # by a message record (counted there), or never sent
-    done: Dict[str, set] = {}         # by a done record only, so far
-    creates: Dict[str, _Creates] = {}
+    ledger = _HistoryLedger()
     for record in store.audit.records(unreadable=True):
+        ledger.read(record)
+    return ledger.runs_newest_first()
+
+
+class _HistoryLedger:
+    """What ``history`` gathers from the audit log, one record at a time."""
+
+    def __init__(self) -> None:
+        self.runs: Dict[str, Dict[str, Any]] = {}
+        self.order: Dict[str, int] = {}   # runs that started in the same second: log order
+        self.summarised: set = set()
+        self.intended: Dict[str, Dict[Tuple[Any, ...], Dict[str, Any]]] = {}  # run -> change
+        self.confirmed: Dict[str, set] = {}  # by a message record (counted there), or unsent
+        self.done: Dict[str, set] = {}       # by a done record only, so far
+        self.creates: Dict[str, _Creates] = {}
+
+    def read(self, record: Mapping[str, Any]) -> None:
         run_id = record.get("run")
         if not isinstance(run_id, str):
-            continue
-        if record.get("type") == "unreadable":
-            if run_id in runs:
-                runs[run_id]["possibly_incomplete"] = True
-            continue
-        order.setdefault(run_id, len(order))
-        entry = runs.setdefault(run_id, {
+            return
+        kind = record.get("type")
+        if kind == "unreadable":
+            if run_id in self.runs:
+                self.runs[run_id]["possibly_incomplete"] = True
+            return
+        self.order.setdefault(run_id, len(self.order))
+        entry = self.runs.setdefault(run_id, {
             "run": run_id, "time": str(record.get("time", "")),
             "account": str(record.get("account", "")), "host": str(record.get("host", "")),
             "command": "run", "folders": [], "counts": {}, "changes_made": 0, "maybe": 0,
@@ -9234,72 +9246,74 @@ def history(store: StateStore) -> List[Dict[str, Any]]:
             "possibly_incomplete": False})
         if record.get("undo_of"):
             entry["undo_of"] = record["undo_of"]
-        creates.setdefault(run_id, _Creates()).read(record)
-        if record.get("type") == "done":
+        self.creates.setdefault(run_id, _Creates()).read(record)
+        if kind == "done":
             for uid in record.get("uids") or []:
-                done.setdefault(run_id, set()).add(_done_identity(record, uid))
-            continue
-        if record.get("type") == "intent":
+                self.done.setdefault(run_id, set()).add(_done_identity(record, uid))
+        elif kind == "intent":
             if record.get("undo_of") or record.get("command") == "undo":
                 entry["command"] = "undo"
             for change in record.get("changes") or []:
-                intended.setdefault(run_id, {})[_change_identity(record, change)] = change
-            continue
-        if record.get("type") == "skipped":
+                self.intended.setdefault(run_id, {})[_change_identity(record, change)] = change
+        elif kind == "skipped":
             entry["skipped"] += 1
-            continue
-        if record.get("type") == "unsent":     # a stop came between commands: not made
+        elif kind == "unsent" or (kind == "message" and record.get("applied")):
+            # unsent: a stop came between commands, so not made
             for change in record.get("changes") or []:
-                confirmed.setdefault(run_id, set()).add(_change_identity(record, change))
-            continue
-        if record.get("type") == "message" and record.get("applied"):
-            for change in record.get("changes") or []:
-                confirmed.setdefault(run_id, set()).add(_change_identity(record, change))
-        if record.get("type") == "summary":
-            summarised.add(run_id)
+                self.confirmed.setdefault(run_id, set()).add(_change_identity(record, change))
+            if kind == "message" and run_id not in self.summarised:
+                self._count_message(entry, record)
+        elif kind == "summary":
+            self.summarised.add(run_id)
             entry.update(time=str(record.get("time", entry["time"])),
                          command=str(record.get("command", "run")),
                          folders=list(record.get("folders") or entry["folders"]),
                          counts=dict(record.get("counts") or {}),
                          changes_made=int(record.get("changes_made") or 0),
                          status=str(record.get("status", "complete")))
-        elif record.get("type") == "message" and record.get("applied") \
-                and run_id not in summarised:
-            if record.get("undo_of"):
-                entry["command"] = "undo"
-            if record.get("folder") not in entry["folders"]:
-                entry["folders"].append(record.get("folder"))
-            for change in record.get("changes") or []:
-                name = describe_change(change)
-                entry["counts"][name] = entry["counts"].get(name, 0) + 1
-                entry["changes_made"] += 1
-    for run_id, changes in intended.items():
-        # Sent (or about to be) but never confirmed: maybe made, so counted as made.  A
-        # done record without its message record (the process died before the step's
-        # end): made, counted here unless the run's summary counted it.
-        entry = runs[run_id]
-        for key, change in changes.items():
-            if key in confirmed.get(run_id, ()):
-                continue
-            if key in done.get(run_id, ()):
-                if run_id in summarised:
+
+    @staticmethod
+    def _count_message(entry: Dict[str, Any], record: Mapping[str, Any]) -> None:
+        if record.get("undo_of"):
+            entry["command"] = "undo"
+        if record.get("folder") not in entry["folders"]:
+            entry["folders"].append(record.get("folder"))
+        for change in record.get("changes") or []:
+            _HistoryLedger._count(entry, change)
+
+    @staticmethod
+    def _count(entry: Dict[str, Any], change: Mapping[str, Any]) -> None:
+        name = describe_change(change)
+        entry["counts"][name] = entry["counts"].get(name, 0) + 1
+        entry["changes_made"] += 1
+
+    def runs_newest_first(self) -> List[Dict[str, Any]]:
+        for run_id, changes in self.intended.items():
+            # Sent (or about to be) but never confirmed: maybe made, so counted as made.  A
+            # done record without its message record (the process died before the step's
+            # end): made, counted here unless the run's summary counted it.
+            entry = self.runs[run_id]
+            for key, change in changes.items():
+                if key in self.confirmed.get(run_id, ()):
                     continue
-                if key[0] not in entry["folders"]:
-                    entry["folders"].append(key[0])
-            else:
-                entry["maybe"] += 1
-            name = describe_change(change)
-            entry["counts"][name] = entry["counts"].get(name, 0) + 1
-            entry["changes_made"] += 1
-    for entry in runs.values():
-        made = creates[entry["run"]].outcome() if entry["run"] in creates else {}
-        entry["folders_created"] = sum(1 for value in made.values() if value is not False)
-        entry["folders_created_maybe"] = sum(1 for value in made.values() if value is None)
-    for entry in runs.values():
-        target = runs.get(entry["undo_of"] or "")
-        if target is not None and entry["status"] == "complete":
-            target["undone_by"] = entry["run"]     # an undo cut short may be run again
-    return sorted(runs.values(), key=lambda e: (e["time"], order[e["run"]]), reverse=True)
+                if key in self.done.get(run_id, ()):
+                    if run_id in self.summarised:
+                        continue
+                    if key[0] not in entry["folders"]:
+                        entry["folders"].append(key[0])
+                else:
+                    entry["maybe"] += 1
+                self._count(entry, change)
+        for entry in self.runs.values():
+            made = self.creates[entry["run"]].outcome() if entry["run"] in self.creates else {}
+            entry["folders_created"] = sum(1 for value in made.values() if value is not False)
+            entry["folders_created_maybe"] = sum(1 for value in made.values() if value is None)
+        for entry in self.runs.values():
+            target = self.runs.get(entry["undo_of"] or "")
+            if target is not None and entry["status"] == "complete":
+                target["undone_by"] = entry["run"]     # an undo cut short may be run again
+        return sorted(self.runs.values(), key=lambda e: (e["time"], self.order[e["run"]]),
+                      reverse=True)
 
 
 def _done_identity(record: Mapping[str, Any], uid: Any) -> Tuple[Any, ...]:
@@ -9351,6 +9365,24 @@ class Undo:
                  allow_expunge: bool = False,
                  on_record: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
         key = account_key(user, host, port)
+        self.undo_of = run_id = self._choose(store, key, run_id)
+        self.apply = apply
+        self.allow_expunge = allow_expunge
+        self._read(store, run_id)
+        self.deleted: List[str] = []
+        self.run = Run(store, Ruleset(()), user, host, port, apply=apply, command="undo",
+                       undo_of=run_id, daily_budget=None, on_record=on_record)
+        self.reversed = 0
+        self.left_alone = 0
+        self.unmade = 0                     # maybe changes found never made: nothing to do
+        # (folder, UID, X-GM-MSGID, UIDVALIDITY) of each message moved back
+        self.restored: List[Tuple[str, Optional[int], Any, Optional[int]]] = []
+        self.restored_count = 0             # messages runs with the same rules leave alone
+        self.expunge_surprises: List[str] = []   # folders a plain EXPUNGE surprised in
+
+    @staticmethod
+    def _choose(store: StateStore, key: str, run_id: Optional[str]) -> str:
+        """The run to undo: ``run_id``, or the newest applied run of ``key`` not undone."""
         runs = history(store)
         where = f"the audit log {store.audit.path}"
         if run_id is None:
@@ -9370,9 +9402,12 @@ class Undo:
                              f"not {key}; pass that account's --user and --host")
         if entry["undone_by"]:
             raise StateError(f"run {run_id} was already undone by {entry['undone_by']}")
-        self.undo_of = run_id
-        self.apply = apply
-        self.allow_expunge = allow_expunge
+        return run_id
+
+    def _read(self, store: StateStore, run_id: str) -> None:
+        """Gather the undone run's records: the messages it changed, its intents, what its
+        done and unsent records say, the folders it created and wrote to, and what an
+        earlier undo of it, cut short, already reversed or tried."""
         self.messages = []
         self.created: List[str] = []        # folders the run created, deleted if empty
         creates = _Creates()                # and those whose CREATE was never answered
@@ -9418,6 +9453,20 @@ class Undo:
                 for name in record.get("counts") or {}:
                     if name.startswith("move to "):
                         self.used.add(name[len("move to "):])
+        self._settle(intents, unsent, done)
+        # Folders: made by the run when a done record or the summary says so; announced
+        # but never answered (the process ended in between): maybe, deleted only when the
+        # server shows the folder never held a message (see _delete_created_folders).
+        made = creates.outcome()
+        self.created = [name for name, value in made.items() if value]
+        self.maybe_created: List[str] = [name for name, value in made.items() if value is None]
+        if reversed_before:
+            left = [dict(record, changes=[c for c in record["changes"] if self._change_key(
+                        record, c) not in reversed_before]) for record in self.messages]
+            self.messages = [record for record in left if record["changes"]]
+
+    def _settle(self, intents: List[Dict[str, Any]], unsent: set,
+                done: Dict[Tuple[Any, ...], Optional[int]]) -> None:
         # Intents never confirmed are "maybe" changes: each is checked on the server and
         # reversed only if it happened.  Those a done record confirmed (the process ended
         # before the step's message records) are made, with the new UID COPYUID gave.
@@ -9438,26 +9487,6 @@ class Undo:
             if maybe:
                 self.messages.append(dict(record, type="message", version=RECORD_VERSION,
                                           applied=True, changes=maybe, maybe=True))
-        # Folders: made by the run when a done record or the summary says so; announced
-        # but never answered (the process ended in between): maybe, deleted only when the
-        # server shows the folder never held a message (see _delete_created_folders).
-        made = creates.outcome()
-        self.created = [name for name, value in made.items() if value]
-        self.maybe_created: List[str] = [name for name, value in made.items() if value is None]
-        if reversed_before:
-            left = [dict(record, changes=[c for c in record["changes"] if self._change_key(
-                        record, c) not in reversed_before]) for record in self.messages]
-            self.messages = [record for record in left if record["changes"]]
-        self.deleted: List[str] = []
-        self.run = Run(store, Ruleset(()), user, host, port, apply=apply, command="undo",
-                       undo_of=run_id, daily_budget=None, on_record=on_record)
-        self.reversed = 0
-        self.left_alone = 0
-        self.unmade = 0                     # maybe changes found never made: nothing to do
-        # (folder, UID, X-GM-MSGID, UIDVALIDITY) of each message moved back
-        self.restored: List[Tuple[str, Optional[int], Any, Optional[int]]] = []
-        self.restored_count = 0             # messages runs with the same rules leave alone
-        self.expunge_surprises: List[str] = []   # folders a plain EXPUNGE surprised in
 
     # Each message's undo is worked out in ``_work``: index -> {"done": [...], "alone": [...]}.
 
@@ -9609,7 +9638,6 @@ class Undo:
     def _reverse(self, conn: GmailConnection, work: Dict[int, Dict[str, List[Any]]]) -> None:
         gone: set = set()
         unmoved: set = set()       # maybe moves that never happened, or already moved back
-        located: Dict[int, Tuple[str, Optional[int]]] = {}
         # 1. Mail the run moved (or trashed, or archived off Gmail) goes back first.
         by_place: Dict[str, List[int]] = {}
         for i, record in enumerate(self.messages):
@@ -9617,92 +9645,104 @@ class Undo:
             if place is not None:
                 by_place.setdefault(place[1]["folder"], []).append(i)
         for folder, indexes in by_place.items():
-            conn.stop.check(f"before looking in {folder}")     # safe points: see Stop
-            found = self._locate(conn, folder, indexes, lambda r: self._moved(r)[1].get("uid"),
-                                 lambda i: self._place_of(i, self._moved(self.messages[i])[2]))
-            for i in indexes:
-                if i not in found:
-                    if self.messages[i].get("maybe"):
-                        # Never moved: it is still where it was, with its other changes.
-                        unmoved.add(i)
-                        work[i]["unmade"].append(f"not in {folder}: the run ended before "
-                                                 f"moving it, so there is nothing to undo")
-                    elif self._tried(i, self._moved(self.messages[i])[2]):
-                        unmoved.add(i)          # back home: its other changes go on there
-                        work[i]["unmade"].append(f"not in {folder}: an earlier undo, cut "
-                                                 f"short, moved it back already")
-                    else:
-                        gone.add(i)
-                        work[i]["alone"].append(f"no longer in {folder} (nor found there by "
-                                                f"Message-ID, size and date); left as it is")
-            if not conn.is_gmail:
-                self._restore_flags(conn, found, work)
-            back: Dict[str, List[int]] = {}
-            for i, uid in found.items():
-                back.setdefault(self._moved(self.messages[i])[0]["folder"], []).append(i)
-            for destination, items in back.items():
-                self._intend(conn, [(i, _inverse_change(self._moved(self.messages[i])[2]))
-                                    for i in items])
-                stayed: Tuple[int, ...] = ()
-                if self.apply:
-                    conn.stop.check(f"before moving mail back to {destination}")
-                    result = conn.move([found[i] for i in items], destination,
-                                       allow_expunge=self.allow_expunge)
-                    moved = dict(result.moved)
-                    stayed = result.stayed
-                    if result.stayed or result.others_expunged:
-                        self.expunge_surprises.append(folder)
-                else:
-                    moved = {found[i]: None for i in items}
-                for i in items:
-                    if found[i] in stayed:
-                        # A checked plain EXPUNGE (no UIDPLUS) left it: another client
-                        # cleared its \Deleted flag, so it is in both folders now.
-                        work[i]["alone"].append(
-                            f"copied back to {destination}, but still in {folder} too: "
-                            f"another mail client cleared its \\Deleted flag before the "
-                            f"plain EXPUNGE; remove one of the two by hand")
-                        continue
-                    if found[i] not in moved:
-                        gone.add(i)
-                        work[i]["alone"].append(f"vanished from {folder} while moving it back")
-                        continue
-                    inverse = _inverse_change(self._moved(self.messages[i])[2])
-                    inverse["before"] = dict(inverse["before"], folder=folder, uid=found[i])
-                    work[i]["done"].append(inverse)
-                    located[i] = (destination, moved[found[i]])
-                    self.restored.append((destination, moved[found[i]],
-                                          self.messages[i].get("gm_msgid"),
-                                          self._moved(self.messages[i])[0].get("uidvalidity")))
+            self._move_back(conn, folder, indexes, work, gone, unmoved)
         # 2. Labels and flags where the message is now; off Gmail, copies made for labels.
         rest = [i for i in range(len(self.messages)) if i not in gone]
+        self._restore_in_place(conn, rest, unmoved, work)
+        if not conn.is_gmail:
+            self._delete_copies(conn, rest, work)
+
+    def _move_back(self, conn: GmailConnection, folder: str, indexes: List[int],
+                   work: Dict[int, Dict[str, List[Any]]], gone: set, unmoved: set) -> None:
+        """Find in ``folder`` the messages the run moved there, and move each back."""
+        conn.stop.check(f"before looking in {folder}")     # safe points: see Stop
+        found = self._locate(conn, folder, indexes, lambda r: self._moved(r)[1].get("uid"),
+                             lambda i: self._place_of(i, self._moved(self.messages[i])[2]))
+        for i in indexes:
+            if i not in found:
+                if self.messages[i].get("maybe"):
+                    # Never moved: it is still where it was, with its other changes.
+                    unmoved.add(i)
+                    work[i]["unmade"].append(f"not in {folder}: the run ended before "
+                                             f"moving it, so there is nothing to undo")
+                elif self._tried(i, self._moved(self.messages[i])[2]):
+                    unmoved.add(i)          # back home: its other changes go on there
+                    work[i]["unmade"].append(f"not in {folder}: an earlier undo, cut "
+                                             f"short, moved it back already")
+                else:
+                    gone.add(i)
+                    work[i]["alone"].append(f"no longer in {folder} (nor found there by "
+                                            f"Message-ID, size and date); left as it is")
+        if not conn.is_gmail:
+            self._restore_flags(conn, found, work)
+        back: Dict[str, List[int]] = {}
+        for i in found:
+            back.setdefault(self._moved(self.messages[i])[0]["folder"], []).append(i)
+        for destination, items in back.items():
+            self._move_back_to(conn, folder, destination, {i: found[i] for i in items},
+                               work, gone)
+
+    def _move_back_to(self, conn: GmailConnection, folder: str, destination: str,
+                      found: Dict[int, int], work: Dict[int, Dict[str, List[Any]]],
+                      gone: set) -> None:
+        """Move the ``found`` messages (index -> UID in ``folder``) back to ``destination``."""
+        self._intend(conn, [(i, _inverse_change(self._moved(self.messages[i])[2]))
+                            for i in found])
+        stayed: Tuple[int, ...] = ()
+        if self.apply:
+            conn.stop.check(f"before moving mail back to {destination}")
+            result = conn.move(list(found.values()), destination,
+                               allow_expunge=self.allow_expunge)
+            moved = dict(result.moved)
+            stayed = result.stayed
+            if result.stayed or result.others_expunged:
+                self.expunge_surprises.append(folder)
+        else:
+            moved = {uid: None for uid in found.values()}
+        for i, uid in found.items():
+            if uid in stayed:
+                # A checked plain EXPUNGE (no UIDPLUS) left it: another client
+                # cleared its \Deleted flag, so it is in both folders now.
+                work[i]["alone"].append(
+                    f"copied back to {destination}, but still in {folder} too: "
+                    f"another mail client cleared its \\Deleted flag before the "
+                    f"plain EXPUNGE; remove one of the two by hand")
+                continue
+            if uid not in moved:
+                gone.add(i)
+                work[i]["alone"].append(f"vanished from {folder} while moving it back")
+                continue
+            inverse = _inverse_change(self._moved(self.messages[i])[2])
+            inverse["before"] = dict(inverse["before"], folder=folder, uid=uid)
+            work[i]["done"].append(inverse)
+            self.restored.append((destination, moved[uid], self.messages[i].get("gm_msgid"),
+                                  self._moved(self.messages[i])[0].get("uidvalidity")))
+
+    def _restore_in_place(self, conn: GmailConnection, rest: List[int], unmoved: set,
+                          work: Dict[int, Dict[str, List[Any]]]) -> None:
+        """Labels and flags of the messages ``rest`` where each is now (on Gmail, All Mail)."""
+        groups: Dict[str, List[int]] = {}
         if conn.is_gmail:
             everywhere = conn.special_folder("\\All")
-            groups: Dict[str, List[int]] = {}
             for i in rest:
                 groups.setdefault(everywhere.name if everywhere else self.messages[i]["folder"],
                                   []).append(i)
-            for folder, indexes in groups.items():
-                conn.stop.check(f"before looking in {folder}")
-                found = self._locate(conn, folder, indexes, lambda r: None)
-                for i in indexes:
-                    if i not in found and self._flag_or_label(self.messages[i]):
-                        work[i]["alone"].append(f"not found in {folder}; left as it is")
-                self._restore_flags(conn, found, work)
         else:
-            groups = {}
             for i in rest:
                 if (self._moved(self.messages[i]) is None or i in unmoved) and \
                         any(c.get("flag") for c in self.messages[i]["changes"]):
                     groups.setdefault(self.messages[i]["folder"], []).append(i)
-            for folder, indexes in groups.items():
-                conn.stop.check(f"before looking in {folder}")
+        for folder, indexes in groups.items():
+            conn.stop.check(f"before looking in {folder}")
+            if conn.is_gmail:
+                found = self._locate(conn, folder, indexes, lambda r: None)
+            else:
                 found = self._locate(conn, folder, indexes, self._original_uid)
-                for i in indexes:
-                    if i not in found:
-                        work[i]["alone"].append(f"not found in {folder}; left as it is")
-                self._restore_flags(conn, found, work)
-            self._delete_copies(conn, rest, work)
+            for i in indexes:
+                if i not in found and (not conn.is_gmail or
+                                       self._flag_or_label(self.messages[i])):
+                    work[i]["alone"].append(f"not found in {folder}; left as it is")
+            self._restore_flags(conn, found, work)
 
     @staticmethod
     def _leaving(work: Mapping[int, Mapping[str, List[Any]]]) -> Dict[str, int]:
@@ -10687,6 +10727,26 @@ def _stdin_lines(stream: TextIO = sys.stdin) -> Callable[[float], Optional[str]]
     return read
 
 
+def _await_redirect(catcher: _RedirectCatcher, state: str, wait: float,
+                    read_pasted: Optional[Callable[[float], Optional[str]]]) -> _Redirect:
+    """The browser's redirect, caught by ``catcher`` or pasted, within ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        if catcher.done.wait(0 if read_pasted else min(0.2, max(0.0, deadline - time.monotonic()))):
+            if catcher.error is not None:
+                raise catcher.error
+            return catcher.result
+        if time.monotonic() >= deadline:
+            raise OAuthError(f"no answer from the browser within {wait:.0f} s; run auth "
+                             f"again (on a machine without a browser, paste the address "
+                             f"the browser ends on)", error="timeout")
+        if read_pasted is not None:
+            line = read_pasted(min(0.2, max(0.0, deadline - time.monotonic())))
+            redirect = None if line is None else _parse_pasted(line, state)
+            if redirect is not None:
+                return redirect
+
+
 def authorize(client: OAuthClient, user: str, *, port: int = 0,
               open_browser: Optional[Callable[[str], Any]] = webbrowser.open,
               read_pasted: Optional[Callable[[float], Optional[str]]] = None,
@@ -10733,27 +10793,11 @@ def authorize(client: OAuthClient, user: str, *, port: int = 0,
                 open_browser(url)
             except Exception as exc:  # a broken browser setup must not end the sign-in
                 log.info("could not open a browser (%s); use the address shown", exc)
-        redirect = None
-        deadline = time.monotonic() + wait
-        while redirect is None:
-            if catcher.done.wait(0 if read_pasted else min(0.2, max(0.0, deadline - time.monotonic()))):
-                if catcher.error is not None:
-                    raise catcher.error
-                redirect = catcher.result
-                break
-            if time.monotonic() >= deadline:
-                raise OAuthError(f"no answer from the browser within {wait:.0f} s; run auth "
-                                 f"again (on a machine without a browser, paste the address "
-                                 f"the browser ends on)", error="timeout")
-            if read_pasted is not None:
-                line = read_pasted(min(0.2, max(0.0, deadline - time.monotonic())))
-                if line is not None:
-                    redirect = _parse_pasted(line, state)
+        redirect = _await_redirect(catcher, state, wait, read_pasted)
     finally:
         catcher.shutdown()
         catcher.server_close()
         thread.join(5)
-    assert redirect is not None
     answer = _token_request(token_endpoint, {
         "grant_type": "authorization_code", "code": redirect.code,
         "code_verifier": verifier, "redirect_uri": redirect_uri,
@@ -11016,23 +11060,10 @@ def _one_or_list(items: List[str]) -> Any:
     return items[0] if len(items) == 1 else items
 
 
-def _convert_filter(number: int, props: List[Tuple[str, str]]
-                    ) -> Tuple[Optional[Dict[str, Any]], List[str], List[str]]:
-    """One filter's properties -> (rule or None, comment lines, notes)."""
-    notes: List[str] = []
-    values: Dict[str, str] = {}
-    for name, value in props:
-        if name in values and values[name] != value:
-            notes.append(f"filter {number}: skipped: property {name} given twice")
-            return None, [], notes
-        values[name] = value
-    unknown = [n for n in values if n not in _FILTER_CRITERIA and n not in _FILTER_ACTIONS
-               and n not in _FILTER_UNMAPPED and n != "label"]
-    if unknown:
-        notes.append(f"filter {number}: skipped: unknown property {', '.join(unknown)}; left out "
-                     f"whole so that it never acts on more mail than it does in Gmail")
-        return None, [], notes
-
+def _filter_criteria(number: int, values: Mapping[str, str], notes: List[str]
+                     ) -> Optional[Tuple[List[str], Dict[str, Any], bool]]:
+    """A filter's criteria -> (Gmail query terms, the same as local conditions, whether
+    those say exactly what the query does), or None (noted) when it cannot be used."""
     def text(name: str) -> str:   # a line break in a query is only whitespace
         return " ".join(values.get(name, "").split())
 
@@ -11075,13 +11106,18 @@ def _convert_filter(number: int, props: List[Tuple[str, str]]
             notes.append(f"filter {number}: skipped: size {size!r} with sizeOperator "
                          f"{values.get('sizeOperator')!r}, sizeUnit {values.get('sizeUnit')!r} "
                          f"is not understood")
-            return None, [], notes
+            return None
         query.append(f"{operator}:{size}{suffix}")
         local["larger_than" if operator == "larger" else "smaller_than"] = f"{size}{suffix}"
     if not query:
         notes.append(f"filter {number}: skipped: no criteria")
-        return None, [], notes
+        return None
+    return query, local, exact
 
+
+def _filter_actions(number: int, values: Mapping[str, str], notes: List[str]
+                    ) -> Optional[Dict[str, Any]]:
+    """A filter's actions as rule keys, or None (noted) when none can be done."""
     actions: Dict[str, Any] = {}
     label = values.get("label", "")
     if label.strip():
@@ -11099,8 +11135,32 @@ def _convert_filter(number: int, props: List[Tuple[str, str]]
             notes.append(f"filter {number}: left out {name} ({why})")
     if not actions:
         notes.append(f"filter {number}: skipped: none of its actions can be done over IMAP")
+        return None
+    return actions
+
+
+def _convert_filter(number: int, props: List[Tuple[str, str]]
+                    ) -> Tuple[Optional[Dict[str, Any]], List[str], List[str]]:
+    """One filter's properties -> (rule or None, comment lines, notes)."""
+    notes: List[str] = []
+    values: Dict[str, str] = {}
+    for name, value in props:
+        if name in values and values[name] != value:
+            notes.append(f"filter {number}: skipped: property {name} given twice")
+            return None, [], notes
+        values[name] = value
+    unknown = [n for n in values if n not in _FILTER_CRITERIA and n not in _FILTER_ACTIONS
+               and n not in _FILTER_UNMAPPED and n != "label"]
+    if unknown:
+        notes.append(f"filter {number}: skipped: unknown property {', '.join(unknown)}; left out "
+                     f"whole so that it never acts on more mail than it does in Gmail")
         return None, [], notes
 
+    criteria = _filter_criteria(number, values, notes)
+    actions = _filter_actions(number, values, notes) if criteria else None
+    if not criteria or not actions:
+        return None, [], notes
+    query, local, exact = criteria
     rule: Dict[str, Any] = {"name": f"Gmail filter {number}", "gmail_query": " ".join(query)}
     if exact and local:
         rule.update(local)

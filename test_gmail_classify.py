@@ -2498,12 +2498,14 @@ class FakeGmail:
                  users: Optional[Dict[str, str]] = None, tokens: Optional[Dict[str, str]] = None,
                  kind: Optional[str] = None, special_use: bool = True, prefix: str = "",
                  delimiter: str = "/", folders: Optional[Sequence[Tuple[str, str]]] = None,
-                 quirks: Iterable[str] = ()) -> None:
+                 quirks: Iterable[str] = (), handler: Optional[type] = None) -> None:
         """Options as named; ``kind`` (a key of SERVER_KINDS) sets several at once, and
         options given beside it with a non-default value override its row (``kind="move",
         delimiter="."``); ``quirks`` are keys of FAKE_QUIRKS;
         ``folders`` replaces the plain-mode folders as (name, special-use) pairs; ``prefix``
-        and ``delimiter`` are the personal namespace (plain mode)."""
+        and ``delimiter`` are the personal namespace (plain mode); ``handler`` a subclass
+        of _Session that changes one behaviour for one test (see ``use_handler``)."""
+        self.handler = handler or _Session
         if kind is not None:
             if kind not in SERVER_KINDS:
                 raise ValueError("kind must be one of %s" % ", ".join(SERVER_KINDS))
@@ -2577,7 +2579,7 @@ class FakeGmail:
         """Listen on 127.0.0.1:<ephemeral> and serve in a daemon thread; returns self."""
         if self.tls or self.starttls:
             self._ssl_context = _server_context(self.cert)
-        self._server = _TCPServer(("127.0.0.1", 0), _Session)
+        self._server = _TCPServer(("127.0.0.1", 0), self.handler)
         self._server.fake = self
         self.host, self.port = self._server.server_address[:2]
         self._wake_r, self._wake_w = socket.socketpair()
@@ -2586,6 +2588,13 @@ class FakeGmail:
                                         name="FakeGmail:%d" % self.port, daemon=True)
         self._thread.start()
         return self
+
+    def use_handler(self, handler: type) -> None:
+        """Serve the connections from now on with ``handler``, a _Session subclass written
+        for one test (test_imaplib's way), instead of patching _Session for everyone."""
+        self.handler = handler
+        if self._server is not None:
+            self._server.RequestHandlerClass = handler
 
     def _serve(self, server: "_TCPServer", wake: socket.socket) -> None:
         """Accept until stop() writes to ``wake``: no polling, so a stop never waits for a
@@ -12240,17 +12249,17 @@ class CredentialSafetyTest(FakeServerTest):
 
     def test_non_ascii_credentials_go_as_literals_without_auth_plain(self):
         self.server.users["jörg@example.com"] = "pässwörd"
-        original = _Session._capabilities
 
-        def without_plain(session, authenticated=None):
-            return [c for c in original(session, authenticated) if c != "AUTH=PLAIN"]
+        class WithoutPlain(_Session):
+            def _capabilities(self, authenticated=None):
+                return [c for c in super()._capabilities(authenticated) if c != "AUTH=PLAIN"]
 
-        with mock.patch.object(_Session, "_capabilities", without_plain):
-            conn = gc.GmailConnection("jörg@example.com", password="pässwörd",
-                                      host="127.0.0.1", port=self.server.port,
-                                      security="plaintext", keepalive=None)
-            conn.connect()
-            self.addCleanup(conn.close)
+        self.server.use_handler(WithoutPlain)
+        conn = gc.GmailConnection("jörg@example.com", password="pässwörd",
+                                  host="127.0.0.1", port=self.server.port,
+                                  security="plaintext", keepalive=None)
+        conn.connect()
+        self.addCleanup(conn.close)
         login = [e.line for e in self.server.log if e.command == "LOGIN"][0]
         self.assertIn(b"LOGIN {17}\r\nj\xc3\xb6rg@example.com {10}\r\np\xc3\xa4ssw\xc3\xb6rd\r\n",
                       login)
@@ -12262,14 +12271,13 @@ class CredentialSafetyTest(FakeServerTest):
         self.assertTrue(line.endswith(b" AUTHENTICATE XOAUTH2 " + initial + b"\r\n"), line)
 
     def test_xoauth2_waits_for_the_continuation_without_sasl_ir(self):
-        original = _Session._capabilities
-
-        def without_ir(session, authenticated=None):
-            return [c for c in original(session, authenticated) if c != "SASL-IR"]
+        class WithoutSaslIr(_Session):
+            def _capabilities(self, authenticated=None):
+                return [c for c in super()._capabilities(authenticated) if c != "SASL-IR"]
 
         initial = base64.b64encode(f"user={USER}\x01auth=Bearer {TOKEN}\x01\x01".encode())
-        with mock.patch.object(_Session, "_capabilities", without_ir):
-            self.connect(token=TOKEN)
+        self.server.use_handler(WithoutSaslIr)
+        self.connect(token=TOKEN)
         line = [e.line for e in self.server.log if e.command == "AUTHENTICATE"][0]
         self.assertTrue(line.endswith(b" AUTHENTICATE XOAUTH2\r\n"), line)
         self.assertIn(initial + b"\r\n", self.server.raw_lines)
@@ -12304,16 +12312,13 @@ class CredentialSafetyTest(FakeServerTest):
         self.assertNotIsInstance(ctx.exception, gc.AuthenticationError)
 
     def test_a_preauth_greeting_is_refused_without_sending_the_password(self):
-        original = _Session.handle
+        class Preauth(_Session):
+            def _send(self, data):
+                super()._send(data.replace(b"* OK Gimap ready", b"* PREAUTH Gimap ready"))
 
-        def preauth(session):
-            session._send = lambda data, send=session._send: send(
-                data.replace(b"* OK Gimap ready", b"* PREAUTH Gimap ready"))
-            original(session)
-
-        with mock.patch.object(_Session, "handle", preauth):
-            with self.assertRaises(gc.AuthenticationError) as ctx:
-                self.connect(retries=0)
+        self.server.use_handler(Preauth)
+        with self.assertRaises(gc.AuthenticationError) as ctx:
+            self.connect(retries=0)
         self.assertIn("PREAUTH", str(ctx.exception))
         self.assertFalse(any(PASSWORD.encode() in line for line in self.server.raw_lines))
 
@@ -12998,16 +13003,14 @@ class LineLimitTest(FakeServerTest):
         self.assertEqual(conn.reconnects, 1)
 
     def test_a_flood_while_imaplib_reads_the_greeting_ends_the_connection(self):
-        original = _Session.handle
+        class FloodedGreeting(_Session):
+            def _send(self, data):
+                super()._send(data + b"* OK flood\r\n" * 1500
+                              if data.startswith(b"* OK Gimap") else data)
 
-        def flood(session):
-            session._send = lambda data, send=session._send: send(
-                data + b"* OK flood\r\n" * 1500 if data.startswith(b"* OK Gimap") else data)
-            original(session)
-
-        with mock.patch.object(_Session, "handle", flood):
-            with self.assertRaisesRegex(gc.ProtocolError, "far more lines"):
-                self.connect(retries=0)
+        self.server.use_handler(FloodedGreeting)
+        with self.assertRaisesRegex(gc.ProtocolError, "far more lines"):
+            self.connect(retries=0)
         self.assertNotIn("LOGIN", self.commands())
 
 
@@ -14155,16 +14158,20 @@ class ServerNumbersTest(AnyServerTest):
                                  ["EXAMINE", "UID SEARCH", "SELECT", "LOGOUT"])
 
     def test_a_select_without_uidvalidity_leaves_no_folder_to_close(self):
+        class WithoutUidvalidity(_Session):
+            drop = False            # from the SELECT on, no UIDVALIDITY in any answer
+
+            def _u(self, line):
+                if not (self.drop and "UIDVALIDITY" in str(line)):
+                    super()._u(line)
+
         server = self.serve("neither")
+        server.use_handler(WithoutUidvalidity)
         conn = self.connect()
         conn.examine("INBOX")
-        queue = _Session._u
-        def without_uidvalidity(session, line):
-            if "UIDVALIDITY" not in str(line):
-                queue(session, line)
-        with mock.patch.object(_Session, "_u", without_uidvalidity):
-            with self.assertRaises(gc.ProtocolError) as ctx:
-                conn.select("INBOX")
+        WithoutUidvalidity.drop = True
+        with self.assertRaises(gc.ProtocolError) as ctx:
+            conn.select("INBOX")
         self.assertIn("did not report UIDVALIDITY", str(ctx.exception))
         conn.close()
         self.assertNotIn("CLOSE", self.commands())

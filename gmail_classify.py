@@ -9409,8 +9409,7 @@ class Undo:
         done and unsent records say, the folders it created and wrote to, and what an
         earlier undo of it, cut short, already reversed or tried."""
         self.messages = []
-        self.created: List[str] = []        # folders the run created, deleted if empty
-        creates = _Creates()                # and those whose CREATE was never answered
+        creates = _Creates()                # the folders the run created (or maybe did)
         done: Dict[Tuple[Any, ...], Optional[int]] = {}   # confirmed change -> new UID
         self.used: set = set()              # folders the run wrote to, by its own records
         self.intents: Dict[Tuple[Any, Any], Dict[str, Any]] = {}   # (folder, uid) -> intent
@@ -9457,8 +9456,8 @@ class Undo:
         # Folders: made by the run when a done record or the summary says so; announced
         # but never answered (the process ended in between): maybe, deleted only when the
         # server shows the folder never held a message (see _delete_created_folders).
-        made = creates.outcome()
-        self.created = [name for name, value in made.items() if value]
+        made = creates.outcome()            # those it created are deleted if empty
+        self.created: List[str] = [name for name, value in made.items() if value]
         self.maybe_created: List[str] = [name for name, value in made.items() if value is None]
         if reversed_before:
             left = [dict(record, changes=[c for c in record["changes"] if self._change_key(

@@ -9751,6 +9751,25 @@ class UndoTest(StateTestCase):
         with self.assertRaises(gc.StateError):
             self.undo()                                   # nothing left to undo
 
+    def test_a_log_from_before_the_write_ahead_records_is_still_undone(self):
+        # Version 1 logs hold message and summary records only: no intent, done or unsent.
+        seed_mailbox(self.server, 9)
+        before = mailbox_snapshot(self.server)
+        run = self.run_once()
+        self.assertGreater(run.changes_made, 0)
+        path = os.path.join(self.state_dir, "audit.jsonl")
+        with open(path, encoding="utf-8") as handle:
+            kept = [line for line in handle
+                    if json.loads(line)["type"] not in ("intent", "done", "unsent")]
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.writelines(kept)
+        undo = self.undo()
+        self.assertEqual((undo.reversed, undo.left_alone), (run.changes_made, 0))
+        self.assertEqual(mailbox_snapshot(self.server), before)
+        self.assertGreater(undo.restored_count, 0)
+        again = self.run_once()                 # the same rules leave the restored mail alone
+        self.assertEqual(again.changes_made, 0)
+
     def test_changes_made_since_are_reported_and_left_alone(self):
         receipt = self.server.add_message(make_message("receipt 1"))
         news = self.server.add_message(make_message("news", extra="List-Unsubscribe: <x>\n"))

@@ -9763,9 +9763,17 @@ class UndoTest(StateTestCase):
                     if json.loads(line)["type"] not in ("intent", "done", "unsent")]
         with open(path, "w", encoding="utf-8") as handle:
             handle.writelines(kept)
-        undo = self.undo()
-        self.assertEqual((undo.reversed, undo.left_alone), (run.changes_made, 0))
-        self.assertEqual(mailbox_snapshot(self.server), before)
+        records: list = []
+        undo = self.undo(records=records)
+        self.assertEqual(undo.reversed + undo.left_alone, run.changes_made)
+        if self.server.gmail:
+            self.assertEqual(undo.left_alone, 0)
+            self.assertEqual(mailbox_snapshot(self.server), before)
+        else:   # which copy stood for a label, only the intents' UIDVALIDITY can tell
+            alone = [why for r in records for why in r["left_alone"]]
+            self.assertEqual(len(alone), undo.left_alone)
+            self.assertTrue(alone and all("written by an older version" in why
+                                          for why in alone), alone)
         self.assertGreater(undo.restored_count, 0)
         again = self.run_once()                 # the same rules leave the restored mail alone
         self.assertEqual(again.changes_made, 0)

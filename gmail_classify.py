@@ -104,6 +104,7 @@ import argparse
 import base64
 import binascii
 import calendar
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as _dt
@@ -3405,6 +3406,11 @@ class MessageInfo:
     has_attachment: Optional[bool] = None
     body: Optional[str] = None  # decoded text prefix (plain, or HTML stripped to text)
     queries: Optional[frozenset] = None  # gmail_query strings this message matched; None = cannot know
+    source: Optional[bytes] = None  # the bytes fetched for the body (header block included)
+    folder: str = ""  # the folder it was read from, as the rules name it
+    # The answers of the rules' programs (ProgramCondition -> its answer), kept across
+    # dataclasses.replace(): each program runs once per message.
+    programs: Dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 # A header block made only of well-formed fields (name, colon, value, folded lines) and
@@ -4168,7 +4174,7 @@ def message_info_from_bytes(raw: bytes) -> MessageInfo:
     except Exception:
         has_attachment = False
     return MessageInfo(headers=headers, size=len(raw), date=_header_date(headers),
-                       has_attachment=has_attachment, body=body_text(raw))
+                       has_attachment=has_attachment, body=body_text(raw), source=raw)
 
 
 # Google Takeout writes the labels of each message into one header,
@@ -4419,6 +4425,7 @@ class Needs:
     size: bool = False
     date: bool = False
     queries: frozenset = frozenset()  # gmail_query strings, to run with X-GM-RAW
+    whole: frozenset = frozenset()  # program_max_size of programs that read whole messages
 
     @classmethod
     def merge(cls, parts: Iterable[Needs]) -> Needs:
@@ -4460,6 +4467,7 @@ class Condition:
     """
 
     cost = 0   # flags, sizes and dates are free; a header decode 1-2; the body a second fetch 3
+    options: Tuple[str, ...] = ()   # keys beside it in the same table that tune it (program_*)
 
     # Rules are immutable, so each description is built once (a message that does not
     # match returns one, and classify() sees thousands of those) and kept on the rule.
@@ -5034,6 +5042,244 @@ class _PythonKind:
         return PythonCondition(key, self.function, read.boolean(value), self.fetch, self.cost)
 
 
+# A program as a condition (`program = ["bogofilter", "-e"]`): the message goes to its
+# standard input; exit 0 is a match, 1 no match, and anything else (another status, a
+# signal, no answer within program_timeout, no such program) fails closed: the message is
+# skipped for this run (incomplete, exit 6), never taken for a match or a non-match.  The
+# keys beside it in the same table tune it (Condition.options).  Programs run only after the
+# trust check (program_trust_problem): a file someone else can change must not choose what
+# runs.  The pipeline runs them ahead of classify(), across a batch's messages at once
+# (run_programs); anything else (test, a vendoring script) runs them one at a time.
+PROGRAM_INPUTS = ("headers", "message")   # the header block and body prefix / the whole message
+DEFAULT_PROGRAM_MAX_SIZE = 1024 * 1024    # bytes: a larger message is skipped for its content
+DEFAULT_PROGRAM_TIMEOUT = 10.0            # seconds
+DEFAULT_PROGRAM_PATH = "/usr/bin:/bin"    # the programs' PATH
+_PROGRAM_ENV_MAX = 1024                   # bytes per GMAIL_CLASSIFY_* variable (a sender's text)
+_PROGRAM_LABEL_MAX = 255                  # characters of the first line read as a label
+_program_planning = threading.local()     # .on: evaluate() asks (raises _ProgramWanted) not runs
+
+
+class ProgramError(GmailClassifyError):
+    """A rule's program failed on a message (a status other than 0 or 1, a signal, a
+    timeout, cannot be started): the message is skipped for this run, never classified."""
+    exit_code = EXIT_INCOMPLETE
+
+
+class _ProgramWanted(Exception):
+    """Raised by ProgramCondition.evaluate while run_programs plans: this program's answer
+    on this message is what the rules need next."""
+
+    def __init__(self, condition: "ProgramCondition") -> None:
+        super().__init__(condition.describe())
+        self.condition = condition
+
+
+@dataclass(frozen=True)
+class _ProgramAnswer:
+    """What one program said of one message: ``matched`` None when it failed (``why``);
+    ``too_large`` when the message was never given to it."""
+
+    matched: Optional[bool]
+    label: Optional[str] = None
+    why: str = ""
+    too_large: bool = False
+    not_run: bool = False       # check and demo without --run-programs: unknown, no match
+
+
+_NOT_RUN = _ProgramAnswer(None, why="not run", not_run=True)
+
+
+def _env_value(values: Sequence[str]) -> str:
+    """A header's text for a program's environment: printable, at most 1 KiB of UTF-8."""
+    text = printable(" ".join(values)).replace("\0", "")
+    data = text.encode("utf-8")[:_PROGRAM_ENV_MAX]
+    return data.decode("utf-8", "ignore")
+
+
+def clean_label(text: str, separator: Optional[str] = "/") -> str:
+    """A label a program printed, made safe: each ``/``-separated part cleaned as a
+    templated destination's part (clean_component) but keeping its case; "" when nothing
+    is left.  ``clean_label("Spam/../Evil Corp") == "Spam/EvilCorp"``."""
+    parts = []
+    for part in text.split("/"):
+        cleaned = clean_component(part, separator, keep_case=True)
+        if part.strip() and cleaned != "unknown":
+            parts.append(cleaned)
+    return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class ProgramCondition(Condition):
+    """`program = ["cmd", "arg", ...]`: the message on the program's stdin; exit 0 holds.
+
+    ``input`` "headers" gives the header block and the body prefix the rules fetch,
+    "message" the whole message (at most ``max_size`` bytes: a larger one is skipped for
+    its content).  With ``label_from`` the first line of the program's output, cleaned
+    (clean_label), is added as a label when the rule matches.  ``source`` is the rules
+    file (a relative program path is read from its directory)."""
+
+    argv: Tuple[str, ...]
+    input: str = "headers"
+    max_size: int = DEFAULT_PROGRAM_MAX_SIZE
+    timeout: float = DEFAULT_PROGRAM_TIMEOUT
+    path: str = DEFAULT_PROGRAM_PATH
+    label_from: bool = False
+    source: str = ""
+
+    cost = 5        # a process per message: after everything else
+    options = ("program_input", "program_max_size", "program_timeout", "program_path",
+               "label_from")
+
+    @classmethod
+    def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
+        if not isinstance(value, list) or not value:
+            raise read.error('expected a list of strings, the program and its arguments '
+                             f'(never a shell line), e.g. ["bogofilter", "-e"], got {_quote(value)}')
+        argv = tuple(read.at(f"[{i}]").text(item) for i, item in enumerate(value, 1))
+        settings: Dict[str, Any] = {}
+        where, found = read.option("program_input")
+        if where is not None and found not in PROGRAM_INPUTS:
+            raise where.error(f"expected {' or '.join(map(_quote, PROGRAM_INPUTS))}, got {_quote(found)}")
+        settings["input"] = found or "headers"
+        where, found = read.option("program_max_size")
+        if where is not None:
+            settings["max_size"] = where.size(found)[0]
+        where, found = read.option("program_timeout")
+        if where is not None:
+            if isinstance(found, bool) or not isinstance(found, (int, float)) \
+                    or not 0 < found <= 3600:
+                raise where.error(f"expected seconds, more than 0 and at most 3600, got {_quote(found)}")
+            settings["timeout"] = float(found)
+        where, found = read.option("program_path")
+        if where is not None:
+            settings["path"] = where.text(found, "a PATH such as \"/usr/local/bin:/usr/bin:/bin\"")
+        where, found = read.option("label_from")
+        if where is not None:
+            if found != "program":
+                raise where.error(f'expected "program" (the first line the program prints is '
+                                  f'the label), got {_quote(found)}')
+            settings["label_from"] = True
+        return cls(argv, source=read.where.source, **settings)
+
+    def name(self) -> str:
+        return os.path.basename(self.argv[0])
+
+    def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
+        answer = msg.programs.get(self)
+        if answer is None:
+            if msg.source is None and msg.body is None:
+                return None, self.describe()      # its input is not fetched yet
+            if getattr(_program_planning, "on", False):
+                raise _ProgramWanted(self)
+            answer = msg.programs[self] = self.run(msg)
+        if answer.not_run:
+            return None, f"{self.describe()}: not run (--run-programs runs it)"
+        if answer.too_large:
+            raise ContentSkip(f"larger than program_max_size ({_human_size(self.max_size)}) "
+                              f"for program {self.name()}")
+        if answer.matched is None:
+            raise ProgramError(f"program {self.name()} {answer.why}")
+        if answer.matched:
+            said = f" (label {_quote(answer.label)})" if answer.label else ""
+            return True, f"program {self.name()} said yes{said}"
+        return False, self.describe()
+
+    def explain(self, msg: MessageInfo, now: datetime) -> Verdict:
+        value, reason = self.evaluate(msg, now)
+        return value, reason if value else f"program {self.name()}: said no"
+
+    def needs(self) -> Needs:
+        if self.input == "message":
+            return Needs(headers=frozenset(), body=True, size=True, whole=frozenset({self.max_size}))
+        return Needs(headers=frozenset(), body=True)
+
+    def describe(self) -> str:
+        return "program " + " ".join(shlex.quote(arg) for arg in self.argv)
+
+    def executable(self) -> Optional[str]:
+        """The program's file: a name is looked up in ``path``; a relative path is read
+        from the rules file's directory.  None when there is no such program."""
+        name = self.argv[0]
+        if os.sep not in name:
+            return shutil.which(name, path=self.path)
+        if not os.path.isabs(name):
+            name = os.path.join(os.path.dirname(os.path.abspath(self.source)), name)
+        return name if os.path.isfile(name) and os.access(name, os.X_OK) else None
+
+    def input_bytes(self, msg: MessageInfo) -> bytes:
+        """What the program reads: the bytes fetched (offline: the message, or one made
+        of its headers and body)."""
+        data = msg.source
+        if data is None:
+            try:
+                head = bytes(msg.headers)
+            except Exception:   # a header the generator refuses: the body alone, then
+                head = b"\n"
+            data = head + (msg.body or "").encode("utf-8")
+        return data if self.input == "message" else data[:BODY_PREFIX_BYTES]
+
+    def environment(self, msg: MessageInfo) -> Dict[str, str]:
+        """The program's whole environment: small and fixed, no credentials."""
+        env = {"PATH": self.path, "HOME": os.path.expanduser("~"), "LANG": "C.UTF-8"}
+        for name, header in (("FROM", "from"), ("SUBJECT", "subject"),
+                             ("MESSAGE_ID", "message-id")):
+            env[f"GMAIL_CLASSIFY_{name}"] = _env_value(header_text(msg.headers, header))
+        env["GMAIL_CLASSIFY_FOLDER"] = _env_value([msg.folder])
+        env["GMAIL_CLASSIFY_UID"] = str(msg.uid)
+        return env
+
+    def run(self, msg: MessageInfo) -> _ProgramAnswer:
+        """Run the program on ``msg`` (after the trust check, once per condition); never
+        raises for the program's own failures (they are in the answer)."""
+        problem = self.__dict__.get("_trust")
+        if problem is None:
+            # (program_trust_problem is in Rules files: loading, beside trust_problem)
+            problem = self.__dict__["_trust"] = program_trust_problem(self) or ""
+        if problem:
+            raise RulesError(problem)
+        size = msg.size if msg.size is not None else len(msg.source or b"")
+        if self.input == "message" and (size > self.max_size or
+                                        len(msg.source or b"") > self.max_size):
+            return _ProgramAnswer(None, too_large=True)
+        program = self.executable()
+        if program is None:
+            return _ProgramAnswer(None, why=f"cannot be started: no such program in "
+                                            f"{self.path if os.sep not in self.argv[0] else 'that place'}")
+        try:
+            done = subprocess.run((program,) + self.argv[1:], input=self.input_bytes(msg),
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  env=self.environment(msg), timeout=self.timeout,
+                                  close_fds=True)
+        except subprocess.TimeoutExpired:
+            return _ProgramAnswer(None, why=f"gave no answer within {self.timeout:g} s")
+        except OSError as exc:
+            return _ProgramAnswer(None, why=f"cannot be started: {exc.strerror or exc}")
+        if done.returncode < 0:
+            return _ProgramAnswer(None, why=f"was killed by signal {-done.returncode}")
+        if done.returncode not in (0, 1):
+            return _ProgramAnswer(None, why=f"exited with status {done.returncode}")
+        if done.returncode == 1:
+            return _ProgramAnswer(False)
+        label = None
+        if self.label_from:
+            first = done.stdout.decode("utf-8", "replace").split("\n", 1)[0]
+            label = clean_label(first[:_PROGRAM_LABEL_MAX].strip()) or None
+            if label is None:
+                return _ProgramAnswer(None, why="said yes but printed no label")
+        return _ProgramAnswer(True, label)
+
+
+def _program_labels(condition: Condition, msg: MessageInfo) -> Tuple[str, ...]:
+    """The labels the label_from programs of a matching rule printed for ``msg``."""
+    labels = []
+    for cond in _walk(condition):
+        if isinstance(cond, ProgramCondition) and cond.label_from:
+            answer = msg.programs.get(cond)
+            if answer is not None and answer.matched and answer.label:
+                labels.append(answer.label)
+    return tuple(labels)
+
+
 # The condition kinds: rules-file key -> the class that reads it (Condition.from_rules).
 # A new kind is one Condition subclass above and one row here (from outside the file:
 # Ruleset.add_condition); validation, CONDITION_KEYS, Ruleset.needs and the cost order
@@ -5045,7 +5291,7 @@ _CONDITION_KINDS: Dict[str, Any] = {
     "larger_than": SizeCompare, "smaller_than": SizeCompare,
     "older_than": AgeCompare, "newer_than": AgeCompare,
     "has_attachment": StateIs, "unread": StateIs, "starred": StateIs,
-    "has_label": HasLabel, "gmail_query": GmailQuery,
+    "has_label": HasLabel, "gmail_query": GmailQuery, "program": ProgramCondition,
 }
 
 
@@ -5113,20 +5359,22 @@ def split_template(text: str) -> Tuple[Tuple[bool, str], ...]:
     return tuple(pieces)
 
 
-def clean_component(value: str, separator: Optional[str] = "/") -> str:
+def clean_component(value: str, separator: Optional[str] = "/", keep_case: bool = False) -> str:
     """One folder-name component made safe from text a sender chose.
 
     Returns lower case with only a-z, 0-9, '-' and '.', no leading/trailing dot or
     dash, no '..', at most 63 characters, never the hierarchy ``separator``;
     "unknown" when nothing is left. Example: "EVIL.com/../INBOX" -> "evil.com.inbox".
-    International domains become their xn-- (IDNA) form.
+    International domains become their xn-- (IDNA) form.  ``keep_case``: letters keep
+    their case (A-Z too), for a label a program chose.
     """
-    text = unicodedata.normalize("NFKC", value).strip().lower()
+    text = unicodedata.normalize("NFKC", value).strip()
+    text = text if keep_case else text.lower()
     try:
         text = text.encode("idna").decode("ascii")
     except (UnicodeError, ValueError):
         pass
-    text = re.sub(r"[^a-z0-9.-]+", "", text)
+    text = re.sub(r"[^A-Za-z0-9.-]+" if keep_case else r"[^a-z0-9.-]+", "", text)
     if separator and separator not in ("-",):
         text = text.replace(separator, "-")
     text = re.sub(r"\.{2,}", ".", text)
@@ -5430,6 +5678,9 @@ class Ruleset:
                 if value:
                     matches.append((rule.name, reason))
                     actions = actions.merged(rule.actions)
+                    printed = _program_labels(rule.condition, msg) if msg.programs else ()
+                    if printed:
+                        actions = actions.merged(Actions(labels=printed))
                     if not rule.continue_:
                         break
         finally:
@@ -5447,8 +5698,16 @@ def _action_keys() -> Tuple[str, ...]:
     return ("label", "move", "archive") + tuple(_FLAG_ACTION_ROWS) + ("trash",)
 
 
+def _option_keys() -> Tuple[str, ...]:
+    """The keys that tune a condition beside it (Condition.options), e.g. program_timeout."""
+    keys: List[str] = []
+    for kind in _CONDITION_KINDS.values():
+        keys.extend(key for key in getattr(kind, "options", ()) if key not in keys)
+    return tuple(keys)
+
+
 def _rule_keys() -> Tuple[str, ...]:
-    return ("name", "continue") + _condition_keys() + _action_keys()
+    return ("name", "continue") + _condition_keys() + _action_keys() + _option_keys()
 
 
 # The built-in keys, from the tables in the Rule engine (validation reads the tables
@@ -5604,8 +5863,16 @@ class _ConditionReader:
     """What Condition.from_rules reads a value with: the checks every key shares, each
     raising RulesError that names the file, the rule and the key (``path``)."""
 
-    def __init__(self, where: _Where, path: str) -> None:
-        self.where, self.path = where, path
+    def __init__(self, where: _Where, path: str, table: Optional[Mapping[str, Any]] = None) -> None:
+        self.where, self.path, self.siblings = where, path, table or {}
+
+    def option(self, name: str) -> Tuple[Optional[_ConditionReader], Any]:
+        """(a reader for it, its value) for the key ``name`` beside this one in the same
+        table (one of the kind's ``options``); (None, None) when it is not there."""
+        if name not in self.siblings:
+            return None, None
+        parent = self.path.rpartition(".")[0]
+        return _ConditionReader(self.where, f"{parent}.{name}" if parent else name), self.siblings[name]
 
     def at(self, name: str) -> _ConditionReader:
         """A reader for a part of the value: `header.X-Mailer`."""
@@ -5654,9 +5921,23 @@ def _parse_condition_list(where: _Where, path: str, value: Any) -> Tuple[Conditi
                  for i, item in enumerate(value, 1))
 
 
-def _parse_one_condition(where: _Where, path: str, key: str, value: Any) -> List[Condition]:
-    made = _CONDITION_KINDS[key].from_rules(key, value, _ConditionReader(where, path))
+def _parse_one_condition(where: _Where, path: str, key: str, value: Any,
+                         table: Optional[Mapping[str, Any]] = None) -> List[Condition]:
+    made = _CONDITION_KINDS[key].from_rules(key, value, _ConditionReader(where, path, table))
     return list(made) if isinstance(made, (list, tuple)) else [made]
+
+
+def _check_options(where: _Where, path: str, table: Mapping[str, Any]) -> None:
+    """Each option key in ``table`` has its condition beside it: 'program_timeout' alone
+    would tune nothing."""
+    for key in table:
+        if key in _option_keys() and not any(
+                key in getattr(_CONDITION_KINDS[other], "options", ())
+                for other in table if other in _CONDITION_KINDS):
+            owners = [k for k, kind in _CONDITION_KINDS.items() if key in getattr(kind, "options", ())]
+            raise where.error(f"{path + '.' if path else ''}{key}",
+                              f"goes with {' or '.join(map(repr, owners))} in the same table; "
+                              f"add it there or drop this key")
 
 
 def _combine(parts: List[Condition]) -> Condition:
@@ -5670,13 +5951,16 @@ def _parse_condition_table(where: _Where, path: str, value: Any) -> Condition:
     if not value:
         raise where.error(path, "empty table; add at least one condition")
     parts: List[Condition] = []
+    _check_options(where, path, value)
     for key, item in value.items():
+        if key in _option_keys():
+            continue
         if key in _action_keys() or key in ("name", "continue"):
             raise where.error(path, f"'{key}' is not a condition; put it at the top level of "
                                     "the rule (only conditions go inside any / all / not)")
         if key not in _CONDITION_KINDS:
             raise where.error(path, _unknown_key(key, _condition_keys(), "known conditions"))
-        parts.extend(_parse_one_condition(where, f"{path}.{key}", key, item))
+        parts.extend(_parse_one_condition(where, f"{path}.{key}", key, item, value))
     return _combine(parts)
 
 
@@ -5732,6 +6016,10 @@ def _parse_actions(where: _Where, rule: dict, problems: _Problems, required: boo
     return actions
 
 
+def _labels_from_program(parts: Sequence[Condition]) -> bool:
+    return any(getattr(cond, "label_from", False) for part in parts for cond in _walk(part))
+
+
 def _parse_rule(source: str, position: int, rule: Any, problems: _Problems) -> Optional[Rule]:
     """One rule; each bad key is added to `problems` (and None returned), not raised."""
     where = _Where(source, position)
@@ -5748,17 +6036,21 @@ def _parse_rule(source: str, position: int, rule: Any, problems: _Problems) -> O
     for key in unknown:
         problems.add(where.error("", _unknown_key(key, _rule_keys())))
     parts: List[Condition] = []
+    with problems.catch():
+        _check_options(where, "", rule)
     for key, value in rule.items():  # file order: explanations read as written
         if key in _CONDITION_KINDS:
             with problems.catch():
-                parts.extend(_parse_one_condition(where, key, key, value))
+                parts.extend(_parse_one_condition(where, key, key, value, rule))
     # A misspelt key is most likely the missing condition or action: say it once.
     if not unknown and not any(key in _CONDITION_KINDS for key in rule):
         problems.add(where.error("", "no condition; add at least one of "
                                      + ", ".join(_condition_keys())))
     actions = Actions()
     with problems.catch():
-        actions = _parse_actions(where, rule, problems, required=not unknown)
+        # a label a program prints (label_from) is an action of its own
+        actions = _parse_actions(where, rule, problems,
+                                 required=not unknown and not _labels_from_program(parts))
     keep_going = False
     with problems.catch():
         keep_going = _check_bool(where, "continue", rule.get("continue", False))
@@ -6554,6 +6846,49 @@ def trust_problem(path: Any, *, private: bool = False, directories: bool = True,
     return None
 
 
+def program_trust_problem(condition: ProgramCondition) -> Optional[str]:
+    """Why this program may not run, or None: its rules file and its executable, and every
+    directory above them, must be owned by the user or root and writable by nobody else
+    (trust_problem).  Returns e.g. "/tmp/x/rules.toml can be changed by other users ..."."""
+    files = [condition.source] if condition.source and os.path.exists(condition.source) else []
+    program = condition.executable()
+    if program is None:
+        return None             # nothing will run: the rule fails closed when it is reached
+    files.append(program)
+    # A script handed to an interpreter (["python3", "/path/filter.py"]) is code as well.
+    base = os.path.dirname(os.path.abspath(condition.source)) if condition.source else os.getcwd()
+    files += [os.path.join(base, arg) for arg in condition.argv[1:]
+              if os.sep in arg and os.path.isfile(os.path.join(base, arg))]
+    for name in files:
+        problem = trust_problem(name)
+        if problem:
+            return f"{problem}; refusing to run program {condition.name()}"
+    return None
+
+
+def rule_programs(rules: Ruleset) -> List[Tuple[Rule, ProgramCondition]]:
+    """The programs these rules may run, with their rules, in rule order."""
+    return [(rule, cond) for rule in rules.rules for cond in _walk(rule.condition)
+            if isinstance(cond, ProgramCondition)]
+
+
+def check_programs_trusted(rules: Ruleset, files: Sequence[str] = ()) -> None:
+    """The trust check before any program runs: raises RulesError (exit 2) naming the first
+    file or directory someone else could change (the rules file, ``files`` it includes,
+    each program).  Does nothing when the rules run no program."""
+    found = rule_programs(rules)
+    if not found:
+        return
+    for name in files:
+        problem = trust_problem(name)
+        if problem:
+            raise RulesError(f"{problem}; refusing to run the rules' programs")
+    for _rule, condition in found:
+        problem = program_trust_problem(condition)
+        if problem:
+            raise RulesError(problem)
+
+
 def default_rules_dir() -> pathlib.Path:
     """``$XDG_CONFIG_HOME/gmail_classify`` (``~/.config/gmail_classify`` by default)."""
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
@@ -7202,7 +7537,40 @@ def _message_info(uid: int, values: Mapping[str, Any], header_item: str,
         date=values.get("INTERNALDATE"),
         has_attachment=None if structure is None else bool(_structure_has_attachment(structure)),
         queries=None if queries is None else frozenset(q for q, hits in queries.items() if uid in hits),
+        folder=folder,
     )
+
+
+def run_programs(rules: Ruleset, messages: Iterable[MessageInfo], *, jobs: Optional[int] = None,
+                 now: Optional[datetime] = None) -> None:
+    """Run the programs the rules will ask about these messages, up to ``jobs`` at once
+    (default: the CPU count) across messages, so that classify() then finds their answers.
+
+    Rounds: each message is classified as far as it goes without a program's answer; the
+    program it waits for (one per message, in the first rule not yet decided: never one
+    past a rule that decided) runs; again until none waits.  A program's failure is kept
+    and raised by classify() only when its rule is reached."""
+    waiting = list(messages) if rule_programs(rules) else []
+    if now is None:
+        now = datetime.now(timezone.utc)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+        while waiting:
+            asks: List[Tuple[MessageInfo, ProgramCondition]] = []
+            _program_planning.on = True
+            try:
+                for msg in waiting:
+                    try:
+                        rules.classify(msg, final=True, now=now)
+                    except _ProgramWanted as wanted:
+                        asks.append((msg, wanted.condition))
+                    except GmailClassifyError:
+                        pass            # classify() raises it again, where it is called
+            finally:
+                _program_planning.on = False
+            futures = [(msg, cond, pool.submit(cond.run, msg)) for msg, cond in asks]
+            for msg, cond, future in futures:
+                msg.programs[cond] = future.result()   # a RulesError (trust) goes up
+            waiting = [msg for msg, _ in asks]
 
 
 class RunStopped(GmailClassifyError):
@@ -7399,6 +7767,7 @@ class RunOptions:
     max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS
     allow_expunge: bool = False
     daily_budget: Optional[int] = DEFAULT_DAILY_BUDGET
+    jobs: Optional[int] = None      # programs run at once (run_programs); None: the CPU count
 
 
 def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX", *,
@@ -7412,7 +7781,7 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                     apply_every: int = DEFAULT_APPLY_EVERY,
                     report: Optional[FolderReport] = None,
                     max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS,
-                    allow_expunge: bool = False) -> FolderReport:
+                    allow_expunge: bool = False, jobs: Optional[int] = None) -> FolderReport:
     """Classify the messages of ``folder`` above the checkpoint's mark (without a
     checkpoint: all of them), or only those since ``since``; the newest ``limit``.
 
@@ -7436,11 +7805,12 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     EXPUNGE on servers with neither MOVE nor UIDPLUS (see GmailConnection.move).  A message
     whose FETCH answer lacks anything the rules read is never acted on: it is listed in
     ``report.skipped`` with the reason in ``report.why_skipped`` (run again).  A folder
-    that cannot be opened raises FolderUnavailableError.
+    that cannot be opened raises FolderUnavailableError.  The rules' programs run up to
+    ``jobs`` at once (run_programs); one that fails on a message skips it (run again).
     """
     options = RunOptions(apply=apply, since=since, limit=limit, batch_size=batch_size,
                          apply_every=apply_every, max_new_folders=max_new_folders,
-                         allow_expunge=allow_expunge)
+                         allow_expunge=allow_expunge, jobs=jobs)
     run = _FolderRun(conn, rules, folder, options,
                      checkpoint if checkpoint is not None else Checkpoint(),
                      report if report is not None else FolderReport(folder, apply),
@@ -7663,20 +8033,31 @@ class _FolderRun(_ApplyHooks):
             else:
                 decisions[uid] = decision
         if undecided:
-            body_item = f"BODY.PEEK[]<0.{BODY_PREFIX_BYTES}>"
+            # Programs that read whole messages get up to their program_max_size (a larger
+            # message is skipped for its content, by its RFC822.SIZE, before any program).
+            body_item = f"BODY.PEEK[]<0.{max({BODY_PREFIX_BYTES} | self.rules.needs.whole)}>"
             bodies = self.conn.fetch(undecided, [body_item], skipped=report.skipped)
+            ready: Dict[int, MessageInfo] = {}
             for uid in undecided:
                 why = "the server sent far more than was asked for" if uid in report.skipped \
                     else _lacking([body_item], bodies.get(uid))
                 if why:
                     _skip(report, uid, why)
                     continue    # never judged on a body we did not get
+                raw = bodies[uid][body_item]
                 try:
-                    info = dataclasses.replace(infos[uid],
-                                               body=body_text(bodies[uid][body_item]))
+                    ready[uid] = dataclasses.replace(
+                        infos[uid], body=body_text(raw[:BODY_PREFIX_BYTES]), source=raw)
+                except ContentSkip as exc:
+                    _skip_content(report, step, uid, str(exc))
+            run_programs(self.rules, ready.values(), jobs=self.options.jobs, now=now)
+            for uid, info in ready.items():
+                try:
                     decisions[uid] = self.rules.classify(info, final=True, now=now)
                 except ContentSkip as exc:
                     _skip_content(report, step, uid, str(exc))
+                except ProgramError as exc:
+                    _skip(report, uid, str(exc))     # fail closed: never a match, run again
         return decisions
 
     # -- the steps ------------------------------------------------------------------------
@@ -8922,7 +9303,8 @@ class Run(Checkpoint):
                                    limit=limit, batch_size=batch_size, on_progress=on_progress,
                                    on_applied=on_applied, now=now, checkpoint=self,
                                    apply_every=apply_every, report=report,
-                                   max_new_folders=max_new_folders, allow_expunge=allow_expunge)
+                                   max_new_folders=max_new_folders, allow_expunge=allow_expunge,
+                                   jobs=self.options.jobs)
         except FolderUnavailableError:
             self.reports.remove(report)     # never opened: nothing to report
             raise
@@ -11426,6 +11808,8 @@ _SHARED_OPTIONS: Dict[str, Dict[str, Any]] = {
     "--allow-expunge": dict(action="store_true", help="on servers with neither MOVE nor "
                             "UIDPLUS, let moves remove the originals " + _EXPUNGE_RISK),
     "--daily-budget": dict(type=_budget, default=DEFAULT_DAILY_BUDGET, metavar="SIZE"),
+    "--run-programs": dict(action="store_true", help="run the rules' programs (after the "
+                           "trust check); without it they are only listed"),
 }
 
 
@@ -11904,6 +12288,7 @@ class _JsonOutput(_Output):
 
 def _cmd_run(args: argparse.Namespace, out: _Output) -> int:
     rules = find_rules(args.rules)
+    check_programs_trusted(rules)       # before any program runs, the rules' tests' too
     if not _rule_tests_allow(rules, args.apply):
         return EXIT_RULE_TESTS
     settings = _connection_settings(args, rules.account)
@@ -11923,6 +12308,7 @@ def _cmd_run(args: argparse.Namespace, out: _Output) -> int:
               apply=args.apply, reclassify=args.all, new_only=args.new_only,
               daily_budget=args.daily_budget or None, on_record=out.record,
               on_message=on_message)
+    run.options = dataclasses.replace(run.options, jobs=args.jobs)
     lock = store.lock(run.account).acquire() if args.apply else None
     incomplete: List[str] = []
     try:
@@ -12078,6 +12464,7 @@ class _RulesReloader:
 
 def _cmd_watch(args: argparse.Namespace, out: _Output) -> int:
     rules = find_rules(args.rules)
+    check_programs_trusted(rules)
     settings = _connection_settings(args, rules.account)
     # The watch retries forever itself, logging an outage once; the connection must not.
     settings["retries"] = 0
@@ -12281,12 +12668,34 @@ def _skipped_by_reason(report: FolderReport) -> Dict[str, List[int]]:
     return groups
 
 
+def _list_programs(rules: Ruleset, out: TextIO, run: bool, show: bool = True) -> bool:
+    """Print the programs the rules would run (``check`` and ``demo`` are how people look
+    at a file they were given: they run none unless ``run``, after the trust check).
+    Returns True when the file runs programs and ``run`` is not given."""
+    found = rule_programs(rules)
+    for rule, condition in found if show else ():
+        program = condition.executable() or "(not found)"
+        out.line(f"  program: rule {rule.position} ({rule.name}): {printable(condition.describe())}"
+                 f"  [{printable(program)}]")
+    if found and run:
+        check_programs_trusted(rules)
+    return bool(found) and not run
+
+
 def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     rules = load_rules(args.rules_file)
     out.line(f"{rules.source}: {_plural(len(rules.rules), 'rule')}, valid")
     for rule in rules.rules:
         more = " (continue)" if rule.continue_ else ""
-        out.line(f"  {rule.position}. {rule.name}: {rule.actions.describe()}{more}")
+        what = rule.actions.describe()
+        if _labels_from_program([rule.condition]):
+            what = "label from program" if rule.actions.is_empty() else what + ", label from program"
+        out.line(f"  {rule.position}. {rule.name}: {what}{more}")
+    if _list_programs(rules, out, args.run_programs):
+        if rules.tests:
+            out.line(f"  tests: {len(rules.tests)} not run: they would run the programs "
+                     f"above; check --run-programs runs them")
+        return EXIT_OK
     needs = rules.needs
     fetched = ["headers " + ", ".join(sorted(needs.headers))]
     if needs.body:
@@ -12307,14 +12716,20 @@ def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
 
 def _cmd_test(args: argparse.Namespace, out: TextIO) -> int:
     rules, notes = load_rules(args.rules_file).local()
+    check_programs_trusted(rules)
     for note in notes:
         out.line(f"note: {note}")
     counts: Dict[str, int] = {}
-    total = 0
+    total = skipped = 0
     try:
         for name, info in iter_message_files(args.files):
             total += 1
-            decision = rules.classify(info, final=True)
+            try:
+                decision = rules.classify(info, final=True)
+            except (ProgramError, ContentSkip) as exc:
+                skipped += 1
+                out.line(f"{name}: skipped: {exc}")
+                continue
             subject = _first(header_text(info.headers, "subject"))
             if not decision.matches:
                 out.line(f"{name}: no rule  ({subject[:60]})")
@@ -12329,8 +12744,9 @@ def _cmd_test(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(str(exc)) from exc    # a FILE that is not mail: the user's input
     noun = "message" if total == 1 else "messages"
     out.line(f"{total} {noun}; " + ", ".join(f"{k}: {v}" for k, v in counts.items())
-             + ("" if counts else "no rule matched"))
-    return EXIT_OK
+             + ("" if counts else "no rule matched")
+             + (f"; {skipped} skipped (a program failed on them)" if skipped else ""))
+    return EXIT_INCOMPLETE if skipped else EXIT_OK
 
 
 def _cmd_labels(args: argparse.Namespace, out: TextIO) -> int:
@@ -12403,12 +12819,19 @@ def _cmd_demo(args: argparse.Namespace, out: _Output) -> int:
     if out.human:
         out.write("Demo: 10 sample messages in an offline INBOX; no account, nothing sent.\n")
         out.write(_rules_line(rules))
+    messages = demo_messages()
+    if _list_programs(rules, out, args.run_programs, show=out.human):
+        for msg in messages:    # rules that need a program's answer do not match
+            msg.programs.update(dict.fromkeys((c for _, c in rule_programs(rules)), _NOT_RUN))
+        if out.human:
+            out.write("Programs not run: rules that ask them match nothing here "
+                      "(--run-programs runs them).\n")
 
     def on_message(outcome: Outcome) -> None:
         if outcome.changes and not args.summary:
             out.message(outcome, False)
 
-    report = classify_messages(rules, demo_messages(), "INBOX", on_message=on_message)
+    report = classify_messages(rules, messages, "INBOX", on_message=on_message)
     if out.human:
         _write_reports(out, [report], rules, footer="Next: a dry run on your own INBOX, "
                        "which changes nothing either:\n  python gmail_classify.py --user "
@@ -12516,7 +12939,9 @@ _COMMANDS: Dict[str, _Command] = {
                     "remember each folder's newest message so later runs act on new mail "
                     "only")),
         _Opt("--daily-budget", help="stop before downloading more than SIZE a day for this "
-             "account (default: 2G; Gmail allows about 2.5G; 0: no limit)")), exit_codes=True),
+             "account (default: 2G; Gmail allows about 2.5G; 0: no limit)"),
+        _Opt("--jobs", type=_positive, metavar="N", help="rules' programs run at once, across "
+             "messages (default: the number of CPUs)")), exit_codes=True),
     "history": _Command(_cmd_history, "list the applied runs, newest first, from the audit "
                         "log", options=(_Opt("--json", help="one JSON object per run"),)),
     "undo": _Command(_cmd_undo, "reverse one applied run (dry run unless --apply)",
@@ -12546,7 +12971,7 @@ _COMMANDS: Dict[str, _Command] = {
              help=f"seconds before IDLE is re-issued (default: %(default)s; at most "
              f"{IDLE_MAX_SECONDS})")), exit_codes=True),
     "check": _Command(_cmd_check, "validate and summarise a rules file, offline",
-                      options=(_Opt("rules_file", metavar="RULES"),)),
+                      options=(_Opt("rules_file", metavar="RULES"), _Opt("--run-programs"))),
     "test": _Command(_cmd_test, "classify .eml files, an mbox or a Maildir offline", options=(
         _Opt("rules_file", metavar="RULES"), _Opt("files", metavar="FILE", nargs="+"))),
     "labels": _Command(_cmd_labels, "list folders and labels with their special-use "
@@ -12569,7 +12994,7 @@ _COMMANDS: Dict[str, _Command] = {
     "demo": _Command(_cmd_demo, "classify a built-in sample of mail offline, as a dry run "
                      "would show it", options=(
         _Opt("--rules", help="rules file (default: the built-in rules)"),
-        _Opt("--summary", action="store_true", help="only the totals"))),
+        _Opt("--summary", action="store_true", help="only the totals"), _Opt("--run-programs"))),
     "init": _Command(_cmd_init, "write the starter rules file", options=(
         _Opt("path", nargs="?", help="where (default: the default rules path)"),
         _Opt("--force", action="store_true", help="overwrite an existing file")),

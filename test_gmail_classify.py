@@ -6925,8 +6925,10 @@ class ReadmeWatchExampleTest(FakeServerTest):
     """The README's watch example, run as written against the fake server."""
 
     def test_watch_example_reports_new_mail(self):
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"),
-                  encoding="utf-8") as handle:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+        if not os.path.exists(path):    # a bare copy (vendored, or a mutation run)
+            self.skipTest("README.md is not beside the tests")
+        with open(path, encoding="utf-8") as handle:
             (code,) = [block for block in re.findall(r"```python\n(.*?)```", handle.read(), re.S)
                        if "Watcher(" in block]
         server = FakeGmail(users={"you@gmail.com": PASSWORD}).start()
@@ -15059,6 +15061,252 @@ def _bench_main(argv: List[str]) -> int:
                 "%.0f" % (result["sent"] / 1024), "%.0f" % (result["received"] / 1024),
                 "%.1f" % (result["peak"] / 2 ** 20), "%d/%d" % (seen_before, seen_after))), flush=True)
     return 0
+
+
+# --- Issue 19: classifiers as plug-ins (program conditions) and export ----------------------
+
+# A classifier for the tests: a script with its own #! line, so that it is the program the
+# trust check looks at.  Its answer comes from the message it reads: SPAM prints a label and
+# exits 0, CRASH is killed by a signal, HANG never answers, STATUS3 exits 3, WAIT waits until
+# two messages are in hand at once; anything else exits 1.  Each run appends its environment
+# and what it read to the log named by its first argument.
+_CLASSIFIER = r'''#!%s
+import json, os, signal, sys, time
+data = sys.stdin.buffer.read()
+with open(sys.argv[1], "a") as log:
+    log.write(json.dumps({"env": dict(os.environ), "stdin": data.decode("utf-8", "replace")}) + "\n")
+if b"HANG" in data:
+    time.sleep(30)
+if b"CRASH" in data:
+    os.kill(os.getpid(), signal.SIGKILL)
+if b"STATUS3" in data:
+    sys.exit(3)
+if b"WAIT" in data:
+    mark = os.path.join(os.path.dirname(sys.argv[1]), "arrived-" + os.environ["GMAIL_CLASSIFY_UID"])
+    open(mark, "w").close()
+    deadline = time.time() + 3
+    while time.time() < deadline:
+        if len([n for n in os.listdir(os.path.dirname(mark)) if n.startswith("arrived-")]) >= 2:
+            sys.exit(0)
+        time.sleep(0.01)
+    sys.exit(1)
+if b"SPAM" in data:
+    print(" Spam/../Pharma Deals \n second line")
+    sys.exit(0)
+sys.exit(1)
+'''
+
+
+class ProgramConditionTest(FakeServerTest):
+    """`program = [...]`: a rule asks a program, fail closed, in parallel, never past a rule
+    that decided, in a small fixed environment, only after the trust check."""
+
+    def setUp(self):
+        super().setUp()
+        os.chmod(self.tmp, 0o700)
+        self.script = os.path.join(self.tmp, "classify.py")
+        with open(self.script, "w") as handle:
+            handle.write(_CLASSIFIER % sys.executable)
+        os.chmod(self.script, 0o700)
+        self.log = os.path.join(self.tmp, "log", "runs.jsonl")
+        os.mkdir(os.path.dirname(self.log), 0o700)
+
+    def rules_file(self, program_keys: Optional[Dict[str, Any]] = None, tests: Sequence[dict] = ()) -> str:
+        keys = {"program": [self.script, self.log], "program_timeout": 0.5, "label_from": "program"}
+        keys.update(program_keys or {})
+        doc = {"rule": [{"name": "News", "subject": "newsletter", "label": "News"},
+                        dict(name="Classifier", **keys),
+                        {"name": "Rest", "from": "example.com", "label": "Rest"}],
+               "test": list(tests)}
+        path = os.path.join(self.tmp, "rules.json")
+        with open(path, "w") as handle:
+            json.dump(doc, handle)
+        os.chmod(path, 0o600)
+        return path
+
+    def runs(self) -> List[dict]:
+        if not os.path.exists(self.log):
+            return []
+        with open(self.log) as handle:
+            return [json.loads(line) for line in handle]
+
+    def classify(self, rules: gc.Ruleset, **kw: Any) -> Tuple[gc.FolderReport, Dict[str, Tuple[str, ...]]]:
+        outcomes: Dict[str, Tuple[str, ...]] = {}
+
+        def seen(outcome: gc.Outcome) -> None:
+            outcomes[outcome.subject] = tuple(f"{c['action']} {c.get('label', '')}".strip()
+                                              for c in outcome.changes)
+        report = gc.classify_folder(self.connect(), rules, "INBOX", on_message=seen, **kw)
+        return report, outcomes
+
+    def test_match_no_match_label_crash_hang_and_status_in_one_dry_run(self):
+        for subject in ("newsletter SPAM", "buy SPAM now", "plain", "CRASH me", "HANG me", "STATUS3"):
+            self.server.add_message(make_message(subject))
+        with mock.patch.dict(os.environ, {"GMAIL_APP_PASSWORD": "secret-1"}):
+            report, outcomes = self.classify(gc.load_rules(self.rules_file()), jobs=3)
+        # the first rule decided the newsletter: its program never ran
+        self.assertEqual(sorted(run["env"]["GMAIL_CLASSIFY_SUBJECT"] for run in self.runs()),
+                         ["CRASH me", "HANG me", "STATUS3", "buy SPAM now", "plain"])
+        self.assertEqual(report.matched, {"News": 1, "Classifier": 1, "Rest": 1})
+        self.assertEqual(outcomes["newsletter SPAM"], ("label News",))
+        # the label is the first line, each part cleaned, its case kept
+        self.assertEqual(outcomes["buy SPAM now"], ("label Spam/PharmaDeals",))
+        self.assertEqual(outcomes["plain"], ("label Rest",))
+        # fail closed: neither a match nor handed on to the rules after it; run again (exit 6)
+        self.assertEqual(sorted(report.why_skipped.values()), [
+            "program classify.py exited with status 3",
+            "program classify.py gave no answer within 0.5 s",
+            "program classify.py was killed by signal 9"])
+        self.assertNotIn("CRASH me", outcomes)
+        self.assertNotIn("HANG me", outcomes)
+        # a small fixed environment: no credential, no variable of ours but these
+        env = self.runs()[0]["env"]
+        self.assertEqual(sorted(k for k in env if k not in ("PWD", "SHLVL", "_", "LC_CTYPE")),
+                         ["GMAIL_CLASSIFY_FOLDER", "GMAIL_CLASSIFY_FROM", "GMAIL_CLASSIFY_MESSAGE_ID",
+                          "GMAIL_CLASSIFY_SUBJECT", "GMAIL_CLASSIFY_UID", "HOME", "LANG", "PATH"])
+        self.assertEqual((env["PATH"], env["LANG"], env["GMAIL_CLASSIFY_FOLDER"]),
+                         ("/usr/bin:/bin", "C.UTF-8", "INBOX"))
+        # the input: the header block and the body prefix the rules fetch
+        stdin = self.runs()[0]["stdin"]
+        self.assertIn("Subject: ", stdin)
+        self.assertTrue(stdin.endswith("Hi there.\r\n"))
+        fetches = [e.line for e in self.server.log if b"BODY.PEEK[]<0.16384>" in e.line]
+        self.assertEqual(len(fetches), 1)
+
+    def test_programs_run_in_parallel_across_messages(self):
+        for subject in ("WAIT one", "WAIT two"):
+            self.server.add_message(make_message(subject))
+        report, outcomes = self.classify(self.parallel_rules(), jobs=2)
+        self.assertEqual(report.matched, {"Classifier": 2})
+
+    def parallel_rules(self) -> gc.Ruleset:
+        return gc.parse_rules({"rule": [{"name": "Classifier", "program": [self.script, self.log],
+                                         "program_timeout": 5, "label": "Both"}]},
+                              os.path.join(self.tmp, "r.json"))
+
+    def test_a_message_over_program_max_size_is_left_alone_for_its_content(self):
+        self.server.add_message(make_message("SPAM big", body="x" * 3000))
+        self.server.add_message(make_message("SPAM small"))
+        rules = gc.load_rules(self.rules_file({"program_input": "message", "program_max_size": 2000}))
+        report, outcomes = self.classify(rules)
+        self.assertEqual(list(report.content_skipped.values()),
+                         ["larger than program_max_size (2.0 KB) for program classify.py"])
+        self.assertEqual(outcomes, {"SPAM small": ("label Spam/PharmaDeals",)})
+        self.assertEqual([run["env"]["GMAIL_CLASSIFY_SUBJECT"] for run in self.runs()], ["SPAM small"])
+        self.assertEqual(rules.needs.whole, frozenset({2000}))
+        self.assertTrue(rules.needs.size)       # RFC822.SIZE decides before any program runs
+        # a program reading whole messages gets them up to its program_max_size
+        rules = gc.load_rules(self.rules_file({"program_input": "message", "program_max_size": "20K"}))
+        report, outcomes = self.classify(rules)
+        self.assertTrue(any(b"BODY.PEEK[]<0.20480>" in e.line for e in self.server.log))
+        (big,) = [run for run in self.runs() if run["env"]["GMAIL_CLASSIFY_SUBJECT"] == "SPAM big"]
+        self.assertEqual(len(big["stdin"]), len(make_message("SPAM big", body="x" * 3000)))
+
+    def cli(self, *argv: str) -> Tuple[int, str, str]:
+        return run_cli(*argv, "--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                       "--plaintext", env={"GMAIL_APP_PASSWORD": PASSWORD})
+
+    def test_run_exits_6_when_a_program_fails_and_never_moves_the_mark_past_it(self):
+        self.server.add_message(make_message("CRASH me"))
+        code, out, err = self.cli("run", "--rules", self.rules_file(), "--jobs", "1")
+        self.assertEqual(code, 6, err)
+        self.assertIn("skipped (program classify.py was killed by signal 9): UID 1; run again", out)
+
+    def test_trust_check_names_the_path_and_runs_nothing(self):
+        self.server.add_message(make_message("SPAM"))
+        path = self.rules_file(tests=[{"subject": "SPAM", "expect_rules": ["Classifier"]}])
+        for target in (path, self.script, self.tmp):
+            with self.subTest(target=target):
+                mode = os.stat(target).st_mode & 0o777
+                os.chmod(target, mode | 0o020)
+                try:
+                    code, out, err = self.cli("run", "--rules", path)
+                    self.assertEqual(code, 2)
+                    self.assertIn(f"{target} can be changed by other users" if target != self.tmp
+                                  else f"lies in {target}, which other users can write", err)
+                    self.assertIn("refusing to run", err)
+                    code, out, err = run_cli("test", path, os.devnull)
+                    self.assertEqual(code, 2)
+                finally:
+                    os.chmod(target, mode)
+        self.assertEqual(self.runs(), [])
+        code, out, err = self.cli("run", "--rules", path)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(self.runs()), 2)        # the [[test]] table, then the message
+
+    def test_check_and_demo_list_programs_and_run_them_only_when_asked(self):
+        path = self.rules_file(tests=[{"subject": "buy SPAM", "expect_rules": ["Classifier"],
+                                       "expect_actions": {"label": "Spam/PharmaDeals"}}])
+        code, out, err = run_cli("check", path)
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("2. Classifier: label from program\n", out)
+        self.assertIn(f"program: rule 2 (Classifier): program {self.script} {self.log}  [{self.script}]", out)
+        self.assertIn("tests: 1 not run", out)
+        code, out, err = run_cli("demo", "--rules", path, "--summary")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("Programs not run", out)
+        self.assertEqual(self.runs(), [])
+        code, out, err = run_cli("check", "--run-programs", path)
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("tests: 1 of 1 passed", out)
+        self.assertEqual(len(self.runs()), 1)
+        os.chmod(self.script, 0o720)
+        code, out, err = run_cli("check", "--run-programs", path)
+        self.assertEqual(code, 2)
+        self.assertIn("refusing to run program classify.py", err)
+
+    def test_test_command_runs_programs_and_reports_a_failure_as_incomplete(self):
+        path = self.rules_file()
+        spam, crash = os.path.join(self.tmp, "spam.eml"), os.path.join(self.tmp, "crash.eml")
+        for name, subject in ((spam, "buy SPAM"), (crash, "STATUS3")):
+            with open(name, "wb") as handle:
+                handle.write(make_message(subject))
+        code, out, err = run_cli("test", path, spam, crash)
+        self.assertEqual(code, 6)
+        self.assertIn("spam.eml: Classifier: program classify.py said yes (label \"Spam/PharmaDeals\")", out)
+        self.assertIn("crash.eml: skipped: program classify.py exited with status 3", out)
+
+    def test_rules_file_errors_for_program_keys(self):
+        cases = [
+            ({"program": "bogofilter -e", "label": "x"}, "program: expected a list of strings"),
+            ({"program": [], "label": "x"}, "program: expected a list of strings"),
+            ({"program_timeout": 3, "subject": "x", "label": "x"},
+             "program_timeout: goes with 'program' in the same table"),
+            ({"program": ["x"], "program_timeout": 0, "label": "x"}, "program_timeout: expected seconds"),
+            ({"program": ["x"], "program_input": "body", "label": "x"},
+             'program_input: expected "headers" or "message"'),
+            ({"program": ["x"], "label_from": "subject"}, 'label_from: expected "program"'),
+            ({"program": ["x"], "program_max_size": "lots", "label": "x"}, "program_max_size: expected a size"),
+            ({"any": [{"program": ["x"], "program_tmeout": 1}], "label": "x"}, "unknown key 'program_tmeout'"),
+            ({"subject": "x", "label_from": "program"}, "label_from: goes with 'program'"),
+        ]
+        for rule, want in cases:
+            with self.subTest(rule=rule):
+                with self.assertRaises(gc.RulesError) as caught:
+                    parse_rules({"rule": [dict(name="R", **rule)]}, "r.json")
+                self.assertIn(want, str(caught.exception))
+        nested = parse_rules({"rule": [{"name": "R", "label": "x", "any": [
+            {"program": ["x", "y"], "program_timeout": 2.5, "program_input": "message",
+             "program_path": "/opt/bin", "program_max_size": "2K"}]}]}, "r.json").rules[0].condition
+        (program,) = [c for c in gc._walk(nested) if isinstance(c, gc.ProgramCondition)]
+        self.assertEqual((program.argv, program.timeout, program.input, program.path, program.max_size),
+                         (("x", "y"), 2.5, "message", "/opt/bin", 2048))
+        self.assertEqual(program.cost, 5)
+
+    def test_environment_is_printable_and_cut_at_1_kib(self):
+        condition = gc.ProgramCondition(("x",))
+        msg = info("Subject: " + "\u00e9" * 2000 + "\nFrom: a\x1b[2J@evil.example", folder="Lists/x")
+        env = condition.environment(msg)
+        self.assertLessEqual(len(env["GMAIL_CLASSIFY_SUBJECT"].encode("utf-8")), 1024)
+        self.assertTrue(env["GMAIL_CLASSIFY_SUBJECT"].startswith("\u00e9\u00e9"))
+        self.assertNotIn("\x1b", env["GMAIL_CLASSIFY_FROM"])
+        self.assertEqual(env["GMAIL_CLASSIFY_FOLDER"], "Lists/x")
+
+    def test_clean_label_keeps_case_and_drops_traversal(self):
+        for given, want in (("Spam/../Pharma Deals", "Spam/PharmaDeals"), ("/Work//Urgent/", "Work/Urgent"),
+                            ("..", ""), ("Caf\u00e9", "xn--caf-dma")):
+            with self.subTest(given=given):
+                self.assertEqual(gc.clean_label(given), want)
 
 
 if __name__ == "__main__":

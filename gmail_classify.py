@@ -11652,6 +11652,342 @@ def suggest_rules(conn: GmailConnection, folder: str = "INBOX", *, top: int = 10
     return Suggestions({"rule": rules}, tuple(comments), examined, folder)
 
 
+# Export: the rules compiled to the server's own engines.  Sieve (RFC 5228) runs them at
+# delivery; a rule it cannot say exactly (a Gmail search, a program, the message's state or
+# age, its body, a regex outside POSIX ERE) and that has no `continue` stops the export, since
+# leaving it out would hand its mail to the rules after it.  JSON gives the rules as data.
+EXPORT_FORMATS = ("sieve", "gmail", "json")
+
+
+class _Inexpressible(Exception):
+    """This condition or action has no exact equivalent in the target (the message says why)."""
+
+
+@dataclass
+class Exported:
+    """An export: ``text`` to write; ``rules`` exported, ``left_out`` (rule, why) for
+    `continue` rules dropped, ``stopped`` (rule, why) where an export with ``partial``
+    stopped (None when every rule went in)."""
+
+    text: str
+    rules: int = 0
+    left_out: List[Tuple[Rule, str]] = field(default_factory=list)
+    stopped: Optional[Tuple[Rule, str]] = None
+
+
+def _sieve_string(text: str) -> str:
+    """A Sieve quoted string (RFC 5228 §2.4.2): backslash and double quote escaped."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _sieve_list(items: Sequence[str]) -> str:
+    return _sieve_string(items[0]) if len(items) == 1 else \
+        "[" + ", ".join(_sieve_string(item) for item in items) + "]"
+
+
+_ERE_LITERAL_ESCAPES = set(".[]()*+?{}|^$\\/-")
+
+
+def _posix_ere(source: str) -> Optional[str]:
+    """``source`` (a Python regex) as a POSIX extended regex that matches the same text, or
+    None when it uses anything outside the common subset: classes like \\d \\w \\s \\b,
+    lazy or possessive quantifiers, groups with ``(?``, back-references, escapes inside a
+    bracket, a ``{`` that is not a bound, or any non-ASCII character."""
+    if not source.isascii():
+        return None
+    out: List[str] = []
+    i, quantifiable = 0, False
+    while i < len(source):
+        char = source[i]
+        if char == "\\":
+            if i + 1 >= len(source) or source[i + 1] not in _ERE_LITERAL_ESCAPES:
+                return None
+            nxt = source[i + 1]
+            out.append(nxt if nxt in "/-" else "\\" + nxt)
+            i, quantifiable = i + 2, True
+        elif char == "[":
+            end = i + 1
+            if end < len(source) and source[end] == "^":
+                end += 1
+            if end < len(source) and source[end] == "]":
+                end += 1
+            while end < len(source) and source[end] != "]":
+                if source[end] in "\\[":
+                    return None         # escapes and [: :] classes differ between the two
+                end += 1
+            if end >= len(source):
+                return None
+            out.append(source[i:end + 1])
+            i, quantifiable = end + 1, True
+        elif char in "*+?":
+            if not quantifiable or source[i + 1:i + 2] in ("?", "+"):
+                return None             # lazy or possessive
+            out.append(char)
+            i, quantifiable = i + 1, False
+        elif char == "{":
+            bound = re.match(r"\{(\d+)(,(\d*))?\}", source[i:])
+            if not bound or not quantifiable or source[i + bound.end():i + bound.end() + 1] in ("?", "+"):
+                return None
+            out.append(bound.group(0))
+            i, quantifiable = i + bound.end(), False
+        elif char == "(":
+            if source[i + 1:i + 2] in ("?", ")"):
+                return None
+            out.append(char)
+            i, quantifiable = i + 1, False
+        elif char in "|^":
+            out.append(char)
+            i, quantifiable = i + 1, False
+        elif char in ")$.":
+            out.append(char)
+            i, quantifiable = i + 1, True
+        elif char == "}" or not (" " <= char <= "~"):
+            return None
+        else:
+            out.append(char)
+            i, quantifiable = i + 1, True
+    return "".join(out)
+
+
+def _sieve_matcher(headers: Sequence[str], matcher: Matcher, addresses: bool,
+                   require: set) -> str:
+    """Tests for 'one of these headers matches one of these patterns'."""
+    tests: List[str] = []
+    plain = [p.needle for p in matcher.patterns if p.regex is None]
+    for needle in plain:
+        if not needle.isascii():
+            raise _Inexpressible(f"the text {_quote(needle)} is not ASCII (Sieve's caseless "
+                                 f"comparison folds ASCII only)")
+    if plain:
+        tests.append(f"header :contains {_sieve_list(headers)} {_sieve_list(plain)}")
+    for pattern in matcher.patterns:
+        if pattern.regex is None:
+            continue
+        flags = pattern.regex.flags & (re.IGNORECASE | re.MULTILINE | re.DOTALL | re.VERBOSE)
+        ere = _posix_ere(pattern.regex.pattern)
+        if ere is None or flags & ~re.IGNORECASE:
+            raise _Inexpressible(f"the regex {pattern.text} is outside the POSIX ERE subset "
+                                 f"Sieve engines implement")
+        if addresses and ("^" in ere or "$" in ere):
+            raise _Inexpressible(f"the regex {pattern.text} is anchored, and Sieve matches a "
+                                 f"whole address header, not each address")
+        require.add("regex")
+        comparator = "i;ascii-casemap" if flags & re.IGNORECASE else "i;octet"
+        tests.append(f"header :regex :comparator {_sieve_string(comparator)} "
+                     f"{_sieve_list(headers)} {_sieve_string(ere)}")
+    return tests[0] if len(tests) == 1 else f"anyof ({', '.join(tests)})"
+
+
+def _sieve_test(condition: Condition, require: set) -> str:
+    """The Sieve test for a condition; raises _Inexpressible naming what has none."""
+    if isinstance(condition, HeaderMatch):
+        return _sieve_matcher(condition.headers, condition.matcher, condition.addresses, require)
+    if isinstance(condition, HeaderPresent):
+        test = f"exists {_sieve_string(condition.name)}"
+        return test if condition.present else f"not {test}"
+    if isinstance(condition, SizeCompare):
+        return f"size {':over' if condition.larger else ':under'} {condition.limit}"
+    if isinstance(condition, (AllOf, AnyOf)):
+        parts = [_sieve_test(part, require) for part in condition.parts]
+        if len(parts) == 1:
+            return parts[0]
+        return f"{'allof' if isinstance(condition, AllOf) else 'anyof'} ({', '.join(parts)})"
+    if isinstance(condition, Not):
+        return f"not {_sieve_test(condition.part, require)}"
+    raise _Inexpressible(f"{condition.describe()} has no Sieve test")
+
+
+def _sieve_folder(name: str, require: set) -> str:
+    """A destination as a Sieve string: {year} and {month} become variables set from the
+    delivery date (the INTERNALDATE a server gives new mail)."""
+    pieces = split_template(name)
+    text: List[str] = []
+    for is_field, piece in pieces:
+        if is_field:
+            if piece == "sender_domain":
+                raise _Inexpressible("{sender_domain} is cleaned in ways Sieve cannot repeat")
+            require.update(("variables", "date"))
+            text.append("${" + piece + "}")
+        else:
+            if "${" in piece:
+                raise _Inexpressible(f"the folder name {_quote(name)} holds '${{'")
+            text.append(piece)
+    return _sieve_string("".join(text))
+
+
+def _sieve_actions(actions: Actions, require: set, archive: str, trash: str) -> List[str]:
+    """The commands for one rule's actions, flags first so that the copies carry them;
+    ``keep`` when the message has no other destination (a fileinto cancels the implicit keep)."""
+    lines: List[str] = []
+    for row in actions.flag_actions():
+        require.add("imap4flags")
+        lines.append(f"{'addflag' if row.add else 'removeflag'} {_sieve_string(row.flag)};")
+    for label in actions.labels:
+        require.add("fileinto")
+        lines.append(f"fileinto {_sieve_folder(label, require)};")
+    destination = actions.move or (archive if actions.archive else trash if actions.trash else None)
+    if destination:
+        require.add("fileinto")
+        lines.append(f"fileinto {_sieve_folder(destination, require)};")
+    else:
+        lines.append("keep;")
+    return lines
+
+
+def export_sieve(rules: Ruleset, *, partial: bool = False, archive: str = "Archive",
+                 trash: str = "Trash") -> Exported:
+    """The rules as one Sieve script (RFC 5228, with fileinto, imap4flags, regex, variables
+    and date where needed; never ``:create``, so a missing folder keeps the message in INBOX
+    rather than letting senders make folders).
+
+    Rules stop at the first match: a rule without `continue` whose match Sieve cannot say
+    exactly raises RulesError naming it (``partial``: the rules before it are exported and
+    ``stopped`` says where); such a rule with `continue` is left out (``left_out``).  Rules
+    with `continue` are compiled with variables: every matching rule records what it asks,
+    and one block at the end acts as the merged actions would (labels added, the first
+    destination and the first choice of each flag winning)."""
+    require: set = set()
+    done = Exported("")
+    compiled: List[Tuple[Rule, str]] = []
+    for rule in rules.rules:
+        try:
+            test = _sieve_test(rule.condition, require)
+            _sieve_actions(rule.actions, set(), archive, trash)     # its folders are sayable
+        except _Inexpressible as exc:
+            why = str(exc)
+            if rule.continue_:
+                done.left_out.append((rule, why))
+                continue
+            if not partial:
+                raise RulesError(f"{rules.source}: rule {rule.position} "
+                                 f"({json.dumps(rule.name, ensure_ascii=False)}) cannot be "
+                                 f"exported to Sieve: {why}; later rules would catch its mail "
+                                 f"at delivery, so nothing is written (--partial writes the "
+                                 f"rules before it)") from None
+            done.stopped = (rule, why)
+            break
+        compiled.append((rule, test))
+    body = (_sieve_merged(compiled, require, archive, trash) if any(r.continue_ for r, _ in compiled)
+            else _sieve_plain(compiled, require, archive, trash))
+    head = [f"# Sieve script exported by gmail_classify {__version__} from {rules.source}:",
+            f"# {_plural(len(compiled), 'rule')}, first match wins (as in gmail_classify)."]
+    if done.stopped:
+        rule, why = done.stopped
+        head.append(f"# Stopped before rule {rule.position} ({rule.name}): {why}.")
+    for rule, why in done.left_out:
+        head.append(f"# Left out rule {rule.position} ({rule.name}, continue): {why}.")
+    if require:
+        head.append(f"require {_sieve_list(sorted(require))};")
+    done.text = "\n".join(printable(line) if line.startswith("#") else line
+                          for line in head) + "\n\n" + body
+    done.rules = len(compiled)
+    return done
+
+
+def _sieve_dates(require: set) -> List[str]:
+    if "date" not in require:
+        return []
+    return ['if currentdate :matches "year" "*" { set "year" "${1}"; }',
+            'if currentdate :matches "month" "*" { set "month" "${1}"; }', ""]
+
+
+def _sieve_plain(compiled: List[Tuple[Rule, str]], require: set, archive: str,
+                 trash: str) -> str:
+    """No `continue`: one ``if`` per rule, its actions, then ``stop``."""
+    lines: List[str] = []
+    blocks: List[str] = []
+    for rule, test in compiled:
+        actions = _sieve_actions(rule.actions, require, archive, trash)
+        blocks.append(f"# {rule.position}. {printable(rule.name)}\nif {test} {{\n"
+                      + "".join(f"    {line}\n" for line in actions) + "    stop;\n}\n")
+    lines = _sieve_dates(require)
+    return "\n".join(lines) + "\n".join(blocks)
+
+
+def _sieve_merged(compiled: List[Tuple[Rule, str]], require: set, archive: str,
+                  trash: str) -> str:
+    """With `continue`: variables record what each matching rule asks; one block at the
+    end acts as Actions.merged would."""
+    require.update(("variables", "fileinto"))
+    labels: List[str] = []
+    destinations: List[str] = []
+    blocks: List[str] = []
+    decided = False
+    for rule, test in compiled:
+        body: List[str] = []
+        actions = rule.actions
+        for label in actions.labels:
+            if label not in labels:
+                labels.append(label)
+            body.append(f'set "label{labels.index(label) + 1}" "1";')
+        destination = actions.move or (archive if actions.archive else trash if actions.trash else None)
+        if destination:
+            if destination not in destinations:
+                destinations.append(destination)
+            body.append(f'if string :is "${{dest}}" "" {{ set "dest" '
+                        f'"{destinations.index(destination) + 1}"; }}')
+        for row in actions.flag_actions():
+            name = "flag" + re.sub(r"[^a-z]", "", row.flag.lower())
+            body.append(f'if string :is "${{{name}}}" "" {{ set "{name}" '
+                        f'"{"add" if row.add else "remove"}"; }}')
+        if not rule.continue_:
+            body.append('set "decided" "1";')
+        guard = f'allof (string :is "${{decided}}" "", {test})' if decided else test
+        blocks.append(f"# {rule.position}. {printable(rule.name)}"
+                      f"{' (continue)' if rule.continue_ else ''}\nif {guard} {{\n"
+                      + "".join(f"    {line}\n" for line in body) + "}\n")
+        decided = decided or not rule.continue_
+    end = ["# What the matching rules asked for, merged: flags first, so the copies carry them."]
+    flags = {row.flag for rule, _ in compiled for row in rule.actions.flag_actions()}
+    for flag in sorted(flags):
+        require.add("imap4flags")
+        name = "flag" + re.sub(r"[^a-z]", "", flag.lower())
+        end.append(f'if string :is "${{{name}}}" "add" {{ addflag {_sieve_string(flag)}; }}')
+        end.append(f'if string :is "${{{name}}}" "remove" {{ removeflag {_sieve_string(flag)}; }}')
+    for index, label in enumerate(labels, 1):
+        end.append(f'if string :is "${{label{index}}}" "1" {{ fileinto {_sieve_folder(label, require)}; }}')
+    keyword = "if"
+    for index, destination in enumerate(destinations, 1):
+        end.append(f'{keyword} string :is "${{dest}}" "{index}" {{ fileinto '
+                   f'{_sieve_folder(destination, require)}; }}')
+        keyword = "elsif"
+    end.append("else { keep; }" if destinations else "keep;")
+    return "\n".join(_sieve_dates(require)) + "\n".join(blocks) + "\n" + "\n".join(end) + "\n"
+
+
+def _as_data(value: Any) -> Any:
+    """A rule's parts as JSON data: dataclasses as objects with their ``type``, patterns as
+    written, tuples as lists; functions (a vendoring script's conditions) left out."""
+    if isinstance(value, Pattern):
+        return value.text
+    if isinstance(value, Matcher):
+        return [p.text for p in value.patterns]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        data: Dict[str, Any] = {}
+        if isinstance(value, Condition):
+            data["type"] = type(value).__name__
+        for item in dataclasses.fields(value):
+            if item.compare and not callable(getattr(value, item.name)):
+                data[item.name] = _as_data(getattr(value, item.name))
+        return data
+    if isinstance(value, (tuple, list)):
+        return [_as_data(item) for item in value]
+    if isinstance(value, (frozenset, set)):
+        return sorted(_as_data(item) for item in value)
+    return value
+
+
+def export_json(rules: Ruleset) -> Exported:
+    """The rules as data for other tools: each rule's name, position, `continue`, its
+    condition as a tree of typed objects and its actions (as in the audit log)."""
+    doc = {"format": "gmail_classify rules", "version": 1, "generator": f"gmail_classify {__version__}",
+           "source": rules.source,
+           "rules": [{"name": rule.name, "position": rule.position, "continue": rule.continue_,
+                      "condition": _as_data(rule.condition), "actions": rule.actions.as_record()}
+                     for rule in rules.rules]}
+    return Exported(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", rules=len(rules.rules))
+
+
 # --- Command line ------------------------------------------------------------------------
 #
 # A thin layer over the library: parse arguments, find the rules and the password, call
@@ -12894,6 +13230,33 @@ def _cmd_import_filters(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _cmd_export(args: argparse.Namespace, out: TextIO) -> int:
+    rules = load_rules(args.rules_file)
+    if args.format == "sieve":
+        done = export_sieve(rules, partial=args.partial)
+    elif args.format == "gmail":
+        done = export_gmail(rules, partial=args.partial)
+    else:
+        done = export_json(rules)
+    for rule, why in done.left_out:
+        sys.stderr.write(printable(f"gmail_classify: {rules.source}: rule {rule.position} "
+                                   f"({rule.name}) left out: {why} (it has continue, so the "
+                                   f"rules after it decide as before)") + "\n")
+    if done.stopped:
+        rule, why = done.stopped
+        sys.stderr.write(printable(f"gmail_classify: {rules.source}: stopped before rule "
+                                   f"{rule.position} ({rule.name}): {why}; exported the "
+                                   f"{_plural(done.rules, 'rule')} before it") + "\n")
+    if not args.output:
+        out.write(done.text)
+        return EXIT_OK
+    write_rules_file(args.output, done.text, force=args.force)
+    if not args.quiet:
+        sys.stderr.write(printable(f"wrote {args.output}: {_plural(done.rules, 'rule')} as "
+                                   f"{args.format}") + "\n")
+    return EXIT_OK
+
+
 def _cmd_suggest(args: argparse.Namespace, out: TextIO) -> int:
     fmt = _output_format(args)
     if args.output and os.path.exists(args.output) and not args.force:
@@ -13003,6 +13366,17 @@ _COMMANDS: Dict[str, _Command] = {
                                "(mailFilters.xml) into rules", ("output",), (
         _Opt("filters_file", metavar="FILE", help="mailFilters.xml from Gmail's Settings -> "
              "Filters and Blocked Addresses -> Export"),)),
+    "export": _Command(_cmd_export, "compile a rules file to Sieve, Gmail filters or JSON",
+                       options=(
+        _Opt("rules_file", metavar="RULES"),
+        _Opt("--format", choices=EXPORT_FORMATS, required=True, help="sieve (RFC 5228, for the "
+             "server to run at delivery), gmail (filter XML for Gmail's Import filters) or "
+             "json (the rules as data)"),
+        _Opt("-o", "--output", metavar="FILE", help="write here, readable by you only "
+             "(default: standard output)"),
+        _Opt("--force", action="store_true", help="overwrite an existing FILE"),
+        _Opt("--partial", action="store_true", help="when a rule cannot be exported exactly, "
+             "write the rules before it instead of refusing"))),
     "suggest": _Command(_cmd_suggest, "read a folder's headers (read-only) and propose rules",
                         ("connection", "output"), (
         _Opt("--folder", default="INBOX", type=_folder_name, help="folder to read (default: "

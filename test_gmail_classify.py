@@ -15309,6 +15309,203 @@ class ProgramConditionTest(FakeServerTest):
                 self.assertEqual(gc.clean_label(given), want)
 
 
+# Rules for the export tests, the decisions of each checked on SIEVE_CORPUS: every kind of
+# condition Sieve can say, regexes in and out of the ERE subset, labels, moves, archive,
+# trash, flags, a {year} folder; CONTINUE_DOC adds `continue` (the variables form).
+SIEVE_DOC = {"rule": [
+    {"name": "Receipts", "subject": ["receipt", "/order #?[0-9]{5}/i"], "label": "Receipts",
+     "mark_read": True},
+    {"name": "News", "header": {"List-Unsubscribe": True}, "from": "news", "move": "Newsletters/{year}"},
+    {"name": "Big", "larger_than": "20K", "archive": True},
+    {"name": "Spam", "any": [{"from": "spam.example"}, {"subject": "/^\\[SPAM\\]/"}],
+     "trash": True, "star": True},
+    {"name": "Not bulk", "not": {"header": {"Precedence": "bulk"}}, "to": "me@", "label": "Direct"},
+]}
+CONTINUE_DOC = {"rule": [
+    {"name": "Tag shop", "from": "shop", "label": "Shopping", "continue": True},
+    {"name": "Starred", "starred": True, "label": "x", "continue": True},
+    {"name": "Receipts", "subject": "receipt", "label": ["Receipts", "Shopping"], "archive": True,
+     "mark_read": True},
+    {"name": "Urgent", "subject": "urgent", "star": True, "continue": True},
+    {"name": "Work", "from": "/@work[.]example/", "move": "Work", "mark_unread": True},
+]}
+
+
+def _sieve_corpus() -> List[bytes]:
+    today = email.utils.format_datetime(datetime.now(timezone.utc)).encode()  # {year} at delivery
+    return [make_message("Your receipt", "Shop <shop@x.example>"),
+            make_message("ORDER 12345 confirmed", "a@x.example"),
+            make_message("news of the week", "News <news@x.example>", extra="List-Unsubscribe: <mailto:u@x>\n"
+                         ).replace(b"Mon, 04 Mar 2024 10:00:00 +0000", today),
+            make_message("news without list", "News <news@x.example>"),
+            make_message("large", body="x" * 30000),
+            make_message("[SPAM] hi", "b@y.example"),
+            make_message("[spam] lower case", "b@y.example", to="other@z"),
+            make_message("hello", "Deals <a@spam.example>"),
+            make_message("hi", "c@z.example", to="me@here.example"),
+            make_message("hi", "c@z.example", to="me@here.example", extra="Precedence: bulk\n"),
+            make_message("urgent receipt", "shop@work.example"),
+            make_message("urgent", "boss@work.example"),
+            make_message("nothing", "x@elsewhere.example", to="you@there")]
+
+
+class SieveExportTest(unittest.TestCase):
+    """export --format sieve: compiled by Pigeonhole's sievec, and sieve-test decides every
+    message of a corpus as the rules do (folders and flags)."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def write(self, name: str, data: Any) -> str:
+        path = os.path.join(self.tmp, name)
+        with open(path, "wb") as handle:
+            handle.write(data if isinstance(data, bytes) else json.dumps(data).encode())
+        os.chmod(path, 0o644)
+        return path
+
+    @staticmethod
+    def expected(rules: gc.Ruleset, raw: bytes) -> set:
+        """What delivery should do by the rules' own decision: {(folder, flags added)}."""
+        decision = rules.classify(gc.message_info_from_bytes(raw), final=True)
+        actions = decision.actions.expanded(gc.message_info_from_bytes(raw))
+        flags = frozenset(row.flag.lower() for row in actions.flag_actions() if row.add)
+        folders = list(actions.labels)
+        destination = actions.move or ("Archive" if actions.archive else "Trash" if actions.trash else None)
+        folders.append(destination or "INBOX")
+        return {(folder, flags) for folder in folders}
+
+    @staticmethod
+    def performed(output: str) -> set:
+        """sieve-test's account of what it did: {(folder, flags added)}."""
+        found, folder, flags = set(), None, set()
+        for line in output.splitlines():
+            stored = re.match(r"\s*\* store message in folder: (.*)", line)
+            if stored or line.startswith("Implicit keep") and folder:
+                if folder:
+                    found.add((folder, frozenset(flags)))
+                folder, flags = (stored.group(1) if stored else None), set()
+            added = re.match(r"\s*\+ add IMAP flags: (.*)", line)
+            if added and folder:
+                flags.update(added.group(1).split())
+        if folder:
+            found.add((folder, frozenset(flags)))
+        return found
+
+    def sieve_test(self, script: str, messages: List[bytes]) -> List[set]:
+        if not (shutil.which("sievec") and shutil.which("sieve-test")):
+            self.skipTest("Pigeonhole's sievec and sieve-test are not installed")
+        os.chmod(self.tmp, 0o755)       # sieve-test, run as root, reads as another user
+        done = subprocess.run(["sievec", script], stderr=subprocess.PIPE, text=True)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        conf = self.write("sieve-test.conf", (
+            f"mail_location = maildir:{self.tmp}/maildir\n" + (
+                "mail_uid = nobody\nmail_gid = nogroup\nfirst_valid_uid = 1\nfirst_valid_gid = 1\n"
+                if os.geteuid() == 0 else "")).encode())
+        results = []
+        for index, raw in enumerate(messages):
+            mail = self.write(f"m{index}.eml", raw)
+            done = subprocess.run(["sieve-test", "-c", conf, script, mail], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            results.append(self.performed(done.stdout))
+        return results
+
+    def check_agrees(self, doc: dict, warning: str = "") -> str:
+        rules = parse_rules(doc, "rules.json")
+        path = self.write("rules.json", doc)
+        code, out, err = run_cli("export", path, "--format", "sieve")
+        self.assertEqual(code, 0)
+        self.assertEqual(err, warning and f"gmail_classify: {path}: {warning}\n")
+        self.assertNotIn(":create", out)
+        script = self.write("rules.sieve", out.encode())
+        corpus = _sieve_corpus()
+        got = self.sieve_test(script, corpus)
+        for raw, performed in zip(corpus, got):
+            with self.subTest(message=raw.split(b"\r\n")[2]):
+                self.assertEqual(performed, self.expected(rules, raw))
+        return out
+
+    def test_sieve_test_decides_as_the_rules_do(self):
+        out = self.check_agrees(SIEVE_DOC)
+        self.assertIn('require ["date", "fileinto", "imap4flags", "regex", "variables"];', out)
+        self.assertIn('header :regex :comparator "i;ascii-casemap" "subject" "order #?[0-9]{5}"', out)
+        self.assertIn('header :regex :comparator "i;octet" "subject" "^\\\\[SPAM\\\\]"', out)
+        self.assertIn("size :over 20480", out)
+        self.assertEqual(out.count("stop;"), 5)
+
+    def test_with_continue_the_merged_actions_are_the_same_too(self):
+        # (new mail is never starred: at delivery the rule left out cannot match)
+        out = self.check_agrees(CONTINUE_DOC, "rule 2 (Starred) left out: starred has no Sieve "
+                                              "test (it has continue, so the rules after it decide "
+                                              "as before)")
+        self.assertIn("# 4. Urgent (continue)", out)
+        self.assertNotIn("# 2.", out)
+
+    def test_a_rule_sieve_cannot_say_stops_the_export_unless_partial(self):
+        doc = {"rule": [{"name": "A", "subject": "a", "label": "A"},
+                        {"name": "Old", "older_than": "1y", "label": "x", "continue": True},
+                        {"name": "Body", "body": "invoice", "label": "B"},
+                        {"name": "Trash all", "from": "/./", "trash": True}]}
+        path = self.write("rules.json", doc)
+        code, out, err = run_cli("export", path, "--format", "sieve")
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn('rule 3 ("Body") cannot be exported to Sieve: body contains "invoice" has no '
+                      'Sieve test; later rules would catch its mail', err)
+        code, out, err = run_cli("export", path, "--format", "sieve", "--partial")
+        self.assertEqual(code, 0, err)
+        self.assertIn("# 1. A\n", out)
+        self.assertNotIn("Trash", out.split("require")[1])
+        self.assertIn("# Stopped before rule 3 (Body)", out)
+        self.assertIn("rule 2 (Old) left out: date older than 1y has no Sieve test", err)
+        self.assertIn("stopped before rule 3 (Body)", err)
+        for condition, why in (({"gmail_query": "x"}, "gmail query"), ({"has_label": "x"}, "has label"),
+                               ({"program": ["x"]}, "program x"), ({"subject": "/\\d+/"}, "POSIX ERE"),
+                               ({"from": "/^a/"}, "anchored"), ({"subject": "café"}, "not ASCII"),
+                               ({"subject": "/x/m"}, "POSIX ERE")):
+            with self.subTest(condition=condition):
+                with self.assertRaises(gc.RulesError) as caught:
+                    gc.export_sieve(parse_rules({"rule": [dict(name="R", label="L", **condition)]}, "r"))
+                self.assertIn(why, str(caught.exception))
+
+    def test_posix_ere_subset(self):
+        table = [("a.b", "a.b"), ("^\\[x\\]$", "^\\[x\\]$"), ("a{2,3}b+c*d?", "a{2,3}b+c*d?"),
+                 ("(ab|cd)[^x-z]", "(ab|cd)[^x-z]"), ("\\/path\\-x", "/path-x"), ("[]a]", "[]a]"),
+                 ("\\d", None), ("a*?", None), ("(?:a)", None), ("[\\w]", None), ("\\b", None),
+                 ("a{2", None), ("[[:alpha:]]", None), ("\u00e9", None), ("(a)\\1", None), ("*a", None)]
+        for source, want in table:
+            with self.subTest(source=source):
+                self.assertEqual(gc._posix_ere(source), want)
+
+    def test_output_file_is_private_and_kept_unless_force(self):
+        path = self.write("rules.json", SIEVE_DOC)
+        target = os.path.join(self.tmp, "out.sieve")
+        code, out, err = run_cli("export", path, "--format", "sieve", "-o", target)
+        self.assertEqual((code, out), (0, ""))
+        self.assertIn("wrote", err)
+        self.assertEqual(os.stat(target).st_mode & 0o777, 0o600)
+        code, out, err = run_cli("export", path, "--format", "json", "-o", target)
+        self.assertEqual(code, 2)
+        self.assertIn("already exists; pass --force", err)
+        code, out, err = run_cli("export", path, "--format", "json", "-o", target, "--force")
+        self.assertEqual(code, 0)
+        with open(target) as handle:
+            data = json.load(handle)
+        self.assertEqual(data["rules"][3]["condition"], {
+            "type": "AnyOf", "parts": [
+                {"type": "HeaderMatch", "key": "from", "headers": ["from"], "matcher": ["spam.example"],
+                 "addresses": True},
+                {"type": "HeaderMatch", "key": "subject", "headers": ["subject"],
+                 "matcher": ["/^\\[SPAM\\]/"], "addresses": False}]})
+        self.assertEqual(data["rules"][3]["actions"]["trash"], True)
+
+    def test_closed_pipe_exits_141(self):
+        self.state = os.path.join(self.tmp, "state")
+        path = self.write("rules.json", SIEVE_DOC)
+        ((code, err),) = ClosedOutputTest.closed_stdout(self, ["export", path, "--format", "sieve"])
+        self.assertEqual(code, 141, err)
+
+
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the
     # bench-* forms are its helper processes. Anything else runs the tests.

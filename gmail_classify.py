@@ -77,11 +77,13 @@ __all__ = [
     "builtin_rules", "STARTER_RULES_TOML", "STARTER_RULES_JSON", "parse_toml", "TOMLError",
     "RuleTest", "run_rule_tests", "format_rules", "write_rules_file",
     "TEMPLATE_FIELDS", "split_template", "expand_template", "clean_component",
+    "ProgramCondition", "ProgramError", "clean_label", "rule_programs", "program_trust_problem",
+    "check_programs_trusted",
     # pipeline
     "classify_folder", "check_run", "classify_messages", "demo_messages", "Outcome",
     "FolderReport",
     "Checkpoint", "RunStopped", "describe_change", "FolderLimitError", "DEFAULT_MAX_NEW_FOLDERS",
-    "RunOptions",
+    "RunOptions", "run_programs",
     # state and audit log
     "StateStore", "FolderState", "AccountLock", "AuditLog", "Run", "Undo", "history",
     "StateError", "LockedError", "BudgetExceededError", "account_key", "rules_hash",
@@ -93,6 +95,7 @@ __all__ = [
     "save_refresh_token", "load_refresh_token", "token_path",
     # importers and suggestions
     "import_gmail_filters", "ImportedFilters", "suggest_rules", "Suggestions",
+    "export_sieve", "export_gmail", "export_json", "Exported", "EXPORT_FORMATS",
     # command line
     "main",
 ]
@@ -11953,6 +11956,141 @@ def _sieve_merged(compiled: List[Tuple[Rule, str]], require: set, archive: str,
         keyword = "elsif"
     end.append("else { keep; }" if destinations else "keep;")
     return "\n".join(_sieve_dates(require)) + "\n".join(blocks) + "\n" + "\n".join(end) + "\n"
+
+
+# Gmail's filters: one filter per rule (per label: a filter has one), its criteria one search
+# in `hasTheWord`.  Gmail's search is word-based, so only conditions it can say exactly go in
+# (gmail_query itself, attachments, sizes, ages, unread, starred, simple labels); substring
+# matches on headers do not.  Gmail applies every matching filter, ours stop at the first:
+# each filter carries the negated searches of the rules before it that stop.
+GMAIL_FILTER_QUERY_MAX = 1500     # characters Gmail takes in one filter's search
+GMAIL_FILTERS_MAX = 1000          # filters per account
+_GMAIL_LABEL_TERM = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _gmail_query(condition: Condition) -> str:
+    """The Gmail search for a condition; raises _Inexpressible naming what has none."""
+    if isinstance(condition, GmailQuery):
+        return f"({condition.query})"
+    if isinstance(condition, SizeCompare):
+        return f"{'larger' if condition.larger else 'smaller'}:{condition.limit}"
+    if isinstance(condition, AgeCompare):
+        return f"{'older_than' if condition.older else 'newer_than'}:{condition.amount}{condition.unit}"
+    if isinstance(condition, StateIs):
+        term = {"has_attachment": "has:attachment", "unread": "is:unread",
+                "starred": "is:starred"}[condition.key]
+        return term if condition.want else f"-{term}"
+    if isinstance(condition, HasLabel):
+        terms = []
+        for pattern in condition.matcher.patterns:
+            if pattern.regex is not None or not _GMAIL_LABEL_TERM.fullmatch(pattern.text):
+                raise _Inexpressible(f"has label {pattern.describe()} is not a plain label "
+                                     f"name Gmail's label: search finds exactly")
+            terms.append(f"label:{pattern.text}")
+        return terms[0] if len(terms) == 1 else f"({' OR '.join(terms)})"
+    if isinstance(condition, (AllOf, AnyOf)):
+        parts = [_gmail_query(part) for part in condition.parts]
+        joiner = " " if isinstance(condition, AllOf) else " OR "
+        return parts[0] if len(parts) == 1 else f"({joiner.join(parts)})"
+    if isinstance(condition, Not):
+        return f"-({_gmail_query(condition.part)})" if not isinstance(condition.part, StateIs) \
+            else _gmail_query(dataclasses.replace(condition.part, want=not condition.part.want))
+    raise _Inexpressible(f"{condition.describe()}: Gmail's word-based search cannot say it "
+                         f"exactly")
+
+
+def _gmail_actions(actions: Actions) -> List[Dict[str, str]]:
+    """The filters' actions for one rule: one dict of properties per label (a Gmail filter
+    sets one label), the other actions on the first."""
+    if actions.templates():
+        raise _Inexpressible(f"{actions.templates()[0]} is a templated label")
+    extra = [row.key for row in actions.flag_actions() if row.key not in ("mark_read", "star")]
+    if extra:
+        raise _Inexpressible(f"{extra[0]} has no Gmail filter action")
+    common: Dict[str, str] = {}
+    labels = list(actions.labels)
+    if actions.move:
+        labels.append(actions.move)
+        common["shouldArchive"] = "true"
+    if actions.archive:
+        common["shouldArchive"] = "true"
+    if actions.trash:
+        common.pop("shouldArchive", None)
+        common["shouldTrash"] = "true"
+    if actions.flag("mark_read"):
+        common["shouldMarkAsRead"] = "true"
+    if actions.flag("star"):
+        common["shouldStar"] = "true"
+    filters = [dict(common, label=label) for label in labels] or [common]
+    return [dict(item) for item in filters]
+
+
+def export_gmail(rules: Ruleset, *, partial: bool = False) -> Exported:
+    """The rules as Gmail's filter XML (what Settings -> Filters -> Import reads, and
+    import_gmail_filters).  A rule without `continue` that Gmail cannot say exactly (or
+    whose filters' searches, with the earlier rules negated, pass 1,500 characters)
+    raises RulesError naming it (``partial``: the rules before it are exported); such a
+    rule with `continue` is left out.  A `continue` rule with a destination or a flag is
+    left out too: Gmail would let a later filter's destination win over it."""
+    done = Exported("")
+    stoppers: List[str] = []        # searches of earlier rules that stop: negated in later ones
+    entries: List[Dict[str, str]] = []
+    for rule in rules.rules:
+        try:
+            query = _gmail_query(rule.condition)
+            filters = _gmail_actions(rule.actions)
+            if rule.continue_ and (rule.actions.has_destination() or rule.actions.flag_actions()):
+                raise _Inexpressible("a continue rule's destination or flags would not stay "
+                                     "the first choice in Gmail")
+            search = " ".join([query] + [f"-{q}" for q in stoppers])
+            if len(search) > GMAIL_FILTER_QUERY_MAX:
+                raise _Inexpressible(f"its search with the {len(stoppers)} earlier rules negated "
+                                     f"takes {len(search)} characters, over Gmail's "
+                                     f"{GMAIL_FILTER_QUERY_MAX}")
+            if len(entries) + len(filters) > GMAIL_FILTERS_MAX:
+                raise _Inexpressible(f"Gmail takes at most {GMAIL_FILTERS_MAX} filters")
+        except _Inexpressible as exc:
+            why = str(exc)
+            if rule.continue_:
+                done.left_out.append((rule, why))
+                continue
+            if not partial:
+                raise RulesError(f"{rules.source}: rule {rule.position} "
+                                 f"({json.dumps(rule.name, ensure_ascii=False)}) cannot be "
+                                 f"exported to Gmail filters: {why}; later filters would act "
+                                 f"on its mail, so nothing is written (--partial writes the "
+                                 f"rules before it)") from None
+            done.stopped = (rule, why)
+            break
+        entries.extend(dict(item, hasTheWord=search) for item in filters)
+        done.rules += 1
+        if not rule.continue_:
+            stoppers.append(query if query.startswith("(") else f"({query})")
+    done.text = _gmail_feed(entries)
+    return done
+
+
+def _gmail_feed(entries: List[Dict[str, str]]) -> str:
+    """The Atom feed Gmail exports and imports, one <entry> per filter."""
+    tree = xml.etree.ElementTree
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    feed = tree.Element("feed", {"xmlns": _ATOM[1:-1], "xmlns:apps": _APPS[1:-1]})
+    tree.SubElement(feed, "title").text = "Mail Filters"
+    tree.SubElement(feed, "id").text = "tag:mail.google.com,2008:filters:"
+    tree.SubElement(feed, "updated").text = now
+    tree.SubElement(tree.SubElement(feed, "author"), "name").text = "gmail_classify"
+    order = ("hasTheWord", "label", "shouldArchive", "shouldTrash", "shouldMarkAsRead", "shouldStar")
+    for number, props in enumerate(entries, 1):
+        entry = tree.SubElement(feed, "entry")
+        tree.SubElement(entry, "category", {"term": "filter"})
+        tree.SubElement(entry, "title").text = "Mail Filter"
+        tree.SubElement(entry, "id").text = f"tag:mail.google.com,2008:filter:{number}"
+        tree.SubElement(entry, "updated").text = now
+        tree.SubElement(entry, "content")
+        for name in order:
+            if name in props:
+                tree.SubElement(entry, "apps:property", {"name": name, "value": props[name]})
+    return "<?xml version='1.0' encoding='UTF-8'?>" + tree.tostring(feed, encoding="unicode") + "\n"
 
 
 def _as_data(value: Any) -> Any:

@@ -2337,6 +2337,9 @@ class _Session(socketserver.BaseRequestHandler):
                 return parse_query(")")
             if tok == ")":
                 raise _Bad("Unbalanced ')' in X-GM-RAW")
+            if tok == "-" and pos < len(tokens) and tokens[pos] == "(":     # -(a b): not both
+                inner = parse_unary()
+                return lambda m: not inner(m)
             if tok.startswith("-") and len(tok) > 1:
                 tokens[pos - 1] = tok[1:]
                 pos -= 1
@@ -15504,6 +15507,110 @@ class SieveExportTest(unittest.TestCase):
         path = self.write("rules.json", SIEVE_DOC)
         ((code, err),) = ClosedOutputTest.closed_stdout(self, ["export", path, "--format", "sieve"])
         self.assertEqual(code, 141, err)
+
+
+# Rules for the Gmail export round trip: what Gmail's search can say exactly, `continue`,
+# first-match order (the later filters carry the earlier searches negated), a move.
+GMAIL_EXPORT_DOC = {"rule": [
+    {"name": "Invoices", "gmail_query": "subject:invoice", "has_attachment": True,
+     "label": ["Finance", "Invoices"], "archive": True},
+    {"name": "Big", "larger_than": "20K", "label": "Big", "continue": True},
+    {"name": "Old unread", "all": [{"older_than": "1y"}, {"unread": True}],
+     "not": {"has_label": "Keep"}, "mark_read": True},
+    {"name": "Starred", "starred": True, "move": "Starred mail"},
+    {"name": "Catch all", "gmail_query": "subject:hello", "label": "Hello", "star": True},
+]}
+
+
+def _with_attachment(subject: str) -> bytes:
+    return (f"From: a@x.example\r\nTo: {USER}\r\nSubject: {subject}\r\nMessage-ID: <{subject}@x>\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+            "Content-Type: text/plain\r\n\r\nsee attached\r\n--b\r\nContent-Type: application/pdf\r\n"
+            "Content-Disposition: attachment; filename=a.pdf\r\n\r\nJVBERi0=\r\n--b--\r\n").encode()
+
+
+class GmailExportTest(FakeServerTest):
+    maxDiff = None
+    """export --format gmail: the filter XML, read back by import-filters, decides a corpus
+    on (fake) Gmail as the rules do."""
+
+    def effect(self, rules: gc.Ruleset) -> Dict[str, tuple]:
+        """Per subject, what a dry run would do, as Gmail shows it: labels added, archived,
+        trashed, flags set (a move is a label and an archive)."""
+        found: Dict[str, tuple] = {}
+
+        def seen(outcome: gc.Outcome) -> None:
+            labels, other = set(), set()
+            for change in outcome.changes:
+                if change["action"] == "label":
+                    labels.add(change["label"])
+                elif change["action"] == "move":
+                    labels.add(change["after"]["folder"])
+                    other.add("archive")
+                else:
+                    other.add(change["action"])
+            found[outcome.subject] = (tuple(sorted(labels)), tuple(sorted(other)))
+        gc.classify_folder(self.connect(), rules, "INBOX", on_message=seen)
+        return found
+
+    def test_round_trip_through_import_filters_gives_the_same_decisions(self):
+        old = datetime(2020, 5, 1, tzinfo=timezone.utc)
+        add = self.server.add_message
+        add(_with_attachment("invoice 42"))
+        add(_with_attachment("invoice big") + b"x" * 30000)
+        add(make_message("invoice no attachment", body="y" * 30000))
+        add(make_message("old unread"), date=old)
+        add(make_message("old unread kept"), date=old, labels=("\\Inbox", "Keep"))
+        add(make_message("old read"), date=old, flags=("\\Seen",))
+        add(make_message("big old unread", body="z" * 30000), date=old)
+        add(make_message("starred"), flags=("\\Flagged", "\\Seen"))
+        add(make_message("hello there"), flags=("\\Seen",))
+        add(make_message("hello starred"), flags=("\\Flagged", "\\Seen"))
+        add(make_message("nothing"), flags=("\\Seen",))
+        path = os.path.join(self.tmp, "rules.json")
+        with open(path, "w") as handle:
+            json.dump(GMAIL_EXPORT_DOC, handle)
+        xml_path = os.path.join(self.tmp, "mailFilters.xml")
+        code, out, err = run_cli("export", path, "--format", "gmail", "-o", xml_path)
+        self.assertEqual(code, 0, err)
+        code, imported, err = run_cli("import-filters", xml_path, "--format", "json")
+        self.assertEqual((code, err), (0, ""))
+        doc = json.loads(imported)
+        self.assertEqual(len(doc["rule"]), 6)       # Invoices is two filters: one per label
+        self.assertEqual(doc["rule"][2]["gmail_query"], "(larger:20480 -((subject:invoice) has:attachment))")
+        before = self.effect(gc.load_rules(path))
+        after = self.effect(parse_rules(doc, "imported.json"))
+        self.assertEqual(after, before)
+        # and the decisions are the ones the rules say (the corpus covers every rule)
+        self.assertEqual(before["invoice big"], (("Finance", "Invoices"), ("archive",)))
+        self.assertEqual(before["big old unread"], (("Big",), ("mark read",)))
+        self.assertEqual(before["old unread kept"], ((), ()))
+        self.assertEqual(before["starred"], (("Starred mail",), ("archive",)))
+        self.assertEqual(before["hello starred"], (("Starred mail",), ("archive",)))
+        self.assertEqual(before["hello there"], (("Hello",), ("star",)))
+        self.assertEqual(before["nothing"], ((), ()))
+
+    def test_what_gmail_cannot_say_stops_the_export_unless_partial(self):
+        doc = {"rule": [{"name": "Q", "gmail_query": "from:x", "label": "Q"},
+                        {"name": "Sub", "subject": "receipt", "label": "R", "continue": True},
+                        {"name": "Unstar", "gmail_query": "from:y", "unstar": True},
+                        {"name": "After", "gmail_query": "from:z", "trash": True}]}
+        path = os.path.join(self.tmp, "rules.json")
+        with open(path, "w") as handle:
+            json.dump(doc, handle)
+        code, out, err = run_cli("export", path, "--format", "gmail")
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn('rule 3 ("Unstar") cannot be exported to Gmail filters: unstar has no Gmail '
+                      'filter action', err)
+        code, out, err = run_cli("export", path, "--format", "gmail", "--partial")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(gc.import_gmail_filters(out.encode()).doc["rule"], [
+            {"name": "Gmail filter 1", "gmail_query": "((from:x))", "label": "Q", "continue": True}])
+        self.assertIn("rule 2 (Sub) left out: subject contains \"receipt\": Gmail's word-based search", err)
+        long = {"rule": [{"name": f"R{i}", "gmail_query": "x" * 200 + str(i), "label": "L"} for i in range(8)]}
+        with self.assertRaises(gc.RulesError) as caught:
+            gc.export_gmail(parse_rules(long, "r.json"))
+        self.assertIn("over Gmail's 1500", str(caught.exception))
 
 
 if __name__ == "__main__":

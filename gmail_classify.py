@@ -7005,6 +7005,11 @@ STARTER_RULES_TOML = r'''# gmail_classify rules. These are the built-in rules; e
 #   unread, starred      true or false
 #   has_label            a label name ("Receipts", "Inbox", "Starred") or a regex
 #   gmail_query          a Gmail search run by the server, e.g. "category:promotions"
+#   program              a classifier: ["/usr/bin/bogofilter", "-e"] reads the message;
+#                        exit 0 = match, 1 = no match, else skipped (see the README);
+#                        beside it: program_input ("headers" or "message"),
+#                        program_max_size ("1M"), program_timeout (10), program_path
+#                        ("/usr/bin:/bin"), label_from = "program" (the label it prints)
 #   any = [ {...}, {...} ]   at least one of these tables of conditions holds
 #   all = [ {...}, {...} ]   every one of them holds
 #   not = { ... }            this table of conditions does not hold

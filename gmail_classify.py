@@ -11906,14 +11906,12 @@ def _sieve_dates(require: set) -> List[str]:
 def _sieve_plain(compiled: List[Tuple[Rule, str]], require: set, archive: str,
                  trash: str) -> str:
     """No `continue`: one ``if`` per rule, its actions, then ``stop``."""
-    lines: List[str] = []
     blocks: List[str] = []
     for rule, test in compiled:
         actions = _sieve_actions(rule.actions, require, archive, trash)
         blocks.append(f"# {rule.position}. {printable(rule.name)}\nif {test} {{\n"
                       + "".join(f"    {line}\n" for line in actions) + "    stop;\n}\n")
-    lines = _sieve_dates(require)
-    return "\n".join(lines) + "\n".join(blocks)
+    return "\n".join(_sieve_dates(require)) + "\n".join(blocks)
 
 
 def _sieve_merged(compiled: List[Tuple[Rule, str]], require: set, archive: str,
@@ -12030,8 +12028,7 @@ def _gmail_actions(actions: Actions) -> List[Dict[str, str]]:
         common["shouldMarkAsRead"] = "true"
     if actions.flag("star"):
         common["shouldStar"] = "true"
-    filters = [dict(common, label=label) for label in labels] or [common]
-    return [dict(item) for item in filters]
+    return [dict(common, label=label) for label in labels] or [common]
 
 
 def export_gmail(rules: Ruleset, *, partial: bool = False) -> Exported:

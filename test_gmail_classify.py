@@ -15074,7 +15074,7 @@ def _bench_main(argv: List[str]) -> int:
 # exits 0, CRASH is killed by a signal, HANG never answers, STATUS3 exits 3, WAIT waits until
 # two messages are in hand at once; anything else exits 1.  Each run appends its environment
 # and what it read to the log named by its first argument.
-_CLASSIFIER = r'''#!%s
+_CLASSIFIER = r'''#!%s -IS
 import json, os, signal, sys, time
 data = sys.stdin.buffer.read()
 with open(sys.argv[1], "a") as log:

@@ -15427,7 +15427,7 @@ class SieveExportTest(unittest.TestCase):
             results.append(self.performed(done.stdout))
         return results
 
-    def check_agrees(self, doc: dict, warning: str = "") -> str:
+    def check_agrees(self, doc: dict, warning: str = "", only: Sequence[int] = ()) -> str:
         rules = parse_rules(doc, "rules.json")
         path = self.write("rules.json", doc)
         code, out, err = run_cli("export", path, "--format", "sieve")
@@ -15435,7 +15435,7 @@ class SieveExportTest(unittest.TestCase):
         self.assertEqual(err, warning and f"gmail_classify: {path}: {warning}\n")
         self.assertNotIn(":create", out)
         script = self.write("rules.sieve", out.encode())
-        corpus = _sieve_corpus()
+        corpus = [raw for i, raw in enumerate(_sieve_corpus()) if not only or i in only]
         got = self.sieve_test(script, corpus)
         for raw, performed in zip(corpus, got):
             with self.subTest(message=raw.split(b"\r\n")[2]):
@@ -15454,7 +15454,7 @@ class SieveExportTest(unittest.TestCase):
         # (new mail is never starred: at delivery the rule left out cannot match)
         out = self.check_agrees(CONTINUE_DOC, "rule 2 (Starred) left out: starred has no Sieve "
                                               "test (it has continue, so the rules after it decide "
-                                              "as before)")
+                                              "as before)", only=(0, 1, 7, 10, 11, 12))
         self.assertIn("# 4. Urgent (continue)", out)
         self.assertNotIn("# 2.", out)
 

@@ -77,11 +77,13 @@ __all__ = [
     "builtin_rules", "STARTER_RULES_TOML", "STARTER_RULES_JSON", "parse_toml", "TOMLError",
     "RuleTest", "run_rule_tests", "format_rules", "write_rules_file",
     "TEMPLATE_FIELDS", "split_template", "expand_template", "clean_component",
+    "ProgramCondition", "ProgramError", "clean_label", "rule_programs", "program_trust_problem",
+    "check_programs_trusted",
     # pipeline
     "classify_folder", "check_run", "classify_messages", "demo_messages", "Outcome",
     "FolderReport",
     "Checkpoint", "RunStopped", "describe_change", "FolderLimitError", "DEFAULT_MAX_NEW_FOLDERS",
-    "RunOptions",
+    "RunOptions", "run_programs",
     # state and audit log
     "StateStore", "FolderState", "AccountLock", "AuditLog", "Run", "Undo", "history",
     "StateError", "LockedError", "BudgetExceededError", "account_key", "rules_hash",
@@ -93,6 +95,7 @@ __all__ = [
     "save_refresh_token", "load_refresh_token", "token_path",
     # importers and suggestions
     "import_gmail_filters", "ImportedFilters", "suggest_rules", "Suggestions",
+    "export_sieve", "export_gmail", "export_json", "Exported", "EXPORT_FORMATS",
     # command line
     "main",
 ]
@@ -104,6 +107,7 @@ import argparse
 import base64
 import binascii
 import calendar
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as _dt
@@ -3405,6 +3409,11 @@ class MessageInfo:
     has_attachment: Optional[bool] = None
     body: Optional[str] = None  # decoded text prefix (plain, or HTML stripped to text)
     queries: Optional[frozenset] = None  # gmail_query strings this message matched; None = cannot know
+    source: Optional[bytes] = None  # the bytes fetched for the body (header block included)
+    folder: str = ""  # the folder it was read from, as the rules name it
+    # The answers of the rules' programs (ProgramCondition -> its answer), kept across
+    # dataclasses.replace(): each program runs once per message.
+    programs: Dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 # A header block made only of well-formed fields (name, colon, value, folded lines) and
@@ -4168,7 +4177,7 @@ def message_info_from_bytes(raw: bytes) -> MessageInfo:
     except Exception:
         has_attachment = False
     return MessageInfo(headers=headers, size=len(raw), date=_header_date(headers),
-                       has_attachment=has_attachment, body=body_text(raw))
+                       has_attachment=has_attachment, body=body_text(raw), source=raw)
 
 
 # Google Takeout writes the labels of each message into one header,
@@ -4419,6 +4428,7 @@ class Needs:
     size: bool = False
     date: bool = False
     queries: frozenset = frozenset()  # gmail_query strings, to run with X-GM-RAW
+    whole: frozenset = frozenset()  # program_max_size of programs that read whole messages
 
     @classmethod
     def merge(cls, parts: Iterable[Needs]) -> Needs:
@@ -4460,6 +4470,7 @@ class Condition:
     """
 
     cost = 0   # flags, sizes and dates are free; a header decode 1-2; the body a second fetch 3
+    options: Tuple[str, ...] = ()   # keys beside it in the same table that tune it (program_*)
 
     # Rules are immutable, so each description is built once (a message that does not
     # match returns one, and classify() sees thousands of those) and kept on the rule.
@@ -5034,6 +5045,244 @@ class _PythonKind:
         return PythonCondition(key, self.function, read.boolean(value), self.fetch, self.cost)
 
 
+# A program as a condition (`program = ["bogofilter", "-e"]`): the message goes to its
+# standard input; exit 0 is a match, 1 no match, and anything else (another status, a
+# signal, no answer within program_timeout, no such program) fails closed: the message is
+# skipped for this run (incomplete, exit 6), never taken for a match or a non-match.  The
+# keys beside it in the same table tune it (Condition.options).  Programs run only after the
+# trust check (program_trust_problem): a file someone else can change must not choose what
+# runs.  The pipeline runs them ahead of classify(), across a batch's messages at once
+# (run_programs); anything else (test, a vendoring script) runs them one at a time.
+PROGRAM_INPUTS = ("headers", "message")   # the header block and body prefix / the whole message
+DEFAULT_PROGRAM_MAX_SIZE = 1024 * 1024    # bytes: a larger message is skipped for its content
+DEFAULT_PROGRAM_TIMEOUT = 10.0            # seconds
+DEFAULT_PROGRAM_PATH = "/usr/bin:/bin"    # the programs' PATH
+_PROGRAM_ENV_MAX = 1024                   # bytes per GMAIL_CLASSIFY_* variable (a sender's text)
+_PROGRAM_LABEL_MAX = 255                  # characters of the first line read as a label
+_program_planning = threading.local()     # .on: evaluate() asks (raises _ProgramWanted) not runs
+
+
+class ProgramError(GmailClassifyError):
+    """A rule's program failed on a message (a status other than 0 or 1, a signal, a
+    timeout, cannot be started): the message is skipped for this run, never classified."""
+    exit_code = EXIT_INCOMPLETE
+
+
+class _ProgramWanted(Exception):
+    """Raised by ProgramCondition.evaluate while run_programs plans: this program's answer
+    on this message is what the rules need next."""
+
+    def __init__(self, condition: "ProgramCondition") -> None:
+        super().__init__(condition.describe())
+        self.condition = condition
+
+
+@dataclass(frozen=True)
+class _ProgramAnswer:
+    """What one program said of one message: ``matched`` None when it failed (``why``);
+    ``too_large`` when the message was never given to it."""
+
+    matched: Optional[bool]
+    label: Optional[str] = None
+    why: str = ""
+    too_large: bool = False
+    not_run: bool = False       # check and demo without --run-programs: unknown, no match
+
+
+_NOT_RUN = _ProgramAnswer(None, why="not run", not_run=True)
+
+
+def _env_value(values: Sequence[str]) -> str:
+    """A header's text for a program's environment: printable, at most 1 KiB of UTF-8."""
+    text = printable(" ".join(values)).replace("\0", "")
+    data = text.encode("utf-8")[:_PROGRAM_ENV_MAX]
+    return data.decode("utf-8", "ignore")
+
+
+def clean_label(text: str, separator: Optional[str] = "/") -> str:
+    """A label a program printed, made safe: each ``/``-separated part cleaned as a
+    templated destination's part (clean_component) but keeping its case; "" when nothing
+    is left.  ``clean_label("Spam/../Evil Corp") == "Spam/EvilCorp"``."""
+    parts = []
+    for part in text.split("/"):
+        cleaned = clean_component(part, separator, keep_case=True)
+        if part.strip() and cleaned != "unknown":
+            parts.append(cleaned)
+    return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class ProgramCondition(Condition):
+    """`program = ["cmd", "arg", ...]`: the message on the program's stdin; exit 0 holds.
+
+    ``input`` "headers" gives the header block and the body prefix the rules fetch,
+    "message" the whole message (at most ``max_size`` bytes: a larger one is skipped for
+    its content).  With ``label_from`` the first line of the program's output, cleaned
+    (clean_label), is added as a label when the rule matches.  ``source`` is the rules
+    file (a relative program path is read from its directory)."""
+
+    argv: Tuple[str, ...]
+    input: str = "headers"
+    max_size: int = DEFAULT_PROGRAM_MAX_SIZE
+    timeout: float = DEFAULT_PROGRAM_TIMEOUT
+    path: str = DEFAULT_PROGRAM_PATH
+    label_from: bool = False
+    source: str = ""
+
+    cost = 5        # a process per message: after everything else
+    options = ("program_input", "program_max_size", "program_timeout", "program_path",
+               "label_from")
+
+    @classmethod
+    def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
+        if not isinstance(value, list) or not value:
+            raise read.error('expected a list of strings, the program and its arguments '
+                             f'(never a shell line), e.g. ["bogofilter", "-e"], got {_quote(value)}')
+        argv = tuple(read.at(f"[{i}]").text(item) for i, item in enumerate(value, 1))
+        settings: Dict[str, Any] = {}
+        where, found = read.option("program_input")
+        if where is not None and found not in PROGRAM_INPUTS:
+            raise where.error(f"expected {' or '.join(map(_quote, PROGRAM_INPUTS))}, got {_quote(found)}")
+        settings["input"] = found or "headers"
+        where, found = read.option("program_max_size")
+        if where is not None:
+            settings["max_size"] = where.size(found)[0]
+        where, found = read.option("program_timeout")
+        if where is not None:
+            if isinstance(found, bool) or not isinstance(found, (int, float)) \
+                    or not 0 < found <= 3600:
+                raise where.error(f"expected seconds, more than 0 and at most 3600, got {_quote(found)}")
+            settings["timeout"] = float(found)
+        where, found = read.option("program_path")
+        if where is not None:
+            settings["path"] = where.text(found, "a PATH such as \"/usr/local/bin:/usr/bin:/bin\"")
+        where, found = read.option("label_from")
+        if where is not None:
+            if found != "program":
+                raise where.error(f'expected "program" (the first line the program prints is '
+                                  f'the label), got {_quote(found)}')
+            settings["label_from"] = True
+        return cls(argv, source=read.where.source, **settings)
+
+    def name(self) -> str:
+        return os.path.basename(self.argv[0])
+
+    def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
+        answer = msg.programs.get(self)
+        if answer is None:
+            if msg.source is None and msg.body is None:
+                return None, self.describe()      # its input is not fetched yet
+            if getattr(_program_planning, "on", False):
+                raise _ProgramWanted(self)
+            answer = msg.programs[self] = self.run(msg)
+        if answer.not_run:
+            return None, f"{self.describe()}: not run (--run-programs runs it)"
+        if answer.too_large:
+            raise ContentSkip(f"larger than program_max_size ({_human_size(self.max_size)}) "
+                              f"for program {self.name()}")
+        if answer.matched is None:
+            raise ProgramError(f"program {self.name()} {answer.why}")
+        if answer.matched:
+            said = f" (label {_quote(answer.label)})" if answer.label else ""
+            return True, f"program {self.name()} said yes{said}"
+        return False, self.describe()
+
+    def explain(self, msg: MessageInfo, now: datetime) -> Verdict:
+        value, reason = self.evaluate(msg, now)
+        return value, reason if value else f"program {self.name()}: said no"
+
+    def needs(self) -> Needs:
+        if self.input == "message":
+            return Needs(headers=frozenset(), body=True, size=True, whole=frozenset({self.max_size}))
+        return Needs(headers=frozenset(), body=True)
+
+    def describe(self) -> str:
+        return "program " + " ".join(shlex.quote(arg) for arg in self.argv)
+
+    def executable(self) -> Optional[str]:
+        """The program's file: a name is looked up in ``path``; a relative path is read
+        from the rules file's directory.  None when there is no such program."""
+        name = self.argv[0]
+        if os.sep not in name:
+            return shutil.which(name, path=self.path)
+        if not os.path.isabs(name):
+            name = os.path.join(os.path.dirname(os.path.abspath(self.source)), name)
+        return name if os.path.isfile(name) and os.access(name, os.X_OK) else None
+
+    def input_bytes(self, msg: MessageInfo) -> bytes:
+        """What the program reads: the bytes fetched (offline: the message, or one made
+        of its headers and body)."""
+        data = msg.source
+        if data is None:
+            try:
+                head = bytes(msg.headers)
+            except Exception:   # a header the generator refuses: the body alone, then
+                head = b"\n"
+            data = head + (msg.body or "").encode("utf-8")
+        return data if self.input == "message" else data[:BODY_PREFIX_BYTES]
+
+    def environment(self, msg: MessageInfo) -> Dict[str, str]:
+        """The program's whole environment: small and fixed, no credentials."""
+        env = {"PATH": self.path, "HOME": os.path.expanduser("~"), "LANG": "C.UTF-8"}
+        for name, header in (("FROM", "from"), ("SUBJECT", "subject"),
+                             ("MESSAGE_ID", "message-id")):
+            env[f"GMAIL_CLASSIFY_{name}"] = _env_value(header_text(msg.headers, header))
+        env["GMAIL_CLASSIFY_FOLDER"] = _env_value([msg.folder])
+        env["GMAIL_CLASSIFY_UID"] = str(msg.uid)
+        return env
+
+    def run(self, msg: MessageInfo) -> _ProgramAnswer:
+        """Run the program on ``msg`` (after the trust check, once per condition); never
+        raises for the program's own failures (they are in the answer)."""
+        problem = self.__dict__.get("_trust")
+        if problem is None:
+            # (program_trust_problem is in Rules files: loading, beside trust_problem)
+            problem = self.__dict__["_trust"] = program_trust_problem(self) or ""
+        if problem:
+            raise RulesError(problem)
+        size = msg.size if msg.size is not None else len(msg.source or b"")
+        if self.input == "message" and (size > self.max_size or
+                                        len(msg.source or b"") > self.max_size):
+            return _ProgramAnswer(None, too_large=True)
+        program = self.executable()
+        if program is None:
+            return _ProgramAnswer(None, why=f"cannot be started: no such program in "
+                                            f"{self.path if os.sep not in self.argv[0] else 'that place'}")
+        try:
+            done = subprocess.run((program,) + self.argv[1:], input=self.input_bytes(msg),
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  env=self.environment(msg), timeout=self.timeout,
+                                  close_fds=True)
+        except subprocess.TimeoutExpired:
+            return _ProgramAnswer(None, why=f"gave no answer within {self.timeout:g} s")
+        except OSError as exc:
+            return _ProgramAnswer(None, why=f"cannot be started: {exc.strerror or exc}")
+        if done.returncode < 0:
+            return _ProgramAnswer(None, why=f"was killed by signal {-done.returncode}")
+        if done.returncode not in (0, 1):
+            return _ProgramAnswer(None, why=f"exited with status {done.returncode}")
+        if done.returncode == 1:
+            return _ProgramAnswer(False)
+        label = None
+        if self.label_from:
+            first = done.stdout.decode("utf-8", "replace").split("\n", 1)[0]
+            label = clean_label(first[:_PROGRAM_LABEL_MAX].strip()) or None
+            if label is None:
+                return _ProgramAnswer(None, why="said yes but printed no label")
+        return _ProgramAnswer(True, label)
+
+
+def _program_labels(condition: Condition, msg: MessageInfo) -> Tuple[str, ...]:
+    """The labels the label_from programs of a matching rule printed for ``msg``."""
+    labels = []
+    for cond in _walk(condition):
+        if isinstance(cond, ProgramCondition) and cond.label_from:
+            answer = msg.programs.get(cond)
+            if answer is not None and answer.matched and answer.label:
+                labels.append(answer.label)
+    return tuple(labels)
+
+
 # The condition kinds: rules-file key -> the class that reads it (Condition.from_rules).
 # A new kind is one Condition subclass above and one row here (from outside the file:
 # Ruleset.add_condition); validation, CONDITION_KEYS, Ruleset.needs and the cost order
@@ -5045,7 +5294,7 @@ _CONDITION_KINDS: Dict[str, Any] = {
     "larger_than": SizeCompare, "smaller_than": SizeCompare,
     "older_than": AgeCompare, "newer_than": AgeCompare,
     "has_attachment": StateIs, "unread": StateIs, "starred": StateIs,
-    "has_label": HasLabel, "gmail_query": GmailQuery,
+    "has_label": HasLabel, "gmail_query": GmailQuery, "program": ProgramCondition,
 }
 
 
@@ -5113,20 +5362,22 @@ def split_template(text: str) -> Tuple[Tuple[bool, str], ...]:
     return tuple(pieces)
 
 
-def clean_component(value: str, separator: Optional[str] = "/") -> str:
+def clean_component(value: str, separator: Optional[str] = "/", keep_case: bool = False) -> str:
     """One folder-name component made safe from text a sender chose.
 
     Returns lower case with only a-z, 0-9, '-' and '.', no leading/trailing dot or
     dash, no '..', at most 63 characters, never the hierarchy ``separator``;
     "unknown" when nothing is left. Example: "EVIL.com/../INBOX" -> "evil.com.inbox".
-    International domains become their xn-- (IDNA) form.
+    International domains become their xn-- (IDNA) form.  ``keep_case``: letters keep
+    their case (A-Z too), for a label a program chose.
     """
-    text = unicodedata.normalize("NFKC", value).strip().lower()
+    text = unicodedata.normalize("NFKC", value).strip()
+    text = text if keep_case else text.lower()
     try:
         text = text.encode("idna").decode("ascii")
     except (UnicodeError, ValueError):
         pass
-    text = re.sub(r"[^a-z0-9.-]+", "", text)
+    text = re.sub(r"[^A-Za-z0-9.-]+" if keep_case else r"[^a-z0-9.-]+", "", text)
     if separator and separator not in ("-",):
         text = text.replace(separator, "-")
     text = re.sub(r"\.{2,}", ".", text)
@@ -5430,6 +5681,9 @@ class Ruleset:
                 if value:
                     matches.append((rule.name, reason))
                     actions = actions.merged(rule.actions)
+                    printed = _program_labels(rule.condition, msg) if msg.programs else ()
+                    if printed:
+                        actions = actions.merged(Actions(labels=printed))
                     if not rule.continue_:
                         break
         finally:
@@ -5447,8 +5701,16 @@ def _action_keys() -> Tuple[str, ...]:
     return ("label", "move", "archive") + tuple(_FLAG_ACTION_ROWS) + ("trash",)
 
 
+def _option_keys() -> Tuple[str, ...]:
+    """The keys that tune a condition beside it (Condition.options), e.g. program_timeout."""
+    keys: List[str] = []
+    for kind in _CONDITION_KINDS.values():
+        keys.extend(key for key in getattr(kind, "options", ()) if key not in keys)
+    return tuple(keys)
+
+
 def _rule_keys() -> Tuple[str, ...]:
-    return ("name", "continue") + _condition_keys() + _action_keys()
+    return ("name", "continue") + _condition_keys() + _action_keys() + _option_keys()
 
 
 # The built-in keys, from the tables in the Rule engine (validation reads the tables
@@ -5604,8 +5866,16 @@ class _ConditionReader:
     """What Condition.from_rules reads a value with: the checks every key shares, each
     raising RulesError that names the file, the rule and the key (``path``)."""
 
-    def __init__(self, where: _Where, path: str) -> None:
-        self.where, self.path = where, path
+    def __init__(self, where: _Where, path: str, table: Optional[Mapping[str, Any]] = None) -> None:
+        self.where, self.path, self.siblings = where, path, table or {}
+
+    def option(self, name: str) -> Tuple[Optional[_ConditionReader], Any]:
+        """(a reader for it, its value) for the key ``name`` beside this one in the same
+        table (one of the kind's ``options``); (None, None) when it is not there."""
+        if name not in self.siblings:
+            return None, None
+        parent = self.path.rpartition(".")[0]
+        return _ConditionReader(self.where, f"{parent}.{name}" if parent else name), self.siblings[name]
 
     def at(self, name: str) -> _ConditionReader:
         """A reader for a part of the value: `header.X-Mailer`."""
@@ -5654,9 +5924,23 @@ def _parse_condition_list(where: _Where, path: str, value: Any) -> Tuple[Conditi
                  for i, item in enumerate(value, 1))
 
 
-def _parse_one_condition(where: _Where, path: str, key: str, value: Any) -> List[Condition]:
-    made = _CONDITION_KINDS[key].from_rules(key, value, _ConditionReader(where, path))
+def _parse_one_condition(where: _Where, path: str, key: str, value: Any,
+                         table: Optional[Mapping[str, Any]] = None) -> List[Condition]:
+    made = _CONDITION_KINDS[key].from_rules(key, value, _ConditionReader(where, path, table))
     return list(made) if isinstance(made, (list, tuple)) else [made]
+
+
+def _check_options(where: _Where, path: str, table: Mapping[str, Any]) -> None:
+    """Each option key in ``table`` has its condition beside it: 'program_timeout' alone
+    would tune nothing."""
+    for key in table:
+        if key in _option_keys() and not any(
+                key in getattr(_CONDITION_KINDS[other], "options", ())
+                for other in table if other in _CONDITION_KINDS):
+            owners = [k for k, kind in _CONDITION_KINDS.items() if key in getattr(kind, "options", ())]
+            raise where.error(f"{path + '.' if path else ''}{key}",
+                              f"goes with {' or '.join(map(repr, owners))} in the same table; "
+                              f"add it there or drop this key")
 
 
 def _combine(parts: List[Condition]) -> Condition:
@@ -5670,13 +5954,16 @@ def _parse_condition_table(where: _Where, path: str, value: Any) -> Condition:
     if not value:
         raise where.error(path, "empty table; add at least one condition")
     parts: List[Condition] = []
+    _check_options(where, path, value)
     for key, item in value.items():
+        if key in _option_keys():
+            continue
         if key in _action_keys() or key in ("name", "continue"):
             raise where.error(path, f"'{key}' is not a condition; put it at the top level of "
                                     "the rule (only conditions go inside any / all / not)")
         if key not in _CONDITION_KINDS:
             raise where.error(path, _unknown_key(key, _condition_keys(), "known conditions"))
-        parts.extend(_parse_one_condition(where, f"{path}.{key}", key, item))
+        parts.extend(_parse_one_condition(where, f"{path}.{key}", key, item, value))
     return _combine(parts)
 
 
@@ -5732,6 +6019,10 @@ def _parse_actions(where: _Where, rule: dict, problems: _Problems, required: boo
     return actions
 
 
+def _labels_from_program(parts: Sequence[Condition]) -> bool:
+    return any(getattr(cond, "label_from", False) for part in parts for cond in _walk(part))
+
+
 def _parse_rule(source: str, position: int, rule: Any, problems: _Problems) -> Optional[Rule]:
     """One rule; each bad key is added to `problems` (and None returned), not raised."""
     where = _Where(source, position)
@@ -5748,17 +6039,21 @@ def _parse_rule(source: str, position: int, rule: Any, problems: _Problems) -> O
     for key in unknown:
         problems.add(where.error("", _unknown_key(key, _rule_keys())))
     parts: List[Condition] = []
+    with problems.catch():
+        _check_options(where, "", rule)
     for key, value in rule.items():  # file order: explanations read as written
         if key in _CONDITION_KINDS:
             with problems.catch():
-                parts.extend(_parse_one_condition(where, key, key, value))
+                parts.extend(_parse_one_condition(where, key, key, value, rule))
     # A misspelt key is most likely the missing condition or action: say it once.
     if not unknown and not any(key in _CONDITION_KINDS for key in rule):
         problems.add(where.error("", "no condition; add at least one of "
                                      + ", ".join(_condition_keys())))
     actions = Actions()
     with problems.catch():
-        actions = _parse_actions(where, rule, problems, required=not unknown)
+        # a label a program prints (label_from) is an action of its own
+        actions = _parse_actions(where, rule, problems,
+                                 required=not unknown and not _labels_from_program(parts))
     keep_going = False
     with problems.catch():
         keep_going = _check_bool(where, "continue", rule.get("continue", False))
@@ -6554,6 +6849,49 @@ def trust_problem(path: Any, *, private: bool = False, directories: bool = True,
     return None
 
 
+def program_trust_problem(condition: ProgramCondition) -> Optional[str]:
+    """Why this program may not run, or None: its rules file and its executable, and every
+    directory above them, must be owned by the user or root and writable by nobody else
+    (trust_problem).  Returns e.g. "/tmp/x/rules.toml can be changed by other users ..."."""
+    files = [condition.source] if condition.source and os.path.exists(condition.source) else []
+    program = condition.executable()
+    if program is None:
+        return None             # nothing will run: the rule fails closed when it is reached
+    files.append(program)
+    # A script handed to an interpreter (["python3", "/path/filter.py"]) is code as well.
+    base = os.path.dirname(os.path.abspath(condition.source)) if condition.source else os.getcwd()
+    files += [os.path.join(base, arg) for arg in condition.argv[1:]
+              if os.sep in arg and os.path.isfile(os.path.join(base, arg))]
+    for name in files:
+        problem = trust_problem(name)
+        if problem:
+            return f"{problem}; refusing to run program {condition.name()}"
+    return None
+
+
+def rule_programs(rules: Ruleset) -> List[Tuple[Rule, ProgramCondition]]:
+    """The programs these rules may run, with their rules, in rule order."""
+    return [(rule, cond) for rule in rules.rules for cond in _walk(rule.condition)
+            if isinstance(cond, ProgramCondition)]
+
+
+def check_programs_trusted(rules: Ruleset, files: Sequence[str] = ()) -> None:
+    """The trust check before any program runs: raises RulesError (exit 2) naming the first
+    file or directory someone else could change (the rules file, ``files`` it includes,
+    each program).  Does nothing when the rules run no program."""
+    found = rule_programs(rules)
+    if not found:
+        return
+    for name in files:
+        problem = trust_problem(name)
+        if problem:
+            raise RulesError(f"{problem}; refusing to run the rules' programs")
+    for _rule, condition in found:
+        problem = program_trust_problem(condition)
+        if problem:
+            raise RulesError(problem)
+
+
 def default_rules_dir() -> pathlib.Path:
     """``$XDG_CONFIG_HOME/gmail_classify`` (``~/.config/gmail_classify`` by default)."""
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
@@ -6617,10 +6955,14 @@ def run_rule_tests(rules: Ruleset, now: Optional[datetime] = None) -> List[str]:
     local, _notes = rules.local()
     failures = []
     for test in rules.tests:
-        decision = local.classify(test.message, final=True, now=now)
-        got = tuple(name for name, _ in decision.matches)
         where = _Where(rules.source, test.position, None if test.name == f"test {test.position}"
                        else test.name, kind="test").prefix()
+        try:
+            decision = local.classify(test.message, final=True, now=now)
+        except (ProgramError, ContentSkip) as exc:
+            failures.append(f"{where}could not be decided: {exc}")
+            continue
+        got = tuple(name for name, _ in decision.matches)
         if got != test.expect_rules:
             failures.append(f"{where}expected rules [{', '.join(test.expect_rules)}], "
                             f"got [{', '.join(got)}]")
@@ -6667,6 +7009,11 @@ STARTER_RULES_TOML = r'''# gmail_classify rules. These are the built-in rules; e
 #   unread, starred      true or false
 #   has_label            a label name ("Receipts", "Inbox", "Starred") or a regex
 #   gmail_query          a Gmail search run by the server, e.g. "category:promotions"
+#   program              a classifier: ["/usr/bin/bogofilter", "-e"] reads the message;
+#                        exit 0 = match, 1 = no match, else skipped (see the README);
+#                        beside it: program_input ("headers" or "message"),
+#                        program_max_size ("1M"), program_timeout (10), program_path
+#                        ("/usr/bin:/bin"), label_from = "program" (the label it prints)
 #   any = [ {...}, {...} ]   at least one of these tables of conditions holds
 #   all = [ {...}, {...} ]   every one of them holds
 #   not = { ... }            this table of conditions does not hold
@@ -7202,7 +7549,40 @@ def _message_info(uid: int, values: Mapping[str, Any], header_item: str,
         date=values.get("INTERNALDATE"),
         has_attachment=None if structure is None else bool(_structure_has_attachment(structure)),
         queries=None if queries is None else frozenset(q for q, hits in queries.items() if uid in hits),
+        folder=folder,
     )
+
+
+def run_programs(rules: Ruleset, messages: Iterable[MessageInfo], *, jobs: Optional[int] = None,
+                 now: Optional[datetime] = None) -> None:
+    """Run the programs the rules will ask about these messages, up to ``jobs`` at once
+    (default: the CPU count) across messages, so that classify() then finds their answers.
+
+    Rounds: each message is classified as far as it goes without a program's answer; the
+    program it waits for (one per message, in the first rule not yet decided: never one
+    past a rule that decided) runs; again until none waits.  A program's failure is kept
+    and raised by classify() only when its rule is reached."""
+    waiting = list(messages) if rule_programs(rules) else []
+    if now is None:
+        now = datetime.now(timezone.utc)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+        while waiting:
+            asks: List[Tuple[MessageInfo, ProgramCondition]] = []
+            _program_planning.on = True
+            try:
+                for msg in waiting:
+                    try:
+                        rules.classify(msg, final=True, now=now)
+                    except _ProgramWanted as wanted:
+                        asks.append((msg, wanted.condition))
+                    except GmailClassifyError:
+                        pass            # classify() raises it again, where it is called
+            finally:
+                _program_planning.on = False
+            futures = [(msg, cond, pool.submit(cond.run, msg)) for msg, cond in asks]
+            for msg, cond, future in futures:
+                msg.programs[cond] = future.result()   # a RulesError (trust) goes up
+            waiting = [msg for msg, _ in asks]
 
 
 class RunStopped(GmailClassifyError):
@@ -7399,6 +7779,7 @@ class RunOptions:
     max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS
     allow_expunge: bool = False
     daily_budget: Optional[int] = DEFAULT_DAILY_BUDGET
+    jobs: Optional[int] = None      # programs run at once (run_programs); None: the CPU count
 
 
 def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX", *,
@@ -7412,7 +7793,7 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                     apply_every: int = DEFAULT_APPLY_EVERY,
                     report: Optional[FolderReport] = None,
                     max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS,
-                    allow_expunge: bool = False) -> FolderReport:
+                    allow_expunge: bool = False, jobs: Optional[int] = None) -> FolderReport:
     """Classify the messages of ``folder`` above the checkpoint's mark (without a
     checkpoint: all of them), or only those since ``since``; the newest ``limit``.
 
@@ -7436,11 +7817,12 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     EXPUNGE on servers with neither MOVE nor UIDPLUS (see GmailConnection.move).  A message
     whose FETCH answer lacks anything the rules read is never acted on: it is listed in
     ``report.skipped`` with the reason in ``report.why_skipped`` (run again).  A folder
-    that cannot be opened raises FolderUnavailableError.
+    that cannot be opened raises FolderUnavailableError.  The rules' programs run up to
+    ``jobs`` at once (run_programs); one that fails on a message skips it (run again).
     """
     options = RunOptions(apply=apply, since=since, limit=limit, batch_size=batch_size,
                          apply_every=apply_every, max_new_folders=max_new_folders,
-                         allow_expunge=allow_expunge)
+                         allow_expunge=allow_expunge, jobs=jobs)
     run = _FolderRun(conn, rules, folder, options,
                      checkpoint if checkpoint is not None else Checkpoint(),
                      report if report is not None else FolderReport(folder, apply),
@@ -7663,20 +8045,31 @@ class _FolderRun(_ApplyHooks):
             else:
                 decisions[uid] = decision
         if undecided:
-            body_item = f"BODY.PEEK[]<0.{BODY_PREFIX_BYTES}>"
+            # Programs that read whole messages get up to their program_max_size (a larger
+            # message is skipped for its content, by its RFC822.SIZE, before any program).
+            body_item = f"BODY.PEEK[]<0.{max({BODY_PREFIX_BYTES} | self.rules.needs.whole)}>"
             bodies = self.conn.fetch(undecided, [body_item], skipped=report.skipped)
+            ready: Dict[int, MessageInfo] = {}
             for uid in undecided:
                 why = "the server sent far more than was asked for" if uid in report.skipped \
                     else _lacking([body_item], bodies.get(uid))
                 if why:
                     _skip(report, uid, why)
                     continue    # never judged on a body we did not get
+                raw = bodies[uid][body_item]
                 try:
-                    info = dataclasses.replace(infos[uid],
-                                               body=body_text(bodies[uid][body_item]))
+                    ready[uid] = dataclasses.replace(
+                        infos[uid], body=body_text(raw[:BODY_PREFIX_BYTES]), source=raw)
+                except ContentSkip as exc:
+                    _skip_content(report, step, uid, str(exc))
+            run_programs(self.rules, ready.values(), jobs=self.options.jobs, now=now)
+            for uid, info in ready.items():
+                try:
                     decisions[uid] = self.rules.classify(info, final=True, now=now)
                 except ContentSkip as exc:
                     _skip_content(report, step, uid, str(exc))
+                except ProgramError as exc:
+                    _skip(report, uid, str(exc))     # fail closed: never a match, run again
         return decisions
 
     # -- the steps ------------------------------------------------------------------------
@@ -8922,7 +9315,8 @@ class Run(Checkpoint):
                                    limit=limit, batch_size=batch_size, on_progress=on_progress,
                                    on_applied=on_applied, now=now, checkpoint=self,
                                    apply_every=apply_every, report=report,
-                                   max_new_folders=max_new_folders, allow_expunge=allow_expunge)
+                                   max_new_folders=max_new_folders, allow_expunge=allow_expunge,
+                                   jobs=self.options.jobs)
         except FolderUnavailableError:
             self.reports.remove(report)     # never opened: nothing to report
             raise
@@ -11329,6 +11723,474 @@ def suggest_rules(conn: GmailConnection, folder: str = "INBOX", *, top: int = 10
     return Suggestions({"rule": rules}, tuple(comments), examined, folder)
 
 
+# Export: the rules compiled to the server's own engines.  Sieve (RFC 5228) runs them at
+# delivery; a rule it cannot say exactly (a Gmail search, a program, the message's state or
+# age, its body, a regex outside POSIX ERE) and that has no `continue` stops the export, since
+# leaving it out would hand its mail to the rules after it.  JSON gives the rules as data.
+EXPORT_FORMATS = ("sieve", "gmail", "json")
+
+
+class _Inexpressible(Exception):
+    """This condition or action has no exact equivalent in the target (the message says why)."""
+
+
+@dataclass
+class Exported:
+    """An export: ``text`` to write; ``rules`` exported, ``left_out`` (rule, why) for
+    `continue` rules dropped, ``stopped`` (rule, why) where an export with ``partial``
+    stopped (None when every rule went in)."""
+
+    text: str
+    rules: int = 0
+    left_out: List[Tuple[Rule, str]] = field(default_factory=list)
+    stopped: Optional[Tuple[Rule, str]] = None
+
+
+def _sieve_string(text: str) -> str:
+    """A Sieve quoted string (RFC 5228 §2.4.2): backslash and double quote escaped."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _sieve_list(items: Sequence[str]) -> str:
+    return _sieve_string(items[0]) if len(items) == 1 else \
+        "[" + ", ".join(_sieve_string(item) for item in items) + "]"
+
+
+_ERE_LITERAL_ESCAPES = set(".[]()*+?{}|^$\\/-")
+
+
+def _posix_ere(source: str) -> Optional[str]:
+    """``source`` (a Python regex) as a POSIX extended regex that matches the same text, or
+    None when it uses anything outside the common subset: classes like \\d \\w \\s \\b,
+    lazy or possessive quantifiers, groups with ``(?``, back-references, escapes inside a
+    bracket, a ``{`` that is not a bound, or any non-ASCII character."""
+    if not source.isascii():
+        return None
+    out: List[str] = []
+    i, quantifiable = 0, False
+    while i < len(source):
+        char = source[i]
+        if char == "\\":
+            if i + 1 >= len(source) or source[i + 1] not in _ERE_LITERAL_ESCAPES:
+                return None
+            nxt = source[i + 1]
+            out.append(nxt if nxt in "/-" else "\\" + nxt)
+            i, quantifiable = i + 2, True
+        elif char == "[":
+            end = i + 1
+            if end < len(source) and source[end] == "^":
+                end += 1
+            if end < len(source) and source[end] == "]":
+                end += 1
+            while end < len(source) and source[end] != "]":
+                if source[end] in "\\[":
+                    return None         # escapes and [: :] classes differ between the two
+                end += 1
+            if end >= len(source):
+                return None
+            out.append(source[i:end + 1])
+            i, quantifiable = end + 1, True
+        elif char in "*+?":
+            if not quantifiable or source[i + 1:i + 2] in ("?", "+"):
+                return None             # lazy or possessive
+            out.append(char)
+            i, quantifiable = i + 1, False
+        elif char == "{":
+            bound = re.match(r"\{(\d+)(,(\d*))?\}", source[i:])
+            if not bound or not quantifiable or source[i + bound.end():i + bound.end() + 1] in ("?", "+"):
+                return None
+            out.append(bound.group(0))
+            i, quantifiable = i + bound.end(), False
+        elif char == "(":
+            if source[i + 1:i + 2] in ("?", ")"):
+                return None
+            out.append(char)
+            i, quantifiable = i + 1, False
+        elif char in "|^":
+            out.append(char)
+            i, quantifiable = i + 1, False
+        elif char in ")$.":
+            out.append(char)
+            i, quantifiable = i + 1, True
+        elif char == "}" or not (" " <= char <= "~"):
+            return None
+        else:
+            out.append(char)
+            i, quantifiable = i + 1, True
+    return "".join(out)
+
+
+def _sieve_matcher(headers: Sequence[str], matcher: Matcher, addresses: bool,
+                   require: set) -> str:
+    """Tests for 'one of these headers matches one of these patterns'."""
+    tests: List[str] = []
+    plain = [p.needle for p in matcher.patterns if p.regex is None]
+    for needle in plain:
+        if not needle.isascii():
+            raise _Inexpressible(f"the text {_quote(needle)} is not ASCII (Sieve's caseless "
+                                 f"comparison folds ASCII only)")
+    if plain:
+        tests.append(f"header :contains {_sieve_list(headers)} {_sieve_list(plain)}")
+    for pattern in matcher.patterns:
+        if pattern.regex is None:
+            continue
+        flags = pattern.regex.flags & (re.IGNORECASE | re.MULTILINE | re.DOTALL | re.VERBOSE)
+        ere = _posix_ere(pattern.regex.pattern)
+        if ere is None or flags & ~re.IGNORECASE:
+            raise _Inexpressible(f"the regex {pattern.text} is outside the POSIX ERE subset "
+                                 f"Sieve engines implement")
+        if addresses and ("^" in ere or "$" in ere):
+            raise _Inexpressible(f"the regex {pattern.text} is anchored, and Sieve matches a "
+                                 f"whole address header, not each address")
+        require.add("regex")
+        comparator = "i;ascii-casemap" if flags & re.IGNORECASE else "i;octet"
+        tests.append(f"header :regex :comparator {_sieve_string(comparator)} "
+                     f"{_sieve_list(headers)} {_sieve_string(ere)}")
+    return tests[0] if len(tests) == 1 else f"anyof ({', '.join(tests)})"
+
+
+def _sieve_test(condition: Condition, require: set) -> str:
+    """The Sieve test for a condition; raises _Inexpressible naming what has none."""
+    if isinstance(condition, HeaderMatch):
+        return _sieve_matcher(condition.headers, condition.matcher, condition.addresses, require)
+    if isinstance(condition, HeaderPresent):
+        test = f"exists {_sieve_string(condition.name)}"
+        return test if condition.present else f"not {test}"
+    if isinstance(condition, SizeCompare):
+        return f"size {':over' if condition.larger else ':under'} {condition.limit}"
+    if isinstance(condition, (AllOf, AnyOf)):
+        parts = [_sieve_test(part, require) for part in condition.parts]
+        if len(parts) == 1:
+            return parts[0]
+        return f"{'allof' if isinstance(condition, AllOf) else 'anyof'} ({', '.join(parts)})"
+    if isinstance(condition, Not):
+        return f"not {_sieve_test(condition.part, require)}"
+    raise _Inexpressible(f"{condition.describe()} has no Sieve test")
+
+
+def _sieve_folder(name: str, require: set) -> str:
+    """A destination as a Sieve string: {year} and {month} become variables set from the
+    delivery date (the INTERNALDATE a server gives new mail)."""
+    pieces = split_template(name)
+    text: List[str] = []
+    for is_field, piece in pieces:
+        if is_field:
+            if piece == "sender_domain":
+                raise _Inexpressible("{sender_domain} is cleaned in ways Sieve cannot repeat")
+            require.update(("variables", "date"))
+            text.append("${" + piece + "}")
+        else:
+            if "${" in piece:
+                raise _Inexpressible(f"the folder name {_quote(name)} holds '${{'")
+            text.append(piece)
+    return _sieve_string("".join(text))
+
+
+def _sieve_actions(actions: Actions, require: set, archive: str, trash: str) -> List[str]:
+    """The commands for one rule's actions, flags first so that the copies carry them;
+    ``keep`` when the message has no other destination (a fileinto cancels the implicit keep)."""
+    lines: List[str] = []
+    for row in actions.flag_actions():
+        require.add("imap4flags")
+        lines.append(f"{'addflag' if row.add else 'removeflag'} {_sieve_string(row.flag)};")
+    for label in actions.labels:
+        require.add("fileinto")
+        lines.append(f"fileinto {_sieve_folder(label, require)};")
+    destination = actions.move or (archive if actions.archive else trash if actions.trash else None)
+    if destination:
+        require.add("fileinto")
+        lines.append(f"fileinto {_sieve_folder(destination, require)};")
+    else:
+        lines.append("keep;")
+    return lines
+
+
+def export_sieve(rules: Ruleset, *, partial: bool = False, archive: str = "Archive",
+                 trash: str = "Trash") -> Exported:
+    """The rules as one Sieve script (RFC 5228, with fileinto, imap4flags, regex, variables
+    and date where needed; never ``:create``, so a missing folder keeps the message in INBOX
+    rather than letting senders make folders).
+
+    Rules stop at the first match: a rule without `continue` whose match Sieve cannot say
+    exactly raises RulesError naming it (``partial``: the rules before it are exported and
+    ``stopped`` says where); such a rule with `continue` is left out (``left_out``).  Rules
+    with `continue` are compiled with variables: every matching rule records what it asks,
+    and one block at the end acts as the merged actions would (labels added, the first
+    destination and the first choice of each flag winning)."""
+    require: set = set()
+    done = Exported("")
+    compiled: List[Tuple[Rule, str]] = []
+    for rule in rules.rules:
+        try:
+            test = _sieve_test(rule.condition, require)
+            _sieve_actions(rule.actions, set(), archive, trash)     # its folders are sayable
+        except _Inexpressible as exc:
+            why = str(exc)
+            if rule.continue_:
+                done.left_out.append((rule, why))
+                continue
+            if not partial:
+                raise RulesError(f"{rules.source}: rule {rule.position} "
+                                 f"({json.dumps(rule.name, ensure_ascii=False)}) cannot be "
+                                 f"exported to Sieve: {why}; later rules would catch its mail "
+                                 f"at delivery, so nothing is written (--partial writes the "
+                                 f"rules before it)") from None
+            done.stopped = (rule, why)
+            break
+        compiled.append((rule, test))
+    body = (_sieve_merged(compiled, require, archive, trash) if any(r.continue_ for r, _ in compiled)
+            else _sieve_plain(compiled, require, archive, trash))
+    head = [f"# Sieve script exported by gmail_classify {__version__} from {rules.source}:",
+            f"# {_plural(len(compiled), 'rule')}, first match wins (as in gmail_classify)."]
+    if done.stopped:
+        rule, why = done.stopped
+        head.append(f"# Stopped before rule {rule.position} ({rule.name}): {why}.")
+    for rule, why in done.left_out:
+        head.append(f"# Left out rule {rule.position} ({rule.name}, continue): {why}.")
+    if require:
+        head.append(f"require {_sieve_list(sorted(require))};")
+    done.text = "\n".join(printable(line) if line.startswith("#") else line
+                          for line in head) + "\n\n" + body
+    done.rules = len(compiled)
+    return done
+
+
+def _sieve_dates(require: set) -> List[str]:
+    if "date" not in require:
+        return []
+    return ['if currentdate :matches "year" "*" { set "year" "${1}"; }',
+            'if currentdate :matches "month" "*" { set "month" "${1}"; }', ""]
+
+
+def _sieve_plain(compiled: List[Tuple[Rule, str]], require: set, archive: str,
+                 trash: str) -> str:
+    """No `continue`: one ``if`` per rule, its actions, then ``stop``."""
+    blocks: List[str] = []
+    for rule, test in compiled:
+        actions = _sieve_actions(rule.actions, require, archive, trash)
+        blocks.append(f"# {rule.position}. {printable(rule.name)}\nif {test} {{\n"
+                      + "".join(f"    {line}\n" for line in actions) + "    stop;\n}\n")
+    return "\n".join(_sieve_dates(require)) + "\n".join(blocks)
+
+
+def _sieve_merged(compiled: List[Tuple[Rule, str]], require: set, archive: str,
+                  trash: str) -> str:
+    """With `continue`: variables record what each matching rule asks; one block at the
+    end acts as Actions.merged would."""
+    require.update(("variables", "fileinto"))
+    labels: List[str] = []
+    destinations: List[str] = []
+    blocks: List[str] = []
+    decided = False
+    for rule, test in compiled:
+        body: List[str] = []
+        actions = rule.actions
+        for label in actions.labels:
+            if label not in labels:
+                labels.append(label)
+            body.append(f'set "label{labels.index(label) + 1}" "1";')
+        destination = actions.move or (archive if actions.archive else trash if actions.trash else None)
+        if destination:
+            if destination not in destinations:
+                destinations.append(destination)
+            body.append(f'if string :is "${{dest}}" "" {{ set "dest" '
+                        f'"{destinations.index(destination) + 1}"; }}')
+        for row in actions.flag_actions():
+            name = "flag" + re.sub(r"[^a-z]", "", row.flag.lower())
+            body.append(f'if string :is "${{{name}}}" "" {{ set "{name}" '
+                        f'"{"add" if row.add else "remove"}"; }}')
+        if not rule.continue_:
+            body.append('set "decided" "1";')
+        guard = f'allof (string :is "${{decided}}" "", {test})' if decided else test
+        blocks.append(f"# {rule.position}. {printable(rule.name)}"
+                      f"{' (continue)' if rule.continue_ else ''}\nif {guard} {{\n"
+                      + "".join(f"    {line}\n" for line in body) + "}\n")
+        decided = decided or not rule.continue_
+    end = ["# What the matching rules asked for, merged: flags first, so the copies carry them."]
+    flags = {row.flag for rule, _ in compiled for row in rule.actions.flag_actions()}
+    for flag in sorted(flags):
+        require.add("imap4flags")
+        name = "flag" + re.sub(r"[^a-z]", "", flag.lower())
+        end.append(f'if string :is "${{{name}}}" "add" {{ addflag {_sieve_string(flag)}; }}')
+        end.append(f'if string :is "${{{name}}}" "remove" {{ removeflag {_sieve_string(flag)}; }}')
+    for index, label in enumerate(labels, 1):
+        end.append(f'if string :is "${{label{index}}}" "1" {{ fileinto {_sieve_folder(label, require)}; }}')
+    keyword = "if"
+    for index, destination in enumerate(destinations, 1):
+        end.append(f'{keyword} string :is "${{dest}}" "{index}" {{ fileinto '
+                   f'{_sieve_folder(destination, require)}; }}')
+        keyword = "elsif"
+    end.append("else { keep; }" if destinations else "keep;")
+    return "\n".join(_sieve_dates(require)) + "\n".join(blocks) + "\n" + "\n".join(end) + "\n"
+
+
+# Gmail's filters: one filter per rule (per label: a filter has one), its criteria one search
+# in `hasTheWord`.  Gmail's search is word-based, so only conditions it can say exactly go in
+# (gmail_query itself, attachments, sizes, ages, unread, starred, simple labels); substring
+# matches on headers do not.  Gmail applies every matching filter, ours stop at the first:
+# each filter carries the negated searches of the rules before it that stop.
+GMAIL_FILTER_QUERY_MAX = 1500     # characters Gmail takes in one filter's search
+GMAIL_FILTERS_MAX = 1000          # filters per account
+_GMAIL_LABEL_TERM = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _gmail_query(condition: Condition) -> str:
+    """The Gmail search for a condition; raises _Inexpressible naming what has none."""
+    if isinstance(condition, GmailQuery):
+        return f"({condition.query})"
+    if isinstance(condition, SizeCompare):
+        return f"{'larger' if condition.larger else 'smaller'}:{condition.limit}"
+    if isinstance(condition, AgeCompare):
+        return f"{'older_than' if condition.older else 'newer_than'}:{condition.amount}{condition.unit}"
+    if isinstance(condition, StateIs):
+        term = {"has_attachment": "has:attachment", "unread": "is:unread",
+                "starred": "is:starred"}[condition.key]
+        return term if condition.want else f"-{term}"
+    if isinstance(condition, HasLabel):
+        terms = []
+        for pattern in condition.matcher.patterns:
+            if pattern.regex is not None or not _GMAIL_LABEL_TERM.fullmatch(pattern.text):
+                raise _Inexpressible(f"has label {pattern.describe()} is not a plain label "
+                                     f"name Gmail's label: search finds exactly")
+            terms.append(f"label:{pattern.text}")
+        return terms[0] if len(terms) == 1 else f"({' OR '.join(terms)})"
+    if isinstance(condition, (AllOf, AnyOf)):
+        parts = [_gmail_query(part) for part in condition.parts]
+        joiner = " " if isinstance(condition, AllOf) else " OR "
+        return parts[0] if len(parts) == 1 else f"({joiner.join(parts)})"
+    if isinstance(condition, Not):
+        return f"-({_gmail_query(condition.part)})" if not isinstance(condition.part, StateIs) \
+            else _gmail_query(dataclasses.replace(condition.part, want=not condition.part.want))
+    raise _Inexpressible(f"{condition.describe()}: Gmail's word-based search cannot say it "
+                         f"exactly")
+
+
+def _gmail_actions(actions: Actions) -> List[Dict[str, str]]:
+    """The filters' actions for one rule: one dict of properties per label (a Gmail filter
+    sets one label), the other actions on the first."""
+    if actions.templates():
+        raise _Inexpressible(f"{actions.templates()[0]} is a templated label")
+    extra = [row.key for row in actions.flag_actions() if row.key not in ("mark_read", "star")]
+    if extra:
+        raise _Inexpressible(f"{extra[0]} has no Gmail filter action")
+    common: Dict[str, str] = {}
+    labels = list(actions.labels)
+    if actions.move:
+        labels.append(actions.move)
+        common["shouldArchive"] = "true"
+    if actions.archive:
+        common["shouldArchive"] = "true"
+    if actions.trash:
+        common.pop("shouldArchive", None)
+        common["shouldTrash"] = "true"
+    if actions.flag("mark_read"):
+        common["shouldMarkAsRead"] = "true"
+    if actions.flag("star"):
+        common["shouldStar"] = "true"
+    return [dict(common, label=label) for label in labels] or [common]
+
+
+def export_gmail(rules: Ruleset, *, partial: bool = False) -> Exported:
+    """The rules as Gmail's filter XML (what Settings -> Filters -> Import reads, and
+    import_gmail_filters).  A rule without `continue` that Gmail cannot say exactly (or
+    whose filters' searches, with the earlier rules negated, pass 1,500 characters)
+    raises RulesError naming it (``partial``: the rules before it are exported); such a
+    rule with `continue` is left out.  A `continue` rule with a destination or a flag is
+    left out too: Gmail would let a later filter's destination win over it."""
+    done = Exported("")
+    stoppers: List[str] = []        # searches of earlier rules that stop: negated in later ones
+    entries: List[Dict[str, str]] = []
+    for rule in rules.rules:
+        try:
+            query = _gmail_query(rule.condition)
+            filters = _gmail_actions(rule.actions)
+            if rule.continue_ and (rule.actions.has_destination() or rule.actions.flag_actions()):
+                raise _Inexpressible("a continue rule's destination or flags would not stay "
+                                     "the first choice in Gmail")
+            search = " ".join([query] + [f"-{q}" for q in stoppers])
+            if len(search) > GMAIL_FILTER_QUERY_MAX:
+                raise _Inexpressible(f"its search with the {len(stoppers)} earlier rules negated "
+                                     f"takes {len(search)} characters, over Gmail's "
+                                     f"{GMAIL_FILTER_QUERY_MAX}")
+            if len(entries) + len(filters) > GMAIL_FILTERS_MAX:
+                raise _Inexpressible(f"Gmail takes at most {GMAIL_FILTERS_MAX} filters")
+        except _Inexpressible as exc:
+            why = str(exc)
+            if rule.continue_:
+                done.left_out.append((rule, why))
+                continue
+            if not partial:
+                raise RulesError(f"{rules.source}: rule {rule.position} "
+                                 f"({json.dumps(rule.name, ensure_ascii=False)}) cannot be "
+                                 f"exported to Gmail filters: {why}; later filters would act "
+                                 f"on its mail, so nothing is written (--partial writes the "
+                                 f"rules before it)") from None
+            done.stopped = (rule, why)
+            break
+        entries.extend(dict(item, hasTheWord=search) for item in filters)
+        done.rules += 1
+        if not rule.continue_:
+            stoppers.append(query if query.startswith("(") else f"({query})")
+    done.text = _gmail_feed(entries)
+    return done
+
+
+def _gmail_feed(entries: List[Dict[str, str]]) -> str:
+    """The Atom feed Gmail exports and imports, one <entry> per filter."""
+    tree = xml.etree.ElementTree
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    feed = tree.Element("feed", {"xmlns": _ATOM[1:-1], "xmlns:apps": _APPS[1:-1]})
+    tree.SubElement(feed, "title").text = "Mail Filters"
+    tree.SubElement(feed, "id").text = "tag:mail.google.com,2008:filters:"
+    tree.SubElement(feed, "updated").text = now
+    tree.SubElement(tree.SubElement(feed, "author"), "name").text = "gmail_classify"
+    order = ("hasTheWord", "label", "shouldArchive", "shouldTrash", "shouldMarkAsRead", "shouldStar")
+    for number, props in enumerate(entries, 1):
+        entry = tree.SubElement(feed, "entry")
+        tree.SubElement(entry, "category", {"term": "filter"})
+        tree.SubElement(entry, "title").text = "Mail Filter"
+        tree.SubElement(entry, "id").text = f"tag:mail.google.com,2008:filter:{number}"
+        tree.SubElement(entry, "updated").text = now
+        tree.SubElement(entry, "content")
+        for name in order:
+            if name in props:
+                tree.SubElement(entry, "apps:property", {"name": name, "value": props[name]})
+    return "<?xml version='1.0' encoding='UTF-8'?>" + tree.tostring(feed, encoding="unicode") + "\n"
+
+
+def _as_data(value: Any) -> Any:
+    """A rule's parts as JSON data: dataclasses as objects with their ``type``, patterns as
+    written, tuples as lists; functions (a vendoring script's conditions) left out."""
+    if isinstance(value, Pattern):
+        return value.text
+    if isinstance(value, Matcher):
+        return [p.text for p in value.patterns]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        data: Dict[str, Any] = {}
+        if isinstance(value, Condition):
+            data["type"] = type(value).__name__
+        for item in dataclasses.fields(value):
+            if item.compare and not callable(getattr(value, item.name)):
+                data[item.name] = _as_data(getattr(value, item.name))
+        return data
+    if isinstance(value, (tuple, list)):
+        return [_as_data(item) for item in value]
+    if isinstance(value, (frozenset, set)):
+        return sorted(_as_data(item) for item in value)
+    return value
+
+
+def export_json(rules: Ruleset) -> Exported:
+    """The rules as data for other tools: each rule's name, position, `continue`, its
+    condition as a tree of typed objects and its actions (as in the audit log)."""
+    doc = {"format": "gmail_classify rules", "version": 1, "generator": f"gmail_classify {__version__}",
+           "source": rules.source,
+           "rules": [{"name": rule.name, "position": rule.position, "continue": rule.continue_,
+                      "condition": _as_data(rule.condition), "actions": rule.actions.as_record()}
+                     for rule in rules.rules]}
+    return Exported(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", rules=len(rules.rules))
+
+
 # --- Command line ------------------------------------------------------------------------
 #
 # A thin layer over the library: parse arguments, find the rules and the password, call
@@ -11485,6 +12347,8 @@ _SHARED_OPTIONS: Dict[str, Dict[str, Any]] = {
     "--allow-expunge": dict(action="store_true", help="on servers with neither MOVE nor "
                             "UIDPLUS, let moves remove the originals " + _EXPUNGE_RISK),
     "--daily-budget": dict(type=_budget, default=DEFAULT_DAILY_BUDGET, metavar="SIZE"),
+    "--run-programs": dict(action="store_true", help="run the rules' programs (after the "
+                           "trust check); without it they are only listed"),
 }
 
 
@@ -11963,6 +12827,7 @@ class _JsonOutput(_Output):
 
 def _cmd_run(args: argparse.Namespace, out: _Output) -> int:
     rules = find_rules(args.rules)
+    check_programs_trusted(rules)       # before any program runs, the rules' tests' too
     if not _rule_tests_allow(rules, args.apply):
         return EXIT_RULE_TESTS
     settings = _connection_settings(args, rules.account)
@@ -11982,6 +12847,7 @@ def _cmd_run(args: argparse.Namespace, out: _Output) -> int:
               apply=args.apply, reclassify=args.all, new_only=args.new_only,
               daily_budget=args.daily_budget or None, on_record=out.record,
               on_message=on_message)
+    run.options = dataclasses.replace(run.options, jobs=args.jobs)
     lock = store.lock(run.account).acquire() if args.apply else None
     incomplete: List[str] = []
     try:
@@ -12137,6 +13003,7 @@ class _RulesReloader:
 
 def _cmd_watch(args: argparse.Namespace, out: _Output) -> int:
     rules = find_rules(args.rules)
+    check_programs_trusted(rules)
     settings = _connection_settings(args, rules.account)
     # The watch retries forever itself, logging an outage once; the connection must not.
     settings["retries"] = 0
@@ -12340,12 +13207,30 @@ def _skipped_by_reason(report: FolderReport) -> Dict[str, List[int]]:
     return groups
 
 
+def _list_programs(rules: Ruleset, out: TextIO, run: bool, show: bool = True) -> bool:
+    """Print the programs the rules would run (``check`` and ``demo`` are how people look
+    at a file they were given: they run none unless ``run``, after the trust check).
+    Returns True when the file runs programs and ``run`` is not given."""
+    found = rule_programs(rules)
+    for rule, condition in found if show else ():
+        program = condition.executable() or "(not found)"
+        out.line(f"  program: rule {rule.position} ({rule.name}): {printable(condition.describe())}"
+                 f"  [{printable(program)}]")
+    if found and run:
+        check_programs_trusted(rules)
+    return bool(found) and not run
+
+
 def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     rules = load_rules(args.rules_file)
     out.line(f"{rules.source}: {_plural(len(rules.rules), 'rule')}, valid")
     for rule in rules.rules:
         more = " (continue)" if rule.continue_ else ""
-        out.line(f"  {rule.position}. {rule.name}: {rule.actions.describe()}{more}")
+        what = rule.actions.describe()
+        if _labels_from_program([rule.condition]):
+            what = "label from program" if rule.actions.is_empty() else what + ", label from program"
+        out.line(f"  {rule.position}. {rule.name}: {what}{more}")
+    programs_not_run = _list_programs(rules, out, args.run_programs)
     needs = rules.needs
     fetched = ["headers " + ", ".join(sorted(needs.headers))]
     if needs.body:
@@ -12355,6 +13240,11 @@ def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     out.line("  fetches: " + "; ".join(fetched))
     for note in rules.local()[1]:
         out.line(f"  note: {note}")
+    if programs_not_run:
+        if rules.tests:
+            out.line(f"  tests: {len(rules.tests)} not run: they would run the programs "
+                     f"above; check --run-programs runs them")
+        return EXIT_OK
     failures = run_rule_tests(rules)
     if rules.tests:
         passed = len(rules.tests) - len(failures)
@@ -12366,14 +13256,20 @@ def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
 
 def _cmd_test(args: argparse.Namespace, out: TextIO) -> int:
     rules, notes = load_rules(args.rules_file).local()
+    check_programs_trusted(rules)
     for note in notes:
         out.line(f"note: {note}")
     counts: Dict[str, int] = {}
-    total = 0
+    total = skipped = 0
     try:
         for name, info in iter_message_files(args.files):
             total += 1
-            decision = rules.classify(info, final=True)
+            try:
+                decision = rules.classify(info, final=True)
+            except (ProgramError, ContentSkip) as exc:
+                skipped += 1
+                out.line(f"{name}: skipped: {exc}")
+                continue
             subject = _first(header_text(info.headers, "subject"))
             if not decision.matches:
                 out.line(f"{name}: no rule  ({subject[:60]})")
@@ -12388,8 +13284,9 @@ def _cmd_test(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(str(exc)) from exc    # a FILE that is not mail: the user's input
     noun = "message" if total == 1 else "messages"
     out.line(f"{total} {noun}; " + ", ".join(f"{k}: {v}" for k, v in counts.items())
-             + ("" if counts else "no rule matched"))
-    return EXIT_OK
+             + ("" if counts else "no rule matched")
+             + (f"; {skipped} skipped (a program failed on them)" if skipped else ""))
+    return EXIT_INCOMPLETE if skipped else EXIT_OK
 
 
 def _cmd_labels(args: argparse.Namespace, out: TextIO) -> int:
@@ -12462,12 +13359,19 @@ def _cmd_demo(args: argparse.Namespace, out: _Output) -> int:
     if out.human:
         out.write("Demo: 10 sample messages in an offline INBOX; no account, nothing sent.\n")
         out.write(_rules_line(rules))
+    messages = demo_messages()
+    if _list_programs(rules, out, args.run_programs, show=out.human):
+        for msg in messages:    # rules that need a program's answer do not match
+            msg.programs.update(dict.fromkeys((c for _, c in rule_programs(rules)), _NOT_RUN))
+        if out.human:
+            out.write("Programs not run: rules that ask them match nothing here "
+                      "(--run-programs runs them).\n")
 
     def on_message(outcome: Outcome) -> None:
         if outcome.changes and not args.summary:
             out.message(outcome, False)
 
-    report = classify_messages(rules, demo_messages(), "INBOX", on_message=on_message)
+    report = classify_messages(rules, messages, "INBOX", on_message=on_message)
     if out.human:
         _write_reports(out, [report], rules, footer="Next: a dry run on your own INBOX, "
                        "which changes nothing either:\n  python gmail_classify.py --user "
@@ -12530,6 +13434,33 @@ def _cmd_import_filters(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _cmd_export(args: argparse.Namespace, out: TextIO) -> int:
+    rules = load_rules(args.rules_file)
+    if args.format == "sieve":
+        done = export_sieve(rules, partial=args.partial)
+    elif args.format == "gmail":
+        done = export_gmail(rules, partial=args.partial)
+    else:
+        done = export_json(rules)
+    for rule, why in done.left_out:
+        sys.stderr.write(printable(f"gmail_classify: {rules.source}: rule {rule.position} "
+                                   f"({rule.name}) left out: {why} (it has continue, so the "
+                                   f"rules after it decide as before)") + "\n")
+    if done.stopped:
+        rule, why = done.stopped
+        sys.stderr.write(printable(f"gmail_classify: {rules.source}: stopped before rule "
+                                   f"{rule.position} ({rule.name}): {why}; exported the "
+                                   f"{_plural(done.rules, 'rule')} before it") + "\n")
+    if not args.output:
+        out.write(done.text)
+        return EXIT_OK
+    write_rules_file(args.output, done.text, force=args.force)
+    if not args.quiet:
+        sys.stderr.write(printable(f"wrote {args.output}: {_plural(done.rules, 'rule')} as "
+                                   f"{args.format}") + "\n")
+    return EXIT_OK
+
+
 def _cmd_suggest(args: argparse.Namespace, out: TextIO) -> int:
     fmt = _output_format(args)
     if args.output and os.path.exists(args.output) and not args.force:
@@ -12575,7 +13506,9 @@ _COMMANDS: Dict[str, _Command] = {
                     "remember each folder's newest message so later runs act on new mail "
                     "only")),
         _Opt("--daily-budget", help="stop before downloading more than SIZE a day for this "
-             "account (default: 2G; Gmail allows about 2.5G; 0: no limit)")), exit_codes=True),
+             "account (default: 2G; Gmail allows about 2.5G; 0: no limit)"),
+        _Opt("--jobs", type=_positive, metavar="N", help="rules' programs run at once, across "
+             "messages (default: the number of CPUs)")), exit_codes=True),
     "history": _Command(_cmd_history, "list the applied runs, newest first, from the audit "
                         "log", options=(_Opt("--json", help="one JSON object per run"),)),
     "undo": _Command(_cmd_undo, "reverse one applied run (dry run unless --apply)",
@@ -12605,7 +13538,7 @@ _COMMANDS: Dict[str, _Command] = {
              help=f"seconds before IDLE is re-issued (default: %(default)s; at most "
              f"{IDLE_MAX_SECONDS})")), exit_codes=True),
     "check": _Command(_cmd_check, "validate and summarise a rules file, offline",
-                      options=(_Opt("rules_file", metavar="RULES"),)),
+                      options=(_Opt("rules_file", metavar="RULES"), _Opt("--run-programs"))),
     "test": _Command(_cmd_test, "classify .eml files, an mbox or a Maildir offline", options=(
         _Opt("rules_file", metavar="RULES"), _Opt("files", metavar="FILE", nargs="+"))),
     "labels": _Command(_cmd_labels, "list folders and labels with their special-use "
@@ -12628,7 +13561,7 @@ _COMMANDS: Dict[str, _Command] = {
     "demo": _Command(_cmd_demo, "classify a built-in sample of mail offline, as a dry run "
                      "would show it", options=(
         _Opt("--rules", help="rules file (default: the built-in rules)"),
-        _Opt("--summary", action="store_true", help="only the totals"))),
+        _Opt("--summary", action="store_true", help="only the totals"), _Opt("--run-programs"))),
     "init": _Command(_cmd_init, "write the starter rules file", options=(
         _Opt("path", nargs="?", help="where (default: the default rules path)"),
         _Opt("--force", action="store_true", help="overwrite an existing file")),
@@ -12637,6 +13570,17 @@ _COMMANDS: Dict[str, _Command] = {
                                "(mailFilters.xml) into rules", ("output",), (
         _Opt("filters_file", metavar="FILE", help="mailFilters.xml from Gmail's Settings -> "
              "Filters and Blocked Addresses -> Export"),)),
+    "export": _Command(_cmd_export, "compile a rules file to Sieve, Gmail filters or JSON",
+                       options=(
+        _Opt("rules_file", metavar="RULES"),
+        _Opt("--format", choices=EXPORT_FORMATS, required=True, help="sieve (RFC 5228, for the "
+             "server to run at delivery), gmail (filter XML for Gmail's Import filters) or "
+             "json (the rules as data)"),
+        _Opt("-o", "--output", metavar="FILE", help="write here, readable by you only "
+             "(default: standard output)"),
+        _Opt("--force", action="store_true", help="overwrite an existing FILE"),
+        _Opt("--partial", action="store_true", help="when a rule cannot be exported exactly, "
+             "write the rules before it instead of refusing"))),
     "suggest": _Command(_cmd_suggest, "read a folder's headers (read-only) and propose rules",
                         ("connection", "output"), (
         _Opt("--folder", default="INBOX", type=_folder_name, help="folder to read (default: "

@@ -2337,6 +2337,9 @@ class _Session(socketserver.BaseRequestHandler):
                 return parse_query(")")
             if tok == ")":
                 raise _Bad("Unbalanced ')' in X-GM-RAW")
+            if tok == "-" and pos < len(tokens) and tokens[pos] == "(":     # -(a b): not both
+                inner = parse_unary()
+                return lambda m: not inner(m)
             if tok.startswith("-") and len(tok) > 1:
                 tokens[pos - 1] = tok[1:]
                 pos -= 1
@@ -11063,6 +11066,7 @@ class ClosedOutputTest(StateTestCase):
             ("watch", ["watch", "--new-only", *conn], 0),               # a dry run
             ("auth", ["auth", "--user", USER, "--client-secret-file", client,
                       "--no-browser"], 141),
+            ("export", ["export", self.rules, "--format", "json"], 141),
         ]
 
     def test_every_command_with_a_closed_stdout_ends_quietly(self):
@@ -15095,6 +15099,565 @@ def _bench_main(argv: List[str]) -> int:
                 "%.0f" % (result["sent"] / 1024), "%.0f" % (result["received"] / 1024),
                 "%.1f" % (result["peak"] / 2 ** 20), "%d/%d" % (seen_before, seen_after))), flush=True)
     return 0
+
+
+# --- Issue 19: classifiers as plug-ins (program conditions) and export ----------------------
+
+# A classifier for the tests: a script with its own #! line, so that it is the program the
+# trust check looks at.  Its answer comes from the message it reads: SPAM prints a label and
+# exits 0, CRASH is killed by a signal, HANG never answers, STATUS3 exits 3, WAIT waits until
+# two messages are in hand at once; anything else exits 1.  Each run appends its environment
+# and what it read to the log named by its first argument.
+_CLASSIFIER = r'''#!%s -IS
+import json, os, signal, sys, time
+data = sys.stdin.buffer.read()
+with open(sys.argv[1], "a") as log:
+    log.write(json.dumps({"env": dict(os.environ), "stdin": data.decode("utf-8", "replace")}) + "\n")
+if b"HANG" in data:
+    time.sleep(30)
+if b"CRASH" in data:
+    os.kill(os.getpid(), signal.SIGKILL)
+if b"STATUS3" in data:
+    sys.exit(3)
+if b"WAIT" in data:
+    mark = os.path.join(os.path.dirname(sys.argv[1]), "arrived-" + os.environ["GMAIL_CLASSIFY_UID"])
+    open(mark, "w").close()
+    deadline = time.time() + 3
+    while time.time() < deadline:
+        if len([n for n in os.listdir(os.path.dirname(mark)) if n.startswith("arrived-")]) >= 2:
+            sys.exit(0)
+        time.sleep(0.01)
+    sys.exit(1)
+if b"SPAM" in data:
+    print(" Spam/../Pharma Deals \n second line")
+    sys.exit(0)
+sys.exit(1)
+'''
+
+
+class ProgramConditionTest(FakeServerTest):
+    """`program = [...]`: a rule asks a program, fail closed, in parallel, never past a rule
+    that decided, in a small fixed environment, only after the trust check."""
+
+    def setUp(self):
+        super().setUp()
+        os.chmod(self.tmp, 0o700)
+        self.script = os.path.join(self.tmp, "classify.py")
+        with open(self.script, "w") as handle:
+            handle.write(_CLASSIFIER % sys.executable)
+        os.chmod(self.script, 0o700)
+        self.log = os.path.join(self.tmp, "log", "runs.jsonl")
+        os.mkdir(os.path.dirname(self.log), 0o700)
+
+    def rules_file(self, program_keys: Optional[Dict[str, Any]] = None, tests: Sequence[dict] = ()) -> str:
+        keys = {"program": [self.script, self.log], "program_timeout": 20, "label_from": "program"}
+        keys.update(program_keys or {})
+        doc = {"rule": [{"name": "News", "subject": "newsletter", "label": "News"},
+                        dict(name="Classifier", **keys),
+                        {"name": "Rest", "from": "example.com", "label": "Rest"}],
+               "test": list(tests)}
+        path = os.path.join(self.tmp, "rules.json")
+        with open(path, "w") as handle:
+            json.dump(doc, handle)
+        os.chmod(path, 0o600)
+        return path
+
+    def runs(self) -> List[dict]:
+        if not os.path.exists(self.log):
+            return []
+        with open(self.log) as handle:
+            return [json.loads(line) for line in handle]
+
+    def classify(self, rules: gc.Ruleset, **kw: Any) -> Tuple[gc.FolderReport, Dict[str, Tuple[str, ...]]]:
+        outcomes: Dict[str, Tuple[str, ...]] = {}
+
+        def seen(outcome: gc.Outcome) -> None:
+            outcomes[outcome.subject] = tuple(f"{c['action']} {c.get('label', '')}".strip()
+                                              for c in outcome.changes)
+        report = gc.classify_folder(self.connect(), rules, "INBOX", on_message=seen, **kw)
+        return report, outcomes
+
+    def test_match_no_match_label_crash_hang_and_status_in_one_dry_run(self):
+        for subject in ("newsletter SPAM", "buy SPAM now", "plain", "CRASH me", "STATUS3"):
+            self.server.add_message(make_message(subject))
+        with mock.patch.dict(os.environ, {"GMAIL_APP_PASSWORD": "secret-1"}):
+            report, outcomes = self.classify(gc.load_rules(self.rules_file({"program_timeout": 20})),
+                                             jobs=3)
+        # the first rule decided the newsletter: its program never ran
+        self.assertEqual(sorted(run["env"]["GMAIL_CLASSIFY_SUBJECT"] for run in self.runs()),
+                         ["CRASH me", "STATUS3", "buy SPAM now", "plain"])
+        self.assertEqual(report.matched, {"News": 1, "Classifier": 1, "Rest": 1})
+        self.assertEqual(outcomes["newsletter SPAM"], ("label News",))
+        # the label is the first line, each part cleaned, its case kept
+        self.assertEqual(outcomes["buy SPAM now"], ("label Spam/PharmaDeals",))
+        self.assertEqual(outcomes["plain"], ("label Rest",))
+        # fail closed: neither a match nor handed on to the rules after it; run again (exit 6)
+        self.assertEqual(sorted(report.why_skipped.values()), [
+            "program classify.py exited with status 3",
+            "program classify.py was killed by signal 9"])
+        self.assertNotIn("CRASH me", outcomes)
+        # a small fixed environment: no credential, no variable of ours but these
+        env = self.runs()[0]["env"]
+        self.assertEqual(sorted(k for k in env if k not in ("PWD", "SHLVL", "_", "LC_CTYPE")),
+                         ["GMAIL_CLASSIFY_FOLDER", "GMAIL_CLASSIFY_FROM", "GMAIL_CLASSIFY_MESSAGE_ID",
+                          "GMAIL_CLASSIFY_SUBJECT", "GMAIL_CLASSIFY_UID", "HOME", "LANG", "PATH"])
+        self.assertEqual((env["PATH"], env["LANG"], env["GMAIL_CLASSIFY_FOLDER"]),
+                         ("/usr/bin:/bin", "C.UTF-8", "INBOX"))
+        # the input: the header block and the body prefix the rules fetch
+        stdin = self.runs()[0]["stdin"]
+        self.assertIn("Subject: ", stdin)
+        self.assertTrue(stdin.endswith("Hi there.\r\n"))
+        fetches = [e.line for e in self.server.log if b"BODY.PEEK[]<0.16384>" in e.line]
+        self.assertEqual(len(fetches), 1)
+
+    def test_a_program_that_hangs_is_cut_off_and_the_message_skipped(self):
+        self.server.add_message(make_message("HANG me"))
+        report, outcomes = self.classify(gc.load_rules(self.rules_file({"program_timeout": 0.3})))
+        self.assertEqual(list(report.why_skipped.values()),
+                         ["program classify.py gave no answer within 0.3 s"])
+        self.assertEqual(outcomes, {})
+
+    def test_programs_run_in_parallel_across_messages(self):
+        for subject in ("WAIT one", "WAIT two"):
+            self.server.add_message(make_message(subject))
+        report, outcomes = self.classify(self.parallel_rules(), jobs=2)
+        self.assertEqual(report.matched, {"Classifier": 2})
+
+    def parallel_rules(self) -> gc.Ruleset:
+        return gc.parse_rules({"rule": [{"name": "Classifier", "program": [self.script, self.log],
+                                         "program_timeout": 5, "label": "Both"}]},
+                              os.path.join(self.tmp, "r.json"))
+
+    def test_a_message_over_program_max_size_is_left_alone_for_its_content(self):
+        self.server.add_message(make_message("SPAM big", body="x" * 3000))
+        self.server.add_message(make_message("SPAM small"))
+        rules = gc.load_rules(self.rules_file({"program_input": "message", "program_max_size": 2000}))
+        report, outcomes = self.classify(rules)
+        self.assertEqual(list(report.content_skipped.values()),
+                         ["larger than program_max_size (2.0 KB) for program classify.py"])
+        self.assertEqual(outcomes, {"SPAM small": ("label Spam/PharmaDeals",)})
+        self.assertEqual([run["env"]["GMAIL_CLASSIFY_SUBJECT"] for run in self.runs()], ["SPAM small"])
+        self.assertEqual(rules.needs.whole, frozenset({2000}))
+        self.assertTrue(rules.needs.size)       # RFC822.SIZE decides before any program runs
+        # a program reading whole messages gets them up to its program_max_size
+        rules = gc.load_rules(self.rules_file({"program_input": "message", "program_max_size": "20K"}))
+        report, outcomes = self.classify(rules)
+        self.assertTrue(any(b"BODY.PEEK[]<0.20480>" in e.line for e in self.server.log))
+        (big,) = [run for run in self.runs() if run["env"]["GMAIL_CLASSIFY_SUBJECT"] == "SPAM big"]
+        self.assertEqual(len(big["stdin"]), len(make_message("SPAM big", body="x" * 3000)))
+
+    def cli(self, *argv: str) -> Tuple[int, str, str]:
+        return run_cli(*argv, "--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                       "--plaintext", env={"GMAIL_APP_PASSWORD": PASSWORD})
+
+    def test_run_exits_6_when_a_program_fails_and_never_moves_the_mark_past_it(self):
+        self.server.add_message(make_message("CRASH me"))
+        code, out, err = self.cli("run", "--rules", self.rules_file(), "--jobs", "1")
+        self.assertEqual(code, 6, err)
+        self.assertIn("skipped (program classify.py was killed by signal 9): UID 1; run again", out)
+
+    def test_trust_check_names_the_path_and_runs_nothing(self):
+        self.server.add_message(make_message("SPAM"))
+        path = self.rules_file(tests=[{"subject": "SPAM", "expect_rules": ["Classifier"]}])
+        for target in (path, self.script, self.tmp):
+            with self.subTest(target=target):
+                mode = os.stat(target).st_mode & 0o777
+                os.chmod(target, mode | 0o020)
+                try:
+                    code, out, err = self.cli("run", "--rules", path)
+                    self.assertEqual(code, 2)
+                    self.assertIn(f"{target} can be changed by other users" if target != self.tmp
+                                  else f"lies in {target}, which other users can write", err)
+                    self.assertIn("refusing to run", err)
+                    code, out, err = run_cli("test", path, os.devnull)
+                    self.assertEqual(code, 2)
+                finally:
+                    os.chmod(target, mode)
+        self.assertEqual(self.runs(), [])
+        code, out, err = self.cli("run", "--rules", path)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(self.runs()), 2)        # the [[test]] table, then the message
+
+    def test_check_and_demo_list_programs_and_run_them_only_when_asked(self):
+        path = self.rules_file(tests=[{"subject": "buy SPAM", "expect_rules": ["Classifier"],
+                                       "expect_actions": {"label": "Spam/PharmaDeals"}}])
+        code, out, err = run_cli("check", path)
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("2. Classifier: label from program\n", out)
+        self.assertIn(f"program: rule 2 (Classifier): program {self.script} {self.log}  [{self.script}]", out)
+        self.assertIn("tests: 1 not run", out)
+        code, out, err = run_cli("demo", "--rules", path, "--summary")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("Programs not run", out)
+        self.assertEqual(self.runs(), [])
+        code, out, err = run_cli("check", "--run-programs", path)
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("tests: 1 of 1 passed", out)
+        self.assertEqual(len(self.runs()), 1)
+        # a program that fails on a test's message fails that test (exit 8)
+        path = self.rules_file(tests=[{"subject": "STATUS3", "expect_rules": []}])
+        code, out, err = run_cli("check", "--run-programs", path)
+        self.assertEqual(code, 8)
+        self.assertIn("fetches: headers", out)
+        self.assertIn("test 1: could not be decided: program classify.py exited with status 3", err)
+        os.chmod(self.script, 0o720)
+        code, out, err = run_cli("check", "--run-programs", path)
+        self.assertEqual(code, 2)
+        self.assertIn("refusing to run program classify.py", err)
+
+    def test_test_command_runs_programs_and_reports_a_failure_as_incomplete(self):
+        path = self.rules_file()
+        spam, crash = os.path.join(self.tmp, "spam.eml"), os.path.join(self.tmp, "crash.eml")
+        for name, subject in ((spam, "buy SPAM"), (crash, "STATUS3")):
+            with open(name, "wb") as handle:
+                handle.write(make_message(subject))
+        code, out, err = run_cli("test", path, spam, crash)
+        self.assertEqual(code, 6)
+        self.assertIn("spam.eml: Classifier: program classify.py said yes (label \"Spam/PharmaDeals\")", out)
+        self.assertIn("crash.eml: skipped: program classify.py exited with status 3", out)
+
+    def test_rules_file_errors_for_program_keys(self):
+        cases = [
+            ({"program": "bogofilter -e", "label": "x"}, "program: expected a list of strings"),
+            ({"program": [], "label": "x"}, "program: expected a list of strings"),
+            ({"program_timeout": 3, "subject": "x", "label": "x"},
+             "program_timeout: goes with 'program' in the same table"),
+            ({"program": ["x"], "program_timeout": 0, "label": "x"}, "program_timeout: expected seconds"),
+            ({"program": ["x"], "program_input": "body", "label": "x"},
+             'program_input: expected "headers" or "message"'),
+            ({"program": ["x"], "label_from": "subject"}, 'label_from: expected "program"'),
+            ({"program": ["x"], "program_max_size": "lots", "label": "x"}, "program_max_size: expected a size"),
+            ({"any": [{"program": ["x"], "program_tmeout": 1}], "label": "x"}, "unknown key 'program_tmeout'"),
+            ({"subject": "x", "label_from": "program"}, "label_from: goes with 'program'"),
+        ]
+        for rule, want in cases:
+            with self.subTest(rule=rule):
+                with self.assertRaises(gc.RulesError) as caught:
+                    parse_rules({"rule": [dict(name="R", **rule)]}, "r.json")
+                self.assertIn(want, str(caught.exception))
+        nested = parse_rules({"rule": [{"name": "R", "label": "x", "any": [
+            {"program": ["x", "y"], "program_timeout": 2.5, "program_input": "message",
+             "program_path": "/opt/bin", "program_max_size": "2K"}]}]}, "r.json").rules[0].condition
+        (program,) = [c for c in gc._walk(nested) if isinstance(c, gc.ProgramCondition)]
+        self.assertEqual((program.argv, program.timeout, program.input, program.path, program.max_size),
+                         (("x", "y"), 2.5, "message", "/opt/bin", 2048))
+        self.assertEqual(program.cost, 5)
+
+    def test_environment_is_printable_and_cut_at_1_kib(self):
+        condition = gc.ProgramCondition(("x",))
+        msg = info("Subject: " + "\u00e9" * 2000 + "\nFrom: a\x1b[2J@evil.example", folder="Lists/x")
+        env = condition.environment(msg)
+        self.assertLessEqual(len(env["GMAIL_CLASSIFY_SUBJECT"].encode("utf-8")), 1024)
+        self.assertTrue(env["GMAIL_CLASSIFY_SUBJECT"].startswith("\u00e9\u00e9"))
+        self.assertNotIn("\x1b", env["GMAIL_CLASSIFY_FROM"])
+        self.assertEqual(env["GMAIL_CLASSIFY_FOLDER"], "Lists/x")
+
+    def test_clean_label_keeps_case_and_drops_traversal(self):
+        for given, want in (("Spam/../Pharma Deals", "Spam/PharmaDeals"), ("/Work//Urgent/", "Work/Urgent"),
+                            ("..", ""), ("Caf\u00e9", "xn--caf-dma")):
+            with self.subTest(given=given):
+                self.assertEqual(gc.clean_label(given), want)
+
+
+# Rules for the export tests, the decisions of each checked on SIEVE_CORPUS: every kind of
+# condition Sieve can say, regexes in and out of the ERE subset, labels, moves, archive,
+# trash, flags, a {year} folder; CONTINUE_DOC adds `continue` (the variables form).
+SIEVE_DOC = {"rule": [
+    {"name": "Receipts", "subject": ["receipt", "/order #?[0-9]{5}/i"], "label": "Receipts",
+     "mark_read": True},
+    {"name": "News", "header": {"List-Unsubscribe": True}, "from": "news", "move": "Newsletters/{year}"},
+    {"name": "Big", "larger_than": "20K", "archive": True},
+    {"name": "Spam", "any": [{"from": "spam.example"}, {"subject": "/^\\[SPAM\\]/"}],
+     "trash": True, "star": True},
+    {"name": "Not bulk", "not": {"header": {"Precedence": "bulk"}}, "to": "me@", "label": "Direct"},
+]}
+CONTINUE_DOC = {"rule": [
+    {"name": "Tag shop", "from": "shop", "label": "Shopping", "continue": True},
+    {"name": "Starred", "starred": True, "label": "x", "continue": True},
+    {"name": "Receipts", "subject": "receipt", "label": ["Receipts", "Shopping"], "archive": True,
+     "mark_read": True},
+    {"name": "Urgent", "subject": "urgent", "star": True, "continue": True},
+    {"name": "Work", "from": "/@work[.]example/", "move": "Work", "mark_unread": True},
+]}
+
+
+def _sieve_corpus() -> List[bytes]:
+    today = email.utils.format_datetime(datetime.now(timezone.utc)).encode()  # {year} at delivery
+    return [make_message("Your receipt", "Shop <shop@x.example>"),
+            make_message("ORDER 12345 confirmed", "a@x.example"),
+            make_message("news of the week", "News <news@x.example>", extra="List-Unsubscribe: <mailto:u@x>\n"
+                         ).replace(b"Mon, 04 Mar 2024 10:00:00 +0000", today),
+            make_message("news without list", "News <news@x.example>"),
+            make_message("large", body="x" * 30000),
+            make_message("[SPAM] hi", "b@y.example"),
+            make_message("[spam] lower case", "b@y.example", to="other@z"),
+            make_message("hello", "Deals <a@spam.example>"),
+            make_message("hi", "c@z.example", to="me@here.example"),
+            make_message("hi", "c@z.example", to="me@here.example", extra="Precedence: bulk\n"),
+            make_message("urgent receipt", "shop@work.example"),
+            make_message("urgent", "boss@work.example"),
+            make_message("nothing", "x@elsewhere.example", to="you@there")]
+
+
+class SieveExportTest(unittest.TestCase):
+    """export --format sieve: compiled by Pigeonhole's sievec, and sieve-test decides every
+    message of a corpus as the rules do (folders and flags)."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def write(self, name: str, data: Any) -> str:
+        path = os.path.join(self.tmp, name)
+        with open(path, "wb") as handle:
+            handle.write(data if isinstance(data, bytes) else json.dumps(data).encode())
+        os.chmod(path, 0o644)
+        return path
+
+    @staticmethod
+    def expected(rules: gc.Ruleset, raw: bytes) -> set:
+        """What delivery should do by the rules' own decision: {(folder, flags added)}."""
+        decision = rules.classify(gc.message_info_from_bytes(raw), final=True)
+        actions = decision.actions.expanded(gc.message_info_from_bytes(raw))
+        flags = frozenset(row.flag.lower() for row in actions.flag_actions() if row.add)
+        folders = list(actions.labels)
+        destination = actions.move or ("Archive" if actions.archive else "Trash" if actions.trash else None)
+        folders.append(destination or "INBOX")
+        return {(folder, flags) for folder in folders}
+
+    @staticmethod
+    def performed(output: str) -> set:
+        """sieve-test's account of what it did: {(folder, flags added)}."""
+        found, folder, flags = set(), None, set()
+        for line in output.splitlines():
+            stored = re.match(r"\s*\* store message in folder: (.*)", line)
+            if stored or line.startswith("Implicit keep") and folder:
+                if folder:
+                    found.add((folder, frozenset(flags)))
+                folder, flags = (stored.group(1) if stored else None), set()
+            added = re.match(r"\s*\+ add IMAP flags: (.*)", line)
+            if added and folder:
+                flags.update(added.group(1).split())
+        if folder:
+            found.add((folder, frozenset(flags)))
+        return found
+
+    def sieve_test(self, script: str, messages: List[bytes]) -> List[set]:
+        if not (shutil.which("sievec") and shutil.which("sieve-test")):
+            self.skipTest("Pigeonhole's sievec and sieve-test are not installed")
+        os.chmod(self.tmp, 0o755)       # sieve-test, run as root, reads as another user
+        done = subprocess.run(["sievec", script], stderr=subprocess.PIPE, text=True)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        conf = self.write("sieve-test.conf", (
+            f"mail_location = maildir:{self.tmp}/maildir\n" + (
+                "mail_uid = nobody\nmail_gid = nogroup\nfirst_valid_uid = 1\nfirst_valid_gid = 1\n"
+                if os.geteuid() == 0 else "")).encode())
+        results = []
+        for index, raw in enumerate(messages):
+            mail = self.write(f"m{index}.eml", raw)
+            done = subprocess.run(["sieve-test", "-c", conf, script, mail], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            results.append(self.performed(done.stdout))
+        return results
+
+    def check_agrees(self, doc: dict, warning: str = "", only: Sequence[int] = ()) -> str:
+        rules = parse_rules(doc, "rules.json")
+        path = self.write("rules.json", doc)
+        code, out, err = run_cli("export", path, "--format", "sieve")
+        self.assertEqual(code, 0)
+        self.assertEqual(err, warning and f"gmail_classify: {path}: {warning}\n")
+        self.assertNotIn(":create", out)
+        script = self.write("rules.sieve", out.encode())
+        corpus = [raw for i, raw in enumerate(_sieve_corpus()) if not only or i in only]
+        got = self.sieve_test(script, corpus)
+        for raw, performed in zip(corpus, got):
+            with self.subTest(message=raw.split(b"\r\n")[2]):
+                self.assertEqual(performed, self.expected(rules, raw))
+        return out
+
+    def test_sieve_test_decides_as_the_rules_do(self):
+        out = self.check_agrees(SIEVE_DOC)
+        self.assertIn('require ["date", "fileinto", "imap4flags", "regex", "variables"];', out)
+        self.assertIn('header :regex :comparator "i;ascii-casemap" "subject" "order #?[0-9]{5}"', out)
+        self.assertIn('header :regex :comparator "i;octet" "subject" "^\\\\[SPAM\\\\]"', out)
+        self.assertIn("size :over 20480", out)
+        self.assertEqual(out.count("stop;"), 5)
+
+    def test_with_continue_the_merged_actions_are_the_same_too(self):
+        # (new mail is never starred: at delivery the rule left out cannot match)
+        out = self.check_agrees(CONTINUE_DOC, "rule 2 (Starred) left out: starred has no Sieve "
+                                              "test (it has continue, so the rules after it decide "
+                                              "as before)", only=(0, 1, 7, 10, 11, 12))
+        self.assertIn("# 4. Urgent (continue)", out)
+        self.assertNotIn("# 2.", out)
+
+    def test_a_rule_sieve_cannot_say_stops_the_export_unless_partial(self):
+        doc = {"rule": [{"name": "A", "subject": "a", "label": "A"},
+                        {"name": "Old", "older_than": "1y", "label": "x", "continue": True},
+                        {"name": "Body", "body": "invoice", "label": "B"},
+                        {"name": "Trash all", "from": "/./", "trash": True}]}
+        path = self.write("rules.json", doc)
+        code, out, err = run_cli("export", path, "--format", "sieve")
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn('rule 3 ("Body") cannot be exported to Sieve: body contains "invoice" has no '
+                      'Sieve test; later rules would catch its mail', err)
+        code, out, err = run_cli("export", path, "--format", "sieve", "--partial")
+        self.assertEqual(code, 0, err)
+        self.assertIn("# 1. A\n", out)
+        self.assertNotIn("Trash", out.split("require")[1])
+        self.assertIn("# Stopped before rule 3 (Body)", out)
+        self.assertIn("rule 2 (Old) left out: date older than 1y has no Sieve test", err)
+        self.assertIn("stopped before rule 3 (Body)", err)
+        for condition, why in (({"gmail_query": "x"}, "gmail query"), ({"has_label": "x"}, "has label"),
+                               ({"program": ["x"]}, "program x"), ({"subject": "/\\d+/"}, "POSIX ERE"),
+                               ({"from": "/^a/"}, "anchored"), ({"subject": "café"}, "not ASCII"),
+                               ({"subject": "/x/m"}, "POSIX ERE")):
+            with self.subTest(condition=condition):
+                with self.assertRaises(gc.RulesError) as caught:
+                    gc.export_sieve(parse_rules({"rule": [dict(name="R", label="L", **condition)]}, "r"))
+                self.assertIn(why, str(caught.exception))
+
+    def test_posix_ere_subset(self):
+        table = [("a.b", "a.b"), ("^\\[x\\]$", "^\\[x\\]$"), ("a{2,3}b+c*d?", "a{2,3}b+c*d?"),
+                 ("(ab|cd)[^x-z]", "(ab|cd)[^x-z]"), ("\\/path\\-x", "/path-x"), ("[]a]", "[]a]"),
+                 ("\\d", None), ("a*?", None), ("(?:a)", None), ("[\\w]", None), ("\\b", None),
+                 ("a{2", None), ("[[:alpha:]]", None), ("\u00e9", None), ("(a)\\1", None), ("*a", None)]
+        for source, want in table:
+            with self.subTest(source=source):
+                self.assertEqual(gc._posix_ere(source), want)
+
+    def test_output_file_is_private_and_kept_unless_force(self):
+        path = self.write("rules.json", SIEVE_DOC)
+        target = os.path.join(self.tmp, "out.sieve")
+        code, out, err = run_cli("export", path, "--format", "sieve", "-o", target)
+        self.assertEqual((code, out), (0, ""))
+        self.assertIn("wrote", err)
+        self.assertEqual(os.stat(target).st_mode & 0o777, 0o600)
+        code, out, err = run_cli("export", path, "--format", "json", "-o", target)
+        self.assertEqual(code, 2)
+        self.assertIn("already exists; pass --force", err)
+        code, out, err = run_cli("export", path, "--format", "json", "-o", target, "--force")
+        self.assertEqual(code, 0)
+        with open(target) as handle:
+            data = json.load(handle)
+        self.assertEqual(data["rules"][3]["condition"], {
+            "type": "AnyOf", "parts": [
+                {"type": "HeaderMatch", "key": "from", "headers": ["from"], "matcher": ["spam.example"],
+                 "addresses": True},
+                {"type": "HeaderMatch", "key": "subject", "headers": ["subject"],
+                 "matcher": ["/^\\[SPAM\\]/"], "addresses": False}]})
+        self.assertEqual(data["rules"][3]["actions"]["trash"], True)
+
+    def test_closed_pipe_exits_141(self):
+        self.state = os.path.join(self.tmp, "state")
+        path = self.write("rules.json", SIEVE_DOC)
+        ((code, err),) = ClosedOutputTest.closed_stdout(self, ["export", path, "--format", "sieve"])
+        self.assertEqual(code, 141, err)
+
+
+# Rules for the Gmail export round trip: what Gmail's search can say exactly, `continue`,
+# first-match order (the later filters carry the earlier searches negated), a move.
+GMAIL_EXPORT_DOC = {"rule": [
+    {"name": "Invoices", "gmail_query": "subject:invoice", "has_attachment": True,
+     "label": ["Finance", "Invoices"], "archive": True},
+    {"name": "Big", "larger_than": "20K", "label": "Big", "continue": True},
+    {"name": "Old unread", "all": [{"older_than": "1y"}, {"unread": True}],
+     "not": {"has_label": "Keep"}, "mark_read": True},
+    {"name": "Starred", "starred": True, "move": "Starred mail"},
+    {"name": "Catch all", "gmail_query": "subject:hello", "label": "Hello", "star": True},
+]}
+
+
+def _with_attachment(subject: str) -> bytes:
+    return (f"From: a@x.example\r\nTo: {USER}\r\nSubject: {subject}\r\nMessage-ID: <{subject}@x>\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+            "Content-Type: text/plain\r\n\r\nsee attached\r\n--b\r\nContent-Type: application/pdf\r\n"
+            "Content-Disposition: attachment; filename=a.pdf\r\n\r\nJVBERi0=\r\n--b--\r\n").encode()
+
+
+class GmailExportTest(FakeServerTest):
+    maxDiff = None
+    """export --format gmail: the filter XML, read back by import-filters, decides a corpus
+    on (fake) Gmail as the rules do."""
+
+    def effect(self, rules: gc.Ruleset) -> Dict[str, tuple]:
+        """Per subject, what a dry run would do, as Gmail shows it: labels added, archived,
+        trashed, flags set (a move is a label and an archive)."""
+        found: Dict[str, tuple] = {}
+
+        def seen(outcome: gc.Outcome) -> None:
+            labels, other = set(), set()
+            for change in outcome.changes:
+                if change["action"] == "label":
+                    labels.add(change["label"])
+                elif change["action"] == "move":
+                    labels.add(change["after"]["folder"])
+                    other.add("archive")
+                else:
+                    other.add(change["action"])
+            found[outcome.subject] = (tuple(sorted(labels)), tuple(sorted(other)))
+        gc.classify_folder(self.connect(), rules, "INBOX", on_message=seen)
+        return found
+
+    def test_round_trip_through_import_filters_gives_the_same_decisions(self):
+        old = datetime(2020, 5, 1, tzinfo=timezone.utc)
+        add = self.server.add_message
+        add(_with_attachment("invoice 42"))
+        add(_with_attachment("invoice big") + b"x" * 30000)
+        add(make_message("invoice no attachment", body="y" * 30000))
+        add(make_message("old unread"), date=old)
+        add(make_message("old unread kept"), date=old, labels=("\\Inbox", "Keep"))
+        add(make_message("old read"), date=old, flags=("\\Seen",))
+        add(make_message("big old unread", body="z" * 30000), date=old)
+        add(make_message("starred"), flags=("\\Flagged", "\\Seen"))
+        add(make_message("hello there"), flags=("\\Seen",))
+        add(make_message("hello starred"), flags=("\\Flagged", "\\Seen"))
+        add(make_message("nothing"), flags=("\\Seen",))
+        path = os.path.join(self.tmp, "rules.json")
+        with open(path, "w") as handle:
+            json.dump(GMAIL_EXPORT_DOC, handle)
+        xml_path = os.path.join(self.tmp, "mailFilters.xml")
+        code, out, err = run_cli("export", path, "--format", "gmail", "-o", xml_path)
+        self.assertEqual(code, 0, err)
+        code, imported, err = run_cli("import-filters", xml_path, "--format", "json")
+        self.assertEqual((code, err), (0, ""))
+        doc = json.loads(imported)
+        self.assertEqual(len(doc["rule"]), 6)       # Invoices is two filters: one per label
+        self.assertEqual(doc["rule"][2]["gmail_query"], "(larger:20480 -((subject:invoice) has:attachment))")
+        before = self.effect(gc.load_rules(path))
+        after = self.effect(parse_rules(doc, "imported.json"))
+        self.assertEqual(after, before)
+        # and the decisions are the ones the rules say (the corpus covers every rule)
+        self.assertEqual(before["invoice big"], (("Finance", "Invoices"), ("archive",)))
+        self.assertEqual(before["big old unread"], (("Big",), ("mark read",)))
+        self.assertEqual(before["old unread kept"], ((), ()))
+        self.assertEqual(before["starred"], (("Starred mail",), ("archive",)))
+        self.assertEqual(before["hello starred"], (("Starred mail",), ("archive",)))
+        self.assertEqual(before["hello there"], (("Hello",), ("star",)))
+        self.assertEqual(before["nothing"], ((), ()))
+
+    def test_what_gmail_cannot_say_stops_the_export_unless_partial(self):
+        doc = {"rule": [{"name": "Q", "gmail_query": "from:x", "label": "Q"},
+                        {"name": "Sub", "subject": "receipt", "label": "R", "continue": True},
+                        {"name": "Unstar", "gmail_query": "from:y", "unstar": True},
+                        {"name": "After", "gmail_query": "from:z", "trash": True}]}
+        path = os.path.join(self.tmp, "rules.json")
+        with open(path, "w") as handle:
+            json.dump(doc, handle)
+        code, out, err = run_cli("export", path, "--format", "gmail")
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn('rule 3 ("Unstar") cannot be exported to Gmail filters: unstar has no Gmail '
+                      'filter action', err)
+        code, out, err = run_cli("export", path, "--format", "gmail", "--partial")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(gc.import_gmail_filters(out.encode()).doc["rule"], [
+            {"name": "Gmail filter 1", "gmail_query": "((from:x))", "label": "Q", "continue": True}])
+        self.assertIn("rule 2 (Sub) left out: subject contains \"receipt\": Gmail's word-based search", err)
+        long = {"rule": [{"name": f"R{i}", "gmail_query": "x" * 200 + str(i), "label": "L"} for i in range(8)]}
+        with self.assertRaises(gc.RulesError) as caught:
+            gc.export_gmail(parse_rules(long, "r.json"))
+        self.assertIn("over Gmail's 1500", str(caught.exception))
 
 
 if __name__ == "__main__":

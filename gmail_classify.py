@@ -11556,7 +11556,6 @@ def _learn_features(info: MessageInfo) -> frozenset:
             found.add(("pair", domain, phrase))
     if _header_present(headers, "list-unsubscribe"):
         found.add(("header", "List-Unsubscribe"))
-    _drop_header_cache(headers)
     return frozenset(found)
 
 
@@ -11652,6 +11651,7 @@ class _Learner:
         self.messages = filed.messages
         self.features = [_learn_features(m.info) for m in self.messages]
         self.index: Dict[tuple, List[int]] = {}
+        self.by_label: Optional[Dict[str, List[tuple]]] = None    # label -> precise features
         for number, features in enumerate(self.features):
             for feature in features:
                 self.index.setdefault(feature, []).append(number)
@@ -11663,19 +11663,27 @@ class _Learner:
     def candidates(self, label: str) -> List[Tuple[tuple, set]]:
         """(feature, older messages of ``label`` it finds) for the features precise enough
         on the older part and not contradicted by the newer one (a sender who moved)."""
+        if self.by_label is None:
+            self.by_label = {}
+            for feature, numbers in self.index.items():
+                older, newer = self.split(numbers)
+                if len(older) < self.min_support:
+                    continue
+                seen: Dict[str, int] = {}
+                for n in older:
+                    for name in self.messages[n].labels:
+                        seen[name] = seen.get(name, 0) + 1
+                for name, hits in seen.items():
+                    if hits >= self.min_support and hits >= (self.min_precision
+                                                             - _LEARN_SLACK) * len(older):
+                        self.by_label.setdefault(name, []).append(feature)
         found = []
-        floor = self.min_precision - _LEARN_SLACK
-        for feature, numbers in self.index.items():
-            older, newer = self.split(numbers)
-            if len(older) < self.min_support:
-                continue
-            hits = {n for n in older if label in self.messages[n].labels}
-            if len(hits) < self.min_support or len(hits) < floor * len(older):
-                continue
+        for feature in self.by_label.get(label, ()):
+            older, newer = self.split(self.index[feature])
             newer_hits = sum(1 for n in newer if label in self.messages[n].labels)
             if len(newer) >= 3 and newer_hits < _LEARN_MOVED * len(newer):
                 continue        # most of its newer mail went elsewhere: the sender moved
-            found.append((feature, hits))
+            found.append((feature, {n for n in older if label in self.messages[n].labels}))
         found.sort(key=lambda item: (_KIND_ORDER[item[0][0]], item[0]))
         return found
 
@@ -11702,12 +11710,9 @@ class _Learner:
         condition = _condition_of(features)
         rule = _ruleset_of([dict(name="learned", label="x", **condition)],
                            self.filed.source).rules[0]
-        every = []
-        for n, message in enumerate(self.messages):
-            if rule.condition.evaluate(message.info, now)[0]:
-                every.append(n)
-            _drop_header_cache(message.info.headers)
-        return condition, every
+        test = rule.condition.evaluate
+        return condition, [n for n, message in enumerate(self.messages)
+                           if test(message.info, now)[0]]
 
     def judge(self, label: str, count: int, now: datetime
               ) -> Union[str, Tuple[_LearnedLabel, str]]:
@@ -11790,6 +11795,8 @@ def learn_rules(filed: FiledMail, *, min_precision: float = 0.97, min_support: i
         else:
             made.append(result[0])
             found[label] = result[1]
+    for message in messages:       # decoded once for every label's rule (see evaluate)
+        _drop_header_cache(message.info.headers)
     made.sort(key=lambda item: (-len(item.right), item.label))
     for item in made[max_rules:]:
         unlearnable[item.label] = f"beyond --max-rules {max_rules}"
@@ -11809,7 +11816,8 @@ def learn_rules(filed: FiledMail, *, min_precision: float = 0.97, min_support: i
 
 
 def _learned_actions(filed: FiledMail, label: str) -> Tuple[Dict[str, Any], bool]:
-    """A label's actions fitted on all its examples, and whether they move the message."""
+    """A label's actions fitted on all its examples, and whether they move the message
+    (off Gmail: out of INBOX into one folder, after which no other rule should act)."""
     mine = [m for m in filed.messages if label in m.labels]
     share = _LEARN_ACTION_SHARE * len(mine)
     if not filed.gmail:
@@ -11822,7 +11830,7 @@ def _learned_actions(filed: FiledMail, label: str) -> Tuple[Dict[str, Any], bool
         actions["archive"] = True
     if sum(1 for m in mine if m.starred) >= share:
         actions["star"] = True
-    return actions, bool(actions.get("archive"))
+    return actions, False   # on Gmail archiving keeps every label: every rule continues
 
 
 def _learned_rule_tables(filed: FiledMail, made: List[_LearnedLabel]

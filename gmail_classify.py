@@ -35,14 +35,17 @@ Reading guide.  Sections in dependency order, each using only those above it
 10. Watch: stay connected, IDLE or poll, classify new mail.
 11. OAuth2 sign-in.
 12. Importers and suggestions: Gmail's filter export, suggested rules.
-13. Command line: the output object, one row per subcommand, ``main``.
+13. Learning, explaining, comparing rules: ``learn_rules`` (rules from how mail is already
+    filed, judged on the newest mail), ``explain_message`` (every rule's verdict, for
+    ``why``), ``diff_messages`` / ``diff_folders`` (decisions two rule sets differ on).
+14. Command line: the output object, one row per subcommand, ``main``.
 
 Where to add things (each is one place):
   a rule condition   a ``Condition`` subclass and its row in ``_CONDITION_KINDS`` (5);
                      from a vendoring script, ``Ruleset.add_condition``
   a flag action      a row in ``_FLAG_ACTION_ROWS`` (5, above ``Actions``)
-  a subcommand       its ``_cmd_*`` function and its row in ``_COMMANDS`` (13)
-  an output format   an ``_Output`` subclass and its row in ``_OUTPUT_FORMATS`` (13)
+  a subcommand       its ``_cmd_*`` function and its row in ``_COMMANDS`` (14)
+  an output format   an ``_Output`` subclass and its row in ``_OUTPUT_FORMATS`` (14)
   an exit code       ``exit_code`` on the error class (1)
   a server quirk     folder names without SPECIAL-USE: ``FALLBACK_FOLDER_NAMES`` (3); what an
                      answer may hold: ``_UNTAGGED_NEEDED`` (3); a capability check: the
@@ -93,6 +96,11 @@ __all__ = [
     "save_refresh_token", "load_refresh_token", "token_path",
     # importers and suggestions
     "import_gmail_filters", "ImportedFilters", "suggest_rules", "Suggestions",
+    # learning, explaining, comparing rules
+    "explain_message", "Explanation", "RuleVerdict", "find_messages", "diff_messages",
+    "diff_folders", "same_decision", "RulesDiff", "DecisionChange", "learn_rules",
+    "LearnedRules", "LearnError", "read_filed_mail", "read_filed_path", "FiledMail",
+    "FiledMessage",
     # command line
     "main",
 ]

@@ -11376,7 +11376,11 @@ def find_messages(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX", 
         if wanted and not wanted.startswith("<"):
             wanted = f"<{wanted}>"
         uids = conn.search(["HEADER", "Message-ID", wanted])
-    return _infos_for_rules(conn, rules, folder, uids) if uids else {}
+    found = _infos_for_rules(conn, rules, folder, uids) if uids else {}
+    if uid is None:     # SEARCH HEADER finds substrings, caselessly: keep the exact one
+        found = {number: info for number, info in found.items()
+                 if _first(header_text(info.headers, "message-id")).strip() == wanted}
+    return found
 
 
 @dataclass(frozen=True)
@@ -12092,12 +12096,19 @@ def _read_header_file(path: str) -> bytes:
     """The header block of one message file, at most MAX_HEADER_LITERAL of it; the file
     must be a regular one (see read_message_file)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    data = b""
     with os.fdopen(fd, "rb") as fh:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError("not a regular file")
-        data = fh.read(MAX_HEADER_LITERAL)
-    end = re.search(rb"\r?\n\r?\n", data)
-    return data[:end.start()] + b"\r\n" if end else data
+        while len(data) < MAX_HEADER_LITERAL:     # the body is never read
+            chunk = fh.read(min(65536, MAX_HEADER_LITERAL - len(data)))
+            data += chunk
+            end = re.search(rb"\r?\n\r?\n", data)
+            if end:
+                return data[:end.start()] + b"\r\n"
+            if not chunk:
+                break
+    return data
 
 
 def _maildir_folders(root: str) -> List[Tuple[str, Optional[str]]]:
@@ -12152,8 +12163,8 @@ def read_filed_path(path: Any, *, limit: Optional[int] = DEFAULT_LEARN_LIMIT,
             gmail = True
             names = _split_takeout_labels(",".join(takeout))
             folded = {n.casefold() for n in names}
-            if "trash" in folded:
-                trash += 1
+            if "trash" in folded or "spam" in folded:
+                trash += "trash" in folded
                 del found[key]
                 return
             entry.archived = "inbox" not in folded
@@ -13494,9 +13505,8 @@ def _cmd_why(args: argparse.Namespace, out: _Output) -> int:
             info = message_info_from_bytes(read_message_file(args.message))
         except (OSError, ValueError) as exc:
             raise UsageError(f"{args.message}: cannot read: {exc}") from None
-        local = rules.local()[0]
-        _write_why(out, _why_record(args.message, None, info, explain_message(local, info)),
-                   explain_message(local, info))
+        explanation = explain_message(rules.local()[0], info)
+        _write_why(out, _why_record(args.message, None, info, explanation), explanation)
         return EXIT_OK
     folder, uid = args.folder, None
     if args.uid is not None:

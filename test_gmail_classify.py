@@ -15312,6 +15312,15 @@ class WhyServerTest(FakeServerTest):
         self.assertEqual(self.server.messages("INBOX")[0].labels, {"\\Inbox"})
         self.assertEqual(self.server.messages("INBOX")[0].flags, set())
 
+    def test_a_message_id_is_matched_whole(self):
+        self.server.add_message(make_message("a", "x@shop.example", extra="Message-ID: <ab@x>\n")
+                                .replace(b"Message-ID: <", b"X-Old-Id: <", 1))
+        self.server.add_message(make_message("b", "y@shop.example").replace(
+            b"Message-ID: <", b"X-Old-Id: <", 1).replace(b"\r\n\r\n", b"\r\nMessage-ID: <AB@X>\r\n\r\n", 1))
+        code, out, err = self.cli("why", "ab@x", "--json")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual([json.loads(line)["uid"] for line in out.splitlines()], [1])
+
     def test_uid_and_not_found(self):
         self.server.add_message(make_message("hello", "notifications@github.com"))
         code, out, err = self.cli("why", "--uid", "INBOX:1", "--json")
@@ -15528,16 +15537,38 @@ class LearnOfflineTest(TempDirMixin, unittest.TestCase):
                                  + labels.encode() + b"\r\n" + raw + b"\r\n")
             everything.write(b"From x@y Mon Mar  4 10:00:00 2024\r\nX-Gmail-Labels: Trash,"
                              b"Receipts\r\n" + _dated(999, "a@b.example", "x")[0] + b"\r\n")
+            everything.write(b"From x@y Mon Mar  4 10:00:00 2024\r\nX-Gmail-Labels: Spam,"
+                             b"Talk\r\n" + _dated(998, "a@b.example", "x")[0] + b"\r\n")
         self.assertEqual([r["name"] for r in self.learn(folder).doc["rule"]],
                          ["Receipts", "Talk"])
         filed = gc.read_filed_path(takeout)
         self.assertTrue(filed.gmail)
-        self.assertEqual(filed.trash_count, 1)
+        self.assertEqual((filed.trash_count, len(filed.messages)), (1, 120))
         self.assertEqual(sorted({l for m in filed.messages for l in m.labels}),
                          ["Receipts", "Talk, the list"])
         rules = self.learn(takeout).doc["rule"]
         self.assertEqual([(r["name"], r.get("archive", False)) for r in rules],
                          [("Receipts", True), ("Talk, the list", False)])
+
+    def test_tests_hide_local_parts_and_subjects_unless_kept(self):
+        root = os.path.join(self.tmp, "Mail")
+        for raw, _when, kind in _corpus():
+            folder = {"receipt": ".Receipts", "list": ".Talk", "friend": ""}[kind]
+            os.makedirs(os.path.join(root, folder, "cur"), exist_ok=True)
+            name = re.search(rb"<(n\d+)@", raw).group(1).decode()
+            with open(os.path.join(root, folder, "cur", name), "wb") as handle:
+                handle.write(raw)
+        filed = gc.read_filed_path(root)
+        hidden = {t["name"]: t for t in gc.learn_rules(filed, now=NOW).doc["test"]}
+        kept = {t["name"]: t for t in gc.learn_rules(filed, now=NOW,
+                                                     keep_examples=True).doc["test"]}
+        self.assertEqual(hidden["Talk: a held-out example"],
+                         {"name": "Talk: a held-out example", "from": "someone@lists.example",
+                          "subject": "(subject)", "list_id": "<talk.lists.example>",
+                          "expect_rules": ["Talk"]})
+        self.assertEqual(hidden["Receipts: a held-out example"]["from"], "orders@shop.example")
+        self.assertRegex(kept["Talk: a held-out example"]["from"], r"^user\d@lists\.example$")
+        self.assertRegex(kept["Talk: a held-out example"]["subject"], r"^Re: topic \d+$")
 
     def test_mbox_is_read_header_by_header_within_the_wire_cap(self):
         path = os.path.join(self.tmp, "Big.mbox")

@@ -13594,6 +13594,8 @@ def _cmd_learn(args: argparse.Namespace, out: TextIO) -> int:
         for line in learned.report:
             sys.stderr.write(printable(f"gmail_classify: learn: {line}") + "\n")
     if not learned.doc["rule"]:
+        if args.quiet:
+            return EXIT_OK
         sys.stderr.write(printable(f"gmail_classify: {filed.source}: no label could be learned "
                                    f"precisely from its {len(filed.messages)} messages; "
                                    f"nothing written") + "\n")

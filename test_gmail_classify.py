@@ -11027,6 +11027,9 @@ class ClosedOutputTest(StateTestCase):
             ("watch", ["watch", "--new-only", *conn], 0),               # a dry run
             ("auth", ["auth", "--user", USER, "--client-secret-file", client,
                       "--no-browser"], 141),
+            ("why", ["why", mail, "--rules", self.rules], 0),
+            ("diff", ["diff", self.rules, self.rules, mail, "--json"], 141),
+            ("learn", ["learn", "-q", *conn], 0),   # nothing to learn: no rules written
         ]
 
     def test_every_command_with_a_closed_stdout_ends_quietly(self):
@@ -15579,6 +15582,15 @@ class LearnOfflineTest(TempDirMixin, unittest.TestCase):
         with mock.patch.object(gc, "MAX_HEADER_LITERAL", 64):
             blocks = [raw for raw, _flags in gc._stream_header_blocks(path)]
         self.assertEqual(blocks, [b"Subject: one\r\n", b"Subject: two\r\n"])
+
+    def test_holdout_by_share_or_by_age(self):
+        messages = [gc.FiledMessage(f"<{n}@x>", when, MessageInfo(headers=parse_headers(raw)))
+                    for n, (raw, when, _kind) in enumerate(_corpus())]
+        self.assertEqual([gc._holdout_start(messages, text) for text in ("25%", "2d", "1w")],
+                         [90, 72, 0])
+        for bad in ("0%", "100%", "2x", ""):
+            with self.subTest(bad=bad), self.assertRaises(gc.LearnError):
+                gc._holdout_start(messages, bad)
 
     def test_not_a_source_is_a_usage_error(self):
         code, _out, err = run_cli("learn", "--from", os.path.join(self.tmp, "none"))

@@ -15187,14 +15187,10 @@ class FiledMailGenerator:
         return out
 
 
-# Commands that change a mailbox (or could): learn, why and diff send none of them.
-_WRITE_COMMANDS = {"SELECT", "STORE", "UID STORE", "COPY", "UID COPY", "MOVE", "UID MOVE",
-                   "EXPUNGE", "UID EXPUNGE", "APPEND", "CREATE", "DELETE", "RENAME"}
-
-
 def assert_read_only(test: unittest.TestCase, server: FakeGmail) -> None:
-    """No command that could change the mailbox reached ``server``, every FETCH peeked."""
-    test.assertEqual(set(server.commands()) & _WRITE_COMMANDS, set())
+    """No command that could change the mailbox (WRITE_COMMANDS, SELECT among them)
+    reached ``server``; every FETCH peeked."""
+    test.assertEqual(set(server.commands()) & WRITE_COMMANDS, set())
     test.assertIn("EXAMINE", server.commands())
     for line in server.raw_lines:
         if b"FETCH" in line.upper():

@@ -11510,14 +11510,13 @@ class FiledMessage:
 class FiledMail:
     """What read_filed_mail / read_filed_path found: the examples, oldest first, the kind
     of actions that fit (``gmail``: labels; else folders), the name of the folder marked
-    \\Archive if any, and what Trash holds (a count, and its commonest sender domains)."""
+    \\Archive if any, and how many messages Trash holds."""
 
     messages: List[FiledMessage]
     gmail: bool
     source: str
     archive_folder: Optional[str] = None
     trash_count: int = 0
-    trash_domains: Tuple[str, ...] = ()
 
 
 def _wilson_lower(right: int, total: int, z: float = 1.96) -> float:
@@ -11951,18 +11950,18 @@ def _learned_header(filed: FiledMail, start: int, rules: int, unlearnable: Dict[
         lines.append("Not learnable: " + ", ".join(sorted(unlearnable)) + " (see the "
                      "report on standard error).")
     if filed.trash_count:
-        lines.append(f"Trash holds {filed.trash_count} message(s)"
-                     + (f", mostly from {', '.join(filed.trash_domains)}" if filed.trash_domains
-                        else "")
-                     + "; learn never writes a trash rule (Trash holds mistakes).")
+        lines.append(f"Trash holds {filed.trash_count} message(s); learn never writes a "
+                     f"trash rule (Trash holds mistakes, and empties itself).")
     lines.append("Next: check this file, compare it with your rules (diff), do a dry run, "
                  "then --apply.")
     return lines
 
 
-def _filed_from_headers(key_raw: bytes, date: Optional[datetime]) -> Tuple[str, MessageInfo,
-                                                                           datetime]:
-    info = MessageInfo(headers=parse_headers(key_raw))
+def _filed_from_headers(raw: bytes, date: Optional[datetime]
+                        ) -> Tuple[str, MessageInfo, datetime]:
+    """A header block as (its _message_key, a MessageInfo, its date: ``date``, else the
+    Date header, else 1970)."""
+    info = MessageInfo(headers=parse_headers(raw))
     when = date or _header_date(info.headers) or datetime(1970, 1, 1, tzinfo=timezone.utc)
     return _message_key(info.headers), info, when
 
@@ -12061,13 +12060,11 @@ def read_filed_mail(conn: GmailConnection, *, folders: Sequence[str] = (),
     messages = sorted(found.values(), key=lambda m: (m.date, m.key))
     if limit and len(messages) > limit:
         messages = messages[-limit:]
-    return FiledMail(messages, conn.is_gmail, conn.user if hasattr(conn, "user") else conn.host,
-                     archive_name, count)
+    return FiledMail(messages, conn.is_gmail, conn.user, archive_name, count)
 
 
-def _stream_header_blocks(path: str) -> Iterator[Tuple[bytes, str]]:
-    """Each message of an mbox file as (its header block, its "From " line's flags),
-    read line by line: the body is skipped, a header block is cut at MAX_HEADER_LITERAL
+def _stream_header_blocks(path: str) -> Iterator[bytes]:
+    """The header block of each message of an mbox file, read line by line: the body is skipped, a header block is cut at MAX_HEADER_LITERAL
     like a header fetched over the wire, so a file of many GB costs one message's headers
     of memory."""
     with open(path, "rb") as fh:
@@ -12077,7 +12074,7 @@ def _stream_header_blocks(path: str) -> Iterator[Tuple[bytes, str]]:
         for line in fh:
             if line.startswith(b"From "):
                 if block is not None:
-                    yield b"".join(block), ""
+                    yield b"".join(block)
                 block, size, in_headers = [], 0, True
                 continue
             if block is None or not in_headers:
@@ -12089,7 +12086,7 @@ def _stream_header_blocks(path: str) -> Iterator[Tuple[bytes, str]]:
                 block.append(line.rstrip(b"\r\n") + b"\r\n")
                 size += len(line)
         if block is not None:
-            yield b"".join(block), ""
+            yield b"".join(block)
 
 
 def _read_header_file(path: str) -> bytes:
@@ -12212,12 +12209,12 @@ def read_filed_path(path: Any, *, limit: Optional[int] = DEFAULT_LEARN_LIMIT,
                 for file_path in files:
                     label = os.path.splitext(os.path.basename(file_path))[0]
                     label = None if label.casefold() in _NOT_TARGETS else label
-                    for raw, _flags in _stream_header_blocks(file_path):
+                    for raw in _stream_header_blocks(file_path):
                         add(raw, label, label or "INBOX")
         elif os.path.isfile(path):
             label = os.path.splitext(os.path.basename(path))[0]
             label = None if label.casefold() in _NOT_TARGETS else label
-            for raw, _flags in _stream_header_blocks(path):
+            for raw in _stream_header_blocks(path):
                 add(raw, label, label or "INBOX")
         else:
             raise LearnError(f"{path}: no such file or directory")

@@ -15406,6 +15406,22 @@ class DiffServerTest(FakeServerTest):
         assert_read_only(self, self.server)
         self.assertEqual([m.folder for m in self.server.messages("INBOX")], ["INBOX", "INBOX"])
 
+    def test_a_folder_renumbered_between_the_two_dry_runs_is_not_compared(self):
+        self.server.add_message(make_message("receipt 1", "a@shop.example"))
+        old, new = parse_rules(DiffTest.OLD), parse_rules({"rule": DiffTest.OLD["rule"][::-1]})
+        real, runs = gc.classify_folder, []
+
+        def renumber_after_the_first(*args: Any, **kwargs: Any) -> gc.FolderReport:
+            report = real(*args, **kwargs)
+            if not runs:
+                self.server.bump_uidvalidity("INBOX")
+            runs.append(report)
+            return report
+        with mock.patch.object(gc, "classify_folder", renumber_after_the_first), \
+                self.assertRaisesRegex(gc.UidValidityError, "UIDVALIDITY of INBOX changed"):
+            gc.diff_folders(self.connect(), old, new)
+        self.assertEqual(len(runs), 2)
+
 
 def _dated(number: int, sender: str, subject: str, extra: str = "") -> Tuple[bytes, _dtm.datetime]:
     """A message of day ``number`` (2024 onwards), with its date."""

@@ -35,14 +35,17 @@ Reading guide.  Sections in dependency order, each using only those above it
 10. Watch: stay connected, IDLE or poll, classify new mail.
 11. OAuth2 sign-in.
 12. Importers and suggestions: Gmail's filter export, suggested rules.
-13. Command line: the output object, one row per subcommand, ``main``.
+13. Learning, explaining, comparing rules: ``learn_rules`` (rules from how mail is already
+    filed, judged on the newest mail), ``explain_message`` (every rule's verdict, for
+    ``why``), ``diff_messages`` / ``diff_folders`` (decisions two rule sets differ on).
+14. Command line: the output object, one row per subcommand, ``main``.
 
 Where to add things (each is one place):
   a rule condition   a ``Condition`` subclass and its row in ``_CONDITION_KINDS`` (5);
                      from a vendoring script, ``Ruleset.add_condition``
   a flag action      a row in ``_FLAG_ACTION_ROWS`` (5, above ``Actions``)
-  a subcommand       its ``_cmd_*`` function and its row in ``_COMMANDS`` (13)
-  an output format   an ``_Output`` subclass and its row in ``_OUTPUT_FORMATS`` (13)
+  a subcommand       its ``_cmd_*`` function and its row in ``_COMMANDS`` (14)
+  an output format   an ``_Output`` subclass and its row in ``_OUTPUT_FORMATS`` (14)
   an exit code       ``exit_code`` on the error class (1)
   a server quirk     folder names without SPECIAL-USE: ``FALLBACK_FOLDER_NAMES`` (3); what an
                      answer may hold: ``_UNTAGGED_NEEDED`` (3); a capability check: the
@@ -96,6 +99,11 @@ __all__ = [
     # importers and suggestions
     "import_gmail_filters", "ImportedFilters", "suggest_rules", "Suggestions",
     "export_sieve", "export_gmail", "export_json", "Exported", "EXPORT_FORMATS",
+    # learning, explaining, comparing rules
+    "explain_message", "Explanation", "RuleVerdict", "find_messages", "diff_messages",
+    "diff_folders", "same_decision", "RulesDiff", "DecisionChange", "learn_rules",
+    "LearnedRules", "LearnError", "read_filed_mail", "read_filed_path", "FiledMail",
+    "FiledMessage",
     # command line
     "main",
 ]
@@ -106,6 +114,7 @@ __license__ = "MIT"
 import argparse
 import base64
 import binascii
+import bisect
 import calendar
 import concurrent.futures
 import contextlib
@@ -7683,6 +7692,8 @@ class _Step:
     last_uid: Optional[int] = None
     finished: bool = False
     content_skips: Dict[int, str] = field(default_factory=dict)   # UID -> why (ContentSkip)
+
+
 def _folder_hint(conn: GmailConnection, folder: str) -> str:
     """"did you mean 'Receipts'?" for a misspelt folder, else where to find the names."""
     try:
@@ -12189,6 +12200,952 @@ def export_json(rules: Ruleset) -> Exported:
                       "condition": _as_data(rule.condition), "actions": rule.actions.as_record()}
                      for rule in rules.rules]}
     return Exported(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", rules=len(rules.rules))
+# --- Learning, explaining, comparing rules ----------------------------------------------
+#
+# Three read-only tools over the rule engine, for the questions people ask of any sorter.
+# "Why did this happen?": explain_message asks each rule's condition to explain its verdict
+# (Condition.explain), in order, and says which rule decided.  "What would this change
+# change?": diff_messages / diff_folders classify the same mail with two rule sets, through
+# classify_messages and dry runs of classify_folder, and keep the messages whose decision
+# differs.  "Which rules would sort my mail as I do?": learn_rules reads how mail is already
+# filed (read_filed_mail on a server, read_filed_path offline) and proposes rules a person
+# can read, each with how often it was right on the newest mail, which it never learned on.
+
+
+@dataclass(frozen=True)
+class RuleVerdict:
+    """One rule's verdict on one message, as ``why`` shows it.
+
+    ``matched`` is True, False or None (the rule reads data the message lacks);
+    ``reason`` is the condition's own explanation, e.g. 'subject: "Your receipt"
+    contains "receipt"'; ``reached`` is False when an earlier matching rule without
+    ``continue`` had already decided (the verdict is shown, but it changes nothing).
+    """
+
+    position: int
+    name: str
+    matched: Optional[bool]
+    reason: str
+    actions: Actions
+    continue_: bool
+    reached: bool
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Every rule's verdict on one message, and the outcome (what the rules choose)."""
+
+    verdicts: Tuple[RuleVerdict, ...]
+    decision: Decision
+
+
+def explain_message(rules: Ruleset, msg: MessageInfo, now: Optional[datetime] = None
+                    ) -> Explanation:
+    """Each rule's verdict on ``msg`` in order, through Condition.explain, and the Decision
+    Ruleset.classify makes of it (final: what cannot be known counts as no match)."""
+    now = now or datetime.now(timezone.utc)
+    verdicts: List[RuleVerdict] = []
+    reached = True
+    try:
+        for rule in rules.rules:
+            value, reason = rule.condition.explain(msg, now)
+            verdicts.append(RuleVerdict(rule.position, rule.name, value, reason, rule.actions,
+                                        rule.continue_, reached))
+            if reached and value and not rule.continue_:
+                reached = False
+    finally:
+        _drop_header_cache(msg.headers)
+    decision = rules.classify(msg, final=True, now=now)
+    decision = dataclasses.replace(decision, actions=decision.actions.expanded(msg))
+    return Explanation(tuple(verdicts), decision)
+
+
+def _infos_for_rules(conn: GmailConnection, rules: Ruleset, folder: str,
+                     uids: Sequence[int]) -> Dict[int, MessageInfo]:
+    """What classify_folder would fetch of ``uids`` in the folder open (read-only) now:
+    headers the rules read, flags, labels on Gmail, the body prefix if a rule reads it."""
+    items = _fetch_items(rules.needs, conn.is_gmail)
+    fetched = conn.fetch(uids, items)
+    queries: Optional[Dict[str, set]] = None
+    if conn.is_gmail:
+        queries = {query: set(conn.search(["ALL"], gmail_raw=query, uids=uids))
+                   for query in sorted(rules.needs.queries)}
+    infos = {uid: _message_info(uid, fetched[uid], items[1], queries, folder)
+             for uid in uids if uid in fetched and not _lacking(items, fetched[uid])}
+    if rules.needs.body and infos:
+        body_item = f"BODY.PEEK[]<0.{BODY_PREFIX_BYTES}>"
+        bodies = conn.fetch(sorted(infos), [body_item])
+        for uid in list(infos):
+            if body_item in bodies.get(uid, {}):
+                infos[uid] = dataclasses.replace(infos[uid],
+                                                 body=body_text(bodies[uid][body_item] or b""))
+    return infos
+
+
+def find_messages(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX", *,
+                  message_id: Optional[str] = None, uid: Optional[int] = None
+                  ) -> Dict[int, MessageInfo]:
+    """The messages of ``folder`` with this Message-ID (angle brackets optional), or the
+    one with this UID, as the rules see them: ``{uid: MessageInfo}``, empty when none.
+    Read-only: the folder is opened with EXAMINE and fetched with BODY.PEEK.  Off Gmail
+    pass ``rules.local()[0]``."""
+    conn.examine(conn.server_name(folder))
+    if uid is not None:
+        uids = conn.search(["ALL"], uids=[uid])
+    else:
+        wanted = (message_id or "").strip()
+        if wanted and not wanted.startswith("<"):
+            wanted = f"<{wanted}>"
+        uids = conn.search(["HEADER", "Message-ID", wanted])
+    found = _infos_for_rules(conn, rules, folder, uids) if uids else {}
+    if uid is None:     # SEARCH HEADER finds substrings, caselessly: keep the exact one
+        found = {number: info for number, info in found.items()
+                 if _first(header_text(info.headers, "message-id")).strip() == wanted}
+    return found
+
+
+@dataclass(frozen=True)
+class DecisionChange:
+    """One message whose decision differs between two rule sets: where it is (a file name,
+    or "INBOX" and its UID), how to recognise it, and the two Decisions."""
+
+    where: str
+    uid: Optional[int]
+    message_id: str
+    sender: str
+    subject: str
+    before: Decision
+    after: Decision
+
+
+@dataclass
+class RulesDiff:
+    """What diff found: messages examined, those whose decision changed, and per rule
+    name how many messages it matched before and after (``matched``: name -> [old, new])."""
+
+    examined: int = 0
+    changes: List[DecisionChange] = field(default_factory=list)
+    matched: Dict[str, List[int]] = field(default_factory=dict)
+
+    def count(self, before: Decision, after: Decision) -> None:
+        self.examined += 1
+        for side, decision in enumerate((before, after)):
+            for name in dict.fromkeys(name for name, _reason in decision.matches):
+                self.matched.setdefault(name, [0, 0])[side] += 1
+
+
+def _choice(actions: Actions) -> Actions:
+    """What the rules choose, whatever order the labels were collected in."""
+    return dataclasses.replace(actions, labels=tuple(sorted(actions.labels)))
+
+
+def same_decision(before: Decision, after: Decision) -> bool:
+    """True when both decisions do the same to the message (the rules that chose it aside)."""
+    return _choice(before.actions) == _choice(after.actions)
+
+
+def diff_messages(old: Ruleset, new: Ruleset, messages: Iterable[Tuple[str, MessageInfo]],
+                  now: Optional[datetime] = None) -> RulesDiff:
+    """Classify each (name, message) offline with both rule sets (classify_messages, as a
+    dry run would) and collect the messages whose decision differs.  Streams: one message
+    in hand at a time."""
+    result = RulesDiff()
+    for name, info in messages:
+        found: List[Outcome] = []
+        for rules in (old, new):
+            classify_messages(rules, [info], on_message=found.append, now=now)
+        before, after = found[0].decision, found[1].decision
+        result.count(before, after)
+        if not same_decision(before, after):
+            result.changes.append(DecisionChange(name, None, found[0].message_id or _first(
+                header_text(info.headers, "message-id")).strip(), found[0].sender,
+                found[0].subject, before, after))
+    return result
+
+
+def diff_folders(conn: GmailConnection, old: Ruleset, new: Ruleset,
+                 folders: Sequence[str] = ("INBOX",), *, since: Optional[_dt.date] = None,
+                 batch_size: int = DEFAULT_BATCH, now: Optional[datetime] = None) -> RulesDiff:
+    """Two dry runs of classify_folder per folder (EXAMINE, BODY.PEEK: nothing changes),
+    one per rule set, compared message by message (by UID; mail that arrived between the
+    two is left out).  Raises UidValidityError if a folder's UIDs were renumbered between
+    them, and what classify_folder raises."""
+    result = RulesDiff()
+    now = now or datetime.now(timezone.utc)
+    for folder in folders:
+        seen: List[Dict[int, Outcome]] = [{}, {}]
+        for side, rules in enumerate((old, new)):
+            classify_folder(conn, rules, folder, since=since, batch_size=batch_size, now=now,
+                            on_message=lambda outcome, side=side: seen[side].__setitem__(
+                                outcome.uid, outcome))
+        validity = {o.uidvalidity for side in seen for o in side.values()}
+        if len(validity) > 1:
+            raise UidValidityError(f"UIDVALIDITY of {folder} changed during the diff; run "
+                                   f"it again", command="EXAMINE")
+        for uid in sorted(set(seen[0]) & set(seen[1])):
+            first, second = seen[0][uid], seen[1][uid]
+            result.count(first.decision, second.decision)
+            if not same_decision(first.decision, second.decision):
+                result.changes.append(DecisionChange(folder, uid, first.message_id, first.sender,
+                                                     first.subject, first.decision,
+                                                     second.decision))
+    return result
+
+
+# learn: examples (how each message is filed), candidate conditions, a chronological
+# holdout, and rules chosen greedily among the candidates that are precise on both parts.
+
+LEARN_HEADERS = ("FROM", "TO", "CC", "DELIVERED-TO", "SUBJECT", "LIST-ID", "LIST-UNSUBSCRIBE",
+                 "MESSAGE-ID", "DATE")
+DEFAULT_LEARN_LIMIT = 50_000
+LEARN_MIN_WILSON = 0.9       # the Wilson 95 % lower bound on a rule's held-out precision
+_LEARN_SLACK = 0.03          # the older part may be this much less precise (filing slips)
+_LEARN_MAX_PARTS = 12        # conditions in one label's rule, at most
+_LEARN_ACTION_SHARE = 0.9    # archive / star / move when this share of the examples was so
+_LEARN_MOVED = 0.8           # a condition whose newer mail is less often the label's has moved
+# Takeout's names for what is a state or a system place, not a label the user chose.
+_TAKEOUT_NOT_TARGETS = {"opened", "unread", "archived", "inbox", "important", "starred", "sent",
+                        "spam", "trash", "drafts", "draft", "chat", "chats"}
+_SUBJECT_TOKEN = re.compile(r"[^\W\d_][\w'-]*[^\W_]|[^\W\d_]{2,}")
+_KIND_ORDER = {"list_id": 0, "from": 1, "recipient": 2, "domain": 3, "subject": 4, "pair": 5,
+               "header": 6}
+
+
+@dataclass
+class FiledMessage:
+    """One example: a message, where its owner put it, and whether it is archived/starred.
+
+    ``labels`` are the targets (user labels on Gmail, folders elsewhere, "\\Archive" for
+    a folder marked \\Archive); ``places`` every folder it sits in (off Gmail)."""
+
+    key: str
+    date: datetime
+    info: MessageInfo
+    labels: set = field(default_factory=set)
+    places: set = field(default_factory=set)
+    archived: bool = False
+    starred: bool = False
+
+
+@dataclass
+class FiledMail:
+    """What read_filed_mail / read_filed_path found: the examples, oldest first, the kind
+    of actions that fit (``gmail``: labels; else folders), the name of the folder marked
+    \\Archive if any, and how many messages Trash holds."""
+
+    messages: List[FiledMessage]
+    gmail: bool
+    source: str
+    archive_folder: Optional[str] = None
+    trash_count: int = 0
+
+
+def _wilson_lower(right: int, total: int, z: float = 1.96) -> float:
+    """The Wilson score interval's lower bound for ``right`` of ``total`` (0 for none):
+    5 of 5 gives 0.57, 50 of 50 gives 0.93."""
+    if total <= 0:
+        return 0.0
+    p = right / total
+    centre = p + z * z / (2 * total)
+    spread = z * ((p * (1 - p) + z * z / (4 * total)) / total) ** 0.5
+    return (centre - spread) / (1 + z * z / total)
+
+
+def _plain_list_id(headers: email.message.EmailMessage) -> str:
+    value = _first(header_text(headers, "list-id")).strip()
+    found = re.search(r"<([^<>]+)>", value)
+    key = (found.group(1) if found else value).strip().lower()
+    return key if key and _PLAIN_LIST_ID.fullmatch(key) else ""
+
+
+def _learn_features(info: MessageInfo) -> frozenset:
+    """The candidate conditions one message satisfies, as (kind, value) pairs: its sender,
+    the sender's domain, its List-Id, each recipient, each subject word and pair of words,
+    List-Unsubscribe present, and (domain, subject word) pairs."""
+    headers = info.headers
+    found = set()
+    domain = ""
+    senders = _header_mailboxes(headers, "from")
+    if senders:
+        address = senders[0][1].lower()
+        if _PLAIN_ADDRESS.fullmatch(address):
+            found.add(("from", address))
+            domain = "@" + address.rpartition("@")[2]
+            found.add(("domain", domain))
+    list_id = _plain_list_id(headers)
+    if list_id:
+        found.add(("list_id", list_id))
+    for name in ("to", "cc", "delivered-to"):
+        for _display, address in _header_mailboxes(headers, name):
+            if _PLAIN_ADDRESS.fullmatch(address.lower()):
+                found.add(("recipient", address.lower()))
+    words = _SUBJECT_TOKEN.findall(_normalise(_first(header_text(headers, "subject"))))
+    words = [word for word in words if len(word) >= 3]
+    phrases = set(words) | {f"{a} {b}" for a, b in zip(words, words[1:])}
+    for phrase in phrases:
+        found.add(("subject", phrase))
+        if domain and " " not in phrase:
+            found.add(("pair", domain, phrase))
+    if _header_present(headers, "list-unsubscribe"):
+        found.add(("header", "List-Unsubscribe"))
+    return frozenset(found)
+
+
+def _word_pattern(phrase: str) -> str:
+    """A subject phrase as a whole-word regex: '/\\breceipt\\b/i' (a plain "receipt"
+    would also find "receipts", and "for" would find "information")."""
+    return "/\\b" + r"\s+".join(re.escape(word) for word in phrase.split()) + "\\b/i"
+
+
+def _condition_of(features: Sequence[tuple]) -> Dict[str, Any]:
+    """A rule's condition keys for its chosen features: one key per kind (a list when
+    several), pairs as `{ from = "@domain", subject = "word" }` tables, and `any = [...]`
+    around them when there is more than one kind."""
+    by_kind: Dict[str, List[str]] = {}
+    tables: List[Dict[str, Any]] = []
+    for feature in features:
+        kind = feature[0]
+        if kind == "pair":
+            tables.append({"from": feature[1], "subject": _word_pattern(feature[2])})
+        elif kind == "header":
+            tables.append({"header": {feature[1]: True}})
+        elif kind == "subject":
+            by_kind.setdefault(kind, []).append(_word_pattern(feature[1]))
+        else:
+            key = "from" if kind == "domain" else kind
+            by_kind.setdefault(key, []).append(feature[1])
+    parts = [{key: _one_or_list(values)} for key, values in by_kind.items()] + tables
+    if len(parts) == 1:
+        return parts[0]
+    return {"any": parts}
+
+
+def _ruleset_of(rules: List[Dict[str, Any]], source: str) -> Ruleset:
+    return parse_rules({"rule": rules}, source)
+
+
+@dataclass(frozen=True)
+class LearnedRules:
+    """What learn_rules made: ``doc`` and ``comments`` for format_rules, ``header`` lines
+    for the top of the file, and ``report``: one line per label for standard error."""
+
+    doc: Dict[str, Any]
+    comments: Tuple[Tuple[str, ...], ...]
+    header: Tuple[str, ...]
+    report: Tuple[str, ...]
+    learned: Tuple[str, ...]                # labels with a rule
+    unlearnable: Dict[str, str]             # label -> why not
+
+
+class LearnError(GmailClassifyError):
+    """learn was given nothing to learn from, or a --holdout it cannot read."""
+    exit_code = EXIT_USAGE
+
+
+@dataclass(frozen=True)
+class _LearnedLabel:
+    """One label's accepted rule: its condition keys, held-out figures and examples."""
+
+    label: str
+    name: str                   # the rule's name (the label; the archive folder's name)
+    condition: Dict[str, Any]
+    precision: float
+    right: Tuple[int, ...]      # held-out messages it rightly found
+    figures: str
+
+
+def _holdout_start(messages: List[FiledMessage], holdout: str) -> int:
+    """Index of the first held-out message: the newest N % (``"20%"``) or those of the
+    last N days, weeks, months, years (``"30d"``) before the newest message."""
+    text = holdout.strip().lower()
+    share = re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", text)
+    if share:
+        fraction = float(share.group(1)) / 100
+        if not 0 < fraction < 1:
+            raise LearnError(f"--holdout {holdout}: a share between 1% and 99%, e.g. 20%")
+        return len(messages) - max(1, round(len(messages) * fraction))
+    age = _AGE_RE.fullmatch(text)
+    if age is None:
+        raise LearnError(f"--holdout {holdout}: give a share (20%) or an age (30d, 8w, 3m, 1y)")
+    newest = messages[-1].date if messages else datetime.now(timezone.utc)
+    cutoff = _cutoff(newest, int(age.group(1)), age.group(2))
+    return next((i for i, m in enumerate(messages) if m.date > cutoff), len(messages))
+
+
+class _Learner:
+    """learn_rules' working state: the examples split in two, each message's features and
+    an index from feature to the messages that have it."""
+
+    def __init__(self, filed: FiledMail, start: int, min_precision: float,
+                 min_support: int) -> None:
+        self.filed, self.start = filed, start
+        self.min_precision, self.min_support = min_precision, min_support
+        self.messages = filed.messages
+        self.features = [_learn_features(m.info) for m in self.messages]
+        self.index: Dict[tuple, List[int]] = {}
+        self.by_label: Optional[Dict[str, List[tuple]]] = None    # label -> precise features
+        for number, features in enumerate(self.features):
+            for feature in features:
+                self.index.setdefault(feature, []).append(number)
+
+    def split(self, numbers: List[int]) -> Tuple[List[int], List[int]]:
+        cut = bisect.bisect_left(numbers, self.start)
+        return numbers[:cut], numbers[cut:]
+
+    def candidates(self, label: str) -> List[Tuple[tuple, set]]:
+        """(feature, older messages of ``label`` it finds) for the features precise enough
+        on the older part and not contradicted by the newer one (a sender who moved)."""
+        if self.by_label is None:
+            self.by_label = {}
+            for feature, numbers in self.index.items():
+                older, newer = self.split(numbers)
+                if len(older) < self.min_support:
+                    continue
+                seen: Dict[str, int] = {}
+                for n in older:
+                    for name in self.messages[n].labels:
+                        seen[name] = seen.get(name, 0) + 1
+                for name, hits in seen.items():
+                    if hits >= self.min_support and hits >= (self.min_precision
+                                                             - _LEARN_SLACK) * len(older):
+                        self.by_label.setdefault(name, []).append(feature)
+        found = []
+        for feature in self.by_label.get(label, ()):
+            older, newer = self.split(self.index[feature])
+            newer_hits = sum(1 for n in newer if label in self.messages[n].labels)
+            if len(newer) >= 3 and newer_hits < _LEARN_MOVED * len(newer):
+                continue        # most of its newer mail went elsewhere: the sender moved
+            found.append((feature, {n for n in older if label in self.messages[n].labels}))
+        found.sort(key=lambda item: (_KIND_ORDER[item[0][0]], item[0]))
+        return found
+
+    def choose(self, label: str) -> List[tuple]:
+        """Greedy cover of the older messages of ``label``: each pick finds the most not
+        yet found (ties: the plainer kind of condition, then by name)."""
+        candidates = self.candidates(label)
+        covered: set = set()
+        chosen: List[tuple] = []
+        while candidates and len(chosen) < _LEARN_MAX_PARTS:
+            best = max(candidates, key=lambda item: (len(item[1] - covered),
+                                                     -_KIND_ORDER[item[0][0]]))
+            gain = len(best[1] - covered)
+            if gain < 2:
+                break
+            chosen.append(best[0])
+            covered |= best[1]
+            candidates.remove(best)
+        return sorted(chosen, key=lambda f: (_KIND_ORDER[f[0]], f))
+
+    def evaluate(self, features: List[tuple], now: datetime) -> Tuple[Dict[str, Any], List[int]]:
+        """The condition keys for ``features`` and the messages (all of them) the rule
+        engine finds with them."""
+        condition = _condition_of(features)
+        rule = _ruleset_of([dict(name="learned", label="x", **condition)],
+                           self.filed.source).rules[0]
+        test = rule.condition.evaluate
+        return condition, [n for n, message in enumerate(self.messages)
+                           if test(message.info, now)[0]]
+
+    def judge(self, label: str, count: int, now: datetime
+              ) -> Union[str, Tuple[_LearnedLabel, str]]:
+        """The label's rule and its report line, or why it has none."""
+        messages, held = self.messages, range(self.start, len(self.messages))
+        wanted = sum(1 for n in held if label in messages[n].labels)
+        if count - wanted < 2 * self.min_support or wanted < self.min_support:
+            return f"too few examples ({count}, {wanted} of them among the newest)"
+        features = self.choose(label)
+        if not features:
+            return ("no distinctive header: no sender, list, recipient or subject words "
+                    "mostly its own")
+        condition, every = self.evaluate(features, now)
+        hits = [n for n in every if n >= self.start]
+        right = tuple(n for n in hits if label in messages[n].labels)
+        if len(right) < self.min_precision * len(hits):
+            # Parts wrong on the newer mail (a sender who moved, a word that stopped being
+            # the label's) are dropped once; the rest is judged again.
+            kept = [f for f in features if all(label in messages[n].labels
+                                               for n in self.split(self.index[f])[1])]
+            if kept and len(kept) < len(features):
+                features = kept
+                condition, every = self.evaluate(features, now)
+                hits = [n for n in every if n >= self.start]
+                right = tuple(n for n in hits if label in messages[n].labels)
+        if len(hits) < self.min_support:
+            return (f"too few of the newest messages to judge its rule ({len(hits)} found, "
+                    f"need {self.min_support})")
+        precision = len(right) / len(hits)
+        shown = f"{len(right)} of {len(hits)} right"
+        if precision < self.min_precision:
+            return (f"no distinctive header: the best rule was {shown} on the newest mail "
+                    f"({precision:.1%})")
+        all_right = sum(1 for n in every if label in messages[n].labels)
+        lower = _wilson_lower(all_right, len(every))
+        if lower < LEARN_MIN_WILSON:
+            return (f"too few examples to trust its rule: {all_right} of {len(every)} right "
+                    f"in all, a lower bound of {lower:.2f}")
+        name = (self.filed.archive_folder or "Archive") if label == "\\Archive" else label
+        figures = (f"held out: {shown} ({precision:.1%}); finds {len(right)} of {wanted} "
+                   f"{json.dumps(name, ensure_ascii=False)}")
+        line = (f"{name}: finds {len(right)} of {wanted} held-out messages "
+                f"({len(right) / wanted:.0%}), {len(hits) - len(right)} false positive(s)")
+        return _LearnedLabel(label, name, condition, precision, right, figures), line
+
+
+def learn_rules(filed: FiledMail, *, min_precision: float = 0.97, min_support: int = 5,
+                holdout: str = "20%", max_rules: int = 50, keep_examples: bool = False,
+                now: Optional[datetime] = None) -> LearnedRules:
+    """Propose one rule per label from how ``filed`` is filed, judged on the newest mail.
+
+    The examples are split by date (``holdout``: the newest 20 %, or e.g. "30d"); each
+    label's rule is a greedy cover of its older messages by conditions precise there
+    (sender, domain, List-Id, recipient, subject words, domain + word, List-Unsubscribe),
+    then judged, through the rule engine, on the held-out part: it is kept when it files
+    at least ``min_support`` of them, ``min_precision`` of those rightly, and when the
+    Wilson 95 % lower bound of its precision over all the mail it files (older and newer)
+    is at least LEARN_MIN_WILSON (5 of 5 is not evidence).  Its actions are then
+    fitted on all the mail (archive, star; off Gmail move or label).  At most ``max_rules``
+    rules, those finding most first.  Deterministic.  Raises LearnError for a bad
+    ``holdout`` or no examples.
+    """
+    messages = filed.messages
+    if not messages:
+        raise LearnError(f"{filed.source}: no messages to learn from")
+    now = now or datetime.now(timezone.utc)
+    start = _holdout_start(messages, holdout)
+    learner = _Learner(filed, start, min_precision, min_support)
+    counts: Dict[str, int] = {}
+    for message in messages:
+        for label in message.labels:
+            counts[label] = counts.get(label, 0) + 1
+    made: List[_LearnedLabel] = []
+    found: Dict[str, str] = {}
+    unlearnable: Dict[str, str] = {}
+    for label in sorted(counts, key=lambda name: (-counts[name], name)):
+        result = learner.judge(label, counts[label], now)
+        if isinstance(result, str):
+            unlearnable[label] = result
+        else:
+            made.append(result[0])
+            found[label] = result[1]
+    for message in messages:       # decoded once for every label's rule (see evaluate)
+        _drop_header_cache(message.info.headers)
+    made.sort(key=lambda item: (-len(item.right), item.label))
+    for item in made[max_rules:]:
+        unlearnable[item.label] = f"beyond --max-rules {max_rules}"
+        del found[item.label]
+    made = made[:max_rules]
+    rules, comments = _learned_rule_tables(filed, made)
+    doc: Dict[str, Any] = {"rule": rules}
+    tests = _learned_tests(filed, rules, made, keep_examples, now)
+    if tests:
+        doc["test"] = tests
+    report = [found[label] for label in sorted(found)]
+    report += [f"{label}: not learnable ({why})" for label, why in sorted(unlearnable.items())]
+    header = _learned_header(filed, start, len(made), unlearnable, min_precision, min_support)
+    return LearnedRules(doc, tuple(comments), tuple(header), tuple(report),
+                        tuple(sorted(item.label for item in made)),
+                        dict(sorted(unlearnable.items())))
+
+
+def _learned_actions(filed: FiledMail, label: str) -> Tuple[Dict[str, Any], bool]:
+    """A label's actions fitted on all its examples, and whether they move the message
+    (off Gmail: out of INBOX into one folder, after which no other rule should act)."""
+    mine = [m for m in filed.messages if label in m.labels]
+    share = _LEARN_ACTION_SHARE * len(mine)
+    if not filed.gmail:
+        if label == "\\Archive":
+            return {"archive": True}, True
+        alone = sum(1 for m in mine if m.places <= {label})
+        return ({"move": label}, True) if alone >= share else ({"label": label}, False)
+    actions: Dict[str, Any] = {"label": label}
+    if sum(1 for m in mine if m.archived) >= share:
+        actions["archive"] = True
+    if sum(1 for m in mine if m.starred) >= share:
+        actions["star"] = True
+    return actions, False   # on Gmail archiving keeps every label: every rule continues
+
+
+def _learned_rule_tables(filed: FiledMail, made: List[_LearnedLabel]
+                         ) -> Tuple[List[Dict[str, Any]], List[Tuple[str, ...]]]:
+    """The rules in evaluation order: those that only label first (continue = true), then
+    those that move or archive, most precise first (the first destination wins)."""
+    entries = []
+    for item in made:
+        actions, moves = _learned_actions(filed, item.label)
+        rule = {"name": item.name, **item.condition, **actions}
+        if not moves:
+            rule["continue"] = True
+        entries.append(((moves, -item.precision, -len(item.right), item.name), rule,
+                        (item.figures,)))
+    entries.sort(key=lambda entry: entry[0])
+    return [entry[1] for entry in entries], [entry[2] for entry in entries]
+
+
+def _placeholder_address(address: str, keep: bool, named: bool) -> str:
+    if keep or named:
+        return address
+    return "someone@" + address.rpartition("@")[2]
+
+
+def _learned_tests(filed: FiledMail, rules: List[Dict[str, Any]], made: List[_LearnedLabel],
+                   keep_examples: bool, now: datetime) -> List[Dict[str, Any]]:
+    """One [[test]] per rule, from a held-out message it rightly found: only the headers the
+    rules read, local parts and subjects replaced unless ``keep_examples``; kept only when
+    the whole file gives it the rule it stands for (expect_rules says every rule matching)."""
+    if not rules:
+        return []
+    ruleset = _ruleset_of(rules, filed.source)
+    by_name = {item.name: item for item in made}
+    tests = []
+    for rule in rules:
+        named = _learn_chosen(rule)
+        for number in by_name[rule["name"]].right[:5]:
+            table = _test_table(filed.messages[number].info, named, keep_examples)
+            message = _test_message(_Where(filed.source, 0, kind="test"), table, filed.source)
+            decision = ruleset.classify(message, final=True, now=now)
+            names = [name for name, _reason in decision.matches]
+            if rule["name"] in names:
+                tests.append({"name": f"{rule['name']}: a held-out example", **table,
+                              "expect_rules": names})
+                break
+    return tests
+
+
+def _learn_chosen(rule: Dict[str, Any]) -> Dict[str, set]:
+    """What a learned rule names, per key: addresses and domains, list ids, recipients,
+    subject words, headers."""
+    parts = rule["any"] if "any" in rule else [rule]
+    named: Dict[str, set] = {"from": set(), "list_id": set(), "recipient": set(),
+                             "subject": set(), "header": set()}
+    for part in parts:
+        for key in named:
+            value = part.get(key)
+            values = [] if value is None else value if isinstance(value, list) else [value]
+            for item in values:
+                named[key].update(item if isinstance(item, dict) else [item])
+    return named
+
+
+def _test_table(info: MessageInfo, named: Dict[str, set], keep: bool) -> Dict[str, Any]:
+    """A [[test]] message of the headers a learned rule reads (see _learned_tests)."""
+    headers = info.headers
+    table: Dict[str, Any] = {}
+    senders = _header_mailboxes(headers, "from")
+    if senders and senders[0][1]:
+        address = senders[0][1]
+        table["from"] = _placeholder_address(address, keep, address.lower() in named["from"])
+    recipients = [a for name in ("to", "cc", "delivered-to")
+                  for _d, a in _header_mailboxes(headers, name) if a]
+    shown = [a for a in recipients if keep or a.lower() in named["recipient"]]
+    if shown:
+        table["to"] = shown[0]
+    subject = _first(header_text(headers, "subject"))
+    if keep:
+        table["subject"] = subject
+    else:
+        folded = _normalise(subject)
+        words = [w for w in sorted(named["subject"], key=lambda w: (-len(w), w)) if w in folded]
+        table["subject"] = f"{words[0]} (example)" if words else "(subject)"
+    list_id = _plain_list_id(headers)
+    if list_id and (keep or list_id in named["list_id"]):
+        table["list_id"] = f"<{list_id}>"
+    if _header_present(headers, "list-unsubscribe") and named["header"]:
+        table["headers"] = {"List-Unsubscribe": "<mailto:unsubscribe@example.invalid>"}
+    _drop_header_cache(headers)
+    return table
+
+
+def _learned_header(filed: FiledMail, start: int, rules: int, unlearnable: Dict[str, str],
+                    min_precision: float, min_support: int) -> List[str]:
+    total = len(filed.messages)
+    lines = [f"Learned by gmail_classify {__version__} from {total} messages of "
+             f"{filed.source}: {rules} rule(s).",
+             f"Learned on the older {start} messages, judged on the newest {total - start} "
+             f"(never seen while learning):",
+             f"each rule files at least {min_support} of them, {min_precision:.0%} rightly, "
+             f"and over all the mail it files its precision has a Wilson 95 % lower bound "
+             f"of at least {LEARN_MIN_WILSON}.",
+             "The [[test]] tables are held-out examples (addresses and subjects replaced): "
+             "`check` runs them."]
+    if unlearnable:
+        lines.append("Not learnable: " + ", ".join(sorted(unlearnable)) + " (see the "
+                     "report on standard error).")
+    if filed.trash_count:
+        lines.append(f"Trash holds {filed.trash_count} message(s); learn never writes a "
+                     f"trash rule (Trash holds mistakes, and empties itself).")
+    lines.append("Next: check this file, compare it with your rules (diff), do a dry run, "
+                 "then --apply.")
+    return lines
+
+
+def _filed_from_headers(raw: bytes, date: Optional[datetime]
+                        ) -> Tuple[str, MessageInfo, datetime]:
+    """A header block as (its _message_key, a MessageInfo, its date: ``date``, else the
+    Date header, else 1970)."""
+    info = MessageInfo(headers=parse_headers(raw))
+    when = date or _header_date(info.headers) or datetime(1970, 1, 1, tzinfo=timezone.utc)
+    return _message_key(info.headers), info, when
+
+
+def _learn_uids(conn: GmailConnection, limit: Optional[int],
+                since: Optional[_dt.date]) -> List[int]:
+    uids = conn.search(["SINCE", since] if since else ["ALL"])
+    return uids[-limit:] if limit else uids
+
+
+def read_filed_mail(conn: GmailConnection, *, folders: Sequence[str] = (),
+                    exclude: Sequence[str] = (), limit: Optional[int] = DEFAULT_LEARN_LIMIT,
+                    since: Optional[_dt.date] = None, batch_size: int = DEFAULT_BATCH,
+                    on_progress: Optional[Callable[[str, int, int], None]] = None) -> FiledMail:
+    """How the mail on the server is filed, read-only (EXAMINE, BODY.PEEK, headers only).
+
+    Gmail: All Mail's newest ``limit`` messages with their user labels (X-GM-LABELS),
+    archived (no \\Inbox) and starred.  Elsewhere: the folders of the personal namespace
+    (only ``folders`` when given) except Sent, Drafts, Junk, All, Trash and ``exclude``;
+    INBOX is "left alone", a message in several folders (by Message-ID) one example.
+    Trash is only counted.  Raises what the connection raises.
+    """
+    item = f"BODY.PEEK[HEADER.FIELDS ({' '.join(LEARN_HEADERS)})]"
+    items = ["FLAGS", "INTERNALDATE", item] + (["X-GM-LABELS"] if conn.is_gmail else [])
+    found: Dict[str, FiledMessage] = {}
+
+    def read(folder: Folder, label: Optional[str]) -> None:
+        conn.examine(folder.name)
+        uids = _learn_uids(conn, limit, since)
+        batches = [uids[i:i + batch_size] for i in range(0, len(uids), batch_size)]
+        done = 0
+        for batch, fetched in conn.fetch_batches(
+                batches, items, before_each=lambda c: c.stop.check("before the next FETCH")):
+            for uid in batch:
+                values = fetched.get(uid)
+                if not values or _lacking(items, values):
+                    continue
+                key, info, when = _filed_from_headers(values.get(item) or b"",
+                                                      values.get("INTERNALDATE"))
+                flags = frozenset(values.get("FLAGS") or ())
+                entry = found.get(key)
+                if entry is None:
+                    entry = found[key] = FiledMessage(key, when, info)
+                entry.starred = entry.starred or any(f.lower() == "\\flagged" for f in flags)
+                if conn.is_gmail:
+                    labels = set(values.get("X-GM-LABELS") or ())
+                    entry.archived = not any(_label_key(x) == "inbox" for x in labels)
+                    entry.labels |= {x for x in labels if not x.startswith("\\")
+                                     and not x.startswith("[")}
+                else:
+                    entry.places.add(label or "INBOX")
+                    if label:
+                        entry.labels.add(label)
+            done += len(batch)
+            if on_progress is not None:
+                on_progress(f"{folder.name}: read", done, len(uids))
+
+    trash = conn.special_folder("\\Trash")
+    archive_name = None
+    if conn.is_gmail:
+        every = conn.special_folder("\\All")
+        if every is None:
+            raise CapabilityError(f"{conn.host} lists no folder marked \\All (All Mail); "
+                                  f"learn needs it on Gmail")
+        read(every, None)
+    else:
+        prefix, delimiter = conn.namespace()
+        skip = {"\\sent", "\\drafts", "\\junk", "\\all", "\\trash", "\\flagged", "\\important"}
+        archive = conn.special_folder("\\Archive")
+        chosen = {conn.server_name(f) for f in folders}
+        left_out = {conn.server_name(f) for f in exclude}
+        for folder in sorted(conn.list_folders(), key=lambda f: f.name):
+            name = folder.name
+            if not folder.selectable or name in left_out:
+                continue
+            if chosen and name not in chosen and name.upper() != "INBOX":
+                continue
+            if (folder.special_use or "").lower() in skip or (
+                    trash is not None and name == trash.name):
+                continue
+            if name.upper() != "INBOX" and prefix and not name.startswith(prefix):
+                continue        # outside the personal namespace: shared or other users'
+            short = name[len(prefix):] if prefix and name.startswith(prefix) else name
+            short = short.replace(delimiter, "/") if delimiter and delimiter != "/" else short
+            is_archive = archive is not None and name == archive.name
+            if is_archive:
+                archive_name = short
+            read(folder, None if name.upper() == "INBOX" else
+                 "\\Archive" if is_archive else short)
+    count = 0
+    if trash is not None:
+        try:
+            count = conn.status(trash.name).get("MESSAGES", 0)
+        except ImapError:
+            count = 0
+    messages = sorted(found.values(), key=lambda m: (m.date, m.key))
+    if limit and len(messages) > limit:
+        messages = messages[-limit:]
+    return FiledMail(messages, conn.is_gmail, conn.user, archive_name, count)
+
+
+def _stream_header_blocks(path: str) -> Iterator[bytes]:
+    """The header block of each message of an mbox file, read line by line: the body is skipped, a header block is cut at MAX_HEADER_LITERAL
+    like a header fetched over the wire, so a file of many GB costs one message's headers
+    of memory."""
+    with open(path, "rb") as fh:
+        block: Optional[List[bytes]] = None
+        size = 0
+        in_headers = False
+        for line in fh:
+            if line.startswith(b"From "):
+                if block is not None:
+                    yield b"".join(block)
+                block, size, in_headers = [], 0, True
+                continue
+            if block is None or not in_headers:
+                continue
+            if line in (b"\n", b"\r\n"):
+                in_headers = False
+                continue
+            if size + len(line) <= MAX_HEADER_LITERAL:
+                block.append(line.rstrip(b"\r\n") + b"\r\n")
+                size += len(line)
+        if block is not None:
+            yield b"".join(block)
+
+
+def _read_header_file(path: str) -> bytes:
+    """The header block of one message file, at most MAX_HEADER_LITERAL of it; the file
+    must be a regular one (see read_message_file)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    data = b""
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        while len(data) < MAX_HEADER_LITERAL:     # the body is never read
+            chunk = fh.read(min(65536, MAX_HEADER_LITERAL - len(data)))
+            data += chunk
+            end = re.search(rb"\r?\n\r?\n", data)
+            if end:
+                return data[:end.start()] + b"\r\n"
+            if not chunk:
+                break
+    return data
+
+
+def _maildir_folders(root: str) -> List[Tuple[str, Optional[str]]]:
+    """(path, label) of each Maildir under ``root``: the root itself is INBOX (None);
+    Maildir++ ".Receipts.2024" is "Receipts/2024"; a nested Receipts/2024 the same."""
+    found: List[Tuple[str, Optional[str]]] = []
+    for here, dirs, _files in os.walk(root):
+        dirs.sort()
+        if not (os.path.isdir(os.path.join(here, "cur")) or os.path.isdir(os.path.join(here, "new"))):
+            continue
+        relative = os.path.relpath(here, root)
+        if relative == ".":
+            found.append((here, None))
+            continue
+        parts = [p for p in relative.split(os.sep)]
+        if len(parts) == 1 and parts[0].startswith("."):
+            label = parts[0][1:].replace(".", "/")
+        else:
+            label = "/".join(parts)
+        found.append((here, label))
+        dirs[:] = [d for d in dirs if d not in ("cur", "new", "tmp")]
+    return found
+
+
+_NOT_TARGETS = {"inbox", "sent", "drafts", "draft", "junk", "spam", "trash", "deleted items",
+                "sent items", "sent mail", "all mail", "deleted messages", "archive",
+                "archives"}
+
+
+def read_filed_path(path: Any, *, limit: Optional[int] = DEFAULT_LEARN_LIMIT,
+                    since: Optional[_dt.date] = None) -> FiledMail:
+    """How mail in files is filed, offline: a Maildir tree (each folder a label), an mbox
+    (one label per file, named after it; a directory of them), or a Google Takeout mbox
+    (each message's X-Gmail-Labels).  Headers only, streamed.  Raises LearnError for a
+    path that is none of these."""
+    path = os.fspath(path)
+    found: Dict[str, FiledMessage] = {}
+    gmail = False
+    archive_name = None
+    trash = 0
+
+    def add(raw: bytes, label: Optional[str], place: str) -> None:
+        nonlocal gmail, trash
+        key, info, when = _filed_from_headers(raw, None)
+        if since is not None and when.date() < since:
+            return
+        takeout = header_text(info.headers, "x-gmail-labels")
+        entry = found.get(key)
+        if entry is None:
+            entry = found[key] = FiledMessage(key, when, info)
+        if takeout:
+            gmail = True
+            names = _split_takeout_labels(",".join(takeout))
+            folded = {n.casefold() for n in names}
+            if "trash" in folded or "spam" in folded:
+                trash += "trash" in folded
+                del found[key]
+                return
+            entry.archived = "inbox" not in folded
+            entry.starred = entry.starred or "starred" in folded
+            entry.labels |= {n for n in names if n.casefold() not in _TAKEOUT_NOT_TARGETS
+                             and not n.casefold().startswith("category")}
+            return
+        entry.places.add(place)
+        if label:
+            entry.labels.add(label)
+
+    try:
+        if os.path.isdir(path):
+            folders = _maildir_folders(path)
+            if folders:
+                for folder, label in folders:
+                    key = (label or "").casefold()
+                    if key in ("trash", "deleted items", "deleted messages"):
+                        trash += sum(len(os.listdir(os.path.join(folder, sub)))
+                                     for sub in ("cur", "new")
+                                     if os.path.isdir(os.path.join(folder, sub)))
+                        continue
+                    if key in _NOT_TARGETS - {"inbox", "archive", "archives"}:
+                        continue
+                    if key in ("archive", "archives"):
+                        archive_name = label
+                        label = "\\Archive"
+                    for sub in ("new", "cur"):
+                        where = os.path.join(folder, sub)
+                        if not os.path.isdir(where):
+                            continue
+                        for name in sorted(os.listdir(where)):
+                            file_path = os.path.join(where, name)
+                            if name.startswith(".") or not os.path.isfile(file_path):
+                                continue
+                            try:
+                                add(_read_header_file(file_path), label, label or "INBOX")
+                            except ValueError:
+                                continue
+            else:
+                files = sorted(os.path.join(path, n) for n in os.listdir(path)
+                               if n.lower().endswith(".mbox"))
+                if not files:
+                    raise LearnError(f"{path}: neither a Maildir tree nor a folder of .mbox files")
+                for file_path in files:
+                    label = os.path.splitext(os.path.basename(file_path))[0]
+                    label = None if label.casefold() in _NOT_TARGETS else label
+                    for raw in _stream_header_blocks(file_path):
+                        add(raw, label, label or "INBOX")
+        elif os.path.isfile(path):
+            label = os.path.splitext(os.path.basename(path))[0]
+            label = None if label.casefold() in _NOT_TARGETS else label
+            for raw in _stream_header_blocks(path):
+                add(raw, label, label or "INBOX")
+        else:
+            raise LearnError(f"{path}: no such file or directory")
+    except OSError as exc:
+        raise LearnError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    messages = sorted(found.values(), key=lambda m: (m.date, m.key))
+    if limit and len(messages) > limit:
+        messages = messages[-limit:]
+    return FiledMail(messages, gmail, os.path.basename(os.path.normpath(path)) or path,
+                     archive_name, trash)
 
 
 # --- Command line ------------------------------------------------------------------------
@@ -13484,6 +14441,162 @@ def _cmd_suggest(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _verdict_line(verdict: RuleVerdict) -> str:
+    """'2. Receipts: matched: subject: "Your receipt" contains "receipt" -> label Receipts,
+    continue' and the like, for ``why``."""
+    state = {True: "matched", False: "no", None: "unknown"}[verdict.matched]
+    text = f"  {verdict.position}. {verdict.name}: {state}: {verdict.reason}"
+    if verdict.matched:
+        text += f" -> {verdict.actions.describe()}"
+        if not verdict.reached:
+            text += " (not reached: an earlier rule decided)"
+        elif verdict.continue_:
+            text += "; continue: passed on to the next rules"
+        else:
+            text += "; decides (no continue)"
+    return text
+
+
+def _why_record(where: str, uid: Optional[int], info: MessageInfo,
+                explanation: Explanation) -> Dict[str, Any]:
+    return {"where": where, "uid": uid,
+            "message_id": _first(header_text(info.headers, "message-id")).strip(),
+            "from": _first(header_addresses(info.headers, "from")),
+            "subject": _first(header_text(info.headers, "subject")),
+            "rules": [{"position": v.position, "name": v.name, "matched": v.matched,
+                       "reason": v.reason, "actions": v.actions.describe(),
+                       "continue": v.continue_, "reached": v.reached}
+                      for v in explanation.verdicts],
+            "outcome": {"rules": [name for name, _reason in explanation.decision.matches],
+                        "actions": explanation.decision.actions.as_record(),
+                        "text": explanation.decision.actions.describe()}}
+
+
+def _write_why(out: _Output, record: Dict[str, Any], explanation: Explanation) -> None:
+    def text() -> Iterator[str]:
+        place = record["where"] + (f" UID {record['uid']}" if record["uid"] is not None else "")
+        yield f"{place}: {record['from']}  {record['subject']!r}"
+        for verdict in explanation.verdicts:
+            yield _verdict_line(verdict)
+        decided = ", ".join(record["outcome"]["rules"]) or "no rule"
+        yield f"  outcome: {record['outcome']['text']} (by {decided})"
+    out.record(record, text)
+
+
+def _cmd_why(args: argparse.Namespace, out: _Output) -> int:
+    rules = find_rules(args.rules)
+    if (args.message is None) == (args.uid is None):
+        raise UsageError("give a Message-ID, an .eml file or --uid FOLDER:UID (one of them)")
+    if args.message is not None and os.path.isfile(args.message):
+        try:
+            info = message_info_from_bytes(read_message_file(args.message))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{args.message}: cannot read: {exc}") from None
+        explanation = explain_message(rules.local()[0], info)
+        _write_why(out, _why_record(args.message, None, info, explanation), explanation)
+        return EXIT_OK
+    folder, uid = args.folder, None
+    if args.uid is not None:
+        folder, _, number = args.uid.rpartition(":")
+        if not folder or not number.isdigit() or int(number) == 0:
+            raise UsageError(f"--uid {args.uid}: write FOLDER:UID, e.g. INBOX:4711")
+        uid = int(number)
+    settings = _connection_settings(args, rules.account)
+    with _signed_in(settings) as conn:
+        if not conn.is_gmail:
+            rules = rules.local()[0]
+        found = find_messages(conn, rules, folder, message_id=args.message, uid=uid)
+    if not found:
+        what = f"UID {uid}" if uid is not None else f"Message-ID {args.message}"
+        raise UsageError(f"no message with {what} in {folder}; try another --folder")
+    for number in sorted(found):
+        info = found[number]
+        explanation = explain_message(rules, info)
+        _write_why(out, _why_record(folder, number, info, explanation), explanation)
+    return EXIT_OK
+
+
+def _diff_record(change: DecisionChange) -> Dict[str, Any]:
+    def side(decision: Decision) -> Dict[str, Any]:
+        return {"rules": [name for name, _reason in decision.matches],
+                "actions": decision.actions.as_record(), "text": decision.actions.describe()}
+    return {"where": change.where, "uid": change.uid, "message_id": change.message_id,
+            "from": change.sender, "subject": change.subject,
+            "before": side(change.before), "after": side(change.after)}
+
+
+def _cmd_diff(args: argparse.Namespace, out: _Output) -> int:
+    old, new = load_rules(args.old_rules), load_rules(args.new_rules)
+    if args.files:
+        try:
+            found = diff_messages(old, new, iter_message_files(args.files))
+        except GmailClassifyError as exc:
+            if type(exc) is not GmailClassifyError:
+                raise
+            raise UsageError(str(exc)) from exc    # a FILE that is not mail
+    else:
+        settings = _connection_settings(args, new.account or old.account)
+        with _signed_in(settings) as conn:
+            found = diff_folders(conn, old, new, args.folder or ["INBOX"], since=args.since,
+                                 batch_size=args.batch_size)
+    for change in found.changes:
+        record = _diff_record(change)
+        place = change.where + (f" UID {change.uid}" if change.uid is not None else "")
+        out.record(dict(record, type="message"), lambda record=record, place=place: [
+            f"{place}: {record['from']}  {record['subject']!r}",
+            f"    {record['before']['text']} -> {record['after']['text']}"])
+    per_rule = {name: counts for name, counts in found.matched.items() if counts[0] != counts[1]}
+    summary = {"type": "summary", "examined": found.examined, "changed": len(found.changes),
+               "rules": {name: {"before": c[0], "after": c[1]} for name, c in per_rule.items()}}
+
+    def text() -> Iterator[str]:
+        yield (f"{found.examined} messages: {len(found.changes)} would be decided "
+               f"differently")
+        for name, counts in sorted(per_rule.items()):
+            yield f"  {name}: {counts[0]} -> {counts[1]} messages"
+    out.record(summary, text)
+    return EXIT_OK
+
+
+def _cmd_learn(args: argparse.Namespace, out: TextIO) -> int:
+    fmt = _output_format(args)
+    if args.output and os.path.exists(args.output) and not args.force:
+        raise UsageError(f"{args.output} already exists; pass --force to overwrite it")
+    if not 0 < args.min_precision <= 1:
+        raise UsageError(f"--min-precision {args.min_precision}: give a share like 0.97")
+    if args.from_path:
+        filed = read_filed_path(args.from_path, limit=args.limit, since=args.since)
+    else:
+        rules = find_rules(args.rules)
+        settings = _connection_settings(args, rules.account)
+        progress = _Progress(sys.stderr, not args.quiet and sys.stderr.isatty())
+        with _signed_in(settings) as conn:
+            filed = read_filed_mail(conn, folders=args.folder or (), exclude=args.exclude or (),
+                                    limit=args.limit, since=args.since,
+                                    batch_size=args.batch_size, on_progress=progress)
+    learned = learn_rules(filed, min_precision=args.min_precision,
+                          min_support=args.min_support, holdout=args.holdout,
+                          max_rules=args.max_rules, keep_examples=args.keep_examples)
+    if not args.quiet:
+        for line in learned.report:
+            sys.stderr.write(printable(f"gmail_classify: learn: {line}") + "\n")
+    if not learned.doc["rule"]:
+        if args.quiet:
+            return EXIT_OK
+        sys.stderr.write(printable(f"gmail_classify: {filed.source}: no label could be learned "
+                                   f"precisely from its {len(filed.messages)} messages; "
+                                   f"nothing written") + "\n")
+        return EXIT_OK
+    text = format_rules(learned.doc, fmt, learned.header, learned.comments)
+    _emit_rules(args, out, text, len(learned.doc["rule"]))
+    if not args.quiet:
+        target = args.output or "learned.toml"
+        sys.stderr.write(printable(f"gmail_classify: next: python gmail_classify.py diff "
+                                   f"YOUR-RULES.toml {target} (what would change), then "
+                                   f"check and a dry run") + "\n")
+    return EXIT_OK
+
+
 # The subcommands, in the order --help lists them.  A new subcommand is its function and
 # its row here; build_parser, main() and the option scan in _subcommand_first read this.
 _COMMANDS: Dict[str, _Command] = {
@@ -13588,6 +14701,48 @@ _COMMANDS: Dict[str, _Command] = {
         _Opt("--top", type=_positive, default=10, help="at most N rules of each kind "
              "(default: %(default)s)"),
         _Opt("--limit", type=_positive, help="only the newest N messages"),
+        _Opt("--batch-size"))),
+    "why": _Command(_cmd_why, "show every rule's verdict on one message, and the outcome "
+                    "(read-only)", ("connection",), (
+        _Opt("message", metavar="MESSAGE", nargs="?", help="a Message-ID (angle brackets "
+             "optional), or an .eml file (offline; an existing file wins)"),
+        _Opt("--uid", metavar="FOLDER:UID", help="the message with this UID instead"),
+        _Opt("--folder", default="INBOX", type=_folder_name, help="where to look for the "
+             "Message-ID (default: INBOX)"),
+        _Opt("--json", help="one JSON object per message"))),
+    "diff": _Command(_cmd_diff, "show which messages two rules files decide differently "
+                     "(read-only)", ("connection",), (
+        _Opt("old_rules", metavar="OLD"), _Opt("new_rules", metavar="NEW"),
+        _Opt("files", metavar="FILE", nargs="*", help=".eml files, mbox or Maildir (offline); "
+             "none: the server's folders"),
+        _Opt("--folder", action="append", type=_folder_name, help="folder to compare on "
+             "(repeatable; default INBOX)"),
+        _Opt("--since", type=_parse_since, help="only mail received since a date "
+             "(YYYY-MM-DD) or an age: 7d, 2w, 6m, 1y"),
+        _Opt("--batch-size"),
+        _Opt("--json", help="one JSON object per changed message, then a summary"))),
+    "learn": _Command(_cmd_learn, "learn rules from how your mail is already filed, with "
+                      "how often each was right (read-only)", ("connection", "output"), (
+        _Opt("--folder", action="append", type=_folder_name, help="only these folders "
+             "(repeatable; not Gmail, where All Mail's labels are read)"),
+        _Opt("--exclude", action="append", type=_folder_name, help="leave this folder out "
+             "(repeatable)"),
+        _Opt("--from", dest="from_path", metavar="PATH", help="learn offline from a Maildir "
+             "tree, an mbox per label, or a Google Takeout mbox"),
+        _Opt("--min-precision", type=float, default=0.97, help="keep rules at least this "
+             "right on the newest mail (default: %(default)s)"),
+        _Opt("--min-support", type=_positive, default=5, help="keep rules that file at "
+             "least N of the newest messages (default: %(default)s)"),
+        _Opt("--holdout", default="20%", help="judge on the newest share (20%%) or age (30d) "
+             "of the mail (default: %(default)s)"),
+        _Opt("--max-rules", type=_positive, default=50, help="at most N rules (default: "
+             "%(default)s)"),
+        _Opt("--limit", type=_positive, default=DEFAULT_LEARN_LIMIT, help="only the newest N "
+             "messages (default: %(default)s)"),
+        _Opt("--since", type=_parse_since, help="only mail since a date (YYYY-MM-DD) or an "
+             "age: 7d, 2w, 6m, 1y"),
+        _Opt("--keep-examples", action="store_true", help="keep real addresses and "
+             "subjects in the [[test]] tables"),
         _Opt("--batch-size"))),
 }
 

@@ -11067,6 +11067,9 @@ class ClosedOutputTest(StateTestCase):
             ("auth", ["auth", "--user", USER, "--client-secret-file", client,
                       "--no-browser"], 141),
             ("export", ["export", self.rules, "--format", "json"], 141),
+            ("why", ["why", mail, "--rules", self.rules], 0),
+            ("diff", ["diff", self.rules, self.rules, mail, "--json"], 141),
+            ("learn", ["learn", "-q", *conn], 0),   # nothing to learn: no rules written
         ]
 
     def test_every_command_with_a_closed_stdout_ends_quietly(self):
@@ -15658,6 +15661,580 @@ class GmailExportTest(FakeServerTest):
         with self.assertRaises(gc.RulesError) as caught:
             gc.export_gmail(parse_rules(long, "r.json"))
         self.assertIn("over Gmail's 1500", str(caught.exception))
+# --- Issue 18: learn / why / diff ---
+
+import email.header as _email_header
+
+
+class FiledMailGenerator:
+    """A person's mail, filed by known rules, as honest as real mail is (issue 18).
+
+    Kinds of mail (senders, lists, receipts, notifications; subjects in several languages,
+    some RFC 2047 encoded) each filed under a label by a rule the generator knows; a fifth
+    of the labels have no distinctive header (the person files by reading); about 10 % of
+    the mail is filed inconsistently (senders whose mail lands under either of two labels
+    or stays in the inbox, and plain slips); one sender moves to another label partway
+    through.  ``messages(n)`` returns (raw bytes, labels, archived, starred, date, due),
+    oldest first, where ``due`` is the label the person's own rule gives the message (None
+    for mail filed by reading or inconsistently: no header rule can be right about it);
+    the same seed gives the same mail.
+    """
+
+    WORDS = {"en": "update report weekly summary meeting notes plan draft invoice photos "
+                   "question idea holiday dinner project budget review".split(),
+             "de": "Bericht Woche Zusammenfassung Treffen Notizen Plan Entwurf Fotos Frage "
+                   "Idee Urlaub Abendessen Projekt".split(),
+             "fr": "rapport semaine résumé réunion notes plan brouillon photos question idée "
+                   "vacances dîner projet".split(),
+             "es": "informe semana resumen reunión notas plan borrador fotos pregunta idea "
+                   "vacaciones cena proyecto".split()}
+    # label: (senders, subject templates, list id, plus address, archived, starred)
+    KINDS = {
+        "Receipts": (["receipts@shop-one.example", "orders@bookstore.example",
+                      "no-reply@apps-store.example"],
+                     ["Your receipt for order {n}", "Ihre Bestellung {n}: Rechnung",
+                      "Votre reçu n°{n}", "Recibo de su pedido {n}"], "", "", True, False),
+        "Lists/python": (["{person}@python-users.example"], ["Re: [Python] {w} {w2}",
+                          "[Python] {w} question"], "python-users.lists.example", "", True,
+                         False),
+        "Lists/rust": (["{person}@rust-lang.example"], ["[rust] {w} {w2}", "Re: [rust] {w}"],
+                       "rust-users.lists.example", "", True, False),
+        "GitHub": (["notifications@github.example"],
+                   ["[acme/widget] Issue #{n}: {w} {w2}", "[acme/widget] PR #{n} merged"],
+                   "widget.acme.github.example", "", False, False),
+        "Bank": (["alerts@bank-one.example"], ["Kontoauszug {n}", "Your statement is ready",
+                  "Überweisung ausgeführt"], "", "", False, True),
+        "Travel": (["booking@airline.example", "stay@hotels.example"],
+                   ["Booking confirmation {n}", "Confirmation de réservation {n}",
+                    "Reserva confirmada {n}"], "", "", True, False),
+        "Family": (["{person}@family-mail.example"], ["{w} {w2}", "Fotos vom {w}", "{w}の写真"], "",
+                   "me+family@home.example", False, False),
+        "Newsletters": (["news@daily-paper.example", "digest@tech-weekly.example"],
+                        ["Today's digest: {w}", "This week in tech: {w} {w2}"], "", "", True,
+                        False),
+    }
+    # Labels the person files by content: the senders and subjects are those of the
+    # unfiled personal mail, so no header tells them apart.
+    BY_CONTENT = ("ToRead", "Important")
+    PEOPLE = "anna ben carla dmitri emma farid grace hugo ines jonas kim lena".split()
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def _subject(self, template: str) -> str:
+        rng = self.rng
+        words = self.WORDS[rng.choice(sorted(self.WORDS))]
+        return template.format(n=rng.randint(1000, 99999), w=rng.choice(words),
+                               w2=rng.choice(words), person=rng.choice(self.PEOPLE).title())
+
+    def _raw(self, number: int, sender: str, subject: str, when: _dtm.datetime,
+             list_id: str = "", to: str = "me@home.example", unsubscribe: bool = False) -> bytes:
+        rng = self.rng
+        name = sender.split("@")[0].replace(".", " ").title()
+        encoded = (subject if subject.isascii() and rng.random() < 0.8
+                   else _email_header.Header(subject, "utf-8").encode())
+        lines = [f"From: {name} <{sender}>", f"To: {to}", f"Subject: {encoded}",
+                 f"Date: {email.utils.format_datetime(when)}",
+                 f"Message-ID: <m{number}.{rng.randint(0, 10 ** 9)}@gen.example>"]
+        if list_id:
+            lines.append(f"List-Id: Users <{list_id}>")
+        if unsubscribe or list_id:
+            lines.append(f"List-Unsubscribe: <mailto:leave-{number}@{sender.split('@')[1]}>")
+        lines += ["Content-Type: text/plain; charset=utf-8", "", "Hello."]
+        return "\r\n".join(lines).encode("utf-8")
+
+    def messages(self, count: int) -> List[Tuple[bytes, set, bool, bool, _dtm.datetime, Optional[str]]]:
+        rng = self.rng
+        start = _dtm.datetime(2024, 1, 1, tzinfo=_dtm.timezone.utc)
+        out = []
+        labels = sorted(self.KINDS)
+        for number in range(count):
+            when = start + _dtm.timedelta(minutes=int(number * 525600 / count) + rng.randint(0, 30))
+            late = number > count * 0.7
+            roll = rng.random()
+            if roll < 0.62:                                        # a kind the rules file
+                label = rng.choice(labels)
+                senders, subjects, list_id, plus, archived, starred = self.KINDS[label]
+                sender = rng.choice(senders).format(person=rng.choice(self.PEOPLE))
+                raw = self._raw(number, sender, self._subject(rng.choice(subjects)), when,
+                                list_id, plus or "me@home.example",
+                                unsubscribe=label == "Newsletters")
+                filed = {label}
+                if sender == "digest@tech-weekly.example" and late:
+                    filed = {"Reading"}                            # moved to another label
+                due = min(filed) if filed else None
+                if rng.random() < 0.005:
+                    filed = set()                                  # a slip: left in the inbox
+                out.append((raw, filed, archived and bool(filed), starred, when, due))
+            elif roll < 0.72:                                      # filed inconsistently
+                sender = rng.choice(["deals@mixed-shop.example", "info@club.example",
+                                     "hello@startup.example"])
+                raw = self._raw(number, sender, self._subject("{w} {w2}"), when,
+                                unsubscribe=True)
+                filed = rng.choice([{"Receipts"}, {"Newsletters"}, set(), {"Travel"}])
+                out.append((raw, filed, bool(filed), False, when, None))
+            else:                                                  # personal mail
+                sender = f"{rng.choice(self.PEOPLE)}@mail-{rng.randint(1, 40)}.example"
+                raw = self._raw(number, sender, self._subject(rng.choice(
+                    ["{w} {w2}", "Re: {w}", "{w}?"])), when)
+                filed = {rng.choice(self.BY_CONTENT)} if rng.random() < 0.3 else set()
+                out.append((raw, filed, False, rng.random() < 0.05, when, None))
+        return out
+
+
+def assert_read_only(test: unittest.TestCase, server: FakeGmail) -> None:
+    """No command that could change the mailbox (WRITE_COMMANDS, SELECT among them)
+    reached ``server``; every FETCH peeked."""
+    test.assertEqual(set(server.commands()) & WRITE_COMMANDS, set())
+    test.assertIn("EXAMINE", server.commands())
+    for line in server.raw_lines:
+        if b"FETCH" in line.upper():
+            test.assertNotRegex(line.upper(), rb"BODY\[(?!HEADER|\])", line)
+            test.assertNotIn(b"BODY[", line.upper().replace(b"BODY.PEEK[", b""), line)
+
+
+def _filed_mail(seed: int, count: int) -> gc.FiledMail:
+    """The generator's mail as learn_rules' input, without a server (for the CPU check)."""
+    messages = []
+    for raw, labels, archived, starred, when, _due in FiledMailGenerator(seed).messages(count):
+        headers = gc.parse_headers(raw)
+        messages.append(gc.FiledMessage(gc._message_key(headers), when,
+                                        MessageInfo(headers=headers), set(labels), set(),
+                                        archived, starred))
+    messages.sort(key=lambda m: (m.date, m.key))
+    return gc.FiledMail(messages, True, "generated")
+
+
+WHY_DOC = {"rule": [
+    {"name": "Receipts", "subject": "receipt", "label": "Receipts", "continue": True},
+    {"name": "GitHub", "from": "notifications@github.com", "label": "GitHub"},
+    {"name": "Shop", "from": "@shop.example", "label": "Shop", "archive": True},
+]}
+
+
+def _eml(path: str, sender: str, subject: str, message_id: str = "<m1@example.com>",
+         extra: str = "") -> str:
+    with open(path, "wb") as handle:
+        handle.write((f"From: {sender}\r\nTo: me@example.com\r\nSubject: {subject}\r\n"
+                      f"Message-ID: {message_id}\r\nDate: Mon, 04 Mar 2024 10:00:00 +0000\r\n"
+                      f"{extra}\r\nHello.\r\n").encode("utf-8"))
+    return path
+
+
+class WhyTest(TempDirMixin, unittest.TestCase):
+    def setUp(self):
+        self.tmp = self.make_dir()
+
+    def rules(self) -> str:
+        path = os.path.join(self.tmp, "rules.json")
+        with open(path, "w") as handle:
+            json.dump(WHY_DOC, handle)
+        return path
+
+    def test_every_rule_explains_its_verdict_in_order(self):
+        msg = info("From: GitHub <notifications@github.com>\nSubject: Your receipt")
+        found = gc.explain_message(parse_rules(WHY_DOC), msg, now=NOW)
+        self.assertEqual([(v.name, v.matched, v.reached) for v in found.verdicts],
+                         [("Receipts", True, True), ("GitHub", True, True),
+                          ("Shop", False, False)])
+        self.assertEqual(found.verdicts[0].reason, 'subject: "Your receipt" contains "receipt"')
+        self.assertEqual(found.verdicts[1].reason, 'from: "GitHub <notifications@github.com>" '
+                                                   'contains "notifications@github.com"')
+        self.assertEqual(found.verdicts[2].reason, 'from: "GitHub <notifications@github.com>": '
+                                                   'no match for "@shop.example"')
+        self.assertEqual(found.decision.actions.labels, ("Receipts", "GitHub"))
+
+    def test_cli_on_an_eml_file_shows_matched_unmatched_and_continue(self):
+        path = _eml(os.path.join(self.tmp, "m.eml"), "Shop <orders@shop.example>", "A receipt")
+        code, out, err = run_cli("why", path, "--rules", self.rules())
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out.splitlines()[1:], [
+            '  1. Receipts: matched: subject: "A receipt" contains "receipt" -> label Receipts; '
+            'continue: passed on to the next rules',
+            '  2. GitHub: no: from: "Shop <orders@shop.example>": no match for '
+            '"notifications@github.com"',
+            '  3. Shop: matched: from: "Shop <orders@shop.example>" contains "@shop.example" -> '
+            'label Shop, archive; decides (no continue)',
+            '  outcome: label Receipts, label Shop, archive (by Receipts, Shop)'])
+
+    def test_cli_json_and_a_rule_not_reached(self):
+        path = _eml(os.path.join(self.tmp, "m.eml"), "notifications@github.com", "Hi",
+                    extra="X-Other: 1\r\n")
+        doc = {"rule": WHY_DOC["rule"] + [{"name": "All", "subject": "/./", "label": "All"}]}
+        rules = os.path.join(self.tmp, "more.json")
+        with open(rules, "w") as handle:
+            json.dump(doc, handle)
+        code, out, err = run_cli("why", path, "--rules", rules, "--json")
+        self.assertEqual((code, err), (0, ""))
+        record = json.loads(out)
+        self.assertEqual([(r["name"], r["matched"], r["reached"]) for r in record["rules"]],
+                         [("Receipts", False, True), ("GitHub", True, True),
+                          ("Shop", False, False), ("All", True, False)])
+        self.assertEqual(record["outcome"]["rules"], ["GitHub"])
+        self.assertEqual(record["message_id"], "<m1@example.com>")
+        code, out, err = run_cli("why", path, "--rules", rules)
+        self.assertIn("(not reached: an earlier rule decided)", out)
+
+    def test_bad_arguments_are_usage_errors(self):
+        self.assertEqual(run_cli("why", "--rules", self.rules())[0], 2)
+        code, _out, err = run_cli("why", "--uid", "INBOX", "--rules", self.rules())
+        self.assertEqual(code, 2)
+        self.assertIn("FOLDER:UID", err)
+
+
+class WhyServerTest(FakeServerTest):
+    def cli(self, *argv: str) -> Tuple[int, str, str]:
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w") as handle:
+            json.dump(WHY_DOC, handle)
+        return run_cli(*argv, "--rules", rules, "--user", USER, "--host", "127.0.0.1",
+                       "--port", str(self.server.port), "--plaintext", "--retries", "0",
+                       env={"GMAIL_APP_PASSWORD": PASSWORD})
+
+    def test_message_id_with_or_without_brackets_read_only(self):
+        raw = make_message("my receipt", "Shop <a@shop.example>")
+        self.server.add_message(raw)
+        self.server.add_message(make_message("other", "b@else.example"))
+        message_id = re.search(rb"Message-ID: <([^>]+)>", raw).group(1).decode()
+        for given in (message_id, f"<{message_id}>"):
+            code, out, err = self.cli("why", given)
+            self.assertEqual((code, err), (0, ""))
+            self.assertTrue(out.startswith("INBOX UID 1: Shop <a@shop.example>  'my receipt'"),
+                            out)
+            self.assertIn("outcome: label Receipts, label Shop, archive", out)
+        assert_read_only(self, self.server)
+        self.assertEqual(self.server.messages("INBOX")[0].labels, {"\\Inbox"})
+        self.assertEqual(self.server.messages("INBOX")[0].flags, set())
+
+    def test_a_message_id_is_matched_whole(self):
+        self.server.add_message(make_message("a", "x@shop.example", extra="Message-ID: <ab@x>\n")
+                                .replace(b"Message-ID: <", b"X-Old-Id: <", 1))
+        self.server.add_message(make_message("b", "y@shop.example").replace(
+            b"Message-ID: <", b"X-Old-Id: <", 1).replace(b"\r\n\r\n", b"\r\nMessage-ID: <AB@X>\r\n\r\n", 1))
+        code, out, err = self.cli("why", "ab@x", "--json")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual([json.loads(line)["uid"] for line in out.splitlines()], [1])
+
+    def test_uid_and_not_found(self):
+        self.server.add_message(make_message("hello", "notifications@github.com"))
+        code, out, err = self.cli("why", "--uid", "INBOX:1", "--json")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(json.loads(out)["outcome"]["rules"], ["GitHub"])
+        code, out, err = self.cli("why", "<nobody@example.com>")
+        self.assertEqual(code, 2)
+        self.assertIn("no message with Message-ID <nobody@example.com> in INBOX", err)
+        assert_read_only(self, self.server)
+
+
+class DiffTest(TempDirMixin, unittest.TestCase):
+    def setUp(self):
+        self.tmp = self.make_dir()
+
+    OLD = {"rule": [{"name": "Receipts", "subject": "receipt", "label": "Receipts"},
+                    {"name": "Shop", "from": "@shop.example", "label": "Shop", "archive": True}]}
+
+    def write(self, name: str, doc: dict) -> str:
+        path = os.path.join(self.tmp, name)
+        with open(path, "w") as handle:
+            json.dump(doc, handle)
+        return path
+
+    def mails(self) -> List[str]:
+        return [_eml(os.path.join(self.tmp, "1.eml"), "a@shop.example", "Your receipt", "<1@x>"),
+                _eml(os.path.join(self.tmp, "2.eml"), "b@shop.example", "Sale", "<2@x>"),
+                _eml(os.path.join(self.tmp, "3.eml"), "c@news.example", "News", "<3@x>")]
+
+    def diff(self, new: dict, *extra: str) -> Tuple[int, str, str]:
+        return run_cli("diff", self.write("old.json", self.OLD), self.write("new.json", new),
+                       *self.mails(), *extra)
+
+    def test_added_rule(self):
+        new = {"rule": self.OLD["rule"] + [{"name": "News", "from": "@news.example",
+                                            "label": "News"}]}
+        code, out, err = self.diff(new, "--json")
+        self.assertEqual((code, err), (0, ""))
+        records = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual([(r["message_id"], r["before"]["text"], r["after"]["text"])
+                          for r in records[:-1]], [("<3@x>", "no action", "label News")])
+        self.assertEqual(records[-1], {"type": "summary", "examined": 3, "changed": 1,
+                                       "rules": {"News": {"before": 0, "after": 1}}})
+
+    def test_removed_rule(self):
+        code, out, err = self.diff({"rule": self.OLD["rule"][1:]})
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out.splitlines(), [
+            f"{self.tmp}/1.eml: a@shop.example  'Your receipt'",
+            "    label Receipts -> label Shop, archive",
+            "3 messages: 1 would be decided differently",
+            "  Receipts: 1 -> 0 messages", "  Shop: 1 -> 2 messages"])
+
+    def test_reordered_rules_and_same_decisions(self):
+        code, out, _err = self.diff({"rule": self.OLD["rule"][::-1]})
+        self.assertEqual(out.splitlines()[:2], [
+            f"{self.tmp}/1.eml: a@shop.example  'Your receipt'",
+            "    label Receipts -> label Shop, archive"])
+        both = [dict(rule, **{"continue": True}) for rule in self.OLD["rule"]]
+        code, out, _err = run_cli("diff", self.write("a.json", {"rule": both}),
+                                  self.write("b.json", {"rule": both[::-1]}), *self.mails())
+        self.assertEqual(out.splitlines(), ["3 messages: 0 would be decided differently"])
+
+
+class DiffServerTest(FakeServerTest):
+    server_options = {"kind": "move"}
+
+    def test_diff_against_the_server_changes_nothing(self):
+        self.server.add_message(make_message("receipt 1", "a@shop.example"))
+        self.server.add_message(make_message("hello", "b@else.example"))
+        paths = []
+        for name, doc in (("old", DiffTest.OLD), ("new", {"rule": DiffTest.OLD["rule"][::-1]})):
+            paths.append(os.path.join(self.tmp, f"{name}.json"))
+            with open(paths[-1], "w") as handle:
+                json.dump(doc, handle)
+        code, out, err = run_cli("diff", *paths, "--json", "--user", USER, "--host",
+                                 "127.0.0.1", "--port", str(self.server.port), "--plaintext",
+                                 env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual((code, err), (0, ""))
+        records = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual([(r["uid"], r["before"]["rules"], r["after"]["rules"])
+                          for r in records[:-1]], [(1, ["Receipts"], ["Shop"])])
+        self.assertEqual(records[-1]["examined"], 2)
+        assert_read_only(self, self.server)
+        self.assertEqual([m.folder for m in self.server.messages("INBOX")], ["INBOX", "INBOX"])
+
+    def test_a_folder_renumbered_between_the_two_dry_runs_is_not_compared(self):
+        self.server.add_message(make_message("receipt 1", "a@shop.example"))
+        old, new = parse_rules(DiffTest.OLD), parse_rules({"rule": DiffTest.OLD["rule"][::-1]})
+        real, runs = gc.classify_folder, []
+
+        def renumber_after_the_first(*args: Any, **kwargs: Any) -> gc.FolderReport:
+            report = real(*args, **kwargs)
+            if not runs:
+                self.server.bump_uidvalidity("INBOX")
+            runs.append(report)
+            return report
+        with mock.patch.object(gc, "classify_folder", renumber_after_the_first), \
+                self.assertRaisesRegex(gc.UidValidityError, "UIDVALIDITY of INBOX changed"):
+            gc.diff_folders(self.connect(), old, new)
+        self.assertEqual(len(runs), 2)
+
+
+def _dated(number: int, sender: str, subject: str, extra: str = "") -> Tuple[bytes, _dtm.datetime]:
+    """A message of day ``number`` (2024 onwards), with its date."""
+    when = _dtm.datetime(2024, 1, 1, tzinfo=_dtm.timezone.utc) + _dtm.timedelta(hours=number)
+    raw = (f"From: {sender}\r\nTo: me@example.com\r\nSubject: {subject}\r\n"
+           f"Date: {email.utils.format_datetime(when)}\r\nMessage-ID: <n{number}@test.example>\r\n"
+           f"{extra}\r\nBody {number}.\r\n").encode("utf-8")
+    return raw, when
+
+
+def _corpus() -> List[Tuple[bytes, _dtm.datetime, str]]:
+    """120 messages: 50 receipts from a shop, 40 of a mailing list, 30 from friends
+    (left in the inbox), interleaved in time; (raw, date, kind)."""
+    out = []
+    for number in range(120):
+        kind = ("receipt", "list", "friend")[number % 3] if number < 90 else \
+            ("receipt", "list", "receipt")[number % 3]
+        if kind == "receipt":
+            raw, when = _dated(number, "Shop <orders@shop.example>", f"Your order {number}")
+        elif kind == "list":
+            raw, when = _dated(number, f"user{number % 7}@lists.example", f"Re: topic {number}",
+                               "List-Id: Talk <talk.lists.example>\r\n")
+        else:
+            raw, when = _dated(number, f"friend{number % 5}@mail.example", "Dinner?")
+        out.append((raw, when, kind))
+    return out
+
+
+class LearnServerTest(FakeServerTest):
+    def argv(self, *extra: str) -> List[str]:
+        return ["learn", "--user", USER, "--host", "127.0.0.1", "--port",
+                str(self.server.port), "--plaintext", "--retries", "0", *extra]
+
+    def test_gmail_labels_become_rules_with_archive_and_tests(self):
+        for raw, when, kind in _corpus():
+            labels = {"receipt": ["Receipts"], "list": ["Lists/talk", "\\Important"],
+                      "friend": ["\\Inbox"]}[kind]
+            self.server.add_message(raw, labels=labels, date=when,
+                                    flags=["\\Flagged"] if kind == "list" else [])
+        target = os.path.join(self.tmp, "learned.toml")
+        code, out, err = run_cli(*self.argv("-o", target), env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, "")
+        self.assertEqual(os.stat(target).st_mode & 0o777, 0o600)
+        rules = gc.load_rules(target)
+        self.assertEqual([(r.name, r.actions.labels, r.actions.archive, r.actions.star,
+                           r.continue_) for r in rules.rules],
+                         [("Receipts", ("Receipts",), True, False, True),
+                          ("Lists/talk", ("Lists/talk",), True, True, True)])
+        self.assertEqual(gc.run_rule_tests(rules), [])
+        self.assertEqual(len(rules.tests), 2)
+        with open(target, encoding="utf-8") as handle:
+            text = handle.read()
+        self.assertIn('# held out: 16 of 16 right (100.0%); finds 16 of 16 "Receipts"', text)
+        self.assertIn('list_id = "talk.lists.example"', text)
+        self.assertNotIn("friend", text)
+        self.assertIn("learn: Receipts: finds 16 of 16 held-out messages (100%), 0 false "
+                      "positive(s)", err)
+        self.assertIn("next: python gmail_classify.py diff", err)
+        assert_read_only(self, self.server)
+        code, _out, err = run_cli(*self.argv("-o", target), env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, 2)
+        self.assertIn("already exists; pass --force", err)
+
+    def test_folders_off_gmail_move_or_label(self):
+        self.server = FakeGmail(kind="move").start()
+        self.addCleanup(self.server.stop)
+        for raw, when, kind in _corpus():
+            if kind == "receipt":
+                self.server.add_message(raw, folder="Receipts", date=when)
+            elif kind == "list":
+                self.server.add_message(raw, folder="Talk", date=when)
+                self.server.add_message(raw, folder="INBOX", date=when)   # a copy: a label
+            else:
+                self.server.add_message(raw, folder="INBOX", date=when)
+        self.server.add_message(make_message("spam", "x@junk.example"), folder="Junk")
+        self.server.add_message(make_message("old", "x@trash.example"), folder="Trash")
+        code, out, err = run_cli(*self.argv(), env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, 0, err)
+        doc = gc.parse_toml(out)
+        self.assertEqual([{k: v for k, v in rule.items() if k in ("name", "move", "label",
+                                                                 "continue")}
+                          for rule in doc["rule"]],
+                         [{"name": "Talk", "label": "Talk", "continue": True},
+                          {"name": "Receipts", "move": "Receipts"}])
+        self.assertIn("# Trash holds 1 message(s); learn never writes a trash rule", out)
+        self.assertNotIn("trash =", out)
+        assert_read_only(self, self.server)
+
+
+class LearnOfflineTest(TempDirMixin, unittest.TestCase):
+    def setUp(self):
+        self.tmp = self.make_dir()
+
+    def learn(self, path: str) -> gc.LearnedRules:
+        return gc.learn_rules(gc.read_filed_path(path), now=NOW)
+
+    def test_maildir_tree_folders_are_labels(self):
+        root = os.path.join(self.tmp, "Mail")
+        for raw, _when, kind in _corpus():
+            folder = {"receipt": ".Shopping.Receipts", "list": ".Talk", "friend": ""}[kind]
+            where = os.path.join(root, folder, "cur")
+            os.makedirs(where, exist_ok=True)
+            name = re.search(rb"<(n\d+)@", raw).group(1).decode()
+            with open(os.path.join(where, f"{name}:2,S"), "wb") as handle:
+                handle.write(raw)
+        os.makedirs(os.path.join(root, ".Trash", "cur"))
+        filed = gc.read_filed_path(root)
+        self.assertEqual(len(filed.messages), 120)
+        self.assertEqual(sorted({l for m in filed.messages for l in m.labels}),
+                         ["Shopping/Receipts", "Talk"])
+        learned = self.learn(root)
+        # One condition each: nothing that finds no more mail is added to a rule.
+        self.assertEqual(learned.doc["rule"], [
+            {"name": "Shopping/Receipts", "from": "orders@shop.example",
+             "move": "Shopping/Receipts"},
+            {"name": "Talk", "list_id": "talk.lists.example", "move": "Talk"}])
+
+    def test_mbox_per_label_and_takeout(self):
+        folder = os.path.join(self.tmp, "export")
+        os.makedirs(folder)
+        takeout = os.path.join(self.tmp, "All mail Including Spam and Trash.mbox")
+        with open(takeout, "wb") as everything:
+            for raw, _when, kind in _corpus():
+                name = {"receipt": "Receipts", "list": "Talk", "friend": "INBOX"}[kind]
+                with open(os.path.join(folder, f"{name}.mbox"), "ab") as handle:
+                    handle.write(b"From x@y Mon Mar  4 10:00:00 2024\r\n" + raw + b"\r\n")
+                labels = {"receipt": "Archived,Receipts,Opened,Category Purchases",
+                          "list": '"Talk, the list",Inbox,Unread', "friend": "Inbox,Important"}[kind]
+                everything.write(b"From x@y Mon Mar  4 10:00:00 2024\r\nX-Gmail-Labels: "
+                                 + labels.encode() + b"\r\n" + raw + b"\r\n")
+            everything.write(b"From x@y Mon Mar  4 10:00:00 2024\r\nX-Gmail-Labels: Trash,"
+                             b"Receipts\r\n" + _dated(999, "a@b.example", "x")[0] + b"\r\n")
+            everything.write(b"From x@y Mon Mar  4 10:00:00 2024\r\nX-Gmail-Labels: Spam,"
+                             b"Talk\r\n" + _dated(998, "a@b.example", "x")[0] + b"\r\n")
+        self.assertEqual([r["name"] for r in self.learn(folder).doc["rule"]],
+                         ["Receipts", "Talk"])
+        filed = gc.read_filed_path(takeout)
+        self.assertTrue(filed.gmail)
+        self.assertEqual((filed.trash_count, len(filed.messages)), (1, 120))
+        self.assertEqual(sorted({l for m in filed.messages for l in m.labels}),
+                         ["Receipts", "Talk, the list"])
+        rules = self.learn(takeout).doc["rule"]
+        self.assertEqual([(r["name"], r.get("archive", False)) for r in rules],
+                         [("Receipts", True), ("Talk, the list", False)])
+
+    def test_tests_hide_local_parts_and_subjects_unless_kept(self):
+        root = os.path.join(self.tmp, "Mail")
+        for raw, _when, kind in _corpus():
+            folder = {"receipt": ".Receipts", "list": ".Talk", "friend": ""}[kind]
+            os.makedirs(os.path.join(root, folder, "cur"), exist_ok=True)
+            name = re.search(rb"<(n\d+)@", raw).group(1).decode()
+            with open(os.path.join(root, folder, "cur", name), "wb") as handle:
+                handle.write(raw)
+        filed = gc.read_filed_path(root)
+        hidden = {t["name"]: t for t in gc.learn_rules(filed, now=NOW).doc["test"]}
+        kept = {t["name"]: t for t in gc.learn_rules(filed, now=NOW,
+                                                     keep_examples=True).doc["test"]}
+        self.assertEqual(hidden["Talk: a held-out example"],
+                         {"name": "Talk: a held-out example", "from": "someone@lists.example",
+                          "subject": "(subject)", "list_id": "<talk.lists.example>",
+                          "expect_rules": ["Talk"]})
+        self.assertEqual(hidden["Receipts: a held-out example"]["from"], "orders@shop.example")
+        self.assertRegex(kept["Talk: a held-out example"]["from"], r"^user\d@lists\.example$")
+        self.assertRegex(kept["Talk: a held-out example"]["subject"], r"^Re: topic \d+$")
+
+    def test_mbox_is_read_header_by_header_within_the_wire_cap(self):
+        path = os.path.join(self.tmp, "Big.mbox")
+        with open(path, "wb") as handle:
+            handle.write(b"From x Mon Mar  4 10:00:00 2024\nSubject: one\nX-Long: "
+                         + b"a" * 100 + b"\n\nFrom: in the body\n" + b"b" * 5000 + b"\n"
+                         b"From x Mon Mar  4 10:00:00 2024\nSubject: two\n\nbody\n")
+        with mock.patch.object(gc, "MAX_HEADER_LITERAL", 64):
+            blocks = list(gc._stream_header_blocks(path))
+        self.assertEqual(blocks, [b"Subject: one\r\n", b"Subject: two\r\n"])
+
+    def test_holdout_by_share_or_by_age(self):
+        messages = [gc.FiledMessage(f"<{n}@x>", when, MessageInfo(headers=parse_headers(raw)))
+                    for n, (raw, when, _kind) in enumerate(_corpus())]
+        self.assertEqual([gc._holdout_start(messages, text) for text in ("25%", "2d", "1w")],
+                         [90, 72, 0])
+        for bad in ("0%", "100%", "2x", ""):
+            with self.subTest(bad=bad), self.assertRaises(gc.LearnError):
+                gc._holdout_start(messages, bad)
+
+    def test_not_a_source_is_a_usage_error(self):
+        code, _out, err = run_cli("learn", "--from", os.path.join(self.tmp, "none"))
+        self.assertEqual(code, 2)
+        self.assertIn("no such file or directory", err)
+        code, _out, err = run_cli("learn", "--from", self.tmp, "--holdout", "0%")
+        self.assertEqual(code, 2)
+
+
+class LearnQualityTest(FakeServerTest):
+    """Learn from one generated mailbox on the fake server, judge on another (issue 18's
+    bar): right for at least 97 % of what the rules file, at least 85 % found of what the
+    person files consistently; labels filed by content reported, never guessed."""
+
+    def test_learned_rules_on_a_mailbox_never_seen(self):
+        for raw, labels, archived, starred, when, _due in FiledMailGenerator(1).messages(2500):
+            self.server.add_message(raw, labels=set(labels) | (set() if archived else {"\\Inbox"}),
+                                    flags=["\\Flagged"] if starred else [], date=when)
+        learned = gc.learn_rules(gc.read_filed_mail(self.connect()), now=NOW)
+        assert_read_only(self, self.server)
+        rules = parse_rules(gc.parse_toml(gc.format_rules(learned.doc)), "learned.toml")
+        self.assertEqual(gc.run_rule_tests(rules, now=NOW), [])
+        for label in FiledMailGenerator.BY_CONTENT:
+            self.assertNotIn(label, learned.learned)
+            self.assertIn("no distinctive header", learned.unlearnable[label])
+        right = wrong = missed = 0
+        for raw, labels, _archived, _starred, _when, due in FiledMailGenerator(2).messages(1500):
+            chosen = set(rules.classify(MessageInfo(headers=parse_headers(raw)), final=True,
+                                        now=NOW).actions.labels)
+            right += len(chosen & labels)
+            wrong += len(chosen - labels)
+            missed += due is not None and due not in chosen
+        self.assertGreaterEqual(right / (right + wrong), 0.97)
+        self.assertGreaterEqual(right / (right + missed), 0.85)
 
 
 if __name__ == "__main__":

@@ -7531,7 +7531,9 @@ class _FolderRun(_ApplyHooks):
         if settled.archive is not None:
             self.destinations["archive"] = settled.archive.name
             self.in_archive = _same_folder(settled.archive.name, source)
-        self.items = _fetch_items(self.rules.needs, conn.is_gmail,
+        needs = self.rules.needs        # worked out once: it walks every rule's conditions
+        self.final = not needs.body     # no body prefix to wait for: decide on the headers
+        self.items = _fetch_items(needs, conn.is_gmail,
                                   self.apply and self.checkpoint.writes_ahead)
         self.header_item = self.items[1]
 
@@ -7653,7 +7655,7 @@ class _FolderRun(_ApplyHooks):
         undecided: List[int] = []
         for uid, info in list(infos.items()):
             try:
-                decision = self.rules.classify(info, final=not self.rules.needs.body, now=now)
+                decision = self.rules.classify(info, final=self.final, now=now)
             except ContentSkip as exc:
                 _skip_content(report, step, uid, str(exc))
                 del infos[uid]

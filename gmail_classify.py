@@ -7292,12 +7292,27 @@ def _change_entry(key: Tuple[str, ...], uid: int, status: FolderStatus, gmail: b
             "after": extra or {"folder": destination, "uid": None}}
 
 
+class _Shown:
+    """What a step keeps of a classified message for its records, instead of the whole
+    MessageInfo (whose parsed headers are most of a run's memory): From, Subject and
+    Message-ID decoded once, the size and INTERNALDATE."""
+
+    __slots__ = ("sender", "subject", "message_id", "size", "date")
+
+    def __init__(self, info: MessageInfo) -> None:
+        headers = info.headers
+        self.sender = _first(header_addresses(headers, "from"))
+        self.subject = _first(header_text(headers, "subject"))
+        self.message_id = _first(header_text(headers, "message-id")).strip()
+        self.size, self.date = info.size, info.date
+
+
 @dataclass
 class _Step:
     """The batches classified since the last apply: their plan and what to report."""
 
     plan: _Plan = field(default_factory=_Plan)
-    infos: Dict[int, MessageInfo] = field(default_factory=dict)
+    infos: Dict[int, _Shown] = field(default_factory=dict)
     decisions: Dict[int, Decision] = field(default_factory=dict)
     msgids: Dict[int, Optional[int]] = field(default_factory=dict)
     last_uid: Optional[int] = None
@@ -7626,6 +7641,12 @@ class _FolderRun(_ApplyHooks):
                                            self.folder)
             except ContentSkip as exc:
                 _skip_content(report, step, uid, str(exc))
+        # What the records show is decoded now, into the header cache the rules then read
+        # (From and Subject once per message, not once for the rules and again per record).
+        shown: Dict[int, _Shown] = {}
+        for uid, info in infos.items():
+            _header_cache(info.headers)
+            shown[uid] = _Shown(info)
         decisions = self._decide(infos)
         for uid in sorted(decisions):
             decision, info = decisions[uid], infos[uid]
@@ -7638,10 +7659,10 @@ class _FolderRun(_ApplyHooks):
             step.plan.add(uid, decision.actions, info.flags, info.labels, self.source,
                           in_trash=self.in_trash, in_archive=self.in_archive)
             if decision.actions.labels and info.labels is None:
-                step.plan.message_ids[uid] = _message_key(info.headers)
+                step.plan.message_ids[uid] = shown[uid].message_id or _message_key(info.headers)
             for name, _reason in decision.matches:
                 report.matched[name] = report.matched.get(name, 0) + 1
-            step.infos[uid] = info
+            step.infos[uid] = shown[uid]
             step.decisions[uid] = decision
             step.msgids[uid] = fetched[uid].get("X-GM-MSGID")
         # Skipped messages (gone between SEARCH and FETCH too) keep the mark below them.
@@ -7797,11 +7818,9 @@ class _FolderRun(_ApplyHooks):
             report.changes_made += len(made)
             if not ok:
                 report.changes_not_made += len(keys) - len(made)
-        return Outcome(
-            self.folder, uid, _first(header_addresses(info.headers, "from")),
-            _first(header_text(info.headers, "subject")), decision, step.msgids.get(uid),
-            status.uidvalidity, _first(header_text(info.headers, "message-id")).strip(),
-            changes, self.apply, len(keys) - len(made))
+        return Outcome(self.folder, uid, info.sender, info.subject, decision,
+                       step.msgids.get(uid), status.uidvalidity, info.message_id, changes,
+                       self.apply, len(keys) - len(made))
 
 
 def _place_status(conn: GmailConnection, name: str) -> Dict[str, Optional[int]]:
@@ -7870,10 +7889,9 @@ def _intent_entries(step: _Step, status: FolderStatus, gmail: bool,
             changes.append(change)
         entries.append({
             "folder": folder, "uid": uid, "uidvalidity": status.uidvalidity,
-            "gm_msgid": step.msgids.get(uid),
-            "message_id": _first(header_text(info.headers, "message-id")).strip(),
+            "gm_msgid": step.msgids.get(uid), "message_id": info.message_id,
             "size": info.size, "internaldate": _iso(info.date) if info.date else None,
-            "subject": _first(header_text(info.headers, "subject")), "changes": changes})
+            "subject": info.subject, "changes": changes})
     return entries
 
 

@@ -1855,16 +1855,16 @@ class _Protocol:
     # Read-only UID FETCHes may be sent before the answer to the previous one has come
     # back, so that the server and the network work while we parse and classify.  Each
     # stays in _inflight until its answer is read; any other command first reads those
-    # answers (and keeps them), so the wire never interleaves.  Writes are never
-    # pipelined.  After a drop, every FETCH whose answer had not completed is sent again.
+    # answers (and keeps them), so the wire never interleaves.  STATUS of several folders
+    # goes the same way (it only reads).  Writes are never pipelined.  After a drop, every FETCH whose answer had not completed is sent again.
 
     def send_ahead(self, command: str, *args: Any,
                    keep: Optional[Callable[[List[Any]], bool]] = None,
                    max_literal: Optional[int] = None) -> _Pending:
         """Send a read-only command without waiting for its answer; the caller holds the
         lock.  ``keep`` and ``max_literal`` apply when the answer is read, as in execute."""
-        if command != "UID FETCH":
-            raise AssertionError(f"only UID FETCH may be pipelined, not {command}")
+        if command not in ("UID FETCH", "STATUS"):
+            raise AssertionError(f"only UID FETCH and STATUS may be pipelined, not {command}")
         imap = self.live()
         tag = _new_tag(imap)
         parts = self._command_parts(tag, command, args)
@@ -2611,6 +2611,52 @@ class GmailConnection:
         return {key: _server_number(value, key, "STATUS",
                                     nonzero=key in ("UIDNEXT", "UIDVALIDITY"))
                 for key, value in ((str(key).upper(), value) for key, value in attrs.items())}
+
+    def statuses(self, folders: Sequence[str]) -> Dict[str, Union[Dict[str, int], ImapError]]:
+        """status() of several folders in one round trip (pipelined; STATUS only reads):
+        ``{"Lists": {"MESSAGES": 3, ...}, "Gone": ImapError(...)}``, a folder the server
+        refused (NO or BAD) mapped to its error.  A name that must go as a literal is
+        asked on its own.  After a drop, all are asked again."""
+        found: Dict[str, Union[Dict[str, int], ImapError]] = {}
+
+        def ask(name: str, answer: Callable[[], _Response]) -> None:
+            try:
+                response = answer()
+            except ImapError as exc:
+                if exc.status not in ("NO", "BAD"):
+                    raise
+                found[name] = exc
+                return
+            found[name] = self._status_numbers(self._status_of(response, name))
+
+        def attempt() -> None:
+            found.clear()
+            items = "(MESSAGES UIDNEXT UIDVALIDITY)"
+            pending = [(name, self._proto.send_ahead("STATUS", self._mailbox(name), items))
+                       for name in folders if not isinstance(self._mailbox(name), Literal)]
+            for name, sent in pending:
+                ask(name, lambda: self._proto.collect(sent))
+            for name in folders:
+                if name not in found:
+                    ask(name, lambda: self._proto.execute("STATUS", self._mailbox(name), items))
+
+        if folders:
+            with self._lock:
+                self._retrying("STATUS", attempt)
+        return found
+
+    @staticmethod
+    def _status_numbers(attrs: Mapping[Any, Any]) -> Dict[str, int]:
+        return {key: _server_number(value, key, "STATUS",
+                                    nonzero=key in ("UIDNEXT", "UIDVALIDITY"))
+                for key, value in ((str(key).upper(), value) for key, value in attrs.items())}
+
+    def _status_of(self, response: _Response, folder: str) -> Dict[str, Any]:
+        for item in response.untagged:
+            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
+                    and self._names(item[1], folder):
+                return _pairs(item[2]) if isinstance(item[2], list) else {}
+        return {}
 
     def _status(self, folder: str, items: str) -> Dict[str, Any]:
         """The attributes STATUS ``folder`` ``items`` answered ({} for no answer).  Only the
@@ -7749,9 +7795,8 @@ class _FolderRun(_ApplyHooks):
             self.checkpoint.intend(self.conn, [{"create": name, "folder": self.folder}
                                                for name in folders])
             return
-        for name in folders:
-            if name not in self.places:
-                self.places[name] = _place_status(self.conn, name)
+        self.places.update(_place_statuses(self.conn, [name for name in folders
+                                                       if name not in self.places]))
         self.checkpoint.intend(self.conn, self._intents(self.applying))
 
     def done(self, key: Tuple[str, ...], result: Mapping[int, Any]) -> None:
@@ -7836,6 +7881,24 @@ def _place_status(conn: GmailConnection, name: str) -> Dict[str, Optional[int]]:
             raise
         values = {}     # the write that follows says what is wrong; undo leaves it alone
     return {"uidvalidity": values.get("UIDVALIDITY"), "uidnext": values.get("UIDNEXT")}
+
+
+def _place_statuses(conn: GmailConnection, names: Sequence[str]
+                    ) -> Dict[str, Dict[str, Optional[int]]]:
+    """_place_status of each name, the STATUS commands pipelined: one round trip."""
+    selected = conn.selected
+    others = [name for name in names
+              if selected is None or not _same_folder(selected.name, name)]
+    answers = conn.statuses(others)
+    places = {}
+    for name in names:
+        values = answers.get(name)
+        if name not in answers:     # the selected folder
+            places[name] = _place_status(conn, name)
+            continue
+        values = {} if isinstance(values, ImapError) else values
+        places[name] = {"uidvalidity": values.get("UIDVALIDITY"), "uidnext": values.get("UIDNEXT")}
+    return places
 
 
 def _done_entry(key: Tuple[str, ...], result: Mapping[int, Any], status: FolderStatus,

@@ -8320,6 +8320,7 @@ STATE_VERSION = 1              # bumped when the state file's layout changes inc
 RECORD_VERSION = 1             # of the records in --json output and audit.jsonl
 INTENT_VERSION = 2             # of the audit log's write-ahead "intent" and "skipped" records
 AUDIT_MAX_BYTES = 16 * 1024 ** 2       # audit.jsonl past this size becomes audit.jsonl.1
+AUDIT_CHUNK_BYTES = 1024 ** 2        # records are encoded and written in chunks of this size
 DOWNLOAD_DAYS_KEPT = 8                 # days of download counts kept in the state file
 
 
@@ -8765,13 +8766,26 @@ class AuditLog:
         self.previous = path.with_name(path.name + ".1")
 
     def append(self, records: Iterable[Mapping[str, Any]], *, sync: bool = True) -> None:
-        """Append records with one write() while signals are held off, then fsync (unless
+        """Append records, written while signals are held off, then fsync (unless
         ``sync`` is False: records the next synced append or the run's end makes durable);
         rotate first if the file is past its size.  A torn last line (a crash mid-write)
         gets its newline first, so it can never swallow the records that follow."""
-        lines = "".join(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
-                        for record in records)
-        if not lines:
+        # Encoded record by record into chunks of bytes: one str of a whole step's records
+        # (10,000 of them) would take up to four bytes a character, and its copy again.
+        chunks: List[bytes] = []
+        lines: List[bytes] = []
+        held = 0
+        for record in records:
+            lines.append((json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
+                         .encode("utf-8"))
+            held += len(lines[-1])
+            if held >= AUDIT_CHUNK_BYTES:
+                chunks.append(b"".join(lines))
+                lines, held = [], 0
+        if lines:
+            chunks.append(b"".join(lines))
+        del lines
+        if not chunks:
             return
         _ensure_private_dir(self.path.parent)
         try:
@@ -8783,9 +8797,10 @@ class AuditLog:
                 if size:
                     os.lseek(fd, size - 1, os.SEEK_SET)    # O_APPEND writes at the end anyway
                     if os.read(fd, 1) != b"\n":
-                        lines = "\n" + lines
-                with _signals_held():
-                    os.write(fd, lines.encode("utf-8"))
+                        chunks[0] = b"\n" + chunks[0]
+                with _signals_held():       # every chunk written, or (SIGKILL) a torn line
+                    for chunk in chunks:
+                        os.write(fd, chunk)
                 if sync:
                     os.fsync(fd)
             finally:

@@ -15074,6 +15074,8 @@ def _bench_main(argv: List[str]) -> int:
     if args.make_maildir:
         _bench_maildir(args.make_maildir, sizes[0])
         return 0
+    if not args.host:
+        os.environ.pop("BENCH_PASSWORD", None)     # the fake server's own password
     work = tempfile.mkdtemp(prefix="gc-bench-")
     os.environ["BENCH_PYCACHE"] = os.path.join(work, "pycache")
     subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, %r); import %s" % (
@@ -15397,6 +15399,195 @@ def _bench_peak() -> int:
     except ImportError:
         return 0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+# --- Issue 17: speed to the floor ---------------------------------------------------------
+
+SPEED_RULES = {"rule": BENCH_RULES["rule"] + [
+    {"name": "Domains", "from": "@", "label": "From/{sender_domain}", "continue": True},
+    {"name": "Listed", "list_id": "/./", "header": {"X-Custom": "/@/"}, "label": "Lists"},
+    {"name": "Copied", "recipient": ["/example\\.(com|de)/", "team"], "star": True},
+]}
+
+
+class FastRunEquivalenceTest(FakeServerTest):
+    """A whole run through the fast path (header cache made before the rules read it, the
+    step keeping only what its records show) decides, explains and records exactly what
+    the same run decides with the email package's header classes doing every decoding."""
+
+    def outcomes(self) -> List[Tuple[Any, ...]]:
+        rules = gc.parse_rules(SPEED_RULES, "speed rules")
+        seen: List[gc.Outcome] = []
+        with self.connect() as conn:
+            gc.classify_folder(conn, rules, "INBOX", batch_size=7, apply_every=2,
+                               now=datetime(2026, 11, 30, tzinfo=timezone.utc),
+                               on_message=seen.append)
+        return [(o.uid, o.sender, o.subject, o.message_id, o.decision.matches,
+                 o.decision.actions, o.changes) for o in seen]
+
+    def test_decisions_explanations_and_records_match_the_plain_path(self):
+        date = datetime(2025, 6, 1, tzinfo=timezone.utc)
+        for block in tricky_header_blocks():
+            self.server.add_message(block + b"\r\nbody\r\n", date=date)
+        for raw, when in bench_corpus(40):
+            self.server.add_message(raw, date=when)
+        fast = self.outcomes()
+        with mock.patch.object(gc, "header_text", gc._plain_header_text), \
+                mock.patch.object(gc, "header_addresses", gc._plain_header_addresses), \
+                mock.patch.object(gc, "_split_header_block", lambda raw: None):
+            plain = self.outcomes()
+        self.assertEqual(len(fast), len(tricky_header_blocks()) + 40)
+        self.assertGreater(sum(1 for row in fast if row[4]), 40)     # rules did match
+        for got, want in zip(fast, plain):
+            self.assertEqual(got, want)
+
+    def test_rules_needs_are_worked_out_once_per_folder_run(self):
+        for index in range(30):
+            self.server.add_message(make_message(f"message {index}"))
+        rules = gc.parse_rules(SPEED_RULES, "speed rules")
+        asked = []
+        needs = gc.Ruleset.needs
+
+        def counted(ruleset: gc.Ruleset) -> gc.Needs:
+            asked.append(1)
+            return needs.fget(ruleset)
+        with mock.patch.object(gc.Ruleset, "needs", property(counted)), self.connect() as conn:
+            report = gc.classify_folder(conn, rules, "INBOX", batch_size=10)
+        self.assertEqual(report.examined, 30)
+        self.assertLessEqual(len(asked), 3)     # not once per message
+
+
+class _TurnCounter:
+    """Records each chunk the client sends with the round trip it belongs to (a send
+    after a receive starts the next one)."""
+
+    def __init__(self) -> None:
+        self.turn, self.last, self.sent = 0, "recv", []
+
+    def wire(self) -> type:
+        counter = self
+
+        class Socket:
+            def __init__(self, sock: socket.socket) -> None:
+                self._sock = sock
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._sock, name)
+
+            def sendall(self, data: bytes) -> None:
+                if counter.last == "recv":
+                    counter.turn += 1
+                counter.last = "send"
+                counter.sent.append((counter.turn, bytes(data)))
+                self._sock.sendall(data)
+
+            def recv(self, size: int) -> bytes:
+                counter.last = "recv"
+                return self._sock.recv(size)
+
+        class Wire(gc._PlainWire):
+            def _create_socket(self, timeout: Optional[float] = None) -> Any:
+                return Socket(super()._create_socket(timeout))
+        return Wire
+
+    def turns_of(self, needle: bytes) -> List[int]:
+        return [turn for turn, data in self.sent if needle in data]
+
+
+class StatusPipelineTest(StateTestCase):
+    """The STATUS of a step's destinations goes out in one round trip."""
+
+    server_options = {"gmail": False}
+
+    def test_destination_statuses_of_a_step_share_one_round_trip(self):
+        seed_mailbox(self.server, 12)
+        rules = gc.parse_rules({"rule": [
+            {"name": "a", "subject": "/[02468]$/", "label": "Even"},
+            {"name": "b", "subject": "/[13579]$/", "label": "Odd", "continue": True},
+            {"name": "c", "subject": "/./", "label": "All"}]}, "rules.json")
+        counter = _TurnCounter()
+        with mock.patch.object(gc, "_PlainWire", counter.wire()):
+            self.run_once(rules)
+        turns = counter.turns_of(b" (MESSAGES UIDNEXT UIDVALIDITY)")
+        self.assertEqual(len(turns), 3)                 # Even, Odd, All
+        self.assertEqual(len(set(turns)), 1, counter.sent)
+        snapshot = mailbox_snapshot(self.server)
+        self.assertEqual([len(snapshot[name]) for name in ("Even", "Odd", "All")], [6, 6, 6])
+
+    def test_statuses_answers_each_folder_and_names_the_one_refused(self):
+        self.server.add_message(make_message("one"), folder="Lists")
+        conn = self.connect()
+        conn.list_folders()
+        found = conn.statuses(["Lists", "Nowhere", "INBOX"])
+        self.assertEqual(found["Lists"], conn.status("Lists"))
+        self.assertEqual(found["INBOX"], conn.status("INBOX"))
+        self.assertIsInstance(found["Nowhere"], gc.ImapError)
+        self.assertEqual(found["Nowhere"].status, "NO")
+        self.assertEqual(conn.statuses([]), {})
+
+    def test_statuses_are_asked_again_after_a_drop(self):
+        self.server.add_message(make_message("one"), folder="Lists")
+        self.server.add_message(make_message("two"), folder="Other")
+        conn = self.connect()
+        self.server.add_fault("STATUS", nth=2, action="drop")
+        found = conn.statuses(["Lists", "Other"])
+        self.assertEqual(found["Lists"]["MESSAGES"], 1)
+        self.assertEqual(found["Other"]["MESSAGES"], 1)
+        self.assertEqual(conn.reconnects, 1)
+
+
+class AuditChunkTest(unittest.TestCase):
+    """AuditLog.append writes a step's records in chunks of bytes, whole, in order."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.log = gc.AuditLog(pathlib.Path(self.tmp, "audit.jsonl"))
+
+    def records(self, count: int, width: int = 20) -> List[Dict[str, Any]]:
+        return [{"type": "message", "uid": n, "subject": "件名 %d " % n + "é" * width}
+                for n in range(count)]
+
+    def test_records_written_in_chunks_read_back_whole_after_a_torn_line(self):
+        with open(self.log.path, "w", encoding="utf-8") as fh:
+            fh.write('{"type": "message", "uid": -1}\n{"torn')
+        records = self.records(40)
+        with mock.patch.object(gc, "AUDIT_CHUNK_BYTES", 300):
+            self.log.append(records)
+            self.log.append([])
+        with open(self.log.path, encoding="utf-8") as fh:
+            lines = fh.read().split("\n")
+        self.assertEqual(lines[1], '{"torn')
+        self.assertEqual([json.loads(line) for line in lines[2:-1]], records)
+        self.assertEqual(lines[-1], "")
+
+    def test_a_large_step_is_held_about_once_while_written(self):
+        records = self.records(3000, width=300)
+        encoded = sum(len((json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n").encode())
+                      for r in records)
+        tracemalloc.start()
+        try:
+            self.log.append(iter(records))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertLess(peak, 1.5 * encoded + 2 ** 20)      # a chunk is 1 MB
+        self.assertEqual(os.path.getsize(self.log.path), encoded)
+
+
+class ActionRecordTest(unittest.TestCase):
+    def test_as_record_holds_every_field_as_the_dataclass_has_them(self):
+        for actions in (gc.Actions(), gc.Actions(labels=("A", "B/C"), move="X", star=True),
+                        gc.Actions(archive=True, mark_read=True, trash=True, unstar=True),
+                        gc.Actions(labels=("L",), more_flags=("mark_important",))):
+            with self.subTest(actions=actions):
+                want = dataclasses.asdict(actions)
+                del want["more_flags"]
+                want.update(dict.fromkeys(actions.more_flags, True))
+                want["labels"] = list(actions.labels)
+                self.assertEqual(actions.as_record(), want)
+                self.assertEqual(list(actions.as_record()), list(want))
+
 
 
 if __name__ == "__main__":

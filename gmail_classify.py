@@ -1856,7 +1856,8 @@ class _Protocol:
     # back, so that the server and the network work while we parse and classify.  Each
     # stays in _inflight until its answer is read; any other command first reads those
     # answers (and keeps them), so the wire never interleaves.  STATUS of several folders
-    # goes the same way (it only reads).  Writes are never pipelined.  After a drop, every FETCH whose answer had not completed is sent again.
+    # goes the same way (it only reads).  Writes are never pipelined.  After a drop, every
+    # FETCH whose answer had not completed is sent again.
 
     def send_ahead(self, command: str, *args: Any,
                    keep: Optional[Callable[[List[Any]], bool]] = None,
@@ -5332,7 +5333,8 @@ class Actions:
 
 
 # The fields an audit record's "actions" holds (Actions.as_record), in field order.
-_ACTION_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(Actions) if f.name != "more_flags")
+_ACTION_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(Actions)
+                              if f.name != "more_flags")
 
 
 @dataclass(frozen=True)
@@ -7903,7 +7905,8 @@ def _place_statuses(conn: GmailConnection, names: Sequence[str]
             places[name] = _place_status(conn, name)
             continue
         values = {} if isinstance(values, ImapError) else values
-        places[name] = {"uidvalidity": values.get("UIDVALIDITY"), "uidnext": values.get("UIDNEXT")}
+        places[name] = {"uidvalidity": values.get("UIDVALIDITY"),
+                        "uidnext": values.get("UIDNEXT")}
     return places
 
 

@@ -15590,6 +15590,37 @@ class ActionRecordTest(unittest.TestCase):
 
 
 
+class StatusesOnAnyServerTest(unittest.TestCase):
+    """GmailConnection.statuses where names go raw and answers go wrong."""
+
+    def connect(self, **options: Any) -> gc.GmailConnection:
+        server = FakeGmail(**options).start()
+        self.addCleanup(server.stop)
+        self.server = server
+        conn = gc.GmailConnection(USER, host="127.0.0.1", port=server.port, security="plaintext",
+                                  password=PASSWORD, timeout=5, keepalive=None, retries=1,
+                                  sleep=lambda s: None)
+        self.addCleanup(conn.close)
+        return conn
+
+    def test_a_name_that_goes_as_a_literal_is_asked_on_its_own(self):
+        conn = self.connect(kind="move", quirks=["raw-utf8-names"])
+        self.server.add_message(make_message("old"), folder="Entwürfe")
+        self.server.add_message(make_message("list"), folder="Lists")
+        conn.connect()
+        conn.list_folders()
+        found = conn.statuses(["Entwürfe", "Lists"])
+        self.assertEqual((found["Entwürfe"]["MESSAGES"], found["Lists"]["MESSAGES"]), (1, 1))
+
+    def test_an_answer_that_makes_no_sense_is_raised_not_kept(self):
+        conn = self.connect(gmail=False)
+        self.server.add_message(make_message("list"), folder="Lists")
+        conn.connect()
+        self.server.add_fault("STATUS", nth=1, action="garbage")
+        with self.assertRaises(gc.ProtocolError):
+            conn.statuses(["Lists", "INBOX"])
+
+
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the
     # bench-* forms are its helper processes. Anything else runs the tests.

@@ -15621,6 +15621,27 @@ class StatusesOnAnyServerTest(unittest.TestCase):
             conn.statuses(["Lists", "INBOX"])
 
 
+class PlaceStatusesTest(FakeServerTest):
+    """_place_statuses: the destinations' UIDVALIDITY and UIDNEXT for the intent records."""
+
+    server_options = {"gmail": False}
+
+    def test_the_selected_folder_comes_from_select_and_a_refused_one_is_unknown(self):
+        self.server.add_message(make_message("list"), folder="Lists")
+        self.server.add_message(make_message("inbox"))
+        conn = self.connect()
+        conn.list_folders()
+        selected = conn.select("INBOX")
+        lists = conn.status("Lists")
+        before = self.server.count("STATUS")
+        places = gc._place_statuses(conn, ["INBOX", "Lists", "Nowhere"])
+        self.assertEqual(places, {
+            "INBOX": {"uidvalidity": selected.uidvalidity, "uidnext": selected.uidnext},
+            "Lists": {"uidvalidity": lists["UIDVALIDITY"], "uidnext": lists["UIDNEXT"]},
+            "Nowhere": {"uidvalidity": None, "uidnext": None}})
+        self.assertEqual(self.server.count("STATUS") - before, 2)   # never the selected one
+
+
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the
     # bench-* forms are its helper processes. Anything else runs the tests.

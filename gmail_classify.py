@@ -1868,16 +1868,17 @@ class _Protocol:
     # Read-only UID FETCHes may be sent before the answer to the previous one has come
     # back, so that the server and the network work while we parse and classify.  Each
     # stays in _inflight until its answer is read; any other command first reads those
-    # answers (and keeps them), so the wire never interleaves.  Writes are never
-    # pipelined.  After a drop, every FETCH whose answer had not completed is sent again.
+    # answers (and keeps them), so the wire never interleaves.  STATUS of several folders
+    # goes the same way (it only reads).  Writes are never pipelined.  After a drop, every
+    # FETCH whose answer had not completed is sent again.
 
     def send_ahead(self, command: str, *args: Any,
                    keep: Optional[Callable[[List[Any]], bool]] = None,
                    max_literal: Optional[int] = None) -> _Pending:
         """Send a read-only command without waiting for its answer; the caller holds the
         lock.  ``keep`` and ``max_literal`` apply when the answer is read, as in execute."""
-        if command != "UID FETCH":
-            raise AssertionError(f"only UID FETCH may be pipelined, not {command}")
+        if command not in ("UID FETCH", "STATUS"):
+            raise AssertionError(f"only UID FETCH and STATUS may be pipelined, not {command}")
         imap = self.live()
         tag = _new_tag(imap)
         parts = self._command_parts(tag, command, args)
@@ -2624,6 +2625,52 @@ class GmailConnection:
         return {key: _server_number(value, key, "STATUS",
                                     nonzero=key in ("UIDNEXT", "UIDVALIDITY"))
                 for key, value in ((str(key).upper(), value) for key, value in attrs.items())}
+
+    def statuses(self, folders: Sequence[str]) -> Dict[str, Union[Dict[str, int], ImapError]]:
+        """status() of several folders in one round trip (pipelined; STATUS only reads):
+        ``{"Lists": {"MESSAGES": 3, ...}, "Gone": ImapError(...)}``, a folder the server
+        refused (NO or BAD) mapped to its error.  A name that must go as a literal is
+        asked on its own.  After a drop, all are asked again."""
+        found: Dict[str, Union[Dict[str, int], ImapError]] = {}
+
+        def ask(name: str, answer: Callable[[], _Response]) -> None:
+            try:
+                response = answer()
+            except ImapError as exc:
+                if exc.status not in ("NO", "BAD"):
+                    raise
+                found[name] = exc
+                return
+            found[name] = self._status_numbers(self._status_of(response, name))
+
+        def attempt() -> None:
+            found.clear()
+            items = "(MESSAGES UIDNEXT UIDVALIDITY)"
+            pending = [(name, self._proto.send_ahead("STATUS", self._mailbox(name), items))
+                       for name in folders if not isinstance(self._mailbox(name), Literal)]
+            for name, sent in pending:
+                ask(name, lambda: self._proto.collect(sent))
+            for name in folders:
+                if name not in found:
+                    ask(name, lambda: self._proto.execute("STATUS", self._mailbox(name), items))
+
+        if folders:
+            with self._lock:
+                self._retrying("STATUS", attempt)
+        return found
+
+    @staticmethod
+    def _status_numbers(attrs: Mapping[Any, Any]) -> Dict[str, int]:
+        return {key: _server_number(value, key, "STATUS",
+                                    nonzero=key in ("UIDNEXT", "UIDVALIDITY"))
+                for key, value in ((str(key).upper(), value) for key, value in attrs.items())}
+
+    def _status_of(self, response: _Response, folder: str) -> Dict[str, Any]:
+        for item in response.untagged:
+            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
+                    and self._names(item[1], folder):
+                return _pairs(item[2]) if isinstance(item[2], list) else {}
+        return {}
 
     def _status(self, folder: str, items: str) -> Dict[str, Any]:
         """The attributes STATUS ``folder`` ``items`` answered ({} for no answer).  Only the
@@ -5490,10 +5537,12 @@ class Actions:
     def as_record(self) -> Dict[str, Any]:
         """The audit record's "actions": the fields as JSON, rows added to the table as
         `key: true` (the shape a field would have had)."""
-        record = dataclasses.asdict(self)
-        del record["more_flags"]
+        # Read field by field, not through dataclasses.asdict: this runs once per message
+        # record, and asdict's deep copy of these plain values cost a run ~5% of its CPU.
+        record = {name: getattr(self, name) for name in _ACTION_RECORD_FIELDS}
         record.update(dict.fromkeys(self.more_flags, True))
-        return dict(record, labels=list(self.labels))
+        record["labels"] = list(self.labels)
+        return record
 
     def has_destination(self) -> bool:
         return bool(self.move or self.archive or self.trash)
@@ -5541,6 +5590,11 @@ class Actions:
                 labels.append(name)
         move = expand_template(self.move, msg, separator) if self.move else None
         return dataclasses.replace(self, labels=tuple(labels), move=move)
+
+
+# The fields an audit record's "actions" holds (Actions.as_record), in field order.
+_ACTION_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(Actions)
+                              if f.name != "more_flags")
 
 
 @dataclass(frozen=True)
@@ -7681,12 +7735,27 @@ def _change_entry(key: Tuple[str, ...], uid: int, status: FolderStatus, gmail: b
             "after": extra or {"folder": destination, "uid": None}}
 
 
+class _Shown:
+    """What a step keeps of a classified message for its records, instead of the whole
+    MessageInfo (whose parsed headers are most of a run's memory): From, Subject and
+    Message-ID decoded once, the size and INTERNALDATE."""
+
+    __slots__ = ("sender", "subject", "message_id", "size", "date")
+
+    def __init__(self, info: MessageInfo) -> None:
+        headers = info.headers
+        self.sender = _first(header_addresses(headers, "from"))
+        self.subject = _first(header_text(headers, "subject"))
+        self.message_id = _first(header_text(headers, "message-id")).strip()
+        self.size, self.date = info.size, info.date
+
+
 @dataclass
 class _Step:
     """The batches classified since the last apply: their plan and what to report."""
 
     plan: _Plan = field(default_factory=_Plan)
-    infos: Dict[int, MessageInfo] = field(default_factory=dict)
+    infos: Dict[int, _Shown] = field(default_factory=dict)
     decisions: Dict[int, Decision] = field(default_factory=dict)
     msgids: Dict[int, Optional[int]] = field(default_factory=dict)
     last_uid: Optional[int] = None
@@ -7924,7 +7993,9 @@ class _FolderRun(_ApplyHooks):
         if settled.archive is not None:
             self.destinations["archive"] = settled.archive.name
             self.in_archive = _same_folder(settled.archive.name, source)
-        self.items = _fetch_items(self.rules.needs, conn.is_gmail,
+        needs = self.rules.needs        # worked out once: it walks every rule's conditions
+        self.final = not needs.body     # no body prefix to wait for: decide on the headers
+        self.items = _fetch_items(needs, conn.is_gmail,
                                   self.apply and self.checkpoint.writes_ahead)
         self.header_item = self.items[1]
 
@@ -8017,6 +8088,12 @@ class _FolderRun(_ApplyHooks):
                                            self.folder)
             except ContentSkip as exc:
                 _skip_content(report, step, uid, str(exc))
+        # What the records show is decoded now, into the header cache the rules then read
+        # (From and Subject once per message, not once for the rules and again per record).
+        shown: Dict[int, _Shown] = {}
+        for uid, info in infos.items():
+            _header_cache(info.headers)
+            shown[uid] = _Shown(info)
         decisions = self._decide(infos)
         for uid in sorted(decisions):
             decision, info = decisions[uid], infos[uid]
@@ -8029,10 +8106,10 @@ class _FolderRun(_ApplyHooks):
             step.plan.add(uid, decision.actions, info.flags, info.labels, self.source,
                           in_trash=self.in_trash, in_archive=self.in_archive)
             if decision.actions.labels and info.labels is None:
-                step.plan.message_ids[uid] = _message_key(info.headers)
+                step.plan.message_ids[uid] = shown[uid].message_id or _message_key(info.headers)
             for name, _reason in decision.matches:
                 report.matched[name] = report.matched.get(name, 0) + 1
-            step.infos[uid] = info
+            step.infos[uid] = shown[uid]
             step.decisions[uid] = decision
             step.msgids[uid] = fetched[uid].get("X-GM-MSGID")
         # Skipped messages (gone between SEARCH and FETCH too) keep the mark below them.
@@ -8046,7 +8123,7 @@ class _FolderRun(_ApplyHooks):
         undecided: List[int] = []
         for uid, info in list(infos.items()):
             try:
-                decision = self.rules.classify(info, final=not self.rules.needs.body, now=now)
+                decision = self.rules.classify(info, final=self.final, now=now)
             except ContentSkip as exc:
                 _skip_content(report, step, uid, str(exc))
                 del infos[uid]
@@ -8130,9 +8207,8 @@ class _FolderRun(_ApplyHooks):
             self.checkpoint.intend(self.conn, [{"create": name, "folder": self.folder}
                                                for name in folders])
             return
-        for name in folders:
-            if name not in self.places:
-                self.places[name] = _place_status(self.conn, name)
+        self.places.update(_place_statuses(self.conn, [name for name in folders
+                                                       if name not in self.places]))
         self.checkpoint.intend(self.conn, self._intents(self.applying))
 
     def done(self, key: Tuple[str, ...], result: Mapping[int, Any]) -> None:
@@ -8199,11 +8275,9 @@ class _FolderRun(_ApplyHooks):
             report.changes_made += len(made)
             if not ok:
                 report.changes_not_made += len(keys) - len(made)
-        return Outcome(
-            self.folder, uid, _first(header_addresses(info.headers, "from")),
-            _first(header_text(info.headers, "subject")), decision, step.msgids.get(uid),
-            status.uidvalidity, _first(header_text(info.headers, "message-id")).strip(),
-            changes, self.apply, len(keys) - len(made))
+        return Outcome(self.folder, uid, info.sender, info.subject, decision,
+                       step.msgids.get(uid), status.uidvalidity, info.message_id, changes,
+                       self.apply, len(keys) - len(made))
 
 
 def _place_status(conn: GmailConnection, name: str) -> Dict[str, Optional[int]]:
@@ -8219,6 +8293,25 @@ def _place_status(conn: GmailConnection, name: str) -> Dict[str, Optional[int]]:
             raise
         values = {}     # the write that follows says what is wrong; undo leaves it alone
     return {"uidvalidity": values.get("UIDVALIDITY"), "uidnext": values.get("UIDNEXT")}
+
+
+def _place_statuses(conn: GmailConnection, names: Sequence[str]
+                    ) -> Dict[str, Dict[str, Optional[int]]]:
+    """_place_status of each name, the STATUS commands pipelined: one round trip."""
+    selected = conn.selected
+    others = [name for name in names
+              if selected is None or not _same_folder(selected.name, name)]
+    answers = conn.statuses(others)
+    places = {}
+    for name in names:
+        values = answers.get(name)
+        if name not in answers:     # the selected folder
+            places[name] = _place_status(conn, name)
+            continue
+        values = {} if isinstance(values, ImapError) else values
+        places[name] = {"uidvalidity": values.get("UIDVALIDITY"),
+                        "uidnext": values.get("UIDNEXT")}
+    return places
 
 
 def _done_entry(key: Tuple[str, ...], result: Mapping[int, Any], status: FolderStatus,
@@ -8272,10 +8365,9 @@ def _intent_entries(step: _Step, status: FolderStatus, gmail: bool,
             changes.append(change)
         entries.append({
             "folder": folder, "uid": uid, "uidvalidity": status.uidvalidity,
-            "gm_msgid": step.msgids.get(uid),
-            "message_id": _first(header_text(info.headers, "message-id")).strip(),
+            "gm_msgid": step.msgids.get(uid), "message_id": info.message_id,
             "size": info.size, "internaldate": _iso(info.date) if info.date else None,
-            "subject": _first(header_text(info.headers, "subject")), "changes": changes})
+            "subject": info.subject, "changes": changes})
     return entries
 
 
@@ -8641,6 +8733,7 @@ STATE_VERSION = 1              # bumped when the state file's layout changes inc
 RECORD_VERSION = 1             # of the records in --json output and audit.jsonl
 INTENT_VERSION = 2             # of the audit log's write-ahead "intent" and "skipped" records
 AUDIT_MAX_BYTES = 16 * 1024 ** 2       # audit.jsonl past this size becomes audit.jsonl.1
+AUDIT_CHUNK_BYTES = 1024 ** 2        # records are encoded and written in chunks of this size
 DOWNLOAD_DAYS_KEPT = 8                 # days of download counts kept in the state file
 
 
@@ -9086,13 +9179,26 @@ class AuditLog:
         self.previous = path.with_name(path.name + ".1")
 
     def append(self, records: Iterable[Mapping[str, Any]], *, sync: bool = True) -> None:
-        """Append records with one write() while signals are held off, then fsync (unless
+        """Append records, written while signals are held off, then fsync (unless
         ``sync`` is False: records the next synced append or the run's end makes durable);
         rotate first if the file is past its size.  A torn last line (a crash mid-write)
         gets its newline first, so it can never swallow the records that follow."""
-        lines = "".join(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
-                        for record in records)
-        if not lines:
+        # Encoded record by record into chunks of bytes: one str of a whole step's records
+        # (10,000 of them) would take up to four bytes a character, and its copy again.
+        chunks: List[bytes] = []
+        lines: List[bytes] = []
+        held = 0
+        for record in records:
+            lines.append((json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
+                         .encode("utf-8"))
+            held += len(lines[-1])
+            if held >= AUDIT_CHUNK_BYTES:
+                chunks.append(b"".join(lines))
+                lines, held = [], 0
+        if lines:
+            chunks.append(b"".join(lines))
+        del lines
+        if not chunks:
             return
         _ensure_private_dir(self.path.parent)
         try:
@@ -9104,9 +9210,10 @@ class AuditLog:
                 if size:
                     os.lseek(fd, size - 1, os.SEEK_SET)    # O_APPEND writes at the end anyway
                     if os.read(fd, 1) != b"\n":
-                        lines = "\n" + lines
-                with _signals_held():
-                    os.write(fd, lines.encode("utf-8"))
+                        chunks[0] = b"\n" + chunks[0]
+                with _signals_held():       # every chunk written, or (SIGKILL) a torn line
+                    for chunk in chunks:
+                        os.write(fd, chunk)
                 if sync:
                     os.fsync(fd)
             finally:

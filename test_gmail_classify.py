@@ -14759,8 +14759,12 @@ class DeepRulesTest(TempDirMixin, unittest.TestCase):
 # [--host H --port P --user U]`` measures the classify pipeline (never part of the unittest
 # run).  The mailbox is built in a FakeGmail that runs in its own process; a delay line (its
 # own process too) adds the latency to every chunk each way; each size runs in a fresh client
-# process, so CPU seconds and peak memory are the client's alone.  Against a real server
-# (--host) the mailbox must already be there; the password comes from BENCH_PASSWORD.
+# process, so CPU seconds and peak memory are the client's alone.  Each run shows two
+# clients side by side on the same mailbox: the floor (a client that knows every answer,
+# see _bench_floor) and ours (the command line's ``run``), each of ours as a ratio to the
+# floor of the same run, and whether both left the same mailbox.  Against a real server
+# (--host, with --rules) --refill puts the corpus back before each client (a lab Dovecot:
+# /work/lab/fill.py); the password comes from BENCH_PASSWORD.
 
 BENCH_RULES = {
     "rule": [r for r in gc._BUILTIN_DOC["rule"]] + [
@@ -14948,7 +14952,8 @@ class _CountingSocket:
 
 
 def _bench_client(argv: List[str]) -> int:
-    """Child process: one classify run; prints one JSON line of figures."""
+    """Child process: one ``run`` (``--apply`` if asked) of the command line, as a user
+    runs it (rules file, state, lock, audit log); prints one JSON line of figures."""
     import argparse
     import cProfile
     import pstats
@@ -14957,55 +14962,53 @@ def _bench_client(argv: List[str]) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--user", default=USER)
     parser.add_argument("--folder", default="INBOX")
+    parser.add_argument("--rules", required=True)
+    parser.add_argument("--state", required=True, help="XDG_STATE_HOME for this run")
     parser.add_argument("--apply", action="store_true")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        import resource
-    except ImportError:
-        resource = None
-    if resource is None:
-        import tracemalloc
-        tracemalloc.start()
     stats = _BenchStats()
+    commands = [0]
 
     class CountingWire(gc._PlainWire):
         def _create_socket(self, timeout: Optional[float] = None) -> Any:
             return _CountingSocket(super()._create_socket(timeout), stats)
+
+        def _new_tag(self) -> bytes:
+            commands[0] += 1
+            return super()._new_tag()  # type: ignore[misc]
     gc._PlainWire = CountingWire  # type: ignore[misc]
-    rules = gc.parse_rules(BENCH_RULES, "bench rules")
-    conn = gc.GmailConnection(args.user, host=args.host, port=args.port, security="plaintext",
-                              password=os.environ.get("BENCH_PASSWORD", PASSWORD),
-                              keepalive=None, timeout=300)
+    os.environ.update(XDG_STATE_HOME=args.state, XDG_CONFIG_HOME=args.state,
+                      IMAP_PASSWORD=os.environ.get("BENCH_PASSWORD", PASSWORD))
+    os.environ.pop("GMAIL_APP_PASSWORD", None)
+    argv = ["run", "--host", args.host, "--port", str(args.port), "--plaintext", "--user",
+            args.user, "--rules", args.rules, "--folder", args.folder, "--summary"]
+    argv += ["--apply"] * args.apply
+    out = io.StringIO()
     profiler = cProfile.Profile() if args.profile else None
     cpu0, wall0 = time.process_time(), time.perf_counter()
     if profiler:
         profiler.enable()
-    with conn:
-        report = gc.classify_folder(conn, rules, args.folder, apply=args.apply)
+    code = gc.main(argv, out=out)
     if profiler:
         profiler.disable()
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    peak = 0
-    try:  # Linux: the high-water mark of this process alone (ru_maxrss may count its parent's)
-        with open("/proc/self/status") as fh:
-            peak = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
-    except (OSError, StopIteration, ValueError):
-        pass
-    if peak:
-        pass
-    elif resource is not None:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    else:
-        peak = tracemalloc.get_traced_memory()[1]
+    text = out.getvalue()
+    if code != 0:
+        sys.stderr.write(text)
+        raise SystemExit("bench-client: run exited %d" % code)
     if profiler:
-        out = io.StringIO()
-        pstats.Stats(profiler, stream=out).sort_stats(os.environ.get("BENCH_SORT", "cumulative")).print_stats(30)
-        sys.stderr.write(out.getvalue())
-    print(json.dumps({"examined": report.examined, "cpu": cpu, "wall": wall,
-                      "commands": conn.commands_sent, "round_trips": stats.turns,
-                      "sent": stats.sent, "received": stats.received, "peak": peak,
-                      "matched": report.matched, "changes": report.changes}), flush=True)
+        listing = io.StringIO()
+        pstats.Stats(profiler, stream=listing).sort_stats("tottime").print_stats(10)
+        sys.stderr.write(listing.getvalue())
+
+    def number(pattern: str) -> int:
+        found = re.search(pattern, text)
+        return int(found.group(1).replace(",", "")) if found else 0
+    print(json.dumps({"examined": number(r"([\d,]+) messages? examined"), "cpu": cpu, "wall": wall,
+                      "commands": commands[0], "round_trips": stats.turns, "sent": stats.sent,
+                      "received": stats.received, "peak": _bench_peak(),
+                      "changes": number(r"([\d,]+) changes? made")}), flush=True)
     return 0
 
 
@@ -15027,10 +15030,21 @@ def _bench_seen(host: str, port: int, user: str) -> int:
     return seen
 
 
+def _bench_env() -> Dict[str, str]:
+    """The children's environment: bytecode cached (under BENCH_PYCACHE, set by bench) so
+    that no client's figures include compiling ~25,000 lines of source."""
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    if env.get("BENCH_PYCACHE"):
+        env["PYTHONPYCACHEPREFIX"] = env["BENCH_PYCACHE"]
+    return env
+
+
 def _bench_child(kind: str, args: List[str]) -> Tuple[Any, int]:
     import subprocess
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), kind] + args,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=_bench_env())
     line = proc.stdout.readline()
     if not line.startswith("PORT "):
         proc.kill()
@@ -15038,21 +15052,62 @@ def _bench_child(kind: str, args: List[str]) -> Tuple[Any, int]:
     return proc, int(line.split()[1])
 
 
+def _bench_answer_key(conn: Any, corpus: Iterable[Tuple[bytes, _dtm.datetime, frozenset]],
+                      rules: Any, now: _dtm.datetime) -> Dict[str, Any]:
+    """The floor's answers for ``corpus`` (see _bench_answers), asking the signed-in
+    ``conn`` what the server calls folders; nothing is changed there."""
+    folders = conn.list_folders()
+    separator = next((f.delimiter for f in folders if f.delimiter), "/")
+    decided = []
+    for raw, date, flags in corpus:
+        info = dataclasses.replace(gc.message_info_from_bytes(raw), date=date)
+        decided.append((info, flags,
+                        rules.classify(info, final=True, now=now).actions.expanded(info, separator)))
+    names = {name for *_, actions in decided for name in tuple(actions.labels) + (
+        (actions.move,) if actions.move else ())}
+    where: Dict[str, Any] = {
+        "gmail": conn.is_gmail, "separator": separator,
+        "names": {name: conn.server_name(name) for name in names},
+        "existing": [f.name for f in folders if f.selectable]}
+    for kind, use in (("trash", "\\Trash"), ("archive", "\\Archive")):
+        found = conn.special_folder(use)
+        where[kind] = found.name if found is not None else None
+    return _bench_answers(decided, rules, where, now)
+
+
+def _bench_connect(host: str, port: int, user: str) -> Any:
+    return gc.GmailConnection(user, host=host, port=port, security="plaintext",
+                              password=os.environ.get("BENCH_PASSWORD", PASSWORD), keepalive=None,
+                              timeout=300)
+
+
 def _bench_main(argv: List[str]) -> int:
     import argparse
     import subprocess
     parser = argparse.ArgumentParser(prog="test_gmail_classify.py bench",
-                                     description="Measure the classify pipeline (see README, Performance).")
+                                     description="Measure the classify pipeline against the floor "
+                                                 "(see README, Performance).")
     parser.add_argument("--messages", type=int, action="append",
                         help="mailbox size; repeat for several (default 1000 and 10000)")
     parser.add_argument("--latency-ms", type=float, action="append",
                         help="delay added each way; repeat for several (default 0)")
     parser.add_argument("--apply", action="store_true", help="apply the changes, not a dry run")
-    parser.add_argument("--profile", action="store_true", help="print the top functions by cumulative time")
+    parser.add_argument("--profile", action="store_true",
+                        help="print our run's top ten functions by their own time")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each client per size (alternating which goes first)")
     parser.add_argument("--host", help="measure against this server (plaintext, loopback) instead")
     parser.add_argument("--port", type=int, default=143)
     parser.add_argument("--user", default=USER)
     parser.add_argument("--folder", default="INBOX")
+    parser.add_argument("--rules", help="rules file (default: the bench's own rules)")
+    parser.add_argument("--refill", metavar="CMD",
+                        help="with --host: shell command that puts the corpus back ({n}: messages), "
+                             "run before each client; default: /work/lab/fill.py USER {n} -q")
+    parser.add_argument("--maildir", metavar="DIR",
+                        help="with --host: the user's Maildir (default /work/lab/mail/USER)")
+    parser.add_argument("--truth", metavar="TSV",
+                        help="with --host: the ground truth (default /work/lab/corpus/USER.tsv)")
     parser.add_argument("--make-maildir", metavar="DIR",
                         help="only write the --messages corpus as a Maildir (for a local Dovecot)")
     args = parser.parse_args(argv)
@@ -15060,47 +15115,59 @@ def _bench_main(argv: List[str]) -> int:
     if args.make_maildir:
         _bench_maildir(args.make_maildir, sizes[0])
         return 0
-    latencies = args.latency_ms or [0.0]
+    if not args.host:
+        os.environ.pop("BENCH_PASSWORD", None)     # the fake server's own password
+    work = tempfile.mkdtemp(prefix="gc-bench-")
+    os.environ["BENCH_PYCACHE"] = os.path.join(work, "pycache")
+    subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, %r); import %s" % (
+        os.path.dirname(os.path.abspath(__file__)), __name__ if __name__ != "__main__" else
+        "test_gmail_classify")], env=_bench_env(), check=True)     # compile once, untimed
+    try:
+        return _bench_run(args, sizes, args.latency_ms or [0.0], work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench_run(args: Any, sizes: List[int], latencies: List[float], work: str) -> int:
+    rules_path = args.rules
+    if rules_path is None:
+        rules_path = os.path.join(work, "bench-rules.json")
+        with open(rules_path, "w", encoding="utf-8") as fh:
+            json.dump(BENCH_RULES, fh, ensure_ascii=False)
+    rules = gc.load_rules(rules_path)
     load = ", ".join("%.2f" % x for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    print("gmail_classify benchmark: Python %s, %d CPUs, load average %s, %s%s" % (
+    print("gmail_classify benchmark: Python %s, %d CPUs, load average %s, %s%s, %s" % (
         sys.version.split()[0], os.cpu_count() or 0, load,
-        "server %s:%d" % (args.host, args.port) if args.host else "fake Gmail server",
-        ", --apply" if args.apply else ", dry run"))
-    header = ("messages", "RTT ms", "msgs/s CPU", "msgs/s wall", "CPU s", "wall s", "commands",
-              "round trips", "sent KB", "recv KB", "peak MB", "read before/after")
-    print(" | ".join(header))
+        "server %s:%d user %s" % (args.host, args.port, args.user) if args.host
+        else "fake Gmail server", ", --apply" if args.apply else ", dry run",
+        "rules " + (args.rules or "BENCH_RULES")))
+    header = ("client", "messages", "RTT ms", "msgs/s CPU", "msgs/s wall", "CPU s", "wall s",
+              "commands", "round trips", "sent KB", "recv KB", "peak MB", "read before/after",
+              "x floor wall", "x floor CPU", "MB over floor", "mailbox")
+    print(" | ".join(header), flush=True)
     for size in sizes:
         for latency in latencies:
-            children = []
-            try:
-                if args.host:
-                    host, port = args.host, args.port
-                else:
-                    server, port = _bench_child("bench-serve", ["--messages", str(size)])
-                    children.append(server)
-                    host = "127.0.0.1"
-                seen_before = _bench_seen(host, port, args.user)
-                client_port = port
-                if latency:
-                    delay, client_port = _bench_child("bench-delay", ["--target", "%s:%d" % (host, port),
-                                                                      "--latency-ms", str(latency)])
-                    children.append(delay)
-                cmd = [sys.executable, os.path.abspath(__file__), "bench-client", "--host", host,
-                       "--port", str(client_port), "--user", args.user, "--folder", args.folder]
-                cmd += ["--apply"] * args.apply + ["--profile"] * args.profile
-                done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
-                result = json.loads(done.stdout.strip().splitlines()[-1])
-                seen_after = _bench_seen(host, port, args.user)
-            finally:
-                for child in children:
-                    child.stdin.close()
-                    child.wait(30)
-            n = result["examined"]
-            print(" | ".join(str(v) for v in (
-                n, "%g" % (2 * latency), "%.0f" % (n / result["cpu"]), "%.0f" % (n / result["wall"]),
-                "%.2f" % result["cpu"], "%.2f" % result["wall"], result["commands"], result["round_trips"],
-                "%.0f" % (result["sent"] / 1024), "%.0f" % (result["received"] / 1024),
-                "%.1f" % (result["peak"] / 2 ** 20), "%d/%d" % (seen_before, seen_after))), flush=True)
+            for turn in range(args.repeat):
+                order = ["floor", "ours"] if turn % 2 == 0 else ["ours", "floor"]
+                results = {kind: _bench_one(args, kind, size, latency, rules, rules_path, work)
+                           for kind in order}
+                floor = results["floor"]
+                for kind in order:
+                    result = results[kind]
+                    n = result["examined"]
+                    same = "same" if result["mailbox"] == floor["mailbox"] else "%d lines differ" % (
+                        len(set(result["mailbox"]) ^ set(floor["mailbox"])))
+                    print(" | ".join(str(v) for v in (
+                        kind, n, "%g" % (2 * latency), "%.0f" % (n / max(result["cpu"], 1e-9)),
+                        "%.0f" % (n / max(result["wall"], 1e-9)), "%.2f" % result["cpu"],
+                        "%.2f" % result["wall"], result["commands"], result["round_trips"],
+                        "%.0f" % (result["sent"] / 1024), "%.0f" % (result["received"] / 1024),
+                        "%.1f" % (result["peak"] / 2 ** 20),
+                        "%d/%d" % (result["seen_before"], result["seen_after"]),
+                        "%.2f" % (result["wall"] / floor["wall"]), "%.2f" % (result["cpu"] / floor["cpu"]),
+                        "%+.1f" % ((result["peak"] - floor["peak"]) / 2 ** 20),
+                        "-" if kind == "floor" else same)), flush=True)
+                sys.stdout.write(results["ours"].get("profile", ""))
     return 0
 
 
@@ -16237,11 +16304,253 @@ class LearnQualityTest(FakeServerTest):
         self.assertGreaterEqual(right / (right + missed), 0.85)
 
 
+# --- Issue 17: speed to the floor ---------------------------------------------------------
+
+SPEED_RULES = {"rule": BENCH_RULES["rule"] + [
+    {"name": "Domains", "from": "@", "label": "From/{sender_domain}", "continue": True},
+    {"name": "Listed", "list_id": "/./", "header": {"X-Custom": "/@/"}, "label": "Lists"},
+    {"name": "Copied", "recipient": ["/example\\.(com|de)/", "team"], "star": True},
+]}
+
+
+class FastRunEquivalenceTest(FakeServerTest):
+    """A whole run through the fast path (header cache made before the rules read it, the
+    step keeping only what its records show) decides, explains and records exactly what
+    the same run decides with the email package's header classes doing every decoding."""
+
+    def outcomes(self) -> List[Tuple[Any, ...]]:
+        rules = gc.parse_rules(SPEED_RULES, "speed rules")
+        seen: List[gc.Outcome] = []
+        with self.connect() as conn:
+            gc.classify_folder(conn, rules, "INBOX", batch_size=7, apply_every=2,
+                               now=datetime(2026, 11, 30, tzinfo=timezone.utc),
+                               on_message=seen.append)
+        return [(o.uid, o.sender, o.subject, o.message_id, o.decision.matches,
+                 o.decision.actions, o.changes) for o in seen]
+
+    def test_decisions_explanations_and_records_match_the_plain_path(self):
+        date = datetime(2025, 6, 1, tzinfo=timezone.utc)
+        for block in tricky_header_blocks():
+            self.server.add_message(block + b"\r\nbody\r\n", date=date)
+        for raw, when in bench_corpus(40):
+            self.server.add_message(raw, date=when)
+        fast = self.outcomes()
+        with mock.patch.object(gc, "header_text", gc._plain_header_text), \
+                mock.patch.object(gc, "header_addresses", gc._plain_header_addresses), \
+                mock.patch.object(gc, "_split_header_block", lambda raw: None):
+            plain = self.outcomes()
+        self.assertEqual(len(fast), len(tricky_header_blocks()) + 40)
+        self.assertGreater(sum(1 for row in fast if row[4]), 40)     # rules did match
+        for got, want in zip(fast, plain):
+            self.assertEqual(got, want)
+
+    def test_rules_needs_are_worked_out_once_per_folder_run(self):
+        for index in range(30):
+            self.server.add_message(make_message(f"message {index}"))
+        rules = gc.parse_rules(SPEED_RULES, "speed rules")
+        asked = []
+        needs = gc.Ruleset.needs
+
+        def counted(ruleset: gc.Ruleset) -> gc.Needs:
+            asked.append(1)
+            return needs.fget(ruleset)
+        with mock.patch.object(gc.Ruleset, "needs", property(counted)), self.connect() as conn:
+            report = gc.classify_folder(conn, rules, "INBOX", batch_size=10)
+        self.assertEqual(report.examined, 30)
+        self.assertLessEqual(len(asked), 3)     # not once per message
+
+
+class _TurnCounter:
+    """Records each chunk the client sends with the round trip it belongs to (a send
+    after a receive starts the next one)."""
+
+    def __init__(self) -> None:
+        self.turn, self.last, self.sent = 0, "recv", []
+
+    def wire(self) -> type:
+        counter = self
+
+        class Socket:
+            def __init__(self, sock: socket.socket) -> None:
+                self._sock = sock
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._sock, name)
+
+            def sendall(self, data: bytes) -> None:
+                if counter.last == "recv":
+                    counter.turn += 1
+                counter.last = "send"
+                counter.sent.append((counter.turn, bytes(data)))
+                self._sock.sendall(data)
+
+            def recv(self, size: int) -> bytes:
+                counter.last = "recv"
+                return self._sock.recv(size)
+
+        class Wire(gc._PlainWire):
+            def _create_socket(self, timeout: Optional[float] = None) -> Any:
+                return Socket(super()._create_socket(timeout))
+        return Wire
+
+    def turns_of(self, needle: bytes) -> List[int]:
+        return [turn for turn, data in self.sent if needle in data]
+
+
+class StatusPipelineTest(StateTestCase):
+    """The STATUS of a step's destinations goes out in one round trip."""
+
+    server_options = {"gmail": False}
+
+    def test_destination_statuses_of_a_step_share_one_round_trip(self):
+        seed_mailbox(self.server, 12)
+        rules = gc.parse_rules({"rule": [
+            {"name": "a", "subject": "/[02468]$/", "label": "Even"},
+            {"name": "b", "subject": "/[13579]$/", "label": "Odd", "continue": True},
+            {"name": "c", "subject": "/./", "label": "All"}]}, "rules.json")
+        counter = _TurnCounter()
+        with mock.patch.object(gc, "_PlainWire", counter.wire()):
+            self.run_once(rules)
+        turns = counter.turns_of(b" (MESSAGES UIDNEXT UIDVALIDITY)")
+        self.assertEqual(len(turns), 3)                 # Even, Odd, All
+        self.assertEqual(len(set(turns)), 1, counter.sent)
+        snapshot = mailbox_snapshot(self.server)
+        self.assertEqual([len(snapshot[name]) for name in ("Even", "Odd", "All")], [6, 6, 6])
+
+    def test_statuses_answers_each_folder_and_names_the_one_refused(self):
+        self.server.add_message(make_message("one"), folder="Lists")
+        conn = self.connect()
+        conn.list_folders()
+        found = conn.statuses(["Lists", "Nowhere", "INBOX"])
+        self.assertEqual(found["Lists"], conn.status("Lists"))
+        self.assertEqual(found["INBOX"], conn.status("INBOX"))
+        self.assertIsInstance(found["Nowhere"], gc.ImapError)
+        self.assertEqual(found["Nowhere"].status, "NO")
+        self.assertEqual(conn.statuses([]), {})
+
+    def test_statuses_are_asked_again_after_a_drop(self):
+        self.server.add_message(make_message("one"), folder="Lists")
+        self.server.add_message(make_message("two"), folder="Other")
+        conn = self.connect()
+        self.server.add_fault("STATUS", nth=2, action="drop")
+        found = conn.statuses(["Lists", "Other"])
+        self.assertEqual(found["Lists"]["MESSAGES"], 1)
+        self.assertEqual(found["Other"]["MESSAGES"], 1)
+        self.assertEqual(conn.reconnects, 1)
+
+
+class AuditChunkTest(unittest.TestCase):
+    """AuditLog.append writes a step's records in chunks of bytes, whole, in order."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.log = gc.AuditLog(pathlib.Path(self.tmp, "audit.jsonl"))
+
+    def records(self, count: int, width: int = 20) -> List[Dict[str, Any]]:
+        return [{"type": "message", "uid": n, "subject": "件名 %d " % n + "é" * width}
+                for n in range(count)]
+
+    def test_records_written_in_chunks_read_back_whole_after_a_torn_line(self):
+        with open(self.log.path, "w", encoding="utf-8") as fh:
+            fh.write('{"type": "message", "uid": -1}\n{"torn')
+        records = self.records(40)
+        with mock.patch.object(gc, "AUDIT_CHUNK_BYTES", 300):
+            self.log.append(records)
+            self.log.append([])
+        with open(self.log.path, encoding="utf-8") as fh:
+            lines = fh.read().split("\n")
+        self.assertEqual(lines[1], '{"torn')
+        self.assertEqual([json.loads(line) for line in lines[2:-1]], records)
+        self.assertEqual(lines[-1], "")
+
+    def test_a_large_step_is_held_about_once_while_written(self):
+        records = self.records(3000, width=300)
+        encoded = sum(len((json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n").encode())
+                      for r in records)
+        tracemalloc.start()
+        try:
+            self.log.append(iter(records))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertLess(peak, 1.5 * encoded + 2 ** 20)      # a chunk is 1 MB
+        self.assertEqual(os.path.getsize(self.log.path), encoded)
+
+
+class ActionRecordTest(unittest.TestCase):
+    def test_as_record_holds_every_field_as_the_dataclass_has_them(self):
+        for actions in (gc.Actions(), gc.Actions(labels=("A", "B/C"), move="X", star=True),
+                        gc.Actions(archive=True, mark_read=True, trash=True, unstar=True),
+                        gc.Actions(labels=("L",), more_flags=("mark_important",))):
+            with self.subTest(actions=actions):
+                want = dataclasses.asdict(actions)
+                del want["more_flags"]
+                want.update(dict.fromkeys(actions.more_flags, True))
+                want["labels"] = list(actions.labels)
+                self.assertEqual(actions.as_record(), want)
+                self.assertEqual(list(actions.as_record()), list(want))
+
+
+
+class StatusesOnAnyServerTest(unittest.TestCase):
+    """GmailConnection.statuses where names go raw and answers go wrong."""
+
+    def connect(self, **options: Any) -> gc.GmailConnection:
+        server = FakeGmail(**options).start()
+        self.addCleanup(server.stop)
+        self.server = server
+        conn = gc.GmailConnection(USER, host="127.0.0.1", port=server.port, security="plaintext",
+                                  password=PASSWORD, timeout=5, keepalive=None, retries=1,
+                                  sleep=lambda s: None)
+        self.addCleanup(conn.close)
+        return conn
+
+    def test_a_name_that_goes_as_a_literal_is_asked_on_its_own(self):
+        conn = self.connect(kind="move", quirks=["raw-utf8-names"])
+        self.server.add_message(make_message("old"), folder="Entwürfe")
+        self.server.add_message(make_message("list"), folder="Lists")
+        conn.connect()
+        conn.list_folders()
+        found = conn.statuses(["Entwürfe", "Lists"])
+        self.assertEqual((found["Entwürfe"]["MESSAGES"], found["Lists"]["MESSAGES"]), (1, 1))
+
+    def test_an_answer_that_makes_no_sense_is_raised_not_kept(self):
+        conn = self.connect(gmail=False)
+        self.server.add_message(make_message("list"), folder="Lists")
+        conn.connect()
+        self.server.add_fault("STATUS", nth=1, action="garbage")
+        with self.assertRaises(gc.ProtocolError):
+            conn.statuses(["Lists", "INBOX"])
+
+
+class PlaceStatusesTest(FakeServerTest):
+    """_place_statuses: the destinations' UIDVALIDITY and UIDNEXT for the intent records."""
+
+    server_options = {"gmail": False}
+
+    def test_the_selected_folder_comes_from_select_and_a_refused_one_is_unknown(self):
+        self.server.add_message(make_message("list"), folder="Lists")
+        self.server.add_message(make_message("inbox"))
+        conn = self.connect()
+        conn.list_folders()
+        selected = conn.select("INBOX")
+        lists = conn.status("Lists")
+        before = self.server.count("STATUS")
+        places = gc._place_statuses(conn, ["INBOX", "Lists", "Nowhere"])
+        self.assertEqual(places, {
+            "INBOX": {"uidvalidity": selected.uidvalidity, "uidnext": selected.uidnext},
+            "Lists": {"uidvalidity": lists["UIDVALIDITY"], "uidnext": lists["UIDNEXT"]},
+            "Nowhere": {"uidvalidity": None, "uidnext": None}})
+        self.assertEqual(self.server.count("STATUS") - before, 2)   # never the selected one
+
+
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the
     # bench-* forms are its helper processes. Anything else runs the tests.
     _BENCH_COMMANDS = {"bench": _bench_main, "bench-serve": _bench_serve,
-                       "bench-delay": _bench_delay, "bench-client": _bench_client}
+                       "bench-delay": _bench_delay, "bench-client": _bench_client,
+                       "bench-floor": _bench_floor}
     if sys.argv[1:2] and sys.argv[1] in _BENCH_COMMANDS:
         sys.exit(_BENCH_COMMANDS[sys.argv[1]](sys.argv[2:]))
     unittest.main()

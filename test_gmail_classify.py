@@ -15171,6 +15171,277 @@ def _bench_run(args: Any, sizes: List[int], latencies: List[float], work: str) -
     return 0
 
 
+def _bench_one(args: Any, kind: str, size: int, latency: float, rules: Any, rules_path: str,
+               work: str) -> Dict[str, Any]:
+    """One client's run on a fresh copy of the corpus: its figures, and the mailbox after."""
+    import subprocess
+    children = []
+    try:
+        if args.host:
+            host, port = args.host, args.port
+            refill = args.refill or "/work/lab/fill.py %s {n} -q" % shlex.quote(args.user)
+            subprocess.run(refill.replace("{n}", str(size)), shell=True, check=True,
+                           stdout=subprocess.DEVNULL)
+            corpus: Iterable[Tuple[bytes, _dtm.datetime, frozenset]] = _bench_lab_corpus(
+                args.maildir or "/work/lab/mail/%s" % args.user,
+                args.truth or "/work/lab/corpus/%s.tsv" % args.user)
+        else:
+            server, port = _bench_child("bench-serve", ["--messages", str(size)])
+            children.append(server)
+            host = "127.0.0.1"
+            corpus = ((raw, date, frozenset()) for raw, date in bench_corpus(size))
+        now = _dtm.datetime.now(_UTC)
+        with _bench_connect(host, port, args.user) as conn:
+            answers = _bench_answer_key(conn, corpus, rules, now)
+            # Warm the server's caches the same way for both: a dry run reads what ours reads.
+            gc.classify_folder(conn, rules, args.folder)
+        answers_path = os.path.join(work, "answers.json")
+        with open(answers_path, "w", encoding="utf-8") as fh:
+            json.dump(answers, fh)
+        seen_before = _bench_seen(host, port, args.user)
+        client_port = port
+        if latency:
+            delay, client_port = _bench_child("bench-delay", ["--target", "%s:%d" % (host, port),
+                                                              "--latency-ms", str(latency)])
+            children.append(delay)
+        if kind == "floor":
+            cmd = ["bench-floor", "--answers", answers_path]
+        else:
+            state = os.path.join(work, "state-%d" % len(os.listdir(work)))
+            cmd = ["bench-client", "--rules", rules_path, "--state", state, "--folder", args.folder]
+            cmd += ["--profile"] * args.profile
+        cmd = [sys.executable, os.path.abspath(__file__)] + cmd + [
+            "--host", host, "--port", str(client_port), "--user", args.user] + ["--apply"] * args.apply
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_bench_env())
+        if done.returncode != 0:
+            raise SystemExit("%s failed (exit %d): %s" % (kind, done.returncode, done.stderr[-2000:]))
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        if args.profile and kind == "ours":
+            result["profile"] = "".join(line + "\n" for line in done.stderr.splitlines()
+                                        if line.strip() and "Ordered by" not in line)
+        result["seen_before"] = seen_before
+        result["seen_after"] = _bench_seen(host, port, args.user)
+        result["mailbox"] = _bench_mailbox(host, port, args.user)
+        return result
+    finally:
+        for child in children:
+            child.stdin.close()
+            child.wait(30)
+
+
+# The floor (issue 17): a client that already knows where every message goes.  The bench
+# works the answers out before any timing, from the corpus as it was written (the
+# generated corpus for the fake server; for a lab Dovecot the Maildir files and their
+# ground-truth list, --truth), with the plain path: whole messages, email's own parser,
+# no fast path.  The floor then only fetches each message's Message-ID, groups the UIDs by
+# command and sends every write in one go (one round trip), so what is left is the
+# server's own work.  Both clients start from the same mailbox, and after each the bench
+# compares the final mailboxes: a difference is a wrong answer of ours (or of the floor).
+
+_FLOOR_ORDER = {"create": 0, "label": 1, "flag+": 2, "flag-": 3, "archive": 4, "move": 5,
+                "trash": 5}
+
+
+def _bench_answers(decided: Iterable[Tuple[Any, frozenset, Any]], rules: Any,
+                   where: Dict[str, Any], now: _dtm.datetime) -> Dict[str, Any]:
+    """The answer key: {"ops": {message_id: [[order, command], ...]}, "create": [...]}, with
+    each command a UID command whose UID set is ``{}``; ``decided`` holds (MessageInfo,
+    flags, actions with templates filled in).  ``where``: what the server calls things
+    (gmail, server names, trash and archive folders, the folders that exist)."""
+    gmail, server_name = where["gmail"], where["names"]
+    ops: Dict[str, List[List[Any]]] = {}
+    targets: List[str] = []
+    for info, flags, actions in decided:
+        labels = frozenset({"\\Inbox"}) if gmail else None
+        plan = gc._Plan(server_name=lambda name: server_name.get(name, name))
+        plan.add(1, actions, frozenset(flags), labels, "INBOX")
+        commands = []
+        for key in plan.per_uid.get(1, []):
+            kind = key[0]
+            if kind == "label" and gmail:
+                command = "UID STORE {} +X-GM-LABELS (%s)" % gc._label_arg(key[1]).decode()
+            elif kind == "label":
+                command = "UID COPY {} %s" % gc.mailbox_arg(server_name[key[1]]).decode()
+            elif kind in ("flag+", "flag-"):
+                command = "UID STORE {} %sFLAGS.SILENT (%s)" % (kind[-1], key[1])
+            elif kind == "archive" and gmail:
+                command = "UID STORE {} -X-GM-LABELS (\\Inbox)"
+            else:
+                folder = server_name[key[1]] if kind == "move" else where[kind]
+                command = "UID MOVE {} %s" % gc.mailbox_arg(folder).decode()
+            if kind == "move" or (kind == "label" and not key[1].startswith("\\")):
+                targets.append(server_name[key[1]])
+            commands.append([_FLOOR_ORDER[kind], command])
+        message_id = gc._first(gc.header_text(info.headers, "message-id")).strip()
+        if commands:
+            ops[message_id] = commands
+    return {"ops": ops, "create": sorted(set(targets) - set(where["existing"]))}
+
+
+def _bench_lab_corpus(maildir: str, truth: str) -> List[Tuple[bytes, _dtm.datetime, frozenset]]:
+    """A lab Dovecot's INBOX as it was written (fill.py): each file's bytes, its mtime (the
+    INTERNALDATE) and the flags the ground truth lists for its Message-ID."""
+    flags_of = {}
+    with open(truth, encoding="utf-8") as fh:
+        next(fh)
+        for line in fh:
+            cols = line.rstrip("\n").split("\t")
+            flags_of[cols[3]] = frozenset({"S": "\\Seen", "F": "\\Flagged", "R": "\\Answered"}[c]
+                                          for c in cols[2])
+    found = []
+    for sub in ("cur", "new"):
+        folder = os.path.join(maildir, sub)
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            with open(path, "rb") as fh:
+                raw = fh.read()
+            match = re.search(rb"(?im)^message-id:[ \t]*(\S+)", raw)
+            key = match.group(1).decode("ascii", "replace") if match else ""
+            date = _dtm.datetime.fromtimestamp(os.stat(path).st_mtime, _UTC)
+            found.append((raw, date, flags_of.get(key, frozenset())))
+    if len(found) != len(flags_of):
+        raise SystemExit("%s holds %d messages, %s lists %d: run fill.py again"
+                         % (maildir, len(found), truth, len(flags_of)))
+    return found
+
+
+def _bench_mailbox(host: str, port: int, user: str) -> List[str]:
+    """Every message of every folder as a sorted line: folder, Message-ID, flags, labels."""
+    conn = gc.GmailConnection(user, host=host, port=port, security="plaintext",
+                              password=os.environ.get("BENCH_PASSWORD", PASSWORD), keepalive=None,
+                              timeout=300)
+    lines = []
+    item = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
+    with conn:
+        items = ["FLAGS", item] + (["X-GM-LABELS"] if conn.is_gmail else [])
+        for folder in conn.list_folders():
+            if not folder.selectable:
+                continue
+            conn.examine(folder.name)
+            uids = conn.search(["ALL"])
+            for values in (conn.fetch(uids, items).values() if uids else ()):
+                msgid = gc._first(gc.header_text(gc.parse_headers(values.get(item) or b""),
+                                                 "message-id")).strip()
+                flags = sorted(f for f in values.get("FLAGS") or () if f != "\\Recent")
+                labels = sorted(values.get("X-GM-LABELS") or ())
+                lines.append("\t".join([folder.name, msgid, " ".join(flags), " ".join(labels)]))
+    return sorted(lines)
+
+
+def _bench_floor(argv: List[str]) -> int:
+    """Child process: the floor client (see above); prints one JSON line of figures."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="bench-floor")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--user", default=USER)
+    parser.add_argument("--answers", required=True)
+    parser.add_argument("--apply", action="store_true")
+    args = parser.parse_args(argv)
+    stats = _BenchStats()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    with open(args.answers, encoding="utf-8") as fh:
+        answers = json.load(fh)
+    sock = _CountingSocket(socket.create_connection((args.host, args.port), timeout=300), stats)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buffer = bytearray()
+    commands = 0
+
+    def answer(tag: bytes) -> bytes:
+        """Read up to the tagged answer of ``tag``; returns everything before it."""
+        nonlocal buffer
+        start = 0
+        while True:
+            at = buffer.find(b"\r\n" + tag + b" ", start)
+            if at < 0 and buffer.startswith(tag + b" "):
+                at = -2
+            if at != -1:
+                end = buffer.find(b"\r\n", at + 2)
+                if end >= 0:
+                    head, line = bytes(buffer[:at + 2]), bytes(buffer[at + 2:end])
+                    del buffer[:end + 2]
+                    if not line[len(tag) + 1:].startswith(b"OK") and not (
+                            tag.startswith(b"C") and b"[ALREADYEXISTS]" in line):
+                        raise SystemExit("floor: %r" % line)
+                    return head
+            start = max(0, len(buffer) - len(tag) - 3)
+            data = sock.recv(1 << 20)
+            if not data:
+                raise SystemExit("floor: the server closed the connection")
+            buffer += data
+
+    while b"\r\n" not in buffer:    # the greeting
+        buffer += sock.recv(65536)
+    del buffer[:buffer.find(b"\r\n") + 2]
+    password = os.environ.get("BENCH_PASSWORD", PASSWORD)
+    sock.sendall(b"L LOGIN %s %s\r\n" % (gc.quote(args.user), gc.quote(password)))
+    answer(b"L")
+    sock.sendall(b"S %s INBOX\r\n" % (b"SELECT" if args.apply else b"EXAMINE"))
+    answer(b"S")
+    sock.sendall(b"F UID FETCH 1:* (UID BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])\r\n")
+    commands += 3
+    fetched = answer(b"F")
+    uid_of: Dict[str, int] = {}
+    pos = 0
+    literal = re.compile(rb"\* \d+ FETCH \(([^\r\n{]*)\{(\d+)\}\r\n")
+    while True:
+        match = literal.search(fetched, pos)
+        if not match:
+            break
+        body = fetched[match.end():match.end() + int(match.group(2))]
+        pos = match.end() + int(match.group(2))
+        tail = fetched[pos:fetched.find(b"\r\n", pos)]
+        uid = re.search(rb"UID (\d+)", match.group(1) + tail)
+        msgid = re.search(rb"(?i)message-id:[ \t]*(\S+)", body)
+        if uid and msgid:
+            uid_of[msgid.group(1).decode("ascii", "replace")] = int(uid.group(1))
+    groups: Dict[Tuple[int, str], List[int]] = {}
+    for msgid, ops in answers["ops"].items():
+        uid = uid_of.get(msgid)
+        if uid is not None:
+            for order, command in ops:
+                groups.setdefault((order, command), []).append(uid)
+    if args.apply:
+        lines, tags = [], []
+        for name in answers["create"]:
+            tags.append(b"C%d" % len(tags))
+            lines.append(tags[-1] + b" CREATE " + gc.mailbox_arg(name) + b"\r\n")
+        for (order, command), uids in sorted(groups.items()):
+            for chunk in gc.chunk_uids(uids):
+                tags.append(b"W%d" % len(tags))
+                lines.append(tags[-1] + b" " + command.format(gc.compress_uids(chunk)).encode() + b"\r\n")
+        sock.sendall(b"".join(lines))   # every write at once: one round trip
+        for tag in tags:
+            answer(tag)
+        commands += len(tags)
+    sock.sendall(b"O LOGOUT\r\n")
+    commands += 1
+    with contextlib.suppress(SystemExit):
+        answer(b"O")
+    sock.close()
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    print(json.dumps({"examined": len(uid_of), "cpu": cpu, "wall": wall, "commands": commands,
+                      "round_trips": stats.turns, "sent": stats.sent, "received": stats.received,
+                      "peak": _bench_peak(), "changes": sum(len(u) for u in groups.values())}),
+          flush=True)
+    return 0
+
+
+def _bench_peak() -> int:
+    """This process's peak resident memory in bytes (Linux: VmHWM; else ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 # --- Issue 19: classifiers as plug-ins (program conditions) and export ----------------------
 
 # A classifier for the tests: a script with its own #! line, so that it is the program the

@@ -5340,6 +5340,34 @@ class Ruleset:
     source: str = "built-in rules"
     account: Dict[str, Any] = field(default_factory=dict)
     tests: Tuple[RuleTest, ...] = ()
+    # [[account]] tables (several accounts in one file), each a dict like ``account`` with
+    # its "name", and the rules files some of them name, loaded (see load_rules).
+    accounts: Tuple[Dict[str, Any], ...] = ()
+    account_files: Dict[str, "Ruleset"] = field(default_factory=dict)
+
+    def for_account(self, name: str) -> "Ruleset":
+        """The rules one [[account]] table runs, with that table as ``account``.
+
+        Its ``rules`` key picks rules of this file by name (in the file's order) or names
+        another rules file (loaded by load_rules); without it, every rule of this file.
+        This file's [[test]] tables are left out (they test the whole file: run them once);
+        another file's come along.  Raises RulesError for a name the file does not have.
+        """
+        table = next((t for t in self.accounts if t["name"] == name), None)
+        if table is None:
+            known = ", ".join(t["name"] for t in self.accounts) or "none"
+            raise RulesError(f"{self.source} has no [[account]] named {name!r} (it has: "
+                             f"{known})")
+        chosen = table.get("rules")
+        if isinstance(chosen, str):
+            loaded = self.account_files.get(name)
+            if loaded is None:
+                raise RulesError(f"{self.source}: account {name!r} names the rules file "
+                                 f"{chosen}, which only load_rules reads")
+            return dataclasses.replace(loaded, account=table, accounts=(), account_files={})
+        rules = self.rules if chosen is None else tuple(r for r in self.rules if r.name in chosen)
+        return dataclasses.replace(self, rules=rules, account=table, accounts=(),
+                                   account_files={}, tests=())
 
     def local(self) -> Tuple[Ruleset, Tuple[str, ...]]:
         """These rules as decided where Gmail searches cannot run, with one note per change.
@@ -5814,6 +5842,87 @@ def _parse_account_key(where: _Where, key: str, item: Any, account: Dict[str, An
                         for i, part in enumerate(item, 1)]
 
 
+def account_variable_suffix(name: str) -> str:
+    """The suffix of an [[account]]'s own variables: ``"Work mail"`` -> ``"WORK_MAIL"``
+    (so ``IMAP_PASSWORD_WORK_MAIL``): upper-cased, anything but A-Z and 0-9 as ``_``."""
+    return re.sub(r"[^A-Z0-9]", "_", name.upper())
+
+
+def _parse_accounts(source: str, value: List[Any], problems: _Problems,
+                    rule_names: Optional[List[str]]) -> Tuple[Dict[str, Any], ...]:
+    """[[account]] tables: each a ``name``, the [account] keys, and optionally ``rules``
+    (names of this file's rules, or the path of another rules file).  Two tables with one
+    name, with names that fold to one variable suffix, or for one mailbox (user, host and
+    port) are errors: each would hand one account's marks or password to another."""
+    where = _Where(source)
+    tables: List[Dict[str, Any]] = []
+    for i, item in enumerate(value, 1):
+        here = _Where(source, i, item.get("name") if isinstance(item, dict) and
+                      isinstance(item.get("name"), str) else None, kind="account")
+        if not isinstance(item, dict):
+            problems.add(here.error("", f"expected a table, got {_quote(item)}"))
+            continue
+        table: Dict[str, Any] = {}
+        bad = len(problems.lines)
+        with problems.catch():
+            if "name" not in item:
+                raise here.error("", "no name; give each [[account]] a name = \"...\"")
+            table["name"] = _check_text(here, "name", item["name"])
+        for key, entry in item.items():
+            if key == "name":
+                continue
+            with problems.catch():
+                if key == "rules":
+                    table[key] = _parse_account_rules(here, entry, rule_names)
+                elif key not in ACCOUNT_KEYS:
+                    raise here.error("", _unknown_key(key, ACCOUNT_KEYS + ("name", "rules")))
+                else:
+                    _parse_account_key(here, key, entry, table)
+        if len(problems.lines) == bad:
+            tables.append(table)
+    seen: Dict[Any, str] = {}
+    for table in tables:
+        name = table["name"]
+        for key, what in ((("name", name), "name"),
+                          (("suffix", account_variable_suffix(name)), "variable suffix"),
+                          (("mailbox", table.get("user", "").casefold(),
+                            table.get("host", GMAIL_HOST).lower(),
+                            None if table.get("port") in (IMAPS_PORT, IMAP_PORT) else
+                            table.get("port")) if table.get("user") else None,
+                           "mailbox")):
+            if key is None:
+                continue
+            if key in seen:
+                detail = {"name": "two tables with one name",
+                          "variable suffix": f"both read IMAP_PASSWORD_{key[1]}",
+                          "mailbox": f"both are {table['user']} on "
+                                     f"{table.get('host', GMAIL_HOST)}"}[what]
+                problems.add(where.error("account", f"{_quote(seen[key])} and {_quote(name)}: "
+                                                    f"{detail}; each [[account]] needs its own "
+                                                    f"{what}"))
+            seen[key] = name
+    return tuple(tables)
+
+
+def _parse_account_rules(where: _Where, value: Any, rule_names: Optional[List[str]]) -> Any:
+    """An [[account]]'s ``rules``: a list of this file's rule names, or a rules file path."""
+    if isinstance(value, str):
+        path = _check_text(where, "rules", value, "a rules file or a list of rule names")
+        if Path(path).suffix.lower() not in (".toml", ".json"):
+            raise where.error("rules", f"{_quote(path)} is not a rules file (*.toml or *.json); "
+                                       f"give a path, or a list of rule names")
+        return path
+    if not isinstance(value, list) or not value:
+        raise where.error("rules", f"expected a rules file or a non-empty list of rule names, "
+                                   f"got {_quote(value)}")
+    names = [_check_text(where, f"rules[{i}]", name, "a rule name")
+             for i, name in enumerate(value, 1)]
+    unknown = [name for name in names if rule_names is not None and name not in rule_names]
+    if unknown:
+        raise where.error("rules", f"no rule named {_quote(unknown[0])} in this file")
+    return names
+
+
 # [[test]] tables: each message key -> how it shapes the sample message. Header keys
 # become header lines; the rest set what IMAP would report (size, labels, flags).
 _TEST_HEADER_KEYS = {"from": "From", "to": "To", "cc": "Cc", "subject": "Subject",
@@ -5989,7 +6098,13 @@ def parse_rules(doc: Any, source: str = "<rules>") -> Ruleset:
     if not rules:
         raise where.error("rule", "the list is empty; add at least one rule")
     parsed = tuple(_parse_rule(source, i, rule, problems) for i, rule in enumerate(rules, 1))
-    account = _parse_account(source, doc["account"], problems) if "account" in doc else {}
+    account: Dict[str, Any] = {}
+    accounts: Tuple[Dict[str, Any], ...] = ()
+    if isinstance(doc.get("account"), list):      # [[account]] tables: several accounts
+        accounts = _parse_accounts(source, doc["account"], problems,
+                                   None if None in parsed else [r.name for r in parsed])
+    elif "account" in doc:
+        account = _parse_account(source, doc["account"], problems)
     tests: Tuple[RuleTest, ...] = ()
     tables = doc.get("test", [])
     if not isinstance(tables, list):
@@ -6004,7 +6119,8 @@ def parse_rules(doc: Any, source: str = "<rules>") -> Ruleset:
                 found.append(_parse_test(source, i, table, names))
         tests = tuple(found)
     problems.raise_any()
-    return Ruleset(rules=parsed, source=source, account=account, tests=tests)
+    return Ruleset(rules=parsed, source=source, account=account, tests=tests,
+                   accounts=accounts)
 
 
 # --- Rules files: a small TOML reader, the same on every Python --------------------------
@@ -6596,15 +6712,32 @@ def load_rules(path: Any) -> Ruleset:
             raise RulesError(f"{source}: line {exc.lineno}, column {exc.colno}: "
                              f"invalid JSON: {exc.msg}") from None
     rules = parse_rules(doc, source)
-    secrets_held = [key for key in SECRET_ACCOUNT_KEYS if key in rules.account]
+    tables = [rules.account, *rules.accounts]
+    secrets_held = [key for key in SECRET_ACCOUNT_KEYS for table in tables if key in table]
     if secrets_held and os.name == "posix" and status.st_mode & 0o077:
         raise RulesError(f"{source} holds {secrets_held[0]} and is readable by other users; "
                          f"run 'chmod 600 {source}'")
-    acts = secrets_held + [key for key in ("password_command",) if key in rules.account]
+    acts = secrets_held + [key for key in ("password_command",) for table in tables
+                           if key in table]
     problem = trust_problem(source, status=status) if acts else None
     if problem:
         raise RulesError(f"{problem}; refusing a rules file that holds {acts[0]}")
-    return rules
+    return _load_account_files(rules) if rules.accounts else rules
+
+
+def _load_account_files(rules: Ruleset) -> Ruleset:
+    """Load the rules files [[account]] tables name (relative to this file's directory)."""
+    loaded: Dict[str, Ruleset] = {}
+    for table in rules.accounts:
+        if not isinstance(table.get("rules"), str):
+            continue
+        path = os.path.join(os.path.dirname(rules.source), os.path.expanduser(table["rules"]))
+        other = load_rules(path)
+        if other.accounts:
+            raise RulesError(f"{path}: the rules of account {table['name']!r} may not hold "
+                             f"[[account]] tables of their own")
+        loaded[table["name"]] = other
+    return dataclasses.replace(rules, account_files=loaded)
 
 
 def run_rule_tests(rules: Ruleset, now: Optional[datetime] = None) -> List[str]:
@@ -7388,7 +7521,7 @@ class RunOptions:
     ``since``/``limit`` narrow a folder's messages; ``batch_size`` messages per FETCH,
     ``apply_every`` batches per step; ``max_new_folders`` (None: no limit);
     ``allow_expunge`` (a checked plain EXPUNGE where moves need one); ``daily_budget``
-    bytes downloaded per account and day (None: no limit)."""
+    bytes downloaded per account and day (None: no limit); ``account_name``, see below."""
     apply: bool = False
     reclassify: bool = False
     new_only: bool = False
@@ -7399,6 +7532,9 @@ class RunOptions:
     max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS
     allow_expunge: bool = False
     daily_budget: Optional[int] = DEFAULT_DAILY_BUDGET
+    # The [[account]] table's name, kept in every record as "account_name" (records stay
+    # keyed by user, host and port: renaming a table hides none of its runs).
+    account_name: Optional[str] = None
 
 
 def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX", *,
@@ -8691,24 +8827,39 @@ class AuditLog:
         if not lines:
             return
         _ensure_private_dir(self.path.parent)
-        try:
-            if self.path.exists() and self.path.stat().st_size > AUDIT_MAX_BYTES:
-                os.replace(self.path, self.previous)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        guard = _FileLock(self.path.with_name(self.path.name + ".lock"))
+        # One writer at a time, threads (a watch of several accounts) and processes (runs
+        # of other accounts) alike: two that both found the file past its size would
+        # otherwise both rotate it, the second replacing audit.jsonl.1 with a file of a
+        # few records; and a torn line's newline must be added by the writer who saw it.
+        with self._threads:
             try:
-                size = os.fstat(fd).st_size
-                if size:
-                    os.lseek(fd, size - 1, os.SEEK_SET)    # O_APPEND writes at the end anyway
-                    if os.read(fd, 1) != b"\n":
-                        lines = "\n" + lines
-                with _signals_held():
-                    os.write(fd, lines.encode("utf-8"))
-                if sync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise StateError(f"cannot write the audit log {self.path}: {exc}") from exc
+                guard.acquire(wait=True)
+                try:
+                    self._append_locked(lines, sync)
+                finally:
+                    guard.release()
+            except OSError as exc:
+                raise StateError(f"cannot write the audit log {self.path}: {exc}") from exc
+
+    _threads = threading.Lock()      # every AuditLog of this process: see append
+
+    def _append_locked(self, lines: str, sync: bool) -> None:
+        if self.path.exists() and self.path.stat().st_size > AUDIT_MAX_BYTES:
+            os.replace(self.path, self.previous)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            if size:
+                os.lseek(fd, size - 1, os.SEEK_SET)    # O_APPEND writes at the end anyway
+                if os.read(fd, 1) != b"\n":
+                    lines = "\n" + lines
+            with _signals_held():
+                os.write(fd, lines.encode("utf-8"))
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def records(self, *, unreadable: bool = False) -> Iterator[Dict[str, Any]]:
         """Every record still held, oldest first; unreadable lines, and records whose fields
@@ -8798,6 +8949,7 @@ _AUDIT_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "type": (_is_str, "a string"), "run": (_is_str, "a string"),
     "undo_of": (_optional(_is_str), "a run id"), "time": (_optional(_is_str), "a string"),
     "account": (_optional(_is_str), "a string"), "host": (_optional(_is_str), "a string"),
+    "account_name": (_optional(_is_str), "a string"),
     "command": (_optional(_is_str), "a string"), "status": (_optional(_is_str), "a string"),
     "applied": (lambda v: isinstance(v, bool), "true or false"),
     "changes_made": (_is_int, "a whole number"),
@@ -8873,6 +9025,7 @@ class Run(Checkpoint):
             options = RunOptions(apply=apply, reclassify=reclassify, new_only=new_only,
                                  daily_budget=daily_budget)
         self.options = options
+        self.account_name = options.account_name
         self.store = store
         self.rules = rules
         self.user = user
@@ -8965,6 +9118,7 @@ class Run(Checkpoint):
         }
         if self.undo_of:
             summary["undo_of"] = self.undo_of
+        summary.update(self._named())
         if self._conn is not None:
             summary.update(imap_commands=self._conn.commands_sent,
                            bytes_received=self.bytes_counted,
@@ -9046,7 +9200,7 @@ class Run(Checkpoint):
             {"type": "skipped", "version": INTENT_VERSION, "run": self.id,
              "time": _iso(self.store.now()), "account": self.user, "host": self.host,
              "command": self.command, "folder": status.name, "uid": uid,
-             "uidvalidity": status.uidvalidity, "reason": why}
+             "uidvalidity": status.uidvalidity, "reason": why, **self._named()}
             for uid, why in sorted(skips.items())])
 
     def intend(self, conn: GmailConnection, entries: Sequence[Dict[str, Any]]) -> None:
@@ -9057,7 +9211,7 @@ class Run(Checkpoint):
         self._count_bytes(conn)
         stamp = {"type": "intent", "version": INTENT_VERSION, "run": self.id,
                  "time": _iso(self.store.now()), "account": self.user, "host": self.host,
-                 "command": self.command, "rules_hash": self.rules_hash}
+                 "command": self.command, "rules_hash": self.rules_hash, **self._named()}
         if self.undo_of:
             stamp["undo_of"] = self.undo_of
         self.store.audit.append([dict(stamp, **entry) for entry in entries])
@@ -9068,7 +9222,7 @@ class Run(Checkpoint):
         if self.apply and entries:
             stamp = {"type": "unsent", "version": INTENT_VERSION, "run": self.id,
                      "time": _iso(self.store.now()), "account": self.user, "host": self.host,
-                     "command": self.command}
+                     "command": self.command, **self._named()}
             self.store.audit.append([dict(stamp, **entry) for entry in entries])
 
     def confirmed(self, conn: GmailConnection, entry: Dict[str, Any]) -> None:
@@ -9078,7 +9232,7 @@ class Run(Checkpoint):
             return
         stamp = {"type": "done", "version": INTENT_VERSION, "run": self.id,
                  "time": _iso(self.store.now()), "account": self.user, "host": self.host,
-                 "command": self.command}
+                 "command": self.command, **self._named()}
         if self.undo_of:
             stamp["undo_of"] = self.undo_of
         self.store.audit.append([dict(stamp, **entry)], sync=False)
@@ -9130,7 +9284,12 @@ class Run(Checkpoint):
                 "reasons": [reason for _, reason in outcome.decision.matches],
                 "actions": {} if actions.is_empty() else
                 actions.as_record(),
-                "applied": outcome.applied, "changes": list(outcome.changes)}
+                "applied": outcome.applied, "changes": list(outcome.changes), **self._named()}
+
+    def _named(self) -> Dict[str, str]:
+        """``{"account_name": ...}`` for a run of an [[account]] table, else nothing (an
+        optional field: readers take a record without it as today's)."""
+        return {"account_name": self.account_name} if self.account_name else {}
 
     def _remember(self, folder: str, state: FolderState) -> None:
         state = dataclasses.replace(state, updated=_iso(self.store.now()))
@@ -9234,6 +9393,8 @@ def history(store: StateStore) -> List[Dict[str, Any]]:
             "possibly_incomplete": False})
         if record.get("undo_of"):
             entry["undo_of"] = record["undo_of"]
+        if record.get("account_name"):
+            entry["account_name"] = record["account_name"]
         creates.setdefault(run_id, _Creates()).read(record)
         if record.get("type") == "done":
             for uid in record.get("uids") or []:
@@ -11463,6 +11624,9 @@ def _parent_parsers() -> Dict[str, argparse.ArgumentParser]:
                        help="reconnect attempts before giving up (default: %(default)s)")
     group.add_argument("--rules", help="rules file (.toml or .json); default: "
                        "$XDG_CONFIG_HOME/gmail_classify/rules.toml or .json, else built-in rules")
+    group.add_argument("--account", action="append", metavar="NAME",
+                       help="only the [[account]] of this name in the rules file (repeatable; "
+                            "default: every account, one after another)")
 
     writer = argparse.ArgumentParser(add_help=False)
     group = writer.add_argument_group("output")
@@ -11601,7 +11765,49 @@ def _secret_from_command(command: str) -> str:
     return line
 
 
-def _password_from_netrc(host: str, user: str) -> Optional[str]:
+def _netrc_entries(text: str) -> List[Tuple[Optional[str], str, str]]:
+    """(machine, login, password) per entry of a netrc file, in order; machine None for
+    ``default``.  Read here rather than by the netrc module, which keeps one entry per host
+    (two logins on one server, one per account, would hide each other).  Lines starting
+    with ``#`` are comments; a ``macdef`` runs to the next empty line."""
+    words: List[str] = []
+    in_macro = False
+    for line in text.splitlines():
+        if in_macro:
+            in_macro = bool(line.strip())
+            continue
+        if line.lstrip().startswith("#"):
+            continue
+        lexer = shlex.shlex(line, posix=True)
+        lexer.whitespace_split, lexer.commenters = True, ""
+        try:
+            found = list(lexer)
+        except ValueError as exc:       # an unclosed quote
+            raise UsageError(f"~/.netrc: {exc}: {printable(line[:40])}") from None
+        words += found
+        if "macdef" in found:
+            in_macro = True
+    entries: List[Tuple[Optional[str], str, str]] = []
+    current: Optional[List[Any]] = None
+    pairs = iter(words)
+    for word in pairs:
+        if word in ("machine", "default"):
+            if current is not None:
+                entries.append((current[0], current[1], current[2]))
+            current = [next(pairs, "") if word == "machine" else None, "", ""]
+        elif word in ("login", "password", "account", "macdef") and current is not None:
+            value = next(pairs, "")
+            if word in ("login", "password"):
+                current[1 if word == "login" else 2] = value
+    if current is not None:
+        entries.append((current[0], current[1], current[2]))
+    return entries
+
+
+def _password_from_netrc(host: str, user: str, strict: bool = False) -> Optional[str]:
+    """The ~/.netrc password for ``user`` at ``host``: the entry naming both; unless
+    ``strict`` (an [[account]]: only that), else one for the host with no login, else a
+    ``default`` entry with this login or none."""
     path = os.path.join(os.path.expanduser("~"), ".netrc")
     if not os.path.exists(path):
         return None
@@ -11609,16 +11815,33 @@ def _password_from_netrc(host: str, user: str) -> Optional[str]:
         problem = trust_problem(path, private=True, directories=False)
         if problem:
             raise UsageError(problem)
-        entry = netrc.netrc(path).authenticators(host)
-    except (netrc.NetrcParseError, OSError) as exc:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            entries = _netrc_entries(handle.read())
+    except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc}") from exc
-    if entry and (not entry[0] or entry[0] == user):
-        return entry[2]
+    host = host.lower()
+
+    def match(kind: str, machine: Optional[str], login: str) -> bool:
+        if kind == "default":
+            return machine is None and login in ("", user)
+        return machine is not None and machine.lower() == host and \
+            (login == user if kind == "both" else not login)
+
+    for kind in ("both",) if strict else ("both", "host", "default"):
+        for machine, login, password in entries:
+            if password and match(kind, machine, login):
+                return password
     return None
 
 
-def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any]) -> Dict[str, Any]:
-    """Combine flags, environment and the rules' [account] table (flags win)."""
+def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any],
+                         name: Optional[str] = None) -> Dict[str, Any]:
+    """Combine flags, environment and the rules' [account] table (flags win).
+
+    ``name``: the table is the [[account]] of that name (see _chosen_accounts, which
+    allows the flags and unsuffixed variables only with exactly one --account): its secret
+    comes from them, its own ``IMAP_PASSWORD_<NAME>`` variables, its password_command, or
+    a ~/.netrc entry naming both its host and its user; never another account's."""
     user = (args.user or os.environ.get(USER_ENV) or os.environ.get(USER_ENV_ALIAS)
             or account.get("user"))
     if not user:
@@ -11637,10 +11860,10 @@ def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any]) -
     auth = args.auth or account.get("auth") or "password"
     # Where the secret comes from, first found wins: --password-command, the environment,
     # the rules file's password_command, ~/.netrc, a prompt on a terminal.
-    if auth == "xoauth2":
-        env_secret = os.environ.get(TOKEN_ENV)
-    else:
-        env_secret = os.environ.get(PASSWORD_ENV) or os.environ.get(PASSWORD_ENV_ALIAS)
+    names = (TOKEN_ENV,) if auth == "xoauth2" else (PASSWORD_ENV, PASSWORD_ENV_ALIAS)
+    if name is not None:
+        names += tuple(f"{variable}_{account_variable_suffix(name)}" for variable in names)
+    env_secret = next((os.environ[v] for v in names if os.environ.get(v)), None)
     command = args.password_command or (None if env_secret else account.get("password_command"))
     if isinstance(command, list):
         command = " ".join(shlex.quote(part) for part in command)
@@ -11665,9 +11888,14 @@ def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any]) -
         return _armed(args, settings)
     password = _secret_from_command(command) if command else env_secret
     if not password:
-        password = _password_from_netrc(host, user)
+        password = _password_from_netrc(host, user, strict=name is not None)
     if not password and sys.stdin.isatty():
         password = getpass.getpass(f"Password for {user} at {host}: ")
+    if not password and name is not None:
+        suffix = account_variable_suffix(name)
+        raise UsageError(f"no password for account {name!r}: set {PASSWORD_ENV_ALIAS}_{suffix} "
+                         f"(or {PASSWORD_ENV}_{suffix}), give its [[account]] a "
+                         f"password_command, or add 'machine {host} login {user}' to ~/.netrc")
     if not password:
         raise UsageError(f"no password: set {PASSWORD_ENV} (or {PASSWORD_ENV_ALIAS}), add "
                          f"{host} to ~/.netrc, use "
@@ -11904,14 +12132,30 @@ class _JsonOutput(_Output):
 
 def _cmd_run(args: argparse.Namespace, out: _Output) -> int:
     rules = find_rules(args.rules)
+    chosen = _chosen_accounts(args, rules)
+    if not rules.accounts:
+        return _run_account(args, out, rules)
     if not _rule_tests_allow(rules, args.apply):
         return EXIT_RULE_TESTS
-    settings = _connection_settings(args, rules.account)
+    return _each_account(args, out, chosen, lambda name, account_rules, runs: _run_account(
+        args, out, account_rules, name, runs))
+
+
+def _run_account(args: argparse.Namespace, out: _Output, rules: Ruleset,
+                 name: Optional[str] = None, runs: Optional[List[Run]] = None) -> int:
+    """``run`` over one account: the [account] table's, or the [[account]] ``name``'s
+    (``rules`` then are its own, see Ruleset.for_account; its Run goes into ``runs``)."""
+    if not _rule_tests_allow(rules, args.apply):
+        return EXIT_RULE_TESTS
+    settings = _connection_settings(args, rules.account, name)
     folders = args.folder or list(rules.account.get("folders") or ["INBOX"])
     progress = _Progress(sys.stderr, sys.stderr.isatty() and out.human)
     store = StateStore()
     store.load(start_over=args.all)
     if out.human:
+        if name is not None:
+            out.line(f"Account {name}: "
+                     f"{account_key(settings['user'], settings['host'], settings.get('port'))}")
         out.write(_rules_line(rules))
 
     def on_message(outcome: Outcome) -> None:
@@ -11923,6 +12167,9 @@ def _cmd_run(args: argparse.Namespace, out: _Output) -> int:
               apply=args.apply, reclassify=args.all, new_only=args.new_only,
               daily_budget=args.daily_budget or None, on_record=out.record,
               on_message=on_message)
+    run.account_name = name
+    if runs is not None:
+        runs.append(run)
     lock = store.lock(run.account).acquire() if args.apply else None
     incomplete: List[str] = []
     try:
@@ -11979,8 +12226,145 @@ def _cmd_run(args: argparse.Namespace, out: _Output) -> int:
         if args.apply:
             out.write(f"{_plural(run.changes_made, 'change')} made.\n")
     for line in incomplete:
-        sys.stderr.write(printable(f"gmail_classify: {line}") + "\n")
+        sys.stderr.write(printable(f"gmail_classify: {name + ': ' if name else ''}{line}") + "\n")
     return EXIT_INCOMPLETE if incomplete else EXIT_OK
+
+
+# Several accounts in one command end with the most serious of their exit codes, most
+# serious first: a signal (the user's say), a bug, a usage error, a refused sign-in, no
+# connection, a refusing server, failed rule tests, an incomplete run, a locked account.
+# So one locked account never hides another's refused sign-in.
+_EXIT_SEVERITY = (EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_HANGUP, EXIT_ERROR, EXIT_USAGE,
+                  EXIT_AUTH, EXIT_CONNECTION, EXIT_SERVER, EXIT_RULE_TESTS, EXIT_INCOMPLETE,
+                  EXIT_LOCKED, EXIT_OK)
+
+
+def most_serious_exit(codes: Iterable[int]) -> int:
+    """The exit code of several accounts' results: ``most_serious_exit([7, 3, 0]) == 3``;
+    0 for none; a code outside the table (141) ranks just above 0."""
+    rank = {code: i for i, code in enumerate(_EXIT_SEVERITY)}
+    return min(codes, key=lambda code: rank.get(code, len(_EXIT_SEVERITY) - 1.5),
+               default=EXIT_OK)
+
+
+def _chosen_accounts(args: argparse.Namespace, rules: Ruleset, one: bool = False,
+                     connecting: bool = True) -> List[Tuple[Optional[str], Ruleset]]:
+    """The accounts a command works on: ``[(None, rules)]`` for a file without [[account]]
+    tables; else (name, its rules) for each --account, or every table (``one``: a command
+    for one account, which needs --account when there are several).
+
+    Raises UsageError for --account without tables or with an unknown name, for a command
+    for one account given several, and for --user, --host, --port, --password-command or
+    an unsuffixed password or user variable with anything but exactly one --account: with
+    several accounts those would send one account's name or password to the others."""
+    given = list(dict.fromkeys(getattr(args, "account", None) or []))
+    if not rules.accounts:
+        if given:
+            raise UsageError(f"--account needs [[account]] tables in the rules file, and "
+                             f"{rules.source} has none; drop --account")
+        return [(None, rules)]
+    known = [table["name"] for table in rules.accounts]
+    for name in given:
+        if name not in known:
+            raise UsageError(f"{rules.source} has no [[account]] named {printable(repr(name))}; "
+                             f"it has: {', '.join(known)}")
+    if one and len(given) > 1:
+        raise UsageError(f"{args.command} works on one account: give --account once")
+    names = given or known
+    if one and len(names) > 1:
+        raise UsageError(f"{rules.source} has {len(known)} accounts; {args.command} works on "
+                         f"one: add --account NAME (one of {', '.join(known)})")
+    shared = [flag for flag, value in (("--user", getattr(args, "user", None)),
+                                       ("--host", getattr(args, "host", None)),
+                                       ("--port", getattr(args, "port", None)),
+                                       ("--password-command",
+                                        getattr(args, "password_command", None))) if value]
+    shared += [f"${variable}" for variable in (PASSWORD_ENV, PASSWORD_ENV_ALIAS, TOKEN_ENV,
+                                               USER_ENV, USER_ENV_ALIAS)
+               if os.environ.get(variable)]
+    if shared and len(given) != 1 and connecting:
+        raise UsageError(f"{shared[0]} would apply to every account of {rules.source}: give "
+                         f"exactly one --account with it, or put each account's settings in "
+                         f"its [[account]] table (passwords: its password_command, "
+                         f"${PASSWORD_ENV_ALIAS}_<NAME>, or ~/.netrc)")
+    return [(name, rules.for_account(name)) for name in names]
+
+
+def _each_account(args: argparse.Namespace, out: _Output,
+                  chosen: List[Tuple[Optional[str], Ruleset]],
+                  work: Callable[[Optional[str], Ruleset, List[Run]], int]) -> int:
+    """``work(name, rules, runs)`` for each account in turn, then one total; returns the
+    most serious exit code.  A failure in one (locked, unreachable, refused) is reported,
+    with the account's name, and the next goes on; a signal ends the account at its safe
+    point and starts no other."""
+    results: List[Tuple[str, int, List[Run]]] = []
+    for name, rules in chosen:
+        if args.stop.requested:
+            break
+        runs: List[Run] = []
+        try:
+            code = work(name, rules, runs)
+        except (StopRequested, KeyboardInterrupt) as exc:
+            sys.stderr.write("interrupted\n")
+            code = _signal_exit(getattr(exc, "signum", None) or args.stop.signum)
+        except GmailClassifyError as exc:
+            if args.verbose:
+                log.exception("details:")
+            for line in str(exc).split("\n") if str(exc) else [type(exc).__name__]:
+                sys.stderr.write(printable(f"gmail_classify: {name}: {line}") + "\n")
+            code = exc.exit_code
+        except Exception as exc:  # a bug: this account's; the others may still go on
+            if args.verbose:
+                log.exception("details:")
+            sys.stderr.write(printable(f"gmail_classify: {name}: unexpected error: "
+                                       f"{type(exc).__name__}: {exc} (run with -v for "
+                                       f"details)") + "\n")
+            code = EXIT_ERROR
+        results.append((str(name), code, runs))
+        if code in (EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_HANGUP):
+            break
+    code = most_serious_exit(code for _, code, _ in results)
+    skipped = [str(name) for name, _ in chosen[len(results):]]
+    _accounts_total(out, results, skipped, code)
+    return code
+
+
+def _accounts_total(out: _Output, results: List[Tuple[str, int, List[Run]]],
+                    skipped: List[str], code: int) -> None:
+    """The total of several accounts: one line each and one for all (a "total" record
+    in JSON)."""
+    accounts = []
+    for name, each, runs in results:
+        reports = [report for run in runs for report in run.reports]
+        accounts.append({"name": name, "account": runs[0].account if runs else None,
+                         "exit": each, "examined": sum(r.examined for r in reports),
+                         "changes_made": sum(run.changes_made for run in runs),
+                         "changes": _added_counts(r.changes for r in reports)})
+    record = {"type": "total", "accounts": accounts, "not_started": skipped, "exit": code,
+              "examined": sum(a["examined"] for a in accounts),
+              "changes_made": sum(a["changes_made"] for a in accounts),
+              "changes": _added_counts(a["changes"] for a in accounts)}
+
+    def lines() -> Iterator[str]:
+        yield f"All {_plural(len(results) + len(skipped), 'account')}:"
+        for each in accounts:
+            changes = ", ".join(f"{k} ({v:,})" for k, v in each["changes"].items())
+            yield (f"  {each['name']}: {_plural(each['examined'], 'message')} examined"
+                   f"{'; ' + changes if changes else ''}; exit {each['exit']}")
+        for name in skipped:
+            yield f"  {name}: not started (stopped by a signal)"
+        yield (f"  total: {_plural(record['examined'], 'message')} examined, "
+               f"{_plural(record['changes_made'], 'change')} made; exit {code}")
+
+    out.record(record, lines)
+
+
+def _added_counts(parts: Iterable[Mapping[str, int]]) -> Dict[str, int]:
+    total: Dict[str, int] = {}
+    for part in parts:
+        for key, count in part.items():
+            total[key] = total.get(key, 0) + count
+    return total
 
 
 def _finish_run(run: Run, args: argparse.Namespace, out: _Output, status: str,
@@ -12042,9 +12426,10 @@ class _RulesReloader:
     An invalid new file is reported and the old rules stay; the [account] table is read
     only at the start (the connection is not rebuilt)."""
 
-    def __init__(self, path: Optional[str], rules: Ruleset) -> None:
+    def __init__(self, path: Optional[str], rules: Ruleset, name: Optional[str] = None) -> None:
         self.path = path
         self.rules = rules
+        self.name = name            # an [[account]]: its rules from the reloaded file
         self._signature = self._stat()
 
     def _stat(self) -> Optional[Tuple[int, int, int]]:
@@ -12066,6 +12451,8 @@ class _RulesReloader:
             return
         try:
             new = load_rules(self.path)
+            if self.name is not None:
+                new = new.for_account(self.name)
         except RulesError as exc:
             log.error("the rules file changed but is not valid, so the old rules stay in "
                       "force: %s", exc)
@@ -12078,15 +12465,44 @@ class _RulesReloader:
 
 def _cmd_watch(args: argparse.Namespace, out: _Output) -> int:
     rules = find_rules(args.rules)
-    settings = _connection_settings(args, rules.account)
+    chosen = _chosen_accounts(args, rules)
+    source = args.rules or (rules.source if os.path.isfile(rules.source) else None)
+    if rules.accounts:
+        return _watch_accounts(args, out, chosen, source)
+    watcher, session, lock, folders = _prepare_watch(args, out, rules, source)
+    try:
+        log.info("watching %s%s", ", ".join(folders), "" if args.apply else " (dry run)")
+        # SIGINT and SIGTERM end the watch at a safe point (exit 0), a second one at once
+        # (130); SIGHUP reloads the rules.
+        with _Signals(args.stop, armed=True, on_stop=watcher.stop,
+                      on_hangup=watcher.request_reload):
+            try:
+                watcher.run()
+            except StopRequested:
+                pass        # a wait that ended at the stop: the watch ends as asked
+    finally:
+        if lock is not None:
+            lock.release()
+    log.info("watch stopped after %d wake-ups", session.runs)
+    return EXIT_OK
+
+
+def _prepare_watch(args: argparse.Namespace, out: _Output, rules: Ruleset,
+                   source: Optional[str], name: Optional[str] = None,
+                   ) -> Tuple[Watcher, WatchSession, Optional[AccountLock], List[str]]:
+    """One account's watch, ready to run: its Watcher, WatchSession, lock (--apply) and
+    folders.  ``name``: an [[account]] (``rules`` are its own)."""
+    settings = _connection_settings(args, rules.account, name)
     # The watch retries forever itself, logging an outage once; the connection must not.
     settings["retries"] = 0
     folders = list(dict.fromkeys(args.folder or rules.account.get("folders") or ["INBOX"]))
-    source = args.rules or (rules.source if os.path.isfile(rules.source) else None)
-    reloader = _RulesReloader(source, rules)
+    reloader = _RulesReloader(source, rules, name)
     store = StateStore()
     store.load(start_over=args.all)
     if out.human:
+        if name is not None:
+            out.line(f"Account {name}: "
+                     f"{account_key(settings['user'], settings['host'], settings.get('port'))}")
         out.write(_rules_line(rules))
 
     def on_message(outcome: Outcome) -> None:
@@ -12115,27 +12531,87 @@ def _cmd_watch(args: argparse.Namespace, out: _Output) -> int:
                            on_record=out.record,
                            on_message=on_message, stopping=lambda: watcher.stopping,
                            on_pause=resume_at)
+    session.options = dataclasses.replace(session.options, account_name=name)
     session.check_start(folders)
     watcher = Watcher(connect, folders, catch_up, interval=args.interval,
                       idle_interval=args.idle_interval, reload=reloader.reload,
                       reload_needed=reloader.changed, stop=args.stop)
     # Held for as long as the watch runs: a cron 'run --apply' meanwhile exits 7.
     lock = store.lock(session.account, "watch").acquire() if args.apply else None
+    return watcher, session, lock, folders
+
+
+class _AccountLogPrefix(logging.Filter):
+    """Log lines of a watch thread start with its account's name (``work: lost the
+    connection ...``): several accounts log into one stream."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        thread = threading.current_thread().name
+        if thread.startswith("watch:"):
+            record.msg, record.args = f"{thread[6:]}: {record.getMessage()}", None
+        return True
+
+
+def _watch_accounts(args: argparse.Namespace, out: _Output,
+                    chosen: List[Tuple[Optional[str], Ruleset]], source: Optional[str]) -> int:
+    """``watch`` of several [[account]]s at once: a thread, connection, lock and state
+    each, one Stop for all (SIGINT/SIGTERM stop every one at its safe point), SIGHUP
+    reloads every one's rules.  An account that cannot start (locked, no state, no
+    password) or whose watch ends with an error (a refused sign-in) does not stop the
+    others; the exit code is the most serious of theirs (see most_serious_exit)."""
+    codes: Dict[str, int] = {}
+    started: List[Tuple[str, Watcher, Optional[AccountLock], threading.Thread]] = []
+
+    def report(name: str, exc: BaseException) -> int:
+        if isinstance(exc, GmailClassifyError):
+            for line in str(exc).split("\n") if str(exc) else [type(exc).__name__]:
+                sys.stderr.write(printable(f"gmail_classify: {name}: {line}") + "\n")
+            return exc.exit_code
+        sys.stderr.write(printable(f"gmail_classify: {name}: unexpected error: "
+                                   f"{type(exc).__name__}: {exc}") + "\n")
+        return EXIT_ERROR
+
+    def watch(name: str, watcher: Watcher) -> None:
+        try:
+            watcher.run()
+            codes[name] = EXIT_OK
+        except StopRequested:
+            codes[name] = EXIT_OK
+        except BaseException as exc:  # this account's end; the others watch on
+            if args.verbose:
+                log.exception("details:")
+            codes[name] = report(name, exc)
+
+    prefix = _AccountLogPrefix()
+    log.addFilter(prefix)
     try:
-        log.info("watching %s%s", ", ".join(folders), "" if args.apply else " (dry run)")
-        # SIGINT and SIGTERM end the watch at a safe point (exit 0), a second one at once
-        # (130); SIGHUP reloads the rules.
-        with _Signals(args.stop, armed=True, on_stop=watcher.stop,
-                      on_hangup=watcher.request_reload):
-            try:
-                watcher.run()
-            except StopRequested:
-                pass        # a wait that ended at the stop: the watch ends as asked
+        with _Signals(args.stop, armed=True,
+                      on_hangup=lambda: [w.request_reload() for _, w, _, _ in started]):
+            for name, rules in chosen:
+                name = str(name)
+                try:
+                    watcher, session, lock, folders = _prepare_watch(args, out, rules,
+                                                                     source, name)
+                except GmailClassifyError as exc:
+                    codes[name] = report(name, exc)
+                    continue
+                log.info("%s: watching %s%s", name, ", ".join(folders),
+                         "" if args.apply else " (dry run)")
+                thread = threading.Thread(target=watch, args=(name, watcher),
+                                          name=f"watch:{name}", daemon=True)
+                started.append((name, watcher, lock, thread))
+                thread.start()
+            for _, _, _, thread in started:
+                while thread.is_alive():
+                    thread.join(0.2)        # the main thread stays free for the signals
     finally:
-        if lock is not None:
-            lock.release()
-    log.info("watch stopped after %d wake-ups", session.runs)
-    return EXIT_OK
+        log.removeFilter(prefix)
+        for name, watcher, lock, thread in started:
+            watcher.stop()
+            thread.join(5)
+            if lock is not None:
+                lock.release()
+    return most_serious_exit(codes.values())
 
 
 def _history_line(entry: Mapping[str, Any]) -> str:
@@ -12156,6 +12632,8 @@ def _history_line(entry: Mapping[str, Any]) -> str:
             (f" ({maybe:,} maybe)" if maybe else "")]))
     undone = f"  [undone by {entry['undone_by']}]" if entry.get("undone_by") else ""
     what = f"undo of {entry['undo_of']}: " if entry.get("undo_of") else ""
+    if entry.get("account_name"):
+        what = f"[{entry['account_name']}] {what}"
     return (f"{entry['run']}  {entry['time']}  {entry['account']} on {entry['host']}  "
             f"{', '.join(entry['folders'])}  {what}{counts or 'no changes'}{status}{undone}")
 
@@ -12163,6 +12641,16 @@ def _history_line(entry: Mapping[str, Any]) -> str:
 def _cmd_history(args: argparse.Namespace, out: _Output) -> int:
     store = StateStore()
     runs = history(store)
+    if args.account:
+        # The runs of these accounts' mailboxes (user, host, port), whatever the table was
+        # called when they ran: renaming a table hides none of its runs.
+        keys = set()
+        for name, rules in _chosen_accounts(args, find_rules(args.rules), connecting=False):
+            table = rules.account
+            if not table.get("user"):
+                raise UsageError(f"account {name!r} has no user in {rules.source}")
+            keys.add(account_key(table["user"], table.get("host", GMAIL_HOST), table.get("port")))
+        runs = [entry for entry in runs if f"{entry['account']} on {entry['host']}" in keys]
     for entry in runs:
         out.record(entry, lambda: [_history_line(entry)])
     if not runs and out.human:
@@ -12171,8 +12659,8 @@ def _cmd_history(args: argparse.Namespace, out: _Output) -> int:
 
 
 def _cmd_undo(args: argparse.Namespace, out: _Output) -> int:
-    rules = find_rules(args.rules)
-    settings = _connection_settings(args, rules.account)
+    [(name, rules)] = _chosen_accounts(args, find_rules(args.rules), one=True)
+    settings = _connection_settings(args, rules.account, name)
     store = StateStore()
     store.load()
 
@@ -12196,6 +12684,7 @@ def _cmd_undo(args: argparse.Namespace, out: _Output) -> int:
     undo = Undo(store, settings["user"], settings["host"], settings.get("port"),
                 run_id=args.run_id, apply=args.apply, allow_expunge=args.allow_expunge,
                 on_record=on_record)
+    undo.run.account_name = name
     lock = store.lock(undo.run.account, "undo").acquire() if args.apply else None
     try:
         with _signed_in(settings) as conn:
@@ -12334,8 +12823,8 @@ def _cmd_test(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_labels(args: argparse.Namespace, out: TextIO) -> int:
-    rules = find_rules(args.rules)
-    settings = _connection_settings(args, rules.account)
+    [(name, rules)] = _chosen_accounts(args, find_rules(args.rules), one=True)
+    settings = _connection_settings(args, rules.account, name)
     with _signed_in(settings) as conn:
         for folder in sorted(conn.list_folders(), key=lambda f: f.name.casefold()):
             use = f"  {folder.special_use}" if folder.special_use else ""
@@ -12475,8 +12964,8 @@ def _cmd_suggest(args: argparse.Namespace, out: TextIO) -> int:
     fmt = _output_format(args)
     if args.output and os.path.exists(args.output) and not args.force:
         raise UsageError(f"{args.output} already exists; pass --force to overwrite it")
-    rules = find_rules(args.rules)
-    settings = _connection_settings(args, rules.account)
+    [(name, rules)] = _chosen_accounts(args, find_rules(args.rules), one=True)
+    settings = _connection_settings(args, rules.account, name)
     with _signed_in(settings) as conn:
         found = suggest_rules(conn, args.folder, top=args.top, batch_size=args.batch_size,
                               limit=args.limit)
@@ -12518,7 +13007,12 @@ _COMMANDS: Dict[str, _Command] = {
         _Opt("--daily-budget", help="stop before downloading more than SIZE a day for this "
              "account (default: 2G; Gmail allows about 2.5G; 0: no limit)")), exit_codes=True),
     "history": _Command(_cmd_history, "list the applied runs, newest first, from the audit "
-                        "log", options=(_Opt("--json", help="one JSON object per run"),)),
+                        "log", options=(_Opt("--json", help="one JSON object per run"),
+                                        _Opt("--account", action="append", metavar="NAME",
+                                             help="only the runs of this [[account]] of the "
+                                             "rules file (repeatable)"),
+                                        _Opt("--rules", help="the rules file that names the "
+                                             "accounts"))),
     "undo": _Command(_cmd_undo, "reverse one applied run (dry run unless --apply)",
                      ("connection",), (
         _Opt("run_id", metavar="RUN_ID", nargs="?", help="the run to reverse (default: the "

@@ -6925,8 +6925,10 @@ class ReadmeWatchExampleTest(FakeServerTest):
     """The README's watch example, run as written against the fake server."""
 
     def test_watch_example_reports_new_mail(self):
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"),
-                  encoding="utf-8") as handle:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+        if not os.path.exists(path):    # a bare copy (vendored, or a mutation run)
+            self.skipTest("README.md is not beside the tests")
+        with open(path, encoding="utf-8") as handle:
             (code,) = [block for block in re.findall(r"```python\n(.*?)```", handle.read(), re.S)
                        if "Watcher(" in block]
         server = FakeGmail(users={"you@gmail.com": PASSWORD}).start()

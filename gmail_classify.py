@@ -2311,6 +2311,24 @@ class GmailConnection:
         """True for servers with Gmail's extensions (labels, X-GM-RAW, message ids)."""
         return self.has("X-GM-EXT-1")
 
+    def tls_info(self) -> Optional[Dict[str, str]]:
+        """The connection's TLS session, None without one: ``{"version": "TLSv1.3",
+        "cipher": "TLS_AES_256_GCM_SHA384", "subject": "imap.gmail.com", "issuer":
+        "WR2", "expires": "Feb 24 08:36:33 2027 GMT"}`` (the certificate was verified)."""
+        with self._lock:
+            sock = getattr(self._proto.imap, "sock", None)
+            if not isinstance(sock, ssl.SSLSocket):
+                return None
+            cert = sock.getpeercert() or {}
+            cipher = sock.cipher()
+
+        def name(part: str) -> str:
+            fields = dict(pair[0] for pair in cert.get(part, ()) if pair)
+            return str(fields.get("commonName") or fields.get("organizationName") or "?")
+        return {"version": str(sock.version()), "cipher": cipher[0] if cipher else "?",
+                "subject": name("subject"), "issuer": name("issuer"),
+                "expires": str(cert.get("notAfter", "?"))}
+
     @property
     def selected(self) -> Optional[FolderStatus]:
         return self._selected
@@ -11050,6 +11068,211 @@ class OAuthTokenSource:
         return token
 
 
+# --- Doctor: what a server can and cannot do, before any change --------------------------
+#
+# ``doctor`` signs in, asks (LIST, NAMESPACE, CAPABILITY; never SELECT, never a write) and
+# tells in one table what a run would meet there: TLS, the capabilities that matter, the
+# folders trash, archive, All Mail and junk would use and why, how a move would be made,
+# what of the rules this server cannot do, the account's state and budget.  Every problem
+# carries the exit code a run would end with and what to do about it.
+
+# The capabilities that change what a run does, in the order the table lists them.
+DOCTOR_CAPABILITIES = ("MOVE", "UIDPLUS", "SPECIAL-USE", "IDLE", "CONDSTORE", "NAMESPACE",
+                       "X-GM-EXT-1", "APPENDLIMIT", "LITERAL+", "LITERAL-", "UTF8=ACCEPT")
+
+# Known providers, by the end of the server's host name: (host suffixes, name, quirks).
+PROVIDER_NOTES: Tuple[Tuple[Tuple[str, ...], str, str], ...] = (
+    (("gmail.com", "googlemail.com"), "Gmail",
+     "labels, not folders: a label is added, archive takes away Inbox, a move is a label "
+     "change; IMAP downloads are limited to about 2,500 MB a day (see --daily-budget)"),
+    (("mail.me.com", "icloud.com"), "iCloud",
+     "no MOVE (moves are COPY, \\Deleted and UID EXPUNGE) and no SPECIAL-USE (trash found "
+     "by name); an app-specific password is needed"),
+    (("office365.com", "outlook.com", "hotmail.com", "live.com"), "Microsoft 365",
+     "OAuth2 only: passwords are refused for IMAP (--auth xoauth2 with a token from "
+     "--password-command)"),
+    (("yahoo.com", "aol.com"), "Yahoo",
+     "IMAP shows at most 10,000 messages per folder; an app password is needed"),
+)
+
+
+@dataclass(frozen=True)
+class DoctorRow:
+    """One line of the doctor's table: ``DoctorRow("moving", "MOVE")``; a problem has
+    ``exit_code`` (what a run would exit with) and ``advice`` (what to do)."""
+
+    check: str
+    result: str
+    exit_code: int = 0
+    advice: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.exit_code
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """The doctor's table for one account; ``exit_code``: the first problem's, or 0."""
+
+    account: str
+    rows: Tuple[DoctorRow, ...]
+
+    @property
+    def problems(self) -> Tuple[DoctorRow, ...]:
+        return tuple(row for row in self.rows if not row.ok)
+
+    @property
+    def exit_code(self) -> int:
+        return self.problems[0].exit_code if self.problems else EXIT_OK
+
+
+def provider_note(host: str) -> Optional[Tuple[str, str]]:
+    """(provider, its quirks) for a known provider's host name, else None."""
+    host = host.lower().rstrip(".")
+    for suffixes, name, note in PROVIDER_NOTES:
+        if any(host == s or host.endswith("." + s) for s in suffixes):
+            return name, note
+    return None
+
+
+def diagnose_failure(user: str, host: str, port: int, exc: GmailClassifyError) -> Diagnosis:
+    """The table for an account the doctor could not sign in to: the error is the problem."""
+    what = {EXIT_AUTH: ("sign-in", "check the password (an app password where the provider "
+                        "wants one) or run auth again for OAuth2"),
+            EXIT_CONNECTION: ("connection", "check the host, port and network; for a TLS "
+                              "error, the certificate (--cafile) or --starttls")}
+    check, advice = what.get(exc.exit_code, ("server", "see the error"))
+    rows = [DoctorRow("server", f"{host}:{port}"),
+            DoctorRow(check, str(exc).split("\n")[0], exc.exit_code, advice)]
+    known = provider_note(host)
+    if known:
+        rows.append(DoctorRow("provider", f"{known[0]}: {known[1]}"))
+    return Diagnosis(account_key(user, host, port), tuple(rows))
+
+
+def diagnose(conn: GmailConnection, rules: Ruleset, folders: Sequence[str] = ("INBOX",), *,
+             allow_expunge: bool = False, store: Optional[StateStore] = None,
+             daily_budget: Optional[int] = DEFAULT_DAILY_BUDGET,
+             oauth: bool = False) -> Diagnosis:
+    """What this signed-in server can and cannot do for ``rules`` on ``folders``, read-only
+    (CAPABILITY, LIST, NAMESPACE; no folder is opened, nothing is written).
+
+    Returns the Diagnosis; its first problem's ``exit_code`` is what a run would exit with
+    (5 for a capability or folder the rules need).  ``store`` adds the account's marks and
+    today's downloads; ``oauth``: the sign-in used a stored OAuth2 token (now shown valid)."""
+    rows: List[DoctorRow] = []
+    plain = {"tls": "TLS", "starttls": "STARTTLS", "plaintext": "no TLS (loopback only)"}
+    rows.append(DoctorRow("server", f"{conn.host}:{conn.port}, "
+                                    f"{plain.get(conn.security, conn.security)}"))
+    tls = conn.tls_info()
+    if tls is not None:
+        rows.append(DoctorRow("TLS", f"{tls['version']} ({tls['cipher']}); certificate for "
+                                     f"{tls['subject']} by {tls['issuer']}, verified, valid "
+                                     f"until {tls['expires']}"))
+    rows.append(DoctorRow("sign-in", f"ok as {conn.user}" +
+                          (" with the stored OAuth2 token (still valid)" if oauth else "")))
+    have = []
+    for name in DOCTOR_CAPABILITIES:
+        found = [c for c in conn.capabilities if c == name or c.startswith(name + "=")]
+        have.append(", ".join(found) if found else f"no {name}")
+    rows.append(DoctorRow("capabilities", "; ".join(have)))
+    prefix, delimiter = conn.namespace()
+    rows.append(DoctorRow("namespace", f"prefix {json.dumps(prefix)}, separator "
+                                       f"{json.dumps(delimiter)}"))
+    listed = conn.list_folders()
+    for use, role in (("\\Trash", "trash"), ("\\Archive", "archive"), ("\\All", "all mail"),
+                      ("\\Junk", "junk")):
+        if role == "archive" and conn.is_gmail:
+            rows.append(DoctorRow(role, "takes away the Inbox label (Gmail)"))
+            continue
+        folder = conn.special_folder(use)
+        if folder is None:
+            rows.append(DoctorRow(role, f"none (no folder is marked {use})"))
+        elif (folder.special_use or "").lower() == use.lower():
+            rows.append(DoctorRow(role, f"{folder.name} (marked {use})"))
+        else:
+            rows.append(DoctorRow(role, f"{folder.name} (found by its name: no folder is "
+                                        f"marked {use})"))
+    if conn.has("MOVE"):
+        moving = "MOVE: safe"
+    elif conn.has("UIDPLUS"):
+        moving = "COPY, then \\Deleted and UID EXPUNGE of exactly those messages: safe"
+    elif allow_expunge:
+        moving = ("COPY, then a plain EXPUNGE (--allow-expunge): it would also expunge any "
+                  "other message marked \\Deleted in the folder")
+    else:
+        moving = "only with --allow-expunge (a plain EXPUNGE; no MOVE, no UIDPLUS)"
+    rows.append(DoctorRow("moving", moving))
+    rows.extend(_doctor_rules(conn, rules, folders, listed, allow_expunge))
+    if store is not None:
+        rows.extend(_doctor_state(conn, rules, folders, store, daily_budget))
+    known = provider_note(conn.host)
+    if known:
+        rows.append(DoctorRow("provider", f"{known[0]}: {known[1]}"))
+    return Diagnosis(account_key(conn.user, conn.host, conn.port), tuple(rows))
+
+
+def _doctor_rules(conn: GmailConnection, rules: Ruleset, folders: Sequence[str],
+                  listed: Sequence[Folder], allow_expunge: bool) -> List[DoctorRow]:
+    """The rows about the rules: what this server cannot do of them, and the folders."""
+    rows: List[DoctorRow] = []
+    try:
+        settled = _settle(conn, rules, allow_expunge)
+    except CapabilityError as exc:
+        rows.append(DoctorRow("rules", str(exc).split("\n")[0], exc.exit_code,
+                              "pass --allow-expunge, or drop move, archive and trash from "
+                              "the rules for this server" if "EXPUNGE" in str(exc) else
+                              "create the folder, or drop the actions that need it"))
+    else:
+        for note in settled.notes:
+            rows.append(DoctorRow("rules", note))
+    notes = list(rules.local()[1]) if not conn.is_gmail else []
+    if not conn.is_gmail and any(rule.actions.labels for rule in rules.rules):
+        notes.append("labels are copies into folders here (no Gmail labels)")
+    for note in notes:
+        rows.append(DoctorRow("rules", note))
+    if not rows:
+        rows.append(DoctorRow("rules", f"every action of {_plural_rules(rules)} can be done "
+                                       f"here"))
+    names = {folder.name.casefold() for folder in listed}
+    for folder in folders:
+        name = conn.server_name(folder)
+        if name.upper() != "INBOX" and name.casefold() not in names:
+            rows.append(DoctorRow("folders", f"{folder}: not on this server", EXIT_SERVER,
+                                  "check the name with 'labels', or fix folders / --folder"))
+    return rows
+
+
+def _plural_rules(rules: Ruleset) -> str:
+    return f"{len(rules.rules)} rule{'' if len(rules.rules) == 1 else 's'}"
+
+
+def _doctor_state(conn: GmailConnection, rules: Ruleset, folders: Sequence[str],
+                  store: StateStore, daily_budget: Optional[int]) -> List[DoctorRow]:
+    """The rows about the account's state: each folder's mark, today's downloads."""
+    account = account_key(conn.user, conn.host, conn.port)
+    marks = []
+    for folder in folders:
+        state = store.folder(account, folder)
+        if state is None:
+            marks.append(f"{folder}: no state yet (the first run classifies everything)")
+        else:
+            changed = "" if state.rules == rules_hash(rules) else ", rules changed since"
+            marks.append(f"{folder}: classified up to UID {state.mark} (UIDVALIDITY "
+                         f"{state.uidvalidity}{changed})")
+    rows = [DoctorRow("state", "; ".join(marks))]
+    used = store.downloaded(account)
+    if daily_budget:
+        full = used >= daily_budget
+        rows.append(DoctorRow("budget", f"{_human_size(used)} of {_human_size(daily_budget)} "
+                                        f"downloaded today (UTC)", EXIT_INCOMPLETE if full else 0,
+                              "wait for 00:00 UTC, or raise --daily-budget" if full else ""))
+    else:
+        rows.append(DoctorRow("budget", f"{_human_size(used)} downloaded today; no budget"))
+    return rows
+
+
 # --- Importers and suggestions -----------------------------------------------------------
 #
 # Meet users where their rules already are: Gmail's own filters (Settings -> Filters ->
@@ -12292,7 +12515,8 @@ def _chosen_accounts(args: argparse.Namespace, rules: Ruleset, one: bool = False
 
 def _each_account(args: argparse.Namespace, out: _Output,
                   chosen: List[Tuple[Optional[str], Ruleset]],
-                  work: Callable[[Optional[str], Ruleset, List[Run]], int]) -> int:
+                  work: Callable[[Optional[str], Ruleset, List[Run]], int],
+                  total: bool = True) -> int:
     """``work(name, rules, runs)`` for each account in turn, then one total; returns the
     most serious exit code.  A failure in one (locked, unreachable, refused) is reported,
     with the account's name, and the next goes on; a signal ends the account at its safe
@@ -12325,7 +12549,8 @@ def _each_account(args: argparse.Namespace, out: _Output,
             break
     code = most_serious_exit(code for _, code, _ in results)
     skipped = [str(name) for name, _ in chosen[len(results):]]
-    _accounts_total(out, results, skipped, code)
+    if total:
+        _accounts_total(out, results, skipped, code)
     return code
 
 
@@ -12345,16 +12570,22 @@ def _accounts_total(out: _Output, results: List[Tuple[str, int, List[Run]]],
               "changes_made": sum(a["changes_made"] for a in accounts),
               "changes": _added_counts(a["changes"] for a in accounts)}
 
+    applied = any(run.apply for _, _, runs in results for run in runs)
+
+    def changes(each: Mapping[str, Any]) -> str:
+        if applied:
+            return f"{_plural(each['changes_made'], 'change')} made"
+        return f"{_plural(sum(each['changes'].values()), 'change')} to make"
+
     def lines() -> Iterator[str]:
         yield f"All {_plural(len(results) + len(skipped), 'account')}:"
         for each in accounts:
-            changes = ", ".join(f"{k} ({v:,})" for k, v in each["changes"].items())
-            yield (f"  {each['name']}: {_plural(each['examined'], 'message')} examined"
-                   f"{'; ' + changes if changes else ''}; exit {each['exit']}")
+            yield (f"  {each['name']}: {_plural(each['examined'], 'message')} examined, "
+                   f"{changes(each)}; exit {each['exit']}")
         for name in skipped:
             yield f"  {name}: not started (stopped by a signal)"
         yield (f"  total: {_plural(record['examined'], 'message')} examined, "
-               f"{_plural(record['changes_made'], 'change')} made; exit {code}")
+               f"{changes(record)}; exit {code}")
 
     out.record(record, lines)
 
@@ -12725,6 +12956,53 @@ def _cmd_undo(args: argparse.Namespace, out: _Output) -> int:
     return EXIT_INCOMPLETE if undo.expunge_surprises else EXIT_OK
 
 
+def _cmd_doctor(args: argparse.Namespace, out: _Output) -> int:
+    rules = find_rules(args.rules)
+    chosen = _chosen_accounts(args, rules)
+    if not rules.accounts:
+        return _doctor_account(args, out, rules)
+    return _each_account(args, out, chosen, lambda name, account_rules, _runs: _doctor_account(
+        args, out, account_rules, name), total=False)
+
+
+def _doctor_account(args: argparse.Namespace, out: _Output, rules: Ruleset,
+                    name: Optional[str] = None) -> int:
+    """``doctor`` for one account: sign in, diagnose (read-only), print the table."""
+    settings = _connection_settings(args, rules.account, name)
+    folders = args.folder or list(rules.account.get("folders") or ["INBOX"])
+    store = StateStore()
+    store.load()
+    conn = GmailConnection(**settings)
+    try:
+        conn.connect()
+    except (AuthenticationError, OAuthError, TLSError, ConnectionLostError) as exc:
+        diagnosis = diagnose_failure(conn.user, conn.host, conn.port, exc)
+    else:
+        try:
+            diagnosis = diagnose(conn, rules, folders, allow_expunge=args.allow_expunge,
+                                 store=store, daily_budget=args.daily_budget or None,
+                                 oauth=isinstance(settings.get("token"), OAuthTokenSource))
+        finally:
+            conn.close()
+    width = max(len(row.check) for row in diagnosis.rows)
+
+    def lines() -> Iterator[str]:
+        yield f"Doctor: {diagnosis.account}{f' (account {name})' if name else ''}"
+        for row in diagnosis.rows:
+            mark = "PROBLEM " if not row.ok else ""
+            yield f"  {row.check.ljust(width)}  {mark}{row.result}"
+        if diagnosis.problems:
+            yield "What to do:"
+            for row in diagnosis.problems:
+                yield f"  {row.check}: {row.advice} (a run would exit {row.exit_code})"
+        else:
+            yield "The rules can run here."
+    out.record({"type": "doctor", "account": diagnosis.account, "account_name": name,
+                "rows": [dataclasses.asdict(row) for row in diagnosis.rows],
+                "exit": diagnosis.exit_code}, lines)
+    return diagnosis.exit_code
+
+
 def _report_table(report: FolderReport, rules: Ruleset) -> str:
     verb = "changed" if report.applied else "to change"
     rows = [(rule.name, report.matched.get(rule.name, 0), report.changed.get(rule.name, 0))
@@ -13043,6 +13321,13 @@ _COMMANDS: Dict[str, _Command] = {
                       options=(_Opt("rules_file", metavar="RULES"),)),
     "test": _Command(_cmd_test, "classify .eml files, an mbox or a Maildir offline", options=(
         _Opt("rules_file", metavar="RULES"), _Opt("files", metavar="FILE", nargs="+"))),
+    "doctor": _Command(_cmd_doctor, "check what the server can and cannot do for the rules "
+                       "(read-only)", ("connection",), (
+        _Opt("--folder", action="append", type=_folder_name, help="folder the rules would "
+             "classify (repeatable; default: the rules' folders, else INBOX)"),
+        _Opt("--json", help="the table as one JSON object"), _Opt("--allow-expunge"),
+        _Opt("--daily-budget", help="the daily download budget to check against (default: "
+             "2G; 0: none)")), exit_codes=True),
     "labels": _Command(_cmd_labels, "list folders and labels with their special-use "
                        "attributes", ("connection",)),
     "folders": _Command(_cmd_labels, "list folders and labels with their special-use "

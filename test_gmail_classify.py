@@ -15282,7 +15282,7 @@ class SeveralAccountsTest(TwoAccountsTestCase):
         self.assertEqual(len(self.second.uids("Receipts")), 2)
         self.assertIn(f"Account one: {USER} on 127.0.0.1:{self.server.port}", out)
         self.assertIn("All 2 accounts:", out)
-        self.assertIn("  one: 1 message examined; label Receipts (1), archive (1); exit 0", out)
+        self.assertIn("  one: 1 message examined, 2 changes made; exit 0", out)
         self.assertIn("  total: 3 messages examined, 6 changes made; exit 0", out)
         # Each server saw only its own account's password.
         first, second = b"".join(self.server.raw_lines), b"".join(self.second.raw_lines)
@@ -15365,8 +15365,8 @@ class SeveralAccountsTest(TwoAccountsTestCase):
         self.second.add_message(make_message("receipt 4"))
         code, out, err = self.cli("--apply", IMAP_PASSWORD_TWO="wrong")
         self.assertEqual(code, gc.EXIT_AUTH, err)
-        self.assertIn("  one: 0 messages examined; exit 7", out)
-        self.assertIn("  two: 0 messages examined; exit 3", out)
+        self.assertIn("  one: 0 messages examined, 0 changes made; exit 7", out)
+        self.assertIn("  two: 0 messages examined, 0 changes made; exit 3", out)
 
     def test_an_unreachable_account_does_not_stop_the_other(self):
         port = self.server.port

@@ -15512,6 +15512,141 @@ class SeveralAccountsWatchTest(TwoAccountsTestCase):
         self.assertEqual(self.second.commands(), [])
 
 
+class DoctorTest(unittest.TestCase):
+    """`doctor` on every server kind of the fake: one table, read-only, the exit code of
+    the first problem."""
+
+    def doctor(self, server: FakeGmail, *extra: str, rules: Any = None,
+               env: Optional[dict] = None) -> Tuple[int, str, str]:
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        path = os.path.join(tmp, "rules.json")
+        with open(path, "w") as handle:
+            json.dump(rules or EXAMPLE_DOC, handle)
+        return run_cli("doctor", "--user", USER, "--host", "127.0.0.1", "--port",
+                       str(server.port), "--plaintext", "--retries", "0", "--rules", path,
+                       *extra, env=dict({"GMAIL_APP_PASSWORD": PASSWORD}, **(env or {})))
+
+    def start(self, **options: Any) -> FakeGmail:
+        server = FakeGmail(**options).start()
+        self.addCleanup(server.stop)
+        return server
+
+    def rows(self, out: str) -> Dict[str, str]:
+        """check -> its result (several rows of one check joined by ' | ')."""
+        found: Dict[str, List[str]] = {}
+        for line in out.splitlines():
+            if line.startswith("  ") and not line.startswith("   ") and "  " in line[2:]:
+                check, result = line[2:].split("  ", 1)
+                found.setdefault(check.strip(), []).append(result.strip())
+        return {check: " | ".join(results) for check, results in found.items()}
+
+    # What each kind shows (a fragment of the row) and its exit code.
+    EXPECTED = {
+        "gmail": (0, {"moving": "MOVE: safe", "archive": "takes away the Inbox label",
+                      "all mail": "[Gmail]/All Mail (marked \\All)",
+                      "trash": "[Gmail]/Trash (marked \\Trash)",
+                      "capabilities": "X-GM-EXT-1", "namespace": 'prefix "", separator "/"'}),
+        "move": (0, {"moving": "MOVE: safe", "archive": "Archive (marked \\Archive)",
+                     "all mail": "none (no folder is marked \\All)",
+                     "rules": "labels are copies into folders here"}),
+        "uidplus": (0, {"moving": "COPY, then \\Deleted and UID EXPUNGE",
+                        "capabilities": "no MOVE; UIDPLUS"}),
+        "neither": (5, {"moving": "only with --allow-expunge",
+                        "rules": "PROBLEM 127.0.0.1 has neither MOVE nor UIDPLUS"}),
+        "no-special-use": (0, {"trash": "Deleted Items (found by its name: no folder is "
+                                        "marked \\Trash)",
+                               "archive": "Archives (found by its name"}),
+        "inbox-prefix": (0, {"namespace": 'prefix "INBOX.", separator "."',
+                             "trash": "INBOX.Trash (marked \\Trash)"}),
+    }
+
+    def test_every_server_kind_read_only(self):
+        self.assertEqual(set(self.EXPECTED), set(SERVER_KINDS))
+        for kind, (code, fragments) in self.EXPECTED.items():
+            with self.subTest(kind=kind):
+                server = self.start(kind=kind)
+                server.add_message(make_message("receipt 1"))
+                got, out, err = self.doctor(server)
+                self.assertEqual((got, err), (code, ""), out)
+                rows = self.rows(out)
+                for check, fragment in fragments.items():
+                    self.assertIn(fragment, rows.get(check, ""), out)
+                self.assertIn("sign-in", rows)
+                self.assertIn("INBOX: no state yet", rows["state"])
+                self.assertTrue(out.rstrip().endswith("The rules can run here.") == (code == 0))
+                commands = server.commands()
+                self.assertFalse(set(commands) & (_WRITE_COMMANDS | {"SELECT", "EXAMINE",
+                                                                    "APPEND"}), commands)
+                self.assertEqual(commands[-1], "LOGOUT")
+                self.assertEqual(server.uids("INBOX"), [1])
+
+    def test_problems_come_with_what_to_do_and_allow_expunge_settles_them(self):
+        server = self.start(kind="neither")
+        code, out, err = self.doctor(server)
+        self.assertEqual(code, gc.EXIT_SERVER)
+        self.assertIn("What to do:\n  rules: pass --allow-expunge", out)
+        self.assertIn("(a run would exit 5)", out)
+        code, out, err = self.doctor(server, "--allow-expunge")
+        self.assertEqual((code, err), (0, ""), out)
+        self.assertIn("a plain EXPUNGE (--allow-expunge)", self.rows(out)["moving"])
+        code, out, err = self.doctor(server, "--allow-expunge", "--folder", "Nope")
+        self.assertEqual(code, gc.EXIT_SERVER, out)
+        self.assertIn("PROBLEM Nope: not on this server", self.rows(out)["folders"])
+
+    def test_a_refused_sign_in_and_no_server_are_rows_too(self):
+        server = self.start(kind="move")
+        code, out, err = self.doctor(server, env={"GMAIL_APP_PASSWORD": "wrong"})
+        self.assertEqual(code, gc.EXIT_AUTH, err)
+        self.assertIn("PROBLEM", self.rows(out)["sign-in"])
+        self.assertIn("check the password", out)
+        port = server.port
+        server.stop()
+        server.port = port
+        code, out, err = self.doctor(server)
+        self.assertEqual(code, gc.EXIT_CONNECTION, err)
+        self.assertIn("PROBLEM", self.rows(out)["connection"])
+
+    def test_json_state_and_budget(self):
+        server = self.start(kind="move")
+        code, out, err = self.doctor(server, "--json", "--daily-budget", "1K")
+        self.assertEqual(code, 0, err)
+        record = json.loads(out)
+        self.assertEqual(record["type"], "doctor")
+        checks = [row["check"] for row in record["rows"]]
+        self.assertEqual(checks[:3], ["server", "sign-in", "capabilities"])
+        self.assertIn("budget", checks)
+        budget = next(row for row in record["rows"] if row["check"] == "budget")
+        self.assertIn("of 1.0 KB downloaded today", budget["result"])
+
+    def test_tls_row_names_version_and_certificate(self):
+        server = self.start(tls=True)
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        code, out, err = run_cli("doctor", "--user", USER, "--host", "localhost", "--port",
+                                 str(server.port), "--cafile", write_ca_file(tmp),
+                                 "--retries", "0", env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, 0, err + out)
+        tls = self.rows(out)["TLS"]
+        self.assertRegex(tls, r"^TLSv1\.[23] \(")
+        self.assertIn("verified, valid until", tls)
+        self.assertIn("certificate for localhost", tls)
+
+    def test_known_providers(self):
+        for host, name in (("imap.gmail.com", "Gmail"), ("imap.mail.me.com", "iCloud"),
+                           ("outlook.office365.com", "Microsoft 365"),
+                           ("imap.mail.yahoo.com", "Yahoo"), ("imap.aol.com", "Yahoo"),
+                           ("IMAP.GMAIL.COM.", "Gmail")):
+            with self.subTest(host=host):
+                self.assertEqual(gc.provider_note(host)[0], name)
+        self.assertIn("2,500 MB", gc.provider_note("imap.gmail.com")[1])
+        self.assertIn("no MOVE", gc.provider_note("imap.mail.me.com")[1])
+        self.assertIn("OAuth2 only", gc.provider_note("outlook.office365.com")[1])
+        self.assertIn("10,000 messages per folder", gc.provider_note("imap.mail.yahoo.com")[1])
+        self.assertIsNone(gc.provider_note("notgmail.com"))
+        self.assertIsNone(gc.provider_note("127.0.0.1"))
+
+
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the
     # bench-* forms are its helper processes. Anything else runs the tests.

@@ -11018,6 +11018,7 @@ class ClosedOutputTest(StateTestCase):
             ("import-filters", ["import-filters", filters], 141),
             ("labels", ["labels", *conn], 0),
             ("folders", ["folders", *conn], 0),
+            ("doctor", ["doctor", *conn], 0),
             ("suggest", ["suggest", *conn], 141),
             ("run", ["run", *conn], 0),                                 # a dry run
             ("run", ["run", "--json", *conn], 141),

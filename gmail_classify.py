@@ -34,15 +34,17 @@ Reading guide.  Sections in dependency order, each using only those above it
     message, skipped and summary records), ``Run``, ``history``, ``Undo``.
 10. Watch: stay connected, IDLE or poll, classify new mail.
 11. OAuth2 sign-in.
-12. Importers and suggestions: Gmail's filter export, suggested rules.
-13. Command line: the output object, one row per subcommand, ``main``.
+12. Doctor: what a server can and cannot do for the rules, read-only (``diagnose``).
+13. Importers and suggestions: Gmail's filter export, suggested rules.
+14. Command line: the output object, one row per subcommand, ``main``; several
+    [[account]] tables run in turn (``_each_account``) or watched at once.
 
 Where to add things (each is one place):
   a rule condition   a ``Condition`` subclass and its row in ``_CONDITION_KINDS`` (5);
                      from a vendoring script, ``Ruleset.add_condition``
   a flag action      a row in ``_FLAG_ACTION_ROWS`` (5, above ``Actions``)
-  a subcommand       its ``_cmd_*`` function and its row in ``_COMMANDS`` (13)
-  an output format   an ``_Output`` subclass and its row in ``_OUTPUT_FORMATS`` (13)
+  a subcommand       its ``_cmd_*`` function and its row in ``_COMMANDS`` (14)
+  an output format   an ``_Output`` subclass and its row in ``_OUTPUT_FORMATS`` (14)
   an exit code       ``exit_code`` on the error class (1)
   a server quirk     folder names without SPECIAL-USE: ``FALLBACK_FOLDER_NAMES`` (3); what an
                      answer may hold: ``_UNTAGGED_NEEDED`` (3); a capability check: the
@@ -77,6 +79,7 @@ __all__ = [
     "builtin_rules", "STARTER_RULES_TOML", "STARTER_RULES_JSON", "parse_toml", "TOMLError",
     "RuleTest", "run_rule_tests", "format_rules", "write_rules_file",
     "TEMPLATE_FIELDS", "split_template", "expand_template", "clean_component",
+    "account_variable_suffix",
     # pipeline
     "classify_folder", "check_run", "classify_messages", "demo_messages", "Outcome",
     "FolderReport",
@@ -91,10 +94,13 @@ __all__ = [
     # OAuth2 sign-in
     "OAuthError", "OAuthClient", "OAuthTokenSource", "authorize", "load_client_secret_file",
     "save_refresh_token", "load_refresh_token", "token_path",
+    # doctor
+    "diagnose", "diagnose_failure", "Diagnosis", "DoctorRow", "provider_note",
+    "PROVIDER_NOTES", "DOCTOR_CAPABILITIES",
     # importers and suggestions
     "import_gmail_filters", "ImportedFilters", "suggest_rules", "Suggestions",
     # command line
-    "main",
+    "main", "most_serious_exit",
 ]
 
 __version__ = "0.1.0"

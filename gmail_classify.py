@@ -12013,6 +12013,8 @@ def _netrc_entries(text: str) -> List[Tuple[Optional[str], str, str]]:
             found = list(lexer)
         except ValueError as exc:       # an unclosed quote
             raise UsageError(f"~/.netrc: {exc}: {printable(line[:40])}") from None
+        if "#" in found:                # a lone '#' starts a comment, as netrc reads it
+            found = found[:found.index("#")]
         words += found
         if "macdef" in found:
             in_macro = True

@@ -15149,7 +15149,7 @@ class NetrcEntriesTest(TempDirMixin, unittest.TestCase):
             "machine imap.example.com login one@example.com password first\n"
             "machine imap.example.com\n  login two@example.com\n  password \"sec ond\"\n"
             "macdef init\nmachine evil login one@example.com password macro\n\n"
-            "machine other.example.com password nologin\n"
+            "machine other.example.com password nologin # login one@example.com\n"
             "default login one@example.com password fallback\n")
 
     def setUp(self):

@@ -11688,6 +11688,8 @@ exit codes:
   143 stopped by SIGTERM (kill, systemctl stop, shutdown), the same way
   a watch stopped by SIGINT or SIGTERM exits 0; a signal that comes once every
   change is made (during the report or sign-out) leaves the usual code
+  several [[account]]s: the most serious of their codes, in the order
+  130/143/129, 1, 2, 3, 4, 5, 8, 6, 7, 0
 """
 
 PASSWORD_ENV = "GMAIL_APP_PASSWORD"

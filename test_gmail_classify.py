@@ -15195,6 +15195,12 @@ class ExitSeverityTest(unittest.TestCase):
         self.assertEqual(gc.most_serious_exit([0, 141]), 141)
         self.assertEqual(gc.most_serious_exit([7, 141]), 7)
 
+    def test_the_help_states_the_same_order(self):
+        found = re.search(r"in the order\s+([\d/, \n]+)", gc.EXIT_CODES_HELP)
+        listed = [int(code) for code in re.findall(r"\d+", found.group(1))]
+        self.assertEqual(listed, [130, 143, 129, 1, 2, 3, 4, 5, 8, 6, 7, 0])
+        self.assertEqual(listed, list(gc._EXIT_SEVERITY))
+
 
 class AuditLockTest(TempDirMixin, unittest.TestCase):
     def setUp(self):

@@ -15424,8 +15424,21 @@ class SeveralAccountsTest(TwoAccountsTestCase):
         code, out, err = self.cli("undo")
         self.assertEqual(code, gc.EXIT_USAGE)
         self.assertIn("add --account NAME (one of one, two)", err)
+        code, out, err = self.cli("undo", "--account", "one", "--account", "two")
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertIn("undo works on one account: give --account once", err)
         code, out, err = self.cli("history")
         self.assertEqual(len(out.splitlines()), 2)
+        code, out, err = self.cli("history", "--json", "--account", "two", IMAP_PASSWORD="x")
+        (entry,) = [json.loads(line) for line in out.splitlines()]     # no secret needed
+        self.assertEqual((entry["account_name"], entry["host"]),
+                         ("two", f"127.0.0.1:{self.second.port}"))
+        logins = (self.server.count("LOGIN"), self.second.count("LOGIN"))
+        code, out, err = run_cli("suggest", "--rules", self.rules_path, "--account", "one",
+                                 "--retries", "0", env=self.env)
+        self.assertEqual(code, 0, err)
+        self.assertEqual((self.server.count("LOGIN"), self.second.count("LOGIN")),
+                         (logins[0] + 1, logins[1]))
 
     def test_account_option_without_tables_exits_2(self):
         with open(self.rules_path, "w") as handle:

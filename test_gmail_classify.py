@@ -15566,16 +15566,22 @@ class DoctorTest(unittest.TestCase):
         "gmail": (0, {"moving": "MOVE: safe", "archive": "takes away the Inbox label",
                       "all mail": "[Gmail]/All Mail (marked \\All)",
                       "trash": "[Gmail]/Trash (marked \\Trash)",
-                      "capabilities": "X-GM-EXT-1", "namespace": 'prefix "", separator "/"'}),
+                      "capabilities": "X-GM-EXT-1", "namespace": 'prefix "", separator "/"',
+                      "rules": "every action of 5 rules can be done here"}),
         "move": (0, {"moving": "MOVE: safe", "archive": "Archive (marked \\Archive)",
                      "all mail": "none (no folder is marked \\All)",
-                     "rules": "labels are copies into folders here"}),
+                     "rules": "labels are copies into folders here (no Gmail labels)"}),
         "uidplus": (0, {"moving": "COPY, then \\Deleted and UID EXPUNGE",
                         "capabilities": "no MOVE; UIDPLUS"}),
         "neither": (5, {"moving": "only with --allow-expunge",
                         "rules": "PROBLEM 127.0.0.1 has neither MOVE nor UIDPLUS"}),
         "no-special-use": (0, {"trash": "Deleted Items (found by its name: no folder is "
                                         "marked \\Trash)",
+                               "rules": "trash goes to 'Deleted Items': no folder is marked "
+                                        "\\Trash, so it was chosen by its name | archive goes "
+                                        "to 'Archives': no folder is marked \\Archive, so it "
+                                        "was chosen by its name | labels are copies into "
+                                        "folders here (no Gmail labels)",
                                "archive": "Archives (found by its name"}),
         "inbox-prefix": (0, {"namespace": 'prefix "INBOX.", separator "."',
                              "trash": "INBOX.Trash (marked \\Trash)"}),
@@ -15592,6 +15598,8 @@ class DoctorTest(unittest.TestCase):
                 rows = self.rows(out)
                 for check, fragment in fragments.items():
                     self.assertIn(fragment, rows.get(check, ""), out)
+                    if check == "rules" and code == 0:      # the whole row, nothing more
+                        self.assertEqual(rows[check], fragment)
                 self.assertIn("sign-in", rows)
                 self.assertIn("INBOX: no state yet", rows["state"])
                 self.assertTrue(out.rstrip().endswith("The rules can run here.") == (code == 0))

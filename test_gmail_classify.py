@@ -15635,6 +15635,16 @@ class DoctorTest(unittest.TestCase):
         self.assertEqual(code, gc.EXIT_CONNECTION, err)
         self.assertIn("PROBLEM", self.rows(out)["connection"])
 
+    def test_gmail_searches_are_named_off_gmail_only(self):
+        rules = {"rule": [{"name": "Promo", "gmail_query": "category:promotions",
+                           "subject": "sale", "star": True}]}
+        for kind, expected in (("move", 'rule 1 ("Promo"): its gmail_query needs Gmail'),
+                               ("gmail", "every action of 1 rule can be done here")):
+            with self.subTest(kind=kind):
+                code, out, err = self.doctor(self.start(kind=kind), rules=rules)
+                self.assertEqual(code, 0, err)
+                self.assertTrue(self.rows(out)["rules"].startswith(expected), out)
+
     def test_json_state_and_budget(self):
         server = self.start(kind="move")
         code, out, err = self.doctor(server, "--json", "--daily-budget", "1K")

@@ -15175,7 +15175,11 @@ class NetrcEntriesTest(TempDirMixin, unittest.TestCase):
         self.assertIsNone(find("imap.example.com", "three@example.com", strict=True))
         self.assertIsNone(find("other.example.com", "one@example.com", strict=True))
         self.assertIsNone(find("elsewhere", "one@example.com", strict=True))
-        # Without an [[account]]: as before, a host entry without login, or the default.
+        # Without an [[account]] too: the netrc module kept one entry per host (the last),
+        # so the first login of a host was never found.
+        self.assertEqual(find("imap.example.com", "one@example.com"), "first")
+        self.assertEqual(find("imap.example.com", "two@example.com"), "sec ond")
+        # Else, as before, a host entry without login, or the default.
         self.assertEqual(find("other.example.com", "one@example.com"), "nologin")
         self.assertEqual(find("elsewhere", "one@example.com"), "fallback")
         self.assertIsNone(find("elsewhere", "two@example.com"))

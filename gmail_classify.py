@@ -34,18 +34,21 @@ Reading guide.  Sections in dependency order, each using only those above it
     message, skipped and summary records), ``Run``, ``history``, ``Undo``.
 10. Watch: stay connected, IDLE or poll, classify new mail.
 11. OAuth2 sign-in.
-12. Importers and suggestions: Gmail's filter export, suggested rules.
-13. Learning, explaining, comparing rules: ``learn_rules`` (rules from how mail is already
+12. Doctor: what a server can and cannot do for the rules, read-only (``diagnose``).
+13. Importers and suggestions: Gmail's filter export, suggested rules; ``export`` of the
+    rules to Sieve, Gmail's filters and JSON.
+14. Learning, explaining, comparing rules: ``learn_rules`` (rules from how mail is already
     filed, judged on the newest mail), ``explain_message`` (every rule's verdict, for
     ``why``), ``diff_messages`` / ``diff_folders`` (decisions two rule sets differ on).
-14. Command line: the output object, one row per subcommand, ``main``.
+15. Command line: the output object, one row per subcommand, ``main``; several
+    [[account]] tables run in turn (``_each_account``) or watched at once.
 
 Where to add things (each is one place):
   a rule condition   a ``Condition`` subclass and its row in ``_CONDITION_KINDS`` (5);
                      from a vendoring script, ``Ruleset.add_condition``
   a flag action      a row in ``_FLAG_ACTION_ROWS`` (5, above ``Actions``)
-  a subcommand       its ``_cmd_*`` function and its row in ``_COMMANDS`` (14)
-  an output format   an ``_Output`` subclass and its row in ``_OUTPUT_FORMATS`` (14)
+  a subcommand       its ``_cmd_*`` function and its row in ``_COMMANDS`` (15)
+  an output format   an ``_Output`` subclass and its row in ``_OUTPUT_FORMATS`` (15)
   an exit code       ``exit_code`` on the error class (1)
   a server quirk     folder names without SPECIAL-USE: ``FALLBACK_FOLDER_NAMES`` (3); what an
                      answer may hold: ``_UNTAGGED_NEEDED`` (3); a capability check: the
@@ -82,6 +85,7 @@ __all__ = [
     "TEMPLATE_FIELDS", "split_template", "expand_template", "clean_component",
     "ProgramCondition", "ProgramError", "clean_label", "rule_programs", "program_trust_problem",
     "check_programs_trusted",
+    "account_variable_suffix",
     # pipeline
     "classify_folder", "check_run", "classify_messages", "demo_messages", "Outcome",
     "FolderReport",
@@ -96,6 +100,9 @@ __all__ = [
     # OAuth2 sign-in
     "OAuthError", "OAuthClient", "OAuthTokenSource", "authorize", "load_client_secret_file",
     "save_refresh_token", "load_refresh_token", "token_path",
+    # doctor
+    "diagnose", "diagnose_failure", "Diagnosis", "DoctorRow", "provider_note",
+    "PROVIDER_NOTES", "DOCTOR_CAPABILITIES",
     # importers and suggestions
     "import_gmail_filters", "ImportedFilters", "suggest_rules", "Suggestions",
     "export_sieve", "export_gmail", "export_json", "Exported", "EXPORT_FORMATS",
@@ -105,7 +112,7 @@ __all__ = [
     "LearnedRules", "LearnError", "read_filed_mail", "read_filed_path", "FiledMail",
     "FiledMessage",
     # command line
-    "main",
+    "main", "most_serious_exit",
 ]
 
 __version__ = "0.1.0"
@@ -2324,6 +2331,24 @@ class GmailConnection:
     def is_gmail(self) -> bool:
         """True for servers with Gmail's extensions (labels, X-GM-RAW, message ids)."""
         return self.has("X-GM-EXT-1")
+
+    def tls_info(self) -> Optional[Dict[str, str]]:
+        """The connection's TLS session, None without one: ``{"version": "TLSv1.3",
+        "cipher": "TLS_AES_256_GCM_SHA384", "subject": "imap.gmail.com", "issuer":
+        "WR2", "expires": "Feb 24 08:36:33 2027 GMT"}`` (the certificate was verified)."""
+        with self._lock:
+            sock = getattr(self._proto.imap, "sock", None)
+            if not isinstance(sock, ssl.SSLSocket):
+                return None
+            cert = sock.getpeercert() or {}
+            cipher = sock.cipher()
+
+        def name(part: str) -> str:
+            fields = dict(pair[0] for pair in cert.get(part, ()) if pair)
+            return str(fields.get("commonName") or fields.get("organizationName") or "?")
+        return {"version": str(sock.version()), "cipher": cipher[0] if cipher else "?",
+                "subject": name("subject"), "issuer": name("issuer"),
+                "expires": str(cert.get("notAfter", "?"))}
 
     @property
     def selected(self) -> Optional[FolderStatus]:
@@ -5654,6 +5679,34 @@ class Ruleset:
     source: str = "built-in rules"
     account: Dict[str, Any] = field(default_factory=dict)
     tests: Tuple[RuleTest, ...] = ()
+    # [[account]] tables (several accounts in one file), each a dict like ``account`` with
+    # its "name", and the rules files some of them name, loaded (see load_rules).
+    accounts: Tuple[Dict[str, Any], ...] = ()
+    account_files: Dict[str, "Ruleset"] = field(default_factory=dict)
+
+    def for_account(self, name: str) -> "Ruleset":
+        """The rules one [[account]] table runs, with that table as ``account``.
+
+        Its ``rules`` key picks rules of this file by name (in the file's order) or names
+        another rules file (loaded by load_rules); without it, every rule of this file.
+        This file's [[test]] tables are left out (they test the whole file: run them once);
+        another file's come along.  Raises RulesError for a name the file does not have.
+        """
+        table = next((t for t in self.accounts if t["name"] == name), None)
+        if table is None:
+            known = ", ".join(t["name"] for t in self.accounts) or "none"
+            raise RulesError(f"{self.source} has no [[account]] named {name!r} (it has: "
+                             f"{known})")
+        chosen = table.get("rules")
+        if isinstance(chosen, str):
+            loaded = self.account_files.get(name)
+            if loaded is None:
+                raise RulesError(f"{self.source}: account {name!r} names the rules file "
+                                 f"{chosen}, which only load_rules reads")
+            return dataclasses.replace(loaded, account=table, accounts=(), account_files={})
+        rules = self.rules if chosen is None else tuple(r for r in self.rules if r.name in chosen)
+        return dataclasses.replace(self, rules=rules, account=table, accounts=(),
+                                   account_files={}, tests=())
 
     def local(self) -> Tuple[Ruleset, Tuple[str, ...]]:
         """These rules as decided where Gmail searches cannot run, with one note per change.
@@ -6172,6 +6225,87 @@ def _parse_account_key(where: _Where, key: str, item: Any, account: Dict[str, An
                         for i, part in enumerate(item, 1)]
 
 
+def account_variable_suffix(name: str) -> str:
+    """The suffix of an [[account]]'s own variables: ``"Work mail"`` -> ``"WORK_MAIL"``
+    (so ``IMAP_PASSWORD_WORK_MAIL``): upper-cased, anything but A-Z and 0-9 as ``_``."""
+    return re.sub(r"[^A-Z0-9]", "_", name.upper())
+
+
+def _parse_accounts(source: str, value: List[Any], problems: _Problems,
+                    rule_names: Optional[List[str]]) -> Tuple[Dict[str, Any], ...]:
+    """[[account]] tables: each a ``name``, the [account] keys, and optionally ``rules``
+    (names of this file's rules, or the path of another rules file).  Two tables with one
+    name, with names that fold to one variable suffix, or for one mailbox (user, host and
+    port) are errors: each would hand one account's marks or password to another."""
+    where = _Where(source)
+    tables: List[Dict[str, Any]] = []
+    for i, item in enumerate(value, 1):
+        here = _Where(source, i, item.get("name") if isinstance(item, dict) and
+                      isinstance(item.get("name"), str) else None, kind="account")
+        if not isinstance(item, dict):
+            problems.add(here.error("", f"expected a table, got {_quote(item)}"))
+            continue
+        table: Dict[str, Any] = {}
+        bad = len(problems.lines)
+        with problems.catch():
+            if "name" not in item:
+                raise here.error("", "no name; give each [[account]] a name = \"...\"")
+            table["name"] = _check_text(here, "name", item["name"])
+        for key, entry in item.items():
+            if key == "name":
+                continue
+            with problems.catch():
+                if key == "rules":
+                    table[key] = _parse_account_rules(here, entry, rule_names)
+                elif key not in ACCOUNT_KEYS:
+                    raise here.error("", _unknown_key(key, ACCOUNT_KEYS + ("name", "rules")))
+                else:
+                    _parse_account_key(here, key, entry, table)
+        if len(problems.lines) == bad:
+            tables.append(table)
+    seen: Dict[Any, str] = {}
+    for table in tables:
+        name = table["name"]
+        for key, what in ((("name", name), "name"),
+                          (("suffix", account_variable_suffix(name)), "variable suffix"),
+                          (("mailbox", table.get("user", "").casefold(),
+                            table.get("host", GMAIL_HOST).lower(),
+                            None if table.get("port") in (IMAPS_PORT, IMAP_PORT) else
+                            table.get("port")) if table.get("user") else None,
+                           "mailbox")):
+            if key is None:
+                continue
+            if key in seen:
+                detail = {"name": "two tables with one name",
+                          "variable suffix": f"both read IMAP_PASSWORD_{key[1]}",
+                          "mailbox": f"both are {table['user']} on "
+                                     f"{table.get('host', GMAIL_HOST)}"}[what]
+                problems.add(where.error("account", f"{_quote(seen[key])} and {_quote(name)}: "
+                                                    f"{detail}; each [[account]] needs its own "
+                                                    f"{what}"))
+            seen[key] = name
+    return tuple(tables)
+
+
+def _parse_account_rules(where: _Where, value: Any, rule_names: Optional[List[str]]) -> Any:
+    """An [[account]]'s ``rules``: a list of this file's rule names, or a rules file path."""
+    if isinstance(value, str):
+        path = _check_text(where, "rules", value, "a rules file or a list of rule names")
+        if Path(path).suffix.lower() not in (".toml", ".json"):
+            raise where.error("rules", f"{_quote(path)} is not a rules file (*.toml or *.json); "
+                                       f"give a path, or a list of rule names")
+        return path
+    if not isinstance(value, list) or not value:
+        raise where.error("rules", f"expected a rules file or a non-empty list of rule names, "
+                                   f"got {_quote(value)}")
+    names = [_check_text(where, f"rules[{i}]", name, "a rule name")
+             for i, name in enumerate(value, 1)]
+    unknown = [name for name in names if rule_names is not None and name not in rule_names]
+    if unknown:
+        raise where.error("rules", f"no rule named {_quote(unknown[0])} in this file")
+    return names
+
+
 # [[test]] tables: each message key -> how it shapes the sample message. Header keys
 # become header lines; the rest set what IMAP would report (size, labels, flags).
 _TEST_HEADER_KEYS = {"from": "From", "to": "To", "cc": "Cc", "subject": "Subject",
@@ -6347,7 +6481,13 @@ def parse_rules(doc: Any, source: str = "<rules>") -> Ruleset:
     if not rules:
         raise where.error("rule", "the list is empty; add at least one rule")
     parsed = tuple(_parse_rule(source, i, rule, problems) for i, rule in enumerate(rules, 1))
-    account = _parse_account(source, doc["account"], problems) if "account" in doc else {}
+    account: Dict[str, Any] = {}
+    accounts: Tuple[Dict[str, Any], ...] = ()
+    if isinstance(doc.get("account"), list):      # [[account]] tables: several accounts
+        accounts = _parse_accounts(source, doc["account"], problems,
+                                   None if None in parsed else [r.name for r in parsed])
+    elif "account" in doc:
+        account = _parse_account(source, doc["account"], problems)
     tests: Tuple[RuleTest, ...] = ()
     tables = doc.get("test", [])
     if not isinstance(tables, list):
@@ -6362,7 +6502,8 @@ def parse_rules(doc: Any, source: str = "<rules>") -> Ruleset:
                 found.append(_parse_test(source, i, table, names))
         tests = tuple(found)
     problems.raise_any()
-    return Ruleset(rules=parsed, source=source, account=account, tests=tests)
+    return Ruleset(rules=parsed, source=source, account=account, tests=tests,
+                   accounts=accounts)
 
 
 # --- Rules files: a small TOML reader, the same on every Python --------------------------
@@ -6997,15 +7138,32 @@ def load_rules(path: Any) -> Ruleset:
             raise RulesError(f"{source}: line {exc.lineno}, column {exc.colno}: "
                              f"invalid JSON: {exc.msg}") from None
     rules = parse_rules(doc, source)
-    secrets_held = [key for key in SECRET_ACCOUNT_KEYS if key in rules.account]
+    tables = [rules.account, *rules.accounts]
+    secrets_held = [key for key in SECRET_ACCOUNT_KEYS for table in tables if key in table]
     if secrets_held and os.name == "posix" and status.st_mode & 0o077:
         raise RulesError(f"{source} holds {secrets_held[0]} and is readable by other users; "
                          f"run 'chmod 600 {source}'")
-    acts = secrets_held + [key for key in ("password_command",) if key in rules.account]
+    acts = secrets_held + [key for key in ("password_command",) for table in tables
+                           if key in table]
     problem = trust_problem(source, status=status) if acts else None
     if problem:
         raise RulesError(f"{problem}; refusing a rules file that holds {acts[0]}")
-    return rules
+    return _load_account_files(rules) if rules.accounts else rules
+
+
+def _load_account_files(rules: Ruleset) -> Ruleset:
+    """Load the rules files [[account]] tables name (relative to this file's directory)."""
+    loaded: Dict[str, Ruleset] = {}
+    for table in rules.accounts:
+        if not isinstance(table.get("rules"), str):
+            continue
+        path = os.path.join(os.path.dirname(rules.source), os.path.expanduser(table["rules"]))
+        other = load_rules(path)
+        if other.accounts:
+            raise RulesError(f"{path}: the rules of account {table['name']!r} may not hold "
+                             f"[[account]] tables of their own")
+        loaded[table["name"]] = other
+    return dataclasses.replace(rules, account_files=loaded)
 
 
 def run_rule_tests(rules: Ruleset, now: Optional[datetime] = None) -> List[str]:
@@ -7848,7 +8006,7 @@ class RunOptions:
     ``since``/``limit`` narrow a folder's messages; ``batch_size`` messages per FETCH,
     ``apply_every`` batches per step; ``max_new_folders`` (None: no limit);
     ``allow_expunge`` (a checked plain EXPUNGE where moves need one); ``daily_budget``
-    bytes downloaded per account and day (None: no limit)."""
+    bytes downloaded per account and day (None: no limit); ``account_name``, see below."""
     apply: bool = False
     reclassify: bool = False
     new_only: bool = False
@@ -7860,6 +8018,9 @@ class RunOptions:
     allow_expunge: bool = False
     daily_budget: Optional[int] = DEFAULT_DAILY_BUDGET
     jobs: Optional[int] = None      # programs run at once (run_programs); None: the CPU count
+    # The [[account]] table's name, kept in every record as "account_name" (records stay
+    # keyed by user, host and port: renaming a table hides none of its runs).
+    account_name: Optional[str] = None
 
 
 def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX", *,
@@ -9201,25 +9362,40 @@ class AuditLog:
         if not chunks:
             return
         _ensure_private_dir(self.path.parent)
-        try:
-            if self.path.exists() and self.path.stat().st_size > AUDIT_MAX_BYTES:
-                os.replace(self.path, self.previous)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        guard = _FileLock(self.path.with_name(self.path.name + ".lock"))
+        # One writer at a time, threads (a watch of several accounts) and processes (runs
+        # of other accounts) alike: two that both found the file past its size would
+        # otherwise both rotate it, the second replacing audit.jsonl.1 with a file of a
+        # few records; and a torn line's newline must be added by the writer who saw it.
+        with self._threads:
             try:
-                size = os.fstat(fd).st_size
-                if size:
-                    os.lseek(fd, size - 1, os.SEEK_SET)    # O_APPEND writes at the end anyway
-                    if os.read(fd, 1) != b"\n":
-                        chunks[0] = b"\n" + chunks[0]
-                with _signals_held():       # every chunk written, or (SIGKILL) a torn line
-                    for chunk in chunks:
-                        os.write(fd, chunk)
-                if sync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise StateError(f"cannot write the audit log {self.path}: {exc}") from exc
+                guard.acquire(wait=True)
+                try:
+                    self._append_locked(chunks, sync)
+                finally:
+                    guard.release()
+            except OSError as exc:
+                raise StateError(f"cannot write the audit log {self.path}: {exc}") from exc
+
+    _threads = threading.Lock()      # every AuditLog of this process: see append
+
+    def _append_locked(self, chunks: List[bytes], sync: bool) -> None:
+        if self.path.exists() and self.path.stat().st_size > AUDIT_MAX_BYTES:
+            os.replace(self.path, self.previous)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            if size:
+                os.lseek(fd, size - 1, os.SEEK_SET)    # O_APPEND writes at the end anyway
+                if os.read(fd, 1) != b"\n":
+                    chunks[0] = b"\n" + chunks[0]
+            with _signals_held():       # every chunk written, or (SIGKILL) a torn line
+                for chunk in chunks:
+                    os.write(fd, chunk)
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def records(self, *, unreadable: bool = False) -> Iterator[Dict[str, Any]]:
         """Every record still held, oldest first; unreadable lines, and records whose fields
@@ -9309,6 +9485,7 @@ _AUDIT_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "type": (_is_str, "a string"), "run": (_is_str, "a string"),
     "undo_of": (_optional(_is_str), "a run id"), "time": (_optional(_is_str), "a string"),
     "account": (_optional(_is_str), "a string"), "host": (_optional(_is_str), "a string"),
+    "account_name": (_optional(_is_str), "a string"),
     "command": (_optional(_is_str), "a string"), "status": (_optional(_is_str), "a string"),
     "applied": (lambda v: isinstance(v, bool), "true or false"),
     "changes_made": (_is_int, "a whole number"),
@@ -9384,6 +9561,7 @@ class Run(Checkpoint):
             options = RunOptions(apply=apply, reclassify=reclassify, new_only=new_only,
                                  daily_budget=daily_budget)
         self.options = options
+        self.account_name = options.account_name
         self.store = store
         self.rules = rules
         self.user = user
@@ -9477,6 +9655,7 @@ class Run(Checkpoint):
         }
         if self.undo_of:
             summary["undo_of"] = self.undo_of
+        summary.update(self._named())
         if self._conn is not None:
             summary.update(imap_commands=self._conn.commands_sent,
                            bytes_received=self.bytes_counted,
@@ -9558,7 +9737,7 @@ class Run(Checkpoint):
             {"type": "skipped", "version": INTENT_VERSION, "run": self.id,
              "time": _iso(self.store.now()), "account": self.user, "host": self.host,
              "command": self.command, "folder": status.name, "uid": uid,
-             "uidvalidity": status.uidvalidity, "reason": why}
+             "uidvalidity": status.uidvalidity, "reason": why, **self._named()}
             for uid, why in sorted(skips.items())])
 
     def intend(self, conn: GmailConnection, entries: Sequence[Dict[str, Any]]) -> None:
@@ -9569,7 +9748,7 @@ class Run(Checkpoint):
         self._count_bytes(conn)
         stamp = {"type": "intent", "version": INTENT_VERSION, "run": self.id,
                  "time": _iso(self.store.now()), "account": self.user, "host": self.host,
-                 "command": self.command, "rules_hash": self.rules_hash}
+                 "command": self.command, "rules_hash": self.rules_hash, **self._named()}
         if self.undo_of:
             stamp["undo_of"] = self.undo_of
         self.store.audit.append([dict(stamp, **entry) for entry in entries])
@@ -9580,7 +9759,7 @@ class Run(Checkpoint):
         if self.apply and entries:
             stamp = {"type": "unsent", "version": INTENT_VERSION, "run": self.id,
                      "time": _iso(self.store.now()), "account": self.user, "host": self.host,
-                     "command": self.command}
+                     "command": self.command, **self._named()}
             self.store.audit.append([dict(stamp, **entry) for entry in entries])
 
     def confirmed(self, conn: GmailConnection, entry: Dict[str, Any]) -> None:
@@ -9590,7 +9769,7 @@ class Run(Checkpoint):
             return
         stamp = {"type": "done", "version": INTENT_VERSION, "run": self.id,
                  "time": _iso(self.store.now()), "account": self.user, "host": self.host,
-                 "command": self.command}
+                 "command": self.command, **self._named()}
         if self.undo_of:
             stamp["undo_of"] = self.undo_of
         self.store.audit.append([dict(stamp, **entry)], sync=False)
@@ -9642,7 +9821,12 @@ class Run(Checkpoint):
                 "reasons": [reason for _, reason in outcome.decision.matches],
                 "actions": {} if actions.is_empty() else
                 actions.as_record(),
-                "applied": outcome.applied, "changes": list(outcome.changes)}
+                "applied": outcome.applied, "changes": list(outcome.changes), **self._named()}
+
+    def _named(self) -> Dict[str, str]:
+        """``{"account_name": ...}`` for a run of an [[account]] table, else nothing (an
+        optional field: readers take a record without it as today's)."""
+        return {"account_name": self.account_name} if self.account_name else {}
 
     def _remember(self, folder: str, state: FolderState) -> None:
         state = dataclasses.replace(state, updated=_iso(self.store.now()))
@@ -9758,6 +9942,8 @@ class _HistoryLedger:
             "possibly_incomplete": False})
         if record.get("undo_of"):
             entry["undo_of"] = record["undo_of"]
+        if record.get("account_name"):
+            entry["account_name"] = record["account_name"]
         self.creates.setdefault(run_id, _Creates()).read(record)
         if kind == "done":
             for uid in record.get("uids") or []:
@@ -11442,6 +11628,211 @@ class OAuthTokenSource:
         self.refreshes += 1
         log.info("refreshed the OAuth2 access token (valid for %d s)", int(lifetime))
         return token
+
+
+# --- Doctor: what a server can and cannot do, before any change --------------------------
+#
+# ``doctor`` signs in, asks (LIST, NAMESPACE, CAPABILITY; never SELECT, never a write) and
+# tells in one table what a run would meet there: TLS, the capabilities that matter, the
+# folders trash, archive, All Mail and junk would use and why, how a move would be made,
+# what of the rules this server cannot do, the account's state and budget.  Every problem
+# carries the exit code a run would end with and what to do about it.
+
+# The capabilities that change what a run does, in the order the table lists them.
+DOCTOR_CAPABILITIES = ("MOVE", "UIDPLUS", "SPECIAL-USE", "IDLE", "CONDSTORE", "NAMESPACE",
+                       "X-GM-EXT-1", "APPENDLIMIT", "LITERAL+", "LITERAL-", "UTF8=ACCEPT")
+
+# Known providers, by the end of the server's host name: (host suffixes, name, quirks).
+PROVIDER_NOTES: Tuple[Tuple[Tuple[str, ...], str, str], ...] = (
+    (("gmail.com", "googlemail.com"), "Gmail",
+     "labels, not folders: a label is added, archive takes away Inbox, a move is a label "
+     "change; IMAP downloads are limited to about 2,500 MB a day (see --daily-budget)"),
+    (("mail.me.com", "icloud.com"), "iCloud",
+     "no MOVE (moves are COPY, \\Deleted and UID EXPUNGE) and no SPECIAL-USE (trash found "
+     "by name); an app-specific password is needed"),
+    (("office365.com", "outlook.com", "hotmail.com", "live.com"), "Microsoft 365",
+     "OAuth2 only: passwords are refused for IMAP (--auth xoauth2 with a token from "
+     "--password-command)"),
+    (("yahoo.com", "aol.com"), "Yahoo",
+     "IMAP shows at most 10,000 messages per folder; an app password is needed"),
+)
+
+
+@dataclass(frozen=True)
+class DoctorRow:
+    """One line of the doctor's table: ``DoctorRow("moving", "MOVE")``; a problem has
+    ``exit_code`` (what a run would exit with) and ``advice`` (what to do)."""
+
+    check: str
+    result: str
+    exit_code: int = 0
+    advice: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.exit_code
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """The doctor's table for one account; ``exit_code``: the first problem's, or 0."""
+
+    account: str
+    rows: Tuple[DoctorRow, ...]
+
+    @property
+    def problems(self) -> Tuple[DoctorRow, ...]:
+        return tuple(row for row in self.rows if not row.ok)
+
+    @property
+    def exit_code(self) -> int:
+        return self.problems[0].exit_code if self.problems else EXIT_OK
+
+
+def provider_note(host: str) -> Optional[Tuple[str, str]]:
+    """(provider, its quirks) for a known provider's host name, else None."""
+    host = host.lower().rstrip(".")
+    for suffixes, name, note in PROVIDER_NOTES:
+        if any(host == s or host.endswith("." + s) for s in suffixes):
+            return name, note
+    return None
+
+
+def diagnose_failure(user: str, host: str, port: int, exc: GmailClassifyError) -> Diagnosis:
+    """The table for an account the doctor could not sign in to: the error is the problem."""
+    what = {EXIT_AUTH: ("sign-in", "check the password (an app password where the provider "
+                        "wants one) or run auth again for OAuth2"),
+            EXIT_CONNECTION: ("connection", "check the host, port and network; for a TLS "
+                              "error, the certificate (--cafile) or --starttls")}
+    check, advice = what.get(exc.exit_code, ("server", "see the error"))
+    rows = [DoctorRow("server", f"{host}:{port}"),
+            DoctorRow(check, str(exc).split("\n")[0], exc.exit_code, advice)]
+    known = provider_note(host)
+    if known:
+        rows.append(DoctorRow("provider", f"{known[0]}: {known[1]}"))
+    return Diagnosis(account_key(user, host, port), tuple(rows))
+
+
+def diagnose(conn: GmailConnection, rules: Ruleset, folders: Sequence[str] = ("INBOX",), *,
+             allow_expunge: bool = False, store: Optional[StateStore] = None,
+             daily_budget: Optional[int] = DEFAULT_DAILY_BUDGET,
+             oauth: bool = False) -> Diagnosis:
+    """What this signed-in server can and cannot do for ``rules`` on ``folders``, read-only
+    (CAPABILITY, LIST, NAMESPACE; no folder is opened, nothing is written).
+
+    Returns the Diagnosis; its first problem's ``exit_code`` is what a run would exit with
+    (5 for a capability or folder the rules need).  ``store`` adds the account's marks and
+    today's downloads; ``oauth``: the sign-in used a stored OAuth2 token (now shown valid)."""
+    rows: List[DoctorRow] = []
+    plain = {"tls": "TLS", "starttls": "STARTTLS", "plaintext": "no TLS (loopback only)"}
+    rows.append(DoctorRow("server", f"{conn.host}:{conn.port}, "
+                                    f"{plain.get(conn.security, conn.security)}"))
+    tls = conn.tls_info()
+    if tls is not None:
+        rows.append(DoctorRow("TLS", f"{tls['version']} ({tls['cipher']}); certificate for "
+                                     f"{tls['subject']} by {tls['issuer']}, verified, valid "
+                                     f"until {tls['expires']}"))
+    rows.append(DoctorRow("sign-in", f"ok as {conn.user}" +
+                          (" with the stored OAuth2 token (still valid)" if oauth else "")))
+    have = []
+    for name in DOCTOR_CAPABILITIES:
+        found = [c for c in conn.capabilities if c == name or c.startswith(name + "=")]
+        have.append(", ".join(found) if found else f"no {name}")
+    rows.append(DoctorRow("capabilities", "; ".join(have)))
+    prefix, delimiter = conn.namespace()
+    rows.append(DoctorRow("namespace", f"prefix {json.dumps(prefix)}, separator "
+                                       f"{json.dumps(delimiter)}"))
+    listed = conn.list_folders()
+    for use, role in (("\\Trash", "trash"), ("\\Archive", "archive"), ("\\All", "all mail"),
+                      ("\\Junk", "junk")):
+        if role == "archive" and conn.is_gmail:
+            rows.append(DoctorRow(role, "takes away the Inbox label (Gmail)"))
+            continue
+        folder = conn.special_folder(use)
+        if folder is None:
+            rows.append(DoctorRow(role, f"none (no folder is marked {use})"))
+        elif (folder.special_use or "").lower() == use.lower():
+            rows.append(DoctorRow(role, f"{folder.name} (marked {use})"))
+        else:
+            rows.append(DoctorRow(role, f"{folder.name} (found by its name: no folder is "
+                                        f"marked {use})"))
+    if conn.has("MOVE"):
+        moving = "MOVE: safe"
+    elif conn.has("UIDPLUS"):
+        moving = "COPY, then \\Deleted and UID EXPUNGE of exactly those messages: safe"
+    elif allow_expunge:
+        moving = ("COPY, then a plain EXPUNGE (--allow-expunge): it would also expunge any "
+                  "other message marked \\Deleted in the folder")
+    else:
+        moving = "only with --allow-expunge (a plain EXPUNGE; no MOVE, no UIDPLUS)"
+    rows.append(DoctorRow("moving", moving))
+    rows.extend(_doctor_rules(conn, rules, folders, listed, allow_expunge))
+    if store is not None:
+        rows.extend(_doctor_state(conn, rules, folders, store, daily_budget))
+    known = provider_note(conn.host)
+    if known:
+        rows.append(DoctorRow("provider", f"{known[0]}: {known[1]}"))
+    return Diagnosis(account_key(conn.user, conn.host, conn.port), tuple(rows))
+
+
+def _doctor_rules(conn: GmailConnection, rules: Ruleset, folders: Sequence[str],
+                  listed: Sequence[Folder], allow_expunge: bool) -> List[DoctorRow]:
+    """The rows about the rules: what this server cannot do of them, and the folders."""
+    rows: List[DoctorRow] = []
+    try:
+        settled = _settle(conn, rules, allow_expunge)
+    except CapabilityError as exc:
+        rows.append(DoctorRow("rules", str(exc).split("\n")[0], exc.exit_code,
+                              "pass --allow-expunge, or drop move, archive and trash from "
+                              "the rules for this server" if "EXPUNGE" in str(exc) else
+                              "create the folder, or drop the actions that need it"))
+    else:
+        for note in settled.notes:
+            rows.append(DoctorRow("rules", note))
+    notes = list(rules.local()[1]) if not conn.is_gmail else []
+    if not conn.is_gmail and any(rule.actions.labels for rule in rules.rules):
+        notes.append("labels are copies into folders here (no Gmail labels)")
+    for note in notes:
+        rows.append(DoctorRow("rules", note))
+    if not rows:
+        rows.append(DoctorRow("rules", f"every action of {_plural_rules(rules)} can be done "
+                                       f"here"))
+    names = {folder.name.casefold() for folder in listed}
+    for folder in folders:
+        name = conn.server_name(folder)
+        if name.upper() != "INBOX" and name.casefold() not in names:
+            rows.append(DoctorRow("folders", f"{folder}: not on this server", EXIT_SERVER,
+                                  "check the name with 'labels', or fix folders / --folder"))
+    return rows
+
+
+def _plural_rules(rules: Ruleset) -> str:
+    return f"{len(rules.rules)} rule{'' if len(rules.rules) == 1 else 's'}"
+
+
+def _doctor_state(conn: GmailConnection, rules: Ruleset, folders: Sequence[str],
+                  store: StateStore, daily_budget: Optional[int]) -> List[DoctorRow]:
+    """The rows about the account's state: each folder's mark, today's downloads."""
+    account = account_key(conn.user, conn.host, conn.port)
+    marks = []
+    for folder in folders:
+        state = store.folder(account, folder)
+        if state is None:
+            marks.append(f"{folder}: no state yet (the first run classifies everything)")
+        else:
+            changed = "" if state.rules == rules_hash(rules) else ", rules changed since"
+            marks.append(f"{folder}: classified up to UID {state.mark} (UIDVALIDITY "
+                         f"{state.uidvalidity}{changed})")
+    rows = [DoctorRow("state", "; ".join(marks))]
+    used = store.downloaded(account)
+    if daily_budget:
+        full = used >= daily_budget
+        rows.append(DoctorRow("budget", f"{_human_size(used)} of {_human_size(daily_budget)} "
+                                        f"downloaded today (UTC)", EXIT_INCOMPLETE if full else 0,
+                              "wait for 00:00 UTC, or raise --daily-budget" if full else ""))
+    else:
+        rows.append(DoctorRow("budget", f"{_human_size(used)} downloaded today; no budget"))
+    return rows
 
 
 # --- Importers and suggestions -----------------------------------------------------------
@@ -13283,6 +13674,8 @@ exit codes:
   143 stopped by SIGTERM (kill, systemctl stop, shutdown), the same way
   a watch stopped by SIGINT or SIGTERM exits 0; a signal that comes once every
   change is made (during the report or sign-out) leaves the usual code
+  several [[account]]s: the most serious of their codes, in the order
+  130/143/129, 1, 2, 3, 4, 5, 8, 6, 7, 0
 """
 
 PASSWORD_ENV = "GMAIL_APP_PASSWORD"
@@ -13450,6 +13843,9 @@ def _parent_parsers() -> Dict[str, argparse.ArgumentParser]:
                        help="reconnect attempts before giving up (default: %(default)s)")
     group.add_argument("--rules", help="rules file (.toml or .json); default: "
                        "$XDG_CONFIG_HOME/gmail_classify/rules.toml or .json, else built-in rules")
+    group.add_argument("--account", action="append", metavar="NAME",
+                       help="only the [[account]] of this name in the rules file (repeatable; "
+                            "default: every account, one after another)")
 
     writer = argparse.ArgumentParser(add_help=False)
     group = writer.add_argument_group("output")
@@ -13588,7 +13984,51 @@ def _secret_from_command(command: str) -> str:
     return line
 
 
-def _password_from_netrc(host: str, user: str) -> Optional[str]:
+def _netrc_entries(text: str) -> List[Tuple[Optional[str], str, str]]:
+    """(machine, login, password) per entry of a netrc file, in order; machine None for
+    ``default``.  Read here rather than by the netrc module, which keeps one entry per host
+    (two logins on one server, one per account, would hide each other).  Lines starting
+    with ``#`` are comments; a ``macdef`` runs to the next empty line."""
+    words: List[str] = []
+    in_macro = False
+    for line in text.splitlines():
+        if in_macro:
+            in_macro = bool(line.strip())
+            continue
+        if line.lstrip().startswith("#"):
+            continue
+        lexer = shlex.shlex(line, posix=True)
+        lexer.whitespace_split, lexer.commenters = True, ""
+        try:
+            found = list(lexer)
+        except ValueError as exc:       # an unclosed quote
+            raise UsageError(f"~/.netrc: {exc}: {printable(line[:40])}") from None
+        if "#" in found:                # a lone '#' starts a comment, as netrc reads it
+            found = found[:found.index("#")]
+        words += found
+        if "macdef" in found:
+            in_macro = True
+    entries: List[Tuple[Optional[str], str, str]] = []
+    current: Optional[List[Any]] = None
+    pairs = iter(words)
+    for word in pairs:
+        if word in ("machine", "default"):
+            if current is not None:
+                entries.append((current[0], current[1], current[2]))
+            current = [next(pairs, "") if word == "machine" else None, "", ""]
+        elif word in ("login", "password", "account", "macdef") and current is not None:
+            value = next(pairs, "")
+            if word in ("login", "password"):
+                current[1 if word == "login" else 2] = value
+    if current is not None:
+        entries.append((current[0], current[1], current[2]))
+    return entries
+
+
+def _password_from_netrc(host: str, user: str, strict: bool = False) -> Optional[str]:
+    """The ~/.netrc password for ``user`` at ``host``: the entry naming both; unless
+    ``strict`` (an [[account]]: only that), else one for the host with no login, else a
+    ``default`` entry with this login or none."""
     path = os.path.join(os.path.expanduser("~"), ".netrc")
     if not os.path.exists(path):
         return None
@@ -13596,16 +14036,33 @@ def _password_from_netrc(host: str, user: str) -> Optional[str]:
         problem = trust_problem(path, private=True, directories=False)
         if problem:
             raise UsageError(problem)
-        entry = netrc.netrc(path).authenticators(host)
-    except (netrc.NetrcParseError, OSError) as exc:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            entries = _netrc_entries(handle.read())
+    except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc}") from exc
-    if entry and (not entry[0] or entry[0] == user):
-        return entry[2]
+    host = host.lower()
+
+    def match(kind: str, machine: Optional[str], login: str) -> bool:
+        if kind == "default":
+            return machine is None and login in ("", user)
+        return machine is not None and machine.lower() == host and \
+            (login == user if kind == "both" else not login)
+
+    for kind in ("both",) if strict else ("both", "host", "default"):
+        for machine, login, password in entries:
+            if password and match(kind, machine, login):
+                return password
     return None
 
 
-def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any]) -> Dict[str, Any]:
-    """Combine flags, environment and the rules' [account] table (flags win)."""
+def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any],
+                         name: Optional[str] = None) -> Dict[str, Any]:
+    """Combine flags, environment and the rules' [account] table (flags win).
+
+    ``name``: the table is the [[account]] of that name (see _chosen_accounts, which
+    allows the flags and unsuffixed variables only with exactly one --account): its secret
+    comes from them, its own ``IMAP_PASSWORD_<NAME>`` variables, its password_command, or
+    a ~/.netrc entry naming both its host and its user; never another account's."""
     user = (args.user or os.environ.get(USER_ENV) or os.environ.get(USER_ENV_ALIAS)
             or account.get("user"))
     if not user:
@@ -13624,10 +14081,10 @@ def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any]) -
     auth = args.auth or account.get("auth") or "password"
     # Where the secret comes from, first found wins: --password-command, the environment,
     # the rules file's password_command, ~/.netrc, a prompt on a terminal.
-    if auth == "xoauth2":
-        env_secret = os.environ.get(TOKEN_ENV)
-    else:
-        env_secret = os.environ.get(PASSWORD_ENV) or os.environ.get(PASSWORD_ENV_ALIAS)
+    names = (TOKEN_ENV,) if auth == "xoauth2" else (PASSWORD_ENV, PASSWORD_ENV_ALIAS)
+    if name is not None:
+        names += tuple(f"{variable}_{account_variable_suffix(name)}" for variable in names)
+    env_secret = next((os.environ[v] for v in names if os.environ.get(v)), None)
     command = args.password_command or (None if env_secret else account.get("password_command"))
     if isinstance(command, list):
         command = " ".join(shlex.quote(part) for part in command)
@@ -13652,9 +14109,14 @@ def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any]) -
         return _armed(args, settings)
     password = _secret_from_command(command) if command else env_secret
     if not password:
-        password = _password_from_netrc(host, user)
+        password = _password_from_netrc(host, user, strict=name is not None)
     if not password and sys.stdin.isatty():
         password = getpass.getpass(f"Password for {user} at {host}: ")
+    if not password and name is not None:
+        suffix = account_variable_suffix(name)
+        raise UsageError(f"no password for account {name!r}: set {PASSWORD_ENV_ALIAS}_{suffix} "
+                         f"(or {PASSWORD_ENV}_{suffix}), give its [[account]] a "
+                         f"password_command, or add 'machine {host} login {user}' to ~/.netrc")
     if not password:
         raise UsageError(f"no password: set {PASSWORD_ENV} (or {PASSWORD_ENV_ALIAS}), add "
                          f"{host} to ~/.netrc, use "
@@ -13892,14 +14354,31 @@ class _JsonOutput(_Output):
 def _cmd_run(args: argparse.Namespace, out: _Output) -> int:
     rules = find_rules(args.rules)
     check_programs_trusted(rules)       # before any program runs, the rules' tests' too
+    chosen = _chosen_accounts(args, rules)
+    if not rules.accounts:
+        return _run_account(args, out, rules)
     if not _rule_tests_allow(rules, args.apply):
         return EXIT_RULE_TESTS
-    settings = _connection_settings(args, rules.account)
+    return _each_account(args, out, chosen, lambda name, account_rules, runs: _run_account(
+        args, out, account_rules, name, runs))
+
+
+def _run_account(args: argparse.Namespace, out: _Output, rules: Ruleset,
+                 name: Optional[str] = None, runs: Optional[List[Run]] = None) -> int:
+    """``run`` over one account: the [account] table's, or the [[account]] ``name``'s
+    (``rules`` then are its own, see Ruleset.for_account; its Run goes into ``runs``)."""
+    check_programs_trusted(rules)       # an account's rules may come from a file of its own
+    if not _rule_tests_allow(rules, args.apply):
+        return EXIT_RULE_TESTS
+    settings = _connection_settings(args, rules.account, name)
     folders = args.folder or list(rules.account.get("folders") or ["INBOX"])
     progress = _Progress(sys.stderr, sys.stderr.isatty() and out.human)
     store = StateStore()
     store.load(start_over=args.all)
     if out.human:
+        if name is not None:
+            out.line(f"Account {name}: "
+                     f"{account_key(settings['user'], settings['host'], settings.get('port'))}")
         out.write(_rules_line(rules))
 
     def on_message(outcome: Outcome) -> None:
@@ -13912,6 +14391,9 @@ def _cmd_run(args: argparse.Namespace, out: _Output) -> int:
               daily_budget=args.daily_budget or None, on_record=out.record,
               on_message=on_message)
     run.options = dataclasses.replace(run.options, jobs=args.jobs)
+    run.account_name = name
+    if runs is not None:
+        runs.append(run)
     lock = store.lock(run.account).acquire() if args.apply else None
     incomplete: List[str] = []
     try:
@@ -13968,8 +14450,153 @@ def _cmd_run(args: argparse.Namespace, out: _Output) -> int:
         if args.apply:
             out.write(f"{_plural(run.changes_made, 'change')} made.\n")
     for line in incomplete:
-        sys.stderr.write(printable(f"gmail_classify: {line}") + "\n")
+        sys.stderr.write(printable(f"gmail_classify: {name + ': ' if name else ''}{line}") + "\n")
     return EXIT_INCOMPLETE if incomplete else EXIT_OK
+
+
+# Several accounts in one command end with the most serious of their exit codes, most
+# serious first: a signal (the user's say), a bug, a usage error, a refused sign-in, no
+# connection, a refusing server, failed rule tests, an incomplete run, a locked account.
+# So one locked account never hides another's refused sign-in.
+_EXIT_SEVERITY = (EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_HANGUP, EXIT_ERROR, EXIT_USAGE,
+                  EXIT_AUTH, EXIT_CONNECTION, EXIT_SERVER, EXIT_RULE_TESTS, EXIT_INCOMPLETE,
+                  EXIT_LOCKED, EXIT_OK)
+
+
+def most_serious_exit(codes: Iterable[int]) -> int:
+    """The exit code of several accounts' results: ``most_serious_exit([7, 3, 0]) == 3``;
+    0 for none; a code outside the table (141) ranks just above 0."""
+    rank = {code: i for i, code in enumerate(_EXIT_SEVERITY)}
+    return min(codes, key=lambda code: rank.get(code, len(_EXIT_SEVERITY) - 1.5),
+               default=EXIT_OK)
+
+
+def _chosen_accounts(args: argparse.Namespace, rules: Ruleset, one: bool = False,
+                     connecting: bool = True) -> List[Tuple[Optional[str], Ruleset]]:
+    """The accounts a command works on: ``[(None, rules)]`` for a file without [[account]]
+    tables; else (name, its rules) for each --account, or every table (``one``: a command
+    for one account, which needs --account when there are several).
+
+    Raises UsageError for --account without tables or with an unknown name, for a command
+    for one account given several, and for --user, --host, --port, --password-command or
+    an unsuffixed password or user variable with anything but exactly one --account: with
+    several accounts those would send one account's name or password to the others."""
+    given = list(dict.fromkeys(getattr(args, "account", None) or []))
+    if not rules.accounts:
+        if given:
+            raise UsageError(f"--account needs [[account]] tables in the rules file, and "
+                             f"{rules.source} has none; drop --account")
+        return [(None, rules)]
+    known = [table["name"] for table in rules.accounts]
+    for name in given:
+        if name not in known:
+            raise UsageError(f"{rules.source} has no [[account]] named {printable(repr(name))}; "
+                             f"it has: {', '.join(known)}")
+    if one and len(given) > 1:
+        raise UsageError(f"{args.command} works on one account: give --account once")
+    names = given or known
+    if one and len(names) > 1:
+        raise UsageError(f"{rules.source} has {len(known)} accounts; {args.command} works on "
+                         f"one: add --account NAME (one of {', '.join(known)})")
+    shared = [flag for flag, value in (("--user", getattr(args, "user", None)),
+                                       ("--host", getattr(args, "host", None)),
+                                       ("--port", getattr(args, "port", None)),
+                                       ("--password-command",
+                                        getattr(args, "password_command", None))) if value]
+    shared += [f"${variable}" for variable in (PASSWORD_ENV, PASSWORD_ENV_ALIAS, TOKEN_ENV,
+                                               USER_ENV, USER_ENV_ALIAS)
+               if os.environ.get(variable)]
+    if shared and len(given) != 1 and connecting:
+        raise UsageError(f"{shared[0]} would apply to every account of {rules.source}: give "
+                         f"exactly one --account with it, or put each account's settings in "
+                         f"its [[account]] table (passwords: its password_command, "
+                         f"${PASSWORD_ENV_ALIAS}_<NAME>, or ~/.netrc)")
+    return [(name, rules.for_account(name)) for name in names]
+
+
+def _each_account(args: argparse.Namespace, out: _Output,
+                  chosen: List[Tuple[Optional[str], Ruleset]],
+                  work: Callable[[Optional[str], Ruleset, List[Run]], int],
+                  total: bool = True) -> int:
+    """``work(name, rules, runs)`` for each account in turn, then one total; returns the
+    most serious exit code.  A failure in one (locked, unreachable, refused) is reported,
+    with the account's name, and the next goes on; a signal ends the account at its safe
+    point and starts no other."""
+    results: List[Tuple[str, int, List[Run]]] = []
+    for name, rules in chosen:
+        if args.stop.requested:
+            break
+        runs: List[Run] = []
+        try:
+            code = work(name, rules, runs)
+        except (StopRequested, KeyboardInterrupt) as exc:
+            sys.stderr.write("interrupted\n")
+            code = _signal_exit(getattr(exc, "signum", None) or args.stop.signum)
+        except GmailClassifyError as exc:
+            if args.verbose:
+                log.exception("details:")
+            for line in str(exc).split("\n") if str(exc) else [type(exc).__name__]:
+                sys.stderr.write(printable(f"gmail_classify: {name}: {line}") + "\n")
+            code = exc.exit_code
+        except Exception as exc:  # a bug: this account's; the others may still go on
+            if args.verbose:
+                log.exception("details:")
+            sys.stderr.write(printable(f"gmail_classify: {name}: unexpected error: "
+                                       f"{type(exc).__name__}: {exc} (run with -v for "
+                                       f"details)") + "\n")
+            code = EXIT_ERROR
+        results.append((str(name), code, runs))
+        if code in (EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_HANGUP):
+            break
+    code = most_serious_exit(code for _, code, _ in results)
+    skipped = [str(name) for name, _ in chosen[len(results):]]
+    if total:
+        _accounts_total(out, results, skipped, code)
+    return code
+
+
+def _accounts_total(out: _Output, results: List[Tuple[str, int, List[Run]]],
+                    skipped: List[str], code: int) -> None:
+    """The total of several accounts: one line each and one for all (a "total" record
+    in JSON)."""
+    accounts = []
+    for name, each, runs in results:
+        reports = [report for run in runs for report in run.reports]
+        accounts.append({"name": name, "account": runs[0].account if runs else None,
+                         "exit": each, "examined": sum(r.examined for r in reports),
+                         "changes_made": sum(run.changes_made for run in runs),
+                         "changes": _added_counts(r.changes for r in reports)})
+    record = {"type": "total", "accounts": accounts, "not_started": skipped, "exit": code,
+              "examined": sum(a["examined"] for a in accounts),
+              "changes_made": sum(a["changes_made"] for a in accounts),
+              "changes": _added_counts(a["changes"] for a in accounts)}
+
+    applied = any(run.apply for _, _, runs in results for run in runs)
+
+    def changes(each: Mapping[str, Any]) -> str:
+        if applied:
+            return f"{_plural(each['changes_made'], 'change')} made"
+        return f"{_plural(sum(each['changes'].values()), 'change')} to make"
+
+    def lines() -> Iterator[str]:
+        yield f"All {_plural(len(results) + len(skipped), 'account')}:"
+        for each in accounts:
+            yield (f"  {each['name']}: {_plural(each['examined'], 'message')} examined, "
+                   f"{changes(each)}; exit {each['exit']}")
+        for name in skipped:
+            yield f"  {name}: not started (stopped by a signal)"
+        yield (f"  total: {_plural(record['examined'], 'message')} examined, "
+               f"{changes(record)}; exit {code}")
+
+    out.record(record, lines)
+
+
+def _added_counts(parts: Iterable[Mapping[str, int]]) -> Dict[str, int]:
+    total: Dict[str, int] = {}
+    for part in parts:
+        for key, count in part.items():
+            total[key] = total.get(key, 0) + count
+    return total
 
 
 def _finish_run(run: Run, args: argparse.Namespace, out: _Output, status: str,
@@ -14031,9 +14658,10 @@ class _RulesReloader:
     An invalid new file is reported and the old rules stay; the [account] table is read
     only at the start (the connection is not rebuilt)."""
 
-    def __init__(self, path: Optional[str], rules: Ruleset) -> None:
+    def __init__(self, path: Optional[str], rules: Ruleset, name: Optional[str] = None) -> None:
         self.path = path
         self.rules = rules
+        self.name = name            # an [[account]]: its rules from the reloaded file
         self._signature = self._stat()
 
     def _stat(self) -> Optional[Tuple[int, int, int]]:
@@ -14055,6 +14683,8 @@ class _RulesReloader:
             return
         try:
             new = load_rules(self.path)
+            if self.name is not None:
+                new = new.for_account(self.name)
         except RulesError as exc:
             log.error("the rules file changed but is not valid, so the old rules stay in "
                       "force: %s", exc)
@@ -14068,15 +14698,45 @@ class _RulesReloader:
 def _cmd_watch(args: argparse.Namespace, out: _Output) -> int:
     rules = find_rules(args.rules)
     check_programs_trusted(rules)
-    settings = _connection_settings(args, rules.account)
+    chosen = _chosen_accounts(args, rules)
+    source = args.rules or (rules.source if os.path.isfile(rules.source) else None)
+    if rules.accounts:
+        return _watch_accounts(args, out, chosen, source)
+    watcher, session, lock, folders = _prepare_watch(args, out, rules, source)
+    try:
+        log.info("watching %s%s", ", ".join(folders), "" if args.apply else " (dry run)")
+        # SIGINT and SIGTERM end the watch at a safe point (exit 0), a second one at once
+        # (130); SIGHUP reloads the rules.
+        with _Signals(args.stop, armed=True, on_stop=watcher.stop,
+                      on_hangup=watcher.request_reload):
+            try:
+                watcher.run()
+            except StopRequested:
+                pass        # a wait that ended at the stop: the watch ends as asked
+    finally:
+        if lock is not None:
+            lock.release()
+    log.info("watch stopped after %d wake-ups", session.runs)
+    return EXIT_OK
+
+
+def _prepare_watch(args: argparse.Namespace, out: _Output, rules: Ruleset,
+                   source: Optional[str], name: Optional[str] = None,
+                   ) -> Tuple[Watcher, WatchSession, Optional[AccountLock], List[str]]:
+    """One account's watch, ready to run: its Watcher, WatchSession, lock (--apply) and
+    folders.  ``name``: an [[account]] (``rules`` are its own)."""
+    check_programs_trusted(rules)
+    settings = _connection_settings(args, rules.account, name)
     # The watch retries forever itself, logging an outage once; the connection must not.
     settings["retries"] = 0
     folders = list(dict.fromkeys(args.folder or rules.account.get("folders") or ["INBOX"]))
-    source = args.rules or (rules.source if os.path.isfile(rules.source) else None)
-    reloader = _RulesReloader(source, rules)
+    reloader = _RulesReloader(source, rules, name)
     store = StateStore()
     store.load(start_over=args.all)
     if out.human:
+        if name is not None:
+            out.line(f"Account {name}: "
+                     f"{account_key(settings['user'], settings['host'], settings.get('port'))}")
         out.write(_rules_line(rules))
 
     def on_message(outcome: Outcome) -> None:
@@ -14105,27 +14765,87 @@ def _cmd_watch(args: argparse.Namespace, out: _Output) -> int:
                            on_record=out.record,
                            on_message=on_message, stopping=lambda: watcher.stopping,
                            on_pause=resume_at)
+    session.options = dataclasses.replace(session.options, account_name=name)
     session.check_start(folders)
     watcher = Watcher(connect, folders, catch_up, interval=args.interval,
                       idle_interval=args.idle_interval, reload=reloader.reload,
                       reload_needed=reloader.changed, stop=args.stop)
     # Held for as long as the watch runs: a cron 'run --apply' meanwhile exits 7.
     lock = store.lock(session.account, "watch").acquire() if args.apply else None
+    return watcher, session, lock, folders
+
+
+class _AccountLogPrefix(logging.Filter):
+    """Log lines of a watch thread start with its account's name (``work: lost the
+    connection ...``): several accounts log into one stream."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        thread = threading.current_thread().name
+        if thread.startswith("watch:"):
+            record.msg, record.args = f"{thread[6:]}: {record.getMessage()}", None
+        return True
+
+
+def _watch_accounts(args: argparse.Namespace, out: _Output,
+                    chosen: List[Tuple[Optional[str], Ruleset]], source: Optional[str]) -> int:
+    """``watch`` of several [[account]]s at once: a thread, connection, lock and state
+    each, one Stop for all (SIGINT/SIGTERM stop every one at its safe point), SIGHUP
+    reloads every one's rules.  An account that cannot start (locked, no state, no
+    password) or whose watch ends with an error (a refused sign-in) does not stop the
+    others; the exit code is the most serious of theirs (see most_serious_exit)."""
+    codes: Dict[str, int] = {}
+    started: List[Tuple[str, Watcher, Optional[AccountLock], threading.Thread]] = []
+
+    def report(name: str, exc: BaseException) -> int:
+        if isinstance(exc, GmailClassifyError):
+            for line in str(exc).split("\n") if str(exc) else [type(exc).__name__]:
+                sys.stderr.write(printable(f"gmail_classify: {name}: {line}") + "\n")
+            return exc.exit_code
+        sys.stderr.write(printable(f"gmail_classify: {name}: unexpected error: "
+                                   f"{type(exc).__name__}: {exc}") + "\n")
+        return EXIT_ERROR
+
+    def watch(name: str, watcher: Watcher) -> None:
+        try:
+            watcher.run()
+            codes[name] = EXIT_OK
+        except StopRequested:
+            codes[name] = EXIT_OK
+        except BaseException as exc:  # this account's end; the others watch on
+            if args.verbose:
+                log.exception("details:")
+            codes[name] = report(name, exc)
+
+    prefix = _AccountLogPrefix()
+    log.addFilter(prefix)
     try:
-        log.info("watching %s%s", ", ".join(folders), "" if args.apply else " (dry run)")
-        # SIGINT and SIGTERM end the watch at a safe point (exit 0), a second one at once
-        # (130); SIGHUP reloads the rules.
-        with _Signals(args.stop, armed=True, on_stop=watcher.stop,
-                      on_hangup=watcher.request_reload):
-            try:
-                watcher.run()
-            except StopRequested:
-                pass        # a wait that ended at the stop: the watch ends as asked
+        with _Signals(args.stop, armed=True,
+                      on_hangup=lambda: [w.request_reload() for _, w, _, _ in started]):
+            for name, rules in chosen:
+                name = str(name)
+                try:
+                    watcher, session, lock, folders = _prepare_watch(args, out, rules,
+                                                                     source, name)
+                except GmailClassifyError as exc:
+                    codes[name] = report(name, exc)
+                    continue
+                log.info("%s: watching %s%s", name, ", ".join(folders),
+                         "" if args.apply else " (dry run)")
+                thread = threading.Thread(target=watch, args=(name, watcher),
+                                          name=f"watch:{name}", daemon=True)
+                started.append((name, watcher, lock, thread))
+                thread.start()
+            for _, _, _, thread in started:
+                while thread.is_alive():
+                    thread.join(0.2)        # the main thread stays free for the signals
     finally:
-        if lock is not None:
-            lock.release()
-    log.info("watch stopped after %d wake-ups", session.runs)
-    return EXIT_OK
+        log.removeFilter(prefix)
+        for name, watcher, lock, thread in started:
+            watcher.stop()
+            thread.join(5)
+            if lock is not None:
+                lock.release()
+    return most_serious_exit(codes.values())
 
 
 def _history_line(entry: Mapping[str, Any]) -> str:
@@ -14146,6 +14866,8 @@ def _history_line(entry: Mapping[str, Any]) -> str:
             (f" ({maybe:,} maybe)" if maybe else "")]))
     undone = f"  [undone by {entry['undone_by']}]" if entry.get("undone_by") else ""
     what = f"undo of {entry['undo_of']}: " if entry.get("undo_of") else ""
+    if entry.get("account_name"):
+        what = f"[{entry['account_name']}] {what}"
     return (f"{entry['run']}  {entry['time']}  {entry['account']} on {entry['host']}  "
             f"{', '.join(entry['folders'])}  {what}{counts or 'no changes'}{status}{undone}")
 
@@ -14153,6 +14875,16 @@ def _history_line(entry: Mapping[str, Any]) -> str:
 def _cmd_history(args: argparse.Namespace, out: _Output) -> int:
     store = StateStore()
     runs = history(store)
+    if args.account:
+        # The runs of these accounts' mailboxes (user, host, port), whatever the table was
+        # called when they ran: renaming a table hides none of its runs.
+        keys = set()
+        for name, rules in _chosen_accounts(args, find_rules(args.rules), connecting=False):
+            table = rules.account
+            if not table.get("user"):
+                raise UsageError(f"account {name!r} has no user in {rules.source}")
+            keys.add(account_key(table["user"], table.get("host", GMAIL_HOST), table.get("port")))
+        runs = [entry for entry in runs if f"{entry['account']} on {entry['host']}" in keys]
     for entry in runs:
         out.record(entry, lambda: [_history_line(entry)])
     if not runs and out.human:
@@ -14161,8 +14893,8 @@ def _cmd_history(args: argparse.Namespace, out: _Output) -> int:
 
 
 def _cmd_undo(args: argparse.Namespace, out: _Output) -> int:
-    rules = find_rules(args.rules)
-    settings = _connection_settings(args, rules.account)
+    [(name, rules)] = _chosen_accounts(args, find_rules(args.rules), one=True)
+    settings = _connection_settings(args, rules.account, name)
     store = StateStore()
     store.load()
 
@@ -14186,6 +14918,7 @@ def _cmd_undo(args: argparse.Namespace, out: _Output) -> int:
     undo = Undo(store, settings["user"], settings["host"], settings.get("port"),
                 run_id=args.run_id, apply=args.apply, allow_expunge=args.allow_expunge,
                 on_record=on_record)
+    undo.run.account_name = name
     lock = store.lock(undo.run.account, "undo").acquire() if args.apply else None
     try:
         with _signed_in(settings) as conn:
@@ -14224,6 +14957,53 @@ def _cmd_undo(args: argparse.Namespace, out: _Output) -> int:
                                    f"folder when no other mail client is at work there")
                          + "\n")
     return EXIT_INCOMPLETE if undo.expunge_surprises else EXIT_OK
+
+
+def _cmd_doctor(args: argparse.Namespace, out: _Output) -> int:
+    rules = find_rules(args.rules)
+    chosen = _chosen_accounts(args, rules)
+    if not rules.accounts:
+        return _doctor_account(args, out, rules)
+    return _each_account(args, out, chosen, lambda name, account_rules, _runs: _doctor_account(
+        args, out, account_rules, name), total=False)
+
+
+def _doctor_account(args: argparse.Namespace, out: _Output, rules: Ruleset,
+                    name: Optional[str] = None) -> int:
+    """``doctor`` for one account: sign in, diagnose (read-only), print the table."""
+    settings = _connection_settings(args, rules.account, name)
+    folders = args.folder or list(rules.account.get("folders") or ["INBOX"])
+    store = StateStore()
+    store.load()
+    conn = GmailConnection(**settings)
+    try:
+        conn.connect()
+    except (AuthenticationError, OAuthError, TLSError, ConnectionLostError) as exc:
+        diagnosis = diagnose_failure(conn.user, conn.host, conn.port, exc)
+    else:
+        try:
+            diagnosis = diagnose(conn, rules, folders, allow_expunge=args.allow_expunge,
+                                 store=store, daily_budget=args.daily_budget or None,
+                                 oauth=isinstance(settings.get("token"), OAuthTokenSource))
+        finally:
+            conn.close()
+    width = max(len(row.check) for row in diagnosis.rows)
+
+    def lines() -> Iterator[str]:
+        yield f"Doctor: {diagnosis.account}{f' (account {name})' if name else ''}"
+        for row in diagnosis.rows:
+            mark = "PROBLEM " if not row.ok else ""
+            yield f"  {row.check.ljust(width)}  {mark}{row.result}"
+        if diagnosis.problems:
+            yield "What to do:"
+            for row in diagnosis.problems:
+                yield f"  {row.check}: {row.advice} (a run would exit {row.exit_code})"
+        else:
+            yield "The rules can run here."
+    out.record({"type": "doctor", "account": diagnosis.account, "account_name": name,
+                "rows": [dataclasses.asdict(row) for row in diagnosis.rows],
+                "exit": diagnosis.exit_code}, lines)
+    return diagnosis.exit_code
 
 
 def _report_table(report: FolderReport, rules: Ruleset) -> str:
@@ -14354,8 +15134,8 @@ def _cmd_test(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_labels(args: argparse.Namespace, out: TextIO) -> int:
-    rules = find_rules(args.rules)
-    settings = _connection_settings(args, rules.account)
+    [(name, rules)] = _chosen_accounts(args, find_rules(args.rules), one=True)
+    settings = _connection_settings(args, rules.account, name)
     with _signed_in(settings) as conn:
         for folder in sorted(conn.list_folders(), key=lambda f: f.name.casefold()):
             use = f"  {folder.special_use}" if folder.special_use else ""
@@ -14529,8 +15309,8 @@ def _cmd_suggest(args: argparse.Namespace, out: TextIO) -> int:
     fmt = _output_format(args)
     if args.output and os.path.exists(args.output) and not args.force:
         raise UsageError(f"{args.output} already exists; pass --force to overwrite it")
-    rules = find_rules(args.rules)
-    settings = _connection_settings(args, rules.account)
+    [(name, rules)] = _chosen_accounts(args, find_rules(args.rules), one=True)
+    settings = _connection_settings(args, rules.account, name)
     with _signed_in(settings) as conn:
         found = suggest_rules(conn, args.folder, top=args.top, batch_size=args.batch_size,
                               limit=args.limit)
@@ -14730,7 +15510,12 @@ _COMMANDS: Dict[str, _Command] = {
         _Opt("--jobs", type=_positive, metavar="N", help="rules' programs run at once, across "
              "messages (default: the number of CPUs)")), exit_codes=True),
     "history": _Command(_cmd_history, "list the applied runs, newest first, from the audit "
-                        "log", options=(_Opt("--json", help="one JSON object per run"),)),
+                        "log", options=(_Opt("--json", help="one JSON object per run"),
+                                        _Opt("--account", action="append", metavar="NAME",
+                                             help="only the runs of this [[account]] of the "
+                                             "rules file (repeatable)"),
+                                        _Opt("--rules", help="the rules file that names the "
+                                             "accounts"))),
     "undo": _Command(_cmd_undo, "reverse one applied run (dry run unless --apply)",
                      ("connection",), (
         _Opt("run_id", metavar="RUN_ID", nargs="?", help="the run to reverse (default: the "
@@ -14761,6 +15546,13 @@ _COMMANDS: Dict[str, _Command] = {
                       options=(_Opt("rules_file", metavar="RULES"), _Opt("--run-programs"))),
     "test": _Command(_cmd_test, "classify .eml files, an mbox or a Maildir offline", options=(
         _Opt("rules_file", metavar="RULES"), _Opt("files", metavar="FILE", nargs="+"))),
+    "doctor": _Command(_cmd_doctor, "check what the server can and cannot do for the rules "
+                       "(read-only)", ("connection",), (
+        _Opt("--folder", action="append", type=_folder_name, help="folder the rules would "
+             "classify (repeatable; default: the rules' folders, else INBOX)"),
+        _Opt("--json", help="the table as one JSON object"), _Opt("--allow-expunge"),
+        _Opt("--daily-budget", help="the daily download budget to check against (default: "
+             "2G; 0: none)")), exit_codes=True),
     "labels": _Command(_cmd_labels, "list folders and labels with their special-use "
                        "attributes", ("connection",)),
     "folders": _Command(_cmd_labels, "list folders and labels with their special-use "

@@ -11057,6 +11057,7 @@ class ClosedOutputTest(StateTestCase):
             ("import-filters", ["import-filters", filters], 141),
             ("labels", ["labels", *conn], 0),
             ("folders", ["folders", *conn], 0),
+            ("doctor", ["doctor", *conn], 0),
             ("suggest", ["suggest", *conn], 141),
             ("run", ["run", *conn], 0),                                 # a dry run
             ("run", ["run", "--json", *conn], 141),
@@ -16814,6 +16815,629 @@ class PlaceStatusesTest(FakeServerTest):
             "Lists": {"uidvalidity": lists["UIDVALIDITY"], "uidnext": lists["UIDNEXT"]},
             "Nowhere": {"uidvalidity": None, "uidnext": None}})
         self.assertEqual(self.server.count("STATUS") - before, 2)   # never the selected one
+# --- Issue 19: several accounts in one rules file, and doctor ------------------------------
+
+def accounts_doc(*tables: Dict[str, Any], rules: Optional[list] = None) -> Dict[str, Any]:
+    """A rules document with [[account]] tables (EXAMPLE_DOC's rules unless given)."""
+    return {"rule": rules or EXAMPLE_DOC["rule"], "account": list(tables)}
+
+
+class AccountTablesTest(TempDirMixin, unittest.TestCase):
+    """[[account]] tables: what each account runs, and the tables that are refused."""
+
+    def setUp(self):
+        self.tmp = self.make_dir()
+
+    def test_each_account_runs_its_own_rules_with_its_table_as_account(self):
+        rules = parse_rules(accounts_doc(
+            {"name": "home", "user": "a@example.com", "rules": ["GitHub", "Receipts"]},
+            {"name": "work", "user": "b@example.com", "folders": ["INBOX", "Work"]}), "r.json")
+        self.assertEqual(rules.account, {})
+        home = rules.for_account("home")
+        self.assertEqual([r.name for r in home.rules], ["Receipts", "GitHub"])   # file order
+        self.assertEqual(home.account["user"], "a@example.com")
+        work = rules.for_account("work")
+        self.assertEqual([r.name for r in work.rules], [r["name"] for r in EXAMPLE_DOC["rule"]])
+        self.assertEqual(work.account["folders"], ["INBOX", "Work"])
+        self.assertEqual((home.accounts, work.tests), ((), ()))
+        with self.assertRaises(gc.RulesError):
+            rules.for_account("nope")
+
+    def test_a_single_account_table_works_as_today(self):
+        rules = parse_rules({"rule": EXAMPLE_DOC["rule"], "account": {"user": "a@example.com"}})
+        self.assertEqual((rules.account, rules.accounts), ({"user": "a@example.com"}, ()))
+
+    def test_an_account_may_name_another_rules_file_relative_to_this_one(self):
+        other = os.path.join(self.tmp, "other.json")
+        with open(other, "w") as handle:
+            json.dump({"rule": [{"name": "Only", "subject": "x", "label": "X"}]}, handle)
+        main = os.path.join(self.tmp, "main.json")
+        with open(main, "w") as handle:
+            json.dump(accounts_doc({"name": "a", "user": "a@x", "rules": "other.json"},
+                                   {"name": "b", "user": "b@x"}), handle)
+        rules = gc.load_rules(main)
+        self.assertEqual([r.name for r in rules.for_account("a").rules], ["Only"])
+        self.assertEqual(rules.for_account("a").account["user"], "a@x")
+        with open(other, "w") as handle:
+            json.dump(accounts_doc({"name": "c", "user": "c@x"}), handle)
+        with self.assertRaisesRegex(gc.RulesError, "may not hold"):
+            gc.load_rules(main)
+
+    def test_bad_tables_are_each_one_line_and_exit_2(self):
+        cases = {
+            "no name": [{"user": "a@x"}],
+            "two tables with one name": [{"name": "a", "user": "a@x"}, {"name": "a", "user": "b@x"}],
+            "both read IMAP_PASSWORD_WORK_MAIL": [{"name": "work mail", "user": "a@x"},
+                                                  {"name": "Work-Mail", "user": "b@x"}],
+            "both are A@x on IMAP.gmail.com": [{"name": "a", "user": "a@x"},
+                                               {"name": "b", "user": "A@x", "port": 993,
+                                                "host": "IMAP.gmail.com"}],
+            "no rule named \"Nope\"": [{"name": "a", "user": "a@x", "rules": ["Nope"]}],
+            "unknown key 'pasword_command'": [{"name": "a", "pasword_command": "x"}],
+            "not a rules file": [{"name": "a", "rules": "other.txt"}],
+        }
+        for expected, tables in cases.items():
+            with self.subTest(expected=expected):
+                with self.assertRaises(gc.RulesError) as caught:
+                    parse_rules(accounts_doc(*tables), "r.json")
+                self.assertIn(expected, str(caught.exception))
+                self.assertEqual(caught.exception.exit_code, gc.EXIT_USAGE)
+        # Another port is another mailbox.
+        parse_rules(accounts_doc({"name": "a", "user": "a@x", "host": "h"},
+                                 {"name": "b", "user": "a@x", "host": "h", "port": 1143}))
+
+    def test_variable_suffix(self):
+        for name, suffix in (("work", "WORK"), ("Work mail", "WORK_MAIL"), ("a.b-c", "A_B_C"),
+                             ("größe", "GR_SSE")):
+            with self.subTest(name=name):
+                self.assertEqual(gc.account_variable_suffix(name), suffix)
+
+
+class NetrcEntriesTest(TempDirMixin, unittest.TestCase):
+    """~/.netrc read by us: every entry kept, so two logins on one host both work."""
+
+    TEXT = ("# a comment line\n"
+            "machine imap.example.com login one@example.com password first\n"
+            "machine imap.example.com\n  login two@example.com\n  password \"sec ond\"\n"
+            "macdef init\nmachine evil login one@example.com password macro\n\n"
+            "machine other.example.com password nologin # login one@example.com\n"
+            "default login one@example.com password fallback\n")
+
+    def setUp(self):
+        self.tmp = self.make_dir()
+        with open(os.path.join(self.tmp, ".netrc"), "w") as handle:
+            handle.write(self.TEXT)
+        os.chmod(os.path.join(self.tmp, ".netrc"), 0o600)
+        patcher = mock.patch.dict(os.environ, {"HOME": self.tmp})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_entries_in_order_macros_and_comments_skipped(self):
+        self.assertEqual(gc._netrc_entries(self.TEXT), [
+            ("imap.example.com", "one@example.com", "first"),
+            ("imap.example.com", "two@example.com", "sec ond"),
+            ("other.example.com", "", "nologin"),
+            (None, "one@example.com", "fallback")])
+
+    def test_an_account_takes_only_the_entry_naming_its_host_and_user(self):
+        find = gc._password_from_netrc
+        self.assertEqual(find("imap.example.com", "two@example.com", strict=True), "sec ond")
+        self.assertEqual(find("IMAP.example.com", "one@example.com", strict=True), "first")
+        self.assertIsNone(find("imap.example.com", "three@example.com", strict=True))
+        self.assertIsNone(find("other.example.com", "one@example.com", strict=True))
+        self.assertIsNone(find("elsewhere", "one@example.com", strict=True))
+        # Without an [[account]] too: the netrc module kept one entry per host (the last),
+        # so the first login of a host was never found.
+        self.assertEqual(find("imap.example.com", "one@example.com"), "first")
+        self.assertEqual(find("imap.example.com", "two@example.com"), "sec ond")
+        # Else, as before, a host entry without login, or the default.
+        self.assertEqual(find("other.example.com", "one@example.com"), "nologin")
+        self.assertEqual(find("elsewhere", "one@example.com"), "fallback")
+        self.assertIsNone(find("elsewhere", "two@example.com"))
+        self.assertIsNone(find("imap.example.com", "three@example.com"))
+
+
+class ExitSeverityTest(unittest.TestCase):
+    def test_the_most_serious_code_wins_in_the_documented_order(self):
+        order = [130, 1, 2, 3, 4, 5, 8, 6, 7, 0]
+        for i, high in enumerate(order):
+            for low in order[i + 1:]:
+                with self.subTest(high=high, low=low):
+                    self.assertEqual(gc.most_serious_exit([low, high, low]), high)
+        for signal_code in (129, 130, 143):
+            self.assertEqual(gc.most_serious_exit([1, signal_code, 7]), signal_code)
+        self.assertEqual(gc.most_serious_exit([]), 0)
+        self.assertEqual(gc.most_serious_exit([0, 141]), 141)
+        self.assertEqual(gc.most_serious_exit([7, 141]), 7)
+
+    def test_the_help_states_the_same_order(self):
+        found = re.search(r"in the order\s+([\d/, \n]+)", gc.EXIT_CODES_HELP)
+        listed = [int(code) for code in re.findall(r"\d+", found.group(1))]
+        self.assertEqual(listed, [130, 143, 129, 1, 2, 3, 4, 5, 8, 6, 7, 0])
+        self.assertEqual(listed, list(gc._EXIT_SEVERITY))
+
+
+class AuditLockTest(TempDirMixin, unittest.TestCase):
+    def setUp(self):
+        self.tmp = self.make_dir()
+
+    def test_an_append_waits_for_the_audit_lock(self):
+        audit = gc.AuditLog(pathlib.Path(self.tmp) / "audit.jsonl")
+        holder = gc._FileLock(pathlib.Path(self.tmp) / "audit.jsonl.lock")
+        self.assertTrue(holder.acquire(wait=True))
+        writer = threading.Thread(target=audit.append, args=([{"type": "x", "run": "r"}],))
+        writer.start()
+        writer.join(0.2)
+        self.assertTrue(writer.is_alive())
+        self.assertFalse(audit.path.exists())
+        holder.release()
+        writer.join(5)
+        self.assertEqual(list(audit.records()), [{"type": "x", "run": "r"}])
+
+    def test_threads_rotating_together_lose_no_record_of_the_current_file(self):
+        audit = gc.AuditLog(pathlib.Path(self.tmp) / "audit.jsonl")
+        with mock.patch.object(gc, "AUDIT_MAX_BYTES", 400):
+            def write(n: int) -> None:
+                for i in range(40):
+                    audit.append([{"type": "x", "run": f"{n}-{i}"}], sync=False)
+            threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(20)
+        kept = [r["run"] for r in audit.records()]
+        self.assertEqual(len(kept), len(set(kept)))
+        # Each rotation happened once its file had passed the size: both files are whole.
+        self.assertLessEqual(audit.previous.stat().st_size, 400 + 60)
+        self.assertGreater(audit.previous.stat().st_size, 400)
+
+
+class TwoAccountsTestCase(FakeServerTest):
+    """Two [[account]] tables, each its own fake server (one Gmail, one with MOVE)."""
+
+    def setUp(self):
+        super().setUp()
+        self.second = FakeGmail(kind="move", users={"two@example.com": "second-pass"}).start()
+        self.addCleanup(self.second.stop)
+        self.env = {"XDG_STATE_HOME": os.path.join(self.tmp, "state"),
+                    "XDG_CONFIG_HOME": os.path.join(self.tmp, "config"),
+                    "HOME": self.tmp,
+                    "IMAP_PASSWORD_ONE": PASSWORD, "IMAP_PASSWORD_TWO": "second-pass",
+                    "IMAP_PASSWORD_RENAMED": PASSWORD}
+        self.server.add_message(make_message("receipt 1"))
+        self.second.add_message(make_message("receipt 2"))
+        self.second.add_message(make_message("invoice 3"))
+        self.write_rules()
+
+    def tables(self, one: str = "one", two: str = "two") -> List[Dict[str, Any]]:
+        return [{"name": one, "user": USER, "host": "127.0.0.1", "port": self.server.port,
+                 "tls": "plaintext"},
+                {"name": two, "user": "two@example.com", "host": "127.0.0.1",
+                 "port": self.second.port, "tls": "plaintext", "rules": ["Receipts"]}]
+
+    def write_rules(self, *tables: Dict[str, Any]) -> None:
+        self.rules_path = os.path.join(self.tmp, "rules.json")
+        with open(self.rules_path, "w") as handle:
+            json.dump(accounts_doc(*(tables or self.tables())), handle)
+
+    def cli(self, *argv: str, **env: str) -> Tuple[int, str, str]:
+        command = argv[0] if argv and argv[0] in ("run", "history", "undo", "watch") else "run"
+        rest = argv[1:] if argv and argv[0] == command else argv
+        retries = () if command == "history" else ("--retries", "0")
+        return run_cli(command, "--rules", self.rules_path, *retries, *rest,
+                       env=dict(self.env, **env))
+
+    def audit(self) -> List[Dict[str, Any]]:
+        path = os.path.join(self.tmp, "state", "gmail_classify", "audit.jsonl")
+        with open(path) as handle:
+            return [json.loads(line) for line in handle]
+
+
+class SeveralAccountsTest(TwoAccountsTestCase):
+    """`run` (and history, undo) over two [[account]] tables."""
+
+    def test_apply_runs_every_account_in_turn_each_with_its_own_password(self):
+        code, out, err = self.cli("--apply")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(self.server.uids("INBOX"), [])
+        self.assertEqual(self.second.uids("INBOX"), [])
+        self.assertEqual(len(self.second.uids("Receipts")), 2)
+        self.assertIn(f"Account one: {USER} on 127.0.0.1:{self.server.port}", out)
+        self.assertIn("All 2 accounts:", out)
+        self.assertIn("  one: 1 message examined, 2 changes made; exit 0", out)
+        self.assertIn("  total: 3 messages examined, 6 changes made; exit 0", out)
+        # Each server saw only its own account's password.
+        first, second = b"".join(self.server.raw_lines), b"".join(self.second.raw_lines)
+        self.assertIn(PASSWORD.encode(), first)
+        self.assertNotIn(b"second-pass", first)
+        self.assertIn(b"second-pass", second)
+        self.assertNotIn(PASSWORD.encode(), second)
+        # Every record says which table; state and runs stay keyed by user, host and port.
+        records = self.audit()
+        self.assertEqual({r.get("account_name") for r in records}, {"one", "two"})
+        self.assertEqual({(r["account_name"], r["host"]) for r in records if r["type"] == "summary"},
+                         {("one", f"127.0.0.1:{self.server.port}"),
+                          ("two", f"127.0.0.1:{self.second.port}")})
+
+    def test_json_ends_with_a_total_record(self):
+        code, out, err = self.cli("--json")
+        self.assertEqual((code, err), (0, ""))
+        lines = [json.loads(line) for line in out.splitlines()]
+        total = lines[-1]
+        self.assertEqual(total["type"], "total")
+        self.assertEqual([(a["name"], a["exit"], a["examined"]) for a in total["accounts"]],
+                         [("one", 0, 1), ("two", 0, 2)])
+        self.assertEqual({l.get("account_name") for l in lines if l["type"] == "message"},
+                         {"one", "two"})
+
+    def test_account_option_picks_accounts_and_unknown_names_exit_2(self):
+        code, out, err = self.cli("--apply", "--account", "two")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(len(self.server.uids("INBOX")), 1)          # one not touched
+        self.assertNotIn("LOGIN", self.server.commands())
+        self.assertEqual(self.second.uids("INBOX"), [])
+        code, out, err = self.cli("--account", "three")
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertIn("no [[account]] named 'three'; it has: one, two", err)
+
+    def test_unsuffixed_secrets_and_connection_flags_need_exactly_one_account(self):
+        for extra, env in ((["--user", "x"], {}), (["--host", "127.0.0.1"], {}),
+                           (["--port", "1143"], {}), (["--password-command", "true"], {}),
+                           ([], {"IMAP_PASSWORD": PASSWORD}), ([], {"GMAIL_APP_PASSWORD": "x"}),
+                           ([], {"GMAIL_USER": "x"}),
+                           (["--account", "one", "--account", "two"], {"IMAP_PASSWORD": "x"})):
+            with self.subTest(extra=extra, env=env):
+                code, out, err = self.cli(*extra, **env)
+                self.assertEqual(code, gc.EXIT_USAGE, err)
+                self.assertIn("exactly one --account", err)
+                self.assertEqual(len(err.strip().splitlines()), 1)
+        self.assertEqual(self.server.commands() + self.second.commands(), [])
+        # With exactly one --account the unsuffixed variable is that account's.
+        env = dict(self.env, IMAP_PASSWORD_TWO="", IMAP_PASSWORD="second-pass")
+        code, out, err = run_cli("--rules", self.rules_path, "--account", "two", env=env)
+        self.assertEqual((code, err), (0, ""))
+
+    def test_netrc_entry_must_match_host_and_user(self):
+        netrc_path = os.path.join(self.tmp, ".netrc")
+        with open(netrc_path, "w") as handle:
+            handle.write(f"machine 127.0.0.1 login {USER} password {PASSWORD}\n"
+                         f"machine 127.0.0.1 login two@example.com password second-pass\n")
+        os.chmod(netrc_path, 0o600)
+        code, out, err = self.cli("--apply", IMAP_PASSWORD_ONE="", IMAP_PASSWORD_TWO="")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(self.second.uids("INBOX"), [])
+        with open(netrc_path, "w") as handle:       # the host, but another user: not ours
+            handle.write(f"machine 127.0.0.1 login {USER} password {PASSWORD}\n")
+        self.second.add_message(make_message("receipt 9"))
+        code, out, err = self.cli("--apply", IMAP_PASSWORD_ONE="", IMAP_PASSWORD_TWO="")
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertIn("gmail_classify: two: no password for account 'two': set "
+                      "IMAP_PASSWORD_TWO", err)
+        self.assertNotIn(PASSWORD.encode(), b"".join(self.second.raw_lines))
+
+    def test_a_locked_account_does_not_stop_the_other_and_a_refused_sign_in_outranks_it(self):
+        store = gc.StateStore(os.path.join(self.tmp, "state", "gmail_classify"))
+        lock = store.lock(gc.account_key(USER, "127.0.0.1", self.server.port)).acquire()
+        self.addCleanup(lock.release)
+        code, out, err = self.cli("--apply")
+        self.assertEqual(code, gc.EXIT_LOCKED, err)
+        self.assertIn("gmail_classify: one: another --apply", err)
+        self.assertEqual(len(self.server.uids("INBOX")), 1)
+        self.assertEqual(self.second.uids("INBOX"), [])
+        self.second.add_message(make_message("receipt 4"))
+        code, out, err = self.cli("--apply", IMAP_PASSWORD_TWO="wrong")
+        self.assertEqual(code, gc.EXIT_AUTH, err)
+        self.assertIn("  one: 0 messages examined, 0 changes made; exit 7", out)
+        self.assertIn("  two: 0 messages examined, 0 changes made; exit 3", out)
+
+    def test_an_unreachable_account_does_not_stop_the_other(self):
+        port = self.server.port
+        self.server.stop()
+        code, out, err = self.cli("--apply")
+        self.assertEqual(code, gc.EXIT_CONNECTION, err)
+        self.assertIn(f"gmail_classify: one: ", err)
+        self.assertEqual(self.second.uids("INBOX"), [])
+
+    def test_a_signal_stops_the_current_account_and_starts_no_other(self):
+        self.server.add_message(make_message("receipt 5"))
+        real = gc.GmailConnection.add_labels
+
+        def then_stop(conn: gc.GmailConnection, *args: Any, **kwargs: Any) -> Any:
+            result = real(conn, *args, **kwargs)
+            conn.stop.request(signal.SIGTERM)
+            return result
+        with mock.patch.object(gc.GmailConnection, "add_labels", then_stop):
+            code, out, err = self.cli("--apply")
+        self.assertEqual(code, gc.EXIT_TERMINATED, err)
+        self.assertRegex(err, r"interrupted: \d+ changes made, \d+ not")
+        self.assertEqual(self.server.commands()[-1], "LOGOUT")
+        self.assertEqual(self.second.commands(), [])            # two never started
+        self.assertIn("  two: not started (stopped by a signal)", out)
+        self.assertIn("exit 143", out)
+
+    def test_renaming_a_table_keeps_its_marks_and_its_runs(self):
+        code, out, err = self.cli("--apply")
+        self.assertEqual((code, err), (0, ""))
+        self.write_rules(*self.tables(one="renamed"))
+        code, out, err = self.cli("--account", "renamed")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("INBOX: 0 messages examined", out)
+        code, out, err = self.cli("history", "--account", "renamed")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(len(out.splitlines()), 1)
+        self.assertIn("[one]", out)
+        self.assertIn(f"127.0.0.1:{self.server.port}", out)
+        code, out, err = self.cli("undo", "--account", "renamed", "--apply")
+        self.assertEqual((code, err), (0, ""), out)
+        self.assertEqual(len(self.server.uids("INBOX")), 1)
+        self.assertEqual(self.second.uids("INBOX"), [])           # two's run stays
+        undo = [r for r in self.audit() if r.get("command") == "undo"]
+        self.assertEqual({r.get("account_name") for r in undo}, {"renamed"})
+
+    def test_undo_needs_one_account_and_history_lists_all(self):
+        self.cli("--apply")
+        code, out, err = self.cli("undo")
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertIn("add --account NAME (one of one, two)", err)
+        code, out, err = self.cli("undo", "--account", "one", "--account", "two")
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertIn("undo works on one account: give --account once", err)
+        code, out, err = self.cli("history")
+        self.assertEqual(len(out.splitlines()), 2)
+        code, out, err = self.cli("history", "--json", "--account", "two", IMAP_PASSWORD="x")
+        (entry,) = [json.loads(line) for line in out.splitlines()]     # no secret needed
+        self.assertEqual((entry["account_name"], entry["host"]),
+                         ("two", f"127.0.0.1:{self.second.port}"))
+        logins = (self.server.count("LOGIN"), self.second.count("LOGIN"))
+        code, out, err = run_cli("suggest", "--rules", self.rules_path, "--account", "one",
+                                 "--retries", "0", env=self.env)
+        self.assertEqual(code, 0, err)
+        self.assertEqual((self.server.count("LOGIN"), self.second.count("LOGIN")),
+                         (logins[0] + 1, logins[1]))
+
+    def test_account_option_without_tables_exits_2(self):
+        with open(self.rules_path, "w") as handle:
+            json.dump(EXAMPLE_DOC, handle)
+        code, out, err = self.cli("--account", "one", "--user", USER)
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertIn("--account needs [[account]] tables", err)
+
+
+@unittest.skipUnless(hasattr(signal, "SIGHUP") and os.name == "posix", "POSIX signals")
+class SeveralAccountsWatchTest(TwoAccountsTestCase):
+    """`watch` of both accounts at once: a thread and a connection each."""
+
+    def setUp(self):
+        super().setUp()
+        patcher = mock.patch.object(gc, "IDLE_POLL", 0.02)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def watch(self, script: Callable[[], None], *extra: str, **env: str) -> Tuple[int, str, str]:
+        """`watch` in this (main) thread while ``script`` drives it; then SIGTERM."""
+        problems: List[BaseException] = []
+
+        def drive() -> None:
+            try:
+                script()
+            except BaseException as exc:
+                problems.append(exc)
+            finally:
+                wait_until(lambda: signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None),
+                           timeout=15, message="watch installed no SIGTERM handler")
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        driver = threading.Thread(target=drive, daemon=True)
+        driver.start()
+        result = self.cli("watch", *extra, **env)
+        driver.join(20)
+        if problems:
+            raise problems[0]
+        return result
+
+    def test_both_accounts_are_watched_at_once_and_stop_together(self):
+        def script() -> None:
+            wait_until(lambda: self.server.count("IDLE") and self.second.count("IDLE"),
+                       timeout=15, message="not both idling")
+            self.assertEqual((self.server.uids("INBOX"), self.second.uids("INBOX")), ([], []))
+            self.server.add_message(make_message("receipt 6"))
+            self.second.add_message(make_message("receipt 7"))
+            wait_until(lambda: not self.server.uids("INBOX") and not self.second.uids("INBOX"),
+                       timeout=15, message="new mail not classified in both")
+            wait_until(lambda: self.server.count("IDLE") >= 2 and self.second.count("IDLE") >= 2,
+                       timeout=15, message="not idling after the new mail")
+            os.kill(os.getpid(), signal.SIGHUP)
+            wait_until(lambda: self.server.count("IDLE") >= 3 and self.second.count("IDLE") >= 3,
+                       timeout=15, message="not idling after SIGHUP")
+        code, out, err = self.watch(script, "--apply", "--all")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(self.second.uids("Receipts")), 3)
+        for server in (self.server, self.second):
+            self.assertEqual(server.commands()[-1], "LOGOUT")
+            self.assertIn(b"DONE", [line.strip() for line in server.raw_lines])
+        self.assertIn("Account one:", out)
+        self.assertIn("Account two:", out)
+        # SIGHUP reloaded both accounts' rules, each line naming its account.
+        self.assertIn("WARNING: one: rules reloaded from", err)
+        self.assertIn("WARNING: two: rules reloaded from", err)
+        runs = [r for r in self.audit() if r["type"] == "summary"]
+        self.assertEqual({r["account_name"] for r in runs}, {"one", "two"})
+        self.assertEqual({r["command"] for r in runs}, {"watch"})
+
+    def test_a_refused_sign_in_ends_that_watch_only(self):
+        def script() -> None:
+            wait_until(lambda: self.server.count("IDLE"), timeout=15, message="one not idling")
+            self.server.add_message(make_message("receipt 8"))
+            wait_until(lambda: not self.server.uids("INBOX"), timeout=15,
+                       message="one stopped with two")
+        code, out, err = self.watch(script, "--apply", "--all", IMAP_PASSWORD_TWO="wrong")
+        self.assertEqual(code, gc.EXIT_AUTH, err)
+        self.assertIn("gmail_classify: two: ", err)
+        self.assertEqual(len(self.second.uids("INBOX")), 2)
+
+    def test_an_account_without_state_is_refused_and_the_other_watched(self):
+        code, out, err = self.cli("--apply", "--account", "one")
+        self.assertEqual(code, 0, err)
+
+        def script() -> None:
+            wait_until(lambda: self.server.count("IDLE"), timeout=15, message="one not idling")
+        code, out, err = self.watch(script, "--apply")
+        self.assertEqual(code, gc.EXIT_USAGE, err)
+        self.assertIn("gmail_classify: two: no state yet for INBOX", err)
+        self.assertEqual(self.second.commands(), [])
+
+
+class DoctorTest(unittest.TestCase):
+    """`doctor` on every server kind of the fake: one table, read-only, the exit code of
+    the first problem."""
+
+    def doctor(self, server: FakeGmail, *extra: str, rules: Any = None,
+               env: Optional[dict] = None) -> Tuple[int, str, str]:
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        path = os.path.join(tmp, "rules.json")
+        with open(path, "w") as handle:
+            json.dump(rules or EXAMPLE_DOC, handle)
+        return run_cli("doctor", "--user", USER, "--host", "127.0.0.1", "--port",
+                       str(server.port), "--plaintext", "--retries", "0", "--rules", path,
+                       *extra, env=dict({"GMAIL_APP_PASSWORD": PASSWORD}, **(env or {})))
+
+    def start(self, **options: Any) -> FakeGmail:
+        server = FakeGmail(**options).start()
+        self.addCleanup(server.stop)
+        return server
+
+    def rows(self, out: str) -> Dict[str, str]:
+        """check -> its result (several rows of one check joined by ' | ')."""
+        found: Dict[str, List[str]] = {}
+        for line in out.splitlines():
+            if line.startswith("  ") and not line.startswith("   ") and "  " in line[2:]:
+                check, result = line[2:].split("  ", 1)
+                found.setdefault(check.strip(), []).append(result.strip())
+        return {check: " | ".join(results) for check, results in found.items()}
+
+    # What each kind shows (a fragment of the row) and its exit code.
+    EXPECTED = {
+        "gmail": (0, {"moving": "MOVE: safe", "archive": "takes away the Inbox label",
+                      "all mail": "[Gmail]/All Mail (marked \\All)",
+                      "trash": "[Gmail]/Trash (marked \\Trash)",
+                      "capabilities": "X-GM-EXT-1", "namespace": 'prefix "", separator "/"',
+                      "rules": "every action of 5 rules can be done here"}),
+        "move": (0, {"moving": "MOVE: safe", "archive": "Archive (marked \\Archive)",
+                     "all mail": "none (no folder is marked \\All)",
+                     "rules": "labels are copies into folders here (no Gmail labels)"}),
+        "uidplus": (0, {"moving": "COPY, then \\Deleted and UID EXPUNGE",
+                        "capabilities": "no MOVE; UIDPLUS"}),
+        "neither": (5, {"moving": "only with --allow-expunge",
+                        "rules": "PROBLEM 127.0.0.1 has neither MOVE nor UIDPLUS"}),
+        "no-special-use": (0, {"trash": "Deleted Items (found by its name: no folder is "
+                                        "marked \\Trash)",
+                               "rules": "trash goes to 'Deleted Items': no folder is marked "
+                                        "\\Trash, so it was chosen by its name | archive goes "
+                                        "to 'Archives': no folder is marked \\Archive, so it "
+                                        "was chosen by its name | labels are copies into "
+                                        "folders here (no Gmail labels)",
+                               "archive": "Archives (found by its name"}),
+        "inbox-prefix": (0, {"namespace": 'prefix "INBOX.", separator "."',
+                             "trash": "INBOX.Trash (marked \\Trash)"}),
+    }
+
+    def test_every_server_kind_read_only(self):
+        self.assertEqual(set(self.EXPECTED), set(SERVER_KINDS))
+        for kind, (code, fragments) in self.EXPECTED.items():
+            with self.subTest(kind=kind):
+                server = self.start(kind=kind)
+                server.add_message(make_message("receipt 1"))
+                got, out, err = self.doctor(server)
+                self.assertEqual((got, err), (code, ""), out)
+                rows = self.rows(out)
+                for check, fragment in fragments.items():
+                    self.assertIn(fragment, rows.get(check, ""), out)
+                    if check == "rules" and code == 0:      # the whole row, nothing more
+                        self.assertEqual(rows[check], fragment)
+                self.assertIn("sign-in", rows)
+                self.assertIn("INBOX: no state yet", rows["state"])
+                self.assertTrue(out.rstrip().endswith("The rules can run here.") == (code == 0))
+                commands = server.commands()
+                self.assertFalse(set(commands) & (_WRITE_COMMANDS | {"SELECT", "EXAMINE",
+                                                                    "APPEND"}), commands)
+                self.assertEqual(commands[-1], "LOGOUT")
+                self.assertEqual(server.uids("INBOX"), [1])
+
+    def test_problems_come_with_what_to_do_and_allow_expunge_settles_them(self):
+        server = self.start(kind="neither")
+        code, out, err = self.doctor(server)
+        self.assertEqual(code, gc.EXIT_SERVER)
+        self.assertIn("What to do:\n  rules: pass --allow-expunge", out)
+        self.assertIn("(a run would exit 5)", out)
+        code, out, err = self.doctor(server, "--allow-expunge")
+        self.assertEqual((code, err), (0, ""), out)
+        self.assertIn("a plain EXPUNGE (--allow-expunge)", self.rows(out)["moving"])
+        code, out, err = self.doctor(server, "--allow-expunge", "--folder", "Nope")
+        self.assertEqual(code, gc.EXIT_SERVER, out)
+        self.assertIn("PROBLEM Nope: not on this server", self.rows(out)["folders"])
+
+    def test_a_refused_sign_in_and_no_server_are_rows_too(self):
+        server = self.start(kind="move")
+        code, out, err = self.doctor(server, env={"GMAIL_APP_PASSWORD": "wrong"})
+        self.assertEqual(code, gc.EXIT_AUTH, err)
+        self.assertIn("PROBLEM", self.rows(out)["sign-in"])
+        self.assertIn("check the password", out)
+        port = server.port
+        server.stop()
+        server.port = port
+        code, out, err = self.doctor(server)
+        self.assertEqual(code, gc.EXIT_CONNECTION, err)
+        self.assertIn("PROBLEM", self.rows(out)["connection"])
+
+    def test_gmail_searches_are_named_off_gmail_only(self):
+        rules = {"rule": [{"name": "Promo", "gmail_query": "category:promotions",
+                           "subject": "sale", "star": True}]}
+        for kind, expected in (("move", 'rule 1 ("Promo"): its gmail_query needs Gmail'),
+                               ("gmail", "every action of 1 rule can be done here")):
+            with self.subTest(kind=kind):
+                code, out, err = self.doctor(self.start(kind=kind), rules=rules)
+                self.assertEqual(code, 0, err)
+                self.assertTrue(self.rows(out)["rules"].startswith(expected), out)
+
+    def test_json_state_and_budget(self):
+        server = self.start(kind="move")
+        code, out, err = self.doctor(server, "--json", "--daily-budget", "1K")
+        self.assertEqual(code, 0, err)
+        record = json.loads(out)
+        self.assertEqual(record["type"], "doctor")
+        checks = [row["check"] for row in record["rows"]]
+        self.assertEqual(checks[:3], ["server", "sign-in", "capabilities"])
+        self.assertIn("budget", checks)
+        budget = next(row for row in record["rows"] if row["check"] == "budget")
+        self.assertIn("of 1.0 KB downloaded today", budget["result"])
+
+    def test_tls_row_names_version_and_certificate(self):
+        server = self.start(tls=True)
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        code, out, err = run_cli("doctor", "--user", USER, "--host", "localhost", "--port",
+                                 str(server.port), "--cafile", write_ca_file(tmp),
+                                 "--retries", "0", env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual(code, 0, err + out)
+        tls = self.rows(out)["TLS"]
+        self.assertRegex(tls, r"^TLSv1\.[23] \(")
+        self.assertIn("verified, valid until", tls)
+        self.assertIn("certificate for localhost", tls)
+
+    def test_known_providers(self):
+        for host, name in (("imap.gmail.com", "Gmail"), ("imap.mail.me.com", "iCloud"),
+                           ("outlook.office365.com", "Microsoft 365"),
+                           ("imap.mail.yahoo.com", "Yahoo"), ("imap.aol.com", "Yahoo"),
+                           ("IMAP.GMAIL.COM.", "Gmail")):
+            with self.subTest(host=host):
+                self.assertEqual(gc.provider_note(host)[0], name)
+        self.assertIn("2,500 MB", gc.provider_note("imap.gmail.com")[1])
+        self.assertIn("no MOVE", gc.provider_note("imap.mail.me.com")[1])
+        self.assertIn("OAuth2 only", gc.provider_note("outlook.office365.com")[1])
+        self.assertIn("10,000 messages per folder", gc.provider_note("imap.mail.yahoo.com")[1])
+        self.assertIsNone(gc.provider_note("notgmail.com"))
+        self.assertIsNone(gc.provider_note("127.0.0.1"))
 
 
 if __name__ == "__main__":

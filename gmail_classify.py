@@ -1179,6 +1179,14 @@ class _BufferedWire:
     def _reset_buffer(self) -> None:
         self._rbuf = bytearray()
 
+    def _create_socket(self, timeout: Optional[float] = None) -> socket.socket:
+        sock = super()._create_socket(timeout)  # type: ignore[misc]
+        # Pipelined commands go out as several small writes: with Nagle's algorithm the
+        # second waits for the server's (delayed) ACK of the first, some 40 ms a time.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
     def _check_stop(self) -> None:
         """Raise StopRequested once a stop was asked for and its grace has run out."""
         stop = self.stop

@@ -15462,13 +15462,27 @@ def _cmd_learn(args: argparse.Namespace, out: TextIO) -> int:
     if args.from_path:
         filed = read_filed_path(args.from_path, limit=args.limit, since=args.since)
     else:
-        rules = find_rules(args.rules)
-        settings = _connection_settings(args, rules.account)
+        [(name, rules)] = _chosen_accounts(args, find_rules(args.rules), one=True)
+        settings = _connection_settings(args, rules.account, name)
         progress = _Progress(sys.stderr, not args.quiet and sys.stderr.isatty())
+        # What learn downloads counts against the account's daily budget, as a run's does.
+        account = account_key(settings["user"], settings["host"], settings.get("port"))
+        store = StateStore()
+        store.load()
+        used = store.downloaded(account)
+        if used >= DEFAULT_DAILY_BUDGET:
+            raise BudgetExceededError(
+                f"{_human_size(used)} downloaded today for {account}, past the daily budget "
+                f"of {_human_size(DEFAULT_DAILY_BUDGET)}; learn again after 00:00 UTC")
         with _signed_in(settings) as conn:
-            filed = read_filed_mail(conn, folders=args.folder or (), exclude=args.exclude or (),
-                                    limit=args.limit, since=args.since,
-                                    batch_size=args.batch_size, on_progress=progress)
+            try:
+                filed = read_filed_mail(conn, folders=args.folder or (),
+                                        exclude=args.exclude or (), limit=args.limit,
+                                        since=args.since, batch_size=args.batch_size,
+                                        on_progress=progress)
+            finally:
+                store.add_download(account, conn.bytes_received)
+                store.save()
     learned = learn_rules(filed, min_precision=args.min_precision,
                           min_support=args.min_support, holdout=args.holdout,
                           max_rules=args.max_rules, keep_examples=args.keep_examples)

@@ -13694,6 +13694,28 @@ class LearnServerTest(FakeServerTest):
         self.assertEqual(code, 2)
         self.assertIn("already exists; pass --force", err)
 
+    def test_what_learn_downloads_counts_against_the_daily_budget(self):
+        for raw, when, kind in _corpus():
+            self.server.add_message(raw, labels=["Receipts"] if kind == "receipt" else [],
+                                    date=when)
+        env = {"GMAIL_APP_PASSWORD": PASSWORD, "XDG_STATE_HOME": self.tmp}
+        code, _out, err = run_cli(*self.argv("-q"), env=env)
+        self.assertEqual(code, 0, err)
+        store = gc.StateStore(Path(self.tmp) / "gmail_classify")
+        store.load()
+        account = gc.account_key(USER, "127.0.0.1", self.server.port)
+        self.assertGreater(store.downloaded(account), 10_000)   # every header block counted
+        store.add_download(account, gc.DEFAULT_DAILY_BUDGET)
+        store.save()
+        start = len(self.server.log)
+        code, _out, err = run_cli(*self.argv("-q"), env=env)
+        self.assertEqual(code, gc.EXIT_INCOMPLETE, err)
+        self.assertIn("past the daily budget", err)
+        self.assertEqual(self.server.log[start:], [])              # refused before signing in
+        code, _out, err = run_cli(*self.argv("-q", "--account", "work"), env=env)
+        self.assertEqual(code, gc.EXIT_USAGE, err)                 # --account is not ignored
+        self.assertIn("--account needs [[account]] tables", err)
+
     def test_folders_off_gmail_move_or_label(self):
         self.server = FakeGmail(kind="move").start()
         self.addCleanup(self.server.stop)

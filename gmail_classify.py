@@ -13399,6 +13399,26 @@ def _learn_uids(conn: GmailConnection, limit: Optional[int],
     return uids[-limit:] if limit else uids
 
 
+def _add_filed(found: Dict[str, FiledMessage], values: Mapping[str, Any], item: str,
+               label: Optional[str], gmail: bool) -> None:
+    """One fetched message into ``found`` (by Message-ID): where it is filed, and whether
+    it is starred and (on Gmail) archived."""
+    key, info, when = _filed_from_headers(values.get(item) or b"", values.get("INTERNALDATE"))
+    flags = frozenset(values.get("FLAGS") or ())
+    entry = found.get(key)
+    if entry is None:
+        entry = found[key] = FiledMessage(key, when, info)
+    entry.starred = entry.starred or any(f.lower() == "\\flagged" for f in flags)
+    if gmail:
+        labels = set(values.get("X-GM-LABELS") or ())
+        entry.archived = not any(_label_key(x) == "inbox" for x in labels)
+        entry.labels |= {x for x in labels if not x.startswith("\\") and not x.startswith("[")}
+    else:
+        entry.places.add(label or "INBOX")
+        if label:
+            entry.labels.add(label)
+
+
 def read_filed_mail(conn: GmailConnection, *, folders: Sequence[str] = (),
                     exclude: Sequence[str] = (), limit: Optional[int] = DEFAULT_LEARN_LIMIT,
                     since: Optional[_dt.date] = None, batch_size: int = DEFAULT_BATCH,
@@ -13424,24 +13444,8 @@ def read_filed_mail(conn: GmailConnection, *, folders: Sequence[str] = (),
                 batches, items, before_each=lambda c: c.stop.check("before the next FETCH")):
             for uid in batch:
                 values = fetched.get(uid)
-                if not values or _lacking(items, values):
-                    continue
-                key, info, when = _filed_from_headers(values.get(item) or b"",
-                                                      values.get("INTERNALDATE"))
-                flags = frozenset(values.get("FLAGS") or ())
-                entry = found.get(key)
-                if entry is None:
-                    entry = found[key] = FiledMessage(key, when, info)
-                entry.starred = entry.starred or any(f.lower() == "\\flagged" for f in flags)
-                if conn.is_gmail:
-                    labels = set(values.get("X-GM-LABELS") or ())
-                    entry.archived = not any(_label_key(x) == "inbox" for x in labels)
-                    entry.labels |= {x for x in labels if not x.startswith("\\")
-                                     and not x.startswith("[")}
-                else:
-                    entry.places.add(label or "INBOX")
-                    if label:
-                        entry.labels.add(label)
+                if values and not _lacking(items, values):
+                    _add_filed(found, values, item, label, conn.is_gmail)
             done += len(batch)
             if on_progress is not None:
                 on_progress(f"{folder.name}: read", done, len(uids))
@@ -13562,6 +13566,38 @@ _NOT_TARGETS = {"inbox", "sent", "drafts", "draft", "junk", "spam", "trash", "de
                 "archives"}
 
 
+def _read_maildir_tree(folders: Sequence[Tuple[str, Optional[str]]],
+                       add: Callable[[bytes, Optional[str], str], None]
+                       ) -> Tuple[Optional[str], int]:
+    """Each message of a Maildir tree's ``folders`` ((path, label) pairs) to ``add``, header
+    only; returns the archive folder's name, if any, and how many messages Trash holds."""
+    archive_name, trash = None, 0
+    for folder, label in folders:
+        key = (label or "").casefold()
+        if key in ("trash", "deleted items", "deleted messages"):
+            trash += sum(len(os.listdir(os.path.join(folder, sub))) for sub in ("cur", "new")
+                         if os.path.isdir(os.path.join(folder, sub)))
+            continue
+        if key in _NOT_TARGETS - {"inbox", "archive", "archives"}:
+            continue
+        if key in ("archive", "archives"):
+            archive_name = label
+            label = "\\Archive"
+        for sub in ("new", "cur"):
+            where = os.path.join(folder, sub)
+            if not os.path.isdir(where):
+                continue
+            for name in sorted(os.listdir(where)):
+                file_path = os.path.join(where, name)
+                if name.startswith(".") or not os.path.isfile(file_path):
+                    continue
+                try:
+                    add(_read_header_file(file_path), label, label or "INBOX")
+                except ValueError:
+                    continue
+    return archive_name, trash
+
+
 def read_filed_path(path: Any, *, limit: Optional[int] = DEFAULT_LEARN_LIMIT,
                     since: Optional[_dt.date] = None) -> FiledMail:
     """How mail in files is filed, offline: a Maildir tree (each folder a label), an mbox
@@ -13604,30 +13640,7 @@ def read_filed_path(path: Any, *, limit: Optional[int] = DEFAULT_LEARN_LIMIT,
         if os.path.isdir(path):
             folders = _maildir_folders(path)
             if folders:
-                for folder, label in folders:
-                    key = (label or "").casefold()
-                    if key in ("trash", "deleted items", "deleted messages"):
-                        trash += sum(len(os.listdir(os.path.join(folder, sub)))
-                                     for sub in ("cur", "new")
-                                     if os.path.isdir(os.path.join(folder, sub)))
-                        continue
-                    if key in _NOT_TARGETS - {"inbox", "archive", "archives"}:
-                        continue
-                    if key in ("archive", "archives"):
-                        archive_name = label
-                        label = "\\Archive"
-                    for sub in ("new", "cur"):
-                        where = os.path.join(folder, sub)
-                        if not os.path.isdir(where):
-                            continue
-                        for name in sorted(os.listdir(where)):
-                            file_path = os.path.join(where, name)
-                            if name.startswith(".") or not os.path.isfile(file_path):
-                                continue
-                            try:
-                                add(_read_header_file(file_path), label, label or "INBOX")
-                            except ValueError:
-                                continue
+                archive_name, trash = _read_maildir_tree(folders, add)
             else:
                 files = sorted(os.path.join(path, n) for n in os.listdir(path)
                                if n.lower().endswith(".mbox"))
@@ -14371,6 +14384,36 @@ def _cmd_run(args: argparse.Namespace, out: _Output) -> int:
         args, out, account_rules, name, runs))
 
 
+def _left_to_do(reports: Sequence[FolderReport]) -> List[str]:
+    """What a run left undone, a line per reason and folder: skipped messages, and a plain
+    EXPUNGE that did not do what was expected."""
+    lines = []
+    for report in reports:
+        for why, uids in _skipped_by_reason(report).items():
+            lines.append(f"{report.folder}: {_plural(len(uids), 'message')} skipped "
+                         f"because {why} (UID {compress_uids(uids)}); nothing was done "
+                         f"to them; run again")
+        if report.expunge_stayed or report.others_expunged:
+            lines.append(f"{report.folder}: the plain EXPUNGE did not do what was "
+                         f"expected (see the warning above); run again when no other "
+                         f"mail client is at work there")
+    return lines
+
+
+def _write_run_reports(args: argparse.Namespace, out: _Output, run: Run,
+                       rules: Ruleset) -> None:
+    """A run's folder reports and footer, for people."""
+    footer = _DRY_RUN_FOOTER
+    new_folders = len({name for r in run.reports for name in r.created})
+    if not args.apply and new_folders > args.max_new_folders:
+        footer = (f"--apply would refuse: {new_folders} new folders, more than the limit "
+                  f"of {args.max_new_folders}; check the templates or pass "
+                  f"--max-new-folders {new_folders}\n") + footer
+    _write_reports(out, run.reports, rules, footer)
+    if args.apply:
+        out.write(f"{_plural(run.changes_made, 'change')} made.\n")
+
+
 def _run_account(args: argparse.Namespace, out: _Output, rules: Ruleset,
                  name: Optional[str] = None, runs: Optional[List[Run]] = None) -> int:
     """``run`` over one account: the [account] table's, or the [[account]] ``name``'s
@@ -14437,26 +14480,10 @@ def _run_account(args: argparse.Namespace, out: _Output, rules: Ruleset,
     finally:
         if lock is not None:
             lock.release()
-    for report in run.reports:
-        for why, uids in _skipped_by_reason(report).items():
-            incomplete.append(f"{report.folder}: {_plural(len(uids), 'message')} skipped "
-                              f"because {why} (UID {compress_uids(uids)}); nothing was done "
-                              f"to them; run again")
-        if report.expunge_stayed or report.others_expunged:
-            incomplete.append(f"{report.folder}: the plain EXPUNGE did not do what was "
-                              f"expected (see the warning above); run again when no other "
-                              f"mail client is at work there")
+    incomplete += _left_to_do(run.reports)
     out.record(run.finish("incomplete" if incomplete else "complete", "; ".join(incomplete)))
     if out.human:
-        footer = _DRY_RUN_FOOTER
-        new_folders = len({name for r in run.reports for name in r.created})
-        if not args.apply and new_folders > args.max_new_folders:
-            footer = (f"--apply would refuse: {new_folders} new folders, more than the limit "
-                      f"of {args.max_new_folders}; check the templates or pass "
-                      f"--max-new-folders {new_folders}\n") + footer
-        _write_reports(out, run.reports, rules, footer)
-        if args.apply:
-            out.write(f"{_plural(run.changes_made, 'change')} made.\n")
+        _write_run_reports(args, out, run, rules)
     for line in incomplete:
         sys.stderr.write(printable(f"gmail_classify: {name + ': ' if name else ''}{line}") + "\n")
     return EXIT_INCOMPLETE if incomplete else EXIT_OK

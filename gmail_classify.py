@@ -12263,6 +12263,23 @@ class Exported:
     stopped: Optional[Tuple[Rule, str]] = None
 
 
+def _left_out(done: Exported, rules: Ruleset, rule: Rule, why: str, partial: bool, engine: str,
+              consequence: str) -> bool:
+    """A rule an export cannot say exactly: left out (True: the export goes on) when its
+    ``continue`` passes its mail on; otherwise the export ends before it (False) with
+    ``partial``, and without it refuses, since ``consequence``."""
+    if rule.continue_:
+        done.left_out.append((rule, why))
+        return True
+    if not partial:
+        raise RulesError(f"{rules.source}: rule {rule.position} "
+                         f"({json.dumps(rule.name, ensure_ascii=False)}) cannot be exported "
+                         f"to {engine}: {why}; {consequence}, so nothing is written "
+                         f"(--partial writes the rules before it)") from None
+    done.stopped = (rule, why)
+    return False
+
+
 def _sieve_string(text: str) -> str:
     """A Sieve quoted string (RFC 5228 §2.4.2): backslash and double quote escaped."""
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -12442,17 +12459,9 @@ def export_sieve(rules: Ruleset, *, partial: bool = False, archive: str = "Archi
             test = _sieve_test(rule.condition, require)
             _sieve_actions(rule.actions, set(), archive, trash)     # its folders are sayable
         except _Inexpressible as exc:
-            why = str(exc)
-            if rule.continue_:
-                done.left_out.append((rule, why))
+            if _left_out(done, rules, rule, str(exc), partial, "Sieve",
+                         "later rules would catch its mail at delivery"):
                 continue
-            if not partial:
-                raise RulesError(f"{rules.source}: rule {rule.position} "
-                                 f"({json.dumps(rule.name, ensure_ascii=False)}) cannot be "
-                                 f"exported to Sieve: {why}; later rules would catch its mail "
-                                 f"at delivery, so nothing is written (--partial writes the "
-                                 f"rules before it)") from None
-            done.stopped = (rule, why)
             break
         compiled.append((rule, test))
     body = (_sieve_merged(compiled, require, archive, trash) if any(r.continue_ for r, _ in compiled)
@@ -12632,17 +12641,9 @@ def export_gmail(rules: Ruleset, *, partial: bool = False) -> Exported:
             if len(entries) + len(filters) > GMAIL_FILTERS_MAX:
                 raise _Inexpressible(f"Gmail takes at most {GMAIL_FILTERS_MAX} filters")
         except _Inexpressible as exc:
-            why = str(exc)
-            if rule.continue_:
-                done.left_out.append((rule, why))
+            if _left_out(done, rules, rule, str(exc), partial, "Gmail filters",
+                         "later filters would act on its mail"):
                 continue
-            if not partial:
-                raise RulesError(f"{rules.source}: rule {rule.position} "
-                                 f"({json.dumps(rule.name, ensure_ascii=False)}) cannot be "
-                                 f"exported to Gmail filters: {why}; later filters would act "
-                                 f"on its mail, so nothing is written (--partial writes the "
-                                 f"rules before it)") from None
-            done.stopped = (rule, why)
             break
         entries.extend(dict(item, hasTheWord=search) for item in filters)
         done.rules += 1

@@ -4331,20 +4331,25 @@ def _iter_mbox(path: str) -> Iterator[Tuple[str, MessageInfo]]:
         box.close()
 
 
-def _iter_maildir(path: str) -> Iterator[Tuple[str, MessageInfo]]:
+def _maildir_files(path: str) -> Iterator[Tuple[str, str]]:
+    """(file name, path) of each message of the Maildir folder ``path``: new/, then cur/."""
     for sub in ("new", "cur"):
         folder = os.path.join(path, sub)
         if not os.path.isdir(folder):
             continue
         for name in sorted(os.listdir(folder)):
             file_path = os.path.join(folder, name)
-            if name.startswith(".") or not os.path.isfile(file_path):
-                continue
-            letters = name.split(":2,", 1)[1] if ":2," in name else ""
-            flags = frozenset(_MAILDIR_FLAGS[f] for f in letters if f in _MAILDIR_FLAGS)
-            with open(file_path, "rb") as fh:
-                raw = fh.read()
-            yield file_path, dataclasses.replace(message_info_from_bytes(raw), flags=flags)
+            if not name.startswith(".") and os.path.isfile(file_path):
+                yield name, file_path
+
+
+def _iter_maildir(path: str) -> Iterator[Tuple[str, MessageInfo]]:
+    for name, file_path in _maildir_files(path):
+        letters = name.split(":2,", 1)[1] if ":2," in name else ""
+        flags = frozenset(_MAILDIR_FLAGS[f] for f in letters if f in _MAILDIR_FLAGS)
+        with open(file_path, "rb") as fh:
+            raw = fh.read()
+        yield file_path, dataclasses.replace(message_info_from_bytes(raw), flags=flags)
 
 
 # An .eml file is read whole (headers, body, attachments), and the email package needs
@@ -13584,18 +13589,11 @@ def _read_maildir_tree(folders: Sequence[Tuple[str, Optional[str]]],
         if key in ("archive", "archives"):
             archive_name = label
             label = "\\Archive"
-        for sub in ("new", "cur"):
-            where = os.path.join(folder, sub)
-            if not os.path.isdir(where):
+        for _name, file_path in _maildir_files(folder):
+            try:
+                add(_read_header_file(file_path), label, label or "INBOX")
+            except ValueError:
                 continue
-            for name in sorted(os.listdir(where)):
-                file_path = os.path.join(where, name)
-                if name.startswith(".") or not os.path.isfile(file_path):
-                    continue
-                try:
-                    add(_read_header_file(file_path), label, label or "INBOX")
-                except ValueError:
-                    continue
     return archive_name, trash
 
 

@@ -16891,8 +16891,8 @@ class LiveServerTest(unittest.TestCase):
 # clients side by side on the same mailbox: the floor (a client that knows every answer,
 # see _bench_floor) and ours (the command line's ``run``), each of ours as a ratio to the
 # floor of the same run, and whether both left the same mailbox.  Against a real server
-# (--host, with --rules) --refill puts the corpus back before each client (a lab Dovecot:
-# /work/lab/fill.py); the password comes from BENCH_PASSWORD.
+# (--host, with --rules, --refill, --maildir and --truth) the --refill command puts the
+# corpus back before each client; the password comes from BENCH_PASSWORD.
 
 
 def _bench_maildir(path: str, count: int) -> None:
@@ -17155,14 +17155,19 @@ def _bench_main(argv: List[str]) -> int:
     parser.add_argument("--rules", help="rules file (default: the bench's own rules)")
     parser.add_argument("--refill", metavar="CMD",
                         help="with --host: shell command that puts the corpus back ({n}: messages), "
-                             "run before each client; default: /work/lab/fill.py USER {n} -q")
+                             "run before each client")
     parser.add_argument("--maildir", metavar="DIR",
-                        help="with --host: the user's Maildir (default /work/lab/mail/USER)")
+                        help="with --host: the user's Maildir, as --refill leaves it")
     parser.add_argument("--truth", metavar="TSV",
-                        help="with --host: the ground truth (default /work/lab/corpus/USER.tsv)")
+                        help="with --host: the ground truth --refill writes (UID, kind, flags, "
+                             "Message-ID, From, Subject per line)")
     parser.add_argument("--make-maildir", metavar="DIR",
                         help="only write the --messages corpus as a Maildir (for a local Dovecot)")
     args = parser.parse_args(argv)
+    if args.host and not (args.refill and args.maildir and args.truth):
+        parser.error("--host needs --refill CMD, --maildir DIR and --truth TSV: the bench puts "
+                     "the same corpus back before each client, and needs to know where each "
+                     "message belongs")
     sizes = args.messages or [1000, 10000]
     if args.make_maildir:
         _bench_maildir(args.make_maildir, sizes[0])
@@ -17231,12 +17236,10 @@ def _bench_one(args: Any, kind: str, size: int, latency: float, rules: Any, rule
     try:
         if args.host:
             host, port = args.host, args.port
-            refill = args.refill or "/work/lab/fill.py %s {n} -q" % shlex.quote(args.user)
-            subprocess.run(refill.replace("{n}", str(size)), shell=True, check=True,
+            subprocess.run(args.refill.replace("{n}", str(size)), shell=True, check=True,
                            stdout=subprocess.DEVNULL)
             corpus: Iterable[Tuple[bytes, _dtm.datetime, frozenset]] = _bench_lab_corpus(
-                args.maildir or "/work/lab/mail/%s" % args.user,
-                args.truth or "/work/lab/corpus/%s.tsv" % args.user)
+                args.maildir, args.truth)
         else:
             server, port = _bench_child("bench-serve", ["--messages", str(size)])
             children.append(server)

@@ -22,7 +22,8 @@ Reading guide.  Sections in dependency order, each using only those above it
     the helpers that read FETCH, SEARCH, STATUS and COPYUID answers.  Skip on a first read.
  3. Connection: ``_Protocol`` (send, pipeline, read within bounds, sign in, IDLE) under
     ``GmailConnection`` (reconnect with backoff, one retry helper ``_retrying``, keepalive,
-    the public operations).
+    the public operations), and ``_SafeCopy`` (a COPY never repeated blindly, and moving
+    without MOVE).
  4. Messages: what the rule engine sees (``MessageInfo``), header decoding bounded in
     time, and the fast path that must agree with the plain one.  Skip on a first read.
  5. Rule engine: conditions, actions, ``Ruleset``.
@@ -1398,7 +1399,7 @@ class MoveResult:
 
 @dataclass
 class _ExpungeCheck:
-    """What a checked plain EXPUNGE did that was not asked for (see _expunge_only)."""
+    """What a checked plain EXPUNGE did that was not asked for (see _SafeCopy.expunge_only)."""
 
     stayed: List[int] = field(default_factory=list)   # ours, still in the folder
     others: int = 0                                   # messages not ours it removed
@@ -3082,8 +3083,8 @@ class GmailConnection:
         CapabilityError unless ``allow_expunge``: then the originals go with a plain
         EXPUNGE, sent only while UID SEARCH DELETED shows no other message marked.  If the
         connection drops mid-way, the source folder is searched after reconnecting, and only
-        the messages still there are moved again, and a COPY is never repeated blindly (see
-        _copy_once): nothing moves twice and every UID is accounted for in the result.
+        the messages still there are moved again, and a COPY is never repeated blindly
+        (see _SafeCopy.copy_once): nothing moves twice and every UID is accounted for.
         """
         if not self.can_move(allow_expunge):
             raise self.refuse_moves()
@@ -3095,7 +3096,8 @@ class GmailConnection:
                 if self.has("MOVE"):
                     self._move_chunk(chunk, destination, moved, missing)
                 else:
-                    self._copy_delete_chunk(chunk, destination, moved, missing, surprises)
+                    _SafeCopy(self).copy_then_delete(chunk, destination, moved, missing,
+                                                     surprises)
         if surprises.stayed or surprises.others:
             folder = self._selected.name if self._selected else "the folder"
             log.warning("%s: the plain EXPUNGE did not do what was expected (another mail "
@@ -3133,164 +3135,6 @@ class GmailConnection:
     def _search_now(self, uids: Sequence[int]) -> List[int]:
         return _search_uids(self._proto.execute("UID SEARCH", "UID", compress_uids(uids)))
 
-    def _copy_delete_chunk(self, chunk: List[int], destination: str,
-                           moved: Dict[int, Optional[int]], missing: List[int],
-                           surprises: Optional["_ExpungeCheck"] = None) -> None:
-        """MOVE without MOVE: COPY (never twice, see _copy_once), then \\Deleted on exactly
-        these UIDs and UID EXPUNGE of them, or without UIDPLUS a checked plain EXPUNGE.
-
-        Messages already marked \\Deleted here may be the originals of an earlier run that
-        stopped between COPY and EXPUNGE: those are copied only if the destination does
-        not already hold them.
-        """
-        present = set(self.search(uids=chunk))
-        missing.extend(uid for uid in chunk if uid not in present)
-        if not present:
-            return
-        if not self.has("UIDPLUS"):
-            self._check_no_other_deleted(present, destination, copied=False)
-        mapping: Dict[int, Optional[int]] = {}
-        marked = sorted(self.search(["DELETED"], uids=present))
-        if marked:
-            mapping.update(self._copies_in(destination, marked, None))
-        todo = sorted(uid for uid in present if uid not in mapping)
-        if todo:
-            mapping.update(self._copy_once(todo, destination))
-        self.add_flags(present, ["\\Deleted"])
-        stayed: set = set()
-        if self.has("UIDPLUS"):
-            self.uid_expunge(present)
-        else:
-            check = self._expunge_only(present, destination)
-            stayed = set(check.stayed)
-            if surprises is not None:
-                surprises.add(check)
-        for uid in present:
-            if uid not in stayed:
-                moved[uid] = mapping.get(uid)
-
-    def _check_no_other_deleted(self, ours: set, destination: str, copied: bool) -> set:
-        """Refuse (CapabilityError) if a message other than ``ours`` is marked \\Deleted in
-        the selected folder; returns those of ``ours`` that are marked."""
-        marked = set(self.search(["DELETED"]))
-        others = marked - ours
-        if others:
-            folder = self._selected.name if self._selected else "the folder"
-            done = (f"the messages were copied to {destination} and left in {folder} as well"
-                    if copied else "nothing was moved")
-            raise CapabilityError(
-                f"refusing a plain EXPUNGE in {folder}: {len(others)} other message(s) there "
-                f"are marked \\Deleted (perhaps by another mail client) and would be deleted "
-                f"too; {done}. Expunge or unmark them, then run again", command="EXPUNGE")
-        return marked & ours
-
-    def _expunge_only(self, uids: set, destination: str) -> "_ExpungeCheck":
-        """A plain EXPUNGE (no UIDPLUS) that removes exactly ``uids``: sent only right after
-        UID SEARCH DELETED showed no other message marked, and checked again after a drop.
-
-        Without UIDPLUS nothing closes the gap between that SEARCH and the EXPUNGE, where
-        another client may mark a message of its own \\Deleted (our EXPUNGE deletes it for
-        good) or clear the flag on one of ours (it stays).  Both can be seen afterwards:
-        each message removed is one untagged EXPUNGE (RFC 3501 §7.4.1), and ours that
-        stayed are still found by UID.  Returns what was seen (an _ExpungeCheck)."""
-        def attempt() -> _ExpungeCheck:
-            try:
-                ours = self._check_no_other_deleted(uids, destination, copied=True)
-            except CapabilityError:
-                self.remove_flags(uids, ["\\Deleted"])
-                raise
-            if not ours:
-                return _ExpungeCheck()   # the last EXPUNGE got through before the link dropped
-            expunged = [0]
-
-            def count(item: List[Any]) -> None:
-                if len(item) >= 2 and str(item[1]).upper() == "EXPUNGE":
-                    expunged[0] += 1
-
-            self._proto.execute("EXPUNGE", on_untagged=count)
-            stayed = sorted(set(self._search_now(sorted(uids))) & uids)
-            return _ExpungeCheck(stayed, max(0, expunged[0] - (len(uids) - len(stayed))))
-
-        return self._retrying("EXPUNGE", attempt)
-
-    def _copy_once(self, uids: List[int], destination: str) -> Dict[int, Optional[int]]:
-        """UID COPY that never leaves a message copied twice, even if the link drops.
-
-        COPY is not idempotent, and a drop before its answer loses the COPYUID too.  So the
-        destination's UIDNEXT is noted first: after reconnecting, a UIDNEXT that has not
-        moved proves the COPY never ran (send it again); otherwise the messages that arrived
-        since are compared with ours by Message-ID, size and INTERNALDATE (COPY keeps all
-        three) and only those not there are copied again.  Returns {source UID: new UID or
-        None where the server did not say}.
-        """
-        pending = list(uids)
-        result: Dict[int, Optional[int]] = {}
-        before: Optional[int] = None
-
-        def attempt() -> None:
-            nonlocal before
-            before = self._uidnext(destination)
-            response = self._proto.execute("UID COPY", compress_uids(pending),
-                                        self._mailbox(destination))
-            mapping = _copyuid_map(response, pending)
-            result.update({uid: mapping.get(uid) for uid in pending})
-
-        def settle() -> bool:
-            nonlocal pending
-            if before is not None and self._uidnext(destination) == before:
-                log.info("the connection dropped before UID COPY to %s reached the server; "
-                         "sending it again", destination)
-                return False
-            found = self._copies_in(destination, pending, before)
-            log.info("the connection dropped during UID COPY to %s; %d of %d messages had "
-                     "been copied", destination, len(found), len(pending))
-            result.update(found)
-            pending = [uid for uid in pending if uid not in found]
-            return not pending
-
-        self._retrying(f"UID COPY to {destination}", attempt, settle)
-        return result
-
-    def _copies_in(self, destination: str, uids: List[int],
-                   since: Optional[int]) -> Dict[int, Optional[int]]:
-        """Which of ``uids`` (selected folder) ``destination`` holds a copy of, among its
-        messages from UID ``since`` on (all if None): {source UID: destination UID}.
-
-        Opens ``destination`` read-only, then the source folder again; raises
-        UidValidityError if the source was renumbered meanwhile.
-        """
-        source = self._selected
-        if source is None:
-            raise ImapError("no folder is selected", command="UID COPY")
-        fields = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
-        items = [fields, "RFC822.SIZE", "INTERNALDATE"]
-
-        def key(values: Mapping[str, Any]) -> Tuple[bytes, Any, Any]:
-            message_id = b" ".join((values.get(fields) or b"").split()).lower()
-            return message_id, values.get("RFC822.SIZE"), values.get("INTERNALDATE")
-
-        ours = self.fetch(uids, items)
-        self.examine(destination)
-        try:
-            there = self.search(["UID", f"{since}:*"] if since else ["ALL"])
-            there = [uid for uid in there if since is None or uid >= since]
-            theirs = self.fetch(there, items) if there else {}
-        finally:
-            status = self.select(source.name, readonly=source.readonly)
-        if status.uidvalidity != source.uidvalidity:
-            raise UidValidityError(f"UIDVALIDITY of {source.name} changed while checking "
-                                   f"{destination}; nothing more was done, run again",
-                                   command="SELECT")
-        pool: Dict[Tuple[bytes, Any, Any], List[int]] = {}
-        for uid in sorted(theirs):
-            pool.setdefault(key(theirs[uid]), []).append(uid)
-        found: Dict[int, Optional[int]] = {}
-        for uid in uids:
-            bucket = pool.get(key(ours[uid])) if uid in ours else None
-            if bucket:
-                found[uid] = bucket.pop(0)
-        return found
-
     def _wire_name(self, name: str) -> bytes:
         """The octets that name ``name`` on the wire (without quoting)."""
         for folder in self._folders or ():
@@ -3304,22 +3148,17 @@ class GmailConnection:
         wanted = self._wire_name(folder)
         return wire == wanted or wire.upper() == wanted.upper() == b"INBOX"
 
-    def _uidnext(self, folder: str) -> Optional[int]:
-        """UIDNEXT of ``folder`` by STATUS (see _status), or None if it did not say."""
-        value = self._status(folder, "(UIDNEXT)").get("UIDNEXT")
-        return None if value is None else _server_number(value, "UIDNEXT", "STATUS", nonzero=True)
-
     def copy(self, uids: Iterable[int], destination: str) -> Dict[int, Optional[int]]:
         """Copy messages to ``destination`` (on Gmail: add that label); returns the COPYUID map.
 
         Off Gmail a copy is a new message, so a dropped COPY is never blindly repeated
-        (see _copy_once).
+        (see _SafeCopy.copy_once).
         """
         result: Dict[int, Optional[int]] = {}
         with _naming(destination, "copy messages to"):
             for chunk in chunk_uids(uids):
                 if not self.is_gmail:
-                    result.update(self._copy_once(chunk, destination))
+                    result.update(_SafeCopy(self).copy_once(chunk, destination))
                     continue
                 response = self._call("UID COPY", compress_uids(chunk), self._mailbox(destination))
                 mapping = _copyuid_map(response, chunk)
@@ -3343,6 +3182,183 @@ class GmailConnection:
             raise CapabilityError(f"{self.host} does not support IDLE")
         timeout = min(timeout, IDLE_MAX_SECONDS)
         return self._retrying("IDLE", lambda: self._proto.idle(timeout, interrupt))
+
+
+class _SafeCopy:
+    """COPY that is never repeated blindly, and MOVE built from it where a server lacks MOVE.
+
+    Off Gmail a copy is a new message, so a COPY whose answer was lost to a dropped link
+    must not simply be sent again; and moving without MOVE is COPY, \\Deleted and an
+    expunge that must remove only our messages.  GmailConnection.move() and copy() hand
+    both jobs here, to a helper that drives the connection's commands under its retry
+    policy (_retrying) and keeps no state of its own beyond the connection.
+    """
+
+    def __init__(self, conn: "GmailConnection") -> None:
+        self.conn = conn
+
+    def copy_then_delete(self, chunk: List[int], destination: str,
+                           moved: Dict[int, Optional[int]], missing: List[int],
+                           surprises: Optional["_ExpungeCheck"] = None) -> None:
+        """MOVE without MOVE: COPY (never twice, see copy_once), then \\Deleted on exactly
+        these UIDs and UID EXPUNGE of them, or without UIDPLUS a checked plain EXPUNGE.
+
+        Messages already marked \\Deleted here may be the originals of an earlier run that
+        stopped between COPY and EXPUNGE: those are copied only if the destination does
+        not already hold them.
+        """
+        present = set(self.conn.search(uids=chunk))
+        missing.extend(uid for uid in chunk if uid not in present)
+        if not present:
+            return
+        if not self.conn.has("UIDPLUS"):
+            self.check_no_other_deleted(present, destination, copied=False)
+        mapping: Dict[int, Optional[int]] = {}
+        marked = sorted(self.conn.search(["DELETED"], uids=present))
+        if marked:
+            mapping.update(self.copies_in(destination, marked, None))
+        todo = sorted(uid for uid in present if uid not in mapping)
+        if todo:
+            mapping.update(self.copy_once(todo, destination))
+        self.conn.add_flags(present, ["\\Deleted"])
+        stayed: set = set()
+        if self.conn.has("UIDPLUS"):
+            self.conn.uid_expunge(present)
+        else:
+            check = self.expunge_only(present, destination)
+            stayed = set(check.stayed)
+            if surprises is not None:
+                surprises.add(check)
+        for uid in present:
+            if uid not in stayed:
+                moved[uid] = mapping.get(uid)
+
+    def check_no_other_deleted(self, ours: set, destination: str, copied: bool) -> set:
+        """Refuse (CapabilityError) if a message other than ``ours`` is marked \\Deleted in
+        the selected folder; returns those of ``ours`` that are marked."""
+        marked = set(self.conn.search(["DELETED"]))
+        others = marked - ours
+        if others:
+            folder = self.conn._selected.name if self.conn._selected else "the folder"
+            done = (f"the messages were copied to {destination} and left in {folder} as well"
+                    if copied else "nothing was moved")
+            raise CapabilityError(
+                f"refusing a plain EXPUNGE in {folder}: {len(others)} other message(s) there "
+                f"are marked \\Deleted (perhaps by another mail client) and would be deleted "
+                f"too; {done}. Expunge or unmark them, then run again", command="EXPUNGE")
+        return marked & ours
+
+    def expunge_only(self, uids: set, destination: str) -> "_ExpungeCheck":
+        """A plain EXPUNGE (no UIDPLUS) that removes exactly ``uids``: sent only right after
+        UID SEARCH DELETED showed no other message marked, and checked again after a drop.
+
+        Without UIDPLUS nothing closes the gap between that SEARCH and the EXPUNGE, where
+        another client may mark a message of its own \\Deleted (our EXPUNGE deletes it for
+        good) or clear the flag on one of ours (it stays).  Both can be seen afterwards:
+        each message removed is one untagged EXPUNGE (RFC 3501 §7.4.1), and ours that
+        stayed are still found by UID.  Returns what was seen (an _ExpungeCheck)."""
+        def attempt() -> _ExpungeCheck:
+            try:
+                ours = self.check_no_other_deleted(uids, destination, copied=True)
+            except CapabilityError:
+                self.conn.remove_flags(uids, ["\\Deleted"])
+                raise
+            if not ours:
+                return _ExpungeCheck()   # the last EXPUNGE got through before the link dropped
+            expunged = [0]
+
+            def count(item: List[Any]) -> None:
+                if len(item) >= 2 and str(item[1]).upper() == "EXPUNGE":
+                    expunged[0] += 1
+
+            self.conn._proto.execute("EXPUNGE", on_untagged=count)
+            stayed = sorted(set(self.conn._search_now(sorted(uids))) & uids)
+            return _ExpungeCheck(stayed, max(0, expunged[0] - (len(uids) - len(stayed))))
+
+        return self.conn._retrying("EXPUNGE", attempt)
+
+    def copy_once(self, uids: List[int], destination: str) -> Dict[int, Optional[int]]:
+        """UID COPY that never leaves a message copied twice, even if the link drops.
+
+        COPY is not idempotent, and a drop before its answer loses the COPYUID too.  So the
+        destination's UIDNEXT is noted first: after reconnecting, a UIDNEXT that has not
+        moved proves the COPY never ran (send it again); otherwise the messages that arrived
+        since are compared with ours by Message-ID, size and INTERNALDATE (COPY keeps all
+        three) and only those not there are copied again.  Returns {source UID: new UID or
+        None where the server did not say}.
+        """
+        pending = list(uids)
+        result: Dict[int, Optional[int]] = {}
+        before: Optional[int] = None
+
+        def attempt() -> None:
+            nonlocal before
+            before = self.uidnext(destination)
+            response = self.conn._proto.execute("UID COPY", compress_uids(pending),
+                                                self.conn._mailbox(destination))
+            mapping = _copyuid_map(response, pending)
+            result.update({uid: mapping.get(uid) for uid in pending})
+
+        def settle() -> bool:
+            nonlocal pending
+            if before is not None and self.uidnext(destination) == before:
+                log.info("the connection dropped before UID COPY to %s reached the server; "
+                         "sending it again", destination)
+                return False
+            found = self.copies_in(destination, pending, before)
+            log.info("the connection dropped during UID COPY to %s; %d of %d messages had "
+                     "been copied", destination, len(found), len(pending))
+            result.update(found)
+            pending = [uid for uid in pending if uid not in found]
+            return not pending
+
+        self.conn._retrying(f"UID COPY to {destination}", attempt, settle)
+        return result
+
+    def copies_in(self, destination: str, uids: List[int],
+                   since: Optional[int]) -> Dict[int, Optional[int]]:
+        """Which of ``uids`` (selected folder) ``destination`` holds a copy of, among its
+        messages from UID ``since`` on (all if None): {source UID: destination UID}.
+
+        Opens ``destination`` read-only, then the source folder again; raises
+        UidValidityError if the source was renumbered meanwhile.
+        """
+        source = self.conn._selected
+        if source is None:
+            raise ImapError("no folder is selected", command="UID COPY")
+        fields = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
+        items = [fields, "RFC822.SIZE", "INTERNALDATE"]
+
+        def key(values: Mapping[str, Any]) -> Tuple[bytes, Any, Any]:
+            message_id = b" ".join((values.get(fields) or b"").split()).lower()
+            return message_id, values.get("RFC822.SIZE"), values.get("INTERNALDATE")
+
+        ours = self.conn.fetch(uids, items)
+        self.conn.examine(destination)
+        try:
+            there = self.conn.search(["UID", f"{since}:*"] if since else ["ALL"])
+            there = [uid for uid in there if since is None or uid >= since]
+            theirs = self.conn.fetch(there, items) if there else {}
+        finally:
+            status = self.conn.select(source.name, readonly=source.readonly)
+        if status.uidvalidity != source.uidvalidity:
+            raise UidValidityError(f"UIDVALIDITY of {source.name} changed while checking "
+                                   f"{destination}; nothing more was done, run again",
+                                   command="SELECT")
+        pool: Dict[Tuple[bytes, Any, Any], List[int]] = {}
+        for uid in sorted(theirs):
+            pool.setdefault(key(theirs[uid]), []).append(uid)
+        found: Dict[int, Optional[int]] = {}
+        for uid in uids:
+            bucket = pool.get(key(ours[uid])) if uid in ours else None
+            if bucket:
+                found[uid] = bucket.pop(0)
+        return found
+
+    def uidnext(self, folder: str) -> Optional[int]:
+        """UIDNEXT of ``folder`` by STATUS (see _status), or None if it did not say."""
+        value = self.conn._status(folder, "(UIDNEXT)").get("UIDNEXT")
+        return None if value is None else _server_number(value, "UIDNEXT", "STATUS", nonzero=True)
 
 
 def _new_tag(imap: imaplib.IMAP4) -> bytes:

@@ -25,7 +25,8 @@ Reading guide.  Sections in dependency order, each using only those above it
     the public operations), and ``_SafeCopy`` (a COPY never repeated blindly, and moving
     without MOVE).
  4. Messages: what the rule engine sees (``MessageInfo``), header decoding bounded in
-    time, and the fast path that must agree with the plain one.  Skip on a first read.
+    time, the fast path that must agree with the plain one, bodies and attachments, and
+    ``_MESSAGE_DATA`` (what is fetched beside the headers).  Skip on a first read.
  5. Rule engine: conditions, actions, ``Ruleset``.
  6. Rules files: validation, a small TOML reader (so TOML works without tomllib),
     loading, the built-in rules, writing.
@@ -46,7 +47,9 @@ Reading guide.  Sections in dependency order, each using only those above it
 
 Where to add things (each is one place):
   a rule condition   a ``Condition`` subclass and its row in ``_CONDITION_KINDS`` (5);
-                     from a vendoring script, ``Ruleset.add_condition``
+                     from a vendoring script, ``Ruleset.add_condition``; if it reads
+                     new message data: a ``MessageInfo`` field, a ``Needs`` flag and a
+                     row in ``_MESSAGE_DATA`` (4)
   a flag action      a row in ``_FLAG_ACTION_ROWS`` (5, above ``Actions``)
   a subcommand       its ``_cmd_*`` function and its row in ``_COMMANDS`` (15)
   an output format   an ``_Output`` subclass and its row in ``_OUTPUT_FORMATS`` (15)
@@ -4108,6 +4111,15 @@ def _header_present(msg: email.message.EmailMessage, name: str) -> bool:
     return bool(cache.get(("raw", name.lower())))
 
 
+# --- Messages: bodies, attachments and the data fetched beside the headers ---------------
+#
+# The body prefix and attachments, read from a message's bytes (offline, or a prefix the
+# pipeline fetched in a second round), and one table (_MESSAGE_DATA) of the data a rule
+# may need beside the headers: the FETCH item that brings each, and how it is read from
+# the server's answer or worked out from a whole message.  New message data is a
+# MessageInfo field, the Needs flag that asks for it, and one row there.
+
+
 class _HTMLText(html.parser.HTMLParser):
     """Collects the visible text of an HTML document (script and style skipped)."""
 
@@ -4269,20 +4281,74 @@ def _header_date(headers: email.message.EmailMessage) -> Optional[datetime]:
     return None
 
 
+def _structure_has_attachment(structure: Any) -> Optional[bool]:
+    """Walk a BODYSTRUCTURE: True if any part is an attachment (by disposition or name)."""
+    if not isinstance(structure, list) or not structure:
+        return None
+    if isinstance(structure[0], list):  # multipart: parts..., subtype, extensions
+        return any(_structure_has_attachment(part) for part in structure
+                   if isinstance(part, list) and part and isinstance(part[0], (list, str)))
+    for item in structure[7:]:
+        if isinstance(item, list) and item and isinstance(item[0], str) \
+                and item[0].lower() == "attachment":
+            return True
+    params = structure[2] if len(structure) > 2 and isinstance(structure[2], list) else []
+    names = [str(params[i]).lower() for i in range(0, len(params) - 1, 2)]
+    main = str(structure[0]).lower()
+    return "name" in names and main not in ("text", "multipart")
+
+
+def _attachment_in_bytes(raw: bytes, headers: email.message.EmailMessage) -> bool:
+    try:
+        return attachment_in(email.message_from_bytes(raw, policy=_MIME_POLICY))
+    except Exception:
+        return False
+
+
+@dataclass(frozen=True)
+class _MessageDatum:
+    """One piece of message data a rule may need beside the headers (a row of _MESSAGE_DATA).
+
+    ``field`` is the MessageInfo field it fills and ``need`` the Needs flag that asks for
+    it; ``item`` the FETCH item that brings it, fetched on every --apply too when
+    ``recorded`` (the intent records carry it); ``read`` turns the item's value into the
+    field's, ``offline`` works it out from a whole message and its parsed headers;
+    ``lacked`` names it when a server's answer left it out.
+    """
+
+    field: str
+    need: str
+    item: str
+    read: Callable[[Any], Any]
+    offline: Callable[[bytes, email.message.EmailMessage], Any]
+    lacked: str
+    recorded: bool = False
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+_MESSAGE_DATA: Tuple[_MessageDatum, ...] = (
+    _MessageDatum("size", "size", "RFC822.SIZE", _as_is, lambda raw, headers: len(raw),
+                  "size", recorded=True),
+    _MessageDatum("date", "date", "INTERNALDATE", _as_is,
+                  lambda raw, headers: _header_date(headers), "date", recorded=True),
+    _MessageDatum("has_attachment", "attachment", "BODYSTRUCTURE",
+                  lambda structure: bool(_structure_has_attachment(structure)),
+                  _attachment_in_bytes, "structure"),
+)
+
+
 def message_info_from_bytes(raw: bytes) -> MessageInfo:
     """Build a MessageInfo from a whole message (offline); never raises.
 
-    Returns headers, size, date (from the Date header), attachment and body
-    filled in; flags empty, labels and queries None.
+    Returns headers, body and every _MESSAGE_DATA field (size, the Date header's date,
+    attachment) filled in; flags empty, labels and queries None.
     """
     headers = parse_headers(raw)
-    try:
-        whole = email.message_from_bytes(raw, policy=_MIME_POLICY)
-        has_attachment = attachment_in(whole)
-    except Exception:
-        has_attachment = False
-    return MessageInfo(headers=headers, size=len(raw), date=_header_date(headers),
-                       has_attachment=has_attachment, body=body_text(raw), source=raw)
+    data = {datum.field: datum.offline(raw, headers) for datum in _MESSAGE_DATA}
+    return MessageInfo(headers=headers, body=body_text(raw), source=raw, **data)
 
 
 # Google Takeout writes the labels of each message into one header,
@@ -7746,32 +7812,11 @@ def _fetch_items(needs: Needs, gmail: bool, apply: bool = False) -> List[str]:
     and INTERNALDATE the intent records carry (undo tells the run's own copy by them)."""
     fields = " ".join(sorted(h.upper() for h in needs.headers))
     items = ["FLAGS", f"BODY.PEEK[HEADER.FIELDS ({fields})]"]
-    if needs.size or apply:
-        items.append("RFC822.SIZE")
-    if needs.date or apply:
-        items.append("INTERNALDATE")
-    if needs.attachment:
-        items.append("BODYSTRUCTURE")
+    items += [datum.item for datum in _MESSAGE_DATA
+              if getattr(needs, datum.need) or (apply and datum.recorded)]
     if gmail:
         items += ["X-GM-LABELS", "X-GM-MSGID"]
     return items
-
-
-def _structure_has_attachment(structure: Any) -> Optional[bool]:
-    """Walk a BODYSTRUCTURE: True if any part is an attachment (by disposition or name)."""
-    if not isinstance(structure, list) or not structure:
-        return None
-    if isinstance(structure[0], list):  # multipart: parts..., subtype, extensions
-        return any(_structure_has_attachment(part) for part in structure
-                   if isinstance(part, list) and part and isinstance(part[0], (list, str)))
-    for item in structure[7:]:
-        if isinstance(item, list) and item and isinstance(item[0], str) \
-                and item[0].lower() == "attachment":
-            return True
-    params = structure[2] if len(structure) > 2 and isinstance(structure[2], list) else []
-    names = [str(params[i]).lower() for i in range(0, len(params) - 1, 2)]
-    main = str(structure[0]).lower()
-    return "name" in names and main not in ("text", "multipart")
 
 
 def _folder_label(folder: str) -> Optional[str]:
@@ -7789,17 +7834,16 @@ def _message_info(uid: int, values: Mapping[str, Any], header_item: str,
     own = _folder_label(folder)
     if labels is not None and own is not None:
         labels = tuple(labels) + (own,)
-    structure = values.get("BODYSTRUCTURE")
+    data = {datum.field: None if values.get(datum.item) is None else datum.read(values[datum.item])
+            for datum in _MESSAGE_DATA}
     return MessageInfo(
         headers=parse_headers(values.get(header_item) or b""),
         uid=uid,
         flags=frozenset(values.get("FLAGS") or ()),
         labels=None if labels is None else frozenset(labels),
-        size=values.get("RFC822.SIZE"),
-        date=values.get("INTERNALDATE"),
-        has_attachment=None if structure is None else bool(_structure_has_attachment(structure)),
         queries=None if queries is None else frozenset(q for q, hits in queries.items() if uid in hits),
         folder=folder,
+        **data,
     )
 
 
@@ -7966,8 +8010,8 @@ def _folder_hint(conn: GmailConnection, folder: str) -> str:
 
 
 # What each fetched item is called when a message is skipped for lacking it.
-_ITEM_NAMES = {"FLAGS": "flags", "RFC822.SIZE": "size", "INTERNALDATE": "date",
-               "BODYSTRUCTURE": "structure", "X-GM-LABELS": "labels", "X-GM-MSGID": "message id"}
+_ITEM_NAMES = {"FLAGS": "flags", "X-GM-LABELS": "labels", "X-GM-MSGID": "message id",
+               **{datum.item: datum.lacked for datum in _MESSAGE_DATA}}
 
 
 def _lacking(items: Sequence[str], values: Optional[Mapping[str, Any]]) -> str:

@@ -6576,129 +6576,6 @@ JVBERi0xLjQK\r
 """
 
 
-class BodyTextTest(unittest.TestCase):
-    def test_body_text_decodes_each_shape(self):
-        cases = [
-            ("plain", PLAIN, "Hello world"),
-            ("html only, script and style skipped", HTML_ONLY, "Café & crème\n\nBye"),
-            ("alternative prefers plain", ALTERNATIVE, "Plain version ü"),
-            ("truncated base64", TRUNCATED_BASE64, "Your receipt for order 12345,"),
-            ("unknown charset", UNKNOWN_CHARSET, "naïve text"),
-            ("non-text codec name", NON_TEXT_CODEC, "plain words"),
-            ("attachment not used as body", WITH_ATTACHMENT, "See attached."),
-            ("headers only", b"Subject: x\r\n\r\n", ""),
-            ("cut inside headers", b"Content-Type: multipart/mixed; bound", ""),
-            ("empty", b"", ""),
-        ]
-        for label, raw, expected in cases:
-            with self.subTest(label):
-                self.assertEqual(body_text(raw), expected)
-
-    def test_body_text_truncated_base64_every_cut(self):
-        text = "abcdefghijklmnopqrstuvwxyz0123456789"
-        encoded = base64.b64encode(text.encode())
-        for cut in range(len(encoded) + 1):
-            with self.subTest(cut=cut):
-                raw = b"Content-Transfer-Encoding: base64\r\n\r\n" + encoded[:cut]
-                self.assertEqual(body_text(raw), text[:cut * 3 // 4])
-
-    def test_body_text_respects_limit(self):
-        self.assertEqual(body_text(PLAIN, limit=5), "Hello")
-
-
-class MessageFilesTest(TempDirMixin, unittest.TestCase):
-    def test_message_info_from_bytes_fills_offline_fields(self):
-        raw = WITH_ATTACHMENT.replace(b"MIME-Version", b"Date: Tue, 05 Mar 2024 10:00:00 +0100\r\nMIME-Version")
-        msg = message_info_from_bytes(raw)
-        self.assertEqual(msg.size, len(raw))
-        self.assertEqual(msg.date, datetime(2024, 3, 5, 9, 0, tzinfo=timezone.utc))
-        self.assertIs(msg.has_attachment, True)
-        self.assertEqual(msg.body, "See attached.")
-        self.assertEqual((msg.flags, msg.labels, msg.queries, msg.uid), (frozenset(), None, None, 0))
-
-    def test_message_info_date_variants(self):
-        cases = [
-            (b"Date: Tue, 05 Mar 2024 10:00:00 -0000", datetime(2024, 3, 5, 10, tzinfo=timezone.utc)),
-            (b"Date: not a date", None),
-            (b"X-No-Date: 1", None),
-        ]
-        for header, expected in cases:
-            with self.subTest(header=header):
-                self.assertEqual(message_info_from_bytes(header + b"\r\n\r\nx").date, expected)
-        self.assertIs(message_info_from_bytes(PLAIN).has_attachment, False)
-
-    def test_iter_message_files_reads_eml(self):
-        path = os.path.join(self.make_dir(), "one.eml")
-        with open(path, "wb") as fh:
-            fh.write(PLAIN)
-        [(name, msg)] = list(iter_message_files([path]))
-        self.assertEqual(name, path)
-        self.assertEqual(header_text(msg.headers, "subject"), ["hi"])
-        self.assertEqual(msg.body, "Hello world")
-
-    def test_iter_message_files_reads_takeout_mbox_labels(self):
-        path = os.path.join(self.make_dir(), "Takeout.mbox")
-        box = mailbox.mbox(path)
-        box.add(b"X-Gmail-Labels: Inbox,Important,Opened,Receipts,\"Clients, old\"\r\n"
-                b"From: shop@example.com\r\nSubject: Receipt\r\n\r\nThanks\r\n")
-        box.add(b"X-Gmail-Labels: Archived,Unread,Starred,Category Promotions,Drafts\r\n"
-                b"Subject: Sale\r\n\r\nBuy\r\n")
-        box.add(b"Subject: no labels\r\n\r\nhi\r\n")
-        box.flush()
-        box.close()
-        items = list(iter_message_files([path]))
-        self.assertEqual([name for name, _ in items], [f"{path}#1", f"{path}#2", f"{path}#3"])
-        first, second, third = (msg for _, msg in items)
-        self.assertEqual(first.labels, frozenset({"\\Inbox", "\\Important", "Receipts", "Clients, old"}))
-        self.assertEqual(first.flags, frozenset({"\\Seen"}))
-        self.assertEqual(second.labels, frozenset({"Archived", "\\Starred", "Category Promotions", "\\Draft"}))
-        self.assertEqual(second.flags, frozenset({"\\Flagged"}))
-        self.assertIsNone(third.labels)
-        self.assertEqual(first.body, "Thanks")
-        self.assertIs(hit(one_rule(has_label="Inbox"), first), True)
-
-    def test_iter_message_files_detects_mbox_by_from_line(self):
-        path = os.path.join(self.make_dir(), "export")
-        with open(path, "wb") as fh:
-            fh.write(b"From MAILER-DAEMON Thu Jan  1 00:00:00 2024\nSubject: one\n\nbody\n\n"
-                     b"From MAILER-DAEMON Thu Jan  1 00:00:00 2024\nSubject: two\nStatus: RO\n\nbody\n")
-        items = list(iter_message_files([path]))
-        self.assertEqual([header_text(m.headers, "subject") for _, m in items], [["one"], ["two"]])
-        self.assertEqual(items[1][1].flags, frozenset({"\\Seen"}))
-
-    def test_iter_message_files_reads_maildir_flags(self):
-        root = os.path.join(self.make_dir(), "Maildir")
-        for sub in ("cur", "new", "tmp"):
-            os.makedirs(os.path.join(root, sub))
-        files = {
-            os.path.join("new", "1.host"): frozenset(),
-            os.path.join("cur", "2.host:2,FRS"): frozenset({"\\Flagged", "\\Answered", "\\Seen"}),
-            os.path.join("cur", "3.host:2,"): frozenset(),
-        }
-        for name in files:
-            with open(os.path.join(root, name), "wb") as fh:
-                fh.write(PLAIN)
-        items = dict(iter_message_files([root]))
-        self.assertEqual({name: msg.flags for name, msg in items.items()},
-                         {os.path.join(root, name): flags for name, flags in files.items()})
-
-    def test_error_for_path_of_unknown_kind(self):
-        folder = self.make_dir()
-        text_file = os.path.join(folder, "notes.txt")
-        with open(text_file, "wb") as fh:
-            fh.write(b"Subject: x\r\n\r\n")
-        cases = [
-            (text_file, f"{text_file}: not an .eml file, mbox or Maildir"),
-            (folder, f"{folder}: not an .eml file, mbox or Maildir"),
-            (os.path.join(folder, "gone.eml"), f"{os.path.join(folder, 'gone.eml')}: no such file or directory"),
-        ]
-        for path, expected in cases:
-            with self.subTest(path=path):
-                with self.assertRaises(GmailClassifyError) as caught:
-                    list(iter_message_files([path]))
-                self.assertEqual(str(caught.exception), expected)
-
-
 class HostileSenderTest(unittest.TestCase):
     """Header values a sender crafts cost linear time, and a sender domain is the address's."""
 
@@ -6990,6 +6867,202 @@ class FastPathTest(unittest.TestCase):
                 plain_results.append(rules.classify(info(raw), final=True, now=now))
         self.assertEqual(fast_results, plain_results)
         self.assertGreater(sum(bool(d.matches) for d in fast_results), 100)
+
+
+# --- Messages: bodies, attachments and the data fetched beside the headers ---------------
+
+
+class BodyTextTest(unittest.TestCase):
+    def test_body_text_decodes_each_shape(self):
+        cases = [
+            ("plain", PLAIN, "Hello world"),
+            ("html only, script and style skipped", HTML_ONLY, "Café & crème\n\nBye"),
+            ("alternative prefers plain", ALTERNATIVE, "Plain version ü"),
+            ("truncated base64", TRUNCATED_BASE64, "Your receipt for order 12345,"),
+            ("unknown charset", UNKNOWN_CHARSET, "naïve text"),
+            ("non-text codec name", NON_TEXT_CODEC, "plain words"),
+            ("attachment not used as body", WITH_ATTACHMENT, "See attached."),
+            ("headers only", b"Subject: x\r\n\r\n", ""),
+            ("cut inside headers", b"Content-Type: multipart/mixed; bound", ""),
+            ("empty", b"", ""),
+        ]
+        for label, raw, expected in cases:
+            with self.subTest(label):
+                self.assertEqual(body_text(raw), expected)
+
+    def test_body_text_truncated_base64_every_cut(self):
+        text = "abcdefghijklmnopqrstuvwxyz0123456789"
+        encoded = base64.b64encode(text.encode())
+        for cut in range(len(encoded) + 1):
+            with self.subTest(cut=cut):
+                raw = b"Content-Transfer-Encoding: base64\r\n\r\n" + encoded[:cut]
+                self.assertEqual(body_text(raw), text[:cut * 3 // 4])
+
+    def test_body_text_respects_limit(self):
+        self.assertEqual(body_text(PLAIN, limit=5), "Hello")
+
+
+class MessageFilesTest(TempDirMixin, unittest.TestCase):
+    def test_message_info_from_bytes_fills_offline_fields(self):
+        raw = WITH_ATTACHMENT.replace(b"MIME-Version", b"Date: Tue, 05 Mar 2024 10:00:00 +0100\r\nMIME-Version")
+        msg = message_info_from_bytes(raw)
+        self.assertEqual(msg.size, len(raw))
+        self.assertEqual(msg.date, datetime(2024, 3, 5, 9, 0, tzinfo=timezone.utc))
+        self.assertIs(msg.has_attachment, True)
+        self.assertEqual(msg.body, "See attached.")
+        self.assertEqual((msg.flags, msg.labels, msg.queries, msg.uid), (frozenset(), None, None, 0))
+
+    def test_message_info_date_variants(self):
+        cases = [
+            (b"Date: Tue, 05 Mar 2024 10:00:00 -0000", datetime(2024, 3, 5, 10, tzinfo=timezone.utc)),
+            (b"Date: not a date", None),
+            (b"X-No-Date: 1", None),
+        ]
+        for header, expected in cases:
+            with self.subTest(header=header):
+                self.assertEqual(message_info_from_bytes(header + b"\r\n\r\nx").date, expected)
+        self.assertIs(message_info_from_bytes(PLAIN).has_attachment, False)
+
+    def test_iter_message_files_reads_eml(self):
+        path = os.path.join(self.make_dir(), "one.eml")
+        with open(path, "wb") as fh:
+            fh.write(PLAIN)
+        [(name, msg)] = list(iter_message_files([path]))
+        self.assertEqual(name, path)
+        self.assertEqual(header_text(msg.headers, "subject"), ["hi"])
+        self.assertEqual(msg.body, "Hello world")
+
+    def test_iter_message_files_reads_takeout_mbox_labels(self):
+        path = os.path.join(self.make_dir(), "Takeout.mbox")
+        box = mailbox.mbox(path)
+        box.add(b"X-Gmail-Labels: Inbox,Important,Opened,Receipts,\"Clients, old\"\r\n"
+                b"From: shop@example.com\r\nSubject: Receipt\r\n\r\nThanks\r\n")
+        box.add(b"X-Gmail-Labels: Archived,Unread,Starred,Category Promotions,Drafts\r\n"
+                b"Subject: Sale\r\n\r\nBuy\r\n")
+        box.add(b"Subject: no labels\r\n\r\nhi\r\n")
+        box.flush()
+        box.close()
+        items = list(iter_message_files([path]))
+        self.assertEqual([name for name, _ in items], [f"{path}#1", f"{path}#2", f"{path}#3"])
+        first, second, third = (msg for _, msg in items)
+        self.assertEqual(first.labels, frozenset({"\\Inbox", "\\Important", "Receipts", "Clients, old"}))
+        self.assertEqual(first.flags, frozenset({"\\Seen"}))
+        self.assertEqual(second.labels, frozenset({"Archived", "\\Starred", "Category Promotions", "\\Draft"}))
+        self.assertEqual(second.flags, frozenset({"\\Flagged"}))
+        self.assertIsNone(third.labels)
+        self.assertEqual(first.body, "Thanks")
+        self.assertIs(hit(one_rule(has_label="Inbox"), first), True)
+
+    def test_iter_message_files_detects_mbox_by_from_line(self):
+        path = os.path.join(self.make_dir(), "export")
+        with open(path, "wb") as fh:
+            fh.write(b"From MAILER-DAEMON Thu Jan  1 00:00:00 2024\nSubject: one\n\nbody\n\n"
+                     b"From MAILER-DAEMON Thu Jan  1 00:00:00 2024\nSubject: two\nStatus: RO\n\nbody\n")
+        items = list(iter_message_files([path]))
+        self.assertEqual([header_text(m.headers, "subject") for _, m in items], [["one"], ["two"]])
+        self.assertEqual(items[1][1].flags, frozenset({"\\Seen"}))
+
+    def test_iter_message_files_reads_maildir_flags(self):
+        root = os.path.join(self.make_dir(), "Maildir")
+        for sub in ("cur", "new", "tmp"):
+            os.makedirs(os.path.join(root, sub))
+        files = {
+            os.path.join("new", "1.host"): frozenset(),
+            os.path.join("cur", "2.host:2,FRS"): frozenset({"\\Flagged", "\\Answered", "\\Seen"}),
+            os.path.join("cur", "3.host:2,"): frozenset(),
+        }
+        for name in files:
+            with open(os.path.join(root, name), "wb") as fh:
+                fh.write(PLAIN)
+        items = dict(iter_message_files([root]))
+        self.assertEqual({name: msg.flags for name, msg in items.items()},
+                         {os.path.join(root, name): flags for name, flags in files.items()})
+
+    def test_error_for_path_of_unknown_kind(self):
+        folder = self.make_dir()
+        text_file = os.path.join(folder, "notes.txt")
+        with open(text_file, "wb") as fh:
+            fh.write(b"Subject: x\r\n\r\n")
+        cases = [
+            (text_file, f"{text_file}: not an .eml file, mbox or Maildir"),
+            (folder, f"{folder}: not an .eml file, mbox or Maildir"),
+            (os.path.join(folder, "gone.eml"), f"{os.path.join(folder, 'gone.eml')}: no such file or directory"),
+        ]
+        for path, expected in cases:
+            with self.subTest(path=path):
+                with self.assertRaises(GmailClassifyError) as caught:
+                    list(iter_message_files([path]))
+                self.assertEqual(str(caught.exception), expected)
+
+
+class MessageDataTest(unittest.TestCase):
+    """_MESSAGE_DATA, one row per piece of data beside the headers: each is fetched when its
+    Needs flag asks for it (and on every --apply when the records carry it), read from the
+    answer into its MessageInfo field, worked out offline, and named when an answer lacks it."""
+
+    WHEN = datetime(2024, 5, 1, 9, 30, tzinfo=timezone.utc)
+    # What a server answers for each row's item, and what its field must then hold.  A new
+    # row needs its sample here (the first test fails without one), so it is tested too.
+    SAMPLES = {
+        "RFC822.SIZE": (1234, 1234),
+        "INTERNALDATE": (WHEN, WHEN),
+        "BODYSTRUCTURE": (["application", "pdf", ["name", "a.pdf"], None, None, "base64", 10],
+                          True),
+    }
+    HEADERS = "BODY.PEEK[HEADER.FIELDS (FROM)]"
+
+    def test_every_row_has_a_sample(self):
+        self.assertEqual(sorted(d.item for d in gc._MESSAGE_DATA), sorted(self.SAMPLES))
+
+    def test_an_item_is_fetched_when_its_need_asks_or_an_apply_records_it(self):
+        bare = gc._fetch_items(gc.Needs(headers=frozenset({"from"})), gmail=False)
+        self.assertEqual(bare, ["FLAGS", self.HEADERS])
+        for datum in gc._MESSAGE_DATA:
+            with self.subTest(datum.item):
+                needs = gc.Needs(headers=frozenset({"from"}), **{datum.need: True})
+                self.assertEqual(gc._fetch_items(needs, gmail=False),
+                                 ["FLAGS", self.HEADERS, datum.item])
+                applying = gc._fetch_items(gc.Needs(headers=frozenset({"from"})), gmail=False,
+                                           apply=True)
+                self.assertEqual(datum.item in applying, datum.recorded)
+        self.assertEqual(gc._fetch_items(gc.Needs(headers=frozenset({"from"})), gmail=False,
+                                         apply=True),
+                         ["FLAGS", self.HEADERS, "RFC822.SIZE", "INTERNALDATE"])
+
+    def test_an_answer_fills_its_field_and_only_that_one(self):
+        for datum in gc._MESSAGE_DATA:
+            with self.subTest(datum.item):
+                answer, expected = self.SAMPLES[datum.item]
+                values = {"FLAGS": ("\\Seen",), self.HEADERS: b"From: a@example.com\r\n\r\n",
+                          datum.item: answer}
+                info = gc._message_info(7, values, self.HEADERS, None, "INBOX")
+                self.assertEqual(getattr(info, datum.field), expected)
+                self.assertEqual(header_text(info.headers, "from"), ["a@example.com"])
+                for other in gc._MESSAGE_DATA:
+                    if other is not datum:
+                        self.assertIsNone(getattr(info, other.field), other.field)
+        plain = ["text", "plain", ["charset", "utf-8"], None, None, "7bit", 10, 1]
+        info = gc._message_info(7, {"BODYSTRUCTURE": plain}, self.HEADERS, None, "INBOX")
+        self.assertIs(info.has_attachment, False)
+
+    def test_a_lacking_answer_names_what_it_lacked(self):
+        for datum in gc._MESSAGE_DATA:
+            with self.subTest(datum.item):
+                items = ["FLAGS", self.HEADERS, datum.item]
+                values = {"FLAGS": (), self.HEADERS: b""}
+                self.assertEqual(gc._lacking(items, values),
+                                 f"the server's answer lacked its {datum.lacked}")
+
+    def test_offline_every_field_is_worked_out_from_the_message(self):
+        raw = (b"From: a@example.com\r\nDate: Wed, 01 May 2024 09:30:00 +0000\r\n"
+               b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+               b"--b\r\nContent-Type: text/plain\r\n\r\nhello\r\n--b\r\n"
+               b"Content-Type: application/pdf\r\n"
+               b"Content-Disposition: attachment; filename=a.pdf\r\n\r\nJVBER\r\n--b--\r\n")
+        info = message_info_from_bytes(raw)
+        self.assertEqual((info.size, info.date, info.has_attachment),
+                         (len(raw), self.WHEN, True))
+        self.assertEqual(info.body, "hello")
 
 
 # --- Rule engine -------------------------------------------------------------------------

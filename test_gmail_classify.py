@@ -7064,6 +7064,12 @@ class MessageDataTest(unittest.TestCase):
                          (len(raw), self.WHEN, True))
         self.assertEqual(info.body, "hello")
 
+    def test_offline_a_message_the_parser_cannot_read_has_no_attachment(self):
+        with mock.patch.object(gc.email, "message_from_bytes", side_effect=ValueError("bad")):
+            info = message_info_from_bytes(b"From: a@example.com\r\n\r\nhi")
+        self.assertIs(info.has_attachment, False)
+        self.assertEqual(info.size, 25)
+
 
 # --- Rule engine -------------------------------------------------------------------------
 

@@ -11236,6 +11236,7 @@ OAUTH_SCOPE = "https://mail.google.com/"     # the only scope Gmail IMAP accepts
 OAUTH_TIMEOUT = 30.0            # seconds for one request to the token endpoint
 OAUTH_WAIT = 300.0              # seconds `auth` waits for the browser to come back
 OAUTH_CONNECTION_TIMEOUT = 10.0  # seconds one connection to the redirect listener may idle
+OAUTH_CONNECTIONS = 16          # connections the redirect listener serves at once; more are closed
 TOKEN_REFRESH_MARGIN = 300.0    # refresh an access token this long before it expires
 TOKEN_REUSE = 60.0              # a token fetched this recently serves a reconnect as is
 TOKEN_FILE_VERSION = 1
@@ -11404,8 +11405,10 @@ class _RedirectCatcher(http.server.ThreadingHTTPServer):
     """A one-shot loopback server that waits for the browser's redirect.
 
     Any local program can connect to it, so one thread per connection (an idle one
-    blocks only itself, and gives up after OAUTH_CONNECTION_TIMEOUT), and only a
-    request carrying this sign-in's state ends the wait; anything else gets 400.
+    blocks only itself, and gives up after OAUTH_CONNECTION_TIMEOUT), at most
+    OAUTH_CONNECTIONS at once (a flood of connections is closed unread, it cannot grow
+    threads without end; pasting the address still works), and only a request carrying
+    this sign-in's state ends the wait; anything else gets 400.
     """
 
     daemon_threads = True
@@ -11417,6 +11420,19 @@ class _RedirectCatcher(http.server.ThreadingHTTPServer):
         self.result: Optional[_Redirect] = None
         self.error: Optional[OAuthError] = None
         self.done = threading.Event()
+        self.slots = threading.BoundedSemaphore(OAUTH_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)      # too many at once: closed, no thread
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 class _RedirectHandler(http.server.BaseHTTPRequestHandler):

@@ -12509,6 +12509,31 @@ class OAuthListenerTest(FakeServerTest):
                 data += chunk
         return int(data.split(b" ", 2)[1]), data
 
+    def test_a_flood_of_idle_connections_is_closed_past_the_limit_and_then_served(self):
+        with mock.patch.object(gc, "OAUTH_CONNECTIONS", 2):
+            thread, outcome, shown = self.start(open_browser=None, wait=10)
+            port = self.port_of(shown[0])
+            idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+            for sock in idle:
+                self.addCleanup(sock.close)
+            extra = socket.create_connection(("127.0.0.1", port), timeout=5)
+            self.addCleanup(extra.close)
+            extra.sendall(b"GET /?code=4/x&state=wrong HTTP/1.0\r\n\r\n")
+            self.assertEqual(extra.recv(100), b"")      # closed unread: no thread for it
+            for sock in idle:
+                sock.close()                             # the slots come back
+
+            def served() -> bool:
+                try:
+                    return self.get(port, "/?state=wrong")[0] == 400
+                except (IndexError, OSError):     # closed unread: the slots not back yet
+                    return False
+            wait_until(served)
+            self.google.browse(shown[0])
+            thread.join(10)
+        self.assertFalse(thread.is_alive())
+        self.assertIn("answer", outcome, outcome.get("error"))
+
     def test_forged_requests_get_400_and_the_real_redirect_still_signs_in(self):
         thread, outcome, shown = self.start(open_browser=None, wait=10)
         port = self.port_of(shown[0])

@@ -348,6 +348,21 @@ class Stop:
         return self._event.wait(seconds)
 
 
+def _cleanup(action: Callable[[], Any]) -> None:
+    """Run ``action`` (saving the state, closing the record) from a ``finally``.
+
+    When an error is already on its way out (a signal's StopRequested, a dropped link), a
+    failure of the cleanup itself is logged and the first error goes on: the exit code
+    tells what ended the command, not what failed while tidying up after it."""
+    if sys.exc_info()[0] is None:
+        action()
+        return
+    try:
+        action()
+    except GmailClassifyError as exc:
+        log.error("%s (while stopping: the error that ended the command follows)", exc)
+
+
 class _Dropped(Exception):
     """Internal: the connection died (EOF, reset, timeout, BYE); reconnect and maybe retry."""
 
@@ -11200,10 +11215,10 @@ class WatchSession:
         finally:
             self.runs += 1
             if self.apply:
-                run.finish(status, error)
+                _cleanup(lambda: run.finish(status, error))
             else:
-                self.store.save()               # the download count, nothing else
                 run.reports.clear()             # a dry run lives for days: keep it small
+                _cleanup(self.store.save)       # the download count, nothing else
 
 
 def _duration(seconds: float) -> str:
@@ -15584,7 +15599,7 @@ def _cmd_learn(args: argparse.Namespace, out: TextIO) -> int:
                                         on_progress=progress)
             finally:
                 store.add_download(account, conn.bytes_received)
-                store.save()
+                _cleanup(store.save)
     learned = learn_rules(filed, min_precision=args.min_precision,
                           min_support=args.min_support, holdout=args.holdout,
                           max_rules=args.max_rules, keep_examples=args.keep_examples)

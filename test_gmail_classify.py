@@ -11923,6 +11923,26 @@ class WatcherTest(FakeServerTest):
         self.assertEqual(self.server.uids("INBOX"), [])
         self.assertGreater(len(left), 0)
 
+    def test_a_failing_save_after_a_failed_wake_up_does_not_hide_its_error(self):
+        self.server.add_message(make_message("receipt 1"))
+        for apply in (False, True):
+            with self.subTest(apply=apply):
+                store = gc.StateStore(os.path.join(self.tmp, f"state-{apply}"))
+                store.load()
+                session = gc.WatchSession(store, lambda: self.rules, USER, "127.0.0.1",
+                                          self.server.port, apply=apply, reclassify=True)
+                session.check_start(["INBOX"])
+                conn = self.connect()
+                lost = gc.ConnectionLostError("the server closed the connection")
+                with mock.patch.object(gc.Run, "classify", side_effect=lost), \
+                        mock.patch.object(gc.StateStore, "save",
+                                          side_effect=gc.StateError("disk full")), \
+                        self.assertLogs("gmail_classify", "ERROR") as logs, \
+                        self.assertRaises(gc.ConnectionLostError):
+                    session(conn, ["INBOX"])
+                self.assertIn("disk full (while stopping", "\n".join(logs.output))
+                self.assertEqual(session.runs, 1)
+
     def test_each_wake_up_counts_only_its_own_bytes_toward_the_budget(self):
         # One connection, many wake-ups (each a Run when applying), traffic between them
         # (NOOP here, IDLE in a real watch), and now and then new mail: the day's count is
@@ -13819,6 +13839,21 @@ class LearnServerTest(FakeServerTest):
         code, _out, err = run_cli(*self.argv("-q", "--account", "work"), env=env)
         self.assertEqual(code, gc.EXIT_USAGE, err)                 # --account is not ignored
         self.assertIn("--account needs [[account]] tables", err)
+
+    def test_a_stop_keeps_its_exit_code_when_saving_the_count_then_fails(self):
+        env = {"GMAIL_APP_PASSWORD": PASSWORD, "XDG_STATE_HOME": self.tmp}
+        stop = mock.patch.object(gc, "read_filed_mail",
+                                 side_effect=gc.StopRequested("stopped", signal.SIGTERM))
+        full = mock.patch.object(gc.StateStore, "save",
+                                 side_effect=gc.StateError("cannot write state.json: disk full"))
+        with stop, full:
+            code, _out, err = run_cli(*self.argv("-q"), env=env)
+        self.assertEqual(code, 128 + signal.SIGTERM, err)
+        self.assertIn("disk full (while stopping", err)
+        with full:                                  # with nothing else wrong, it is the error
+            code, _out, err = run_cli(*self.argv("-q"), env=env)
+        self.assertEqual(code, gc.EXIT_USAGE, err)
+        self.assertIn("disk full", err)
 
     def test_folders_off_gmail_move_or_label(self):
         self.server = FakeGmail(kind="move").start()

@@ -81,7 +81,7 @@ __all__ = [
     "GmailConnection", "Folder", "FolderStatus", "MoveResult",
     # messages
     "MessageInfo", "parse_headers", "header_text", "header_addresses", "body_text",
-    "message_info_from_bytes", "iter_message_files",
+    "message_info_from_bytes", "iter_message_files", "offline_read_limit",
     # rule engine
     "Actions", "Rule", "Decision", "Needs", "Ruleset", "parse_rules", "load_rules",
     "builtin_rules", "STARTER_RULES_TOML", "STARTER_RULES_JSON", "parse_toml", "TOMLError",
@@ -4396,9 +4396,13 @@ def _split_takeout_labels(value: str) -> List[str]:
     return [label for label in labels if label]
 
 
-def _mbox_info(raw: bytes, mbox_flags: str) -> MessageInfo:
+def _mbox_info(raw: bytes, size: int) -> MessageInfo:
     headers = parse_headers(raw)
-    flags = {_MBOX_FLAGS[f] for f in mbox_flags if f in _MBOX_FLAGS}
+    # The flags an mbox keeps in its Status and X-Status fields (as mailbox.mboxMessage
+    # reads them: the first of each), taken from the header block alone.
+    letters = "".join(value for name in ("status", "x-status")
+                      for value in header_text(headers, name)[:1])
+    flags = {_MBOX_FLAGS[f] for f in letters if f in _MBOX_FLAGS}
     labels = None
     values = header_text(headers, "x-gmail-labels")
     if values:
@@ -4415,15 +4419,17 @@ def _mbox_info(raw: bytes, mbox_flags: str) -> MessageInfo:
             flags.add("\\Flagged")
         labels = frozenset(labels)
     return dataclasses.replace(message_info_from_bytes(raw), flags=frozenset(flags),
-                               labels=labels)
+                               labels=labels, size=size)
 
 
-def _iter_mbox(path: str) -> Iterator[Tuple[str, MessageInfo]]:
+def _iter_mbox(path: str, limit: int) -> Iterator[Tuple[str, MessageInfo]]:
     box = mailbox.mbox(path, create=False)
     try:
         for number, key in enumerate(box.iterkeys(), 1):
-            raw = box.get_bytes(key)
-            yield f"{path}#{number}", _mbox_info(raw, box.get_message(key).get_flags())
+            part = box.get_file(key)            # the message without its "From " line
+            raw = part.read(limit).replace(mailbox.linesep, b"\n")    # as get_bytes() does
+            part.seek(0, 2)
+            yield f"{path}#{number}", _mbox_info(raw, part.tell())
     finally:
         box.close()
 
@@ -4440,13 +4446,15 @@ def _maildir_files(path: str) -> Iterator[Tuple[str, str]]:
                 yield name, file_path
 
 
-def _iter_maildir(path: str) -> Iterator[Tuple[str, MessageInfo]]:
+def _iter_maildir(path: str, limit: int) -> Iterator[Tuple[str, MessageInfo]]:
     for name, file_path in _maildir_files(path):
         letters = name.split(":2,", 1)[1] if ":2," in name else ""
         flags = frozenset(_MAILDIR_FLAGS[f] for f in letters if f in _MAILDIR_FLAGS)
         with open(file_path, "rb") as fh:
-            raw = fh.read()
-        yield file_path, dataclasses.replace(message_info_from_bytes(raw), flags=flags)
+            raw = fh.read(limit)
+            size = os.fstat(fh.fileno()).st_size
+        yield file_path, dataclasses.replace(message_info_from_bytes(raw), flags=flags,
+                                             size=max(size, len(raw)))
 
 
 # An .eml file is read whole (headers, body, attachments), and the email package needs
@@ -4454,6 +4462,13 @@ def _iter_maildir(path: str) -> Iterator[Tuple[str, MessageInfo]]:
 # which bounds that (a 100 MB file cost 1.38 GB), and only regular files are read
 # (/dev/zero is endless; a FIFO would block).
 MAX_EML_BYTES = 10 * 1024 * 1024
+
+# A message of an mbox or a Maildir is read up to this many bytes (a program that reads
+# whole messages raises it to its program_max_size, see offline_read_limit): its headers,
+# body prefix and attachments come from them and its size from the file, as the server
+# gives them from its own records.  Without a bound a single huge message (a 2 GB mbox
+# entry) would cost fourteen times its size in memory.
+MAX_OFFLINE_BYTES = 10 * 1024 * 1024
 
 
 def read_message_file(path: str) -> bytes:
@@ -4471,13 +4486,23 @@ def read_message_file(path: str) -> bytes:
     return data
 
 
-def iter_message_files(paths: Iterable[Any]) -> Iterator[Tuple[str, MessageInfo]]:
+def offline_read_limit(rules: Ruleset) -> int:
+    """How much of each mbox or Maildir message to read for ``rules``: MAX_OFFLINE_BYTES,
+    or more when a program reads whole messages (up to its program_max_size)."""
+    return max({MAX_OFFLINE_BYTES} | rules.needs.whole)
+
+
+def iter_message_files(paths: Iterable[Any], *,
+                       limit: Optional[int] = None) -> Iterator[Tuple[str, MessageInfo]]:
     """Read messages from .eml files, mbox files (Google Takeout) and Maildir folders.
 
-    Yields (display name, MessageInfo) pairs, e.g. ("Takeout.mbox#17", info).
-    Raises GmailClassifyError for a path that is missing, unreadable, or none
-    of these kinds.
+    Yields (display name, MessageInfo) pairs, e.g. ("Takeout.mbox#17", info).  Of a
+    message in an mbox or Maildir at most ``limit`` bytes are read (default
+    MAX_OFFLINE_BYTES; ``size`` is still the whole message's); an .eml file is refused
+    past MAX_EML_BYTES.  Raises GmailClassifyError for a path that is missing,
+    unreadable, or none of these kinds.
     """
+    limit = MAX_OFFLINE_BYTES if limit is None else limit
     for path in paths:
         path = os.fspath(path)
         try:
@@ -4485,14 +4510,14 @@ def iter_message_files(paths: Iterable[Any]) -> Iterator[Tuple[str, MessageInfo]
                 if not (os.path.isdir(os.path.join(path, "cur"))
                         or os.path.isdir(os.path.join(path, "new"))):
                     raise GmailClassifyError(f"{path}: not an .eml file, mbox or Maildir")
-                yield from _iter_maildir(path)
+                yield from _iter_maildir(path, limit)
                 continue
             if not stat.S_ISREG(os.stat(path).st_mode):    # a FIFO would block, /dev/zero never end
                 raise GmailClassifyError(f"{path}: not a regular file")
             with open(path, "rb") as fh:
                 start = fh.read(5)
             if start == b"From " or path.lower().endswith(".mbox"):
-                yield from _iter_mbox(path)
+                yield from _iter_mbox(path, limit)
             elif path.lower().endswith(".eml"):
                 try:
                     raw = read_message_file(path)
@@ -15231,7 +15256,7 @@ def _cmd_test(args: argparse.Namespace, out: TextIO) -> int:
     counts: Dict[str, int] = {}
     total = skipped = 0
     try:
-        for name, info in iter_message_files(args.files):
+        for name, info in iter_message_files(args.files, limit=offline_read_limit(rules)):
             total += 1
             try:
                 decision = rules.classify(info, final=True)
@@ -15541,7 +15566,8 @@ def _cmd_diff(args: argparse.Namespace, out: _Output) -> int:
     old, new = load_rules(args.old_rules), load_rules(args.new_rules)
     if args.files:
         try:
-            found = diff_messages(old, new, iter_message_files(args.files))
+            limit = max(offline_read_limit(old), offline_read_limit(new))
+            found = diff_messages(old, new, iter_message_files(args.files, limit=limit))
         except GmailClassifyError as exc:
             if type(exc) is not GmailClassifyError:
                 raise

@@ -6978,6 +6978,49 @@ class MessageFilesTest(TempDirMixin, unittest.TestCase):
         self.assertEqual({name: msg.flags for name, msg in items.items()},
                          {os.path.join(root, name): flags for name, flags in files.items()})
 
+    def test_a_large_message_is_read_only_up_to_the_limit_and_keeps_its_size(self):
+        # The text part and the attachment's part header come first, then 100 KB of the
+        # attachment: what the rules read lies in the first bytes; the rest is never read.
+        big = (b"From: a@example.com\r\nSubject: big\r\nStatus: RO\r\nMIME-Version: 1.0\r\n"
+               b"Content-Type: multipart/mixed; boundary=b\r\n\r\n"
+               b"--b\r\nContent-Type: text/plain\r\n\r\nSee attached.\r\n--b\r\n"
+               b"Content-Type: application/pdf\r\nContent-Disposition: attachment; "
+               b"filename=a.pdf\r\n\r\n" + b"JVBERi0x" * 12800 + b"\r\n--b--\r\n")
+        folder = self.make_dir()
+        path = os.path.join(folder, "All mail.mbox")
+        box = mailbox.mbox(path)
+        box.add(big)
+        box.add(PLAIN)
+        box.flush()
+        sizes = [len(box.get_bytes(key)) for key in box.iterkeys()]
+        box.close()
+        root = os.path.join(folder, "Maildir")
+        for sub in ("cur", "new", "tmp"):
+            os.makedirs(os.path.join(root, sub))
+        with open(os.path.join(root, "cur", "1.host:2,S"), "wb") as fh:
+            fh.write(big)
+        (_, first), (_, second), (_, filed) = iter_message_files([path, root], limit=4096)
+        for msg, size in ((first, sizes[0]), (filed, len(big))):
+            self.assertEqual(len(msg.source), 4096)
+            self.assertEqual(msg.size, size)
+            self.assertGreater(size, 100_000)
+            self.assertEqual((msg.has_attachment, msg.body), (True, "See attached."))
+            self.assertEqual(msg.flags, frozenset({"\\Seen"}))
+            self.assertEqual(header_text(msg.headers, "subject"), ["big"])
+        self.assertEqual((second.size, len(second.source), second.body),
+                         (sizes[1], sizes[1], "Hello world"))     # the next one, whole
+        (_, whole), = iter_message_files([root])                 # by default: 10 MiB
+        self.assertEqual(whole.source, big)
+
+    def test_a_program_reading_whole_messages_raises_the_limit_to_its_own(self):
+        doc = {"rule": [{"name": "p", "program": ["/bin/true"], "program_input": "message",
+                         "program_max_size": "20M", "label": "X"}]}
+        self.assertEqual(gc.offline_read_limit(gc.parse_rules(doc, "r.json")), 20 * 1024 * 1024)
+        doc["rule"][0]["program_max_size"] = "1M"
+        self.assertEqual(gc.offline_read_limit(gc.parse_rules(doc, "r.json")),
+                         gc.MAX_OFFLINE_BYTES)
+        self.assertEqual(gc.offline_read_limit(gc.builtin_rules()), 10 * 1024 * 1024)
+
     def test_error_for_path_of_unknown_kind(self):
         folder = self.make_dir()
         text_file = os.path.join(folder, "notes.txt")
@@ -8091,6 +8134,35 @@ class ProgramConditionTest(FakeServerTest):
         self.assertEqual(code, 6)
         self.assertIn("spam.eml: Classifier: program classify.py said yes (label \"Spam/PharmaDeals\")", out)
         self.assertIn("crash.eml: skipped: program classify.py exited with status 3", out)
+
+    def test_offline_a_program_reading_whole_messages_gets_all_of_a_large_one(self):
+        # Offline reading stops at MAX_OFFLINE_BYTES (here 4 KB), but never short of what a
+        # program that reads whole messages is allowed (its program_max_size).
+        root = os.path.join(self.tmp, "Maildir")
+        for sub in ("cur", "new", "tmp"):
+            os.makedirs(os.path.join(root, sub))
+        big = make_message("buy SPAM", body="x" * 60_000)
+        with open(os.path.join(root, "cur", "1.host:2,S"), "wb") as handle:
+            handle.write(big)
+        with mock.patch.object(gc, "MAX_OFFLINE_BYTES", 4096):
+            path = self.rules_file({"program_input": "message", "program_max_size": "100K"})
+            code, out, err = run_cli("test", path, root)
+            self.assertEqual(code, 0, err)
+            self.assertEqual(self.runs()[-1]["stdin"].encode(), big)
+            self.assertIn('said yes (label "Spam/PharmaDeals")', out)
+            plain = os.path.join(self.tmp, "plain.json")
+            with open(plain, "w") as handle:
+                json.dump({"rule": [{"name": "Rest", "from": "example.com", "label": "Rest"}]},
+                          handle)
+            code, out, err = run_cli("diff", plain, path, root)
+            self.assertEqual(code, 0, err)
+            self.assertEqual(len(self.runs()), 2)
+            self.assertEqual(self.runs()[-1]["stdin"].encode(), big)     # diff reads as far
+            path = self.rules_file({"program_input": "message", "program_max_size": "50K"})
+            code, out, err = run_cli("test", path, root)
+        self.assertEqual(code, 6, err)                      # too large for it: skipped
+        self.assertIn("skipped: larger than program_max_size", out)
+        self.assertEqual(len(self.runs()), 2)
 
     def test_rules_file_errors_for_program_keys(self):
         cases = [

@@ -12407,10 +12407,11 @@ def _sieve_test(condition: Condition, require: set) -> str:
     raise _Inexpressible(f"{condition.describe()} has no Sieve test")
 
 
-def _sieve_folder(name: str, require: set) -> str:
+def _sieve_folder(name: str, require: set, literal: bool = False) -> str:
     """A destination as a Sieve string: {year} and {month} become variables set from the
-    delivery date (the INTERNALDATE a server gives new mail)."""
-    pieces = split_template(name)
+    delivery date (the INTERNALDATE a server gives new mail); ``literal``: a server's own
+    folder name, braces and all."""
+    pieces = [(False, name)] if literal else split_template(name)
     text: List[str] = []
     for is_field, piece in pieces:
         if is_field:
@@ -12425,7 +12426,60 @@ def _sieve_folder(name: str, require: set) -> str:
     return _sieve_string("".join(text))
 
 
-def _sieve_actions(actions: Actions, require: set, archive: str, trash: str) -> List[str]:
+class _SieveFolders:
+    """The folders a Sieve script files into.  Without ``server``: names as in the rules
+    (with ``/``), the archive and trash actions to ``archive`` and ``trash``.  With a
+    signed-in ``server``: its own names (namespace prefix and separator, see
+    GmailConnection.server_name) and, for archive and trash, the folders a run would use
+    there (its special-use folders, else the ones found by name), looked up when a rule
+    first needs them.  Names stay Unicode: a Sieve script is UTF-8 (RFC 5228 §2.4.2) and
+    the server turns them into its own mailbox names (Pigeonhole: modified UTF-7 for IMAP),
+    so modified UTF-7 is never written into the script.
+
+    Raises CapabilityError for Gmail, which runs no Sieve (export --format gmail), and
+    for an archive or trash folder the server does not have (as a run would)."""
+
+    def __init__(self, server: Optional[GmailConnection] = None, archive: Optional[str] = None,
+                 trash: Optional[str] = None) -> None:
+        if server is not None and server.is_gmail:
+            raise CapabilityError("Gmail runs no Sieve scripts at delivery; export "
+                                  "--format gmail writes its filters instead")
+        self.server = server
+        self._special = {"archive": archive, "trash": trash}
+        if server is None:
+            self._special = {"archive": archive or "Archive", "trash": trash or "Trash"}
+
+    def name(self, folder: str) -> str:
+        """A rule's folder (or label) as the script names it."""
+        return folder if self.server is None else self.server.server_name(folder)
+
+    def special(self, action: str) -> str:
+        """Where ``archive`` or ``trash`` files a message."""
+        if self._special[action] is None:
+            use = {"archive": "\\Archive", "trash": "\\Trash"}[action]
+            self._special[action] = _special_destination(self.server, use, action).name
+        return self._special[action]
+
+    def destination(self, actions: Actions) -> Optional[Tuple[str, bool]]:
+        """The rule's one destination as (name, literal), or None: a move is a rule's
+        name (templates allowed), archive and trash are the server's own names."""
+        if actions.move:
+            return self.name(actions.move), False
+        if actions.archive or actions.trash:
+            return self.special("archive" if actions.archive else "trash"), self.server is not None
+        return None
+
+    def describe(self) -> Optional[str]:
+        """The script's comment line on whose names it uses (None without a server)."""
+        if self.server is None:
+            return None
+        prefix, delimiter = self.server.namespace()
+        return (f"# Folder names as {self.server.user} at {self.server.host} has them "
+                f"(namespace {json.dumps(prefix, ensure_ascii=False)}, separator "
+                f"{json.dumps(delimiter, ensure_ascii=False)}).")
+
+
+def _sieve_actions(actions: Actions, require: set, folders: _SieveFolders) -> List[str]:
     """The commands for one rule's actions, flags first so that the copies carry them;
     ``keep`` when the message has no other destination (a fileinto cancels the implicit keep)."""
     lines: List[str] = []
@@ -12434,21 +12488,27 @@ def _sieve_actions(actions: Actions, require: set, archive: str, trash: str) -> 
         lines.append(f"{'addflag' if row.add else 'removeflag'} {_sieve_string(row.flag)};")
     for label in actions.labels:
         require.add("fileinto")
-        lines.append(f"fileinto {_sieve_folder(label, require)};")
-    destination = actions.move or (archive if actions.archive else trash if actions.trash else None)
+        lines.append(f"fileinto {_sieve_folder(folders.name(label), require)};")
+    destination = folders.destination(actions)
     if destination:
         require.add("fileinto")
-        lines.append(f"fileinto {_sieve_folder(destination, require)};")
+        lines.append(f"fileinto {_sieve_folder(destination[0], require, destination[1])};")
     else:
         lines.append("keep;")
     return lines
 
 
-def export_sieve(rules: Ruleset, *, partial: bool = False, archive: str = "Archive",
-                 trash: str = "Trash") -> Exported:
+def export_sieve(rules: Ruleset, *, partial: bool = False, archive: Optional[str] = None,
+                 trash: Optional[str] = None,
+                 server: Optional[GmailConnection] = None) -> Exported:
     """The rules as one Sieve script (RFC 5228, with fileinto, imap4flags, regex, variables
     and date where needed; never ``:create``, so a missing folder keeps the message in INBOX
     rather than letting senders make folders).
+
+    Folder names are as in the rules, archive and trash go to ``archive`` and ``trash``
+    ("Archive" and "Trash" by default); with ``server``, a signed-in GmailConnection, they
+    are that server's names and folders (see _SieveFolders; only LIST and NAMESPACE are
+    sent, never a change).
 
     Rules stop at the first match: a rule without `continue` whose match Sieve cannot say
     exactly raises RulesError naming it (``partial``: the rules before it are exported and
@@ -12459,20 +12519,22 @@ def export_sieve(rules: Ruleset, *, partial: bool = False, archive: str = "Archi
     require: set = set()
     done = Exported("")
     compiled: List[Tuple[Rule, str]] = []
+    folders = _SieveFolders(server, archive, trash)
     for rule in rules.rules:
         try:
             test = _sieve_test(rule.condition, require)
-            _sieve_actions(rule.actions, set(), archive, trash)     # its folders are sayable
+            _sieve_actions(rule.actions, set(), folders)     # its folders are sayable
         except _Inexpressible as exc:
             if _left_out(done, rules, rule, str(exc), partial, "Sieve",
                          "later rules would catch its mail at delivery"):
                 continue
             break
         compiled.append((rule, test))
-    body = (_sieve_merged(compiled, require, archive, trash) if any(r.continue_ for r, _ in compiled)
-            else _sieve_plain(compiled, require, archive, trash))
+    body = (_sieve_merged(compiled, require, folders) if any(r.continue_ for r, _ in compiled)
+            else _sieve_plain(compiled, require, folders))
     head = [f"# Sieve script exported by gmail_classify {__version__} from {rules.source}:",
             f"# {_plural(len(compiled), 'rule')}, first match wins (as in gmail_classify)."]
+    head += filter(None, [folders.describe()])
     if done.stopped:
         rule, why = done.stopped
         head.append(f"# Stopped before rule {rule.position} ({rule.name}): {why}.")
@@ -12493,34 +12555,32 @@ def _sieve_dates(require: set) -> List[str]:
             'if currentdate :matches "month" "*" { set "month" "${1}"; }', ""]
 
 
-def _sieve_plain(compiled: List[Tuple[Rule, str]], require: set, archive: str,
-                 trash: str) -> str:
+def _sieve_plain(compiled: List[Tuple[Rule, str]], require: set, folders: _SieveFolders) -> str:
     """No `continue`: one ``if`` per rule, its actions, then ``stop``."""
     blocks: List[str] = []
     for rule, test in compiled:
-        actions = _sieve_actions(rule.actions, require, archive, trash)
+        actions = _sieve_actions(rule.actions, require, folders)
         blocks.append(f"# {rule.position}. {printable(rule.name)}\nif {test} {{\n"
                       + "".join(f"    {line}\n" for line in actions) + "    stop;\n}\n")
     return "\n".join(_sieve_dates(require)) + "\n".join(blocks)
 
 
-def _sieve_merged(compiled: List[Tuple[Rule, str]], require: set, archive: str,
-                  trash: str) -> str:
+def _sieve_merged(compiled: List[Tuple[Rule, str]], require: set, folders: _SieveFolders) -> str:
     """With `continue`: variables record what each matching rule asks; one block at the
     end acts as Actions.merged would."""
     require.update(("variables", "fileinto"))
     labels: List[str] = []
-    destinations: List[str] = []
+    destinations: List[Tuple[str, bool]] = []
     blocks: List[str] = []
     decided = False
     for rule, test in compiled:
         body: List[str] = []
         actions = rule.actions
-        for label in actions.labels:
+        for label in map(folders.name, actions.labels):
             if label not in labels:
                 labels.append(label)
             body.append(f'set "label{labels.index(label) + 1}" "1";')
-        destination = actions.move or (archive if actions.archive else trash if actions.trash else None)
+        destination = folders.destination(actions)
         if destination:
             if destination not in destinations:
                 destinations.append(destination)
@@ -12547,9 +12607,9 @@ def _sieve_merged(compiled: List[Tuple[Rule, str]], require: set, archive: str,
     for index, label in enumerate(labels, 1):
         end.append(f'if string :is "${{label{index}}}" "1" {{ fileinto {_sieve_folder(label, require)}; }}')
     keyword = "if"
-    for index, destination in enumerate(destinations, 1):
+    for index, (destination, literal) in enumerate(destinations, 1):
         end.append(f'{keyword} string :is "${{dest}}" "{index}" {{ fileinto '
-                   f'{_sieve_folder(destination, require)}; }}')
+                   f'{_sieve_folder(destination, require, literal)}; }}')
         keyword = "elsif"
     end.append("else { keep; }" if destinations else "keep;")
     return "\n".join(_sieve_dates(require)) + "\n".join(blocks) + "\n" + "\n".join(end) + "\n"
@@ -15312,9 +15372,31 @@ def _cmd_import_filters(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+# The options that make `export --format sieve` sign in for the server's folder names;
+# without any of them it stays offline.
+_EXPORT_SERVER_OPTIONS = ("user", "host", "port", "starttls", "plaintext", "cafile", "auth",
+                          "password_command", "account")
+
+
+def _export_sieve_for_server(args: argparse.Namespace, rules: Ruleset) -> Exported:
+    """The Sieve export with the server's folder names: sign in (the rules' [account], or
+    the one [[account]] --account names, as the other commands resolve it), read LIST and
+    NAMESPACE, change nothing."""
+    if args.rules:
+        raise UsageError("export reads the rules file given as RULES; drop --rules")
+    if args.format != "sieve":
+        raise UsageError(f"connection options only name the server's folders for --format "
+                         f"sieve; --format {args.format} does not connect, so drop them")
+    ((name, account_rules),) = _chosen_accounts(args, rules, one=True)
+    with _signed_in(_connection_settings(args, account_rules.account, name)) as conn:
+        return export_sieve(account_rules, partial=args.partial, server=conn)
+
+
 def _cmd_export(args: argparse.Namespace, out: TextIO) -> int:
     rules = load_rules(args.rules_file)
-    if args.format == "sieve":
+    if args.rules or any(getattr(args, option) for option in _EXPORT_SERVER_OPTIONS):
+        done = _export_sieve_for_server(args, rules)
+    elif args.format == "sieve":
         done = export_sieve(rules, partial=args.partial)
     elif args.format == "gmail":
         done = export_gmail(rules, partial=args.partial)
@@ -15630,8 +15712,9 @@ _COMMANDS: Dict[str, _Command] = {
                                "(mailFilters.xml) into rules", ("output",), (
         _Opt("filters_file", metavar="FILE", help="mailFilters.xml from Gmail's Settings -> "
              "Filters and Blocked Addresses -> Export"),)),
-    "export": _Command(_cmd_export, "compile a rules file to Sieve, Gmail filters or JSON",
-                       options=(
+    "export": _Command(_cmd_export, "compile a rules file to Sieve, Gmail filters or JSON; "
+                       "with connection options, Sieve with the server's folder names "
+                       "(read-only)", ("connection",), (
         _Opt("rules_file", metavar="RULES"),
         _Opt("--format", choices=EXPORT_FORMATS, required=True, help="sieve (RFC 5228, for the "
              "server to run at delivery), gmail (filter XML for Gmail's Import filters) or "
@@ -15640,7 +15723,7 @@ _COMMANDS: Dict[str, _Command] = {
              "(default: standard output)"),
         _Opt("--force", action="store_true", help="overwrite an existing FILE"),
         _Opt("--partial", action="store_true", help="when a rule cannot be exported exactly, "
-             "write the rules before it instead of refusing"))),
+             "write the rules before it instead of refusing")), exit_codes=True),
     "suggest": _Command(_cmd_suggest, "read a folder's headers (read-only) and propose rules",
                         ("connection", "output"), (
         _Opt("--folder", default="INBOX", type=_folder_name, help="folder to read (default: "

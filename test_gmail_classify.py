@@ -17484,6 +17484,149 @@ def _bench_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
+# --- Issue 19: reach, finished (Sieve with the server's names, watch --jobs, auth and reloads per account) ---
+
+# Rules whose folders differ between servers: a nested label, a non-ASCII folder (modified
+# UTF-7 on the wire, UTF-8 in Sieve), a templated one, archive and trash.
+SERVER_SIEVE_DOC = {"rule": [
+    {"name": "Receipts", "subject": "receipt", "label": "Receipts/2024", "mark_read": True},
+    {"name": "Drafts", "subject": "entwurf", "move": "Entwürfe/Alt"},
+    {"name": "Monthly", "subject": "monthly", "move": "Reports/{year}"},
+    {"name": "Big", "larger_than": "20K", "archive": True},
+    {"name": "Spam", "from": "spam.example", "trash": True},
+]}
+
+
+def _server_sieve_corpus() -> List[bytes]:
+    today = email.utils.format_datetime(datetime.now(timezone.utc)).encode()  # {year} at delivery
+    return [make_message("Your receipt"), make_message("Entwurf 3"),
+            make_message("monthly report").replace(b"Mon, 04 Mar 2024 10:00:00 +0000", today),
+            make_message("large", body="x" * 30000), make_message("hi", "Deals <a@spam.example>"),
+            make_message("nothing")]
+
+
+class SieveExportForServerTest(AnyServerTest):
+    """export --format sieve with connection options: the server's namespace, separator and
+    special-use folders, read-only; the script compiles and sieve-test files as a run would."""
+
+    write = SieveExportTest.write
+    sieve_test = SieveExportTest.sieve_test
+    performed = staticmethod(SieveExportTest.performed)
+
+    def export(self, *extra: str, doc: Optional[dict] = None, **env: str) -> Tuple[int, str, str]:
+        path = self.write("rules.json", doc or SERVER_SIEVE_DOC)
+        return run_cli("export", path, "--format", "sieve", *extra,
+                       env=dict({"IMAP_PASSWORD": PASSWORD}, **env))
+
+    def connected(self, *extra: str, **options: Any) -> Tuple[int, str, str]:
+        return self.export("--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                           "--plaintext", "--retries", "0", *extra, **options)
+
+    def assert_read_only(self) -> None:
+        self.assertLessEqual(set(self.commands()), {"CAPABILITY", "LOGIN", "NAMESPACE", "LIST",
+                                                    "LOGOUT", "ID", "ENABLE"})
+
+    def agrees(self, script: str, server_name: Callable[[str], str]) -> None:
+        """sieve-test on the corpus files each message where the rules' decision, in the
+        server's names, puts it."""
+        rules = parse_rules(SERVER_SIEVE_DOC, "rules.json")
+        path = self.write("rules.sieve", script.encode())
+        corpus = _server_sieve_corpus()
+        for raw, performed in zip(corpus, self.sieve_test(path, corpus)):
+            with self.subTest(message=raw.split(b"\r\n")[2]):
+                want = {(server_name(folder), flags)
+                        for folder, flags in SieveExportTest.expected(rules, raw)}
+                self.assertEqual(performed, want)
+
+    def test_dovecot_like_server_prefix_separator_and_utf8_names(self):
+        self.serve("inbox-prefix", folders=(("INBOX", ""), ("Archiv", "\\Archive"),
+                                            ("Gelöschte Elemente", "\\Trash"), ("Sent", "\\Sent")))
+        code, offline, err = self.export()
+        self.assertEqual((code, err), (0, ""))
+        code, out, err = self.connected()
+        self.assertEqual((code, err), (0, ""))
+        self.assert_read_only()
+        names = {"Receipts/2024": "INBOX.Receipts.2024", "Entwürfe/Alt": "INBOX.Entwürfe.Alt",
+                 "Reports/${year}": "INBOX.Reports.${year}", "Archive": "INBOX.Archiv",
+                 "Trash": "INBOX.Gelöschte Elemente"}
+        want = offline.replace("first match wins (as in gmail_classify).\n",
+                               "first match wins (as in gmail_classify).\n# Folder names as "
+                               f"{USER} at 127.0.0.1 has them (namespace \"INBOX.\", "
+                               "separator \".\").\n")
+        for rules_name, server_name in names.items():
+            want = want.replace(f'fileinto "{rules_name}";', f'fileinto "{server_name}";')
+        self.assertEqual(out, want)
+        self.assertNotIn("&APY-", out)          # UTF-8, never modified UTF-7
+        specials = {"Archive": "INBOX.Archiv", "Trash": "INBOX.Gelöschte Elemente", "INBOX": "INBOX"}
+        self.agrees(out, lambda name: specials.get(name) or "INBOX." + name.replace("/", "."))
+
+    def test_slash_server_without_special_use_finds_the_folders_by_name(self):
+        self.serve("no-special-use")
+        code, offline, err = self.export()
+        code, out, err = self.connected()
+        self.assertEqual((code, err), (0, ""))
+        self.assert_read_only()
+        self.assertIn('(namespace "", separator "/").\n', out)
+        self.assertEqual(out.replace('fileinto "Archives";', 'fileinto "Archive";')
+                         .replace('fileinto "Deleted Items";', 'fileinto "Trash";')
+                         .replace(f"# Folder names as {USER} at 127.0.0.1 has them (namespace "
+                                  '"", separator "/").\n', ""), offline)
+        self.assertIn('fileinto "Entwürfe/Alt";', out)
+        specials = {"Archive": "Archives", "Trash": "Deleted Items"}
+        self.agrees(out, lambda name: specials.get(name, name))
+
+    def test_what_the_server_lacks_refuses_and_gmail_runs_no_sieve(self):
+        self.serve("move", special_use=False, folders=(("INBOX", ""), ("Sent", "")))
+        code, out, err = self.connected()
+        self.assertEqual((code, out), (gc.EXIT_SERVER, ""))
+        self.assertIn("no folder marked \\Archive", err)
+        self.assert_read_only()
+        # A file whose rules need neither folder exports from that server all the same.
+        code, out, err = self.connected(doc={"rule": [{"name": "R", "subject": "x", "move": "A/B"}]})
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn('fileinto "A/B";', out)
+        self.serve("gmail")
+        code, out, err = self.connected()
+        self.assertEqual((code, out), (gc.EXIT_SERVER, ""))
+        self.assertEqual(err, "gmail_classify: Gmail runs no Sieve scripts at delivery; export "
+                              "--format gmail writes its filters instead\n")
+
+    def test_connection_options_are_for_sieve_only_and_rules_come_as_the_argument(self):
+        self.serve("move")
+        for extra, message in ((("--format", "json", "--host", "127.0.0.1"), "--format json does "
+                                "not connect"),
+                               (("--rules", "other.toml"), "drop --rules")):
+            with self.subTest(extra=extra):
+                code, out, err = self.export(*extra)
+                self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
+                self.assertIn(message, err)
+                self.assertEqual(len(err.splitlines()), 1)
+        self.assertEqual(self.commands(), [])
+
+    def test_account_tables_need_one_account_and_use_its_server_and_rules(self):
+        self.serve("inbox-prefix")
+        other = FakeGmail(kind="move").start()
+        self.addCleanup(other.stop)
+        tables = [{"name": "home", "user": USER, "host": "127.0.0.1", "port": self.server.port,
+                   "tls": "plaintext", "rules": ["Receipts"]},
+                  {"name": "work", "user": USER, "host": "127.0.0.1", "port": other.port,
+                   "tls": "plaintext"}]
+        doc = accounts_doc(*tables, rules=SERVER_SIEVE_DOC["rule"])
+        code, out, err = self.export("--host", "127.0.0.1", doc=doc)
+        self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
+        self.assertIn("add --account NAME (one of home, work)", err)
+        code, out, err = self.export("--account", "home", "--account", "work", doc=doc)
+        self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
+        self.assertIn("give --account once", err)
+        self.assertEqual((self.commands(), other.commands()), ([], []))
+        code, out, err = self.export("--account", "home", doc=doc, IMAP_PASSWORD_HOME=PASSWORD)
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out.count("fileinto \""), 1)     # home runs only the Receipts rule
+        self.assertIn('fileinto "INBOX.Receipts.2024";', out)
+        self.assertEqual(other.commands(), [])
+        self.assert_read_only()
+
+
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the
     # bench-* forms are its helper processes. Anything else runs the tests.

@@ -13886,6 +13886,8 @@ _SHARED_OPTIONS: Dict[str, Dict[str, Any]] = {
     "--daily-budget": dict(type=_budget, default=DEFAULT_DAILY_BUDGET, metavar="SIZE"),
     "--run-programs": dict(action="store_true", help="run the rules' programs (after the "
                            "trust check); without it they are only listed"),
+    "--jobs": dict(type=_positive, metavar="N", help="rules' programs run at once, across "
+                   "messages (default: the number of CPUs)"),
 }
 
 
@@ -14859,7 +14861,7 @@ def _prepare_watch(args: argparse.Namespace, out: _Output, rules: Ruleset,
                            on_record=out.record,
                            on_message=on_message, stopping=lambda: watcher.stopping,
                            on_pause=resume_at)
-    session.options = dataclasses.replace(session.options, account_name=name)
+    session.options = dataclasses.replace(session.options, account_name=name, jobs=args.jobs)
     session.check_start(folders)
     watcher = Watcher(connect, folders, catch_up, interval=args.interval,
                       idle_interval=args.idle_interval, reload=reloader.reload,
@@ -15637,8 +15639,7 @@ _COMMANDS: Dict[str, _Command] = {
                     "only")),
         _Opt("--daily-budget", help="stop before downloading more than SIZE a day for this "
              "account (default: 2G; Gmail allows about 2.5G; 0: no limit)"),
-        _Opt("--jobs", type=_positive, metavar="N", help="rules' programs run at once, across "
-             "messages (default: the number of CPUs)")), exit_codes=True),
+        _Opt("--jobs")), exit_codes=True),
     "history": _Command(_cmd_history, "list the applied runs, newest first, from the audit "
                         "log", options=(_Opt("--json", help="one JSON object per run"),
                                         _Opt("--account", action="append", metavar="NAME",
@@ -15671,7 +15672,7 @@ _COMMANDS: Dict[str, _Command] = {
              "server lacks IDLE (default: %(default)s)"),
         _Opt("--idle-interval", type=_timeout_seconds, default=IDLE_REISSUE,
              help=f"seconds before IDLE is re-issued (default: %(default)s; at most "
-             f"{IDLE_MAX_SECONDS})")), exit_codes=True),
+             f"{IDLE_MAX_SECONDS})"), _Opt("--jobs")), exit_codes=True),
     "check": _Command(_cmd_check, "validate and summarise a rules file, offline",
                       options=(_Opt("rules_file", metavar="RULES"), _Opt("--run-programs"))),
     "test": _Command(_cmd_test, "classify .eml files, an mbox or a Maildir offline", options=(

@@ -17627,6 +17627,105 @@ class SieveExportForServerTest(AnyServerTest):
         self.assert_read_only()
 
 
+# A program that reports how many copies of itself it saw running at once: each waits
+# (up to argv[3] seconds) until argv[2] copies have started.
+_CONCURRENCY_PROBE = r'''#!%s -IS
+import os, sys, time
+folder, target, patience = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+me = os.path.join(folder, "running-%%d" %% os.getpid())
+open(me, "w").close()
+deadline, seen = time.time() + patience, 1
+while time.time() < deadline and seen < target:
+    seen = max(seen, len([n for n in os.listdir(folder) if n.startswith("running-")]))
+    time.sleep(0.005)
+with open(os.path.join(folder, "seen"), "a") as log:
+    log.write("%%d\n" %% seen)
+os.remove(me)
+'''
+
+
+def watch_in_process(test: unittest.TestCase, argv: Sequence[str], script: Callable[[], None],
+                     env: Optional[dict] = None) -> Tuple[int, str, str]:
+    """`watch` in this (main) thread while ``script`` drives it from another; then SIGTERM
+    (a watch stopped by it at a safe point exits 0)."""
+    problems: List[BaseException] = []
+
+    def drive() -> None:
+        try:
+            script()
+        except BaseException as exc:
+            problems.append(exc)
+        finally:
+            wait_until(lambda: signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None),
+                       timeout=15, message="watch installed no SIGTERM handler")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    result = run_cli("watch", *argv, env=env)
+    driver.join(20)
+    if problems:
+        raise problems[0]
+    return result
+
+
+class WatchJobsTest(FakeServerTest):
+    """watch --jobs N: the rules' programs run up to N at once, as for run."""
+
+    def setUp(self):
+        super().setUp()
+        os.chmod(self.tmp, 0o700)
+        self.probe = os.path.join(self.tmp, "probe.py")
+        with open(self.probe, "w") as handle:
+            handle.write(_CONCURRENCY_PROBE % sys.executable)
+        os.chmod(self.probe, 0o700)
+        self.marks = os.path.join(self.tmp, "marks")
+        os.mkdir(self.marks, 0o700)
+
+    def watch(self, jobs: str, target: int, messages: int, patience: float = 2) -> List[int]:
+        """The concurrency each program saw in a dry-run watch's first catch-up."""
+        for index in range(messages):
+            self.server.add_message(make_message(f"message {index}"))
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w") as handle:
+            json.dump({"rule": [{"name": "Ask", "program": [self.probe, self.marks, str(target),
+                                                        str(patience)],
+                                 "program_timeout": 10, "label": "Asked"}]}, handle)
+        os.chmod(rules, 0o600)
+        seen = os.path.join(self.marks, "seen")
+
+        def counts() -> List[int]:
+            if not os.path.exists(seen):
+                return []
+            with open(seen) as handle:
+                return [int(line) for line in handle]
+        code, out, err = watch_in_process(self, (
+            "--rules", rules, "--user", USER, "--host", "127.0.0.1", "--port",
+            str(self.server.port), "--plaintext", "--all", "--jobs", jobs),
+            lambda: wait_until(lambda: len(counts()) == messages, timeout=15,
+                               message="the programs did not all run"),
+            env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out.count("label Asked"), messages)
+        return counts()
+
+    def test_jobs_runs_that_many_programs_at_once(self):
+        self.assertEqual(max(self.watch("3", target=3, messages=3)), 3)
+
+    def test_one_job_runs_one_program_at_a_time(self):
+        self.assertEqual(self.watch("1", target=2, messages=2, patience=0.2), [1, 1])
+        self.assertEqual(os.listdir(self.marks), ["seen"])
+
+    def test_jobs_below_one_is_refused_as_on_run(self):
+        for command in ("run", "watch"):
+            for jobs in ("0", "-2"):
+                with self.subTest(command=command, jobs=jobs):
+                    code, out, err = run_cli(command, "--user", USER, "--jobs", jobs)
+                    self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
+                    self.assertIn("--jobs: ", err)
+        self.assertEqual(self.commands(), [])
+
+
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the
     # bench-* forms are its helper processes. Anything else runs the tests.

@@ -15260,12 +15260,31 @@ def _can_open_browser() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def _cmd_auth(args: argparse.Namespace, out: TextIO) -> int:
-    rules = find_rules(args.rules)
-    account = rules.account
-    user = args.user or os.environ.get(USER_ENV) or account.get("user")
+def _auth_account(args: argparse.Namespace, rules: Ruleset) -> Tuple[Optional[str], str,
+                                                                     Mapping[str, Any]]:
+    """The account ``auth`` signs in for, as (its [[account]] name or None, user, table):
+    the [account] table, or the one [[account]] (``--account NAME``, needed when there are
+    several).  --user and $GMAIL_USER apply to an [[account]] only with --account, as
+    everywhere (see _chosen_accounts).  Raises UsageError."""
+    ((name, account_rules),) = _chosen_accounts(args, rules, one=True, connecting=False)
+    account = account_rules.account
+    if name is not None and not args.account and args.user:
+        raise UsageError(f"--user would apply to every account of {rules.source}: give "
+                         f"--account {name} with it, or set user in its [[account]] table")
+    user = (args.user or (os.environ.get(USER_ENV) if name is None or args.account else None)
+            or account.get("user"))
+    if not user and name is not None:
+        raise UsageError(f"account {name!r} of {rules.source} has no user: add user = "
+                         f"\"you@gmail.com\" to its [[account]] table, or pass --user with "
+                         f"--account {name}")
     if not user:
         raise UsageError(f"no account given: pass --user you@gmail.com or set {USER_ENV}")
+    return name, user, account
+
+
+def _cmd_auth(args: argparse.Namespace, out: TextIO) -> int:
+    rules = find_rules(args.rules)
+    name, user, account = _auth_account(args, rules)
     client = _oauth_client(args, account)
     interactive = sys.stdin is not None and not getattr(sys.stdin, "closed", False)
 
@@ -15288,8 +15307,11 @@ def _cmd_auth(args: argparse.Namespace, out: TextIO) -> int:
             raise UsageError(str(exc)) from exc
         raise
     path = save_refresh_token(user, client, answer["refresh_token"])
+    again = f"--account {shlex.quote(name)}" if name is not None else f"--user {user}"
+    if name is not None and args.rules:
+        again = f"--rules {shlex.quote(args.rules)} {again}"
     out.write(f"Signed in as {user}. The refresh token is stored in {path} (readable only "
-              f"by you).\nTry: python gmail_classify.py --user {user} --auth xoauth2 labels\n")
+              f"by you).\nTry: python gmail_classify.py {again} --auth xoauth2 labels\n")
     return EXIT_OK
 
 
@@ -15699,7 +15721,10 @@ _COMMANDS: Dict[str, _Command] = {
              "e.g. one forwarded with ssh -L (default: any free port)"),
         _Opt("--no-browser", action="store_true", help="only print the address to open; do "
              "not start a browser"),
-        _Opt("--rules", help="rules file whose [account] names the user and client")),
+        _Opt("--rules", help="rules file whose [account] (or [[account]]) names the user and "
+             "client"),
+        _Opt("--account", action="append", metavar="NAME", help="the [[account]] of the rules "
+             "file to sign in for (needed when it has several)")),
         exit_codes=True, data=True),
     "demo": _Command(_cmd_demo, "classify a built-in sample of mail offline, as a dry run "
                      "would show it", options=(

@@ -17726,6 +17726,86 @@ class WatchJobsTest(FakeServerTest):
         self.assertEqual(self.commands(), [])
 
 
+class AuthAccountTablesTest(FakeServerTest):
+    """auth with [[account]] tables: --account NAME picks the one to sign in for, with its
+    user and OAuth client; none (of several) or several is a usage error."""
+
+    def setUp(self):
+        super().setUp()
+        self.google = FakeGoogle(self.server)
+        self.addCleanup(self.google.stop)
+        self.env = {"XDG_CONFIG_HOME": os.path.join(self.tmp, "config"), "DISPLAY": ":0"}
+        for name, value in (("GOOGLE_AUTH_URL", self.google.auth_url),
+                            ("GOOGLE_TOKEN_URL", self.google.token_url), ("OAUTH_WAIT", 5)):
+            patcher = mock.patch.object(gc, name, value)
+            patcher.start()
+            self.addCleanup(patcher.stop)
+        self.rules = os.path.join(self.tmp, "rules.json")
+        with open(self.rules, "w") as handle:
+            json.dump(accounts_doc(
+                {"name": "home", "user": "home@gmail.com", "oauth_client_id": "home-client",
+                 "oauth_client_secret": "home-secret"},
+                {"name": "work", "user": USER, "auth": "xoauth2", "host": "127.0.0.1",
+                 "port": self.server.port, "tls": "plaintext", "oauth_client_id": CLIENT_ID,
+                 "oauth_client_secret": CLIENT_SECRET}), handle)
+        os.chmod(self.rules, 0o600)
+
+    def auth(self, *extra: str, **env: str) -> Tuple[int, str, str]:
+        with mock.patch.object(gc.webbrowser, "open", self.google.browse):
+            return run_cli("auth", "--rules", self.rules, *extra, env=dict(self.env, **env))
+
+    def token_files(self) -> List[str]:
+        folder = os.path.join(self.tmp, "config", "gmail_classify", "tokens")
+        return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+    def test_several_tables_need_exactly_one_account(self):
+        for extra, text in (((), "has 2 accounts; auth works on one: add --account NAME (one of "
+                                 "home, work)"),
+                            (("--account", "home", "--account", "work"), "give --account once"),
+                            (("--account", "play"), "has no [[account]] named 'play'"),
+                            (("--user", "x@gmail.com"), "add --account NAME")):
+            with self.subTest(extra=extra):
+                code, out, err = self.auth(*extra)
+                self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
+                self.assertIn(text, err)
+                self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertEqual((self.google.auth_requests, self.token_files()), ([], []))
+
+    def test_the_account_named_signs_in_with_its_user_and_client_then_runs(self):
+        code, out, err = self.auth("--account", "work")
+        self.assertEqual((code, err), (0, ""))
+        (request,) = self.google.auth_requests
+        self.assertEqual((request["client_id"], request["login_hint"]), (CLIENT_ID, USER))
+        self.assertIn(f"Signed in as {USER}.", out)
+        self.assertIn(f"Try: python gmail_classify.py --rules {self.rules} --account work "
+                      f"--auth xoauth2 labels", out)
+        self.assertEqual(self.token_files(), [os.path.basename(
+            mock.patch.dict(os.environ, self.env)(gc.token_path)(USER))])
+        # the token is stored as for a single account: run --account work signs in with it
+        self.server.add_message(make_message("receipt 1"))
+        code, out, err = run_cli("run", "--rules", self.rules, "--account", "work",
+                                 "--retries", "0", env=self.env)
+        self.assertEqual(code, 0, err)
+        self.assertIn("AUTHENTICATE", self.commands())
+
+    def test_one_table_alone_needs_no_account_and_user_goes_with_account_only(self):
+        with open(self.rules, "w") as handle:
+            json.dump(accounts_doc({"name": "home", "oauth_client_id": CLIENT_ID,
+                                    "oauth_client_secret": CLIENT_SECRET}), handle)
+        code, out, err = self.auth(GMAIL_USER="env@gmail.com")
+        self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
+        self.assertIn("account 'home' of", err)
+        self.assertIn("has no user", err)
+        code, out, err = self.auth("--user", "me@gmail.com")
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertIn("--user would apply to every account", err)
+        code, out, err = self.auth("--account", "home", "--user", "me@gmail.com")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual([(r["client_id"], r["login_hint"]) for r in self.google.auth_requests],
+                         [(CLIENT_ID, "me@gmail.com")])
+        self.assertIn("Try: python gmail_classify.py --rules", out)
+
+
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the
     # bench-* forms are its helper processes. Anything else runs the tests.

@@ -14751,8 +14751,9 @@ def _total_line(reports: List[FolderReport]) -> str:
 class _RulesReloader:
     """The rules in force for a watch, reloaded when the file changes or on SIGHUP.
 
-    An invalid new file is reported and the old rules stay; the [account] table is read
-    only at the start (the connection is not rebuilt)."""
+    An [[account]] whose ``rules`` names another file is reloaded when that file changes
+    too (each account watches its own).  An invalid new file is reported and the old rules
+    stay; the [account] table is read only at the start (the connection is not rebuilt)."""
 
     def __init__(self, path: Optional[str], rules: Ruleset, name: Optional[str] = None) -> None:
         self.path = path
@@ -14760,14 +14761,23 @@ class _RulesReloader:
         self.name = name            # an [[account]]: its rules from the reloaded file
         self._signature = self._stat()
 
-    def _stat(self) -> Optional[Tuple[int, int, int]]:
+    def _files(self) -> List[str]:
+        """The files whose change reloads: the rules file, and the account's own rules
+        file (its Ruleset's source) when it has one."""
+        return list(dict.fromkeys([self.path, self.rules.source])) if self.path else []
+
+    def _stat(self) -> Optional[Tuple[Optional[Tuple[int, int, int]], ...]]:
         if not self.path:
             return None
-        try:
-            info = os.stat(self.path)
-        except OSError:
-            return None
-        return (info.st_mtime_ns, info.st_size, info.st_ino)
+        signature = []
+        for path in self._files():
+            try:
+                info = os.stat(path)
+            except OSError:
+                signature.append(None)
+                continue
+            signature.append((info.st_mtime_ns, info.st_size, info.st_ino))
+        return tuple(signature)
 
     def changed(self) -> bool:
         return self.path is not None and self._stat() != self._signature
@@ -14788,7 +14798,8 @@ class _RulesReloader:
         if new.account != self.rules.account:
             log.warning("[account] changes in %s take effect when watch is restarted", self.path)
         self.rules = dataclasses.replace(new, account=self.rules.account)
-        log.warning("rules reloaded from %s: %d rules", self.path, len(new.rules))
+        self._signature = self._stat()      # the account's own file may be another now
+        log.warning("rules reloaded from %s: %d rules", new.source, len(new.rules))
 
 
 def _cmd_watch(args: argparse.Namespace, out: _Output) -> int:

@@ -17806,6 +17806,67 @@ class AuthAccountTablesTest(FakeServerTest):
         self.assertIn("Try: python gmail_classify.py --rules", out)
 
 
+class AccountRulesFileReloadTest(TwoAccountsTestCase):
+    """watch reloads an [[account]] whose `rules` is a file of its own when that file
+    changes, and only that account; a broken new file keeps its old rules."""
+
+    def setUp(self):
+        super().setUp()
+        patcher = mock.patch.object(gc, "IDLE_POLL", 0.02)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.own = os.path.join(self.tmp, "two.json")
+        self.write_own({"rule": [{"name": "Receipts", "subject": "receipt", "move": "Receipts"}]})
+        tables = self.tables()
+        tables[1]["rules"] = "two.json"
+        self.write_rules(*tables)
+
+    def write_own(self, doc: Any) -> None:
+        with open(self.own, "w") as handle:
+            handle.write(doc if isinstance(doc, str) else json.dumps(doc))
+
+    def subjects_in(self, folder: str) -> List[str]:
+        if folder not in self.second.folder_names():
+            return []
+        return sorted(str(email.message_from_bytes(m.raw)["Subject"])
+                      for m in self.second.messages(folder))
+
+    def test_the_accounts_own_file_reloads_that_account_and_a_broken_one_keeps_its_rules(self):
+        def idling(count: int) -> None:
+            wait_until(lambda: self.server.count("IDLE") >= count and
+                       self.second.count("IDLE") >= count, timeout=15, message="not idling")
+
+        def script() -> None:
+            idling(1)
+            self.assertEqual(self.subjects_in("Receipts"), ["receipt 2"])
+            idles = self.second.count("IDLE")
+            self.write_own({"rule": [{"name": "Invoices", "subject": "invoice", "move": "Invoices"},
+                                     {"name": "Hello", "subject": "hello", "move": "Hello"}]})
+            self.second.deliver(make_message("invoice 4"))
+            wait_until(lambda: self.subjects_in("Invoices") == ["invoice 4"],
+                       timeout=15, message="the account's new rules were not used")
+            wait_until(lambda: self.second.count("IDLE") > idles, timeout=15,
+                       message="that wake-up did not end")
+            self.write_own('{"rule": [')          # broken: the rules before it stay
+            self.second.deliver(make_message("invoice 5"))
+            wait_until(lambda: len(self.subjects_in("Invoices")) == 2, timeout=15,
+                       message="the account's old rules were not kept")
+
+        code, out, err = watch_in_process(self, ("--rules", self.rules_path, "--retries", "0",
+                                                 "--apply", "--all"), script, env=self.env)
+        self.assertEqual(code, 0, err)
+        lines = err.splitlines()
+        self.assertEqual([line for line in lines if "rules reloaded" in line],
+                         [f"WARNING: two: rules reloaded from {self.own}: 2 rules"])
+        (invalid,) = [line for line in lines if "not valid" in line]
+        self.assertTrue(invalid.startswith("ERROR: two: the rules file changed but is not valid"),
+                        invalid)
+        self.assertIn(self.own, invalid)
+        self.assertEqual(self.subjects_in("Hello"), [])
+        self.assertEqual(self.second.count("LOGIN"), 1)        # reloaded, never reconnected
+        self.assertEqual(self.server.uids("INBOX"), [])         # the other account as before
+
+
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the
     # bench-* forms are its helper processes. Anything else runs the tests.

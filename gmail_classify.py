@@ -7788,15 +7788,20 @@ def _message_info(uid: int, values: Mapping[str, Any], header_item: str,
 
 
 def run_programs(rules: Ruleset, messages: Iterable[MessageInfo], *, jobs: Optional[int] = None,
-                 now: Optional[datetime] = None) -> None:
+                 now: Optional[datetime] = None,
+                 hold: Optional[Callable[[MessageInfo, ProgramCondition], bool]] = None,
+                 ) -> List[MessageInfo]:
     """Run the programs the rules will ask about these messages, up to ``jobs`` at once
     (default: the CPU count) across messages, so that classify() then finds their answers.
 
     Rounds: each message is classified as far as it goes without a program's answer; the
     program it waits for (one per message, in the first rule not yet decided: never one
     past a rule that decided) runs; again until none waits.  A program's failure is kept
-    and raised by classify() only when its rule is reached."""
+    and raised by classify() only when its rule is reached.  A message whose next program
+    ``hold(message, condition)`` holds back (it wants the whole message, say) is left
+    there and returned, for a caller that fetches more and calls again."""
     waiting = list(messages) if rule_programs(rules) else []
+    held: List[MessageInfo] = []
     if now is None:
         now = datetime.now(timezone.utc)
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
@@ -7808,7 +7813,10 @@ def run_programs(rules: Ruleset, messages: Iterable[MessageInfo], *, jobs: Optio
                     try:
                         rules.classify(msg, final=True, now=now)
                     except _ProgramWanted as wanted:
-                        asks.append((msg, wanted.condition))
+                        if hold is not None and hold(msg, wanted.condition):
+                            held.append(msg)
+                        else:
+                            asks.append((msg, wanted.condition))
                     except GmailClassifyError:
                         pass            # classify() raises it again, where it is called
             finally:
@@ -7817,6 +7825,15 @@ def run_programs(rules: Ruleset, messages: Iterable[MessageInfo], *, jobs: Optio
             for msg, cond, future in futures:
                 msg.programs[cond] = future.result()   # a RulesError (trust) goes up
             waiting = [msg for msg, _ in asks]
+    return held
+
+
+def _wants_whole(msg: MessageInfo, condition: ProgramCondition) -> bool:
+    """Whether ``condition`` reads the whole message and ``msg`` came only in part (its
+    body prefix), while not so large that the program would skip it anyway."""
+    size = msg.size
+    return (condition.input == "message" and (size is None or len(msg.source or b"") < size)
+            and (size is None or size <= condition.max_size))
 
 
 class RunStopped(GmailClassifyError):
@@ -8307,24 +8324,21 @@ class _FolderRun(_ApplyHooks):
             else:
                 decisions[uid] = decision
         if undecided:
+            ready = self._with_body(undecided, infos, f"BODY.PEEK[]<0.{BODY_PREFIX_BYTES}>")
             # Programs that read whole messages get up to their program_max_size (a larger
-            # message is skipped for its content, by its RFC822.SIZE, before any program).
-            body_item = f"BODY.PEEK[]<0.{max({BODY_PREFIX_BYTES} | self.rules.needs.whole)}>"
-            bodies = self.conn.fetch(undecided, [body_item], skipped=report.skipped)
-            ready: Dict[int, MessageInfo] = {}
-            for uid in undecided:
-                why = "the server sent far more than was asked for" if uid in report.skipped \
-                    else _lacking([body_item], bodies.get(uid))
-                if why:
-                    _skip(report, uid, why)
-                    continue    # never judged on a body we did not get
-                raw = bodies[uid][body_item]
-                try:
-                    ready[uid] = dataclasses.replace(
-                        infos[uid], body=body_text(raw[:BODY_PREFIX_BYTES]), source=raw)
-                except ContentSkip as exc:
-                    _skip_content(report, step, uid, str(exc))
-            run_programs(self.rules, ready.values(), jobs=self.options.jobs, now=now)
+            # message is skipped for its content, by its RFC822.SIZE, before any program),
+            # fetched only for the messages that reach such a program in its rule.
+            whole = max(self.rules.needs.whole, default=0)
+            held = run_programs(self.rules, ready.values(), jobs=self.options.jobs, now=now,
+                                hold=_wants_whole if whole > BODY_PREFIX_BYTES else None)
+            if held:
+                held_ids = {id(msg) for msg in held}
+                uids = [uid for uid, info in ready.items() if id(info) in held_ids]
+                fetched = self._with_body(uids, ready, f"BODY.PEEK[]<0.{whole}>")
+                for uid in uids:        # never judged on the prefix alone
+                    del ready[uid]
+                ready.update(fetched)
+                run_programs(self.rules, list(fetched.values()), jobs=self.options.jobs, now=now)
             for uid, info in ready.items():
                 try:
                     decisions[uid] = self.rules.classify(info, final=True, now=now)
@@ -8333,6 +8347,29 @@ class _FolderRun(_ApplyHooks):
                 except ProgramError as exc:
                     _skip(report, uid, str(exc))     # fail closed: never a match, run again
         return decisions
+
+    def _with_body(self, uids: List[int], infos: Dict[int, MessageInfo], item: str
+                   ) -> Dict[int, MessageInfo]:
+        """FETCH ``item`` (a body prefix, or as much of the whole message as programs
+        read) for ``uids``: their infos with body and source; a message not answered in
+        full is skipped (never judged on a body we did not get), one whose body cannot be
+        read is skipped for its content; neither is in the result."""
+        report, step = self.report, self.step
+        bodies = self.conn.fetch(uids, [item], skipped=report.skipped)
+        ready: Dict[int, MessageInfo] = {}
+        for uid in uids:
+            why = "the server sent far more than was asked for" if uid in report.skipped \
+                else _lacking([item], bodies.get(uid))
+            if why:
+                _skip(report, uid, why)
+                continue
+            raw = bodies[uid][item]
+            try:
+                ready[uid] = dataclasses.replace(
+                    infos[uid], body=body_text(raw[:BODY_PREFIX_BYTES]), source=raw)
+            except ContentSkip as exc:
+                _skip_content(report, step, uid, str(exc))
+        return ready
 
     # -- the steps ------------------------------------------------------------------------
 

@@ -7939,7 +7939,8 @@ class ProgramConditionTest(FakeServerTest):
         # a program reading whole messages gets them up to its program_max_size
         rules = gc.load_rules(self.rules_file({"program_input": "message", "program_max_size": "20K"}))
         report, outcomes = self.classify(rules)
-        self.assertTrue(any(b"BODY.PEEK[]<0.20480>" in e.line for e in self.server.log))
+        # (both fit in the body prefix, whose FETCH brought them whole: none is fetched again)
+        self.assertFalse(any(b"BODY.PEEK[]<0.20480>" in e.line for e in self.server.log))
         (big,) = [run for run in self.runs() if run["env"]["GMAIL_CLASSIFY_SUBJECT"] == "SPAM big"]
         self.assertEqual(len(big["stdin"]), len(make_message("SPAM big", body="x" * 3000)))
 
@@ -17865,6 +17866,55 @@ class AccountRulesFileReloadTest(TwoAccountsTestCase):
         self.assertEqual(self.subjects_in("Hello"), [])
         self.assertEqual(self.second.count("LOGIN"), 1)        # reloaded, never reconnected
         self.assertEqual(self.server.uids("INBOX"), [])         # the other account as before
+
+
+# A program that reads whole messages: yes when "WANTED" is anywhere in what it reads.
+_WHOLE_READER = r'''#!%s -IS
+import sys
+data = sys.stdin.buffer.read()
+with open(sys.argv[1], "a") as log:
+    log.write("%%d\n" %% len(data))
+sys.exit(0 if b"WANTED" in data else 1)
+'''
+
+
+class WholeMessageOnlyWhenReachedTest(FakeServerTest):
+    """program_input = "message": only the messages that reach such a program in its rule
+    are fetched whole; the others get the body prefix the rules read, or nothing."""
+
+    def test_only_the_message_that_reaches_the_program_is_fetched_whole(self):
+        os.chmod(self.tmp, 0o700)
+        probe, log = os.path.join(self.tmp, "whole.py"), os.path.join(self.tmp, "lengths")
+        with open(probe, "w") as handle:
+            handle.write(_WHOLE_READER % sys.executable)
+        os.chmod(probe, 0o700)
+        rules = gc.parse_rules({"rule": [
+            {"name": "Lists", "header": {"List-Id": True}, "label": "Lists"},
+            {"name": "Invoices", "body": "invoice", "label": "Invoices"},
+            {"name": "Ask", "program": [probe, log], "program_input": "message",
+             "program_max_size": "100K", "label": "Asked"}]}, os.path.join(self.tmp, "r.json"))
+        filler = "x" * 70 + "\n"
+        add = self.server.add_message
+        add(make_message("list", extra="List-Id: <l.example>\n", body=filler * 500))
+        add(make_message("bill", body="invoice\n" + filler * 500))
+        wanted = make_message("asked", body=filler * 500 + "WANTED\n")
+        add(wanted)                                     # UID 3
+        add(make_message("huge", body=filler * 3000 + "WANTED\n"))
+        conn = self.connect()
+        outcomes: Dict[str, Tuple[str, ...]] = {}
+        report = gc.classify_folder(conn, rules, "INBOX", jobs=1, on_message=lambda o: outcomes.update(
+            {o.subject: tuple(c.get("label", "") for c in o.changes)}))
+        self.assertEqual(outcomes, {"list": ("Lists",), "bill": ("Invoices",), "asked": ("Asked",)})
+        self.assertEqual(list(report.content_skipped.values()),
+                         ["larger than program_max_size (100.0 KB) for program whole.py"])
+        with open(log) as handle:
+            self.assertEqual(handle.read(), f"{len(wanted)}\n")      # the whole message
+        bodies = [e.line for e in self.server.log if b"BODY.PEEK[]<" in e.line]
+        self.assertEqual(len(bodies), 2, bodies)
+        self.assertIn(b" 2:4 (UID BODY.PEEK[]<0.16384>)", bodies[0])
+        self.assertIn(b" 3 (UID BODY.PEEK[]<0.102400>)", bodies[1])
+        # 36 KB and 211 KB were fetched up to 100 KB each before, 16 KB each now
+        self.assertLess(conn.bytes_received, 110_000)
 
 
 if __name__ == "__main__":

@@ -17627,6 +17627,15 @@ class SieveExportForServerTest(AnyServerTest):
         self.assertEqual(other.commands(), [])
         self.assert_read_only()
 
+    def test_the_servers_own_names_are_never_read_as_templates(self):
+        self.serve("move", folders=(("INBOX", ""), ("Ablage {year}", "\\Archive"),
+                                    ("Trash", "\\Trash")))
+        code, out, err = self.connected(doc={"rule": [{"name": "Old", "subject": "old",
+                                                       "archive": True}]})
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn('fileinto "Ablage {year}";', out)
+        self.assertIn('require "fileinto";', out)       # no variables, no date
+
 
 # A program that reports how many copies of itself it saw running at once: each waits
 # (up to argv[3] seconds) until argv[2] copies have started.

@@ -17815,6 +17815,14 @@ class AuthAccountTablesTest(FakeServerTest):
                          [(CLIENT_ID, "me@gmail.com")])
         self.assertIn("Try: python gmail_classify.py --rules", out)
 
+    def test_without_tables_or_a_user_it_says_how_to_name_one(self):
+        with open(self.rules, "w") as handle:
+            json.dump({"rule": [{"name": "R", "subject": "x", "star": True}]}, handle)
+        code, out, err = self.auth("--client-secret-file", os.devnull)
+        self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
+        self.assertEqual(err, "gmail_classify: no account given: pass --user you@gmail.com or "
+                              "set GMAIL_USER\n")
+
 
 class AccountRulesFileReloadTest(TwoAccountsTestCase):
     """watch reloads an [[account]] whose `rules` is a file of its own when that file

@@ -17933,6 +17933,45 @@ class WholeMessageOnlyWhenReachedTest(FakeServerTest):
         # 36 KB and 211 KB were fetched up to 100 KB each before, 16 KB each now
         self.assertLess(conn.bytes_received, 110_000)
 
+    def whole_rules(self, program: List[str], **keys: Any) -> gc.Ruleset:
+        return gc.parse_rules({"rule": [dict(name="Ask", program=program, program_input="message",
+                                             program_max_size="100K", label="Asked", **keys)]},
+                              os.path.join(self.tmp, "r.json"))
+
+    def test_a_message_whose_whole_fetch_fails_is_skipped_never_judged_on_its_prefix(self):
+        class WithoutWholeMessages(_Session):
+            def cmd_UID_FETCH(self, tag: str, args: list) -> str:
+                if "102400" in repr(args):
+                    return "OK FETCH completed"      # the answer lacks the message
+                return super().cmd_UID_FETCH(tag, args)
+
+        os.chmod(self.tmp, 0o700)
+        probe, log = os.path.join(self.tmp, "whole.py"), os.path.join(self.tmp, "lengths")
+        with open(probe, "w") as handle:
+            handle.write(_WHOLE_READER % sys.executable)
+        os.chmod(probe, 0o700)
+        self.server.use_handler(WithoutWholeMessages)
+        self.server.add_message(make_message("asked", body="x" * 30000))
+        report = gc.classify_folder(self.connect(), self.whole_rules([probe, log]), "INBOX")
+        self.assertEqual(list(report.skipped), [1])
+        self.assertEqual(report.matched, {})
+        self.assertFalse(os.path.exists(log))        # the program never saw the prefix
+
+    def test_programs_on_whole_messages_run_in_parallel(self):
+        os.chmod(self.tmp, 0o700)
+        probe, marks = os.path.join(self.tmp, "probe.py"), os.path.join(self.tmp, "marks")
+        with open(probe, "w") as handle:
+            handle.write(_CONCURRENCY_PROBE % sys.executable)
+        os.chmod(probe, 0o700)
+        os.mkdir(marks, 0o700)
+        for index in range(3):
+            self.server.add_message(make_message(f"long {index}", body="x" * 30000))
+        report = gc.classify_folder(self.connect(), self.whole_rules([probe, marks, "3", "2"]),
+                                    "INBOX", jobs=3)
+        self.assertEqual(report.matched, {"Ask": 3})
+        with open(os.path.join(marks, "seen")) as handle:
+            self.assertEqual(max(int(line) for line in handle), 3)
+
 
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the

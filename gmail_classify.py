@@ -7888,15 +7888,20 @@ def _message_info(uid: int, values: Mapping[str, Any], header_item: str,
 
 
 def run_programs(rules: Ruleset, messages: Iterable[MessageInfo], *, jobs: Optional[int] = None,
-                 now: Optional[datetime] = None) -> None:
+                 now: Optional[datetime] = None,
+                 hold: Optional[Callable[[MessageInfo, ProgramCondition], bool]] = None,
+                 ) -> List[MessageInfo]:
     """Run the programs the rules will ask about these messages, up to ``jobs`` at once
     (default: the CPU count) across messages, so that classify() then finds their answers.
 
     Rounds: each message is classified as far as it goes without a program's answer; the
     program it waits for (one per message, in the first rule not yet decided: never one
     past a rule that decided) runs; again until none waits.  A program's failure is kept
-    and raised by classify() only when its rule is reached."""
+    and raised by classify() only when its rule is reached.  A message whose next program
+    ``hold(message, condition)`` holds back (it wants the whole message, say) is left
+    there and returned, for a caller that fetches more and calls again."""
     waiting = list(messages) if rule_programs(rules) else []
+    held: List[MessageInfo] = []
     if now is None:
         now = datetime.now(timezone.utc)
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
@@ -7908,7 +7913,10 @@ def run_programs(rules: Ruleset, messages: Iterable[MessageInfo], *, jobs: Optio
                     try:
                         rules.classify(msg, final=True, now=now)
                     except _ProgramWanted as wanted:
-                        asks.append((msg, wanted.condition))
+                        if hold is not None and hold(msg, wanted.condition):
+                            held.append(msg)
+                        else:
+                            asks.append((msg, wanted.condition))
                     except GmailClassifyError:
                         pass            # classify() raises it again, where it is called
             finally:
@@ -7917,6 +7925,15 @@ def run_programs(rules: Ruleset, messages: Iterable[MessageInfo], *, jobs: Optio
             for msg, cond, future in futures:
                 msg.programs[cond] = future.result()   # a RulesError (trust) goes up
             waiting = [msg for msg, _ in asks]
+    return held
+
+
+def _wants_whole(msg: MessageInfo, condition: ProgramCondition) -> bool:
+    """Whether ``condition`` reads the whole message and ``msg`` came only in part (its
+    body prefix), while not so large that the program would skip it anyway."""
+    size = msg.size
+    return (condition.input == "message" and (size is None or len(msg.source or b"") < size)
+            and (size is None or size <= condition.max_size))
 
 
 class RunStopped(GmailClassifyError):
@@ -8407,24 +8424,21 @@ class _FolderRun(_ApplyHooks):
             else:
                 decisions[uid] = decision
         if undecided:
+            ready = self._with_body(undecided, infos, f"BODY.PEEK[]<0.{BODY_PREFIX_BYTES}>")
             # Programs that read whole messages get up to their program_max_size (a larger
-            # message is skipped for its content, by its RFC822.SIZE, before any program).
-            body_item = f"BODY.PEEK[]<0.{max({BODY_PREFIX_BYTES} | self.rules.needs.whole)}>"
-            bodies = self.conn.fetch(undecided, [body_item], skipped=report.skipped)
-            ready: Dict[int, MessageInfo] = {}
-            for uid in undecided:
-                why = "the server sent far more than was asked for" if uid in report.skipped \
-                    else _lacking([body_item], bodies.get(uid))
-                if why:
-                    _skip(report, uid, why)
-                    continue    # never judged on a body we did not get
-                raw = bodies[uid][body_item]
-                try:
-                    ready[uid] = dataclasses.replace(
-                        infos[uid], body=body_text(raw[:BODY_PREFIX_BYTES]), source=raw)
-                except ContentSkip as exc:
-                    _skip_content(report, step, uid, str(exc))
-            run_programs(self.rules, ready.values(), jobs=self.options.jobs, now=now)
+            # message is skipped for its content, by its RFC822.SIZE, before any program),
+            # fetched only for the messages that reach such a program in its rule.
+            whole = max(self.rules.needs.whole, default=0)
+            held = run_programs(self.rules, ready.values(), jobs=self.options.jobs, now=now,
+                                hold=_wants_whole if whole > BODY_PREFIX_BYTES else None)
+            if held:
+                held_ids = {id(msg) for msg in held}
+                uids = [uid for uid, info in ready.items() if id(info) in held_ids]
+                fetched = self._with_body(uids, ready, f"BODY.PEEK[]<0.{whole}>")
+                for uid in uids:        # never judged on the prefix alone
+                    del ready[uid]
+                ready.update(fetched)
+                run_programs(self.rules, list(fetched.values()), jobs=self.options.jobs, now=now)
             for uid, info in ready.items():
                 try:
                     decisions[uid] = self.rules.classify(info, final=True, now=now)
@@ -8433,6 +8447,29 @@ class _FolderRun(_ApplyHooks):
                 except ProgramError as exc:
                     _skip(report, uid, str(exc))     # fail closed: never a match, run again
         return decisions
+
+    def _with_body(self, uids: List[int], infos: Dict[int, MessageInfo], item: str
+                   ) -> Dict[int, MessageInfo]:
+        """FETCH ``item`` (a body prefix, or as much of the whole message as programs
+        read) for ``uids``: their infos with body and source; a message not answered in
+        full is skipped (never judged on a body we did not get), one whose body cannot be
+        read is skipped for its content; neither is in the result."""
+        report, step = self.report, self.step
+        bodies = self.conn.fetch(uids, [item], skipped=report.skipped)
+        ready: Dict[int, MessageInfo] = {}
+        for uid in uids:
+            why = "the server sent far more than was asked for" if uid in report.skipped \
+                else _lacking([item], bodies.get(uid))
+            if why:
+                _skip(report, uid, why)
+                continue
+            raw = bodies[uid][item]
+            try:
+                ready[uid] = dataclasses.replace(
+                    infos[uid], body=body_text(raw[:BODY_PREFIX_BYTES]), source=raw)
+            except ContentSkip as exc:
+                _skip_content(report, step, uid, str(exc))
+        return ready
 
     # -- the steps ------------------------------------------------------------------------
 
@@ -12523,10 +12560,11 @@ def _sieve_test(condition: Condition, require: set) -> str:
     raise _Inexpressible(f"{condition.describe()} has no Sieve test")
 
 
-def _sieve_folder(name: str, require: set) -> str:
+def _sieve_folder(name: str, require: set, literal: bool = False) -> str:
     """A destination as a Sieve string: {year} and {month} become variables set from the
-    delivery date (the INTERNALDATE a server gives new mail)."""
-    pieces = split_template(name)
+    delivery date (the INTERNALDATE a server gives new mail); ``literal``: a server's own
+    folder name, braces and all."""
+    pieces = [(False, name)] if literal else split_template(name)
     text: List[str] = []
     for is_field, piece in pieces:
         if is_field:
@@ -12541,7 +12579,60 @@ def _sieve_folder(name: str, require: set) -> str:
     return _sieve_string("".join(text))
 
 
-def _sieve_actions(actions: Actions, require: set, archive: str, trash: str) -> List[str]:
+class _SieveFolders:
+    """The folders a Sieve script files into.  Without ``server``: names as in the rules
+    (with ``/``), the archive and trash actions to ``archive`` and ``trash``.  With a
+    signed-in ``server``: its own names (namespace prefix and separator, see
+    GmailConnection.server_name) and, for archive and trash, the folders a run would use
+    there (its special-use folders, else the ones found by name), looked up when a rule
+    first needs them.  Names stay Unicode: a Sieve script is UTF-8 (RFC 5228 §2.4.2) and
+    the server turns them into its own mailbox names (Pigeonhole: modified UTF-7 for IMAP),
+    so modified UTF-7 is never written into the script.
+
+    Raises CapabilityError for Gmail, which runs no Sieve (export --format gmail), and
+    for an archive or trash folder the server does not have (as a run would)."""
+
+    def __init__(self, server: Optional[GmailConnection] = None, archive: Optional[str] = None,
+                 trash: Optional[str] = None) -> None:
+        if server is not None and server.is_gmail:
+            raise CapabilityError("Gmail runs no Sieve scripts at delivery; export "
+                                  "--format gmail writes its filters instead")
+        self.server = server
+        self._special = {"archive": archive, "trash": trash}
+        if server is None:
+            self._special = {"archive": archive or "Archive", "trash": trash or "Trash"}
+
+    def name(self, folder: str) -> str:
+        """A rule's folder (or label) as the script names it."""
+        return folder if self.server is None else self.server.server_name(folder)
+
+    def special(self, action: str) -> str:
+        """Where ``archive`` or ``trash`` files a message."""
+        if self._special[action] is None:
+            use = {"archive": "\\Archive", "trash": "\\Trash"}[action]
+            self._special[action] = _special_destination(self.server, use, action).name
+        return self._special[action]
+
+    def destination(self, actions: Actions) -> Optional[Tuple[str, bool]]:
+        """The rule's one destination as (name, literal), or None: a move is a rule's
+        name (templates allowed), archive and trash are the server's own names."""
+        if actions.move:
+            return self.name(actions.move), False
+        if actions.archive or actions.trash:
+            return self.special("archive" if actions.archive else "trash"), self.server is not None
+        return None
+
+    def describe(self) -> Optional[str]:
+        """The script's comment line on whose names it uses (None without a server)."""
+        if self.server is None:
+            return None
+        prefix, delimiter = self.server.namespace()
+        return (f"# Folder names as {self.server.user} at {self.server.host} has them "
+                f"(namespace {json.dumps(prefix, ensure_ascii=False)}, separator "
+                f"{json.dumps(delimiter, ensure_ascii=False)}).")
+
+
+def _sieve_actions(actions: Actions, require: set, folders: _SieveFolders) -> List[str]:
     """The commands for one rule's actions, flags first so that the copies carry them;
     ``keep`` when the message has no other destination (a fileinto cancels the implicit keep)."""
     lines: List[str] = []
@@ -12550,21 +12641,27 @@ def _sieve_actions(actions: Actions, require: set, archive: str, trash: str) -> 
         lines.append(f"{'addflag' if row.add else 'removeflag'} {_sieve_string(row.flag)};")
     for label in actions.labels:
         require.add("fileinto")
-        lines.append(f"fileinto {_sieve_folder(label, require)};")
-    destination = actions.move or (archive if actions.archive else trash if actions.trash else None)
+        lines.append(f"fileinto {_sieve_folder(folders.name(label), require)};")
+    destination = folders.destination(actions)
     if destination:
         require.add("fileinto")
-        lines.append(f"fileinto {_sieve_folder(destination, require)};")
+        lines.append(f"fileinto {_sieve_folder(destination[0], require, destination[1])};")
     else:
         lines.append("keep;")
     return lines
 
 
-def export_sieve(rules: Ruleset, *, partial: bool = False, archive: str = "Archive",
-                 trash: str = "Trash") -> Exported:
+def export_sieve(rules: Ruleset, *, partial: bool = False, archive: Optional[str] = None,
+                 trash: Optional[str] = None,
+                 server: Optional[GmailConnection] = None) -> Exported:
     """The rules as one Sieve script (RFC 5228, with fileinto, imap4flags, regex, variables
     and date where needed; never ``:create``, so a missing folder keeps the message in INBOX
     rather than letting senders make folders).
+
+    Folder names are as in the rules, archive and trash go to ``archive`` and ``trash``
+    ("Archive" and "Trash" by default); with ``server``, a signed-in GmailConnection, they
+    are that server's names and folders (see _SieveFolders; only LIST and NAMESPACE are
+    sent, never a change).
 
     Rules stop at the first match: a rule without `continue` whose match Sieve cannot say
     exactly raises RulesError naming it (``partial``: the rules before it are exported and
@@ -12575,20 +12672,22 @@ def export_sieve(rules: Ruleset, *, partial: bool = False, archive: str = "Archi
     require: set = set()
     done = Exported("")
     compiled: List[Tuple[Rule, str]] = []
+    folders = _SieveFolders(server, archive, trash)
     for rule in rules.rules:
         try:
             test = _sieve_test(rule.condition, require)
-            _sieve_actions(rule.actions, set(), archive, trash)     # its folders are sayable
+            _sieve_actions(rule.actions, set(), folders)     # its folders are sayable
         except _Inexpressible as exc:
             if _left_out(done, rules, rule, str(exc), partial, "Sieve",
                          "later rules would catch its mail at delivery"):
                 continue
             break
         compiled.append((rule, test))
-    body = (_sieve_merged(compiled, require, archive, trash) if any(r.continue_ for r, _ in compiled)
-            else _sieve_plain(compiled, require, archive, trash))
+    body = (_sieve_merged(compiled, require, folders) if any(r.continue_ for r, _ in compiled)
+            else _sieve_plain(compiled, require, folders))
     head = [f"# Sieve script exported by gmail_classify {__version__} from {rules.source}:",
             f"# {_plural(len(compiled), 'rule')}, first match wins (as in gmail_classify)."]
+    head += filter(None, [folders.describe()])
     if done.stopped:
         rule, why = done.stopped
         head.append(f"# Stopped before rule {rule.position} ({rule.name}): {why}.")
@@ -12609,34 +12708,32 @@ def _sieve_dates(require: set) -> List[str]:
             'if currentdate :matches "month" "*" { set "month" "${1}"; }', ""]
 
 
-def _sieve_plain(compiled: List[Tuple[Rule, str]], require: set, archive: str,
-                 trash: str) -> str:
+def _sieve_plain(compiled: List[Tuple[Rule, str]], require: set, folders: _SieveFolders) -> str:
     """No `continue`: one ``if`` per rule, its actions, then ``stop``."""
     blocks: List[str] = []
     for rule, test in compiled:
-        actions = _sieve_actions(rule.actions, require, archive, trash)
+        actions = _sieve_actions(rule.actions, require, folders)
         blocks.append(f"# {rule.position}. {printable(rule.name)}\nif {test} {{\n"
                       + "".join(f"    {line}\n" for line in actions) + "    stop;\n}\n")
     return "\n".join(_sieve_dates(require)) + "\n".join(blocks)
 
 
-def _sieve_merged(compiled: List[Tuple[Rule, str]], require: set, archive: str,
-                  trash: str) -> str:
+def _sieve_merged(compiled: List[Tuple[Rule, str]], require: set, folders: _SieveFolders) -> str:
     """With `continue`: variables record what each matching rule asks; one block at the
     end acts as Actions.merged would."""
     require.update(("variables", "fileinto"))
     labels: List[str] = []
-    destinations: List[str] = []
+    destinations: List[Tuple[str, bool]] = []
     blocks: List[str] = []
     decided = False
     for rule, test in compiled:
         body: List[str] = []
         actions = rule.actions
-        for label in actions.labels:
+        for label in map(folders.name, actions.labels):
             if label not in labels:
                 labels.append(label)
             body.append(f'set "label{labels.index(label) + 1}" "1";')
-        destination = actions.move or (archive if actions.archive else trash if actions.trash else None)
+        destination = folders.destination(actions)
         if destination:
             if destination not in destinations:
                 destinations.append(destination)
@@ -12663,9 +12760,9 @@ def _sieve_merged(compiled: List[Tuple[Rule, str]], require: set, archive: str,
     for index, label in enumerate(labels, 1):
         end.append(f'if string :is "${{label{index}}}" "1" {{ fileinto {_sieve_folder(label, require)}; }}')
     keyword = "if"
-    for index, destination in enumerate(destinations, 1):
+    for index, (destination, literal) in enumerate(destinations, 1):
         end.append(f'{keyword} string :is "${{dest}}" "{index}" {{ fileinto '
-                   f'{_sieve_folder(destination, require)}; }}')
+                   f'{_sieve_folder(destination, require, literal)}; }}')
         keyword = "elsif"
     end.append("else { keep; }" if destinations else "keep;")
     return "\n".join(_sieve_dates(require)) + "\n".join(blocks) + "\n" + "\n".join(end) + "\n"
@@ -13942,6 +14039,8 @@ _SHARED_OPTIONS: Dict[str, Dict[str, Any]] = {
     "--daily-budget": dict(type=_budget, default=DEFAULT_DAILY_BUDGET, metavar="SIZE"),
     "--run-programs": dict(action="store_true", help="run the rules' programs (after the "
                            "trust check); without it they are only listed"),
+    "--jobs": dict(type=_positive, metavar="N", help="rules' programs run at once, across "
+                   "messages (default: the number of CPUs)"),
 }
 
 
@@ -14805,8 +14904,9 @@ def _total_line(reports: List[FolderReport]) -> str:
 class _RulesReloader:
     """The rules in force for a watch, reloaded when the file changes or on SIGHUP.
 
-    An invalid new file is reported and the old rules stay; the [account] table is read
-    only at the start (the connection is not rebuilt)."""
+    An [[account]] whose ``rules`` names another file is reloaded when that file changes
+    too (each account watches its own).  An invalid new file is reported and the old rules
+    stay; the [account] table is read only at the start (the connection is not rebuilt)."""
 
     def __init__(self, path: Optional[str], rules: Ruleset, name: Optional[str] = None) -> None:
         self.path = path
@@ -14814,14 +14914,23 @@ class _RulesReloader:
         self.name = name            # an [[account]]: its rules from the reloaded file
         self._signature = self._stat()
 
-    def _stat(self) -> Optional[Tuple[int, int, int]]:
+    def _files(self) -> List[str]:
+        """The files whose change reloads: the rules file, and the account's own rules
+        file (its Ruleset's source) when it has one."""
+        return list(dict.fromkeys([self.path, self.rules.source])) if self.path else []
+
+    def _stat(self) -> Optional[Tuple[Optional[Tuple[int, int, int]], ...]]:
         if not self.path:
             return None
-        try:
-            info = os.stat(self.path)
-        except OSError:
-            return None
-        return (info.st_mtime_ns, info.st_size, info.st_ino)
+        signature = []
+        for path in self._files():
+            try:
+                info = os.stat(path)
+            except OSError:
+                signature.append(None)
+                continue
+            signature.append((info.st_mtime_ns, info.st_size, info.st_ino))
+        return tuple(signature)
 
     def changed(self) -> bool:
         return self.path is not None and self._stat() != self._signature
@@ -14842,7 +14951,8 @@ class _RulesReloader:
         if new.account != self.rules.account:
             log.warning("[account] changes in %s take effect when watch is restarted", self.path)
         self.rules = dataclasses.replace(new, account=self.rules.account)
-        log.warning("rules reloaded from %s: %d rules", self.path, len(new.rules))
+        self._signature = self._stat()      # the account's own file may be another now
+        log.warning("rules reloaded from %s: %d rules", new.source, len(new.rules))
 
 
 def _cmd_watch(args: argparse.Namespace, out: _Output) -> int:
@@ -14915,7 +15025,7 @@ def _prepare_watch(args: argparse.Namespace, out: _Output, rules: Ruleset,
                            on_record=out.record,
                            on_message=on_message, stopping=lambda: watcher.stopping,
                            on_pause=resume_at)
-    session.options = dataclasses.replace(session.options, account_name=name)
+    session.options = dataclasses.replace(session.options, account_name=name, jobs=args.jobs)
     session.check_start(folders)
     watcher = Watcher(connect, folders, catch_up, interval=args.interval,
                       idle_interval=args.idle_interval, reload=reloader.reload,
@@ -15314,12 +15424,31 @@ def _can_open_browser() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def _cmd_auth(args: argparse.Namespace, out: TextIO) -> int:
-    rules = find_rules(args.rules)
-    account = rules.account
-    user = args.user or os.environ.get(USER_ENV) or account.get("user")
+def _auth_account(args: argparse.Namespace, rules: Ruleset) -> Tuple[Optional[str], str,
+                                                                     Mapping[str, Any]]:
+    """The account ``auth`` signs in for, as (its [[account]] name or None, user, table):
+    the [account] table, or the one [[account]] (``--account NAME``, needed when there are
+    several).  --user and $GMAIL_USER apply to an [[account]] only with --account, as
+    everywhere (see _chosen_accounts).  Raises UsageError."""
+    ((name, account_rules),) = _chosen_accounts(args, rules, one=True, connecting=False)
+    account = account_rules.account
+    if name is not None and not args.account and args.user:
+        raise UsageError(f"--user would apply to every account of {rules.source}: give "
+                         f"--account {name} with it, or set user in its [[account]] table")
+    user = (args.user or (os.environ.get(USER_ENV) if name is None or args.account else None)
+            or account.get("user"))
+    if not user and name is not None:
+        raise UsageError(f"account {name!r} of {rules.source} has no user: add user = "
+                         f"\"you@gmail.com\" to its [[account]] table, or pass --user with "
+                         f"--account {name}")
     if not user:
         raise UsageError(f"no account given: pass --user you@gmail.com or set {USER_ENV}")
+    return name, user, account
+
+
+def _cmd_auth(args: argparse.Namespace, out: TextIO) -> int:
+    rules = find_rules(args.rules)
+    name, user, account = _auth_account(args, rules)
     client = _oauth_client(args, account)
     interactive = sys.stdin is not None and not getattr(sys.stdin, "closed", False)
 
@@ -15342,8 +15471,11 @@ def _cmd_auth(args: argparse.Namespace, out: TextIO) -> int:
             raise UsageError(str(exc)) from exc
         raise
     path = save_refresh_token(user, client, answer["refresh_token"])
+    again = f"--account {shlex.quote(name)}" if name is not None else f"--user {user}"
+    if name is not None and args.rules:
+        again = f"--rules {shlex.quote(args.rules)} {again}"
     out.write(f"Signed in as {user}. The refresh token is stored in {path} (readable only "
-              f"by you).\nTry: python gmail_classify.py --user {user} --auth xoauth2 labels\n")
+              f"by you).\nTry: python gmail_classify.py {again} --auth xoauth2 labels\n")
     return EXIT_OK
 
 
@@ -15428,9 +15560,31 @@ def _cmd_import_filters(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+# The options that make `export --format sieve` sign in for the server's folder names;
+# without any of them it stays offline.
+_EXPORT_SERVER_OPTIONS = ("user", "host", "port", "starttls", "plaintext", "cafile", "auth",
+                          "password_command", "account")
+
+
+def _export_sieve_for_server(args: argparse.Namespace, rules: Ruleset) -> Exported:
+    """The Sieve export with the server's folder names: sign in (the rules' [account], or
+    the one [[account]] --account names, as the other commands resolve it), read LIST and
+    NAMESPACE, change nothing."""
+    if args.rules:
+        raise UsageError("export reads the rules file given as RULES; drop --rules")
+    if args.format != "sieve":
+        raise UsageError(f"connection options only name the server's folders for --format "
+                         f"sieve; --format {args.format} does not connect, so drop them")
+    ((name, account_rules),) = _chosen_accounts(args, rules, one=True)
+    with _signed_in(_connection_settings(args, account_rules.account, name)) as conn:
+        return export_sieve(account_rules, partial=args.partial, server=conn)
+
+
 def _cmd_export(args: argparse.Namespace, out: TextIO) -> int:
     rules = load_rules(args.rules_file)
-    if args.format == "sieve":
+    if args.rules or any(getattr(args, option) for option in _EXPORT_SERVER_OPTIONS):
+        done = _export_sieve_for_server(args, rules)
+    elif args.format == "sieve":
         done = export_sieve(rules, partial=args.partial)
     elif args.format == "gmail":
         done = export_gmail(rules, partial=args.partial)
@@ -15672,8 +15826,7 @@ _COMMANDS: Dict[str, _Command] = {
                     "only")),
         _Opt("--daily-budget", help="stop before downloading more than SIZE a day for this "
              "account (default: 2G; Gmail allows about 2.5G; 0: no limit)"),
-        _Opt("--jobs", type=_positive, metavar="N", help="rules' programs run at once, across "
-             "messages (default: the number of CPUs)")), exit_codes=True),
+        _Opt("--jobs")), exit_codes=True),
     "history": _Command(_cmd_history, "list the applied runs, newest first, from the audit "
                         "log", options=(_Opt("--json", help="one JSON object per run"),
                                         _Opt("--account", action="append", metavar="NAME",
@@ -15706,7 +15859,7 @@ _COMMANDS: Dict[str, _Command] = {
              "server lacks IDLE (default: %(default)s)"),
         _Opt("--idle-interval", type=_timeout_seconds, default=IDLE_REISSUE,
              help=f"seconds before IDLE is re-issued (default: %(default)s; at most "
-             f"{IDLE_MAX_SECONDS})")), exit_codes=True),
+             f"{IDLE_MAX_SECONDS})"), _Opt("--jobs")), exit_codes=True),
     "check": _Command(_cmd_check, "validate and summarise a rules file, offline",
                       options=(_Opt("rules_file", metavar="RULES"), _Opt("--run-programs"))),
     "test": _Command(_cmd_test, "classify .eml files, an mbox or a Maildir offline", options=(
@@ -15733,7 +15886,10 @@ _COMMANDS: Dict[str, _Command] = {
              "e.g. one forwarded with ssh -L (default: any free port)"),
         _Opt("--no-browser", action="store_true", help="only print the address to open; do "
              "not start a browser"),
-        _Opt("--rules", help="rules file whose [account] names the user and client")),
+        _Opt("--rules", help="rules file whose [account] (or [[account]]) names the user and "
+             "client"),
+        _Opt("--account", action="append", metavar="NAME", help="the [[account]] of the rules "
+             "file to sign in for (needed when it has several)")),
         exit_codes=True, data=True),
     "demo": _Command(_cmd_demo, "classify a built-in sample of mail offline, as a dry run "
                      "would show it", options=(
@@ -15747,8 +15903,9 @@ _COMMANDS: Dict[str, _Command] = {
                                "(mailFilters.xml) into rules", ("output",), (
         _Opt("filters_file", metavar="FILE", help="mailFilters.xml from Gmail's Settings -> "
              "Filters and Blocked Addresses -> Export"),)),
-    "export": _Command(_cmd_export, "compile a rules file to Sieve, Gmail filters or JSON",
-                       options=(
+    "export": _Command(_cmd_export, "compile a rules file to Sieve, Gmail filters or JSON; "
+                       "with connection options, Sieve with the server's folder names "
+                       "(read-only)", ("connection",), (
         _Opt("rules_file", metavar="RULES"),
         _Opt("--format", choices=EXPORT_FORMATS, required=True, help="sieve (RFC 5228, for the "
              "server to run at delivery), gmail (filter XML for Gmail's Import filters) or "
@@ -15757,7 +15914,7 @@ _COMMANDS: Dict[str, _Command] = {
              "(default: standard output)"),
         _Opt("--force", action="store_true", help="overwrite an existing FILE"),
         _Opt("--partial", action="store_true", help="when a rule cannot be exported exactly, "
-             "write the rules before it instead of refusing"))),
+             "write the rules before it instead of refusing")), exit_codes=True),
     "suggest": _Command(_cmd_suggest, "read a folder's headers (read-only) and propose rules",
                         ("connection", "output"), (
         _Opt("--folder", default="INBOX", type=_folder_name, help="folder to read (default: "

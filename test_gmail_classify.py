@@ -96,7 +96,6 @@ except ImportError:
 # Standard library only, Python 3.9+, no side effects at import.
 
 
-
 # --- Test certificates -------------------------------------------------------------------
 #
 # EC P-256 test CA and two server certificates signed by it, valid 2000-01-01 .. 2126-01-01
@@ -7921,7 +7920,6 @@ _FLOOR_ORDER = {"create": 0, "label": 1, "flag+": 2, "flag-": 3, "archive": 4, "
                 "trash": 5}
 
 
-
 # A classifier for the tests: a script with its own #! line, so that it is the program the
 # trust check looks at.  Its answer comes from the message it reads: SPAM prints a label and
 # exits 0, CRASH is killed by a signal, HANG never answers, STATUS3 exits 3, WAIT waits until
@@ -10190,6 +10188,94 @@ class PlaceStatusesTest(FakeServerTest):
             "Lists": {"uidvalidity": lists["UIDVALIDITY"], "uidnext": lists["UIDNEXT"]},
             "Nowhere": {"uidvalidity": None, "uidnext": None}})
         self.assertEqual(self.server.count("STATUS") - before, 2)   # never the selected one
+
+
+# A program that reads whole messages: yes when "WANTED" is anywhere in what it reads.
+_WHOLE_READER = r'''#!%s -IS
+import sys
+data = sys.stdin.buffer.read()
+with open(sys.argv[1], "a") as log:
+    log.write("%%d\n" %% len(data))
+sys.exit(0 if b"WANTED" in data else 1)
+'''
+
+
+class WholeMessageOnlyWhenReachedTest(FakeServerTest):
+    """program_input = "message": only the messages that reach such a program in its rule
+    are fetched whole; the others get the body prefix the rules read, or nothing."""
+
+    def test_only_the_message_that_reaches_the_program_is_fetched_whole(self):
+        os.chmod(self.tmp, 0o700)
+        probe, log = os.path.join(self.tmp, "whole.py"), os.path.join(self.tmp, "lengths")
+        with open(probe, "w") as handle:
+            handle.write(_WHOLE_READER % sys.executable)
+        os.chmod(probe, 0o700)
+        rules = gc.parse_rules({"rule": [
+            {"name": "Lists", "header": {"List-Id": True}, "label": "Lists"},
+            {"name": "Invoices", "body": "invoice", "label": "Invoices"},
+            {"name": "Ask", "program": [probe, log], "program_input": "message",
+             "program_max_size": "100K", "label": "Asked"}]}, os.path.join(self.tmp, "r.json"))
+        filler = "x" * 70 + "\n"
+        add = self.server.add_message
+        add(make_message("list", extra="List-Id: <l.example>\n", body=filler * 500))
+        add(make_message("bill", body="invoice\n" + filler * 500))
+        wanted = make_message("asked", body=filler * 500 + "WANTED\n")
+        add(wanted)                                     # UID 3
+        add(make_message("huge", body=filler * 3000 + "WANTED\n"))
+        conn = self.connect()
+        outcomes: Dict[str, Tuple[str, ...]] = {}
+        report = gc.classify_folder(conn, rules, "INBOX", jobs=1, on_message=lambda o: outcomes.update(
+            {o.subject: tuple(c.get("label", "") for c in o.changes)}))
+        self.assertEqual(outcomes, {"list": ("Lists",), "bill": ("Invoices",), "asked": ("Asked",)})
+        self.assertEqual(list(report.content_skipped.values()),
+                         ["larger than program_max_size (100.0 KB) for program whole.py"])
+        with open(log) as handle:
+            self.assertEqual(handle.read(), f"{len(wanted)}\n")      # the whole message
+        bodies = [e.line for e in self.server.log if b"BODY.PEEK[]<" in e.line]
+        self.assertEqual(len(bodies), 2, bodies)
+        self.assertIn(b" 2:4 (UID BODY.PEEK[]<0.16384>)", bodies[0])
+        self.assertIn(b" 3 (UID BODY.PEEK[]<0.102400>)", bodies[1])
+        # 36 KB and 211 KB were fetched up to 100 KB each before, 16 KB each now
+        self.assertLess(conn.bytes_received, 110_000)
+
+    def whole_rules(self, program: List[str], **keys: Any) -> gc.Ruleset:
+        return gc.parse_rules({"rule": [dict(name="Ask", program=program, program_input="message",
+                                             program_max_size="100K", label="Asked", **keys)]},
+                              os.path.join(self.tmp, "r.json"))
+
+    def test_a_message_whose_whole_fetch_fails_is_skipped_never_judged_on_its_prefix(self):
+        class WithoutWholeMessages(_Session):
+            def cmd_UID_FETCH(self, tag: str, args: list) -> str:
+                if "102400" in repr(args):
+                    return "OK FETCH completed"      # the answer lacks the message
+                return super().cmd_UID_FETCH(tag, args)
+
+        os.chmod(self.tmp, 0o700)
+        probe, log = os.path.join(self.tmp, "whole.py"), os.path.join(self.tmp, "lengths")
+        with open(probe, "w") as handle:
+            handle.write(_WHOLE_READER % sys.executable)
+        os.chmod(probe, 0o700)
+        self.server.use_handler(WithoutWholeMessages)
+        self.server.add_message(make_message("asked", body="x" * 30000))
+        report = gc.classify_folder(self.connect(), self.whole_rules([probe, log]), "INBOX")
+        self.assertEqual(list(report.skipped), [1])
+        self.assertEqual(report.matched, {})
+        self.assertFalse(os.path.exists(log))        # the program never saw the prefix
+
+    def test_programs_on_whole_messages_run_in_parallel(self):
+        os.chmod(self.tmp, 0o700)
+        probe, marks = os.path.join(self.tmp, "probe.py"), os.path.join(self.tmp, "marks")
+        with open(probe, "w") as handle:
+            handle.write(_CONCURRENCY_PROBE % sys.executable)
+        os.chmod(probe, 0o700)
+        os.mkdir(marks, 0o700)
+        for index in range(3):
+            self.server.add_message(make_message(f"long {index}", body="x" * 30000))
+        report = gc.classify_folder(self.connect(), self.whole_rules([probe, marks, "3", "2"]),
+                                    "INBOX", jobs=3)
+        self.assertEqual(report.matched, {"Ask": 3})
+        with open(os.path.join(marks, "seen")) as handle:
+            self.assertEqual(max(int(line) for line in handle), 3)
 
 
 # --- Demo: a small sample mailbox, classified offline ------------------------------------
@@ -13470,6 +13556,156 @@ class GmailExportTest(FakeServerTest):
         self.assertIn("over Gmail's 1500", str(caught.exception))
 
 
+# Rules whose folders differ between servers: a nested label, a non-ASCII folder (modified
+# UTF-7 on the wire, UTF-8 in Sieve), a templated one, archive and trash.
+SERVER_SIEVE_DOC = {"rule": [
+    {"name": "Receipts", "subject": "receipt", "label": "Receipts/2024", "mark_read": True},
+    {"name": "Drafts", "subject": "entwurf", "move": "Entwürfe/Alt"},
+    {"name": "Monthly", "subject": "monthly", "move": "Reports/{year}"},
+    {"name": "Big", "larger_than": "20K", "archive": True},
+    {"name": "Spam", "from": "spam.example", "trash": True},
+]}
+
+
+def _server_sieve_corpus() -> List[bytes]:
+    today = email.utils.format_datetime(datetime.now(timezone.utc)).encode()  # {year} at delivery
+    return [make_message("Your receipt"), make_message("Entwurf 3"),
+            make_message("monthly report").replace(b"Mon, 04 Mar 2024 10:00:00 +0000", today),
+            make_message("large", body="x" * 30000), make_message("hi", "Deals <a@spam.example>"),
+            make_message("nothing")]
+
+
+class SieveExportForServerTest(AnyServerTest):
+    """export --format sieve with connection options: the server's namespace, separator and
+    special-use folders, read-only; the script compiles and sieve-test files as a run would."""
+
+    write = SieveExportTest.write
+    sieve_test = SieveExportTest.sieve_test
+    performed = staticmethod(SieveExportTest.performed)
+
+    def export(self, *extra: str, doc: Optional[dict] = None, **env: str) -> Tuple[int, str, str]:
+        path = self.write("rules.json", doc or SERVER_SIEVE_DOC)
+        return run_cli("export", path, "--format", "sieve", *extra,
+                       env=dict({"IMAP_PASSWORD": PASSWORD}, **env))
+
+    def connected(self, *extra: str, **options: Any) -> Tuple[int, str, str]:
+        return self.export("--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                           "--plaintext", "--retries", "0", *extra, **options)
+
+    def assert_read_only(self) -> None:
+        self.assertLessEqual(set(self.commands()), {"CAPABILITY", "LOGIN", "NAMESPACE", "LIST",
+                                                    "LOGOUT", "ID", "ENABLE"})
+
+    def agrees(self, script: str, server_name: Callable[[str], str]) -> None:
+        """sieve-test on the corpus files each message where the rules' decision, in the
+        server's names, puts it."""
+        rules = parse_rules(SERVER_SIEVE_DOC, "rules.json")
+        path = self.write("rules.sieve", script.encode())
+        corpus = _server_sieve_corpus()
+        for raw, performed in zip(corpus, self.sieve_test(path, corpus)):
+            with self.subTest(message=raw.split(b"\r\n")[2]):
+                want = {(server_name(folder), flags)
+                        for folder, flags in SieveExportTest.expected(rules, raw)}
+                self.assertEqual(performed, want)
+
+    def test_dovecot_like_server_prefix_separator_and_utf8_names(self):
+        self.serve("inbox-prefix", folders=(("INBOX", ""), ("Archiv", "\\Archive"),
+                                            ("Gelöschte Elemente", "\\Trash"), ("Sent", "\\Sent")))
+        code, offline, err = self.export()
+        self.assertEqual((code, err), (0, ""))
+        code, out, err = self.connected()
+        self.assertEqual((code, err), (0, ""))
+        self.assert_read_only()
+        names = {"Receipts/2024": "INBOX.Receipts.2024", "Entwürfe/Alt": "INBOX.Entwürfe.Alt",
+                 "Reports/${year}": "INBOX.Reports.${year}", "Archive": "INBOX.Archiv",
+                 "Trash": "INBOX.Gelöschte Elemente"}
+        want = offline.replace("first match wins (as in gmail_classify).\n",
+                               "first match wins (as in gmail_classify).\n# Folder names as "
+                               f"{USER} at 127.0.0.1 has them (namespace \"INBOX.\", "
+                               "separator \".\").\n")
+        for rules_name, server_name in names.items():
+            want = want.replace(f'fileinto "{rules_name}";', f'fileinto "{server_name}";')
+        self.assertEqual(out, want)
+        self.assertNotIn("&APY-", out)          # UTF-8, never modified UTF-7
+        specials = {"Archive": "INBOX.Archiv", "Trash": "INBOX.Gelöschte Elemente", "INBOX": "INBOX"}
+        self.agrees(out, lambda name: specials.get(name) or "INBOX." + name.replace("/", "."))
+
+    def test_slash_server_without_special_use_finds_the_folders_by_name(self):
+        self.serve("no-special-use")
+        code, offline, err = self.export()
+        code, out, err = self.connected()
+        self.assertEqual((code, err), (0, ""))
+        self.assert_read_only()
+        self.assertIn('(namespace "", separator "/").\n', out)
+        self.assertEqual(out.replace('fileinto "Archives";', 'fileinto "Archive";')
+                         .replace('fileinto "Deleted Items";', 'fileinto "Trash";')
+                         .replace(f"# Folder names as {USER} at 127.0.0.1 has them (namespace "
+                                  '"", separator "/").\n', ""), offline)
+        self.assertIn('fileinto "Entwürfe/Alt";', out)
+        specials = {"Archive": "Archives", "Trash": "Deleted Items"}
+        self.agrees(out, lambda name: specials.get(name, name))
+
+    def test_what_the_server_lacks_refuses_and_gmail_runs_no_sieve(self):
+        self.serve("move", special_use=False, folders=(("INBOX", ""), ("Sent", "")))
+        code, out, err = self.connected()
+        self.assertEqual((code, out), (gc.EXIT_SERVER, ""))
+        self.assertIn("no folder marked \\Archive", err)
+        self.assert_read_only()
+        # A file whose rules need neither folder exports from that server all the same.
+        code, out, err = self.connected(doc={"rule": [{"name": "R", "subject": "x", "move": "A/B"}]})
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn('fileinto "A/B";', out)
+        self.serve("gmail")
+        code, out, err = self.connected()
+        self.assertEqual((code, out), (gc.EXIT_SERVER, ""))
+        self.assertEqual(err, "gmail_classify: Gmail runs no Sieve scripts at delivery; export "
+                              "--format gmail writes its filters instead\n")
+
+    def test_connection_options_are_for_sieve_only_and_rules_come_as_the_argument(self):
+        self.serve("move")
+        for extra, message in ((("--format", "json", "--host", "127.0.0.1"), "--format json does "
+                                "not connect"),
+                               (("--rules", "other.toml"), "drop --rules")):
+            with self.subTest(extra=extra):
+                code, out, err = self.export(*extra)
+                self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
+                self.assertIn(message, err)
+                self.assertEqual(len(err.splitlines()), 1)
+        self.assertEqual(self.commands(), [])
+
+    def test_account_tables_need_one_account_and_use_its_server_and_rules(self):
+        self.serve("inbox-prefix")
+        other = FakeGmail(kind="move").start()
+        self.addCleanup(other.stop)
+        tables = [{"name": "home", "user": USER, "host": "127.0.0.1", "port": self.server.port,
+                   "tls": "plaintext", "rules": ["Receipts"]},
+                  {"name": "work", "user": USER, "host": "127.0.0.1", "port": other.port,
+                   "tls": "plaintext"}]
+        doc = accounts_doc(*tables, rules=SERVER_SIEVE_DOC["rule"])
+        code, out, err = self.export("--host", "127.0.0.1", doc=doc)
+        self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
+        self.assertIn("add --account NAME (one of home, work)", err)
+        code, out, err = self.export("--account", "home", "--account", "work", doc=doc)
+        self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
+        self.assertIn("give --account once", err)
+        self.assertEqual((self.commands(), other.commands()), ([], []))
+        code, out, err = self.export("--account", "home", doc=doc, IMAP_PASSWORD_HOME=PASSWORD)
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out.count("fileinto \""), 1)     # home runs only the Receipts rule
+        self.assertIn('fileinto "INBOX.Receipts.2024";', out)
+        self.assertEqual(other.commands(), [])
+        self.assert_read_only()
+
+    def test_the_servers_own_names_are_never_read_as_templates(self):
+        self.serve("move", folders=(("INBOX", ""), ("Ablage {year}", "\\Archive"),
+                                    ("Trash", "\\Trash")))
+        code, out, err = self.connected(doc={"rule": [{"name": "Old", "subject": "old",
+                                                       "archive": True}]})
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn('fileinto "Ablage {year}";', out)
+        self.assertIn('require "fileinto";', out)       # no variables, no date
+
+
 # --- Learning, explaining, comparing rules -----------------------------------------------
 
 
@@ -15832,6 +16068,254 @@ class SeveralAccountsWatchTest(TwoAccountsTestCase):
         self.assertEqual(self.second.commands(), [])
 
 
+# A program that reports how many copies of itself it saw running at once: each waits
+# (up to argv[3] seconds) until argv[2] copies have started.
+_CONCURRENCY_PROBE = r'''#!%s -IS
+import os, sys, time
+folder, target, patience = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+me = os.path.join(folder, "running-%%d" %% os.getpid())
+open(me, "w").close()
+deadline, seen = time.time() + patience, 1
+while time.time() < deadline and seen < target:
+    seen = max(seen, len([n for n in os.listdir(folder) if n.startswith("running-")]))
+    time.sleep(0.005)
+with open(os.path.join(folder, "seen"), "a") as log:
+    log.write("%%d\n" %% seen)
+os.remove(me)
+'''
+
+
+def watch_in_process(test: unittest.TestCase, argv: Sequence[str], script: Callable[[], None],
+                     env: Optional[dict] = None) -> Tuple[int, str, str]:
+    """`watch` in this (main) thread while ``script`` drives it from another; then SIGTERM
+    (a watch stopped by it at a safe point exits 0)."""
+    problems: List[BaseException] = []
+
+    def drive() -> None:
+        try:
+            script()
+        except BaseException as exc:
+            problems.append(exc)
+        finally:
+            wait_until(lambda: signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None),
+                       timeout=15, message="watch installed no SIGTERM handler")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    result = run_cli("watch", *argv, env=env)
+    driver.join(20)
+    if problems:
+        raise problems[0]
+    return result
+
+
+class WatchJobsTest(FakeServerTest):
+    """watch --jobs N: the rules' programs run up to N at once, as for run."""
+
+    def setUp(self):
+        super().setUp()
+        os.chmod(self.tmp, 0o700)
+        self.probe = os.path.join(self.tmp, "probe.py")
+        with open(self.probe, "w") as handle:
+            handle.write(_CONCURRENCY_PROBE % sys.executable)
+        os.chmod(self.probe, 0o700)
+        self.marks = os.path.join(self.tmp, "marks")
+        os.mkdir(self.marks, 0o700)
+
+    def watch(self, jobs: str, target: int, messages: int, patience: float = 2) -> List[int]:
+        """The concurrency each program saw in a dry-run watch's first catch-up."""
+        for index in range(messages):
+            self.server.add_message(make_message(f"message {index}"))
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w") as handle:
+            json.dump({"rule": [{"name": "Ask", "program": [self.probe, self.marks, str(target),
+                                                        str(patience)],
+                                 "program_timeout": 10, "label": "Asked"}]}, handle)
+        os.chmod(rules, 0o600)
+        seen = os.path.join(self.marks, "seen")
+
+        def counts() -> List[int]:
+            if not os.path.exists(seen):
+                return []
+            with open(seen) as handle:
+                return [int(line) for line in handle]
+        code, out, err = watch_in_process(self, (
+            "--rules", rules, "--user", USER, "--host", "127.0.0.1", "--port",
+            str(self.server.port), "--plaintext", "--all", "--jobs", jobs),
+            lambda: wait_until(lambda: len(counts()) == messages, timeout=15,
+                               message="the programs did not all run"),
+            env={"GMAIL_APP_PASSWORD": PASSWORD})
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out.count("label Asked"), messages)
+        return counts()
+
+    def test_jobs_runs_that_many_programs_at_once(self):
+        self.assertEqual(max(self.watch("3", target=3, messages=3)), 3)
+
+    def test_one_job_runs_one_program_at_a_time(self):
+        self.assertEqual(self.watch("1", target=2, messages=2, patience=0.2), [1, 1])
+        self.assertEqual(os.listdir(self.marks), ["seen"])
+
+    def test_jobs_below_one_is_refused_as_on_run(self):
+        for command in ("run", "watch"):
+            for jobs in ("0", "-2"):
+                with self.subTest(command=command, jobs=jobs):
+                    code, out, err = run_cli(command, "--user", USER, "--jobs", jobs)
+                    self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
+                    self.assertIn("--jobs: ", err)
+        self.assertEqual(self.commands(), [])
+
+
+class AuthAccountTablesTest(FakeServerTest):
+    """auth with [[account]] tables: --account NAME picks the one to sign in for, with its
+    user and OAuth client; none (of several) or several is a usage error."""
+
+    def setUp(self):
+        super().setUp()
+        self.google = FakeGoogle(self.server)
+        self.addCleanup(self.google.stop)
+        self.env = {"XDG_CONFIG_HOME": os.path.join(self.tmp, "config"), "DISPLAY": ":0"}
+        for name, value in (("GOOGLE_AUTH_URL", self.google.auth_url),
+                            ("GOOGLE_TOKEN_URL", self.google.token_url), ("OAUTH_WAIT", 5)):
+            patcher = mock.patch.object(gc, name, value)
+            patcher.start()
+            self.addCleanup(patcher.stop)
+        self.rules = os.path.join(self.tmp, "rules.json")
+        with open(self.rules, "w") as handle:
+            json.dump(accounts_doc(
+                {"name": "home", "user": "home@gmail.com", "oauth_client_id": "home-client",
+                 "oauth_client_secret": "home-secret"},
+                {"name": "work", "user": USER, "auth": "xoauth2", "host": "127.0.0.1",
+                 "port": self.server.port, "tls": "plaintext", "oauth_client_id": CLIENT_ID,
+                 "oauth_client_secret": CLIENT_SECRET}), handle)
+        os.chmod(self.rules, 0o600)
+
+    def auth(self, *extra: str, **env: str) -> Tuple[int, str, str]:
+        with mock.patch.object(gc.webbrowser, "open", self.google.browse):
+            return run_cli("auth", "--rules", self.rules, *extra, env=dict(self.env, **env))
+
+    def token_files(self) -> List[str]:
+        folder = os.path.join(self.tmp, "config", "gmail_classify", "tokens")
+        return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+    def test_several_tables_need_exactly_one_account(self):
+        for extra, text in (((), "has 2 accounts; auth works on one: add --account NAME (one of "
+                                 "home, work)"),
+                            (("--account", "home", "--account", "work"), "give --account once"),
+                            (("--account", "play"), "has no [[account]] named 'play'"),
+                            (("--user", "x@gmail.com"), "add --account NAME")):
+            with self.subTest(extra=extra):
+                code, out, err = self.auth(*extra)
+                self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
+                self.assertIn(text, err)
+                self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertEqual((self.google.auth_requests, self.token_files()), ([], []))
+
+    def test_the_account_named_signs_in_with_its_user_and_client_then_runs(self):
+        code, out, err = self.auth("--account", "work")
+        self.assertEqual((code, err), (0, ""))
+        (request,) = self.google.auth_requests
+        self.assertEqual((request["client_id"], request["login_hint"]), (CLIENT_ID, USER))
+        self.assertIn(f"Signed in as {USER}.", out)
+        self.assertIn(f"Try: python gmail_classify.py --rules {self.rules} --account work "
+                      f"--auth xoauth2 labels", out)
+        self.assertEqual(self.token_files(), [os.path.basename(
+            mock.patch.dict(os.environ, self.env)(gc.token_path)(USER))])
+        # the token is stored as for a single account: run --account work signs in with it
+        self.server.add_message(make_message("receipt 1"))
+        code, out, err = run_cli("run", "--rules", self.rules, "--account", "work",
+                                 "--retries", "0", env=self.env)
+        self.assertEqual(code, 0, err)
+        self.assertIn("AUTHENTICATE", self.commands())
+
+    def test_one_table_alone_needs_no_account_and_user_goes_with_account_only(self):
+        with open(self.rules, "w") as handle:
+            json.dump(accounts_doc({"name": "home", "oauth_client_id": CLIENT_ID,
+                                    "oauth_client_secret": CLIENT_SECRET}), handle)
+        code, out, err = self.auth(GMAIL_USER="env@gmail.com")
+        self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
+        self.assertIn("account 'home' of", err)
+        self.assertIn("has no user", err)
+        code, out, err = self.auth("--user", "me@gmail.com")
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertIn("--user would apply to every account", err)
+        code, out, err = self.auth("--account", "home", "--user", "me@gmail.com")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual([(r["client_id"], r["login_hint"]) for r in self.google.auth_requests],
+                         [(CLIENT_ID, "me@gmail.com")])
+        self.assertIn("Try: python gmail_classify.py --rules", out)
+
+    def test_without_tables_or_a_user_it_says_how_to_name_one(self):
+        with open(self.rules, "w") as handle:
+            json.dump({"rule": [{"name": "R", "subject": "x", "star": True}]}, handle)
+        code, out, err = self.auth("--client-secret-file", os.devnull)
+        self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
+        self.assertEqual(err, "gmail_classify: no account given: pass --user you@gmail.com or "
+                              "set GMAIL_USER\n")
+
+
+class AccountRulesFileReloadTest(TwoAccountsTestCase):
+    """watch reloads an [[account]] whose `rules` is a file of its own when that file
+    changes, and only that account; a broken new file keeps its old rules."""
+
+    def setUp(self):
+        super().setUp()
+        patcher = mock.patch.object(gc, "IDLE_POLL", 0.02)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.own = os.path.join(self.tmp, "two.json")
+        self.write_own({"rule": [{"name": "Receipts", "subject": "receipt", "move": "Receipts"}]})
+        tables = self.tables()
+        tables[1]["rules"] = "two.json"
+        self.write_rules(*tables)
+
+    def write_own(self, doc: Any) -> None:
+        with open(self.own, "w") as handle:
+            handle.write(doc if isinstance(doc, str) else json.dumps(doc))
+
+    def subjects_in(self, folder: str) -> List[str]:
+        if folder not in self.second.folder_names():
+            return []
+        return sorted(str(email.message_from_bytes(m.raw)["Subject"])
+                      for m in self.second.messages(folder))
+
+    def test_the_accounts_own_file_reloads_that_account_and_a_broken_one_keeps_its_rules(self):
+        def idling(count: int) -> None:
+            wait_until(lambda: self.server.count("IDLE") >= count and
+                       self.second.count("IDLE") >= count, timeout=15, message="not idling")
+
+        def script() -> None:
+            idling(1)
+            self.assertEqual(self.subjects_in("Receipts"), ["receipt 2"])
+            idles = self.second.count("IDLE")
+            self.write_own({"rule": [{"name": "Invoices", "subject": "invoice", "move": "Invoices"},
+                                     {"name": "Hello", "subject": "hello", "move": "Hello"}]})
+            self.second.deliver(make_message("invoice 4"))
+            wait_until(lambda: self.subjects_in("Invoices") == ["invoice 4"],
+                       timeout=15, message="the account's new rules were not used")
+            wait_until(lambda: self.second.count("IDLE") > idles, timeout=15,
+                       message="that wake-up did not end")
+            self.write_own('{"rule": [')          # broken: the rules before it stay
+            self.second.deliver(make_message("invoice 5"))
+            wait_until(lambda: len(self.subjects_in("Invoices")) == 2, timeout=15,
+                       message="the account's old rules were not kept")
+
+        code, out, err = watch_in_process(self, ("--rules", self.rules_path, "--retries", "0",
+                                                 "--apply", "--all"), script, env=self.env)
+        self.assertEqual(code, 0, err)
+        lines = err.splitlines()
+        self.assertEqual([line for line in lines if "rules reloaded" in line],
+                         [f"WARNING: two: rules reloaded from {self.own}: 2 rules"])
+        (invalid,) = [line for line in lines if "not valid" in line]
+        self.assertTrue(invalid.startswith("ERROR: two: the rules file changed but is not valid"),
+                        invalid)
+        self.assertIn(self.own, invalid)
+        self.assertEqual(self.subjects_in("Hello"), [])
+        self.assertEqual(self.second.count("LOGIN"), 1)        # reloaded, never reconnected
+        self.assertEqual(self.server.uids("INBOX"), [])         # the other account as before
+
+
 # --- Across the sections: every server kind ----------------------------------------------
 
 
@@ -17694,494 +18178,6 @@ def _bench_peak() -> int:
     except ImportError:
         return 0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-# --- Issue 19: reach, finished (Sieve with the server's names, watch --jobs, auth and reloads per account) ---
-
-# Rules whose folders differ between servers: a nested label, a non-ASCII folder (modified
-# UTF-7 on the wire, UTF-8 in Sieve), a templated one, archive and trash.
-SERVER_SIEVE_DOC = {"rule": [
-    {"name": "Receipts", "subject": "receipt", "label": "Receipts/2024", "mark_read": True},
-    {"name": "Drafts", "subject": "entwurf", "move": "Entwürfe/Alt"},
-    {"name": "Monthly", "subject": "monthly", "move": "Reports/{year}"},
-    {"name": "Big", "larger_than": "20K", "archive": True},
-    {"name": "Spam", "from": "spam.example", "trash": True},
-]}
-
-
-def _server_sieve_corpus() -> List[bytes]:
-    today = email.utils.format_datetime(datetime.now(timezone.utc)).encode()  # {year} at delivery
-    return [make_message("Your receipt"), make_message("Entwurf 3"),
-            make_message("monthly report").replace(b"Mon, 04 Mar 2024 10:00:00 +0000", today),
-            make_message("large", body="x" * 30000), make_message("hi", "Deals <a@spam.example>"),
-            make_message("nothing")]
-
-
-class SieveExportForServerTest(AnyServerTest):
-    """export --format sieve with connection options: the server's namespace, separator and
-    special-use folders, read-only; the script compiles and sieve-test files as a run would."""
-
-    write = SieveExportTest.write
-    sieve_test = SieveExportTest.sieve_test
-    performed = staticmethod(SieveExportTest.performed)
-
-    def export(self, *extra: str, doc: Optional[dict] = None, **env: str) -> Tuple[int, str, str]:
-        path = self.write("rules.json", doc or SERVER_SIEVE_DOC)
-        return run_cli("export", path, "--format", "sieve", *extra,
-                       env=dict({"IMAP_PASSWORD": PASSWORD}, **env))
-
-    def connected(self, *extra: str, **options: Any) -> Tuple[int, str, str]:
-        return self.export("--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
-                           "--plaintext", "--retries", "0", *extra, **options)
-
-    def assert_read_only(self) -> None:
-        self.assertLessEqual(set(self.commands()), {"CAPABILITY", "LOGIN", "NAMESPACE", "LIST",
-                                                    "LOGOUT", "ID", "ENABLE"})
-
-    def agrees(self, script: str, server_name: Callable[[str], str]) -> None:
-        """sieve-test on the corpus files each message where the rules' decision, in the
-        server's names, puts it."""
-        rules = parse_rules(SERVER_SIEVE_DOC, "rules.json")
-        path = self.write("rules.sieve", script.encode())
-        corpus = _server_sieve_corpus()
-        for raw, performed in zip(corpus, self.sieve_test(path, corpus)):
-            with self.subTest(message=raw.split(b"\r\n")[2]):
-                want = {(server_name(folder), flags)
-                        for folder, flags in SieveExportTest.expected(rules, raw)}
-                self.assertEqual(performed, want)
-
-    def test_dovecot_like_server_prefix_separator_and_utf8_names(self):
-        self.serve("inbox-prefix", folders=(("INBOX", ""), ("Archiv", "\\Archive"),
-                                            ("Gelöschte Elemente", "\\Trash"), ("Sent", "\\Sent")))
-        code, offline, err = self.export()
-        self.assertEqual((code, err), (0, ""))
-        code, out, err = self.connected()
-        self.assertEqual((code, err), (0, ""))
-        self.assert_read_only()
-        names = {"Receipts/2024": "INBOX.Receipts.2024", "Entwürfe/Alt": "INBOX.Entwürfe.Alt",
-                 "Reports/${year}": "INBOX.Reports.${year}", "Archive": "INBOX.Archiv",
-                 "Trash": "INBOX.Gelöschte Elemente"}
-        want = offline.replace("first match wins (as in gmail_classify).\n",
-                               "first match wins (as in gmail_classify).\n# Folder names as "
-                               f"{USER} at 127.0.0.1 has them (namespace \"INBOX.\", "
-                               "separator \".\").\n")
-        for rules_name, server_name in names.items():
-            want = want.replace(f'fileinto "{rules_name}";', f'fileinto "{server_name}";')
-        self.assertEqual(out, want)
-        self.assertNotIn("&APY-", out)          # UTF-8, never modified UTF-7
-        specials = {"Archive": "INBOX.Archiv", "Trash": "INBOX.Gelöschte Elemente", "INBOX": "INBOX"}
-        self.agrees(out, lambda name: specials.get(name) or "INBOX." + name.replace("/", "."))
-
-    def test_slash_server_without_special_use_finds_the_folders_by_name(self):
-        self.serve("no-special-use")
-        code, offline, err = self.export()
-        code, out, err = self.connected()
-        self.assertEqual((code, err), (0, ""))
-        self.assert_read_only()
-        self.assertIn('(namespace "", separator "/").\n', out)
-        self.assertEqual(out.replace('fileinto "Archives";', 'fileinto "Archive";')
-                         .replace('fileinto "Deleted Items";', 'fileinto "Trash";')
-                         .replace(f"# Folder names as {USER} at 127.0.0.1 has them (namespace "
-                                  '"", separator "/").\n', ""), offline)
-        self.assertIn('fileinto "Entwürfe/Alt";', out)
-        specials = {"Archive": "Archives", "Trash": "Deleted Items"}
-        self.agrees(out, lambda name: specials.get(name, name))
-
-    def test_what_the_server_lacks_refuses_and_gmail_runs_no_sieve(self):
-        self.serve("move", special_use=False, folders=(("INBOX", ""), ("Sent", "")))
-        code, out, err = self.connected()
-        self.assertEqual((code, out), (gc.EXIT_SERVER, ""))
-        self.assertIn("no folder marked \\Archive", err)
-        self.assert_read_only()
-        # A file whose rules need neither folder exports from that server all the same.
-        code, out, err = self.connected(doc={"rule": [{"name": "R", "subject": "x", "move": "A/B"}]})
-        self.assertEqual((code, err), (0, ""))
-        self.assertIn('fileinto "A/B";', out)
-        self.serve("gmail")
-        code, out, err = self.connected()
-        self.assertEqual((code, out), (gc.EXIT_SERVER, ""))
-        self.assertEqual(err, "gmail_classify: Gmail runs no Sieve scripts at delivery; export "
-                              "--format gmail writes its filters instead\n")
-
-    def test_connection_options_are_for_sieve_only_and_rules_come_as_the_argument(self):
-        self.serve("move")
-        for extra, message in ((("--format", "json", "--host", "127.0.0.1"), "--format json does "
-                                "not connect"),
-                               (("--rules", "other.toml"), "drop --rules")):
-            with self.subTest(extra=extra):
-                code, out, err = self.export(*extra)
-                self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
-                self.assertIn(message, err)
-                self.assertEqual(len(err.splitlines()), 1)
-        self.assertEqual(self.commands(), [])
-
-    def test_account_tables_need_one_account_and_use_its_server_and_rules(self):
-        self.serve("inbox-prefix")
-        other = FakeGmail(kind="move").start()
-        self.addCleanup(other.stop)
-        tables = [{"name": "home", "user": USER, "host": "127.0.0.1", "port": self.server.port,
-                   "tls": "plaintext", "rules": ["Receipts"]},
-                  {"name": "work", "user": USER, "host": "127.0.0.1", "port": other.port,
-                   "tls": "plaintext"}]
-        doc = accounts_doc(*tables, rules=SERVER_SIEVE_DOC["rule"])
-        code, out, err = self.export("--host", "127.0.0.1", doc=doc)
-        self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
-        self.assertIn("add --account NAME (one of home, work)", err)
-        code, out, err = self.export("--account", "home", "--account", "work", doc=doc)
-        self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
-        self.assertIn("give --account once", err)
-        self.assertEqual((self.commands(), other.commands()), ([], []))
-        code, out, err = self.export("--account", "home", doc=doc, IMAP_PASSWORD_HOME=PASSWORD)
-        self.assertEqual((code, err), (0, ""))
-        self.assertEqual(out.count("fileinto \""), 1)     # home runs only the Receipts rule
-        self.assertIn('fileinto "INBOX.Receipts.2024";', out)
-        self.assertEqual(other.commands(), [])
-        self.assert_read_only()
-
-    def test_the_servers_own_names_are_never_read_as_templates(self):
-        self.serve("move", folders=(("INBOX", ""), ("Ablage {year}", "\\Archive"),
-                                    ("Trash", "\\Trash")))
-        code, out, err = self.connected(doc={"rule": [{"name": "Old", "subject": "old",
-                                                       "archive": True}]})
-        self.assertEqual((code, err), (0, ""))
-        self.assertIn('fileinto "Ablage {year}";', out)
-        self.assertIn('require "fileinto";', out)       # no variables, no date
-
-
-# A program that reports how many copies of itself it saw running at once: each waits
-# (up to argv[3] seconds) until argv[2] copies have started.
-_CONCURRENCY_PROBE = r'''#!%s -IS
-import os, sys, time
-folder, target, patience = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-me = os.path.join(folder, "running-%%d" %% os.getpid())
-open(me, "w").close()
-deadline, seen = time.time() + patience, 1
-while time.time() < deadline and seen < target:
-    seen = max(seen, len([n for n in os.listdir(folder) if n.startswith("running-")]))
-    time.sleep(0.005)
-with open(os.path.join(folder, "seen"), "a") as log:
-    log.write("%%d\n" %% seen)
-os.remove(me)
-'''
-
-
-def watch_in_process(test: unittest.TestCase, argv: Sequence[str], script: Callable[[], None],
-                     env: Optional[dict] = None) -> Tuple[int, str, str]:
-    """`watch` in this (main) thread while ``script`` drives it from another; then SIGTERM
-    (a watch stopped by it at a safe point exits 0)."""
-    problems: List[BaseException] = []
-
-    def drive() -> None:
-        try:
-            script()
-        except BaseException as exc:
-            problems.append(exc)
-        finally:
-            wait_until(lambda: signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None),
-                       timeout=15, message="watch installed no SIGTERM handler")
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    driver = threading.Thread(target=drive, daemon=True)
-    driver.start()
-    result = run_cli("watch", *argv, env=env)
-    driver.join(20)
-    if problems:
-        raise problems[0]
-    return result
-
-
-class WatchJobsTest(FakeServerTest):
-    """watch --jobs N: the rules' programs run up to N at once, as for run."""
-
-    def setUp(self):
-        super().setUp()
-        os.chmod(self.tmp, 0o700)
-        self.probe = os.path.join(self.tmp, "probe.py")
-        with open(self.probe, "w") as handle:
-            handle.write(_CONCURRENCY_PROBE % sys.executable)
-        os.chmod(self.probe, 0o700)
-        self.marks = os.path.join(self.tmp, "marks")
-        os.mkdir(self.marks, 0o700)
-
-    def watch(self, jobs: str, target: int, messages: int, patience: float = 2) -> List[int]:
-        """The concurrency each program saw in a dry-run watch's first catch-up."""
-        for index in range(messages):
-            self.server.add_message(make_message(f"message {index}"))
-        rules = os.path.join(self.tmp, "rules.json")
-        with open(rules, "w") as handle:
-            json.dump({"rule": [{"name": "Ask", "program": [self.probe, self.marks, str(target),
-                                                        str(patience)],
-                                 "program_timeout": 10, "label": "Asked"}]}, handle)
-        os.chmod(rules, 0o600)
-        seen = os.path.join(self.marks, "seen")
-
-        def counts() -> List[int]:
-            if not os.path.exists(seen):
-                return []
-            with open(seen) as handle:
-                return [int(line) for line in handle]
-        code, out, err = watch_in_process(self, (
-            "--rules", rules, "--user", USER, "--host", "127.0.0.1", "--port",
-            str(self.server.port), "--plaintext", "--all", "--jobs", jobs),
-            lambda: wait_until(lambda: len(counts()) == messages, timeout=15,
-                               message="the programs did not all run"),
-            env={"GMAIL_APP_PASSWORD": PASSWORD})
-        self.assertEqual((code, err), (0, ""))
-        self.assertEqual(out.count("label Asked"), messages)
-        return counts()
-
-    def test_jobs_runs_that_many_programs_at_once(self):
-        self.assertEqual(max(self.watch("3", target=3, messages=3)), 3)
-
-    def test_one_job_runs_one_program_at_a_time(self):
-        self.assertEqual(self.watch("1", target=2, messages=2, patience=0.2), [1, 1])
-        self.assertEqual(os.listdir(self.marks), ["seen"])
-
-    def test_jobs_below_one_is_refused_as_on_run(self):
-        for command in ("run", "watch"):
-            for jobs in ("0", "-2"):
-                with self.subTest(command=command, jobs=jobs):
-                    code, out, err = run_cli(command, "--user", USER, "--jobs", jobs)
-                    self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
-                    self.assertIn("--jobs: ", err)
-        self.assertEqual(self.commands(), [])
-
-
-class AuthAccountTablesTest(FakeServerTest):
-    """auth with [[account]] tables: --account NAME picks the one to sign in for, with its
-    user and OAuth client; none (of several) or several is a usage error."""
-
-    def setUp(self):
-        super().setUp()
-        self.google = FakeGoogle(self.server)
-        self.addCleanup(self.google.stop)
-        self.env = {"XDG_CONFIG_HOME": os.path.join(self.tmp, "config"), "DISPLAY": ":0"}
-        for name, value in (("GOOGLE_AUTH_URL", self.google.auth_url),
-                            ("GOOGLE_TOKEN_URL", self.google.token_url), ("OAUTH_WAIT", 5)):
-            patcher = mock.patch.object(gc, name, value)
-            patcher.start()
-            self.addCleanup(patcher.stop)
-        self.rules = os.path.join(self.tmp, "rules.json")
-        with open(self.rules, "w") as handle:
-            json.dump(accounts_doc(
-                {"name": "home", "user": "home@gmail.com", "oauth_client_id": "home-client",
-                 "oauth_client_secret": "home-secret"},
-                {"name": "work", "user": USER, "auth": "xoauth2", "host": "127.0.0.1",
-                 "port": self.server.port, "tls": "plaintext", "oauth_client_id": CLIENT_ID,
-                 "oauth_client_secret": CLIENT_SECRET}), handle)
-        os.chmod(self.rules, 0o600)
-
-    def auth(self, *extra: str, **env: str) -> Tuple[int, str, str]:
-        with mock.patch.object(gc.webbrowser, "open", self.google.browse):
-            return run_cli("auth", "--rules", self.rules, *extra, env=dict(self.env, **env))
-
-    def token_files(self) -> List[str]:
-        folder = os.path.join(self.tmp, "config", "gmail_classify", "tokens")
-        return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-
-    def test_several_tables_need_exactly_one_account(self):
-        for extra, text in (((), "has 2 accounts; auth works on one: add --account NAME (one of "
-                                 "home, work)"),
-                            (("--account", "home", "--account", "work"), "give --account once"),
-                            (("--account", "play"), "has no [[account]] named 'play'"),
-                            (("--user", "x@gmail.com"), "add --account NAME")):
-            with self.subTest(extra=extra):
-                code, out, err = self.auth(*extra)
-                self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
-                self.assertIn(text, err)
-                self.assertEqual(len(err.splitlines()), 1, err)
-        self.assertEqual((self.google.auth_requests, self.token_files()), ([], []))
-
-    def test_the_account_named_signs_in_with_its_user_and_client_then_runs(self):
-        code, out, err = self.auth("--account", "work")
-        self.assertEqual((code, err), (0, ""))
-        (request,) = self.google.auth_requests
-        self.assertEqual((request["client_id"], request["login_hint"]), (CLIENT_ID, USER))
-        self.assertIn(f"Signed in as {USER}.", out)
-        self.assertIn(f"Try: python gmail_classify.py --rules {self.rules} --account work "
-                      f"--auth xoauth2 labels", out)
-        self.assertEqual(self.token_files(), [os.path.basename(
-            mock.patch.dict(os.environ, self.env)(gc.token_path)(USER))])
-        # the token is stored as for a single account: run --account work signs in with it
-        self.server.add_message(make_message("receipt 1"))
-        code, out, err = run_cli("run", "--rules", self.rules, "--account", "work",
-                                 "--retries", "0", env=self.env)
-        self.assertEqual(code, 0, err)
-        self.assertIn("AUTHENTICATE", self.commands())
-
-    def test_one_table_alone_needs_no_account_and_user_goes_with_account_only(self):
-        with open(self.rules, "w") as handle:
-            json.dump(accounts_doc({"name": "home", "oauth_client_id": CLIENT_ID,
-                                    "oauth_client_secret": CLIENT_SECRET}), handle)
-        code, out, err = self.auth(GMAIL_USER="env@gmail.com")
-        self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
-        self.assertIn("account 'home' of", err)
-        self.assertIn("has no user", err)
-        code, out, err = self.auth("--user", "me@gmail.com")
-        self.assertEqual(code, gc.EXIT_USAGE)
-        self.assertIn("--user would apply to every account", err)
-        code, out, err = self.auth("--account", "home", "--user", "me@gmail.com")
-        self.assertEqual((code, err), (0, ""))
-        self.assertEqual([(r["client_id"], r["login_hint"]) for r in self.google.auth_requests],
-                         [(CLIENT_ID, "me@gmail.com")])
-        self.assertIn("Try: python gmail_classify.py --rules", out)
-
-    def test_without_tables_or_a_user_it_says_how_to_name_one(self):
-        with open(self.rules, "w") as handle:
-            json.dump({"rule": [{"name": "R", "subject": "x", "star": True}]}, handle)
-        code, out, err = self.auth("--client-secret-file", os.devnull)
-        self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
-        self.assertEqual(err, "gmail_classify: no account given: pass --user you@gmail.com or "
-                              "set GMAIL_USER\n")
-
-
-class AccountRulesFileReloadTest(TwoAccountsTestCase):
-    """watch reloads an [[account]] whose `rules` is a file of its own when that file
-    changes, and only that account; a broken new file keeps its old rules."""
-
-    def setUp(self):
-        super().setUp()
-        patcher = mock.patch.object(gc, "IDLE_POLL", 0.02)
-        patcher.start()
-        self.addCleanup(patcher.stop)
-        self.own = os.path.join(self.tmp, "two.json")
-        self.write_own({"rule": [{"name": "Receipts", "subject": "receipt", "move": "Receipts"}]})
-        tables = self.tables()
-        tables[1]["rules"] = "two.json"
-        self.write_rules(*tables)
-
-    def write_own(self, doc: Any) -> None:
-        with open(self.own, "w") as handle:
-            handle.write(doc if isinstance(doc, str) else json.dumps(doc))
-
-    def subjects_in(self, folder: str) -> List[str]:
-        if folder not in self.second.folder_names():
-            return []
-        return sorted(str(email.message_from_bytes(m.raw)["Subject"])
-                      for m in self.second.messages(folder))
-
-    def test_the_accounts_own_file_reloads_that_account_and_a_broken_one_keeps_its_rules(self):
-        def idling(count: int) -> None:
-            wait_until(lambda: self.server.count("IDLE") >= count and
-                       self.second.count("IDLE") >= count, timeout=15, message="not idling")
-
-        def script() -> None:
-            idling(1)
-            self.assertEqual(self.subjects_in("Receipts"), ["receipt 2"])
-            idles = self.second.count("IDLE")
-            self.write_own({"rule": [{"name": "Invoices", "subject": "invoice", "move": "Invoices"},
-                                     {"name": "Hello", "subject": "hello", "move": "Hello"}]})
-            self.second.deliver(make_message("invoice 4"))
-            wait_until(lambda: self.subjects_in("Invoices") == ["invoice 4"],
-                       timeout=15, message="the account's new rules were not used")
-            wait_until(lambda: self.second.count("IDLE") > idles, timeout=15,
-                       message="that wake-up did not end")
-            self.write_own('{"rule": [')          # broken: the rules before it stay
-            self.second.deliver(make_message("invoice 5"))
-            wait_until(lambda: len(self.subjects_in("Invoices")) == 2, timeout=15,
-                       message="the account's old rules were not kept")
-
-        code, out, err = watch_in_process(self, ("--rules", self.rules_path, "--retries", "0",
-                                                 "--apply", "--all"), script, env=self.env)
-        self.assertEqual(code, 0, err)
-        lines = err.splitlines()
-        self.assertEqual([line for line in lines if "rules reloaded" in line],
-                         [f"WARNING: two: rules reloaded from {self.own}: 2 rules"])
-        (invalid,) = [line for line in lines if "not valid" in line]
-        self.assertTrue(invalid.startswith("ERROR: two: the rules file changed but is not valid"),
-                        invalid)
-        self.assertIn(self.own, invalid)
-        self.assertEqual(self.subjects_in("Hello"), [])
-        self.assertEqual(self.second.count("LOGIN"), 1)        # reloaded, never reconnected
-        self.assertEqual(self.server.uids("INBOX"), [])         # the other account as before
-
-
-# A program that reads whole messages: yes when "WANTED" is anywhere in what it reads.
-_WHOLE_READER = r'''#!%s -IS
-import sys
-data = sys.stdin.buffer.read()
-with open(sys.argv[1], "a") as log:
-    log.write("%%d\n" %% len(data))
-sys.exit(0 if b"WANTED" in data else 1)
-'''
-
-
-class WholeMessageOnlyWhenReachedTest(FakeServerTest):
-    """program_input = "message": only the messages that reach such a program in its rule
-    are fetched whole; the others get the body prefix the rules read, or nothing."""
-
-    def test_only_the_message_that_reaches_the_program_is_fetched_whole(self):
-        os.chmod(self.tmp, 0o700)
-        probe, log = os.path.join(self.tmp, "whole.py"), os.path.join(self.tmp, "lengths")
-        with open(probe, "w") as handle:
-            handle.write(_WHOLE_READER % sys.executable)
-        os.chmod(probe, 0o700)
-        rules = gc.parse_rules({"rule": [
-            {"name": "Lists", "header": {"List-Id": True}, "label": "Lists"},
-            {"name": "Invoices", "body": "invoice", "label": "Invoices"},
-            {"name": "Ask", "program": [probe, log], "program_input": "message",
-             "program_max_size": "100K", "label": "Asked"}]}, os.path.join(self.tmp, "r.json"))
-        filler = "x" * 70 + "\n"
-        add = self.server.add_message
-        add(make_message("list", extra="List-Id: <l.example>\n", body=filler * 500))
-        add(make_message("bill", body="invoice\n" + filler * 500))
-        wanted = make_message("asked", body=filler * 500 + "WANTED\n")
-        add(wanted)                                     # UID 3
-        add(make_message("huge", body=filler * 3000 + "WANTED\n"))
-        conn = self.connect()
-        outcomes: Dict[str, Tuple[str, ...]] = {}
-        report = gc.classify_folder(conn, rules, "INBOX", jobs=1, on_message=lambda o: outcomes.update(
-            {o.subject: tuple(c.get("label", "") for c in o.changes)}))
-        self.assertEqual(outcomes, {"list": ("Lists",), "bill": ("Invoices",), "asked": ("Asked",)})
-        self.assertEqual(list(report.content_skipped.values()),
-                         ["larger than program_max_size (100.0 KB) for program whole.py"])
-        with open(log) as handle:
-            self.assertEqual(handle.read(), f"{len(wanted)}\n")      # the whole message
-        bodies = [e.line for e in self.server.log if b"BODY.PEEK[]<" in e.line]
-        self.assertEqual(len(bodies), 2, bodies)
-        self.assertIn(b" 2:4 (UID BODY.PEEK[]<0.16384>)", bodies[0])
-        self.assertIn(b" 3 (UID BODY.PEEK[]<0.102400>)", bodies[1])
-        # 36 KB and 211 KB were fetched up to 100 KB each before, 16 KB each now
-        self.assertLess(conn.bytes_received, 110_000)
-
-    def whole_rules(self, program: List[str], **keys: Any) -> gc.Ruleset:
-        return gc.parse_rules({"rule": [dict(name="Ask", program=program, program_input="message",
-                                             program_max_size="100K", label="Asked", **keys)]},
-                              os.path.join(self.tmp, "r.json"))
-
-    def test_a_message_whose_whole_fetch_fails_is_skipped_never_judged_on_its_prefix(self):
-        class WithoutWholeMessages(_Session):
-            def cmd_UID_FETCH(self, tag: str, args: list) -> str:
-                if "102400" in repr(args):
-                    return "OK FETCH completed"      # the answer lacks the message
-                return super().cmd_UID_FETCH(tag, args)
-
-        os.chmod(self.tmp, 0o700)
-        probe, log = os.path.join(self.tmp, "whole.py"), os.path.join(self.tmp, "lengths")
-        with open(probe, "w") as handle:
-            handle.write(_WHOLE_READER % sys.executable)
-        os.chmod(probe, 0o700)
-        self.server.use_handler(WithoutWholeMessages)
-        self.server.add_message(make_message("asked", body="x" * 30000))
-        report = gc.classify_folder(self.connect(), self.whole_rules([probe, log]), "INBOX")
-        self.assertEqual(list(report.skipped), [1])
-        self.assertEqual(report.matched, {})
-        self.assertFalse(os.path.exists(log))        # the program never saw the prefix
-
-    def test_programs_on_whole_messages_run_in_parallel(self):
-        os.chmod(self.tmp, 0o700)
-        probe, marks = os.path.join(self.tmp, "probe.py"), os.path.join(self.tmp, "marks")
-        with open(probe, "w") as handle:
-            handle.write(_CONCURRENCY_PROBE % sys.executable)
-        os.chmod(probe, 0o700)
-        os.mkdir(marks, 0o700)
-        for index in range(3):
-            self.server.add_message(make_message(f"long {index}", body="x" * 30000))
-        report = gc.classify_folder(self.connect(), self.whole_rules([probe, marks, "3", "2"]),
-                                    "INBOX", jobs=3)
-        self.assertEqual(report.matched, {"Ask": 3})
-        with open(os.path.join(marks, "seen")) as handle:
-            self.assertEqual(max(int(line) for line in handle), 3)
 
 
 if __name__ == "__main__":

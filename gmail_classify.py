@@ -1448,6 +1448,10 @@ def _needed_by(command: str) -> Callable[[List[Any]], bool]:
     return keep
 
 
+# Commands send_ahead may pipeline: reads, and the writes of a _WriteFlight.
+_PIPELINED = ("UID FETCH", "STATUS", "CREATE", "UID STORE", "UID COPY", "UID MOVE")
+
+
 @dataclass
 class _Pending:
     """A pipelined command: sent on ``imap``, its answer not read yet (or read early)."""
@@ -1885,16 +1889,17 @@ class _Protocol:
     # back, so that the server and the network work while we parse and classify.  Each
     # stays in _inflight until its answer is read; any other command first reads those
     # answers (and keeps them), so the wire never interleaves.  STATUS of several folders
-    # goes the same way (it only reads).  Writes are never pipelined.  After a drop, every
-    # FETCH whose answer had not completed is sent again.
+    # goes the same way (it only reads).  Writes are pipelined only by _WriteFlight, for a
+    # step whose write-ahead intents are on disk, and never sent again blindly.  After a
+    # drop, every FETCH whose answer had not completed is sent again.
 
     def send_ahead(self, command: str, *args: Any,
                    keep: Optional[Callable[[List[Any]], bool]] = None,
                    max_literal: Optional[int] = None) -> _Pending:
         """Send a read-only command without waiting for its answer; the caller holds the
         lock.  ``keep`` and ``max_literal`` apply when the answer is read, as in execute."""
-        if command not in ("UID FETCH", "STATUS"):
-            raise AssertionError(f"only UID FETCH and STATUS may be pipelined, not {command}")
+        if command not in _PIPELINED:
+            raise AssertionError(f"only {', '.join(_PIPELINED)} may be pipelined, not {command}")
         imap = self.live()
         tag = _new_tag(imap)
         parts = self._command_parts(tag, command, args)
@@ -3359,6 +3364,222 @@ class _SafeCopy:
         """UIDNEXT of ``folder`` by STATUS (see _status), or None if it did not say."""
         value = self.conn._status(folder, "(UIDNEXT)").get("UIDNEXT")
         return None if value is None else _server_number(value, "UIDNEXT", "STATUS", nonzero=True)
+
+
+@dataclass
+class _Write:
+    """One command of a _WriteFlight: what it is for (``key``, the caller's), the UIDs it
+    names and, once landed, what the server confirmed or the refusal."""
+
+    key: Any
+    command: str                        # CREATE, UID STORE, UID COPY or UID MOVE
+    args: Tuple[Any, ...]
+    uids: List[int]
+    destination: Optional[str] = None   # the server name a COPY or MOVE writes to
+    pending: Optional[_Pending] = None
+    before: Optional[_Pending] = None   # STATUS (UIDNEXT) sent just ahead of a COPY off Gmail
+    uidnext: Optional[int] = None
+    response: Optional[_Response] = None
+    error: Optional[ImapError] = None
+    result: Optional[Dict[int, Optional[int]]] = None    # {uid: new UID or None}, confirmed
+    missing: List[int] = field(default_factory=list)     # MOVE: gone before we asked
+    created: Optional[bool] = None      # CREATE: made (True) or there already (False)
+
+
+class _WriteFlight:
+    """Write commands sent back to back, their answers read afterwards (RFC 3501 §5.5):
+    one wait for the server instead of one per command.
+
+    Only for writes whose write-ahead intent is on disk.  ``create/store/copy/move`` queue
+    commands (a COPY off Gmail goes with a STATUS of the destination's UIDNEXT just ahead
+    of it), ``send()`` puts them on the wire and ``land()`` reads the answers in order.
+    Nothing is sent twice blindly: after a drop, land() settles each command whose answer
+    was lost as the one-at-a-time methods do (a STORE or CREATE again: both idempotent; a
+    MOVE by what is still in the source folder; a COPY off Gmail by that UIDNEXT, then by
+    Message-ID, size and date, see _SafeCopy).  A refusal (NO, BAD) is kept on its command
+    (``error``); the commands after it were sent and are answered all the same.
+    """
+
+    def __init__(self, conn: "GmailConnection") -> None:
+        self.conn = conn
+        self.writes: List[_Write] = []
+        self.sent = False
+
+    def create(self, name: str, key: Any) -> None:
+        self.writes.append(_Write(key, "CREATE", (self.conn._mailbox(name),), [],
+                                  destination=name))
+
+    def store(self, key: Any, uids: Iterable[int], item: str, values: Sequence[bytes]) -> None:
+        if item.endswith("FLAGS"):
+            item += ".SILENT"       # as _store: no echo of every message's flags
+        for chunk in chunk_uids(uids):
+            self.writes.append(_Write(key, "UID STORE", (compress_uids(chunk), item, b"(" +
+                                                         b" ".join(values) + b")"), chunk))
+
+    def copy(self, key: Any, uids: Iterable[int], destination: str) -> None:
+        for chunk in chunk_uids(uids):
+            self.writes.append(_Write(key, "UID COPY", (compress_uids(chunk),
+                                                        self.conn._mailbox(destination)),
+                                      chunk, destination))
+
+    def move(self, key: Any, uids: Iterable[int], destination: str) -> None:
+        for chunk in chunk_uids(uids):
+            self.writes.append(_Write(key, "UID MOVE", (compress_uids(chunk),
+                                                        self.conn._mailbox(destination)),
+                                      chunk, destination))
+
+    def _inline(self, args: Sequence[Any]) -> bool:
+        """True if ``args`` can go without waiting for a continuation (no literal, or
+        LITERAL+/LITERAL- and a small one): only those can be pipelined."""
+        nonsync = bool({"LITERAL+", "LITERAL-"} & self.conn._proto.capabilities)
+        return all(not isinstance(arg, Literal) or (nonsync and len(arg.data) <=
+                                                    NONSYNC_LITERAL_MAX) for arg in args)
+
+    def send(self) -> None:
+        """Every queued command onto the wire, without reading an answer; one that needs a
+        literal's continuation is run on its own in its place.  A drop here leaves the rest
+        for land() to settle."""
+        conn, proto = self.conn, self.conn._proto
+        self.sent = True
+        with conn._lock:
+            conn._check_background()
+            try:
+                for write in self.writes:
+                    copy_off_gmail = write.command == "UID COPY" and not conn.is_gmail
+                    status = (write.args[1], "(UIDNEXT)") if copy_off_gmail else None
+                    if self._inline(write.args) and (status is None or self._inline(status)):
+                        if status is not None:
+                            write.before = proto.send_ahead("STATUS", *status)
+                        write.pending = proto.send_ahead(write.command, *write.args)
+                        continue
+                    if status is not None:
+                        write.uidnext = self._uidnext(proto.execute("STATUS", *status),
+                                                      write.destination)
+                    try:
+                        write.response = proto.execute(write.command, *write.args)
+                    except ImapError as exc:
+                        if exc.status not in ("NO", "BAD"):
+                            raise
+                        write.error = exc
+            except _Dropped:
+                pass        # what was not answered is settled by land()
+
+    def _uidnext(self, response: _Response, folder: Optional[str]) -> Optional[int]:
+        value = self.conn._status_of(response, folder or "").get("UIDNEXT")
+        return None if value is None else _server_number(value, "UIDNEXT", "STATUS",
+                                                         nonzero=True)
+
+    def land(self) -> List[_Write]:
+        """Read every answer in order (each write's ``result``, ``created`` or ``error``),
+        settling those lost to a drop; returns the writes."""
+        conn, proto = self.conn, self.conn._proto
+        lost: List[_Write] = []
+        with conn._lock:
+            for write in self.writes:
+                if lost:
+                    lost.append(write)
+                    continue
+                try:
+                    if write.before is not None:
+                        try:
+                            write.uidnext = self._uidnext(proto.collect(write.before),
+                                                          write.destination)
+                        except ImapError:
+                            write.uidnext = None    # the COPY's own answer says what is wrong
+                    if write.pending is not None:
+                        write.response = proto.collect(write.pending)
+                except ImapError as exc:
+                    if exc.status not in ("NO", "BAD"):
+                        raise
+                    write.error = exc
+                except _Dropped:
+                    lost.append(write)
+                    continue
+                if write.error is None and write.response is None:
+                    lost.append(write)      # never sent: the link dropped in send()
+                    continue
+                self._answered(write)
+            if lost and lost[0].pending is not None and proto.imap is lost[0].pending.imap:
+                proto.drop()    # the rest of this link's answers are lost with it
+        for write in lost:
+            self._settle(write)
+        return self.writes
+
+    def _answered(self, write: _Write) -> None:
+        if write.command == "CREATE" and write.error is not None:
+            exc = write.error
+            if exc.code == "ALREADYEXISTS" or "exist" in exc.text.lower():
+                write.error, write.created = None, False     # as create_folder says
+            else:
+                write.error = ImapError(f"the server refused to create the folder "
+                                        f"{write.destination!r}: {exc.status} {exc.text}",
+                                        command="CREATE", status=exc.status, code=exc.code,
+                                        text=exc.text)
+            return
+        if write.error is not None:
+            if write.command in ("UID COPY", "UID MOVE") and type(write.error) is ImapError:
+                exc, what = write.error, "copy" if write.command == "UID COPY" else "move"
+                write.error = ImapError(f"the server refused to {what} messages to "
+                                        f"{write.destination!r}: {exc.status} {exc.text}",
+                                        command=exc.command, status=exc.status,
+                                        code=exc.code, text=exc.text)
+            return
+        if write.command == "CREATE":
+            write.created = True
+            self.conn._folders = None
+            return
+        if write.command == "UID STORE":
+            write.result = dict.fromkeys(write.uids)
+            return
+        mapping = _copyuid_map(write.response, write.uids)
+        write.result = {}
+        for uid in write.uids:
+            if write.command == "UID MOVE" and mapping and uid not in mapping:
+                write.missing.append(uid)   # gone before we asked: someone else moved it
+            else:
+                write.result[uid] = mapping.get(uid)
+
+    def _settle(self, write: _Write) -> None:
+        """A write whose answer was lost (or that was never sent): find out what it did
+        and finish it with the one-at-a-time method, which reconnects first."""
+        conn = self.conn
+        log.info("the connection dropped with %s in flight; settling it", write.command)
+        try:
+            if write.command == "CREATE":
+                write.created = conn.create_folder(str(write.destination))
+            elif write.command == "UID STORE":
+                conn._call("UID STORE", *write.args)
+                write.result = dict.fromkeys(write.uids)
+            elif write.command == "UID COPY" and conn.is_gmail:
+                write.result = conn.copy(write.uids, str(write.destination))
+            elif write.command == "UID COPY":
+                write.result = self._settle_copy(write)
+            else:
+                still_here = set(conn.search(uids=write.uids))
+                write.result = {uid: None for uid in write.uids if uid not in still_here}
+                rest = [uid for uid in write.uids if uid in still_here]
+                if rest:
+                    moved = conn.move(rest, str(write.destination))
+                    write.result.update(moved.moved)
+                    write.missing.extend(moved.missing)
+        except ImapError as exc:
+            if type(exc) is not ImapError or exc.status not in ("NO", "BAD"):
+                raise
+            write.error = exc
+
+    def _settle_copy(self, write: _Write) -> Dict[int, Optional[int]]:
+        """A COPY off Gmail whose answer was lost: a destination UIDNEXT still where the
+        STATUS ahead of it saw it proves it never ran; otherwise what arrived since is
+        compared with ours and only the rest is copied (see _SafeCopy.copy_once)."""
+        safe, destination = _SafeCopy(self.conn), str(write.destination)
+        before = write.uidnext
+        if before is not None and safe.uidnext(destination) == before:
+            return safe.copy_once(write.uids, destination)
+        found = safe.copies_in(destination, write.uids, before)
+        rest = [uid for uid in write.uids if uid not in found]
+        if rest:
+            found.update(safe.copy_once(rest, destination))
+        return found
 
 
 def _new_tag(imap: imaplib.IMAP4) -> bytes:
@@ -8142,6 +8363,8 @@ class _FolderRun(_ApplyHooks):
         self.applied = self.planned = 0     # changes made, changes planned: for on_applied
         self.step = self.new_step()         # the step in hand, and what of it was confirmed
         self.confirmed: Dict[Tuple[int, Tuple[str, ...]], Any] = {}
+        # A step whose moves are sent and not yet answered, and what reads them (finish).
+        self.in_flight: Optional[Tuple[_Step, Callable[[], None]]] = None
 
     # -- opening the folder ---------------------------------------------------------------
 
@@ -8237,6 +8460,7 @@ class _FolderRun(_ApplyHooks):
                     batch, fetched = next(fetches)
                 except RunStopped:
                     self.finish(self.step)
+                    self.land()
                     raise
                 self.classify(batch, fetched)
                 batches += 1
@@ -8246,9 +8470,18 @@ class _FolderRun(_ApplyHooks):
                     self.finish(self.step)
                     self.step = self.new_step()
             self.finish(self.step)
+            self.land()
         except BaseException:
             if not self.step.finished and self.apply:
                 report.changes_not_made += self.step.plan.size()
+            if self.in_flight is not None:
+                # Writes were sent: the server carries them out whatever happens here, so
+                # their answers are read and recorded before the error goes on.
+                try:
+                    self.land()
+                except GmailClassifyError as exc:
+                    log.info("%s: the answers to the last changes sent were lost (%s); "
+                             "the next run finds out what was done", self.source, exc)
             raise
 
     def classify(self, batch: List[int], fetched: Optional[Dict[int, Dict[str, Any]]] = None
@@ -8355,23 +8588,45 @@ class _FolderRun(_ApplyHooks):
     def finish(self, step: _Step) -> None:
         """Make the step's changes (with ``apply``), then tell the checkpoint and the
         listeners what was done, and where the mark is; a stop between commands writes
-        the changes never sent as ``unsent`` first."""
+        the changes never sent as ``unsent`` first.
+
+        The step's moves are sent but their answers not waited for (``in_flight``): the
+        server works on them while the next batch is fetched and classified, and land()
+        reads them, before the next step writes anything or the run ends."""
+        self.land()
         step.finished = True
         if not step.decisions and not step.content_skips:
             return
         self.applying, self.confirmed = step, {}
         ok = False
         try:
-            self._apply_step(step)
+            tail = self._apply_step(step)
+            if tail is not None:
+                self.in_flight = (step, tail)
+                return          # _step_done once land() has read the answers
             ok = True
         except StopRequested as exc:
             if self.apply and exc.between_commands and self.checkpoint.writes_ahead:
                 self._not_sent(step)
             raise
         finally:
+            if self.in_flight is None or self.in_flight[0] is not step:
+                self._step_done(step, ok)
+
+    def land(self) -> None:
+        """Read the answers to the writes still in flight (see finish), record what the
+        server confirmed, and finish their step."""
+        if self.in_flight is None:
+            return
+        (step, tail), self.in_flight = self.in_flight, None
+        ok = False
+        try:
+            tail()
+            ok = True
+        finally:
             self._step_done(step, ok)
 
-    def _apply_step(self, step: _Step) -> None:
+    def _apply_step(self, step: _Step) -> Optional[Callable[[], None]]:
         conn, plan = self.conn, step.plan
         conn.stop.check("before the step's changes")    # a safe point (see Stop)
         if self.settled.plain_expunge and (plan.move or plan.trash or plan.archive):
@@ -8380,11 +8635,11 @@ class _FolderRun(_ApplyHooks):
             _drop_copies_already_there(conn, plan, self.copies)
         self.planned += plan.size()
         if self.apply:
-            _apply_plan(conn, plan, self.report, self, self.options.max_new_folders,
-                        self.settled, self.options.allow_expunge)
-        else:
-            self.report.created.extend(name for name in _missing_folders(conn, plan)
-                                       if name not in self.report.created)
+            return _apply_plan(conn, plan, self.report, self, self.options.max_new_folders,
+                               self.settled, self.options.allow_expunge, defer=True)
+        self.report.created.extend(name for name in _missing_folders(conn, plan)
+                                   if name not in self.report.created)
+        return None
 
     def _intents(self, step: _Step) -> List[Dict[str, Any]]:
         return _intent_entries(step, self.status, self.conn.is_gmail, self.destinations,
@@ -8394,8 +8649,8 @@ class _FolderRun(_ApplyHooks):
         if not self.checkpoint.writes_ahead:
             return                  # nothing keeps a record: no STATUS spent
         if phase == "create":
-            self.checkpoint.intend(self.conn, [{"create": name, "folder": self.folder}
-                                               for name in folders])
+            self.checkpoint.intend(self.conn, [{"create": name, "folder": self.folder,
+                                                "flight": True} for name in folders])
             return
         self.places.update(_place_statuses(self.conn, [name for name in folders
                                                        if name not in self.places]))
@@ -8723,28 +8978,73 @@ def _check_folder_limit(report: FolderReport, missing: Sequence[str],
 
 def _create_folders(conn: GmailConnection, missing: Sequence[str], report: FolderReport,
                     hooks: _ApplyHooks) -> None:
-    """Create the folders a step needs, the intent first; each answer goes to hooks.done."""
-    if missing:
-        conn.stop.check("before creating folders")
-        hooks.intend("create", missing)
+    """Create the folders a step needs, the intent first, the CREATEs in one flight (each
+    is safe to send again); each answer goes to hooks.done before a refusal is raised."""
+    if not missing:
+        return
+    conn.stop.check("before creating folders")
+    hooks.intend("create", missing)
+    flight = _WriteFlight(conn)
     for name in missing:
-        conn.stop.check(f"before creating {name}")
-        try:
-            created = conn.create_folder(name)
-        except ImapError as exc:
-            if exc.status in ("NO", "BAD"):
+        flight.create(name, ("create", name))
+    flight.send()
+    _land_flight(flight, report, hooks)
+
+
+def _land_flight(flight: _WriteFlight, report: FolderReport, hooks: _ApplyHooks) -> None:
+    """Read a sent flight's answers and tell ``hooks.done`` what the server confirmed (see
+    _apply_plan), in the order sent, a key's chunks together; every answer read is
+    reported before the first refusal is raised, or before any other error passes on."""
+    try:
+        flight.land()
+    except BaseException:
+        _confirm_flight(flight, report, hooks)
+        raise
+    refused = _confirm_flight(flight, report, hooks)
+    if refused is not None:
+        raise refused
+
+
+def _confirm_flight(flight: _WriteFlight, report: FolderReport,
+                    hooks: _ApplyHooks) -> Optional[ImapError]:
+    """hooks.done for each answered command of ``flight``; returns the first refusal."""
+    refused: Optional[ImapError] = None
+    confirmed: Dict[Any, Dict[int, Any]] = {}
+    for write in flight.writes:
+        if write.command == "CREATE":
+            name = str(write.destination)
+            if write.error is not None:
                 hooks.done(("create", name, "refused"), {})     # answered: nothing was made
-            raise
-        hooks.done(("create", name, "created" if created else "existed"), {})
-        if created:
-            report.created.append(name)
+            elif write.created is not None:
+                hooks.done(("create", name, "created" if write.created else "existed"), {})
+                if write.created:
+                    report.created.append(name)
+        if write.error is not None:
+            refused = refused or write.error
+        if write.command == "CREATE" or write.result is None:
+            continue
+        report.moved_missing += len(write.missing)
+        if write.command == "UID STORE":
+            confirmed.setdefault(write.key, {}).update(write.result)
+        else:
+            confirmed.setdefault(write.key, {}).update(
+                (uid, {"folder": write.destination, "uid": new})
+                for uid, new in write.result.items())
+    for key, result in confirmed.items():
+        hooks.done(key, result)
+    return refused
 
 
 def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
                 hooks: Optional[_ApplyHooks] = None, max_new_folders: Optional[int] = None,
-                settled: Optional[_Destinations] = None, allow_expunge: bool = False) -> None:
+                settled: Optional[_Destinations] = None, allow_expunge: bool = False,
+                defer: bool = False) -> Optional[Callable[[], None]]:
     """Carry out a plan: check destinations, create what is missing, then labels and flags,
-    then moves (so a message is labelled where it stands, then leaves).
+    then moves (so a message is labelled where it stands, then leaves).  Each of the three
+    goes as one flight of pipelined commands (_WriteFlight), the next sent once the one
+    before is confirmed.  With ``defer``, the moves' answers are not waited for: the
+    function that reads them (and calls ``hooks.done``) is returned, for the caller to
+    call before anything else writes; otherwise None.
 
     ``hooks.intend(phase, folders)`` is called before any write command goes out:
     ``"create"`` with the folders about to be created, then ``"change"`` with the folders
@@ -8781,43 +9081,52 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
                 if folder is not None and uids and not _same_folder(folder.name, source)]
     stop.check("before changing messages")
     hooks.intend("change", list(dict.fromkeys(targets)))
+    # The labels and flags go in one flight, and once all are confirmed, the moves (and
+    # Gmail's archive) in another: a message refused a label is never moved without it.
+    flight = _WriteFlight(conn)
     for label, uids in plan.add_labels.items():
-        stop.check(f"before labelling with {label}")
         if conn.is_gmail:
-            conn.add_labels(uids, [label])
-            done(("label", label), dict.fromkeys(uids))
-            continue
-        # No labels here: a label is a copy in a folder of that name (copies it already
-        # holds were dropped from the plan by _drop_copies_already_there).
-        target = conn.server_name(label)
-        copied = conn.copy(uids, target)
-        done(("label", label), {uid: {"folder": target, "uid": copied.get(uid)} for uid in uids})
+            flight.store(("label", label), uids, "+X-GM-LABELS", [_label_arg(label)])
+        else:
+            # No labels here: a label is a copy in a folder of that name (copies it already
+            # holds were dropped from the plan by _drop_copies_already_there).
+            flight.copy(("label", label), uids, conn.server_name(label))
     for flag, uids in plan.add_flags.items():
-        stop.check(f"before setting {flag}")
-        conn.add_flags(uids, [flag])
-        done(("flag+", flag), dict.fromkeys(uids))
+        flight.store(("flag+", flag), uids, "+FLAGS", [_flag_arg(flag)])
     for flag, uids in plan.remove_flags.items():
-        stop.check(f"before clearing {flag}")
-        conn.remove_flags(uids, [flag])
-        done(("flag-", flag), dict.fromkeys(uids))
+        flight.store(("flag-", flag), uids, "-FLAGS", [_flag_arg(flag)])
+    if flight.writes:
+        flight.send()
+        _land_flight(flight, report, hooks)
     moves: List[Tuple[List[int], str, Tuple[str, ...]]] = [
         (uids, conn.server_name(dest), ("move", dest)) for dest, uids in plan.move.items()]
-    if plan.archive and conn.is_gmail:
-        # Gmail's archive is "remove the \Inbox label"; the message stays in All Mail.
-        stop.check("before archiving")
-        conn.remove_labels(plan.archive, ["\\Inbox"])
-        done(("archive",), dict.fromkeys(plan.archive))
-    elif plan.archive and archive is not None and not _same_folder(archive.name, source):
+    if plan.archive and not conn.is_gmail and archive is not None \
+            and not _same_folder(archive.name, source):
         moves.append((plan.archive, archive.name, ("archive",)))
     if plan.trash and trash is not None and not _same_folder(trash.name, source):
         moves.append((plan.trash, trash.name, ("trash",)))
-    for uids, destination, key in moves:
+    flight = _WriteFlight(conn)
+    if plan.archive and conn.is_gmail:
+        # Gmail's archive is "remove the \Inbox label"; the message stays in All Mail.
+        flight.store(("archive",), plan.archive, "-X-GM-LABELS", [_label_arg("\\Inbox")])
+    if conn.has("MOVE"):
+        for uids, destination, key in moves:
+            flight.move(key, uids, destination)
+        moves = []
+    if flight.writes:
+        stop.check("before moving messages")
+        flight.send()
+        if defer and not moves:
+            return lambda: _land_flight(flight, report, hooks)
+        _land_flight(flight, report, hooks)
+    for uids, destination, key in moves:     # no MOVE: copy, \Deleted, expunge, in turn
         stop.check(f"before moving to {destination}")
         result = conn.move(uids, destination, allow_expunge=allow_expunge)
         report.moved_missing += len(result.missing)
         report.expunge_stayed.extend(result.stayed)     # not in result.moved: not confirmed
         report.others_expunged += result.others_expunged
         done(key, {uid: {"folder": destination, "uid": new} for uid, new in result.moved.items()})
+    return None
 
 
 # --- Demo: a small sample mailbox, classified offline ------------------------------------
@@ -9541,6 +9850,7 @@ _AUDIT_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "action": (_optional(_is_str), "a string"), "label": (_optional(_is_str), "a string"),
     "flag": (_optional(_is_str), "a string"),
     "created": (lambda v: isinstance(v, bool), "true or false"),
+    "flight": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 
@@ -9884,25 +10194,30 @@ class Run(Checkpoint):
 class _Creates:
     """What became of the CREATEs one run announced, read from its records in log order.
 
-    A step announces all its new folders in one intent, then sends their CREATEs one by
-    one, each answer recorded by a ``done`` record (created, existed or refused).  So at
-    the end of the log only the first announced and unanswered folder can have been sent
-    (the process ended while it was in flight): it is "maybe"; a refusal ends the step,
-    and nothing announced after the command in flight was ever sent.
+    A step announces all its new folders in one intent, then sends their CREATEs, each
+    answer recorded by a ``done`` record (created, existed or refused).  Intents marked
+    ``flight`` had their CREATEs sent back to back (_WriteFlight): every one announced and
+    unanswered at the end of the log may have been made, and is "maybe".  Older runs sent
+    them one by one: there only the first announced and unanswered folder can have been
+    sent (the process ended while it was in flight), a refusal ended the step, and nothing
+    announced after the command in flight was ever sent.
     """
 
     def __init__(self) -> None:
         self.made: Dict[str, Optional[bool]] = {}
         self._pending: List[str] = []
+        self._flight: List[str] = []     # announced as one flight, not answered yet
 
     def read(self, record: Mapping[str, Any]) -> None:
         """Take in one record of the run (others are ignored)."""
         name = record.get("create")
         if record.get("type") == "intent" and name:
-            self._pending.append(name)
+            (self._flight if record.get("flight") else self._pending).append(name)
         elif record.get("type") == "done" and name:
             self.made[name] = bool(record.get("created"))
-            if record.get("answer") == "refused":
+            if name in self._flight:
+                self._flight.remove(name)
+            elif record.get("answer") == "refused":
                 self._pending = []
             elif name in self._pending:
                 self._pending = self._pending[self._pending.index(name) + 1:]
@@ -9916,6 +10231,8 @@ class _Creates:
         result = dict(self.made)
         if self._pending and self._pending[0] not in result:
             result[self._pending[0]] = None
+        for name in self._flight:
+            result.setdefault(name, None)
         return result
 
 

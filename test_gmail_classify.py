@@ -24,6 +24,7 @@ import hashlib
 import http.server
 import imaplib
 import io
+import itertools
 import json
 import logging
 import mailbox
@@ -10574,16 +10575,16 @@ class InterruptionTest(StateTestCase):
         clean_dir = os.path.join(self.tmp, "clean")
         self.run_once(server=clean, state_dir=clean_dir, batch_size=4, apply_every=1)
         seed_mailbox(self.server, 24)
-        original = gc.GmailConnection.move
+        original = gc._WriteFlight.move      # a step's moves go out as one flight
         calls = []
 
-        def move_then_interrupt(conn, uids, destination, **options):
+        def move_then_interrupt(flight, key, uids, destination):
             calls.append(destination)
             if len(calls) == 3:
                 raise KeyboardInterrupt
-            return original(conn, uids, destination, **options)
+            return original(flight, key, uids, destination)
 
-        with mock.patch.object(gc.GmailConnection, "move", move_then_interrupt):
+        with mock.patch.object(gc._WriteFlight, "move", move_then_interrupt):
             with self.assertRaises(KeyboardInterrupt):
                 self.run_once(batch_size=4, apply_every=1)
         mark = self.mark().mark
@@ -10948,14 +10949,15 @@ class WriteAheadUndoTest(StateTestCase):
         self.use(gmail=False)
         seed_mailbox(self.server, 6)
         seen = []
-        original = gc.GmailConnection.copy
+        original = gc._WriteFlight.send
 
-        def copy(conn, uids, destination):
-            with open(self.audit_file(), encoding="utf-8") as handle:
-                seen.append([json.loads(line) for line in handle])
-            return original(conn, uids, destination)
+        def send(flight):          # the step's copies go out as one flight
+            if any(write.command == "UID COPY" for write in flight.writes):
+                with open(self.audit_file(), encoding="utf-8") as handle:
+                    seen.append([json.loads(line) for line in handle])
+            return original(flight)
 
-        with mock.patch.object(gc.GmailConnection, "copy", copy):
+        with mock.patch.object(gc._WriteFlight, "send", send):
             run = self.run_once()
         intents = [r for r in seen[0] if r["type"] == "intent" and r.get("changes")]
         self.assertEqual({r["version"] for r in intents}, {2})
@@ -11081,13 +11083,14 @@ class WriteAheadUndoTest(StateTestCase):
         seed_mailbox(self.server, 6)
         first = self.run_once()
         self.server.add_message(make_message("weekly digest late"))
-        original = gc.GmailConnection.move
+        original = gc._WriteFlight.send
 
-        def die(conn, uids, destination, **options):
-            original(conn, uids, destination, **options)
-            raise SystemExit(143)           # killed: no record after the command
+        def die(flight):
+            original(flight)
+            if any(write.command == "UID MOVE" for write in flight.writes):
+                raise SystemExit(143)       # killed: no record after the command
 
-        with mock.patch.object(gc.GmailConnection, "move", die):
+        with mock.patch.object(gc._WriteFlight, "send", die):
             with self.assertRaises(SystemExit):
                 self.run_once()
         entries = gc.history(self.store())
@@ -11442,32 +11445,38 @@ class WholeRecordTest(StateTestCase):
         self.use(gmail=False)
         seed_mailbox(self.server, 12)
         before = mailbox_snapshot(self.server)
-        self.run_killed_at("UID COPY", 2)
+        # Killed as the moves go out: the labels and flags went before them, in one flight
+        # whose answers were all read (and recorded) before any move was sent.
+        self.run_killed_at("UID MOVE", 1)
         records = self.killed_audit()
         self.assertEqual([r for r in records if r["type"] in ("message", "summary")], [])
         done = [r for r in records if r["type"] == "done"]
         copies = [r for r in done if r.get("action") == "label"]
-        self.assertEqual(len(copies), 1)                  # the first COPY; the second never
-        (first,) = copies
-        self.assertEqual(first["version"], 2)
-        self.assertEqual(first["folder"], "INBOX")
-        self.assertEqual(first["uidvalidity"], self.server.uidvalidity("INBOX"))
-        self.assertEqual(first["destination"], first["label"])
-        self.assertEqual(len(first["new_uids"]), len(first["uids"]))
-        self.assertEqual(sorted(first["new_uids"]), self.server.uids(first["destination"]))
+        self.assertEqual(sorted(r["label"] for r in copies), ["News", "Receipts", "Two words",
+                                                              "Work"])
+        for first in copies:
+            self.assertEqual(first["version"], 2)
+            self.assertEqual(first["folder"], "INBOX")
+            self.assertEqual(first["uidvalidity"], self.server.uidvalidity("INBOX"))
+            self.assertEqual(first["destination"], first["label"])
+            self.assertEqual(len(first["new_uids"]), len(first["uids"]))
+            self.assertEqual(sorted(first["new_uids"]), self.server.uids(first["destination"]))
+        self.assertEqual([r for r in done if r.get("action") in ("move", "archive", "trash")], [])
         creates = [r for r in done if r.get("create")]
         self.assertTrue(creates)
         self.assertTrue(all(r["created"] for r in creates))
         intended = sum(len(r["changes"]) for r in records
                        if r["type"] == "intent" and r.get("changes"))
+        confirmed = sum(len(r["uids"]) for r in done if r.get("uids"))
         (entry,) = gc.history(self.store(os.path.join(self.tmp, "xdg", "gmail_classify")))
         self.assertEqual(entry["status"], "unfinished")
         self.assertEqual(entry["changes_made"], intended)
-        self.assertEqual(entry["maybe"], intended - len(first["uids"]))
-        self.assertEqual(entry["counts"][f"label {first['label']}"], len(first["uids"]))
+        self.assertEqual(entry["maybe"], intended - confirmed)
+        for first in copies:
+            self.assertEqual(entry["counts"][f"label {first['label']}"], len(first["uids"]))
         self.assertEqual(entry["folders_created"], len(creates))
         # Undo takes back what was made (the confirmed copies by their COPYUID UIDs, the
-        # second COPY, which the server did execute, as a maybe change found on the server).
+        # moves, which the server did execute, as maybe changes found on the server).
         code, out, err = UndoSafetyTest.cli(self, "undo", "--apply")
         self.assertEqual(code, gc.EXIT_OK, err)
         self.assertEqual(mailbox_snapshot(self.server), before)
@@ -11480,11 +11489,12 @@ class WholeRecordTest(StateTestCase):
         code, out, err = UndoSafetyTest.cli(self, "run", "--apply")
         self.assertEqual(code, gc.EXIT_SERVER, err)
         made = sorted(set(self.server.folder_names()) - set(before))
-        self.assertEqual(len(made), 2)
-        self.assertEqual([self.server.uids(name) for name in made], [[], []])
+        # The step's CREATEs go out together (one flight): all but the refused one are made.
+        self.assertEqual(len(made), 4)
+        self.assertEqual([self.server.uids(name) for name in made], [[], [], [], []])
         code, out, err = UndoSafetyTest.cli(self, "history")
         self.assertEqual(code, gc.EXIT_OK, err)
-        self.assertIn("2 folders created", out)
+        self.assertIn("4 folders created", out)
         self.assertNotIn("no changes", out)
         code, out, err = UndoSafetyTest.cli(self, "undo")           # dry run
         self.assertEqual(code, gc.EXIT_OK, err)
@@ -11494,7 +11504,7 @@ class WholeRecordTest(StateTestCase):
         code, out, err = UndoSafetyTest.cli(self, "undo", "--apply")
         self.assertEqual(code, gc.EXIT_OK, err)
         self.assertEqual(mailbox_snapshot(self.server), before)
-        self.assertEqual(self.server.count("DELETE"), 2)
+        self.assertEqual(self.server.count("DELETE"), 4)
         code, out, err = UndoSafetyTest.cli(self, "undo", "--apply")  # nothing left to undo
         self.assertEqual(code, gc.EXIT_USAGE, err)
 
@@ -11506,16 +11516,21 @@ class WholeRecordTest(StateTestCase):
                 self.tmp = tempfile.mkdtemp(dir=self.tmp)
                 seed_mailbox(self.server, 12)
                 before = mailbox_snapshot(self.server)
-                self.run_killed_at("CREATE", 2)      # the fake creates it all the same
+                # Killed as the first CREATE of the step's flight arrives, before any
+                # answer: every CREATE announced is "maybe" (the fake makes the first all
+                # the same, and perhaps the others it had already read).
+                self.run_killed_at("CREATE", 1)
                 records = self.killed_audit()
-                (done,) = [r for r in records if r["type"] == "done"]
-                maybe = [r["create"] for r in records if r["type"] == "intent"
-                         and r.get("create") and r["create"] != done["create"]][0]
+                self.assertEqual([r for r in records if r["type"] == "done"], [])
+                announced = [r["create"] for r in records if r["type"] == "intent"
+                             and r.get("create")]
+                self.assertTrue(all(r.get("flight") for r in records if r.get("create")))
+                maybe = announced[0]
                 self.assertIn(maybe, self.server.folder_names())
                 (entry,) = gc.history(self.store(os.path.join(self.tmp, "xdg",
                                                               "gmail_classify")))
                 self.assertEqual((entry["folders_created"], entry["folders_created_maybe"]),
-                                 (2, 1))
+                                 (len(announced), len(announced)))
                 if holds:   # someone filed mail there and took it out again: it stays
                     uid = self.server.add_message(make_message("mine"), folder=maybe)
                     conn = self.connect()
@@ -11525,7 +11540,8 @@ class WholeRecordTest(StateTestCase):
                     conn.close()
                 code, out, err = UndoSafetyTest.cli(self, "undo", "--apply")
                 self.assertEqual(code, gc.EXIT_OK, err)
-                self.assertNotIn(done["create"], self.server.folder_names())
+                for name in announced[1:]:
+                    self.assertNotIn(name, self.server.folder_names())
                 if holds:
                     self.assertIn(maybe, self.server.folder_names())
                     self.assertIn("holds or has held mail; it stays", err)
@@ -14417,13 +14433,14 @@ class CommandLineStateTest(StateTestCase):
     def test_apply_lines_at_v_come_after_the_server_confirmed(self):
         self.server.add_message(make_message("receipt 1"))
         positions = []
-        original = gc.GmailConnection.remove_labels
+        original = gc._WriteFlight.land
 
-        def spy(conn, uids, labels):
-            original(conn, uids, labels)
-            positions.append("INBOX 1:" in sys.stdout.getvalue())
+        def spy(flight):
+            original(flight)
+            if any("-X-GM-LABELS" in w.args for w in flight.writes):
+                positions.append("INBOX 1:" in sys.stdout.getvalue())
 
-        with mock.patch.object(gc.GmailConnection, "remove_labels", spy):
+        with mock.patch.object(gc._WriteFlight, "land", spy):
             code, out, err = self.cli("run", *self.argv("--apply", "-v"))
         self.assertEqual(code, 0, err)
         line = "INBOX 1: label Receipts, archive  [Receipts]"
@@ -14477,7 +14494,7 @@ class CommandLineStateTest(StateTestCase):
 
     def test_interrupted_apply_says_what_was_and_was_not_done(self):
         seed_mailbox(self.server, 12)
-        with mock.patch.object(gc.GmailConnection, "move", side_effect=KeyboardInterrupt):
+        with mock.patch.object(gc._WriteFlight, "move", side_effect=KeyboardInterrupt):
             code, out, err = self.cli("run", *self.argv("--apply", "--batch-size", "6"))
         self.assertEqual(code, gc.EXIT_INTERRUPTED)
         made = re.search(r"interrupted: (\d+) changes made, (\d+) not; run again to finish", err)
@@ -15181,7 +15198,17 @@ class StopInProcessTest(StateTestCase):
     cli = UndoSafetyTest.cli
 
     def stop_after_first(self, method: str, signum: int) -> Any:
-        """Patch GmailConnection.<method> so that a stop is asked for once it returned."""
+        """Patch GmailConnection.<method> so that a stop is asked for once it returned;
+        ``"flight"``: once the first flight of UID STOREs (_WriteFlight.land) returned."""
+        if method == "flight":
+            land = gc._WriteFlight.land
+
+            def landed(flight: Any) -> Any:
+                result = land(flight)
+                if any(write.command == "UID STORE" for write in flight.writes):
+                    flight.conn.stop.request(signum)
+                return result
+            return mock.patch.object(gc._WriteFlight, "land", landed)
         real = getattr(gc.GmailConnection, method)
 
         def then_stop(conn: gc.GmailConnection, *args: Any, **kwargs: Any) -> Any:
@@ -15195,14 +15222,14 @@ class StopInProcessTest(StateTestCase):
 
     def test_a_stop_after_the_first_write_ends_the_run_there_and_says_so(self):
         seed_mailbox(self.server, 12)
-        with self.stop_after_first("add_labels", signal.SIGTERM):
+        with self.stop_after_first("flight", signal.SIGTERM):
             code, out, err = self.cli("run", "--apply")
         self.assertEqual(code, 143, err)
-        # The folders it needs, then the first label: nothing was sent after it.
-        self.assertEqual(self.writes(), ["CREATE"] * 4 + ["UID STORE"])
+        # The folders it needs, then the labels and flags (one flight): nothing after it.
+        self.assertEqual(self.writes(), ["CREATE"] * 4 + ["UID STORE"] * 6)
         self.assertEqual(self.server.commands()[-1], "LOGOUT")
         made, not_made = map(int, _INTERRUPTED_RE.search(err).groups())
-        self.assertEqual(made, 2)                                 # Receipts on 2 messages
+        self.assertEqual(made, 10)              # the labels and flags of the first flight
         self.assertGreater(not_made, 0)
         self.assertNotIn("changes made.", out)
         code, out, err = self.cli("history", "--json")
@@ -15473,13 +15500,14 @@ class SeveralAccountsTest(TwoAccountsTestCase):
 
     def test_a_signal_stops_the_current_account_and_starts_no_other(self):
         self.server.add_message(make_message("receipt 5"))
-        real = gc.GmailConnection.add_labels
+        real = gc._WriteFlight.land
 
-        def then_stop(conn: gc.GmailConnection, *args: Any, **kwargs: Any) -> Any:
-            result = real(conn, *args, **kwargs)
-            conn.stop.request(signal.SIGTERM)
+        def then_stop(flight: Any) -> Any:
+            result = real(flight)
+            if any(write.command == "UID STORE" for write in flight.writes):
+                flight.conn.stop.request(signal.SIGTERM)    # after the labels' flight
             return result
-        with mock.patch.object(gc.GmailConnection, "add_labels", then_stop):
+        with mock.patch.object(gc._WriteFlight, "land", then_stop):
             code, out, err = self.cli("--apply")
         self.assertEqual(code, gc.EXIT_TERMINATED, err)
         self.assertRegex(err, r"interrupted: \d+ changes made, \d+ not")
@@ -16041,9 +16069,11 @@ class SignalSweepTest(StateTestCase):
                 for i, nth in enumerate(picks)]
 
     def check_cut(self, server: FakeGmail, state: str, nth: int, when: str, signum: int,
-                  last_write: int) -> Dict[str, Any]:
+                  last_write: int, clean_log: Sequence[Any] = ()) -> Dict[str, Any]:
         """One cut: exit status, printed counts, history.  Returns the run's history entry
-        (its status says whether the signal found a safe point before the work was done)."""
+        (its status says whether the signal found a safe point before the work was done).
+        ``clean_log``: the uninterrupted run's commands, where a flight of writes sent
+        together (_WriteFlight) is an unbroken stretch of writes (and STATUS)."""
         done = self.signalled(server, state, nth, when, signum)
         self.assertTrue(server.fired, "the signal was never sent")
         self.assertNotIn("Traceback", done.stderr)
@@ -16076,8 +16106,14 @@ class SignalSweepTest(StateTestCase):
             self.assertNotIn("changes made.", done.stdout)   # the report: finished runs
             # Nothing was sent after the signal but what the run needs to end: the
             # command it had in flight, at most a FETCH already on the way, and the end.
+            # A flight's writes went out together, before the signal: the rest of the
+            # stretch the clean run sent with the nth command, and nothing after it.
             after = [e.command for e in server.log[nth:]]
-            self.assertLessEqual(len([c for c in after if c in _WRITE_COMMANDS]), 1, after)
+            stretch = list(itertools.takewhile(lambda c: c in _WRITE_COMMANDS | {"STATUS"},
+                                               [e.command for e in clean_log[nth:]]))
+            self.assertLessEqual(len([c for c in after if c in _WRITE_COMMANDS]),
+                                 max(1, len([c for c in stretch if c in _WRITE_COMMANDS])),
+                                 after)
             self.assertEqual(after[-1:], ["LOGOUT"])
         return entry
 
@@ -16092,7 +16128,8 @@ class SignalSweepTest(StateTestCase):
                 self.addCleanup(server.stop)
                 seed_mailbox(server, self.messages)
                 state = os.path.join(self.tmp, f"cut-{nth}-{when}-{signum}")
-                entry = self.check_cut(server, state, nth, when, signum, last_write)
+                entry = self.check_cut(server, state, nth, when, signum, last_write,
+                                       clean.log)
                 interrupted += entry["status"] == "interrupted"
                 code, _, err = self.in_process(state, *self.argv(server))
                 self.assertEqual(code, 0, err)
@@ -16131,7 +16168,7 @@ class SignalSweepTest(StateTestCase):
                         start = mailbox_snapshot(server)
                         state = os.path.join(self.tmp, f"undo-{nth}-{when}-{len(options)}")
                         entry = self.check_cut(server, state, nth, when, signal.SIGTERM,
-                                               last_write)
+                                               last_write, clean.log)
                         if entry["run"] is None:
                             self.assertEqual(mailbox_snapshot(server), start)
                             continue

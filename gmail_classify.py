@@ -1462,6 +1462,8 @@ class _Pending:
     response: Optional[_Response] = None
     keep: Optional[Callable[[List[Any]], bool]] = None    # as for _Protocol.execute
     max_literal: Optional[int] = None
+    early: List[List[Any]] = field(default_factory=list)  # its untagged answers read early
+    budget: Optional["_AnswerBudget"] = None    # what those cost (see _Protocol._early)
 
 
 def _weight(value: Any, depth: int = 0) -> int:
@@ -1917,19 +1919,20 @@ class _Protocol:
     @_scrubbed
     def collect(self, pending: _Pending) -> _Response:
         """Read answers in the order sent up to ``pending``'s; raises as execute does."""
-        while pending.response is None:
+        while pending.response is None or any(p is pending for p in self._inflight):
             imap = self.imap
             if imap is None or pending.imap is not imap or pending not in self._inflight:
                 raise _Dropped(f"{pending.command} was sent on a connection that is gone")
             first = self._inflight[0]
-            try:
-                with self._reading(first.command):
-                    self._watch(first.command)
-                    first.response = self._read_response(first.tag, first.command, False,
-                                                          None, keep=first.keep,
-                                                          max_literal=first.max_literal)
-            finally:
-                self.last_activity = time.monotonic()
+            if first.response is None:      # else its tagged answer came early
+                try:
+                    with self._reading(first.command):
+                        self._watch(first.command)
+                        first.response = self._read_response(
+                            first.tag, first.command, False, None, keep=first.keep,
+                            max_literal=first.max_literal, early=first.early)
+                finally:
+                    self.last_activity = time.monotonic()
             self._inflight.pop(0)
         return self._checked(pending.response, pending.command)
 
@@ -2042,8 +2045,9 @@ class _Protocol:
     def _read_response(self, tag: bytes, command: str, expect_bye: bool,
                        on_untagged: Optional[Callable[[List[Any]], None]],
                        keep: Optional[Callable[[List[Any]], bool]] = None,
-                       max_literal: Optional[int] = None) -> _Response:
-        untagged: List[List[Any]] = []
+                       max_literal: Optional[int] = None,
+                       early: Optional[List[List[Any]]] = None) -> _Response:
+        untagged: List[List[Any]] = list(early or ())
         oversized: List[List[Any]] = []
         keep = keep or _needed_by(command)
         budget = _AnswerBudget(command)
@@ -2088,17 +2092,52 @@ class _Protocol:
                         budget.kept(oversized, parsed, len(raw))
                 elif keep(parsed):
                     budget.kept(untagged, parsed, len(raw))
-                else:
+                elif not self._early(parsed, tag, len(raw)):
                     budget.unasked(len(raw), update=_untagged_kind(parsed) in _STATE_UPDATES)
             elif raw.startswith(tag + b" "):
                 response = self._tagged(raw[len(tag) + 1:], untagged, oversized)
                 if "THROTTLED" in response.text.upper() or response.code == "THROTTLED":
                     log.warning("the server is throttling this account (%s)", response.text)
                 return response
+            elif self._answered_early(raw, tag):
+                continue
             elif raw.startswith(b"+"):
                 raise ProtocolError(f"unexpected continuation request to {command}: {raw[:80]!r}")
             else:
                 raise ProtocolError(f"unexpected line in the answer to {command}: {raw[:80]!r}")
+
+    # A server may run pipelined commands side by side and answer them out of order (RFC
+    # 3501 §5.5; Dovecot does: a FETCH's data can come before the OK of a COPY sent ahead
+    # of it).  So while one command's answer is read, what belongs to a command sent after
+    # it is kept for that one: an untagged answer its keep() wants, and its tagged line.
+
+    def _later(self, tag: bytes) -> Iterator[_Pending]:
+        """The pipelined commands sent after the one tagged ``tag``, still unanswered."""
+        seen = False
+        for pending in self._inflight:
+            if seen and pending.response is None and pending.imap is self.imap:
+                yield pending
+            seen = seen or pending.tag == tag
+
+    def _early(self, parsed: List[Any], tag: bytes, size: int) -> bool:
+        """Keep ``parsed`` (``size`` bytes) for a later command that wants it, within that
+        command's own answer budget; True if one did."""
+        for pending in self._later(tag):
+            if (pending.keep or _needed_by(pending.command))(parsed):
+                if pending.budget is None:
+                    pending.budget = _AnswerBudget(pending.command)
+                pending.budget.kept(pending.early, parsed, size)
+                return True
+        return False
+
+    def _answered_early(self, raw: bytes, tag: bytes) -> bool:
+        """A later command's tagged line: its answer is complete; True if ``raw`` was one."""
+        for pending in self._later(tag):
+            if raw.startswith(pending.tag + b" "):
+                pending.response = self._tagged(raw[len(pending.tag) + 1:], pending.early)
+                pending.early = []
+                return True
+        return False
 
     def _tagged(self, line: bytes, untagged: Optional[List[List[Any]]] = None,
                 oversized: Optional[List[List[Any]]] = None) -> _Response:
@@ -3375,10 +3414,9 @@ class _Write:
     command: str                        # CREATE, UID STORE, UID COPY or UID MOVE
     args: Tuple[Any, ...]
     uids: List[int]
-    destination: Optional[str] = None   # the server name a COPY or MOVE writes to
+    destination: Optional[str] = None   # the server name a CREATE, COPY or MOVE names
+    uidnext: Optional[int] = None       # a COPY's destination's UIDNEXT before the flight
     pending: Optional[_Pending] = None
-    before: Optional[_Pending] = None   # STATUS (UIDNEXT) sent just ahead of a COPY off Gmail
-    uidnext: Optional[int] = None
     response: Optional[_Response] = None
     error: Optional[ImapError] = None
     result: Optional[Dict[int, Optional[int]]] = None    # {uid: new UID or None}, confirmed
@@ -3391,19 +3429,19 @@ class _WriteFlight:
     one wait for the server instead of one per command.
 
     Only for writes whose write-ahead intent is on disk.  ``create/store/copy/move`` queue
-    commands (a COPY off Gmail goes with a STATUS of the destination's UIDNEXT just ahead
-    of it), ``send()`` puts them on the wire and ``land()`` reads the answers in order.
-    Nothing is sent twice blindly: after a drop, land() settles each command whose answer
-    was lost as the one-at-a-time methods do (a STORE or CREATE again: both idempotent; a
-    MOVE by what is still in the source folder; a COPY off Gmail by that UIDNEXT, then by
-    Message-ID, size and date, see _SafeCopy).  A refusal (NO, BAD) is kept on its command
-    (``error``); the commands after it were sent and are answered all the same.
+    commands, ``send()`` puts them on the wire and ``land()`` reads the answers (a server
+    may finish them out of order: _Protocol keeps each answer for its own command, and a
+    COPYUID goes to the command whose UIDs it names).  Nothing is sent twice blindly:
+    after a drop, land() settles each command whose answer was lost as the one-at-a-time
+    methods do (a STORE or CREATE again: both idempotent; a MOVE by what is still in the
+    source folder; a COPY off Gmail by the destination's UIDNEXT from before the flight,
+    then by Message-ID, size and date, see _SafeCopy).  A refusal (NO, BAD) is kept on its
+    command (``error``); the commands after it were sent and are answered all the same.
     """
 
     def __init__(self, conn: "GmailConnection") -> None:
         self.conn = conn
         self.writes: List[_Write] = []
-        self.sent = False
 
     def create(self, name: str, key: Any) -> None:
         self.writes.append(_Write(key, "CREATE", (self.conn._mailbox(name),), [],
@@ -3416,11 +3454,14 @@ class _WriteFlight:
             self.writes.append(_Write(key, "UID STORE", (compress_uids(chunk), item, b"(" +
                                                          b" ".join(values) + b")"), chunk))
 
-    def copy(self, key: Any, uids: Iterable[int], destination: str) -> None:
+    def copy(self, key: Any, uids: Iterable[int], destination: str,
+             uidnext: Optional[int] = None) -> None:
+        """Queue a UID COPY; ``uidnext``: the destination's UIDNEXT before the flight (or
+        lower; None if unknown), what a lost answer is settled by off Gmail."""
         for chunk in chunk_uids(uids):
             self.writes.append(_Write(key, "UID COPY", (compress_uids(chunk),
                                                         self.conn._mailbox(destination)),
-                                      chunk, destination))
+                                      chunk, destination, uidnext))
 
     def move(self, key: Any, uids: Iterable[int], destination: str) -> None:
         for chunk in chunk_uids(uids):
@@ -3440,21 +3481,13 @@ class _WriteFlight:
         literal's continuation is run on its own in its place.  A drop here leaves the rest
         for land() to settle."""
         conn, proto = self.conn, self.conn._proto
-        self.sent = True
         with conn._lock:
             conn._check_background()
             try:
                 for write in self.writes:
-                    copy_off_gmail = write.command == "UID COPY" and not conn.is_gmail
-                    status = (write.args[1], "(UIDNEXT)") if copy_off_gmail else None
-                    if self._inline(write.args) and (status is None or self._inline(status)):
-                        if status is not None:
-                            write.before = proto.send_ahead("STATUS", *status)
+                    if self._inline(write.args):
                         write.pending = proto.send_ahead(write.command, *write.args)
                         continue
-                    if status is not None:
-                        write.uidnext = self._uidnext(proto.execute("STATUS", *status),
-                                                      write.destination)
                     try:
                         write.response = proto.execute(write.command, *write.args)
                     except ImapError as exc:
@@ -3464,48 +3497,46 @@ class _WriteFlight:
             except _Dropped:
                 pass        # what was not answered is settled by land()
 
-    def _uidnext(self, response: _Response, folder: Optional[str]) -> Optional[int]:
-        value = self.conn._status_of(response, folder or "").get("UIDNEXT")
-        return None if value is None else _server_number(value, "UIDNEXT", "STATUS",
-                                                         nonzero=True)
-
     def land(self) -> List[_Write]:
-        """Read every answer in order (each write's ``result``, ``created`` or ``error``),
-        settling those lost to a drop; returns the writes."""
+        """Read every answer (each write's ``result``, ``created`` or ``error``), settling
+        those lost to a drop; returns the writes.  What was answered before an error
+        passes on (a stop that could not wait, a garbled answer) is filled in still."""
         conn, proto = self.conn, self.conn._proto
         lost: List[_Write] = []
-        with conn._lock:
-            for write in self.writes:
-                if lost:
-                    lost.append(write)
-                    continue
-                try:
-                    if write.before is not None:
-                        try:
-                            write.uidnext = self._uidnext(proto.collect(write.before),
-                                                          write.destination)
-                        except ImapError:
-                            write.uidnext = None    # the COPY's own answer says what is wrong
-                    if write.pending is not None:
+        try:
+            with conn._lock:
+                for write in self.writes:
+                    if lost or (write.pending is None and write.response is None and
+                                write.error is None):
+                        lost.append(write)      # dropped before it was sent, or after
+                        continue
+                    if write.pending is None:
+                        continue
+                    try:
                         write.response = proto.collect(write.pending)
-                except ImapError as exc:
-                    if exc.status not in ("NO", "BAD"):
-                        raise
-                    write.error = exc
-                except _Dropped:
-                    lost.append(write)
-                    continue
-                if write.error is None and write.response is None:
-                    lost.append(write)      # never sent: the link dropped in send()
-                    continue
-                self._answered(write)
-            if lost and lost[0].pending is not None and proto.imap is lost[0].pending.imap:
-                proto.drop()    # the rest of this link's answers are lost with it
+                    except ImapError as exc:
+                        if exc.status not in ("NO", "BAD"):
+                            raise
+                        write.error = exc
+                    except _Dropped:
+                        lost.append(write)
+                if lost and lost[0].pending is not None and \
+                        proto.imap is lost[0].pending.imap:
+                    proto.drop()    # the rest of this link's answers are lost with it
+        finally:
+            codes = [(w.response.code, w.response.code_args) for w in self.writes
+                     if w.response is not None]
+            codes += [(item[1], item[2]) for w in self.writes if w.response is not None
+                      for item in w.response.untagged
+                      if item and item[0] == "OK" and len(item) >= 3]
+            for write in self.writes:
+                if write.response is not None or write.error is not None:
+                    self._answered(write, codes)
         for write in lost:
             self._settle(write)
         return self.writes
 
-    def _answered(self, write: _Write) -> None:
+    def _answered(self, write: _Write, codes: List[Tuple[Any, Any]]) -> None:
         if write.command == "CREATE" and write.error is not None:
             exc = write.error
             if exc.code == "ALREADYEXISTS" or "exist" in exc.text.lower():
@@ -3531,7 +3562,12 @@ class _WriteFlight:
         if write.command == "UID STORE":
             write.result = dict.fromkeys(write.uids)
             return
-        mapping = _copyuid_map(write.response, write.uids)
+        mapping: Dict[int, int] = {}
+        for code, args in codes:     # the COPYUID that names this command's UIDs
+            if code == "COPYUID":
+                mapping = _copyuid_map(_Response("OK", code, args, "", []), write.uids)
+                if mapping:
+                    break
         write.result = {}
         for uid in write.uids:
             if write.command == "UID MOVE" and mapping and uid not in mapping:
@@ -3568,9 +3604,9 @@ class _WriteFlight:
             write.error = exc
 
     def _settle_copy(self, write: _Write) -> Dict[int, Optional[int]]:
-        """A COPY off Gmail whose answer was lost: a destination UIDNEXT still where the
-        STATUS ahead of it saw it proves it never ran; otherwise what arrived since is
-        compared with ours and only the rest is copied (see _SafeCopy.copy_once)."""
+        """A COPY off Gmail whose answer was lost: a destination UIDNEXT still where it was
+        before the flight proves it never ran; otherwise what arrived since is compared
+        with ours and only the rest is copied (see _SafeCopy.copy_once)."""
         safe, destination = _SafeCopy(self.conn), str(write.destination)
         before = write.uidnext
         if before is not None and safe.uidnext(destination) == before:
@@ -7766,7 +7802,7 @@ def write_rules_file(path: Any, text: str, force: bool = False) -> None:
 # anywhere is finished by the next one without doing anything twice.
 
 DEFAULT_BATCH = 1000     # messages per FETCH: ~0.5 MB of headers, one round trip
-DEFAULT_APPLY_EVERY = 10 # batches classified per step; changes are applied after each step
+DEFAULT_APPLY_EVERY = 1  # batches classified per step; changes are applied after each step
 # At most this many new folders (labels) per run unless the caller raises it: a template
 # such as "Vendors/{sender_domain}" over years of mail could otherwise create hundreds.
 DEFAULT_MAX_NEW_FOLDERS = 20
@@ -8342,6 +8378,10 @@ class _ApplyHooks:
     def done(self, key: Tuple[str, ...], result: Mapping[int, Any]) -> None:
         pass
 
+    def uidnext(self, folder: str) -> Optional[int]:
+        """``folder``'s UIDNEXT from before this step's writes, or lower; None if unknown."""
+        return None
+
 
 class _FolderRun(_ApplyHooks):
     """One classify_folder call: ``open()`` the folder and find its messages, then
@@ -8670,6 +8710,10 @@ class _FolderRun(_ApplyHooks):
         self.applied += len(result)
         if self.listeners.on_applied is not None:
             self.listeners.on_applied(min(self.applied, self.planned), self.planned)
+
+    def uidnext(self, folder: str) -> Optional[int]:
+        place = self.places.get(folder)     # as intend() found it, moved past our copies
+        return place.get("uidnext") if place else None
 
     def _not_sent(self, step: _Step) -> None:
         # Every command sent was answered: what is not confirmed was never sent, and the
@@ -9090,7 +9134,8 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
         else:
             # No labels here: a label is a copy in a folder of that name (copies it already
             # holds were dropped from the plan by _drop_copies_already_there).
-            flight.copy(("label", label), uids, conn.server_name(label))
+            target = conn.server_name(label)
+            flight.copy(("label", label), uids, target, hooks.uidnext(target))
     for flag, uids in plan.add_flags.items():
         flight.store(("flag+", flag), uids, "+FLAGS", [_flag_arg(flag)])
     for flag, uids in plan.remove_flags.items():

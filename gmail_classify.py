@@ -2724,7 +2724,9 @@ class GmailConnection:
         def attempt() -> None:
             found.clear()
             items = "(MESSAGES UIDNEXT UIDVALIDITY)"
-            pending = [(name, self._proto.send_ahead("STATUS", self._mailbox(name), items))
+            # Each keeps only its own folder's answer: a server may answer them out of order.
+            pending = [(name, self._proto.send_ahead("STATUS", self._mailbox(name), items,
+                                                     keep=self._status_keep(name)))
                        for name in folders if not isinstance(self._mailbox(name), Literal)]
             for name, sent in pending:
                 ask(name, lambda: self._proto.collect(sent))
@@ -2736,6 +2738,16 @@ class GmailConnection:
             with self._lock:
                 self._retrying("STATUS", attempt)
         return found
+
+    def _status_keep(self, folder: str) -> Callable[[List[Any]], bool]:
+        """keep() for STATUS ``folder``: its own STATUS line, and status lines with a code."""
+        default = _needed_by("STATUS")
+
+        def keep(item: List[Any]) -> bool:
+            if item and str(item[0]).upper() == "STATUS":
+                return len(item) >= 3 and self._names(item[1], folder)
+            return default(item)
+        return keep
 
     @staticmethod
     def _status_numbers(attrs: Mapping[Any, Any]) -> Dict[str, int]:
@@ -3524,19 +3536,23 @@ class _WriteFlight:
                         proto.imap is lost[0].pending.imap:
                     proto.drop()    # the rest of this link's answers are lost with it
         finally:
-            codes = [(w.response.code, w.response.code_args) for w in self.writes
-                     if w.response is not None]
-            codes += [(item[1], item[2]) for w in self.writes if w.response is not None
-                      for item in w.response.untagged
-                      if item and item[0] == "OK" and len(item) >= 3]
+            # A MOVE's COPYUID comes untagged, perhaps while another answer was read.
+            codes = [(item[1], item[2]) for w in self.writes if w.response is not None
+                     for item in w.response.untagged
+                     if item and item[0] == "OK" and len(item) >= 3]
             for write in self.writes:
-                if write.response is not None or write.error is not None:
-                    self._answered(write, codes)
+                if write.response is not None:
+                    self._answered(write, [(write.response.code, write.response.code_args)]
+                                   + codes)
+                elif write.error is not None:
+                    self._answered(write, [])
         for write in lost:
             self._settle(write)
         return self.writes
 
     def _answered(self, write: _Write, codes: List[Tuple[Any, Any]]) -> None:
+        """Fill in ``write``'s outcome from its answer; ``codes``: the response codes its
+        COPYUID may be among, its own first (a flight's moves name disjoint UIDs)."""
         if write.command == "CREATE" and write.error is not None:
             exc = write.error
             if exc.code == "ALREADYEXISTS" or "exist" in exc.text.lower():
@@ -3563,11 +3579,17 @@ class _WriteFlight:
             write.result = dict.fromkeys(write.uids)
             return
         mapping: Dict[int, int] = {}
+        mine = set(write.uids)
         for code, args in codes:     # the COPYUID that names this command's UIDs
-            if code == "COPYUID":
+            if code != "COPYUID" or len(args) < 3:
+                continue
+            try:    # one naming more UIDs than this command's is another's: not expanded
+                source = parse_uid_set(str(args[1]), limit=len(mine))
+            except ValueError:
+                continue
+            if source and set(source) <= mine:
                 mapping = _copyuid_map(_Response("OK", code, args, "", []), write.uids)
-                if mapping:
-                    break
+                break
         write.result = {}
         for uid in write.uids:
             if write.command == "UID MOVE" and mapping and uid not in mapping:

@@ -7812,10 +7812,11 @@ def write_rules_file(path: Any, text: str, force: bool = False) -> None:
 # --- Classify pipeline -------------------------------------------------------------------
 #
 # For one folder: open it (EXAMINE in a dry run, so nothing can change), find the UIDs,
-# fetch in batches only what the rules read, classify in memory, and act in steps of a few
-# batches: one command per action per chunk of a compressed UID set, flags and labels
-# before moves.  Round trips grow with N / batch size plus a few per distinct action and
-# step, never with N alone; after a step is applied only its UIDs' outcomes are kept.
+# fetch in batches only what the rules read, classify in memory, and act in steps (one per
+# batch by default): one command per action per chunk of a compressed UID set, flags and
+# labels before moves, each kind in one flight of pipelined commands (_WriteFlight), the
+# moves' answers read while the next batch is classified.  Round trips grow with N / batch
+# size, never with N alone; after a step is applied only its UIDs' outcomes are kept.
 #
 # A Checkpoint (the state layer below supplies one that lives on disk) says where to start
 # and hears, after each step the server confirmed, how far the run got: the mark, the

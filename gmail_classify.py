@@ -1466,6 +1466,10 @@ def _needed_by(command: str) -> Callable[[List[Any]], bool]:
     return keep
 
 
+# Commands send_ahead may pipeline: reads, and the writes of a _WriteFlight.
+_PIPELINED = ("UID FETCH", "STATUS", "CREATE", "UID STORE", "UID COPY", "UID MOVE")
+
+
 @dataclass
 class _Pending:
     """A pipelined command: sent on ``imap``, its answer not read yet (or read early)."""
@@ -1476,6 +1480,8 @@ class _Pending:
     response: Optional[_Response] = None
     keep: Optional[Callable[[List[Any]], bool]] = None    # as for _Protocol.execute
     max_literal: Optional[int] = None
+    early: List[List[Any]] = field(default_factory=list)  # its untagged answers read early
+    budget: Optional["_AnswerBudget"] = None    # what those cost (see _Protocol._early)
 
 
 def _weight(value: Any, depth: int = 0) -> int:
@@ -1903,16 +1909,17 @@ class _Protocol:
     # back, so that the server and the network work while we parse and classify.  Each
     # stays in _inflight until its answer is read; any other command first reads those
     # answers (and keeps them), so the wire never interleaves.  STATUS of several folders
-    # goes the same way (it only reads).  Writes are never pipelined.  After a drop, every
-    # FETCH whose answer had not completed is sent again.
+    # goes the same way (it only reads).  Writes are pipelined only by _WriteFlight, for a
+    # step whose write-ahead intents are on disk, and never sent again blindly.  After a
+    # drop, every FETCH whose answer had not completed is sent again.
 
     def send_ahead(self, command: str, *args: Any,
                    keep: Optional[Callable[[List[Any]], bool]] = None,
                    max_literal: Optional[int] = None) -> _Pending:
         """Send a read-only command without waiting for its answer; the caller holds the
         lock.  ``keep`` and ``max_literal`` apply when the answer is read, as in execute."""
-        if command not in ("UID FETCH", "STATUS"):
-            raise AssertionError(f"only UID FETCH and STATUS may be pipelined, not {command}")
+        if command not in _PIPELINED:
+            raise AssertionError(f"only {', '.join(_PIPELINED)} may be pipelined, not {command}")
         imap = self.live()
         tag = _new_tag(imap)
         parts = self._command_parts(tag, command, args)
@@ -1930,19 +1937,20 @@ class _Protocol:
     @_scrubbed
     def collect(self, pending: _Pending) -> _Response:
         """Read answers in the order sent up to ``pending``'s; raises as execute does."""
-        while pending.response is None:
+        while pending.response is None or any(p is pending for p in self._inflight):
             imap = self.imap
             if imap is None or pending.imap is not imap or pending not in self._inflight:
                 raise _Dropped(f"{pending.command} was sent on a connection that is gone")
             first = self._inflight[0]
-            try:
-                with self._reading(first.command):
-                    self._watch(first.command)
-                    first.response = self._read_response(first.tag, first.command, False,
-                                                          None, keep=first.keep,
-                                                          max_literal=first.max_literal)
-            finally:
-                self.last_activity = time.monotonic()
+            if first.response is None:      # else its tagged answer came early
+                try:
+                    with self._reading(first.command):
+                        self._watch(first.command)
+                        first.response = self._read_response(
+                            first.tag, first.command, False, None, keep=first.keep,
+                            max_literal=first.max_literal, early=first.early)
+                finally:
+                    self.last_activity = time.monotonic()
             self._inflight.pop(0)
         return self._checked(pending.response, pending.command)
 
@@ -2055,8 +2063,9 @@ class _Protocol:
     def _read_response(self, tag: bytes, command: str, expect_bye: bool,
                        on_untagged: Optional[Callable[[List[Any]], None]],
                        keep: Optional[Callable[[List[Any]], bool]] = None,
-                       max_literal: Optional[int] = None) -> _Response:
-        untagged: List[List[Any]] = []
+                       max_literal: Optional[int] = None,
+                       early: Optional[List[List[Any]]] = None) -> _Response:
+        untagged: List[List[Any]] = list(early or ())
         oversized: List[List[Any]] = []
         keep = keep or _needed_by(command)
         budget = _AnswerBudget(command)
@@ -2101,17 +2110,52 @@ class _Protocol:
                         budget.kept(oversized, parsed, len(raw))
                 elif keep(parsed):
                     budget.kept(untagged, parsed, len(raw))
-                else:
+                elif not self._early(parsed, tag, len(raw)):
                     budget.unasked(len(raw), update=_untagged_kind(parsed) in _STATE_UPDATES)
             elif raw.startswith(tag + b" "):
                 response = self._tagged(raw[len(tag) + 1:], untagged, oversized)
                 if "THROTTLED" in response.text.upper() or response.code == "THROTTLED":
                     log.warning("the server is throttling this account (%s)", response.text)
                 return response
+            elif self._answered_early(raw, tag):
+                continue
             elif raw.startswith(b"+"):
                 raise ProtocolError(f"unexpected continuation request to {command}: {raw[:80]!r}")
             else:
                 raise ProtocolError(f"unexpected line in the answer to {command}: {raw[:80]!r}")
+
+    # A server may run pipelined commands side by side and answer them out of order (RFC
+    # 3501 §5.5; Dovecot does: a FETCH's data can come before the OK of a COPY sent ahead
+    # of it).  So while one command's answer is read, what belongs to a command sent after
+    # it is kept for that one: an untagged answer its keep() wants, and its tagged line.
+
+    def _later(self, tag: bytes) -> Iterator[_Pending]:
+        """The pipelined commands sent after the one tagged ``tag``, still unanswered."""
+        seen = False
+        for pending in self._inflight:
+            if seen and pending.response is None and pending.imap is self.imap:
+                yield pending
+            seen = seen or pending.tag == tag
+
+    def _early(self, parsed: List[Any], tag: bytes, size: int) -> bool:
+        """Keep ``parsed`` (``size`` bytes) for a later command that wants it, within that
+        command's own answer budget; True if one did."""
+        for pending in self._later(tag):
+            if (pending.keep or _needed_by(pending.command))(parsed):
+                if pending.budget is None:
+                    pending.budget = _AnswerBudget(pending.command)
+                pending.budget.kept(pending.early, parsed, size)
+                return True
+        return False
+
+    def _answered_early(self, raw: bytes, tag: bytes) -> bool:
+        """A later command's tagged line: its answer is complete; True if ``raw`` was one."""
+        for pending in self._later(tag):
+            if raw.startswith(pending.tag + b" "):
+                pending.response = self._tagged(raw[len(pending.tag) + 1:], pending.early)
+                pending.early = []
+                return True
+        return False
 
     def _tagged(self, line: bytes, untagged: Optional[List[List[Any]]] = None,
                 oversized: Optional[List[List[Any]]] = None) -> _Response:
@@ -2698,7 +2742,9 @@ class GmailConnection:
         def attempt() -> None:
             found.clear()
             items = "(MESSAGES UIDNEXT UIDVALIDITY)"
-            pending = [(name, self._proto.send_ahead("STATUS", self._mailbox(name), items))
+            # Each keeps only its own folder's answer: a server may answer them out of order.
+            pending = [(name, self._proto.send_ahead("STATUS", self._mailbox(name), items,
+                                                     keep=self._status_keep(name)))
                        for name in folders if not isinstance(self._mailbox(name), Literal)]
             for name, sent in pending:
                 ask(name, lambda: self._proto.collect(sent))
@@ -2710,6 +2756,16 @@ class GmailConnection:
             with self._lock:
                 self._retrying("STATUS", attempt)
         return found
+
+    def _status_keep(self, folder: str) -> Callable[[List[Any]], bool]:
+        """keep() for STATUS ``folder``: its own STATUS line, and status lines with a code."""
+        default = _needed_by("STATUS")
+
+        def keep(item: List[Any]) -> bool:
+            if item and str(item[0]).upper() == "STATUS":
+                return len(item) >= 3 and self._names(item[1], folder)
+            return default(item)
+        return keep
 
     @staticmethod
     def _status_numbers(attrs: Mapping[Any, Any]) -> Dict[str, int]:
@@ -3377,6 +3433,229 @@ class _SafeCopy:
         """UIDNEXT of ``folder`` by STATUS (see _status), or None if it did not say."""
         value = self.conn._status(folder, "(UIDNEXT)").get("UIDNEXT")
         return None if value is None else _server_number(value, "UIDNEXT", "STATUS", nonzero=True)
+
+
+@dataclass
+class _Write:
+    """One command of a _WriteFlight: what it is for (``key``, the caller's), the UIDs it
+    names and, once landed, what the server confirmed or the refusal."""
+
+    key: Any
+    command: str                        # CREATE, UID STORE, UID COPY or UID MOVE
+    args: Tuple[Any, ...]
+    uids: List[int]
+    destination: Optional[str] = None   # the server name a CREATE, COPY or MOVE names
+    uidnext: Optional[int] = None       # a COPY's destination's UIDNEXT before the flight
+    pending: Optional[_Pending] = None
+    response: Optional[_Response] = None
+    error: Optional[ImapError] = None
+    result: Optional[Dict[int, Optional[int]]] = None    # {uid: new UID or None}, confirmed
+    missing: List[int] = field(default_factory=list)     # MOVE: gone before we asked
+    created: Optional[bool] = None      # CREATE: made (True) or there already (False)
+
+
+class _WriteFlight:
+    """Write commands sent back to back, their answers read afterwards (RFC 3501 §5.5):
+    one wait for the server instead of one per command.
+
+    Only for writes whose write-ahead intent is on disk.  ``create/store/copy/move`` queue
+    commands, ``send()`` puts them on the wire and ``land()`` reads the answers (a server
+    may finish them out of order: _Protocol keeps each answer for its own command, and a
+    COPYUID goes to the command whose UIDs it names).  Nothing is sent twice blindly:
+    after a drop, land() settles each command whose answer was lost as the one-at-a-time
+    methods do (a STORE or CREATE again: both idempotent; a MOVE by what is still in the
+    source folder; a COPY off Gmail by the destination's UIDNEXT from before the flight,
+    then by Message-ID, size and date, see _SafeCopy).  A refusal (NO, BAD) is kept on its
+    command (``error``); the commands after it were sent and are answered all the same.
+    """
+
+    def __init__(self, conn: "GmailConnection") -> None:
+        self.conn = conn
+        self.writes: List[_Write] = []
+
+    def create(self, name: str, key: Any) -> None:
+        self.writes.append(_Write(key, "CREATE", (self.conn._mailbox(name),), [],
+                                  destination=name))
+
+    def store(self, key: Any, uids: Iterable[int], item: str, values: Sequence[bytes]) -> None:
+        if item.endswith("FLAGS"):
+            item += ".SILENT"       # as _store: no echo of every message's flags
+        for chunk in chunk_uids(uids):
+            self.writes.append(_Write(key, "UID STORE", (compress_uids(chunk), item, b"(" +
+                                                         b" ".join(values) + b")"), chunk))
+
+    def copy(self, key: Any, uids: Iterable[int], destination: str,
+             uidnext: Optional[int] = None) -> None:
+        """Queue a UID COPY; ``uidnext``: the destination's UIDNEXT before the flight (or
+        lower; None if unknown), what a lost answer is settled by off Gmail."""
+        for chunk in chunk_uids(uids):
+            self.writes.append(_Write(key, "UID COPY", (compress_uids(chunk),
+                                                        self.conn._mailbox(destination)),
+                                      chunk, destination, uidnext))
+
+    def move(self, key: Any, uids: Iterable[int], destination: str) -> None:
+        for chunk in chunk_uids(uids):
+            self.writes.append(_Write(key, "UID MOVE", (compress_uids(chunk),
+                                                        self.conn._mailbox(destination)),
+                                      chunk, destination))
+
+    def _inline(self, args: Sequence[Any]) -> bool:
+        """True if ``args`` can go without waiting for a continuation (no literal, or
+        LITERAL+/LITERAL- and a small one): only those can be pipelined."""
+        nonsync = bool({"LITERAL+", "LITERAL-"} & self.conn._proto.capabilities)
+        return all(not isinstance(arg, Literal) or (nonsync and len(arg.data) <=
+                                                    NONSYNC_LITERAL_MAX) for arg in args)
+
+    def send(self) -> None:
+        """Every queued command onto the wire, without reading an answer; one that needs a
+        literal's continuation is run on its own in its place.  A drop here leaves the rest
+        for land() to settle."""
+        conn, proto = self.conn, self.conn._proto
+        with conn._lock:
+            conn._check_background()
+            try:
+                for write in self.writes:
+                    if self._inline(write.args):
+                        write.pending = proto.send_ahead(write.command, *write.args)
+                        continue
+                    try:
+                        write.response = proto.execute(write.command, *write.args)
+                    except ImapError as exc:
+                        if exc.status not in ("NO", "BAD"):
+                            raise
+                        write.error = exc
+            except _Dropped:
+                pass        # what was not answered is settled by land()
+
+    def land(self) -> List[_Write]:
+        """Read every answer (each write's ``result``, ``created`` or ``error``), settling
+        those lost to a drop; returns the writes.  What was answered before an error
+        passes on (a stop that could not wait, a garbled answer) is filled in still."""
+        conn, proto = self.conn, self.conn._proto
+        lost: List[_Write] = []
+        try:
+            with conn._lock:
+                for write in self.writes:
+                    if lost or (write.pending is None and write.response is None and
+                                write.error is None):
+                        lost.append(write)      # dropped before it was sent, or after
+                        continue
+                    if write.pending is None:
+                        continue
+                    try:
+                        write.response = proto.collect(write.pending)
+                    except ImapError as exc:
+                        if exc.status not in ("NO", "BAD"):
+                            raise
+                        write.error = exc
+                    except _Dropped:
+                        lost.append(write)
+                if lost and lost[0].pending is not None and \
+                        proto.imap is lost[0].pending.imap:
+                    proto.drop()    # the rest of this link's answers are lost with it
+        finally:
+            # A MOVE's COPYUID comes untagged, perhaps while another answer was read.
+            codes = [(item[1], item[2]) for w in self.writes if w.response is not None
+                     for item in w.response.untagged
+                     if item and item[0] == "OK" and len(item) >= 3]
+            for write in self.writes:
+                if write.response is not None:
+                    self._answered(write, [(write.response.code, write.response.code_args)]
+                                   + codes)
+                elif write.error is not None:
+                    self._answered(write, [])
+        for write in lost:
+            self._settle(write)
+        return self.writes
+
+    def _answered(self, write: _Write, codes: List[Tuple[Any, Any]]) -> None:
+        """Fill in ``write``'s outcome from its answer; ``codes``: the response codes its
+        COPYUID may be among, its own first (a flight's moves name disjoint UIDs)."""
+        if write.command == "CREATE" and write.error is not None:
+            exc = write.error
+            if exc.code == "ALREADYEXISTS" or "exist" in exc.text.lower():
+                write.error, write.created = None, False     # as create_folder says
+            else:
+                write.error = ImapError(f"the server refused to create the folder "
+                                        f"{write.destination!r}: {exc.status} {exc.text}",
+                                        command="CREATE", status=exc.status, code=exc.code,
+                                        text=exc.text)
+            return
+        if write.error is not None:
+            if write.command in ("UID COPY", "UID MOVE") and type(write.error) is ImapError:
+                exc, what = write.error, "copy" if write.command == "UID COPY" else "move"
+                write.error = ImapError(f"the server refused to {what} messages to "
+                                        f"{write.destination!r}: {exc.status} {exc.text}",
+                                        command=exc.command, status=exc.status,
+                                        code=exc.code, text=exc.text)
+            return
+        if write.command == "CREATE":
+            write.created = True
+            self.conn._folders = None
+            return
+        if write.command == "UID STORE":
+            write.result = dict.fromkeys(write.uids)
+            return
+        mapping: Dict[int, int] = {}
+        mine = set(write.uids)
+        for code, args in codes:     # the COPYUID that names this command's UIDs
+            if code != "COPYUID" or len(args) < 3:
+                continue
+            try:    # one naming more UIDs than this command's is another's: not expanded
+                source = parse_uid_set(str(args[1]), limit=len(mine))
+            except ValueError:
+                continue
+            if source and set(source) <= mine:
+                mapping = _copyuid_map(_Response("OK", code, args, "", []), write.uids)
+                break
+        write.result = {}
+        for uid in write.uids:
+            if write.command == "UID MOVE" and mapping and uid not in mapping:
+                write.missing.append(uid)   # gone before we asked: someone else moved it
+            else:
+                write.result[uid] = mapping.get(uid)
+
+    def _settle(self, write: _Write) -> None:
+        """A write whose answer was lost (or that was never sent): find out what it did
+        and finish it with the one-at-a-time method, which reconnects first."""
+        conn = self.conn
+        log.info("the connection dropped with %s in flight; settling it", write.command)
+        try:
+            if write.command == "CREATE":
+                write.created = conn.create_folder(str(write.destination))
+            elif write.command == "UID STORE":
+                conn._call("UID STORE", *write.args)
+                write.result = dict.fromkeys(write.uids)
+            elif write.command == "UID COPY" and conn.is_gmail:
+                write.result = conn.copy(write.uids, str(write.destination))
+            elif write.command == "UID COPY":
+                write.result = self._settle_copy(write)
+            else:
+                still_here = set(conn.search(uids=write.uids))
+                write.result = {uid: None for uid in write.uids if uid not in still_here}
+                rest = [uid for uid in write.uids if uid in still_here]
+                if rest:
+                    moved = conn.move(rest, str(write.destination))
+                    write.result.update(moved.moved)
+                    write.missing.extend(moved.missing)
+        except ImapError as exc:
+            if type(exc) is not ImapError or exc.status not in ("NO", "BAD"):
+                raise
+            write.error = exc
+
+    def _settle_copy(self, write: _Write) -> Dict[int, Optional[int]]:
+        """A COPY off Gmail whose answer was lost: a destination UIDNEXT still where it was
+        before the flight proves it never ran; otherwise what arrived since is compared
+        with ours and only the rest is copied (see _SafeCopy.copy_once)."""
+        safe, destination = _SafeCopy(self.conn), str(write.destination)
+        before = write.uidnext
+        if before is not None and safe.uidnext(destination) == before:
+            return safe.copy_once(write.uids, destination)
+        found = safe.copies_in(destination, write.uids, before)
+        rest = [uid for uid in write.uids if uid not in found]
+        if rest:
+            found.update(safe.copy_once(rest, destination))
+        return found
 
 
 def _new_tag(imap: imaplib.IMAP4) -> bytes:
@@ -7639,10 +7918,11 @@ def write_rules_file(path: Any, text: str, force: bool = False) -> None:
 # --- Classify pipeline -------------------------------------------------------------------
 #
 # For one folder: open it (EXAMINE in a dry run, so nothing can change), find the UIDs,
-# fetch in batches only what the rules read, classify in memory, and act in steps of a few
-# batches: one command per action per chunk of a compressed UID set, flags and labels
-# before moves.  Round trips grow with N / batch size plus a few per distinct action and
-# step, never with N alone; after a step is applied only its UIDs' outcomes are kept.
+# fetch in batches only what the rules read, classify in memory, and act in steps (one per
+# batch by default): one command per action per chunk of a compressed UID set, flags and
+# labels before moves, each kind in one flight of pipelined commands (_WriteFlight), the
+# moves' answers read while the next batch is classified.  Round trips grow with N / batch
+# size, never with N alone; after a step is applied only its UIDs' outcomes are kept.
 #
 # A Checkpoint (the state layer below supplies one that lives on disk) says where to start
 # and hears, after each step the server confirmed, how far the run got: the mark, the
@@ -7651,7 +7931,7 @@ def write_rules_file(path: Any, text: str, force: bool = False) -> None:
 # anywhere is finished by the next one without doing anything twice.
 
 DEFAULT_BATCH = 1000     # messages per FETCH: ~0.5 MB of headers, one round trip
-DEFAULT_APPLY_EVERY = 10 # batches classified per step; changes are applied after each step
+DEFAULT_APPLY_EVERY = 1  # batches classified per step; changes are applied after each step
 # At most this many new folders (labels) per run unless the caller raises it: a template
 # such as "Vendors/{sender_domain}" over years of mail could otherwise create hundreds.
 DEFAULT_MAX_NEW_FOLDERS = 20
@@ -8222,6 +8502,10 @@ class _ApplyHooks:
     def done(self, key: Tuple[str, ...], result: Mapping[int, Any]) -> None:
         pass
 
+    def uidnext(self, folder: str) -> Optional[int]:
+        """``folder``'s UIDNEXT from before this step's writes, or lower; None if unknown."""
+        return None
+
 
 class _FolderRun(_ApplyHooks):
     """One classify_folder call: ``open()`` the folder and find its messages, then
@@ -8243,6 +8527,8 @@ class _FolderRun(_ApplyHooks):
         self.applied = self.planned = 0     # changes made, changes planned: for on_applied
         self.step = self.new_step()         # the step in hand, and what of it was confirmed
         self.confirmed: Dict[Tuple[int, Tuple[str, ...]], Any] = {}
+        # A step whose moves are sent and not yet answered, and what reads them (finish).
+        self.in_flight: Optional[Tuple[_Step, Callable[[], None]]] = None
 
     # -- opening the folder ---------------------------------------------------------------
 
@@ -8338,6 +8624,7 @@ class _FolderRun(_ApplyHooks):
                     batch, fetched = next(fetches)
                 except RunStopped:
                     self.finish(self.step)
+                    self.land()
                     raise
                 self.classify(batch, fetched)
                 batches += 1
@@ -8347,9 +8634,18 @@ class _FolderRun(_ApplyHooks):
                     self.finish(self.step)
                     self.step = self.new_step()
             self.finish(self.step)
+            self.land()
         except BaseException:
             if not self.step.finished and self.apply:
                 report.changes_not_made += self.step.plan.size()
+            if self.in_flight is not None:
+                # Writes were sent: the server carries them out whatever happens here, so
+                # their answers are read and recorded before the error goes on.
+                try:
+                    self.land()
+                except GmailClassifyError as exc:
+                    log.info("%s: the answers to the last changes sent were lost (%s); "
+                             "the next run finds out what was done", self.source, exc)
             raise
 
     def classify(self, batch: List[int], fetched: Optional[Dict[int, Dict[str, Any]]] = None
@@ -8476,23 +8772,45 @@ class _FolderRun(_ApplyHooks):
     def finish(self, step: _Step) -> None:
         """Make the step's changes (with ``apply``), then tell the checkpoint and the
         listeners what was done, and where the mark is; a stop between commands writes
-        the changes never sent as ``unsent`` first."""
+        the changes never sent as ``unsent`` first.
+
+        The step's moves are sent but their answers not waited for (``in_flight``): the
+        server works on them while the next batch is fetched and classified, and land()
+        reads them, before the next step writes anything or the run ends."""
+        self.land()
         step.finished = True
         if not step.decisions and not step.content_skips:
             return
         self.applying, self.confirmed = step, {}
         ok = False
         try:
-            self._apply_step(step)
+            tail = self._apply_step(step)
+            if tail is not None:
+                self.in_flight = (step, tail)
+                return          # _step_done once land() has read the answers
             ok = True
         except StopRequested as exc:
             if self.apply and exc.between_commands and self.checkpoint.writes_ahead:
                 self._not_sent(step)
             raise
         finally:
+            if self.in_flight is None or self.in_flight[0] is not step:
+                self._step_done(step, ok)
+
+    def land(self) -> None:
+        """Read the answers to the writes still in flight (see finish), record what the
+        server confirmed, and finish their step."""
+        if self.in_flight is None:
+            return
+        (step, tail), self.in_flight = self.in_flight, None
+        ok = False
+        try:
+            tail()
+            ok = True
+        finally:
             self._step_done(step, ok)
 
-    def _apply_step(self, step: _Step) -> None:
+    def _apply_step(self, step: _Step) -> Optional[Callable[[], None]]:
         conn, plan = self.conn, step.plan
         conn.stop.check("before the step's changes")    # a safe point (see Stop)
         if self.settled.plain_expunge and (plan.move or plan.trash or plan.archive):
@@ -8501,11 +8819,11 @@ class _FolderRun(_ApplyHooks):
             _drop_copies_already_there(conn, plan, self.copies)
         self.planned += plan.size()
         if self.apply:
-            _apply_plan(conn, plan, self.report, self, self.options.max_new_folders,
-                        self.settled, self.options.allow_expunge)
-        else:
-            self.report.created.extend(name for name in _missing_folders(conn, plan)
-                                       if name not in self.report.created)
+            return _apply_plan(conn, plan, self.report, self, self.options.max_new_folders,
+                               self.settled, self.options.allow_expunge, defer=True)
+        self.report.created.extend(name for name in _missing_folders(conn, plan)
+                                   if name not in self.report.created)
+        return None
 
     def _intents(self, step: _Step) -> List[Dict[str, Any]]:
         return _intent_entries(step, self.status, self.conn.is_gmail, self.destinations,
@@ -8515,8 +8833,8 @@ class _FolderRun(_ApplyHooks):
         if not self.checkpoint.writes_ahead:
             return                  # nothing keeps a record: no STATUS spent
         if phase == "create":
-            self.checkpoint.intend(self.conn, [{"create": name, "folder": self.folder}
-                                               for name in folders])
+            self.checkpoint.intend(self.conn, [{"create": name, "folder": self.folder,
+                                                "flight": True} for name in folders])
             return
         self.places.update(_place_statuses(self.conn, [name for name in folders
                                                        if name not in self.places]))
@@ -8536,6 +8854,10 @@ class _FolderRun(_ApplyHooks):
         self.applied += len(result)
         if self.listeners.on_applied is not None:
             self.listeners.on_applied(min(self.applied, self.planned), self.planned)
+
+    def uidnext(self, folder: str) -> Optional[int]:
+        place = self.places.get(folder)     # as intend() found it, moved past our copies
+        return place.get("uidnext") if place else None
 
     def _not_sent(self, step: _Step) -> None:
         # Every command sent was answered: what is not confirmed was never sent, and the
@@ -8844,28 +9166,73 @@ def _check_folder_limit(report: FolderReport, missing: Sequence[str],
 
 def _create_folders(conn: GmailConnection, missing: Sequence[str], report: FolderReport,
                     hooks: _ApplyHooks) -> None:
-    """Create the folders a step needs, the intent first; each answer goes to hooks.done."""
-    if missing:
-        conn.stop.check("before creating folders")
-        hooks.intend("create", missing)
+    """Create the folders a step needs, the intent first, the CREATEs in one flight (each
+    is safe to send again); each answer goes to hooks.done before a refusal is raised."""
+    if not missing:
+        return
+    conn.stop.check("before creating folders")
+    hooks.intend("create", missing)
+    flight = _WriteFlight(conn)
     for name in missing:
-        conn.stop.check(f"before creating {name}")
-        try:
-            created = conn.create_folder(name)
-        except ImapError as exc:
-            if exc.status in ("NO", "BAD"):
+        flight.create(name, ("create", name))
+    flight.send()
+    _land_flight(flight, report, hooks)
+
+
+def _land_flight(flight: _WriteFlight, report: FolderReport, hooks: _ApplyHooks) -> None:
+    """Read a sent flight's answers and tell ``hooks.done`` what the server confirmed (see
+    _apply_plan), in the order sent, a key's chunks together; every answer read is
+    reported before the first refusal is raised, or before any other error passes on."""
+    try:
+        flight.land()
+    except BaseException:
+        _confirm_flight(flight, report, hooks)
+        raise
+    refused = _confirm_flight(flight, report, hooks)
+    if refused is not None:
+        raise refused
+
+
+def _confirm_flight(flight: _WriteFlight, report: FolderReport,
+                    hooks: _ApplyHooks) -> Optional[ImapError]:
+    """hooks.done for each answered command of ``flight``; returns the first refusal."""
+    refused: Optional[ImapError] = None
+    confirmed: Dict[Any, Dict[int, Any]] = {}
+    for write in flight.writes:
+        if write.command == "CREATE":
+            name = str(write.destination)
+            if write.error is not None:
                 hooks.done(("create", name, "refused"), {})     # answered: nothing was made
-            raise
-        hooks.done(("create", name, "created" if created else "existed"), {})
-        if created:
-            report.created.append(name)
+            elif write.created is not None:
+                hooks.done(("create", name, "created" if write.created else "existed"), {})
+                if write.created:
+                    report.created.append(name)
+        if write.error is not None:
+            refused = refused or write.error
+        if write.command == "CREATE" or write.result is None:
+            continue
+        report.moved_missing += len(write.missing)
+        if write.command == "UID STORE":
+            confirmed.setdefault(write.key, {}).update(write.result)
+        else:
+            confirmed.setdefault(write.key, {}).update(
+                (uid, {"folder": write.destination, "uid": new})
+                for uid, new in write.result.items())
+    for key, result in confirmed.items():
+        hooks.done(key, result)
+    return refused
 
 
 def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
                 hooks: Optional[_ApplyHooks] = None, max_new_folders: Optional[int] = None,
-                settled: Optional[_Destinations] = None, allow_expunge: bool = False) -> None:
+                settled: Optional[_Destinations] = None, allow_expunge: bool = False,
+                defer: bool = False) -> Optional[Callable[[], None]]:
     """Carry out a plan: check destinations, create what is missing, then labels and flags,
-    then moves (so a message is labelled where it stands, then leaves).
+    then moves (so a message is labelled where it stands, then leaves).  Each of the three
+    goes as one flight of pipelined commands (_WriteFlight), the next sent once the one
+    before is confirmed.  With ``defer``, the moves' answers are not waited for: the
+    function that reads them (and calls ``hooks.done``) is returned, for the caller to
+    call before anything else writes; otherwise None.
 
     ``hooks.intend(phase, folders)`` is called before any write command goes out:
     ``"create"`` with the folders about to be created, then ``"change"`` with the folders
@@ -8902,43 +9269,53 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
                 if folder is not None and uids and not _same_folder(folder.name, source)]
     stop.check("before changing messages")
     hooks.intend("change", list(dict.fromkeys(targets)))
+    # The labels and flags go in one flight, and once all are confirmed, the moves (and
+    # Gmail's archive) in another: a message refused a label is never moved without it.
+    flight = _WriteFlight(conn)
     for label, uids in plan.add_labels.items():
-        stop.check(f"before labelling with {label}")
         if conn.is_gmail:
-            conn.add_labels(uids, [label])
-            done(("label", label), dict.fromkeys(uids))
-            continue
-        # No labels here: a label is a copy in a folder of that name (copies it already
-        # holds were dropped from the plan by _drop_copies_already_there).
-        target = conn.server_name(label)
-        copied = conn.copy(uids, target)
-        done(("label", label), {uid: {"folder": target, "uid": copied.get(uid)} for uid in uids})
+            flight.store(("label", label), uids, "+X-GM-LABELS", [_label_arg(label)])
+        else:
+            # No labels here: a label is a copy in a folder of that name (copies it already
+            # holds were dropped from the plan by _drop_copies_already_there).
+            target = conn.server_name(label)
+            flight.copy(("label", label), uids, target, hooks.uidnext(target))
     for flag, uids in plan.add_flags.items():
-        stop.check(f"before setting {flag}")
-        conn.add_flags(uids, [flag])
-        done(("flag+", flag), dict.fromkeys(uids))
+        flight.store(("flag+", flag), uids, "+FLAGS", [_flag_arg(flag)])
     for flag, uids in plan.remove_flags.items():
-        stop.check(f"before clearing {flag}")
-        conn.remove_flags(uids, [flag])
-        done(("flag-", flag), dict.fromkeys(uids))
+        flight.store(("flag-", flag), uids, "-FLAGS", [_flag_arg(flag)])
+    if flight.writes:
+        flight.send()
+        _land_flight(flight, report, hooks)
     moves: List[Tuple[List[int], str, Tuple[str, ...]]] = [
         (uids, conn.server_name(dest), ("move", dest)) for dest, uids in plan.move.items()]
-    if plan.archive and conn.is_gmail:
-        # Gmail's archive is "remove the \Inbox label"; the message stays in All Mail.
-        stop.check("before archiving")
-        conn.remove_labels(plan.archive, ["\\Inbox"])
-        done(("archive",), dict.fromkeys(plan.archive))
-    elif plan.archive and archive is not None and not _same_folder(archive.name, source):
+    if plan.archive and not conn.is_gmail and archive is not None \
+            and not _same_folder(archive.name, source):
         moves.append((plan.archive, archive.name, ("archive",)))
     if plan.trash and trash is not None and not _same_folder(trash.name, source):
         moves.append((plan.trash, trash.name, ("trash",)))
-    for uids, destination, key in moves:
+    flight = _WriteFlight(conn)
+    if plan.archive and conn.is_gmail:
+        # Gmail's archive is "remove the \Inbox label"; the message stays in All Mail.
+        flight.store(("archive",), plan.archive, "-X-GM-LABELS", [_label_arg("\\Inbox")])
+    if conn.has("MOVE"):
+        for uids, destination, key in moves:
+            flight.move(key, uids, destination)
+        moves = []
+    if flight.writes:
+        stop.check("before moving messages")
+        flight.send()
+        if defer and not moves:
+            return lambda: _land_flight(flight, report, hooks)
+        _land_flight(flight, report, hooks)
+    for uids, destination, key in moves:     # no MOVE: copy, \Deleted, expunge, in turn
         stop.check(f"before moving to {destination}")
         result = conn.move(uids, destination, allow_expunge=allow_expunge)
         report.moved_missing += len(result.missing)
         report.expunge_stayed.extend(result.stayed)     # not in result.moved: not confirmed
         report.others_expunged += result.others_expunged
         done(key, {uid: {"folder": destination, "uid": new} for uid, new in result.moved.items()})
+    return None
 
 
 # --- Demo: a small sample mailbox, classified offline ------------------------------------
@@ -9662,6 +10039,7 @@ _AUDIT_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "action": (_optional(_is_str), "a string"), "label": (_optional(_is_str), "a string"),
     "flag": (_optional(_is_str), "a string"),
     "created": (lambda v: isinstance(v, bool), "true or false"),
+    "flight": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 
@@ -10005,25 +10383,30 @@ class Run(Checkpoint):
 class _Creates:
     """What became of the CREATEs one run announced, read from its records in log order.
 
-    A step announces all its new folders in one intent, then sends their CREATEs one by
-    one, each answer recorded by a ``done`` record (created, existed or refused).  So at
-    the end of the log only the first announced and unanswered folder can have been sent
-    (the process ended while it was in flight): it is "maybe"; a refusal ends the step,
-    and nothing announced after the command in flight was ever sent.
+    A step announces all its new folders in one intent, then sends their CREATEs, each
+    answer recorded by a ``done`` record (created, existed or refused).  Intents marked
+    ``flight`` had their CREATEs sent back to back (_WriteFlight): every one announced and
+    unanswered at the end of the log may have been made, and is "maybe".  Older runs sent
+    them one by one: there only the first announced and unanswered folder can have been
+    sent (the process ended while it was in flight), a refusal ended the step, and nothing
+    announced after the command in flight was ever sent.
     """
 
     def __init__(self) -> None:
         self.made: Dict[str, Optional[bool]] = {}
         self._pending: List[str] = []
+        self._flight: List[str] = []     # announced as one flight, not answered yet
 
     def read(self, record: Mapping[str, Any]) -> None:
         """Take in one record of the run (others are ignored)."""
         name = record.get("create")
         if record.get("type") == "intent" and name:
-            self._pending.append(name)
+            (self._flight if record.get("flight") else self._pending).append(name)
         elif record.get("type") == "done" and name:
             self.made[name] = bool(record.get("created"))
-            if record.get("answer") == "refused":
+            if name in self._flight:
+                self._flight.remove(name)
+            elif record.get("answer") == "refused":
                 self._pending = []
             elif name in self._pending:
                 self._pending = self._pending[self._pending.index(name) + 1:]
@@ -10037,6 +10420,8 @@ class _Creates:
         result = dict(self.made)
         if self._pending and self._pending[0] not in result:
             result[self._pending[0]] = None
+        for name in self._flight:
+            result.setdefault(name, None)
         return result
 
 

@@ -2489,7 +2489,6 @@ class _TCPServer(socketserver.ThreadingTCPServer):
         self.fake.errors.append(traceback.format_exc())  # never print: tests assert on errors
 
 
-
 class _OutOfOrderSession(_Session):
     """A server that runs pipelined commands side by side and answers them out of order,
     as Dovecot does: the tagged line of a command named in ``hold`` waits, when the next
@@ -6527,6 +6526,107 @@ class StatusesOnAnyServerTest(unittest.TestCase):
         self.server.add_fault("STATUS", nth=1, action="garbage")
         with self.assertRaises(gc.ProtocolError):
             conn.statuses(["Lists", "INBOX"])
+
+
+#
+# A step's writes go out in flights (_WriteFlight): one wait for the server per flight, the
+# moves' answers read while the next batch is classified; a server that answers pipelined
+# commands out of order (Dovecot) has each answer kept for its own command.
+
+
+def _out_of_order(*hold: str, patience: float = 0.3) -> type:
+    return type("OutOfOrder", (_OutOfOrderSession,), {"hold": hold, "patience": patience})
+
+
+class OutOfOrderAnswersTest(FakeServerTest):
+    """Pipelined answers that come out of order are each kept for their own command."""
+
+    ITEMS = ["FLAGS", "BODY.PEEK[HEADER.FIELDS (SUBJECT)]"]
+
+    def setUp(self):
+        super().setUp()
+        self.server.held = collections.Counter()
+        for index in range(1, 7):
+            self.server.add_message(make_message(f"message {index}"))
+        setup = self.connect()
+        for name in ("A", "B"):
+            setup.create_folder(name)
+        setup.close()
+
+    def test_statuses_answered_out_of_order_each_keep_their_own_numbers(self):
+        self.server.add_message(make_message("in B"), folder="B")
+        self.server.use_handler(_out_of_order("STATUS"))
+        conn = self.connect()
+        found = conn.statuses(["A", "B", "INBOX"])
+        self.assertGreaterEqual(self.server.held["STATUS"], 1)
+        self.assertEqual({name: values["MESSAGES"] for name, values in found.items()},
+                         {"A": 0, "B": 1, "INBOX": 7})
+
+    def test_a_later_fetch_answered_before_a_flight_of_writes_is_kept_for_it(self):
+        # The MOVE's tagged line waits: the FETCH sent behind it is answered first, data
+        # and OK, while the client reads the MOVE's answer.
+        self.server.use_handler(_out_of_order("UID MOVE"))
+        conn = self.connect()
+        conn.select("INBOX")
+        flight = gc._WriteFlight(conn)
+        flight.store(("flag+", "\\Flagged"), [1, 2], "+FLAGS", [b"\\Flagged"])
+        flight.move(("move", "A"), [1, 2], "A")
+        flight.send()
+        batches = conn.fetch_batches([[3, 4], [5, 6]], self.ITEMS)
+        batch, result = next(batches)
+        writes = flight.land()
+        self.assertEqual(self.server.held["UID MOVE"], 1)
+        self.assertEqual({uid: values[self.ITEMS[1]].strip() for uid, values in result.items()},
+                         {3: b"Subject: message 3", 4: b"Subject: message 4"})
+        self.assertEqual([w.error for w in writes], [None, None])
+        self.assertEqual(writes[0].result, {1: None, 2: None})
+        moved = writes[1].result
+        self.assertEqual(sorted(moved), [1, 2])
+        self.assertEqual(sorted(moved.values()), self.server.uids("A"))
+        self.assertEqual(len(list(batches)), 1)
+        self.assertEqual([m.flags & {"\\Flagged"} for m in self.server.messages("A")],
+                         [{"\\Flagged"}] * 2)
+
+    def test_each_move_gets_the_copyuid_that_names_its_own_uids(self):
+        self.server.use_handler(_out_of_order("UID MOVE"))
+        conn = self.connect()
+        conn.select("INBOX")
+        flight = gc._WriteFlight(conn)
+        flight.move(("move", "A"), [1, 3], "A")
+        flight.move(("move", "B"), [2, 4, 5], "B")
+        flight.send()
+        first, second = flight.land()
+        self.assertGreaterEqual(self.server.held["UID MOVE"], 1)
+        self.assertEqual(sorted(first.result.values()), self.server.uids("A"))
+        self.assertEqual(sorted(second.result.values()), self.server.uids("B"))
+        subjects = dict(zip(self.server.uids("B"), (m.raw for m in self.server.messages("B"))))
+        for uid, new in second.result.items():
+            self.assertIn(f"Subject: message {uid}".encode(), subjects[new])
+
+    def test_a_run_against_a_server_that_answers_out_of_order_ends_like_an_in_order_one(self):
+        for options in ({}, {"gmail": False}):
+            with self.subTest(**options):
+                expected = FakeGmail(**options).start()
+                self.addCleanup(expected.stop)
+                seed_mailbox(expected, 12)
+                server = FakeGmail(**options).start()
+                self.addCleanup(server.stop)
+                seed_mailbox(server, 12)
+                server.held = collections.Counter()
+                server.use_handler(_out_of_order("UID STORE", "UID COPY", "UID MOVE",
+                                                 "UID FETCH", "CREATE", "STATUS",
+                                                 patience=0.02))
+                rules = gc.parse_rules(SWEEP_DOC, "rules.json")
+                for target in (expected, server):
+                    conn = gc.GmailConnection(USER, host="127.0.0.1", port=target.port,
+                                              security="plaintext", password=PASSWORD,
+                                              timeout=5, keepalive=None)
+                    with conn:
+                        report = gc.classify_folder(conn, rules, "INBOX", apply=True,
+                                                    batch_size=3)
+                    self.assertEqual((report.skipped, report.changes_not_made), ([], 0))
+                self.assertEqual(mailbox_snapshot(server), mailbox_snapshot(expected))
+                self.assertGreaterEqual(sum(server.held.values()), 3)
 
 
 # --- Messages: what the rule engine sees -------------------------------------------------
@@ -11904,6 +12004,129 @@ class AuditLockTest(TempDirMixin, unittest.TestCase):
         # Each rotation happened once its file had passed the size: both files are whole.
         self.assertLessEqual(audit.previous.stat().st_size, 400 + 60)
         self.assertGreater(audit.previous.stat().st_size, 400)
+
+
+class WriteFlightTest(StateTestCase):
+    """Issue 17: a step's writes are pipelined, the record stays whole and written ahead."""
+
+    use = UndoSafetyTest.use
+
+    def test_a_flights_writes_are_all_on_the_wire_before_the_first_answer_is_read(self):
+        seed_mailbox(self.server, 6)
+        conn = self.connect()
+        conn.select("INBOX")
+        flight = gc._WriteFlight(conn)
+        flight.store(("flag+", "\\Flagged"), [1, 2], "+FLAGS", [b"\\Flagged"])
+        flight.store(("flag-", "\\Seen"), [3], "-FLAGS", [b"\\Seen"])
+        flight.store(("label", "Work"), [4, 5], "+X-GM-LABELS", [b"Work"])
+        start = len(self.server.log)
+        with mock.patch.object(conn._proto, "collect", side_effect=AssertionError("read")):
+            flight.send()
+        wait_until(lambda: len(self.server.log) == start + 3)
+        self.assertEqual([e.line.split(b" ", 1)[1] for e in self.server.log[start:]],
+                         [b"UID STORE 1:2 +FLAGS.SILENT (\\Flagged)\r\n",
+                          b"UID STORE 3 -FLAGS.SILENT (\\Seen)\r\n",
+                          b"UID STORE 4:5 +X-GM-LABELS (Work)\r\n"])
+        writes = flight.land()
+        self.assertEqual([w.result for w in writes], [{1: None, 2: None}, {3: None},
+                                                      {4: None, 5: None}])
+        self.assertIn("Work", self.server.messages("INBOX")[3].labels)
+
+    def test_a_refusal_in_a_flight_is_raised_after_every_answer_is_recorded(self):
+        self.use(gmail=False)
+        seed_mailbox(self.server, 12)
+        self.server.add_fault("UID COPY", nth=1, action="no", text="Over quota")
+        with self.assertRaisesRegex(gc.ImapError, "refused to copy messages to .*Over quota"):
+            self.run_once()
+        records = list(self.store().audit.records())
+        done = [r for r in records if r["type"] == "done" and r.get("action")]
+        copied = {r["label"]: r["uids"] for r in done if r["action"] == "label"}
+        self.assertEqual(len(copied), 3)                # the other three label copies
+        for label, uids in copied.items():
+            self.assertEqual(len(self.server.uids(label)), len(uids))
+        # Nothing moved: the moves wait for the labels' flight, which had a refusal.
+        self.assertEqual([r for r in done if r["action"] in ("move", "archive", "trash")], [])
+        self.assertEqual([c for c in self.server.commands() if c == "UID MOVE"], [])
+        intended = sum(len(r["changes"]) for r in records if r["type"] == "intent"
+                       and r.get("changes"))
+        (entry,) = gc.history(self.store())     # what was never confirmed stays "maybe"
+        self.assertEqual(entry["maybe"], intended - sum(len(r["uids"]) for r in done))
+
+    def test_a_copy_whose_answer_is_lost_is_never_made_twice(self):
+        # Off Gmail a label is a copy: the link drops after the server made the second
+        # COPY of the flight; the UIDNEXT the intent holds and the Message-IDs settle it.
+        self.use(gmail=False)
+        seed_mailbox(self.server, 12)
+        expected = FakeGmail(gmail=False).start()
+        self.addCleanup(expected.stop)
+        seed_mailbox(expected, 12)
+        self.run_once(server=expected, state_dir=os.path.join(self.tmp, "clean"))
+        self.server.add_fault("UID COPY", nth=2, action="drop", when="after")
+        self.run_once()
+        self.assertTrue(self.server.fired)
+        self.assertEqual(mailbox_snapshot(self.server), mailbox_snapshot(expected))
+        (entry,) = gc.history(self.store())
+        self.assertEqual((entry["status"], entry["maybe"]), ("complete", 0))
+
+    def test_a_stop_while_moves_are_in_flight_reads_their_answers_and_records_them(self):
+        seed_mailbox(self.server, 12)
+        start = mailbox_snapshot(self.server)
+        send = gc._WriteFlight.send
+
+        def then_stop(flight):
+            send(flight)
+            if any(w.command == "UID MOVE" for w in flight.writes):
+                flight.conn.stop.request(signal.SIGTERM)
+
+        with mock.patch.object(gc._WriteFlight, "send", then_stop):
+            code, out, err = UndoSafetyTest.cli(self, "run", "--apply", "--batch-size", "6")
+        self.assertEqual(code, 143, err)
+        moves = [e for e in self.server.log if e.command == "UID MOVE"]
+        self.assertTrue(moves)
+        last_move = max(i for i, e in enumerate(self.server.log) if e.command == "UID MOVE")
+        self.assertEqual([e.command for e in self.server.log[last_move + 1:]
+                          if e.command in _WRITE_COMMANDS], [])
+        made, not_made = map(int, _INTERRUPTED_RE.search(err).groups())
+        self.assertGreater(not_made, 0)
+        with open(UndoSafetyTest.audit_path(self), encoding="utf-8") as handle:
+            done = [json.loads(line) for line in handle]
+        done = [r for r in done if r["type"] == "done" and r.get("action") == "move"]
+        self.assertEqual(sum(len(r["uids"]) for r in done),
+                         len(self.server.uids("Lists")))       # read after the stop came
+        (entry,) = [json.loads(line) for line in UndoSafetyTest.cli(self, "history",
+                                                                     "--json")[1].splitlines()]
+        self.assertEqual((entry["status"], entry["maybe"]), ("interrupted", 0))
+        self.assertEqual(entry["changes_made"], made)
+        code, out, err = UndoSafetyTest.cli(self, "undo", "--apply")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(mailbox_snapshot(self.server), start)
+
+    def test_the_moves_answers_are_read_after_the_next_fetch_went_out(self):
+        # The server holds a MOVE's OK until the next command arrives: only a client that
+        # sends the next batch's FETCH before waiting for its moves sees it held.
+        seed_mailbox(self.server, 12)
+        self.server.held = collections.Counter()
+        self.server.use_handler(_out_of_order("UID MOVE"))
+        records: List[Dict[str, Any]] = []
+        self.run_once(batch_size=3, apply_every=1, records=records)
+        self.assertGreaterEqual(self.server.held["UID MOVE"], 2)
+        log = [e.command for e in self.server.log]
+        first_move = log.index("UID MOVE")
+        self.assertIn("UID FETCH", log[first_move:])
+        (entry,) = gc.history(self.store())
+        self.assertEqual((entry["status"], entry["maybe"]), ("complete", 0))
+
+    def test_history_counts_every_unanswered_create_of_a_flight_as_maybe(self):
+        ledger = gc._Creates()
+        for name in ("A", "B", "C"):
+            ledger.read({"type": "intent", "create": name, "flight": True})
+        ledger.read({"type": "done", "create": "B", "created": True, "answer": "created"})
+        self.assertEqual(ledger.outcome(), {"A": None, "B": True, "C": None})
+        old = gc._Creates()         # one at a time (no "flight"): only the first is maybe
+        for name in ("A", "B", "C"):
+            old.read({"type": "intent", "create": name})
+        old.read({"type": "done", "create": "A", "created": True, "answer": "created"})
+        self.assertEqual(old.outcome(), {"A": True, "B": None})
 
 
 # --- Watch: stay connected and classify new mail as it arrives ---------------------------
@@ -18260,231 +18483,6 @@ def _bench_peak() -> int:
     except ImportError:
         return 0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-# --- Issue 17: speed to the floor --------------------------------------------------------
-#
-# A step's writes go out in flights (_WriteFlight): one wait for the server per flight, the
-# moves' answers read while the next batch is classified; a server that answers pipelined
-# commands out of order (Dovecot) has each answer kept for its own command.
-
-
-def _out_of_order(*hold: str, patience: float = 0.3) -> type:
-    return type("OutOfOrder", (_OutOfOrderSession,), {"hold": hold, "patience": patience})
-
-
-class OutOfOrderAnswersTest(FakeServerTest):
-    """Pipelined answers that come out of order are each kept for their own command."""
-
-    ITEMS = ["FLAGS", "BODY.PEEK[HEADER.FIELDS (SUBJECT)]"]
-
-    def setUp(self):
-        super().setUp()
-        self.server.held = collections.Counter()
-        for index in range(1, 7):
-            self.server.add_message(make_message(f"message {index}"))
-        setup = self.connect()
-        for name in ("A", "B"):
-            setup.create_folder(name)
-        setup.close()
-
-    def test_statuses_answered_out_of_order_each_keep_their_own_numbers(self):
-        self.server.add_message(make_message("in B"), folder="B")
-        self.server.use_handler(_out_of_order("STATUS"))
-        conn = self.connect()
-        found = conn.statuses(["A", "B", "INBOX"])
-        self.assertGreaterEqual(self.server.held["STATUS"], 1)
-        self.assertEqual({name: values["MESSAGES"] for name, values in found.items()},
-                         {"A": 0, "B": 1, "INBOX": 7})
-
-    def test_a_later_fetch_answered_before_a_flight_of_writes_is_kept_for_it(self):
-        # The MOVE's tagged line waits: the FETCH sent behind it is answered first, data
-        # and OK, while the client reads the MOVE's answer.
-        self.server.use_handler(_out_of_order("UID MOVE"))
-        conn = self.connect()
-        conn.select("INBOX")
-        flight = gc._WriteFlight(conn)
-        flight.store(("flag+", "\\Flagged"), [1, 2], "+FLAGS", [b"\\Flagged"])
-        flight.move(("move", "A"), [1, 2], "A")
-        flight.send()
-        batches = conn.fetch_batches([[3, 4], [5, 6]], self.ITEMS)
-        batch, result = next(batches)
-        writes = flight.land()
-        self.assertEqual(self.server.held["UID MOVE"], 1)
-        self.assertEqual({uid: values[self.ITEMS[1]].strip() for uid, values in result.items()},
-                         {3: b"Subject: message 3", 4: b"Subject: message 4"})
-        self.assertEqual([w.error for w in writes], [None, None])
-        self.assertEqual(writes[0].result, {1: None, 2: None})
-        moved = writes[1].result
-        self.assertEqual(sorted(moved), [1, 2])
-        self.assertEqual(sorted(moved.values()), self.server.uids("A"))
-        self.assertEqual(len(list(batches)), 1)
-        self.assertEqual([m.flags & {"\\Flagged"} for m in self.server.messages("A")],
-                         [{"\\Flagged"}] * 2)
-
-    def test_each_move_gets_the_copyuid_that_names_its_own_uids(self):
-        self.server.use_handler(_out_of_order("UID MOVE"))
-        conn = self.connect()
-        conn.select("INBOX")
-        flight = gc._WriteFlight(conn)
-        flight.move(("move", "A"), [1, 3], "A")
-        flight.move(("move", "B"), [2, 4, 5], "B")
-        flight.send()
-        first, second = flight.land()
-        self.assertGreaterEqual(self.server.held["UID MOVE"], 1)
-        self.assertEqual(sorted(first.result.values()), self.server.uids("A"))
-        self.assertEqual(sorted(second.result.values()), self.server.uids("B"))
-        subjects = dict(zip(self.server.uids("B"), (m.raw for m in self.server.messages("B"))))
-        for uid, new in second.result.items():
-            self.assertIn(f"Subject: message {uid}".encode(), subjects[new])
-
-    def test_a_run_against_a_server_that_answers_out_of_order_ends_like_an_in_order_one(self):
-        for options in ({}, {"gmail": False}):
-            with self.subTest(**options):
-                expected = FakeGmail(**options).start()
-                self.addCleanup(expected.stop)
-                seed_mailbox(expected, 12)
-                server = FakeGmail(**options).start()
-                self.addCleanup(server.stop)
-                seed_mailbox(server, 12)
-                server.held = collections.Counter()
-                server.use_handler(_out_of_order("UID STORE", "UID COPY", "UID MOVE",
-                                                 "UID FETCH", "CREATE", "STATUS",
-                                                 patience=0.02))
-                rules = gc.parse_rules(SWEEP_DOC, "rules.json")
-                for target in (expected, server):
-                    conn = gc.GmailConnection(USER, host="127.0.0.1", port=target.port,
-                                              security="plaintext", password=PASSWORD,
-                                              timeout=5, keepalive=None)
-                    with conn:
-                        report = gc.classify_folder(conn, rules, "INBOX", apply=True,
-                                                    batch_size=3)
-                    self.assertEqual((report.skipped, report.changes_not_made), ([], 0))
-                self.assertEqual(mailbox_snapshot(server), mailbox_snapshot(expected))
-                self.assertGreaterEqual(sum(server.held.values()), 3)
-
-
-class WriteFlightTest(StateTestCase):
-    """Issue 17: a step's writes are pipelined, the record stays whole and written ahead."""
-
-    use = UndoSafetyTest.use
-
-    def test_a_flights_writes_are_all_on_the_wire_before_the_first_answer_is_read(self):
-        seed_mailbox(self.server, 6)
-        conn = self.connect()
-        conn.select("INBOX")
-        flight = gc._WriteFlight(conn)
-        flight.store(("flag+", "\\Flagged"), [1, 2], "+FLAGS", [b"\\Flagged"])
-        flight.store(("flag-", "\\Seen"), [3], "-FLAGS", [b"\\Seen"])
-        flight.store(("label", "Work"), [4, 5], "+X-GM-LABELS", [b"Work"])
-        start = len(self.server.log)
-        with mock.patch.object(conn._proto, "collect", side_effect=AssertionError("read")):
-            flight.send()
-        wait_until(lambda: len(self.server.log) == start + 3)
-        self.assertEqual([e.line.split(b" ", 1)[1] for e in self.server.log[start:]],
-                         [b"UID STORE 1:2 +FLAGS.SILENT (\\Flagged)\r\n",
-                          b"UID STORE 3 -FLAGS.SILENT (\\Seen)\r\n",
-                          b"UID STORE 4:5 +X-GM-LABELS (Work)\r\n"])
-        writes = flight.land()
-        self.assertEqual([w.result for w in writes], [{1: None, 2: None}, {3: None},
-                                                      {4: None, 5: None}])
-        self.assertIn("Work", self.server.messages("INBOX")[3].labels)
-
-    def test_a_refusal_in_a_flight_is_raised_after_every_answer_is_recorded(self):
-        self.use(gmail=False)
-        seed_mailbox(self.server, 12)
-        self.server.add_fault("UID COPY", nth=1, action="no", text="Over quota")
-        with self.assertRaisesRegex(gc.ImapError, "refused to copy messages to .*Over quota"):
-            self.run_once()
-        records = list(self.store().audit.records())
-        done = [r for r in records if r["type"] == "done" and r.get("action")]
-        copied = {r["label"]: r["uids"] for r in done if r["action"] == "label"}
-        self.assertEqual(len(copied), 3)                # the other three label copies
-        for label, uids in copied.items():
-            self.assertEqual(len(self.server.uids(label)), len(uids))
-        # Nothing moved: the moves wait for the labels' flight, which had a refusal.
-        self.assertEqual([r for r in done if r["action"] in ("move", "archive", "trash")], [])
-        self.assertEqual([c for c in self.server.commands() if c == "UID MOVE"], [])
-        intended = sum(len(r["changes"]) for r in records if r["type"] == "intent"
-                       and r.get("changes"))
-        (entry,) = gc.history(self.store())     # what was never confirmed stays "maybe"
-        self.assertEqual(entry["maybe"], intended - sum(len(r["uids"]) for r in done))
-
-    def test_a_copy_whose_answer_is_lost_is_never_made_twice(self):
-        # Off Gmail a label is a copy: the link drops after the server made the second
-        # COPY of the flight; the UIDNEXT the intent holds and the Message-IDs settle it.
-        self.use(gmail=False)
-        seed_mailbox(self.server, 12)
-        expected = FakeGmail(gmail=False).start()
-        self.addCleanup(expected.stop)
-        seed_mailbox(expected, 12)
-        self.run_once(server=expected, state_dir=os.path.join(self.tmp, "clean"))
-        self.server.add_fault("UID COPY", nth=2, action="drop", when="after")
-        self.run_once()
-        self.assertTrue(self.server.fired)
-        self.assertEqual(mailbox_snapshot(self.server), mailbox_snapshot(expected))
-        (entry,) = gc.history(self.store())
-        self.assertEqual((entry["status"], entry["maybe"]), ("complete", 0))
-
-    def test_a_stop_while_moves_are_in_flight_reads_their_answers_and_records_them(self):
-        seed_mailbox(self.server, 12)
-        start = mailbox_snapshot(self.server)
-        send = gc._WriteFlight.send
-
-        def then_stop(flight):
-            send(flight)
-            if any(w.command == "UID MOVE" for w in flight.writes):
-                flight.conn.stop.request(signal.SIGTERM)
-
-        with mock.patch.object(gc._WriteFlight, "send", then_stop):
-            code, out, err = UndoSafetyTest.cli(self, "run", "--apply", "--batch-size", "6")
-        self.assertEqual(code, 143, err)
-        moves = [e for e in self.server.log if e.command == "UID MOVE"]
-        self.assertTrue(moves)
-        last_move = max(i for i, e in enumerate(self.server.log) if e.command == "UID MOVE")
-        self.assertEqual([e.command for e in self.server.log[last_move + 1:]
-                          if e.command in _WRITE_COMMANDS], [])
-        made, not_made = map(int, _INTERRUPTED_RE.search(err).groups())
-        self.assertGreater(not_made, 0)
-        with open(UndoSafetyTest.audit_path(self), encoding="utf-8") as handle:
-            done = [json.loads(line) for line in handle]
-        done = [r for r in done if r["type"] == "done" and r.get("action") == "move"]
-        self.assertEqual(sum(len(r["uids"]) for r in done),
-                         len(self.server.uids("Lists")))       # read after the stop came
-        (entry,) = [json.loads(line) for line in UndoSafetyTest.cli(self, "history",
-                                                                     "--json")[1].splitlines()]
-        self.assertEqual((entry["status"], entry["maybe"]), ("interrupted", 0))
-        self.assertEqual(entry["changes_made"], made)
-        code, out, err = UndoSafetyTest.cli(self, "undo", "--apply")
-        self.assertEqual(code, 0, err)
-        self.assertEqual(mailbox_snapshot(self.server), start)
-
-    def test_the_moves_answers_are_read_after_the_next_fetch_went_out(self):
-        # The server holds a MOVE's OK until the next command arrives: only a client that
-        # sends the next batch's FETCH before waiting for its moves sees it held.
-        seed_mailbox(self.server, 12)
-        self.server.held = collections.Counter()
-        self.server.use_handler(_out_of_order("UID MOVE"))
-        records: List[Dict[str, Any]] = []
-        self.run_once(batch_size=3, apply_every=1, records=records)
-        self.assertGreaterEqual(self.server.held["UID MOVE"], 2)
-        log = [e.command for e in self.server.log]
-        first_move = log.index("UID MOVE")
-        self.assertIn("UID FETCH", log[first_move:])
-        (entry,) = gc.history(self.store())
-        self.assertEqual((entry["status"], entry["maybe"]), ("complete", 0))
-
-    def test_history_counts_every_unanswered_create_of_a_flight_as_maybe(self):
-        ledger = gc._Creates()
-        for name in ("A", "B", "C"):
-            ledger.read({"type": "intent", "create": name, "flight": True})
-        ledger.read({"type": "done", "create": "B", "created": True, "answer": "created"})
-        self.assertEqual(ledger.outcome(), {"A": None, "B": True, "C": None})
-        old = gc._Creates()         # one at a time (no "flight"): only the first is maybe
-        for name in ("A", "B", "C"):
-            old.read({"type": "intent", "create": name})
-        old.read({"type": "done", "create": "A", "created": True, "answer": "created"})
-        self.assertEqual(old.outcome(), {"A": True, "B": None})
 
 
 if __name__ == "__main__":

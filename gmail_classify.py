@@ -22,8 +22,9 @@ Reading guide.  Sections in dependency order, each using only those above it
     the helpers that read FETCH, SEARCH, STATUS and COPYUID answers.  Skip on a first read.
  3. Connection: ``_Protocol`` (send, pipeline, read within bounds, sign in, IDLE) under
     ``GmailConnection`` (reconnect with backoff, one retry helper ``_retrying``, keepalive,
-    the public operations), and ``_SafeCopy`` (a COPY never repeated blindly, and moving
-    without MOVE).
+    the public operations), ``_SafeCopy`` (a COPY never repeated blindly, and moving
+    without MOVE), and ``_WriteFlight`` (a step's writes sent back to back, their answers
+    read afterwards, a lost one settled, never resent blindly).
  4. Messages: what the rule engine sees (``MessageInfo``), header decoding bounded in
     time, the fast path that must agree with the plain one, bodies and attachments, and
     ``_MESSAGE_DATA`` (what is fetched beside the headers).  Skip on a first read.
@@ -9223,6 +9224,49 @@ def _confirm_flight(flight: _WriteFlight, report: FolderReport,
     return refused
 
 
+def _labels_and_flags(conn: GmailConnection, plan: _Plan, hooks: _ApplyHooks) -> _WriteFlight:
+    """A step's first flight: its labels (Gmail) or label copies (elsewhere), and flags."""
+    flight = _WriteFlight(conn)
+    for label, uids in plan.add_labels.items():
+        if conn.is_gmail:
+            flight.store(("label", label), uids, "+X-GM-LABELS", [_label_arg(label)])
+        else:
+            # No labels here: a label is a copy in a folder of that name (copies it already
+            # holds were dropped from the plan by _drop_copies_already_there).
+            target = conn.server_name(label)
+            flight.copy(("label", label), uids, target, hooks.uidnext(target))
+    for flag, uids in plan.add_flags.items():
+        flight.store(("flag+", flag), uids, "+FLAGS", [_flag_arg(flag)])
+    for flag, uids in plan.remove_flags.items():
+        flight.store(("flag-", flag), uids, "-FLAGS", [_flag_arg(flag)])
+    return flight
+
+
+_OneMove = Tuple[List[int], str, Tuple[str, ...]]    # UIDs, the server's name, the _Plan key
+
+
+def _moves_flight(conn: GmailConnection, plan: _Plan, source: str, archive: Optional[Folder],
+                  trash: Optional[Folder]) -> Tuple[_WriteFlight, List[_OneMove]]:
+    """A step's last flight (its moves, and Gmail's archive), and the moves left to make
+    one at a time on a server without MOVE: [(uids, server name, _Plan key)]."""
+    moves: List[_OneMove] = [
+        (uids, conn.server_name(dest), ("move", dest)) for dest, uids in plan.move.items()]
+    if plan.archive and not conn.is_gmail and archive is not None \
+            and not _same_folder(archive.name, source):
+        moves.append((plan.archive, archive.name, ("archive",)))
+    if plan.trash and trash is not None and not _same_folder(trash.name, source):
+        moves.append((plan.trash, trash.name, ("trash",)))
+    flight = _WriteFlight(conn)
+    if plan.archive and conn.is_gmail:
+        # Gmail's archive is "remove the \Inbox label"; the message stays in All Mail.
+        flight.store(("archive",), plan.archive, "-X-GM-LABELS", [_label_arg("\\Inbox")])
+    if conn.has("MOVE"):
+        for uids, destination, key in moves:
+            flight.move(key, uids, destination)
+        moves = []
+    return flight, moves
+
+
 def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
                 hooks: Optional[_ApplyHooks] = None, max_new_folders: Optional[int] = None,
                 settled: Optional[_Destinations] = None, allow_expunge: bool = False,
@@ -9271,37 +9315,11 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
     hooks.intend("change", list(dict.fromkeys(targets)))
     # The labels and flags go in one flight, and once all are confirmed, the moves (and
     # Gmail's archive) in another: a message refused a label is never moved without it.
-    flight = _WriteFlight(conn)
-    for label, uids in plan.add_labels.items():
-        if conn.is_gmail:
-            flight.store(("label", label), uids, "+X-GM-LABELS", [_label_arg(label)])
-        else:
-            # No labels here: a label is a copy in a folder of that name (copies it already
-            # holds were dropped from the plan by _drop_copies_already_there).
-            target = conn.server_name(label)
-            flight.copy(("label", label), uids, target, hooks.uidnext(target))
-    for flag, uids in plan.add_flags.items():
-        flight.store(("flag+", flag), uids, "+FLAGS", [_flag_arg(flag)])
-    for flag, uids in plan.remove_flags.items():
-        flight.store(("flag-", flag), uids, "-FLAGS", [_flag_arg(flag)])
+    flight = _labels_and_flags(conn, plan, hooks)
     if flight.writes:
         flight.send()
         _land_flight(flight, report, hooks)
-    moves: List[Tuple[List[int], str, Tuple[str, ...]]] = [
-        (uids, conn.server_name(dest), ("move", dest)) for dest, uids in plan.move.items()]
-    if plan.archive and not conn.is_gmail and archive is not None \
-            and not _same_folder(archive.name, source):
-        moves.append((plan.archive, archive.name, ("archive",)))
-    if plan.trash and trash is not None and not _same_folder(trash.name, source):
-        moves.append((plan.trash, trash.name, ("trash",)))
-    flight = _WriteFlight(conn)
-    if plan.archive and conn.is_gmail:
-        # Gmail's archive is "remove the \Inbox label"; the message stays in All Mail.
-        flight.store(("archive",), plan.archive, "-X-GM-LABELS", [_label_arg("\\Inbox")])
-    if conn.has("MOVE"):
-        for uids, destination, key in moves:
-            flight.move(key, uids, destination)
-        moves = []
+    flight, moves = _moves_flight(conn, plan, source, archive, trash)
     if flight.writes:
         stop.check("before moving messages")
         flight.send()

@@ -12052,6 +12052,33 @@ class WriteFlightTest(StateTestCase):
         (entry,) = gc.history(self.store())     # what was never confirmed stays "maybe"
         self.assertEqual(entry["maybe"], intended - sum(len(r["uids"]) for r in done))
 
+    def test_a_folder_another_client_made_meanwhile_is_used_and_never_claimed(self):
+        class Raced(_Session):     # another client creates each folder just before us
+            def cmd_CREATE(self, tag: str, args: list) -> str:
+                self.fake._ensure_folder(self._mailbox(args[0]).rstrip(self.fake.delimiter))
+                return super().cmd_CREATE(tag, args)
+
+        self.use(gmail=False)
+        seed_mailbox(self.server, 12)
+        self.server.use_handler(Raced)
+        self.run_once()                       # ALREADYEXISTS is no refusal: the run goes on
+        self.assertIn("CREATE", self.server.commands())
+        done = [r for r in self.store().audit.records() if r["type"] == "done"]
+        creates = [r for r in done if "create" in r]
+        self.assertTrue(creates)
+        self.assertEqual({r["created"] for r in creates}, {False})    # "existed", not ours
+        self.assertTrue(any(r.get("action") == "label" for r in done))
+        (entry,) = gc.history(self.store())
+        self.assertEqual(entry["status"], "complete")
+
+    def test_a_refused_create_in_a_flight_names_the_folder_and_the_servers_words(self):
+        self.use(gmail=False)
+        seed_mailbox(self.server, 12)
+        self.server.add_fault("CREATE", nth=1, action="no", text="[NOPERM] Not allowed here")
+        with self.assertRaisesRegex(gc.ImapError, "the server refused to create the folder "
+                                                  "'[^']+': NO .*Not allowed here"):
+            self.run_once()
+
     def test_a_copy_whose_answer_is_lost_is_never_made_twice(self):
         # Off Gmail a label is a copy: the link drops after the server made the second
         # COPY of the flight; the UIDNEXT the intent holds and the Message-IDs settle it.

@@ -8494,8 +8494,9 @@ class _Listeners:
 
 class _ApplyHooks:
     """What _apply_plan tells as it goes (see there): ``intend(phase, folders)`` before
-    write commands go out, ``done(key, {uid: extra})`` after each one answered.  These
-    hear nothing."""
+    write commands go out, ``done(key, {uid: extra})`` after each one answered, and
+    ``refused()`` when a flight had a refusal: every command sent was answered, and nothing
+    more of the step will be sent.  These hear nothing."""
 
     def intend(self, phase: str, folders: Sequence[str]) -> None:
         pass
@@ -8506,6 +8507,9 @@ class _ApplyHooks:
     def uidnext(self, folder: str) -> Optional[int]:
         """``folder``'s UIDNEXT from before this step's writes, or lower; None if unknown."""
         return None
+
+    def refused(self) -> None:
+        pass
 
 
 class _FolderRun(_ApplyHooks):
@@ -8860,6 +8864,12 @@ class _FolderRun(_ApplyHooks):
         place = self.places.get(folder)     # as intend() found it, moved past our copies
         return place.get("uidnext") if place else None
 
+    def refused(self) -> None:
+        # A flight's refusal comes once all its answers are read, and the step sends
+        # nothing after it: what is not confirmed was not made (refused, or never sent).
+        if self.apply and self.checkpoint.writes_ahead:
+            self._not_sent(self.applying)
+
     def _not_sent(self, step: _Step) -> None:
         # Every command sent was answered: what is not confirmed was never sent, and the
         # log says so, so that history and undo do not take it for "maybe".
@@ -9191,6 +9201,7 @@ def _land_flight(flight: _WriteFlight, report: FolderReport, hooks: _ApplyHooks)
         raise
     refused = _confirm_flight(flight, report, hooks)
     if refused is not None:
+        hooks.refused()
         raise refused
 
 

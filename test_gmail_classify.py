@@ -12010,6 +12010,7 @@ class WriteFlightTest(StateTestCase):
     """Issue 17: a step's writes are pipelined, the record stays whole and written ahead."""
 
     use = UndoSafetyTest.use
+    undo = UndoTest.undo
 
     def test_a_flights_writes_are_all_on_the_wire_before_the_first_answer_is_read(self):
         seed_mailbox(self.server, 6)
@@ -12035,6 +12036,7 @@ class WriteFlightTest(StateTestCase):
     def test_a_refusal_in_a_flight_is_raised_after_every_answer_is_recorded(self):
         self.use(gmail=False)
         seed_mailbox(self.server, 12)
+        start = mailbox_snapshot(self.server)
         self.server.add_fault("UID COPY", nth=1, action="no", text="Over quota")
         with self.assertRaisesRegex(gc.ImapError, "refused to copy messages to .*Over quota"):
             self.run_once()
@@ -12049,8 +12051,17 @@ class WriteFlightTest(StateTestCase):
         self.assertEqual([c for c in self.server.commands() if c == "UID MOVE"], [])
         intended = sum(len(r["changes"]) for r in records if r["type"] == "intent"
                        and r.get("changes"))
-        (entry,) = gc.history(self.store())     # what was never confirmed stays "maybe"
-        self.assertEqual(entry["maybe"], intended - sum(len(r["uids"]) for r in done))
+        unsent = sum(len(r["changes"]) for r in records if r["type"] == "unsent")
+        confirmed = sum(len(r["uids"]) for r in done)
+        # Every answer was read before the refusal: what was not confirmed (the refused
+        # copy, and the moves never sent) is recorded as not made, not left as "maybe".
+        self.assertEqual(unsent, intended - confirmed)
+        self.assertGreater(unsent, 0)
+        (entry,) = gc.history(self.store())
+        self.assertEqual(entry["maybe"], 0)
+        undo = self.undo()                      # takes back exactly what was confirmed
+        self.assertEqual((undo.reversed, undo.left_alone), (confirmed, 0))
+        self.assertEqual(mailbox_snapshot(self.server), start)
 
     def test_a_folder_another_client_made_meanwhile_is_used_and_never_claimed(self):
         class Raced(_Session):     # another client creates each folder just before us

@@ -9,6 +9,7 @@ injects faults (BYE, drops, resets, delays, NO/BAD, garbage) at a named or n-th 
 
 from __future__ import annotations
 
+import atexit
 import base64
 import bisect
 import codecs
@@ -72,6 +73,16 @@ try:
     import tomllib
 except ImportError:
     tomllib = None
+
+# The suite starts some fifty Python processes that import the module (signals, closed
+# pipes, locks held by another process).  Where no bytecode is written
+# (PYTHONDONTWRITEBYTECODE, as on CI) each would compile the module's 16,000 lines again,
+# a quarter of a second apiece; they share one compiled copy in a private temporary cache
+# instead (PYTHONPYCACHEPREFIX), never in the working tree, removed when the suite ends.
+_CHILD_PYCACHE = tempfile.mkdtemp(prefix="gmail-classify-tests-pycache-")
+atexit.register(shutil.rmtree, _CHILD_PYCACHE, True)
+os.environ["PYTHONPYCACHEPREFIX"] = _CHILD_PYCACHE
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 # --- Fake Gmail IMAP server --------------------------------------------------------------
 #

@@ -2920,11 +2920,9 @@ class GmailConnection:
         try:
             self._call("CREATE", self._mailbox(name))
         except ImapError as exc:
-            if exc.code == "ALREADYEXISTS" or "exist" in exc.text.lower():
+            if _already_exists(exc):
                 return False
-            raise ImapError(f"the server refused to create the folder {name!r}: "
-                            f"{exc.status} {exc.text}", command="CREATE", status=exc.status,
-                            code=exc.code, text=exc.text) from exc
+            raise _refused(exc, "create the folder", name) from exc
         self._folders = None
         return True
 
@@ -3098,12 +3096,8 @@ class GmailConnection:
     # -- operations: changing messages ---------------------------------------------------
 
     def _store(self, uids: Iterable[int], item: str, values: Sequence[bytes]) -> None:
-        # +FLAGS.SILENT spares the echo of every message's flags (RFC 3501 §6.4.6); Gmail
-        # documents no .SILENT form of X-GM-LABELS, so labels are stored loudly.
-        if item.endswith("FLAGS"):
-            item += ".SILENT"
         for chunk in chunk_uids(uids):
-            self._call("UID STORE", compress_uids(chunk), item, b"(" + b" ".join(values) + b")")
+            self._call("UID STORE", *_store_args(chunk, item, values))
 
     def add_flags(self, uids: Iterable[int], flags: Sequence[str]) -> None:
         """``UID STORE +FLAGS.SILENT``, e.g. ``add_flags([5], ["\\\\Seen"])``."""
@@ -3273,8 +3267,8 @@ class _SafeCopy:
         self.conn = conn
 
     def copy_then_delete(self, chunk: List[int], destination: str,
-                           moved: Dict[int, Optional[int]], missing: List[int],
-                           surprises: Optional["_ExpungeCheck"] = None) -> None:
+                         moved: Dict[int, Optional[int]], missing: List[int],
+                         surprises: Optional["_ExpungeCheck"] = None) -> None:
         """MOVE without MOVE: COPY (never twice, see copy_once), then \\Deleted on exactly
         these UIDs and UID EXPUNGE of them, or without UIDPLUS a checked plain EXPUNGE.
 
@@ -3376,11 +3370,11 @@ class _SafeCopy:
 
         def settle() -> bool:
             nonlocal pending
-            if before is not None and self.uidnext(destination) == before:
+            found = self.arrived(pending, destination, before)
+            if found is None:
                 log.info("the connection dropped before UID COPY to %s reached the server; "
                          "sending it again", destination)
                 return False
-            found = self.copies_in(destination, pending, before)
             log.info("the connection dropped during UID COPY to %s; %d of %d messages had "
                      "been copied", destination, len(found), len(pending))
             result.update(found)
@@ -3390,8 +3384,17 @@ class _SafeCopy:
         self.conn._retrying(f"UID COPY to {destination}", attempt, settle)
         return result
 
+    def arrived(self, uids: List[int], destination: str,
+                before: Optional[int]) -> Optional[Dict[int, Optional[int]]]:
+        """After a COPY to ``destination`` whose answer was lost: None when its UIDNEXT is
+        still ``before`` (the COPY never ran), else the copies of ``uids`` that arrived
+        since (see copies_in)."""
+        if before is not None and self.uidnext(destination) == before:
+            return None
+        return self.copies_in(destination, uids, before)
+
     def copies_in(self, destination: str, uids: List[int],
-                   since: Optional[int]) -> Dict[int, Optional[int]]:
+                  since: Optional[int]) -> Dict[int, Optional[int]]:
         """Which of ``uids`` (selected folder) ``destination`` holds a copy of, among its
         messages from UID ``since`` on (all if None): {source UID: destination UID}.
 
@@ -3479,11 +3482,8 @@ class _WriteFlight:
                                   destination=name))
 
     def store(self, key: Any, uids: Iterable[int], item: str, values: Sequence[bytes]) -> None:
-        if item.endswith("FLAGS"):
-            item += ".SILENT"       # as _store: no echo of every message's flags
         for chunk in chunk_uids(uids):
-            self.writes.append(_Write(key, "UID STORE", (compress_uids(chunk), item, b"(" +
-                                                         b" ".join(values) + b")"), chunk))
+            self.writes.append(_Write(key, "UID STORE", _store_args(chunk, item, values), chunk))
 
     def copy(self, key: Any, uids: Iterable[int], destination: str,
              uidnext: Optional[int] = None) -> None:
@@ -3573,22 +3573,16 @@ class _WriteFlight:
         """Fill in ``write``'s outcome from its answer; ``codes``: the response codes its
         COPYUID may be among, its own first (a flight's moves name disjoint UIDs)."""
         if write.command == "CREATE" and write.error is not None:
-            exc = write.error
-            if exc.code == "ALREADYEXISTS" or "exist" in exc.text.lower():
+            if _already_exists(write.error):
                 write.error, write.created = None, False     # as create_folder says
             else:
-                write.error = ImapError(f"the server refused to create the folder "
-                                        f"{write.destination!r}: {exc.status} {exc.text}",
-                                        command="CREATE", status=exc.status, code=exc.code,
-                                        text=exc.text)
+                write.error = _refused(write.error, "create the folder", str(write.destination))
             return
         if write.error is not None:
             if write.command in ("UID COPY", "UID MOVE") and type(write.error) is ImapError:
-                exc, what = write.error, "copy" if write.command == "UID COPY" else "move"
-                write.error = ImapError(f"the server refused to {what} messages to "
-                                        f"{write.destination!r}: {exc.status} {exc.text}",
-                                        command=exc.command, status=exc.status,
-                                        code=exc.code, text=exc.text)
+                what = "copy" if write.command == "UID COPY" else "move"
+                write.error = _refused(write.error, f"{what} messages to",
+                                       str(write.destination))
             return
         if write.command == "CREATE":
             write.created = True
@@ -3649,10 +3643,7 @@ class _WriteFlight:
         before the flight proves it never ran; otherwise what arrived since is compared
         with ours and only the rest is copied (see _SafeCopy.copy_once)."""
         safe, destination = _SafeCopy(self.conn), str(write.destination)
-        before = write.uidnext
-        if before is not None and safe.uidnext(destination) == before:
-            return safe.copy_once(write.uids, destination)
-        found = safe.copies_in(destination, write.uids, before)
+        found = safe.arrived(write.uids, destination, write.uidnext) or {}
         rest = [uid for uid in write.uids if uid not in found]
         if rest:
             found.update(safe.copy_once(rest, destination))
@@ -3676,9 +3667,28 @@ def _naming(folder: str, what: str) -> Iterator[None]:
     except ImapError as exc:
         if type(exc) is not ImapError or exc.status not in ("NO", "BAD"):
             raise
-        raise ImapError(f"the server refused to {what} {folder!r}: {exc.status} {exc.text}",
-                        command=exc.command, status=exc.status, code=exc.code,
-                        text=exc.text) from exc
+        raise _refused(exc, what, folder) from exc
+
+
+def _refused(exc: ImapError, what: str, folder: str) -> ImapError:
+    """The server's refusal ``exc`` as an error that names the folder and quotes it."""
+    return ImapError(f"the server refused to {what} {folder!r}: {exc.status} {exc.text}",
+                     command=exc.command, status=exc.status, code=exc.code, text=exc.text)
+
+
+def _already_exists(exc: ImapError) -> bool:
+    """Whether a CREATE's refusal says the folder is there already (not every server
+    sends [ALREADYEXISTS]; their words say so)."""
+    return exc.code == "ALREADYEXISTS" or "exist" in exc.text.lower()
+
+
+def _store_args(uids: Sequence[int], item: str, values: Sequence[bytes]) -> Tuple[Any, ...]:
+    """The arguments of one UID STORE.  +FLAGS.SILENT spares the echo of every message's
+    flags (RFC 3501 §6.4.6); Gmail documents no .SILENT form of X-GM-LABELS, so labels
+    are stored loudly."""
+    if item.endswith("FLAGS"):
+        item += ".SILENT"
+    return compress_uids(uids), item, b"(" + b" ".join(values) + b")"
 
 
 def _fetch_literal_limit(items: Sequence[str]) -> int:

@@ -15187,6 +15187,24 @@ def _chosen_accounts(args: argparse.Namespace, rules: Ruleset, one: bool = False
     return [(name, rules.for_account(name)) for name in names]
 
 
+def _say_error(exc: BaseException, verbose: int, who: str = "",
+               hint: str = " (run with -v for details)") -> int:
+    """Tell an error on stderr, after ``who`` (an account's name): a GmailClassifyError as
+    one line per problem (a RulesError lists each; only LF separates them, so a CR from a
+    server's text is shown escaped, never obeyed), anything else as a bug, followed by
+    ``hint``; the traceback under -v.  Returns the exit code: the error class's (see the
+    Errors section), or EXIT_ERROR for a bug."""
+    if verbose:
+        log.exception("details:")
+    if isinstance(exc, GmailClassifyError):
+        for line in str(exc).split("\n") if str(exc) else [type(exc).__name__]:
+            sys.stderr.write(printable(f"gmail_classify: {who}{line}") + "\n")
+        return exc.exit_code
+    sys.stderr.write(printable(f"gmail_classify: {who}unexpected error: "
+                               f"{type(exc).__name__}: {exc}{hint}") + "\n")
+    return EXIT_ERROR
+
+
 def _each_account(args: argparse.Namespace, out: _Output,
                   chosen: List[Tuple[Optional[str], Ruleset]],
                   work: Callable[[Optional[str], Ruleset, List[Run]], int],
@@ -15205,19 +15223,8 @@ def _each_account(args: argparse.Namespace, out: _Output,
         except (StopRequested, KeyboardInterrupt) as exc:
             sys.stderr.write("interrupted\n")
             code = _signal_exit(getattr(exc, "signum", None) or args.stop.signum)
-        except GmailClassifyError as exc:
-            if args.verbose:
-                log.exception("details:")
-            for line in str(exc).split("\n") if str(exc) else [type(exc).__name__]:
-                sys.stderr.write(printable(f"gmail_classify: {name}: {line}") + "\n")
-            code = exc.exit_code
-        except Exception as exc:  # a bug: this account's; the others may still go on
-            if args.verbose:
-                log.exception("details:")
-            sys.stderr.write(printable(f"gmail_classify: {name}: unexpected error: "
-                                       f"{type(exc).__name__}: {exc} (run with -v for "
-                                       f"details)") + "\n")
-            code = EXIT_ERROR
+        except Exception as exc:  # this account's (a bug too); the others may still go on
+            code = _say_error(exc, args.verbose, f"{name}: ")
         results.append((str(name), code, runs))
         if code in (EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_HANGUP):
             break
@@ -15480,15 +15487,6 @@ def _watch_accounts(args: argparse.Namespace, out: _Output,
     codes: Dict[str, int] = {}
     started: List[Tuple[str, Watcher, Optional[AccountLock], threading.Thread]] = []
 
-    def report(name: str, exc: BaseException) -> int:
-        if isinstance(exc, GmailClassifyError):
-            for line in str(exc).split("\n") if str(exc) else [type(exc).__name__]:
-                sys.stderr.write(printable(f"gmail_classify: {name}: {line}") + "\n")
-            return exc.exit_code
-        sys.stderr.write(printable(f"gmail_classify: {name}: unexpected error: "
-                                   f"{type(exc).__name__}: {exc}") + "\n")
-        return EXIT_ERROR
-
     def watch(name: str, watcher: Watcher) -> None:
         try:
             watcher.run()
@@ -15496,9 +15494,7 @@ def _watch_accounts(args: argparse.Namespace, out: _Output,
         except StopRequested:
             codes[name] = EXIT_OK
         except BaseException as exc:  # this account's end; the others watch on
-            if args.verbose:
-                log.exception("details:")
-            codes[name] = report(name, exc)
+            codes[name] = _say_error(exc, args.verbose, f"{name}: ", hint="")
 
     prefix = _AccountLogPrefix()
     log.addFilter(prefix)
@@ -15511,7 +15507,7 @@ def _watch_accounts(args: argparse.Namespace, out: _Output,
                     watcher, session, lock, folders = _prepare_watch(args, out, rules,
                                                                      source, name)
                 except GmailClassifyError as exc:
-                    codes[name] = report(name, exc)
+                    codes[name] = _say_error(exc, 0, f"{name}: ")
                     continue
                 log.info("%s: watching %s%s", name, ", ".join(folders),
                          "" if args.apply else " (dry run)")
@@ -16482,20 +16478,8 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
     except (StopRequested, KeyboardInterrupt) as exc:
         sys.stderr.write("interrupted\n")
         return _signal_exit(getattr(exc, "signum", None) or args.stop.signum)
-    except GmailClassifyError as exc:
-        if args.verbose:
-            log.exception("details:")
-        # One line per problem (a RulesError lists each); only LF separates them, so a CR
-        # from a server's text is shown escaped, never obeyed.
-        for line in str(exc).split("\n") if str(exc) else [type(exc).__name__]:
-            sys.stderr.write(printable(f"gmail_classify: {line}") + "\n")
-        return exc.exit_code            # each error class says (see the Errors section)
-    except Exception as exc:  # a bug: say so briefly, with the traceback under -v
-        if args.verbose:
-            log.exception("details:")
-        sys.stderr.write(printable(f"gmail_classify: unexpected error: {type(exc).__name__}: "
-                                   f"{exc} (run with -v for details)") + "\n")
-        return EXIT_ERROR
+    except Exception as exc:  # a bug too: said briefly, with the traceback under -v
+        return _say_error(exc, args.verbose)
 
 
 def _subcommand_first(argv: List[str], parser: argparse.ArgumentParser) -> List[str]:

@@ -10090,6 +10090,15 @@ def _audit_record_problem(record: Mapping[str, Any]) -> str:
     return ""
 
 
+def _added_counts(parts: Iterable[Mapping[str, int]]) -> Dict[str, int]:
+    """The counts of ``parts`` added up by key: ``{"label Bank": 237, "archive": 12}``."""
+    total: Dict[str, int] = {}
+    for part in parts:
+        for key, count in part.items():
+            total[key] = total.get(key, 0) + count
+    return total
+
+
 def _new_run_id(moment: datetime) -> str:
     """``"20261201T170501-3fa2"``: sortable by time, unique enough to type into ``undo``."""
     return moment.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + os.urandom(2).hex()
@@ -10196,11 +10205,7 @@ class Run(Checkpoint):
 
     def already_done(self) -> Dict[str, int]:
         """Decisions the server already had, over all folders: ``{"label Bank": 237}``."""
-        total: Dict[str, int] = {}
-        for report in self.reports:
-            for name, count in report.already_done.items():
-                total[name] = total.get(name, 0) + count
-        return total
+        return _added_counts(report.already_done for report in self.reports)
 
     def finish(self, status: str = "complete", error: str = "") -> Dict[str, Any]:
         """End the run: save the state, and for an ``--apply`` that changed something or
@@ -15271,14 +15276,6 @@ def _accounts_total(out: _Output, results: List[Tuple[str, int, List[Run]]],
     out.record(record, lines)
 
 
-def _added_counts(parts: Iterable[Mapping[str, int]]) -> Dict[str, int]:
-    total: Dict[str, int] = {}
-    for part in parts:
-        for key, count in part.items():
-            total[key] = total.get(key, 0) + count
-    return total
-
-
 def _finish_run(run: Run, args: argparse.Namespace, out: _Output, status: str,
                 error: str = "", *, not_made: Optional[int] = None, made: str = "made",
                 again: str = "run again to finish") -> None:
@@ -15311,10 +15308,7 @@ def _write_reports(out: TextIO, reports: List[FolderReport], rules: Ruleset,
 
 def _total_line(reports: List[FolderReport]) -> str:
     """One total across folders: 'All 3 folders: 1,204 messages examined; would: ...'."""
-    changes: Dict[str, int] = {}
-    for report in reports:
-        for change, count in report.changes.items():
-            changes[change] = changes.get(change, 0) + count
+    changes = _added_counts(report.changes for report in reports)
     examined = sum(report.examined for report in reports)
     line = f"All {len(reports)} folders: {_plural(examined, 'message')} examined"
     if changes:
@@ -15322,10 +15316,7 @@ def _total_line(reports: List[FolderReport]) -> str:
         line += f"; {verb}: " + ", ".join(f"{change} ({count:,})" for change, count in changes.items())
     else:
         line += "; nothing to change"
-    already: Dict[str, int] = {}
-    for report in reports:
-        for decision, count in report.already_done.items():
-            already[decision] = already.get(decision, 0) + count
+    already = _added_counts(report.already_done for report in reports)
     if already:
         line += "; already done: " + ", ".join(f"{decision} ({count:,})"
                                                for decision, count in already.items())

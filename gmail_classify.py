@@ -8080,12 +8080,7 @@ class _Plan:
         """The keys of everything ``actions`` ask for, needed or not (see add): the
         decision, of which the plan keeps only the changes."""
         keys: List[Tuple[str, ...]] = [("label", label) for label in actions.labels]
-        for flag, on, off in (("\\Seen", actions.mark_read, actions.mark_unread),
-                              ("\\Flagged", actions.star, actions.unstar)):
-            if on:
-                keys.append(("flag+", flag))
-            elif off:
-                keys.append(("flag-", flag))
+        keys += [("flag+" if row.add else "flag-", row.flag) for row in actions.flag_actions()]
         if actions.trash:
             keys.append(("trash",))
         elif actions.move:
@@ -8835,7 +8830,7 @@ class _FolderRun(_ApplyHooks):
         self.planned += plan.size()
         if self.apply:
             return _apply_plan(conn, plan, self.report, self, self.options.max_new_folders,
-                               self.settled, self.options.allow_expunge, defer=True)
+                               self.settled, self.options.allow_expunge)
         self.report.created.extend(name for name in _missing_folders(conn, plan)
                                    if name not in self.report.created)
         return None
@@ -8934,35 +8929,23 @@ class _FolderRun(_ApplyHooks):
                        self.apply, len(keys) - len(made))
 
 
-def _place_status(conn: GmailConnection, name: str) -> Dict[str, Optional[int]]:
-    """A destination's UIDVALIDITY and UIDNEXT before a step writes to it: every copy with a
-    UID at or above that UIDNEXT, under that UIDVALIDITY, came after the step began."""
-    selected = conn.selected
-    if selected is not None and _same_folder(selected.name, name):
-        return {"uidvalidity": selected.uidvalidity, "uidnext": selected.uidnext}
-    try:
-        values = conn.status(name)
-    except ImapError as exc:
-        if exc.status not in ("NO", "BAD"):
-            raise
-        values = {}     # the write that follows says what is wrong; undo leaves it alone
-    return {"uidvalidity": values.get("UIDVALIDITY"), "uidnext": values.get("UIDNEXT")}
-
-
 def _place_statuses(conn: GmailConnection, names: Sequence[str]
                     ) -> Dict[str, Dict[str, Optional[int]]]:
-    """_place_status of each name, the STATUS commands pipelined: one round trip."""
+    """Each destination's UIDVALIDITY and UIDNEXT before a step writes to it: every copy
+    with a UID at or above that UIDNEXT, under that UIDVALIDITY, came after the step began.
+    The open folder's as it was opened, the others' by STATUS commands pipelined (one
+    round trip); a refused one's unknown (the write that follows says what is wrong; undo
+    leaves it alone)."""
     selected = conn.selected
-    others = [name for name in names
-              if selected is None or not _same_folder(selected.name, name)]
-    answers = conn.statuses(others)
+    answers = conn.statuses([name for name in names
+                             if selected is None or not _same_folder(selected.name, name)])
     places = {}
     for name in names:
         values = answers.get(name)
         if name not in answers:     # the selected folder
-            places[name] = _place_status(conn, name)
-            continue
-        values = {} if isinstance(values, ImapError) else values
+            values = {"UIDVALIDITY": selected.uidvalidity, "UIDNEXT": selected.uidnext}
+        elif isinstance(values, ImapError):
+            values = {}
         places[name] = {"uidvalidity": values.get("UIDVALIDITY"),
                         "uidnext": values.get("UIDNEXT")}
     return places
@@ -9058,7 +9041,7 @@ def _skip_content(report: FolderReport, step: _Step, uid: int, why: str) -> None
 
 
 def _tally(report: FolderReport, plan: _Plan, decision: Decision, info: MessageInfo,
-           folder: str, msgid: Optional[int] = None) -> Outcome:
+           folder: str) -> Outcome:
     """Count one message classified offline into a dry-run report; plan its changes."""
     report.examined += 1
     plan.add(info.uid, decision.actions, info.flags, info.labels, folder)
@@ -9072,10 +9055,9 @@ def _tally(report: FolderReport, plan: _Plan, decision: Decision, info: MessageI
                     for key in keys)
     _count_decision(report, decision, keys, keys, lambda key: describe_change(
         _change_entry(key, info.uid, status, info.labels is not None, {}, None)))
-    return Outcome(folder, info.uid, _first(header_addresses(info.headers, "from")),
-                   _first(header_text(info.headers, "subject")), decision, msgid,
-                   message_id=_first(header_text(info.headers, "message-id")).strip(),
-                   changes=changes)
+    shown = _Shown(info)
+    return Outcome(folder, info.uid, shown.sender, shown.subject, decision,
+                   message_id=shown.message_id, changes=changes)
 
 
 def _first(values: Sequence[str]) -> str:
@@ -9288,16 +9270,15 @@ def _moves_flight(conn: GmailConnection, plan: _Plan, source: str, archive: Opti
     return flight, moves
 
 
-def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
-                hooks: Optional[_ApplyHooks] = None, max_new_folders: Optional[int] = None,
-                settled: Optional[_Destinations] = None, allow_expunge: bool = False,
-                defer: bool = False) -> Optional[Callable[[], None]]:
+def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport, hooks: _ApplyHooks,
+                max_new_folders: Optional[int], settled: _Destinations,
+                allow_expunge: bool) -> Optional[Callable[[], None]]:
     """Carry out a plan: check destinations, create what is missing, then labels and flags,
     then moves (so a message is labelled where it stands, then leaves).  Each of the three
     goes as one flight of pipelined commands (_WriteFlight), the next sent once the one
-    before is confirmed.  With ``defer``, the moves' answers are not waited for: the
-    function that reads them (and calls ``hooks.done``) is returned, for the caller to
-    call before anything else writes; otherwise None.
+    before is confirmed.  When the moves went as one flight, their answers are not waited
+    for: the function that reads them (and calls ``hooks.done``) is returned, for the
+    caller to call before anything else writes; otherwise None.
 
     ``hooks.intend(phase, folders)`` is called before any write command goes out:
     ``"create"`` with the folders about to be created, then ``"change"`` with the folders
@@ -9307,21 +9288,13 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
     key; ``extra`` is None, or ``{"folder": ..., "uid": ...}`` for copies and moves), and of
     each CREATE answered, as ``done(("create", name, outcome), {})`` with ``outcome``
     "created", "existed" or "refused".
-    ``settled``: the trash and archive folders _settle found (looked up here if None).
-    Names go to the server mapped to its namespace (server_name).
+    ``settled``: the trash and archive folders _settle found.  Names go to the server
+    mapped to its namespace (server_name).
     """
-    hooks = hooks if hooks is not None else _ApplyHooks()
-    done = hooks.done
     # Everything that can refuse is settled before the first change.
     missing = _missing_folders(conn, plan)
     _check_folder_limit(report, missing, max_new_folders)
-    if settled is not None:
-        trash, archive = settled.trash, settled.archive
-    else:
-        trash = _special_destination(conn, "\\Trash", "trash") if plan.trash else None
-        archive = None
-        if plan.archive and not conn.is_gmail:
-            archive = _special_destination(conn, "\\Archive", "archive")
+    trash, archive = settled.trash, settled.archive
     source = conn.server_name(report.folder)
     # Safe points (see Stop): once a stop is asked for, no further write command is sent
     # and no intent is written for one; the command in flight has finished, and what it did
@@ -9344,7 +9317,7 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
     if flight.writes:
         stop.check("before moving messages")
         flight.send()
-        if defer and not moves:
+        if not moves:
             return lambda: _land_flight(flight, report, hooks)
         _land_flight(flight, report, hooks)
     for uids, destination, key in moves:     # no MOVE: copy, \Deleted, expunge, in turn
@@ -9353,7 +9326,8 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport,
         report.moved_missing += len(result.missing)
         report.expunge_stayed.extend(result.stayed)     # not in result.moved: not confirmed
         report.others_expunged += result.others_expunged
-        done(key, {uid: {"folder": destination, "uid": new} for uid, new in result.moved.items()})
+        hooks.done(key, {uid: {"folder": destination, "uid": new}
+                         for uid, new in result.moved.items()})
     return None
 
 
@@ -16061,10 +16035,9 @@ def _verdict_line(verdict: RuleVerdict) -> str:
 
 def _why_record(where: str, uid: Optional[int], info: MessageInfo,
                 explanation: Explanation) -> Dict[str, Any]:
-    return {"where": where, "uid": uid,
-            "message_id": _first(header_text(info.headers, "message-id")).strip(),
-            "from": _first(header_addresses(info.headers, "from")),
-            "subject": _first(header_text(info.headers, "subject")),
+    shown = _Shown(info)
+    return {"where": where, "uid": uid, "message_id": shown.message_id, "from": shown.sender,
+            "subject": shown.subject,
             "rules": [{"position": v.position, "name": v.name, "matched": v.matched,
                        "reason": v.reason, "actions": v.actions.describe(),
                        "continue": v.continue_, "reached": v.reached}

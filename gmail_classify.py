@@ -10199,9 +10199,7 @@ class Run(Checkpoint):
             "changes_not_made": self.changes_not_made, "already_done": self.already_done(),
             "reports": [dataclasses.asdict(report) for report in self.reports],
         }
-        if self.undo_of:
-            summary["undo_of"] = self.undo_of
-        summary.update(self._named())
+        summary.update(self._undoing(), **self._named())
         if self._conn is not None:
             summary.update(imap_commands=self._conn.commands_sent,
                            bytes_received=self.bytes_counted,
@@ -10280,10 +10278,8 @@ class Run(Checkpoint):
         if not self.apply:
             return
         self.store.audit.append([
-            {"type": "skipped", "version": INTENT_VERSION, "run": self.id,
-             "time": _iso(self.store.now()), "account": self.user, "host": self.host,
-             "command": self.command, "folder": status.name, "uid": uid,
-             "uidvalidity": status.uidvalidity, "reason": why, **self._named()}
+            self._stamp("skipped", folder=status.name, uid=uid,
+                        uidvalidity=status.uidvalidity, reason=why)
             for uid, why in sorted(skips.items())])
 
     def intend(self, conn: GmailConnection, entries: Sequence[Dict[str, Any]]) -> None:
@@ -10292,33 +10288,22 @@ class Run(Checkpoint):
         if not self.apply or not entries:
             return
         self._count_bytes(conn)
-        stamp = {"type": "intent", "version": INTENT_VERSION, "run": self.id,
-                 "time": _iso(self.store.now()), "account": self.user, "host": self.host,
-                 "command": self.command, "rules_hash": self.rules_hash, **self._named()}
-        if self.undo_of:
-            stamp["undo_of"] = self.undo_of
+        stamp = self._stamp("intent", rules_hash=self.rules_hash, **self._undoing())
         self.store.audit.append([dict(stamp, **entry) for entry in entries])
 
     def not_sent(self, conn: GmailConnection, entries: Sequence[Dict[str, Any]]) -> None:
         """Record that these intended changes were never sent (a stop between commands):
         history does not count them and undo does not look for them."""
         if self.apply and entries:
-            stamp = {"type": "unsent", "version": INTENT_VERSION, "run": self.id,
-                     "time": _iso(self.store.now()), "account": self.user, "host": self.host,
-                     "command": self.command, **self._named()}
+            stamp = self._stamp("unsent")
             self.store.audit.append([dict(stamp, **entry) for entry in entries])
 
     def confirmed(self, conn: GmailConnection, entry: Dict[str, Any]) -> None:
         """A ``done`` record as each write command is confirmed: one write, no fsync (the
         step's records end with one; the intents before it were made durable)."""
-        if not self.apply:
-            return
-        stamp = {"type": "done", "version": INTENT_VERSION, "run": self.id,
-                 "time": _iso(self.store.now()), "account": self.user, "host": self.host,
-                 "command": self.command, **self._named()}
-        if self.undo_of:
-            stamp["undo_of"] = self.undo_of
-        self.store.audit.append([dict(stamp, **entry)], sync=False)
+        if self.apply:
+            self.store.audit.append([self._stamp("done", **self._undoing(), **entry)],
+                                    sync=False)
 
     def step_done(self, conn: GmailConnection, status: FolderStatus, mark: Optional[int],
                   outcomes: Sequence[Outcome]) -> None:
@@ -10368,6 +10353,17 @@ class Run(Checkpoint):
                 "actions": {} if actions.is_empty() else
                 actions.as_record(),
                 "applied": outcome.applied, "changes": list(outcome.changes), **self._named()}
+
+    def _stamp(self, kind: str, **fields: Any) -> Dict[str, Any]:
+        """A write-ahead record of this run (INTENT_VERSION): its type ``kind``, the run,
+        time, account and command, then ``fields``."""
+        return {"type": kind, "version": INTENT_VERSION, "run": self.id,
+                "time": _iso(self.store.now()), "account": self.user, "host": self.host,
+                "command": self.command, **self._named(), **fields}
+
+    def _undoing(self) -> Dict[str, str]:
+        """``{"undo_of": ...}`` in an undo's records, else nothing."""
+        return {"undo_of": self.undo_of} if self.undo_of else {}
 
     def _named(self) -> Dict[str, str]:
         """``{"account_name": ...}`` for a run of an [[account]] table, else nothing (an
@@ -10984,10 +10980,7 @@ class Undo:
                     groups.setdefault(self.messages[i]["folder"], []).append(i)
         for folder, indexes in groups.items():
             conn.stop.check(f"before looking in {folder}")
-            if conn.is_gmail:
-                found = self._locate(conn, folder, indexes, lambda r: None)
-            else:
-                found = self._locate(conn, folder, indexes, self._original_uid)
+            found = self._locate(conn, folder, indexes, lambda record: record.get("uid"))
             for i in indexes:
                 if i not in found and (not conn.is_gmail or
                                        self._flag_or_label(self.messages[i])):
@@ -11061,10 +11054,6 @@ class Undo:
     @staticmethod
     def _flag_or_label(record: Mapping[str, Any]) -> bool:
         return any(isinstance(c.get("after"), bool) for c in record.get("changes") or [])
-
-    @staticmethod
-    def _original_uid(record: Mapping[str, Any]) -> Optional[int]:
-        return record.get("uid")
 
     def _open(self, conn: GmailConnection, folder: str) -> FolderStatus:
         return conn.select(folder) if self.apply else conn.examine(folder)
@@ -11443,11 +11432,10 @@ class Watcher:
             if outage_since is not None:
                 log.warning("stopped while the connection was still down (for %s)",
                             _duration(time.monotonic() - outage_since))
-            conn, self.conn = self.conn, None
-            if conn is not None:
-                conn.close()            # UNSELECT (never CLOSE: no expunge), LOGOUT
+            self._drop()
 
     def _drop(self) -> None:
+        """Close the connection in hand (UNSELECT, never CLOSE: no expunge; LOGOUT)."""
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()
@@ -11818,13 +11806,11 @@ def _token_request(token_url: str, form: Mapping[str, str]) -> Dict[str, Any]:
         doc = load_json(body.decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
         doc = None
-    if not isinstance(doc, dict):
-        if status >= 500:
-            raise ConnectionLostError(f"the token endpoint {url} answered HTTP {status}; try again later")
-        raise ProtocolError(f"the token endpoint {url} answered HTTP {status} with something "
-                            f"that is not a JSON object")
     if status >= 500:
         raise ConnectionLostError(f"the token endpoint {url} answered HTTP {status}; try again later")
+    if not isinstance(doc, dict):
+        raise ProtocolError(f"the token endpoint {url} answered HTTP {status} with something "
+                            f"that is not a JSON object")
     if status != 200 or "error" in doc:
         error = str(doc.get("error", f"HTTP {status}"))[:80]
         detail = str(doc.get("error_description", ""))[:200]
@@ -12094,21 +12080,15 @@ def token_path(user: str) -> pathlib.Path:
 def save_refresh_token(user: str, client: OAuthClient, refresh_token: str) -> pathlib.Path:
     """Store the refresh token (and the client it belongs to) atomically, mode 0600 in 0700."""
     path = token_path(user)
+    doc = {"version": TOKEN_FILE_VERSION, "user": user, "client_id": client.client_id,
+           "client_secret": client.client_secret, "refresh_token": refresh_token,
+           "scope": OAUTH_SCOPE, "created": _iso(_utcnow(), "+00:00")}
     try:
-        return _save_token_file(path, user, client, refresh_token)
+        _make_private_dir(path.parent)
+        _replace_privately(path, json.dumps(doc, indent=1))
     except OSError as exc:
         raise RulesError(f"cannot store the token in {path}: {exc.strerror or exc}; set "
                          f"XDG_CONFIG_HOME to a writable place") from None
-
-
-def _save_token_file(path: pathlib.Path, user: str, client: OAuthClient,
-                     refresh_token: str) -> pathlib.Path:
-    _make_private_dir(path.parent)
-    doc = {"version": TOKEN_FILE_VERSION, "user": user, "client_id": client.client_id,
-           "client_secret": client.client_secret, "refresh_token": refresh_token,
-           "scope": OAUTH_SCOPE,
-           "created": _iso(_utcnow(), "+00:00")}
-    _replace_privately(path, json.dumps(doc, indent=1))
     return path
 
 

@@ -14345,34 +14345,29 @@ def _parse_since(text: str) -> _dt.date:
     return when.date()
 
 
-def _positive(text: str) -> int:
+def _number(text: str, kind: Callable[[str], Any], low: float, high: float,
+            expected: str) -> Any:
+    """``kind(text)`` if it lies strictly between ``low`` and ``high``, else an
+    ArgumentTypeError saying what was ``expected``."""
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+        value = low
+    if not low < value < high:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _number(text, int, 0, float("inf"), "a positive whole number")
 
 
 def _timeout_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (0 < value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
-    return value
+    return _number(text, float, 0, float("inf"), "a number of seconds above 0")
 
 
 def _port_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
-    return value
+    return _number(text, int, 0, 65536, "a port from 1 to 65535")
 
 
 def _folder_name(text: str) -> str:
@@ -15011,6 +15006,20 @@ def _write_run_reports(args: argparse.Namespace, out: _Output, run: Run,
         out.write(f"{_plural(run.changes_made, 'change')} made.\n")
 
 
+def _account_state(args: argparse.Namespace, out: _Output, rules: Ruleset,
+                   settings: Mapping[str, Any], name: Optional[str]) -> StateStore:
+    """The state a run or watch starts from (--all: a bad file is replaced), once a
+    person was told the account (an [[account]] ``name``) and the rules in force."""
+    store = StateStore()
+    store.load(start_over=args.all)
+    if out.human:
+        if name is not None:
+            out.line(f"Account {name}: "
+                     f"{account_key(settings['user'], settings['host'], settings.get('port'))}")
+        out.write(_rules_line(rules))
+    return store
+
+
 def _run_account(args: argparse.Namespace, out: _Output, rules: Ruleset,
                  name: Optional[str] = None, runs: Optional[List[Run]] = None) -> int:
     """``run`` over one account: the [account] table's, or the [[account]] ``name``'s
@@ -15021,13 +15030,7 @@ def _run_account(args: argparse.Namespace, out: _Output, rules: Ruleset,
     settings = _connection_settings(args, rules.account, name)
     folders = args.folder or list(rules.account.get("folders") or ["INBOX"])
     progress = _Progress(sys.stderr, sys.stderr.isatty() and out.human)
-    store = StateStore()
-    store.load(start_over=args.all)
-    if out.human:
-        if name is not None:
-            out.line(f"Account {name}: "
-                     f"{account_key(settings['user'], settings['host'], settings.get('port'))}")
-        out.write(_rules_line(rules))
+    store = _account_state(args, out, rules, settings, name)
 
     def on_message(outcome: Outcome) -> None:
         # Only what changes (or would); with --apply, after the server confirmed it.
@@ -15367,13 +15370,7 @@ def _prepare_watch(args: argparse.Namespace, out: _Output, rules: Ruleset,
     settings["retries"] = 0
     folders = list(dict.fromkeys(args.folder or rules.account.get("folders") or ["INBOX"]))
     reloader = _RulesReloader(source, rules, name)
-    store = StateStore()
-    store.load(start_over=args.all)
-    if out.human:
-        if name is not None:
-            out.line(f"Account {name}: "
-                     f"{account_key(settings['user'], settings['host'], settings.get('port'))}")
-        out.write(_rules_line(rules))
+    store = _account_state(args, out, rules, settings, name)
 
     def on_message(outcome: Outcome) -> None:
         # A dry run shows each message it would change once; --apply is quiet unless -v.
@@ -15891,14 +15888,16 @@ def _output_format(args: argparse.Namespace) -> str:
     return args.format or "toml"
 
 
-def _emit_rules(args: argparse.Namespace, out: TextIO, text: str, count: int) -> None:
+def _emit_rules(args: argparse.Namespace, out: TextIO, text: str, count: int,
+                then: str = "; next: python gmail_classify.py check {}") -> None:
+    """Rules to standard output, or to -o (then said on stderr, ``then`` naming the file)."""
     if not args.output:
         out.write(text)
         return
     write_rules_file(args.output, text, force=args.force)
     if not args.quiet:
-        sys.stderr.write(printable(f"wrote {args.output}: {_plural(count, 'rule')}; next: python "
-                               f"gmail_classify.py check {args.output}") + "\n")
+        sys.stderr.write(printable(f"wrote {args.output}: {_plural(count, 'rule')}"
+                                   + then.format(args.output)) + "\n")
 
 
 def _cmd_import_filters(args: argparse.Namespace, out: TextIO) -> int:
@@ -15964,13 +15963,7 @@ def _cmd_export(args: argparse.Namespace, out: TextIO) -> int:
         sys.stderr.write(printable(f"gmail_classify: {rules.source}: stopped before rule "
                                    f"{rule.position} ({rule.name}): {why}; exported the "
                                    f"{_plural(done.rules, 'rule')} before it") + "\n")
-    if not args.output:
-        out.write(done.text)
-        return EXIT_OK
-    write_rules_file(args.output, done.text, force=args.force)
-    if not args.quiet:
-        sys.stderr.write(printable(f"wrote {args.output}: {_plural(done.rules, 'rule')} as "
-                                   f"{args.format}") + "\n")
+    _emit_rules(args, out, done.text, done.rules, f" as {args.format}")
     return EXIT_OK
 
 

@@ -12521,21 +12521,15 @@ def _filter_criteria(number: int, values: Mapping[str, str], notes: List[str]
     query: List[str] = []
     local: Dict[str, Any] = {}
     exact = True
-    if text("from"):
-        query.append("from:" + _query_group(text("from")))
-        patterns = _address_patterns(text("from"))
-        exact = exact and patterns is not None
-        if patterns:
-            local["from"] = _one_or_list(patterns)
-    if text("to"):
-        query.append("to:" + _query_group(text("to")))
-        exact = False   # Gmail's to: also covers Cc and Bcc as Gmail saw them
-    if text("subject"):
-        query.append("subject:" + _query_group(text("subject")))
-        patterns = _word_patterns(text("subject"))
-        exact = exact and patterns is not None
-        if patterns:
-            local["subject"] = _one_or_list(patterns)
+    # Gmail's to: also covers Cc and Bcc as Gmail saw them: no local condition says it.
+    for name, patterns_of in (("from", _address_patterns), ("to", None),
+                              ("subject", _word_patterns)):
+        if text(name):
+            query.append(f"{name}:" + _query_group(text(name)))
+            patterns = patterns_of(text(name)) if patterns_of else None
+            exact = exact and patterns is not None
+            if patterns:
+                local[name] = _one_or_list(patterns)
     if text("hasTheWord"):
         query.append(_query_group(text("hasTheWord")))
         exact = False
@@ -13465,9 +13459,9 @@ def diff_messages(old: Ruleset, new: Ruleset, messages: Iterable[Tuple[str, Mess
         before, after = found[0].decision, found[1].decision
         result.count(before, after)
         if not same_decision(before, after):
-            result.changes.append(DecisionChange(name, None, found[0].message_id or _first(
-                header_text(info.headers, "message-id")).strip(), found[0].sender,
-                found[0].subject, before, after))
+            result.changes.append(DecisionChange(name, None, found[0].message_id,
+                                                 found[0].sender, found[0].subject, before,
+                                                 after))
     return result
 
 
@@ -13628,10 +13622,6 @@ def _condition_of(features: Sequence[tuple]) -> Dict[str, Any]:
     return {"any": parts}
 
 
-def _ruleset_of(rules: List[Dict[str, Any]], source: str) -> Ruleset:
-    return parse_rules({"rule": rules}, source)
-
-
 @dataclass(frozen=True)
 class LearnedRules:
     """What learn_rules made: ``doc`` and ``comments`` for format_rules, ``header`` lines
@@ -13748,7 +13738,7 @@ class _Learner:
         """The condition keys for ``features`` and the messages (all of them) the rule
         engine finds with them."""
         condition = _condition_of(features)
-        rule = _ruleset_of([dict(name="learned", label="x", **condition)],
+        rule = parse_rules({"rule": [dict(name="learned", label="x", **condition)]},
                            self.filed.source).rules[0]
         test = rule.condition.evaluate
         return condition, [n for n, message in enumerate(self.messages)
@@ -13902,7 +13892,7 @@ def _learned_tests(filed: FiledMail, rules: List[Dict[str, Any]], made: List[_Le
     the whole file gives it the rule it stands for (expect_rules says every rule matching)."""
     if not rules:
         return []
-    ruleset = _ruleset_of(rules, filed.source)
+    ruleset = parse_rules({"rule": rules}, filed.source)
     by_name = {item.name: item for item in made}
     tests = []
     for rule in rules:
@@ -14232,6 +14222,7 @@ def read_filed_path(path: Any, *, limit: Optional[int] = DEFAULT_LEARN_LIMIT,
             entry.labels.add(label)
 
     try:
+        files: List[str] = []       # mbox files, one label each (named after it)
         if os.path.isdir(path):
             folders = _maildir_folders(path)
             if folders:
@@ -14241,18 +14232,15 @@ def read_filed_path(path: Any, *, limit: Optional[int] = DEFAULT_LEARN_LIMIT,
                                if n.lower().endswith(".mbox"))
                 if not files:
                     raise LearnError(f"{path}: neither a Maildir tree nor a folder of .mbox files")
-                for file_path in files:
-                    label = os.path.splitext(os.path.basename(file_path))[0]
-                    label = None if label.casefold() in _NOT_TARGETS else label
-                    for raw in _stream_header_blocks(file_path):
-                        add(raw, label, label or "INBOX")
         elif os.path.isfile(path):
-            label = os.path.splitext(os.path.basename(path))[0]
-            label = None if label.casefold() in _NOT_TARGETS else label
-            for raw in _stream_header_blocks(path):
-                add(raw, label, label or "INBOX")
+            files = [path]
         else:
             raise LearnError(f"{path}: no such file or directory")
+        for file_path in files:
+            label = os.path.splitext(os.path.basename(file_path))[0]
+            label = None if label.casefold() in _NOT_TARGETS else label
+            for raw in _stream_header_blocks(file_path):
+                add(raw, label, label or "INBOX")
     except OSError as exc:
         raise LearnError(f"{path}: cannot read: {exc.strerror or exc}") from None
     messages = sorted(found.values(), key=lambda m: (m.date, m.key))

@@ -8257,7 +8257,7 @@ class Checkpoint:
         called before ``step_done`` lets the mark pass them."""
 
     def intend(self, conn: GmailConnection, entries: Sequence[Dict[str, Any]]) -> None:
-        """With ``apply``, before a step's write commands go out (see _intent_entries):
+        """With ``apply``, before a step's write commands go out (see _FolderRun._intents):
         what they may change.  Must make it durable before returning (write-ahead)."""
 
     def not_sent(self, conn: GmailConnection, entries: Sequence[Dict[str, Any]]) -> None:
@@ -8836,8 +8836,33 @@ class _FolderRun(_ApplyHooks):
         return None
 
     def _intents(self, step: _Step) -> List[Dict[str, Any]]:
-        return _intent_entries(step, self.status, self.conn.is_gmail, self.destinations,
-                               self.places, self.folder, self.conn.server_name)
+        """One entry per message the step may change: where it is, what tells it apart
+        (size, INTERNALDATE, Message-ID) and the changes planned, each destination with the
+        UIDVALIDITY and UIDNEXT it had before the step (``places``, by server name)."""
+        status, places = self.status, self.places
+        entries = []
+        for uid in sorted(step.plan.per_uid):
+            info = step.infos.get(uid)
+            if info is None:
+                continue
+            changes = []
+            for key in step.plan.per_uid[uid]:
+                change = _change_entry(key, uid, status, self.conn.is_gmail, self.destinations,
+                                       None)
+                after = change.get("after")
+                if isinstance(after, dict):
+                    name = after["folder"] if after["folder"] in places else \
+                        self.conn.server_name(str(after["folder"]))
+                    if name in places:
+                        after = dict(after, folder=name, **places[name])
+                    change = dict(change, after=after)
+                changes.append(change)
+            entries.append({
+                "folder": self.folder, "uid": uid, "uidvalidity": status.uidvalidity,
+                "gm_msgid": step.msgids.get(uid), "message_id": info.message_id,
+                "size": info.size, "internaldate": _iso(info.date) if info.date else None,
+                "subject": info.subject, "changes": changes})
+        return entries
 
     def intend(self, phase: str, folders: Sequence[str]) -> None:
         if not self.checkpoint.writes_ahead:
@@ -8975,37 +9000,6 @@ def _done_entry(key: Tuple[str, ...], result: Mapping[int, Any], status: FolderS
             "destination": after.get("folder") if isinstance(after, dict) else None,
             "uids": uids, "new_uids": [result[uid].get("uid") if isinstance(result[uid], dict)
                                        else None for uid in uids]}
-
-
-def _intent_entries(step: _Step, status: FolderStatus, gmail: bool,
-                    destinations: Mapping[str, Optional[str]],
-                    places: Mapping[str, Mapping[str, Optional[int]]],
-                    folder: str, server_name: Callable[[str], str]) -> List[Dict[str, Any]]:
-    """One entry per message the step may change: where it is, what tells it apart (size,
-    INTERNALDATE, Message-ID) and the changes planned, each destination with the
-    UIDVALIDITY and UIDNEXT it had before the step (``places``, by server name)."""
-    entries = []
-    for uid in sorted(step.plan.per_uid):
-        info = step.infos.get(uid)
-        if info is None:
-            continue
-        changes = []
-        for key in step.plan.per_uid[uid]:
-            change = _change_entry(key, uid, status, gmail, destinations, None)
-            after = change.get("after")
-            if isinstance(after, dict):
-                name = after["folder"] if after["folder"] in places else \
-                    server_name(str(after["folder"]))
-                if name in places:
-                    after = dict(after, folder=name, **places[name])
-                change = dict(change, after=after)
-            changes.append(change)
-        entries.append({
-            "folder": folder, "uid": uid, "uidvalidity": status.uidvalidity,
-            "gm_msgid": step.msgids.get(uid), "message_id": info.message_id,
-            "size": info.size, "internaldate": _iso(info.date) if info.date else None,
-            "subject": info.subject, "changes": changes})
-    return entries
 
 
 def _count_decision(report: FolderReport, decision: Decision, planned: Sequence[Tuple[str, ...]],

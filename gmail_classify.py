@@ -10721,12 +10721,10 @@ class Undo:
                     if isinstance(c.get("after"), dict) else c
                     for c in left if _change_identity(record, c) in done]
             maybe = [c for c in left if _change_identity(record, c) not in done]
-            if made:
-                self.messages.append(dict(record, type="message", version=RECORD_VERSION,
-                                          applied=True, changes=made))
-            if maybe:
-                self.messages.append(dict(record, type="message", version=RECORD_VERSION,
-                                          applied=True, changes=maybe, maybe=True))
+            for changes, more in ((made, {}), (maybe, {"maybe": True})):
+                if changes:
+                    self.messages.append(dict(record, type="message", version=RECORD_VERSION,
+                                              applied=True, changes=changes, **more))
 
     # Each message's undo is worked out in ``_work``: index -> {"done": [...], "alone": [...]}.
 
@@ -13728,15 +13726,18 @@ class _Learner:
             candidates.remove(best)
         return sorted(chosen, key=lambda f: (_KIND_ORDER[f[0]], f))
 
-    def evaluate(self, features: List[tuple], now: datetime) -> Tuple[Dict[str, Any], List[int]]:
-        """The condition keys for ``features`` and the messages (all of them) the rule
-        engine finds with them."""
+    def evaluate(self, label: str, features: List[tuple], now: datetime
+                 ) -> Tuple[Dict[str, Any], List[int], List[int], Tuple[int, ...]]:
+        """The condition keys for ``features``, the messages (all of them) the rule engine
+        finds with them, those of them held out, and those held out filed under ``label``."""
         condition = _condition_of(features)
         rule = parse_rules({"rule": [dict(name="learned", label="x", **condition)]},
                            self.filed.source).rules[0]
         test = rule.condition.evaluate
-        return condition, [n for n, message in enumerate(self.messages)
-                           if test(message.info, now)[0]]
+        every = [n for n, message in enumerate(self.messages) if test(message.info, now)[0]]
+        hits = [n for n in every if n >= self.start]
+        return condition, every, hits, tuple(n for n in hits
+                                             if label in self.messages[n].labels)
 
     def judge(self, label: str, count: int, now: datetime
               ) -> Union[str, Tuple[_LearnedLabel, str]]:
@@ -13749,9 +13750,7 @@ class _Learner:
         if not features:
             return ("no distinctive header: no sender, list, recipient or subject words "
                     "mostly its own")
-        condition, every = self.evaluate(features, now)
-        hits = [n for n in every if n >= self.start]
-        right = tuple(n for n in hits if label in messages[n].labels)
+        condition, every, hits, right = self.evaluate(label, features, now)
         if len(right) < self.min_precision * len(hits):
             # Parts wrong on the newer mail (a sender who moved, a word that stopped being
             # the label's) are dropped once; the rest is judged again.
@@ -13759,9 +13758,7 @@ class _Learner:
                                                for n in self.split(self.index[f])[1])]
             if kept and len(kept) < len(features):
                 features = kept
-                condition, every = self.evaluate(features, now)
-                hits = [n for n in every if n >= self.start]
-                right = tuple(n for n in hits if label in messages[n].labels)
+                condition, every, hits, right = self.evaluate(label, features, now)
         if len(hits) < self.min_support:
             return (f"too few of the newest messages to judge its rule ({len(hits)} found, "
                     f"need {self.min_support})")
@@ -14885,24 +14882,21 @@ class _Output:
             self.write(_message_line(outcome, applied, self.width) + "\n")
 
     def write(self, text: str) -> int:
-        if not self.gone:
-            try:
-                return self._stream.write(text)
-            except OSError as exc:
-                self._lost(exc)
-        if not self.keep_going:
-            raise _OutputClosed()
-        return len(text)
+        return self._through(lambda stream: stream.write(text), len(text))
 
     def flush(self) -> None:
+        self._through(lambda stream: stream.flush(), None)
+
+    def _through(self, call: Callable[[TextIO], Any], dropped: Any) -> Any:
+        """``call(stream)`` while the reader is there; after, ``dropped`` (keep_going)."""
         if not self.gone:
             try:
-                self._stream.flush()
-                return
+                return call(self._stream)
             except OSError as exc:
                 self._lost(exc)
         if not self.keep_going:
             raise _OutputClosed()
+        return dropped
 
     def close_quietly(self) -> None:
         """The last flush: never raises, whatever the reader did."""

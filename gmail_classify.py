@@ -12239,6 +12239,11 @@ def provider_note(host: str) -> Optional[Tuple[str, str]]:
     return None
 
 
+def _provider_rows(host: str) -> List[DoctorRow]:
+    known = provider_note(host)
+    return [DoctorRow("provider", f"{known[0]}: {known[1]}")] if known else []
+
+
 def diagnose_failure(user: str, host: str, port: int, exc: GmailClassifyError) -> Diagnosis:
     """The table for an account the doctor could not sign in to: the error is the problem."""
     what = {EXIT_AUTH: ("sign-in", "check the password (an app password where the provider "
@@ -12248,10 +12253,7 @@ def diagnose_failure(user: str, host: str, port: int, exc: GmailClassifyError) -
     check, advice = what.get(exc.exit_code, ("server", "see the error"))
     rows = [DoctorRow("server", f"{host}:{port}"),
             DoctorRow(check, str(exc).split("\n")[0], exc.exit_code, advice)]
-    known = provider_note(host)
-    if known:
-        rows.append(DoctorRow("provider", f"{known[0]}: {known[1]}"))
-    return Diagnosis(account_key(user, host, port), tuple(rows))
+    return Diagnosis(account_key(user, host, port), tuple(rows + _provider_rows(host)))
 
 
 def diagnose(conn: GmailConnection, rules: Ruleset, folders: Sequence[str] = ("INBOX",), *,
@@ -12310,10 +12312,8 @@ def diagnose(conn: GmailConnection, rules: Ruleset, folders: Sequence[str] = ("I
     rows.extend(_doctor_rules(conn, rules, folders, listed, allow_expunge))
     if store is not None:
         rows.extend(_doctor_state(conn, rules, folders, store, daily_budget))
-    known = provider_note(conn.host)
-    if known:
-        rows.append(DoctorRow("provider", f"{known[0]}: {known[1]}"))
-    return Diagnosis(account_key(conn.user, conn.host, conn.port), tuple(rows))
+    return Diagnosis(account_key(conn.user, conn.host, conn.port),
+                     tuple(rows + _provider_rows(conn.host)))
 
 
 def _doctor_rules(conn: GmailConnection, rules: Ruleset, folders: Sequence[str],
@@ -14547,13 +14547,8 @@ class _OutputClosed(BaseException):
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
-    level = logging.WARNING
-    if args.quiet:
-        level = logging.ERROR
-    elif args.verbose >= 2:
-        level = logging.DEBUG
-    elif args.verbose == 1:
-        level = logging.INFO
+    levels = (logging.WARNING, logging.INFO, logging.DEBUG)     # by -v count
+    level = logging.ERROR if args.quiet else levels[max(0, min(args.verbose, 2))]
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_PrintableFormatter("%(levelname)s: %(message)s"))
     log.addHandler(handler)

@@ -14396,6 +14396,8 @@ _SHARED_OPTIONS: Dict[str, Dict[str, Any]] = {
     "--daily-budget": dict(type=_budget, default=DEFAULT_DAILY_BUDGET, metavar="SIZE"),
     "--run-programs": dict(action="store_true", help="run the rules' programs (after the "
                            "trust check); without it they are only listed"),
+    "--since": dict(type=_parse_since, help="only mail received since a date (YYYY-MM-DD) "
+                    "or an age: 7d, 2w, 6m, 1y"),
     "--jobs": dict(type=_positive, metavar="N", help="rules' programs run at once, across "
                    "messages (default: the number of CPUs)"),
 }
@@ -16137,8 +16139,7 @@ _COMMANDS: Dict[str, _Command] = {
     "run": _Command(_cmd_run, "classify a folder (dry run unless --apply)", ("connection",), (
         _Opt("--folder", action="append", type=_folder_name, help="folder to classify "
              "(repeatable; default INBOX)"),
-        _Opt("--since", type=_parse_since, help="only mail received since a date "
-             "(YYYY-MM-DD) or an age: 7d, 2w, 6m, 1y"),
+        _Opt("--since"),
         _Opt("--limit", type=_positive, help="only the newest N messages per folder"),
         _Opt("--apply"), _Opt("--json"),
         _Opt("--summary", action="store_true", help="only the totals, no line per message"),
@@ -16266,8 +16267,7 @@ _COMMANDS: Dict[str, _Command] = {
              "none: the server's folders"),
         _Opt("--folder", action="append", type=_folder_name, help="folder to compare on "
              "(repeatable; default INBOX)"),
-        _Opt("--since", type=_parse_since, help="only mail received since a date "
-             "(YYYY-MM-DD) or an age: 7d, 2w, 6m, 1y"),
+        _Opt("--since"),
         _Opt("--batch-size"),
         _Opt("--json", help="one JSON object per changed message, then a summary"))),
     "learn": _Command(_cmd_learn, "learn rules from how your mail is already filed, with "
@@ -16288,8 +16288,7 @@ _COMMANDS: Dict[str, _Command] = {
              "%(default)s)"),
         _Opt("--limit", type=_positive, default=DEFAULT_LEARN_LIMIT, help="only the newest N "
              "messages (default: %(default)s)"),
-        _Opt("--since", type=_parse_since, help="only mail since a date (YYYY-MM-DD) or an "
-             "age: 7d, 2w, 6m, 1y"),
+        _Opt("--since", help="only mail since a date (YYYY-MM-DD) or an age: 7d, 2w, 6m, 1y"),
         _Opt("--keep-examples", action="store_true", help="keep real addresses and "
              "subjects in the [[test]] tables"),
         _Opt("--batch-size"))),

@@ -18534,6 +18534,47 @@ def _bench_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
+# --- Issue 16: a shorter file (the command line's shared paths say what they said) ------
+
+
+class SharedCommandPathsTest(TempDirMixin, unittest.TestCase):
+    """Paths several commands now share (_say_error, _emit_rules), checked to the byte."""
+
+    def test_an_error_is_one_line_and_a_traceback_only_with_verbose(self):
+        missing = os.path.join(self.make_dir(), "none.toml")
+        code, out, err = run_cli("check", missing)
+        self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertTrue(err.startswith("gmail_classify: ") and missing in err, err)
+        code, out, err = run_cli("-v", "check", missing)
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertIn("Traceback", err)
+        self.assertTrue(err.splitlines()[-1].startswith("gmail_classify: "), err)
+
+    def test_a_bug_is_one_line_that_points_at_verbose(self):
+        path = os.path.join(self.make_dir(), "rules.json")
+        with open(path, "w") as handle:
+            json.dump(SIEVE_DOC, handle)
+        with mock.patch.object(gc, "load_rules", side_effect=ValueError("boom")):
+            code, out, err = run_cli("check", path)
+        self.assertEqual((code, out, err), (gc.EXIT_ERROR, "", "gmail_classify: unexpected error: "
+                                            "ValueError: boom (run with -v for details)\n"))
+
+    def test_export_to_a_file_says_how_many_rules_in_which_format(self):
+        tmp = self.make_dir()
+        path, target = os.path.join(tmp, "rules.json"), os.path.join(tmp, "out.json")
+        with open(path, "w") as handle:
+            json.dump(SIEVE_DOC, handle)
+        code, out, err = run_cli("export", path, "--format", "json", "-o", target)
+        self.assertEqual((code, out, err),
+                         (0, "", f"wrote {target}: {len(SIEVE_DOC['rule'])} rules as json\n"))
+        code, out, err = run_cli("export", path, "--format", "json", "-o", target, "--force",
+                                 "-q")
+        self.assertEqual((code, out, err), (0, "", ""))
+        with open(target) as handle:
+            self.assertEqual(len(json.load(handle)["rules"]), len(SIEVE_DOC["rule"]))
+
+
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the
     # bench-* forms are its helper processes. Anything else runs the tests.

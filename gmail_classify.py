@@ -10973,9 +10973,9 @@ class Undo:
         for folder, indexes in groups.items():
             conn.stop.check(f"before looking in {folder}")
             found = self._locate(conn, folder, indexes, lambda record: record.get("uid"))
-            for i in indexes:
-                if i not in found and (not conn.is_gmail or
-                                       self._flag_or_label(self.messages[i])):
+            for i in indexes:      # on Gmail, said only of a message with a flag or label
+                if i not in found and (not conn.is_gmail or any(
+                        isinstance(c.get("after"), bool) for c in self.messages[i]["changes"])):
                     work[i]["alone"].append(f"not found in {folder}; left as it is")
             self._restore_flags(conn, found, work)
 
@@ -11042,10 +11042,6 @@ class Undo:
             if isinstance(before, dict) and isinstance(after, dict) and after.get("folder"):
                 return before, after, change
         return None
-
-    @staticmethod
-    def _flag_or_label(record: Mapping[str, Any]) -> bool:
-        return any(isinstance(c.get("after"), bool) for c in record.get("changes") or [])
 
     def _open(self, conn: GmailConnection, folder: str) -> FolderStatus:
         return conn.select(folder) if self.apply else conn.examine(folder)

@@ -18575,6 +18575,19 @@ class SharedCommandPathsTest(TempDirMixin, unittest.TestCase):
         with open(target) as handle:
             self.assertEqual(len(json.load(handle)["rules"]), len(SIEVE_DOC["rule"]))
 
+    def test_log_level_follows_quiet_and_the_verbose_count(self):
+        path = os.path.join(self.make_dir(), "rules.json")
+        with open(path, "w") as handle:
+            json.dump(SIEVE_DOC, handle)
+        logger = logging.getLogger("gmail_classify")
+        self.addCleanup(logger.setLevel, logger.level)
+        for flags, level in ((["-q"], logging.ERROR), ([], logging.WARNING),
+                             (["-v"], logging.INFO), (["-vv"], logging.DEBUG),
+                             (["-vvv"], logging.DEBUG), (["-q", "-vv"], logging.ERROR)):
+            with self.subTest(flags=flags):
+                code, _out, err = run_cli(*flags, "check", path)
+                self.assertEqual((code, logger.level), (0, level), err)
+
 
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the

@@ -8110,10 +8110,9 @@ class _Plan:
         counts: Dict[str, int] = {}
         for label, uids in self.add_labels.items():
             counts[f"label {label}"] = len(uids)
-        for flag, uids in self.add_flags.items():
-            counts[_flag_action("flag+", flag).words] = len(uids)
-        for flag, uids in self.remove_flags.items():
-            counts[_flag_action("flag-", flag).words] = len(uids)
+        for kind, flags in (("flag+", self.add_flags), ("flag-", self.remove_flags)):
+            for flag, uids in flags.items():
+                counts[_flag_action(kind, flag).words] = len(uids)
         if self.archive:
             counts["archive"] = len(self.archive)
         for folder, uids in self.move.items():
@@ -9232,10 +9231,9 @@ def _labels_and_flags(conn: GmailConnection, plan: _Plan, hooks: _ApplyHooks) ->
             # holds were dropped from the plan by _drop_copies_already_there).
             target = conn.server_name(label)
             flight.copy(("label", label), uids, target, hooks.uidnext(target))
-    for flag, uids in plan.add_flags.items():
-        flight.store(("flag+", flag), uids, "+FLAGS", [_flag_arg(flag)])
-    for flag, uids in plan.remove_flags.items():
-        flight.store(("flag-", flag), uids, "-FLAGS", [_flag_arg(flag)])
+    for sign, flags in (("+", plan.add_flags), ("-", plan.remove_flags)):
+        for flag, uids in flags.items():
+            flight.store((f"flag{sign}", flag), uids, f"{sign}FLAGS", [_flag_arg(flag)])
     return flight
 
 

@@ -2718,10 +2718,7 @@ class GmailConnection:
     def status(self, folder: str) -> Dict[str, int]:
         """STATUS of a folder that need not be selected: ``{"MESSAGES": 812, "UIDNEXT": 9001,
         "UIDVALIDITY": 11}``.  RFC 3501 §6.3.10: not for the selected folder (use noop)."""
-        attrs = self._status(folder, "(MESSAGES UIDNEXT UIDVALIDITY)")
-        return {key: _server_number(value, key, "STATUS",
-                                    nonzero=key in ("UIDNEXT", "UIDVALIDITY"))
-                for key, value in ((str(key).upper(), value) for key, value in attrs.items())}
+        return self._status_numbers(self._status(folder, "(MESSAGES UIDNEXT UIDVALIDITY)"))
 
     def statuses(self, folders: Sequence[str]) -> Dict[str, Union[Dict[str, int], ImapError]]:
         """status() of several folders in one round trip (pipelined; STATUS only reads):
@@ -2775,6 +2772,9 @@ class GmailConnection:
                 for key, value in ((str(key).upper(), value) for key, value in attrs.items())}
 
     def _status_of(self, response: _Response, folder: str) -> Dict[str, Any]:
+        """The attributes of ``folder``'s STATUS answer in ``response`` ({} for none).  Only
+        the folder's own answer counts, by its octets as listed (a raw UTF-8 name stays
+        raw): any untagged response may arrive with any command (RFC 3501 §7)."""
         for item in response.untagged:
             if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
                     and self._names(item[1], folder):
@@ -2782,14 +2782,8 @@ class GmailConnection:
         return {}
 
     def _status(self, folder: str, items: str) -> Dict[str, Any]:
-        """The attributes STATUS ``folder`` ``items`` answered ({} for no answer).  Only the
-        folder's own answer counts, by its octets as listed (a raw UTF-8 name stays raw):
-        any untagged response may arrive with any command (RFC 3501 §7)."""
-        for item in self._call("STATUS", self._mailbox(folder), items).untagged:
-            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
-                    and self._names(item[1], folder):
-                return _pairs(item[2]) if isinstance(item[2], list) else {}
-        return {}
+        """The attributes STATUS ``folder`` ``items`` answered (see _status_of)."""
+        return self._status_of(self._call("STATUS", self._mailbox(folder), items), folder)
 
     def list_folders(self, refresh: bool = False) -> List[Folder]:
         """Every folder (and Gmail label), names decoded from modified UTF-7.

@@ -526,6 +526,21 @@ def compress_uids(uids: Iterable[int]) -> str:
     return text
 
 
+def _uid_ranges(text: str, highest: Optional[int], shown: str) -> Iterator[Tuple[int, int]]:
+    """(low, high) of each part of ``"1:3,7"``: (1, 3), (7, 7); ``*`` needs ``highest``.
+    Raises ValueError quoting ``shown`` (the set, or its start)."""
+    for part in text.split(","):
+        ends = part.split(":")
+        if len(ends) > 2 or not all(ends):
+            raise ValueError(f"bad UID set {shown!r}")
+        values = []
+        for end in ends:
+            if end == "*" and highest is None:
+                raise ValueError(f"UID set {shown!r} uses * without a highest UID")
+            values.append(highest if end == "*" else int(end))
+        yield min(values), max(values)  # type: ignore[type-var, misc]
+
+
 def parse_uid_set(text: str, highest: Optional[int] = None,
                   limit: Optional[int] = None) -> List[int]:
     """Expand ``"1:3,7"`` into ``[1, 2, 3, 7]``; ``*`` needs ``highest``. Raises ValueError,
@@ -534,35 +549,14 @@ def parse_uid_set(text: str, highest: Optional[int] = None,
     if limit is not None and _uid_set_size(text, highest) > limit:
         raise ValueError(f"UID set {text[:40]!r} names more than {limit} UIDs")
     result: List[int] = []
-    for part in text.split(","):
-        ends = part.split(":")
-        if len(ends) > 2 or not all(ends):
-            raise ValueError(f"bad UID set {text!r}")
-        values = []
-        for end in ends:
-            if end == "*":
-                if highest is None:
-                    raise ValueError(f"UID set {text!r} uses * without a highest UID")
-                values.append(highest)
-            else:
-                values.append(int(end))
-        low, high = min(values), max(values)
+    for low, high in _uid_ranges(text, highest, text):
         result.extend(range(low, high + 1))
     return result
 
 
 def _uid_set_size(text: str, highest: Optional[int] = None) -> int:
     """How many UIDs ``"1:3,7"`` names (4), without expanding it. Raises ValueError."""
-    total = 0
-    for part in text.split(","):
-        ends = part.split(":")
-        if len(ends) > 2 or not all(ends):
-            raise ValueError(f"bad UID set {text[:40]!r}")
-        values = [highest if end == "*" else int(end) for end in ends]
-        if None in values:
-            raise ValueError(f"UID set {text[:40]!r} uses * without a highest UID")
-        total += max(values) - min(values) + 1  # type: ignore[type-var, operator]
-    return total
+    return sum(high - low + 1 for low, high in _uid_ranges(text, highest, text[:40]))
 
 
 # RFC 2683 §3.2.1.5 asks servers to accept lines of 8,000 octets and RFC 7162 §4 repeats

@@ -1193,6 +1193,11 @@ class _BufferedWire:
     def _reset_buffer(self) -> None:
         self._rbuf = bytearray()
 
+    def open(self, host: str, port: int, timeout: Optional[float] = None) -> None:
+        self._reset_buffer()
+        self.watch_progress(timeout, lines=IMAPLIB_MAX_LINES)    # the greeting, CAPABILITY
+        super().open(host, port, timeout)  # type: ignore[misc]
+
     def _create_socket(self, timeout: Optional[float] = None) -> socket.socket:
         sock = super()._create_socket(timeout)  # type: ignore[misc]
         # Pipelined commands go out as several small writes: with Nagle's algorithm the
@@ -1333,11 +1338,6 @@ class _GreetingTimeout(socket.timeout):
 
 
 class _PlainWire(_BufferedWire, imaplib.IMAP4):
-    def open(self, host: str = "", port: int = IMAP_PORT, timeout: Optional[float] = None) -> None:
-        self._reset_buffer()
-        self.watch_progress(timeout, lines=IMAPLIB_MAX_LINES)    # the greeting, CAPABILITY
-        super().open(host, port, timeout)
-
     def _connect(self) -> None:   # imaplib: read the greeting, then CAPABILITY
         try:
             super()._connect()  # type: ignore[misc]
@@ -1347,12 +1347,8 @@ class _PlainWire(_BufferedWire, imaplib.IMAP4):
             raise _GreetingTimeout("no greeting from the server") from exc
 
 
-
 class _TLSWire(_BufferedWire, imaplib.IMAP4_SSL):
-    def open(self, host: str = "", port: int = IMAPS_PORT, timeout: Optional[float] = None) -> None:
-        self._reset_buffer()
-        self.watch_progress(timeout, lines=IMAPLIB_MAX_LINES)    # the greeting, CAPABILITY
-        super().open(host, port, timeout)
+    """_PlainWire's twin over implicit TLS (port 993)."""
 
 
 @dataclass(frozen=True)

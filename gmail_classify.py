@@ -7534,18 +7534,14 @@ def load_rules(path: Any) -> Ruleset:
     except UnicodeDecodeError as exc:
         raise RulesError(f"{source}: not UTF-8 text (bad byte at offset {exc.start}); "
                          "save the file as UTF-8") from None
-    if suffix == ".toml":
-        try:
-            doc = parse_toml(text)
-        except TOMLError as exc:
-            raise RulesError(f"{source}: line {exc.lineno}, column {exc.colno}: "
-                             f"invalid TOML: {exc.msg}") from None
-    else:
-        try:
-            doc = load_json(text)
-        except json.JSONDecodeError as exc:
-            raise RulesError(f"{source}: line {exc.lineno}, column {exc.colno}: "
-                             f"invalid JSON: {exc.msg}") from None
+    # Both errors carry msg, lineno and colno.
+    read, kind, invalid = ((parse_toml, "TOML", TOMLError) if suffix == ".toml"
+                           else (load_json, "JSON", json.JSONDecodeError))
+    try:
+        doc = read(text)
+    except invalid as exc:
+        raise RulesError(f"{source}: line {exc.lineno}, column {exc.colno}: "
+                         f"invalid {kind}: {exc.msg}") from None
     rules = parse_rules(doc, source)
     tables = [rules.account, *rules.accounts]
     secrets_held = [key for key in SECRET_ACCOUNT_KEYS for table in tables if key in table]

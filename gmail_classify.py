@@ -6361,15 +6361,6 @@ def _parse_pattern(where: _Where, path: str, text: Any) -> Pattern:
     return Pattern(text=text, regex=compiled)
 
 
-def _parse_matcher(where: _Where, path: str, value: Any) -> Matcher:
-    if isinstance(value, list):
-        if not value:
-            raise where.error(path, "expected a string or a list of strings, got an empty list")
-        return Matcher(tuple(_parse_pattern(where, f"{path}[{i}]", item)
-                             for i, item in enumerate(value, 1)))
-    return Matcher((_parse_pattern(where, path, value),))
-
-
 def _parse_size(where: _Where, path: str, value: Any) -> Tuple[int, str]:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value, str(value)
@@ -6377,14 +6368,6 @@ def _parse_size(where: _Where, path: str, value: Any) -> Tuple[int, str]:
     if size is None:
         raise where.error(path, f"expected a size like 500K, 5M, 5 MB or 1G, got {_quote(value)}")
     return size, value
-
-
-def _parse_age(where: _Where, path: str, value: Any) -> Tuple[int, str]:
-    found = _AGE_RE.fullmatch(value) if isinstance(value, str) else None
-    if not found:
-        raise where.error(path, "expected a number and unit d, w, m or y (e.g. \"1y\"), "
-                                f"got {_quote(value)}")
-    return int(found.group(1)), found.group(2)
 
 
 class _ConditionReader:
@@ -6417,7 +6400,12 @@ class _ConditionReader:
 
     def matcher(self, value: Any) -> Matcher:
         """A string or list of strings, each plain text or a /regex/flags."""
-        return _parse_matcher(self.where, self.path, value)
+        if isinstance(value, list):
+            if not value:
+                raise self.error("expected a string or a list of strings, got an empty list")
+            return Matcher(tuple(_parse_pattern(self.where, f"{self.path}[{i}]", item)
+                                 for i, item in enumerate(value, 1)))
+        return Matcher((_parse_pattern(self.where, self.path, value),))
 
     def size(self, value: Any) -> Tuple[int, str]:
         """(bytes, as written) for 500K, 5M, 5 MB, 1G or a number of bytes."""
@@ -6425,7 +6413,11 @@ class _ConditionReader:
 
     def age(self, value: Any) -> Tuple[int, str]:
         """(amount, unit) for "30d", "2w", "6m", "1y"."""
-        return _parse_age(self.where, self.path, value)
+        found = _AGE_RE.fullmatch(value) if isinstance(value, str) else None
+        if not found:
+            raise self.error("expected a number and unit d, w, m or y (e.g. \"1y\"), "
+                             f"got {_quote(value)}")
+        return int(found.group(1)), found.group(2)
 
     def header_name(self, name: Any) -> str:
         if not _HEADER_NAME_RE.fullmatch(name):
@@ -6435,18 +6427,14 @@ class _ConditionReader:
 
     def conditions(self, value: Any) -> Tuple[Condition, ...]:
         """A non-empty list of condition tables (`any`, `all`)."""
-        return _parse_condition_list(self.where, self.path, value)
+        if not isinstance(value, list) or not value:
+            raise self.error(f"expected a non-empty list of condition tables, got {_quote(value)}")
+        return tuple(_parse_condition_table(self.where, f"{self.path}[{i}]", item)
+                     for i, item in enumerate(value, 1))
 
     def table(self, value: Any) -> Condition:
         """One table of conditions, all of which must hold (`not`)."""
         return _parse_condition_table(self.where, self.path, value)
-
-
-def _parse_condition_list(where: _Where, path: str, value: Any) -> Tuple[Condition, ...]:
-    if not isinstance(value, list) or not value:
-        raise where.error(path, f"expected a non-empty list of condition tables, got {_quote(value)}")
-    return tuple(_parse_condition_table(where, f"{path}[{i}]", item)
-                 for i, item in enumerate(value, 1))
 
 
 def _parse_one_condition(where: _Where, path: str, key: str, value: Any,

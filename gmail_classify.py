@@ -5394,15 +5394,24 @@ def _kleene(values: Iterable[Optional[bool]], every: bool) -> Optional[bool]:
 
 
 @dataclass(frozen=True)
-class AllOf(Condition):
-    """`all` (or the keys of one table): every part holds. Kleene: False beats unknown."""
+class _Compound(Condition):
+    """What `all` and `any` share: a list of condition tables, read and walked alike."""
 
     parts: Tuple[Condition, ...]
-    explicit: bool = True  # False for the implicit "and" of a table's keys
 
     @classmethod
     def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
         return cls(read.conditions(value))
+
+    def children(self) -> Tuple[Condition, ...]:
+        return self.parts
+
+
+@dataclass(frozen=True)
+class AllOf(_Compound):
+    """`all` (or the keys of one table): every part holds. Kleene: False beats unknown."""
+
+    explicit: bool = True  # False for the implicit "and" of a table's keys
 
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
         # Cheap parts first: any False settles it, whatever the order, and the reasons
@@ -5435,19 +5444,10 @@ class AllOf(Condition):
     def describe(self) -> str:
         return self._wrap([p.describe() for p in self.parts])
 
-    def children(self) -> Tuple[Condition, ...]:
-        return self.parts
-
 
 @dataclass(frozen=True)
-class AnyOf(Condition):
+class AnyOf(_Compound):
     """`any`: some part holds. Kleene: True beats unknown."""
-
-    parts: Tuple[Condition, ...]
-
-    @classmethod
-    def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
-        return cls(read.conditions(value))
 
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
         unknown = False
@@ -5465,9 +5465,6 @@ class AnyOf(Condition):
 
     def describe(self) -> str:
         return f"any of ({'; '.join(p.describe() for p in self.parts)})"
-
-    def children(self) -> Tuple[Condition, ...]:
-        return self.parts
 
 
 @dataclass(frozen=True)

@@ -2298,8 +2298,6 @@ class GmailConnection:
         _check_credential(token, "token")
         # The caller's stop mechanism: read loops and retries look at it (see Stop).
         self._proto = _Protocol(host, user, timeout, stop if stop is not None else Stop())
-        self.user = user
-        self.host = host
         self.port = port or (IMAPS_PORT if security == "tls" else IMAP_PORT)
         self.security = security
         self.cafile = cafile

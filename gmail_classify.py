@@ -6282,17 +6282,12 @@ class _Problems:
     def __init__(self) -> None:
         self.lines: List[str] = []
 
-    def catch(self) -> "_Problems":
-        return self
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, error: Any, trace: Any) -> bool:
-        if isinstance(error, RulesError):
-            self.lines.extend(str(error).splitlines())
-            return True
-        return False
+    @contextlib.contextmanager
+    def catch(self) -> Iterator[None]:
+        try:
+            yield
+        except RulesError as error:
+            self.add(error)
 
     def add(self, error: RulesError) -> None:
         self.lines.extend(str(error).splitlines())

@@ -2995,18 +2995,7 @@ class GmailConnection:
         literal far larger than the items can need (see _fetch_literal_limit) is absent
         too, its bytes read and thrown away; its UID is appended to ``skipped``.
         """
-        for item in items:
-            _check_fetch_item(item)
-        by_key = {_fetch_key(item): item for item in items}
-        wanted = set(int(u) for u in uids)
-        result: Dict[int, Dict[str, Any]] = {}
-        limit = _fetch_literal_limit(items)
-        keep = _fetch_keep(wanted)
-        for chunk in chunk_uids(wanted):
-            response = self._call("UID FETCH", compress_uids(chunk),
-                                  "(UID " + " ".join(items) + ")", keep=keep, max_literal=limit)
-            _fetch_answer(response, wanted, by_key, result, limit, skipped)
-        return result
+        return next(self.fetch_batches([list(uids)], items, skipped=skipped))[1]
 
     def fetch_batches(self, batches: Iterable[Sequence[int]], items: Sequence[str], *,
                       ahead: int = 1,

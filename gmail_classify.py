@@ -4948,6 +4948,7 @@ class Condition:
 
     cost = 0   # flags, sizes and dates are free; a header decode 1-2; the body a second fetch 3
     options: Tuple[str, ...] = ()   # keys beside it in the same table that tune it (program_*)
+    fetch = NO_NEEDS    # what needs() says, where it is the same for every value of the kind
 
     # Rules are immutable, so each description is built once (a message that does not
     # match returns one, and classify() sees thousands of those) and kept on the rule.
@@ -4983,7 +4984,7 @@ class Condition:
 
     def needs(self) -> Needs:
         """The message data this condition reads (its own, not its children's)."""
-        return NO_NEEDS
+        return self.fetch
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -5107,6 +5108,7 @@ class BodyMatch(Condition):
     matcher: Matcher
 
     cost = 3
+    fetch = Needs(headers=frozenset(), body=True)
 
     @classmethod
     def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
@@ -5135,9 +5137,6 @@ class BodyMatch(Condition):
                 return True, f"body: {_quote(seen)} {pattern.verb()} {pattern.describe()}"
         return False, f"body ({len(msg.body)} characters read): {_no_match(self.matcher)}"
 
-    def needs(self) -> Needs:
-        return Needs(headers=frozenset(), body=True)
-
     def describe(self) -> str:
         return f"body {self.matcher.describe()}"
 
@@ -5158,6 +5157,8 @@ class SizeCompare(Condition):
     limit: int  # bytes
     text: str  # as written, e.g. "5M"
 
+    fetch = Needs(headers=frozenset(), size=True)
+
     @classmethod
     def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
         limit, text = read.size(value)
@@ -5176,9 +5177,6 @@ class SizeCompare(Condition):
         hit = msg.size > self.limit if self.larger else msg.size < self.limit
         op = ">" if self.larger else "<"
         return hit, f"size: {_human_size(msg.size)}{' ' if hit else ', not '}{op} {self.text}"
-
-    def needs(self) -> Needs:
-        return Needs(headers=frozenset(), size=True)
 
     def describe(self) -> str:
         return f"size {'>' if self.larger else '<'} {self.text}"
@@ -5214,6 +5212,8 @@ class AgeCompare(Condition):
     unit: str  # d, w, m or y
     text: str
 
+    fetch = Needs(headers=frozenset(), date=True)
+
     @classmethod
     def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
         amount, unit = read.age(value)
@@ -5240,9 +5240,6 @@ class AgeCompare(Condition):
 
     def _relation(self) -> str:
         return f"{'older' if self.older else 'newer'} than {self.text}"
-
-    def needs(self) -> Needs:
-        return Needs(headers=frozenset(), date=True)
 
     def describe(self) -> str:
         return f"date {self._relation()}"
@@ -5300,6 +5297,8 @@ class HasLabel(Condition):
 
     matcher: Matcher
 
+    fetch = Needs(headers=frozenset(), labels=True)
+
     @classmethod
     def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
         return cls(read.matcher(value))
@@ -5328,9 +5327,6 @@ class HasLabel(Condition):
         if hit:
             return True, f"labels: {seen}: {hit}"
         return False, f"labels: {seen}: none is {' or '.join(p.describe() for p in self.matcher.patterns)}"
-
-    def needs(self) -> Needs:
-        return Needs(headers=frozenset(), labels=True)
 
     def describe(self) -> str:
         return "has label " + " or ".join(p.describe() for p in self.matcher.patterns)
@@ -5488,7 +5484,7 @@ class PythonCondition(Condition):
     key: str
     function: Callable[[MessageInfo], Optional[bool]] = field(compare=False, repr=False)
     want: bool = True
-    fetch: Needs = NO_NEEDS
+    fetch: Needs = NO_NEEDS     # type: ignore[misc]
     cost: int = 2    # type: ignore[misc]   # a header decode, most likely
 
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
@@ -5500,9 +5496,6 @@ class PythonCondition(Condition):
             return None, f"{self.key}: cannot tell yet"
         return bool(result) == self.want, f"{self.key}: {'true' if result else 'false'}" + (
             "" if bool(result) == self.want else f", wanted {'true' if self.want else 'false'}")
-
-    def needs(self) -> Needs:
-        return self.fetch
 
     def describe(self) -> str:
         return self.key if self.want else f"not {self.key}"

@@ -546,17 +546,13 @@ def parse_uid_set(text: str, highest: Optional[int] = None,
     """Expand ``"1:3,7"`` into ``[1, 2, 3, 7]``; ``*`` needs ``highest``. Raises ValueError,
     also when the set names more than ``limit`` UIDs (checked before anything is expanded:
     ``"1:4294967295"`` is 40 bytes from a server and would be 4 billion integers here)."""
-    if limit is not None and _uid_set_size(text, highest) > limit:
+    if limit is not None and sum(high - low + 1 for low, high in
+                                 _uid_ranges(text, highest, text[:40])) > limit:
         raise ValueError(f"UID set {text[:40]!r} names more than {limit} UIDs")
     result: List[int] = []
     for low, high in _uid_ranges(text, highest, text):
         result.extend(range(low, high + 1))
     return result
-
-
-def _uid_set_size(text: str, highest: Optional[int] = None) -> int:
-    """How many UIDs ``"1:3,7"`` names (4), without expanding it. Raises ValueError."""
-    return sum(high - low + 1 for low, high in _uid_ranges(text, highest, text[:40]))
 
 
 # RFC 2683 §3.2.1.5 asks servers to accept lines of 8,000 octets and RFC 7162 §4 repeats

@@ -7070,12 +7070,9 @@ class _TomlReader:
             elif not (isinstance(existing, list) and id(existing) in self.table_arrays):
                 raise self.fail(f"{shown}: '{last}' is already defined as something other "
                                 "than an array of tables", start)
-            new: Dict[str, Any] = {}
-            existing.append(new)
-            self.explicit.add(id(new))
-            self.end_of_line("a table header")
-            return new
-        if last not in table:
+            existing.append({})
+            existing = existing[-1]
+        elif last not in table:
             table[last] = existing = {}
         elif not isinstance(existing, dict) or id(existing) in self.explicit \
                 or id(existing) in self.frozen:

@@ -4497,7 +4497,7 @@ def body_text(raw: bytes, limit: int = BODY_PREFIX_BYTES) -> str:
     """
     try:
         msg = email.message_from_bytes(raw, policy=_MIME_POLICY)
-        plain = html_text = None
+        html_text = None
         for part in msg.walk():
             if part.is_multipart() or _is_attachment(part):
                 continue
@@ -4505,18 +4505,11 @@ def body_text(raw: bytes, limit: int = BODY_PREFIX_BYTES) -> str:
             if kind not in ("text/plain", "text/html"):
                 continue
             text = _decode_with_charset(_part_bytes(part), part.get_content_charset())
-            if kind == "text/plain" and plain is None and text.strip():
-                plain = text
-                break
+            if kind == "text/plain" and text.strip():
+                return _tidy_text(text)[:limit]
             if kind == "text/html" and html_text is None:
                 html_text = text
-        if plain is not None:
-            text = plain
-        elif html_text is not None:
-            text = _html_to_text(html_text)
-        else:
-            return ""
-        return _tidy_text(text)[:limit]
+        return "" if html_text is None else _tidy_text(_html_to_text(html_text))[:limit]
     except Exception:
         log.debug("cannot extract body text", exc_info=True)
         return ""

@@ -7202,17 +7202,14 @@ class _TomlReader:
         while True:
             self.skip_blank()
             if self.peek() == "]":
-                self.pos += 1
                 break
             items.append(self.value())
             self.skip_blank()
             if self.peek() == ",":
                 self.pos += 1
-            elif self.peek() == "]":
-                self.pos += 1
-                break
-            else:
+            elif self.peek() != "]":
                 raise self.fail(f"expected ',' or ']' in the array, found {self.found()}")
+        self.pos += 1
         self.frozen.add(id(items))
         self.depth -= 1
         return items

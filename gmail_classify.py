@@ -2179,13 +2179,11 @@ class _Protocol:
 
     def note_untagged(self, parsed: List[Any]) -> None:
         """Keep the selected folder's message count current from EXISTS."""
-        if len(parsed) >= 2 and str(parsed[1]).upper() == "EXISTS":
-            self.exists_seen += 1
-        if len(parsed) >= 2 and str(parsed[1]).upper() == "EXISTS" and self.selected \
-                and isinstance(parsed[0], int):
-            selected = self.selected
-            self.selected = FolderStatus(selected.name, selected.uidvalidity,
-                                          selected.uidnext, int(parsed[0]), selected.readonly)
+        if len(parsed) < 2 or str(parsed[1]).upper() != "EXISTS":
+            return
+        self.exists_seen += 1
+        if self.selected and isinstance(parsed[0], int):
+            self.selected = dataclasses.replace(self.selected, exists=int(parsed[0]))
 
     # -- IDLE ------------------------------------------------------------------------
 

@@ -5952,14 +5952,11 @@ class Actions:
         archive, trash) and the first choice of read/unread and star/unstar win.
         """
         dest = self if self.has_destination() else later
-        flags = {}
-        for row in _FLAG_ACTION_ROWS.values():      # per flag, the first choice wins
-            if row.flag not in flags:
-                flags[row.flag] = self if any(self.flag(r.key) for r in _FLAG_ACTION_ROWS.values()
-                                              if r.flag == row.flag) else later
+        mine = {row.flag for row in self.flag_actions()}     # per flag, the first choice wins
         labels = self.labels + tuple(x for x in later.labels if x not in self.labels)
         return Actions.make(labels=labels, move=dest.move, archive=dest.archive, trash=dest.trash,
-                            **{key: flags[row.flag].flag(key) for key, row in _FLAG_ACTION_ROWS.items()})
+                            **{key: (self if row.flag in mine else later).flag(key)
+                               for key, row in _FLAG_ACTION_ROWS.items()})
 
     def describe(self) -> str:
         """Returns e.g. 'label Receipts, archive'; 'no action' when empty."""

@@ -1843,14 +1843,11 @@ class _Protocol:
         pipelined answer) is dropped rather than misread.  A lost link is _Dropped."""
         try:
             yield
-        except StopRequested:
+        except (StopRequested, ProtocolError, ValueError, TypeError, IndexError,
+                RecursionError) as exc:
             self._inflight.clear()
             self.drop()
-            raise
-        except (ProtocolError, ValueError, TypeError, IndexError, RecursionError) as exc:
-            self._inflight.clear()
-            self.drop()
-            if isinstance(exc, ProtocolError):
+            if isinstance(exc, (StopRequested, ProtocolError)):
                 raise
             raise ProtocolError(f"the server's answer to {command} makes no sense: "
                                 f"{type(exc).__name__}: {str(exc)[:200]}",

@@ -4817,11 +4817,6 @@ class Pattern:
     def verb(self) -> str:
         return "matches" if self.regex is not None else "contains"
 
-    def search(self, value: str) -> bool:
-        if self.regex is not None:
-            return self.regex.search(value) is not None
-        return self.needle in _normalise(value)
-
 
 @dataclass(frozen=True)
 class Matcher:

@@ -6433,13 +6433,9 @@ def _parse_labels(where: _Where, value: Any) -> Tuple[str, ...]:
     items = value if isinstance(value, list) else [value]
     if isinstance(value, list) and not value:
         raise where.error("label", f"expected {what}, got an empty list")
-    labels: List[str] = []
-    for i, item in enumerate(items, 1):
-        path = f"label[{i}]" if isinstance(value, list) else "label"
-        label = _check_text(where, path, item, what)
-        if label not in labels:
-            labels.append(label)
-    return tuple(labels)
+    return tuple(dict.fromkeys(    # each label once, in order
+        _check_text(where, f"label[{i}]" if isinstance(value, list) else "label", item, what)
+        for i, item in enumerate(items, 1)))
 
 
 def _parse_actions(where: _Where, rule: dict, problems: _Problems, required: bool = True) -> Actions:

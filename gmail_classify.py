@@ -1098,10 +1098,9 @@ def _search_uids(response: _Response) -> List[int]:
 # answer in order, literals inline, for the parser above; it never retries.
 # GmailConnection is the policy around it: reconnecting with backoff, one retry helper
 # (_retrying) that knows what may be sent again, the keepalive, the public methods.
-# Reading goes through our own
-# buffer rather than imaplib's ``file``: on Python <= 3.13 a socket timeout leaves
-# ``socket.makefile`` objects unusable, and IDLE needs "wait up to N seconds for a line",
-# which a buffered file cannot answer without blocking.
+# Reading goes through our own buffer rather than imaplib's ``file``: on Python <= 3.13 a
+# socket timeout leaves ``socket.makefile`` objects unusable, and IDLE needs "wait up to N
+# seconds for a line", which a buffered file cannot answer without blocking.
 
 IMAP_PORT = 143
 IMAPS_PORT = 993

@@ -3229,7 +3229,7 @@ class _SafeCopy:
 
     def copy_then_delete(self, chunk: List[int], destination: str,
                          moved: Dict[int, Optional[int]], missing: List[int],
-                         surprises: Optional["_ExpungeCheck"] = None) -> None:
+                         surprises: "_ExpungeCheck") -> None:
         """MOVE without MOVE: COPY (never twice, see copy_once), then \\Deleted on exactly
         these UIDs and UID EXPUNGE of them, or without UIDPLUS a checked plain EXPUNGE.
 
@@ -3257,8 +3257,7 @@ class _SafeCopy:
         else:
             check = self.expunge_only(present, destination)
             stayed = set(check.stayed)
-            if surprises is not None:
-                surprises.add(check)
+            surprises.add(check)
         for uid in present:
             if uid not in stayed:
                 moved[uid] = mapping.get(uid)

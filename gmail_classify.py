@@ -6488,8 +6488,7 @@ def _parse_rule(source: str, position: int, rule: Any, problems: _Problems) -> O
     name = rule.get("name")
     if name is not None:
         with problems.catch():
-            name = _check_text(where, "name", name)
-            where.name = name
+            where.name = name = _check_text(where, "name", name)
     unknown = [key for key in rule if key not in _rule_keys()]
     for key in unknown:
         problems.add(where.error("", _unknown_key(key, _rule_keys())))

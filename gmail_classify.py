@@ -443,29 +443,16 @@ def astring(text: str) -> bytes:
     return quote(text)
 
 
-def _mutf7_b64(chunk: str) -> str:
-    raw = chunk.encode("utf-16-be")
-    return base64.b64encode(raw).decode("ascii").rstrip("=").replace("/", ",")
-
-
 def encode_mailbox(name: str) -> str:
     """Encode a folder or label name in modified UTF-7 (RFC 3501 §5.1.3).
 
     ``encode_mailbox("Entwürfe") == "Entw&APw-rfe"``; ``"Tom & Jerry"`` -> ``"Tom &- Jerry"``.
     """
-    out: List[str] = []
-    pending: List[str] = []
-    for ch in name:
-        if "\x20" <= ch <= "\x7e":
-            if pending:
-                out.append("&" + _mutf7_b64("".join(pending)) + "-")
-                pending = []
-            out.append("&-" if ch == "&" else ch)
-        else:
-            pending.append(ch)
-    if pending:
-        out.append("&" + _mutf7_b64("".join(pending)) + "-")
-    return "".join(out)
+    def run(match: "re.Match[str]") -> str:     # a run of anything but printable ASCII
+        raw = match.group(0).encode("utf-16-be")
+        return "&" + base64.b64encode(raw).decode("ascii").rstrip("=").replace("/", ",") + "-"
+
+    return re.sub(r"[^\x20-\x7e]+", run, name.replace("&", "&-"))
 
 
 def decode_mailbox(name: Union[str, bytes]) -> str:

@@ -4613,17 +4613,9 @@ _MBOX_FLAGS = {"R": "\\Seen", "F": "\\Flagged", "A": "\\Answered", "D": "\\Delet
 
 
 def _split_takeout_labels(value: str) -> List[str]:
-    labels, current, quoted = [], [], False
-    for ch in value:
-        if ch == '"':
-            quoted = not quoted
-        elif ch == "," and not quoted:
-            labels.append("".join(current).strip())
-            current = []
-        else:
-            current.append(ch)
-    labels.append("".join(current).strip())
-    return [label for label in labels if label]
+    """The labels of ``a,"b,c", d`` (a quote runs to the next one, or to the end)."""
+    parts = re.findall(r'(?:"[^"]*(?:"|$)|[^,"])+', value)
+    return [label for label in (part.replace('"', "").strip() for part in parts) if label]
 
 
 def _mbox_info(raw: bytes, size: int) -> MessageInfo:

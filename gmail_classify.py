@@ -7077,11 +7077,8 @@ class _TomlReader:
     def unquoted_words(self, first: str) -> None:
         """`larger_than = 5 MB`: a bare value followed by more words wanted quotes."""
         self.skip_ws()
-        end = len(self.text)
-        for stop in ("#", "\n", "\r"):
-            found = self.text.find(stop, self.pos)
-            end = min(end, found) if found >= 0 else end
-        rest = self.text[self.pos:end].rstrip()
+        found = re.compile(r"[^#\r\n]*").match(self.text, self.pos)   # up to a comment or the end
+        rest = found.group().rstrip() if found else ""
         if rest:
             raise self.fail(f"expected the end of the line after a value, found {self.found()}; "
                             f"text with spaces needs quotes: \"{first} {rest}\"")

@@ -7670,15 +7670,8 @@ def _toml_string(text: str) -> str:
     controls = re.search(r"[\x00-\x1f\x7f]", text)
     if "\\" in text and "'" not in text and not controls:
         return f"'{text}'"
-    out = []
-    for ch in text:
-        if ch in _TOML_WRITE_ESCAPES:
-            out.append(_TOML_WRITE_ESCAPES[ch])
-        elif ch < " " or ch == "\x7f":
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
+    return '"' + re.sub(r'[\x00-\x1f\x7f"\\]', lambda found: _TOML_WRITE_ESCAPES.get(
+        found.group(), f"\\u{ord(found.group()):04x}"), text) + '"'
 
 
 def _toml_key(key: str) -> str:

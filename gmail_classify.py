@@ -1863,9 +1863,7 @@ class _Protocol:
     def _command_parts(tag: bytes, command: str, args: Sequence[Any]) -> List[Union[bytes, Literal]]:
         parts: List[Union[bytes, Literal]] = [tag + b" " + command.encode("ascii")]
         for arg in args:
-            if isinstance(arg, Literal):
-                parts.append(arg)
-            elif isinstance(arg, bytes):
+            if isinstance(arg, (Literal, bytes)):
                 parts.append(arg)
             else:
                 text = str(arg)
@@ -1969,7 +1967,6 @@ class _Protocol:
                 line += b"{%d+}\r\n" % size + part.data
                 continue
             imap.send(line + b"{%d}\r\n" % size)
-            line = b""
             self._wait_continuation(tag)
             line = part.data
         imap.send(line + b"\r\n")

@@ -7697,11 +7697,8 @@ def _toml_value(value: Any, indent: str = "") -> str:
 
 
 def _comment_lines(lines: Iterable[str]) -> str:
-    text = ""
-    for line in lines:
-        for part in str(line).splitlines() or [""]:
-            text += f"# {part}".rstrip() + "\n"
-    return text
+    return "".join(f"# {part}".rstrip() + "\n"
+                   for line in lines for part in str(line).splitlines() or [""])
 
 
 def format_rules(doc: Mapping[str, Any], fmt: str = "toml", header: Sequence[str] = (),

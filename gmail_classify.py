@@ -2761,10 +2761,8 @@ class GmailConnection:
         for item in response.untagged:
             if len(item) >= 4 and str(item[0]).upper() == "LIST":
                 flags, delimiter, name = item[1], item[2], item[3]
-                if isinstance(name, bytes):
-                    wire = name
-                else:
-                    wire = str(name).encode("utf-8", "surrogateescape")
+                wire = name if isinstance(name, bytes) else \
+                    str(name).encode("utf-8", "surrogateescape")
                 # Modified UTF-7 is ASCII; anything else is a non-compliant server's raw
                 # octets, shown as UTF-8 (invalid bytes replaced) but sent back as they came.
                 shown = (decode_mailbox(wire.decode("ascii")) if wire.isascii()

@@ -6153,10 +6153,8 @@ def _action_keys() -> Tuple[str, ...]:
 
 def _option_keys() -> Tuple[str, ...]:
     """The keys that tune a condition beside it (Condition.options), e.g. program_timeout."""
-    keys: List[str] = []
-    for kind in _CONDITION_KINDS.values():
-        keys.extend(key for key in getattr(kind, "options", ()) if key not in keys)
-    return tuple(keys)
+    return tuple(dict.fromkeys(key for kind in _CONDITION_KINDS.values()
+                               for key in getattr(kind, "options", ())))
 
 
 def _rule_keys() -> Tuple[str, ...]:

@@ -3921,19 +3921,23 @@ def _parsed_values(msg: email.message.EmailMessage, name: str, raws: List[str]) 
     return [None if _has_surrogates(raw) else value for raw, value in zip(raws, parsed)]
 
 
+def _plain_reading(msg: email.message.EmailMessage, name: str,
+                   read: Callable[[Any], Any]) -> Iterator[Tuple[str, Any]]:
+    """(raw value, ``read`` of its header object) for each value of one header; None where
+    the header classes could not be used or ``read`` failed (the caller reads ``raw``)."""
+    raws = _raw_values(msg, name)
+    for raw, parsed in zip(raws, _parsed_values(msg, name, raws)):
+        try:
+            value = None if parsed is None else read(parsed)
+        except Exception:
+            value = None
+        yield raw, value
+
+
 def _plain_header_text(msg: email.message.EmailMessage, name: str) -> List[str]:
     """header_text() through the email package's header classes: slow, the reference."""
-    raws = _raw_values(msg, name)
-    values = []
-    for raw, parsed in zip(raws, _parsed_values(msg, name, raws)):
-        text = None
-        if parsed is not None:
-            try:
-                text = str(parsed)
-            except Exception:
-                text = None
-        values.append(_decode_words(_repair_surrogates(raw)) if text is None else text)
-    return values
+    return [_decode_words(_repair_surrogates(raw)) if text is None else text
+            for raw, text in _plain_reading(msg, name, str)]
 
 
 def _format_address(display_name: str, addr_spec: str) -> str:
@@ -4055,21 +4059,12 @@ def _addresses_without_parse(raw: str) -> List[str]:
 
 def _plain_header_addresses(msg: email.message.EmailMessage, name: str) -> List[str]:
     """header_addresses() through the email package's header classes: slow, the reference."""
-    raws = _raw_values(msg, name)
-    result: List[str] = []
-    for raw, parsed in zip(raws, _parsed_values(msg, name, raws)):
-        found: List[str] = []
-        if parsed is not None:
-            try:
-                found = [
-                    _format_address(a.display_name, a.addr_spec)
-                    for a in getattr(parsed, "addresses", ())
-                    if "@" in a.addr_spec or a.display_name
-                ]
-            except Exception:
-                found = []
-        result.extend(found or _addresses_without_parse(raw))
-    return result
+    def addresses(parsed: Any) -> List[str]:
+        return [_format_address(a.display_name, a.addr_spec)
+                for a in getattr(parsed, "addresses", ()) if "@" in a.addr_spec or a.display_name]
+
+    return [address for raw, found in _plain_reading(msg, name, addresses)
+            for address in (found or _addresses_without_parse(raw))]
 
 
 # --- Messages: the fast path -----------------------------------------------------------

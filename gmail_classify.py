@@ -1706,10 +1706,8 @@ class _Protocol:
             self.remember_secret(base64.b64encode(initial).decode("ascii"))
             self.sasl("PLAIN", initial, "the sign-in")
             return
-        args = [quote(text) if text.isascii() else Literal(text.encode("utf-8"))
-                for text in (self.user, password)]
         try:
-            self.execute("LOGIN", *args, redact=True)
+            self.execute("LOGIN", _string_arg(self.user), _string_arg(password), redact=True)
         except ProtocolError:
             raise
         except ImapError as exc:

@@ -4059,7 +4059,8 @@ def _plain_header_addresses(msg: email.message.EmailMessage, name: str) -> List[
     """header_addresses() through the email package's header classes: slow, the reference."""
     def addresses(parsed: Any) -> List[str]:
         return [_format_address(a.display_name, a.addr_spec)
-                for a in getattr(parsed, "addresses", ()) if "@" in a.addr_spec or a.display_name]
+                for a in getattr(parsed, "addresses", ())
+                if "@" in a.addr_spec or a.display_name]
 
     return [address for raw, found in _plain_reading(msg, name, addresses)
             for address in (found or _addresses_without_parse(raw))]
@@ -6339,7 +6340,8 @@ class _ConditionReader:
     def conditions(self, value: Any) -> Tuple[Condition, ...]:
         """A non-empty list of condition tables (`any`, `all`)."""
         if not isinstance(value, list) or not value:
-            raise self.error(f"expected a non-empty list of condition tables, got {_quote(value)}")
+            raise self.error(f"expected a non-empty list of condition tables, "
+                             f"got {_quote(value)}")
         return tuple(_parse_condition_table(self.where, f"{self.path}[{i}]", item)
                      for i, item in enumerate(value, 1))
 
@@ -7063,7 +7065,7 @@ class _TomlReader:
     def unquoted_words(self, first: str) -> None:
         """`larger_than = 5 MB`: a bare value followed by more words wanted quotes."""
         self.skip_ws()
-        found = re.compile(r"[^#\r\n]*").match(self.text, self.pos)   # up to a comment or the end
+        found = re.compile(r"[^#\r\n]*").match(self.text, self.pos)   # to a comment or the end
         rest = found.group().rstrip() if found else ""
         if rest:
             raise self.fail(f"expected the end of the line after a value, found {self.found()}; "

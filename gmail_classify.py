@@ -7758,8 +7758,6 @@ def write_rules_file(path: Any, text: str, force: bool = False) -> None:
     or cannot be written.
     """
     path = pathlib.Path(path)
-    if path.exists() and not force:
-        raise RulesError(f"{path} already exists; pass --force to overwrite it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if force:

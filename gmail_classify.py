@@ -1350,10 +1350,8 @@ class Folder:
     @property
     def special_use(self) -> Optional[str]:
         """The RFC 6154 attribute such as ``"\\\\Trash"``, or None."""
-        for use in SPECIAL_USES:
-            if any(flag.lower() == use.lower() for flag in self.flags):
-                return use
-        return None
+        return next((use for use in SPECIAL_USES
+                     if any(flag.lower() == use.lower() for flag in self.flags)), None)
 
     @property
     def selectable(self) -> bool:

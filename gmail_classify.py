@@ -5849,10 +5849,8 @@ _FLAG_ACTION_ROWS: Dict[str, FlagAction] = {row.key: row for row in (
 
 def _flag_action(change: str, flag: str) -> Optional[FlagAction]:
     """The row for a planned ("flag+" / "flag-", flag) change; None when none has it."""
-    for row in _FLAG_ACTION_ROWS.values():
-        if row.flag == flag and row.add == (change == "flag+"):
-            return row
-    return None
+    return next((row for row in _FLAG_ACTION_ROWS.values()
+                 if row.flag == flag and row.add == (change == "flag+")), None)
 
 
 @dataclass(frozen=True)

@@ -443,29 +443,16 @@ def astring(text: str) -> bytes:
     return quote(text)
 
 
-def _mutf7_b64(chunk: str) -> str:
-    raw = chunk.encode("utf-16-be")
-    return base64.b64encode(raw).decode("ascii").rstrip("=").replace("/", ",")
-
-
 def encode_mailbox(name: str) -> str:
     """Encode a folder or label name in modified UTF-7 (RFC 3501 §5.1.3).
 
     ``encode_mailbox("Entwürfe") == "Entw&APw-rfe"``; ``"Tom & Jerry"`` -> ``"Tom &- Jerry"``.
     """
-    out: List[str] = []
-    pending: List[str] = []
-    for ch in name:
-        if "\x20" <= ch <= "\x7e":
-            if pending:
-                out.append("&" + _mutf7_b64("".join(pending)) + "-")
-                pending = []
-            out.append("&-" if ch == "&" else ch)
-        else:
-            pending.append(ch)
-    if pending:
-        out.append("&" + _mutf7_b64("".join(pending)) + "-")
-    return "".join(out)
+    def run(match: "re.Match[str]") -> str:     # a run of anything but printable ASCII
+        raw = match.group(0).encode("utf-16-be")
+        return "&" + base64.b64encode(raw).decode("ascii").rstrip("=").replace("/", ",") + "-"
+
+    return re.sub(r"[^\x20-\x7e]+", run, name.replace("&", "&-"))
 
 
 def decode_mailbox(name: Union[str, bytes]) -> str:
@@ -526,43 +513,33 @@ def compress_uids(uids: Iterable[int]) -> str:
     return text
 
 
+def _uid_ranges(text: str, highest: Optional[int], shown: str) -> Iterator[Tuple[int, int]]:
+    """(low, high) of each part of ``"1:3,7"``: (1, 3), (7, 7); ``*`` needs ``highest``.
+    Raises ValueError quoting ``shown`` (the set, or its start)."""
+    for part in text.split(","):
+        ends = part.split(":")
+        if len(ends) > 2 or not all(ends):
+            raise ValueError(f"bad UID set {shown!r}")
+        values = []
+        for end in ends:
+            if end == "*" and highest is None:
+                raise ValueError(f"UID set {shown!r} uses * without a highest UID")
+            values.append(highest if end == "*" else int(end))
+        yield min(values), max(values)  # type: ignore[type-var, misc]
+
+
 def parse_uid_set(text: str, highest: Optional[int] = None,
                   limit: Optional[int] = None) -> List[int]:
     """Expand ``"1:3,7"`` into ``[1, 2, 3, 7]``; ``*`` needs ``highest``. Raises ValueError,
     also when the set names more than ``limit`` UIDs (checked before anything is expanded:
     ``"1:4294967295"`` is 40 bytes from a server and would be 4 billion integers here)."""
-    if limit is not None and _uid_set_size(text, highest) > limit:
+    if limit is not None and sum(high - low + 1 for low, high in
+                                 _uid_ranges(text, highest, text[:40])) > limit:
         raise ValueError(f"UID set {text[:40]!r} names more than {limit} UIDs")
     result: List[int] = []
-    for part in text.split(","):
-        ends = part.split(":")
-        if len(ends) > 2 or not all(ends):
-            raise ValueError(f"bad UID set {text!r}")
-        values = []
-        for end in ends:
-            if end == "*":
-                if highest is None:
-                    raise ValueError(f"UID set {text!r} uses * without a highest UID")
-                values.append(highest)
-            else:
-                values.append(int(end))
-        low, high = min(values), max(values)
+    for low, high in _uid_ranges(text, highest, text):
         result.extend(range(low, high + 1))
     return result
-
-
-def _uid_set_size(text: str, highest: Optional[int] = None) -> int:
-    """How many UIDs ``"1:3,7"`` names (4), without expanding it. Raises ValueError."""
-    total = 0
-    for part in text.split(","):
-        ends = part.split(":")
-        if len(ends) > 2 or not all(ends):
-            raise ValueError(f"bad UID set {text[:40]!r}")
-        values = [highest if end == "*" else int(end) for end in ends]
-        if None in values:
-            raise ValueError(f"UID set {text[:40]!r} uses * without a highest UID")
-        total += max(values) - min(values) + 1  # type: ignore[type-var, operator]
-    return total
 
 
 # RFC 2683 §3.2.1.5 asks servers to accept lines of 8,000 octets and RFC 7162 §4 repeats
@@ -1108,10 +1085,9 @@ def _search_uids(response: _Response) -> List[int]:
 # answer in order, literals inline, for the parser above; it never retries.
 # GmailConnection is the policy around it: reconnecting with backoff, one retry helper
 # (_retrying) that knows what may be sent again, the keepalive, the public methods.
-# Reading goes through our own
-# buffer rather than imaplib's ``file``: on Python <= 3.13 a socket timeout leaves
-# ``socket.makefile`` objects unusable, and IDLE needs "wait up to N seconds for a line",
-# which a buffered file cannot answer without blocking.
+# Reading goes through our own buffer rather than imaplib's ``file``: on Python <= 3.13 a
+# socket timeout leaves ``socket.makefile`` objects unusable, and IDLE needs "wait up to N
+# seconds for a line", which a buffered file cannot answer without blocking.
 
 IMAP_PORT = 143
 IMAPS_PORT = 993
@@ -1198,6 +1174,11 @@ class _BufferedWire:
 
     def _reset_buffer(self) -> None:
         self._rbuf = bytearray()
+
+    def open(self, host: str, port: int, timeout: Optional[float] = None) -> None:
+        self._reset_buffer()
+        self.watch_progress(timeout, lines=IMAPLIB_MAX_LINES)    # the greeting, CAPABILITY
+        super().open(host, port, timeout)  # type: ignore[misc]
 
     def _create_socket(self, timeout: Optional[float] = None) -> socket.socket:
         sock = super()._create_socket(timeout)  # type: ignore[misc]
@@ -1339,11 +1320,6 @@ class _GreetingTimeout(socket.timeout):
 
 
 class _PlainWire(_BufferedWire, imaplib.IMAP4):
-    def open(self, host: str = "", port: int = IMAP_PORT, timeout: Optional[float] = None) -> None:
-        self._reset_buffer()
-        self.watch_progress(timeout, lines=IMAPLIB_MAX_LINES)    # the greeting, CAPABILITY
-        super().open(host, port, timeout)
-
     def _connect(self) -> None:   # imaplib: read the greeting, then CAPABILITY
         try:
             super()._connect()  # type: ignore[misc]
@@ -1353,12 +1329,8 @@ class _PlainWire(_BufferedWire, imaplib.IMAP4):
             raise _GreetingTimeout("no greeting from the server") from exc
 
 
-
 class _TLSWire(_BufferedWire, imaplib.IMAP4_SSL):
-    def open(self, host: str = "", port: int = IMAPS_PORT, timeout: Optional[float] = None) -> None:
-        self._reset_buffer()
-        self.watch_progress(timeout, lines=IMAPLIB_MAX_LINES)    # the greeting, CAPABILITY
-        super().open(host, port, timeout)
+    """_PlainWire's twin over implicit TLS (port 993)."""
 
 
 @dataclass(frozen=True)
@@ -1378,10 +1350,8 @@ class Folder:
     @property
     def special_use(self) -> Optional[str]:
         """The RFC 6154 attribute such as ``"\\\\Trash"``, or None."""
-        for use in SPECIAL_USES:
-            if any(flag.lower() == use.lower() for flag in self.flags):
-                return use
-        return None
+        return next((use for use in SPECIAL_USES
+                     if any(flag.lower() == use.lower() for flag in self.flags)), None)
 
     @property
     def selectable(self) -> bool:
@@ -1734,10 +1704,8 @@ class _Protocol:
             self.remember_secret(base64.b64encode(initial).decode("ascii"))
             self.sasl("PLAIN", initial, "the sign-in")
             return
-        args = [quote(text) if text.isascii() else Literal(text.encode("utf-8"))
-                for text in (self.user, password)]
         try:
-            self.execute("LOGIN", *args, redact=True)
+            self.execute("LOGIN", _string_arg(self.user), _string_arg(password), redact=True)
         except ProtocolError:
             raise
         except ImapError as exc:
@@ -1857,14 +1825,11 @@ class _Protocol:
         pipelined answer) is dropped rather than misread.  A lost link is _Dropped."""
         try:
             yield
-        except StopRequested:
+        except (StopRequested, ProtocolError, ValueError, TypeError, IndexError,
+                RecursionError) as exc:
             self._inflight.clear()
             self.drop()
-            raise
-        except (ProtocolError, ValueError, TypeError, IndexError, RecursionError) as exc:
-            self._inflight.clear()
-            self.drop()
-            if isinstance(exc, ProtocolError):
+            if isinstance(exc, (StopRequested, ProtocolError)):
                 raise
             raise ProtocolError(f"the server's answer to {command} makes no sense: "
                                 f"{type(exc).__name__}: {str(exc)[:200]}",
@@ -1894,9 +1859,7 @@ class _Protocol:
     def _command_parts(tag: bytes, command: str, args: Sequence[Any]) -> List[Union[bytes, Literal]]:
         parts: List[Union[bytes, Literal]] = [tag + b" " + command.encode("ascii")]
         for arg in args:
-            if isinstance(arg, Literal):
-                parts.append(arg)
-            elif isinstance(arg, bytes):
+            if isinstance(arg, (Literal, bytes)):
                 parts.append(arg)
             else:
                 text = str(arg)
@@ -2000,7 +1963,6 @@ class _Protocol:
                 line += b"{%d+}\r\n" % size + part.data
                 continue
             imap.send(line + b"{%d}\r\n" % size)
-            line = b""
             self._wait_continuation(tag)
             line = part.data
         imap.send(line + b"\r\n")
@@ -2193,13 +2155,11 @@ class _Protocol:
 
     def note_untagged(self, parsed: List[Any]) -> None:
         """Keep the selected folder's message count current from EXISTS."""
-        if len(parsed) >= 2 and str(parsed[1]).upper() == "EXISTS":
-            self.exists_seen += 1
-        if len(parsed) >= 2 and str(parsed[1]).upper() == "EXISTS" and self.selected \
-                and isinstance(parsed[0], int):
-            selected = self.selected
-            self.selected = FolderStatus(selected.name, selected.uidvalidity,
-                                          selected.uidnext, int(parsed[0]), selected.readonly)
+        if len(parsed) < 2 or str(parsed[1]).upper() != "EXISTS":
+            return
+        self.exists_seen += 1
+        if self.selected and isinstance(parsed[0], int):
+            self.selected = dataclasses.replace(self.selected, exists=int(parsed[0]))
 
     # -- IDLE ------------------------------------------------------------------------
 
@@ -2308,8 +2268,6 @@ class GmailConnection:
         _check_credential(token, "token")
         # The caller's stop mechanism: read loops and retries look at it (see Stop).
         self._proto = _Protocol(host, user, timeout, stop if stop is not None else Stop())
-        self.user = user
-        self.host = host
         self.port = port or (IMAPS_PORT if security == "tls" else IMAP_PORT)
         self.security = security
         self.cafile = cafile
@@ -2718,10 +2676,7 @@ class GmailConnection:
     def status(self, folder: str) -> Dict[str, int]:
         """STATUS of a folder that need not be selected: ``{"MESSAGES": 812, "UIDNEXT": 9001,
         "UIDVALIDITY": 11}``.  RFC 3501 §6.3.10: not for the selected folder (use noop)."""
-        attrs = self._status(folder, "(MESSAGES UIDNEXT UIDVALIDITY)")
-        return {key: _server_number(value, key, "STATUS",
-                                    nonzero=key in ("UIDNEXT", "UIDVALIDITY"))
-                for key, value in ((str(key).upper(), value) for key, value in attrs.items())}
+        return self._status_numbers(self._status(folder, "(MESSAGES UIDNEXT UIDVALIDITY)"))
 
     def statuses(self, folders: Sequence[str]) -> Dict[str, Union[Dict[str, int], ImapError]]:
         """status() of several folders in one round trip (pipelined; STATUS only reads):
@@ -2775,6 +2730,9 @@ class GmailConnection:
                 for key, value in ((str(key).upper(), value) for key, value in attrs.items())}
 
     def _status_of(self, response: _Response, folder: str) -> Dict[str, Any]:
+        """The attributes of ``folder``'s STATUS answer in ``response`` ({} for none).  Only
+        the folder's own answer counts, by its octets as listed (a raw UTF-8 name stays
+        raw): any untagged response may arrive with any command (RFC 3501 §7)."""
         for item in response.untagged:
             if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
                     and self._names(item[1], folder):
@@ -2782,14 +2740,8 @@ class GmailConnection:
         return {}
 
     def _status(self, folder: str, items: str) -> Dict[str, Any]:
-        """The attributes STATUS ``folder`` ``items`` answered ({} for no answer).  Only the
-        folder's own answer counts, by its octets as listed (a raw UTF-8 name stays raw):
-        any untagged response may arrive with any command (RFC 3501 §7)."""
-        for item in self._call("STATUS", self._mailbox(folder), items).untagged:
-            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
-                    and self._names(item[1], folder):
-                return _pairs(item[2]) if isinstance(item[2], list) else {}
-        return {}
+        """The attributes STATUS ``folder`` ``items`` answered (see _status_of)."""
+        return self._status_of(self._call("STATUS", self._mailbox(folder), items), folder)
 
     def list_folders(self, refresh: bool = False) -> List[Folder]:
         """Every folder (and Gmail label), names decoded from modified UTF-7.
@@ -2805,10 +2757,8 @@ class GmailConnection:
         for item in response.untagged:
             if len(item) >= 4 and str(item[0]).upper() == "LIST":
                 flags, delimiter, name = item[1], item[2], item[3]
-                if isinstance(name, bytes):
-                    wire = name
-                else:
-                    wire = str(name).encode("utf-8", "surrogateescape")
+                wire = name if isinstance(name, bytes) else \
+                    str(name).encode("utf-8", "surrogateescape")
                 # Modified UTF-7 is ASCII; anything else is a non-compliant server's raw
                 # octets, shown as UTF-8 (invalid bytes replaced) but sent back as they came.
                 shown = (decode_mailbox(wire.decode("ascii")) if wire.isascii()
@@ -3013,18 +2963,7 @@ class GmailConnection:
         literal far larger than the items can need (see _fetch_literal_limit) is absent
         too, its bytes read and thrown away; its UID is appended to ``skipped``.
         """
-        for item in items:
-            _check_fetch_item(item)
-        by_key = {_fetch_key(item): item for item in items}
-        wanted = set(int(u) for u in uids)
-        result: Dict[int, Dict[str, Any]] = {}
-        limit = _fetch_literal_limit(items)
-        keep = _fetch_keep(wanted)
-        for chunk in chunk_uids(wanted):
-            response = self._call("UID FETCH", compress_uids(chunk),
-                                  "(UID " + " ".join(items) + ")", keep=keep, max_literal=limit)
-            _fetch_answer(response, wanted, by_key, result, limit, skipped)
-        return result
+        return next(self.fetch_batches([list(uids)], items, skipped=skipped))[1]
 
     def fetch_batches(self, batches: Iterable[Sequence[int]], items: Sequence[str], *,
                       ahead: int = 1,
@@ -3268,7 +3207,7 @@ class _SafeCopy:
 
     def copy_then_delete(self, chunk: List[int], destination: str,
                          moved: Dict[int, Optional[int]], missing: List[int],
-                         surprises: Optional["_ExpungeCheck"] = None) -> None:
+                         surprises: "_ExpungeCheck") -> None:
         """MOVE without MOVE: COPY (never twice, see copy_once), then \\Deleted on exactly
         these UIDs and UID EXPUNGE of them, or without UIDPLUS a checked plain EXPUNGE.
 
@@ -3296,8 +3235,7 @@ class _SafeCopy:
         else:
             check = self.expunge_only(present, destination)
             stayed = set(check.stayed)
-            if surprises is not None:
-                surprises.add(check)
+            surprises.add(check)
         for uid in present:
             if uid not in stayed:
                 moved[uid] = mapping.get(uid)
@@ -3979,19 +3917,23 @@ def _parsed_values(msg: email.message.EmailMessage, name: str, raws: List[str]) 
     return [None if _has_surrogates(raw) else value for raw, value in zip(raws, parsed)]
 
 
+def _plain_reading(msg: email.message.EmailMessage, name: str,
+                   read: Callable[[Any], Any]) -> Iterator[Tuple[str, Any]]:
+    """(raw value, ``read`` of its header object) for each value of one header; None where
+    the header classes could not be used or ``read`` failed (the caller reads ``raw``)."""
+    raws = _raw_values(msg, name)
+    for raw, parsed in zip(raws, _parsed_values(msg, name, raws)):
+        try:
+            value = None if parsed is None else read(parsed)
+        except Exception:
+            value = None
+        yield raw, value
+
+
 def _plain_header_text(msg: email.message.EmailMessage, name: str) -> List[str]:
     """header_text() through the email package's header classes: slow, the reference."""
-    raws = _raw_values(msg, name)
-    values = []
-    for raw, parsed in zip(raws, _parsed_values(msg, name, raws)):
-        text = None
-        if parsed is not None:
-            try:
-                text = str(parsed)
-            except Exception:
-                text = None
-        values.append(_decode_words(_repair_surrogates(raw)) if text is None else text)
-    return values
+    return [_decode_words(_repair_surrogates(raw)) if text is None else text
+            for raw, text in _plain_reading(msg, name, str)]
 
 
 def _format_address(display_name: str, addr_spec: str) -> str:
@@ -4113,21 +4055,13 @@ def _addresses_without_parse(raw: str) -> List[str]:
 
 def _plain_header_addresses(msg: email.message.EmailMessage, name: str) -> List[str]:
     """header_addresses() through the email package's header classes: slow, the reference."""
-    raws = _raw_values(msg, name)
-    result: List[str] = []
-    for raw, parsed in zip(raws, _parsed_values(msg, name, raws)):
-        found: List[str] = []
-        if parsed is not None:
-            try:
-                found = [
-                    _format_address(a.display_name, a.addr_spec)
-                    for a in getattr(parsed, "addresses", ())
-                    if "@" in a.addr_spec or a.display_name
-                ]
-            except Exception:
-                found = []
-        result.extend(found or _addresses_without_parse(raw))
-    return result
+    def addresses(parsed: Any) -> List[str]:
+        return [_format_address(a.display_name, a.addr_spec)
+                for a in getattr(parsed, "addresses", ())
+                if "@" in a.addr_spec or a.display_name]
+
+    return [address for raw, found in _plain_reading(msg, name, addresses)
+            for address in (found or _addresses_without_parse(raw))]
 
 
 # --- Messages: the fast path -----------------------------------------------------------
@@ -4530,7 +4464,7 @@ def body_text(raw: bytes, limit: int = BODY_PREFIX_BYTES) -> str:
     """
     try:
         msg = email.message_from_bytes(raw, policy=_MIME_POLICY)
-        plain = html_text = None
+        html_text = None
         for part in msg.walk():
             if part.is_multipart() or _is_attachment(part):
                 continue
@@ -4538,18 +4472,11 @@ def body_text(raw: bytes, limit: int = BODY_PREFIX_BYTES) -> str:
             if kind not in ("text/plain", "text/html"):
                 continue
             text = _decode_with_charset(_part_bytes(part), part.get_content_charset())
-            if kind == "text/plain" and plain is None and text.strip():
-                plain = text
-                break
+            if kind == "text/plain" and text.strip():
+                return _tidy_text(text)[:limit]
             if kind == "text/html" and html_text is None:
                 html_text = text
-        if plain is not None:
-            text = plain
-        elif html_text is not None:
-            text = _html_to_text(html_text)
-        else:
-            return ""
-        return _tidy_text(text)[:limit]
+        return "" if html_text is None else _tidy_text(_html_to_text(html_text))[:limit]
     except Exception:
         log.debug("cannot extract body text", exc_info=True)
         return ""
@@ -4673,17 +4600,9 @@ _MBOX_FLAGS = {"R": "\\Seen", "F": "\\Flagged", "A": "\\Answered", "D": "\\Delet
 
 
 def _split_takeout_labels(value: str) -> List[str]:
-    labels, current, quoted = [], [], False
-    for ch in value:
-        if ch == '"':
-            quoted = not quoted
-        elif ch == "," and not quoted:
-            labels.append("".join(current).strip())
-            current = []
-        else:
-            current.append(ch)
-    labels.append("".join(current).strip())
-    return [label for label in labels if label]
+    """The labels of ``a,"b,c", d`` (a quote runs to the next one, or to the end)."""
+    parts = re.findall(r'(?:"[^"]*(?:"|$)|[^,"])+', value)
+    return [label for label in (part.replace('"', "").strip() for part in parts) if label]
 
 
 def _mbox_info(raw: bytes, size: int) -> MessageInfo:
@@ -4862,11 +4781,6 @@ class Pattern:
     def verb(self) -> str:
         return "matches" if self.regex is not None else "contains"
 
-    def search(self, value: str) -> bool:
-        if self.regex is not None:
-            return self.regex.search(value) is not None
-        return self.needle in _normalise(value)
-
 
 @dataclass(frozen=True)
 class Matcher:
@@ -4977,6 +4891,7 @@ class Condition:
 
     cost = 0   # flags, sizes and dates are free; a header decode 1-2; the body a second fetch 3
     options: Tuple[str, ...] = ()   # keys beside it in the same table that tune it (program_*)
+    fetch = NO_NEEDS    # what needs() says, where it is the same for every value of the kind
 
     # Rules are immutable, so each description is built once (a message that does not
     # match returns one, and classify() sees thousands of those) and kept on the rule.
@@ -5012,7 +4927,7 @@ class Condition:
 
     def needs(self) -> Needs:
         """The message data this condition reads (its own, not its children's)."""
-        return NO_NEEDS
+        return self.fetch
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -5136,6 +5051,7 @@ class BodyMatch(Condition):
     matcher: Matcher
 
     cost = 3
+    fetch = Needs(headers=frozenset(), body=True)
 
     @classmethod
     def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
@@ -5164,9 +5080,6 @@ class BodyMatch(Condition):
                 return True, f"body: {_quote(seen)} {pattern.verb()} {pattern.describe()}"
         return False, f"body ({len(msg.body)} characters read): {_no_match(self.matcher)}"
 
-    def needs(self) -> Needs:
-        return Needs(headers=frozenset(), body=True)
-
     def describe(self) -> str:
         return f"body {self.matcher.describe()}"
 
@@ -5187,6 +5100,8 @@ class SizeCompare(Condition):
     limit: int  # bytes
     text: str  # as written, e.g. "5M"
 
+    fetch = Needs(headers=frozenset(), size=True)
+
     @classmethod
     def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
         limit, text = read.size(value)
@@ -5205,9 +5120,6 @@ class SizeCompare(Condition):
         hit = msg.size > self.limit if self.larger else msg.size < self.limit
         op = ">" if self.larger else "<"
         return hit, f"size: {_human_size(msg.size)}{' ' if hit else ', not '}{op} {self.text}"
-
-    def needs(self) -> Needs:
-        return Needs(headers=frozenset(), size=True)
 
     def describe(self) -> str:
         return f"size {'>' if self.larger else '<'} {self.text}"
@@ -5243,6 +5155,8 @@ class AgeCompare(Condition):
     unit: str  # d, w, m or y
     text: str
 
+    fetch = Needs(headers=frozenset(), date=True)
+
     @classmethod
     def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
         amount, unit = read.age(value)
@@ -5269,9 +5183,6 @@ class AgeCompare(Condition):
 
     def _relation(self) -> str:
         return f"{'older' if self.older else 'newer'} than {self.text}"
-
-    def needs(self) -> Needs:
-        return Needs(headers=frozenset(), date=True)
 
     def describe(self) -> str:
         return f"date {self._relation()}"
@@ -5329,6 +5240,8 @@ class HasLabel(Condition):
 
     matcher: Matcher
 
+    fetch = Needs(headers=frozenset(), labels=True)
+
     @classmethod
     def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
         return cls(read.matcher(value))
@@ -5357,9 +5270,6 @@ class HasLabel(Condition):
         if hit:
             return True, f"labels: {seen}: {hit}"
         return False, f"labels: {seen}: none is {' or '.join(p.describe() for p in self.matcher.patterns)}"
-
-    def needs(self) -> Needs:
-        return Needs(headers=frozenset(), labels=True)
 
     def describe(self) -> str:
         return "has label " + " or ".join(p.describe() for p in self.matcher.patterns)
@@ -5410,15 +5320,24 @@ def _kleene(values: Iterable[Optional[bool]], every: bool) -> Optional[bool]:
 
 
 @dataclass(frozen=True)
-class AllOf(Condition):
-    """`all` (or the keys of one table): every part holds. Kleene: False beats unknown."""
+class _Compound(Condition):
+    """What `all` and `any` share: a list of condition tables, read and walked alike."""
 
     parts: Tuple[Condition, ...]
-    explicit: bool = True  # False for the implicit "and" of a table's keys
 
     @classmethod
     def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
         return cls(read.conditions(value))
+
+    def children(self) -> Tuple[Condition, ...]:
+        return self.parts
+
+
+@dataclass(frozen=True)
+class AllOf(_Compound):
+    """`all` (or the keys of one table): every part holds. Kleene: False beats unknown."""
+
+    explicit: bool = True  # False for the implicit "and" of a table's keys
 
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
         # Cheap parts first: any False settles it, whatever the order, and the reasons
@@ -5451,19 +5370,10 @@ class AllOf(Condition):
     def describe(self) -> str:
         return self._wrap([p.describe() for p in self.parts])
 
-    def children(self) -> Tuple[Condition, ...]:
-        return self.parts
-
 
 @dataclass(frozen=True)
-class AnyOf(Condition):
+class AnyOf(_Compound):
     """`any`: some part holds. Kleene: True beats unknown."""
-
-    parts: Tuple[Condition, ...]
-
-    @classmethod
-    def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
-        return cls(read.conditions(value))
 
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
         unknown = False
@@ -5481,9 +5391,6 @@ class AnyOf(Condition):
 
     def describe(self) -> str:
         return f"any of ({'; '.join(p.describe() for p in self.parts)})"
-
-    def children(self) -> Tuple[Condition, ...]:
-        return self.parts
 
 
 @dataclass(frozen=True)
@@ -5520,7 +5427,7 @@ class PythonCondition(Condition):
     key: str
     function: Callable[[MessageInfo], Optional[bool]] = field(compare=False, repr=False)
     want: bool = True
-    fetch: Needs = NO_NEEDS
+    fetch: Needs = NO_NEEDS     # type: ignore[misc]
     cost: int = 2    # type: ignore[misc]   # a header decode, most likely
 
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
@@ -5532,9 +5439,6 @@ class PythonCondition(Condition):
             return None, f"{self.key}: cannot tell yet"
         return bool(result) == self.want, f"{self.key}: {'true' if result else 'false'}" + (
             "" if bool(result) == self.want else f", wanted {'true' if self.want else 'false'}")
-
-    def needs(self) -> Needs:
-        return self.fetch
 
     def describe(self) -> str:
         return self.key if self.want else f"not {self.key}"
@@ -5945,10 +5849,8 @@ _FLAG_ACTION_ROWS: Dict[str, FlagAction] = {row.key: row for row in (
 
 def _flag_action(change: str, flag: str) -> Optional[FlagAction]:
     """The row for a planned ("flag+" / "flag-", flag) change; None when none has it."""
-    for row in _FLAG_ACTION_ROWS.values():
-        if row.flag == flag and row.add == (change == "flag+"):
-            return row
-    return None
+    return next((row for row in _FLAG_ACTION_ROWS.values()
+                 if row.flag == flag and row.add == (change == "flag+")), None)
 
 
 @dataclass(frozen=True)
@@ -6004,14 +5906,11 @@ class Actions:
         archive, trash) and the first choice of read/unread and star/unstar win.
         """
         dest = self if self.has_destination() else later
-        flags = {}
-        for row in _FLAG_ACTION_ROWS.values():      # per flag, the first choice wins
-            if row.flag not in flags:
-                flags[row.flag] = self if any(self.flag(r.key) for r in _FLAG_ACTION_ROWS.values()
-                                              if r.flag == row.flag) else later
+        mine = {row.flag for row in self.flag_actions()}     # per flag, the first choice wins
         labels = self.labels + tuple(x for x in later.labels if x not in self.labels)
         return Actions.make(labels=labels, move=dest.move, archive=dest.archive, trash=dest.trash,
-                            **{key: flags[row.flag].flag(key) for key, row in _FLAG_ACTION_ROWS.items()})
+                            **{key: (self if row.flag in mine else later).flag(key)
+                               for key, row in _FLAG_ACTION_ROWS.items()})
 
     def describe(self) -> str:
         """Returns e.g. 'label Receipts, archive'; 'no action' when empty."""
@@ -6244,10 +6143,8 @@ def _action_keys() -> Tuple[str, ...]:
 
 def _option_keys() -> Tuple[str, ...]:
     """The keys that tune a condition beside it (Condition.options), e.g. program_timeout."""
-    keys: List[str] = []
-    for kind in _CONDITION_KINDS.values():
-        keys.extend(key for key in getattr(kind, "options", ()) if key not in keys)
-    return tuple(keys)
+    return tuple(dict.fromkeys(key for kind in _CONDITION_KINDS.values()
+                               for key in getattr(kind, "options", ())))
 
 
 def _rule_keys() -> Tuple[str, ...]:
@@ -6303,17 +6200,12 @@ class _Problems:
     def __init__(self) -> None:
         self.lines: List[str] = []
 
-    def catch(self) -> "_Problems":
-        return self
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, error: Any, trace: Any) -> bool:
-        if isinstance(error, RulesError):
-            self.lines.extend(str(error).splitlines())
-            return True
-        return False
+    @contextlib.contextmanager
+    def catch(self) -> Iterator[None]:
+        try:
+            yield
+        except RulesError as error:
+            self.add(error)
 
     def add(self, error: RulesError) -> None:
         self.lines.extend(str(error).splitlines())
@@ -6377,15 +6269,6 @@ def _parse_pattern(where: _Where, path: str, text: Any) -> Pattern:
     return Pattern(text=text, regex=compiled)
 
 
-def _parse_matcher(where: _Where, path: str, value: Any) -> Matcher:
-    if isinstance(value, list):
-        if not value:
-            raise where.error(path, "expected a string or a list of strings, got an empty list")
-        return Matcher(tuple(_parse_pattern(where, f"{path}[{i}]", item)
-                             for i, item in enumerate(value, 1)))
-    return Matcher((_parse_pattern(where, path, value),))
-
-
 def _parse_size(where: _Where, path: str, value: Any) -> Tuple[int, str]:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value, str(value)
@@ -6393,14 +6276,6 @@ def _parse_size(where: _Where, path: str, value: Any) -> Tuple[int, str]:
     if size is None:
         raise where.error(path, f"expected a size like 500K, 5M, 5 MB or 1G, got {_quote(value)}")
     return size, value
-
-
-def _parse_age(where: _Where, path: str, value: Any) -> Tuple[int, str]:
-    found = _AGE_RE.fullmatch(value) if isinstance(value, str) else None
-    if not found:
-        raise where.error(path, "expected a number and unit d, w, m or y (e.g. \"1y\"), "
-                                f"got {_quote(value)}")
-    return int(found.group(1)), found.group(2)
 
 
 class _ConditionReader:
@@ -6433,7 +6308,12 @@ class _ConditionReader:
 
     def matcher(self, value: Any) -> Matcher:
         """A string or list of strings, each plain text or a /regex/flags."""
-        return _parse_matcher(self.where, self.path, value)
+        if isinstance(value, list):
+            if not value:
+                raise self.error("expected a string or a list of strings, got an empty list")
+            return Matcher(tuple(_parse_pattern(self.where, f"{self.path}[{i}]", item)
+                                 for i, item in enumerate(value, 1)))
+        return Matcher((_parse_pattern(self.where, self.path, value),))
 
     def size(self, value: Any) -> Tuple[int, str]:
         """(bytes, as written) for 500K, 5M, 5 MB, 1G or a number of bytes."""
@@ -6441,7 +6321,11 @@ class _ConditionReader:
 
     def age(self, value: Any) -> Tuple[int, str]:
         """(amount, unit) for "30d", "2w", "6m", "1y"."""
-        return _parse_age(self.where, self.path, value)
+        found = _AGE_RE.fullmatch(value) if isinstance(value, str) else None
+        if not found:
+            raise self.error("expected a number and unit d, w, m or y (e.g. \"1y\"), "
+                             f"got {_quote(value)}")
+        return int(found.group(1)), found.group(2)
 
     def header_name(self, name: Any) -> str:
         if not _HEADER_NAME_RE.fullmatch(name):
@@ -6451,18 +6335,15 @@ class _ConditionReader:
 
     def conditions(self, value: Any) -> Tuple[Condition, ...]:
         """A non-empty list of condition tables (`any`, `all`)."""
-        return _parse_condition_list(self.where, self.path, value)
+        if not isinstance(value, list) or not value:
+            raise self.error(f"expected a non-empty list of condition tables, "
+                             f"got {_quote(value)}")
+        return tuple(_parse_condition_table(self.where, f"{self.path}[{i}]", item)
+                     for i, item in enumerate(value, 1))
 
     def table(self, value: Any) -> Condition:
         """One table of conditions, all of which must hold (`not`)."""
         return _parse_condition_table(self.where, self.path, value)
-
-
-def _parse_condition_list(where: _Where, path: str, value: Any) -> Tuple[Condition, ...]:
-    if not isinstance(value, list) or not value:
-        raise where.error(path, f"expected a non-empty list of condition tables, got {_quote(value)}")
-    return tuple(_parse_condition_table(where, f"{path}[{i}]", item)
-                 for i, item in enumerate(value, 1))
 
 
 def _parse_one_condition(where: _Where, path: str, key: str, value: Any,
@@ -6513,13 +6394,9 @@ def _parse_labels(where: _Where, value: Any) -> Tuple[str, ...]:
     items = value if isinstance(value, list) else [value]
     if isinstance(value, list) and not value:
         raise where.error("label", f"expected {what}, got an empty list")
-    labels: List[str] = []
-    for i, item in enumerate(items, 1):
-        path = f"label[{i}]" if isinstance(value, list) else "label"
-        label = _check_text(where, path, item, what)
-        if label not in labels:
-            labels.append(label)
-    return tuple(labels)
+    return tuple(dict.fromkeys(    # each label once, in order
+        _check_text(where, f"label[{i}]" if isinstance(value, list) else "label", item, what)
+        for i, item in enumerate(items, 1)))
 
 
 def _parse_actions(where: _Where, rule: dict, problems: _Problems, required: bool = True) -> Actions:
@@ -6574,8 +6451,7 @@ def _parse_rule(source: str, position: int, rule: Any, problems: _Problems) -> O
     name = rule.get("name")
     if name is not None:
         with problems.catch():
-            name = _check_text(where, "name", name)
-            where.name = name
+            where.name = name = _check_text(where, "name", name)
     unknown = [key for key in rule if key not in _rule_keys()]
     for key in unknown:
         problems.add(where.error("", _unknown_key(key, _rule_keys())))
@@ -7130,12 +7006,9 @@ class _TomlReader:
             elif not (isinstance(existing, list) and id(existing) in self.table_arrays):
                 raise self.fail(f"{shown}: '{last}' is already defined as something other "
                                 "than an array of tables", start)
-            new: Dict[str, Any] = {}
-            existing.append(new)
-            self.explicit.add(id(new))
-            self.end_of_line("a table header")
-            return new
-        if last not in table:
+            existing.append({})
+            existing = existing[-1]
+        elif last not in table:
             table[last] = existing = {}
         elif not isinstance(existing, dict) or id(existing) in self.explicit \
                 or id(existing) in self.frozen:
@@ -7188,11 +7061,8 @@ class _TomlReader:
     def unquoted_words(self, first: str) -> None:
         """`larger_than = 5 MB`: a bare value followed by more words wanted quotes."""
         self.skip_ws()
-        end = len(self.text)
-        for stop in ("#", "\n", "\r"):
-            found = self.text.find(stop, self.pos)
-            end = min(end, found) if found >= 0 else end
-        rest = self.text[self.pos:end].rstrip()
+        found = re.compile(r"[^#\r\n]*").match(self.text, self.pos)   # to a comment or the end
+        rest = found.group().rstrip() if found else ""
         if rest:
             raise self.fail(f"expected the end of the line after a value, found {self.found()}; "
                             f"text with spaces needs quotes: \"{first} {rest}\"")
@@ -7272,17 +7142,14 @@ class _TomlReader:
         while True:
             self.skip_blank()
             if self.peek() == "]":
-                self.pos += 1
                 break
             items.append(self.value())
             self.skip_blank()
             if self.peek() == ",":
                 self.pos += 1
-            elif self.peek() == "]":
-                self.pos += 1
-                break
-            else:
+            elif self.peek() != "]":
                 raise self.fail(f"expected ',' or ']' in the array, found {self.found()}")
+        self.pos += 1
         self.frozen.add(id(items))
         self.depth -= 1
         return items
@@ -7550,18 +7417,14 @@ def load_rules(path: Any) -> Ruleset:
     except UnicodeDecodeError as exc:
         raise RulesError(f"{source}: not UTF-8 text (bad byte at offset {exc.start}); "
                          "save the file as UTF-8") from None
-    if suffix == ".toml":
-        try:
-            doc = parse_toml(text)
-        except TOMLError as exc:
-            raise RulesError(f"{source}: line {exc.lineno}, column {exc.colno}: "
-                             f"invalid TOML: {exc.msg}") from None
-    else:
-        try:
-            doc = load_json(text)
-        except json.JSONDecodeError as exc:
-            raise RulesError(f"{source}: line {exc.lineno}, column {exc.colno}: "
-                             f"invalid JSON: {exc.msg}") from None
+    # Both errors carry msg, lineno and colno.
+    read, kind, invalid = ((parse_toml, "TOML", TOMLError) if suffix == ".toml"
+                           else (load_json, "JSON", json.JSONDecodeError))
+    try:
+        doc = read(text)
+    except invalid as exc:
+        raise RulesError(f"{source}: line {exc.lineno}, column {exc.colno}: "
+                         f"invalid {kind}: {exc.msg}") from None
     rules = parse_rules(doc, source)
     tables = [rules.account, *rules.accounts]
     secrets_held = [key for key in SECRET_ACCOUNT_KEYS for table in tables if key in table]
@@ -7791,15 +7654,8 @@ def _toml_string(text: str) -> str:
     controls = re.search(r"[\x00-\x1f\x7f]", text)
     if "\\" in text and "'" not in text and not controls:
         return f"'{text}'"
-    out = []
-    for ch in text:
-        if ch in _TOML_WRITE_ESCAPES:
-            out.append(_TOML_WRITE_ESCAPES[ch])
-        elif ch < " " or ch == "\x7f":
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
+    return '"' + re.sub(r'[\x00-\x1f\x7f"\\]', lambda found: _TOML_WRITE_ESCAPES.get(
+        found.group(), f"\\u{ord(found.group()):04x}"), text) + '"'
 
 
 def _toml_key(key: str) -> str:
@@ -7828,11 +7684,8 @@ def _toml_value(value: Any, indent: str = "") -> str:
 
 
 def _comment_lines(lines: Iterable[str]) -> str:
-    text = ""
-    for line in lines:
-        for part in str(line).splitlines() or [""]:
-            text += f"# {part}".rstrip() + "\n"
-    return text
+    return "".join(f"# {part}".rstrip() + "\n"
+                   for line in lines for part in str(line).splitlines() or [""])
 
 
 def format_rules(doc: Mapping[str, Any], fmt: str = "toml", header: Sequence[str] = (),
@@ -7901,8 +7754,6 @@ def write_rules_file(path: Any, text: str, force: bool = False) -> None:
     or cannot be written.
     """
     path = pathlib.Path(path)
-    if path.exists() and not force:
-        raise RulesError(f"{path} already exists; pass --force to overwrite it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if force:

@@ -9704,8 +9704,11 @@ def _signals_held() -> Iterator[None]:
         return
     wanted = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
               if hasattr(signal, name)}
-    old = mask(signal.SIG_BLOCK, wanted)
+    # The mask as it is, read before anything is blocked: a handler may run (and raise)
+    # the moment the blocking call returns, and the finally must still undo it.
+    old = mask(signal.SIG_BLOCK, ())
     try:
+        mask(signal.SIG_BLOCK, wanted)
         yield
     finally:
         mask(signal.SIG_SETMASK, old)

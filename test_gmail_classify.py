@@ -11512,6 +11512,26 @@ class WriteAheadUndoTest(StateTestCase):
                 log.append([{"type": "intent", "run": "r", "n": n} for n in range(3)])
         self.assertEqual([r["n"] for r in log.records()], [0, 1, 2])
 
+    @unittest.skipUnless(hasattr(signal, "pthread_sigmask"), "POSIX signal masks")
+    def test_a_signal_handled_as_the_mask_is_set_leaves_no_signal_blocked(self):
+        # The Python handler of a signal that arrived during the blocking call runs as
+        # soon as the call returns: the hold must still give the old mask back.
+        real = signal.pthread_sigmask
+        before = real(signal.SIG_BLOCK, ())
+        self.addCleanup(real, signal.SIG_SETMASK, before)
+
+        def blocking(how, signals):
+            old = real(how, signals)
+            if how == signal.SIG_BLOCK and signal.SIGINT in set(signals):
+                raise KeyboardInterrupt     # Ctrl-C, handled right after the call
+            return old
+
+        with mock.patch.object(signal, "pthread_sigmask", blocking):
+            with self.assertRaises(KeyboardInterrupt):
+                with gc._signals_held():
+                    self.fail("the hold was entered")
+        self.assertEqual(real(signal.SIG_BLOCK, ()), before)
+
     def test_a_torn_last_line_never_swallows_the_next_run(self):
         self.use(gmail=False)
         self.state_dir = os.path.join(self.tmp, "gmail_classify")   # where the CLI looks

@@ -11497,6 +11497,10 @@ class WriteAheadUndoTest(StateTestCase):
 
     @unittest.skipUnless(hasattr(signal, "pthread_sigmask"), "POSIX signal masks")
     def test_a_signal_during_the_audit_write_waits_for_the_whole_write(self):
+        # Python's own Ctrl-C handler, even where the suite was started with SIGINT
+        # ignored (a shell's background job): that is what raises KeyboardInterrupt.
+        self.addCleanup(signal.signal, signal.SIGINT,
+                        signal.signal(signal.SIGINT, signal.default_int_handler))
         log = gc.AuditLog(Path(self.tmp) / "audit.jsonl")
         real_write = os.write
         sent = []

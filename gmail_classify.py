@@ -766,7 +766,9 @@ class _Reader:
         return _atom_value(self.data[start:self.pos])
 
 
-_ATOM_VALUES: Dict[bytes, Any] = {}   # FETCH, UID, NIL, \\Seen...: the same few words
+# FETCH, UID, NIL, \\Seen...: the same few words.  Numbers are never kept (UIDs are many
+# and differ: a SEARCH answer would fill the table before the first FETCH came).
+_ATOM_VALUES: Dict[bytes, Any] = {}
 
 
 def _atom_value(word: bytes) -> Any:
@@ -776,7 +778,7 @@ def _atom_value(word: bytes) -> Any:
     except KeyError:
         pass
     value = _convert_atom(word)
-    if len(word) < 24 and len(_ATOM_VALUES) < 4096:
+    if len(word) < 24 and len(_ATOM_VALUES) < 4096 and not isinstance(value, int):
         _ATOM_VALUES[word] = value
     return value
 
@@ -799,8 +801,10 @@ _TOKEN = re.compile(rb"""[ ]*(?:
   | (\))                                               # 2: a list closes
   | "((?:[^"\\\r\n]|\\[\x00-\xff])*)"                    # 3: a quoted string
   | ~?\{(\d+)\+?\}\r\n                                 # 4: a literal's size
-  | ((?:[^ ()"{\r\n\[]+|\[[^\[\]\r\n]*\])+)             # 5: an atom, [sections] kept
+  | ([0-9]+)(?![^ ()"{\r\n])                           # 5: a number (all digits)
+  | ((?:[^ ()"{\r\n\[]+|\[[^\[\]\r\n]*\])+)             # 6: any other atom, [sections] kept
 )""", re.VERBOSE)
+_MISSING = object()
 
 
 _QUOTED_PAIR = re.compile(rb"\\([\x00-\xff])")
@@ -828,6 +832,7 @@ def _parse_fast(data: bytes) -> List[Any]:
     stack: List[List[Any]] = []
     pos, end = 0, len(data)
     match = _TOKEN.match
+    atoms = _ATOM_VALUES    # looked up here: a call per token is most of the cost
     while True:
         token = match(data, pos)
         if token is None:
@@ -836,8 +841,12 @@ def _parse_fast(data: bytes) -> List[Any]:
             return values
         pos = token.end()
         kind = token.lastindex
-        if kind == 5:
-            current.append(_atom_value(token.group(5)))
+        if kind == 6:
+            word = token.group(6)
+            value = atoms.get(word, _MISSING)
+            current.append(_atom_value(word) if value is _MISSING else value)
+        elif kind == 5:
+            current.append(Number(token.group(5).decode("ascii")))
         elif kind == 3:
             text = token.group(3)
             if b"\\" in text:
@@ -1486,12 +1495,23 @@ class _Pending:
 
 
 def _weight(value: Any, depth: int = 0) -> int:
-    """Roughly the bytes a parsed value holds: its text, plus a little per list and atom."""
+    """Roughly the bytes a parsed value holds: its text, plus a little per list and atom.
+
+    A FETCH answer is mostly a flat list of atoms, numbers and literals: those are
+    weighed in the loop, and only nested lists cost a call."""
     if isinstance(value, (bytes, str)):
         return len(value) + 8
-    if isinstance(value, list) and depth < MAX_NESTING:
-        return 16 + sum(_weight(item, depth + 1) for item in value)
-    return 8
+    if not isinstance(value, list) or depth >= MAX_NESTING:
+        return 8
+    total = 16
+    for item in value:
+        if isinstance(item, (bytes, str)):
+            total += len(item) + 8
+        elif isinstance(item, list):
+            total += _weight(item, depth + 1)
+        else:
+            total += 8
+    return total
 
 
 class _AnswerBudget:

@@ -4975,14 +4975,23 @@ def _header_values(headers: email.message.EmailMessage, addresses: bool,
     """The decoded values of these headers and their _normalise() forms, kept in the
     message's header cache: several rules read the same headers of each message."""
     cache = _header_cache(headers)
-    key = ("rule", addresses, names)
-    found = cache.get(key) if cache is not None else None
-    if found is None:
+    if cache is None:
         read = header_addresses if addresses else header_text
         values = [v for name in names for v in read(headers, name)]
-        found = (values, [_normalise(value) for value in values])
-        if cache is not None:
-            cache[key] = found
+        return values, [_normalise(value) for value in values]
+    key = ("rule", addresses, names)
+    found = cache.get(key)
+    if found is None:
+        kind = "addresses" if addresses else "text"
+        values = []
+        for name in names:      # as _cached() does, with the cache already in hand
+            name = name.lower()
+            decoded = cache.get((kind, name))
+            if decoded is None:
+                decoded = cache[(kind, name)] = _decode_header(
+                    headers, cache.get(("raw", name), []), kind, name)
+            values.extend(decoded)
+        found = cache[key] = (values, [_normalise(value) for value in values])
     return found
 
 
@@ -6116,6 +6125,22 @@ class RuleTest:
     sample: str = ""  # the table's message keys as canonical JSON, for comparing tests
 
 
+_NO_ACTIONS = Actions()
+# (id(earlier), id(later)) -> (earlier, later, earlier.merged(later)): the rules of a run
+# merge the same few pairs for every message.  Both are kept, so their ids stay theirs.
+_MERGES: Dict[Tuple[int, int], Tuple[Actions, Actions, Actions]] = {}
+
+
+def _merged(earlier: Actions, later: Actions) -> Actions:
+    """``earlier.merged(later)``, worked out once per pair of Actions."""
+    known = _MERGES.get((id(earlier), id(later)))
+    if known is None:
+        known = (earlier, later, earlier.merged(later))
+        if len(_MERGES) < 4096:
+            _MERGES[(id(earlier), id(later))] = known
+    return known[2]
+
+
 @dataclass(frozen=True)
 class Ruleset:
     """Validated rules in order, where they came from, the [account] table and [[test]]s."""
@@ -6231,7 +6256,7 @@ class Ruleset:
         elif now.tzinfo is None:
             now = now.replace(tzinfo=timezone.utc)
         matches: List[Tuple[str, str]] = []
-        actions = Actions()
+        actions = _NO_ACTIONS
         try:
             for rule in self.rules:
                 value, reason = rule.condition.evaluate(msg, now)
@@ -6241,7 +6266,7 @@ class Ruleset:
                     continue
                 if value:
                     matches.append((rule.name, reason))
-                    actions = actions.merged(rule.actions)
+                    actions = _merged(actions, rule.actions)
                     printed = _program_labels(rule.condition, msg) if msg.programs else ()
                     if printed:
                         actions = actions.merged(Actions(labels=printed))

@@ -9939,6 +9939,11 @@ def _signals_held() -> Iterator[None]:
         mask(signal.SIG_SETMASK, old)
 
 
+# What json.dumps(record, ensure_ascii=False, sort_keys=True) builds on every call, built
+# once: the audit log writes a record per message changed.
+_RECORD_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True)
+
+
 class AuditLog:
     """``audit.jsonl``: one JSON record per line, appended once the server confirmed.
 
@@ -9961,8 +9966,7 @@ class AuditLog:
         lines: List[bytes] = []
         held = 0
         for record in records:
-            lines.append((json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
-                         .encode("utf-8"))
+            lines.append((_RECORD_JSON.encode(record) + "\n").encode("utf-8"))
             held += len(lines[-1])
             if held >= AUDIT_CHUNK_BYTES:
                 chunks.append(b"".join(lines))

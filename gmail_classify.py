@@ -792,17 +792,21 @@ def _convert_atom(word: bytes) -> Any:
     return text
 
 
-# The fast tokenizer: one compiled pattern steps over a whole response, token by token, and
-# a stack builds the lists.  It knows the common shapes only (atoms with one level of
-# [section], quoted strings, literals); at anything else it gives up and
-# _Reader parses the response again, so both accept and reject exactly the same input.
+# The fast tokenizer: one compiled pattern finds every token of a run of text in one
+# findall() call, and a stack builds the lists.  A run ends at the first CRLF, which only
+# a literal's header holds (an atom never does; a quoted string with an escaped CR is cut
+# short and given up), so a run's last token is the literal whose bytes follow.  It knows
+# the common shapes only (atoms with one level of [section], quoted strings, literals); at
+# anything else (the last alternative) it gives up and _Reader parses the response again,
+# so both accept and reject exactly the same input.
 _TOKEN = re.compile(rb"""[ ]*(?:
     (\()                                               # 1: a list opens
   | (\))                                               # 2: a list closes
-  | "((?:[^"\\\r\n]|\\[\x00-\xff])*)"                    # 3: a quoted string
-  | ~?\{(\d+)\+?\}\r\n                                 # 4: a literal's size
-  | ([0-9]+)(?![^ ()"{\r\n])                           # 5: a number (all digits)
-  | ((?:[^ ()"{\r\n\[]+|\[[^\[\]\r\n]*\])+)             # 6: any other atom, [sections] kept
+  | (")((?:[^"\\\r\n]|\\[\x00-\xff])*)"                # 3, 4: a quoted string
+  | ~?\{(\d+)\+?\}\r\n                                 # 5: a literal's size
+  | ([0-9]+)(?![^ ()"{\r\n])                           # 6: a number (all digits)
+  | ((?:[^ ()"{\r\n\[]+|\[[^\[\]\r\n]*\])+)             # 7: any other atom, [sections] kept
+  | [\x00-\xff]                                       # 8 (no group): anything else
 )""", re.VERBOSE)
 _MISSING = object()
 
@@ -831,44 +835,50 @@ def _parse_fast(data: bytes) -> List[Any]:
     current = values
     stack: List[List[Any]] = []
     pos, end = 0, len(data)
-    match = _TOKEN.match
+    findall = _TOKEN.findall
     atoms = _ATOM_VALUES    # looked up here: a call per token is most of the cost
-    while True:
-        token = match(data, pos)
-        if token is None:
-            if stack or data[pos:].strip(b" "):
-                raise _NotSimple()
-            return values
-        pos = token.end()
-        kind = token.lastindex
-        if kind == 6:
-            word = token.group(6)
-            value = atoms.get(word, _MISSING)
-            current.append(_atom_value(word) if value is _MISSING else value)
-        elif kind == 5:
-            current.append(Number(token.group(5).decode("ascii")))
-        elif kind == 3:
-            text = token.group(3)
-            if b"\\" in text:
-                current.append(_unescape(text))
-            else:
-                current.append(text.decode("utf-8", "surrogateescape"))
-        elif kind == 1:
-            if len(stack) >= MAX_NESTING:
-                raise _NotSimple()   # the plain reader says so, as a ProtocolError
-            stack.append(current)
-            current.append([])
-            current = current[-1]
-        elif kind == 2:
-            if not stack:
-                raise _NotSimple()
-            current = stack.pop()
+    while pos < end:
+        stop = data.find(b"\r\n", pos)
+        if stop >= 0:
+            stop += 2
+        elif data.endswith(b" "):       # spaces after the last token are no token
+            stop = len(data.rstrip(b" "))
+            if stop <= pos:
+                break
         else:
-            size = int(token.group(4))
-            if pos + size > end:
+            stop = end
+        size = b""
+        for opened, closed, quote, text, size, number, word in findall(data, pos, stop):
+            if word:
+                value = atoms.get(word, _MISSING)
+                current.append(_atom_value(word) if value is _MISSING else value)
+            elif number:
+                current.append(Number(number.decode("ascii")))
+            elif quote:
+                current.append(_unescape(text) if b"\\" in text
+                               else text.decode("utf-8", "surrogateescape"))
+            elif opened:
+                if len(stack) >= MAX_NESTING:
+                    raise _NotSimple()   # the plain reader says so, as a ProtocolError
+                stack.append(current)
+                current.append([])
+                current = current[-1]
+            elif closed:
+                if not stack:
+                    raise _NotSimple()
+                current = stack.pop()
+            elif not size:
                 raise _NotSimple()
-            current.append(data[pos:pos + size])
-            pos += size
+        pos = stop
+        if size:                        # the run ended with a literal: its bytes follow
+            count = int(size)
+            if pos + count > end:
+                raise _NotSimple()
+            current.append(data[pos:pos + count])
+            pos += count
+    if stack:
+        raise _NotSimple()
+    return values
 
 
 def parse_response(data: bytes) -> List[Any]:

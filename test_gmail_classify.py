@@ -18602,6 +18602,38 @@ class HotPathEquivalenceTest(unittest.TestCase):
         self.assertEqual(str(gc.parse_response(b"LIST () \"/\" 0123")[3]), "0123")
         self.assertIs(type(gc.parse_response(b"7")[0]), gc.Number)
 
+    def test_tokenizer_runs_between_literals_read_as_the_plain_parser(self):
+        import random
+        rng = random.Random(1717)
+        pieces = [b"(", b")", b" ", b"  ", b'"a b"', b'"a\\"b"', b'""', b'"a\\\r\nb"', b'"x\\\\"',
+                  b"{3}\r\nabc", b"{3}\r\n\r\n ", b"{2}\r\n  ", b"{0}\r\n", b"~{2}\r\n{}", b"{9}\r\nab",
+                  b"\r\n", b"\r", b"\n", b"NIL", b"12", b"12[", b"0x", b"BODY[HEADER.FIELDS (FROM)]",
+                  b"BODY[a", b"]", b"[", b"{", b"{3+}\r\nab)", b"\\Seen", b"FETCH", b"\xff", b'"\xc3\xa9"']
+        samples = [b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 14)))
+                   for _ in range(4000)]
+        samples += [b"1 FETCH (UID 7 BODY[HEADER] {5}\r\nab\r\n\r\n FLAGS (\\Seen))   ",
+                    b"2 FETCH (BODY[1] {2}\r\n\r\n BODY[2] {3}\r\n{1}\r\n UID 8)", b"  ", b"",
+                    b'3 FETCH (UID 9 X-GM-LABELS ("a\\\r\nb"))']
+
+        def outcome(parse: Callable[[bytes], Any], data: bytes) -> Any:
+            try:
+                return repr([parse(data)])
+            except gc.ProtocolError as exc:
+                return "error: %s" % exc
+        fast = 0
+        for data in samples:
+            with self.subTest(data=data):
+                self.assertEqual(outcome(gc.parse_response, data), outcome(gc._parse_plain, data))
+            try:
+                got = gc._parse_fast(data)
+            except gc._NotSimple:
+                continue
+            fast += 1
+            self.assertEqual(repr(got), repr(gc._parse_plain(data)))
+        self.assertGreater(fast, 400)
+        for data in samples[-5:-1]:     # these the fast path reads itself
+            gc._parse_fast(data)
+
     def test_each_pair_of_actions_is_merged_once_with_the_same_decisions(self):
         rules = gc.parse_rules({"rule": [
             {"name": "star", "from": "@bank.example", "star": True, "continue": True},

@@ -18612,7 +18612,7 @@ class HotPathEquivalenceTest(unittest.TestCase):
         samples = [b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 14)))
                    for _ in range(4000)]
         samples += [b"1 FETCH (UID 7 BODY[HEADER] {5}\r\nab\r\n\r\n FLAGS (\\Seen))   ",
-                    b"2 FETCH (BODY[1] {2}\r\n\r\n BODY[2] {3}\r\n{1}\r\n UID 8)", b"  ", b"",
+                    b"2 FETCH (BODY[1] {2}\r\n\r\n BODY[2] {3}\r\n{1} UID 8)", b"  ", b"",
                     b'3 FETCH (UID 9 X-GM-LABELS ("a\\\r\nb"))']
 
         def outcome(parse: Callable[[bytes], Any], data: bytes) -> Any:

@@ -18611,7 +18611,7 @@ class HotPathEquivalenceTest(unittest.TestCase):
                   b"BODY[a", b"]", b"[", b"{", b"{3+}\r\nab)", b"\\Seen", b"FETCH", b"\xff", b'"\xc3\xa9"']
         samples = [b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 14)))
                    for _ in range(4000)]
-        samples += [b"1 FETCH (UID 7 BODY[HEADER] {5}\r\nab\r\n\r\n FLAGS (\\Seen))   ",
+        samples += [b"1 FETCH (UID 7 BODY[HEADER] {6}\r\nab\r\n\r\n FLAGS (\\Seen))   ",
                     b"2 FETCH (BODY[1] {2}\r\n\r\n BODY[2] {3}\r\n{1} UID 8)", b"  ", b"",
                     b'3 FETCH (UID 9 X-GM-LABELS ("a\\\r\nb"))']
 

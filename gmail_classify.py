@@ -743,7 +743,9 @@ class _Reader:
         return _atom_value(self.data[start:self.pos])
 
 
-_ATOM_VALUES: Dict[bytes, Any] = {}   # FETCH, UID, NIL, \\Seen...: the same few words
+# FETCH, UID, NIL, \\Seen...: the same few words.  Numbers are never kept (UIDs are many
+# and differ: a SEARCH answer would fill the table before the first FETCH came).
+_ATOM_VALUES: Dict[bytes, Any] = {}
 
 
 def _atom_value(word: bytes) -> Any:
@@ -753,7 +755,7 @@ def _atom_value(word: bytes) -> Any:
     except KeyError:
         pass
     value = _convert_atom(word)
-    if len(word) < 24 and len(_ATOM_VALUES) < 4096:
+    if len(word) < 24 and len(_ATOM_VALUES) < 4096 and not isinstance(value, int):
         _ATOM_VALUES[word] = value
     return value
 
@@ -767,17 +769,23 @@ def _convert_atom(word: bytes) -> Any:
     return text
 
 
-# The fast tokenizer: one compiled pattern steps over a whole response, token by token, and
-# a stack builds the lists.  It knows the common shapes only (atoms with one level of
-# [section], quoted strings, literals); at anything else it gives up and
-# _Reader parses the response again, so both accept and reject exactly the same input.
+# The fast tokenizer: one compiled pattern finds every token of a run of text in one
+# findall() call, and a stack builds the lists.  A run ends at the first CRLF, which only
+# a literal's header holds (an atom never does; a quoted string with an escaped CR is cut
+# short and given up), so a run's last token is the literal whose bytes follow.  It knows
+# the common shapes only (atoms with one level of [section], quoted strings, literals); at
+# anything else (the last alternative) it gives up and _Reader parses the response again,
+# so both accept and reject exactly the same input.
 _TOKEN = re.compile(rb"""[ ]*(?:
     (\()                                               # 1: a list opens
   | (\))                                               # 2: a list closes
-  | "((?:[^"\\\r\n]|\\[\x00-\xff])*)"                    # 3: a quoted string
-  | ~?\{(\d+)\+?\}\r\n                                 # 4: a literal's size
-  | ((?:[^ ()"{\r\n\[]+|\[[^\[\]\r\n]*\])+)             # 5: an atom, [sections] kept
+  | (")((?:[^"\\\r\n]|\\[\x00-\xff])*)"                # 3, 4: a quoted string
+  | ~?\{(\d+)\+?\}\r\n                                 # 5: a literal's size
+  | ([0-9]+)(?![^ ()"{\r\n])                           # 6: a number (all digits)
+  | ((?:[^ ()"{\r\n\[]+|\[[^\[\]\r\n]*\])+)             # 7: any other atom, [sections] kept
+  | [\x00-\xff]                                       # 8 (no group): anything else
 )""", re.VERBOSE)
+_MISSING = object()
 
 
 _QUOTED_PAIR = re.compile(rb"\\([\x00-\xff])")
@@ -804,39 +812,50 @@ def _parse_fast(data: bytes) -> List[Any]:
     current = values
     stack: List[List[Any]] = []
     pos, end = 0, len(data)
-    match = _TOKEN.match
-    while True:
-        token = match(data, pos)
-        if token is None:
-            if stack or data[pos:].strip(b" "):
-                raise _NotSimple()
-            return values
-        pos = token.end()
-        kind = token.lastindex
-        if kind == 5:
-            current.append(_atom_value(token.group(5)))
-        elif kind == 3:
-            text = token.group(3)
-            if b"\\" in text:
-                current.append(_unescape(text))
-            else:
-                current.append(text.decode("utf-8", "surrogateescape"))
-        elif kind == 1:
-            if len(stack) >= MAX_NESTING:
-                raise _NotSimple()   # the plain reader says so, as a ProtocolError
-            stack.append(current)
-            current.append([])
-            current = current[-1]
-        elif kind == 2:
-            if not stack:
-                raise _NotSimple()
-            current = stack.pop()
+    findall = _TOKEN.findall
+    atoms = _ATOM_VALUES    # looked up here: a call per token is most of the cost
+    while pos < end:
+        stop = data.find(b"\r\n", pos)
+        if stop >= 0:
+            stop += 2
+        elif data.endswith(b" "):       # spaces after the last token are no token
+            stop = len(data.rstrip(b" "))
+            if stop <= pos:
+                break
         else:
-            size = int(token.group(4))
-            if pos + size > end:
+            stop = end
+        size = b""
+        for opened, closed, quote, text, size, number, word in findall(data, pos, stop):
+            if word:
+                value = atoms.get(word, _MISSING)
+                current.append(_atom_value(word) if value is _MISSING else value)
+            elif number:
+                current.append(Number(number.decode("ascii")))
+            elif quote:
+                current.append(_unescape(text) if b"\\" in text
+                               else text.decode("utf-8", "surrogateescape"))
+            elif opened:
+                if len(stack) >= MAX_NESTING:
+                    raise _NotSimple()   # the plain reader says so, as a ProtocolError
+                stack.append(current)
+                current.append([])
+                current = current[-1]
+            elif closed:
+                if not stack:
+                    raise _NotSimple()
+                current = stack.pop()
+            elif not size:
                 raise _NotSimple()
-            current.append(data[pos:pos + size])
-            pos += size
+        pos = stop
+        if size:                        # the run ended with a literal: its bytes follow
+            count = int(size)
+            if pos + count > end:
+                raise _NotSimple()
+            current.append(data[pos:pos + count])
+            pos += count
+    if stack:
+        raise _NotSimple()
+    return values
 
 
 def parse_response(data: bytes) -> List[Any]:
@@ -1456,12 +1475,23 @@ class _Pending:
 
 
 def _weight(value: Any, depth: int = 0) -> int:
-    """Roughly the bytes a parsed value holds: its text, plus a little per list and atom."""
+    """Roughly the bytes a parsed value holds: its text, plus a little per list and atom.
+
+    A FETCH answer is mostly a flat list of atoms, numbers and literals: those are
+    weighed in the loop, and only nested lists cost a call."""
     if isinstance(value, (bytes, str)):
         return len(value) + 8
-    if isinstance(value, list) and depth < MAX_NESTING:
-        return 16 + sum(_weight(item, depth + 1) for item in value)
-    return 8
+    if not isinstance(value, list) or depth >= MAX_NESTING:
+        return 8
+    total = 16
+    for item in value:
+        if isinstance(item, (bytes, str)):
+            total += len(item) + 8
+        elif isinstance(item, list):
+            total += _weight(item, depth + 1)
+        else:
+            total += 8
+    return total
 
 
 class _AnswerBudget:
@@ -4869,14 +4899,23 @@ def _header_values(headers: email.message.EmailMessage, addresses: bool,
     """The decoded values of these headers and their _normalise() forms, kept in the
     message's header cache: several rules read the same headers of each message."""
     cache = _header_cache(headers)
-    key = ("rule", addresses, names)
-    found = cache.get(key) if cache is not None else None
-    if found is None:
+    if cache is None:
         read = header_addresses if addresses else header_text
         values = [v for name in names for v in read(headers, name)]
-        found = (values, [_normalise(value) for value in values])
-        if cache is not None:
-            cache[key] = found
+        return values, [_normalise(value) for value in values]
+    key = ("rule", addresses, names)
+    found = cache.get(key)
+    if found is None:
+        kind = "addresses" if addresses else "text"
+        values = []
+        for name in names:      # as _cached() does, with the cache already in hand
+            name = name.lower()
+            decoded = cache.get((kind, name))
+            if decoded is None:
+                decoded = cache[(kind, name)] = _decode_header(
+                    headers, cache.get(("raw", name), []), kind, name)
+            values.extend(decoded)
+        found = cache[key] = (values, [_normalise(value) for value in values])
     return found
 
 
@@ -5995,6 +6034,22 @@ class RuleTest:
     sample: str = ""  # the table's message keys as canonical JSON, for comparing tests
 
 
+_NO_ACTIONS = Actions()
+# (id(earlier), id(later)) -> (earlier, later, earlier.merged(later)): the rules of a run
+# merge the same few pairs for every message.  Both are kept, so their ids stay theirs.
+_MERGES: Dict[Tuple[int, int], Tuple[Actions, Actions, Actions]] = {}
+
+
+def _merged(earlier: Actions, later: Actions) -> Actions:
+    """``earlier.merged(later)``, worked out once per pair of Actions."""
+    known = _MERGES.get((id(earlier), id(later)))
+    if known is None:
+        known = (earlier, later, earlier.merged(later))
+        if len(_MERGES) < 4096:
+            _MERGES[(id(earlier), id(later))] = known
+    return known[2]
+
+
 @dataclass(frozen=True)
 class Ruleset:
     """Validated rules in order, where they came from, the [account] table and [[test]]s."""
@@ -6110,7 +6165,7 @@ class Ruleset:
         elif now.tzinfo is None:
             now = now.replace(tzinfo=timezone.utc)
         matches: List[Tuple[str, str]] = []
-        actions = Actions()
+        actions = _NO_ACTIONS
         try:
             for rule in self.rules:
                 value, reason = rule.condition.evaluate(msg, now)
@@ -6120,7 +6175,7 @@ class Ruleset:
                     continue
                 if value:
                     matches.append((rule.name, reason))
-                    actions = actions.merged(rule.actions)
+                    actions = _merged(actions, rule.actions)
                     printed = _program_labels(rule.condition, msg) if msg.programs else ()
                     if printed:
                         actions = actions.merged(Actions(labels=printed))
@@ -9714,6 +9769,11 @@ def _signals_held() -> Iterator[None]:
         mask(signal.SIG_SETMASK, old)
 
 
+# What json.dumps(record, ensure_ascii=False, sort_keys=True) builds on every call, built
+# once: the audit log writes a record per message changed.
+_RECORD_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True)
+
+
 class AuditLog:
     """``audit.jsonl``: one JSON record per line, appended once the server confirmed.
 
@@ -9736,8 +9796,7 @@ class AuditLog:
         lines: List[bytes] = []
         held = 0
         for record in records:
-            lines.append((json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
-                         .encode("utf-8"))
+            lines.append((_RECORD_JSON.encode(record) + "\n").encode("utf-8"))
             held += len(lines[-1])
             if held >= AUDIT_CHUNK_BYTES:
                 chunks.append(b"".join(lines))

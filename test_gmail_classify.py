@@ -4633,6 +4633,171 @@ class ParserFaultsTest(AnyServerTest):
         self.assertEqual(report.changes, {"star": 1})
 
 
+def _reference_weight(value: Any, depth: int = 0) -> int:
+    """_weight as first written (one call per value): what the flood limits were set by."""
+    if isinstance(value, (bytes, str)):
+        return len(value) + 8
+    if isinstance(value, list) and depth < gc.MAX_NESTING:
+        return 16 + sum(_reference_weight(item, depth + 1) for item in value)
+    return 8
+
+
+class HotPathEquivalenceTest(unittest.TestCase):
+    """Each shortcut on the hot path gives exactly what the plain way gives."""
+
+    def test_weight_is_the_recursive_definition(self):
+        import random
+        rng = random.Random(17)
+        leaves = [b"", b"abc", "", "\\Seen", 0, 7, gc.Number("0123"), None, b"x" * 300, True]
+
+        def value(depth: int) -> Any:
+            if depth < 4 and rng.random() < 0.3:
+                return [value(depth + 1) for _ in range(rng.randrange(0, 6))]
+            return rng.choice(leaves)
+        samples = [value(0) for _ in range(2000)]
+        deep: List[Any] = [b"end"]
+        for _ in range(gc.MAX_NESTING + 5):     # past the nesting limit: counted as 8 there
+            deep = [deep, "x"]
+        samples += [deep, deep[0][0], [], [[]], b"literal", "atom", 12]
+        for sample in samples:
+            self.assertEqual(gc._weight(sample), _reference_weight(sample), sample)
+
+    def test_numbers_do_not_crowd_the_words_out_of_the_atom_table(self):
+        # A SEARCH answer of many UIDs came first and filled the table: every FETCH, UID
+        # and NIL after it was converted again, for every message.
+        with mock.patch.dict(gc._ATOM_VALUES, clear=True):
+            gc.parse_response(b"SEARCH " + b" ".join(b"%d" % n for n in range(1, 6001)))
+            gc._parse_plain(b"SEARCH 0123 4567")
+            self.assertFalse([v for v in gc._ATOM_VALUES.values() if isinstance(v, int)])
+            line = b"1 FETCH (UID 5 FLAGS (\\Seen) X-GM-LABELS NIL)"
+            gc.parse_response(line)
+            with mock.patch.object(gc, "_convert_atom", wraps=gc._convert_atom) as convert:
+                self.assertEqual(gc.parse_response(line),
+                                 [1, "FETCH", ["UID", 5, "FLAGS", ["\\Seen"], "X-GM-LABELS", None]])
+            self.assertEqual(convert.call_count, 0)
+            self.assertEqual(gc._parse_plain(line), gc.parse_response(line))
+
+    def test_digit_atoms_read_alike_on_both_paths(self):
+        def shape(value: Any) -> Any:
+            if isinstance(value, list):
+                return [shape(item) for item in value]
+            return (type(value).__name__, value if isinstance(value, bytes) else str(value))
+
+        def outcome(parse: Callable[[bytes], Any], data: bytes) -> Any:
+            try:
+                return shape(parse(data))
+            except gc.ProtocolError as exc:
+                return "error: %s" % exc
+        cases = [b"123", b"0123", b"00", b"123[", b"123[a]", b"123[a]<0>", b"123]", b"12a", b"a12",
+                 b"12{3}\r\nabc", b'12"x"', b"12(", b"(12)", b"12)", b"12 34", b"12~", b"12\\",
+                 "\u0661\u0662".encode(), b"1\xff", b"12\r", b"12\n", b"12.5", b"-1", b"+1",
+                 b"4294967296 18446744073709551615", b"1 FETCH (UID 0007 RFC822.SIZE 12)"]
+        for data in cases:
+            with self.subTest(data=data):
+                self.assertEqual(outcome(gc.parse_response, data), outcome(gc._parse_plain, data))
+        self.assertEqual(str(gc.parse_response(b"LIST () \"/\" 0123")[3]), "0123")
+        self.assertIs(type(gc.parse_response(b"7")[0]), gc.Number)
+
+    def test_tokenizer_runs_between_literals_read_as_the_plain_parser(self):
+        import random
+        rng = random.Random(1717)
+        pieces = [b"(", b")", b" ", b"  ", b'"a b"', b'"a\\"b"', b'""', b'"a\\\r\nb"', b'"x\\\\"',
+                  b"{3}\r\nabc", b"{3}\r\n\r\n ", b"{2}\r\n  ", b"{0}\r\n", b"~{2}\r\n{}", b"{9}\r\nab",
+                  b"\r\n", b"\r", b"\n", b"NIL", b"12", b"12[", b"0x", b"BODY[HEADER.FIELDS (FROM)]",
+                  b"BODY[a", b"]", b"[", b"{", b"{3+}\r\nab)", b"\\Seen", b"FETCH", b"\xff", b'"\xc3\xa9"']
+        samples = [b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 14)))
+                   for _ in range(4000)]
+        samples += [b"1 FETCH (UID 7 BODY[HEADER] {6}\r\nab\r\n\r\n FLAGS (\\Seen))   ",
+                    b"2 FETCH (BODY[1] {2}\r\n\r\n BODY[2] {3}\r\n{1} UID 8)", b"  ", b"",
+                    b'3 FETCH (UID 9 X-GM-LABELS ("a\\\r\nb"))']
+
+        def outcome(parse: Callable[[bytes], Any], data: bytes) -> Any:
+            try:
+                return repr([parse(data)])
+            except gc.ProtocolError as exc:
+                return "error: %s" % exc
+        fast = 0
+        for data in samples:
+            with self.subTest(data=data):
+                self.assertEqual(outcome(gc.parse_response, data), outcome(gc._parse_plain, data))
+            try:
+                got = gc._parse_fast(data)
+            except gc._NotSimple:
+                continue
+            fast += 1
+            self.assertEqual(repr(got), repr(gc._parse_plain(data)))
+        self.assertGreater(fast, 400)
+        for data in samples[-5:-1]:     # these the fast path reads itself
+            gc._parse_fast(data)
+
+    def test_each_pair_of_actions_is_merged_once_with_the_same_decisions(self):
+        rules = gc.parse_rules({"rule": [
+            {"name": "star", "from": "@bank.example", "star": True, "continue": True},
+            {"name": "tag", "subject": "statement", "label": ["Bank", "Paper"], "continue": True},
+            {"name": "more", "subject": "/statement/i", "label": ["Paper", "Later"],
+             "mark_read": True, "continue": True},
+            {"name": "move", "subject": "statement", "move": "Archive/Bank"},
+            {"name": "never", "subject": "statement", "trash": True}]}, "r.json")
+        messages = [info("From: x@bank.example\nSubject: statement %d" % n) for n in range(20)]
+        messages += [info("From: y@shop.example\nSubject: Statement %d" % n) for n in range(20)]
+        messages += [info("From: x@bank.example\nSubject: hello")]
+        calls = []
+        merged = gc.Actions.merged
+
+        def counted(earlier: gc.Actions, later: gc.Actions) -> gc.Actions:
+            calls.append((earlier, later))
+            return merged(earlier, later)
+        with mock.patch.dict(gc._MERGES, clear=True), \
+                mock.patch.object(gc.Actions, "merged", counted):
+            decisions = [rules.classify(msg, now=NOW) for msg in messages]
+        self.assertEqual(len(calls), len(set((id(a), id(b)) for a, b in calls)))
+        self.assertLessEqual(len(calls), 8)         # not once per message and rule
+        by_rule = {rule.name: rule.actions for rule in rules.rules}
+        for msg, decision in zip(messages, decisions):
+            want = gc.Actions()
+            for name, _reason in decision.matches:
+                want = want.merged(by_rule[name])
+            self.assertEqual(decision.actions, want)
+        self.assertEqual(decisions[0].actions, gc.Actions(
+            labels=("Bank", "Paper", "Later"), move="Archive/Bank", star=True, mark_read=True))
+        self.assertEqual(decisions[-1].actions, gc.Actions(star=True))
+        self.assertEqual(rules.classify(info("Subject: none"), now=NOW).actions, gc.Actions())
+
+    def test_header_values_are_what_each_header_reads(self):
+        names = [("from",), ("to", "cc"), ("subject",), ("list-id",), ("message-id",),
+                 ("missing",), ("from", "subject", "from"), ("x-custom", "delivered-to")]
+        for raw in tricky_header_blocks():
+            plain = parse_headers(raw)      # read header by header (FastPathTest: as the
+            fast = parse_headers(raw)       # email package reads them)
+            seen: Dict[bool, Dict[str, List[str]]] = {}
+            for addresses in (False, True):
+                read = header_addresses if addresses else header_text
+                each = seen[addresses] = {name: read(plain, name) for name in set(sum(names, ()))}
+                for wanted in names:
+                    values = [v for name in wanted for v in each[name]]
+                    want = (values, [gc._normalise(v) for v in values])
+                    with self.subTest(raw=raw, names=wanted, addresses=addresses):
+                        self.assertEqual(gc._header_values(fast, addresses, wanted), want)
+                        self.assertEqual(gc._header_values(fast, addresses, wanted), want)
+            # Read through the cache first, then as a rule: the same values either way.
+            again = parse_headers(raw)
+            gc._header_cache(again)
+            self.assertEqual(header_text(again, "subject"), seen[False]["subject"])
+            self.assertEqual(gc._header_values(again, True, ("subject",))[0], seen[True]["subject"])
+            self.assertEqual(gc._header_values(again, False, ("subject",))[0], seen[False]["subject"])
+
+    def test_audit_records_are_the_bytes_json_dumps_writes(self):
+        records = [{"type": "message", "subject": "Grüße \u65e5\u672c \"q\" \\ \u2028",
+                    "changes": [{"after": {"folder": "Receipts/2025", "uid": None}, "action": "move"}],
+                    "uid": 7, "applied": True, "actions": {}, "rules": [], "z": 1.5, "a": None}]
+        with tempfile.TemporaryDirectory() as tmp:
+            audit = gc.AuditLog(Path(tmp) / "audit.jsonl")
+            audit.append(records)
+            written = (Path(tmp) / "audit.jsonl").read_bytes()
+        self.assertEqual(written, (json.dumps(records[0], ensure_ascii=False, sort_keys=True)
+                                   + "\n").encode("utf-8"))
+
+
 # --- Connection --------------------------------------------------------------------------
 
 
@@ -16688,6 +16853,58 @@ class AccountRulesFileReloadTest(TwoAccountsTestCase):
         self.assertEqual(self.server.uids("INBOX"), [])         # the other account as before
 
 
+class SharedCommandPathsTest(TempDirMixin, unittest.TestCase):
+    """Paths several commands now share (_say_error, _emit_rules), checked to the byte."""
+
+    def test_an_error_is_one_line_and_a_traceback_only_with_verbose(self):
+        missing = os.path.join(self.make_dir(), "none.toml")
+        code, out, err = run_cli("check", missing)
+        self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertTrue(err.startswith("gmail_classify: ") and missing in err, err)
+        code, out, err = run_cli("-v", "check", missing)
+        self.assertEqual(code, gc.EXIT_USAGE)
+        self.assertIn("Traceback", err)
+        self.assertTrue(err.splitlines()[-1].startswith("gmail_classify: "), err)
+
+    def test_a_bug_is_one_line_that_points_at_verbose(self):
+        path = os.path.join(self.make_dir(), "rules.json")
+        with open(path, "w") as handle:
+            json.dump(SIEVE_DOC, handle)
+        with mock.patch.object(gc, "load_rules", side_effect=ValueError("boom")):
+            code, out, err = run_cli("check", path)
+        self.assertEqual((code, out), (gc.EXIT_ERROR, ""))
+        self.assertEqual(err, "gmail_classify: unexpected error: ValueError: boom (run with -v "
+                              "for details)\n")
+
+    def test_export_to_a_file_says_how_many_rules_in_which_format(self):
+        tmp = self.make_dir()
+        path, target = os.path.join(tmp, "rules.json"), os.path.join(tmp, "out.json")
+        with open(path, "w") as handle:
+            json.dump(SIEVE_DOC, handle)
+        code, out, err = run_cli("export", path, "--format", "json", "-o", target)
+        self.assertEqual((code, out, err),
+                         (0, "", f"wrote {target}: {len(SIEVE_DOC['rule'])} rules as json\n"))
+        code, out, err = run_cli("export", path, "--format", "json", "-o", target, "--force",
+                                 "-q")
+        self.assertEqual((code, out, err), (0, "", ""))
+        with open(target) as handle:
+            self.assertEqual(len(json.load(handle)["rules"]), len(SIEVE_DOC["rule"]))
+
+    def test_log_level_follows_quiet_and_the_verbose_count(self):
+        path = os.path.join(self.make_dir(), "rules.json")
+        with open(path, "w") as handle:
+            json.dump(SIEVE_DOC, handle)
+        logger = logging.getLogger("gmail_classify")
+        self.addCleanup(logger.setLevel, logger.level)
+        for flags, level in ((["-q"], logging.ERROR), ([], logging.WARNING),
+                             (["-v"], logging.INFO), (["-vv"], logging.DEBUG),
+                             (["-vvv"], logging.DEBUG), (["-q", "-vv"], logging.ERROR)):
+            with self.subTest(flags=flags):
+                code, _out, err = run_cli(*flags, "check", path)
+                self.assertEqual((code, logger.level), (0, level), err)
+
+
 # --- Across the sections: every server kind ----------------------------------------------
 
 
@@ -18559,227 +18776,6 @@ def _bench_peak() -> int:
     except ImportError:
         return 0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-# --- Issue 16: a shorter file (the command line's shared paths say what they said) ------
-
-
-class SharedCommandPathsTest(TempDirMixin, unittest.TestCase):
-    """Paths several commands now share (_say_error, _emit_rules), checked to the byte."""
-
-    def test_an_error_is_one_line_and_a_traceback_only_with_verbose(self):
-        missing = os.path.join(self.make_dir(), "none.toml")
-        code, out, err = run_cli("check", missing)
-        self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
-        self.assertEqual(len(err.splitlines()), 1, err)
-        self.assertTrue(err.startswith("gmail_classify: ") and missing in err, err)
-        code, out, err = run_cli("-v", "check", missing)
-        self.assertEqual(code, gc.EXIT_USAGE)
-        self.assertIn("Traceback", err)
-        self.assertTrue(err.splitlines()[-1].startswith("gmail_classify: "), err)
-
-    def test_a_bug_is_one_line_that_points_at_verbose(self):
-        path = os.path.join(self.make_dir(), "rules.json")
-        with open(path, "w") as handle:
-            json.dump(SIEVE_DOC, handle)
-        with mock.patch.object(gc, "load_rules", side_effect=ValueError("boom")):
-            code, out, err = run_cli("check", path)
-        self.assertEqual((code, out), (gc.EXIT_ERROR, ""))
-        self.assertEqual(err, "gmail_classify: unexpected error: ValueError: boom (run with -v "
-                              "for details)\n")
-
-    def test_export_to_a_file_says_how_many_rules_in_which_format(self):
-        tmp = self.make_dir()
-        path, target = os.path.join(tmp, "rules.json"), os.path.join(tmp, "out.json")
-        with open(path, "w") as handle:
-            json.dump(SIEVE_DOC, handle)
-        code, out, err = run_cli("export", path, "--format", "json", "-o", target)
-        self.assertEqual((code, out, err),
-                         (0, "", f"wrote {target}: {len(SIEVE_DOC['rule'])} rules as json\n"))
-        code, out, err = run_cli("export", path, "--format", "json", "-o", target, "--force",
-                                 "-q")
-        self.assertEqual((code, out, err), (0, "", ""))
-        with open(target) as handle:
-            self.assertEqual(len(json.load(handle)["rules"]), len(SIEVE_DOC["rule"]))
-
-    def test_log_level_follows_quiet_and_the_verbose_count(self):
-        path = os.path.join(self.make_dir(), "rules.json")
-        with open(path, "w") as handle:
-            json.dump(SIEVE_DOC, handle)
-        logger = logging.getLogger("gmail_classify")
-        self.addCleanup(logger.setLevel, logger.level)
-        for flags, level in ((["-q"], logging.ERROR), ([], logging.WARNING),
-                             (["-v"], logging.INFO), (["-vv"], logging.DEBUG),
-                             (["-vvv"], logging.DEBUG), (["-q", "-vv"], logging.ERROR)):
-            with self.subTest(flags=flags):
-                code, _out, err = run_cli(*flags, "check", path)
-                self.assertEqual((code, logger.level), (0, level), err)
-# --- Issue 17: the CPU on the hot path ---------------------------------------------------
-
-
-def _reference_weight(value: Any, depth: int = 0) -> int:
-    """_weight as first written (one call per value): what the flood limits were set by."""
-    if isinstance(value, (bytes, str)):
-        return len(value) + 8
-    if isinstance(value, list) and depth < gc.MAX_NESTING:
-        return 16 + sum(_reference_weight(item, depth + 1) for item in value)
-    return 8
-
-
-class HotPathEquivalenceTest(unittest.TestCase):
-    """Each shortcut on the hot path gives exactly what the plain way gives."""
-
-    def test_weight_is_the_recursive_definition(self):
-        import random
-        rng = random.Random(17)
-        leaves = [b"", b"abc", "", "\\Seen", 0, 7, gc.Number("0123"), None, b"x" * 300, True]
-
-        def value(depth: int) -> Any:
-            if depth < 4 and rng.random() < 0.3:
-                return [value(depth + 1) for _ in range(rng.randrange(0, 6))]
-            return rng.choice(leaves)
-        samples = [value(0) for _ in range(2000)]
-        deep: List[Any] = [b"end"]
-        for _ in range(gc.MAX_NESTING + 5):     # past the nesting limit: counted as 8 there
-            deep = [deep, "x"]
-        samples += [deep, deep[0][0], [], [[]], b"literal", "atom", 12]
-        for sample in samples:
-            self.assertEqual(gc._weight(sample), _reference_weight(sample), sample)
-
-    def test_numbers_do_not_crowd_the_words_out_of_the_atom_table(self):
-        # A SEARCH answer of many UIDs came first and filled the table: every FETCH, UID
-        # and NIL after it was converted again, for every message.
-        with mock.patch.dict(gc._ATOM_VALUES, clear=True):
-            gc.parse_response(b"SEARCH " + b" ".join(b"%d" % n for n in range(1, 6001)))
-            gc._parse_plain(b"SEARCH 0123 4567")
-            self.assertFalse([v for v in gc._ATOM_VALUES.values() if isinstance(v, int)])
-            line = b"1 FETCH (UID 5 FLAGS (\\Seen) X-GM-LABELS NIL)"
-            gc.parse_response(line)
-            with mock.patch.object(gc, "_convert_atom", wraps=gc._convert_atom) as convert:
-                self.assertEqual(gc.parse_response(line),
-                                 [1, "FETCH", ["UID", 5, "FLAGS", ["\\Seen"], "X-GM-LABELS", None]])
-            self.assertEqual(convert.call_count, 0)
-            self.assertEqual(gc._parse_plain(line), gc.parse_response(line))
-
-    def test_digit_atoms_read_alike_on_both_paths(self):
-        def shape(value: Any) -> Any:
-            if isinstance(value, list):
-                return [shape(item) for item in value]
-            return (type(value).__name__, value if isinstance(value, bytes) else str(value))
-
-        def outcome(parse: Callable[[bytes], Any], data: bytes) -> Any:
-            try:
-                return shape(parse(data))
-            except gc.ProtocolError as exc:
-                return "error: %s" % exc
-        cases = [b"123", b"0123", b"00", b"123[", b"123[a]", b"123[a]<0>", b"123]", b"12a", b"a12",
-                 b"12{3}\r\nabc", b'12"x"', b"12(", b"(12)", b"12)", b"12 34", b"12~", b"12\\",
-                 "\u0661\u0662".encode(), b"1\xff", b"12\r", b"12\n", b"12.5", b"-1", b"+1",
-                 b"4294967296 18446744073709551615", b"1 FETCH (UID 0007 RFC822.SIZE 12)"]
-        for data in cases:
-            with self.subTest(data=data):
-                self.assertEqual(outcome(gc.parse_response, data), outcome(gc._parse_plain, data))
-        self.assertEqual(str(gc.parse_response(b"LIST () \"/\" 0123")[3]), "0123")
-        self.assertIs(type(gc.parse_response(b"7")[0]), gc.Number)
-
-    def test_tokenizer_runs_between_literals_read_as_the_plain_parser(self):
-        import random
-        rng = random.Random(1717)
-        pieces = [b"(", b")", b" ", b"  ", b'"a b"', b'"a\\"b"', b'""', b'"a\\\r\nb"', b'"x\\\\"',
-                  b"{3}\r\nabc", b"{3}\r\n\r\n ", b"{2}\r\n  ", b"{0}\r\n", b"~{2}\r\n{}", b"{9}\r\nab",
-                  b"\r\n", b"\r", b"\n", b"NIL", b"12", b"12[", b"0x", b"BODY[HEADER.FIELDS (FROM)]",
-                  b"BODY[a", b"]", b"[", b"{", b"{3+}\r\nab)", b"\\Seen", b"FETCH", b"\xff", b'"\xc3\xa9"']
-        samples = [b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 14)))
-                   for _ in range(4000)]
-        samples += [b"1 FETCH (UID 7 BODY[HEADER] {6}\r\nab\r\n\r\n FLAGS (\\Seen))   ",
-                    b"2 FETCH (BODY[1] {2}\r\n\r\n BODY[2] {3}\r\n{1} UID 8)", b"  ", b"",
-                    b'3 FETCH (UID 9 X-GM-LABELS ("a\\\r\nb"))']
-
-        def outcome(parse: Callable[[bytes], Any], data: bytes) -> Any:
-            try:
-                return repr([parse(data)])
-            except gc.ProtocolError as exc:
-                return "error: %s" % exc
-        fast = 0
-        for data in samples:
-            with self.subTest(data=data):
-                self.assertEqual(outcome(gc.parse_response, data), outcome(gc._parse_plain, data))
-            try:
-                got = gc._parse_fast(data)
-            except gc._NotSimple:
-                continue
-            fast += 1
-            self.assertEqual(repr(got), repr(gc._parse_plain(data)))
-        self.assertGreater(fast, 400)
-        for data in samples[-5:-1]:     # these the fast path reads itself
-            gc._parse_fast(data)
-
-    def test_each_pair_of_actions_is_merged_once_with_the_same_decisions(self):
-        rules = gc.parse_rules({"rule": [
-            {"name": "star", "from": "@bank.example", "star": True, "continue": True},
-            {"name": "tag", "subject": "statement", "label": ["Bank", "Paper"], "continue": True},
-            {"name": "more", "subject": "/statement/i", "label": ["Paper", "Later"],
-             "mark_read": True, "continue": True},
-            {"name": "move", "subject": "statement", "move": "Archive/Bank"},
-            {"name": "never", "subject": "statement", "trash": True}]}, "r.json")
-        messages = [info("From: x@bank.example\nSubject: statement %d" % n) for n in range(20)]
-        messages += [info("From: y@shop.example\nSubject: Statement %d" % n) for n in range(20)]
-        messages += [info("From: x@bank.example\nSubject: hello")]
-        calls = []
-        merged = gc.Actions.merged
-
-        def counted(earlier: gc.Actions, later: gc.Actions) -> gc.Actions:
-            calls.append((earlier, later))
-            return merged(earlier, later)
-        with mock.patch.dict(gc._MERGES, clear=True), \
-                mock.patch.object(gc.Actions, "merged", counted):
-            decisions = [rules.classify(msg, now=NOW) for msg in messages]
-        self.assertEqual(len(calls), len(set((id(a), id(b)) for a, b in calls)))
-        self.assertLessEqual(len(calls), 8)         # not once per message and rule
-        by_rule = {rule.name: rule.actions for rule in rules.rules}
-        for msg, decision in zip(messages, decisions):
-            want = gc.Actions()
-            for name, _reason in decision.matches:
-                want = want.merged(by_rule[name])
-            self.assertEqual(decision.actions, want)
-        self.assertEqual(decisions[0].actions, gc.Actions(
-            labels=("Bank", "Paper", "Later"), move="Archive/Bank", star=True, mark_read=True))
-        self.assertEqual(decisions[-1].actions, gc.Actions(star=True))
-        self.assertEqual(rules.classify(info("Subject: none"), now=NOW).actions, gc.Actions())
-
-    def test_header_values_are_what_each_header_reads(self):
-        names = [("from",), ("to", "cc"), ("subject",), ("list-id",), ("message-id",),
-                 ("missing",), ("from", "subject", "from"), ("x-custom", "delivered-to")]
-        for raw in tricky_header_blocks():
-            plain = parse_headers(raw)      # read header by header (FastPathTest: as the
-            fast = parse_headers(raw)       # email package reads them)
-            seen: Dict[bool, Dict[str, List[str]]] = {}
-            for addresses in (False, True):
-                read = header_addresses if addresses else header_text
-                each = seen[addresses] = {name: read(plain, name) for name in set(sum(names, ()))}
-                for wanted in names:
-                    values = [v for name in wanted for v in each[name]]
-                    want = (values, [gc._normalise(v) for v in values])
-                    with self.subTest(raw=raw, names=wanted, addresses=addresses):
-                        self.assertEqual(gc._header_values(fast, addresses, wanted), want)
-                        self.assertEqual(gc._header_values(fast, addresses, wanted), want)
-            # Read through the cache first, then as a rule: the same values either way.
-            again = parse_headers(raw)
-            gc._header_cache(again)
-            self.assertEqual(header_text(again, "subject"), seen[False]["subject"])
-            self.assertEqual(gc._header_values(again, True, ("subject",))[0], seen[True]["subject"])
-            self.assertEqual(gc._header_values(again, False, ("subject",))[0], seen[False]["subject"])
-
-    def test_audit_records_are_the_bytes_json_dumps_writes(self):
-        records = [{"type": "message", "subject": "Grüße \u65e5\u672c \"q\" \\ \u2028",
-                    "changes": [{"after": {"folder": "Receipts/2025", "uid": None}, "action": "move"}],
-                    "uid": 7, "applied": True, "actions": {}, "rules": [], "z": 1.5, "a": None}]
-        with tempfile.TemporaryDirectory() as tmp:
-            audit = gc.AuditLog(Path(tmp) / "audit.jsonl")
-            audit.append(records)
-            written = (Path(tmp) / "audit.jsonl").read_bytes()
-        self.assertEqual(written, (json.dumps(records[0], ensure_ascii=False, sort_keys=True)
-                                   + "\n").encode("utf-8"))
 
 
 if __name__ == "__main__":

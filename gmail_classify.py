@@ -13201,6 +13201,8 @@ def export_json(rules: Ruleset) -> Exported:
                       "condition": _as_data(rule.condition), "actions": rule.actions.as_record()}
                      for rule in rules.rules]}
     return Exported(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", rules=len(rules.rules))
+
+
 # --- Learning, explaining, comparing rules ----------------------------------------------
 #
 # Three read-only tools over the rule engine, for the questions people ask of any sorter.

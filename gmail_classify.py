@@ -14697,14 +14697,17 @@ def _sender(address: str, width: int) -> str:
     return _fit(name or addr, width)
 
 
-def _message_line(outcome: Outcome, applied: bool, width: Optional[int] = None) -> str:
-    """One line per matched message; fitted to `width` columns (a terminal) when given."""
+def _message_line(outcome: Outcome, applied: bool, width: Optional[int] = None,
+                  account: Optional[str] = None) -> str:
+    """One line per matched message; fitted to `width` columns (a terminal) when given;
+    ``[account]`` first for an [[account]] watched beside others."""
     rules_text = ", ".join(name for name, _ in outcome.decision.matches)
     verb = "" if applied else "would "
     # What changes (or would): only what the message still needs, once the run knows it.
     what = (", ".join(describe_change(change) for change in outcome.changes)
             if outcome.changes else outcome.decision.actions.describe())
-    head = printable(f"{outcome.folder} {outcome.uid}: {verb}{what}  [{rules_text}]")
+    where = f"[{account}] {outcome.folder}" if account else outcome.folder
+    head = printable(f"{where} {outcome.uid}: {verb}{what}  [{rules_text}]")
     subject = printable(" ".join(outcome.subject.split()))
     sender = printable(outcome.sender)
     if width is None:
@@ -14782,10 +14785,11 @@ class _Output:
         """One line of text, escaped (see printable)."""
         self.write(printable(text) + "\n")
 
-    def message(self, outcome: Outcome, applied: bool) -> None:
-        """A message that changes (or would): one line, fitted to the terminal."""
+    def message(self, outcome: Outcome, applied: bool, account: Optional[str] = None) -> None:
+        """A message that changes (or would): one line, fitted to the terminal; ``account``
+        names it where several accounts' lines mix (a watch of several)."""
         if self.human:
-            self.write(_message_line(outcome, applied, self.width) + "\n")
+            self.write(_message_line(outcome, applied, self.width, account) + "\n")
 
     def write(self, text: str) -> int:
         return self._through(lambda stream: stream.write(text), len(text))
@@ -15257,7 +15261,7 @@ def _prepare_watch(args: argparse.Namespace, out: _Output, rules: Ruleset,
     def on_message(outcome: Outcome) -> None:
         # A dry run shows each message it would change once; --apply is quiet unless -v.
         if outcome.changes and (not args.apply or args.verbose):
-            out.message(outcome, args.apply)
+            out.message(outcome, args.apply, name)
 
     def connect() -> GmailConnection:
         conn = GmailConnection(**settings)

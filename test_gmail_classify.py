@@ -16597,6 +16597,21 @@ class SeveralAccountsWatchTest(TwoAccountsTestCase):
         self.assertIn("gmail_classify: two: ", err)
         self.assertEqual(len(self.second.uids("INBOX")), 2)
 
+    def test_a_dry_run_names_the_account_of_each_message_line(self):
+        # Both watches print into one stream, in whatever order their threads run.
+        def script() -> None:
+            wait_until(lambda: self.server.count("IDLE") and self.second.count("IDLE"),
+                       timeout=15, message="not both idling")
+        code, out, err = self.watch(script, "--all")
+        self.assertEqual(code, 0, err)
+        lines = [line for line in out.splitlines() if ": would " in line]
+        self.assertEqual(sorted({line.split(" ", 1)[0] for line in lines}), ["[one]", "[two]"],
+                         out)
+        two = [line for line in lines if line.startswith("[two] ")]
+        self.assertEqual(len(two), len(self.second.uids("INBOX")), out)
+        self.assertTrue(all(line.startswith("[two] INBOX ") for line in two), out)
+        self.assertEqual(self.second.count("UID MOVE") + self.server.count("UID MOVE"), 0)
+
     def test_an_account_without_state_is_refused_and_the_other_watched(self):
         code, out, err = self.cli("--apply", "--account", "one")
         self.assertEqual(code, 0, err)

@@ -12313,6 +12313,42 @@ class WriteFlightTest(StateTestCase):
         (entry,) = gc.history(self.store())
         self.assertEqual((entry["status"], entry["maybe"]), ("complete", 0))
 
+    def test_a_create_lost_to_a_drop_is_made_on_the_new_link_and_recorded(self):
+        # The link drops as the first CREATE of the flight arrives, before the server ran
+        # it: settling creates the folder again, one at a time, and records it as ours.
+        self.use(gmail=False)
+        seed_mailbox(self.server, 12)
+        expected = FakeGmail(gmail=False).start()
+        self.addCleanup(expected.stop)
+        seed_mailbox(expected, 12)
+        self.run_once(server=expected, state_dir=os.path.join(self.tmp, "clean"))
+        self.server.add_fault("CREATE", nth=1, action="drop", when="before")
+        self.run_once()
+        self.assertTrue(self.server.fired)
+        self.assertEqual(mailbox_snapshot(self.server), mailbox_snapshot(expected))
+        creates = [r for r in self.store().audit.records() if r["type"] == "done"
+                   and "create" in r]
+        self.assertTrue(creates)
+        self.assertEqual({r["created"] for r in creates}, {True})
+        (entry,) = gc.history(self.store())
+        self.assertEqual((entry["status"], entry["maybe"]), ("complete", 0))
+
+    def test_a_write_refused_while_settling_is_raised_once_every_write_is_settled(self):
+        # The link drops under the labels' flight; on the new link the first STORE sent
+        # again is refused: the others are still settled and recorded, then it is raised.
+        seed_mailbox(self.server, 12)
+        self.server.add_fault("UID STORE", nth=1, action="drop", when="before")
+        self.server.add_fault("UID STORE", nth=2, action="no", text="Label limit reached")
+        with self.assertRaisesRegex(gc.ImapError, "Label limit reached"):
+            self.run_once()
+        stores = [c for c in self.server.commands() if c == "UID STORE"]
+        records = list(self.store().audit.records())
+        done = [r for r in records if r["type"] == "done" and r.get("action")]
+        self.assertEqual(len(done), len(stores) - 2)    # all but the lost and the refused
+        self.assertGreater(len(done), 0)
+        (entry,) = gc.history(self.store())
+        self.assertEqual(entry["maybe"], 0)
+
     def test_a_stop_while_moves_are_in_flight_reads_their_answers_and_records_them(self):
         seed_mailbox(self.server, 12)
         start = mailbox_snapshot(self.server)

@@ -12349,6 +12349,50 @@ class WriteFlightTest(StateTestCase):
         (entry,) = gc.history(self.store())
         self.assertEqual(entry["maybe"], 0)
 
+    def test_gmail_moves_lost_to_a_drop_are_moved_on_the_new_link(self):
+        # Gmail's archive and trash are MOVEs: the link drops before the server ran the
+        # first, and settling moves what is still in the folder, never copies it.
+        seed_mailbox(self.server, 12)
+        expected = FakeGmail().start()
+        self.addCleanup(expected.stop)
+        seed_mailbox(expected, 12)
+        self.run_once(server=expected, state_dir=os.path.join(self.tmp, "clean"))
+        self.server.add_fault("UID MOVE", nth=1, action="drop", when="before")
+        self.run_once()
+        self.assertTrue(self.server.fired)
+        self.assertEqual(mailbox_snapshot(self.server), mailbox_snapshot(expected))
+        self.assertNotIn("UID COPY", self.server.commands())
+        (entry,) = gc.history(self.store())
+        self.assertEqual((entry["status"], entry["maybe"]), ("complete", 0))
+
+    def test_a_copy_on_gmail_lost_to_a_drop_is_copied_once_and_answered(self):
+        # A vendoring script's own flight may copy on Gmail: settled by a plain COPY
+        # (Gmail adds a label it already has no second time), its UIDs the answer's.
+        seed_mailbox(self.server, 4)
+        conn = self.connect()
+        conn.select("INBOX")
+        conn.create_folder("Work")
+        flight = gc._WriteFlight(conn)
+        flight.copy(("label", "Work"), [1, 2], "Work", conn.status("Work")["UIDNEXT"])
+        self.server.add_fault("UID COPY", nth=1, action="drop", when="before")
+        flight.send()
+        (write,) = flight.land()
+        self.assertTrue(self.server.fired)
+        self.assertIsNone(write.error)
+        self.assertEqual(sorted(write.result), [1, 2])
+        self.assertEqual(self.server.commands().count("UID COPY"), 2)
+        self.assertEqual(len(self.server.uids("Work")), 2)
+
+    def test_a_sign_in_refused_while_settling_ends_the_run_at_once(self):
+        # Settling reconnects; a refused sign-in is no refusal of the write: it ends the
+        # run there, without signing in again for each write still to settle.
+        seed_mailbox(self.server, 12)
+        self.server.add_fault("UID STORE", nth=1, action="drop", when="before")
+        self.server.add_fault("LOGIN", nth=2, action="no", text="[AUTHENTICATIONFAILED] no")
+        with self.assertRaises(gc.AuthenticationError):
+            self.run_once()
+        self.assertEqual(self.server.count("LOGIN"), 2)
+
     def test_a_stop_while_moves_are_in_flight_reads_their_answers_and_records_them(self):
         seed_mailbox(self.server, 12)
         start = mailbox_snapshot(self.server)

@@ -4058,6 +4058,32 @@ class TempDirMixin:
 _STATE_ROOT = tempfile.TemporaryDirectory(prefix="gmail_classify_state_")
 
 
+def while_driven(script: Callable[[], None],
+                 command: Callable[[], Tuple[int, str, str]]) -> Tuple[int, str, str]:
+    """``command()`` (a `watch`, which must run in the main thread for its signals) while
+    ``script`` drives it from another thread; then SIGTERM ends it, as systemd would.  An
+    assertion that failed in ``script`` is raised here."""
+    problems: List[BaseException] = []
+
+    def drive() -> None:
+        try:
+            script()
+        except BaseException as exc:
+            problems.append(exc)
+        finally:
+            wait_until(lambda: signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None),
+                       timeout=15, message="watch installed no SIGTERM handler")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    result = command()
+    driver.join(20)
+    if problems:
+        raise problems[0]
+    return result
+
+
 def run_cli(*argv: str, env: Optional[dict] = None) -> Tuple[int, str, str]:
     """Run gc.main in-process; returns (exit code, stdout, stderr).
 
@@ -15692,25 +15718,7 @@ class WatchCommandLineTest(FakeServerTest):
     def watch_in_process(self, script: Callable[[], None], *extra: str) -> Tuple[int, str, str]:
         """Run `watch` in this (main) thread while ``script`` drives it from another thread,
         then SIGTERM ends it, as systemd would."""
-        problems: List[BaseException] = []
-
-        def drive() -> None:
-            try:
-                script()
-            except BaseException as exc:
-                problems.append(exc)
-            finally:
-                wait_until(lambda: signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None),
-                           timeout=15, message="watch installed no SIGTERM handler")
-                os.kill(os.getpid(), signal.SIGTERM)
-
-        driver = threading.Thread(target=drive, daemon=True)
-        driver.start()
-        result = run_cli(*self.argv(*extra), env=self.env)
-        driver.join(20)
-        if problems:
-            raise problems[0]
-        return result
+        return while_driven(script, lambda: run_cli(*self.argv(*extra), env=self.env))
 
     def idling(self, count: int = 1) -> None:
         wait_until(lambda: self.server.count("IDLE") >= count, timeout=15, message="never idled")
@@ -16617,25 +16625,7 @@ class SeveralAccountsWatchTest(TwoAccountsTestCase):
 
     def watch(self, script: Callable[[], None], *extra: str, **env: str) -> Tuple[int, str, str]:
         """`watch` in this (main) thread while ``script`` drives it; then SIGTERM."""
-        problems: List[BaseException] = []
-
-        def drive() -> None:
-            try:
-                script()
-            except BaseException as exc:
-                problems.append(exc)
-            finally:
-                wait_until(lambda: signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None),
-                           timeout=15, message="watch installed no SIGTERM handler")
-                os.kill(os.getpid(), signal.SIGTERM)
-
-        driver = threading.Thread(target=drive, daemon=True)
-        driver.start()
-        result = self.cli("watch", *extra, **env)
-        driver.join(20)
-        if problems:
-            raise problems[0]
-        return result
+        return while_driven(script, lambda: self.cli("watch", *extra, **env))
 
     def test_both_accounts_are_watched_at_once_and_stop_together(self):
         def script() -> None:
@@ -16725,25 +16715,7 @@ def watch_in_process(test: unittest.TestCase, argv: Sequence[str], script: Calla
                      env: Optional[dict] = None) -> Tuple[int, str, str]:
     """`watch` in this (main) thread while ``script`` drives it from another; then SIGTERM
     (a watch stopped by it at a safe point exits 0)."""
-    problems: List[BaseException] = []
-
-    def drive() -> None:
-        try:
-            script()
-        except BaseException as exc:
-            problems.append(exc)
-        finally:
-            wait_until(lambda: signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None),
-                       timeout=15, message="watch installed no SIGTERM handler")
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    driver = threading.Thread(target=drive, daemon=True)
-    driver.start()
-    result = run_cli("watch", *argv, env=env)
-    driver.join(20)
-    if problems:
-        raise problems[0]
-    return result
+    return while_driven(script, lambda: run_cli("watch", *argv, env=env))
 
 
 class WatchJobsTest(FakeServerTest):

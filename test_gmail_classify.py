@@ -5244,7 +5244,7 @@ class FailFastTest(unittest.TestCase):
             client.sendall(b"* OK ready\r\n")    # then never answers CAPABILITY
 
         conn, sleep = self.connect(start_raw_server(self, greet_then_stall), security="plaintext")
-        conn.timeout, conn.retries = 0.3, 2
+        conn.timeout, conn.retries = 0.2, 2
         with self.assertRaises(gc.ConnectionLostError):
             with self.assertLogs("gmail_classify", "WARNING"):
                 conn.connect()
@@ -13046,7 +13046,7 @@ class OAuthTest(FakeServerTest):
         # listener keeps waiting (here until the deadline), exchanging nothing.
         self.google.consent = "forge"
         with self.assertRaises(gc.OAuthError) as caught:
-            self.authorize(wait=1)
+            self.authorize(wait=0.3)    # the browser has had its 400 before the wait starts
         self.assertEqual(caught.exception.error, "timeout")
         self.assertEqual(self.google.token_requests, [])
 
@@ -13395,7 +13395,7 @@ class OAuthListenerTest(FakeServerTest):
         answer = self.authorize(open_browser=None, show=show, read_pasted=read_pasted, wait=10)
         self.assertEqual(answer["refresh_token"], "1//refresh-1")
         self.assertLess(time.monotonic() - started, 5)
-        thread, outcome, shown = self.start(open_browser=None, wait=1)
+        thread, outcome, shown = self.start(open_browser=None, wait=0.4)
         idle = socket.create_connection(("127.0.0.1", self.port_of(shown[0])), timeout=5)
         self.addCleanup(idle.close)
         thread.join(8)

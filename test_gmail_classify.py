@@ -5229,13 +5229,13 @@ class FailFastTest(unittest.TestCase):
         for security in ("plaintext", "starttls"):
             with self.subTest(security):
                 conn, sleep = self.connect(server.port, security=security)
-                conn.timeout = 0.5
+                conn.timeout = 0.25
                 with self.assertRaises(gc.ConnectionLostError) as caught:
                     conn.connect()
                 self.assertEqual(sleep.delays, [])
                 self.assertEqual(str(caught.exception),
                                  f"cannot connect to 127.0.0.1:{server.port}: no IMAP greeting "
-                                 f"within 0.5 s: is {server.port} a TLS port? connect without "
+                                 f"within 0.25 s: is {server.port} a TLS port? connect without "
                                  "--starttls or --plaintext (TLS from the first byte, port 993), "
                                  "or use --starttls on port 143")
 
@@ -6170,9 +6170,9 @@ class StallTest(FakeServerTest):
     def test_idle_is_exempt(self):
         conn = self.connect(timeout=0.2)
         conn.select("INBOX")
-        time.sleep(0.3)   # longer than a window since the last answer
-        self.assertEqual(conn.idle(0.5), [])
-        threading.Timer(0.3, self.server.deliver, [make_message("late")]).start()
+        time.sleep(0.25)   # longer than a window since the last answer
+        self.assertEqual(conn.idle(0.3), [])
+        threading.Timer(0.25, self.server.deliver, [make_message("late")]).start()
         events = conn.idle(3)
         self.assertIn("EXISTS", [str(e[1]) for e in events])
         self.assertEqual(conn.reconnects, 0)
@@ -6431,7 +6431,7 @@ class StopWhileReadingTest(FakeServerTest):
         super().setUp()
         self.server.add_message(make_message())
         self.stop = gc.Stop()
-        patcher = mock.patch.object(gc, "STOP_GRACE", 0.5)
+        patcher = mock.patch.object(gc, "STOP_GRACE", 0.3)
         patcher.start()
         self.addCleanup(patcher.stop)
 
@@ -12783,17 +12783,28 @@ class WatcherTest(FakeServerTest):
 class FloodingWatchTest(FakeServerTest):
     rules = WatcherTest.rules
     start_watcher = WatcherTest.start_watcher
-    stop = WatcherTest.stop
 
     def test_a_server_that_floods_after_sign_in_gets_the_backoff(self):
         self.server.add_fault("SELECT", action="flood", size=5000, count=1000)
         self.server.add_fault("EXAMINE", action="flood", size=5000, count=1000)
-        watcher = self.start_watcher(backoff=0.05, max_backoff=10)
-        time.sleep(1.2)     # the backoff itself is what is measured
-        self.stop(watcher)
-        # 0.05 + 0.1 + 0.2 + 0.4 + 0.8 s: at most six sign-ins, never one per 0.05 s.
-        self.assertGreaterEqual(self.server.count("LOGIN"), 2)
-        self.assertLessEqual(self.server.count("LOGIN"), 6)
+        waits: List[float] = []
+
+        class CountedStop(gc.Stop):
+            """Each wait between sign-ins is recorded, not slept; the fifth ends the watch."""
+            def wait(self, seconds: float) -> bool:
+                waits.append(seconds)
+                if len(waits) == 5:
+                    self.request()
+                return self.requested
+
+        self.start_watcher(backoff=0.05, max_backoff=0.5, stop=CountedStop())
+        self.watcher_thread.join(10)
+        self.assertFalse(self.watcher_thread.is_alive())
+        self.assertEqual(self.failure, [])
+        # Signed in, flooded, dropped: the wait doubles each time (up to its cap) and is
+        # never reset, since no connection did its work; one sign-in per wait, plus the first.
+        self.assertEqual(waits, [0.05, 0.1, 0.2, 0.4, 0.5])
+        self.assertEqual(self.server.count("LOGIN"), 5)
 
 
 # --- OAuth2 sign-in ----------------------------------------------------------------------
@@ -16012,7 +16023,8 @@ class ExitCodeTest(FakeServerTest):
         argv = ["--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
                 "--plaintext", "--retries", "1", "--rules", rules, "--apply",
                 "--folder", "INBOX", "--folder", "Work"]
-        code, out, err = run_cli(*argv, env={"GMAIL_APP_PASSWORD": PASSWORD})
+        with mock.patch.object(gc, "MAX_BACKOFF", 0.01):     # the reconnect's wait
+            code, out, err = run_cli(*argv, env={"GMAIL_APP_PASSWORD": PASSWORD})
         self.assertEqual(code, gc.EXIT_INCOMPLETE, err)
         self.assertIn("UIDVALIDITY of INBOX changed", err)
         self.assertIn("run again", err)

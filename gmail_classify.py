@@ -1191,11 +1191,8 @@ class _BufferedWire:
     stop: Optional[Stop] = None         # the connection's Stop, set by GmailConnection
     _stop_deadline: Optional[float] = None
 
-    def _reset_buffer(self) -> None:
-        self._rbuf = bytearray()
-
     def open(self, host: str, port: int, timeout: Optional[float] = None) -> None:
-        self._reset_buffer()
+        self._rbuf = bytearray()
         self.watch_progress(timeout, lines=IMAPLIB_MAX_LINES)    # the greeting, CAPABILITY
         super().open(host, port, timeout)  # type: ignore[misc]
 
@@ -1272,8 +1269,6 @@ class _BufferedWire:
         """Bytes buffered from the plaintext socket must never be read as if TLS had
         protected them: a server (or a man in the middle) that sends data right after the
         STARTTLS OK would otherwise inject responses (CVE-2011-0411 style)."""
-        if not hasattr(self, "_rbuf"):
-            self._reset_buffer()
         if self._rbuf and getattr(self, "_rbuf_sock", None) is not self.sock:  # type: ignore[attr-defined]
             raise imaplib.IMAP4.error("the server sent plaintext data after agreeing to "
                                       "STARTTLS; refusing it as a possible injection")

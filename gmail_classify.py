@@ -2839,17 +2839,17 @@ class GmailConnection:
             return name        # a folder listed outside the personal namespace
         return prefix + mapped
 
+    def _listed_wire(self, name: str) -> Optional[bytes]:
+        """The octets LIST sent for the folder ``name``, or None when it was not listed."""
+        return next((folder.wire for folder in self._folders or ()
+                     if folder.name == name and folder.wire is not None), None)
+
     def _mailbox(self, name: str) -> Union[bytes, Literal]:
         """A folder name for the wire: a listed folder's own octets, else modified UTF-7."""
-        for folder in self._folders or ():
-            if folder.name == name and folder.wire is not None:
-                wire = folder.wire
-                if name.upper() == "INBOX":
-                    return b"INBOX"
-                if wire.isascii():
-                    return astring(wire.decode("ascii"))
-                return Literal(wire)
-        return mailbox_arg(name)
+        wire = self._listed_wire(name)
+        if wire is None or name.upper() == "INBOX":
+            return mailbox_arg(name)
+        return astring(wire.decode("ascii")) if wire.isascii() else Literal(wire)
 
     def special_folder(self, use: str) -> Optional[Folder]:
         """The folder with special-use ``use`` (``"\\\\Trash"``, ``"\\\\All"`` ...), or None.
@@ -3168,17 +3168,11 @@ class GmailConnection:
     def _search_now(self, uids: Sequence[int]) -> List[int]:
         return _search_uids(self._proto.execute("UID SEARCH", "UID", compress_uids(uids)))
 
-    def _wire_name(self, name: str) -> bytes:
-        """The octets that name ``name`` on the wire (without quoting)."""
-        for folder in self._folders or ():
-            if folder.name == name and folder.wire is not None:
-                return folder.wire
-        return b"INBOX" if name.upper() == "INBOX" else encode_mailbox(name).encode("ascii")
-
     def _names(self, named: Any, folder: str) -> bool:
         """True if ``named`` (a mailbox name as an answer gave it) is ``folder``."""
         wire = named if isinstance(named, bytes) else str(named).encode("utf-8", "surrogateescape")
-        wanted = self._wire_name(folder)
+        wanted = self._listed_wire(folder) or (
+            b"INBOX" if folder.upper() == "INBOX" else encode_mailbox(folder).encode("ascii"))
         return wire == wanted or wire.upper() == wanted.upper() == b"INBOX"
 
     def copy(self, uids: Iterable[int], destination: str) -> Dict[int, Optional[int]]:

@@ -6177,10 +6177,6 @@ class Ruleset:
 
 # --- Rules files: validation -------------------------------------------------------------
 
-def _condition_keys() -> Tuple[str, ...]:
-    return tuple(_CONDITION_KINDS)
-
-
 def _action_keys() -> Tuple[str, ...]:
     return ("label", "move", "archive") + tuple(_FLAG_ACTION_ROWS) + ("trash",)
 
@@ -6192,12 +6188,12 @@ def _option_keys() -> Tuple[str, ...]:
 
 
 def _rule_keys() -> Tuple[str, ...]:
-    return ("name", "continue") + _condition_keys() + _action_keys() + _option_keys()
+    return ("name", "continue") + tuple(_CONDITION_KINDS) + _action_keys() + _option_keys()
 
 
 # The built-in keys, from the tables in the Rule engine (validation reads the tables
 # themselves, so a key added by Ruleset.add_condition or a new flag-action row counts too).
-CONDITION_KEYS = _condition_keys()
+CONDITION_KEYS = tuple(_CONDITION_KINDS)
 ACTION_KEYS = _action_keys()
 RULE_KEYS = _rule_keys()
 TOP_LEVEL_KEYS = ("rule", "account", "test")
@@ -6428,7 +6424,7 @@ def _parse_condition_table(where: _Where, path: str, value: Any) -> Condition:
             raise where.error(path, f"'{key}' is not a condition; put it at the top level of "
                                     "the rule (only conditions go inside any / all / not)")
         if key not in _CONDITION_KINDS:
-            raise where.error(path, _unknown_key(key, _condition_keys(), "known conditions"))
+            raise where.error(path, _unknown_key(key, _CONDITION_KINDS, "known conditions"))
         parts.extend(_parse_one_condition(where, f"{path}.{key}", key, item, value))
     return _combine(parts)
 
@@ -6509,7 +6505,7 @@ def _parse_rule(source: str, position: int, rule: Any, problems: _Problems) -> O
     # A misspelt key is most likely the missing condition or action: say it once.
     if not unknown and not any(key in _CONDITION_KINDS for key in rule):
         problems.add(where.error("", "no condition; add at least one of "
-                                     + ", ".join(_condition_keys())))
+                                     + ", ".join(_CONDITION_KINDS)))
     actions = Actions()
     with problems.catch():
         # a label a program prints (label_from) is an action of its own

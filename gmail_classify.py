@@ -3457,23 +3457,19 @@ class _WriteFlight:
                                                         self.conn._mailbox(destination)),
                                       chunk, destination))
 
-    def _inline(self, args: Sequence[Any]) -> bool:
-        """True if ``args`` can go without waiting for a continuation (no literal, or
-        LITERAL+/LITERAL- and a small one): only those can be pipelined."""
-        nonsync = bool({"LITERAL+", "LITERAL-"} & self.conn._proto.capabilities)
-        return all(not isinstance(arg, Literal) or (nonsync and len(arg.data) <=
-                                                    NONSYNC_LITERAL_MAX) for arg in args)
-
     def send(self) -> None:
         """Every queued command onto the wire, without reading an answer; one that needs a
-        literal's continuation is run on its own in its place.  A drop here leaves the rest
-        for land() to settle."""
+        literal's continuation (not a small one with LITERAL+/LITERAL-) is run on its own in
+        its place.  A drop here leaves the rest for land() to settle."""
         conn, proto = self.conn, self.conn._proto
         with conn._lock:
             conn._check_background()
+            nonsync = bool({"LITERAL+", "LITERAL-"} & proto.capabilities)
             try:
                 for write in self.writes:
-                    if self._inline(write.args):
+                    if all(not isinstance(arg, Literal) or (nonsync and len(arg.data) <=
+                                                            NONSYNC_LITERAL_MAX)
+                           for arg in write.args):
                         write.pending = proto.send_ahead(write.command, *write.args)
                         continue
                     try:
@@ -3581,7 +3577,15 @@ class _WriteFlight:
             elif write.command == "UID COPY" and conn.is_gmail:
                 write.result = conn.copy(write.uids, str(write.destination))
             elif write.command == "UID COPY":
-                write.result = self._settle_copy(write)
+                # Off Gmail: a destination UIDNEXT still where it was before the flight
+                # proves the COPY never ran; otherwise what arrived since is compared with
+                # ours and only the rest is copied (see _SafeCopy.copy_once).
+                safe, destination = _SafeCopy(conn), str(write.destination)
+                found = safe.arrived(write.uids, destination, write.uidnext) or {}
+                rest = [uid for uid in write.uids if uid not in found]
+                if rest:
+                    found.update(safe.copy_once(rest, destination))
+                write.result = found
             else:
                 still_here = set(conn.search(uids=write.uids))
                 write.result = {uid: None for uid in write.uids if uid not in still_here}
@@ -3594,17 +3598,6 @@ class _WriteFlight:
             if type(exc) is not ImapError or exc.status not in ("NO", "BAD"):
                 raise
             write.error = exc
-
-    def _settle_copy(self, write: _Write) -> Dict[int, Optional[int]]:
-        """A COPY off Gmail whose answer was lost: a destination UIDNEXT still where it was
-        before the flight proves it never ran; otherwise what arrived since is compared
-        with ours and only the rest is copied (see _SafeCopy.copy_once)."""
-        safe, destination = _SafeCopy(self.conn), str(write.destination)
-        found = safe.arrived(write.uids, destination, write.uidnext) or {}
-        rest = [uid for uid in write.uids if uid not in found]
-        if rest:
-            found.update(safe.copy_once(rest, destination))
-        return found
 
 
 def _new_tag(imap: imaplib.IMAP4) -> bytes:

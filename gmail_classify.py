@@ -1680,10 +1680,8 @@ class _Protocol:
         """Forget the imaplib object and close its socket, without a word; never raises."""
         imap, self.imap = self.imap, None
         if imap is not None:
-            try:
+            with contextlib.suppress(OSError, AttributeError, ValueError):
                 imap.shutdown()
-            except (OSError, AttributeError, ValueError):
-                pass
 
     # -- signing in --------------------------------------------------------------------
 
@@ -5804,10 +5802,8 @@ def clean_component(value: str, separator: Optional[str] = "/", keep_case: bool 
     """
     text = unicodedata.normalize("NFKC", value).strip()
     text = text if keep_case else text.lower()
-    try:
+    with contextlib.suppress(UnicodeError, ValueError):
         text = text.encode("idna").decode("ascii")
-    except (UnicodeError, ValueError):
-        pass
     text = re.sub(r"[^A-Za-z0-9.-]+" if keep_case else r"[^a-z0-9.-]+", "", text)
     if separator and separator not in ("-",):
         text = text.replace(separator, "-")
@@ -7772,10 +7768,8 @@ def _replace_privately(path: Path, text: str) -> None:
             finally:
                 os.close(dir_fd)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(temporary)
-        except OSError:
-            pass
         raise
 
 
@@ -7798,10 +7792,8 @@ def write_rules_file(path: Any, text: str, force: bool = False) -> None:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(text)
         except BaseException:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(path)     # ours alone (O_EXCL): leave no half-written file behind
-            except OSError:
-                pass
             raise
     except FileExistsError:
         raise RulesError(f"{path} already exists; pass --force to overwrite it") from None

@@ -2337,7 +2337,11 @@ class GmailConnection:
         """
         with self._lock:
             self._connect_with_retries(first_error=None)
-        self._start_keepalive()
+        if self.keepalive and self._keepalive_thread is None:
+            self._stop.clear()
+            self._keepalive_thread = threading.Thread(
+                target=self._keepalive_loop, name="gmail_classify-keepalive", daemon=True)
+            self._keepalive_thread.start()
 
     def close(self) -> None:
         """Leave the folder without expunging, LOG OUT, stop the keepalive; never raises.
@@ -2652,15 +2656,6 @@ class GmailConnection:
             self._reconnect(error or _Dropped("not connected"))
 
     # -- keepalive ---------------------------------------------------------------------
-
-    def _start_keepalive(self) -> None:
-        if not self.keepalive or self._keepalive_thread is not None:
-            return
-        self._stop.clear()
-        thread = threading.Thread(target=self._keepalive_loop, name="gmail_classify-keepalive",
-                                  daemon=True)
-        self._keepalive_thread = thread
-        thread.start()
 
     def _keepalive_loop(self) -> None:
         """Send NOOP after ``keepalive`` idle seconds; record failures for the foreground."""

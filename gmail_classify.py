@@ -5807,15 +5807,6 @@ def clean_component(value: str, separator: Optional[str] = "/", keep_case: bool 
     return text or "unknown"
 
 
-def _sender_domain(msg: MessageInfo) -> str:
-    """The domain of the first From address: of its addr-spec, never of its display name
-    ('"support@paypal.com" <phisher@evil.example>' is evil.example)."""
-    for _, address in _header_mailboxes(msg.headers, "from")[:1]:
-        if "@" in address:
-            return address.rpartition("@")[2]
-    return ""
-
-
 def expand_template(text: str, msg: MessageInfo, separator: Optional[str] = "/") -> str:
     """A destination with {year}, {month} (of the message's date) and {sender_domain} filled in.
 
@@ -5825,10 +5816,14 @@ def expand_template(text: str, msg: MessageInfo, separator: Optional[str] = "/")
     pieces = split_template(text)
     if not any(is_field for is_field, _ in pieces):
         return "".join(piece for _, piece in pieces)
+    # The sender's domain is the first From address's, of its addr-spec, never of its
+    # display name ('"support@paypal.com" <phisher@evil.example>' is evil.example).
+    domain = next((address.rpartition("@")[2] for _, address in
+                   _header_mailboxes(msg.headers, "from")[:1] if "@" in address), "")
     date = msg.date
     values = {"year": f"{date.year:04d}" if date else "unknown",
               "month": f"{date.month:02d}" if date else "unknown",
-              "sender_domain": clean_component(_sender_domain(msg), separator)}
+              "sender_domain": clean_component(domain, separator)}
     return "".join(values[piece] if is_field else piece for is_field, piece in pieces)
 
 

@@ -1708,16 +1708,6 @@ class _Protocol:
                 text = text.replace(secret, "<redacted>")
         return text
 
-    def _gmail_login_hint(self) -> str:
-        """Gmail refuses the account's normal password over IMAP: say what works instead."""
-        gmail = "X-GM-EXT-1" in self.imap.capabilities or \
-            self.host.lower().rstrip(".").endswith((".gmail.com", ".googlemail.com"))
-        if not gmail:
-            return ""
-        return (" (Gmail needs an app password, not your Google password: Google Account -> "
-                "Security -> App passwords, which needs 2-Step Verification; and IMAP must be "
-                "on in Gmail's settings, under Forwarding and POP/IMAP)")
-
     def login(self, password: str) -> None:
         """LOGIN with both arguments quoted; non-ASCII goes as AUTHENTICATE PLAIN (UTF-8,
         RFC 4616) when offered, else as literals."""
@@ -1733,8 +1723,15 @@ class _Protocol:
             raise
         except ImapError as exc:
             text = (f"[{exc.code}] " if exc.code else "") + exc.text
+            # Gmail refuses the account's normal password over IMAP: say what works instead.
+            gmail = "X-GM-EXT-1" in self.imap.capabilities or \
+                self.host.lower().rstrip(".").endswith((".gmail.com", ".googlemail.com"))
+            hint = (" (Gmail needs an app password, not your Google password: Google Account "
+                    "-> Security -> App passwords, which needs 2-Step Verification; and IMAP "
+                    "must be on in Gmail's settings, under Forwarding and POP/IMAP)"
+                    if gmail else "")
             raise AuthenticationError(f"{self.host} rejected the sign-in for {self.user}: "
-                                      f"{text}{self._gmail_login_hint()}", command="LOGIN",
+                                      f"{text}{hint}", command="LOGIN",
                                       status=exc.status, code=exc.code, text=text) from exc
 
     def sasl(self, mechanism: str, initial: bytes, what: str) -> None:

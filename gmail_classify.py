@@ -4955,17 +4955,6 @@ def _shown(values: Sequence[str], most: int = 3) -> str:
     return text + (f" and {len(values) - most} more" if len(values) > most else "")
 
 
-def _first_hit(matcher: Matcher, values: Sequence[str],
-               normalised: Sequence[str]) -> Optional[Tuple[Pattern, str]]:
-    """The plain walk Matcher.find() short-cuts: the first pattern (in order) that matches
-    some value, and that value."""
-    for pattern in matcher.patterns:
-        for value, folded in zip(values, normalised):
-            if pattern.regex.search(value) if pattern.regex is not None else pattern.needle in folded:
-                return pattern, value
-    return None
-
-
 def _no_match(matcher: Matcher) -> str:
     return "no match for " + ", ".join(p.describe() for p in matcher.patterns)
 
@@ -5015,11 +5004,15 @@ class HeaderMatch(Condition):
 
     def explain(self, msg: MessageInfo, now: datetime) -> Verdict:
         values, normalised = _header_values(msg.headers, self.addresses, self.headers)
-        found = _first_hit(self.matcher, values, normalised)
-        if found is None:
-            return False, f"{self.key}: {_shown(values)}: {_no_match(self.matcher)}"
-        pattern, value = found
-        return True, f"{self.key}: {_quote(value)} {pattern.verb()} {pattern.describe()}"
+        # The plain walk Matcher.find() short-cuts: the first pattern (in order) that
+        # matches some value, and that value.
+        for pattern in self.matcher.patterns:
+            for value, folded in zip(values, normalised):
+                if pattern.regex.search(value) if pattern.regex is not None \
+                        else pattern.needle in folded:
+                    return True, (f"{self.key}: {_quote(value)} {pattern.verb()} "
+                                  f"{pattern.describe()}")
+        return False, f"{self.key}: {_shown(values)}: {_no_match(self.matcher)}"
 
     def needs(self) -> Needs:
         return Needs(headers=frozenset(self.headers))

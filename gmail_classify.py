@@ -6489,18 +6489,6 @@ def _parse_rule(source: str, position: int, rule: Any, problems: _Problems) -> O
                 condition=_combine(parts), actions=actions, continue_=keep_going)
 
 
-def _parse_account(source: str, value: Any, problems: _Problems) -> Dict[str, Any]:
-    where = _Where(source)
-    if not isinstance(value, dict):
-        problems.add(where.error("account", f"expected a table, got {_quote(value)}"))
-        return {}
-    account: Dict[str, Any] = {}
-    for key, item in value.items():
-        with problems.catch():
-            _parse_account_key(where, key, item, account)
-    return account
-
-
 def _parse_account_key(where: _Where, key: str, item: Any, account: Dict[str, Any]) -> None:
     """One key of [account] into `account`; raises RulesError when it is wrong."""
     path = f"account.{key}"
@@ -6796,8 +6784,12 @@ def parse_rules(doc: Any, source: str = "<rules>") -> Ruleset:
     if isinstance(doc.get("account"), list):      # [[account]] tables: several accounts
         accounts = _parse_accounts(source, doc["account"], problems,
                                    None if None in parsed else [r.name for r in parsed])
+    elif isinstance(doc.get("account"), dict):
+        for key, item in doc["account"].items():
+            with problems.catch():
+                _parse_account_key(where, key, item, account)
     elif "account" in doc:
-        account = _parse_account(source, doc["account"], problems)
+        problems.add(where.error("account", f"expected a table, got {_quote(doc['account'])}"))
     tests: Tuple[RuleTest, ...] = ()
     tables = doc.get("test", [])
     if not isinstance(tables, list):

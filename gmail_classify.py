@@ -6398,22 +6398,18 @@ def _parse_condition_table(where: _Where, path: str, value: Any) -> Condition:
     return _combine(parts)
 
 
-def _parse_labels(where: _Where, value: Any) -> Tuple[str, ...]:
-    what = "a string or a list of strings"
-    items = value if isinstance(value, list) else [value]
-    if isinstance(value, list) and not value:
-        raise where.error("label", f"expected {what}, got an empty list")
-    return tuple(dict.fromkeys(    # each label once, in order
-        _check_text(where, f"label[{i}]" if isinstance(value, list) else "label", item, what)
-        for i, item in enumerate(items, 1)))
-
-
 def _parse_actions(where: _Where, rule: dict, problems: _Problems, required: bool = True) -> Actions:
     values: Dict[str, Any] = {}
     bad = len(problems.lines)
     if "label" in rule:
         with problems.catch():
-            values["labels"] = _parse_labels(where, rule["label"])
+            value, what = rule["label"], "a string or a list of strings"
+            listed = isinstance(value, list)
+            if listed and not value:
+                raise where.error("label", f"expected {what}, got an empty list")
+            values["labels"] = tuple(dict.fromkeys(    # each label once, in order
+                _check_text(where, f"label[{i}]" if listed else "label", item, what)
+                for i, item in enumerate(value if listed else [value], 1)))
     if "move" in rule:
         with problems.catch():
             values["move"] = _check_text(where, "move", rule["move"], "a folder name")

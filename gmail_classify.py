@@ -7433,11 +7433,7 @@ def load_rules(path: Any) -> Ruleset:
     problem = trust_problem(source, status=status) if acts else None
     if problem:
         raise RulesError(f"{problem}; refusing a rules file that holds {acts[0]}")
-    return _load_account_files(rules) if rules.accounts else rules
-
-
-def _load_account_files(rules: Ruleset) -> Ruleset:
-    """Load the rules files [[account]] tables name (relative to this file's directory)."""
+    # The rules files [[account]] tables name, relative to this file's directory.
     loaded: Dict[str, Ruleset] = {}
     for table in rules.accounts:
         if not isinstance(table.get("rules"), str):
@@ -7448,7 +7444,7 @@ def _load_account_files(rules: Ruleset) -> Ruleset:
             raise RulesError(f"{path}: the rules of account {table['name']!r} may not hold "
                              f"[[account]] tables of their own")
         loaded[table["name"]] = other
-    return dataclasses.replace(rules, account_files=loaded)
+    return dataclasses.replace(rules, account_files=loaded) if rules.accounts else rules
 
 
 def run_rule_tests(rules: Ruleset, now: Optional[datetime] = None) -> List[str]:

@@ -4409,38 +4409,25 @@ def _tidy_text(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
-def _lenient_base64(data: bytes) -> bytes:
-    """Decode base64 that may be cut off mid-line or mid-quantum (a fetched prefix)."""
-    data = re.sub(rb"[^A-Za-z0-9+/]", b"", data.split(b"=", 1)[0])
-    whole = len(data) - len(data) % 4
-    decoded = base64.b64decode(data[:whole])
-    rest = data[whole:]
-    if len(rest) >= 2:  # 2 or 3 chars still carry 1 or 2 whole bytes
-        decoded += base64.b64decode(rest + b"=" * (4 - len(rest)))
-    return decoded
-
-
 def _part_bytes(part: email.message.Message) -> bytes:
     cte = str(part.get("content-transfer-encoding", "")).strip().lower()
     if cte == "base64":
         payload = part.get_payload(decode=False)
         if isinstance(payload, str):
+            # Base64 that may be cut off mid-line or mid-quantum (a fetched prefix).
+            data = payload.encode("ascii", "ignore").split(b"=", 1)[0]
+            data = re.sub(rb"[^A-Za-z0-9+/]", b"", data)
+            whole = len(data) - len(data) % 4
+            rest = data[whole:]
             try:
-                return _lenient_base64(payload.encode("ascii", "ignore"))
+                decoded = base64.b64decode(data[:whole])
+                if len(rest) >= 2:  # 2 or 3 chars still carry 1 or 2 whole bytes
+                    decoded += base64.b64decode(rest + b"=" * (4 - len(rest)))
+                return decoded
             except (binascii.Error, ValueError):
                 return b""
     payload = part.get_payload(decode=True)
     return payload if isinstance(payload, bytes) else b""
-
-
-def _decode_with_charset(data: bytes, charset: Optional[str]) -> str:
-    """Decode with the declared charset when Python knows it as a text codec, else UTF-8."""
-    if charset:
-        try:
-            return data.decode(charset, errors="replace")
-        except (LookupError, UnicodeError, ValueError, TypeError):
-            log.debug("unknown charset %r, decoding as UTF-8", charset)
-    return data.decode("utf-8", errors="replace")
 
 
 def _is_attachment(part: email.message.Message) -> bool:
@@ -4473,7 +4460,12 @@ def body_text(raw: bytes, limit: int = BODY_PREFIX_BYTES) -> str:
             kind = part.get_content_type()
             if kind not in ("text/plain", "text/html"):
                 continue
-            text = _decode_with_charset(_part_bytes(part), part.get_content_charset())
+            data, charset = _part_bytes(part), part.get_content_charset()
+            try:    # the declared charset when Python knows it as a text codec, else UTF-8
+                text = data.decode(charset or "utf-8", errors="replace")
+            except (LookupError, UnicodeError, ValueError, TypeError):
+                log.debug("unknown charset %r, decoding as UTF-8", charset)
+                text = data.decode("utf-8", errors="replace")
             if kind == "text/plain" and text.strip():
                 return _tidy_text(text)[:limit]
             if kind == "text/html" and html_text is None:

@@ -7068,10 +7068,8 @@ class _TomlReader:
 
     def simple_key(self) -> str:
         char = self.peek()
-        if char == '"' and self.peek(3) != '"""':
-            return self.basic_string()
-        if char == "'" and self.peek(3) != "'''":
-            return self.literal_string()
+        if char in ('"', "'") and self.peek(3) != char * 3:
+            return self.string(char)
         bare = _TOML_BARE_KEY.match(self.text, self.pos)
         if not bare:
             raise self.fail(f"expected a key (letters, digits, '_' and '-', or a quoted "
@@ -7083,14 +7081,10 @@ class _TomlReader:
 
     def value(self) -> Any:
         char = self.peek()
-        if self.peek(3) == '"""':
-            return self.multiline_string('"')
-        if char == '"':
-            return self.basic_string()
-        if self.peek(3) == "'''":
-            return self.multiline_string("'")
-        if char == "'":
-            return self.literal_string()
+        if char in ('"', "'"):
+            if self.peek(3) == char * 3:
+                return self.multiline_string(char)
+            return self.string(char)
         if char == "[":
             return self.array()
         if char == "{":
@@ -7169,36 +7163,24 @@ class _TomlReader:
         self.depth -= 1
         return table
 
-    def literal_string(self) -> str:
-        start = self.pos
-        self.pos += 1
-        end = self.pos
-        while end < len(self.text) and self.text[end] != "'":
-            if _TOML_CONTROL.match(self.text[end]):
-                raise self.fail("unterminated string" if self.text[end] in "\r\n"
-                                else "control character in a string", end)
-            end += 1
-        if end >= len(self.text):
-            raise self.fail("unterminated string", start)
-        self.pos = end + 1
-        return self.text[start + 1:end]
-
-    def basic_string(self) -> str:
+    def string(self, quote: str) -> str:
+        """A one-line basic (quote ``"``) or literal (``'``) string; only basic has escapes."""
         start = self.pos
         self.pos += 1
         parts: List[str] = []
         while True:
             char = self.peek()
-            if not char or char in "\r\n":
-                raise self.fail("unterminated string", start)
-            if char == '"':
+            if not char or char in "\r\n":    # a literal string points at the line break
+                raise self.fail("unterminated string",
+                                self.pos if char and quote == "'" else start)
+            if char == quote:
                 self.pos += 1
                 return "".join(parts)
-            if char == "\\":
+            if char == "\\" and quote == '"':
                 parts.append(self.escape())
             elif _TOML_CONTROL.match(char):
-                raise self.fail("control character in a string; write it as an escape "
-                                "such as \\t or \\u0001")
+                raise self.fail("control character in a string" + (
+                    "; write it as an escape such as \\t or \\u0001" if quote == '"' else ""))
             else:
                 parts.append(char)
                 self.pos += 1

@@ -5921,11 +5921,7 @@ class Actions:
         """These actions with templated destinations filled in for ``msg``."""
         if not self.templates():
             return self
-        labels: List[str] = []
-        for label in self.labels:
-            name = expand_template(label, msg, separator)
-            if name not in labels:
-                labels.append(name)
+        labels = dict.fromkeys(expand_template(label, msg, separator) for label in self.labels)
         move = expand_template(self.move, msg, separator) if self.move else None
         return dataclasses.replace(self, labels=tuple(labels), move=move)
 

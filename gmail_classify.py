@@ -1567,17 +1567,11 @@ def _loopback_addresses(host: str, port: int = IMAP_PORT) -> List[str]:
         infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError, ValueError):
         return []
-    addresses = []
-    for info in infos:
-        address = str(info[4][0]).split("%", 1)[0]
-        try:
-            if not ipaddress.ip_address(address).is_loopback:
-                return []
-        except ValueError:
-            return []
-        if address not in addresses:
-            addresses.append(address)
-    return addresses
+    addresses = list(dict.fromkeys(str(info[4][0]).split("%", 1)[0] for info in infos))
+    with contextlib.suppress(ValueError):   # not an address at all
+        if all(ipaddress.ip_address(address).is_loopback for address in addresses):
+            return addresses
+    return []
 
 
 def _is_loopback(host: str) -> bool:

@@ -1684,10 +1684,8 @@ class _Protocol:
         the connection: a server may repeat what we sent (see redact)."""
         forms = [secret, base64.b64encode(secret.encode("utf-8")).decode("ascii"),
                  secret.replace("\\", "\\\\").replace('"', '\\"')]
-        for form in forms:
-            if len(form) >= 4 and form not in self._secrets:
-                self._secrets.append(form)
-        self._secrets.sort(key=len, reverse=True)   # a longer form before a part of it
+        kept = dict.fromkeys(self._secrets + [form for form in forms if len(form) >= 4])
+        self._secrets = sorted(kept, key=len, reverse=True)   # a longer form before a part of it
 
     def redact(self, text: str) -> str:
         """``text`` from the server with every credential we sent blanked out.

@@ -1685,7 +1685,7 @@ class _Protocol:
         forms = [secret, base64.b64encode(secret.encode("utf-8")).decode("ascii"),
                  secret.replace("\\", "\\\\").replace('"', '\\"')]
         kept = dict.fromkeys(self._secrets + [form for form in forms if len(form) >= 4])
-        self._secrets = sorted(kept, key=len, reverse=True)   # a longer form before a part of it
+        self._secrets = sorted(kept, key=len, reverse=True)   # longer forms before their parts
 
     def redact(self, text: str) -> str:
         """``text`` from the server with every credential we sent blanked out.

@@ -5501,12 +5501,9 @@ def clean_label(text: str, separator: Optional[str] = "/") -> str:
     """A label a program printed, made safe: each ``/``-separated part cleaned as a
     templated destination's part (clean_component) but keeping its case; "" when nothing
     is left.  ``clean_label("Spam/../Evil Corp") == "Spam/EvilCorp"``."""
-    parts = []
-    for part in text.split("/"):
-        cleaned = clean_component(part, separator, keep_case=True)
-        if part.strip() and cleaned != "unknown":
-            parts.append(cleaned)
-    return "/".join(parts)
+    cleaned = (clean_component(part, separator, keep_case=True)
+               for part in text.split("/") if part.strip())
+    return "/".join(part for part in cleaned if part != "unknown")
 
 
 @dataclass(frozen=True)
@@ -5672,13 +5669,10 @@ class ProgramCondition(Condition):
 
 def _program_labels(condition: Condition, msg: MessageInfo) -> Tuple[str, ...]:
     """The labels the label_from programs of a matching rule printed for ``msg``."""
-    labels = []
-    for cond in _walk(condition):
-        if isinstance(cond, ProgramCondition) and cond.label_from:
-            answer = msg.programs.get(cond)
-            if answer is not None and answer.matched and answer.label:
-                labels.append(answer.label)
-    return tuple(labels)
+    answers = [msg.programs.get(cond) for cond in _walk(condition)
+               if isinstance(cond, ProgramCondition) and cond.label_from]
+    return tuple(answer.label for answer in answers
+                 if answer is not None and answer.matched and answer.label)
 
 
 # The condition kinds: rules-file key -> the class that reads it (Condition.from_rules).

@@ -7594,8 +7594,7 @@ def builtin_rules() -> Ruleset:
 # (str, int, bool, lists, tables) out, the same data back through load_rules. TOML gets
 # comments (a header, and lines above each rule); JSON has no comments.
 
-_TOML_WRITE_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n",
-                 "\f": "\\f", "\r": "\\r"}
+_TOML_WRITE_ESCAPES = {char: "\\" + code for code, char in _TOML_ESCAPES.items()}  # inverted
 
 
 def _toml_string(text: str) -> str:

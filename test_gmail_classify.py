@@ -18852,6 +18852,27 @@ def _bench_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
+# --- Issue 16: a shorter file ------------------------------------------------------------
+
+
+class StatusAnswerNamesTest(FakeServerTest):
+    """A STATUS answer counts for the folder it names, by its octets; only INBOX is
+    matched without regard to case (RFC 3501 §5.1)."""
+
+    def test_a_status_line_for_another_case_of_the_name_is_not_taken(self):
+        conn = self.connect()
+        conn.create_folder("Work")
+        self.server.add_fault("STATUS", action="unsolicited", when="before",
+                              text="* STATUS WORK (MESSAGES 99 UIDNEXT 5 UIDVALIDITY 7)")
+        self.assertEqual(conn.status("Work")["MESSAGES"], 0)
+
+    def test_a_status_line_naming_inbox_in_lower_case_is_inbox(self):
+        conn = self.connect()
+        self.server.add_fault("STATUS", action="unsolicited", when="before",
+                              text="* STATUS inbox (MESSAGES 77 UIDNEXT 80 UIDVALIDITY 3)")
+        self.assertEqual(conn.status("INBOX")["MESSAGES"], 77)
+
+
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the
     # bench-* forms are its helper processes. Anything else runs the tests.

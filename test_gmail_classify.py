@@ -18873,6 +18873,16 @@ class StatusAnswerNamesTest(FakeServerTest):
         self.assertEqual(conn.status("INBOX")["MESSAGES"], 77)
 
 
+class CutBase64BodyTest(unittest.TestCase):
+    """A fetched prefix may end inside a base64 part: line breaks are not counted when
+    the whole quanta are split from the rest."""
+
+    def test_a_cut_part_with_an_odd_line_break_still_reads(self):
+        raw = (b"Content-Type: text/plain; charset=utf-8\r\n"
+               b"Content-Transfer-Encoding: base64\r\n\r\nSGVsbG8g\r\nd29ybGQhSGk")
+        self.assertEqual(gc.body_text(raw), "Hello world!Hi")
+
+
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the
     # bench-* forms are its helper processes. Anything else runs the tests.

@@ -4024,8 +4024,9 @@ def _angle_address(tokens: List[str]) -> str:
     return "".join(tokens)
 
 
-def _mailboxes_without_parse(raw: str) -> List[Tuple[str, str]]:
-    """(display name, addr-spec) pairs with an address, read without the header classes."""
+def _addresses_without_parse(raw: str) -> List[str]:
+    """What header_addresses() makes of a value the header classes found no address in:
+    the mailboxes with an address, read without those classes, else the decoded text."""
     raw = _repair_surrogates(raw)
     pairs: List[Tuple[str, str]] = []
     if len(raw) <= HEADER_PARSE_LIMIT:
@@ -4035,14 +4036,9 @@ def _mailboxes_without_parse(raw: str) -> List[Tuple[str, str]]:
             pairs = []
     if not pairs:    # long, or too odd for getaddresses (which is strict on newer Pythons)
         pairs = [pair for pair in _address_pairs(raw) if "@" in pair[1]]
-    return [(_decode_words(display), addr) for display, addr in pairs]
-
-
-def _addresses_without_parse(raw: str) -> List[str]:
-    """What header_addresses() makes of a value the header classes found no address in."""
-    found = [_format_address(display, addr) for display, addr in _mailboxes_without_parse(raw)]
+    found = [_format_address(_decode_words(display), addr) for display, addr in pairs]
     if not found:
-        text = _decode_words(_repair_surrogates(raw)).strip()
+        text = _decode_words(raw).strip()
         found = [text] if text else []
     return found
 

@@ -3559,9 +3559,7 @@ class _WriteFlight:
             elif write.command == "UID COPY" and conn.is_gmail:
                 write.result = conn.copy(write.uids, str(write.destination))
             elif write.command == "UID COPY":
-                # Off Gmail: a destination UIDNEXT still where it was before the flight
-                # proves the COPY never ran; otherwise what arrived since is compared with
-                # ours and only the rest is copied (see _SafeCopy.copy_once).
+                # Off Gmail: by the UIDNEXT from before the flight, as the class docstring says
                 safe, destination = _SafeCopy(conn), str(write.destination)
                 found = safe.arrived(write.uids, destination, write.uidnext) or {}
                 rest = [uid for uid in write.uids if uid not in found]

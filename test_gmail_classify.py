@@ -18883,6 +18883,25 @@ class CutBase64BodyTest(unittest.TestCase):
         self.assertEqual(gc.body_text(raw), "Hello world!Hi")
 
 
+class RedactedFormsTest(unittest.TestCase):
+    """What the protocol engine keeps out of every text it passes on (_Protocol.redact)."""
+
+    def engine(self) -> "gc._Protocol":
+        return gc._Protocol("127.0.0.1", USER, 5, gc.Stop())
+
+    def test_a_four_character_secret_is_blanked_and_a_shorter_one_is_not(self):
+        proto = self.engine()
+        proto.remember_secret("abc")
+        proto.remember_secret("wxyz")
+        self.assertEqual(proto.redact("abc wxyz"), "abc <redacted>")
+
+    def test_a_longer_secret_goes_before_one_it_contains(self):
+        proto = self.engine()
+        proto.remember_secret("hunter2")    # a password, then a changed one that holds it
+        proto.remember_secret("hunter22")
+        self.assertEqual(proto.redact("NO LOGIN hunter22 refused"), "NO LOGIN <redacted> refused")
+
+
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the
     # bench-* forms are its helper processes. Anything else runs the tests.

@@ -3890,33 +3890,25 @@ def _raw_values(msg: email.message.EmailMessage, name: str) -> List[str]:
 HEADER_PARSE_LIMIT = 2048
 
 
-def _parsed_values(msg: email.message.EmailMessage, name: str, raws: List[str]) -> list:
-    """The policy-parsed header objects, None where parsing fails or cannot be trusted.
+def _plain_reading(msg: email.message.EmailMessage, name: str,
+                   read: Callable[[Any], Any]) -> Iterator[Tuple[str, Any]]:
+    """(raw value, ``read`` of its header object) for each value of one header; None where
+    the header classes could not be used or ``read`` failed (the caller reads ``raw``).
 
     policy.default turns raw 8-bit bytes into U+FFFD; such values are left to
     the caller, who repairs the raw value instead and keeps the characters.
     Values longer than HEADER_PARSE_LIMIT in all are not parsed (all None).
     """
-    if sum(map(len, raws)) > HEADER_PARSE_LIMIT:
-        return [None] * len(raws)    # too long for the header classes (see above)
-    try:
-        parsed = msg.get_all(name) or []
-    except Exception:
-        log.debug("header %s does not parse", name, exc_info=True)
-        parsed = []
-    if len(parsed) != len(raws):
-        return [None] * len(raws)
-    return [None if _has_surrogates(raw) else value for raw, value in zip(raws, parsed)]
-
-
-def _plain_reading(msg: email.message.EmailMessage, name: str,
-                   read: Callable[[Any], Any]) -> Iterator[Tuple[str, Any]]:
-    """(raw value, ``read`` of its header object) for each value of one header; None where
-    the header classes could not be used or ``read`` failed (the caller reads ``raw``)."""
     raws = _raw_values(msg, name)
-    for raw, parsed in zip(raws, _parsed_values(msg, name, raws)):
+    parsed: list = []
+    if sum(map(len, raws)) <= HEADER_PARSE_LIMIT:    # else too long for the header classes
         try:
-            value = None if parsed is None else read(parsed)
+            parsed = msg.get_all(name) or []
+        except Exception:
+            log.debug("header %s does not parse", name, exc_info=True)
+    for raw, value in zip(raws, parsed if len(parsed) == len(raws) else [None] * len(raws)):
+        try:
+            value = None if value is None or _has_surrogates(raw) else read(value)
         except Exception:
             value = None
         yield raw, value

@@ -18902,6 +18902,15 @@ class RedactedFormsTest(unittest.TestCase):
         self.assertEqual(proto.redact("NO LOGIN hunter22"), "NO LOGIN <redacted>")
 
 
+class EightBitAddressCommentTest(unittest.TestCase):
+    """A short address value the header classes cannot be trusted with (raw 8-bit bytes)
+    is read by email.utils.getaddresses, which keeps a comment as the display name."""
+
+    def test_a_raw_utf8_comment_stays_the_display_name(self):
+        headers = gc.parse_headers(b"From: (B\xc3\xb6b) bob@x.example\r\n\r\n")
+        self.assertEqual(gc.header_addresses(headers, "from"), ["B\u00f6b <bob@x.example>"])
+
+
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the
     # bench-* forms are its helper processes. Anything else runs the tests.

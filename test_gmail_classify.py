@@ -18903,12 +18903,17 @@ class RedactedFormsTest(unittest.TestCase):
 
 
 class EightBitAddressCommentTest(unittest.TestCase):
-    """A short address value the header classes cannot be trusted with (raw 8-bit bytes)
-    is read by email.utils.getaddresses, which keeps a comment as the display name."""
+    """An address value the header classes cannot be trusted with (raw 8-bit bytes): a
+    short one is read by email.utils.getaddresses, a long one by the linear reader."""
 
     def test_a_raw_utf8_comment_stays_the_display_name(self):
         headers = gc.parse_headers(b"From: (B\xc3\xb6b) bob@x.example\r\n\r\n")
         self.assertEqual(gc.header_addresses(headers, "from"), ["B\u00f6b <bob@x.example>"])
+
+    def test_a_long_one_is_read_in_linear_time_without_its_comment(self):
+        comment = b"(B\xc3\xb6b " + b"x" * gc.HEADER_PARSE_LIMIT + b")"
+        headers = gc.parse_headers(b"From: " + comment + b" bob@x.example\r\n\r\n")
+        self.assertEqual(gc.header_addresses(headers, "from"), ["bob@x.example"])
 
 
 if __name__ == "__main__":

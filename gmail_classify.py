@@ -1191,11 +1191,8 @@ class _BufferedWire:
     stop: Optional[Stop] = None         # the connection's Stop, set by GmailConnection
     _stop_deadline: Optional[float] = None
 
-    def _reset_buffer(self) -> None:
-        self._rbuf = bytearray()
-
     def open(self, host: str, port: int, timeout: Optional[float] = None) -> None:
-        self._reset_buffer()
+        self._rbuf = bytearray()
         self.watch_progress(timeout, lines=IMAPLIB_MAX_LINES)    # the greeting, CAPABILITY
         super().open(host, port, timeout)  # type: ignore[misc]
 
@@ -1272,8 +1269,6 @@ class _BufferedWire:
         """Bytes buffered from the plaintext socket must never be read as if TLS had
         protected them: a server (or a man in the middle) that sends data right after the
         STARTTLS OK would otherwise inject responses (CVE-2011-0411 style)."""
-        if not hasattr(self, "_rbuf"):
-            self._reset_buffer()
         if self._rbuf and getattr(self, "_rbuf_sock", None) is not self.sock:  # type: ignore[attr-defined]
             raise imaplib.IMAP4.error("the server sent plaintext data after agreeing to "
                                       "STARTTLS; refusing it as a possible injection")
@@ -1572,17 +1567,11 @@ def _loopback_addresses(host: str, port: int = IMAP_PORT) -> List[str]:
         infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError, ValueError):
         return []
-    addresses = []
-    for info in infos:
-        address = str(info[4][0]).split("%", 1)[0]
-        try:
-            if not ipaddress.ip_address(address).is_loopback:
-                return []
-        except ValueError:
-            return []
-        if address not in addresses:
-            addresses.append(address)
-    return addresses
+    addresses = list(dict.fromkeys(str(info[4][0]).split("%", 1)[0] for info in infos))
+    with contextlib.suppress(ValueError):   # not an address at all
+        if all(ipaddress.ip_address(address).is_loopback for address in addresses):
+            return addresses
+    return []
 
 
 def _is_loopback(host: str) -> bool:
@@ -1685,10 +1674,8 @@ class _Protocol:
         """Forget the imaplib object and close its socket, without a word; never raises."""
         imap, self.imap = self.imap, None
         if imap is not None:
-            try:
+            with contextlib.suppress(OSError, AttributeError, ValueError):
                 imap.shutdown()
-            except (OSError, AttributeError, ValueError):
-                pass
 
     # -- signing in --------------------------------------------------------------------
 
@@ -1697,10 +1684,8 @@ class _Protocol:
         the connection: a server may repeat what we sent (see redact)."""
         forms = [secret, base64.b64encode(secret.encode("utf-8")).decode("ascii"),
                  secret.replace("\\", "\\\\").replace('"', '\\"')]
-        for form in forms:
-            if len(form) >= 4 and form not in self._secrets:
-                self._secrets.append(form)
-        self._secrets.sort(key=len, reverse=True)   # a longer form before a part of it
+        kept = dict.fromkeys(self._secrets + [form for form in forms if len(form) >= 4])
+        self._secrets = sorted(kept, key=len, reverse=True)   # longer forms before their parts
 
     def redact(self, text: str) -> str:
         """``text`` from the server with every credential we sent blanked out.
@@ -1714,16 +1699,6 @@ class _Protocol:
             if secret in text:
                 text = text.replace(secret, "<redacted>")
         return text
-
-    def _gmail_login_hint(self) -> str:
-        """Gmail refuses the account's normal password over IMAP: say what works instead."""
-        gmail = "X-GM-EXT-1" in self.imap.capabilities or \
-            self.host.lower().rstrip(".").endswith((".gmail.com", ".googlemail.com"))
-        if not gmail:
-            return ""
-        return (" (Gmail needs an app password, not your Google password: Google Account -> "
-                "Security -> App passwords, which needs 2-Step Verification; and IMAP must be "
-                "on in Gmail's settings, under Forwarding and POP/IMAP)")
 
     def login(self, password: str) -> None:
         """LOGIN with both arguments quoted; non-ASCII goes as AUTHENTICATE PLAIN (UTF-8,
@@ -1740,8 +1715,15 @@ class _Protocol:
             raise
         except ImapError as exc:
             text = (f"[{exc.code}] " if exc.code else "") + exc.text
+            # Gmail refuses the account's normal password over IMAP: say what works instead.
+            gmail = "X-GM-EXT-1" in self.imap.capabilities or \
+                self.host.lower().rstrip(".").endswith((".gmail.com", ".googlemail.com"))
+            hint = (" (Gmail needs an app password, not your Google password: Google Account "
+                    "-> Security -> App passwords, which needs 2-Step Verification; and IMAP "
+                    "must be on in Gmail's settings, under Forwarding and POP/IMAP)"
+                    if gmail else "")
             raise AuthenticationError(f"{self.host} rejected the sign-in for {self.user}: "
-                                      f"{text}{self._gmail_login_hint()}", command="LOGIN",
+                                      f"{text}{hint}", command="LOGIN",
                                       status=exc.status, code=exc.code, text=text) from exc
 
     def sasl(self, mechanism: str, initial: bytes, what: str) -> None:
@@ -2344,7 +2326,11 @@ class GmailConnection:
         """
         with self._lock:
             self._connect_with_retries(first_error=None)
-        self._start_keepalive()
+        if self.keepalive and self._keepalive_thread is None:
+            self._stop.clear()
+            self._keepalive_thread = threading.Thread(
+                target=self._keepalive_loop, name="gmail_classify-keepalive", daemon=True)
+            self._keepalive_thread.start()
 
     def close(self) -> None:
         """Leave the folder without expunging, LOG OUT, stop the keepalive; never raises.
@@ -2660,15 +2646,6 @@ class GmailConnection:
 
     # -- keepalive ---------------------------------------------------------------------
 
-    def _start_keepalive(self) -> None:
-        if not self.keepalive or self._keepalive_thread is not None:
-            return
-        self._stop.clear()
-        thread = threading.Thread(target=self._keepalive_loop, name="gmail_classify-keepalive",
-                                  daemon=True)
-        self._keepalive_thread = thread
-        thread.start()
-
     def _keepalive_loop(self) -> None:
         """Send NOOP after ``keepalive`` idle seconds; record failures for the foreground."""
         interval = float(self.keepalive or 0)
@@ -2844,17 +2821,17 @@ class GmailConnection:
             return name        # a folder listed outside the personal namespace
         return prefix + mapped
 
+    def _listed_wire(self, name: str) -> Optional[bytes]:
+        """The octets LIST sent for the folder ``name``, or None when it was not listed."""
+        return next((folder.wire for folder in self._folders or ()
+                     if folder.name == name and folder.wire is not None), None)
+
     def _mailbox(self, name: str) -> Union[bytes, Literal]:
         """A folder name for the wire: a listed folder's own octets, else modified UTF-7."""
-        for folder in self._folders or ():
-            if folder.name == name and folder.wire is not None:
-                wire = folder.wire
-                if name.upper() == "INBOX":
-                    return b"INBOX"
-                if wire.isascii():
-                    return astring(wire.decode("ascii"))
-                return Literal(wire)
-        return mailbox_arg(name)
+        wire = self._listed_wire(name)
+        if wire is None or name.upper() == "INBOX":
+            return mailbox_arg(name)
+        return astring(wire.decode("ascii")) if wire.isascii() else Literal(wire)
 
     def special_folder(self, use: str) -> Optional[Folder]:
         """The folder with special-use ``use`` (``"\\\\Trash"``, ``"\\\\All"`` ...), or None.
@@ -3173,17 +3150,11 @@ class GmailConnection:
     def _search_now(self, uids: Sequence[int]) -> List[int]:
         return _search_uids(self._proto.execute("UID SEARCH", "UID", compress_uids(uids)))
 
-    def _wire_name(self, name: str) -> bytes:
-        """The octets that name ``name`` on the wire (without quoting)."""
-        for folder in self._folders or ():
-            if folder.name == name and folder.wire is not None:
-                return folder.wire
-        return b"INBOX" if name.upper() == "INBOX" else encode_mailbox(name).encode("ascii")
-
     def _names(self, named: Any, folder: str) -> bool:
         """True if ``named`` (a mailbox name as an answer gave it) is ``folder``."""
         wire = named if isinstance(named, bytes) else str(named).encode("utf-8", "surrogateescape")
-        wanted = self._wire_name(folder)
+        wanted = self._listed_wire(folder) or (
+            b"INBOX" if folder.upper() == "INBOX" else encode_mailbox(folder).encode("ascii"))
         return wire == wanted or wire.upper() == wanted.upper() == b"INBOX"
 
     def copy(self, uids: Iterable[int], destination: str) -> Dict[int, Optional[int]]:
@@ -3468,23 +3439,19 @@ class _WriteFlight:
                                                         self.conn._mailbox(destination)),
                                       chunk, destination))
 
-    def _inline(self, args: Sequence[Any]) -> bool:
-        """True if ``args`` can go without waiting for a continuation (no literal, or
-        LITERAL+/LITERAL- and a small one): only those can be pipelined."""
-        nonsync = bool({"LITERAL+", "LITERAL-"} & self.conn._proto.capabilities)
-        return all(not isinstance(arg, Literal) or (nonsync and len(arg.data) <=
-                                                    NONSYNC_LITERAL_MAX) for arg in args)
-
     def send(self) -> None:
         """Every queued command onto the wire, without reading an answer; one that needs a
-        literal's continuation is run on its own in its place.  A drop here leaves the rest
-        for land() to settle."""
+        literal's continuation (not a small one with LITERAL+/LITERAL-) is run on its own in
+        its place.  A drop here leaves the rest for land() to settle."""
         conn, proto = self.conn, self.conn._proto
         with conn._lock:
             conn._check_background()
+            nonsync = bool({"LITERAL+", "LITERAL-"} & proto.capabilities)
             try:
                 for write in self.writes:
-                    if self._inline(write.args):
+                    if all(not isinstance(arg, Literal) or (nonsync and len(arg.data) <=
+                                                            NONSYNC_LITERAL_MAX)
+                           for arg in write.args):
                         write.pending = proto.send_ahead(write.command, *write.args)
                         continue
                     try:
@@ -3592,7 +3559,13 @@ class _WriteFlight:
             elif write.command == "UID COPY" and conn.is_gmail:
                 write.result = conn.copy(write.uids, str(write.destination))
             elif write.command == "UID COPY":
-                write.result = self._settle_copy(write)
+                # Off Gmail: by the UIDNEXT from before the flight, as the class docstring says
+                safe, destination = _SafeCopy(conn), str(write.destination)
+                found = safe.arrived(write.uids, destination, write.uidnext) or {}
+                rest = [uid for uid in write.uids if uid not in found]
+                if rest:
+                    found.update(safe.copy_once(rest, destination))
+                write.result = found
             else:
                 still_here = set(conn.search(uids=write.uids))
                 write.result = {uid: None for uid in write.uids if uid not in still_here}
@@ -3605,17 +3578,6 @@ class _WriteFlight:
             if type(exc) is not ImapError or exc.status not in ("NO", "BAD"):
                 raise
             write.error = exc
-
-    def _settle_copy(self, write: _Write) -> Dict[int, Optional[int]]:
-        """A COPY off Gmail whose answer was lost: a destination UIDNEXT still where it was
-        before the flight proves it never ran; otherwise what arrived since is compared
-        with ours and only the rest is copied (see _SafeCopy.copy_once)."""
-        safe, destination = _SafeCopy(self.conn), str(write.destination)
-        found = safe.arrived(write.uids, destination, write.uidnext) or {}
-        rest = [uid for uid in write.uids if uid not in found]
-        if rest:
-            found.update(safe.copy_once(rest, destination))
-        return found
 
 
 def _new_tag(imap: imaplib.IMAP4) -> bytes:
@@ -3928,33 +3890,25 @@ def _raw_values(msg: email.message.EmailMessage, name: str) -> List[str]:
 HEADER_PARSE_LIMIT = 2048
 
 
-def _parsed_values(msg: email.message.EmailMessage, name: str, raws: List[str]) -> list:
-    """The policy-parsed header objects, None where parsing fails or cannot be trusted.
+def _plain_reading(msg: email.message.EmailMessage, name: str,
+                   read: Callable[[Any], Any]) -> Iterator[Tuple[str, Any]]:
+    """(raw value, ``read`` of its header object) for each value of one header; None where
+    the header classes could not be used or ``read`` failed (the caller reads ``raw``).
 
     policy.default turns raw 8-bit bytes into U+FFFD; such values are left to
     the caller, who repairs the raw value instead and keeps the characters.
     Values longer than HEADER_PARSE_LIMIT in all are not parsed (all None).
     """
-    if sum(map(len, raws)) > HEADER_PARSE_LIMIT:
-        return [None] * len(raws)    # too long for the header classes (see above)
-    try:
-        parsed = msg.get_all(name) or []
-    except Exception:
-        log.debug("header %s does not parse", name, exc_info=True)
-        parsed = []
-    if len(parsed) != len(raws):
-        return [None] * len(raws)
-    return [None if _has_surrogates(raw) else value for raw, value in zip(raws, parsed)]
-
-
-def _plain_reading(msg: email.message.EmailMessage, name: str,
-                   read: Callable[[Any], Any]) -> Iterator[Tuple[str, Any]]:
-    """(raw value, ``read`` of its header object) for each value of one header; None where
-    the header classes could not be used or ``read`` failed (the caller reads ``raw``)."""
     raws = _raw_values(msg, name)
-    for raw, parsed in zip(raws, _parsed_values(msg, name, raws)):
+    parsed: list = []
+    if sum(map(len, raws)) <= HEADER_PARSE_LIMIT:    # else too long for the header classes
         try:
-            value = None if parsed is None else read(parsed)
+            parsed = msg.get_all(name) or []
+        except Exception:
+            log.debug("header %s does not parse", name, exc_info=True)
+    for raw, value in zip(raws, parsed if len(parsed) == len(raws) else [None] * len(raws)):
+        try:
+            value = None if value is None or _has_surrogates(raw) else read(value)
         except Exception:
             value = None
         yield raw, value
@@ -4060,8 +4014,9 @@ def _angle_address(tokens: List[str]) -> str:
     return "".join(tokens)
 
 
-def _mailboxes_without_parse(raw: str) -> List[Tuple[str, str]]:
-    """(display name, addr-spec) pairs with an address, read without the header classes."""
+def _addresses_without_parse(raw: str) -> List[str]:
+    """What header_addresses() makes of a value the header classes found no address in:
+    the mailboxes with an address, read without those classes, else the decoded text."""
     raw = _repair_surrogates(raw)
     pairs: List[Tuple[str, str]] = []
     if len(raw) <= HEADER_PARSE_LIMIT:
@@ -4071,14 +4026,9 @@ def _mailboxes_without_parse(raw: str) -> List[Tuple[str, str]]:
             pairs = []
     if not pairs:    # long, or too odd for getaddresses (which is strict on newer Pythons)
         pairs = [pair for pair in _address_pairs(raw) if "@" in pair[1]]
-    return [(_decode_words(display), addr) for display, addr in pairs]
-
-
-def _addresses_without_parse(raw: str) -> List[str]:
-    """What header_addresses() makes of a value the header classes found no address in."""
-    found = [_format_address(display, addr) for display, addr in _mailboxes_without_parse(raw)]
+    found = [_format_address(_decode_words(display), addr) for display, addr in pairs]
     if not found:
-        text = _decode_words(_repair_surrogates(raw)).strip()
+        text = _decode_words(raw).strip()
         found = [text] if text else []
     return found
 
@@ -4437,38 +4387,25 @@ def _tidy_text(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
-def _lenient_base64(data: bytes) -> bytes:
-    """Decode base64 that may be cut off mid-line or mid-quantum (a fetched prefix)."""
-    data = re.sub(rb"[^A-Za-z0-9+/]", b"", data.split(b"=", 1)[0])
-    whole = len(data) - len(data) % 4
-    decoded = base64.b64decode(data[:whole])
-    rest = data[whole:]
-    if len(rest) >= 2:  # 2 or 3 chars still carry 1 or 2 whole bytes
-        decoded += base64.b64decode(rest + b"=" * (4 - len(rest)))
-    return decoded
-
-
 def _part_bytes(part: email.message.Message) -> bytes:
     cte = str(part.get("content-transfer-encoding", "")).strip().lower()
     if cte == "base64":
         payload = part.get_payload(decode=False)
         if isinstance(payload, str):
+            # Base64 that may be cut off mid-line or mid-quantum (a fetched prefix).
+            data = payload.encode("ascii", "ignore").split(b"=", 1)[0]
+            data = re.sub(rb"[^A-Za-z0-9+/]", b"", data)
+            whole = len(data) - len(data) % 4
+            rest = data[whole:]
             try:
-                return _lenient_base64(payload.encode("ascii", "ignore"))
+                decoded = base64.b64decode(data[:whole])
+                if len(rest) >= 2:  # 2 or 3 chars still carry 1 or 2 whole bytes
+                    decoded += base64.b64decode(rest + b"=" * (4 - len(rest)))
+                return decoded
             except (binascii.Error, ValueError):
                 return b""
     payload = part.get_payload(decode=True)
     return payload if isinstance(payload, bytes) else b""
-
-
-def _decode_with_charset(data: bytes, charset: Optional[str]) -> str:
-    """Decode with the declared charset when Python knows it as a text codec, else UTF-8."""
-    if charset:
-        try:
-            return data.decode(charset, errors="replace")
-        except (LookupError, UnicodeError, ValueError, TypeError):
-            log.debug("unknown charset %r, decoding as UTF-8", charset)
-    return data.decode("utf-8", errors="replace")
 
 
 def _is_attachment(part: email.message.Message) -> bool:
@@ -4501,7 +4438,12 @@ def body_text(raw: bytes, limit: int = BODY_PREFIX_BYTES) -> str:
             kind = part.get_content_type()
             if kind not in ("text/plain", "text/html"):
                 continue
-            text = _decode_with_charset(_part_bytes(part), part.get_content_charset())
+            data, charset = _part_bytes(part), part.get_content_charset()
+            try:    # the declared charset when Python knows it as a text codec, else UTF-8
+                text = data.decode(charset or "utf-8", errors="replace")
+            except (LookupError, UnicodeError, ValueError, TypeError):
+                log.debug("unknown charset %r, decoding as UTF-8", charset)
+                text = data.decode("utf-8", errors="replace")
             if kind == "text/plain" and text.strip():
                 return _tidy_text(text)[:limit]
             if kind == "text/html" and html_text is None:
@@ -4983,17 +4925,6 @@ def _shown(values: Sequence[str], most: int = 3) -> str:
     return text + (f" and {len(values) - most} more" if len(values) > most else "")
 
 
-def _first_hit(matcher: Matcher, values: Sequence[str],
-               normalised: Sequence[str]) -> Optional[Tuple[Pattern, str]]:
-    """The plain walk Matcher.find() short-cuts: the first pattern (in order) that matches
-    some value, and that value."""
-    for pattern in matcher.patterns:
-        for value, folded in zip(values, normalised):
-            if pattern.regex.search(value) if pattern.regex is not None else pattern.needle in folded:
-                return pattern, value
-    return None
-
-
 def _no_match(matcher: Matcher) -> str:
     return "no match for " + ", ".join(p.describe() for p in matcher.patterns)
 
@@ -5043,11 +4974,15 @@ class HeaderMatch(Condition):
 
     def explain(self, msg: MessageInfo, now: datetime) -> Verdict:
         values, normalised = _header_values(msg.headers, self.addresses, self.headers)
-        found = _first_hit(self.matcher, values, normalised)
-        if found is None:
-            return False, f"{self.key}: {_shown(values)}: {_no_match(self.matcher)}"
-        pattern, value = found
-        return True, f"{self.key}: {_quote(value)} {pattern.verb()} {pattern.describe()}"
+        # The plain walk Matcher.find() short-cuts: the first pattern (in order) that
+        # matches some value, and that value.
+        for pattern in self.matcher.patterns:
+            for value, folded in zip(values, normalised):
+                if pattern.regex.search(value) if pattern.regex is not None \
+                        else pattern.needle in folded:
+                    return True, (f"{self.key}: {_quote(value)} {pattern.verb()} "
+                                  f"{pattern.describe()}")
+        return False, f"{self.key}: {_shown(values)}: {_no_match(self.matcher)}"
 
     def needs(self) -> Needs:
         return Needs(headers=frozenset(self.headers))
@@ -5552,12 +5487,9 @@ def clean_label(text: str, separator: Optional[str] = "/") -> str:
     """A label a program printed, made safe: each ``/``-separated part cleaned as a
     templated destination's part (clean_component) but keeping its case; "" when nothing
     is left.  ``clean_label("Spam/../Evil Corp") == "Spam/EvilCorp"``."""
-    parts = []
-    for part in text.split("/"):
-        cleaned = clean_component(part, separator, keep_case=True)
-        if part.strip() and cleaned != "unknown":
-            parts.append(cleaned)
-    return "/".join(parts)
+    cleaned = (clean_component(part, separator, keep_case=True)
+               for part in text.split("/") if part.strip())
+    return "/".join(part for part in cleaned if part != "unknown")
 
 
 @dataclass(frozen=True)
@@ -5723,13 +5655,10 @@ class ProgramCondition(Condition):
 
 def _program_labels(condition: Condition, msg: MessageInfo) -> Tuple[str, ...]:
     """The labels the label_from programs of a matching rule printed for ``msg``."""
-    labels = []
-    for cond in _walk(condition):
-        if isinstance(cond, ProgramCondition) and cond.label_from:
-            answer = msg.programs.get(cond)
-            if answer is not None and answer.matched and answer.label:
-                labels.append(answer.label)
-    return tuple(labels)
+    answers = [msg.programs.get(cond) for cond in _walk(condition)
+               if isinstance(cond, ProgramCondition) and cond.label_from]
+    return tuple(answer.label for answer in answers
+                 if answer is not None and answer.matched and answer.label)
 
 
 # The condition kinds: rules-file key -> the class that reads it (Condition.from_rules).
@@ -5822,25 +5751,14 @@ def clean_component(value: str, separator: Optional[str] = "/", keep_case: bool 
     """
     text = unicodedata.normalize("NFKC", value).strip()
     text = text if keep_case else text.lower()
-    try:
+    with contextlib.suppress(UnicodeError, ValueError):
         text = text.encode("idna").decode("ascii")
-    except (UnicodeError, ValueError):
-        pass
     text = re.sub(r"[^A-Za-z0-9.-]+" if keep_case else r"[^a-z0-9.-]+", "", text)
     if separator and separator not in ("-",):
         text = text.replace(separator, "-")
     text = re.sub(r"\.{2,}", ".", text)
     text = text.strip(".-")[:_COMPONENT_MAX].strip(".-")
     return text or "unknown"
-
-
-def _sender_domain(msg: MessageInfo) -> str:
-    """The domain of the first From address: of its addr-spec, never of its display name
-    ('"support@paypal.com" <phisher@evil.example>' is evil.example)."""
-    for _, address in _header_mailboxes(msg.headers, "from")[:1]:
-        if "@" in address:
-            return address.rpartition("@")[2]
-    return ""
 
 
 def expand_template(text: str, msg: MessageInfo, separator: Optional[str] = "/") -> str:
@@ -5852,10 +5770,14 @@ def expand_template(text: str, msg: MessageInfo, separator: Optional[str] = "/")
     pieces = split_template(text)
     if not any(is_field for is_field, _ in pieces):
         return "".join(piece for _, piece in pieces)
+    # The sender's domain is the first From address's, of its addr-spec, never of its
+    # display name ('"support@paypal.com" <phisher@evil.example>' is evil.example).
+    domain = next((address.rpartition("@")[2] for _, address in
+                   _header_mailboxes(msg.headers, "from")[:1] if "@" in address), "")
     date = msg.date
     values = {"year": f"{date.year:04d}" if date else "unknown",
               "month": f"{date.month:02d}" if date else "unknown",
-              "sender_domain": clean_component(_sender_domain(msg), separator)}
+              "sender_domain": clean_component(domain, separator)}
     return "".join(values[piece] if is_field else piece for is_field, piece in pieces)
 
 
@@ -5971,11 +5893,7 @@ class Actions:
         """These actions with templated destinations filled in for ``msg``."""
         if not self.templates():
             return self
-        labels: List[str] = []
-        for label in self.labels:
-            name = expand_template(label, msg, separator)
-            if name not in labels:
-                labels.append(name)
+        labels = dict.fromkeys(expand_template(label, msg, separator) for label in self.labels)
         move = expand_template(self.move, msg, separator) if self.move else None
         return dataclasses.replace(self, labels=tuple(labels), move=move)
 
@@ -6188,10 +6106,6 @@ class Ruleset:
 
 # --- Rules files: validation -------------------------------------------------------------
 
-def _condition_keys() -> Tuple[str, ...]:
-    return tuple(_CONDITION_KINDS)
-
-
 def _action_keys() -> Tuple[str, ...]:
     return ("label", "move", "archive") + tuple(_FLAG_ACTION_ROWS) + ("trash",)
 
@@ -6203,12 +6117,12 @@ def _option_keys() -> Tuple[str, ...]:
 
 
 def _rule_keys() -> Tuple[str, ...]:
-    return ("name", "continue") + _condition_keys() + _action_keys() + _option_keys()
+    return ("name", "continue") + tuple(_CONDITION_KINDS) + _action_keys() + _option_keys()
 
 
 # The built-in keys, from the tables in the Rule engine (validation reads the tables
 # themselves, so a key added by Ruleset.add_condition or a new flag-action row counts too).
-CONDITION_KEYS = _condition_keys()
+CONDITION_KEYS = tuple(_CONDITION_KINDS)
 ACTION_KEYS = _action_keys()
 RULE_KEYS = _rule_keys()
 TOP_LEVEL_KEYS = ("rule", "account", "test")
@@ -6439,19 +6353,9 @@ def _parse_condition_table(where: _Where, path: str, value: Any) -> Condition:
             raise where.error(path, f"'{key}' is not a condition; put it at the top level of "
                                     "the rule (only conditions go inside any / all / not)")
         if key not in _CONDITION_KINDS:
-            raise where.error(path, _unknown_key(key, _condition_keys(), "known conditions"))
+            raise where.error(path, _unknown_key(key, _CONDITION_KINDS, "known conditions"))
         parts.extend(_parse_one_condition(where, f"{path}.{key}", key, item, value))
     return _combine(parts)
-
-
-def _parse_labels(where: _Where, value: Any) -> Tuple[str, ...]:
-    what = "a string or a list of strings"
-    items = value if isinstance(value, list) else [value]
-    if isinstance(value, list) and not value:
-        raise where.error("label", f"expected {what}, got an empty list")
-    return tuple(dict.fromkeys(    # each label once, in order
-        _check_text(where, f"label[{i}]" if isinstance(value, list) else "label", item, what)
-        for i, item in enumerate(items, 1)))
 
 
 def _parse_actions(where: _Where, rule: dict, problems: _Problems, required: bool = True) -> Actions:
@@ -6459,7 +6363,13 @@ def _parse_actions(where: _Where, rule: dict, problems: _Problems, required: boo
     bad = len(problems.lines)
     if "label" in rule:
         with problems.catch():
-            values["labels"] = _parse_labels(where, rule["label"])
+            value, what = rule["label"], "a string or a list of strings"
+            listed = isinstance(value, list)
+            if listed and not value:
+                raise where.error("label", f"expected {what}, got an empty list")
+            values["labels"] = tuple(dict.fromkeys(    # each label once, in order
+                _check_text(where, f"label[{i}]" if listed else "label", item, what)
+                for i, item in enumerate(value if listed else [value], 1)))
     if "move" in rule:
         with problems.catch():
             values["move"] = _check_text(where, "move", rule["move"], "a folder name")
@@ -6520,7 +6430,7 @@ def _parse_rule(source: str, position: int, rule: Any, problems: _Problems) -> O
     # A misspelt key is most likely the missing condition or action: say it once.
     if not unknown and not any(key in _CONDITION_KINDS for key in rule):
         problems.add(where.error("", "no condition; add at least one of "
-                                     + ", ".join(_condition_keys())))
+                                     + ", ".join(_CONDITION_KINDS)))
     actions = Actions()
     with problems.catch():
         # a label a program prints (label_from) is an action of its own
@@ -6533,18 +6443,6 @@ def _parse_rule(source: str, position: int, rule: Any, problems: _Problems) -> O
         return None
     return Rule(name=name or f"rule {position}", position=position,
                 condition=_combine(parts), actions=actions, continue_=keep_going)
-
-
-def _parse_account(source: str, value: Any, problems: _Problems) -> Dict[str, Any]:
-    where = _Where(source)
-    if not isinstance(value, dict):
-        problems.add(where.error("account", f"expected a table, got {_quote(value)}"))
-        return {}
-    account: Dict[str, Any] = {}
-    for key, item in value.items():
-        with problems.catch():
-            _parse_account_key(where, key, item, account)
-    return account
 
 
 def _parse_account_key(where: _Where, key: str, item: Any, account: Dict[str, Any]) -> None:
@@ -6842,8 +6740,12 @@ def parse_rules(doc: Any, source: str = "<rules>") -> Ruleset:
     if isinstance(doc.get("account"), list):      # [[account]] tables: several accounts
         accounts = _parse_accounts(source, doc["account"], problems,
                                    None if None in parsed else [r.name for r in parsed])
+    elif isinstance(doc.get("account"), dict):
+        for key, item in doc["account"].items():
+            with problems.catch():
+                _parse_account_key(where, key, item, account)
     elif "account" in doc:
-        account = _parse_account(source, doc["account"], problems)
+        problems.add(where.error("account", f"expected a table, got {_quote(doc['account'])}"))
     tests: Tuple[RuleTest, ...] = ()
     tables = doc.get("test", [])
     if not isinstance(tables, list):
@@ -7134,10 +7036,8 @@ class _TomlReader:
 
     def simple_key(self) -> str:
         char = self.peek()
-        if char == '"' and self.peek(3) != '"""':
-            return self.basic_string()
-        if char == "'" and self.peek(3) != "'''":
-            return self.literal_string()
+        if char in ('"', "'") and self.peek(3) != char * 3:
+            return self.string(char)
         bare = _TOML_BARE_KEY.match(self.text, self.pos)
         if not bare:
             raise self.fail(f"expected a key (letters, digits, '_' and '-', or a quoted "
@@ -7149,14 +7049,10 @@ class _TomlReader:
 
     def value(self) -> Any:
         char = self.peek()
-        if self.peek(3) == '"""':
-            return self.multiline_string('"')
-        if char == '"':
-            return self.basic_string()
-        if self.peek(3) == "'''":
-            return self.multiline_string("'")
-        if char == "'":
-            return self.literal_string()
+        if char in ('"', "'"):
+            if self.peek(3) == char * 3:
+                return self.multiline_string(char)
+            return self.string(char)
         if char == "[":
             return self.array()
         if char == "{":
@@ -7235,36 +7131,24 @@ class _TomlReader:
         self.depth -= 1
         return table
 
-    def literal_string(self) -> str:
-        start = self.pos
-        self.pos += 1
-        end = self.pos
-        while end < len(self.text) and self.text[end] != "'":
-            if _TOML_CONTROL.match(self.text[end]):
-                raise self.fail("unterminated string" if self.text[end] in "\r\n"
-                                else "control character in a string", end)
-            end += 1
-        if end >= len(self.text):
-            raise self.fail("unterminated string", start)
-        self.pos = end + 1
-        return self.text[start + 1:end]
-
-    def basic_string(self) -> str:
+    def string(self, quote: str) -> str:
+        """A one-line basic (quote ``"``) or literal (``'``) string; only basic has escapes."""
         start = self.pos
         self.pos += 1
         parts: List[str] = []
         while True:
             char = self.peek()
-            if not char or char in "\r\n":
-                raise self.fail("unterminated string", start)
-            if char == '"':
+            if not char or char in "\r\n":    # a literal string points at the line break
+                raise self.fail("unterminated string",
+                                self.pos if char and quote == "'" else start)
+            if char == quote:
                 self.pos += 1
                 return "".join(parts)
-            if char == "\\":
+            if char == "\\" and quote == '"':
                 parts.append(self.escape())
             elif _TOML_CONTROL.match(char):
-                raise self.fail("control character in a string; write it as an escape "
-                                "such as \\t or \\u0001")
+                raise self.fail("control character in a string" + (
+                    "; write it as an escape such as \\t or \\u0001" if quote == '"' else ""))
             else:
                 parts.append(char)
                 self.pos += 1
@@ -7491,11 +7375,7 @@ def load_rules(path: Any) -> Ruleset:
     problem = trust_problem(source, status=status) if acts else None
     if problem:
         raise RulesError(f"{problem}; refusing a rules file that holds {acts[0]}")
-    return _load_account_files(rules) if rules.accounts else rules
-
-
-def _load_account_files(rules: Ruleset) -> Ruleset:
-    """Load the rules files [[account]] tables name (relative to this file's directory)."""
+    # The rules files [[account]] tables name, relative to this file's directory.
     loaded: Dict[str, Ruleset] = {}
     for table in rules.accounts:
         if not isinstance(table.get("rules"), str):
@@ -7506,7 +7386,7 @@ def _load_account_files(rules: Ruleset) -> Ruleset:
             raise RulesError(f"{path}: the rules of account {table['name']!r} may not hold "
                              f"[[account]] tables of their own")
         loaded[table["name"]] = other
-    return dataclasses.replace(rules, account_files=loaded)
+    return dataclasses.replace(rules, account_files=loaded) if rules.accounts else rules
 
 
 def run_rule_tests(rules: Ruleset, now: Optional[datetime] = None) -> List[str]:
@@ -7700,8 +7580,7 @@ def builtin_rules() -> Ruleset:
 # (str, int, bool, lists, tables) out, the same data back through load_rules. TOML gets
 # comments (a header, and lines above each rule); JSON has no comments.
 
-_TOML_WRITE_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n",
-                 "\f": "\\f", "\r": "\\r"}
+_TOML_WRITE_ESCAPES = {char: "\\" + code for code, char in _TOML_ESCAPES.items()}  # inverted
 
 
 def _toml_string(text: str) -> str:
@@ -7794,10 +7673,8 @@ def _replace_privately(path: Path, text: str) -> None:
             finally:
                 os.close(dir_fd)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(temporary)
-        except OSError:
-            pass
         raise
 
 
@@ -7820,10 +7697,8 @@ def write_rules_file(path: Any, text: str, force: bool = False) -> None:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(text)
         except BaseException:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(path)     # ours alone (O_EXCL): leave no half-written file behind
-            except OSError:
-                pass
             raise
     except FileExistsError:
         raise RulesError(f"{path} already exists; pass --force to overwrite it") from None

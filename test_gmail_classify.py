@@ -18864,6 +18864,70 @@ def _bench_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
+# --- Issue 16: a shorter file ------------------------------------------------------------
+
+
+class StatusAnswerNamesTest(FakeServerTest):
+    """A STATUS answer counts for the folder it names, by its octets; only INBOX is
+    matched without regard to case (RFC 3501 §5.1)."""
+
+    def test_a_status_line_for_another_case_of_the_name_is_not_taken(self):
+        conn = self.connect()
+        conn.create_folder("Work")
+        self.server.add_fault("STATUS", action="unsolicited", when="before",
+                              text="* STATUS WORK (MESSAGES 99 UIDNEXT 5 UIDVALIDITY 7)")
+        self.assertEqual(conn.status("Work")["MESSAGES"], 0)
+
+    def test_a_status_line_naming_inbox_in_lower_case_is_inbox(self):
+        conn = self.connect()
+        self.server.add_fault("STATUS", action="unsolicited", when="before",
+                              text="* STATUS inbox (MESSAGES 77 UIDNEXT 80 UIDVALIDITY 3)")
+        self.assertEqual(conn.status("INBOX")["MESSAGES"], 77)
+
+
+class CutBase64BodyTest(unittest.TestCase):
+    """A fetched prefix may end inside a base64 part: line breaks are not counted when
+    the whole quanta are split from the rest."""
+
+    def test_a_cut_part_with_an_odd_line_break_still_reads(self):
+        raw = (b"Content-Type: text/plain; charset=utf-8\r\n"
+               b"Content-Transfer-Encoding: base64\r\n\r\nSGVsbG8g\r\nd29ybGQhSGk")
+        self.assertEqual(gc.body_text(raw), "Hello world!Hi")
+
+
+class RedactedFormsTest(unittest.TestCase):
+    """What the protocol engine keeps out of every text it passes on (_Protocol.redact)."""
+
+    def engine(self) -> "gc._Protocol":
+        return gc._Protocol("127.0.0.1", USER, 5, gc.Stop())
+
+    def test_a_four_character_secret_is_blanked_and_a_shorter_one_is_not(self):
+        proto = self.engine()
+        proto.remember_secret("abc")
+        proto.remember_secret("wxyz")
+        self.assertEqual(proto.redact("abc wxyz"), "abc <redacted>")
+
+    def test_a_longer_secret_goes_before_one_it_contains(self):
+        proto = self.engine()
+        proto.remember_secret("hunter2")    # a password, then a changed one that holds it
+        proto.remember_secret("hunter22")
+        self.assertEqual(proto.redact("NO LOGIN hunter22"), "NO LOGIN <redacted>")
+
+
+class EightBitAddressCommentTest(unittest.TestCase):
+    """An address value the header classes cannot be trusted with (raw 8-bit bytes): a
+    short one is read by email.utils.getaddresses, a long one by the linear reader."""
+
+    def test_a_raw_utf8_comment_stays_the_display_name(self):
+        headers = gc.parse_headers(b"From: (B\xc3\xb6b) bob@x.example\r\n\r\n")
+        self.assertEqual(gc.header_addresses(headers, "from"), ["B\u00f6b <bob@x.example>"])
+
+    def test_a_long_one_is_read_in_linear_time_without_its_comment(self):
+        comment = b"(B\xc3\xb6b " + b"x" * gc.HEADER_PARSE_LIMIT + b")"
+        headers = gc.parse_headers(b"From: " + comment + b" bob@x.example\r\n\r\n")
+        self.assertEqual(gc.header_addresses(headers, "from"), ["bob@x.example"])
+
+
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the
     # bench-* forms are its helper processes. Anything else runs the tests.

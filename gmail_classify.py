@@ -4394,10 +4394,37 @@ def _cached(msg: email.message.EmailMessage, kind: str, name: str) -> List[str]:
     return list(values)
 
 
+# Decoded values by (kind, header name, raw values): a mailbox holds the same senders,
+# recipients, lists and many of the same subjects again and again, and what a header
+# decodes to depends on those alone (the reference path reads the same values from the
+# message), so each is decoded once per run.  Bounded: emptied when full; long values
+# (rare, and each would take much room) and message IDs (each unique, and cheap to read)
+# are decoded every time.
+_DECODED: Dict[Tuple[str, str, Tuple[str, ...]], Tuple[str, ...]] = {}
+_DECODED_MAX = 4096
+_DECODED_LONGEST = 1024
+
+
 def _decode_header(msg: email.message.EmailMessage, raws: List[str], kind: str,
                    name: str) -> List[str]:
+    """The values ``raws`` of header ``name`` (lower case) of ``msg``, decoded as
+    header_text() (``kind`` "text") or header_addresses() ("addresses") return them."""
     if not raws:
         return []
+    if sum(map(len, raws)) > _DECODED_LONGEST or _header_kind(name) == "msgid":
+        return _decode_values(msg, raws, kind, name)
+    key = (kind, name, tuple(raws))
+    found = _DECODED.get(key)
+    if found is None:
+        found = tuple(_decode_values(msg, raws, kind, name))
+        if len(_DECODED) >= _DECODED_MAX:
+            _DECODED.clear()
+        _DECODED[key] = found
+    return list(found)
+
+
+def _decode_values(msg: email.message.EmailMessage, raws: List[str], kind: str,
+                   name: str) -> List[str]:
     raws = _bounded(raws)
     registry_kind = _header_kind(name)
     if any(_has_surrogates(raw) for raw in raws):

@@ -18973,6 +18973,57 @@ class FetchLineFastPathTest(unittest.TestCase):
                                      _parsed_shape(gc._parse_plain(line)))
 
 
+
+class DecodedOnceTest(unittest.TestCase):
+    """Header values met again (the same sender, recipient, list or subject) are decoded
+    once per run, with the same result as decoding them afresh."""
+
+    NAMES = FastPathTest.NAMES
+
+    def setUp(self):
+        patcher = mock.patch.dict(gc._DECODED, clear=True)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_values_met_again_read_as_the_plain_path(self):
+        blocks = tricky_header_blocks()
+        plain = email.parser.BytesParser(policy=email.policy.default)
+        for rounds in ("decoded", "remembered"):
+            for raw in blocks:
+                fast, reference = parse_headers(raw), plain.parsebytes(raw, headersonly=True)
+                for name in self.NAMES:
+                    want = (gc._plain_header_text(reference, name),
+                            gc._plain_header_addresses(reference, name))
+                    got = (header_text(fast, name), header_addresses(fast, name))
+                    header_addresses(fast, name).append("x")     # a copy each time
+                    if got != want or header_addresses(fast, name) != want[1]:
+                        self.fail("%s %r, %s: %r, plain %r" % (rounds, raw, name, got, want))
+        self.assertTrue(gc._DECODED)
+
+    def test_a_sender_met_again_is_not_decoded_again(self):
+        first = parse_headers(b"From: =?utf-8?q?J=C3=B6rg?= <j@example.de>\r\nMessage-ID: <1@x>\r\n\r\n")
+        again = parse_headers(b"From: =?utf-8?q?J=C3=B6rg?= <j@example.de>\r\nMessage-ID: <1@x>\r\n\r\n")
+        other = parse_headers(b"From: Jorg <j@example.de>\r\n\r\n")
+        with mock.patch.object(gc, "_decode_values", wraps=gc._decode_values) as decode:
+            for msg in (first, again, other):
+                self.assertEqual(header_addresses(msg, "from")[0].split(" <")[1], "j@example.de>")
+                header_text(msg, "message-id")
+        self.assertEqual([call.args[2:] for call in decode.call_args_list],
+                         [("addresses", "from"), ("text", "message-id"), ("text", "message-id"),
+                          ("addresses", "from")])
+        self.assertEqual(header_addresses(again, "from"), ["Jörg <j@example.de>"])
+
+    def test_the_table_stays_small(self):
+        long_value = "x" * (gc._DECODED_LONGEST + 1)
+        msg = parse_headers(("Subject: %s\r\n\r\n" % long_value).encode())
+        self.assertEqual(header_text(msg, "subject"), [long_value])
+        self.assertEqual(gc._DECODED, {})           # long values are not kept
+        for n in range(gc._DECODED_MAX + 5):
+            gc._decode_header(msg, ["s%d" % n], "text", "subject")
+            self.assertLessEqual(len(gc._DECODED), gc._DECODED_MAX)
+        self.assertEqual(gc._decode_header(msg, ["s1"], "text", "subject"), ["s1"])
+
+
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the
     # bench-* forms are its helper processes. Anything else runs the tests.

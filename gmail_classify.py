@@ -4948,13 +4948,15 @@ class Matcher:
                 re.compile("|".join(needles)) if needles else None,
                 tuple(p.regex for p in self.patterns if p.regex is not None))
         plain, regexes = quick
+        hit = False
         if plain is not None:
             if normalised is None:
                 normalised = [_normalise(value) for value in values]
-            plain_hit = any(plain.search(value) for value in normalised)
-        else:
-            plain_hit = False
-        if not plain_hit and not any(r.search(v) for r in regexes for v in values):
+            for value in normalised:        # a loop, not any(): most calls see one value
+                if plain.search(value):
+                    hit = True
+                    break
+        if not hit and not (regexes and any(r.search(v) for r in regexes for v in values)):
             return None
         for pattern in self.patterns:
             if pattern.regex is not None:

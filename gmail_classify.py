@@ -807,7 +807,8 @@ class _NotSimple(Exception):
     pass
 
 
-def _parse_fast(data: bytes) -> List[Any]:
+def _parse_fast(data: bytes, depth: int = 0) -> List[Any]:
+    """The tokenizer's parse_response(); ``depth``: lists already open around ``data``."""
     values: List[Any] = []
     current = values
     stack: List[List[Any]] = []
@@ -835,7 +836,7 @@ def _parse_fast(data: bytes) -> List[Any]:
                 current.append(_unescape(text) if b"\\" in text
                                else text.decode("utf-8", "surrogateescape"))
             elif opened:
-                if len(stack) >= MAX_NESTING:
+                if len(stack) + depth >= MAX_NESTING:
                     raise _NotSimple()   # the plain reader says so, as a ProtocolError
                 stack.append(current)
                 current.append([])
@@ -858,6 +859,115 @@ def _parse_fast(data: bytes) -> List[Any]:
     return values
 
 
+def _weight(value: Any, depth: int = 0) -> int:
+    """Roughly the bytes a parsed value holds: its text, plus a little per list and atom.
+
+    A FETCH answer is mostly a flat list of atoms, numbers and literals: those are
+    weighed in the loop, and only nested lists cost a call."""
+    if isinstance(value, (bytes, str)):
+        return len(value) + 8
+    if not isinstance(value, list) or depth >= MAX_NESTING:
+        return 8
+    total = 16
+    for item in value:
+        if isinstance(item, (bytes, str)):
+            total += len(item) + 8
+        elif isinstance(item, list):
+            total += _weight(item, depth + 1)
+        else:
+            total += 8
+    return total
+
+
+# The fetch-line fast path: the answer to a headers-only FETCH is the same few items per
+# message (``1 FETCH (UID 1 FLAGS (\\Seen) BODY[HEADER.FIELDS (FROM)] {24}`` + literal +
+# ``)``), so one pattern reads a whole item (its name, and a number, a list of plain atoms,
+# a quoted string without escapes or a literal's size) where the tokenizer takes several
+# tokens, and the literal is sliced out of the line.  Its name alternative is the
+# tokenizer's atom (group 7 of _TOKEN) and each value one the tokenizer reads as one token
+# (or one list of them), so the values are the same.  At the first item it does not know
+# (BODYSTRUCTURE, labels in quotes, odd spacing...) the tokenizer reads the rest of the
+# line; anything either one cannot read goes back to parse_response's own paths, which
+# keep every limit and refuse exactly what they refuse.
+_FETCH_HEAD = re.compile(rb"([0-9]+) FETCH \(")
+_FETCH_ITEM = re.compile(rb"""
+    ([A-Z][A-Z0-9.-]*(?:\[[^\[\]\r\n]*\](?:<[0-9]+>)?)?)[ ](?:  # 1: the item's name (an atom)
+      ([0-9]+)(?=[ )])                                     # 2: a number
+    | \(((?:[^ ()"{\r\n\[\]]+(?:[ ][^ ()"{\r\n\[\]]+)*)?)\)(?=[ )])  # 3: a list of plain atoms
+    | "([^"\\\r\n]*)"(?=[ )])                                # 4: a quoted string, no escapes
+    | ~?\{([0-9]+)\+?\}\r\n                                 # 5: a literal's size
+    )""", re.VERBOSE)
+
+
+def _parse_fetch(data: bytes) -> Optional[Tuple[List[Any], int]]:
+    """parse_response() of a FETCH line by whole items (see above), with the _weight() of
+    its attribute list worked out on the way; None when ``data`` does not start as a FETCH
+    line; raises _NotSimple where the other paths must decide."""
+    head = _FETCH_HEAD.match(data)
+    if head is None:
+        return None
+    items: List[Any] = []
+    atoms = _ATOM_VALUES
+    match = _FETCH_ITEM.match
+    pos, end = head.end(), len(data)
+    weight = 16                 # as _weight(items): 16 a list, 8 + its length a str or bytes
+    while True:
+        item = match(data, pos)
+        if item is None:
+            break
+        name, number, words, text, size = item.groups()
+        value = atoms.get(name, _MISSING)
+        if value is _MISSING:
+            value = _atom_value(name)
+        items.append(value)
+        weight += len(value) + 16 if value.__class__ is str else 16    # and 8 for its value
+        pos = item.end()
+        if number is not None:
+            items.append(Number(number.decode("ascii")))
+        elif words is not None:
+            listed: List[Any] = []
+            weight += 8
+            for word in words.split(b" ") if words else ():
+                value = atoms.get(word, _MISSING)
+                if value is _MISSING:
+                    value = _atom_value(word)
+                listed.append(value)
+                weight += len(value) + 8 if value.__class__ is str else 8
+            items.append(listed)
+        elif text is not None:
+            items.append(text.decode("utf-8", "surrogateescape"))
+            weight += len(items[-1])
+        else:
+            count = int(size)
+            if pos + count > end:
+                raise _NotSimple()
+            items.append(data[pos:pos + count])
+            weight += count
+            pos += count
+        if data.startswith(b" ", pos):
+            pos += 1
+    if pos != end - 1 or data[pos] != 0x29:    # more than the closing ")": the tokenizer's
+        if pos >= end or data[end - 1] != 0x29:
+            raise _NotSimple()
+        rest = _parse_fast(data[pos:end - 1], depth=1)
+        items += rest
+        weight += _weight(rest) - 16
+    return [Number(head.group(1).decode("ascii")), "FETCH", items], weight
+
+
+def _parse_weighed(data: bytes) -> Tuple[List[Any], Optional[int]]:
+    """parse_response(), and the _weight() of a FETCH line's attribute list when the
+    fetch-line fast path read it (None otherwise: the caller weighs it if it must)."""
+    try:
+        fetched = _parse_fetch(data)
+        if fetched is not None:
+            return fetched
+        return _parse_fast(data), None
+    except _NotSimple:
+        pass
+    return _parse_plain(data), None
+
+
 def parse_response(data: bytes) -> List[Any]:
     """Parse one untagged response (without the leading ``* ``) into Python values.
 
@@ -865,11 +975,7 @@ def parse_response(data: bytes) -> List[Any]:
     returns ``[3, "FETCH", ["UID", 7, "FLAGS", ["\\\\Seen"], "BODY[HEADER.FIELDS (FROM)]", b"ab\\r\\n"]]``.
     Raises ProtocolError, quoting the fragment, for malformed input.
     """
-    try:
-        return _parse_fast(data)
-    except _NotSimple:
-        pass
-    return _parse_plain(data)
+    return _parse_weighed(data)[0]
 
 
 def _parse_plain(data: bytes) -> List[Any]:
@@ -1469,26 +1575,6 @@ class _Pending:
     budget: Optional["_AnswerBudget"] = None    # what those cost (see _Protocol._early)
 
 
-def _weight(value: Any, depth: int = 0) -> int:
-    """Roughly the bytes a parsed value holds: its text, plus a little per list and atom.
-
-    A FETCH answer is mostly a flat list of atoms, numbers and literals: those are
-    weighed in the loop, and only nested lists cost a call."""
-    if isinstance(value, (bytes, str)):
-        return len(value) + 8
-    if not isinstance(value, list) or depth >= MAX_NESTING:
-        return 8
-    total = 16
-    for item in value:
-        if isinstance(item, (bytes, str)):
-            total += len(item) + 8
-        elif isinstance(item, list):
-            total += _weight(item, depth + 1)
-        else:
-            total += 8
-    return total
-
-
 class _AnswerBudget:
     """What one command's answer has cost so far, against MAX_UNREQUESTED_ANSWERS,
     MAX_UNREQUESTED_BYTES and MAX_KEPT_BYTES; ``kept`` also merges a FETCH's answers per
@@ -1519,9 +1605,10 @@ class _AnswerBudget:
             raise self._refuse(f"more than {MAX_UNREQUESTED_BYTES} bytes of untagged answers "
                                f"it did not ask for")
 
-    def kept(self, untagged: List[List[Any]], item: List[Any], size: int) -> None:
+    def kept(self, untagged: List[List[Any]], item: List[Any], size: int,
+             weight: Optional[int] = None) -> None:
         """Keep ``item`` (``size`` bytes on the wire) in ``untagged``, or merge it into the
-        FETCH already kept for the same UID."""
+        FETCH already kept for the same UID; ``weight``: _weight(item[2]) if known."""
         uid = _fetch_uid(item) if _untagged_kind(item) == "FETCH" else None
         if uid is not None and uid in self._by_uid:
             earlier, weight = self._by_uid[uid]
@@ -1535,7 +1622,7 @@ class _AnswerBudget:
             if len(untagged) >= MAX_KEPT_UNTAGGED:
                 raise self._refuse(f"more than {MAX_KEPT_UNTAGGED} answers")
             if uid is not None:
-                size = _weight(item[2])
+                size = _weight(item[2]) if weight is None else weight
                 self._by_uid[uid] = (item, size)
             self.kept_bytes += size
             untagged.append(item)
@@ -2073,7 +2160,7 @@ class _Protocol:
                 if not self._plausible(body, command):
                     budget.unasked(len(raw), update=False)
                     continue
-                parsed = parse_response(body)
+                parsed, weight = _parse_weighed(body)
                 self.note_untagged(parsed)
                 if on_untagged is not None:
                     on_untagged(parsed)
@@ -2082,10 +2169,10 @@ class _Protocol:
                     if any(_fetch_uid(item) == _fetch_uid(parsed) for item in oversized):
                         budget.unasked(len(raw) + sum(dropped), update=True)
                     else:
-                        budget.kept(oversized, parsed, len(raw))
+                        budget.kept(oversized, parsed, len(raw), weight)
                 elif keep(parsed):
-                    budget.kept(untagged, parsed, len(raw))
-                elif not self._early(parsed, tag, len(raw)):
+                    budget.kept(untagged, parsed, len(raw), weight)
+                elif not self._early(parsed, tag, len(raw), weight):
                     budget.unasked(len(raw), update=_untagged_kind(parsed) in _STATE_UPDATES)
             elif raw.startswith(tag + b" "):
                 response = self._tagged(raw[len(tag) + 1:], untagged, oversized)
@@ -2112,14 +2199,16 @@ class _Protocol:
                 yield pending
             seen = seen or pending.tag == tag
 
-    def _early(self, parsed: List[Any], tag: bytes, size: int) -> bool:
-        """Keep ``parsed`` (``size`` bytes) for a later command that wants it, within that
-        command's own answer budget; True if one did."""
+    def _early(self, parsed: List[Any], tag: bytes, size: int,
+               weight: Optional[int] = None) -> bool:
+        """Keep ``parsed`` (``size`` bytes; ``weight`` as for _AnswerBudget.kept) for a
+        later command that wants it, within that command's own answer budget; True if one
+        did."""
         for pending in self._later(tag):
             if (pending.keep or _needed_by(pending.command))(parsed):
                 if pending.budget is None:
                     pending.budget = _AnswerBudget(pending.command)
-                pending.budget.kept(pending.early, parsed, size)
+                pending.budget.kept(pending.early, parsed, size, weight)
                 return True
         return False
 
@@ -4255,10 +4344,37 @@ def _cached(msg: email.message.EmailMessage, kind: str, name: str) -> List[str]:
     return list(values)
 
 
+# Decoded values by (kind, header name, raw values): a mailbox holds the same senders,
+# recipients, lists and many of the same subjects again and again, and what a header
+# decodes to depends on those alone (the reference path reads the same values from the
+# message), so each is decoded once per run.  Bounded: emptied when full; long values
+# (rare, and each would take much room) and message IDs (each unique, and cheap to read)
+# are decoded every time.
+_DECODED: Dict[Tuple[str, str, Tuple[str, ...]], Tuple[str, ...]] = {}
+_DECODED_MAX = 4096
+_DECODED_LONGEST = 1024
+
+
 def _decode_header(msg: email.message.EmailMessage, raws: List[str], kind: str,
                    name: str) -> List[str]:
+    """The values ``raws`` of header ``name`` (lower case) of ``msg``, decoded as
+    header_text() (``kind`` "text") or header_addresses() ("addresses") return them."""
     if not raws:
         return []
+    if sum(map(len, raws)) > _DECODED_LONGEST or _header_kind(name) == "msgid":
+        return _decode_values(msg, raws, kind, name)
+    key = (kind, name, tuple(raws))
+    found = _DECODED.get(key)
+    if found is None:
+        found = tuple(_decode_values(msg, raws, kind, name))
+        if len(_DECODED) >= _DECODED_MAX:
+            _DECODED.clear()
+        _DECODED[key] = found
+    return list(found)
+
+
+def _decode_values(msg: email.message.EmailMessage, raws: List[str], kind: str,
+                   name: str) -> List[str]:
     raws = _bounded(raws)
     registry_kind = _header_kind(name)
     if any(_has_surrogates(raw) for raw in raws):
@@ -4774,13 +4890,15 @@ class Matcher:
                 re.compile("|".join(needles)) if needles else None,
                 tuple(p.regex for p in self.patterns if p.regex is not None))
         plain, regexes = quick
+        hit = False
         if plain is not None:
             if normalised is None:
                 normalised = [_normalise(value) for value in values]
-            plain_hit = any(plain.search(value) for value in normalised)
-        else:
-            plain_hit = False
-        if not plain_hit and not any(r.search(v) for r in regexes for v in values):
+            for value in normalised:        # a loop, not any(): most calls see one value
+                if plain.search(value):
+                    hit = True
+                    break
+        if not hit and not (regexes and any(r.search(v) for r in regexes for v in values)):
             return None
         for pattern in self.patterns:
             if pattern.regex is not None:

@@ -18927,6 +18927,180 @@ class EightBitAddressCommentTest(unittest.TestCase):
         headers = gc.parse_headers(b"From: " + comment + b" bob@x.example\r\n\r\n")
         self.assertEqual(gc.header_addresses(headers, "from"), ["bob@x.example"])
 
+# --- Issue 17: the CPU on the hot path ---------------------------------------------------
+
+
+def _parsed_shape(value: Any) -> Any:
+    """A parsed value with each leaf's type: Number("0123") and 123 read alike otherwise."""
+    if isinstance(value, list):
+        return [_parsed_shape(item) for item in value]
+    return (type(value).__name__, value if isinstance(value, bytes) else str(value))
+
+
+def _parse_outcome(parse: Callable[[bytes], Any], data: bytes) -> Any:
+    try:
+        return _parsed_shape(parse(data))
+    except gc.ProtocolError as exc:
+        return "error: %s" % exc
+
+
+def _fetch_lines(rng: random.Random, count: int) -> List[bytes]:
+    """FETCH answer lines as servers send them (Gmail's and Dovecot's orders, the bench
+    corpus's header blocks), then the same lines broken in every way a piece can break
+    them: literals holding ")" and CRLF, 8-bit bytes, quoted and escaped labels, NIL, odd
+    spacing, lower case, cut short, huge counts, nesting at the limit."""
+    headers = [raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" for raw, _ in bench_corpus(40)]
+    headers += [b"Subject: =?utf-8?q?caf=C3=A9?= )\r\n\r\n", b"From: \xc3\xa9 <a@b>\r\n\r\n)", b""]
+    items = [b"UID %d", b"FLAGS (\\Seen $Label1)", b"FLAGS ()", b"RFC822.SIZE %d",
+             b'INTERNALDATE "13-Dec-2025 07:47:35 +0000"', b"X-GM-MSGID 17000000000000%d",
+             b"X-GM-LABELS (\\Inbox Receipts)", b'X-GM-LABELS ("\\\\Important" "a b")',
+             b"X-GM-LABELS ()", b"MODSEQ (%d)", b"X-GM-THRID %d"]
+    lines = []
+    for n in range(count):
+        header = headers[n % len(headers)]
+        chosen = [item.replace(b"%d", b"%d" % (n + 1)) for item in rng.sample(items, 4)]
+        literal = b"BODY[HEADER.FIELDS (FROM SUBJECT)] {%d}\r\n%s" % (len(header), header)
+        chosen.insert(rng.randrange(len(chosen) + 1), literal)
+        lines.append(b"%d FETCH (" % (n + 1) + b" ".join(chosen) + b")")
+    breaks = [b")", b"(", b" ", b"  ", b"NIL", b"nil", b"0123", b"\r\n", b"\r", b'"x"', b'"a\\"b"',
+              b"{3}\r\nab)", b"{99999999999}\r\n", b"~{2}\r\n)(", b"{2+}\r\n\r\n", b"[", b"]", b"\xff",
+              b"BODY[TEXT]<0>", b"(" * 99 + b")" * 99, b"(" * 100 + b")" * 100, b"FETCH", b"fetch"]
+    broken = []
+    for line in lines:
+        for _ in range(3):
+            at = rng.randrange(len(line) + 1)
+            cut = rng.choice([0, 0, 1, 2, 5])
+            broken.append(line[:at] + rng.choice(breaks) + line[at + cut:])
+    return lines + broken + [line[:-1] for line in lines[:20]] + [b"1 FETCH ()", b"1 FETCH ( )",
+                                                                b"1 FETCH (UID 1 )", b"1 FETCH (UID  1)"]
+
+
+class FetchLineFastPathTest(unittest.TestCase):
+    """The fetch-line fast path (_parse_fetch) reads exactly what the plain parser reads,
+    refuses what it refuses, and weighs it as _weight() does."""
+
+    def test_fetch_lines_read_as_the_plain_parser_reads_them(self):
+        rng = random.Random(1717)
+        samples = _fetch_lines(rng, 300)
+        whole = 0
+        for data in samples:
+            with self.subTest(data=data):
+                want = _parse_outcome(gc._parse_plain, data)
+                self.assertEqual(_parse_outcome(gc.parse_response, data), want)
+                try:
+                    fetched = gc._parse_fetch(data)
+                except gc._NotSimple:
+                    continue
+                if fetched is None:
+                    continue
+                parsed, weight = fetched
+                self.assertEqual(_parsed_shape(parsed), want)
+                self.assertEqual(weight, _reference_weight(parsed[2]))
+                whole += 1
+        self.assertGreater(whole, 500)
+
+    def test_common_lines_are_read_without_the_tokenizer(self):
+        lines = [b'7 FETCH (UID 12 RFC822.SIZE 6455 FLAGS (\\Seen $Forwarded) INTERNALDATE '
+                 b'"13-Dec-2025 07:47:35 +0000" BODY[HEADER.FIELDS (FROM SUBJECT)] {26}\r\n'
+                 b"Subject: a) b\r\nFrom: x\r\n\r\n)",
+                 b"8 FETCH (UID 13 FLAGS () BODY[HEADER.FIELDS (FROM)] {0}\r\n X-GM-LABELS () "
+                 b"X-GM-MSGID 1700000000000000001)"]
+        with mock.patch.object(gc, "_parse_fast", wraps=gc._parse_fast) as tokenizer:
+            parsed = [gc.parse_response(line) for line in lines]
+        self.assertEqual(tokenizer.call_count, 0)
+        self.assertEqual(parsed[0], [7, "FETCH", [
+            "UID", 12, "RFC822.SIZE", 6455, "FLAGS", ["\\Seen", "$Forwarded"], "INTERNALDATE",
+            "13-Dec-2025 07:47:35 +0000", "BODY[HEADER.FIELDS (FROM SUBJECT)]",
+            b"Subject: a) b\r\nFrom: x\r\n\r\n"]])
+        self.assertEqual(parsed[1][2][-4:], ["X-GM-LABELS", [], "X-GM-MSGID", 1700000000000000001])
+        for line in lines:
+            self.assertEqual(gc._parse_fetch(line)[1], _reference_weight(gc._parse_plain(line)[2]))
+        # A BODYSTRUCTURE (nested lists): the tokenizer reads the rest of the line only.
+        line = b'9 FETCH (UID 1 BODYSTRUCTURE ("TEXT" "PLAIN" NIL) FLAGS ())'
+        with mock.patch.object(gc, "_parse_fast", wraps=gc._parse_fast) as tokenizer:
+            self.assertEqual(_parsed_shape(gc.parse_response(line)),
+                             _parsed_shape(gc._parse_plain(line)))
+        tokenizer.assert_called_once_with(b'BODYSTRUCTURE ("TEXT" "PLAIN" NIL) FLAGS ()', depth=1)
+
+    def test_the_answer_budget_counts_the_same_with_the_weight_given(self):
+        lines = [b"%d FETCH (UID %d FLAGS (\\Seen) BODY[HEADER.FIELDS (FROM)] {%d}\r\n%s RFC822.SIZE 9)"
+                 % (n, n, len(header), header) for n, header in enumerate(
+                     (raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" for raw, _ in bench_corpus(60)), 1)]
+        lines += [b"1 FETCH (UID 1 FLAGS (\\Seen \\Flagged $Label))", b"2 FETCH (UID 2 FLAGS ())"]
+        given, worked_out = gc._AnswerBudget("UID FETCH"), gc._AnswerBudget("UID FETCH")
+        kept_given: List[Any] = []
+        kept_worked: List[Any] = []
+        for line in lines:
+            parsed, weight = gc._parse_weighed(line)
+            self.assertIsNotNone(weight)
+            given.kept(kept_given, parsed, len(line), weight)
+            worked_out.kept(kept_worked, gc._parse_plain(line), len(line))
+        self.assertEqual(given.kept_bytes, worked_out.kept_bytes)
+        self.assertEqual(_parsed_shape(kept_given), _parsed_shape(kept_worked))
+        self.assertEqual(len(kept_given), 60)
+        self.assertEqual(given.kept_bytes, sum(_reference_weight(item[2]) for item in kept_given))
+
+    def test_nesting_past_the_limit_is_refused_on_every_path(self):
+        for depth, refused in ((gc.MAX_NESTING - 1, False), (gc.MAX_NESTING, True)):
+            line = b"1 FETCH (UID 1 X " + b"(" * depth + b")" * depth + b")"
+            with self.subTest(depth=depth):
+                if refused:
+                    self.assertRaisesRegex(gc.ProtocolError, "nested deeper", gc.parse_response, line)
+                else:
+                    self.assertEqual(_parsed_shape(gc.parse_response(line)),
+                                     _parsed_shape(gc._parse_plain(line)))
+
+
+
+class DecodedOnceTest(unittest.TestCase):
+    """Header values met again (the same sender, recipient, list or subject) are decoded
+    once per run, with the same result as decoding them afresh."""
+
+    NAMES = FastPathTest.NAMES
+
+    def setUp(self):
+        patcher = mock.patch.dict(gc._DECODED, clear=True)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_values_met_again_read_as_the_plain_path(self):
+        blocks = tricky_header_blocks()
+        plain = email.parser.BytesParser(policy=email.policy.default)
+        for rounds in ("decoded", "remembered"):
+            for raw in blocks:
+                fast, reference = parse_headers(raw), plain.parsebytes(raw, headersonly=True)
+                for name in self.NAMES:
+                    want = (gc._plain_header_text(reference, name),
+                            gc._plain_header_addresses(reference, name))
+                    got = (header_text(fast, name), header_addresses(fast, name))
+                    header_addresses(fast, name).append("x")     # a copy each time
+                    if got != want or header_addresses(fast, name) != want[1]:
+                        self.fail("%s %r, %s: %r, plain %r" % (rounds, raw, name, got, want))
+        self.assertTrue(gc._DECODED)
+
+    def test_a_sender_met_again_is_not_decoded_again(self):
+        first = parse_headers(b"From: =?utf-8?q?J=C3=B6rg?= <j@example.de>\r\nMessage-ID: <1@x>\r\n\r\n")
+        again = parse_headers(b"From: =?utf-8?q?J=C3=B6rg?= <j@example.de>\r\nMessage-ID: <1@x>\r\n\r\n")
+        other = parse_headers(b"From: Jorg <j@example.de>\r\n\r\n")
+        with mock.patch.object(gc, "_decode_values", wraps=gc._decode_values) as decode:
+            for msg in (first, again, other):
+                self.assertEqual(header_addresses(msg, "from")[0].split(" <")[1], "j@example.de>")
+                header_text(msg, "message-id")
+        self.assertEqual([call.args[2:] for call in decode.call_args_list],
+                         [("addresses", "from"), ("text", "message-id"), ("text", "message-id"),
+                          ("addresses", "from")])
+        self.assertEqual(header_addresses(again, "from"), ["Jörg <j@example.de>"])
+
+    def test_the_table_stays_small(self):
+        long_value = "x" * (gc._DECODED_LONGEST + 1)
+        msg = parse_headers(("Subject: %s\r\n\r\n" % long_value).encode())
+        self.assertEqual(header_text(msg, "subject"), [long_value])
+        self.assertEqual(gc._DECODED, {})           # long values are not kept
+        for n in range(gc._DECODED_MAX + 5):
+            gc._decode_header(msg, ["s%d" % n], "text", "subject")
+            self.assertEqual(len(gc._DECODED), n + 1 if n < gc._DECODED_MAX else n + 1 - gc._DECODED_MAX)
+        self.assertEqual(gc._decode_header(msg, ["s1"], "text", "subject"), ["s1"])
+
 
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the

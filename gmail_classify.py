@@ -955,9 +955,17 @@ def _parse_fetch(data: bytes) -> Optional[Tuple[List[Any], int]]:
     return [Number(head.group(1).decode("ascii")), "FETCH", items], weight
 
 
+# A UID SEARCH answer names every message of a folder; read as Number objects, 100,000
+# UIDs take 40 MB at once, as plain ints a tenth of that (without leading zeros, a
+# Number's text is its str(), so nothing can tell the two apart but the type).
+_SEARCH_LINE = re.compile(rb"SEARCH(?: [1-9][0-9]*)*")
+
+
 def _parse_weighed(data: bytes) -> Tuple[List[Any], Optional[int]]:
     """parse_response(), and the _weight() of a FETCH line's attribute list when the
     fetch-line fast path read it (None otherwise: the caller weighs it if it must)."""
+    if data.startswith(b"SEARCH") and _SEARCH_LINE.fullmatch(data):
+        return ["SEARCH", *map(int, data[7:].split())], None
     try:
         fetched = _parse_fetch(data)
         if fetched is not None:

@@ -4824,6 +4824,37 @@ class HotPathEquivalenceTest(unittest.TestCase):
                                    + "\n").encode("utf-8"))
 
 
+class SearchAnswerTest(unittest.TestCase):
+    """A UID SEARCH answer names every message of a folder: it is read as plain ints."""
+
+    def test_a_long_answer_is_read_in_little_memory(self):
+        line = b"SEARCH " + b" ".join(b"%d" % n for n in range(1, 50001))
+        tracemalloc.start()
+        try:
+            parsed = gc.parse_response(line)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(parsed, ["SEARCH", *range(1, 50001)])
+        self.assertLess(peak, 10 * 2 ** 20)     # as Number objects: 21 MB
+
+    def test_every_answer_reads_as_the_plain_parser_reads_it(self):
+        for line in (b"SEARCH", b"SEARCH 7", b"SEARCH 1 20 300", b"SEARCH 4294967295",
+                     b"SEARCH 99999999999999999999", b"SEARCH 007 8", b"SEARCH 1 2 ",
+                     b"SEARCH  1", b"search 1 2", b"SEARCH 1 (MODSEQ 5)", b"SEARCH 1 x",
+                     b"SEARCHES 1", b"SEARCH 1\r\n", b"SEARCH -1"):
+            with self.subTest(line):
+                try:
+                    expected = gc._parse_plain(line)
+                except gc.ProtocolError as exc:
+                    with self.assertRaisesRegex(gc.ProtocolError, re.escape(str(exc))):
+                        gc.parse_response(line)
+                    continue
+                parsed = gc.parse_response(line)
+                self.assertEqual(parsed, expected)
+                self.assertEqual([str(v) for v in parsed], [str(v) for v in expected])
+
+
 # --- Connection --------------------------------------------------------------------------
 
 

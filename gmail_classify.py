@@ -10414,7 +10414,12 @@ class _HistoryLedger:
             for change in record.get("changes") or []:
                 self.confirmed.setdefault(run_id, set()).add(_change_identity(record, change))
             if kind == "message" and run_id not in self.summarised:
-                self._count_message(entry, record)
+                if record.get("undo_of"):
+                    entry["command"] = "undo"
+                if record.get("folder") not in entry["folders"]:
+                    entry["folders"].append(record.get("folder"))
+                for change in record.get("changes") or []:
+                    self._count(entry, change)
         elif kind == "summary":
             self.summarised.add(run_id)
             entry.update(time=str(record.get("time", entry["time"])),
@@ -10423,15 +10428,6 @@ class _HistoryLedger:
                          counts=dict(record.get("counts") or {}),
                          changes_made=int(record.get("changes_made") or 0),
                          status=str(record.get("status", "complete")))
-
-    @staticmethod
-    def _count_message(entry: Dict[str, Any], record: Mapping[str, Any]) -> None:
-        if record.get("undo_of"):
-            entry["command"] = "undo"
-        if record.get("folder") not in entry["folders"]:
-            entry["folders"].append(record.get("folder"))
-        for change in record.get("changes") or []:
-            _HistoryLedger._count(entry, change)
 
     @staticmethod
     def _count(entry: Dict[str, Any], change: Mapping[str, Any]) -> None:

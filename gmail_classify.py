@@ -11107,14 +11107,11 @@ class Undo:
                                             f"since the run (its UIDVALIDITY changed); "
                                             f"the copy stays")
                     continue
-                since = place.get("uidnext")
                 uid = change["after"].get("uid")
-                if uid and since is not None and uid < since:
-                    target = None
-                elif uid:
+                if self._recorded_copy(i, change, status):
                     target = uid if self._same_looks(i, looks.get(uid)) else None
-                else:
-                    target = self._find_by_looks(conn, i, since)
+                else:   # a UID from before the run's UIDNEXT is not its copy
+                    target = None if uid else self._find_by_looks(conn, i, place.get("uidnext"))
                 if target is None:
                     if self.messages[i].get("maybe") or self._tried(i, change):
                         work[i]["unmade"].append(f"{what}: no copy in {folder}; never made, "

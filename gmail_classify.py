@@ -14499,21 +14499,16 @@ def _netrc_entries(text: str) -> List[Tuple[Optional[str], str, str]]:
         words += found
         if "macdef" in found:
             in_macro = True
-    entries: List[Tuple[Optional[str], str, str]] = []
-    current: Optional[List[Any]] = None
+    entries: List[List[Any]] = []      # [machine, login, password], the last one current
     pairs = iter(words)
     for word in pairs:
         if word in ("machine", "default"):
-            if current is not None:
-                entries.append((current[0], current[1], current[2]))
-            current = [next(pairs, "") if word == "machine" else None, "", ""]
-        elif word in ("login", "password", "account", "macdef") and current is not None:
+            entries.append([next(pairs, "") if word == "machine" else None, "", ""])
+        elif word in ("login", "password", "account", "macdef") and entries:
             value = next(pairs, "")
             if word in ("login", "password"):
-                current[1 if word == "login" else 2] = value
-    if current is not None:
-        entries.append((current[0], current[1], current[2]))
-    return entries
+                entries[-1][1 if word == "login" else 2] = value
+    return [(machine, login, password) for machine, login, password in entries]
 
 
 def _password_from_netrc(host: str, user: str, strict: bool = False) -> Optional[str]:

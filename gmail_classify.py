@@ -14555,11 +14555,8 @@ def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any],
         raise UsageError(f"no account given: pass --user you@gmail.com or set {USER_ENV} "
                          f"(or {USER_ENV_ALIAS})")
     host = args.host or account.get("host") or GMAIL_HOST
-    security = account.get("tls", "implicit")
-    if args.starttls:
-        security = "starttls"
-    if args.plaintext:
-        security = "plaintext"
+    security = ("plaintext" if args.plaintext else "starttls" if args.starttls
+                else account.get("tls", "implicit"))
     security = {"implicit": "tls"}.get(security, security)
     if security == "plaintext" and not _is_loopback(host):
         raise UsageError(f"--plaintext is only allowed to a loopback address, not {host}; "

@@ -15164,16 +15164,12 @@ class _RulesReloader:
         self.name = name            # an [[account]]: its rules from the reloaded file
         self._signature = self._stat()
 
-    def _files(self) -> List[str]:
-        """The files whose change reloads: the rules file, and the account's own rules
-        file (its Ruleset's source) when it has one."""
-        return list(dict.fromkeys([self.path, self.rules.source])) if self.path else []
-
     def _stat(self) -> Optional[Tuple[Optional[Tuple[int, int, int]], ...]]:
         if not self.path:
             return None
         signature = []
-        for path in self._files():
+        # The rules file, and the account's own rules file (its Ruleset's source) if any.
+        for path in dict.fromkeys([self.path, self.rules.source]):
             try:
                 info = os.stat(path)
             except OSError:

@@ -10148,9 +10148,7 @@ class Run(Checkpoint):
     def leave_alone(self, status: FolderStatus) -> Tuple[frozenset, frozenset]:
         if self.reclassify:
             return frozenset(), frozenset()
-        uids, msgids = self.store.undone(self.account, self.rules_hash, status.name,
-                                         status.uidvalidity)
-        return uids, msgids
+        return self.store.undone(self.account, self.rules_hash, status.name, status.uidvalidity)
 
     def before_fetch(self, conn: GmailConnection) -> None:
         self._count_bytes(conn)

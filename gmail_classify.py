@@ -8188,8 +8188,7 @@ def describe_change(change: Mapping[str, Any]) -> str:
     if action == "unlabel":
         return f"remove label {change.get('label')}"
     if action in ("move", "move back"):
-        return f"{'move' if action == 'move' else 'move back'} to " \
-               f"{(change.get('after') or {}).get('folder')}"
+        return f"{action} to {(change.get('after') or {}).get('folder')}"
     return str(action)
 
 

@@ -14275,10 +14275,6 @@ class _Opt:
     def __init__(self, *flags: str, **settings: Any) -> None:
         self.flags, self.settings = flags, settings
 
-    def add_to(self, parser: Any) -> None:
-        parser.add_argument(*self.flags, **{**_SHARED_OPTIONS.get(self.flags[0], {}),
-                                            **self.settings})
-
 
 _EXPUNGE_RISK = ("with a plain EXPUNGE (only while no other message in the folder is marked "
                  "\\Deleted); see the README for the risk")
@@ -16206,7 +16202,8 @@ def build_parser() -> argparse.ArgumentParser:
             together = isinstance(option, tuple)
             target = child.add_mutually_exclusive_group() if together else child
             for each in option if together else (option,):
-                each.add_to(target)
+                target.add_argument(*each.flags, **{**_SHARED_OPTIONS.get(each.flags[0], {}),
+                                                    **each.settings})
     return parser
 
 

@@ -12233,8 +12233,8 @@ def _doctor_rules(conn: GmailConnection, rules: Ruleset, folders: Sequence[str],
     for note in notes:
         rows.append(DoctorRow("rules", note))
     if not rows:
-        rows.append(DoctorRow("rules", f"every action of {_plural_rules(rules)} can be done "
-                                       f"here"))
+        rows.append(DoctorRow("rules", f"every action of {len(rules.rules)} rule"
+                                       f"{'' if len(rules.rules) == 1 else 's'} can be done here"))
     names = {folder.name.casefold() for folder in listed}
     for folder in folders:
         name = conn.server_name(folder)
@@ -12242,10 +12242,6 @@ def _doctor_rules(conn: GmailConnection, rules: Ruleset, folders: Sequence[str],
             rows.append(DoctorRow("folders", f"{folder}: not on this server", EXIT_SERVER,
                                   "check the name with 'labels', or fix folders / --folder"))
     return rows
-
-
-def _plural_rules(rules: Ruleset) -> str:
-    return f"{len(rules.rules)} rule{'' if len(rules.rules) == 1 else 's'}"
 
 
 def _doctor_state(conn: GmailConnection, rules: Ruleset, folders: Sequence[str],

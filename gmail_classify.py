@@ -12225,13 +12225,11 @@ def _doctor_rules(conn: GmailConnection, rules: Ruleset, folders: Sequence[str],
                               "the rules for this server" if "EXPUNGE" in str(exc) else
                               "create the folder, or drop the actions that need it"))
     else:
-        for note in settled.notes:
-            rows.append(DoctorRow("rules", note))
+        rows.extend(DoctorRow("rules", note) for note in settled.notes)
     notes = list(rules.local()[1]) if not conn.is_gmail else []
     if not conn.is_gmail and any(rule.actions.labels for rule in rules.rules):
         notes.append("labels are copies into folders here (no Gmail labels)")
-    for note in notes:
-        rows.append(DoctorRow("rules", note))
+    rows.extend(DoctorRow("rules", note) for note in notes)
     if not rows:
         rows.append(DoctorRow("rules", f"every action of {len(rules.rules)} rule"
                                        f"{'' if len(rules.rules) == 1 else 's'} can be done here"))

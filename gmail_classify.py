@@ -13881,9 +13881,7 @@ def _add_filed(found: Dict[str, FiledMessage], values: Mapping[str, Any], item: 
     it is starred and (on Gmail) archived."""
     key, info, when = _filed_from_headers(values.get(item) or b"", values.get("INTERNALDATE"))
     flags = frozenset(values.get("FLAGS") or ())
-    entry = found.get(key)
-    if entry is None:
-        entry = found[key] = FiledMessage(key, when, info)
+    entry = found.setdefault(key, FiledMessage(key, when, info))
     entry.starred = entry.starred or any(f.lower() == "\\flagged" for f in flags)
     if gmail:
         labels = set(values.get("X-GM-LABELS") or ())
@@ -14085,9 +14083,7 @@ def read_filed_path(path: Any, *, limit: Optional[int] = DEFAULT_LEARN_LIMIT,
         if since is not None and when.date() < since:
             return
         takeout = header_text(info.headers, "x-gmail-labels")
-        entry = found.get(key)
-        if entry is None:
-            entry = found[key] = FiledMessage(key, when, info)
+        entry = found.setdefault(key, FiledMessage(key, when, info))
         if takeout:
             gmail = True
             names = _split_takeout_labels(",".join(takeout))

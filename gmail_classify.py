@@ -13763,12 +13763,6 @@ def _learned_rule_tables(filed: FiledMail, made: List[_LearnedLabel]
     return [entry[1] for entry in entries], [entry[2] for entry in entries]
 
 
-def _placeholder_address(address: str, keep: bool, named: bool) -> str:
-    if keep or named:
-        return address
-    return "someone@" + address.rpartition("@")[2]
-
-
 def _learned_tests(filed: FiledMail, rules: List[Dict[str, Any]], made: List[_LearnedLabel],
                    keep_examples: bool, now: datetime) -> List[Dict[str, Any]]:
     """One [[test]] per rule, from a held-out message it rightly found: only the headers the
@@ -13815,7 +13809,8 @@ def _test_table(info: MessageInfo, named: Dict[str, set], keep: bool) -> Dict[st
     senders = _header_mailboxes(headers, "from")
     if senders and senders[0][1]:
         address = senders[0][1]
-        table["from"] = _placeholder_address(address, keep, address.lower() in named["from"])
+        table["from"] = address if keep or address.lower() in named["from"] else \
+            "someone@" + address.rpartition("@")[2]
     recipients = [a for name in ("to", "cc", "delivered-to")
                   for _d, a in _header_mailboxes(headers, name) if a]
     shown = [a for a in recipients if keep or a.lower() in named["recipient"]]
@@ -13869,12 +13864,6 @@ def _filed_from_headers(raw: bytes, date: Optional[datetime]
     return _message_key(info.headers), info, when
 
 
-def _learn_uids(conn: GmailConnection, limit: Optional[int],
-                since: Optional[_dt.date]) -> List[int]:
-    uids = conn.search(["SINCE", since] if since else ["ALL"])
-    return uids[-limit:] if limit else uids
-
-
 def _add_filed(found: Dict[str, FiledMessage], values: Mapping[str, Any], item: str,
                label: Optional[str], gmail: bool) -> None:
     """One fetched message into ``found`` (by Message-ID): where it is filed, and whether
@@ -13911,7 +13900,8 @@ def read_filed_mail(conn: GmailConnection, *, folders: Sequence[str] = (),
 
     def read(folder: Folder, label: Optional[str]) -> None:
         conn.examine(folder.name)
-        uids = _learn_uids(conn, limit, since)
+        uids = conn.search(["SINCE", since] if since else ["ALL"])
+        uids = uids[-limit:] if limit else uids
         batches = [uids[i:i + batch_size] for i in range(0, len(uids), batch_size)]
         done = 0
         for batch, fetched in conn.fetch_batches(

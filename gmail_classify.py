@@ -8938,26 +8938,6 @@ def _skip_content(report: FolderReport, step: _Step, uid: int, why: str) -> None
                 "not tried again", report.folder, uid, why)
 
 
-def _tally(report: FolderReport, plan: _Plan, decision: Decision, info: MessageInfo,
-           folder: str) -> Outcome:
-    """Count one message classified offline into a dry-run report; plan its changes."""
-    report.examined += 1
-    plan.add(info.uid, decision.actions, info.flags, info.labels, folder)
-    if decision.actions.labels and info.labels is None:
-        plan.message_ids[info.uid] = _message_key(info.headers)
-    for name, _reason in decision.matches:
-        report.matched[name] = report.matched.get(name, 0) + 1
-    status = FolderStatus(folder, 0, None, 0, True)
-    keys = plan.per_uid.get(info.uid, [])
-    changes = tuple(_change_entry(key, info.uid, status, info.labels is not None, {}, None)
-                    for key in keys)
-    _count_decision(report, decision, keys, keys, lambda key: describe_change(
-        _change_entry(key, info.uid, status, info.labels is not None, {}, None)))
-    shown = _Shown(info)
-    return Outcome(folder, info.uid, shown.sender, shown.subject, decision,
-                   message_id=shown.message_id, changes=changes)
-
-
 def _first(values: Sequence[str]) -> str:
     return values[0] if values else ""
 
@@ -9303,12 +9283,25 @@ def classify_messages(rules: Ruleset, messages: Iterable[MessageInfo], folder: s
     """
     report, plan = FolderReport(folder, applied=False), _Plan()
     rules = rules.local()[0]
+    status = FolderStatus(folder, 0, None, 0, True)
     for info in messages:
         decision = rules.classify(info, final=True, now=now)
         decision = dataclasses.replace(decision, actions=decision.actions.expanded(info))
-        outcome = _tally(report, plan, decision, info, folder)
+        report.examined += 1
+        plan.add(info.uid, decision.actions, info.flags, info.labels, folder)
+        if decision.actions.labels and info.labels is None:
+            plan.message_ids[info.uid] = _message_key(info.headers)
+        for name, _reason in decision.matches:
+            report.matched[name] = report.matched.get(name, 0) + 1
+        keys = plan.per_uid.get(info.uid, [])
+        changes = tuple(_change_entry(key, info.uid, status, info.labels is not None, {}, None)
+                        for key in keys)
+        _count_decision(report, decision, keys, keys, lambda key: describe_change(
+            _change_entry(key, info.uid, status, info.labels is not None, {}, None)))
+        shown = _Shown(info)
         if on_message is not None:
-            on_message(outcome)
+            on_message(Outcome(folder, info.uid, shown.sender, shown.subject, decision,
+                               message_id=shown.message_id, changes=changes))
     report.changes = plan.changes()
     return report
 

@@ -14426,6 +14426,11 @@ def _setup_logging(args: argparse.Namespace) -> None:
     log.propagate = False
 
 
+def _warn(text: str) -> None:
+    """One line on standard error, ``gmail_classify: text``, escaped (see printable)."""
+    sys.stderr.write(printable(f"gmail_classify: {text}") + "\n")
+
+
 def _secret_from_command(command: str) -> str:
     try:
         argv = shlex.split(command)
@@ -14591,15 +14596,14 @@ def _rule_tests_allow(rules: Ruleset, apply: bool) -> bool:
     """
     failures = run_rule_tests(rules)
     for line in failures:
-        sys.stderr.write(printable(f"gmail_classify: {line}") + "\n")
+        _warn(line)
     if failures and apply:
-        sys.stderr.write(printable(f"gmail_classify: refusing --apply: {len(failures)} of "
-                                   f"{len(rules.tests)} rule tests failed; fix the rules or "
-                                   f"the tests (see 'check {rules.source}')") + "\n")
+        _warn(f"refusing --apply: {len(failures)} of {len(rules.tests)} rule tests failed; "
+              f"fix the rules or the tests (see 'check {rules.source}')")
         return False
     if failures:
-        sys.stderr.write(f"gmail_classify: {len(failures)} of {len(rules.tests)} rule tests "
-                         f"failed; this dry run goes on, --apply would be refused\n")
+        _warn(f"{len(failures)} of {len(rules.tests)} rule tests failed; this dry run goes on, "
+              f"--apply would be refused")
     return True
 
 
@@ -14922,7 +14926,7 @@ def _run_account(args: argparse.Namespace, out: _Output, rules: Ruleset,
     if out.human:
         _write_run_reports(args, out, run, rules)
     for line in incomplete:
-        sys.stderr.write(printable(f"gmail_classify: {name + ': ' if name else ''}{line}") + "\n")
+        _warn(f"{name + ': ' if name else ''}{line}")
     return EXIT_INCOMPLETE if incomplete else EXIT_OK
 
 
@@ -14997,10 +15001,9 @@ def _say_error(exc: BaseException, verbose: int, who: str = "",
         log.exception("details:")
     if isinstance(exc, GmailClassifyError):
         for line in str(exc).split("\n") if str(exc) else [type(exc).__name__]:
-            sys.stderr.write(printable(f"gmail_classify: {who}{line}") + "\n")
+            _warn(f"{who}{line}")
         return exc.exit_code
-    sys.stderr.write(printable(f"gmail_classify: {who}unexpected error: "
-                               f"{type(exc).__name__}: {exc}{hint}") + "\n")
+    _warn(f"{who}unexpected error: {type(exc).__name__}: {exc}{hint}")
     return EXIT_ERROR
 
 
@@ -15407,10 +15410,8 @@ def _cmd_undo(args: argparse.Namespace, out: _Output) -> int:
         if not args.apply:
             out.write(_DRY_RUN_FOOTER)
     for folder in undo.expunge_surprises:
-        sys.stderr.write(printable(f"gmail_classify: {folder}: the plain EXPUNGE did not do "
-                                   f"what was expected (see the warning above); check that "
-                                   f"folder when no other mail client is at work there")
-                         + "\n")
+        _warn(f"{folder}: the plain EXPUNGE did not do what was expected (see the warning "
+              f"above); check that folder when no other mail client is at work there")
     return EXIT_INCOMPLETE if undo.expunge_surprises else EXIT_OK
 
 
@@ -15549,7 +15550,7 @@ def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
         passed = len(rules.tests) - len(failures)
         out.write(f"  tests: {passed} of {len(rules.tests)} passed\n")
     for line in failures:
-        sys.stderr.write(printable(f"gmail_classify: {line}") + "\n")
+        _warn(line)
     return EXIT_RULE_TESTS if failures else EXIT_OK
 
 
@@ -15742,7 +15743,7 @@ def _cmd_import_filters(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"{args.filters_file}: cannot read: {exc.strerror or exc}") from None
     imported = import_gmail_filters(data, args.filters_file)
     for note in imported.notes:
-        sys.stderr.write(printable(f"gmail_classify: {args.filters_file}: {note}") + "\n")
+        _warn(f"{args.filters_file}: {note}")
     if not imported.doc["rule"]:
         raise UsageError(f"{args.filters_file}: none of its {imported.filters} filters can be "
                          f"done over IMAP; nothing written")
@@ -15788,14 +15789,12 @@ def _cmd_export(args: argparse.Namespace, out: TextIO) -> int:
     else:
         done = export_json(rules)
     for rule, why in done.left_out:
-        sys.stderr.write(printable(f"gmail_classify: {rules.source}: rule {rule.position} "
-                                   f"({rule.name}) left out: {why} (it has continue, so the "
-                                   f"rules after it decide as before)") + "\n")
+        _warn(f"{rules.source}: rule {rule.position} ({rule.name}) left out: {why} (it has "
+              f"continue, so the rules after it decide as before)")
     if done.stopped:
         rule, why = done.stopped
-        sys.stderr.write(printable(f"gmail_classify: {rules.source}: stopped before rule "
-                                   f"{rule.position} ({rule.name}): {why}; exported the "
-                                   f"{_plural(done.rules, 'rule')} before it") + "\n")
+        _warn(f"{rules.source}: stopped before rule {rule.position} ({rule.name}): {why}; "
+              f"exported the {_plural(done.rules, 'rule')} before it")
     _emit_rules(args, out, done.text, done.rules, f" as {args.format}")
     return EXIT_OK
 
@@ -15810,9 +15809,8 @@ def _cmd_suggest(args: argparse.Namespace, out: TextIO) -> int:
         found = suggest_rules(conn, args.folder, top=args.top, batch_size=args.batch_size,
                               limit=args.limit)
     if not found.doc["rule"]:
-        sys.stderr.write(printable(f"gmail_classify: {found.folder}: no sender, list or domain "
-                                   f"with at least 2 of its {found.examined} messages; "
-                                   f"nothing to suggest") + "\n")
+        _warn(f"{found.folder}: no sender, list or domain with at least 2 of its "
+              f"{found.examined} messages; nothing to suggest")
         return EXIT_OK
     header = [f"Suggested by gmail_classify from the headers of {found.examined} messages "
               f"in {found.folder}.",
@@ -15975,21 +15973,19 @@ def _cmd_learn(args: argparse.Namespace, out: TextIO) -> int:
                           max_rules=args.max_rules, keep_examples=args.keep_examples)
     if not args.quiet:
         for line in learned.report:
-            sys.stderr.write(printable(f"gmail_classify: learn: {line}") + "\n")
+            _warn(f"learn: {line}")
     if not learned.doc["rule"]:
         if args.quiet:
             return EXIT_OK
-        sys.stderr.write(printable(f"gmail_classify: {filed.source}: no label could be learned "
-                                   f"precisely from its {len(filed.messages)} messages; "
-                                   f"nothing written") + "\n")
+        _warn(f"{filed.source}: no label could be learned precisely from its "
+              f"{len(filed.messages)} messages; nothing written")
         return EXIT_OK
     text = format_rules(learned.doc, fmt, learned.header, learned.comments)
     _emit_rules(args, out, text, len(learned.doc["rule"]))
     if not args.quiet:
         target = args.output or "learned.toml"
-        sys.stderr.write(printable(f"gmail_classify: next: python gmail_classify.py diff "
-                                   f"YOUR-RULES.toml {target} (what would change), then "
-                                   f"check and a dry run") + "\n")
+        _warn(f"next: python gmail_classify.py diff YOUR-RULES.toml {target} (what would "
+              f"change), then check and a dry run")
     return EXIT_OK
 
 

@@ -12224,8 +12224,9 @@ def _doctor_rules(conn: GmailConnection, rules: Ruleset, folders: Sequence[str],
         notes.append("labels are copies into folders here (no Gmail labels)")
     rows.extend(DoctorRow("rules", note) for note in notes)
     if not rows:
-        rows.append(DoctorRow("rules", f"every action of {len(rules.rules)} rule"
-                                       f"{'' if len(rules.rules) == 1 else 's'} can be done here"))
+        count = len(rules.rules)
+        rows.append(DoctorRow("rules", f"every action of {count} rule"
+                                       f"{'' if count == 1 else 's'} can be done here"))
     names = {folder.name.casefold() for folder in listed}
     for folder in folders:
         name = conn.server_name(folder)

@@ -8401,31 +8401,12 @@ class _Listeners:
     on_applied: Optional[Callable[[int, int], None]] = None
 
 
-class _ApplyHooks:
-    """What _apply_plan tells as it goes (see there): ``intend(phase, folders)`` before
-    write commands go out, ``done(key, {uid: extra})`` after each one answered, and
-    ``refused()`` when a flight had a refusal: every command sent was answered, and nothing
-    more of the step will be sent.  These hear nothing."""
-
-    def intend(self, phase: str, folders: Sequence[str]) -> None:
-        pass
-
-    def done(self, key: Tuple[str, ...], result: Mapping[int, Any]) -> None:
-        pass
-
-    def uidnext(self, folder: str) -> Optional[int]:
-        """``folder``'s UIDNEXT from before this step's writes, or lower; None if unknown."""
-        return None
-
-    def refused(self) -> None:
-        pass
-
-
-class _FolderRun(_ApplyHooks):
+class _FolderRun:
     """One classify_folder call: ``open()`` the folder and find its messages, then
     ``classify_all()``: batches fetched and classified (``classify``), their changes made
     in steps (``finish``) that tell the checkpoint what the server confirmed.  As the
-    _ApplyHooks of the step in hand it writes the intents and counts the confirmations."""
+    ``hooks`` of _apply_plan for the step in hand (``intend``, ``done``, ``uidnext``,
+    ``refused``: see there) it writes the intents and counts the confirmations."""
 
     def __init__(self, conn: GmailConnection, rules: Ruleset, folder: str, options: RunOptions,
                  checkpoint: Checkpoint, report: FolderReport, now: Optional[_dt.datetime],
@@ -8795,6 +8776,7 @@ class _FolderRun(_ApplyHooks):
             self.listeners.on_applied(min(self.applied, self.planned), self.planned)
 
     def uidnext(self, folder: str) -> Optional[int]:
+        """``folder``'s UIDNEXT from before this step's writes, or lower; None if unknown."""
         place = self.places.get(folder)     # as intend() found it, moved past our copies
         return place.get("uidnext") if place else None
 
@@ -9046,7 +9028,7 @@ def _check_folder_limit(report: FolderReport, missing: Sequence[str],
 
 
 def _create_folders(conn: GmailConnection, missing: Sequence[str], report: FolderReport,
-                    hooks: _ApplyHooks) -> None:
+                    hooks: _FolderRun) -> None:
     """Create the folders a step needs, the intent first, the CREATEs in one flight (each
     is safe to send again); each answer goes to hooks.done before a refusal is raised."""
     if not missing:
@@ -9060,7 +9042,7 @@ def _create_folders(conn: GmailConnection, missing: Sequence[str], report: Folde
     _land_flight(flight, report, hooks)
 
 
-def _land_flight(flight: _WriteFlight, report: FolderReport, hooks: _ApplyHooks) -> None:
+def _land_flight(flight: _WriteFlight, report: FolderReport, hooks: _FolderRun) -> None:
     """Read a sent flight's answers and tell ``hooks.done`` what the server confirmed (see
     _apply_plan), in the order sent, a key's chunks together; every answer read is
     reported before the first refusal is raised, or before any other error passes on."""
@@ -9076,7 +9058,7 @@ def _land_flight(flight: _WriteFlight, report: FolderReport, hooks: _ApplyHooks)
 
 
 def _confirm_flight(flight: _WriteFlight, report: FolderReport,
-                    hooks: _ApplyHooks) -> Optional[ImapError]:
+                    hooks: _FolderRun) -> Optional[ImapError]:
     """hooks.done for each answered command of ``flight``; returns the first refusal."""
     refused: Optional[ImapError] = None
     confirmed: Dict[Any, Dict[int, Any]] = {}
@@ -9105,7 +9087,7 @@ def _confirm_flight(flight: _WriteFlight, report: FolderReport,
     return refused
 
 
-def _labels_and_flags(conn: GmailConnection, plan: _Plan, hooks: _ApplyHooks) -> _WriteFlight:
+def _labels_and_flags(conn: GmailConnection, plan: _Plan, hooks: _FolderRun) -> _WriteFlight:
     """A step's first flight: its labels (Gmail) or label copies (elsewhere), and flags."""
     flight = _WriteFlight(conn)
     for label, uids in plan.add_labels.items():
@@ -9147,7 +9129,7 @@ def _moves_flight(conn: GmailConnection, plan: _Plan, source: str, archive: Opti
     return flight, moves
 
 
-def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport, hooks: _ApplyHooks,
+def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport, hooks: _FolderRun,
                 max_new_folders: Optional[int], settled: _Destinations,
                 allow_expunge: bool) -> Optional[Callable[[], None]]:
     """Carry out a plan: check destinations, create what is missing, then labels and flags,
@@ -9164,7 +9146,9 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport, hooks:
     ``hooks.done(key, {uid: extra})`` hears of each command the server confirmed (a _Plan
     key; ``extra`` is None, or ``{"folder": ..., "uid": ...}`` for copies and moves), and of
     each CREATE answered, as ``done(("create", name, outcome), {})`` with ``outcome``
-    "created", "existed" or "refused".
+    "created", "existed" or "refused".  ``hooks.refused()`` hears that a flight had a
+    refusal: every command sent was answered, and nothing more of the step will be sent.
+    ``hooks.uidnext(folder)`` gives a label copy's COPY the destination's UIDNEXT.
     ``settled``: the trash and archive folders _settle found.  Names go to the server
     mapped to its namespace (server_name).
     """

@@ -8457,14 +8457,10 @@ class _FolderRun:
         if conn.is_gmail:
             self.queries = {query: set(conn.search(above or ["ALL"], gmail_raw=query))
                             for query in self.rules.needs.queries}
-        self.destinations: Dict[str, Optional[str]] = {}
-        self.in_trash = self.in_archive = False
-        if settled.trash is not None:
-            self.destinations["trash"] = settled.trash.name
-            self.in_trash = _same_folder(settled.trash.name, source)
-        if settled.archive is not None:
-            self.destinations["archive"] = settled.archive.name
-            self.in_archive = _same_folder(settled.archive.name, source)
+        found = {"trash": settled.trash, "archive": settled.archive}
+        self.destinations = {action: f.name for action, f in found.items() if f is not None}
+        self.in_trash, self.in_archive = (f is not None and _same_folder(f.name, source)
+                                          for f in found.values())
         needs = self.rules.needs        # worked out once: it walks every rule's conditions
         self.final = not needs.body     # no body prefix to wait for: decide on the headers
         self.items = _fetch_items(needs, conn.is_gmail,

@@ -14955,11 +14955,9 @@ def _chosen_accounts(args: argparse.Namespace, rules: Ruleset, one: bool = False
     if one and len(names) > 1:
         raise UsageError(f"{rules.source} has {len(known)} accounts; {args.command} works on "
                          f"one: add --account NAME (one of {', '.join(known)})")
-    shared = [flag for flag, value in (("--user", getattr(args, "user", None)),
-                                       ("--host", getattr(args, "host", None)),
-                                       ("--port", getattr(args, "port", None)),
-                                       ("--password-command",
-                                        getattr(args, "password_command", None))) if value]
+    shared = [f"--{name.replace('_', '-')}" for name in ("user", "host", "port",
+                                                         "password_command")
+              if getattr(args, name, None)]
     shared += [f"${variable}" for variable in (PASSWORD_ENV, PASSWORD_ENV_ALIAS, TOKEN_ENV,
                                                USER_ENV, USER_ENV_ALIAS)
                if os.environ.get(variable)]

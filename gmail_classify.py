@@ -11834,10 +11834,8 @@ def _stdin_lines(stream: TextIO = sys.stdin) -> Callable[[float], Optional[str]]
         if not ready:
             return None
         line = stream.readline()
-        if not line:
-            closed[0] = True
-            return None
-        return line
+        closed[0] = not line            # end of input: nothing more will come
+        return line or None
     return read
 
 

@@ -9950,11 +9950,6 @@ def _added_counts(parts: Iterable[Mapping[str, int]]) -> Dict[str, int]:
     return total
 
 
-def _new_run_id(moment: datetime) -> str:
-    """``"20261201T170501-3fa2"``: sortable by time, unique enough to type into ``undo``."""
-    return moment.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + os.urandom(2).hex()
-
-
 class Run(Checkpoint):
     """One run over one account: classify folders, keep the marks, write the records.
 
@@ -10003,7 +9998,9 @@ class Run(Checkpoint):
         self.on_record = on_record
         self.on_message = on_message
         self.started = store.now()
-        self.id = _new_run_id(self.started)
+        # "20261201T170501-3fa2": sortable by time, unique enough to type into undo.
+        self.id = self.started.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + \
+            os.urandom(2).hex()
         self.rules_hash = rules_hash(rules)
         self.reports: List[FolderReport] = []
         self.counts: Dict[str, int] = {}

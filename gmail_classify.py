@@ -14335,6 +14335,7 @@ def _signed_in(settings: Mapping[str, Any]) -> Iterator[GmailConnection]:
         log.info("interrupted while signing out; the work was already done")
 
 
+@dataclass(eq=False)
 class _Signals:
     """SIGINT, SIGTERM and SIGHUP for one command, all through one Stop (a context manager).
 
@@ -14349,14 +14350,11 @@ class _Signals:
     no other) and put back as they were on exit.  Windows has no SIGHUP.
     """
 
-    def __init__(self, stop: Stop, *, armed: bool = False,
-                 on_stop: Optional[Callable[[], Any]] = None,
-                 on_hangup: Optional[Callable[[], Any]] = None) -> None:
-        self.stop = stop
-        self.armed = armed
-        self.on_stop = on_stop
-        self.on_hangup = on_hangup
-        self._previous: Dict[int, Any] = {}
+    stop: Stop
+    armed: bool = False
+    on_stop: Optional[Callable[[], Any]] = None
+    on_hangup: Optional[Callable[[], Any]] = None
+    _previous: Dict[int, Any] = field(default_factory=dict, init=False, repr=False)
 
     def _handle(self, signum: int, _frame: Any) -> None:
         if signum == getattr(signal, "SIGHUP", None) and self.on_hangup is not None:

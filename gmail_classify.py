@@ -11140,9 +11140,7 @@ class Undo:
             self.unmade += len(outcome.get("unmade", ()))
             if not outcome["done"] and not outcome["alone"]:
                 continue
-            original = self.messages[i]
-            record = dict(original)
-            record.update(run=self.run.id, time=_iso(self.run.store.now()),
+            record = dict(self.messages[i], run=self.run.id, time=_iso(self.run.store.now()),
                           undo_of=self.undo_of, applied=self.apply, rules=[], reasons=[],
                           actions={}, changes=outcome["done"], left_alone=outcome["alone"])
             self.reversed += len(outcome["done"])

@@ -10450,8 +10450,7 @@ _UNDO_ACTIONS.update({after: before for before, after in list(_UNDO_ACTIONS.item
 
 
 def _inverse_change(change: Mapping[str, Any]) -> Dict[str, Any]:
-    inverse = dict(change)
-    inverse["before"], inverse["after"] = change.get("after"), change.get("before")
+    inverse = dict(change, before=change.get("after"), after=change.get("before"))
     action = str(change.get("action", ""))
     rows = {row.words: row for row in _FLAG_ACTION_ROWS.values()}
     if action in rows and rows[action].opposite in _FLAG_ACTION_ROWS:

@@ -18852,6 +18852,51 @@ def _bench_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
+# --- Issue 16: a shorter file (R2: pipeline ... command line) ------------------------------
+
+
+class SharedAccountOptionsTest(unittest.TestCase):
+    """_chosen_accounts names each option one account's settings would share with the others
+    (the flags are derived from the option names, so each is checked here)."""
+
+    ENV = (gc.PASSWORD_ENV, gc.PASSWORD_ENV_ALIAS, gc.TOKEN_ENV, gc.USER_ENV, gc.USER_ENV_ALIAS)
+
+    def setUp(self):
+        self.rules = parse_rules(accounts_doc({"name": "a", "user": "a@example.com"},
+                                              {"name": "b", "user": "b@example.com"}), "r.json")
+        patcher = mock.patch.dict(os.environ)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        for variable in self.ENV:
+            os.environ.pop(variable, None)
+
+    def args(self, **given: Any) -> Any:
+        values = dict(account=None, user=None, host=None, port=None, password_command=None,
+                      command="run")
+        return types.SimpleNamespace(**dict(values, **given))
+
+    def test_each_shared_option_is_refused_by_its_flag_without_one_account(self):
+        for name, flag in (("user", "--user"), ("host", "--host"), ("port", "--port"),
+                           ("password_command", "--password-command")):
+            with self.subTest(flag):
+                with self.assertRaises(gc.UsageError) as caught:
+                    gc._chosen_accounts(self.args(**{name: "x"}), self.rules)
+                self.assertTrue(str(caught.exception).startswith(
+                    f"{flag} would apply to every account of r.json: give exactly one "
+                    f"--account with it"), caught.exception)
+                chosen = gc._chosen_accounts(self.args(**{name: "x"}, account=["b"]),
+                                             self.rules)
+                self.assertEqual([name for name, _ in chosen], ["b"])
+
+    def test_the_first_shared_option_in_flag_order_is_the_one_named(self):
+        with self.assertRaises(gc.UsageError) as caught:
+            gc._chosen_accounts(self.args(password_command="pass", port=1143, host="h"),
+                                self.rules)
+        self.assertTrue(str(caught.exception).startswith("--host would apply"))
+        self.assertEqual([name for name, _ in gc._chosen_accounts(self.args(), self.rules)],
+                         ["a", "b"])
+
+
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the
     # bench-* forms are its helper processes. Anything else runs the tests.

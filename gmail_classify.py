@@ -9478,12 +9478,10 @@ class AccountLock:
             raise StateError(f"cannot open the lock file {self.path}: {exc}") from exc
         if not got:
             holder = ""
-            try:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
                 info = load_json(self.path.read_text(encoding="utf-8") or "{}")
                 holder = (f" (pid {info.get('pid')}, {info.get('command')}, since "
                           f"{info.get('since')})")
-            except (OSError, ValueError, AttributeError):
-                pass
             raise LockedError(f"another --apply{holder} holds the lock for {self.account}; "
                               f"wait for it to finish, or stop it, then try again")
         assert self._lock.fd is not None
@@ -9496,10 +9494,8 @@ class AccountLock:
 
     def release(self) -> None:
         if self._lock.fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.ftruncate(self._lock.fd, 0)
-            except OSError:
-                pass
         self._lock.release()
 
     def __enter__(self) -> "AccountLock":
@@ -11803,10 +11799,8 @@ def _stdin_lines(stream: TextIO = sys.stdin) -> Callable[[float], Optional[str]]
         pasted: List[str] = []
 
         def reader() -> None:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 pasted.append(stream.readline())
-            except (OSError, ValueError):
-                pass
 
         threading.Thread(target=reader, daemon=True).start()
 
@@ -14736,10 +14730,8 @@ class _Output:
 
     def close_quietly(self) -> None:
         """The last flush: never raises, whatever the reader did."""
-        try:
+        with contextlib.suppress(_OutputClosed):
             self.flush()
-        except _OutputClosed:
-            pass
 
     def isatty(self) -> bool:
         try:
@@ -16245,11 +16237,9 @@ def _exit_program(code: int) -> None:
               EXIT_HANGUP: "SIGHUP"}.get(code)
     if signum and hasattr(signal, signum) and os.name == "posix":
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 if stream is not None:
                     stream.flush()
-            except (OSError, ValueError):
-                pass
         number = getattr(signal, signum)
         signal.signal(number, signal.SIG_DFL)
         os.kill(os.getpid(), number)

@@ -15145,10 +15145,9 @@ def _cmd_watch(args: argparse.Namespace, out: _Output) -> int:
         # (130); SIGHUP reloads the rules.
         with _Signals(args.stop, armed=True, on_stop=watcher.stop,
                       on_hangup=watcher.request_reload):
-            try:
+            # A wait that ended at the stop (StopRequested): the watch ends as asked.
+            with contextlib.suppress(StopRequested):
                 watcher.run()
-            except StopRequested:
-                pass        # a wait that ended at the stop: the watch ends as asked
     finally:
         if lock is not None:
             lock.release()

@@ -13037,20 +13037,12 @@ def _gmail_actions(actions: Actions) -> List[Dict[str, str]]:
     extra = [row.key for row in actions.flag_actions() if row.key not in ("mark_read", "star")]
     if extra:
         raise _Inexpressible(f"{extra[0]} has no Gmail filter action")
-    common: Dict[str, str] = {}
-    labels = list(actions.labels)
-    if actions.move:
-        labels.append(actions.move)
-        common["shouldArchive"] = "true"
-    if actions.archive:
-        common["shouldArchive"] = "true"
-    if actions.trash:
-        common.pop("shouldArchive", None)
-        common["shouldTrash"] = "true"
-    if actions.flag("mark_read"):
-        common["shouldMarkAsRead"] = "true"
-    if actions.flag("star"):
-        common["shouldStar"] = "true"
+    labels = list(actions.labels) + ([actions.move] if actions.move else [])
+    # A move is its folder's label and archive; trash wins over both.
+    asked = {"shouldArchive": bool(actions.move or actions.archive) and not actions.trash,
+             "shouldTrash": bool(actions.trash), "shouldMarkAsRead": actions.flag("mark_read"),
+             "shouldStar": actions.flag("star")}
+    common = {name: "true" for name, on in asked.items() if on}
     return [dict(common, label=label) for label in labels] or [common]
 
 

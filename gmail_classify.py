@@ -12317,9 +12317,7 @@ def _or_terms(value: str) -> Optional[List[str]]:
     if re.fullmatch(r"\([^{}()]*\)", text):
         text = text[1:-1].strip()
     tokens = _QUERY_TOKEN.findall(text)
-    if not tokens or len(tokens) % 2 == 0:
-        return None
-    if any(tok != "OR" for tok in tokens[1::2]):
+    if not tokens or len(tokens) % 2 == 0 or any(tok != "OR" for tok in tokens[1::2]):
         return None
     return tokens[0::2]
 

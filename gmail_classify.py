@@ -13452,9 +13452,7 @@ def _condition_of(features: Sequence[tuple]) -> Dict[str, Any]:
             key = "from" if kind == "domain" else kind
             by_kind.setdefault(key, []).append(feature[1])
     parts = [{key: _one_or_list(values)} for key, values in by_kind.items()] + tables
-    if len(parts) == 1:
-        return parts[0]
-    return {"any": parts}
+    return parts[0] if len(parts) == 1 else {"any": parts}
 
 
 @dataclass(frozen=True)

@@ -18896,6 +18896,38 @@ class SharedAccountOptionsTest(unittest.TestCase):
         self.assertEqual([name for name, _ in gc._chosen_accounts(self.args(), self.rules)],
                          ["a", "b"])
 
+class GmailFilterActionsTest(unittest.TestCase):
+    """_gmail_actions: the filter properties each rule's actions become (one filter per
+    label; a move is its folder's label and an archive; trash wins over archive)."""
+
+    def actions(self, **keys: Any) -> gc.Actions:
+        return parse_rules({"rule": [dict(name="x", subject="s", **keys)]}, "r.json").rules[0].actions
+
+    def test_each_action_sets_its_property_on_every_label_filter(self):
+        table = [
+            ({"label": "A", "archive": True}, [{"shouldArchive": "true", "label": "A"}]),
+            ({"move": "M", "mark_read": True},
+             [{"shouldArchive": "true", "shouldMarkAsRead": "true", "label": "M"}]),
+            ({"label": ["A", "B"], "move": "M"}, [{"shouldArchive": "true", "label": name}
+                                                  for name in ("A", "B", "M")]),
+            ({"label": ["A", "B"], "trash": True, "star": True},
+             [{"shouldTrash": "true", "shouldStar": "true", "label": name} for name in "AB"]),
+            ({"star": True}, [{"shouldStar": "true"}]),
+            ({"mark_read": True, "archive": True},
+             [{"shouldArchive": "true", "shouldMarkAsRead": "true"}]),
+        ]
+        for keys, expected in table:
+            with self.subTest(keys):
+                self.assertEqual(gc._gmail_actions(self.actions(**keys)), expected)
+
+    def test_trash_wins_over_archive_and_a_move(self):
+        for keys in ({"archive": True}, {"move": "M"}):
+            with self.subTest(keys):
+                both = dataclasses.replace(self.actions(**keys), trash=True)
+                labels = [{"label": "M"}] if "move" in keys else [{}]
+                self.assertEqual(gc._gmail_actions(both),
+                                 [dict(each, shouldTrash="true") for each in labels])
+
 
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the

@@ -18901,7 +18901,8 @@ class GmailFilterActionsTest(unittest.TestCase):
     label; a move is its folder's label and an archive; trash wins over archive)."""
 
     def actions(self, **keys: Any) -> gc.Actions:
-        return parse_rules({"rule": [dict(name="x", subject="s", **keys)]}, "r.json").rules[0].actions
+        rules = parse_rules({"rule": [dict(name="x", subject="s", **keys)]}, "r.json")
+        return rules.rules[0].actions
 
     def test_each_action_sets_its_property_on_every_label_filter(self):
         table = [

@@ -10595,7 +10595,7 @@ class Undo:
                     self.messages.append(dict(record, type="message", version=RECORD_VERSION,
                                               applied=True, changes=changes, **more))
 
-    # Each message's undo is worked out in ``_work``: index -> {"done": [...], "alone": [...]}.
+    # Each message's undo is worked out in ``work``: index -> {"done": [...], "alone": [...]}.
 
     def execute(self, conn: GmailConnection) -> None:
         """Reverse the run over ``conn`` (the account it was made on)."""

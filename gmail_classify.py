@@ -8503,14 +8503,13 @@ class _FolderRun:
     def classify_all(self) -> None:
         """Every batch, a step after every ``apply_every`` of them, and the last step."""
         uids, size, report = self.uids, self.options.batch_size, self.report
-        batches = 0
         # The next batch's FETCH is sent while this one is classified (pipelining); the
         # checkpoint still approves each FETCH before it goes out.
         fetches = self.conn.fetch_batches([uids[i:i + size] for i in range(0, len(uids), size)],
                                           self.items, before_each=self.before_fetch,
                                           skipped=report.skipped)
         try:
-            for start_index in range(0, len(uids), size):
+            for batches, start_index in enumerate(range(0, len(uids), size), 1):
                 try:
                     batch, fetched = next(fetches)
                 except RunStopped:
@@ -8518,7 +8517,6 @@ class _FolderRun:
                     self.land()
                     raise
                 self.classify(batch, fetched)
-                batches += 1
                 if self.listeners.on_progress is not None:
                     self.listeners.on_progress(min(start_index + size, len(uids)), len(uids))
                 if batches % max(1, self.options.apply_every) == 0:

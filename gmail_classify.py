@@ -8811,10 +8811,7 @@ class _FolderRun:
         report, status, gmail = self.report, self.status, self.conn.is_gmail
         decision, info = step.decisions[uid], step.infos[uid]
         keys = step.plan.per_uid.get(uid, [])
-        if self.apply:
-            made = [key for key in keys if (uid, key) in self.confirmed]
-        else:
-            made = list(keys)
+        made = [key for key in keys if not self.apply or (uid, key) in self.confirmed]
         for key in made:
             if key[0] == "label" and key[1] in self.copies:
                 self.copies[key[1]].add(step.plan.message_ids.get(uid))

@@ -13958,12 +13958,9 @@ def _maildir_folders(root: str) -> List[Tuple[str, Optional[str]]]:
         if relative == ".":
             found.append((here, None))
             continue
-        parts = [p for p in relative.split(os.sep)]
-        if len(parts) == 1 and parts[0].startswith("."):
-            label = parts[0][1:].replace(".", "/")
-        else:
-            label = "/".join(parts)
-        found.append((here, label))
+        parts = relative.split(os.sep)
+        maildir_plus = len(parts) == 1 and parts[0].startswith(".")    # ".Receipts.2024"
+        found.append((here, parts[0][1:].replace(".", "/") if maildir_plus else "/".join(parts)))
         dirs[:] = [d for d in dirs if d not in ("cur", "new", "tmp")]
     return found
 

@@ -8093,8 +8093,7 @@ def run_programs(rules: Ruleset, messages: Iterable[MessageInfo], *, jobs: Optio
     there and returned, for a caller that fetches more and calls again."""
     waiting = list(messages) if rule_programs(rules) else []
     held: List[MessageInfo] = []
-    if now is None:
-        now = datetime.now(timezone.utc)
+    now = now or datetime.now(timezone.utc)
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
         while waiting:
             asks: List[Tuple[MessageInfo, ProgramCondition]] = []

@@ -8433,10 +8433,8 @@ class _FolderRun:
             self.rules, notes = self.rules.local()
             for note in notes:
                 log.warning("%s: %s (%s is not Gmail)", self.rules.source, note, conn.host)
-        self.separator: Optional[str] = None
-        if any(rule.actions.templates() for rule in self.rules.rules):
-            self.separator = next((f.delimiter for f in conn.list_folders() if f.delimiter),
-                                  "/")
+        self.separator = next((f.delimiter for f in conn.list_folders() if f.delimiter), "/") \
+            if any(rule.actions.templates() for rule in self.rules.rules) else None
         conn.stop.check(f"before opening {folder}")     # a safe point: nothing sent yet
         self.settled = settled = _settle(conn, self.rules, self.options.allow_expunge)
         self.report.notes.extend(note for note in settled.notes if note not in self.report.notes)
@@ -8452,10 +8450,8 @@ class _FolderRun:
         log.info("%s: %d messages (UIDVALIDITY %d)", source, self.status.exists,
                  self.status.uidvalidity)
         self.uids, above = self._search()
-        self.queries: Optional[Dict[str, set]] = None
-        if conn.is_gmail:
-            self.queries = {query: set(conn.search(above or ["ALL"], gmail_raw=query))
-                            for query in self.rules.needs.queries}
+        self.queries = {query: set(conn.search(above or ["ALL"], gmail_raw=query))
+                        for query in self.rules.needs.queries} if conn.is_gmail else None
         found = {"trash": settled.trash, "archive": settled.archive}
         self.destinations = {action: f.name for action, f in found.items() if f is not None}
         self.in_trash, self.in_archive = (f is not None and _same_folder(f.name, source)

@@ -8242,10 +8242,9 @@ class _Step:
 
 def _folder_hint(conn: GmailConnection, folder: str) -> str:
     """"did you mean 'Receipts'?" for a misspelt folder, else where to find the names."""
-    try:
+    names: List[str] = []
+    with contextlib.suppress(GmailClassifyError):
         names = [f.name for f in conn.list_folders() if f.selectable]
-    except GmailClassifyError:
-        names = []
     if folder in names:
         return "the 'labels' command lists the folder names"
     by_key = {name.casefold(): name for name in names}
@@ -11644,10 +11643,9 @@ def _token_request(token_url: str, form: Mapping[str, str]) -> Dict[str, Any]:
         reason = getattr(exc, "reason", exc)
         raise ConnectionLostError(f"cannot reach the token endpoint {url}: {reason}; check "
                                   f"the network, then try again") from exc
-    try:
+    doc = None
+    with contextlib.suppress(ValueError, UnicodeDecodeError):
         doc = load_json(body.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        doc = None
     if status >= 500:
         raise ConnectionLostError(f"the token endpoint {url} answered HTTP {status}; try again later")
     if not isinstance(doc, dict):
@@ -12006,10 +12004,9 @@ class OAuthTokenSource:
         token = answer.get("access_token")
         if not isinstance(token, str) or not token:
             raise ProtocolError("the token endpoint answered without an access_token")
-        try:
+        lifetime = 3600.0
+        with contextlib.suppress(TypeError, ValueError):
             lifetime = float(answer.get("expires_in", 3600))
-        except (TypeError, ValueError):
-            lifetime = 3600.0
         now = self._clock()
         self._access, self._fetched, self._expires = token, now, now + lifetime
         self.refreshes += 1
@@ -13886,10 +13883,8 @@ def read_filed_mail(conn: GmailConnection, *, folders: Sequence[str] = (),
                  "\\Archive" if is_archive else short)
     count = 0
     if trash is not None:
-        try:
+        with contextlib.suppress(ImapError):
             count = conn.status(trash.name).get("MESSAGES", 0)
-        except ImapError:
-            count = 0
     messages = sorted(found.values(), key=lambda m: (m.date, m.key))
     if limit and len(messages) > limit:
         messages = messages[-limit:]

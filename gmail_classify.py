@@ -10606,8 +10606,8 @@ class Undo:
         the message's own; a move leaves the message's own folder for one the run itself
         wrote to (its intents and summary say which), trash for the trash folder, archive
         for the archive folder.  Such changes are reported and left alone."""
-        trash = conn.special_folder("\\Trash")
-        archive = None if conn.is_gmail else conn.special_folder("\\Archive")
+        special = {"trash": conn.special_folder("\\Trash"),
+                   "archive": None if conn.is_gmail else conn.special_folder("\\Archive")}
         used = self.used | {conn.server_name(name) for name in self.used}
         for i, record in enumerate(self.messages):
             own = str(record.get("folder", ""))
@@ -10628,10 +10628,8 @@ class Undo:
                     elif not isinstance(before, dict) or \
                             not any(_same_folder(str(before.get("folder")), h) for h in homes):
                         problem = "it does not start from the message's own folder"
-                    elif action == "trash" and (trash is None or trash.name != there):
-                        problem = f"{there} is not the trash folder"
-                    elif action == "archive" and (archive is None or archive.name != there):
-                        problem = f"{there} is not the archive folder"
+                    elif action in special and getattr(special[action], "name", None) != there:
+                        problem = f"{there} is not the {action} folder"
                     elif action == "move" and there not in used:
                         problem = f"the run never moved mail to {there}"
                     elif action not in ("move", "trash", "archive"):

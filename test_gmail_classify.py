@@ -18929,6 +18929,39 @@ class GmailFilterActionsTest(unittest.TestCase):
                 self.assertEqual(gc._gmail_actions(both),
                                  [dict(each, shouldTrash="true") for each in labels])
 
+class UndoForgedDestinationTest(StateTestCase):
+    """Undo leaves alone a trash or archive record whose destination is not the server's
+    trash or archive folder (Undo._vet checks each action against its own folder)."""
+
+    undo = UndoTest.undo
+    use = UndoSafetyTest.use
+    audit_file = WriteAheadUndoTest.audit_file
+    append_records = WriteAheadUndoTest.append_records
+
+    def test_trash_and_archive_records_into_another_folder_are_refused(self):
+        self.use(gmail=False)
+        seed_mailbox(self.server, 6)
+        self.server.add_message(make_message("kept elsewhere"), folder="Other")
+        run = self.run_once()
+        other = self.server.uids("Other")
+        self.append_records(*({
+            "type": "message", "version": 1, "run": run.id, "applied": True,
+            "account": USER, "host": f"127.0.0.1:{self.server.port}", "folder": "INBOX",
+            "uid": 90 + n, "uidvalidity": self.server.uidvalidity("INBOX"), "maybe": True,
+            "message_id": f"<forged-{action}@example.com>", "subject": f"forged {action}",
+            "changes": [{"action": action, "before": {"folder": "INBOX", "uid": 90 + n},
+                         "after": {"folder": "Other", "uid": other[0]}}]}
+            for n, action in enumerate(("trash", "archive"))))
+        records: list = []
+        self.undo(records=records)
+        self.assertEqual([m.raw for m in self.server.messages("Other")],
+                         [make_message("kept elsewhere")])
+        for action in ("trash", "archive"):
+            with self.subTest(action):
+                (alone,) = [r["left_alone"] for r in records if r["subject"] == f"forged {action}"]
+                self.assertEqual(alone, [f"{action}: not something the run can have done "
+                                         f"(Other is not the {action} folder); left as it is"])
+
 
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the

@@ -13188,10 +13188,8 @@ def _infos_for_rules(conn: GmailConnection, rules: Ruleset, folder: str,
     headers the rules read, flags, labels on Gmail, the body prefix if a rule reads it."""
     items = _fetch_items(rules.needs, conn.is_gmail)
     fetched = conn.fetch(uids, items)
-    queries: Optional[Dict[str, set]] = None
-    if conn.is_gmail:
-        queries = {query: set(conn.search(["ALL"], gmail_raw=query, uids=uids))
-                   for query in sorted(rules.needs.queries)}
+    queries = {query: set(conn.search(["ALL"], gmail_raw=query, uids=uids))
+               for query in sorted(rules.needs.queries)} if conn.is_gmail else None
     infos = {uid: _message_info(uid, fetched[uid], items[1], queries, folder)
              for uid in uids if uid in fetched and not _lacking(items, fetched[uid])}
     if rules.needs.body and infos:

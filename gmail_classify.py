@@ -15193,9 +15193,8 @@ def _watch_accounts(args: argparse.Namespace, out: _Output,
 
     def watch(name: str, watcher: Watcher) -> None:
         try:
-            watcher.run()
-            codes[name] = EXIT_OK
-        except StopRequested:
+            with contextlib.suppress(StopRequested):    # a wait that ended at the stop
+                watcher.run()
             codes[name] = EXIT_OK
         except BaseException as exc:  # this account's end; the others watch on
             codes[name] = _say_error(exc, args.verbose, f"{name}: ", hint="")

@@ -18962,6 +18962,28 @@ class UndoForgedDestinationTest(StateTestCase):
                 self.assertEqual(alone, [f"{action}: not something the run can have done "
                                          f"(Other is not the {action} folder); left as it is"])
 
+class ClassifyMessagesOfflineTest(unittest.TestCase):
+    """classify_messages (demo, test, diff): gmail_query parts drop out offline, and each
+    change is recorded as a dry run of the folder would record it."""
+
+    def test_a_rule_decides_on_its_local_conditions_and_a_move_names_its_place(self):
+        rules = parse_rules({"rule": [
+            {"name": "Q", "gmail_query": "from:x", "subject": "invoice", "label": "L"},
+            {"name": "M", "subject": "digest", "move": "Lists"}]}, "r.json")
+        messages = [dataclasses.replace(gc.message_info_from_bytes(
+            f"From: a@b.example\r\nSubject: {subject}\r\nMessage-ID: <m{uid}@x>\r\n\r\n"
+            f"body\r\n".encode()), uid=uid) for uid, subject in ((1, "invoice 1"),
+                                                                 (2, "weekly digest"))]
+        seen: List[gc.Outcome] = []
+        report = gc.classify_messages(rules, messages, on_message=seen.append)
+        self.assertEqual(report.matched, {"Q": 1, "M": 1})
+        self.assertEqual(report.changes, {"label L": 1, "move to Lists": 1})
+        self.assertEqual([outcome.changes for outcome in seen], [
+            ({"action": "label", "label": "L", "before": None,
+              "after": {"folder": "L", "uid": None}},),
+            ({"action": "move", "before": {"folder": "INBOX", "uid": 2, "uidvalidity": 0},
+              "after": {"folder": "Lists", "uid": None}},)])
+
 
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the

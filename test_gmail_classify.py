@@ -18983,6 +18983,41 @@ class ClassifyMessagesOfflineTest(unittest.TestCase):
               "after": {"folder": "L", "uid": None}},),
             ({"action": "move", "before": {"folder": "INBOX", "uid": 2, "uidvalidity": 0},
               "after": {"folder": "Lists", "uid": None}},)])
+    def test_templates_are_filled_in_per_message(self):
+        rules = parse_rules({"rule": [{"name": "V", "subject": "invoice",
+                                       "label": "Vendors/{sender_domain}"}]}, "r.json")
+        info = dataclasses.replace(gc.message_info_from_bytes(
+            b"From: a@shop.example\r\nSubject: invoice 7\r\n\r\nbody\r\n"), uid=1)
+        report = gc.classify_messages(rules, [info])
+        self.assertEqual(report.changes, {"label Vendors/shop.example": 1})
+
+
+class RulesReloaderFilesTest(TempDirMixin, unittest.TestCase):
+    """The watch's rules reloader: no file at all (built-in rules), and a file that is
+    missing for a while (each watched file's signature, or None while it is absent)."""
+
+    def test_without_a_file_nothing_changes_and_a_reload_keeps_the_rules(self):
+        rules = gc.builtin_rules()
+        reloader = gc._RulesReloader(None, rules)
+        self.assertFalse(reloader.changed())
+        with self.assertLogs("gmail_classify", "WARNING") as logs:
+            reloader.reload()
+        self.assertIs(reloader.rules, rules)
+        self.assertIn("no rules file to reload", logs.output[0])
+
+    def test_a_file_missing_at_the_start_is_picked_up_when_it_appears(self):
+        path = os.path.join(self.make_dir(), "rules.json")
+        reloader = gc._RulesReloader(path, gc.builtin_rules())
+        self.assertFalse(reloader.changed())
+        with open(path, "w") as handle:
+            json.dump({"rule": [{"name": "a", "subject": "x", "label": "A"}]}, handle)
+        self.assertTrue(reloader.changed())
+        with self.assertLogs("gmail_classify", "WARNING"):
+            reloader.reload()
+        self.assertEqual([rule.name for rule in reloader.rules.rules], ["a"])
+        self.assertFalse(reloader.changed())
+        os.remove(path)
+        self.assertTrue(reloader.changed())
 
 
 if __name__ == "__main__":

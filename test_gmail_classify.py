@@ -18852,7 +18852,7 @@ def _bench_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-# --- Issue 16: a shorter file (R2: pipeline ... command line) ------------------------------
+# --- Issue 16: a shorter file (R2: pipeline ... command line) ----------------------------
 
 
 class SharedAccountOptionsTest(unittest.TestCase):

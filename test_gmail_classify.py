@@ -19019,6 +19019,25 @@ class RulesReloaderFilesTest(TempDirMixin, unittest.TestCase):
         os.remove(path)
         self.assertTrue(reloader.changed())
 
+@unittest.skipUnless(os.name == "posix", "select() on a pipe")
+class StdinLinesPipeTest(unittest.TestCase):
+    """_stdin_lines on a real descriptor (auth's prompt for a pasted address): a line when
+    one comes, None when none came in time, and after the end of input only waits."""
+
+    def test_a_pasted_line_then_the_end_of_input(self):
+        read_end, write_end = os.pipe()
+        stream = os.fdopen(read_end, "r")
+        self.addCleanup(stream.close)
+        read = gc._stdin_lines(stream)
+        self.assertIsNone(read(0))                  # nothing pasted yet
+        os.write(write_end, b"http://127.0.0.1:8080/?state=s&code=c\n")
+        self.assertEqual(read(5), "http://127.0.0.1:8080/?state=s&code=c\n")
+        os.close(write_end)
+        self.assertIsNone(read(5))                  # the end of input, noted
+        started = time.monotonic()
+        self.assertIsNone(read(0.05))               # from then on it only waits
+        self.assertGreaterEqual(time.monotonic() - started, 0.04)
+
 
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the

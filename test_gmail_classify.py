@@ -19038,6 +19038,27 @@ class StdinLinesPipeTest(unittest.TestCase):
         self.assertIsNone(read(0.05))               # from then on it only waits
         self.assertGreaterEqual(time.monotonic() - started, 0.04)
 
+class StepsAndProgressTest(FakeServerTest):
+    """classify_folder: ``apply_every`` batches make a step, and ``on_progress`` hears of
+    every batch classified (neither was checked message by message before)."""
+
+    def test_apply_every_groups_batches_into_steps_and_progress_counts_each(self):
+        for n in range(3):
+            self.server.add_message(make_message(f"receipt {n}"))
+        steps: List[List[int]] = []
+        progress: List[Tuple[int, int]] = []
+
+        class Steps(gc.Checkpoint):
+            def step_done(self, conn, status, mark, outcomes):
+                steps.append([outcome.uid for outcome in outcomes])
+
+        gc.classify_folder(self.connect(), parse_rules(EXAMPLE_DOC, "r.json"), "INBOX",
+                           batch_size=1, apply_every=2, checkpoint=Steps(),
+                           on_progress=lambda done, total: progress.append((done, total)))
+        uids = self.server.uids("INBOX")
+        self.assertEqual(steps, [uids[:2], uids[2:]])
+        self.assertEqual(progress, [(1, 3), (2, 3), (3, 3)])
+
 
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the

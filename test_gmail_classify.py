@@ -19059,6 +19059,32 @@ class StepsAndProgressTest(FakeServerTest):
         self.assertEqual(steps, [uids[:2], uids[2:]])
         self.assertEqual(progress, [(1, 3), (2, 3), (3, 3)])
 
+class UnfinishedRunHistoryTest(TempDirMixin, unittest.TestCase):
+    """history of a run that died before its summary: counted from its message records
+    (the folders, the changes, and whether it was an undo)."""
+
+    def test_a_run_without_its_summary_is_counted_from_its_message_records(self):
+        store = gc.StateStore(self.make_dir())
+        label = {"action": "label", "label": "A", "before": False, "after": True}
+        base = {"type": "message", "version": 1, "applied": True, "account": "me",
+                "host": "h", "time": "2026-12-01T10:00:00Z"}
+        store.audit.append([
+            dict(base, run="r1", folder="INBOX", uid=1, changes=[label]),
+            dict(base, run="r1", folder="Work", uid=2, changes=[label, {
+                "action": "archive", "label": "\\Inbox", "before": True, "after": False}]),
+            dict(base, run="r1", folder="INBOX", uid=3, changes=[label]),
+            dict(base, run="r2", folder="INBOX", uid=1, undo_of="r1",
+                 time="2026-12-01T11:00:00Z", changes=[gc._inverse_change(label)])])
+        entries = {entry["run"]: entry for entry in gc.history(store)}
+        self.assertEqual({key: entries["r1"][key] for key in (
+            "status", "command", "folders", "counts", "changes_made")}, {
+            "status": "unfinished", "command": "run", "folders": ["INBOX", "Work"],
+            "counts": {"label A": 3, "archive": 1}, "changes_made": 4})
+        self.assertEqual({key: entries["r2"][key] for key in (
+            "command", "undo_of", "folders", "counts", "changes_made")}, {
+            "command": "undo", "undo_of": "r1", "folders": ["INBOX"],
+            "counts": {"remove label A": 1}, "changes_made": 1})
+
 
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the

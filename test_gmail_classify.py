@@ -18958,7 +18958,8 @@ class UndoForgedDestinationTest(StateTestCase):
                          [make_message("kept elsewhere")])
         for action in ("trash", "archive"):
             with self.subTest(action):
-                (alone,) = [r["left_alone"] for r in records if r["subject"] == f"forged {action}"]
+                (alone,) = [r["left_alone"] for r in records
+                            if r["subject"] == f"forged {action}"]
                 self.assertEqual(alone, [f"{action}: not something the run can have done "
                                          f"(Other is not the {action} folder); left as it is"])
 

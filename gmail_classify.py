@@ -8094,8 +8094,7 @@ def run_programs(rules: Ruleset, messages: Iterable[MessageInfo], *, jobs: Optio
     there and returned, for a caller that fetches more and calls again."""
     waiting = list(messages) if rule_programs(rules) else []
     held: List[MessageInfo] = []
-    if now is None:
-        now = datetime.now(timezone.utc)
+    now = now or datetime.now(timezone.utc)
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
         while waiting:
             asks: List[Tuple[MessageInfo, ProgramCondition]] = []
@@ -8189,8 +8188,7 @@ def describe_change(change: Mapping[str, Any]) -> str:
     if action == "unlabel":
         return f"remove label {change.get('label')}"
     if action in ("move", "move back"):
-        return f"{'move' if action == 'move' else 'move back'} to " \
-               f"{(change.get('after') or {}).get('folder')}"
+        return f"{action} to {(change.get('after') or {}).get('folder')}"
     return str(action)
 
 
@@ -8245,10 +8243,9 @@ class _Step:
 
 def _folder_hint(conn: GmailConnection, folder: str) -> str:
     """"did you mean 'Receipts'?" for a misspelt folder, else where to find the names."""
-    try:
+    names: List[str] = []
+    with contextlib.suppress(GmailClassifyError):
         names = [f.name for f in conn.list_folders() if f.selectable]
-    except GmailClassifyError:
-        names = []
     if folder in names:
         return "the 'labels' command lists the folder names"
     by_key = {name.casefold(): name for name in names}
@@ -8403,31 +8400,12 @@ class _Listeners:
     on_applied: Optional[Callable[[int, int], None]] = None
 
 
-class _ApplyHooks:
-    """What _apply_plan tells as it goes (see there): ``intend(phase, folders)`` before
-    write commands go out, ``done(key, {uid: extra})`` after each one answered, and
-    ``refused()`` when a flight had a refusal: every command sent was answered, and nothing
-    more of the step will be sent.  These hear nothing."""
-
-    def intend(self, phase: str, folders: Sequence[str]) -> None:
-        pass
-
-    def done(self, key: Tuple[str, ...], result: Mapping[int, Any]) -> None:
-        pass
-
-    def uidnext(self, folder: str) -> Optional[int]:
-        """``folder``'s UIDNEXT from before this step's writes, or lower; None if unknown."""
-        return None
-
-    def refused(self) -> None:
-        pass
-
-
-class _FolderRun(_ApplyHooks):
+class _FolderRun:
     """One classify_folder call: ``open()`` the folder and find its messages, then
     ``classify_all()``: batches fetched and classified (``classify``), their changes made
     in steps (``finish``) that tell the checkpoint what the server confirmed.  As the
-    _ApplyHooks of the step in hand it writes the intents and counts the confirmations."""
+    ``hooks`` of _apply_plan for the step in hand (``intend``, ``done``, ``uidnext``,
+    ``refused``: see there) it writes the intents and counts the confirmations."""
 
     def __init__(self, conn: GmailConnection, rules: Ruleset, folder: str, options: RunOptions,
                  checkpoint: Checkpoint, report: FolderReport, now: Optional[_dt.datetime],
@@ -8455,10 +8433,8 @@ class _FolderRun(_ApplyHooks):
             self.rules, notes = self.rules.local()
             for note in notes:
                 log.warning("%s: %s (%s is not Gmail)", self.rules.source, note, conn.host)
-        self.separator: Optional[str] = None
-        if any(rule.actions.templates() for rule in self.rules.rules):
-            self.separator = next((f.delimiter for f in conn.list_folders() if f.delimiter),
-                                  "/")
+        self.separator = next((f.delimiter for f in conn.list_folders() if f.delimiter), "/") \
+            if any(rule.actions.templates() for rule in self.rules.rules) else None
         conn.stop.check(f"before opening {folder}")     # a safe point: nothing sent yet
         self.settled = settled = _settle(conn, self.rules, self.options.allow_expunge)
         self.report.notes.extend(note for note in settled.notes if note not in self.report.notes)
@@ -8474,18 +8450,12 @@ class _FolderRun(_ApplyHooks):
         log.info("%s: %d messages (UIDVALIDITY %d)", source, self.status.exists,
                  self.status.uidvalidity)
         self.uids, above = self._search()
-        self.queries: Optional[Dict[str, set]] = None
-        if conn.is_gmail:
-            self.queries = {query: set(conn.search(above or ["ALL"], gmail_raw=query))
-                            for query in self.rules.needs.queries}
-        self.destinations: Dict[str, Optional[str]] = {}
-        self.in_trash = self.in_archive = False
-        if settled.trash is not None:
-            self.destinations["trash"] = settled.trash.name
-            self.in_trash = _same_folder(settled.trash.name, source)
-        if settled.archive is not None:
-            self.destinations["archive"] = settled.archive.name
-            self.in_archive = _same_folder(settled.archive.name, source)
+        self.queries = {query: set(conn.search(above or ["ALL"], gmail_raw=query))
+                        for query in self.rules.needs.queries} if conn.is_gmail else None
+        found = {"trash": settled.trash, "archive": settled.archive}
+        self.destinations = {action: f.name for action, f in found.items() if f is not None}
+        self.in_trash, self.in_archive = (f is not None and _same_folder(f.name, source)
+                                          for f in found.values())
         needs = self.rules.needs        # worked out once: it walks every rule's conditions
         self.final = not needs.body     # no body prefix to wait for: decide on the headers
         self.items = _fetch_items(needs, conn.is_gmail,
@@ -8528,14 +8498,13 @@ class _FolderRun(_ApplyHooks):
     def classify_all(self) -> None:
         """Every batch, a step after every ``apply_every`` of them, and the last step."""
         uids, size, report = self.uids, self.options.batch_size, self.report
-        batches = 0
         # The next batch's FETCH is sent while this one is classified (pipelining); the
         # checkpoint still approves each FETCH before it goes out.
         fetches = self.conn.fetch_batches([uids[i:i + size] for i in range(0, len(uids), size)],
                                           self.items, before_each=self.before_fetch,
                                           skipped=report.skipped)
         try:
-            for start_index in range(0, len(uids), size):
+            for batches, start_index in enumerate(range(0, len(uids), size), 1):
                 try:
                     batch, fetched = next(fetches)
                 except RunStopped:
@@ -8543,7 +8512,6 @@ class _FolderRun(_ApplyHooks):
                     self.land()
                     raise
                 self.classify(batch, fetched)
-                batches += 1
                 if self.listeners.on_progress is not None:
                     self.listeners.on_progress(min(start_index + size, len(uids)), len(uids))
                 if batches % max(1, self.options.apply_every) == 0:
@@ -8797,6 +8765,7 @@ class _FolderRun(_ApplyHooks):
             self.listeners.on_applied(min(self.applied, self.planned), self.planned)
 
     def uidnext(self, folder: str) -> Optional[int]:
+        """``folder``'s UIDNEXT from before this step's writes, or lower; None if unknown."""
         place = self.places.get(folder)     # as intend() found it, moved past our copies
         return place.get("uidnext") if place else None
 
@@ -8837,10 +8806,7 @@ class _FolderRun(_ApplyHooks):
         report, status, gmail = self.report, self.status, self.conn.is_gmail
         decision, info = step.decisions[uid], step.infos[uid]
         keys = step.plan.per_uid.get(uid, [])
-        if self.apply:
-            made = [key for key in keys if (uid, key) in self.confirmed]
-        else:
-            made = list(keys)
+        made = [key for key in keys if not self.apply or (uid, key) in self.confirmed]
         for key in made:
             if key[0] == "label" and key[1] in self.copies:
                 self.copies[key[1]].add(step.plan.message_ids.get(uid))
@@ -8938,26 +8904,6 @@ def _skip_content(report: FolderReport, step: _Step, uid: int, why: str) -> None
     step.content_skips[uid] = why
     log.warning("%s: UID %d left alone for its content: %s; it is recorded as skipped and "
                 "not tried again", report.folder, uid, why)
-
-
-def _tally(report: FolderReport, plan: _Plan, decision: Decision, info: MessageInfo,
-           folder: str) -> Outcome:
-    """Count one message classified offline into a dry-run report; plan its changes."""
-    report.examined += 1
-    plan.add(info.uid, decision.actions, info.flags, info.labels, folder)
-    if decision.actions.labels and info.labels is None:
-        plan.message_ids[info.uid] = _message_key(info.headers)
-    for name, _reason in decision.matches:
-        report.matched[name] = report.matched.get(name, 0) + 1
-    status = FolderStatus(folder, 0, None, 0, True)
-    keys = plan.per_uid.get(info.uid, [])
-    changes = tuple(_change_entry(key, info.uid, status, info.labels is not None, {}, None)
-                    for key in keys)
-    _count_decision(report, decision, keys, keys, lambda key: describe_change(
-        _change_entry(key, info.uid, status, info.labels is not None, {}, None)))
-    shown = _Shown(info)
-    return Outcome(folder, info.uid, shown.sender, shown.subject, decision,
-                   message_id=shown.message_id, changes=changes)
 
 
 def _first(values: Sequence[str]) -> str:
@@ -9068,7 +9014,7 @@ def _check_folder_limit(report: FolderReport, missing: Sequence[str],
 
 
 def _create_folders(conn: GmailConnection, missing: Sequence[str], report: FolderReport,
-                    hooks: _ApplyHooks) -> None:
+                    hooks: _FolderRun) -> None:
     """Create the folders a step needs, the intent first, the CREATEs in one flight (each
     is safe to send again); each answer goes to hooks.done before a refusal is raised."""
     if not missing:
@@ -9082,7 +9028,7 @@ def _create_folders(conn: GmailConnection, missing: Sequence[str], report: Folde
     _land_flight(flight, report, hooks)
 
 
-def _land_flight(flight: _WriteFlight, report: FolderReport, hooks: _ApplyHooks) -> None:
+def _land_flight(flight: _WriteFlight, report: FolderReport, hooks: _FolderRun) -> None:
     """Read a sent flight's answers and tell ``hooks.done`` what the server confirmed (see
     _apply_plan), in the order sent, a key's chunks together; every answer read is
     reported before the first refusal is raised, or before any other error passes on."""
@@ -9098,7 +9044,7 @@ def _land_flight(flight: _WriteFlight, report: FolderReport, hooks: _ApplyHooks)
 
 
 def _confirm_flight(flight: _WriteFlight, report: FolderReport,
-                    hooks: _ApplyHooks) -> Optional[ImapError]:
+                    hooks: _FolderRun) -> Optional[ImapError]:
     """hooks.done for each answered command of ``flight``; returns the first refusal."""
     refused: Optional[ImapError] = None
     confirmed: Dict[Any, Dict[int, Any]] = {}
@@ -9127,7 +9073,7 @@ def _confirm_flight(flight: _WriteFlight, report: FolderReport,
     return refused
 
 
-def _labels_and_flags(conn: GmailConnection, plan: _Plan, hooks: _ApplyHooks) -> _WriteFlight:
+def _labels_and_flags(conn: GmailConnection, plan: _Plan, hooks: _FolderRun) -> _WriteFlight:
     """A step's first flight: its labels (Gmail) or label copies (elsewhere), and flags."""
     flight = _WriteFlight(conn)
     for label, uids in plan.add_labels.items():
@@ -9169,7 +9115,7 @@ def _moves_flight(conn: GmailConnection, plan: _Plan, source: str, archive: Opti
     return flight, moves
 
 
-def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport, hooks: _ApplyHooks,
+def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport, hooks: _FolderRun,
                 max_new_folders: Optional[int], settled: _Destinations,
                 allow_expunge: bool) -> Optional[Callable[[], None]]:
     """Carry out a plan: check destinations, create what is missing, then labels and flags,
@@ -9186,7 +9132,9 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport, hooks:
     ``hooks.done(key, {uid: extra})`` hears of each command the server confirmed (a _Plan
     key; ``extra`` is None, or ``{"folder": ..., "uid": ...}`` for copies and moves), and of
     each CREATE answered, as ``done(("create", name, outcome), {})`` with ``outcome``
-    "created", "existed" or "refused".
+    "created", "existed" or "refused".  ``hooks.refused()`` hears that a flight had a
+    refusal: every command sent was answered, and nothing more of the step will be sent.
+    ``hooks.uidnext(folder)`` gives a label copy's COPY the destination's UIDNEXT.
     ``settled``: the trash and archive folders _settle found.  Names go to the server
     mapped to its namespace (server_name).
     """
@@ -9305,12 +9253,25 @@ def classify_messages(rules: Ruleset, messages: Iterable[MessageInfo], folder: s
     """
     report, plan = FolderReport(folder, applied=False), _Plan()
     rules = rules.local()[0]
+    status = FolderStatus(folder, 0, None, 0, True)
     for info in messages:
         decision = rules.classify(info, final=True, now=now)
         decision = dataclasses.replace(decision, actions=decision.actions.expanded(info))
-        outcome = _tally(report, plan, decision, info, folder)
+        report.examined += 1
+        plan.add(info.uid, decision.actions, info.flags, info.labels, folder)
+        if decision.actions.labels and info.labels is None:
+            plan.message_ids[info.uid] = _message_key(info.headers)
+        for name, _reason in decision.matches:
+            report.matched[name] = report.matched.get(name, 0) + 1
+        keys = plan.per_uid.get(info.uid, [])
+        changes = tuple(_change_entry(key, info.uid, status, info.labels is not None, {}, None)
+                        for key in keys)
+        _count_decision(report, decision, keys, keys, lambda key: describe_change(
+            _change_entry(key, info.uid, status, info.labels is not None, {}, None)))
+        shown = _Shown(info)
         if on_message is not None:
-            on_message(outcome)
+            on_message(Outcome(folder, info.uid, shown.sender, shown.subject, decision,
+                               message_id=shown.message_id, changes=changes))
     report.changes = plan.changes()
     return report
 
@@ -9507,12 +9468,10 @@ class AccountLock:
             raise StateError(f"cannot open the lock file {self.path}: {exc}") from exc
         if not got:
             holder = ""
-            try:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
                 info = load_json(self.path.read_text(encoding="utf-8") or "{}")
                 holder = (f" (pid {info.get('pid')}, {info.get('command')}, since "
                           f"{info.get('since')})")
-            except (OSError, ValueError, AttributeError):
-                pass
             raise LockedError(f"another --apply{holder} holds the lock for {self.account}; "
                               f"wait for it to finish, or stop it, then try again")
         assert self._lock.fd is not None
@@ -9525,10 +9484,8 @@ class AccountLock:
 
     def release(self) -> None:
         if self._lock.fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.ftruncate(self._lock.fd, 0)
-            except OSError:
-                pass
         self._lock.release()
 
     def __enter__(self) -> "AccountLock":
@@ -9979,11 +9936,6 @@ def _added_counts(parts: Iterable[Mapping[str, int]]) -> Dict[str, int]:
     return total
 
 
-def _new_run_id(moment: datetime) -> str:
-    """``"20261201T170501-3fa2"``: sortable by time, unique enough to type into ``undo``."""
-    return moment.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + os.urandom(2).hex()
-
-
 class Run(Checkpoint):
     """One run over one account: classify folders, keep the marks, write the records.
 
@@ -10032,7 +9984,9 @@ class Run(Checkpoint):
         self.on_record = on_record
         self.on_message = on_message
         self.started = store.now()
-        self.id = _new_run_id(self.started)
+        # "20261201T170501-3fa2": sortable by time, unique enough to type into undo.
+        self.id = self.started.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + \
+            os.urandom(2).hex()
         self.rules_hash = rules_hash(rules)
         self.reports: List[FolderReport] = []
         self.counts: Dict[str, int] = {}
@@ -10149,9 +10103,7 @@ class Run(Checkpoint):
     def leave_alone(self, status: FolderStatus) -> Tuple[frozenset, frozenset]:
         if self.reclassify:
             return frozenset(), frozenset()
-        uids, msgids = self.store.undone(self.account, self.rules_hash, status.name,
-                                         status.uidvalidity)
-        return uids, msgids
+        return self.store.undone(self.account, self.rules_hash, status.name, status.uidvalidity)
 
     def before_fetch(self, conn: GmailConnection) -> None:
         self._count_bytes(conn)
@@ -10415,7 +10367,12 @@ class _HistoryLedger:
             for change in record.get("changes") or []:
                 self.confirmed.setdefault(run_id, set()).add(_change_identity(record, change))
             if kind == "message" and run_id not in self.summarised:
-                self._count_message(entry, record)
+                if record.get("undo_of"):
+                    entry["command"] = "undo"
+                if record.get("folder") not in entry["folders"]:
+                    entry["folders"].append(record.get("folder"))
+                for change in record.get("changes") or []:
+                    self._count(entry, change)
         elif kind == "summary":
             self.summarised.add(run_id)
             entry.update(time=str(record.get("time", entry["time"])),
@@ -10424,15 +10381,6 @@ class _HistoryLedger:
                          counts=dict(record.get("counts") or {}),
                          changes_made=int(record.get("changes_made") or 0),
                          status=str(record.get("status", "complete")))
-
-    @staticmethod
-    def _count_message(entry: Dict[str, Any], record: Mapping[str, Any]) -> None:
-        if record.get("undo_of"):
-            entry["command"] = "undo"
-        if record.get("folder") not in entry["folders"]:
-            entry["folders"].append(record.get("folder"))
-        for change in record.get("changes") or []:
-            _HistoryLedger._count(entry, change)
 
     @staticmethod
     def _count(entry: Dict[str, Any], change: Mapping[str, Any]) -> None:
@@ -10488,8 +10436,7 @@ _UNDO_ACTIONS.update({after: before for before, after in list(_UNDO_ACTIONS.item
 
 
 def _inverse_change(change: Mapping[str, Any]) -> Dict[str, Any]:
-    inverse = dict(change)
-    inverse["before"], inverse["after"] = change.get("after"), change.get("before")
+    inverse = dict(change, before=change.get("after"), after=change.get("before"))
     action = str(change.get("action", ""))
     rows = {row.words: row for row in _FLAG_ACTION_ROWS.values()}
     if action in rows and rows[action].opposite in _FLAG_ACTION_ROWS:
@@ -10638,7 +10585,7 @@ class Undo:
                     self.messages.append(dict(record, type="message", version=RECORD_VERSION,
                                               applied=True, changes=changes, **more))
 
-    # Each message's undo is worked out in ``_work``: index -> {"done": [...], "alone": [...]}.
+    # Each message's undo is worked out in ``work``: index -> {"done": [...], "alone": [...]}.
 
     def execute(self, conn: GmailConnection) -> None:
         """Reverse the run over ``conn`` (the account it was made on)."""
@@ -10660,8 +10607,8 @@ class Undo:
         the message's own; a move leaves the message's own folder for one the run itself
         wrote to (its intents and summary say which), trash for the trash folder, archive
         for the archive folder.  Such changes are reported and left alone."""
-        trash = conn.special_folder("\\Trash")
-        archive = None if conn.is_gmail else conn.special_folder("\\Archive")
+        special = {"trash": conn.special_folder("\\Trash"),
+                   "archive": None if conn.is_gmail else conn.special_folder("\\Archive")}
         used = self.used | {conn.server_name(name) for name in self.used}
         for i, record in enumerate(self.messages):
             own = str(record.get("folder", ""))
@@ -10682,10 +10629,8 @@ class Undo:
                     elif not isinstance(before, dict) or \
                             not any(_same_folder(str(before.get("folder")), h) for h in homes):
                         problem = "it does not start from the message's own folder"
-                    elif action == "trash" and (trash is None or trash.name != there):
-                        problem = f"{there} is not the trash folder"
-                    elif action == "archive" and (archive is None or archive.name != there):
-                        problem = f"{there} is not the archive folder"
+                    elif action in special and getattr(special[action], "name", None) != there:
+                        problem = f"{there} is not the {action} folder"
                     elif action == "move" and there not in used:
                         problem = f"the run never moved mail to {there}"
                     elif action not in ("move", "trash", "archive"):
@@ -11112,14 +11057,11 @@ class Undo:
                                             f"since the run (its UIDVALIDITY changed); "
                                             f"the copy stays")
                     continue
-                since = place.get("uidnext")
                 uid = change["after"].get("uid")
-                if uid and since is not None and uid < since:
-                    target = None
-                elif uid:
+                if self._recorded_copy(i, change, status):
                     target = uid if self._same_looks(i, looks.get(uid)) else None
-                else:
-                    target = self._find_by_looks(conn, i, since)
+                else:   # a UID from before the run's UIDNEXT is not its copy
+                    target = None if uid else self._find_by_looks(conn, i, place.get("uidnext"))
                 if target is None:
                     if self.messages[i].get("maybe") or self._tried(i, change):
                         work[i]["unmade"].append(f"{what}: no copy in {folder}; never made, "
@@ -11181,9 +11123,7 @@ class Undo:
             self.unmade += len(outcome.get("unmade", ()))
             if not outcome["done"] and not outcome["alone"]:
                 continue
-            original = self.messages[i]
-            record = dict(original)
-            record.update(run=self.run.id, time=_iso(self.run.store.now()),
+            record = dict(self.messages[i], run=self.run.id, time=_iso(self.run.store.now()),
                           undo_of=self.undo_of, applied=self.apply, rules=[], reasons=[],
                           actions={}, changes=outcome["done"], left_alone=outcome["alone"])
             self.reversed += len(outcome["done"])
@@ -11702,10 +11642,9 @@ def _token_request(token_url: str, form: Mapping[str, str]) -> Dict[str, Any]:
         reason = getattr(exc, "reason", exc)
         raise ConnectionLostError(f"cannot reach the token endpoint {url}: {reason}; check "
                                   f"the network, then try again") from exc
-    try:
+    doc = None
+    with contextlib.suppress(ValueError, UnicodeDecodeError):
         doc = load_json(body.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        doc = None
     if status >= 500:
         raise ConnectionLostError(f"the token endpoint {url} answered HTTP {status}; try again later")
     if not isinstance(doc, dict):
@@ -11847,10 +11786,8 @@ def _stdin_lines(stream: TextIO = sys.stdin) -> Callable[[float], Optional[str]]
         pasted: List[str] = []
 
         def reader() -> None:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 pasted.append(stream.readline())
-            except (OSError, ValueError):
-                pass
 
         threading.Thread(target=reader, daemon=True).start()
 
@@ -11872,10 +11809,8 @@ def _stdin_lines(stream: TextIO = sys.stdin) -> Callable[[float], Optional[str]]
         if not ready:
             return None
         line = stream.readline()
-        if not line:
-            closed[0] = True
-            return None
-        return line
+        closed[0] = not line            # end of input: nothing more will come
+        return line or None
     return read
 
 
@@ -12068,10 +12003,9 @@ class OAuthTokenSource:
         token = answer.get("access_token")
         if not isinstance(token, str) or not token:
             raise ProtocolError("the token endpoint answered without an access_token")
-        try:
+        lifetime = 3600.0
+        with contextlib.suppress(TypeError, ValueError):
             lifetime = float(answer.get("expires_in", 3600))
-        except (TypeError, ValueError):
-            lifetime = 3600.0
         now = self._clock()
         self._access, self._fetched, self._expires = token, now, now + lifetime
         self.refreshes += 1
@@ -12236,16 +12170,15 @@ def _doctor_rules(conn: GmailConnection, rules: Ruleset, folders: Sequence[str],
                               "the rules for this server" if "EXPUNGE" in str(exc) else
                               "create the folder, or drop the actions that need it"))
     else:
-        for note in settled.notes:
-            rows.append(DoctorRow("rules", note))
+        rows.extend(DoctorRow("rules", note) for note in settled.notes)
     notes = list(rules.local()[1]) if not conn.is_gmail else []
     if not conn.is_gmail and any(rule.actions.labels for rule in rules.rules):
         notes.append("labels are copies into folders here (no Gmail labels)")
-    for note in notes:
-        rows.append(DoctorRow("rules", note))
+    rows.extend(DoctorRow("rules", note) for note in notes)
     if not rows:
-        rows.append(DoctorRow("rules", f"every action of {_plural_rules(rules)} can be done "
-                                       f"here"))
+        count = len(rules.rules)
+        rows.append(DoctorRow("rules", f"every action of {count} rule"
+                                       f"{'' if count == 1 else 's'} can be done here"))
     names = {folder.name.casefold() for folder in listed}
     for folder in folders:
         name = conn.server_name(folder)
@@ -12253,10 +12186,6 @@ def _doctor_rules(conn: GmailConnection, rules: Ruleset, folders: Sequence[str],
             rows.append(DoctorRow("folders", f"{folder}: not on this server", EXIT_SERVER,
                                   "check the name with 'labels', or fix folders / --folder"))
     return rows
-
-
-def _plural_rules(rules: Ruleset) -> str:
-    return f"{len(rules.rules)} rule{'' if len(rules.rules) == 1 else 's'}"
 
 
 def _doctor_state(conn: GmailConnection, rules: Ruleset, folders: Sequence[str],
@@ -12374,9 +12303,7 @@ def _or_terms(value: str) -> Optional[List[str]]:
     if re.fullmatch(r"\([^{}()]*\)", text):
         text = text[1:-1].strip()
     tokens = _QUERY_TOKEN.findall(text)
-    if not tokens or len(tokens) % 2 == 0:
-        return None
-    if any(tok != "OR" for tok in tokens[1::2]):
+    if not tokens or len(tokens) % 2 == 0 or any(tok != "OR" for tok in tokens[1::2]):
         return None
     return tokens[0::2]
 
@@ -13094,20 +13021,12 @@ def _gmail_actions(actions: Actions) -> List[Dict[str, str]]:
     extra = [row.key for row in actions.flag_actions() if row.key not in ("mark_read", "star")]
     if extra:
         raise _Inexpressible(f"{extra[0]} has no Gmail filter action")
-    common: Dict[str, str] = {}
-    labels = list(actions.labels)
-    if actions.move:
-        labels.append(actions.move)
-        common["shouldArchive"] = "true"
-    if actions.archive:
-        common["shouldArchive"] = "true"
-    if actions.trash:
-        common.pop("shouldArchive", None)
-        common["shouldTrash"] = "true"
-    if actions.flag("mark_read"):
-        common["shouldMarkAsRead"] = "true"
-    if actions.flag("star"):
-        common["shouldStar"] = "true"
+    labels = list(actions.labels) + ([actions.move] if actions.move else [])
+    # A move is its folder's label and archive; trash wins over both.
+    asked = {"shouldArchive": bool(actions.move or actions.archive) and not actions.trash,
+             "shouldTrash": bool(actions.trash), "shouldMarkAsRead": actions.flag("mark_read"),
+             "shouldStar": actions.flag("star")}
+    common = {name: "true" for name, on in asked.items() if on}
     return [dict(common, label=label) for label in labels] or [common]
 
 
@@ -13270,10 +13189,8 @@ def _infos_for_rules(conn: GmailConnection, rules: Ruleset, folder: str,
     headers the rules read, flags, labels on Gmail, the body prefix if a rule reads it."""
     items = _fetch_items(rules.needs, conn.is_gmail)
     fetched = conn.fetch(uids, items)
-    queries: Optional[Dict[str, set]] = None
-    if conn.is_gmail:
-        queries = {query: set(conn.search(["ALL"], gmail_raw=query, uids=uids))
-                   for query in sorted(rules.needs.queries)}
+    queries = {query: set(conn.search(["ALL"], gmail_raw=query, uids=uids))
+               for query in sorted(rules.needs.queries)} if conn.is_gmail else None
     infos = {uid: _message_info(uid, fetched[uid], items[1], queries, folder)
              for uid in uids if uid in fetched and not _lacking(items, fetched[uid])}
     if rules.needs.body and infos:
@@ -13519,9 +13436,7 @@ def _condition_of(features: Sequence[tuple]) -> Dict[str, Any]:
             key = "from" if kind == "domain" else kind
             by_kind.setdefault(key, []).append(feature[1])
     parts = [{key: _one_or_list(values)} for key, values in by_kind.items()] + tables
-    if len(parts) == 1:
-        return parts[0]
-    return {"any": parts}
+    return parts[0] if len(parts) == 1 else {"any": parts}
 
 
 @dataclass(frozen=True)
@@ -13780,12 +13695,6 @@ def _learned_rule_tables(filed: FiledMail, made: List[_LearnedLabel]
     return [entry[1] for entry in entries], [entry[2] for entry in entries]
 
 
-def _placeholder_address(address: str, keep: bool, named: bool) -> str:
-    if keep or named:
-        return address
-    return "someone@" + address.rpartition("@")[2]
-
-
 def _learned_tests(filed: FiledMail, rules: List[Dict[str, Any]], made: List[_LearnedLabel],
                    keep_examples: bool, now: datetime) -> List[Dict[str, Any]]:
     """One [[test]] per rule, from a held-out message it rightly found: only the headers the
@@ -13832,7 +13741,8 @@ def _test_table(info: MessageInfo, named: Dict[str, set], keep: bool) -> Dict[st
     senders = _header_mailboxes(headers, "from")
     if senders and senders[0][1]:
         address = senders[0][1]
-        table["from"] = _placeholder_address(address, keep, address.lower() in named["from"])
+        table["from"] = address if keep or address.lower() in named["from"] else \
+            "someone@" + address.rpartition("@")[2]
     recipients = [a for name in ("to", "cc", "delivered-to")
                   for _d, a in _header_mailboxes(headers, name) if a]
     shown = [a for a in recipients if keep or a.lower() in named["recipient"]]
@@ -13886,21 +13796,13 @@ def _filed_from_headers(raw: bytes, date: Optional[datetime]
     return _message_key(info.headers), info, when
 
 
-def _learn_uids(conn: GmailConnection, limit: Optional[int],
-                since: Optional[_dt.date]) -> List[int]:
-    uids = conn.search(["SINCE", since] if since else ["ALL"])
-    return uids[-limit:] if limit else uids
-
-
 def _add_filed(found: Dict[str, FiledMessage], values: Mapping[str, Any], item: str,
                label: Optional[str], gmail: bool) -> None:
     """One fetched message into ``found`` (by Message-ID): where it is filed, and whether
     it is starred and (on Gmail) archived."""
     key, info, when = _filed_from_headers(values.get(item) or b"", values.get("INTERNALDATE"))
     flags = frozenset(values.get("FLAGS") or ())
-    entry = found.get(key)
-    if entry is None:
-        entry = found[key] = FiledMessage(key, when, info)
+    entry = found.setdefault(key, FiledMessage(key, when, info))
     entry.starred = entry.starred or any(f.lower() == "\\flagged" for f in flags)
     if gmail:
         labels = set(values.get("X-GM-LABELS") or ())
@@ -13930,7 +13832,8 @@ def read_filed_mail(conn: GmailConnection, *, folders: Sequence[str] = (),
 
     def read(folder: Folder, label: Optional[str]) -> None:
         conn.examine(folder.name)
-        uids = _learn_uids(conn, limit, since)
+        uids = conn.search(["SINCE", since] if since else ["ALL"])
+        uids = uids[-limit:] if limit else uids
         batches = [uids[i:i + batch_size] for i in range(0, len(uids), batch_size)]
         done = 0
         for batch, fetched in conn.fetch_batches(
@@ -13977,10 +13880,8 @@ def read_filed_mail(conn: GmailConnection, *, folders: Sequence[str] = (),
                  "\\Archive" if is_archive else short)
     count = 0
     if trash is not None:
-        try:
+        with contextlib.suppress(ImapError):
             count = conn.status(trash.name).get("MESSAGES", 0)
-        except ImapError:
-            count = 0
     messages = sorted(found.values(), key=lambda m: (m.date, m.key))
     if limit and len(messages) > limit:
         messages = messages[-limit:]
@@ -14044,12 +13945,9 @@ def _maildir_folders(root: str) -> List[Tuple[str, Optional[str]]]:
         if relative == ".":
             found.append((here, None))
             continue
-        parts = [p for p in relative.split(os.sep)]
-        if len(parts) == 1 and parts[0].startswith("."):
-            label = parts[0][1:].replace(".", "/")
-        else:
-            label = "/".join(parts)
-        found.append((here, label))
+        parts = relative.split(os.sep)
+        maildir_plus = len(parts) == 1 and parts[0].startswith(".")    # ".Receipts.2024"
+        found.append((here, parts[0][1:].replace(".", "/") if maildir_plus else "/".join(parts)))
         dirs[:] = [d for d in dirs if d not in ("cur", "new", "tmp")]
     return found
 
@@ -14102,9 +14000,7 @@ def read_filed_path(path: Any, *, limit: Optional[int] = DEFAULT_LEARN_LIMIT,
         if since is not None and when.date() < since:
             return
         takeout = header_text(info.headers, "x-gmail-labels")
-        entry = found.get(key)
-        if entry is None:
-            entry = found[key] = FiledMessage(key, when, info)
+        entry = found.setdefault(key, FiledMessage(key, when, info))
         if takeout:
             gmail = True
             names = _split_takeout_labels(",".join(takeout))
@@ -14286,10 +14182,6 @@ class _Opt:
     def __init__(self, *flags: str, **settings: Any) -> None:
         self.flags, self.settings = flags, settings
 
-    def add_to(self, parser: Any) -> None:
-        parser.add_argument(*self.flags, **{**_SHARED_OPTIONS.get(self.flags[0], {}),
-                                            **self.settings})
-
 
 _EXPUNGE_RISK = ("with a plain EXPUNGE (only while no other message in the folder is marked "
                  "\\Deleted); see the README for the risk")
@@ -14401,6 +14293,7 @@ def _signed_in(settings: Mapping[str, Any]) -> Iterator[GmailConnection]:
         log.info("interrupted while signing out; the work was already done")
 
 
+@dataclass(eq=False)
 class _Signals:
     """SIGINT, SIGTERM and SIGHUP for one command, all through one Stop (a context manager).
 
@@ -14415,14 +14308,11 @@ class _Signals:
     no other) and put back as they were on exit.  Windows has no SIGHUP.
     """
 
-    def __init__(self, stop: Stop, *, armed: bool = False,
-                 on_stop: Optional[Callable[[], Any]] = None,
-                 on_hangup: Optional[Callable[[], Any]] = None) -> None:
-        self.stop = stop
-        self.armed = armed
-        self.on_stop = on_stop
-        self.on_hangup = on_hangup
-        self._previous: Dict[int, Any] = {}
+    stop: Stop
+    armed: bool = False
+    on_stop: Optional[Callable[[], Any]] = None
+    on_hangup: Optional[Callable[[], Any]] = None
+    _previous: Dict[int, Any] = field(default_factory=dict, init=False, repr=False)
 
     def _handle(self, signum: int, _frame: Any) -> None:
         if signum == getattr(signal, "SIGHUP", None) and self.on_hangup is not None:
@@ -14468,6 +14358,11 @@ def _setup_logging(args: argparse.Namespace) -> None:
     log.propagate = False
 
 
+def _warn(text: str) -> None:
+    """One line on standard error, ``gmail_classify: text``, escaped (see printable)."""
+    sys.stderr.write(printable(f"gmail_classify: {text}") + "\n")
+
+
 def _secret_from_command(command: str) -> str:
     try:
         argv = shlex.split(command)
@@ -14507,21 +14402,16 @@ def _netrc_entries(text: str) -> List[Tuple[Optional[str], str, str]]:
         words += found
         if "macdef" in found:
             in_macro = True
-    entries: List[Tuple[Optional[str], str, str]] = []
-    current: Optional[List[Any]] = None
+    entries: List[List[Any]] = []      # [machine, login, password], the last one current
     pairs = iter(words)
     for word in pairs:
         if word in ("machine", "default"):
-            if current is not None:
-                entries.append((current[0], current[1], current[2]))
-            current = [next(pairs, "") if word == "machine" else None, "", ""]
-        elif word in ("login", "password", "account", "macdef") and current is not None:
+            entries.append([next(pairs, "") if word == "machine" else None, "", ""])
+        elif word in ("login", "password", "account", "macdef") and entries:
             value = next(pairs, "")
             if word in ("login", "password"):
-                current[1 if word == "login" else 2] = value
-    if current is not None:
-        entries.append((current[0], current[1], current[2]))
-    return entries
+                entries[-1][1 if word == "login" else 2] = value
+    return [(machine, login, password) for machine, login, password in entries]
 
 
 def _password_from_netrc(host: str, user: str, strict: bool = False) -> Optional[str]:
@@ -14568,11 +14458,8 @@ def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any],
         raise UsageError(f"no account given: pass --user you@gmail.com or set {USER_ENV} "
                          f"(or {USER_ENV_ALIAS})")
     host = args.host or account.get("host") or GMAIL_HOST
-    security = account.get("tls", "implicit")
-    if args.starttls:
-        security = "starttls"
-    if args.plaintext:
-        security = "plaintext"
+    security = ("plaintext" if args.plaintext else "starttls" if args.starttls
+                else account.get("tls", "implicit"))
     security = {"implicit": "tls"}.get(security, security)
     if security == "plaintext" and not _is_loopback(host):
         raise UsageError(f"--plaintext is only allowed to a loopback address, not {host}; "
@@ -14641,15 +14528,14 @@ def _rule_tests_allow(rules: Ruleset, apply: bool) -> bool:
     """
     failures = run_rule_tests(rules)
     for line in failures:
-        sys.stderr.write(printable(f"gmail_classify: {line}") + "\n")
+        _warn(line)
     if failures and apply:
-        sys.stderr.write(printable(f"gmail_classify: refusing --apply: {len(failures)} of "
-                                   f"{len(rules.tests)} rule tests failed; fix the rules or "
-                                   f"the tests (see 'check {rules.source}')") + "\n")
+        _warn(f"refusing --apply: {len(failures)} of {len(rules.tests)} rule tests failed; "
+              f"fix the rules or the tests (see 'check {rules.source}')")
         return False
     if failures:
-        sys.stderr.write(f"gmail_classify: {len(failures)} of {len(rules.tests)} rule tests "
-                         f"failed; this dry run goes on, --apply would be refused\n")
+        _warn(f"{len(failures)} of {len(rules.tests)} rule tests failed; this dry run goes on, "
+              f"--apply would be refused")
     return True
 
 
@@ -14811,10 +14697,8 @@ class _Output:
 
     def close_quietly(self) -> None:
         """The last flush: never raises, whatever the reader did."""
-        try:
+        with contextlib.suppress(_OutputClosed):
             self.flush()
-        except _OutputClosed:
-            pass
 
     def isatty(self) -> bool:
         try:
@@ -14972,7 +14856,7 @@ def _run_account(args: argparse.Namespace, out: _Output, rules: Ruleset,
     if out.human:
         _write_run_reports(args, out, run, rules)
     for line in incomplete:
-        sys.stderr.write(printable(f"gmail_classify: {name + ': ' if name else ''}{line}") + "\n")
+        _warn(f"{name + ': ' if name else ''}{line}")
     return EXIT_INCOMPLETE if incomplete else EXIT_OK
 
 
@@ -15020,11 +14904,9 @@ def _chosen_accounts(args: argparse.Namespace, rules: Ruleset, one: bool = False
     if one and len(names) > 1:
         raise UsageError(f"{rules.source} has {len(known)} accounts; {args.command} works on "
                          f"one: add --account NAME (one of {', '.join(known)})")
-    shared = [flag for flag, value in (("--user", getattr(args, "user", None)),
-                                       ("--host", getattr(args, "host", None)),
-                                       ("--port", getattr(args, "port", None)),
-                                       ("--password-command",
-                                        getattr(args, "password_command", None))) if value]
+    shared = [f"--{name.replace('_', '-')}" for name in ("user", "host", "port",
+                                                         "password_command")
+              if getattr(args, name, None)]
     shared += [f"${variable}" for variable in (PASSWORD_ENV, PASSWORD_ENV_ALIAS, TOKEN_ENV,
                                                USER_ENV, USER_ENV_ALIAS)
                if os.environ.get(variable)]
@@ -15047,10 +14929,9 @@ def _say_error(exc: BaseException, verbose: int, who: str = "",
         log.exception("details:")
     if isinstance(exc, GmailClassifyError):
         for line in str(exc).split("\n") if str(exc) else [type(exc).__name__]:
-            sys.stderr.write(printable(f"gmail_classify: {who}{line}") + "\n")
+            _warn(f"{who}{line}")
         return exc.exit_code
-    sys.stderr.write(printable(f"gmail_classify: {who}unexpected error: "
-                               f"{type(exc).__name__}: {exc}{hint}") + "\n")
+    _warn(f"{who}unexpected error: {type(exc).__name__}: {exc}{hint}")
     return EXIT_ERROR
 
 
@@ -15180,16 +15061,12 @@ class _RulesReloader:
         self.name = name            # an [[account]]: its rules from the reloaded file
         self._signature = self._stat()
 
-    def _files(self) -> List[str]:
-        """The files whose change reloads: the rules file, and the account's own rules
-        file (its Ruleset's source) when it has one."""
-        return list(dict.fromkeys([self.path, self.rules.source])) if self.path else []
-
     def _stat(self) -> Optional[Tuple[Optional[Tuple[int, int, int]], ...]]:
         if not self.path:
             return None
         signature = []
-        for path in self._files():
+        # The rules file, and the account's own rules file (its Ruleset's source) if any.
+        for path in dict.fromkeys([self.path, self.rules.source]):
             try:
                 info = os.stat(path)
             except OSError:
@@ -15235,10 +15112,9 @@ def _cmd_watch(args: argparse.Namespace, out: _Output) -> int:
         # (130); SIGHUP reloads the rules.
         with _Signals(args.stop, armed=True, on_stop=watcher.stop,
                       on_hangup=watcher.request_reload):
-            try:
+            # A wait that ended at the stop (StopRequested): the watch ends as asked.
+            with contextlib.suppress(StopRequested):
                 watcher.run()
-            except StopRequested:
-                pass        # a wait that ended at the stop: the watch ends as asked
     finally:
         if lock is not None:
             lock.release()
@@ -15318,9 +15194,8 @@ def _watch_accounts(args: argparse.Namespace, out: _Output,
 
     def watch(name: str, watcher: Watcher) -> None:
         try:
-            watcher.run()
-            codes[name] = EXIT_OK
-        except StopRequested:
+            with contextlib.suppress(StopRequested):    # a wait that ended at the stop
+                watcher.run()
             codes[name] = EXIT_OK
         except BaseException as exc:  # this account's end; the others watch on
             codes[name] = _say_error(exc, args.verbose, f"{name}: ", hint="")
@@ -15461,10 +15336,8 @@ def _cmd_undo(args: argparse.Namespace, out: _Output) -> int:
         if not args.apply:
             out.write(_DRY_RUN_FOOTER)
     for folder in undo.expunge_surprises:
-        sys.stderr.write(printable(f"gmail_classify: {folder}: the plain EXPUNGE did not do "
-                                   f"what was expected (see the warning above); check that "
-                                   f"folder when no other mail client is at work there")
-                         + "\n")
+        _warn(f"{folder}: the plain EXPUNGE did not do what was expected (see the warning "
+              f"above); check that folder when no other mail client is at work there")
     return EXIT_INCOMPLETE if undo.expunge_surprises else EXIT_OK
 
 
@@ -15603,7 +15476,7 @@ def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
         passed = len(rules.tests) - len(failures)
         out.write(f"  tests: {passed} of {len(rules.tests)} passed\n")
     for line in failures:
-        sys.stderr.write(printable(f"gmail_classify: {line}") + "\n")
+        _warn(line)
     return EXIT_RULE_TESTS if failures else EXIT_OK
 
 
@@ -15796,7 +15669,7 @@ def _cmd_import_filters(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"{args.filters_file}: cannot read: {exc.strerror or exc}") from None
     imported = import_gmail_filters(data, args.filters_file)
     for note in imported.notes:
-        sys.stderr.write(printable(f"gmail_classify: {args.filters_file}: {note}") + "\n")
+        _warn(f"{args.filters_file}: {note}")
     if not imported.doc["rule"]:
         raise UsageError(f"{args.filters_file}: none of its {imported.filters} filters can be "
                          f"done over IMAP; nothing written")
@@ -15842,14 +15715,12 @@ def _cmd_export(args: argparse.Namespace, out: TextIO) -> int:
     else:
         done = export_json(rules)
     for rule, why in done.left_out:
-        sys.stderr.write(printable(f"gmail_classify: {rules.source}: rule {rule.position} "
-                                   f"({rule.name}) left out: {why} (it has continue, so the "
-                                   f"rules after it decide as before)") + "\n")
+        _warn(f"{rules.source}: rule {rule.position} ({rule.name}) left out: {why} (it has "
+              f"continue, so the rules after it decide as before)")
     if done.stopped:
         rule, why = done.stopped
-        sys.stderr.write(printable(f"gmail_classify: {rules.source}: stopped before rule "
-                                   f"{rule.position} ({rule.name}): {why}; exported the "
-                                   f"{_plural(done.rules, 'rule')} before it") + "\n")
+        _warn(f"{rules.source}: stopped before rule {rule.position} ({rule.name}): {why}; "
+              f"exported the {_plural(done.rules, 'rule')} before it")
     _emit_rules(args, out, done.text, done.rules, f" as {args.format}")
     return EXIT_OK
 
@@ -15864,9 +15735,8 @@ def _cmd_suggest(args: argparse.Namespace, out: TextIO) -> int:
         found = suggest_rules(conn, args.folder, top=args.top, batch_size=args.batch_size,
                               limit=args.limit)
     if not found.doc["rule"]:
-        sys.stderr.write(printable(f"gmail_classify: {found.folder}: no sender, list or domain "
-                                   f"with at least 2 of its {found.examined} messages; "
-                                   f"nothing to suggest") + "\n")
+        _warn(f"{found.folder}: no sender, list or domain with at least 2 of its "
+              f"{found.examined} messages; nothing to suggest")
         return EXIT_OK
     header = [f"Suggested by gmail_classify from the headers of {found.examined} messages "
               f"in {found.folder}.",
@@ -16029,21 +15899,19 @@ def _cmd_learn(args: argparse.Namespace, out: TextIO) -> int:
                           max_rules=args.max_rules, keep_examples=args.keep_examples)
     if not args.quiet:
         for line in learned.report:
-            sys.stderr.write(printable(f"gmail_classify: learn: {line}") + "\n")
+            _warn(f"learn: {line}")
     if not learned.doc["rule"]:
         if args.quiet:
             return EXIT_OK
-        sys.stderr.write(printable(f"gmail_classify: {filed.source}: no label could be learned "
-                                   f"precisely from its {len(filed.messages)} messages; "
-                                   f"nothing written") + "\n")
+        _warn(f"{filed.source}: no label could be learned precisely from its "
+              f"{len(filed.messages)} messages; nothing written")
         return EXIT_OK
     text = format_rules(learned.doc, fmt, learned.header, learned.comments)
     _emit_rules(args, out, text, len(learned.doc["rule"]))
     if not args.quiet:
         target = args.output or "learned.toml"
-        sys.stderr.write(printable(f"gmail_classify: next: python gmail_classify.py diff "
-                                   f"YOUR-RULES.toml {target} (what would change), then "
-                                   f"check and a dry run") + "\n")
+        _warn(f"next: python gmail_classify.py diff YOUR-RULES.toml {target} (what would "
+              f"change), then check and a dry run")
     return EXIT_OK
 
 
@@ -16229,7 +16097,8 @@ def build_parser() -> argparse.ArgumentParser:
             together = isinstance(option, tuple)
             target = child.add_mutually_exclusive_group() if together else child
             for each in option if together else (option,):
-                each.add_to(target)
+                target.add_argument(*each.flags, **{**_SHARED_OPTIONS.get(each.flags[0], {}),
+                                                    **each.settings})
     return parser
 
 
@@ -16333,11 +16202,9 @@ def _exit_program(code: int) -> None:
               EXIT_HANGUP: "SIGHUP"}.get(code)
     if signum and hasattr(signal, signum) and os.name == "posix":
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 if stream is not None:
                     stream.flush()
-            except (OSError, ValueError):
-                pass
         number = getattr(signal, signum)
         signal.signal(number, signal.SIG_DFL)
         os.kill(os.getpid(), number)

@@ -19131,6 +19131,239 @@ class DecodedOnceTest(unittest.TestCase):
             gc._decode_header(msg, ["s%d" % n], "text", "subject")
             self.assertEqual(len(gc._DECODED), n + 1 if n < gc._DECODED_MAX else n + 1 - gc._DECODED_MAX)
         self.assertEqual(gc._decode_header(msg, ["s1"], "text", "subject"), ["s1"])
+# --- Issue 16: a shorter file (R2: pipeline ... command line) ----------------------------
+
+
+class SharedAccountOptionsTest(unittest.TestCase):
+    """_chosen_accounts names each option one account's settings would share with the others
+    (the flags are derived from the option names, so each is checked here)."""
+
+    ENV = (gc.PASSWORD_ENV, gc.PASSWORD_ENV_ALIAS, gc.TOKEN_ENV, gc.USER_ENV, gc.USER_ENV_ALIAS)
+
+    def setUp(self):
+        self.rules = parse_rules(accounts_doc({"name": "a", "user": "a@example.com"},
+                                              {"name": "b", "user": "b@example.com"}), "r.json")
+        patcher = mock.patch.dict(os.environ)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        for variable in self.ENV:
+            os.environ.pop(variable, None)
+
+    def args(self, **given: Any) -> Any:
+        values = dict(account=None, user=None, host=None, port=None, password_command=None,
+                      command="run")
+        return types.SimpleNamespace(**dict(values, **given))
+
+    def test_each_shared_option_is_refused_by_its_flag_without_one_account(self):
+        for name, flag in (("user", "--user"), ("host", "--host"), ("port", "--port"),
+                           ("password_command", "--password-command")):
+            with self.subTest(flag):
+                with self.assertRaises(gc.UsageError) as caught:
+                    gc._chosen_accounts(self.args(**{name: "x"}), self.rules)
+                self.assertTrue(str(caught.exception).startswith(
+                    f"{flag} would apply to every account of r.json: give exactly one "
+                    f"--account with it"), caught.exception)
+                chosen = gc._chosen_accounts(self.args(**{name: "x"}, account=["b"]),
+                                             self.rules)
+                self.assertEqual([name for name, _ in chosen], ["b"])
+
+    def test_the_first_shared_option_in_flag_order_is_the_one_named(self):
+        with self.assertRaises(gc.UsageError) as caught:
+            gc._chosen_accounts(self.args(password_command="pass", port=1143, host="h"),
+                                self.rules)
+        self.assertTrue(str(caught.exception).startswith("--host would apply"))
+        self.assertEqual([name for name, _ in gc._chosen_accounts(self.args(), self.rules)],
+                         ["a", "b"])
+
+class GmailFilterActionsTest(unittest.TestCase):
+    """_gmail_actions: the filter properties each rule's actions become (one filter per
+    label; a move is its folder's label and an archive; trash wins over archive)."""
+
+    def actions(self, **keys: Any) -> gc.Actions:
+        rules = parse_rules({"rule": [dict(name="x", subject="s", **keys)]}, "r.json")
+        return rules.rules[0].actions
+
+    def test_each_action_sets_its_property_on_every_label_filter(self):
+        table = [
+            ({"label": "A", "archive": True}, [{"shouldArchive": "true", "label": "A"}]),
+            ({"move": "M", "mark_read": True},
+             [{"shouldArchive": "true", "shouldMarkAsRead": "true", "label": "M"}]),
+            ({"label": ["A", "B"], "move": "M"}, [{"shouldArchive": "true", "label": name}
+                                                  for name in ("A", "B", "M")]),
+            ({"label": ["A", "B"], "trash": True, "star": True},
+             [{"shouldTrash": "true", "shouldStar": "true", "label": name} for name in "AB"]),
+            ({"star": True}, [{"shouldStar": "true"}]),
+            ({"mark_read": True, "archive": True},
+             [{"shouldArchive": "true", "shouldMarkAsRead": "true"}]),
+        ]
+        for keys, expected in table:
+            with self.subTest(keys):
+                self.assertEqual(gc._gmail_actions(self.actions(**keys)), expected)
+
+    def test_trash_wins_over_archive_and_a_move(self):
+        for keys in ({"archive": True}, {"move": "M"}):
+            with self.subTest(keys):
+                both = dataclasses.replace(self.actions(**keys), trash=True)
+                labels = [{"label": "M"}] if "move" in keys else [{}]
+                self.assertEqual(gc._gmail_actions(both),
+                                 [dict(each, shouldTrash="true") for each in labels])
+
+class UndoForgedDestinationTest(StateTestCase):
+    """Undo leaves alone a trash or archive record whose destination is not the server's
+    trash or archive folder (Undo._vet checks each action against its own folder)."""
+
+    undo = UndoTest.undo
+    use = UndoSafetyTest.use
+    audit_file = WriteAheadUndoTest.audit_file
+    append_records = WriteAheadUndoTest.append_records
+
+    def test_trash_and_archive_records_into_another_folder_are_refused(self):
+        self.use(gmail=False)
+        seed_mailbox(self.server, 6)
+        self.server.add_message(make_message("kept elsewhere"), folder="Other")
+        run = self.run_once()
+        other = self.server.uids("Other")
+        self.append_records(*({
+            "type": "message", "version": 1, "run": run.id, "applied": True,
+            "account": USER, "host": f"127.0.0.1:{self.server.port}", "folder": "INBOX",
+            "uid": 90 + n, "uidvalidity": self.server.uidvalidity("INBOX"), "maybe": True,
+            "message_id": f"<forged-{action}@example.com>", "subject": f"forged {action}",
+            "changes": [{"action": action, "before": {"folder": "INBOX", "uid": 90 + n},
+                         "after": {"folder": "Other", "uid": other[0]}}]}
+            for n, action in enumerate(("trash", "archive"))))
+        records: list = []
+        self.undo(records=records)
+        self.assertEqual([m.raw for m in self.server.messages("Other")],
+                         [make_message("kept elsewhere")])
+        for action in ("trash", "archive"):
+            with self.subTest(action):
+                (alone,) = [r["left_alone"] for r in records
+                            if r["subject"] == f"forged {action}"]
+                self.assertEqual(alone, [f"{action}: not something the run can have done "
+                                         f"(Other is not the {action} folder); left as it is"])
+
+class ClassifyMessagesOfflineTest(unittest.TestCase):
+    """classify_messages (demo, test, diff): gmail_query parts drop out offline, and each
+    change is recorded as a dry run of the folder would record it."""
+
+    def test_a_rule_decides_on_its_local_conditions_and_a_move_names_its_place(self):
+        rules = parse_rules({"rule": [
+            {"name": "Q", "gmail_query": "from:x", "subject": "invoice", "label": "L"},
+            {"name": "M", "subject": "digest", "move": "Lists"}]}, "r.json")
+        messages = [dataclasses.replace(gc.message_info_from_bytes(
+            f"From: a@b.example\r\nSubject: {subject}\r\nMessage-ID: <m{uid}@x>\r\n\r\n"
+            f"body\r\n".encode()), uid=uid) for uid, subject in ((1, "invoice 1"),
+                                                                 (2, "weekly digest"))]
+        seen: List[gc.Outcome] = []
+        report = gc.classify_messages(rules, messages, on_message=seen.append)
+        self.assertEqual(report.matched, {"Q": 1, "M": 1})
+        self.assertEqual(report.changes, {"label L": 1, "move to Lists": 1})
+        self.assertEqual([outcome.changes for outcome in seen], [
+            ({"action": "label", "label": "L", "before": None,
+              "after": {"folder": "L", "uid": None}},),
+            ({"action": "move", "before": {"folder": "INBOX", "uid": 2, "uidvalidity": 0},
+              "after": {"folder": "Lists", "uid": None}},)])
+    def test_templates_are_filled_in_per_message(self):
+        rules = parse_rules({"rule": [{"name": "V", "subject": "invoice",
+                                       "label": "Vendors/{sender_domain}"}]}, "r.json")
+        info = dataclasses.replace(gc.message_info_from_bytes(
+            b"From: a@shop.example\r\nSubject: invoice 7\r\n\r\nbody\r\n"), uid=1)
+        report = gc.classify_messages(rules, [info])
+        self.assertEqual(report.changes, {"label Vendors/shop.example": 1})
+
+
+class RulesReloaderFilesTest(TempDirMixin, unittest.TestCase):
+    """The watch's rules reloader: no file at all (built-in rules), and a file that is
+    missing for a while (each watched file's signature, or None while it is absent)."""
+
+    def test_without_a_file_nothing_changes_and_a_reload_keeps_the_rules(self):
+        rules = gc.builtin_rules()
+        reloader = gc._RulesReloader(None, rules)
+        self.assertFalse(reloader.changed())
+        with self.assertLogs("gmail_classify", "WARNING") as logs:
+            reloader.reload()
+        self.assertIs(reloader.rules, rules)
+        self.assertIn("no rules file to reload", logs.output[0])
+
+    def test_a_file_missing_at_the_start_is_picked_up_when_it_appears(self):
+        path = os.path.join(self.make_dir(), "rules.json")
+        reloader = gc._RulesReloader(path, gc.builtin_rules())
+        self.assertFalse(reloader.changed())
+        with open(path, "w") as handle:
+            json.dump({"rule": [{"name": "a", "subject": "x", "label": "A"}]}, handle)
+        self.assertTrue(reloader.changed())
+        with self.assertLogs("gmail_classify", "WARNING"):
+            reloader.reload()
+        self.assertEqual([rule.name for rule in reloader.rules.rules], ["a"])
+        self.assertFalse(reloader.changed())
+        os.remove(path)
+        self.assertTrue(reloader.changed())
+
+@unittest.skipUnless(os.name == "posix", "select() on a pipe")
+class StdinLinesPipeTest(unittest.TestCase):
+    """_stdin_lines on a real descriptor (auth's prompt for a pasted address): a line when
+    one comes, None when none came in time, and after the end of input only waits."""
+
+    def test_a_pasted_line_then_the_end_of_input(self):
+        read_end, write_end = os.pipe()
+        stream = os.fdopen(read_end, "r")
+        self.addCleanup(stream.close)
+        read = gc._stdin_lines(stream)
+        self.assertIsNone(read(0))                  # nothing pasted yet
+        os.write(write_end, b"http://127.0.0.1:8080/?state=s&code=c\n")
+        self.assertEqual(read(5), "http://127.0.0.1:8080/?state=s&code=c\n")
+        os.close(write_end)
+        self.assertIsNone(read(5))                  # the end of input, noted
+        started = time.monotonic()
+        self.assertIsNone(read(0.05))               # from then on it only waits
+        self.assertGreaterEqual(time.monotonic() - started, 0.04)
+
+class StepsAndProgressTest(FakeServerTest):
+    """classify_folder: ``apply_every`` batches make a step, and ``on_progress`` hears of
+    every batch classified (neither was checked message by message before)."""
+
+    def test_apply_every_groups_batches_into_steps_and_progress_counts_each(self):
+        for n in range(3):
+            self.server.add_message(make_message(f"receipt {n}"))
+        steps: List[List[int]] = []
+        progress: List[Tuple[int, int]] = []
+
+        class Steps(gc.Checkpoint):
+            def step_done(self, conn, status, mark, outcomes):
+                steps.append([outcome.uid for outcome in outcomes])
+
+        gc.classify_folder(self.connect(), parse_rules(EXAMPLE_DOC, "r.json"), "INBOX",
+                           batch_size=1, apply_every=2, checkpoint=Steps(),
+                           on_progress=lambda done, total: progress.append((done, total)))
+        uids = self.server.uids("INBOX")
+        self.assertEqual(steps, [uids[:2], uids[2:]])
+        self.assertEqual(progress, [(1, 3), (2, 3), (3, 3)])
+
+class UnfinishedRunHistoryTest(TempDirMixin, unittest.TestCase):
+    """history of a run that died before its summary: counted from its message records
+    (the folders, the changes, and whether it was an undo)."""
+
+    def test_a_run_without_its_summary_is_counted_from_its_message_records(self):
+        store = gc.StateStore(self.make_dir())
+        label = {"action": "label", "label": "A", "before": False, "after": True}
+        base = {"type": "message", "version": 1, "applied": True, "account": "me",
+                "host": "h", "time": "2026-12-01T10:00:00Z"}
+        store.audit.append([
+            dict(base, run="r1", folder="INBOX", uid=1, changes=[label]),
+            dict(base, run="r1", folder="Work", uid=2, changes=[label, {
+                "action": "archive", "label": "\\Inbox", "before": True, "after": False}]),
+            dict(base, run="r1", folder="INBOX", uid=3, changes=[label]),
+            dict(base, run="r2", folder="INBOX", uid=1, undo_of="r1",
+                 time="2026-12-01T11:00:00Z", changes=[gc._inverse_change(label)])])
+        entries = {entry["run"]: entry for entry in gc.history(store)}
+        self.assertEqual({key: entries["r1"][key] for key in (
+            "status", "command", "folders", "counts", "changes_made")}, {
+            "status": "unfinished", "command": "run", "folders": ["INBOX", "Work"],
+            "counts": {"label A": 3, "archive": 1}, "changes_made": 4})
+        self.assertEqual({key: entries["r2"][key] for key in (
+            "command", "undo_of", "folders", "counts", "changes_made")}, {
+            "command": "undo", "undo_of": "r1", "folders": ["INBOX"],
+            "counts": {"remove label A": 1}, "changes_made": 1})
 
 
 if __name__ == "__main__":

@@ -4855,6 +4855,127 @@ class SearchAnswerTest(unittest.TestCase):
                 self.assertEqual([str(v) for v in parsed], [str(v) for v in expected])
 
 
+def _parsed_shape(value: Any) -> Any:
+    """A parsed value with each leaf's type: Number("0123") and 123 read alike otherwise."""
+    if isinstance(value, list):
+        return [_parsed_shape(item) for item in value]
+    return (type(value).__name__, value if isinstance(value, bytes) else str(value))
+
+
+def _parse_outcome(parse: Callable[[bytes], Any], data: bytes) -> Any:
+    try:
+        return _parsed_shape(parse(data))
+    except gc.ProtocolError as exc:
+        return "error: %s" % exc
+
+
+def _fetch_lines(rng: random.Random, count: int) -> List[bytes]:
+    """FETCH answer lines as servers send them (Gmail's and Dovecot's orders, the bench
+    corpus's header blocks), then the same lines broken in every way a piece can break
+    them: literals holding ")" and CRLF, 8-bit bytes, quoted and escaped labels, NIL, odd
+    spacing, lower case, cut short, huge counts, nesting at the limit."""
+    headers = [raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" for raw, _ in bench_corpus(40)]
+    headers += [b"Subject: =?utf-8?q?caf=C3=A9?= )\r\n\r\n", b"From: \xc3\xa9 <a@b>\r\n\r\n)", b""]
+    items = [b"UID %d", b"FLAGS (\\Seen $Label1)", b"FLAGS ()", b"RFC822.SIZE %d",
+             b'INTERNALDATE "13-Dec-2025 07:47:35 +0000"', b"X-GM-MSGID 17000000000000%d",
+             b"X-GM-LABELS (\\Inbox Receipts)", b'X-GM-LABELS ("\\\\Important" "a b")',
+             b"X-GM-LABELS ()", b"MODSEQ (%d)", b"X-GM-THRID %d"]
+    lines = []
+    for n in range(count):
+        header = headers[n % len(headers)]
+        chosen = [item.replace(b"%d", b"%d" % (n + 1)) for item in rng.sample(items, 4)]
+        literal = b"BODY[HEADER.FIELDS (FROM SUBJECT)] {%d}\r\n%s" % (len(header), header)
+        chosen.insert(rng.randrange(len(chosen) + 1), literal)
+        lines.append(b"%d FETCH (" % (n + 1) + b" ".join(chosen) + b")")
+    breaks = [b")", b"(", b" ", b"  ", b"NIL", b"nil", b"0123", b"\r\n", b"\r", b'"x"', b'"a\\"b"',
+              b"{3}\r\nab)", b"{99999999999}\r\n", b"~{2}\r\n)(", b"{2+}\r\n\r\n", b"[", b"]", b"\xff",
+              b"BODY[TEXT]<0>", b"(" * 99 + b")" * 99, b"(" * 100 + b")" * 100, b"FETCH", b"fetch"]
+    broken = []
+    for line in lines:
+        for _ in range(3):
+            at = rng.randrange(len(line) + 1)
+            cut = rng.choice([0, 0, 1, 2, 5])
+            broken.append(line[:at] + rng.choice(breaks) + line[at + cut:])
+    return lines + broken + [line[:-1] for line in lines[:20]] + [b"1 FETCH ()", b"1 FETCH ( )",
+                                                                b"1 FETCH (UID 1 )", b"1 FETCH (UID  1)"]
+
+
+class FetchLineFastPathTest(unittest.TestCase):
+    """The fetch-line fast path (_parse_fetch) reads exactly what the plain parser reads,
+    refuses what it refuses, and weighs it as _weight() does."""
+
+    def test_fetch_lines_read_as_the_plain_parser_reads_them(self):
+        rng = random.Random(1717)
+        samples = _fetch_lines(rng, 300)
+        whole = 0
+        for data in samples:
+            with self.subTest(data=data):
+                want = _parse_outcome(gc._parse_plain, data)
+                self.assertEqual(_parse_outcome(gc.parse_response, data), want)
+                try:
+                    fetched = gc._parse_fetch(data)
+                except gc._NotSimple:
+                    continue
+                if fetched is None:
+                    continue
+                parsed, weight = fetched
+                self.assertEqual(_parsed_shape(parsed), want)
+                self.assertEqual(weight, _reference_weight(parsed[2]))
+                whole += 1
+        self.assertGreater(whole, 500)
+
+    def test_common_lines_are_read_without_the_tokenizer(self):
+        lines = [b'7 FETCH (UID 12 RFC822.SIZE 6455 FLAGS (\\Seen $Forwarded) INTERNALDATE '
+                 b'"13-Dec-2025 07:47:35 +0000" BODY[HEADER.FIELDS (FROM SUBJECT)] {26}\r\n'
+                 b"Subject: a) b\r\nFrom: x\r\n\r\n)",
+                 b"8 FETCH (UID 13 FLAGS () BODY[HEADER.FIELDS (FROM)] {0}\r\n X-GM-LABELS () "
+                 b"X-GM-MSGID 1700000000000000001)"]
+        with mock.patch.object(gc, "_parse_fast", wraps=gc._parse_fast) as tokenizer:
+            parsed = [gc.parse_response(line) for line in lines]
+        self.assertEqual(tokenizer.call_count, 0)
+        self.assertEqual(parsed[0], [7, "FETCH", [
+            "UID", 12, "RFC822.SIZE", 6455, "FLAGS", ["\\Seen", "$Forwarded"], "INTERNALDATE",
+            "13-Dec-2025 07:47:35 +0000", "BODY[HEADER.FIELDS (FROM SUBJECT)]",
+            b"Subject: a) b\r\nFrom: x\r\n\r\n"]])
+        self.assertEqual(parsed[1][2][-4:], ["X-GM-LABELS", [], "X-GM-MSGID", 1700000000000000001])
+        for line in lines:
+            self.assertEqual(gc._parse_fetch(line)[1], _reference_weight(gc._parse_plain(line)[2]))
+        # A BODYSTRUCTURE (nested lists): the tokenizer reads the rest of the line only.
+        line = b'9 FETCH (UID 1 BODYSTRUCTURE ("TEXT" "PLAIN" NIL) FLAGS ())'
+        with mock.patch.object(gc, "_parse_fast", wraps=gc._parse_fast) as tokenizer:
+            self.assertEqual(_parsed_shape(gc.parse_response(line)),
+                             _parsed_shape(gc._parse_plain(line)))
+        tokenizer.assert_called_once_with(b'BODYSTRUCTURE ("TEXT" "PLAIN" NIL) FLAGS ()', depth=1)
+
+    def test_the_answer_budget_counts_the_same_with_the_weight_given(self):
+        lines = [b"%d FETCH (UID %d FLAGS (\\Seen) BODY[HEADER.FIELDS (FROM)] {%d}\r\n%s RFC822.SIZE 9)"
+                 % (n, n, len(header), header) for n, header in enumerate(
+                     (raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" for raw, _ in bench_corpus(60)), 1)]
+        lines += [b"1 FETCH (UID 1 FLAGS (\\Seen \\Flagged $Label))", b"2 FETCH (UID 2 FLAGS ())"]
+        given, worked_out = gc._AnswerBudget("UID FETCH"), gc._AnswerBudget("UID FETCH")
+        kept_given: List[Any] = []
+        kept_worked: List[Any] = []
+        for line in lines:
+            parsed, weight = gc._parse_weighed(line)
+            self.assertIsNotNone(weight)
+            given.kept(kept_given, parsed, len(line), weight)
+            worked_out.kept(kept_worked, gc._parse_plain(line), len(line))
+        self.assertEqual(given.kept_bytes, worked_out.kept_bytes)
+        self.assertEqual(_parsed_shape(kept_given), _parsed_shape(kept_worked))
+        self.assertEqual(len(kept_given), 60)
+        self.assertEqual(given.kept_bytes, sum(_reference_weight(item[2]) for item in kept_given))
+
+    def test_nesting_past_the_limit_is_refused_on_every_path(self):
+        for depth, refused in ((gc.MAX_NESTING - 1, False), (gc.MAX_NESTING, True)):
+            line = b"1 FETCH (UID 1 X " + b"(" * depth + b")" * depth + b")"
+            with self.subTest(depth=depth):
+                if refused:
+                    self.assertRaisesRegex(gc.ProtocolError, "nested deeper", gc.parse_response, line)
+                else:
+                    self.assertEqual(_parsed_shape(gc.parse_response(line)),
+                                     _parsed_shape(gc._parse_plain(line)))
+
+
 # --- Connection --------------------------------------------------------------------------
 
 
@@ -6862,6 +6983,43 @@ class OutOfOrderAnswersTest(FakeServerTest):
                 self.assertGreaterEqual(sum(server.held.values()), 3)
 
 
+class StatusAnswerNamesTest(FakeServerTest):
+    """A STATUS answer counts for the folder it names, by its octets; only INBOX is
+    matched without regard to case (RFC 3501 §5.1)."""
+
+    def test_a_status_line_for_another_case_of_the_name_is_not_taken(self):
+        conn = self.connect()
+        conn.create_folder("Work")
+        self.server.add_fault("STATUS", action="unsolicited", when="before",
+                              text="* STATUS WORK (MESSAGES 99 UIDNEXT 5 UIDVALIDITY 7)")
+        self.assertEqual(conn.status("Work")["MESSAGES"], 0)
+
+    def test_a_status_line_naming_inbox_in_lower_case_is_inbox(self):
+        conn = self.connect()
+        self.server.add_fault("STATUS", action="unsolicited", when="before",
+                              text="* STATUS inbox (MESSAGES 77 UIDNEXT 80 UIDVALIDITY 3)")
+        self.assertEqual(conn.status("INBOX")["MESSAGES"], 77)
+
+
+class RedactedFormsTest(unittest.TestCase):
+    """What the protocol engine keeps out of every text it passes on (_Protocol.redact)."""
+
+    def engine(self) -> "gc._Protocol":
+        return gc._Protocol("127.0.0.1", USER, 5, gc.Stop())
+
+    def test_a_four_character_secret_is_blanked_and_a_shorter_one_is_not(self):
+        proto = self.engine()
+        proto.remember_secret("abc")
+        proto.remember_secret("wxyz")
+        self.assertEqual(proto.redact("abc wxyz"), "abc <redacted>")
+
+    def test_a_longer_secret_goes_before_one_it_contains(self):
+        proto = self.engine()
+        proto.remember_secret("hunter2")    # a password, then a changed one that holds it
+        proto.remember_secret("hunter22")
+        self.assertEqual(proto.redact("NO LOGIN hunter22"), "NO LOGIN <redacted>")
+
+
 # --- Messages: what the rule engine sees -------------------------------------------------
 
 
@@ -7071,6 +7229,20 @@ class HostileSenderTest(unittest.TestCase):
                 self.assertEqual(gc._address_pairs(value), want)
 
 
+class EightBitAddressCommentTest(unittest.TestCase):
+    """An address value the header classes cannot be trusted with (raw 8-bit bytes): a
+    short one is read by email.utils.getaddresses, a long one by the linear reader."""
+
+    def test_a_raw_utf8_comment_stays_the_display_name(self):
+        headers = gc.parse_headers(b"From: (B\xc3\xb6b) bob@x.example\r\n\r\n")
+        self.assertEqual(gc.header_addresses(headers, "from"), ["B\u00f6b <bob@x.example>"])
+
+    def test_a_long_one_is_read_in_linear_time_without_its_comment(self):
+        comment = b"(B\xc3\xb6b " + b"x" * gc.HEADER_PARSE_LIMIT + b")"
+        headers = gc.parse_headers(b"From: " + comment + b" bob@x.example\r\n\r\n")
+        self.assertEqual(gc.header_addresses(headers, "from"), ["bob@x.example"])
+
+
 # --- Messages: the fast path -------------------------------------------------------------
 
 
@@ -7243,6 +7415,56 @@ class FastPathTest(unittest.TestCase):
                 plain_results.append(rules.classify(info(raw), final=True, now=now))
         self.assertEqual(fast_results, plain_results)
         self.assertGreater(sum(bool(d.matches) for d in fast_results), 100)
+
+
+class DecodedOnceTest(unittest.TestCase):
+    """Header values met again (the same sender, recipient, list or subject) are decoded
+    once per run, with the same result as decoding them afresh."""
+
+    NAMES = FastPathTest.NAMES
+
+    def setUp(self):
+        patcher = mock.patch.dict(gc._DECODED, clear=True)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_values_met_again_read_as_the_plain_path(self):
+        blocks = tricky_header_blocks()
+        plain = email.parser.BytesParser(policy=email.policy.default)
+        for rounds in ("decoded", "remembered"):
+            for raw in blocks:
+                fast, reference = parse_headers(raw), plain.parsebytes(raw, headersonly=True)
+                for name in self.NAMES:
+                    want = (gc._plain_header_text(reference, name),
+                            gc._plain_header_addresses(reference, name))
+                    got = (header_text(fast, name), header_addresses(fast, name))
+                    header_addresses(fast, name).append("x")     # a copy each time
+                    if got != want or header_addresses(fast, name) != want[1]:
+                        self.fail("%s %r, %s: %r, plain %r" % (rounds, raw, name, got, want))
+        self.assertTrue(gc._DECODED)
+
+    def test_a_sender_met_again_is_not_decoded_again(self):
+        first = parse_headers(b"From: =?utf-8?q?J=C3=B6rg?= <j@example.de>\r\nMessage-ID: <1@x>\r\n\r\n")
+        again = parse_headers(b"From: =?utf-8?q?J=C3=B6rg?= <j@example.de>\r\nMessage-ID: <1@x>\r\n\r\n")
+        other = parse_headers(b"From: Jorg <j@example.de>\r\n\r\n")
+        with mock.patch.object(gc, "_decode_values", wraps=gc._decode_values) as decode:
+            for msg in (first, again, other):
+                self.assertEqual(header_addresses(msg, "from")[0].split(" <")[1], "j@example.de>")
+                header_text(msg, "message-id")
+        self.assertEqual([call.args[2:] for call in decode.call_args_list],
+                         [("addresses", "from"), ("text", "message-id"), ("text", "message-id"),
+                          ("addresses", "from")])
+        self.assertEqual(header_addresses(again, "from"), ["Jörg <j@example.de>"])
+
+    def test_the_table_stays_small(self):
+        long_value = "x" * (gc._DECODED_LONGEST + 1)
+        msg = parse_headers(("Subject: %s\r\n\r\n" % long_value).encode())
+        self.assertEqual(header_text(msg, "subject"), [long_value])
+        self.assertEqual(gc._DECODED, {})           # long values are not kept
+        for n in range(gc._DECODED_MAX + 5):
+            gc._decode_header(msg, ["s%d" % n], "text", "subject")
+            self.assertEqual(len(gc._DECODED), n + 1 if n < gc._DECODED_MAX else n + 1 - gc._DECODED_MAX)
+        self.assertEqual(gc._decode_header(msg, ["s1"], "text", "subject"), ["s1"])
 
 
 # --- Messages: bodies, attachments and the data fetched beside the headers ---------------
@@ -7488,6 +7710,16 @@ class MessageDataTest(unittest.TestCase):
             info = message_info_from_bytes(b"From: a@example.com\r\n\r\nhi")
         self.assertIs(info.has_attachment, False)
         self.assertEqual(info.size, 25)
+
+
+class CutBase64BodyTest(unittest.TestCase):
+    """A fetched prefix may end inside a base64 part: line breaks are not counted when
+    the whole quanta are split from the rest."""
+
+    def test_a_cut_part_with_an_odd_line_break_still_reads(self):
+        raw = (b"Content-Type: text/plain; charset=utf-8\r\n"
+               b"Content-Transfer-Encoding: base64\r\n\r\nSGVsbG8g\r\nd29ybGQhSGk")
+        self.assertEqual(gc.body_text(raw), "Hello world!Hi")
 
 
 # --- Rule engine -------------------------------------------------------------------------
@@ -10657,6 +10889,28 @@ class WholeMessageOnlyWhenReachedTest(FakeServerTest):
             self.assertEqual(max(int(line) for line in handle), 3)
 
 
+class StepsAndProgressTest(FakeServerTest):
+    """classify_folder: ``apply_every`` batches make a step, and ``on_progress`` hears of
+    every batch classified (neither was checked message by message before)."""
+
+    def test_apply_every_groups_batches_into_steps_and_progress_counts_each(self):
+        for n in range(3):
+            self.server.add_message(make_message(f"receipt {n}"))
+        steps: List[List[int]] = []
+        progress: List[Tuple[int, int]] = []
+
+        class Steps(gc.Checkpoint):
+            def step_done(self, conn, status, mark, outcomes):
+                steps.append([outcome.uid for outcome in outcomes])
+
+        gc.classify_folder(self.connect(), parse_rules(EXAMPLE_DOC, "r.json"), "INBOX",
+                           batch_size=1, apply_every=2, checkpoint=Steps(),
+                           on_progress=lambda done, total: progress.append((done, total)))
+        uids = self.server.uids("INBOX")
+        self.assertEqual(steps, [uids[:2], uids[2:]])
+        self.assertEqual(progress, [(1, 3), (2, 3), (3, 3)])
+
+
 # --- Demo: a small sample mailbox, classified offline ------------------------------------
 
 
@@ -10704,6 +10958,36 @@ class DemoTest(unittest.TestCase):
         self.assertIn(f"Rules: {path} (1 rule)\n", out)
         self.assertNotIn("INBOX 10:", out)
         self.assertIn("  would: trash (1)\n", out)
+
+
+class ClassifyMessagesOfflineTest(unittest.TestCase):
+    """classify_messages (demo, test, diff): gmail_query parts drop out offline, and each
+    change is recorded as a dry run of the folder would record it."""
+
+    def test_a_rule_decides_on_its_local_conditions_and_a_move_names_its_place(self):
+        rules = parse_rules({"rule": [
+            {"name": "Q", "gmail_query": "from:x", "subject": "invoice", "label": "L"},
+            {"name": "M", "subject": "digest", "move": "Lists"}]}, "r.json")
+        messages = [dataclasses.replace(gc.message_info_from_bytes(
+            f"From: a@b.example\r\nSubject: {subject}\r\nMessage-ID: <m{uid}@x>\r\n\r\n"
+            f"body\r\n".encode()), uid=uid) for uid, subject in ((1, "invoice 1"),
+                                                                 (2, "weekly digest"))]
+        seen: List[gc.Outcome] = []
+        report = gc.classify_messages(rules, messages, on_message=seen.append)
+        self.assertEqual(report.matched, {"Q": 1, "M": 1})
+        self.assertEqual(report.changes, {"label L": 1, "move to Lists": 1})
+        self.assertEqual([outcome.changes for outcome in seen], [
+            ({"action": "label", "label": "L", "before": None,
+              "after": {"folder": "L", "uid": None}},),
+            ({"action": "move", "before": {"folder": "INBOX", "uid": 2, "uidvalidity": 0},
+              "after": {"folder": "Lists", "uid": None}},)])
+    def test_templates_are_filled_in_per_message(self):
+        rules = parse_rules({"rule": [{"name": "V", "subject": "invoice",
+                                       "label": "Vendors/{sender_domain}"}]}, "r.json")
+        info = dataclasses.replace(gc.message_info_from_bytes(
+            b"From: a@shop.example\r\nSubject: invoice 7\r\n\r\nbody\r\n"), uid=1)
+        report = gc.classify_messages(rules, [info])
+        self.assertEqual(report.changes, {"label Vendors/shop.example": 1})
 
 
 # --- State and audit log -----------------------------------------------------------------
@@ -12511,6 +12795,68 @@ class WriteFlightTest(StateTestCase):
         self.assertEqual(old.outcome(), {"A": True, "B": None})
 
 
+class UndoForgedDestinationTest(StateTestCase):
+    """Undo leaves alone a trash or archive record whose destination is not the server's
+    trash or archive folder (Undo._vet checks each action against its own folder)."""
+
+    undo = UndoTest.undo
+    use = UndoSafetyTest.use
+    audit_file = WriteAheadUndoTest.audit_file
+    append_records = WriteAheadUndoTest.append_records
+
+    def test_trash_and_archive_records_into_another_folder_are_refused(self):
+        self.use(gmail=False)
+        seed_mailbox(self.server, 6)
+        self.server.add_message(make_message("kept elsewhere"), folder="Other")
+        run = self.run_once()
+        other = self.server.uids("Other")
+        self.append_records(*({
+            "type": "message", "version": 1, "run": run.id, "applied": True,
+            "account": USER, "host": f"127.0.0.1:{self.server.port}", "folder": "INBOX",
+            "uid": 90 + n, "uidvalidity": self.server.uidvalidity("INBOX"), "maybe": True,
+            "message_id": f"<forged-{action}@example.com>", "subject": f"forged {action}",
+            "changes": [{"action": action, "before": {"folder": "INBOX", "uid": 90 + n},
+                         "after": {"folder": "Other", "uid": other[0]}}]}
+            for n, action in enumerate(("trash", "archive"))))
+        records: list = []
+        self.undo(records=records)
+        self.assertEqual([m.raw for m in self.server.messages("Other")],
+                         [make_message("kept elsewhere")])
+        for action in ("trash", "archive"):
+            with self.subTest(action):
+                (alone,) = [r["left_alone"] for r in records
+                            if r["subject"] == f"forged {action}"]
+                self.assertEqual(alone, [f"{action}: not something the run can have done "
+                                         f"(Other is not the {action} folder); left as it is"])
+
+
+class UnfinishedRunHistoryTest(TempDirMixin, unittest.TestCase):
+    """history of a run that died before its summary: counted from its message records
+    (the folders, the changes, and whether it was an undo)."""
+
+    def test_a_run_without_its_summary_is_counted_from_its_message_records(self):
+        store = gc.StateStore(self.make_dir())
+        label = {"action": "label", "label": "A", "before": False, "after": True}
+        base = {"type": "message", "version": 1, "applied": True, "account": "me",
+                "host": "h", "time": "2026-12-01T10:00:00Z"}
+        store.audit.append([
+            dict(base, run="r1", folder="INBOX", uid=1, changes=[label]),
+            dict(base, run="r1", folder="Work", uid=2, changes=[label, {
+                "action": "archive", "label": "\\Inbox", "before": True, "after": False}]),
+            dict(base, run="r1", folder="INBOX", uid=3, changes=[label]),
+            dict(base, run="r2", folder="INBOX", uid=1, undo_of="r1",
+                 time="2026-12-01T11:00:00Z", changes=[gc._inverse_change(label)])])
+        entries = {entry["run"]: entry for entry in gc.history(store)}
+        self.assertEqual({key: entries["r1"][key] for key in (
+            "status", "command", "folders", "counts", "changes_made")}, {
+            "status": "unfinished", "command": "run", "folders": ["INBOX", "Work"],
+            "counts": {"label A": 3, "archive": 1}, "changes_made": 4})
+        self.assertEqual({key: entries["r2"][key] for key in (
+            "command", "undo_of", "folders", "counts", "changes_made")}, {
+            "command": "undo", "undo_of": "r1", "folders": ["INBOX"],
+            "counts": {"remove label A": 1}, "changes_made": 1})
+
+
 # --- Watch: stay connected and classify new mail as it arrives ---------------------------
 
 
@@ -13508,6 +13854,26 @@ class TokenEndpointSafetyTest(FakeServerTest):
                 gc.save_refresh_token(USER, self.client, "1//r")
 
 
+@unittest.skipUnless(os.name == "posix", "select() on a pipe")
+class StdinLinesPipeTest(unittest.TestCase):
+    """_stdin_lines on a real descriptor (auth's prompt for a pasted address): a line when
+    one comes, None when none came in time, and after the end of input only waits."""
+
+    def test_a_pasted_line_then_the_end_of_input(self):
+        read_end, write_end = os.pipe()
+        stream = os.fdopen(read_end, "r")
+        self.addCleanup(stream.close)
+        read = gc._stdin_lines(stream)
+        self.assertIsNone(read(0))                  # nothing pasted yet
+        os.write(write_end, b"http://127.0.0.1:8080/?state=s&code=c\n")
+        self.assertEqual(read(5), "http://127.0.0.1:8080/?state=s&code=c\n")
+        os.close(write_end)
+        self.assertIsNone(read(5))                  # the end of input, noted
+        started = time.monotonic()
+        self.assertIsNone(read(0.05))               # from then on it only waits
+        self.assertGreaterEqual(time.monotonic() - started, 0.04)
+
+
 # --- Doctor: what a server can and cannot do, before any change --------------------------
 
 
@@ -14381,6 +14747,40 @@ class SieveExportForServerTest(AnyServerTest):
         self.assertEqual((code, err), (0, ""))
         self.assertIn('fileinto "Ablage {year}";', out)
         self.assertIn('require "fileinto";', out)       # no variables, no date
+
+
+class GmailFilterActionsTest(unittest.TestCase):
+    """_gmail_actions: the filter properties each rule's actions become (one filter per
+    label; a move is its folder's label and an archive; trash wins over archive)."""
+
+    def actions(self, **keys: Any) -> gc.Actions:
+        rules = parse_rules({"rule": [dict(name="x", subject="s", **keys)]}, "r.json")
+        return rules.rules[0].actions
+
+    def test_each_action_sets_its_property_on_every_label_filter(self):
+        table = [
+            ({"label": "A", "archive": True}, [{"shouldArchive": "true", "label": "A"}]),
+            ({"move": "M", "mark_read": True},
+             [{"shouldArchive": "true", "shouldMarkAsRead": "true", "label": "M"}]),
+            ({"label": ["A", "B"], "move": "M"}, [{"shouldArchive": "true", "label": name}
+                                                  for name in ("A", "B", "M")]),
+            ({"label": ["A", "B"], "trash": True, "star": True},
+             [{"shouldTrash": "true", "shouldStar": "true", "label": name} for name in "AB"]),
+            ({"star": True}, [{"shouldStar": "true"}]),
+            ({"mark_read": True, "archive": True},
+             [{"shouldArchive": "true", "shouldMarkAsRead": "true"}]),
+        ]
+        for keys, expected in table:
+            with self.subTest(keys):
+                self.assertEqual(gc._gmail_actions(self.actions(**keys)), expected)
+
+    def test_trash_wins_over_archive_and_a_move(self):
+        for keys in ({"archive": True}, {"move": "M"}):
+            with self.subTest(keys):
+                both = dataclasses.replace(self.actions(**keys), trash=True)
+                labels = [{"label": "M"}] if "move" in keys else [{}]
+                self.assertEqual(gc._gmail_actions(both),
+                                 [dict(each, shouldTrash="true") for each in labels])
 
 
 # --- Learning, explaining, comparing rules -----------------------------------------------
@@ -17022,6 +17422,76 @@ class SharedCommandPathsTest(TempDirMixin, unittest.TestCase):
                 self.assertEqual((code, logger.level), (0, level), err)
 
 
+class SharedAccountOptionsTest(unittest.TestCase):
+    """_chosen_accounts names each option one account's settings would share with the others
+    (the flags are derived from the option names, so each is checked here)."""
+
+    ENV = (gc.PASSWORD_ENV, gc.PASSWORD_ENV_ALIAS, gc.TOKEN_ENV, gc.USER_ENV, gc.USER_ENV_ALIAS)
+
+    def setUp(self):
+        self.rules = parse_rules(accounts_doc({"name": "a", "user": "a@example.com"},
+                                              {"name": "b", "user": "b@example.com"}), "r.json")
+        patcher = mock.patch.dict(os.environ)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        for variable in self.ENV:
+            os.environ.pop(variable, None)
+
+    def args(self, **given: Any) -> Any:
+        values = dict(account=None, user=None, host=None, port=None, password_command=None,
+                      command="run")
+        return types.SimpleNamespace(**dict(values, **given))
+
+    def test_each_shared_option_is_refused_by_its_flag_without_one_account(self):
+        for name, flag in (("user", "--user"), ("host", "--host"), ("port", "--port"),
+                           ("password_command", "--password-command")):
+            with self.subTest(flag):
+                with self.assertRaises(gc.UsageError) as caught:
+                    gc._chosen_accounts(self.args(**{name: "x"}), self.rules)
+                self.assertTrue(str(caught.exception).startswith(
+                    f"{flag} would apply to every account of r.json: give exactly one "
+                    f"--account with it"), caught.exception)
+                chosen = gc._chosen_accounts(self.args(**{name: "x"}, account=["b"]),
+                                             self.rules)
+                self.assertEqual([name for name, _ in chosen], ["b"])
+
+    def test_the_first_shared_option_in_flag_order_is_the_one_named(self):
+        with self.assertRaises(gc.UsageError) as caught:
+            gc._chosen_accounts(self.args(password_command="pass", port=1143, host="h"),
+                                self.rules)
+        self.assertTrue(str(caught.exception).startswith("--host would apply"))
+        self.assertEqual([name for name, _ in gc._chosen_accounts(self.args(), self.rules)],
+                         ["a", "b"])
+
+
+class RulesReloaderFilesTest(TempDirMixin, unittest.TestCase):
+    """The watch's rules reloader: no file at all (built-in rules), and a file that is
+    missing for a while (each watched file's signature, or None while it is absent)."""
+
+    def test_without_a_file_nothing_changes_and_a_reload_keeps_the_rules(self):
+        rules = gc.builtin_rules()
+        reloader = gc._RulesReloader(None, rules)
+        self.assertFalse(reloader.changed())
+        with self.assertLogs("gmail_classify", "WARNING") as logs:
+            reloader.reload()
+        self.assertIs(reloader.rules, rules)
+        self.assertIn("no rules file to reload", logs.output[0])
+
+    def test_a_file_missing_at_the_start_is_picked_up_when_it_appears(self):
+        path = os.path.join(self.make_dir(), "rules.json")
+        reloader = gc._RulesReloader(path, gc.builtin_rules())
+        self.assertFalse(reloader.changed())
+        with open(path, "w") as handle:
+            json.dump({"rule": [{"name": "a", "subject": "x", "label": "A"}]}, handle)
+        self.assertTrue(reloader.changed())
+        with self.assertLogs("gmail_classify", "WARNING"):
+            reloader.reload()
+        self.assertEqual([rule.name for rule in reloader.rules.rules], ["a"])
+        self.assertFalse(reloader.changed())
+        os.remove(path)
+        self.assertTrue(reloader.changed())
+
+
 # --- Across the sections: every server kind ----------------------------------------------
 
 
@@ -18893,477 +19363,6 @@ def _bench_peak() -> int:
     except ImportError:
         return 0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-# --- Issue 16: a shorter file ------------------------------------------------------------
-
-
-class StatusAnswerNamesTest(FakeServerTest):
-    """A STATUS answer counts for the folder it names, by its octets; only INBOX is
-    matched without regard to case (RFC 3501 §5.1)."""
-
-    def test_a_status_line_for_another_case_of_the_name_is_not_taken(self):
-        conn = self.connect()
-        conn.create_folder("Work")
-        self.server.add_fault("STATUS", action="unsolicited", when="before",
-                              text="* STATUS WORK (MESSAGES 99 UIDNEXT 5 UIDVALIDITY 7)")
-        self.assertEqual(conn.status("Work")["MESSAGES"], 0)
-
-    def test_a_status_line_naming_inbox_in_lower_case_is_inbox(self):
-        conn = self.connect()
-        self.server.add_fault("STATUS", action="unsolicited", when="before",
-                              text="* STATUS inbox (MESSAGES 77 UIDNEXT 80 UIDVALIDITY 3)")
-        self.assertEqual(conn.status("INBOX")["MESSAGES"], 77)
-
-
-class CutBase64BodyTest(unittest.TestCase):
-    """A fetched prefix may end inside a base64 part: line breaks are not counted when
-    the whole quanta are split from the rest."""
-
-    def test_a_cut_part_with_an_odd_line_break_still_reads(self):
-        raw = (b"Content-Type: text/plain; charset=utf-8\r\n"
-               b"Content-Transfer-Encoding: base64\r\n\r\nSGVsbG8g\r\nd29ybGQhSGk")
-        self.assertEqual(gc.body_text(raw), "Hello world!Hi")
-
-
-class RedactedFormsTest(unittest.TestCase):
-    """What the protocol engine keeps out of every text it passes on (_Protocol.redact)."""
-
-    def engine(self) -> "gc._Protocol":
-        return gc._Protocol("127.0.0.1", USER, 5, gc.Stop())
-
-    def test_a_four_character_secret_is_blanked_and_a_shorter_one_is_not(self):
-        proto = self.engine()
-        proto.remember_secret("abc")
-        proto.remember_secret("wxyz")
-        self.assertEqual(proto.redact("abc wxyz"), "abc <redacted>")
-
-    def test_a_longer_secret_goes_before_one_it_contains(self):
-        proto = self.engine()
-        proto.remember_secret("hunter2")    # a password, then a changed one that holds it
-        proto.remember_secret("hunter22")
-        self.assertEqual(proto.redact("NO LOGIN hunter22"), "NO LOGIN <redacted>")
-
-
-class EightBitAddressCommentTest(unittest.TestCase):
-    """An address value the header classes cannot be trusted with (raw 8-bit bytes): a
-    short one is read by email.utils.getaddresses, a long one by the linear reader."""
-
-    def test_a_raw_utf8_comment_stays_the_display_name(self):
-        headers = gc.parse_headers(b"From: (B\xc3\xb6b) bob@x.example\r\n\r\n")
-        self.assertEqual(gc.header_addresses(headers, "from"), ["B\u00f6b <bob@x.example>"])
-
-    def test_a_long_one_is_read_in_linear_time_without_its_comment(self):
-        comment = b"(B\xc3\xb6b " + b"x" * gc.HEADER_PARSE_LIMIT + b")"
-        headers = gc.parse_headers(b"From: " + comment + b" bob@x.example\r\n\r\n")
-        self.assertEqual(gc.header_addresses(headers, "from"), ["bob@x.example"])
-
-# --- Issue 17: the CPU on the hot path ---------------------------------------------------
-
-
-def _parsed_shape(value: Any) -> Any:
-    """A parsed value with each leaf's type: Number("0123") and 123 read alike otherwise."""
-    if isinstance(value, list):
-        return [_parsed_shape(item) for item in value]
-    return (type(value).__name__, value if isinstance(value, bytes) else str(value))
-
-
-def _parse_outcome(parse: Callable[[bytes], Any], data: bytes) -> Any:
-    try:
-        return _parsed_shape(parse(data))
-    except gc.ProtocolError as exc:
-        return "error: %s" % exc
-
-
-def _fetch_lines(rng: random.Random, count: int) -> List[bytes]:
-    """FETCH answer lines as servers send them (Gmail's and Dovecot's orders, the bench
-    corpus's header blocks), then the same lines broken in every way a piece can break
-    them: literals holding ")" and CRLF, 8-bit bytes, quoted and escaped labels, NIL, odd
-    spacing, lower case, cut short, huge counts, nesting at the limit."""
-    headers = [raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" for raw, _ in bench_corpus(40)]
-    headers += [b"Subject: =?utf-8?q?caf=C3=A9?= )\r\n\r\n", b"From: \xc3\xa9 <a@b>\r\n\r\n)", b""]
-    items = [b"UID %d", b"FLAGS (\\Seen $Label1)", b"FLAGS ()", b"RFC822.SIZE %d",
-             b'INTERNALDATE "13-Dec-2025 07:47:35 +0000"', b"X-GM-MSGID 17000000000000%d",
-             b"X-GM-LABELS (\\Inbox Receipts)", b'X-GM-LABELS ("\\\\Important" "a b")',
-             b"X-GM-LABELS ()", b"MODSEQ (%d)", b"X-GM-THRID %d"]
-    lines = []
-    for n in range(count):
-        header = headers[n % len(headers)]
-        chosen = [item.replace(b"%d", b"%d" % (n + 1)) for item in rng.sample(items, 4)]
-        literal = b"BODY[HEADER.FIELDS (FROM SUBJECT)] {%d}\r\n%s" % (len(header), header)
-        chosen.insert(rng.randrange(len(chosen) + 1), literal)
-        lines.append(b"%d FETCH (" % (n + 1) + b" ".join(chosen) + b")")
-    breaks = [b")", b"(", b" ", b"  ", b"NIL", b"nil", b"0123", b"\r\n", b"\r", b'"x"', b'"a\\"b"',
-              b"{3}\r\nab)", b"{99999999999}\r\n", b"~{2}\r\n)(", b"{2+}\r\n\r\n", b"[", b"]", b"\xff",
-              b"BODY[TEXT]<0>", b"(" * 99 + b")" * 99, b"(" * 100 + b")" * 100, b"FETCH", b"fetch"]
-    broken = []
-    for line in lines:
-        for _ in range(3):
-            at = rng.randrange(len(line) + 1)
-            cut = rng.choice([0, 0, 1, 2, 5])
-            broken.append(line[:at] + rng.choice(breaks) + line[at + cut:])
-    return lines + broken + [line[:-1] for line in lines[:20]] + [b"1 FETCH ()", b"1 FETCH ( )",
-                                                                b"1 FETCH (UID 1 )", b"1 FETCH (UID  1)"]
-
-
-class FetchLineFastPathTest(unittest.TestCase):
-    """The fetch-line fast path (_parse_fetch) reads exactly what the plain parser reads,
-    refuses what it refuses, and weighs it as _weight() does."""
-
-    def test_fetch_lines_read_as_the_plain_parser_reads_them(self):
-        rng = random.Random(1717)
-        samples = _fetch_lines(rng, 300)
-        whole = 0
-        for data in samples:
-            with self.subTest(data=data):
-                want = _parse_outcome(gc._parse_plain, data)
-                self.assertEqual(_parse_outcome(gc.parse_response, data), want)
-                try:
-                    fetched = gc._parse_fetch(data)
-                except gc._NotSimple:
-                    continue
-                if fetched is None:
-                    continue
-                parsed, weight = fetched
-                self.assertEqual(_parsed_shape(parsed), want)
-                self.assertEqual(weight, _reference_weight(parsed[2]))
-                whole += 1
-        self.assertGreater(whole, 500)
-
-    def test_common_lines_are_read_without_the_tokenizer(self):
-        lines = [b'7 FETCH (UID 12 RFC822.SIZE 6455 FLAGS (\\Seen $Forwarded) INTERNALDATE '
-                 b'"13-Dec-2025 07:47:35 +0000" BODY[HEADER.FIELDS (FROM SUBJECT)] {26}\r\n'
-                 b"Subject: a) b\r\nFrom: x\r\n\r\n)",
-                 b"8 FETCH (UID 13 FLAGS () BODY[HEADER.FIELDS (FROM)] {0}\r\n X-GM-LABELS () "
-                 b"X-GM-MSGID 1700000000000000001)"]
-        with mock.patch.object(gc, "_parse_fast", wraps=gc._parse_fast) as tokenizer:
-            parsed = [gc.parse_response(line) for line in lines]
-        self.assertEqual(tokenizer.call_count, 0)
-        self.assertEqual(parsed[0], [7, "FETCH", [
-            "UID", 12, "RFC822.SIZE", 6455, "FLAGS", ["\\Seen", "$Forwarded"], "INTERNALDATE",
-            "13-Dec-2025 07:47:35 +0000", "BODY[HEADER.FIELDS (FROM SUBJECT)]",
-            b"Subject: a) b\r\nFrom: x\r\n\r\n"]])
-        self.assertEqual(parsed[1][2][-4:], ["X-GM-LABELS", [], "X-GM-MSGID", 1700000000000000001])
-        for line in lines:
-            self.assertEqual(gc._parse_fetch(line)[1], _reference_weight(gc._parse_plain(line)[2]))
-        # A BODYSTRUCTURE (nested lists): the tokenizer reads the rest of the line only.
-        line = b'9 FETCH (UID 1 BODYSTRUCTURE ("TEXT" "PLAIN" NIL) FLAGS ())'
-        with mock.patch.object(gc, "_parse_fast", wraps=gc._parse_fast) as tokenizer:
-            self.assertEqual(_parsed_shape(gc.parse_response(line)),
-                             _parsed_shape(gc._parse_plain(line)))
-        tokenizer.assert_called_once_with(b'BODYSTRUCTURE ("TEXT" "PLAIN" NIL) FLAGS ()', depth=1)
-
-    def test_the_answer_budget_counts_the_same_with_the_weight_given(self):
-        lines = [b"%d FETCH (UID %d FLAGS (\\Seen) BODY[HEADER.FIELDS (FROM)] {%d}\r\n%s RFC822.SIZE 9)"
-                 % (n, n, len(header), header) for n, header in enumerate(
-                     (raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" for raw, _ in bench_corpus(60)), 1)]
-        lines += [b"1 FETCH (UID 1 FLAGS (\\Seen \\Flagged $Label))", b"2 FETCH (UID 2 FLAGS ())"]
-        given, worked_out = gc._AnswerBudget("UID FETCH"), gc._AnswerBudget("UID FETCH")
-        kept_given: List[Any] = []
-        kept_worked: List[Any] = []
-        for line in lines:
-            parsed, weight = gc._parse_weighed(line)
-            self.assertIsNotNone(weight)
-            given.kept(kept_given, parsed, len(line), weight)
-            worked_out.kept(kept_worked, gc._parse_plain(line), len(line))
-        self.assertEqual(given.kept_bytes, worked_out.kept_bytes)
-        self.assertEqual(_parsed_shape(kept_given), _parsed_shape(kept_worked))
-        self.assertEqual(len(kept_given), 60)
-        self.assertEqual(given.kept_bytes, sum(_reference_weight(item[2]) for item in kept_given))
-
-    def test_nesting_past_the_limit_is_refused_on_every_path(self):
-        for depth, refused in ((gc.MAX_NESTING - 1, False), (gc.MAX_NESTING, True)):
-            line = b"1 FETCH (UID 1 X " + b"(" * depth + b")" * depth + b")"
-            with self.subTest(depth=depth):
-                if refused:
-                    self.assertRaisesRegex(gc.ProtocolError, "nested deeper", gc.parse_response, line)
-                else:
-                    self.assertEqual(_parsed_shape(gc.parse_response(line)),
-                                     _parsed_shape(gc._parse_plain(line)))
-
-
-
-class DecodedOnceTest(unittest.TestCase):
-    """Header values met again (the same sender, recipient, list or subject) are decoded
-    once per run, with the same result as decoding them afresh."""
-
-    NAMES = FastPathTest.NAMES
-
-    def setUp(self):
-        patcher = mock.patch.dict(gc._DECODED, clear=True)
-        patcher.start()
-        self.addCleanup(patcher.stop)
-
-    def test_values_met_again_read_as_the_plain_path(self):
-        blocks = tricky_header_blocks()
-        plain = email.parser.BytesParser(policy=email.policy.default)
-        for rounds in ("decoded", "remembered"):
-            for raw in blocks:
-                fast, reference = parse_headers(raw), plain.parsebytes(raw, headersonly=True)
-                for name in self.NAMES:
-                    want = (gc._plain_header_text(reference, name),
-                            gc._plain_header_addresses(reference, name))
-                    got = (header_text(fast, name), header_addresses(fast, name))
-                    header_addresses(fast, name).append("x")     # a copy each time
-                    if got != want or header_addresses(fast, name) != want[1]:
-                        self.fail("%s %r, %s: %r, plain %r" % (rounds, raw, name, got, want))
-        self.assertTrue(gc._DECODED)
-
-    def test_a_sender_met_again_is_not_decoded_again(self):
-        first = parse_headers(b"From: =?utf-8?q?J=C3=B6rg?= <j@example.de>\r\nMessage-ID: <1@x>\r\n\r\n")
-        again = parse_headers(b"From: =?utf-8?q?J=C3=B6rg?= <j@example.de>\r\nMessage-ID: <1@x>\r\n\r\n")
-        other = parse_headers(b"From: Jorg <j@example.de>\r\n\r\n")
-        with mock.patch.object(gc, "_decode_values", wraps=gc._decode_values) as decode:
-            for msg in (first, again, other):
-                self.assertEqual(header_addresses(msg, "from")[0].split(" <")[1], "j@example.de>")
-                header_text(msg, "message-id")
-        self.assertEqual([call.args[2:] for call in decode.call_args_list],
-                         [("addresses", "from"), ("text", "message-id"), ("text", "message-id"),
-                          ("addresses", "from")])
-        self.assertEqual(header_addresses(again, "from"), ["Jörg <j@example.de>"])
-
-    def test_the_table_stays_small(self):
-        long_value = "x" * (gc._DECODED_LONGEST + 1)
-        msg = parse_headers(("Subject: %s\r\n\r\n" % long_value).encode())
-        self.assertEqual(header_text(msg, "subject"), [long_value])
-        self.assertEqual(gc._DECODED, {})           # long values are not kept
-        for n in range(gc._DECODED_MAX + 5):
-            gc._decode_header(msg, ["s%d" % n], "text", "subject")
-            self.assertEqual(len(gc._DECODED), n + 1 if n < gc._DECODED_MAX else n + 1 - gc._DECODED_MAX)
-        self.assertEqual(gc._decode_header(msg, ["s1"], "text", "subject"), ["s1"])
-# --- Issue 16: a shorter file (R2: pipeline ... command line) ----------------------------
-
-
-class SharedAccountOptionsTest(unittest.TestCase):
-    """_chosen_accounts names each option one account's settings would share with the others
-    (the flags are derived from the option names, so each is checked here)."""
-
-    ENV = (gc.PASSWORD_ENV, gc.PASSWORD_ENV_ALIAS, gc.TOKEN_ENV, gc.USER_ENV, gc.USER_ENV_ALIAS)
-
-    def setUp(self):
-        self.rules = parse_rules(accounts_doc({"name": "a", "user": "a@example.com"},
-                                              {"name": "b", "user": "b@example.com"}), "r.json")
-        patcher = mock.patch.dict(os.environ)
-        patcher.start()
-        self.addCleanup(patcher.stop)
-        for variable in self.ENV:
-            os.environ.pop(variable, None)
-
-    def args(self, **given: Any) -> Any:
-        values = dict(account=None, user=None, host=None, port=None, password_command=None,
-                      command="run")
-        return types.SimpleNamespace(**dict(values, **given))
-
-    def test_each_shared_option_is_refused_by_its_flag_without_one_account(self):
-        for name, flag in (("user", "--user"), ("host", "--host"), ("port", "--port"),
-                           ("password_command", "--password-command")):
-            with self.subTest(flag):
-                with self.assertRaises(gc.UsageError) as caught:
-                    gc._chosen_accounts(self.args(**{name: "x"}), self.rules)
-                self.assertTrue(str(caught.exception).startswith(
-                    f"{flag} would apply to every account of r.json: give exactly one "
-                    f"--account with it"), caught.exception)
-                chosen = gc._chosen_accounts(self.args(**{name: "x"}, account=["b"]),
-                                             self.rules)
-                self.assertEqual([name for name, _ in chosen], ["b"])
-
-    def test_the_first_shared_option_in_flag_order_is_the_one_named(self):
-        with self.assertRaises(gc.UsageError) as caught:
-            gc._chosen_accounts(self.args(password_command="pass", port=1143, host="h"),
-                                self.rules)
-        self.assertTrue(str(caught.exception).startswith("--host would apply"))
-        self.assertEqual([name for name, _ in gc._chosen_accounts(self.args(), self.rules)],
-                         ["a", "b"])
-
-class GmailFilterActionsTest(unittest.TestCase):
-    """_gmail_actions: the filter properties each rule's actions become (one filter per
-    label; a move is its folder's label and an archive; trash wins over archive)."""
-
-    def actions(self, **keys: Any) -> gc.Actions:
-        rules = parse_rules({"rule": [dict(name="x", subject="s", **keys)]}, "r.json")
-        return rules.rules[0].actions
-
-    def test_each_action_sets_its_property_on_every_label_filter(self):
-        table = [
-            ({"label": "A", "archive": True}, [{"shouldArchive": "true", "label": "A"}]),
-            ({"move": "M", "mark_read": True},
-             [{"shouldArchive": "true", "shouldMarkAsRead": "true", "label": "M"}]),
-            ({"label": ["A", "B"], "move": "M"}, [{"shouldArchive": "true", "label": name}
-                                                  for name in ("A", "B", "M")]),
-            ({"label": ["A", "B"], "trash": True, "star": True},
-             [{"shouldTrash": "true", "shouldStar": "true", "label": name} for name in "AB"]),
-            ({"star": True}, [{"shouldStar": "true"}]),
-            ({"mark_read": True, "archive": True},
-             [{"shouldArchive": "true", "shouldMarkAsRead": "true"}]),
-        ]
-        for keys, expected in table:
-            with self.subTest(keys):
-                self.assertEqual(gc._gmail_actions(self.actions(**keys)), expected)
-
-    def test_trash_wins_over_archive_and_a_move(self):
-        for keys in ({"archive": True}, {"move": "M"}):
-            with self.subTest(keys):
-                both = dataclasses.replace(self.actions(**keys), trash=True)
-                labels = [{"label": "M"}] if "move" in keys else [{}]
-                self.assertEqual(gc._gmail_actions(both),
-                                 [dict(each, shouldTrash="true") for each in labels])
-
-class UndoForgedDestinationTest(StateTestCase):
-    """Undo leaves alone a trash or archive record whose destination is not the server's
-    trash or archive folder (Undo._vet checks each action against its own folder)."""
-
-    undo = UndoTest.undo
-    use = UndoSafetyTest.use
-    audit_file = WriteAheadUndoTest.audit_file
-    append_records = WriteAheadUndoTest.append_records
-
-    def test_trash_and_archive_records_into_another_folder_are_refused(self):
-        self.use(gmail=False)
-        seed_mailbox(self.server, 6)
-        self.server.add_message(make_message("kept elsewhere"), folder="Other")
-        run = self.run_once()
-        other = self.server.uids("Other")
-        self.append_records(*({
-            "type": "message", "version": 1, "run": run.id, "applied": True,
-            "account": USER, "host": f"127.0.0.1:{self.server.port}", "folder": "INBOX",
-            "uid": 90 + n, "uidvalidity": self.server.uidvalidity("INBOX"), "maybe": True,
-            "message_id": f"<forged-{action}@example.com>", "subject": f"forged {action}",
-            "changes": [{"action": action, "before": {"folder": "INBOX", "uid": 90 + n},
-                         "after": {"folder": "Other", "uid": other[0]}}]}
-            for n, action in enumerate(("trash", "archive"))))
-        records: list = []
-        self.undo(records=records)
-        self.assertEqual([m.raw for m in self.server.messages("Other")],
-                         [make_message("kept elsewhere")])
-        for action in ("trash", "archive"):
-            with self.subTest(action):
-                (alone,) = [r["left_alone"] for r in records
-                            if r["subject"] == f"forged {action}"]
-                self.assertEqual(alone, [f"{action}: not something the run can have done "
-                                         f"(Other is not the {action} folder); left as it is"])
-
-class ClassifyMessagesOfflineTest(unittest.TestCase):
-    """classify_messages (demo, test, diff): gmail_query parts drop out offline, and each
-    change is recorded as a dry run of the folder would record it."""
-
-    def test_a_rule_decides_on_its_local_conditions_and_a_move_names_its_place(self):
-        rules = parse_rules({"rule": [
-            {"name": "Q", "gmail_query": "from:x", "subject": "invoice", "label": "L"},
-            {"name": "M", "subject": "digest", "move": "Lists"}]}, "r.json")
-        messages = [dataclasses.replace(gc.message_info_from_bytes(
-            f"From: a@b.example\r\nSubject: {subject}\r\nMessage-ID: <m{uid}@x>\r\n\r\n"
-            f"body\r\n".encode()), uid=uid) for uid, subject in ((1, "invoice 1"),
-                                                                 (2, "weekly digest"))]
-        seen: List[gc.Outcome] = []
-        report = gc.classify_messages(rules, messages, on_message=seen.append)
-        self.assertEqual(report.matched, {"Q": 1, "M": 1})
-        self.assertEqual(report.changes, {"label L": 1, "move to Lists": 1})
-        self.assertEqual([outcome.changes for outcome in seen], [
-            ({"action": "label", "label": "L", "before": None,
-              "after": {"folder": "L", "uid": None}},),
-            ({"action": "move", "before": {"folder": "INBOX", "uid": 2, "uidvalidity": 0},
-              "after": {"folder": "Lists", "uid": None}},)])
-    def test_templates_are_filled_in_per_message(self):
-        rules = parse_rules({"rule": [{"name": "V", "subject": "invoice",
-                                       "label": "Vendors/{sender_domain}"}]}, "r.json")
-        info = dataclasses.replace(gc.message_info_from_bytes(
-            b"From: a@shop.example\r\nSubject: invoice 7\r\n\r\nbody\r\n"), uid=1)
-        report = gc.classify_messages(rules, [info])
-        self.assertEqual(report.changes, {"label Vendors/shop.example": 1})
-
-
-class RulesReloaderFilesTest(TempDirMixin, unittest.TestCase):
-    """The watch's rules reloader: no file at all (built-in rules), and a file that is
-    missing for a while (each watched file's signature, or None while it is absent)."""
-
-    def test_without_a_file_nothing_changes_and_a_reload_keeps_the_rules(self):
-        rules = gc.builtin_rules()
-        reloader = gc._RulesReloader(None, rules)
-        self.assertFalse(reloader.changed())
-        with self.assertLogs("gmail_classify", "WARNING") as logs:
-            reloader.reload()
-        self.assertIs(reloader.rules, rules)
-        self.assertIn("no rules file to reload", logs.output[0])
-
-    def test_a_file_missing_at_the_start_is_picked_up_when_it_appears(self):
-        path = os.path.join(self.make_dir(), "rules.json")
-        reloader = gc._RulesReloader(path, gc.builtin_rules())
-        self.assertFalse(reloader.changed())
-        with open(path, "w") as handle:
-            json.dump({"rule": [{"name": "a", "subject": "x", "label": "A"}]}, handle)
-        self.assertTrue(reloader.changed())
-        with self.assertLogs("gmail_classify", "WARNING"):
-            reloader.reload()
-        self.assertEqual([rule.name for rule in reloader.rules.rules], ["a"])
-        self.assertFalse(reloader.changed())
-        os.remove(path)
-        self.assertTrue(reloader.changed())
-
-@unittest.skipUnless(os.name == "posix", "select() on a pipe")
-class StdinLinesPipeTest(unittest.TestCase):
-    """_stdin_lines on a real descriptor (auth's prompt for a pasted address): a line when
-    one comes, None when none came in time, and after the end of input only waits."""
-
-    def test_a_pasted_line_then_the_end_of_input(self):
-        read_end, write_end = os.pipe()
-        stream = os.fdopen(read_end, "r")
-        self.addCleanup(stream.close)
-        read = gc._stdin_lines(stream)
-        self.assertIsNone(read(0))                  # nothing pasted yet
-        os.write(write_end, b"http://127.0.0.1:8080/?state=s&code=c\n")
-        self.assertEqual(read(5), "http://127.0.0.1:8080/?state=s&code=c\n")
-        os.close(write_end)
-        self.assertIsNone(read(5))                  # the end of input, noted
-        started = time.monotonic()
-        self.assertIsNone(read(0.05))               # from then on it only waits
-        self.assertGreaterEqual(time.monotonic() - started, 0.04)
-
-class StepsAndProgressTest(FakeServerTest):
-    """classify_folder: ``apply_every`` batches make a step, and ``on_progress`` hears of
-    every batch classified (neither was checked message by message before)."""
-
-    def test_apply_every_groups_batches_into_steps_and_progress_counts_each(self):
-        for n in range(3):
-            self.server.add_message(make_message(f"receipt {n}"))
-        steps: List[List[int]] = []
-        progress: List[Tuple[int, int]] = []
-
-        class Steps(gc.Checkpoint):
-            def step_done(self, conn, status, mark, outcomes):
-                steps.append([outcome.uid for outcome in outcomes])
-
-        gc.classify_folder(self.connect(), parse_rules(EXAMPLE_DOC, "r.json"), "INBOX",
-                           batch_size=1, apply_every=2, checkpoint=Steps(),
-                           on_progress=lambda done, total: progress.append((done, total)))
-        uids = self.server.uids("INBOX")
-        self.assertEqual(steps, [uids[:2], uids[2:]])
-        self.assertEqual(progress, [(1, 3), (2, 3), (3, 3)])
-
-class UnfinishedRunHistoryTest(TempDirMixin, unittest.TestCase):
-    """history of a run that died before its summary: counted from its message records
-    (the folders, the changes, and whether it was an undo)."""
-
-    def test_a_run_without_its_summary_is_counted_from_its_message_records(self):
-        store = gc.StateStore(self.make_dir())
-        label = {"action": "label", "label": "A", "before": False, "after": True}
-        base = {"type": "message", "version": 1, "applied": True, "account": "me",
-                "host": "h", "time": "2026-12-01T10:00:00Z"}
-        store.audit.append([
-            dict(base, run="r1", folder="INBOX", uid=1, changes=[label]),
-            dict(base, run="r1", folder="Work", uid=2, changes=[label, {
-                "action": "archive", "label": "\\Inbox", "before": True, "after": False}]),
-            dict(base, run="r1", folder="INBOX", uid=3, changes=[label]),
-            dict(base, run="r2", folder="INBOX", uid=1, undo_of="r1",
-                 time="2026-12-01T11:00:00Z", changes=[gc._inverse_change(label)])])
-        entries = {entry["run"]: entry for entry in gc.history(store)}
-        self.assertEqual({key: entries["r1"][key] for key in (
-            "status", "command", "folders", "counts", "changes_made")}, {
-            "status": "unfinished", "command": "run", "folders": ["INBOX", "Work"],
-            "counts": {"label A": 3, "archive": 1}, "changes_made": 4})
-        self.assertEqual({key: entries["r2"][key] for key in (
-            "command", "undo_of", "folders", "counts", "changes_made")}, {
-            "command": "undo", "undo_of": "r1", "folders": ["INBOX"],
-            "counts": {"remove label A": 1}, "changes_made": 1})
 
 
 if __name__ == "__main__":

@@ -12997,6 +12997,26 @@ class WatcherTest(FakeServerTest):
         self.assertEqual(delays, [0.5, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0])
         self.assertEqual(len(logs.records), 2)       # lost, and stopped while still down
 
+    def test_a_connection_that_did_its_work_starts_the_next_outage_at_the_first_wait(self):
+        waits: List[float] = []
+
+        class CountedStop(gc.Stop):
+            """Each wait between sign-ins is recorded, not slept; the third ends the watch."""
+            def wait(self, seconds: float) -> bool:
+                waits.append(seconds)
+                if len(waits) == 3:
+                    self.request()
+                return self.requested
+
+        self.server.add_fault("LOGIN", action="drop", count=2)      # the first outage
+        self.start_watcher(backoff=0.05, max_backoff=10, idle_interval=0.05, stop=CountedStop())
+        self.idling(3)              # signed in, caught up, and idled more than once: working
+        self.server.drop_all_connections()                           # the second outage
+        self.watcher_thread.join(10)
+        self.assertFalse(self.watcher_thread.is_alive())
+        self.assertEqual(self.failure, [])
+        self.assertEqual(waits, [0.05, 0.1, 0.05])
+
     def test_authentication_failure_ends_the_watch(self):
         server_users = self.server.users
         server_users[USER] = "changed-password"

@@ -11245,8 +11245,15 @@ class Watcher:
                             outage_since = None
                         self._seen.clear()
                         self._first_key = None
+                        # The others' STATUS before their catch-up, not after it: mail that
+                        # comes meanwhile then wakes its folder at the first poll.  A folder
+                        # the server refuses is left to the catch-up, which says why.
+                        try:
+                            self._remember_others(self.conn)
+                        except ImapError as exc:
+                            if exc.status not in ("NO", "BAD"):
+                                raise
                         self._wake(self.conn, self.folders)
-                        self._remember_others(self.conn)
                         self._next_poll = time.monotonic() + self.interval
                     self._maybe_reload()
                     if not self._stop.requested:

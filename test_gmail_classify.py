@@ -13053,6 +13053,38 @@ class WatcherTest(FakeServerTest):
         statuses = [e.line for e in self.server.log if e.command == "STATUS"]
         self.assertTrue(all(b'"Work"' in line or b" Work " in line for line in statuses), statuses)
 
+    def test_mail_reaching_another_folder_during_the_catch_up_wakes_it_at_the_next_poll(self):
+        # The other folders' STATUS is read before the catch-up after a (re)connect: mail
+        # that arrives while it runs moves their UIDNEXT past what was read, so the first
+        # poll wakes the folder, instead of the STATUS taking that mail as already seen.
+        delivered: List[int] = []
+        classify = gc.classify_folder
+
+        def classify_then_deliver(conn: gc.GmailConnection, rules: Any, name: str,
+                                  **options: Any) -> Any:
+            report = classify(conn, rules, name, **options)
+            if name == "Work" and not delivered:
+                delivered.append(self.server.deliver(make_message("receipt for work"),
+                                                     labels=("Work",)))
+            return report
+
+        self.server.add_message(make_message("hello"), labels=("Work",))
+        with mock.patch.object(gc, "classify_folder", classify_then_deliver):
+            watcher = self.start_watcher(["INBOX", "Work"], interval=0.05, idle_interval=30)
+            wait_until(lambda: delivered and "Receipts" in self.server.message(delivered[0]).labels,
+                       timeout=5, message="the mail that came during the catch-up was left")
+            self.stop(watcher)
+        self.assertEqual(self.caught_up[:2], [["Work", "INBOX"], ["Work"]])
+
+    def test_a_folder_the_server_does_not_have_ends_the_watch_naming_it(self):
+        self.start_watcher(["INBOX", "Nowhere"], interval=0.05, idle_interval=30)
+        self.watcher_thread.join(10)
+        self.assertFalse(self.watcher_thread.is_alive())
+        (failure,) = self.failure
+        self.assertIsInstance(failure, gc.FolderUnavailableError)
+        self.assertIn("cannot open folder 'Nowhere'", str(failure))
+        self.assertEqual(self.caught_up, [["Nowhere", "INBOX"]])
+
     def test_a_requested_catch_up_wakes_every_folder_without_news(self):
         self.server.add_message(make_message("hello"), labels=("Work",))
         watcher = self.start_watcher(["INBOX", "Work"], idle_interval=30, interval=60)

@@ -12557,6 +12557,14 @@ class AuditLockTest(TempDirMixin, unittest.TestCase):
 class WriteFlightTest(StateTestCase):
     """Issue 17: a step's writes are pipelined, the record stays whole and written ahead."""
 
+    def after_a_clean_run(self, messages: int, **server_options: Any) -> Any:
+        """The mailbox a run with no fault leaves, on a fresh server seeded alike."""
+        clean = FakeGmail(**server_options).start()
+        self.addCleanup(clean.stop)
+        seed_mailbox(clean, messages)
+        self.run_once(server=clean, state_dir=os.path.join(self.tmp, "clean"))
+        return mailbox_snapshot(clean)
+
     use = UndoSafetyTest.use
     undo = UndoTest.undo
 
@@ -12643,14 +12651,11 @@ class WriteFlightTest(StateTestCase):
         # COPY of the flight; the UIDNEXT the intent holds and the Message-IDs settle it.
         self.use(gmail=False)
         seed_mailbox(self.server, 12)
-        expected = FakeGmail(gmail=False).start()
-        self.addCleanup(expected.stop)
-        seed_mailbox(expected, 12)
-        self.run_once(server=expected, state_dir=os.path.join(self.tmp, "clean"))
+        expected = self.after_a_clean_run(12, gmail=False)
         self.server.add_fault("UID COPY", nth=2, action="drop", when="after")
         self.run_once()
         self.assertTrue(self.server.fired)
-        self.assertEqual(mailbox_snapshot(self.server), mailbox_snapshot(expected))
+        self.assertEqual(mailbox_snapshot(self.server), expected)
         (entry,) = gc.history(self.store())
         self.assertEqual((entry["status"], entry["maybe"]), ("complete", 0))
 
@@ -12659,14 +12664,11 @@ class WriteFlightTest(StateTestCase):
         # it: settling creates the folder again, one at a time, and records it as ours.
         self.use(gmail=False)
         seed_mailbox(self.server, 12)
-        expected = FakeGmail(gmail=False).start()
-        self.addCleanup(expected.stop)
-        seed_mailbox(expected, 12)
-        self.run_once(server=expected, state_dir=os.path.join(self.tmp, "clean"))
+        expected = self.after_a_clean_run(12, gmail=False)
         self.server.add_fault("CREATE", nth=1, action="drop", when="before")
         self.run_once()
         self.assertTrue(self.server.fired)
-        self.assertEqual(mailbox_snapshot(self.server), mailbox_snapshot(expected))
+        self.assertEqual(mailbox_snapshot(self.server), expected)
         creates = [r for r in self.store().audit.records() if r["type"] == "done"
                    and "create" in r]
         self.assertTrue(creates)
@@ -12694,14 +12696,11 @@ class WriteFlightTest(StateTestCase):
         # Gmail's archive and trash are MOVEs: the link drops before the server ran the
         # first, and settling moves what is still in the folder, never copies it.
         seed_mailbox(self.server, 12)
-        expected = FakeGmail().start()
-        self.addCleanup(expected.stop)
-        seed_mailbox(expected, 12)
-        self.run_once(server=expected, state_dir=os.path.join(self.tmp, "clean"))
+        expected = self.after_a_clean_run(12)
         self.server.add_fault("UID MOVE", nth=1, action="drop", when="before")
         self.run_once()
         self.assertTrue(self.server.fired)
-        self.assertEqual(mailbox_snapshot(self.server), mailbox_snapshot(expected))
+        self.assertEqual(mailbox_snapshot(self.server), expected)
         self.assertNotIn("UID COPY", self.server.commands())
         (entry,) = gc.history(self.store())
         self.assertEqual((entry["status"], entry["maybe"]), ("complete", 0))
@@ -12860,6 +12859,22 @@ class UnfinishedRunHistoryTest(TempDirMixin, unittest.TestCase):
 # --- Watch: stay connected and classify new mail as it arrives ---------------------------
 
 
+class _CountedStop(gc.Stop):
+    """A Stop whose waits (the Watcher's between sign-ins) are recorded, not slept; the
+    ``last``-th wait ends the watch."""
+
+    def __init__(self, last: int) -> None:
+        super().__init__()
+        self.last = last
+        self.waits: List[float] = []
+
+    def wait(self, seconds: float) -> bool:
+        self.waits.append(seconds)
+        if len(self.waits) == self.last:
+            self.request()
+        return self.requested
+
+
 class WatcherTest(FakeServerTest):
     """The Watcher loop against the fake server, with catch_up = classify everything."""
 
@@ -12912,6 +12927,10 @@ class WatcherTest(FakeServerTest):
 
     def stop(self, watcher: gc.Watcher) -> None:
         watcher.stop()
+        self.ended()
+
+    def ended(self) -> None:
+        """The watch's thread has ended (within 10 s), with no error."""
         self.watcher_thread.join(10)
         self.assertFalse(self.watcher_thread.is_alive())
         self.assertEqual(self.failure, [])
@@ -12998,24 +13017,13 @@ class WatcherTest(FakeServerTest):
         self.assertEqual(len(logs.records), 2)       # lost, and stopped while still down
 
     def test_a_connection_that_did_its_work_starts_the_next_outage_at_the_first_wait(self):
-        waits: List[float] = []
-
-        class CountedStop(gc.Stop):
-            """Each wait between sign-ins is recorded, not slept; the third ends the watch."""
-            def wait(self, seconds: float) -> bool:
-                waits.append(seconds)
-                if len(waits) == 3:
-                    self.request()
-                return self.requested
-
+        stop = _CountedStop(3)
         self.server.add_fault("LOGIN", action="drop", count=2)      # the first outage
-        self.start_watcher(backoff=0.05, max_backoff=10, idle_interval=0.05, stop=CountedStop())
+        self.start_watcher(backoff=0.05, max_backoff=10, idle_interval=0.05, stop=stop)
         self.idling(3)              # signed in, caught up, and idled more than once: working
         self.server.drop_all_connections()                           # the second outage
-        self.watcher_thread.join(10)
-        self.assertFalse(self.watcher_thread.is_alive())
-        self.assertEqual(self.failure, [])
-        self.assertEqual(waits, [0.05, 0.1, 0.05])
+        self.ended()
+        self.assertEqual(stop.waits, [0.05, 0.1, 0.05])
 
     def test_authentication_failure_ends_the_watch(self):
         server_users = self.server.users
@@ -13212,27 +13220,17 @@ class WatcherTest(FakeServerTest):
 class FloodingWatchTest(FakeServerTest):
     rules = WatcherTest.rules
     start_watcher = WatcherTest.start_watcher
+    ended = WatcherTest.ended
 
     def test_a_server_that_floods_after_sign_in_gets_the_backoff(self):
         self.server.add_fault("SELECT", action="flood", size=5000, count=1000)
         self.server.add_fault("EXAMINE", action="flood", size=5000, count=1000)
-        waits: List[float] = []
-
-        class CountedStop(gc.Stop):
-            """Each wait between sign-ins is recorded, not slept; the fifth ends the watch."""
-            def wait(self, seconds: float) -> bool:
-                waits.append(seconds)
-                if len(waits) == 5:
-                    self.request()
-                return self.requested
-
-        self.start_watcher(backoff=0.05, max_backoff=0.5, stop=CountedStop())
-        self.watcher_thread.join(10)
-        self.assertFalse(self.watcher_thread.is_alive())
-        self.assertEqual(self.failure, [])
+        stop = _CountedStop(5)
+        self.start_watcher(backoff=0.05, max_backoff=0.5, stop=stop)
+        self.ended()
         # Signed in, flooded, dropped: the wait doubles each time (up to its cap) and is
         # never reset, since no connection did its work; one sign-in per wait, plus the first.
-        self.assertEqual(waits, [0.05, 0.1, 0.2, 0.4, 0.5])
+        self.assertEqual(stop.waits, [0.05, 0.1, 0.2, 0.4, 0.5])
         self.assertEqual(self.server.count("LOGIN"), 5)
 
 

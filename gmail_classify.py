@@ -128,6 +128,7 @@ import base64
 import binascii
 import bisect
 import calendar
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -13523,10 +13524,8 @@ class _Learner:
                 older, newer = self.split(numbers)
                 if len(older) < self.min_support:
                     continue
-                seen: Dict[str, int] = {}
-                for n in older:
-                    for name in self.messages[n].labels:
-                        seen[name] = seen.get(name, 0) + 1
+                seen = collections.Counter(name for n in older
+                                           for name in self.messages[n].labels)
                 for name, hits in seen.items():
                     if hits >= self.min_support and hits >= (self.min_precision
                                                              - _LEARN_SLACK) * len(older):
@@ -13634,10 +13633,7 @@ def learn_rules(filed: FiledMail, *, min_precision: float = 0.97, min_support: i
     now = now or datetime.now(timezone.utc)
     start = _holdout_start(messages, holdout)
     learner = _Learner(filed, start, min_precision, min_support)
-    counts: Dict[str, int] = {}
-    for message in messages:
-        for label in message.labels:
-            counts[label] = counts.get(label, 0) + 1
+    counts = collections.Counter(label for message in messages for label in message.labels)
     made: List[_LearnedLabel] = []
     found: Dict[str, str] = {}
     unlearnable: Dict[str, str] = {}

@@ -15640,13 +15640,16 @@ def _cmd_init(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _output_format(args: argparse.Namespace) -> str:
+def _output_format(args: argparse.Namespace, refuse_existing: bool = False) -> str:
+    """The rules format of -o or --format; ``refuse_existing``: an -o file needs --force."""
     if args.output:
         suffix = pathlib.Path(args.output).suffix.lower()
         if suffix not in (".toml", ".json"):
             raise UsageError(f"{args.output}: name the rules file *.toml or *.json")
         if args.format and args.format != suffix[1:]:
             raise UsageError(f"--format {args.format} does not match {args.output}; drop one")
+        if refuse_existing and os.path.exists(args.output) and not args.force:
+            raise UsageError(f"{args.output} already exists; pass --force to overwrite it")
         return suffix[1:]
     return args.format or "toml"
 
@@ -15729,9 +15732,7 @@ def _cmd_export(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_suggest(args: argparse.Namespace, out: TextIO) -> int:
-    fmt = _output_format(args)
-    if args.output and os.path.exists(args.output) and not args.force:
-        raise UsageError(f"{args.output} already exists; pass --force to overwrite it")
+    fmt = _output_format(args, refuse_existing=True)
     [(name, rules)] = _chosen_accounts(args, find_rules(args.rules), one=True)
     settings = _connection_settings(args, rules.account, name)
     with _signed_in(settings) as conn:
@@ -15868,9 +15869,7 @@ def _cmd_diff(args: argparse.Namespace, out: _Output) -> int:
 
 
 def _cmd_learn(args: argparse.Namespace, out: TextIO) -> int:
-    fmt = _output_format(args)
-    if args.output and os.path.exists(args.output) and not args.force:
-        raise UsageError(f"{args.output} already exists; pass --force to overwrite it")
+    fmt = _output_format(args, refuse_existing=True)
     if not 0 < args.min_precision <= 1:
         raise UsageError(f"--min-precision {args.min_precision}: give a share like 0.97")
     if args.from_path:

@@ -15903,10 +15903,9 @@ def _cmd_learn(args: argparse.Namespace, out: TextIO) -> int:
         for line in learned.report:
             _warn(f"learn: {line}")
     if not learned.doc["rule"]:
-        if args.quiet:
-            return EXIT_OK
-        _warn(f"{filed.source}: no label could be learned precisely from its "
-              f"{len(filed.messages)} messages; nothing written")
+        if not args.quiet:
+            _warn(f"{filed.source}: no label could be learned precisely from its "
+                  f"{len(filed.messages)} messages; nothing written")
         return EXIT_OK
     text = format_rules(learned.doc, fmt, learned.header, learned.comments)
     _emit_rules(args, out, text, len(learned.doc["rule"]))

@@ -16155,9 +16155,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
             guarded.close_quietly()
     finally:
         sys.stderr = errors
-    if guarded.gone and guarded.data and code == EXIT_OK:
-        return EXIT_OUTPUT_CUT
-    return code
+    return EXIT_OUTPUT_CUT if guarded.gone and guarded.data and code == EXIT_OK else code
 
 
 def _dispatch(args: argparse.Namespace, out: TextIO) -> int:

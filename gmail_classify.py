@@ -14351,16 +14351,6 @@ class _OutputClosed(BaseException):
     A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
 
 
-def _setup_logging(args: argparse.Namespace) -> None:
-    levels = (logging.WARNING, logging.INFO, logging.DEBUG)     # by -v count
-    level = logging.ERROR if args.quiet else levels[max(0, min(args.verbose, 2))]
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_PrintableFormatter("%(levelname)s: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(level)
-    log.propagate = False
-
-
 def _warn(text: str) -> None:
     """One line on standard error, ``gmail_classify: text``, escaped (see printable)."""
     sys.stderr.write(printable(f"gmail_classify: {text}") + "\n")
@@ -16149,7 +16139,12 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
     args.stop = Stop()
     args.signals = _Signals(args.stop)
     try:
-        _setup_logging(args)
+        levels = (logging.WARNING, logging.INFO, logging.DEBUG)     # by -v count
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_PrintableFormatter("%(levelname)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.ERROR if args.quiet else levels[max(0, min(args.verbose, 2))])
+        log.propagate = False
         with args.signals:
             code = _dispatch(args, guarded)
             guarded.close_quietly()

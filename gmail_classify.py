@@ -15757,6 +15757,12 @@ def _verdict_line(verdict: RuleVerdict) -> str:
     return text
 
 
+def _decision_record(decision: Decision) -> Dict[str, Any]:
+    """A decision as ``why`` and ``diff`` record it: its rules, its actions and their text."""
+    return {"rules": [name for name, _reason in decision.matches],
+            "actions": decision.actions.as_record(), "text": decision.actions.describe()}
+
+
 def _why_record(where: str, uid: Optional[int], info: MessageInfo,
                 explanation: Explanation) -> Dict[str, Any]:
     shown = _Shown(info)
@@ -15766,9 +15772,7 @@ def _why_record(where: str, uid: Optional[int], info: MessageInfo,
                        "reason": v.reason, "actions": v.actions.describe(),
                        "continue": v.continue_, "reached": v.reached}
                       for v in explanation.verdicts],
-            "outcome": {"rules": [name for name, _reason in explanation.decision.matches],
-                        "actions": explanation.decision.actions.as_record(),
-                        "text": explanation.decision.actions.describe()}}
+            "outcome": _decision_record(explanation.decision)}
 
 
 def _write_why(out: _Output, record: Dict[str, Any], explanation: Explanation) -> None:
@@ -15815,15 +15819,6 @@ def _cmd_why(args: argparse.Namespace, out: _Output) -> int:
     return EXIT_OK
 
 
-def _diff_record(change: DecisionChange) -> Dict[str, Any]:
-    def side(decision: Decision) -> Dict[str, Any]:
-        return {"rules": [name for name, _reason in decision.matches],
-                "actions": decision.actions.as_record(), "text": decision.actions.describe()}
-    return {"where": change.where, "uid": change.uid, "message_id": change.message_id,
-            "from": change.sender, "subject": change.subject,
-            "before": side(change.before), "after": side(change.after)}
-
-
 def _cmd_diff(args: argparse.Namespace, out: _Output) -> int:
     old, new = load_rules(args.old_rules), load_rules(args.new_rules)
     if args.files:
@@ -15840,7 +15835,10 @@ def _cmd_diff(args: argparse.Namespace, out: _Output) -> int:
             found = diff_folders(conn, old, new, args.folder or ["INBOX"], since=args.since,
                                  batch_size=args.batch_size)
     for change in found.changes:
-        record = _diff_record(change)
+        record = {"where": change.where, "uid": change.uid, "message_id": change.message_id,
+                  "from": change.sender, "subject": change.subject,
+                  "before": _decision_record(change.before),
+                  "after": _decision_record(change.after)}
         place = change.where + (f" UID {change.uid}" if change.uid is not None else "")
         out.record(dict(record, type="message"), lambda record=record, place=place: [
             f"{place}: {record['from']}  {record['subject']!r}",

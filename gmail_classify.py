@@ -12268,29 +12268,22 @@ class ImportedFilters:
     filters: int
 
 
-class _HostileXML(Exception):
-    pass
-
-
-def _refuse_doctype(*_args: Any) -> None:
-    raise _HostileXML()
-
-
 def _check_plain_xml(data: bytes, source: str) -> None:
     """Refuse a DOCTYPE (and so every entity) before ElementTree sees the bytes.
 
     Gmail's export never has one; a file that does could expand entities without
     end ("billion laughs") or point at external files. Raises RulesError.
     """
+    def refuse(*_args: Any) -> None:    # raised through expat, out of Parse()
+        raise RulesError(f"{source}: has a DOCTYPE or entity declarations, which Gmail's "
+                         f"export never has; refusing to read it")
+
     parser = xml.parsers.expat.ParserCreate()
-    parser.StartDoctypeDeclHandler = _refuse_doctype
-    parser.EntityDeclHandler = _refuse_doctype
-    parser.ExternalEntityRefHandler = _refuse_doctype
+    parser.StartDoctypeDeclHandler = refuse
+    parser.EntityDeclHandler = refuse
+    parser.ExternalEntityRefHandler = refuse
     try:
         parser.Parse(data, True)
-    except _HostileXML:
-        raise RulesError(f"{source}: has a DOCTYPE or entity declarations, which Gmail's "
-                         f"export never has; refusing to read it") from None
     except xml.parsers.expat.ExpatError as exc:
         raise RulesError(f"{source}: not valid XML ({exc}); export the filters from Gmail "
                          f"again") from None

@@ -8015,9 +8015,7 @@ class _Plan:
         return sum(len(keys) for keys in self.per_uid.values())
 
     def changes(self) -> Dict[str, int]:
-        counts: Dict[str, int] = {}
-        for label, uids in self.add_labels.items():
-            counts[f"label {label}"] = len(uids)
+        counts = {f"label {label}": len(uids) for label, uids in self.add_labels.items()}
         for kind, flags in (("flag+", self.add_flags), ("flag-", self.remove_flags)):
             for flag, uids in flags.items():
                 counts[_flag_action(kind, flag).words] = len(uids)

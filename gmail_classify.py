@@ -8004,11 +8004,9 @@ class _Plan:
         if not self.add_labels[label]:
             del self.add_labels[label]
         for uid in gone:
-            keys = [key for key in self.per_uid.get(uid, []) if key != ("label", label)]
-            if keys:
-                self.per_uid[uid] = keys
-            else:
-                self.per_uid.pop(uid, None)
+            self.per_uid[uid] = [k for k in self.per_uid.get(uid, []) if k != ("label", label)]
+            if not self.per_uid[uid]:
+                del self.per_uid[uid]
 
     def size(self) -> int:
         """How many single changes (one message, one label or flag or move) are planned."""

@@ -8918,13 +8918,11 @@ def _message_key(headers: email.message.EmailMessage) -> str:
 def _message_ids_in(conn: GmailConnection, folder: str) -> set:
     """The _message_key of each message in ``folder`` (EXAMINE, SEARCH, FETCH), then back."""
     source = conn.selected
-    found = set()
     conn.examine(folder)
     uids = conn.search(["ALL"])
-    if uids:
-        item = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID FROM DATE SUBJECT)]"
-        for values in conn.fetch(uids, [item]).values():
-            found.add(_message_key(parse_headers(values.get(item) or b"")))
+    item = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID FROM DATE SUBJECT)]"
+    found = {_message_key(parse_headers(values.get(item) or b""))
+             for values in (conn.fetch(uids, [item]) if uids else {}).values()}
     if source is not None:
         status = conn.select(source.name, readonly=source.readonly)
         if status.uidvalidity != source.uidvalidity:

@@ -8910,9 +8910,8 @@ def _first(values: Sequence[str]) -> str:
 def _message_key(headers: email.message.EmailMessage) -> str:
     """Message-ID, or for mail without one, From + Date + Subject: "the same message"."""
     message_id = _first(header_text(headers, "message-id")).strip()
-    if message_id:
-        return message_id
-    return "\n".join(_first(header_text(headers, name)) for name in ("from", "date", "subject"))
+    return message_id or "\n".join(_first(header_text(headers, name))
+                                   for name in ("from", "date", "subject"))
 
 
 def _message_ids_in(conn: GmailConnection, folder: str) -> set:

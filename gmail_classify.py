@@ -12120,10 +12120,8 @@ def diagnose(conn: GmailConnection, rules: Ruleset, folders: Sequence[str] = ("I
                                      f"until {tls['expires']}"))
     rows.append(DoctorRow("sign-in", f"ok as {conn.user}" +
                           (" with the stored OAuth2 token (still valid)" if oauth else "")))
-    have = []
-    for name in DOCTOR_CAPABILITIES:
-        found = [c for c in conn.capabilities if c == name or c.startswith(name + "=")]
-        have.append(", ".join(found) if found else f"no {name}")
+    have = [", ".join(c for c in conn.capabilities if c == name or c.startswith(name + "="))
+            or f"no {name}" for name in DOCTOR_CAPABILITIES]
     rows.append(DoctorRow("capabilities", "; ".join(have)))
     prefix, delimiter = conn.namespace()
     rows.append(DoctorRow("namespace", f"prefix {json.dumps(prefix)}, separator "

@@ -12689,22 +12689,12 @@ def _posix_ere(source: str) -> Optional[str]:
                 return None
             out.append(bound.group(0))
             i, quantifiable = i + bound.end(), False
-        elif char == "(":
-            if source[i + 1:i + 2] in ("?", ")"):
-                return None
-            out.append(char)
-            i, quantifiable = i + 1, False
-        elif char in "|^":
-            out.append(char)
-            i, quantifiable = i + 1, False
-        elif char in ")$.":
-            out.append(char)
-            i, quantifiable = i + 1, True
-        elif char == "}" or not (" " <= char <= "~"):
+        elif char == "}" or not (" " <= char <= "~") or \
+                (char == "(" and source[i + 1:i + 2] in ("?", ")")):
             return None
-        else:
+        else:       # a literal or ) $ . (a quantifier may follow), or ( | ^ (none may)
             out.append(char)
-            i, quantifiable = i + 1, True
+            i, quantifiable = i + 1, char not in "(|^"
     return "".join(out)
 
 

@@ -13247,6 +13247,15 @@ def same_decision(before: Decision, after: Decision) -> bool:
     return _choice(before.actions) == _choice(after.actions)
 
 
+def _compare(result: RulesDiff, where: str, uid: Optional[int], first: Outcome,
+             second: Outcome) -> None:
+    """Count one message's two outcomes into ``result``; keep it if the decisions differ."""
+    result.count(first.decision, second.decision)
+    if not same_decision(first.decision, second.decision):
+        result.changes.append(DecisionChange(where, uid, first.message_id, first.sender,
+                                             first.subject, first.decision, second.decision))
+
+
 def diff_messages(old: Ruleset, new: Ruleset, messages: Iterable[Tuple[str, MessageInfo]],
                   now: Optional[datetime] = None) -> RulesDiff:
     """Classify each (name, message) offline with both rule sets (classify_messages, as a
@@ -13257,12 +13266,7 @@ def diff_messages(old: Ruleset, new: Ruleset, messages: Iterable[Tuple[str, Mess
         found: List[Outcome] = []
         for rules in (old, new):
             classify_messages(rules, [info], on_message=found.append, now=now)
-        before, after = found[0].decision, found[1].decision
-        result.count(before, after)
-        if not same_decision(before, after):
-            result.changes.append(DecisionChange(name, None, found[0].message_id,
-                                                 found[0].sender, found[0].subject, before,
-                                                 after))
+        _compare(result, name, None, found[0], found[1])
     return result
 
 
@@ -13286,12 +13290,7 @@ def diff_folders(conn: GmailConnection, old: Ruleset, new: Ruleset,
             raise UidValidityError(f"UIDVALIDITY of {folder} changed during the diff; run "
                                    f"it again", command="EXAMINE")
         for uid in sorted(set(seen[0]) & set(seen[1])):
-            first, second = seen[0][uid], seen[1][uid]
-            result.count(first.decision, second.decision)
-            if not same_decision(first.decision, second.decision):
-                result.changes.append(DecisionChange(folder, uid, first.message_id, first.sender,
-                                                     first.subject, first.decision,
-                                                     second.decision))
+            _compare(result, folder, uid, seen[0][uid], seen[1][uid])
     return result
 
 

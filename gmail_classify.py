@@ -14661,11 +14661,6 @@ class _Output:
             raise _OutputClosed()
         return dropped
 
-    def close_quietly(self) -> None:
-        """The last flush: never raises, whatever the reader did."""
-        with contextlib.suppress(_OutputClosed):
-            self.flush()
-
     def isatty(self) -> bool:
         try:
             return not self.gone and self._stream.isatty()
@@ -16118,7 +16113,8 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
         log.propagate = False
         with args.signals:
             code = _dispatch(args, guarded)
-            guarded.close_quietly()
+            with contextlib.suppress(_OutputClosed):    # the last flush: it never raises
+                guarded.flush()
     finally:
         sys.stderr = errors
     return EXIT_OUTPUT_CUT if guarded.gone and guarded.data and code == EXIT_OK else code

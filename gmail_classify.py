@@ -11297,10 +11297,8 @@ class Watcher:
             self._first_exists = conn.exists_seen
 
     def _maybe_reload(self) -> None:
-        wanted = self._reload_requested.is_set()
-        if not wanted and self._reload_needed is not None:
-            wanted = self._reload_needed()
-        if wanted:
+        if self._reload_requested.is_set() or (self._reload_needed is not None
+                                               and self._reload_needed()):
             self._reload_requested.clear()
             if self._reload is not None:
                 self._reload()

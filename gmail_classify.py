@@ -10676,13 +10676,9 @@ class Undo:
         grouped: Dict[int, List[Dict[str, Any]]] = {}
         for i, change in pairs:
             grouped.setdefault(i, []).append(change)
-        entries = []
-        for i, changes in grouped.items():
-            record = self.messages[i]
-            entries.append({name: record.get(name) for name in (
-                "folder", "uid", "uidvalidity", "gm_msgid", "message_id", "subject")})
-            entries[-1]["changes"] = changes
-        self.run.intend(conn, entries)
+        fields = ("folder", "uid", "uidvalidity", "gm_msgid", "message_id", "subject")
+        self.run.intend(conn, [dict({name: self.messages[i].get(name) for name in fields},
+                                    changes=changes) for i, changes in grouped.items()])
 
     def _place_of(self, i: int, change: Mapping[str, Any]) -> Dict[str, Any]:
         """The destination as the run's intent recorded it before the step: ``folder``,

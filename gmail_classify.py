@@ -11100,12 +11100,9 @@ class Undo:
                 parse_headers(values.get(self._LOOKS[0]) or b""), "message-id")).strip() \
                 != wanted:
             return False
-        if size is not None and values.get("RFC822.SIZE") != size:
-            return False
-        if date is not None and (values.get("INTERNALDATE") is None or
-                                 _iso(values["INTERNALDATE"]) != date):
-            return False
-        return True
+        return (size is None or values.get("RFC822.SIZE") == size) and (
+            date is None or (values.get("INTERNALDATE") is not None
+                             and _iso(values["INTERNALDATE"]) == date))
 
     def _report(self, work: Dict[int, Dict[str, List[Any]]]) -> None:
         records = []

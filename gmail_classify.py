@@ -11067,10 +11067,8 @@ class Undo:
                 conn.add_flags([uid for _, uid, _ in uids], ["\\Deleted"])
                 conn.uid_expunge([uid for _, uid, _ in uids])
             for i, uid, change in uids:
-                inverse = _inverse_change(change)
-                inverse["before"] = {"folder": folder, "uid": uid,
-                                     "uidvalidity": status.uidvalidity}
-                work[i]["done"].append(inverse)
+                work[i]["done"].append(dict(_inverse_change(change), before={
+                    "folder": folder, "uid": uid, "uidvalidity": status.uidvalidity}))
 
     def _recorded_copy(self, i: int, change: Mapping[str, Any], status: FolderStatus) -> bool:
         """Whether the label copy ``change`` of message ``i`` is to be looked for at the

@@ -11590,13 +11590,6 @@ def _endpoint(url: str, what: str) -> str:
                      f"address, for tests) is allowed")
 
 
-def _pkce_pair() -> Tuple[str, str]:
-    """A PKCE verifier (86 URL-safe characters) and its S256 challenge (RFC 7636 §4)."""
-    verifier = secrets.token_urlsafe(64)
-    digest = hashlib.sha256(verifier.encode("ascii")).digest()
-    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
-
-
 class _RefuseRedirect(urllib.request.HTTPRedirectHandler):
     """The token endpoint answers itself: a redirect would take the client secret and the
     grant to an address the https-or-loopback check never saw."""
@@ -11843,7 +11836,10 @@ def authorize(client: OAuthClient, user: str, *, port: int = 0,
     wait = OAUTH_WAIT if wait is None else wait
     auth_endpoint = _endpoint(auth_url or GOOGLE_AUTH_URL, "authorisation endpoint")
     token_endpoint = _endpoint(token_url or GOOGLE_TOKEN_URL, "token endpoint")
-    verifier, challenge = _pkce_pair()
+    # PKCE (RFC 7636 §4): a verifier of 86 URL-safe characters and its S256 challenge.
+    verifier = secrets.token_urlsafe(64)
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    challenge = base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
     state = secrets.token_urlsafe(24)
     try:
         catcher = _RedirectCatcher(port, state)

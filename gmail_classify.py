@@ -13065,9 +13065,7 @@ def _as_data(value: Any) -> Any:
     if isinstance(value, Matcher):
         return [p.text for p in value.patterns]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        data: Dict[str, Any] = {}
-        if isinstance(value, Condition):
-            data["type"] = type(value).__name__
+        data = {"type": type(value).__name__} if isinstance(value, Condition) else {}
         for item in dataclasses.fields(value):
             if item.compare and not callable(getattr(value, item.name)):
                 data[item.name] = _as_data(getattr(value, item.name))

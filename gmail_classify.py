@@ -15247,22 +15247,19 @@ def _cmd_undo(args: argparse.Namespace, out: _Output) -> int:
                 run_id=args.run_id, apply=args.apply, allow_expunge=args.allow_expunge,
                 on_record=on_record)
     undo.run.account_name = name
-    lock = store.lock(undo.run.account, "undo").acquire() if args.apply else None
-    try:
-        with _signed_in(settings) as conn:
-            undo.execute(conn)
-    except (StopRequested, KeyboardInterrupt) as exc:
-        planned = sum(len(record["changes"]) for record in undo.messages)
-        _finish_run(undo.run, args, out, "interrupted", made="reversed",
-                    not_made=max(0, planned - undo.reversed - undo.left_alone),
-                    again=f"run 'undo {undo.undo_of} --apply' again to finish")
-        return _signal_exit(getattr(exc, "signum", None) or args.stop.signum)
-    except GmailClassifyError as exc:
-        _finish_run(undo.run, args, out, "failed", str(exc))
-        raise
-    finally:
-        if lock is not None:
-            lock.release()
+    with store.lock(undo.run.account, "undo") if args.apply else contextlib.nullcontext():
+        try:
+            with _signed_in(settings) as conn:
+                undo.execute(conn)
+        except (StopRequested, KeyboardInterrupt) as exc:
+            planned = sum(len(record["changes"]) for record in undo.messages)
+            _finish_run(undo.run, args, out, "interrupted", made="reversed",
+                        not_made=max(0, planned - undo.reversed - undo.left_alone),
+                        again=f"run 'undo {undo.undo_of} --apply' again to finish")
+            return _signal_exit(getattr(exc, "signum", None) or args.stop.signum)
+        except GmailClassifyError as exc:
+            _finish_run(undo.run, args, out, "failed", str(exc))
+            raise
     out.record(undo.run.finish())
     if out.human:
         verb = "reversed" if args.apply else "would reverse"

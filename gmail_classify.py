@@ -10341,10 +10341,8 @@ class _HistoryLedger:
             "command": "run", "folders": [], "counts": {}, "changes_made": 0, "maybe": 0,
             "skipped": 0, "status": "unfinished", "undo_of": None, "undone_by": None,
             "possibly_incomplete": False})
-        if record.get("undo_of"):
-            entry["undo_of"] = record["undo_of"]
-        if record.get("account_name"):
-            entry["account_name"] = record["account_name"]
+        entry.update((name, record[name]) for name in ("undo_of", "account_name")
+                     if record.get(name))
         self.creates.setdefault(run_id, _Creates()).read(record)
         if kind == "done":
             for uid in record.get("uids") or []:

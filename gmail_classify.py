@@ -10401,7 +10401,6 @@ class _HistoryLedger:
             made = self.creates[entry["run"]].outcome() if entry["run"] in self.creates else {}
             entry["folders_created"] = sum(1 for value in made.values() if value is not False)
             entry["folders_created_maybe"] = sum(1 for value in made.values() if value is None)
-        for entry in self.runs.values():
             target = self.runs.get(entry["undo_of"] or "")
             if target is not None and entry["status"] == "complete":
                 target["undone_by"] = entry["run"]     # an undo cut short may be run again

@@ -15631,24 +15631,19 @@ _EXPORT_SERVER_OPTIONS = ("user", "host", "port", "starttls", "plaintext", "cafi
                           "password_command", "account")
 
 
-def _export_sieve_for_server(args: argparse.Namespace, rules: Ruleset) -> Exported:
-    """The Sieve export with the server's folder names: sign in (the rules' [account], or
-    the one [[account]] --account names, as the other commands resolve it), read LIST and
-    NAMESPACE, change nothing."""
-    if args.rules:
-        raise UsageError("export reads the rules file given as RULES; drop --rules")
-    if args.format != "sieve":
-        raise UsageError(f"connection options only name the server's folders for --format "
-                         f"sieve; --format {args.format} does not connect, so drop them")
-    ((name, account_rules),) = _chosen_accounts(args, rules, one=True)
-    with _signed_in(_connection_settings(args, account_rules.account, name)) as conn:
-        return export_sieve(account_rules, partial=args.partial, server=conn)
-
-
 def _cmd_export(args: argparse.Namespace, out: TextIO) -> int:
     rules = load_rules(args.rules_file)
     if args.rules or any(getattr(args, option) for option in _EXPORT_SERVER_OPTIONS):
-        done = _export_sieve_for_server(args, rules)
+        # Sieve with the server's folder names: sign in (the rules' [account], or the one
+        # [[account]] --account names, as elsewhere), read LIST and NAMESPACE, change nothing.
+        if args.rules:
+            raise UsageError("export reads the rules file given as RULES; drop --rules")
+        if args.format != "sieve":
+            raise UsageError(f"connection options only name the server's folders for --format "
+                             f"sieve; --format {args.format} does not connect, so drop them")
+        ((name, account_rules),) = _chosen_accounts(args, rules, one=True)
+        with _signed_in(_connection_settings(args, account_rules.account, name)) as conn:
+            done = export_sieve(account_rules, partial=args.partial, server=conn)
     elif args.format == "sieve":
         done = export_sieve(rules, partial=args.partial)
     elif args.format == "gmail":

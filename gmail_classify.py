@@ -15703,19 +15703,19 @@ def _decision_record(decision: Decision) -> Dict[str, Any]:
             "actions": decision.actions.as_record(), "text": decision.actions.describe()}
 
 
-def _why_record(where: str, uid: Optional[int], info: MessageInfo,
-                explanation: Explanation) -> Dict[str, Any]:
+def _write_why(out: _Output, rules: Ruleset, where: str, uid: Optional[int],
+               info: MessageInfo) -> None:
+    """``why`` of one message: its record, or its lines for a person."""
+    explanation = explain_message(rules, info)
     shown = _Shown(info)
-    return {"where": where, "uid": uid, "message_id": shown.message_id, "from": shown.sender,
-            "subject": shown.subject,
-            "rules": [{"position": v.position, "name": v.name, "matched": v.matched,
-                       "reason": v.reason, "actions": v.actions.describe(),
-                       "continue": v.continue_, "reached": v.reached}
-                      for v in explanation.verdicts],
-            "outcome": _decision_record(explanation.decision)}
+    record = {"where": where, "uid": uid, "message_id": shown.message_id, "from": shown.sender,
+              "subject": shown.subject,
+              "rules": [{"position": v.position, "name": v.name, "matched": v.matched,
+                         "reason": v.reason, "actions": v.actions.describe(),
+                         "continue": v.continue_, "reached": v.reached}
+                        for v in explanation.verdicts],
+              "outcome": _decision_record(explanation.decision)}
 
-
-def _write_why(out: _Output, record: Dict[str, Any], explanation: Explanation) -> None:
     def text() -> Iterator[str]:
         place = record["where"] + (f" UID {record['uid']}" if record["uid"] is not None else "")
         yield f"{place}: {record['from']}  {record['subject']!r}"
@@ -15735,8 +15735,7 @@ def _cmd_why(args: argparse.Namespace, out: _Output) -> int:
             info = message_info_from_bytes(read_message_file(args.message))
         except (OSError, ValueError) as exc:
             raise UsageError(f"{args.message}: cannot read: {exc}") from None
-        explanation = explain_message(rules.local()[0], info)
-        _write_why(out, _why_record(args.message, None, info, explanation), explanation)
+        _write_why(out, rules.local()[0], args.message, None, info)
         return EXIT_OK
     folder, uid = args.folder, None
     if args.uid is not None:
@@ -15753,9 +15752,7 @@ def _cmd_why(args: argparse.Namespace, out: _Output) -> int:
         what = f"UID {uid}" if uid is not None else f"Message-ID {args.message}"
         raise UsageError(f"no message with {what} in {folder}; try another --folder")
     for number in sorted(found):
-        info = found[number]
-        explanation = explain_message(rules, info)
-        _write_why(out, _why_record(folder, number, info, explanation), explanation)
+        _write_why(out, rules, folder, number, found[number])
     return EXIT_OK
 
 

@@ -12720,9 +12720,8 @@ def _sieve_test(condition: Condition, require: set) -> str:
         return f"size {':over' if condition.larger else ':under'} {condition.limit}"
     if isinstance(condition, (AllOf, AnyOf)):
         parts = [_sieve_test(part, require) for part in condition.parts]
-        if len(parts) == 1:
-            return parts[0]
-        return f"{'allof' if isinstance(condition, AllOf) else 'anyof'} ({', '.join(parts)})"
+        joiner = "allof" if isinstance(condition, AllOf) else "anyof"
+        return parts[0] if len(parts) == 1 else f"{joiner} ({', '.join(parts)})"
     if isinstance(condition, Not):
         return f"not {_sieve_test(condition.part, require)}"
     raise _Inexpressible(f"{condition.describe()} has no Sieve test")

@@ -8243,10 +8243,9 @@ def _folder_hint(conn: GmailConnection, folder: str) -> str:
     names: List[str] = []
     with contextlib.suppress(GmailClassifyError):
         names = [f.name for f in conn.list_folders() if f.selectable]
-    if folder in names:
-        return "the 'labels' command lists the folder names"
     by_key = {name.casefold(): name for name in names}
-    close = difflib.get_close_matches(folder.casefold(), list(by_key), n=1, cutoff=0.6)
+    close = [] if folder in names else difflib.get_close_matches(folder.casefold(),
+                                                                 list(by_key), n=1, cutoff=0.6)
     if close:
         return f"did you mean {by_key[close[0]]!r}? (the 'labels' command lists them all)"
     return "the 'labels' command lists the folder names"

@@ -13500,8 +13500,7 @@ class _Learner:
         while candidates and len(chosen) < _LEARN_MAX_PARTS:
             best = max(candidates, key=lambda item: (len(item[1] - covered),
                                                      -_KIND_ORDER[item[0][0]]))
-            gain = len(best[1] - covered)
-            if gain < 2:
+            if len(best[1] - covered) < 2:     # it would find fewer than two more
                 break
             chosen.append(best[0])
             covered |= best[1]

@@ -14436,9 +14436,8 @@ def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any],
             client, refresh_token = stored
             settings["token"] = OAuthTokenSource(client, refresh_token, user=user)
         return _armed(args, settings)
-    password = _secret_from_command(command) if command else env_secret
-    if not password:
-        password = _password_from_netrc(host, user, strict=name is not None)
+    password = ((_secret_from_command(command) if command else env_secret)
+                or _password_from_netrc(host, user, strict=name is not None))
     if not password and sys.stdin.isatty():
         password = getpass.getpass(f"Password for {user} at {host}: ")
     if not password and name is not None:

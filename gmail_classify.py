@@ -12478,10 +12478,8 @@ class _Tally:
 
     def add(self, subject: str, name: str = "", member: str = "") -> None:
         self.count += 1
-        if not self.sample and subject.strip():
-            self.sample = " ".join(subject.split())[:70]
-        if not self.name and name:
-            self.name = name
+        self.sample = self.sample or " ".join(subject.split())[:70]   # the first with one
+        self.name = self.name or name
         if member:
             self.members.add(member)
 

@@ -10125,12 +10125,11 @@ class Run(Checkpoint):
     writes_ahead = True
 
     def content_skipped(self, status: FolderStatus, skips: Mapping[int, str]) -> None:
-        if not self.apply:
-            return
-        self.store.audit.append([
-            self._stamp("skipped", folder=status.name, uid=uid,
-                        uidvalidity=status.uidvalidity, reason=why)
-            for uid, why in sorted(skips.items())])
+        if self.apply:
+            self.store.audit.append([
+                self._stamp("skipped", folder=status.name, uid=uid,
+                            uidvalidity=status.uidvalidity, reason=why)
+                for uid, why in sorted(skips.items())])
 
     def intend(self, conn: GmailConnection, entries: Sequence[Dict[str, Any]]) -> None:
         """Write-ahead: the step's intent records, in one write and one fsync, before any

@@ -15002,10 +15002,9 @@ class _RulesReloader:
         for path in dict.fromkeys([self.path, self.rules.source]):
             try:
                 info = os.stat(path)
+                signature.append((info.st_mtime_ns, info.st_size, info.st_ino))
             except OSError:
                 signature.append(None)
-                continue
-            signature.append((info.st_mtime_ns, info.st_size, info.st_ino))
         return tuple(signature)
 
     def changed(self) -> bool:

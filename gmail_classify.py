@@ -13924,10 +13924,8 @@ def _read_maildir_tree(folders: Sequence[Tuple[str, Optional[str]]],
             archive_name = label
             label = "\\Archive"
         for _name, file_path in _maildir_files(folder):
-            try:
+            with contextlib.suppress(ValueError):       # not a regular file: passed over
                 add(_read_header_file(file_path), label, label or "INBOX")
-            except ValueError:
-                continue
     return archive_name, trash
 
 

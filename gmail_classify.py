@@ -15444,8 +15444,7 @@ def _cmd_test(args: argparse.Namespace, out: TextIO) -> int:
 
 def _cmd_labels(args: argparse.Namespace, out: TextIO) -> int:
     [(name, rules)] = _chosen_accounts(args, find_rules(args.rules), one=True)
-    settings = _connection_settings(args, rules.account, name)
-    with _signed_in(settings) as conn:
+    with _signed_in(_connection_settings(args, rules.account, name)) as conn:
         for folder in sorted(conn.list_folders(), key=lambda f: f.name.casefold()):
             use = f"  {folder.special_use}" if folder.special_use else ""
             flags = " ".join(sorted(f for f in folder.flags if f != folder.special_use))
@@ -15653,8 +15652,7 @@ def _cmd_export(args: argparse.Namespace, out: TextIO) -> int:
 def _cmd_suggest(args: argparse.Namespace, out: TextIO) -> int:
     fmt = _output_format(args, refuse_existing=True)
     [(name, rules)] = _chosen_accounts(args, find_rules(args.rules), one=True)
-    settings = _connection_settings(args, rules.account, name)
-    with _signed_in(settings) as conn:
+    with _signed_in(_connection_settings(args, rules.account, name)) as conn:
         found = suggest_rules(conn, args.folder, top=args.top, batch_size=args.batch_size,
                               limit=args.limit)
     if not found.doc["rule"]:
@@ -15732,8 +15730,7 @@ def _cmd_why(args: argparse.Namespace, out: _Output) -> int:
         if not folder or not number.isdigit() or int(number) == 0:
             raise UsageError(f"--uid {args.uid}: write FOLDER:UID, e.g. INBOX:4711")
         uid = int(number)
-    settings = _connection_settings(args, rules.account)
-    with _signed_in(settings) as conn:
+    with _signed_in(_connection_settings(args, rules.account)) as conn:
         if not conn.is_gmail:
             rules = rules.local()[0]
         found = find_messages(conn, rules, folder, message_id=args.message, uid=uid)
@@ -15756,8 +15753,7 @@ def _cmd_diff(args: argparse.Namespace, out: _Output) -> int:
                 raise
             raise UsageError(str(exc)) from exc    # a FILE that is not mail
     else:
-        settings = _connection_settings(args, new.account or old.account)
-        with _signed_in(settings) as conn:
+        with _signed_in(_connection_settings(args, new.account or old.account)) as conn:
             found = diff_folders(conn, old, new, args.folder or ["INBOX"], since=args.since,
                                  batch_size=args.batch_size)
     for change in found.changes:

@@ -15668,22 +15668,6 @@ def _cmd_suggest(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _verdict_line(verdict: RuleVerdict) -> str:
-    """'2. Receipts: matched: subject: "Your receipt" contains "receipt" -> label Receipts,
-    continue' and the like, for ``why``."""
-    state = {True: "matched", False: "no", None: "unknown"}[verdict.matched]
-    text = f"  {verdict.position}. {verdict.name}: {state}: {verdict.reason}"
-    if verdict.matched:
-        text += f" -> {verdict.actions.describe()}"
-        if not verdict.reached:
-            text += " (not reached: an earlier rule decided)"
-        elif verdict.continue_:
-            text += "; continue: passed on to the next rules"
-        else:
-            text += "; decides (no continue)"
-    return text
-
-
 def _decision_record(decision: Decision) -> Dict[str, Any]:
     """A decision as ``why`` and ``diff`` record it: its rules, its actions and their text."""
     return {"rules": [name for name, _reason in decision.matches],
@@ -15706,8 +15690,20 @@ def _write_why(out: _Output, rules: Ruleset, where: str, uid: Optional[int],
     def text() -> Iterator[str]:
         place = record["where"] + (f" UID {record['uid']}" if record["uid"] is not None else "")
         yield f"{place}: {record['from']}  {record['subject']!r}"
+        # Each rule's verdict: '2. Receipts: matched: subject: "Your receipt" contains
+        # "receipt" -> label Receipts; continue: passed on to the next rules' and the like.
         for verdict in explanation.verdicts:
-            yield _verdict_line(verdict)
+            state = {True: "matched", False: "no", None: "unknown"}[verdict.matched]
+            line = f"  {verdict.position}. {verdict.name}: {state}: {verdict.reason}"
+            if verdict.matched:
+                line += f" -> {verdict.actions.describe()}"
+                if not verdict.reached:
+                    line += " (not reached: an earlier rule decided)"
+                elif verdict.continue_:
+                    line += "; continue: passed on to the next rules"
+                else:
+                    line += "; decides (no continue)"
+            yield line
         decided = ", ".join(record["outcome"]["rules"]) or "no rule"
         yield f"  outcome: {record['outcome']['text']} (by {decided})"
     out.record(record, text)

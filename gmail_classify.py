@@ -14374,11 +14374,9 @@ def _password_from_netrc(host: str, user: str, strict: bool = False) -> Optional
         return machine is not None and machine.lower() == host and \
             (login == user if kind == "both" else not login)
 
-    for kind in ("both",) if strict else ("both", "host", "default"):
-        for machine, login, password in entries:
-            if password and match(kind, machine, login):
-                return password
-    return None
+    kinds = ("both",) if strict else ("both", "host", "default")
+    return next((password for kind in kinds for machine, login, password in entries
+                 if password and match(kind, machine, login)), None)
 
 
 def _connection_settings(args: argparse.Namespace, account: Mapping[str, Any],

@@ -15398,8 +15398,7 @@ def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
         return EXIT_OK
     failures = run_rule_tests(rules)
     if rules.tests:
-        passed = len(rules.tests) - len(failures)
-        out.write(f"  tests: {passed} of {len(rules.tests)} passed\n")
+        out.write(f"  tests: {len(rules.tests) - len(failures)} of {len(rules.tests)} passed\n")
     for line in failures:
         _warn(line)
     return EXIT_RULE_TESTS if failures else EXIT_OK

@@ -11566,9 +11566,8 @@ def load_client_secret_file(path: str) -> OAuthClient:
     except ValueError as exc:
         raise RulesError(f"the OAuth client file {path} is not JSON ({exc}); download it "
                          f"again from Google Cloud Console → Credentials") from exc
-    section = None
-    if isinstance(doc, dict):
-        section = doc.get("installed") or doc.get("web") or (doc if "client_id" in doc else None)
+    section = (doc.get("installed") or doc.get("web") or (doc if "client_id" in doc else None)
+               if isinstance(doc, dict) else None)
     if not isinstance(section, dict) or not isinstance(section.get("client_id"), str):
         raise RulesError(f"{path} is not a Google OAuth client file (no installed.client_id); "
                          f"create a client of type 'Desktop app' and download its JSON")

@@ -10725,9 +10725,28 @@ class Undo:
                 by_place.setdefault(place[1]["folder"], []).append(i)
         for folder, indexes in by_place.items():
             self._move_back(conn, folder, indexes, work, gone, unmoved)
-        # 2. Labels and flags where the message is now; off Gmail, copies made for labels.
+        # 2. Labels and flags where the message is now (on Gmail, All Mail); off Gmail, the
+        # copies made for labels.
         rest = [i for i in range(len(self.messages)) if i not in gone]
-        self._restore_in_place(conn, rest, unmoved, work)
+        groups: Dict[str, List[int]] = {}
+        if conn.is_gmail:
+            everywhere = conn.special_folder("\\All")
+            for i in rest:
+                groups.setdefault(everywhere.name if everywhere else self.messages[i]["folder"],
+                                  []).append(i)
+        else:
+            for i in rest:
+                if (self._moved(self.messages[i]) is None or i in unmoved) and \
+                        any(c.get("flag") for c in self.messages[i]["changes"]):
+                    groups.setdefault(self.messages[i]["folder"], []).append(i)
+        for folder, indexes in groups.items():
+            conn.stop.check(f"before looking in {folder}")
+            found = self._locate(conn, folder, indexes, lambda record: record.get("uid"))
+            for i in indexes:      # on Gmail, said only of a message with a flag or label
+                if i not in found and (not conn.is_gmail or any(
+                        isinstance(c.get("after"), bool) for c in self.messages[i]["changes"])):
+                    work[i]["alone"].append(f"not found in {folder}; left as it is")
+            self._restore_flags(conn, found, work)
         if not conn.is_gmail:
             self._delete_copies(conn, rest, work)
 
@@ -10796,29 +10815,6 @@ class Undo:
             work[i]["done"].append(inverse)
             self.restored.append((destination, moved[uid], self.messages[i].get("gm_msgid"),
                                   self._moved(self.messages[i])[0].get("uidvalidity")))
-
-    def _restore_in_place(self, conn: GmailConnection, rest: List[int], unmoved: set,
-                          work: Dict[int, Dict[str, List[Any]]]) -> None:
-        """Labels and flags of the messages ``rest`` where each is now (on Gmail, All Mail)."""
-        groups: Dict[str, List[int]] = {}
-        if conn.is_gmail:
-            everywhere = conn.special_folder("\\All")
-            for i in rest:
-                groups.setdefault(everywhere.name if everywhere else self.messages[i]["folder"],
-                                  []).append(i)
-        else:
-            for i in rest:
-                if (self._moved(self.messages[i]) is None or i in unmoved) and \
-                        any(c.get("flag") for c in self.messages[i]["changes"]):
-                    groups.setdefault(self.messages[i]["folder"], []).append(i)
-        for folder, indexes in groups.items():
-            conn.stop.check(f"before looking in {folder}")
-            found = self._locate(conn, folder, indexes, lambda record: record.get("uid"))
-            for i in indexes:      # on Gmail, said only of a message with a flag or label
-                if i not in found and (not conn.is_gmail or any(
-                        isinstance(c.get("after"), bool) for c in self.messages[i]["changes"])):
-                    work[i]["alone"].append(f"not found in {folder}; left as it is")
-            self._restore_flags(conn, found, work)
 
     @staticmethod
     def _leaving(work: Mapping[int, Mapping[str, List[Any]]]) -> Dict[str, int]:

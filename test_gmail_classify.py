@@ -18812,6 +18812,38 @@ class LiveServerTest(unittest.TestCase):
         self.assertEqual(again.changes, {})
 
 
+# --- Issue 16: a shorter file, what the consolidations' mutants showed -------------------
+
+
+class LabelCopyAlreadyThereTest(StateTestCase):
+    """Off Gmail, a label whose folder already holds the message drops out of the step:
+    no COPY, no STATUS of that folder, and no intent or record change for it."""
+
+    server_options = {"kind": "move"}
+
+    def test_a_dropped_label_leaves_only_the_changes_still_needed(self):
+        first, third = make_message("receipt 1"), make_message("receipt 3")
+        self.server.add_message(first)
+        self.server.add_message(third, flags=("\\Flagged",))
+        for raw in (first, third):      # both already copied into the label's folder
+            self.server.add_message(raw, folder="Receipts")
+        rules = gc.parse_rules({"rule": [{"subject": "receipt", "label": "Receipts",
+                                          "star": True}]}, "r.json")
+        records: List[Dict[str, Any]] = []
+        self.run_once(rules, records=records)
+        self.assertNotIn("UID COPY", self.commands())
+        self.assertFalse([line for line in self.server.log if line.command == "STATUS"
+                          and b"Receipts" in line.line])
+        self.assertEqual([line.line.split(b" ", 1)[1] for line in self.server.log
+                          if line.command == "UID STORE"],
+                         [b"UID STORE 1 +FLAGS.SILENT (\\Flagged)\r\n"])
+        self.assertEqual({r["uid"]: [c["action"] for c in r["changes"]] for r in records},
+                         {1: ["star"], 2: []})
+        intents = [r for r in self.store().audit.records() if r["type"] == "intent"]
+        self.assertEqual([(r["uid"], [c["action"] for c in r["changes"]]) for r in intents],
+                         [(1, ["star"])])
+
+
 # --- Benchmark ---------------------------------------------------------------------------
 
 # ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]

@@ -18844,6 +18844,20 @@ class LabelCopyAlreadyThereTest(StateTestCase):
                          [(1, ["star"])])
 
 
+class FolderHintTest(FakeServerTest):
+    """The hint after a folder that cannot be opened: a close name, else the 'labels' one."""
+
+    def test_a_folder_list_that_fails_too_still_gives_the_labels_hint(self):
+        self.server.add_fault("LIST", action="no", count=5)
+        rules = gc.parse_rules({"rule": [{"subject": "receipt", "label": "R"}]}, "r.json")
+        with self.assertRaises(gc.FolderUnavailableError) as caught:
+            gc.classify_folder(self.connect(), rules, "Recipts")
+        self.assertIn("cannot open folder 'Recipts'", str(caught.exception))
+        self.assertTrue(str(caught.exception).endswith(
+            "; the 'labels' command lists the folder names"), str(caught.exception))
+        self.assertIn("LIST", self.commands())      # it was asked, and said no
+
+
 # --- Benchmark ---------------------------------------------------------------------------
 
 # ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]

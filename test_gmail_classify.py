@@ -18858,6 +18858,28 @@ class FolderHintTest(FakeServerTest):
         self.assertIn("LIST", self.commands())      # it was asked, and said no
 
 
+class UndoStopBeforeItsWritesTest(StateTestCase):
+    """A stop that comes while an undo looks, before it writes: the undo ends there, with no
+    intent logged for a write it never sends (Undo._intend checks the stop first)."""
+
+    def test_a_stop_before_restoring_a_flag_logs_no_undo_intent(self):
+        self.server.add_message(make_message("Statement", sender="Bank <b@mybank.example>"))
+        rules = gc.parse_rules({"rule": [{"from": "@mybank.example", "star": True}]}, "r.json")
+        self.run_once(rules)
+        store = self.store()
+        undo = gc.Undo(store, USER, "127.0.0.1", self.server.port, apply=True)
+        conn = self.connect()
+        self.server.add_fault("UID FETCH", action="call",     # as the flags are read
+                              callback=lambda: conn.stop.request(signal.SIGTERM))
+        with store.lock(undo.run.account), self.assertRaises(gc.StopRequested):
+            undo.execute(conn)
+        undo.run.finish("interrupted")
+        self.assertEqual([r for r in self.store().audit.records()
+                          if r["type"] == "intent" and r.get("undo_of")], [])
+        self.assertEqual([e.line for e in self.server.log if e.command == "UID STORE"
+                          and b"-FLAGS" in e.line], [])
+
+
 # --- Benchmark ---------------------------------------------------------------------------
 
 # ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]

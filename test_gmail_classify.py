@@ -18880,6 +18880,43 @@ class UndoStopBeforeItsWritesTest(StateTestCase):
                           and b"-FLAGS" in e.line], [])
 
 
+class ConsolidatedReadersTest(unittest.TestCase):
+    """Readers this round reshaped, at the inputs no test had given them: an empty group in
+    a Sieve regex, a DOCTYPE with no entity, an OAuth client file that is the bare object."""
+
+    def test_an_empty_group_is_refused_wherever_it_stands(self):
+        for source in ("()", "()b", "a()b", "(a)()"):
+            with self.subTest(source=source):
+                self.assertIsNone(gc._posix_ere(source))
+        self.assertEqual(gc._posix_ere("(a)(b)c"), "(a)(b)c")
+
+    def test_a_doctype_without_entities_is_refused_too(self):
+        data = (b"<?xml version='1.0'?><!DOCTYPE feed>"
+                b"<feed xmlns='http://www.w3.org/2005/Atom'></feed>")
+        with self.assertRaises(gc.RulesError) as caught:
+            gc.import_gmail_filters(data, "plain.xml")
+        self.assertEqual(str(caught.exception), "plain.xml: has a DOCTYPE or entity "
+                         "declarations, which Gmail's export never has; refusing to read it")
+
+    def test_a_client_file_may_be_the_bare_client_object(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "client.json")
+        for doc, want in [({"client_id": "1.apps", "client_secret": "s"}, ("1.apps", "s")),
+                          ({"web": {"client_id": "2.apps"}}, ("2.apps", "")),
+                          ({"client_secret": "s"}, None)]:
+            with self.subTest(doc=doc):
+                with open(path, "w", encoding="utf-8") as handle:
+                    json.dump(doc, handle)
+                if want is None:
+                    with self.assertRaises(gc.RulesError) as caught:
+                        gc.load_client_secret_file(path)
+                    self.assertIn("is not a Google OAuth client file", str(caught.exception))
+                else:
+                    client = gc.load_client_secret_file(path)
+                    self.assertEqual((client.client_id, client.client_secret), want)
+
+
 # --- Benchmark ---------------------------------------------------------------------------
 
 # ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]

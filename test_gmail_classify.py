@@ -18882,7 +18882,7 @@ class UndoStopBeforeItsWritesTest(StateTestCase):
 
 class ConsolidatedReadersTest(unittest.TestCase):
     """Readers this round reshaped, at the inputs no test had given them: an empty group in
-    a Sieve regex, a DOCTYPE with no entity, an OAuth client file that is the bare object."""
+    a Sieve regex, a DOCTYPE with no entity, XML cut short, a bare OAuth client object."""
 
     def test_an_empty_group_is_refused_wherever_it_stands(self):
         for source in ("()", "()b", "a()b", "(a)()"):
@@ -18897,6 +18897,14 @@ class ConsolidatedReadersTest(unittest.TestCase):
             gc.import_gmail_filters(data, "plain.xml")
         self.assertEqual(str(caught.exception), "plain.xml: has a DOCTYPE or entity "
                          "declarations, which Gmail's export never has; refusing to read it")
+
+    def test_xml_cut_short_is_refused_by_the_first_reader_with_its_advice(self):
+        for data in (b"<feed><entry>", b"<feed><entry></feed>"):
+            with self.subTest(data=data):
+                with self.assertRaises(gc.RulesError) as caught:
+                    gc.import_gmail_filters(data, "cut.xml")
+                self.assertRegex(str(caught.exception), r"^cut\.xml: not valid XML \(.+\); "
+                                 r"export the filters from Gmail again$")
 
     def test_a_client_file_may_be_the_bare_client_object(self):
         folder = tempfile.mkdtemp()

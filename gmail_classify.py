@@ -961,11 +961,20 @@ def _parse_fetch(data: bytes) -> Optional[Tuple[List[Any], int]]:
 _SEARCH_LINE = re.compile(rb"SEARCH(?: [1-9][0-9]*)*")
 
 
+# A step's moves are answered with an EXPUNGE line per message moved: thousands of one
+# shape, read here without the tokenizer (the number as the plain parser reads it).
+_EXPUNGE_LINE = re.compile(rb"([0-9]+) EXPUNGE")
+
+
 def _parse_weighed(data: bytes) -> Tuple[List[Any], Optional[int]]:
     """parse_response(), and the _weight() of a FETCH line's attribute list when the
     fetch-line fast path read it (None otherwise: the caller weighs it if it must)."""
     if data.startswith(b"SEARCH") and _SEARCH_LINE.fullmatch(data):
         return ["SEARCH", *map(int, data[7:].split())], None
+    if data.endswith(b" EXPUNGE"):
+        expunged = _EXPUNGE_LINE.fullmatch(data)
+        if expunged is not None:
+            return [Number(expunged.group(1).decode("ascii")), "EXPUNGE"], None
     try:
         fetched = _parse_fetch(data)
         if fetched is not None:
@@ -4424,6 +4433,26 @@ def header_addresses(msg: email.message.EmailMessage, name: str) -> List[str]:
     return _cached(msg, "addresses", name)
 
 
+def _shown_headers(msg: email.message.EmailMessage) -> Tuple[str, str, str]:
+    """The first address of From, the first Subject and the first Message-ID (stripped),
+    as header_addresses() and header_text() read them: what each record shows, read
+    with the header cache in hand (the pipeline decodes them for every message)."""
+    cache = _header_cache(msg, create=False)
+    if cache is None:
+        found = (header_addresses(msg, "from"), header_text(msg, "subject"),
+                 header_text(msg, "message-id"))
+    else:
+        found = []
+        for kind, name in (("addresses", "from"), ("text", "subject"), ("text", "message-id")):
+            values = cache.get((kind, name))
+            if values is None:
+                values = cache[(kind, name)] = _decode_header(msg, cache.get(("raw", name), []),
+                                                              kind, name)
+            found.append(values)
+    sender, subject, message_id = (values[0] if values else "" for values in found)
+    return sender, subject, message_id.strip()
+
+
 def _header_mailboxes(msg: email.message.EmailMessage, name: str) -> List[Tuple[str, str]]:
     """(display name, addr-spec) of each address in header `name`; never raises.
 
@@ -4971,6 +5000,12 @@ def _header_values(headers: email.message.EmailMessage, addresses: bool,
         read = header_addresses if addresses else header_text
         values = [v for name in names for v in read(headers, name)]
         return values, [_normalise(value) for value in values]
+    return _cached_values(cache, headers, addresses, names)
+
+
+def _cached_values(cache: Dict[Any, Any], headers: email.message.EmailMessage, addresses: bool,
+                   names: Tuple[str, ...]) -> Tuple[List[str], List[str]]:
+    """_header_values() with the message's header cache in hand."""
     key = ("rule", addresses, names)
     found = cache.get(key)
     if found is None:
@@ -4985,6 +5020,52 @@ def _header_values(headers: email.message.EmailMessage, addresses: bool,
             values.extend(decoded)
         found = cache[key] = (values, [_normalise(value) for value in values])
     return found
+
+
+class _HeaderGroup:
+    """The plain texts of every `HeaderMatch` of a ruleset that reads the same headers the
+    same way (as addresses or as text), in one pattern: one search per message says
+    whether any of them is in some value, so N conditions on one header cost one search
+    when none matches (most messages, for most conditions), and only then does each
+    condition's matcher look.  Ruleset.classify builds the groups (_group_headers) and
+    keeps each on its conditions as ``_group``; explain() never uses them."""
+
+    __slots__ = ("addresses", "names", "plain")
+
+    def __init__(self, addresses: bool, names: Tuple[str, ...], needles: Iterable[str]) -> None:
+        self.addresses, self.names = addresses, names
+        # Normalised text holds no line break, so a needle found in the values joined by
+        # "\n" is in one of them (an empty needle is found anywhere: the matchers decide).
+        self.plain = re.compile("|".join(map(re.escape, dict.fromkeys(needles))))
+
+    def read(self, headers: email.message.EmailMessage) -> Tuple[List[str], List[str], bool]:
+        """(values, their _normalise() forms, whether a plain text of the group may be in
+        one of them), worked out once per message."""
+        cache = _header_cache(headers)
+        if cache is None:
+            return _header_values(headers, self.addresses, self.names) + (True,)
+        found = cache.get(self)
+        if found is None:
+            values, normalised = _cached_values(cache, headers, self.addresses, self.names)
+            found = cache[self] = (values, normalised,
+                                   self.plain.search("\n".join(normalised)) is not None)
+        return found
+
+
+def _group_headers(conditions: Iterable[Condition]) -> None:
+    """Give each HeaderMatch among ``conditions`` its _HeaderGroup (see there): whether
+    its plain texts can match, and whether it has regexes (always searched)."""
+    members: Dict[Tuple[bool, Tuple[str, ...]], List[HeaderMatch]] = {}
+    for condition in conditions:
+        if type(condition) is HeaderMatch:
+            members.setdefault((condition.addresses, condition.headers), []).append(condition)
+    for (addresses, names), found in members.items():
+        group = _HeaderGroup(addresses, names, (pattern.needle for condition in found
+                                                for pattern in condition.matcher.patterns
+                                                if pattern.regex is None))
+        for condition in found:
+            regexes = any(p.regex is not None for p in condition.matcher.patterns)
+            condition.__dict__["_group"] = (group, regexes)
 
 
 class Condition:
@@ -5094,8 +5175,13 @@ class HeaderMatch(Condition):
         return parts
 
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
-        values, normalised = _header_values(msg.headers, self.addresses, self.headers)
-        hit = self.matcher.find(values, normalised)
+        grouped = self.__dict__.get("_group")
+        if grouped is None:
+            values, normalised = _header_values(msg.headers, self.addresses, self.headers)
+            hit = self.matcher.find(values, normalised)
+        else:
+            values, normalised, maybe = grouped[0].read(msg.headers)
+            hit = self.matcher.find(values, normalised) if maybe or grouped[1] else None
         return (True, f"{self.key} {hit}") if hit else (False, self.describe())
 
     def explain(self, msg: MessageInfo, now: datetime) -> Verdict:
@@ -6208,6 +6294,9 @@ class Ruleset:
             now = datetime.now(timezone.utc)
         elif now.tzinfo is None:
             now = now.replace(tzinfo=timezone.utc)
+        if "_grouped" not in self.__dict__:     # once per ruleset (see _HeaderGroup)
+            _group_headers(cond for rule in self.rules for cond in _walk(rule.condition))
+            self.__dict__["_grouped"] = True
         matches: List[Tuple[str, str]] = []
         actions = _NO_ACTIONS
         try:
@@ -8221,10 +8310,7 @@ class _Shown:
     __slots__ = ("sender", "subject", "message_id", "size", "date")
 
     def __init__(self, info: MessageInfo) -> None:
-        headers = info.headers
-        self.sender = _first(header_addresses(headers, "from"))
-        self.subject = _first(header_text(headers, "subject"))
-        self.message_id = _first(header_text(headers, "message-id")).strip()
+        self.sender, self.subject, self.message_id = _shown_headers(info.headers)
         self.size, self.date = info.size, info.date
 
 

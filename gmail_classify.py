@@ -2118,6 +2118,8 @@ class _Protocol:
                     raise EOFError("connection closed in the middle of a line")
             match = _LITERAL_AT_END.search(line) if line.endswith((b"}\r\n", b"}\n")) else None
             if not match:
+                if not data:            # most lines: no literal, nothing to join
+                    return line.rstrip(b"\r\n")
                 data += line.rstrip(b"\r\n")
                 return bytes(data)
             size = int(match.group(1))

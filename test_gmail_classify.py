@@ -18812,6 +18812,139 @@ class LiveServerTest(unittest.TestCase):
         self.assertEqual(again.changes, {})
 
 
+# --- Issue 17: the CPU on the hot path, rules per header ---------------------------------
+
+# Many conditions on the same few headers, as rules files hold them: plain texts (one
+# empty once normalised, non-ASCII ones that casefold), regexes with and without flags,
+# and not / any / all around them (a rules file refuses an empty text).
+GROUPED_RULES = {"rule": [
+    {"name": "receipts", "subject": ["receipt", "Invoice", "your order", "RÉUNION", "straße"],
+     "label": "R", "continue": True},
+    {"name": "digest", "subject": ["weekly digest", "/^re:/i", "/Alert/"], "label": "D",
+     "continue": True},
+    {"name": "not hello", "not": {"subject": ["hello", "café"]}, "label": "N", "continue": True},
+    {"name": "any", "any": [{"from": ["github", "müller"]}, {"subject": "issue #"},
+                            {"from": "/@example\\.(de|fr)>?$/"}], "label": "A", "continue": True},
+    {"name": "all", "all": [{"from": "example"}, {"subject": ["1", "2"]},
+                            {"not": {"from": "bare@"}}], "label": "L", "continue": True},
+    {"name": "recipients", "recipient": ["team@", "USER@EXAMPLE.COM", "/^staff@/"],
+     "label": "T", "continue": True},
+    {"name": "custom", "header": {"X-Custom": ["@", "A  B"], "List-Id": "/news/i"}, "label": "X",
+     "continue": True},
+    {"name": "to alone", "to": "bea", "cc": "nobody", "label": "B", "continue": True},
+    {"name": "last", "subject": ["meeting", "hello"], "from": ["smith", "alice"], "move": "M"},
+]}
+
+
+class HeaderGroupTest(unittest.TestCase):
+    """The conditions on one header are answered by one search of their plain texts per
+    message (_HeaderGroup): the same verdicts, reasons and explanations as each condition's
+    own matcher, and no matcher asked when none of the texts is there."""
+
+    def corpus(self) -> List[bytes]:
+        blocks = [raw.split(b"\r\n\r\n")[0] + b"\r\n\r\n" for raw, _ in bench_corpus(120)]
+        blocks += tricky_header_blocks()
+        blocks += [b"Subject: RECEIPT\r\nSubject: hello\r\n\r\n",           # repeated header
+                   b"Subject: Hauptstrasse 5\r\nFrom: M\xc3\xbcller <m@example.de>\r\n\r\n",
+                   b"Subject: =?utf-8?q?Caf=C3=A9?=\r\nTo: Bea <bea@example.com>\r\n\r\n",
+                   b"Subject: Re: x\r\nX-Custom: a b\r\nList-Id: NEWS <n.example>\r\n\r\n",
+                   b"Subject: \xff\xfe receipt\r\nFrom: \xe9 <x@example.fr>\r\n\r\n", b""]
+        return blocks
+
+    def test_grouped_conditions_decide_and_explain_as_each_alone(self):
+        rules = gc.parse_rules(GROUPED_RULES, "grouped.json")
+        with mock.patch.object(gc, "_group_headers", lambda conditions: None):
+            alone = gc.parse_rules(GROUPED_RULES, "grouped.json")
+        conditions = [c for rule in alone.rules for c in gc._walk(rule.condition)]
+        rules.classify(info("Subject: x"), now=NOW)
+        self.assertFalse(any("_group" in c.__dict__ for c in conditions))
+        grouped = [c for rule in rules.rules for c in gc._walk(rule.condition) if "_group" in c.__dict__]
+        self.assertGreater(len(grouped), 12)
+        matched = 0
+        for raw in self.corpus():
+            def msg() -> MessageInfo:
+                return MessageInfo(headers=parse_headers(raw), size=len(raw))
+            with self.subTest(raw=raw):
+                decision = rules.classify(msg(), final=True, now=NOW)
+                self.assertEqual(decision, alone.classify(msg(), final=True, now=NOW))
+                matched += len(decision.matches)
+                fast, plain = msg(), msg()
+                for rule, other in zip(rules.rules, alone.rules):   # every rule, not just
+                    verdict = rule.condition.evaluate(fast, NOW)     # those classify reached
+                    self.assertEqual(verdict, other.condition.evaluate(plain, NOW))
+                    self.assertEqual(verdict[0], rule.condition.explain(fast, NOW)[0])
+                self.assertEqual(gc.explain_message(rules, msg(), NOW),
+                                 gc.explain_message(alone, msg(), NOW))
+        self.assertGreater(matched, 300)
+
+    def test_no_matcher_is_asked_when_no_text_of_the_header_is_there(self):
+        rules = gc.parse_rules({"rule": [
+            {"name": "n%d" % n, "subject": ["word%d" % n, "other%d" % n], "label": "L%d" % n}
+            for n in range(6)] + [{"name": "rx", "subject": "/^urgent/i", "label": "U"}]}, "r.json")
+        find = gc.Matcher.find
+        asked: List[Any] = []
+
+        def counted(matcher: gc.Matcher, values: Any, normalised: Any = None) -> Any:
+            asked.append(matcher.describe())
+            return find(matcher, values, normalised)
+        with mock.patch.object(gc.Matcher, "find", counted), \
+                mock.patch.object(gc, "_normalise", wraps=gc._normalise) as normalise:
+            nothing = rules.classify(info("Subject: Nothing here"), now=NOW)
+            self.assertEqual(asked, ["matches /^urgent/i"])     # only the regex searched
+            self.assertEqual(normalise.call_count, 1)           # the value folded once
+            del asked[:]
+            found = rules.classify(info("Subject: about OTHER4"), now=NOW)
+        self.assertEqual(nothing.matches, ())
+        self.assertEqual(found.matches, (("n4", 'subject contains "other4"'),))
+        self.assertEqual(len(asked), 5)        # a text is there: each matcher up to n4 looks
+
+    def test_conditions_shared_by_two_rulesets_answer_for_each(self):
+        rules = gc.parse_rules({"rule": [
+            {"name": "a", "subject": "alpha", "label": "A"},
+            {"name": "b", "subject": "beta", "label": "B"}]}, "r.json")
+        fewer = dataclasses.replace(rules, rules=rules.rules[1:])     # as for_account makes
+        for ruleset, subject, want in ((rules, "alpha", ["a"]), (fewer, "alpha", []),
+                                       (fewer, "beta", ["b"]), (rules, "alpha", ["a"]),
+                                       (rules, "beta", ["b"]), (fewer, "alpha beta", ["b"])):
+            decision = ruleset.classify(info("Subject: %s" % subject), now=NOW)
+            self.assertEqual([name for name, _ in decision.matches], want, (subject, want))
+
+    def test_the_record_headers_read_as_header_text_and_addresses(self):
+        for raw in self.corpus():
+            for cached in (False, True):
+                msg = parse_headers(raw)
+                if cached:
+                    gc._header_cache(msg)
+                want = (gc._first(header_addresses(parse_headers(raw), "from")),
+                        gc._first(header_text(parse_headers(raw), "subject")),
+                        gc._first(header_text(parse_headers(raw), "message-id")).strip())
+                self.assertEqual(gc._shown_headers(msg), want, raw)
+                self.assertEqual(gc._shown_headers(msg), want, raw)    # asked again
+
+
+class ExpungeLineTest(unittest.TestCase):
+    """EXPUNGE lines (one per message a step moves) are read without the tokenizer, as the
+    plain parser reads them."""
+
+    def test_expunge_lines_read_as_the_plain_parser(self):
+        cases = [b"5 EXPUNGE", b"0123 EXPUNGE", b"18446744073709551616 EXPUNGE", b" 5 EXPUNGE",
+                 b"5  EXPUNGE", b"x EXPUNGE", b"5 EXPUNGE ", b"EXPUNGE", b" EXPUNGE", b"5 expunge",
+                 b"-5 EXPUNGE", b"5 6 EXPUNGE", b"\xd9\xa1 EXPUNGE", b"5 EXPUNGE\r\n", b"(5 EXPUNGE"]
+
+        def shape(parse: Callable[[bytes], Any], data: bytes) -> Any:
+            try:
+                return [(type(v).__name__, str(v)) for v in parse(data)]
+            except gc.ProtocolError as exc:
+                return "error: %s" % exc
+        for data in cases:
+            with self.subTest(data=data):
+                self.assertEqual(shape(gc.parse_response, data), shape(gc._parse_plain, data))
+        with mock.patch.object(gc, "_parse_fast", side_effect=AssertionError), \
+                mock.patch.object(gc, "_parse_plain", side_effect=AssertionError):
+            self.assertEqual(shape(gc.parse_response, b"0123 EXPUNGE"),
+                             [("Number", "0123"), ("str", "EXPUNGE")])
+
+
 # --- Benchmark ---------------------------------------------------------------------------
 
 # ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]

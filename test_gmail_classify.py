@@ -4941,11 +4941,12 @@ class FetchLineFastPathTest(unittest.TestCase):
         for line in lines:
             self.assertEqual(gc._parse_fetch(line)[1], _reference_weight(gc._parse_plain(line)[2]))
         # A BODYSTRUCTURE (nested lists): the tokenizer reads the rest of the line only.
-        line = b'9 FETCH (UID 1 BODYSTRUCTURE ("TEXT" "PLAIN" NIL) FLAGS ())'
+        line = b'9 FETCH (UID 1 BODYSTRUCTURE ("TEXT" "PLAIN" ("CHARSET" "utf-8")) FLAGS ())'
         with mock.patch.object(gc, "_parse_fast", wraps=gc._parse_fast) as tokenizer:
             self.assertEqual(_parsed_shape(gc.parse_response(line)),
                              _parsed_shape(gc._parse_plain(line)))
-        tokenizer.assert_called_once_with(b'BODYSTRUCTURE ("TEXT" "PLAIN" NIL) FLAGS ()', depth=1)
+        tokenizer.assert_called_once_with(b'BODYSTRUCTURE ("TEXT" "PLAIN" ("CHARSET" "utf-8")) FLAGS ()',
+                                          depth=1)
 
     def test_the_answer_budget_counts_the_same_with_the_weight_given(self):
         lines = [b"%d FETCH (UID %d FLAGS (\\Seen) BODY[HEADER.FIELDS (FROM)] {%d}\r\n%s RFC822.SIZE 9)"
@@ -7444,8 +7445,8 @@ class DecodedOnceTest(unittest.TestCase):
         self.assertTrue(gc._DECODED)
 
     def test_a_sender_met_again_is_not_decoded_again(self):
-        first = parse_headers(b"From: =?utf-8?q?J=C3=B6rg?= <j@example.de>\r\nMessage-ID: <1@x>\r\n\r\n")
-        again = parse_headers(b"From: =?utf-8?q?J=C3=B6rg?= <j@example.de>\r\nMessage-ID: <1@x>\r\n\r\n")
+        first = parse_headers(b"From: =?utf-8?q?J=C3=B6rg?= <j@example.de>\r\nMessage-ID: <1@x> (c)\r\n\r\n")
+        again = parse_headers(b"From: =?utf-8?q?J=C3=B6rg?= <j@example.de>\r\nMessage-ID: <1@x> (c)\r\n\r\n")
         other = parse_headers(b"From: Jorg <j@example.de>\r\n\r\n")
         with mock.patch.object(gc, "_decode_values", wraps=gc._decode_values) as decode:
             for msg in (first, again, other):

@@ -6010,9 +6010,11 @@ def expand_template(text: str, msg: MessageInfo, separator: Optional[str] = "/")
     if not any(is_field for is_field, _ in pieces):
         return "".join(piece for _, piece in pieces)
     # The sender's domain is the first From address's, of its addr-spec, never of its
-    # display name ('"support@paypal.com" <phisher@evil.example>' is evil.example).
+    # display name ('"support@paypal.com" <phisher@evil.example>' is evil.example); read
+    # only for a template that shows it (a run fills in {year} for thousands of messages).
     domain = next((address.rpartition("@")[2] for _, address in
-                   _header_mailboxes(msg.headers, "from")[:1] if "@" in address), "")
+                   _header_mailboxes(msg.headers, "from")[:1] if "@" in address), "") \
+        if (True, "sender_domain") in pieces else ""
     date = msg.date
     values = {"year": f"{date.year:04d}" if date else "unknown",
               "month": f"{date.month:02d}" if date else "unknown",

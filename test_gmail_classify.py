@@ -18843,7 +18843,7 @@ class HeaderGroupTest(unittest.TestCase):
     own matcher, and no matcher asked when none of the texts is there."""
 
     def corpus(self) -> List[bytes]:
-        blocks = [raw.split(b"\r\n\r\n")[0] + b"\r\n\r\n" for raw, _ in bench_corpus(120)]
+        blocks = [raw.split(b"\r\n\r\n")[0] + b"\r\n\r\n" for raw, _ in bench_corpus(60)]
         blocks += tricky_header_blocks()
         blocks += [b"Subject: RECEIPT\r\nSubject: hello\r\n\r\n",           # repeated header
                    b"Subject: Hauptstrasse 5\r\nFrom: M\xc3\xbcller <m@example.de>\r\n\r\n",
@@ -18876,7 +18876,7 @@ class HeaderGroupTest(unittest.TestCase):
                     self.assertEqual(verdict[0], rule.condition.explain(fast, NOW)[0])
                 self.assertEqual(gc.explain_message(rules, msg(), NOW),
                                  gc.explain_message(alone, msg(), NOW))
-        self.assertGreater(matched, 300)
+        self.assertGreater(matched, 200)
 
     def test_no_matcher_is_asked_when_no_text_of_the_header_is_there(self):
         rules = gc.parse_rules({"rule": [
@@ -18944,6 +18944,89 @@ class ExpungeLineTest(unittest.TestCase):
                 mock.patch.object(gc, "_parse_plain", side_effect=AssertionError):
             self.assertEqual(shape(gc.parse_response, b"0123 EXPUNGE"),
                              [("Number", "0123"), ("str", "EXPUNGE")])
+
+
+class LabelAnswerLineTest(unittest.TestCase):
+    """Gmail's answers to a label change (a list of quoted labels and atoms per message) are
+    read by the fetch-line pattern, as the plain parser reads them and weighed alike."""
+
+    def test_label_lists_read_as_the_plain_parser(self):
+        labels = [b'"\\\\Inbox"', b'"\\\\Important"', b"Receipts", b'"two words"', b'""', b'"a\\"b"',
+                  b'"(x)"', b'"[y]"', b'"{3}"', b"NIL", b"0123", b'"caf\xc3\xa9"', b'"\xff"',
+                  b'"a\\b"', b'"a\\\\"', b'"\\\\"', b'"x"y', b'"open', b"\\Starred", b'"a\r\nb"',
+                  b"&AOk-t&AOk-", b'""""', b'"a" "b"', b"(", b")"]
+        rng = random.Random(2026)
+        lines = [b'5 FETCH (UID 9 X-GM-LABELS ("\\\\Inbox" Receipts))',
+                 b'6 FETCH (X-GM-LABELS ("\\\\Inbox" "two words") UID 10)']
+        for n in range(400):
+            chosen = b" ".join(rng.choice(labels) for _ in range(rng.randrange(0, 5)))
+            spaced = rng.choice([b" ", b" ", b"  "]) if n % 7 == 0 else b" "
+            lines.append(b"%d FETCH (UID %d X-GM-LABELS (%s)%sFLAGS (\\Seen))" % (n, n, chosen, spaced))
+        read = 0
+        for data in lines:
+            with self.subTest(data=data):
+                want = _parse_outcome(gc._parse_plain, data)
+                self.assertEqual(_parse_outcome(gc.parse_response, data), want)
+                try:
+                    fetched = gc._parse_fetch(data)
+                except gc._NotSimple:
+                    continue
+                self.assertEqual(_parsed_shape(fetched[0]), want)
+                self.assertEqual(fetched[1], _reference_weight(fetched[0][2]))
+                read += 1
+        self.assertGreater(read, 150)
+        with mock.patch.object(gc, "_parse_fast", side_effect=AssertionError):
+            self.assertEqual(gc.parse_response(lines[1]),
+                             [6, "FETCH", ["X-GM-LABELS", ["\\Inbox", "two words"], "UID", 10]])
+
+
+class ObsoleteLocalPartTest(unittest.TestCase):
+    """A sender <.name@host> (dots at the ends of the local part, or doubled) is read by the
+    fast address path, as the email package's header classes read it."""
+
+    def test_dotted_local_parts_read_as_the_header_classes(self):
+        fast_read = 0
+        for local in (".a", "a.", "a..b", ".", "..", ".a.", "..a..b..", ".o'brien", ".a=b", ".=?x?=",
+                      '."q"', ".a b", ".a(c)", "a.b"):
+            for name in ("", "Jane Roe ", '"Q, R" ', "=?utf-8?q?J=C3=B6rg?= ", ".dot "):
+                for domain in ("example.com", "[1.2.3.4]", "a..b"):
+                    value = "%s<%s@%s>, x@y.z (c)" % (name, local, domain)
+                    raw = ("From: %s\r\n\r\n" % value).encode()
+                    reference = email.parser.BytesParser(policy=email.policy.default).parsebytes(
+                        raw, headersonly=True)
+                    with self.subTest(value=value):
+                        self.assertEqual(header_addresses(parse_headers(raw), "from"),
+                                         gc._plain_header_addresses(reference, "from"))
+                        self.assertEqual(gc._header_mailboxes(parse_headers(raw), "from"),
+                                         [(gc._decode_words(d), a) for d, a in gc._address_pairs(value)
+                                          if a])
+                    fast_read += gc._fast_addresses(value) is not None
+        self.assertGreater(fast_read, 25)
+        with mock.patch.object(gc, "_plain_header_addresses", side_effect=AssertionError):
+            msg = parse_headers(b"From: =?utf-8?q?Nata=C5=A1a?= O'Brien <.obrien@fastmail.com>\r\n\r\n")
+            self.assertEqual(header_addresses(msg, "from"), ["Nataša O'Brien <.obrien@fastmail.com>"])
+
+
+class ReadOnlyWhatIsShownTest(unittest.TestCase):
+    """A plain Message-ID is read as it is, and {year} is filled in without reading From."""
+
+    def test_a_plain_message_id_is_not_decoded(self):
+        for raw in tricky_header_blocks() + [b"Message-ID: <a.b@c.d>\r\n\r\n",
+                                             b"Message-ID:  <a@b>\r\n\r\n", b"Message-ID: <a@b> \r\n\r\n"]:
+            reference = email.parser.BytesParser(policy=email.policy.default).parsebytes(
+                raw, headersonly=True)
+            self.assertEqual(header_text(parse_headers(raw), "message-id"),
+                             gc._plain_header_text(reference, "message-id"), raw)
+        with mock.patch.object(gc, "_decode_values", side_effect=AssertionError):
+            msg = parse_headers(b"Message-ID: <1.8@bench.example>\r\n\r\n")
+            self.assertEqual(header_text(msg, "message-id"), ["<1.8@bench.example>"])
+            self.assertEqual(gc._shown_headers(msg), ("", "", "<1.8@bench.example>"))
+
+    def test_year_and_month_are_filled_in_without_reading_the_sender(self):
+        msg = info("From: Shop <orders@shop.example>", date=datetime(2025, 3, 4, tzinfo=timezone.utc))
+        with mock.patch.object(gc, "_header_mailboxes", side_effect=AssertionError):
+            self.assertEqual(gc.expand_template("Receipts/{year}/{month}", msg), "Receipts/2025/03")
+        self.assertEqual(gc.expand_template("V/{sender_domain}/{year}", msg), "V/shop.example/2025")
 
 
 # --- Benchmark ---------------------------------------------------------------------------

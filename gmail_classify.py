@@ -3900,13 +3900,14 @@ def _split_header_block(raw: bytes) -> Optional[email.message.EmailMessage]:
     elif not text.endswith("\r\n"):
         text += "\r\n"
     msg = email.message.EmailMessage(policy=email.policy.default)
-    pos = 0
+    pos, end = 0, len(text)
     match = _SIMPLE_FIELD.match
-    while pos < len(text):
+    keep = msg._headers.append      # as msg.set_raw(name, value) does, a call less a field
+    while pos < end:
         field = match(text, pos)
         if field is None:
             return None
-        msg.set_raw(field.group(1), field.group(2))
+        keep(field.group(1, 2))
         pos = field.end()
     return msg
 
@@ -4357,7 +4358,8 @@ def _header_cache(msg: email.message.EmailMessage,
         return None
     index: Dict[Any, List[str]] = {}
     for key, value in headers:
-        index.setdefault(("raw", key.lower()), []).append(_unfolded(value))
+        index.setdefault(("raw", key.lower()), []).append(
+            value if value.__class__ is str and "\n" not in value else _unfolded(value))
     msg.__dict__[_CACHE] = (list(headers), index)
     return index
 

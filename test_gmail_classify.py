@@ -19021,6 +19021,7 @@ class ReadOnlyWhatIsShownTest(unittest.TestCase):
             msg = parse_headers(b"Message-ID: <1.8@bench.example>\r\n\r\n")
             self.assertEqual(header_text(msg, "message-id"), ["<1.8@bench.example>"])
             self.assertEqual(gc._shown_headers(msg), ("", "", "<1.8@bench.example>"))
+        self.assertNotIn("_gmail_classify_cache", msg.__dict__)     # read, not kept on it
 
     def test_year_and_month_are_filled_in_without_reading_the_sender(self):
         msg = info("From: Shop <orders@shop.example>", date=datetime(2025, 3, 4, tzinfo=timezone.utc))

@@ -18899,6 +18899,14 @@ class HeaderGroupTest(unittest.TestCase):
         self.assertEqual(found.matches, (("n4", 'subject contains "other4"'),))
         self.assertEqual(len(asked), 5)        # a text is there: each matcher up to n4 looks
 
+    def test_a_message_without_a_header_cache_is_read_the_plain_way(self):
+        rules = gc.parse_rules(GROUPED_RULES, "grouped.json")
+        raw = b"From: GitHub <notifications@github.com>\r\nTo: team@example.com\r\nSubject: Receipt 1\r\n\r\n"
+        decision = rules.classify(MessageInfo(headers=email.message_from_bytes(raw)), now=NOW)
+        self.assertEqual(decision, rules.classify(MessageInfo(headers=parse_headers(raw)), now=NOW))
+        self.assertEqual([name for name, _ in decision.matches],
+                         ["receipts", "not hello", "any", "recipients"])
+
     def test_conditions_shared_by_two_rulesets_answer_for_each(self):
         rules = gc.parse_rules({"rule": [
             {"name": "a", "subject": "alpha", "label": "A"},

@@ -893,8 +893,9 @@ _FETCH_HEAD = re.compile(rb"([0-9]+) FETCH \(")
 _FETCH_ITEM = re.compile(rb"""
     ([A-Z][A-Z0-9.-]*(?:\[[^\[\]\r\n]*\](?:<[0-9]+>)?)?)[ ](?:  # 1: the item's name (an atom)
       ([0-9]+)(?=[ )])                                     # 2: a number
-    | \(((?:(?:[^ ()"{\r\n\[\]]+|"(?:[^"\\\r\n]|\\["\\])*")             # 3: a list of plain atoms
-          (?:[ ](?:[^ ()"{\r\n\[\]]+|"(?:[^"\\\r\n]|\\["\\])*"))*)?)\)(?=[ )])  # and quoted strings
+    | \((?=[^()]*\))                                          # 3: a list of plain atoms and
+        ((?:(?:[^ ()"{\r\n\[\]]+|"(?:[^"\\\r\n]|\\["\\])*")               # quoted strings (none
+          (?:[ ](?:[^ ()"{\r\n\[\]]+|"(?:[^"\\\r\n]|\\["\\])*"))*)?)\)(?=[ )])  # nested: looked at first)
     | "([^"\\\r\n]*)"(?=[ )])                                # 4: a quoted string, no escapes
     | ~?\{([0-9]+)\+?\}\r\n                                 # 5: a literal's size
     )""", re.VERBOSE)

@@ -4941,11 +4941,12 @@ class FetchLineFastPathTest(unittest.TestCase):
         for line in lines:
             self.assertEqual(gc._parse_fetch(line)[1], _reference_weight(gc._parse_plain(line)[2]))
         # A BODYSTRUCTURE (nested lists): the tokenizer reads the rest of the line only.
-        line = b'9 FETCH (UID 1 BODYSTRUCTURE ("TEXT" "PLAIN" NIL) FLAGS ())'
+        line = b'9 FETCH (UID 1 BODYSTRUCTURE ("TEXT" "PLAIN" ("CHARSET" "utf-8")) FLAGS ())'
         with mock.patch.object(gc, "_parse_fast", wraps=gc._parse_fast) as tokenizer:
             self.assertEqual(_parsed_shape(gc.parse_response(line)),
                              _parsed_shape(gc._parse_plain(line)))
-        tokenizer.assert_called_once_with(b'BODYSTRUCTURE ("TEXT" "PLAIN" NIL) FLAGS ()', depth=1)
+        tokenizer.assert_called_once_with(b'BODYSTRUCTURE ("TEXT" "PLAIN" ("CHARSET" "utf-8")) FLAGS ()',
+                                          depth=1)
 
     def test_the_answer_budget_counts_the_same_with_the_weight_given(self):
         lines = [b"%d FETCH (UID %d FLAGS (\\Seen) BODY[HEADER.FIELDS (FROM)] {%d}\r\n%s RFC822.SIZE 9)"
@@ -7444,8 +7445,8 @@ class DecodedOnceTest(unittest.TestCase):
         self.assertTrue(gc._DECODED)
 
     def test_a_sender_met_again_is_not_decoded_again(self):
-        first = parse_headers(b"From: =?utf-8?q?J=C3=B6rg?= <j@example.de>\r\nMessage-ID: <1@x>\r\n\r\n")
-        again = parse_headers(b"From: =?utf-8?q?J=C3=B6rg?= <j@example.de>\r\nMessage-ID: <1@x>\r\n\r\n")
+        first = parse_headers(b"From: =?utf-8?q?J=C3=B6rg?= <j@example.de>\r\nMessage-ID: <1@x> (c)\r\n\r\n")
+        again = parse_headers(b"From: =?utf-8?q?J=C3=B6rg?= <j@example.de>\r\nMessage-ID: <1@x> (c)\r\n\r\n")
         other = parse_headers(b"From: Jorg <j@example.de>\r\n\r\n")
         with mock.patch.object(gc, "_decode_values", wraps=gc._decode_values) as decode:
             for msg in (first, again, other):
@@ -18923,6 +18924,229 @@ class ConsolidatedReadersTest(unittest.TestCase):
                 else:
                     client = gc.load_client_secret_file(path)
                     self.assertEqual((client.client_id, client.client_secret), want)
+# --- Issue 17: the CPU on the hot path, rules per header ---------------------------------
+
+# Many conditions on the same few headers, as rules files hold them: plain texts (one
+# empty once normalised, non-ASCII ones that casefold), regexes with and without flags,
+# and not / any / all around them (a rules file refuses an empty text).
+GROUPED_RULES = {"rule": [
+    {"name": "receipts", "subject": ["receipt", "Invoice", "your order", "RÉUNION", "straße"],
+     "label": "R", "continue": True},
+    {"name": "digest", "subject": ["weekly digest", "/^re:/i", "/Alert/"], "label": "D",
+     "continue": True},
+    {"name": "not hello", "not": {"subject": ["hello", "café"]}, "label": "N", "continue": True},
+    {"name": "any", "any": [{"from": ["github", "müller"]}, {"subject": "issue #"},
+                            {"from": "/@example\\.(de|fr)>?$/"}], "label": "A", "continue": True},
+    {"name": "all", "all": [{"from": "example"}, {"subject": ["1", "2"]},
+                            {"not": {"from": "bare@"}}], "label": "L", "continue": True},
+    {"name": "recipients", "recipient": ["team@", "USER@EXAMPLE.COM", "/^staff@/"],
+     "label": "T", "continue": True},
+    {"name": "custom", "header": {"X-Custom": ["@", "A  B"], "List-Id": "/news/i"}, "label": "X",
+     "continue": True},
+    {"name": "to alone", "to": "bea", "cc": "nobody", "label": "B", "continue": True},
+    {"name": "last", "subject": ["meeting", "hello"], "from": ["smith", "alice"], "move": "M"},
+]}
+
+
+class HeaderGroupTest(unittest.TestCase):
+    """The conditions on one header are answered by one search of their plain texts per
+    message (_HeaderGroup): the same verdicts, reasons and explanations as each condition's
+    own matcher, and no matcher asked when none of the texts is there."""
+
+    def corpus(self) -> List[bytes]:
+        blocks = [raw.split(b"\r\n\r\n")[0] + b"\r\n\r\n" for raw, _ in bench_corpus(60)]
+        blocks += tricky_header_blocks()
+        blocks += [b"Subject: RECEIPT\r\nSubject: hello\r\n\r\n",           # repeated header
+                   b"Subject: Hauptstrasse 5\r\nFrom: M\xc3\xbcller <m@example.de>\r\n\r\n",
+                   b"Subject: =?utf-8?q?Caf=C3=A9?=\r\nTo: Bea <bea@example.com>\r\n\r\n",
+                   b"Subject: Re: x\r\nX-Custom: a b\r\nList-Id: NEWS <n.example>\r\n\r\n",
+                   b"Subject: \xff\xfe receipt\r\nFrom: \xe9 <x@example.fr>\r\n\r\n", b""]
+        return blocks
+
+    def test_grouped_conditions_decide_and_explain_as_each_alone(self):
+        rules = gc.parse_rules(GROUPED_RULES, "grouped.json")
+        with mock.patch.object(gc, "_group_headers", lambda conditions: None):
+            alone = gc.parse_rules(GROUPED_RULES, "grouped.json")
+        conditions = [c for rule in alone.rules for c in gc._walk(rule.condition)]
+        rules.classify(info("Subject: x"), now=NOW)
+        self.assertFalse(any("_group" in c.__dict__ for c in conditions))
+        grouped = [c for rule in rules.rules for c in gc._walk(rule.condition) if "_group" in c.__dict__]
+        self.assertGreater(len(grouped), 12)
+        matched = 0
+        for raw in self.corpus():
+            def msg() -> MessageInfo:
+                return MessageInfo(headers=parse_headers(raw), size=len(raw))
+            with self.subTest(raw=raw):
+                decision = rules.classify(msg(), final=True, now=NOW)
+                self.assertEqual(decision, alone.classify(msg(), final=True, now=NOW))
+                matched += len(decision.matches)
+                fast, plain = msg(), msg()
+                for rule, other in zip(rules.rules, alone.rules):   # every rule, not just
+                    verdict = rule.condition.evaluate(fast, NOW)     # those classify reached
+                    self.assertEqual(verdict, other.condition.evaluate(plain, NOW))
+                    self.assertEqual(verdict[0], rule.condition.explain(fast, NOW)[0])
+                self.assertEqual(gc.explain_message(rules, msg(), NOW),
+                                 gc.explain_message(alone, msg(), NOW))
+        self.assertGreater(matched, 200)
+
+    def test_no_matcher_is_asked_when_no_text_of_the_header_is_there(self):
+        rules = gc.parse_rules({"rule": [
+            {"name": "n%d" % n, "subject": ["word%d" % n, "other%d" % n], "label": "L%d" % n}
+            for n in range(6)] + [{"name": "rx", "subject": "/^urgent/i", "label": "U"}]}, "r.json")
+        find = gc.Matcher.find
+        asked: List[Any] = []
+
+        def counted(matcher: gc.Matcher, values: Any, normalised: Any = None) -> Any:
+            asked.append(matcher.describe())
+            return find(matcher, values, normalised)
+        with mock.patch.object(gc.Matcher, "find", counted), \
+                mock.patch.object(gc, "_normalise", wraps=gc._normalise) as normalise:
+            nothing = rules.classify(info("Subject: Nothing here"), now=NOW)
+            self.assertEqual(asked, ["matches /^urgent/i"])     # only the regex searched
+            self.assertEqual(normalise.call_count, 1)           # the value folded once
+            del asked[:]
+            found = rules.classify(info("Subject: about OTHER4"), now=NOW)
+        self.assertEqual(nothing.matches, ())
+        self.assertEqual(found.matches, (("n4", 'subject contains "other4"'),))
+        self.assertEqual(len(asked), 5)        # a text is there: each matcher up to n4 looks
+
+    def test_a_message_without_a_header_cache_is_read_the_plain_way(self):
+        rules = gc.parse_rules(GROUPED_RULES, "grouped.json")
+        raw = b"From: GitHub <notifications@github.com>\r\nTo: team@example.com\r\nSubject: Receipt 1\r\n\r\n"
+        decision = rules.classify(MessageInfo(headers=email.message_from_bytes(raw)), now=NOW)
+        self.assertEqual(decision, rules.classify(MessageInfo(headers=parse_headers(raw)), now=NOW))
+        self.assertEqual([name for name, _ in decision.matches],
+                         ["receipts", "not hello", "any", "recipients"])
+
+    def test_conditions_shared_by_two_rulesets_answer_for_each(self):
+        rules = gc.parse_rules({"rule": [
+            {"name": "a", "subject": "alpha", "label": "A"},
+            {"name": "b", "subject": "beta", "label": "B"}]}, "r.json")
+        fewer = dataclasses.replace(rules, rules=rules.rules[1:])     # as for_account makes
+        for ruleset, subject, want in ((rules, "alpha", ["a"]), (fewer, "alpha", []),
+                                       (fewer, "beta", ["b"]), (rules, "alpha", ["a"]),
+                                       (rules, "beta", ["b"]), (fewer, "alpha beta", ["b"])):
+            decision = ruleset.classify(info("Subject: %s" % subject), now=NOW)
+            self.assertEqual([name for name, _ in decision.matches], want, (subject, want))
+
+    def test_the_record_headers_read_as_header_text_and_addresses(self):
+        for raw in self.corpus():
+            for cached in (False, True):
+                msg = parse_headers(raw)
+                if cached:
+                    gc._header_cache(msg)
+                want = (gc._first(header_addresses(parse_headers(raw), "from")),
+                        gc._first(header_text(parse_headers(raw), "subject")),
+                        gc._first(header_text(parse_headers(raw), "message-id")).strip())
+                self.assertEqual(gc._shown_headers(msg), want, raw)
+                self.assertEqual(gc._shown_headers(msg), want, raw)    # asked again
+
+
+class ExpungeLineTest(unittest.TestCase):
+    """EXPUNGE lines (one per message a step moves) are read without the tokenizer, as the
+    plain parser reads them."""
+
+    def test_expunge_lines_read_as_the_plain_parser(self):
+        cases = [b"5 EXPUNGE", b"0123 EXPUNGE", b"18446744073709551616 EXPUNGE", b" 5 EXPUNGE",
+                 b"5  EXPUNGE", b"x EXPUNGE", b"5 EXPUNGE ", b"EXPUNGE", b" EXPUNGE", b"5 expunge",
+                 b"-5 EXPUNGE", b"5 6 EXPUNGE", b"\xd9\xa1 EXPUNGE", b"5 EXPUNGE\r\n", b"(5 EXPUNGE"]
+
+        def shape(parse: Callable[[bytes], Any], data: bytes) -> Any:
+            try:
+                return [(type(v).__name__, str(v)) for v in parse(data)]
+            except gc.ProtocolError as exc:
+                return "error: %s" % exc
+        for data in cases:
+            with self.subTest(data=data):
+                self.assertEqual(shape(gc.parse_response, data), shape(gc._parse_plain, data))
+        with mock.patch.object(gc, "_parse_fast", side_effect=AssertionError), \
+                mock.patch.object(gc, "_parse_plain", side_effect=AssertionError):
+            self.assertEqual(shape(gc.parse_response, b"0123 EXPUNGE"),
+                             [("Number", "0123"), ("str", "EXPUNGE")])
+
+
+class LabelAnswerLineTest(unittest.TestCase):
+    """Gmail's answers to a label change (a list of quoted labels and atoms per message) are
+    read by the fetch-line pattern, as the plain parser reads them and weighed alike."""
+
+    def test_label_lists_read_as_the_plain_parser(self):
+        labels = [b'"\\\\Inbox"', b'"\\\\Important"', b"Receipts", b'"two words"', b'""', b'"a\\"b"',
+                  b'"(x)"', b'"[y]"', b'"{3}"', b"NIL", b"0123", b'"caf\xc3\xa9"', b'"\xff"',
+                  b'"a\\b"', b'"a\\\\"', b'"\\\\"', b'"x"y', b'"open', b"\\Starred", b'"a\r\nb"',
+                  b"&AOk-t&AOk-", b'""""', b'"a" "b"', b"(", b")"]
+        rng = random.Random(2026)
+        lines = [b'5 FETCH (UID 9 X-GM-LABELS ("\\\\Inbox" Receipts))',
+                 b'6 FETCH (X-GM-LABELS ("\\\\Inbox" "two words") UID 10)']
+        for n in range(400):
+            chosen = b" ".join(rng.choice(labels) for _ in range(rng.randrange(0, 5)))
+            spaced = rng.choice([b" ", b" ", b"  "]) if n % 7 == 0 else b" "
+            lines.append(b"%d FETCH (UID %d X-GM-LABELS (%s)%sFLAGS (\\Seen))" % (n, n, chosen, spaced))
+        read = 0
+        for data in lines:
+            with self.subTest(data=data):
+                want = _parse_outcome(gc._parse_plain, data)
+                self.assertEqual(_parse_outcome(gc.parse_response, data), want)
+                try:
+                    fetched = gc._parse_fetch(data)
+                except gc._NotSimple:
+                    continue
+                self.assertEqual(_parsed_shape(fetched[0]), want)
+                self.assertEqual(fetched[1], _reference_weight(fetched[0][2]))
+                read += 1
+        self.assertGreater(read, 150)
+        with mock.patch.object(gc, "_parse_fast", side_effect=AssertionError):
+            self.assertEqual(gc.parse_response(lines[1]),
+                             [6, "FETCH", ["X-GM-LABELS", ["\\Inbox", "two words"], "UID", 10]])
+
+
+class ObsoleteLocalPartTest(unittest.TestCase):
+    """A sender <.name@host> (dots at the ends of the local part, or doubled) is read by the
+    fast address path, as the email package's header classes read it."""
+
+    def test_dotted_local_parts_read_as_the_header_classes(self):
+        fast_read = 0
+        for local in (".a", "a.", "a..b", ".", "..", ".a.", "..a..b..", ".o'brien", ".a=b", ".=?x?=",
+                      '."q"', ".a b", ".a(c)", "a.b"):
+            for name in ("", "Jane Roe ", '"Q, R" ', "=?utf-8?q?J=C3=B6rg?= ", ".dot "):
+                for domain in ("example.com", "[1.2.3.4]", "a..b"):
+                    value = "%s<%s@%s>, x@y.z (c)" % (name, local, domain)
+                    raw = ("From: %s\r\n\r\n" % value).encode()
+                    reference = email.parser.BytesParser(policy=email.policy.default).parsebytes(
+                        raw, headersonly=True)
+                    with self.subTest(value=value):
+                        self.assertEqual(header_addresses(parse_headers(raw), "from"),
+                                         gc._plain_header_addresses(reference, "from"))
+                        self.assertEqual(gc._header_mailboxes(parse_headers(raw), "from"),
+                                         [(gc._decode_words(d), a) for d, a in gc._address_pairs(value)
+                                          if a])
+                    fast_read += gc._fast_addresses(value) is not None
+        self.assertGreater(fast_read, 25)
+        with mock.patch.object(gc, "_plain_header_addresses", side_effect=AssertionError):
+            msg = parse_headers(b"From: =?utf-8?q?Nata=C5=A1a?= O'Brien <.obrien@fastmail.com>\r\n\r\n")
+            self.assertEqual(header_addresses(msg, "from"), ["Nataša O'Brien <.obrien@fastmail.com>"])
+
+
+class ReadOnlyWhatIsShownTest(unittest.TestCase):
+    """A plain Message-ID is read as it is, and {year} is filled in without reading From."""
+
+    def test_a_plain_message_id_is_not_decoded(self):
+        for raw in tricky_header_blocks() + [b"Message-ID: <a.b@c.d>\r\n\r\n",
+                                             b"Message-ID:  <a@b>\r\n\r\n", b"Message-ID: <a@b> \r\n\r\n"]:
+            reference = email.parser.BytesParser(policy=email.policy.default).parsebytes(
+                raw, headersonly=True)
+            self.assertEqual(header_text(parse_headers(raw), "message-id"),
+                             gc._plain_header_text(reference, "message-id"), raw)
+        with mock.patch.object(gc, "_decode_values", side_effect=AssertionError):
+            msg = parse_headers(b"Message-ID: <1.8@bench.example>\r\n\r\n")
+            self.assertEqual(header_text(msg, "message-id"), ["<1.8@bench.example>"])
+            self.assertEqual(gc._shown_headers(msg), ("", "", "<1.8@bench.example>"))
+        self.assertNotIn("_gmail_classify_cache", msg.__dict__)     # read, not kept on it
+
+    def test_year_and_month_are_filled_in_without_reading_the_sender(self):
+        msg = info("From: Shop <orders@shop.example>", date=datetime(2025, 3, 4, tzinfo=timezone.utc))
+        with mock.patch.object(gc, "_header_mailboxes", side_effect=AssertionError):
+            self.assertEqual(gc.expand_template("Receipts/{year}/{month}", msg), "Receipts/2025/03")
+        self.assertEqual(gc.expand_template("V/{sender_domain}/{year}", msg), "V/shop.example/2025")
 
 
 # --- Benchmark ---------------------------------------------------------------------------

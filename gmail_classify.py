@@ -1755,11 +1755,6 @@ class _Protocol:
         self._inflight: List[_Pending] = []   # pipelined commands, oldest first
         self._secrets: List[str] = []   # credentials sent, kept out of -vv logs
 
-    def attach(self, imap: imaplib.IMAP4) -> None:
-        """Take over a freshly opened imaplib object (the previous one is dropped)."""
-        self.drop()
-        self.imap = imap
-
     def live(self) -> imaplib.IMAP4:
         if self.imap is None:
             raise _Dropped("not connected")
@@ -2542,7 +2537,8 @@ class GmailConnection:
                 raise _Unreachable(f"cannot connect to {where}: {hint}") from exc
             raise _Dropped(f"cannot connect to {where}: {_decode_server_text(exc)}") from exc
         imap.stop = self.stop  # type: ignore[attr-defined]
-        self._proto.attach(imap)
+        self._proto.drop()
+        self._proto.imap = imap
         try:
             if self.security == "starttls":
                 self._starttls(imap, where)

@@ -1875,16 +1875,6 @@ class _Protocol:
             raise _Dropped(f"connection lost while signing in: "
                            f"{_decode_server_text(exc) or type(exc).__name__}") from exc
 
-    def ask_capabilities(self) -> None:
-        """imaplib read the capabilities once, before login; Gmail adds MOVE, UIDPLUS and
-        more only afterwards, so ask again (an 8-bit word names nothing we use)."""
-        caps = set()
-        for response in self.execute("CAPABILITY").untagged:
-            if response and str(response[0]).upper() == "CAPABILITY":
-                caps.update(str(word).upper() for word in response[1:]
-                            if str(word).isascii())
-        self.capabilities = frozenset(caps or self.imap.capabilities)
-
     # -- sending commands and reading answers ----------------------------------------
 
     @_scrubbed
@@ -2543,7 +2533,12 @@ class GmailConnection:
             if self.security == "starttls":
                 self._starttls(imap, where)
             self._authenticate()
-            self._proto.ask_capabilities()
+            # imaplib read the capabilities once, before login; Gmail adds MOVE, UIDPLUS
+            # and more only afterwards, so ask again (an 8-bit word names nothing we use).
+            caps = {str(word).upper() for response in self._proto.execute("CAPABILITY").untagged
+                    if response and str(response[0]).upper() == "CAPABILITY"
+                    for word in response[1:] if str(word).isascii()}
+            self._proto.capabilities = frozenset(caps or imap.capabilities)
         except BaseException:
             self._proto.drop()
             raise

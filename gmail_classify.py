@@ -4576,13 +4576,9 @@ def attachment_in(msg: email.message.EmailMessage) -> bool:
     non-text leaf part with a file name (e.g. an inline image).
     """
     try:
-        for part in msg.walk():
-            if part.is_multipart():
-                continue
-            if _is_attachment(part):
-                return True
-            if part.get_content_maintype() != "text" and part.get_filename():
-                return True
+        return any(_is_attachment(part) or (part.get_content_maintype() != "text"
+                                            and bool(part.get_filename()))
+                   for part in msg.walk() if not part.is_multipart())
     except Exception:
         log.debug("cannot walk message parts", exc_info=True)
     return False

@@ -4586,13 +4586,10 @@ def attachment_in(msg: email.message.EmailMessage) -> bool:
 
 def _header_date(headers: email.message.EmailMessage) -> Optional[datetime]:
     for value in header_text(headers, "date")[:1]:
-        try:
+        with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return None
-        if when is None:
-            return None
-        return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+            if when is not None:
+                return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
     return None
 
 

@@ -7008,13 +7008,9 @@ class _TomlReader:
 
     def newline(self) -> bool:
         """Consumes one line break; False at the end of the text."""
-        if self.peek() == "\n":
-            self.pos += 1
-            return True
-        if self.peek(2) == "\r\n":
-            self.pos += 2
-            return True
-        return False
+        size = 1 if self.peek() == "\n" else 2 if self.peek(2) == "\r\n" else 0
+        self.pos += size
+        return size > 0
 
     def end_of_line(self, after: str) -> None:
         self.skip_ws()

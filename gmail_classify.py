@@ -7082,9 +7082,7 @@ class _TomlReader:
 
     def descend(self, table: Dict[str, Any], key: str, pos: int, shown: str) -> Dict[str, Any]:
         """The table `key` inside `table` on the way to a header, created when missing."""
-        if key not in table:
-            table[key] = {}
-        value = table[key]
+        value = table.setdefault(key, {})
         if isinstance(value, list) and id(value) in self.table_arrays:
             return value[-1]
         if not isinstance(value, dict) or id(value) in self.frozen:

@@ -7177,8 +7177,7 @@ class _TomlReader:
                 raise self.fail(f"a number of more than {MAX_NUMBER_DIGITS} digits; rules "
                                 f"never need one", start)
             self.pos = word.end()
-            return int(text.replace("_", ""), 0) if text[:2] in ("0x", "0o", "0b") \
-                else int(text.replace("_", ""))
+            return int(text.replace("_", ""), 0 if text[:2] in ("0x", "0o", "0b") else 10)
         if _TOML_FLOAT.fullmatch(text):
             raise self.fail(f"floating-point numbers are not supported here; use a whole "
                             f"number, or a string such as \"{text}\"", start)

@@ -7213,24 +7213,21 @@ class _TomlReader:
         self.enter(1, self.pos)
         self.pos += 1
         table: Dict[str, Any] = {}
+        made: set = set()
         self.skip_ws()
-        if self.peek() == "}":
-            self.pos += 1
-        else:
-            made: set = set()
+        if self.peek() != "}":
             while True:
                 self.key_value(table, made, "")
                 self.skip_ws()
                 if self.peek() == "}":
-                    self.pos += 1
                     break
                 if self.peek() != ",":
                     raise self.fail("expected ',' or '}' in the inline table (which must fit "
                                     f"on one line), found {self.found()}")
                 self.pos += 1
                 self.skip_ws()
-            self.frozen |= made
-        self.frozen.add(id(table))
+        self.pos += 1   # the closing brace
+        self.frozen |= made | {id(table)}
         self.depth -= 1
         return table
 

@@ -7377,10 +7377,7 @@ def trust_problem(path: Any, *, private: bool = False, directories: bool = True,
             if here.st_mode & 0o022 and not here.st_mode & 0o1000:
                 return (f"{name} lies in {directory}, which other users can write (and so "
                         f"replace the file); run 'chmod go-w {directory}' or move the file")
-            parent = os.path.dirname(directory)
-            if parent == directory:
-                break
-            directory = parent
+            directory = os.path.dirname(directory)     # the root is its own parent: seen
     return None
 
 

@@ -7737,12 +7737,9 @@ def format_rules(doc: Mapping[str, Any], fmt: str = "toml", header: Sequence[str
                                              for k, v in doc["account"].items()))
     for table in ("rule", "test"):
         for index, entry in enumerate(doc.get(table, ())):
-            text = ""
-            if table == "rule" and comments and index < len(comments):
-                text += _comment_lines(comments[index])
-            text += f"[[{table}]]\n"
-            text += "".join(f"{_toml_key(k)} = {_toml_value(v)}\n" for k, v in entry.items())
-            parts.append(text)
+            notes = comments[index] if table == "rule" and index < len(comments or ()) else ()
+            parts.append(_comment_lines(notes) + f"[[{table}]]\n" + "".join(
+                f"{_toml_key(k)} = {_toml_value(v)}\n" for k, v in entry.items()))
     return "\n".join(parts)
 
 

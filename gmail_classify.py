@@ -2014,11 +2014,8 @@ class _Protocol:
         """Read every pipelined answer still on the wire (kept for whoever sent it)."""
         self._inflight = [p for p in self._inflight if p.imap is self.imap]
         while self._inflight:
-            pending = self._inflight[-1]
-            try:
-                self.collect(pending)
-            except ImapError:
-                pass        # kept in pending.response; its sender raises it
+            with contextlib.suppress(ImapError):    # kept in the answer; its sender raises it
+                self.collect(self._inflight[-1])
 
     # -- the wire: lines, literals, answers ---------------------------------------------
 
@@ -3535,7 +3532,7 @@ class _WriteFlight:
         with conn._lock:
             conn._check_background()
             nonsync = bool({"LITERAL+", "LITERAL-"} & proto.capabilities)
-            try:
+            with contextlib.suppress(_Dropped):     # what was not answered is settled by land()
                 for write in self.writes:
                     if all(not isinstance(arg, Literal) or (nonsync and len(arg.data) <=
                                                             NONSYNC_LITERAL_MAX)
@@ -3548,8 +3545,6 @@ class _WriteFlight:
                         if exc.status not in ("NO", "BAD"):
                             raise
                         write.error = exc
-            except _Dropped:
-                pass        # what was not answered is settled by land()
 
     def land(self) -> List[_Write]:
         """Read every answer (each write's ``result``, ``created`` or ``error``), settling

@@ -1786,8 +1786,7 @@ class _Protocol:
         piece of server text passes through here first.
         """
         for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, "<redacted>")
+            text = text.replace(secret, "<redacted>")
         return text
 
     def login(self, password: str) -> None:

@@ -2022,14 +2022,11 @@ class _Protocol:
     def _log_command(tag: bytes, command: str, args: Sequence[Any]) -> None:
         if not log.isEnabledFor(logging.DEBUG):
             return
-        shown = []
-        for arg in args:
-            if isinstance(arg, Literal):
-                shown.append(f"{{{len(arg.data)} bytes}}")
-            else:
-                text = arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
-                shown.append(text if len(text) < 200 else text[:200] + "...")
-        log.debug("C: %s %s %s", tag.decode(), command, " ".join(shown))
+        shown = (f"{{{len(arg.data)} bytes}}" if isinstance(arg, Literal) else
+                 arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
+                 for arg in args)
+        log.debug("C: %s %s %s", tag.decode(), command,
+                  " ".join(text if len(text) < 200 else text[:200] + "..." for text in shown))
 
     def _log_answer(self, raw: bytes) -> None:
         """-vv: one server line, shortened, with any credential of ours blanked out."""

@@ -2291,10 +2291,9 @@ class _Protocol:
         idling = False
         while True:
             if idling:
-                if events or self.stop.requested or (interrupt is not None and interrupt()):
-                    return events, None
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if events or self.stop.requested or (interrupt is not None and interrupt()) \
+                        or left <= 0:
                     return events, None
                 if not imap.wait_readable(min(left, IDLE_POLL)):  # type: ignore[attr-defined]
                     continue

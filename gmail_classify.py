@@ -3773,22 +3773,19 @@ _SEARCH_KEYS = {
 
 def _encode_search(criteria: Sequence[Any]) -> List[Any]:
     """Check and encode search criteria: keys as atoms, arguments quoted or literal."""
-    if isinstance(criteria, str):
-        criteria = [criteria]
     out: List[Any] = []
-    items = list(criteria)
-    index = 0
-    while index < len(items):
-        key = str(items[index]).upper()
+    items = iter([criteria] if isinstance(criteria, str) else criteria)
+    missing = object()      # what next() gives when no argument is left
+    for item in items:
+        key = str(item).upper()
         if key not in _SEARCH_KEYS:
-            raise ImapError(f"unknown search key {items[index]!r}; known keys: "
+            raise ImapError(f"unknown search key {item!r}; known keys: "
                             f"{', '.join(sorted(k for k in _SEARCH_KEYS if k.isalpha()))}")
         out.append(key)
         for kind in _SEARCH_KEYS[key]:
-            index += 1
-            if index >= len(items):
+            value = next(items, missing)
+            if value is missing:
                 raise ImapError(f"search key {key} needs a {kind} argument")
-            value = items[index]
             if kind == "str":
                 out.append(_string_arg(str(value)))
             elif kind == "date":
@@ -3802,7 +3799,6 @@ def _encode_search(criteria: Sequence[Any]) -> List[Any]:
                            else compress_uids(value))
             else:
                 out.append(_flag_arg(str(value)))
-        index += 1
     return out
 
 

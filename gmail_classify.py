@@ -3733,9 +3733,7 @@ def _check_fetch_item(item: str) -> None:
 def _string_arg(text: str) -> Union[bytes, Literal]:
     """A string argument: quoted when it is printable ASCII, otherwise a UTF-8 literal."""
     _refuse_controls(text, "the string")
-    if text.isascii():
-        return quote(text)
-    return Literal(text.encode("utf-8"))
+    return quote(text) if text.isascii() else Literal(text.encode("utf-8"))
 
 
 def _flag_arg(flag: str) -> bytes:

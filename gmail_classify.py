@@ -3749,9 +3749,8 @@ def _label_arg(label: str) -> bytes:
     for system in GMAIL_SYSTEM_LABELS:
         if label.lower() == system.lower():
             return system.encode("ascii")
-    encoded = encode_mailbox(label)
     # Gmail misreads some unquoted label atoms (those with * or brackets); quote always.
-    return quote(encoded)
+    return quote(encode_mailbox(label))
 
 
 # Search keys and the kind of argument each takes (RFC 3501 §6.4.4).

@@ -482,9 +482,7 @@ def decode_mailbox(name: Union[str, bytes]) -> str:
 def mailbox_arg(name: str) -> bytes:
     """A folder name ready for the wire: modified UTF-7, then atom or quoted string."""
     _refuse_controls(name, "the folder name")
-    if name.upper() == "INBOX":
-        return b"INBOX"
-    return astring(encode_mailbox(name))
+    return b"INBOX" if name.upper() == "INBOX" else astring(encode_mailbox(name))
 
 
 def _uid_runs(uids: Iterable[int]) -> Iterator[Tuple[int, int]]:
@@ -1559,9 +1557,7 @@ def _needed_by(command: str) -> Callable[[List[Any]], bool]:
         kind = _untagged_kind(item)
         if kind in ("OK", "NO", "BAD", "PREAUTH"):   # only those with a response code
             return len(item) > 1 and bool(item[1]) and (wanted is None or kind in wanted)
-        if wanted is not None:
-            return kind in wanted
-        return kind not in _STATE_UPDATES
+        return kind in wanted if wanted is not None else kind not in _STATE_UPDATES
     return keep
 
 
@@ -5430,9 +5426,7 @@ class AllOf(_Compound):
         return _kleene((v for v, _ in verdicts), True), self._wrap([t for _, t in verdicts])
 
     def _wrap(self, texts: List[str]) -> str:
-        if self.explicit:
-            return f"all of ({'; '.join(texts)})"
-        return " and ".join(texts)
+        return f"all of ({'; '.join(texts)})" if self.explicit else " and ".join(texts)
 
     def describe(self) -> str:
         return self._wrap([p.describe() for p in self.parts])

@@ -2628,10 +2628,8 @@ class GmailConnection:
                 # Said on every retry, so a slow start never looks like a hang.
                 log.warning("%s; retrying (%d/%d) in %.1f s...", error, attempt + 1,
                             self.retries + 1, delay)
-                if self._sleep is time.sleep:
-                    self.stop.wait(delay)       # a stop ends the wait at once
-                else:
-                    self._sleep(delay)
+                # The default sleep waits on the Stop, so that a stop ends it at once.
+                (self.stop.wait if self._sleep is time.sleep else self._sleep)(delay)
                 self.stop.check("instead of reconnecting")
             try:
                 self._open()

@@ -2871,8 +2871,7 @@ class GmailConnection:
                         if len(first) > 1 and first[1] is not None:
                             delimiter = _as_text(first[1])
         if delimiter is None:
-            delimiters = [f.delimiter for f in self.list_folders() if f.delimiter]
-            delimiter = delimiters[0] if delimiters else "/"
+            delimiter = next((f.delimiter for f in self.list_folders() if f.delimiter), "/")
         self._namespace = (prefix, delimiter)
         return self._namespace
 

@@ -4741,8 +4741,7 @@ def read_message_file(path: str) -> bytes:
     MAX_EML_BYTES) or OSError."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     with os.fdopen(fd, "rb") as fh:
-        status = os.fstat(fd)
-        if not stat.S_ISREG(status.st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError("not a regular file")
         data = fh.read(MAX_EML_BYTES + 1)
     if len(data) > MAX_EML_BYTES:

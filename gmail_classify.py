@@ -431,8 +431,7 @@ def quote(text: str) -> bytes:
     non-ASCII text, which the caller must send as a Literal or encode first.
     """
     _refuse_controls(text, "the string")
-    raw = text.encode("ascii")
-    return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    return b'"' + text.encode("ascii").replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
 def astring(text: str) -> bytes:
@@ -4582,8 +4581,7 @@ def _structure_has_attachment(structure: Any) -> Optional[bool]:
             return True
     params = structure[2] if len(structure) > 2 and isinstance(structure[2], list) else []
     names = [str(params[i]).lower() for i in range(0, len(params) - 1, 2)]
-    main = str(structure[0]).lower()
-    return "name" in names and main not in ("text", "multipart")
+    return "name" in names and str(structure[0]).lower() not in ("text", "multipart")
 
 
 def _attachment_in_bytes(raw: bytes, headers: email.message.EmailMessage) -> bool:
@@ -5186,8 +5184,7 @@ class SizeCompare(Condition):
 
 def _months_back(now: datetime, months: int) -> datetime:
     """`now` moved back by calendar months, the day clamped to the month's length."""
-    index = now.year * 12 + (now.month - 1) - months
-    year, month = divmod(index, 12)
+    year, month = divmod(now.year * 12 + (now.month - 1) - months, 12)
     month += 1
     day = min(now.day, calendar.monthrange(year, month)[1])
     return now.replace(year=year, month=month, day=day)
@@ -5561,8 +5558,7 @@ _NOT_RUN = _ProgramAnswer(None, why="not run", not_run=True)
 
 def _env_value(values: Sequence[str]) -> str:
     """A header's text for a program's environment: printable, at most 1 KiB of UTF-8."""
-    text = printable(" ".join(values)).replace("\0", "")
-    data = text.encode("utf-8")[:_PROGRAM_ENV_MAX]
+    data = printable(" ".join(values)).replace("\0", "").encode("utf-8")[:_PROGRAM_ENV_MAX]
     return data.decode("utf-8", "ignore")
 
 
@@ -6731,8 +6727,7 @@ def _test_message(where: _Where, table: Dict[str, Any], source: str) -> MessageI
         if not isinstance(body, str):
             raise where.error("body", f"expected text, got {_quote(body)}")
         lines.append("Content-Type: text/plain; charset=utf-8")
-        raw = ("\r\n".join(lines) + "\r\n\r\n" + body).encode("utf-8")
-        msg = message_info_from_bytes(raw)
+        msg = message_info_from_bytes(("\r\n".join(lines) + "\r\n\r\n" + body).encode("utf-8"))
     if "size" in table:
         msg = dataclasses.replace(msg, size=_parse_size(where, "size", table["size"])[0])
     labels = table.get("labels", [])

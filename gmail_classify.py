@@ -7026,8 +7026,12 @@ class _TomlReader:
         self.enter(len(keys), start)
         self.base = len(keys)
         table = root
-        for key in keys[:-1]:
-            table = self.descend(table, key, start, shown)
+        for key in keys[:-1]:       # the tables on the way, created when missing
+            table = table.setdefault(key, {})
+            if isinstance(table, list) and id(table) in self.table_arrays:
+                table = table[-1]
+            elif not isinstance(table, dict) or id(table) in self.frozen:
+                raise self.fail(f"{shown}: '{key}' is already defined as a value", start)
         last = keys[-1]
         existing = table.get(last)
         if array:
@@ -7047,15 +7051,6 @@ class _TomlReader:
         self.explicit.add(id(existing))
         self.end_of_line("a table header")
         return existing
-
-    def descend(self, table: Dict[str, Any], key: str, pos: int, shown: str) -> Dict[str, Any]:
-        """The table `key` inside `table` on the way to a header, created when missing."""
-        value = table.setdefault(key, {})
-        if isinstance(value, list) and id(value) in self.table_arrays:
-            return value[-1]
-        if not isinstance(value, dict) or id(value) in self.frozen:
-            raise self.fail(f"{shown}: '{key}' is already defined as a value", pos)
-        return value
 
     def key_value(self, table: Dict[str, Any], made: set, after: str) -> None:
         """`key = value` into `table`; `made` collects tables that dotted keys create."""

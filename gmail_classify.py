@@ -7246,7 +7246,14 @@ class _TomlReader:
             if not char:
                 raise self.fail("unterminated multi-line string", start)
             if char == quote and self.peek(3) == quote * 3:
-                return "".join(parts) + self.close_multiline(quote)
+                # A run of 3 to 5 quotes: the last three close; up to two belong to the text.
+                run = 3
+                while self.text[self.pos + run:self.pos + run + 1] == quote:
+                    run += 1
+                if run > 5:
+                    raise self.fail("too many quotes at the end of a multi-line string")
+                self.pos += run
+                return "".join(parts) + quote * (run - 3)
             if char == "\\" and quote == '"':
                 after = _TOML_LINE_CONTINUATION.match(self.text, self.pos)
                 if after:  # line-ending backslash: drop it and all whitespace after it
@@ -7263,16 +7270,6 @@ class _TomlReader:
             else:
                 parts.append(char)
                 self.pos += 1
-
-    def close_multiline(self, quote: str) -> str:
-        """At a run of 3 to 5 quotes: the last three close; up to two belong to the text."""
-        run = 3
-        while self.text[self.pos + run:self.pos + run + 1] == quote:
-            run += 1
-        if run > 5:
-            raise self.fail("too many quotes at the end of a multi-line string")
-        self.pos += run
-        return quote * (run - 3)
 
 
 def parse_toml(text: str) -> Dict[str, Any]:

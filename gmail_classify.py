@@ -2043,23 +2043,19 @@ class _Protocol:
                 line += b"{%d+}\r\n" % size + part.data
                 continue
             imap.send(line + b"{%d}\r\n" % size)
-            self._wait_continuation(tag)
+            budget = _AnswerBudget("a literal's continuation")
+            raw = self._read_line()
+            while not raw.startswith(b"+"):     # the server's go-ahead for the literal
+                if raw.startswith(tag + b" "):
+                    code, _, text = parse_status_text(raw[len(tag) + 1:].split(b" ", 1)[-1])
+                    raise ImapError(f"the server refused a literal: {text}", status="NO",
+                                    code=code, text=text)
+                if raw.startswith(b"* BYE"):
+                    raise _Dropped("server said BYE: " + raw[6:].decode("utf-8", "replace"))
+                budget.unasked(len(raw), update=False)
+                raw = self._read_line()
             line = part.data
         imap.send(line + b"\r\n")
-
-    def _wait_continuation(self, tag: bytes) -> None:
-        budget = _AnswerBudget("a literal's continuation")
-        while True:
-            raw = self._read_line()
-            if raw.startswith(b"+"):
-                return
-            if raw.startswith(tag + b" "):
-                code, _, text = parse_status_text(raw[len(tag) + 1:].split(b" ", 1)[-1])
-                raise ImapError(f"the server refused a literal: {text}", status="NO",
-                                code=code, text=text)
-            if raw.startswith(b"* BYE"):
-                raise _Dropped("server said BYE: " + raw[6:].decode("utf-8", "replace"))
-            budget.unasked(len(raw), update=False)
 
     def _read_line(self, max_literal: Optional[int] = None,
                    dropped: Optional[List[int]] = None) -> bytes:

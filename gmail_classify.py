@@ -1430,13 +1430,10 @@ class _BufferedWire:
 
     def wait_readable(self, timeout: float) -> bool:
         """True when a read would not block: data buffered here or in TLS, or on the socket."""
-        if getattr(self, "_rbuf", None):
-            return True
         sock = self.sock  # type: ignore[attr-defined]
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        if getattr(self, "_rbuf", None) or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
             return True
-        readable, _, _ = select.select([sock], [], [], max(0.0, timeout))
-        return bool(readable)
+        return bool(select.select([sock], [], [], max(0.0, timeout))[0])
 
 
 class _GreetingTimeout(socket.timeout):

@@ -2423,8 +2423,7 @@ class GmailConnection:
                 self._proto.drop()
 
     def redact(self, text: str) -> str:
-        """``text`` from the server with every credential we sent blanked out (see
-        _Protocol.redact)."""
+        """Server text with every credential we sent blanked out (see _Protocol.redact)."""
         return self._proto.redact(text)
 
     @property

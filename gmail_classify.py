@@ -6805,32 +6805,29 @@ def parse_rules(doc: Any, source: str = "<rules>") -> Ruleset:
     if not rules:
         raise where.error("rule", "the list is empty; add at least one rule")
     parsed = tuple(_parse_rule(source, i, rule, problems) for i, rule in enumerate(rules, 1))
+    # Rule names are checked only when every rule parsed; a broken rule is reported already.
+    names = None if None in parsed else list(dict.fromkeys(r.name for r in parsed))
     account: Dict[str, Any] = {}
     accounts: Tuple[Dict[str, Any], ...] = ()
     if isinstance(doc.get("account"), list):      # [[account]] tables: several accounts
-        accounts = _parse_accounts(source, doc["account"], problems,
-                                   None if None in parsed else [r.name for r in parsed])
+        accounts = _parse_accounts(source, doc["account"], problems, names)
     elif isinstance(doc.get("account"), dict):
         for key, item in doc["account"].items():
             with problems.catch():
                 _parse_account_key(where, key, item, account)
     elif "account" in doc:
         problems.add(where.error("account", f"expected a table, got {_quote(doc['account'])}"))
-    tests: Tuple[RuleTest, ...] = ()
+    tests: List[RuleTest] = []
     tables = doc.get("test", [])
     if not isinstance(tables, list):
         problems.add(where.error("test", "expected a list of test tables; in TOML write "
                                          "[[test]] with double brackets"))
     else:
-        # Names are checked only when every rule parsed; a broken rule is reported already.
-        names = None if None in parsed else list(dict.fromkeys(r.name for r in parsed))
-        found = []
         for i, table in enumerate(tables, 1):
             with problems.catch():
-                found.append(_parse_test(source, i, table, names))
-        tests = tuple(found)
+                tests.append(_parse_test(source, i, table, names))
     problems.raise_any()
-    return Ruleset(rules=parsed, source=source, account=account, tests=tests,
+    return Ruleset(rules=parsed, source=source, account=account, tests=tuple(tests),
                    accounts=accounts)
 
 

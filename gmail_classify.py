@@ -5032,7 +5032,9 @@ class HeaderMatch(Condition):
         parts: List[Condition] = []
         for name, test in value.items():
             sub = read.at(name)
-            sub.header_name(name)
+            if not _HEADER_NAME_RE.fullmatch(name):
+                raise sub.error(f"{_quote(name)} is not a header name (letters, digits "
+                                "and - _ . and the like; no spaces, ':' or brackets)")
             if isinstance(test, bool):
                 parts.append(HeaderPresent(name, test))
             elif isinstance(test, (str, list)):
@@ -6366,12 +6368,6 @@ class _ConditionReader:
             raise self.error("expected a number and unit d, w, m or y (e.g. \"1y\"), "
                              f"got {_quote(value)}")
         return int(found.group(1)), found.group(2)
-
-    def header_name(self, name: Any) -> str:
-        if not _HEADER_NAME_RE.fullmatch(name):
-            raise self.error(f"{_quote(name)} is not a header name (letters, digits "
-                             "and - _ . and the like; no spaces, ':' or brackets)")
-        return name
 
     def conditions(self, value: Any) -> Tuple[Condition, ...]:
         """A non-empty list of condition tables (`any`, `all`)."""

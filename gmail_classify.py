@@ -239,10 +239,7 @@ class ImapError(GmailClassifyError):
     def __init__(self, message: str, *, command: str = "", status: str = "",
                  code: str = "", text: str = "") -> None:
         super().__init__(message)
-        self.command = command
-        self.status = status
-        self.code = code
-        self.text = text
+        self.command, self.status, self.code, self.text = command, status, code, text
 
 
 class ProtocolError(ImapError):
@@ -311,8 +308,7 @@ class StopRequested(GmailClassifyError):
     def __init__(self, message: str = "stopped", signum: Optional[int] = None,
                  between_commands: bool = False) -> None:
         super().__init__(message)
-        self.signum = signum
-        self.between_commands = between_commands
+        self.signum, self.between_commands = signum, between_commands
 
 
 class Stop:
@@ -1730,10 +1726,7 @@ class _Protocol:
     """
 
     def __init__(self, host: str, user: str, timeout: float, stop: Stop) -> None:
-        self.host = host
-        self.user = user
-        self.timeout = timeout
-        self.stop = stop
+        self.host, self.user, self.timeout, self.stop = host, user, timeout, stop
         self.imap: Optional[imaplib.IMAP4] = None
         self.capabilities: frozenset = frozenset()
         self.selected: Optional[FolderStatus] = None

@@ -2336,15 +2336,9 @@ class GmailConnection:
         # The caller's stop mechanism: read loops and retries look at it (see Stop).
         self._proto = _Protocol(host, user, timeout, stop if stop is not None else Stop())
         self.port = port or (IMAPS_PORT if security == "tls" else IMAP_PORT)
-        self.security = security
-        self.cafile = cafile
-        self.keepalive = keepalive
-        self.retries = retries
-        self.backoff = backoff
-        self._password = password
-        self._token = token
-        self._sleep = sleep
-        self._rng = rng
+        self.security, self.cafile, self.keepalive = security, cafile, keepalive
+        self.retries, self.backoff, self._sleep, self._rng = retries, backoff, sleep, rng
+        self._password, self._token = password, token
         self._lock = threading.RLock()
         self._background_error: Optional[BaseException] = None
         self._stop = threading.Event()

@@ -7326,11 +7326,8 @@ def program_trust_problem(condition: ProgramCondition) -> Optional[str]:
     base = os.path.dirname(os.path.abspath(condition.source)) if condition.source else os.getcwd()
     files += [os.path.join(base, arg) for arg in condition.argv[1:]
               if os.sep in arg and os.path.isfile(os.path.join(base, arg))]
-    for name in files:
-        problem = trust_problem(name)
-        if problem:
-            return f"{problem}; refusing to run program {condition.name()}"
-    return None
+    problem = next(filter(None, map(trust_problem, files)), None)
+    return f"{problem}; refusing to run program {condition.name()}" if problem else None
 
 
 def rule_programs(rules: Ruleset) -> List[Tuple[Rule, ProgramCondition]]:
@@ -7346,14 +7343,12 @@ def check_programs_trusted(rules: Ruleset, files: Sequence[str] = ()) -> None:
     found = rule_programs(rules)
     if not found:
         return
-    for name in files:
-        problem = trust_problem(name)
-        if problem:
-            raise RulesError(f"{problem}; refusing to run the rules' programs")
-    for _rule, condition in found:
-        problem = program_trust_problem(condition)
-        if problem:
-            raise RulesError(problem)
+    problem = next(filter(None, map(trust_problem, files)), None)
+    if problem:
+        raise RulesError(f"{problem}; refusing to run the rules' programs")
+    problem = next(filter(None, (program_trust_problem(cond) for _rule, cond in found)), None)
+    if problem:
+        raise RulesError(problem)
 
 
 def default_rules_dir() -> pathlib.Path:

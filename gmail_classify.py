@@ -2912,12 +2912,10 @@ class GmailConnection:
                 short = short.replace(delimiter, "/")
             by_name.setdefault(short.casefold(), folder)
             by_name.setdefault(folder.name.casefold(), folder)
-        for candidate in names:
-            folder = by_name.get(candidate.casefold())
-            if folder is not None:
-                log.info("no folder is marked %s; using %r, found by its name", use, folder.name)
-                return folder
-        return None
+        found = next(filter(None, (by_name.get(name.casefold()) for name in names)), None)
+        if found is not None:
+            log.info("no folder is marked %s; using %r, found by its name", use, found.name)
+        return found
 
     def create_folder(self, name: str) -> bool:
         """Create a folder (a label on Gmail). Returns False if it already existed.

@@ -2792,11 +2792,10 @@ class GmailConnection:
         """The attributes of ``folder``'s STATUS answer in ``response`` ({} for none).  Only
         the folder's own answer counts, by its octets as listed (a raw UTF-8 name stays
         raw): any untagged response may arrive with any command (RFC 3501 §7)."""
-        for item in response.untagged:
-            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
-                    and self._names(item[1], folder):
-                return _pairs(item[2]) if isinstance(item[2], list) else {}
-        return {}
+        attrs = next((item[2] for item in response.untagged
+                      if item and str(item[0]).upper() == "STATUS" and len(item) >= 3
+                      and self._names(item[1], folder)), None)
+        return _pairs(attrs) if isinstance(attrs, list) else {}
 
     def _status(self, folder: str, items: str) -> Dict[str, Any]:
         """The attributes STATUS ``folder`` ``items`` answered (see _status_of)."""

@@ -1707,9 +1707,7 @@ def _decode_server_text(error: BaseException) -> str:
     if isinstance(error, OSError):
         return str(error) or type(error).__name__
     text = error.args[0] if error.args else str(error)
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    text = str(text)
+    text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
     match = re.fullmatch(r"b(['\"])(.*)\1", text, re.S)
     return match.group(2) if match else text
 

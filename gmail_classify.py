@@ -7628,10 +7628,8 @@ def _toml_value(value: Any, indent: str = "") -> str:
             return one_line
         return "[\n" + "".join(f"{indent}  {item},\n" for item in items) + indent + "]"
     if isinstance(value, dict):
-        if not value:
-            return "{}"
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v, indent)}"
-                                for k, v in value.items()) + " }"
+        return ("{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v, indent)}"
+                                 for k, v in value.items()) + " }") if value else "{}"
     raise TypeError(f"cannot write {type(value).__name__} to a rules file")
 
 

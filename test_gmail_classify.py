@@ -18812,6 +18812,68 @@ class LiveServerTest(unittest.TestCase):
         self.assertEqual(again.changes, {})
 
 
+# --- Issue 16: a shorter file, lines 1-7835 (what the consolidations showed untested) ----
+
+
+class LiteralContinuationTest(FakeServerTest):
+    """A synchronizing literal waits for the server's go-ahead (_Protocol._send): an
+    untagged line before it is read past, a tagged refusal or a BYE ends the command."""
+
+    USER8 = "jörg@example.com"
+
+    def answering(self, before: bytes) -> None:
+        """The server sends ``before`` (TAG stands for the command's tag) in place of, or
+        ahead of, its go-ahead for each literal."""
+        class Answering(_Session):
+            def _capabilities(self, authenticated=None):   # LOGIN, with literals
+                return [c for c in super()._capabilities(authenticated) if c != "AUTH=PLAIN"]
+
+            def _readline(self):
+                line = super()._readline()
+                if line is not None and re.search(rb"\{\d+\}\r\n\Z", line):
+                    self.pending_tag = line.split(b" ", 1)[0]
+                return line
+
+            def _send(self, data):
+                if data == b"+ go ahead\r\n":
+                    super()._send(before.replace(b"TAG", self.pending_tag))
+                    if before.startswith((b"TAG ", b"* BYE")):
+                        raise _Closed()
+                super()._send(data)
+
+        self.server.users[self.USER8] = "pässwörd"
+        self.server.use_handler(Answering)
+
+    def sign_in(self) -> gc.GmailConnection:
+        conn = gc.GmailConnection(self.USER8, password="pässwörd", host="127.0.0.1",
+                                  port=self.server.port, security="plaintext",
+                                  keepalive=None, retries=0, sleep=self.sleep)
+        self.addCleanup(conn.close)
+        conn.connect()
+        return conn
+
+    def test_an_untagged_line_before_the_go_ahead_is_read_past(self):
+        self.answering(b"* OK still thinking\r\n")
+        self.sign_in()
+        login = [e.line for e in self.server.log if e.command == "LOGIN"][0]
+        self.assertIn(b"LOGIN {17}\r\nj\xc3\xb6rg@example.com {10}\r\np\xc3\xa4ssw\xc3\xb6rd\r\n",
+                      login)
+
+    def test_a_refused_literal_is_the_servers_no(self):
+        self.answering(b"TAG NO [TOOBIG] no literals today\r\n")
+        with self.assertRaises(gc.AuthenticationError) as caught:
+            self.sign_in()
+        self.assertEqual(caught.exception.text, "[TOOBIG] no literals today")
+        self.assertEqual((caught.exception.status, caught.exception.code), ("NO", "TOOBIG"))
+        self.assertFalse(any(b"p\xc3\xa4ssw" in line for line in self.server.raw_lines))
+
+    def test_a_bye_before_the_go_ahead_is_a_dropped_connection(self):
+        self.answering(b"* BYE going down\r\n")
+        with self.assertRaises(gc.ConnectionLostError) as caught:
+            self.sign_in()
+        self.assertIn("server said BYE: going down", str(caught.exception))
+
+
 # --- Benchmark ---------------------------------------------------------------------------
 
 # ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]

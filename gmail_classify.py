@@ -3712,11 +3712,9 @@ def _flag_arg(flag: str) -> bytes:
 def _label_arg(label: str) -> bytes:
     """A Gmail label on the wire: system labels as atoms, others modified UTF-7 astrings."""
     _refuse_controls(label, "the label")
-    for system in GMAIL_SYSTEM_LABELS:
-        if label.lower() == system.lower():
-            return system.encode("ascii")
+    system = next((name for name in GMAIL_SYSTEM_LABELS if name.lower() == label.lower()), None)
     # Gmail misreads some unquoted label atoms (those with * or brackets); quote always.
-    return quote(encode_mailbox(label))
+    return system.encode("ascii") if system else quote(encode_mailbox(label))
 
 
 # Search keys and the kind of argument each takes (RFC 3501 §6.4.4).

@@ -5098,12 +5098,11 @@ class BodyMatch(Condition):
             return None, "body: not fetched yet"
         folded = _normalise(msg.body)
         for pattern in self.matcher.patterns:
-            text = msg.body if pattern.regex is not None else folded
             if pattern.regex is not None:
-                found = pattern.regex.search(text)
+                text, found = msg.body, pattern.regex.search(msg.body)
                 span = found.span() if found else None
             else:
-                start = text.find(pattern.needle)
+                text, start = folded, folded.find(pattern.needle)
                 span = (start, start + len(pattern.needle)) if start >= 0 else None
             if span is not None:
                 seen = text[max(0, span[0] - 20):span[1] + 20]

@@ -18859,6 +18859,13 @@ class LiteralContinuationTest(FakeServerTest):
         self.assertIn(b"LOGIN {17}\r\nj\xc3\xb6rg@example.com {10}\r\np\xc3\xa4ssw\xc3\xb6rd\r\n",
                       login)
 
+    def test_a_flood_before_the_go_ahead_is_refused(self):
+        self.answering(b"* OK wait\r\n" * (gc.MAX_UNREQUESTED_ANSWERS + 1))
+        with self.assertRaises(gc.ProtocolError) as caught:
+            self.sign_in()
+        self.assertIn(f"more than {gc.MAX_UNREQUESTED_ANSWERS} untagged answers it did not "
+                      f"ask for in its answer to a literal's continuation", str(caught.exception))
+
     def test_a_refused_literal_is_the_servers_no(self):
         self.answering(b"TAG NO [TOOBIG] no literals today\r\n")
         with self.assertRaises(gc.AuthenticationError) as caught:

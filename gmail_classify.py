@@ -7119,16 +7119,15 @@ class _TomlReader:
         self.enter(1, self.pos)
         self.pos += 1
         items: List[Any] = []
-        while True:
-            self.skip_blank()
-            if self.peek() == "]":
-                break
+        self.skip_blank()
+        while self.peek() != "]":       # a comma after the last item is allowed
             items.append(self.value())
             self.skip_blank()
             if self.peek() == ",":
                 self.pos += 1
             elif self.peek() != "]":
                 raise self.fail(f"expected ',' or ']' in the array, found {self.found()}")
+            self.skip_blank()
         self.pos += 1
         self.frozen.add(id(items))
         self.depth -= 1

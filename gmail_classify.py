@@ -7080,9 +7080,7 @@ class _TomlReader:
     def value(self) -> Any:
         char = self.peek()
         if char in ('"', "'"):
-            if self.peek(3) == char * 3:
-                return self.multiline_string(char)
-            return self.string(char)
+            return (self.multiline_string if self.peek(3) == char * 3 else self.string)(char)
         if char == "[":
             return self.array()
         if char == "{":

@@ -18881,6 +18881,31 @@ class LiteralContinuationTest(FakeServerTest):
         self.assertIn("server said BYE: going down", str(caught.exception))
 
 
+@unittest.skipUnless(os.name == "posix", "file modes are POSIX")
+class ProgramsTrustCheckTest(unittest.TestCase):
+    """check_programs_trusted: the files a rules file includes are checked before any
+    program runs, as the programs themselves are."""
+
+    RULES = {"rule": [{"name": "P", "program": ["true"], "label": "x"}]}
+
+    def test_an_included_file_others_can_change_stops_every_program(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        path = os.path.join(tmp, "more.toml")
+        with open(path, "w") as fh:
+            fh.write("")
+        os.chmod(path, 0o666)
+        rules = gc.parse_rules(self.RULES)
+        gc.check_programs_trusted(rules, [])
+        with self.assertRaises(gc.RulesError) as caught:
+            gc.check_programs_trusted(rules, [path])
+        self.assertEqual(str(caught.exception),
+                         f"{path} can be changed by other users (group or others may write "
+                         f"it); run 'chmod go-w {path}'; refusing to run the rules' programs")
+        gc.check_programs_trusted(gc.parse_rules({"rule": [{"name": "L", "from": "a",
+                                                             "label": "x"}]}), [path])
+
+
 # --- Benchmark ---------------------------------------------------------------------------
 
 # ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]

@@ -18905,6 +18905,22 @@ class ProgramsTrustCheckTest(unittest.TestCase):
         gc.check_programs_trusted(gc.parse_rules({"rule": [{"name": "L", "from": "a",
                                                              "label": "x"}]}), [path])
 
+    def test_a_program_others_can_change_is_refused_before_any_runs(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        program = os.path.join(tmp, "filter")
+        with open(program, "w") as fh:
+            fh.write("#!/bin/sh\nexit 0\n")
+        os.chmod(program, 0o755)
+        rules = gc.parse_rules({"rule": [{"name": "P", "program": [program], "label": "x"}]})
+        gc.check_programs_trusted(rules)
+        os.chmod(program, 0o777)
+        with self.assertRaises(gc.RulesError) as caught:
+            gc.check_programs_trusted(rules)
+        self.assertEqual(str(caught.exception),
+                         f"{program} can be changed by other users (group or others may write "
+                         f"it); run 'chmod go-w {program}'; refusing to run program filter")
+
 
 # --- Benchmark ---------------------------------------------------------------------------
 

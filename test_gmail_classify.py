@@ -18922,6 +18922,18 @@ class ProgramsTrustCheckTest(unittest.TestCase):
                          f"it); run 'chmod go-w {program}'; refusing to run program filter")
 
 
+class SpecialFolderByNameTest(AnyServerTest):
+    def test_a_folder_found_by_its_name_is_logged_and_one_marked_is_not(self):
+        self.serve("inbox-prefix", special_use=False,
+                   folders=(("INBOX", ""), ("deleted messages", ""), ("ARCHIVE", "")))
+        conn = self.connect()
+        with self.assertLogs("gmail_classify", logging.INFO) as logs:
+            self.assertEqual(conn.special_folder("\\Trash").name, "INBOX.deleted messages")
+            self.assertIsNone(conn.special_folder("\\Junk"))
+        self.assertEqual(logs.output, ["INFO:gmail_classify:no folder is marked \\Trash; using "
+                                       "'INBOX.deleted messages', found by its name"])
+
+
 # --- Benchmark ---------------------------------------------------------------------------
 
 # ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]

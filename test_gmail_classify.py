@@ -18934,6 +18934,23 @@ class SpecialFolderByNameTest(AnyServerTest):
                                        "'INBOX.deleted messages', found by its name"])
 
 
+class SearchCriteriaTest(FakeServerTest):
+    def test_a_key_without_its_argument_is_refused_before_anything_is_sent(self):
+        self.server.add_message(make_message("hello"))
+        conn = self.connect()
+        conn.select("INBOX")
+        self.assertEqual(conn.search(["FROM", "alice", "UNSEEN"]), [1])
+        for criteria, error in ((["UNSEEN", "FROM"], "search key FROM needs a str argument"),
+                                (("SINCE",), "search key SINCE needs a date argument"),
+                                (["HEADER", "X-Mailer"], "search key HEADER needs a str argument")):
+            with self.subTest(criteria=criteria):
+                sent = len(self.server.log)
+                with self.assertRaises(gc.ImapError) as caught:
+                    conn.search(criteria)
+                self.assertEqual(str(caught.exception), error)
+                self.assertEqual(len(self.server.log), sent)
+
+
 # --- Benchmark ---------------------------------------------------------------------------
 
 # ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]

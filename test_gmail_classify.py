@@ -18936,14 +18936,15 @@ class SpecialFolderByNameTest(AnyServerTest):
 
 
 class SearchCriteriaTest(FakeServerTest):
-    def test_a_key_without_its_argument_is_refused_before_anything_is_sent(self):
+    def test_a_key_without_its_argument_or_a_wrong_one_is_refused_before_sending(self):
         self.server.add_message(make_message("hello"))
         conn = self.connect()
         conn.select("INBOX")
         self.assertEqual(conn.search(["FROM", "alice", "UNSEEN"]), [1])
         for criteria, error in ((["UNSEEN", "FROM"], "FROM needs a str argument"),
                                 (("SINCE",), "SINCE needs a date argument"),
-                                (["HEADER", "X-Mailer"], "HEADER needs a str argument")):
+                                (["HEADER", "X-Mailer"], "HEADER needs a str argument"),
+                                (["SINCE", "2024"], "SINCE needs a date, not '2024'")):
             with self.subTest(criteria=criteria):
                 sent = len(self.server.log)
                 with self.assertRaises(gc.ImapError) as caught:

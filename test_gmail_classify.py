@@ -18941,6 +18941,8 @@ class SearchCriteriaTest(FakeServerTest):
         conn = self.connect()
         conn.select("INBOX")
         self.assertEqual(conn.search(["FROM", "alice", "UNSEEN"]), [1])
+        self.assertEqual(conn.search(["KEYWORD", "$Junk"]), [])
+        self.assertTrue(self.server.log[-1].line.endswith(b" UID SEARCH KEYWORD $Junk\r\n"))
         for criteria, error in ((["UNSEEN", "FROM"], "FROM needs a str argument"),
                                 (("SINCE",), "SINCE needs a date argument"),
                                 (["HEADER", "X-Mailer"], "HEADER needs a str argument"),

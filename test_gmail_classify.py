@@ -18955,6 +18955,21 @@ class SearchCriteriaTest(FakeServerTest):
                 self.assertEqual(len(self.server.log), sent)
 
 
+class WaitReadableTest(unittest.TestCase):
+    def test_buffered_data_is_ready_though_the_socket_is_quiet(self):
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        wire = gc._PlainWire.__new__(gc._PlainWire)     # no connection: only the buffer
+        wire.sock, wire._rbuf = ours, bytearray()
+        self.assertFalse(wire.wait_readable(0))
+        wire._rbuf += b"* 3 EXISTS\r\n"
+        self.assertTrue(wire.wait_readable(0))
+        wire._rbuf.clear()
+        theirs.sendall(b"* 4 EXISTS\r\n")
+        self.assertTrue(wire.wait_readable(1))
+
+
 # --- Benchmark ---------------------------------------------------------------------------
 
 # ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]

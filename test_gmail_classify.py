@@ -18970,6 +18970,15 @@ class WaitReadableTest(unittest.TestCase):
         self.assertTrue(wire.wait_readable(1))
 
 
+class IdleTimeoutTest(FakeServerTest):
+    def test_a_quiet_idle_lasts_its_whole_timeout(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        start = time.monotonic()
+        self.assertEqual(conn.idle(0.2), [])
+        self.assertGreaterEqual(time.monotonic() - start, 0.2)
+
+
 # --- Benchmark ---------------------------------------------------------------------------
 
 # ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]

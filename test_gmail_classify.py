@@ -18979,6 +18979,20 @@ class IdleTimeoutTest(FakeServerTest):
         self.assertGreaterEqual(time.monotonic() - start, 0.2)
 
 
+class InlinePartsTest(unittest.TestCase):
+    def message(self, leaf: str) -> bytes:
+        return (b'From: a@example.com\r\nSubject: s\r\nMIME-Version: 1.0\r\n'
+                b'Content-Type: multipart/related; boundary="b"\r\n\r\n'
+                b'--b\r\nContent-Type: text/plain\r\n\r\nhello\r\n'
+                b'--b\r\n' + leaf.encode("ascii") + b'\r\n\r\nAAAA\r\n--b--\r\n')
+
+    def test_a_named_inline_image_is_an_attachment_and_named_inline_text_is_not(self):
+        image = 'Content-Type: image/png; name="logo.png"\r\nContent-Disposition: inline'
+        text = 'Content-Type: text/plain; name="notes.txt"\r\nContent-Disposition: inline'
+        self.assertTrue(gc.message_info_from_bytes(self.message(image)).has_attachment)
+        self.assertFalse(gc.message_info_from_bytes(self.message(text)).has_attachment)
+
+
 # --- Benchmark ---------------------------------------------------------------------------
 
 # ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]

@@ -240,10 +240,7 @@ class ImapError(GmailClassifyError):
     def __init__(self, message: str, *, command: str = "", status: str = "",
                  code: str = "", text: str = "") -> None:
         super().__init__(message)
-        self.command = command
-        self.status = status
-        self.code = code
-        self.text = text
+        self.command, self.status, self.code, self.text = command, status, code, text
 
 
 class ProtocolError(ImapError):
@@ -312,8 +309,7 @@ class StopRequested(GmailClassifyError):
     def __init__(self, message: str = "stopped", signum: Optional[int] = None,
                  between_commands: bool = False) -> None:
         super().__init__(message)
-        self.signum = signum
-        self.between_commands = between_commands
+        self.signum, self.between_commands = signum, between_commands
 
 
 class Stop:
@@ -432,8 +428,7 @@ def quote(text: str) -> bytes:
     non-ASCII text, which the caller must send as a Literal or encode first.
     """
     _refuse_controls(text, "the string")
-    raw = text.encode("ascii")
-    return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    return b'"' + text.encode("ascii").replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
 def astring(text: str) -> bytes:
@@ -483,9 +478,7 @@ def decode_mailbox(name: Union[str, bytes]) -> str:
 def mailbox_arg(name: str) -> bytes:
     """A folder name ready for the wire: modified UTF-7, then atom or quoted string."""
     _refuse_controls(name, "the folder name")
-    if name.upper() == "INBOX":
-        return b"INBOX"
-    return astring(encode_mailbox(name))
+    return b"INBOX" if name.upper() == "INBOX" else astring(encode_mailbox(name))
 
 
 def _uid_runs(uids: Iterable[int]) -> Iterator[Tuple[int, int]]:
@@ -1460,13 +1453,10 @@ class _BufferedWire:
 
     def wait_readable(self, timeout: float) -> bool:
         """True when a read would not block: data buffered here or in TLS, or on the socket."""
-        if getattr(self, "_rbuf", None):
-            return True
         sock = self.sock  # type: ignore[attr-defined]
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        if getattr(self, "_rbuf", None) or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
             return True
-        readable, _, _ = select.select([sock], [], [], max(0.0, timeout))
-        return bool(readable)
+        return bool(select.select([sock], [], [], max(0.0, timeout))[0])
 
 
 class _GreetingTimeout(socket.timeout):
@@ -1586,9 +1576,7 @@ def _needed_by(command: str) -> Callable[[List[Any]], bool]:
         kind = _untagged_kind(item)
         if kind in ("OK", "NO", "BAD", "PREAUTH"):   # only those with a response code
             return len(item) > 1 and bool(item[1]) and (wanted is None or kind in wanted)
-        if wanted is not None:
-            return kind in wanted
-        return kind not in _STATE_UPDATES
+        return kind in wanted if wanted is not None else kind not in _STATE_UPDATES
     return keep
 
 
@@ -1746,9 +1734,7 @@ def _decode_server_text(error: BaseException) -> str:
     if isinstance(error, OSError):
         return str(error) or type(error).__name__
     text = error.args[0] if error.args else str(error)
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    text = str(text)
+    text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
     match = re.fullmatch(r"b(['\"])(.*)\1", text, re.S)
     return match.group(2) if match else text
 
@@ -1765,10 +1751,7 @@ class _Protocol:
     """
 
     def __init__(self, host: str, user: str, timeout: float, stop: Stop) -> None:
-        self.host = host
-        self.user = user
-        self.timeout = timeout
-        self.stop = stop
+        self.host, self.user, self.timeout, self.stop = host, user, timeout, stop
         self.imap: Optional[imaplib.IMAP4] = None
         self.capabilities: frozenset = frozenset()
         self.selected: Optional[FolderStatus] = None
@@ -1781,11 +1764,6 @@ class _Protocol:
         self.exists_seen = 0
         self._inflight: List[_Pending] = []   # pipelined commands, oldest first
         self._secrets: List[str] = []   # credentials sent, kept out of -vv logs
-
-    def attach(self, imap: imaplib.IMAP4) -> None:
-        """Take over a freshly opened imaplib object (the previous one is dropped)."""
-        self.drop()
-        self.imap = imap
 
     def live(self) -> imaplib.IMAP4:
         if self.imap is None:
@@ -1818,8 +1796,7 @@ class _Protocol:
         piece of server text passes through here first.
         """
         for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, "<redacted>")
+            text = text.replace(secret, "<redacted>")
         return text
 
     def login(self, password: str) -> None:
@@ -1906,16 +1883,6 @@ class _Protocol:
         except _DROPPED_ERRORS as exc:
             raise _Dropped(f"connection lost while signing in: "
                            f"{_decode_server_text(exc) or type(exc).__name__}") from exc
-
-    def ask_capabilities(self) -> None:
-        """imaplib read the capabilities once, before login; Gmail adds MOVE, UIDPLUS and
-        more only afterwards, so ask again (an 8-bit word names nothing we use)."""
-        caps = set()
-        for response in self.execute("CAPABILITY").untagged:
-            if response and str(response[0]).upper() == "CAPABILITY":
-                caps.update(str(word).upper() for word in response[1:]
-                            if str(word).isascii())
-        self.capabilities = frozenset(caps or self.imap.capabilities)
 
     # -- sending commands and reading answers ----------------------------------------
 
@@ -2056,11 +2023,8 @@ class _Protocol:
         """Read every pipelined answer still on the wire (kept for whoever sent it)."""
         self._inflight = [p for p in self._inflight if p.imap is self.imap]
         while self._inflight:
-            pending = self._inflight[-1]
-            try:
-                self.collect(pending)
-            except ImapError:
-                pass        # kept in pending.response; its sender raises it
+            with contextlib.suppress(ImapError):    # kept in the answer; its sender raises it
+                self.collect(self._inflight[-1])
 
     # -- the wire: lines, literals, answers ---------------------------------------------
 
@@ -2068,14 +2032,11 @@ class _Protocol:
     def _log_command(tag: bytes, command: str, args: Sequence[Any]) -> None:
         if not log.isEnabledFor(logging.DEBUG):
             return
-        shown = []
-        for arg in args:
-            if isinstance(arg, Literal):
-                shown.append(f"{{{len(arg.data)} bytes}}")
-            else:
-                text = arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
-                shown.append(text if len(text) < 200 else text[:200] + "...")
-        log.debug("C: %s %s %s", tag.decode(), command, " ".join(shown))
+        shown = (f"{{{len(arg.data)} bytes}}" if isinstance(arg, Literal) else
+                 arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
+                 for arg in args)
+        log.debug("C: %s %s %s", tag.decode(), command,
+                  " ".join(text if len(text) < 200 else text[:200] + "..." for text in shown))
 
     def _log_answer(self, raw: bytes) -> None:
         """-vv: one server line, shortened, with any credential of ours blanked out."""
@@ -2097,23 +2058,19 @@ class _Protocol:
                 line += b"{%d+}\r\n" % size + part.data
                 continue
             imap.send(line + b"{%d}\r\n" % size)
-            self._wait_continuation(tag)
+            budget = _AnswerBudget("a literal's continuation")
+            raw = self._read_line()
+            while not raw.startswith(b"+"):     # the server's go-ahead for the literal
+                if raw.startswith(tag + b" "):
+                    code, _, text = parse_status_text(raw[len(tag) + 1:].split(b" ", 1)[-1])
+                    raise ImapError(f"the server refused a literal: {text}", status="NO",
+                                    code=code, text=text)
+                if raw.startswith(b"* BYE"):
+                    raise _Dropped("server said BYE: " + raw[6:].decode("utf-8", "replace"))
+                budget.unasked(len(raw), update=False)
+                raw = self._read_line()
             line = part.data
         imap.send(line + b"\r\n")
-
-    def _wait_continuation(self, tag: bytes) -> None:
-        budget = _AnswerBudget("a literal's continuation")
-        while True:
-            raw = self._read_line()
-            if raw.startswith(b"+"):
-                return
-            if raw.startswith(tag + b" "):
-                code, _, text = parse_status_text(raw[len(tag) + 1:].split(b" ", 1)[-1])
-                raise ImapError(f"the server refused a literal: {text}", status="NO",
-                                code=code, text=text)
-            if raw.startswith(b"* BYE"):
-                raise _Dropped("server said BYE: " + raw[6:].decode("utf-8", "replace"))
-            budget.unasked(len(raw), update=False)
 
     def _read_line(self, max_literal: Optional[int] = None,
                    dropped: Optional[List[int]] = None) -> bytes:
@@ -2342,10 +2299,9 @@ class _Protocol:
         idling = False
         while True:
             if idling:
-                if events or self.stop.requested or (interrupt is not None and interrupt()):
-                    return events, None
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if events or self.stop.requested or (interrupt is not None and interrupt()) \
+                        or left <= 0:
                     return events, None
                 if not imap.wait_readable(min(left, IDLE_POLL)):  # type: ignore[attr-defined]
                     continue
@@ -2407,15 +2363,9 @@ class GmailConnection:
         # The caller's stop mechanism: read loops and retries look at it (see Stop).
         self._proto = _Protocol(host, user, timeout, stop if stop is not None else Stop())
         self.port = port or (IMAPS_PORT if security == "tls" else IMAP_PORT)
-        self.security = security
-        self.cafile = cafile
-        self.keepalive = keepalive
-        self.retries = retries
-        self.backoff = backoff
-        self._password = password
-        self._token = token
-        self._sleep = sleep
-        self._rng = rng
+        self.security, self.cafile, self.keepalive = security, cafile, keepalive
+        self.retries, self.backoff, self._sleep, self._rng = retries, backoff, sleep, rng
+        self._password, self._token = password, token
         self._lock = threading.RLock()
         self._background_error: Optional[BaseException] = None
         self._stop = threading.Event()
@@ -2487,8 +2437,7 @@ class GmailConnection:
                 self._proto.drop()
 
     def redact(self, text: str) -> str:
-        """``text`` from the server with every credential we sent blanked out (see
-        _Protocol.redact)."""
+        """Server text with every credential we sent blanked out (see _Protocol.redact)."""
         return self._proto.redact(text)
 
     @property
@@ -2571,12 +2520,18 @@ class GmailConnection:
                 raise _Unreachable(f"cannot connect to {where}: {hint}") from exc
             raise _Dropped(f"cannot connect to {where}: {_decode_server_text(exc)}") from exc
         imap.stop = self.stop  # type: ignore[attr-defined]
-        self._proto.attach(imap)
+        self._proto.drop()
+        self._proto.imap = imap
         try:
             if self.security == "starttls":
                 self._starttls(imap, where)
             self._authenticate()
-            self._proto.ask_capabilities()
+            # imaplib read the capabilities once, before login; Gmail adds MOVE, UIDPLUS
+            # and more only afterwards, so ask again (an 8-bit word names nothing we use).
+            caps = {str(word).upper() for response in self._proto.execute("CAPABILITY").untagged
+                    if response and str(response[0]).upper() == "CAPABILITY"
+                    for word in response[1:] if str(word).isascii()}
+            self._proto.capabilities = frozenset(caps or imap.capabilities)
         except BaseException:
             self._proto.drop()
             raise
@@ -2678,10 +2633,8 @@ class GmailConnection:
                 # Said on every retry, so a slow start never looks like a hang.
                 log.warning("%s; retrying (%d/%d) in %.1f s...", error, attempt + 1,
                             self.retries + 1, delay)
-                if self._sleep is time.sleep:
-                    self.stop.wait(delay)       # a stop ends the wait at once
-                else:
-                    self._sleep(delay)
+                # The default sleep waits on the Stop, so that a stop ends it at once.
+                (self.stop.wait if self._sleep is time.sleep else self._sleep)(delay)
                 self.stop.check("instead of reconnecting")
             try:
                 self._open()
@@ -2866,11 +2819,10 @@ class GmailConnection:
         """The attributes of ``folder``'s STATUS answer in ``response`` ({} for none).  Only
         the folder's own answer counts, by its octets as listed (a raw UTF-8 name stays
         raw): any untagged response may arrive with any command (RFC 3501 §7)."""
-        for item in response.untagged:
-            if item and str(item[0]).upper() == "STATUS" and len(item) >= 3 \
-                    and self._names(item[1], folder):
-                return _pairs(item[2]) if isinstance(item[2], list) else {}
-        return {}
+        attrs = next((item[2] for item in response.untagged
+                      if item and str(item[0]).upper() == "STATUS" and len(item) >= 3
+                      and self._names(item[1], folder)), None)
+        return _pairs(attrs) if isinstance(attrs, list) else {}
 
     def _status(self, folder: str, items: str) -> Dict[str, Any]:
         """The attributes STATUS ``folder`` ``items`` answered (see _status_of)."""
@@ -2923,8 +2875,7 @@ class GmailConnection:
                         if len(first) > 1 and first[1] is not None:
                             delimiter = _as_text(first[1])
         if delimiter is None:
-            delimiters = [f.delimiter for f in self.list_folders() if f.delimiter]
-            delimiter = delimiters[0] if delimiters else "/"
+            delimiter = next((f.delimiter for f in self.list_folders() if f.delimiter), "/")
         self._namespace = (prefix, delimiter)
         return self._namespace
 
@@ -2987,12 +2938,10 @@ class GmailConnection:
                 short = short.replace(delimiter, "/")
             by_name.setdefault(short.casefold(), folder)
             by_name.setdefault(folder.name.casefold(), folder)
-        for candidate in names:
-            folder = by_name.get(candidate.casefold())
-            if folder is not None:
-                log.info("no folder is marked %s; using %r, found by its name", use, folder.name)
-                return folder
-        return None
+        found = next(filter(None, (by_name.get(name.casefold()) for name in names)), None)
+        if found is not None:
+            log.info("no folder is marked %s; using %r, found by its name", use, found.name)
+        return found
 
     def create_folder(self, name: str) -> bool:
         """Create a folder (a label on Gmail). Returns False if it already existed.
@@ -3573,7 +3522,7 @@ class _WriteFlight:
         with conn._lock:
             conn._check_background()
             nonsync = bool({"LITERAL+", "LITERAL-"} & proto.capabilities)
-            try:
+            with contextlib.suppress(_Dropped):     # what was not answered is settled by land()
                 for write in self.writes:
                     if all(not isinstance(arg, Literal) or (nonsync and len(arg.data) <=
                                                             NONSYNC_LITERAL_MAX)
@@ -3586,8 +3535,6 @@ class _WriteFlight:
                         if exc.status not in ("NO", "BAD"):
                             raise
                         write.error = exc
-            except _Dropped:
-                pass        # what was not answered is settled by land()
 
     def land(self) -> List[_Write]:
         """Read every answer (each write's ``result``, ``created`` or ``error``), settling
@@ -3781,9 +3728,7 @@ def _check_fetch_item(item: str) -> None:
 def _string_arg(text: str) -> Union[bytes, Literal]:
     """A string argument: quoted when it is printable ASCII, otherwise a UTF-8 literal."""
     _refuse_controls(text, "the string")
-    if text.isascii():
-        return quote(text)
-    return Literal(text.encode("utf-8"))
+    return quote(text) if text.isascii() else Literal(text.encode("utf-8"))
 
 
 def _flag_arg(flag: str) -> bytes:
@@ -3796,12 +3741,9 @@ def _flag_arg(flag: str) -> bytes:
 def _label_arg(label: str) -> bytes:
     """A Gmail label on the wire: system labels as atoms, others modified UTF-7 astrings."""
     _refuse_controls(label, "the label")
-    for system in GMAIL_SYSTEM_LABELS:
-        if label.lower() == system.lower():
-            return system.encode("ascii")
-    encoded = encode_mailbox(label)
+    system = next((name for name in GMAIL_SYSTEM_LABELS if name.lower() == label.lower()), None)
     # Gmail misreads some unquoted label atoms (those with * or brackets); quote always.
-    return quote(encoded)
+    return system.encode("ascii") if system else quote(encode_mailbox(label))
 
 
 # Search keys and the kind of argument each takes (RFC 3501 §6.4.4).
@@ -3821,22 +3763,19 @@ _SEARCH_KEYS = {
 
 def _encode_search(criteria: Sequence[Any]) -> List[Any]:
     """Check and encode search criteria: keys as atoms, arguments quoted or literal."""
-    if isinstance(criteria, str):
-        criteria = [criteria]
     out: List[Any] = []
-    items = list(criteria)
-    index = 0
-    while index < len(items):
-        key = str(items[index]).upper()
+    items = iter([criteria] if isinstance(criteria, str) else criteria)
+    missing = object()      # what next() gives when no argument is left
+    for item in items:
+        key = str(item).upper()
         if key not in _SEARCH_KEYS:
-            raise ImapError(f"unknown search key {items[index]!r}; known keys: "
+            raise ImapError(f"unknown search key {item!r}; known keys: "
                             f"{', '.join(sorted(k for k in _SEARCH_KEYS if k.isalpha()))}")
         out.append(key)
         for kind in _SEARCH_KEYS[key]:
-            index += 1
-            if index >= len(items):
+            value = next(items, missing)
+            if value is missing:
                 raise ImapError(f"search key {key} needs a {kind} argument")
-            value = items[index]
             if kind == "str":
                 out.append(_string_arg(str(value)))
             elif kind == "date":
@@ -3850,7 +3789,6 @@ def _encode_search(criteria: Sequence[Any]) -> List[Any]:
                            else compress_uids(value))
             else:
                 out.append(_flag_arg(str(value)))
-        index += 1
     return out
 
 
@@ -4645,13 +4583,9 @@ def attachment_in(msg: email.message.EmailMessage) -> bool:
     non-text leaf part with a file name (e.g. an inline image).
     """
     try:
-        for part in msg.walk():
-            if part.is_multipart():
-                continue
-            if _is_attachment(part):
-                return True
-            if part.get_content_maintype() != "text" and part.get_filename():
-                return True
+        return any(_is_attachment(part) or (part.get_content_maintype() != "text"
+                                            and bool(part.get_filename()))
+                   for part in msg.walk() if not part.is_multipart())
     except Exception:
         log.debug("cannot walk message parts", exc_info=True)
     return False
@@ -4659,13 +4593,10 @@ def attachment_in(msg: email.message.EmailMessage) -> bool:
 
 def _header_date(headers: email.message.EmailMessage) -> Optional[datetime]:
     for value in header_text(headers, "date")[:1]:
-        try:
+        with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return None
-        if when is None:
-            return None
-        return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+            if when is not None:
+                return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
     return None
 
 
@@ -4676,14 +4607,12 @@ def _structure_has_attachment(structure: Any) -> Optional[bool]:
     if isinstance(structure[0], list):  # multipart: parts..., subtype, extensions
         return any(_structure_has_attachment(part) for part in structure
                    if isinstance(part, list) and part and isinstance(part[0], (list, str)))
-    for item in structure[7:]:
-        if isinstance(item, list) and item and isinstance(item[0], str) \
-                and item[0].lower() == "attachment":
-            return True
+    if any(isinstance(item, list) and item and isinstance(item[0], str)
+           and item[0].lower() == "attachment" for item in structure[7:]):
+        return True
     params = structure[2] if len(structure) > 2 and isinstance(structure[2], list) else []
     names = [str(params[i]).lower() for i in range(0, len(params) - 1, 2)]
-    main = str(structure[0]).lower()
-    return "name" in names and main not in ("text", "multipart")
+    return "name" in names and str(structure[0]).lower() not in ("text", "multipart")
 
 
 def _attachment_in_bytes(raw: bytes, headers: email.message.EmailMessage) -> bool:
@@ -4841,8 +4770,7 @@ def read_message_file(path: str) -> bytes:
     MAX_EML_BYTES) or OSError."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     with os.fdopen(fd, "rb") as fh:
-        status = os.fstat(fd)
-        if not stat.S_ISREG(status.st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError("not a regular file")
         data = fh.read(MAX_EML_BYTES + 1)
     if len(data) > MAX_EML_BYTES:
@@ -5195,7 +5123,9 @@ class HeaderMatch(Condition):
         parts: List[Condition] = []
         for name, test in value.items():
             sub = read.at(name)
-            sub.header_name(name)
+            if not _HEADER_NAME_RE.fullmatch(name):
+                raise sub.error(f"{_quote(name)} is not a header name (letters, digits "
+                                "and - _ . and the like; no spaces, ':' or brackets)")
             if isinstance(test, bool):
                 parts.append(HeaderPresent(name, test))
             elif isinstance(test, (str, list)):
@@ -5285,12 +5215,11 @@ class BodyMatch(Condition):
             return None, "body: not fetched yet"
         folded = _normalise(msg.body)
         for pattern in self.matcher.patterns:
-            text = msg.body if pattern.regex is not None else folded
             if pattern.regex is not None:
-                found = pattern.regex.search(text)
+                text, found = msg.body, pattern.regex.search(msg.body)
                 span = found.span() if found else None
             else:
-                start = text.find(pattern.needle)
+                text, start = folded, folded.find(pattern.needle)
                 span = (start, start + len(pattern.needle)) if start >= 0 else None
             if span is not None:
                 seen = text[max(0, span[0] - 20):span[1] + 20]
@@ -5344,8 +5273,7 @@ class SizeCompare(Condition):
 
 def _months_back(now: datetime, months: int) -> datetime:
     """`now` moved back by calendar months, the day clamped to the month's length."""
-    index = now.year * 12 + (now.month - 1) - months
-    year, month = divmod(index, 12)
+    year, month = divmod(now.year * 12 + (now.month - 1) - months, 12)
     month += 1
     day = min(now.day, calendar.monthrange(year, month)[1])
     return now.replace(year=year, month=month, day=day)
@@ -5580,9 +5508,7 @@ class AllOf(_Compound):
         return _kleene((v for v, _ in verdicts), True), self._wrap([t for _, t in verdicts])
 
     def _wrap(self, texts: List[str]) -> str:
-        if self.explicit:
-            return f"all of ({'; '.join(texts)})"
-        return " and ".join(texts)
+        return f"all of ({'; '.join(texts)})" if self.explicit else " and ".join(texts)
 
     def describe(self) -> str:
         return self._wrap([p.describe() for p in self.parts])
@@ -5721,8 +5647,7 @@ _NOT_RUN = _ProgramAnswer(None, why="not run", not_run=True)
 
 def _env_value(values: Sequence[str]) -> str:
     """A header's text for a program's environment: printable, at most 1 KiB of UTF-8."""
-    text = printable(" ".join(values)).replace("\0", "")
-    data = text.encode("utf-8")[:_PROGRAM_ENV_MAX]
+    data = printable(" ".join(values)).replace("\0", "").encode("utf-8")[:_PROGRAM_ENV_MAX]
     return data.decode("utf-8", "ignore")
 
 
@@ -6544,12 +6469,6 @@ class _ConditionReader:
                              f"got {_quote(value)}")
         return int(found.group(1)), found.group(2)
 
-    def header_name(self, name: Any) -> str:
-        if not _HEADER_NAME_RE.fullmatch(name):
-            raise self.error(f"{_quote(name)} is not a header name (letters, digits "
-                             "and - _ . and the like; no spaces, ':' or brackets)")
-        return name
-
     def conditions(self, value: Any) -> Tuple[Condition, ...]:
         """A non-empty list of condition tables (`any`, `all`)."""
         if not isinstance(value, list) or not value:
@@ -6896,8 +6815,7 @@ def _test_message(where: _Where, table: Dict[str, Any], source: str) -> MessageI
         if not isinstance(body, str):
             raise where.error("body", f"expected text, got {_quote(body)}")
         lines.append("Content-Type: text/plain; charset=utf-8")
-        raw = ("\r\n".join(lines) + "\r\n\r\n" + body).encode("utf-8")
-        msg = message_info_from_bytes(raw)
+        msg = message_info_from_bytes(("\r\n".join(lines) + "\r\n\r\n" + body).encode("utf-8"))
     if "size" in table:
         msg = dataclasses.replace(msg, size=_parse_size(where, "size", table["size"])[0])
     labels = table.get("labels", [])
@@ -6983,32 +6901,29 @@ def parse_rules(doc: Any, source: str = "<rules>") -> Ruleset:
     if not rules:
         raise where.error("rule", "the list is empty; add at least one rule")
     parsed = tuple(_parse_rule(source, i, rule, problems) for i, rule in enumerate(rules, 1))
+    # Rule names are checked only when every rule parsed; a broken rule is reported already.
+    names = None if None in parsed else list(dict.fromkeys(r.name for r in parsed))
     account: Dict[str, Any] = {}
     accounts: Tuple[Dict[str, Any], ...] = ()
     if isinstance(doc.get("account"), list):      # [[account]] tables: several accounts
-        accounts = _parse_accounts(source, doc["account"], problems,
-                                   None if None in parsed else [r.name for r in parsed])
+        accounts = _parse_accounts(source, doc["account"], problems, names)
     elif isinstance(doc.get("account"), dict):
         for key, item in doc["account"].items():
             with problems.catch():
                 _parse_account_key(where, key, item, account)
     elif "account" in doc:
         problems.add(where.error("account", f"expected a table, got {_quote(doc['account'])}"))
-    tests: Tuple[RuleTest, ...] = ()
+    tests: List[RuleTest] = []
     tables = doc.get("test", [])
     if not isinstance(tables, list):
         problems.add(where.error("test", "expected a list of test tables; in TOML write "
                                          "[[test]] with double brackets"))
     else:
-        # Names are checked only when every rule parsed; a broken rule is reported already.
-        names = None if None in parsed else list(dict.fromkeys(r.name for r in parsed))
-        found = []
         for i, table in enumerate(tables, 1):
             with problems.catch():
-                found.append(_parse_test(source, i, table, names))
-        tests = tuple(found)
+                tests.append(_parse_test(source, i, table, names))
     problems.raise_any()
-    return Ruleset(rules=parsed, source=source, account=account, tests=tests,
+    return Ruleset(rules=parsed, source=source, account=account, tests=tuple(tests),
                    accounts=accounts)
 
 
@@ -7146,13 +7061,9 @@ class _TomlReader:
 
     def newline(self) -> bool:
         """Consumes one line break; False at the end of the text."""
-        if self.peek() == "\n":
-            self.pos += 1
-            return True
-        if self.peek(2) == "\r\n":
-            self.pos += 2
-            return True
-        return False
+        size = 1 if self.peek() == "\n" else 2 if self.peek(2) == "\r\n" else 0
+        self.pos += size
+        return size > 0
 
     def end_of_line(self, after: str) -> None:
         self.skip_ws()
@@ -7200,8 +7111,12 @@ class _TomlReader:
         self.enter(len(keys), start)
         self.base = len(keys)
         table = root
-        for key in keys[:-1]:
-            table = self.descend(table, key, start, shown)
+        for key in keys[:-1]:       # the tables on the way, created when missing
+            table = table.setdefault(key, {})
+            if isinstance(table, list) and id(table) in self.table_arrays:
+                table = table[-1]
+            elif not isinstance(table, dict) or id(table) in self.frozen:
+                raise self.fail(f"{shown}: '{key}' is already defined as a value", start)
         last = keys[-1]
         existing = table.get(last)
         if array:
@@ -7221,17 +7136,6 @@ class _TomlReader:
         self.explicit.add(id(existing))
         self.end_of_line("a table header")
         return existing
-
-    def descend(self, table: Dict[str, Any], key: str, pos: int, shown: str) -> Dict[str, Any]:
-        """The table `key` inside `table` on the way to a header, created when missing."""
-        if key not in table:
-            table[key] = {}
-        value = table[key]
-        if isinstance(value, list) and id(value) in self.table_arrays:
-            return value[-1]
-        if not isinstance(value, dict) or id(value) in self.frozen:
-            raise self.fail(f"{shown}: '{key}' is already defined as a value", pos)
-        return value
 
     def key_value(self, table: Dict[str, Any], made: set, after: str) -> None:
         """`key = value` into `table`; `made` collects tables that dotted keys create."""
@@ -7298,9 +7202,7 @@ class _TomlReader:
     def value(self) -> Any:
         char = self.peek()
         if char in ('"', "'"):
-            if self.peek(3) == char * 3:
-                return self.multiline_string(char)
-            return self.string(char)
+            return (self.multiline_string if self.peek(3) == char * 3 else self.string)(char)
         if char == "[":
             return self.array()
         if char == "{":
@@ -7321,8 +7223,7 @@ class _TomlReader:
                 raise self.fail(f"a number of more than {MAX_NUMBER_DIGITS} digits; rules "
                                 f"never need one", start)
             self.pos = word.end()
-            return int(text.replace("_", ""), 0) if text[:2] in ("0x", "0o", "0b") \
-                else int(text.replace("_", ""))
+            return int(text.replace("_", ""), 0 if text[:2] in ("0x", "0o", "0b") else 10)
         if _TOML_FLOAT.fullmatch(text):
             raise self.fail(f"floating-point numbers are not supported here; use a whole "
                             f"number, or a string such as \"{text}\"", start)
@@ -7338,16 +7239,15 @@ class _TomlReader:
         self.enter(1, self.pos)
         self.pos += 1
         items: List[Any] = []
-        while True:
-            self.skip_blank()
-            if self.peek() == "]":
-                break
+        self.skip_blank()
+        while self.peek() != "]":       # a comma after the last item is allowed
             items.append(self.value())
             self.skip_blank()
             if self.peek() == ",":
                 self.pos += 1
             elif self.peek() != "]":
                 raise self.fail(f"expected ',' or ']' in the array, found {self.found()}")
+            self.skip_blank()
         self.pos += 1
         self.frozen.add(id(items))
         self.depth -= 1
@@ -7358,24 +7258,21 @@ class _TomlReader:
         self.enter(1, self.pos)
         self.pos += 1
         table: Dict[str, Any] = {}
+        made: set = set()
         self.skip_ws()
-        if self.peek() == "}":
-            self.pos += 1
-        else:
-            made: set = set()
+        if self.peek() != "}":
             while True:
                 self.key_value(table, made, "")
                 self.skip_ws()
                 if self.peek() == "}":
-                    self.pos += 1
                     break
                 if self.peek() != ",":
                     raise self.fail("expected ',' or '}' in the inline table (which must fit "
                                     f"on one line), found {self.found()}")
                 self.pos += 1
                 self.skip_ws()
-            self.frozen |= made
-        self.frozen.add(id(table))
+        self.pos += 1   # the closing brace
+        self.frozen |= made | {id(table)}
         self.depth -= 1
         return table
 
@@ -7431,7 +7328,14 @@ class _TomlReader:
             if not char:
                 raise self.fail("unterminated multi-line string", start)
             if char == quote and self.peek(3) == quote * 3:
-                return "".join(parts) + self.close_multiline(quote)
+                # A run of 3 to 5 quotes: the last three close; up to two belong to the text.
+                run = 3
+                while self.text[self.pos + run:self.pos + run + 1] == quote:
+                    run += 1
+                if run > 5:
+                    raise self.fail("too many quotes at the end of a multi-line string")
+                self.pos += run
+                return "".join(parts) + quote * (run - 3)
             if char == "\\" and quote == '"':
                 after = _TOML_LINE_CONTINUATION.match(self.text, self.pos)
                 if after:  # line-ending backslash: drop it and all whitespace after it
@@ -7448,16 +7352,6 @@ class _TomlReader:
             else:
                 parts.append(char)
                 self.pos += 1
-
-    def close_multiline(self, quote: str) -> str:
-        """At a run of 3 to 5 quotes: the last three close; up to two belong to the text."""
-        run = 3
-        while self.text[self.pos + run:self.pos + run + 1] == quote:
-            run += 1
-        if run > 5:
-            raise self.fail("too many quotes at the end of a multi-line string")
-        self.pos += run
-        return quote * (run - 3)
 
 
 def parse_toml(text: str) -> Dict[str, Any]:
@@ -7525,10 +7419,7 @@ def trust_problem(path: Any, *, private: bool = False, directories: bool = True,
             if here.st_mode & 0o022 and not here.st_mode & 0o1000:
                 return (f"{name} lies in {directory}, which other users can write (and so "
                         f"replace the file); run 'chmod go-w {directory}' or move the file")
-            parent = os.path.dirname(directory)
-            if parent == directory:
-                break
-            directory = parent
+            directory = os.path.dirname(directory)     # the root is its own parent: seen
     return None
 
 
@@ -7545,11 +7436,8 @@ def program_trust_problem(condition: ProgramCondition) -> Optional[str]:
     base = os.path.dirname(os.path.abspath(condition.source)) if condition.source else os.getcwd()
     files += [os.path.join(base, arg) for arg in condition.argv[1:]
               if os.sep in arg and os.path.isfile(os.path.join(base, arg))]
-    for name in files:
-        problem = trust_problem(name)
-        if problem:
-            return f"{problem}; refusing to run program {condition.name()}"
-    return None
+    problem = next(filter(None, map(trust_problem, files)), None)
+    return f"{problem}; refusing to run program {condition.name()}" if problem else None
 
 
 def rule_programs(rules: Ruleset) -> List[Tuple[Rule, ProgramCondition]]:
@@ -7565,14 +7453,12 @@ def check_programs_trusted(rules: Ruleset, files: Sequence[str] = ()) -> None:
     found = rule_programs(rules)
     if not found:
         return
-    for name in files:
-        problem = trust_problem(name)
-        if problem:
-            raise RulesError(f"{problem}; refusing to run the rules' programs")
-    for _rule, condition in found:
-        problem = program_trust_problem(condition)
-        if problem:
-            raise RulesError(problem)
+    problem = next(filter(None, map(trust_problem, files)), None)
+    if problem:
+        raise RulesError(f"{problem}; refusing to run the rules' programs")
+    problem = next(filter(None, (program_trust_problem(cond) for _rule, cond in found)), None)
+    if problem:
+        raise RulesError(problem)
 
 
 def default_rules_dir() -> pathlib.Path:
@@ -7858,10 +7744,8 @@ def _toml_value(value: Any, indent: str = "") -> str:
             return one_line
         return "[\n" + "".join(f"{indent}  {item},\n" for item in items) + indent + "]"
     if isinstance(value, dict):
-        if not value:
-            return "{}"
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v, indent)}"
-                                for k, v in value.items()) + " }"
+        return ("{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v, indent)}"
+                                 for k, v in value.items()) + " }") if value else "{}"
     raise TypeError(f"cannot write {type(value).__name__} to a rules file")
 
 
@@ -7888,12 +7772,9 @@ def format_rules(doc: Mapping[str, Any], fmt: str = "toml", header: Sequence[str
                                              for k, v in doc["account"].items()))
     for table in ("rule", "test"):
         for index, entry in enumerate(doc.get(table, ())):
-            text = ""
-            if table == "rule" and comments and index < len(comments):
-                text += _comment_lines(comments[index])
-            text += f"[[{table}]]\n"
-            text += "".join(f"{_toml_key(k)} = {_toml_value(v)}\n" for k, v in entry.items())
-            parts.append(text)
+            notes = comments[index] if table == "rule" and index < len(comments or ()) else ()
+            parts.append(_comment_lines(notes) + f"[[{table}]]\n" + "".join(
+                f"{_toml_key(k)} = {_toml_value(v)}\n" for k, v in entry.items()))
     return "\n".join(parts)
 
 

@@ -19147,6 +19147,185 @@ class ReadOnlyWhatIsShownTest(unittest.TestCase):
         with mock.patch.object(gc, "_header_mailboxes", side_effect=AssertionError):
             self.assertEqual(gc.expand_template("Receipts/{year}/{month}", msg), "Receipts/2025/03")
         self.assertEqual(gc.expand_template("V/{sender_domain}/{year}", msg), "V/shop.example/2025")
+# --- Issue 16: a shorter file, lines 1-7835 (what the consolidations showed untested) ----
+
+
+class LiteralContinuationTest(FakeServerTest):
+    """A synchronizing literal waits for the server's go-ahead (_Protocol._send): an
+    untagged line before it is read past, a tagged refusal or a BYE ends the command."""
+
+    USER8 = "jörg@example.com"
+
+    def answering(self, before: bytes) -> None:
+        """The server sends ``before`` (TAG stands for the command's tag) in place of, or
+        ahead of, its go-ahead for each literal."""
+        class Answering(_Session):
+            def _capabilities(self, authenticated=None):   # LOGIN, with literals
+                return [c for c in super()._capabilities(authenticated) if c != "AUTH=PLAIN"]
+
+            def _readline(self):
+                line = super()._readline()
+                if line is not None and re.search(rb"\{\d+\}\r\n\Z", line):
+                    self.pending_tag = line.split(b" ", 1)[0]
+                return line
+
+            def _send(self, data):
+                if data == b"+ go ahead\r\n":
+                    super()._send(before.replace(b"TAG", self.pending_tag))
+                    if before.startswith((b"TAG ", b"* BYE")):
+                        raise _Closed()
+                super()._send(data)
+
+        self.server.users[self.USER8] = "pässwörd"
+        self.server.use_handler(Answering)
+
+    def sign_in(self) -> gc.GmailConnection:
+        conn = gc.GmailConnection(self.USER8, password="pässwörd", host="127.0.0.1",
+                                  port=self.server.port, security="plaintext",
+                                  keepalive=None, retries=0, sleep=self.sleep)
+        self.addCleanup(conn.close)
+        conn.connect()
+        return conn
+
+    def test_an_untagged_line_before_the_go_ahead_is_read_past(self):
+        self.answering(b"* OK still thinking\r\n")
+        self.sign_in()
+        login = [e.line for e in self.server.log if e.command == "LOGIN"][0]
+        self.assertIn(b"LOGIN {17}\r\nj\xc3\xb6rg@example.com {10}\r\n"
+                      b"p\xc3\xa4ssw\xc3\xb6rd\r\n", login)
+
+    def test_a_flood_before_the_go_ahead_is_refused(self):
+        self.answering(b"* OK wait\r\n" * (gc.MAX_UNREQUESTED_ANSWERS + 1))
+        with self.assertRaises(gc.ProtocolError) as caught:
+            self.sign_in()
+        self.assertIn(f"more than {gc.MAX_UNREQUESTED_ANSWERS} untagged answers it did not "
+                      f"ask for in its answer to a literal's continuation",
+                      str(caught.exception))
+
+    def test_a_refused_literal_is_the_servers_no(self):
+        self.answering(b"TAG NO [TOOBIG] no literals today\r\n")
+        with self.assertRaises(gc.AuthenticationError) as caught:
+            self.sign_in()
+        self.assertEqual(caught.exception.text, "[TOOBIG] no literals today")
+        self.assertEqual((caught.exception.status, caught.exception.code), ("NO", "TOOBIG"))
+        self.assertFalse(any(b"p\xc3\xa4ssw" in line for line in self.server.raw_lines))
+
+    def test_a_bye_before_the_go_ahead_is_a_dropped_connection(self):
+        self.answering(b"* BYE going down\r\n")
+        with self.assertRaises(gc.ConnectionLostError) as caught:
+            self.sign_in()
+        self.assertIn("server said BYE: going down", str(caught.exception))
+
+
+@unittest.skipUnless(os.name == "posix", "file modes are POSIX")
+class ProgramsTrustCheckTest(unittest.TestCase):
+    """check_programs_trusted: the files a rules file includes are checked before any
+    program runs, as the programs themselves are."""
+
+    RULES = {"rule": [{"name": "P", "program": ["true"], "label": "x"}]}
+
+    def test_an_included_file_others_can_change_stops_every_program(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        path = os.path.join(tmp, "more.toml")
+        with open(path, "w") as fh:
+            fh.write("")
+        os.chmod(path, 0o666)
+        rules = gc.parse_rules(self.RULES)
+        gc.check_programs_trusted(rules, [])
+        with self.assertRaises(gc.RulesError) as caught:
+            gc.check_programs_trusted(rules, [path])
+        self.assertEqual(str(caught.exception),
+                         f"{path} can be changed by other users (group or others may write "
+                         f"it); run 'chmod go-w {path}'; refusing to run the rules' programs")
+        gc.check_programs_trusted(gc.parse_rules({"rule": [{"name": "L", "from": "a",
+                                                             "label": "x"}]}), [path])
+
+    def test_a_program_others_can_change_is_refused_before_any_runs(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        program = os.path.join(tmp, "filter")
+        with open(program, "w") as fh:
+            fh.write("#!/bin/sh\nexit 0\n")
+        os.chmod(program, 0o755)
+        rules = gc.parse_rules({"rule": [{"name": "P", "program": [program], "label": "x"}]})
+        gc.check_programs_trusted(rules)
+        os.chmod(program, 0o777)
+        with self.assertRaises(gc.RulesError) as caught:
+            gc.check_programs_trusted(rules)
+        self.assertEqual(str(caught.exception),
+                         f"{program} can be changed by other users (group or others may write "
+                         f"it); run 'chmod go-w {program}'; refusing to run program filter")
+
+
+class SpecialFolderByNameTest(AnyServerTest):
+    def test_a_folder_found_by_its_name_is_logged_and_one_marked_is_not(self):
+        self.serve("inbox-prefix", special_use=False,
+                   folders=(("INBOX", ""), ("deleted messages", ""), ("ARCHIVE", "")))
+        conn = self.connect()
+        with self.assertLogs("gmail_classify", logging.INFO) as logs:
+            self.assertEqual(conn.special_folder("\\Trash").name, "INBOX.deleted messages")
+            self.assertIsNone(conn.special_folder("\\Junk"))
+        self.assertEqual(logs.output, ["INFO:gmail_classify:no folder is marked \\Trash; using "
+                                       "'INBOX.deleted messages', found by its name"])
+
+
+class SearchCriteriaTest(FakeServerTest):
+    def test_a_key_without_its_argument_or_a_wrong_one_is_refused_before_sending(self):
+        self.server.add_message(make_message("hello"))
+        conn = self.connect()
+        conn.select("INBOX")
+        self.assertEqual(conn.search(["FROM", "alice", "UNSEEN"]), [1])
+        self.assertEqual(conn.search(["KEYWORD", "$Junk"]), [])
+        self.assertTrue(self.server.log[-1].line.endswith(b" UID SEARCH KEYWORD $Junk\r\n"))
+        for criteria, error in ((["UNSEEN", "FROM"], "FROM needs a str argument"),
+                                (("SINCE",), "SINCE needs a date argument"),
+                                (["HEADER", "X-Mailer"], "HEADER needs a str argument"),
+                                (["SINCE", "2024"], "SINCE needs a date, not '2024'")):
+            with self.subTest(criteria=criteria):
+                sent = len(self.server.log)
+                with self.assertRaises(gc.ImapError) as caught:
+                    conn.search(criteria)
+                self.assertEqual(str(caught.exception), "search key " + error)
+                self.assertEqual(len(self.server.log), sent)
+
+
+class WaitReadableTest(unittest.TestCase):
+    def test_buffered_data_is_ready_though_the_socket_is_quiet(self):
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        wire = gc._PlainWire.__new__(gc._PlainWire)     # no connection: only the buffer
+        wire.sock, wire._rbuf = ours, bytearray()
+        self.assertFalse(wire.wait_readable(0))
+        wire._rbuf += b"* 3 EXISTS\r\n"
+        self.assertTrue(wire.wait_readable(0))
+        wire._rbuf.clear()
+        theirs.sendall(b"* 4 EXISTS\r\n")
+        self.assertTrue(wire.wait_readable(1))
+
+
+class IdleTimeoutTest(FakeServerTest):
+    def test_a_quiet_idle_lasts_its_whole_timeout(self):
+        conn = self.connect()
+        conn.select("INBOX")
+        start = time.monotonic()
+        self.assertEqual(conn.idle(0.2), [])
+        self.assertGreaterEqual(time.monotonic() - start, 0.2)
+
+
+class InlinePartsTest(unittest.TestCase):
+    def message(self, leaf: str) -> bytes:
+        return (b'From: a@example.com\r\nSubject: s\r\nMIME-Version: 1.0\r\n'
+                b'Content-Type: multipart/related; boundary="b"\r\n\r\n'
+                b'--b\r\nContent-Type: text/plain\r\n\r\nhello\r\n'
+                b'--b\r\n' + leaf.encode("ascii") + b'\r\n\r\nAAAA\r\n--b--\r\n')
+
+    def test_a_named_inline_image_is_an_attachment_and_named_inline_text_is_not(self):
+        image = 'Content-Type: image/png; name="logo.png"\r\nContent-Disposition: inline'
+        text = 'Content-Type: text/plain; name="notes.txt"\r\nContent-Disposition: inline'
+        self.assertTrue(gc.message_info_from_bytes(self.message(image)).has_attachment)
+        self.assertFalse(gc.message_info_from_bytes(self.message(text)).has_attachment)
 
 
 # --- Benchmark ---------------------------------------------------------------------------

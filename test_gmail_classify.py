@@ -18054,6 +18054,36 @@ class RulesReloaderFilesTest(TempDirMixin, unittest.TestCase):
         self.assertTrue(reloader.changed())
 
 
+class OutputFileRefusedFirstTest(FakeServerTest):
+    """suggest and learn refuse an -o file that exists (without --force) before they sign
+    in and read the folder, not after the work; a suffix and --format that agree pass."""
+
+    def test_an_existing_output_is_refused_before_the_server_hears_a_thing(self):
+        target = os.path.join(self.tmp, "mine.toml")
+        with open(target, "w", encoding="utf-8") as handle:
+            handle.write("# my rules\n")
+        for command in ("suggest", "learn"):
+            with self.subTest(command=command):
+                code, out, err = run_cli(
+                    command, "--user", USER, "--host", "127.0.0.1", "--port",
+                    str(self.server.port), "--plaintext", "--retries", "0", "-o", target,
+                    env={"GMAIL_APP_PASSWORD": PASSWORD})
+                self.assertEqual((code, out), (2, ""))
+                self.assertEqual(err, f"gmail_classify: {target} already exists; pass "
+                                      f"--force to overwrite it\n")
+        self.assertEqual(self.server.commands(), [])
+        with open(target, encoding="utf-8") as handle:
+            self.assertEqual(handle.read(), "# my rules\n")
+
+    def test_a_suffix_and_a_format_that_agree_name_the_format(self):
+        for output, fmt in (("out.toml", "toml"), ("out.JSON", "json"), ("o.json", None)):
+            with self.subTest(output=output, format=fmt):
+                args = types.SimpleNamespace(output=os.path.join(self.tmp, output), format=fmt,
+                                            force=False)
+                self.assertEqual(gc._output_format(args, refuse_existing=True),
+                                 output.rsplit(".", 1)[1].lower())
+
+
 # --- Across the sections: every server kind ----------------------------------------------
 
 

@@ -4659,6 +4659,20 @@ class ParserFaultsTest(AnyServerTest):
         self.assertEqual(report.changes, {"star": 1})
 
 
+def _parsed_shape(value: Any) -> Any:
+    """A parsed value with each leaf's type: Number("0123") and 123 read alike otherwise."""
+    if isinstance(value, list):
+        return [_parsed_shape(item) for item in value]
+    return (type(value).__name__, value if isinstance(value, bytes) else str(value))
+
+
+def _parse_outcome(parse: Callable[[bytes], Any], data: bytes) -> Any:
+    try:
+        return _parsed_shape(parse(data))
+    except gc.ProtocolError as exc:
+        return "error: %s" % exc
+
+
 def _reference_weight(value: Any, depth: int = 0) -> int:
     """_weight as first written (one call per value): what the flood limits were set by."""
     if isinstance(value, (bytes, str)):
@@ -4704,23 +4718,14 @@ class HotPathEquivalenceTest(unittest.TestCase):
             self.assertEqual(gc._parse_plain(line), gc.parse_response(line))
 
     def test_digit_atoms_read_alike_on_both_paths(self):
-        def shape(value: Any) -> Any:
-            if isinstance(value, list):
-                return [shape(item) for item in value]
-            return (type(value).__name__, value if isinstance(value, bytes) else str(value))
-
-        def outcome(parse: Callable[[bytes], Any], data: bytes) -> Any:
-            try:
-                return shape(parse(data))
-            except gc.ProtocolError as exc:
-                return "error: %s" % exc
         cases = [b"123", b"0123", b"00", b"123[", b"123[a]", b"123[a]<0>", b"123]", b"12a", b"a12",
                  b"12{3}\r\nabc", b'12"x"', b"12(", b"(12)", b"12)", b"12 34", b"12~", b"12\\",
                  "\u0661\u0662".encode(), b"1\xff", b"12\r", b"12\n", b"12.5", b"-1", b"+1",
                  b"4294967296 18446744073709551615", b"1 FETCH (UID 0007 RFC822.SIZE 12)"]
         for data in cases:
             with self.subTest(data=data):
-                self.assertEqual(outcome(gc.parse_response, data), outcome(gc._parse_plain, data))
+                self.assertEqual(_parse_outcome(gc.parse_response, data),
+                                 _parse_outcome(gc._parse_plain, data))
         self.assertEqual(str(gc.parse_response(b"LIST () \"/\" 0123")[3]), "0123")
         self.assertIs(type(gc.parse_response(b"7")[0]), gc.Number)
 
@@ -4855,20 +4860,6 @@ class SearchAnswerTest(unittest.TestCase):
                 self.assertEqual([str(v) for v in parsed], [str(v) for v in expected])
 
 
-def _parsed_shape(value: Any) -> Any:
-    """A parsed value with each leaf's type: Number("0123") and 123 read alike otherwise."""
-    if isinstance(value, list):
-        return [_parsed_shape(item) for item in value]
-    return (type(value).__name__, value if isinstance(value, bytes) else str(value))
-
-
-def _parse_outcome(parse: Callable[[bytes], Any], data: bytes) -> Any:
-    try:
-        return _parsed_shape(parse(data))
-    except gc.ProtocolError as exc:
-        return "error: %s" % exc
-
-
 def _fetch_lines(rng: random.Random, count: int) -> List[bytes]:
     """FETCH answer lines as servers send them (Gmail's and Dovecot's orders, the bench
     corpus's header blocks), then the same lines broken in every way a piece can break
@@ -4985,18 +4976,13 @@ class ExpungeLineTest(unittest.TestCase):
         cases = [b"5 EXPUNGE", b"0123 EXPUNGE", b"18446744073709551616 EXPUNGE", b" 5 EXPUNGE",
                  b"5  EXPUNGE", b"x EXPUNGE", b"5 EXPUNGE ", b"EXPUNGE", b" EXPUNGE", b"5 expunge",
                  b"-5 EXPUNGE", b"5 6 EXPUNGE", b"\xd9\xa1 EXPUNGE", b"5 EXPUNGE\r\n", b"(5 EXPUNGE"]
-
-        def shape(parse: Callable[[bytes], Any], data: bytes) -> Any:
-            try:
-                return [(type(v).__name__, str(v)) for v in parse(data)]
-            except gc.ProtocolError as exc:
-                return "error: %s" % exc
         for data in cases:
             with self.subTest(data=data):
-                self.assertEqual(shape(gc.parse_response, data), shape(gc._parse_plain, data))
+                self.assertEqual(_parse_outcome(gc.parse_response, data),
+                                 _parse_outcome(gc._parse_plain, data))
         with mock.patch.object(gc, "_parse_fast", side_effect=AssertionError), \
                 mock.patch.object(gc, "_parse_plain", side_effect=AssertionError):
-            self.assertEqual(shape(gc.parse_response, b"0123 EXPUNGE"),
+            self.assertEqual(_parse_outcome(gc.parse_response, b"0123 EXPUNGE"),
                              [("Number", "0123"), ("str", "EXPUNGE")])
 
 

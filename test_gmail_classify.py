@@ -4316,7 +4316,7 @@ class StateTestCase(FakeServerTest):
     def run_once(self, rules: Optional[gc.Ruleset] = None, *, apply: bool = True,
                  folders: Sequence[str] = ("INBOX",), server: Optional[FakeGmail] = None,
                  state_dir: Optional[str] = None, retries: int = 3, batch_size: int = 1000,
-                 apply_every: int = gc.DEFAULT_APPLY_EVERY, records: Optional[list] = None,
+                 apply_every: Optional[int] = gc.DEFAULT_APPLY_EVERY, records: Optional[list] = None,
                  **options: Any) -> gc.Run:
         """One run; on an error the run is finished as 'failed' and the error re-raised."""
         server = server or self.server
@@ -10539,13 +10539,48 @@ class PipelineTest(FakeServerTest):
         self.assertEqual(report.examined, n)
         self.assertLessEqual(self.server.count("UID FETCH"), n // batch + 1)
         # label Receipts, archive, label Newsletters, mark read, star: one command each per
-        # step, and a step per DEFAULT_APPLY_EVERY batches (the step's writes are pipelined)
-        steps = -(-n // (batch * gc.DEFAULT_APPLY_EVERY))
+        # step, and a step per _batches_per_step batches (the step's writes are pipelined)
+        steps = -(-n // (batch * gc._batches_per_step(n, batch)))
         changing = [c for c in self.commands() if c in ("UID STORE", "UID MOVE", "UID COPY")]
         self.assertLessEqual(len(changing), (5 + 2) * steps)
         self.assertLessEqual(len(self.commands()), n // batch + 20 + 7 * steps)
         self.assertEqual(len(self.server.uids("INBOX")), n - n // 4)
         self.assertEqual(len(self.server.uids("Receipts")), n // 4)
+
+    def test_a_step_grows_with_the_folder_within_its_bounds(self):
+        self.assertEqual(gc._batches_per_step(10000, 1000), 2)     # 10 batches: 5 steps
+        self.assertEqual(gc._batches_per_step(8000, 1000), 1)
+        self.assertEqual(gc._batches_per_step(8001, 1000), 2)
+        self.assertEqual(gc._batches_per_step(40000, 1000), gc.MAX_BATCHES_PER_STEP)
+        self.assertEqual(gc._batches_per_step(10 ** 6, 1000), gc.MAX_BATCHES_PER_STEP)
+        self.assertEqual(gc._batches_per_step(48, 2), 3)
+        self.assertEqual(gc._batches_per_step(0, 1000), 1)
+        self.assertEqual(gc._batches_per_step(5, 0), 1)
+
+    def test_a_large_folder_moves_once_per_step_with_the_next_steps_fetches_already_sent(self):
+        # 24 batches of 2: 8 steps of 3 batches, so 8 MOVEs for the folder, not 24.  When a
+        # step's writes go out, the next step's FETCHes are already on the wire: the server
+        # answers them first, then moves mail while the client classifies those batches.
+        for index in range(48):
+            self.server.add_message(make_message(f"receipt {index}"))
+        conn = self.connect()
+        rules = self.rules({"rule": [{"name": "R", "subject": "receipt", "move": "Receipts"}]})
+        report = gc.classify_folder(conn, rules, "INBOX", apply=True, batch_size=2)
+        self.assertEqual(report.examined, 48)
+        self.assertEqual(len(self.server.uids("Receipts")), 48)
+        commands = self.commands()
+        self.assertEqual(commands.count("UID FETCH"), 24)
+        self.assertEqual(commands.count("UID MOVE"), 8)
+        first_write = commands.index("UID MOVE")
+        self.assertEqual(commands[:first_write].count("UID FETCH"), 3 + 3)
+        # A caller's apply_every is kept as given: a step per batch, and one FETCH ahead.
+        for index in range(48):
+            self.server.add_message(make_message(f"receipt again {index}"))
+        before = len(self.commands())
+        gc.classify_folder(conn, rules, "INBOX", apply=True, batch_size=2, apply_every=1)
+        commands = self.commands()[before:]
+        self.assertEqual(commands.count("UID MOVE"), 24)
+        self.assertEqual(commands[:commands.index("UID MOVE")].count("UID FETCH"), 1 + 1)
 
 
 class PlainPipelineTest(FakeServerTest):
@@ -11871,6 +11906,17 @@ class BudgetTest(StateTestCase):
         self.clock.advance(hours=12)
         self.run_once(batch_size=5, apply_every=1, daily_budget=9000 * 3)
         self.assertEqual(self.mark().mark, 30)
+
+    def test_every_fetch_on_the_wire_at_once_is_counted_against_the_budget(self):
+        # Three FETCHes pipelined: each is approved while two more may be unanswered, so
+        # the budget is kept with room for all three, never only for the one approved.
+        # (A dry run: an apply's write answers, counted too, are not the FETCHes' to foresee.)
+        seed_mailbox(self.server, 30)
+        with self.assertRaises(gc.BudgetExceededError):
+            self.run_once(apply=False, batch_size=5, apply_every=3, daily_budget=9000)
+        used = self.store().downloaded(gc.account_key(USER, "127.0.0.1", self.server.port))
+        self.assertLessEqual(used, 9000)
+        self.assertGreater(used, 3000)
 
     def test_warns_once_at_half_the_budget_and_counts_dry_runs(self):
         seed_mailbox(self.server, 6)

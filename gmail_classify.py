@@ -4878,14 +4878,16 @@ class Matcher:
         ``normalised`` may give _normalise() of each value, when the caller has it."""
         values = list(values)
         # Most values match nothing: one search for all the plain texts (precompiled on
-        # first use) and one per regex say so; only a hit walks the patterns in order.
+        # first use) and one per regex say so; only a hit walks the patterns in order, and
+        # what each pattern's hit says is worked out once.
         quick = self.__dict__.get("_quick")
         if quick is None:
             needles = [re.escape(p.needle) for p in self.patterns if p.regex is None]
             quick = self.__dict__["_quick"] = (
                 re.compile("|".join(needles)) if needles else None,
-                tuple(p.regex for p in self.patterns if p.regex is not None))
-        plain, regexes = quick
+                tuple(p.regex for p in self.patterns if p.regex is not None),
+                tuple((p, f"{p.verb()} {p.describe()}") for p in self.patterns))
+        plain, regexes, hits = quick
         hit = False
         if plain is not None:
             if normalised is None:
@@ -4896,7 +4898,7 @@ class Matcher:
                     break
         if not hit and not (regexes and any(r.search(v) for r in regexes for v in values)):
             return None
-        for pattern in self.patterns:
+        for pattern, said in hits:
             if pattern.regex is not None:
                 hit = any(pattern.regex.search(value) for value in values)
             else:
@@ -4904,7 +4906,7 @@ class Matcher:
                     normalised = [_normalise(value) for value in values]
                 hit = any(pattern.needle in value for value in normalised)
             if hit:
-                return f"{pattern.verb()} {pattern.describe()}"
+                return said
         return None
 
     def describe(self) -> str:
@@ -6015,7 +6017,13 @@ class Actions:
 
     def flag_actions(self) -> Tuple[FlagAction, ...]:
         """The rows of the flag-action table these actions ask for, in table order."""
-        return tuple(row for row in _FLAG_ACTION_ROWS.values() if self.flag(row.key))
+        # Asked once per message planned, of the few Actions a ruleset makes: kept on them
+        # (for the table as it was: a row added since is looked for again).
+        known = self.__dict__.get("_rows")
+        if known is None or known[0] != len(_FLAG_ACTION_ROWS):
+            known = self.__dict__["_rows"] = (len(_FLAG_ACTION_ROWS), tuple(
+                row for row in _FLAG_ACTION_ROWS.values() if self.flag(row.key)))
+        return known[1]
 
     def as_record(self) -> Dict[str, Any]:
         """The audit record's "actions": the fields as JSON, rows added to the table as

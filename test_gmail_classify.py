@@ -8496,6 +8496,16 @@ class ConditionTableTest(unittest.TestCase):
         self.assertEqual(gc._inverse_change({"action": "archive"})["action"], "unarchive")
         self.assertEqual(gc._inverse_change({"action": "odd"})["action"], "undo odd")
 
+    def test_the_flag_rows_an_actions_asks_for_follow_a_row_added_after_first_use(self):
+        actions = gc.Actions(star=True, more_flags=("important",))
+        self.assertEqual([row.key for row in actions.flag_actions()], ["star"])
+        with mock.patch.dict(gc._FLAG_ACTION_ROWS):
+            gc._FLAG_ACTION_ROWS["important"] = gc.FlagAction("important", "$Important", True,
+                                                              "unimportant", "mark important")
+            self.assertEqual([row.key for row in actions.flag_actions()], ["star", "important"])
+            self.assertEqual(actions.describe(), "star, mark important")
+        self.assertEqual([row.key for row in actions.flag_actions()], ["star"])
+
     def test_add_condition_refuses_taken_and_odd_keys(self):
         for key in ("from", "label", "mark_read", "Bad-Key", "", "continue"):
             with self.subTest(key=key), self.assertRaises(ValueError):

@@ -10564,6 +10564,7 @@ class PipelineTest(FakeServerTest):
         self.assertEqual(gc._batches_per_step(40000, 1000), gc.MAX_BATCHES_PER_STEP)
         self.assertEqual(gc._batches_per_step(10 ** 6, 1000), gc.MAX_BATCHES_PER_STEP)
         self.assertEqual(gc._batches_per_step(48, 2), 3)
+        self.assertEqual(gc._batches_per_step(24, 1), 3)
         self.assertEqual(gc._batches_per_step(0, 1000), 1)
         self.assertEqual(gc._batches_per_step(5, 0), 1)
 

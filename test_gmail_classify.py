@@ -10557,6 +10557,21 @@ class PipelineTest(FakeServerTest):
         self.assertEqual(len(self.server.uids("INBOX")), n - n // 4)
         self.assertEqual(len(self.server.uids("Receipts")), n // 4)
 
+    def test_an_error_while_moves_are_in_flight_still_confirms_them(self):
+        # The server refuses the third FETCH while the second step's moves are on their
+        # way: their answers are read and counted before the error goes on.
+        for index in range(6):
+            self.server.add_message(make_message(f"receipt {index}"))
+        conn = self.connect()
+        rules = self.rules({"rule": [{"name": "R", "subject": "receipt", "move": "Receipts"}]})
+        self.server.add_fault("UID FETCH", nth=3, action="bad")
+        report = gc.FolderReport("INBOX", True)
+        with self.assertRaises(gc.ImapError):
+            gc.classify_folder(conn, rules, "INBOX", apply=True, batch_size=2, apply_every=1,
+                               report=report)
+        self.assertEqual(len(self.server.uids("Receipts")), 4)
+        self.assertEqual(report.changes, {"move to Receipts": 4})
+
     def test_a_step_grows_with_the_folder_within_its_bounds(self):
         self.assertEqual(gc._batches_per_step(10000, 1000), 2)     # 10 batches: 5 steps
         self.assertEqual(gc._batches_per_step(8000, 1000), 1)
@@ -10569,18 +10584,20 @@ class PipelineTest(FakeServerTest):
         self.assertEqual(gc._batches_per_step(5, 0), 1)
 
     def test_a_large_folder_moves_once_per_step_with_the_next_steps_fetches_already_sent(self):
-        # 24 batches of 2: 8 steps of 3 batches, so 8 MOVEs for the folder, not 24.  When a
-        # step's writes go out, the next step's FETCHes are already on the wire: the server
-        # answers them first, then moves mail while the client classifies those batches.
-        for index in range(48):
+        # 23 batches of 2: 7 steps of 3 batches and a last of 2, so 8 MOVEs for the folder,
+        # not 23.  When a step's writes go out, the next step's FETCHes are already on the
+        # wire: the server answers them first, then moves mail while the client classifies
+        # those batches.  The last step's moves are confirmed before the call returns.
+        for index in range(46):
             self.server.add_message(make_message(f"receipt {index}"))
         conn = self.connect()
         rules = self.rules({"rule": [{"name": "R", "subject": "receipt", "move": "Receipts"}]})
         report = gc.classify_folder(conn, rules, "INBOX", apply=True, batch_size=2)
-        self.assertEqual(report.examined, 48)
-        self.assertEqual(len(self.server.uids("Receipts")), 48)
+        self.assertEqual(report.examined, 46)
+        self.assertEqual(report.changes, {"move to Receipts": 46})
+        self.assertEqual(len(self.server.uids("Receipts")), 46)
         commands = self.commands()
-        self.assertEqual(commands.count("UID FETCH"), 24)
+        self.assertEqual(commands.count("UID FETCH"), 23)
         self.assertEqual(commands.count("UID MOVE"), 8)
         first_write = commands.index("UID MOVE")
         self.assertEqual(commands[:first_write].count("UID FETCH"), 3 + 3)

@@ -7954,6 +7954,10 @@ class _Plan:
     message_ids: Dict[int, str] = field(default_factory=dict)   # _message_key, off Gmail
     per_uid: Dict[int, List[Tuple[str, ...]]] = field(default_factory=dict)
     server_name: Callable[[str], str] = str                     # rule name -> server's name
+    # What add() works out per distinct Actions and move destination, not per message.
+    flag_rows: Dict[Actions, Tuple[FlagAction, ...]] = field(default_factory=dict, repr=False,
+                                                             compare=False)
+    server_names: Dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def add(self, uid: int, actions: Actions, flags: frozenset,
             labels: Optional[frozenset], folder: str, *, in_trash: bool = False,
@@ -7968,7 +7972,10 @@ class _Plan:
             if labels is None or not any(_same_label(label, have) for have in labels):
                 self.add_labels.setdefault(label, []).append(uid)
                 keys.append(("label", label))
-        for row in actions.flag_actions():
+        rows = self.flag_rows.get(actions)
+        if rows is None:
+            rows = self.flag_rows[actions] = actions.flag_actions()
+        for row in rows:
             if row.add and row.flag not in flags:
                 self.add_flags.setdefault(row.flag, []).append(uid)
                 keys.append(("flag+", row.flag))
@@ -7984,7 +7991,7 @@ class _Plan:
                                      any(l.lower() == "\\trash" for l in labels)):
                 self.trash.append(uid)
                 keys.append(("trash",))
-        elif actions.move and not _same_folder(self.server_name(actions.move), folder):
+        elif actions.move and not _same_folder(self._server_name(actions.move), folder):
             self.move.setdefault(actions.move, []).append(uid)
             keys.append(("move", actions.move))
         elif actions.archive and not in_archive and in_inbox:
@@ -7993,6 +8000,12 @@ class _Plan:
         if keys:
             self.per_uid[uid] = keys
         return bool(keys)
+
+    def _server_name(self, name: str) -> str:
+        known = self.server_names.get(name)
+        if known is None:
+            known = self.server_names[name] = self.server_name(name)
+        return known
 
     @staticmethod
     def decided(actions: Actions) -> List[Tuple[str, ...]]:

@@ -3614,7 +3614,7 @@ class _WriteFlight:
                 continue
             if source and set(source) <= mine:     # as _copyuid_map, source parsed once
                 try:
-                    target = parse_uid_set(str(args[2]), limit=len(mine))
+                    target = parse_uid_set(str(args[2]), limit=len(write.uids))
                 except ValueError:
                     log.warning("ignoring an unusable COPYUID answer from the server")
                     target = []

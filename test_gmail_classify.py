@@ -19667,6 +19667,59 @@ class RecordSideFastPathTest(unittest.TestCase):
                             self.outcome(lambda: gc.parse_uid_set(text, highest, limit)),
                             self.outcome(lambda: _plain_parse_uid_set(text, highest, limit)))
 
+    def test_copyuid_of_a_flight_read_as_before(self):
+        """_WriteFlight._answered reads each COPY's or MOVE's COPYUID as _copyuid_map
+        does, its source set parsed once: the same new UIDs, the same messages missing,
+        the same warning for a set it cannot use."""
+        rng = random.Random(9)
+        sets = ["1:4", "1,3", "2:3", "5", "1:6", "4:1", "1:4294967295", "x", "", "3,3",
+                "7:8", "1,2,3,4"]
+        for _ in range(150):
+            uids = sorted(rng.sample(range(1, 9), rng.randrange(1, 5)))
+            some = uids[:rng.randrange(1, len(uids) + 1)]      # a MOVE may miss some
+            sources = sets + [gc.compress_uids(uids)] * 4 + [gc.compress_uids(some)] * 2
+            targets = sets + ["100:%d" % (99 + len(uids))] * 4 + \
+                ["100:%d" % (99 + len(some))] * 2
+            codes = [(rng.choice(["COPYUID"] * 4 + ["APPENDUID", None]),
+                      [rng.choice(["7", "x"]), rng.choice(sources),
+                       rng.choice(targets)][:rng.choice([2, 3, 3, 3])])
+                     for _ in range(rng.randrange(0, 4))]
+            for command in ("UID MOVE", "UID COPY"):
+                write = gc._Write(("move", "Lists"), command, (), uids, "Lists")
+                with self.subTest(uids=uids, codes=codes, command=command), \
+                        mock.patch.object(gc.log, "warning") as warned:
+                    gc._WriteFlight(None)._answered(write, codes)
+                    ours = (write.result, write.missing, warned.call_count)
+                    warned.reset_mock()
+                    self.assertEqual(ours, _plain_copyuid_result(write, codes)
+                                     + (warned.call_count,))
+
+
+def _plain_copyuid_result(write: gc._Write, codes: List[Tuple[Any, Any]]
+                          ) -> Tuple[Dict[int, Optional[int]], List[int]]:
+    """What _WriteFlight._answered made of a COPY's or MOVE's COPYUID before issue 17's
+    CPU round: the source set parsed to find the code, then again by _copyuid_map."""
+    mapping: Dict[int, int] = {}
+    mine = set(write.uids)
+    for code, args in codes:
+        if code != "COPYUID" or len(args) < 3:
+            continue
+        try:
+            source = gc.parse_uid_set(str(args[1]), limit=len(mine))
+        except ValueError:
+            continue
+        if source and set(source) <= mine:
+            mapping = gc._copyuid_map(gc._Response("OK", code, args, "", []), write.uids)
+            break
+    result: Dict[int, Optional[int]] = {}
+    missing: List[int] = []
+    for uid in write.uids:
+        if write.command == "UID MOVE" and mapping and uid not in mapping:
+            missing.append(uid)
+        else:
+            result[uid] = mapping.get(uid)
+    return result, missing
+
 
 # --- Benchmark ---------------------------------------------------------------------------
 

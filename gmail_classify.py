@@ -7969,7 +7969,9 @@ class _Plan:
         """
         keys: List[Tuple[str, ...]] = []
         for label in actions.labels:
-            if labels is None or not any(_same_label(label, have) for have in labels):
+            # Only a system label (\\Inbox) can be carried under another case (_same_label).
+            if labels is None or not (label in labels or (label.startswith("\\") and any(
+                    _same_label(label, have) for have in labels))):
                 self.add_labels.setdefault(label, []).append(uid)
                 keys.append(("label", label))
         rows = self.flag_rows.get(actions)
@@ -7982,10 +7984,6 @@ class _Plan:
             elif not row.add and row.flag in flags:
                 self.remove_flags.setdefault(row.flag, []).append(uid)
                 keys.append(("flag-", row.flag))
-        # Archive means "out of the Inbox": on Gmail, messages carrying \\Inbox (whatever
-        # folder view they were found in); elsewhere, messages in INBOX itself.
-        in_inbox = (_same_folder(folder, "INBOX") if labels is None
-                    else any(label.lower() == "\\inbox" for label in labels))
         if actions.trash:
             if not in_trash and not (labels is not None and
                                      any(l.lower() == "\\trash" for l in labels)):
@@ -7994,7 +7992,7 @@ class _Plan:
         elif actions.move and not _same_folder(self._server_name(actions.move), folder):
             self.move.setdefault(actions.move, []).append(uid)
             keys.append(("move", actions.move))
-        elif actions.archive and not in_archive and in_inbox:
+        elif actions.archive and not in_archive and _in_inbox(folder, labels):
             self.archive.append(uid)
             keys.append(("archive",))
         if keys:
@@ -8048,6 +8046,13 @@ class _Plan:
         if self.trash:
             counts["trash"] = len(self.trash)
         return counts
+
+
+def _in_inbox(folder: str, labels: Optional[frozenset]) -> bool:
+    """Whether archive would take a message out of the Inbox: on Gmail, a message carrying
+    \\Inbox (whatever folder view it was found in); elsewhere, a message in INBOX itself."""
+    return (_same_folder(folder, "INBOX") if labels is None
+            else any(label.lower() == "\\inbox" for label in labels))
 
 
 def _same_folder(a: str, b: str) -> bool:

@@ -19693,6 +19693,37 @@ class RecordSideFastPathTest(unittest.TestCase):
                     warned.reset_mock()
                     self.assertEqual(ours, _plain_copyuid_result(write, codes)
                                      + (warned.call_count,))
+    def test_plan_add_plans_what_it_did(self):
+        """_Plan.add (each Actions' flag rows and each move's server name read once, a
+        label looked up before it is compared) plans what the plain add planned, over
+        generated actions, flags, labels in every case and folders."""
+        rng = random.Random(5)
+        names = ["Receipts", "receipts", "\\Inbox", "\\INBOX", "\\inbox", "\\Trash",
+                 "\\Starred", "Lists", "INBOX", "Ünï", ""]
+        actions = [gc.Actions.make(labels=tuple(rng.sample(names, rng.randrange(0, 3))),
+                                   move=rng.choice([None, None, "Lists", "INBOX", "inbox"]),
+                                   archive=rng.random() < 0.4, trash=rng.random() < 0.2,
+                                   **{key: rng.random() < 0.3 for key in gc._FLAG_ACTION_ROWS})
+                   for _ in range(12)]
+        actions = [a for a in actions if not (a.flag("star") and a.flag("unstar")) and
+                   not (a.flag("mark_read") and a.flag("mark_unread"))]
+        ours = gc._Plan(server_name=str.upper)
+        plain = gc._Plan(server_name=str.upper)
+        for uid in range(1, 400):
+            chosen = dataclasses.replace(rng.choice(actions))     # equal, not the same
+            flags = frozenset(rng.sample(["\\Seen", "\\Flagged", "\\Answered"],
+                                         rng.randrange(0, 3)))
+            labels = None if rng.random() < 0.3 else frozenset(
+                rng.sample(names, rng.randrange(0, 4)))
+            folder = rng.choice(["INBOX", "inbox", "LISTS", "[Gmail]/All Mail"])
+            where = dict(in_trash=rng.random() < 0.1, in_archive=rng.random() < 0.1)
+            with self.subTest(uid=uid):
+                self.assertEqual(ours.add(uid, chosen, flags, labels, folder, **where),
+                                 _plain_plan_add(plain, uid, chosen, flags, labels, folder,
+                                                 **where))
+        self.assertEqual(ours, plain)
+        self.assertGreater(len(ours.per_uid), 100)
+
 
 
 def _plain_copyuid_result(write: gc._Write, codes: List[Tuple[Any, Any]]
@@ -19719,6 +19750,42 @@ def _plain_copyuid_result(write: gc._Write, codes: List[Tuple[Any, Any]]
         else:
             result[uid] = mapping.get(uid)
     return result, missing
+
+
+
+def _plain_plan_add(plan: gc._Plan, uid: int, actions: gc.Actions, flags: frozenset,
+                    labels: Optional[frozenset], folder: str, *, in_trash: bool = False,
+                    in_archive: bool = False) -> bool:
+    """_Plan.add before issue 17's CPU round: every message's flag rows, server name and
+    labels worked out afresh."""
+    keys: List[Tuple[str, ...]] = []
+    for label in actions.labels:
+        if labels is None or not any(gc._same_label(label, have) for have in labels):
+            plan.add_labels.setdefault(label, []).append(uid)
+            keys.append(("label", label))
+    for row in actions.flag_actions():
+        if row.add and row.flag not in flags:
+            plan.add_flags.setdefault(row.flag, []).append(uid)
+            keys.append(("flag+", row.flag))
+        elif not row.add and row.flag in flags:
+            plan.remove_flags.setdefault(row.flag, []).append(uid)
+            keys.append(("flag-", row.flag))
+    in_inbox = (gc._same_folder(folder, "INBOX") if labels is None
+                else any(label.lower() == "\\inbox" for label in labels))
+    if actions.trash:
+        if not in_trash and not (labels is not None and
+                                 any(l.lower() == "\\trash" for l in labels)):
+            plan.trash.append(uid)
+            keys.append(("trash",))
+    elif actions.move and not gc._same_folder(plan.server_name(actions.move), folder):
+        plan.move.setdefault(actions.move, []).append(uid)
+        keys.append(("move", actions.move))
+    elif actions.archive and not in_archive and in_inbox:
+        plan.archive.append(uid)
+        keys.append(("archive",))
+    if keys:
+        plan.per_uid[uid] = keys
+    return bool(keys)
 
 
 # --- Benchmark ---------------------------------------------------------------------------

@@ -9784,7 +9784,7 @@ _RECORD_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True)
 def _record_lines(records: Iterable[Mapping[str, Any]]) -> Iterator[str]:
     """Each record as its line of the audit log: ``_RECORD_JSON.encode(record) + "\n"``,
     the same text, with CPython's C encoder set up once for all the records rather than
-    once a record (as encode() does: a fifth of the encoding's CPU, at two records per
+    once a record (as encode() does: a tenth of the encoding's CPU, at two records per
     message changed).  Elsewhere, or should that encoder's signature change, encode()."""
     make = getattr(json.encoder, "c_make_encoder", None)
     encoder = _RECORD_JSON

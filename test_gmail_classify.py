@@ -19340,7 +19340,7 @@ class LiveServerTest(unittest.TestCase):
         self.assertEqual(again.changes, {})
 
 
-# --- Issue 17: the record side's CPU ---------------------------------------------------------
+# --- Issue 17: the record side's CPU -----------------------------------------------------
 
 # The record side as it was before issue 17's CPU round (plainly: each record built field by
 # field, _change_entry per use, json.dumps per line), patched in by RecordSideEquivalenceTest
@@ -19599,8 +19599,9 @@ class RecordSideFastPathTest(unittest.TestCase):
 
     def records(self) -> List[Dict[Any, Any]]:
         rng = random.Random(17)
-        alphabet = ["a", "é", "\x00", "\x1f", "\x7f", "\x85", '"', "\\", "/", "\u2028", "\u202e",
-                    "\ud800", "\udfff", "\U0001F600", "\ufeff", "\n", "\t", "日本", "\\u0041"]
+        alphabet = ["a", "é", "\x00", "\x1f", "\x7f", "\x85", '"', "\\", "/", "\u2028",
+                    "\u202e", "\ud800", "\udfff", "\U0001F600", "\ufeff", "\n", "\t", "日本",
+                    "\\u0041"]
 
         def text() -> str:
             return "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 9)))

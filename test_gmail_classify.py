@@ -19557,6 +19557,14 @@ class RecordSideEquivalenceTest(StateTestCase):
         self.assert_same(ours, plain, "intent", "done", "message", "summary")
         self.assertIn('"uidnext": ', ours.decode("utf-8"))     # the label copies' places
 
+    def test_namespaced_server_apply_writes_the_plain_bytes(self):
+        # Rules name "Lists/2024", the server "INBOX.Lists.2024": the intents carry the
+        # server's name beside its UIDVALIDITY and UIDNEXT.
+        ours, plain = self.both_ways(kind="inbox-prefix")
+        self.assert_same(ours, plain, "intent", "done", "message", "summary")
+        self.assertIn('"folder": "INBOX.Lists.2024", "uid": null, "uidnext": ',
+                      ours.decode("utf-8"))
+
     def test_refused_step_writes_the_plain_unsent_records(self):
         ours, plain = self.both_ways(fault=("UID MOVE", "no"), kind="move")
         self.assert_same(ours, plain, "intent", "unsent", "summary")

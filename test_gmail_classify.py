@@ -19483,7 +19483,8 @@ class RecordSideEquivalenceTest(StateTestCase):
     """The audit log an --apply writes (intents, done, unsent, message and summary
     records) is the same bytes as the record side before issue 17's CPU round wrote:
     on Gmail and off it (label copies into a folder that exists, one that does not, and
-    one already holding a copy), with every kind of change and hostile text."""
+    one already holding a copy), with every kind of change and hostile text.  What an
+    Actions decides and its record's "actions" are worked out once per distinct Actions."""
 
     def fill(self, server: FakeGmail) -> None:
         when = datetime(2024, 3, 4, 10, 0, tzinfo=timezone(timedelta(hours=2)))
@@ -19564,6 +19565,31 @@ class RecordSideEquivalenceTest(StateTestCase):
         self.assert_same(ours, plain, "intent", "done", "message", "summary")
         self.assertIn('"folder": "INBOX.Lists.2024", "uid": null, "uidnext": ',
                       ours.decode("utf-8"))
+
+    def test_an_actions_keys_and_record_worked_out_once(self):
+        # Per distinct Actions (the rules' few, and templates filled in), not per message.
+        decided, as_record = gc._Plan.decided, gc.Actions.as_record
+        calls: Dict[str, List[Any]] = {"decided": [], "as_record": []}
+
+        def counted_decided(actions: gc.Actions) -> List[Tuple[str, ...]]:
+            calls["decided"].append(actions)
+            return decided(actions)
+
+        def counted_as_record(actions: gc.Actions) -> Dict[str, Any]:
+            calls["as_record"].append(actions)
+            return as_record(actions)
+
+        self.server = FakeGmail(gmail=True).start()
+        self.addCleanup(self.server.stop)
+        self.fill(self.server)
+        with mock.patch.object(gc._Plan, "decided", staticmethod(counted_decided)), \
+                mock.patch.object(gc.Actions, "as_record", counted_as_record):
+            self.run_once(gc.parse_rules(_RECORD_SIDE_RULES, "rules.json"), batch_size=6)
+        for name, seen in calls.items():
+            with self.subTest(name=name):
+                self.assertTrue(seen)
+                self.assertEqual(len(seen), len(set(seen)))     # each Actions once
+                self.assertLess(len(seen), 15)                  # fewer than the messages
 
     def test_refused_step_writes_the_plain_unsent_records(self):
         ours, plain = self.both_ways(fault=("UID MOVE", "no"), kind="move")

@@ -511,6 +511,10 @@ def _uid_ranges(text: str, highest: Optional[int], shown: str) -> Iterator[Tuple
     """(low, high) of each part of ``"1:3,7"``: (1, 3), (7, 7); ``*`` needs ``highest``.
     Raises ValueError quoting ``shown`` (the set, or its start)."""
     for part in text.split(","):
+        if part.isdigit():          # most parts are one UID (a COPYUID of scattered ones)
+            value = int(part)
+            yield value, value
+            continue
         ends = part.split(":")
         if len(ends) > 2 or not all(ends):
             raise ValueError(f"bad UID set {shown!r}")
@@ -527,11 +531,11 @@ def parse_uid_set(text: str, highest: Optional[int] = None,
     """Expand ``"1:3,7"`` into ``[1, 2, 3, 7]``; ``*`` needs ``highest``. Raises ValueError,
     also when the set names more than ``limit`` UIDs (checked before anything is expanded:
     ``"1:4294967295"`` is 40 bytes from a server and would be 4 billion integers here)."""
-    if limit is not None and sum(high - low + 1 for low, high in
-                                 _uid_ranges(text, highest, text[:40])) > limit:
+    ranges = list(_uid_ranges(text, highest, text if limit is None else text[:40]))
+    if limit is not None and sum(high - low + 1 for low, high in ranges) > limit:
         raise ValueError(f"UID set {text[:40]!r} names more than {limit} UIDs")
     result: List[int] = []
-    for low, high in _uid_ranges(text, highest, text):
+    for low, high in ranges:
         result.extend(range(low, high + 1))
     return result
 
@@ -3608,8 +3612,13 @@ class _WriteFlight:
                 source = parse_uid_set(str(args[1]), limit=len(mine))
             except ValueError:
                 continue
-            if source and set(source) <= mine:
-                mapping = _copyuid_map(_Response("OK", code, args, "", []), write.uids)
+            if source and set(source) <= mine:     # as _copyuid_map, source parsed once
+                try:
+                    target = parse_uid_set(str(args[2]), limit=len(write.uids))
+                except ValueError:
+                    log.warning("ignoring an unusable COPYUID answer from the server")
+                    target = []
+                mapping = dict(zip(source, target)) if len(source) == len(target) else {}
                 break
         write.result = {}
         for uid in write.uids:
@@ -7972,6 +7981,10 @@ class _Plan:
     message_ids: Dict[int, str] = field(default_factory=dict)   # _message_key, off Gmail
     per_uid: Dict[int, List[Tuple[str, ...]]] = field(default_factory=dict)
     server_name: Callable[[str], str] = str                     # rule name -> server's name
+    # What add() works out per distinct Actions and move destination, not per message.
+    flag_rows: Dict[Actions, Tuple[FlagAction, ...]] = field(default_factory=dict, repr=False,
+                                                             compare=False)
+    server_names: Dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def add(self, uid: int, actions: Actions, flags: frozenset,
             labels: Optional[frozenset], folder: str, *, in_trash: bool = False,
@@ -7983,34 +7996,41 @@ class _Plan:
         """
         keys: List[Tuple[str, ...]] = []
         for label in actions.labels:
-            if labels is None or not any(_same_label(label, have) for have in labels):
+            # Only a system label (\\Inbox) can be carried under another case (_same_label).
+            if labels is None or not (label in labels or (label.startswith("\\") and any(
+                    _same_label(label, have) for have in labels))):
                 self.add_labels.setdefault(label, []).append(uid)
                 keys.append(("label", label))
-        for row in actions.flag_actions():
+        rows = self.flag_rows.get(actions)
+        if rows is None:
+            rows = self.flag_rows[actions] = actions.flag_actions()
+        for row in rows:
             if row.add and row.flag not in flags:
                 self.add_flags.setdefault(row.flag, []).append(uid)
                 keys.append(("flag+", row.flag))
             elif not row.add and row.flag in flags:
                 self.remove_flags.setdefault(row.flag, []).append(uid)
                 keys.append(("flag-", row.flag))
-        # Archive means "out of the Inbox": on Gmail, messages carrying \\Inbox (whatever
-        # folder view they were found in); elsewhere, messages in INBOX itself.
-        in_inbox = (_same_folder(folder, "INBOX") if labels is None
-                    else any(label.lower() == "\\inbox" for label in labels))
         if actions.trash:
             if not in_trash and not (labels is not None and
                                      any(l.lower() == "\\trash" for l in labels)):
                 self.trash.append(uid)
                 keys.append(("trash",))
-        elif actions.move and not _same_folder(self.server_name(actions.move), folder):
+        elif actions.move and not _same_folder(self._server_name(actions.move), folder):
             self.move.setdefault(actions.move, []).append(uid)
             keys.append(("move", actions.move))
-        elif actions.archive and not in_archive and in_inbox:
+        elif actions.archive and not in_archive and _in_inbox(folder, labels):
             self.archive.append(uid)
             keys.append(("archive",))
         if keys:
             self.per_uid[uid] = keys
         return bool(keys)
+
+    def _server_name(self, name: str) -> str:
+        known = self.server_names.get(name)
+        if known is None:
+            known = self.server_names[name] = self.server_name(name)
+        return known
 
     @staticmethod
     def decided(actions: Actions) -> List[Tuple[str, ...]]:
@@ -8053,6 +8073,13 @@ class _Plan:
         if self.trash:
             counts["trash"] = len(self.trash)
         return counts
+
+
+def _in_inbox(folder: str, labels: Optional[frozenset]) -> bool:
+    """Whether archive would take a message out of the Inbox: on Gmail, a message carrying
+    \\Inbox (whatever folder view it was found in); elsewhere, a message in INBOX itself."""
+    return (_same_folder(folder, "INBOX") if labels is None
+            else any(label.lower() == "\\inbox" for label in labels))
 
 
 def _same_folder(a: str, b: str) -> bool:
@@ -8451,6 +8478,7 @@ class _FolderRun:
         self.confirmed: Dict[Tuple[int, Tuple[str, ...]], Any] = {}
         # A step whose moves are sent and not yet answered, and what reads them (finish).
         self.in_flight: Optional[Tuple[_Step, Callable[[], None]]] = None
+        self.decided_keys: Dict[Actions, Tuple[Tuple[str, ...], ...]] = {}     # see _decided
 
     # -- opening the folder ---------------------------------------------------------------
 
@@ -8745,23 +8773,27 @@ class _FolderRun:
         """One entry per message the step may change: where it is, what tells it apart
         (size, INTERNALDATE, Message-ID) and the changes planned, each destination with the
         UIDVALIDITY and UIDNEXT it had before the step (``places``, by server name)."""
-        status, places = self.status, self.places
+        status, places, conn = self.status, self.places, self.conn
+        gmail, destinations, per_uid = conn.is_gmail, self.destinations, step.plan.per_uid
+        names: Dict[str, str] = {}          # a destination's server name, worked out once
         entries = []
-        for uid in sorted(step.plan.per_uid):
+        for uid in sorted(per_uid):
             info = step.infos.get(uid)
             if info is None:
                 continue
             changes = []
-            for key in step.plan.per_uid[uid]:
-                change = _change_entry(key, uid, status, self.conn.is_gmail, self.destinations,
-                                       None)
-                after = change.get("after")
-                if isinstance(after, dict):
-                    name = after["folder"] if after["folder"] in places else \
-                        self.conn.server_name(str(after["folder"]))
+            for key in per_uid[uid]:
+                change = _change_entry(key, uid, status, gmail, destinations, None)
+                after = change["after"]
+                if isinstance(after, dict):     # a fresh dict: filled in where it stands
+                    folder = after["folder"]
+                    name = names.get(folder)
+                    if name is None:
+                        name = names[folder] = folder if folder in places else \
+                            conn.server_name(str(folder))
                     if name in places:
-                        after = dict(after, folder=name, **places[name])
-                    change = dict(change, after=after)
+                        after["folder"] = name
+                        after.update(places[name])
                 changes.append(change)
             entries.append({
                 "folder": self.folder, "uid": uid, "uidvalidity": status.uidvalidity,
@@ -8817,7 +8849,8 @@ class _FolderRun:
 
     def _step_done(self, step: _Step, ok: bool) -> None:
         report, checkpoint = self.report, self.checkpoint
-        outcomes = [self._outcome(step, uid, ok) for uid in sorted(step.decisions)]
+        gmail = self.conn.is_gmail
+        outcomes = [self._outcome(step, uid, ok, gmail) for uid in sorted(step.decisions)]
         mark = step.last_uid if ok and not self.narrowed else None
         if mark is not None and report.skipped:
             mark = min(mark, min(report.skipped) - 1)   # the next run looks again
@@ -8833,22 +8866,29 @@ class _FolderRun:
                 if ok or outcome.changes:
                     self.listeners.on_message(outcome)
 
-    def _outcome(self, step: _Step, uid: int, ok: bool) -> Outcome:
+    def _outcome(self, step: _Step, uid: int, ok: bool, gmail: bool) -> Outcome:
         """One message's Outcome, counted into the report."""
-        report, status, gmail = self.report, self.status, self.conn.is_gmail
+        report, status = self.report, self.status
         decision, info = step.decisions[uid], step.infos[uid]
-        keys = step.plan.per_uid.get(uid, [])
-        made = [key for key in keys if not self.apply or (uid, key) in self.confirmed]
-        for key in made:
-            if key[0] == "label" and key[1] in self.copies:
-                self.copies[key[1]].add(step.plan.message_ids.get(uid))
-        changes = tuple(_change_entry(key, uid, status, gmail, self.destinations,
-                                      self.confirmed.get((uid, key))) for key in made)
-        for change in changes:
-            name = describe_change(change)
-            report.changes[name] = report.changes.get(name, 0) + 1
+        keys = step.plan.per_uid.get(uid, ())
+        made = keys
+        changes: Tuple[Dict[str, Any], ...] = ()
+        if keys:            # most messages of a folder already run over need nothing
+            confirmed = self.confirmed
+            if self.apply:
+                made = [key for key in keys if (uid, key) in confirmed]
+            for key in made:
+                if key[0] == "label" and key[1] in self.copies:
+                    self.copies[key[1]].add(step.plan.message_ids.get(uid))
+            changes = tuple(_change_entry(key, uid, status, gmail, self.destinations,
+                                          confirmed.get((uid, key))) for key in made)
+            counts = report.changes
+            for change in changes:
+                name = describe_change(change)
+                counts[name] = counts.get(name, 0) + 1
         _count_decision(report, decision, keys, made, lambda key: describe_change(
-            _change_entry(key, uid, status, gmail, self.destinations, None)))
+            _change_entry(key, uid, status, gmail, self.destinations, None)),
+            self._decided(decision.actions))
         if self.apply:
             report.changes_made += len(made)
             if not ok:
@@ -8856,6 +8896,17 @@ class _FolderRun:
         return Outcome(self.folder, uid, info.sender, info.subject, decision,
                        step.msgids.get(uid), status.uidvalidity, info.message_id, changes,
                        self.apply, len(keys) - len(made))
+
+    def _decided(self, actions: Actions) -> Tuple[Tuple[str, ...], ...]:
+        """_Plan.decided(actions), worked out once per distinct Actions of the folder run
+        (a few rules' actions, shared by thousands of messages); templated destinations
+        make more, so the table starts afresh past a few thousand."""
+        keys = self.decided_keys.get(actions)
+        if keys is None:
+            if len(self.decided_keys) >= 4096:
+                self.decided_keys.clear()
+            keys = self.decided_keys[actions] = tuple(_Plan.decided(actions))
+        return keys
 
 
 def _place_statuses(conn: GmailConnection, names: Sequence[str]
@@ -8908,14 +8959,16 @@ def _done_entry(key: Tuple[str, ...], result: Mapping[int, Any], status: FolderS
 
 def _count_decision(report: FolderReport, decision: Decision, planned: Sequence[Tuple[str, ...]],
                     made: Sequence[Tuple[str, ...]],
-                    name: Callable[[Tuple[str, ...]], str]) -> None:
+                    name: Callable[[Tuple[str, ...]], str],
+                    decided: Optional[Sequence[Tuple[str, ...]]] = None) -> None:
     """Count one message's decision into the report: its rules in ``changed`` when some
     change was ``made`` (or would be), and what the server already had (decided, not
-    ``planned``) in ``already_done``, named by ``name(key)`` as changes are."""
+    ``planned``) in ``already_done``, named by ``name(key)`` as changes are.  ``decided``:
+    _Plan.decided(decision.actions), if the caller has it already."""
     if made:
         for rule, _reason in decision.matches:
             report.changed[rule] = report.changed.get(rule, 0) + 1
-    for key in _Plan.decided(decision.actions):
+    for key in _Plan.decided(decision.actions) if decided is None else decided:
         if key not in planned:
             done = name(key)
             report.already_done[done] = report.already_done.get(done, 0) + 1
@@ -9401,7 +9454,12 @@ def _utcnow() -> datetime:
 
 def _iso(moment: datetime, utc: str = "Z") -> str:
     """``"2026-12-01T17:05:01Z"`` (state and audit log); the token file has ``utc="+00:00"``."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + utc
+    # isoformat costs a quarter less than strftime (a record per message has one or two),
+    # and pads a year below 1000 where strftime's %Y may not: those keep strftime's text.
+    moment = moment.astimezone(timezone.utc)
+    if moment.year < 1000:
+        return moment.strftime("%Y-%m-%dT%H:%M:%S") + utc
+    return moment.isoformat(timespec="seconds")[:19] + utc
 
 
 def _make_private_dir(directory: Path) -> None:
@@ -9760,6 +9818,24 @@ def _signals_held() -> Iterator[None]:
 _RECORD_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True)
 
 
+def _record_lines(records: Iterable[Mapping[str, Any]]) -> Iterator[str]:
+    """Each record as its line of the audit log: ``_RECORD_JSON.encode(record) + "\n"``,
+    the same text, with CPython's C encoder set up once for all the records rather than
+    once a record (as encode() does: a tenth of the encoding's CPU, at two records per
+    message changed).  Elsewhere, or should that encoder's signature change, encode()."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    encoder = _RECORD_JSON
+    try:    # the arguments JSONEncoder.iterencode passes it; {}: circular records refused
+        encode = make({}, encoder.default, json.encoder.encode_basestring, encoder.indent,
+                      encoder.key_separator, encoder.item_separator, encoder.sort_keys,
+                      encoder.skipkeys, encoder.allow_nan) if make is not None else None
+    except TypeError:
+        encode = None
+    for record in records:
+        yield ("".join(encode(record, 0)) if encode is not None else
+               encoder.encode(record)) + "\n"
+
+
 class AuditLog:
     """``audit.jsonl``: one JSON record per line, appended once the server confirmed.
 
@@ -9781,8 +9857,8 @@ class AuditLog:
         chunks: List[bytes] = []
         lines: List[bytes] = []
         held = 0
-        for record in records:
-            lines.append((_RECORD_JSON.encode(record) + "\n").encode("utf-8"))
+        for line in _record_lines(records):
+            lines.append(line.encode("utf-8"))
             held += len(lines[-1])
             if held >= AUDIT_CHUNK_BYTES:
                 chunks.append(b"".join(lines))
@@ -10027,6 +10103,7 @@ class Run(Checkpoint):
         self._largest_fetch = 0
         self._last_fetch_bytes: Optional[int] = None
         self._warned_half = False
+        self._actions_records: Dict[Actions, Dict[str, Any]] = {}     # see _actions_record
 
     # -- driving it ----------------------------------------------------------------------
 
@@ -10192,7 +10269,8 @@ class Run(Checkpoint):
 
     def step_done(self, conn: GmailConnection, status: FolderStatus, mark: Optional[int],
                   outcomes: Sequence[Outcome]) -> None:
-        records = [self.record(outcome) for outcome in outcomes]
+        time = _iso(self.store.now())      # one for the step's records (see record)
+        records = [self.record(outcome, time) for outcome in outcomes]
         self.add_records(records, announce=False)
         if mark is not None and not self.narrowed:
             known = self.mark_of(status.name)
@@ -10225,19 +10303,32 @@ class Run(Checkpoint):
 
     # -- helpers -------------------------------------------------------------------------
 
-    def record(self, outcome: Outcome) -> Dict[str, Any]:
-        """The JSON record of one message (see README, "Records")."""
-        actions = outcome.decision.actions
+    def record(self, outcome: Outcome, time: Optional[str] = None) -> Dict[str, Any]:
+        """The JSON record of one message (see README, "Records"); ``time``: its "time"
+        (a step's records share the step's), else now."""
+        matches = outcome.decision.matches
         return {"type": "message", "version": RECORD_VERSION, "run": self.id,
-                "time": _iso(self.store.now()), "account": self.user, "host": self.host,
+                "time": _iso(self.store.now()) if time is None else time,
+                "account": self.user, "host": self.host,
                 "folder": outcome.folder, "uid": outcome.uid, "uidvalidity": outcome.uidvalidity,
                 "gm_msgid": outcome.msgid, "message_id": outcome.message_id,
                 "subject": outcome.subject, "from": outcome.sender,
-                "rules": [name for name, _ in outcome.decision.matches],
-                "reasons": [reason for _, reason in outcome.decision.matches],
-                "actions": {} if actions.is_empty() else
-                actions.as_record(),
+                "rules": [name for name, _ in matches],
+                "reasons": [reason for _, reason in matches],
+                "actions": self._actions_record(outcome.decision.actions),
                 "applied": outcome.applied, "changes": list(outcome.changes), **self._named()}
+
+    def _actions_record(self, actions: Actions) -> Dict[str, Any]:
+        """A message record's "actions" (``{}`` when none): Actions.as_record, worked out
+        once per distinct Actions (a few rules' actions, shared by thousands of messages),
+        a fresh copy for every record."""
+        known = self._actions_records.get(actions)
+        if known is None:
+            if len(self._actions_records) >= 4096:     # templated destinations make more
+                self._actions_records.clear()
+            known = self._actions_records[actions] = {} if actions.is_empty() else \
+                actions.as_record()
+        return {**known, "labels": list(actions.labels)} if known else {}
 
     def _stamp(self, kind: str, **fields: Any) -> Dict[str, Any]:
         """A write-ahead record of this run (INTENT_VERSION): its type ``kind``, the run,

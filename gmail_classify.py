@@ -566,18 +566,31 @@ def imap_date(day: Union[_dt.date, _dt.datetime]) -> str:
     return f"{day.day:02d}-{_MONTHS[day.month - 1]}-{day.year:04d}"
 
 
+_INTERNALDATE = re.compile(r"\s*(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) "
+                           r"([-+])(\d\d)(\d\d)")
+_MONTH_NUMBERS = {name.lower(): number for number, name in enumerate(_MONTHS, 1)}
+# Every message of a FETCH has an INTERNALDATE, and a mailbox's few zones recur: each
+# zone is made once (bounded, as a sender's server chooses them).
+_ZONES: Dict[str, _dt.timezone] = {}
+
+
 def parse_internaldate(text: str) -> Optional[_dt.datetime]:
     """Parse an INTERNALDATE such as ``"17-Jul-1996 02:44:25 -0700"``; None if malformed."""
-    match = re.match(r"\s*(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([-+])(\d\d)(\d\d)",
-                     text)
+    match = _INTERNALDATE.match(text)
     if not match:
         return None
     day, mon, year, hh, mm, ss, sign, zh, zm = match.groups()
+    month = _MONTH_NUMBERS.get(mon.lower())
+    if month is None:
+        return None
     try:
-        month = [m.lower() for m in _MONTHS].index(mon.lower()) + 1
-        offset = _dt.timedelta(hours=int(zh), minutes=int(zm))
-        tz = _dt.timezone(-offset if sign == "-" else offset)
-        return _dt.datetime(int(year), month, int(day), int(hh), int(mm), int(ss), tzinfo=tz)
+        zone = _ZONES.get(sign + zh + zm)
+        if zone is None:
+            offset = _dt.timedelta(hours=int(zh), minutes=int(zm))
+            zone = _dt.timezone(-offset if sign == "-" else offset)
+            if len(_ZONES) < 256:
+                _ZONES[sign + zh + zm] = zone
+        return _dt.datetime(int(year), month, int(day), int(hh), int(mm), int(ss), tzinfo=zone)
     except ValueError:
         return None
 
@@ -1143,19 +1156,36 @@ def _canonical_fetch_key(item: str) -> str:
     return key
 
 
-def _convert_fetch_value(key: str, value: Any) -> Any:
-    if key in ("FLAGS", "X-GM-LABELS") and not isinstance(value, list):
+def _listed_flags(value: Any) -> Optional[Tuple[str, ...]]:
+    return tuple(str(flag) for flag in value) if isinstance(value, list) else None
+
+
+def _listed_labels(value: Any) -> Optional[Tuple[str, ...]]:
+    if not isinstance(value, list):
         return None     # NIL or an atom where a list belongs: unknown, not "none"
-    if key == "FLAGS":
-        return tuple(str(flag) for flag in value)
-    if key == "X-GM-LABELS":
-        return tuple(decode_mailbox(_as_text(label)) for label in value)
-    if key == "INTERNALDATE":
-        return parse_internaldate(_as_text(value))
-    if key in ("RFC822.SIZE", "X-GM-MSGID", "X-GM-THRID", "MODSEQ"):
-        if isinstance(value, list) and value:
-            value = value[0]
-        return int(value) if isinstance(value, int) or str(value).isdigit() else None
+    return tuple(decode_mailbox(_as_text(label)) for label in value)
+
+
+def _fetched_number(value: Any) -> Optional[int]:
+    if isinstance(value, list) and value:
+        value = value[0]
+    return int(value) if isinstance(value, int) or str(value).isdigit() else None
+
+
+# How the value of each fetch item is read (see fetch()); a body section or RFC822 item
+# not named here is bytes, anything else stays as parsed.
+_FETCH_VALUES: Dict[str, Callable[[Any], Any]] = {
+    "FLAGS": _listed_flags, "X-GM-LABELS": _listed_labels,
+    "INTERNALDATE": lambda value: parse_internaldate(_as_text(value)),
+    "RFC822.SIZE": _fetched_number, "X-GM-MSGID": _fetched_number,
+    "X-GM-THRID": _fetched_number, "MODSEQ": _fetched_number,
+}
+
+
+def _convert_fetch_value(key: str, value: Any) -> Any:
+    convert = _FETCH_VALUES.get(key)
+    if convert is not None:
+        return convert(value)
     if key.startswith("BODY[") or key.startswith("RFC822"):
         if isinstance(value, str):
             return value.encode("utf-8", "surrogateescape")
@@ -1182,6 +1212,7 @@ def _fetch_answer(response: _Response, wanted: set, by_key: Mapping[str, str],
                     "bytes); skipped that message", uid, limit)
         if skipped is not None and uid not in skipped:
             skipped.append(uid)
+    names: Dict[str, str] = {}      # an answer's item names, as asked for
     for item in response.untagged:
         if len(item) < 3 or str(item[1]).upper() != "FETCH" or not isinstance(item[2], list):
             continue
@@ -1193,7 +1224,10 @@ def _fetch_answer(response: _Response, wanted: set, by_key: Mapping[str, str],
         for key, value in attrs.items():
             if key == "UID":
                 continue
-            values[by_key.get(_fetch_key(key), key)] = _convert_fetch_value(key, value)
+            name = names.get(key)
+            if name is None:
+                name = names[key] = by_key.get(_fetch_key(key), key)
+            values[name] = _convert_fetch_value(key, value)
 
 
 def _copyuid_map(response: _Response, sent: Sequence[int]) -> Dict[int, int]:
@@ -4342,6 +4376,9 @@ def _decode_header(msg: email.message.EmailMessage, raws: List[str], kind: str,
     header_text() (``kind`` "text") or header_addresses() ("addresses") return them."""
     if not raws:
         return []
+    if kind == "text" and len(raws) == 1 and "=?" not in raws[0] and raws[0].isascii() \
+            and len(raws[0]) <= HEADER_VALUE_LIMIT and _header_kind(name) == "text":
+        return [raws[0]]    # plain text (most subjects) reads as it is: nothing to keep
     if sum(map(len, raws)) > _DECODED_LONGEST or _header_kind(name) == "msgid":
         # One plain <left@right> (ASCII, short: nothing to repair or cut) reads as it is,
         # as _decode_values() finds; every message has one.

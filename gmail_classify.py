@@ -8601,8 +8601,9 @@ class _FolderRun:
         for uid in sorted(decisions):
             decision, info = decisions[uid], infos[uid]
             if self.separator is not None:
-                decision = dataclasses.replace(
-                    decision, actions=decision.actions.expanded(info, self.separator))
+                actions = decision.actions.expanded(info, self.separator)
+                if actions is not decision.actions:     # a templated destination
+                    decision = dataclasses.replace(decision, actions=actions)
             report.examined += 1
             # report.changed is counted when the step is done: off Gmail the plan may still
             # lose label copies the label's folder already holds (_drop_copies_already_there).

@@ -2233,7 +2233,9 @@ class _Protocol:
         later command that wants it, within that command's own answer budget; True if one
         did."""
         for pending in self._later(tag):
-            if (pending.keep or _needed_by(pending.command))(parsed):
+            if pending.keep is None:    # its default, made once (a step's writes see each line)
+                pending.keep = _needed_by(pending.command)
+            if pending.keep(parsed):
                 if pending.budget is None:
                     pending.budget = _AnswerBudget(pending.command)
                 pending.budget.kept(pending.early, parsed, size, weight)

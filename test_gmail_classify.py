@@ -19345,8 +19345,8 @@ class LiveServerTest(unittest.TestCase):
 
 def _reference_internaldate(text: str) -> Optional[_dtm.datetime]:
     """parse_internaldate as first written (a pattern, a month list and a zone per call)."""
-    match = re.match(r"\s*(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([-+])(\d\d)(\d\d)",
-                     text)
+    match = re.match(r"\s*(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) "
+                     r"([-+])(\d\d)(\d\d)", text)
     if not match:
         return None
     day, mon, year, hh, mm, ss, sign, zh, zm = match.groups()
@@ -19391,14 +19391,18 @@ def _outcome_of(read: Callable[[], Any]) -> Any:
 
 def _internaldates(rng: random.Random, count: int) -> List[str]:
     """INTERNALDATE texts: well formed in every month and case, and broken in every part."""
-    texts = ["17-Jul-1996 02:44:25 -0700", " 1-jan-2024 00:00:00 +0000", "29-Feb-2024 12:00:00 -0000",
-             "29-Feb-2023 12:00:00 +0000", "31-Apr-2024 01:02:03 +0100", "00-Jan-2024 01:02:03 +0100",
-             "17-Jul-1996 24:00:00 +0000", "17-Jul-1996 23:59:60 +0000", "17-Jul-1996 02:44:25 +2400",
-             "17-Jul-1996 02:44:25 -2359", "17-Jul-1996 02:44:25 +0099", "17-Jul-1996 02:44:25 +9999",
-             "17-Jux-1996 02:44:25 +0000", "17-JUL-1996 02:44:25 +0000 trailing", "17-Jul-96 02:44:25 +0000",
-             "\u0661\u0667-Jul-1996 02:44:25 +0000", "17-Jul-1996 02:44:25 +\u0660\u0661\u0660\u0660",
-             "17-J\u00fcl-1996 02:44:25 +0000", "17-Jul-1996 02:44:25", "", "   ", "yesterday",
-             "17-Jul-0000 02:44:25 +0000", "17-Jul-9999 23:59:59 -2359", "\t 7-Dec-2026 10:00:00 +0530"]
+    texts = ["17-Jul-1996 02:44:25 -0700", " 1-jan-2024 00:00:00 +0000",
+             "29-Feb-2024 12:00:00 -0000", "29-Feb-2023 12:00:00 +0000",
+             "31-Apr-2024 01:02:03 +0100", "00-Jan-2024 01:02:03 +0100",
+             "17-Jul-1996 24:00:00 +0000", "17-Jul-1996 23:59:60 +0000",
+             "17-Jul-1996 02:44:25 +2400", "17-Jul-1996 02:44:25 -2359",
+             "17-Jul-1996 02:44:25 +0099", "17-Jul-1996 02:44:25 +9999",
+             "17-Jux-1996 02:44:25 +0000", "17-JUL-1996 02:44:25 +0000 trailing",
+             "17-Jul-96 02:44:25 +0000", "\u0661\u0667-Jul-1996 02:44:25 +0000",
+             "17-Jul-1996 02:44:25 +\u0660\u0661\u0660\u0660",
+             "17-J\u00fcl-1996 02:44:25 +0000",
+             "17-Jul-1996 02:44:25", "", "   ", "yesterday", "17-Jul-0000 02:44:25 +0000",
+             "17-Jul-9999 23:59:59 -2359", "\t 7-Dec-2026 10:00:00 +0530"]
     months = list(gc._MONTHS) + ["Foo", "jAN", "DEC", "sep"]
     for _ in range(count):
         month = rng.choice(months)
@@ -19455,8 +19459,9 @@ class ReadSideFastPathTest(unittest.TestCase):
 
     def test_plain_text_headers_decode_as_the_table_and_reference_decode_them(self):
         limit = gc.HEADER_VALUE_LIMIT
-        texts = ["Your receipt", "", "  spaced  out\t", "a\x01control\x7f", "=?utf-8?q?caf=C3=A9?=",
-                 "plain =? not a word", "caf\u00e9", "8-bit \udce9t\udce9", "x" * limit,
+        texts = ["Your receipt", "", "  spaced  out\t", "a\x01control\x7f",
+                 "=?utf-8?q?caf=C3=A9?=", "plain =? not a word", "caf\u00e9",
+                 "8-bit \udce9t\udce9", "x" * limit,
                  "y" * (limit + 1), "tabs\tand (comments) and \"quotes\"", "=?", "?="]
         names = ["subject", "comments", "x-custom", "from", "message-id", "content-type"]
         for name in names:
@@ -19469,13 +19474,14 @@ class ReadSideFastPathTest(unittest.TestCase):
                     gc._drop_header_cache(msg)
                     with self.subTest(name=name, raws=[raw[:40] for raw in raws]):
                         want = _outcome_of(lambda: gc._decode_values(msg, raws, "text", name))
-                        self.assertEqual(_outcome_of(lambda: gc._decode_header(msg, raws, "text",
-                                                                               name)), want)
+                        got = _outcome_of(lambda: gc._decode_header(msg, raws, "text", name))
+                        self.assertEqual(got, want)
 
     def test_plain_subject_leaves_the_decoded_table_to_the_senders(self):
         msg = gc.parse_headers(b"From: A <a@example.com>\r\nSubject: Your receipt #42\r\n\r\n")
         with mock.patch.dict(gc._DECODED, clear=True):
-            self.assertEqual(gc._shown_headers(msg), ("A <a@example.com>", "Your receipt #42", ""))
+            self.assertEqual(gc._shown_headers(msg),
+                             ("A <a@example.com>", "Your receipt #42", ""))
             self.assertEqual([key[:2] for key in gc._DECODED], [("addresses", "from")])
 
 

@@ -7628,8 +7628,8 @@ class DecodedOnceTest(unittest.TestCase):
         msg = parse_headers(("Subject: %s\r\n\r\n" % long_value).encode())
         self.assertEqual(header_text(msg, "subject"), [long_value])
         self.assertEqual(gc._DECODED, {})           # long values are not kept
-        for n in range(gc._DECODED_MAX + 5):
-            gc._decode_header(msg, ["s%d" % n], "text", "subject")
+        for n in range(gc._DECODED_MAX + 5):    # not ASCII: plain ASCII text is never kept
+            gc._decode_header(msg, ["s%d\u00e9" % n], "text", "subject")
             self.assertEqual(len(gc._DECODED), n + 1 if n < gc._DECODED_MAX else n + 1 - gc._DECODED_MAX)
         self.assertEqual(gc._decode_header(msg, ["s1"], "text", "subject"), ["s1"])
 

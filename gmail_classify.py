@@ -4378,15 +4378,16 @@ def _decode_header(msg: email.message.EmailMessage, raws: List[str], kind: str,
     header_text() (``kind`` "text") or header_addresses() ("addresses") return them."""
     if not raws:
         return []
-    if kind == "text" and len(raws) == 1 and "=?" not in raws[0] and raws[0].isascii() \
-            and len(raws[0]) <= HEADER_VALUE_LIMIT and _header_kind(name) == "text":
-        return [raws[0]]    # plain text (most subjects) reads as it is: nothing to keep
-    if sum(map(len, raws)) > _DECODED_LONGEST or _header_kind(name) == "msgid":
-        # One plain <left@right> (ASCII, short: nothing to repair or cut) reads as it is,
-        # as _decode_values() finds; every message has one.
-        if kind == "text" and len(raws) == 1 and len(raws[0]) <= _DECODED_LONGEST \
-                and _PLAIN_MSGID.match(raws[0]) and _header_kind(name) == "msgid":
-            return [raws[0]]
+    registry_kind = _header_kind(name)
+    if kind == "text" and len(raws) == 1 and len(raws[0]) <= _DECODED_LONGEST:
+        # One plain text (ASCII, no encoded word: most subjects) or plain <left@right>
+        # (every message has one) reads as it is, as _decode_values() finds: nothing to
+        # repair or cut, and nothing worth keeping in the table.
+        raw = raws[0]
+        if (registry_kind == "text" and "=?" not in raw and raw.isascii()) or \
+                (registry_kind == "msgid" and _PLAIN_MSGID.match(raw)):
+            return [raw]
+    if sum(map(len, raws)) > _DECODED_LONGEST or registry_kind == "msgid":
         return _decode_values(msg, raws, kind, name)
     key = (kind, name, tuple(raws))
     found = _DECODED.get(key)
@@ -4457,8 +4458,9 @@ def _shown_headers(msg: email.message.EmailMessage) -> Tuple[str, str, str]:
                 values = cache[(kind, name)] = _decode_header(msg, cache.get(("raw", name), []),
                                                               kind, name)
             found.append(values)
-    sender, subject, message_id = (values[0] if values else "" for values in found)
-    return sender, subject, message_id.strip()
+    senders, subjects, message_ids = found
+    return (senders[0] if senders else "", subjects[0] if subjects else "",
+            message_ids[0].strip() if message_ids else "")
 
 
 def _header_mailboxes(msg: email.message.EmailMessage, name: str) -> List[Tuple[str, str]]:

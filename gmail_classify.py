@@ -570,18 +570,31 @@ def imap_date(day: Union[_dt.date, _dt.datetime]) -> str:
     return f"{day.day:02d}-{_MONTHS[day.month - 1]}-{day.year:04d}"
 
 
+_INTERNALDATE = re.compile(r"\s*(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) "
+                           r"([-+])(\d\d)(\d\d)")
+_MONTH_NUMBERS = {name.lower(): number for number, name in enumerate(_MONTHS, 1)}
+# Every message of a FETCH has an INTERNALDATE, and a mailbox's few zones recur: each
+# zone is made once (bounded, as a sender's server chooses them).
+_ZONES: Dict[str, _dt.timezone] = {}
+
+
 def parse_internaldate(text: str) -> Optional[_dt.datetime]:
     """Parse an INTERNALDATE such as ``"17-Jul-1996 02:44:25 -0700"``; None if malformed."""
-    match = re.match(r"\s*(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([-+])(\d\d)(\d\d)",
-                     text)
+    match = _INTERNALDATE.match(text)
     if not match:
         return None
     day, mon, year, hh, mm, ss, sign, zh, zm = match.groups()
+    month = _MONTH_NUMBERS.get(mon.lower())
+    if month is None:
+        return None
     try:
-        month = [m.lower() for m in _MONTHS].index(mon.lower()) + 1
-        offset = _dt.timedelta(hours=int(zh), minutes=int(zm))
-        tz = _dt.timezone(-offset if sign == "-" else offset)
-        return _dt.datetime(int(year), month, int(day), int(hh), int(mm), int(ss), tzinfo=tz)
+        zone = _ZONES.get(sign + zh + zm)
+        if zone is None:
+            offset = _dt.timedelta(hours=int(zh), minutes=int(zm))
+            zone = _dt.timezone(-offset if sign == "-" else offset)
+            if len(_ZONES) < 256:
+                _ZONES[sign + zh + zm] = zone
+        return _dt.datetime(int(year), month, int(day), int(hh), int(mm), int(ss), tzinfo=zone)
     except ValueError:
         return None
 
@@ -1147,19 +1160,36 @@ def _canonical_fetch_key(item: str) -> str:
     return key
 
 
-def _convert_fetch_value(key: str, value: Any) -> Any:
-    if key in ("FLAGS", "X-GM-LABELS") and not isinstance(value, list):
+def _listed_flags(value: Any) -> Optional[Tuple[str, ...]]:
+    return tuple(str(flag) for flag in value) if isinstance(value, list) else None
+
+
+def _listed_labels(value: Any) -> Optional[Tuple[str, ...]]:
+    if not isinstance(value, list):
         return None     # NIL or an atom where a list belongs: unknown, not "none"
-    if key == "FLAGS":
-        return tuple(str(flag) for flag in value)
-    if key == "X-GM-LABELS":
-        return tuple(decode_mailbox(_as_text(label)) for label in value)
-    if key == "INTERNALDATE":
-        return parse_internaldate(_as_text(value))
-    if key in ("RFC822.SIZE", "X-GM-MSGID", "X-GM-THRID", "MODSEQ"):
-        if isinstance(value, list) and value:
-            value = value[0]
-        return int(value) if isinstance(value, int) or str(value).isdigit() else None
+    return tuple(decode_mailbox(_as_text(label)) for label in value)
+
+
+def _fetched_number(value: Any) -> Optional[int]:
+    if isinstance(value, list) and value:
+        value = value[0]
+    return int(value) if isinstance(value, int) or str(value).isdigit() else None
+
+
+# How the value of each fetch item is read (see fetch()); a body section or RFC822 item
+# not named here is bytes, anything else stays as parsed.
+_FETCH_VALUES: Dict[str, Callable[[Any], Any]] = {
+    "FLAGS": _listed_flags, "X-GM-LABELS": _listed_labels,
+    "INTERNALDATE": lambda value: parse_internaldate(_as_text(value)),
+    "RFC822.SIZE": _fetched_number, "X-GM-MSGID": _fetched_number,
+    "X-GM-THRID": _fetched_number, "MODSEQ": _fetched_number,
+}
+
+
+def _convert_fetch_value(key: str, value: Any) -> Any:
+    convert = _FETCH_VALUES.get(key)
+    if convert is not None:
+        return convert(value)
     if key.startswith("BODY[") or key.startswith("RFC822"):
         if isinstance(value, str):
             return value.encode("utf-8", "surrogateescape")
@@ -1186,6 +1216,7 @@ def _fetch_answer(response: _Response, wanted: set, by_key: Mapping[str, str],
                     "bytes); skipped that message", uid, limit)
         if skipped is not None and uid not in skipped:
             skipped.append(uid)
+    names: Dict[str, str] = {}      # an answer's item names, as asked for
     for item in response.untagged:
         if len(item) < 3 or str(item[1]).upper() != "FETCH" or not isinstance(item[2], list):
             continue
@@ -1197,7 +1228,10 @@ def _fetch_answer(response: _Response, wanted: set, by_key: Mapping[str, str],
         for key, value in attrs.items():
             if key == "UID":
                 continue
-            values[by_key.get(_fetch_key(key), key)] = _convert_fetch_value(key, value)
+            name = names.get(key)
+            if name is None:
+                name = names[key] = by_key.get(_fetch_key(key), key)
+            values[name] = _convert_fetch_value(key, value)
 
 
 def _copyuid_map(response: _Response, sent: Sequence[int]) -> Dict[int, int]:
@@ -2203,7 +2237,9 @@ class _Protocol:
         later command that wants it, within that command's own answer budget; True if one
         did."""
         for pending in self._later(tag):
-            if (pending.keep or _needed_by(pending.command))(parsed):
+            if pending.keep is None:    # its default, made once (a step's writes see each line)
+                pending.keep = _needed_by(pending.command)
+            if pending.keep(parsed):
                 if pending.budget is None:
                     pending.budget = _AnswerBudget(pending.command)
                 pending.budget.kept(pending.early, parsed, size, weight)
@@ -4351,12 +4387,16 @@ def _decode_header(msg: email.message.EmailMessage, raws: List[str], kind: str,
     header_text() (``kind`` "text") or header_addresses() ("addresses") return them."""
     if not raws:
         return []
-    if sum(map(len, raws)) > _DECODED_LONGEST or _header_kind(name) == "msgid":
-        # One plain <left@right> (ASCII, short: nothing to repair or cut) reads as it is,
-        # as _decode_values() finds; every message has one.
-        if kind == "text" and len(raws) == 1 and len(raws[0]) <= _DECODED_LONGEST \
-                and _PLAIN_MSGID.match(raws[0]) and _header_kind(name) == "msgid":
-            return [raws[0]]
+    registry_kind = _header_kind(name)
+    if kind == "text" and len(raws) == 1 and len(raws[0]) <= _DECODED_LONGEST:
+        # One plain text (ASCII, no encoded word: most subjects) or plain <left@right>
+        # (every message has one) reads as it is, as _decode_values() finds: nothing to
+        # repair or cut, and nothing worth keeping in the table.
+        raw = raws[0]
+        if (registry_kind == "text" and "=?" not in raw and raw.isascii()) or \
+                (registry_kind == "msgid" and _PLAIN_MSGID.match(raw)):
+            return [raw]
+    if sum(map(len, raws)) > _DECODED_LONGEST or registry_kind == "msgid":
         return _decode_values(msg, raws, kind, name)
     key = (kind, name, tuple(raws))
     found = _DECODED.get(key)
@@ -4427,8 +4467,9 @@ def _shown_headers(msg: email.message.EmailMessage) -> Tuple[str, str, str]:
                 values = cache[(kind, name)] = _decode_header(msg, cache.get(("raw", name), []),
                                                               kind, name)
             found.append(values)
-    sender, subject, message_id = (values[0] if values else "" for values in found)
-    return sender, subject, message_id.strip()
+    senders, subjects, message_ids = found
+    return (senders[0] if senders else "", subjects[0] if subjects else "",
+            message_ids[0].strip() if message_ids else "")
 
 
 def _header_mailboxes(msg: email.message.EmailMessage, name: str) -> List[Tuple[str, str]]:
@@ -8629,8 +8670,9 @@ class _FolderRun:
         for uid in sorted(decisions):
             decision, info = decisions[uid], infos[uid]
             if self.separator is not None:
-                decision = dataclasses.replace(
-                    decision, actions=decision.actions.expanded(info, self.separator))
+                actions = decision.actions.expanded(info, self.separator)
+                if actions is not decision.actions:     # a templated destination
+                    decision = dataclasses.replace(decision, actions=actions)
             report.examined += 1
             # report.changed is counted when the step is done: off Gmail the plan may still
             # lose label copies the label's folder already holds (_drop_copies_already_there).

@@ -7628,8 +7628,8 @@ class DecodedOnceTest(unittest.TestCase):
         msg = parse_headers(("Subject: %s\r\n\r\n" % long_value).encode())
         self.assertEqual(header_text(msg, "subject"), [long_value])
         self.assertEqual(gc._DECODED, {})           # long values are not kept
-        for n in range(gc._DECODED_MAX + 5):
-            gc._decode_header(msg, ["s%d" % n], "text", "subject")
+        for n in range(gc._DECODED_MAX + 5):    # not ASCII: plain ASCII text is never kept
+            gc._decode_header(msg, ["s%d\u00e9" % n], "text", "subject")
             self.assertEqual(len(gc._DECODED), n + 1 if n < gc._DECODED_MAX else n + 1 - gc._DECODED_MAX)
         self.assertEqual(gc._decode_header(msg, ["s1"], "text", "subject"), ["s1"])
 
@@ -19895,6 +19895,149 @@ def _plain_plan_add(plan: gc._Plan, uid: int, actions: gc.Actions, flags: frozen
     if keys:
         plan.per_uid[uid] = keys
     return bool(keys)
+# --- Issue 17: the read side's CPU -------------------------------------------------------
+
+
+def _reference_internaldate(text: str) -> Optional[_dtm.datetime]:
+    """parse_internaldate as first written (a pattern, a month list and a zone per call)."""
+    match = re.match(r"\s*(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) "
+                     r"([-+])(\d\d)(\d\d)", text)
+    if not match:
+        return None
+    day, mon, year, hh, mm, ss, sign, zh, zm = match.groups()
+    try:
+        month = [m.lower() for m in gc._MONTHS].index(mon.lower()) + 1
+        offset = _dtm.timedelta(hours=int(zh), minutes=int(zm))
+        tz = _dtm.timezone(-offset if sign == "-" else offset)
+        return _dtm.datetime(int(year), month, int(day), int(hh), int(mm), int(ss), tzinfo=tz)
+    except ValueError:
+        return None
+
+
+def _reference_fetch_value(key: str, value: Any) -> Any:
+    """_convert_fetch_value as first written (a chain of tests per value)."""
+    if key in ("FLAGS", "X-GM-LABELS") and not isinstance(value, list):
+        return None
+    if key == "FLAGS":
+        return tuple(str(flag) for flag in value)
+    if key == "X-GM-LABELS":
+        return tuple(gc.decode_mailbox(gc._as_text(label)) for label in value)
+    if key == "INTERNALDATE":
+        return _reference_internaldate(gc._as_text(value))
+    if key in ("RFC822.SIZE", "X-GM-MSGID", "X-GM-THRID", "MODSEQ"):
+        if isinstance(value, list) and value:
+            value = value[0]
+        return int(value) if isinstance(value, int) or str(value).isdigit() else None
+    if key.startswith("BODY[") or key.startswith("RFC822"):
+        if isinstance(value, str):
+            return value.encode("utf-8", "surrogateescape")
+        return value
+    return value
+
+
+def _outcome_of(read: Callable[[], Any]) -> Any:
+    """What a call gives, with its type and repr (a zone's too), or the error it raises."""
+    try:
+        value = read()
+    except Exception as exc:
+        return ("raises", type(exc).__name__)
+    return (type(value).__name__, repr(value))
+
+
+def _internaldates(rng: random.Random, count: int) -> List[str]:
+    """INTERNALDATE texts: well formed in every month and case, and broken in every part."""
+    texts = ["17-Jul-1996 02:44:25 -0700", " 1-jan-2024 00:00:00 +0000",
+             "29-Feb-2024 12:00:00 -0000", "29-Feb-2023 12:00:00 +0000",
+             "31-Apr-2024 01:02:03 +0100", "00-Jan-2024 01:02:03 +0100",
+             "17-Jul-1996 24:00:00 +0000", "17-Jul-1996 23:59:60 +0000",
+             "17-Jul-1996 02:44:25 +2400", "17-Jul-1996 02:44:25 -2359",
+             "17-Jul-1996 02:44:25 +0099", "17-Jul-1996 02:44:25 +9999",
+             "17-Jux-1996 02:44:25 +0000", "17-JUL-1996 02:44:25 +0000 trailing",
+             "17-Jul-96 02:44:25 +0000", "\u0661\u0667-Jul-1996 02:44:25 +0000",
+             "17-Jul-1996 02:44:25 +\u0660\u0661\u0660\u0660",
+             "17-J\u00fcl-1996 02:44:25 +0000",
+             "17-Jul-1996 02:44:25", "", "   ", "yesterday", "17-Jul-0000 02:44:25 +0000",
+             "17-Jul-9999 23:59:59 -2359", "\t 7-Dec-2026 10:00:00 +0530"]
+    months = list(gc._MONTHS) + ["Foo", "jAN", "DEC", "sep"]
+    for _ in range(count):
+        month = rng.choice(months)
+        month = month.upper() if rng.random() < 0.2 else month
+        text = "%s%d-%s-%04d %02d:%02d:%02d %s%02d%02d" % (
+            rng.choice(["", " ", "  "]), rng.randint(0, 33), month, rng.randint(0, 9999),
+            rng.randint(0, 25), rng.randint(0, 61), rng.randint(0, 61), rng.choice("+-"),
+            rng.randint(0, 25), rng.choice([0, 30, 45, 59, 60, 99]))
+        texts.append(text)
+    return texts
+
+
+class ReadSideFastPathTest(unittest.TestCase):
+    """The read side's shortcuts give exactly what the plain ways give: INTERNALDATE
+    through a compiled pattern and zones made once, fetch values through a table per
+    item, plain text headers read without the decoded-values table."""
+
+    def test_internaldates_read_as_the_plain_parser_reads_them(self):
+        rng = random.Random(1717)
+        texts = _internaldates(rng, 400)
+        valid = 0
+        for _ in range(2):      # again with every zone already made
+            for text in texts:
+                with self.subTest(text=text):
+                    want = _outcome_of(lambda: _reference_internaldate(text))
+                    self.assertEqual(_outcome_of(lambda: gc.parse_internaldate(text)), want)
+                    valid += want[0] == "datetime"
+        self.assertGreater(valid, 200)
+        self.assertLess(valid, 2 * len(texts) - 200)
+
+    def test_zones_made_once_are_bounded(self):
+        with mock.patch.dict(gc._ZONES, clear=True):
+            for minutes in range(600):
+                text = "01-Jan-2024 00:00:00 +%02d%02d" % divmod(minutes, 60)
+                self.assertEqual(repr(gc.parse_internaldate(text)),
+                                 repr(_reference_internaldate(text)))
+            self.assertEqual(len(gc._ZONES), 256)
+            self.assertIs(gc.parse_internaldate("02-Jan-2024 00:00:00 +0001").tzinfo,
+                          gc.parse_internaldate("03-Jan-2024 00:00:00 +0001").tzinfo)
+
+    def test_fetch_values_read_as_the_chain_of_tests_read_them(self):
+        keys = ["FLAGS", "X-GM-LABELS", "INTERNALDATE", "RFC822.SIZE", "X-GM-MSGID",
+                "X-GM-THRID", "MODSEQ", "BODY[TEXT]", "BODY[HEADER.FIELDS (FROM)]", "BODY[]<0>",
+                "RFC822", "RFC822.HEADER", "BODYSTRUCTURE", "UID", "X-UNKNOWN", "ENVELOPE"]
+        values = [None, [], ["\\Seen", gc.Number("0123"), None, b"x"], "abc", "123", "\u00b2",
+                  gc.Number("007"), 12, [gc.Number("5")], ["x"], [[]], b"bytes", "caf\u00e9",
+                  "\udcff", ["&AOk-t&AOk-", "\\Inbox", b"&-"], "17-Jul-1996 02:44:25 -0700",
+                  b"17-Jul-1996 02:44:25 -0700", ["17-Jul-1996 02:44:25 -0700"], "NIL", ""]
+        for key in keys:
+            for value in values:
+                with self.subTest(key=key, value=value):
+                    self.assertEqual(_outcome_of(lambda: gc._convert_fetch_value(key, value)),
+                                     _outcome_of(lambda: _reference_fetch_value(key, value)))
+
+    def test_plain_text_headers_decode_as_the_table_and_reference_decode_them(self):
+        limit = gc.HEADER_VALUE_LIMIT
+        texts = ["Your receipt", "", "  spaced  out\t", "a\x01control\x7f",
+                 "=?utf-8?q?caf=C3=A9?=", "plain =? not a word", "caf\u00e9",
+                 "8-bit \udce9t\udce9", "x" * limit,
+                 "y" * (limit + 1), "tabs\tand (comments) and \"quotes\"", "=?", "?="]
+        names = ["subject", "comments", "x-custom", "from", "message-id", "content-type"]
+        for name in names:
+            for count in (1, 2):
+                for text in texts:
+                    raws = [text] * count
+                    block = "".join(f"{name}: {raw}\r\n" for raw in raws) + "\r\n"
+                    msg = gc.parse_headers(block.encode("utf-8", "surrogateescape"))
+                    raws = list(gc._header_cache(msg)[("raw", name)])    # as rules read them
+                    gc._drop_header_cache(msg)
+                    with self.subTest(name=name, raws=[raw[:40] for raw in raws]):
+                        want = _outcome_of(lambda: gc._decode_values(msg, raws, "text", name))
+                        got = _outcome_of(lambda: gc._decode_header(msg, raws, "text", name))
+                        self.assertEqual(got, want)
+
+    def test_plain_subject_leaves_the_decoded_table_to_the_senders(self):
+        msg = gc.parse_headers(b"From: A <a@example.com>\r\nSubject: Your receipt #42\r\n\r\n")
+        with mock.patch.dict(gc._DECODED, clear=True):
+            self.assertEqual(gc._shown_headers(msg),
+                             ("A <a@example.com>", "Your receipt #42", ""))
+            self.assertEqual([key[:2] for key in gc._DECODED], [("addresses", "from")])
 
 
 # --- Benchmark ---------------------------------------------------------------------------

@@ -7684,6 +7684,148 @@ class ReadOnlyWhatIsShownTest(unittest.TestCase):
         self.assertEqual(gc.expand_template("V/{sender_domain}/{year}", msg), "V/shop.example/2025")
 
 
+def _reference_internaldate(text: str) -> Optional[_dtm.datetime]:
+    """parse_internaldate as first written (a pattern, a month list and a zone per call)."""
+    match = re.match(r"\s*(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) "
+                     r"([-+])(\d\d)(\d\d)", text)
+    if not match:
+        return None
+    day, mon, year, hh, mm, ss, sign, zh, zm = match.groups()
+    try:
+        month = [m.lower() for m in gc._MONTHS].index(mon.lower()) + 1
+        offset = _dtm.timedelta(hours=int(zh), minutes=int(zm))
+        tz = _dtm.timezone(-offset if sign == "-" else offset)
+        return _dtm.datetime(int(year), month, int(day), int(hh), int(mm), int(ss), tzinfo=tz)
+    except ValueError:
+        return None
+
+
+def _reference_fetch_value(key: str, value: Any) -> Any:
+    """_convert_fetch_value as first written (a chain of tests per value)."""
+    if key in ("FLAGS", "X-GM-LABELS") and not isinstance(value, list):
+        return None
+    if key == "FLAGS":
+        return tuple(str(flag) for flag in value)
+    if key == "X-GM-LABELS":
+        return tuple(gc.decode_mailbox(gc._as_text(label)) for label in value)
+    if key == "INTERNALDATE":
+        return _reference_internaldate(gc._as_text(value))
+    if key in ("RFC822.SIZE", "X-GM-MSGID", "X-GM-THRID", "MODSEQ"):
+        if isinstance(value, list) and value:
+            value = value[0]
+        return int(value) if isinstance(value, int) or str(value).isdigit() else None
+    if key.startswith("BODY[") or key.startswith("RFC822"):
+        if isinstance(value, str):
+            return value.encode("utf-8", "surrogateescape")
+        return value
+    return value
+
+
+def _outcome_of(read: Callable[[], Any]) -> Any:
+    """What a call gives, with its type and repr (a zone's too), or the error it raises."""
+    try:
+        value = read()
+    except Exception as exc:
+        return ("raises", type(exc).__name__)
+    return (type(value).__name__, repr(value))
+
+
+def _internaldates(rng: random.Random, count: int) -> List[str]:
+    """INTERNALDATE texts: well formed in every month and case, and broken in every part."""
+    texts = ["17-Jul-1996 02:44:25 -0700", " 1-jan-2024 00:00:00 +0000",
+             "29-Feb-2024 12:00:00 -0000", "29-Feb-2023 12:00:00 +0000",
+             "31-Apr-2024 01:02:03 +0100", "00-Jan-2024 01:02:03 +0100",
+             "17-Jul-1996 24:00:00 +0000", "17-Jul-1996 23:59:60 +0000",
+             "17-Jul-1996 02:44:25 +2400", "17-Jul-1996 02:44:25 -2359",
+             "17-Jul-1996 02:44:25 +0099", "17-Jul-1996 02:44:25 +9999",
+             "17-Jux-1996 02:44:25 +0000", "17-JUL-1996 02:44:25 +0000 trailing",
+             "17-Jul-96 02:44:25 +0000", "\u0661\u0667-Jul-1996 02:44:25 +0000",
+             "17-Jul-1996 02:44:25 +\u0660\u0661\u0660\u0660",
+             "17-J\u00fcl-1996 02:44:25 +0000",
+             "17-Jul-1996 02:44:25", "", "   ", "yesterday", "17-Jul-0000 02:44:25 +0000",
+             "17-Jul-9999 23:59:59 -2359", "\t 7-Dec-2026 10:00:00 +0530"]
+    months = list(gc._MONTHS) + ["Foo", "jAN", "DEC", "sep"]
+    for _ in range(count):
+        month = rng.choice(months)
+        month = month.upper() if rng.random() < 0.2 else month
+        text = "%s%d-%s-%04d %02d:%02d:%02d %s%02d%02d" % (
+            rng.choice(["", " ", "  "]), rng.randint(0, 33), month, rng.randint(0, 9999),
+            rng.randint(0, 25), rng.randint(0, 61), rng.randint(0, 61), rng.choice("+-"),
+            rng.randint(0, 25), rng.choice([0, 30, 45, 59, 60, 99]))
+        texts.append(text)
+    return texts
+
+
+class ReadSideFastPathTest(unittest.TestCase):
+    """The read side's shortcuts give exactly what the plain ways give: INTERNALDATE
+    through a compiled pattern and zones made once, fetch values through a table per
+    item, plain text headers read without the decoded-values table."""
+
+    def test_internaldates_read_as_the_plain_parser_reads_them(self):
+        rng = random.Random(1717)
+        texts = _internaldates(rng, 400)
+        valid = 0
+        for _ in range(2):      # again with every zone already made
+            for text in texts:
+                with self.subTest(text=text):
+                    want = _outcome_of(lambda: _reference_internaldate(text))
+                    self.assertEqual(_outcome_of(lambda: gc.parse_internaldate(text)), want)
+                    valid += want[0] == "datetime"
+        self.assertGreater(valid, 200)
+        self.assertLess(valid, 2 * len(texts) - 200)
+
+    def test_zones_made_once_are_bounded(self):
+        with mock.patch.dict(gc._ZONES, clear=True):
+            for minutes in range(600):
+                text = "01-Jan-2024 00:00:00 +%02d%02d" % divmod(minutes, 60)
+                self.assertEqual(repr(gc.parse_internaldate(text)),
+                                 repr(_reference_internaldate(text)))
+            self.assertEqual(len(gc._ZONES), 256)
+            self.assertIs(gc.parse_internaldate("02-Jan-2024 00:00:00 +0001").tzinfo,
+                          gc.parse_internaldate("03-Jan-2024 00:00:00 +0001").tzinfo)
+
+    def test_fetch_values_read_as_the_chain_of_tests_read_them(self):
+        keys = ["FLAGS", "X-GM-LABELS", "INTERNALDATE", "RFC822.SIZE", "X-GM-MSGID",
+                "X-GM-THRID", "MODSEQ", "BODY[TEXT]", "BODY[HEADER.FIELDS (FROM)]", "BODY[]<0>",
+                "RFC822", "RFC822.HEADER", "BODYSTRUCTURE", "UID", "X-UNKNOWN", "ENVELOPE"]
+        values = [None, [], ["\\Seen", gc.Number("0123"), None, b"x"], "abc", "123", "\u00b2",
+                  gc.Number("007"), 12, [gc.Number("5")], ["x"], [[]], b"bytes", "caf\u00e9",
+                  "\udcff", ["&AOk-t&AOk-", "\\Inbox", b"&-"], "17-Jul-1996 02:44:25 -0700",
+                  b"17-Jul-1996 02:44:25 -0700", ["17-Jul-1996 02:44:25 -0700"], "NIL", ""]
+        for key in keys:
+            for value in values:
+                with self.subTest(key=key, value=value):
+                    self.assertEqual(_outcome_of(lambda: gc._convert_fetch_value(key, value)),
+                                     _outcome_of(lambda: _reference_fetch_value(key, value)))
+
+    def test_plain_text_headers_decode_as_the_table_and_reference_decode_them(self):
+        limit = gc.HEADER_VALUE_LIMIT
+        texts = ["Your receipt", "", "  spaced  out\t", "a\x01control\x7f",
+                 "=?utf-8?q?caf=C3=A9?=", "plain =? not a word", "caf\u00e9",
+                 "8-bit \udce9t\udce9", "x" * limit,
+                 "y" * (limit + 1), "tabs\tand (comments) and \"quotes\"", "=?", "?="]
+        names = ["subject", "comments", "x-custom", "from", "message-id", "content-type"]
+        for name in names:
+            for count in (1, 2):
+                for text in texts:
+                    raws = [text] * count
+                    block = "".join(f"{name}: {raw}\r\n" for raw in raws) + "\r\n"
+                    msg = gc.parse_headers(block.encode("utf-8", "surrogateescape"))
+                    raws = list(gc._header_cache(msg)[("raw", name)])    # as rules read them
+                    gc._drop_header_cache(msg)
+                    with self.subTest(name=name, raws=[raw[:40] for raw in raws]):
+                        want = _outcome_of(lambda: gc._decode_values(msg, raws, "text", name))
+                        got = _outcome_of(lambda: gc._decode_header(msg, raws, "text", name))
+                        self.assertEqual(got, want)
+
+    def test_plain_subject_leaves_the_decoded_table_to_the_senders(self):
+        msg = gc.parse_headers(b"From: A <a@example.com>\r\nSubject: Your receipt #42\r\n\r\n")
+        with mock.patch.dict(gc._DECODED, clear=True):
+            self.assertEqual(gc._shown_headers(msg),
+                             ("A <a@example.com>", "Your receipt #42", ""))
+            self.assertEqual([key[:2] for key in gc._DECODED], [("addresses", "from")])
+
+
 # --- Messages: bodies, attachments and the data fetched beside the headers ---------------
 
 
@@ -13381,6 +13523,485 @@ class UndoStopBeforeItsWritesTest(StateTestCase):
                           if r["type"] == "intent" and r.get("undo_of")], [])
         self.assertEqual([e.line for e in self.server.log if e.command == "UID STORE"
                           and b"-FLAGS" in e.line], [])
+
+
+# The record side as it was before issue 17's CPU round (plainly: each record built field by
+# field, _change_entry per use, json.dumps per line), patched in by RecordSideEquivalenceTest
+# to compare the audit log's bytes with those the faster path writes.
+
+def _plain_iso(moment: datetime, utc: str = "Z") -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + utc
+
+
+def _plain_record_lines(records: Iterable[Dict[str, Any]]) -> Iterable[str]:
+    for record in records:
+        yield json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
+
+
+def _plain_intents(self: gc._FolderRun, step: gc._Step) -> List[Dict[str, Any]]:
+    status, places = self.status, self.places
+    entries = []
+    for uid in sorted(step.plan.per_uid):
+        info = step.infos.get(uid)
+        if info is None:
+            continue
+        changes = []
+        for key in step.plan.per_uid[uid]:
+            change = gc._change_entry(key, uid, status, self.conn.is_gmail, self.destinations,
+                                      None)
+            after = change.get("after")
+            if isinstance(after, dict):
+                name = after["folder"] if after["folder"] in places else \
+                    self.conn.server_name(str(after["folder"]))
+                if name in places:
+                    after = dict(after, folder=name, **places[name])
+                change = dict(change, after=after)
+            changes.append(change)
+        entries.append({
+            "folder": self.folder, "uid": uid, "uidvalidity": status.uidvalidity,
+            "gm_msgid": step.msgids.get(uid), "message_id": info.message_id,
+            "size": info.size, "internaldate": _plain_iso(info.date) if info.date else None,
+            "subject": info.subject, "changes": changes})
+    return entries
+
+
+def _plain_outcome(self: gc._FolderRun, step: gc._Step, uid: int, ok: bool) -> gc.Outcome:
+    report, status, gmail = self.report, self.status, self.conn.is_gmail
+    decision, info = step.decisions[uid], step.infos[uid]
+    keys = step.plan.per_uid.get(uid, [])
+    made = [key for key in keys if not self.apply or (uid, key) in self.confirmed]
+    for key in made:
+        if key[0] == "label" and key[1] in self.copies:
+            self.copies[key[1]].add(step.plan.message_ids.get(uid))
+    changes = tuple(gc._change_entry(key, uid, status, gmail, self.destinations,
+                                     self.confirmed.get((uid, key))) for key in made)
+    for change in changes:
+        name = gc.describe_change(change)
+        report.changes[name] = report.changes.get(name, 0) + 1
+    gc._count_decision(report, decision, keys, made, lambda key: gc.describe_change(
+        gc._change_entry(key, uid, status, gmail, self.destinations, None)))
+    if self.apply:
+        report.changes_made += len(made)
+        if not ok:
+            report.changes_not_made += len(keys) - len(made)
+    return gc.Outcome(self.folder, uid, info.sender, info.subject, decision,
+                      step.msgids.get(uid), status.uidvalidity, info.message_id, changes,
+                      self.apply, len(keys) - len(made))
+
+
+def _plain_step_done(self: gc._FolderRun, step: gc._Step, ok: bool) -> None:
+    report, checkpoint = self.report, self.checkpoint
+    outcomes = [_plain_outcome(self, step, uid, ok) for uid in sorted(step.decisions)]
+    mark = step.last_uid if ok and not self.narrowed else None
+    if mark is not None and report.skipped:
+        mark = min(mark, min(report.skipped) - 1)
+    if mark is not None and report.expunge_stayed:
+        mark = min(mark, min(report.expunge_stayed) - 1)
+    if mark is not None:
+        report.mark = mark
+    if step.content_skips:
+        checkpoint.content_skipped(self.status, step.content_skips)
+    checkpoint.step_done(self.conn, self.status, mark, outcomes)
+    if self.listeners.on_message is not None:
+        for outcome in outcomes:
+            if ok or outcome.changes:
+                self.listeners.on_message(outcome)
+
+
+def _plain_record(self: gc.Run, outcome: gc.Outcome, time: Optional[str] = None
+                  ) -> Dict[str, Any]:
+    actions = outcome.decision.actions
+    return {"type": "message", "version": gc.RECORD_VERSION, "run": self.id,
+            "time": _plain_iso(self.store.now()), "account": self.user, "host": self.host,
+            "folder": outcome.folder, "uid": outcome.uid, "uidvalidity": outcome.uidvalidity,
+            "gm_msgid": outcome.msgid, "message_id": outcome.message_id,
+            "subject": outcome.subject, "from": outcome.sender,
+            "rules": [name for name, _ in outcome.decision.matches],
+            "reasons": [reason for _, reason in outcome.decision.matches],
+            "actions": {} if actions.is_empty() else actions.as_record(),
+            "applied": outcome.applied, "changes": list(outcome.changes), **self._named()}
+
+
+@contextlib.contextmanager
+def _plain_record_side() -> Iterable[None]:
+    """The record side as it was (see above) in place of today's, for one run."""
+    with contextlib.ExitStack() as stack:
+        for owner, name, plain in (
+                (gc, "_iso", _plain_iso), (gc, "_record_lines", _plain_record_lines),
+                (gc._FolderRun, "_intents", _plain_intents),
+                (gc._FolderRun, "_step_done", _plain_step_done),
+                (gc.Run, "record", _plain_record)):
+            stack.enter_context(mock.patch.object(owner, name, plain))
+        yield
+
+
+# Subjects and senders no audit line may mangle: C0 and C1 controls, escapes, quotes and
+# backslashes, a bidi override, line and paragraph separators, 8-bit bytes with no charset,
+# non-BMP characters, and a subject of 5,000 characters.
+_HOSTILE_SUBJECTS = (
+    "=?utf-8?b?" + base64.b64encode("receipt \x01\x1b[31m\x7f\u0085 \"q\" \\ \u202eevil"
+                                    "\u2028\u2029 \U0001F600".encode()).decode() + "?=",
+    "receipt caf\xe9 8-bit",
+    "Your receipt " + "long " * 1000,
+    "hostile =?utf-8?q?=ED=A0=80_lone_half?= and =?iso-8859-1?q?=FF?=",
+    "=?utf-8?q?digest_=C2=A0nbsp?=",
+)
+_HOSTILE_SENDERS = (
+    '"Shop \\"Q\\" \\\\ Ltd" <shop@example.com>', "=?utf-8?b?" + base64.b64encode(
+        "\x00\u202e Bank".encode()).decode() + "?= <alerts@mybank.example>",
+    "spammer@spam.example", "Caf\xe9 <cafe@example.org>",
+)
+_RECORD_SIDE_RULES = {"rule": [
+    {"name": "Receipts", "subject": "receipt", "label": "Receipts", "mark_read": True,
+     "archive": True},
+    {"name": "Bank", "from": "@mybank.example", "star": True, "continue": True},
+    {"name": "Lists", "header": {"List-Id": True}, "move": "Lists/{year}"},
+    {"name": "Hostile", "subject": "hostile", "label": "Hostile/Ünï \"x\"", "unstar": True},
+    {"name": "Spam", "from": "@spam.example", "trash": True},
+    {"name": "Digests", "subject": "digest", "mark_unread": True},
+]}
+
+
+class RecordSideEquivalenceTest(StateTestCase):
+    """The audit log an --apply writes (intents, done, unsent, message and summary
+    records) is the same bytes as the record side before issue 17's CPU round wrote:
+    on Gmail and off it (label copies into a folder that exists, one that does not, and
+    one already holding a copy), with every kind of change and hostile text.  What an
+    Actions decides and its record's "actions" are worked out once per distinct Actions."""
+
+    def fill(self, server: FakeGmail) -> None:
+        when = datetime(2024, 3, 4, 10, 0, tzinfo=timezone(timedelta(hours=2)))
+        for n in range(15):
+            subject = _HOSTILE_SUBJECTS[n % len(_HOSTILE_SUBJECTS)]
+            sender = _HOSTILE_SENDERS[n % len(_HOSTILE_SENDERS)]
+            extra = "List-Id: <x.lists.example>\r\n" if n % 4 == 0 else ""
+            raw = (f"From: {sender}\r\nSubject: {subject}\r\nMessage-ID: <m{n}@example.com>\r\n"
+                   f"{extra}\r\nbody {n}\r\n").encode("latin-1", "surrogateescape")
+            flags = ["\\Seen", "\\Flagged"] if n % 3 == 0 else []
+            if server.gmail:
+                labels = ["\\Inbox"] + (["Receipts"] if n == 1 else [])
+                server.add_message(raw, labels=labels, flags=flags,
+                                   date=when + timedelta(days=n))
+            else:
+                server.add_message(raw, flags=flags, date=when + timedelta(days=n))
+                if n == 1:      # its label's copy is there already
+                    server.add_message(raw, folder="Receipts")
+
+    def both_ways(self, fault: Optional[Tuple[str, str]] = None, **server: Any
+                  ) -> Tuple[bytes, bytes]:
+        """The audit bytes of the same run over the same mailbox: today's, the plain.  The
+        records its on_record heard are the same too, their keys in the same order (what
+        --json prints)."""
+        logs, heard = [], []
+        rules = gc.parse_rules(_RECORD_SIDE_RULES, "rules.json")
+        for plain in (False, True):
+            self.server = FakeGmail(**server).start()
+            self.addCleanup(self.server.stop)
+            self.fill(self.server)
+            if fault is not None:
+                self.server.add_fault(fault[0], action=fault[1])
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            with _plain_record_side() if plain else contextlib.nullcontext():
+                records: List[Dict[str, Any]] = []
+                with contextlib.suppress(gc.GmailClassifyError):    # a refusal: exit 5
+                    self.run_once(rules, batch_size=6, records=records)
+            logs.append(self.audit())
+            heard.append([json.dumps(dict(r, run="RUN", host="HOST"), ensure_ascii=False)
+                          for r in records])
+        self.assertEqual(heard[0], heard[1])
+        self.assertGreaterEqual(len(heard[0]), 6)      # a step at least
+        return logs[0], logs[1]
+
+    def audit(self) -> bytes:
+        """The audit log, the run's id (random) and the server's port replaced."""
+        with open(os.path.join(self.state_dir, "audit.jsonl"), "rb") as fh:
+            data = fh.read()
+        run_id = json.loads(data.split(b"\n")[0])["run"]
+        return data.replace(run_id.encode(), b"RUN").replace(
+            b"127.0.0.1:%d" % self.server.port, b"HOST")
+
+    def assert_same(self, ours: bytes, plain: bytes, *kinds: str) -> None:
+        self.assertEqual(ours.split(b"\n"), plain.split(b"\n"))
+        types = [json.loads(line)["type"] for line in ours.split(b"\n")[:-1]]
+        for kind in kinds:
+            self.assertIn(kind, types)
+
+    def test_gmail_apply_writes_the_plain_bytes(self):
+        ours, plain = self.both_ways(gmail=True)
+        self.assert_same(ours, plain, "intent", "done", "message", "summary")
+        text = ours.decode("utf-8")
+        for change in ('"action": "label"', '"action": "archive"', '"action": "move"',
+                       '"action": "trash"', '"action": "star"', '"action": "mark read"',
+                       '"action": "unstar"', '"action": "mark unread"', "\\u001b", "\u202e",
+                       "\\\"q\\\"", "long long"):
+            self.assertTrue(change in text, change)
+
+    def test_plain_server_apply_writes_the_plain_bytes(self):
+        ours, plain = self.both_ways(kind="move")
+        self.assert_same(ours, plain, "intent", "done", "message", "summary")
+        self.assertIn('"uidnext": ', ours.decode("utf-8"))     # the label copies' places
+
+    def test_namespaced_server_apply_writes_the_plain_bytes(self):
+        # Rules name "Lists/2024", the server "INBOX.Lists.2024": the intents carry the
+        # server's name beside its UIDVALIDITY and UIDNEXT.
+        ours, plain = self.both_ways(kind="inbox-prefix")
+        self.assert_same(ours, plain, "intent", "done", "message", "summary")
+        self.assertIn('"folder": "INBOX.Lists.2024", "uid": null, "uidnext": ',
+                      ours.decode("utf-8"))
+
+    def test_an_actions_keys_and_record_worked_out_once(self):
+        # Per distinct Actions (the rules' few, and templates filled in), not per message.
+        decided, as_record = gc._Plan.decided, gc.Actions.as_record
+        calls: Dict[str, List[Any]] = {"decided": [], "as_record": []}
+
+        def counted_decided(actions: gc.Actions) -> List[Tuple[str, ...]]:
+            calls["decided"].append(actions)
+            return decided(actions)
+
+        def counted_as_record(actions: gc.Actions) -> Dict[str, Any]:
+            calls["as_record"].append(actions)
+            return as_record(actions)
+
+        self.server = FakeGmail(gmail=True).start()
+        self.addCleanup(self.server.stop)
+        self.fill(self.server)
+        with mock.patch.object(gc._Plan, "decided", staticmethod(counted_decided)), \
+                mock.patch.object(gc.Actions, "as_record", counted_as_record):
+            self.run_once(gc.parse_rules(_RECORD_SIDE_RULES, "rules.json"), batch_size=6)
+        for name, seen in calls.items():
+            with self.subTest(name=name):
+                self.assertTrue(seen)
+                self.assertEqual(len(seen), len(set(seen)))     # each Actions once
+                self.assertLess(len(seen), 15)                  # fewer than the messages
+
+    def test_refused_step_writes_the_plain_unsent_records(self):
+        ours, plain = self.both_ways(fault=("UID MOVE", "no"), kind="move")
+        self.assert_same(ours, plain, "intent", "unsent", "summary")
+
+
+def _plain_parse_uid_set(text: str, highest: Optional[int] = None,
+                         limit: Optional[int] = None) -> List[int]:
+    """parse_uid_set as it was: every part split on ":", the set walked twice with a limit."""
+    def ranges(shown: str) -> Iterable[Tuple[int, int]]:
+        for part in text.split(","):
+            ends = part.split(":")
+            if len(ends) > 2 or not all(ends):
+                raise ValueError(f"bad UID set {shown!r}")
+            values = []
+            for end in ends:
+                if end == "*" and highest is None:
+                    raise ValueError(f"UID set {shown!r} uses * without a highest UID")
+                values.append(highest if end == "*" else int(end))
+            yield min(values), max(values)
+
+    if limit is not None and sum(high - low + 1 for low, high in ranges(text[:40])) > limit:
+        raise ValueError(f"UID set {text[:40]!r} names more than {limit} UIDs")
+    result: List[int] = []
+    for low, high in ranges(text):
+        result.extend(range(low, high + 1))
+    return result
+
+
+class RecordSideFastPathTest(unittest.TestCase):
+    """The record side's fast paths give what the plain ones give, over generated and
+    hostile inputs: _record_lines is json.dumps(record, ensure_ascii=False,
+    sort_keys=True) a line, _iso is strftime's text, parse_uid_set (one UID a part read
+    at once, the set walked once) expands and refuses as before."""
+
+    def outcome(self, call: Callable[[], Any]) -> Tuple[str, Any]:
+        try:
+            return "value", call()
+        except Exception as exc:        # the same refusal, word for word
+            return type(exc).__name__, str(exc)
+
+    def records(self) -> List[Dict[Any, Any]]:
+        rng = random.Random(17)
+        alphabet = ["a", "é", "\x00", "\x1f", "\x7f", "\x85", '"', "\\", "/", "\u2028",
+                    "\u202e", "\ud800", "\udfff", "\U0001F600", "\ufeff", "\n", "\t", "日本",
+                    "\\u0041"]
+
+        def text() -> str:
+            return "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 9)))
+
+        records = [{"type": text(), "uid": rng.randrange(2 ** 40), text(): text(), "n": -n,
+                    "applied": n % 2 == 0, "gm_msgid": None if n % 3 else 10 ** 19 + n,
+                    "changes": [{"action": text(), "after": {"folder": text(), "uid": None},
+                                 "before": {"uid": n, "uidvalidity": 7}}],
+                    "actions": {"labels": [text(), text()], "move": None, "star": True},
+                    "ratio": n / 7, "nested": [[], {}, [text(), [None, False]]]}
+                   for n in range(60)]
+        records += [{}, {"inf": float("inf"), "nan": float("nan")}, {1: "int key", 2: "b"}]
+        return records
+
+    def test_record_lines_are_json_dumps_a_line(self):
+        records = self.records()
+        plain = [json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records]
+        self.assertEqual(list(gc._record_lines(records)), plain)
+        self.assertEqual(list(gc._record_lines(iter(records))), plain)
+        with mock.patch.object(json.encoder, "c_make_encoder", None):
+            self.assertEqual(list(gc._record_lines(records)), plain)
+
+    def test_record_lines_refuse_what_json_dumps_refuses(self):
+        circular: Dict[str, Any] = {"type": "message"}
+        circular["self"] = circular
+        for bad in (circular, {"when": datetime(2026, 1, 1)}, {"a": 1, 2: "mixed keys"}):
+            with self.subTest(bad=type(bad).__name__):
+                plain = self.outcome(lambda: json.dumps(bad, ensure_ascii=False,
+                                                        sort_keys=True))
+                self.assertNotEqual(plain[0], "value")
+                self.assertEqual(self.outcome(lambda: list(gc._record_lines([bad]))), plain)
+        # A refused record leaves nothing behind: the next append's records go through.
+        self.assertEqual(list(gc._record_lines([{"b": 1, "a": [2]}])), ['{"a": [2], "b": 1}\n'])
+
+    def test_iso_is_strftime_text(self):
+        zones = (None, timezone.utc, timezone(timedelta(hours=5, minutes=30)),
+                 timezone(-timedelta(hours=11)), timezone(timedelta(hours=14)))
+        days = [datetime(1, 1, 1), datetime(1, 1, 2, 3), datetime(999, 12, 31, 22, 59, 59),
+                datetime(1000, 1, 1, 0, 30), datetime(1969, 12, 31, 23, 59, 59, 999999),
+                datetime(2024, 2, 29, 12, 0, 0, 1), datetime(2026, 12, 1, 17, 5, 1),
+                datetime(9999, 12, 31, 23, 59, 59), datetime(9999, 12, 31, 1)]
+        for day in days:
+            for zone in zones:
+                moment = day.replace(tzinfo=zone)
+                for utc in ("Z", "+00:00"):
+                    with self.subTest(moment=moment, utc=utc):
+                        self.assertEqual(self.outcome(lambda: gc._iso(moment, utc)),
+                                         self.outcome(lambda: _plain_iso(moment, utc)))
+
+    def test_parse_uid_set_expands_and_refuses_as_before(self):
+        rng = random.Random(4)
+        parts = ["1", "7", "42", "4294967295", "0", "*", "", "3:1", "1:3", "5:*", "*:2", ":",
+                 "1:2:3", " 5", "5 ", "+5", "-1", "\u0663", "\u00b2", "12a", "0x10", "1_0",
+                 "٣:5", "2:\u0663"]
+        texts = [",".join(rng.choice(parts) for _ in range(rng.randrange(1, 6)))
+                 for _ in range(400)]
+        texts += ["1:4294967295", "1,2,3,4,5,6", "1:3,7", "9:*", "1:4294967295," + "9" * 50,
+                  "1," * 30 + "x", "7," * 30 + "*"]     # refusals quote 40 characters
+        for text in texts:
+            for highest in (None, 9):
+                for limit in (None, 6, 1000) if "1:4294967295" not in text else (6, 1000):
+                    with self.subTest(text=text, highest=highest, limit=limit):
+                        self.assertEqual(
+                            self.outcome(lambda: gc.parse_uid_set(text, highest, limit)),
+                            self.outcome(lambda: _plain_parse_uid_set(text, highest, limit)))
+
+    def test_copyuid_of_a_flight_read_as_before(self):
+        """_WriteFlight._answered reads each COPY's or MOVE's COPYUID as _copyuid_map
+        does, its source set parsed once: the same new UIDs, the same messages missing,
+        the same warning for a set it cannot use."""
+        rng = random.Random(9)
+        sets = ["1:4", "1,3", "2:3", "5", "1:6", "4:1", "1:4294967295", "x", "", "3,3",
+                "7:8", "1,2,3,4"]
+        for _ in range(150):
+            uids = sorted(rng.sample(range(1, 9), rng.randrange(1, 5)))
+            some = uids[:rng.randrange(1, len(uids) + 1)]      # a MOVE may miss some
+            sources = sets + [gc.compress_uids(uids)] * 4 + [gc.compress_uids(some)] * 2
+            targets = sets + ["100:%d" % (99 + len(uids))] * 4 + \
+                ["100:%d" % (99 + len(some))] * 2
+            codes = [(rng.choice(["COPYUID"] * 4 + ["APPENDUID", None]),
+                      [rng.choice(["7", "x"]), rng.choice(sources),
+                       rng.choice(targets)][:rng.choice([2, 3, 3, 3])])
+                     for _ in range(rng.randrange(0, 4))]
+            for command in ("UID MOVE", "UID COPY"):
+                write = gc._Write(("move", "Lists"), command, (), uids, "Lists")
+                with self.subTest(uids=uids, codes=codes, command=command), \
+                        mock.patch.object(gc.log, "warning") as warned:
+                    gc._WriteFlight(None)._answered(write, codes)
+                    ours = (write.result, write.missing, warned.call_count)
+                    warned.reset_mock()
+                    self.assertEqual(ours, _plain_copyuid_result(write, codes)
+                                     + (warned.call_count,))
+    def test_plan_add_plans_what_it_did(self):
+        """_Plan.add (each Actions' flag rows and each move's server name read once, a
+        label looked up before it is compared) plans what the plain add planned, over
+        generated actions, flags, labels in every case and folders."""
+        rng = random.Random(5)
+        names = ["Receipts", "receipts", "\\Inbox", "\\INBOX", "\\inbox", "\\Trash",
+                 "\\Starred", "Lists", "INBOX", "Ünï", ""]
+        actions = [gc.Actions.make(labels=tuple(rng.sample(names, rng.randrange(0, 3))),
+                                   move=rng.choice([None, None, "Lists", "INBOX", "inbox"]),
+                                   archive=rng.random() < 0.4, trash=rng.random() < 0.2,
+                                   **{key: rng.random() < 0.3 for key in gc._FLAG_ACTION_ROWS})
+                   for _ in range(12)]
+        actions = [a for a in actions if not (a.flag("star") and a.flag("unstar")) and
+                   not (a.flag("mark_read") and a.flag("mark_unread"))]
+        ours = gc._Plan(server_name=str.upper)
+        plain = gc._Plan(server_name=str.upper)
+        for uid in range(1, 400):
+            chosen = dataclasses.replace(rng.choice(actions))     # equal, not the same
+            flags = frozenset(rng.sample(["\\Seen", "\\Flagged", "\\Answered"],
+                                         rng.randrange(0, 3)))
+            labels = None if rng.random() < 0.3 else frozenset(
+                rng.sample(names, rng.randrange(0, 4)))
+            folder = rng.choice(["INBOX", "inbox", "LISTS", "[Gmail]/All Mail"])
+            where = dict(in_trash=rng.random() < 0.1, in_archive=rng.random() < 0.1)
+            with self.subTest(uid=uid):
+                self.assertEqual(ours.add(uid, chosen, flags, labels, folder, **where),
+                                 _plain_plan_add(plain, uid, chosen, flags, labels, folder,
+                                                 **where))
+        self.assertEqual(ours, plain)
+        self.assertGreater(len(ours.per_uid), 100)
+
+
+def _plain_copyuid_result(write: gc._Write, codes: List[Tuple[Any, Any]]
+                          ) -> Tuple[Dict[int, Optional[int]], List[int]]:
+    """What _WriteFlight._answered made of a COPY's or MOVE's COPYUID before issue 17's
+    CPU round: the source set parsed to find the code, then again by _copyuid_map."""
+    mapping: Dict[int, int] = {}
+    mine = set(write.uids)
+    for code, args in codes:
+        if code != "COPYUID" or len(args) < 3:
+            continue
+        try:
+            source = gc.parse_uid_set(str(args[1]), limit=len(mine))
+        except ValueError:
+            continue
+        if source and set(source) <= mine:
+            mapping = gc._copyuid_map(gc._Response("OK", code, args, "", []), write.uids)
+            break
+    result: Dict[int, Optional[int]] = {}
+    missing: List[int] = []
+    for uid in write.uids:
+        if write.command == "UID MOVE" and mapping and uid not in mapping:
+            missing.append(uid)
+        else:
+            result[uid] = mapping.get(uid)
+    return result, missing
+
+
+def _plain_plan_add(plan: gc._Plan, uid: int, actions: gc.Actions, flags: frozenset,
+                    labels: Optional[frozenset], folder: str, *, in_trash: bool = False,
+                    in_archive: bool = False) -> bool:
+    """_Plan.add before issue 17's CPU round: every message's flag rows, server name and
+    labels worked out afresh."""
+    keys: List[Tuple[str, ...]] = []
+    for label in actions.labels:
+        if labels is None or not any(gc._same_label(label, have) for have in labels):
+            plan.add_labels.setdefault(label, []).append(uid)
+            keys.append(("label", label))
+    for row in actions.flag_actions():
+        if row.add and row.flag not in flags:
+            plan.add_flags.setdefault(row.flag, []).append(uid)
+            keys.append(("flag+", row.flag))
+        elif not row.add and row.flag in flags:
+            plan.remove_flags.setdefault(row.flag, []).append(uid)
+            keys.append(("flag-", row.flag))
+    in_inbox = (gc._same_folder(folder, "INBOX") if labels is None
+                else any(label.lower() == "\\inbox" for label in labels))
+    if actions.trash:
+        if not in_trash and not (labels is not None and
+                                 any(l.lower() == "\\trash" for l in labels)):
+            plan.trash.append(uid)
+            keys.append(("trash",))
+    elif actions.move and not gc._same_folder(plan.server_name(actions.move), folder):
+        plan.move.setdefault(actions.move, []).append(uid)
+        keys.append(("move", actions.move))
+    elif actions.archive and not in_archive and in_inbox:
+        plan.archive.append(uid)
+        keys.append(("archive",))
+    if keys:
+        plan.per_uid[uid] = keys
+    return bool(keys)
 
 
 # --- Watch: stay connected and classify new mail as it arrives ---------------------------
@@ -19412,632 +20033,6 @@ class LiveServerTest(unittest.TestCase):
         again = gc.classify_folder(self.conn, rules, self.scratch, apply=True,
                                    allow_expunge=allow)
         self.assertEqual(again.changes, {})
-
-
-# --- Issue 17: the record side's CPU -----------------------------------------------------
-
-# The record side as it was before issue 17's CPU round (plainly: each record built field by
-# field, _change_entry per use, json.dumps per line), patched in by RecordSideEquivalenceTest
-# to compare the audit log's bytes with those the faster path writes.
-
-def _plain_iso(moment: datetime, utc: str = "Z") -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + utc
-
-
-def _plain_record_lines(records: Iterable[Dict[str, Any]]) -> Iterable[str]:
-    for record in records:
-        yield json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
-
-
-def _plain_intents(self: gc._FolderRun, step: gc._Step) -> List[Dict[str, Any]]:
-    status, places = self.status, self.places
-    entries = []
-    for uid in sorted(step.plan.per_uid):
-        info = step.infos.get(uid)
-        if info is None:
-            continue
-        changes = []
-        for key in step.plan.per_uid[uid]:
-            change = gc._change_entry(key, uid, status, self.conn.is_gmail, self.destinations,
-                                      None)
-            after = change.get("after")
-            if isinstance(after, dict):
-                name = after["folder"] if after["folder"] in places else \
-                    self.conn.server_name(str(after["folder"]))
-                if name in places:
-                    after = dict(after, folder=name, **places[name])
-                change = dict(change, after=after)
-            changes.append(change)
-        entries.append({
-            "folder": self.folder, "uid": uid, "uidvalidity": status.uidvalidity,
-            "gm_msgid": step.msgids.get(uid), "message_id": info.message_id,
-            "size": info.size, "internaldate": _plain_iso(info.date) if info.date else None,
-            "subject": info.subject, "changes": changes})
-    return entries
-
-
-def _plain_outcome(self: gc._FolderRun, step: gc._Step, uid: int, ok: bool) -> gc.Outcome:
-    report, status, gmail = self.report, self.status, self.conn.is_gmail
-    decision, info = step.decisions[uid], step.infos[uid]
-    keys = step.plan.per_uid.get(uid, [])
-    made = [key for key in keys if not self.apply or (uid, key) in self.confirmed]
-    for key in made:
-        if key[0] == "label" and key[1] in self.copies:
-            self.copies[key[1]].add(step.plan.message_ids.get(uid))
-    changes = tuple(gc._change_entry(key, uid, status, gmail, self.destinations,
-                                     self.confirmed.get((uid, key))) for key in made)
-    for change in changes:
-        name = gc.describe_change(change)
-        report.changes[name] = report.changes.get(name, 0) + 1
-    gc._count_decision(report, decision, keys, made, lambda key: gc.describe_change(
-        gc._change_entry(key, uid, status, gmail, self.destinations, None)))
-    if self.apply:
-        report.changes_made += len(made)
-        if not ok:
-            report.changes_not_made += len(keys) - len(made)
-    return gc.Outcome(self.folder, uid, info.sender, info.subject, decision,
-                      step.msgids.get(uid), status.uidvalidity, info.message_id, changes,
-                      self.apply, len(keys) - len(made))
-
-
-def _plain_step_done(self: gc._FolderRun, step: gc._Step, ok: bool) -> None:
-    report, checkpoint = self.report, self.checkpoint
-    outcomes = [_plain_outcome(self, step, uid, ok) for uid in sorted(step.decisions)]
-    mark = step.last_uid if ok and not self.narrowed else None
-    if mark is not None and report.skipped:
-        mark = min(mark, min(report.skipped) - 1)
-    if mark is not None and report.expunge_stayed:
-        mark = min(mark, min(report.expunge_stayed) - 1)
-    if mark is not None:
-        report.mark = mark
-    if step.content_skips:
-        checkpoint.content_skipped(self.status, step.content_skips)
-    checkpoint.step_done(self.conn, self.status, mark, outcomes)
-    if self.listeners.on_message is not None:
-        for outcome in outcomes:
-            if ok or outcome.changes:
-                self.listeners.on_message(outcome)
-
-
-def _plain_record(self: gc.Run, outcome: gc.Outcome, time: Optional[str] = None
-                  ) -> Dict[str, Any]:
-    actions = outcome.decision.actions
-    return {"type": "message", "version": gc.RECORD_VERSION, "run": self.id,
-            "time": _plain_iso(self.store.now()), "account": self.user, "host": self.host,
-            "folder": outcome.folder, "uid": outcome.uid, "uidvalidity": outcome.uidvalidity,
-            "gm_msgid": outcome.msgid, "message_id": outcome.message_id,
-            "subject": outcome.subject, "from": outcome.sender,
-            "rules": [name for name, _ in outcome.decision.matches],
-            "reasons": [reason for _, reason in outcome.decision.matches],
-            "actions": {} if actions.is_empty() else actions.as_record(),
-            "applied": outcome.applied, "changes": list(outcome.changes), **self._named()}
-
-
-@contextlib.contextmanager
-def _plain_record_side() -> Iterable[None]:
-    """The record side as it was (see above) in place of today's, for one run."""
-    with contextlib.ExitStack() as stack:
-        for owner, name, plain in (
-                (gc, "_iso", _plain_iso), (gc, "_record_lines", _plain_record_lines),
-                (gc._FolderRun, "_intents", _plain_intents),
-                (gc._FolderRun, "_step_done", _plain_step_done),
-                (gc.Run, "record", _plain_record)):
-            stack.enter_context(mock.patch.object(owner, name, plain))
-        yield
-
-
-# Subjects and senders no audit line may mangle: C0 and C1 controls, escapes, quotes and
-# backslashes, a bidi override, line and paragraph separators, 8-bit bytes with no charset,
-# non-BMP characters, and a subject of 5,000 characters.
-_HOSTILE_SUBJECTS = (
-    "=?utf-8?b?" + base64.b64encode("receipt \x01\x1b[31m\x7f\u0085 \"q\" \\ \u202eevil"
-                                    "\u2028\u2029 \U0001F600".encode()).decode() + "?=",
-    "receipt caf\xe9 8-bit",
-    "Your receipt " + "long " * 1000,
-    "hostile =?utf-8?q?=ED=A0=80_lone_half?= and =?iso-8859-1?q?=FF?=",
-    "=?utf-8?q?digest_=C2=A0nbsp?=",
-)
-_HOSTILE_SENDERS = (
-    '"Shop \\"Q\\" \\\\ Ltd" <shop@example.com>', "=?utf-8?b?" + base64.b64encode(
-        "\x00\u202e Bank".encode()).decode() + "?= <alerts@mybank.example>",
-    "spammer@spam.example", "Caf\xe9 <cafe@example.org>",
-)
-_RECORD_SIDE_RULES = {"rule": [
-    {"name": "Receipts", "subject": "receipt", "label": "Receipts", "mark_read": True,
-     "archive": True},
-    {"name": "Bank", "from": "@mybank.example", "star": True, "continue": True},
-    {"name": "Lists", "header": {"List-Id": True}, "move": "Lists/{year}"},
-    {"name": "Hostile", "subject": "hostile", "label": "Hostile/Ünï \"x\"", "unstar": True},
-    {"name": "Spam", "from": "@spam.example", "trash": True},
-    {"name": "Digests", "subject": "digest", "mark_unread": True},
-]}
-
-
-class RecordSideEquivalenceTest(StateTestCase):
-    """The audit log an --apply writes (intents, done, unsent, message and summary
-    records) is the same bytes as the record side before issue 17's CPU round wrote:
-    on Gmail and off it (label copies into a folder that exists, one that does not, and
-    one already holding a copy), with every kind of change and hostile text.  What an
-    Actions decides and its record's "actions" are worked out once per distinct Actions."""
-
-    def fill(self, server: FakeGmail) -> None:
-        when = datetime(2024, 3, 4, 10, 0, tzinfo=timezone(timedelta(hours=2)))
-        for n in range(15):
-            subject = _HOSTILE_SUBJECTS[n % len(_HOSTILE_SUBJECTS)]
-            sender = _HOSTILE_SENDERS[n % len(_HOSTILE_SENDERS)]
-            extra = "List-Id: <x.lists.example>\r\n" if n % 4 == 0 else ""
-            raw = (f"From: {sender}\r\nSubject: {subject}\r\nMessage-ID: <m{n}@example.com>\r\n"
-                   f"{extra}\r\nbody {n}\r\n").encode("latin-1", "surrogateescape")
-            flags = ["\\Seen", "\\Flagged"] if n % 3 == 0 else []
-            if server.gmail:
-                labels = ["\\Inbox"] + (["Receipts"] if n == 1 else [])
-                server.add_message(raw, labels=labels, flags=flags,
-                                   date=when + timedelta(days=n))
-            else:
-                server.add_message(raw, flags=flags, date=when + timedelta(days=n))
-                if n == 1:      # its label's copy is there already
-                    server.add_message(raw, folder="Receipts")
-
-    def both_ways(self, fault: Optional[Tuple[str, str]] = None, **server: Any
-                  ) -> Tuple[bytes, bytes]:
-        """The audit bytes of the same run over the same mailbox: today's, the plain.  The
-        records its on_record heard are the same too, their keys in the same order (what
-        --json prints)."""
-        logs, heard = [], []
-        rules = gc.parse_rules(_RECORD_SIDE_RULES, "rules.json")
-        for plain in (False, True):
-            self.server = FakeGmail(**server).start()
-            self.addCleanup(self.server.stop)
-            self.fill(self.server)
-            if fault is not None:
-                self.server.add_fault(fault[0], action=fault[1])
-            shutil.rmtree(self.state_dir, ignore_errors=True)
-            with _plain_record_side() if plain else contextlib.nullcontext():
-                records: List[Dict[str, Any]] = []
-                with contextlib.suppress(gc.GmailClassifyError):    # a refusal: exit 5
-                    self.run_once(rules, batch_size=6, records=records)
-            logs.append(self.audit())
-            heard.append([json.dumps(dict(r, run="RUN", host="HOST"), ensure_ascii=False)
-                          for r in records])
-        self.assertEqual(heard[0], heard[1])
-        self.assertGreaterEqual(len(heard[0]), 6)      # a step at least
-        return logs[0], logs[1]
-
-    def audit(self) -> bytes:
-        """The audit log, the run's id (random) and the server's port replaced."""
-        with open(os.path.join(self.state_dir, "audit.jsonl"), "rb") as fh:
-            data = fh.read()
-        run_id = json.loads(data.split(b"\n")[0])["run"]
-        return data.replace(run_id.encode(), b"RUN").replace(
-            b"127.0.0.1:%d" % self.server.port, b"HOST")
-
-    def assert_same(self, ours: bytes, plain: bytes, *kinds: str) -> None:
-        self.assertEqual(ours.split(b"\n"), plain.split(b"\n"))
-        types = [json.loads(line)["type"] for line in ours.split(b"\n")[:-1]]
-        for kind in kinds:
-            self.assertIn(kind, types)
-
-    def test_gmail_apply_writes_the_plain_bytes(self):
-        ours, plain = self.both_ways(gmail=True)
-        self.assert_same(ours, plain, "intent", "done", "message", "summary")
-        text = ours.decode("utf-8")
-        for change in ('"action": "label"', '"action": "archive"', '"action": "move"',
-                       '"action": "trash"', '"action": "star"', '"action": "mark read"',
-                       '"action": "unstar"', '"action": "mark unread"', "\\u001b", "\u202e",
-                       "\\\"q\\\"", "long long"):
-            self.assertTrue(change in text, change)
-
-    def test_plain_server_apply_writes_the_plain_bytes(self):
-        ours, plain = self.both_ways(kind="move")
-        self.assert_same(ours, plain, "intent", "done", "message", "summary")
-        self.assertIn('"uidnext": ', ours.decode("utf-8"))     # the label copies' places
-
-    def test_namespaced_server_apply_writes_the_plain_bytes(self):
-        # Rules name "Lists/2024", the server "INBOX.Lists.2024": the intents carry the
-        # server's name beside its UIDVALIDITY and UIDNEXT.
-        ours, plain = self.both_ways(kind="inbox-prefix")
-        self.assert_same(ours, plain, "intent", "done", "message", "summary")
-        self.assertIn('"folder": "INBOX.Lists.2024", "uid": null, "uidnext": ',
-                      ours.decode("utf-8"))
-
-    def test_an_actions_keys_and_record_worked_out_once(self):
-        # Per distinct Actions (the rules' few, and templates filled in), not per message.
-        decided, as_record = gc._Plan.decided, gc.Actions.as_record
-        calls: Dict[str, List[Any]] = {"decided": [], "as_record": []}
-
-        def counted_decided(actions: gc.Actions) -> List[Tuple[str, ...]]:
-            calls["decided"].append(actions)
-            return decided(actions)
-
-        def counted_as_record(actions: gc.Actions) -> Dict[str, Any]:
-            calls["as_record"].append(actions)
-            return as_record(actions)
-
-        self.server = FakeGmail(gmail=True).start()
-        self.addCleanup(self.server.stop)
-        self.fill(self.server)
-        with mock.patch.object(gc._Plan, "decided", staticmethod(counted_decided)), \
-                mock.patch.object(gc.Actions, "as_record", counted_as_record):
-            self.run_once(gc.parse_rules(_RECORD_SIDE_RULES, "rules.json"), batch_size=6)
-        for name, seen in calls.items():
-            with self.subTest(name=name):
-                self.assertTrue(seen)
-                self.assertEqual(len(seen), len(set(seen)))     # each Actions once
-                self.assertLess(len(seen), 15)                  # fewer than the messages
-
-    def test_refused_step_writes_the_plain_unsent_records(self):
-        ours, plain = self.both_ways(fault=("UID MOVE", "no"), kind="move")
-        self.assert_same(ours, plain, "intent", "unsent", "summary")
-
-
-def _plain_parse_uid_set(text: str, highest: Optional[int] = None,
-                         limit: Optional[int] = None) -> List[int]:
-    """parse_uid_set as it was: every part split on ":", the set walked twice with a limit."""
-    def ranges(shown: str) -> Iterable[Tuple[int, int]]:
-        for part in text.split(","):
-            ends = part.split(":")
-            if len(ends) > 2 or not all(ends):
-                raise ValueError(f"bad UID set {shown!r}")
-            values = []
-            for end in ends:
-                if end == "*" and highest is None:
-                    raise ValueError(f"UID set {shown!r} uses * without a highest UID")
-                values.append(highest if end == "*" else int(end))
-            yield min(values), max(values)
-
-    if limit is not None and sum(high - low + 1 for low, high in ranges(text[:40])) > limit:
-        raise ValueError(f"UID set {text[:40]!r} names more than {limit} UIDs")
-    result: List[int] = []
-    for low, high in ranges(text):
-        result.extend(range(low, high + 1))
-    return result
-
-
-class RecordSideFastPathTest(unittest.TestCase):
-    """The record side's fast paths give what the plain ones give, over generated and
-    hostile inputs: _record_lines is json.dumps(record, ensure_ascii=False,
-    sort_keys=True) a line, _iso is strftime's text, parse_uid_set (one UID a part read
-    at once, the set walked once) expands and refuses as before."""
-
-    def outcome(self, call: Callable[[], Any]) -> Tuple[str, Any]:
-        try:
-            return "value", call()
-        except Exception as exc:        # the same refusal, word for word
-            return type(exc).__name__, str(exc)
-
-    def records(self) -> List[Dict[Any, Any]]:
-        rng = random.Random(17)
-        alphabet = ["a", "é", "\x00", "\x1f", "\x7f", "\x85", '"', "\\", "/", "\u2028",
-                    "\u202e", "\ud800", "\udfff", "\U0001F600", "\ufeff", "\n", "\t", "日本",
-                    "\\u0041"]
-
-        def text() -> str:
-            return "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 9)))
-
-        records = [{"type": text(), "uid": rng.randrange(2 ** 40), text(): text(), "n": -n,
-                    "applied": n % 2 == 0, "gm_msgid": None if n % 3 else 10 ** 19 + n,
-                    "changes": [{"action": text(), "after": {"folder": text(), "uid": None},
-                                 "before": {"uid": n, "uidvalidity": 7}}],
-                    "actions": {"labels": [text(), text()], "move": None, "star": True},
-                    "ratio": n / 7, "nested": [[], {}, [text(), [None, False]]]}
-                   for n in range(60)]
-        records += [{}, {"inf": float("inf"), "nan": float("nan")}, {1: "int key", 2: "b"}]
-        return records
-
-    def test_record_lines_are_json_dumps_a_line(self):
-        records = self.records()
-        plain = [json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records]
-        self.assertEqual(list(gc._record_lines(records)), plain)
-        self.assertEqual(list(gc._record_lines(iter(records))), plain)
-        with mock.patch.object(json.encoder, "c_make_encoder", None):
-            self.assertEqual(list(gc._record_lines(records)), plain)
-
-    def test_record_lines_refuse_what_json_dumps_refuses(self):
-        circular: Dict[str, Any] = {"type": "message"}
-        circular["self"] = circular
-        for bad in (circular, {"when": datetime(2026, 1, 1)}, {"a": 1, 2: "mixed keys"}):
-            with self.subTest(bad=type(bad).__name__):
-                plain = self.outcome(lambda: json.dumps(bad, ensure_ascii=False,
-                                                        sort_keys=True))
-                self.assertNotEqual(plain[0], "value")
-                self.assertEqual(self.outcome(lambda: list(gc._record_lines([bad]))), plain)
-        # A refused record leaves nothing behind: the next append's records go through.
-        self.assertEqual(list(gc._record_lines([{"b": 1, "a": [2]}])), ['{"a": [2], "b": 1}\n'])
-
-    def test_iso_is_strftime_text(self):
-        zones = (None, timezone.utc, timezone(timedelta(hours=5, minutes=30)),
-                 timezone(-timedelta(hours=11)), timezone(timedelta(hours=14)))
-        days = [datetime(1, 1, 1), datetime(1, 1, 2, 3), datetime(999, 12, 31, 22, 59, 59),
-                datetime(1000, 1, 1, 0, 30), datetime(1969, 12, 31, 23, 59, 59, 999999),
-                datetime(2024, 2, 29, 12, 0, 0, 1), datetime(2026, 12, 1, 17, 5, 1),
-                datetime(9999, 12, 31, 23, 59, 59), datetime(9999, 12, 31, 1)]
-        for day in days:
-            for zone in zones:
-                moment = day.replace(tzinfo=zone)
-                for utc in ("Z", "+00:00"):
-                    with self.subTest(moment=moment, utc=utc):
-                        self.assertEqual(self.outcome(lambda: gc._iso(moment, utc)),
-                                         self.outcome(lambda: _plain_iso(moment, utc)))
-
-    def test_parse_uid_set_expands_and_refuses_as_before(self):
-        rng = random.Random(4)
-        parts = ["1", "7", "42", "4294967295", "0", "*", "", "3:1", "1:3", "5:*", "*:2", ":",
-                 "1:2:3", " 5", "5 ", "+5", "-1", "\u0663", "\u00b2", "12a", "0x10", "1_0",
-                 "٣:5", "2:\u0663"]
-        texts = [",".join(rng.choice(parts) for _ in range(rng.randrange(1, 6)))
-                 for _ in range(400)]
-        texts += ["1:4294967295", "1,2,3,4,5,6", "1:3,7", "9:*", "1:4294967295," + "9" * 50,
-                  "1," * 30 + "x", "7," * 30 + "*"]     # refusals quote 40 characters
-        for text in texts:
-            for highest in (None, 9):
-                for limit in (None, 6, 1000) if "1:4294967295" not in text else (6, 1000):
-                    with self.subTest(text=text, highest=highest, limit=limit):
-                        self.assertEqual(
-                            self.outcome(lambda: gc.parse_uid_set(text, highest, limit)),
-                            self.outcome(lambda: _plain_parse_uid_set(text, highest, limit)))
-
-    def test_copyuid_of_a_flight_read_as_before(self):
-        """_WriteFlight._answered reads each COPY's or MOVE's COPYUID as _copyuid_map
-        does, its source set parsed once: the same new UIDs, the same messages missing,
-        the same warning for a set it cannot use."""
-        rng = random.Random(9)
-        sets = ["1:4", "1,3", "2:3", "5", "1:6", "4:1", "1:4294967295", "x", "", "3,3",
-                "7:8", "1,2,3,4"]
-        for _ in range(150):
-            uids = sorted(rng.sample(range(1, 9), rng.randrange(1, 5)))
-            some = uids[:rng.randrange(1, len(uids) + 1)]      # a MOVE may miss some
-            sources = sets + [gc.compress_uids(uids)] * 4 + [gc.compress_uids(some)] * 2
-            targets = sets + ["100:%d" % (99 + len(uids))] * 4 + \
-                ["100:%d" % (99 + len(some))] * 2
-            codes = [(rng.choice(["COPYUID"] * 4 + ["APPENDUID", None]),
-                      [rng.choice(["7", "x"]), rng.choice(sources),
-                       rng.choice(targets)][:rng.choice([2, 3, 3, 3])])
-                     for _ in range(rng.randrange(0, 4))]
-            for command in ("UID MOVE", "UID COPY"):
-                write = gc._Write(("move", "Lists"), command, (), uids, "Lists")
-                with self.subTest(uids=uids, codes=codes, command=command), \
-                        mock.patch.object(gc.log, "warning") as warned:
-                    gc._WriteFlight(None)._answered(write, codes)
-                    ours = (write.result, write.missing, warned.call_count)
-                    warned.reset_mock()
-                    self.assertEqual(ours, _plain_copyuid_result(write, codes)
-                                     + (warned.call_count,))
-    def test_plan_add_plans_what_it_did(self):
-        """_Plan.add (each Actions' flag rows and each move's server name read once, a
-        label looked up before it is compared) plans what the plain add planned, over
-        generated actions, flags, labels in every case and folders."""
-        rng = random.Random(5)
-        names = ["Receipts", "receipts", "\\Inbox", "\\INBOX", "\\inbox", "\\Trash",
-                 "\\Starred", "Lists", "INBOX", "Ünï", ""]
-        actions = [gc.Actions.make(labels=tuple(rng.sample(names, rng.randrange(0, 3))),
-                                   move=rng.choice([None, None, "Lists", "INBOX", "inbox"]),
-                                   archive=rng.random() < 0.4, trash=rng.random() < 0.2,
-                                   **{key: rng.random() < 0.3 for key in gc._FLAG_ACTION_ROWS})
-                   for _ in range(12)]
-        actions = [a for a in actions if not (a.flag("star") and a.flag("unstar")) and
-                   not (a.flag("mark_read") and a.flag("mark_unread"))]
-        ours = gc._Plan(server_name=str.upper)
-        plain = gc._Plan(server_name=str.upper)
-        for uid in range(1, 400):
-            chosen = dataclasses.replace(rng.choice(actions))     # equal, not the same
-            flags = frozenset(rng.sample(["\\Seen", "\\Flagged", "\\Answered"],
-                                         rng.randrange(0, 3)))
-            labels = None if rng.random() < 0.3 else frozenset(
-                rng.sample(names, rng.randrange(0, 4)))
-            folder = rng.choice(["INBOX", "inbox", "LISTS", "[Gmail]/All Mail"])
-            where = dict(in_trash=rng.random() < 0.1, in_archive=rng.random() < 0.1)
-            with self.subTest(uid=uid):
-                self.assertEqual(ours.add(uid, chosen, flags, labels, folder, **where),
-                                 _plain_plan_add(plain, uid, chosen, flags, labels, folder,
-                                                 **where))
-        self.assertEqual(ours, plain)
-        self.assertGreater(len(ours.per_uid), 100)
-
-
-
-def _plain_copyuid_result(write: gc._Write, codes: List[Tuple[Any, Any]]
-                          ) -> Tuple[Dict[int, Optional[int]], List[int]]:
-    """What _WriteFlight._answered made of a COPY's or MOVE's COPYUID before issue 17's
-    CPU round: the source set parsed to find the code, then again by _copyuid_map."""
-    mapping: Dict[int, int] = {}
-    mine = set(write.uids)
-    for code, args in codes:
-        if code != "COPYUID" or len(args) < 3:
-            continue
-        try:
-            source = gc.parse_uid_set(str(args[1]), limit=len(mine))
-        except ValueError:
-            continue
-        if source and set(source) <= mine:
-            mapping = gc._copyuid_map(gc._Response("OK", code, args, "", []), write.uids)
-            break
-    result: Dict[int, Optional[int]] = {}
-    missing: List[int] = []
-    for uid in write.uids:
-        if write.command == "UID MOVE" and mapping and uid not in mapping:
-            missing.append(uid)
-        else:
-            result[uid] = mapping.get(uid)
-    return result, missing
-
-
-
-def _plain_plan_add(plan: gc._Plan, uid: int, actions: gc.Actions, flags: frozenset,
-                    labels: Optional[frozenset], folder: str, *, in_trash: bool = False,
-                    in_archive: bool = False) -> bool:
-    """_Plan.add before issue 17's CPU round: every message's flag rows, server name and
-    labels worked out afresh."""
-    keys: List[Tuple[str, ...]] = []
-    for label in actions.labels:
-        if labels is None or not any(gc._same_label(label, have) for have in labels):
-            plan.add_labels.setdefault(label, []).append(uid)
-            keys.append(("label", label))
-    for row in actions.flag_actions():
-        if row.add and row.flag not in flags:
-            plan.add_flags.setdefault(row.flag, []).append(uid)
-            keys.append(("flag+", row.flag))
-        elif not row.add and row.flag in flags:
-            plan.remove_flags.setdefault(row.flag, []).append(uid)
-            keys.append(("flag-", row.flag))
-    in_inbox = (gc._same_folder(folder, "INBOX") if labels is None
-                else any(label.lower() == "\\inbox" for label in labels))
-    if actions.trash:
-        if not in_trash and not (labels is not None and
-                                 any(l.lower() == "\\trash" for l in labels)):
-            plan.trash.append(uid)
-            keys.append(("trash",))
-    elif actions.move and not gc._same_folder(plan.server_name(actions.move), folder):
-        plan.move.setdefault(actions.move, []).append(uid)
-        keys.append(("move", actions.move))
-    elif actions.archive and not in_archive and in_inbox:
-        plan.archive.append(uid)
-        keys.append(("archive",))
-    if keys:
-        plan.per_uid[uid] = keys
-    return bool(keys)
-# --- Issue 17: the read side's CPU -------------------------------------------------------
-
-
-def _reference_internaldate(text: str) -> Optional[_dtm.datetime]:
-    """parse_internaldate as first written (a pattern, a month list and a zone per call)."""
-    match = re.match(r"\s*(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) "
-                     r"([-+])(\d\d)(\d\d)", text)
-    if not match:
-        return None
-    day, mon, year, hh, mm, ss, sign, zh, zm = match.groups()
-    try:
-        month = [m.lower() for m in gc._MONTHS].index(mon.lower()) + 1
-        offset = _dtm.timedelta(hours=int(zh), minutes=int(zm))
-        tz = _dtm.timezone(-offset if sign == "-" else offset)
-        return _dtm.datetime(int(year), month, int(day), int(hh), int(mm), int(ss), tzinfo=tz)
-    except ValueError:
-        return None
-
-
-def _reference_fetch_value(key: str, value: Any) -> Any:
-    """_convert_fetch_value as first written (a chain of tests per value)."""
-    if key in ("FLAGS", "X-GM-LABELS") and not isinstance(value, list):
-        return None
-    if key == "FLAGS":
-        return tuple(str(flag) for flag in value)
-    if key == "X-GM-LABELS":
-        return tuple(gc.decode_mailbox(gc._as_text(label)) for label in value)
-    if key == "INTERNALDATE":
-        return _reference_internaldate(gc._as_text(value))
-    if key in ("RFC822.SIZE", "X-GM-MSGID", "X-GM-THRID", "MODSEQ"):
-        if isinstance(value, list) and value:
-            value = value[0]
-        return int(value) if isinstance(value, int) or str(value).isdigit() else None
-    if key.startswith("BODY[") or key.startswith("RFC822"):
-        if isinstance(value, str):
-            return value.encode("utf-8", "surrogateescape")
-        return value
-    return value
-
-
-def _outcome_of(read: Callable[[], Any]) -> Any:
-    """What a call gives, with its type and repr (a zone's too), or the error it raises."""
-    try:
-        value = read()
-    except Exception as exc:
-        return ("raises", type(exc).__name__)
-    return (type(value).__name__, repr(value))
-
-
-def _internaldates(rng: random.Random, count: int) -> List[str]:
-    """INTERNALDATE texts: well formed in every month and case, and broken in every part."""
-    texts = ["17-Jul-1996 02:44:25 -0700", " 1-jan-2024 00:00:00 +0000",
-             "29-Feb-2024 12:00:00 -0000", "29-Feb-2023 12:00:00 +0000",
-             "31-Apr-2024 01:02:03 +0100", "00-Jan-2024 01:02:03 +0100",
-             "17-Jul-1996 24:00:00 +0000", "17-Jul-1996 23:59:60 +0000",
-             "17-Jul-1996 02:44:25 +2400", "17-Jul-1996 02:44:25 -2359",
-             "17-Jul-1996 02:44:25 +0099", "17-Jul-1996 02:44:25 +9999",
-             "17-Jux-1996 02:44:25 +0000", "17-JUL-1996 02:44:25 +0000 trailing",
-             "17-Jul-96 02:44:25 +0000", "\u0661\u0667-Jul-1996 02:44:25 +0000",
-             "17-Jul-1996 02:44:25 +\u0660\u0661\u0660\u0660",
-             "17-J\u00fcl-1996 02:44:25 +0000",
-             "17-Jul-1996 02:44:25", "", "   ", "yesterday", "17-Jul-0000 02:44:25 +0000",
-             "17-Jul-9999 23:59:59 -2359", "\t 7-Dec-2026 10:00:00 +0530"]
-    months = list(gc._MONTHS) + ["Foo", "jAN", "DEC", "sep"]
-    for _ in range(count):
-        month = rng.choice(months)
-        month = month.upper() if rng.random() < 0.2 else month
-        text = "%s%d-%s-%04d %02d:%02d:%02d %s%02d%02d" % (
-            rng.choice(["", " ", "  "]), rng.randint(0, 33), month, rng.randint(0, 9999),
-            rng.randint(0, 25), rng.randint(0, 61), rng.randint(0, 61), rng.choice("+-"),
-            rng.randint(0, 25), rng.choice([0, 30, 45, 59, 60, 99]))
-        texts.append(text)
-    return texts
-
-
-class ReadSideFastPathTest(unittest.TestCase):
-    """The read side's shortcuts give exactly what the plain ways give: INTERNALDATE
-    through a compiled pattern and zones made once, fetch values through a table per
-    item, plain text headers read without the decoded-values table."""
-
-    def test_internaldates_read_as_the_plain_parser_reads_them(self):
-        rng = random.Random(1717)
-        texts = _internaldates(rng, 400)
-        valid = 0
-        for _ in range(2):      # again with every zone already made
-            for text in texts:
-                with self.subTest(text=text):
-                    want = _outcome_of(lambda: _reference_internaldate(text))
-                    self.assertEqual(_outcome_of(lambda: gc.parse_internaldate(text)), want)
-                    valid += want[0] == "datetime"
-        self.assertGreater(valid, 200)
-        self.assertLess(valid, 2 * len(texts) - 200)
-
-    def test_zones_made_once_are_bounded(self):
-        with mock.patch.dict(gc._ZONES, clear=True):
-            for minutes in range(600):
-                text = "01-Jan-2024 00:00:00 +%02d%02d" % divmod(minutes, 60)
-                self.assertEqual(repr(gc.parse_internaldate(text)),
-                                 repr(_reference_internaldate(text)))
-            self.assertEqual(len(gc._ZONES), 256)
-            self.assertIs(gc.parse_internaldate("02-Jan-2024 00:00:00 +0001").tzinfo,
-                          gc.parse_internaldate("03-Jan-2024 00:00:00 +0001").tzinfo)
-
-    def test_fetch_values_read_as_the_chain_of_tests_read_them(self):
-        keys = ["FLAGS", "X-GM-LABELS", "INTERNALDATE", "RFC822.SIZE", "X-GM-MSGID",
-                "X-GM-THRID", "MODSEQ", "BODY[TEXT]", "BODY[HEADER.FIELDS (FROM)]", "BODY[]<0>",
-                "RFC822", "RFC822.HEADER", "BODYSTRUCTURE", "UID", "X-UNKNOWN", "ENVELOPE"]
-        values = [None, [], ["\\Seen", gc.Number("0123"), None, b"x"], "abc", "123", "\u00b2",
-                  gc.Number("007"), 12, [gc.Number("5")], ["x"], [[]], b"bytes", "caf\u00e9",
-                  "\udcff", ["&AOk-t&AOk-", "\\Inbox", b"&-"], "17-Jul-1996 02:44:25 -0700",
-                  b"17-Jul-1996 02:44:25 -0700", ["17-Jul-1996 02:44:25 -0700"], "NIL", ""]
-        for key in keys:
-            for value in values:
-                with self.subTest(key=key, value=value):
-                    self.assertEqual(_outcome_of(lambda: gc._convert_fetch_value(key, value)),
-                                     _outcome_of(lambda: _reference_fetch_value(key, value)))
-
-    def test_plain_text_headers_decode_as_the_table_and_reference_decode_them(self):
-        limit = gc.HEADER_VALUE_LIMIT
-        texts = ["Your receipt", "", "  spaced  out\t", "a\x01control\x7f",
-                 "=?utf-8?q?caf=C3=A9?=", "plain =? not a word", "caf\u00e9",
-                 "8-bit \udce9t\udce9", "x" * limit,
-                 "y" * (limit + 1), "tabs\tand (comments) and \"quotes\"", "=?", "?="]
-        names = ["subject", "comments", "x-custom", "from", "message-id", "content-type"]
-        for name in names:
-            for count in (1, 2):
-                for text in texts:
-                    raws = [text] * count
-                    block = "".join(f"{name}: {raw}\r\n" for raw in raws) + "\r\n"
-                    msg = gc.parse_headers(block.encode("utf-8", "surrogateescape"))
-                    raws = list(gc._header_cache(msg)[("raw", name)])    # as rules read them
-                    gc._drop_header_cache(msg)
-                    with self.subTest(name=name, raws=[raw[:40] for raw in raws]):
-                        want = _outcome_of(lambda: gc._decode_values(msg, raws, "text", name))
-                        got = _outcome_of(lambda: gc._decode_header(msg, raws, "text", name))
-                        self.assertEqual(got, want)
-
-    def test_plain_subject_leaves_the_decoded_table_to_the_senders(self):
-        msg = gc.parse_headers(b"From: A <a@example.com>\r\nSubject: Your receipt #42\r\n\r\n")
-        with mock.patch.dict(gc._DECODED, clear=True):
-            self.assertEqual(gc._shown_headers(msg),
-                             ("A <a@example.com>", "Your receipt #42", ""))
-            self.assertEqual([key[:2] for key in gc._DECODED], [("addresses", "from")])
 
 
 # --- Benchmark ---------------------------------------------------------------------------

@@ -20378,6 +20378,10 @@ def _bench_run(args: Any, sizes: List[int], latencies: List[float], work: str) -
                         "%.2f" % (result["wall"] / floor["wall"]), "%.2f" % (result["cpu"] / floor["cpu"]),
                         "%+.1f" % ((result["peak"] - floor["peak"]) / 2 ** 20),
                         "-" if kind == "floor" else same)), flush=True)
+                    if kind != "floor" and same != "same":     # which messages, to look into
+                        for line in sorted(set(result["mailbox"]) ^ set(floor["mailbox"]))[:10]:
+                            where = "floor only" if line in floor["mailbox"] else "ours only"
+                            print("    %s: %s" % (where, line.replace("\t", " | ")), flush=True)
                 sys.stdout.write(results["ours"].get("profile", ""))
     return 0
 
@@ -20476,8 +20480,9 @@ def _bench_answers(decided: Iterable[Tuple[Any, frozenset, Any]], rules: Any,
 
 
 def _bench_lab_corpus(maildir: str, truth: str) -> List[Tuple[bytes, _dtm.datetime, frozenset]]:
-    """A lab Dovecot's INBOX as it was written (fill.py): each file's bytes, its mtime (the
-    INTERNALDATE) and the flags the ground truth lists for its Message-ID."""
+    """A lab Dovecot's INBOX as it was written (fill.py): each file's bytes (with CRLF line
+    ends, as IMAP gives them), its mtime (the INTERNALDATE) and the flags the ground truth
+    lists for its Message-ID."""
     flags_of = {}
     with open(truth, encoding="utf-8") as fh:
         next(fh)
@@ -20491,7 +20496,9 @@ def _bench_lab_corpus(maildir: str, truth: str) -> List[Tuple[bytes, _dtm.dateti
         for name in sorted(os.listdir(folder)):
             path = os.path.join(folder, name)
             with open(path, "rb") as fh:
-                raw = fh.read()
+                # As the server presents it: lines end in CRLF (RFC822.SIZE counts them; a
+                # "larger_than" near a file's LF size decided otherwise than on the server).
+                raw = re.sub(rb"\r?\n", b"\r\n", fh.read())
             match = re.search(rb"(?im)^message-id:[ \t]*(\S+)", raw)
             key = match.group(1).decode("ascii", "replace") if match else ""
             date = _dtm.datetime.fromtimestamp(os.stat(path).st_mtime, _UTC)

@@ -8646,11 +8646,12 @@ class _FolderRun:
         # match it.  It is skipped as a whole, before any rule runs.
         infos: Dict[int, MessageInfo] = {}
         leave = self.undone_msgids
+        oversized = set(report.skipped)     # a set: a run may skip thousands
         for uid in batch:
             if leave and _is_msgid((fetched.get(uid) or {}).get("X-GM-MSGID")) and \
                     int(fetched[uid]["X-GM-MSGID"]) in leave:
                 continue
-            why = "the server sent far more than was asked for" if uid in report.skipped \
+            why = "the server sent far more than was asked for" if uid in oversized \
                 else _lacking(items, fetched.get(uid))
             if why:
                 _skip(report, uid, why)
@@ -8739,8 +8740,9 @@ class _FolderRun:
         report, step = self.report, self.step
         bodies = self.conn.fetch(uids, [item], skipped=report.skipped)
         ready: Dict[int, MessageInfo] = {}
+        oversized = set(report.skipped)
         for uid in uids:
-            why = "the server sent far more than was asked for" if uid in report.skipped \
+            why = "the server sent far more than was asked for" if uid in oversized \
                 else _lacking([item], bodies.get(uid))
             if why:
                 _skip(report, uid, why)

@@ -6458,6 +6458,16 @@ class ResourceLimitsTest(FakeServerTest):
         self.assertEqual([m.flags for m in self.server.messages("INBOX")],
                          [set(), {"\\Flagged"}, {"\\Flagged"}])
 
+    def test_a_message_answered_oversized_is_skipped_for_that_not_for_a_missing_item(self):
+        for nth, rule in ((1, {"subject": "message"}), (2, {"not": {"body": "zzz"}})):
+            with self.subTest(fetch=nth):
+                self.server.add_fault("UID FETCH", nth=nth, action="huge_literal",
+                                      size=3 * 1024 * 1024)
+                rules = gc.parse_rules({"rule": [dict(rule, name="R", star=True)]}, "r.json")
+                report = gc.classify_folder(self.connect(), rules, "INBOX")
+                self.assertEqual(report.why_skipped,
+                                 {1: "the server sent far more than was asked for"})
+
     def test_a_huge_copyuid_is_ignored_not_expanded(self):
         conn = self.connect()
         conn.select("INBOX")

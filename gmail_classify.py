@@ -1245,16 +1245,25 @@ def _copyuid_map(response: _Response, sent: Sequence[int]) -> Dict[int, int]:
               if item and item[0] == "OK" and len(item) >= 3]
     for code, args in codes:
         if code == "COPYUID" and len(args) >= 3:
-            try:
-                source = parse_uid_set(str(args[1]), limit=len(sent))
-                target = parse_uid_set(str(args[2]), limit=len(sent))
-            except ValueError:
-                log.warning("ignoring an unusable COPYUID answer from the server")
-                return {}
-            if len(source) != len(target) or not set(source) <= set(sent):
-                return {}
-            return dict(zip(source, target))
+            return _copyuid_pairs(args, sent)
     return {}
+
+
+def _copyuid_pairs(args: Sequence[Any], sent: Iterable[int],
+                   source: Optional[List[int]] = None) -> Dict[int, int]:
+    """_copyuid_map() of one COPYUID code's arguments; ``source``: its source UIDs
+    (``args[1]``) when the caller has read them already."""
+    sent = set(sent)
+    try:
+        if source is None:
+            source = parse_uid_set(str(args[1]), limit=len(sent))
+        target = parse_uid_set(str(args[2]), limit=len(sent))
+    except ValueError:
+        log.warning("ignoring an unusable COPYUID answer from the server")
+        return {}
+    if len(source) != len(target) or not set(source) <= sent:
+        return {}
+    return dict(zip(source, target))
 
 
 def _search_uids(response: _Response) -> List[int]:
@@ -3648,13 +3657,8 @@ class _WriteFlight:
                 source = parse_uid_set(str(args[1]), limit=len(mine))
             except ValueError:
                 continue
-            if source and set(source) <= mine:     # as _copyuid_map, source parsed once
-                try:
-                    target = parse_uid_set(str(args[2]), limit=len(write.uids))
-                except ValueError:
-                    log.warning("ignoring an unusable COPYUID answer from the server")
-                    target = []
-                mapping = dict(zip(source, target)) if len(source) == len(target) else {}
+            if source and set(source) <= mine:
+                mapping = _copyuid_pairs(args, mine, source)
                 break
         write.result = {}
         for uid in write.uids:
@@ -7917,6 +7921,10 @@ DEFAULT_APPLY_EVERY: Optional[int] = None
 # A folder's steps, when the step grows with it: about this many, of at most so many batches.
 STEPS_PER_FOLDER = 8
 MAX_BATCHES_PER_STEP = 4
+# At most this many new folders (labels) per run unless the caller raises it: a template
+# such as "Vendors/{sender_domain}" over years of mail could otherwise create hundreds.
+DEFAULT_MAX_NEW_FOLDERS = 20
+DEFAULT_DAILY_BUDGET = 2 * 1024 ** 3   # bytes per account per day; Gmail's limit is ~2.5 GB
 
 
 def _batches_per_step(messages: int, batch_size: int) -> int:
@@ -7930,10 +7938,18 @@ def _batches_per_step(messages: int, batch_size: int) -> int:
     Performance), so steps of a fixed size made a large folder's run quadratic."""
     batches = -(-messages // max(1, batch_size))
     return max(1, min(MAX_BATCHES_PER_STEP, -(-batches // STEPS_PER_FOLDER)))
-# At most this many new folders (labels) per run unless the caller raises it: a template
-# such as "Vendors/{sender_domain}" over years of mail could otherwise create hundreds.
-DEFAULT_MAX_NEW_FOLDERS = 20
-DEFAULT_DAILY_BUDGET = 2 * 1024 ** 3   # bytes per account per day; Gmail's limit is ~2.5 GB
+
+
+def _remembered(table: Dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
+    """``table[key]``, made by ``make()`` the first time: what a run works out once per
+    distinct Actions (a few rules' actions, shared by thousands of messages).  Templated
+    destinations make more of them, so a table holding 4,096 starts afresh."""
+    known = table.get(key)
+    if known is None:
+        if len(table) >= 4096:
+            table.clear()
+        known = table[key] = make()
+    return known
 
 
 class FolderLimitError(GmailClassifyError):
@@ -8022,9 +8038,7 @@ class _Plan:
     message_ids: Dict[int, str] = field(default_factory=dict)   # _message_key, off Gmail
     per_uid: Dict[int, List[Tuple[str, ...]]] = field(default_factory=dict)
     server_name: Callable[[str], str] = str                     # rule name -> server's name
-    # What add() works out per distinct Actions and move destination, not per message.
-    flag_rows: Dict[Actions, Tuple[FlagAction, ...]] = field(default_factory=dict, repr=False,
-                                                             compare=False)
+    # A move destination's server name, worked out once per step, not per message.
     server_names: Dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def add(self, uid: int, actions: Actions, flags: frozenset,
@@ -8042,10 +8056,7 @@ class _Plan:
                     _same_label(label, have) for have in labels))):
                 self.add_labels.setdefault(label, []).append(uid)
                 keys.append(("label", label))
-        rows = self.flag_rows.get(actions)
-        if rows is None:
-            rows = self.flag_rows[actions] = actions.flag_actions()
-        for row in rows:
+        for row in actions.flag_actions():
             if row.add and row.flag not in flags:
                 self.add_flags.setdefault(row.flag, []).append(uid)
                 keys.append(("flag+", row.flag))
@@ -8519,7 +8530,8 @@ class _FolderRun:
         self.confirmed: Dict[Tuple[int, Tuple[str, ...]], Any] = {}
         # A step whose moves are sent and not yet answered, and what reads them (finish).
         self.in_flight: Optional[Tuple[_Step, Callable[[], None]]] = None
-        self.decided_keys: Dict[Actions, Tuple[Tuple[str, ...], ...]] = {}     # see _decided
+        # _Plan.decided() of each distinct Actions of the run (see _remembered).
+        self.decided_keys: Dict[Actions, Tuple[Tuple[str, ...], ...]] = {}
 
     # -- opening the folder ---------------------------------------------------------------
 
@@ -8930,9 +8942,10 @@ class _FolderRun:
             for change in changes:
                 name = describe_change(change)
                 counts[name] = counts.get(name, 0) + 1
+        actions = decision.actions
         _count_decision(report, decision, keys, made, lambda key: describe_change(
             _change_entry(key, uid, status, gmail, self.destinations, None)),
-            self._decided(decision.actions))
+            _remembered(self.decided_keys, actions, lambda: tuple(_Plan.decided(actions))))
         if self.apply:
             report.changes_made += len(made)
             if not ok:
@@ -8940,17 +8953,6 @@ class _FolderRun:
         return Outcome(self.folder, uid, info.sender, info.subject, decision,
                        step.msgids.get(uid), status.uidvalidity, info.message_id, changes,
                        self.apply, len(keys) - len(made))
-
-    def _decided(self, actions: Actions) -> Tuple[Tuple[str, ...], ...]:
-        """_Plan.decided(actions), worked out once per distinct Actions of the folder run
-        (a few rules' actions, shared by thousands of messages); templated destinations
-        make more, so the table starts afresh past a few thousand."""
-        keys = self.decided_keys.get(actions)
-        if keys is None:
-            if len(self.decided_keys) >= 4096:
-                self.decided_keys.clear()
-            keys = self.decided_keys[actions] = tuple(_Plan.decided(actions))
-        return keys
 
 
 def _place_statuses(conn: GmailConnection, names: Sequence[str]
@@ -10364,14 +10366,9 @@ class Run(Checkpoint):
 
     def _actions_record(self, actions: Actions) -> Dict[str, Any]:
         """A message record's "actions" (``{}`` when none): Actions.as_record, worked out
-        once per distinct Actions (a few rules' actions, shared by thousands of messages),
-        a fresh copy for every record."""
-        known = self._actions_records.get(actions)
-        if known is None:
-            if len(self._actions_records) >= 4096:     # templated destinations make more
-                self._actions_records.clear()
-            known = self._actions_records[actions] = {} if actions.is_empty() else \
-                actions.as_record()
+        once per distinct Actions (_remembered), a fresh copy for every record."""
+        known = _remembered(self._actions_records, actions,
+                            lambda: {} if actions.is_empty() else actions.as_record())
         return {**known, "labels": list(actions.labels)} if known else {}
 
     def _stamp(self, kind: str, **fields: Any) -> Dict[str, Any]:

@@ -6487,6 +6487,10 @@ class ResourceLimitsTest(FakeServerTest):
         self.assertEqual(gc._copyuid_map(response, [1, 2]), {1: 5, 2: 6})
         self.assertEqual(gc._copyuid_map(response, [1]), {})
         self.assertEqual(gc._copyuid_map(response, [1, 3]), {})
+        garbled = gc._Response("OK", "COPYUID", [9, "1:2", "5:x"], "done", [])
+        with self.assertLogs("gmail_classify", "WARNING") as logs:
+            self.assertEqual(gc._copyuid_map(garbled, [1, 2]), {})
+        self.assertIn("ignoring an unusable COPYUID answer", logs.output[0])
         with self.assertRaises(ValueError):
             gc.parse_uid_set("1:4294967295", limit=1000)
         self.assertEqual(gc.parse_uid_set("3:1,7", limit=4), [1, 2, 3, 7])

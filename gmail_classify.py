@@ -915,10 +915,84 @@ _FETCH_ITEM = re.compile(rb"""
 _LIST_WORD = re.compile(rb'"((?:[^"\\\r\n]|\\["\\])*)"|([^ ()"{\r\n\[\]]+)')   # in group 3
 
 
+# The commonest answer of all, to a headers-only FETCH, has one shape per server: a few
+# items whose value is a number, a list of plain atoms or a plain quoted string, the header
+# literal, perhaps more such items (Dovecot sends the literal last, the fake Gmail server
+# items after it), and ")".  One match reads the line up to the literal, checking that its
+# items follow one another one space apart, and findall() then splits them in one call: no
+# pattern call per item.  The values and the weight are those the item loop below works
+# out; any other shape (quoted labels, escapes, NIL where a list belongs, a literal's
+# "+" or "~", odd spacing) is left to that loop, which reads it as before.
+_SHAPE_NAME = rb"[A-Z][A-Z0-9.-]*"
+_SHAPE_VALUE = rb'(?:[0-9]+|\((?:[^ ()"{\r\n\[\]]+(?: [^ ()"{\r\n\[\]]+)*)?\)|"[^"\\\r\n]*")'
+_FETCH_SHAPE = re.compile(rb"([0-9]+) FETCH \(((?:" + _SHAPE_NAME + rb" " + _SHAPE_VALUE
+                          + rb" )*)(BODY\[[^\[\]\r\n]*\](?:<[0-9]+>)?) \{([0-9]+)\}\r\n")
+_SHAPE_AFTER = re.compile(rb"(?: " + _SHAPE_NAME + rb" " + _SHAPE_VALUE + rb")*\)")
+_SHAPE_ITEM = re.compile(rb"(" + _SHAPE_NAME + rb') (?:([0-9]+)|(\([^()]*\))|"([^"]*)")')
+_SECTIONS: Dict[bytes, str] = {}    # BODY[HEADER.FIELDS (...)]: too long for _ATOM_VALUES
+
+
+def _parse_fetch_shape(data: bytes) -> Optional[Tuple[List[Any], int]]:
+    """_parse_fetch() of a line in the common shape (see above), or None."""
+    line = _FETCH_SHAPE.match(data)
+    if line is None:
+        return None
+    seq, before, name, size = line.groups()
+    start = line.end()
+    stop = start + int(size)
+    if stop >= len(data) or _SHAPE_AFTER.fullmatch(data, stop) is None:
+        return None
+    items: List[Any] = []
+    weight = 16 + _shape_items(_SHAPE_ITEM.findall(before), items)
+    section = _SECTIONS.get(name)
+    if section is None:
+        section = _atom_value(name)
+        if len(_SECTIONS) < 64:     # a run asks for a few sections, each the same way
+            _SECTIONS[name] = section
+    items.append(section)
+    items.append(data[start:stop])
+    weight += len(items[-2]) + 16 + stop - start
+    if stop + 1 < len(data):
+        weight += _shape_items(_SHAPE_ITEM.findall(data, stop, len(data) - 1), items)
+    return [Number(seq.decode("ascii")), "FETCH", items], weight
+
+
+def _shape_items(found: List[Tuple[bytes, bytes, bytes, bytes]], items: List[Any]) -> int:
+    """Append the items findall() found (name, number, list, quoted text) to ``items`` as
+    the item loop reads them; returns their weight."""
+    atoms = _ATOM_VALUES
+    weight = 0
+    for name, number, listed, text in found:
+        value = atoms.get(name, _MISSING)
+        if value is _MISSING:
+            value = _atom_value(name)
+        items.append(value)
+        weight += len(value) + 16 if value.__class__ is str else 16    # and 8 for its value
+        if number:
+            items.append(Number(number.decode("ascii")))
+        elif listed:
+            words: List[Any] = []
+            weight += 8
+            for word in listed[1:-1].split(b" ") if len(listed) > 2 else ():
+                value = atoms.get(word, _MISSING)
+                if value is _MISSING:
+                    value = _atom_value(word)
+                words.append(value)
+                weight += len(value) + 8 if value.__class__ is str else 8
+            items.append(words)
+        else:
+            items.append(text.decode("utf-8", "surrogateescape"))
+            weight += len(items[-1])
+    return weight
+
+
 def _parse_fetch(data: bytes) -> Optional[Tuple[List[Any], int]]:
     """parse_response() of a FETCH line by whole items (see above), with the _weight() of
     its attribute list worked out on the way; None when ``data`` does not start as a FETCH
     line; raises _NotSimple where the other paths must decide."""
+    shaped = _parse_fetch_shape(data)
+    if shaped is not None:
+        return shaped
     head = _FETCH_HEAD.match(data)
     if head is None:
         return None

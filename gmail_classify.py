@@ -8747,13 +8747,8 @@ class _FolderRun:
                                            self.folder)
             except ContentSkip as exc:
                 _skip_content(report, step, uid, str(exc))
-        # What the records show is decoded now, into the header cache the rules then read
-        # (From and Subject once per message, not once for the rules and again per record).
         shown: Dict[int, _Shown] = {}
-        for uid, info in infos.items():
-            _header_cache(info.headers)
-            shown[uid] = _Shown(info)
-        decisions = self._decide(infos)
+        decisions = self._decide(infos, shown)
         for uid in sorted(decisions):
             decision, info = decisions[uid], infos[uid]
             if self.separator is not None:
@@ -8775,13 +8770,20 @@ class _FolderRun:
         # Skipped messages (gone between SEARCH and FETCH too) keep the mark below them.
         step.last_uid = batch[-1] if batch else step.last_uid
 
-    def _decide(self, infos: Dict[int, MessageInfo]) -> Dict[int, Decision]:
+    def _decide(self, infos: Dict[int, MessageInfo], shown: Dict[int, _Shown]
+                ) -> Dict[int, Decision]:
         """The rules' decisions on a batch's messages (``infos`` loses those skipped for
-        their content); only those the headers could not settle pay for a body prefix."""
+        their content), and in ``shown`` what their records show; only those the headers
+        could not settle pay for a body prefix."""
         report, step, now = self.report, self.step, self.now
         decisions: Dict[int, Decision] = {}
         undecided: List[int] = []
         for uid, info in list(infos.items()):
+            # What the record shows is decoded into the header cache the rules then read
+            # (From and Subject once, not once for the rules and again for the record),
+            # just before them: the rules drop the cache, so one message's is held at once.
+            _header_cache(info.headers)
+            shown[uid] = _Shown(info)
             try:
                 decision = self.rules.classify(info, final=self.final, now=now)
             except ContentSkip as exc:

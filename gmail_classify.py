@@ -1145,7 +1145,14 @@ def _pairs(items: Sequence[Any]) -> Dict[str, Any]:
     """Turn a FETCH attribute list ``["UID", 7, "FLAGS", [...]]`` into a dict (keys upper)."""
     if len(items) % 2:
         raise ProtocolError(f"FETCH attributes do not pair up: {items!r:.200}")
-    return {str(items[i]).upper(): items[i + 1] for i in range(0, len(items), 2)}
+    keys = items[::2]
+    try:
+        joined = "\0".join(keys)
+    except TypeError:           # a name that is no str (a number, NIL): the item way
+        joined = None
+    if joined is not None and joined == joined.upper():     # names in capitals: as they are
+        return dict(zip(keys, items[1::2]))
+    return {str(key).upper(): value for key, value in zip(keys, items[1::2])}
 
 
 def _as_text(value: Any) -> str:
@@ -1260,15 +1267,28 @@ _FETCH_VALUES: Dict[str, Callable[[Any], Any]] = {
 }
 
 
-def _convert_fetch_value(key: str, value: Any) -> Any:
+def _fetched_section(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape")
+    return value    # NIL stays None: the section is missing, not empty
+
+
+def _fetched_as_parsed(value: Any) -> Any:
+    return value
+
+
+def _fetch_converter(key: str) -> Callable[[Any], Any]:
+    """How the value of fetch item ``key`` (upper case) is read: chosen once per answer."""
     convert = _FETCH_VALUES.get(key)
     if convert is not None:
-        return convert(value)
+        return convert
     if key.startswith("BODY[") or key.startswith("RFC822"):
-        if isinstance(value, str):
-            return value.encode("utf-8", "surrogateescape")
-        return value    # NIL stays None: the section is missing, not empty
-    return value
+        return _fetched_section
+    return _fetched_as_parsed
+
+
+def _convert_fetch_value(key: str, value: Any) -> Any:
+    return _fetch_converter(key)(value)
 
 
 def _fetch_keep(wanted: set) -> Callable[[List[Any]], bool]:
@@ -1291,6 +1311,7 @@ def _fetch_answer(response: _Response, wanted: set, by_key: Mapping[str, str],
         if skipped is not None and uid not in skipped:
             skipped.append(uid)
     names: Dict[str, str] = {}      # an answer's item names, as asked for
+    converters: Dict[str, Callable[[Any], Any]] = {}
     for item in response.untagged:
         if len(item) < 3 or str(item[1]).upper() != "FETCH" or not isinstance(item[2], list):
             continue
@@ -1302,10 +1323,11 @@ def _fetch_answer(response: _Response, wanted: set, by_key: Mapping[str, str],
         for key, value in attrs.items():
             if key == "UID":
                 continue
-            name = names.get(key)
-            if name is None:
-                name = names[key] = by_key.get(_fetch_key(key), key)
-            values[name] = _convert_fetch_value(key, value)
+            convert = converters.get(key)
+            if convert is None:
+                convert = converters[key] = _fetch_converter(key)
+                names[key] = by_key.get(_fetch_key(key), key)
+            values[names[key]] = convert(value)
 
 
 def _copyuid_map(response: _Response, sent: Sequence[int]) -> Dict[int, int]:

@@ -20138,6 +20138,17 @@ class ReadingShapeTest(unittest.TestCase):
                 self.assertEqual(_parse_outcome(gc.parse_response, data),
                                  _parse_outcome(gc._parse_plain, data))
 
+    def test_section_names_kept_are_bounded(self):
+        with mock.patch.dict(gc._SECTIONS, clear=True):
+            for n in range(100):
+                name = b"BODY[HEADER.FIELDS (X-%d)]" % n
+                data = b"1 FETCH (UID 1 %s {0}\r\n)" % name
+                self.assertEqual(gc._parse_fetch_shape(data)[0][2][2], name.decode())
+            self.assertEqual(len(gc._SECTIONS), 64)
+            first = b"1 FETCH (UID 1 BODY[HEADER.FIELDS (X-0)] {0}\r\n)"
+            self.assertIs(gc._parse_fetch_shape(first)[0][2][2],
+                          gc._parse_fetch_shape(first.replace(b"UID 1", b"UID 2"))[0][2][2])
+
     def test_names_pair_up_as_the_upper_casing_comprehension_pairs_them(self):
         names = ["UID", "uid", "Flags", "FLAGS", "BODY[HEADER.FIELDS (from)]", "", "\0",
                  "X\0Y", "\u00df", "STRASSE", "\u01c5", "\ufb00", "\u0130", "\u0345", "123",

@@ -20063,7 +20063,7 @@ def _shaped_fetch_lines(rng: random.Random, count: int) -> List[bytes]:
     items = [b"UID %d", b"FLAGS (\\Seen $Label1)", b"FLAGS ()", b"FLAGS (\\Seen)",
              b"RFC822.SIZE %d", b'INTERNALDATE "13-Dec-2025 07:47:35 +0000"', b'X-Q ""',
              b"X-GM-MSGID 17000000000000%d", b"X-GM-THRID %d", b"FLAGS (0123 NIL nil)",
-             b'INTERNALDATE "\xff 8-bit"', b"X-GM-LABELS (\\Inbox Receipts)"]
+             b'INTERNALDATE "\xff 8-bit"', b"X-GM-LABELS (\\Inbox Receipts)", b"NIL %d"]
     names = [b"BODY[HEADER.FIELDS (DATE FROM LIST-ID MESSAGE-ID SUBJECT)]",
              b"BODY[HEADER.FIELDS (FROM)]", b"BODY[]<0>", b"BODY[HEADER]"]
     lines = []

@@ -20049,7 +20049,7 @@ class LiveServerTest(unittest.TestCase):
         self.assertEqual(again.changes, {})
 
 
-# --- Issue 17: the reading's CPU (a FETCH line's common shape, names paired at once, one header cache at a time)
+# --- Issue 17: the reading's CPU, a FETCH line's common shape, one header cache at a time ---
 
 
 def _shaped_fetch_lines(rng: random.Random, count: int) -> List[bytes]:
@@ -20114,7 +20114,8 @@ class ReadingShapeTest(unittest.TestCase):
     def test_servers_answers_take_the_shape_and_odd_ones_the_item_loop(self):
         header = b"From: a@b\r\nSubject: x\r\n\r\n"
         dovecot = (b'3 FETCH (UID 7 FLAGS (\\Seen) RFC822.SIZE 1197 INTERNALDATE "07-Dec-2024 '
-                   b'12:40:03 +0000" BODY[HEADER.FIELDS (FROM SUBJECT)] {25}\r\n' + header + b")")
+                   b'12:40:03 +0000" BODY[HEADER.FIELDS (FROM SUBJECT)] {25}\r\n'
+                   + header + b")")
         fake = (b"4 FETCH (UID 8 FLAGS () BODY[HEADER.FIELDS (FROM SUBJECT)] {25}\r\n" + header
                 + b" RFC822.SIZE 90 X-GM-LABELS () X-GM-MSGID 1700000000000000001)")
         self.assertEqual(gc._parse_fetch_shape(dovecot), ([3, "FETCH", [
@@ -20168,7 +20169,8 @@ class ReadingShapeTest(unittest.TestCase):
 
     def test_fetch_answers_convert_as_each_value_converted_alone(self):
         lines = _shaped_fetch_lines(random.Random(5), 80)[:80]
-        lines += [b'9 FETCH (uid 9 Flags (\\Seen) body[header.fields (from subject)] {3}\r\nX: )',
+        lines += [b"9 FETCH (uid 9 Flags (\\Seen) body[header.fields (from subject)] "
+                  b"{3}\r\nX: )",
                   b'10 FETCH (UID 10 X-GM-LABELS ("\\\\Inbox" "&AOk-t&AOk-") MODSEQ (5) '
                   b'X-GM-THRID 3 RFC822 "str" BODY[TEXT] NIL ENVELOPE NIL)']
         untagged = [gc._parse_plain(line) for line in lines]

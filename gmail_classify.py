@@ -915,10 +915,84 @@ _FETCH_ITEM = re.compile(rb"""
 _LIST_WORD = re.compile(rb'"((?:[^"\\\r\n]|\\["\\])*)"|([^ ()"{\r\n\[\]]+)')   # in group 3
 
 
+# The commonest answer of all, to a headers-only FETCH, has one shape per server: a few
+# items whose value is a number, a list of plain atoms or a plain quoted string, the header
+# literal, perhaps more such items (Dovecot sends the literal last, the fake Gmail server
+# items after it), and ")".  One match reads the line up to the literal, checking that its
+# items follow one another one space apart, and findall() then splits them in one call: no
+# pattern call per item.  The values and the weight are those the item loop below works
+# out; any other shape (quoted labels, escapes, NIL where a list belongs, a literal's
+# "+" or "~", odd spacing) is left to that loop, which reads it as before.
+_SHAPE_NAME = rb"[A-Z][A-Z0-9.-]*"
+_SHAPE_VALUE = rb'(?:[0-9]+|\((?:[^ ()"{\r\n\[\]]+(?: [^ ()"{\r\n\[\]]+)*)?\)|"[^"\\\r\n]*")'
+_FETCH_SHAPE = re.compile(rb"([0-9]+) FETCH \(((?:" + _SHAPE_NAME + rb" " + _SHAPE_VALUE
+                          + rb" )*)(BODY\[[^\[\]\r\n]*\](?:<[0-9]+>)?) \{([0-9]+)\}\r\n")
+_SHAPE_AFTER = re.compile(rb"(?: " + _SHAPE_NAME + rb" " + _SHAPE_VALUE + rb")*\)")
+_SHAPE_ITEM = re.compile(rb"(" + _SHAPE_NAME + rb') (?:([0-9]+)|(\([^()]*\))|"([^"]*)")')
+_SECTIONS: Dict[bytes, str] = {}    # BODY[HEADER.FIELDS (...)]: too long for _ATOM_VALUES
+
+
+def _parse_fetch_shape(data: bytes) -> Optional[Tuple[List[Any], int]]:
+    """_parse_fetch() of a line in the common shape (see above), or None."""
+    line = _FETCH_SHAPE.match(data)
+    if line is None:
+        return None
+    seq, before, name, size = line.groups()
+    start = line.end()
+    stop = start + int(size)
+    if stop >= len(data) or _SHAPE_AFTER.fullmatch(data, stop) is None:
+        return None
+    items: List[Any] = []
+    weight = 16 + _shape_items(_SHAPE_ITEM.findall(before), items)
+    section = _SECTIONS.get(name)
+    if section is None:
+        section = _atom_value(name)
+        if len(_SECTIONS) < 64:     # a run asks for a few sections, each the same way
+            _SECTIONS[name] = section
+    items.append(section)
+    items.append(data[start:stop])
+    weight += len(items[-2]) + 16 + stop - start
+    if stop + 1 < len(data):
+        weight += _shape_items(_SHAPE_ITEM.findall(data, stop, len(data) - 1), items)
+    return [Number(seq.decode("ascii")), "FETCH", items], weight
+
+
+def _shape_items(found: List[Tuple[bytes, bytes, bytes, bytes]], items: List[Any]) -> int:
+    """Append the items findall() found (name, number, list, quoted text) to ``items`` as
+    the item loop reads them; returns their weight."""
+    atoms = _ATOM_VALUES
+    weight = 0
+    for name, number, listed, text in found:
+        value = atoms.get(name, _MISSING)
+        if value is _MISSING:
+            value = _atom_value(name)
+        items.append(value)
+        weight += len(value) + 16 if value.__class__ is str else 16    # and 8 for its value
+        if number:
+            items.append(Number(number.decode("ascii")))
+        elif listed:
+            words: List[Any] = []
+            weight += 8
+            for word in listed[1:-1].split(b" ") if len(listed) > 2 else ():
+                value = atoms.get(word, _MISSING)
+                if value is _MISSING:
+                    value = _atom_value(word)
+                words.append(value)
+                weight += len(value) + 8 if value.__class__ is str else 8
+            items.append(words)
+        else:
+            items.append(text.decode("utf-8", "surrogateescape"))
+            weight += len(items[-1])
+    return weight
+
+
 def _parse_fetch(data: bytes) -> Optional[Tuple[List[Any], int]]:
     """parse_response() of a FETCH line by whole items (see above), with the _weight() of
     its attribute list worked out on the way; None when ``data`` does not start as a FETCH
     line; raises _NotSimple where the other paths must decide."""
+    shaped = _parse_fetch_shape(data)
+    if shaped is not None:
+        return shaped
     head = _FETCH_HEAD.match(data)
     if head is None:
         return None
@@ -1071,7 +1145,14 @@ def _pairs(items: Sequence[Any]) -> Dict[str, Any]:
     """Turn a FETCH attribute list ``["UID", 7, "FLAGS", [...]]`` into a dict (keys upper)."""
     if len(items) % 2:
         raise ProtocolError(f"FETCH attributes do not pair up: {items!r:.200}")
-    return {str(items[i]).upper(): items[i + 1] for i in range(0, len(items), 2)}
+    keys = items[::2]
+    try:
+        joined = "\0".join(keys)
+    except TypeError:           # a name that is no str (a number, NIL): the item way
+        joined = None
+    if joined is not None and joined == joined.upper():     # names in capitals: as they are
+        return dict(zip(keys, items[1::2]))
+    return {str(key).upper(): value for key, value in zip(keys, items[1::2])}
 
 
 def _as_text(value: Any) -> str:
@@ -1186,15 +1267,28 @@ _FETCH_VALUES: Dict[str, Callable[[Any], Any]] = {
 }
 
 
-def _convert_fetch_value(key: str, value: Any) -> Any:
+def _fetched_section(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape")
+    return value    # NIL stays None: the section is missing, not empty
+
+
+def _fetched_as_parsed(value: Any) -> Any:
+    return value
+
+
+def _fetch_converter(key: str) -> Callable[[Any], Any]:
+    """How the value of fetch item ``key`` (upper case) is read: chosen once per answer."""
     convert = _FETCH_VALUES.get(key)
     if convert is not None:
-        return convert(value)
+        return convert
     if key.startswith("BODY[") or key.startswith("RFC822"):
-        if isinstance(value, str):
-            return value.encode("utf-8", "surrogateescape")
-        return value    # NIL stays None: the section is missing, not empty
-    return value
+        return _fetched_section
+    return _fetched_as_parsed
+
+
+def _convert_fetch_value(key: str, value: Any) -> Any:
+    return _fetch_converter(key)(value)
 
 
 def _fetch_keep(wanted: set) -> Callable[[List[Any]], bool]:
@@ -1217,6 +1311,7 @@ def _fetch_answer(response: _Response, wanted: set, by_key: Mapping[str, str],
         if skipped is not None and uid not in skipped:
             skipped.append(uid)
     names: Dict[str, str] = {}      # an answer's item names, as asked for
+    converters: Dict[str, Callable[[Any], Any]] = {}
     for item in response.untagged:
         if len(item) < 3 or str(item[1]).upper() != "FETCH" or not isinstance(item[2], list):
             continue
@@ -1228,10 +1323,11 @@ def _fetch_answer(response: _Response, wanted: set, by_key: Mapping[str, str],
         for key, value in attrs.items():
             if key == "UID":
                 continue
-            name = names.get(key)
-            if name is None:
-                name = names[key] = by_key.get(_fetch_key(key), key)
-            values[name] = _convert_fetch_value(key, value)
+            convert = converters.get(key)
+            if convert is None:
+                convert = converters[key] = _fetch_converter(key)
+                names[key] = by_key.get(_fetch_key(key), key)
+            values[names[key]] = convert(value)
 
 
 def _copyuid_map(response: _Response, sent: Sequence[int]) -> Dict[int, int]:
@@ -8673,13 +8769,8 @@ class _FolderRun:
                                            self.folder)
             except ContentSkip as exc:
                 _skip_content(report, step, uid, str(exc))
-        # What the records show is decoded now, into the header cache the rules then read
-        # (From and Subject once per message, not once for the rules and again per record).
         shown: Dict[int, _Shown] = {}
-        for uid, info in infos.items():
-            _header_cache(info.headers)
-            shown[uid] = _Shown(info)
-        decisions = self._decide(infos)
+        decisions = self._decide(infos, shown)
         for uid in sorted(decisions):
             decision, info = decisions[uid], infos[uid]
             if self.separator is not None:
@@ -8701,13 +8792,20 @@ class _FolderRun:
         # Skipped messages (gone between SEARCH and FETCH too) keep the mark below them.
         step.last_uid = batch[-1] if batch else step.last_uid
 
-    def _decide(self, infos: Dict[int, MessageInfo]) -> Dict[int, Decision]:
+    def _decide(self, infos: Dict[int, MessageInfo], shown: Dict[int, _Shown]
+                ) -> Dict[int, Decision]:
         """The rules' decisions on a batch's messages (``infos`` loses those skipped for
-        their content); only those the headers could not settle pay for a body prefix."""
+        their content), and in ``shown`` what their records show; only those the headers
+        could not settle pay for a body prefix."""
         report, step, now = self.report, self.step, self.now
         decisions: Dict[int, Decision] = {}
         undecided: List[int] = []
         for uid, info in list(infos.items()):
+            # What the record shows is decoded into the header cache the rules then read
+            # (From and Subject once, not once for the rules and again for the record),
+            # just before them: the rules drop the cache, so one message's is held at once.
+            _header_cache(info.headers)
+            shown[uid] = _Shown(info)
             try:
                 decision = self.rules.classify(info, final=self.final, now=now)
             except ContentSkip as exc:

@@ -20049,6 +20049,188 @@ class LiveServerTest(unittest.TestCase):
         self.assertEqual(again.changes, {})
 
 
+# --- Issue 17: the reading's CPU, a FETCH line's common shape, one header cache at a time ---
+
+
+def _shaped_fetch_lines(rng: random.Random, count: int) -> List[bytes]:
+    """Headers-only FETCH answers in the shapes servers send (Dovecot: the literal last;
+    the fake Gmail server: items after it; a body prefix's <0>), then each broken at the
+    places the shape looks at: its spaces, parentheses, quotes, the literal's size and
+    marks, the name's case, what follows the literal."""
+    blocks = [raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" for raw, _ in bench_corpus(12)]
+    blocks += [b"Subject: a) b (c\r\n\r\n", b"From: \xc3\xa9 <a@b>\r\n\r\n)", b"",
+               b'Subject: "x" {3}\r\n\r\n', b"X: 1\r\n FETCH (UID 2)\r\n\r\n"]
+    items = [b"UID %d", b"FLAGS (\\Seen $Label1)", b"FLAGS ()", b"FLAGS (\\Seen)",
+             b"RFC822.SIZE %d", b'INTERNALDATE "13-Dec-2025 07:47:35 +0000"', b'X-Q ""',
+             b"X-GM-MSGID 17000000000000%d", b"X-GM-THRID %d", b"FLAGS (0123 NIL nil)",
+             b'INTERNALDATE "\xff 8-bit"', b"X-GM-LABELS (\\Inbox Receipts)", b"NIL %d"]
+    names = [b"BODY[HEADER.FIELDS (DATE FROM LIST-ID MESSAGE-ID SUBJECT)]",
+             b"BODY[HEADER.FIELDS (FROM)]", b"BODY[]<0>", b"BODY[HEADER]"]
+    lines = []
+    for n in range(count):
+        block = blocks[n % len(blocks)]
+        chosen = [item.replace(b"%d", b"%d" % (n + 1)) for item in rng.sample(items, 4)]
+        at = len(chosen) if n % 2 else rng.randrange(len(chosen) + 1)
+        before, after = chosen[:at], chosen[at:]
+        literal = b"%s {%d}\r\n%s" % (rng.choice(names), len(block), block)
+        lines.append(b"%d FETCH (" % (n + 1) + b" ".join(before + [literal] + after) + b")")
+    breaks = [b" ", b"  ", b"", b"(", b")", b'"', b"\\", b"NIL", b"{", b"}", b"+", b"~",
+              b"\r\n", b"\n", b"\xff", b"x", b"0", b"99999999999", b"[", b"]", b"<0>"]
+    broken = []
+    for line in lines:
+        spots = [m.start() for m in re.finditer(rb'[ ()"{}\[\]]|\r\n', line)]
+        for _ in range(4):
+            at = rng.choice(spots)
+            broken.append(line[:at] + rng.choice(breaks) + line[at + rng.choice([0, 1, 1, 2]):])
+        broken.append(line.lower())
+        broken.append(line.replace(b"} ", b"+}", 1).replace(b"}\r\n", b"+}\r\n", 1))
+        broken.append(line[:-1] + b" )")
+        broken.append(line + b")")
+    return lines + broken
+
+
+class ReadingShapeTest(unittest.TestCase):
+    """The headers-only FETCH line's common shape (_parse_fetch_shape) reads exactly what
+    the plain parser reads and weighs it as _weight() does; anything else is left to the
+    item loop.  Item names pair up as the upper-casing comprehension pairs them."""
+
+    def test_shaped_lines_read_as_the_plain_parser_reads_them(self):
+        samples = _shaped_fetch_lines(random.Random(1717), 160)
+        shaped = 0
+        for data in samples:
+            with self.subTest(data=data):
+                want = _parse_outcome(gc._parse_plain, data)
+                self.assertEqual(_parse_outcome(gc.parse_response, data), want)
+                found = gc._parse_fetch_shape(data)
+                if found is None:
+                    continue
+                self.assertEqual(_parsed_shape(found[0]), want)
+                self.assertEqual(found[1], _reference_weight(found[0][2]))
+                self.assertEqual(gc._parse_weighed(data), found)
+                shaped += 1
+        self.assertGreater(shaped, 200)                  # the common shapes are read so
+        self.assertLess(shaped, len(samples) - 300)      # and broken ones left alone
+
+    def test_servers_answers_take_the_shape_and_odd_ones_the_item_loop(self):
+        header = b"From: a@b\r\nSubject: x\r\n\r\n"
+        dovecot = (b'3 FETCH (UID 7 FLAGS (\\Seen) RFC822.SIZE 1197 INTERNALDATE "07-Dec-2024 '
+                   b'12:40:03 +0000" BODY[HEADER.FIELDS (FROM SUBJECT)] {25}\r\n'
+                   + header + b")")
+        fake = (b"4 FETCH (UID 8 FLAGS () BODY[HEADER.FIELDS (FROM SUBJECT)] {25}\r\n" + header
+                + b" RFC822.SIZE 90 X-GM-LABELS () X-GM-MSGID 1700000000000000001)")
+        self.assertEqual(gc._parse_fetch_shape(dovecot), ([3, "FETCH", [
+            "UID", 7, "FLAGS", ["\\Seen"], "RFC822.SIZE", 1197, "INTERNALDATE",
+            "07-Dec-2024 12:40:03 +0000", "BODY[HEADER.FIELDS (FROM SUBJECT)]", header]],
+            _reference_weight(gc._parse_plain(dovecot)[2])))
+        self.assertEqual(gc._parse_fetch_shape(fake)[0], gc._parse_plain(fake))
+        odd = [dovecot.replace(b"(\\Seen)", b'("\\\\Seen")'),      # quoted in a list
+               dovecot.replace(b"(\\Seen)", b"NIL"),               # NIL where a list goes
+               dovecot.replace(b"UID 7 ", b"UID  7 "),             # two spaces
+               dovecot.replace(b"{25}", b"{25+}"),                 # a literal's "+"
+               dovecot.replace(b"{25}", b"{24}"),                  # the size is wrong
+               dovecot.replace(b"{25}", b"{99999999999}"),
+               dovecot[:-1] + b" x 1)", fake.replace(b"\r\n RFC", b"\r\nRFC"),
+               dovecot.replace(b"INTERNALDATE", b"internaldate"),
+               dovecot.replace(b'"07-Dec', b'"\\07-Dec'),          # an escape
+               dovecot.replace(b"BODY[", b"BODY.PEEK["), dovecot[:-1]]
+        for data in odd:
+            with self.subTest(data=data):
+                self.assertIsNone(gc._parse_fetch_shape(data))
+                self.assertEqual(_parse_outcome(gc.parse_response, data),
+                                 _parse_outcome(gc._parse_plain, data))
+
+    def test_section_names_kept_are_bounded(self):
+        with mock.patch.dict(gc._SECTIONS, clear=True):
+            for n in range(100):
+                name = b"BODY[HEADER.FIELDS (X-%d)]" % n
+                data = b"1 FETCH (UID 1 %s {0}\r\n)" % name
+                self.assertEqual(gc._parse_fetch_shape(data)[0][2][2], name.decode())
+            self.assertEqual(len(gc._SECTIONS), 64)
+            first = b"1 FETCH (UID 1 BODY[HEADER.FIELDS (X-0)] {0}\r\n)"
+            self.assertIs(gc._parse_fetch_shape(first)[0][2][2],
+                          gc._parse_fetch_shape(first.replace(b"UID 1", b"UID 2"))[0][2][2])
+
+    def test_names_pair_up_as_the_upper_casing_comprehension_pairs_them(self):
+        names = ["UID", "uid", "Flags", "FLAGS", "BODY[HEADER.FIELDS (from)]", "", "\0",
+                 "X\0Y", "\u00df", "STRASSE", "\u01c5", "\ufb00", "\u0130", "\u0345", "123",
+                 gc.Number("7"), 7, None, b"FLAGS", ["UID"], "NIL", "X-GM-LABELS"]
+        rng = random.Random(17)
+        cases = [[name, n] for n, name in enumerate(names)]
+        for _ in range(300):
+            cases.append([x for n in range(rng.randrange(0, 5))
+                          for x in (rng.choice(names), n)])
+        for items in cases:
+            with self.subTest(items=items):
+                want = {str(items[i]).upper(): items[i + 1] for i in range(0, len(items), 2)}
+                got = gc._pairs(items)
+                self.assertEqual(list(got.items()), list(want.items()))
+                self.assertTrue(all(type(key) is str for key in got))
+        self.assertRaisesRegex(gc.ProtocolError, "do not pair up", gc._pairs, ["UID", 1, "X"])
+
+    def test_fetch_answers_convert_as_each_value_converted_alone(self):
+        lines = _shaped_fetch_lines(random.Random(5), 80)[:80]
+        lines += [b"9 FETCH (uid 9 Flags (\\Seen) body[header.fields (from subject)] "
+                  b"{3}\r\nX: )",
+                  b'10 FETCH (UID 10 X-GM-LABELS ("\\\\Inbox" "&AOk-t&AOk-") MODSEQ (5) '
+                  b'X-GM-THRID 3 RFC822 "str" BODY[TEXT] NIL ENVELOPE NIL)']
+        untagged = [gc._parse_plain(line) for line in lines]
+        untagged = [item for item in untagged if isinstance(gc._pairs(item[2]).get("UID"), int)]
+        items = ["FLAGS", "BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)]", "RFC822.SIZE"]
+        by_key = {gc._fetch_key(item): item for item in items}
+        got: Dict[int, Dict[str, Any]] = {}
+        gc._fetch_answer(gc._Response("OK", "", [], "", untagged), set(range(100)), by_key,
+                         got, 1000, [])
+        want: Dict[int, Dict[str, Any]] = {}
+        for item in untagged:
+            attrs = {str(k).upper(): v for k, v in zip(item[2][::2], item[2][1::2])}
+            values = want.setdefault(int(attrs["UID"]), {})
+            for key, value in attrs.items():
+                if key != "UID":
+                    values[by_key.get(gc._fetch_key(key), key)] = \
+                        _reference_fetch_value(key, value)
+        self.assertEqual({uid: {k: _outcome_of(lambda v=v: v) for k, v in values.items()}
+                          for uid, values in got.items()},
+                         {uid: {k: _outcome_of(lambda v=v: v) for k, v in values.items()}
+                          for uid, values in want.items()})
+        self.assertEqual(got[9], {"FLAGS": ("\\Seen",), items[1]: b"X: "})
+        self.assertEqual(got[10]["X-GM-LABELS"], ("\\Inbox", "\u00e9t\u00e9"))
+
+
+class OneHeaderCacheAtATimeTest(FakeServerTest):
+    """A batch's messages have their header cache made just before their own rules (which
+    drop it), so a run holds one message's cache at a time, not a whole batch's; what the
+    records show is the same."""
+
+    def test_only_the_message_being_judged_holds_a_header_cache(self):
+        for raw, when in bench_corpus(12):
+            self.server.add_message(raw, date=when)
+        made: List[MessageInfo] = []
+        held: List[int] = []
+        judge, read = gc.Ruleset.classify, gc._message_info
+
+        def classify(rules, msg, *args, **kwargs):
+            held.append(sum(gc._CACHE in info.headers.__dict__ for info in made))
+            self.assertIn(gc._CACHE, msg.headers.__dict__)
+            return judge(rules, msg, *args, **kwargs)
+
+        def message_info(*args, **kwargs):
+            made.append(read(*args, **kwargs))
+            return made[-1]
+
+        seen: List[gc.Outcome] = []
+        with self.connect() as conn, \
+                mock.patch.object(gc, "_message_info", message_info), \
+                mock.patch.object(gc.Ruleset, "classify", classify):
+            gc.classify_folder(conn, gc.parse_rules(SPEED_RULES, "speed rules"), "INBOX",
+                               batch_size=5, on_message=seen.append)
+        self.assertEqual(held, [1] * 12)
+        self.assertEqual(len(made), 12)
+        self.assertFalse(any(gc._CACHE in info.headers.__dict__ for info in made))
+        want = [gc._shown_headers(info.headers) for info in made]
+        self.assertEqual([(o.sender, o.subject, o.message_id) for o in seen], want)
+        self.assertTrue(all(sender for sender, _, _ in want))
+
+
 # --- Benchmark ---------------------------------------------------------------------------
 
 # ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]

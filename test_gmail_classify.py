@@ -13280,6 +13280,32 @@ class WriteFlightTest(StateTestCase):
         self.assertEqual((undo.reversed, undo.left_alone), (confirmed, 0))
         self.assertEqual(mailbox_snapshot(self.server), start)
 
+    def test_an_error_while_the_labels_are_on_the_wire_reads_them_and_sends_no_move(self):
+        # Steps of two batches: the third FETCH is refused while the first step's labels
+        # and flags are on the wire.  Their answers are read and recorded; its moves are
+        # never sent, and recorded as not made (no "maybe"); undo takes back the rest.
+        seed_mailbox(self.server, 18)
+        start = mailbox_snapshot(self.server)
+        self.server.add_fault("UID FETCH", nth=3, action="bad")
+        with self.assertRaises(gc.ImapError):
+            self.run_once(batch_size=3, apply_every=2)
+        self.assertNotIn("UID MOVE", self.server.commands())
+        records = list(self.store().audit.records())
+        done = [r for r in records if r["type"] == "done" and r.get("action")]
+        self.assertTrue(done)
+        self.assertEqual({r["action"] for r in done} & {"move", "archive", "trash"}, set())
+        intended = sum(len(r["changes"]) for r in records if r["type"] == "intent"
+                       and r.get("changes"))
+        unsent = [c for r in records if r["type"] == "unsent" for c in r["changes"]]
+        confirmed = sum(len(r["uids"]) for r in done)
+        self.assertEqual(len(unsent), intended - confirmed)
+        self.assertEqual({c["action"] for c in unsent}, {"move", "archive", "trash"})
+        (entry,) = gc.history(self.store())
+        self.assertEqual((entry["status"], entry["maybe"]), ("failed", 0))
+        undo = self.undo()
+        self.assertEqual((undo.reversed, undo.left_alone), (confirmed, 0))
+        self.assertEqual(mailbox_snapshot(self.server), start)
+
     def test_a_folder_another_client_made_meanwhile_is_used_and_never_claimed(self):
         class Raced(_Session):     # another client creates each folder just before us
             def cmd_CREATE(self, tag: str, args: list) -> str:
@@ -13430,17 +13456,52 @@ class WriteFlightTest(StateTestCase):
     def test_the_moves_answers_are_read_after_the_next_fetch_went_out(self):
         # The server holds a MOVE's OK until the next command arrives: only a client that
         # sends the next batch's FETCH before waiting for its moves sees it held.
-        seed_mailbox(self.server, 12)
+        seed_mailbox(self.server, 18)
         self.server.held = collections.Counter()
         self.server.use_handler(_out_of_order("UID MOVE"))
         records: List[Dict[str, Any]] = []
-        self.run_once(batch_size=3, apply_every=1, records=records)
+        self.run_once(batch_size=3, apply_every=2, records=records)
         self.assertGreaterEqual(self.server.held["UID MOVE"], 2)
         log = [e.command for e in self.server.log]
         first_move = log.index("UID MOVE")
         self.assertIn("UID FETCH", log[first_move:])
         (entry,) = gc.history(self.store())
         self.assertEqual((entry["status"], entry["maybe"]), ("complete", 0))
+
+    def test_the_labels_and_flags_answers_are_read_once_the_next_batch_is_classified(self):
+        # A step of two batches: its labels and flags go out, the server works on them
+        # while the next batch is classified, and only then are their answers read and
+        # the moves sent.  The fake holds each STORE's OK until the next command arrives:
+        # a client that waited for the STOREs before classifying would see none held.
+        seed_mailbox(self.server, 18)
+        self.server.held = collections.Counter()
+        self.server.use_handler(_out_of_order("UID STORE"))
+        events = []
+        classify, send = gc._FolderRun.classify, gc._WriteFlight.send
+
+        def classifying(run, batch, fetched=None):
+            events.append("classify")
+            classify(run, batch, fetched)
+
+        def sending(flight):
+            events.append("+".join(sorted({w.command for w in flight.writes})))
+            send(flight)
+
+        with mock.patch.object(gc._FolderRun, "classify", classifying), \
+                mock.patch.object(gc._WriteFlight, "send", sending):
+            self.run_once(batch_size=3, apply_every=2)
+        self.assertGreaterEqual(self.server.held["UID STORE"], 2)
+        # Each step's labels and flags are on the wire while a batch is classified, and so
+        # are its moves; the last step's writes come after the last batch.
+        moves = "UID MOVE+UID STORE"    # Gmail's archive goes with the moves
+        self.assertEqual(events, ["classify", "classify", "CREATE", "UID STORE",
+                                  "classify", moves, "classify", "UID STORE",
+                                  "classify", moves, "classify", "UID STORE", moves])
+        log = [e.command for e in self.server.log]
+        self.assertEqual(log.count("UID MOVE"), 3 * 2)     # 3 steps, Lists and trash
+        (entry,) = gc.history(self.store())
+        self.assertEqual((entry["status"], entry["maybe"]), ("complete", 0))
+        self.assertEqual(self.server.uids("Lists"), [1, 2, 3])
 
     def test_history_counts_every_unanswered_create_of_a_flight_as_maybe(self):
         ledger = gc._Creates()

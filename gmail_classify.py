@@ -141,6 +141,7 @@ import email.parser
 import email.policy
 import email.utils
 import errno
+import functools
 import getpass
 import hashlib
 import html
@@ -5931,6 +5932,7 @@ _TEMPLATE_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _COMPONENT_MAX = 63   # like a DNS label: long enough for any real domain, short in a folder list
 
 
+@functools.lru_cache(maxsize=256)     # a run splits its few templates once per message
 def split_template(text: str) -> Tuple[Tuple[bool, str], ...]:
     """Split a destination into (is_field, text) pieces.
 
@@ -6040,6 +6042,18 @@ def _flag_action(change: str, flag: str) -> Optional[FlagAction]:
                  if row.flag == flag and row.add == (change == "flag+")), None)
 
 
+def _remembered(table: Dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
+    """``table[key]``, made by ``make()`` the first time: what a run works out once per
+    distinct Actions (a few rules' actions, shared by thousands of messages).  Templated
+    destinations make more of them, so a table holding 4,096 starts afresh."""
+    known = table.get(key)
+    if known is None:
+        if len(table) >= 4096:
+            table.clear()
+        known = table[key] = make()
+    return known
+
+
 @dataclass(frozen=True)
 class Actions:
     """What to do with a message; merged across `continue` rules by merged().
@@ -6122,12 +6136,19 @@ class Actions:
         return tuple(t for t in self.labels + (self.move or "",) if _is_template(t))
 
     def expanded(self, msg: MessageInfo, separator: Optional[str] = "/") -> Actions:
-        """These actions with templated destinations filled in for ``msg``."""
-        if not self.templates():
+        """These actions with templated destinations filled in for ``msg``.  The same
+        destinations give the same object, kept on this one: the tables a run keeps per
+        distinct Actions then hold one per folder a template makes, not one per message."""
+        templated = self.__dict__.get("_templated")
+        if templated is None:
+            templated = self.__dict__["_templated"] = bool(self.templates())
+        if not templated:
             return self
-        labels = dict.fromkeys(expand_template(label, msg, separator) for label in self.labels)
+        labels = tuple(dict.fromkeys(expand_template(label, msg, separator)
+                                     for label in self.labels))
         move = expand_template(self.move, msg, separator) if self.move else None
-        return dataclasses.replace(self, labels=tuple(labels), move=move)
+        return _remembered(self.__dict__.setdefault("_expansions", {}), (labels, move),
+                           lambda: dataclasses.replace(self, labels=labels, move=move))
 
 
 # The fields an audit record's "actions" holds (Actions.as_record), in field order.
@@ -7938,18 +7959,6 @@ def _batches_per_step(messages: int, batch_size: int) -> int:
     Performance), so steps of a fixed size made a large folder's run quadratic."""
     batches = -(-messages // max(1, batch_size))
     return max(1, min(MAX_BATCHES_PER_STEP, -(-batches // STEPS_PER_FOLDER)))
-
-
-def _remembered(table: Dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
-    """``table[key]``, made by ``make()`` the first time: what a run works out once per
-    distinct Actions (a few rules' actions, shared by thousands of messages).  Templated
-    destinations make more of them, so a table holding 4,096 starts afresh."""
-    known = table.get(key)
-    if known is None:
-        if len(table) >= 4096:
-            table.clear()
-        known = table[key] = make()
-    return known
 
 
 class FolderLimitError(GmailClassifyError):

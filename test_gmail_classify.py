@@ -8887,6 +8887,28 @@ class TemplateTest(unittest.TestCase):
         self.assertEqual(gc.parse_rules({"rule": [{"subject": "x", "move": "A/{year}"}]}).needs.date, True)
         self.assertEqual(gc.parse_rules({"rule": [{"subject": "x", "move": "A/{{year}}"}]}).needs.date, False)
 
+    def test_the_same_destinations_give_one_expanded_actions(self):
+        # A run keeps tables per distinct Actions: a template gives one per folder it
+        # fills in, not one per message.
+        actions = gc.Actions(labels=("N/{year}", "Plain", "N/{year}"), move="R/{year}/{month}",
+                             mark_read=True)
+        first = actions.expanded(info("From: a@b.example",
+                                      date=datetime(2023, 2, 5, tzinfo=timezone.utc)))
+        self.assertEqual(first, gc.Actions(labels=("N/2023", "Plain"), move="R/2023/02",
+                                           mark_read=True))
+        again = actions.expanded(info("From: c@d.example",
+                                      date=datetime(2023, 2, 20, tzinfo=timezone.utc)))
+        self.assertIs(again, first)
+        other = actions.expanded(info("From: a@b.example",
+                                      date=datetime(2024, 2, 5, tzinfo=timezone.utc)))
+        self.assertEqual((other.labels, other.move), (("N/2024", "Plain"), "R/2024/02"))
+        self.assertIsNot(other, first)
+        self.assertIs(actions.expanded(info("From: a@b.example",
+                                            date=datetime(2024, 2, 6, tzinfo=timezone.utc))),
+                      other)
+        plain = gc.Actions(labels=("Plain",), move="Somewhere")
+        self.assertIs(plain.expanded(info("From: a@b.example")), plain)
+
     def test_check_refuses_a_bad_template_in_one_line(self):
         tmp = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, tmp)

@@ -10750,6 +10750,22 @@ class PipelineTest(FakeServerTest):
         self.assertEqual(len(self.server.uids("Receipts")), 4)
         self.assertEqual(report.changes, {"move to Receipts": 4})
 
+    def test_a_refused_label_leaves_each_change_not_made_counted_once(self):
+        # The labels' flight is refused: its labels and the moves never sent are the
+        # changes not made, counted once (by the step, not again by the run's error path).
+        for index in range(4):
+            self.server.add_message(make_message(f"receipt {index}"))
+        conn = self.connect()
+        rules = self.rules({"rule": [{"name": "R", "subject": "receipt", "label": "Paid",
+                                      "move": "Receipts"}]})
+        self.server.add_fault("UID STORE", nth=1, action="no", text="Over quota")
+        report = gc.FolderReport("INBOX", True)
+        with self.assertRaisesRegex(gc.ImapError, "Over quota"):     # one step, refused
+            gc.classify_folder(conn, rules, "INBOX", apply=True, report=report,
+                               batch_size=2, apply_every=3)     # as the run ends
+        self.assertEqual((report.changes_made, report.changes_not_made), (0, 8))
+        self.assertNotIn("UID MOVE", self.commands())
+
     def test_a_step_grows_with_the_folder_within_its_bounds(self):
         self.assertEqual(gc._batches_per_step(10000, 1000), 2)     # 10 batches: 5 steps
         self.assertEqual(gc._batches_per_step(8000, 1000), 1)

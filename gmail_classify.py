@@ -3005,8 +3005,19 @@ class GmailConnection:
             if _already_exists(exc):
                 return False
             raise _refused(exc, "create the folder", name) from exc
-        self._folders = None
+        self._created(name)
         return True
+
+    def _created(self, name: str) -> None:
+        """Add a folder this connection created to the folder list it holds, as LIST would
+        name it, rather than ask for the whole list again (a round trip that also waits for
+        every FETCH still on the wire)."""
+        if self._folders is None or any(folder.name == name for folder in self._folders):
+            return
+        delimiter = next((folder.delimiter for folder in self._folders if folder.delimiter),
+                         None)
+        self._folders.append(Folder(name, delimiter, frozenset(),
+                                    encode_mailbox(name).encode("ascii")))
 
     def delete_folder(self, name: str) -> None:
         """Delete a folder (on Gmail a label, which then comes off every message)."""
@@ -3644,7 +3655,7 @@ class _WriteFlight:
             return
         if write.command == "CREATE":
             write.created = True
-            self.conn._folders = None
+            self.conn._created(str(write.destination))
             return
         if write.command == "UID STORE":
             write.result = dict.fromkeys(write.uids)

@@ -10766,6 +10766,29 @@ class PipelineTest(FakeServerTest):
         self.assertEqual((report.changes_made, report.changes_not_made), (0, 8))
         self.assertNotIn("UID MOVE", self.commands())
 
+    def test_a_folder_created_in_one_step_is_known_to_the_next_without_a_list(self):
+        # Step one creates "Reçus/2023", step two "Reçus/2024": the folder list read when
+        # the run began, with each created folder added, answers both; no LIST again (it
+        # would also wait for every FETCH on the wire).  The created folder's name goes
+        # to the server as it was created.
+        for index, year in enumerate((2023, 2023, 2024, 2024)):
+            self.server.add_message(make_message(f"receipt {index}"),
+                                    date=datetime(year, 5, 1, tzinfo=timezone.utc))
+        conn = self.connect()
+        rules = self.rules({"rule": [{"name": "R", "subject": "receipt",
+                                      "move": "Reçus/{year}"}]})
+        report = gc.classify_folder(conn, rules, "INBOX", apply=True, batch_size=2,
+                                    apply_every=1)
+        self.assertEqual(report.created, ["Reçus/2023", "Reçus/2024"])
+        self.assertEqual(self.commands().count("LIST"), 1)
+        self.assertEqual(len(self.server.uids("Reçus/2023")), 2)
+        self.assertEqual(len(self.server.uids("Reçus/2024")), 2)
+        created = [e.line.split(b" ", 2)[2] for e in self.server.log if e.command == "CREATE"]
+        moved = [e.line.rsplit(b" ", 1)[1] for e in self.server.log if e.command == "UID MOVE"]
+        self.assertEqual(created, [b"Re&AOc-us/2023\r\n", b"Re&AOc-us/2024\r\n"])
+        self.assertEqual(moved, created)
+        self.assertIn("Reçus/2024", [f.name for f in conn.list_folders()])
+
     def test_a_step_grows_with_the_folder_within_its_bounds(self):
         self.assertEqual(gc._batches_per_step(10000, 1000), 2)     # 10 batches: 5 steps
         self.assertEqual(gc._batches_per_step(8000, 1000), 1)

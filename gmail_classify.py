@@ -8658,14 +8658,13 @@ class _FolderRun:
         except BaseException:
             if not self.step.finished and self.apply:
                 report.changes_not_made += self.step.plan.size()
-            if self.in_flight is not None:
-                # Writes were sent: the server carries them out whatever happens here, so
-                # their answers are read and recorded before the error goes on.
-                try:
-                    self.abandon()
-                except GmailClassifyError as exc:
-                    log.info("%s: the answers to the last changes sent were lost (%s); "
-                             "the next run finds out what was done", self.source, exc)
+            # Writes on the wire: the server carries them out whatever happens here, so
+            # their answers are read and recorded before the error goes on.
+            try:
+                self.abandon()
+            except GmailClassifyError as exc:
+                log.info("%s: the answers to the last changes sent were lost (%s); "
+                         "the next run finds out what was done", self.source, exc)
             raise
 
     def classify(self, batch: List[int], fetched: Optional[Dict[int, Dict[str, Any]]] = None

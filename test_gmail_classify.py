@@ -13367,6 +13367,31 @@ class WriteFlightTest(StateTestCase):
         self.assertEqual((undo.reversed, undo.left_alone), (confirmed, 0))
         self.assertEqual(mailbox_snapshot(self.server), start)
 
+    def test_an_error_while_refused_labels_are_on_the_wire_records_each_change_once(self):
+        # As above, and the first STORE of the labels' flight is refused: reading that
+        # flight's answers raises the refusal, which already recorded what was not made;
+        # nothing is recorded twice, and the FETCH's error is the one that ends the run.
+        seed_mailbox(self.server, 18)
+        start = mailbox_snapshot(self.server)
+        self.server.add_fault("UID FETCH", nth=3, action="bad", text="fetch refused")
+        self.server.add_fault("UID STORE", nth=1, action="no", text="Over quota")
+        with self.assertRaisesRegex(gc.ImapError, "fetch refused"):
+            self.run_once(batch_size=3, apply_every=2)
+        self.assertNotIn("UID MOVE", self.server.commands())
+        records = list(self.store().audit.records())
+        intended = [(r["uid"], c["action"], c.get("label") or c.get("flag"))
+                    for r in records if r["type"] == "intent" for c in r.get("changes", ())]
+        unsent = [(r["uid"], c["action"], c.get("label") or c.get("flag"))
+                  for r in records if r["type"] == "unsent" for c in r["changes"]]
+        confirmed = sum(len(r["uids"]) for r in records if r["type"] == "done"
+                        and r.get("action"))
+        self.assertEqual(len(unsent), len(set(unsent)))
+        self.assertEqual(len(unsent), len(intended) - confirmed)
+        (entry,) = gc.history(self.store())
+        self.assertEqual((entry["status"], entry["maybe"]), ("failed", 0))
+        self.undo()
+        self.assertEqual(mailbox_snapshot(self.server), start)
+
     def test_a_folder_another_client_made_meanwhile_is_used_and_never_claimed(self):
         class Raced(_Session):     # another client creates each folder just before us
             def cmd_CREATE(self, tag: str, args: list) -> str:

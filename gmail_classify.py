@@ -141,6 +141,7 @@ import email.parser
 import email.policy
 import email.utils
 import errno
+import functools
 import getpass
 import hashlib
 import html
@@ -3100,8 +3101,19 @@ class GmailConnection:
             if _already_exists(exc):
                 return False
             raise _refused(exc, "create the folder", name) from exc
-        self._folders = None
+        self._created(name)
         return True
+
+    def _created(self, name: str) -> None:
+        """Add a folder this connection created to the folder list it holds, as LIST would
+        name it, rather than ask for the whole list again (a round trip that also waits for
+        every FETCH still on the wire)."""
+        if self._folders is None or any(folder.name == name for folder in self._folders):
+            return
+        delimiter = next((folder.delimiter for folder in self._folders if folder.delimiter),
+                         None)
+        self._folders.append(Folder(name, delimiter, frozenset(),
+                                    encode_mailbox(name).encode("ascii")))
 
     def delete_folder(self, name: str) -> None:
         """Delete a folder (on Gmail a label, which then comes off every message)."""
@@ -3739,7 +3751,7 @@ class _WriteFlight:
             return
         if write.command == "CREATE":
             write.created = True
-            self.conn._folders = None
+            self.conn._created(str(write.destination))
             return
         if write.command == "UID STORE":
             write.result = dict.fromkeys(write.uids)
@@ -6027,6 +6039,7 @@ _TEMPLATE_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _COMPONENT_MAX = 63   # like a DNS label: long enough for any real domain, short in a folder list
 
 
+@functools.lru_cache(maxsize=256)     # a run splits its few templates once per message
 def split_template(text: str) -> Tuple[Tuple[bool, str], ...]:
     """Split a destination into (is_field, text) pieces.
 
@@ -6136,6 +6149,18 @@ def _flag_action(change: str, flag: str) -> Optional[FlagAction]:
                  if row.flag == flag and row.add == (change == "flag+")), None)
 
 
+def _remembered(table: Dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
+    """``table[key]``, made by ``make()`` the first time: what a run works out once per
+    distinct Actions (a few rules' actions, shared by thousands of messages).  Templated
+    destinations make more of them, so a table holding 4,096 starts afresh."""
+    known = table.get(key)
+    if known is None:
+        if len(table) >= 4096:
+            table.clear()
+        known = table[key] = make()
+    return known
+
+
 @dataclass(frozen=True)
 class Actions:
     """What to do with a message; merged across `continue` rules by merged().
@@ -6218,12 +6243,19 @@ class Actions:
         return tuple(t for t in self.labels + (self.move or "",) if _is_template(t))
 
     def expanded(self, msg: MessageInfo, separator: Optional[str] = "/") -> Actions:
-        """These actions with templated destinations filled in for ``msg``."""
-        if not self.templates():
+        """These actions with templated destinations filled in for ``msg``.  The same
+        destinations give the same object, kept on this one: the tables a run keeps per
+        distinct Actions then hold one per folder a template makes, not one per message."""
+        templated = self.__dict__.get("_templated")
+        if templated is None:
+            templated = self.__dict__["_templated"] = bool(self.templates())
+        if not templated:
             return self
-        labels = dict.fromkeys(expand_template(label, msg, separator) for label in self.labels)
+        labels = tuple(dict.fromkeys(expand_template(label, msg, separator)
+                                     for label in self.labels))
         move = expand_template(self.move, msg, separator) if self.move else None
-        return dataclasses.replace(self, labels=tuple(labels), move=move)
+        return _remembered(self.__dict__.setdefault("_expansions", {}), (labels, move),
+                           lambda: dataclasses.replace(self, labels=labels, move=move))
 
 
 # The fields an audit record's "actions" holds (Actions.as_record), in field order.
@@ -8036,18 +8068,6 @@ def _batches_per_step(messages: int, batch_size: int) -> int:
     return max(1, min(MAX_BATCHES_PER_STEP, -(-batches // STEPS_PER_FOLDER)))
 
 
-def _remembered(table: Dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
-    """``table[key]``, made by ``make()`` the first time: what a run works out once per
-    distinct Actions (a few rules' actions, shared by thousands of messages).  Templated
-    destinations make more of them, so a table holding 4,096 starts afresh."""
-    known = table.get(key)
-    if known is None:
-        if len(table) >= 4096:
-            table.clear()
-        known = table[key] = make()
-    return known
-
-
 class FolderLimitError(GmailClassifyError):
     """A run would create more new folders than allowed; nothing was changed."""
     exit_code = EXIT_USAGE
@@ -8624,8 +8644,9 @@ class _FolderRun:
         self.applied = self.planned = 0     # changes made, changes planned: for on_applied
         self.step = self.new_step()         # the step in hand, and what of it was confirmed
         self.confirmed: Dict[Tuple[int, Tuple[str, ...]], Any] = {}
-        # A step whose moves are sent and not yet answered, and what reads them (finish).
-        self.in_flight: Optional[Tuple[_Step, Callable[[], None]]] = None
+        # The step whose writes are under way, the generator carrying them out, and whether
+        # the flight it last sent is the step's last (see finish).
+        self.in_flight: Optional[Tuple[_Step, Iterator[bool], bool]] = None
         # _Plan.decided() of each distinct Actions of the run (see _remembered).
         self.decided_keys: Dict[Actions, Tuple[Tuple[str, ...], ...]] = {}
 
@@ -8726,19 +8747,20 @@ class _FolderRun:
                 if batches % max(1, every) == 0:
                     self.finish(self.step)
                     self.step = self.new_step()
+                else:
+                    self.advance()      # the server has had a batch's time for its flight
             self.finish(self.step)
             self.land()
         except BaseException:
             if not self.step.finished and self.apply:
                 report.changes_not_made += self.step.plan.size()
-            if self.in_flight is not None:
-                # Writes were sent: the server carries them out whatever happens here, so
-                # their answers are read and recorded before the error goes on.
-                try:
-                    self.land()
-                except GmailClassifyError as exc:
-                    log.info("%s: the answers to the last changes sent were lost (%s); "
-                             "the next run finds out what was done", self.source, exc)
+            # Writes on the wire: the server carries them out whatever happens here, so
+            # their answers are read and recorded before the error goes on.
+            try:
+                self.abandon()
+            except GmailClassifyError as exc:
+                log.info("%s: the answers to the last changes sent were lost (%s); "
+                         "the next run finds out what was done", self.source, exc)
             raise
 
     def classify(self, batch: List[int], fetched: Optional[Dict[int, Dict[str, Any]]] = None
@@ -8868,47 +8890,68 @@ class _FolderRun:
     # -- the steps ------------------------------------------------------------------------
 
     def finish(self, step: _Step) -> None:
-        """Make the step's changes (with ``apply``), then tell the checkpoint and the
-        listeners what was done, and where the mark is; a stop between commands writes
-        the changes never sent as ``unsent`` first.
+        """Start the step's changes (with ``apply``): once every change is made and
+        answered, the checkpoint and the listeners hear what was done, and where the mark
+        is (_step_done); a stop between commands writes the changes never sent as
+        ``unsent`` first.
 
-        The step's moves are sent but their answers not waited for (``in_flight``): the
-        server works on them while the next batch is fetched and classified, and land()
-        reads them, before the next step writes anything or the run ends."""
+        The writes go in flights (_apply_plan), and a flight's answers are not waited for
+        (``in_flight``): the server works on it while the next batch is fetched and
+        classified, and advance() then reads them and sends the step's next flight.  The
+        step before is finished first: one step writes at a time."""
         self.land()
         step.finished = True
         if not step.decisions and not step.content_skips:
             return
         self.applying, self.confirmed = step, {}
-        ok = False
+        self.in_flight = (step, self._apply_step(step), False)
+        self.advance()
+
+    def advance(self) -> None:
+        """Go on with the step in flight: read the answers of its flight on the wire and
+        send the next (which stays in flight), or finish the step once nothing is left."""
+        if self.in_flight is None:
+            return
+        step, writes, _last = self.in_flight
+        ok = sent = False
         try:
-            tail = self._apply_step(step)
-            if tail is not None:
-                self.in_flight = (step, tail)
-                return          # _step_done once land() has read the answers
+            self.in_flight = (step, writes, next(writes))
+            sent = True
+        except StopIteration:
             ok = True
         except StopRequested as exc:
             if self.apply and exc.between_commands and self.checkpoint.writes_ahead:
                 self._not_sent(step)
             raise
         finally:
-            if self.in_flight is None or self.in_flight[0] is not step:
+            if not sent:
+                self.in_flight = None
                 self._step_done(step, ok)
 
     def land(self) -> None:
-        """Read the answers to the writes still in flight (see finish), record what the
-        server confirmed, and finish their step."""
+        """Carry the step in flight through to its end (see finish)."""
+        while self.in_flight is not None:
+            self.advance()
+
+    def abandon(self) -> None:
+        """When an error ends the run: read the answers of the flight on the wire (the
+        server carries it out whatever happens here), record them, and send nothing more;
+        what was never sent is recorded as such.  Raises what reading the answers raised."""
         if self.in_flight is None:
             return
-        (step, tail), self.in_flight = self.in_flight, None
-        ok = False
+        (step, writes, last), self.in_flight = self.in_flight, None
+        answered = False
         try:
-            tail()
-            ok = True
+            writes.close()      # reads the flight on the wire (see _apply_plan)
+            answered = True
         finally:
-            self._step_done(step, ok)
+            if answered and not last and self.apply and self.checkpoint.writes_ahead:
+                self._not_sent(step)
+            self._step_done(step, answered and last)
 
-    def _apply_step(self, step: _Step) -> Optional[Callable[[], None]]:
+    def _apply_step(self, step: _Step) -> Iterator[bool]:
+        """The step's changes, as _apply_plan carries them out (a generator: see there);
+        a dry run only notes the folders it would create."""
         conn, plan = self.conn, step.plan
         conn.stop.check("before the step's changes")    # a safe point (see Stop)
         if self.settled.plain_expunge and (plan.move or plan.trash or plan.archive):
@@ -8917,11 +8960,12 @@ class _FolderRun:
             _drop_copies_already_there(conn, plan, self.copies)
         self.planned += plan.size()
         if self.apply:
-            return _apply_plan(conn, plan, self.report, self, self.options.max_new_folders,
-                               self.settled, self.options.allow_expunge)
+            yield from _apply_plan(conn, plan, self.report, self,
+                                   self.options.max_new_folders, self.settled,
+                                   self.options.allow_expunge)
+            return
         self.report.created.extend(name for name in _missing_folders(conn, plan)
                                    if name not in self.report.created)
-        return None
 
     def _intents(self, step: _Step) -> List[Dict[str, Any]]:
         """One entry per message the step may change: where it is, what tells it apart
@@ -9343,13 +9387,18 @@ def _moves_flight(conn: GmailConnection, plan: _Plan, source: str, archive: Opti
 
 def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport, hooks: _FolderRun,
                 max_new_folders: Optional[int], settled: _Destinations,
-                allow_expunge: bool) -> Optional[Callable[[], None]]:
+                allow_expunge: bool) -> Iterator[bool]:
     """Carry out a plan: check destinations, create what is missing, then labels and flags,
     then moves (so a message is labelled where it stands, then leaves).  Each of the three
     goes as one flight of pipelined commands (_WriteFlight), the next sent once the one
-    before is confirmed.  When the moves went as one flight, their answers are not waited
-    for: the function that reads them (and calls ``hooks.done``) is returned, for the
-    caller to call before anything else writes; otherwise None.
+    before is confirmed.
+
+    A generator, so that the caller works while the server does: it yields each time a
+    flight is on the wire whose answers are not needed yet (the labels and flags, and the
+    moves when they went as one flight), yielding True when that flight is the plan's last.
+    Resuming it reads that flight's answers and goes on; the caller must resume it, to its
+    end, before anything else writes.  Closed at a yield (an error elsewhere), it reads
+    the answers of the flight on the wire and sends nothing more.
 
     ``hooks.intend(phase, folders)`` is called before any write command goes out:
     ``"create"`` with the folders about to be created, then ``"change"`` with the folders
@@ -9385,14 +9434,15 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport, hooks:
     flight = _labels_and_flags(conn, plan, hooks)
     if flight.writes:
         flight.send()
-        _land_flight(flight, report, hooks)
+        yield from _on_the_wire(flight, report, hooks, last=False)
     flight, moves = _moves_flight(conn, plan, source, archive, trash)
     if flight.writes:
         stop.check("before moving messages")
         flight.send()
-        if not moves:
-            return lambda: _land_flight(flight, report, hooks)
-        _land_flight(flight, report, hooks)
+        if moves:
+            _land_flight(flight, report, hooks)
+        else:
+            yield from _on_the_wire(flight, report, hooks, last=True)
     for uids, destination, key in moves:     # no MOVE: copy, \Deleted, expunge, in turn
         stop.check(f"before moving to {destination}")
         result = conn.move(uids, destination, allow_expunge=allow_expunge)
@@ -9401,7 +9451,16 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport, hooks:
         report.others_expunged += result.others_expunged
         hooks.done(key, {uid: {"folder": destination, "uid": new}
                          for uid, new in result.moved.items()})
-    return None
+
+
+def _on_the_wire(flight: _WriteFlight, report: FolderReport, hooks: _FolderRun,
+                 last: bool) -> Iterator[bool]:
+    """Yield ``last`` while ``flight`` is on the wire, then read its answers
+    (_land_flight); closed at the yield, it reads them all the same."""
+    try:
+        yield last
+    finally:
+        _land_flight(flight, report, hooks)
 
 
 # --- Demo: a small sample mailbox, classified offline ------------------------------------

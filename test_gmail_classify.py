@@ -8887,6 +8887,28 @@ class TemplateTest(unittest.TestCase):
         self.assertEqual(gc.parse_rules({"rule": [{"subject": "x", "move": "A/{year}"}]}).needs.date, True)
         self.assertEqual(gc.parse_rules({"rule": [{"subject": "x", "move": "A/{{year}}"}]}).needs.date, False)
 
+    def test_the_same_destinations_give_one_expanded_actions(self):
+        # A run keeps tables per distinct Actions: a template gives one per folder it
+        # fills in, not one per message.
+        actions = gc.Actions(labels=("N/{year}", "Plain", "N/{year}"), move="R/{year}/{month}",
+                             mark_read=True)
+        first = actions.expanded(info("From: a@b.example",
+                                      date=datetime(2023, 2, 5, tzinfo=timezone.utc)))
+        self.assertEqual(first, gc.Actions(labels=("N/2023", "Plain"), move="R/2023/02",
+                                           mark_read=True))
+        again = actions.expanded(info("From: c@d.example",
+                                      date=datetime(2023, 2, 20, tzinfo=timezone.utc)))
+        self.assertIs(again, first)
+        other = actions.expanded(info("From: a@b.example",
+                                      date=datetime(2024, 2, 5, tzinfo=timezone.utc)))
+        self.assertEqual((other.labels, other.move), (("N/2024", "Plain"), "R/2024/02"))
+        self.assertIsNot(other, first)
+        self.assertIs(actions.expanded(info("From: a@b.example",
+                                            date=datetime(2024, 2, 6, tzinfo=timezone.utc))),
+                      other)
+        plain = gc.Actions(labels=("Plain",), move="Somewhere")
+        self.assertIs(plain.expanded(info("From: a@b.example")), plain)
+
     def test_check_refuses_a_bad_template_in_one_line(self):
         tmp = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, tmp)
@@ -10727,6 +10749,45 @@ class PipelineTest(FakeServerTest):
                                report=report)
         self.assertEqual(len(self.server.uids("Receipts")), 4)
         self.assertEqual(report.changes, {"move to Receipts": 4})
+
+    def test_a_refused_label_leaves_each_change_not_made_counted_once(self):
+        # The labels' flight is refused: its labels and the moves never sent are the
+        # changes not made, counted once (by the step, not again by the run's error path).
+        for index in range(4):
+            self.server.add_message(make_message(f"receipt {index}"))
+        conn = self.connect()
+        rules = self.rules({"rule": [{"name": "R", "subject": "receipt", "label": "Paid",
+                                      "move": "Receipts"}]})
+        self.server.add_fault("UID STORE", nth=1, action="no", text="Over quota")
+        report = gc.FolderReport("INBOX", True)
+        with self.assertRaisesRegex(gc.ImapError, "Over quota"):     # one step, refused
+            gc.classify_folder(conn, rules, "INBOX", apply=True, report=report,
+                               batch_size=2, apply_every=3)     # as the run ends
+        self.assertEqual((report.changes_made, report.changes_not_made), (0, 8))
+        self.assertNotIn("UID MOVE", self.commands())
+
+    def test_a_folder_created_in_one_step_is_known_to_the_next_without_a_list(self):
+        # Step one creates "Reçus/2023", step two "Reçus/2024": the folder list read when
+        # the run began, with each created folder added, answers both; no LIST again (it
+        # would also wait for every FETCH on the wire).  The created folder's name goes
+        # to the server as it was created.
+        for index, year in enumerate((2023, 2023, 2024, 2024)):
+            self.server.add_message(make_message(f"receipt {index}"),
+                                    date=datetime(year, 5, 1, tzinfo=timezone.utc))
+        conn = self.connect()
+        rules = self.rules({"rule": [{"name": "R", "subject": "receipt",
+                                      "move": "Reçus/{year}"}]})
+        report = gc.classify_folder(conn, rules, "INBOX", apply=True, batch_size=2,
+                                    apply_every=1)
+        self.assertEqual(report.created, ["Reçus/2023", "Reçus/2024"])
+        self.assertEqual(self.commands().count("LIST"), 1)
+        self.assertEqual(len(self.server.uids("Reçus/2023")), 2)
+        self.assertEqual(len(self.server.uids("Reçus/2024")), 2)
+        created = [e.line.split(b" ", 2)[2] for e in self.server.log if e.command == "CREATE"]
+        moved = [e.line.rsplit(b" ", 1)[1] for e in self.server.log if e.command == "UID MOVE"]
+        self.assertEqual(created, [b"Re&AOc-us/2023\r\n", b"Re&AOc-us/2024\r\n"])
+        self.assertEqual(moved, created)
+        self.assertIn("Reçus/2024", [f.name for f in conn.list_folders()])
 
     def test_a_step_grows_with_the_folder_within_its_bounds(self):
         self.assertEqual(gc._batches_per_step(10000, 1000), 2)     # 10 batches: 5 steps
@@ -13280,6 +13341,57 @@ class WriteFlightTest(StateTestCase):
         self.assertEqual((undo.reversed, undo.left_alone), (confirmed, 0))
         self.assertEqual(mailbox_snapshot(self.server), start)
 
+    def test_an_error_while_the_labels_are_on_the_wire_reads_them_and_sends_no_move(self):
+        # Steps of two batches: the third FETCH is refused while the first step's labels
+        # and flags are on the wire.  Their answers are read and recorded; its moves are
+        # never sent, and recorded as not made (no "maybe"); undo takes back the rest.
+        seed_mailbox(self.server, 18)
+        start = mailbox_snapshot(self.server)
+        self.server.add_fault("UID FETCH", nth=3, action="bad")
+        with self.assertRaises(gc.ImapError):
+            self.run_once(batch_size=3, apply_every=2)
+        self.assertNotIn("UID MOVE", self.server.commands())
+        records = list(self.store().audit.records())
+        done = [r for r in records if r["type"] == "done" and r.get("action")]
+        self.assertTrue(done)
+        self.assertEqual({r["action"] for r in done} & {"move", "archive", "trash"}, set())
+        intended = sum(len(r["changes"]) for r in records if r["type"] == "intent"
+                       and r.get("changes"))
+        unsent = [c for r in records if r["type"] == "unsent" for c in r["changes"]]
+        confirmed = sum(len(r["uids"]) for r in done)
+        self.assertEqual(len(unsent), intended - confirmed)
+        self.assertEqual({c["action"] for c in unsent}, {"move", "archive", "trash"})
+        (entry,) = gc.history(self.store())
+        self.assertEqual((entry["status"], entry["maybe"]), ("failed", 0))
+        undo = self.undo()
+        self.assertEqual((undo.reversed, undo.left_alone), (confirmed, 0))
+        self.assertEqual(mailbox_snapshot(self.server), start)
+
+    def test_an_error_while_refused_labels_are_on_the_wire_records_each_change_once(self):
+        # As above, and the first STORE of the labels' flight is refused: reading that
+        # flight's answers raises the refusal, which already recorded what was not made;
+        # nothing is recorded twice, and the FETCH's error is the one that ends the run.
+        seed_mailbox(self.server, 18)
+        start = mailbox_snapshot(self.server)
+        self.server.add_fault("UID FETCH", nth=3, action="bad", text="fetch refused")
+        self.server.add_fault("UID STORE", nth=1, action="no", text="Over quota")
+        with self.assertRaisesRegex(gc.ImapError, "fetch refused"):
+            self.run_once(batch_size=3, apply_every=2)
+        self.assertNotIn("UID MOVE", self.server.commands())
+        records = list(self.store().audit.records())
+        intended = [(r["uid"], c["action"], c.get("label") or c.get("flag"))
+                    for r in records if r["type"] == "intent" for c in r.get("changes", ())]
+        unsent = [(r["uid"], c["action"], c.get("label") or c.get("flag"))
+                  for r in records if r["type"] == "unsent" for c in r["changes"]]
+        confirmed = sum(len(r["uids"]) for r in records if r["type"] == "done"
+                        and r.get("action"))
+        self.assertEqual(len(unsent), len(set(unsent)))
+        self.assertEqual(len(unsent), len(intended) - confirmed)
+        (entry,) = gc.history(self.store())
+        self.assertEqual((entry["status"], entry["maybe"]), ("failed", 0))
+        self.undo()
+        self.assertEqual(mailbox_snapshot(self.server), start)
+
     def test_a_folder_another_client_made_meanwhile_is_used_and_never_claimed(self):
         class Raced(_Session):     # another client creates each folder just before us
             def cmd_CREATE(self, tag: str, args: list) -> str:
@@ -13430,17 +13542,52 @@ class WriteFlightTest(StateTestCase):
     def test_the_moves_answers_are_read_after_the_next_fetch_went_out(self):
         # The server holds a MOVE's OK until the next command arrives: only a client that
         # sends the next batch's FETCH before waiting for its moves sees it held.
-        seed_mailbox(self.server, 12)
+        seed_mailbox(self.server, 18)
         self.server.held = collections.Counter()
         self.server.use_handler(_out_of_order("UID MOVE"))
         records: List[Dict[str, Any]] = []
-        self.run_once(batch_size=3, apply_every=1, records=records)
+        self.run_once(batch_size=3, apply_every=2, records=records)
         self.assertGreaterEqual(self.server.held["UID MOVE"], 2)
         log = [e.command for e in self.server.log]
         first_move = log.index("UID MOVE")
         self.assertIn("UID FETCH", log[first_move:])
         (entry,) = gc.history(self.store())
         self.assertEqual((entry["status"], entry["maybe"]), ("complete", 0))
+
+    def test_the_labels_and_flags_answers_are_read_once_the_next_batch_is_classified(self):
+        # A step of two batches: its labels and flags go out, the server works on them
+        # while the next batch is classified, and only then are their answers read and
+        # the moves sent.  The fake holds each STORE's OK until the next command arrives:
+        # a client that waited for the STOREs before classifying would see none held.
+        seed_mailbox(self.server, 18)
+        self.server.held = collections.Counter()
+        self.server.use_handler(_out_of_order("UID STORE"))
+        events = []
+        classify, send = gc._FolderRun.classify, gc._WriteFlight.send
+
+        def classifying(run, batch, fetched=None):
+            events.append("classify")
+            classify(run, batch, fetched)
+
+        def sending(flight):
+            events.append("+".join(sorted({w.command for w in flight.writes})))
+            send(flight)
+
+        with mock.patch.object(gc._FolderRun, "classify", classifying), \
+                mock.patch.object(gc._WriteFlight, "send", sending):
+            self.run_once(batch_size=3, apply_every=2)
+        self.assertGreaterEqual(self.server.held["UID STORE"], 2)
+        # Each step's labels and flags are on the wire while a batch is classified, and so
+        # are its moves; the last step's writes come after the last batch.
+        moves = "UID MOVE+UID STORE"    # Gmail's archive goes with the moves
+        self.assertEqual(events, ["classify", "classify", "CREATE", "UID STORE",
+                                  "classify", moves, "classify", "UID STORE",
+                                  "classify", moves, "classify", "UID STORE", moves])
+        log = [e.command for e in self.server.log]
+        self.assertEqual(log.count("UID MOVE"), 3 * 2)     # 3 steps, Lists and trash
+        (entry,) = gc.history(self.store())
+        self.assertEqual((entry["status"], entry["maybe"]), ("complete", 0))
+        self.assertEqual(self.server.uids("Lists"), [1, 2, 3])
 
     def test_history_counts_every_unanswered_create_of_a_flight_as_maybe(self):
         ledger = gc._Creates()

@@ -142,6 +142,7 @@ import email.policy
 import email.utils
 import errno
 import functools
+import gc
 import getpass
 import hashlib
 import html
@@ -16378,13 +16379,35 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
         log.addHandler(handler)
         log.setLevel(logging.ERROR if args.quiet else levels[max(0, min(args.verbose, 2))])
         log.propagate = False
-        with args.signals:
+        with args.signals, _collecting_less():
             code = _dispatch(args, guarded)
             with contextlib.suppress(_OutputClosed):    # the last flush: it never raises
                 guarded.flush()
     finally:
         sys.stderr = errors
     return EXIT_OUTPUT_CUT if guarded.gone and guarded.data and code == EXIT_OK else code
+
+
+# The young generation's collection threshold while a command runs (Python's own: 700).
+GC_YOUNG_THRESHOLD = 10000
+
+
+@contextlib.contextmanager
+def _collecting_less() -> Iterator[None]:
+    """A run makes tens of thousands of short-lived objects a batch, nearly all freed by
+    reference counting, and Python's cycle collector walked them some 600 times in a
+    10,000-message run (0.15 s, a tenth of its CPU).  While a command runs, the young
+    generation is collected after GC_YOUNG_THRESHOLD new objects, and what exists before
+    it (modules, compiled patterns) is left out of every collection (gc.freeze).  These
+    are the process's settings: put back afterwards, for a program that calls main()."""
+    before = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(max(before[0], GC_YOUNG_THRESHOLD), *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
 
 
 def _dispatch(args: argparse.Namespace, out: TextIO) -> int:

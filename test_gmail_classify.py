@@ -16917,6 +16917,29 @@ class OfflineCommandLineTest(unittest.TestCase):
         self.assertEqual(len(err.strip().splitlines()), 1)
 
 
+    def test_a_command_collects_garbage_less_often_and_puts_the_settings_back(self):
+        import gc as collector
+        before = collector.get_threshold()
+        seen = []
+        dispatch = gc._dispatch
+
+        def noting(args, out):
+            seen.append((collector.get_threshold(), collector.get_freeze_count() > 0))
+            if args.command == "check":
+                raise KeyboardInterrupt     # the settings come back on any way out
+            return dispatch(args, out)
+
+        with mock.patch.object(gc, "_dispatch", noting):
+            code, out, err = run_cli("demo")
+            self.assertEqual(code, 0, err)
+            with self.assertRaises(KeyboardInterrupt):
+                gc.main(["check", "nowhere.json"], out=io.StringIO())
+        raised = (max(before[0], gc.GC_YOUNG_THRESHOLD),) + before[1:]
+        self.assertEqual(seen, [(raised, True), (raised, True)])
+        self.assertEqual(collector.get_threshold(), before)
+        self.assertEqual(collector.get_freeze_count(), 0)
+
+
 class CommandLineDescriptionTest(unittest.TestCase):
     """The command line from one description (_COMMANDS), one output object, exit codes."""
 

@@ -1457,6 +1457,16 @@ FALLBACK_FOLDER_NAMES = {
 _DROPPED_ERRORS = (OSError, imaplib.IMAP4.abort, EOFError)
 _LITERAL_AT_END = re.compile(rb"\{(\d+)\+?\}\r?\n\Z")
 
+# A write's echo: an untagged FETCH of one message's labels or flags (and MODSEQ) around
+# its UID, each list of plain atoms (a flag's backslash allowed) and quoted strings with
+# only the two escapes, one space apart: a shape the parser reads one way only (see
+# _Protocol._passed_over).
+_ECHO_VALUE = rb'\\?[^\x00-\x20\x7f-\xff(){}%*"\\\[\]]+|"(?:[^"\\\r\n]|\\["\\])*"'
+_ECHO_ITEM = rb"(?:X-GM-LABELS|FLAGS) \((?:(?:%s)(?: (?:%s))*)?\)|MODSEQ \(\d{1,19}\)" % (
+    _ECHO_VALUE, _ECHO_VALUE)
+_ECHO_LINE = re.compile(rb"(\d{1,19}) FETCH \((?:(?:%s) )*UID (\d{1,19})(?: (?:%s))*\)"
+                        % (_ECHO_ITEM, _ECHO_ITEM))
+
 
 class _BufferedWire:
     """Mixin for imaplib.IMAP4 classes: our own read buffer with timeouts that recover."""
@@ -2299,6 +2309,9 @@ class _Protocol:
                 if not self._plausible(body, command):
                     budget.unasked(len(raw), update=False)
                     continue
+                if on_untagged is None and not dropped and self._passed_over(body, keep, tag):
+                    budget.unasked(len(raw), update=True)
+                    continue
                 parsed, weight = _parse_weighed(body)
                 self.note_untagged(parsed)
                 if on_untagged is not None:
@@ -2338,20 +2351,40 @@ class _Protocol:
                 yield pending
             seen = seen or pending.tag == tag
 
+    def _wanted_later(self, parsed: List[Any], tag: bytes) -> Optional[_Pending]:
+        """The first command sent after the one tagged ``tag`` that wants ``parsed``."""
+        for pending in self._later(tag):
+            if pending.keep is None:    # its default, made once (a step's writes see each line)
+                pending.keep = _needed_by(pending.command)
+            if pending.keep(parsed):
+                return pending
+        return None
+
     def _early(self, parsed: List[Any], tag: bytes, size: int,
                weight: Optional[int] = None) -> bool:
         """Keep ``parsed`` (``size`` bytes; ``weight`` as for _AnswerBudget.kept) for a
         later command that wants it, within that command's own answer budget; True if one
         did."""
-        for pending in self._later(tag):
-            if pending.keep is None:    # its default, made once (a step's writes see each line)
-                pending.keep = _needed_by(pending.command)
-            if pending.keep(parsed):
-                if pending.budget is None:
-                    pending.budget = _AnswerBudget(pending.command)
-                pending.budget.kept(pending.early, parsed, size, weight)
-                return True
-        return False
+        pending = self._wanted_later(parsed, tag)
+        if pending is None:
+            return False
+        if pending.budget is None:
+            pending.budget = _AnswerBudget(pending.command)
+        pending.budget.kept(pending.early, parsed, size, weight)
+        return True
+
+    def _passed_over(self, body: bytes, keep: Callable[[List[Any]], bool], tag: bytes
+                     ) -> bool:
+        """Whether the untagged ``body`` is a write's echo (_ECHO_LINE: the labels or flags
+        of one UID, as Gmail sends for each message a label STORE changes) that neither the
+        command being read (``keep``) nor one sent after it wants: read past unparsed.
+        What those decide by is a FETCH's kind, sequence number and UID, which the
+        pattern reads exactly as the parser would."""
+        match = _ECHO_LINE.fullmatch(body)
+        if match is None:
+            return False
+        seen = [int(match.group(1)), "FETCH", ["UID", int(match.group(2))]]
+        return not keep(seen) and self._wanted_later(seen, tag) is None
 
     def _answered_early(self, raw: bytes, tag: bytes) -> bool:
         """A later command's tagged line: its answer is complete; True if ``raw`` was one."""

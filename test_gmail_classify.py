@@ -4891,6 +4891,55 @@ def _fetch_lines(rng: random.Random, count: int) -> List[bytes]:
                                                                 b"1 FETCH (UID 1 )", b"1 FETCH (UID  1)"]
 
 
+class WriteEchoTest(unittest.TestCase):
+    """A write's echo (_ECHO_LINE) is read past unparsed only when the parser would have
+    read it as a FETCH of the same sequence number and UID: what the answer's keep() and
+    the later commands' decide by."""
+
+    PIECES = [b"X-GM-LABELS", b"FLAGS", b"MODSEQ", b"UID", b" ", b"(", b")", b'"', b"\\",
+              b"\\Inbox", b"Receipts", b"007", b"NIL", b"{3}", b"{3}\r\nabc", b"[", b"]",
+              b"%", b"*", b"\xc3\xa9", b"\r", b"\x00", b"a)b", b"\\\"", b"FETCH", b"12"]
+
+    def lines(self, rng: random.Random) -> Iterator[bytes]:
+        items = [b'X-GM-LABELS ("\\\\Inbox" "\\\\Important" Receipts)', b"FLAGS (\\Seen)",
+                 b"MODSEQ (12345)", b'X-GM-LABELS ("caf\xc3\xa9" "a)b" "q\\"x" "b\\\\")',
+                 b"X-GM-LABELS ()", b"FLAGS (\\Seen \\Flagged $Junk)"]
+        for _ in range(600):
+            chosen = rng.sample(items, rng.randint(0, 3))
+            chosen.insert(rng.randint(0, len(chosen)), b"UID %d" % rng.randint(0, 10 ** 6))
+            line = b"%d FETCH (%s)" % (rng.randint(1, 10 ** 6), b" ".join(chosen))
+            yield line
+            for _ in range(3):      # and broken at random places
+                cut = rng.randint(0, len(line))
+                yield line[:cut] + rng.choice(self.PIECES) + line[cut + rng.randint(0, 2):]
+
+    def test_an_echo_read_past_is_a_fetch_of_that_sequence_number_and_uid(self):
+        rng = random.Random(4242)
+        matched = unmatched = 0
+        for line in self.lines(rng):
+            match = gc._ECHO_LINE.fullmatch(line)
+            if match is None:
+                unmatched += 1
+                continue
+            matched += 1
+            with self.subTest(line=line):
+                parsed, _weight = gc._parse_weighed(line)     # never a ProtocolError
+                self.assertEqual(gc._untagged_kind(parsed), "FETCH")
+                self.assertEqual(parsed[0], int(match.group(1)))
+                self.assertEqual(gc._fetch_uid(parsed), int(match.group(2)))
+        self.assertGreater(matched, 700)
+        self.assertGreater(unmatched, 500)
+
+    def test_what_the_parser_refuses_or_reads_otherwise_is_no_echo(self):
+        for line in [b"1 FETCH (X-GM-LABELS ({3} abc) UID 9)",
+                     b"1 FETCH (X-GM-LABELS (a[b) UID 9)", b"1 FETCH (UID 9 BODY[] NIL)", b"1 FETCH (UID 9 UID 10)",
+                     b'1 FETCH (X-GM-LABELS ("\\x") UID 9)', b"1 fetch (UID 9)",
+                     b"1 FETCH (X-GM-LABELS (a  b) UID 9)", b"1 FETCH (FLAGS ((x)) UID 9)",
+                     b"1 FETCH (UID %d)" % 10 ** 19, b"1 FETCH (X-GM-LABELS (a) UID 9) "]:
+            with self.subTest(line=line):
+                self.assertIsNone(gc._ECHO_LINE.fullmatch(line))
+
+
 class FetchLineFastPathTest(unittest.TestCase):
     """The fetch-line fast path (_parse_fetch) reads exactly what the plain parser reads,
     refuses what it refuses, and weighs it as _weight() does."""
@@ -6998,6 +7047,34 @@ class OutOfOrderAnswersTest(FakeServerTest):
         self.assertEqual(len(list(batches)), 1)
         self.assertEqual([m.flags & {"\\Flagged"} for m in self.server.messages("A")],
                          [{"\\Flagged"}] * 2)
+
+    def test_a_later_fetchs_data_in_a_stores_answer_is_kept_for_it_not_passed_over(self):
+        # Gmail echoes each message a label STORE changes as "* n FETCH (X-GM-LABELS (...)
+        # UID n)": read past unparsed.  A FETCH of the labels of other messages, sent after
+        # the STORE and answered before its OK, has lines of that very shape: kept for it.
+        self.server.use_handler(_out_of_order("UID STORE"))
+        conn = self.connect()
+        conn.select("INBOX")
+        parsed = []
+        parse = gc._parse_weighed
+
+        def noting(body):
+            parsed.append(body)
+            return parse(body)
+
+        flight = gc._WriteFlight(conn)
+        flight.store(("label", "Work"), [1, 2], "+X-GM-LABELS", [b"Work"])
+        with mock.patch.object(gc, "_parse_weighed", noting):
+            flight.send()
+            batches = conn.fetch_batches([[3, 4]], ["X-GM-LABELS"])
+            batch, result = next(batches)
+            (write,) = flight.land()
+        self.assertEqual(self.server.held["UID STORE"], 1)
+        self.assertEqual(write.result, {1: None, 2: None})
+        self.assertEqual(result, {3: {"X-GM-LABELS": ()}, 4: {"X-GM-LABELS": ()}})
+        self.assertEqual([re.search(rb"UID (\d+)", body).group(1) for body in parsed],
+                         [b"3", b"4"])      # the echoes of 1 and 2 were not parsed
+        self.assertIn("Work", self.server.messages("INBOX")[0].labels)
 
     def test_each_move_gets_the_copyuid_that_names_its_own_uids(self):
         self.server.use_handler(_out_of_order("UID MOVE"))

@@ -153,6 +153,7 @@ import json
 import logging
 import mailbox
 import netrc
+import operator
 import os
 import pathlib
 import random
@@ -8828,34 +8829,45 @@ class _FolderRun:
     def _intents(self, step: _Step) -> List[Dict[str, Any]]:
         """One entry per message the step may change: where it is, what tells it apart
         (size, INTERNALDATE, Message-ID) and the changes planned, each destination with the
-        UIDVALIDITY and UIDNEXT it had before the step (``places``, by server name)."""
+        UIDVALIDITY and UIDNEXT it had before the step (``places``, by server name).  A
+        change that names no UID (a label, a flag, archive on Gmail) is one dict, shared by
+        every entry that makes it (and written once: see _RecordShape)."""
         status, places, conn = self.status, self.places, self.conn
         gmail, destinations, per_uid = conn.is_gmail, self.destinations, step.plan.per_uid
-        names: Dict[str, str] = {}          # a destination's server name, worked out once
+        afters: Dict[Tuple[str, ...], Dict[str, Any]] = {}     # a key's "after", filled in
+        shared: Dict[Tuple[str, ...], Dict[str, Any]] = {}     # a change naming no UID
+
+        def change_of(key: Tuple[str, ...], uid: int) -> Dict[str, Any]:
+            change = shared.get(key)
+            if change is not None:
+                return change
+            change = _change_entry(key, uid, status, gmail, destinations, None)
+            after = change["after"]
+            if isinstance(after, dict):     # a fresh dict: filled in where it stands
+                known = afters.get(key)
+                if known is None:
+                    folder = after["folder"]
+                    name = folder if folder in places else conn.server_name(str(folder))
+                    if name in places:
+                        after["folder"] = name
+                        after.update(places[name])
+                    known = afters[key] = after
+                change["after"] = known
+            if not isinstance(change["before"], dict):      # no UID in it
+                shared[key] = change
+            return change
+
         entries = []
         for uid in sorted(per_uid):
             info = step.infos.get(uid)
             if info is None:
                 continue
-            changes = []
-            for key in per_uid[uid]:
-                change = _change_entry(key, uid, status, gmail, destinations, None)
-                after = change["after"]
-                if isinstance(after, dict):     # a fresh dict: filled in where it stands
-                    folder = after["folder"]
-                    name = names.get(folder)
-                    if name is None:
-                        name = names[folder] = folder if folder in places else \
-                            conn.server_name(str(folder))
-                    if name in places:
-                        after["folder"] = name
-                        after.update(places[name])
-                changes.append(change)
             entries.append({
                 "folder": self.folder, "uid": uid, "uidvalidity": status.uidvalidity,
                 "gm_msgid": step.msgids.get(uid), "message_id": info.message_id,
                 "size": info.size, "internaldate": _iso(info.date) if info.date else None,
-                "subject": info.subject, "changes": changes})
+                "subject": info.subject, "changes": [change_of(key, uid)
+                                                     for key in per_uid[uid]]})
         return entries
 
     def intend(self, phase: str, folders: Sequence[str]) -> None:
@@ -8906,7 +8918,8 @@ class _FolderRun:
     def _step_done(self, step: _Step, ok: bool) -> None:
         report, checkpoint = self.report, self.checkpoint
         gmail = self.conn.is_gmail
-        outcomes = [self._outcome(step, uid, ok, gmail) for uid in sorted(step.decisions)]
+        same: Dict[Tuple[str, ...], Dict[str, Any]] = {}    # see _outcome
+        outcomes = [self._outcome(step, uid, ok, gmail, same) for uid in sorted(step.decisions)]
         mark = step.last_uid if ok and not self.narrowed else None
         if mark is not None and report.skipped:
             mark = min(mark, min(report.skipped) - 1)   # the next run looks again
@@ -8922,8 +8935,11 @@ class _FolderRun:
                 if ok or outcome.changes:
                     self.listeners.on_message(outcome)
 
-    def _outcome(self, step: _Step, uid: int, ok: bool, gmail: bool) -> Outcome:
-        """One message's Outcome, counted into the report."""
+    def _outcome(self, step: _Step, uid: int, ok: bool, gmail: bool,
+                 same: Dict[Tuple[str, ...], Dict[str, Any]]) -> Outcome:
+        """One message's Outcome, counted into the report.  A change that names no UID and
+        no answer of the server's (a flag, a label on Gmail) is one dict of ``same``,
+        shared by the step's outcomes that make it (and written once: see _RecordShape)."""
         report, status = self.report, self.status
         decision, info = step.decisions[uid], step.infos[uid]
         keys = step.plan.per_uid.get(uid, ())
@@ -8936,8 +8952,7 @@ class _FolderRun:
             for key in made:
                 if key[0] == "label" and key[1] in self.copies:
                     self.copies[key[1]].add(step.plan.message_ids.get(uid))
-            changes = tuple(_change_entry(key, uid, status, gmail, self.destinations,
-                                          confirmed.get((uid, key))) for key in made)
+            changes = tuple(same.get(key) or self._change(key, uid, same) for key in made)
             counts = report.changes
             for change in changes:
                 name = describe_change(change)
@@ -8953,6 +8968,15 @@ class _FolderRun:
         return Outcome(self.folder, uid, info.sender, info.subject, decision,
                        step.msgids.get(uid), status.uidvalidity, info.message_id, changes,
                        self.apply, len(keys) - len(made))
+
+    def _change(self, key: Tuple[str, ...], uid: int, same: Dict[Tuple[str, ...], Dict[str, Any]]
+                ) -> Dict[str, Any]:
+        gmail = self.conn.is_gmail
+        change = _change_entry(key, uid, self.status, gmail, self.destinations,
+                               self.confirmed.get((uid, key)))
+        if key[0] in ("flag+", "flag-") or (gmail and key[0] in ("label", "archive")):
+            same[key] = change      # _change_entry reads neither the UID nor the answer
+        return change
 
 
 def _place_statuses(conn: GmailConnection, names: Sequence[str]
@@ -9864,11 +9888,11 @@ def _signals_held() -> Iterator[None]:
 _RECORD_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True)
 
 
-def _record_lines(records: Iterable[Mapping[str, Any]]) -> Iterator[str]:
-    """Each record as its line of the audit log: ``_RECORD_JSON.encode(record) + "\n"``,
-    the same text, with CPython's C encoder set up once for all the records rather than
-    once a record (as encode() does: a tenth of the encoding's CPU, at two records per
-    message changed).  Elsewhere, or should that encoder's signature change, encode()."""
+def _record_encoder() -> Callable[[Any], str]:
+    """``_RECORD_JSON.encode``, the same text, with CPython's C encoder set up once for all
+    the values it is given rather than once a value (as encode() does: a tenth of the
+    encoding's CPU, at two records per message changed).  Elsewhere, or should that
+    encoder's signature change, encode() itself."""
     make = getattr(json.encoder, "c_make_encoder", None)
     encoder = _RECORD_JSON
     try:    # the arguments JSONEncoder.iterencode passes it; {}: circular records refused
@@ -9877,9 +9901,142 @@ def _record_lines(records: Iterable[Mapping[str, Any]]) -> Iterator[str]:
                       encoder.skipkeys, encoder.allow_nan) if make is not None else None
     except TypeError:
         encode = None
+    if encode is None:
+        return encoder.encode
+    return lambda value: "".join(encode(value, 0))
+
+
+def _record_lines(records: Iterable[Mapping[str, Any]]) -> Iterator[str]:
+    """Each record as its line of the audit log: ``_RECORD_JSON.encode(record) + "\n"``."""
+    encode = _record_encoder()
     for record in records:
-        yield ("".join(encode(record, 0)) if encode is not None else
-               encoder.encode(record)) + "\n"
+        yield encode(record) + "\n"
+
+
+def _key_getter(keys: Sequence[str]) -> Callable[[Mapping[str, Any]], Tuple[Any, ...]]:
+    """``mapping -> (mapping[key] for key in keys)`` as a tuple, however many keys."""
+    if len(keys) > 1:
+        return operator.itemgetter(*keys)
+    return lambda mapping: tuple(mapping[key] for key in keys)
+
+
+class _RecordShape:
+    """The audit lines of records alike but for some of their fields: a step's intents, its
+    message records.  The fields every record shares (``shared``: the type, run, time,
+    account...) are encoded once, into a format with a slot for each of the others
+    (``own``); a part several records share (one change dict for every message of a step
+    given the same label) is encoded once.  Every line is the text of
+    ``_RECORD_JSON.encode(record) + "\n"``: keys sorted, the same spacing and escaping,
+    each value encoded by _RECORD_JSON's C encoder or its encode_basestring, joined as that
+    encoder joins them.  A record of another shape (a key more or less, a shared field of
+    another value) is encoded whole.  Parts are known by identity: a record must not change
+    while its shape writes it."""
+
+    def __init__(self, shared: Mapping[str, Any], own: Iterable[str]) -> None:
+        self.shared = dict(shared)
+        self.own = tuple(sorted(own))
+        self.encode = _record_encoder()
+        self.known: Dict[int, Tuple[Any, str]] = {}    # id(a dict) -> (it, its text)
+        self.shared_of = _key_getter(tuple(self.shared))
+        self.shared_values = tuple(self.shared.values())
+        self.own_of = _key_getter(self.own)
+        keys = set(self.shared) | set(self.own)
+        self.size = len(keys)
+        self.usable = (all(type(key) is str for key in keys) and
+                       not set(self.shared) & set(self.own))
+        if not self.usable:
+            return
+        keys = sorted(keys)
+        fields = []
+        for key in keys:
+            value = "%s" if key in self.own else self.encode(self.shared[key]).replace("%", "%%")
+            fields.append(json.encoder.encode_basestring(key).replace("%", "%%") +
+                          _RECORD_JSON.key_separator + value)
+        self.format = "{" + _RECORD_JSON.item_separator.join(fields) + "}\n"
+
+    def line(self, record: Mapping[str, Any]) -> str:
+        """The line of a whole record: shared fields (the same objects) and its own."""
+        if self.usable and type(record) is dict and len(record) == self.size:
+            try:
+                own, shared = self.own_of(record), self.shared_of(record)
+            except KeyError:
+                pass
+            else:
+                if all(map(operator.is_, shared, self.shared_values)):
+                    return self._fill(own)
+        return self.encode(record) + "\n"
+
+    def part_line(self, part: Mapping[str, Any]) -> str:
+        """The line of ``dict(shared, **part)``, ``part`` holding the record's own fields,
+        without making that dict."""
+        if self.usable and type(part) is dict and len(part) == len(self.own):
+            try:
+                own = self.own_of(part)
+            except KeyError:
+                pass
+            else:
+                return self._fill(own)
+        return self.encode(dict(self.shared, **part)) + "\n"
+
+    def _fill(self, values: Tuple[Any, ...]) -> str:
+        scalar, text = _SCALAR_TEXT.get, self._text
+        return self.format % tuple([(scalar(type(value)) or text)(value) for value in values])
+
+    def _text(self, value: Any) -> str:
+        """A field's text: a list's items each by _part, anything else by _part."""
+        kind = type(value)
+        if kind is list or kind is tuple:
+            scalar, part = _SCALAR_TEXT.get, self._part
+            return "[%s]" % _RECORD_JSON.item_separator.join(
+                [(scalar(type(item)) or part)(item) for item in value])
+        return self._part(value)
+
+    def _part(self, value: Any) -> str:
+        """A value's text by the encoder; a dict's once (see known)."""
+        known = self.known.get(id(value))
+        if known is not None:
+            return known[1]
+        encoded = self.encode(value)
+        if type(value) is dict:
+            self.known[id(value)] = (value, encoded)    # held: its id stays its own
+        return encoded
+
+
+# A value's JSON as _RECORD_JSON writes it, for the types whose text is one C call; a type
+# not here (a float, a str or int subclass, a container) goes to the encoder.
+_SCALAR_TEXT: Dict[type, Callable[[Any], str]] = {
+    str: json.encoder.encode_basestring, int: int.__repr__,
+    bool: {True: "true", False: "false"}.__getitem__, type(None): {None: "null"}.__getitem__}
+
+
+# The fields of an intent (or unsent) record besides the run's stamp, as
+# _FolderRun._intents makes them, and those of a message record that differ from one
+# message of a step to the next (see Run.record): their shapes' own fields.
+_ENTRY_FIELDS = ("folder", "uid", "uidvalidity", "gm_msgid", "message_id", "size",
+                 "internaldate", "subject", "changes")
+_MESSAGE_FIELDS = frozenset(("folder", "uid", "uidvalidity", "gm_msgid", "message_id",
+                             "subject", "from", "rules", "reasons", "actions", "applied",
+                             "changes"))
+
+
+def _entry_lines(stamp: Mapping[str, Any], entries: Iterable[Mapping[str, Any]]
+                 ) -> Iterator[str]:
+    """The lines of ``dict(stamp, **entry)`` for each of a step's intent entries."""
+    shape = _RecordShape(stamp, _ENTRY_FIELDS)
+    for entry in entries:
+        yield shape.part_line(entry)
+
+
+def _message_lines(records: Iterable[Mapping[str, Any]]) -> Iterator[str]:
+    """The lines of a step's message records, their stamp (every field but a message's
+    own) taken from the first."""
+    shape: Optional[_RecordShape] = None
+    for record in records:
+        if shape is None:
+            shape = _RecordShape({key: value for key, value in record.items()
+                                  if key not in _MESSAGE_FIELDS},
+                                 [key for key in record if key in _MESSAGE_FIELDS])
+        yield shape.line(record)
 
 
 class AuditLog:
@@ -9898,12 +10055,16 @@ class AuditLog:
         ``sync`` is False: records the next synced append or the run's end makes durable);
         rotate first if the file is past its size.  A torn last line (a crash mid-write)
         gets its newline first, so it can never swallow the records that follow."""
+        self.write(_record_lines(records), sync=sync)
+
+    def write(self, texts: Iterable[str], *, sync: bool = True) -> None:
+        """append() for records already encoded: each text a line (see _record_lines)."""
         # Encoded record by record into chunks of bytes: one str of a whole step's records
         # (10,000 of them) would take up to four bytes a character, and its copy again.
         chunks: List[bytes] = []
         lines: List[bytes] = []
         held = 0
-        for line in _record_lines(records):
+        for line in texts:
             lines.append(line.encode("utf-8"))
             held += len(lines[-1])
             if held >= AUDIT_CHUNK_BYTES:
@@ -10150,6 +10311,7 @@ class Run(Checkpoint):
         self._last_fetch_bytes: Optional[int] = None
         self._warned_half = False
         self._actions_records: Dict[Actions, Dict[str, Any]] = {}     # see _actions_record
+        self._step_actions: Dict[Actions, Dict[str, Any]] = {}
 
     # -- driving it ----------------------------------------------------------------------
 
@@ -10297,14 +10459,13 @@ class Run(Checkpoint):
             return
         self._count_bytes(conn)
         stamp = self._stamp("intent", rules_hash=self.rules_hash, **self._undoing())
-        self.store.audit.append([dict(stamp, **entry) for entry in entries])
+        self.store.audit.write(_entry_lines(stamp, entries))
 
     def not_sent(self, conn: GmailConnection, entries: Sequence[Dict[str, Any]]) -> None:
         """Record that these intended changes were never sent (a stop between commands):
         history does not count them and undo does not look for them."""
         if self.apply and entries:
-            stamp = self._stamp("unsent")
-            self.store.audit.append([dict(stamp, **entry) for entry in entries])
+            self.store.audit.write(_entry_lines(self._stamp("unsent"), entries))
 
     def confirmed(self, conn: GmailConnection, entry: Dict[str, Any]) -> None:
         """A ``done`` record as each write command is confirmed: one write, no fsync (the
@@ -10316,6 +10477,7 @@ class Run(Checkpoint):
     def step_done(self, conn: GmailConnection, status: FolderStatus, mark: Optional[int],
                   outcomes: Sequence[Outcome]) -> None:
         time = _iso(self.store.now())      # one for the step's records (see record)
+        self._step_actions = {}
         records = [self.record(outcome, time) for outcome in outcomes]
         self.add_records(records, announce=False)
         if mark is not None and not self.narrowed:
@@ -10336,7 +10498,8 @@ class Run(Checkpoint):
         """Count message records; with ``apply``, append those with changes to the audit
         log (the server has confirmed them); then pass them to ``on_record``."""
         if self.apply:
-            self.store.audit.append(record for record in records if record["changes"])
+            self.store.audit.write(_message_lines(record for record in records
+                                                  if record["changes"]))
         for record in records:
             for change in record["changes"]:
                 name = describe_change(change)
@@ -10366,10 +10529,15 @@ class Run(Checkpoint):
 
     def _actions_record(self, actions: Actions) -> Dict[str, Any]:
         """A message record's "actions" (``{}`` when none): Actions.as_record, worked out
-        once per distinct Actions (_remembered), a fresh copy for every record."""
-        known = _remembered(self._actions_records, actions,
-                            lambda: {} if actions.is_empty() else actions.as_record())
-        return {**known, "labels": list(actions.labels)} if known else {}
+        once per distinct Actions (_remembered); the records of a step share a copy (one
+        dict, written once: see _RecordShape), each step its own."""
+        shared = self._step_actions.get(actions)
+        if shared is None:
+            known = _remembered(self._actions_records, actions,
+                                lambda: {} if actions.is_empty() else actions.as_record())
+            shared = self._step_actions[actions] = (
+                {**known, "labels": list(actions.labels)} if known else {})
+        return shared
 
     def _stamp(self, kind: str, **fields: Any) -> Dict[str, Any]:
         """A write-ahead record of this run (INTENT_VERSION): its type ``kind``, the run,

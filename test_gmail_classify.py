@@ -13636,6 +13636,37 @@ def _plain_record(self: gc.Run, outcome: gc.Outcome, time: Optional[str] = None
             "applied": outcome.applied, "changes": list(outcome.changes), **self._named()}
 
 
+def _plain_run_intend(self: gc.Run, conn: gc.GmailConnection,
+                      entries: Sequence[Dict[str, Any]]) -> None:
+    if not self.apply or not entries:
+        return
+    self._count_bytes(conn)
+    stamp = self._stamp("intent", rules_hash=self.rules_hash, **self._undoing())
+    self.store.audit.append([dict(stamp, **entry) for entry in entries])
+
+
+def _plain_run_not_sent(self: gc.Run, conn: gc.GmailConnection,
+                        entries: Sequence[Dict[str, Any]]) -> None:
+    if self.apply and entries:
+        stamp = self._stamp("unsent")
+        self.store.audit.append([dict(stamp, **entry) for entry in entries])
+
+
+def _plain_add_records(self: gc.Run, records: Sequence[Dict[str, Any]],
+                       announce: bool = True) -> None:
+    if self.apply:
+        self.store.audit.append(record for record in records if record["changes"])
+    for record in records:
+        for change in record["changes"]:
+            name = gc.describe_change(change)
+            self.counts[name] = self.counts.get(name, 0) + 1
+            if record["applied"]:
+                self.changes_made += 1
+    if announce and self.on_record is not None:
+        for record in records:
+            self.on_record(record)
+
+
 @contextlib.contextmanager
 def _plain_record_side() -> Iterable[None]:
     """The record side as it was (see above) in place of today's, for one run."""
@@ -13644,7 +13675,9 @@ def _plain_record_side() -> Iterable[None]:
                 (gc, "_iso", _plain_iso), (gc, "_record_lines", _plain_record_lines),
                 (gc._FolderRun, "_intents", _plain_intents),
                 (gc._FolderRun, "_step_done", _plain_step_done),
-                (gc.Run, "record", _plain_record)):
+                (gc.Run, "record", _plain_record), (gc.Run, "intend", _plain_run_intend),
+                (gc.Run, "not_sent", _plain_run_not_sent),
+                (gc.Run, "add_records", _plain_add_records)):
             stack.enter_context(mock.patch.object(owner, name, plain))
         yield
 
@@ -20047,6 +20080,173 @@ class LiveServerTest(unittest.TestCase):
         again = gc.classify_folder(self.conn, rules, self.scratch, apply=True,
                                    allow_expunge=allow)
         self.assertEqual(again.changes, {})
+
+
+# --- Issue 17: the records' CPU -------------------------------------------------------
+
+
+class _Count(int):
+    """An int subclass: the encoder writes int.__repr__ of it, the shape must not guess."""
+
+
+class _Text(str):
+    """A str subclass, written as its text."""
+
+
+# Values a record's field may hold, hostile and odd: controls, surrogates, 8-bit, non-BMP,
+# "%" (the shape's format), quotes, long text; ints big and small, floats (NaN too),
+# subclasses, containers nested and empty, dicts with keys out of order and not strings.
+_SHAPE_VALUES: Tuple[Any, ...] = (
+    "", "plain", "caf\xe9 \u202e\u2028 \U0001F600", "\x00\x01\x1b[31m\x7f\u0085", "\ud800 lone",
+    '"q" \\ / %s %% %(x)s', "long " * 2000, _Text("sub%s"), 0, 1, -7, 2 ** 70, _Count(5),
+    True, False, None, 1.5, -0.0, float("nan"), float("inf"), (), [], {}, ("a", 1, None),
+    ["x", {"b": 1, "a": [True, 2.5]}], {"z": 1, "a": {"y": None, "b": "\u2028"}},
+    {2: "int key", 1: "keys made text"},
+)
+
+
+class RecordShapeTest(unittest.TestCase):
+    """_RecordShape writes every record's line as _RECORD_JSON.encode does, byte for byte:
+    over random records of each kind the audit log writes (intent and unsent parts, message
+    records, and the others as they come), fields of every type, parts shared between
+    records, and records of another shape (a key more or less, a shared field of another
+    value), which it hands to the encoder whole."""
+
+    def random_value(self, rnd: random.Random, shared: Sequence[Any]) -> Any:
+        pick = rnd.random()
+        if pick < 0.2 and shared:
+            return rnd.choice(shared)                   # the same object in many records
+        if pick < 0.3:
+            return [rnd.choice(shared) if shared and rnd.random() < 0.5 else
+                    rnd.choice(_SHAPE_VALUES) for _ in range(rnd.randrange(4))]
+        return rnd.choice(_SHAPE_VALUES)
+
+    def expected(self, record: Mapping[str, Any]) -> str:
+        return gc._RECORD_JSON.encode(record) + "\n"
+
+    def test_random_parts_encode_as_the_whole_record(self):
+        rnd = random.Random(17)
+        for kind in ("intent", "unsent"):
+            stamp = {"type": kind, "version": gc.INTENT_VERSION, "run": "20261207T1200-ab%s",
+                     "time": "2026-12-07T12:00:00Z", "account": "a%b@example.com",
+                     "host": "imap.example.com:993", "command": "run", "rules_hash": "0f%"}
+            shared = [{"action": "label", "label": "L", "before": False, "after": True},
+                      {"action": "move", "after": {"folder": "X", "uid": None, "uidnext": 9}}]
+            entries = []
+            for n in range(300):
+                entry = {key: self.random_value(rnd, shared) for key in gc._ENTRY_FIELDS}
+                if n % 25 == 1:
+                    entry["extra"] = 1                  # a key more: encoded whole
+                elif n % 25 == 2:
+                    del entry["subject"]                # a key less
+                elif n % 25 == 3:
+                    entry = dict(reversed(list(entry.items())))    # another order: the same
+                entries.append(entry)
+            lines = list(gc._entry_lines(stamp, entries))
+            for entry, line in zip(entries, lines):
+                with self.subTest(kind=kind, entry=entry):
+                    self.assertEqual(line, self.expected(dict(stamp, **entry)))
+            self.assertEqual(len(lines), len(entries))
+
+    def test_random_message_records_encode_as_the_encoder_does(self):
+        rnd = random.Random(18)
+        actions = {"archive": False, "labels": ["A"], "move": None, "star": True}
+        shared = [actions, {"action": "star", "flag": "\\Flagged", "before": False,
+                            "after": True}]
+        fixed = {"type": "message", "version": gc.RECORD_VERSION, "run": "R%", "time": "T",
+                 "account": "me", "host": "h", "account_name": "work"}
+        records = []
+        for n in range(300):
+            record = dict(fixed)
+            for key in sorted(gc._MESSAGE_FIELDS):
+                record[key] = self.random_value(rnd, shared)
+            if n % 20 == 5:
+                record["time"] = "T"[:1] + ""           # equal, another object: whole
+            elif n % 20 == 6:
+                record["version"] = True                # == 1, another type: whole
+            elif n % 20 == 7:
+                record["more"] = "x"
+            elif n % 20 == 8:
+                del record["host"]
+            records.append(record)
+        lines = list(gc._message_lines(records))
+        for record, line in zip(records, lines):
+            with self.subTest(record=record):
+                self.assertEqual(line, self.expected(record))
+
+    def test_other_record_kinds_and_odd_shapes_encode_as_the_encoder_does(self):
+        # Every kind the audit log holds, through a shape made for another or for it;
+        # shared keys that are not strings, or overlap the own ones, make no format.
+        rnd = random.Random(19)
+        kinds = {"done": ("folder", "uidvalidity", "action", "label", "flag", "destination",
+                          "uids", "new_uids"),
+                 "skipped": ("folder", "uid", "uidvalidity", "reason"),
+                 "summary": ("status", "error", "counts", "reports", "folders")}
+        for kind, own in kinds.items():
+            stamp = {"type": kind, "version": 2, "run": "r", "time": "t", "account": "a"}
+            shape = gc._RecordShape(stamp, own)
+            for _ in range(60):
+                part = {key: self.random_value(rnd, []) for key in own}
+                with self.subTest(kind=kind, part=part):
+                    self.assertEqual(shape.part_line(part), self.expected(dict(stamp, **part)))
+                    whole = dict(stamp, **part)
+                    self.assertEqual(shape.line(whole), self.expected(whole))
+        part = {"c": "x", "d": [1, {"z": 2, "y": 1}]}
+        shape = gc._RecordShape({"c": 1, "b": 2}, ("c", "d"))
+        self.assertFalse(shape.usable)
+        self.assertEqual(shape.part_line(part), self.expected({"c": "x", "b": 2, "d": part["d"]}))
+        shape = gc._RecordShape({1: "a", 2: "b"}, ("c", "d"))
+        self.assertFalse(shape.usable)
+        with self.assertRaises(TypeError):         # int and str keys do not sort
+            self.expected({1: "a", 2: "b", **part})
+        with self.assertRaises(TypeError):
+            shape.line({1: "a", 2: "b", **part})
+
+    def test_a_shape_refuses_what_the_encoder_refuses(self):
+        shape = gc._RecordShape({"type": "intent"}, ("a", "b"))
+        loop: List[Any] = []
+        loop.append(loop)
+        for bad in (object(), {1, 2}, loop, {"k": {("t",): 1}}):
+            with self.subTest(bad=bad):
+                with self.assertRaises((TypeError, ValueError)) as ours:
+                    shape.part_line({"a": bad, "b": 1})
+                with self.assertRaises((TypeError, ValueError)) as plain:
+                    gc._RECORD_JSON.encode({"type": "intent", "a": bad, "b": 1})
+                self.assertIs(type(ours.exception), type(plain.exception))
+
+    def test_a_runs_intents_and_message_records_take_the_shaped_path(self):
+        # Each record line of an --apply comes from a shape's format, not the whole-record
+        # encoder; the changes shared by a step's messages are encoded once per step.
+        case = RecordSideEquivalenceTest("test_gmail_apply_writes_the_plain_bytes")
+        filled, encoded = [], []
+        fill, make = gc._RecordShape._fill, gc._record_encoder
+
+        def counted_fill(shape: gc._RecordShape, values: Tuple[Any, ...]) -> str:
+            filled.append(values)
+            return fill(shape, values)
+
+        def counted_encoder() -> Callable[[Any], str]:
+            encode = make()
+            return lambda value: encoded.append(value) or encode(value)
+
+        with mock.patch.object(gc._RecordShape, "_fill", counted_fill), \
+                mock.patch.object(gc, "_record_encoder", counted_encoder):
+            case.setUp()
+            try:
+                case.server = FakeGmail(gmail=True).start()
+                case.fill(case.server)
+                case.run_once(gc.parse_rules(_RECORD_SIDE_RULES, "rules.json"), batch_size=6)
+                log = case.audit()
+            finally:
+                case.server.stop()
+                case.doCleanups()
+        kinds = [json.loads(line)["type"] + ("" if b'"changes"' in line else " create")
+                 for line in log.split(b"\n")[:-1]]
+        self.assertEqual(len(filled), kinds.count("intent") + kinds.count("message"))
+        self.assertGreater(len(filled), 10)
+        changes = [value for value in encoded if isinstance(value, dict) and "action" in value]
+        self.assertEqual(len(changes), len({id(value) for value in changes}))   # once each
+        self.assertLess(len(changes), log.count(b'"action": ') * 2 // 3)
 
 
 # --- Benchmark ---------------------------------------------------------------------------

@@ -8831,7 +8831,7 @@ class _FolderRun:
         (size, INTERNALDATE, Message-ID) and the changes planned, each destination with the
         UIDVALIDITY and UIDNEXT it had before the step (``places``, by server name).  A
         change that names no UID (a label, a flag, archive on Gmail) is one dict, shared by
-        every entry that makes it (and written once: see _RecordShape)."""
+        the entries that make it, and a destination's "after" one dict: read-only."""
         status, places, conn = self.status, self.places, self.conn
         gmail, destinations, per_uid = conn.is_gmail, self.destinations, step.plan.per_uid
         afters: Dict[Tuple[str, ...], Dict[str, Any]] = {}     # a key's "after", filled in
@@ -8939,7 +8939,7 @@ class _FolderRun:
                  same: Dict[Tuple[str, ...], Dict[str, Any]]) -> Outcome:
         """One message's Outcome, counted into the report.  A change that names no UID and
         no answer of the server's (a flag, a label on Gmail) is one dict of ``same``,
-        shared by the step's outcomes that make it (and written once: see _RecordShape)."""
+        shared by the step's outcomes that make it: read-only."""
         report, status = self.report, self.status
         decision, info = step.decisions[uid], step.infos[uid]
         keys = step.plan.per_uid.get(uid, ())
@@ -8969,8 +8969,9 @@ class _FolderRun:
                        step.msgids.get(uid), status.uidvalidity, info.message_id, changes,
                        self.apply, len(keys) - len(made))
 
-    def _change(self, key: Tuple[str, ...], uid: int, same: Dict[Tuple[str, ...], Dict[str, Any]]
-                ) -> Dict[str, Any]:
+    def _change(self, key: Tuple[str, ...], uid: int,
+                same: Dict[Tuple[str, ...], Dict[str, Any]]) -> Dict[str, Any]:
+        """A made change's record (see _outcome), kept in ``same`` if it can be shared."""
         gmail = self.conn.is_gmail
         change = _change_entry(key, uid, self.status, gmail, self.destinations,
                                self.confirmed.get((uid, key)))
@@ -9893,17 +9894,23 @@ def _record_encoder() -> Callable[[Any], str]:
     the values it is given rather than once a value (as encode() does: a tenth of the
     encoding's CPU, at two records per message changed).  Elsewhere, or should that
     encoder's signature change, encode() itself."""
+    encode = _c_record_encoder()
+    if encode is None:
+        return _RECORD_JSON.encode
+    return lambda value: "".join(encode(value, 0))
+
+
+def _c_record_encoder() -> Optional[Callable[[Any, int], Sequence[str]]]:
+    """CPython's C encoder made as _RECORD_JSON.iterencode makes it: ``encode(value, 0)``
+    gives the chunks of ``_RECORD_JSON.encode(value)``.  None where there is none."""
     make = getattr(json.encoder, "c_make_encoder", None)
     encoder = _RECORD_JSON
     try:    # the arguments JSONEncoder.iterencode passes it; {}: circular records refused
-        encode = make({}, encoder.default, json.encoder.encode_basestring, encoder.indent,
-                      encoder.key_separator, encoder.item_separator, encoder.sort_keys,
-                      encoder.skipkeys, encoder.allow_nan) if make is not None else None
+        return make({}, encoder.default, json.encoder.encode_basestring, encoder.indent,
+                    encoder.key_separator, encoder.item_separator, encoder.sort_keys,
+                    encoder.skipkeys, encoder.allow_nan) if make is not None else None
     except TypeError:
-        encode = None
-    if encode is None:
-        return encoder.encode
-    return lambda value: "".join(encode(value, 0))
+        return None
 
 
 def _record_lines(records: Iterable[Mapping[str, Any]]) -> Iterator[str]:
@@ -9913,110 +9920,56 @@ def _record_lines(records: Iterable[Mapping[str, Any]]) -> Iterator[str]:
         yield encode(record) + "\n"
 
 
-def _key_getter(keys: Sequence[str]) -> Callable[[Mapping[str, Any]], Tuple[Any, ...]]:
-    """``mapping -> (mapping[key] for key in keys)`` as a tuple, however many keys."""
-    if len(keys) > 1:
-        return operator.itemgetter(*keys)
-    return lambda mapping: tuple(mapping[key] for key in keys)
-
-
 class _RecordShape:
-    """The audit lines of records alike but for some of their fields: a step's intents, its
-    message records.  The fields every record shares (``shared``: the type, run, time,
-    account...) are encoded once, into a format with a slot for each of the others
-    (``own``); a part several records share (one change dict for every message of a step
-    given the same label) is encoded once.  Every line is the text of
-    ``_RECORD_JSON.encode(record) + "\n"``: keys sorted, the same spacing and escaping,
-    each value encoded by _RECORD_JSON's C encoder or its encode_basestring, joined as that
-    encoder joins them.  A record of another shape (a key more or less, a shared field of
-    another value) is encoded whole.  Parts are known by identity: a record must not change
-    while its shape writes it."""
+    """The audit lines of records that share a stamp: a step's intents (or its unsent
+    changes), each ``dict(stamp, **entry)``.  The stamp's fields (type, run, time,
+    account, command...) are encoded once, into a format with a slot for each of an
+    entry's own fields (``own``), so a line costs the encoding of those alone and no
+    merged dict.  Every line is the text ``_RECORD_JSON.encode(dict(stamp, **entry)) +
+    "\n"`` gives: its keys sorted, with the encoder's spacing, and each value as the
+    encoder writes it (its text alone is its text within a record).  An entry of another
+    shape (a key more or less) is encoded whole."""
 
-    def __init__(self, shared: Mapping[str, Any], own: Iterable[str]) -> None:
-        self.shared = dict(shared)
-        self.own = tuple(sorted(own))
+    def __init__(self, stamp: Mapping[str, Any], own: Iterable[str]) -> None:
+        self.stamp = dict(stamp)
+        own = tuple(sorted(own))
+        self.own_of = operator.itemgetter(*own) if len(own) > 1 else None
+        self.size = len(own)
         self.encode = _record_encoder()
-        self.known: Dict[int, Tuple[Any, str]] = {}    # id(a dict) -> (it, its text)
-        self.shared_of = _key_getter(tuple(self.shared))
-        self.shared_values = tuple(self.shared.values())
-        self.own_of = _key_getter(self.own)
-        keys = set(self.shared) | set(self.own)
-        self.size = len(keys)
-        self.usable = (all(type(key) is str for key in keys) and
-                       not set(self.shared) & set(self.own))
+        keys = set(self.stamp) | set(own)
+        self.usable = (self.own_of is not None and not set(self.stamp) & set(own) and
+                       all(type(key) is str for key in keys))
         if not self.usable:
             return
-        keys = sorted(keys)
         fields = []
-        for key in keys:
-            value = "%s" if key in self.own else self.encode(self.shared[key]).replace("%", "%%")
+        for key in sorted(keys):
+            value = "%s" if key in own else self.encode(self.stamp[key]).replace("%", "%%")
             fields.append(json.encoder.encode_basestring(key).replace("%", "%%") +
                           _RECORD_JSON.key_separator + value)
         self.format = "{" + _RECORD_JSON.item_separator.join(fields) + "}\n"
+        chunks = _c_record_encoder()
+        if chunks is None:
+            self.texts = lambda values: tuple(map(_RECORD_JSON.encode, values))
+        else:       # the values' texts without a Python call per value
+            zeros = (0,) * self.size
+            self.texts = lambda values: tuple(map("".join, map(chunks, values, zeros)))
 
-    def line(self, record: Mapping[str, Any]) -> str:
-        """The line of a whole record: shared fields (the same objects) and its own."""
-        if self.usable and type(record) is dict and len(record) == self.size:
+    def line(self, entry: Mapping[str, Any]) -> str:
+        """The line of ``dict(stamp, **entry)``, without making that dict."""
+        if self.usable and type(entry) is dict and len(entry) == self.size:
             try:
-                own, shared = self.own_of(record), self.shared_of(record)
+                values = self.own_of(entry)
             except KeyError:
                 pass
             else:
-                if all(map(operator.is_, shared, self.shared_values)):
-                    return self._fill(own)
-        return self.encode(record) + "\n"
-
-    def part_line(self, part: Mapping[str, Any]) -> str:
-        """The line of ``dict(shared, **part)``, ``part`` holding the record's own fields,
-        without making that dict."""
-        if self.usable and type(part) is dict and len(part) == len(self.own):
-            try:
-                own = self.own_of(part)
-            except KeyError:
-                pass
-            else:
-                return self._fill(own)
-        return self.encode(dict(self.shared, **part)) + "\n"
-
-    def _fill(self, values: Tuple[Any, ...]) -> str:
-        scalar, text = _SCALAR_TEXT.get, self._text
-        return self.format % tuple([(scalar(type(value)) or text)(value) for value in values])
-
-    def _text(self, value: Any) -> str:
-        """A field's text: a list's items each by _part, anything else by _part."""
-        kind = type(value)
-        if kind is list or kind is tuple:
-            scalar, part = _SCALAR_TEXT.get, self._part
-            return "[%s]" % _RECORD_JSON.item_separator.join(
-                [(scalar(type(item)) or part)(item) for item in value])
-        return self._part(value)
-
-    def _part(self, value: Any) -> str:
-        """A value's text by the encoder; a dict's once (see known)."""
-        known = self.known.get(id(value))
-        if known is not None:
-            return known[1]
-        encoded = self.encode(value)
-        if type(value) is dict:
-            self.known[id(value)] = (value, encoded)    # held: its id stays its own
-        return encoded
-
-
-# A value's JSON as _RECORD_JSON writes it, for the types whose text is one C call; a type
-# not here (a float, a str or int subclass, a container) goes to the encoder.
-_SCALAR_TEXT: Dict[type, Callable[[Any], str]] = {
-    str: json.encoder.encode_basestring, int: int.__repr__,
-    bool: {True: "true", False: "false"}.__getitem__, type(None): {None: "null"}.__getitem__}
+                return self.format % self.texts(values)
+        return self.encode(dict(self.stamp, **entry)) + "\n"
 
 
 # The fields of an intent (or unsent) record besides the run's stamp, as
-# _FolderRun._intents makes them, and those of a message record that differ from one
-# message of a step to the next (see Run.record): their shapes' own fields.
+# _FolderRun._intents makes them: their shape's own fields.
 _ENTRY_FIELDS = ("folder", "uid", "uidvalidity", "gm_msgid", "message_id", "size",
                  "internaldate", "subject", "changes")
-_MESSAGE_FIELDS = frozenset(("folder", "uid", "uidvalidity", "gm_msgid", "message_id",
-                             "subject", "from", "rules", "reasons", "actions", "applied",
-                             "changes"))
 
 
 def _entry_lines(stamp: Mapping[str, Any], entries: Iterable[Mapping[str, Any]]
@@ -10024,19 +9977,7 @@ def _entry_lines(stamp: Mapping[str, Any], entries: Iterable[Mapping[str, Any]]
     """The lines of ``dict(stamp, **entry)`` for each of a step's intent entries."""
     shape = _RecordShape(stamp, _ENTRY_FIELDS)
     for entry in entries:
-        yield shape.part_line(entry)
-
-
-def _message_lines(records: Iterable[Mapping[str, Any]]) -> Iterator[str]:
-    """The lines of a step's message records, their stamp (every field but a message's
-    own) taken from the first."""
-    shape: Optional[_RecordShape] = None
-    for record in records:
-        if shape is None:
-            shape = _RecordShape({key: value for key, value in record.items()
-                                  if key not in _MESSAGE_FIELDS},
-                                 [key for key in record if key in _MESSAGE_FIELDS])
-        yield shape.line(record)
+        yield shape.line(entry)
 
 
 class AuditLog:
@@ -10311,7 +10252,7 @@ class Run(Checkpoint):
         self._last_fetch_bytes: Optional[int] = None
         self._warned_half = False
         self._actions_records: Dict[Actions, Dict[str, Any]] = {}     # see _actions_record
-        self._step_actions: Dict[Actions, Dict[str, Any]] = {}
+        self._step_actions: Dict[Actions, Dict[str, Any]] = {}     # see _actions_record
 
     # -- driving it ----------------------------------------------------------------------
 
@@ -10498,8 +10439,7 @@ class Run(Checkpoint):
         """Count message records; with ``apply``, append those with changes to the audit
         log (the server has confirmed them); then pass them to ``on_record``."""
         if self.apply:
-            self.store.audit.write(_message_lines(record for record in records
-                                                  if record["changes"]))
+            self.store.audit.append(record for record in records if record["changes"])
         for record in records:
             for change in record["changes"]:
                 name = describe_change(change)
@@ -10530,7 +10470,7 @@ class Run(Checkpoint):
     def _actions_record(self, actions: Actions) -> Dict[str, Any]:
         """A message record's "actions" (``{}`` when none): Actions.as_record, worked out
         once per distinct Actions (_remembered); the records of a step share a copy (one
-        dict, written once: see _RecordShape), each step its own."""
+        dict per Actions a step, not one a record), each step its own."""
         shared = self._step_actions.get(actions)
         if shared is None:
             known = _remembered(self._actions_records, actions,

@@ -20106,101 +20106,78 @@ _SHAPE_VALUES: Tuple[Any, ...] = (
 
 
 class RecordShapeTest(unittest.TestCase):
-    """_RecordShape writes every record's line as _RECORD_JSON.encode does, byte for byte:
-    over random records of each kind the audit log writes (intent and unsent parts, message
-    records, and the others as they come), fields of every type, parts shared between
-    records, and records of another shape (a key more or less, a shared field of another
-    value), which it hands to the encoder whole."""
+    """_RecordShape writes a step's intent and unsent lines as _RECORD_JSON.encode writes
+    ``dict(stamp, **entry)``, byte for byte: over random entries with fields of every type
+    and hostile text, and entries of another shape (a key more or less), which it hands to
+    the encoder whole; the other kinds of record, through _record_lines, likewise."""
 
-    def random_value(self, rnd: random.Random, shared: Sequence[Any]) -> Any:
-        pick = rnd.random()
-        if pick < 0.2 and shared:
-            return rnd.choice(shared)                   # the same object in many records
-        if pick < 0.3:
-            return [rnd.choice(shared) if shared and rnd.random() < 0.5 else
-                    rnd.choice(_SHAPE_VALUES) for _ in range(rnd.randrange(4))]
+    def random_value(self, rnd: random.Random) -> Any:
+        if rnd.random() < 0.2:
+            return [rnd.choice(_SHAPE_VALUES) for _ in range(rnd.randrange(4))]
         return rnd.choice(_SHAPE_VALUES)
 
     def expected(self, record: Mapping[str, Any]) -> str:
         return gc._RECORD_JSON.encode(record) + "\n"
 
-    def test_random_parts_encode_as_the_whole_record(self):
+    def test_random_entries_encode_as_the_whole_record(self):
         rnd = random.Random(17)
         for kind in ("intent", "unsent"):
             stamp = {"type": kind, "version": gc.INTENT_VERSION, "run": "20261207T1200-ab%s",
                      "time": "2026-12-07T12:00:00Z", "account": "a%b@example.com",
-                     "host": "imap.example.com:993", "command": "run", "rules_hash": "0f%"}
-            shared = [{"action": "label", "label": "L", "before": False, "after": True},
-                      {"action": "move", "after": {"folder": "X", "uid": None, "uidnext": 9}}]
+                     "host": "imap.example.com:993", "command": "run", "rules_hash": "0f%",
+                     "account_name": "\u202ework %(x)s", "undo_of": None}
             entries = []
             for n in range(300):
-                entry = {key: self.random_value(rnd, shared) for key in gc._ENTRY_FIELDS}
+                entry = {key: self.random_value(rnd) for key in gc._ENTRY_FIELDS}
                 if n % 25 == 1:
                     entry["extra"] = 1                  # a key more: encoded whole
                 elif n % 25 == 2:
                     del entry["subject"]                # a key less
                 elif n % 25 == 3:
                     entry = dict(reversed(list(entry.items())))    # another order: the same
+                elif n % 25 == 4:
+                    entry = {"create": "Folder %s", "folder": "INBOX", "flight": True}
                 entries.append(entry)
             lines = list(gc._entry_lines(stamp, entries))
+            self.assertEqual(len(lines), len(entries))
             for entry, line in zip(entries, lines):
                 with self.subTest(kind=kind, entry=entry):
                     self.assertEqual(line, self.expected(dict(stamp, **entry)))
-            self.assertEqual(len(lines), len(entries))
 
-    def test_random_message_records_encode_as_the_encoder_does(self):
+    def test_random_records_of_each_kind_encode_as_the_encoder_does(self):
         rnd = random.Random(18)
-        actions = {"archive": False, "labels": ["A"], "move": None, "star": True}
-        shared = [actions, {"action": "star", "flag": "\\Flagged", "before": False,
-                            "after": True}]
-        fixed = {"type": "message", "version": gc.RECORD_VERSION, "run": "R%", "time": "T",
-                 "account": "me", "host": "h", "account_name": "work"}
+        fields = {"message": sorted({"folder", "uid", "uidvalidity", "gm_msgid", "message_id",
+                                     "subject", "from", "rules", "reasons", "actions",
+                                     "applied", "changes"}),
+                  "done": ["folder", "uidvalidity", "action", "label", "flag", "destination",
+                           "uids", "new_uids"],
+                  "skipped": ["folder", "uid", "uidvalidity", "reason"],
+                  "summary": ["status", "error", "counts", "reports", "folders"]}
         records = []
-        for n in range(300):
-            record = dict(fixed)
-            for key in sorted(gc._MESSAGE_FIELDS):
-                record[key] = self.random_value(rnd, shared)
-            if n % 20 == 5:
-                record["time"] = "T"[:1] + ""           # equal, another object: whole
-            elif n % 20 == 6:
-                record["version"] = True                # == 1, another type: whole
-            elif n % 20 == 7:
-                record["more"] = "x"
-            elif n % 20 == 8:
-                del record["host"]
-            records.append(record)
-        lines = list(gc._message_lines(records))
-        for record, line in zip(records, lines):
+        for kind, own in fields.items():
+            for _ in range(60):
+                record = {"type": kind, "version": 1, "run": "r%s", "time": "t"}
+                record.update((key, self.random_value(rnd)) for key in own)
+                records.append(record)
+        for record, line in zip(records, gc._record_lines(records)):
             with self.subTest(record=record):
                 self.assertEqual(line, self.expected(record))
 
-    def test_other_record_kinds_and_odd_shapes_encode_as_the_encoder_does(self):
-        # Every kind the audit log holds, through a shape made for another or for it;
-        # shared keys that are not strings, or overlap the own ones, make no format.
-        rnd = random.Random(19)
-        kinds = {"done": ("folder", "uidvalidity", "action", "label", "flag", "destination",
-                          "uids", "new_uids"),
-                 "skipped": ("folder", "uid", "uidvalidity", "reason"),
-                 "summary": ("status", "error", "counts", "reports", "folders")}
-        for kind, own in kinds.items():
-            stamp = {"type": kind, "version": 2, "run": "r", "time": "t", "account": "a"}
-            shape = gc._RecordShape(stamp, own)
-            for _ in range(60):
-                part = {key: self.random_value(rnd, []) for key in own}
-                with self.subTest(kind=kind, part=part):
-                    self.assertEqual(shape.part_line(part), self.expected(dict(stamp, **part)))
-                    whole = dict(stamp, **part)
-                    self.assertEqual(shape.line(whole), self.expected(whole))
+    def test_shapes_that_make_no_format_encode_as_the_encoder_does(self):
+        # A stamp that overlaps the entry's fields, or whose keys are not strings.
         part = {"c": "x", "d": [1, {"z": 2, "y": 1}]}
         shape = gc._RecordShape({"c": 1, "b": 2}, ("c", "d"))
         self.assertFalse(shape.usable)
-        self.assertEqual(shape.part_line(part), self.expected({"c": "x", "b": 2, "d": part["d"]}))
+        self.assertEqual(shape.line(part), self.expected({"c": "x", "b": 2, "d": part["d"]}))
+        shape = gc._RecordShape({"b": 1}, ("c",))
+        self.assertFalse(shape.usable)
+        self.assertEqual(shape.line({"c": 2}), self.expected({"b": 1, "c": 2}))
         shape = gc._RecordShape({1: "a", 2: "b"}, ("c", "d"))
         self.assertFalse(shape.usable)
         with self.assertRaises(TypeError):         # int and str keys do not sort
             self.expected({1: "a", 2: "b", **part})
         with self.assertRaises(TypeError):
-            shape.line({1: "a", 2: "b", **part})
+            shape.line(part)
 
     def test_a_shape_refuses_what_the_encoder_refuses(self):
         shape = gc._RecordShape({"type": "intent"}, ("a", "b"))
@@ -20209,44 +20186,62 @@ class RecordShapeTest(unittest.TestCase):
         for bad in (object(), {1, 2}, loop, {"k": {("t",): 1}}):
             with self.subTest(bad=bad):
                 with self.assertRaises((TypeError, ValueError)) as ours:
-                    shape.part_line({"a": bad, "b": 1})
+                    shape.line({"a": bad, "b": 1})
                 with self.assertRaises((TypeError, ValueError)) as plain:
                     gc._RECORD_JSON.encode({"type": "intent", "a": bad, "b": 1})
                 self.assertIs(type(ours.exception), type(plain.exception))
 
-    def test_a_runs_intents_and_message_records_take_the_shaped_path(self):
-        # Each record line of an --apply comes from a shape's format, not the whole-record
-        # encoder; the changes shared by a step's messages are encoded once per step.
-        case = RecordSideEquivalenceTest("test_gmail_apply_writes_the_plain_bytes")
-        filled, encoded = [], []
-        fill, make = gc._RecordShape._fill, gc._record_encoder
+    def test_without_the_c_encoder_the_same_lines(self):
+        stamp = {"type": "intent", "run": "r", "time": "t"}
+        entries = [{key: value for key, value in zip(gc._ENTRY_FIELDS, _SHAPE_VALUES[n:])}
+                   for n in range(len(_SHAPE_VALUES) - len(gc._ENTRY_FIELDS))]
+        with mock.patch.object(gc, "_c_record_encoder", lambda: None):
+            lines = list(gc._entry_lines(stamp, entries))
+        self.assertEqual(lines, [self.expected(dict(stamp, **entry)) for entry in entries])
 
-        def counted_fill(shape: gc._RecordShape, values: Tuple[Any, ...]) -> str:
-            filled.append(values)
-            return fill(shape, values)
+    def test_a_runs_intents_take_the_shaped_path_and_share_their_changes(self):
+        # No intent of an --apply is encoded whole; a step's entries share one dict per
+        # change that names no UID, and one "after" per destination; a step's message
+        # records share their "actions" (each step its own).
+        case = RecordSideEquivalenceTest("test_gmail_apply_writes_the_plain_bytes")
+        whole, steps = [], []
+        make, intend = gc._record_encoder, gc.Run.intend
 
         def counted_encoder() -> Callable[[Any], str]:
             encode = make()
-            return lambda value: encoded.append(value) or encode(value)
+            return lambda value: whole.append(value) or encode(value)
 
-        with mock.patch.object(gc._RecordShape, "_fill", counted_fill), \
-                mock.patch.object(gc, "_record_encoder", counted_encoder):
+        def kept_intend(run: gc.Run, conn: gc.GmailConnection,
+                        entries: Sequence[Dict[str, Any]]) -> None:
+            steps.append(entries)
+            intend(run, conn, entries)
+
+        records: List[Dict[str, Any]] = []
+        with mock.patch.object(gc, "_record_encoder", counted_encoder), \
+                mock.patch.object(gc.Run, "intend", kept_intend):
             case.setUp()
             try:
-                case.server = FakeGmail(gmail=True).start()
+                case.server = FakeGmail(kind="move").start()
                 case.fill(case.server)
-                case.run_once(gc.parse_rules(_RECORD_SIDE_RULES, "rules.json"), batch_size=6)
+                case.run_once(gc.parse_rules(_RECORD_SIDE_RULES, "rules.json"), batch_size=6,
+                              records=records)
                 log = case.audit()
             finally:
                 case.server.stop()
                 case.doCleanups()
-        kinds = [json.loads(line)["type"] + ("" if b'"changes"' in line else " create")
-                 for line in log.split(b"\n")[:-1]]
-        self.assertEqual(len(filled), kinds.count("intent") + kinds.count("message"))
-        self.assertGreater(len(filled), 10)
-        changes = [value for value in encoded if isinstance(value, dict) and "action" in value]
-        self.assertEqual(len(changes), len({id(value) for value in changes}))   # once each
-        self.assertLess(len(changes), log.count(b'"action": ') * 2 // 3)
+        self.assertGreater(log.count(b'"type": "intent", "uid"'), 10)
+        self.assertEqual([value for value in whole if isinstance(value, dict)
+                          and value.get("type") == "intent" and "changes" in value], [])
+        entries = [entry for step in steps for entry in step if "changes" in entry]
+        for kind in ("label", "mark read", "archive"):
+            with self.subTest(kind=kind):
+                made = [change for entry in entries for change in entry["changes"]
+                        if change["action"] == kind]
+                shared = {id(change["after"] if kind == "archive" else change)
+                          for change in made}
+                self.assertGreater(len(made), len(shared) + 2)
+        acted = [record for record in records if record["actions"]]
+        self.assertLess(len({id(record["actions"]) for record in acted}), len(acted) - 2)
 
 
 # --- Benchmark ---------------------------------------------------------------------------

@@ -20199,10 +20199,45 @@ class RecordShapeTest(unittest.TestCase):
             lines = list(gc._entry_lines(stamp, entries))
         self.assertEqual(lines, [self.expected(dict(stamp, **entry)) for entry in entries])
 
+    def test_many_moves_and_flags_a_step_write_the_plain_bytes(self):
+        # Several messages of one step moved to one folder, trashed, starred and labelled,
+        # on Gmail and off it: shared change dicts must never carry one message's UID or
+        # COPYUID answer into another's records.
+        def fill(server: FakeGmail) -> None:
+            for n in range(12):
+                subject = ("digest " if n % 3 == 0 else "") + _HOSTILE_SUBJECTS[n % 2]
+                sender = ("spammer@spam.example", "x <alerts@mybank.example>")[n % 2]
+                raw = (f"From: {sender}\r\nSubject: {subject}\r\nMessage-ID: <k{n}@x>\r\n"
+                       f"List-Id: <l.example>\r\n\r\nbody\r\n").encode("latin-1",
+                                                                         "surrogateescape")
+                flags = ["\\Seen"] if n % 3 == 0 else []
+                labels = {"labels": ["\\Inbox"]} if server.gmail else {}
+                server.add_message(raw, flags=flags, **labels)
+
+        rules = {"rule": [{"name": "Bank", "from": "@mybank.example", "star": True,
+                           "label": "Bank", "continue": True},
+                          {"name": "Digest", "subject": "digest", "mark_unread": True,
+                           "continue": True},
+                          {"name": "Spam", "from": "@spam.example", "trash": True},
+                          {"name": "Lists", "header": {"List-Id": True}, "move": "Lists"}]}
+        for server in ({"gmail": True}, {"kind": "move"}):
+            with self.subTest(**server):
+                case = RecordSideEquivalenceTest("test_gmail_apply_writes_the_plain_bytes")
+                case.fill = fill
+                case.setUp()
+                try:
+                    with mock.patch.dict(_RECORD_SIDE_RULES, rules):
+                        ours, plain = case.both_ways(**server)
+                finally:
+                    case.doCleanups()
+                self.assertEqual(ours.split(b"\n"), plain.split(b"\n"))
+                for kind in (b"move", b"trash", b"star", b"mark unread", b"label"):
+                    self.assertGreater(ours.count(b'"action": "%s"' % kind), 4, kind)
+
     def test_a_runs_intents_take_the_shaped_path_and_share_their_changes(self):
         # No intent of an --apply is encoded whole; a step's entries share one dict per
         # change that names no UID, and one "after" per destination; a step's message
-        # records share their "actions" (each step its own).
+        # records share their "actions" (each step its own) and their flag changes.
         case = RecordSideEquivalenceTest("test_gmail_apply_writes_the_plain_bytes")
         whole, steps = [], []
         make, intend = gc._record_encoder, gc.Run.intend
@@ -20242,6 +20277,9 @@ class RecordShapeTest(unittest.TestCase):
                 self.assertGreater(len(made), len(shared) + 2)
         acted = [record for record in records if record["actions"]]
         self.assertLess(len({id(record["actions"]) for record in acted}), len(acted) - 2)
+        made = [change for record in records for change in record["changes"]
+                if change["action"] == "mark read"]         # the outcomes' own, shared
+        self.assertGreater(len(made), len({id(change) for change in made}) + 2)
 
 
 # --- Benchmark ---------------------------------------------------------------------------

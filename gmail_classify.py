@@ -8949,10 +8949,19 @@ class _FolderRun:
             confirmed = self.confirmed
             if self.apply:
                 made = [key for key in keys if (uid, key) in confirmed]
+            made_changes = []
             for key in made:
                 if key[0] == "label" and key[1] in self.copies:
                     self.copies[key[1]].add(step.plan.message_ids.get(uid))
-            changes = tuple(same.get(key) or self._change(key, uid, same) for key in made)
+                change = same.get(key)
+                if change is None:
+                    change = _change_entry(key, uid, status, gmail, self.destinations,
+                                           confirmed.get((uid, key)))
+                    kind = key[0]   # _change_entry reads neither UID nor answer for these:
+                    if kind in ("flag+", "flag-") or (gmail and kind in ("label", "archive")):
+                        same[key] = change
+                made_changes.append(change)
+            changes = tuple(made_changes)
             counts = report.changes
             for change in changes:
                 name = describe_change(change)
@@ -8968,16 +8977,6 @@ class _FolderRun:
         return Outcome(self.folder, uid, info.sender, info.subject, decision,
                        step.msgids.get(uid), status.uidvalidity, info.message_id, changes,
                        self.apply, len(keys) - len(made))
-
-    def _change(self, key: Tuple[str, ...], uid: int,
-                same: Dict[Tuple[str, ...], Dict[str, Any]]) -> Dict[str, Any]:
-        """A made change's record (see _outcome), kept in ``same`` if it can be shared."""
-        gmail = self.conn.is_gmail
-        change = _change_entry(key, uid, self.status, gmail, self.destinations,
-                               self.confirmed.get((uid, key)))
-        if key[0] in ("flag+", "flag-") or (gmail and key[0] in ("label", "archive")):
-            same[key] = change      # _change_entry reads neither the UID nor the answer
-        return change
 
 
 def _place_statuses(conn: GmailConnection, names: Sequence[str]

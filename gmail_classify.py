@@ -155,6 +155,7 @@ import json
 import logging
 import mailbox
 import netrc
+import operator
 import os
 import pathlib
 import random
@@ -9004,34 +9005,45 @@ class _FolderRun:
     def _intents(self, step: _Step) -> List[Dict[str, Any]]:
         """One entry per message the step may change: where it is, what tells it apart
         (size, INTERNALDATE, Message-ID) and the changes planned, each destination with the
-        UIDVALIDITY and UIDNEXT it had before the step (``places``, by server name)."""
+        UIDVALIDITY and UIDNEXT it had before the step (``places``, by server name).  A
+        change that names no UID (a label, a flag, archive on Gmail) is one dict, shared by
+        the entries that make it, and a destination's "after" one dict: read-only."""
         status, places, conn = self.status, self.places, self.conn
         gmail, destinations, per_uid = conn.is_gmail, self.destinations, step.plan.per_uid
-        names: Dict[str, str] = {}          # a destination's server name, worked out once
+        afters: Dict[Tuple[str, ...], Dict[str, Any]] = {}     # a key's "after", filled in
+        shared: Dict[Tuple[str, ...], Dict[str, Any]] = {}     # a change naming no UID
+
+        def change_of(key: Tuple[str, ...], uid: int) -> Dict[str, Any]:
+            change = shared.get(key)
+            if change is not None:
+                return change
+            change = _change_entry(key, uid, status, gmail, destinations, None)
+            after = change["after"]
+            if isinstance(after, dict):     # a fresh dict: filled in where it stands
+                known = afters.get(key)
+                if known is None:
+                    folder = after["folder"]
+                    name = folder if folder in places else conn.server_name(str(folder))
+                    if name in places:
+                        after["folder"] = name
+                        after.update(places[name])
+                    known = afters[key] = after
+                change["after"] = known
+            if not isinstance(change["before"], dict):      # no UID in it
+                shared[key] = change
+            return change
+
         entries = []
         for uid in sorted(per_uid):
             info = step.infos.get(uid)
             if info is None:
                 continue
-            changes = []
-            for key in per_uid[uid]:
-                change = _change_entry(key, uid, status, gmail, destinations, None)
-                after = change["after"]
-                if isinstance(after, dict):     # a fresh dict: filled in where it stands
-                    folder = after["folder"]
-                    name = names.get(folder)
-                    if name is None:
-                        name = names[folder] = folder if folder in places else \
-                            conn.server_name(str(folder))
-                    if name in places:
-                        after["folder"] = name
-                        after.update(places[name])
-                changes.append(change)
             entries.append({
                 "folder": self.folder, "uid": uid, "uidvalidity": status.uidvalidity,
                 "gm_msgid": step.msgids.get(uid), "message_id": info.message_id,
                 "size": info.size, "internaldate": _iso(info.date) if info.date else None,
-                "subject": info.subject, "changes": changes})
+                "subject": info.subject, "changes": [change_of(key, uid)
+                                                     for key in per_uid[uid]]})
         return entries
 
     def intend(self, phase: str, folders: Sequence[str]) -> None:
@@ -9082,7 +9094,8 @@ class _FolderRun:
     def _step_done(self, step: _Step, ok: bool) -> None:
         report, checkpoint = self.report, self.checkpoint
         gmail = self.conn.is_gmail
-        outcomes = [self._outcome(step, uid, ok, gmail) for uid in sorted(step.decisions)]
+        same: Dict[Tuple[str, ...], Dict[str, Any]] = {}    # see _outcome
+        outcomes = [self._outcome(step, uid, ok, gmail, same) for uid in sorted(step.decisions)]
         mark = step.last_uid if ok and not self.narrowed else None
         if mark is not None and report.skipped:
             mark = min(mark, min(report.skipped) - 1)   # the next run looks again
@@ -9098,8 +9111,11 @@ class _FolderRun:
                 if ok or outcome.changes:
                     self.listeners.on_message(outcome)
 
-    def _outcome(self, step: _Step, uid: int, ok: bool, gmail: bool) -> Outcome:
-        """One message's Outcome, counted into the report."""
+    def _outcome(self, step: _Step, uid: int, ok: bool, gmail: bool,
+                 same: Dict[Tuple[str, ...], Dict[str, Any]]) -> Outcome:
+        """One message's Outcome, counted into the report.  A change that names no UID and
+        no answer of the server's (a flag, a label on Gmail) is one dict of ``same``,
+        shared by the step's outcomes that make it: read-only."""
         report, status = self.report, self.status
         decision, info = step.decisions[uid], step.infos[uid]
         keys = step.plan.per_uid.get(uid, ())
@@ -9109,11 +9125,19 @@ class _FolderRun:
             confirmed = self.confirmed
             if self.apply:
                 made = [key for key in keys if (uid, key) in confirmed]
+            made_changes = []
             for key in made:
                 if key[0] == "label" and key[1] in self.copies:
                     self.copies[key[1]].add(step.plan.message_ids.get(uid))
-            changes = tuple(_change_entry(key, uid, status, gmail, self.destinations,
-                                          confirmed.get((uid, key))) for key in made)
+                change = same.get(key)
+                if change is None:
+                    change = _change_entry(key, uid, status, gmail, self.destinations,
+                                           confirmed.get((uid, key)))
+                    kind = key[0]   # _change_entry reads neither UID nor answer for these:
+                    if kind in ("flag+", "flag-") or (gmail and kind in ("label", "archive")):
+                        same[key] = change
+                made_changes.append(change)
+            changes = tuple(made_changes)
             counts = report.changes
             for change in changes:
                 name = describe_change(change)
@@ -10055,22 +10079,95 @@ def _signals_held() -> Iterator[None]:
 _RECORD_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True)
 
 
-def _record_lines(records: Iterable[Mapping[str, Any]]) -> Iterator[str]:
-    """Each record as its line of the audit log: ``_RECORD_JSON.encode(record) + "\n"``,
-    the same text, with CPython's C encoder set up once for all the records rather than
-    once a record (as encode() does: a tenth of the encoding's CPU, at two records per
-    message changed).  Elsewhere, or should that encoder's signature change, encode()."""
+def _record_encoder() -> Callable[[Any], str]:
+    """``_RECORD_JSON.encode``, the same text, with CPython's C encoder set up once for all
+    the values it is given rather than once a value (as encode() does: a tenth of the
+    encoding's CPU, at two records per message changed).  Elsewhere, or should that
+    encoder's signature change, encode() itself."""
+    encode = _c_record_encoder()
+    if encode is None:
+        return _RECORD_JSON.encode
+    return lambda value: "".join(encode(value, 0))
+
+
+def _c_record_encoder() -> Optional[Callable[[Any, int], Sequence[str]]]:
+    """CPython's C encoder made as _RECORD_JSON.iterencode makes it: ``encode(value, 0)``
+    gives the chunks of ``_RECORD_JSON.encode(value)``.  None where there is none."""
     make = getattr(json.encoder, "c_make_encoder", None)
     encoder = _RECORD_JSON
     try:    # the arguments JSONEncoder.iterencode passes it; {}: circular records refused
-        encode = make({}, encoder.default, json.encoder.encode_basestring, encoder.indent,
-                      encoder.key_separator, encoder.item_separator, encoder.sort_keys,
-                      encoder.skipkeys, encoder.allow_nan) if make is not None else None
+        return make({}, encoder.default, json.encoder.encode_basestring, encoder.indent,
+                    encoder.key_separator, encoder.item_separator, encoder.sort_keys,
+                    encoder.skipkeys, encoder.allow_nan) if make is not None else None
     except TypeError:
-        encode = None
+        return None
+
+
+def _record_lines(records: Iterable[Mapping[str, Any]]) -> Iterator[str]:
+    """Each record as its line of the audit log: ``_RECORD_JSON.encode(record) + "\n"``."""
+    encode = _record_encoder()
     for record in records:
-        yield ("".join(encode(record, 0)) if encode is not None else
-               encoder.encode(record)) + "\n"
+        yield encode(record) + "\n"
+
+
+class _RecordShape:
+    """The audit lines of records that share a stamp: a step's intents (or its unsent
+    changes), each ``dict(stamp, **entry)``.  The stamp's fields (type, run, time,
+    account, command...) are encoded once, into a format with a slot for each of an
+    entry's own fields (``own``), so a line costs the encoding of those alone and no
+    merged dict.  Every line is the text ``_RECORD_JSON.encode(dict(stamp, **entry)) +
+    "\n"`` gives: its keys sorted, with the encoder's spacing, and each value as the
+    encoder writes it (its text alone is its text within a record).  An entry of another
+    shape (a key more or less) is encoded whole."""
+
+    def __init__(self, stamp: Mapping[str, Any], own: Iterable[str]) -> None:
+        self.stamp = dict(stamp)
+        own = tuple(sorted(own))
+        self.own_of = operator.itemgetter(*own) if len(own) > 1 else None
+        self.size = len(own)
+        self.encode = _record_encoder()
+        keys = set(self.stamp) | set(own)
+        self.usable = (self.own_of is not None and not set(self.stamp) & set(own) and
+                       all(type(key) is str for key in keys))
+        if not self.usable:
+            return
+        fields = []
+        for key in sorted(keys):
+            value = "%s" if key in own else self.encode(self.stamp[key]).replace("%", "%%")
+            fields.append(json.encoder.encode_basestring(key).replace("%", "%%") +
+                          _RECORD_JSON.key_separator + value)
+        self.format = "{" + _RECORD_JSON.item_separator.join(fields) + "}\n"
+        chunks = _c_record_encoder()
+        if chunks is None:
+            self.texts = lambda values: tuple(map(_RECORD_JSON.encode, values))
+        else:       # the values' texts without a Python call per value
+            zeros = (0,) * self.size
+            self.texts = lambda values: tuple(map("".join, map(chunks, values, zeros)))
+
+    def line(self, entry: Mapping[str, Any]) -> str:
+        """The line of ``dict(stamp, **entry)``, without making that dict."""
+        if self.usable and type(entry) is dict and len(entry) == self.size:
+            try:
+                values = self.own_of(entry)
+            except KeyError:
+                pass
+            else:
+                return self.format % self.texts(values)
+        return self.encode(dict(self.stamp, **entry)) + "\n"
+
+
+# The fields of an intent (or unsent) record besides the run's stamp, as
+# _FolderRun._intents makes them: their shape's own fields.
+_ENTRY_FIELDS = ("folder", "uid", "uidvalidity", "gm_msgid", "message_id", "size",
+                 "internaldate", "subject", "changes")
+
+
+def _entry_lines(stamp: Mapping[str, Any], entries: Iterable[Mapping[str, Any]]
+                 ) -> Iterator[str]:
+    """The lines of ``dict(stamp, **entry)`` for each of a step's intent entries."""
+    shape = _RecordShape(stamp, _ENTRY_FIELDS)
+    for entry in entries:
+        yield shape.line(entry)
 
 
 class AuditLog:
@@ -10089,12 +10186,16 @@ class AuditLog:
         ``sync`` is False: records the next synced append or the run's end makes durable);
         rotate first if the file is past its size.  A torn last line (a crash mid-write)
         gets its newline first, so it can never swallow the records that follow."""
+        self.write(_record_lines(records), sync=sync)
+
+    def write(self, texts: Iterable[str], *, sync: bool = True) -> None:
+        """append() for records already encoded: each text a line (see _record_lines)."""
         # Encoded record by record into chunks of bytes: one str of a whole step's records
         # (10,000 of them) would take up to four bytes a character, and its copy again.
         chunks: List[bytes] = []
         lines: List[bytes] = []
         held = 0
-        for line in _record_lines(records):
+        for line in texts:
             lines.append(line.encode("utf-8"))
             held += len(lines[-1])
             if held >= AUDIT_CHUNK_BYTES:
@@ -10341,6 +10442,7 @@ class Run(Checkpoint):
         self._last_fetch_bytes: Optional[int] = None
         self._warned_half = False
         self._actions_records: Dict[Actions, Dict[str, Any]] = {}     # see _actions_record
+        self._step_actions: Dict[Actions, Dict[str, Any]] = {}     # see _actions_record
 
     # -- driving it ----------------------------------------------------------------------
 
@@ -10488,14 +10590,13 @@ class Run(Checkpoint):
             return
         self._count_bytes(conn)
         stamp = self._stamp("intent", rules_hash=self.rules_hash, **self._undoing())
-        self.store.audit.append([dict(stamp, **entry) for entry in entries])
+        self.store.audit.write(_entry_lines(stamp, entries))
 
     def not_sent(self, conn: GmailConnection, entries: Sequence[Dict[str, Any]]) -> None:
         """Record that these intended changes were never sent (a stop between commands):
         history does not count them and undo does not look for them."""
         if self.apply and entries:
-            stamp = self._stamp("unsent")
-            self.store.audit.append([dict(stamp, **entry) for entry in entries])
+            self.store.audit.write(_entry_lines(self._stamp("unsent"), entries))
 
     def confirmed(self, conn: GmailConnection, entry: Dict[str, Any]) -> None:
         """A ``done`` record as each write command is confirmed: one write, no fsync (the
@@ -10507,6 +10608,7 @@ class Run(Checkpoint):
     def step_done(self, conn: GmailConnection, status: FolderStatus, mark: Optional[int],
                   outcomes: Sequence[Outcome]) -> None:
         time = _iso(self.store.now())      # one for the step's records (see record)
+        self._step_actions = {}
         records = [self.record(outcome, time) for outcome in outcomes]
         self.add_records(records, announce=False)
         if mark is not None and not self.narrowed:
@@ -10557,10 +10659,15 @@ class Run(Checkpoint):
 
     def _actions_record(self, actions: Actions) -> Dict[str, Any]:
         """A message record's "actions" (``{}`` when none): Actions.as_record, worked out
-        once per distinct Actions (_remembered), a fresh copy for every record."""
-        known = _remembered(self._actions_records, actions,
-                            lambda: {} if actions.is_empty() else actions.as_record())
-        return {**known, "labels": list(actions.labels)} if known else {}
+        once per distinct Actions (_remembered); the records of a step share a copy (one
+        dict per Actions a step, not one a record), each step its own."""
+        shared = self._step_actions.get(actions)
+        if shared is None:
+            known = _remembered(self._actions_records, actions,
+                                lambda: {} if actions.is_empty() else actions.as_record())
+            shared = self._step_actions[actions] = (
+                {**known, "labels": list(actions.labels)} if known else {})
+        return shared
 
     def _stamp(self, kind: str, **fields: Any) -> Dict[str, Any]:
         """A write-ahead record of this run (INTENT_VERSION): its type ``kind``, the run,

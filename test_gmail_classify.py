@@ -13860,6 +13860,37 @@ def _plain_record(self: gc.Run, outcome: gc.Outcome, time: Optional[str] = None
             "applied": outcome.applied, "changes": list(outcome.changes), **self._named()}
 
 
+def _plain_run_intend(self: gc.Run, conn: gc.GmailConnection,
+                      entries: Sequence[Dict[str, Any]]) -> None:
+    if not self.apply or not entries:
+        return
+    self._count_bytes(conn)
+    stamp = self._stamp("intent", rules_hash=self.rules_hash, **self._undoing())
+    self.store.audit.append([dict(stamp, **entry) for entry in entries])
+
+
+def _plain_run_not_sent(self: gc.Run, conn: gc.GmailConnection,
+                        entries: Sequence[Dict[str, Any]]) -> None:
+    if self.apply and entries:
+        stamp = self._stamp("unsent")
+        self.store.audit.append([dict(stamp, **entry) for entry in entries])
+
+
+def _plain_add_records(self: gc.Run, records: Sequence[Dict[str, Any]],
+                       announce: bool = True) -> None:
+    if self.apply:
+        self.store.audit.append(record for record in records if record["changes"])
+    for record in records:
+        for change in record["changes"]:
+            name = gc.describe_change(change)
+            self.counts[name] = self.counts.get(name, 0) + 1
+            if record["applied"]:
+                self.changes_made += 1
+    if announce and self.on_record is not None:
+        for record in records:
+            self.on_record(record)
+
+
 @contextlib.contextmanager
 def _plain_record_side() -> Iterable[None]:
     """The record side as it was (see above) in place of today's, for one run."""
@@ -13868,7 +13899,9 @@ def _plain_record_side() -> Iterable[None]:
                 (gc, "_iso", _plain_iso), (gc, "_record_lines", _plain_record_lines),
                 (gc._FolderRun, "_intents", _plain_intents),
                 (gc._FolderRun, "_step_done", _plain_step_done),
-                (gc.Run, "record", _plain_record)):
+                (gc.Run, "record", _plain_record), (gc.Run, "intend", _plain_run_intend),
+                (gc.Run, "not_sent", _plain_run_not_sent),
+                (gc.Run, "add_records", _plain_add_records)):
             stack.enter_context(mock.patch.object(owner, name, plain))
         yield
 
@@ -20476,6 +20509,206 @@ class OneHeaderCacheAtATimeTest(FakeServerTest):
         want = [gc._shown_headers(info.headers) for info in made]
         self.assertEqual([(o.sender, o.subject, o.message_id) for o in seen], want)
         self.assertTrue(all(sender for sender, _, _ in want))
+
+
+# --- Issue 17: the records' CPU -------------------------------------------------------
+
+
+class _Count(int):
+    """An int subclass: the encoder writes int.__repr__ of it, the shape must not guess."""
+
+
+class _Text(str):
+    """A str subclass, written as its text."""
+
+
+# Values a record's field may hold, hostile and odd: controls, surrogates, 8-bit, non-BMP,
+# "%" (the shape's format), quotes, long text; ints big and small, floats (NaN too),
+# subclasses, containers nested and empty, dicts with keys out of order and not strings.
+_SHAPE_VALUES: Tuple[Any, ...] = (
+    "", "plain", "caf\xe9 \u202e\u2028 \U0001F600", "\x00\x01\x1b[31m\x7f\u0085", "\ud800 lone",
+    '"q" \\ / %s %% %(x)s', "long " * 2000, _Text("sub%s"), 0, 1, -7, 2 ** 70, _Count(5),
+    True, False, None, 1.5, -0.0, float("nan"), float("inf"), (), [], {}, ("a", 1, None),
+    ["x", {"b": 1, "a": [True, 2.5]}], {"z": 1, "a": {"y": None, "b": "\u2028"}},
+    {2: "int key", 1: "keys made text"},
+)
+
+
+class RecordShapeTest(unittest.TestCase):
+    """_RecordShape writes a step's intent and unsent lines as _RECORD_JSON.encode writes
+    ``dict(stamp, **entry)``, byte for byte: over random entries with fields of every type
+    and hostile text, and entries of another shape (a key more or less), which it hands to
+    the encoder whole; the other kinds of record, through _record_lines, likewise."""
+
+    def random_value(self, rnd: random.Random) -> Any:
+        if rnd.random() < 0.2:
+            return [rnd.choice(_SHAPE_VALUES) for _ in range(rnd.randrange(4))]
+        return rnd.choice(_SHAPE_VALUES)
+
+    def expected(self, record: Mapping[str, Any]) -> str:
+        return gc._RECORD_JSON.encode(record) + "\n"
+
+    def test_random_entries_encode_as_the_whole_record(self):
+        rnd = random.Random(17)
+        for kind in ("intent", "unsent"):
+            stamp = {"type": kind, "version": gc.INTENT_VERSION, "run": "20261207T1200-ab%s",
+                     "time": "2026-12-07T12:00:00Z", "account": "a%b@example.com",
+                     "host": "imap.example.com:993", "command": "run", "rules_hash": "0f%",
+                     "account_name": "\u202ework %(x)s", "undo_of": None}
+            entries = []
+            for n in range(300):
+                entry = {key: self.random_value(rnd) for key in gc._ENTRY_FIELDS}
+                if n % 25 == 1:
+                    entry["extra"] = 1                  # a key more: encoded whole
+                elif n % 25 == 2:
+                    del entry["subject"]                # a key less
+                elif n % 25 == 3:
+                    entry = dict(reversed(list(entry.items())))    # another order: the same
+                elif n % 25 == 4:
+                    entry = {"create": "Folder %s", "folder": "INBOX", "flight": True}
+                entries.append(entry)
+            lines = list(gc._entry_lines(stamp, entries))
+            self.assertEqual(len(lines), len(entries))
+            for entry, line in zip(entries, lines):
+                with self.subTest(kind=kind, entry=entry):
+                    self.assertEqual(line, self.expected(dict(stamp, **entry)))
+
+    def test_random_records_of_each_kind_encode_as_the_encoder_does(self):
+        rnd = random.Random(18)
+        fields = {"message": sorted({"folder", "uid", "uidvalidity", "gm_msgid", "message_id",
+                                     "subject", "from", "rules", "reasons", "actions",
+                                     "applied", "changes"}),
+                  "done": ["folder", "uidvalidity", "action", "label", "flag", "destination",
+                           "uids", "new_uids"],
+                  "skipped": ["folder", "uid", "uidvalidity", "reason"],
+                  "summary": ["status", "error", "counts", "reports", "folders"]}
+        records = []
+        for kind, own in fields.items():
+            for _ in range(60):
+                record = {"type": kind, "version": 1, "run": "r%s", "time": "t"}
+                record.update((key, self.random_value(rnd)) for key in own)
+                records.append(record)
+        for record, line in zip(records, gc._record_lines(records)):
+            with self.subTest(record=record):
+                self.assertEqual(line, self.expected(record))
+
+    def test_shapes_that_make_no_format_encode_as_the_encoder_does(self):
+        # A stamp that overlaps the entry's fields, or whose keys are not strings.
+        part = {"c": "x", "d": [1, {"z": 2, "y": 1}]}
+        shape = gc._RecordShape({"c": 1, "b": 2}, ("c", "d"))
+        self.assertFalse(shape.usable)
+        self.assertEqual(shape.line(part), self.expected({"c": "x", "b": 2, "d": part["d"]}))
+        shape = gc._RecordShape({"b": 1}, ("c",))
+        self.assertFalse(shape.usable)
+        self.assertEqual(shape.line({"c": 2}), self.expected({"b": 1, "c": 2}))
+        shape = gc._RecordShape({1: "a", 2: "b"}, ("c", "d"))
+        self.assertFalse(shape.usable)
+        with self.assertRaises(TypeError):         # int and str keys do not sort
+            self.expected({1: "a", 2: "b", **part})
+        with self.assertRaises(TypeError):
+            shape.line(part)
+
+    def test_a_shape_refuses_what_the_encoder_refuses(self):
+        shape = gc._RecordShape({"type": "intent"}, ("a", "b"))
+        loop: List[Any] = []
+        loop.append(loop)
+        for bad in (object(), {1, 2}, loop, {"k": {("t",): 1}}):
+            with self.subTest(bad=bad):
+                with self.assertRaises((TypeError, ValueError)) as ours:
+                    shape.line({"a": bad, "b": 1})
+                with self.assertRaises((TypeError, ValueError)) as plain:
+                    gc._RECORD_JSON.encode({"type": "intent", "a": bad, "b": 1})
+                self.assertIs(type(ours.exception), type(plain.exception))
+
+    def test_without_the_c_encoder_the_same_lines(self):
+        stamp = {"type": "intent", "run": "r", "time": "t"}
+        entries = [{key: value for key, value in zip(gc._ENTRY_FIELDS, _SHAPE_VALUES[n:])}
+                   for n in range(len(_SHAPE_VALUES) - len(gc._ENTRY_FIELDS))]
+        with mock.patch.object(gc, "_c_record_encoder", lambda: None):
+            lines = list(gc._entry_lines(stamp, entries))
+        self.assertEqual(lines, [self.expected(dict(stamp, **entry)) for entry in entries])
+
+    def test_many_moves_and_flags_a_step_write_the_plain_bytes(self):
+        # Several messages of one step moved to one folder, trashed, starred and labelled,
+        # on Gmail and off it: shared change dicts must never carry one message's UID or
+        # COPYUID answer into another's records.
+        def fill(server: FakeGmail) -> None:
+            for n in range(12):
+                subject = ("digest " if n % 3 == 0 else "") + _HOSTILE_SUBJECTS[n % 2]
+                sender = ("spammer@spam.example", "x <alerts@mybank.example>")[n % 2]
+                raw = (f"From: {sender}\r\nSubject: {subject}\r\nMessage-ID: <k{n}@x>\r\n"
+                       f"List-Id: <l.example>\r\n\r\nbody\r\n").encode("latin-1",
+                                                                         "surrogateescape")
+                flags = ["\\Seen"] if n % 3 == 0 else []
+                labels = {"labels": ["\\Inbox"]} if server.gmail else {}
+                server.add_message(raw, flags=flags, **labels)
+
+        rules = {"rule": [{"name": "Bank", "from": "@mybank.example", "star": True,
+                           "label": "Bank", "continue": True},
+                          {"name": "Digest", "subject": "digest", "mark_unread": True,
+                           "continue": True},
+                          {"name": "Spam", "from": "@spam.example", "trash": True},
+                          {"name": "Lists", "header": {"List-Id": True}, "move": "Lists"}]}
+        for server in ({"gmail": True}, {"kind": "move"}):
+            with self.subTest(**server):
+                case = RecordSideEquivalenceTest("test_gmail_apply_writes_the_plain_bytes")
+                case.fill = fill
+                case.setUp()
+                try:
+                    with mock.patch.dict(_RECORD_SIDE_RULES, rules):
+                        ours, plain = case.both_ways(**server)
+                finally:
+                    case.doCleanups()
+                self.assertEqual(ours.split(b"\n"), plain.split(b"\n"))
+                for kind in (b"move", b"trash", b"star", b"mark unread", b"label"):
+                    self.assertGreater(ours.count(b'"action": "%s"' % kind), 4, kind)
+
+    def test_a_runs_intents_take_the_shaped_path_and_share_their_changes(self):
+        # No intent of an --apply is encoded whole; a step's entries share one dict per
+        # change that names no UID, and one "after" per destination; a step's message
+        # records share their "actions" (each step its own) and their flag changes.
+        case = RecordSideEquivalenceTest("test_gmail_apply_writes_the_plain_bytes")
+        whole, steps = [], []
+        make, intend = gc._record_encoder, gc.Run.intend
+
+        def counted_encoder() -> Callable[[Any], str]:
+            encode = make()
+            return lambda value: whole.append(value) or encode(value)
+
+        def kept_intend(run: gc.Run, conn: gc.GmailConnection,
+                        entries: Sequence[Dict[str, Any]]) -> None:
+            steps.append(entries)
+            intend(run, conn, entries)
+
+        records: List[Dict[str, Any]] = []
+        with mock.patch.object(gc, "_record_encoder", counted_encoder), \
+                mock.patch.object(gc.Run, "intend", kept_intend):
+            case.setUp()
+            try:
+                case.server = FakeGmail(kind="move").start()
+                case.fill(case.server)
+                case.run_once(gc.parse_rules(_RECORD_SIDE_RULES, "rules.json"), batch_size=6,
+                              records=records)
+                log = case.audit()
+            finally:
+                case.server.stop()
+                case.doCleanups()
+        self.assertGreater(log.count(b'"type": "intent", "uid"'), 10)
+        self.assertEqual([value for value in whole if isinstance(value, dict)
+                          and value.get("type") == "intent" and "changes" in value], [])
+        entries = [entry for step in steps for entry in step if "changes" in entry]
+        for kind in ("label", "mark read", "archive"):
+            with self.subTest(kind=kind):
+                made = [change for entry in entries for change in entry["changes"]
+                        if change["action"] == kind]
+                shared = {id(change["after"] if kind == "archive" else change)
+                          for change in made}
+                self.assertGreater(len(made), len(shared) + 2)
+        acted = [record for record in records if record["actions"]]
+        self.assertLess(len({id(record["actions"]) for record in acted}), len(acted) - 2)
+        made = [change for record in records for change in record["changes"]
+                if change["action"] == "mark read"]         # the outcomes' own, shared
+        self.assertGreater(len(made), len({id(change) for change in made}) + 2)
 
 
 # --- Benchmark ---------------------------------------------------------------------------

@@ -5069,6 +5069,150 @@ class LabelAnswerLineTest(unittest.TestCase):
                              [6, "FETCH", ["X-GM-LABELS", ["\\Inbox", "two words"], "UID", 10]])
 
 
+def _shaped_fetch_lines(rng: random.Random, count: int) -> List[bytes]:
+    """Headers-only FETCH answers in the shapes servers send (Dovecot: the literal last;
+    the fake Gmail server: items after it; a body prefix's <0>), then each broken at the
+    places the shape looks at: its spaces, parentheses, quotes, the literal's size and
+    marks, the name's case, what follows the literal."""
+    blocks = [raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" for raw, _ in bench_corpus(12)]
+    blocks += [b"Subject: a) b (c\r\n\r\n", b"From: \xc3\xa9 <a@b>\r\n\r\n)", b"",
+               b'Subject: "x" {3}\r\n\r\n', b"X: 1\r\n FETCH (UID 2)\r\n\r\n"]
+    items = [b"UID %d", b"FLAGS (\\Seen $Label1)", b"FLAGS ()", b"FLAGS (\\Seen)",
+             b"RFC822.SIZE %d", b'INTERNALDATE "13-Dec-2025 07:47:35 +0000"', b'X-Q ""',
+             b"X-GM-MSGID 17000000000000%d", b"X-GM-THRID %d", b"FLAGS (0123 NIL nil)",
+             b'INTERNALDATE "\xff 8-bit"', b"X-GM-LABELS (\\Inbox Receipts)", b"NIL %d"]
+    names = [b"BODY[HEADER.FIELDS (DATE FROM LIST-ID MESSAGE-ID SUBJECT)]",
+             b"BODY[HEADER.FIELDS (FROM)]", b"BODY[]<0>", b"BODY[HEADER]"]
+    lines = []
+    for n in range(count):
+        block = blocks[n % len(blocks)]
+        chosen = [item.replace(b"%d", b"%d" % (n + 1)) for item in rng.sample(items, 4)]
+        at = len(chosen) if n % 2 else rng.randrange(len(chosen) + 1)
+        before, after = chosen[:at], chosen[at:]
+        literal = b"%s {%d}\r\n%s" % (rng.choice(names), len(block), block)
+        lines.append(b"%d FETCH (" % (n + 1) + b" ".join(before + [literal] + after) + b")")
+    breaks = [b" ", b"  ", b"", b"(", b")", b'"', b"\\", b"NIL", b"{", b"}", b"+", b"~",
+              b"\r\n", b"\n", b"\xff", b"x", b"0", b"99999999999", b"[", b"]", b"<0>"]
+    broken = []
+    for line in lines:
+        spots = [m.start() for m in re.finditer(rb'[ ()"{}\[\]]|\r\n', line)]
+        for _ in range(4):
+            at = rng.choice(spots)
+            broken.append(line[:at] + rng.choice(breaks) + line[at + rng.choice([0, 1, 1, 2]):])
+        broken.append(line.lower())
+        broken.append(line.replace(b"} ", b"+}", 1).replace(b"}\r\n", b"+}\r\n", 1))
+        broken.append(line[:-1] + b" )")
+        broken.append(line + b")")
+    return lines + broken
+
+
+class ReadingShapeTest(unittest.TestCase):
+    """The headers-only FETCH line's common shape (_parse_fetch_shape) reads exactly what
+    the plain parser reads and weighs it as _weight() does; anything else is left to the
+    item loop.  Item names pair up as the upper-casing comprehension pairs them."""
+
+    def test_shaped_lines_read_as_the_plain_parser_reads_them(self):
+        samples = _shaped_fetch_lines(random.Random(1717), 160)
+        shaped = 0
+        for data in samples:
+            with self.subTest(data=data):
+                want = _parse_outcome(gc._parse_plain, data)
+                self.assertEqual(_parse_outcome(gc.parse_response, data), want)
+                found = gc._parse_fetch_shape(data)
+                if found is None:
+                    continue
+                self.assertEqual(_parsed_shape(found[0]), want)
+                self.assertEqual(found[1], _reference_weight(found[0][2]))
+                self.assertEqual(gc._parse_weighed(data), found)
+                shaped += 1
+        self.assertGreater(shaped, 200)                  # the common shapes are read so
+        self.assertLess(shaped, len(samples) - 300)      # and broken ones left alone
+
+    def test_servers_answers_take_the_shape_and_odd_ones_the_item_loop(self):
+        header = b"From: a@b\r\nSubject: x\r\n\r\n"
+        dovecot = (b'3 FETCH (UID 7 FLAGS (\\Seen) RFC822.SIZE 1197 INTERNALDATE "07-Dec-2024 '
+                   b'12:40:03 +0000" BODY[HEADER.FIELDS (FROM SUBJECT)] {25}\r\n'
+                   + header + b")")
+        fake = (b"4 FETCH (UID 8 FLAGS () BODY[HEADER.FIELDS (FROM SUBJECT)] {25}\r\n" + header
+                + b" RFC822.SIZE 90 X-GM-LABELS () X-GM-MSGID 1700000000000000001)")
+        self.assertEqual(gc._parse_fetch_shape(dovecot), ([3, "FETCH", [
+            "UID", 7, "FLAGS", ["\\Seen"], "RFC822.SIZE", 1197, "INTERNALDATE",
+            "07-Dec-2024 12:40:03 +0000", "BODY[HEADER.FIELDS (FROM SUBJECT)]", header]],
+            _reference_weight(gc._parse_plain(dovecot)[2])))
+        self.assertEqual(gc._parse_fetch_shape(fake)[0], gc._parse_plain(fake))
+        odd = [dovecot.replace(b"(\\Seen)", b'("\\\\Seen")'),      # quoted in a list
+               dovecot.replace(b"(\\Seen)", b"NIL"),               # NIL where a list goes
+               dovecot.replace(b"UID 7 ", b"UID  7 "),             # two spaces
+               dovecot.replace(b"{25}", b"{25+}"),                 # a literal's "+"
+               dovecot.replace(b"{25}", b"{24}"),                  # the size is wrong
+               dovecot.replace(b"{25}", b"{99999999999}"),
+               dovecot[:-1] + b" x 1)", fake.replace(b"\r\n RFC", b"\r\nRFC"),
+               dovecot.replace(b"INTERNALDATE", b"internaldate"),
+               dovecot.replace(b'"07-Dec', b'"\\07-Dec'),          # an escape
+               dovecot.replace(b"BODY[", b"BODY.PEEK["), dovecot[:-1]]
+        for data in odd:
+            with self.subTest(data=data):
+                self.assertIsNone(gc._parse_fetch_shape(data))
+                self.assertEqual(_parse_outcome(gc.parse_response, data),
+                                 _parse_outcome(gc._parse_plain, data))
+
+    def test_section_names_kept_are_bounded(self):
+        with mock.patch.dict(gc._SECTIONS, clear=True):
+            for n in range(100):
+                name = b"BODY[HEADER.FIELDS (X-%d)]" % n
+                data = b"1 FETCH (UID 1 %s {0}\r\n)" % name
+                self.assertEqual(gc._parse_fetch_shape(data)[0][2][2], name.decode())
+            self.assertEqual(len(gc._SECTIONS), 64)
+            first = b"1 FETCH (UID 1 BODY[HEADER.FIELDS (X-0)] {0}\r\n)"
+            self.assertIs(gc._parse_fetch_shape(first)[0][2][2],
+                          gc._parse_fetch_shape(first.replace(b"UID 1", b"UID 2"))[0][2][2])
+
+    def test_names_pair_up_as_the_upper_casing_comprehension_pairs_them(self):
+        names = ["UID", "uid", "Flags", "FLAGS", "BODY[HEADER.FIELDS (from)]", "", "\0",
+                 "X\0Y", "\u00df", "STRASSE", "\u01c5", "\ufb00", "\u0130", "\u0345", "123",
+                 gc.Number("7"), 7, None, b"FLAGS", ["UID"], "NIL", "X-GM-LABELS"]
+        rng = random.Random(17)
+        cases = [[name, n] for n, name in enumerate(names)]
+        for _ in range(300):
+            cases.append([x for n in range(rng.randrange(0, 5))
+                          for x in (rng.choice(names), n)])
+        for items in cases:
+            with self.subTest(items=items):
+                want = {str(items[i]).upper(): items[i + 1] for i in range(0, len(items), 2)}
+                got = gc._pairs(items)
+                self.assertEqual(list(got.items()), list(want.items()))
+                self.assertTrue(all(type(key) is str for key in got))
+        self.assertRaisesRegex(gc.ProtocolError, "do not pair up", gc._pairs, ["UID", 1, "X"])
+
+    def test_fetch_answers_convert_as_each_value_converted_alone(self):
+        lines = _shaped_fetch_lines(random.Random(5), 80)[:80]
+        lines += [b"9 FETCH (uid 9 Flags (\\Seen) body[header.fields (from subject)] "
+                  b"{3}\r\nX: )",
+                  b'10 FETCH (UID 10 X-GM-LABELS ("\\\\Inbox" "&AOk-t&AOk-") MODSEQ (5) '
+                  b'X-GM-THRID 3 RFC822 "str" BODY[TEXT] NIL ENVELOPE NIL)']
+        untagged = [gc._parse_plain(line) for line in lines]
+        untagged = [item for item in untagged if isinstance(gc._pairs(item[2]).get("UID"), int)]
+        items = ["FLAGS", "BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)]", "RFC822.SIZE"]
+        by_key = {gc._fetch_key(item): item for item in items}
+        got: Dict[int, Dict[str, Any]] = {}
+        gc._fetch_answer(gc._Response("OK", "", [], "", untagged), set(range(100)), by_key,
+                         got, 1000, [])
+        want: Dict[int, Dict[str, Any]] = {}
+        for item in untagged:
+            attrs = {str(k).upper(): v for k, v in zip(item[2][::2], item[2][1::2])}
+            values = want.setdefault(int(attrs["UID"]), {})
+            for key, value in attrs.items():
+                if key != "UID":
+                    values[by_key.get(gc._fetch_key(key), key)] = \
+                        _reference_fetch_value(key, value)
+        self.assertEqual({uid: {k: _outcome_of(lambda v=v: v) for k, v in values.items()}
+                          for uid, values in got.items()},
+                         {uid: {k: _outcome_of(lambda v=v: v) for k, v in values.items()}
+                          for uid, values in want.items()})
+        self.assertEqual(got[9], {"FLAGS": ("\\Seen",), items[1]: b"X: "})
+        self.assertEqual(got[10]["X-GM-LABELS"], ("\\Inbox", "\u00e9t\u00e9"))
+
+
 # --- Connection --------------------------------------------------------------------------
 
 
@@ -11699,6 +11843,41 @@ class FolderHintTest(FakeServerTest):
         self.assertIn("LIST", self.commands())      # it was asked, and said no
 
 
+class OneHeaderCacheAtATimeTest(FakeServerTest):
+    """A batch's messages have their header cache made just before their own rules (which
+    drop it), so a run holds one message's cache at a time, not a whole batch's; what the
+    records show is the same."""
+
+    def test_only_the_message_being_judged_holds_a_header_cache(self):
+        for raw, when in bench_corpus(12):
+            self.server.add_message(raw, date=when)
+        made: List[MessageInfo] = []
+        held: List[int] = []
+        judge, read = gc.Ruleset.classify, gc._message_info
+
+        def classify(rules, msg, *args, **kwargs):
+            held.append(sum(gc._CACHE in info.headers.__dict__ for info in made))
+            self.assertIn(gc._CACHE, msg.headers.__dict__)
+            return judge(rules, msg, *args, **kwargs)
+
+        def message_info(*args, **kwargs):
+            made.append(read(*args, **kwargs))
+            return made[-1]
+
+        seen: List[gc.Outcome] = []
+        with self.connect() as conn, \
+                mock.patch.object(gc, "_message_info", message_info), \
+                mock.patch.object(gc.Ruleset, "classify", classify):
+            gc.classify_folder(conn, gc.parse_rules(SPEED_RULES, "speed rules"), "INBOX",
+                               batch_size=5, on_message=seen.append)
+        self.assertEqual(held, [1] * 12)
+        self.assertEqual(len(made), 12)
+        self.assertFalse(any(gc._CACHE in info.headers.__dict__ for info in made))
+        want = [gc._shown_headers(info.headers) for info in made]
+        self.assertEqual([(o.sender, o.subject, o.message_id) for o in seen], want)
+        self.assertTrue(all(sender for sender, _, _ in want))
+
+
 # --- Demo: a small sample mailbox, classified offline ------------------------------------
 
 
@@ -14273,6 +14452,206 @@ def _plain_plan_add(plan: gc._Plan, uid: int, actions: gc.Actions, flags: frozen
     if keys:
         plan.per_uid[uid] = keys
     return bool(keys)
+
+
+class _Count(int):
+    """An int subclass: the encoder writes int.__repr__ of it, the shape must not guess."""
+
+
+class _Text(str):
+    """A str subclass, written as its text."""
+
+
+# Values a record's field may hold, hostile and odd: controls, surrogates, 8-bit, non-BMP,
+# "%" (the shape's format), quotes, long text; ints big and small, floats (NaN too),
+# subclasses, containers nested and empty, dicts with keys out of order and not strings.
+_SHAPE_VALUES: Tuple[Any, ...] = (
+    "", "plain", "caf\xe9 \u202e\u2028 \U0001F600", "\x00\x01\x1b[31m\x7f\u0085", "\ud800 lone",
+    '"q" \\ / %s %% %(x)s', "long " * 2000, _Text("sub%s"), 0, 1, -7, 2 ** 70, _Count(5),
+    True, False, None, 1.5, -0.0, float("nan"), float("inf"), (), [], {}, ("a", 1, None),
+    ["x", {"b": 1, "a": [True, 2.5]}], {"z": 1, "a": {"y": None, "b": "\u2028"}},
+    {2: "int key", 1: "keys made text"},
+)
+
+
+class RecordShapeTest(unittest.TestCase):
+    """_RecordShape writes a step's intent and unsent lines as _RECORD_JSON.encode writes
+    ``dict(stamp, **entry)``, byte for byte: over random entries with fields of every type
+    and hostile text, and entries of another shape (a key more or less), which it hands to
+    the encoder whole; the other kinds of record, through _record_lines, likewise."""
+
+    def random_value(self, rnd: random.Random) -> Any:
+        if rnd.random() < 0.2:
+            return [rnd.choice(_SHAPE_VALUES) for _ in range(rnd.randrange(4))]
+        return rnd.choice(_SHAPE_VALUES)
+
+    def expected(self, record: Mapping[str, Any]) -> str:
+        return gc._RECORD_JSON.encode(record) + "\n"
+
+    def test_random_entries_encode_as_the_whole_record(self):
+        rnd = random.Random(17)
+        for kind in ("intent", "unsent"):
+            stamp = {"type": kind, "version": gc.INTENT_VERSION, "run": "20261207T1200-ab%s",
+                     "time": "2026-12-07T12:00:00Z", "account": "a%b@example.com",
+                     "host": "imap.example.com:993", "command": "run", "rules_hash": "0f%",
+                     "account_name": "\u202ework %(x)s", "undo_of": None}
+            entries = []
+            for n in range(300):
+                entry = {key: self.random_value(rnd) for key in gc._ENTRY_FIELDS}
+                if n % 25 == 1:
+                    entry["extra"] = 1                  # a key more: encoded whole
+                elif n % 25 == 2:
+                    del entry["subject"]                # a key less
+                elif n % 25 == 3:
+                    entry = dict(reversed(list(entry.items())))    # another order: the same
+                elif n % 25 == 4:
+                    entry = {"create": "Folder %s", "folder": "INBOX", "flight": True}
+                entries.append(entry)
+            lines = list(gc._entry_lines(stamp, entries))
+            self.assertEqual(len(lines), len(entries))
+            for entry, line in zip(entries, lines):
+                with self.subTest(kind=kind, entry=entry):
+                    self.assertEqual(line, self.expected(dict(stamp, **entry)))
+
+    def test_random_records_of_each_kind_encode_as_the_encoder_does(self):
+        rnd = random.Random(18)
+        fields = {"message": sorted({"folder", "uid", "uidvalidity", "gm_msgid", "message_id",
+                                     "subject", "from", "rules", "reasons", "actions",
+                                     "applied", "changes"}),
+                  "done": ["folder", "uidvalidity", "action", "label", "flag", "destination",
+                           "uids", "new_uids"],
+                  "skipped": ["folder", "uid", "uidvalidity", "reason"],
+                  "summary": ["status", "error", "counts", "reports", "folders"]}
+        records = []
+        for kind, own in fields.items():
+            for _ in range(60):
+                record = {"type": kind, "version": 1, "run": "r%s", "time": "t"}
+                record.update((key, self.random_value(rnd)) for key in own)
+                records.append(record)
+        for record, line in zip(records, gc._record_lines(records)):
+            with self.subTest(record=record):
+                self.assertEqual(line, self.expected(record))
+
+    def test_shapes_that_make_no_format_encode_as_the_encoder_does(self):
+        # A stamp that overlaps the entry's fields, or whose keys are not strings.
+        part = {"c": "x", "d": [1, {"z": 2, "y": 1}]}
+        shape = gc._RecordShape({"c": 1, "b": 2}, ("c", "d"))
+        self.assertFalse(shape.usable)
+        self.assertEqual(shape.line(part), self.expected({"c": "x", "b": 2, "d": part["d"]}))
+        shape = gc._RecordShape({"b": 1}, ("c",))
+        self.assertFalse(shape.usable)
+        self.assertEqual(shape.line({"c": 2}), self.expected({"b": 1, "c": 2}))
+        shape = gc._RecordShape({1: "a", 2: "b"}, ("c", "d"))
+        self.assertFalse(shape.usable)
+        with self.assertRaises(TypeError):         # int and str keys do not sort
+            self.expected({1: "a", 2: "b", **part})
+        with self.assertRaises(TypeError):
+            shape.line(part)
+
+    def test_a_shape_refuses_what_the_encoder_refuses(self):
+        shape = gc._RecordShape({"type": "intent"}, ("a", "b"))
+        loop: List[Any] = []
+        loop.append(loop)
+        for bad in (object(), {1, 2}, loop, {"k": {("t",): 1}}):
+            with self.subTest(bad=bad):
+                with self.assertRaises((TypeError, ValueError)) as ours:
+                    shape.line({"a": bad, "b": 1})
+                with self.assertRaises((TypeError, ValueError)) as plain:
+                    gc._RECORD_JSON.encode({"type": "intent", "a": bad, "b": 1})
+                self.assertIs(type(ours.exception), type(plain.exception))
+
+    def test_without_the_c_encoder_the_same_lines(self):
+        stamp = {"type": "intent", "run": "r", "time": "t"}
+        entries = [{key: value for key, value in zip(gc._ENTRY_FIELDS, _SHAPE_VALUES[n:])}
+                   for n in range(len(_SHAPE_VALUES) - len(gc._ENTRY_FIELDS))]
+        with mock.patch.object(gc, "_c_record_encoder", lambda: None):
+            lines = list(gc._entry_lines(stamp, entries))
+        self.assertEqual(lines, [self.expected(dict(stamp, **entry)) for entry in entries])
+
+    def test_many_moves_and_flags_a_step_write_the_plain_bytes(self):
+        # Several messages of one step moved to one folder, trashed, starred and labelled,
+        # on Gmail and off it: shared change dicts must never carry one message's UID or
+        # COPYUID answer into another's records.
+        def fill(server: FakeGmail) -> None:
+            for n in range(12):
+                subject = ("digest " if n % 3 == 0 else "") + _HOSTILE_SUBJECTS[n % 2]
+                sender = ("spammer@spam.example", "x <alerts@mybank.example>")[n % 2]
+                raw = (f"From: {sender}\r\nSubject: {subject}\r\nMessage-ID: <k{n}@x>\r\n"
+                       f"List-Id: <l.example>\r\n\r\nbody\r\n").encode("latin-1",
+                                                                         "surrogateescape")
+                flags = ["\\Seen"] if n % 3 == 0 else []
+                labels = {"labels": ["\\Inbox"]} if server.gmail else {}
+                # A fixed INTERNALDATE: the two runs' servers are filled at different times
+                server.add_message(raw, flags=flags, date=datetime(2024, 3, 4, 10, n,
+                                                                   tzinfo=timezone.utc),
+                                   **labels)
+
+        rules = {"rule": [{"name": "Bank", "from": "@mybank.example", "star": True,
+                           "label": "Bank", "continue": True},
+                          {"name": "Digest", "subject": "digest", "mark_unread": True,
+                           "continue": True},
+                          {"name": "Spam", "from": "@spam.example", "trash": True},
+                          {"name": "Lists", "header": {"List-Id": True}, "move": "Lists"}]}
+        for server in ({"gmail": True}, {"kind": "move"}):
+            with self.subTest(**server):
+                case = RecordSideEquivalenceTest("test_gmail_apply_writes_the_plain_bytes")
+                case.fill = fill
+                case.setUp()
+                try:
+                    with mock.patch.dict(_RECORD_SIDE_RULES, rules):
+                        ours, plain = case.both_ways(**server)
+                finally:
+                    case.doCleanups()
+                self.assertEqual(ours.split(b"\n"), plain.split(b"\n"))
+                for kind in (b"move", b"trash", b"star", b"mark unread", b"label"):
+                    self.assertGreater(ours.count(b'"action": "%s"' % kind), 4, kind)
+
+    def test_a_runs_intents_take_the_shaped_path_and_share_their_changes(self):
+        # No intent of an --apply is encoded whole; a step's entries share one dict per
+        # change that names no UID, and one "after" per destination; a step's message
+        # records share their "actions" (each step its own) and their flag changes.
+        case = RecordSideEquivalenceTest("test_gmail_apply_writes_the_plain_bytes")
+        whole, steps = [], []
+        make, intend = gc._record_encoder, gc.Run.intend
+
+        def counted_encoder() -> Callable[[Any], str]:
+            encode = make()
+            return lambda value: whole.append(value) or encode(value)
+
+        def kept_intend(run: gc.Run, conn: gc.GmailConnection,
+                        entries: Sequence[Dict[str, Any]]) -> None:
+            steps.append(entries)
+            intend(run, conn, entries)
+
+        records: List[Dict[str, Any]] = []
+        with mock.patch.object(gc, "_record_encoder", counted_encoder), \
+                mock.patch.object(gc.Run, "intend", kept_intend):
+            case.setUp()
+            try:
+                case.server = FakeGmail(kind="move").start()
+                case.fill(case.server)
+                case.run_once(gc.parse_rules(_RECORD_SIDE_RULES, "rules.json"), batch_size=6,
+                              records=records)
+                log = case.audit()
+            finally:
+                case.server.stop()
+                case.doCleanups()
+        self.assertGreater(log.count(b'"type": "intent", "uid"'), 10)
+        self.assertEqual([value for value in whole if isinstance(value, dict)
+                          and value.get("type") == "intent" and "changes" in value], [])
+        entries = [entry for step in steps for entry in step if "changes" in entry]
+        for kind in ("label", "mark read", "archive"):
+            with self.subTest(kind=kind):
+                made = [change for entry in entries for change in entry["changes"]
+                        if change["action"] == kind]
+                shared = {id(change["after"] if kind == "archive" else change)
+                          for change in made}
+                self.assertGreater(len(made), len(shared) + 2)
+        acted = [record for record in records if record["actions"]]
+        self.assertLess(len({id(record["actions"]) for record in acted}), len(acted) - 2)
+        made = [change for record in records for change in record["changes"]
+                if change["action"] == "mark read"]         # the outcomes' own, shared
+        self.assertGreater(len(made), len({id(change) for change in made}) + 2)
 
 
 # --- Watch: stay connected and classify new mail as it arrives ---------------------------
@@ -20327,388 +20706,6 @@ class LiveServerTest(unittest.TestCase):
         again = gc.classify_folder(self.conn, rules, self.scratch, apply=True,
                                    allow_expunge=allow)
         self.assertEqual(again.changes, {})
-
-
-# --- Issue 17: the reading's CPU, a FETCH line's common shape, one header cache at a time ---
-
-
-def _shaped_fetch_lines(rng: random.Random, count: int) -> List[bytes]:
-    """Headers-only FETCH answers in the shapes servers send (Dovecot: the literal last;
-    the fake Gmail server: items after it; a body prefix's <0>), then each broken at the
-    places the shape looks at: its spaces, parentheses, quotes, the literal's size and
-    marks, the name's case, what follows the literal."""
-    blocks = [raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" for raw, _ in bench_corpus(12)]
-    blocks += [b"Subject: a) b (c\r\n\r\n", b"From: \xc3\xa9 <a@b>\r\n\r\n)", b"",
-               b'Subject: "x" {3}\r\n\r\n', b"X: 1\r\n FETCH (UID 2)\r\n\r\n"]
-    items = [b"UID %d", b"FLAGS (\\Seen $Label1)", b"FLAGS ()", b"FLAGS (\\Seen)",
-             b"RFC822.SIZE %d", b'INTERNALDATE "13-Dec-2025 07:47:35 +0000"', b'X-Q ""',
-             b"X-GM-MSGID 17000000000000%d", b"X-GM-THRID %d", b"FLAGS (0123 NIL nil)",
-             b'INTERNALDATE "\xff 8-bit"', b"X-GM-LABELS (\\Inbox Receipts)", b"NIL %d"]
-    names = [b"BODY[HEADER.FIELDS (DATE FROM LIST-ID MESSAGE-ID SUBJECT)]",
-             b"BODY[HEADER.FIELDS (FROM)]", b"BODY[]<0>", b"BODY[HEADER]"]
-    lines = []
-    for n in range(count):
-        block = blocks[n % len(blocks)]
-        chosen = [item.replace(b"%d", b"%d" % (n + 1)) for item in rng.sample(items, 4)]
-        at = len(chosen) if n % 2 else rng.randrange(len(chosen) + 1)
-        before, after = chosen[:at], chosen[at:]
-        literal = b"%s {%d}\r\n%s" % (rng.choice(names), len(block), block)
-        lines.append(b"%d FETCH (" % (n + 1) + b" ".join(before + [literal] + after) + b")")
-    breaks = [b" ", b"  ", b"", b"(", b")", b'"', b"\\", b"NIL", b"{", b"}", b"+", b"~",
-              b"\r\n", b"\n", b"\xff", b"x", b"0", b"99999999999", b"[", b"]", b"<0>"]
-    broken = []
-    for line in lines:
-        spots = [m.start() for m in re.finditer(rb'[ ()"{}\[\]]|\r\n', line)]
-        for _ in range(4):
-            at = rng.choice(spots)
-            broken.append(line[:at] + rng.choice(breaks) + line[at + rng.choice([0, 1, 1, 2]):])
-        broken.append(line.lower())
-        broken.append(line.replace(b"} ", b"+}", 1).replace(b"}\r\n", b"+}\r\n", 1))
-        broken.append(line[:-1] + b" )")
-        broken.append(line + b")")
-    return lines + broken
-
-
-class ReadingShapeTest(unittest.TestCase):
-    """The headers-only FETCH line's common shape (_parse_fetch_shape) reads exactly what
-    the plain parser reads and weighs it as _weight() does; anything else is left to the
-    item loop.  Item names pair up as the upper-casing comprehension pairs them."""
-
-    def test_shaped_lines_read_as_the_plain_parser_reads_them(self):
-        samples = _shaped_fetch_lines(random.Random(1717), 160)
-        shaped = 0
-        for data in samples:
-            with self.subTest(data=data):
-                want = _parse_outcome(gc._parse_plain, data)
-                self.assertEqual(_parse_outcome(gc.parse_response, data), want)
-                found = gc._parse_fetch_shape(data)
-                if found is None:
-                    continue
-                self.assertEqual(_parsed_shape(found[0]), want)
-                self.assertEqual(found[1], _reference_weight(found[0][2]))
-                self.assertEqual(gc._parse_weighed(data), found)
-                shaped += 1
-        self.assertGreater(shaped, 200)                  # the common shapes are read so
-        self.assertLess(shaped, len(samples) - 300)      # and broken ones left alone
-
-    def test_servers_answers_take_the_shape_and_odd_ones_the_item_loop(self):
-        header = b"From: a@b\r\nSubject: x\r\n\r\n"
-        dovecot = (b'3 FETCH (UID 7 FLAGS (\\Seen) RFC822.SIZE 1197 INTERNALDATE "07-Dec-2024 '
-                   b'12:40:03 +0000" BODY[HEADER.FIELDS (FROM SUBJECT)] {25}\r\n'
-                   + header + b")")
-        fake = (b"4 FETCH (UID 8 FLAGS () BODY[HEADER.FIELDS (FROM SUBJECT)] {25}\r\n" + header
-                + b" RFC822.SIZE 90 X-GM-LABELS () X-GM-MSGID 1700000000000000001)")
-        self.assertEqual(gc._parse_fetch_shape(dovecot), ([3, "FETCH", [
-            "UID", 7, "FLAGS", ["\\Seen"], "RFC822.SIZE", 1197, "INTERNALDATE",
-            "07-Dec-2024 12:40:03 +0000", "BODY[HEADER.FIELDS (FROM SUBJECT)]", header]],
-            _reference_weight(gc._parse_plain(dovecot)[2])))
-        self.assertEqual(gc._parse_fetch_shape(fake)[0], gc._parse_plain(fake))
-        odd = [dovecot.replace(b"(\\Seen)", b'("\\\\Seen")'),      # quoted in a list
-               dovecot.replace(b"(\\Seen)", b"NIL"),               # NIL where a list goes
-               dovecot.replace(b"UID 7 ", b"UID  7 "),             # two spaces
-               dovecot.replace(b"{25}", b"{25+}"),                 # a literal's "+"
-               dovecot.replace(b"{25}", b"{24}"),                  # the size is wrong
-               dovecot.replace(b"{25}", b"{99999999999}"),
-               dovecot[:-1] + b" x 1)", fake.replace(b"\r\n RFC", b"\r\nRFC"),
-               dovecot.replace(b"INTERNALDATE", b"internaldate"),
-               dovecot.replace(b'"07-Dec', b'"\\07-Dec'),          # an escape
-               dovecot.replace(b"BODY[", b"BODY.PEEK["), dovecot[:-1]]
-        for data in odd:
-            with self.subTest(data=data):
-                self.assertIsNone(gc._parse_fetch_shape(data))
-                self.assertEqual(_parse_outcome(gc.parse_response, data),
-                                 _parse_outcome(gc._parse_plain, data))
-
-    def test_section_names_kept_are_bounded(self):
-        with mock.patch.dict(gc._SECTIONS, clear=True):
-            for n in range(100):
-                name = b"BODY[HEADER.FIELDS (X-%d)]" % n
-                data = b"1 FETCH (UID 1 %s {0}\r\n)" % name
-                self.assertEqual(gc._parse_fetch_shape(data)[0][2][2], name.decode())
-            self.assertEqual(len(gc._SECTIONS), 64)
-            first = b"1 FETCH (UID 1 BODY[HEADER.FIELDS (X-0)] {0}\r\n)"
-            self.assertIs(gc._parse_fetch_shape(first)[0][2][2],
-                          gc._parse_fetch_shape(first.replace(b"UID 1", b"UID 2"))[0][2][2])
-
-    def test_names_pair_up_as_the_upper_casing_comprehension_pairs_them(self):
-        names = ["UID", "uid", "Flags", "FLAGS", "BODY[HEADER.FIELDS (from)]", "", "\0",
-                 "X\0Y", "\u00df", "STRASSE", "\u01c5", "\ufb00", "\u0130", "\u0345", "123",
-                 gc.Number("7"), 7, None, b"FLAGS", ["UID"], "NIL", "X-GM-LABELS"]
-        rng = random.Random(17)
-        cases = [[name, n] for n, name in enumerate(names)]
-        for _ in range(300):
-            cases.append([x for n in range(rng.randrange(0, 5))
-                          for x in (rng.choice(names), n)])
-        for items in cases:
-            with self.subTest(items=items):
-                want = {str(items[i]).upper(): items[i + 1] for i in range(0, len(items), 2)}
-                got = gc._pairs(items)
-                self.assertEqual(list(got.items()), list(want.items()))
-                self.assertTrue(all(type(key) is str for key in got))
-        self.assertRaisesRegex(gc.ProtocolError, "do not pair up", gc._pairs, ["UID", 1, "X"])
-
-    def test_fetch_answers_convert_as_each_value_converted_alone(self):
-        lines = _shaped_fetch_lines(random.Random(5), 80)[:80]
-        lines += [b"9 FETCH (uid 9 Flags (\\Seen) body[header.fields (from subject)] "
-                  b"{3}\r\nX: )",
-                  b'10 FETCH (UID 10 X-GM-LABELS ("\\\\Inbox" "&AOk-t&AOk-") MODSEQ (5) '
-                  b'X-GM-THRID 3 RFC822 "str" BODY[TEXT] NIL ENVELOPE NIL)']
-        untagged = [gc._parse_plain(line) for line in lines]
-        untagged = [item for item in untagged if isinstance(gc._pairs(item[2]).get("UID"), int)]
-        items = ["FLAGS", "BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)]", "RFC822.SIZE"]
-        by_key = {gc._fetch_key(item): item for item in items}
-        got: Dict[int, Dict[str, Any]] = {}
-        gc._fetch_answer(gc._Response("OK", "", [], "", untagged), set(range(100)), by_key,
-                         got, 1000, [])
-        want: Dict[int, Dict[str, Any]] = {}
-        for item in untagged:
-            attrs = {str(k).upper(): v for k, v in zip(item[2][::2], item[2][1::2])}
-            values = want.setdefault(int(attrs["UID"]), {})
-            for key, value in attrs.items():
-                if key != "UID":
-                    values[by_key.get(gc._fetch_key(key), key)] = \
-                        _reference_fetch_value(key, value)
-        self.assertEqual({uid: {k: _outcome_of(lambda v=v: v) for k, v in values.items()}
-                          for uid, values in got.items()},
-                         {uid: {k: _outcome_of(lambda v=v: v) for k, v in values.items()}
-                          for uid, values in want.items()})
-        self.assertEqual(got[9], {"FLAGS": ("\\Seen",), items[1]: b"X: "})
-        self.assertEqual(got[10]["X-GM-LABELS"], ("\\Inbox", "\u00e9t\u00e9"))
-
-
-class OneHeaderCacheAtATimeTest(FakeServerTest):
-    """A batch's messages have their header cache made just before their own rules (which
-    drop it), so a run holds one message's cache at a time, not a whole batch's; what the
-    records show is the same."""
-
-    def test_only_the_message_being_judged_holds_a_header_cache(self):
-        for raw, when in bench_corpus(12):
-            self.server.add_message(raw, date=when)
-        made: List[MessageInfo] = []
-        held: List[int] = []
-        judge, read = gc.Ruleset.classify, gc._message_info
-
-        def classify(rules, msg, *args, **kwargs):
-            held.append(sum(gc._CACHE in info.headers.__dict__ for info in made))
-            self.assertIn(gc._CACHE, msg.headers.__dict__)
-            return judge(rules, msg, *args, **kwargs)
-
-        def message_info(*args, **kwargs):
-            made.append(read(*args, **kwargs))
-            return made[-1]
-
-        seen: List[gc.Outcome] = []
-        with self.connect() as conn, \
-                mock.patch.object(gc, "_message_info", message_info), \
-                mock.patch.object(gc.Ruleset, "classify", classify):
-            gc.classify_folder(conn, gc.parse_rules(SPEED_RULES, "speed rules"), "INBOX",
-                               batch_size=5, on_message=seen.append)
-        self.assertEqual(held, [1] * 12)
-        self.assertEqual(len(made), 12)
-        self.assertFalse(any(gc._CACHE in info.headers.__dict__ for info in made))
-        want = [gc._shown_headers(info.headers) for info in made]
-        self.assertEqual([(o.sender, o.subject, o.message_id) for o in seen], want)
-        self.assertTrue(all(sender for sender, _, _ in want))
-
-
-# --- Issue 17: the records' CPU -------------------------------------------------------
-
-
-class _Count(int):
-    """An int subclass: the encoder writes int.__repr__ of it, the shape must not guess."""
-
-
-class _Text(str):
-    """A str subclass, written as its text."""
-
-
-# Values a record's field may hold, hostile and odd: controls, surrogates, 8-bit, non-BMP,
-# "%" (the shape's format), quotes, long text; ints big and small, floats (NaN too),
-# subclasses, containers nested and empty, dicts with keys out of order and not strings.
-_SHAPE_VALUES: Tuple[Any, ...] = (
-    "", "plain", "caf\xe9 \u202e\u2028 \U0001F600", "\x00\x01\x1b[31m\x7f\u0085", "\ud800 lone",
-    '"q" \\ / %s %% %(x)s', "long " * 2000, _Text("sub%s"), 0, 1, -7, 2 ** 70, _Count(5),
-    True, False, None, 1.5, -0.0, float("nan"), float("inf"), (), [], {}, ("a", 1, None),
-    ["x", {"b": 1, "a": [True, 2.5]}], {"z": 1, "a": {"y": None, "b": "\u2028"}},
-    {2: "int key", 1: "keys made text"},
-)
-
-
-class RecordShapeTest(unittest.TestCase):
-    """_RecordShape writes a step's intent and unsent lines as _RECORD_JSON.encode writes
-    ``dict(stamp, **entry)``, byte for byte: over random entries with fields of every type
-    and hostile text, and entries of another shape (a key more or less), which it hands to
-    the encoder whole; the other kinds of record, through _record_lines, likewise."""
-
-    def random_value(self, rnd: random.Random) -> Any:
-        if rnd.random() < 0.2:
-            return [rnd.choice(_SHAPE_VALUES) for _ in range(rnd.randrange(4))]
-        return rnd.choice(_SHAPE_VALUES)
-
-    def expected(self, record: Mapping[str, Any]) -> str:
-        return gc._RECORD_JSON.encode(record) + "\n"
-
-    def test_random_entries_encode_as_the_whole_record(self):
-        rnd = random.Random(17)
-        for kind in ("intent", "unsent"):
-            stamp = {"type": kind, "version": gc.INTENT_VERSION, "run": "20261207T1200-ab%s",
-                     "time": "2026-12-07T12:00:00Z", "account": "a%b@example.com",
-                     "host": "imap.example.com:993", "command": "run", "rules_hash": "0f%",
-                     "account_name": "\u202ework %(x)s", "undo_of": None}
-            entries = []
-            for n in range(300):
-                entry = {key: self.random_value(rnd) for key in gc._ENTRY_FIELDS}
-                if n % 25 == 1:
-                    entry["extra"] = 1                  # a key more: encoded whole
-                elif n % 25 == 2:
-                    del entry["subject"]                # a key less
-                elif n % 25 == 3:
-                    entry = dict(reversed(list(entry.items())))    # another order: the same
-                elif n % 25 == 4:
-                    entry = {"create": "Folder %s", "folder": "INBOX", "flight": True}
-                entries.append(entry)
-            lines = list(gc._entry_lines(stamp, entries))
-            self.assertEqual(len(lines), len(entries))
-            for entry, line in zip(entries, lines):
-                with self.subTest(kind=kind, entry=entry):
-                    self.assertEqual(line, self.expected(dict(stamp, **entry)))
-
-    def test_random_records_of_each_kind_encode_as_the_encoder_does(self):
-        rnd = random.Random(18)
-        fields = {"message": sorted({"folder", "uid", "uidvalidity", "gm_msgid", "message_id",
-                                     "subject", "from", "rules", "reasons", "actions",
-                                     "applied", "changes"}),
-                  "done": ["folder", "uidvalidity", "action", "label", "flag", "destination",
-                           "uids", "new_uids"],
-                  "skipped": ["folder", "uid", "uidvalidity", "reason"],
-                  "summary": ["status", "error", "counts", "reports", "folders"]}
-        records = []
-        for kind, own in fields.items():
-            for _ in range(60):
-                record = {"type": kind, "version": 1, "run": "r%s", "time": "t"}
-                record.update((key, self.random_value(rnd)) for key in own)
-                records.append(record)
-        for record, line in zip(records, gc._record_lines(records)):
-            with self.subTest(record=record):
-                self.assertEqual(line, self.expected(record))
-
-    def test_shapes_that_make_no_format_encode_as_the_encoder_does(self):
-        # A stamp that overlaps the entry's fields, or whose keys are not strings.
-        part = {"c": "x", "d": [1, {"z": 2, "y": 1}]}
-        shape = gc._RecordShape({"c": 1, "b": 2}, ("c", "d"))
-        self.assertFalse(shape.usable)
-        self.assertEqual(shape.line(part), self.expected({"c": "x", "b": 2, "d": part["d"]}))
-        shape = gc._RecordShape({"b": 1}, ("c",))
-        self.assertFalse(shape.usable)
-        self.assertEqual(shape.line({"c": 2}), self.expected({"b": 1, "c": 2}))
-        shape = gc._RecordShape({1: "a", 2: "b"}, ("c", "d"))
-        self.assertFalse(shape.usable)
-        with self.assertRaises(TypeError):         # int and str keys do not sort
-            self.expected({1: "a", 2: "b", **part})
-        with self.assertRaises(TypeError):
-            shape.line(part)
-
-    def test_a_shape_refuses_what_the_encoder_refuses(self):
-        shape = gc._RecordShape({"type": "intent"}, ("a", "b"))
-        loop: List[Any] = []
-        loop.append(loop)
-        for bad in (object(), {1, 2}, loop, {"k": {("t",): 1}}):
-            with self.subTest(bad=bad):
-                with self.assertRaises((TypeError, ValueError)) as ours:
-                    shape.line({"a": bad, "b": 1})
-                with self.assertRaises((TypeError, ValueError)) as plain:
-                    gc._RECORD_JSON.encode({"type": "intent", "a": bad, "b": 1})
-                self.assertIs(type(ours.exception), type(plain.exception))
-
-    def test_without_the_c_encoder_the_same_lines(self):
-        stamp = {"type": "intent", "run": "r", "time": "t"}
-        entries = [{key: value for key, value in zip(gc._ENTRY_FIELDS, _SHAPE_VALUES[n:])}
-                   for n in range(len(_SHAPE_VALUES) - len(gc._ENTRY_FIELDS))]
-        with mock.patch.object(gc, "_c_record_encoder", lambda: None):
-            lines = list(gc._entry_lines(stamp, entries))
-        self.assertEqual(lines, [self.expected(dict(stamp, **entry)) for entry in entries])
-
-    def test_many_moves_and_flags_a_step_write_the_plain_bytes(self):
-        # Several messages of one step moved to one folder, trashed, starred and labelled,
-        # on Gmail and off it: shared change dicts must never carry one message's UID or
-        # COPYUID answer into another's records.
-        def fill(server: FakeGmail) -> None:
-            for n in range(12):
-                subject = ("digest " if n % 3 == 0 else "") + _HOSTILE_SUBJECTS[n % 2]
-                sender = ("spammer@spam.example", "x <alerts@mybank.example>")[n % 2]
-                raw = (f"From: {sender}\r\nSubject: {subject}\r\nMessage-ID: <k{n}@x>\r\n"
-                       f"List-Id: <l.example>\r\n\r\nbody\r\n").encode("latin-1",
-                                                                         "surrogateescape")
-                flags = ["\\Seen"] if n % 3 == 0 else []
-                labels = {"labels": ["\\Inbox"]} if server.gmail else {}
-                server.add_message(raw, flags=flags, **labels)
-
-        rules = {"rule": [{"name": "Bank", "from": "@mybank.example", "star": True,
-                           "label": "Bank", "continue": True},
-                          {"name": "Digest", "subject": "digest", "mark_unread": True,
-                           "continue": True},
-                          {"name": "Spam", "from": "@spam.example", "trash": True},
-                          {"name": "Lists", "header": {"List-Id": True}, "move": "Lists"}]}
-        for server in ({"gmail": True}, {"kind": "move"}):
-            with self.subTest(**server):
-                case = RecordSideEquivalenceTest("test_gmail_apply_writes_the_plain_bytes")
-                case.fill = fill
-                case.setUp()
-                try:
-                    with mock.patch.dict(_RECORD_SIDE_RULES, rules):
-                        ours, plain = case.both_ways(**server)
-                finally:
-                    case.doCleanups()
-                self.assertEqual(ours.split(b"\n"), plain.split(b"\n"))
-                for kind in (b"move", b"trash", b"star", b"mark unread", b"label"):
-                    self.assertGreater(ours.count(b'"action": "%s"' % kind), 4, kind)
-
-    def test_a_runs_intents_take_the_shaped_path_and_share_their_changes(self):
-        # No intent of an --apply is encoded whole; a step's entries share one dict per
-        # change that names no UID, and one "after" per destination; a step's message
-        # records share their "actions" (each step its own) and their flag changes.
-        case = RecordSideEquivalenceTest("test_gmail_apply_writes_the_plain_bytes")
-        whole, steps = [], []
-        make, intend = gc._record_encoder, gc.Run.intend
-
-        def counted_encoder() -> Callable[[Any], str]:
-            encode = make()
-            return lambda value: whole.append(value) or encode(value)
-
-        def kept_intend(run: gc.Run, conn: gc.GmailConnection,
-                        entries: Sequence[Dict[str, Any]]) -> None:
-            steps.append(entries)
-            intend(run, conn, entries)
-
-        records: List[Dict[str, Any]] = []
-        with mock.patch.object(gc, "_record_encoder", counted_encoder), \
-                mock.patch.object(gc.Run, "intend", kept_intend):
-            case.setUp()
-            try:
-                case.server = FakeGmail(kind="move").start()
-                case.fill(case.server)
-                case.run_once(gc.parse_rules(_RECORD_SIDE_RULES, "rules.json"), batch_size=6,
-                              records=records)
-                log = case.audit()
-            finally:
-                case.server.stop()
-                case.doCleanups()
-        self.assertGreater(log.count(b'"type": "intent", "uid"'), 10)
-        self.assertEqual([value for value in whole if isinstance(value, dict)
-                          and value.get("type") == "intent" and "changes" in value], [])
-        entries = [entry for step in steps for entry in step if "changes" in entry]
-        for kind in ("label", "mark read", "archive"):
-            with self.subTest(kind=kind):
-                made = [change for entry in entries for change in entry["changes"]
-                        if change["action"] == kind]
-                shared = {id(change["after"] if kind == "archive" else change)
-                          for change in made}
-                self.assertGreater(len(made), len(shared) + 2)
-        acted = [record for record in records if record["actions"]]
-        self.assertLess(len({id(record["actions"]) for record in acted}), len(acted) - 2)
-        made = [change for record in records for change in record["changes"]
-                if change["action"] == "mark read"]         # the outcomes' own, shared
-        self.assertGreater(len(made), len({id(change) for change in made}) + 2)
 
 
 # --- Benchmark ---------------------------------------------------------------------------

@@ -1290,10 +1290,6 @@ def _fetch_converter(key: str) -> Callable[[Any], Any]:
     return _fetched_as_parsed
 
 
-def _convert_fetch_value(key: str, value: Any) -> Any:
-    return _fetch_converter(key)(value)
-
-
 def _fetch_keep(wanted: set) -> Callable[[List[Any]], bool]:
     """keep() for a FETCH: its own answers, never an unsolicited FETCH for another UID."""
     def keep(item: List[Any]) -> bool:
@@ -3133,22 +3129,30 @@ class GmailConnection:
         try:
             self._call("CREATE", self._mailbox(name))
         except ImapError as exc:
-            if _already_exists(exc):
-                return False
-            raise _refused(exc, "create the folder", name) from exc
+            if not _already_exists(exc):
+                raise _refused(exc, "create the folder", name) from exc
+            self._created(name)
+            return False
         self._created(name)
         return True
 
     def _created(self, name: str) -> None:
-        """Add a folder this connection created to the folder list it holds, as LIST would
-        name it, rather than ask for the whole list again (a round trip that also waits for
-        every FETCH still on the wire)."""
-        if self._folders is None or any(folder.name == name for folder in self._folders):
+        """Add a folder this connection created (or found there already) to the folder
+        list it holds, as LIST would name it, rather than ask for the whole list again (a
+        round trip that also waits for every FETCH still on the wire).  When the list
+        lacks one of its parents, which a server may have made with it (selectable or
+        not), the list is dropped instead: the next question asks LIST."""
+        if self._folders is None:
             return
+        names = {folder.name for folder in self._folders}
         delimiter = next((folder.delimiter for folder in self._folders if folder.delimiter),
                          None)
-        self._folders.append(Folder(name, delimiter, frozenset(),
-                                    encode_mailbox(name).encode("ascii")))
+        parts = name.split(delimiter) if delimiter else [name]
+        if any(delimiter.join(parts[:end]) not in names for end in range(1, len(parts))):
+            self._folders = None
+        elif name not in names:
+            self._folders.append(Folder(name, delimiter, frozenset(),
+                                        encode_mailbox(name).encode("ascii")))
 
     def delete_folder(self, name: str) -> None:
         """Delete a folder (on Gmail a label, which then comes off every message)."""
@@ -3775,6 +3779,7 @@ class _WriteFlight:
         if write.command == "CREATE" and write.error is not None:
             if _already_exists(write.error):
                 write.error, write.created = None, False     # as create_folder says
+                self.conn._created(str(write.destination))
             else:
                 write.error = _refused(write.error, "create the folder", str(write.destination))
             return
@@ -9421,10 +9426,9 @@ def _labels_and_flags(conn: GmailConnection, plan: _Plan, hooks: _FolderRun) -> 
 _OneMove = Tuple[List[int], str, Tuple[str, ...]]    # UIDs, the server's name, the _Plan key
 
 
-def _moves_flight(conn: GmailConnection, plan: _Plan, source: str, archive: Optional[Folder],
-                  trash: Optional[Folder]) -> Tuple[_WriteFlight, List[_OneMove]]:
-    """A step's last flight (its moves, and Gmail's archive), and the moves left to make
-    one at a time on a server without MOVE: [(uids, server name, _Plan key)]."""
+def _step_moves(conn: GmailConnection, plan: _Plan, source: str, archive: Optional[Folder],
+                trash: Optional[Folder]) -> List[_OneMove]:
+    """A step's moves, archive (off Gmail) and trash: [(uids, server name, _Plan key)]."""
     moves: List[_OneMove] = [
         (uids, conn.server_name(dest), ("move", dest)) for dest, uids in plan.move.items()]
     if plan.archive and not conn.is_gmail and archive is not None \
@@ -9432,6 +9436,13 @@ def _moves_flight(conn: GmailConnection, plan: _Plan, source: str, archive: Opti
         moves.append((plan.archive, archive.name, ("archive",)))
     if plan.trash and trash is not None and not _same_folder(trash.name, source):
         moves.append((plan.trash, trash.name, ("trash",)))
+    return moves
+
+
+def _moves_flight(conn: GmailConnection, plan: _Plan, moves: List[_OneMove]
+                  ) -> Tuple[_WriteFlight, List[_OneMove]]:
+    """A step's last flight (its ``moves``, and Gmail's archive), and the moves left to make
+    one at a time on a server without MOVE."""
     flight = _WriteFlight(conn)
     if plan.archive and conn.is_gmail:
         # Gmail's archive is "remove the \Inbox label"; the message stays in All Mail.
@@ -9490,10 +9501,12 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport, hooks:
     # The labels and flags go in one flight, and once all are confirmed, the moves (and
     # Gmail's archive) in another: a message refused a label is never moved without it.
     flight = _labels_and_flags(conn, plan, hooks)
+    moves = _step_moves(conn, plan, source, archive, trash)
     if flight.writes:
         flight.send()
-        yield from _on_the_wire(flight, report, hooks, last=False)
-    flight, moves = _moves_flight(conn, plan, source, archive, trash)
+        last = not moves and not (plan.archive and conn.is_gmail)   # nothing to move after
+        yield from _on_the_wire(flight, report, hooks, last=last)
+    flight, moves = _moves_flight(conn, plan, moves)
     if flight.writes:
         stop.check("before moving messages")
         flight.send()
@@ -16540,14 +16553,17 @@ def _collecting_less() -> Iterator[None]:
     generation is collected after GC_YOUNG_THRESHOLD new objects, and what exists before
     it (modules, compiled patterns) is left out of every collection (gc.freeze).  These
     are the process's settings: put back afterwards, for a program that calls main()."""
-    before = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(max(before[0], GC_YOUNG_THRESHOLD), *before[1:])
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    if not frozen:          # a caller's own frozen objects stay as the caller left them
+        gc.freeze()
+    if before[0]:           # 0: the caller turned automatic collection off
+        gc.set_threshold(max(before[0], GC_YOUNG_THRESHOLD), *before[1:])
     try:
         yield
     finally:
         gc.set_threshold(*before)
-        gc.unfreeze()
+        if not frozen:
+            gc.unfreeze()
 
 
 def _dispatch(args: argparse.Namespace, out: TextIO) -> int:

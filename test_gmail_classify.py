@@ -7936,7 +7936,8 @@ def _reference_internaldate(text: str) -> Optional[_dtm.datetime]:
 
 
 def _reference_fetch_value(key: str, value: Any) -> Any:
-    """_convert_fetch_value as first written (a chain of tests per value)."""
+    """What _fetch_converter's converters do, as first written (a chain of tests per
+    value)."""
     if key in ("FLAGS", "X-GM-LABELS") and not isinstance(value, list):
         return None
     if key == "FLAGS":
@@ -8030,7 +8031,7 @@ class ReadSideFastPathTest(unittest.TestCase):
         for key in keys:
             for value in values:
                 with self.subTest(key=key, value=value):
-                    self.assertEqual(_outcome_of(lambda: gc._convert_fetch_value(key, value)),
+                    self.assertEqual(_outcome_of(lambda: gc._fetch_converter(key)(value)),
                                      _outcome_of(lambda: _reference_fetch_value(key, value)))
 
     def test_plain_text_headers_decode_as_the_table_and_reference_decode_them(self):
@@ -10988,11 +10989,12 @@ class PipelineTest(FakeServerTest):
         self.assertNotIn("UID MOVE", self.commands())
 
     def test_a_folder_created_in_one_step_is_known_to_the_next_without_a_list(self):
-        # Step one creates "Reçus/2023", step two "Reçus/2024": the folder list read when
-        # the run began, with each created folder added, answers both; no LIST again (it
-        # would also wait for every FETCH on the wire).  The created folder's name goes
-        # to the server as it was created.
-        for index, year in enumerate((2023, 2023, 2024, 2024)):
+        # Steps one to three create "Reçus/2023", "Reçus/2024", "Reçus/2025".  The first
+        # brings a parent the folder list lacks (a server may make it with its child), so
+        # the list is read again once; the others join the list held, with no LIST (it
+        # would also wait for every FETCH on the wire).  A created folder's name goes to
+        # the server as it was created.
+        for index, year in enumerate((2023, 2023, 2024, 2024, 2025, 2025)):
             self.server.add_message(make_message(f"receipt {index}"),
                                     date=datetime(year, 5, 1, tzinfo=timezone.utc))
         conn = self.connect()
@@ -11000,15 +11002,62 @@ class PipelineTest(FakeServerTest):
                                       "move": "Reçus/{year}"}]})
         report = gc.classify_folder(conn, rules, "INBOX", apply=True, batch_size=2,
                                     apply_every=1)
-        self.assertEqual(report.created, ["Reçus/2023", "Reçus/2024"])
-        self.assertEqual(self.commands().count("LIST"), 1)
-        self.assertEqual(len(self.server.uids("Reçus/2023")), 2)
-        self.assertEqual(len(self.server.uids("Reçus/2024")), 2)
+        self.assertEqual(report.created, ["Reçus/2023", "Reçus/2024", "Reçus/2025"])
+        self.assertEqual(self.commands().count("LIST"), 2)
+        for year in (2023, 2024, 2025):
+            self.assertEqual(len(self.server.uids(f"Reçus/{year}")), 2)
         created = [e.line.split(b" ", 2)[2] for e in self.server.log if e.command == "CREATE"]
         moved = [e.line.rsplit(b" ", 1)[1] for e in self.server.log if e.command == "UID MOVE"]
-        self.assertEqual(created, [b"Re&AOc-us/2023\r\n", b"Re&AOc-us/2024\r\n"])
+        self.assertEqual(created, [b"Re&AOc-us/%d\r\n" % year for year in (2023, 2024, 2025)])
         self.assertEqual(moved, created)
-        self.assertIn("Reçus/2024", [f.name for f in conn.list_folders()])
+        self.assertIn("Reçus/2025", [f.name for f in conn.list_folders()])
+
+    def test_a_parent_made_with_its_child_is_never_created_again(self):
+        # CREATE "Clients/Acme" makes "Clients" too: a later step labelling "Clients" finds
+        # it, so it is neither created nor counted against the limit of new folders.
+        for subject in ("acme 1", "client 2", "client 3"):
+            self.server.add_message(make_message(subject))
+        conn = self.connect()
+        rules = self.rules({"rule": [{"subject": "acme", "label": "Clients/Acme"},
+                                     {"subject": "client", "label": "Clients"}]})
+        report = gc.classify_folder(conn, rules, "INBOX", apply=True, batch_size=1,
+                                    apply_every=1, max_new_folders=1)
+        self.assertEqual(report.created, ["Clients/Acme"])
+        self.assertEqual(self.commands().count("CREATE"), 1)
+        self.assertEqual(report.changes, {"label Clients/Acme": 1, "label Clients": 2})
+
+    def test_an_error_once_a_labels_only_step_is_on_the_wire_still_ends_that_step(self):
+        # Step one only labels: its flight is its last.  An error while batch two is
+        # classified reads that flight's answers, and step one ends as done, its mark with
+        # it (a step whose moves were still to send would end as not done).
+        for index in range(3):
+            self.server.add_message(make_message(f"receipt {index}"))
+        conn = self.connect()
+        rules = self.rules({"rule": [{"name": "R", "subject": "receipt", "label": "Paid"}]})
+        marks = []
+
+        class Noting(gc.Checkpoint):
+            def step_done(self, conn, status, mark, outcomes):
+                marks.append((mark, [len(outcome.changes) for outcome in outcomes]))
+
+        def progress(done, total):
+            if done == 2:
+                raise RuntimeError("while batch two was classified")
+
+        with self.assertRaisesRegex(RuntimeError, "batch two"):
+            gc.classify_folder(conn, rules, "INBOX", apply=True, batch_size=1, apply_every=1,
+                               checkpoint=Noting(), on_progress=progress)
+        self.assertEqual(marks, [(1, [1])])
+        self.assertIn("Paid", self.server.messages("INBOX")[0].labels)
+        # On Gmail, archive is a label taken off, sent after the labels: not sent, not done.
+        marks.clear()
+        rules = self.rules({"rule": [{"name": "R", "subject": "receipt", "label": "Kept",
+                                      "archive": True}]})
+        with self.assertRaisesRegex(RuntimeError, "batch two"):
+            gc.classify_folder(conn, rules, "INBOX", apply=True, batch_size=1, apply_every=1,
+                               checkpoint=Noting(), on_progress=progress)
+        self.assertEqual(marks, [(None, [1])])
+        self.assertEqual(len(self.server.uids("INBOX")), 3)
 
     def test_a_step_grows_with_the_folder_within_its_bounds(self):
         self.assertEqual(gc._batches_per_step(10000, 1000), 2)     # 10 batches: 5 steps
@@ -17427,6 +17476,18 @@ class OfflineCommandLineTest(unittest.TestCase):
         self.assertEqual(seen, [(raised, True), (raised, True)])
         self.assertEqual(collector.get_threshold(), before)
         self.assertEqual(collector.get_freeze_count(), 0)
+        # A caller that froze its own objects and turned collection off keeps both.
+        collector.freeze()
+        self.addCleanup(collector.unfreeze)
+        frozen = collector.get_freeze_count()
+        collector.set_threshold(0, *before[1:])
+        self.addCleanup(collector.set_threshold, *before)
+        with mock.patch.object(gc, "_dispatch", noting):
+            code, out, err = run_cli("demo")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(seen[-1], ((0,) + before[1:], True))
+        self.assertEqual(collector.get_threshold(), (0,) + before[1:])
+        self.assertGreaterEqual(collector.get_freeze_count(), frozen)
 
 
 class CommandLineDescriptionTest(unittest.TestCase):

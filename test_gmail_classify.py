@@ -17457,6 +17457,8 @@ class OfflineCommandLineTest(unittest.TestCase):
 
     def test_a_command_collects_garbage_less_often_and_puts_the_settings_back(self):
         import gc as collector
+        self.addCleanup(collector.set_threshold, *collector.get_threshold())
+        collector.set_threshold(701, 11, 12)    # this test's own, whatever ran before it
         before = collector.get_threshold()
         seen = []
         dispatch = gc._dispatch
@@ -17481,7 +17483,6 @@ class OfflineCommandLineTest(unittest.TestCase):
         self.addCleanup(collector.unfreeze)
         frozen = collector.get_freeze_count()
         collector.set_threshold(0, *before[1:])
-        self.addCleanup(collector.set_threshold, *before)
         with mock.patch.object(gc, "_dispatch", noting):
             code, out, err = run_cli("demo")
         self.assertEqual(code, 0, err)

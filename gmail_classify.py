@@ -960,6 +960,21 @@ def _parse_fetch_shape(data: bytes) -> Optional[Tuple[List[Any], int]]:
     return [Number(seq.decode("ascii")), "FETCH", items], weight
 
 
+def _atom_list(words: bytes) -> Tuple[List[Any], int]:
+    """The values of a list of plain atoms (``words``: what is between its parentheses,
+    one space apart) and their weight, as the item loop reads and weighs them."""
+    atoms = _ATOM_VALUES
+    values: List[Any] = []
+    weight = 0
+    for word in words.split(b" ") if words else ():
+        value = atoms.get(word, _MISSING)
+        if value is _MISSING:
+            value = _atom_value(word)
+        values.append(value)
+        weight += len(value) + 8 if value.__class__ is str else 8
+    return values, weight
+
+
 def _shape_items(found: List[Tuple[bytes, bytes, bytes, bytes]], items: List[Any]) -> int:
     """Append the items findall() found (name, number, list, quoted text) to ``items`` as
     the item loop reads them; returns their weight."""
@@ -974,15 +989,9 @@ def _shape_items(found: List[Tuple[bytes, bytes, bytes, bytes]], items: List[Any
         if number:
             items.append(Number(number.decode("ascii")))
         elif listed:
-            words: List[Any] = []
-            weight += 8
-            for word in listed[1:-1].split(b" ") if len(listed) > 2 else ():
-                value = atoms.get(word, _MISSING)
-                if value is _MISSING:
-                    value = _atom_value(word)
-                words.append(value)
-                weight += len(value) + 8 if value.__class__ is str else 8
+            words, listed_weight = _atom_list(listed[1:-1])
             items.append(words)
+            weight += 8 + listed_weight
         else:
             items.append(text.decode("utf-8", "surrogateescape"))
             weight += len(items[-1])
@@ -1032,12 +1041,8 @@ def _parse_fetch(data: bytes) -> Optional[Tuple[List[Any], int]]:
                     listed.append(value)
                     weight += len(value) + 8 if value.__class__ is str else 8
             else:
-                for word in words.split(b" ") if words else ():
-                    value = atoms.get(word, _MISSING)
-                    if value is _MISSING:
-                        value = _atom_value(word)
-                    listed.append(value)
-                    weight += len(value) + 8 if value.__class__ is str else 8
+                listed, listed_weight = _atom_list(words)
+                weight += listed_weight
             items.append(listed)
         elif text is not None:
             items.append(text.decode("utf-8", "surrogateescape"))

@@ -8077,9 +8077,9 @@ def write_rules_file(path: Any, text: str, force: bool = False) -> None:
 # fetch in batches only what the rules read, classify in memory, and act in steps (a few
 # batches each, see _batches_per_step): one command per action per chunk of a compressed
 # UID set, flags and labels before moves, each kind in one flight of pipelined commands
-# (_WriteFlight), the moves' answers read while the next step's batches are fetched and
-# classified.  Round trips grow with N / batch size, never with N alone; after a step is
-# applied only its UIDs' outcomes are kept.
+# (_WriteFlight), each flight's answers read once the next batch is classified (the moves
+# sent when the labels are confirmed).  Round trips grow with N / batch size, never with
+# N alone; after a step is applied only its UIDs' outcomes are kept.
 #
 # A Checkpoint (the state layer below supplies one that lives on disk) says where to start
 # and hears, after each step the server confirmed, how far the run got: the mark, the

@@ -2283,10 +2283,11 @@ class _Protocol:
         keep = keep or _needed_by(command)
         budget = _AnswerBudget(command)
         debug = log.isEnabledFor(logging.DEBUG)
+        # A FETCH's own answer lines are what it keeps: no write's echo to pass over.
+        fetching = command.endswith("FETCH")
         while True:
             dropped: List[int] = []
-            raw = self._read_line(max_literal,
-                                  dropped if command.endswith("FETCH") else None)
+            raw = self._read_line(max_literal, dropped if fetching else None)
             if debug:
                 self._log_answer(raw)
             if raw.startswith(b"* "):
@@ -2311,7 +2312,7 @@ class _Protocol:
                 if not self._plausible(body, command):
                     budget.unasked(len(raw), update=False)
                     continue
-                if on_untagged is None and not dropped and self._passed_over(body, keep, tag):
+                if on_untagged is None and not fetching and self._passed_over(body, keep, tag):
                     budget.unasked(len(raw), update=True)
                     continue
                 parsed, weight = _parse_weighed(body)

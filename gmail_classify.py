@@ -8507,6 +8507,35 @@ class _Step:
     last_uid: Optional[int] = None
     finished: bool = False
     content_skips: Dict[int, str] = field(default_factory=dict)   # UID -> why (ContentSkip)
+    # What the server confirmed of the step's changes: (UID, _Plan key) -> the answer.
+    confirmed: Dict[Tuple[int, Tuple[str, ...]], Any] = field(default_factory=dict)
+
+
+class _StepWrites:
+    """A step whose changes are under way (see _FolderRun.finish): the generator carrying
+    them out (_apply_plan), whether the flight it last sent is the step's last, and how
+    they ended (None while under way, else whether every change was made).  As
+    _apply_plan's ``hooks`` it is the run's, told which step they are for."""
+
+    __slots__ = ("run", "step", "writes", "last", "ended")
+
+    def __init__(self, run: "_FolderRun", step: _Step) -> None:
+        self.run, self.step = run, step
+        self.writes = run._apply_step(self)
+        self.last = False
+        self.ended: Optional[bool] = None
+
+    def intend(self, phase: str, folders: Sequence[str]) -> None:
+        self.run.intend(self.step, phase, folders)
+
+    def done(self, key: Tuple[str, ...], result: Mapping[int, Any]) -> None:
+        self.run.done(self.step, key, result)
+
+    def uidnext(self, folder: str) -> Optional[int]:
+        return self.run.uidnext(folder)
+
+    def refused(self) -> None:
+        self.run.refused(self.step)
 
 
 def _folder_hint(conn: GmailConnection, folder: str) -> str:
@@ -8673,8 +8702,9 @@ class _FolderRun:
     """One classify_folder call: ``open()`` the folder and find its messages, then
     ``classify_all()``: batches fetched and classified (``classify``), their changes made
     in steps (``finish``) that tell the checkpoint what the server confirmed.  As the
-    ``hooks`` of _apply_plan for the step in hand (``intend``, ``done``, ``uidnext``,
-    ``refused``: see there) it writes the intents and counts the confirmations."""
+    ``hooks`` of _apply_plan for a step under way (``intend``, ``done``, ``uidnext``,
+    ``refused``: see there, reached through the step's _StepWrites) it writes the intents
+    and counts the confirmations."""
 
     def __init__(self, conn: GmailConnection, rules: Ruleset, folder: str, options: RunOptions,
                  checkpoint: Checkpoint, report: FolderReport, now: Optional[_dt.datetime],
@@ -8688,11 +8718,12 @@ class _FolderRun:
         # widens the range undo searches, where Message-ID, size and date must still agree).
         self.places: Dict[str, Dict[str, Optional[int]]] = {}
         self.applied = self.planned = 0     # changes made, changes planned: for on_applied
-        self.step = self.new_step()         # the step in hand, and what of it was confirmed
-        self.confirmed: Dict[Tuple[int, Tuple[str, ...]], Any] = {}
-        # The step whose writes are under way, the generator carrying them out, and whether
-        # the flight it last sent is the step's last (see finish).
-        self.in_flight: Optional[Tuple[_Step, Iterator[bool], bool]] = None
+        self.step = self.new_step()         # the step in hand
+        # The steps whose writes are under way, or ended and waiting for one before them to
+        # end (see finish), oldest first; whether one ended with changes not made, which
+        # holds the mark where it was for the rest of the run.
+        self.writing: List[_StepWrites] = []
+        self.behind = False
         # _Plan.decided() of each distinct Actions of the run (see _remembered).
         self.decided_keys: Dict[Actions, Tuple[Tuple[str, ...], ...]] = {}
 
@@ -8941,64 +8972,99 @@ class _FolderRun:
         is (_step_done); a stop between commands writes the changes never sent as
         ``unsent`` first.
 
-        The writes go in flights (_apply_plan), and a flight's answers are not waited for
-        (``in_flight``): the server works on it while the next batch is fetched and
-        classified, and advance() then reads them and sends the step's next flight.  The
-        step before is finished first: one step writes at a time."""
-        self.land()
+        The writes go in flights (_apply_plan), and a flight's answers are not waited for:
+        the server works on it while the next batch is fetched and classified, and
+        advance() then reads them and sends the step's next flight.  The step before has
+        sent its last flight first (its moves, mostly), and goes on the wire ahead of this
+        step's first: the server makes the one step's moves and the next step's labels
+        while a batch is classified.  So one step sends at a time, at most two are under
+        way, and the checkpoint hears of them in their order."""
+        going = self._going()
+        for older in going[:-1]:
+            self._through(older)
+        if going:
+            newest = going[-1]
+            while newest.ended is None and not newest.last:
+                self._go_on(newest)
         step.finished = True
         if not step.decisions and not step.content_skips:
             return
-        self.applying, self.confirmed = step, {}
-        self.in_flight = (step, self._apply_step(step), False)
-        self.advance()
+        writes = _StepWrites(self, step)
+        self.writing.append(writes)
+        self._go_on(writes)
 
     def advance(self) -> None:
-        """Go on with the step in flight: read the answers of its flight on the wire and
-        send the next (which stays in flight), or finish the step once nothing is left."""
-        if self.in_flight is None:
-            return
-        step, writes, _last = self.in_flight
-        ok = sent = False
-        try:
-            self.in_flight = (step, writes, next(writes))
-            sent = True
-        except StopIteration:
-            ok = True
-        except StopRequested as exc:
-            if self.apply and exc.between_commands and self.checkpoint.writes_ahead:
-                self._not_sent(step)
-            raise
-        finally:
-            if not sent:
-                self.in_flight = None
-                self._step_done(step, ok)
+        """Go on with the steps under way: read the answers of an older step's last flight
+        (the step ends), then those of the newest step's flight on the wire, and send its
+        next (which stays on the wire), or end it once nothing is left."""
+        going = self._going()
+        for older in going[:-1]:
+            self._through(older)
+        if going:
+            self._go_on(going[-1])
 
     def land(self) -> None:
-        """Carry the step in flight through to its end (see finish)."""
-        while self.in_flight is not None:
-            self.advance()
+        """Carry every step under way through to its end (see finish)."""
+        for writes in self._going():
+            self._through(writes)
 
     def abandon(self) -> None:
-        """When an error ends the run: read the answers of the flight on the wire (the
-        server carries it out whatever happens here), record them, and send nothing more;
-        what was never sent is recorded as such.  Raises what reading the answers raised."""
-        if self.in_flight is None:
-            return
-        (step, writes, last), self.in_flight = self.in_flight, None
-        answered = False
-        try:
-            writes.close()      # reads the flight on the wire (see _apply_plan)
-            answered = True
-        finally:
-            if answered and not last and self.apply and self.checkpoint.writes_ahead:
-                self._not_sent(step)
-            self._step_done(step, answered and last)
+        """When an error ends the run: read the answers of the flights on the wire (the
+        server carries them out whatever happens here), record them, and send nothing more;
+        what was never sent is recorded as such.  Raises what reading the answers raised
+        (the first such error, once every step is ended)."""
+        error: Optional[BaseException] = None
+        for writes in self._going():
+            answered = False
+            try:
+                writes.writes.close()      # reads the flight on the wire (see _apply_plan)
+                answered = True
+            except BaseException as exc:    # noqa: B902 -- raised below, once all are ended
+                error = error or exc
+            if answered and not writes.last and self.apply and self.checkpoint.writes_ahead:
+                self._not_sent(writes.step)
+            writes.ended = answered and writes.last
+        self._steps_ended()
+        if error is not None:
+            raise error
 
-    def _apply_step(self, step: _Step) -> Iterator[bool]:
+    def _going(self) -> List[_StepWrites]:
+        """The steps whose writes are under way, oldest first."""
+        return [writes for writes in self.writing if writes.ended is None]
+
+    def _through(self, writes: _StepWrites) -> None:
+        while writes.ended is None:
+            self._go_on(writes)
+
+    def _go_on(self, writes: _StepWrites) -> None:
+        """Resume a step's writes: read the answers of its flight on the wire and send its
+        next, or end the step.  Steps are done in their order (_steps_ended): one that ends
+        before an older step is under way still waits for it."""
+        try:
+            writes.last = next(writes.writes)
+        except StopIteration:
+            writes.ended = True
+        except StopRequested as exc:
+            writes.ended = False
+            if self.apply and exc.between_commands and self.checkpoint.writes_ahead:
+                self._not_sent(writes.step)
+            raise
+        except BaseException:
+            writes.ended = False
+            raise
+        finally:
+            self._steps_ended()
+
+    def _steps_ended(self) -> None:
+        """_step_done for the steps that ended, oldest first, up to one still under way."""
+        while self.writing and self.writing[0].ended is not None:
+            writes = self.writing.pop(0)
+            self._step_done(writes.step, bool(writes.ended))
+
+    def _apply_step(self, writes: _StepWrites) -> Iterator[bool]:
         """The step's changes, as _apply_plan carries them out (a generator: see there);
         a dry run only notes the folders it would create."""
-        conn, plan = self.conn, step.plan
+        conn, plan = self.conn, writes.step.plan
         conn.stop.check("before the step's changes")    # a safe point (see Stop)
         if self.settled.plain_expunge and (plan.move or plan.trash or plan.archive):
             _check_plain_expunge(conn, self.source)
@@ -9006,7 +9072,7 @@ class _FolderRun:
             _drop_copies_already_there(conn, plan, self.copies)
         self.planned += plan.size()
         if self.apply:
-            yield from _apply_plan(conn, plan, self.report, self,
+            yield from _apply_plan(conn, plan, self.report, writes,
                                    self.options.max_new_folders, self.settled,
                                    self.options.allow_expunge)
             return
@@ -9057,7 +9123,9 @@ class _FolderRun:
                                                      for key in per_uid[uid]]})
         return entries
 
-    def intend(self, phase: str, folders: Sequence[str]) -> None:
+    # _apply_plan's hooks, for the step ``step`` (through its _StepWrites: see there).
+
+    def intend(self, step: _Step, phase: str, folders: Sequence[str]) -> None:
         if not self.checkpoint.writes_ahead:
             return                  # nothing keeps a record: no STATUS spent
         if phase == "create":
@@ -9066,16 +9134,19 @@ class _FolderRun:
             return
         self.places.update(_place_statuses(self.conn, [name for name in folders
                                                        if name not in self.places]))
-        self.checkpoint.intend(self.conn, self._intents(self.applying))
+        self.checkpoint.intend(self.conn, self._intents(step))
 
-    def done(self, key: Tuple[str, ...], result: Mapping[int, Any]) -> None:
+    def done(self, step: _Step, key: Tuple[str, ...], result: Mapping[int, Any]) -> None:
         if self.apply and self.checkpoint.writes_ahead:
             self.checkpoint.confirmed(self.conn, _done_entry(
                 key, result, self.status, self.conn.is_gmail, self.destinations, self.folder))
         if key[0] == "create":
             return
+        copies = self.copies.get(key[1]) if key[0] == "label" else None
         for uid, extra in result.items():
-            self.confirmed[(uid, key)] = extra
+            step.confirmed[(uid, key)] = extra
+            if copies is not None:      # known before the step's records (see finish)
+                copies.add(step.plan.message_ids.get(uid))
             place = self.places.get(extra.get("folder")) if isinstance(extra, dict) else None
             if place is not None and extra.get("uid") and place.get("uidnext"):
                 place["uidnext"] = max(place["uidnext"], extra["uid"] + 1)
@@ -9088,18 +9159,18 @@ class _FolderRun:
         place = self.places.get(folder)     # as intend() found it, moved past our copies
         return place.get("uidnext") if place else None
 
-    def refused(self) -> None:
+    def refused(self, step: _Step) -> None:
         # A flight's refusal comes once all its answers are read, and the step sends
         # nothing after it: what is not confirmed was not made (refused, or never sent).
         if self.apply and self.checkpoint.writes_ahead:
-            self._not_sent(self.applying)
+            self._not_sent(step)
 
     def _not_sent(self, step: _Step) -> None:
         # Every command sent was answered: what is not confirmed was never sent, and the
         # log says so, so that history and undo do not take it for "maybe".
         unsent = [dict(entry, changes=[
             change for key, change in zip(step.plan.per_uid[entry["uid"]], entry["changes"])
-            if (entry["uid"], key) not in self.confirmed]) for entry in self._intents(step)]
+            if (entry["uid"], key) not in step.confirmed]) for entry in self._intents(step)]
         self.checkpoint.not_sent(self.conn, [entry for entry in unsent if entry["changes"]])
 
     def _step_done(self, step: _Step, ok: bool) -> None:
@@ -9107,7 +9178,10 @@ class _FolderRun:
         gmail = self.conn.is_gmail
         same: Dict[Tuple[str, ...], Dict[str, Any]] = {}    # see _outcome
         outcomes = [self._outcome(step, uid, ok, gmail, same) for uid in sorted(step.decisions)]
-        mark = step.last_uid if ok and not self.narrowed else None
+        # A step that ended with changes not made holds the mark below it, also when a step
+        # after it (under way at the same time) ends with all its changes made.
+        mark = step.last_uid if ok and not self.narrowed and not self.behind else None
+        self.behind = self.behind or not ok
         if mark is not None and report.skipped:
             mark = min(mark, min(report.skipped) - 1)   # the next run looks again
         if mark is not None and report.expunge_stayed:
@@ -9133,12 +9207,13 @@ class _FolderRun:
         made = keys
         changes: Tuple[Dict[str, Any], ...] = ()
         if keys:            # most messages of a folder already run over need nothing
-            confirmed = self.confirmed
+            confirmed = step.confirmed
             if self.apply:
                 made = [key for key in keys if (uid, key) in confirmed]
             made_changes = []
             for key in made:
-                if key[0] == "label" and key[1] in self.copies:
+                # A dry run's copies, as if made (those made are known to done()).
+                if not self.apply and key[0] == "label" and key[1] in self.copies:
                     self.copies[key[1]].add(step.plan.message_ids.get(uid))
                 change = same.get(key)
                 if change is None:
@@ -9353,7 +9428,7 @@ def _check_folder_limit(report: FolderReport, missing: Sequence[str],
 
 
 def _create_folders(conn: GmailConnection, missing: Sequence[str], report: FolderReport,
-                    hooks: _FolderRun) -> None:
+                    hooks: _StepWrites) -> None:
     """Create the folders a step needs, the intent first, the CREATEs in one flight (each
     is safe to send again); each answer goes to hooks.done before a refusal is raised."""
     if not missing:
@@ -9367,7 +9442,7 @@ def _create_folders(conn: GmailConnection, missing: Sequence[str], report: Folde
     _land_flight(flight, report, hooks)
 
 
-def _land_flight(flight: _WriteFlight, report: FolderReport, hooks: _FolderRun) -> None:
+def _land_flight(flight: _WriteFlight, report: FolderReport, hooks: _StepWrites) -> None:
     """Read a sent flight's answers and tell ``hooks.done`` what the server confirmed (see
     _apply_plan), in the order sent, a key's chunks together; every answer read is
     reported before the first refusal is raised, or before any other error passes on."""
@@ -9383,7 +9458,7 @@ def _land_flight(flight: _WriteFlight, report: FolderReport, hooks: _FolderRun) 
 
 
 def _confirm_flight(flight: _WriteFlight, report: FolderReport,
-                    hooks: _FolderRun) -> Optional[ImapError]:
+                    hooks: _StepWrites) -> Optional[ImapError]:
     """hooks.done for each answered command of ``flight``; returns the first refusal."""
     refused: Optional[ImapError] = None
     confirmed: Dict[Any, Dict[int, Any]] = {}
@@ -9412,7 +9487,7 @@ def _confirm_flight(flight: _WriteFlight, report: FolderReport,
     return refused
 
 
-def _labels_and_flags(conn: GmailConnection, plan: _Plan, hooks: _FolderRun) -> _WriteFlight:
+def _labels_and_flags(conn: GmailConnection, plan: _Plan, hooks: _StepWrites) -> _WriteFlight:
     """A step's first flight: its labels (Gmail) or label copies (elsewhere), and flags."""
     flight = _WriteFlight(conn)
     for label, uids in plan.add_labels.items():
@@ -9460,7 +9535,7 @@ def _moves_flight(conn: GmailConnection, plan: _Plan, moves: List[_OneMove]
     return flight, moves
 
 
-def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport, hooks: _FolderRun,
+def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport, hooks: _StepWrites,
                 max_new_folders: Optional[int], settled: _Destinations,
                 allow_expunge: bool) -> Iterator[bool]:
     """Carry out a plan: check destinations, create what is missing, then labels and flags,
@@ -9471,9 +9546,10 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport, hooks:
     A generator, so that the caller works while the server does: it yields each time a
     flight is on the wire whose answers are not needed yet (the labels and flags, and the
     moves when they went as one flight), yielding True when that flight is the plan's last.
-    Resuming it reads that flight's answers and goes on; the caller must resume it, to its
-    end, before anything else writes.  Closed at a yield (an error elsewhere), it reads
-    the answers of the flight on the wire and sends nothing more.
+    Resuming it reads that flight's answers and goes on.  Nothing else may write until it
+    has yielded True; then another plan's writes may go out, the messages being others,
+    and this one's must still be resumed, to its end.  Closed at a yield (an error
+    elsewhere), it reads the answers of the flight on the wire and sends nothing more.
 
     ``hooks.intend(phase, folders)`` is called before any write command goes out:
     ``"create"`` with the folders about to be created, then ``"change"`` with the folders
@@ -9530,7 +9606,7 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport, hooks:
                          for uid, new in result.moved.items()})
 
 
-def _on_the_wire(flight: _WriteFlight, report: FolderReport, hooks: _FolderRun,
+def _on_the_wire(flight: _WriteFlight, report: FolderReport, hooks: _StepWrites,
                  last: bool) -> Iterator[bool]:
     """Yield ``last`` while ``flight`` is on the wire, then read its answers
     (_land_flight); closed at the yield, it reads them all the same."""

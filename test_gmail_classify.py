@@ -14035,12 +14035,12 @@ def _plain_outcome(self: gc._FolderRun, step: gc._Step, uid: int, ok: bool) -> g
     report, status, gmail = self.report, self.status, self.conn.is_gmail
     decision, info = step.decisions[uid], step.infos[uid]
     keys = step.plan.per_uid.get(uid, [])
-    made = [key for key in keys if not self.apply or (uid, key) in self.confirmed]
+    made = [key for key in keys if not self.apply or (uid, key) in step.confirmed]
     for key in made:
         if key[0] == "label" and key[1] in self.copies:
             self.copies[key[1]].add(step.plan.message_ids.get(uid))
     changes = tuple(gc._change_entry(key, uid, status, gmail, self.destinations,
-                                     self.confirmed.get((uid, key))) for key in made)
+                                     step.confirmed.get((uid, key))) for key in made)
     for change in changes:
         name = gc.describe_change(change)
         report.changes[name] = report.changes.get(name, 0) + 1

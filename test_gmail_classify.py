@@ -4322,7 +4322,8 @@ class StateTestCase(FakeServerTest):
         server = server or self.server
         store = self.store(state_dir)
         rules = rules or gc.parse_rules(SWEEP_DOC, "rules.json")
-        classify_options = {k: options.pop(k) for k in ("since", "limit") if k in options}
+        classify_options = {k: options.pop(k) for k in ("since", "limit", "max_new_folders")
+                            if k in options}
         run = gc.Run(store, rules, USER, "127.0.0.1", server.port, apply=apply,
                      on_record=None if records is None else records.append, **options)
         conn = gc.GmailConnection(USER, host="127.0.0.1", port=server.port,
@@ -13893,6 +13894,149 @@ class WriteFlightTest(StateTestCase):
         (entry,) = gc.history(self.store())
         self.assertEqual((entry["status"], entry["maybe"]), ("complete", 0))
         self.assertEqual(self.server.uids("Lists"), [1, 2, 3])
+
+    def flight_events(self, **run: Any) -> List[str]:
+        """One run_once(**run), and in order: each batch classified, each flight sent and
+        each flight's answers read (by the kinds of command in it)."""
+        events: List[str] = []
+        classify, send, land = gc._FolderRun.classify, gc._WriteFlight.send, gc._WriteFlight.land
+
+        def kinds(flight):
+            return "+".join(sorted({w.command for w in flight.writes}))
+
+        def classifying(folder_run, batch, fetched=None):
+            events.append("classify")
+            classify(folder_run, batch, fetched)
+
+        def sending(flight):
+            events.append("send " + kinds(flight))
+            send(flight)
+
+        def landing(flight):
+            events.append("read " + kinds(flight))
+            return land(flight)
+
+        with mock.patch.object(gc._FolderRun, "classify", classifying), \
+                mock.patch.object(gc._WriteFlight, "send", sending), \
+                mock.patch.object(gc._WriteFlight, "land", landing):
+            self.run_once(**run)
+        return events
+
+    def test_a_steps_moves_and_the_next_steps_labels_are_on_the_wire_together(self):
+        # Steps of one batch: step one's moves go out, and once the next batch is
+        # classified step two's labels go out behind them, before their answers are read:
+        # the server makes both while the batch after is classified.  Step two's CREATE
+        # is answered at once (a refusal stops the step before any change).
+        seed_mailbox(self.server, 12)
+        events = self.flight_events(batch_size=3, apply_every=1)
+        moves, labels = "UID MOVE+UID STORE", "UID STORE"  # Gmail's archive: with the moves
+        self.assertEqual(events, [
+            "classify", "send CREATE", "read CREATE", "send " + labels,
+            "classify", "read " + labels, "send " + moves,
+            "send CREATE", "read CREATE", "send " + labels,     # step 1's moves on the wire
+            "classify", "read " + moves, "read " + labels, "send UID MOVE", "send " + labels,
+            "classify", "read UID MOVE", "read " + labels, "send " + moves, "send " + labels,
+            "read " + moves, "read " + labels, "send UID MOVE", "read UID MOVE"])
+        (entry,) = gc.history(self.store())
+        self.assertEqual((entry["status"], entry["maybe"]), ("complete", 0))
+        self.assertEqual(mailbox_snapshot(self.server), self.after_a_clean_run(12))
+
+    def test_a_refused_move_holds_the_mark_though_the_next_step_ended_whole(self):
+        # Step one's MOVE is refused while step two's labels and star are on the wire
+        # behind it (step two moves nothing).  Step two's changes are read and recorded,
+        # but the mark stays below step one: the next run classifies its messages again
+        # and moves them.
+        for index in range(2):
+            self.server.add_message(make_message(f"weekly digest {index}"))
+        for index in range(2):
+            self.server.add_message(make_message(f"plan {index}", sender="boss@example.com"))
+        self.server.add_fault("UID MOVE", nth=1, action="no", text="Over quota")
+        with self.assertRaisesRegex(gc.ImapError, "Over quota"):
+            self.run_once(batch_size=2, apply_every=1)
+        self.assertIsNone(self.mark())
+        self.assertEqual(self.server.uids("Lists"), [])
+        self.assertEqual(len(self.server.uids("Work")), 2)      # step two: labelled, starred
+        (entry,) = gc.history(self.store())
+        self.assertEqual((entry["status"], entry["maybe"]), ("failed", 0))
+        self.assertEqual(entry["changes_made"], 6)      # 2 x (Work, "Two words", star)
+        self.run_once(batch_size=2, apply_every=1)
+        self.assertEqual(len(self.server.uids("Lists")), 2)
+        self.assertEqual(self.server.uids("INBOX"), [3, 4])
+
+    def test_a_copy_made_by_a_step_still_on_the_wire_is_not_made_again_by_the_next(self):
+        # Off Gmail a label is a copy.  The same message twice in the folder, in steps one
+        # and two: step one's copy is confirmed, and its moves are still on the wire, when
+        # step two looks at what the label's folder holds; one copy is made, not two.
+        self.use(kind="move")
+        raw = make_message("Statement", sender="Bank <b@mybank.example>")
+        self.server.add_message(raw)
+        self.server.add_message(make_message("weekly digest"))
+        self.server.add_message(raw)
+        self.server.add_message(make_message("weekly digest", body="other\n"))
+        rules = gc.parse_rules({"rule": [
+            {"name": "Bank", "from": "@mybank.example", "label": "Bank"},
+            {"name": "Digests", "subject": "digest", "move": "Lists"}]}, "rules.json")
+        events = self.flight_events(rules=rules, batch_size=2, apply_every=1)
+        self.assertEqual(events, ["classify", "send CREATE", "read CREATE", "send UID COPY",
+                                  "classify", "read UID COPY", "send UID MOVE",
+                                  "send UID MOVE", "read UID MOVE", "read UID MOVE"])
+        self.assertEqual(len(self.server.messages("Bank")), 1)
+        self.assertEqual(self.server.count("UID COPY"), 1)
+        self.assertEqual(len(self.server.uids("Lists")), 2)
+
+    def test_a_step_refused_before_it_sends_waits_for_the_step_on_the_wire(self):
+        # Step two would pass the new-folder limit: it sends nothing, while step one's
+        # moves are still on the wire.  Step one is read, recorded and marked done first,
+        # then step two ends with its changes not made.
+        for index, year in enumerate((2023, 2023, 2024, 2024)):
+            self.server.add_message(make_message(f"receipt {index}"),
+                                    date=datetime(year, 5, 1, tzinfo=timezone.utc))
+        rules = gc.parse_rules({"rule": [{"name": "R", "subject": "receipt",
+                                          "move": "Paid/{year}"}]}, "rules.json")
+        with self.assertRaises(gc.FolderLimitError):
+            self.run_once(rules=rules, batch_size=2, apply_every=1, max_new_folders=1)
+        self.assertEqual(len(self.server.uids("Paid/2023")), 2)
+        self.assertEqual(self.server.uids("INBOX"), [3, 4])
+        self.assertEqual(self.mark().mark, 2)
+        (entry,) = gc.history(self.store())
+        self.assertEqual((entry["status"], entry["maybe"]), ("failed", 0))
+        self.assertEqual((entry["changes_made"], entry["counts"]), (2, {"move to Paid/2023": 2}))
+
+    def test_a_stop_with_two_steps_on_the_wire_reads_both_and_records_them(self):
+        # SIGTERM comes once step two's labels are on the wire behind step one's moves:
+        # both flights are read and recorded, step two's moves are never sent ("unsent"),
+        # nothing is "maybe", and undo puts every message back.
+        seed_mailbox(self.server, 12)
+        start = mailbox_snapshot(self.server)
+        send = gc._WriteFlight.send
+        sent: List[str] = []
+
+        def then_stop(flight):
+            send(flight)
+            sent.extend(w.command for w in flight.writes)
+            if "UID MOVE" in sent and all(w.command == "UID STORE" for w in flight.writes):
+                flight.conn.stop.request(signal.SIGTERM)        # step two's labels
+
+        with mock.patch.object(gc._WriteFlight, "send", then_stop):
+            code, out, err = UndoSafetyTest.cli(self, "run", "--apply", "--batch-size", "3")
+        self.assertEqual(code, 143, err)
+        commands = [e.command for e in self.server.log if e.command in _WRITE_COMMANDS]
+        self.assertEqual(commands.count("UID MOVE"), 1)      # step one's, to Lists
+        made, not_made = map(int, _INTERRUPTED_RE.search(err).groups())
+        self.assertGreater(not_made, 0)
+        with open(UndoSafetyTest.audit_path(self), encoding="utf-8") as handle:
+            records = [json.loads(line) for line in handle]
+        unsent = [c for r in records if r["type"] == "unsent" for c in r["changes"]]
+        self.assertEqual([c["action"] for c in unsent], ["trash"])     # step two's move
+        self.assertEqual(self.server.uids("Lists"), [1])
+        self.assertEqual(len(self.server.uids("Work")), 1)          # step two's labels
+        (entry,) = [json.loads(line) for line in UndoSafetyTest.cli(self, "history",
+                                                                     "--json")[1].splitlines()]
+        self.assertEqual((entry["status"], entry["maybe"]), ("interrupted", 0))
+        self.assertEqual(entry["changes_made"], made)
+        code, out, err = UndoSafetyTest.cli(self, "undo", "--apply")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(mailbox_snapshot(self.server), start)
 
     def test_history_counts_every_unanswered_create_of_a_flight_as_maybe(self):
         ledger = gc._Creates()

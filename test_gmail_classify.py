@@ -14002,6 +14002,30 @@ class WriteFlightTest(StateTestCase):
         self.assertEqual((entry["status"], entry["maybe"]), ("failed", 0))
         self.assertEqual((entry["changes_made"], entry["counts"]), (2, {"move to Paid/2023": 2}))
 
+    def test_a_drop_with_two_steps_on_the_wire_settles_both_on_the_new_link(self):
+        # The link drops once step one's MOVE is made but before its answer, and step two
+        # starts behind it (its CREATE finds the link gone): step one's move is settled on
+        # a new link by what is left in the folder, step two goes on there with its labels
+        # before step one's answer is asked for; the mailbox is a clean run's, each change
+        # made once, nothing "maybe".
+        for kind in ("off Gmail", "Gmail"):
+            with self.subTest(kind):
+                gmail = kind == "Gmail"
+                self.use(gmail=gmail)
+                seed_mailbox(self.server, 12)
+                expected = self.after_a_clean_run(12, gmail=gmail)
+                self.server.add_fault("UID MOVE", nth=1, action="drop", when="after")
+                events = self.flight_events(batch_size=3, apply_every=1,
+                                            state_dir=os.path.join(self.tmp, kind))
+                self.assertTrue(self.server.fired)
+                first_move = events.index("send UID MOVE" if not gmail else
+                                          "send UID MOVE+UID STORE")
+                self.assertIn("send UID COPY+UID STORE" if not gmail else "send UID STORE",
+                              events[first_move:events.index("read " + events[first_move][5:])])
+                self.assertEqual(mailbox_snapshot(self.server), expected)
+                (entry,) = gc.history(self.store(os.path.join(self.tmp, kind)))
+                self.assertEqual((entry["status"], entry["maybe"]), ("complete", 0))
+
     def test_a_stop_with_two_steps_on_the_wire_reads_both_and_records_them(self):
         # SIGTERM comes once step two's labels are on the wire behind step one's moves:
         # both flights are read and recorded, step two's moves are never sent ("unsent"),

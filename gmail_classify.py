@@ -2554,6 +2554,7 @@ class GmailConnection:
         self._stop = threading.Event()
         self._keepalive_thread: Optional[threading.Thread] = None
         self._folders: Optional[List[Folder]] = None
+        self._unlisted: set = set()     # parents the server may have made: see _created
         self._namespace: Optional[Tuple[str, str]] = None
         self.reconnects = 0
         self.backoff_delays: List[float] = []
@@ -3011,14 +3012,20 @@ class GmailConnection:
         """The attributes STATUS ``folder`` ``items`` answered (see _status_of)."""
         return self._status_of(self._call("STATUS", self._mailbox(folder), items), folder)
 
-    def list_folders(self, refresh: bool = False) -> List[Folder]:
+    def list_folders(self, refresh: bool = False, sure_of: Iterable[str] = ()) -> List[Folder]:
         """Every folder (and Gmail label), names decoded from modified UTF-7.
 
         Each Folder keeps its name as LIST sent it (``wire``); commands that name a listed
         folder send exactly that back, so a server that lists raw UTF-8 (or invalid UTF-8)
         gets its own octets, never a re-encoding that could name another mailbox.
+
+        The list is held once read, and the folders this connection creates join it.  A
+        parent of one, which the server may have made with it (selectable or not), is not
+        in it until the list is read again: which happens when the caller names one in
+        ``sure_of``, the names whose presence it relies on.
         """
-        if self._folders is not None and not refresh:
+        if self._folders is not None and not refresh and \
+                not (self._unlisted and self._unlisted.intersection(sure_of)):
             return list(self._folders)
         response = self._call("LIST", quote(""), quote("*"))
         folders = []
@@ -3033,7 +3040,7 @@ class GmailConnection:
                          else wire.decode("utf-8", "replace"))
                 folders.append(Folder(shown, None if delimiter is None else _as_text(delimiter),
                                       frozenset(str(f) for f in (flags or [])), wire))
-        self._folders = folders
+        self._folders, self._unlisted = folders, set()
         return list(folders)
 
     def namespace(self) -> Tuple[str, str]:
@@ -3145,18 +3152,19 @@ class GmailConnection:
     def _created(self, name: str) -> None:
         """Add a folder this connection created (or found there already) to the folder
         list it holds, as LIST would name it, rather than ask for the whole list again (a
-        round trip that also waits for every FETCH still on the wire).  When the list
-        lacks one of its parents, which a server may have made with it (selectable or
-        not), the list is dropped instead: the next question asks LIST."""
+        round trip that also waits for every command still on the wire).  Its parents that
+        the list lacks, which a server may have made with it (selectable or not), are
+        noted as unlisted: see list_folders."""
         if self._folders is None:
             return
         names = {folder.name for folder in self._folders}
         delimiter = next((folder.delimiter for folder in self._folders if folder.delimiter),
                          None)
         parts = name.split(delimiter) if delimiter else [name]
-        if any(delimiter.join(parts[:end]) not in names for end in range(1, len(parts))):
-            self._folders = None
-        elif name not in names:
+        self._unlisted.update(parent for parent in (delimiter.join(parts[:end])
+                                                    for end in range(1, len(parts)))
+                              if parent not in names)
+        if name not in names:
             self._folders.append(Folder(name, delimiter, frozenset(),
                                         encode_mailbox(name).encode("ascii")))
 
@@ -9388,10 +9396,10 @@ def _check_plain_expunges(conn: GmailConnection, folders: Iterable[str]) -> None
 
 def _missing_folders(conn: GmailConnection, plan: _Plan) -> List[str]:
     """Folders (labels, on Gmail) the plan writes to that do not exist yet: server names."""
-    existing = {f.name for f in conn.list_folders() if f.selectable}
     targets = list(plan.move) + [label for label in plan.add_labels
                                  if not (conn.is_gmail and label.startswith("\\"))]
     names = [conn.server_name(name) for name in targets]
+    existing = {f.name for f in conn.list_folders(sure_of=names) if f.selectable}
     return [name for name in dict.fromkeys(names)
             if name not in existing and name.upper() != "INBOX"]
 
@@ -9404,6 +9412,7 @@ def _drop_copies_already_there(conn: GmailConnection, plan: _Plan,
     ``known`` caches each folder's keys for the rest of the folder run; the caller adds
     the keys of the copies it makes.
     """
+    # A parent the server made with a folder this run created is not listed: new, empty.
     existing = {f.name for f in conn.list_folders() if f.selectable}
     for label in list(plan.add_labels):
         if label not in known:

@@ -9021,18 +9021,25 @@ class _FolderRun:
         server carries them out whatever happens here), record them, and send nothing more;
         what was never sent is recorded as such.  Raises what reading the answers raised
         (the first such error, once every step is ended)."""
-        error: Optional[BaseException] = None
-        for writes in self._going():
-            answered = False
-            try:
-                writes.writes.close()      # reads the flight on the wire (see _apply_plan)
-                answered = True
-            except BaseException as exc:    # noqa: B902 -- raised below, once all are ended
-                error = error or exc
-            if answered and not writes.last and self.apply and self.checkpoint.writes_ahead:
-                self._not_sent(writes.step)
-            writes.ended = answered and writes.last
-        self._steps_ended()
+        error: Optional[Exception] = None
+        going = self._going()
+        try:
+            for writes in going:
+                answered = False
+                try:
+                    writes.writes.close()   # reads the flight on the wire (see _apply_plan)
+                    answered = True
+                except Exception as exc:    # raised below, once every step is ended
+                    error = error or exc
+                if answered and not writes.last and self.apply and \
+                        self.checkpoint.writes_ahead:
+                    self._not_sent(writes.step)
+                writes.ended = answered and writes.last
+        finally:
+            for writes in going:
+                if writes.ended is None:    # the rest, after a KeyboardInterrupt or such
+                    writes.ended = False
+            self._steps_ended()
         if error is not None:
             raise error
 

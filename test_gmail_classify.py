@@ -14028,6 +14028,34 @@ class WriteFlightTest(StateTestCase):
                 (entry,) = gc.history(self.store(os.path.join(self.tmp, kind)))
                 self.assertEqual((entry["status"], entry["maybe"]), ("complete", 0))
 
+    def test_an_error_with_two_steps_on_the_wire_reads_both_though_one_was_refused(self):
+        # Batch three's classification fails while step one's moves (refused) and step
+        # two's labels are on the wire: both flights are read and recorded, step two's
+        # moves are "unsent", nothing is "maybe", the mark stays put, the error goes on.
+        seed_mailbox(self.server, 12)
+        self.server.add_fault("UID MOVE", nth=1, action="no", text="Over quota")
+        classify, batches = gc._FolderRun.classify, []
+
+        def failing(folder_run, batch, fetched=None):
+            batches.append(batch)
+            if len(batches) == 3:
+                raise RuntimeError("a bug in batch three")
+            classify(folder_run, batch, fetched)
+
+        with mock.patch.object(gc._FolderRun, "classify", failing), \
+                self.assertLogs("gmail_classify", "INFO") as logs, \
+                self.assertRaisesRegex(RuntimeError, "a bug in batch three"):
+            self.run_once(batch_size=3, apply_every=1)
+        self.assertTrue(any("Over quota" in line for line in logs.output), logs.output)
+        self.assertEqual(self.server.uids("Lists"), [])
+        self.assertEqual(len(self.server.uids("Work")), 1)      # step two's labels
+        self.assertIsNone(self.mark())
+        unsent = [(r["uid"], c["action"]) for r in self.store().audit.records()
+                  if r["type"] == "unsent" for c in r["changes"]]
+        self.assertEqual(sorted(unsent), [(3, "move"), (4, "trash")])
+        (entry,) = gc.history(self.store())
+        self.assertEqual((entry["status"], entry["maybe"]), ("failed", 0))
+
     def test_a_stop_with_two_steps_on_the_wire_reads_both_and_records_them(self):
         # SIGTERM comes once step two's labels are on the wire behind step one's moves:
         # both flights are read and recorded, step two's moves are never sent ("unsent"),

@@ -5213,11 +5213,14 @@ class _HeaderGroup:
         cache = _header_cache(headers)
         if cache is None:
             return _header_values(headers, self.addresses, self.names) + (True,)
-        found = cache.get(self)
-        if found is None:
-            values, normalised = _cached_values(cache, headers, self.addresses, self.names)
-            found = cache[self] = (values, normalised,
-                                   self.plain.search("\n".join(normalised)) is not None)
+        return cache.get(self) or self.fill(headers, cache)
+
+    def fill(self, headers: email.message.EmailMessage,
+             cache: Dict[Any, Any]) -> Tuple[List[str], List[str], bool]:
+        """read() the first time, with the message's header cache in hand."""
+        values, normalised = _cached_values(cache, headers, self.addresses, self.names)
+        found = cache[self] = (values, normalised,
+                               self.plain.search("\n".join(normalised)) is not None)
         return found
 
 
@@ -5769,6 +5772,74 @@ class Not(Condition):
 
     def children(self) -> Tuple[Condition, ...]:
         return (self.part,)
+
+
+class _RuleGate:
+    """What settles a rule as not matching before its condition is evaluated, from the
+    message's header cache and size: a HeaderMatch none of whose texts its _HeaderGroup
+    found and none of whose regexes finds a value, a HeaderPresent or a size limit that
+    does not hold.  Most messages match few rules, so most rules then cost a look-up or
+    two instead of a walk of evaluate(), read(), find() and describe() calls.  A rule gets
+    a gate (_rule_gate) only where its condition is such a test, or an `all` of parts that
+    decide without side effects (no program, no Python function): any false part makes
+    it false whatever the others say.  A gate that does not shut decides nothing: the
+    condition is evaluated as ever, so decisions and reasons are the same either way."""
+
+    __slots__ = ("headers", "present", "sizes")
+
+    def __init__(self, headers: Tuple[Tuple[_HeaderGroup, Tuple[re.Pattern, ...]], ...],
+                 present: Tuple[Tuple[Tuple[str, str], bool], ...],
+                 sizes: Tuple[Tuple[bool, int], ...]) -> None:
+        self.headers = headers      # ((group, the matcher's regexes), ...)
+        self.present = present      # ((the cache's raw key, wanted present), ...)
+        self.sizes = sizes          # ((larger, limit), ...) as SizeCompare has them
+
+    def shuts(self, msg: MessageInfo, cache: Dict[Any, Any]) -> bool:
+        """True when the rule's condition is certainly false for ``msg``, whose header
+        cache is ``cache``."""
+        for group, regexes in self.headers:
+            values, _, maybe = cache.get(group) or group.fill(msg.headers, cache)
+            if not maybe and not (regexes and any(r.search(v) for r in regexes
+                                                  for v in values)):
+                return True
+        for key, wanted in self.present:
+            if bool(cache.get(key)) is not wanted:
+                return True
+        size = msg.size
+        if size is not None:
+            for larger, limit in self.sizes:
+                if not (size > limit if larger else size < limit):
+                    return True
+        return False
+
+
+def _rule_gate(condition: Condition) -> Optional[_RuleGate]:
+    """The gate of a rule whose condition is ``condition`` (see _RuleGate), or None."""
+    parts = condition.parts if type(condition) is AllOf and \
+        all(_decides_quietly(part) for part in condition.parts) else (condition,)
+    headers, present, sizes = [], [], []
+    for part in parts:
+        if type(part) is HeaderMatch and "_group" in part.__dict__:
+            headers.append((part._group[0], tuple(p.regex for p in part.matcher.patterns
+                                                  if p.regex is not None)))
+        elif type(part) is HeaderPresent:
+            present.append((("raw", part.name.lower()), part.present))
+        elif type(part) is SizeCompare:
+            sizes.append((part.larger, part.limit))
+    if not (headers or present or sizes):
+        return None
+    return _RuleGate(tuple(headers), tuple(present), tuple(sizes))
+
+
+def _decides_quietly(condition: Condition) -> bool:
+    """Whether evaluate() of ``condition`` only reads the message: never runs a program
+    or a vendoring script's function, never raises (a kind added later is not trusted)."""
+    return type(condition) in _QUIET_KINDS and all(map(_decides_quietly, condition.children()))
+
+
+# The kinds whose evaluate() only reads the message (see _decides_quietly).
+_QUIET_KINDS = frozenset({HeaderMatch, HeaderPresent, BodyMatch, SizeCompare, AgeCompare,
+                          StateIs, HasLabel, GmailQuery, AllOf, AnyOf, Not})
 
 
 @dataclass(frozen=True)
@@ -6488,13 +6559,19 @@ class Ruleset:
             now = datetime.now(timezone.utc)
         elif now.tzinfo is None:
             now = now.replace(tzinfo=timezone.utc)
-        if "_grouped" not in self.__dict__:     # once per ruleset (see _HeaderGroup)
+        gates = self.__dict__.get("_gates")
+        if gates is None:     # once per ruleset (see _HeaderGroup and _RuleGate)
             _group_headers(cond for rule in self.rules for cond in _walk(rule.condition))
-            self.__dict__["_grouped"] = True
+            gates = self.__dict__["_gates"] = tuple(_rule_gate(rule.condition)
+                                                    for rule in self.rules)
         matches: List[Tuple[str, str]] = []
         actions = _NO_ACTIONS
+        headers = msg.headers
+        cache = _header_cache(headers) if any(gates) else None
         try:
-            for rule in self.rules:
+            for rule, gate in zip(self.rules, gates):
+                if gate is not None and cache is not None and gate.shuts(msg, cache):
+                    continue        # false: nothing to add, and no reason is kept
                 value, reason = rule.condition.evaluate(msg, now)
                 if value is None:
                     if not final:
@@ -6509,7 +6586,7 @@ class Ruleset:
                     if not rule.continue_:
                         break
         finally:
-            _drop_header_cache(msg.headers)   # decoded for these rules only: free it
+            _drop_header_cache(headers)   # decoded for these rules only: free it
         return Decision(matches=tuple(matches), actions=actions)
 
 

@@ -9532,7 +9532,7 @@ class HeaderGroupTest(unittest.TestCase):
         with mock.patch.object(gc.Matcher, "find", counted), \
                 mock.patch.object(gc, "_normalise", wraps=gc._normalise) as normalise:
             nothing = rules.classify(info("Subject: Nothing here"), now=NOW)
-            self.assertEqual(asked, ["matches /^urgent/i"])     # only the regex searched
+            self.assertEqual(asked, [])     # the regex searched by the rule's gate alone
             self.assertEqual(normalise.call_count, 1)           # the value folded once
             del asked[:]
             found = rules.classify(info("Subject: about OTHER4"), now=NOW)
@@ -20768,6 +20768,119 @@ class LiveServerTest(unittest.TestCase):
         again = gc.classify_folder(self.conn, rules, self.scratch, apply=True,
                                    allow_expunge=allow)
         self.assertEqual(again.changes, {})
+
+
+# --- Issue 17: the message side's CPU ------------------------------------------------------
+
+# GROUPED_RULES and more kinds a gate reads (regexes, presence, sizes) or must leave alone
+# (a body, nesting, `not`), each rule going on so that every rule is decided.
+GATED_RULES = {"rule": GROUPED_RULES["rule"][:-1] + [
+    {"name": "regex only", "subject": ["/^re:/i", "/RECEIPT/"], "label": "G1", "continue": True},
+    {"name": "mixed", "from": ["example", "/\\.fr>?$/"], "label": "G2", "continue": True},
+    {"name": "present", "header": {"List-Id": True}, "label": "G3", "continue": True},
+    {"name": "absent", "header": {"X-Custom": False, "Subject": ["1", "x"]}, "label": "G4",
+     "continue": True},
+    {"name": "big", "larger_than": "100", "label": "G5", "continue": True},
+    {"name": "small", "smaller_than": "120", "subject": "/./", "label": "G6", "continue": True},
+    {"name": "old and big", "larger_than": "50", "older_than": "1y", "from": "example",
+     "label": "G7", "continue": True},
+    {"name": "body", "from": ["example", "github"], "body": "hello", "label": "G8",
+     "continue": True},
+    {"name": "nested", "all": [{"any": [{"subject": "e"}, {"from": "/a/"}]},
+                               {"not": {"to": "x"}}, {"recipient": "com"}], "label": "G9",
+     "continue": True},
+    {"name": "dated", "newer_than": "2y", "cc": ["bea", "/z/i"], "label": "G10",
+     "continue": True},
+]}
+
+
+class RuleGateTest(unittest.TestCase):
+    """A rule whose condition the header cache or the size already settles as false is
+    passed over without evaluating it (_RuleGate): the same decisions, with the same
+    reasons, and the same explanations as evaluating every rule."""
+
+    def messages(self) -> List[Callable[[], MessageInfo]]:
+        """Makers of the corpus's messages (each call a fresh one, its header cache empty),
+        sizes at and beside the limits of GATED_RULES, dates and bodies known or not."""
+        makers = []
+        for i, raw in enumerate(HeaderGroupTest.corpus(self)):
+            fields = dict(size=None if i % 6 == 0 else (50, 100, 120, 51, 99, 121, 999)[i % 7],
+                          date=(None, _dtm.datetime(2020, 1, 1, tzinfo=timezone.utc),
+                                NOW - _dtm.timedelta(days=3))[i % 3],
+                          body=(None, "Hello there", "nothing")[i % 3 if i % 4 else 0])
+            makers.append(lambda raw=raw, fields=fields: MessageInfo(headers=parse_headers(raw),
+                                                                     **fields))
+        return makers
+
+    def rulesets(self) -> Tuple[gc.Ruleset, gc.Ruleset]:
+        gated = gc.parse_rules(GATED_RULES, "gated.json")
+        plain = gc.parse_rules(GATED_RULES, "gated.json")
+        with mock.patch.object(gc, "_rule_gate", lambda condition: None):
+            plain.classify(info("Subject: x"), now=NOW)
+        gated.classify(info("Subject: x"), now=NOW)
+        self.assertEqual(set(plain.__dict__["_gates"]), {None})
+        self.assertEqual(sum(gate is not None for gate in gated.__dict__["_gates"]), 16)
+        return gated, plain
+
+    def test_gated_rules_decide_and_explain_as_every_rule_evaluated(self):
+        gated, plain = self.rulesets()
+        shut = []
+        shuts = gc._RuleGate.shuts
+
+        def counted(gate: Any, msg: MessageInfo, cache: Any) -> bool:
+            shut.append(shuts(gate, msg, cache))
+            return shut[-1]
+        matched = undecided = 0
+        with mock.patch.object(gc._RuleGate, "shuts", counted):
+            for number, fresh in enumerate(self.messages()):
+                for final in (False, True):
+                    with self.subTest(number=number, final=final):
+                        decision = gated.classify(fresh(), final=final, now=NOW)
+                        self.assertEqual(decision, plain.classify(fresh(), final=final, now=NOW))
+                        matched += len(decision.matches) if decision else 0
+                        undecided += decision is None
+                self.assertEqual(gc.explain_message(gated, fresh(), NOW),
+                                 gc.explain_message(plain, fresh(), NOW))
+        self.assertGreater(matched, 700)
+        self.assertGreater(undecided, 20)
+        self.assertGreater(shut.count(True), 1500)
+        self.assertGreater(shut.count(False), 500)
+
+    def test_only_conditions_that_decide_quietly_are_passed_over(self):
+        calls: List[str] = []
+
+        def probe(msg: MessageInfo) -> bool:
+            calls.append(str(msg.headers["Subject"]))
+            return True
+        gc.Ruleset.add_condition("t1_probe", probe, cost=0)
+        self.addCleanup(gc._CONDITION_KINDS.pop, "t1_probe", None)
+        rules = gc.parse_rules({"rule": [
+            {"name": "probed", "all": [{"from": "nobody"}, {"t1_probe": True}], "label": "P",
+             "continue": True},
+            {"name": "program", "from": "nobody", "program": ["true"], "label": "Q",
+             "continue": True},
+            {"name": "in any", "any": [{"from": "nobody"}, {"subject": "b"}], "label": "R",
+             "continue": True},
+            {"name": "in not", "not": {"from": "nobody"}, "label": "S", "continue": True},
+            {"name": "quiet", "all": [{"from": "nobody"}, {"not": {"subject": "/a/"}},
+                                      {"any": [{"has_label": "x"}, {"unread": True}]}],
+             "label": "T"}]}, "r.json")
+        decisions = [rules.classify(info("Subject: %s\nFrom: a@b" % s), final=True, now=NOW)
+                     for s in ("one", "two")]
+        self.assertEqual(calls, ["one", "two"])      # asked as ever: it came first
+        self.assertEqual([gate is not None for gate in rules.__dict__["_gates"]],
+                         [False, False, False, False, True])
+        self.assertEqual([name for name, _ in decisions[0].matches], ["in not"])
+
+    def test_a_regex_that_finds_a_value_opens_the_gate(self):
+        rules = gc.parse_rules({"rule": [
+            {"name": "r", "subject": ["never", "/^inv/i", "/x$/"], "label": "R"}]}, "r.json")
+        for subject, want in (("Invoice 3", '/^inv/i'), ("box", "/x$/"), ("boxes", None),
+                              ("NEVER", '"never"')):
+            decision = rules.classify(info("Subject: " + subject), now=NOW)
+            reason = decision.matches[0][1] if decision.matches else None
+            self.assertEqual(reason, want and "subject %s %s" % (
+                "contains" if want.startswith('"') else "matches", want))
 
 
 # --- Benchmark ---------------------------------------------------------------------------

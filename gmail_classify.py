@@ -1250,13 +1250,17 @@ def _canonical_fetch_key(item: str) -> str:
 
 
 def _listed_flags(value: Any) -> Optional[Tuple[str, ...]]:
-    return tuple(str(flag) for flag in value) if isinstance(value, list) else None
+    return tuple(map(str, value)) if isinstance(value, list) else None
 
 
 def _listed_labels(value: Any) -> Optional[Tuple[str, ...]]:
     if not isinstance(value, list):
         return None     # NIL or an atom where a list belongs: unknown, not "none"
     return tuple(decode_mailbox(_as_text(label)) for label in value)
+
+
+def _fetched_date(value: Any) -> Optional[_dt.datetime]:
+    return parse_internaldate(value if value.__class__ is str else _as_text(value))
 
 
 def _fetched_number(value: Any) -> Optional[int]:
@@ -1269,7 +1273,7 @@ def _fetched_number(value: Any) -> Optional[int]:
 # not named here is bytes, anything else stays as parsed.
 _FETCH_VALUES: Dict[str, Callable[[Any], Any]] = {
     "FLAGS": _listed_flags, "X-GM-LABELS": _listed_labels,
-    "INTERNALDATE": lambda value: parse_internaldate(_as_text(value)),
+    "INTERNALDATE": _fetched_date,
     "RFC822.SIZE": _fetched_number, "X-GM-MSGID": _fetched_number,
     "X-GM-THRID": _fetched_number, "MODSEQ": _fetched_number,
 }
@@ -4024,6 +4028,16 @@ class MessageInfo:
     # The answers of the rules' programs (ProgramCondition -> its answer), kept across
     # dataclasses.replace(): each program runs once per message.
     programs: Dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def _made(cls, **values: Any) -> "MessageInfo":
+        """``MessageInfo(**values)`` for the pipeline, which makes one per message fetched:
+        the fields go into the new instance's dict at once, where the frozen __init__
+        sets each through object.__setattr__ (three times the cost).  ``values`` names
+        every field, ``programs`` a new dict; there is no __post_init__ to run."""
+        info = object.__new__(cls)
+        info.__dict__.update(values)
+        return info
 
 
 # A header block made only of well-formed fields (name, colon, value, folded lines) and
@@ -8412,13 +8426,13 @@ def _message_info(uid: int, values: Mapping[str, Any], header_item: str,
         labels = tuple(labels) + (own,)
     data = {datum.field: None if values.get(datum.item) is None else datum.read(values[datum.item])
             for datum in _MESSAGE_DATA}
-    return MessageInfo(
+    return MessageInfo._made(
         headers=parse_headers(values.get(header_item) or b""),
         uid=uid,
         flags=frozenset(values.get("FLAGS") or ()),
         labels=None if labels is None else frozenset(labels),
         queries=None if queries is None else frozenset(q for q, hits in queries.items() if uid in hits),
-        folder=folder,
+        folder=folder, body=None, source=None, programs={},
         **data,
     )
 

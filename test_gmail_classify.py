@@ -20883,6 +20883,63 @@ class RuleGateTest(unittest.TestCase):
                 "contains" if want.startswith('"') else "matches", want))
 
 
+class MessageInfoMadeTest(unittest.TestCase):
+    """The pipeline's MessageInfo (MessageInfo._made, without the frozen __init__) is the
+    one the constructor makes: every field set, its own programs, frozen as ever."""
+
+    ITEM = "BODY[HEADER.FIELDS (FROM SUBJECT)]"
+
+    def test_pipeline_infos_are_those_the_constructor_makes(self):
+        when = _dtm.datetime(2024, 12, 7, 12, 40, 3, tzinfo=timezone.utc)
+        structure = [["text", "plain", ["charset", "us-ascii"], None, None, "7bit", 5, 1],
+                     ["application", "pdf", ["name", "a.pdf"], None, None, "base64", 9],
+                     "mixed"]
+        cases = [
+            ({"FLAGS": ("\\Seen",), self.ITEM: b"From: a@b\r\nSubject: x\r\n\r\n"}, None,
+             "INBOX", {}),
+            ({"FLAGS": (), "RFC822.SIZE": 120, "INTERNALDATE": when, "X-GM-LABELS": ("Work",),
+              "BODYSTRUCTURE": structure, self.ITEM: b"Subject: y\r\n\r\n"},
+             {"q1": {7}, "q2": {8}}, "INBOX",
+             {"size": 120, "date": when, "has_attachment": True,
+              "labels": frozenset({"Work", "\\Inbox"}), "queries": frozenset({"q1"})}),
+            ({"FLAGS": None, "X-GM-LABELS": (), self.ITEM: None}, {}, "[Gmail]/All Mail",
+             {"flags": frozenset(), "labels": frozenset(), "queries": frozenset()}),
+        ]
+        names = {f.name for f in dataclasses.fields(MessageInfo)}
+        made = []
+        for values, queries, folder, want in cases:
+            with self.subTest(values=values):
+                got = gc._message_info(7, values, self.ITEM, queries, folder)
+                self.assertEqual(set(vars(got)), names)
+                expected = dict(uid=7, folder=folder, flags=frozenset(values["FLAGS"] or ()),
+                                labels=None, queries=None, size=None, date=None,
+                                has_attachment=None, body=None, source=None)
+                expected.update(want)
+                self.assertEqual({k: v for k, v in vars(got).items()
+                                  if k not in ("headers", "programs")}, expected)
+                self.assertEqual(got, MessageInfo(headers=got.headers, **expected))
+                self.assertEqual(got.programs, {})
+                self.assertEqual(got.headers.items(), parse_headers(values[self.ITEM] or b"")
+                                 .items())
+                with self.assertRaises(dataclasses.FrozenInstanceError):
+                    got.uid = 8     # type: ignore[misc]
+                self.assertEqual(dataclasses.replace(got, body="b").body, "b")
+                made.append(got)
+        made[0].programs["p"] = 1
+        self.assertEqual(made[1].programs, {})
+
+    def test_fetched_values_convert_as_before(self):
+        for value in ("07-Dec-2024 12:40:03 +0100", " 7-Dec-2024 12:40:03 -0000", b"x",
+                      b"07-Dec-2024 12:40:03 +0000", None, "bad", gc.Number("7")):
+            self.assertEqual(gc._FETCH_VALUES["INTERNALDATE"](value),
+                             gc.parse_internaldate(gc._as_text(value)))
+        for value in (["\\Seen", gc.Number("0123"), "$Label"], [], None, "x"):
+            want = tuple(str(v) for v in value) if isinstance(value, list) else None
+            got = gc._FETCH_VALUES["FLAGS"](value)
+            self.assertEqual(got, want)
+            self.assertTrue(got is None or all(type(flag) is str for flag in got))
+
+
 # --- Benchmark ---------------------------------------------------------------------------
 
 # ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]

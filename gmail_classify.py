@@ -1183,12 +1183,17 @@ class _Response:
     oversized: List[List[Any]] = field(default_factory=list)  # lines whose literal was dropped
 
 
+# The kinds most answers are, as servers spell them (asked of every line a run reads).
+_COMMON_KINDS = ("FETCH", "EXPUNGE", "EXISTS")
+
+
 def _untagged_kind(item: Sequence[Any]) -> str:
     """``"EXISTS"`` for ``[12, "EXISTS"]``, ``"LIST"`` for ``["LIST", [...], "/", "x"]``."""
     if not item:
         return ""
     if isinstance(item[0], int) and len(item) > 1:
-        return str(item[1]).upper()
+        kind = item[1]
+        return kind if kind in _COMMON_KINDS else str(kind).upper()
     return str(item[0]).upper()
 
 
@@ -1209,6 +1214,8 @@ def _fetch_uid(item: Sequence[Any]) -> Optional[int]:
     if len(item) < 3 or not isinstance(item[2], list):
         return None
     attrs = item[2]
+    if len(attrs) > 1 and attrs[0] == "UID" and isinstance(attrs[1], int):
+        return attrs[1]         # where servers put it: first
     for i in range(0, len(attrs) - 1, 2):
         if str(attrs[i]).upper() == "UID" and isinstance(attrs[i + 1], int):
             return attrs[i + 1]
@@ -4495,9 +4502,12 @@ def _fast_mailboxes(raw: str) -> Optional[List[Tuple[str, str]]]:
 _CACHE = "_gmail_classify_cache"
 
 
+_FOLDING = re.compile(r"\r?\n(?=[ \t])")     # a line break that folds a value (RFC 5322 2.2.3)
+
+
 def _unfolded(value: Any) -> str:
     value = str(value)
-    return re.sub(r"\r?\n(?=[ \t])", "", value) if "\n" in value else value
+    return _FOLDING.sub("", value) if "\n" in value else value
 
 
 def _header_cache(msg: email.message.EmailMessage,

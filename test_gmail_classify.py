@@ -20940,6 +20940,58 @@ class MessageInfoMadeTest(unittest.TestCase):
             self.assertTrue(got is None or all(type(flag) is str for flag in got))
 
 
+def _reference_kind(item: Sequence[Any]) -> str:
+    """_untagged_kind() as it read every line before its common kinds were taken as sent."""
+    if not item:
+        return ""
+    if isinstance(item[0], int) and len(item) > 1:
+        return str(item[1]).upper()
+    return str(item[0]).upper()
+
+
+def _reference_uid(item: Sequence[Any]) -> Optional[int]:
+    """_fetch_uid() as it looked through every item before it tried the first."""
+    if len(item) < 3 or not isinstance(item[2], list):
+        return None
+    attrs = item[2]
+    for i in range(0, len(attrs) - 1, 2):
+        if str(attrs[i]).upper() == "UID" and isinstance(attrs[i + 1], int):
+            return attrs[i + 1]
+    return None
+
+
+class UntaggedKindTest(unittest.TestCase):
+    """An answer's kind and a FETCH's UID read the common spellings first: the same
+    answers as reading every line the long way."""
+
+    def test_kinds_and_uids_are_those_the_long_way_finds(self):
+        rng = random.Random(1717)
+        words = ["FETCH", "fetch", "Fetch", "EXPUNGE", "EXISTS", "exists", "RECENT", "OK",
+                 "LIST", "SEARCH", "UID", "uid", "Uid", "FLAGS", "", "\u0131", "FETCH ",
+                 gc.Number("7"), gc.Number("0123"), 7, 0, None, b"FETCH", b"UID", ["UID"],
+                 ["FETCH"], True, "\\Seen"]
+        samples = [[], [7], ["FETCH"], [3, "FETCH"], [3, "FETCH", []], [3, "FETCH", "UID"]]
+        values = [7, gc.Number("12"), gc.Number("0012"), True, "7", None, ["\\Seen"]]
+        for _ in range(3000):
+            attrs = [x for _ in range(rng.randrange(0, 4))
+                     for x in (rng.choice(words[:14]), rng.choice(values))]
+            attrs = attrs[:len(attrs) - rng.randrange(0, 2)]
+            head = [rng.choice((3, gc.Number("3"), rng.choice(words))),
+                    rng.choice(words[:8] + words[15:])]
+            samples.append(head[:rng.choice((0, 1, 2, 2, 2, 2))] + [attrs] * rng.choice((0, 1, 1, 1)))
+        uids = 0
+        for item in samples:
+            with self.subTest(item=item):
+                kind = gc._untagged_kind(item)
+                self.assertEqual(kind, _reference_kind(item))
+                self.assertIs(type(kind), str)
+                uid = gc._fetch_uid(item)
+                self.assertEqual(uid, _reference_uid(item))
+                self.assertIs(uid, _reference_uid(item))
+                uids += uid is not None
+        self.assertGreater(uids, 150)
+
+
 # --- Benchmark ---------------------------------------------------------------------------
 
 # ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]

@@ -5223,10 +5223,11 @@ class _HeaderGroup:
     condition's matcher look.  Ruleset.classify builds the groups (_group_headers) and
     keeps each on its conditions as ``_group``; explain() never uses them."""
 
-    __slots__ = ("addresses", "names", "plain")
+    __slots__ = ("addresses", "names", "plain", "raw_keys")
 
     def __init__(self, addresses: bool, names: Tuple[str, ...], needles: Iterable[str]) -> None:
         self.addresses, self.names = addresses, names
+        self.raw_keys = tuple(("raw", name.lower()) for name in names)   # in the header cache
         # Normalised text holds no line break, so a needle found in the values joined by
         # "\n" is in one of them (an empty needle is found anywhere: the matchers decide).
         self.plain = re.compile("|".join(map(re.escape, dict.fromkeys(needles))))
@@ -5241,11 +5242,27 @@ class _HeaderGroup:
 
     def fill(self, headers: email.message.EmailMessage,
              cache: Dict[Any, Any]) -> Tuple[List[str], List[str], bool]:
-        """read() the first time, with the message's header cache in hand."""
-        values, normalised = _cached_values(cache, headers, self.addresses, self.names)
-        found = cache[self] = (values, normalised,
-                               self.plain.search("\n".join(normalised)) is not None)
+        """read() the first time, with the message's header cache in hand: what the same
+        raw values gave another message, if they are in _GROUP_READINGS."""
+        key = (self, *[tuple(cache.get(raw, ())) for raw in self.raw_keys])
+        found = _GROUP_READINGS.get(key)
+        if found is None:
+            values, normalised = _cached_values(cache, headers, self.addresses, self.names)
+            found = (values, normalised, self.plain.search("\n".join(normalised)) is not None)
+            if sum(map(len, values)) <= _DECODED_LONGEST:
+                if len(_GROUP_READINGS) >= _DECODED_MAX:
+                    _GROUP_READINGS.clear()
+                _GROUP_READINGS[key] = found
+        cache[self] = found
         return found
+
+
+# What a group found (_HeaderGroup.fill) by the group and the raw values of its headers:
+# a mailbox holds the same senders, lists and subjects again and again, and the decoded
+# values, their _normalise() forms and the search depend on those alone (as _DECODED's
+# do), so each is worked out once per run.  A found tuple is shared by the messages with
+# those values: its lists are read, never changed.  Bounded as _DECODED is.
+_GROUP_READINGS: Dict[Tuple[Any, ...], Tuple[List[str], List[str], bool]] = {}
 
 
 def _group_headers(conditions: Iterable[Condition]) -> None:

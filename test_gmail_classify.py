@@ -20815,8 +20815,9 @@ class RuleGateTest(unittest.TestCase):
     def rulesets(self) -> Tuple[gc.Ruleset, gc.Ruleset]:
         gated = gc.parse_rules(GATED_RULES, "gated.json")
         plain = gc.parse_rules(GATED_RULES, "gated.json")
-        with mock.patch.object(gc, "_rule_gate", lambda condition: None):
-            plain.classify(info("Subject: x"), now=NOW)
+        with mock.patch.object(gc, "_rule_gate", lambda condition: None), \
+                mock.patch.object(gc, "_group_headers", lambda conditions: None):
+            plain.classify(info("Subject: x"), now=NOW)     # every condition on its own
         gated.classify(info("Subject: x"), now=NOW)
         self.assertEqual(set(plain.__dict__["_gates"]), {None})
         self.assertEqual(sum(gate is not None for gate in gated.__dict__["_gates"]), 16)
@@ -20845,6 +20846,37 @@ class RuleGateTest(unittest.TestCase):
         self.assertGreater(undecided, 20)
         self.assertGreater(shut.count(True), 1500)
         self.assertGreater(shut.count(False), 500)
+
+    def test_a_group_reads_the_same_raw_values_once_per_run(self):
+        rules = gc.parse_rules({"rule": [
+            {"name": "a", "from": ["alpha", "/^B/"], "label": "A", "continue": True},
+            {"name": "r", "recipient": "team@", "label": "R"}]}, "r.json")
+        raws = ["From: Alpha <a@example.com>\nTo: team@example.com",
+                "From: Beta <b@example.com>\nTo: x@example.com\nCc: team@example.com",
+                "From: Alpha <a@example.com>\nTo: team@example.com",
+                "From: Alpha <a@example.com>\nCc: team@example.com",
+                "From: Beta <b@example.com>\nTo: x@example.com\nCc: team@example.com",
+                "From: =?utf-8?q?Alpha?= <a@example.com>\nTo: team@example.com",
+                "From: %s <a@example.com>" % ("x" * gc._DECODED_LONGEST)]
+        with mock.patch.dict(gc._GROUP_READINGS, clear=True), \
+                mock.patch.object(gc, "_cached_values", wraps=gc._cached_values) as worked:
+            decisions = [rules.classify(info(raw), now=NOW).matches for raw in raws]
+            kept = dict(gc._GROUP_READINGS)
+            self.assertEqual(worked.call_count, 8)      # 4 Froms, 4 sets of recipients
+            for raw, decision in zip(raws, decisions):
+                self.assertEqual(rules.classify(info(raw), now=NOW).matches, decision)
+        self.assertEqual([[name for name, _ in matches] for matches in decisions],
+                         [["a", "r"], ["a", "r"], ["a", "r"], ["a", "r"], ["a", "r"],
+                          ["a", "r"], []])
+        self.assertEqual(len(kept), 7)                  # the long From is not kept
+        self.assertFalse(any(len(key) > 1 and any(len(value) > gc._DECODED_LONGEST
+                                                  for values in key[1:] for value in values)
+                             for key in kept))
+        with mock.patch.dict(gc._GROUP_READINGS, clear=True), \
+                mock.patch.object(gc, "_DECODED_MAX", 3):
+            for n in range(5):
+                rules.classify(info("From: n%d@example.com\nTo: t@example.com" % n), now=NOW)
+            self.assertLessEqual(len(gc._GROUP_READINGS), 3)
 
     def test_only_conditions_that_decide_quietly_are_passed_over(self):
         calls: List[str] = []

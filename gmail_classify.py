@@ -2303,10 +2303,10 @@ class _Protocol:
                 self._log_answer(raw)
             if raw.startswith(b"* "):
                 body = raw[2:]
-                head = body.split(b" ", 1)
-                kind = head[0].upper()
+                space = body.find(b" ")     # the first word, without copying the rest
+                kind = (body if space < 0 else body[:space]).upper()
                 if kind in (b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"):
-                    code, args, text = parse_status_text(head[1] if len(head) > 1 else b"")
+                    code, args, text = parse_status_text(body[space + 1:] if space >= 0 else b"")
                     text = self.redact(text)
                     if kind == b"BYE":
                         if expect_bye:

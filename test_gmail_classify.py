@@ -20878,6 +20878,18 @@ class RuleGateTest(unittest.TestCase):
                 rules.classify(info("From: n%d@example.com\nTo: t@example.com" % n), now=NOW)
             self.assertLessEqual(len(gc._GROUP_READINGS), 3)
 
+    def test_a_group_is_read_once_a_message(self):
+        rules = gc.parse_rules({"rule": [
+            {"name": n, "subject": [n, "/%s$/" % n], "label": n, "continue": True}
+            for n in ("a", "b", "c")]}, "r.json")
+        fill = gc._HeaderGroup.fill
+        with mock.patch.object(gc._HeaderGroup, "fill", autospec=True, side_effect=fill) as read:
+            for subject in ("zzz", "a b c", "x" * (gc._DECODED_LONGEST + 1)):
+                read.reset_mock()
+                decision = rules.classify(info("Subject: " + subject), now=NOW)
+                self.assertEqual(read.call_count, 1, subject)
+        self.assertEqual([name for name, _ in decision.matches], [])
+
     def test_only_conditions_that_decide_quietly_are_passed_over(self):
         calls: List[str] = []
 

@@ -20878,6 +20878,46 @@ class RuleGateTest(unittest.TestCase):
                 rules.classify(info("From: n%d@example.com\nTo: t@example.com" % n), now=NOW)
             self.assertLessEqual(len(gc._GROUP_READINGS), 3)
 
+    def test_generated_rules_decide_as_every_rule_evaluated(self):
+        rng = random.Random(1717)
+        leaves = [{"subject": "re"}, {"subject": ["invoice", "/^RE:/i", "Straße"]},
+                  {"from": "example"}, {"from": "/\\.de>?$/"}, {"to": ["bea", "team@"]},
+                  {"recipient": "com"}, {"cc": "/./"}, {"list_id": "news"},
+                  {"header": {"List-Id": True}}, {"header": {"X-Custom": False}},
+                  {"header": {"X-Custom": ["a", "/b$/"]}}, {"larger_than": "100"},
+                  {"smaller_than": "120"}, {"older_than": "1y"}, {"newer_than": "2y"},
+                  {"body": "hello"}, {"unread": True}]
+
+        def table(depth: int) -> Dict[str, Any]:
+            roll = rng.random()
+            if depth < 2 and roll < 0.15:
+                return {"not": table(depth + 1)}
+            if depth < 2 and roll < 0.35:
+                return {rng.choice(("any", "all")): [table(depth + 1)
+                                                     for _ in range(rng.randrange(1, 4))]}
+            found: Dict[str, Any] = {}
+            for leaf in rng.sample(leaves, rng.randrange(1, 4)):
+                found.setdefault(*next(iter(leaf.items())))
+            return found
+        spec = {"rule": [dict(table(0), name="g%d" % n, label="L%d" % n,
+                              **({"continue": True} if rng.random() < 0.9 else {}))
+                         for n in range(40)]}
+        gated = gc.parse_rules(spec, "generated.json")
+        plain = gc.parse_rules(spec, "generated.json")
+        with mock.patch.object(gc, "_rule_gate", lambda condition: None), \
+                mock.patch.object(gc, "_group_headers", lambda conditions: None):
+            plain.classify(info("Subject: x"), now=NOW)
+        gated.classify(info("Subject: x"), now=NOW)
+        self.assertGreater(sum(gate is not None for gate in gated.__dict__["_gates"]), 20)
+        matched = 0
+        for number, fresh in enumerate(self.messages()[::2]):
+            for final in (False, True):
+                with self.subTest(number=number, final=final):
+                    decision = gated.classify(fresh(), final=final, now=NOW)
+                    self.assertEqual(decision, plain.classify(fresh(), final=final, now=NOW))
+                    matched += len(decision.matches) if decision else 0
+        self.assertGreater(matched, 300)
+
     def test_a_group_is_read_once_a_message(self):
         rules = gc.parse_rules({"rule": [
             {"name": n, "subject": [n, "/%s$/" % n], "label": n, "continue": True}

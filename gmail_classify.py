@@ -5878,7 +5878,9 @@ def _decides_quietly(condition: Condition) -> bool:
     return type(condition) in _QUIET_KINDS and all(map(_decides_quietly, condition.children()))
 
 
-# The kinds whose evaluate() only reads the message (see _decides_quietly).
+# The kinds whose evaluate() only reads the message (see _decides_quietly).  A kind left
+# out (a new one, until it is added here) keeps any `all` that holds it from a gate: no
+# rule is then passed over that should not be, it is only evaluated.
 _QUIET_KINDS = frozenset({HeaderMatch, HeaderPresent, BodyMatch, SizeCompare, AgeCompare,
                           StateIs, HasLabel, GmailQuery, AllOf, AnyOf, Not})
 

@@ -5244,7 +5244,11 @@ class _HeaderGroup:
              cache: Dict[Any, Any]) -> Tuple[List[str], List[str], bool]:
         """read() the first time, with the message's header cache in hand: what the same
         raw values gave another message, if they are in _GROUP_READINGS."""
-        key = (self, *[tuple(cache.get(raw, ())) for raw in self.raw_keys])
+        keys = self.raw_keys
+        if len(keys) == 1:      # most groups: one header (the same key as below, sooner)
+            key: Tuple[Any, ...] = (self, tuple(cache.get(keys[0], ())))
+        else:
+            key = (self, *[tuple(cache.get(raw, ())) for raw in keys])
         found = _GROUP_READINGS.get(key)
         if found is None:
             values, normalised = _cached_values(cache, headers, self.addresses, self.names)

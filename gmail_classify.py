@@ -2306,7 +2306,8 @@ class _Protocol:
                 space = body.find(b" ")     # the first word, without copying the rest
                 kind = (body if space < 0 else body[:space]).upper()
                 if kind in (b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"):
-                    code, args, text = parse_status_text(body[space + 1:] if space >= 0 else b"")
+                    rest = body[space + 1:] if space >= 0 else b""
+                    code, args, text = parse_status_text(rest)
                     text = self.redact(text)
                     if kind == b"BYE":
                         if expect_bye:

@@ -20775,7 +20775,8 @@ class LiveServerTest(unittest.TestCase):
 # GROUPED_RULES and more kinds a gate reads (regexes, presence, sizes) or must leave alone
 # (a body, nesting, `not`), each rule going on so that every rule is decided.
 GATED_RULES = {"rule": GROUPED_RULES["rule"][:-1] + [
-    {"name": "regex only", "subject": ["/^re:/i", "/RECEIPT/"], "label": "G1", "continue": True},
+    {"name": "regex only", "subject": ["/^re:/i", "/RECEIPT/"], "label": "G1",
+     "continue": True},
     {"name": "mixed", "from": ["example", "/\\.fr>?$/"], "label": "G2", "continue": True},
     {"name": "present", "header": {"List-Id": True}, "label": "G3", "continue": True},
     {"name": "absent", "header": {"X-Custom": False, "Subject": ["1", "x"]}, "label": "G4",
@@ -20837,7 +20838,8 @@ class RuleGateTest(unittest.TestCase):
                 for final in (False, True):
                     with self.subTest(number=number, final=final):
                         decision = gated.classify(fresh(), final=final, now=NOW)
-                        self.assertEqual(decision, plain.classify(fresh(), final=final, now=NOW))
+                        self.assertEqual(decision,
+                                         plain.classify(fresh(), final=final, now=NOW))
                         matched += len(decision.matches) if decision else 0
                         undecided += decision is None
                 self.assertEqual(gc.explain_message(gated, fresh(), NOW),
@@ -20923,7 +20925,8 @@ class RuleGateTest(unittest.TestCase):
             {"name": n, "subject": [n, "/%s$/" % n], "label": n, "continue": True}
             for n in ("a", "b", "c")]}, "r.json")
         fill = gc._HeaderGroup.fill
-        with mock.patch.object(gc._HeaderGroup, "fill", autospec=True, side_effect=fill) as read:
+        with mock.patch.object(gc._HeaderGroup, "fill", autospec=True,
+                               side_effect=fill) as read:
             for subject in ("zzz", "a b c", "x" * (gc._DECODED_LONGEST + 1)):
                 read.reset_mock()
                 decision = rules.classify(info("Subject: " + subject), now=NOW)
@@ -21062,7 +21065,8 @@ class UntaggedKindTest(unittest.TestCase):
             attrs = attrs[:len(attrs) - rng.randrange(0, 2)]
             head = [rng.choice((3, gc.Number("3"), rng.choice(words))),
                     rng.choice(words[:8] + words[15:])]
-            samples.append(head[:rng.choice((0, 1, 2, 2, 2, 2))] + [attrs] * rng.choice((0, 1, 1, 1)))
+            samples.append(head[:rng.choice((0, 1, 2, 2, 2, 2))]
+                           + [attrs] * rng.choice((0, 1, 1, 1)))
         uids = 0
         for item in samples:
             with self.subTest(item=item):

@@ -20933,6 +20933,27 @@ class RuleGateTest(unittest.TestCase):
                 self.assertEqual(read.call_count, 1, subject)
         self.assertEqual([name for name, _ in decision.matches], [])
 
+    def test_presence_and_sizes_pass_rules_over_without_evaluating_them(self):
+        rules = gc.parse_rules({"rule": [
+            {"name": "list", "header": {"List-Id": True}, "label": "L", "continue": True},
+            {"name": "no list", "header": {"List-Id": False}, "label": "N", "continue": True},
+            {"name": "big", "larger_than": "100", "label": "B"}]}, "r.json")
+        asked: List[str] = []
+
+        def counted(kind: Any) -> Any:
+            evaluate = kind.evaluate
+            return mock.patch.object(kind, "evaluate", lambda self, msg, now: (
+                asked.append(kind.__name__), evaluate(self, msg, now))[1])
+        with counted(gc.HeaderPresent), counted(gc.SizeCompare):
+            for headers, size, want in (("List-Id: <a.b>", 101, ["list", "big"]),
+                                        ("Subject: x", 100, ["no list"]),
+                                        ("Subject: x", None, ["no list"])):
+                del asked[:]
+                decision = rules.classify(info(headers, size=size), final=True, now=NOW)
+                self.assertEqual([name for name, _ in decision.matches], want)
+                self.assertEqual(sorted(asked), sorted(
+                    ["HeaderPresent"] + ["SizeCompare"] * (size != 100)), headers)
+
     def test_only_conditions_that_decide_quietly_are_passed_over(self):
         calls: List[str] = []
 

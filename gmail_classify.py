@@ -1183,12 +1183,17 @@ class _Response:
     oversized: List[List[Any]] = field(default_factory=list)  # lines whose literal was dropped
 
 
+# The kinds most answers are, as servers spell them (asked of every line a run reads).
+_COMMON_KINDS = ("FETCH", "EXPUNGE", "EXISTS")
+
+
 def _untagged_kind(item: Sequence[Any]) -> str:
     """``"EXISTS"`` for ``[12, "EXISTS"]``, ``"LIST"`` for ``["LIST", [...], "/", "x"]``."""
     if not item:
         return ""
     if isinstance(item[0], int) and len(item) > 1:
-        return str(item[1]).upper()
+        kind = item[1]
+        return kind if kind in _COMMON_KINDS else str(kind).upper()
     return str(item[0]).upper()
 
 
@@ -1209,6 +1214,8 @@ def _fetch_uid(item: Sequence[Any]) -> Optional[int]:
     if len(item) < 3 or not isinstance(item[2], list):
         return None
     attrs = item[2]
+    if len(attrs) > 1 and attrs[0] == "UID" and isinstance(attrs[1], int):
+        return attrs[1]         # where servers put it: first
     for i in range(0, len(attrs) - 1, 2):
         if str(attrs[i]).upper() == "UID" and isinstance(attrs[i + 1], int):
             return attrs[i + 1]
@@ -1250,13 +1257,17 @@ def _canonical_fetch_key(item: str) -> str:
 
 
 def _listed_flags(value: Any) -> Optional[Tuple[str, ...]]:
-    return tuple(str(flag) for flag in value) if isinstance(value, list) else None
+    return tuple(map(str, value)) if isinstance(value, list) else None
 
 
 def _listed_labels(value: Any) -> Optional[Tuple[str, ...]]:
     if not isinstance(value, list):
         return None     # NIL or an atom where a list belongs: unknown, not "none"
     return tuple(decode_mailbox(_as_text(label)) for label in value)
+
+
+def _fetched_date(value: Any) -> Optional[_dt.datetime]:
+    return parse_internaldate(value if value.__class__ is str else _as_text(value))
 
 
 def _fetched_number(value: Any) -> Optional[int]:
@@ -1269,7 +1280,7 @@ def _fetched_number(value: Any) -> Optional[int]:
 # not named here is bytes, anything else stays as parsed.
 _FETCH_VALUES: Dict[str, Callable[[Any], Any]] = {
     "FLAGS": _listed_flags, "X-GM-LABELS": _listed_labels,
-    "INTERNALDATE": lambda value: parse_internaldate(_as_text(value)),
+    "INTERNALDATE": _fetched_date,
     "RFC822.SIZE": _fetched_number, "X-GM-MSGID": _fetched_number,
     "X-GM-THRID": _fetched_number, "MODSEQ": _fetched_number,
 }
@@ -2292,10 +2303,11 @@ class _Protocol:
                 self._log_answer(raw)
             if raw.startswith(b"* "):
                 body = raw[2:]
-                head = body.split(b" ", 1)
-                kind = head[0].upper()
+                space = body.find(b" ")     # the first word, without copying the rest
+                kind = (body if space < 0 else body[:space]).upper()
                 if kind in (b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"):
-                    code, args, text = parse_status_text(head[1] if len(head) > 1 else b"")
+                    rest = body[space + 1:] if space >= 0 else b""
+                    code, args, text = parse_status_text(rest)
                     text = self.redact(text)
                     if kind == b"BYE":
                         if expect_bye:
@@ -4033,6 +4045,16 @@ class MessageInfo:
     # dataclasses.replace(): each program runs once per message.
     programs: Dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
+    @classmethod
+    def _made(cls, **values: Any) -> "MessageInfo":
+        """``MessageInfo(**values)`` for the pipeline, which makes one per message fetched:
+        the fields go into the new instance's dict at once, where the frozen __init__
+        sets each through object.__setattr__ (three times the cost).  ``values`` names
+        every field, ``programs`` a new dict; there is no __post_init__ to run."""
+        info = object.__new__(cls)
+        info.__dict__.update(values)
+        return info
+
 
 # A header block made only of well-formed fields (name, colon, value, folded lines) and
 # ending at its blank line can be split without the feed parser, with the same result
@@ -4489,9 +4511,12 @@ def _fast_mailboxes(raw: str) -> Optional[List[Tuple[str, str]]]:
 _CACHE = "_gmail_classify_cache"
 
 
+_FOLDING = re.compile(r"\r?\n(?=[ \t])")     # a line break that folds a value (RFC 5322 2.2.3)
+
+
 def _unfolded(value: Any) -> str:
     value = str(value)
-    return re.sub(r"\r?\n(?=[ \t])", "", value) if "\n" in value else value
+    return _FOLDING.sub("", value) if "\n" in value else value
 
 
 def _header_cache(msg: email.message.EmailMessage,
@@ -5207,10 +5232,11 @@ class _HeaderGroup:
     condition's matcher look.  Ruleset.classify builds the groups (_group_headers) and
     keeps each on its conditions as ``_group``; explain() never uses them."""
 
-    __slots__ = ("addresses", "names", "plain")
+    __slots__ = ("addresses", "names", "plain", "raw_keys")
 
     def __init__(self, addresses: bool, names: Tuple[str, ...], needles: Iterable[str]) -> None:
         self.addresses, self.names = addresses, names
+        self.raw_keys = tuple(("raw", name.lower()) for name in names)   # in the header cache
         # Normalised text holds no line break, so a needle found in the values joined by
         # "\n" is in one of them (an empty needle is found anywhere: the matchers decide).
         self.plain = re.compile("|".join(map(re.escape, dict.fromkeys(needles))))
@@ -5221,12 +5247,35 @@ class _HeaderGroup:
         cache = _header_cache(headers)
         if cache is None:
             return _header_values(headers, self.addresses, self.names) + (True,)
-        found = cache.get(self)
+        return cache.get(self) or self.fill(headers, cache)
+
+    def fill(self, headers: email.message.EmailMessage,
+             cache: Dict[Any, Any]) -> Tuple[List[str], List[str], bool]:
+        """read() the first time, with the message's header cache in hand: what the same
+        raw values gave another message, if they are in _GROUP_READINGS."""
+        keys = self.raw_keys
+        if len(keys) == 1:      # most groups: one header (the same key as below, sooner)
+            key: Tuple[Any, ...] = (self, tuple(cache.get(keys[0], ())))
+        else:
+            key = (self, *[tuple(cache.get(raw, ())) for raw in keys])
+        found = _GROUP_READINGS.get(key)
         if found is None:
             values, normalised = _cached_values(cache, headers, self.addresses, self.names)
-            found = cache[self] = (values, normalised,
-                                   self.plain.search("\n".join(normalised)) is not None)
+            found = (values, normalised, self.plain.search("\n".join(normalised)) is not None)
+            if sum(map(len, values)) <= _DECODED_LONGEST:
+                if len(_GROUP_READINGS) >= _DECODED_MAX:
+                    _GROUP_READINGS.clear()
+                _GROUP_READINGS[key] = found
+        cache[self] = found
         return found
+
+
+# What a group found (_HeaderGroup.fill) by the group and the raw values of its headers:
+# a mailbox holds the same senders, lists and subjects again and again, and the decoded
+# values, their _normalise() forms and the search depend on those alone (as _DECODED's
+# do), so each is worked out once per run.  A found tuple is shared by the messages with
+# those values: its lists are read, never changed.  Bounded as _DECODED is.
+_GROUP_READINGS: Dict[Tuple[Any, ...], Tuple[List[str], List[str], bool]] = {}
 
 
 def _group_headers(conditions: Iterable[Condition]) -> None:
@@ -5777,6 +5826,76 @@ class Not(Condition):
 
     def children(self) -> Tuple[Condition, ...]:
         return (self.part,)
+
+
+class _RuleGate:
+    """What settles a rule as not matching before its condition is evaluated, from the
+    message's header cache and size: a HeaderMatch none of whose texts its _HeaderGroup
+    found and none of whose regexes finds a value, a HeaderPresent or a size limit that
+    does not hold.  Most messages match few rules, so most rules then cost a look-up or
+    two instead of a walk of evaluate(), read(), find() and describe() calls.  A rule gets
+    a gate (_rule_gate) only where its condition is such a test, or an `all` of parts that
+    decide without side effects (no program, no Python function): any false part makes
+    it false whatever the others say.  A gate that does not shut decides nothing: the
+    condition is evaluated as ever, so decisions and reasons are the same either way."""
+
+    __slots__ = ("headers", "present", "sizes")
+
+    def __init__(self, headers: Tuple[Tuple[_HeaderGroup, Tuple[re.Pattern, ...]], ...],
+                 present: Tuple[Tuple[Tuple[str, str], bool], ...],
+                 sizes: Tuple[Tuple[bool, int], ...]) -> None:
+        self.headers = headers      # ((group, the matcher's regexes), ...)
+        self.present = present      # ((the cache's raw key, wanted present), ...)
+        self.sizes = sizes          # ((larger, limit), ...) as SizeCompare has them
+
+    def shuts(self, msg: MessageInfo, cache: Dict[Any, Any]) -> bool:
+        """True when the rule's condition is certainly false for ``msg``, whose header
+        cache is ``cache``."""
+        for group, regexes in self.headers:
+            values, _, maybe = cache.get(group) or group.fill(msg.headers, cache)
+            if not maybe and not (regexes and any(r.search(v) for r in regexes
+                                                  for v in values)):
+                return True
+        for key, wanted in self.present:
+            if bool(cache.get(key)) is not wanted:
+                return True
+        size = msg.size
+        if size is not None:
+            for larger, limit in self.sizes:
+                if not (size > limit if larger else size < limit):
+                    return True
+        return False
+
+
+def _rule_gate(condition: Condition) -> Optional[_RuleGate]:
+    """The gate of a rule whose condition is ``condition`` (see _RuleGate), or None."""
+    parts = condition.parts if type(condition) is AllOf and \
+        all(_decides_quietly(part) for part in condition.parts) else (condition,)
+    headers, present, sizes = [], [], []
+    for part in parts:
+        if type(part) is HeaderMatch and "_group" in part.__dict__:
+            headers.append((part._group[0], tuple(p.regex for p in part.matcher.patterns
+                                                  if p.regex is not None)))
+        elif type(part) is HeaderPresent:
+            present.append((("raw", part.name.lower()), part.present))
+        elif type(part) is SizeCompare:
+            sizes.append((part.larger, part.limit))
+    if not (headers or present or sizes):
+        return None
+    return _RuleGate(tuple(headers), tuple(present), tuple(sizes))
+
+
+def _decides_quietly(condition: Condition) -> bool:
+    """Whether evaluate() of ``condition`` only reads the message: never runs a program
+    or a vendoring script's function, never raises (a kind added later is not trusted)."""
+    return type(condition) in _QUIET_KINDS and all(map(_decides_quietly, condition.children()))
+
+
+# The kinds whose evaluate() only reads the message (see _decides_quietly).  A kind left
+# out (a new one, until it is added here) keeps any `all` that holds it from a gate: no
+# rule is then passed over that should not be, it is only evaluated.
+_QUIET_KINDS = frozenset({HeaderMatch, HeaderPresent, BodyMatch, SizeCompare, AgeCompare,
+                          StateIs, HasLabel, GmailQuery, AllOf, AnyOf, Not})
 
 
 @dataclass(frozen=True)
@@ -6496,13 +6615,19 @@ class Ruleset:
             now = datetime.now(timezone.utc)
         elif now.tzinfo is None:
             now = now.replace(tzinfo=timezone.utc)
-        if "_grouped" not in self.__dict__:     # once per ruleset (see _HeaderGroup)
+        gates = self.__dict__.get("_gates")
+        if gates is None:     # once per ruleset (see _HeaderGroup and _RuleGate)
             _group_headers(cond for rule in self.rules for cond in _walk(rule.condition))
-            self.__dict__["_grouped"] = True
+            gates = self.__dict__["_gates"] = tuple(_rule_gate(rule.condition)
+                                                    for rule in self.rules)
         matches: List[Tuple[str, str]] = []
         actions = _NO_ACTIONS
+        headers = msg.headers
+        cache = _header_cache(headers) if any(gates) else None
         try:
-            for rule in self.rules:
+            for rule, gate in zip(self.rules, gates):
+                if gate is not None and cache is not None and gate.shuts(msg, cache):
+                    continue        # false: nothing to add, and no reason is kept
                 value, reason = rule.condition.evaluate(msg, now)
                 if value is None:
                     if not final:
@@ -6517,7 +6642,7 @@ class Ruleset:
                     if not rule.continue_:
                         break
         finally:
-            _drop_header_cache(msg.headers)   # decoded for these rules only: free it
+            _drop_header_cache(headers)   # decoded for these rules only: free it
         return Decision(matches=tuple(matches), actions=actions)
 
 
@@ -8343,13 +8468,13 @@ def _message_info(uid: int, values: Mapping[str, Any], header_item: str,
         labels = tuple(labels) + (own,)
     data = {datum.field: None if values.get(datum.item) is None else datum.read(values[datum.item])
             for datum in _MESSAGE_DATA}
-    return MessageInfo(
+    return MessageInfo._made(
         headers=parse_headers(values.get(header_item) or b""),
         uid=uid,
         flags=frozenset(values.get("FLAGS") or ()),
         labels=None if labels is None else frozenset(labels),
         queries=None if queries is None else frozenset(q for q, hits in queries.items() if uid in hits),
-        folder=folder,
+        folder=folder, body=None, source=None, programs={},
         **data,
     )
 

@@ -9533,7 +9533,7 @@ class HeaderGroupTest(unittest.TestCase):
         with mock.patch.object(gc.Matcher, "find", counted), \
                 mock.patch.object(gc, "_normalise", wraps=gc._normalise) as normalise:
             nothing = rules.classify(info("Subject: Nothing here"), now=NOW)
-            self.assertEqual(asked, ["matches /^urgent/i"])     # only the regex searched
+            self.assertEqual(asked, [])     # the regex searched by the rule's gate alone
             self.assertEqual(normalise.call_count, 1)           # the value folded once
             del asked[:]
             found = rules.classify(info("Subject: about OTHER4"), now=NOW)
@@ -20966,6 +20966,337 @@ class LiveServerTest(unittest.TestCase):
         again = gc.classify_folder(self.conn, rules, self.scratch, apply=True,
                                    allow_expunge=allow)
         self.assertEqual(again.changes, {})
+
+
+# --- Issue 17: the message side's CPU ------------------------------------------------------
+
+# GROUPED_RULES and more kinds a gate reads (regexes, presence, sizes) or must leave alone
+# (a body, nesting, `not`), each rule going on so that every rule is decided.
+GATED_RULES = {"rule": GROUPED_RULES["rule"][:-1] + [
+    {"name": "regex only", "subject": ["/^re:/i", "/RECEIPT/"], "label": "G1",
+     "continue": True},
+    {"name": "mixed", "from": ["example", "/\\.fr>?$/"], "label": "G2", "continue": True},
+    {"name": "present", "header": {"List-Id": True}, "label": "G3", "continue": True},
+    {"name": "absent", "header": {"X-Custom": False, "Subject": ["1", "x"]}, "label": "G4",
+     "continue": True},
+    {"name": "big", "larger_than": "100", "label": "G5", "continue": True},
+    {"name": "small", "smaller_than": "120", "subject": "/./", "label": "G6", "continue": True},
+    {"name": "old and big", "larger_than": "50", "older_than": "1y", "from": "example",
+     "label": "G7", "continue": True},
+    {"name": "body", "from": ["example", "github"], "body": "hello", "label": "G8",
+     "continue": True},
+    {"name": "nested", "all": [{"any": [{"subject": "e"}, {"from": "/a/"}]},
+                               {"not": {"to": "x"}}, {"recipient": "com"}], "label": "G9",
+     "continue": True},
+    {"name": "dated", "newer_than": "2y", "cc": ["bea", "/z/i"], "label": "G10",
+     "continue": True},
+]}
+
+
+class RuleGateTest(unittest.TestCase):
+    """A rule whose condition the header cache or the size already settles as false is
+    passed over without evaluating it (_RuleGate): the same decisions, with the same
+    reasons, and the same explanations as evaluating every rule."""
+
+    def messages(self) -> List[Callable[[], MessageInfo]]:
+        """Makers of the corpus's messages (each call a fresh one, its header cache empty),
+        sizes at and beside the limits of GATED_RULES, dates and bodies known or not."""
+        makers = []
+        for i, raw in enumerate(HeaderGroupTest.corpus(self)):
+            fields = dict(size=None if i % 6 == 0 else (50, 100, 120, 51, 99, 121, 999)[i % 7],
+                          date=(None, _dtm.datetime(2020, 1, 1, tzinfo=timezone.utc),
+                                NOW - _dtm.timedelta(days=3))[i % 3],
+                          body=(None, "Hello there", "nothing")[i % 3 if i % 4 else 0])
+            makers.append(lambda raw=raw, fields=fields: MessageInfo(headers=parse_headers(raw),
+                                                                     **fields))
+        return makers
+
+    def rulesets(self) -> Tuple[gc.Ruleset, gc.Ruleset]:
+        gated = gc.parse_rules(GATED_RULES, "gated.json")
+        plain = gc.parse_rules(GATED_RULES, "gated.json")
+        with mock.patch.object(gc, "_rule_gate", lambda condition: None), \
+                mock.patch.object(gc, "_group_headers", lambda conditions: None):
+            plain.classify(info("Subject: x"), now=NOW)     # every condition on its own
+        gated.classify(info("Subject: x"), now=NOW)
+        self.assertEqual(set(plain.__dict__["_gates"]), {None})
+        self.assertEqual(sum(gate is not None for gate in gated.__dict__["_gates"]), 16)
+        return gated, plain
+
+    def test_gated_rules_decide_and_explain_as_every_rule_evaluated(self):
+        gated, plain = self.rulesets()
+        shut = []
+        shuts = gc._RuleGate.shuts
+
+        def counted(gate: Any, msg: MessageInfo, cache: Any) -> bool:
+            shut.append(shuts(gate, msg, cache))
+            return shut[-1]
+        matched = undecided = 0
+        with mock.patch.object(gc._RuleGate, "shuts", counted):
+            for number, fresh in enumerate(self.messages()):
+                for final in (False, True):
+                    with self.subTest(number=number, final=final):
+                        decision = gated.classify(fresh(), final=final, now=NOW)
+                        self.assertEqual(decision,
+                                         plain.classify(fresh(), final=final, now=NOW))
+                        matched += len(decision.matches) if decision else 0
+                        undecided += decision is None
+                self.assertEqual(gc.explain_message(gated, fresh(), NOW),
+                                 gc.explain_message(plain, fresh(), NOW))
+        self.assertGreater(matched, 700)
+        self.assertGreater(undecided, 20)
+        self.assertGreater(shut.count(True), 1500)
+        self.assertGreater(shut.count(False), 500)
+
+    def test_a_group_reads_the_same_raw_values_once_per_run(self):
+        rules = gc.parse_rules({"rule": [
+            {"name": "a", "from": ["alpha", "/^B/"], "label": "A", "continue": True},
+            {"name": "r", "recipient": "team@", "label": "R"}]}, "r.json")
+        raws = ["From: Alpha <a@example.com>\nTo: team@example.com",
+                "From: Beta <b@example.com>\nTo: x@example.com\nCc: team@example.com",
+                "From: Alpha <a@example.com>\nTo: team@example.com",
+                "From: Alpha <a@example.com>\nCc: team@example.com",
+                "From: Beta <b@example.com>\nTo: x@example.com\nCc: team@example.com",
+                "From: =?utf-8?q?Alpha?= <a@example.com>\nTo: team@example.com",
+                "From: %s <a@example.com>" % ("x" * gc._DECODED_LONGEST)]
+        with mock.patch.dict(gc._GROUP_READINGS, clear=True), \
+                mock.patch.object(gc, "_cached_values", wraps=gc._cached_values) as worked:
+            decisions = [rules.classify(info(raw), now=NOW).matches for raw in raws]
+            kept = dict(gc._GROUP_READINGS)
+            self.assertEqual(worked.call_count, 8)      # 4 Froms, 4 sets of recipients
+            for raw, decision in zip(raws, decisions):
+                self.assertEqual(rules.classify(info(raw), now=NOW).matches, decision)
+        self.assertEqual([[name for name, _ in matches] for matches in decisions],
+                         [["a", "r"], ["a", "r"], ["a", "r"], ["a", "r"], ["a", "r"],
+                          ["a", "r"], []])
+        self.assertEqual(len(kept), 7)                  # the long From is not kept
+        self.assertFalse(any(len(key) > 1 and any(len(value) > gc._DECODED_LONGEST
+                                                  for values in key[1:] for value in values)
+                             for key in kept))
+        with mock.patch.dict(gc._GROUP_READINGS, clear=True), \
+                mock.patch.object(gc, "_DECODED_MAX", 3):
+            for n in range(5):
+                rules.classify(info("From: n%d@example.com\nTo: t@example.com" % n), now=NOW)
+            self.assertLessEqual(len(gc._GROUP_READINGS), 3)
+
+    def test_generated_rules_decide_as_every_rule_evaluated(self):
+        rng = random.Random(1717)
+        leaves = [{"subject": "re"}, {"subject": ["invoice", "/^RE:/i", "Straße"]},
+                  {"from": "example"}, {"from": "/\\.de>?$/"}, {"to": ["bea", "team@"]},
+                  {"recipient": "com"}, {"cc": "/./"}, {"list_id": "news"},
+                  {"header": {"List-Id": True}}, {"header": {"X-Custom": False}},
+                  {"header": {"X-Custom": ["a", "/b$/"]}}, {"larger_than": "100"},
+                  {"smaller_than": "120"}, {"older_than": "1y"}, {"newer_than": "2y"},
+                  {"body": "hello"}, {"unread": True}]
+
+        def table(depth: int) -> Dict[str, Any]:
+            roll = rng.random()
+            if depth < 2 and roll < 0.15:
+                return {"not": table(depth + 1)}
+            if depth < 2 and roll < 0.35:
+                return {rng.choice(("any", "all")): [table(depth + 1)
+                                                     for _ in range(rng.randrange(1, 4))]}
+            found: Dict[str, Any] = {}
+            for leaf in rng.sample(leaves, rng.randrange(1, 4)):
+                found.setdefault(*next(iter(leaf.items())))
+            return found
+        spec = {"rule": [dict(table(0), name="g%d" % n, label="L%d" % n,
+                              **({"continue": True} if rng.random() < 0.9 else {}))
+                         for n in range(40)]}
+        gated = gc.parse_rules(spec, "generated.json")
+        plain = gc.parse_rules(spec, "generated.json")
+        with mock.patch.object(gc, "_rule_gate", lambda condition: None), \
+                mock.patch.object(gc, "_group_headers", lambda conditions: None):
+            plain.classify(info("Subject: x"), now=NOW)
+        gated.classify(info("Subject: x"), now=NOW)
+        self.assertGreater(sum(gate is not None for gate in gated.__dict__["_gates"]), 20)
+        matched = 0
+        for number, fresh in enumerate(self.messages()[::2]):
+            for final in (False, True):
+                with self.subTest(number=number, final=final):
+                    decision = gated.classify(fresh(), final=final, now=NOW)
+                    self.assertEqual(decision, plain.classify(fresh(), final=final, now=NOW))
+                    matched += len(decision.matches) if decision else 0
+        self.assertGreater(matched, 300)
+
+    def test_a_group_is_read_once_a_message(self):
+        rules = gc.parse_rules({"rule": [
+            {"name": n, "subject": [n, "/%s$/" % n], "label": n, "continue": True}
+            for n in ("a", "b", "c")]}, "r.json")
+        fill = gc._HeaderGroup.fill
+        with mock.patch.object(gc._HeaderGroup, "fill", autospec=True,
+                               side_effect=fill) as read:
+            for subject in ("zzz", "a b c", "x" * (gc._DECODED_LONGEST + 1)):
+                read.reset_mock()
+                decision = rules.classify(info("Subject: " + subject), now=NOW)
+                self.assertEqual(read.call_count, 1, subject)
+        self.assertEqual([name for name, _ in decision.matches], [])
+
+    def test_presence_and_sizes_pass_rules_over_without_evaluating_them(self):
+        rules = gc.parse_rules({"rule": [
+            {"name": "list", "header": {"List-Id": True}, "label": "L", "continue": True},
+            {"name": "no list", "header": {"List-Id": False}, "label": "N", "continue": True},
+            {"name": "big", "larger_than": "100", "label": "B"}]}, "r.json")
+        asked: List[str] = []
+
+        def counted(kind: Any) -> Any:
+            evaluate = kind.evaluate
+            return mock.patch.object(kind, "evaluate", lambda self, msg, now: (
+                asked.append(kind.__name__), evaluate(self, msg, now))[1])
+        with counted(gc.HeaderPresent), counted(gc.SizeCompare):
+            for headers, size, want in (("List-Id: <a.b>", 101, ["list", "big"]),
+                                        ("Subject: x", 100, ["no list"]),
+                                        ("Subject: x", None, ["no list"])):
+                del asked[:]
+                decision = rules.classify(info(headers, size=size), final=True, now=NOW)
+                self.assertEqual([name for name, _ in decision.matches], want)
+                self.assertEqual(sorted(asked), sorted(
+                    ["HeaderPresent"] + ["SizeCompare"] * (size != 100)), headers)
+
+    def test_only_conditions_that_decide_quietly_are_passed_over(self):
+        calls: List[str] = []
+
+        def probe(msg: MessageInfo) -> bool:
+            calls.append(str(msg.headers["Subject"]))
+            return True
+        gc.Ruleset.add_condition("t1_probe", probe, cost=0)
+        self.addCleanup(gc._CONDITION_KINDS.pop, "t1_probe", None)
+        rules = gc.parse_rules({"rule": [
+            {"name": "probed", "all": [{"from": "nobody"}, {"t1_probe": True}], "label": "P",
+             "continue": True},
+            {"name": "program", "from": "nobody", "program": ["true"], "label": "Q",
+             "continue": True},
+            {"name": "in any", "any": [{"from": "nobody"}, {"subject": "b"}], "label": "R",
+             "continue": True},
+            {"name": "in not", "not": {"from": "nobody"}, "label": "S", "continue": True},
+            {"name": "quiet", "all": [{"from": "nobody"}, {"not": {"subject": "/a/"}},
+                                      {"any": [{"has_label": "x"}, {"unread": True}]}],
+             "label": "T"}]}, "r.json")
+        decisions = [rules.classify(info("Subject: %s\nFrom: a@b" % s), final=True, now=NOW)
+                     for s in ("one", "two")]
+        self.assertEqual(calls, ["one", "two"])      # asked as ever: it came first
+        self.assertEqual([gate is not None for gate in rules.__dict__["_gates"]],
+                         [False, False, False, False, True])
+        self.assertEqual([name for name, _ in decisions[0].matches], ["in not"])
+
+    def test_a_regex_that_finds_a_value_opens_the_gate(self):
+        rules = gc.parse_rules({"rule": [
+            {"name": "r", "subject": ["never", "/^inv/i", "/x$/"], "label": "R"}]}, "r.json")
+        for subject, want in (("Invoice 3", '/^inv/i'), ("box", "/x$/"), ("boxes", None),
+                              ("NEVER", '"never"')):
+            decision = rules.classify(info("Subject: " + subject), now=NOW)
+            reason = decision.matches[0][1] if decision.matches else None
+            self.assertEqual(reason, want and "subject %s %s" % (
+                "contains" if want.startswith('"') else "matches", want))
+
+
+class MessageInfoMadeTest(unittest.TestCase):
+    """The pipeline's MessageInfo (MessageInfo._made, without the frozen __init__) is the
+    one the constructor makes: every field set, its own programs, frozen as ever."""
+
+    ITEM = "BODY[HEADER.FIELDS (FROM SUBJECT)]"
+
+    def test_pipeline_infos_are_those_the_constructor_makes(self):
+        when = _dtm.datetime(2024, 12, 7, 12, 40, 3, tzinfo=timezone.utc)
+        structure = [["text", "plain", ["charset", "us-ascii"], None, None, "7bit", 5, 1],
+                     ["application", "pdf", ["name", "a.pdf"], None, None, "base64", 9],
+                     "mixed"]
+        cases = [
+            ({"FLAGS": ("\\Seen",), self.ITEM: b"From: a@b\r\nSubject: x\r\n\r\n"}, None,
+             "INBOX", {}),
+            ({"FLAGS": (), "RFC822.SIZE": 120, "INTERNALDATE": when, "X-GM-LABELS": ("Work",),
+              "BODYSTRUCTURE": structure, self.ITEM: b"Subject: y\r\n\r\n"},
+             {"q1": {7}, "q2": {8}}, "INBOX",
+             {"size": 120, "date": when, "has_attachment": True,
+              "labels": frozenset({"Work", "\\Inbox"}), "queries": frozenset({"q1"})}),
+            ({"FLAGS": None, "X-GM-LABELS": (), self.ITEM: None}, {}, "[Gmail]/All Mail",
+             {"flags": frozenset(), "labels": frozenset(), "queries": frozenset()}),
+        ]
+        names = {f.name for f in dataclasses.fields(MessageInfo)}
+        made = []
+        for values, queries, folder, want in cases:
+            with self.subTest(values=values):
+                got = gc._message_info(7, values, self.ITEM, queries, folder)
+                self.assertEqual(set(vars(got)), names)
+                expected = dict(uid=7, folder=folder, flags=frozenset(values["FLAGS"] or ()),
+                                labels=None, queries=None, size=None, date=None,
+                                has_attachment=None, body=None, source=None)
+                expected.update(want)
+                self.assertEqual({k: v for k, v in vars(got).items()
+                                  if k not in ("headers", "programs")}, expected)
+                self.assertEqual(got, MessageInfo(headers=got.headers, **expected))
+                self.assertEqual(got.programs, {})
+                self.assertEqual(got.headers.items(), parse_headers(values[self.ITEM] or b"")
+                                 .items())
+                with self.assertRaises(dataclasses.FrozenInstanceError):
+                    got.uid = 8     # type: ignore[misc]
+                self.assertEqual(dataclasses.replace(got, body="b").body, "b")
+                made.append(got)
+        made[0].programs["p"] = 1
+        self.assertEqual(made[1].programs, {})
+
+    def test_fetched_values_convert_as_before(self):
+        for value in ("07-Dec-2024 12:40:03 +0100", " 7-Dec-2024 12:40:03 -0000", b"x",
+                      b"07-Dec-2024 12:40:03 +0000", None, "bad", gc.Number("7")):
+            self.assertEqual(gc._FETCH_VALUES["INTERNALDATE"](value),
+                             gc.parse_internaldate(gc._as_text(value)))
+        for value in (["\\Seen", gc.Number("0123"), "$Label"], [], None, "x"):
+            want = tuple(str(v) for v in value) if isinstance(value, list) else None
+            got = gc._FETCH_VALUES["FLAGS"](value)
+            self.assertEqual(got, want)
+            self.assertTrue(got is None or all(type(flag) is str for flag in got))
+
+
+def _reference_kind(item: Sequence[Any]) -> str:
+    """_untagged_kind() as it read every line before its common kinds were taken as sent."""
+    if not item:
+        return ""
+    if isinstance(item[0], int) and len(item) > 1:
+        return str(item[1]).upper()
+    return str(item[0]).upper()
+
+
+def _reference_uid(item: Sequence[Any]) -> Optional[int]:
+    """_fetch_uid() as it looked through every item before it tried the first."""
+    if len(item) < 3 or not isinstance(item[2], list):
+        return None
+    attrs = item[2]
+    for i in range(0, len(attrs) - 1, 2):
+        if str(attrs[i]).upper() == "UID" and isinstance(attrs[i + 1], int):
+            return attrs[i + 1]
+    return None
+
+
+class UntaggedKindTest(unittest.TestCase):
+    """An answer's kind and a FETCH's UID read the common spellings first: the same
+    answers as reading every line the long way."""
+
+    def test_kinds_and_uids_are_those_the_long_way_finds(self):
+        rng = random.Random(1717)
+        words = ["FETCH", "fetch", "Fetch", "EXPUNGE", "EXISTS", "exists", "RECENT", "OK",
+                 "LIST", "SEARCH", "UID", "uid", "Uid", "FLAGS", "", "\u0131", "FETCH ",
+                 gc.Number("7"), gc.Number("0123"), 7, 0, None, b"FETCH", b"UID", ["UID"],
+                 ["FETCH"], True, "\\Seen"]
+        samples = [[], [7], ["FETCH"], [3, "FETCH"], [3, "FETCH", []], [3, "FETCH", "UID"]]
+        values = [7, gc.Number("12"), gc.Number("0012"), True, "7", None, ["\\Seen"]]
+        for _ in range(3000):
+            attrs = [x for _ in range(rng.randrange(0, 4))
+                     for x in (rng.choice(words[:14]), rng.choice(values))]
+            attrs = attrs[:len(attrs) - rng.randrange(0, 2)]
+            head = [rng.choice((3, gc.Number("3"), rng.choice(words))),
+                    rng.choice(words[:8] + words[15:])]
+            samples.append(head[:rng.choice((0, 1, 2, 2, 2, 2))]
+                           + [attrs] * rng.choice((0, 1, 1, 1)))
+        uids = 0
+        for item in samples:
+            with self.subTest(item=item):
+                kind = gc._untagged_kind(item)
+                self.assertEqual(kind, _reference_kind(item))
+                self.assertIs(type(kind), str)
+                uid = gc._fetch_uid(item)
+                self.assertEqual(uid, _reference_uid(item))
+                self.assertIs(uid, _reference_uid(item))
+                uids += uid is not None
+        self.assertGreater(uids, 150)
 
 
 # --- Benchmark ---------------------------------------------------------------------------

@@ -1434,6 +1434,9 @@ MAX_KEPT_BYTES = 256 * 1024 * 1024
 # 4,294,967,295 messages must not lift the limit to gigabytes (Gmail's largest real folders
 # hold a few hundred thousand).
 MAX_FOLDER_MESSAGES = 2_000_000
+# A MOVE's COPYUID read within another flight's answer is kept for its own flight; at most
+# this many (two steps' moves are on the wire at once, a destination a command).
+MAX_KEPT_COPYUIDS = 256
 # Once a stop is asked for, the answer being read may take this much longer (bounded by
 # the timeout) so that DONE or LOGOUT can end cleanly; then StopRequested.  A blocking
 # read looks at the stop every STOP_POLL seconds.
@@ -2567,6 +2570,9 @@ class GmailConnection:
         self._keepalive_thread: Optional[threading.Thread] = None
         self._folders: Optional[List[Folder]] = None
         self._unlisted: set = set()     # parents the server may have made: see _created
+        # COPYUIDs read within a flight's answer that named none of its commands, kept for
+        # a flight sent after it (see _WriteFlight.land): (folder, UIDVALIDITY), code, args.
+        self._copyuids_kept: List[Tuple[Optional[Tuple[str, int]], Any, Any]] = []
         self._namespace: Optional[Tuple[str, str]] = None
         self.reconnects = 0
         self.backoff_delays: List[float] = []
@@ -3785,19 +3791,46 @@ class _WriteFlight:
                         proto.imap is lost[0].pending.imap:
                     proto.drop()    # the rest of this link's answers are lost with it
         finally:
-            # A MOVE's COPYUID comes untagged, perhaps while another answer was read.
+            # A MOVE's COPYUID comes untagged, perhaps while another answer was read: one of
+            # this flight's, or of a flight still unanswered that was sent after it (two
+            # steps' moves on the wire), which is kept on the connection for that one.
             codes = [(item[1], item[2]) for w in self.writes if w.response is not None
                      for item in w.response.untagged
                      if item and item[0] == "OK" and len(item) >= 3]
+            where = self._where()
+            codes += [(code, args) for place, code, args in conn._copyuids_kept
+                      if place == where]
             for write in self.writes:
                 if write.response is not None:
                     self._answered(write, [(write.response.code, write.response.code_args)]
                                    + codes)
                 elif write.error is not None:
                     self._answered(write, [])
+            conn._copyuids_kept = [(where, code, args) for code, args in codes
+                                   if code == "COPYUID" and not self._names(args)
+                                   ][-MAX_KEPT_COPYUIDS:]
         for write in lost:
             self._settle(write)
         return self.writes
+
+    def _where(self) -> Optional[Tuple[str, int]]:
+        """The folder the UIDs of a COPYUID's source are of: the one selected."""
+        selected = self.conn.selected
+        return None if selected is None else (selected.name, selected.uidvalidity)
+
+    def _names(self, args: Sequence[Any]) -> bool:
+        """Whether a COPYUID (``args``) names UIDs of one of this flight's copies or moves
+        (see _answered: it is then that command's, whether or not it used it)."""
+        for write in self.writes:
+            if write.command not in ("UID COPY", "UID MOVE") or len(args) < 3:
+                continue
+            try:
+                source = parse_uid_set(str(args[1]), limit=len(write.uids))
+            except ValueError:
+                continue
+            if source and set(source) <= set(write.uids):
+                return True
+        return False
 
     def _answered(self, write: _Write, codes: List[Tuple[Any, Any]]) -> None:
         """Fill in ``write``'s outcome from its answer; ``codes``: the response codes its
@@ -8650,13 +8683,22 @@ class _StepWrites:
     they ended (None while under way, else whether every change was made).  As
     _apply_plan's ``hooks`` it is the run's, told which step they are for."""
 
-    __slots__ = ("run", "step", "writes", "last", "ended")
+    __slots__ = ("run", "step", "writes", "last", "ended", "flight")
 
     def __init__(self, run: "_FolderRun", step: _Step) -> None:
         self.run, self.step = run, step
         self.writes = run._apply_step(self)
         self.last = False
         self.ended: Optional[bool] = None
+        self.flight: Optional[_WriteFlight] = None      # on the wire (see _on_the_wire)
+
+    def copies_into(self, labels: Iterable[str]) -> bool:
+        """Whether the flight on the wire copies mail (off Gmail, a label is a copy) into
+        the folder of one of ``labels``."""
+        wanted = set(labels)
+        return self.flight is not None and any(
+            write.command == "UID COPY" and write.key[1] in wanted
+            for write in self.flight.writes)
 
     def intend(self, phase: str, folders: Sequence[str]) -> None:
         self.run.intend(self.step, phase, folders)
@@ -9117,7 +9159,10 @@ class _FolderRun:
             self._through(older)
         if going:
             newest = going[-1]
-            while newest.ended is None and not newest.last:
+            # Off Gmail the step's plan is checked against the copies made before it
+            # (_drop_copies_already_there): those it copies into too are read first.
+            while newest.ended is None and (
+                    not newest.last or newest.copies_into(step.plan.add_labels)):
                 self._go_on(newest)
         step.finished = True
         if not step.decisions and not step.content_skips:
@@ -9544,8 +9589,9 @@ def _drop_copies_already_there(conn: GmailConnection, plan: _Plan,
     ``known`` caches each folder's keys for the rest of the folder run; the caller adds
     the keys of the copies it makes.
     """
-    # A parent the server made with a folder this run created is not listed: new, empty.
-    existing = {f.name for f in conn.list_folders() if f.selectable}
+    existing = {f.name for f in conn.list_folders(sure_of=map(conn.server_name,
+                                                              plan.add_labels))
+                if f.selectable}
     for label in list(plan.add_labels):
         if label not in known:
             target = conn.server_name(label)
@@ -9749,11 +9795,13 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport, hooks:
 
 def _on_the_wire(flight: _WriteFlight, report: FolderReport, hooks: _StepWrites,
                  last: bool) -> Iterator[bool]:
-    """Yield ``last`` while ``flight`` is on the wire, then read its answers
-    (_land_flight); closed at the yield, it reads them all the same."""
+    """Yield ``last`` while ``flight`` is on the wire (``hooks.flight``), then read its
+    answers (_land_flight); closed at the yield, it reads them all the same."""
+    hooks.flight = flight
     try:
         yield last
     finally:
+        hooks.flight = None
         _land_flight(flight, report, hooks)
 
 

@@ -11029,6 +11029,26 @@ class PipelineTest(FakeServerTest):
         self.assertEqual(self.commands().count("LIST"), 2)
         self.assertEqual(report.changes, {"label Clients/Acme": 1, "label Clients": 2})
 
+    def test_a_label_folder_that_is_an_unlisted_parent_is_looked_at_before_copying(self):
+        # Off Gmail: CREATE "Clients/Acme" may make "Clients", which the list held does not
+        # name.  Here another client made "Clients" meanwhile and filed a message in it: the
+        # step labelling that message "Clients" reads the list again, finds the folder and
+        # the message's copy in it, and copies nothing.
+        server = self.server = FakeGmail(kind="move").start()
+        self.addCleanup(server.stop)
+        note = make_message("client note", sender="Carol <c@client.example>")
+        for message in (make_message("acme order", sender="a@acme.example"),
+                        make_message("filler"), note, make_message("filler 2")):
+            server.add_message(message)
+        server.add_fault("CREATE", nth=1, action="call", when="before",
+                         callback=lambda: server.add_message(note, folder="Clients"))
+        conn = self.connect()
+        rules = self.rules({"rule": [{"from": "@acme.example", "label": "Clients/Acme"},
+                                     {"from": "@client.example", "label": "Clients"}]})
+        gc.classify_folder(conn, rules, "INBOX", apply=True, batch_size=2, apply_every=1)
+        self.assertEqual(len(server.messages("Clients")), 1)
+        self.assertEqual(self.commands().count("LIST"), 2)
+
     def test_an_error_once_a_labels_only_step_is_on_the_wire_still_ends_that_step(self):
         # Step one only labels: its flight is its last.  An error while batch two is
         # classified reads that flight's answers, and step one ends as done, its mark with
@@ -14055,6 +14075,44 @@ class WriteFlightTest(StateTestCase):
         self.assertEqual(sorted(unsent), [(3, "move"), (4, "trash")])
         (entry,) = gc.history(self.store())
         self.assertEqual((entry["status"], entry["maybe"]), ("failed", 0))
+
+    def test_copies_a_step_ends_with_are_read_before_the_next_step_copies_there(self):
+        # Off Gmail, step one only labels: its COPYs are its last flight.  Step two labels
+        # the same message again (a duplicate): it waits for those COPYs' answers, so
+        # it knows the copy is made, and copies nothing.
+        self.use(kind="move")
+        raw = make_message("Statement", sender="Bank <b@mybank.example>")
+        for message in (raw, make_message("hello"), raw, make_message("hello 2")):
+            self.server.add_message(message)
+        rules = gc.parse_rules({"rule": [
+            {"name": "Bank", "from": "@mybank.example", "label": "Bank"}]}, "rules.json")
+        events = self.flight_events(rules=rules, batch_size=2, apply_every=1)
+        self.assertEqual(events, ["classify", "send CREATE", "read CREATE", "send UID COPY",
+                                  "classify", "read UID COPY"])
+        self.assertEqual(len(self.server.messages("Bank")), 1)
+
+    def test_moves_of_two_steps_on_the_wire_each_keep_their_new_uids(self):
+        # Steps that only move: step two's MOVEs go out behind step one's, and a server
+        # that answers out of order sends step two's COPYUID while step one's answer is
+        # read.  It is kept for step two: every move's done record names the new UIDs.
+        self.use(kind="move")
+        self.server.held = collections.Counter()
+        self.server.use_handler(_out_of_order("UID MOVE"))
+        for index in range(8):
+            self.server.add_message(make_message(f"weekly digest {index}"))
+        start = mailbox_snapshot(self.server)
+        events = self.flight_events(batch_size=2, apply_every=1)
+        self.assertGreaterEqual(self.server.held["UID MOVE"], 1)
+        self.assertEqual(events.count("send UID MOVE"), 4)
+        self.assertLess(events.index("send UID MOVE", events.index("send UID MOVE") + 1),
+                        events.index("read UID MOVE"))      # two steps' MOVEs on the wire
+        done = [r for r in self.store().audit.records() if r["type"] == "done"
+                and r.get("action") == "move"]
+        self.assertEqual(sorted(u for r in done for u in r["uids"]), list(range(1, 9)))
+        self.assertNotIn(None, [u for r in done for u in r["new_uids"]])
+        self.assertEqual(sorted(u for r in done for u in r["new_uids"]), list(range(1, 9)))
+        self.undo()
+        self.assertEqual(mailbox_snapshot(self.server), start)
 
     def test_a_stop_with_two_steps_on_the_wire_reads_both_and_records_them(self):
         # SIGTERM comes once step two's labels are on the wire behind step one's moves:

@@ -10274,7 +10274,6 @@ class AuditLog:
         del lines
         if not chunks:
             return
-        _ensure_private_dir(self.path.parent)
         guard = _FileLock(self.path.with_name(self.path.name + ".lock"))
         # One writer at a time, threads (a watch of several accounts) and processes (runs
         # of other accounts) alike: two that both found the file past its size would
@@ -10282,7 +10281,14 @@ class AuditLog:
         # few records; and a torn line's newline must be added by the writer who saw it.
         with self._threads:
             try:
-                guard.acquire(wait=True)
+                try:
+                    guard.acquire(wait=True)
+                except FileNotFoundError:
+                    # The state directory is made (private) when missing, not before every
+                    # write (a run writes here some eighty times; the lock and the state
+                    # file's saves keep it private).
+                    _ensure_private_dir(self.path.parent)
+                    guard.acquire(wait=True)
                 try:
                     self._append_locked(chunks, sync)
                 finally:

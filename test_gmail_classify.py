@@ -20993,6 +20993,29 @@ class RecordSideTextRunTest(StateTestCase):
         self.assertIn("done: label Receipts", out)
 
 
+class AuditDirectoryTest(unittest.TestCase):
+    """The audit log's directory is made, private, when it is missing, and only then:
+    not before each of the run's writes (an intent write per step, a done record per
+    command, the message records)."""
+
+    def test_made_private_when_missing_once_for_many_writes(self):
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root)
+        log = gc.AuditLog(pathlib.Path(root, "deep", "state", "audit.jsonl"))
+        with mock.patch.object(gc, "_make_private_dir", wraps=gc._make_private_dir) as made:
+            for n in range(5):
+                log.append([{"n": n}], sync=n == 4)
+            self.assertEqual(made.call_count, 1)
+            shutil.rmtree(os.path.join(root, "deep"))       # gone mid-run: made again
+            log.append([{"n": 5}])
+            self.assertEqual(made.call_count, 2)
+        self.assertEqual([record["n"] for record in log.records()], [5])
+        if os.name == "posix":
+            self.assertEqual(os.stat(os.path.join(root, "deep", "state")).st_mode & 0o777,
+                             0o700)
+            self.assertEqual(os.stat(log.path).st_mode & 0o777, 0o600)
+
+
 # --- Benchmark ---------------------------------------------------------------------------
 
 # ``python test_gmail_classify.py bench [--messages N] [--latency-ms MS] [--apply] [--profile]

@@ -21013,10 +21013,26 @@ class RecordSideTextRunTest(StateTestCase):
         self.assertIn("done: label Receipts", out)
 
 
-class AuditDirectoryTest(unittest.TestCase):
+class AuditWriteTest(unittest.TestCase):
     """The audit log's directory is made, private, when it is missing, and only then:
     not before each of the run's writes (an intent write per step, a done record per
-    command, the message records)."""
+    command, the message records); a write of nothing touches nothing; each write is
+    made durable unless asked not to be."""
+
+    def test_nothing_to_write_touches_nothing_and_each_write_syncs_unless_asked(self):
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root)
+        log = gc.AuditLog(pathlib.Path(root, "state", "audit.jsonl"))
+        with mock.patch.object(os, "fsync", wraps=os.fsync) as synced:
+            log.append([])
+            log.write(iter(()))
+            self.assertEqual(os.listdir(root), [])
+            log.append([{"n": 1}], sync=False)
+            self.assertEqual(synced.call_count, 0)
+            log.append([{"n": 2}])
+            log.write(['{"n": 3}\n'])
+            self.assertEqual(synced.call_count, 2)
+        self.assertEqual([record["n"] for record in log.records()], [1, 2, 3])
 
     def test_made_private_when_missing_once_for_many_writes(self):
         root = tempfile.mkdtemp()

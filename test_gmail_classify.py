@@ -21034,6 +21034,16 @@ class AuditWriteTest(unittest.TestCase):
             self.assertEqual(synced.call_count, 2)
         self.assertEqual([record["n"] for record in log.records()], [1, 2, 3])
 
+    def test_a_write_the_system_refuses_is_a_state_error(self):
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root)
+        os.mkdir(os.path.join(root, "audit.jsonl.lock"))       # its lock cannot be opened
+        log = gc.AuditLog(pathlib.Path(root, "audit.jsonl"))
+        with self.assertRaises(gc.StateError) as caught:
+            log.append([{"n": 1}])
+        self.assertIn(f"cannot write the audit log {log.path}: ", str(caught.exception))
+        self.assertFalse(log.path.exists())
+
     def test_made_private_when_missing_once_for_many_writes(self):
         root = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, root)

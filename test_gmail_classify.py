@@ -20790,7 +20790,7 @@ class LiveServerTest(unittest.TestCase):
         self.assertEqual(again.changes, {})
 
 
-# --- Issue 17: the record side's lines, written from the outcomes ----------------------
+# --- Issue 17: the record side's lines, written from the outcomes ------------------------
 
 
 class _Connected:

@@ -20909,6 +20909,21 @@ class RecordSideLinesTest(unittest.TestCase):
                 if heard is not None:
                     self.assertEqual(heard, [run.record(o, time) for o in outcomes])
 
+    def test_each_step_its_own_shared_actions(self):
+        # A step's records share one "actions" dict per Actions; the next step's another.
+        heard: List[Dict[str, Any]] = []
+        run = self.run_of(on_record=heard.append)
+        outcomes = self.outcomes(random.Random(5), True, surrogates=False, count=30)
+        status = gc.FolderStatus("INBOX", 7, 900, 90, False)
+        for _ in range(2):
+            run.step_done(_Connected(), status, None, outcomes)
+        steps = [heard[:30], heard[30:]]
+        ids = [{id(record["actions"]) for record in step if record["actions"]}
+               for step in steps]
+        self.assertLess(len(ids[0]), 10)
+        self.assertEqual(len(ids[0]), len(ids[1]))
+        self.assertEqual(ids[0] & ids[1], set())
+
     def test_value_texts_are_the_encoders_texts(self):
         rnd = random.Random(8)
         shared = {"b": [1, None], "a": "\u2028%s"}

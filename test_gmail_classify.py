@@ -20924,6 +20924,17 @@ class RecordSideLinesTest(unittest.TestCase):
         self.assertEqual(len(ids[0]), len(ids[1]))
         self.assertEqual(ids[0] & ids[1], set())
 
+    def test_a_step_never_lowers_the_mark_of_the_same_folder(self):
+        # An --all run's steps start below the folder's mark: it stays; a renumbered
+        # folder (another UIDVALIDITY) takes the step's.
+        run = self.run_of()
+        run.store.set_folder(run.account, "INBOX", gc.FolderState(7, 500, "r"))
+        run.store.set_folder(run.account, "Lists", gc.FolderState(6, 500, "r"))
+        for name in ("INBOX", "Lists"):
+            run.step_done(_Connected(), gc.FolderStatus(name, 7, 900, 90, False), 100, [])
+        self.assertEqual(run.mark_of("INBOX").mark, 500)
+        self.assertEqual((run.mark_of("Lists").mark, run.mark_of("Lists").uidvalidity), (100, 7))
+
     def test_value_texts_are_the_encoders_texts(self):
         rnd = random.Random(8)
         shared = {"b": [1, None], "a": "\u2028%s"}

@@ -10744,11 +10744,7 @@ class Run(Checkpoint):
         share (their "actions", their rules and reasons) written once."""
         stamp = {"type": "message", "version": RECORD_VERSION, "run": self.id, "time": time,
                  "account": self.user, "host": self.host, **self._named()}
-        shape = _RecordShape(stamp, _MESSAGE_FIELDS)
-        if not shape.usable:
-            yield from _record_lines(self.record(outcome, time) for outcome in outcomes
-                                     if outcome.changes)
-            return
+        shape = _RecordShape(stamp, _MESSAGE_FIELDS)       # usable: its keys are ours
         text, form = shape.text, shape.format
         actions_texts: Dict[int, Tuple[Actions, str]] = {}    # by identity, kept alive
         matches_texts: Dict[Tuple[Tuple[str, str], ...], Tuple[str, str]] = {}

@@ -10394,6 +10394,52 @@ def _record_lines(records: Iterable[Mapping[str, Any]]) -> Iterator[str]:
         yield encode(record) + "\n"
 
 
+def _value_texts() -> Callable[[Any], str]:
+    """A function giving each value's text as _RECORD_JSON writes it within a record: a
+    string, a whole number, true, false and null here, at the cost of a call (the C
+    encoder's set-up costs several); a list's items one by one; anything else the
+    encoder's text.  A dict or other container met again (a change or "actions" that a
+    step's records share) is encoded once: it is known by its identity and kept (so
+    that identity is never another's), which is why the function lives only as long
+    as one write's records (a _RecordShape's), and their shared parts must not change
+    meanwhile."""
+    chunks = _c_record_encoder()
+    if chunks is None:
+        chunks = lambda value, _: (_RECORD_JSON.encode(value),)  # noqa: E731
+    join, string = "".join, json.encoder.encode_basestring
+    separator = _RECORD_JSON.item_separator
+    known: Dict[int, Tuple[Any, str]] = {}
+
+    def item(value: Any) -> str:
+        kind = type(value)
+        if kind is str:
+            return string(value)
+        if kind is int:
+            return int.__repr__(value)
+        if value is None:
+            return "null"
+        if value is True:
+            return "true"
+        if value is False:
+            return "false"
+        seen = known.get(id(value))
+        if seen is None:
+            seen = known[id(value)] = (value, join(chunks(value, 0)))
+        return seen[1]
+
+    def text(value: Any) -> str:
+        kind = type(value)
+        if kind is str:
+            return string(value)
+        if kind is int:
+            return int.__repr__(value)
+        if kind is list or kind is tuple:       # its own, of values maybe shared
+            return "[" + separator.join(map(item, value)) + "]"
+        return item(value)
+
+    return text
+
+
 class _RecordShape:
     """The audit lines of records that share a stamp: a step's intents (or its unsent
     changes), each ``dict(stamp, **entry)``.  The stamp's fields (type, run, time,
@@ -10401,8 +10447,10 @@ class _RecordShape:
     entry's own fields (``own``), so a line costs the encoding of those alone and no
     merged dict.  Every line is the text ``_RECORD_JSON.encode(dict(stamp, **entry)) +
     "\n"`` gives: its keys sorted, with the encoder's spacing, and each value as the
-    encoder writes it (its text alone is its text within a record).  An entry of another
-    shape (a key more or less) is encoded whole."""
+    encoder writes it (its text alone is its text within a record: ``text``, see
+    _value_texts; a shape serves one write).  An entry of another shape (a key more or
+    less) is encoded whole.  A step's message records take the same format, their
+    values written by Run._message_lines."""
 
     def __init__(self, stamp: Mapping[str, Any], own: Iterable[str]) -> None:
         self.stamp = dict(stamp)
@@ -10421,12 +10469,7 @@ class _RecordShape:
             fields.append(json.encoder.encode_basestring(key).replace("%", "%%") +
                           _RECORD_JSON.key_separator + value)
         self.format = "{" + _RECORD_JSON.item_separator.join(fields) + "}\n"
-        chunks = _c_record_encoder()
-        if chunks is None:
-            self.texts = lambda values: tuple(map(_RECORD_JSON.encode, values))
-        else:       # the values' texts without a Python call per value
-            zeros = (0,) * self.size
-            self.texts = lambda values: tuple(map("".join, map(chunks, values, zeros)))
+        self.text = _value_texts()
 
     def line(self, entry: Mapping[str, Any]) -> str:
         """The line of ``dict(stamp, **entry)``, without making that dict."""
@@ -10436,7 +10479,7 @@ class _RecordShape:
             except KeyError:
                 pass
             else:
-                return self.format % self.texts(values)
+                return self.format % tuple(map(self.text, values))
         return self.encode(dict(self.stamp, **entry)) + "\n"
 
 
@@ -10444,6 +10487,12 @@ class _RecordShape:
 # _FolderRun._intents makes them: their shape's own fields.
 _ENTRY_FIELDS = ("folder", "uid", "uidvalidity", "gm_msgid", "message_id", "size",
                  "internaldate", "subject", "changes")
+
+
+# The fields of a message record besides the run's stamp (see Run.record), sorted: the
+# order of Run._message_lines's values.
+_MESSAGE_FIELDS = ("actions", "applied", "changes", "folder", "from", "gm_msgid",
+                   "message_id", "reasons", "rules", "subject", "uid", "uidvalidity")
 
 
 def _entry_lines(stamp: Mapping[str, Any], entries: Iterable[Mapping[str, Any]]
@@ -10490,7 +10539,6 @@ class AuditLog:
         del lines
         if not chunks:
             return
-        _ensure_private_dir(self.path.parent)
         guard = _FileLock(self.path.with_name(self.path.name + ".lock"))
         # One writer at a time, threads (a watch of several accounts) and processes (runs
         # of other accounts) alike: two that both found the file past its size would
@@ -10498,7 +10546,14 @@ class AuditLog:
         # few records; and a torn line's newline must be added by the writer who saw it.
         with self._threads:
             try:
-                guard.acquire(wait=True)
+                try:
+                    guard.acquire(wait=True)
+                except FileNotFoundError:
+                    # The state directory is made (private) when missing, not before every
+                    # write (a run writes here some eighty times; the lock and the state
+                    # file's saves keep it private).
+                    _ensure_private_dir(self.path.parent)
+                    guard.acquire(wait=True)
                 try:
                     self._append_locked(chunks, sync)
                 finally:
@@ -10893,8 +10948,14 @@ class Run(Checkpoint):
                   outcomes: Sequence[Outcome]) -> None:
         time = _iso(self.store.now())      # one for the step's records (see record)
         self._step_actions = {}
-        records = [self.record(outcome, time) for outcome in outcomes]
-        self.add_records(records, announce=False)
+        if self.apply:
+            self.store.audit.write(self._message_lines(outcomes, time))
+        for outcome in outcomes:
+            for change in outcome.changes:
+                name = describe_change(change)
+                self.counts[name] = self.counts.get(name, 0) + 1
+                if outcome.applied:
+                    self.changes_made += 1
         if mark is not None and not self.narrowed:
             known = self.mark_of(status.name)
             if known is not None and known.uidvalidity == status.uidvalidity:
@@ -10902,9 +10963,9 @@ class Run(Checkpoint):
             self._remember(status.name, FolderState(status.uidvalidity, mark, self.rules_hash))
         self._count_bytes(conn)
         self.store.save()
-        if self.on_record is not None:
-            for record in records:
-                self.on_record(record)
+        if self.on_record is not None:      # the records a text output would not read
+            for outcome in outcomes:        # are never made (see _run_account)
+                self.on_record(self.record(outcome, time))
         if self.on_message is not None:
             for outcome in outcomes:
                 self.on_message(outcome)
@@ -10940,6 +11001,36 @@ class Run(Checkpoint):
                 "reasons": [reason for _, reason in matches],
                 "actions": self._actions_record(outcome.decision.actions),
                 "applied": outcome.applied, "changes": list(outcome.changes), **self._named()}
+
+    def _message_lines(self, outcomes: Sequence[Outcome], time: str) -> Iterator[str]:
+        """The audit lines of a step's messages with changes: each the line of
+        ``record(outcome, time)`` (_record_lines), its fields' texts written into the
+        step's format (_RecordShape) without the record being made, and what messages
+        share (their "actions", their rules and reasons) written once."""
+        stamp = {"type": "message", "version": RECORD_VERSION, "run": self.id, "time": time,
+                 "account": self.user, "host": self.host, **self._named()}
+        shape = _RecordShape(stamp, _MESSAGE_FIELDS)       # usable: its keys are ours
+        text, form = shape.text, shape.format
+        actions_texts: Dict[int, Tuple[Actions, str]] = {}    # by identity, kept alive
+        matches_texts: Dict[Tuple[Tuple[str, str], ...], Tuple[str, str]] = {}
+        for outcome in outcomes:
+            if not outcome.changes:
+                continue
+            decision = outcome.decision
+            actions = actions_texts.get(id(decision.actions))
+            if actions is None:
+                actions = actions_texts[id(decision.actions)] = (
+                    decision.actions, text(self._actions_record(decision.actions)))
+            matches = matches_texts.get(decision.matches)
+            if matches is None:
+                matches = matches_texts[decision.matches] = (
+                    text([reason for _, reason in decision.matches]),
+                    text([name for name, _ in decision.matches]))
+            # The order of _MESSAGE_FIELDS, sorted.
+            yield form % (actions[1], text(outcome.applied), text(outcome.changes),
+                          text(outcome.folder), text(outcome.sender), text(outcome.msgid),
+                          text(outcome.message_id), matches[0], matches[1],
+                          text(outcome.subject), text(outcome.uid), text(outcome.uidvalidity))
 
     def _actions_record(self, actions: Actions) -> Dict[str, Any]:
         """A message record's "actions" (``{}`` when none): Actions.as_record, worked out
@@ -15482,10 +15573,11 @@ def _run_account(args: argparse.Namespace, out: _Output, rules: Ruleset,
         if outcome.changes and not args.summary:
             out.message(outcome, args.apply)
 
+    # Message records only for a program to read: text shows messages (on_message).
     run = Run(store, rules, settings["user"], settings["host"], settings.get("port"),
               apply=args.apply, reclassify=args.all, new_only=args.new_only,
-              daily_budget=args.daily_budget or None, on_record=out.record,
-              on_message=on_message)
+              daily_budget=args.daily_budget or None,
+              on_record=out.record if out.data else None, on_message=on_message)
     run.options = dataclasses.replace(run.options, jobs=args.jobs)
     run.account_name = name
     if runs is not None:

@@ -14375,6 +14375,25 @@ def _plain_add_records(self: gc.Run, records: Sequence[Dict[str, Any]],
             self.on_record(record)
 
 
+def _plain_run_step_done(self: gc.Run, conn: gc.GmailConnection, status: gc.FolderStatus,
+                         mark: Optional[int], outcomes: Sequence[gc.Outcome]) -> None:
+    records = [self.record(outcome) for outcome in outcomes]
+    self.add_records(records, announce=False)
+    if mark is not None and not self.narrowed:
+        known = self.mark_of(status.name)
+        if known is not None and known.uidvalidity == status.uidvalidity:
+            mark = max(mark, known.mark)
+        self._remember(status.name, gc.FolderState(status.uidvalidity, mark, self.rules_hash))
+    self._count_bytes(conn)
+    self.store.save()
+    if self.on_record is not None:
+        for record in records:
+            self.on_record(record)
+    if self.on_message is not None:
+        for outcome in outcomes:
+            self.on_message(outcome)
+
+
 @contextlib.contextmanager
 def _plain_record_side() -> Iterable[None]:
     """The record side as it was (see above) in place of today's, for one run."""
@@ -14385,7 +14404,8 @@ def _plain_record_side() -> Iterable[None]:
                 (gc._FolderRun, "_step_done", _plain_step_done),
                 (gc.Run, "record", _plain_record), (gc.Run, "intend", _plain_run_intend),
                 (gc.Run, "not_sent", _plain_run_not_sent),
-                (gc.Run, "add_records", _plain_add_records)):
+                (gc.Run, "add_records", _plain_add_records),
+                (gc.Run, "step_done", _plain_run_step_done)):
             stack.enter_context(mock.patch.object(owner, name, plain))
         yield
 
@@ -21355,6 +21375,304 @@ class UntaggedKindTest(unittest.TestCase):
                 self.assertIs(uid, _reference_uid(item))
                 uids += uid is not None
         self.assertGreater(uids, 150)
+
+
+# --- Issue 17: the record side's lines, written from the outcomes ------------------------
+
+
+class _Connected:
+    """What Run's hooks read of a connection: the bytes received so far."""
+
+    bytes_received = 0
+
+
+class RecordSideLinesTest(unittest.TestCase):
+    """The audit lines of a step's messages (Run._message_lines) are those of the records
+    Run.record makes (json.dumps, sort_keys, a line each), byte for byte, without the
+    records being made: over outcomes with every kind of change, on Gmail and off it,
+    hostile subjects and senders, odd types, values a step's messages share; and
+    _value_texts, which writes their fields and the intents', is the encoder's text."""
+
+    TIME = "2026-12-07T12:00:00Z"
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def run_of(self, name: Optional[str] = None, **options: Any) -> gc.Run:
+        store = gc.StateStore(tempfile.mkdtemp(dir=self.tmp), now=Clock())
+        run = gc.Run(store, gc.parse_rules(_RECORD_SIDE_RULES, "rules.json"), "u%s@x.example",
+                     "imap.example.com", 1143, apply=True, **options)
+        run.account_name = name
+        return run
+
+    def outcomes(self, rnd: random.Random, gmail: bool, surrogates: bool = True,
+                 count: int = 120) -> List[gc.Outcome]:
+        status = gc.FolderStatus("INBOX %s", 7, 900, 90, False)
+        keys = [("label", "Receipts"), ("label", "Ünï \"x\" %s"), ("flag+", "\\Seen"),
+                ("flag-", "\\Flagged"), ("flag-", "\\Seen"), ("archive",),
+                ("move", "Lists/2024"), ("trash",)]
+        destinations = {"trash": "[Gmail]/Trash", "archive": "Archive"}
+        texts = list(_HOSTILE_SUBJECTS) + list(_HOSTILE_SENDERS) + [
+            "", "%s %(x)s %%", "\ud800\udfff lone", "\x00\x1b\x7f\x85\u2028", "日本 \U0001F600",
+            _Text("sub %s"), "long " * 600]
+        texts = [text for text in texts if surrogates or text.encode("utf-8", "replace")
+                 .decode("utf-8") == text]     # a file takes no lone surrogate
+        actions = [gc.Actions(), gc.Actions.make(labels=("Receipts",), mark_read=True),
+                   gc.Actions.make(move="Lists/2024", star=True),
+                   gc.Actions.make(trash=True), gc.Actions.make(archive=True, unstar=True)]
+        reasons = [("Receipts", 'subject contains "receipt"'), ("Bank", "from \"%s\" \x1b"),
+                   ("Lists \u202e", "header List-Id")]
+        decisions = [gc.Decision(tuple(rnd.sample(reasons, rnd.randrange(4))),
+                                 rnd.choice(actions)) for _ in range(6)]
+        shared = {}             # a change naming no UID, one dict the step's outcomes share
+        result = []
+        for n in range(count):
+            uid = rnd.choice([n + 1, 2 ** 32 - 1, _Count(n + 3)])
+            changes = []
+            for key in rnd.sample(keys, rnd.choice([0, 1, 1, 2, 3])):
+                extra = rnd.choice([None, {"folder": key[-1], "uid": n + 100}])
+                change = gc._change_entry(key, uid, status, gmail, destinations, extra)
+                if not isinstance(change["before"], dict) and extra is None:
+                    change = shared.setdefault((key, gmail), change)
+                changes.append(change)
+            decision = rnd.choice(decisions)
+            if n % 7 == 0:          # equal to another's matches, not the same tuple
+                decision = gc.Decision(tuple(list(decision.matches)), decision.actions)
+            result.append(gc.Outcome(
+                rnd.choice(["INBOX", "[Gmail]/All Mail", "Ünï %s"]), uid, rnd.choice(texts),
+                rnd.choice(texts), decision, rnd.choice([None, 2 ** 63 + n, _Count(5)]),
+                rnd.choice([7, None, 2 ** 32 - 1]), rnd.choice(texts), tuple(changes),
+                rnd.choice([True, True, False]), rnd.randrange(2)))
+        return result
+
+    def expected(self, run: gc.Run, outcomes: Sequence[gc.Outcome]) -> List[str]:
+        run._step_actions = {}
+        return [json.dumps(run.record(outcome, self.TIME), ensure_ascii=False,
+                           sort_keys=True) + "\n" for outcome in outcomes if outcome.changes]
+
+    def test_message_lines_are_the_records_lines(self):
+        rnd = random.Random(1717)
+        for gmail, name, c_encoder in ((True, None, True), (False, "work \u202e %s", True),
+                                       (True, "w", False), (False, None, False)):
+            with self.subTest(gmail=gmail, name=name, c_encoder=c_encoder), \
+                    mock.patch.object(json.encoder, "c_make_encoder",
+                                      json.encoder.c_make_encoder if c_encoder else None):
+                run = self.run_of(name)
+                outcomes = self.outcomes(rnd, gmail)
+                run._step_actions = {}
+                lines = list(run._message_lines(outcomes, self.TIME))
+                self.assertEqual(lines, self.expected(run, outcomes))
+                self.assertGreater(len(lines), 80)
+
+    def test_step_done_writes_and_counts_without_making_records(self):
+        # No on_record (a text output): the audit lines and the counts are those of the
+        # records, and no record is made; with one, each is made once and heard.
+        for heard, gmail in ((None, True), ([], False)):
+            with self.subTest(on_record=heard is not None):
+                run = self.run_of(on_record=None if heard is None else heard.append)
+                outcomes = self.outcomes(random.Random(3), gmail, surrogates=False, count=80)
+                status = gc.FolderStatus("INBOX", 7, 900, 90, False)
+                made = []
+                record = gc.Run.record
+
+                def counted(self_: gc.Run, outcome: gc.Outcome, time: Any = None) -> Any:
+                    made.append(outcome)
+                    return record(self_, outcome, time)
+
+                with mock.patch.object(gc.Run, "record", counted):
+                    run.step_done(_Connected(), status, 80, outcomes)
+                time = gc._iso(run.store.now())
+                self.assertEqual(made, [] if heard is None else outcomes)
+                with open(run.store.audit.path, encoding="utf-8") as fh:
+                    written = fh.read()
+                expected = self.expected(run, outcomes)
+                self.assertEqual(written, "".join(expected).replace(self.TIME, time))
+                names = [gc.describe_change(c) for o in outcomes for c in o.changes]
+                self.assertEqual(run.counts, dict(collections.Counter(names)))
+                self.assertEqual(run.changes_made, sum(len(o.changes) for o in outcomes
+                                                       if o.applied))
+                self.assertLess(run.changes_made, len(names))
+                if heard is not None:
+                    self.assertEqual(heard, [run.record(o, time) for o in outcomes])
+
+    def test_each_step_its_own_shared_actions(self):
+        # A step's records share one "actions" dict per Actions; the next step's another.
+        heard: List[Dict[str, Any]] = []
+        run = self.run_of(on_record=heard.append)
+        outcomes = self.outcomes(random.Random(5), True, surrogates=False, count=30)
+        status = gc.FolderStatus("INBOX", 7, 900, 90, False)
+        for _ in range(2):
+            run.step_done(_Connected(), status, None, outcomes)
+        steps = [heard[:30], heard[30:]]
+        ids = [{id(record["actions"]) for record in step if record["actions"]}
+               for step in steps]
+        self.assertLess(len(ids[0]), 10)
+        self.assertEqual(len(ids[0]), len(ids[1]))
+        self.assertEqual(ids[0] & ids[1], set())
+
+    def test_a_step_never_lowers_the_mark_of_the_same_folder(self):
+        # An --all run's steps start below the folder's mark: it stays; a renumbered
+        # folder (another UIDVALIDITY) takes the step's.
+        run = self.run_of()
+        run.store.set_folder(run.account, "INBOX", gc.FolderState(7, 500, "r"))
+        run.store.set_folder(run.account, "Lists", gc.FolderState(6, 500, "r"))
+        for name in ("INBOX", "Lists"):
+            run.step_done(_Connected(), gc.FolderStatus(name, 7, 900, 90, False), 100, [])
+        self.assertEqual(run.mark_of("INBOX").mark, 500)
+        self.assertEqual((run.mark_of("Lists").mark, run.mark_of("Lists").uidvalidity), (100, 7))
+
+    def test_value_texts_are_the_encoders_texts(self):
+        rnd = random.Random(8)
+        shared = {"b": [1, None], "a": "\u2028%s"}
+        values = list(_SHAPE_VALUES) + [shared, [shared, shared, ("t", shared)],
+                                         (shared, 1.5, _Count(2)), [[], [[]], {}]]
+        values += [[rnd.choice(values) for _ in range(rnd.randrange(5))] for _ in range(80)]
+        values += [tuple(value) for value in values if isinstance(value, list)]
+        for c_encoder in (True, False):
+            with mock.patch.object(json.encoder, "c_make_encoder",
+                                   json.encoder.c_make_encoder if c_encoder else None):
+                text = gc._value_texts()
+                for value in values + values:      # the second time from what it kept
+                    with self.subTest(value=value, c_encoder=c_encoder):
+                        self.assertEqual(text(value), gc._RECORD_JSON.encode(value))
+
+    def test_value_texts_leave_scalars_to_themselves_and_shared_values_to_once(self):
+        # Strings, whole numbers, true, false and null (alone or in a list) without the
+        # encoder; a dict or list met again, the encoder once; another equal one, again.
+        calls: List[Any] = []
+        make = gc._c_record_encoder
+
+        def counted() -> Callable[[Any, int], Sequence[str]]:
+            chunks = make()
+            return lambda value, level: calls.append(value) or chunks(value, level)
+
+        shared = {"action": "star", "flag": "\\Flagged", "before": False, "after": True}
+        with mock.patch.object(gc, "_c_record_encoder", counted):
+            text = gc._value_texts()
+            values = ["s\u2028", 7, None, True, False, ["a", 1, None, True, False],
+                      ("b", 2 ** 70), [shared, shared], (shared,), shared]
+            texts = [text(value) for value in values]
+            self.assertEqual(calls, [shared])
+            self.assertEqual(text(dict(shared)), texts[-1])
+            self.assertEqual(calls, [shared, shared])
+        self.assertEqual(texts, [gc._RECORD_JSON.encode(value) for value in values])
+
+    def test_value_texts_refuse_what_the_encoder_refuses(self):
+        loop: List[Any] = []
+        loop.append(loop)
+        ring: Dict[str, Any] = {}
+        ring["self"] = ring
+        for bad in (object(), {1, 2}, loop, [loop], (ring,), ring, {"k": {("t",): 1}},
+                    [1, datetime(2026, 1, 1)]):
+            with self.subTest(bad=type(bad).__name__):
+                with self.assertRaises((TypeError, ValueError)) as ours:
+                    gc._value_texts()(bad)
+                with self.assertRaises((TypeError, ValueError)) as plain:
+                    gc._RECORD_JSON.encode(bad)
+                self.assertIs(type(ours.exception), type(plain.exception))
+
+
+class RecordSideTextRunTest(StateTestCase):
+    """A run whose records nobody reads (the text output) writes the audit bytes the
+    plain record side wrote, on Gmail and off it; the command line makes message records
+    only for --json, which prints them."""
+
+    fill = RecordSideEquivalenceTest.fill
+    audit = RecordSideEquivalenceTest.audit
+
+    def test_without_on_record_the_plain_bytes(self):
+        # Off Gmail (label copies, COPYUID answers); Gmail's outcomes: RecordSideLinesTest.
+        for server in ({"kind": "move"},):
+            logs = []
+            for plain in (False, True):
+                self.server = FakeGmail(**server).start()
+                self.addCleanup(self.server.stop)
+                self.fill(self.server)
+                shutil.rmtree(self.state_dir, ignore_errors=True)
+                with _plain_record_side() if plain else contextlib.nullcontext():
+                    self.run_once(gc.parse_rules(_RECORD_SIDE_RULES, "rules.json"),
+                                  batch_size=6)
+                logs.append(self.audit())
+            with self.subTest(**server):
+                self.assertEqual(logs[0].split(b"\n"), logs[1].split(b"\n"))
+                self.assertGreater(logs[0].count(b'"type": "message"'), 8)
+
+    def test_text_output_makes_no_message_records_json_prints_them(self):
+        self.server = FakeGmail(gmail=True).start()
+        self.addCleanup(self.server.stop)
+        self.fill(self.server)
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w", encoding="utf-8") as fh:
+            json.dump(_RECORD_SIDE_RULES, fh)
+        made: List[gc.Outcome] = []
+        record = gc.Run.record
+
+        def counted(run: gc.Run, outcome: gc.Outcome, time: Any = None) -> Dict[str, Any]:
+            made.append(outcome)
+            return record(run, outcome, time)
+
+        args = ("run", "--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                "--plaintext", "--rules", rules, "--batch-size", "6")
+        env = {"GMAIL_APP_PASSWORD": PASSWORD}
+        with mock.patch.object(gc.Run, "record", counted):
+            code, out, _err = run_cli(*args, "--json", env=env)       # a dry run
+            self.assertEqual(code, 0)
+            printed = [json.loads(line)["type"] for line in out.splitlines()]
+            self.assertEqual((printed.count("message"), len(made)), (15, 15))
+            made.clear()
+            code, out, _err = run_cli(*args, "--apply", env=env)
+        self.assertEqual((code, made), (0, []))
+        self.assertIn("done: label Receipts", out)
+
+
+class AuditWriteTest(unittest.TestCase):
+    """The audit log's directory is made, private, when it is missing, and only then:
+    not before each of the run's writes (an intent write per step, a done record per
+    command, the message records); a write of nothing touches nothing; each write is
+    made durable unless asked not to be."""
+
+    def test_nothing_to_write_touches_nothing_and_each_write_syncs_unless_asked(self):
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root)
+        log = gc.AuditLog(pathlib.Path(root, "state", "audit.jsonl"))
+        with mock.patch.object(os, "fsync", wraps=os.fsync) as synced:
+            log.append([])
+            log.write(iter(()))
+            self.assertEqual(os.listdir(root), [])
+            log.append([{"n": 1}], sync=False)
+            self.assertEqual(synced.call_count, 0)
+            log.append([{"n": 2}])
+            log.write(['{"n": 3}\n'])
+            self.assertEqual(synced.call_count, 2)
+        self.assertEqual([record["n"] for record in log.records()], [1, 2, 3])
+
+    def test_a_write_the_system_refuses_is_a_state_error(self):
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root)
+        os.mkdir(os.path.join(root, "audit.jsonl.lock"))       # its lock cannot be opened
+        log = gc.AuditLog(pathlib.Path(root, "audit.jsonl"))
+        with self.assertRaises(gc.StateError) as caught:
+            log.append([{"n": 1}])
+        self.assertIn(f"cannot write the audit log {log.path}: ", str(caught.exception))
+        self.assertFalse(log.path.exists())
+
+    def test_made_private_when_missing_once_for_many_writes(self):
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root)
+        log = gc.AuditLog(pathlib.Path(root, "deep", "state", "audit.jsonl"))
+        with mock.patch.object(gc, "_make_private_dir", wraps=gc._make_private_dir) as made:
+            for n in range(5):
+                log.append([{"n": n}], sync=n == 4)
+            self.assertEqual(made.call_count, 1)
+            shutil.rmtree(os.path.join(root, "deep"))       # gone mid-run: made again
+            log.append([{"n": 5}])
+            self.assertEqual(made.call_count, 2)
+        self.assertEqual([record["n"] for record in log.records()], [5])
+        if os.name == "posix":
+            self.assertEqual(os.stat(os.path.join(root, "deep", "state")).st_mode & 0o777,
+                             0o700)
+            self.assertEqual(os.stat(log.path).st_mode & 0o777, 0o600)
 
 
 # --- Benchmark ---------------------------------------------------------------------------

@@ -7168,6 +7168,29 @@ class OutOfOrderAnswersTest(FakeServerTest):
         self.assertEqual({name: values["MESSAGES"] for name, values in found.items()},
                          {"A": 0, "B": 1, "INBOX": 7})
 
+    def test_a_moves_copyuid_read_within_an_earlier_flights_answer_is_kept_for_it(self):
+        # Two flights of MOVEs on the wire (two steps' moves): the server holds the first
+        # MOVE's OK until the second is answered, so the second's COPYUID is read within
+        # the first's answer.  The first flight keeps it on the connection, the second
+        # takes it; a COPYUID a flight's own command claimed is not kept.
+        self.server.held = collections.Counter()
+        self.server.use_handler(_out_of_order("UID MOVE"))
+        conn = self.connect()
+        conn.select("INBOX")
+        first, second = gc._WriteFlight(conn), gc._WriteFlight(conn)
+        first.move(("move", "A"), [1, 2], "A")
+        second.move(("move", "B"), [3], "B")
+        first.send()
+        second.send()
+        (moved,) = first.land()
+        self.assertEqual(self.server.held["UID MOVE"], 1)
+        self.assertEqual(moved.result, {1: 1, 2: 2})
+        self.assertEqual([(code, str(args[1])) for _where, code, args in conn._copyuids_kept],
+                         [("COPYUID", "3")])
+        (moved,) = second.land()
+        self.assertEqual(moved.result, {3: 1})
+        self.assertEqual(conn._copyuids_kept, [])
+
     def test_a_later_fetch_answered_before_a_flight_of_writes_is_kept_for_it(self):
         # The MOVE's tagged line waits: the FETCH sent behind it is answered first, data
         # and OK, while the client reads the MOVE's answer.

@@ -8245,8 +8245,9 @@ def write_rules_file(path: Any, text: str, force: bool = False) -> None:
 # batches each, see _batches_per_step): one command per action per chunk of a compressed
 # UID set, flags and labels before moves, each kind in one flight of pipelined commands
 # (_WriteFlight), each flight's answers read once the next batch is classified (the moves
-# sent when the labels are confirmed).  Round trips grow with N / batch size, never with
-# N alone; after a step is applied only its UIDs' outcomes are kept.
+# sent when the labels are confirmed; the next step's labels sent behind them, so that two
+# steps are under way, done in their order).  Round trips grow with N / batch size, never
+# with N alone; after a step is applied only its UIDs' outcomes are kept.
 #
 # A Checkpoint (the state layer below supplies one that lives on disk) says where to start
 # and hears, after each step the server confirmed, how far the run got: the mark, the

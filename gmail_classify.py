@@ -4564,9 +4564,10 @@ def _cached(msg: email.message.EmailMessage, kind: str, name: str) -> List[str]:
 # Decoded values by (kind, header name, raw values): a mailbox holds the same senders,
 # recipients, lists and many of the same subjects again and again, and what a header
 # decodes to depends on those alone (the reference path reads the same values from the
-# message), so each is decoded once per run.  Bounded: emptied when full; long values
-# (rare, and each would take much room) and message IDs (each unique, and cheap to read)
-# are decoded every time.
+# message), so each is decoded once per run.  Bounded: emptied when full; long or
+# numerous values (rare, and each would take much room: a value counts its length and one
+# more, so 250,000 empty fields are as long as a 250,000-character one) and message IDs
+# (each unique, and cheap to read) are decoded every time.
 _DECODED: Dict[Tuple[str, str, Tuple[str, ...]], Tuple[str, ...]] = {}
 _DECODED_MAX = 4096
 _DECODED_LONGEST = 1024
@@ -4587,7 +4588,7 @@ def _decode_header(msg: email.message.EmailMessage, raws: List[str], kind: str,
         if (registry_kind == "text" and "=?" not in raw and raw.isascii()) or \
                 (registry_kind == "msgid" and _PLAIN_MSGID.match(raw)):
             return [raw]
-    if sum(map(len, raws)) > _DECODED_LONGEST or registry_kind == "msgid":
+    if sum(map(len, raws)) + len(raws) > _DECODED_LONGEST or registry_kind == "msgid":
         return _decode_values(msg, raws, kind, name)
     key = (kind, name, tuple(raws))
     found = _DECODED.get(key)
@@ -5255,14 +5256,19 @@ class _HeaderGroup:
         raw values gave another message, if they are in _GROUP_READINGS."""
         keys = self.raw_keys
         if len(keys) == 1:      # most groups: one header (the same key as below, sooner)
-            key: Tuple[Any, ...] = (self, tuple(cache.get(keys[0], ())))
+            raws = cache.get(keys[0], ())
+            key: Tuple[Any, ...] = (self, tuple(raws))
         else:
             key = (self, *[tuple(cache.get(raw, ())) for raw in keys])
-        found = _GROUP_READINGS.get(key)
+            raws = [raw for values in key[1:] for raw in values]
+        # Kept only when short and few, raw values (in the key) and decoded alike, as
+        # _DECODED keeps them: a long raw value may decode to a short one.
+        keep = sum(map(len, raws)) + len(raws) <= _DECODED_LONGEST
+        found = _GROUP_READINGS.get(key) if keep else None
         if found is None:
             values, normalised = _cached_values(cache, headers, self.addresses, self.names)
             found = (values, normalised, self.plain.search("\n".join(normalised)) is not None)
-            if sum(map(len, values)) <= _DECODED_LONGEST:
+            if keep and sum(map(len, values)) + len(values) <= _DECODED_LONGEST:
                 if len(_GROUP_READINGS) >= _DECODED_MAX:
                     _GROUP_READINGS.clear()
                 _GROUP_READINGS[key] = found
@@ -5274,7 +5280,8 @@ class _HeaderGroup:
 # a mailbox holds the same senders, lists and subjects again and again, and the decoded
 # values, their _normalise() forms and the search depend on those alone (as _DECODED's
 # do), so each is worked out once per run.  A found tuple is shared by the messages with
-# those values: its lists are read, never changed.  Bounded as _DECODED is.
+# those values: its lists are read, never changed.  Bounded as _DECODED is, by the number
+# of entries and by the length and number of the raw and decoded values of each.
 _GROUP_READINGS: Dict[Tuple[Any, ...], Tuple[List[str], List[str], bool]] = {}
 
 

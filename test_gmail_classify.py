@@ -21361,14 +21361,15 @@ class RuleGateReviewTest(unittest.TestCase):
                 # A long raw To that decodes to one short address, and more empty fields
                 # than the longest value has characters.
                 comment = ("%04d" % n) * (longest // 4)
-                raw = "From: a@b.c\nTo: <x@y.z> (%s)\n" % comment + "X-Foo:\n" * (longest + n)
+                raw = "From: a@b.c\nTo: <x@y.z> (%s)\n" % comment
+                raw += "X-Foo:\n" * (longest + 1 + n)
                 decision = rules.classify(info(raw), final=True, now=NOW)
                 self.assertEqual(decision.matches, ())
             self.assertEqual((len(gc._GROUP_READINGS), len(gc._DECODED)), (0, 0))
             for n in range(3):
                 rules.classify(info("To: <x@y.z> (%d)\n" % n + "X-Foo:\n" * (longest // 2)),
                                final=True, now=NOW)
-            self.assertEqual(len(gc._GROUP_READINGS), 6)    # short and few: kept as ever
+            self.assertEqual(len(gc._GROUP_READINGS), 4)    # short and few: kept as ever
             self.assertEqual(len(gc._DECODED), 4)           # three Tos, one set of X-Foos
             self.assertTrue(all(bounded(raws) for key in gc._GROUP_READINGS
                                 for raws in key[1:]))

@@ -6627,15 +6627,21 @@ class Ruleset:
             _group_headers(cond for rule in self.rules for cond in _walk(rule.condition))
             gates = self.__dict__["_gates"] = tuple(_rule_gate(rule.condition)
                                                     for rule in self.rules)
+            # The rules whose condition may change the message (a program, a vendoring
+            # script's function): the gates after one read the headers as it left them.
+            self.__dict__["_stirring"] = tuple(not _decides_quietly(rule.condition)
+                                               for rule in self.rules)
         matches: List[Tuple[str, str]] = []
         actions = _NO_ACTIONS
         headers = msg.headers
         cache = _header_cache(headers) if any(gates) else None
         try:
-            for rule, gate in zip(self.rules, gates):
+            for rule, gate, stirring in zip(self.rules, gates, self.__dict__["_stirring"]):
                 if gate is not None and cache is not None and gate.shuts(msg, cache):
                     continue        # false: nothing to add, and no reason is kept
                 value, reason = rule.condition.evaluate(msg, now)
+                if stirring and cache is not None:
+                    cache = _header_cache(headers)      # rebuilt if the headers changed
                 if value is None:
                     if not final:
                         return None

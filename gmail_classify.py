@@ -5844,7 +5844,12 @@ class _RuleGate:
     a gate (_rule_gate) only where its condition is such a test, or an `all` of parts that
     decide without side effects (no program, no Python function): any false part makes
     it false whatever the others say.  A gate that does not shut decides nothing: the
-    condition is evaluated as ever, so decisions and reasons are the same either way."""
+    condition is evaluated as ever, so decisions and reasons are the same either way.
+
+    A gate runs no regex that evaluating the rule would not run: it checks sizes and
+    presence first (free), then the plain texts of each HeaderMatch, and searches the
+    regexes of one only where evaluate() surely comes to it (see _rule_gate), so a size,
+    date, flag or label that is false still stops a rule before a hostile regex does."""
 
     __slots__ = ("headers", "present", "sizes")
 
@@ -5858,35 +5863,46 @@ class _RuleGate:
     def shuts(self, msg: MessageInfo, cache: Dict[Any, Any]) -> bool:
         """True when the rule's condition is certainly false for ``msg``, whose header
         cache is ``cache``."""
-        for group, regexes in self.headers:
-            values, _, maybe = cache.get(group) or group.fill(msg.headers, cache)
-            if not maybe and not (regexes and any(r.search(v) for r in regexes
-                                                  for v in values)):
-                return True
-        for key, wanted in self.present:
-            if bool(cache.get(key)) is not wanted:
-                return True
         size = msg.size
         if size is not None:
             for larger, limit in self.sizes:
                 if not (size > limit if larger else size < limit):
                     return True
+        for key, wanted in self.present:
+            if bool(cache.get(key)) is not wanted:
+                return True
+        for group, regexes in self.headers:
+            values, _, maybe = cache.get(group) or group.fill(msg.headers, cache)
+            if not maybe and not (regexes and any(r.search(v) for r in regexes
+                                                  for v in values)):
+                return True
         return False
 
 
 def _rule_gate(condition: Condition) -> Optional[_RuleGate]:
-    """The gate of a rule whose condition is ``condition`` (see _RuleGate), or None."""
-    parts = condition.parts if type(condition) is AllOf and \
-        all(_decides_quietly(part) for part in condition.parts) else (condition,)
+    """The gate of a rule whose condition is ``condition`` (see _RuleGate), or None.
+
+    The parts of an `all` are read in the order AllOf.evaluate() runs them, cheapest
+    first.  The regexes of a HeaderMatch are the gate's only while every part before it
+    is a size or a presence (which the gate checks first): evaluate() would then surely
+    search them.  After any other part (a date, a flag, another header, which may be false
+    and stop evaluate()) a HeaderMatch with regexes is left to evaluate() whole."""
+    parts: Sequence[Condition] = (condition,)
+    if type(condition) is AllOf and all(_decides_quietly(part) for part in condition.parts):
+        parts = sorted(condition.parts, key=_cost)      # stable, as AllOf._order is
     headers, present, sizes = [], [], []
+    reached = True      # whether evaluate() surely comes to this part
     for part in parts:
-        if type(part) is HeaderMatch and "_group" in part.__dict__:
-            headers.append((part._group[0], tuple(p.regex for p in part.matcher.patterns
-                                                  if p.regex is not None)))
+        if type(part) is SizeCompare:
+            sizes.append((part.larger, part.limit))
         elif type(part) is HeaderPresent:
             present.append((("raw", part.name.lower()), part.present))
-        elif type(part) is SizeCompare:
-            sizes.append((part.larger, part.limit))
+        else:
+            if type(part) is HeaderMatch and "_group" in part.__dict__:
+                regexes = tuple(p.regex for p in part.matcher.patterns if p.regex is not None)
+                if reached or not regexes:
+                    headers.append((part._group[0], regexes))
+            reached = False
     if not (headers or present or sizes):
         return None
     return _RuleGate(tuple(headers), tuple(present), tuple(sizes))

@@ -21300,7 +21300,7 @@ class UntaggedKindTest(unittest.TestCase):
         self.assertGreater(uids, 150)
 
 
-# --- Issue 17: the rule gates, as reviewed (bounded tables, a fresh cache, cheap parts first) --
+# --- Issue 17: the rule gates, as reviewed (bounded tables, fresh cache, cheap parts first) --
 
 class _CountedRegex:
     """A compiled regex that notes each (pattern, value) it is asked to search."""

@@ -4597,9 +4597,10 @@ def _cached(msg: email.message.EmailMessage, kind: str, name: str) -> List[str]:
 # Decoded values by (kind, header name, raw values): a mailbox holds the same senders,
 # recipients, lists and many of the same subjects again and again, and what a header
 # decodes to depends on those alone (the reference path reads the same values from the
-# message), so each is decoded once per run.  Bounded: emptied when full; long values
-# (rare, and each would take much room) and message IDs (each unique, and cheap to read)
-# are decoded every time.
+# message), so each is decoded once per run.  Bounded: emptied when full; long or
+# numerous values (rare, and each would take much room: a value counts its length and one
+# more, so 250,000 empty fields are as long as a 250,000-character one) and message IDs
+# (each unique, and cheap to read) are decoded every time.
 _DECODED: Dict[Tuple[str, str, Tuple[str, ...]], Tuple[str, ...]] = {}
 _DECODED_MAX = 4096
 _DECODED_LONGEST = 1024
@@ -4620,7 +4621,7 @@ def _decode_header(msg: email.message.EmailMessage, raws: List[str], kind: str,
         if (registry_kind == "text" and "=?" not in raw and raw.isascii()) or \
                 (registry_kind == "msgid" and _PLAIN_MSGID.match(raw)):
             return [raw]
-    if sum(map(len, raws)) > _DECODED_LONGEST or registry_kind == "msgid":
+    if sum(map(len, raws)) + len(raws) > _DECODED_LONGEST or registry_kind == "msgid":
         return _decode_values(msg, raws, kind, name)
     key = (kind, name, tuple(raws))
     found = _DECODED.get(key)
@@ -5288,14 +5289,19 @@ class _HeaderGroup:
         raw values gave another message, if they are in _GROUP_READINGS."""
         keys = self.raw_keys
         if len(keys) == 1:      # most groups: one header (the same key as below, sooner)
-            key: Tuple[Any, ...] = (self, tuple(cache.get(keys[0], ())))
+            raws = cache.get(keys[0], ())
+            key: Tuple[Any, ...] = (self, tuple(raws))
         else:
             key = (self, *[tuple(cache.get(raw, ())) for raw in keys])
-        found = _GROUP_READINGS.get(key)
+            raws = [raw for values in key[1:] for raw in values]
+        # Kept only when short and few, raw values (in the key) and decoded alike, as
+        # _DECODED keeps them: a long raw value may decode to a short one.
+        keep = sum(map(len, raws)) + len(raws) <= _DECODED_LONGEST
+        found = _GROUP_READINGS.get(key) if keep else None
         if found is None:
             values, normalised = _cached_values(cache, headers, self.addresses, self.names)
             found = (values, normalised, self.plain.search("\n".join(normalised)) is not None)
-            if sum(map(len, values)) <= _DECODED_LONGEST:
+            if keep and sum(map(len, values)) + len(values) <= _DECODED_LONGEST:
                 if len(_GROUP_READINGS) >= _DECODED_MAX:
                     _GROUP_READINGS.clear()
                 _GROUP_READINGS[key] = found
@@ -5307,7 +5313,8 @@ class _HeaderGroup:
 # a mailbox holds the same senders, lists and subjects again and again, and the decoded
 # values, their _normalise() forms and the search depend on those alone (as _DECODED's
 # do), so each is worked out once per run.  A found tuple is shared by the messages with
-# those values: its lists are read, never changed.  Bounded as _DECODED is.
+# those values: its lists are read, never changed.  Bounded as _DECODED is, by the number
+# of entries and by the length and number of the raw and decoded values of each.
 _GROUP_READINGS: Dict[Tuple[Any, ...], Tuple[List[str], List[str], bool]] = {}
 
 
@@ -5870,7 +5877,12 @@ class _RuleGate:
     a gate (_rule_gate) only where its condition is such a test, or an `all` of parts that
     decide without side effects (no program, no Python function): any false part makes
     it false whatever the others say.  A gate that does not shut decides nothing: the
-    condition is evaluated as ever, so decisions and reasons are the same either way."""
+    condition is evaluated as ever, so decisions and reasons are the same either way.
+
+    A gate runs no regex that evaluating the rule would not run: it checks sizes and
+    presence first (free), then the plain texts of each HeaderMatch, and searches the
+    regexes of one only where evaluate() surely comes to it (see _rule_gate), so a size,
+    date, flag or label that is false still stops a rule before a hostile regex does."""
 
     __slots__ = ("headers", "present", "sizes")
 
@@ -5884,35 +5896,46 @@ class _RuleGate:
     def shuts(self, msg: MessageInfo, cache: Dict[Any, Any]) -> bool:
         """True when the rule's condition is certainly false for ``msg``, whose header
         cache is ``cache``."""
-        for group, regexes in self.headers:
-            values, _, maybe = cache.get(group) or group.fill(msg.headers, cache)
-            if not maybe and not (regexes and any(r.search(v) for r in regexes
-                                                  for v in values)):
-                return True
-        for key, wanted in self.present:
-            if bool(cache.get(key)) is not wanted:
-                return True
         size = msg.size
         if size is not None:
             for larger, limit in self.sizes:
                 if not (size > limit if larger else size < limit):
                     return True
+        for key, wanted in self.present:
+            if bool(cache.get(key)) is not wanted:
+                return True
+        for group, regexes in self.headers:
+            values, _, maybe = cache.get(group) or group.fill(msg.headers, cache)
+            if not maybe and not (regexes and any(r.search(v) for r in regexes
+                                                  for v in values)):
+                return True
         return False
 
 
 def _rule_gate(condition: Condition) -> Optional[_RuleGate]:
-    """The gate of a rule whose condition is ``condition`` (see _RuleGate), or None."""
-    parts = condition.parts if type(condition) is AllOf and \
-        all(_decides_quietly(part) for part in condition.parts) else (condition,)
+    """The gate of a rule whose condition is ``condition`` (see _RuleGate), or None.
+
+    The parts of an `all` are read in the order AllOf.evaluate() runs them, cheapest
+    first.  The regexes of a HeaderMatch are the gate's only while every part before it
+    is a size or a presence (which the gate checks first): evaluate() would then surely
+    search them.  After any other part (a date, a flag, another header, which may be false
+    and stop evaluate()) a HeaderMatch with regexes is left to evaluate() whole."""
+    parts: Sequence[Condition] = (condition,)
+    if type(condition) is AllOf and all(_decides_quietly(part) for part in condition.parts):
+        parts = sorted(condition.parts, key=_cost)      # stable, as AllOf._order is
     headers, present, sizes = [], [], []
+    reached = True      # whether evaluate() surely comes to this part
     for part in parts:
-        if type(part) is HeaderMatch and "_group" in part.__dict__:
-            headers.append((part._group[0], tuple(p.regex for p in part.matcher.patterns
-                                                  if p.regex is not None)))
+        if type(part) is SizeCompare:
+            sizes.append((part.larger, part.limit))
         elif type(part) is HeaderPresent:
             present.append((("raw", part.name.lower()), part.present))
-        elif type(part) is SizeCompare:
-            sizes.append((part.larger, part.limit))
+        else:
+            if type(part) is HeaderMatch and "_group" in part.__dict__:
+                regexes = tuple(p.regex for p in part.matcher.patterns if p.regex is not None)
+                if reached or not regexes:
+                    headers.append((part._group[0], regexes))
+            reached = False
     if not (headers or present or sizes):
         return None
     return _RuleGate(tuple(headers), tuple(present), tuple(sizes))
@@ -6653,15 +6676,21 @@ class Ruleset:
             _group_headers(cond for rule in self.rules for cond in _walk(rule.condition))
             gates = self.__dict__["_gates"] = tuple(_rule_gate(rule.condition)
                                                     for rule in self.rules)
+            # The rules whose condition may change the message (a program, a vendoring
+            # script's function): the gates after one read the headers as it left them.
+            self.__dict__["_stirring"] = tuple(not _decides_quietly(rule.condition)
+                                               for rule in self.rules)
         matches: List[Tuple[str, str]] = []
         actions = _NO_ACTIONS
         headers = msg.headers
         cache = _header_cache(headers) if any(gates) else None
         try:
-            for rule, gate in zip(self.rules, gates):
+            for rule, gate, stirring in zip(self.rules, gates, self.__dict__["_stirring"]):
                 if gate is not None and cache is not None and gate.shuts(msg, cache):
                     continue        # false: nothing to add, and no reason is kept
                 value, reason = rule.condition.evaluate(msg, now)
+                if stirring and cache is not None:
+                    cache = _header_cache(headers)      # rebuilt if the headers changed
                 if value is None:
                     if not final:
                         return None

@@ -21120,7 +21120,8 @@ class RuleGateTest(unittest.TestCase):
             plain.classify(info("Subject: x"), now=NOW)     # every condition on its own
         gated.classify(info("Subject: x"), now=NOW)
         self.assertEqual(set(plain.__dict__["_gates"]), {None})
-        self.assertEqual(sum(gate is not None for gate in gated.__dict__["_gates"]), 16)
+        # 15: "dated" has none (its date, evaluated first, may stop it before its regex)
+        self.assertEqual(sum(gate is not None for gate in gated.__dict__["_gates"]), 15)
         return gated, plain
 
     def test_gated_rules_decide_and_explain_as_every_rule_evaluated(self):
@@ -21696,6 +21697,141 @@ class AuditWriteTest(unittest.TestCase):
             self.assertEqual(os.stat(os.path.join(root, "deep", "state")).st_mode & 0o777,
                              0o700)
             self.assertEqual(os.stat(log.path).st_mode & 0o777, 0o600)
+
+
+# --- Issue 17: the rule gates, as reviewed (bounded tables, fresh cache, cheap parts first) --
+
+class _CountedRegex:
+    """A compiled regex that notes each (pattern, value) it is asked to search."""
+
+    def __init__(self, regex: "re.Pattern[str]", seen: List[Tuple[str, str]]) -> None:
+        self.regex, self.seen = regex, seen
+
+    def search(self, value: str, *args: Any) -> Any:
+        self.seen.append((self.regex.pattern, value))
+        return self.regex.search(value, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.regex, name)
+
+
+def _counting_regexes(rules: gc.Ruleset) -> List[Tuple[str, str]]:
+    """Make every header regex of ``rules`` note its searches (before the first
+    classify, which builds the gates and the matchers' quick forms); the list they note in."""
+    seen: List[Tuple[str, str]] = []
+    for rule in rules.rules:
+        for condition in gc._walk(rule.condition):
+            if type(condition) is gc.HeaderMatch:
+                for pattern in condition.matcher.patterns:
+                    if pattern.regex is not None:
+                        object.__setattr__(pattern, "regex", _CountedRegex(pattern.regex, seen))
+    return seen
+
+
+class RuleGateReviewTest(unittest.TestCase):
+    """What a review of the rule gates found: the tables of decoded values keep no long
+    or numerous raw values, a gate reads the headers as a condition left them, and a gate
+    runs no regex that evaluating the rule would not have run."""
+
+    def plain_and_gated(self, spec: Dict[str, Any]) -> Tuple[gc.Ruleset, gc.Ruleset]:
+        """The rules of ``spec`` evaluating every condition on its own, and gated; each
+        with ``searched``, the (regex, value) searches of its header regexes."""
+        plain, gated = gc.parse_rules(spec, "r.json"), gc.parse_rules(spec, "r.json")
+        for rules in (plain, gated):
+            searched = _counting_regexes(rules)
+            rules.__dict__["searched"] = searched
+        with mock.patch.object(gc, "_rule_gate", lambda condition: None), \
+                mock.patch.object(gc, "_group_headers", lambda conditions: None):
+            plain.classify(info("Subject: x"), now=NOW)     # every condition on its own
+        gated.classify(info("Subject: x"), now=NOW)
+        del plain.__dict__["searched"][:], gated.__dict__["searched"][:]
+        return plain, gated
+
+    def test_tables_keep_no_long_or_numerous_raw_values(self):
+        rules = gc.parse_rules({"rule": [
+            {"name": "n", "to": "newsletter", "label": "N", "continue": True},
+            {"name": "f", "header": {"X-Foo": "bulk"}, "label": "F"}]}, "r.json")
+        longest = gc._DECODED_LONGEST
+
+        def bounded(raws: Tuple[str, ...]) -> bool:
+            return sum(map(len, raws)) + len(raws) <= longest
+        with mock.patch.dict(gc._GROUP_READINGS, clear=True), \
+                mock.patch.dict(gc._DECODED, clear=True):
+            for n in range(12):
+                # A long raw To that decodes to one short address, and more empty fields
+                # than the longest value has characters.
+                comment = ("%04d" % n) * (longest // 4)
+                raw = "From: a@b.c\nTo: <x@y.z> (%s)\n" % comment
+                raw += "X-Foo:\n" * (longest + 1 + n)
+                decision = rules.classify(info(raw), final=True, now=NOW)
+                self.assertEqual(decision.matches, ())
+            self.assertEqual((len(gc._GROUP_READINGS), len(gc._DECODED)), (0, 0))
+            for n in range(3):
+                rules.classify(info("To: <x@y.z> (%d)\n" % n + "X-Foo:\n" * (longest // 2)),
+                               final=True, now=NOW)
+            self.assertEqual(len(gc._GROUP_READINGS), 4)    # short and few: kept as ever
+            self.assertEqual(len(gc._DECODED), 4)           # three Tos, one set of X-Foos
+            self.assertTrue(all(bounded(raws) for key in gc._GROUP_READINGS
+                                for raws in key[1:]))
+            self.assertTrue(all(bounded(key[2]) for key in gc._DECODED))
+
+    def test_a_gate_reads_the_headers_a_condition_changed(self):
+        def tag(msg: MessageInfo) -> bool:       # a vendoring script's condition
+            msg.headers["X-Tagged"] = "yes"
+            return True
+        gc.Ruleset.add_condition("t1b_tag", tag)
+        self.addCleanup(gc._CONDITION_KINDS.pop, "t1b_tag", None)
+        plain, gated = self.plain_and_gated({"rule": [
+            {"name": "before", "header": {"X-Tagged": True}, "label": "Z", "continue": True},
+            {"name": "stamp", "t1b_tag": True, "label": "A", "continue": True},
+            {"name": "stamped", "header": {"X-Tagged": True}, "label": "B", "continue": True},
+            {"name": "said", "header": {"X-Tagged": ["yes", "/^y/"]}, "label": "C",
+             "continue": True},
+            {"name": "unsaid", "header": {"X-Tagged": False}, "label": "D"}]})
+        for headers in ("Subject: hi", "Subject: hi\nX-Other: 1"):
+            decision = gated.classify(info(headers), final=True, now=NOW)
+            self.assertEqual(decision, plain.classify(info(headers), final=True, now=NOW))
+            self.assertEqual([name for name, _ in decision.matches],
+                             ["stamp", "stamped", "said"])
+
+    def test_a_cheap_false_part_stops_a_rule_before_its_regexes(self):
+        hostile = "/^(a|aa)+$/"         # slow on many a's and a last character not a
+        plain, gated = self.plain_and_gated({"rule": [
+            {"name": "kind", "header": {"X-Kind": "news"}, "label": "K", "continue": True},
+            {"name": "big", "larger_than": "5M", "subject": ["newsletter", hostile],
+             "label": "B", "continue": True},
+            {"name": "old", "older_than": "1y", "subject": hostile, "label": "O",
+             "continue": True},
+            {"name": "unread", "unread": True, "header": {"X-Note": hostile}, "label": "U",
+             "continue": True},
+            {"name": "listed", "header": {"List-Id": True, "X-Note": "/a$/"}, "label": "L",
+             "continue": True},
+            # The plain walk finds the first part false (the group's "news" is there, this
+            # rule's texts are not) and never searches the second part's regex.
+            {"name": "second", "all": [{"header": {"X-Kind": ["xyz", "/q/"]}},
+                                       {"header": {"X-Note": hostile}}], "label": "S"}]})
+        msg = dict(headers="Subject: %s!\nX-Note: %s!\nX-Kind: news" % ("a" * 16, "a" * 16),
+                   size=2000, date=NOW - _dtm.timedelta(days=3), flags=frozenset({"\\Seen"}))
+        decisions = [rules.classify(info(**msg), final=True, now=NOW)
+                     for rules in (plain, gated)]
+        self.assertEqual(decisions[0], decisions[1])
+        self.assertEqual([name for name, _ in decisions[1].matches], ["kind"])
+        self.assertEqual(plain.__dict__["searched"], [("q", "news")])
+        self.assertEqual(gated.__dict__["searched"], [("q", "news")])
+
+    def test_gates_search_only_what_evaluating_searches(self):
+        spec = {"rule": GATED_RULES["rule"] + [
+            {"name": "first", "all": [{"subject": ["receipt", "/^re/i"]}, {"from": "/\\./"}],
+             "label": "F", "continue": True},
+            {"name": "starred", "starred": False, "to": ["bea", "/com>?$/"], "label": "G"}]}
+        plain, gated = self.plain_and_gated(spec)
+        searched = [plain.__dict__["searched"], gated.__dict__["searched"]]
+        for number, fresh in enumerate(RuleGateTest.messages(self)):
+            del searched[0][:], searched[1][:]
+            with self.subTest(number=number):
+                self.assertEqual(gated.classify(fresh(), final=True, now=NOW),
+                                 plain.classify(fresh(), final=True, now=NOW))
+                self.assertEqual(set(searched[1]) - set(searched[0]), set())
 
 
 # --- Benchmark ---------------------------------------------------------------------------

@@ -5214,6 +5214,59 @@ class ReadingShapeTest(unittest.TestCase):
         self.assertEqual(got[10]["X-GM-LABELS"], ("\\Inbox", "\u00e9t\u00e9"))
 
 
+def _reference_kind(item: Sequence[Any]) -> str:
+    """_untagged_kind() as it read every line before its common kinds were taken as sent."""
+    if not item:
+        return ""
+    if isinstance(item[0], int) and len(item) > 1:
+        return str(item[1]).upper()
+    return str(item[0]).upper()
+
+
+def _reference_uid(item: Sequence[Any]) -> Optional[int]:
+    """_fetch_uid() as it looked through every item before it tried the first."""
+    if len(item) < 3 or not isinstance(item[2], list):
+        return None
+    attrs = item[2]
+    for i in range(0, len(attrs) - 1, 2):
+        if str(attrs[i]).upper() == "UID" and isinstance(attrs[i + 1], int):
+            return attrs[i + 1]
+    return None
+
+
+class UntaggedKindTest(unittest.TestCase):
+    """An answer's kind and a FETCH's UID read the common spellings first: the same
+    answers as reading every line the long way."""
+
+    def test_kinds_and_uids_are_those_the_long_way_finds(self):
+        rng = random.Random(1717)
+        words = ["FETCH", "fetch", "Fetch", "EXPUNGE", "EXISTS", "exists", "RECENT", "OK",
+                 "LIST", "SEARCH", "UID", "uid", "Uid", "FLAGS", "", "\u0131", "FETCH ",
+                 gc.Number("7"), gc.Number("0123"), 7, 0, None, b"FETCH", b"UID", ["UID"],
+                 ["FETCH"], True, "\\Seen"]
+        samples = [[], [7], ["FETCH"], [3, "FETCH"], [3, "FETCH", []], [3, "FETCH", "UID"]]
+        values = [7, gc.Number("12"), gc.Number("0012"), True, "7", None, ["\\Seen"]]
+        for _ in range(3000):
+            attrs = [x for _ in range(rng.randrange(0, 4))
+                     for x in (rng.choice(words[:14]), rng.choice(values))]
+            attrs = attrs[:len(attrs) - rng.randrange(0, 2)]
+            head = [rng.choice((3, gc.Number("3"), rng.choice(words))),
+                    rng.choice(words[:8] + words[15:])]
+            samples.append(head[:rng.choice((0, 1, 2, 2, 2, 2))]
+                           + [attrs] * rng.choice((0, 1, 1, 1)))
+        uids = 0
+        for item in samples:
+            with self.subTest(item=item):
+                kind = gc._untagged_kind(item)
+                self.assertEqual(kind, _reference_kind(item))
+                self.assertIs(type(kind), str)
+                uid = gc._fetch_uid(item)
+                self.assertEqual(uid, _reference_uid(item))
+                self.assertIs(uid, _reference_uid(item))
+                uids += uid is not None
+        self.assertGreater(uids, 150)
+
+
 # --- Connection --------------------------------------------------------------------------
 
 
@@ -8086,6 +8139,63 @@ class ReadSideFastPathTest(unittest.TestCase):
             self.assertEqual([key[:2] for key in gc._DECODED], [("addresses", "from")])
 
 
+class MessageInfoMadeTest(unittest.TestCase):
+    """The pipeline's MessageInfo (MessageInfo._made, without the frozen __init__) is the
+    one the constructor makes: every field set, its own programs, frozen as ever."""
+
+    ITEM = "BODY[HEADER.FIELDS (FROM SUBJECT)]"
+
+    def test_pipeline_infos_are_those_the_constructor_makes(self):
+        when = _dtm.datetime(2024, 12, 7, 12, 40, 3, tzinfo=timezone.utc)
+        structure = [["text", "plain", ["charset", "us-ascii"], None, None, "7bit", 5, 1],
+                     ["application", "pdf", ["name", "a.pdf"], None, None, "base64", 9],
+                     "mixed"]
+        cases = [
+            ({"FLAGS": ("\\Seen",), self.ITEM: b"From: a@b\r\nSubject: x\r\n\r\n"}, None,
+             "INBOX", {}),
+            ({"FLAGS": (), "RFC822.SIZE": 120, "INTERNALDATE": when, "X-GM-LABELS": ("Work",),
+              "BODYSTRUCTURE": structure, self.ITEM: b"Subject: y\r\n\r\n"},
+             {"q1": {7}, "q2": {8}}, "INBOX",
+             {"size": 120, "date": when, "has_attachment": True,
+              "labels": frozenset({"Work", "\\Inbox"}), "queries": frozenset({"q1"})}),
+            ({"FLAGS": None, "X-GM-LABELS": (), self.ITEM: None}, {}, "[Gmail]/All Mail",
+             {"flags": frozenset(), "labels": frozenset(), "queries": frozenset()}),
+        ]
+        names = {f.name for f in dataclasses.fields(MessageInfo)}
+        made = []
+        for values, queries, folder, want in cases:
+            with self.subTest(values=values):
+                got = gc._message_info(7, values, self.ITEM, queries, folder)
+                self.assertEqual(set(vars(got)), names)
+                expected = dict(uid=7, folder=folder, flags=frozenset(values["FLAGS"] or ()),
+                                labels=None, queries=None, size=None, date=None,
+                                has_attachment=None, body=None, source=None)
+                expected.update(want)
+                self.assertEqual({k: v for k, v in vars(got).items()
+                                  if k not in ("headers", "programs")}, expected)
+                self.assertEqual(got, MessageInfo(headers=got.headers, **expected))
+                self.assertEqual(got.programs, {})
+                self.assertEqual(got.headers.items(), parse_headers(values[self.ITEM] or b"")
+                                 .items())
+                with self.assertRaises(dataclasses.FrozenInstanceError):
+                    got.uid = 8     # type: ignore[misc]
+                self.assertEqual(dataclasses.replace(got, body="b").body, "b")
+                made.append(got)
+        made[0].programs["p"] = 1
+        self.assertEqual(made[1].programs, {})
+
+    def test_fetched_values_convert_as_before(self):
+        for value in ("07-Dec-2024 12:40:03 +0100", " 7-Dec-2024 12:40:03 -0000", b"x",
+                      b"07-Dec-2024 12:40:03 +0000", None, "bad", gc.Number("7")):
+            self.assertEqual(gc._FETCH_VALUES["INTERNALDATE"](value),
+                             gc.parse_internaldate(gc._as_text(value)))
+        for value in (["\\Seen", gc.Number("0123"), "$Label"], [], None, "x"):
+            want = tuple(str(v) for v in value) if isinstance(value, list) else None
+            got = gc._FETCH_VALUES["FLAGS"](value)
+            self.assertEqual(got, want)
+            self.assertTrue(got is None or all(type(flag) is str for flag in got))
+
+
 # --- Messages: bodies, attachments and the data fetched beside the headers ---------------
 
 
@@ -9594,6 +9704,359 @@ class HeaderGroupTest(unittest.TestCase):
                         gc._first(header_text(parse_headers(raw), "message-id")).strip())
                 self.assertEqual(gc._shown_headers(msg), want, raw)
                 self.assertEqual(gc._shown_headers(msg), want, raw)    # asked again
+
+
+# GROUPED_RULES and more kinds a gate reads (regexes, presence, sizes) or must leave alone
+# (a body, nesting, `not`), each rule going on so that every rule is decided.
+GATED_RULES = {"rule": GROUPED_RULES["rule"][:-1] + [
+    {"name": "regex only", "subject": ["/^re:/i", "/RECEIPT/"], "label": "G1",
+     "continue": True},
+    {"name": "mixed", "from": ["example", "/\\.fr>?$/"], "label": "G2", "continue": True},
+    {"name": "present", "header": {"List-Id": True}, "label": "G3", "continue": True},
+    {"name": "absent", "header": {"X-Custom": False, "Subject": ["1", "x"]}, "label": "G4",
+     "continue": True},
+    {"name": "big", "larger_than": "100", "label": "G5", "continue": True},
+    {"name": "small", "smaller_than": "120", "subject": "/./", "label": "G6", "continue": True},
+    {"name": "old and big", "larger_than": "50", "older_than": "1y", "from": "example",
+     "label": "G7", "continue": True},
+    {"name": "body", "from": ["example", "github"], "body": "hello", "label": "G8",
+     "continue": True},
+    {"name": "nested", "all": [{"any": [{"subject": "e"}, {"from": "/a/"}]},
+                               {"not": {"to": "x"}}, {"recipient": "com"}], "label": "G9",
+     "continue": True},
+    {"name": "dated", "newer_than": "2y", "cc": ["bea", "/z/i"], "label": "G10",
+     "continue": True},
+]}
+
+
+class RuleGateTest(unittest.TestCase):
+    """A rule whose condition the header cache or the size already settles as false is
+    passed over without evaluating it (_RuleGate): the same decisions, with the same
+    reasons, and the same explanations as evaluating every rule."""
+
+    def messages(self) -> List[Callable[[], MessageInfo]]:
+        """Makers of the corpus's messages (each call a fresh one, its header cache empty),
+        sizes at and beside the limits of GATED_RULES, dates and bodies known or not."""
+        makers = []
+        for i, raw in enumerate(HeaderGroupTest.corpus(self)):
+            fields = dict(size=None if i % 6 == 0 else (50, 100, 120, 51, 99, 121, 999)[i % 7],
+                          date=(None, _dtm.datetime(2020, 1, 1, tzinfo=timezone.utc),
+                                NOW - _dtm.timedelta(days=3))[i % 3],
+                          body=(None, "Hello there", "nothing")[i % 3 if i % 4 else 0])
+            makers.append(lambda raw=raw, fields=fields: MessageInfo(headers=parse_headers(raw),
+                                                                     **fields))
+        return makers
+
+    def rulesets(self) -> Tuple[gc.Ruleset, gc.Ruleset]:
+        gated = gc.parse_rules(GATED_RULES, "gated.json")
+        plain = gc.parse_rules(GATED_RULES, "gated.json")
+        with mock.patch.object(gc, "_rule_gate", lambda condition: None), \
+                mock.patch.object(gc, "_group_headers", lambda conditions: None):
+            plain.classify(info("Subject: x"), now=NOW)     # every condition on its own
+        gated.classify(info("Subject: x"), now=NOW)
+        self.assertEqual(set(plain.__dict__["_gates"]), {None})
+        # 15: "dated" has none (its date, evaluated first, may stop it before its regex)
+        self.assertEqual(sum(gate is not None for gate in gated.__dict__["_gates"]), 15)
+        return gated, plain
+
+    def test_gated_rules_decide_and_explain_as_every_rule_evaluated(self):
+        gated, plain = self.rulesets()
+        shut = []
+        shuts = gc._RuleGate.shuts
+
+        def counted(gate: Any, msg: MessageInfo, cache: Any) -> bool:
+            shut.append(shuts(gate, msg, cache))
+            return shut[-1]
+        matched = undecided = 0
+        with mock.patch.object(gc._RuleGate, "shuts", counted):
+            for number, fresh in enumerate(self.messages()):
+                for final in (False, True):
+                    with self.subTest(number=number, final=final):
+                        decision = gated.classify(fresh(), final=final, now=NOW)
+                        self.assertEqual(decision,
+                                         plain.classify(fresh(), final=final, now=NOW))
+                        matched += len(decision.matches) if decision else 0
+                        undecided += decision is None
+                self.assertEqual(gc.explain_message(gated, fresh(), NOW),
+                                 gc.explain_message(plain, fresh(), NOW))
+        self.assertGreater(matched, 700)
+        self.assertGreater(undecided, 20)
+        self.assertGreater(shut.count(True), 1500)
+        self.assertGreater(shut.count(False), 500)
+
+    def test_a_group_reads_the_same_raw_values_once_per_run(self):
+        rules = gc.parse_rules({"rule": [
+            {"name": "a", "from": ["alpha", "/^B/"], "label": "A", "continue": True},
+            {"name": "r", "recipient": "team@", "label": "R"}]}, "r.json")
+        raws = ["From: Alpha <a@example.com>\nTo: team@example.com",
+                "From: Beta <b@example.com>\nTo: x@example.com\nCc: team@example.com",
+                "From: Alpha <a@example.com>\nTo: team@example.com",
+                "From: Alpha <a@example.com>\nCc: team@example.com",
+                "From: Beta <b@example.com>\nTo: x@example.com\nCc: team@example.com",
+                "From: =?utf-8?q?Alpha?= <a@example.com>\nTo: team@example.com",
+                "From: %s <a@example.com>" % ("x" * gc._DECODED_LONGEST)]
+        with mock.patch.dict(gc._GROUP_READINGS, clear=True), \
+                mock.patch.object(gc, "_cached_values", wraps=gc._cached_values) as worked:
+            decisions = [rules.classify(info(raw), now=NOW).matches for raw in raws]
+            kept = dict(gc._GROUP_READINGS)
+            self.assertEqual(worked.call_count, 8)      # 4 Froms, 4 sets of recipients
+            for raw, decision in zip(raws, decisions):
+                self.assertEqual(rules.classify(info(raw), now=NOW).matches, decision)
+        self.assertEqual([[name for name, _ in matches] for matches in decisions],
+                         [["a", "r"], ["a", "r"], ["a", "r"], ["a", "r"], ["a", "r"],
+                          ["a", "r"], []])
+        self.assertEqual(len(kept), 7)                  # the long From is not kept
+        self.assertFalse(any(len(key) > 1 and any(len(value) > gc._DECODED_LONGEST
+                                                  for values in key[1:] for value in values)
+                             for key in kept))
+        with mock.patch.dict(gc._GROUP_READINGS, clear=True), \
+                mock.patch.object(gc, "_DECODED_MAX", 3):
+            for n in range(5):
+                rules.classify(info("From: n%d@example.com\nTo: t@example.com" % n), now=NOW)
+            self.assertLessEqual(len(gc._GROUP_READINGS), 3)
+
+    def test_generated_rules_decide_as_every_rule_evaluated(self):
+        rng = random.Random(1717)
+        leaves = [{"subject": "re"}, {"subject": ["invoice", "/^RE:/i", "Straße"]},
+                  {"from": "example"}, {"from": "/\\.de>?$/"}, {"to": ["bea", "team@"]},
+                  {"recipient": "com"}, {"cc": "/./"}, {"list_id": "news"},
+                  {"header": {"List-Id": True}}, {"header": {"X-Custom": False}},
+                  {"header": {"X-Custom": ["a", "/b$/"]}}, {"larger_than": "100"},
+                  {"smaller_than": "120"}, {"older_than": "1y"}, {"newer_than": "2y"},
+                  {"body": "hello"}, {"unread": True}]
+
+        def table(depth: int) -> Dict[str, Any]:
+            roll = rng.random()
+            if depth < 2 and roll < 0.15:
+                return {"not": table(depth + 1)}
+            if depth < 2 and roll < 0.35:
+                return {rng.choice(("any", "all")): [table(depth + 1)
+                                                     for _ in range(rng.randrange(1, 4))]}
+            found: Dict[str, Any] = {}
+            for leaf in rng.sample(leaves, rng.randrange(1, 4)):
+                found.setdefault(*next(iter(leaf.items())))
+            return found
+        spec = {"rule": [dict(table(0), name="g%d" % n, label="L%d" % n,
+                              **({"continue": True} if rng.random() < 0.9 else {}))
+                         for n in range(40)]}
+        gated = gc.parse_rules(spec, "generated.json")
+        plain = gc.parse_rules(spec, "generated.json")
+        with mock.patch.object(gc, "_rule_gate", lambda condition: None), \
+                mock.patch.object(gc, "_group_headers", lambda conditions: None):
+            plain.classify(info("Subject: x"), now=NOW)
+        gated.classify(info("Subject: x"), now=NOW)
+        self.assertGreater(sum(gate is not None for gate in gated.__dict__["_gates"]), 20)
+        matched = 0
+        for number, fresh in enumerate(self.messages()[::2]):
+            for final in (False, True):
+                with self.subTest(number=number, final=final):
+                    decision = gated.classify(fresh(), final=final, now=NOW)
+                    self.assertEqual(decision, plain.classify(fresh(), final=final, now=NOW))
+                    matched += len(decision.matches) if decision else 0
+        self.assertGreater(matched, 300)
+
+    def test_a_group_is_read_once_a_message(self):
+        rules = gc.parse_rules({"rule": [
+            {"name": n, "subject": [n, "/%s$/" % n], "label": n, "continue": True}
+            for n in ("a", "b", "c")]}, "r.json")
+        fill = gc._HeaderGroup.fill
+        with mock.patch.object(gc._HeaderGroup, "fill", autospec=True,
+                               side_effect=fill) as read:
+            for subject in ("zzz", "a b c", "x" * (gc._DECODED_LONGEST + 1)):
+                read.reset_mock()
+                decision = rules.classify(info("Subject: " + subject), now=NOW)
+                self.assertEqual(read.call_count, 1, subject)
+        self.assertEqual([name for name, _ in decision.matches], [])
+
+    def test_presence_and_sizes_pass_rules_over_without_evaluating_them(self):
+        rules = gc.parse_rules({"rule": [
+            {"name": "list", "header": {"List-Id": True}, "label": "L", "continue": True},
+            {"name": "no list", "header": {"List-Id": False}, "label": "N", "continue": True},
+            {"name": "big", "larger_than": "100", "label": "B"}]}, "r.json")
+        asked: List[str] = []
+
+        def counted(kind: Any) -> Any:
+            evaluate = kind.evaluate
+            return mock.patch.object(kind, "evaluate", lambda self, msg, now: (
+                asked.append(kind.__name__), evaluate(self, msg, now))[1])
+        with counted(gc.HeaderPresent), counted(gc.SizeCompare):
+            for headers, size, want in (("List-Id: <a.b>", 101, ["list", "big"]),
+                                        ("Subject: x", 100, ["no list"]),
+                                        ("Subject: x", None, ["no list"])):
+                del asked[:]
+                decision = rules.classify(info(headers, size=size), final=True, now=NOW)
+                self.assertEqual([name for name, _ in decision.matches], want)
+                self.assertEqual(sorted(asked), sorted(
+                    ["HeaderPresent"] + ["SizeCompare"] * (size != 100)), headers)
+
+    def test_only_conditions_that_decide_quietly_are_passed_over(self):
+        calls: List[str] = []
+
+        def probe(msg: MessageInfo) -> bool:
+            calls.append(str(msg.headers["Subject"]))
+            return True
+        gc.Ruleset.add_condition("t1_probe", probe, cost=0)
+        self.addCleanup(gc._CONDITION_KINDS.pop, "t1_probe", None)
+        rules = gc.parse_rules({"rule": [
+            {"name": "probed", "all": [{"from": "nobody"}, {"t1_probe": True}], "label": "P",
+             "continue": True},
+            {"name": "program", "from": "nobody", "program": ["true"], "label": "Q",
+             "continue": True},
+            {"name": "in any", "any": [{"from": "nobody"}, {"subject": "b"}], "label": "R",
+             "continue": True},
+            {"name": "in not", "not": {"from": "nobody"}, "label": "S", "continue": True},
+            {"name": "quiet", "all": [{"from": "nobody"}, {"not": {"subject": "/a/"}},
+                                      {"any": [{"has_label": "x"}, {"unread": True}]}],
+             "label": "T"}]}, "r.json")
+        decisions = [rules.classify(info("Subject: %s\nFrom: a@b" % s), final=True, now=NOW)
+                     for s in ("one", "two")]
+        self.assertEqual(calls, ["one", "two"])      # asked as ever: it came first
+        self.assertEqual([gate is not None for gate in rules.__dict__["_gates"]],
+                         [False, False, False, False, True])
+        self.assertEqual([name for name, _ in decisions[0].matches], ["in not"])
+
+    def test_a_regex_that_finds_a_value_opens_the_gate(self):
+        rules = gc.parse_rules({"rule": [
+            {"name": "r", "subject": ["never", "/^inv/i", "/x$/"], "label": "R"}]}, "r.json")
+        for subject, want in (("Invoice 3", '/^inv/i'), ("box", "/x$/"), ("boxes", None),
+                              ("NEVER", '"never"')):
+            decision = rules.classify(info("Subject: " + subject), now=NOW)
+            reason = decision.matches[0][1] if decision.matches else None
+            self.assertEqual(reason, want and "subject %s %s" % (
+                "contains" if want.startswith('"') else "matches", want))
+
+
+class _CountedRegex:
+    """A compiled regex that notes each (pattern, value) it is asked to search."""
+
+    def __init__(self, regex: "re.Pattern[str]", seen: List[Tuple[str, str]]) -> None:
+        self.regex, self.seen = regex, seen
+
+    def search(self, value: str, *args: Any) -> Any:
+        self.seen.append((self.regex.pattern, value))
+        return self.regex.search(value, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.regex, name)
+
+
+def _counting_regexes(rules: gc.Ruleset) -> List[Tuple[str, str]]:
+    """Make every header regex of ``rules`` note its searches (before the first
+    classify, which builds the gates and the matchers' quick forms); the list they note in."""
+    seen: List[Tuple[str, str]] = []
+    for rule in rules.rules:
+        for condition in gc._walk(rule.condition):
+            if type(condition) is gc.HeaderMatch:
+                for pattern in condition.matcher.patterns:
+                    if pattern.regex is not None:
+                        object.__setattr__(pattern, "regex", _CountedRegex(pattern.regex, seen))
+    return seen
+
+
+class RuleGateReviewTest(unittest.TestCase):
+    """What a review of the rule gates found: the tables of decoded values keep no long
+    or numerous raw values, a gate reads the headers as a condition left them, and a gate
+    runs no regex that evaluating the rule would not have run."""
+
+    def plain_and_gated(self, spec: Dict[str, Any]) -> Tuple[gc.Ruleset, gc.Ruleset]:
+        """The rules of ``spec`` evaluating every condition on its own, and gated; each
+        with ``searched``, the (regex, value) searches of its header regexes."""
+        plain, gated = gc.parse_rules(spec, "r.json"), gc.parse_rules(spec, "r.json")
+        for rules in (plain, gated):
+            searched = _counting_regexes(rules)
+            rules.__dict__["searched"] = searched
+        with mock.patch.object(gc, "_rule_gate", lambda condition: None), \
+                mock.patch.object(gc, "_group_headers", lambda conditions: None):
+            plain.classify(info("Subject: x"), now=NOW)     # every condition on its own
+        gated.classify(info("Subject: x"), now=NOW)
+        del plain.__dict__["searched"][:], gated.__dict__["searched"][:]
+        return plain, gated
+
+    def test_tables_keep_no_long_or_numerous_raw_values(self):
+        rules = gc.parse_rules({"rule": [
+            {"name": "n", "to": "newsletter", "label": "N", "continue": True},
+            {"name": "f", "header": {"X-Foo": "bulk"}, "label": "F"}]}, "r.json")
+        longest = gc._DECODED_LONGEST
+
+        def bounded(raws: Tuple[str, ...]) -> bool:
+            return sum(map(len, raws)) + len(raws) <= longest
+        with mock.patch.dict(gc._GROUP_READINGS, clear=True), \
+                mock.patch.dict(gc._DECODED, clear=True):
+            for n in range(12):
+                # A long raw To that decodes to one short address, and more empty fields
+                # than the longest value has characters.
+                comment = ("%04d" % n) * (longest // 4)
+                raw = "From: a@b.c\nTo: <x@y.z> (%s)\n" % comment
+                raw += "X-Foo:\n" * (longest + 1 + n)
+                decision = rules.classify(info(raw), final=True, now=NOW)
+                self.assertEqual(decision.matches, ())
+            self.assertEqual((len(gc._GROUP_READINGS), len(gc._DECODED)), (0, 0))
+            for n in range(3):
+                rules.classify(info("To: <x@y.z> (%d)\n" % n + "X-Foo:\n" * (longest // 2)),
+                               final=True, now=NOW)
+            self.assertEqual(len(gc._GROUP_READINGS), 4)    # short and few: kept as ever
+            self.assertEqual(len(gc._DECODED), 4)           # three Tos, one set of X-Foos
+            self.assertTrue(all(bounded(raws) for key in gc._GROUP_READINGS
+                                for raws in key[1:]))
+            self.assertTrue(all(bounded(key[2]) for key in gc._DECODED))
+
+    def test_a_gate_reads_the_headers_a_condition_changed(self):
+        def tag(msg: MessageInfo) -> bool:       # a vendoring script's condition
+            msg.headers["X-Tagged"] = "yes"
+            return True
+        gc.Ruleset.add_condition("t1b_tag", tag)
+        self.addCleanup(gc._CONDITION_KINDS.pop, "t1b_tag", None)
+        plain, gated = self.plain_and_gated({"rule": [
+            {"name": "before", "header": {"X-Tagged": True}, "label": "Z", "continue": True},
+            {"name": "stamp", "t1b_tag": True, "label": "A", "continue": True},
+            {"name": "stamped", "header": {"X-Tagged": True}, "label": "B", "continue": True},
+            {"name": "said", "header": {"X-Tagged": ["yes", "/^y/"]}, "label": "C",
+             "continue": True},
+            {"name": "unsaid", "header": {"X-Tagged": False}, "label": "D"}]})
+        for headers in ("Subject: hi", "Subject: hi\nX-Other: 1"):
+            decision = gated.classify(info(headers), final=True, now=NOW)
+            self.assertEqual(decision, plain.classify(info(headers), final=True, now=NOW))
+            self.assertEqual([name for name, _ in decision.matches],
+                             ["stamp", "stamped", "said"])
+
+    def test_a_cheap_false_part_stops_a_rule_before_its_regexes(self):
+        hostile = "/^(a|aa)+$/"         # slow on many a's and a last character not a
+        plain, gated = self.plain_and_gated({"rule": [
+            {"name": "kind", "header": {"X-Kind": "news"}, "label": "K", "continue": True},
+            {"name": "big", "larger_than": "5M", "subject": ["newsletter", hostile],
+             "label": "B", "continue": True},
+            {"name": "old", "older_than": "1y", "subject": hostile, "label": "O",
+             "continue": True},
+            {"name": "unread", "unread": True, "header": {"X-Note": hostile}, "label": "U",
+             "continue": True},
+            {"name": "listed", "header": {"List-Id": True, "X-Note": "/a$/"}, "label": "L",
+             "continue": True},
+            # The plain walk finds the first part false (the group's "news" is there, this
+            # rule's texts are not) and never searches the second part's regex.
+            {"name": "second", "all": [{"header": {"X-Kind": ["xyz", "/q/"]}},
+                                       {"header": {"X-Note": hostile}}], "label": "S"}]})
+        msg = dict(headers="Subject: %s!\nX-Note: %s!\nX-Kind: news" % ("a" * 16, "a" * 16),
+                   size=2000, date=NOW - _dtm.timedelta(days=3), flags=frozenset({"\\Seen"}))
+        decisions = [rules.classify(info(**msg), final=True, now=NOW)
+                     for rules in (plain, gated)]
+        self.assertEqual(decisions[0], decisions[1])
+        self.assertEqual([name for name, _ in decisions[1].matches], ["kind"])
+        self.assertEqual(plain.__dict__["searched"], [("q", "news")])
+        self.assertEqual(gated.__dict__["searched"], [("q", "news")])
+
+    def test_gates_search_only_what_evaluating_searches(self):
+        spec = {"rule": GATED_RULES["rule"] + [
+            {"name": "first", "all": [{"subject": ["receipt", "/^re/i"]}, {"from": "/\\./"}],
+             "label": "F", "continue": True},
+            {"name": "starred", "starred": False, "to": ["bea", "/com>?$/"], "label": "G"}]}
+        plain, gated = self.plain_and_gated(spec)
+        searched = [plain.__dict__["searched"], gated.__dict__["searched"]]
+        for number, fresh in enumerate(RuleGateTest.messages(self)):
+            del searched[0][:], searched[1][:]
+            with self.subTest(number=number):
+                self.assertEqual(gated.classify(fresh(), final=True, now=NOW),
+                                 plain.classify(fresh(), final=True, now=NOW))
+                self.assertEqual(set(searched[1]) - set(searched[0]), set())
 
 
 # --- Rules files: validation -------------------------------------------------------------
@@ -15000,6 +15463,301 @@ class RecordShapeTest(unittest.TestCase):
         made = [change for record in records for change in record["changes"]
                 if change["action"] == "mark read"]         # the outcomes' own, shared
         self.assertGreater(len(made), len({id(change) for change in made}) + 2)
+
+
+class _Connected:
+    """What Run's hooks read of a connection: the bytes received so far."""
+
+    bytes_received = 0
+
+
+class RecordSideLinesTest(unittest.TestCase):
+    """The audit lines of a step's messages (Run._message_lines) are those of the records
+    Run.record makes (json.dumps, sort_keys, a line each), byte for byte, without the
+    records being made: over outcomes with every kind of change, on Gmail and off it,
+    hostile subjects and senders, odd types, values a step's messages share; and
+    _value_texts, which writes their fields and the intents', is the encoder's text."""
+
+    TIME = "2026-12-07T12:00:00Z"
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def run_of(self, name: Optional[str] = None, **options: Any) -> gc.Run:
+        store = gc.StateStore(tempfile.mkdtemp(dir=self.tmp), now=Clock())
+        run = gc.Run(store, gc.parse_rules(_RECORD_SIDE_RULES, "rules.json"), "u%s@x.example",
+                     "imap.example.com", 1143, apply=True, **options)
+        run.account_name = name
+        return run
+
+    def outcomes(self, rnd: random.Random, gmail: bool, surrogates: bool = True,
+                 count: int = 120) -> List[gc.Outcome]:
+        status = gc.FolderStatus("INBOX %s", 7, 900, 90, False)
+        keys = [("label", "Receipts"), ("label", "Ünï \"x\" %s"), ("flag+", "\\Seen"),
+                ("flag-", "\\Flagged"), ("flag-", "\\Seen"), ("archive",),
+                ("move", "Lists/2024"), ("trash",)]
+        destinations = {"trash": "[Gmail]/Trash", "archive": "Archive"}
+        texts = list(_HOSTILE_SUBJECTS) + list(_HOSTILE_SENDERS) + [
+            "", "%s %(x)s %%", "\ud800\udfff lone", "\x00\x1b\x7f\x85\u2028", "日本 \U0001F600",
+            _Text("sub %s"), "long " * 600]
+        texts = [text for text in texts if surrogates or text.encode("utf-8", "replace")
+                 .decode("utf-8") == text]     # a file takes no lone surrogate
+        actions = [gc.Actions(), gc.Actions.make(labels=("Receipts",), mark_read=True),
+                   gc.Actions.make(move="Lists/2024", star=True),
+                   gc.Actions.make(trash=True), gc.Actions.make(archive=True, unstar=True)]
+        reasons = [("Receipts", 'subject contains "receipt"'), ("Bank", "from \"%s\" \x1b"),
+                   ("Lists \u202e", "header List-Id")]
+        decisions = [gc.Decision(tuple(rnd.sample(reasons, rnd.randrange(4))),
+                                 rnd.choice(actions)) for _ in range(6)]
+        shared = {}             # a change naming no UID, one dict the step's outcomes share
+        result = []
+        for n in range(count):
+            uid = rnd.choice([n + 1, 2 ** 32 - 1, _Count(n + 3)])
+            changes = []
+            for key in rnd.sample(keys, rnd.choice([0, 1, 1, 2, 3])):
+                extra = rnd.choice([None, {"folder": key[-1], "uid": n + 100}])
+                change = gc._change_entry(key, uid, status, gmail, destinations, extra)
+                if not isinstance(change["before"], dict) and extra is None:
+                    change = shared.setdefault((key, gmail), change)
+                changes.append(change)
+            decision = rnd.choice(decisions)
+            if n % 7 == 0:          # equal to another's matches, not the same tuple
+                decision = gc.Decision(tuple(list(decision.matches)), decision.actions)
+            result.append(gc.Outcome(
+                rnd.choice(["INBOX", "[Gmail]/All Mail", "Ünï %s"]), uid, rnd.choice(texts),
+                rnd.choice(texts), decision, rnd.choice([None, 2 ** 63 + n, _Count(5)]),
+                rnd.choice([7, None, 2 ** 32 - 1]), rnd.choice(texts), tuple(changes),
+                rnd.choice([True, True, False]), rnd.randrange(2)))
+        return result
+
+    def expected(self, run: gc.Run, outcomes: Sequence[gc.Outcome]) -> List[str]:
+        run._step_actions = {}
+        return [json.dumps(run.record(outcome, self.TIME), ensure_ascii=False,
+                           sort_keys=True) + "\n" for outcome in outcomes if outcome.changes]
+
+    def test_message_lines_are_the_records_lines(self):
+        rnd = random.Random(1717)
+        for gmail, name, c_encoder in ((True, None, True), (False, "work \u202e %s", True),
+                                       (True, "w", False), (False, None, False)):
+            with self.subTest(gmail=gmail, name=name, c_encoder=c_encoder), \
+                    mock.patch.object(json.encoder, "c_make_encoder",
+                                      json.encoder.c_make_encoder if c_encoder else None):
+                run = self.run_of(name)
+                outcomes = self.outcomes(rnd, gmail)
+                run._step_actions = {}
+                lines = list(run._message_lines(outcomes, self.TIME))
+                self.assertEqual(lines, self.expected(run, outcomes))
+                self.assertGreater(len(lines), 80)
+
+    def test_step_done_writes_and_counts_without_making_records(self):
+        # No on_record (a text output): the audit lines and the counts are those of the
+        # records, and no record is made; with one, each is made once and heard.
+        for heard, gmail in ((None, True), ([], False)):
+            with self.subTest(on_record=heard is not None):
+                run = self.run_of(on_record=None if heard is None else heard.append)
+                outcomes = self.outcomes(random.Random(3), gmail, surrogates=False, count=80)
+                status = gc.FolderStatus("INBOX", 7, 900, 90, False)
+                made = []
+                record = gc.Run.record
+
+                def counted(self_: gc.Run, outcome: gc.Outcome, time: Any = None) -> Any:
+                    made.append(outcome)
+                    return record(self_, outcome, time)
+
+                with mock.patch.object(gc.Run, "record", counted):
+                    run.step_done(_Connected(), status, 80, outcomes)
+                time = gc._iso(run.store.now())
+                self.assertEqual(made, [] if heard is None else outcomes)
+                with open(run.store.audit.path, encoding="utf-8") as fh:
+                    written = fh.read()
+                expected = self.expected(run, outcomes)
+                self.assertEqual(written, "".join(expected).replace(self.TIME, time))
+                names = [gc.describe_change(c) for o in outcomes for c in o.changes]
+                self.assertEqual(run.counts, dict(collections.Counter(names)))
+                self.assertEqual(run.changes_made, sum(len(o.changes) for o in outcomes
+                                                       if o.applied))
+                self.assertLess(run.changes_made, len(names))
+                if heard is not None:
+                    self.assertEqual(heard, [run.record(o, time) for o in outcomes])
+
+    def test_each_step_its_own_shared_actions(self):
+        # A step's records share one "actions" dict per Actions; the next step's another.
+        heard: List[Dict[str, Any]] = []
+        run = self.run_of(on_record=heard.append)
+        outcomes = self.outcomes(random.Random(5), True, surrogates=False, count=30)
+        status = gc.FolderStatus("INBOX", 7, 900, 90, False)
+        for _ in range(2):
+            run.step_done(_Connected(), status, None, outcomes)
+        steps = [heard[:30], heard[30:]]
+        ids = [{id(record["actions"]) for record in step if record["actions"]}
+               for step in steps]
+        self.assertLess(len(ids[0]), 10)
+        self.assertEqual(len(ids[0]), len(ids[1]))
+        self.assertEqual(ids[0] & ids[1], set())
+
+    def test_a_step_never_lowers_the_mark_of_the_same_folder(self):
+        # An --all run's steps start below the folder's mark: it stays; a renumbered
+        # folder (another UIDVALIDITY) takes the step's.
+        run = self.run_of()
+        run.store.set_folder(run.account, "INBOX", gc.FolderState(7, 500, "r"))
+        run.store.set_folder(run.account, "Lists", gc.FolderState(6, 500, "r"))
+        for name in ("INBOX", "Lists"):
+            run.step_done(_Connected(), gc.FolderStatus(name, 7, 900, 90, False), 100, [])
+        self.assertEqual(run.mark_of("INBOX").mark, 500)
+        self.assertEqual((run.mark_of("Lists").mark, run.mark_of("Lists").uidvalidity), (100, 7))
+
+    def test_value_texts_are_the_encoders_texts(self):
+        rnd = random.Random(8)
+        shared = {"b": [1, None], "a": "\u2028%s"}
+        values = list(_SHAPE_VALUES) + [shared, [shared, shared, ("t", shared)],
+                                         (shared, 1.5, _Count(2)), [[], [[]], {}]]
+        values += [[rnd.choice(values) for _ in range(rnd.randrange(5))] for _ in range(80)]
+        values += [tuple(value) for value in values if isinstance(value, list)]
+        for c_encoder in (True, False):
+            with mock.patch.object(json.encoder, "c_make_encoder",
+                                   json.encoder.c_make_encoder if c_encoder else None):
+                text = gc._value_texts()
+                for value in values + values:      # the second time from what it kept
+                    with self.subTest(value=value, c_encoder=c_encoder):
+                        self.assertEqual(text(value), gc._RECORD_JSON.encode(value))
+
+    def test_value_texts_leave_scalars_to_themselves_and_shared_values_to_once(self):
+        # Strings, whole numbers, true, false and null (alone or in a list) without the
+        # encoder; a dict or list met again, the encoder once; another equal one, again.
+        calls: List[Any] = []
+        make = gc._c_record_encoder
+
+        def counted() -> Callable[[Any, int], Sequence[str]]:
+            chunks = make()
+            return lambda value, level: calls.append(value) or chunks(value, level)
+
+        shared = {"action": "star", "flag": "\\Flagged", "before": False, "after": True}
+        with mock.patch.object(gc, "_c_record_encoder", counted):
+            text = gc._value_texts()
+            values = ["s\u2028", 7, None, True, False, ["a", 1, None, True, False],
+                      ("b", 2 ** 70), [shared, shared], (shared,), shared]
+            texts = [text(value) for value in values]
+            self.assertEqual(calls, [shared])
+            self.assertEqual(text(dict(shared)), texts[-1])
+            self.assertEqual(calls, [shared, shared])
+        self.assertEqual(texts, [gc._RECORD_JSON.encode(value) for value in values])
+
+    def test_value_texts_refuse_what_the_encoder_refuses(self):
+        loop: List[Any] = []
+        loop.append(loop)
+        ring: Dict[str, Any] = {}
+        ring["self"] = ring
+        for bad in (object(), {1, 2}, loop, [loop], (ring,), ring, {"k": {("t",): 1}},
+                    [1, datetime(2026, 1, 1)]):
+            with self.subTest(bad=type(bad).__name__):
+                with self.assertRaises((TypeError, ValueError)) as ours:
+                    gc._value_texts()(bad)
+                with self.assertRaises((TypeError, ValueError)) as plain:
+                    gc._RECORD_JSON.encode(bad)
+                self.assertIs(type(ours.exception), type(plain.exception))
+
+
+class RecordSideTextRunTest(StateTestCase):
+    """A run whose records nobody reads (the text output) writes the audit bytes the
+    plain record side wrote, on Gmail and off it; the command line makes message records
+    only for --json, which prints them."""
+
+    fill = RecordSideEquivalenceTest.fill
+    audit = RecordSideEquivalenceTest.audit
+
+    def test_without_on_record_the_plain_bytes(self):
+        # Off Gmail (label copies, COPYUID answers); Gmail's outcomes: RecordSideLinesTest.
+        for server in ({"kind": "move"},):
+            logs = []
+            for plain in (False, True):
+                self.server = FakeGmail(**server).start()
+                self.addCleanup(self.server.stop)
+                self.fill(self.server)
+                shutil.rmtree(self.state_dir, ignore_errors=True)
+                with _plain_record_side() if plain else contextlib.nullcontext():
+                    self.run_once(gc.parse_rules(_RECORD_SIDE_RULES, "rules.json"),
+                                  batch_size=6)
+                logs.append(self.audit())
+            with self.subTest(**server):
+                self.assertEqual(logs[0].split(b"\n"), logs[1].split(b"\n"))
+                self.assertGreater(logs[0].count(b'"type": "message"'), 8)
+
+    def test_text_output_makes_no_message_records_json_prints_them(self):
+        self.server = FakeGmail(gmail=True).start()
+        self.addCleanup(self.server.stop)
+        self.fill(self.server)
+        rules = os.path.join(self.tmp, "rules.json")
+        with open(rules, "w", encoding="utf-8") as fh:
+            json.dump(_RECORD_SIDE_RULES, fh)
+        made: List[gc.Outcome] = []
+        record = gc.Run.record
+
+        def counted(run: gc.Run, outcome: gc.Outcome, time: Any = None) -> Dict[str, Any]:
+            made.append(outcome)
+            return record(run, outcome, time)
+
+        args = ("run", "--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
+                "--plaintext", "--rules", rules, "--batch-size", "6")
+        env = {"GMAIL_APP_PASSWORD": PASSWORD}
+        with mock.patch.object(gc.Run, "record", counted):
+            code, out, _err = run_cli(*args, "--json", env=env)       # a dry run
+            self.assertEqual(code, 0)
+            printed = [json.loads(line)["type"] for line in out.splitlines()]
+            self.assertEqual((printed.count("message"), len(made)), (15, 15))
+            made.clear()
+            code, out, _err = run_cli(*args, "--apply", env=env)
+        self.assertEqual((code, made), (0, []))
+        self.assertIn("done: label Receipts", out)
+
+
+class AuditWriteTest(unittest.TestCase):
+    """The audit log's directory is made, private, when it is missing, and only then:
+    not before each of the run's writes (an intent write per step, a done record per
+    command, the message records); a write of nothing touches nothing; each write is
+    made durable unless asked not to be."""
+
+    def test_nothing_to_write_touches_nothing_and_each_write_syncs_unless_asked(self):
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root)
+        log = gc.AuditLog(pathlib.Path(root, "state", "audit.jsonl"))
+        with mock.patch.object(os, "fsync", wraps=os.fsync) as synced:
+            log.append([])
+            log.write(iter(()))
+            self.assertEqual(os.listdir(root), [])
+            log.append([{"n": 1}], sync=False)
+            self.assertEqual(synced.call_count, 0)
+            log.append([{"n": 2}])
+            log.write(['{"n": 3}\n'])
+            self.assertEqual(synced.call_count, 2)
+        self.assertEqual([record["n"] for record in log.records()], [1, 2, 3])
+
+    def test_a_write_the_system_refuses_is_a_state_error(self):
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root)
+        os.mkdir(os.path.join(root, "audit.jsonl.lock"))       # its lock cannot be opened
+        log = gc.AuditLog(pathlib.Path(root, "audit.jsonl"))
+        with self.assertRaises(gc.StateError) as caught:
+            log.append([{"n": 1}])
+        self.assertIn(f"cannot write the audit log {log.path}: ", str(caught.exception))
+        self.assertFalse(log.path.exists())
+
+    def test_made_private_when_missing_once_for_many_writes(self):
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root)
+        log = gc.AuditLog(pathlib.Path(root, "deep", "state", "audit.jsonl"))
+        with mock.patch.object(gc, "_make_private_dir", wraps=gc._make_private_dir) as made:
+            for n in range(5):
+                log.append([{"n": n}], sync=n == 4)
+            self.assertEqual(made.call_count, 1)
+            shutil.rmtree(os.path.join(root, "deep"))       # gone mid-run: made again
+            log.append([{"n": 5}])
+            self.assertEqual(made.call_count, 2)
+        self.assertEqual([record["n"] for record in log.records()], [5])
+        if os.name == "posix":
+            self.assertEqual(os.stat(os.path.join(root, "deep", "state")).st_mode & 0o777,
+                             0o700)
+            self.assertEqual(os.stat(log.path).st_mode & 0o777, 0o600)
 
 
 # --- Watch: stay connected and classify new mail as it arrives ---------------------------
@@ -21067,771 +21825,6 @@ class LiveServerTest(unittest.TestCase):
         again = gc.classify_folder(self.conn, rules, self.scratch, apply=True,
                                    allow_expunge=allow)
         self.assertEqual(again.changes, {})
-
-
-# --- Issue 17: the message side's CPU ------------------------------------------------------
-
-# GROUPED_RULES and more kinds a gate reads (regexes, presence, sizes) or must leave alone
-# (a body, nesting, `not`), each rule going on so that every rule is decided.
-GATED_RULES = {"rule": GROUPED_RULES["rule"][:-1] + [
-    {"name": "regex only", "subject": ["/^re:/i", "/RECEIPT/"], "label": "G1",
-     "continue": True},
-    {"name": "mixed", "from": ["example", "/\\.fr>?$/"], "label": "G2", "continue": True},
-    {"name": "present", "header": {"List-Id": True}, "label": "G3", "continue": True},
-    {"name": "absent", "header": {"X-Custom": False, "Subject": ["1", "x"]}, "label": "G4",
-     "continue": True},
-    {"name": "big", "larger_than": "100", "label": "G5", "continue": True},
-    {"name": "small", "smaller_than": "120", "subject": "/./", "label": "G6", "continue": True},
-    {"name": "old and big", "larger_than": "50", "older_than": "1y", "from": "example",
-     "label": "G7", "continue": True},
-    {"name": "body", "from": ["example", "github"], "body": "hello", "label": "G8",
-     "continue": True},
-    {"name": "nested", "all": [{"any": [{"subject": "e"}, {"from": "/a/"}]},
-                               {"not": {"to": "x"}}, {"recipient": "com"}], "label": "G9",
-     "continue": True},
-    {"name": "dated", "newer_than": "2y", "cc": ["bea", "/z/i"], "label": "G10",
-     "continue": True},
-]}
-
-
-class RuleGateTest(unittest.TestCase):
-    """A rule whose condition the header cache or the size already settles as false is
-    passed over without evaluating it (_RuleGate): the same decisions, with the same
-    reasons, and the same explanations as evaluating every rule."""
-
-    def messages(self) -> List[Callable[[], MessageInfo]]:
-        """Makers of the corpus's messages (each call a fresh one, its header cache empty),
-        sizes at and beside the limits of GATED_RULES, dates and bodies known or not."""
-        makers = []
-        for i, raw in enumerate(HeaderGroupTest.corpus(self)):
-            fields = dict(size=None if i % 6 == 0 else (50, 100, 120, 51, 99, 121, 999)[i % 7],
-                          date=(None, _dtm.datetime(2020, 1, 1, tzinfo=timezone.utc),
-                                NOW - _dtm.timedelta(days=3))[i % 3],
-                          body=(None, "Hello there", "nothing")[i % 3 if i % 4 else 0])
-            makers.append(lambda raw=raw, fields=fields: MessageInfo(headers=parse_headers(raw),
-                                                                     **fields))
-        return makers
-
-    def rulesets(self) -> Tuple[gc.Ruleset, gc.Ruleset]:
-        gated = gc.parse_rules(GATED_RULES, "gated.json")
-        plain = gc.parse_rules(GATED_RULES, "gated.json")
-        with mock.patch.object(gc, "_rule_gate", lambda condition: None), \
-                mock.patch.object(gc, "_group_headers", lambda conditions: None):
-            plain.classify(info("Subject: x"), now=NOW)     # every condition on its own
-        gated.classify(info("Subject: x"), now=NOW)
-        self.assertEqual(set(plain.__dict__["_gates"]), {None})
-        # 15: "dated" has none (its date, evaluated first, may stop it before its regex)
-        self.assertEqual(sum(gate is not None for gate in gated.__dict__["_gates"]), 15)
-        return gated, plain
-
-    def test_gated_rules_decide_and_explain_as_every_rule_evaluated(self):
-        gated, plain = self.rulesets()
-        shut = []
-        shuts = gc._RuleGate.shuts
-
-        def counted(gate: Any, msg: MessageInfo, cache: Any) -> bool:
-            shut.append(shuts(gate, msg, cache))
-            return shut[-1]
-        matched = undecided = 0
-        with mock.patch.object(gc._RuleGate, "shuts", counted):
-            for number, fresh in enumerate(self.messages()):
-                for final in (False, True):
-                    with self.subTest(number=number, final=final):
-                        decision = gated.classify(fresh(), final=final, now=NOW)
-                        self.assertEqual(decision,
-                                         plain.classify(fresh(), final=final, now=NOW))
-                        matched += len(decision.matches) if decision else 0
-                        undecided += decision is None
-                self.assertEqual(gc.explain_message(gated, fresh(), NOW),
-                                 gc.explain_message(plain, fresh(), NOW))
-        self.assertGreater(matched, 700)
-        self.assertGreater(undecided, 20)
-        self.assertGreater(shut.count(True), 1500)
-        self.assertGreater(shut.count(False), 500)
-
-    def test_a_group_reads_the_same_raw_values_once_per_run(self):
-        rules = gc.parse_rules({"rule": [
-            {"name": "a", "from": ["alpha", "/^B/"], "label": "A", "continue": True},
-            {"name": "r", "recipient": "team@", "label": "R"}]}, "r.json")
-        raws = ["From: Alpha <a@example.com>\nTo: team@example.com",
-                "From: Beta <b@example.com>\nTo: x@example.com\nCc: team@example.com",
-                "From: Alpha <a@example.com>\nTo: team@example.com",
-                "From: Alpha <a@example.com>\nCc: team@example.com",
-                "From: Beta <b@example.com>\nTo: x@example.com\nCc: team@example.com",
-                "From: =?utf-8?q?Alpha?= <a@example.com>\nTo: team@example.com",
-                "From: %s <a@example.com>" % ("x" * gc._DECODED_LONGEST)]
-        with mock.patch.dict(gc._GROUP_READINGS, clear=True), \
-                mock.patch.object(gc, "_cached_values", wraps=gc._cached_values) as worked:
-            decisions = [rules.classify(info(raw), now=NOW).matches for raw in raws]
-            kept = dict(gc._GROUP_READINGS)
-            self.assertEqual(worked.call_count, 8)      # 4 Froms, 4 sets of recipients
-            for raw, decision in zip(raws, decisions):
-                self.assertEqual(rules.classify(info(raw), now=NOW).matches, decision)
-        self.assertEqual([[name for name, _ in matches] for matches in decisions],
-                         [["a", "r"], ["a", "r"], ["a", "r"], ["a", "r"], ["a", "r"],
-                          ["a", "r"], []])
-        self.assertEqual(len(kept), 7)                  # the long From is not kept
-        self.assertFalse(any(len(key) > 1 and any(len(value) > gc._DECODED_LONGEST
-                                                  for values in key[1:] for value in values)
-                             for key in kept))
-        with mock.patch.dict(gc._GROUP_READINGS, clear=True), \
-                mock.patch.object(gc, "_DECODED_MAX", 3):
-            for n in range(5):
-                rules.classify(info("From: n%d@example.com\nTo: t@example.com" % n), now=NOW)
-            self.assertLessEqual(len(gc._GROUP_READINGS), 3)
-
-    def test_generated_rules_decide_as_every_rule_evaluated(self):
-        rng = random.Random(1717)
-        leaves = [{"subject": "re"}, {"subject": ["invoice", "/^RE:/i", "Straße"]},
-                  {"from": "example"}, {"from": "/\\.de>?$/"}, {"to": ["bea", "team@"]},
-                  {"recipient": "com"}, {"cc": "/./"}, {"list_id": "news"},
-                  {"header": {"List-Id": True}}, {"header": {"X-Custom": False}},
-                  {"header": {"X-Custom": ["a", "/b$/"]}}, {"larger_than": "100"},
-                  {"smaller_than": "120"}, {"older_than": "1y"}, {"newer_than": "2y"},
-                  {"body": "hello"}, {"unread": True}]
-
-        def table(depth: int) -> Dict[str, Any]:
-            roll = rng.random()
-            if depth < 2 and roll < 0.15:
-                return {"not": table(depth + 1)}
-            if depth < 2 and roll < 0.35:
-                return {rng.choice(("any", "all")): [table(depth + 1)
-                                                     for _ in range(rng.randrange(1, 4))]}
-            found: Dict[str, Any] = {}
-            for leaf in rng.sample(leaves, rng.randrange(1, 4)):
-                found.setdefault(*next(iter(leaf.items())))
-            return found
-        spec = {"rule": [dict(table(0), name="g%d" % n, label="L%d" % n,
-                              **({"continue": True} if rng.random() < 0.9 else {}))
-                         for n in range(40)]}
-        gated = gc.parse_rules(spec, "generated.json")
-        plain = gc.parse_rules(spec, "generated.json")
-        with mock.patch.object(gc, "_rule_gate", lambda condition: None), \
-                mock.patch.object(gc, "_group_headers", lambda conditions: None):
-            plain.classify(info("Subject: x"), now=NOW)
-        gated.classify(info("Subject: x"), now=NOW)
-        self.assertGreater(sum(gate is not None for gate in gated.__dict__["_gates"]), 20)
-        matched = 0
-        for number, fresh in enumerate(self.messages()[::2]):
-            for final in (False, True):
-                with self.subTest(number=number, final=final):
-                    decision = gated.classify(fresh(), final=final, now=NOW)
-                    self.assertEqual(decision, plain.classify(fresh(), final=final, now=NOW))
-                    matched += len(decision.matches) if decision else 0
-        self.assertGreater(matched, 300)
-
-    def test_a_group_is_read_once_a_message(self):
-        rules = gc.parse_rules({"rule": [
-            {"name": n, "subject": [n, "/%s$/" % n], "label": n, "continue": True}
-            for n in ("a", "b", "c")]}, "r.json")
-        fill = gc._HeaderGroup.fill
-        with mock.patch.object(gc._HeaderGroup, "fill", autospec=True,
-                               side_effect=fill) as read:
-            for subject in ("zzz", "a b c", "x" * (gc._DECODED_LONGEST + 1)):
-                read.reset_mock()
-                decision = rules.classify(info("Subject: " + subject), now=NOW)
-                self.assertEqual(read.call_count, 1, subject)
-        self.assertEqual([name for name, _ in decision.matches], [])
-
-    def test_presence_and_sizes_pass_rules_over_without_evaluating_them(self):
-        rules = gc.parse_rules({"rule": [
-            {"name": "list", "header": {"List-Id": True}, "label": "L", "continue": True},
-            {"name": "no list", "header": {"List-Id": False}, "label": "N", "continue": True},
-            {"name": "big", "larger_than": "100", "label": "B"}]}, "r.json")
-        asked: List[str] = []
-
-        def counted(kind: Any) -> Any:
-            evaluate = kind.evaluate
-            return mock.patch.object(kind, "evaluate", lambda self, msg, now: (
-                asked.append(kind.__name__), evaluate(self, msg, now))[1])
-        with counted(gc.HeaderPresent), counted(gc.SizeCompare):
-            for headers, size, want in (("List-Id: <a.b>", 101, ["list", "big"]),
-                                        ("Subject: x", 100, ["no list"]),
-                                        ("Subject: x", None, ["no list"])):
-                del asked[:]
-                decision = rules.classify(info(headers, size=size), final=True, now=NOW)
-                self.assertEqual([name for name, _ in decision.matches], want)
-                self.assertEqual(sorted(asked), sorted(
-                    ["HeaderPresent"] + ["SizeCompare"] * (size != 100)), headers)
-
-    def test_only_conditions_that_decide_quietly_are_passed_over(self):
-        calls: List[str] = []
-
-        def probe(msg: MessageInfo) -> bool:
-            calls.append(str(msg.headers["Subject"]))
-            return True
-        gc.Ruleset.add_condition("t1_probe", probe, cost=0)
-        self.addCleanup(gc._CONDITION_KINDS.pop, "t1_probe", None)
-        rules = gc.parse_rules({"rule": [
-            {"name": "probed", "all": [{"from": "nobody"}, {"t1_probe": True}], "label": "P",
-             "continue": True},
-            {"name": "program", "from": "nobody", "program": ["true"], "label": "Q",
-             "continue": True},
-            {"name": "in any", "any": [{"from": "nobody"}, {"subject": "b"}], "label": "R",
-             "continue": True},
-            {"name": "in not", "not": {"from": "nobody"}, "label": "S", "continue": True},
-            {"name": "quiet", "all": [{"from": "nobody"}, {"not": {"subject": "/a/"}},
-                                      {"any": [{"has_label": "x"}, {"unread": True}]}],
-             "label": "T"}]}, "r.json")
-        decisions = [rules.classify(info("Subject: %s\nFrom: a@b" % s), final=True, now=NOW)
-                     for s in ("one", "two")]
-        self.assertEqual(calls, ["one", "two"])      # asked as ever: it came first
-        self.assertEqual([gate is not None for gate in rules.__dict__["_gates"]],
-                         [False, False, False, False, True])
-        self.assertEqual([name for name, _ in decisions[0].matches], ["in not"])
-
-    def test_a_regex_that_finds_a_value_opens_the_gate(self):
-        rules = gc.parse_rules({"rule": [
-            {"name": "r", "subject": ["never", "/^inv/i", "/x$/"], "label": "R"}]}, "r.json")
-        for subject, want in (("Invoice 3", '/^inv/i'), ("box", "/x$/"), ("boxes", None),
-                              ("NEVER", '"never"')):
-            decision = rules.classify(info("Subject: " + subject), now=NOW)
-            reason = decision.matches[0][1] if decision.matches else None
-            self.assertEqual(reason, want and "subject %s %s" % (
-                "contains" if want.startswith('"') else "matches", want))
-
-
-class MessageInfoMadeTest(unittest.TestCase):
-    """The pipeline's MessageInfo (MessageInfo._made, without the frozen __init__) is the
-    one the constructor makes: every field set, its own programs, frozen as ever."""
-
-    ITEM = "BODY[HEADER.FIELDS (FROM SUBJECT)]"
-
-    def test_pipeline_infos_are_those_the_constructor_makes(self):
-        when = _dtm.datetime(2024, 12, 7, 12, 40, 3, tzinfo=timezone.utc)
-        structure = [["text", "plain", ["charset", "us-ascii"], None, None, "7bit", 5, 1],
-                     ["application", "pdf", ["name", "a.pdf"], None, None, "base64", 9],
-                     "mixed"]
-        cases = [
-            ({"FLAGS": ("\\Seen",), self.ITEM: b"From: a@b\r\nSubject: x\r\n\r\n"}, None,
-             "INBOX", {}),
-            ({"FLAGS": (), "RFC822.SIZE": 120, "INTERNALDATE": when, "X-GM-LABELS": ("Work",),
-              "BODYSTRUCTURE": structure, self.ITEM: b"Subject: y\r\n\r\n"},
-             {"q1": {7}, "q2": {8}}, "INBOX",
-             {"size": 120, "date": when, "has_attachment": True,
-              "labels": frozenset({"Work", "\\Inbox"}), "queries": frozenset({"q1"})}),
-            ({"FLAGS": None, "X-GM-LABELS": (), self.ITEM: None}, {}, "[Gmail]/All Mail",
-             {"flags": frozenset(), "labels": frozenset(), "queries": frozenset()}),
-        ]
-        names = {f.name for f in dataclasses.fields(MessageInfo)}
-        made = []
-        for values, queries, folder, want in cases:
-            with self.subTest(values=values):
-                got = gc._message_info(7, values, self.ITEM, queries, folder)
-                self.assertEqual(set(vars(got)), names)
-                expected = dict(uid=7, folder=folder, flags=frozenset(values["FLAGS"] or ()),
-                                labels=None, queries=None, size=None, date=None,
-                                has_attachment=None, body=None, source=None)
-                expected.update(want)
-                self.assertEqual({k: v for k, v in vars(got).items()
-                                  if k not in ("headers", "programs")}, expected)
-                self.assertEqual(got, MessageInfo(headers=got.headers, **expected))
-                self.assertEqual(got.programs, {})
-                self.assertEqual(got.headers.items(), parse_headers(values[self.ITEM] or b"")
-                                 .items())
-                with self.assertRaises(dataclasses.FrozenInstanceError):
-                    got.uid = 8     # type: ignore[misc]
-                self.assertEqual(dataclasses.replace(got, body="b").body, "b")
-                made.append(got)
-        made[0].programs["p"] = 1
-        self.assertEqual(made[1].programs, {})
-
-    def test_fetched_values_convert_as_before(self):
-        for value in ("07-Dec-2024 12:40:03 +0100", " 7-Dec-2024 12:40:03 -0000", b"x",
-                      b"07-Dec-2024 12:40:03 +0000", None, "bad", gc.Number("7")):
-            self.assertEqual(gc._FETCH_VALUES["INTERNALDATE"](value),
-                             gc.parse_internaldate(gc._as_text(value)))
-        for value in (["\\Seen", gc.Number("0123"), "$Label"], [], None, "x"):
-            want = tuple(str(v) for v in value) if isinstance(value, list) else None
-            got = gc._FETCH_VALUES["FLAGS"](value)
-            self.assertEqual(got, want)
-            self.assertTrue(got is None or all(type(flag) is str for flag in got))
-
-
-def _reference_kind(item: Sequence[Any]) -> str:
-    """_untagged_kind() as it read every line before its common kinds were taken as sent."""
-    if not item:
-        return ""
-    if isinstance(item[0], int) and len(item) > 1:
-        return str(item[1]).upper()
-    return str(item[0]).upper()
-
-
-def _reference_uid(item: Sequence[Any]) -> Optional[int]:
-    """_fetch_uid() as it looked through every item before it tried the first."""
-    if len(item) < 3 or not isinstance(item[2], list):
-        return None
-    attrs = item[2]
-    for i in range(0, len(attrs) - 1, 2):
-        if str(attrs[i]).upper() == "UID" and isinstance(attrs[i + 1], int):
-            return attrs[i + 1]
-    return None
-
-
-class UntaggedKindTest(unittest.TestCase):
-    """An answer's kind and a FETCH's UID read the common spellings first: the same
-    answers as reading every line the long way."""
-
-    def test_kinds_and_uids_are_those_the_long_way_finds(self):
-        rng = random.Random(1717)
-        words = ["FETCH", "fetch", "Fetch", "EXPUNGE", "EXISTS", "exists", "RECENT", "OK",
-                 "LIST", "SEARCH", "UID", "uid", "Uid", "FLAGS", "", "\u0131", "FETCH ",
-                 gc.Number("7"), gc.Number("0123"), 7, 0, None, b"FETCH", b"UID", ["UID"],
-                 ["FETCH"], True, "\\Seen"]
-        samples = [[], [7], ["FETCH"], [3, "FETCH"], [3, "FETCH", []], [3, "FETCH", "UID"]]
-        values = [7, gc.Number("12"), gc.Number("0012"), True, "7", None, ["\\Seen"]]
-        for _ in range(3000):
-            attrs = [x for _ in range(rng.randrange(0, 4))
-                     for x in (rng.choice(words[:14]), rng.choice(values))]
-            attrs = attrs[:len(attrs) - rng.randrange(0, 2)]
-            head = [rng.choice((3, gc.Number("3"), rng.choice(words))),
-                    rng.choice(words[:8] + words[15:])]
-            samples.append(head[:rng.choice((0, 1, 2, 2, 2, 2))]
-                           + [attrs] * rng.choice((0, 1, 1, 1)))
-        uids = 0
-        for item in samples:
-            with self.subTest(item=item):
-                kind = gc._untagged_kind(item)
-                self.assertEqual(kind, _reference_kind(item))
-                self.assertIs(type(kind), str)
-                uid = gc._fetch_uid(item)
-                self.assertEqual(uid, _reference_uid(item))
-                self.assertIs(uid, _reference_uid(item))
-                uids += uid is not None
-        self.assertGreater(uids, 150)
-
-
-# --- Issue 17: the record side's lines, written from the outcomes ------------------------
-
-
-class _Connected:
-    """What Run's hooks read of a connection: the bytes received so far."""
-
-    bytes_received = 0
-
-
-class RecordSideLinesTest(unittest.TestCase):
-    """The audit lines of a step's messages (Run._message_lines) are those of the records
-    Run.record makes (json.dumps, sort_keys, a line each), byte for byte, without the
-    records being made: over outcomes with every kind of change, on Gmail and off it,
-    hostile subjects and senders, odd types, values a step's messages share; and
-    _value_texts, which writes their fields and the intents', is the encoder's text."""
-
-    TIME = "2026-12-07T12:00:00Z"
-
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.tmp)
-
-    def run_of(self, name: Optional[str] = None, **options: Any) -> gc.Run:
-        store = gc.StateStore(tempfile.mkdtemp(dir=self.tmp), now=Clock())
-        run = gc.Run(store, gc.parse_rules(_RECORD_SIDE_RULES, "rules.json"), "u%s@x.example",
-                     "imap.example.com", 1143, apply=True, **options)
-        run.account_name = name
-        return run
-
-    def outcomes(self, rnd: random.Random, gmail: bool, surrogates: bool = True,
-                 count: int = 120) -> List[gc.Outcome]:
-        status = gc.FolderStatus("INBOX %s", 7, 900, 90, False)
-        keys = [("label", "Receipts"), ("label", "Ünï \"x\" %s"), ("flag+", "\\Seen"),
-                ("flag-", "\\Flagged"), ("flag-", "\\Seen"), ("archive",),
-                ("move", "Lists/2024"), ("trash",)]
-        destinations = {"trash": "[Gmail]/Trash", "archive": "Archive"}
-        texts = list(_HOSTILE_SUBJECTS) + list(_HOSTILE_SENDERS) + [
-            "", "%s %(x)s %%", "\ud800\udfff lone", "\x00\x1b\x7f\x85\u2028", "日本 \U0001F600",
-            _Text("sub %s"), "long " * 600]
-        texts = [text for text in texts if surrogates or text.encode("utf-8", "replace")
-                 .decode("utf-8") == text]     # a file takes no lone surrogate
-        actions = [gc.Actions(), gc.Actions.make(labels=("Receipts",), mark_read=True),
-                   gc.Actions.make(move="Lists/2024", star=True),
-                   gc.Actions.make(trash=True), gc.Actions.make(archive=True, unstar=True)]
-        reasons = [("Receipts", 'subject contains "receipt"'), ("Bank", "from \"%s\" \x1b"),
-                   ("Lists \u202e", "header List-Id")]
-        decisions = [gc.Decision(tuple(rnd.sample(reasons, rnd.randrange(4))),
-                                 rnd.choice(actions)) for _ in range(6)]
-        shared = {}             # a change naming no UID, one dict the step's outcomes share
-        result = []
-        for n in range(count):
-            uid = rnd.choice([n + 1, 2 ** 32 - 1, _Count(n + 3)])
-            changes = []
-            for key in rnd.sample(keys, rnd.choice([0, 1, 1, 2, 3])):
-                extra = rnd.choice([None, {"folder": key[-1], "uid": n + 100}])
-                change = gc._change_entry(key, uid, status, gmail, destinations, extra)
-                if not isinstance(change["before"], dict) and extra is None:
-                    change = shared.setdefault((key, gmail), change)
-                changes.append(change)
-            decision = rnd.choice(decisions)
-            if n % 7 == 0:          # equal to another's matches, not the same tuple
-                decision = gc.Decision(tuple(list(decision.matches)), decision.actions)
-            result.append(gc.Outcome(
-                rnd.choice(["INBOX", "[Gmail]/All Mail", "Ünï %s"]), uid, rnd.choice(texts),
-                rnd.choice(texts), decision, rnd.choice([None, 2 ** 63 + n, _Count(5)]),
-                rnd.choice([7, None, 2 ** 32 - 1]), rnd.choice(texts), tuple(changes),
-                rnd.choice([True, True, False]), rnd.randrange(2)))
-        return result
-
-    def expected(self, run: gc.Run, outcomes: Sequence[gc.Outcome]) -> List[str]:
-        run._step_actions = {}
-        return [json.dumps(run.record(outcome, self.TIME), ensure_ascii=False,
-                           sort_keys=True) + "\n" for outcome in outcomes if outcome.changes]
-
-    def test_message_lines_are_the_records_lines(self):
-        rnd = random.Random(1717)
-        for gmail, name, c_encoder in ((True, None, True), (False, "work \u202e %s", True),
-                                       (True, "w", False), (False, None, False)):
-            with self.subTest(gmail=gmail, name=name, c_encoder=c_encoder), \
-                    mock.patch.object(json.encoder, "c_make_encoder",
-                                      json.encoder.c_make_encoder if c_encoder else None):
-                run = self.run_of(name)
-                outcomes = self.outcomes(rnd, gmail)
-                run._step_actions = {}
-                lines = list(run._message_lines(outcomes, self.TIME))
-                self.assertEqual(lines, self.expected(run, outcomes))
-                self.assertGreater(len(lines), 80)
-
-    def test_step_done_writes_and_counts_without_making_records(self):
-        # No on_record (a text output): the audit lines and the counts are those of the
-        # records, and no record is made; with one, each is made once and heard.
-        for heard, gmail in ((None, True), ([], False)):
-            with self.subTest(on_record=heard is not None):
-                run = self.run_of(on_record=None if heard is None else heard.append)
-                outcomes = self.outcomes(random.Random(3), gmail, surrogates=False, count=80)
-                status = gc.FolderStatus("INBOX", 7, 900, 90, False)
-                made = []
-                record = gc.Run.record
-
-                def counted(self_: gc.Run, outcome: gc.Outcome, time: Any = None) -> Any:
-                    made.append(outcome)
-                    return record(self_, outcome, time)
-
-                with mock.patch.object(gc.Run, "record", counted):
-                    run.step_done(_Connected(), status, 80, outcomes)
-                time = gc._iso(run.store.now())
-                self.assertEqual(made, [] if heard is None else outcomes)
-                with open(run.store.audit.path, encoding="utf-8") as fh:
-                    written = fh.read()
-                expected = self.expected(run, outcomes)
-                self.assertEqual(written, "".join(expected).replace(self.TIME, time))
-                names = [gc.describe_change(c) for o in outcomes for c in o.changes]
-                self.assertEqual(run.counts, dict(collections.Counter(names)))
-                self.assertEqual(run.changes_made, sum(len(o.changes) for o in outcomes
-                                                       if o.applied))
-                self.assertLess(run.changes_made, len(names))
-                if heard is not None:
-                    self.assertEqual(heard, [run.record(o, time) for o in outcomes])
-
-    def test_each_step_its_own_shared_actions(self):
-        # A step's records share one "actions" dict per Actions; the next step's another.
-        heard: List[Dict[str, Any]] = []
-        run = self.run_of(on_record=heard.append)
-        outcomes = self.outcomes(random.Random(5), True, surrogates=False, count=30)
-        status = gc.FolderStatus("INBOX", 7, 900, 90, False)
-        for _ in range(2):
-            run.step_done(_Connected(), status, None, outcomes)
-        steps = [heard[:30], heard[30:]]
-        ids = [{id(record["actions"]) for record in step if record["actions"]}
-               for step in steps]
-        self.assertLess(len(ids[0]), 10)
-        self.assertEqual(len(ids[0]), len(ids[1]))
-        self.assertEqual(ids[0] & ids[1], set())
-
-    def test_a_step_never_lowers_the_mark_of_the_same_folder(self):
-        # An --all run's steps start below the folder's mark: it stays; a renumbered
-        # folder (another UIDVALIDITY) takes the step's.
-        run = self.run_of()
-        run.store.set_folder(run.account, "INBOX", gc.FolderState(7, 500, "r"))
-        run.store.set_folder(run.account, "Lists", gc.FolderState(6, 500, "r"))
-        for name in ("INBOX", "Lists"):
-            run.step_done(_Connected(), gc.FolderStatus(name, 7, 900, 90, False), 100, [])
-        self.assertEqual(run.mark_of("INBOX").mark, 500)
-        self.assertEqual((run.mark_of("Lists").mark, run.mark_of("Lists").uidvalidity), (100, 7))
-
-    def test_value_texts_are_the_encoders_texts(self):
-        rnd = random.Random(8)
-        shared = {"b": [1, None], "a": "\u2028%s"}
-        values = list(_SHAPE_VALUES) + [shared, [shared, shared, ("t", shared)],
-                                         (shared, 1.5, _Count(2)), [[], [[]], {}]]
-        values += [[rnd.choice(values) for _ in range(rnd.randrange(5))] for _ in range(80)]
-        values += [tuple(value) for value in values if isinstance(value, list)]
-        for c_encoder in (True, False):
-            with mock.patch.object(json.encoder, "c_make_encoder",
-                                   json.encoder.c_make_encoder if c_encoder else None):
-                text = gc._value_texts()
-                for value in values + values:      # the second time from what it kept
-                    with self.subTest(value=value, c_encoder=c_encoder):
-                        self.assertEqual(text(value), gc._RECORD_JSON.encode(value))
-
-    def test_value_texts_leave_scalars_to_themselves_and_shared_values_to_once(self):
-        # Strings, whole numbers, true, false and null (alone or in a list) without the
-        # encoder; a dict or list met again, the encoder once; another equal one, again.
-        calls: List[Any] = []
-        make = gc._c_record_encoder
-
-        def counted() -> Callable[[Any, int], Sequence[str]]:
-            chunks = make()
-            return lambda value, level: calls.append(value) or chunks(value, level)
-
-        shared = {"action": "star", "flag": "\\Flagged", "before": False, "after": True}
-        with mock.patch.object(gc, "_c_record_encoder", counted):
-            text = gc._value_texts()
-            values = ["s\u2028", 7, None, True, False, ["a", 1, None, True, False],
-                      ("b", 2 ** 70), [shared, shared], (shared,), shared]
-            texts = [text(value) for value in values]
-            self.assertEqual(calls, [shared])
-            self.assertEqual(text(dict(shared)), texts[-1])
-            self.assertEqual(calls, [shared, shared])
-        self.assertEqual(texts, [gc._RECORD_JSON.encode(value) for value in values])
-
-    def test_value_texts_refuse_what_the_encoder_refuses(self):
-        loop: List[Any] = []
-        loop.append(loop)
-        ring: Dict[str, Any] = {}
-        ring["self"] = ring
-        for bad in (object(), {1, 2}, loop, [loop], (ring,), ring, {"k": {("t",): 1}},
-                    [1, datetime(2026, 1, 1)]):
-            with self.subTest(bad=type(bad).__name__):
-                with self.assertRaises((TypeError, ValueError)) as ours:
-                    gc._value_texts()(bad)
-                with self.assertRaises((TypeError, ValueError)) as plain:
-                    gc._RECORD_JSON.encode(bad)
-                self.assertIs(type(ours.exception), type(plain.exception))
-
-
-class RecordSideTextRunTest(StateTestCase):
-    """A run whose records nobody reads (the text output) writes the audit bytes the
-    plain record side wrote, on Gmail and off it; the command line makes message records
-    only for --json, which prints them."""
-
-    fill = RecordSideEquivalenceTest.fill
-    audit = RecordSideEquivalenceTest.audit
-
-    def test_without_on_record_the_plain_bytes(self):
-        # Off Gmail (label copies, COPYUID answers); Gmail's outcomes: RecordSideLinesTest.
-        for server in ({"kind": "move"},):
-            logs = []
-            for plain in (False, True):
-                self.server = FakeGmail(**server).start()
-                self.addCleanup(self.server.stop)
-                self.fill(self.server)
-                shutil.rmtree(self.state_dir, ignore_errors=True)
-                with _plain_record_side() if plain else contextlib.nullcontext():
-                    self.run_once(gc.parse_rules(_RECORD_SIDE_RULES, "rules.json"),
-                                  batch_size=6)
-                logs.append(self.audit())
-            with self.subTest(**server):
-                self.assertEqual(logs[0].split(b"\n"), logs[1].split(b"\n"))
-                self.assertGreater(logs[0].count(b'"type": "message"'), 8)
-
-    def test_text_output_makes_no_message_records_json_prints_them(self):
-        self.server = FakeGmail(gmail=True).start()
-        self.addCleanup(self.server.stop)
-        self.fill(self.server)
-        rules = os.path.join(self.tmp, "rules.json")
-        with open(rules, "w", encoding="utf-8") as fh:
-            json.dump(_RECORD_SIDE_RULES, fh)
-        made: List[gc.Outcome] = []
-        record = gc.Run.record
-
-        def counted(run: gc.Run, outcome: gc.Outcome, time: Any = None) -> Dict[str, Any]:
-            made.append(outcome)
-            return record(run, outcome, time)
-
-        args = ("run", "--user", USER, "--host", "127.0.0.1", "--port", str(self.server.port),
-                "--plaintext", "--rules", rules, "--batch-size", "6")
-        env = {"GMAIL_APP_PASSWORD": PASSWORD}
-        with mock.patch.object(gc.Run, "record", counted):
-            code, out, _err = run_cli(*args, "--json", env=env)       # a dry run
-            self.assertEqual(code, 0)
-            printed = [json.loads(line)["type"] for line in out.splitlines()]
-            self.assertEqual((printed.count("message"), len(made)), (15, 15))
-            made.clear()
-            code, out, _err = run_cli(*args, "--apply", env=env)
-        self.assertEqual((code, made), (0, []))
-        self.assertIn("done: label Receipts", out)
-
-
-class AuditWriteTest(unittest.TestCase):
-    """The audit log's directory is made, private, when it is missing, and only then:
-    not before each of the run's writes (an intent write per step, a done record per
-    command, the message records); a write of nothing touches nothing; each write is
-    made durable unless asked not to be."""
-
-    def test_nothing_to_write_touches_nothing_and_each_write_syncs_unless_asked(self):
-        root = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, root)
-        log = gc.AuditLog(pathlib.Path(root, "state", "audit.jsonl"))
-        with mock.patch.object(os, "fsync", wraps=os.fsync) as synced:
-            log.append([])
-            log.write(iter(()))
-            self.assertEqual(os.listdir(root), [])
-            log.append([{"n": 1}], sync=False)
-            self.assertEqual(synced.call_count, 0)
-            log.append([{"n": 2}])
-            log.write(['{"n": 3}\n'])
-            self.assertEqual(synced.call_count, 2)
-        self.assertEqual([record["n"] for record in log.records()], [1, 2, 3])
-
-    def test_a_write_the_system_refuses_is_a_state_error(self):
-        root = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, root)
-        os.mkdir(os.path.join(root, "audit.jsonl.lock"))       # its lock cannot be opened
-        log = gc.AuditLog(pathlib.Path(root, "audit.jsonl"))
-        with self.assertRaises(gc.StateError) as caught:
-            log.append([{"n": 1}])
-        self.assertIn(f"cannot write the audit log {log.path}: ", str(caught.exception))
-        self.assertFalse(log.path.exists())
-
-    def test_made_private_when_missing_once_for_many_writes(self):
-        root = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, root)
-        log = gc.AuditLog(pathlib.Path(root, "deep", "state", "audit.jsonl"))
-        with mock.patch.object(gc, "_make_private_dir", wraps=gc._make_private_dir) as made:
-            for n in range(5):
-                log.append([{"n": n}], sync=n == 4)
-            self.assertEqual(made.call_count, 1)
-            shutil.rmtree(os.path.join(root, "deep"))       # gone mid-run: made again
-            log.append([{"n": 5}])
-            self.assertEqual(made.call_count, 2)
-        self.assertEqual([record["n"] for record in log.records()], [5])
-        if os.name == "posix":
-            self.assertEqual(os.stat(os.path.join(root, "deep", "state")).st_mode & 0o777,
-                             0o700)
-            self.assertEqual(os.stat(log.path).st_mode & 0o777, 0o600)
-
-
-# --- Issue 17: the rule gates, as reviewed (bounded tables, fresh cache, cheap parts first) --
-
-class _CountedRegex:
-    """A compiled regex that notes each (pattern, value) it is asked to search."""
-
-    def __init__(self, regex: "re.Pattern[str]", seen: List[Tuple[str, str]]) -> None:
-        self.regex, self.seen = regex, seen
-
-    def search(self, value: str, *args: Any) -> Any:
-        self.seen.append((self.regex.pattern, value))
-        return self.regex.search(value, *args)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.regex, name)
-
-
-def _counting_regexes(rules: gc.Ruleset) -> List[Tuple[str, str]]:
-    """Make every header regex of ``rules`` note its searches (before the first
-    classify, which builds the gates and the matchers' quick forms); the list they note in."""
-    seen: List[Tuple[str, str]] = []
-    for rule in rules.rules:
-        for condition in gc._walk(rule.condition):
-            if type(condition) is gc.HeaderMatch:
-                for pattern in condition.matcher.patterns:
-                    if pattern.regex is not None:
-                        object.__setattr__(pattern, "regex", _CountedRegex(pattern.regex, seen))
-    return seen
-
-
-class RuleGateReviewTest(unittest.TestCase):
-    """What a review of the rule gates found: the tables of decoded values keep no long
-    or numerous raw values, a gate reads the headers as a condition left them, and a gate
-    runs no regex that evaluating the rule would not have run."""
-
-    def plain_and_gated(self, spec: Dict[str, Any]) -> Tuple[gc.Ruleset, gc.Ruleset]:
-        """The rules of ``spec`` evaluating every condition on its own, and gated; each
-        with ``searched``, the (regex, value) searches of its header regexes."""
-        plain, gated = gc.parse_rules(spec, "r.json"), gc.parse_rules(spec, "r.json")
-        for rules in (plain, gated):
-            searched = _counting_regexes(rules)
-            rules.__dict__["searched"] = searched
-        with mock.patch.object(gc, "_rule_gate", lambda condition: None), \
-                mock.patch.object(gc, "_group_headers", lambda conditions: None):
-            plain.classify(info("Subject: x"), now=NOW)     # every condition on its own
-        gated.classify(info("Subject: x"), now=NOW)
-        del plain.__dict__["searched"][:], gated.__dict__["searched"][:]
-        return plain, gated
-
-    def test_tables_keep_no_long_or_numerous_raw_values(self):
-        rules = gc.parse_rules({"rule": [
-            {"name": "n", "to": "newsletter", "label": "N", "continue": True},
-            {"name": "f", "header": {"X-Foo": "bulk"}, "label": "F"}]}, "r.json")
-        longest = gc._DECODED_LONGEST
-
-        def bounded(raws: Tuple[str, ...]) -> bool:
-            return sum(map(len, raws)) + len(raws) <= longest
-        with mock.patch.dict(gc._GROUP_READINGS, clear=True), \
-                mock.patch.dict(gc._DECODED, clear=True):
-            for n in range(12):
-                # A long raw To that decodes to one short address, and more empty fields
-                # than the longest value has characters.
-                comment = ("%04d" % n) * (longest // 4)
-                raw = "From: a@b.c\nTo: <x@y.z> (%s)\n" % comment
-                raw += "X-Foo:\n" * (longest + 1 + n)
-                decision = rules.classify(info(raw), final=True, now=NOW)
-                self.assertEqual(decision.matches, ())
-            self.assertEqual((len(gc._GROUP_READINGS), len(gc._DECODED)), (0, 0))
-            for n in range(3):
-                rules.classify(info("To: <x@y.z> (%d)\n" % n + "X-Foo:\n" * (longest // 2)),
-                               final=True, now=NOW)
-            self.assertEqual(len(gc._GROUP_READINGS), 4)    # short and few: kept as ever
-            self.assertEqual(len(gc._DECODED), 4)           # three Tos, one set of X-Foos
-            self.assertTrue(all(bounded(raws) for key in gc._GROUP_READINGS
-                                for raws in key[1:]))
-            self.assertTrue(all(bounded(key[2]) for key in gc._DECODED))
-
-    def test_a_gate_reads_the_headers_a_condition_changed(self):
-        def tag(msg: MessageInfo) -> bool:       # a vendoring script's condition
-            msg.headers["X-Tagged"] = "yes"
-            return True
-        gc.Ruleset.add_condition("t1b_tag", tag)
-        self.addCleanup(gc._CONDITION_KINDS.pop, "t1b_tag", None)
-        plain, gated = self.plain_and_gated({"rule": [
-            {"name": "before", "header": {"X-Tagged": True}, "label": "Z", "continue": True},
-            {"name": "stamp", "t1b_tag": True, "label": "A", "continue": True},
-            {"name": "stamped", "header": {"X-Tagged": True}, "label": "B", "continue": True},
-            {"name": "said", "header": {"X-Tagged": ["yes", "/^y/"]}, "label": "C",
-             "continue": True},
-            {"name": "unsaid", "header": {"X-Tagged": False}, "label": "D"}]})
-        for headers in ("Subject: hi", "Subject: hi\nX-Other: 1"):
-            decision = gated.classify(info(headers), final=True, now=NOW)
-            self.assertEqual(decision, plain.classify(info(headers), final=True, now=NOW))
-            self.assertEqual([name for name, _ in decision.matches],
-                             ["stamp", "stamped", "said"])
-
-    def test_a_cheap_false_part_stops_a_rule_before_its_regexes(self):
-        hostile = "/^(a|aa)+$/"         # slow on many a's and a last character not a
-        plain, gated = self.plain_and_gated({"rule": [
-            {"name": "kind", "header": {"X-Kind": "news"}, "label": "K", "continue": True},
-            {"name": "big", "larger_than": "5M", "subject": ["newsletter", hostile],
-             "label": "B", "continue": True},
-            {"name": "old", "older_than": "1y", "subject": hostile, "label": "O",
-             "continue": True},
-            {"name": "unread", "unread": True, "header": {"X-Note": hostile}, "label": "U",
-             "continue": True},
-            {"name": "listed", "header": {"List-Id": True, "X-Note": "/a$/"}, "label": "L",
-             "continue": True},
-            # The plain walk finds the first part false (the group's "news" is there, this
-            # rule's texts are not) and never searches the second part's regex.
-            {"name": "second", "all": [{"header": {"X-Kind": ["xyz", "/q/"]}},
-                                       {"header": {"X-Note": hostile}}], "label": "S"}]})
-        msg = dict(headers="Subject: %s!\nX-Note: %s!\nX-Kind: news" % ("a" * 16, "a" * 16),
-                   size=2000, date=NOW - _dtm.timedelta(days=3), flags=frozenset({"\\Seen"}))
-        decisions = [rules.classify(info(**msg), final=True, now=NOW)
-                     for rules in (plain, gated)]
-        self.assertEqual(decisions[0], decisions[1])
-        self.assertEqual([name for name, _ in decisions[1].matches], ["kind"])
-        self.assertEqual(plain.__dict__["searched"], [("q", "news")])
-        self.assertEqual(gated.__dict__["searched"], [("q", "news")])
-
-    def test_gates_search_only_what_evaluating_searches(self):
-        spec = {"rule": GATED_RULES["rule"] + [
-            {"name": "first", "all": [{"subject": ["receipt", "/^re/i"]}, {"from": "/\\./"}],
-             "label": "F", "continue": True},
-            {"name": "starred", "starred": False, "to": ["bea", "/com>?$/"], "label": "G"}]}
-        plain, gated = self.plain_and_gated(spec)
-        searched = [plain.__dict__["searched"], gated.__dict__["searched"]]
-        for number, fresh in enumerate(RuleGateTest.messages(self)):
-            del searched[0][:], searched[1][:]
-            with self.subTest(number=number):
-                self.assertEqual(gated.classify(fresh(), final=True, now=NOW),
-                                 plain.classify(fresh(), final=True, now=NOW))
-                self.assertEqual(set(searched[1]) - set(searched[0]), set())
 
 
 # --- Benchmark ---------------------------------------------------------------------------

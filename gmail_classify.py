@@ -10459,10 +10459,6 @@ def _value_texts() -> Callable[[Any], str]:
 
     def text(value: Any) -> str:
         kind = type(value)
-        if kind is str:
-            return string(value)
-        if kind is int:
-            return int.__repr__(value)
         if kind is list or kind is tuple:       # its own, of values maybe shared
             return "[" + separator.join(map(item, value)) + "]"
         return item(value)

@@ -9184,16 +9184,12 @@ class _FolderRun:
         step's first: the server makes the one step's moves and the next step's labels
         while a batch is classified.  So one step sends at a time, at most two are under
         way, and the checkpoint hears of them in their order."""
-        going = self._going()
-        for older in going[:-1]:
-            self._through(older)
-        if going:
-            newest = going[-1]
-            # Off Gmail the step's plan is checked against the copies made before it
-            # (_drop_copies_already_there): those it copies into too are read first.
-            while newest.ended is None and (
-                    not newest.last or newest.copies_into(step.plan.add_labels)):
-                self._go_on(newest)
+        newest = self._newest()
+        # Off Gmail the step's plan is checked against the copies made before it
+        # (_drop_copies_already_there): those it copies into too are read first.
+        while newest is not None and newest.ended is None and (
+                not newest.last or newest.copies_into(step.plan.add_labels)):
+            self._go_on(newest)
         step.finished = True
         if not step.decisions and not step.content_skips:
             return
@@ -9205,11 +9201,9 @@ class _FolderRun:
         """Go on with the steps under way: read the answers of an older step's last flight
         (the step ends), then those of the newest step's flight on the wire, and send its
         next (which stays on the wire), or end it once nothing is left."""
-        going = self._going()
-        for older in going[:-1]:
-            self._through(older)
-        if going:
-            self._go_on(going[-1])
+        newest = self._newest()
+        if newest is not None:
+            self._go_on(newest)
 
     def land(self) -> None:
         """Carry every step under way through to its end (see finish)."""
@@ -9246,6 +9240,14 @@ class _FolderRun:
     def _going(self) -> List[_StepWrites]:
         """The steps whose writes are under way, oldest first."""
         return [writes for writes in self.writing if writes.ended is None]
+
+    def _newest(self) -> Optional[_StepWrites]:
+        """Carry the steps under way but the newest through to their end (their last
+        flights are on the wire), and return the newest if it is still under way."""
+        going = self._going()
+        for older in going[:-1]:
+            self._through(older)
+        return going[-1] if going and going[-1].ended is None else None
 
     def _through(self, writes: _StepWrites) -> None:
         while writes.ended is None:

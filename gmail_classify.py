@@ -10979,11 +10979,7 @@ class Run(Checkpoint):
         if self.apply:
             self.store.audit.write(self._message_lines(outcomes, time))
         for outcome in outcomes:
-            for change in outcome.changes:
-                name = describe_change(change)
-                self.counts[name] = self.counts.get(name, 0) + 1
-                if outcome.applied:
-                    self.changes_made += 1
+            self._count(outcome.changes, outcome.applied)
         if mark is not None and not self.narrowed:
             known = self.mark_of(status.name)
             if known is not None and known.uidvalidity == status.uidvalidity:
@@ -11004,16 +11000,20 @@ class Run(Checkpoint):
         if self.apply:
             self.store.audit.append(record for record in records if record["changes"])
         for record in records:
-            for change in record["changes"]:
-                name = describe_change(change)
-                self.counts[name] = self.counts.get(name, 0) + 1
-                if record["applied"]:
-                    self.changes_made += 1
+            self._count(record["changes"], record["applied"])
         if announce and self.on_record is not None:
             for record in records:
                 self.on_record(record)
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _count(self, changes: Sequence[Mapping[str, Any]], applied: bool) -> None:
+        """Count one message's changes by name (``counts``), and as made when applied."""
+        for change in changes:
+            name = describe_change(change)
+            self.counts[name] = self.counts.get(name, 0) + 1
+        if applied:
+            self.changes_made += len(changes)
 
     def record(self, outcome: Outcome, time: Optional[str] = None) -> Dict[str, Any]:
         """The JSON record of one message (see README, "Records"); ``time``: its "time"

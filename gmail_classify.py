@@ -1345,6 +1345,46 @@ def _fetch_answer(response: _Response, wanted: set, by_key: Mapping[str, str],
             values[names[key]] = convert(value)
 
 
+class _FetchOnWay:
+    """One batch's UID FETCH (in chunks of UIDs) sent ahead of reading its answer
+    (GmailConnection.fetch_batches and fetch_ahead): sent again when the connection it went
+    out on is gone, and read into ``{uid: {item: value}}`` as fetch() returns it."""
+
+    def __init__(self, proto: "_Protocol", uids: Iterable[int], items: Sequence[str],
+                 skipped: Optional[List[int]]) -> None:
+        for item in items:
+            _check_fetch_item(item)
+        self.proto, self.skipped = proto, skipped
+        self.uids = [int(uid) for uid in uids]
+        self.by_key = {_fetch_key(item): item for item in items}
+        self.line = "(UID " + " ".join(items) + ")"
+        self.limit = _fetch_literal_limit(items)
+        self.pendings: Optional[List[_Pending]] = None     # None: not sent yet
+
+    @property
+    def sent(self) -> bool:
+        return self.pendings is not None
+
+    def send(self) -> None:
+        keep = _fetch_keep(set(self.uids))
+        self.pendings = [self.proto.send_ahead("UID FETCH", compress_uids(chunk), self.line,
+                                               keep=keep, max_literal=self.limit)
+                         for chunk in chunk_uids(self.uids)]
+
+    def lost(self, imap: Any) -> bool:
+        """Whether part of it was sent on a connection other than ``imap`` and not read."""
+        return any(p.response is None and p.imap is not imap for p in self.pendings or ())
+
+    def read(self) -> Dict[int, Dict[str, Any]]:
+        result: Dict[int, Dict[str, Any]] = {}
+        wanted = set(self.uids)
+        for pending in self.pendings or ():
+            _fetch_answer(self.proto.collect(pending), wanted, self.by_key, result,
+                          self.limit, self.skipped)
+        self.pendings = []          # read: the answers are the caller's now
+        return result
+
+
 def _copyuid_map(response: _Response, sent: Sequence[int]) -> Dict[int, int]:
     """Source UID -> destination UID from a COPYUID code (RFC 4315), tagged or untagged.
 
@@ -3290,45 +3330,25 @@ class GmailConnection:
         and every FETCH whose answer had not completed is sent again.  Oversized answers
         are handled as in fetch(): the message is left out and its UID added to ``skipped``.
         """
-        for item in items:
-            _check_fetch_item(item)
-        by_key = {_fetch_key(item): item for item in items}
-        line = "(UID " + " ".join(items) + ")"
-        limit = _fetch_literal_limit(items)
-        todo = [[int(u) for u in batch] for batch in batches]
-        sent: Dict[int, List[_Pending]] = {}
+        todo = [_FetchOnWay(self._proto, batch, items, skipped) for batch in batches]
         refused: Optional[BaseException] = None   # what before_each raised for a later batch
-
-        def send(number: int) -> None:
-            keep = _fetch_keep(set(todo[number]))
-            sent[number] = [self._proto.send_ahead("UID FETCH", compress_uids(chunk), line,
-                                                   keep=keep, max_literal=limit)
-                            for chunk in chunk_uids(todo[number])]
-
-        for index, batch in enumerate(todo):
+        for index, fetch in enumerate(todo):
             if refused is not None:
                 raise refused
-            if index not in sent and before_each is not None:
+            if not fetch.sent and before_each is not None:
                 before_each(self)
-            wanted = set(batch)
-            result: Dict[int, Dict[str, Any]] = {}
 
-            def receive() -> None:
+            def receive() -> Dict[int, Dict[str, Any]]:
                 nonlocal refused
-                result.clear()
                 imap = self._proto.live()
-                later = range(index + 1, min(index + 1 + ahead, len(todo)))
-                for number in (index, *later):   # not sent yet, or lost with the old connection
-                    pendings = sent.get(number, ())
-                    if (number == index and number not in sent) or any(
-                            p.response is None and p.imap is not imap for p in pendings):
-                        send(number)
-                for pending in sent[index]:
-                    _fetch_answer(self._proto.collect(pending), wanted, by_key, result,
-                                  limit, skipped)
-                del sent[index]
-                for number in later:
-                    if number in sent or refused is not None:
+                later = todo[index + 1:index + 1 + ahead]
+                for number, other in enumerate((fetch, *later)):
+                    # not sent yet, or lost with the old connection
+                    if (number == 0 and not other.sent) or other.lost(imap):
+                        other.send()
+                result = fetch.read()
+                for other in later:
+                    if other.sent or refused is not None:
                         continue
                     if before_each is not None:
                         try:
@@ -3336,11 +3356,33 @@ class GmailConnection:
                         except Exception as exc:
                             refused = exc
                             break
-                    send(number)
+                    other.send()
+                return result
 
             with self._lock:    # held across the retries, as in _call
-                self._retrying("UID FETCH", receive)
-            yield batch, result
+                result = self._retrying("UID FETCH", receive)
+            yield fetch.uids, result
+
+    def fetch_ahead(self, uids: Iterable[int], items: Sequence[str], *,
+                    skipped: Optional[List[int]] = None
+                    ) -> Callable[[], Dict[int, Dict[str, Any]]]:
+        """fetch() sent now and read later: returns the function that reads its answer
+        (those of the commands sent before it first, kept for their senders), so the
+        caller goes on while the server answers, and may use the connection meanwhile.  A
+        dropped connection is restored as in fetch(), the FETCH sent again if its answer
+        was lost."""
+        fetch = _FetchOnWay(self._proto, uids, items, skipped)
+        self._retrying("UID FETCH", fetch.send)
+
+        def receive() -> Dict[int, Dict[str, Any]]:
+            if fetch.lost(self._proto.live()):
+                fetch.send()
+            return fetch.read()
+
+        def read() -> Dict[int, Dict[str, Any]]:
+            with self._lock:
+                return self._retrying("UID FETCH", receive)
+        return read
 
     # -- operations: changing messages ---------------------------------------------------
 

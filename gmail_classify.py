@@ -4947,7 +4947,8 @@ class _MessageDatum:
     it; ``item`` the FETCH item that brings it, fetched on every --apply too when
     ``recorded`` (the intent records carry it); ``read`` turns the item's value into the
     field's, ``offline`` works it out from a whole message and its parsed headers;
-    ``lacked`` names it when a server's answer left it out.
+    ``lacked`` names it when a server's answer left it out.  ``later``: a run may fetch it
+    only for the messages whose rules come to it (see _data_later).
     """
 
     field: str
@@ -4957,6 +4958,7 @@ class _MessageDatum:
     offline: Callable[[bytes, email.message.EmailMessage], Any]
     lacked: str
     recorded: bool = False
+    later: bool = False
 
 
 def _as_is(value: Any) -> Any:
@@ -4970,7 +4972,7 @@ _MESSAGE_DATA: Tuple[_MessageDatum, ...] = (
                   lambda raw, headers: _header_date(headers), "date", recorded=True),
     _MessageDatum("has_attachment", "attachment", "BODYSTRUCTURE",
                   lambda structure: bool(_structure_has_attachment(structure)),
-                  _attachment_in_bytes, "structure"),
+                  _attachment_in_bytes, "structure", later=True),
 )
 
 
@@ -8556,6 +8558,43 @@ def _fetch_items(needs: Needs, gmail: bool, apply: bool = False) -> List[str]:
     return items
 
 
+def _data_later(rules: Ruleset, needs: Needs, gmail: bool) -> Tuple[_MessageDatum, ...]:
+    """The message data (rows of _MESSAGE_DATA marked ``later``) a run fetches only for the
+    messages whose rules come to it, once the batch's other messages are decided on what
+    its FETCH brought: a BODYSTRUCTURE costs the server, the wire and the reader more than
+    the headers, and `has_attachment` mostly stands in an `all` beside a size, an age or
+    a sender that most mail fails.
+
+    Only where the decisions and their reasons cannot differ from fetching it up front:
+    every condition that reads it stands in an `all` beside other parts and under no `any`
+    (an `all` with a part false is false, with the same reason, whatever the datum says; an
+    `any` would give the reason of another part), every rule only reads the message (a
+    program would run twice), nothing else may be unknown at first (no body rule; off
+    Gmail, no label rule: the labels are unknown there), so a message is decided at once
+    exactly when no rule reached the missing datum.  ``needs``: the rules' own."""
+    conditions = [rule.condition for rule in rules.rules]
+    if needs.body or needs.whole or (needs.labels and not gmail) or \
+            not all(map(_decides_quietly, conditions)):
+        return ()
+    return tuple(datum for datum in _MESSAGE_DATA
+                 if datum.later and getattr(needs, datum.need)
+                 and all(_can_wait(condition, datum.need) for condition in conditions))
+
+
+def _can_wait(condition: Condition, need: str, beside: bool = False) -> bool:
+    """Whether every part of ``condition`` that reads ``need`` (a Needs field) stands in an
+    `all` beside other parts (``beside``: its parent is one), under no `any` (_data_later)."""
+    if not any(getattr(part.needs(), need) for part in _walk(condition)):
+        return True
+    if isinstance(condition, AnyOf):
+        return False
+    if isinstance(condition, AllOf):
+        return all(_can_wait(part, need, len(condition.parts) > 1) for part in condition.parts)
+    if isinstance(condition, Not):
+        return _can_wait(condition.part, need, beside)
+    return beside and not condition.children()
+
+
 def _folder_label(folder: str) -> Optional[str]:
     """The Gmail label a folder view stands for: INBOX is \\Inbox, [Gmail]/... are none."""
     if folder.upper() == "INBOX":
@@ -8745,8 +8784,24 @@ class _Step:
     last_uid: Optional[int] = None
     finished: bool = False
     content_skips: Dict[int, str] = field(default_factory=dict)   # UID -> why (ContentSkip)
+    # The lowest UID still waiting for data asked later (_Waiting) when the step ended:
+    # the step's mark stays below it.
+    waiting_from: Optional[int] = None
     # What the server confirmed of the step's changes: (UID, _Plan key) -> the answer.
     confirmed: Dict[Tuple[int, Tuple[str, ...]], Any] = field(default_factory=dict)
+
+
+class _Waiting:
+    """Messages of a batch that the rules could not decide without data asked for later
+    (_data_later): the FETCH of that data is on its way (``read`` reads its answer), and
+    ``due`` is the batch after whose answer it comes (see _FolderRun.classify_all)."""
+
+    __slots__ = ("infos", "shown", "msgids", "read", "due")
+
+    def __init__(self, infos: Dict[int, MessageInfo], shown: Dict[int, _Shown],
+                 msgids: Dict[int, Any], read: Callable[[], Dict[int, Dict[str, Any]]],
+                 due: int) -> None:
+        self.infos, self.shown, self.msgids, self.read, self.due = infos, shown, msgids, read, due
 
 
 class _StepWrites:
@@ -8966,6 +9021,8 @@ class _FolderRun:
         self.places: Dict[str, Dict[str, Optional[int]]] = {}
         self.applied = self.planned = 0     # changes made, changes planned: for on_applied
         self.step = self.new_step()         # the step in hand
+        # Batches read so far, and how many FETCHes are sent ahead (see classify_all).
+        self.batches, self.ahead = 0, 1
         # The steps whose writes are under way, or ended and waiting for one before them to
         # end (see finish), oldest first; whether one ended with changes not made, which
         # holds the mark where it was for the rest of the run.
@@ -9007,9 +9064,16 @@ class _FolderRun:
         self.in_trash, self.in_archive = (f is not None and _same_folder(f.name, source)
                                           for f in found.values())
         needs = self.rules.needs        # worked out once: it walks every rule's conditions
-        self.final = not needs.body     # no body prefix to wait for: decide on the headers
-        self.items = _fetch_items(needs, conn.is_gmail,
-                                  self.apply and self.checkpoint.writes_ahead)
+        # Data fetched only for the messages whose rules reach it (_data_later): they wait
+        # for it (see classify_all), so the rules' first look leaves them undecided.
+        self.later = _data_later(self.rules, needs, conn.is_gmail)
+        self.waiting: List[_Waiting] = []
+        # No body prefix or later data to wait for: decide on the headers.
+        self.final = not needs.body and not self.later
+        later = {datum.item for datum in self.later}
+        self.items = [item for item in _fetch_items(needs, conn.is_gmail,
+                                                    self.apply and self.checkpoint.writes_ahead)
+                      if item not in later]
         self.header_item = self.items[1]
 
     def _search(self) -> Tuple[List[int], List[Any]]:
@@ -9053,19 +9117,24 @@ class _FolderRun:
         # (pipelining): the server has answered them before the step's writes, which it
         # then carries out while that many batches are classified.  The checkpoint still
         # approves each FETCH before it goes out, knowing how many may be unanswered.
-        self.checkpoint.fetches_ahead = max(1, every)
+        self.checkpoint.fetches_ahead = self.ahead = max(1, every)
         fetches = self.conn.fetch_batches([uids[i:i + size] for i in range(0, len(uids), size)],
-                                          self.items, ahead=max(1, every),
+                                          self.items, ahead=self.ahead,
                                           before_each=self.before_fetch, skipped=report.skipped)
+        starts = range(0, len(uids), size)
         try:
-            for batches, start_index in enumerate(range(0, len(uids), size), 1):
+            for batches, start_index in enumerate(starts, 1):
                 try:
                     batch, fetched = next(fetches)
                 except RunStopped:
                     self.finish(self.step)
                     self.land()
                     raise
+                self.batches = batches
+                self.decide_waiting(batches)
                 self.classify(batch, fetched)
+                if batches == len(starts):  # nothing comes after: the last step decides all
+                    self.decide_waiting(None)
                 if self.listeners.on_progress is not None:
                     self.listeners.on_progress(min(start_index + size, len(uids)), len(uids))
                 if batches % max(1, every) == 0:
@@ -9118,25 +9187,64 @@ class _FolderRun:
         shown: Dict[int, _Shown] = {}
         decisions = self._decide(infos, shown)
         for uid in sorted(decisions):
-            decision, info = decisions[uid], infos[uid]
-            if self.separator is not None:
-                actions = decision.actions.expanded(info, self.separator)
-                if actions is not decision.actions:     # a templated destination
-                    decision = dataclasses.replace(decision, actions=actions)
-            report.examined += 1
-            # report.changed is counted when the step is done: off Gmail the plan may still
-            # lose label copies the label's folder already holds (_drop_copies_already_there).
-            step.plan.add(uid, decision.actions, info.flags, info.labels, self.source,
-                          in_trash=self.in_trash, in_archive=self.in_archive)
-            if decision.actions.labels and info.labels is None:
-                step.plan.message_ids[uid] = shown[uid].message_id or _message_key(info.headers)
-            for name, _reason in decision.matches:
-                report.matched[name] = report.matched.get(name, 0) + 1
-            step.infos[uid] = shown[uid]
-            step.decisions[uid] = decision
-            step.msgids[uid] = fetched[uid].get("X-GM-MSGID")
+            self._add(uid, decisions[uid], infos[uid], shown[uid], fetched[uid].get("X-GM-MSGID"))
+        waiting = [uid for uid in infos if uid not in decisions]
+        if waiting:         # undecided without the data asked later (see classify_all)
+            self.waiting.append(_Waiting(
+                {uid: infos[uid] for uid in waiting}, {uid: shown[uid] for uid in waiting},
+                {uid: fetched[uid].get("X-GM-MSGID") for uid in waiting},
+                conn.fetch_ahead(waiting, [datum.item for datum in self.later],
+                                 skipped=report.skipped),
+                self.batches + self.ahead))
         # Skipped messages (gone between SEARCH and FETCH too) keep the mark below them.
         step.last_uid = batch[-1] if batch else step.last_uid
+
+    def _add(self, uid: int, decision: Decision, info: MessageInfo, shown: _Shown,
+             msgid: Any) -> None:
+        """Add a decided message to the step in hand: what it still needs to the plan (with
+        a separator, templated destinations filled in), and what its records show."""
+        report, step = self.report, self.step
+        if self.separator is not None:
+            actions = decision.actions.expanded(info, self.separator)
+            if actions is not decision.actions:     # a templated destination
+                decision = dataclasses.replace(decision, actions=actions)
+        report.examined += 1
+        # report.changed is counted when the step is done: off Gmail the plan may still
+        # lose label copies the label's folder already holds (_drop_copies_already_there).
+        step.plan.add(uid, decision.actions, info.flags, info.labels, self.source,
+                      in_trash=self.in_trash, in_archive=self.in_archive)
+        if decision.actions.labels and info.labels is None:
+            step.plan.message_ids[uid] = shown.message_id or _message_key(info.headers)
+        for name, _reason in decision.matches:
+            report.matched[name] = report.matched.get(name, 0) + 1
+        step.infos[uid] = shown
+        step.decisions[uid] = decision
+        step.msgids[uid] = msgid
+
+    def decide_waiting(self, batches: Optional[int]) -> None:
+        """Decide the messages waiting for data asked later (_Waiting) whose answer is next
+        on the wire, the answers to the FETCHes sent before it having been read: once the
+        ``batches``-th batch is in (None: all of them, the batches being done).  They join
+        the step in hand; a step that ended while they waited holds its mark below them."""
+        while self.waiting and (batches is None or self.waiting[0].due <= batches):
+            waiting = self.waiting.pop(0)
+            fetched = waiting.read()
+            oversized = set(self.report.skipped)
+            for uid, info in waiting.infos.items():
+                items = [datum.item for datum in self.later]
+                why = "the server sent far more than was asked for" if uid in oversized \
+                    else _lacking(items, fetched.get(uid))
+                if why:
+                    _skip(self.report, uid, why)
+                    continue
+                info = dataclasses.replace(info, **{
+                    datum.field: datum.read(fetched[uid][datum.item]) for datum in self.later})
+                try:
+                    decision = self.rules.classify(info, final=True, now=self.now)
+                except ContentSkip as exc:
+                    _skip_content(self.report, self.step, uid, str(exc))
+                    continue
+                self._add(uid, decision, info, waiting.shown[uid], waiting.msgids[uid])
 
     def _decide(self, infos: Dict[int, MessageInfo], shown: Dict[int, _Shown]
                 ) -> Dict[int, Decision]:
@@ -9162,7 +9270,7 @@ class _FolderRun:
                 undecided.append(uid)
             else:
                 decisions[uid] = decision
-        if undecided:
+        if undecided and not self.later:     # with later data: they wait (see classify)
             ready = self._with_body(undecided, infos, f"BODY.PEEK[]<0.{BODY_PREFIX_BYTES}>")
             # Programs that read whole messages get up to their program_max_size (a larger
             # message is skipped for its content, by its RFC822.SIZE, before any program),
@@ -9233,6 +9341,8 @@ class _FolderRun:
                 not newest.last or newest.copies_into(step.plan.add_labels)):
             self._go_on(newest)
         step.finished = True
+        if self.waiting:
+            step.waiting_from = min(min(waiting.infos) for waiting in self.waiting)
         if not step.decisions and not step.content_skips:
             return
         writes = _StepWrites(self, step)
@@ -9445,6 +9555,8 @@ class _FolderRun:
             mark = min(mark, min(report.skipped) - 1)   # the next run looks again
         if mark is not None and report.expunge_stayed:
             mark = min(mark, min(report.expunge_stayed) - 1)    # not moved: not done
+        if mark is not None and step.waiting_from is not None:
+            mark = min(mark, step.waiting_from - 1)     # not decided yet: the next run looks
         if mark is not None:
             report.mark = mark
         if step.content_skips:

@@ -12227,6 +12227,167 @@ class FastRunEquivalenceTest(FakeServerTest):
         self.assertLessEqual(len(asked), 3)     # not once per message
 
 
+# has_attachment beside other parts, and under `not`: fetched later where a rule reaches it.
+LATER_RULES = {"rule": [
+    {"name": "Mailed files", "from": ["@example.com", "müller"], "has_attachment": True,
+     "label": "Files", "continue": True},
+    {"name": "Plain digest", "subject": "/digest/i", "not": {"has_attachment": True},
+     "label": "Digests"},
+    {"name": "Nested", "all": [{"larger_than": "2K"}, {"not": {"all": [
+        {"has_attachment": True}, {"subject": "/order|receipt/i"}]}}], "star": True,
+     "continue": True},
+] + BENCH_RULES["rule"]}
+
+
+def _attached(sender: str, subject: str, attached: bool) -> bytes:
+    """A small message from ``sender``, with a PDF attached or not."""
+    head = f"From: {sender}\r\nTo: {USER}\r\nSubject: {subject}\r\nMessage-ID: <{subject}@x>\r\n"
+    if not attached:
+        return (head + "\r\nno files\r\n").encode()
+    return (head + "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+            "--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--b\r\nContent-Type: "
+            "application/pdf\r\nContent-Disposition: attachment; filename=a.pdf\r\n\r\n"
+            "JVBERi0=\r\n--b--\r\n").encode()
+
+
+class DataLaterTest(FakeServerTest):
+    """_data_later: a BODYSTRUCTURE fetched only for the messages whose rules reach
+    has_attachment, once the rest of their batch is decided, gives the decisions, reasons,
+    records and mark of fetching it with the headers, in fewer bytes."""
+
+    NOW = datetime(2026, 11, 30, tzinfo=timezone.utc)
+
+    def fill(self, server: "FakeGmail") -> None:
+        date = datetime(2025, 6, 1, tzinfo=timezone.utc)
+        for block in tricky_header_blocks():
+            server.add_message(block + b"\r\nbody\r\n", date=date)
+        for raw, when in bench_corpus(60):
+            server.add_message(raw, date=when)
+        for index in range(6):
+            server.add_message(_attached("Jörg Müller <j@example.com>", f"digest {index}",
+                                         index % 2 == 0), date=date)
+
+    def run_on(self, server: "FakeGmail", rules: Dict[str, Any], apply: bool
+               ) -> Tuple[List[Tuple[Any, ...]], Tuple[Any, ...]]:
+        seen: List[gc.Outcome] = []
+        with self.connect(port=server.port) as conn:
+            report = gc.classify_folder(conn, gc.parse_rules(rules, "rules"), "INBOX",
+                                        batch_size=7, apply_every=2, now=self.NOW,
+                                        on_message=seen.append, apply=apply)
+        rows = [(o.uid, o.sender, o.subject, o.message_id, o.decision.matches,
+                 o.decision.actions, o.changes) for o in sorted(seen, key=lambda o: o.uid)]
+        return rows, (report.examined, report.matched, report.skipped, report.mark,
+                      report.changes, report.changes_made)
+
+    def labelled(self) -> List[int]:
+        """The UIDs of INBOX (nothing moves in these tests) that carry the label Files."""
+        return [uid for uid, message in enumerate(self.server.messages("INBOX"), 1)
+                if "Files" in message.labels]
+
+    def structure_fetches(self, server: "FakeGmail") -> Tuple[int, int]:
+        """(batch FETCHes that ask for BODYSTRUCTURE, FETCHes of BODYSTRUCTURE alone)."""
+        lines = [e.line for e in server.log if e.command == "UID FETCH"]
+        return (sum(1 for line in lines if b"HEADER.FIELDS" in line and b"BODYSTRUCTURE" in line),
+                sum(1 for line in lines if line.endswith(b" (UID BODYSTRUCTURE)\r\n")))
+
+    def test_decisions_reasons_records_and_mark_are_those_of_fetching_it_up_front(self):
+        for rules in (BENCH_RULES, LATER_RULES):
+            for apply in (False, True):
+                later, up_front = FakeGmail().start(), FakeGmail().start()
+                self.addCleanup(later.stop)
+                self.addCleanup(up_front.stop)
+                self.fill(later)
+                self.fill(up_front)
+                got = self.run_on(later, rules, apply)
+                with mock.patch.object(gc, "_data_later", lambda *args: ()):
+                    want = self.run_on(up_front, rules, apply)
+                self.assertEqual(got, want)
+                self.assertGreater(len(got[0]), 60)
+                asked_with_headers, asked_alone = self.structure_fetches(later)
+                self.assertEqual(asked_with_headers, 0)
+                if rules is LATER_RULES:        # some waited, and a rule matched on it
+                    self.assertGreater(asked_alone, 0)
+                    self.assertTrue(any(name == "Mailed files" for row in got[0]
+                                        for name, _reason in row[4]))
+                self.assertEqual(self.structure_fetches(up_front)[1], 0)
+                self.assertEqual(later.errors + up_front.errors, [])
+
+    def test_only_the_messages_whose_rules_reach_it_are_asked_for_it(self):
+        for index, (sender, attached) in enumerate([("alice@example.com", True),
+                                                    ("bob@example.org", True),
+                                                    ("alice@example.com", False),
+                                                    ("bob@example.org", False),
+                                                    ("alice@example.com", True)]):
+            self.server.add_message(_attached(sender, f"m{index}", attached))
+        rules = gc.parse_rules({"rule": [{"name": "Files", "from": "alice@", "has_attachment": True,
+                                          "label": "Files"}]}, "rules")
+        with self.connect() as conn:
+            report = gc.classify_folder(conn, rules, "INBOX", apply=True, now=self.NOW)
+        lines = [e.line for e in self.server.log if e.command == "UID FETCH"]
+        self.assertNotIn(b"BODYSTRUCTURE", lines[0])
+        self.assertTrue(lines[1].endswith(b" UID FETCH 1,3,5 (UID BODYSTRUCTURE)\r\n"), lines[1])
+        self.assertEqual(len(lines), 2)
+        self.assertEqual(report.matched, {"Files": 2})
+        self.assertEqual(self.labelled(), [1, 5])
+        self.assertEqual(report.mark, 5)
+
+    def test_it_is_fetched_up_front_where_waiting_could_change_a_reason_or_rerun_something(self):
+        def later(rule: Dict[str, Any], gmail: bool = True) -> bool:
+            ruleset = gc.parse_rules({"rule": [dict(rule, name="r", label="L")]}, "rules")
+            return bool(gc._data_later(ruleset, ruleset.needs, gmail))
+        self.assertTrue(later({"from": "a@", "has_attachment": True}))
+        self.assertTrue(later({"from": "a@", "not": {"has_attachment": True}}))
+        self.assertTrue(later({"not": {"all": [{"from": "a@"}, {"has_attachment": True}]}}))
+        self.assertTrue(later({"from": "a@", "has_attachment": True, "has_label": "X"}))
+        self.assertFalse(later({"has_attachment": True}))                 # nothing beside it
+        self.assertFalse(later({"not": {"has_attachment": True}}))
+        self.assertFalse(later({"any": [{"from": "a@"}, {"has_attachment": True}]}))
+        self.assertFalse(later({"from": "a@", "any": [{"has_attachment": True},
+                                                      {"subject": "x"}]}))
+        self.assertFalse(later({"from": "a@", "has_attachment": True, "body": "x"}))
+        self.assertFalse(later({"from": "a@", "has_attachment": True, "has_label": "X"},
+                               gmail=False))   # the labels are unknown off Gmail
+        self.assertFalse(later({"from": "a@", "has_attachment": True,
+                                "program": [sys.executable, "-c", "pass"]}))
+        self.assertFalse(later({"from": "a@"}))                           # nothing to wait for
+
+    def test_a_step_that_ends_while_messages_wait_holds_its_mark_below_them(self):
+        for index in range(9):
+            self.server.add_message(_attached("alice@example.com", f"m{index}", index == 1))
+        rules = gc.parse_rules({"rule": [{"name": "Files", "from": "alice@", "has_attachment": True,
+                                          "label": "Files"}]}, "rules")
+        fetches = []
+
+        class StopAtThird(gc.Checkpoint):
+            def before_fetch(self, conn):
+                fetches.append(1)
+                if len(fetches) == 3:
+                    raise gc.RunStopped("budget reached")
+        report = gc.FolderReport("INBOX", True)
+        with self.connect() as conn, self.assertRaises(gc.RunStopped):
+            gc.classify_folder(conn, rules, "INBOX", apply=True, batch_size=3, apply_every=1,
+                               now=self.NOW, checkpoint=StopAtThird(), report=report)
+        # Batch 1 (UIDs 1-3) was a step, its messages waiting for their structure until
+        # batch 2 was in; batch 2's were still waiting when the run stopped.
+        self.assertEqual(report.mark, 3)
+        self.assertEqual(report.examined, 3 + 0)
+        self.assertEqual(self.labelled(), [2])
+
+    def test_a_drop_while_it_is_on_the_wire_asks_for_it_again(self):
+        for index in range(6):
+            self.server.add_message(_attached("alice@example.com", f"m{index}", index % 2 == 0))
+        rules = gc.parse_rules({"rule": [{"name": "Files", "from": "alice@", "has_attachment": True,
+                                          "label": "Files"}]}, "rules")
+        self.server.add_fault("UID FETCH", nth=3, action="drop", when="before")
+        with self.connect() as conn:
+            report = gc.classify_folder(conn, rules, "INBOX", apply=True, batch_size=3,
+                                        apply_every=1, now=self.NOW)
+        self.assertEqual(self.labelled(), [1, 3, 5])
+        self.assertEqual(report.mark, 6)
+        lines = [e.line.split(b" ", 3)[3] for e in self.server.log if e.command == "UID FETCH"]
+        self.assertEqual(lines.count(b"1:3 (UID BODYSTRUCTURE)\r\n"), 2, lines)
+
+
 class PlaceStatusesTest(FakeServerTest):
     """_place_statuses: the destinations' UIDVALIDITY and UIDNEXT for the intent records."""
 

@@ -12373,6 +12373,24 @@ class DataLaterTest(FakeServerTest):
         self.assertEqual(report.examined, 3 + 0)
         self.assertEqual(self.labelled(), [2])
 
+    def test_a_message_whose_later_answer_lacks_it_is_skipped_and_holds_the_mark(self):
+        for index in range(4):
+            self.server.add_message(_attached("alice@example.com", f"m{index}", True))
+        rules = gc.parse_rules({"rule": [{"name": "Files", "from": "alice@", "has_attachment": True,
+                                          "label": "Files"}]}, "rules")
+        fetch_ahead = gc.GmailConnection.fetch_ahead
+
+        def losing_uid_2(conn, uids, items, skipped=None):
+            read = fetch_ahead(conn, uids, items, skipped=skipped)
+            return lambda: {uid: values for uid, values in read().items() if uid != 2}
+        with mock.patch.object(gc.GmailConnection, "fetch_ahead", losing_uid_2), \
+                self.connect() as conn:
+            report = gc.classify_folder(conn, rules, "INBOX", apply=True, now=self.NOW)
+        self.assertEqual(report.skipped, [2])
+        self.assertIn("sent nothing", report.why_skipped[2])
+        self.assertEqual(self.labelled(), [1, 3, 4])
+        self.assertEqual(report.mark, 1)
+
     def test_a_drop_while_it_is_on_the_wire_asks_for_it_again(self):
         for index in range(6):
             self.server.add_message(_attached("alice@example.com", f"m{index}", index % 2 == 0))

@@ -821,14 +821,17 @@ class _NotSimple(Exception):
     pass
 
 
-def _parse_fast(data: bytes, depth: int = 0) -> List[Any]:
-    """The tokenizer's parse_response(); ``depth``: lists already open around ``data``."""
+def _parse_fast(data: bytes, depth: int = 0) -> Tuple[List[Any], int]:
+    """The tokenizer's parse_response(), and the _weight() of the values read (as one
+    list), worked out token by token rather than by walking them again; ``depth``: lists
+    already open around ``data``."""
     values: List[Any] = []
     current = values
     stack: List[List[Any]] = []
     pos, end = 0, len(data)
     findall = _TOKEN.findall
     atoms = _ATOM_VALUES    # looked up here: a call per token is most of the cost
+    weight = 16             # as _weight(): 16 a list, 8 + its length a str or bytes, else 8
     while pos < end:
         stop = data.find(b"\r\n", pos)
         if stop >= 0:
@@ -843,18 +846,24 @@ def _parse_fast(data: bytes, depth: int = 0) -> List[Any]:
         for opened, closed, quote, text, size, number, word in findall(data, pos, stop):
             if word:
                 value = atoms.get(word, _MISSING)
-                current.append(_atom_value(word) if value is _MISSING else value)
+                if value is _MISSING:
+                    value = _atom_value(word)
+                current.append(value)
+                weight += len(value) + 8 if value.__class__ is str else 8
+            elif quote:
+                value = _unescape(text) if b"\\" in text else text.decode("utf-8", "surrogateescape")
+                current.append(value)
+                weight += len(value) + 8
             elif number:
                 current.append(Number(number.decode("ascii")))
-            elif quote:
-                current.append(_unescape(text) if b"\\" in text
-                               else text.decode("utf-8", "surrogateescape"))
+                weight += 8
             elif opened:
                 if len(stack) + depth >= MAX_NESTING:
                     raise _NotSimple()   # the plain reader says so, as a ProtocolError
                 stack.append(current)
                 current.append([])
                 current = current[-1]
+                weight += 16
             elif closed:
                 if not stack:
                     raise _NotSimple()
@@ -867,10 +876,11 @@ def _parse_fast(data: bytes, depth: int = 0) -> List[Any]:
             if pos + count > end:
                 raise _NotSimple()
             current.append(data[pos:pos + count])
+            weight += count + 8
             pos += count
     if stack:
         raise _NotSimple()
-    return values
+    return values, weight
 
 
 def _weight(value: Any, depth: int = 0) -> int:
@@ -935,15 +945,19 @@ _SHAPE_ITEM = re.compile(rb"(" + _SHAPE_NAME + rb') (?:([0-9]+)|(\([^()]*\))|"([
 _SECTIONS: Dict[bytes, str] = {}    # BODY[HEADER.FIELDS (...)]: too long for _ATOM_VALUES
 
 
-def _parse_fetch_shape(data: bytes) -> Optional[Tuple[List[Any], int]]:
-    """_parse_fetch() of a line in the common shape (see above), or None."""
+def _parse_fetch_shape(data: bytes) -> Optional[Tuple[List[Any], int, int]]:
+    """A line in the common shape (see above), read as far as the shape goes:
+    ``(parsed, weight, pos)`` as _parse_fetch() returns them, with ``pos == len(data)`` when
+    the whole line was in the shape, else the end of the literal, where the item loop goes
+    on (Gmail's BODYSTRUCTURE and quoted labels come after it); None when the line does not
+    begin in the shape."""
     line = _FETCH_SHAPE.match(data)
     if line is None:
         return None
     seq, before, name, size = line.groups()
     start = line.end()
     stop = start + int(size)
-    if stop >= len(data) or _SHAPE_AFTER.fullmatch(data, stop) is None:
+    if stop >= len(data):
         return None
     items: List[Any] = []
     weight = 16 + _shape_items(_SHAPE_ITEM.findall(before), items)
@@ -954,10 +968,13 @@ def _parse_fetch_shape(data: bytes) -> Optional[Tuple[List[Any], int]]:
             _SECTIONS[name] = section
     items.append(section)
     items.append(data[start:stop])
-    weight += len(items[-2]) + 16 + stop - start
+    weight += len(section) + 16 + stop - start
+    parsed = [Number(seq.decode("ascii")), "FETCH", items]
+    if _SHAPE_AFTER.fullmatch(data, stop) is None:
+        return parsed, weight, stop
     if stop + 1 < len(data):
         weight += _shape_items(_SHAPE_ITEM.findall(data, stop, len(data) - 1), items)
-    return [Number(seq.decode("ascii")), "FETCH", items], weight
+    return parsed, weight, len(data)
 
 
 def _atom_list(words: bytes) -> Tuple[List[Any], int]:
@@ -1002,17 +1019,24 @@ def _parse_fetch(data: bytes) -> Optional[Tuple[List[Any], int]]:
     """parse_response() of a FETCH line by whole items (see above), with the _weight() of
     its attribute list worked out on the way; None when ``data`` does not start as a FETCH
     line; raises _NotSimple where the other paths must decide."""
+    end = len(data)
     shaped = _parse_fetch_shape(data)
     if shaped is not None:
-        return shaped
-    head = _FETCH_HEAD.match(data)
-    if head is None:
-        return None
-    items: List[Any] = []
+        parsed, weight, pos = shaped
+        if pos == end:
+            return parsed, weight
+        if data.startswith(b" ", pos):      # as the loop steps past the literal's item
+            pos += 1
+    else:
+        head = _FETCH_HEAD.match(data)
+        if head is None:
+            return None
+        parsed = [Number(head.group(1).decode("ascii")), "FETCH", []]
+        pos = head.end()
+        weight = 16             # as _weight(items): 16 a list, 8 + its length a str or bytes
+    items: List[Any] = parsed[2]
     atoms = _ATOM_VALUES
     match = _FETCH_ITEM.match
-    pos, end = head.end(), len(data)
-    weight = 16                 # as _weight(items): 16 a list, 8 + its length a str or bytes
     while True:
         item = match(data, pos)
         if item is None:
@@ -1059,10 +1083,10 @@ def _parse_fetch(data: bytes) -> Optional[Tuple[List[Any], int]]:
     if pos != end - 1 or data[pos] != 0x29:    # more than the closing ")": the tokenizer's
         if pos >= end or data[end - 1] != 0x29:
             raise _NotSimple()
-        rest = _parse_fast(data[pos:end - 1], depth=1)
+        rest, rest_weight = _parse_fast(data[pos:end - 1], depth=1)
         items += rest
-        weight += _weight(rest) - 16
-    return [Number(head.group(1).decode("ascii")), "FETCH", items], weight
+        weight += rest_weight - 16
+    return parsed, weight
 
 
 # A UID SEARCH answer names every message of a folder; read as Number objects, 100,000
@@ -1089,7 +1113,7 @@ def _parse_weighed(data: bytes) -> Tuple[List[Any], Optional[int]]:
         fetched = _parse_fetch(data)
         if fetched is not None:
             return fetched
-        return _parse_fast(data), None
+        return _parse_fast(data)[0], None
     except _NotSimple:
         pass
     return _parse_plain(data), None

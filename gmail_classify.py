@@ -627,17 +627,34 @@ class Number(int):
     names, not numbers, so ``str()`` gives back what the server sent, leading zeros and all.
 
     ``str(parse_response(b'LIST () "/" 0123')[3]) == "0123"``; ``Number("0123") + 1 == 124``.
+
+    Only a text that is not the number's own decimal form (leading zeros) is kept, so the
+    parser makes the others as plain ints of this class (_digits_number()): a FETCH answer
+    holds several numbers a message, and a __new__ call and a dict each cost twice the int.
     """
 
-    text: str
-
     def __new__(cls, text: str) -> "Number":
-        self = super().__new__(cls, text)
-        self.text = text
+        self = int.__new__(cls, text)
+        if text != int.__repr__(self):
+            self.__dict__["text"] = text
         return self
+
+    @property
+    def text(self) -> str:
+        return self.__dict__.get("text") or int.__repr__(self)
 
     def __str__(self) -> str:
         return self.text
+
+    def __getnewargs__(self) -> Tuple[str]:
+        return (self.text,)     # copies and pickles are made again from the text
+
+
+def _digits_number(digits: bytes) -> Number:
+    """``Number(digits.decode())``, without __new__ where the digits have no leading zero."""
+    if digits[0] == 0x30:   # "0"
+        return Number(digits.decode("ascii"))
+    return int.__new__(Number, digits)
 
 
 class _Reader:
@@ -870,7 +887,7 @@ def _parse_fast(data: bytes, depth: int = 0) -> Tuple[List[Any], int]:
                 current.append(value)
                 weight += len(value)
             elif number:
-                current.append(Number(number.decode("ascii")))
+                current.append(_digits_number(number))
             elif opened:
                 if len(stack) + depth >= MAX_NESTING:
                     raise _NotSimple()   # the plain reader says so, as a ProtocolError
@@ -982,7 +999,7 @@ def _parse_fetch_shape(data: bytes) -> Optional[Tuple[List[Any], int, int]]:
     items.append(section)
     items.append(data[start:stop])
     weight += len(section) + 16 + stop - start
-    parsed = [Number(seq.decode("ascii")), "FETCH", items]
+    parsed = [_digits_number(seq), "FETCH", items]
     if _SHAPE_AFTER.fullmatch(data, stop) is None:
         return parsed, weight, stop
     if stop + 1 < len(data):
@@ -1017,7 +1034,7 @@ def _shape_items(found: List[Tuple[bytes, bytes, bytes, bytes]], items: List[Any
         items.append(value)
         weight += len(value) + 16 if value.__class__ is str else 16    # and 8 for its value
         if number:
-            items.append(Number(number.decode("ascii")))
+            items.append(_digits_number(number))
         elif listed:
             words, listed_weight = _atom_list(listed[1:-1])
             items.append(words)
@@ -1044,7 +1061,7 @@ def _parse_fetch(data: bytes) -> Optional[Tuple[List[Any], int]]:
         head = _FETCH_HEAD.match(data)
         if head is None:
             return None
-        parsed = [Number(head.group(1).decode("ascii")), "FETCH", []]
+        parsed = [_digits_number(head.group(1)), "FETCH", []]
         pos = head.end()
         weight = 16             # as _weight(items): 16 a list, 8 + its length a str or bytes
     items: List[Any] = parsed[2]
@@ -1062,7 +1079,7 @@ def _parse_fetch(data: bytes) -> Optional[Tuple[List[Any], int]]:
         weight += len(value) + 16 if value.__class__ is str else 16    # and 8 for its value
         pos = item.end()
         if number is not None:
-            items.append(Number(number.decode("ascii")))
+            items.append(_digits_number(number))
         elif words is not None:
             listed: List[Any] = []
             weight += 8

@@ -5359,6 +5359,21 @@ class BodystructureLineTest(unittest.TestCase):
             self.assertEqual(_parsed_shape(gc.parse_response(line)),
                              _parsed_shape(gc._parse_plain(line)))
 
+    def test_numbers_made_without_their_text_read_as_those_made_with_it(self):
+        import copy
+        import pickle
+        for digits in (b"0", b"00", b"7", b"0123", b"123", b"4294967296", b"18446744073709551616",
+                       b"000000000000000000001"):
+            with self.subTest(digits=digits):
+                made, plain = gc._digits_number(digits), gc.Number(digits.decode())
+                for got in (made, copy.copy(made), copy.deepcopy(made),
+                            pickle.loads(pickle.dumps(made))):
+                    self.assertIs(type(got), gc.Number)
+                    self.assertEqual((int(got), str(got), got.text, repr(got)),
+                                     (int(plain), digits.decode(), digits.decode(), repr(plain)))
+                self.assertEqual(made.__dict__, {} if digits == b"%d" % int(digits) else
+                                 {"text": digits.decode()})
+
     def test_quoted_strings_kept_are_bounded(self):
         with mock.patch.dict(gc._QUOTED_VALUES, clear=True):
             self.assertEqual((gc._quoted_value(b"x" * 32), gc._quoted_value(b"y" * 31)),

@@ -849,7 +849,8 @@ class _NotSimple(Exception):
 def _parse_fast(data: bytes, depth: int = 0) -> Tuple[List[Any], int]:
     """The tokenizer's parse_response(), and the _weight() of the values read (as one
     list), worked out token by token rather than by walking them again; ``depth``: lists
-    already open around ``data``."""
+    already open around ``data``.  The weight is exact where ``depth`` is 1 or more, as for
+    the rest of a FETCH line (at 0, _weight() would count a list nested 100 deep as 8)."""
     values: List[Any] = []
     current = values
     stack: List[List[Any]] = []
@@ -965,7 +966,9 @@ _LIST_WORD = re.compile(rb'"((?:[^"\\\r\n]|\\["\\])*)"|([^ ()"{\r\n\[\]]+)')   #
 # items follow one another one space apart, and findall() then splits them in one call: no
 # pattern call per item.  The values and the weight are those the item loop below works
 # out; any other shape (quoted labels, escapes, NIL where a list belongs, a literal's
-# "+" or "~", odd spacing) is left to that loop, which reads it as before.
+# "+" or "~", odd spacing) is left to that loop, which reads it as before.  Where only
+# what follows the literal is otherwise (Gmail's BODYSTRUCTURE and quoted labels come
+# there), the loop reads on from the literal, not again from the start.
 _SHAPE_NAME = rb"[A-Z][A-Z0-9.-]*"
 _SHAPE_VALUE = rb'(?:[0-9]+|\((?:[^ ()"{\r\n\[\]]+(?: [^ ()"{\r\n\[\]]+)*)?\)|"[^"\\\r\n]*")'
 _FETCH_SHAPE = re.compile(rb"([0-9]+) FETCH \(((?:" + _SHAPE_NAME + rb" " + _SHAPE_VALUE

@@ -5355,9 +5355,13 @@ class BodystructureLineTest(unittest.TestCase):
         parsed, weight, pos = gc._parse_fetch_shape(line)
         self.assertEqual(line[pos:pos + 13], b" RFC822.SIZE ")
         self.assertEqual(parsed[2][:4], ["UID", 1, "FLAGS", []])
-        with mock.patch.object(gc, "_FETCH_HEAD", None):        # the item loop's own start
+        with mock.patch.object(gc, "_FETCH_HEAD", None), \
+                mock.patch.object(gc, "_parse_fast", wraps=gc._parse_fast) as tokenizer:
             self.assertEqual(_parsed_shape(gc.parse_response(line)),
                              _parsed_shape(gc._parse_plain(line)))
+        # The item loop reads on (the size, the date), the tokenizer from the BODYSTRUCTURE.
+        self.assertTrue(tokenizer.call_args[0][0].startswith(b"BODYSTRUCTURE ("))
+        self.assertEqual(tokenizer.call_count, 1)
 
     def test_numbers_made_without_their_text_read_as_those_made_with_it(self):
         import copy

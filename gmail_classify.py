@@ -627,17 +627,34 @@ class Number(int):
     names, not numbers, so ``str()`` gives back what the server sent, leading zeros and all.
 
     ``str(parse_response(b'LIST () "/" 0123')[3]) == "0123"``; ``Number("0123") + 1 == 124``.
+
+    Only a text that is not the number's own decimal form (leading zeros) is kept, so the
+    parser makes the others as plain ints of this class (_digits_number()): a FETCH answer
+    holds several numbers a message, and a __new__ call and a dict each cost twice the int.
     """
 
-    text: str
-
     def __new__(cls, text: str) -> "Number":
-        self = super().__new__(cls, text)
-        self.text = text
+        self = int.__new__(cls, text)
+        if text != int.__repr__(self):
+            self.__dict__["text"] = text
         return self
+
+    @property
+    def text(self) -> str:
+        return self.__dict__.get("text") or int.__repr__(self)
 
     def __str__(self) -> str:
         return self.text
+
+    def __getnewargs__(self) -> Tuple[str]:
+        return (self.text,)     # copies and pickles are made again from the text
+
+
+def _digits_number(digits: bytes) -> Number:
+    """``Number(digits.decode())``, without __new__ where the digits have no leading zero."""
+    if digits[0] == 0x30:   # "0"
+        return Number(digits.decode("ascii"))
+    return int.__new__(Number, digits)
 
 
 class _Reader:
@@ -789,14 +806,18 @@ def _convert_atom(word: bytes) -> Any:
 # short and given up), so a run's last token is the literal whose bytes follow.  It knows
 # the common shapes only (atoms with one level of [section], quoted strings, literals); at
 # anything else (the last alternative) it gives up and _Reader parses the response again,
-# so both accept and reject exactly the same input.
+# so both accept and reject exactly the same input.  Its repeats are written unrolled
+# (a run of one character class, then each escape or [section] followed by another run)
+# rather than as a repeat of alternatives, which the regex engine tries byte by byte: the
+# same strings, matched in a fifth less work.  An atom that opens a [section] it never
+# closes is matched empty, which the tokenizer gives up at as at the last alternative.
 _TOKEN = re.compile(rb"""[ ]*(?:
     (\()                                               # 1: a list opens
   | (\))                                               # 2: a list closes
-  | (")((?:[^"\\\r\n]|\\[\x00-\xff])*)"                # 3, 4: a quoted string
+  | (")([^"\\\r\n]*(?:\\[\x00-\xff][^"\\\r\n]*)*)"      # 3, 4: a quoted string
   | ~?\{(\d+)\+?\}\r\n                                 # 5: a literal's size
   | ([0-9]+)(?![^ ()"{\r\n])                           # 6: a number (all digits)
-  | ((?:[^ ()"{\r\n\[]+|\[[^\[\]\r\n]*\])+)             # 7: any other atom, [sections] kept
+  | ((?=[^ ()"{\r\n])[^ ()"{\r\n\[]*(?:\[[^\[\]\r\n]*\][^ ()"{\r\n\[]*)*)  # 7: an atom
   | [\x00-\xff]                                       # 8 (no group): anything else
 )""", re.VERBOSE)
 _MISSING = object()
@@ -805,15 +826,19 @@ _MISSING = object()
 _QUOTED_PAIR = re.compile(rb"\\([\x00-\xff])")
 
 
-_UNESCAPED: Dict[bytes, str] = {}   # "\\Inbox", "\\Important"...: the same few strings
+# "TEXT", "PLAIN", "utf-8", "\\Inbox"...: a BODYSTRUCTURE's and Gmail's labels' quoted
+# strings are the same few, so short ones are decoded once.
+_QUOTED_VALUES: Dict[bytes, str] = {}
 
 
-def _unescape(text: bytes) -> str:
-    value = _UNESCAPED.get(text)
+def _quoted_value(text: bytes) -> str:
+    """A quoted string's value (``text``: what is between its quotes, escapes and all)."""
+    value = _QUOTED_VALUES.get(text)
     if value is None:
-        value = _QUOTED_PAIR.sub(lambda pair: pair.group(1), text).decode("utf-8", "surrogateescape")
-        if len(text) < 32 and len(_UNESCAPED) < 1024:
-            _UNESCAPED[text] = value
+        unescaped = _QUOTED_PAIR.sub(lambda pair: pair.group(1), text) if b"\\" in text else text
+        value = unescaped.decode("utf-8", "surrogateescape")
+        if len(text) < 32 and len(_QUOTED_VALUES) < 1024:
+            _QUOTED_VALUES[text] = value
     return value
 
 
@@ -821,14 +846,20 @@ class _NotSimple(Exception):
     pass
 
 
-def _parse_fast(data: bytes, depth: int = 0) -> List[Any]:
-    """The tokenizer's parse_response(); ``depth``: lists already open around ``data``."""
+def _parse_fast(data: bytes, depth: int = 0) -> Tuple[List[Any], int]:
+    """The tokenizer's parse_response(), and the _weight() of the values read (as one
+    list), worked out token by token rather than by walking them again; ``depth``: lists
+    already open around ``data``.  The weight is exact where ``depth`` is 1 or more, as for
+    the rest of a FETCH line (at 0, _weight() would count a list nested 100 deep as 8)."""
     values: List[Any] = []
     current = values
     stack: List[List[Any]] = []
     pos, end = 0, len(data)
     findall = _TOKEN.findall
     atoms = _ATOM_VALUES    # looked up here: a call per token is most of the cost
+    quoted = _QUOTED_VALUES
+    weight = 16     # as _weight(): 16 a list, 8 + its length a str or bytes, else 8; so 8 a
+                    # token (a list's two parentheses its 16), plus each text's length
     while pos < end:
         stop = data.find(b"\r\n", pos)
         if stop >= 0:
@@ -840,15 +871,24 @@ def _parse_fast(data: bytes, depth: int = 0) -> List[Any]:
         else:
             stop = end
         size = b""
-        for opened, closed, quote, text, size, number, word in findall(data, pos, stop):
+        tokens = findall(data, pos, stop)
+        weight += 8 * len(tokens)   # the lists balance (or the run is given up)
+        for opened, closed, quote, text, size, number, word in tokens:
             if word:
                 value = atoms.get(word, _MISSING)
-                current.append(_atom_value(word) if value is _MISSING else value)
-            elif number:
-                current.append(Number(number.decode("ascii")))
+                if value is _MISSING:
+                    value = _atom_value(word)
+                current.append(value)
+                if value.__class__ is str:
+                    weight += len(value)
             elif quote:
-                current.append(_unescape(text) if b"\\" in text
-                               else text.decode("utf-8", "surrogateescape"))
+                value = quoted.get(text)
+                if value is None:
+                    value = _quoted_value(text)
+                current.append(value)
+                weight += len(value)
+            elif number:
+                current.append(_digits_number(number))
             elif opened:
                 if len(stack) + depth >= MAX_NESTING:
                     raise _NotSimple()   # the plain reader says so, as a ProtocolError
@@ -867,10 +907,11 @@ def _parse_fast(data: bytes, depth: int = 0) -> List[Any]:
             if pos + count > end:
                 raise _NotSimple()
             current.append(data[pos:pos + count])
+            weight += count         # and 8 as its size's token
             pos += count
     if stack:
         raise _NotSimple()
-    return values
+    return values, weight
 
 
 def _weight(value: Any, depth: int = 0) -> int:
@@ -925,7 +966,9 @@ _LIST_WORD = re.compile(rb'"((?:[^"\\\r\n]|\\["\\])*)"|([^ ()"{\r\n\[\]]+)')   #
 # items follow one another one space apart, and findall() then splits them in one call: no
 # pattern call per item.  The values and the weight are those the item loop below works
 # out; any other shape (quoted labels, escapes, NIL where a list belongs, a literal's
-# "+" or "~", odd spacing) is left to that loop, which reads it as before.
+# "+" or "~", odd spacing) is left to that loop, which reads it as before.  Where only
+# what follows the literal is otherwise (Gmail's BODYSTRUCTURE and quoted labels come
+# there), the loop reads on from the literal, not again from the start.
 _SHAPE_NAME = rb"[A-Z][A-Z0-9.-]*"
 _SHAPE_VALUE = rb'(?:[0-9]+|\((?:[^ ()"{\r\n\[\]]+(?: [^ ()"{\r\n\[\]]+)*)?\)|"[^"\\\r\n]*")'
 _FETCH_SHAPE = re.compile(rb"([0-9]+) FETCH \(((?:" + _SHAPE_NAME + rb" " + _SHAPE_VALUE
@@ -935,15 +978,19 @@ _SHAPE_ITEM = re.compile(rb"(" + _SHAPE_NAME + rb') (?:([0-9]+)|(\([^()]*\))|"([
 _SECTIONS: Dict[bytes, str] = {}    # BODY[HEADER.FIELDS (...)]: too long for _ATOM_VALUES
 
 
-def _parse_fetch_shape(data: bytes) -> Optional[Tuple[List[Any], int]]:
-    """_parse_fetch() of a line in the common shape (see above), or None."""
+def _parse_fetch_shape(data: bytes) -> Optional[Tuple[List[Any], int, int]]:
+    """A line in the common shape (see above), read as far as the shape goes:
+    ``(parsed, weight, pos)`` as _parse_fetch() returns them, with ``pos == len(data)`` when
+    the whole line was in the shape, else the end of the literal, where the item loop goes
+    on (Gmail's BODYSTRUCTURE and quoted labels come after it); None when the line does not
+    begin in the shape."""
     line = _FETCH_SHAPE.match(data)
     if line is None:
         return None
     seq, before, name, size = line.groups()
     start = line.end()
     stop = start + int(size)
-    if stop >= len(data) or _SHAPE_AFTER.fullmatch(data, stop) is None:
+    if stop >= len(data):
         return None
     items: List[Any] = []
     weight = 16 + _shape_items(_SHAPE_ITEM.findall(before), items)
@@ -954,10 +1001,13 @@ def _parse_fetch_shape(data: bytes) -> Optional[Tuple[List[Any], int]]:
             _SECTIONS[name] = section
     items.append(section)
     items.append(data[start:stop])
-    weight += len(items[-2]) + 16 + stop - start
+    weight += len(section) + 16 + stop - start
+    parsed = [_digits_number(seq), "FETCH", items]
+    if _SHAPE_AFTER.fullmatch(data, stop) is None:
+        return parsed, weight, stop
     if stop + 1 < len(data):
         weight += _shape_items(_SHAPE_ITEM.findall(data, stop, len(data) - 1), items)
-    return [Number(seq.decode("ascii")), "FETCH", items], weight
+    return parsed, weight, len(data)
 
 
 def _atom_list(words: bytes) -> Tuple[List[Any], int]:
@@ -987,7 +1037,7 @@ def _shape_items(found: List[Tuple[bytes, bytes, bytes, bytes]], items: List[Any
         items.append(value)
         weight += len(value) + 16 if value.__class__ is str else 16    # and 8 for its value
         if number:
-            items.append(Number(number.decode("ascii")))
+            items.append(_digits_number(number))
         elif listed:
             words, listed_weight = _atom_list(listed[1:-1])
             items.append(words)
@@ -1002,17 +1052,24 @@ def _parse_fetch(data: bytes) -> Optional[Tuple[List[Any], int]]:
     """parse_response() of a FETCH line by whole items (see above), with the _weight() of
     its attribute list worked out on the way; None when ``data`` does not start as a FETCH
     line; raises _NotSimple where the other paths must decide."""
+    end = len(data)
     shaped = _parse_fetch_shape(data)
     if shaped is not None:
-        return shaped
-    head = _FETCH_HEAD.match(data)
-    if head is None:
-        return None
-    items: List[Any] = []
+        parsed, weight, pos = shaped
+        if pos == end:
+            return parsed, weight
+        if data.startswith(b" ", pos):      # as the loop steps past the literal's item
+            pos += 1
+    else:
+        head = _FETCH_HEAD.match(data)
+        if head is None:
+            return None
+        parsed = [_digits_number(head.group(1)), "FETCH", []]
+        pos = head.end()
+        weight = 16             # as _weight(items): 16 a list, 8 + its length a str or bytes
+    items: List[Any] = parsed[2]
     atoms = _ATOM_VALUES
     match = _FETCH_ITEM.match
-    pos, end = head.end(), len(data)
-    weight = 16                 # as _weight(items): 16 a list, 8 + its length a str or bytes
     while True:
         item = match(data, pos)
         if item is None:
@@ -1025,7 +1082,7 @@ def _parse_fetch(data: bytes) -> Optional[Tuple[List[Any], int]]:
         weight += len(value) + 16 if value.__class__ is str else 16    # and 8 for its value
         pos = item.end()
         if number is not None:
-            items.append(Number(number.decode("ascii")))
+            items.append(_digits_number(number))
         elif words is not None:
             listed: List[Any] = []
             weight += 8
@@ -1036,8 +1093,7 @@ def _parse_fetch(data: bytes) -> Optional[Tuple[List[Any], int]]:
                         if value is _MISSING:
                             value = _atom_value(word)
                     else:
-                        value = _unescape(text) if b"\\" in text else \
-                            text.decode("utf-8", "surrogateescape")
+                        value = _quoted_value(text)
                     listed.append(value)
                     weight += len(value) + 8 if value.__class__ is str else 8
             else:
@@ -1059,10 +1115,10 @@ def _parse_fetch(data: bytes) -> Optional[Tuple[List[Any], int]]:
     if pos != end - 1 or data[pos] != 0x29:    # more than the closing ")": the tokenizer's
         if pos >= end or data[end - 1] != 0x29:
             raise _NotSimple()
-        rest = _parse_fast(data[pos:end - 1], depth=1)
+        rest, rest_weight = _parse_fast(data[pos:end - 1], depth=1)
         items += rest
-        weight += _weight(rest) - 16
-    return [Number(head.group(1).decode("ascii")), "FETCH", items], weight
+        weight += rest_weight - 16
+    return parsed, weight
 
 
 # A UID SEARCH answer names every message of a folder; read as Number objects, 100,000
@@ -1089,7 +1145,7 @@ def _parse_weighed(data: bytes) -> Tuple[List[Any], Optional[int]]:
         fetched = _parse_fetch(data)
         if fetched is not None:
             return fetched
-        return _parse_fast(data), None
+        return _parse_fast(data)[0], None
     except _NotSimple:
         pass
     return _parse_plain(data), None

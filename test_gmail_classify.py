@@ -4753,11 +4753,12 @@ class HotPathEquivalenceTest(unittest.TestCase):
             with self.subTest(data=data):
                 self.assertEqual(outcome(gc.parse_response, data), outcome(gc._parse_plain, data))
             try:
-                got = gc._parse_fast(data)
+                got, weight = gc._parse_fast(data)
             except gc._NotSimple:
                 continue
             fast += 1
             self.assertEqual(repr(got), repr(gc._parse_plain(data)))
+            self.assertEqual(weight, _reference_weight(got))
         self.assertGreater(fast, 400)
         for data in samples[-5:-1]:     # these the fast path reads itself
             gc._parse_fast(data)
@@ -5122,9 +5123,18 @@ class ReadingShapeTest(unittest.TestCase):
                 found = gc._parse_fetch_shape(data)
                 if found is None:
                     continue
-                self.assertEqual(_parsed_shape(found[0]), want)
-                self.assertEqual(found[1], _reference_weight(found[0][2]))
-                self.assertEqual(gc._parse_weighed(data), found)
+                parsed, weight, pos = found
+                if pos < len(data):     # read up to the literal: the items the parser reads first
+                    if isinstance(want, str):       # an error, which parse_response() gave too
+                        continue
+                    self.assertEqual(_parsed_shape(parsed[:2]), want[:2])
+                    items = want[2][:len(parsed[2])]
+                    self.assertEqual(_parsed_shape(parsed[2]), items)
+                    self.assertEqual(weight, _reference_weight(parsed[2]))
+                    continue
+                self.assertEqual(_parsed_shape(parsed), want)
+                self.assertEqual(weight, _reference_weight(parsed[2]))
+                self.assertEqual(gc._parse_weighed(data), (parsed, weight))
                 shaped += 1
         self.assertGreater(shaped, 200)                  # the common shapes are read so
         self.assertLess(shaped, len(samples) - 300)      # and broken ones left alone
@@ -5139,7 +5149,7 @@ class ReadingShapeTest(unittest.TestCase):
         self.assertEqual(gc._parse_fetch_shape(dovecot), ([3, "FETCH", [
             "UID", 7, "FLAGS", ["\\Seen"], "RFC822.SIZE", 1197, "INTERNALDATE",
             "07-Dec-2024 12:40:03 +0000", "BODY[HEADER.FIELDS (FROM SUBJECT)]", header]],
-            _reference_weight(gc._parse_plain(dovecot)[2])))
+            _reference_weight(gc._parse_plain(dovecot)[2]), len(dovecot)))
         self.assertEqual(gc._parse_fetch_shape(fake)[0], gc._parse_plain(fake))
         odd = [dovecot.replace(b"(\\Seen)", b'("\\\\Seen")'),      # quoted in a list
                dovecot.replace(b"(\\Seen)", b"NIL"),               # NIL where a list goes
@@ -5153,7 +5163,8 @@ class ReadingShapeTest(unittest.TestCase):
                dovecot.replace(b"BODY[", b"BODY.PEEK["), dovecot[:-1]]
         for data in odd:
             with self.subTest(data=data):
-                self.assertIsNone(gc._parse_fetch_shape(data))
+                found = gc._parse_fetch_shape(data)     # not read whole, at most up to the literal
+                self.assertTrue(found is None or found[2] < len(data))
                 self.assertEqual(_parse_outcome(gc.parse_response, data),
                                  _parse_outcome(gc._parse_plain, data))
 
@@ -5265,6 +5276,117 @@ class UntaggedKindTest(unittest.TestCase):
                 self.assertIs(uid, _reference_uid(item))
                 uids += uid is not None
         self.assertGreater(uids, 150)
+
+
+def _bodystructure_lines(rng: random.Random, count: int) -> List[bytes]:
+    """Gmail's answers to the pipeline's FETCH when a rule needs attachments (the header
+    literal, then RFC822.SIZE, INTERNALDATE, a BODYSTRUCTURE and X-GM-LABELS, plain or
+    quoted), with BODYSTRUCTUREs of every shape: the bench corpus's, nested multiparts
+    around an encapsulated message, NIL, escapes, 8-bit, literals inside, lower case,
+    nesting at and past MAX_NESTING; then each broken at random places inside it."""
+    structures = [_bodystructure(_Part(raw)) for raw, _ in bench_corpus(24)]
+    nested = (b'Content-Type: multipart/mixed; boundary=o\r\n\r\n--o\r\nContent-Type: '
+              b'multipart/alternative; boundary=i\r\n\r\n--i\r\n\r\nhi\r\n--i\r\nContent-Type: '
+              b'text/html; charset="utf-8"\r\n\r\n<p>hi</p>\r\n--i--\r\n--o\r\nContent-Type: '
+              b'message/rfc822\r\n\r\nFrom: "A \\"q\\" B" <a@b>\r\nSubject: caf\xc3\xa9\r\n\r\nx\r\n'
+              b'--o\r\nContent-Type: application/pdf; name="r (1).pdf"\r\nContent-Disposition: '
+              b'attachment; filename="r (1).pdf"\r\n\r\nJVBER\r\n--o--\r\n')
+    structures.append(_bodystructure(_Part(nested)))
+    structures += [
+        b'("TEXT" "PLAIN" NIL NIL NIL "7BIT" 0 0 NIL NIL NIL NIL)',
+        b'("TEXT" "PLAIN" ("CHARSET" "utf-8" "NAME" "a \\"b\\" \\\\c") NIL "caf\xc3\xa9" "7BIT" 3 1)',
+        b'("APPLICATION" "PDF" ("NAME" {5}\r\nx y)z) NIL NIL "BASE64" 10 NIL ("attachment" '
+        b'("FILENAME" {3}\r\n\xff\xfe\xfd)) NIL NIL)',
+        b'(("TEXT" "PLAIN" NIL NIL NIL "7BIT" 1 1)("TEXT" "HTML" NIL NIL NIL "7BIT" 1 1) "ALTERNATIVE")',
+        b'(("TEXT" "PLAIN" NIL NIL NIL "7BIT" 1 1) "MIXED" ("BOUNDARY" "") NIL NIL NIL)',
+        b'("text" "plain" ("charset" "us-ascii") nil Nil "7bit" 007 01 NIL NIL NIL NIL)',
+        b'("TEXT" "PLAIN" ("\\x" "a\\\\") NIL "\\(" "" 1 1 NIL NIL NIL NIL)', b"(NIL)", b"()", b"((()))"]
+    for depth in range(gc.MAX_NESTING - 2, gc.MAX_NESTING + 2):    # 1 more: the FETCH list
+        structures.append(b"(" * depth + b'"TEXT" "PLAIN"' + b")" * depth)
+    headers = [raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" for raw, _ in bench_corpus(8)]
+    labels = [b"()", b"(\\Inbox)", b'("\\\\Inbox" "\\\\Important" Receipts)', b'("a \\"b\\"" "caf\xc3\xa9")']
+    lines = []
+    for n in range(count):
+        header = headers[n % len(headers)]
+        structure = structures[n % len(structures)]
+        lines.append(b'%d FETCH (UID %d FLAGS () BODY[HEADER.FIELDS (FROM SUBJECT)] {%d}\r\n%s '
+                     b'RFC822.SIZE %d INTERNALDATE "13-Dec-2025 07:47:35 +0000" BODYSTRUCTURE %s '
+                     b'X-GM-LABELS %s X-GM-MSGID %d)' % (n + 1, n + 1, len(header), header, 900 + n,
+                                                         structure, rng.choice(labels), 17 * n))
+    breaks = [b"(", b")", b" ", b"  ", b"", b'"', b'\\', b'"\\"', b"NIL", b"0123", b"{3}\r\n",
+              b"{99}\r\n", b"~{1}\r\n)", b"\r\n", b"\xff", b"[", b"]", b"(" * 99, b")" * 99]
+    broken = []
+    for line in lines:
+        start = line.index(b"BODYSTRUCTURE ") + 14
+        for _ in range(3):
+            at = rng.randrange(start, len(line))
+            broken.append(line[:at] + rng.choice(breaks) + line[at + rng.choice([0, 1, 1, 2]):])
+    return lines + broken
+
+
+class BodystructureLineTest(unittest.TestCase):
+    """Gmail's FETCH lines with a BODYSTRUCTURE: the shape reads them up to the header
+    literal, the item loop on to the BODYSTRUCTURE and the tokenizer the rest, weighing
+    as it reads; values, weight and refusals are the plain parser's."""
+
+    def test_lines_read_and_weigh_as_the_plain_parser_reads_them(self):
+        samples = _bodystructure_lines(random.Random(1717), 240)
+        tokenized = 0
+        for data in samples:
+            with self.subTest(data=data):
+                want = _parse_outcome(gc._parse_plain, data)
+                self.assertEqual(_parse_outcome(gc.parse_response, data), want)
+                try:
+                    fetched = gc._parse_fetch(data)
+                except gc._NotSimple:
+                    continue
+                self.assertEqual(_parsed_shape(fetched[0]), want)
+                self.assertEqual(fetched[1], _reference_weight(fetched[0][2]))
+                self.assertEqual(gc._parse_weighed(data), fetched)
+                rest = data[data.index(b" BODYSTRUCTURE ") + 1:-1]
+                values, weight = gc._parse_fast(rest, depth=1)
+                self.assertEqual(weight, _reference_weight(values))
+                tokenized += 1
+        self.assertGreater(tokenized, 300)                  # the fast paths read most
+        self.assertLess(tokenized, len(samples) - 200)      # and leave the broken alone
+
+    def test_a_gmail_line_is_read_on_from_its_literal_not_again(self):
+        line = _bodystructure_lines(random.Random(5), 1)[0]
+        parsed, weight, pos = gc._parse_fetch_shape(line)
+        self.assertEqual(line[pos:pos + 13], b" RFC822.SIZE ")
+        self.assertEqual(parsed[2][:4], ["UID", 1, "FLAGS", []])
+        with mock.patch.object(gc, "_FETCH_HEAD", None), \
+                mock.patch.object(gc, "_parse_fast", wraps=gc._parse_fast) as tokenizer:
+            self.assertEqual(_parsed_shape(gc.parse_response(line)),
+                             _parsed_shape(gc._parse_plain(line)))
+        # The item loop reads on (the size, the date), the tokenizer from the BODYSTRUCTURE.
+        self.assertTrue(tokenizer.call_args[0][0].startswith(b"BODYSTRUCTURE ("))
+        self.assertEqual(tokenizer.call_count, 1)
+
+    def test_numbers_made_without_their_text_read_as_those_made_with_it(self):
+        import copy
+        import pickle
+        for digits in (b"0", b"00", b"7", b"0123", b"123", b"4294967296", b"18446744073709551616",
+                       b"000000000000000000001"):
+            with self.subTest(digits=digits):
+                made, plain = gc._digits_number(digits), gc.Number(digits.decode())
+                for got in (made, copy.copy(made), copy.deepcopy(made),
+                            pickle.loads(pickle.dumps(made))):
+                    self.assertIs(type(got), gc.Number)
+                    self.assertEqual((int(got), str(got), got.text, repr(got)),
+                                     (int(plain), digits.decode(), digits.decode(), repr(plain)))
+                self.assertEqual(made.__dict__, {} if digits == b"%d" % int(digits) else
+                                 {"text": digits.decode()})
+
+    def test_quoted_strings_kept_are_bounded(self):
+        with mock.patch.dict(gc._QUOTED_VALUES, clear=True):
+            self.assertEqual((gc._quoted_value(b"x" * 32), gc._quoted_value(b"y" * 31)),
+                             ("x" * 32, "y" * 31))
+            self.assertEqual(list(gc._QUOTED_VALUES), [b"y" * 31])     # long ones are rare
+            for n in range(1100):
+                text = b"a\\\\%d" % n if n % 2 else b"b%d" % n
+                self.assertEqual(gc._quoted_value(text), text.replace(b"\\\\", b"\\").decode())
+            self.assertEqual(len(gc._QUOTED_VALUES), 1024)
 
 
 # --- Connection --------------------------------------------------------------------------

@@ -6503,6 +6503,16 @@ class Rule:
     continue_: bool = False
 
 
+def _frozen(cls: type, fields: Dict[str, Any]) -> Any:
+    """``cls(**fields)`` for a frozen dataclass the pipeline makes once or twice a message
+    (Decision, Outcome): ``fields``, naming every field, go into the new instance's dict
+    at once, where the frozen __init__ sets each through object.__setattr__, at twice the
+    cost.  No __post_init__ runs, and none may be needed."""
+    made = object.__new__(cls)
+    made.__dict__.update(fields)
+    return made
+
+
 @dataclass(frozen=True)
 class Decision:
     """The outcome for one message.
@@ -6705,7 +6715,7 @@ class Ruleset:
                         break
         finally:
             _drop_header_cache(headers)   # decoded for these rules only: free it
-        return Decision(matches=tuple(matches), actions=actions)
+        return _frozen(Decision, {"matches": tuple(matches), "actions": actions})
 
 
 # --- Rules files: validation -------------------------------------------------------------
@@ -8929,8 +8939,10 @@ class _FolderRun:
         # holds the mark where it was for the rest of the run.
         self.writing: List[_StepWrites] = []
         self.behind = False
-        # _Plan.decided() of each distinct Actions of the run (see _remembered).
-        self.decided_keys: Dict[Actions, Tuple[Tuple[str, ...], ...]] = {}
+        # _Plan.decided() of each distinct Actions of the run, by identity (_decided_keys);
+        # the names of decided changes already made (_decided_name).
+        self.decided_keys: Dict[int, Tuple[Actions, Tuple[Tuple[str, ...], ...]]] = {}
+        self.decided_names: Dict[Tuple[str, ...], str] = {}
 
     # -- opening the folder ---------------------------------------------------------------
 
@@ -9393,7 +9405,7 @@ class _FolderRun:
     def _step_done(self, step: _Step, ok: bool) -> None:
         report, checkpoint = self.report, self.checkpoint
         gmail = self.conn.is_gmail
-        same: Dict[Tuple[str, ...], Dict[str, Any]] = {}    # see _outcome
+        same: Dict[Tuple[str, ...], Tuple[Dict[str, Any], str]] = {}    # see _outcome
         outcomes = [self._outcome(step, uid, ok, gmail, same) for uid in sorted(step.decisions)]
         # A step that ended with changes not made holds the mark below it, also when a step
         # after it (under way at the same time) ends with all its changes made.
@@ -9417,7 +9429,7 @@ class _FolderRun:
                  same: Dict[Tuple[str, ...], Dict[str, Any]]) -> Outcome:
         """One message's Outcome, counted into the report.  A change that names no UID and
         no answer of the server's (a flag, a label on Gmail) is one dict of ``same``,
-        shared by the step's outcomes that make it: read-only."""
+        shared by the step's outcomes that make it (read-only), named once beside it."""
         report, status = self.report, self.status
         decision, info = step.decisions[uid], step.infos[uid]
         keys = step.plan.per_uid.get(uid, ())
@@ -9428,34 +9440,49 @@ class _FolderRun:
             if self.apply:
                 made = [key for key in keys if (uid, key) in confirmed]
             made_changes = []
+            counts = report.changes
             for key in made:
                 # A dry run's copies, as if made (those made are known to done()).
                 if not self.apply and key[0] == "label" and key[1] in self.copies:
                     self.copies[key[1]].add(step.plan.message_ids.get(uid))
-                change = same.get(key)
-                if change is None:
+                known = same.get(key)
+                if known is None:
                     change = _change_entry(key, uid, status, gmail, self.destinations,
                                            confirmed.get((uid, key)))
+                    known = (change, describe_change(change))
                     kind = key[0]   # _change_entry reads neither UID nor answer for these:
                     if kind in ("flag+", "flag-") or (gmail and kind in ("label", "archive")):
-                        same[key] = change
-                made_changes.append(change)
+                        same[key] = known
+                made_changes.append(known[0])
+                counts[known[1]] = counts.get(known[1], 0) + 1
             changes = tuple(made_changes)
-            counts = report.changes
-            for change in changes:
-                name = describe_change(change)
-                counts[name] = counts.get(name, 0) + 1
-        actions = decision.actions
-        _count_decision(report, decision, keys, made, lambda key: describe_change(
-            _change_entry(key, uid, status, gmail, self.destinations, None)),
-            _remembered(self.decided_keys, actions, lambda: tuple(_Plan.decided(actions))))
+        _count_decision(report, decision, keys, made, self._decided_name,
+                        self._decided_keys(decision.actions))
         if self.apply:
             report.changes_made += len(made)
             if not ok:
                 report.changes_not_made += len(keys) - len(made)
-        return Outcome(self.folder, uid, info.sender, info.subject, decision,
-                       step.msgids.get(uid), status.uidvalidity, info.message_id, changes,
-                       self.apply, len(keys) - len(made))
+        return _frozen(Outcome, {
+            "folder": self.folder, "uid": uid, "sender": info.sender, "subject": info.subject,
+            "decision": decision, "msgid": step.msgids.get(uid),
+            "uidvalidity": status.uidvalidity, "message_id": info.message_id,
+            "changes": changes, "applied": self.apply, "pending": len(keys) - len(made)})
+
+    def _decided_keys(self, actions: Actions) -> Tuple[Tuple[str, ...], ...]:
+        """_Plan.decided(actions), worked out once per distinct Actions of the run (a few
+        rules' actions, shared by thousands of messages), known by identity: an Actions
+        hashes all its fields, every time."""
+        known = self.decided_keys.get(id(actions))
+        if known is None:       # kept with its Actions, so that its id stays its own
+            known = _remembered(self.decided_keys, id(actions),
+                                lambda: (actions, tuple(_Plan.decided(actions))))
+        return known[1]
+
+    def _decided_name(self, key: Tuple[str, ...]) -> str:
+        """The name of a decided change the server already had (see _count_decision): its
+        change's, which reads no UID and no answer, so one for every message of the run."""
+        return _remembered(self.decided_names, key, lambda: describe_change(_change_entry(
+            key, 0, self.status, self.conn.is_gmail, self.destinations, None)))
 
 
 def _place_statuses(conn: GmailConnection, names: Sequence[str]
@@ -10978,8 +11005,10 @@ class Run(Checkpoint):
         self._step_actions = {}
         if self.apply:
             self.store.audit.write(self._message_lines(outcomes, time))
+        names: Dict[int, Tuple[Mapping[str, Any], str]] = {}     # see _count
         for outcome in outcomes:
-            self._count(outcome.changes, outcome.applied)
+            if outcome.changes:
+                self._count(outcome.changes, outcome.applied, names)
         if mark is not None and not self.narrowed:
             known = self.mark_of(status.name)
             if known is not None and known.uidvalidity == status.uidvalidity:
@@ -10999,19 +11028,27 @@ class Run(Checkpoint):
         log (the server has confirmed them); then pass them to ``on_record``."""
         if self.apply:
             self.store.audit.append(record for record in records if record["changes"])
+        names: Dict[int, Tuple[Mapping[str, Any], str]] = {}     # see _count
         for record in records:
-            self._count(record["changes"], record["applied"])
+            self._count(record["changes"], record["applied"], names)
         if announce and self.on_record is not None:
             for record in records:
                 self.on_record(record)
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _count(self, changes: Sequence[Mapping[str, Any]], applied: bool) -> None:
-        """Count one message's changes by name (``counts``), and as made when applied."""
+    def _count(self, changes: Sequence[Mapping[str, Any]], applied: bool,
+               names: Dict[int, Tuple[Mapping[str, Any], str]]) -> None:
+        """Count one message's changes by name (``counts``), and as made when applied.
+        ``names``: the name of each change counted with it, by identity: a change the
+        messages of a step share (a label on Gmail, a flag) is one dict, named once; kept
+        there, so that its id is its own while ``names`` lives."""
+        counts = self.counts
         for change in changes:
-            name = describe_change(change)
-            self.counts[name] = self.counts.get(name, 0) + 1
+            known = names.get(id(change))
+            if known is None:
+                known = names[id(change)] = (change, describe_change(change))
+            counts[known[1]] = counts.get(known[1], 0) + 1
         if applied:
             self.changes_made += len(changes)
 

@@ -10453,19 +10453,21 @@ def _record_lines(records: Iterable[Mapping[str, Any]]) -> Iterator[str]:
         yield encode(record) + "\n"
 
 
-def _value_texts() -> Callable[[Any], str]:
-    """A function giving each value's text as _RECORD_JSON writes it within a record: a
-    string, a whole number, true, false and null here, at the cost of a call (the C
-    encoder's set-up costs several); a list's items one by one; anything else the
-    encoder's text.  A dict or other container met again (a change or "actions" that a
-    step's records share) is encoded once: it is known by its identity and kept (so
-    that identity is never another's), which is why the function lives only as long
-    as one write's records (a _RecordShape's), and their shared parts must not change
-    meanwhile."""
+def _value_texts() -> Tuple[Callable[[Any], str], Callable[[Iterable[Any]], Tuple[str, ...]]]:
+    """``(text, texts)``: functions giving a value's text as _RECORD_JSON writes it within
+    a record (``texts``: of each value of a record's fields, in one call): a string, a
+    whole number, true, false and null here, at the cost of a call (the C encoder's set-up
+    costs several), or in ``texts`` a string or whole number without one (most fields
+    are); a list's items one by one; anything else the encoder's text.  A dict or other
+    container met again (a change or "actions" that a step's records share) is encoded
+    once: it is known by its identity and kept (so that identity is never another's),
+    which is why the functions live only as long as one write's records (a
+    _RecordShape's), and their shared parts must not change meanwhile."""
     chunks = _c_record_encoder()
     if chunks is None:
         chunks = lambda value, _: (_RECORD_JSON.encode(value),)  # noqa: E731
     join, string = "".join, json.encoder.encode_basestring
+    number = repr       # int.__repr__, for an int itself (not a subclass), at less cost
     separator = _RECORD_JSON.item_separator
     known: Dict[int, Tuple[Any, str]] = {}
 
@@ -10474,7 +10476,7 @@ def _value_texts() -> Callable[[Any], str]:
         if kind is str:
             return string(value)
         if kind is int:
-            return int.__repr__(value)
+            return number(value)
         if value is None:
             return "null"
         if value is True:
@@ -10492,7 +10494,12 @@ def _value_texts() -> Callable[[Any], str]:
             return "[" + separator.join(map(item, value)) + "]"
         return item(value)
 
-    return text
+    def texts(values: Iterable[Any]) -> Tuple[str, ...]:
+        return tuple([string(value) if type(value) is str else
+                      number(value) if type(value) is int else text(value)
+                      for value in values])
+
+    return text, texts
 
 
 class _RecordShape:
@@ -10524,7 +10531,7 @@ class _RecordShape:
             fields.append(json.encoder.encode_basestring(key).replace("%", "%%") +
                           _RECORD_JSON.key_separator + value)
         self.format = "{" + _RECORD_JSON.item_separator.join(fields) + "}\n"
-        self.text = _value_texts()
+        self.text, self.texts = _value_texts()
 
     def line(self, entry: Mapping[str, Any]) -> str:
         """The line of ``dict(stamp, **entry)``, without making that dict."""
@@ -10534,7 +10541,7 @@ class _RecordShape:
             except KeyError:
                 pass
             else:
-                return self.format % tuple(map(self.text, values))
+                return self.format % self.texts(values)
         return self.encode(dict(self.stamp, **entry)) + "\n"
 
 
@@ -11075,7 +11082,7 @@ class Run(Checkpoint):
         stamp = {"type": "message", "version": RECORD_VERSION, "run": self.id, "time": time,
                  "account": self.user, "host": self.host, **self._named()}
         shape = _RecordShape(stamp, _MESSAGE_FIELDS)       # usable: its keys are ours
-        text, form = shape.text, shape.format
+        text, texts, form = shape.text, shape.texts, shape.format
         actions_texts: Dict[int, Tuple[Actions, str]] = {}    # by identity, kept alive
         matches_texts: Dict[Tuple[Tuple[str, str], ...], Tuple[str, str]] = {}
         for outcome in outcomes:
@@ -11091,11 +11098,13 @@ class Run(Checkpoint):
                 matches = matches_texts[decision.matches] = (
                     text([reason for _, reason in decision.matches]),
                     text([name for name, _ in decision.matches]))
+            applied, changes, folder, sender, msgid, message_id, subject, uid, uidvalidity = \
+                texts((outcome.applied, outcome.changes, outcome.folder, outcome.sender,
+                       outcome.msgid, outcome.message_id, outcome.subject, outcome.uid,
+                       outcome.uidvalidity))
             # The order of _MESSAGE_FIELDS, sorted.
-            yield form % (actions[1], text(outcome.applied), text(outcome.changes),
-                          text(outcome.folder), text(outcome.sender), text(outcome.msgid),
-                          text(outcome.message_id), matches[0], matches[1],
-                          text(outcome.subject), text(outcome.uid), text(outcome.uidvalidity))
+            yield form % (actions[1], applied, changes, folder, sender, msgid, message_id,
+                          matches[0], matches[1], subject, uid, uidvalidity)
 
     def _actions_record(self, actions: Actions) -> Dict[str, Any]:
         """A message record's "actions" (``{}`` when none): Actions.as_record, worked out

@@ -15733,10 +15733,29 @@ class RecordSideLinesTest(unittest.TestCase):
         for c_encoder in (True, False):
             with mock.patch.object(json.encoder, "c_make_encoder",
                                    json.encoder.c_make_encoder if c_encoder else None):
-                text = gc._value_texts()
+                text, texts = gc._value_texts()
                 for value in values + values:      # the second time from what it kept
                     with self.subTest(value=value, c_encoder=c_encoder):
                         self.assertEqual(text(value), gc._RECORD_JSON.encode(value))
+
+    def test_value_texts_texts_are_each_values_text(self):
+        # A record's field values at once (strings and whole numbers written in place):
+        # each the encoder's text, subclasses, bools and lists of shared values too.
+        rnd = random.Random(9)
+        shared = {"action": "star", "flag": "\\Flagged", "before": False, "after": True}
+        values = list(_SHAPE_VALUES) + [shared, [shared, shared], (shared, 2 ** 64), True, -1]
+        for c_encoder in (True, False):
+            with mock.patch.object(json.encoder, "c_make_encoder",
+                                   json.encoder.c_make_encoder if c_encoder else None):
+                text, texts = gc._value_texts()
+                for number in range(150):
+                    fields = [rnd.choice(values) for _ in range(rnd.randrange(12))]
+                    with self.subTest(number=number, c_encoder=c_encoder):
+                        got = texts(fields)
+                        self.assertIs(type(got), tuple)
+                        self.assertEqual(got, tuple(gc._RECORD_JSON.encode(value)
+                                                    for value in fields))
+                        self.assertEqual(texts(iter(fields)), got)
 
     def test_value_texts_leave_scalars_to_themselves_and_shared_values_to_once(self):
         # Strings, whole numbers, true, false and null (alone or in a list) without the
@@ -15750,7 +15769,7 @@ class RecordSideLinesTest(unittest.TestCase):
 
         shared = {"action": "star", "flag": "\\Flagged", "before": False, "after": True}
         with mock.patch.object(gc, "_c_record_encoder", counted):
-            text = gc._value_texts()
+            text, texts = gc._value_texts()
             values = ["s\u2028", 7, None, True, False, ["a", 1, None, True, False],
                       ("b", 2 ** 70), [shared, shared], (shared,), shared]
             texts = [text(value) for value in values]
@@ -15768,7 +15787,7 @@ class RecordSideLinesTest(unittest.TestCase):
                     [1, datetime(2026, 1, 1)]):
             with self.subTest(bad=type(bad).__name__):
                 with self.assertRaises((TypeError, ValueError)) as ours:
-                    gc._value_texts()(bad)
+                    gc._value_texts()[0](bad)
                 with self.assertRaises((TypeError, ValueError)) as plain:
                     gc._RECORD_JSON.encode(bad)
                 self.assertIs(type(ours.exception), type(plain.exception))

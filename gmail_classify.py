@@ -9426,7 +9426,7 @@ class _FolderRun:
                     self.listeners.on_message(outcome)
 
     def _outcome(self, step: _Step, uid: int, ok: bool, gmail: bool,
-                 same: Dict[Tuple[str, ...], Dict[str, Any]]) -> Outcome:
+                 same: Dict[Tuple[str, ...], Tuple[Dict[str, Any], str]]) -> Outcome:
         """One message's Outcome, counted into the report.  A change that names no UID and
         no answer of the server's (a flag, a label on Gmail) is one dict of ``same``,
         shared by the step's outcomes that make it (read-only), named once beside it."""
@@ -9480,7 +9480,7 @@ class _FolderRun:
 
     def _decided_name(self, key: Tuple[str, ...]) -> str:
         """The name of a decided change the server already had (see _count_decision): its
-        change's, which reads no UID and no answer, so one for every message of the run."""
+        change's, which reads no UID and no answer: one for all the folder's messages."""
         return _remembered(self.decided_names, key, lambda: describe_change(_change_entry(
             key, 0, self.status, self.conn.is_gmail, self.destinations, None)))
 

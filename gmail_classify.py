@@ -6603,6 +6603,16 @@ class Rule:
     continue_: bool = False
 
 
+def _frozen(cls: type, fields: Dict[str, Any]) -> Any:
+    """``cls(**fields)`` for a frozen dataclass the pipeline makes once or twice a message
+    (Decision, Outcome): ``fields``, naming every field, go into the new instance's dict
+    at once, where the frozen __init__ sets each through object.__setattr__, at twice the
+    cost.  No __post_init__ runs, and none may be needed."""
+    made = object.__new__(cls)
+    made.__dict__.update(fields)
+    return made
+
+
 @dataclass(frozen=True)
 class Decision:
     """The outcome for one message.
@@ -6805,7 +6815,7 @@ class Ruleset:
                         break
         finally:
             _drop_header_cache(headers)   # decoded for these rules only: free it
-        return Decision(matches=tuple(matches), actions=actions)
+        return _frozen(Decision, {"matches": tuple(matches), "actions": actions})
 
 
 # --- Rules files: validation -------------------------------------------------------------
@@ -9094,8 +9104,10 @@ class _FolderRun:
         # holds the mark where it was for the rest of the run.
         self.writing: List[_StepWrites] = []
         self.behind = False
-        # _Plan.decided() of each distinct Actions of the run (see _remembered).
-        self.decided_keys: Dict[Actions, Tuple[Tuple[str, ...], ...]] = {}
+        # _Plan.decided() of each distinct Actions of the run, by identity (_decided_keys);
+        # the names of decided changes already made (_decided_name).
+        self.decided_keys: Dict[int, Tuple[Actions, Tuple[Tuple[str, ...], ...]]] = {}
+        self.decided_names: Dict[Tuple[str, ...], str] = {}
 
     # -- opening the folder ---------------------------------------------------------------
 
@@ -9611,7 +9623,7 @@ class _FolderRun:
     def _step_done(self, step: _Step, ok: bool) -> None:
         report, checkpoint = self.report, self.checkpoint
         gmail = self.conn.is_gmail
-        same: Dict[Tuple[str, ...], Dict[str, Any]] = {}    # see _outcome
+        same: Dict[Tuple[str, ...], Tuple[Dict[str, Any], str]] = {}    # see _outcome
         outcomes = [self._outcome(step, uid, ok, gmail, same) for uid in sorted(step.decisions)]
         # A step that ended with changes not made holds the mark below it, also when a step
         # after it (under way at the same time) ends with all its changes made.
@@ -9634,10 +9646,10 @@ class _FolderRun:
                     self.listeners.on_message(outcome)
 
     def _outcome(self, step: _Step, uid: int, ok: bool, gmail: bool,
-                 same: Dict[Tuple[str, ...], Dict[str, Any]]) -> Outcome:
+                 same: Dict[Tuple[str, ...], Tuple[Dict[str, Any], str]]) -> Outcome:
         """One message's Outcome, counted into the report.  A change that names no UID and
         no answer of the server's (a flag, a label on Gmail) is one dict of ``same``,
-        shared by the step's outcomes that make it: read-only."""
+        shared by the step's outcomes that make it (read-only), named once beside it."""
         report, status = self.report, self.status
         decision, info = step.decisions[uid], step.infos[uid]
         keys = step.plan.per_uid.get(uid, ())
@@ -9648,34 +9660,49 @@ class _FolderRun:
             if self.apply:
                 made = [key for key in keys if (uid, key) in confirmed]
             made_changes = []
+            counts = report.changes
             for key in made:
                 # A dry run's copies, as if made (those made are known to done()).
                 if not self.apply and key[0] == "label" and key[1] in self.copies:
                     self.copies[key[1]].add(step.plan.message_ids.get(uid))
-                change = same.get(key)
-                if change is None:
+                known = same.get(key)
+                if known is None:
                     change = _change_entry(key, uid, status, gmail, self.destinations,
                                            confirmed.get((uid, key)))
+                    known = (change, describe_change(change))
                     kind = key[0]   # _change_entry reads neither UID nor answer for these:
                     if kind in ("flag+", "flag-") or (gmail and kind in ("label", "archive")):
-                        same[key] = change
-                made_changes.append(change)
+                        same[key] = known
+                made_changes.append(known[0])
+                counts[known[1]] = counts.get(known[1], 0) + 1
             changes = tuple(made_changes)
-            counts = report.changes
-            for change in changes:
-                name = describe_change(change)
-                counts[name] = counts.get(name, 0) + 1
-        actions = decision.actions
-        _count_decision(report, decision, keys, made, lambda key: describe_change(
-            _change_entry(key, uid, status, gmail, self.destinations, None)),
-            _remembered(self.decided_keys, actions, lambda: tuple(_Plan.decided(actions))))
+        _count_decision(report, decision, keys, made, self._decided_name,
+                        self._decided_keys(decision.actions))
         if self.apply:
             report.changes_made += len(made)
             if not ok:
                 report.changes_not_made += len(keys) - len(made)
-        return Outcome(self.folder, uid, info.sender, info.subject, decision,
-                       step.msgids.get(uid), status.uidvalidity, info.message_id, changes,
-                       self.apply, len(keys) - len(made))
+        return _frozen(Outcome, {
+            "folder": self.folder, "uid": uid, "sender": info.sender, "subject": info.subject,
+            "decision": decision, "msgid": step.msgids.get(uid),
+            "uidvalidity": status.uidvalidity, "message_id": info.message_id,
+            "changes": changes, "applied": self.apply, "pending": len(keys) - len(made)})
+
+    def _decided_keys(self, actions: Actions) -> Tuple[Tuple[str, ...], ...]:
+        """_Plan.decided(actions), worked out once per distinct Actions of the run (a few
+        rules' actions, shared by thousands of messages), known by identity: an Actions
+        hashes all its fields, every time."""
+        known = self.decided_keys.get(id(actions))
+        if known is None:       # kept with its Actions, so that its id stays its own
+            known = _remembered(self.decided_keys, id(actions),
+                                lambda: (actions, tuple(_Plan.decided(actions))))
+        return known[1]
+
+    def _decided_name(self, key: Tuple[str, ...]) -> str:
+        """The name of a decided change the server already had (see _count_decision): its
+        change's, which reads no UID and no answer: one for all the folder's messages."""
+        return _remembered(self.decided_names, key, lambda: describe_change(_change_entry(
+            key, 0, self.status, self.conn.is_gmail, self.destinations, None)))
 
 
 def _place_statuses(conn: GmailConnection, names: Sequence[str]
@@ -10658,19 +10685,21 @@ def _record_lines(records: Iterable[Mapping[str, Any]]) -> Iterator[str]:
         yield encode(record) + "\n"
 
 
-def _value_texts() -> Callable[[Any], str]:
-    """A function giving each value's text as _RECORD_JSON writes it within a record: a
-    string, a whole number, true, false and null here, at the cost of a call (the C
-    encoder's set-up costs several); a list's items one by one; anything else the
-    encoder's text.  A dict or other container met again (a change or "actions" that a
-    step's records share) is encoded once: it is known by its identity and kept (so
-    that identity is never another's), which is why the function lives only as long
-    as one write's records (a _RecordShape's), and their shared parts must not change
-    meanwhile."""
+def _value_texts() -> Tuple[Callable[[Any], str], Callable[[Iterable[Any]], Tuple[str, ...]]]:
+    """``(text, texts)``: functions giving a value's text as _RECORD_JSON writes it within
+    a record (``texts``: of each value of a record's fields, in one call): a string, a
+    whole number, true, false and null here, at the cost of a call (the C encoder's set-up
+    costs several), or in ``texts`` a string or whole number without one (most fields
+    are); a list's items one by one; anything else the encoder's text.  A dict or other
+    container met again (a change or "actions" that a step's records share) is encoded
+    once: it is known by its identity and kept (so that identity is never another's),
+    which is why the functions live only as long as one write's records (a
+    _RecordShape's), and their shared parts must not change meanwhile."""
     chunks = _c_record_encoder()
     if chunks is None:
         chunks = lambda value, _: (_RECORD_JSON.encode(value),)  # noqa: E731
     join, string = "".join, json.encoder.encode_basestring
+    number = repr       # int.__repr__, for an int itself (not a subclass), at less cost
     separator = _RECORD_JSON.item_separator
     known: Dict[int, Tuple[Any, str]] = {}
 
@@ -10679,7 +10708,7 @@ def _value_texts() -> Callable[[Any], str]:
         if kind is str:
             return string(value)
         if kind is int:
-            return int.__repr__(value)
+            return number(value)
         if value is None:
             return "null"
         if value is True:
@@ -10697,7 +10726,12 @@ def _value_texts() -> Callable[[Any], str]:
             return "[" + separator.join(map(item, value)) + "]"
         return item(value)
 
-    return text
+    def texts(values: Iterable[Any]) -> Tuple[str, ...]:
+        return tuple([string(value) if type(value) is str else
+                      number(value) if type(value) is int else text(value)
+                      for value in values])
+
+    return text, texts
 
 
 class _RecordShape:
@@ -10729,7 +10763,7 @@ class _RecordShape:
             fields.append(json.encoder.encode_basestring(key).replace("%", "%%") +
                           _RECORD_JSON.key_separator + value)
         self.format = "{" + _RECORD_JSON.item_separator.join(fields) + "}\n"
-        self.text = _value_texts()
+        self.text, self.texts = _value_texts()
 
     def line(self, entry: Mapping[str, Any]) -> str:
         """The line of ``dict(stamp, **entry)``, without making that dict."""
@@ -10739,7 +10773,7 @@ class _RecordShape:
             except KeyError:
                 pass
             else:
-                return self.format % tuple(map(self.text, values))
+                return self.format % self.texts(values)
         return self.encode(dict(self.stamp, **entry)) + "\n"
 
 
@@ -11210,8 +11244,10 @@ class Run(Checkpoint):
         self._step_actions = {}
         if self.apply:
             self.store.audit.write(self._message_lines(outcomes, time))
+        names: Dict[int, Tuple[Mapping[str, Any], str]] = {}     # see _count
         for outcome in outcomes:
-            self._count(outcome.changes, outcome.applied)
+            if outcome.changes:
+                self._count(outcome.changes, outcome.applied, names)
         if mark is not None and not self.narrowed:
             known = self.mark_of(status.name)
             if known is not None and known.uidvalidity == status.uidvalidity:
@@ -11231,19 +11267,27 @@ class Run(Checkpoint):
         log (the server has confirmed them); then pass them to ``on_record``."""
         if self.apply:
             self.store.audit.append(record for record in records if record["changes"])
+        names: Dict[int, Tuple[Mapping[str, Any], str]] = {}     # see _count
         for record in records:
-            self._count(record["changes"], record["applied"])
+            self._count(record["changes"], record["applied"], names)
         if announce and self.on_record is not None:
             for record in records:
                 self.on_record(record)
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _count(self, changes: Sequence[Mapping[str, Any]], applied: bool) -> None:
-        """Count one message's changes by name (``counts``), and as made when applied."""
+    def _count(self, changes: Sequence[Mapping[str, Any]], applied: bool,
+               names: Dict[int, Tuple[Mapping[str, Any], str]]) -> None:
+        """Count one message's changes by name (``counts``), and as made when applied.
+        ``names``: the name of each change counted with it, by identity: a change the
+        messages of a step share (a label on Gmail, a flag) is one dict, named once; kept
+        there, so that its id is its own while ``names`` lives."""
+        counts = self.counts
         for change in changes:
-            name = describe_change(change)
-            self.counts[name] = self.counts.get(name, 0) + 1
+            known = names.get(id(change))
+            if known is None:
+                known = names[id(change)] = (change, describe_change(change))
+            counts[known[1]] = counts.get(known[1], 0) + 1
         if applied:
             self.changes_made += len(changes)
 
@@ -11270,7 +11314,7 @@ class Run(Checkpoint):
         stamp = {"type": "message", "version": RECORD_VERSION, "run": self.id, "time": time,
                  "account": self.user, "host": self.host, **self._named()}
         shape = _RecordShape(stamp, _MESSAGE_FIELDS)       # usable: its keys are ours
-        text, form = shape.text, shape.format
+        text, texts, form = shape.text, shape.texts, shape.format
         actions_texts: Dict[int, Tuple[Actions, str]] = {}    # by identity, kept alive
         matches_texts: Dict[Tuple[Tuple[str, str], ...], Tuple[str, str]] = {}
         for outcome in outcomes:
@@ -11286,11 +11330,13 @@ class Run(Checkpoint):
                 matches = matches_texts[decision.matches] = (
                     text([reason for _, reason in decision.matches]),
                     text([name for name, _ in decision.matches]))
+            applied, changes, folder, sender, msgid, message_id, subject, uid, uidvalidity = \
+                texts((outcome.applied, outcome.changes, outcome.folder, outcome.sender,
+                       outcome.msgid, outcome.message_id, outcome.subject, outcome.uid,
+                       outcome.uidvalidity))
             # The order of _MESSAGE_FIELDS, sorted.
-            yield form % (actions[1], text(outcome.applied), text(outcome.changes),
-                          text(outcome.folder), text(outcome.sender), text(outcome.msgid),
-                          text(outcome.message_id), matches[0], matches[1],
-                          text(outcome.subject), text(outcome.uid), text(outcome.uidvalidity))
+            yield form % (actions[1], applied, changes, folder, sender, msgid, message_id,
+                          matches[0], matches[1], subject, uid, uidvalidity)
 
     def _actions_record(self, actions: Actions) -> Dict[str, Any]:
         """A message record's "actions" (``{}`` when none): Actions.as_record, worked out

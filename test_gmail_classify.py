@@ -10181,6 +10181,61 @@ class RuleGateReviewTest(unittest.TestCase):
                 self.assertEqual(set(searched[1]) - set(searched[0]), set())
 
 
+
+class FrozenMadeTest(unittest.TestCase):
+    """_frozen makes the Decision of each message (Ruleset.classify) and its Outcome
+    (_FolderRun._outcome) without the frozen __init__: what it makes is the instance the
+    constructor makes, field for field, equal, hashed, shown, copied and as frozen, over
+    varied and hostile values."""
+
+    def made_both_ways(self) -> Iterable[Tuple[Any, Any]]:
+        rnd = random.Random(11)
+        texts = ["", "receipt", "\ud800 lone", "\x00\x1b\u202e", "long " * 500, "%s"]
+        actions = [gc.Actions(), gc.Actions.make(labels=("A", "B/\u00fc"), mark_read=True),
+                   gc.Actions.make(move="Lists/{year}", star=True), gc.Actions.make(trash=True)]
+        for n in range(40):
+            matches = tuple((rnd.choice(texts), rnd.choice(texts))
+                            for _ in range(rnd.randrange(3)))
+            fields = {"matches": matches, "actions": rnd.choice(actions)}
+            yield gc.Decision(**fields), gc._frozen(gc.Decision, dict(fields))
+            decision = gc.Decision(**fields)
+            change = {"action": "label", "label": rnd.choice(texts), "before": False,
+                      "after": True}
+            fields = {"folder": rnd.choice(texts), "uid": rnd.choice([n, 2 ** 40, _Count(3)]),
+                      "sender": rnd.choice(texts), "subject": _Text(rnd.choice(texts)),
+                      "decision": decision, "msgid": rnd.choice([None, 2 ** 63]),
+                      "uidvalidity": rnd.choice([None, 7]), "message_id": rnd.choice(texts),
+                      "changes": rnd.choice([(), (change,), (change, dict(change))]),
+                      "applied": n % 2 == 0, "pending": n % 3}
+            yield gc.Outcome(**fields), gc._frozen(gc.Outcome, dict(fields))
+
+    def test_frozen_makes_what_the_constructor_makes(self):
+        for number, (built, made) in enumerate(self.made_both_ways()):
+            with self.subTest(number=number, kind=type(built).__name__):
+                self.assertIs(type(made), type(built))
+                self.assertEqual(made, built)
+                self.assertEqual(repr(made), repr(built))
+                self.assertEqual(vars(made), vars(built))
+                self.assertEqual(dataclasses.asdict(made), dataclasses.asdict(built))
+                self.assertEqual(dataclasses.replace(made), built)
+                if isinstance(built, gc.Decision):
+                    self.assertEqual(hash(made), hash(built))
+                with self.assertRaises(dataclasses.FrozenInstanceError):
+                    made.uid = 5
+
+    def test_classify_decisions_are_the_constructors(self):
+        rules = gc.parse_rules(_RECORD_SIDE_RULES, "rules.json")
+        for subject in ("a receipt", "hostile \udcff 8-bit", "nothing"):
+            msg = gc.MessageInfo(gc.parse_headers(
+                f"From: a@mybank.example\r\nSubject: {subject}\r\n\r\n"
+                .encode("utf-8", "surrogateescape")))
+            decision = rules.classify(msg, final=True, now=NOW)
+            with self.subTest(subject=subject):
+                self.assertEqual(vars(decision), vars(gc.Decision(decision.matches,
+                                                                  decision.actions)))
+                self.assertEqual(repr(decision), repr(gc.Decision(**vars(decision))))
+
+
 # --- Rules files: validation -------------------------------------------------------------
 
 
@@ -15395,6 +15450,47 @@ class RecordSideEquivalenceTest(StateTestCase):
                 self.assertEqual(len(seen), len(set(seen)))     # each Actions once
                 self.assertLess(len(seen), 15)                  # fewer than the messages
 
+    def test_dry_run_reports_and_records_are_the_plain_ones(self):
+        # No audit log: what a dry run reports (changes, decisions already made, copies
+        # off Gmail) and its records (--json) are the plain record side's.
+        for server in ({"gmail": True}, {"kind": "move"}):
+            results = []
+            for plain in (False, True):
+                self.server = FakeGmail(**server).start()
+                self.addCleanup(self.server.stop)
+                self.fill(self.server)
+                shutil.rmtree(self.state_dir, ignore_errors=True)
+                records: List[Dict[str, Any]] = []
+                with _plain_record_side() if plain else contextlib.nullcontext():
+                    run = self.run_once(gc.parse_rules(_RECORD_SIDE_RULES, "rules.json"),
+                                        apply=False, batch_size=6, records=records)
+                results.append(([dataclasses.asdict(report) for report in run.reports],
+                                run.counts, run.changes_made, run.already_done(),
+                                [dict(r, run="RUN", time="T", host="HOST") for r in records]))
+            with self.subTest(**server):
+                self.assertEqual(results[0], results[1])
+                self.assertTrue(results[0][3])      # decisions the server already had
+                self.assertGreaterEqual(len(results[0][4]), 15)
+
+    def test_a_shared_change_named_once_a_step(self):
+        # The report's counts and the run's: a label or flag on Gmail is one dict for the
+        # step's messages, named once on each side, not once a message on both.
+        named: List[Mapping[str, Any]] = []
+        describe = gc.describe_change
+
+        def counted(change: Mapping[str, Any]) -> str:
+            named.append(change)
+            return describe(change)
+
+        self.server = FakeGmail(gmail=True).start()
+        self.addCleanup(self.server.stop)
+        self.fill(self.server)
+        with mock.patch.object(gc, "describe_change", counted):
+            run = self.run_once(gc.parse_rules(_RECORD_SIDE_RULES, "rules.json"),
+                                batch_size=15)
+        self.assertGreater(run.changes_made, 20)
+        self.assertLess(len(named), run.changes_made)
+
     def test_refused_step_writes_the_plain_unsent_records(self):
         ours, plain = self.both_ways(fault=("UID MOVE", "no"), kind="move")
         self.assert_same(ours, plain, "intent", "unsent", "summary")
@@ -15941,6 +16037,26 @@ class RecordSideLinesTest(unittest.TestCase):
                 if heard is not None:
                     self.assertEqual(heard, [run.record(o, time) for o in outcomes])
 
+    def test_step_done_names_each_shared_change_once(self):
+        # A change the step's messages share is one dict, named once for the run's counts
+        # (and an equal one that is not the same dict, again); the counts are the names'.
+        run = self.run_of()
+        outcomes = self.outcomes(random.Random(4), True, surrogates=False, count=80)
+        status = gc.FolderStatus("INBOX", 7, 900, 90, False)
+        named: List[Mapping[str, Any]] = []
+        describe = gc.describe_change
+
+        def counted(change: Mapping[str, Any]) -> str:
+            named.append(change)
+            return describe(change)
+
+        with mock.patch.object(gc, "describe_change", counted):
+            run.step_done(_Connected(), status, 80, outcomes)
+        changes = [change for outcome in outcomes for change in outcome.changes]
+        self.assertEqual(sorted(map(id, named)), sorted(set(map(id, changes))))
+        self.assertLess(len(named), len(changes))
+        self.assertEqual(run.counts, dict(collections.Counter(map(describe, changes))))
+
     def test_each_step_its_own_shared_actions(self):
         # A step's records share one "actions" dict per Actions; the next step's another.
         heard: List[Dict[str, Any]] = []
@@ -15977,10 +16093,29 @@ class RecordSideLinesTest(unittest.TestCase):
         for c_encoder in (True, False):
             with mock.patch.object(json.encoder, "c_make_encoder",
                                    json.encoder.c_make_encoder if c_encoder else None):
-                text = gc._value_texts()
+                text, texts = gc._value_texts()
                 for value in values + values:      # the second time from what it kept
                     with self.subTest(value=value, c_encoder=c_encoder):
                         self.assertEqual(text(value), gc._RECORD_JSON.encode(value))
+
+    def test_value_texts_texts_are_each_values_text(self):
+        # A record's field values at once (strings and whole numbers written in place):
+        # each the encoder's text, subclasses, bools and lists of shared values too.
+        rnd = random.Random(9)
+        shared = {"action": "star", "flag": "\\Flagged", "before": False, "after": True}
+        values = list(_SHAPE_VALUES) + [shared, [shared, shared], (shared, 2 ** 64), True, -1]
+        for c_encoder in (True, False):
+            with mock.patch.object(json.encoder, "c_make_encoder",
+                                   json.encoder.c_make_encoder if c_encoder else None):
+                text, texts = gc._value_texts()
+                for number in range(150):
+                    fields = [rnd.choice(values) for _ in range(rnd.randrange(12))]
+                    with self.subTest(number=number, c_encoder=c_encoder):
+                        got = texts(fields)
+                        self.assertIs(type(got), tuple)
+                        self.assertEqual(got, tuple(gc._RECORD_JSON.encode(value)
+                                                    for value in fields))
+                        self.assertEqual(texts(iter(fields)), got)
 
     def test_value_texts_leave_scalars_to_themselves_and_shared_values_to_once(self):
         # Strings, whole numbers, true, false and null (alone or in a list) without the
@@ -15994,7 +16129,7 @@ class RecordSideLinesTest(unittest.TestCase):
 
         shared = {"action": "star", "flag": "\\Flagged", "before": False, "after": True}
         with mock.patch.object(gc, "_c_record_encoder", counted):
-            text = gc._value_texts()
+            text, texts = gc._value_texts()
             values = ["s\u2028", 7, None, True, False, ["a", 1, None, True, False],
                       ("b", 2 ** 70), [shared, shared], (shared,), shared]
             texts = [text(value) for value in values]
@@ -16012,7 +16147,7 @@ class RecordSideLinesTest(unittest.TestCase):
                     [1, datetime(2026, 1, 1)]):
             with self.subTest(bad=type(bad).__name__):
                 with self.assertRaises((TypeError, ValueError)) as ours:
-                    gc._value_texts()(bad)
+                    gc._value_texts()[0](bad)
                 with self.assertRaises((TypeError, ValueError)) as plain:
                     gc._RECORD_JSON.encode(bad)
                 self.assertIs(type(ours.exception), type(plain.exception))

@@ -8832,11 +8832,6 @@ class _StepWrites:
         going = self.run._going()
         return bool(going) and going[0] is not self
 
-    def asks_status(self, folders: Sequence[str]) -> bool:
-        """Whether intend("change", folders) sends STATUS commands (see _FolderRun.intend)."""
-        return self.run.checkpoint.writes_ahead and any(
-            name not in self.run.places for name in folders)
-
     def intend(self, phase: str, folders: Sequence[str]) -> None:
         self.run.intend(self.step, phase, folders)
 
@@ -9935,9 +9930,7 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport, hooks:
     A generator, so that the caller works while the server does: it yields each time a
     flight is on the wire whose answers are not needed yet (the labels and flags, the
     moves when they went as one flight, and the CREATEs behind another step's flight: see
-    _create_folders), yielding True when that flight is the plan's last; and, behind
-    another step's flight, once before the STATUS of destinations new to the run, which
-    would wait for that flight's answers.
+    _create_folders), yielding True when that flight is the plan's last.
     Resuming it reads that flight's answers and goes on.  Nothing else may write until it
     has yielded True; then another plan's writes may go out, the messages being others,
     and this one's must still be resumed, to its end.  Closed at a yield (an error
@@ -9970,11 +9963,8 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport, hooks:
     targets += [conn.server_name(dest) for dest in plan.move]
     targets += [folder.name for folder, uids in ((archive, plan.archive), (trash, plan.trash))
                 if folder is not None and uids and not _same_folder(folder.name, source)]
-    targets = list(dict.fromkeys(targets))
-    if hooks.behind_another() and hooks.asks_status(targets):
-        yield False     # their STATUS would wait for that step's moves: a batch first
     stop.check("before changing messages")
-    hooks.intend("change", targets)
+    hooks.intend("change", list(dict.fromkeys(targets)))
     # The labels and flags go in one flight, and once all are confirmed, the moves (and
     # Gmail's archive) in another: a message refused a label is never moved without it.
     flight = _labels_and_flags(conn, plan, hooks)

@@ -14284,10 +14284,8 @@ class WriteFlightTest(StateTestCase):
     undo = UndoTest.undo
 
     def with_folders(self) -> None:
-        """Make the folders SWEEP_DOC writes to before the run: no step creates one, and
-        with steps of six messages (every kind seed_mailbox makes) each destination is met
-        in step one, so step two's labels go out behind step one's moves, not a batch
-        later (see _create_folders and _apply_plan)."""
+        """Make the folders SWEEP_DOC writes to before the run: no step creates one, so
+        step two's labels go out behind step one's moves (see _create_folders)."""
         conn = self.connect()
         for name in ("Receipts", "News", "Lists", "Work", "Two words"):
             conn.create_folder(name)
@@ -14624,19 +14622,19 @@ class WriteFlightTest(StateTestCase):
         # classified step two's labels go out behind them, before their answers are read:
         # the server makes both while the batch after is classified.
         self.with_folders()
-        seed_mailbox(self.server, 24)
-        events = self.flight_events(batch_size=6, apply_every=1)
+        seed_mailbox(self.server, 12)
+        events = self.flight_events(batch_size=3, apply_every=1)
         moves, labels = "UID MOVE+UID STORE", "UID STORE"  # Gmail's archive: with the moves
         self.assertEqual(events, [
             "classify", "send " + labels,
             "classify", "read " + labels, "send " + moves,
             "send " + labels,                                   # step 1's moves on the wire
-            "classify", "read " + moves, "read " + labels, "send " + moves, "send " + labels,
-            "classify", "read " + moves, "read " + labels, "send " + moves, "send " + labels,
-            "read " + moves, "read " + labels, "send " + moves, "read " + moves])
+            "classify", "read " + moves, "read " + labels, "send UID MOVE", "send " + labels,
+            "classify", "read UID MOVE", "read " + labels, "send " + moves, "send " + labels,
+            "read " + moves, "read " + labels, "send UID MOVE", "read UID MOVE"])
         (entry,) = gc.history(self.store())
         self.assertEqual((entry["status"], entry["maybe"]), ("complete", 0))
-        self.assertEqual(mailbox_snapshot(self.server), self.after_a_clean_run(24))
+        self.assertEqual(mailbox_snapshot(self.server), self.after_a_clean_run(12))
 
     def test_a_steps_creates_behind_another_steps_moves_are_read_after_a_batch(self):
         # Step two needs a new folder while step one's moves are on the wire: its CREATE
@@ -14654,21 +14652,6 @@ class WriteFlightTest(StateTestCase):
             "read " + labels, "send UID MOVE"])
         (entry,) = gc.history(self.store())
         self.assertEqual((entry["status"], entry["maybe"]), ("complete", 0))
-        self.assertEqual(mailbox_snapshot(self.server), self.after_a_clean_run(12))
-
-    def test_a_steps_status_behind_another_steps_moves_waits_for_a_batch(self):
-        # The folders exist, but step two is the first to write to the trash, whose STATUS
-        # the intent records need: rather than wait for it behind step one's moves, the
-        # step lets the next batch be classified first, then asks and sends its labels.
-        self.with_folders()
-        seed_mailbox(self.server, 12)
-        events = self.flight_events(batch_size=3, apply_every=1)
-        moves, labels = "UID MOVE+UID STORE", "UID STORE"
-        self.assertEqual(events[:10], [
-            "classify", "send " + labels, "classify", "read " + labels, "send " + moves,
-            "classify", "read " + moves, "send " + labels, "read " + labels, "send UID MOVE"])
-        statuses = [e.line for e in self.server.log if e.command == "STATUS"]
-        self.assertEqual(len(statuses), 2)      # Lists in step one, the trash in step two
         self.assertEqual(mailbox_snapshot(self.server), self.after_a_clean_run(12))
 
     def test_a_refused_create_behind_another_step_changes_nothing_of_its_step(self):
@@ -14760,7 +14743,7 @@ class WriteFlightTest(StateTestCase):
                 seed_mailbox(self.server, 12)
                 expected = self.after_a_clean_run(12, gmail=gmail)
                 self.server.add_fault("UID MOVE", nth=1, action="drop", when="after")
-                events = self.flight_events(batch_size=6, apply_every=1,
+                events = self.flight_events(batch_size=3, apply_every=1,
                                             state_dir=os.path.join(self.tmp, kind))
                 self.assertTrue(self.server.fired)
                 first_move = events.index("send UID MOVE" if not gmail else
@@ -14776,7 +14759,7 @@ class WriteFlightTest(StateTestCase):
         # two's labels are on the wire: both flights are read and recorded, step two's
         # moves are "unsent", nothing is "maybe", the mark stays put, the error goes on.
         self.with_folders()
-        seed_mailbox(self.server, 18)
+        seed_mailbox(self.server, 12)
         self.server.add_fault("UID MOVE", nth=1, action="no", text="Over quota")
         classify, batches = gc._FolderRun.classify, []
 
@@ -14789,14 +14772,14 @@ class WriteFlightTest(StateTestCase):
         with mock.patch.object(gc._FolderRun, "classify", failing), \
                 self.assertLogs("gmail_classify", "INFO") as logs, \
                 self.assertRaisesRegex(RuntimeError, "a bug in batch three"):
-            self.run_once(batch_size=6, apply_every=1)
+            self.run_once(batch_size=3, apply_every=1)
         self.assertTrue(any("Over quota" in line for line in logs.output), logs.output)
         self.assertEqual(self.server.uids("Lists"), [])
-        self.assertEqual(len(self.server.uids("Work")), 2)      # step one's and two's labels
+        self.assertEqual(len(self.server.uids("Work")), 1)      # step two's labels
         self.assertIsNone(self.mark())
         unsent = [(r["uid"], c["action"]) for r in self.store().audit.records()
                   if r["type"] == "unsent" for c in r["changes"]]
-        self.assertEqual(sorted(unsent), [(3, "move"), (7, "archive"), (9, "move"), (10, "trash")])
+        self.assertEqual(sorted(unsent), [(3, "move"), (4, "trash")])
         (entry,) = gc.history(self.store())
         self.assertEqual((entry["status"], entry["maybe"]), ("failed", 0))
 

@@ -8827,11 +8827,6 @@ class _StepWrites:
             write.command == "UID COPY" and write.key[1] in wanted
             for write in self.flight.writes)
 
-    def behind_another(self) -> bool:
-        """Whether an older step is still under way (its last flight on the wire)."""
-        going = self.run._going()
-        return bool(going) and going[0] is not self
-
     def intend(self, phase: str, folders: Sequence[str]) -> None:
         self.run.intend(self.step, phase, folders)
 
@@ -9806,12 +9801,9 @@ def _check_folder_limit(report: FolderReport, missing: Sequence[str],
 
 
 def _create_folders(conn: GmailConnection, missing: Sequence[str], report: FolderReport,
-                    hooks: _StepWrites) -> Iterator[bool]:
+                    hooks: _StepWrites) -> None:
     """Create the folders a step needs, the intent first, the CREATEs in one flight (each
-    is safe to send again); each answer goes to hooks.done before a refusal is raised, and
-    before the step changes anything.  Behind the last flight of a step still under way
-    (its moves, which the server makes first) the answers are read after a yield, so that
-    a batch is classified meanwhile (see _apply_plan); else at once."""
+    is safe to send again); each answer goes to hooks.done before a refusal is raised."""
     if not missing:
         return
     conn.stop.check("before creating folders")
@@ -9820,10 +9812,7 @@ def _create_folders(conn: GmailConnection, missing: Sequence[str], report: Folde
     for name in missing:
         flight.create(name, ("create", name))
     flight.send()
-    if hooks.behind_another():
-        yield from _on_the_wire(flight, report, hooks, last=False)
-    else:
-        _land_flight(flight, report, hooks)
+    _land_flight(flight, report, hooks)
 
 
 def _land_flight(flight: _WriteFlight, report: FolderReport, hooks: _StepWrites) -> None:
@@ -9928,9 +9917,8 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport, hooks:
     before is confirmed.
 
     A generator, so that the caller works while the server does: it yields each time a
-    flight is on the wire whose answers are not needed yet (the labels and flags, the
-    moves when they went as one flight, and the CREATEs behind another step's flight: see
-    _create_folders), yielding True when that flight is the plan's last.
+    flight is on the wire whose answers are not needed yet (the labels and flags, and the
+    moves when they went as one flight), yielding True when that flight is the plan's last.
     Resuming it reads that flight's answers and goes on.  Nothing else may write until it
     has yielded True; then another plan's writes may go out, the messages being others,
     and this one's must still be resumed, to its end.  Closed at a yield (an error
@@ -9958,7 +9946,7 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport, hooks:
     # and no intent is written for one; the command in flight has finished, and what it did
     # was reported through done().
     stop = conn.stop
-    yield from _create_folders(conn, missing, report, hooks)
+    _create_folders(conn, missing, report, hooks)
     targets = [] if conn.is_gmail else [conn.server_name(label) for label in plan.add_labels]
     targets += [conn.server_name(dest) for dest in plan.move]
     targets += [folder.name for folder, uids in ((archive, plan.archive), (trash, plan.trash))

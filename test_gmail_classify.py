@@ -14283,14 +14283,6 @@ class WriteFlightTest(StateTestCase):
     use = UndoSafetyTest.use
     undo = UndoTest.undo
 
-    def with_folders(self) -> None:
-        """Make the folders SWEEP_DOC writes to before the run: no step creates one, so
-        step two's labels go out behind step one's moves (see _create_folders)."""
-        conn = self.connect()
-        for name in ("Receipts", "News", "Lists", "Work", "Two words"):
-            conn.create_folder(name)
-        conn.close()
-
     def test_a_flights_writes_are_all_on_the_wire_before_the_first_answer_is_read(self):
         seed_mailbox(self.server, 6)
         conn = self.connect()
@@ -14620,15 +14612,15 @@ class WriteFlightTest(StateTestCase):
     def test_a_steps_moves_and_the_next_steps_labels_are_on_the_wire_together(self):
         # Steps of one batch: step one's moves go out, and once the next batch is
         # classified step two's labels go out behind them, before their answers are read:
-        # the server makes both while the batch after is classified.
-        self.with_folders()
+        # the server makes both while the batch after is classified.  Step two's CREATE
+        # is answered at once (a refusal stops the step before any change).
         seed_mailbox(self.server, 12)
         events = self.flight_events(batch_size=3, apply_every=1)
         moves, labels = "UID MOVE+UID STORE", "UID STORE"  # Gmail's archive: with the moves
         self.assertEqual(events, [
-            "classify", "send " + labels,
+            "classify", "send CREATE", "read CREATE", "send " + labels,
             "classify", "read " + labels, "send " + moves,
-            "send " + labels,                                   # step 1's moves on the wire
+            "send CREATE", "read CREATE", "send " + labels,     # step 1's moves on the wire
             "classify", "read " + moves, "read " + labels, "send UID MOVE", "send " + labels,
             "classify", "read UID MOVE", "read " + labels, "send " + moves, "send " + labels,
             "read " + moves, "read " + labels, "send UID MOVE", "read UID MOVE"])
@@ -14636,43 +14628,11 @@ class WriteFlightTest(StateTestCase):
         self.assertEqual((entry["status"], entry["maybe"]), ("complete", 0))
         self.assertEqual(mailbox_snapshot(self.server), self.after_a_clean_run(12))
 
-    def test_a_steps_creates_behind_another_steps_moves_are_read_after_a_batch(self):
-        # Step two needs a new folder while step one's moves are on the wire: its CREATE
-        # goes out behind them and is read once the next batch is classified (the server
-        # makes the moves meanwhile); its labels wait for the CREATE's answer.  A step with
-        # nothing ahead of it reads its CREATE at once.
-        seed_mailbox(self.server, 12)
-        events = self.flight_events(batch_size=3, apply_every=1)
-        moves, labels = "UID MOVE+UID STORE", "UID STORE"
-        self.assertEqual(events[:14], [
-            "classify", "send CREATE", "read CREATE", "send " + labels,
-            "classify", "read " + labels, "send " + moves,
-            "send CREATE",                                      # step 1's moves on the wire
-            "classify", "read " + moves, "read CREATE", "send " + labels,
-            "read " + labels, "send UID MOVE"])
-        (entry,) = gc.history(self.store())
-        self.assertEqual((entry["status"], entry["maybe"]), ("complete", 0))
-        self.assertEqual(mailbox_snapshot(self.server), self.after_a_clean_run(12))
-
-    def test_a_refused_create_behind_another_step_changes_nothing_of_its_step(self):
-        seed_mailbox(self.server, 12)
-        self.server.add_fault("CREATE", nth=3, action="no", text="Too many folders")  # Work
-        with self.assertRaisesRegex(gc.ImapError, "Too many folders"):
-            self.run_once(batch_size=3, apply_every=1)
-        records = list(self.store().audit.records())
-        intended = sorted(r["uid"] for r in records if r["type"] == "intent" and r.get("changes"))
-        self.assertEqual(intended, [1, 2, 3])   # none of step two's: it changed nothing
-        self.assertEqual(len(self.server.uids("Lists")), 1)     # step one's move was made
-        (entry,) = gc.history(self.store())
-        self.assertEqual((entry["status"], entry["maybe"]), ("failed", 0))
-        self.assertEqual(self.mark().mark, 3)
-
     def test_a_refused_move_holds_the_mark_though_the_next_step_ended_whole(self):
         # Step one's MOVE is refused while step two's labels and star are on the wire
         # behind it (step two moves nothing).  Step two's changes are read and recorded,
         # but the mark stays below step one: the next run classifies its messages again
         # and moves them.
-        self.with_folders()
         for index in range(2):
             self.server.add_message(make_message(f"weekly digest {index}"))
         for index in range(2):
@@ -14731,7 +14691,7 @@ class WriteFlightTest(StateTestCase):
 
     def test_a_drop_with_two_steps_on_the_wire_settles_both_on_the_new_link(self):
         # The link drops once step one's MOVE is made but before its answer, and step two
-        # starts behind it (its labels find the link gone): step one's move is settled on
+        # starts behind it (its CREATE finds the link gone): step one's move is settled on
         # a new link by what is left in the folder, step two goes on there with its labels
         # before step one's answer is asked for; the mailbox is a clean run's, each change
         # made once, nothing "maybe".
@@ -14739,7 +14699,6 @@ class WriteFlightTest(StateTestCase):
             with self.subTest(kind):
                 gmail = kind == "Gmail"
                 self.use(gmail=gmail)
-                self.with_folders()
                 seed_mailbox(self.server, 12)
                 expected = self.after_a_clean_run(12, gmail=gmail)
                 self.server.add_fault("UID MOVE", nth=1, action="drop", when="after")
@@ -14758,7 +14717,6 @@ class WriteFlightTest(StateTestCase):
         # Batch three's classification fails while step one's moves (refused) and step
         # two's labels are on the wire: both flights are read and recorded, step two's
         # moves are "unsent", nothing is "maybe", the mark stays put, the error goes on.
-        self.with_folders()
         seed_mailbox(self.server, 12)
         self.server.add_fault("UID MOVE", nth=1, action="no", text="Over quota")
         classify, batches = gc._FolderRun.classify, []

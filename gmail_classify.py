@@ -1351,15 +1351,16 @@ class _FetchOnWay:
     out on is gone, and read into ``{uid: {item: value}}`` as fetch() returns it."""
 
     def __init__(self, proto: "_Protocol", uids: Iterable[int], items: Sequence[str],
-                 skipped: Optional[List[int]]) -> None:
+                 skipped: Optional[List[int]], limit: Optional[int] = None) -> None:
         for item in items:
             _check_fetch_item(item)
         self.proto, self.skipped = proto, skipped
         self.uids = [int(uid) for uid in uids]
         self.by_key = {_fetch_key(item): item for item in items}
         self.line = "(UID " + " ".join(items) + ")"
-        self.limit = _fetch_literal_limit(items)
+        self.limit = _fetch_literal_limit(items) if limit is None else limit
         self.pendings: Optional[List[_Pending]] = None     # None: not sent yet
+        self.answer: Optional[Dict[int, Dict[str, Any]]] = None
 
     @property
     def sent(self) -> bool:
@@ -1376,13 +1377,16 @@ class _FetchOnWay:
         return any(p.response is None and p.imap is not imap for p in self.pendings or ())
 
     def read(self) -> Dict[int, Dict[str, Any]]:
-        result: Dict[int, Dict[str, Any]] = {}
-        wanted = set(self.uids)
-        for pending in self.pendings or ():
-            _fetch_answer(self.proto.collect(pending), wanted, self.by_key, result,
-                          self.limit, self.skipped)
-        self.pendings = []          # read: the answers are the caller's now
-        return result
+        """The answer, read once: a drop found after it (sending the next FETCH, in the
+        same attempt) leaves it read, not lost."""
+        if self.answer is None:
+            result: Dict[int, Dict[str, Any]] = {}
+            wanted = set(self.uids)
+            for pending in self.pendings or ():
+                _fetch_answer(self.proto.collect(pending), wanted, self.by_key, result,
+                              self.limit, self.skipped)
+            self.answer, self.pendings = result, []
+        return self.answer
 
 
 def _copyuid_map(response: _Response, sent: Sequence[int]) -> Dict[int, int]:
@@ -3330,7 +3334,8 @@ class GmailConnection:
         and every FETCH whose answer had not completed is sent again.  Oversized answers
         are handled as in fetch(): the message is left out and its UID added to ``skipped``.
         """
-        todo = [_FetchOnWay(self._proto, batch, items, skipped) for batch in batches]
+        todo: List[Optional[_FetchOnWay]] = [_FetchOnWay(self._proto, batch, items, skipped)
+                                             for batch in batches]
         refused: Optional[BaseException] = None   # what before_each raised for a later batch
         for index, fetch in enumerate(todo):
             if refused is not None:
@@ -3341,7 +3346,7 @@ class GmailConnection:
             def receive() -> Dict[int, Dict[str, Any]]:
                 nonlocal refused
                 imap = self._proto.live()
-                later = todo[index + 1:index + 1 + ahead]
+                later = [other for other in todo[index + 1:index + 1 + ahead] if other]
                 for number, other in enumerate((fetch, *later)):
                     # not sent yet, or lost with the old connection
                     if (number == 0 and not other.sent) or other.lost(imap):
@@ -3361,17 +3366,20 @@ class GmailConnection:
 
             with self._lock:    # held across the retries, as in _call
                 result = self._retrying("UID FETCH", receive)
+            todo[index] = None      # the answer is the caller's: not held for the run
             yield fetch.uids, result
 
     def fetch_ahead(self, uids: Iterable[int], items: Sequence[str], *,
-                    skipped: Optional[List[int]] = None
+                    skipped: Optional[List[int]] = None, limit_as: Sequence[str] = ()
                     ) -> Callable[[], Dict[int, Dict[str, Any]]]:
         """fetch() sent now and read later: returns the function that reads its answer
         (those of the commands sent before it first, kept for their senders), so the
         caller goes on while the server answers, and may use the connection meanwhile.  A
         dropped connection is restored as in fetch(), the FETCH sent again if its answer
-        was lost."""
-        fetch = _FetchOnWay(self._proto, uids, items, skipped)
+        was lost.  ``limit_as``: items whose literals the answer may hold as large as
+        (see _fetch_literal_limit), beside ``items``' own."""
+        fetch = _FetchOnWay(self._proto, uids, items, skipped,
+                            _fetch_literal_limit(list(items) + list(limit_as)))
         self._retrying("UID FETCH", fetch.send)
 
         def receive() -> Dict[int, Dict[str, Any]]:
@@ -9193,8 +9201,10 @@ class _FolderRun:
             self.waiting.append(_Waiting(
                 {uid: infos[uid] for uid in waiting}, {uid: shown[uid] for uid in waiting},
                 {uid: fetched[uid].get("X-GM-MSGID") for uid in waiting},
+                # Read with the literal limit of the batch's FETCH, which asked for them
+                # with the headers before (_data_later).
                 conn.fetch_ahead(waiting, [datum.item for datum in self.later],
-                                 skipped=report.skipped),
+                                 skipped=report.skipped, limit_as=self.items),
                 self.batches + self.ahead))
         # Skipped messages (gone between SEARCH and FETCH too) keep the mark below them.
         step.last_uid = batch[-1] if batch else step.last_uid
@@ -9770,7 +9780,10 @@ def _missing_folders(conn: GmailConnection, plan: _Plan) -> List[str]:
 def _drop_copies_already_there(conn: GmailConnection, plan: _Plan,
                                known: Dict[str, set]) -> None:
     """Off Gmail a label is a copy in a folder of that name, and a copy is not idempotent:
-    forget planned copies of messages that folder already holds (by _message_key).
+    forget planned copies of messages that folder already holds (by _message_key), and all
+    but the first of the step's messages that share a key, which the folder would hold
+    after the first: so a folder gets one copy of such messages whichever steps they fall
+    in (a step's bounds are the run's affair, see _data_later).
 
     ``known`` caches each folder's keys for the rest of the folder run; the caller adds
     the keys of the copies it makes.
@@ -9782,8 +9795,14 @@ def _drop_copies_already_there(conn: GmailConnection, plan: _Plan,
         if label not in known:
             target = conn.server_name(label)
             known[label] = _message_ids_in(conn, target) if target in existing else set()
-        plan.drop_label(label, [uid for uid in plan.add_labels[label]
-                                if plan.message_ids.get(uid) in known[label]])
+        held = set(known[label])
+        dropped = []
+        for uid in plan.add_labels[label]:
+            key = plan.message_ids.get(uid)
+            if key in held:
+                dropped.append(uid)
+            held.add(key)
+        plan.drop_label(label, dropped)
 
 
 def _check_folder_limit(report: FolderReport, missing: Sequence[str],

@@ -1407,15 +1407,16 @@ class _FetchOnWay:
     out on is gone, and read into ``{uid: {item: value}}`` as fetch() returns it."""
 
     def __init__(self, proto: "_Protocol", uids: Iterable[int], items: Sequence[str],
-                 skipped: Optional[List[int]]) -> None:
+                 skipped: Optional[List[int]], limit: Optional[int] = None) -> None:
         for item in items:
             _check_fetch_item(item)
         self.proto, self.skipped = proto, skipped
         self.uids = [int(uid) for uid in uids]
         self.by_key = {_fetch_key(item): item for item in items}
         self.line = "(UID " + " ".join(items) + ")"
-        self.limit = _fetch_literal_limit(items)
+        self.limit = _fetch_literal_limit(items) if limit is None else limit
         self.pendings: Optional[List[_Pending]] = None     # None: not sent yet
+        self.answer: Optional[Dict[int, Dict[str, Any]]] = None
 
     @property
     def sent(self) -> bool:
@@ -1432,13 +1433,16 @@ class _FetchOnWay:
         return any(p.response is None and p.imap is not imap for p in self.pendings or ())
 
     def read(self) -> Dict[int, Dict[str, Any]]:
-        result: Dict[int, Dict[str, Any]] = {}
-        wanted = set(self.uids)
-        for pending in self.pendings or ():
-            _fetch_answer(self.proto.collect(pending), wanted, self.by_key, result,
-                          self.limit, self.skipped)
-        self.pendings = []          # read: the answers are the caller's now
-        return result
+        """The answer, read once: a drop found after it (sending the next FETCH, in the
+        same attempt) leaves it read, not lost."""
+        if self.answer is None:
+            result: Dict[int, Dict[str, Any]] = {}
+            wanted = set(self.uids)
+            for pending in self.pendings or ():
+                _fetch_answer(self.proto.collect(pending), wanted, self.by_key, result,
+                              self.limit, self.skipped)
+            self.answer, self.pendings = result, []
+        return self.answer
 
 
 def _copyuid_map(response: _Response, sent: Sequence[int]) -> Dict[int, int]:
@@ -3386,7 +3390,8 @@ class GmailConnection:
         and every FETCH whose answer had not completed is sent again.  Oversized answers
         are handled as in fetch(): the message is left out and its UID added to ``skipped``.
         """
-        todo = [_FetchOnWay(self._proto, batch, items, skipped) for batch in batches]
+        todo: List[Optional[_FetchOnWay]] = [_FetchOnWay(self._proto, batch, items, skipped)
+                                             for batch in batches]
         refused: Optional[BaseException] = None   # what before_each raised for a later batch
         for index, fetch in enumerate(todo):
             if refused is not None:
@@ -3397,7 +3402,7 @@ class GmailConnection:
             def receive() -> Dict[int, Dict[str, Any]]:
                 nonlocal refused
                 imap = self._proto.live()
-                later = todo[index + 1:index + 1 + ahead]
+                later = [other for other in todo[index + 1:index + 1 + ahead] if other]
                 for number, other in enumerate((fetch, *later)):
                     # not sent yet, or lost with the old connection
                     if (number == 0 and not other.sent) or other.lost(imap):
@@ -3417,17 +3422,20 @@ class GmailConnection:
 
             with self._lock:    # held across the retries, as in _call
                 result = self._retrying("UID FETCH", receive)
+            todo[index] = None      # the answer is the caller's: not held for the run
             yield fetch.uids, result
 
     def fetch_ahead(self, uids: Iterable[int], items: Sequence[str], *,
-                    skipped: Optional[List[int]] = None
+                    skipped: Optional[List[int]] = None, limit_as: Sequence[str] = ()
                     ) -> Callable[[], Dict[int, Dict[str, Any]]]:
         """fetch() sent now and read later: returns the function that reads its answer
         (those of the commands sent before it first, kept for their senders), so the
         caller goes on while the server answers, and may use the connection meanwhile.  A
         dropped connection is restored as in fetch(), the FETCH sent again if its answer
-        was lost."""
-        fetch = _FetchOnWay(self._proto, uids, items, skipped)
+        was lost.  ``limit_as``: items whose literals the answer may hold as large as
+        (see _fetch_literal_limit), beside ``items``' own."""
+        fetch = _FetchOnWay(self._proto, uids, items, skipped,
+                            _fetch_literal_limit(list(items) + list(limit_as)))
         self._retrying("UID FETCH", fetch.send)
 
         def receive() -> Dict[int, Dict[str, Any]]:
@@ -8893,16 +8901,6 @@ class _StepWrites:
             write.command == "UID COPY" and write.key[1] in wanted
             for write in self.flight.writes)
 
-    def behind_another(self) -> bool:
-        """Whether an older step is still under way (its last flight on the wire)."""
-        going = self.run._going()
-        return bool(going) and going[0] is not self
-
-    def asks_status(self, folders: Sequence[str]) -> bool:
-        """Whether intend("change", folders) sends STATUS commands (see _FolderRun.intend)."""
-        return self.run.checkpoint.writes_ahead and any(
-            name not in self.run.places for name in folders)
-
     def intend(self, phase: str, folders: Sequence[str]) -> None:
         self.run.intend(self.step, phase, folders)
 
@@ -9271,8 +9269,10 @@ class _FolderRun:
             self.waiting.append(_Waiting(
                 {uid: infos[uid] for uid in waiting}, {uid: shown[uid] for uid in waiting},
                 {uid: fetched[uid].get("X-GM-MSGID") for uid in waiting},
+                # Read with the literal limit of the batch's FETCH, which asked for them
+                # with the headers before (_data_later).
                 conn.fetch_ahead(waiting, [datum.item for datum in self.later],
-                                 skipped=report.skipped),
+                                 skipped=report.skipped, limit_as=self.items),
                 self.batches + self.ahead))
         # Skipped messages (gone between SEARCH and FETCH too) keep the mark below them.
         step.last_uid = batch[-1] if batch else step.last_uid
@@ -9863,7 +9863,10 @@ def _missing_folders(conn: GmailConnection, plan: _Plan) -> List[str]:
 def _drop_copies_already_there(conn: GmailConnection, plan: _Plan,
                                known: Dict[str, set]) -> None:
     """Off Gmail a label is a copy in a folder of that name, and a copy is not idempotent:
-    forget planned copies of messages that folder already holds (by _message_key).
+    forget planned copies of messages that folder already holds (by _message_key), and all
+    but the first of the step's messages that share a key, which the folder would hold
+    after the first: so a folder gets one copy of such messages whichever steps they fall
+    in (a step's bounds are the run's affair, see _data_later).
 
     ``known`` caches each folder's keys for the rest of the folder run; the caller adds
     the keys of the copies it makes.
@@ -9875,8 +9878,14 @@ def _drop_copies_already_there(conn: GmailConnection, plan: _Plan,
         if label not in known:
             target = conn.server_name(label)
             known[label] = _message_ids_in(conn, target) if target in existing else set()
-        plan.drop_label(label, [uid for uid in plan.add_labels[label]
-                                if plan.message_ids.get(uid) in known[label]])
+        held = set(known[label])
+        dropped = []
+        for uid in plan.add_labels[label]:
+            key = plan.message_ids.get(uid)
+            if key in held:
+                dropped.append(uid)
+            held.add(key)
+        plan.drop_label(label, dropped)
 
 
 def _check_folder_limit(report: FolderReport, missing: Sequence[str],
@@ -9894,12 +9903,9 @@ def _check_folder_limit(report: FolderReport, missing: Sequence[str],
 
 
 def _create_folders(conn: GmailConnection, missing: Sequence[str], report: FolderReport,
-                    hooks: _StepWrites) -> Iterator[bool]:
+                    hooks: _StepWrites) -> None:
     """Create the folders a step needs, the intent first, the CREATEs in one flight (each
-    is safe to send again); each answer goes to hooks.done before a refusal is raised, and
-    before the step changes anything.  Behind the last flight of a step still under way
-    (its moves, which the server makes first) the answers are read after a yield, so that
-    a batch is classified meanwhile (see _apply_plan); else at once."""
+    is safe to send again); each answer goes to hooks.done before a refusal is raised."""
     if not missing:
         return
     conn.stop.check("before creating folders")
@@ -9908,10 +9914,7 @@ def _create_folders(conn: GmailConnection, missing: Sequence[str], report: Folde
     for name in missing:
         flight.create(name, ("create", name))
     flight.send()
-    if hooks.behind_another():
-        yield from _on_the_wire(flight, report, hooks, last=False)
-    else:
-        _land_flight(flight, report, hooks)
+    _land_flight(flight, report, hooks)
 
 
 def _land_flight(flight: _WriteFlight, report: FolderReport, hooks: _StepWrites) -> None:
@@ -10016,11 +10019,8 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport, hooks:
     before is confirmed.
 
     A generator, so that the caller works while the server does: it yields each time a
-    flight is on the wire whose answers are not needed yet (the labels and flags, the
-    moves when they went as one flight, and the CREATEs behind another step's flight: see
-    _create_folders), yielding True when that flight is the plan's last; and, behind
-    another step's flight, once before the STATUS of destinations new to the run, which
-    would wait for that flight's answers.
+    flight is on the wire whose answers are not needed yet (the labels and flags, and the
+    moves when they went as one flight), yielding True when that flight is the plan's last.
     Resuming it reads that flight's answers and goes on.  Nothing else may write until it
     has yielded True; then another plan's writes may go out, the messages being others,
     and this one's must still be resumed, to its end.  Closed at a yield (an error
@@ -10048,16 +10048,13 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport, hooks:
     # and no intent is written for one; the command in flight has finished, and what it did
     # was reported through done().
     stop = conn.stop
-    yield from _create_folders(conn, missing, report, hooks)
+    _create_folders(conn, missing, report, hooks)
     targets = [] if conn.is_gmail else [conn.server_name(label) for label in plan.add_labels]
     targets += [conn.server_name(dest) for dest in plan.move]
     targets += [folder.name for folder, uids in ((archive, plan.archive), (trash, plan.trash))
                 if folder is not None and uids and not _same_folder(folder.name, source)]
-    targets = list(dict.fromkeys(targets))
-    if hooks.behind_another() and hooks.asks_status(targets):
-        yield False     # their STATUS would wait for that step's moves: a batch first
     stop.check("before changing messages")
-    hooks.intend("change", targets)
+    hooks.intend("change", list(dict.fromkeys(targets)))
     # The labels and flags go in one flight, and once all are confirmed, the moves (and
     # Gmail's archive) in another: a message refused a label is never moved without it.
     flight = _labels_and_flags(conn, plan, hooks)

@@ -4882,12 +4882,14 @@ def _structure_has_attachment(structure: Any) -> Optional[bool]:
     if isinstance(structure[0], list):  # multipart: parts..., subtype, extensions
         return any(_structure_has_attachment(part) for part in structure
                    if isinstance(part, list) and part and isinstance(part[0], (list, str)))
-    if any(isinstance(item, list) and item and isinstance(item[0], str)
-           and item[0].lower() == "attachment" for item in structure[7:]):
-        return True
+    for item in structure[7:]:      # the extension data, a disposition among it
+        if isinstance(item, list) and item and isinstance(item[0], str) \
+                and item[0].lower() == "attachment":
+            return True
+    if str(structure[0]).lower() in ("text", "multipart"):
+        return False        # a named text part is no attachment: its names go unread
     params = structure[2] if len(structure) > 2 and isinstance(structure[2], list) else []
-    names = [str(params[i]).lower() for i in range(0, len(params) - 1, 2)]
-    return "name" in names and str(structure[0]).lower() not in ("text", "multipart")
+    return any(str(params[i]).lower() == "name" for i in range(0, len(params) - 1, 2))
 
 
 def _attachment_in_bytes(raw: bytes, headers: email.message.EmailMessage) -> bool:

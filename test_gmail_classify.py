@@ -8465,6 +8465,65 @@ class InlinePartsTest(unittest.TestCase):
         self.assertFalse(gc.message_info_from_bytes(self.message(text)).has_attachment)
 
 
+def _reference_structure_has_attachment(structure: Any) -> Optional[bool]:
+    """_structure_has_attachment as first written (every parameter name read, then the type)."""
+    if not isinstance(structure, list) or not structure:
+        return None
+    if isinstance(structure[0], list):
+        return any(_reference_structure_has_attachment(part) for part in structure
+                   if isinstance(part, list) and part and isinstance(part[0], (list, str)))
+    if any(isinstance(item, list) and item and isinstance(item[0], str)
+           and item[0].lower() == "attachment" for item in structure[7:]):
+        return True
+    params = structure[2] if len(structure) > 2 and isinstance(structure[2], list) else []
+    names = [str(params[i]).lower() for i in range(0, len(params) - 1, 2)]
+    return "name" in names and str(structure[0]).lower() not in ("text", "multipart")
+
+
+class StructureAttachmentTest(unittest.TestCase):
+    """A BODYSTRUCTURE says "attachment" as it did when every leaf's parameter names were
+    read: over the fake server's structures of varied messages and over odd shapes."""
+
+    def structures(self) -> List[Any]:
+        raws = [raw for raw, _ in bench_corpus(40)] + [
+            PLAIN, HTML_ONLY, ALTERNATIVE, WITH_ATTACHMENT, TRUNCATED_BASE64,
+            InlinePartsTest.message(self, 'Content-Type: image/png; name="logo.png"'),
+            InlinePartsTest.message(self, 'Content-Type: text/plain; name="notes.txt"'),
+            InlinePartsTest.message(self, 'Content-Type: IMAGE/png; NAME="x"'),
+            InlinePartsTest.message(self, 'Content-Type: Text/plain; filename="x"'),
+            InlinePartsTest.message(self, 'Content-Type: audio/x; x="name"; name=y')]
+        found = [gc.parse_response(b"* 1 FETCH (BODYSTRUCTURE " + _bodystructure(_Part(raw), extended)
+                                   + b")")[3][1] for raw in raws for extended in (True, False)]
+        rng = random.Random(1719)
+        atoms = ["text", "TEXT", "image", "Multipart", "application", "name", "NAME", "Name",
+                 "filename", "attachment", "ATTACHMENT", "inline", b"name", b"attachment",
+                 gc.Number("7"), 12, None, "", "x"]
+
+        def shape(depth: int) -> Any:
+            if depth > 2 or rng.random() < 0.3:
+                return rng.choice(atoms)
+            return [shape(depth + 1) for _ in range(rng.randrange(0, 11))]
+        found += [shape(0) for _ in range(1500)]
+        found += [["image", "png", ["name", "a"]], ["image", "png", ["name"]],
+                  ["image", "png", ["x", "name"]], ["text", "plain", ["name", "a"]],
+                  ["image", "png", "name"], ["image", "png", [b"name", "a"]],
+                  ["image", "png", [gc.Number("1"), "name", "name", "a"]],
+                  ["text", "plain", [], None, None, "7bit", 1, 1, None, ["Attachment", []]],
+                  ["text", "plain", [], None, None, "7bit", 1, 1, [b"attachment"]],
+                  [["text", "plain", ["name", "a"]], ["image", "gif", ["NAME", "b"]], "mixed"],
+                  [[], "mixed"], [["image"], ["name", "x"], "mixed"], [None], "text", None, []]
+        return found
+
+    def test_attachments_read_as_the_first_walk_read_them(self):
+        said = {True: 0, False: 0, None: 0}
+        for structure in self.structures():
+            with self.subTest(structure=structure):
+                want = _reference_structure_has_attachment(structure)
+                self.assertIs(gc._structure_has_attachment(structure), want)
+                said[want] += 1
+        self.assertGreater(min(said.values()), 100)
+
+
 # --- Rule engine -------------------------------------------------------------------------
 
 

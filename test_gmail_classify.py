@@ -9815,7 +9815,7 @@ class RuleGateTest(unittest.TestCase):
         gated.classify(info("Subject: x"), now=NOW)
         self.assertEqual(set(plain.__dict__["_gates"]), {None})
         # 15: "dated" has none (its date, evaluated first, may stop it before its regex)
-        self.assertEqual(sum(gate is not None for gate in gated.__dict__["_gates"]), 15)
+        self.assertEqual(sum(gate is not None for gate in gated.__dict__["_gates"]), 16)
         return gated, plain
 
     def test_gated_rules_decide_and_explain_as_every_rule_evaluated(self):
@@ -9971,7 +9971,7 @@ class RuleGateTest(unittest.TestCase):
                      for s in ("one", "two")]
         self.assertEqual(calls, ["one", "two"])      # asked as ever: it came first
         self.assertEqual([gate is not None for gate in rules.__dict__["_gates"]],
-                         [False, False, False, False, True])
+                         [False, False, True, False, True])
         self.assertEqual([name for name, _ in decisions[0].matches], ["in not"])
 
     def test_a_regex_that_finds_a_value_opens_the_gate(self):
@@ -10116,6 +10116,69 @@ class RuleGateReviewTest(unittest.TestCase):
                 self.assertEqual(gated.classify(fresh(), final=True, now=NOW),
                                  plain.classify(fresh(), final=True, now=NOW))
                 self.assertEqual(set(searched[1]) - set(searched[0]), set())
+
+
+class AnyGateTest(unittest.TestCase):
+    """A rule on an `any` of parts that each have a gate is passed over when every part's
+    gate shuts (_AnyGate): the same decisions as evaluating it, no regex searched that
+    evaluating it would not search, and never a gate where a part cannot have one."""
+
+    def test_any_rules_decide_and_search_as_every_rule_evaluated(self):
+        rng = random.Random(1723)
+        hostile = "/^(a|aa)+$/"
+        leaves = [{"subject": "re"}, {"subject": ["invoice", "/^RE:/i"]}, {"from": "example"},
+                  {"from": "/\\.de>?$/"}, {"to": ["bea", "team@"]}, {"cc": "/./"},
+                  {"header": {"List-Id": True}}, {"header": {"X-Custom": False}},
+                  {"header": {"X-Note": hostile}}, {"larger_than": "100"},
+                  {"smaller_than": "120"}, {"older_than": "1y"}, {"unread": True},
+                  {"subject": hostile}]
+
+        def part(depth: int) -> Dict[str, Any]:
+            if depth < 2 and rng.random() < 0.3:
+                return {rng.choice(("any", "all")): [part(depth + 1)
+                                                     for _ in range(rng.randrange(1, 4))]}
+            return dict(rng.sample(leaves, 1)[0])
+        spec = {"rule": [{"name": "a%d" % n, "label": "L%d" % n, "continue": rng.random() < 0.8,
+                          "any": [part(1) for _ in range(rng.randrange(1, 4))]}
+                         for n in range(40)]}
+        plain, gated = RuleGateReviewTest.plain_and_gated(self, spec)
+        gates = gated.__dict__["_gates"]
+        self.assertGreater(sum(type(gate) is gc._AnyGate for gate in gates), 10)
+        self.assertGreater(gates.count(None), 5)
+        shut = []
+        shuts = gc._AnyGate.shuts
+
+        def counted(gate: Any, msg: MessageInfo, cache: Any) -> bool:
+            shut.append(shuts(gate, msg, cache))
+            return shut[-1]
+        searched = [plain.__dict__["searched"], gated.__dict__["searched"]]
+        with mock.patch.object(gc._AnyGate, "shuts", counted):
+            for number, fresh in enumerate(RuleGateTest.messages(self)):
+                del searched[0][:], searched[1][:]
+                for final in (False, True):
+                    with self.subTest(number=number, final=final):
+                        self.assertEqual(gated.classify(fresh(), final=final, now=NOW),
+                                         plain.classify(fresh(), final=final, now=NOW))
+                        self.assertEqual(set(searched[1]) - set(searched[0]), set())
+        self.assertGreater(shut.count(True), 1000)
+        self.assertGreater(shut.count(False), 1000)
+
+    def test_a_part_true_stops_the_gate_before_later_regexes(self):
+        hostile = "/^(a|aa)+$/"
+        plain, gated = RuleGateReviewTest.plain_and_gated(self, {"rule": [
+            {"name": "either", "any": [{"header": {"X-Kind": True}}, {"subject": hostile}],
+             "label": "E"},
+            {"name": "not gated", "any": [{"subject": "x"}, {"older_than": "1y"}],
+             "label": "N"}]})
+        self.assertEqual([type(gate) for gate in gated.__dict__["_gates"]],
+                         [gc._AnyGate, type(None)])
+        for headers, want in (("Subject: %s!\nX-Kind: news" % ("a" * 16), ["either"]),
+                              ("Subject: aaaa", ["either"]), ("Subject: b", [])):
+            decision = gated.classify(info(headers), final=True, now=NOW)
+            self.assertEqual(decision, plain.classify(info(headers), final=True, now=NOW))
+            self.assertEqual([name for name, _ in decision.matches], want)
+            self.assertEqual(set(gated.__dict__["searched"]), set(plain.__dict__["searched"]))
+            del gated.__dict__["searched"][:], plain.__dict__["searched"][:]
 
 
 # --- Rules files: validation -------------------------------------------------------------

@@ -9814,7 +9814,8 @@ class RuleGateTest(unittest.TestCase):
             plain.classify(info("Subject: x"), now=NOW)     # every condition on its own
         gated.classify(info("Subject: x"), now=NOW)
         self.assertEqual(set(plain.__dict__["_gates"]), {None})
-        # 15: "dated" has none (its date, evaluated first, may stop it before its regex)
+        # 16 ("any" among them, an _AnyGate): "dated" has none (its date, evaluated first,
+        # may stop it before its regex)
         self.assertEqual(sum(gate is not None for gate in gated.__dict__["_gates"]), 16)
         return gated, plain
 

@@ -4988,12 +4988,14 @@ def _structure_has_attachment(structure: Any) -> Optional[bool]:
     if isinstance(structure[0], list):  # multipart: parts..., subtype, extensions
         return any(_structure_has_attachment(part) for part in structure
                    if isinstance(part, list) and part and isinstance(part[0], (list, str)))
-    if any(isinstance(item, list) and item and isinstance(item[0], str)
-           and item[0].lower() == "attachment" for item in structure[7:]):
-        return True
+    for item in structure[7:]:      # the extension data, a disposition among it
+        if isinstance(item, list) and item and isinstance(item[0], str) \
+                and item[0].lower() == "attachment":
+            return True
+    if str(structure[0]).lower() in ("text", "multipart"):
+        return False        # a named text part is no attachment: its names go unread
     params = structure[2] if len(structure) > 2 and isinstance(structure[2], list) else []
-    names = [str(params[i]).lower() for i in range(0, len(params) - 1, 2)]
-    return "name" in names and str(structure[0]).lower() not in ("text", "multipart")
+    return any(str(params[i]).lower() == "name" for i in range(0, len(params) - 1, 2))
 
 
 def _attachment_in_bytes(raw: bytes, headers: email.message.EmailMessage) -> bool:
@@ -6020,14 +6022,39 @@ class _RuleGate:
         return False
 
 
-def _rule_gate(condition: Condition) -> Optional[_RuleGate]:
-    """The gate of a rule whose condition is ``condition`` (see _RuleGate), or None.
+class _AnyGate:
+    """The gate of an `any` that only reads the message and whose every part has a gate
+    (see _RuleGate): it shuts when each part's gate shuts.  They are asked in the order
+    AnyOf.evaluate() runs the parts and the first that does not shut ends it, so a part's
+    regexes are searched only where evaluate() would come to them (every part before it
+    false).  Most messages are in no list and from no bank: such rules then cost a look-up
+    or two per part, as a rule on one header does."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: Tuple[Union[_RuleGate, "_AnyGate"], ...]) -> None:
+        self.parts = parts
+
+    def shuts(self, msg: MessageInfo, cache: Dict[Any, Any]) -> bool:
+        """True when every part of the `any` is certainly false for ``msg``."""
+        for part in self.parts:
+            if not part.shuts(msg, cache):
+                return False
+        return True
+
+
+def _rule_gate(condition: Condition) -> Union[_RuleGate, _AnyGate, None]:
+    """The gate of a rule whose condition is ``condition`` (see _RuleGate and _AnyGate),
+    or None.
 
     The parts of an `all` are read in the order AllOf.evaluate() runs them, cheapest
     first.  The regexes of a HeaderMatch are the gate's only while every part before it
     is a size or a presence (which the gate checks first): evaluate() would then surely
     search them.  After any other part (a date, a flag, another header, which may be false
     and stop evaluate()) a HeaderMatch with regexes is left to evaluate() whole."""
+    if type(condition) is AnyOf and _decides_quietly(condition):
+        gates = tuple(map(_rule_gate, condition.parts))
+        return _AnyGate(gates) if gates and None not in gates else None
     parts: Sequence[Condition] = (condition,)
     if type(condition) is AllOf and all(_decides_quietly(part) for part in condition.parts):
         parts = sorted(condition.parts, key=_cost)      # stable, as AllOf._order is

@@ -8627,6 +8627,65 @@ class InlinePartsTest(unittest.TestCase):
         self.assertFalse(gc.message_info_from_bytes(self.message(text)).has_attachment)
 
 
+def _reference_structure_has_attachment(structure: Any) -> Optional[bool]:
+    """_structure_has_attachment as first written (every parameter name read, then the type)."""
+    if not isinstance(structure, list) or not structure:
+        return None
+    if isinstance(structure[0], list):
+        return any(_reference_structure_has_attachment(part) for part in structure
+                   if isinstance(part, list) and part and isinstance(part[0], (list, str)))
+    if any(isinstance(item, list) and item and isinstance(item[0], str)
+           and item[0].lower() == "attachment" for item in structure[7:]):
+        return True
+    params = structure[2] if len(structure) > 2 and isinstance(structure[2], list) else []
+    names = [str(params[i]).lower() for i in range(0, len(params) - 1, 2)]
+    return "name" in names and str(structure[0]).lower() not in ("text", "multipart")
+
+
+class StructureAttachmentTest(unittest.TestCase):
+    """A BODYSTRUCTURE says "attachment" as it did when every leaf's parameter names were
+    read: over the fake server's structures of varied messages and over odd shapes."""
+
+    def structures(self) -> List[Any]:
+        raws = [raw for raw, _ in bench_corpus(40)] + [
+            PLAIN, HTML_ONLY, ALTERNATIVE, WITH_ATTACHMENT, TRUNCATED_BASE64,
+            InlinePartsTest.message(self, 'Content-Type: image/png; name="logo.png"'),
+            InlinePartsTest.message(self, 'Content-Type: text/plain; name="notes.txt"'),
+            InlinePartsTest.message(self, 'Content-Type: IMAGE/png; NAME="x"'),
+            InlinePartsTest.message(self, 'Content-Type: Text/plain; filename="x"'),
+            InlinePartsTest.message(self, 'Content-Type: audio/x; x="name"; name=y')]
+        found = [gc.parse_response(b"* 1 FETCH (BODYSTRUCTURE " + _bodystructure(_Part(raw), extended)
+                                   + b")")[3][1] for raw in raws for extended in (True, False)]
+        rng = random.Random(1719)
+        atoms = ["text", "TEXT", "image", "Multipart", "application", "name", "NAME", "Name",
+                 "filename", "attachment", "ATTACHMENT", "inline", b"name", b"attachment",
+                 gc.Number("7"), 12, None, "", "x"]
+
+        def shape(depth: int) -> Any:
+            if depth > 2 or rng.random() < 0.3:
+                return rng.choice(atoms)
+            return [shape(depth + 1) for _ in range(rng.randrange(0, 11))]
+        found += [shape(0) for _ in range(1500)]
+        found += [["image", "png", ["name", "a"]], ["image", "png", ["name"]],
+                  ["image", "png", ["x", "name"]], ["text", "plain", ["name", "a"]],
+                  ["image", "png", "name"], ["image", "png", [b"name", "a"]],
+                  ["image", "png", [gc.Number("1"), "name", "name", "a"]],
+                  ["text", "plain", [], None, None, "7bit", 1, 1, None, ["Attachment", []]],
+                  ["text", "plain", [], None, None, "7bit", 1, 1, [b"attachment"]],
+                  [["text", "plain", ["name", "a"]], ["image", "gif", ["NAME", "b"]], "mixed"],
+                  [[], "mixed"], [["image"], ["name", "x"], "mixed"], [None], "text", None, []]
+        return found
+
+    def test_attachments_read_as_the_first_walk_read_them(self):
+        said = {True: 0, False: 0, None: 0}
+        for structure in self.structures():
+            with self.subTest(structure=structure):
+                want = _reference_structure_has_attachment(structure)
+                self.assertIs(gc._structure_has_attachment(structure), want)
+                said[want] += 1
+        self.assertGreater(min(said.values()), 100)
+
+
 # --- Rule engine -------------------------------------------------------------------------
 
 
@@ -9917,8 +9976,9 @@ class RuleGateTest(unittest.TestCase):
             plain.classify(info("Subject: x"), now=NOW)     # every condition on its own
         gated.classify(info("Subject: x"), now=NOW)
         self.assertEqual(set(plain.__dict__["_gates"]), {None})
-        # 15: "dated" has none (its date, evaluated first, may stop it before its regex)
-        self.assertEqual(sum(gate is not None for gate in gated.__dict__["_gates"]), 15)
+        # 16 ("any" among them, an _AnyGate): "dated" has none (its date, evaluated first,
+        # may stop it before its regex)
+        self.assertEqual(sum(gate is not None for gate in gated.__dict__["_gates"]), 16)
         return gated, plain
 
     def test_gated_rules_decide_and_explain_as_every_rule_evaluated(self):
@@ -10074,7 +10134,7 @@ class RuleGateTest(unittest.TestCase):
                      for s in ("one", "two")]
         self.assertEqual(calls, ["one", "two"])      # asked as ever: it came first
         self.assertEqual([gate is not None for gate in rules.__dict__["_gates"]],
-                         [False, False, False, False, True])
+                         [False, False, True, False, True])
         self.assertEqual([name for name, _ in decisions[0].matches], ["in not"])
 
     def test_a_regex_that_finds_a_value_opens_the_gate(self):
@@ -10221,7 +10281,6 @@ class RuleGateReviewTest(unittest.TestCase):
                 self.assertEqual(set(searched[1]) - set(searched[0]), set())
 
 
-
 class FrozenMadeTest(unittest.TestCase):
     """_frozen makes the Decision of each message (Ruleset.classify) and its Outcome
     (_FolderRun._outcome) without the frozen __init__: what it makes is the instance the
@@ -10274,6 +10333,69 @@ class FrozenMadeTest(unittest.TestCase):
                 self.assertEqual(vars(decision), vars(gc.Decision(decision.matches,
                                                                   decision.actions)))
                 self.assertEqual(repr(decision), repr(gc.Decision(**vars(decision))))
+
+
+class AnyGateTest(unittest.TestCase):
+    """A rule on an `any` of parts that each have a gate is passed over when every part's
+    gate shuts (_AnyGate): the same decisions as evaluating it, no regex searched that
+    evaluating it would not search, and never a gate where a part cannot have one."""
+
+    def test_any_rules_decide_and_search_as_every_rule_evaluated(self):
+        rng = random.Random(1723)
+        hostile = "/^(a|aa)+$/"
+        leaves = [{"subject": "re"}, {"subject": ["invoice", "/^RE:/i"]}, {"from": "example"},
+                  {"from": "/\\.de>?$/"}, {"to": ["bea", "team@"]}, {"cc": "/./"},
+                  {"header": {"List-Id": True}}, {"header": {"X-Custom": False}},
+                  {"header": {"X-Note": hostile}}, {"larger_than": "100"},
+                  {"smaller_than": "120"}, {"older_than": "1y"}, {"unread": True},
+                  {"subject": hostile}]
+
+        def part(depth: int) -> Dict[str, Any]:
+            if depth < 2 and rng.random() < 0.3:
+                return {rng.choice(("any", "all")): [part(depth + 1)
+                                                     for _ in range(rng.randrange(1, 4))]}
+            return dict(rng.sample(leaves, 1)[0])
+        spec = {"rule": [{"name": "a%d" % n, "label": "L%d" % n, "continue": rng.random() < 0.8,
+                          "any": [part(1) for _ in range(rng.randrange(1, 4))]}
+                         for n in range(40)]}
+        plain, gated = RuleGateReviewTest.plain_and_gated(self, spec)
+        gates = gated.__dict__["_gates"]
+        self.assertGreater(sum(type(gate) is gc._AnyGate for gate in gates), 10)
+        self.assertGreater(gates.count(None), 5)
+        shut = []
+        shuts = gc._AnyGate.shuts
+
+        def counted(gate: Any, msg: MessageInfo, cache: Any) -> bool:
+            shut.append(shuts(gate, msg, cache))
+            return shut[-1]
+        searched = [plain.__dict__["searched"], gated.__dict__["searched"]]
+        with mock.patch.object(gc._AnyGate, "shuts", counted):
+            for number, fresh in enumerate(RuleGateTest.messages(self)):
+                del searched[0][:], searched[1][:]
+                for final in (False, True):
+                    with self.subTest(number=number, final=final):
+                        self.assertEqual(gated.classify(fresh(), final=final, now=NOW),
+                                         plain.classify(fresh(), final=final, now=NOW))
+                        self.assertEqual(set(searched[1]) - set(searched[0]), set())
+        self.assertGreater(shut.count(True), 1000)
+        self.assertGreater(shut.count(False), 1000)
+
+    def test_a_part_true_stops_the_gate_before_later_regexes(self):
+        hostile = "/^(a|aa)+$/"
+        plain, gated = RuleGateReviewTest.plain_and_gated(self, {"rule": [
+            {"name": "either", "any": [{"header": {"X-Kind": True}}, {"subject": hostile}],
+             "label": "E"},
+            {"name": "not gated", "any": [{"subject": "x"}, {"older_than": "1y"}],
+             "label": "N"}]})
+        self.assertEqual([type(gate) for gate in gated.__dict__["_gates"]],
+                         [gc._AnyGate, type(None)])
+        for headers, want in (("Subject: %s!\nX-Kind: news" % ("a" * 16), ["either"]),
+                              ("Subject: aaaa", ["either"]), ("Subject: b", [])):
+            decision = gated.classify(info(headers), final=True, now=NOW)
+            self.assertEqual(decision, plain.classify(info(headers), final=True, now=NOW))
+            self.assertEqual([name for name, _ in decision.matches], want)
+            self.assertEqual(set(gated.__dict__["searched"]), set(plain.__dict__["searched"]))
+            del gated.__dict__["searched"][:], plain.__dict__["searched"][:]
 
 
 # --- Rules files: validation -------------------------------------------------------------

@@ -7799,6 +7799,17 @@ class HostileSenderTest(unittest.TestCase):
             costs.append(best)
         self.assertLess(costs[1], 6 * costs[0] + 0.05)
 
+    def test_a_field_of_blanks_cut_short_costs_linear_time(self):
+        # Blanks, then a lone CR: not a simple block (the parser reads it), found out once.
+        costs = []
+        for size in (4 * 1024, 16 * 1024):
+            raw = b"From: a@evil.example\r\nX:" + b" " * size + b"\r \r\nSubject: order\r\n\r\n"
+            started = time.perf_counter()
+            self.assertIsNone(gc._split_header_block(raw))
+            costs.append(time.perf_counter() - started)
+            self.assertEqual(header_text(parse_headers(raw), "from"), ["a@evil.example"])
+        self.assertLess(costs[1], 6 * costs[0] + 0.05)
+
     def test_encoded_word_runs_cost_linear_time(self):
         for size in (64 * 1024, 2 * 1024 * 1024):
             run = "=?utf-8?q?a=C3=A9?= " * (size // 20)

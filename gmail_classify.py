@@ -10824,6 +10824,21 @@ def _entry_lines(stamp: Mapping[str, Any], entries: Iterable[Mapping[str, Any]]
         yield shape.line(entry)
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _utf8_line(line: str) -> bytes:
+    """A record's line in UTF-8.  A header's bytes that were not the UTF-8 they claimed are
+    kept as lone surrogates (surrogateescape), which UTF-8 cannot hold; in a record's JSON
+    they stand only within strings, so each is written as its JSON escape, which reads
+    back as the same string (the C encoder's ASCII mode writes them so too)."""
+    try:
+        return line.encode("utf-8")
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE.sub(lambda found: "\\u%04x" % ord(found.group()),
+                                   line).encode("utf-8")
+
+
 class AuditLog:
     """``audit.jsonl``: one JSON record per line, appended once the server confirmed.
 
@@ -10850,7 +10865,7 @@ class AuditLog:
         lines: List[bytes] = []
         held = 0
         for line in texts:
-            lines.append(line.encode("utf-8"))
+            lines.append(_utf8_line(line))
             held += len(lines[-1])
             if held >= AUDIT_CHUNK_BYTES:
                 chunks.append(b"".join(lines))

@@ -16368,6 +16368,24 @@ class RecordSideTextRunTest(StateTestCase):
         self.assertIn("done: label Receipts", out)
 
 
+class AuditLoneSurrogateTest(StateTestCase):
+    """A sender's encoded word whose bytes are not the UTF-8 it claims decodes to lone
+    surrogates, which UTF-8 cannot hold: the run's records are written all the same, each
+    such character as its JSON escape, and read back as the string the run saw."""
+
+    def test_a_sender_whose_encoded_word_is_not_utf8_is_recorded(self):
+        self.server.add_message(b"From: =?utf-8?q?Fran=E7ois?= <bad@example.fr>\r\n"
+                                b"Subject: hello\r\nMessage-ID: <1@x>\r\n\r\nbody\r\n")
+        rules = gc.parse_rules({"rule": [{"name": "Any", "from": "bad@", "label": "L"}]}, "r")
+        self.run_once(rules)
+        (record,) = [r for r in self.store().audit.records() if r["type"] == "message"]
+        self.assertEqual(record["from"], "Fran\udce7ois <bad@example.fr>")
+        self.assertIn("L", self.server.messages("INBOX")[0].labels)
+        lines = self.store().audit.path.read_bytes().splitlines()
+        self.assertTrue(any(b'"Fran\\udce7ois <bad@example.fr>"' in line for line in lines))
+        self.assertEqual(gc._utf8_line('{"a": "\u00e9\udce7"}'), b'{"a": "\xc3\xa9\\udce7"}')
+
+
 class AuditWriteTest(unittest.TestCase):
     """The audit log's directory is made, private, when it is missing, and only then:
     not before each of the run's writes (an intent write per step, a done record per

@@ -31,7 +31,9 @@ Reading guide.  Sections in dependency order, each using only those above it
  5. Rule engine: conditions, actions, ``Ruleset``.
  6. Rules files: validation, a small TOML reader (so TOML works without tomllib),
     loading, the built-in rules, writing.
- 7. Classify pipeline: ``classify_folder`` (plan, write-ahead intents, apply, confirm).
+ 7. Classify pipeline: ``classify_folder`` (plan, write-ahead intents, apply, confirm);
+    message data a row of ``_MESSAGE_DATA`` marks ``later`` is fetched only for the
+    messages whose rules reach it (``_data_later``).
  8. Demo: a sample mailbox classified offline.
  9. State and audit log: marks, the lock, ``audit.jsonl`` (intent, done, unsent,
     message, skipped and summary records), ``Run``, ``history``, ``Undo``.

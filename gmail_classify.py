@@ -812,11 +812,14 @@ def _convert_atom(word: bytes) -> Any:
 # (a run of one character class, then each escape or [section] followed by another run)
 # rather than as a repeat of alternatives, which the regex engine tries byte by byte: the
 # same strings, matched in a fifth less work.  An atom that opens a [section] it never
-# closes is matched empty, which the tokenizer gives up at as at the last alternative.
+# closes is matched empty, and a quoted string that never closes is taken whole without
+# its closing quote: the tokenizer gives up at either as at the last alternative.  (Were an
+# unclosed string left to that alternative, findall() would scan the rest of the run again
+# from each quote inside it: a server's line of escaped quotes cost quadratic time.)
 _TOKEN = re.compile(rb"""[ ]*(?:
     (\()                                               # 1: a list opens
   | (\))                                               # 2: a list closes
-  | (")([^"\\\r\n]*(?:\\[\x00-\xff][^"\\\r\n]*)*)"      # 3, 4: a quoted string
+  | "([^"\\\r\n]*(?:\\[\x00-\xff][^"\\\r\n]*)*)("?)    # 3, 4: a quoted string, closed?
   | ~?\{(\d+)\+?\}\r\n                                 # 5: a literal's size
   | ([0-9]+)(?![^ ()"{\r\n])                           # 6: a number (all digits)
   | ((?=[^ ()"{\r\n])[^ ()"{\r\n\[]*(?:\[[^\[\]\r\n]*\][^ ()"{\r\n\[]*)*)  # 7: an atom
@@ -875,7 +878,7 @@ def _parse_fast(data: bytes, depth: int = 0) -> Tuple[List[Any], int]:
         size = b""
         tokens = findall(data, pos, stop)
         weight += 8 * len(tokens)   # the lists balance (or the run is given up)
-        for opened, closed, quote, text, size, number, word in tokens:
+        for opened, closed, text, quote, size, number, word in tokens:
             if word:
                 value = atoms.get(word, _MISSING)
                 if value is _MISSING:
@@ -10832,8 +10835,10 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 def _utf8_line(line: str) -> bytes:
     """A record's line in UTF-8.  A header's bytes that were not the UTF-8 they claimed are
     kept as lone surrogates (surrogateescape), which UTF-8 cannot hold; in a record's JSON
-    they stand only within strings, so each is written as its JSON escape, which reads
-    back as the same string (the C encoder's ASCII mode writes them so too)."""
+    they stand only within strings, so each is written as its JSON escape (as the C
+    encoder's ASCII mode writes them), which reads back as the same string; but for a high
+    and a low surrogate side by side (a UTF-7 word can decode so), which read back as the
+    one character they encode."""
     try:
         return line.encode("utf-8")
     except UnicodeEncodeError:

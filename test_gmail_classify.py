@@ -5390,6 +5390,29 @@ class BodystructureLineTest(unittest.TestCase):
             self.assertEqual(len(gc._QUOTED_VALUES), 1024)
 
 
+class HostileQuotedStringTest(unittest.TestCase):
+    """A server's run of quoted strings that never close costs linear time to refuse: the
+    tokenizer takes such a string whole and gives up at it, and the plain reader refuses
+    the line as before."""
+
+    def test_an_unclosed_run_of_escaped_quotes_costs_linear_time(self):
+        costs = []
+        for pairs in (2000, 8000):
+            for line in (b'* 1 FETCH (UID 1 BODYSTRUCTURE ("' + b'\\"' * pairs + b'))',
+                         b'* 1 FETCH (UID 1 BODYSTRUCTURE (' + b'"a\\' * pairs + b'))'):
+                started = time.perf_counter()
+                with self.assertRaises(gc.ProtocolError):
+                    gc.parse_response(line)
+                costs.append(time.perf_counter() - started)
+        self.assertLess(costs[2] + costs[3], 6 * (costs[0] + costs[1]) + 0.05)
+
+    def test_closed_and_empty_strings_still_read_fast(self):
+        for line in (b'* 1 FETCH (X "" Y "a\\"b" Z ("" "c"))', b'* LIST () "/" ""'):
+            with mock.patch.object(gc, "_parse_plain", side_effect=AssertionError("plain")):
+                fast = gc.parse_response(line)
+            self.assertEqual(fast, gc._parse_plain(line))
+
+
 # --- Connection --------------------------------------------------------------------------
 
 
@@ -16371,7 +16394,8 @@ class RecordSideTextRunTest(StateTestCase):
 class AuditLoneSurrogateTest(StateTestCase):
     """A sender's encoded word whose bytes are not the UTF-8 it claims decodes to lone
     surrogates, which UTF-8 cannot hold: the run's records are written all the same, each
-    such character as its JSON escape, and read back as the string the run saw."""
+    such character as its JSON escape, and read back as the string the run saw (a pair of
+    them, as the character the pair encodes)."""
 
     def test_a_sender_whose_encoded_word_is_not_utf8_is_recorded(self):
         self.server.add_message(b"From: =?utf-8?q?Fran=E7ois?= <bad@example.fr>\r\n"

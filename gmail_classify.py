@@ -9299,8 +9299,10 @@ class _FolderRun:
         decisions = self._decide(infos, shown)
         for uid in sorted(decisions):
             self._add(uid, decisions[uid], infos[uid], shown[uid], fetched[uid].get("X-GM-MSGID"))
-        waiting = [uid for uid in infos if uid not in decisions]
-        if waiting:         # undecided without the data asked later (see classify_all)
+        # Undecided without the data asked later (see _decide and classify_all); without
+        # any, a message missing here was skipped (its body did not come, a program failed).
+        waiting = [uid for uid in infos if uid not in decisions] if self.later else []
+        if waiting:
             self.waiting.append(_Waiting(
                 {uid: infos[uid] for uid in waiting}, {uid: shown[uid] for uid in waiting},
                 {uid: fetched[uid].get("X-GM-MSGID") for uid in waiting},

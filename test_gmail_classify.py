@@ -12812,6 +12812,29 @@ class DataLaterTest(FakeServerTest):
                                        batch_size=batch_size, apply_every=1)
                 self.assertEqual(len(server.uids("Files")), 3)
 
+    def test_a_message_skipped_for_its_body_never_waits_and_is_never_acted_on(self):
+        # Body rules ask for no later data: a message whose body did not come is skipped
+        # for it, as ever, not taken for one waiting for later data and decided without it.
+        for index in range(3):
+            self.server.add_message(_attached("alice@example.com", f"m{index}", False))
+        rules = gc.parse_rules({"rule": [{"name": "Body", "body": "files", "label": "Files"}]},
+                               "rules")
+        with_body = gc._FolderRun._with_body
+
+        def losing_uid_2(run, uids, infos, item):
+            ready = with_body(run, uids, infos, item)
+            if 2 in ready:
+                del ready[2]
+                gc._skip(run.report, 2, "the server's answer lacked its body prefix")
+            return ready
+        with mock.patch.object(gc._FolderRun, "_with_body", losing_uid_2), \
+                self.connect() as conn:
+            report = gc.classify_folder(conn, rules, "INBOX", apply=True, now=self.NOW)
+        self.assertEqual(report.skipped, [2])
+        self.assertEqual(self.labelled(), [1, 3])
+        self.assertEqual(report.mark, 1)
+        self.assertFalse(any(e.line.endswith(b"(UID )\r\n") for e in self.server.log))
+
     def test_a_drop_while_it_is_on_the_wire_asks_for_it_again(self):
         for index in range(6):
             self.server.add_message(_attached("alice@example.com", f"m{index}", index % 2 == 0))

@@ -9341,12 +9341,12 @@ class _FolderRun:
         on the wire, the answers to the FETCHes sent before it having been read: once the
         ``batches``-th batch is in (None: all of them, the batches being done).  They join
         the step in hand; a step that ended while they waited holds its mark below them."""
+        items = [datum.item for datum in self.later]
         while self.waiting and (batches is None or self.waiting[0].due <= batches):
             waiting = self.waiting.pop(0)
             fetched = waiting.read()
             oversized = set(self.report.skipped)
             for uid, info in waiting.infos.items():
-                items = [datum.item for datum in self.later]
                 why = "the server sent far more than was asked for" if uid in oversized \
                     else _lacking(items, fetched.get(uid))
                 if why:

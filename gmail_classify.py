@@ -8979,6 +8979,15 @@ def _lacking(items: Sequence[str], values: Optional[Mapping[str, Any]]) -> str:
     return "the server's answer lacked its " + ", ".join(names)
 
 
+def _unusable(uid: int, items: Sequence[str], fetched: Mapping[int, Mapping[str, Any]],
+              oversized: set) -> str:
+    """Why the FETCH answer ``fetched`` gives nothing to judge message ``uid`` on (a
+    literal dropped as oversized, or one of ``items`` lacking: see _lacking), or ""."""
+    if uid in oversized:
+        return "the server sent far more than was asked for"
+    return _lacking(items, fetched.get(uid))
+
+
 @dataclass(frozen=True)
 class _Destinations:
     """What the rules need from the server, settled before anything changes."""
@@ -9285,8 +9294,7 @@ class _FolderRun:
             if leave and _is_msgid((fetched.get(uid) or {}).get("X-GM-MSGID")) and \
                     int(fetched[uid]["X-GM-MSGID"]) in leave:
                 continue
-            why = "the server sent far more than was asked for" if uid in oversized \
-                else _lacking(items, fetched.get(uid))
+            why = _unusable(uid, items, fetched, oversized)
             if why:
                 _skip(report, uid, why)
                 continue
@@ -9347,8 +9355,7 @@ class _FolderRun:
             fetched = waiting.read()
             oversized = set(self.report.skipped)
             for uid, info in waiting.infos.items():
-                why = "the server sent far more than was asked for" if uid in oversized \
-                    else _lacking(items, fetched.get(uid))
+                why = _unusable(uid, items, fetched, oversized)
                 if why:
                     _skip(self.report, uid, why)
                     continue
@@ -9421,8 +9428,7 @@ class _FolderRun:
         ready: Dict[int, MessageInfo] = {}
         oversized = set(report.skipped)
         for uid in uids:
-            why = "the server sent far more than was asked for" if uid in oversized \
-                else _lacking([item], bodies.get(uid))
+            why = _unusable(uid, [item], bodies, oversized)
             if why:
                 _skip(report, uid, why)
                 continue

@@ -22780,7 +22780,10 @@ def _bench_answer_key(conn: Any, corpus: Iterable[Tuple[bytes, _dtm.datetime, fr
     separator = next((f.delimiter for f in folders if f.delimiter), "/")
     decided = []
     for raw, date, flags in corpus:
-        info = dataclasses.replace(gc.message_info_from_bytes(raw), date=date)
+        # As the server shows the message: its INTERNALDATE, its flags, and on Gmail the
+        # label the INBOX is (a rule may read `starred`, `read` or `has_label`).
+        info = dataclasses.replace(gc.message_info_from_bytes(raw), date=date, flags=flags,
+                                   labels=frozenset({"\\Inbox"}) if conn.is_gmail else None)
         decided.append((info, flags,
                         rules.classify(info, final=True, now=now).actions.expanded(info, separator)))
     names = {name for *_, actions in decided for name in tuple(actions.labels) + (

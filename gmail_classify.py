@@ -15452,6 +15452,10 @@ class _Signals:
     and ``on_hangup()`` SIGHUP's (watch: reload the rules).  The handlers do no I/O, since a
     signal may arrive anywhere; they are installed only in the main thread (Python allows
     no other) and put back as they were on exit.  Windows has no SIGHUP.
+
+    A signal ignored when the command starts stays ignored: ``nohup`` ignores SIGHUP so
+    that a run outlives the terminal, and a shell ignores SIGINT in a background job so
+    that Ctrl-C at the prompt does not reach it; each asked for the run to go on.
     """
 
     stop: Stop
@@ -15475,7 +15479,8 @@ class _Signals:
         if threading.current_thread() is threading.main_thread():
             names = ("SIGINT", "SIGTERM", "SIGHUP")
             for signum in [getattr(signal, name) for name in names if hasattr(signal, name)]:
-                self._previous[signum] = signal.signal(signum, self._handle)
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -21849,6 +21849,56 @@ class SignalSweepTest(StateTestCase):
         self.assertEqual(entry["status"], "interrupted")
         self.assertGreater(entry["changes_made"], 0)
 
+    @unittest.skipUnless(hasattr(signal, "SIGHUP"), "no SIGHUP")
+    def test_signals_ignored_at_start_stay_ignored_as_nohup_asks(self):
+        # nohup ignores SIGHUP, a shell ignores SIGINT in a background job: the run goes on
+        # through both and ends as an uncut run does.
+        clean, expected_box, _, last_write = self.clean()
+        server = FakeGmail().start()
+        self.addCleanup(server.stop)
+        seed_mailbox(server, self.messages)
+        process: List[subprocess.Popen] = []
+
+        def hang_up_then_interrupt() -> None:
+            os.kill(process[0].pid, signal.SIGHUP)
+            os.kill(process[0].pid, signal.SIGINT)
+        server.add_fault(None, nth=last_write // 2, action="call",
+                         callback=hang_up_then_interrupt)
+        here = os.path.dirname(os.path.abspath(gc.__file__))
+        state = os.path.join(self.tmp, "nohup")
+        env = dict(os.environ, **self.env(state))
+        # The shell ignores both, then becomes the program (exec): it starts with them ignored.
+        process.append(subprocess.Popen(
+            ["sh", "-c", 'trap "" HUP INT; exec "$@"', "sh", sys.executable, "-c",
+             _SIGNAL_SHIM, here, *self.argv(server)], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True))
+        self.addCleanup(lambda: process[0].poll() is None and process[0].kill())
+        out, err = process[0].communicate(timeout=60)
+        self.assertTrue(server.fired)
+        self.assertEqual(process[0].returncode, 0, err)
+        self.assertNotIn("interrupted", err)
+        (entry,) = self.history(state)
+        self.assertEqual(entry["status"], "complete")
+        self.assertEqual(mailbox_snapshot(server), expected_box)
+
+    def test_an_ignored_signal_is_left_ignored_and_the_others_handled(self):
+        if threading.current_thread() is not threading.main_thread():
+            self.skipTest("signal handlers are set in the main thread only")
+        before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self.addCleanup(signal.signal, signal.SIGHUP, before)
+        interrupt = signal.getsignal(signal.SIGINT)
+        signals = gc._Signals(gc.Stop(), armed=True)
+        with signals:
+            self.assertIs(signal.getsignal(signal.SIGHUP), signal.SIG_IGN)
+            self.assertEqual(signal.getsignal(signal.SIGINT), signals._handle)
+            self.assertEqual(signal.getsignal(signal.SIGTERM), signals._handle)
+        self.assertIs(signal.getsignal(signal.SIGHUP), signal.SIG_IGN)
+        self.assertIs(signal.getsignal(signal.SIGINT), interrupt)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with signals:                       # not ignored: handled like the others
+            self.assertEqual(signal.getsignal(signal.SIGHUP), signals._handle)
+        self.assertIs(signal.getsignal(signal.SIGHUP), signal.SIG_DFL)
+
     @staticmethod
     def _children(pid: int) -> List[int]:
         try:

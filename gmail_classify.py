@@ -10857,22 +10857,30 @@ def _utf8_line(line: str) -> bytes:
 class AuditLog:
     """``audit.jsonl``: one JSON record per line, appended once the server confirmed.
 
-    Policy: when the file passes AUDIT_MAX_BYTES (16 MB, some 25,000 records) it becomes
-    ``audit.jsonl.1``, replacing the one before; ``records()`` reads both, oldest first.
+    Policy: a run's first write (``rotate``) finds the file past AUDIT_MAX_BYTES (16 MB,
+    some 20,000 records) and makes it ``audit.jsonl.1``, replacing the one before;
+    ``records()`` reads both, oldest first.  Only a run's first write rotates, so a run
+    never moves its own records out of reach: the last run is kept whole however large it
+    grew (a first run over years of mail may write more than the limit), and with it
+    whatever the two files hold before it.  Runs of other accounts writing meanwhile may
+    rotate it once each; so the file a large run began in stays, as ``audit.jsonl.1``,
+    until a second one does.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.previous = path.with_name(path.name + ".1")
 
-    def append(self, records: Iterable[Mapping[str, Any]], *, sync: bool = True) -> None:
+    def append(self, records: Iterable[Mapping[str, Any]], *, sync: bool = True,
+               rotate: bool = False) -> None:
         """Append records, written while signals are held off, then fsync (unless
         ``sync`` is False: records the next synced append or the run's end makes durable);
-        rotate first if the file is past its size.  A torn last line (a crash mid-write)
-        gets its newline first, so it can never swallow the records that follow."""
-        self.write(_record_lines(records), sync=sync)
+        with ``rotate`` (a run's first write), rotate first if the file is past its size.
+        A torn last line (a crash mid-write) gets its newline first, so it can never
+        swallow the records that follow."""
+        self.write(_record_lines(records), sync=sync, rotate=rotate)
 
-    def write(self, texts: Iterable[str], *, sync: bool = True) -> None:
+    def write(self, texts: Iterable[str], *, sync: bool = True, rotate: bool = False) -> None:
         """append() for records already encoded: each text a line (see _record_lines)."""
         # Encoded record by record into chunks of bytes: one str of a whole step's records
         # (10,000 of them) would take up to four bytes a character, and its copy again.
@@ -10906,7 +10914,7 @@ class AuditLog:
                     _ensure_private_dir(self.path.parent)
                     guard.acquire(wait=True)
                 try:
-                    self._append_locked(chunks, sync)
+                    self._append_locked(chunks, sync, rotate)
                 finally:
                     guard.release()
             except OSError as exc:
@@ -10914,8 +10922,8 @@ class AuditLog:
 
     _threads = threading.Lock()      # every AuditLog of this process: see append
 
-    def _append_locked(self, chunks: List[bytes], sync: bool) -> None:
-        if self.path.exists() and self.path.stat().st_size > AUDIT_MAX_BYTES:
+    def _append_locked(self, chunks: List[bytes], sync: bool, rotate: bool) -> None:
+        if rotate and self.path.exists() and self.path.stat().st_size > AUDIT_MAX_BYTES:
             os.replace(self.path, self.previous)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         try:
@@ -11128,6 +11136,7 @@ class Run(Checkpoint):
         self._conn: Optional[GmailConnection] = None
         self._bytes_seen = 0            # the connection's bytes_received when last counted
         self.bytes_counted = 0          # what this run added to the day's download count
+        self._audit_began = False       # written to the audit log yet (see _audit_write)
         self._largest_fetch = 0
         self._last_fetch_bytes: Optional[int] = None
         self._warned_half = False
@@ -11200,7 +11209,7 @@ class Run(Checkpoint):
                            reconnects=self._conn.reconnects)
         if self.apply and (self.changes_made or self.changes_not_made or self.undo_of or
                            (status != "complete" and self.reports)):
-            self.store.audit.append([summary])
+            self._audit_write(_record_lines([summary]))
         return summary
 
     # -- the Checkpoint hooks ------------------------------------------------------------
@@ -11268,10 +11277,10 @@ class Run(Checkpoint):
 
     def content_skipped(self, status: FolderStatus, skips: Mapping[int, str]) -> None:
         if self.apply:
-            self.store.audit.append([
+            self._audit_write(_record_lines([
                 self._stamp("skipped", folder=status.name, uid=uid,
                             uidvalidity=status.uidvalidity, reason=why)
-                for uid, why in sorted(skips.items())])
+                for uid, why in sorted(skips.items())]))
 
     def intend(self, conn: GmailConnection, entries: Sequence[Dict[str, Any]]) -> None:
         """Write-ahead: the step's intent records, in one write and one fsync, before any
@@ -11280,27 +11289,27 @@ class Run(Checkpoint):
             return
         self._count_bytes(conn)
         stamp = self._stamp("intent", rules_hash=self.rules_hash, **self._undoing())
-        self.store.audit.write(_entry_lines(stamp, entries))
+        self._audit_write(_entry_lines(stamp, entries))
 
     def not_sent(self, conn: GmailConnection, entries: Sequence[Dict[str, Any]]) -> None:
         """Record that these intended changes were never sent (a stop between commands):
         history does not count them and undo does not look for them."""
         if self.apply and entries:
-            self.store.audit.write(_entry_lines(self._stamp("unsent"), entries))
+            self._audit_write(_entry_lines(self._stamp("unsent"), entries))
 
     def confirmed(self, conn: GmailConnection, entry: Dict[str, Any]) -> None:
         """A ``done`` record as each write command is confirmed: one write, no fsync (the
         step's records end with one; the intents before it were made durable)."""
         if self.apply:
-            self.store.audit.append([self._stamp("done", **self._undoing(), **entry)],
-                                    sync=False)
+            self._audit_write(_record_lines([self._stamp("done", **self._undoing(), **entry)]),
+                              sync=False)
 
     def step_done(self, conn: GmailConnection, status: FolderStatus, mark: Optional[int],
                   outcomes: Sequence[Outcome]) -> None:
         time = _iso(self.store.now())      # one for the step's records (see record)
         self._step_actions = {}
         if self.apply:
-            self.store.audit.write(self._message_lines(outcomes, time))
+            self._audit_write(self._message_lines(outcomes, time))
         names: Dict[int, Tuple[Mapping[str, Any], str]] = {}     # see _count
         for outcome in outcomes:
             if outcome.changes:
@@ -11323,7 +11332,7 @@ class Run(Checkpoint):
         """Count message records; with ``apply``, append those with changes to the audit
         log (the server has confirmed them); then pass them to ``on_record``."""
         if self.apply:
-            self.store.audit.append(record for record in records if record["changes"])
+            self._audit_write(_record_lines(record for record in records if record["changes"]))
         names: Dict[int, Tuple[Mapping[str, Any], str]] = {}     # see _count
         for record in records:
             self._count(record["changes"], record["applied"], names)
@@ -11332,6 +11341,12 @@ class Run(Checkpoint):
                 self.on_record(record)
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _audit_write(self, texts: Iterable[str], sync: bool = True) -> None:
+        """Append encoded records (_record_lines) to the audit log; the run's first write
+        may rotate it, no later one (see AuditLog)."""
+        rotate, self._audit_began = not self._audit_began, True
+        self.store.audit.write(texts, sync=sync, rotate=rotate)
 
     def _count(self, changes: Sequence[Mapping[str, Any]], applied: bool,
                names: Dict[int, Tuple[Mapping[str, Any], str]]) -> None:

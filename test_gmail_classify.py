@@ -13299,8 +13299,11 @@ class StateStoreTest(TempDirMixin, unittest.TestCase):
         directory = self.make_dir()
         audit = gc.AuditLog(Path(directory) / "audit.jsonl")
         with mock.patch.object(gc, "AUDIT_MAX_BYTES", 200):
-            for number in range(12):
-                audit.append([{"n": number, "pad": "x" * 40}])
+            for number in range(6):         # a run's later writes never rotate
+                audit.append([{"n": -1 - number, "pad": "x" * 40}])
+            self.assertFalse(audit.previous.exists())
+            for number in range(12):        # each the first write of a run
+                audit.append([{"n": number, "pad": "x" * 40}], rotate=True)
         self.assertEqual(os.stat(audit.path).st_mode & 0o777, 0o600)
         self.assertTrue(audit.previous.exists())
         numbers = [record["n"] for record in audit.records()]
@@ -13694,6 +13697,29 @@ class UndoTest(StateTestCase):
         self.assertIn("already undone", str(ctx.exception))
         with self.assertRaises(gc.StateError):
             self.undo()                                   # nothing left to undo
+
+    def test_a_run_larger_than_the_audit_limit_is_kept_whole_and_undone_whole(self):
+        # A first run over years of mail writes more than AUDIT_MAX_BYTES: none of its
+        # records may be rotated away while it runs, or undo could not take it all back.
+        seed_mailbox(self.server, 18)
+        before = mailbox_snapshot(self.server)
+        audit = self.store().audit
+        with mock.patch.object(gc, "AUDIT_MAX_BYTES", 600):
+            audit.append([{"type": "note", "run": "older", "pad": "x" * 700}])
+            run = self.run_once(apply_every=1, batch_size=2)     # many writes, each > 600
+            self.assertTrue(audit.previous.exists())   # its first write rotated "older" out
+            self.assertEqual([r["run"] for r in gc.AuditLog(audit.previous).records()
+                              if "run" in r], ["older"])
+            self.assertGreater(audit.path.stat().st_size, 10 * 600)
+            self.assertEqual({r["run"] for r in audit.records()} - {"older"}, {run.id})
+            (entry,) = [e for e in gc.history(self.store()) if e["run"] == run.id]
+            self.assertEqual(entry["changes_made"], run.changes_made)
+            self.assertEqual(entry["status"], "complete")
+            undo = self.undo(run.id)              # its first write rotates: the run is in .1
+            self.assertEqual((undo.undo_of, undo.reversed, undo.left_alone),
+                             (run.id, run.changes_made, 0))
+        self.assertEqual(mailbox_snapshot(self.server), before)
+        self.assertEqual({r["run"] for r in gc.AuditLog(audit.previous).records()}, {run.id})
 
     def test_a_log_from_before_the_write_ahead_records_is_still_undone(self):
         # Version 1 logs hold message and summary records only: no intent, done or unsent.
@@ -14700,7 +14726,7 @@ class AuditLockTest(TempDirMixin, unittest.TestCase):
         with mock.patch.object(gc, "AUDIT_MAX_BYTES", 400):
             def write(n: int) -> None:
                 for i in range(40):
-                    audit.append([{"type": "x", "run": f"{n}-{i}"}], sync=False)
+                    audit.append([{"type": "x", "run": f"{n}-{i}"}], sync=False, rotate=True)
             threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
             for thread in threads:
                 thread.start()

@@ -10251,7 +10251,7 @@ STATE_FORMAT = "gmail_classify state"
 STATE_VERSION = 1              # bumped when the state file's layout changes incompatibly
 RECORD_VERSION = 1             # of the records in --json output and audit.jsonl
 INTENT_VERSION = 2             # of the audit log's write-ahead "intent" and "skipped" records
-AUDIT_MAX_BYTES = 16 * 1024 ** 2       # audit.jsonl past this size becomes audit.jsonl.1
+AUDIT_MAX_BYTES = 16 * 1024 ** 2       # past this, a run's first write rotates audit.jsonl
 AUDIT_CHUNK_BYTES = 1024 ** 2        # records are encoded and written in chunks of this size
 DOWNLOAD_DAYS_KEPT = 8                 # days of download counts kept in the state file
 
@@ -10859,29 +10859,34 @@ class AuditLog:
 
     Policy: a run's first write (``rotate``) finds the file past AUDIT_MAX_BYTES (16 MB,
     some 20,000 records) and makes it ``audit.jsonl.1``, replacing the one before;
-    ``records()`` reads both, oldest first.  Only a run's first write rotates, so a run
-    never moves its own records out of reach: the last run is kept whole however large it
-    grew (a first run over years of mail may write more than the limit), and with it
-    whatever the two files hold before it.  Runs of other accounts writing meanwhile may
-    rotate it once each; so the file a large run began in stays, as ``audit.jsonl.1``,
-    until a second one does.
+    ``records()`` reads both, oldest first.  Only a run's first write rotates, and only
+    while no other run is writing (each holds ``writing()`` from its first write to its
+    end), so no run's records are moved out of reach while it runs: the last run is kept
+    whole however large it grew (a first run over years of mail may write more than the
+    limit), with whatever the two files hold before it.  Where there are no shared locks
+    (Windows) another account's run may rotate once meanwhile: the large run's first
+    records are then in ``audit.jsonl.1``, until a second rotation.  An undo never
+    rotates: the run it takes back may be in ``audit.jsonl.1``, and an undo stopped half
+    way must find it again.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.previous = path.with_name(path.name + ".1")
+        self.writers = path.with_name(path.name + ".writers")     # see writing()
 
     def append(self, records: Iterable[Mapping[str, Any]], *, sync: bool = True,
                rotate: bool = False) -> None:
         """Append records, written while signals are held off, then fsync (unless
         ``sync`` is False: records the next synced append or the run's end makes durable);
-        with ``rotate`` (a run's first write), rotate first if the file is past its size.
-        A torn last line (a crash mid-write) gets its newline first, so it can never
-        swallow the records that follow."""
+        with ``rotate`` (a run's first write), rotate first if the file is past its size
+        and no other run is writing.  A torn last line (a crash mid-write) gets its newline
+        first, so it can never swallow the records that follow."""
         self.write(_record_lines(records), sync=sync, rotate=rotate)
 
-    def write(self, texts: Iterable[str], *, sync: bool = True, rotate: bool = False) -> None:
-        """append() for records already encoded: each text a line (see _record_lines)."""
+    def write(self, texts: Iterable[str], *, sync: bool = True, rotate: bool = False) -> bool:
+        """append() for records already encoded: each text a line (see _record_lines).
+        Returns whether there was anything to write."""
         # Encoded record by record into chunks of bytes: one str of a whole step's records
         # (10,000 of them) would take up to four bytes a character, and its copy again.
         chunks: List[bytes] = []
@@ -10897,7 +10902,7 @@ class AuditLog:
             chunks.append(b"".join(lines))
         del lines
         if not chunks:
-            return
+            return False
         guard = _FileLock(self.path.with_name(self.path.name + ".lock"))
         # One writer at a time, threads (a watch of several accounts) and processes (runs
         # of other accounts) alike: two that both found the file past its size would
@@ -10919,11 +10924,49 @@ class AuditLog:
                     guard.release()
             except OSError as exc:
                 raise StateError(f"cannot write the audit log {self.path}: {exc}") from exc
+        return True
+
+    def writing(self) -> Optional[int]:
+        """A run that has written says so until it ends (pass the result to
+        ``done_writing``): a shared lock on ``audit.jsonl.writers`` (flock: each holder's
+        own open file, so threads of one process count apart), so that no other run's first
+        write rotates the log from under it.  None where there are no shared locks."""
+        if fcntl is None:
+            return None
+        try:
+            fd = os.open(self.writers, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
+
+    @staticmethod
+    def done_writing(fd: Optional[int]) -> None:
+        if fd is not None:
+            os.close(fd)        # the lock goes with it
+
+    def _others_writing(self) -> bool:
+        """Whether a run holds writing() (asked under the write lock, before a rotation)."""
+        if fcntl is None:
+            return False
+        fd = os.open(self.writers, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+        return False
 
     _threads = threading.Lock()      # every AuditLog of this process: see append
 
     def _append_locked(self, chunks: List[bytes], sync: bool, rotate: bool) -> None:
-        if rotate and self.path.exists() and self.path.stat().st_size > AUDIT_MAX_BYTES:
+        if rotate and self.path.exists() and self.path.stat().st_size > AUDIT_MAX_BYTES \
+                and not self._others_writing():
             os.replace(self.path, self.previous)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         try:
@@ -11137,6 +11180,7 @@ class Run(Checkpoint):
         self._bytes_seen = 0            # the connection's bytes_received when last counted
         self.bytes_counted = 0          # what this run added to the day's download count
         self._audit_began = False       # written to the audit log yet (see _audit_write)
+        self._audit_writing: Optional[int] = None
         self._largest_fetch = 0
         self._last_fetch_bytes: Optional[int] = None
         self._warned_half = False
@@ -11207,9 +11251,13 @@ class Run(Checkpoint):
             summary.update(imap_commands=self._conn.commands_sent,
                            bytes_received=self.bytes_counted,
                            reconnects=self._conn.reconnects)
-        if self.apply and (self.changes_made or self.changes_not_made or self.undo_of or
-                           (status != "complete" and self.reports)):
-            self._audit_write(_record_lines([summary]))
+        try:
+            if self.apply and (self.changes_made or self.changes_not_made or self.undo_of or
+                               (status != "complete" and self.reports)):
+                self._audit_write(_record_lines([summary]))
+        finally:
+            self.store.audit.done_writing(self._audit_writing)
+            self._audit_writing = None
         return summary
 
     # -- the Checkpoint hooks ------------------------------------------------------------
@@ -11343,10 +11391,13 @@ class Run(Checkpoint):
     # -- helpers -------------------------------------------------------------------------
 
     def _audit_write(self, texts: Iterable[str], sync: bool = True) -> None:
-        """Append encoded records (_record_lines) to the audit log; the run's first write
-        may rotate it, no later one (see AuditLog)."""
-        rotate, self._audit_began = not self._audit_began, True
-        self.store.audit.write(texts, sync=sync, rotate=rotate)
+        """Append encoded records (_record_lines) to the audit log.  The run's first write
+        may rotate it, no later one, nor an undo's; from then on until finish() the run
+        holds the log's writing() mark, so no other run rotates it (see AuditLog)."""
+        audit, first = self.store.audit, not self._audit_began
+        if audit.write(texts, sync=sync, rotate=first and self.undo_of is None) and first:
+            self._audit_began = True
+            self._audit_writing = audit.writing()
 
     def _count(self, changes: Sequence[Mapping[str, Any]], applied: bool,
                names: Dict[int, Tuple[Mapping[str, Any], str]]) -> None:
@@ -15468,9 +15519,11 @@ class _Signals:
     signal may arrive anywhere; they are installed only in the main thread (Python allows
     no other) and put back as they were on exit.  Windows has no SIGHUP.
 
-    A signal ignored when the command starts stays ignored: ``nohup`` ignores SIGHUP so
-    that a run outlives the terminal, and a shell ignores SIGINT in a background job so
-    that Ctrl-C at the prompt does not reach it; each asked for the run to go on.
+    A signal that would stop the command and was ignored when it started stays ignored:
+    ``nohup`` ignores SIGHUP so that a run outlives the terminal, and a shell ignores
+    SIGINT in a background job so that Ctrl-C at the prompt does not reach it; each asked
+    for the run to go on.  SIGHUP still reloads a watch's rules (``on_hangup``): that
+    does not stop it.
     """
 
     stop: Stop
@@ -15493,8 +15546,9 @@ class _Signals:
     def __enter__(self) -> "_Signals":
         if threading.current_thread() is threading.main_thread():
             names = ("SIGINT", "SIGTERM", "SIGHUP")
+            hangup = getattr(signal, "SIGHUP", None) if self.on_hangup is not None else None
             for signum in [getattr(signal, name) for name in names if hasattr(signal, name)]:
-                if signal.getsignal(signum) is not signal.SIG_IGN:
+                if signum == hangup or signal.getsignal(signum) is not signal.SIG_IGN:
                     self._previous[signum] = signal.signal(signum, self._handle)
         return self
 

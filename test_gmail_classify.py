@@ -13704,22 +13704,54 @@ class UndoTest(StateTestCase):
         seed_mailbox(self.server, 18)
         before = mailbox_snapshot(self.server)
         audit = self.store().audit
+
+        def runs_in(log: gc.AuditLog) -> set:
+            return {r["run"] for r in log.records()}
         with mock.patch.object(gc, "AUDIT_MAX_BYTES", 600):
             audit.append([{"type": "note", "run": "older", "pad": "x" * 700}])
             run = self.run_once(apply_every=1, batch_size=2)     # many writes, each > 600
-            self.assertTrue(audit.previous.exists())   # its first write rotated "older" out
-            self.assertEqual([r["run"] for r in gc.AuditLog(audit.previous).records()
-                              if "run" in r], ["older"])
+            self.assertEqual(runs_in(gc.AuditLog(audit.previous)), {"older"})  # its first
             self.assertGreater(audit.path.stat().st_size, 10 * 600)
-            self.assertEqual({r["run"] for r in audit.records()} - {"older"}, {run.id})
+            self.assertEqual(runs_in(audit) - {"older"}, {run.id})
             (entry,) = [e for e in gc.history(self.store()) if e["run"] == run.id]
-            self.assertEqual(entry["changes_made"], run.changes_made)
-            self.assertEqual(entry["status"], "complete")
-            undo = self.undo(run.id)              # its first write rotates: the run is in .1
+            self.assertEqual((entry["changes_made"], entry["status"]),
+                             (run.changes_made, "complete"))
+            undo = self.undo(run.id)        # an undo never rotates: the run stays beside it
             self.assertEqual((undo.undo_of, undo.reversed, undo.left_alone),
                              (run.id, run.changes_made, 0))
-        self.assertEqual(mailbox_snapshot(self.server), before)
-        self.assertEqual({r["run"] for r in gc.AuditLog(audit.previous).records()}, {run.id})
+            self.assertEqual(mailbox_snapshot(self.server), before)
+            self.assertEqual(runs_in(gc.AuditLog(audit.previous)), {"older"})
+            self.assertEqual(runs_in(audit) - {"older"}, {run.id, undo.run.id})
+            # Another run's first write rotates once nobody is writing; not while one is.
+            other = audit.writing()
+            seed_mailbox(self.server, 2)
+            later = self.run_once()
+            self.assertGreater(later.changes_made, 0)
+            self.assertEqual(runs_in(gc.AuditLog(audit.previous)), {"older"})
+            audit.done_writing(other)
+            seed_mailbox(self.server, 2)
+            last = self.run_once()
+            self.assertEqual(runs_in(gc.AuditLog(audit.previous)) - {"older"},
+                             {run.id, undo.run.id, later.id})
+            with open(audit.path, encoding="utf-8") as handle:     # the current file alone
+                self.assertEqual({json.loads(line)["run"] for line in handle}, {last.id})
+
+    def test_only_a_runs_first_records_may_rotate_the_audit_log_not_an_empty_write(self):
+        store = self.store()
+        with mock.patch.object(gc, "AUDIT_MAX_BYTES", 100):
+            store.audit.append([{"type": "note", "run": "older", "pad": "x" * 200}])
+            run = gc.Run(store, gc.parse_rules(SWEEP_DOC, "rules.json"), USER, "127.0.0.1",
+                         self.server.port, apply=True)
+            run._audit_write(iter(()))                         # nothing: not its first
+            self.assertFalse(store.audit.previous.exists())
+            run._audit_write(iter(['{"type": "x", "run": "%s", "pad": "%s"}' % (run.id, "y" * 200)]))
+            self.assertTrue(store.audit.previous.exists())     # its first records
+            run._audit_write(iter(['{"type": "x", "run": "%s"}' % run.id]))
+            self.assertEqual([r["run"] for r in gc.AuditLog(store.audit.previous).records()],
+                             ["older"])                        # no second rotation
+            self.assertIsNotNone(run._audit_writing)           # held until it ends
+            run.finish()
+            self.assertIsNone(run._audit_writing)
 
     def test_a_log_from_before_the_write_ahead_records_is_still_undone(self):
         # Version 1 logs hold message and summary records only: no intent, done or unsent.
@@ -21920,6 +21952,11 @@ class SignalSweepTest(StateTestCase):
             self.assertEqual(signal.getsignal(signal.SIGTERM), signals._handle)
         self.assertIs(signal.getsignal(signal.SIGHUP), signal.SIG_IGN)
         self.assertIs(signal.getsignal(signal.SIGINT), interrupt)
+        watch = gc._Signals(gc.Stop(), armed=True, on_hangup=lambda: None)
+        with watch:                         # a watch's reload is no stop: still handled
+            self.assertEqual(signal.getsignal(signal.SIGHUP), watch._handle)
+            self.assertEqual(signal.getsignal(signal.SIGINT), watch._handle)
+        self.assertIs(signal.getsignal(signal.SIGHUP), signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
         with signals:                       # not ignored: handled like the others
             self.assertEqual(signal.getsignal(signal.SIGHUP), signals._handle)

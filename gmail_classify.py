@@ -1041,8 +1041,12 @@ def _shape_items(found: List[Tuple[bytes, bytes, bytes, bytes]], items: List[Any
             value = _atom_value(name)
         items.append(value)
         weight += len(value) + 16 if value.__class__ is str else 16    # and 8 for its value
-        if number:
-            items.append(_digits_number(number))
+        if number:      # as _digits_number(), which it calls where that one must look
+            items.append(int.__new__(Number, number) if number[0] != 0x30 or len(number) == 1
+                         else _digits_number(number))
+        elif listed == b"()":       # FLAGS (), X-GM-LABELS (): most messages' lists
+            items.append([])
+            weight += 8
         elif listed:
             words, listed_weight = _atom_list(listed[1:-1])
             items.append(words)

@@ -2461,7 +2461,9 @@ class _Protocol:
         # A FETCH's own answer lines are what it keeps: no write's echo to pass over.
         fetching = command.endswith("FETCH")
         # Untagged FETCH answers buffered whole are taken in one pass, each as _read_line
-        # would have read it (see _BufferedWire.framed_fetches), and looked at in turn.
+        # would have read it (see _BufferedWire.framed_fetches), and looked at in turn.  A
+        # FETCH's own are parsed and kept at once: an untagged FETCH has no status to look
+        # at, no count to note (note_untagged), no size to check (_plausible).
         framed = getattr(self.imap, "framed_fetches", None)
         limit = MAX_SMALL_LITERAL if max_literal is None else max_literal
         run: List[bytes] = []       # those not looked at yet, the next one last
@@ -2473,6 +2475,15 @@ class _Protocol:
             if run:
                 raw = run.pop()
                 self.bytes_received += len(raw) + 2
+                if fetching and on_untagged is None:
+                    if debug:
+                        self._log_answer(raw)
+                    parsed, weight = _parse_weighed(raw[2:])
+                    if keep(parsed):
+                        budget.kept(untagged, parsed, len(raw), weight)
+                    elif not self._early(parsed, tag, len(raw), weight):
+                        budget.unasked(len(raw), update=True)
+                    continue
             else:
                 raw = self._read_line(max_literal, dropped if fetching else None)
             if debug:

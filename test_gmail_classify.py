@@ -7867,6 +7867,18 @@ class FramedFetchTest(unittest.TestCase):
                     [], buffered=answer, keeps=keeps)
                 self.assertIn("refusing the answer as a flood", outcome)
                 self.assertLess(received, len(answer))
+        # A FETCH without a UID kept (by the default keep()) weighs what it took on the wire.
+        no_uid = b"* 1 FETCH (FLAGS (\\Seen))\r\n" * 30 + b"A1 OK Success\r\n"
+        with mock.patch.object(gc, "MAX_KEPT_BYTES", 300):
+            outcome, _later, received, _left, _logged = self.assert_read_alike([], buffered=no_uid)
+        self.assertIn("refusing the answer as a flood", outcome)
+        self.assertEqual(received, 13 * 27)     # 25 bytes each (CRLF aside): the 13th is past 300
+        # Unasked, they are updates (legitimate in any number) for whichever command reads.
+        for command in ("UID FETCH", "UID STORE"):
+            with self.subTest(command=command), mock.patch.object(gc, "MAX_UNREQUESTED_ANSWERS", 3):
+                outcome = self.assert_read_alike([], buffered=answer, command=command,
+                                                 keeps=(gc._fetch_keep(set()),))[0]
+                self.assertEqual(outcome[:3], ("OK", "Success", []))
 
     def test_a_stop_past_its_grace_reads_no_further_line(self):
         answer = b"* 1 FETCH (UID 1 FLAGS ())\r\n" * 5 + b"A1 OK Success\r\n"

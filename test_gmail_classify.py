@@ -7826,6 +7826,14 @@ class FramedFetchTest(unittest.TestCase):
         _read_from_wire(_CountingWire, chunks, keeps=keeps, setup=framed.append)
         self.assertGreater(framed[0].framed, 290)   # all but those cut by a read
 
+    def test_lines_with_and_without_a_literal_are_framed_whole(self):
+        answer = (b"* 1 FETCH (UID 1 FLAGS ())\r\n* 2 FETCH (UID 2 BODY[] {2}\r\nab)\r\n"
+                  b"* 3 EXISTS\r\n* 4 FETCH (UID 4 FLAGS ())\r\nA1 OK Success\r\n")
+        wires: List[Any] = []
+        self.assertEqual(self.assert_read_alike([], buffered=answer, setup=wires.append)[0][:2],
+                         ("OK", "Success"))
+        self.assertEqual(wires[0].framed, 3)
+
     def test_limits_are_kept_on_lines_framed_whole(self):
         line = b"* 1 FETCH (UID 1 BODY[] {5}\r\nabcde FLAGS ())\r\n"
         answer = line * 6 + b"* 2 FETCH (UID 2 BODY[] {0}\r\n FLAGS (\\Seen \\Flagged $A $B $C))\r\n"

@@ -7698,6 +7698,8 @@ class _CountingWire(gc._PlainWire):
     def framed_fetches(self, limit: int) -> List[bytes]:
         lines = super().framed_fetches(limit)
         self.framed += len(lines)
+        if lines:
+            self.__dict__.setdefault("runs", []).append(len(lines))
         return lines
 
 
@@ -7832,7 +7834,7 @@ class FramedFetchTest(unittest.TestCase):
         wires: List[Any] = []
         self.assertEqual(self.assert_read_alike([], buffered=answer, setup=wires.append)[0][:2],
                          ("OK", "Success"))
-        self.assertEqual(wires[0].framed, 3)
+        self.assertEqual(wires[0].runs, [2, 1])     # each run up to a line it leaves alone
 
     def test_limits_are_kept_on_lines_framed_whole(self):
         line = b"* 1 FETCH (UID 1 BODY[] {5}\r\nabcde FLAGS ())\r\n"

@@ -4723,7 +4723,8 @@ class HotPathEquivalenceTest(unittest.TestCase):
         cases = [b"123", b"0123", b"00", b"123[", b"123[a]", b"123[a]<0>", b"123]", b"12a", b"a12",
                  b"12{3}\r\nabc", b'12"x"', b"12(", b"(12)", b"12)", b"12 34", b"12~", b"12\\",
                  "\u0661\u0662".encode(), b"1\xff", b"12\r", b"12\n", b"12.5", b"-1", b"+1",
-                 b"4294967296 18446744073709551615", b"1 FETCH (UID 0007 RFC822.SIZE 12)"]
+                 b"4294967296 18446744073709551615", b"1 FETCH (UID 0007 RFC822.SIZE 12)",
+                 b"1 FETCH (UID 0007 X 05 Y 0 Z 10 BODY[HEADER] {2}\r\nab RFC822.SIZE 012 A 0 B 1)"]
         for data in cases:
             with self.subTest(data=data):
                 self.assertEqual(_parse_outcome(gc.parse_response, data),

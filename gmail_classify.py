@@ -1041,8 +1041,12 @@ def _shape_items(found: List[Tuple[bytes, bytes, bytes, bytes]], items: List[Any
             value = _atom_value(name)
         items.append(value)
         weight += len(value) + 16 if value.__class__ is str else 16    # and 8 for its value
-        if number:
-            items.append(_digits_number(number))
+        if number:      # as _digits_number(), which it calls where that one must look
+            items.append(int.__new__(Number, number) if number[0] != 0x30 or len(number) == 1
+                         else _digits_number(number))
+        elif listed == b"()":       # FLAGS (), X-GM-LABELS (): most messages' lists
+            items.append([])
+            weight += 8
         elif listed:
             words, listed_weight = _atom_list(listed[1:-1])
             items.append(words)
@@ -1589,6 +1593,18 @@ _ECHO_LINE = re.compile(rb"(\d{1,19}) FETCH \((?:(?:%s) )*UID (\d{1,19})(?: (?:%
                         % (_ECHO_ITEM, _ECHO_ITEM))
 
 
+# The answer to a FETCH is thousands of lines of one shape, most of them buffered whole
+# when they are read: ``* 7 FETCH (UID 9 ... {24}`` CRLF, the literal's 24 octets, and the
+# rest of the answer ending in ")" CRLF (or one line ending so, without a literal).  Such an
+# answer is taken out of the buffer as the line-by-line reader (_Protocol._read_line) would
+# join it, byte for byte: a literal's size in the plain form that reader writes back (no
+# "+", no leading zero), a line ending in ")" that its rstrip leaves alone.  Anything else
+# (another kind of line, a literal still arriving, a second literal, NIL for a literal too
+# big) ends the run, and that reader takes the rest with all its checks.
+_FRAMED_FETCH = re.compile(rb"\* [0-9]+ FETCH \(")
+_PLAIN_LITERAL_END = re.compile(rb"\{(0|[1-9][0-9]*)\}\r\n")
+
+
 class _BufferedWire:
     """Mixin for imaplib.IMAP4 classes: our own read buffer with timeouts that recover."""
 
@@ -1691,6 +1707,46 @@ class _BufferedWire:
         data = bytes(self._rbuf[:size])
         del self._rbuf[:size]
         return data
+
+    def framed_fetches(self, limit: int) -> List[bytes]:
+        """The untagged FETCH answers buffered whole, taken out of the buffer in one pass
+        (see _FRAMED_FETCH), each as _Protocol._read_line would return it.  They end where
+        that reader must look: at the first line not in the plain shape, a literal over
+        ``limit``, a line over ``max_line``, the end of the buffer; none at all while a stop
+        is asked for, lines are counted or the bytes came from a socket STARTTLS replaced."""
+        rbuf = self._rbuf
+        stop = self.stop
+        if not rbuf or self._lines_left is not None or (stop is not None and stop.requested) \
+                or getattr(self, "_rbuf_sock", None) is not self.sock:  # type: ignore[attr-defined]
+            return []
+        lines: List[bytes] = []
+        pos, max_line = 0, self.max_line
+        starts, literal_end = _FRAMED_FETCH.match, _PLAIN_LITERAL_END.fullmatch
+        while starts(rbuf, pos):
+            end = rbuf.find(b"\n", pos)
+            if end < 0 or end - pos > max_line:
+                break
+            if rbuf[end - 2] == 0x29 and rbuf[end - 1] == 0x0D:     # ")" CRLF: no literal
+                lines.append(bytes(rbuf[pos:end - 1]))
+                pos = end + 1
+                continue
+            brace = rbuf.rfind(b"{", pos, end)
+            literal = literal_end(rbuf, brace, end + 1) if brace >= 0 else None
+            if literal is None:
+                break
+            size = int(literal.group(1))
+            close = end + 1 + size      # where the line after the literal begins
+            if size > limit or close > len(rbuf):
+                break
+            tail = rbuf.find(b"\n", close)
+            if tail - 2 < close or tail - close > max_line or rbuf[tail - 2] != 0x29 \
+                    or rbuf[tail - 1] != 0x0D:
+                break
+            lines.append(bytes(rbuf[pos:tail - 1]))
+            pos = tail + 1
+        if pos:
+            del rbuf[:pos]
+        return lines
 
     def readline(self) -> bytes:
         self._check_buffer()
@@ -2404,9 +2460,32 @@ class _Protocol:
         debug = log.isEnabledFor(logging.DEBUG)
         # A FETCH's own answer lines are what it keeps: no write's echo to pass over.
         fetching = command.endswith("FETCH")
+        # Untagged FETCH answers buffered whole are taken in one pass, each as _read_line
+        # would have read it (see _BufferedWire.framed_fetches), and looked at in turn.  A
+        # FETCH's own are parsed and kept at once: an untagged FETCH has no status to look
+        # at, no count to note (note_untagged), no size to check (_plausible).
+        framed = getattr(self.imap, "framed_fetches", None)
+        limit = MAX_SMALL_LITERAL if max_literal is None else max_literal
+        run: List[bytes] = []       # those not looked at yet, the next one last
         while True:
             dropped: List[int] = []
-            raw = self._read_line(max_literal, dropped if fetching else None)
+            if not run and framed is not None:
+                run = framed(limit)
+                run.reverse()
+            if run:
+                raw = run.pop()
+                self.bytes_received += len(raw) + 2
+                if fetching and on_untagged is None:
+                    if debug:
+                        self._log_answer(raw)
+                    parsed, weight = _parse_weighed(raw[2:])
+                    if keep(parsed):
+                        budget.kept(untagged, parsed, len(raw), weight)
+                    elif not self._early(parsed, tag, len(raw), weight):
+                        budget.unasked(len(raw), update=True)
+                    continue
+            else:
+                raw = self._read_line(max_literal, dropped if fetching else None)
             if debug:
                 self._log_answer(raw)
             if raw.startswith(b"* "):

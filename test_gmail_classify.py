@@ -4723,7 +4723,8 @@ class HotPathEquivalenceTest(unittest.TestCase):
         cases = [b"123", b"0123", b"00", b"123[", b"123[a]", b"123[a]<0>", b"123]", b"12a", b"a12",
                  b"12{3}\r\nabc", b'12"x"', b"12(", b"(12)", b"12)", b"12 34", b"12~", b"12\\",
                  "\u0661\u0662".encode(), b"1\xff", b"12\r", b"12\n", b"12.5", b"-1", b"+1",
-                 b"4294967296 18446744073709551615", b"1 FETCH (UID 0007 RFC822.SIZE 12)"]
+                 b"4294967296 18446744073709551615", b"1 FETCH (UID 0007 RFC822.SIZE 12)",
+                 b"1 FETCH (UID 0007 X 05 Y 0 Z 10 BODY[HEADER] {2}\r\nab RFC822.SIZE 012 A 0 B 1)"]
         for data in cases:
             with self.subTest(data=data):
                 self.assertEqual(_parse_outcome(gc.parse_response, data),
@@ -7673,6 +7674,236 @@ class WaitReadableTest(unittest.TestCase):
         wire._rbuf.clear()
         theirs.sendall(b"* 4 EXISTS\r\n")
         self.assertTrue(wire.wait_readable(1))
+
+
+class _ChunkSocket:
+    """A socket whose recv() gives the chunks it was made with, one a call, then EOF."""
+
+    def __init__(self, chunks: List[bytes]) -> None:
+        self.chunks = chunks[::-1]
+
+    def recv(self, size: int) -> bytes:
+        return self.chunks.pop() if self.chunks else b""
+
+    def gettimeout(self) -> float:
+        return 1.0
+
+
+class _LineByLineWire(gc._PlainWire):
+    framed_fetches = None       # every line read by _Protocol._read_line
+
+
+class _CountingWire(gc._PlainWire):
+    framed = 0
+
+    def framed_fetches(self, limit: int) -> List[bytes]:
+        lines = super().framed_fetches(limit)
+        self.framed += len(lines)
+        if lines:
+            self.__dict__.setdefault("runs", []).append(len(lines))
+        return lines
+
+
+def _read_from_wire(wire_class: type, chunks: List[bytes], command: str = "UID FETCH",
+                    keeps: Tuple[Any, ...] = (None,), max_literal: Optional[int] = None,
+                    setup: Callable[[Any], None] = lambda wire: None,
+                    buffered: bytes = b"", debug: bool = False) -> Tuple[Any, ...]:
+    """Everything _read_response() makes of ``chunks`` (as the socket's reads, after
+    ``buffered``) for the command tagged A1, with one pipelined command A2, A3... after it
+    per further entry of ``keeps``: the answers (or the error), what each later command
+    kept early, the bytes counted, what is left unread after an answer read whole (after an
+    error the connection is dropped: what was buffered is never read) and, with ``debug``,
+    what was logged."""
+    proto = gc._Protocol("imap.example.com", "user", 1.0, gc.Stop())
+    wire = wire_class.__new__(wire_class)
+    wire.sock, wire._rbuf = _ChunkSocket(list(chunks)), bytearray(buffered)
+    wire._rbuf_sock = wire.sock
+    setup(wire)
+    proto.imap = wire
+    proto._inflight = [gc._Pending(wire, b"A%d" % n, command, keep=keep, max_literal=max_literal)
+                       for n, keep in enumerate(keeps, 1)]
+    logged: List[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[assignment]
+    logger = logging.getLogger("gmail_classify")
+    level = logger.level
+    if debug:
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+    try:
+        response = proto._read_response(b"A1", command, False, None, keep=keeps[0],
+                                        max_literal=max_literal)
+    except (gc.GmailClassifyError, gc._Dropped, EOFError, imaplib.IMAP4.error) as exc:
+        outcome: Any = "%s: %s" % (type(exc).__name__, exc)
+        left = None
+    else:
+        left = bytes(wire._rbuf) + b"".join(wire.sock.chunks[::-1])
+        outcome = (response.status, response.text, _parsed_shape(response.untagged),
+                   _parsed_shape(response.oversized))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    later = [(p.response and _parsed_shape(p.response.untagged), _parsed_shape(p.early))
+             for p in proto._inflight[1:]]
+    return outcome, later, proto.bytes_received, left, logged
+
+
+class FramedFetchTest(unittest.TestCase):
+    """FETCH answers taken whole out of the buffer (_BufferedWire.framed_fetches) are read,
+    kept, counted and refused exactly as the line-by-line reader does, wherever the socket's
+    reads cut them."""
+
+    @staticmethod
+    def answers(rng: random.Random) -> List[bytes]:
+        """Answers to A1 (some with A2's lines and tagged line inside, as Dovecot sends
+        them), made of _fetch_lines() and the other lines a FETCH's answer may hold."""
+        others = [b"* 3 EXISTS", b"* 2 EXPUNGE", b"* OK still here", b"* NO [ALERT] careful",
+                  b"* 9 FETCH (UID 900 FLAGS (\\Seen))", b"* 1 FETCH (UID 1 FLAGS ())",
+                  b"* 5 FETCH (UID 5 BODY[TEXT] {0007}\r\nabcdefg)", b"* 6 FETCH (UID 6 BODY[] {3+}\r\nabc)",
+                  b"* 7 FETCH (UID 7 BODY[] {3}\r\nabc BODY[TEXT] {2}\r\nxy)", b"* 8 FETCH (UID 8)\r",
+                  b"* 8 FETCH (UID 8 FLAGS ())  ", b"* 8 FETCH (UID 8 BODY[] {2}\r\nab\r)",
+                  b"* 10 FETCH (UID 250 FLAGS ())", b"* 11 FETCH (UID 251 BODY[] {4}\r\nabcd)",
+                  b"A2 OK done early", b"* 1 fetch (UID 1)", b"* 12 FETCH (UID 12 BODY[] {3}\nabc)",
+                  b"* 13 FETCH (UID 13 BODY[] {3}\r\nabc\r\n)", b"* 14 FETCH (UID 14 FLAGS ())\n* 15 FETCH (UID 15)",
+                  b"* 16 FETCH (UID 16 BODY[] {4}\r\nab)\r\n* 17 FETCH (UID 17)"]
+        lines = [b"* " + line for line in _fetch_lines(rng, 60)]
+        answers = []
+        for start in range(0, len(lines), 5):
+            chosen = lines[start:start + 5] + rng.sample(others, rng.randrange(3))
+            rng.shuffle(chosen)
+            answers.append(b"".join(line + b"\r\n" for line in chosen) + b"A1 OK Success\r\n")
+        return answers
+
+    def assert_read_alike(self, chunks: List[bytes], **options: Any) -> Any:
+        framed = _read_from_wire(_CountingWire, chunks, **options)
+        self.assertEqual(framed, _read_from_wire(_LineByLineWire, chunks, **options))
+        return framed
+
+    def test_an_answer_reads_alike_wherever_the_reads_cut_it(self):
+        rng = random.Random(3131)
+        answers = self.answers(rng)
+        wanted = gc._fetch_keep(set(range(1, 200)))
+        later = gc._fetch_keep({250, 251})
+        outcomes = collections.Counter()
+        answer = (b"* 1 FETCH (UID 1 FLAGS () BODY[HEADER.FIELDS (FROM)] {12}\r\nFrom: a)\r\n\r\n"
+                  b" X-GM-LABELS ())\r\n* 3 EXISTS\r\n* 2 FETCH (UID 2 FLAGS (\\Seen))\r\n"
+                  b"* 10 FETCH (UID 250 FLAGS ())\r\n* 5 FETCH (UID 5 BODY[TEXT] {0007}\r\nabcdefg)\r\n"
+                  b"A2 OK done early\r\n* 4 FETCH (UID 4 BODY[] {3}\r\nabc)\r\n"
+                  b"* 14 FETCH (UID 14 FLAGS ())\n* 16 FETCH (UID 16 BODY[] {4}\r\nab)\r\n* 6 FETCH (UID 6 "
+                  b"BODY[] {3+}\r\nabc)\r\nA1 OK Success\r\n")
+        for cut in range(len(answer) + 1):      # every cut of two reads
+            for max_literal, debug in ((None, True), (10, False)):
+                self.assert_read_alike([answer[:cut], answer[cut:]], keeps=(wanted, later),
+                                       max_literal=max_literal, debug=debug)
+        for answer in answers:          # reads of every size
+            for _ in range(4):
+                chunks, rest = [], answer
+                while rest:
+                    size = rng.choice([1, 2, 7, 40, 300, 65536])
+                    chunks.append(rest[:size])
+                    rest = rest[size:]
+                options = rng.choice([{"debug": True}, {"max_literal": 120}, {"keeps": (wanted, later)},
+                                      {"keeps": (wanted,), "max_literal": 300}])
+                outcome = self.assert_read_alike(chunks, **options)[0]
+                outcomes[outcome[0] if isinstance(outcome, tuple) else outcome.split(":")[0]] += 1
+        self.assertGreater(outcomes["OK"], 40, outcomes)
+        self.assertGreater(sum(outcomes.values()) - outcomes["OK"], 20, outcomes)
+
+    def test_the_bench_corpus_is_framed_whole_and_read_alike(self):
+        wire = b"".join(b"* %d FETCH (UID %d FLAGS () BODY[HEADER.FIELDS (FROM SUBJECT)] {%d}\r\n%s"
+                        b' RFC822.SIZE %d INTERNALDATE "13-Dec-2025 07:47:35 +0000" X-GM-LABELS ()'
+                        b" X-GM-MSGID %d)\r\n" % (n, n, len(header), header, len(raw), 17 * n)
+                        for n, (raw, header) in enumerate(
+                            ((raw, raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n")
+                             for raw, _ in bench_corpus(300)), 1))
+        wire += b"A1 OK Success\r\nA2 OK later\r\n"
+        chunks = [wire[start:start + 65536] for start in range(0, len(wire), 65536)]
+        keeps = (gc._fetch_keep(set(range(1, 301))), None)
+        counting = _read_from_wire(_CountingWire, chunks, keeps=keeps)
+        self.assertEqual(counting, _read_from_wire(_LineByLineWire, chunks, keeps=keeps))
+        outcome, _later, received, left, _logged = counting
+        self.assertEqual(len(outcome[2]), 300)
+        self.assertEqual(received, len(wire) - len(b"A2 OK later\r\n"))
+        self.assertEqual(left, b"A2 OK later\r\n")
+        framed = []
+        _read_from_wire(_CountingWire, chunks, keeps=keeps, setup=framed.append)
+        self.assertGreater(framed[0].framed, 290)   # all but those cut by a read
+
+    def test_lines_with_and_without_a_literal_are_framed_whole(self):
+        answer = (b"* 1 FETCH (UID 1 FLAGS ())\r\n* 2 FETCH (UID 2 BODY[] {2}\r\nab)\r\n"
+                  b"* 3 EXISTS\r\n* 4 FETCH (UID 4 FLAGS ())\r\nA1 OK Success\r\n")
+        wires: List[Any] = []
+        self.assertEqual(self.assert_read_alike([], buffered=answer, setup=wires.append)[0][:2],
+                         ("OK", "Success"))
+        self.assertEqual(wires[0].runs, [2, 1])     # each run up to a line it leaves alone
+
+    def test_limits_are_kept_on_lines_framed_whole(self):
+        line = b"* 1 FETCH (UID 1 BODY[] {5}\r\nabcde FLAGS ())\r\n"
+        answer = line * 6 + b"* 2 FETCH (UID 2 BODY[] {0}\r\n FLAGS (\\Seen \\Flagged $A $B $C))\r\n"
+        answer += b"A1 OK Success\r\n"
+
+        def watched(lines: int) -> Callable[[Any], None]:
+            return lambda wire: wire.watch_progress(None, lines=lines)
+
+        def max_line(size: int) -> Callable[[Any], None]:
+            return lambda wire: setattr(wire, "max_line", size)
+
+        def other_socket(wire: Any) -> None:
+            wire._rbuf_sock = object()
+        # 15 lines: each answer's own and the one after its literal, then the tagged line;
+        # the longest, 34 bytes before its LF, follows the last literal, the others are 28.
+        cases = [({"setup": watched(15)}, "OK"),
+                 ({"setup": watched(14)}, "ProtocolError: the server sent far more lines"),
+                 ({"setup": max_line(34)}, "OK"),
+                 ({"setup": max_line(33)}, "ProtocolError: server sent a line longer than 33"),
+                 ({"setup": max_line(27)}, "ProtocolError: server sent a line longer than 27"),
+                 ({"setup": other_socket}, "error: the server sent plaintext data after agreeing to STARTTLS"),
+                 ({"max_literal": 4}, "OK"), ({"command": "UID STORE", "max_literal": 4},
+                                              "ProtocolError: the server announced a literal of 5 bytes")]
+        for options, want in cases:
+            with self.subTest(options=options):
+                outcome = self.assert_read_alike([], buffered=answer, **options)[0]
+                self.assertTrue((outcome[0] if isinstance(outcome, tuple) else outcome).startswith(want),
+                                outcome)
+
+    def test_floods_are_refused_at_the_same_line(self):
+        answer = b"".join(b"* %d FETCH (UID %d BODY[] {5}\r\nabcde FLAGS ())\r\n" % (n, n)
+                          for n in range(1, 31)) + b"A1 OK Success\r\n"
+        for limit, value in (("MAX_UNREQUESTED_BYTES", 500), ("MAX_KEPT_BYTES", 300),
+                             ("MAX_KEPT_UNTAGGED", 3)):
+            with self.subTest(limit=limit), mock.patch.object(gc, limit, value):
+                wanted = set() if limit == "MAX_UNREQUESTED_BYTES" else set(range(1, 31))
+                keeps = (gc._fetch_keep(wanted),)
+                outcome, _later, received, _left, _logged = self.assert_read_alike(
+                    [], buffered=answer, keeps=keeps)
+                self.assertIn("refusing the answer as a flood", outcome)
+                self.assertLess(received, len(answer))
+        # A FETCH without a UID kept (by the default keep()) weighs what it took on the wire.
+        no_uid = b"* 1 FETCH (FLAGS (\\Seen))\r\n" * 30 + b"A1 OK Success\r\n"
+        with mock.patch.object(gc, "MAX_KEPT_BYTES", 300):
+            outcome, _later, received, _left, _logged = self.assert_read_alike([], buffered=no_uid)
+        self.assertIn("refusing the answer as a flood", outcome)
+        self.assertEqual(received, 13 * 27)     # 25 bytes each (CRLF aside): the 13th is past 300
+        # Unasked, they are updates (legitimate in any number) for whichever command reads.
+        for command in ("UID FETCH", "UID STORE"):
+            with self.subTest(command=command), mock.patch.object(gc, "MAX_UNREQUESTED_ANSWERS", 3):
+                outcome = self.assert_read_alike([], buffered=answer, command=command,
+                                                 keeps=(gc._fetch_keep(set()),))[0]
+                self.assertEqual(outcome[:3], ("OK", "Success", []))
+
+    def test_a_stop_past_its_grace_reads_no_further_line(self):
+        answer = b"* 1 FETCH (UID 1 FLAGS ())\r\n" * 5 + b"A1 OK Success\r\n"
+
+        def stopped(wire: Any) -> None:
+            wire.stop = gc.Stop()
+            wire.stop.request()
+            wire._stop_deadline = time.monotonic() - 1
+            wires.append(wire)
+        wires: List[Any] = []
+        outcome, _later, received, _left, _logged = self.assert_read_alike(
+            [], buffered=answer, setup=stopped)
+        self.assertTrue(outcome.startswith("StopRequested"), outcome)
+        self.assertEqual((received, wires[0]._rbuf), (0, answer))
 
 
 class IdleTimeoutTest(FakeServerTest):

@@ -85,6 +85,14 @@ atexit.register(shutil.rmtree, _CHILD_PYCACHE, True)
 os.environ["PYTHONPYCACHEPREFIX"] = _CHILD_PYCACHE
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
+# The program leaves alone a signal ignored when it starts (nohup, a background job), and
+# the processes the suite starts inherit what it ignores: a suite run as a background job
+# (SIGINT ignored) or under nohup (SIGHUP) starts them as the user's terminal would.
+for _name in ("SIGINT", "SIGTERM", "SIGHUP"):
+    if hasattr(signal, _name) and signal.getsignal(getattr(signal, _name)) is signal.SIG_IGN:
+        signal.signal(getattr(signal, _name), signal.default_int_handler if _name == "SIGINT"
+                      else signal.SIG_DFL)
+
 # --- Fake Gmail IMAP server --------------------------------------------------------------
 #
 # Fake Gmail IMAP server with a real mailbox model, for the gmail_classify tests.

@@ -11032,7 +11032,10 @@ class AuditLog:
         """Whether a run holds writing() (asked under the write lock, before a rotation)."""
         if fcntl is None:
             return False
-        fd = os.open(self.writers, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.writers, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return True         # cannot tell: keep every record, rotate another time
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

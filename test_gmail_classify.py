@@ -23514,6 +23514,122 @@ def _bench_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
+# --- Running the suite on two cores --------------------------------------------------------
+#
+# The suite is a thousand tests, many of them waiting on a server, a subprocess or a
+# timeout: run serially it takes a minute.  unittest loads it through load_tests below,
+# which (where os.fork exists) runs every other test class in a forked child while this
+# process runs the rest, then reports the child's outcomes here, in its order, as if run
+# here: the same command, the same verbose lines, the same exit status.  A child failure
+# carries its traceback as text.  GMAIL_CLASSIFY_TEST_JOBS=1 runs it all in one process.
+
+
+class _ChildOutcome(Exception):
+    """A failure or error of a test run in the forked child: its traceback, as text."""
+
+
+class _RecordedResult(unittest.TestResult):
+    """The child's result: each outcome as (test id, kind, text), sent when the run ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outcomes: List[Tuple[str, str, str]] = []
+
+    def addSuccess(self, test: Any) -> None:
+        self.outcomes.append((test.id(), "success", ""))
+
+    def addFailure(self, test: Any, err: Any) -> None:
+        self.outcomes.append((test.id(), "failure", self._exc_info_to_string(err, test)))
+
+    def addError(self, test: Any, err: Any) -> None:
+        # A class fixture's error names no test of ours: it stands for the class.
+        self.outcomes.append((test.id(), "error", self._exc_info_to_string(err, test)))
+
+    def addSkip(self, test: Any, reason: str) -> None:
+        self.outcomes.append((test.id(), "skip", reason))
+
+    def addSubTest(self, test: Any, subtest: Any, err: Any) -> None:
+        if err is not None:
+            kind = "failure" if issubclass(err[0], test.failureException) else "error"
+            self.outcomes.append((test.id(), kind, str(subtest) + "\n" +
+                                  self._exc_info_to_string(err, test)))
+
+    def addExpectedFailure(self, test: Any, err: Any) -> None:
+        self.outcomes.append((test.id(), "expected failure", ""))
+
+    def addUnexpectedSuccess(self, test: Any) -> None:
+        self.outcomes.append((test.id(), "unexpected success", ""))
+
+
+class _TwoCoreSuite(unittest.TestSuite):
+    """Every other test class runs in a forked child (see above)."""
+
+    def run(self, result: Any, debug: bool = False) -> Any:    # type: ignore[override]
+        classes: Dict[Any, List[Any]] = {}
+        for test in _flat_tests(self):
+            classes.setdefault(type(test), []).append(test)
+        groups = list(classes.values())
+        here = unittest.TestSuite([t for group in groups[0::2] for t in group])
+        there = unittest.TestSuite([t for group in groups[1::2] for t in group])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        reader, writer = os.pipe()
+        pid = os.fork()
+        if pid == 0:                       # the child: run its half, send what happened
+            code = 1
+            try:
+                os.close(reader)
+                recorded = _RecordedResult()
+                there.run(recorded)
+                data = json.dumps(recorded.outcomes).encode()
+                with os.fdopen(writer, "wb") as pipe:
+                    pipe.write(data)
+                code = 0
+            finally:
+                os._exit(code)             # no atexit: the parent cleans up
+        os.close(writer)
+        here.run(result)
+        with os.fdopen(reader, "rb") as pipe:
+            data = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        by_id = {test.id(): test for test in _flat_tests(there)}
+        outcomes = json.loads(data.decode() or "null")
+        if outcomes is None or status != 0:
+            outcomes = [(test_id, "error", "the test process running it ended (status %d) "
+                         "before it reported" % status) for test_id in by_id]
+        for test_id, kind, text in outcomes:
+            test = by_id.get(test_id) or unittest.FunctionTestCase(lambda: None,
+                                                                   description=test_id)
+            result.startTest(test)
+            if kind == "success":
+                result.addSuccess(test)
+            elif kind == "skip":
+                result.addSkip(test, text)
+            elif kind == "expected failure":
+                result.addExpectedFailure(test, (_ChildOutcome, _ChildOutcome(text), None))
+            elif kind == "unexpected success":
+                result.addUnexpectedSuccess(test)
+            else:
+                add = result.addFailure if kind == "failure" else result.addError
+                add(test, (_ChildOutcome, _ChildOutcome("\n" + text), None))
+            result.stopTest(test)
+        return result
+
+
+def _flat_tests(suite: Any) -> Iterator[Any]:
+    for item in suite:
+        if isinstance(item, unittest.TestSuite):
+            yield from _flat_tests(item)
+        else:
+            yield item
+
+
+def load_tests(loader: Any, tests: Any, pattern: Any) -> Any:
+    if not hasattr(os, "fork") or os.environ.get("GMAIL_CLASSIFY_TEST_JOBS") == "1":
+        return tests
+    return _TwoCoreSuite([tests])
+
+
 if __name__ == "__main__":
     # `python test_gmail_classify.py bench ...` measures (see README, Performance); the
     # bench-* forms are its helper processes. Anything else runs the tests.

@@ -2472,23 +2472,18 @@ class _Protocol:
             if not run and framed is not None:
                 run = framed(limit)
                 run.reverse()
+            own = False         # a framed line of a FETCH's own answer
             if run:
                 raw = run.pop()
                 self.bytes_received += len(raw) + 2
-                if fetching and on_untagged is None:
-                    if debug:
-                        self._log_answer(raw)
-                    parsed, weight = _parse_weighed(raw[2:])
-                    if keep(parsed):
-                        budget.kept(untagged, parsed, len(raw), weight)
-                    elif not self._early(parsed, tag, len(raw), weight):
-                        budget.unasked(len(raw), update=True)
-                    continue
+                own = fetching and on_untagged is None
             else:
                 raw = self._read_line(max_literal, dropped if fetching else None)
             if debug:
                 self._log_answer(raw)
-            if raw.startswith(b"* "):
+            if own:
+                parsed, weight = _parse_weighed(raw[2:])
+            elif raw.startswith(b"* "):
                 body = raw[2:]
                 space = body.find(b" ")     # the first word, without copying the rest
                 kind = (body if space < 0 else body[:space]).upper()
@@ -2518,16 +2513,6 @@ class _Protocol:
                 self.note_untagged(parsed)
                 if on_untagged is not None:
                     on_untagged(parsed)
-                if dropped:
-                    # Read and thrown away; the same message's again counts as a flood.
-                    if any(_fetch_uid(item) == _fetch_uid(parsed) for item in oversized):
-                        budget.unasked(len(raw) + sum(dropped), update=True)
-                    else:
-                        budget.kept(oversized, parsed, len(raw), weight)
-                elif keep(parsed):
-                    budget.kept(untagged, parsed, len(raw), weight)
-                elif not self._early(parsed, tag, len(raw), weight):
-                    budget.unasked(len(raw), update=_untagged_kind(parsed) in _STATE_UPDATES)
             elif raw.startswith(tag + b" "):
                 response = self._tagged(raw[len(tag) + 1:], untagged, oversized)
                 if "THROTTLED" in response.text.upper() or response.code == "THROTTLED":
@@ -2539,6 +2524,16 @@ class _Protocol:
                 raise ProtocolError(f"unexpected continuation request to {command}: {raw[:80]!r}")
             else:
                 raise ProtocolError(f"unexpected line in the answer to {command}: {raw[:80]!r}")
+            if dropped:
+                # Read and thrown away; the same message's again counts as a flood.
+                if any(_fetch_uid(item) == _fetch_uid(parsed) for item in oversized):
+                    budget.unasked(len(raw) + sum(dropped), update=True)
+                else:
+                    budget.kept(oversized, parsed, len(raw), weight)
+            elif keep(parsed):
+                budget.kept(untagged, parsed, len(raw), weight)
+            elif not self._early(parsed, tag, len(raw), weight):
+                budget.unasked(len(raw), update=_untagged_kind(parsed) in _STATE_UPDATES)
 
     # A server may run pipelined commands side by side and answer them out of order (RFC
     # 3501 §5.5; Dovecot does: a FETCH's data can come before the OK of a COPY sent ahead

@@ -17357,6 +17357,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# main()'s parser, built once per process (a build costs some 6 ms, and a script or a
+# test may call main() thousands of times), and again only when _COMMANDS gains or loses
+# a row.  Parsing does not change a parser, so threads may share it.
+_MAIN_PARSER: Optional[Tuple[List[Tuple[str, int]], argparse.ArgumentParser]] = None
+
+
+def _main_parser() -> argparse.ArgumentParser:
+    global _MAIN_PARSER
+    key = [(name, id(command)) for name, command in _COMMANDS.items()]
+    built = _MAIN_PARSER
+    if built is None or built[0] != key:
+        built = _MAIN_PARSER = (key, build_parser())
+    return built[1]
+
+
 def _options_with_values(parser: argparse.ArgumentParser) -> set[str]:
     """Every option of any subcommand that takes a value (``--folder``, ``-o``)."""
     commands = next(action for action in parser._actions
@@ -17393,7 +17408,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
     and nothing else went wrong.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = _main_parser()
     argv = _subcommand_first(argv, parser)
     args = parser.parse_args(argv)
     args.verbose = getattr(args, "verbose", 0)

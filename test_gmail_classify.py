@@ -80,10 +80,26 @@ except ImportError:
 # (PYTHONDONTWRITEBYTECODE, as on CI) each would compile the module's 16,000 lines again,
 # a quarter of a second apiece; they share one compiled copy in a private temporary cache
 # instead (PYTHONPYCACHEPREFIX), never in the working tree, removed when the suite ends.
+# It is compiled here, once: twenty processes started side by side would each compile it.
 _CHILD_PYCACHE = tempfile.mkdtemp(prefix="gmail-classify-tests-pycache-")
 atexit.register(shutil.rmtree, _CHILD_PYCACHE, True)
 os.environ["PYTHONPYCACHEPREFIX"] = _CHILD_PYCACHE
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
+
+def _compile_for_children() -> None:
+    import importlib.util
+    import py_compile
+    own, sys.pycache_prefix = sys.pycache_prefix, _CHILD_PYCACHE
+    try:
+        py_compile.compile(gc.__file__, cfile=importlib.util.cache_from_source(gc.__file__))
+    except (OSError, py_compile.PyCompileError):
+        pass                       # each child then compiles it, as without the cache
+    finally:
+        sys.pycache_prefix = own
+
+
+_compile_for_children()
 
 # The program leaves alone a signal ignored when it starts (nohup, a background job), and
 # the processes the suite starts inherit what it ignores: a suite run as a background job
@@ -23518,10 +23534,10 @@ def _bench_peak() -> int:
 #
 # The suite is a thousand tests, many of them waiting on a server, a subprocess or a
 # timeout: run serially it takes a minute.  unittest loads it through load_tests below,
-# which (where os.fork exists) runs every other test class in a forked child while this
-# process runs the rest, then reports the child's outcomes here, in its order, as if run
-# here: the same command, the same verbose lines, the same exit status.  A child failure
-# carries its traceback as text.  GMAIL_CLASSIFY_TEST_JOBS=1 runs it all in one process.
+# which (where os.fork exists) forks a child; the two processes take the test classes one
+# at a time from a shared queue, so both stay busy to the end.  This process reports the
+# child's outcomes after its own, as if run here: the same command, the same verbose lines,
+# the same exit status.  A child failure carries its traceback as text.  GMAIL_CLASSIFY_TEST_JOBS=1 runs it all in one process.
 
 
 class _ChildOutcome(Exception):
@@ -23562,25 +23578,36 @@ class _RecordedResult(unittest.TestResult):
 
 
 class _TwoCoreSuite(unittest.TestSuite):
-    """Every other test class runs in a forked child (see above)."""
+    """The test classes shared out between this process and a forked child (see above)."""
 
     def run(self, result: Any, debug: bool = False) -> Any:    # type: ignore[override]
         classes: Dict[Any, List[Any]] = {}
         for test in _flat_tests(self):
             classes.setdefault(type(test), []).append(test)
         groups = list(classes.values())
-        here = unittest.TestSuite([t for group in groups[0::2] for t in group])
-        there = unittest.TestSuite([t for group in groups[1::2] for t in group])
+        # The queue: each class's number, the last first (the long sweeps are near the end
+        # of the file), in a pipe both processes read two bytes at a time; a read of a
+        # pipe that holds them takes both bytes, so each class is run by one process only.
+        queue, refill = os.pipe()
+        os.write(refill, b"".join(struct.pack(">H", n) for n in reversed(range(len(groups)))))
+        os.close(refill)
+
+        def share(into: Any) -> None:
+            while not into.shouldStop:
+                taken = os.read(queue, 2)
+                if len(taken) < 2:
+                    return
+                unittest.TestSuite(groups[struct.unpack(">H", taken)[0]]).run(into)
         sys.stdout.flush()
         sys.stderr.flush()
         reader, writer = os.pipe()
         pid = os.fork()
-        if pid == 0:                       # the child: run its half, send what happened
+        if pid == 0:                       # the child: run its share, send what happened
             code = 1
             try:
                 os.close(reader)
                 recorded = _RecordedResult()
-                there.run(recorded)
+                share(recorded)
                 data = json.dumps(recorded.outcomes).encode()
                 with os.fdopen(writer, "wb") as pipe:
                     pipe.write(data)
@@ -23588,19 +23615,23 @@ class _TwoCoreSuite(unittest.TestSuite):
             finally:
                 os._exit(code)             # no atexit: the parent cleans up
         os.close(writer)
-        here.run(result)
+        share(result)
+        os.close(queue)
         with os.fdopen(reader, "rb") as pipe:
             data = pipe.read()
         _, status = os.waitpid(pid, 0)
-        by_id = {test.id(): test for test in _flat_tests(there)}
         outcomes = json.loads(data.decode() or "null")
+        by_id = {test.id(): test for test in _flat_tests(self)}
         if outcomes is None or status != 0:
             outcomes = [(test_id, "error", "the test process running it ended (status %d) "
                          "before it reported" % status) for test_id in by_id]
         for test_id, kind, text in outcomes:
-            test = by_id.get(test_id) or unittest.FunctionTestCase(lambda: None,
-                                                                   description=test_id)
-            result.startTest(test)
+            # A class fixture's outcome ("setUpClass (...)") is no test: not counted as run.
+            test = by_id.get(test_id)
+            if test is not None:
+                result.startTest(test)
+            else:
+                test = unittest.FunctionTestCase(lambda: None, description=test_id)
             if kind == "success":
                 result.addSuccess(test)
             elif kind == "skip":
@@ -23612,7 +23643,8 @@ class _TwoCoreSuite(unittest.TestSuite):
             else:
                 add = result.addFailure if kind == "failure" else result.addError
                 add(test, (_ChildOutcome, _ChildOutcome("\n" + text), None))
-            result.stopTest(test)
+            if test_id in by_id:
+                result.stopTest(test)
         return result
 
 

@@ -19619,8 +19619,9 @@ class CommandLineDescriptionTest(unittest.TestCase):
         row = gc._Command(hello, "say hello", options=(
             gc._Opt("--name", default="you"), gc._Opt("--apply"), gc._Opt("--json"),
             gc._Opt("--tabs", action="store_true")))
+        self.assertEqual(run_cli("hello")[0], 2)   # main() builds its parser without it...
         with mock.patch.dict(gc._COMMANDS, {"hello": row}), \
-                mock.patch.dict(gc._OUTPUT_FORMATS, {"tabs": Tabs}):
+                mock.patch.dict(gc._OUTPUT_FORMATS, {"tabs": Tabs}):   # ...and again with it
             self.assertEqual(run_cli("--name", "hello", "hello"), (0, "hello hello\n", ""))
             self.assertEqual(run_cli("hello", "--json", "--apply"), (3, '{"hello": "you"}\n', ""))
             self.assertEqual(run_cli("hello", "--tabs", "--name", "x"), (0, "x\n", ""))

@@ -15715,7 +15715,8 @@ def _password_from_netrc(host: str, user: str, strict: bool = False) -> Optional
         with open(path, encoding="utf-8", errors="replace") as handle:
             entries = _netrc_entries(handle.read())
     except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from exc
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}; make it a file you "
+                         f"can read, or move it away") from exc
     host = host.lower()
 
     def match(kind: str, machine: Optional[str], login: str) -> bool:

@@ -20894,6 +20894,15 @@ class NetrcEntriesTest(TempDirMixin, unittest.TestCase):
         self.assertIsNone(find("elsewhere", "two@example.com"))
         self.assertIsNone(find("imap.example.com", "three@example.com"))
 
+    def test_a_netrc_that_cannot_be_read_is_one_line_and_exit_2(self):
+        os.remove(os.path.join(self.tmp, ".netrc"))
+        os.mkdir(os.path.join(self.tmp, ".netrc"), 0o700)
+        code, out, err = run_cli("folders", "--user", "one@example.com", "--host", "127.0.0.1",
+                                 "--port", "1", "--plaintext", env={"HOME": self.tmp})
+        self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
+        self.assertEqual(err, "gmail_classify: cannot read %s: Is a directory; make it a file "
+                         "you can read, or move it away\n" % os.path.join(self.tmp, ".netrc"))
+
 
 class ExitSeverityTest(unittest.TestCase):
     def test_the_most_serious_code_wins_in_the_documented_order(self):

@@ -13561,8 +13561,9 @@ _FILTER_CRITERIA = ("from", "to", "subject", "hasTheWord", "doesNotHaveTheWord",
 _SIZE_OPERATORS = {"s_sl": "larger", "s_ss": "smaller"}
 _SIZE_SUFFIXES = {"s_sb": "", "s_skb": "K", "s_smb": "M"}
 _QUERY_TOKEN = re.compile(r'"[^"]*"|[^\s"]+')
-_ADDRESS_TERM = re.compile(r"[\w.+-]*@[\w-]+(\.[\w-]+)+|[\w-]+(\.[\w-]+)+")
-_WORD_TERM = re.compile(r"[\w'-]+|\"[^\"{}()]+\"")
+# A term with a leading '-' is Gmail's "not" (subject:(-invoice)): never a plain term.
+_ADDRESS_TERM = re.compile(r"(?!-)(?:[\w.+-]*@[\w-]+(\.[\w-]+)+|[\w-]+(\.[\w-]+)+)")
+_WORD_TERM = re.compile(r"(?!-)[\w'-]+|\"[^\"{}()]+\"")
 
 
 @dataclass(frozen=True)

@@ -18085,6 +18085,26 @@ class ImportFiltersTest(unittest.TestCase):
                 decision = local.classify(info(f"From: {sender}"), final=True, now=NOW)
                 self.assertEqual(bool(decision.matches), expected)
 
+    def test_a_negated_term_is_never_a_local_condition_that_matches_it(self):
+        # subject:(-invoice) is "without invoice": as the word "-invoice" the local rule
+        # would trash the very mail the filter leaves alone.
+        imported = gc.import_gmail_filters(filter_export(
+            [("subject", "-invoice"), ("shouldTrash", "true")],
+            [("from", "-alerts@bank.example"), ("shouldTrash", "true")],
+            [("from", "-bank.example"), ("shouldTrash", "true")],
+            [("subject", "invoice"), ("label", "I")]))
+        rules = imported.doc["rule"]
+        for rule in rules[:3]:
+            self.assertNotIn("subject", rule)
+            self.assertNotIn("from", rule)
+        self.assertEqual(rules[0]["gmail_query"], "subject:(-invoice)")
+        self.assertEqual(rules[3]["subject"], "/(?<!\\w)invoice(?!\\w)/i")
+        local, _ = gc.parse_rules(imported.doc).local()
+        decision = local.classify(info("From: alerts@bank.example\nSubject: Your invoice -invoice"),
+                                  final=True, now=NOW)
+        self.assertFalse(decision.actions.trash)
+        self.assertEqual([name for name, _ in decision.matches], ["Gmail filter 4"])
+
     def test_cli_writes_toml_and_json_that_check_accepts(self):
         xml_path = self.write("mailFilters.xml", SAMPLE_FILTERS)
         for fmt in ("toml", "json"):

@@ -13955,7 +13955,17 @@ def _left_out(done: Exported, rules: Ruleset, rule: Rule, why: str, partial: boo
 
 
 def _sieve_string(text: str) -> str:
-    """A Sieve quoted string (RFC 5228 §2.4.2): backslash and double quote escaped."""
+    """A Sieve quoted string (RFC 5228 §2.4.2): backslash and double quote escaped.  A
+    text holding '${' has none: in a script that requires "variables" (RFC 5229) the
+    server expands it in every string, tests' keys included, and no escape prevents that
+    ("${x}" would become "" and match every message)."""
+    if "${" in text:
+        raise _Inexpressible(f"the text {_quote(text)} holds '${{', which Sieve's "
+                             f"variables would expand")
+    return _sieve_quoted(text)
+
+
+def _sieve_quoted(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -14081,7 +14091,7 @@ def _sieve_folder(name: str, require: set, literal: bool = False) -> str:
             if "${" in piece:
                 raise _Inexpressible(f"the folder name {_quote(name)} holds '${{'")
             text.append(piece)
-    return _sieve_string("".join(text))
+    return _sieve_quoted("".join(text))       # its own ${year} and ${month} only
 
 
 class _SieveFolders:

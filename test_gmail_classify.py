@@ -18460,7 +18460,10 @@ class SieveExportTest(unittest.TestCase):
         for condition, why in (({"gmail_query": "x"}, "gmail query"), ({"has_label": "x"}, "has label"),
                                ({"program": ["x"]}, "program x"), ({"subject": "/\\d+/"}, "POSIX ERE"),
                                ({"from": "/^a/"}, "anchored"), ({"subject": "café"}, "not ASCII"),
-                               ({"subject": "/x/m"}, "POSIX ERE")):
+                               ({"subject": "/x/m"}, "POSIX ERE"),
+                               # with "variables" required, "${x}" would be "": every subject
+                               ({"subject": "Total: ${amount}"}, "'${', which Sieve's variables"),
+                               ({"subject": ["x", "${x}"]}, "'${', which Sieve's variables")):
             with self.subTest(condition=condition):
                 with self.assertRaises(gc.RulesError) as caught:
                     gc.export_sieve(parse_rules({"rule": [dict(name="R", label="L", **condition)]}, "r"))

@@ -5927,7 +5927,14 @@ class GmailQuery(Condition):
 
     @classmethod
     def from_rules(cls, key: str, value: Any, read: Any) -> Condition:
-        return cls(read.text(value, "a Gmail search string"))
+        query = read.text(value, "a Gmail search string")
+        problem = _unbalanced_query(query)
+        if problem:
+            # Put beside other terms (an export's, a trash filter's), "a) OR (b" would
+            # widen them: -(a) OR (b) trashes what the rule itself spares.
+            raise read.error(f"{problem}; a Gmail search's quotes, parentheses and braces "
+                             f"must pair up")
+        return cls(query)
 
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
         if msg.queries is None:
@@ -5945,6 +5952,26 @@ class GmailQuery(Condition):
 
     def describe(self) -> str:
         return f"gmail query {json.dumps(self.query, ensure_ascii=False)}"
+
+
+def _unbalanced_query(query: str) -> Optional[str]:
+    """What does not pair up in a Gmail search (a quote left open, a ')' or '}' closing
+    nothing or the wrong bracket, one never closed), or None."""
+    opened: List[str] = []
+    quoted = False
+    for char in query:
+        if char == '"':
+            quoted = not quoted
+        elif quoted:
+            continue
+        elif char in "({":
+            opened.append(char)
+        elif char in ")}":
+            if not opened or opened.pop() != "({"[")}".index(char)]:
+                return f"a '{char}' that closes nothing"
+    if quoted:
+        return "a '\"' never closed"
+    return f"a '{opened[-1]}' never closed" if opened else None
 
 
 def _cost(condition: Condition) -> int:

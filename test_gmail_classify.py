@@ -10691,6 +10691,11 @@ class AnyGateTest(unittest.TestCase):
 
 
 class ValidationTest(unittest.TestCase):
+    def test_a_gmail_query_that_pairs_up_is_kept_as_written(self):
+        query = '(subject:"a (b" OR {from:x to:y}) -"c)"'
+        rules = parse_rules({"rule": [{"name": "Q", "gmail_query": query, "label": "K"}]})
+        self.assertEqual(rules.rules[0].condition, gc.GmailQuery(query))
+
     def assert_error(self, doc, expected: str, source: str = "rules.toml") -> None:
         with self.assertRaises(RulesError) as caught:
             parse_rules(doc, source)
@@ -10746,6 +10751,23 @@ class ValidationTest(unittest.TestCase):
              'rules.toml: rule 1: expected a table, got "Receipts"'),
             ("unknown top-level key", {"rules": []},
              "rules.toml: unknown key 'rules'; did you mean 'rule'?"),
+            ("gmail_query that does not pair up (beside other terms it would widen them)",
+             {"rule": [{"name": "Keep", "gmail_query": "from:a.example) OR (label:keep",
+                        "label": "K"}]},
+             'rules.toml: rule 1 ("Keep"): gmail_query: a \')\' that closes nothing; a Gmail '
+             "search's quotes, parentheses and braces must pair up"),
+            ("gmail_query with a quote left open",
+             {"rule": [{"name": "Q", "gmail_query": 'subject:"a (b)', "label": "K"}]},
+             'rules.toml: rule 1 ("Q"): gmail_query: a \'"\' never closed; a Gmail '
+             "search's quotes, parentheses and braces must pair up"),
+            ("gmail_query closing the wrong bracket",
+             {"rule": [{"name": "Q", "gmail_query": '{from:a (to:b}', "label": "K"}]},
+             'rules.toml: rule 1 ("Q"): gmail_query: a \'}\' that closes nothing; a Gmail '
+             "search's quotes, parentheses and braces must pair up"),
+            ("gmail_query with a bracket never closed",
+             {"rule": [{"name": "Q", "gmail_query": '(from:a OR {to:b c}', "label": "K"}]},
+             'rules.toml: rule 1 ("Q"): gmail_query: a \'(\' never closed; a Gmail '
+             "search's quotes, parentheses and braces must pair up"),
             ("continue not bool",
              {"rule": [{"name": "Bank", "from": "a", "star": True, "continue": "yes"}]},
              'rules.toml: rule 1 ("Bank"): continue: expected true or false, got "yes"'),

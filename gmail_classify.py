@@ -6385,14 +6385,19 @@ class ProgramCondition(Condition):
     def describe(self) -> str:
         return "program " + " ".join(shlex.quote(arg) for arg in self.argv)
 
+    def directory(self) -> str:
+        """Where the program runs and its relative paths are read (its own, a script's it
+        is handed): the rules file's directory, whatever directory the command was
+        started in, so that the trust check looks at the files that will run."""
+        return os.path.dirname(os.path.abspath(self.source)) if self.source else os.getcwd()
+
     def executable(self) -> Optional[str]:
         """The program's file: a name is looked up in ``path``; a relative path is read
-        from the rules file's directory.  None when there is no such program."""
+        from directory().  None when there is no such program."""
         name = self.argv[0]
         if os.sep not in name:
             return shutil.which(name, path=self.path)
-        if not os.path.isabs(name):
-            name = os.path.join(os.path.dirname(os.path.abspath(self.source)), name)
+        name = os.path.join(self.directory(), name)
         return name if os.path.isfile(name) and os.access(name, os.X_OK) else None
 
     def input_bytes(self, msg: MessageInfo) -> bytes:
@@ -6438,7 +6443,7 @@ class ProgramCondition(Condition):
             done = subprocess.run((program,) + self.argv[1:], input=self.input_bytes(msg),
                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                   env=self.environment(msg), timeout=self.timeout,
-                                  close_fds=True)
+                                  close_fds=True, cwd=self.directory())
         except subprocess.TimeoutExpired:
             return _ProgramAnswer(None, why=f"gave no answer within {self.timeout:g} s")
         except OSError as exc:
@@ -8117,10 +8122,11 @@ def program_trust_problem(condition: ProgramCondition) -> Optional[str]:
     if program is None:
         return None             # nothing will run: the rule fails closed when it is reached
     files.append(program)
-    # A script handed to an interpreter (["python3", "/path/filter.py"]) is code as well.
-    base = os.path.dirname(os.path.abspath(condition.source)) if condition.source else os.getcwd()
+    # A script handed to an interpreter (["python3", "filter.py"]) is code as well: any
+    # argument naming a file where the program runs (ProgramCondition.directory).
+    base = condition.directory()
     files += [os.path.join(base, arg) for arg in condition.argv[1:]
-              if os.sep in arg and os.path.isfile(os.path.join(base, arg))]
+              if os.path.isfile(os.path.join(base, arg))]
     problem = next(filter(None, map(trust_problem, files)), None)
     return f"{problem}; refusing to run program {condition.name()}" if problem else None
 

@@ -10017,6 +10017,40 @@ class ProgramConditionTest(FakeServerTest):
         self.assertEqual(code, 2)
         self.assertIn("refusing to run program classify.py", err)
 
+    def test_a_script_named_relative_to_the_rules_runs_there_and_is_the_one_checked(self):
+        # ["python3", "sub/filter.py"] and ["python3", "filter.py"]: the program runs in
+        # the rules file's directory, where the trust check looked, wherever the command
+        # is started; a same-named script where it is started (anyone may write it) never runs.
+        elsewhere = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, elsewhere, True)
+        os.chmod(elsewhere, 0o777)
+        for where, label, mode in ((self.tmp, "Trusted", 0o600), (elsewhere, "Evil", 0o666)):
+            os.makedirs(os.path.join(where, "sub"), mode=0o777 if mode == 0o666 else 0o700)
+            for name in ("filter.py", os.path.join("sub", "filter.py")):
+                with open(os.path.join(where, name), "w") as handle:
+                    handle.write(f"import sys\nsys.stdin.buffer.read()\nprint({label!r})\n")
+                os.chmod(os.path.join(where, name), mode)
+        mail = os.path.join(self.tmp, "one.eml")
+        with open(mail, "wb") as handle:
+            handle.write(make_message("anything"))
+        here = os.getcwd()
+        os.chdir(elsewhere)
+        self.addCleanup(os.chdir, here)
+        for script in ("filter.py", os.path.join("sub", "filter.py")):
+            with self.subTest(script=script):
+                path = self.rules_file({"program": [sys.executable, "-S", script]})
+                code, out, err = run_cli("test", path, mail)
+                self.assertEqual((code, err), (0, ""))
+                self.assertIn('said yes (label "Trusted")', out)
+                os.chmod(os.path.join(self.tmp, script), 0o666)
+                try:
+                    code, out, err = run_cli("test", path, mail)
+                    self.assertEqual(code, 2)
+                    self.assertIn(f"{os.path.join(self.tmp, script)} can be changed by other "
+                                  f"users", err)
+                finally:
+                    os.chmod(os.path.join(self.tmp, script), 0o600)
+
     def test_test_command_runs_programs_and_reports_a_failure_as_incomplete(self):
         path = self.rules_file()
         spam, crash = os.path.join(self.tmp, "spam.eml"), os.path.join(self.tmp, "crash.eml")

@@ -6288,13 +6288,34 @@ def _env_value(values: Sequence[str]) -> str:
     return data.decode("utf-8", "ignore")
 
 
-def clean_label(text: str, separator: Optional[str] = "/") -> str:
+def clean_label(text: str, separator: Optional[str] = ".") -> str:
     """A label a program printed, made safe: each ``/``-separated part cleaned as a
-    templated destination's part (clean_component) but keeping its case; "" when nothing
-    is left.  ``clean_label("Spam/../Evil Corp") == "Spam/EvilCorp"``."""
+    templated destination's part (clean_component) but keeping its case, with no
+    ``separator`` in it: by default '.', many servers' hierarchy separator; "" when
+    nothing is left.  ``clean_label("Spam/../Evil Corp v1.2") == "Spam/EvilCorpv1-2"``."""
     cleaned = (clean_component(part, separator, keep_case=True)
                for part in text.split("/") if part.strip())
     return "/".join(part for part in cleaned if part != "unknown")
+
+
+# What a program's label may not be (any case): the INBOX, which Gmail reserves, and the
+# usual special folders, into which a label off Gmail would copy the message; and at most
+# so many levels, each of which may be a new folder.
+_RESERVED_LABELS = frozenset({
+    "inbox", "trash", "bin", "deleted", "deleteditems", "deletedmessages", "junk", "spam",
+    "junkemail", "bulk", "sent", "sentitems", "sentmail", "sentmessages", "drafts", "outbox",
+    "archive", "archives", "allmail", "starred", "important", "chats", "gmail",
+    "googlemail"})
+_PROGRAM_LABEL_DEPTH = 4
+
+
+def _program_label_problem(label: str) -> Optional[str]:
+    """Why a cleaned program label may not be used, or None."""
+    if label.lower() in _RESERVED_LABELS:
+        return f"printed a special folder's name ({label})"
+    if label.count("/") >= _PROGRAM_LABEL_DEPTH:
+        return f"printed a label over {_PROGRAM_LABEL_DEPTH} levels deep"
+    return None
 
 
 @dataclass(frozen=True)
@@ -6440,27 +6461,86 @@ class ProgramCondition(Condition):
             return _ProgramAnswer(None, why=f"cannot be started: no such program in "
                                             f"{self.path if os.sep not in self.argv[0] else 'that place'}")
         try:
-            done = subprocess.run((program,) + self.argv[1:], input=self.input_bytes(msg),
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                  env=self.environment(msg), timeout=self.timeout,
-                                  close_fds=True, cwd=self.directory())
-        except subprocess.TimeoutExpired:
-            return _ProgramAnswer(None, why=f"gave no answer within {self.timeout:g} s")
+            status, output = _run_program((program,) + self.argv[1:], self.input_bytes(msg),
+                                          env=self.environment(msg), cwd=self.directory(),
+                                          timeout=self.timeout)
         except OSError as exc:
             return _ProgramAnswer(None, why=f"cannot be started: {exc.strerror or exc}")
-        if done.returncode < 0:
-            return _ProgramAnswer(None, why=f"was killed by signal {-done.returncode}")
-        if done.returncode not in (0, 1):
-            return _ProgramAnswer(None, why=f"exited with status {done.returncode}")
-        if done.returncode == 1:
+        if status is None:
+            return _ProgramAnswer(None, why=f"gave no answer within {self.timeout:g} s")
+        if status < 0:
+            return _ProgramAnswer(None, why=f"was killed by signal {-status}")
+        if status not in (0, 1):
+            return _ProgramAnswer(None, why=f"exited with status {status}")
+        if status == 1:
             return _ProgramAnswer(False)
         label = None
         if self.label_from:
-            first = done.stdout.decode("utf-8", "replace").split("\n", 1)[0]
+            first = output.decode("utf-8", "replace").split("\n", 1)[0]
             label = clean_label(first[:_PROGRAM_LABEL_MAX].strip()) or None
             if label is None:
                 return _ProgramAnswer(None, why="said yes but printed no label")
+            problem = _program_label_problem(label)
+            if problem:
+                return _ProgramAnswer(None, why=f"said yes but {problem}")
         return _ProgramAnswer(True, label)
+
+
+_PROGRAM_OUTPUT_KEPT = 4096    # bytes of a program's output kept: its first line is read
+
+
+def _run_program(argv: Sequence[str], data: bytes, *, env: Mapping[str, str], cwd: str,
+                 timeout: float) -> Tuple[Optional[int], bytes]:
+    """Run a program on ``data``: (its exit status, or None when it did not exit within
+    ``timeout``; the first _PROGRAM_OUTPUT_KEPT bytes it wrote).  What it writes past that
+    is read and dropped, never held.  On POSIX it runs in a process group of its own, and
+    the group is killed once the program has exited or been given up on, so nothing it
+    started outlives the answer (a background child holding the output open would
+    otherwise keep the answer waiting, then stay behind)."""
+    posix = os.name == "posix"
+    proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=dict(env), cwd=cwd, close_fds=True,
+                            start_new_session=posix)
+    kept = bytearray()
+
+    def feed() -> None:
+        with contextlib.suppress(OSError):      # it may stop reading, or exit, at any time
+            proc.stdin.write(data)
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+
+    def read() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+                if len(kept) < _PROGRAM_OUTPUT_KEPT:
+                    kept.extend(chunk[:_PROGRAM_OUTPUT_KEPT - len(kept)])
+    threads = [threading.Thread(target=job, daemon=True, name=f"program-{job.__name__}")
+               for job in (feed, read)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    try:
+        # The end of its output is the usual sign that it is done (waiting for the exit
+        # itself would poll); a background child may keep the output open after it exits.
+        while threads[1].is_alive() and proc.poll() is None and time.monotonic() < deadline:
+            threads[1].join(min(0.05, max(0.0, deadline - time.monotonic())))
+        proc.wait(max(0.0, deadline - time.monotonic()))
+        status: Optional[int] = proc.returncode
+    except subprocess.TimeoutExpired:
+        status = None
+    finally:
+        if posix:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    for thread in threads:      # the group is gone, so the output ends (POSIX at once)
+        thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
+    for stream in (proc.stdin, proc.stdout):
+        with contextlib.suppress(OSError):
+            stream.close()
+    return status, bytes(kept)
 
 
 def _program_labels(condition: Condition, msg: MessageInfo) -> Tuple[str, ...]:

@@ -21,6 +21,7 @@ import email.parser
 import email.policy
 import email.utils
 import errno
+import functools
 import hashlib
 import http.server
 import imaplib
@@ -10017,6 +10018,35 @@ class ProgramConditionTest(FakeServerTest):
         self.assertEqual(code, 2)
         self.assertIn("refusing to run program classify.py", err)
 
+    @staticmethod
+    def gone(pid: int) -> bool:
+        """No such process, or only its exit status left (a zombie)."""
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            return True
+
+    @unittest.skipUnless(os.name == "posix" and os.path.isdir("/proc/self"), "POSIX, /proc")
+    def test_a_program_holds_no_more_than_its_answer_and_leaves_nothing_running(self):
+        run = functools.partial(gc._run_program, env={"PATH": "/usr/bin:/bin"}, cwd=self.tmp)
+        # Output past the first 4 KiB is read and dropped: 50 MB of it is not held.
+        status, out = run(["/bin/sh", "-c", "echo Spam; head -c 50000000 /dev/zero"], b"",
+                          timeout=20)
+        self.assertEqual((status, len(out), out[:5]), (0, gc._PROGRAM_OUTPUT_KEPT, b"Spam\n"))
+        # A child left in the background with the output open: the answer comes when the
+        # program exits, not when the child lets go, and the child goes with it.
+        started = time.monotonic()
+        status, out = run(["/bin/sh", "-c", "sleep 30 & echo $!; exit 0"], b"x" * 300000,
+                          timeout=20)
+        self.assertEqual(status, 0)
+        self.assertLess(time.monotonic() - started, 10)
+        wait_until(lambda: self.gone(int(out)), timeout=5, message="the child stayed")
+        # Given up on: the program and what it started are killed.
+        status, out = run(["/bin/sh", "-c", "sleep 30 & echo $!; sleep 30"], b"", timeout=0.5)
+        self.assertIsNone(status)
+        wait_until(lambda: self.gone(int(out)), timeout=5, message="the child stayed")
+
     def test_a_script_named_relative_to_the_rules_runs_there_and_is_the_one_checked(self):
         # ["python3", "sub/filter.py"] and ["python3", "filter.py"]: the program runs in
         # the rules file's directory, where the trust check looked, wherever the command
@@ -10129,9 +10159,31 @@ class ProgramConditionTest(FakeServerTest):
 
     def test_clean_label_keeps_case_and_drops_traversal(self):
         for given, want in (("Spam/../Pharma Deals", "Spam/PharmaDeals"), ("/Work//Urgent/", "Work/Urgent"),
-                            ("..", ""), ("Caf\u00e9", "xn--caf-dma")):
+                            ("..", ""), ("Caf\u00e9", "xn--caf-dma"),
+                            # a '.' is the hierarchy separator of many servers
+                            ("INBOX.Trash", "INBOX-Trash"), ("Spam.a.b.c", "Spam-a-b-c")):
             with self.subTest(given=given):
                 self.assertEqual(gc.clean_label(given), want)
+
+    def test_a_label_naming_a_special_folder_or_too_deep_fails_closed(self):
+        # A classifier steered by what a sender wrote may print anything: never the
+        # INBOX (Gmail refuses it, and the whole step with it) nor a special folder (off
+        # Gmail a label is a copy there), nor more levels than a few (each a new folder).
+        for printed, why in (("Inbox", "a special folder's name (Inbox)"),
+                             (" TRASH ", "a special folder's name (TRASH)"),
+                             ("Junk", "a special folder's name (Junk)"),
+                             ("All Mail", "a special folder's name (AllMail)"),
+                             ("/".join("d%d" % n for n in range(30)), "a label over 4 levels deep")):
+            with self.subTest(printed=printed):
+                condition = gc.ProgramCondition(argv=("/bin/sh", "-c", 'echo "$0"', printed),
+                                                label_from=True, path="/usr/bin:/bin")
+                answer = condition.run(info("Subject: x"))
+                self.assertEqual((answer.matched, answer.why), (None, "said yes but printed " + why))
+        for printed in ("Spam/Pharma", "Work/Inbox", "a/b/c/d"):     # nested: a folder of its own
+            with self.subTest(printed=printed):
+                condition = gc.ProgramCondition(argv=("/bin/sh", "-c", 'echo "$0"', printed),
+                                                label_from=True, path="/usr/bin:/bin")
+                self.assertEqual(condition.run(info("Subject: x")).label, printed)
 
 
 # Many conditions on the same few headers, as rules files hold them: plain texts (one

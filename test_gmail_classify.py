@@ -10173,6 +10173,7 @@ class ProgramConditionTest(FakeServerTest):
                              (" TRASH ", "a special folder's name (TRASH)"),
                              ("Junk", "a special folder's name (Junk)"),
                              ("All Mail", "a special folder's name (AllMail)"),
+                             ("a/b/c/d/e", "a label over 4 levels deep"),
                              ("/".join("d%d" % n for n in range(30)), "a label over 4 levels deep")):
             with self.subTest(printed=printed):
                 condition = gc.ProgramCondition(argv=("/bin/sh", "-c", 'echo "$0"', printed),

@@ -13176,6 +13176,23 @@ class _RedirectHandler(http.server.BaseHTTPRequestHandler):
     server: _RedirectCatcher
     timeout = OAUTH_CONNECTION_TIMEOUT     # per connection: a silent client is dropped
 
+    def setup(self) -> None:
+        super().setup()
+        # The whole connection, not only each read, within the limit: a client sending a
+        # byte now and then would otherwise keep its slot, and with all of them the
+        # browser's redirect out.
+        self.cut = threading.Timer(OAUTH_CONNECTION_TIMEOUT, self.hang_up)
+        self.cut.daemon = True
+        self.cut.start()
+
+    def hang_up(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self.cut.cancel()
+        super().finish()
+
     def do_GET(self) -> None:
         parts = urllib.parse.urlsplit(self.path)
         if parts.path not in ("", "/") or self.server.done.is_set():

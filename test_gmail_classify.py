@@ -17834,6 +17834,36 @@ class OAuthListenerTest(FakeServerTest):
         self.assertFalse(thread.is_alive())
         self.assertIn("answer", outcome, outcome.get("error"))
 
+    def test_a_client_that_sends_a_byte_now_and_then_is_cut_off_and_the_slot_served(self):
+        with mock.patch.object(gc, "OAUTH_CONNECTIONS", 1), \
+                mock.patch.object(gc, "OAUTH_CONNECTION_TIMEOUT", 0.5):
+            thread, outcome, shown = self.start(open_browser=None, wait=10)
+            port = self.port_of(shown[0])
+            slow = socket.create_connection(("127.0.0.1", port), timeout=5)
+            self.addCleanup(slow.close)
+            stop = threading.Event()
+            self.addCleanup(stop.set)
+
+            def dribble() -> None:        # each read succeeds: only a whole deadline ends it
+                with contextlib.suppress(OSError):
+                    for byte in b"GET /?state=wrong HTTP/1.0\r\n" * 10:
+                        if stop.wait(0.05):
+                            return
+                        slow.sendall(bytes([byte]))
+            threading.Thread(target=dribble, daemon=True).start()
+
+            def served() -> bool:
+                try:
+                    return self.get(port, "/?state=wrong")[0] == 400
+                except (IndexError, OSError):
+                    return False
+            wait_until(served, timeout=5, message="the slow client kept the only slot")
+            stop.set()
+            self.google.browse(shown[0])
+            thread.join(10)
+        self.assertFalse(thread.is_alive())
+        self.assertIn("answer", outcome, outcome.get("error"))
+
     def test_forged_requests_get_400_and_the_real_redirect_still_signs_in(self):
         thread, outcome, shown = self.start(open_browser=None, wait=10)
         port = self.port_of(shown[0])

@@ -10042,6 +10042,15 @@ class ProgramConditionTest(FakeServerTest):
         self.assertEqual(status, 0)
         self.assertLess(time.monotonic() - started, 10)
         wait_until(lambda: self.gone(int(out)), timeout=5, message="the child stayed")
+        # The answer is whole even when reading it lags behind the program's exit.
+        class Lagging(threading.Thread):
+            def run(self) -> None:
+                if self.name == "program-read":
+                    time.sleep(0.3)
+                super().run()
+        with mock.patch.object(gc.threading, "Thread", Lagging):
+            self.assertEqual(run(["/bin/sh", "-c", "echo Late; exit 0"], b"", timeout=20),
+                             (0, b"Late\n"))
         # Given up on: the program and what it started are killed.
         status, out = run(["/bin/sh", "-c", "sleep 30 & echo $!; sleep 30"], b"", timeout=0.5)
         self.assertIsNone(status)

@@ -8807,6 +8807,21 @@ class _Plan:
             if not self.per_uid[uid]:
                 del self.per_uid[uid]
 
+    def drop_uids(self, uids: Iterable[int]) -> None:
+        """Forget every change planned for ``uids``: they are left alone this step."""
+        gone = set(uids)
+        if not gone:
+            return
+        for table in (self.add_labels, self.add_flags, self.remove_flags, self.move):
+            for name in list(table):
+                table[name] = [uid for uid in table[name] if uid not in gone]
+                if not table[name]:
+                    del table[name]
+        self.archive[:] = [uid for uid in self.archive if uid not in gone]
+        self.trash[:] = [uid for uid in self.trash if uid not in gone]
+        for uid in gone:
+            self.per_uid.pop(uid, None)
+
     def size(self) -> int:
         """How many single changes (one message, one label or flag or move) are planned."""
         return sum(len(keys) for keys in self.per_uid.values())
@@ -9227,7 +9242,7 @@ class RunOptions:
     unless ``apply``; ``reclassify`` (``--all``) and ``new_only`` (``--new-only``);
     ``since``/``limit`` narrow a folder's messages; ``batch_size`` messages per FETCH,
     ``apply_every`` batches per step (None: _batches_per_step); ``max_new_folders`` (None:
-    no limit);
+    no limit), and past it ``hold`` the messages that need more (a watch) rather than stop;
     ``allow_expunge`` (a checked plain EXPUNGE where moves need one); ``daily_budget``
     bytes downloaded per account and day (None: no limit); ``account_name``, see below."""
     apply: bool = False
@@ -9238,6 +9253,7 @@ class RunOptions:
     batch_size: int = DEFAULT_BATCH
     apply_every: Optional[int] = DEFAULT_APPLY_EVERY
     max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS
+    hold: bool = False
     allow_expunge: bool = False
     daily_budget: Optional[int] = DEFAULT_DAILY_BUDGET
     jobs: Optional[int] = None      # programs run at once (run_programs); None: the CPU count
@@ -9257,7 +9273,8 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
                     apply_every: Optional[int] = DEFAULT_APPLY_EVERY,
                     report: Optional[FolderReport] = None,
                     max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS,
-                    allow_expunge: bool = False, jobs: Optional[int] = None) -> FolderReport:
+                    allow_expunge: bool = False, jobs: Optional[int] = None,
+                    hold: bool = False) -> FolderReport:
     """Classify the messages of ``folder`` above the checkpoint's mark (without a
     checkpoint: all of them), or only those since ``since``; the newest ``limit``.
 
@@ -9272,7 +9289,10 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     the FolderReport.  Off Gmail, gmail_query conditions drop out (see Ruleset.local; a
     warning per rule).  Templated destinations are filled in per message; with ``apply``,
     a step that would take the folders created past ``max_new_folders`` (None: no limit)
-    raises FolderLimitError before any of its changes.  Raises RunStopped when the
+    raises FolderLimitError before any of its changes; with ``hold`` (a watch, which must
+    not end for what senders write) it leaves alone the messages that need the folders
+    past the limit (``report.skipped``: run again) and makes the others' changes.  Raises
+    RunStopped when the
     checkpoint ends the run, and the connection's errors.
 
     Any server: every check ``apply`` makes before its first change (a way to move, trash
@@ -9287,7 +9307,7 @@ def classify_folder(conn: GmailConnection, rules: Ruleset, folder: str = "INBOX"
     """
     options = RunOptions(apply=apply, since=since, limit=limit, batch_size=batch_size,
                          apply_every=apply_every, max_new_folders=max_new_folders,
-                         allow_expunge=allow_expunge, jobs=jobs)
+                         hold=hold, allow_expunge=allow_expunge, jobs=jobs)
     run = _FolderRun(conn, rules, folder, options,
                      checkpoint if checkpoint is not None else Checkpoint(),
                      report if report is not None else FolderReport(folder, apply),
@@ -9747,6 +9767,8 @@ class _FolderRun:
             _check_plain_expunge(conn, self.source)
         if not conn.is_gmail and plan.add_labels:
             _drop_copies_already_there(conn, plan, self.copies)
+        if self.apply and self.options.hold:
+            self._hold_past_folder_limit(writes.step)
         self.planned += plan.size()
         if self.apply:
             yield from _apply_plan(conn, plan, self.report, writes,
@@ -9755,6 +9777,31 @@ class _FolderRun:
             return
         self.report.created.extend(name for name in _missing_folders(conn, plan)
                                    if name not in self.report.created)
+
+    def _hold_past_folder_limit(self, step: _Step) -> None:
+        """With ``hold``: where the step would create folders past the limit, keep the
+        first folders it needs within it and leave alone every message that needs one of
+        the others (skipped, so the mark stays below it: a later catch-up looks again)."""
+        limit, conn, plan = self.options.max_new_folders, self.conn, step.plan
+        if limit is None:
+            return
+        missing = _missing_folders(conn, plan)
+        room = max(0, limit - len(self.report.created))
+        if len(missing) <= room:
+            return
+        held = set(missing[room:])
+        uids = sorted(uid for uid, keys in plan.per_uid.items()
+                      if any(key[0] in ("label", "move") and not key[1].startswith("\\")
+                             and conn.server_name(key[1]) in held for key in keys))
+        plan.drop_uids(uids)
+        why = (f"it needs a new folder past the limit of {limit} "
+               f"(--max-new-folders); left for a later catch-up")
+        for uid in uids:
+            step.decisions.pop(uid, None)
+            _skip(self.report, uid, why)
+        log.warning("%s: %d message(s) need %d new folder(s) past the limit of %d "
+                    "(--max-new-folders), such as %s; left alone for now", self.folder,
+                    len(uids), len(held), limit, printable(sorted(held)[0]))
 
     def _intents(self, step: _Step) -> List[Dict[str, Any]]:
         """One entry per message the step may change: where it is, what tells it apart
@@ -11386,7 +11433,7 @@ class Run(Checkpoint):
                  on_applied: Optional[Callable[[int, int], None]] = None,
                  now: Optional[_dt.datetime] = None,
                  max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS,
-                 allow_expunge: bool = False) -> FolderReport:
+                 allow_expunge: bool = False, hold: bool = False) -> FolderReport:
         """classify_folder with this run as the checkpoint; ``since``/``limit`` never move
         the mark.  Returns the folder's report (also kept in ``reports``, unless the folder
         could not be opened)."""
@@ -11399,7 +11446,7 @@ class Run(Checkpoint):
                                    on_applied=on_applied, now=now, checkpoint=self,
                                    apply_every=apply_every, report=report,
                                    max_new_folders=max_new_folders, allow_expunge=allow_expunge,
-                                   jobs=self.options.jobs)
+                                   jobs=self.options.jobs, hold=hold)
         except FolderUnavailableError:
             self.reports.remove(report)     # never opened: nothing to report
             raise
@@ -12843,12 +12890,16 @@ class WatchSession:
     reloaded); ``stopping()`` ends a catch-up before its next FETCH.  When the daily
     download budget is reached, catching up pauses until 00:00 UTC (``paused_until``, a
     ``time.time()`` value; ``on_pause(paused_until)`` is told, so that it can ask the
-    Watcher to catch up then) and the watch stays connected.
+    Watcher to catch up then) and the watch stays connected.  ``max_new_folders`` is per
+    day (UTC) too, over all catch-ups: past it a catch-up leaves alone the messages that
+    need more (until the next day, or a watch started with a higher limit), and makes the
+    others' changes, never ending the watch for what senders write.
     """
 
     def __init__(self, store: StateStore, rules: Callable[[], Ruleset], user: str, host: str,
                  port: Optional[int] = None, *, apply: bool = False, reclassify: bool = False,
                  new_only: bool = False, daily_budget: Optional[int] = DEFAULT_DAILY_BUDGET,
+                 max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS,
                  batch_size: int = DEFAULT_BATCH, allow_expunge: bool = False,
                  on_record: Optional[Callable[[Dict[str, Any]], None]] = None,
                  on_message: Optional[Callable[[Outcome], None]] = None,
@@ -12861,13 +12912,15 @@ class WatchSession:
         self.account = account_key(user, host, port)
         self.options = RunOptions(apply=apply, reclassify=reclassify, new_only=new_only,
                                   daily_budget=daily_budget, batch_size=batch_size,
-                                  allow_expunge=allow_expunge)
+                                  allow_expunge=allow_expunge, max_new_folders=max_new_folders,
+                                  hold=True)
         self.on_record = on_record
         self.on_message = on_message
         self.stopping = stopping
         self.on_pause = on_pause
         self.clock = clock
         self.paused_until = 0.0
+        self.created_on: Tuple[Optional[_dt.date], int] = (None, 0)   # (day, folders made)
         self._reclassify: set = set()
         self._new_only: set = set()
         self._dry_run: Optional[Run] = None
@@ -12918,6 +12971,14 @@ class WatchSession:
             self._dry_run = run
         return run
 
+    def _folders_left(self) -> Optional[int]:
+        """How many more folders today's limit lets this watch create."""
+        limit = self.options.max_new_folders
+        today = datetime.fromtimestamp(self.clock(), timezone.utc).date()
+        if self.created_on[0] != today:
+            self.created_on = (today, 0)
+        return None if limit is None else max(0, limit - self.created_on[1])
+
     def __call__(self, conn: GmailConnection, folders: Sequence[str]) -> None:
         if self.clock() < self.paused_until:
             return
@@ -12927,8 +12988,16 @@ class WatchSession:
             for folder in folders:
                 run.reclassify = folder in self._reclassify
                 run.new_only = folder in self._new_only
-                run.classify(conn, folder, batch_size=self.options.batch_size,
-                             allow_expunge=self.options.allow_expunge)
+                left = self._folders_left()
+                before = sum(len(report.created) for report in run.reports)
+                try:
+                    run.classify(conn, folder, batch_size=self.options.batch_size,
+                                 allow_expunge=self.options.allow_expunge,
+                                 max_new_folders=left, hold=self.options.hold)
+                finally:
+                    if self.apply:      # a dry run's are only those it would create
+                        made = sum(len(report.created) for report in run.reports) - before
+                        self.created_on = (self.created_on[0], self.created_on[1] + made)
                 self._reclassify.discard(folder)
                 self._new_only.discard(folder)
         except BudgetExceededError as exc:
@@ -16578,6 +16647,7 @@ def _prepare_watch(args: argparse.Namespace, out: _Output, rules: Ruleset,
     session = WatchSession(store, lambda: reloader.rules, settings["user"], settings["host"],
                            settings.get("port"), apply=args.apply, reclassify=args.all,
                            new_only=args.new_only, daily_budget=args.daily_budget or None,
+                           max_new_folders=args.max_new_folders,
                            batch_size=args.batch_size, allow_expunge=args.allow_expunge,
                            on_record=out.record,
                            on_message=on_message, stopping=lambda: watcher.stopping,
@@ -17362,6 +17432,9 @@ _COMMANDS: Dict[str, _Command] = {
                     "arrives from now on (also starts a folder that has no state yet)")),
         _Opt("--daily-budget", help="pause catching up until 00:00 UTC before downloading "
              "more than SIZE a day for this account (default: 2G; 0: no limit)"),
+        _Opt("--max-new-folders", type=_positive, default=DEFAULT_MAX_NEW_FOLDERS,
+             metavar="N", help="create at most N folders or labels a day (UTC); mail that "
+             "needs more waits for the next day (default: %(default)s)"),
         _Opt("--interval", type=_timeout_seconds, default=DEFAULT_POLL_INTERVAL,
              help="seconds between polls of the other folders, and of every folder when the "
              "server lacks IDLE (default: %(default)s)"),

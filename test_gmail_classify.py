@@ -13928,15 +13928,18 @@ class RunOptionsTest(TempDirMixin, unittest.TestCase):
     def test_watch_session_hands_its_options_to_each_run(self):
         session = gc.WatchSession(self.store(), lambda: gc.Ruleset(()), USER, "127.0.0.1",
                                   993, apply=True, reclassify=True, new_only=True,
-                                  daily_budget=7, batch_size=3, allow_expunge=True)
+                                  daily_budget=7, batch_size=3, allow_expunge=True,
+                                  max_new_folders=4)
+        # A watch holds back what needs folders past its limit (see WatcherTest).
         self.assertEqual(session.options, gc.RunOptions(
             apply=True, reclassify=True, new_only=True, daily_budget=7, batch_size=3,
-            allow_expunge=True))
+            allow_expunge=True, max_new_folders=4, hold=True))
         self.assertTrue(session.apply)
         run = session._run()
         # --all and --new-only are set per folder by the session, not for the whole run.
         self.assertEqual(run.options, gc.RunOptions(apply=True, daily_budget=7, batch_size=3,
-                                                    allow_expunge=True))
+                                                    allow_expunge=True, max_new_folders=4,
+                                                    hold=True))
         self.assertEqual((run.apply, run.reclassify, run.new_only, run.daily_budget),
                          (True, False, False, 7))
         session.daily_budget = 11                       # a new day: the next run has it
@@ -17211,6 +17214,48 @@ class WatcherTest(FakeServerTest):
         self.assertEqual(self.server.uids("INBOX"), [])
         self.assertGreater(len(left), 0)
 
+    def test_past_the_days_folder_limit_mail_needing_more_waits_and_the_rest_is_sorted(self):
+        # A template a sender fills in ("Vendors/{sender_domain}"): a burst of new domains
+        # must neither end the watch (a run stops, exit 2) nor grow folders without end.
+        rules = parse_rules({"rule": [{"name": "Vendors", "from": "/@/",
+                                       "label": "Vendors/{sender_domain}"}]})
+        for domain in ("d1", "d2", "d3", "d4", "d5", "d1"):
+            self.server.add_message(make_message(f"hi from {domain}",
+                                                 sender=f"x@{domain}.example"))
+        now = [datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc).timestamp()]
+        store = gc.StateStore(os.path.join(self.tmp, "state"))
+        store.load()
+        session = gc.WatchSession(store, lambda: rules, USER, "127.0.0.1", self.server.port,
+                                  apply=True, reclassify=True, max_new_folders=3, batch_size=2,
+                                  clock=lambda: now[0])
+        session.check_start(["INBOX"])
+        conn = self.connect()
+
+        def labelled() -> List[str]:
+            return sorted(label for message in self.server.messages("INBOX")
+                          for label in message.labels if label.startswith("Vendors/"))
+        with self.assertLogs("gmail_classify", "WARNING") as logs:
+            session(conn, ["INBOX"])
+        self.assertEqual(labelled(), ["Vendors/d1.example", "Vendors/d1.example",
+                                      "Vendors/d2.example", "Vendors/d3.example"])
+        said = "\n".join(logs.output)          # a warning in each step that holds one back
+        self.assertEqual(said.count("1 message(s) need 1 new folder(s) past the limit of 3 "
+                                    "(--max-new-folders)"), 2, said)
+        self.assertIn("Vendors/d4.example", said)
+        self.assertIn("Vendors/d5.example", said)
+        self.assertEqual(session.created_on[1], 3)
+        session(conn, ["INBOX"])                      # the same day: they wait, nothing made
+        self.assertEqual(self.server.count("CREATE"), 3)
+        mark = lambda: store.folder(session.account, "INBOX").mark     # noqa: E731
+        self.assertEqual(mark(), 3)                   # below the first that waits
+        now[0] += 86400                               # the next day: room again
+        session(conn, ["INBOX"])
+        self.assertEqual(labelled(), ["Vendors/d1.example", "Vendors/d1.example",
+                                      "Vendors/d2.example", "Vendors/d3.example",
+                                      "Vendors/d4.example", "Vendors/d5.example"])
+        self.assertEqual(mark(), 6)
+        self.assertEqual(session.created_on[1], 2)
+
     def test_a_failing_save_after_a_failed_wake_up_does_not_hide_its_error(self):
         self.server.add_message(make_message("receipt 1"))
         for apply in (False, True):
@@ -20406,6 +20451,24 @@ class WatchCommandLineTest(FakeServerTest):
 
     def idling(self, count: int = 1) -> None:
         wait_until(lambda: self.server.count("IDLE") >= count, timeout=15, message="never idled")
+
+    def test_max_new_folders_reaches_the_watch_as_its_daily_limit(self):
+        seen: Dict[str, Any] = {}
+
+        class Seen(Exception):
+            pass
+
+        def session(_self: Any, *args: Any, **options: Any) -> None:
+            seen.update(options)
+            raise Seen()
+        for extra, expected in (((), gc.DEFAULT_MAX_NEW_FOLDERS), (("--max-new-folders", "5"), 5)):
+            seen.clear()
+            with self.subTest(extra=extra), \
+                    mock.patch.object(gc.WatchSession, "__init__", session):
+                run_cli(*self.argv("--apply", *extra), env=self.env)    # stopped there
+            self.assertEqual(seen.get("max_new_folders"), expected)
+        self.assertEqual(run_cli(*self.argv("--max-new-folders", "0"), env=self.env)[0],
+                         gc.EXIT_USAGE)
 
     @unittest.skipUnless(hasattr(signal, "SIGTERM") and os.name == "posix", "POSIX signals")
     def test_sigterm_ends_a_running_watch_with_logout_and_exit_0(self):

@@ -9779,9 +9779,11 @@ class _FolderRun:
                                    if name not in self.report.created)
 
     def _hold_past_folder_limit(self, step: _Step) -> None:
-        """With ``hold``: where the step would create folders past the limit, keep the
-        first folders it needs within it and leave alone every message that needs one of
-        the others (skipped, so the mark stays below it: a later catch-up looks again)."""
+        """With ``hold``: where the step would create folders past the limit, let in the
+        messages in UID order while all the new folders each needs still fit, and leave
+        alone the others (skipped, so the mark stays below them: a later catch-up looks
+        again).  A message is let in whole or not at all, so no folder is made for a
+        message that then waits, and the oldest go first, every time."""
         limit, conn, plan = self.options.max_new_folders, self.conn, step.plan
         if limit is None:
             return
@@ -9789,19 +9791,28 @@ class _FolderRun:
         room = max(0, limit - len(self.report.created))
         if len(missing) <= room:
             return
-        held = set(missing[room:])
-        uids = sorted(uid for uid, keys in plan.per_uid.items()
-                      if any(key[0] in ("label", "move") and not key[1].startswith("\\")
-                             and conn.server_name(key[1]) in held for key in keys))
-        plan.drop_uids(uids)
+        unmade = set(missing)
+        made: set = set()
+        held: List[int] = []
+        wanted: set = set()             # the folders the held messages wait for
+        for uid in sorted(plan.per_uid):
+            needs = {conn.server_name(key[1]) for key in plan.per_uid[uid]
+                     if key[0] in ("label", "move") and not key[1].startswith("\\")}
+            new = (needs & unmade) - made
+            if len(made) + len(new) <= room:
+                made |= new
+            else:
+                held.append(uid)
+                wanted |= new
+        plan.drop_uids(held)
         why = (f"it needs a new folder past the limit of {limit} "
                f"(--max-new-folders); left for a later catch-up")
-        for uid in uids:
+        for uid in held:
             step.decisions.pop(uid, None)
             _skip(self.report, uid, why)
         log.warning("%s: %d message(s) need %d new folder(s) past the limit of %d "
                     "(--max-new-folders), such as %s; left alone for now", self.folder,
-                    len(uids), len(held), limit, printable(sorted(held)[0]))
+                    len(held), len(wanted), limit, printable(sorted(wanted)[0]))
 
     def _intents(self, step: _Step) -> List[Dict[str, Any]]:
         """One entry per message the step may change: where it is, what tells it apart

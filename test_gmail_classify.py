@@ -17256,6 +17256,32 @@ class WatcherTest(FakeServerTest):
         self.assertEqual(mark(), 6)
         self.assertEqual(session.created_on[1], 2)
 
+    def test_a_message_held_at_the_folder_limit_takes_no_room_from_the_others(self):
+        # Each message needs two new folders (a label and a move): with room for two, the
+        # oldest is sorted whole each day, never half of several nor none at all.
+        rules = parse_rules({"rule": [{"name": "Both", "from": "/@/",
+                                       "label": "L/{sender_domain}",
+                                       "move": "M/{sender_domain}"}]})
+        for domain in ("d1", "d2", "d3"):
+            self.server.add_message(make_message(f"hi from {domain}",
+                                                 sender=f"x@{domain}.example"))
+        now = [datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc).timestamp()]
+        store = gc.StateStore(os.path.join(self.tmp, "state"))
+        store.load()
+        session = gc.WatchSession(store, lambda: rules, USER, "127.0.0.1", self.server.port,
+                                  apply=True, reclassify=True, max_new_folders=2,
+                                  clock=lambda: now[0])
+        session.check_start(["INBOX"])
+        conn = self.connect()
+        for day in range(1, 4):
+            with self.assertLogs("gmail_classify", "WARNING") if day < 3 else \
+                    contextlib.nullcontext():
+                session(conn, ["INBOX"])
+            self.assertEqual(len(self.server.uids("INBOX")), 3 - day, day)
+            self.assertEqual(self.server.count("CREATE"), 2 * day)
+            self.assertEqual(store.folder(session.account, "INBOX").mark, day)
+            now[0] += 86400
+
     def test_a_failing_save_after_a_failed_wake_up_does_not_hide_its_error(self):
         self.server.add_message(make_message("receipt 1"))
         for apply in (False, True):

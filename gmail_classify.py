@@ -6535,11 +6535,15 @@ def _run_program(argv: Sequence[str], data: bytes, *, env: Mapping[str, str], cw
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-    for thread in threads:      # the group is gone, so the output ends (POSIX at once)
-        thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
-    for stream in (proc.stdin, proc.stdout):
-        with contextlib.suppress(OSError):
-            stream.close()
+    # The program and its group are gone: what is left to read is at most a pipe's
+    # buffer.  A process that left the group (setsid, or any child off POSIX) may still
+    # hold the output open: its thread is left to end with it, its pipe open, rather
+    # than wait for it (closing a stream a thread is reading waits for that thread).
+    for thread, stream in zip(threads, (proc.stdin, proc.stdout)):
+        thread.join(1.0)
+        if not thread.is_alive():
+            with contextlib.suppress(OSError):
+                stream.close()
     return status, bytes(kept)
 
 

@@ -10042,6 +10042,16 @@ class ProgramConditionTest(FakeServerTest):
         self.assertEqual(status, 0)
         self.assertLess(time.monotonic() - started, 10)
         wait_until(lambda: self.gone(int(out)), timeout=5, message="the child stayed")
+        # One that left the group (setsid) keeps the output open: the answer does not
+        # wait for it either (a closed reader would: the thread reading holds the lock).
+        if shutil.which("setsid"):
+            started = time.monotonic()
+            status, out = run(["/bin/sh", "-c", "setsid sleep 30 & echo $!; exit 0"], b"",
+                              timeout=20)
+            self.addCleanup(lambda: os.kill(int(out), signal.SIGKILL)
+                            if not self.gone(int(out)) else None)
+            self.assertEqual(status, 0)
+            self.assertLess(time.monotonic() - started, 10)
         # The answer is whole even when reading it lags behind the program's exit.
         class Lagging(threading.Thread):
             def run(self) -> None:

@@ -6310,8 +6310,13 @@ _PROGRAM_LABEL_DEPTH = 4
 
 
 def _program_label_problem(label: str) -> Optional[str]:
-    """Why a cleaned program label may not be used, or None."""
-    if label.lower() in _RESERVED_LABELS:
+    """Why a cleaned program label may not be used, or None.  Under the INBOX is no
+    better: where the personal namespace is "INBOX." (Courier, Cyrus), INBOX/Trash is
+    the server's own Trash."""
+    name = label
+    while name.lower().startswith("inbox/"):
+        name = name[len("inbox/"):]
+    if name.lower() in _RESERVED_LABELS:
         return f"printed a special folder's name ({label})"
     if label.count("/") >= _PROGRAM_LABEL_DEPTH:
         return f"printed a label over {_PROGRAM_LABEL_DEPTH} levels deep"

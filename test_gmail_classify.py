@@ -10191,6 +10191,9 @@ class ProgramConditionTest(FakeServerTest):
         for printed, why in (("Inbox", "a special folder's name (Inbox)"),
                              (" TRASH ", "a special folder's name (TRASH)"),
                              ("Junk", "a special folder's name (Junk)"),
+                             # an "INBOX." namespace makes this the server's own Trash
+                             ("INBOX/Trash", "a special folder's name (INBOX/Trash)"),
+                             ("inbox/INBOX/junk", "a special folder's name (inbox/INBOX/junk)"),
                              ("All Mail", "a special folder's name (AllMail)"),
                              ("a/b/c/d/e", "a label over 4 levels deep"),
                              ("/".join("d%d" % n for n in range(30)), "a label over 4 levels deep")):

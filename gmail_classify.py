@@ -6420,10 +6420,12 @@ class ProgramCondition(Condition):
     def executable(self) -> Optional[str]:
         """The program's file: a name is looked up in ``path``; a relative path is read
         from directory().  None when there is no such program."""
-        name = self.argv[0]
-        if os.sep not in name:
-            return shutil.which(name, path=self.path)
-        name = os.path.join(self.directory(), name)
+        name, here = self.argv[0], self.directory()
+        if os.sep not in name:      # a relative PATH entry is read from here too
+            found = shutil.which(name, path=os.pathsep.join(
+                os.path.join(here, entry) for entry in self.path.split(os.pathsep)))
+            return os.path.abspath(found) if found else None
+        name = os.path.join(here, name)
         return name if os.path.isfile(name) and os.access(name, os.X_OK) else None
 
     def input_bytes(self, msg: MessageInfo) -> bytes:
@@ -8211,11 +8213,25 @@ def program_trust_problem(condition: ProgramCondition) -> Optional[str]:
     if program is None:
         return None             # nothing will run: the rule fails closed when it is reached
     files.append(program)
-    # A script handed to an interpreter (["python3", "filter.py"]) is code as well: any
-    # argument naming a file where the program runs (ProgramCondition.directory).
+    # A script handed to an interpreter is code as well: any argument naming a file or a
+    # directory where the program runs (ProgramCondition.directory), as a whole or after
+    # an '=' (--script=filter.py), and a module (-m filter, -mfilter: filter.py, the
+    # package filter/ and its __main__.py).
     base = condition.directory()
-    files += [os.path.join(base, arg) for arg in condition.argv[1:]
-              if os.path.isfile(os.path.join(base, arg))]
+    names: List[str] = []
+    for before, arg in zip(("",) + condition.argv[1:], condition.argv[1:]):
+        names += [arg, arg.partition("=")[2]]
+        module = arg if before == "-m" else arg[2:] if arg.startswith("-m") else ""
+        if module:
+            path = module.replace(".", os.sep)
+            names += [path + ".py", path, os.path.join(path, "__main__.py")]
+    for name in filter(None, dict.fromkeys(names)):
+        path = os.path.join(base, name)
+        if os.path.exists(path):
+            files.append(path)
+            main = os.path.join(path, "__main__.py")
+            if os.path.isdir(path) and os.path.isfile(main):
+                files.append(main)
     problem = next(filter(None, map(trust_problem, files)), None)
     return f"{problem}; refusing to run program {condition.name()}" if problem else None
 

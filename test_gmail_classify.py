@@ -10027,6 +10027,27 @@ class ProgramConditionTest(FakeServerTest):
         except OSError:
             return True
 
+    def test_a_relative_program_path_is_read_where_the_program_runs(self):
+        # program_path = "bin": the bin/ beside the rules file, checked and run, never
+        # one in the directory the command was started in.
+        elsewhere = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, elsewhere, True)
+        for where, label, mode in ((self.tmp, "Trusted", 0o700), (elsewhere, "Evil", 0o777)):
+            os.makedirs(os.path.join(where, "bin"), mode=0o700)
+            with open(os.path.join(where, "bin", "judge"), "w") as handle:
+                handle.write(f"#!/bin/sh\ncat >/dev/null\necho {label}\n")
+            os.chmod(os.path.join(where, "bin", "judge"), mode)
+        mail = os.path.join(self.tmp, "one.eml")
+        with open(mail, "wb") as handle:
+            handle.write(make_message("anything"))
+        here = os.getcwd()
+        os.chdir(elsewhere)
+        self.addCleanup(os.chdir, here)
+        path = self.rules_file({"program": ["judge"], "program_path": "bin"})
+        code, out, err = run_cli("test", path, mail)
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn('said yes (label "Trusted")', out)
+
     @unittest.skipUnless(os.name == "posix" and os.path.isdir("/proc/self"), "POSIX, /proc")
     def test_a_program_holds_no_more_than_its_answer_and_leaves_nothing_running(self):
         run = functools.partial(gc._run_program, env={"PATH": "/usr/bin:/bin"}, cwd=self.tmp)
@@ -10085,9 +10106,15 @@ class ProgramConditionTest(FakeServerTest):
         here = os.getcwd()
         os.chdir(elsewhere)
         self.addCleanup(os.chdir, here)
-        for script in ("filter.py", os.path.join("sub", "filter.py")):
-            with self.subTest(script=script):
-                path = self.rules_file({"program": [sys.executable, "-S", script]})
+        os.makedirs(os.path.join(self.tmp, "pkg"), 0o700)
+        shutil.copy(os.path.join(self.tmp, "filter.py"), os.path.join(self.tmp, "pkg",
+                                                                      "__main__.py"))
+        for script, argv in (("filter.py", ["filter.py"]),
+                             (os.path.join("sub", "filter.py"), ["sub/filter.py"]),
+                             ("filter.py", ["-m", "filter"]), ("filter.py", ["-mfilter"]),
+                             (os.path.join("pkg", "__main__.py"), ["pkg"])):
+            with self.subTest(argv=argv):
+                path = self.rules_file({"program": [sys.executable, "-S", *argv]})
                 code, out, err = run_cli("test", path, mail)
                 self.assertEqual((code, err), (0, ""))
                 self.assertIn('said yes (label "Trusted")', out)

@@ -13982,6 +13982,11 @@ def _convert_filter(number: int, props: List[Tuple[str, str]]
     if not criteria or not actions:
         return None, [], notes
     query, local, exact = criteria
+    problem = _unbalanced_query(" ".join(query))
+    if problem:     # as a rule it would be refused, and the whole file with it
+        notes.append(f"filter {number}: skipped: its search has {problem}; left out whole "
+                     f"so that the other filters still import")
+        return None, [], notes
     rule: Dict[str, Any] = {"name": f"Gmail filter {number}", "gmail_query": " ".join(query)}
     if exact and local:
         rule.update(local)

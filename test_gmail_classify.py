@@ -18364,6 +18364,16 @@ class ImportFiltersTest(unittest.TestCase):
         self.assertFalse(decision.actions.trash)
         self.assertEqual([name for name, _ in decision.matches], ["Gmail filter 4"])
 
+    def test_a_filter_whose_search_does_not_pair_up_is_left_out_and_the_rest_load(self):
+        imported = gc.import_gmail_filters(filter_export(
+            [("hasTheWord", "invoice (urgent"), ("label", "A")],
+            [("subject", "receipt"), ("label", "R")]))
+        self.assertEqual([rule["name"] for rule in imported.doc["rule"]], ["Gmail filter 2"])
+        self.assertEqual(list(imported.notes), [
+            "filter 1: skipped: its search has a '(' never closed; left out whole so that "
+            "the other filters still import"])
+        gc.parse_rules(imported.doc, "imported.toml")       # loads
+
     def test_cli_writes_toml_and_json_that_check_accepts(self):
         xml_path = self.write("mailFilters.xml", SAMPLE_FILTERS)
         for fmt in ("toml", "json"):

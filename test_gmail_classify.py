@@ -23912,12 +23912,15 @@ class _TwoCoreSuite(unittest.TestSuite):
         os.write(refill, b"".join(struct.pack(">H", n) for n in reversed(range(len(groups)))))
         os.close(refill)
 
+        taken_here: List[int] = []
+
         def share(into: Any) -> None:
             while not into.shouldStop:
                 taken = os.read(queue, 2)
                 if len(taken) < 2:
                     return
-                unittest.TestSuite(groups[struct.unpack(">H", taken)[0]]).run(into)
+                taken_here.append(struct.unpack(">H", taken)[0])
+                unittest.TestSuite(groups[taken_here[-1]]).run(into)
         sys.stdout.flush()
         sys.stderr.flush()
         reader, writer = os.pipe()
@@ -23942,9 +23945,12 @@ class _TwoCoreSuite(unittest.TestSuite):
         _, status = os.waitpid(pid, 0)
         outcomes = json.loads(data.decode() or "null")
         by_id = {test.id(): test for test in _flat_tests(self)}
-        if outcomes is None or status != 0:
-            outcomes = [(test_id, "error", "the test process running it ended (status %d) "
-                         "before it reported" % status) for test_id in by_id]
+        if outcomes is None or status != 0:     # the child's tests: those not run here
+            here = {test.id() for index in taken_here for test in groups[index]}
+            ended = os.waitstatus_to_exitcode(status)     # -N: killed by signal N
+            outcomes = [(test_id, "error", "the test process running it ended (exit status "
+                         "%d) before it reported" % ended) for test_id in by_id
+                        if test_id not in here]
         for test_id, kind, text in outcomes:
             # A class fixture's outcome ("setUpClass (...)") is no test: not counted as run.
             test = by_id.get(test_id)

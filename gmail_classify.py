@@ -9832,8 +9832,14 @@ class _FolderRun:
         plan.drop_uids(held)
         why = (f"it needs a new folder past the limit of {limit} "
                f"(--max-new-folders); left for a later catch-up")
-        for uid in held:
-            step.decisions.pop(uid, None)
+        for uid in held:            # neither examined nor matched: as if never decided
+            decision = step.decisions.pop(uid, None)
+            if decision is not None:
+                self.report.examined -= 1
+                for name, _reason in decision.matches:
+                    self.report.matched[name] -= 1
+                    if not self.report.matched[name]:
+                        del self.report.matched[name]
             _skip(self.report, uid, why)
         log.warning("%s: %d message(s) need %d new folder(s) past the limit of %d "
                     "(--max-new-folders), such as %s; left alone for now", self.folder,

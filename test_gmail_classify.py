@@ -17283,6 +17283,9 @@ class WatcherTest(FakeServerTest):
                                     "(--max-new-folders)"), 2, said)
         self.assertIn("Vendors/d4.example", said)
         self.assertIn("Vendors/d5.example", said)
+        (report,) = session._last_run.reports        # those waiting are not counted done
+        self.assertEqual((report.examined, report.matched, sorted(report.skipped)),
+                         (4, {"Vendors": 4}, [4, 5]))
         self.assertEqual(session.created_on[1], 3)
         session(conn, ["INBOX"])                      # the same day: they wait, nothing made
         self.assertEqual(self.server.count("CREATE"), 3)

@@ -8224,7 +8224,7 @@ def program_trust_problem(condition: ProgramCondition) -> Optional[str]:
         module = arg if before == "-m" else arg[2:] if arg.startswith("-m") else ""
         if module:
             path = module.replace(".", os.sep)
-            names += [path + ".py", path, os.path.join(path, "__main__.py")]
+            names += [path + ".py", path]
     for name in filter(None, dict.fromkeys(names)):
         path = os.path.join(base, name)
         if os.path.exists(path):
@@ -11475,7 +11475,7 @@ class Run(Checkpoint):
                  on_applied: Optional[Callable[[int, int], None]] = None,
                  now: Optional[_dt.datetime] = None,
                  max_new_folders: Optional[int] = DEFAULT_MAX_NEW_FOLDERS,
-                 allow_expunge: bool = False, hold: bool = False) -> FolderReport:
+                 allow_expunge: bool = False) -> FolderReport:
         """classify_folder with this run as the checkpoint; ``since``/``limit`` never move
         the mark.  Returns the folder's report (also kept in ``reports``, unless the folder
         could not be opened)."""
@@ -11488,7 +11488,7 @@ class Run(Checkpoint):
                                    on_applied=on_applied, now=now, checkpoint=self,
                                    apply_every=apply_every, report=report,
                                    max_new_folders=max_new_folders, allow_expunge=allow_expunge,
-                                   jobs=self.options.jobs, hold=hold)
+                                   jobs=self.options.jobs, hold=self.options.hold)
         except FolderUnavailableError:
             self.reports.remove(report)     # never opened: nothing to report
             raise
@@ -13035,7 +13035,7 @@ class WatchSession:
                 try:
                     run.classify(conn, folder, batch_size=self.options.batch_size,
                                  allow_expunge=self.options.allow_expunge,
-                                 max_new_folders=left, hold=self.options.hold)
+                                 max_new_folders=left)
                 finally:
                     if self.apply:      # a dry run's are only those it would create
                         made = sum(len(report.created) for report in run.reports) - before
@@ -13988,17 +13988,18 @@ def _convert_filter(number: int, props: List[Tuple[str, str]]
     if not criteria or not actions:
         return None, [], notes
     query, local, exact = criteria
-    problem = _unbalanced_query(" ".join(query))
+    search = " ".join(query)
+    problem = _unbalanced_query(search)
     if problem:     # as a rule it would be refused, and the whole file with it
         notes.append(f"filter {number}: skipped: its search has {problem}; left out whole "
                      f"so that the other filters still import")
         return None, [], notes
-    rule: Dict[str, Any] = {"name": f"Gmail filter {number}", "gmail_query": " ".join(query)}
+    rule: Dict[str, Any] = {"name": f"Gmail filter {number}", "gmail_query": search}
     if exact and local:
         rule.update(local)
     rule.update(actions)
     rule["continue"] = True
-    comment = [f"Gmail filter {number}: {' '.join(query)}"]
+    comment = [f"Gmail filter {number}: {search}"]
     if not (exact and local):
         comment.append("Decided by Gmail's search alone: on other servers and in `test` "
                        "this rule is skipped.")
@@ -15742,6 +15743,7 @@ _SHARED_OPTIONS: Dict[str, Dict[str, Any]] = {
     "--allow-expunge": dict(action="store_true", help="on servers with neither MOVE nor "
                             "UIDPLUS, let moves remove the originals " + _EXPUNGE_RISK),
     "--daily-budget": dict(type=_budget, default=DEFAULT_DAILY_BUDGET, metavar="SIZE"),
+    "--max-new-folders": dict(type=_positive, default=DEFAULT_MAX_NEW_FOLDERS, metavar="N"),
     "--run-programs": dict(action="store_true", help="run the rules' programs (after the "
                            "trust check); without it they are only listed"),
     "--since": dict(type=_parse_since, help="only mail received since a date (YYYY-MM-DD) "
@@ -17440,9 +17442,8 @@ _COMMANDS: Dict[str, _Command] = {
         _Opt("--apply"), _Opt("--json"),
         _Opt("--summary", action="store_true", help="only the totals, no line per message"),
         _Opt("--batch-size"), _Opt("--allow-expunge"),
-        _Opt("--max-new-folders", type=_positive, default=DEFAULT_MAX_NEW_FOLDERS,
-             metavar="N", help="refuse, before any change, a run that would create more "
-             "than N folders or labels (default: %(default)s)"),
+        _Opt("--max-new-folders", help="refuse, before any change, a run that would "
+             "create more than N folders or labels (default: %(default)s)"),
         (_Opt("--all", action="store_true", help="classify every message again, not "
                     "only those above the folder's mark (also starts over after a bad "
                     "state file)"),
@@ -17479,9 +17480,8 @@ _COMMANDS: Dict[str, _Command] = {
                     "arrives from now on (also starts a folder that has no state yet)")),
         _Opt("--daily-budget", help="pause catching up until 00:00 UTC before downloading "
              "more than SIZE a day for this account (default: 2G; 0: no limit)"),
-        _Opt("--max-new-folders", type=_positive, default=DEFAULT_MAX_NEW_FOLDERS,
-             metavar="N", help="create at most N folders or labels a day (UTC); mail that "
-             "needs more waits for the next day (default: %(default)s)"),
+        _Opt("--max-new-folders", help="create at most N folders or labels a day (UTC); "
+             "mail that needs more waits for the next day (default: %(default)s)"),
         _Opt("--interval", type=_timeout_seconds, default=DEFAULT_POLL_INTERVAL,
              help="seconds between polls of the other folders, and of every folder when the "
              "server lacks IDLE (default: %(default)s)"),

@@ -10529,7 +10529,12 @@ RECORD_VERSION = 1             # of the records in --json output and audit.jsonl
 INTENT_VERSION = 2             # of the audit log's write-ahead "intent" and "skipped" records
 AUDIT_MAX_BYTES = 16 * 1024 ** 2       # past this, a run's first write rotates audit.jsonl
 AUDIT_CHUNK_BYTES = 1024 ** 2        # records are encoded and written in chunks of this size
-DOWNLOAD_DAYS_KEPT = 8                 # days of download counts kept in the state file
+DOWNLOAD_DAYS_KEPT = 8                 # days of daily counts kept in the state file
+# The counts the state file keeps per account and day (UTC): its key in the account's
+# entry -> what it counts, for the message that names a bad entry.  StateStore.add_daily()
+# and daily() read and write them; save() merges each with what other processes saved.
+_DAILY_COUNTS = {"downloads": "download count",
+                 "watch_folders": "count of folders a watch created"}
 
 
 def _stored_number(value: Any, what: str, low: int, high: int = 2 ** 32 - 1) -> int:
@@ -10752,8 +10757,9 @@ class StateStore:
     """The state file (``state.json``) and the audit log (``audit.jsonl``) in ``directory``.
 
     ``load()`` reads the file (missing: empty state); ``folder()``/``set_folder()`` and
-    ``add_download()``/``downloaded()`` work in memory; ``save()`` merges these changes into
-    whatever is on disk now and writes it atomically.  ``lock(account)`` gives the
+    ``add_daily()``/``daily()`` (the counts per day of _DAILY_COUNTS; ``add_download()``/
+    ``downloaded()`` for the bytes downloaded) work in memory; ``save()`` merges these
+    changes into whatever is on disk now and writes it atomically.  ``lock(account)`` gives the
     AccountLock.  ``now`` (a callable returning an aware datetime) is injectable for tests.
     Raises StateError for a corrupt, unreadable or foreign file.
     """
@@ -10766,7 +10772,7 @@ class StateStore:
         self.now = now
         self._data: Dict[str, Any] = self._empty()
         self._folders: Dict[Tuple[str, str], FolderState] = {}
-        self._downloads: Dict[Tuple[str, str], int] = {}
+        self._daily: Dict[Tuple[str, str, str], int] = {}   # (key, account, day) -> count
         self._undone: Dict[Tuple[str, str], Dict[str, Any]] = {}
         self._replace_bad_file = False
 
@@ -10813,8 +10819,9 @@ class StateStore:
                 for entry in account.get("folders", {}).values():
                     _stored_number(entry["uidvalidity"], "uidvalidity", 1)
                     _stored_number(entry["mark"], "mark", 0)
-                for count in account.get("downloads", {}).values():
-                    _stored_number(count, "download count", 0, 2 ** 63 - 1)
+                for key, what in _DAILY_COUNTS.items():
+                    for count in account.get(key, {}).values():
+                        _stored_number(count, what, 0, 2 ** 63 - 1)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise StateError(f"the state file {self.path} is corrupt (bad entry: {exc}); "
                              f"{fix}") from exc
@@ -10870,21 +10877,32 @@ class StateStore:
     def today(self) -> str:
         return self.now().astimezone(timezone.utc).date().isoformat()
 
+    def add_daily(self, key: str, account: str, amount: int, day: Optional[str] = None) -> None:
+        """Add ``amount`` to ``account``'s count ``key`` (a _DAILY_COUNTS key) for ``day``
+        (ISO date; default today, UTC).  Written by the next save(), which adds it to the
+        count on disk then, so processes that count at once lose nothing."""
+        if amount > 0:
+            entry = (key, account, day or self.today())
+            self._daily[entry] = self._daily.get(entry, 0) + amount
+
+    def daily(self, key: str, account: str, day: Optional[str] = None) -> int:
+        """``account``'s count ``key`` for ``day`` (default today, UTC): what the file held
+        when read or last saved, and this process's unsaved additions."""
+        day = day or self.today()
+        saved = self._data["accounts"].get(account, {}).get(key, {}).get(day, 0)
+        return int(saved) + self._daily.get((key, account, day), 0)
+
     def add_download(self, account: str, nbytes: int) -> None:
         """Count ``nbytes`` downloaded today (UTC) for ``account``."""
-        if nbytes > 0:
-            key = (account, self.today())
-            self._downloads[key] = self._downloads.get(key, 0) + nbytes
+        self.add_daily("downloads", account, nbytes)
 
     def downloaded(self, account: str) -> int:
         """Bytes downloaded today (UTC) for ``account``, this process's unsaved ones included."""
-        day = self.today()
-        saved = self._data["accounts"].get(account, {}).get("downloads", {}).get(day, 0)
-        return int(saved) + self._downloads.get((account, day), 0)
+        return self.daily("downloads", account)
 
     def save(self) -> None:
         """Merge this process's changes into the file on disk and write it atomically."""
-        if not self._folders and not self._downloads and not self._undone \
+        if not self._folders and not self._daily and not self._undone \
                 and not self._replace_bad_file:
             return
         _ensure_private_dir(self.directory)
@@ -10906,9 +10924,9 @@ class StateStore:
             for (account, name), state in self._folders.items():
                 folders = data["accounts"].setdefault(account, {}).setdefault("folders", {})
                 folders[name] = dataclasses.asdict(state)
-            for (account, day), nbytes in self._downloads.items():
-                downloads = data["accounts"].setdefault(account, {}).setdefault("downloads", {})
-                downloads[day] = int(downloads.get(day, 0)) + nbytes
+            for (key, account, day), amount in self._daily.items():
+                counts = data["accounts"].setdefault(account, {}).setdefault(key, {})
+                counts[day] = int(counts.get(day, 0)) + amount
             for (account, rules), entry in self._undone.items():
                 undone = data["accounts"].setdefault(account, {}).setdefault("undone", {})
                 if not isinstance(undone, dict):
@@ -10925,14 +10943,15 @@ class StateStore:
                 kept["gm_msgids"] = sorted(set(kept.get("gm_msgids") or [])
                                            | set(entry["gm_msgids"]))
             for account in data["accounts"].values():
-                downloads = account.get("downloads", {})
-                for day in [d for d in downloads if d < horizon]:
-                    del downloads[day]
+                for key in _DAILY_COUNTS:
+                    counts = account.get(key, {})
+                    for day in [d for d in counts if d < horizon]:
+                        del counts[day]
             _write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True,
                                                 ensure_ascii=False) + "\n")
             self._data = data
             self._folders.clear()
-            self._downloads.clear()
+            self._daily.clear()
             self._undone.clear()
             self._replace_bad_file = False
         finally:
@@ -12933,9 +12952,10 @@ class WatchSession:
     download budget is reached, catching up pauses until 00:00 UTC (``paused_until``, a
     ``time.time()`` value; ``on_pause(paused_until)`` is told, so that it can ask the
     Watcher to catch up then) and the watch stays connected.  ``max_new_folders`` is per
-    day (UTC) too, over all catch-ups: past it a catch-up leaves alone the messages that
-    need more (until the next day, or a watch started with a higher limit), and makes the
-    others' changes, never ending the watch for what senders write.
+    day (UTC) too, over all catch-ups and all watches of the account, counted in the state
+    file (``folders_made()``): past it a catch-up leaves alone the messages that need more
+    (until the next day, or a watch started with a higher limit), and makes the others'
+    changes, never ending the watch for what senders write.
     """
 
     def __init__(self, store: StateStore, rules: Callable[[], Ruleset], user: str, host: str,
@@ -12962,7 +12982,6 @@ class WatchSession:
         self.on_pause = on_pause
         self.clock = clock
         self.paused_until = 0.0
-        self.created_on: Tuple[Optional[_dt.date], int] = (None, 0)   # (day, folders made)
         self._reclassify: set = set()
         self._new_only: set = set()
         self._dry_run: Optional[Run] = None
@@ -13013,13 +13032,13 @@ class WatchSession:
             self._dry_run = run
         return run
 
-    def _folders_left(self) -> Optional[int]:
-        """How many more folders today's limit lets this watch create."""
-        limit = self.options.max_new_folders
-        today = datetime.fromtimestamp(self.clock(), timezone.utc).date()
-        if self.created_on[0] != today:
-            self.created_on = (today, 0)
-        return None if limit is None else max(0, limit - self.created_on[1])
+    def _today(self) -> str:
+        return datetime.fromtimestamp(self.clock(), timezone.utc).date().isoformat()
+
+    def folders_made(self, day: Optional[str] = None) -> int:
+        """The folders watches of this account created on ``day`` (ISO date, default today,
+        UTC), as the state file counts them: a restarted or second watch counts on."""
+        return self.store.daily("watch_folders", self.account, day or self._today())
 
     def __call__(self, conn: GmailConnection, folders: Sequence[str]) -> None:
         if self.clock() < self.paused_until:
@@ -13030,16 +13049,17 @@ class WatchSession:
             for folder in folders:
                 run.reclassify = folder in self._reclassify
                 run.new_only = folder in self._new_only
-                left = self._folders_left()
+                day, limit = self._today(), self.options.max_new_folders
                 before = sum(len(report.created) for report in run.reports)
                 try:
                     run.classify(conn, folder, batch_size=self.options.batch_size,
                                  allow_expunge=self.options.allow_expunge,
-                                 max_new_folders=left)
+                                 max_new_folders=None if limit is None else
+                                 max(0, limit - self.folders_made(day)))
                 finally:
                     if self.apply:      # a dry run's are only those it would create
                         made = sum(len(report.created) for report in run.reports) - before
-                        self.created_on = (self.created_on[0], self.created_on[1] + made)
+                        self.store.add_daily("watch_folders", self.account, made, day)
                 self._reclassify.discard(folder)
                 self._new_only.discard(folder)
         except BudgetExceededError as exc:

@@ -13645,6 +13645,33 @@ class StateStoreTest(TempDirMixin, unittest.TestCase):
             days = json.load(handle)["accounts"]["a"]["downloads"]
         self.assertEqual(list(days), [clock().date().isoformat()])
 
+    def test_every_daily_count_adds_to_what_other_processes_saved_and_ages_out(self):
+        # Two processes counting at once (two watches of one account): the second save
+        # adds to the first's count instead of writing over it; old days go for each count.
+        clock = Clock()
+        directory = self.make_dir()
+        for key in gc._DAILY_COUNTS:
+            with self.subTest(key=key):
+                first, second = gc.StateStore(directory, now=clock), gc.StateStore(directory, now=clock)
+                first.load()
+                second.load()
+                first.add_daily(key, "a", 2)
+                second.add_daily(key, "a", 3)
+                second.add_daily(key, "a", 0)           # nothing to count: no entry
+                first.save()
+                second.save()
+                self.assertEqual(second.daily(key, "a"), 5)
+                fresh = gc.StateStore(directory, now=clock)
+                fresh.load()
+                self.assertEqual(fresh.daily(key, "a"), 5)
+                self.assertEqual(fresh.daily(key, "b"), 0)
+                clock.advance(days=gc.DOWNLOAD_DAYS_KEPT + 1)
+                fresh.add_daily(key, "a", 1)
+                fresh.save()
+                with open(fresh.path) as handle:
+                    days = json.load(handle)["accounts"]["a"][key]
+                self.assertEqual(days, {clock().date().isoformat(): 1})
+
     def test_bad_state_files_give_one_clear_error(self):
         table = [("corrupt", "{not json", "is corrupt"),
                  ("foreign", json.dumps({"some": "thing"}), "not a gmail_classify state file"),
@@ -13654,6 +13681,10 @@ class StateStoreTest(TempDirMixin, unittest.TestCase):
                  ("bad entry", json.dumps({"format": "gmail_classify state", "version": 1,
                                            "accounts": {"a": {"folders": {"INBOX": {
                                                "mark": "x", "uidvalidity": 1}}}}}), "bad entry"),
+                 ("bad count", json.dumps({"format": "gmail_classify state", "version": 1,
+                                           "accounts": {"a": {"watch_folders": {
+                                               "2026-12-01": -3}}}}),
+                  "bad entry: count of folders a watch created"),
                  ("binary", b"\xff\xfe\x00garbage", "cannot read")]
         for name, content, expected in table:
             with self.subTest(name=name):
@@ -17286,7 +17317,7 @@ class WatcherTest(FakeServerTest):
         (report,) = session._last_run.reports        # those waiting are not counted done
         self.assertEqual((report.examined, report.matched, sorted(report.skipped)),
                          (4, {"Vendors": 4}, [4, 5]))
-        self.assertEqual(session.created_on[1], 3)
+        self.assertEqual(session.folders_made(), 3)
         session(conn, ["INBOX"])                      # the same day: they wait, nothing made
         self.assertEqual(self.server.count("CREATE"), 3)
         mark = lambda: store.folder(session.account, "INBOX").mark     # noqa: E731
@@ -17297,7 +17328,52 @@ class WatcherTest(FakeServerTest):
                                       "Vendors/d2.example", "Vendors/d3.example",
                                       "Vendors/d4.example", "Vendors/d5.example"])
         self.assertEqual(mark(), 6)
-        self.assertEqual(session.created_on[1], 2)
+        self.assertEqual(session.folders_made(), 2)
+        self.assertEqual(session.folders_made("2026-12-01"), 3)
+
+    def test_the_days_folder_count_outlives_the_watch_that_made_them(self):
+        # A watch restarted (a reboot, a service manager, a SIGHUP that failed) must not
+        # start the day's limit afresh: the count is in the state file, for every watch.
+        rules = parse_rules({"rule": [{"name": "Vendors", "from": "/@/",
+                                       "label": "Vendors/{sender_domain}"}]})
+        for domain in ("d1", "d2", "d3", "d4"):
+            self.server.add_message(make_message(f"hi from {domain}",
+                                                 sender=f"x@{domain}.example"))
+        now = [datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc).timestamp()]
+        directory = os.path.join(self.tmp, "state")
+
+        def watch(reclassify: bool) -> Any:
+            store = gc.StateStore(directory, now=lambda: datetime.fromtimestamp(
+                now[0], timezone.utc))
+            store.load()
+            session = gc.WatchSession(store, lambda: rules, USER, "127.0.0.1",
+                                      self.server.port, apply=True, reclassify=reclassify,
+                                      max_new_folders=3, batch_size=2, clock=lambda: now[0])
+            session.check_start(["INBOX"])
+            return session
+        conn = self.connect()
+        first = watch(True)
+        with self.assertLogs("gmail_classify", "WARNING"):
+            first(conn, ["INBOX"])
+        self.assertEqual(self.server.count("CREATE"), 3)
+        with open(os.path.join(directory, "state.json"), encoding="utf-8") as fh:
+            saved = json.load(fh)["accounts"][first.account]["watch_folders"]
+        self.assertEqual(saved, {"2026-12-01": 3})
+        again = watch(False)                            # the same day, a new process
+        self.assertEqual(again.folders_made(), 3)
+        with self.assertLogs("gmail_classify", "WARNING") as logs:
+            again(conn, ["INBOX"])
+        self.assertEqual(self.server.count("CREATE"), 3, logs.output)
+        self.assertIn("Vendors/d4.example", "\n".join(logs.output))
+        now[0] += 86400                                 # the next day: room again
+        watch(False)(conn, ["INBOX"])
+        self.assertEqual(self.server.count("CREATE"), 4)
+        self.assertEqual(sorted(label for message in self.server.messages("INBOX")
+                                for label in message.labels if label.startswith("Vendors/")),
+                         ["Vendors/d%d.example" % n for n in range(1, 5)])
+        with open(os.path.join(directory, "state.json"), encoding="utf-8") as fh:
+            saved = json.load(fh)["accounts"][first.account]["watch_folders"]
+        self.assertEqual(saved, {"2026-12-01": 3, "2026-12-02": 1})
 
     def test_a_message_held_at_the_folder_limit_takes_no_room_from_the_others(self):
         # Each message needs two new folders (a label and a move): with room for two, the

@@ -5575,6 +5575,12 @@ class Condition:
         """The message data this condition reads (its own, not its children's)."""
         return self.fetch
 
+    def reads_changed(self, flags: frozenset, labels: frozenset) -> Optional[str]:
+        """What this condition reads (its own part) of the message state that rules
+        change, given the IMAP ``flags`` and the ``labels`` their actions set or clear:
+        e.g. "starred"; None when it reads none of it (see Ruleset.state_loops)."""
+        return None
+
     def describe(self) -> str:
         raise NotImplementedError
 
@@ -5854,6 +5860,10 @@ class StateIs(Condition):
         flags = {f.casefold() for f in msg.flags}
         return ("\\seen" not in flags) if self.key == "unread" else ("\\flagged" in flags)
 
+    def reads_changed(self, flags: frozenset, labels: frozenset) -> Optional[str]:
+        flag = {"unread": "\\Seen", "starred": "\\Flagged"}.get(self.key)
+        return self.key if flag in flags else None
+
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
         actual = self._actual(msg)
         if actual is None:
@@ -5899,6 +5909,10 @@ class HasLabel(Condition):
             elif _label_key(pattern.text) in keys:
                 return f"has label {pattern.describe()}"
         return None
+
+    def reads_changed(self, flags: frozenset, labels: frozenset) -> Optional[str]:
+        hit = self._hit(labels)
+        return hit.replace("has label", "label", 1) if hit else None
 
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
         if msg.labels is None:
@@ -6967,6 +6981,35 @@ class Ruleset:
         if not notes:
             return self, ()
         return dataclasses.replace(self, rules=tuple(rules)), tuple(notes)
+
+    def state_loops(self) -> Tuple[str, ...]:
+        """Notes on rules that test a flag or label that rules set or clear: a step sets
+        flags and labels before it moves mail, so a run stopped between the two leaves
+        them changed, and the next run judges those messages by the changed state (a
+        message marked read by `unread = true, mark_read, move` is then never moved).
+        ``check`` shows them; the README's "Stopping is safe" says what to do."""
+        changers: Dict[str, List[str]] = {}
+        for rule in self.rules:
+            changed = [row.flag for row in rule.actions.flag_actions()] + list(rule.actions.labels)
+            for what in changed:
+                changers.setdefault(what, []).append(rule.name)
+        flags = frozenset(what for what in changers if what.startswith("\\"))
+        labels = frozenset(what for what in changers if not what.startswith("\\"))
+        notes = []
+        for rule in self.rules:
+            for cond in _walk(rule.condition):
+                read = cond.reads_changed(flags, labels)
+                if read is None:
+                    continue
+                by = sorted({name for what, names in changers.items()
+                             if cond.reads_changed(frozenset({what}) & flags,
+                                                   frozenset({what}) & labels) for name in names})
+                notes.append(f"rule {rule.name!r} tests {read}, which "
+                             f"{'rules' if len(by) > 1 else 'rule'} "
+                             f"{', '.join(repr(name) for name in by)} set or clear: a run "
+                             f"stopped between a step's flags and its moves leaves it changed, "
+                             f"and the next run judges the mail by it (README: Stopping is safe)")
+        return tuple(dict.fromkeys(notes))
 
     @property
     def needs(self) -> Needs:
@@ -17021,7 +17064,7 @@ def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     if needs.queries:
         fetched.append(f"{len(needs.queries)} Gmail search(es)")
     out.line("  fetches: " + "; ".join(fetched))
-    for note in rules.local()[1]:
+    for note in rules.local()[1] + rules.state_loops():
         out.line(f"  note: {note}")
     if programs_not_run:
         if rules.tests:

@@ -9284,6 +9284,54 @@ class ActionsTest(unittest.TestCase):
         self.assertFalse(Actions(star=True).is_empty())
 
 
+class StateLoopsTest(unittest.TestCase):
+    """Ruleset.state_loops: rules that test a flag or label that rules change, which a
+    stopped run leaves changed before the next run judges the mail (check shows them)."""
+
+    def notes(self, *rules: Dict[str, Any]) -> Tuple[str, ...]:
+        return parse_rules({"rule": list(rules)}).state_loops()
+
+    def test_a_rule_testing_what_rules_change_is_named_with_every_rule_that_changes_it(self):
+        bank = {"name": "Bank", "from": "@bank.example", "star": True, "continue": True}
+        shop = {"name": "Shop", "from": "@shop.example", "unstar": True, "continue": True}
+        old = {"name": "Old", "not": {"starred": True}, "archive": True}
+        lists = {"name": "Lists", "list_id": "/./", "mark_read": True, "label": "Lists",
+                 "continue": True}                  # changes what no rule tests: not named
+        (note,) = self.notes(bank, lists, shop, old)
+        self.assertTrue(note.startswith("rule 'Old' tests starred, which rules 'Bank', 'Shop' "
+                                        "set or clear: a run stopped between"), note)
+        self.assertIn("README: Stopping is safe", note)
+        # the rule itself: mail marked read, then never moved, after a stop between the two
+        (note,) = self.notes({"name": "News", "unread": True, "from": "news@x.example",
+                              "mark_read": True, "move": "News"})
+        self.assertTrue(note.startswith("rule 'News' tests unread, which rule 'News' set"), note)
+        # a label, by name or regex, inside an `any` too
+        (note,) = self.notes({"name": "Tag", "from": "@x.example", "label": "Work/Urgent",
+                              "continue": True},
+                             {"name": "Later", "any": [{"has_label": "/^work/i"}, {"subject": "x"}],
+                              "archive": True})
+        self.assertTrue(note.startswith("rule 'Later' tests label matching /^work/i, which "
+                                        "rule 'Tag' set"), note)
+
+    def test_rules_that_read_nothing_they_change_have_no_note(self):
+        self.assertEqual(self.notes({"name": "A", "starred": True, "label": "Starred mail"},
+                                    {"name": "B", "unread": True, "label": "Unread"},
+                                    {"name": "C", "has_label": "Other", "label": "Mine"}), ())
+        self.assertEqual(parse_rules(BENCH_RULES).state_loops(), ())
+
+    def test_check_shows_the_note(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        path = os.path.join(tmp, "rules.json")
+        with open(path, "w") as handle:
+            json.dump({"rule": [{"name": "Bank", "from": "@bank.example", "star": True,
+                                 "continue": True},
+                                {"name": "Old", "not": {"starred": True}, "archive": True}]}, handle)
+        code, out, err = run_cli("check", path)
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("\n  note: rule 'Old' tests starred, which rule 'Bank' set or clear:", out)
+
+
 class ExampleRulesTest(unittest.TestCase):
     """The example rules from the design brief, on sample messages."""
 

@@ -6983,11 +6983,12 @@ class Ruleset:
         return dataclasses.replace(self, rules=tuple(rules)), tuple(notes)
 
     def state_loops(self) -> Tuple[str, ...]:
-        """Notes on rules that test a flag or label that rules set or clear: a step sets
-        flags and labels before it moves mail, so a run stopped between the two leaves
-        them changed, and the next run judges those messages by the changed state (a
-        message marked read by `unread = true, mark_read, move` is then never moved).
-        ``check`` shows them; the README's "Stopping is safe" says what to do."""
+        """Notes on rules that test a flag or label that rules set or clear (``check``
+        shows them).  A step sets flags and labels before it moves mail, so a run stopped
+        between the two leaves them changed; with such rules the pipeline keeps what each
+        step's messages were judged by (Checkpoint.keep_found), and the next run judges
+        them by that (as_found), or a message marked read by `unread = true, mark_read,
+        move` would never be moved."""
         changers: Dict[str, List[str]] = {}
         for rule in self.rules:
             changed = [row.flag for row in rule.actions.flag_actions()] + list(rule.actions.labels)
@@ -7006,9 +7007,9 @@ class Ruleset:
                                                    frozenset({what}) & labels) for name in names})
                 notes.append(f"rule {rule.name!r} tests {read}, which "
                              f"{'rules' if len(by) > 1 else 'rule'} "
-                             f"{', '.join(repr(name) for name in by)} set or clear: a run "
-                             f"stopped between a step's flags and its moves leaves it changed, "
-                             f"and the next run judges the mail by it (README: Stopping is safe)")
+                             f"{', '.join(repr(name) for name in by)} set or clear: every "
+                             f"rule sees a message as the run found it, not as rules before it "
+                             f"change it, and so does a run after one that stopped half way")
         return tuple(dict.fromkeys(notes))
 
     @property
@@ -9081,6 +9082,19 @@ class Checkpoint:
         restored while the rules are still those of the undone run."""
         return frozenset(), frozenset()
 
+    def as_found(self, status: FolderStatus) -> Mapping[int, Tuple[frozenset, Optional[frozenset]]]:
+        """UID -> (flags, labels) of the folder's messages as a run found them before it
+        stopped part way through changing them (keep_found): the rules judge those messages
+        by that, not by the flags and labels the stopped run left (see Ruleset.state_loops).
+        Labels None: as the server has them now."""
+        return {}
+
+    def keep_found(self, conn: GmailConnection, status: FolderStatus,
+                   found: Mapping[int, Tuple[frozenset, Optional[frozenset]]]) -> None:
+        """With ``apply`` and rules that test what they change, before a step's first change
+        (and its intents): the flags and labels its messages were judged by, for as_found()
+        should the step not end.  Must make it durable before returning."""
+
     def before_fetch(self, conn: GmailConnection) -> None:
         """Called before each FETCH batch; raise RunStopped to end the run here."""
 
@@ -9168,6 +9182,9 @@ class _Step:
     waiting_from: Optional[int] = None
     # What the server confirmed of the step's changes: (UID, _Plan key) -> the answer.
     confirmed: Dict[Tuple[int, Tuple[str, ...]], Any] = field(default_factory=dict)
+    # With rules that test what they change: UID -> (flags, labels) each message with a
+    # change was judged by (see Checkpoint.keep_found).
+    found: Dict[int, Tuple[frozenset, Optional[frozenset]]] = field(default_factory=dict)
 
 
 class _Waiting:
@@ -9490,6 +9507,12 @@ class _FolderRun:
                 log.info("%s: %d message(s) an undo restored are left alone (same rules as "
                          "the undone run)", self.source, len(uids) - len(kept))
             uids = kept
+        # Rules that test a flag or label they change judge messages a stopped run changed
+        # part way by what that run found, so that a rerun decides as the uncut run did.
+        loops = bool(self.rules.state_loops())
+        self.as_found = self.checkpoint.as_found(self.status) if loops else {}
+        self.keeps_found = loops and self.apply and self.checkpoint.writes_ahead
+        self.current: Dict[int, Tuple[Optional[frozenset], Optional[frozenset]]] = {}
         self.narrowed = options.since is not None or options.limit is not None
         if options.limit is not None:
             uids = uids[-options.limit:] if options.limit > 0 else []
@@ -9574,10 +9597,16 @@ class _FolderRun:
                 _skip(report, uid, why)
                 continue
             try:
-                infos[uid] = _message_info(uid, fetched[uid], self.header_item, self.queries,
-                                           self.folder)
+                infos[uid] = info = _message_info(uid, fetched[uid], self.header_item,
+                                                  self.queries, self.folder)
             except ContentSkip as exc:
                 _skip_content(report, step, uid, str(exc))
+                continue
+            found = self.as_found.get(uid)
+            if found is not None:       # judged as found, planned against what is there
+                self.current[uid] = (info.flags, info.labels)
+                infos[uid] = dataclasses.replace(
+                    info, flags=found[0], labels=info.labels if found[1] is None else found[1])
         shown: Dict[int, _Shown] = {}
         decisions = self._decide(infos, shown)
         for uid in sorted(decisions):
@@ -9609,8 +9638,10 @@ class _FolderRun:
         report.examined += 1
         # report.changed is counted when the step is done: off Gmail the plan may still
         # lose label copies the label's folder already holds (_drop_copies_already_there).
-        step.plan.add(uid, decision.actions, info.flags, info.labels, self.source,
-                      in_trash=self.in_trash, in_archive=self.in_archive)
+        flags, labels = self.current.pop(uid, (info.flags, info.labels))
+        if step.plan.add(uid, decision.actions, flags, labels, self.source,
+                         in_trash=self.in_trash, in_archive=self.in_archive) and self.keeps_found:
+            step.found[uid] = (info.flags, info.labels)
         if decision.actions.labels and info.labels is None:
             step.plan.message_ids[uid] = shown.message_id or _message_key(info.headers)
         for name, _reason in decision.matches:
@@ -9943,6 +9974,9 @@ class _FolderRun:
             return
         self.places.update(_place_statuses(self.conn, [name for name in folders
                                                        if name not in self.places]))
+        found = {uid: step.found[uid] for uid in step.plan.per_uid if uid in step.found}
+        if found:
+            self.checkpoint.keep_found(self.conn, self.status, found)
         self.checkpoint.intend(self.conn, self._intents(step))
 
     def done(self, step: _Step, key: Tuple[str, ...], result: Mapping[int, Any]) -> None:
@@ -10796,6 +10830,30 @@ class FolderState:
     updated: str = ""
 
 
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _drop_found_passed(account: Dict[str, Any]) -> None:
+    """Forget the flags and labels kept as found (StateStore.add_found) of the messages
+    an account's folder marks have passed, and of folders renumbered since."""
+    places = account.get("found")
+    if not places:
+        return
+    folders = account.get("folders", {})
+    for name, place in list(places.items()):
+        state = folders.get(name)
+        if state is not None and state["uidvalidity"] != place["uidvalidity"]:
+            del places[name]
+            continue
+        mark = state["mark"] if state is not None else 0
+        place["uids"] = {uid: kept for uid, kept in place["uids"].items() if int(uid) > mark}
+        if not place["uids"]:
+            del places[name]
+    if not places:
+        del account["found"]
+
+
 class StateStore:
     """The state file (``state.json``) and the audit log (``audit.jsonl``) in ``directory``.
 
@@ -10817,6 +10875,8 @@ class StateStore:
         self._folders: Dict[Tuple[str, str], FolderState] = {}
         self._daily: Dict[Tuple[str, str, str], int] = {}   # (key, account, day) -> count
         self._undone: Dict[Tuple[str, str], Dict[str, Any]] = {}
+        # (account, folder) -> (UIDVALIDITY, {UID: (flags, labels)}): see add_found.
+        self._found: Dict[Tuple[str, str], Tuple[int, Dict[int, Tuple[frozenset, Any]]]] = {}
         self._replace_bad_file = False
 
     @staticmethod
@@ -10865,6 +10925,13 @@ class StateStore:
                 for key, what in _DAILY_COUNTS.items():
                     for count in account.get(key, {}).values():
                         _stored_number(count, what, 0, 2 ** 63 - 1)
+                for entry in account.get("found", {}).values():
+                    _stored_number(entry["uidvalidity"], "uidvalidity", 1)
+                    for uid, kept in entry["uids"].items():
+                        _stored_number(int(uid), "uid", 1)
+                        if not _strings(kept["flags"]) or not (kept["labels"] is None
+                                                               or _strings(kept["labels"])):
+                            raise TypeError(f"flags or labels of UID {uid} as found")
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise StateError(f"the state file {self.path} is corrupt (bad entry: {exc}); "
                              f"{fix}") from exc
@@ -10917,6 +10984,32 @@ class StateStore:
                 log.warning("ignoring a damaged 'undone' entry in %s", self.path)
         return frozenset(uids), frozenset(msgids)
 
+    def as_found(self, account: str, folder: str, uidvalidity: int
+                 ) -> Dict[int, Tuple[frozenset, Optional[frozenset]]]:
+        """UID -> (flags, labels) that add_found() kept for ``folder`` under
+        ``uidvalidity`` and that no mark has passed since (labels None: not kept)."""
+        found: Dict[int, Tuple[frozenset, Optional[frozenset]]] = {}
+        saved = self._data["accounts"].get(account, {}).get("found", {}).get(folder)
+        if isinstance(saved, dict) and saved.get("uidvalidity") == uidvalidity:
+            for uid, kept in saved["uids"].items():
+                labels = kept["labels"]
+                found[int(uid)] = (frozenset(kept["flags"]),
+                                   None if labels is None else frozenset(labels))
+        pending = self._found.get((account, folder))
+        if pending is not None and pending[0] == uidvalidity:
+            found.update(pending[1])
+        return found
+
+    def add_found(self, account: str, folder: str, uidvalidity: int,
+                  found: Mapping[int, Tuple[frozenset, Optional[frozenset]]]) -> None:
+        """Keep the flags and labels messages of ``folder`` were judged by, before a step
+        changes them: should the step not end, the next run judges them by these.  Written
+        by the next save(), which drops those its folder's mark has passed."""
+        kept = self._found.get((account, folder))
+        if kept is None or kept[0] != uidvalidity:
+            kept = self._found[(account, folder)] = (uidvalidity, {})
+        kept[1].update(found)
+
     def today(self) -> str:
         return self.now().astimezone(timezone.utc).date().isoformat()
 
@@ -10945,7 +11038,7 @@ class StateStore:
 
     def save(self) -> None:
         """Merge this process's changes into the file on disk and write it atomically."""
-        if not self._folders and not self._daily and not self._undone \
+        if not self._folders and not self._daily and not self._undone and not self._found \
                 and not self._replace_bad_file:
             return
         _ensure_private_dir(self.directory)
@@ -10985,17 +11078,27 @@ class StateStore:
                     old["uids"] = sorted(set(old.get("uids") or []) | set(place["uids"]))
                 kept["gm_msgids"] = sorted(set(kept.get("gm_msgids") or [])
                                            | set(entry["gm_msgids"]))
+            for (account, name), (uidvalidity, found) in self._found.items():
+                places = data["accounts"].setdefault(account, {}).setdefault("found", {})
+                place = places.get(name)
+                if not isinstance(place, dict) or place.get("uidvalidity") != uidvalidity:
+                    place = places[name] = {"uidvalidity": uidvalidity, "uids": {}}
+                place["uids"].update({str(uid): {"flags": sorted(flags), "labels": None
+                                                 if labels is None else sorted(labels)}
+                                      for uid, (flags, labels) in found.items()})
             for account in data["accounts"].values():
                 for key in _DAILY_COUNTS:
                     counts = account.get(key, {})
                     for day in [d for d in counts if d < horizon]:
                         del counts[day]
+                _drop_found_passed(account)
             _write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True,
                                                 ensure_ascii=False) + "\n")
             self._data = data
             self._folders.clear()
             self._daily.clear()
             self._undone.clear()
+            self._found.clear()
             self._replace_bad_file = False
         finally:
             guard.release()
@@ -11636,6 +11739,16 @@ class Run(Checkpoint):
         if self.reclassify:
             return frozenset(), frozenset()
         return self.store.undone(self.account, self.rules_hash, status.name, status.uidvalidity)
+
+    def as_found(self, status: FolderStatus) -> Mapping[int, Tuple[frozenset, Optional[frozenset]]]:
+        return self.store.as_found(self.account, status.name, status.uidvalidity)
+
+    def keep_found(self, conn: GmailConnection, status: FolderStatus,
+                   found: Mapping[int, Tuple[frozenset, Optional[frozenset]]]) -> None:
+        if self.apply:
+            self.store.add_found(self.account, status.name, status.uidvalidity, found)
+            self._count_bytes(conn)
+            self.store.save()
 
     def before_fetch(self, conn: GmailConnection) -> None:
         self._count_bytes(conn)

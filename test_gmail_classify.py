@@ -14168,18 +14168,21 @@ LOOP_DOC = {"rule": [
 ]}
 
 
+def seed_loops(server: FakeGmail, count: int = 0) -> None:
+    """Mail for LOOP_DOC: each rule's, three times over, and one message already starred
+    (``count`` is the fault sweep's and not used)."""
+    for n in range(3):
+        server.add_message(make_message(f"old statement {n}", sender="Bank <info@bank.example>"))
+        server.add_message(make_message(f"statement {n}", sender="Bank <info@bank.example>"))
+        server.add_message(make_message(f"news {n}"))
+        server.add_message(make_message(f"old note {n}"))
+    server.add_message(make_message("old but starred"), flags=["\\Flagged"])
+
+
 class AsFoundTest(StateTestCase):
     """A run stopped between a step's flags and labels and its moves: the rerun judges
     those messages as the stopped run found them (Checkpoint.as_found), so the mailbox
     ends as an uncut run leaves it, for rules that test what they change."""
-
-    def seed(self, server: FakeGmail) -> None:
-        for n in range(3):
-            server.add_message(make_message(f"old statement {n}", sender="Bank <info@bank.example>"))
-            server.add_message(make_message(f"statement {n}", sender="Bank <info@bank.example>"))
-            server.add_message(make_message(f"news {n}"))
-            server.add_message(make_message(f"old note {n}"))
-        server.add_message(make_message("old but starred"), flags=["\\Flagged"])
 
     def test_a_rerun_after_a_stop_before_the_moves_ends_as_an_uncut_run(self):
         rules = gc.parse_rules(LOOP_DOC, "rules.json")
@@ -14188,8 +14191,8 @@ class AsFoundTest(StateTestCase):
                 clean, server = FakeGmail(gmail=gmail).start(), FakeGmail(gmail=gmail).start()
                 self.addCleanup(clean.stop)
                 self.addCleanup(server.stop)
-                self.seed(clean)
-                self.seed(server)
+                seed_loops(clean)
+                seed_loops(server)
                 clean_dir = os.path.join(self.tmp, f"clean-{gmail}")
                 state_dir = os.path.join(self.tmp, f"cut-{gmail}")
                 self.run_once(rules, server=clean, state_dir=clean_dir, batch_size=4,
@@ -22383,12 +22386,14 @@ class FaultSweepTest(StateTestCase):
     # every command too, but cut either before or after it, alternating.
     every = 1 if SWEEP_FULL else 2
 
-    def sweep(self, **server_options: Any) -> Tuple[int, int]:
+    def sweep(self, rules: Optional[gc.Ruleset] = None,
+              seed: Callable[[FakeGmail, int], None] = seed_mailbox,
+              **server_options: Any) -> Tuple[int, int]:
         clean = FakeGmail(**server_options).start()
         self.addCleanup(clean.stop)
-        seed_mailbox(clean, self.messages)
+        seed(clean, self.messages)
         clean_dir = os.path.join(self.tmp, "clean")
-        self.run_once(server=clean, state_dir=clean_dir, batch_size=self.batch_size,
+        self.run_once(rules, server=clean, state_dir=clean_dir, batch_size=self.batch_size,
                       apply_every=self.apply_every)
         total = len(clean.log)
         expected_box = mailbox_snapshot(clean)
@@ -22402,17 +22407,17 @@ class FaultSweepTest(StateTestCase):
                     cuts += 1
                     server = FakeGmail(**server_options).start()
                     try:
-                        seed_mailbox(server, self.messages)
+                        seed(server, self.messages)
                         state_dir = os.path.join(self.tmp, f"cut-{nth}-{when}")
                         server.add_fault(None, nth=nth, action="drop", when=when)
                         try:
-                            self.run_once(server=server, state_dir=state_dir, retries=0,
+                            self.run_once(rules, server=server, state_dir=state_dir, retries=0,
                                           batch_size=self.batch_size,
                                           apply_every=self.apply_every)
                         except gc.GmailClassifyError:
                             pass
                         self.assertTrue(server.fired, "the cut never happened")
-                        self.run_once(server=server, state_dir=state_dir,
+                        self.run_once(rules, server=server, state_dir=state_dir,
                                       batch_size=self.batch_size, apply_every=self.apply_every)
                         self.assertEqual(mailbox_snapshot(server), expected_box)
                         self.assertEqual(list(state_snapshot(state_dir)["accounts"].values()),
@@ -22449,6 +22454,12 @@ class FaultSweepTest(StateTestCase):
 
     def test_plain_server_cut_anywhere_then_rerun_equals_a_clean_run(self):
         cuts, total = self.sweep(gmail=False)
+        self.assertEqual(cuts, 2 * total // self.every)
+        self.assertGreater(total, 25)
+
+    def test_rules_testing_what_they_change_cut_anywhere_then_rerun_equals_a_clean_run(self):
+        # LOOP_DOC reads stars, read state and a label that its rules set (see AsFoundTest).
+        cuts, total = self.sweep(gc.parse_rules(LOOP_DOC, "rules.json"), seed_loops)
         self.assertEqual(cuts, 2 * total // self.every)
         self.assertGreater(total, 25)
 

@@ -12144,6 +12144,7 @@ def _change_identity(record: Mapping[str, Any], change: Mapping[str, Any]) -> Tu
 
 
 _UNDO_ACTIONS = {"label": "unlabel", "archive": "unarchive", "move": "move back", "trash": "untrash"}
+_MOVE_BACKS = frozenset(back for action, back in _UNDO_ACTIONS.items() if action != "label")
 _UNDO_ACTIONS.update({after: before for before, after in list(_UNDO_ACTIONS.items())})
 
 
@@ -12452,6 +12453,12 @@ class Undo:
         # 2. Labels and flags where the message is now (on Gmail, All Mail); off Gmail, the
         # copies made for labels.
         rest = [i for i in range(len(self.messages)) if i not in gone]
+        # Messages this undo found where the run left them, or moved back: a copy made for
+        # a label is deleted only while its original is known to be there (see
+        # _delete_copies), never when it may be the only one left.
+        present = {i for i in range(len(self.messages)) if i not in gone and any(
+            isinstance(change.get("before"), dict) and change.get("action") in _MOVE_BACKS
+            for change in work[i]["done"])}
         groups: Dict[str, List[int]] = {}
         if conn.is_gmail:
             everywhere = conn.special_folder("\\All")
@@ -12466,13 +12473,14 @@ class Undo:
         for folder, indexes in groups.items():
             conn.stop.check(f"before looking in {folder}")
             found = self._locate(conn, folder, indexes, lambda record: record.get("uid"))
+            present.update(found)
             for i in indexes:      # on Gmail, said only of a message with a flag or label
                 if i not in found and (not conn.is_gmail or any(
                         isinstance(c.get("after"), bool) for c in self.messages[i]["changes"])):
                     work[i]["alone"].append(f"not found in {folder}; left as it is")
             self._restore_flags(conn, found, work)
         if not conn.is_gmail:
-            self._delete_copies(conn, rest, work)
+            self._delete_copies(conn, rest, work, present)
 
     def _move_back(self, conn: GmailConnection, folder: str, indexes: List[int],
                    work: Dict[int, Dict[str, List[Any]]], gone: set, unmoved: set) -> None:
@@ -12725,13 +12733,24 @@ class Undo:
                 work[i]["done"].append(_inverse_change(change))
 
     def _delete_copies(self, conn: GmailConnection, indexes: List[int],
-                       work: Dict[int, Dict[str, List[Any]]]) -> None:
-        """Off Gmail a label was a copy: remove exactly that copy (UIDPLUS needed)."""
+                       work: Dict[int, Dict[str, List[Any]]], present: set) -> None:
+        """Off Gmail a label was a copy: remove exactly that copy (UIDPLUS needed), and
+        only while its original is there: in ``present`` (moved back, or found where the
+        run left it), or found now in the folder the run read it from.  A message deleted
+        or moved by the user since would otherwise lose its last copy."""
         by_folder: Dict[str, List[Tuple[int, Dict[str, Any]]]] = {}
+        homes: Dict[str, List[int]] = {}
         for i in indexes:
-            for change in self.messages[i]["changes"]:
-                if change.get("before") is None and isinstance(change.get("after"), dict):
-                    by_folder.setdefault(change["after"]["folder"], []).append((i, change))
+            copies = [change for change in self.messages[i]["changes"]
+                      if change.get("before") is None and isinstance(change.get("after"), dict)]
+            if copies and i not in present:
+                homes.setdefault(self.messages[i]["folder"], []).append(i)
+            for change in copies:
+                by_folder.setdefault(change["after"]["folder"], []).append((i, change))
+        for home, waiting in homes.items():
+            conn.stop.check(f"before looking in {home}")
+            record = lambda i: {"uidvalidity": self.messages[i].get("uidvalidity")}  # noqa: E731
+            present.update(self._locate(conn, home, waiting, lambda r: r.get("uid"), record))
         for folder, pairs in by_folder.items():
             conn.stop.check(f"before looking in {folder}")
             if not conn.has("UIDPLUS"):
@@ -12751,6 +12770,12 @@ class Undo:
             for i, change in pairs:
                 place = self._place_of(i, change)
                 what = describe_change(change)
+                if i not in present:
+                    work[i]["alone"].append(f"{what}: the message is no longer in "
+                                            f"{self.messages[i]['folder']} (deleted or moved "
+                                            f"since the run), so the copy in {folder} may be "
+                                            f"the only one left; it stays")
+                    continue
                 if place.get("uidvalidity") is None:
                     work[i]["alone"].append(f"{what}: the run's records do not say which "
                                             f"{folder} it copied into (written by an older "

@@ -14605,6 +14605,37 @@ class UndoSafetyTest(StateTestCase):
         self.assertEqual(len(self.server.uids("INBOX")), 1)       # the rest was undone
         self.assertIn("Receipts", self.server.folder_names())    # it holds mail: it stays
 
+    def test_undo_keeps_a_label_copy_whose_original_is_gone(self):
+        # Off Gmail a label is a copy.  A user who deleted the original since (a duplicate,
+        # to them) has only the copy left: undo must not delete it, in a dry run either.
+        self.use(gmail=False)
+        rules = gc.parse_rules({"rule": [
+            {"name": "R", "subject": "receipt", "label": "Receipts"},
+            {"name": "M", "subject": "moved", "label": "Receipts", "move": "Kept"}]}, "r.json")
+        for subject in ("receipt 1", "receipt 2", "moved 3"):
+            self.server.add_message(make_message(subject))
+        self.run_once(rules)
+        self.assertEqual(len(self.server.uids("Receipts")), 3)
+        conn = self.connect()
+        conn.select("INBOX")                        # the user deletes one original
+        (first,) = conn.search(["SUBJECT", "receipt 1"])
+        conn.add_flags([first], ["\\Deleted"])
+        conn.uid_expunge([first])
+        conn.close()
+        for apply in (False, True):
+            records: list = []
+            undo = self.undo(apply=apply, records=records)
+            (alone,) = [r["left_alone"] for r in records if r["left_alone"]]
+            self.assertEqual(alone, ["label Receipts: the message is no longer in INBOX "
+                                     "(deleted or moved since the run), so the copy in "
+                                     "Receipts may be the only one left; it stays"])
+            self.assertEqual((undo.reversed, undo.left_alone), (3, 1))  # 2 copies, a move
+        self.assertEqual([_message_id_of(m.raw) for m in self.server.messages("Receipts")],
+                         [_message_id_of(make_message("receipt 1"))])
+        self.assertEqual(sorted(_message_id_of(m.raw) for m in self.server.messages("INBOX")),
+                         sorted(_message_id_of(make_message(s)) for s in ("receipt 2", "moved 3")))
+        self.assertNotIn("Kept", self.server.folder_names())    # created by the run, emptied
+
     def test_a_dry_run_undo_predicts_which_created_folders_go(self):
         for options in ({"gmail": False}, {}):
             with self.subTest(**options):

@@ -3578,7 +3578,8 @@ class GmailConnection:
             f"and trash from the rules for this server", command="MOVE")
 
     def move(self, uids: Iterable[int], destination: str, *,
-             allow_expunge: bool = False) -> MoveResult:
+             allow_expunge: bool = False,
+             copied_since: Optional[Mapping[int, Optional[int]]] = None) -> MoveResult:
         """Move messages from the selected folder to ``destination``.
 
         Uses UID MOVE (RFC 6851) where the server has it, else UID COPY, +FLAGS \\Deleted
@@ -3588,6 +3589,9 @@ class GmailConnection:
         connection drops mid-way, the source folder is searched after reconnecting, and only
         the messages still there are moved again, and a COPY is never repeated blindly
         (see _SafeCopy.copy_once): nothing moves twice and every UID is accounted for.
+        ``copied_since`` (without MOVE): UIDs an earlier process may have copied there
+        before it ended, each with the destination's UIDNEXT before that COPY (None:
+        unknown): their copies are looked for first, and they are not copied again.
         """
         if not self.can_move(allow_expunge):
             raise self.refuse_moves()
@@ -3600,7 +3604,7 @@ class GmailConnection:
                     self._move_chunk(chunk, destination, moved, missing)
                 else:
                     _SafeCopy(self).copy_then_delete(chunk, destination, moved, missing,
-                                                     surprises)
+                                                     surprises, copied_since or {})
         if surprises.stayed or surprises.others:
             folder = self._selected.name if self._selected else "the folder"
             log.warning("%s: the plain EXPUNGE did not do what was expected (another mail "
@@ -3696,13 +3700,16 @@ class _SafeCopy:
 
     def copy_then_delete(self, chunk: List[int], destination: str,
                          moved: Dict[int, Optional[int]], missing: List[int],
-                         surprises: "_ExpungeCheck") -> None:
+                         surprises: "_ExpungeCheck",
+                         copied_since: Mapping[int, Optional[int]]) -> None:
         """MOVE without MOVE: COPY (never twice, see copy_once), then \\Deleted on exactly
         these UIDs and UID EXPUNGE of them, or without UIDPLUS a checked plain EXPUNGE.
 
         Messages already marked \\Deleted here may be the originals of an earlier run that
-        stopped between COPY and EXPUNGE: those are copied only if the destination does
-        not already hold them.
+        stopped between COPY and EXPUNGE, and those in ``copied_since`` of one that may
+        have stopped between COPY and STORE (the caller kept them, see GmailConnection.move):
+        either is copied only if the destination does not already hold it, looked for
+        among the destination's messages since that COPY where it is known.
         """
         present = set(self.conn.search(uids=chunk))
         missing.extend(uid for uid in chunk if uid not in present)
@@ -3714,6 +3721,11 @@ class _SafeCopy:
         marked = sorted(self.conn.search(["DELETED"], uids=present))
         if marked:
             mapping.update(self.copies_in(destination, marked, None))
+        earlier = [uid for uid in sorted(present) if uid in copied_since and uid not in marked]
+        if earlier:
+            since = [copied_since[uid] for uid in earlier]
+            mapping.update(self.copies_in(destination, earlier,
+                                          None if None in since else min(since)))  # type: ignore[type-var]
         todo = sorted(uid for uid in present if uid not in mapping)
         if todo:
             mapping.update(self.copy_once(todo, destination))
@@ -6986,8 +6998,8 @@ class Ruleset:
         """Notes on rules that test a flag or label that rules set or clear (``check``
         shows them).  A step sets flags and labels before it moves mail, so a run stopped
         between the two leaves them changed; with such rules the pipeline keeps what each
-        step's messages were judged by (Checkpoint.keep_found), and the next run judges
-        them by that (as_found), or a message marked read by `unread = true, mark_read,
+        step's messages were judged by (Checkpoint.keep_unfinished), and the next run
+        judges them by that (unfinished), or a message marked read by `unread = true, mark_read,
         move` would never be moved."""
         changers: Dict[str, List[str]] = {}
         for rule in self.rules:
@@ -9082,18 +9094,17 @@ class Checkpoint:
         restored while the rules are still those of the undone run."""
         return frozenset(), frozenset()
 
-    def as_found(self, status: FolderStatus) -> Mapping[int, Tuple[frozenset, Optional[frozenset]]]:
-        """UID -> (flags, labels) of the folder's messages as a run found them before it
-        stopped part way through changing them (keep_found): the rules judge those messages
-        by that, not by the flags and labels the stopped run left (see Ruleset.state_loops).
-        Labels None: as the server has them now."""
+    def unfinished(self, status: FolderStatus, kind: str) -> Mapping[int, Any]:
+        """UID -> what a step that did not end kept of the folder's message (keep_unfinished)
+        under ``kind``, a row of _UNFINISHED: the flags and labels the rules judged it by
+        ("found"), the COPY of a move without MOVE that may have been made ("copies")."""
         return {}
 
-    def keep_found(self, conn: GmailConnection, status: FolderStatus,
-                   found: Mapping[int, Tuple[frozenset, Optional[frozenset]]]) -> None:
-        """With ``apply`` and rules that test what they change, before a step's first change
-        (and its intents): the flags and labels its messages were judged by, for as_found()
-        should the step not end.  Must make it durable before returning."""
+    def keep_unfinished(self, conn: GmailConnection, status: FolderStatus, kind: str,
+                        entries: Mapping[int, Any]) -> None:
+        """With ``apply``, before the changes they are about: what the next run must know of
+        these messages should the step not end (see unfinished).  Must make it durable
+        before returning; kept until the folder's mark passes the messages."""
 
     def before_fetch(self, conn: GmailConnection) -> None:
         """Called before each FETCH batch; raise RunStopped to end the run here."""
@@ -9183,7 +9194,7 @@ class _Step:
     # What the server confirmed of the step's changes: (UID, _Plan key) -> the answer.
     confirmed: Dict[Tuple[int, Tuple[str, ...]], Any] = field(default_factory=dict)
     # With rules that test what they change: UID -> (flags, labels) each message with a
-    # change was judged by (see Checkpoint.keep_found).
+    # change was judged by (see Checkpoint.keep_unfinished).
     found: Dict[int, Tuple[frozenset, Optional[frozenset]]] = field(default_factory=dict)
 
 
@@ -9231,6 +9242,9 @@ class _StepWrites:
 
     def uidnext(self, folder: str) -> Optional[int]:
         return self.run.uidnext(folder)
+
+    def copying(self, destination: str, uids: Sequence[int]) -> Dict[int, Optional[int]]:
+        return self.run.copying(destination, uids)
 
     def refused(self) -> None:
         self.run.refused(self.step)
@@ -9510,8 +9524,14 @@ class _FolderRun:
         # Rules that test a flag or label they change judge messages a stopped run changed
         # part way by what that run found, so that a rerun decides as the uncut run did.
         loops = bool(self.rules.state_loops())
-        self.as_found = self.checkpoint.as_found(self.status) if loops else {}
+        self.as_found = {uid: (frozenset(kept["flags"]), None if kept["labels"] is None
+                               else frozenset(kept["labels"]))
+                         for uid, kept in self.checkpoint.unfinished(self.status, "found").items()
+                         } if loops else {}
         self.keeps_found = loops and self.apply and self.checkpoint.writes_ahead
+        # Moves without MOVE that a run which did not end may have copied (see copying).
+        self.earlier_copies = {} if self.conn.has("MOVE") else \
+            self.checkpoint.unfinished(self.status, "copies")
         self.current: Dict[int, Tuple[Optional[frozenset], Optional[frozenset]]] = {}
         self.narrowed = options.since is not None or options.limit is not None
         if options.limit is not None:
@@ -9974,9 +9994,19 @@ class _FolderRun:
             return
         self.places.update(_place_statuses(self.conn, [name for name in folders
                                                        if name not in self.places]))
-        found = {uid: step.found[uid] for uid in step.plan.per_uid if uid in step.found}
+        # A copy an earlier run made and this step's move will take as made (copying) is
+        # older than the destination's UIDNEXT now: the records name the earlier one, so
+        # that undo looks among the messages from there on.
+        for uid, kept in self.earlier_copies.items():
+            place = self.places.get(kept.get("to"))
+            if uid in step.plan.per_uid and place and place.get("uidnext"):
+                since = kept.get("since")
+                place["uidnext"] = min(place["uidnext"], since) if since else None
+        found = {uid: {"flags": sorted(step.found[uid][0]), "labels": None if step.found[uid][1]
+                       is None else sorted(step.found[uid][1])}
+                 for uid in step.plan.per_uid if uid in step.found}
         if found:
-            self.checkpoint.keep_found(self.conn, self.status, found)
+            self.checkpoint.keep_unfinished(self.conn, self.status, "found", found)
         self.checkpoint.intend(self.conn, self._intents(step))
 
     def done(self, step: _Step, key: Tuple[str, ...], result: Mapping[int, Any]) -> None:
@@ -9996,6 +10026,22 @@ class _FolderRun:
         self.applied += len(result)
         if self.listeners.on_applied is not None:
             self.listeners.on_applied(min(self.applied, self.planned), self.planned)
+
+    def copying(self, destination: str, uids: Sequence[int]) -> Dict[int, Optional[int]]:
+        """Before a move without MOVE (COPY, \\Deleted, EXPUNGE) of ``uids`` to
+        ``destination``: which of them a run that did not end may have copied there (UID ->
+        the destination's UIDNEXT before, None if unknown), for conn.move's copied_since;
+        and kept, for a run after this one should it not end between its COPY and STORE
+        (the originals would show nothing of it, and be copied twice)."""
+        known = self.earlier_copies
+        earlier = {uid: known[uid].get("since") for uid in uids
+                   if uid in known and known[uid].get("to") == destination}
+        if self.apply and self.checkpoint.writes_ahead:
+            since = self.uidnext(destination)
+            self.checkpoint.keep_unfinished(self.conn, self.status, "copies", {
+                uid: {"to": destination, "since": earlier[uid] if uid in earlier else since}
+                for uid in uids})
+        return earlier
 
     def uidnext(self, folder: str) -> Optional[int]:
         """``folder``'s UIDNEXT from before this step's writes, or lower; None if unknown."""
@@ -10469,7 +10515,8 @@ def _apply_plan(conn: GmailConnection, plan: _Plan, report: FolderReport, hooks:
             yield from _on_the_wire(flight, report, hooks, last=True)
     for uids, destination, key in moves:     # no MOVE: copy, \Deleted, expunge, in turn
         stop.check(f"before moving to {destination}")
-        result = conn.move(uids, destination, allow_expunge=allow_expunge)
+        result = conn.move(uids, destination, allow_expunge=allow_expunge,
+                           copied_since=hooks.copying(destination, uids))
         report.moved_missing += len(result.missing)
         report.expunge_stayed.extend(result.stayed)     # not in result.moved: not confirmed
         report.others_expunged += result.others_expunged
@@ -10834,10 +10881,24 @@ def _strings(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
-def _drop_found_passed(account: Dict[str, Any]) -> None:
-    """Forget the flags and labels kept as found (StateStore.add_found) of the messages
-    an account's folder marks have passed, and of folders renumbered since."""
-    places = account.get("found")
+# What a step keeps in the state file of messages it is about to change, for the next run
+# should it not end (StateStore.add_unfinished, Checkpoint.unfinished): the key -> a check
+# of one message's value, as the file is read.  "found": the flags and labels the rules
+# judged it by (rules that test what they change, see Ruleset.state_loops); "copies": the
+# folder a move without MOVE copies it into, and that folder's UIDNEXT before the COPY
+# (see _SafeCopy.copy_then_delete).
+_UNFINISHED: Dict[str, Callable[[Any], bool]] = {
+    "found": lambda kept: isinstance(kept, dict) and _strings(kept.get("flags")) and (
+        kept.get("labels", 0) is None or _strings(kept.get("labels"))),
+    "copies": lambda kept: isinstance(kept, dict) and isinstance(kept.get("to"), str) and (
+        kept.get("since") is None or (type(kept["since"]) is int and kept["since"] > 0)),
+}
+
+
+def _drop_unfinished_passed(account: Dict[str, Any]) -> None:
+    """Forget what steps kept of messages (StateStore.add_unfinished) that an account's
+    folder marks have passed since, and all of it for folders renumbered since."""
+    places = account.get("unfinished")
     if not places:
         return
     folders = account.get("folders", {})
@@ -10847,11 +10908,16 @@ def _drop_found_passed(account: Dict[str, Any]) -> None:
             del places[name]
             continue
         mark = state["mark"] if state is not None else 0
-        place["uids"] = {uid: kept for uid, kept in place["uids"].items() if int(uid) > mark}
-        if not place["uids"]:
+        for kind in _UNFINISHED:
+            kept = {uid: value for uid, value in place.get(kind, {}).items() if int(uid) > mark}
+            if kept:
+                place[kind] = kept
+            else:
+                place.pop(kind, None)
+        if not any(kind in place for kind in _UNFINISHED):
             del places[name]
     if not places:
-        del account["found"]
+        del account["unfinished"]
 
 
 class StateStore:
@@ -10875,8 +10941,8 @@ class StateStore:
         self._folders: Dict[Tuple[str, str], FolderState] = {}
         self._daily: Dict[Tuple[str, str, str], int] = {}   # (key, account, day) -> count
         self._undone: Dict[Tuple[str, str], Dict[str, Any]] = {}
-        # (account, folder) -> (UIDVALIDITY, {UID: (flags, labels)}): see add_found.
-        self._found: Dict[Tuple[str, str], Tuple[int, Dict[int, Tuple[frozenset, Any]]]] = {}
+        # (account, folder, kind) -> (UIDVALIDITY, {UID: value}): see add_unfinished.
+        self._unfinished: Dict[Tuple[str, str, str], Tuple[int, Dict[int, Any]]] = {}
         self._replace_bad_file = False
 
     @staticmethod
@@ -10925,13 +10991,13 @@ class StateStore:
                 for key, what in _DAILY_COUNTS.items():
                     for count in account.get(key, {}).values():
                         _stored_number(count, what, 0, 2 ** 63 - 1)
-                for entry in account.get("found", {}).values():
+                for entry in account.get("unfinished", {}).values():
                     _stored_number(entry["uidvalidity"], "uidvalidity", 1)
-                    for uid, kept in entry["uids"].items():
-                        _stored_number(int(uid), "uid", 1)
-                        if not _strings(kept["flags"]) or not (kept["labels"] is None
-                                                               or _strings(kept["labels"])):
-                            raise TypeError(f"flags or labels of UID {uid} as found")
+                    for kind, valid in _UNFINISHED.items():
+                        for uid, kept in entry.get(kind, {}).items():
+                            _stored_number(int(uid), "uid", 1)
+                            if not valid(kept):
+                                raise TypeError(f"what a step kept of UID {uid} ({kind})")
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise StateError(f"the state file {self.path} is corrupt (bad entry: {exc}); "
                              f"{fix}") from exc
@@ -10984,31 +11050,27 @@ class StateStore:
                 log.warning("ignoring a damaged 'undone' entry in %s", self.path)
         return frozenset(uids), frozenset(msgids)
 
-    def as_found(self, account: str, folder: str, uidvalidity: int
-                 ) -> Dict[int, Tuple[frozenset, Optional[frozenset]]]:
-        """UID -> (flags, labels) that add_found() kept for ``folder`` under
-        ``uidvalidity`` and that no mark has passed since (labels None: not kept)."""
-        found: Dict[int, Tuple[frozenset, Optional[frozenset]]] = {}
-        saved = self._data["accounts"].get(account, {}).get("found", {}).get(folder)
-        if isinstance(saved, dict) and saved.get("uidvalidity") == uidvalidity:
-            for uid, kept in saved["uids"].items():
-                labels = kept["labels"]
-                found[int(uid)] = (frozenset(kept["flags"]),
-                                   None if labels is None else frozenset(labels))
-        pending = self._found.get((account, folder))
+    def unfinished(self, account: str, folder: str, uidvalidity: int, kind: str
+                   ) -> Dict[int, Any]:
+        """UID -> what add_unfinished() kept under ``kind`` for ``folder`` as numbered by
+        ``uidvalidity``, that no mark has passed since."""
+        saved = self._data["accounts"].get(account, {}).get("unfinished", {}).get(folder)
+        found = {int(uid): value for uid, value in saved.get(kind, {}).items()} \
+            if isinstance(saved, dict) and saved.get("uidvalidity") == uidvalidity else {}
+        pending = self._unfinished.get((account, folder, kind))
         if pending is not None and pending[0] == uidvalidity:
             found.update(pending[1])
         return found
 
-    def add_found(self, account: str, folder: str, uidvalidity: int,
-                  found: Mapping[int, Tuple[frozenset, Optional[frozenset]]]) -> None:
-        """Keep the flags and labels messages of ``folder`` were judged by, before a step
-        changes them: should the step not end, the next run judges them by these.  Written
-        by the next save(), which drops those its folder's mark has passed."""
-        kept = self._found.get((account, folder))
+    def add_unfinished(self, account: str, folder: str, uidvalidity: int, kind: str,
+                       entries: Mapping[int, Any]) -> None:
+        """Keep, under ``kind`` (a row of _UNFINISHED), what a step about to change these
+        messages of ``folder`` (UID -> a JSON value) wants the next run to know should the
+        step not end.  Written by the next save(), which drops what the mark has passed."""
+        kept = self._unfinished.get((account, folder, kind))
         if kept is None or kept[0] != uidvalidity:
-            kept = self._found[(account, folder)] = (uidvalidity, {})
-        kept[1].update(found)
+            kept = self._unfinished[(account, folder, kind)] = (uidvalidity, {})
+        kept[1].update(entries)
 
     def today(self) -> str:
         return self.now().astimezone(timezone.utc).date().isoformat()
@@ -11038,7 +11100,7 @@ class StateStore:
 
     def save(self) -> None:
         """Merge this process's changes into the file on disk and write it atomically."""
-        if not self._folders and not self._daily and not self._undone and not self._found \
+        if not self._folders and not self._daily and not self._undone and not self._unfinished \
                 and not self._replace_bad_file:
             return
         _ensure_private_dir(self.directory)
@@ -11078,27 +11140,26 @@ class StateStore:
                     old["uids"] = sorted(set(old.get("uids") or []) | set(place["uids"]))
                 kept["gm_msgids"] = sorted(set(kept.get("gm_msgids") or [])
                                            | set(entry["gm_msgids"]))
-            for (account, name), (uidvalidity, found) in self._found.items():
-                places = data["accounts"].setdefault(account, {}).setdefault("found", {})
+            for (account, name, kind), (uidvalidity, entries) in self._unfinished.items():
+                places = data["accounts"].setdefault(account, {}).setdefault("unfinished", {})
                 place = places.get(name)
                 if not isinstance(place, dict) or place.get("uidvalidity") != uidvalidity:
-                    place = places[name] = {"uidvalidity": uidvalidity, "uids": {}}
-                place["uids"].update({str(uid): {"flags": sorted(flags), "labels": None
-                                                 if labels is None else sorted(labels)}
-                                      for uid, (flags, labels) in found.items()})
+                    place = places[name] = {"uidvalidity": uidvalidity}
+                place.setdefault(kind, {}).update({str(uid): value
+                                                   for uid, value in entries.items()})
             for account in data["accounts"].values():
                 for key in _DAILY_COUNTS:
                     counts = account.get(key, {})
                     for day in [d for d in counts if d < horizon]:
                         del counts[day]
-                _drop_found_passed(account)
+                _drop_unfinished_passed(account)
             _write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True,
                                                 ensure_ascii=False) + "\n")
             self._data = data
             self._folders.clear()
             self._daily.clear()
             self._undone.clear()
-            self._found.clear()
+            self._unfinished.clear()
             self._replace_bad_file = False
         finally:
             guard.release()
@@ -11740,13 +11801,14 @@ class Run(Checkpoint):
             return frozenset(), frozenset()
         return self.store.undone(self.account, self.rules_hash, status.name, status.uidvalidity)
 
-    def as_found(self, status: FolderStatus) -> Mapping[int, Tuple[frozenset, Optional[frozenset]]]:
-        return self.store.as_found(self.account, status.name, status.uidvalidity)
+    def unfinished(self, status: FolderStatus, kind: str) -> Mapping[int, Any]:
+        return self.store.unfinished(self.account, status.name, status.uidvalidity, kind)
 
-    def keep_found(self, conn: GmailConnection, status: FolderStatus,
-                   found: Mapping[int, Tuple[frozenset, Optional[frozenset]]]) -> None:
+    def keep_unfinished(self, conn: GmailConnection, status: FolderStatus, kind: str,
+                        entries: Mapping[int, Any]) -> None:
         if self.apply:
-            self.store.add_found(self.account, status.name, status.uidvalidity, found)
+            self.store.add_unfinished(self.account, status.name, status.uidvalidity, kind,
+                                      entries)
             self._count_bytes(conn)
             self.store.save()
 
@@ -12488,7 +12550,12 @@ class Undo:
         conn.stop.check(f"before looking in {folder}")     # safe points: see Stop
         found = self._locate(conn, folder, indexes, lambda r: self._moved(r)[1].get("uid"),
                              lambda i: self._place_of(i, self._moved(self.messages[i])[2]))
+        half = [i for i in found if self.messages[i].get("maybe")] if not conn.is_gmail else []
+        if half:
+            self._drop_half_moves(conn, folder, half, found, work, unmoved)
         for i in indexes:
+            if i in unmoved:
+                continue
             if i not in found:
                 if self.messages[i].get("maybe"):
                     # Never moved: it is still where it was, with its other changes.
@@ -12511,6 +12578,53 @@ class Undo:
         for destination, items in back.items():
             self._move_back_to(conn, folder, destination, {i: found[i] for i in items},
                                work, gone)
+
+    def _drop_half_moves(self, conn: GmailConnection, folder: str, half: List[int],
+                         found: Dict[int, int], work: Dict[int, Dict[str, List[Any]]],
+                         unmoved: set) -> None:
+        """Of the ``half`` messages found in ``folder`` whose move the run may not have
+        finished, those whose original is still where the run found it: a move without
+        MOVE cut between its COPY and its EXPUNGE.  Moving the copy back would make two, so
+        the run's copy is deleted (UIDPLUS: exactly it) and the original's \\Deleted, if the
+        run set it, cleared; the rest of the undo then treats the message as never moved
+        (``unmoved``).  They leave ``found``.  Ends with ``folder`` open again."""
+        homes: Dict[str, List[int]] = {}
+        for i in half:
+            homes.setdefault(self._moved(self.messages[i])[0]["folder"], []).append(i)
+        originals: Dict[int, Tuple[str, int]] = {}
+        for home, items in homes.items():
+            conn.stop.check(f"before looking in {home}")
+            place = lambda i: {"uidvalidity": self._moved(self.messages[i])[0].get(  # noqa: E731
+                "uidvalidity")}
+            there = self._locate(conn, home, items, lambda r: self._moved(r)[0].get("uid"), place)
+            originals.update({i: (home, uid) for i, uid in there.items()})
+            if there and self.apply:
+                conn.remove_flags(sorted(there.values()), ["\\Deleted"])
+        if not originals:
+            self._open(conn, folder)
+            return
+        copies = {i: found.pop(i) for i in originals}
+        unmoved.update(copies)
+        pairs = [(i, _inverse_change(self._moved(self.messages[i])[2])) for i in copies]
+        self._open(conn, folder)
+        if not conn.has("UIDPLUS"):
+            for i in copies:
+                work[i]["alone"].append(f"copied to {folder} but never removed from "
+                                        f"{originals[i][0]} (the run stopped between the two): "
+                                        f"{conn.host} lacks UIDPLUS, so the copy in {folder} "
+                                        f"(UID {copies[i]}) stays; delete it by hand")
+            return
+        self._intend(conn, pairs)
+        if self.apply:
+            conn.stop.check(f"before deleting copies in {folder}")
+            conn.add_flags(sorted(copies.values()), ["\\Deleted"])
+            conn.uid_expunge(sorted(copies.values()))
+        for i, inverse in pairs:
+            home, uid = originals[i]
+            work[i]["done"].append(dict(inverse, before={"folder": folder, "uid": copies[i]},
+                                        after={"folder": home, "uid": uid}))
+            self.restored.append((home, uid, self.messages[i].get("gm_msgid"),
+                                  self._moved(self.messages[i])[0].get("uidvalidity")))
 
     def _move_back_to(self, conn: GmailConnection, folder: str, destination: str,
                       found: Dict[int, int], work: Dict[int, Dict[str, List[Any]]],

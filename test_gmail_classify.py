@@ -14207,7 +14207,7 @@ class AsFoundTest(StateTestCase):
                 starred = [m for m in server.messages("INBOX") if "\\Flagged" in m.flags]
                 self.assertEqual(len(starred), 3, "the first step's two stars are set")
                 found = state_snapshot(state_dir)["accounts"][gc.account_key(
-                    USER, "127.0.0.1", server.port)]["found"]["INBOX"]["uids"]
+                    USER, "127.0.0.1", server.port)]["unfinished"]["INBOX"]["found"]
                 self.assertEqual(sorted(found), ["1", "2", "3", "4"])    # the first step's
                 self.assertEqual(found["1"]["flags"], [])
                 self.assertEqual(found["1"]["labels"], ["\\Inbox"] if gmail else None)
@@ -14223,7 +14223,7 @@ class AsFoundTest(StateTestCase):
                 self.assertIn("star", {change for _, change in made})
                 after = state_snapshot(state_dir)["accounts"][gc.account_key(
                     USER, "127.0.0.1", server.port)]
-                self.assertNotIn("found", after)    # the mark passed them all
+                self.assertNotIn("unfinished", after)   # the mark passed them all
                 self.assertEqual(after, state_snapshot(clean_dir)["accounts"][
                     gc.account_key(USER, "127.0.0.1", clean.port)])
 
@@ -14234,7 +14234,7 @@ class AsFoundTest(StateTestCase):
                 self.run_once(batch_size=4, apply_every=1)      # SWEEP_DOC: no loops
         self.assertTrue(any("\\Flagged" in m.flags or m.labels - {"\\Inbox"}
                             for m in self.server.messages("INBOX")))
-        self.assertNotIn("found", state_snapshot(self.state_dir)["accounts"][
+        self.assertNotIn("unfinished", state_snapshot(self.state_dir)["accounts"][
             gc.account_key(USER, "127.0.0.1", self.server.port)])
 
 
@@ -14467,6 +14467,7 @@ class PlainUndoTest(UndoTest):
 
 class UndoSafetyTest(StateTestCase):
     undo = UndoTest.undo
+    subjects = AnyServerTest.subjects
 
     def cli(self, *argv: str) -> Tuple[int, str, str]:
         env = {"GMAIL_APP_PASSWORD": PASSWORD, "XDG_STATE_HOME": os.path.join(self.tmp, "xdg")}
@@ -14635,6 +14636,56 @@ class UndoSafetyTest(StateTestCase):
         self.assertEqual(sorted(_message_id_of(m.raw) for m in self.server.messages("INBOX")),
                          sorted(_message_id_of(make_message(s)) for s in ("receipt 2", "moved 3")))
         self.assertNotIn("Kept", self.server.folder_names())    # created by the run, emptied
+
+    def test_a_move_cut_between_copy_and_store_is_neither_copied_twice_nor_undone_twice(self):
+        # Without MOVE a move is COPY, STORE \\Deleted, UID EXPUNGE.  Cut for good between
+        # the COPY and the STORE, the originals show nothing of it: the rerun must find the
+        # copies (the step kept what it copied, see _FolderRun.copying), and an undo of the
+        # cut run must drop the copies rather than bring them back beside the originals.
+        subjects = [f"receipt {n}" for n in range(4)]
+        for kind, undo_first, when in (("uidplus", False, "before"), ("uidplus", True, "before"),
+                                       ("uidplus", True, "after"), ("neither", True, "before")):
+            with self.subTest(kind=kind, undo_first=undo_first, when=when):
+                self.use(kind=kind)
+                more = ["--allow-expunge"] if kind == "neither" else []
+                self.tmp = tempfile.mkdtemp()
+                self.addCleanup(shutil.rmtree, self.tmp, True)
+                with open(os.path.join(self.tmp, "rules.json"), "w") as handle:
+                    json.dump({"rule": [{"name": "R", "subject": "receipt",
+                                         "move": "Receipts"}]}, handle)
+                for subject in subjects + ["hello"]:
+                    self.server.add_message(make_message(subject))
+                self.server.add_fault("UID STORE", action="drop", when=when)
+                code, out, err = self.cli("run", "--apply", "--retries", "0", *more)
+                self.assertEqual(code, gc.EXIT_CONNECTION, err)
+                self.assertEqual(len(self.server.uids("Receipts")), 4)  # copied, not removed
+                self.assertEqual(len(self.server.uids("INBOX")), 5)
+                if kind == "neither":       # no UID EXPUNGE: the copies stay, each reported
+                    code, out, err = self.cli("undo", "--apply", *more)
+                    self.assertEqual(code, gc.EXIT_OK, err)
+                    self.assertEqual((out + err).count("never removed from INBOX (the run "
+                                                       "stopped between the two)"), 4, out + err)
+                    self.assertEqual(sorted(self.subjects("INBOX")), sorted(subjects + ["hello"]))
+                    self.assertEqual(self.subjects("Receipts"), subjects)
+                    continue
+                if undo_first:
+                    code, out, err = self.cli("undo", "--apply")
+                    self.assertEqual(code, gc.EXIT_OK, err)
+                    self.assertEqual(sorted(self.subjects("INBOX")), sorted(subjects + ["hello"]))
+                    self.assertNotIn("Receipts", self.server.folder_names())
+                    self.assertEqual([m.flags for m in self.server.messages("INBOX")
+                                      if "\\Deleted" in m.flags], [])  # the STORE undone
+                    continue
+                code, out, err = self.cli("run", "--apply")
+                self.assertEqual(code, gc.EXIT_OK, err)
+                self.assertEqual(sorted(self.subjects("Receipts")), subjects)
+                self.assertEqual(self.subjects("INBOX"), ["hello"])
+                copies = [e for e in self.server.log if e.command == "UID COPY"]
+                self.assertEqual(len(copies), 1, "the rerun copied again")
+                code, out, err = self.cli("undo", "--apply")      # the rerun's own records
+                self.assertEqual(code, gc.EXIT_OK, err)
+                self.assertIn("reversed 4 changes; 0 left alone", out + err)
+                self.assertEqual(sorted(self.subjects("INBOX")), sorted(subjects + ["hello"]))
 
     def test_a_dry_run_undo_predicts_which_created_folders_go(self):
         for options in ({"gmail": False}, {}):

@@ -8569,12 +8569,19 @@ def builtin_rules() -> Ruleset:
 _TOML_WRITE_ESCAPES = {char: "\\" + code for code, char in _TOML_ESCAPES.items()}  # inverted
 
 
+# What a written TOML string escapes: controls (TOML allows none raw), the quote and the
+# backslash, and the characters that make a line display otherwise than it reads (as
+# _UNSAFE_FOR_TERMINAL, but lone surrogates, which no TOML escape can hold).
+_TOML_UNSAFE = ('\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069'
+                '\ufeff\ufff9-\ufffb')
+_TOML_ESCAPED = re.compile(f'[{_TOML_UNSAFE}"\\\\]')
+
+
 def _toml_string(text: str) -> str:
     """A TOML string: 'literal' when that keeps backslashes readable, else "escaped"."""
-    controls = re.search(r"[\x00-\x1f\x7f]", text)
-    if "\\" in text and "'" not in text and not controls:
+    if "\\" in text and "'" not in text and not re.search(f"[{_TOML_UNSAFE}]", text):
         return f"'{text}'"
-    return '"' + re.sub(r'[\x00-\x1f\x7f"\\]', lambda found: _TOML_WRITE_ESCAPES.get(
+    return '"' + _TOML_ESCAPED.sub(lambda found: _TOML_WRITE_ESCAPES.get(
         found.group(), f"\\u{ord(found.group()):04x}"), text) + '"'
 
 
@@ -8602,7 +8609,10 @@ def _toml_value(value: Any, indent: str = "") -> str:
 
 
 def _comment_lines(lines: Iterable[str]) -> str:
-    return "".join(f"# {part}".rstrip() + "\n"
+    """Comment lines for a rules file.  What they quote may come from mail (a sample
+    subject, a label's name): its controls and bidi overrides are escaped (printable), so
+    the file stays valid TOML and reads on a terminal as it means."""
+    return "".join(f"# {printable(part)}".rstrip() + "\n"
                    for line in lines for part in str(line).splitlines() or [""])
 
 

@@ -11930,6 +11930,22 @@ class RulesWriterTest(unittest.TestCase):
         self.assertIn("# first rule\n[[rule]]\n", text)
         self.assertIn("subject = ['/order #?\\d{5,}/i', \"it's\"]", text)   # literal string
 
+    def test_text_from_mail_in_comments_and_strings_keeps_the_file_valid_and_plain(self):
+        # suggest and learn quote subjects and label names that senders choose: a control
+        # character made the comment invalid TOML, and escapes and bidi overrides reached
+        # the terminal; in a string a bidi override showed the line reordered.
+        hostile = "Invoice \x1b[2J\x1b]0;pwned\x07 due\x7f \u202eevil\u2066 \x85"
+        doc = {"rule": [{"name": hostile, "subject": "x", "label": "Shop\x7f\u202eevil"}]}
+        text = gc.format_rules(doc, "toml", [f"e.g. {hostile!s}"], [[hostile, "two\rparts"]])
+        self.assertEqual(gc.parse_toml(text), doc)
+        if tomllib is not None:
+            self.assertEqual(tomllib.loads(text), doc)
+        self.assertIsNone(re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]",
+                                    text), text)
+        self.assertIn("# e.g. Invoice \\u001b[2J\\u001b]0;pwned\\u0007 due\\u007f "
+                      "\\u202eevil\\u2066\n", text)        # NEL ends the line there
+        self.assertIn('label = "Shop\\u007f\\u202eevil"\n', text)
+
     def test_both_formats_round_trip_through_load_rules(self):
         doc = self.doc()
         for fmt in ("json", "toml"):

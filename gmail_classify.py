@@ -14465,21 +14465,22 @@ def suggest_rules(conn: GmailConnection, folder: str = "INBOX", *, top: int = 10
 
     for key, tally in _top(lists, top, min_count):
         short = clean_component(key.split(".")[0], sep)
-        propose({"name": f"List {key}", "list_id": key, "label": f"Lists{sep}{short}"}, tally,
+        propose({"name": f"List {key}", "list_id": _whole_pattern(key),
+                 "label": f"Lists{sep}{short}"}, tally,
                 "Mailing list" + (f" {tally.name!r}" if tally.name else ""))
     for address, tally in _top(automated, top, min_count):
         domain = clean_component(address.rpartition("@")[2], sep)
-        propose({"name": f"Automated {address}", "from": address,
+        propose({"name": f"Automated {address}", "from": _whole_pattern(address),
                  "label": f"Automated{sep}{domain}"}, tally, "Automated sender")
     shared = {d: t for d, t in domains.items() if len(t.members) > 1}
     covered = set()
     for domain, tally in _top(shared, top, min_count):
         covered.update(tally.members)
-        propose({"name": f"Domain {domain}", "from": f"@{domain}",
+        propose({"name": f"Domain {domain}", "from": _whole_pattern(f"@{domain}", ""),
                  "label": f"Senders{sep}{clean_component(domain, sep)}"}, tally,
                  f"{len(tally.members)} senders at {domain}")
     for address, tally in _top(senders, top, min_count, skip=covered):
-        propose({"name": f"Sender {address}", "from": address,
+        propose({"name": f"Sender {address}", "from": _whole_pattern(address),
                  "label": f"Senders{sep}" + re.sub(r"[^\w.@+-]", "", address).replace(
                      sep, "-")[:_COMPONENT_MAX]},
                 tally, "Sender" + (f" {tally.name!r}" if tally.name else ""))
@@ -15292,6 +15293,21 @@ def _learn_features(info: MessageInfo) -> frozenset:
     return frozenset(found)
 
 
+def _whole_pattern(text: str, start: str = "(^|<)") -> str:
+    """An address, "@domain" or list id that a sender chose, as a regex that finds it
+    only as the whole value or its <...> part: '/(^|<)a@b\\.example(>|$)/i'.  As plain text,
+    "a@b.example" would also be found in a display name that holds it ("a@b.example"
+    <x@evil.example>), "@b.example" in x@b.example.evil.net, and a list id "e" in every
+    List-Id with an e in it."""
+    return "/" + start + re.sub(r"[.^$*+?{}()\[\]\\|/]", lambda c: "\\" + c.group(), text) + "(>|$)/i"
+
+
+def _whole_text(value: Any) -> Any:
+    """The text a _whole_pattern() regex was made from (else ``value`` as it is)."""
+    found = re.fullmatch(r"/(?:\(\^\|<\))?(.*)\(>\|\$\)/i", value) if isinstance(value, str) else None
+    return re.sub(r"\\(.)", r"\1", found.group(1)) if found else value
+
+
 def _word_pattern(phrase: str) -> str:
     """A subject phrase as a whole-word regex: '/\\breceipt\\b/i' (a plain "receipt"
     would also find "receipts", and "for" would find "information")."""
@@ -15307,14 +15323,16 @@ def _condition_of(features: Sequence[tuple]) -> Dict[str, Any]:
     for feature in features:
         kind = feature[0]
         if kind == "pair":
-            tables.append({"from": feature[1], "subject": _word_pattern(feature[2])})
+            tables.append({"from": _whole_pattern(feature[1], ""),
+                           "subject": _word_pattern(feature[2])})
         elif kind == "header":
             tables.append({"header": {feature[1]: True}})
         elif kind == "subject":
             by_kind.setdefault(kind, []).append(_word_pattern(feature[1]))
-        else:
+        else:       # from, recipient, list_id: the whole value; a domain: its end
             key = "from" if kind == "domain" else kind
-            by_kind.setdefault(key, []).append(feature[1])
+            by_kind.setdefault(key, []).append(
+                _whole_pattern(feature[1], "" if kind == "domain" else "(^|<)"))
     parts = [{key: _one_or_list(values)} for key, values in by_kind.items()] + tables
     return parts[0] if len(parts) == 1 else {"any": parts}
 
@@ -15604,7 +15622,7 @@ def _learn_chosen(rule: Dict[str, Any]) -> Dict[str, set]:
             value = part.get(key)
             values = [] if value is None else value if isinstance(value, list) else [value]
             for item in values:
-                named[key].update(item if isinstance(item, dict) else [item])
+                named[key].update(item if isinstance(item, dict) else [_whole_text(item)])
     return named
 
 

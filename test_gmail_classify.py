@@ -18837,16 +18837,16 @@ class SuggestTest(FakeServerTest):
         found = gc.suggest_rules(self.connect(), "INBOX", batch_size=5)
         self.assertEqual(found.examined, total)
         self.assertEqual(found.doc["rule"], [
-            {"name": "List python-announce.python.org", "list_id": "python-announce.python.org",
+            {"name": "List python-announce.python.org", "list_id": "/(^|<)python-announce\\.python\\.org(>|$)/i",
              "label": "Lists/python-announce"},
-            {"name": "List dev.lists.example", "list_id": "dev.lists.example", "label": "Lists/dev"},
-            {"name": "Automated noreply@github.com", "from": "noreply@github.com",
+            {"name": "List dev.lists.example", "list_id": "/(^|<)dev\\.lists\\.example(>|$)/i", "label": "Lists/dev"},
+            {"name": "Automated noreply@github.com", "from": "/(^|<)noreply@github\\.com(>|$)/i",
              "label": "Automated/github.com"},
-            {"name": "Automated news@shop.example", "from": "news@shop.example",
+            {"name": "Automated news@shop.example", "from": "/(^|<)news@shop\\.example(>|$)/i",
              "label": "Automated/shop.example"},
-            {"name": "Domain friends.example", "from": "@friends.example",
+            {"name": "Domain friends.example", "from": "/@friends\\.example(>|$)/i",
              "label": "Senders/friends.example"},
-            {"name": "Sender carol@solo.example", "from": "carol@solo.example",
+            {"name": "Sender carol@solo.example", "from": "/(^|<)carol@solo\\.example(>|$)/i",
              "label": "Senders/carol@solo.example"},
         ])
         self.assertEqual(found.comments[0],
@@ -19808,6 +19808,38 @@ def _corpus() -> List[Tuple[bytes, _dtm.datetime, str]]:
     return out
 
 
+class WholeValueTest(unittest.TestCase):
+    """What suggest and learn write from values senders chose (an address, a domain, a list
+    id) finds them whole: as plain text they would be found inside longer values."""
+
+    def test_a_written_condition_finds_the_value_whole_and_nothing_that_holds_it(self):
+        rules = gc.parse_rules({"rule": [
+            {"name": "Sender", "from": gc._whole_pattern("service@paypal.example.com"),
+             "label": "S"},
+            {"name": "Domain", "from": gc._whole_pattern("@bank.example", ""), "label": "D"},
+            {"name": "List", "list_id": gc._whole_pattern("e"), "label": "L"},
+            {"name": "To", "recipient": gc._whole_pattern("team@example.com"), "label": "T"}]})
+        cases = [("Service <service@paypal.example.com>", "", "", ["Sender"]),
+                 ("SERVICE@paypal.example.com", "", "", ["Sender"]),
+                 ('"service@paypal.example.com" <phish@evil.example>', "", "", []),
+                 ("service@paypal.example.com.evil.net", "", "", []),
+                 ("X <x@bank.example>", "", "", ["Domain"]),
+                 ("x@bank.example.evil.net", "", "", []),
+                 ("a@b.example", "E list <e>", "", ["List"]),
+                 ("a@b.example", "<python-announce.python.org>", "", []),
+                 ("a@b.example", "", "steam@example.com", []),
+                 ("a@b.example", "", "Team <team@example.com>", ["To"])]
+        for sender, list_id, to, expected in cases:
+            with self.subTest(sender=sender, list_id=list_id, to=to):
+                raw = f"From: {sender}\r\nList-Id: {list_id}\r\nTo: {to}\r\nSubject: s\r\n\r\n"
+                decision = rules.classify(gc.message_info_from_bytes(raw.encode()), final=True)
+                self.assertEqual([name for name, _ in decision.matches], expected)
+        for text in ("a+b@x.example", "@bank.example", "python-announce.python.org", "(x)|y"):
+            for start in ("(^|<)", ""):
+                self.assertEqual(gc._whole_text(gc._whole_pattern(text, start)), text)
+        self.assertEqual(gc._whole_text("/\\breceipt\\b/i"), "/\\breceipt\\b/i")
+
+
 class LearnServerTest(FakeServerTest):
     def argv(self, *extra: str) -> List[str]:
         return ["learn", "--user", USER, "--host", "127.0.0.1", "--port",
@@ -19834,7 +19866,9 @@ class LearnServerTest(FakeServerTest):
         with open(target, encoding="utf-8") as handle:
             text = handle.read()
         self.assertIn('# held out: 16 of 16 right (100.0%); finds 16 of 16 "Receipts"', text)
-        self.assertIn('list_id = "talk.lists.example"', text)
+        # What senders chose is matched whole, never as a part of a longer value.
+        self.assertIn("list_id = '/(^|<)talk\\.lists\\.example(>|$)/i'", text)
+        self.assertIn("from = '/(^|<)orders@shop\\.example(>|$)/i'", text)
         self.assertNotIn("friend", text)
         self.assertIn("learn: Receipts: finds 16 of 16 held-out messages (100%), 0 false "
                       "positive(s)", err)
@@ -19931,9 +19965,9 @@ class LearnOfflineTest(TempDirMixin, unittest.TestCase):
         learned = self.learn(root)
         # One condition each: nothing that finds no more mail is added to a rule.
         self.assertEqual(learned.doc["rule"], [
-            {"name": "Shopping/Receipts", "from": "orders@shop.example",
+            {"name": "Shopping/Receipts", "from": "/(^|<)orders@shop\\.example(>|$)/i",
              "move": "Shopping/Receipts"},
-            {"name": "Talk", "list_id": "talk.lists.example", "move": "Talk"}])
+            {"name": "Talk", "list_id": "/(^|<)talk\\.lists\\.example(>|$)/i", "move": "Talk"}])
 
     def test_mbox_per_label_and_takeout(self):
         folder = os.path.join(self.tmp, "export")

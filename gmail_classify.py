@@ -13056,6 +13056,7 @@ class Watcher:
         # Counters for tests and the curious; they only ever hold numbers.
         self.idles = 0
         self.polls = 0
+        self.idle_refused = False   # the server answered IDLE with NO or BAD: poll instead
         self.wakeups = 0
         self.outages = 0
 
@@ -13187,7 +13188,7 @@ class Watcher:
 
     def _wait_and_wake(self, conn: GmailConnection) -> None:
         first = self.folders[0]
-        idle = conn.has("IDLE")
+        idle = conn.has("IDLE") and not self.idle_refused
         selected = conn.selected
         if selected is None or not _same_folder(selected.name, first):
             # Mail that reached the first folder while another was selected was never
@@ -13207,7 +13208,17 @@ class Watcher:
                 idled = True
                 self.idles += 1
                 timeout = min(self.idle_interval, left) if (len(self.folders) > 1) else self.idle_interval
-                conn.idle(timeout, interrupt=self._interrupted)
+                try:
+                    conn.idle(timeout, interrupt=self._interrupted)
+                except ImapError as exc:
+                    if exc.status not in ("NO", "BAD"):
+                        raise
+                    # A server may list IDLE and still refuse it (a proxy, a limit on
+                    # sessions): the watch goes on, polling, rather than end for good.
+                    self.idle_refused, idled = True, False
+                    log.warning("%s refused IDLE (%s %s); watching by polling every %s "
+                                "instead", conn.host, exc.status, printable(exc.text or exc),
+                                _duration(self.interval))
             else:
                 deadline = time.monotonic() + left
                 while not self._interrupted() and time.monotonic() < deadline:

@@ -17404,6 +17404,29 @@ class WatcherTest(FakeServerTest):
         self.assertNotIn("IDLE", server.commands())
         self.assertEqual(self.caught_up[-1], ["INBOX"])
 
+    def test_a_server_refusing_idle_is_polled_and_the_watch_goes_on(self):
+        # A server may list IDLE and still answer it NO or BAD (a proxy, a session limit):
+        # that ended the watch with exit 5; now it polls, after one warning.
+        for answer in ("no", "bad"):
+            with self.subTest(answer=answer):
+                server = FakeGmail().start()
+                self.addCleanup(server.stop)
+                self.server = server
+                server.add_fault("IDLE", action=answer, count=1000)
+                with self.assertLogs("gmail_classify", "WARNING") as logs:
+                    watcher = self.start_watcher(interval=0.05)
+                    wait_until(lambda: server.count("NOOP") >= 2, timeout=15)
+                    server.deliver(make_message("receipt 5"))
+                    wait_until(lambda: server.uids("INBOX") == [], timeout=15,
+                               message="not picked up by polling")
+                    self.stop(watcher)
+                self.assertEqual(self.failure, [])
+                self.assertEqual(server.count("IDLE"), 1)       # asked once, then polled
+                refused = [line for line in logs.output if "refused IDLE" in line]
+                self.assertEqual(len(refused), 1, logs.output)
+                self.assertIn(f"{answer.upper()} ", refused[0])
+                self.assertIn("watching by polling every", refused[0])
+
     def test_several_folders_idle_on_the_first_and_poll_the_others(self):
         self.server.add_message(make_message("hello"), labels=("Work",))
         watcher = self.start_watcher(["INBOX", "Work"], interval=0.05, idle_interval=30)

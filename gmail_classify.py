@@ -12508,6 +12508,16 @@ class Undo:
             return
         if not conn.can_move(self.allow_expunge):
             raise conn.refuse_moves()
+        homes = {self._moved(record)[0]["folder"] for record in self.messages
+                 if self._moved(record) is not None}
+        listed = [folder.name for folder in conn.list_folders() if folder.selectable]
+        gone = sorted(home for home in homes if home and home.upper() != "INBOX"
+                      and not any(_same_folder(home, name) for name in listed))
+        if gone:
+            raise FolderUnavailableError(
+                f"cannot move mail back to {', '.join(repr(name) for name in gone)}: the "
+                f"folder no longer exists; create it again (the same name), then run undo "
+                f"again", command="LIST")
         if not conn.can_move():      # moving back needs a plain EXPUNGE ("no longer in": _reverse)
             _check_plain_expunges(conn, dict.fromkeys(places))
 
@@ -12874,7 +12884,12 @@ class Undo:
         for home, waiting in homes.items():
             conn.stop.check(f"before looking in {home}")
             record = lambda i: {"uidvalidity": self.messages[i].get("uidvalidity")}  # noqa: E731
-            present.update(self._locate(conn, home, waiting, lambda r: r.get("uid"), record))
+            try:
+                present.update(self._locate(conn, home, waiting, lambda r: r.get("uid"), record))
+            except ImapError as exc:
+                if exc.status not in ("NO", "BAD"):
+                    raise
+                log.info("cannot open %s (%s): its mail is not known to be there", home, exc)
         for folder, pairs in by_folder.items():
             conn.stop.check(f"before looking in {folder}")
             if not conn.has("UIDPLUS"):

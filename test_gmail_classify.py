@@ -14703,6 +14703,52 @@ class UndoSafetyTest(StateTestCase):
                 self.assertIn("reversed 4 changes; 0 left alone", out + err)
                 self.assertEqual(sorted(self.subjects("INBOX")), sorted(subjects + ["hello"]))
 
+    def test_undo_keeps_label_copies_whose_folder_of_origin_is_gone(self):
+        self.use(kind="move")
+        with open(os.path.join(self.tmp, "rules.json"), "w") as handle:
+            json.dump({"rule": [{"name": "R", "subject": "receipt", "label": "Receipts"}]}, handle)
+        for n in range(3):
+            self.server.add_message(make_message(f"receipt {n}"), folder="Work")
+        code, out, err = self.cli("run", "--apply", "--folder", "Work")
+        self.assertEqual(code, gc.EXIT_OK, err)
+        conn = self.connect()
+        conn._call("DELETE", gc.mailbox_arg("Work"))    # and the originals with it
+        conn.close()
+        code, out, err = self.cli("undo", "--apply")
+        self.assertEqual(code, gc.EXIT_OK, err)
+        self.assertIn("reversed 0 changes; 3 left alone", out + err)
+        self.assertEqual(len(self.server.uids("Receipts")), 3)
+
+    def test_undo_names_a_folder_the_mail_came_from_that_no_longer_exists(self):
+        # The server's NO in the middle of the undo said only "Folder doesn't exist".
+        for kind in ("move", "gmail"):
+            with self.subTest(kind=kind):
+                self.use(kind=kind)
+                self.tmp = tempfile.mkdtemp()
+                self.addCleanup(shutil.rmtree, self.tmp, True)
+                with open(os.path.join(self.tmp, "rules.json"), "w") as handle:
+                    json.dump({"rule": [{"name": "R", "subject": "receipt", "move": "Receipts",
+                                         "label": "Seen"}]}, handle)
+                for n in range(3):
+                    if kind == "gmail":
+                        self.server.add_message(make_message(f"receipt {n}"), labels=("Work",))
+                    else:
+                        self.server.add_message(make_message(f"receipt {n}"), folder="Work")
+                code, out, err = self.cli("run", "--apply", "--folder", "Work")
+                self.assertEqual(code, gc.EXIT_OK, err)
+                conn = self.connect()
+                conn._call("DELETE", gc.mailbox_arg("Work"))
+                conn.close()
+                before = mailbox_snapshot(self.server)
+                for apply in ([], ["--apply"]):
+                    code, out, err = self.cli("undo", *apply)
+                    self.assertEqual(code, gc.EXIT_SERVER, err)
+                    self.assertEqual(err.strip().splitlines()[-1],
+                                     "gmail_classify: cannot move mail back to 'Work': the folder "
+                                     "no longer exists; create it again (the same name), then run "
+                                     "undo again")
+                self.assertEqual(mailbox_snapshot(self.server), before)
+
     def test_a_dry_run_undo_predicts_which_created_folders_go(self):
         for options in ({"gmail": False}, {}):
             with self.subTest(**options):

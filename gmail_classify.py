@@ -3724,8 +3724,8 @@ class _SafeCopy:
         earlier = [uid for uid in sorted(present) if uid in copied_since and uid not in marked]
         if earlier:
             since = [copied_since[uid] for uid in earlier]
-            mapping.update(self.copies_in(destination, earlier,
-                                          None if None in since else min(since)))  # type: ignore[type-var]
+            oldest = None if None in since else min(since)  # type: ignore[type-var]
+            mapping.update(self.copies_in(destination, earlier, oldest))
         todo = sorted(uid for uid in present if uid not in mapping)
         if todo:
             mapping.update(self.copy_once(todo, destination))
@@ -15325,12 +15325,14 @@ def _whole_pattern(text: str, start: str = "(^|<)") -> str:
     "a@b.example" would also be found in a display name that holds it ("a@b.example"
     <x@evil.example>), "@b.example" in x@b.example.evil.net, and a list id "e" in every
     List-Id with an e in it."""
-    return "/" + start + re.sub(r"[.^$*+?{}()\[\]\\|/]", lambda c: "\\" + c.group(), text) + "(>|$)/i"
+    escaped = re.sub(r"[.^$*+?{}()\[\]\\|/]", lambda c: "\\" + c.group(), text)
+    return "/" + start + escaped + "(>|$)/i"
 
 
 def _whole_text(value: Any) -> Any:
     """The text a _whole_pattern() regex was made from (else ``value`` as it is)."""
-    found = re.fullmatch(r"/(?:\(\^\|<\))?(.*)\(>\|\$\)/i", value) if isinstance(value, str) else None
+    found = re.fullmatch(r"/(?:\(\^\|<\))?(.*)\(>\|\$\)/i", value) \
+        if isinstance(value, str) else None
     return re.sub(r"\\(.)", r"\1", found.group(1)) if found else value
 
 

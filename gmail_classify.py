@@ -13860,6 +13860,12 @@ def load_refresh_token(user: str) -> Optional[Tuple[OAuthClient, str]]:
     if not (isinstance(doc, dict) and doc.get("version") == TOKEN_FILE_VERSION
             and isinstance(doc.get("refresh_token"), str) and isinstance(doc.get("client_id"), str)):
         raise RulesError(f"{path} is not a gmail_classify token file; delete it and run auth again")
+    stored = doc.get("user")
+    if isinstance(stored, str) and stored.strip().lower() != user.strip().lower():
+        # Two addresses can make the same file name (token_path): never sign one in with
+        # the other's grant.
+        raise RulesError(f"{path} holds the token of {printable(stored)}, not of "
+                         f"{printable(user)}; run auth again for {printable(user)}")
     return OAuthClient(doc["client_id"], str(doc.get("client_secret") or "")), doc["refresh_token"]
 
 

@@ -18084,7 +18084,17 @@ class OAuthTest(FakeServerTest):
         with mock.patch.dict(os.environ, self.env):
             path = gc.token_path(USER)
             self.assertEqual(gc.load_refresh_token(USER), (self.client, refresh))
+            self.assertEqual(gc.load_refresh_token(" " + USER.upper()), (self.client, refresh))
             self.assertIsNone(gc.load_refresh_token("other@example.com"))
+            # Another address whose file name is the same: refused, never used for it.
+            twin = USER.replace("@", "!@")
+            self.assertEqual(gc.token_path(twin.replace("!", "_")), gc.token_path(twin))
+            gc.save_refresh_token(twin.replace("!", "_"), self.client, "1//twin")
+            with self.assertRaises(gc.RulesError) as caught:
+                gc.load_refresh_token(twin)
+            self.assertIn(f"holds the token of {twin.replace('!', '_')}, not of {twin}; run "
+                          f"auth again for {twin}", str(caught.exception))
+            gc.save_refresh_token(USER, self.client, refresh)
         self.assertEqual(path.parent, pathlib.Path(self.env["XDG_CONFIG_HOME"], "gmail_classify", "tokens"))
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
         self.assertEqual(os.stat(path.parent).st_mode & 0o777, 0o700)

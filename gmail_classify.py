@@ -9203,8 +9203,8 @@ class _Step:
     waiting_from: Optional[int] = None
     # What the server confirmed of the step's changes: (UID, _Plan key) -> the answer.
     confirmed: Dict[Tuple[int, Tuple[str, ...]], Any] = field(default_factory=dict)
-    # With rules that test what they change: UID -> (flags, labels) each message with a
-    # change was judged by (see Checkpoint.keep_unfinished).
+    # With rules that test what they change: UID -> (flags, labels) each message was
+    # judged by, of which _FolderRun.intend keeps those its changes touch.
     found: Dict[int, Tuple[frozenset, Optional[frozenset]]] = field(default_factory=dict)
 
 
@@ -9534,10 +9534,7 @@ class _FolderRun:
         # Rules that test a flag or label they change judge messages a stopped run changed
         # part way by what that run found, so that a rerun decides as the uncut run did.
         loops = bool(self.rules.state_loops())
-        self.as_found = {uid: (frozenset(kept["flags"]), None if kept["labels"] is None
-                               else frozenset(kept["labels"]))
-                         for uid, kept in self.checkpoint.unfinished(self.status, "found").items()
-                         } if loops else {}
+        self.as_found = self.checkpoint.unfinished(self.status, "found") if loops else {}
         self.keeps_found = loops and self.apply and self.checkpoint.writes_ahead
         # Moves without MOVE that a run which did not end may have copied (see copying).
         self.earlier_copies = {} if self.conn.has("MOVE") else \
@@ -9635,8 +9632,8 @@ class _FolderRun:
             found = self.as_found.get(uid)
             if found is not None:       # judged as found, planned against what is there
                 self.current[uid] = (info.flags, info.labels)
-                infos[uid] = dataclasses.replace(
-                    info, flags=found[0], labels=info.labels if found[1] is None else found[1])
+                infos[uid] = dataclasses.replace(info, flags=_as_found(info.flags, found["flags"]),
+                                                 labels=_as_found(info.labels, found["labels"]))
         shown: Dict[int, _Shown] = {}
         decisions = self._decide(infos, shown)
         for uid in sorted(decisions):
@@ -10012,9 +10009,16 @@ class _FolderRun:
             if uid in step.plan.per_uid and place and place.get("uidnext"):
                 since = kept.get("since")
                 place["uidnext"] = min(place["uidnext"], since) if since else None
-        found = {uid: {"flags": sorted(step.found[uid][0]), "labels": None if step.found[uid][1]
-                       is None else sorted(step.found[uid][1])}
-                 for uid in step.plan.per_uid if uid in step.found}
+        found = {}
+        for uid, keys in step.plan.per_uid.items():
+            if uid in step.found:       # what the step changes, as the rules found it
+                flags, labels = step.found[uid]
+                touched = {"flags": {key[1]: key[1] in (flags or ()) for key in keys
+                                     if key[0] in ("flag+", "flag-")},
+                           "labels": {key[1]: key[1] in labels for key in keys
+                                      if key[0] == "label" and labels is not None}}
+                if touched["flags"] or touched["labels"]:
+                    found[uid] = touched
         if found:
             self.checkpoint.keep_unfinished(self.conn, self.status, "found", found)
         self.checkpoint.intend(self.conn, self._intents(step))
@@ -10887,22 +10891,30 @@ class FolderState:
     updated: str = ""
 
 
-def _strings(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(item, str) for item in value)
-
-
 # What a step keeps in the state file of messages it is about to change, for the next run
 # should it not end (StateStore.add_unfinished, Checkpoint.unfinished): the key -> a check
-# of one message's value, as the file is read.  "found": the flags and labels the rules
-# judged it by (rules that test what they change, see Ruleset.state_loops); "copies": the
+# of one message's value, as the file is read.  "found": whether it had each flag and
+# label the step changes, as the rules judged it (rules that test what they change, see
+# Ruleset.state_loops); "copies": the
 # folder a move without MOVE copies it into, and that folder's UIDNEXT before the COPY
 # (see _SafeCopy.copy_then_delete).
 _UNFINISHED: Dict[str, Callable[[Any], bool]] = {
-    "found": lambda kept: isinstance(kept, dict) and _strings(kept.get("flags")) and (
-        kept.get("labels", 0) is None or _strings(kept.get("labels"))),
+    "found": lambda kept: isinstance(kept, dict) and all(
+        isinstance(kept.get(key), dict) and all(isinstance(name, str) and type(had) is bool
+                                                 for name, had in kept[key].items())
+        for key in ("flags", "labels")),
     "copies": lambda kept: isinstance(kept, dict) and isinstance(kept.get("to"), str) and (
         kept.get("since") is None or (type(kept["since"]) is int and kept["since"] > 0)),
 }
+
+
+def _as_found(now: Optional[frozenset], found: Mapping[str, bool]) -> Optional[frozenset]:
+    """Flags or labels as a message has them ``now``, but those a stopped step changed
+    (``found``: each one's presence before it) as they were: what the user changed since
+    counts, what the step did does not."""
+    if now is None or not found:
+        return now
+    return frozenset(name for name in set(now) | set(found) if found.get(name, name in now))
 
 
 def _drop_unfinished_passed(account: Dict[str, Any]) -> None:

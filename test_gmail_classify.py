@@ -14224,9 +14224,12 @@ class AsFoundTest(StateTestCase):
                 self.assertEqual(len(starred), 3, "the first step's two stars are set")
                 found = state_snapshot(state_dir)["accounts"][gc.account_key(
                     USER, "127.0.0.1", server.port)]["unfinished"]["INBOX"]["found"]
-                self.assertEqual(sorted(found), ["1", "2", "3", "4"])    # the first step's
-                self.assertEqual(found["1"]["flags"], [])
-                self.assertEqual(found["1"]["labels"], ["\\Inbox"] if gmail else None)
+                # The first step's messages whose flags or labels it changes (not the
+                # 4th: only archived), with what it changes of them as the rules found it.
+                self.assertEqual(sorted(found), ["1", "2", "3"])
+                self.assertEqual(found["1"], {"flags": {"\\Flagged": False},
+                                              "labels": {"Bank": False} if gmail else {}})
+                self.assertEqual(found["3"], {"flags": {"\\Seen": False}, "labels": {}})
                 self.run_once(rules, server=server, state_dir=state_dir, batch_size=4,
                               apply_every=1)
                 self.assertEqual(mailbox_snapshot(server), mailbox_snapshot(clean))
@@ -14242,6 +14245,18 @@ class AsFoundTest(StateTestCase):
                 self.assertNotIn("unfinished", after)   # the mark passed them all
                 self.assertEqual(after, state_snapshot(clean_dir)["accounts"][
                     gc.account_key(USER, "127.0.0.1", clean.port)])
+
+    def test_only_what_the_stopped_step_changed_is_taken_back_for_judging(self):
+        # What the user changed since (a star of their own) counts; what the step did not.
+        now = frozenset({"\\Seen", "\\Flagged", "\\Answered"})
+        self.assertEqual(gc._as_found(now, {"\\Seen": False}),
+                         {"\\Flagged", "\\Answered"})
+        self.assertEqual(gc._as_found(frozenset({"\\Seen"}), {"\\Flagged": True, "\\Seen": True}),
+                         {"\\Seen", "\\Flagged"})
+        self.assertEqual(gc._as_found(frozenset({"Bank", "\\Inbox"}), {"Bank": False}),
+                         {"\\Inbox"})
+        self.assertIsNone(gc._as_found(None, {"Bank": False}))      # labels unknown here
+        self.assertIs(gc._as_found(now, {}), now)
 
     def test_rules_that_test_nothing_they_change_keep_nothing_as_found(self):
         seed_mailbox(self.server, 12)

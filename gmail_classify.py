@@ -14659,6 +14659,13 @@ def _sieve_matcher(headers: Sequence[str], matcher: Matcher, addresses: bool,
     for pattern in matcher.patterns:
         if pattern.regex is None:
             continue
+        whole = _whole_text(pattern.text)
+        if addresses and whole != pattern.text and whole.isascii() and "@" in whole:
+            # What suggest and learn write (_whole_pattern): one address, or the domain of
+            # one, compared whole, as Sieve's address test does for each address.
+            part, value = (":domain", whole[1:]) if whole.startswith("@") else (":all", whole)
+            tests.append(f"address {part} :is {_sieve_list(headers)} {_sieve_string(value)}")
+            continue
         flags = pattern.regex.flags & (re.IGNORECASE | re.MULTILINE | re.DOTALL | re.VERBOSE)
         ere = _posix_ere(pattern.regex.pattern)
         if ere is None or flags & ~re.IGNORECASE:
@@ -15339,17 +15346,18 @@ def _learn_features(info: MessageInfo) -> frozenset:
 
 def _whole_pattern(text: str, start: str = "(^|<)") -> str:
     """An address, "@domain" or list id that a sender chose, as a regex that finds it
-    only as the whole value or its <...> part: '/(^|<)a@b\\.example(>|$)/i'.  As plain text,
+    only as the whole value or its closing <...> part: '/(^|<)a@b\\.example>?$/i' (at the
+    end, so not in a display name before the address).  As plain text,
     "a@b.example" would also be found in a display name that holds it ("a@b.example"
     <x@evil.example>), "@b.example" in x@b.example.evil.net, and a list id "e" in every
     List-Id with an e in it."""
     escaped = re.sub(r"[.^$*+?{}()\[\]\\|/]", lambda c: "\\" + c.group(), text)
-    return "/" + start + escaped + "(>|$)/i"
+    return "/" + start + escaped + ">?$/i"
 
 
 def _whole_text(value: Any) -> Any:
     """The text a _whole_pattern() regex was made from (else ``value`` as it is)."""
-    found = re.fullmatch(r"/(?:\(\^\|<\))?(.*)\(>\|\$\)/i", value) \
+    found = re.fullmatch(r"/(?:\(\^\|<\))?(.*)>\?\$/i", value) \
         if isinstance(value, str) else None
     return re.sub(r"\\(.)", r"\1", found.group(1)) if found else value
 

@@ -12582,7 +12582,9 @@ class Undo:
         conn.stop.check(f"before looking in {folder}")     # safe points: see Stop
         found = self._locate(conn, folder, indexes, lambda r: self._moved(r)[1].get("uid"),
                              lambda i: self._place_of(i, self._moved(self.messages[i])[2]))
-        half = [i for i in found if self.messages[i].get("maybe")] if not conn.is_gmail else []
+        # Only without MOVE can a move be half made (a MOVE is whole or not at all).
+        half = [i for i in found if self.messages[i].get("maybe")] \
+            if not conn.is_gmail and not conn.has("MOVE") else []
         if half:
             self._drop_half_moves(conn, folder, half, found, work, unmoved)
         for i in indexes:
@@ -12626,9 +12628,18 @@ class Undo:
         originals: Dict[int, Tuple[str, int]] = {}
         for home, items in homes.items():
             conn.stop.check(f"before looking in {home}")
-            place = lambda i: {"uidvalidity": self._moved(self.messages[i])[0].get(  # noqa: E731
-                "uidvalidity")}
-            there = self._locate(conn, home, items, lambda r: self._moved(r)[0].get("uid"), place)
+            # The original itself: at the UID the run found it, the folder not renumbered,
+            # its Message-ID still agreeing; never a look-alike found by Message-ID, size
+            # and date (an identical twin staying home is not the message moved).
+            status = self._open(conn, home)
+            at = {i: self._moved(self.messages[i])[0] for i in items}
+            at = {i: before["uid"] for i, before in at.items() if before.get("uid")
+                  and before.get("uidvalidity") == status.uidvalidity}
+            looks = self._looks_at(conn, list(at.values()))
+            there = {i: uid for i, uid in at.items()
+                     if _first(header_text(parse_headers((looks.get(uid) or {}).get(
+                         self._LOOKS[0]) or b""), "message-id")).strip()
+                     == (self.messages[i].get("message_id") or None)}
             originals.update({i: (home, uid) for i, uid in there.items()})
             if there and self.apply:
                 conn.remove_flags(sorted(there.values()), ["\\Deleted"])

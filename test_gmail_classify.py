@@ -14718,6 +14718,33 @@ class UndoSafetyTest(StateTestCase):
                 self.assertIn("reversed 4 changes; 0 left alone", out + err)
                 self.assertEqual(sorted(self.subjects("INBOX")), sorted(subjects + ["hello"]))
 
+    def test_a_finished_move_with_an_identical_twin_at_home_is_moved_back_not_deleted(self):
+        # A move whose answer was lost is "maybe"; the message found in the destination is
+        # moved back.  It is taken for a half move (its copy deleted) only without MOVE and
+        # only when the original itself is still at its UID: a twin with the same
+        # Message-ID, size and date staying home is not it (the second review of D2b).
+        when = datetime(2024, 3, 4, 10, 0, tzinfo=timezone.utc)
+        for kind, last in (("move", "UID MOVE"), ("uidplus", "UID EXPUNGE")):
+            with self.subTest(kind=kind):
+                self.use(kind=kind)
+                self.tmp = tempfile.mkdtemp()
+                self.addCleanup(shutil.rmtree, self.tmp, True)
+                with open(os.path.join(self.tmp, "rules.json"), "w") as handle:
+                    json.dump({"rule": [{"name": "R", "subject": "receipt",
+                                         "not": {"starred": True}, "move": "Receipts"}]}, handle)
+                raw = make_message("receipt 1")
+                self.server.add_message(raw, date=when)
+                self.server.add_message(raw, date=when, flags=["\\Flagged"])   # the twin
+                self.server.add_fault(last, action="drop", when="after")
+                code, out, err = self.cli("run", "--apply", "--retries", "0")
+                self.assertEqual(code, gc.EXIT_CONNECTION, err)
+                self.assertEqual(len(self.server.uids("Receipts")), 1)     # moved, unconfirmed
+                code, out, err = self.cli("undo", "--apply")
+                self.assertEqual(code, gc.EXIT_OK, err)
+                self.assertIn("reversed 1 changes; 0 left alone", out + err)
+                self.assertEqual(sorted(sorted(m.flags) for m in self.server.messages("INBOX")),
+                                 [[], ["\\Flagged"]])
+
     def test_undo_keeps_label_copies_whose_folder_of_origin_is_gone(self):
         self.use(kind="move")
         with open(os.path.join(self.tmp, "rules.json"), "w") as handle:

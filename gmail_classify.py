@@ -9116,6 +9116,11 @@ class Checkpoint:
         these messages should the step not end (see unfinished).  Must make it durable
         before returning; kept until the folder's mark passes the messages."""
 
+    def finished(self, status: FolderStatus, uids: Sequence[int]) -> None:
+        """With ``apply``: a step made every change it planned for these messages, so what
+        keep_unfinished kept of them can go (with the next step_done), whether or not the
+        mark moves (a --since or --limit run never moves it)."""
+
     def before_fetch(self, conn: GmailConnection) -> None:
         """Called before each FETCH batch; raise RunStopped to end the run here."""
 
@@ -10095,6 +10100,9 @@ class _FolderRun:
             report.mark = mark
         if step.content_skips:
             checkpoint.content_skipped(self.status, step.content_skips)  # before the mark
+        if ok and self.apply:   # all made: nothing of these is left to finish, mark or not
+            stayed = set(report.expunge_stayed)     # copied, yet still here: not finished
+            checkpoint.finished(self.status, [uid for uid in step.decisions if uid not in stayed])
         checkpoint.step_done(self.conn, self.status, mark, outcomes)
         if self.listeners.on_message is not None:
             for outcome in outcomes:
@@ -10963,7 +10971,8 @@ class StateStore:
         self._folders: Dict[Tuple[str, str], FolderState] = {}
         self._daily: Dict[Tuple[str, str, str], int] = {}   # (key, account, day) -> count
         self._undone: Dict[Tuple[str, str], Dict[str, Any]] = {}
-        # (account, folder, kind) -> (UIDVALIDITY, {UID: value}): see add_unfinished.
+        # (account, folder, kind) -> (UIDVALIDITY, {UID: value}): see add_unfinished; a
+        # value None: the entry goes (finish_unfinished).
         self._unfinished: Dict[Tuple[str, str, str], Tuple[int, Dict[int, Any]]] = {}
         self._replace_bad_file = False
 
@@ -11082,7 +11091,7 @@ class StateStore:
         pending = self._unfinished.get((account, folder, kind))
         if pending is not None and pending[0] == uidvalidity:
             found.update(pending[1])
-        return found
+        return {uid: value for uid, value in found.items() if value is not None}
 
     def add_unfinished(self, account: str, folder: str, uidvalidity: int, kind: str,
                        entries: Mapping[int, Any]) -> None:
@@ -11093,6 +11102,15 @@ class StateStore:
         if kept is None or kept[0] != uidvalidity:
             kept = self._unfinished[(account, folder, kind)] = (uidvalidity, {})
         kept[1].update(entries)
+
+    def finish_unfinished(self, account: str, folder: str, uidvalidity: int,
+                          uids: Iterable[int]) -> None:
+        """Forget, at the next save(), what add_unfinished() kept of these messages: the
+        changes it was kept for are all made."""
+        gone = dict.fromkeys(uids)
+        if gone:
+            for kind in _UNFINISHED:
+                self.add_unfinished(account, folder, uidvalidity, kind, gone)
 
     def today(self) -> str:
         return self.now().astimezone(timezone.utc).date().isoformat()
@@ -11167,8 +11185,12 @@ class StateStore:
                 place = places.get(name)
                 if not isinstance(place, dict) or place.get("uidvalidity") != uidvalidity:
                     place = places[name] = {"uidvalidity": uidvalidity}
-                place.setdefault(kind, {}).update({str(uid): value
-                                                   for uid, value in entries.items()})
+                kept = place.setdefault(kind, {})
+                for uid, value in entries.items():
+                    if value is None:
+                        kept.pop(str(uid), None)
+                    else:
+                        kept[str(uid)] = value
             for account in data["accounts"].values():
                 for key in _DAILY_COUNTS:
                     counts = account.get(key, {})
@@ -11833,6 +11855,10 @@ class Run(Checkpoint):
                                       entries)
             self._count_bytes(conn)
             self.store.save()
+
+    def finished(self, status: FolderStatus, uids: Sequence[int]) -> None:
+        if self.apply:
+            self.store.finish_unfinished(self.account, status.name, status.uidvalidity, uids)
 
     def before_fetch(self, conn: GmailConnection) -> None:
         self._count_bytes(conn)

@@ -14246,6 +14246,30 @@ class AsFoundTest(StateTestCase):
                 self.assertEqual(after, state_snapshot(clean_dir)["accounts"][
                     gc.account_key(USER, "127.0.0.1", clean.port)])
 
+    def test_a_step_that_made_all_its_changes_leaves_nothing_behind_mark_or_not(self):
+        # A --limit (or --since) run never moves the mark; its entries went only when a
+        # mark passed them, so they outlived it, and a later run judged the message by
+        # them, not by the star the user gave it since (the review of this session's work).
+        rules = gc.parse_rules({"rule": [
+            {"name": "Tag", "subject": "hello", "label": "Hi", "continue": True},
+            {"name": "Bank", "from": "@bank.example", "star": True, "continue": True},
+            {"name": "Imp", "starred": True, "has_label": "Hi", "move": "Important"}]},
+            "rules.json")
+        self.assertTrue(rules.state_loops())
+        self.server.add_message(make_message("hello there"))
+        self.run_once(rules, limit=10)
+        account = state_snapshot(self.state_dir)["accounts"][
+            gc.account_key(USER, "127.0.0.1", self.server.port)]
+        self.assertNotIn("unfinished", account)
+        self.assertNotIn("INBOX", account.get("folders", {}))       # no mark was set
+        conn = self.connect()
+        conn.select("INBOX")
+        conn.add_flags(conn.search(["ALL"]), ["\\Flagged"])         # the user stars it
+        conn.close()
+        self.run_once(rules)
+        self.assertEqual(self.server.uids("INBOX"), [])
+        self.assertEqual(len(self.server.uids("Important")), 1)
+
     def test_only_what_the_stopped_step_changed_is_taken_back_for_judging(self):
         # What the user changed since (a star of their own) counts; what the step did not.
         now = frozenset({"\\Seen", "\\Flagged", "\\Answered"})

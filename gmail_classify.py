@@ -11197,8 +11197,10 @@ class StateStore:
                     for day in [d for d in counts if d < horizon]:
                         del counts[day]
                 _drop_unfinished_passed(account)
-            _write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True,
-                                                ensure_ascii=False) + "\n")
+            # A name the server sent in 8-bit bytes holds lone surrogates (surrogateescape):
+            # JSON's \\u escapes keep them, where UTF-8 cannot (as the audit log does).
+            text = json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+            _write_atomic(self.path, _LONE_SURROGATE.sub(_escape_char, text))
             self._data = data
             self._folders.clear()
             self._daily.clear()

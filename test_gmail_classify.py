@@ -13710,6 +13710,20 @@ class StateStoreTest(TempDirMixin, unittest.TestCase):
             days = json.load(handle)["accounts"]["a"]["downloads"]
         self.assertEqual(list(days), [clock().date().isoformat()])
 
+    def test_a_name_the_server_sent_in_8bit_bytes_round_trips(self):
+        # Decoded with surrogateescape, such a name holds lone surrogates, which UTF-8 cannot
+        # hold: the save failed with a UnicodeEncodeError, every time after it too.
+        store = gc.StateStore(self.make_dir())
+        store.set_folder("a", "Caf\udce9", gc.FolderState(5, 7))
+        store.add_unfinished("a", "Caf\udce9", 5, "found",
+                             {3: {"flags": {"Caf\udce9": False}, "labels": {}}})
+        store.save()
+        fresh = gc.StateStore(store.directory)
+        fresh.load()
+        self.assertEqual(fresh.folder("a", "Caf\udce9").mark, 7)
+        self.assertEqual(fresh.unfinished("a", "Caf\udce9", 5, "found"),
+                         {3: {"flags": {"Caf\udce9": False}, "labels": {}}})
+
     def test_every_daily_count_adds_to_what_other_processes_saved_and_ages_out(self):
         # Two processes counting at once (two watches of one account): the second save
         # adds to the first's count instead of writing over it; old days go for each count.

@@ -13716,13 +13716,13 @@ class StateStoreTest(TempDirMixin, unittest.TestCase):
         store = gc.StateStore(self.make_dir())
         store.set_folder("a", "Caf\udce9", gc.FolderState(5, 7))
         store.add_unfinished("a", "Caf\udce9", 5, "found",
-                             {3: {"flags": {"Caf\udce9": False}, "labels": {}}})
+                             {9: {"flags": {"Caf\udce9": False}, "labels": {}}})
         store.save()
         fresh = gc.StateStore(store.directory)
         fresh.load()
         self.assertEqual(fresh.folder("a", "Caf\udce9").mark, 7)
         self.assertEqual(fresh.unfinished("a", "Caf\udce9", 5, "found"),
-                         {3: {"flags": {"Caf\udce9": False}, "labels": {}}})
+                         {9: {"flags": {"Caf\udce9": False}, "labels": {}}})
 
     def test_every_daily_count_adds_to_what_other_processes_saved_and_ages_out(self):
         # Two processes counting at once (two watches of one account): the second save

@@ -5962,6 +5962,15 @@ class GmailQuery(Condition):
                              f"must pair up")
         return cls(query)
 
+    # Search operators that read what rules change: flags (is:unread, is:starred), labels
+    # (label:, in:, has:userlabels...).
+    _READS_STATE = re.compile(r"(?i)(?:^|[\s(){}-])(?:is|label|in|has|l):")
+
+    def reads_changed(self, flags: frozenset, labels: frozenset) -> Optional[str]:
+        if (flags or labels) and self._READS_STATE.search(self.query):
+            return self.describe()
+        return None
+
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
         if msg.queries is None:
             return None, self.describe()
@@ -9210,7 +9219,7 @@ class _Step:
     confirmed: Dict[Tuple[int, Tuple[str, ...]], Any] = field(default_factory=dict)
     # With rules that test what they change: UID -> (flags, labels) each message was
     # judged by, of which _FolderRun.intend keeps those its changes touch.
-    found: Dict[int, Tuple[frozenset, Optional[frozenset]]] = field(default_factory=dict)
+    found: Dict[int, Tuple[Any, ...]] = field(default_factory=dict)
 
 
 class _Waiting:
@@ -9637,8 +9646,11 @@ class _FolderRun:
             found = self.as_found.get(uid)
             if found is not None:       # judged as found, planned against what is there
                 self.current[uid] = (info.flags, info.labels)
-                infos[uid] = dataclasses.replace(info, flags=_as_found(info.flags, found["flags"]),
-                                                 labels=_as_found(info.labels, found["labels"]))
+                infos[uid] = dataclasses.replace(
+                    info, flags=_as_found(info.flags, found["flags"]),
+                    labels=_as_found(info.labels, found["labels"]),
+                    queries=info.queries if info.queries is None or "queries" not in found
+                    else frozenset(found["queries"]))
         shown: Dict[int, _Shown] = {}
         decisions = self._decide(infos, shown)
         for uid in sorted(decisions):
@@ -9673,7 +9685,7 @@ class _FolderRun:
         flags, labels = self.current.pop(uid, (info.flags, info.labels))
         if step.plan.add(uid, decision.actions, flags, labels, self.source,
                          in_trash=self.in_trash, in_archive=self.in_archive) and self.keeps_found:
-            step.found[uid] = (info.flags, info.labels)
+            step.found[uid] = (info.flags, info.labels, info.queries)
         if decision.actions.labels and info.labels is None:
             step.plan.message_ids[uid] = shown.message_id or _message_key(info.headers)
         for name, _reason in decision.matches:
@@ -10017,13 +10029,15 @@ class _FolderRun:
         found = {}
         for uid, keys in step.plan.per_uid.items():
             if uid in step.found:       # what the step changes, as the rules found it
-                flags, labels = step.found[uid]
+                flags, labels, queries = step.found[uid]
                 touched = {"flags": {key[1]: key[1] in (flags or ()) for key in keys
                                      if key[0] in ("flag+", "flag-")},
                            "labels": {key[1]: key[1] in labels for key in keys
                                       if key[0] == "label" and labels is not None}}
                 if touched["flags"] or touched["labels"]:
                     found[uid] = touched
+                    if queries is not None and self.queries:    # the server's answers
+                        touched["queries"] = sorted(queries)
         if found:
             self.checkpoint.keep_unfinished(self.conn, self.status, "found", found)
         self.checkpoint.intend(self.conn, self._intents(step))
@@ -10902,15 +10916,17 @@ class FolderState:
 # What a step keeps in the state file of messages it is about to change, for the next run
 # should it not end (StateStore.add_unfinished, Checkpoint.unfinished): the key -> a check
 # of one message's value, as the file is read.  "found": whether it had each flag and
-# label the step changes, as the rules judged it (rules that test what they change, see
-# Ruleset.state_loops); "copies": the
+# label the step changes, as the rules judged it, and on Gmail the searches it was found
+# by (rules that test what they change, see Ruleset.state_loops); "copies": the
 # folder a move without MOVE copies it into, and that folder's UIDNEXT before the COPY
 # (see _SafeCopy.copy_then_delete).
 _UNFINISHED: Dict[str, Callable[[Any], bool]] = {
     "found": lambda kept: isinstance(kept, dict) and all(
         isinstance(kept.get(key), dict) and all(isinstance(name, str) and type(had) is bool
                                                  for name, had in kept[key].items())
-        for key in ("flags", "labels")),
+        for key in ("flags", "labels")) and (
+        "queries" not in kept or (isinstance(kept["queries"], list)
+                                  and all(isinstance(q, str) for q in kept["queries"]))),
     "copies": lambda kept: isinstance(kept, dict) and isinstance(kept.get("to"), str) and (
         kept.get("since") is None or (type(kept["since"]) is int and kept["since"] > 0)),
 }

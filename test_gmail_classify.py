@@ -9314,6 +9314,16 @@ class StateLoopsTest(unittest.TestCase):
         self.assertTrue(note.startswith("rule 'Later' tests label matching /^work/i, which "
                                         "rule 'Tag' set"), note)
 
+    def test_a_gmail_search_for_state_is_named_too(self):
+        (note,) = self.notes({"name": "Q", "gmail_query": "in:inbox -is:starred",
+                              "star": True, "label": "Seen"})
+        self.assertTrue(note.startswith('rule \'Q\' tests gmail query "in:inbox -is:starred", '
+                                        "which rule 'Q' set or clear"), note)
+        self.assertEqual(self.notes({"name": "Q", "gmail_query": "from:x older_than:1y",
+                                     "star": True}), ())
+        self.assertEqual(self.notes({"name": "Q", "gmail_query": "is:unread",
+                                     "move": "Elsewhere"}), ())      # changes no flag or label
+
     def test_rules_that_read_nothing_they_change_have_no_note(self):
         self.assertEqual(self.notes({"name": "A", "starred": True, "label": "Starred mail"},
                                     {"name": "B", "unread": True, "label": "Unread"},
@@ -14259,6 +14269,31 @@ class AsFoundTest(StateTestCase):
                 self.assertNotIn("unfinished", after)   # the mark passed them all
                 self.assertEqual(after, state_snapshot(clean_dir)["accounts"][
                     gc.account_key(USER, "127.0.0.1", clean.port)])
+
+    def test_a_gmail_search_is_judged_as_the_stopped_run_found_it_too(self):
+        # The server answers a search from the mail as it is now: after a stop between the
+        # flags and the moves, "is:unread" no longer found the messages marked read, and
+        # they were never moved (the review of this session's work).
+        rules = gc.parse_rules({"rule": [{"name": "News", "subject": "news",
+                                          "gmail_query": "is:unread", "mark_read": True,
+                                          "move": "News"}]}, "rules.json")
+        self.assertTrue(rules.state_loops())
+        for n in range(3):
+            self.server.add_message(make_message(f"news {n}"))
+
+        def stop_before_moving(flight, *args):
+            raise KeyboardInterrupt
+        with mock.patch.object(gc._WriteFlight, "move", stop_before_moving):
+            with self.assertRaises(KeyboardInterrupt):
+                self.run_once(rules)
+        self.assertEqual(len([m for m in self.server.messages("INBOX") if "\\Seen" in m.flags]), 3)
+        found = state_snapshot(self.state_dir)["accounts"][gc.account_key(
+            USER, "127.0.0.1", self.server.port)]["unfinished"]["INBOX"]["found"]
+        self.assertEqual(found["1"], {"flags": {"\\Seen": False}, "labels": {},
+                                      "queries": ["is:unread"]})
+        self.run_once(rules)
+        self.assertEqual(self.server.uids("INBOX"), [])
+        self.assertEqual(len(self.server.uids("News")), 3)
 
     def test_a_step_that_made_all_its_changes_leaves_nothing_behind_mark_or_not(self):
         # A --limit (or --since) run never moves the mark; its entries went only when a

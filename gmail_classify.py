@@ -13176,6 +13176,7 @@ class Watcher:
                             outage_since = None
                         self._seen.clear()
                         self._first_key = None
+                        self.idle_refused = False   # a new session may take IDLE again
                         # The others' STATUS before their catch-up, not after it: mail that
                         # comes meanwhile then wakes its folder at the first poll.  A folder
                         # the server refuses is left to the catch-up, which says why.

@@ -17588,6 +17588,18 @@ class WatcherTest(FakeServerTest):
                 self.assertIn(f"{answer.upper()} ", refused[0])
                 self.assertIn("watching by polling every", refused[0])
 
+    def test_a_new_session_after_a_refused_idle_tries_idle_again(self):
+        server = self.server
+        server.add_fault("IDLE", action="no")           # once: a proxy's passing refusal
+        with self.assertLogs("gmail_classify", "WARNING"):
+            watcher = self.start_watcher(interval=0.05)
+            wait_until(lambda: watcher.idle_refused, timeout=15)
+            server.drop_all_connections()
+            wait_until(lambda: server.count("IDLE") >= 2, timeout=15,
+                       message="IDLE never tried again")
+            self.stop(watcher)
+        self.assertEqual(self.failure, [])
+
     def test_several_folders_idle_on_the_first_and_poll_the_others(self):
         self.server.add_message(make_message("hello"), labels=("Work",))
         watcher = self.start_watcher(["INBOX", "Work"], interval=0.05, idle_interval=30)

@@ -7010,11 +7010,7 @@ class Ruleset:
         step's messages were judged by (Checkpoint.keep_unfinished), and the next run
         judges them by that (unfinished), or a message marked read by `unread = true, mark_read,
         move` would never be moved."""
-        changers: Dict[str, List[str]] = {}
-        for rule in self.rules:
-            changed = [row.flag for row in rule.actions.flag_actions()] + list(rule.actions.labels)
-            for what in changed:
-                changers.setdefault(what, []).append(rule.name)
+        changers = self._changers()
         flags = frozenset(what for what in changers if what.startswith("\\"))
         labels = frozenset(what for what in changers if not what.startswith("\\"))
         notes = []
@@ -7032,6 +7028,28 @@ class Ruleset:
                              f"rule sees a message as the run found it, not as rules before it "
                              f"change it, and so does a run after one that stopped half way")
         return tuple(dict.fromkeys(notes))
+
+    def _changers(self) -> Dict[str, List[str]]:
+        """Each flag and label the rules' actions set or clear -> the rules that do."""
+        changers: Dict[str, List[str]] = {}
+        for rule in self.rules:
+            changed = [row.flag for row in rule.actions.flag_actions()] + list(rule.actions.labels)
+            for what in changed:
+                changers.setdefault(what, []).append(rule.name)
+        return changers
+
+    def state_read(self) -> frozenset:
+        """The flags and labels the rules change that a condition of theirs tests (empty:
+        the rules test nothing they change; see state_loops): what a step keeps as found."""
+        conditions = [cond for rule in self.rules for cond in _walk(rule.condition)]
+        read = set()
+        for what in self._changers():
+            one = frozenset({what})
+            flag = what.startswith("\\")
+            if any(cond.reads_changed(one if flag else frozenset(), frozenset() if flag else one)
+                   for cond in conditions):
+                read.add(what)
+        return frozenset(read)
 
     @property
     def needs(self) -> Needs:
@@ -9547,7 +9565,8 @@ class _FolderRun:
             uids = kept
         # Rules that test a flag or label they change judge messages a stopped run changed
         # part way by what that run found, so that a rerun decides as the uncut run did.
-        loops = bool(self.rules.state_loops())
+        self.state_read = self.rules.state_read()
+        loops = bool(self.state_read)
         self.as_found = self.checkpoint.unfinished(self.status, "found") if loops else {}
         self.keeps_found = loops and self.apply and self.checkpoint.writes_ahead
         # Moves without MOVE that a run which did not end may have copied (see copying).
@@ -10030,10 +10049,12 @@ class _FolderRun:
         for uid, keys in step.plan.per_uid.items():
             if uid in step.found:       # what the step changes, as the rules found it
                 flags, labels, queries = step.found[uid]
+                read = self.state_read      # what no rule tests need not be kept
                 touched = {"flags": {key[1]: key[1] in (flags or ()) for key in keys
-                                     if key[0] in ("flag+", "flag-")},
+                                     if key[0] in ("flag+", "flag-") and key[1] in read},
                            "labels": {key[1]: key[1] in labels for key in keys
-                                      if key[0] == "label" and labels is not None}}
+                                      if key[0] == "label" and labels is not None
+                                      and key[1] in read}}
                 if touched["flags"] or touched["labels"]:
                     found[uid] = touched
                     if queries is not None and self.queries:    # the server's answers

@@ -9314,6 +9314,20 @@ class StateLoopsTest(unittest.TestCase):
         self.assertTrue(note.startswith("rule 'Later' tests label matching /^work/i, which "
                                         "rule 'Tag' set"), note)
 
+    def test_only_what_a_condition_tests_is_kept_as_found(self):
+        # A step keeps (state file, each step) only the changes a rule reads back.
+        rules = parse_rules({"rule": [
+            {"name": "Bank", "from": "@bank.example", "star": True, "mark_read": True,
+             "label": "Bank", "continue": True},
+            {"name": "Old", "not": {"starred": True}, "archive": True}]})
+        self.assertEqual(rules.state_read(), {"\\Flagged"})
+        rules = parse_rules({"rule": [
+            {"name": "Bank", "from": "@bank.example", "star": True, "label": "Bank",
+             "continue": True},
+            {"name": "Q", "gmail_query": "is:important", "archive": True}]})
+        self.assertEqual(rules.state_read(), {"\\Flagged", "Bank"})   # a search: any of it
+        self.assertEqual(parse_rules(BENCH_RULES).state_read(), frozenset())
+
     def test_a_gmail_search_for_state_is_named_too(self):
         (note,) = self.notes({"name": "Q", "gmail_query": "in:inbox -is:starred",
                               "star": True, "label": "Seen"})
@@ -14269,6 +14283,20 @@ class AsFoundTest(StateTestCase):
                 self.assertNotIn("unfinished", after)   # the mark passed them all
                 self.assertEqual(after, state_snapshot(clean_dir)["accounts"][
                     gc.account_key(USER, "127.0.0.1", clean.port)])
+
+    def test_a_step_keeps_only_the_changes_a_rule_tests(self):
+        rules = gc.parse_rules({"rule": [
+            {"name": "Bank", "from": "@bank.example", "star": True, "mark_read": True,
+             "label": "Bank", "continue": True},
+            {"name": "Old", "subject": "old", "not": {"starred": True}, "archive": True}]},
+            "rules.json")
+        self.server.add_message(make_message("old statement", sender="Bank <b@bank.example>"))
+        with mock.patch.object(gc._WriteFlight, "move", side_effect=KeyboardInterrupt):
+            with self.assertRaises(KeyboardInterrupt):
+                self.run_once(rules)
+        found = state_snapshot(self.state_dir)["accounts"][gc.account_key(
+            USER, "127.0.0.1", self.server.port)]["unfinished"]["INBOX"]["found"]
+        self.assertEqual(found, {"1": {"flags": {"\\Flagged": False}, "labels": {}}})
 
     def test_a_gmail_search_is_judged_as_the_stopped_run_found_it_too(self):
         # The server answers a search from the mail as it is now: after a stop between the

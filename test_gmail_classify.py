@@ -14288,7 +14288,7 @@ class AsFoundTest(StateTestCase):
         rules = gc.parse_rules({"rule": [
             {"name": "Bank", "from": "@bank.example", "star": True, "mark_read": True,
              "label": "Bank", "continue": True},
-            {"name": "Old", "subject": "old", "not": {"starred": True}, "archive": True}]},
+            {"name": "Old", "subject": "old", "not": {"starred": True}, "move": "Old"}]},
             "rules.json")
         self.server.add_message(make_message("old statement", sender="Bank <b@bank.example>"))
         with mock.patch.object(gc._WriteFlight, "move", side_effect=KeyboardInterrupt):

@@ -5963,11 +5963,32 @@ class GmailQuery(Condition):
         return cls(query)
 
     # Search operators that read what rules change: flags (is:unread, is:starred), labels
-    # (label:, in:, has:userlabels...).
-    _READS_STATE = re.compile(r"(?i)(?:^|[\s(){}-])(?:is|label|in|has|l):")
+    # (label:, l:, in:, has:userlabels).
+    _READS_STATE = re.compile(r'(?i)(?:^|[\s(){}-])(is|label|in|has|l):("[^"]*"|[^\s(){}]+)')
+    _IS_FLAG = {"unread": "\\Seen", "read": "\\Seen", "starred": "\\Flagged",
+                "important": "\\Important"}
+
+    def _reads(self) -> frozenset:
+        """What the search reads that rules can change: IMAP flags and Gmail's system
+        labels (\\Seen, \\Inbox...), label names as Gmail compares them (_search_label),
+        and "*" for any label of the user's (has:userlabels, has:nouserlabels)."""
+        found = set()
+        for operator, value in self._READS_STATE.findall(self.query):
+            operator, value = operator.lower(), value.strip('"')
+            if operator == "is":
+                found.add(self._IS_FLAG.get(value.lower(), ""))
+            elif operator == "has":
+                found.add("*" if value.lower() in ("userlabels", "nouserlabels") else "")
+            elif operator == "in" and value.lower() == "inbox":
+                found.add("\\Inbox")
+            else:
+                found.add(_search_label(value))
+        return frozenset(found - {""})
 
     def reads_changed(self, flags: frozenset, labels: frozenset) -> Optional[str]:
-        if (flags or labels) and self._READS_STATE.search(self.query):
+        reads = self._reads()
+        if any(flag in reads for flag in flags) or ("*" in reads and labels) or any(
+                _search_label(label) in reads or label in reads for label in labels):
             return self.describe()
         return None
 
@@ -5987,6 +6008,11 @@ class GmailQuery(Condition):
 
     def describe(self) -> str:
         return f"gmail query {json.dumps(self.query, ensure_ascii=False)}"
+
+
+def _search_label(name: str) -> str:
+    """A label name as Gmail's search compares it: caseless, '/', ' ' and '-' alike."""
+    return re.sub(r"[/\s-]+", "-", name.strip().lower())
 
 
 def _unbalanced_query(query: str) -> Optional[str]:
@@ -9566,6 +9592,11 @@ class _FolderRun:
         # Rules that test a flag or label they change judge messages a stopped run changed
         # part way by what that run found, so that a rerun decides as the uncut run did.
         self.state_read = self.rules.state_read()
+        # The Gmail searches among the rules that read what rules change (see GmailQuery).
+        self.state_queries = sorted({cond.query for rule in self.rules.rules
+                                     for cond in _walk(rule.condition)
+                                     if isinstance(cond, GmailQuery) and cond.reads_changed(
+                                         self.state_read, self.state_read)})
         loops = bool(self.state_read)
         self.as_found = self.checkpoint.unfinished(self.status, "found") if loops else {}
         self.keeps_found = loops and self.apply and self.checkpoint.writes_ahead
@@ -9668,8 +9699,7 @@ class _FolderRun:
                 infos[uid] = dataclasses.replace(
                     info, flags=_as_found(info.flags, found["flags"]),
                     labels=_as_found(info.labels, found["labels"]),
-                    queries=info.queries if info.queries is None or "queries" not in found
-                    else frozenset(found["queries"]))
+                    queries=_as_found(info.queries, found.get("queries") or {}))
         shown: Dict[int, _Shown] = {}
         decisions = self._decide(infos, shown)
         for uid in sorted(decisions):
@@ -10056,9 +10086,15 @@ class _FolderRun:
                                       if key[0] == "label" and labels is not None
                                       and key[1] in read}}
                 if touched["flags"] or touched["labels"]:
+                    if queries is not None and self.state_queries:   # the server's answers
+                        touched["queries"] = {q: q in queries for q in self.state_queries}
+                    # What a run before this one kept stays: it saw the message before
+                    # that run changed it, which this step's plan no longer shows.
+                    earlier = self.as_found.get(uid) or {}
+                    for part in ("flags", "labels", "queries"):
+                        if isinstance(earlier.get(part), dict):
+                            touched[part] = dict(touched.get(part) or {}, **earlier[part])
                     found[uid] = touched
-                    if queries is not None and self.queries:    # the server's answers
-                        touched["queries"] = sorted(queries)
         if found:
             self.checkpoint.keep_unfinished(self.conn, self.status, "found", found)
         self.checkpoint.intend(self.conn, self._intents(step))
@@ -10937,8 +10973,9 @@ class FolderState:
 # What a step keeps in the state file of messages it is about to change, for the next run
 # should it not end (StateStore.add_unfinished, Checkpoint.unfinished): the key -> a check
 # of one message's value, as the file is read.  "found": whether it had each flag and
-# label the step changes, as the rules judged it, and on Gmail the searches it was found
-# by (rules that test what they change, see Ruleset.state_loops); "copies": the
+# label the step changes that a rule tests, as the rules judged it, and on Gmail whether
+# each search that reads them found it (rules that test what they change, see
+# Ruleset.state_loops); "copies": the
 # folder a move without MOVE copies it into, and that folder's UIDNEXT before the COPY
 # (see _SafeCopy.copy_then_delete).
 _UNFINISHED: Dict[str, Callable[[Any], bool]] = {
@@ -10946,17 +10983,18 @@ _UNFINISHED: Dict[str, Callable[[Any], bool]] = {
         isinstance(kept.get(key), dict) and all(isinstance(name, str) and type(had) is bool
                                                  for name, had in kept[key].items())
         for key in ("flags", "labels")) and (
-        "queries" not in kept or (isinstance(kept["queries"], list)
-                                  and all(isinstance(q, str) for q in kept["queries"]))),
+        "queries" not in kept or (isinstance(kept["queries"], dict) and all(
+            isinstance(query, str) and type(hit) is bool
+            for query, hit in kept["queries"].items()))),
     "copies": lambda kept: isinstance(kept, dict) and isinstance(kept.get("to"), str) and (
         kept.get("since") is None or (type(kept["since"]) is int and kept["since"] > 0)),
 }
 
 
 def _as_found(now: Optional[frozenset], found: Mapping[str, bool]) -> Optional[frozenset]:
-    """Flags or labels as a message has them ``now``, but those a stopped step changed
-    (``found``: each one's presence before it) as they were: what the user changed since
-    counts, what the step did does not."""
+    """Flags, labels or the searches that found it, as a message has them ``now``, but
+    those a stopped step changed (``found``: each one's presence before it) as they were:
+    what the user changed since counts, what the step did does not."""
     if now is None or not found:
         return now
     return frozenset(name for name in set(now) | set(found) if found.get(name, name in now))

@@ -9324,11 +9324,18 @@ class StateLoopsTest(unittest.TestCase):
         rules = parse_rules({"rule": [
             {"name": "Bank", "from": "@bank.example", "star": True, "label": "Bank",
              "continue": True},
-            {"name": "Q", "gmail_query": "is:important", "archive": True}]})
-        self.assertEqual(rules.state_read(), {"\\Flagged", "Bank"})   # a search: any of it
+            {"name": "Q", "gmail_query": "is:starred OR label:bank", "archive": True},
+            {"name": "R", "gmail_query": "is:important -label:vip", "archive": True}]})
+        # A search reads what its is:, label:, l:, in: and has: name, as Gmail compares it.
+        self.assertEqual(rules.state_read(), {"\\Flagged", "Bank"})
         self.assertEqual(parse_rules(BENCH_RULES).state_read(), frozenset())
 
     def test_a_gmail_search_for_state_is_named_too(self):
+        self.assertEqual(gc.GmailQuery("in:inbox -is:starred OR is:read")._reads(),
+                         {"\\Inbox", "\\Flagged", "\\Seen"})
+        self.assertEqual(gc.GmailQuery('l:"Work/Urgent" has:userlabels from:x')._reads(),
+                         {"work-urgent", "*"})
+        self.assertEqual(gc.GmailQuery("from:is:x subject:label")._reads(), frozenset())
         (note,) = self.notes({"name": "Q", "gmail_query": "in:inbox -is:starred",
                               "star": True, "label": "Seen"})
         self.assertTrue(note.startswith('rule \'Q\' tests gmail query "in:inbox -is:starred", '
@@ -14298,6 +14305,53 @@ class AsFoundTest(StateTestCase):
             USER, "127.0.0.1", self.server.port)]["unfinished"]["INBOX"]["found"]
         self.assertEqual(found, {"1": {"flags": {"\\Flagged": False}, "labels": {}}})
 
+    def test_a_second_stop_keeps_what_the_first_run_found(self):
+        # Run 1 marks read, then loses the link before the star; run 2 plans only the star
+        # (the message is read already) and is stopped before the move.  Had its entry
+        # replaced run 1's, run 3 would see the message read and never move it.
+        rules = gc.parse_rules({"rule": [{"name": "News", "subject": "news", "unread": True,
+                                          "not": {"starred": True}, "mark_read": True,
+                                          "star": True, "move": "News"}]}, "rules.json")
+        self.server.add_message(make_message("news 1"))
+        self.server.add_fault("UID STORE", nth=2, action="drop")
+        with self.assertRaises(gc.GmailClassifyError):
+            self.run_once(rules, retries=0)
+        self.assertEqual([m.flags for m in self.server.messages("INBOX")], [{"\\Seen"}])
+        with mock.patch.object(gc._WriteFlight, "move", side_effect=KeyboardInterrupt):
+            with self.assertRaises(KeyboardInterrupt):
+                self.run_once(rules)
+        self.assertEqual([m.flags for m in self.server.messages("INBOX")],
+                         [{"\\Seen", "\\Flagged"}])
+        found = state_snapshot(self.state_dir)["accounts"][gc.account_key(
+            USER, "127.0.0.1", self.server.port)]["unfinished"]["INBOX"]["found"]
+        self.assertEqual(found["1"]["flags"], {"\\Seen": False, "\\Flagged": False})
+        self.run_once(rules)
+        self.assertEqual((self.server.uids("INBOX"), len(self.server.uids("News"))), ([], 1))
+
+    def test_a_search_reads_only_what_it_names_and_the_users_own_changes_count(self):
+        # The user labels the message VIP after the stop: "label:VIP" reads nothing the
+        # rules change, so the server's answer now counts, as has_label's would.
+        for condition in ({"has_label": "VIP"}, {"gmail_query": "label:VIP"}):
+            with self.subTest(**condition):
+                self.server = FakeGmail().start()
+                self.addCleanup(self.server.stop)
+                self.state_dir = os.path.join(self.tmp, "state-" + next(iter(condition)))
+                rules = gc.parse_rules({"rule": [
+                    dict(condition, name="VIP", move="VIP"),
+                    {"name": "News", "subject": "news", "gmail_query": "is:unread",
+                     "mark_read": True, "move": "News"}]}, "rules.json")
+                self.server.add_message(make_message("news 1"))
+                with mock.patch.object(gc._WriteFlight, "move", side_effect=KeyboardInterrupt):
+                    with self.assertRaises(KeyboardInterrupt):
+                        self.run_once(rules)
+                conn = self.connect()
+                conn.select("INBOX")
+                conn._call("UID STORE", "1", "+X-GM-LABELS", "(VIP)")
+                conn.close()
+                self.run_once(rules)
+                self.assertEqual((len(self.server.uids("VIP")), self.server.uids("News")),
+                                 (1, []))
+
     def test_a_gmail_search_is_judged_as_the_stopped_run_found_it_too(self):
         # The server answers a search from the mail as it is now: after a stop between the
         # flags and the moves, "is:unread" no longer found the messages marked read, and
@@ -14318,7 +14372,7 @@ class AsFoundTest(StateTestCase):
         found = state_snapshot(self.state_dir)["accounts"][gc.account_key(
             USER, "127.0.0.1", self.server.port)]["unfinished"]["INBOX"]["found"]
         self.assertEqual(found["1"], {"flags": {"\\Seen": False}, "labels": {},
-                                      "queries": ["is:unread"]})
+                                      "queries": {"is:unread": True}})
         self.run_once(rules)
         self.assertEqual(self.server.uids("INBOX"), [])
         self.assertEqual(len(self.server.uids("News")), 3)

@@ -12499,7 +12499,23 @@ class Undo:
         finally:
             self._report(work)     # what was done, also when stopped half way
             self._remember_restored(conn, work)
+        self._forget_unfinished()
         self._delete_created_folders(conn, {} if self.apply else self._leaving(work))
+
+    def _forget_unfinished(self) -> None:
+        """What the undone run's steps kept for a run after them (flags as found, copies
+        maybe made) is moot once its changes are taken back: a later run must judge the
+        mail as it is now, the user's changes included."""
+        if not self.apply:
+            return
+        places: Dict[Tuple[str, int], List[int]] = {}
+        for record in self.messages:
+            folder, uidvalidity, uid = (record.get("folder"), record.get("uidvalidity"),
+                                        record.get("uid"))
+            if isinstance(folder, str) and type(uidvalidity) is int and type(uid) is int:
+                places.setdefault((folder, uidvalidity), []).append(uid)
+        for (folder, uidvalidity), uids in places.items():
+            self.run.store.finish_unfinished(self.run.account, folder, uidvalidity, uids)
 
     def _vet(self, conn: GmailConnection, work: Dict[int, Dict[str, List[Any]]]) -> None:
         """Take out of the undo every change no run can have made (a forged or damaged

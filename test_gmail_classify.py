@@ -14352,6 +14352,26 @@ class AsFoundTest(StateTestCase):
                 self.assertEqual((len(self.server.uids("VIP")), self.server.uids("News")),
                                  (1, []))
 
+    def test_an_undo_of_the_stopped_run_leaves_nothing_to_judge_by(self):
+        # Taken back, the stopped run's view of the mail is moot: the user reads the
+        # message after the undo, and a run with --all must see it read.
+        rules = gc.parse_rules({"rule": [{"name": "News", "subject": "news", "unread": True,
+                                          "mark_read": True, "move": "News"}]}, "rules.json")
+        self.server.add_message(make_message("news 1"))
+        with mock.patch.object(gc._WriteFlight, "move", side_effect=KeyboardInterrupt):
+            with self.assertRaises(KeyboardInterrupt):
+                self.run_once(rules)
+        account = gc.account_key(USER, "127.0.0.1", self.server.port)
+        self.assertIn("unfinished", state_snapshot(self.state_dir)["accounts"][account])
+        UndoTest.undo(self)
+        self.assertNotIn("unfinished", state_snapshot(self.state_dir)["accounts"][account])
+        conn = self.connect()
+        conn.select("INBOX")
+        conn.add_flags(conn.search(["ALL"]), ["\\Seen"])       # the user reads it
+        conn.close()
+        self.run_once(rules, reclassify=True)
+        self.assertEqual(len(self.server.uids("INBOX")), 1)
+
     def test_a_gmail_search_is_judged_as_the_stopped_run_found_it_too(self):
         # The server answers a search from the mail as it is now: after a stop between the
         # flags and the moves, "is:unread" no longer found the messages marked read, and

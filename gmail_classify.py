@@ -12760,23 +12760,28 @@ class Undo:
                          self._LOOKS[0]) or b""), "message-id")).strip()
                      == (self.messages[i].get("message_id") or None)}
             originals.update({i: (home, uid) for i, uid in there.items()})
-            if there and self.apply:
-                conn.remove_flags(sorted(there.values()), ["\\Deleted"])
         if not originals:
             self._open(conn, folder)
             return
         copies = {i: found.pop(i) for i in originals}
         unmoved.update(copies)
         pairs = [(i, _inverse_change(self._moved(self.messages[i])[2])) for i in copies]
+        exact = conn.has("UIDPLUS")     # a UID EXPUNGE of exactly the copies
+        self._intend(conn, pairs if exact else [])      # before the first write
+        if self.apply:      # the originals' \\Deleted, if the run set it, goes first
+            for home in homes:
+                mine = sorted(uid for place, uid in originals.values() if place == home)
+                if mine:
+                    self._open(conn, home)
+                    conn.remove_flags(mine, ["\\Deleted"])
         self._open(conn, folder)
-        if not conn.has("UIDPLUS"):
+        if not exact:
             for i in copies:
                 work[i]["alone"].append(f"copied to {folder} but never removed from "
                                         f"{originals[i][0]} (the run stopped between the two): "
                                         f"{conn.host} lacks UIDPLUS, so the copy in {folder} "
                                         f"(UID {copies[i]}) stays; delete it by hand")
             return
-        self._intend(conn, pairs)
         if self.apply:
             conn.stop.check(f"before deleting copies in {folder}")
             conn.add_flags(sorted(copies.values()), ["\\Deleted"])

@@ -14796,7 +14796,8 @@ def _sieve_matcher(headers: Sequence[str], matcher: Matcher, addresses: bool,
         if pattern.regex is None:
             continue
         whole = _whole_text(pattern.text)
-        if addresses and whole != pattern.text and whole.isascii() and "@" in whole:
+        if addresses and whole != pattern.text and whole.isascii() and "@" in whole and \
+                pattern.text == _whole_pattern(whole, "" if whole.startswith("@") else "(^|<)"):
             # What suggest and learn write (_whole_pattern): one address, or the domain of
             # one, compared whole, as Sieve's address test does for each address.
             part, value = (":domain", whole[1:]) if whole.startswith("@") else (":all", whole)

@@ -19328,6 +19328,14 @@ class SieveExportTest(unittest.TestCase):
         self.assertEqual((code, err), (0, ""))
         self.assertIn('if address :all :is "from" "noreply@github.com" {', out)
         self.assertIn('if address :domain :is "from" "friends.example" {', out)
+        # A hand-written regex of the same ending is not one of them: it stays a regex
+        # (and an anchored one on an address header cannot be exported).
+        for hand in ("/.*@bank\\.example>?$/i", "/(^|<)(alice|eve)@bank\\.example>?$/i",
+                     "/a@b\\.example>?$/i"):
+            path = self.write("hand.json", {"rule": [{"name": "H", "from": hand, "label": "H"}]})
+            code, out_hand, err = run_cli("export", path, "--format", "sieve")
+            self.assertEqual(code, gc.EXIT_USAGE, out_hand)
+            self.assertIn("is anchored", err)
         corpus = [f"From: {sender}\r\nList-Id: {list_id}\r\nSubject: s\r\n\r\nb\r\n".encode()
                   for sender, list_id in (
                       ("GitHub <NoReply@GitHub.com>", "x <other.example>"),

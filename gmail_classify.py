@@ -12701,9 +12701,12 @@ class Undo:
         conn.stop.check(f"before looking in {folder}")     # safe points: see Stop
         found = self._locate(conn, folder, indexes, lambda r: self._moved(r)[1].get("uid"),
                              lambda i: self._place_of(i, self._moved(self.messages[i])[2]))
-        # Only without MOVE can a move be half made (a MOVE is whole or not at all).
-        half = [i for i in found if self.messages[i].get("maybe")] \
-            if not conn.is_gmail and not conn.has("MOVE") else []
+        # Only a move made without MOVE can be half made (a MOVE is whole or not at all):
+        # one the run kept as copied (_FolderRun.copying), or any where the server has no
+        # MOVE now (a run from before such records were kept).
+        half = [i for i in found if self.messages[i].get("maybe")
+                and (not conn.has("MOVE") or self._copied_by_run(i))] \
+            if not conn.is_gmail else []
         if half:
             self._drop_half_moves(conn, folder, half, found, work, unmoved)
         for i in indexes:
@@ -12731,6 +12734,15 @@ class Undo:
         for destination, items in back.items():
             self._move_back_to(conn, folder, destination, {i: found[i] for i in items},
                                work, gone)
+
+    def _copied_by_run(self, i: int) -> bool:
+        """Whether the run kept message ``i``'s move as a COPY it made (see copying)."""
+        before = self._moved(self.messages[i])[0]
+        if type(before.get("uidvalidity")) is not int or not isinstance(before.get("folder"), str):
+            return False
+        kept = self.run.store.unfinished(self.run.account, before["folder"],
+                                         before["uidvalidity"], "copies")
+        return before.get("uid") in kept
 
     def _drop_half_moves(self, conn: GmailConnection, folder: str, half: List[int],
                          found: Dict[int, int], work: Dict[int, Dict[str, List[Any]]],

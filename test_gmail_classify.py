@@ -14850,8 +14850,11 @@ class UndoSafetyTest(StateTestCase):
         # cut run must drop the copies rather than bring them back beside the originals.
         subjects = [f"receipt {n}" for n in range(4)]
         for kind, undo_first, when in (("uidplus", False, "before"), ("uidplus", True, "before"),
-                                       ("uidplus", True, "after"), ("neither", True, "before")):
+                                       ("uidplus", True, "after"), ("neither", True, "before"),
+                                       ("uidplus", True, "gains MOVE")):
             with self.subTest(kind=kind, undo_first=undo_first, when=when):
+                moves_later = when == "gains MOVE"      # the server is upgraded meanwhile
+                when = "before" if moves_later else when
                 self.use(kind=kind)
                 more = ["--allow-expunge"] if kind == "neither" else []
                 self.tmp = tempfile.mkdtemp()
@@ -14875,6 +14878,7 @@ class UndoSafetyTest(StateTestCase):
                     self.assertEqual(self.subjects("Receipts"), subjects)
                     continue
                 if undo_first:
+                    self.server.move = self.server.move or moves_later
                     code, out, err = self.cli("undo", "--apply")
                     self.assertEqual(code, gc.EXIT_OK, err)
                     self.assertEqual(sorted(self.subjects("INBOX")), sorted(subjects + ["hello"]))

@@ -11182,9 +11182,10 @@ class StateStore:
                           uids: Iterable[int]) -> None:
         """Forget, at the next save(), what add_unfinished() kept of these messages: the
         changes it was kept for are all made."""
-        gone = dict.fromkeys(uids)
-        if gone:
-            for kind in _UNFINISHED:
+        for kind in _UNFINISHED:
+            kept = self.unfinished(account, folder, uidvalidity, kind)   # mostly none
+            gone = dict.fromkeys(uid for uid in uids if uid in kept)
+            if gone:
                 self.add_unfinished(account, folder, uidvalidity, kind, gone)
 
     def today(self) -> str:

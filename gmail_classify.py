@@ -9167,12 +9167,14 @@ class Checkpoint:
                         entries: Mapping[int, Any]) -> None:
         """With ``apply``, before the changes they are about: what the next run must know of
         these messages should the step not end (see unfinished).  Must make it durable
-        before returning; kept until the folder's mark passes the messages."""
+        before returning; kept until a run's mark passes the messages (finished) or an
+        undo takes the run back."""
 
-    def finished(self, status: FolderStatus, uids: Sequence[int]) -> None:
-        """With ``apply``: a step made every change it planned for these messages, so what
-        keep_unfinished kept of them can go (with the next step_done), whether or not the
-        mark moves (a --since or --limit run never moves it)."""
+    def finished(self, status: FolderStatus, mark: int) -> None:
+        """With ``apply``, before step_done: every message up to ``mark`` is settled (the
+        mark this run reached, also below the folder's stored mark in a run with --all),
+        so what keep_unfinished kept of them can go.  A --since or --limit run reaches no
+        mark: what it kept stays for the run that next classifies those messages."""
 
     def before_fetch(self, conn: GmailConnection) -> None:
         """Called before each FETCH batch; raise RunStopped to end the run here."""
@@ -10171,9 +10173,8 @@ class _FolderRun:
             report.mark = mark
         if step.content_skips:
             checkpoint.content_skipped(self.status, step.content_skips)  # before the mark
-        if ok and self.apply:   # all made: nothing of these is left to finish, mark or not
-            stayed = set(report.expunge_stayed)     # copied, yet still here: not finished
-            checkpoint.finished(self.status, [uid for uid in step.decisions if uid not in stayed])
+        if self.apply and mark is not None:     # settled up to the mark: nothing to finish
+            checkpoint.finished(self.status, mark)
         checkpoint.step_done(self.conn, self.status, mark, outcomes)
         if self.listeners.on_message is not None:
             for outcome in outcomes:
@@ -11000,9 +11001,10 @@ def _as_found(now: Optional[frozenset], found: Mapping[str, bool]) -> Optional[f
     return frozenset(name for name in set(now) | set(found) if found.get(name, name in now))
 
 
-def _drop_unfinished_passed(account: Dict[str, Any]) -> None:
-    """Forget what steps kept of messages (StateStore.add_unfinished) that an account's
-    folder marks have passed since, and all of it for folders renumbered since."""
+def _drop_unfinished_renumbered(account: Dict[str, Any]) -> None:
+    """Forget what steps kept (StateStore.add_unfinished) for folders renumbered since,
+    and the empty tables.  What is settled goes by finish_unfinished, not by the stored
+    mark: a run with --all works below it."""
     places = account.get("unfinished")
     if not places:
         return
@@ -11012,12 +11014,8 @@ def _drop_unfinished_passed(account: Dict[str, Any]) -> None:
         if state is not None and state["uidvalidity"] != place["uidvalidity"]:
             del places[name]
             continue
-        mark = state["mark"] if state is not None else 0
         for kind in _UNFINISHED:
-            kept = {uid: value for uid, value in place.get(kind, {}).items() if int(uid) > mark}
-            if kept:
-                place[kind] = kept
-            else:
+            if not place.get(kind):
                 place.pop(kind, None)
         if not any(kind in place for kind in _UNFINISHED):
             del places[name]
@@ -11159,7 +11157,7 @@ class StateStore:
     def unfinished(self, account: str, folder: str, uidvalidity: int, kind: str
                    ) -> Dict[int, Any]:
         """UID -> what add_unfinished() kept under ``kind`` for ``folder`` as numbered by
-        ``uidvalidity``, that no mark has passed since."""
+        ``uidvalidity`` and has not forgotten since (finish_unfinished)."""
         saved = self._data["accounts"].get(account, {}).get("unfinished", {}).get(folder)
         found = {int(uid): value for uid, value in saved.get(kind, {}).items()} \
             if isinstance(saved, dict) and saved.get("uidvalidity") == uidvalidity else {}
@@ -11172,19 +11170,20 @@ class StateStore:
                        entries: Mapping[int, Any]) -> None:
         """Keep, under ``kind`` (a row of _UNFINISHED), what a step about to change these
         messages of ``folder`` (UID -> a JSON value) wants the next run to know should the
-        step not end.  Written by the next save(), which drops what the mark has passed."""
+        step not end.  Written by the next save(); forgotten by finish_unfinished()."""
         kept = self._unfinished.get((account, folder, kind))
         if kept is None or kept[0] != uidvalidity:
             kept = self._unfinished[(account, folder, kind)] = (uidvalidity, {})
         kept[1].update(entries)
 
     def finish_unfinished(self, account: str, folder: str, uidvalidity: int,
-                          uids: Iterable[int]) -> None:
-        """Forget, at the next save(), what add_unfinished() kept of these messages: the
-        changes it was kept for are all made."""
+                          uids: Iterable[int] = (), *, up_to: int = 0) -> None:
+        """Forget, at the next save(), what add_unfinished() kept of these messages (and
+        of every one up to UID ``up_to``): nothing is left to finish for them."""
+        wanted = set(uids)
         for kind in _UNFINISHED:
             kept = self.unfinished(account, folder, uidvalidity, kind)   # mostly none
-            gone = dict.fromkeys(uid for uid in uids if uid in kept)
+            gone = dict.fromkeys(uid for uid in kept if uid in wanted or uid <= up_to)
             if gone:
                 self.add_unfinished(account, folder, uidvalidity, kind, gone)
 
@@ -11272,7 +11271,7 @@ class StateStore:
                     counts = account.get(key, {})
                     for day in [d for d in counts if d < horizon]:
                         del counts[day]
-                _drop_unfinished_passed(account)
+                _drop_unfinished_renumbered(account)
             # A name the server sent in 8-bit bytes holds lone surrogates (surrogateescape):
             # JSON's \\u escapes keep them, where UTF-8 cannot (as the audit log does).
             text = json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
@@ -11934,9 +11933,10 @@ class Run(Checkpoint):
             self._count_bytes(conn)
             self.store.save()
 
-    def finished(self, status: FolderStatus, uids: Sequence[int]) -> None:
+    def finished(self, status: FolderStatus, mark: int) -> None:
         if self.apply:
-            self.store.finish_unfinished(self.account, status.name, status.uidvalidity, uids)
+            self.store.finish_unfinished(self.account, status.name, status.uidvalidity,
+                                         up_to=mark)
 
     def before_fetch(self, conn: GmailConnection) -> None:
         self._count_bytes(conn)

@@ -14397,29 +14397,45 @@ class AsFoundTest(StateTestCase):
         self.assertEqual(self.server.uids("INBOX"), [])
         self.assertEqual(len(self.server.uids("News")), 3)
 
-    def test_a_step_that_made_all_its_changes_leaves_nothing_behind_mark_or_not(self):
-        # A --limit (or --since) run never moves the mark; its entries went only when a
-        # mark passed them, so they outlived it, and a later run judged the message by
-        # them, not by the star the user gave it since (the review of this session's work).
+    def test_what_a_narrowed_run_kept_serves_the_next_full_run_then_goes(self):
+        # A --limit (or --since) run reaches no mark: the next full run classifies its
+        # messages again and must judge them as the narrowed run did (unread), not by what
+        # it changed (read: the second rule would then move it); once that run's mark
+        # passes them, what was kept goes.
         rules = gc.parse_rules({"rule": [
-            {"name": "Tag", "subject": "hello", "label": "Hi", "continue": True},
-            {"name": "Bank", "from": "@bank.example", "star": True, "continue": True},
-            {"name": "Imp", "starred": True, "has_label": "Hi", "move": "Important"}]},
-            "rules.json")
-        self.assertTrue(rules.state_loops())
-        self.server.add_message(make_message("hello there"))
+            {"name": "News", "subject": "news", "unread": True, "mark_read": True,
+             "label": "News"},
+            {"name": "Read", "subject": "news", "move": "Read"}]}, "rules.json")
+        self.server.add_message(make_message("news 1"))
         self.run_once(rules, limit=10)
-        account = state_snapshot(self.state_dir)["accounts"][
-            gc.account_key(USER, "127.0.0.1", self.server.port)]
-        self.assertNotIn("unfinished", account)
-        self.assertNotIn("INBOX", account.get("folders", {}))       # no mark was set
-        conn = self.connect()
-        conn.select("INBOX")
-        conn.add_flags(conn.search(["ALL"]), ["\\Flagged"])         # the user stars it
-        conn.close()
+        account = gc.account_key(USER, "127.0.0.1", self.server.port)
+        state = state_snapshot(self.state_dir)["accounts"][account]
+        self.assertEqual(state["unfinished"]["INBOX"]["found"],
+                         {"1": {"flags": {"\\Seen": False}, "labels": {}}})
+        self.assertNotIn("INBOX", state.get("folders", {}))        # no mark was set
         self.run_once(rules)
-        self.assertEqual(self.server.uids("INBOX"), [])
-        self.assertEqual(len(self.server.uids("Important")), 1)
+        self.assertEqual(len(self.server.uids("INBOX")), 1)
+        self.assertNotIn("Read", self.server.folder_names())
+        self.assertNotIn("unfinished", state_snapshot(self.state_dir)["accounts"][account])
+
+    def test_a_run_with_all_keeps_what_it_needs_below_the_stored_mark(self):
+        # --all works below the folder's mark: kept entries went at once on save, by the
+        # stored mark, so a stopped --all rerun judged by the changed state (third review).
+        rules = gc.parse_rules({"rule": [{"name": "News", "subject": "news", "unread": True,
+                                          "mark_read": True, "move": "News"}]}, "rules.json")
+        self.server.add_message(make_message("news 1"))
+        self.run_once(gc.parse_rules({"rule": [{"name": "X", "subject": "nothing",
+                                                 "label": "X"}]}, "rules.json"))
+        self.assertEqual(self.mark().mark, 1)
+        with mock.patch.object(gc._WriteFlight, "move", side_effect=KeyboardInterrupt):
+            with self.assertRaises(KeyboardInterrupt):
+                self.run_once(rules, reclassify=True)
+        account = gc.account_key(USER, "127.0.0.1", self.server.port)
+        self.assertEqual(state_snapshot(self.state_dir)["accounts"][account]["unfinished"][
+            "INBOX"]["found"], {"1": {"flags": {"\\Seen": False}, "labels": {}}})
+        self.run_once(rules, reclassify=True)
+        self.assertEqual((self.server.uids("INBOX"), len(self.server.uids("News"))), ([], 1))
+        self.assertNotIn("unfinished", state_snapshot(self.state_dir)["accounts"][account])
 
     def test_only_what_the_stopped_step_changed_is_taken_back_for_judging(self):
         # What the user changed since (a star of their own) counts; what the step did not.

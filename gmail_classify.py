@@ -12500,10 +12500,10 @@ class Undo:
         finally:
             self._report(work)     # what was done, also when stopped half way
             self._remember_restored(conn, work)
-        self._forget_unfinished()
+        self._forget_unfinished(conn)
         self._delete_created_folders(conn, {} if self.apply else self._leaving(work))
 
-    def _forget_unfinished(self) -> None:
+    def _forget_unfinished(self, conn: GmailConnection) -> None:
         """What the undone run's steps kept for a run after them (flags as found, copies
         maybe made) is moot once its changes are taken back: a later run must judge the
         mail as it is now, the user's changes included."""
@@ -12514,7 +12514,7 @@ class Undo:
             folder, uidvalidity, uid = (record.get("folder"), record.get("uidvalidity"),
                                         record.get("uid"))
             if isinstance(folder, str) and type(uidvalidity) is int and type(uid) is int:
-                places.setdefault((folder, uidvalidity), []).append(uid)
+                places.setdefault((conn.server_name(folder), uidvalidity), []).append(uid)
         for (folder, uidvalidity), uids in places.items():
             self.run.store.finish_unfinished(self.run.account, folder, uidvalidity, uids)
 
@@ -12907,7 +12907,10 @@ class Undo:
         return None
 
     def _open(self, conn: GmailConnection, folder: str) -> FolderStatus:
-        return conn.select(folder) if self.apply else conn.examine(folder)
+        """Open ``folder``: a message record names its folder as the rules did ("Lists"),
+        the server may call it "INBOX.Lists" (server_name leaves a server's name as it is)."""
+        name = conn.server_name(folder)
+        return conn.select(name) if self.apply else conn.examine(name)
 
     def _locate(self, conn: GmailConnection, folder: str, indexes: List[int],
                 uid_of: Callable[[Mapping[str, Any]], Optional[int]],

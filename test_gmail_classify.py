@@ -14940,6 +14940,26 @@ class UndoSafetyTest(StateTestCase):
                 self.assertEqual(sorted(sorted(m.flags) for m in self.server.messages("INBOX")),
                                  [[], ["\\Flagged"]])
 
+    def test_undo_of_a_folder_under_the_servers_prefix_opens_the_servers_name(self):
+        # The records name the folder as the rules do ("Lists"); on an INBOX. server it is
+        # INBOX.Lists, and the undo's SELECT of "Lists" failed, every time (third review).
+        self.use(kind="inbox-prefix")
+        with open(os.path.join(self.tmp, "rules.json"), "w") as handle:
+            json.dump({"rule": [
+                {"name": "Read", "subject": "news 1", "mark_read": True, "label": "Seen"},
+                {"name": "Move", "subject": "news 2", "move": "Old"}]}, handle)
+        for n in (1, 2):
+            self.server.add_message(make_message(f"news {n}"), folder="INBOX.Lists")
+        code, out, err = self.cli("run", "--apply", "--folder", "Lists")
+        self.assertEqual(code, gc.EXIT_OK, err)
+        self.assertEqual(len(self.server.uids("INBOX.Seen")), 1)
+        code, out, err = self.cli("undo", "--apply")
+        self.assertEqual(code, gc.EXIT_OK, err)
+        self.assertIn("reversed 3 changes; 0 left alone", out + err)
+        self.assertEqual(sorted(sorted(m.flags) for m in self.server.messages("INBOX.Lists")),
+                         [[], []])
+        self.assertNotIn("INBOX.Seen", self.server.folder_names())
+
     def test_undo_keeps_label_copies_whose_folder_of_origin_is_gone(self):
         self.use(kind="move")
         with open(os.path.join(self.tmp, "rules.json"), "w") as handle:

@@ -5923,7 +5923,9 @@ class HasLabel(Condition):
         return None
 
     def reads_changed(self, flags: frozenset, labels: frozenset) -> Optional[str]:
-        hit = self._hit(labels)
+        # On Gmail a star (\\Flagged) shows as the label \\Starred: has_label "Starred"
+        # reads what `star` changes.
+        hit = self._hit(labels | ({"\\Starred"} if "\\Flagged" in flags else set()))
         return hit.replace("has label", "label", 1) if hit else None
 
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
@@ -9698,9 +9700,12 @@ class _FolderRun:
             found = self.as_found.get(uid)
             if found is not None:       # judged as found, planned against what is there
                 self.current[uid] = (info.flags, info.labels)
+                labels = found["labels"]
+                if "\\Flagged" in found["flags"]:     # Gmail's \\Starred is the star
+                    labels = dict({"\\Starred": found["flags"]["\\Flagged"]}, **labels)
                 infos[uid] = dataclasses.replace(
                     info, flags=_as_found(info.flags, found["flags"]),
-                    labels=_as_found(info.labels, found["labels"]),
+                    labels=_as_found(info.labels, labels),
                     queries=_as_found(info.queries, found.get("queries") or {}))
         shown: Dict[int, _Shown] = {}
         decisions = self._decide(infos, shown)

@@ -14372,6 +14372,25 @@ class AsFoundTest(StateTestCase):
         self.run_once(rules, reclassify=True)
         self.assertEqual(len(self.server.uids("INBOX")), 1)
 
+    def test_has_label_starred_reads_the_star_on_gmail(self):
+        # Gmail shows a star (\\Flagged) as the label \\Starred (third review).
+        rules = gc.parse_rules({"rule": [
+            {"name": "Bank", "from": "@bank.example", "star": True, "continue": True},
+            {"name": "Old", "subject": "old", "not": {"has_label": "Starred"},
+             "archive": True}]}, "rules.json")
+        self.assertEqual(rules.state_read(), {"\\Flagged"})
+        clean = FakeGmail().start()
+        self.addCleanup(clean.stop)
+        for server in (clean, self.server):
+            server.add_message(make_message("old statement", sender="Bank <b@bank.example>"))
+        self.run_once(rules, server=clean, state_dir=os.path.join(self.tmp, "clean"))
+        self.server.add_fault("UID STORE", nth=2, action="drop")    # before the archive
+        with self.assertRaises(gc.GmailClassifyError):
+            self.run_once(rules, retries=0)
+        self.assertEqual([m.flags for m in self.server.messages("INBOX")], [{"\\Flagged"}])
+        self.run_once(rules)
+        self.assertEqual(mailbox_snapshot(self.server), mailbox_snapshot(clean))
+
     def test_a_gmail_search_is_judged_as_the_stopped_run_found_it_too(self):
         # The server answers a search from the mail as it is now: after a stop between the
         # flags and the moves, "is:unread" no longer found the messages marked read, and

@@ -5926,6 +5926,12 @@ class HasLabel(Condition):
         # On Gmail a star (\\Flagged) shows as the label \\Starred: has_label "Starred"
         # reads what `star` changes.
         hit = self._hit(labels | ({"\\Starred"} if "\\Flagged" in flags else set()))
+        for label in labels:        # a templated label ("Vendors/{sender_domain}") as a pattern
+            filled = _template_regex(label)
+            if hit is None and filled is not None and any(
+                    filled.fullmatch(p.text) if p.regex is None else p.regex.search(label)
+                    for p in self.matcher.patterns):
+                hit = f"has label like {label}"
         return hit.replace("has label", "label", 1) if hit else None
 
     def evaluate(self, msg: MessageInfo, now: datetime) -> Verdict:
@@ -6010,6 +6016,16 @@ class GmailQuery(Condition):
 
     def describe(self) -> str:
         return f"gmail query {json.dumps(self.query, ensure_ascii=False)}"
+
+
+def _template_regex(label: str) -> Optional[re.Pattern]:
+    """The labels a templated label ("Vendors/{sender_domain}") can be filled in as, as a
+    caseless regex; None for a plain label."""
+    parts = split_template(label) if "{" in label else ()
+    if not any(is_field for is_field, _ in parts):
+        return None
+    return re.compile("".join(".+" if is_field else re.escape(text) for is_field, text in parts),
+                      re.IGNORECASE | re.DOTALL)
 
 
 def _search_label(name: str) -> str:
@@ -9596,6 +9612,9 @@ class _FolderRun:
         # Rules that test a flag or label they change judge messages a stopped run changed
         # part way by what that run found, so that a rerun decides as the uncut run did.
         self.state_read = self.rules.state_read()
+        self.template_patterns = [pattern for pattern in map(_template_regex, self.state_read)
+                                  if pattern is not None]
+        self.labels_read: Dict[str, bool] = {}
         # The Gmail searches among the rules that read what rules change (see GmailQuery).
         self.state_queries = sorted({cond.query for rule in self.rules.rules
                                      for cond in _walk(rule.condition)
@@ -10086,12 +10105,12 @@ class _FolderRun:
         for uid, keys in step.plan.per_uid.items():
             if uid in step.found:       # what the step changes, as the rules found it
                 flags, labels, queries = step.found[uid]
-                read = self.state_read      # what no rule tests need not be kept
+                read = self.read_label      # what no rule tests need not be kept
                 touched = {"flags": {key[1]: key[1] in (flags or ()) for key in keys
-                                     if key[0] in ("flag+", "flag-") and key[1] in read},
+                                     if key[0] in ("flag+", "flag-") and read(key[1])},
                            "labels": {key[1]: key[1] in labels for key in keys
                                       if key[0] == "label" and labels is not None
-                                      and key[1] in read}}
+                                      and read(key[1])}}
                 if touched["flags"] or touched["labels"]:
                     if queries is not None and self.state_queries:   # the server's answers
                         touched["queries"] = {q: q in queries for q in self.state_queries}
@@ -10123,6 +10142,15 @@ class _FolderRun:
         self.applied += len(result)
         if self.listeners.on_applied is not None:
             self.listeners.on_applied(min(self.applied, self.planned), self.planned)
+
+    def read_label(self, name: str) -> bool:
+        """Whether a rule tests the flag or label ``name`` that a step changes: one of
+        state_read, or a label filled in from a templated one there."""
+        known = self.labels_read.get(name)
+        if known is None:
+            known = self.labels_read[name] = name in self.state_read or any(
+                pattern.fullmatch(name) for pattern in self.template_patterns)
+        return known
 
     def copying(self, destination: str, uids: Sequence[int]) -> Dict[int, Optional[int]]:
         """Before a move without MOVE (COPY, \\Deleted, EXPUNGE) of ``uids`` to

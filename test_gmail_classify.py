@@ -14391,6 +14391,31 @@ class AsFoundTest(StateTestCase):
         self.run_once(rules)
         self.assertEqual(mailbox_snapshot(self.server), mailbox_snapshot(clean))
 
+    def test_a_label_filled_in_from_a_template_is_kept_as_found(self):
+        # The rules name "Vendors/{sender_domain}"; the step adds "Vendors/vendor.example",
+        # which was never kept, so the rerun judged the message by it (third review).
+        for has_label in ("/^Vendors\\//", "Vendors/vendor.example"):
+            with self.subTest(has_label=has_label):
+                rules = gc.parse_rules({"rule": [
+                    {"name": "Vend", "from": "@vendor.example", "mark_read": True,
+                     "label": "Vendors/{sender_domain}", "continue": True},
+                    {"name": "Filed", "has_label": has_label, "move": "Filed"}]}, "rules.json")
+                self.assertEqual(rules.state_read(), {"Vendors/{sender_domain}"})
+                clean, server = FakeGmail().start(), FakeGmail().start()
+                self.addCleanup(clean.stop)
+                self.addCleanup(server.stop)
+                for each in (clean, server):
+                    each.add_message(make_message("invoice", sender="V <a@vendor.example>"))
+                self.run_once(rules, server=clean,
+                              state_dir=os.path.join(self.tmp, "clean" + has_label[-3:]))
+                server.add_fault("UID STORE", nth=2, action="drop")     # label made, not read
+                state_dir = os.path.join(self.tmp, "cut" + has_label[-3:])
+                with self.assertRaises(gc.GmailClassifyError):
+                    self.run_once(rules, server=server, state_dir=state_dir, retries=0)
+                self.run_once(rules, server=server, state_dir=state_dir)
+                self.assertEqual(mailbox_snapshot(server), mailbox_snapshot(clean))
+                self.assertEqual(len(server.uids("INBOX")), 1)
+
     def test_a_gmail_search_is_judged_as_the_stopped_run_found_it_too(self):
         # The server answers a search from the mail as it is now: after a stop between the
         # flags and the moves, "is:unread" no longer found the messages marked read, and

@@ -10161,6 +10161,13 @@ class _FolderRun:
         known = self.earlier_copies
         earlier = {uid: known[uid].get("since") for uid in uids
                    if uid in known and known[uid].get("to") == destination}
+        elsewhere = sorted({known[uid].get("to") for uid in uids
+                            if uid in known and known[uid].get("to") != destination})
+        if elsewhere:       # the rules changed since: that copy is not this move's
+            log.warning("%s: a run that stopped may have copied some of these messages to %s "
+                        "before its move was done; now they go to %s, and such a copy stays "
+                        "there: look for it", self.source, ", ".join(map(str, elsewhere)),
+                        destination)
         if self.apply and self.checkpoint.writes_ahead:
             since = self.uidnext(destination)
             self.checkpoint.keep_unfinished(self.conn, self.status, "copies", {

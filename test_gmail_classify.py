@@ -14984,6 +14984,22 @@ class UndoSafetyTest(StateTestCase):
                 self.assertEqual(sorted(sorted(m.flags) for m in self.server.messages("INBOX")),
                                  [[], ["\\Flagged"]])
 
+    def test_a_copy_left_by_a_stopped_move_is_named_when_the_rules_move_elsewhere(self):
+        self.use(kind="uidplus")
+        self.server.add_message(make_message("news 1"))
+        self.server.add_fault("UID STORE", action="drop")       # after the COPY to News
+        with self.assertRaises(gc.GmailClassifyError):
+            self.run_once(gc.parse_rules({"rule": [{"name": "N", "subject": "news",
+                                                    "move": "News"}]}, "r.json"), retries=0)
+        with self.assertLogs("gmail_classify", "WARNING") as logs:
+            self.run_once(gc.parse_rules({"rule": [{"name": "N", "subject": "news",
+                                                    "move": "Newsletters"}]}, "r.json"))
+        said = "\n".join(logs.output)
+        self.assertIn("may have copied some of these messages to News before its move was "
+                      "done; now they go to Newsletters", said)
+        self.assertEqual((len(self.server.uids("News")), len(self.server.uids("Newsletters"))),
+                         (1, 1))
+
     def test_undo_of_a_folder_under_the_servers_prefix_opens_the_servers_name(self):
         # The records name the folder as the rules do ("Lists"); on an INBOX. server it is
         # INBOX.Lists, and the undo's SELECT of "Lists" failed, every time (third review).

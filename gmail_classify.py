@@ -7052,8 +7052,8 @@ class Ruleset:
         shows them).  A step sets flags and labels before it moves mail, so a run stopped
         between the two leaves them changed; with such rules the pipeline keeps what each
         step's messages were judged by (Checkpoint.keep_unfinished), and the next run
-        judges them by that (unfinished), or a message marked read by `unread = true, mark_read,
-        move` would never be moved."""
+        judges them by that (unfinished), or a message marked read by `unread = true,
+        mark_read, move` would never be moved."""
         changers = self._changers()
         flags = frozenset(what for what in changers if what.startswith("\\"))
         labels = frozenset(what for what in changers if not what.startswith("\\"))
@@ -9281,8 +9281,8 @@ class _Step:
     waiting_from: Optional[int] = None
     # What the server confirmed of the step's changes: (UID, _Plan key) -> the answer.
     confirmed: Dict[Tuple[int, Tuple[str, ...]], Any] = field(default_factory=dict)
-    # With rules that test what they change: UID -> (flags, labels) each message was
-    # judged by, of which _FolderRun.intend keeps those its changes touch.
+    # With rules that test what they change: UID -> (flags, labels, searches found by)
+    # each message was judged by, of which _FolderRun.intend keeps what its changes touch.
     found: Dict[int, Tuple[Any, ...]] = field(default_factory=dict)
 
 
@@ -11016,9 +11016,8 @@ class FolderState:
 # of one message's value, as the file is read.  "found": whether it had each flag and
 # label the step changes that a rule tests, as the rules judged it, and on Gmail whether
 # each search that reads them found it (rules that test what they change, see
-# Ruleset.state_loops); "copies": the
-# folder a move without MOVE copies it into, and that folder's UIDNEXT before the COPY
-# (see _SafeCopy.copy_then_delete).
+# Ruleset.state_loops); "copies": the folder a move without MOVE copies it into, and
+# that folder's UIDNEXT before the COPY (see _SafeCopy.copy_then_delete).
 _UNFINISHED: Dict[str, Callable[[Any], bool]] = {
     "found": lambda kept: isinstance(kept, dict) and all(
         isinstance(kept.get(key), dict) and all(isinstance(name, str) and type(had) is bool

@@ -5995,6 +5995,9 @@ class GmailQuery(Condition):
 
     def reads_changed(self, flags: frozenset, labels: frozenset) -> Optional[str]:
         reads = self._reads()
+        if "*" in labels:       # some label only known as mail is classified (state_read)
+            return self.describe() if any(not name.startswith("\\") for name in reads) \
+                else None
         if any(flag in reads for flag in flags) or ("*" in reads and labels) or any(
                 _search_label(label) in reads or label in reads for label in labels):
             return self.describe()
@@ -6021,11 +6024,20 @@ class GmailQuery(Condition):
 def _template_regex(label: str) -> Optional[re.Pattern]:
     """The labels a templated label ("Vendors/{sender_domain}") can be filled in as, as a
     caseless regex; None for a plain label."""
-    parts = split_template(label) if "{" in label else ()
+    try:
+        parts = split_template(label) if "{" in label else ()
+    except ValueError:      # a name as filled in ("Budget {2024}"), not a template
+        return None
     if not any(is_field for is_field, _ in parts):
         return None
     return re.compile("".join(".+" if is_field else re.escape(text) for is_field, text in parts),
                       re.IGNORECASE | re.DOTALL)
+
+
+def _filled(label: str) -> str:
+    """A label without fields as it is filled in ("{{" and "}}" are braces)."""
+    return "".join(text for _, text in split_template(label)) if "{" in label or "}" in label \
+        else label
 
 
 def _search_label(name: str) -> str:
@@ -7074,17 +7086,26 @@ class Ruleset:
         return tuple(dict.fromkeys(notes))
 
     def _changers(self) -> Dict[str, List[str]]:
-        """Each flag and label the rules' actions set or clear -> the rules that do."""
+        """Each flag and label the rules' actions set or clear -> the rules that do; a
+        label as it is filled in where it has no field ("Budget {{2024}}" is "Budget
+        {2024}"), and Gmail's label \\Starred as the star it is (\\Flagged) too."""
         changers: Dict[str, List[str]] = {}
         for rule in self.rules:
-            changed = [row.flag for row in rule.actions.flag_actions()] + list(rule.actions.labels)
+            changed = [row.flag for row in rule.actions.flag_actions()]
+            for label in rule.actions.labels:
+                changed.append(_template_regex(label) and label or _filled(label))
+                if _label_key(label) == "starred":
+                    changed.append("\\Flagged")
             for what in changed:
                 changers.setdefault(what, []).append(rule.name)
         return changers
 
     def state_read(self) -> frozenset:
         """The flags and labels the rules change that a condition of theirs tests (empty:
-        the rules test nothing they change; see state_loops): what a step keeps as found."""
+        the rules test nothing they change; see state_loops): what a step keeps as found.
+        "*" stands for labels only known as a message is classified (filled in from a
+        template, or printed by a program) where a condition reads labels at all: each is
+        then asked of the conditions by name (_FolderRun.read_label)."""
         conditions = [cond for rule in self.rules for cond in _walk(rule.condition)]
         read = set()
         for what in self._changers():
@@ -7093,7 +7114,19 @@ class Ruleset:
             if any(cond.reads_changed(one if flag else frozenset(), frozenset() if flag else one)
                    for cond in conditions):
                 read.add(what)
+        unknown = any(_template_regex(label) for rule in self.rules
+                      for label in rule.actions.labels) or \
+            any(_labels_from_program([rule.condition]) for rule in self.rules)
+        if unknown and any(cond.reads_changed(frozenset(), frozenset({"*"}))
+                           or isinstance(cond, HasLabel) for cond in conditions):
+            read.add("*")
         return frozenset(read)
+
+    def reads_label(self, name: str) -> bool:
+        """Whether a condition of these rules reads the label ``name`` (as filled in)."""
+        one = frozenset({name})
+        return any(cond.reads_changed(frozenset(), one) for rule in self.rules
+                   for cond in _walk(rule.condition))
 
     @property
     def needs(self) -> Needs:
@@ -9188,11 +9221,12 @@ class Checkpoint:
         before returning; kept until a run's mark passes the messages (finished) or an
         undo takes the run back."""
 
-    def finished(self, status: FolderStatus, mark: int) -> None:
-        """With ``apply``, before step_done: every message up to ``mark`` is settled (the
-        mark this run reached, also below the folder's stored mark in a run with --all),
-        so what keep_unfinished kept of them can go.  A --since or --limit run reaches no
-        mark: what it kept stays for the run that next classifies those messages."""
+    def finished(self, status: FolderStatus, mark: int, start: int = 0) -> None:
+        """With ``apply``, before step_done: every message this run classified, above
+        ``start`` (where it began: 0 with --all) and up to ``mark``, is settled, so what
+        keep_unfinished kept of them can go; what lies below ``start`` waits for the run
+        that classifies it again (a stopped --all run's, for the next --all).  A --since
+        or --limit run reaches no mark: what it kept stays for the next full run."""
 
     def before_fetch(self, conn: GmailConnection) -> None:
         """Called before each FETCH batch; raise RunStopped to end the run here."""
@@ -9612,8 +9646,6 @@ class _FolderRun:
         # Rules that test a flag or label they change judge messages a stopped run changed
         # part way by what that run found, so that a rerun decides as the uncut run did.
         self.state_read = self.rules.state_read()
-        self.template_patterns = [pattern for pattern in map(_template_regex, self.state_read)
-                                  if pattern is not None]
         self.labels_read: Dict[str, bool] = {}
         # The Gmail searches among the rules that read what rules change (see GmailQuery).
         self.state_queries = sorted({cond.query for rule in self.rules.rules
@@ -9624,8 +9656,14 @@ class _FolderRun:
         self.as_found = self.checkpoint.unfinished(self.status, "found") if loops else {}
         self.keeps_found = loops and self.apply and self.checkpoint.writes_ahead
         # Moves without MOVE that a run which did not end may have copied (see copying).
-        self.earlier_copies = {} if self.conn.has("MOVE") else \
-            self.checkpoint.unfinished(self.status, "copies")
+        self.earlier_copies = self.checkpoint.unfinished(self.status, "copies")
+        if self.earlier_copies and self.conn.has("MOVE"):   # a server upgraded meanwhile
+            places = sorted({str(kept.get("to")) for kept in self.earlier_copies.values()})
+            log.warning("%s: a run that stopped may have copied %d message(s) to %s without "
+                        "finishing their move; this server now moves with MOVE, so such "
+                        "copies stay there: look for them", self.source,
+                        len(self.earlier_copies), ", ".join(places))
+            self.earlier_copies = {}
         self.current: Dict[int, Tuple[Optional[frozenset], Optional[frozenset]]] = {}
         self.narrowed = options.since is not None or options.limit is not None
         if options.limit is not None:
@@ -9719,11 +9757,14 @@ class _FolderRun:
             found = self.as_found.get(uid)
             if found is not None:       # judged as found, planned against what is there
                 self.current[uid] = (info.flags, info.labels)
-                labels = found["labels"]
-                if "\\Flagged" in found["flags"]:     # Gmail's \\Starred is the star
-                    labels = dict({"\\Starred": found["flags"]["\\Flagged"]}, **labels)
+                flags, labels = found["flags"], found["labels"]
+                starred = [had for name, had in labels.items() if _label_key(name) == "starred"]
+                if "\\Flagged" in flags:     # Gmail's \\Starred is the star, both ways
+                    labels = dict({"\\Starred": flags["\\Flagged"]}, **labels)
+                elif starred:
+                    flags = dict(flags, **{"\\Flagged": starred[0]})
                 infos[uid] = dataclasses.replace(
-                    info, flags=_as_found(info.flags, found["flags"]),
+                    info, flags=_as_found(info.flags, flags),
                     labels=_as_found(info.labels, labels),
                     queries=_as_found(info.queries, found.get("queries") or {}))
         shown: Dict[int, _Shown] = {}
@@ -10145,11 +10186,13 @@ class _FolderRun:
 
     def read_label(self, name: str) -> bool:
         """Whether a rule tests the flag or label ``name`` that a step changes: one of
-        state_read, or a label filled in from a templated one there."""
+        state_read, or (state_read holding "*") a label filled in or printed that a
+        condition reads by name; Gmail's \\Starred is the star."""
         known = self.labels_read.get(name)
         if known is None:
-            known = self.labels_read[name] = name in self.state_read or any(
-                pattern.fullmatch(name) for pattern in self.template_patterns)
+            known = self.labels_read[name] = name in self.state_read or (
+                _label_key(name) == "starred" and "\\Flagged" in self.state_read) or (
+                "*" in self.state_read and self.rules.reads_label(name))
         return known
 
     def copying(self, destination: str, uids: Sequence[int]) -> Dict[int, Optional[int]]:
@@ -10214,7 +10257,7 @@ class _FolderRun:
         if step.content_skips:
             checkpoint.content_skipped(self.status, step.content_skips)  # before the mark
         if self.apply and mark is not None:     # settled up to the mark: nothing to finish
-            checkpoint.finished(self.status, mark)
+            checkpoint.finished(self.status, mark, report.start_uid)
         checkpoint.step_done(self.conn, self.status, mark, outcomes)
         if self.listeners.on_message is not None:
             for outcome in outcomes:
@@ -11216,13 +11259,13 @@ class StateStore:
         kept[1].update(entries)
 
     def finish_unfinished(self, account: str, folder: str, uidvalidity: int,
-                          uids: Iterable[int] = (), *, up_to: int = 0) -> None:
+                          uids: Iterable[int] = (), *, up_to: int = 0, above: int = 0) -> None:
         """Forget, at the next save(), what add_unfinished() kept of these messages (and
-        of every one up to UID ``up_to``): nothing is left to finish for them."""
+        of every one above UID ``above`` up to ``up_to``): nothing is left to finish."""
         wanted = set(uids)
         for kind in _UNFINISHED:
             kept = self.unfinished(account, folder, uidvalidity, kind)   # mostly none
-            gone = dict.fromkeys(uid for uid in kept if uid in wanted or uid <= up_to)
+            gone = dict.fromkeys(uid for uid in kept if uid in wanted or above < uid <= up_to)
             if gone:
                 self.add_unfinished(account, folder, uidvalidity, kind, gone)
 
@@ -11972,10 +12015,10 @@ class Run(Checkpoint):
             self._count_bytes(conn)
             self.store.save()
 
-    def finished(self, status: FolderStatus, mark: int) -> None:
+    def finished(self, status: FolderStatus, mark: int, start: int = 0) -> None:
         if self.apply:
             self.store.finish_unfinished(self.account, status.name, status.uidvalidity,
-                                         up_to=mark)
+                                         up_to=mark, above=start)
 
     def before_fetch(self, conn: GmailConnection) -> None:
         self._count_bytes(conn)

@@ -14391,30 +14391,67 @@ class AsFoundTest(StateTestCase):
         self.run_once(rules)
         self.assertEqual(mailbox_snapshot(self.server), mailbox_snapshot(clean))
 
+    def cut_and_rerun_equals_uncut(self, doc: Dict[str, Any], sender: str, name: str) -> None:
+        """A run cut at its second STORE (the first made), then run again, leaves what a
+        run never cut leaves."""
+        rules = gc.parse_rules(doc, os.path.join(self.tmp, "rules.json"))
+        self.assertTrue(rules.state_read(), "not seen as testing what it changes")
+        clean, server = FakeGmail().start(), FakeGmail().start()
+        self.addCleanup(clean.stop)
+        self.addCleanup(server.stop)
+        for each in (clean, server):
+            each.add_message(make_message("invoice", sender=sender))
+        self.run_once(rules, server=clean, state_dir=os.path.join(self.tmp, "clean" + name))
+        server.add_fault("UID STORE", nth=2, action="drop")
+        state_dir = os.path.join(self.tmp, "cut" + name)
+        with self.assertRaises(gc.GmailClassifyError):
+            self.run_once(rules, server=server, state_dir=state_dir, retries=0)
+        self.run_once(rules, server=server, state_dir=state_dir)
+        self.assertEqual(mailbox_snapshot(server), mailbox_snapshot(clean))
+
     def test_a_label_filled_in_from_a_template_is_kept_as_found(self):
         # The rules name "Vendors/{sender_domain}"; the step adds "Vendors/vendor.example",
-        # which was never kept, so the rerun judged the message by it (third review).
-        for has_label in ("/^Vendors\\//", "Vendors/vendor.example"):
-            with self.subTest(has_label=has_label):
-                rules = gc.parse_rules({"rule": [
+        # which was never kept, so the rerun judged the message by it (third and fourth
+        # reviews): each condition that reads it, however it names it, counts.
+        for n, condition in enumerate((
+                {"has_label": "/^Vendors\\//"}, {"has_label": "Vendors/vendor.example"},
+                {"has_label": "/^Vendors\\/[a-z0-9.-]+$/"}, {"has_label": "/vendor\\.example/"},
+                {"gmail_query": "label:Vendors/vendor.example"})):
+            with self.subTest(**condition):
+                self.cut_and_rerun_equals_uncut({"rule": [
                     {"name": "Vend", "from": "@vendor.example", "mark_read": True,
                      "label": "Vendors/{sender_domain}", "continue": True},
-                    {"name": "Filed", "has_label": has_label, "move": "Filed"}]}, "rules.json")
-                self.assertEqual(rules.state_read(), {"Vendors/{sender_domain}"})
-                clean, server = FakeGmail().start(), FakeGmail().start()
-                self.addCleanup(clean.stop)
-                self.addCleanup(server.stop)
-                for each in (clean, server):
-                    each.add_message(make_message("invoice", sender="V <a@vendor.example>"))
-                self.run_once(rules, server=clean,
-                              state_dir=os.path.join(self.tmp, "clean" + has_label[-3:]))
-                server.add_fault("UID STORE", nth=2, action="drop")     # label made, not read
-                state_dir = os.path.join(self.tmp, "cut" + has_label[-3:])
-                with self.assertRaises(gc.GmailClassifyError):
-                    self.run_once(rules, server=server, state_dir=state_dir, retries=0)
-                self.run_once(rules, server=server, state_dir=state_dir)
-                self.assertEqual(mailbox_snapshot(server), mailbox_snapshot(clean))
-                self.assertEqual(len(server.uids("INBOX")), 1)
+                    dict(condition, name="Filed", move="Filed")]},
+                    "V <a@vendor.example>", f"t{n}")
+
+    def test_labels_known_late_or_written_otherwise_count_too(self):
+        # A label with escaped braces, one a program prints, and the star given as the
+        # label \\Starred (fourth review).
+        program = os.path.join(self.tmp, "work.py")
+        with open(program, "w") as handle:
+            handle.write("print('yes: Work')\n")
+        os.chmod(program, 0o755)
+        cases = {
+            "braces": {"rule": [
+                {"name": "B", "from": "@vendor.example", "mark_read": True,
+                 "label": "Budget {{2024}}", "continue": True},
+                {"name": "F", "has_label": "Budget {2024}", "move": "Filed"}]},
+            "program": {"rule": [
+                {"name": "P", "program": [sys.executable, program], "label_from": "program",
+                 "mark_read": True, "continue": True},
+                {"name": "F", "has_label": "Work", "move": "Filed"}]},
+            "starred label": {"rule": [
+                {"name": "S", "from": "@vendor.example", "mark_read": True,
+                 "label": "\\Starred", "continue": True},
+                {"name": "F", "starred": True, "move": "Filed"}]},
+            "starred search": {"rule": [
+                {"name": "S", "from": "@vendor.example", "mark_read": True,
+                 "label": "\\Starred", "continue": True},
+                {"name": "F", "gmail_query": "is:starred", "move": "Filed"}]},
+        }
+        for name, doc in cases.items():
+            with self.subTest(name):
+                self.cut_and_rerun_equals_uncut(doc, "V <a@vendor.example>", name)
 
     def test_a_gmail_search_is_judged_as_the_stopped_run_found_it_too(self):
         # The server answers a search from the mail as it is now: after a stop between the
@@ -14477,8 +14514,15 @@ class AsFoundTest(StateTestCase):
         account = gc.account_key(USER, "127.0.0.1", self.server.port)
         self.assertEqual(state_snapshot(self.state_dir)["accounts"][account]["unfinished"][
             "INBOX"]["found"], {"1": {"flags": {"\\Seen": False}, "labels": {}}})
+        # A normal run in between (new mail, a timer) starts above the stored mark: what
+        # the stopped --all run kept below it must wait for the next --all (fourth review).
+        self.server.add_message(make_message("hello"))
+        self.run_once(rules)
+        self.assertEqual(self.mark().mark, 2)
+        self.assertEqual(list(state_snapshot(self.state_dir)["accounts"][account]["unfinished"][
+            "INBOX"]["found"]), ["1"])
         self.run_once(rules, reclassify=True)
-        self.assertEqual((self.server.uids("INBOX"), len(self.server.uids("News"))), ([], 1))
+        self.assertEqual((len(self.server.uids("INBOX")), len(self.server.uids("News"))), (1, 1))
         self.assertNotIn("unfinished", state_snapshot(self.state_dir)["accounts"][account])
 
     def test_only_what_the_stopped_step_changed_is_taken_back_for_judging(self):
@@ -14999,6 +15043,20 @@ class UndoSafetyTest(StateTestCase):
                       "done; now they go to Newsletters", said)
         self.assertEqual((len(self.server.uids("News")), len(self.server.uids("Newsletters"))),
                          (1, 1))
+
+    def test_copies_left_by_a_stopped_move_are_named_when_the_server_gains_move(self):
+        self.use(kind="uidplus")
+        self.server.add_message(make_message("news 1"))
+        rules = gc.parse_rules({"rule": [{"name": "N", "subject": "news", "move": "News"}]},
+                               "r.json")
+        self.server.add_fault("UID STORE", action="drop")       # after the COPY to News
+        with self.assertRaises(gc.GmailClassifyError):
+            self.run_once(rules, retries=0)
+        self.server.move = True
+        with self.assertLogs("gmail_classify", "WARNING") as logs:
+            self.run_once(rules)
+        self.assertIn("may have copied 1 message(s) to News without finishing their move; "
+                      "this server now moves with MOVE", "\n".join(logs.output))
 
     def test_undo_of_a_folder_under_the_servers_prefix_opens_the_servers_name(self):
         # The records name the folder as the rules do ("Lists"); on an INBOX. server it is

@@ -36,7 +36,9 @@ Reading guide.  Sections in dependency order, each using only those above it
     messages whose rules reach it (``_data_later``).
  8. Demo: a sample mailbox classified offline.
  9. State and audit log: marks, the lock, ``audit.jsonl`` (intent, done, unsent,
-    message, skipped and summary records), ``Run``, ``history``, ``Undo``.
+    message, skipped and summary records), ``Run``, ``history``, ``Undo``; in the state
+    file beside the marks, counts per day (``_DAILY_COUNTS``) and what a step keeps for
+    the run after it should it not end (``_UNFINISHED``: flags as found, copies made).
 10. Watch: stay connected, IDLE or poll, classify new mail.
 11. OAuth2 sign-in.
 12. Doctor: what a server can and cannot do for the rules, read-only (``diagnose``).
@@ -54,6 +56,8 @@ Where to add things (each is one place):
                      new message data: a ``MessageInfo`` field, a ``Needs`` flag and a
                      row in ``_MESSAGE_DATA`` (4)
   a flag action      a row in ``_FLAG_ACTION_ROWS`` (5, above ``Actions``)
+  a daily count      a row in ``_DAILY_COUNTS`` (9); StateStore.add_daily / daily
+  a step's leftover  a row in ``_UNFINISHED`` (9): keep_unfinished / unfinished
   a subcommand       its ``_cmd_*`` function and its row in ``_COMMANDS`` (15)
   an output format   an ``_Output`` subclass and its row in ``_OUTPUT_FORMATS`` (15)
   an exit code       ``exit_code`` on the error class (1)

@@ -5999,11 +5999,17 @@ class GmailQuery(Condition):
 
     def reads_changed(self, flags: frozenset, labels: frozenset) -> Optional[str]:
         reads = self._reads()
-        if "*" in labels:       # some label only known as mail is classified (state_read)
-            return self.describe() if any(not name.startswith("\\") for name in reads) \
-                else None
-        if any(flag in reads for flag in flags) or ("*" in reads and labels) or any(
-                _search_label(label) in reads or label in reads for label in labels):
+        named = [name for name in reads if not name.startswith("\\") and name != "*"]
+        for label in labels:
+            if label == "*":        # any label a program prints: any the search names
+                hit = bool(named)
+            else:                   # one label, or the labels a template is filled in as
+                filled = _template_regex(_search_label(label))
+                hit = label in reads or _search_label(label) in reads or bool(
+                    filled and any(filled.fullmatch(name) for name in named))
+            if hit:
+                return self.describe()
+        if any(flag in reads for flag in flags) or ("*" in reads and labels):
             return self.describe()
         return None
 
@@ -7071,17 +7077,18 @@ class Ruleset:
         judges them by that (unfinished), or a message marked read by `unread = true,
         mark_read, move` would never be moved."""
         changers = self._changers()
-        flags = frozenset(what for what in changers if what.startswith("\\"))
-        labels = frozenset(what for what in changers if not what.startswith("\\"))
+        flags, labels = self.changed()
         notes = []
         for rule in self.rules:
             for cond in _walk(rule.condition):
                 read = cond.reads_changed(flags, labels)
                 if read is None:
                     continue
-                by = sorted({name for what, names in changers.items()
-                             if cond.reads_changed(frozenset({what}) & flags,
-                                                   frozenset({what}) & labels) for name in names})
+                by = sorted({name for (kind, what), names in changers.items()
+                             if cond.reads_changed(
+                                 frozenset({what}) if kind == "flag" else frozenset(),
+                                 frozenset({what}) if kind == "label" else frozenset())
+                             for name in names})
                 notes.append(f"rule {rule.name!r} tests {read}, which "
                              f"{'rules' if len(by) > 1 else 'rule'} "
                              f"{', '.join(repr(name) for name in by)} set or clear: every "
@@ -7089,20 +7096,30 @@ class Ruleset:
                              f"change it, and so does a run after one that stopped half way")
         return tuple(dict.fromkeys(notes))
 
-    def _changers(self) -> Dict[str, List[str]]:
-        """Each flag and label the rules' actions set or clear -> the rules that do; a
-        label as it is filled in where it has no field ("Budget {{2024}}" is "Budget
-        {2024}"), and Gmail's label \\Starred as the star it is (\\Flagged) too."""
-        changers: Dict[str, List[str]] = {}
+    def _changers(self) -> Dict[Tuple[str, str], List[str]]:
+        """Each flag and label the rules' actions set or clear, as ("flag", name) or
+        ("label", name) -> the rules that do; a label as it is filled in where it has no
+        field ("Budget {{2024}}" is "Budget {2024}"), a system label (\\Important) a label
+        still, and Gmail's label \\Starred as the star it is (\\Flagged) too; ("label",
+        "*") where a program prints labels."""
+        changers: Dict[Tuple[str, str], List[str]] = {}
         for rule in self.rules:
-            changed = [row.flag for row in rule.actions.flag_actions()]
+            changed = [("flag", row.flag) for row in rule.actions.flag_actions()]
             for label in rule.actions.labels:
-                changed.append(_template_regex(label) and label or _filled(label))
+                changed.append(("label", _template_regex(label) and label or _filled(label)))
                 if _label_key(label) == "starred":
-                    changed.append("\\Flagged")
+                    changed.append(("flag", "\\Flagged"))
+            if _labels_from_program([rule.condition]):
+                changed.append(("label", "*"))
             for what in changed:
                 changers.setdefault(what, []).append(rule.name)
         return changers
+
+    def changed(self) -> Tuple[frozenset, frozenset]:
+        """(flags, labels) the rules' actions change (see _changers)."""
+        changers = self._changers()
+        return (frozenset(name for kind, name in changers if kind == "flag"),
+                frozenset(name for kind, name in changers if kind == "label"))
 
     def state_read(self) -> frozenset:
         """The flags and labels the rules change that a condition of theirs tests (empty:
@@ -7112,17 +7129,16 @@ class Ruleset:
         then asked of the conditions by name (_FolderRun.read_label)."""
         conditions = [cond for rule in self.rules for cond in _walk(rule.condition)]
         read = set()
-        for what in self._changers():
+        for kind, what in self._changers():
             one = frozenset({what})
-            flag = what.startswith("\\")
-            if any(cond.reads_changed(one if flag else frozenset(), frozenset() if flag else one)
+            if any(cond.reads_changed(one if kind == "flag" else frozenset(),
+                                      one if kind == "label" else frozenset())
                    for cond in conditions):
                 read.add(what)
         unknown = any(_template_regex(label) for rule in self.rules
                       for label in rule.actions.labels) or \
             any(_labels_from_program([rule.condition]) for rule in self.rules)
-        if unknown and any(cond.reads_changed(frozenset(), frozenset({"*"}))
-                           or isinstance(cond, HasLabel) for cond in conditions):
+        if unknown and any(isinstance(cond, (HasLabel, GmailQuery)) for cond in conditions):
             read.add("*")
         return frozenset(read)
 
@@ -9652,10 +9668,11 @@ class _FolderRun:
         self.state_read = self.rules.state_read()
         self.labels_read: Dict[str, bool] = {}
         # The Gmail searches among the rules that read what rules change (see GmailQuery).
+        changed_flags, changed_labels = self.rules.changed()
         self.state_queries = sorted({cond.query for rule in self.rules.rules
                                      for cond in _walk(rule.condition)
                                      if isinstance(cond, GmailQuery) and cond.reads_changed(
-                                         self.state_read, self.state_read)})
+                                         changed_flags, changed_labels)})
         loops = bool(self.state_read)
         self.as_found = self.checkpoint.unfinished(self.status, "found") if loops else {}
         self.keeps_found = loops and self.apply and self.checkpoint.writes_ahead

@@ -14337,6 +14337,8 @@ class AsFoundTest(StateTestCase):
                 self.addCleanup(self.server.stop)
                 self.state_dir = os.path.join(self.tmp, "state-" + next(iter(condition)))
                 rules = gc.parse_rules({"rule": [
+                    {"name": "Vend", "from": "@vendor.example",        # a template beside
+                     "label": "Vendors/{sender_domain}", "continue": True},
                     dict(condition, name="VIP", move="VIP"),
                     {"name": "News", "subject": "news", "gmail_query": "is:unread",
                      "mark_read": True, "move": "News"}]}, "rules.json")
@@ -14444,6 +14446,10 @@ class AsFoundTest(StateTestCase):
                 {"name": "S", "from": "@vendor.example", "mark_read": True,
                  "label": "\\Starred", "continue": True},
                 {"name": "F", "starred": True, "move": "Filed"}]},
+            "important": {"rule": [
+                {"name": "I", "from": "@vendor.example", "mark_read": True,
+                 "label": "\\Important", "continue": True},
+                {"name": "F", "not": {"has_label": "Important"}, "move": "Filed"}]},
             "starred search": {"rule": [
                 {"name": "S", "from": "@vendor.example", "mark_read": True,
                  "label": "\\Starred", "continue": True},
@@ -14457,9 +14463,19 @@ class AsFoundTest(StateTestCase):
         # The server answers a search from the mail as it is now: after a stop between the
         # flags and the moves, "is:unread" no longer found the messages marked read, and
         # they were never moved (the review of this session's work).
-        rules = gc.parse_rules({"rule": [{"name": "News", "subject": "news",
-                                          "gmail_query": "is:unread", "mark_read": True,
-                                          "move": "News"}]}, "rules.json")
+        for template in (False, True):      # a template label and a has_label beside
+            with self.subTest(template=template):
+                self.server = FakeGmail().start()
+                self.addCleanup(self.server.stop)
+                self.state_dir = os.path.join(self.tmp, f"state-{template}")
+                self.search_judged_as_found(template)
+
+    def search_judged_as_found(self, template: bool) -> None:
+        more = [{"name": "Vend", "from": "@vendor.example", "label": "Vendors/{sender_domain}",
+                 "continue": True}, {"name": "VIP", "has_label": "VIP", "move": "VIP"}]
+        rules = gc.parse_rules({"rule": (more if template else []) + [
+            {"name": "News", "subject": "news", "gmail_query": "is:unread", "mark_read": True,
+             "move": "News"}]}, "rules.json")
         self.assertTrue(rules.state_loops())
         for n in range(3):
             self.server.add_message(make_message(f"news {n}"))

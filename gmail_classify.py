@@ -6618,10 +6618,14 @@ def _run_program(argv: Sequence[str], data: bytes, *, env: Mapping[str, str], cw
             proc.stdin.close()
 
     def read() -> None:
-        with contextlib.suppress(OSError, ValueError):
-            for chunk in iter(lambda: proc.stdout.read1(65536), b""):
-                if len(kept) < _PROGRAM_OUTPUT_KEPT:
-                    kept.extend(chunk[:_PROGRAM_OUTPUT_KEPT - len(kept)])
+        try:
+            with contextlib.suppress(OSError, ValueError):
+                for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+                    if len(kept) < _PROGRAM_OUTPUT_KEPT:
+                        kept.extend(chunk[:_PROGRAM_OUTPUT_KEPT - len(kept)])
+        finally:    # a thread left behind (see below) closes its pipe when it ends
+            with contextlib.suppress(OSError):
+                proc.stdout.close()
     threads = [threading.Thread(target=job, daemon=True, name=f"program-{job.__name__}")
                for job in (feed, read)]
     for thread in threads:

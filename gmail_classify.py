@@ -9730,6 +9730,13 @@ class _FolderRun:
                 self.classify(batch, fetched)
                 if batches == len(starts):  # nothing comes after: the last step decides all
                     self.decide_waiting(None)
+                    # A UID below the folder's UIDNEXT that the search did not return is
+                    # gone (new mail comes above it): the mark may pass it, so a run whose
+                    # last message left meanwhile (moved by a run cut before its answer)
+                    # ends where a run that moved it itself ends.
+                    uidnext = self.status.uidnext
+                    if uidnext and self.step.last_uid is not None:
+                        self.step.last_uid = max(self.step.last_uid, uidnext - 1)
                 if self.listeners.on_progress is not None:
                     self.listeners.on_progress(min(start_index + size, len(uids)), len(uids))
                 if batches % max(1, every) == 0:

@@ -12882,10 +12882,7 @@ class Undo:
             at = {i: before["uid"] for i, before in at.items() if before.get("uid")
                   and before.get("uidvalidity") == status.uidvalidity}
             looks = self._looks_at(conn, list(at.values()))
-            there = {i: uid for i, uid in at.items()
-                     if _first(header_text(parse_headers((looks.get(uid) or {}).get(
-                         self._LOOKS[0]) or b""), "message-id")).strip()
-                     == (self.messages[i].get("message_id") or None)}
+            there = {i: uid for i, uid in at.items() if self._same_looks(i, looks.get(uid))}
             originals.update({i: (home, uid) for i, uid in there.items()})
         if not originals:
             self._open(conn, folder)

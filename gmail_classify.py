@@ -7146,6 +7146,13 @@ class Ruleset:
             read.add("*")
         return frozenset(read)
 
+    def state_queries(self) -> List[str]:
+        """The Gmail searches among the rules that name a flag or label the rules change
+        (see GmailQuery.reads_changed): a step keeps whether each found its messages."""
+        flags, labels = self.changed()
+        return sorted({cond.query for rule in self.rules for cond in _walk(rule.condition)
+                       if isinstance(cond, GmailQuery) and cond.reads_changed(flags, labels)})
+
     def reads_label(self, name: str) -> bool:
         """Whether a condition of these rules reads the label ``name`` (as filled in)."""
         one = frozenset({name})
@@ -9667,20 +9674,25 @@ class _FolderRun:
                 log.info("%s: %d message(s) an undo restored are left alone (same rules as "
                          "the undone run)", self.source, len(uids) - len(kept))
             uids = kept
-        # Rules that test a flag or label they change judge messages a stopped run changed
-        # part way by what that run found, so that a rerun decides as the uncut run did.
+        self._read_unfinished()
+        self.narrowed = options.since is not None or options.limit is not None
+        if options.limit is not None:
+            uids = uids[-options.limit:] if options.limit > 0 else []
+        return uids, above
+
+    def _read_unfinished(self) -> None:
+        """What runs that did not end kept for this one (Checkpoint.unfinished).  Rules
+        that test a flag or label they change judge the messages a stopped run changed
+        part way as that run found them (``as_found``), so that a rerun decides as the
+        uncut run did, and keep the same for a run after this one (``keeps_found``); moves
+        without MOVE look first for the copies a stopped run may have made (copying)."""
         self.state_read = self.rules.state_read()
-        self.labels_read: Dict[str, bool] = {}
-        # The Gmail searches among the rules that read what rules change (see GmailQuery).
-        changed_flags, changed_labels = self.rules.changed()
-        self.state_queries = sorted({cond.query for rule in self.rules.rules
-                                     for cond in _walk(rule.condition)
-                                     if isinstance(cond, GmailQuery) and cond.reads_changed(
-                                         changed_flags, changed_labels)})
+        self.labels_read: Dict[str, bool] = {}              # see read_label
+        self.state_queries = self.rules.state_queries()
         loops = bool(self.state_read)
         self.as_found = self.checkpoint.unfinished(self.status, "found") if loops else {}
         self.keeps_found = loops and self.apply and self.checkpoint.writes_ahead
-        # Moves without MOVE that a run which did not end may have copied (see copying).
+        self.current: Dict[int, Tuple[Optional[frozenset], Optional[frozenset]]] = {}
         self.earlier_copies = self.checkpoint.unfinished(self.status, "copies")
         if self.earlier_copies and self.conn.has("MOVE"):   # a server upgraded meanwhile
             places = sorted({str(kept.get("to")) for kept in self.earlier_copies.values()})
@@ -9689,11 +9701,6 @@ class _FolderRun:
                         "copies stay there: look for them", self.source,
                         len(self.earlier_copies), ", ".join(places))
             self.earlier_copies = {}
-        self.current: Dict[int, Tuple[Optional[frozenset], Optional[frozenset]]] = {}
-        self.narrowed = options.since is not None or options.limit is not None
-        if options.limit is not None:
-            uids = uids[-options.limit:] if options.limit > 0 else []
-        return uids, above
 
     # -- the batches ----------------------------------------------------------------------
 

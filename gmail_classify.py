@@ -12860,7 +12860,8 @@ class Undo:
     def _copied_by_run(self, i: int) -> bool:
         """Whether the run kept message ``i``'s move as a COPY it made (see copying)."""
         before = self._moved(self.messages[i])[0]
-        if type(before.get("uidvalidity")) is not int or not isinstance(before.get("folder"), str):
+        if type(before.get("uidvalidity")) is not int or \
+                not isinstance(before.get("folder"), str):
             return False
         kept = self.run.store.unfinished(self.run.account, before["folder"],
                                          before["uidvalidity"], "copies")
@@ -13154,23 +13155,12 @@ class Undo:
         run left it), or found now in the folder the run read it from.  A message deleted
         or moved by the user since would otherwise lose its last copy."""
         by_folder: Dict[str, List[Tuple[int, Dict[str, Any]]]] = {}
-        homes: Dict[str, List[int]] = {}
         for i in indexes:
-            copies = [change for change in self.messages[i]["changes"]
-                      if change.get("before") is None and isinstance(change.get("after"), dict)]
-            if copies and i not in present:
-                homes.setdefault(self.messages[i]["folder"], []).append(i)
-            for change in copies:
-                by_folder.setdefault(change["after"]["folder"], []).append((i, change))
-        for home, waiting in homes.items():
-            conn.stop.check(f"before looking in {home}")
-            record = lambda i: {"uidvalidity": self.messages[i].get("uidvalidity")}  # noqa: E731
-            try:
-                present.update(self._locate(conn, home, waiting, lambda r: r.get("uid"), record))
-            except ImapError as exc:
-                if exc.status not in ("NO", "BAD"):
-                    raise
-                log.info("cannot open %s (%s): its mail is not known to be there", home, exc)
+            for change in self.messages[i]["changes"]:
+                if change.get("before") is None and isinstance(change.get("after"), dict):
+                    by_folder.setdefault(change["after"]["folder"], []).append((i, change))
+        self._find_originals(conn, sorted({i for pairs in by_folder.values() for i, _ in pairs
+                                           if i not in present}), present)
         for folder, pairs in by_folder.items():
             conn.stop.check(f"before looking in {folder}")
             if not conn.has("UIDPLUS"):
@@ -13228,6 +13218,22 @@ class Undo:
             for i, uid, change in uids:
                 work[i]["done"].append(dict(_inverse_change(change), before={
                     "folder": folder, "uid": uid, "uidvalidity": status.uidvalidity}))
+
+    def _find_originals(self, conn: GmailConnection, indexes: List[int], present: set) -> None:
+        """Add to ``present`` the messages (of ``indexes``) found where the run read them;
+        a folder that cannot be opened holds none that is known to be there."""
+        homes: Dict[str, List[int]] = {}
+        for i in indexes:
+            homes.setdefault(self.messages[i]["folder"], []).append(i)
+        record = lambda i: {"uidvalidity": self.messages[i].get("uidvalidity")}  # noqa: E731
+        for home, waiting in homes.items():
+            conn.stop.check(f"before looking in {home}")
+            try:
+                present.update(self._locate(conn, home, waiting, lambda r: r.get("uid"), record))
+            except ImapError as exc:
+                if exc.status not in ("NO", "BAD"):
+                    raise
+                log.info("cannot open %s (%s): its mail is not known to be there", home, exc)
 
     def _recorded_copy(self, i: int, change: Mapping[str, Any], status: FolderStatus) -> bool:
         """Whether the label copy ``change`` of message ``i`` is to be looked for at the

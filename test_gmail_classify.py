@@ -81,7 +81,9 @@ except ImportError:
 # (PYTHONDONTWRITEBYTECODE, as on CI) each would compile the module's 16,000 lines again,
 # a quarter of a second apiece; they share one compiled copy in a private temporary cache
 # instead (PYTHONPYCACHEPREFIX), never in the working tree, removed when the suite ends.
-# It is compiled here, once: twenty processes started side by side would each compile it.
+# It is compiled once, when the suite is loaded (load_tests, at the end of this file): twenty
+# processes started side by side would each compile it.  (The bench's processes, which
+# measure memory, compile nothing they do not run.)
 _CHILD_PYCACHE = tempfile.mkdtemp(prefix="gmail-classify-tests-pycache-")
 atexit.register(shutil.rmtree, _CHILD_PYCACHE, True)
 os.environ["PYTHONPYCACHEPREFIX"] = _CHILD_PYCACHE
@@ -99,8 +101,6 @@ def _compile_for_children() -> None:
     finally:
         sys.pycache_prefix = own
 
-
-_compile_for_children()
 
 # The program leaves alone a signal ignored when it starts (nohup, a background job), and
 # the processes the suite starts inherit what it ignores: a suite run as a background job
@@ -24383,9 +24383,20 @@ def _bench_env() -> Dict[str, str]:
     return env
 
 
+def _bench_argv(kind: str, args: List[str]) -> List[str]:
+    """The command line of a bench process: this file imported (so that its bytecode is
+    cached like the module's, and nothing is compiled in a process whose memory is measured),
+    then the bench command ``kind`` run with ``args``."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    name = __name__ if __name__ != "__main__" else "test_gmail_classify"
+    return [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import %s as bench; "
+            "sys.exit(bench._BENCH_COMMANDS[sys.argv[1]](sys.argv[2:]))" % (here, name),
+            kind] + args
+
+
 def _bench_child(kind: str, args: List[str]) -> Tuple[Any, int]:
     import subprocess
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), kind] + args,
+    proc = subprocess.Popen(_bench_argv(kind, args),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env=_bench_env())
     line = proc.stdout.readline()
@@ -24563,8 +24574,8 @@ def _bench_one(args: Any, kind: str, size: int, latency: float, rules: Any, rule
             state = os.path.join(work, "state-%d" % len(os.listdir(work)))
             cmd = ["bench-client", "--rules", rules_path, "--state", state, "--folder", args.folder]
             cmd += ["--profile"] * args.profile
-        cmd = [sys.executable, os.path.abspath(__file__)] + cmd + [
-            "--host", host, "--port", str(client_port), "--user", args.user] + ["--apply"] * args.apply
+        cmd = _bench_argv(cmd[0], cmd[1:] + [
+            "--host", host, "--port", str(client_port), "--user", args.user] + ["--apply"] * args.apply)
         done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=_bench_env())
         if done.returncode != 0:
@@ -24785,6 +24796,12 @@ def _bench_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
+# `python test_gmail_classify.py bench ...` measures (see README, Performance); the bench-*
+# commands are its helper processes (see _bench_argv).
+_BENCH_COMMANDS = {"bench": _bench_main, "bench-serve": _bench_serve, "bench-delay": _bench_delay,
+                   "bench-client": _bench_client, "bench-floor": _bench_floor}
+
+
 # --- Running the suite on two cores --------------------------------------------------------
 #
 # The suite is a thousand tests, many of them waiting on a server, a subprocess or a
@@ -24918,17 +24935,13 @@ def _flat_tests(suite: Any) -> Iterator[Any]:
 
 
 def load_tests(loader: Any, tests: Any, pattern: Any) -> Any:
+    _compile_for_children()
     if not hasattr(os, "fork") or os.environ.get("GMAIL_CLASSIFY_TEST_JOBS") == "1":
         return tests
     return _TwoCoreSuite([tests])
 
 
 if __name__ == "__main__":
-    # `python test_gmail_classify.py bench ...` measures (see README, Performance); the
-    # bench-* forms are its helper processes. Anything else runs the tests.
-    _BENCH_COMMANDS = {"bench": _bench_main, "bench-serve": _bench_serve,
-                       "bench-delay": _bench_delay, "bench-client": _bench_client,
-                       "bench-floor": _bench_floor}
     if sys.argv[1:2] and sys.argv[1] in _BENCH_COMMANDS:
         sys.exit(_BENCH_COMMANDS[sys.argv[1]](sys.argv[2:]))
     unittest.main()

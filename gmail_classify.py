@@ -9694,6 +9694,16 @@ class _FolderRun:
         self.keeps_found = loops and self.apply and self.checkpoint.writes_ahead
         self.current: Dict[int, Tuple[Optional[frozenset], Optional[frozenset]]] = {}
         self.earlier_copies = self.checkpoint.unfinished(self.status, "copies")
+        # Only a stopped --all leaves them below the mark (a run's mark stops below what
+        # it left part done); a run that starts above them does not reach them: say so.
+        start = self.report.start_uid
+        below = {uid for kind in _UNFINISHED for uid in self.checkpoint.unfinished(
+            self.status, kind) if uid <= start} if start else ()
+        if below:
+            self.report.notes.append(
+                f"a stopped 'run --all' left {_plural(len(below), 'message')} part done "
+                f"below where this run starts (UID {compress_uids(sorted(below))}): run "
+                f"with --all to finish them")
         if self.earlier_copies and self.conn.has("MOVE"):   # a server upgraded meanwhile
             places = sorted({str(kept.get("to")) for kept in self.earlier_copies.values()})
             log.warning("%s: a run that stopped may have copied %d message(s) to %s without "

@@ -14533,8 +14533,11 @@ class AsFoundTest(StateTestCase):
         # A normal run in between (new mail, a timer) starts above the stored mark: what
         # the stopped --all run kept below it must wait for the next --all (fourth review).
         self.server.add_message(make_message("hello"))
-        self.run_once(rules)
+        run = self.run_once(rules)
         self.assertEqual(self.mark().mark, 2)
+        self.assertEqual(run.reports[0].notes, [
+            "a stopped 'run --all' left 1 message part done below where this run starts "
+            "(UID 1): run with --all to finish them"])
         self.assertEqual(list(state_snapshot(self.state_dir)["accounts"][account]["unfinished"][
             "INBOX"]["found"]), ["1"])
         self.run_once(rules, reclassify=True)

@@ -16608,6 +16608,12 @@ def _secret_from_command(command: str) -> str:
     return line
 
 
+# A netrc word, as curl, ftp and Python's netrc read one: a double-quoted string (a
+# backslash escapes the character after it), or anything up to the next space; a single
+# quote is a character like any other (a password may hold one).
+_NETRC_WORD = re.compile(r'"((?:[^"\\]|\\.)*)"|([^\s"]\S*)|(")')
+
+
 def _netrc_entries(text: str) -> List[Tuple[Optional[str], str, str]]:
     """(machine, login, password) per entry of a netrc file, in order; machine None for
     ``default``.  Read here rather than by the netrc module, which keeps one entry per host
@@ -16615,18 +16621,20 @@ def _netrc_entries(text: str) -> List[Tuple[Optional[str], str, str]]:
     with ``#`` are comments; a ``macdef`` runs to the next empty line."""
     words: List[str] = []
     in_macro = False
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         if in_macro:
             in_macro = bool(line.strip())
             continue
         if line.lstrip().startswith("#"):
             continue
-        lexer = shlex.shlex(line, posix=True)
-        lexer.whitespace_split, lexer.commenters = True, ""
-        try:
-            found = list(lexer)
-        except ValueError as exc:       # an unclosed quote
-            raise UsageError(f"~/.netrc: {exc}: {printable(line[:40])}") from None
+        found = []
+        for word in _NETRC_WORD.finditer(line):
+            if word.group(3):           # never the line itself: it may hold a password
+                raise UsageError(f"~/.netrc, line {number}: a word opened with a double "
+                                 f"quote is not closed; close it, or write a \\ before "
+                                 f"a quote that belongs to the word")
+            found.append(word.group(2) if word.group(2) is not None
+                         else re.sub(r"\\(.)", r"\1", word.group(1)))
         if "#" in found:                # a lone '#' starts a comment, as netrc reads it
             found = found[:found.index("#")]
         words += found

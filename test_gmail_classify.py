@@ -22074,6 +22074,21 @@ class NetrcEntriesTest(TempDirMixin, unittest.TestCase):
         self.assertIsNone(find("elsewhere", "two@example.com"))
         self.assertIsNone(find("imap.example.com", "three@example.com"))
 
+    def test_a_single_quote_is_part_of_a_word_and_a_bad_line_is_never_shown(self):
+        # shlex took "it's" for an open quote: the entry was refused, and the message
+        # printed the line, password and all (sixth review).
+        self.assertEqual(gc._netrc_entries(
+            "machine h login u password it'sMyS3cret\nmachine g password \"a\\\"b c\"\n"),
+            [("h", "u", "it'sMyS3cret"), ("g", "", 'a"b c')])
+        with open(os.path.join(self.tmp, ".netrc"), "a") as handle:
+            handle.write('machine x login u\n  password "S3cret-in-line-12\n')
+        code, out, err = run_cli("folders", "--user", "one@example.com", "--host", "127.0.0.1",
+                                 "--port", "1", "--plaintext", env={"HOME": self.tmp})
+        self.assertEqual((code, out), (gc.EXIT_USAGE, ""))
+        self.assertEqual(err, "gmail_classify: ~/.netrc, line 12: a word opened with a double "
+                         "quote is not closed; close it, or write a \\ before a quote that "
+                         "belongs to the word\n")
+
     def test_a_netrc_that_cannot_be_read_is_one_line_and_exit_2(self):
         os.remove(os.path.join(self.tmp, ".netrc"))
         os.mkdir(os.path.join(self.tmp, ".netrc"), 0o700)

@@ -11417,8 +11417,15 @@ class StateStore:
             guard.release()
 
     def lock(self, account: str, command: str = "run") -> AccountLock:
-        """The lock for ``account``; use it as ``with store.lock(key):``."""
-        safe = re.sub(r"[^A-Za-z0-9@._-]+", "_", account)
+        """The lock for ``account``; use it as ``with store.lock(key):``.  One file for
+        every spelling of one account: the server reads the user name and DNS the host
+        name without regard to case (Gmail as well its googlemail alias and a host's
+        trailing dot), so ``Me@Gmail.com on IMAP.gmail.com`` is locked out by a watch as
+        ``me@gmail.com on imap.gmail.com``.  (Two users whose names differ only in case
+        share the lock: the safe way round.)"""
+        same = re.sub(r"\.(:\d+)?$", r"\1", account.lower())
+        same = re.sub(r"(@|\bon imap\.)googlemail\.com\b", r"\1gmail.com", same)
+        safe = re.sub(r"[^a-z0-9@._-]+", "_", same)
         return AccountLock(self.directory / f"{safe}.lock", account, command)
 
 

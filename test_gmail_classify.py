@@ -13827,6 +13827,19 @@ class StateStoreTest(TempDirMixin, unittest.TestCase):
             self.assertIn("me on host", str(ctx.exception))
             with store.lock("someone else on host"):
                 pass                                  # other accounts are free
+        # Every spelling of one account is one lock (sixth review: a run as
+        # User@Example.com applied beside a watch as user@example.com).
+        spellings = ("me@gmail.com on imap.gmail.com", "Me@Gmail.COM on IMAP.gmail.com.",
+                     "me@googlemail.com on imap.googlemail.com", "ME@GMAIL.COM on imap.gmail.com")
+        for held in spellings:
+            with store.lock(held, "watch"):
+                for other in spellings:
+                    with self.subTest(held=held, other=other):
+                        self.assertRaises(gc.LockedError, store.lock(other).acquire)
+                with store.lock("me@gmail.com on imap.gmail.com:1993"):
+                    pass                              # another port: another server
+                with store.lock("me2@gmail.com on imap.gmail.com"):
+                    pass
         with store.lock("me on host") as lock:       # released: free again
             self.assertTrue(lock.held)
         self.assertFalse(lock.held)

@@ -4258,6 +4258,10 @@ def _encode_search(criteria: Sequence[Any]) -> List[Any]:
 # IMAP download limit. The prefix includes the header block, so body_text()
 # must cope with a message cut anywhere.
 BODY_PREFIX_BYTES = 16384
+# Bytes a FETCH answer may take per message beside the literals whose sizes are known (its
+# flags, dates, sizes, labels), and the guess for a batch's headers before any has come:
+# the daily download budget is checked against it (see Checkpoint.may_download).
+FETCH_GUESS = 1024
 
 
 @dataclass(frozen=True)
@@ -9227,8 +9231,10 @@ class Checkpoint:
 
     writes_ahead = False    # True: wants intend() before each step's write commands
     # How many FETCH answers may still be on their way when before_fetch() approves the
-    # next one (so many are pipelined; classify_folder sets it).
+    # next one (so many are pipelined; classify_folder sets it), and what the first may
+    # bring before any has come (a batch's worth of FETCH_GUESS).
     fetches_ahead = 1
+    first_fetch_guess = 0
 
     def start(self, conn: GmailConnection, status: FolderStatus) -> int:
         """Returns the mark for the folder just opened: only UIDs above it are classified."""
@@ -9261,6 +9267,12 @@ class Checkpoint:
 
     def before_fetch(self, conn: GmailConnection) -> None:
         """Called before each FETCH batch; raise RunStopped to end the run here."""
+
+    def may_download(self, conn: GmailConnection, expected: int) -> bool:
+        """Whether a FETCH of at most ``expected`` bytes within a batch (message bodies)
+        may go out; if not, its messages are skipped and the run ends at the next
+        before_fetch."""
+        return True
 
     def content_skipped(self, status: FolderStatus, skips: Mapping[int, str]) -> None:
         """Messages (UID -> why) left alone for their content this step (see ContentSkip);
@@ -9730,6 +9742,7 @@ class _FolderRun:
         # then carries out while that many batches are classified.  The checkpoint still
         # approves each FETCH before it goes out, knowing how many may be unanswered.
         self.checkpoint.fetches_ahead = self.ahead = max(1, every)
+        self.checkpoint.first_fetch_guess = min(size, len(uids)) * FETCH_GUESS
         fetches = self.conn.fetch_batches([uids[i:i + size] for i in range(0, len(uids), size)],
                                           self.items, ahead=self.ahead,
                                           before_each=self.before_fetch, skipped=report.skipped)
@@ -9908,7 +9921,7 @@ class _FolderRun:
             else:
                 decisions[uid] = decision
         if undecided and not self.later:     # with later data: they wait (see classify)
-            ready = self._with_body(undecided, infos, f"BODY.PEEK[]<0.{BODY_PREFIX_BYTES}>")
+            ready = self._with_body(undecided, infos, BODY_PREFIX_BYTES)
             # Programs that read whole messages get up to their program_max_size (a larger
             # message is skipped for its content, by its RFC822.SIZE, before any program),
             # fetched only for the messages that reach such a program in its rule.
@@ -9918,7 +9931,7 @@ class _FolderRun:
             if held:
                 held_ids = {id(msg) for msg in held}
                 uids = [uid for uid, info in ready.items() if id(info) in held_ids]
-                fetched = self._with_body(uids, ready, f"BODY.PEEK[]<0.{whole}>")
+                fetched = self._with_body(uids, ready, whole)
                 for uid in uids:        # never judged on the prefix alone
                     del ready[uid]
                 ready.update(fetched)
@@ -9932,13 +9945,22 @@ class _FolderRun:
                     _skip(report, uid, str(exc))     # fail closed: never a match, run again
         return decisions
 
-    def _with_body(self, uids: List[int], infos: Dict[int, MessageInfo], item: str
+    def _with_body(self, uids: List[int], infos: Dict[int, MessageInfo], limit: int
                    ) -> Dict[int, MessageInfo]:
-        """FETCH ``item`` (a body prefix, or as much of the whole message as programs
-        read) for ``uids``: their infos with body and source; a message not answered in
-        full is skipped (never judged on a body we did not get), one whose body cannot be
-        read is skipped for its content; neither is in the result."""
+        """FETCH the first ``limit`` bytes (a body prefix, or as much of the whole message
+        as programs read) of ``uids``: their infos with body and source; a message not
+        answered in full is skipped (never judged on a body we did not get), one whose body
+        cannot be read is skipped for its content; neither is in the result.  So are all
+        of them when their bodies would pass the daily download budget (their sizes
+        known: the FETCH brings no more than each one's, up to ``limit``)."""
         report, step = self.report, self.step
+        expected = sum(min(limit, infos[uid].size if infos[uid].size is not None else limit)
+                       + FETCH_GUESS for uid in uids)
+        if not self.checkpoint.may_download(self.conn, expected):
+            for uid in uids:
+                _skip(report, uid, "not read: its body would pass the daily download budget")
+            return {}
+        item = f"BODY.PEEK[]<0.{limit}>"
         bodies = self.conn.fetch(uids, [item], skipped=report.skipped)
         ready: Dict[int, MessageInfo] = {}
         oversized = set(report.skipped)
@@ -11948,6 +11970,7 @@ class Run(Checkpoint):
         self._largest_fetch = 0
         self._last_fetch_bytes: Optional[int] = None
         self._warned_half = False
+        self._budget_spent = False      # may_download said no: the next FETCH stops the run
         self._actions_records: Dict[Actions, Dict[str, Any]] = {}     # see _actions_record
         self._step_actions: Dict[Actions, Dict[str, Any]] = {}     # see _actions_record
 
@@ -12078,7 +12101,8 @@ class Run(Checkpoint):
 
     def before_fetch(self, conn: GmailConnection) -> None:
         self._count_bytes(conn)
-        if self._last_fetch_bytes is not None:
+        first = self._last_fetch_bytes is None
+        if not first:
             self._largest_fetch = max(self._largest_fetch,
                                       conn.bytes_received - self._last_fetch_bytes)
         self._last_fetch_bytes = conn.bytes_received
@@ -12090,7 +12114,10 @@ class Run(Checkpoint):
             log.warning("%s downloaded today for %s: half of the daily budget of %s (best "
                         "effort: phones and mail apps share Gmail's quota)", _human_size(used),
                         self.account, _human_size(self.daily_budget))
-        if used + self._largest_fetch * self.fetches_ahead > self.daily_budget:
+        # What the FETCHes on the wire may bring: as much each as the largest so far (with
+        # the bodies fetched between); the first goes out alone, its size guessed.
+        ahead = self.first_fetch_guess if first else self._largest_fetch * self.fetches_ahead
+        if self._budget_spent or used + ahead > self.daily_budget:
             now = self.store.now().astimezone(timezone.utc)
             tomorrow = datetime.combine(now.date() + timedelta(days=1), _dt.time(),
                                         tzinfo=timezone.utc)
@@ -12100,6 +12127,14 @@ class Run(Checkpoint):
                 f"{_human_size(self.daily_budget)} for {self.account} ({_human_size(used)} "
                 f"today); run again after 00:00 UTC (in {hours:.1f} h), or raise "
                 f"--daily-budget")
+
+    def may_download(self, conn: GmailConnection, expected: int) -> bool:
+        self._count_bytes(conn)
+        if not self.daily_budget or self.store.downloaded(self.account) + expected \
+                <= self.daily_budget:
+            return True
+        self._budget_spent = True
+        return False
 
     writes_ahead = True
 
@@ -16532,6 +16567,27 @@ def _signed_in(settings: Mapping[str, Any]) -> Iterator[GmailConnection]:
         log.info("interrupted while signing out; the work was already done")
 
 
+@contextlib.contextmanager
+def _signed_in_counted(settings: Mapping[str, Any], command: str) -> Iterator[GmailConnection]:
+    """_signed_in for a command that reads mail outside a Run (``learn``, ``suggest``,
+    ``why``, ``diff``): refused once the account's daily download budget (the default's)
+    is used up, and what it downloads counted in the state, as a run's is."""
+    account = account_key(settings["user"], settings["host"], settings.get("port"))
+    store = StateStore()
+    store.load()
+    used = store.downloaded(account)
+    if used >= DEFAULT_DAILY_BUDGET:
+        raise BudgetExceededError(
+            f"{_human_size(used)} downloaded today for {account}, past the daily budget "
+            f"of {_human_size(DEFAULT_DAILY_BUDGET)}; {command} again after 00:00 UTC")
+    with _signed_in(settings) as conn:
+        try:
+            yield conn
+        finally:
+            store.add_download(account, conn.bytes_received)
+            _cleanup(store.save)
+
+
 @dataclass(eq=False)
 class _Signals:
     """SIGINT, SIGTERM and SIGHUP for one command, all through one Stop (a context manager).
@@ -17960,7 +18016,7 @@ def _cmd_export(args: argparse.Namespace, out: TextIO) -> int:
 def _cmd_suggest(args: argparse.Namespace, out: TextIO) -> int:
     fmt = _output_format(args, refuse_existing=True)
     [(name, rules)] = _chosen_accounts(args, find_rules(args.rules), one=True)
-    with _signed_in(_connection_settings(args, rules.account, name)) as conn:
+    with _signed_in_counted(_connection_settings(args, rules.account, name), "suggest") as conn:
         found = suggest_rules(conn, args.folder, top=args.top, batch_size=args.batch_size,
                               limit=args.limit)
     if not found.doc["rule"]:
@@ -18034,7 +18090,7 @@ def _cmd_why(args: argparse.Namespace, out: _Output) -> int:
         if not folder or not number.isdigit() or int(number) == 0:
             raise UsageError(f"--uid {args.uid}: write FOLDER:UID, e.g. INBOX:4711")
         uid = int(number)
-    with _signed_in(_connection_settings(args, rules.account)) as conn:
+    with _signed_in_counted(_connection_settings(args, rules.account), "why") as conn:
         if not conn.is_gmail:
             rules = rules.local()[0]
         found = find_messages(conn, rules, folder, message_id=args.message, uid=uid)
@@ -18057,7 +18113,8 @@ def _cmd_diff(args: argparse.Namespace, out: _Output) -> int:
                 raise
             raise UsageError(str(exc)) from exc    # a FILE that is not mail
     else:
-        with _signed_in(_connection_settings(args, new.account or old.account)) as conn:
+        with _signed_in_counted(_connection_settings(args, new.account or old.account),
+                                "diff") as conn:
             found = diff_folders(conn, old, new, args.folder or ["INBOX"], since=args.since,
                                  batch_size=args.batch_size)
     for change in found.changes:
@@ -18092,24 +18149,10 @@ def _cmd_learn(args: argparse.Namespace, out: TextIO) -> int:
         [(name, rules)] = _chosen_accounts(args, find_rules(args.rules), one=True)
         settings = _connection_settings(args, rules.account, name)
         progress = _Progress(sys.stderr, not args.quiet and sys.stderr.isatty())
-        # What learn downloads counts against the account's daily budget, as a run's does.
-        account = account_key(settings["user"], settings["host"], settings.get("port"))
-        store = StateStore()
-        store.load()
-        used = store.downloaded(account)
-        if used >= DEFAULT_DAILY_BUDGET:
-            raise BudgetExceededError(
-                f"{_human_size(used)} downloaded today for {account}, past the daily budget "
-                f"of {_human_size(DEFAULT_DAILY_BUDGET)}; learn again after 00:00 UTC")
-        with _signed_in(settings) as conn:
-            try:
-                filed = read_filed_mail(conn, folders=args.folder or (),
-                                        exclude=args.exclude or (), limit=args.limit,
-                                        since=args.since, batch_size=args.batch_size,
-                                        on_progress=progress)
-            finally:
-                store.add_download(account, conn.bytes_received)
-                _cleanup(store.save)
+        with _signed_in_counted(settings, "learn") as conn:
+            filed = read_filed_mail(conn, folders=args.folder or (), exclude=args.exclude or (),
+                                    limit=args.limit, since=args.since,
+                                    batch_size=args.batch_size, on_progress=progress)
     learned = learn_rules(filed, min_precision=args.min_precision,
                           min_support=args.min_support, holdout=args.holdout,
                           max_rules=args.max_rules, keep_examples=args.keep_examples)

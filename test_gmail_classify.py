@@ -14173,6 +14173,45 @@ class BudgetTest(StateTestCase):
         self.assertLessEqual(used, 9000)
         self.assertGreater(used, 3000)
 
+    def test_the_first_fetch_and_every_body_fetch_are_checked_before_they_go_out(self):
+        # Only the header FETCHes after the first were checked: the first went out unseen,
+        # and so did every body FETCH (16 KB a message, or a program's whole message), so
+        # a run passed the budget by 81 % (sixth review).
+        rules = gc.parse_rules({"rule": [{"name": "R", "body": "needle", "label": "A"}]},
+                               "rules.json")
+        for n in range(15):
+            self.server.add_message(make_message(f"hello {n}", body="x" * 30000 + "\n"))
+        key = gc.account_key(USER, "127.0.0.1", self.server.port)
+        store = self.store()
+        store.add_download(key, 1_000_000)
+        store.save()
+        # The first FETCH is asked about as ten messages of FETCH_GUESS each.
+        with self.assertRaises(gc.BudgetExceededError):
+            self.run_once(rules, batch_size=10, daily_budget=1_000_000 + 9 * gc.FETCH_GUESS)
+        self.assertEqual(self.server.count("UID FETCH"), 0)
+        # Room for the headers, not for five bodies (five times 16 KB): they are skipped
+        # unread, and so are the next five (their headers were on the wire already), and
+        # the run stops before the third batch.
+        budget = 1_000_000 + 60_000
+        with self.assertRaises(gc.BudgetExceededError):
+            run = gc.Run(self.store(), rules, USER, "127.0.0.1", self.server.port,
+                         apply=True, daily_budget=budget)
+            try:
+                with gc.GmailConnection(USER, host="127.0.0.1", port=self.server.port,
+                                        security="plaintext", password=PASSWORD,
+                                        keepalive=None) as conn:
+                    run.classify(conn, "INBOX", batch_size=5, apply_every=1)
+            finally:
+                run.finish("stopped")
+        fetches = [e.line for e in self.server.log if e.command == "UID FETCH"]
+        self.assertEqual(len(fetches), 2, fetches)          # two batches' headers, no body
+        self.assertFalse([line for line in fetches if b"BODY.PEEK[]<0." in line], fetches)
+        self.assertEqual(run.reports[0].why_skipped, {
+            uid: "not read: its body would pass the daily download budget"
+            for uid in range(1, 11)})
+        self.assertLessEqual(self.store().downloaded(key), budget)
+        self.assertIsNone(self.mark())                          # nothing passed unread
+
     def test_warns_once_at_half_the_budget_and_counts_dry_runs(self):
         seed_mailbox(self.server, 6)
         self.run_once(apply=False)
@@ -20435,6 +20474,41 @@ class LearnServerTest(FakeServerTest):
         self.assertEqual(code, gc.EXIT_USAGE, err)                 # --account is not ignored
         self.assertIn("--account needs [[account]] tables", err)
 
+    def test_suggest_why_and_diff_count_what_they_download_as_learn_does(self):
+        # They read headers and bodies outside a run, and counted none of it (sixth
+        # review): the budget that keeps Gmail from suspending IMAP never saw them.
+        for raw, when, kind in _corpus():
+            self.server.add_message(raw, date=when)
+        env = {"GMAIL_APP_PASSWORD": PASSWORD, "XDG_STATE_HOME": self.tmp}
+        old, new = os.path.join(self.tmp, "old.json"), os.path.join(self.tmp, "new.json")
+        for path, word in ((old, "receipt"), (new, "invoice")):
+            with open(path, "w") as handle:
+                json.dump({"rule": [{"name": "R", "body": word, "label": "R"}]}, handle)
+        where = self.argv()[1:]
+        store = gc.StateStore(Path(self.tmp) / "gmail_classify")
+        account = gc.account_key(USER, "127.0.0.1", self.server.port)
+        commands = {"suggest": ["suggest", "-o", os.path.join(self.tmp, "s.toml"), "--force"] + where,
+                    "why": ["why", "--uid", "INBOX:1", "--rules", new] + where,
+                    "diff": ["diff", old, new] + where}
+        for name, argv in commands.items():
+            with self.subTest(command=name):
+                store.load()
+                before = store.downloaded(account)
+                code, _out, err = run_cli(*argv, env=env)
+                self.assertEqual(code, 0, err)
+                store.load()
+                self.assertGreater(store.downloaded(account), before + 1000)
+        store.add_download(account, gc.DEFAULT_DAILY_BUDGET)
+        store.save()
+        for name, argv in commands.items():
+            with self.subTest(command=name, budget="spent"):
+                start = len(self.server.log)
+                code, _out, err = run_cli(*argv, env=env)
+                self.assertEqual(code, gc.EXIT_INCOMPLETE, err)
+                self.assertIn(f"past the daily budget of 2.0 GB; {name} again after 00:00 UTC",
+                              err)
+                self.assertEqual(self.server.log[start:], [])      # refused before signing in
+
     def test_a_stop_keeps_its_exit_code_when_saving_the_count_then_fails(self):
         env = {"GMAIL_APP_PASSWORD": PASSWORD, "XDG_STATE_HOME": self.tmp}
         stop = mock.patch.object(gc, "read_filed_mail",
@@ -24605,8 +24679,8 @@ def _bench_one(args: Any, kind: str, size: int, latency: float, rules: Any, rule
             state = os.path.join(work, "state-%d" % len(os.listdir(work)))
             cmd = ["bench-client", "--rules", rules_path, "--state", state, "--folder", args.folder]
             cmd += ["--profile"] * args.profile
-        cmd = _bench_argv(cmd[0], cmd[1:] + [
-            "--host", host, "--port", str(client_port), "--user", args.user] + ["--apply"] * args.apply)
+        cmd = _bench_argv(cmd[0], cmd[1:] + ["--host", host, "--port", str(client_port),
+                                             "--user", args.user] + ["--apply"] * args.apply)
         done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=_bench_env())
         if done.returncode != 0:

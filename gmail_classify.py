@@ -2214,7 +2214,7 @@ class _Protocol:
                     raise _Dropped("server said BYE while signing in: "
                                    + raw[6:].decode("utf-8", "replace"))
                 elif not raw.startswith(b"* "):
-                    raise ProtocolError(f"unexpected line while signing in: {raw[:80]!r}",
+                    raise ProtocolError(f"unexpected line while signing in: {self._shown(raw)}",
                                         command="AUTHENTICATE")
         except _DROPPED_ERRORS as exc:
             raise _Dropped(f"connection lost while signing in: "
@@ -2374,6 +2374,13 @@ class _Protocol:
         log.debug("C: %s %s %s", tag.decode(), command,
                   " ".join(text if len(text) < 200 else text[:200] + "..." for text in shown))
 
+    def _shown(self, raw: bytes) -> str:
+        """A server line quoted in an error message: every credential of ours blanked out
+        first, then cut to 80 characters and quoted (blanked out after the cut or after
+        repr(), a password cut in two or with its backslashes doubled went through)."""
+        text = self.redact(raw.decode("utf-8", "replace").rstrip("\r\n"))
+        return repr(text[:80] + ("..." if len(text) > 80 else ""))
+
     def _log_answer(self, raw: bytes) -> None:
         """-vv: one server line, shortened, with any credential of ours blanked out."""
         text = self.redact(raw.decode("utf-8", "replace"))
@@ -2525,9 +2532,9 @@ class _Protocol:
             elif self._answered_early(raw, tag):
                 continue
             elif raw.startswith(b"+"):
-                raise ProtocolError(f"unexpected continuation request to {command}: {raw[:80]!r}")
+                raise ProtocolError(f"unexpected continuation request to {command}: {self._shown(raw)}")
             else:
-                raise ProtocolError(f"unexpected line in the answer to {command}: {raw[:80]!r}")
+                raise ProtocolError(f"unexpected line in the answer to {command}: {self._shown(raw)}")
             if dropped:
                 # Read and thrown away; the same message's again counts as a flood.
                 if any(_fetch_uid(item) == _fetch_uid(parsed) for item in oversized):
@@ -2699,7 +2706,7 @@ class _Protocol:
                     self.note_untagged(parsed)
                     events.append(parsed)
             else:
-                raise ProtocolError(f"unexpected line during IDLE: {raw[:80]!r}")
+                raise ProtocolError(f"unexpected line during IDLE: {self._shown(raw)}")
 
 
 class GmailConnection:

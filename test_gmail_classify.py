@@ -7279,6 +7279,24 @@ class RepeatedSecretTest(FakeServerTest):
                               text=f"* NO [ALERT] someone signed in with {PASSWORD}")
         self.run_both_verbosities({"GMAIL_APP_PASSWORD": PASSWORD}, [PASSWORD], 0)
 
+    def test_a_tagless_line_quoting_the_login_is_redacted_before_it_is_cut_or_quoted(self):
+        # The line was cut at 80 characters and repr()'d, then redacted: a backslash or a
+        # quote doubled by repr(), or a password cut in two, went through (sixth review).
+        for secret in ("pa\\ss'word-xyz", "Correct-Horse-Battery-Staple-" + "x" * 11):
+            with self.subTest(secret=secret):
+                self.server.users[USER] = secret
+                quoted = secret.replace("\\", "\\\\").replace('"', '\\"')
+                self.server.add_fault("LOGIN", action="unsolicited", count=1,
+                                      text=f'BAD Invalid command: A1 LOGIN "{USER}" "{quoted}"')
+                code, out, err = run_cli("--user", USER, "--host", "127.0.0.1", "--port",
+                                         str(self.server.port), "--plaintext", "--retries",
+                                         "0", env={"GMAIL_APP_PASSWORD": secret})
+                self.assertEqual(code, gc.EXIT_SERVER, err)
+                self.assertIn("unexpected line in the answer to LOGIN", err)
+                self.assertIn("<redacted>", err)
+                for piece in (secret[:12], secret[-12:], "word-xyz"):
+                    self.assertNotIn(piece, out + err)
+
     def test_redact_blanks_every_form_of_every_secret(self):
         conn = gc.GmailConnection(USER, password="x", host="127.0.0.1", security="plaintext")
         conn._proto.remember_secret('pa"ss\\word')

@@ -160,7 +160,6 @@ import ipaddress
 import json
 import logging
 import mailbox
-import netrc
 import operator
 import os
 import pathlib
@@ -176,6 +175,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unicodedata
@@ -8789,13 +8789,13 @@ def format_rules(doc: Mapping[str, Any], fmt: str = "toml", header: Sequence[str
 def _replace_privately(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file (0600), fsync it, rename it over ``path``, and
     fsync the directory, so a crash leaves the old file or the new one, never half of one.
-    Raises OSError (the temporary file is removed)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Raises OSError (the temporary file is removed).  The temporary file is a new one
+    with a name no one can guess (mkstemp: O_EXCL), so a file or link planted beside
+    ``path`` (``-o /tmp/rules.toml --force``) is never written through."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temporary = Path(name)
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            if os.name == "posix":
-                os.fchmod(fd, 0o600)    # a leftover temporary file keeps its old mode
             data = memoryview(text.encode("utf-8"))
             while data:     # os.write may write less than it was given
                 data = data[os.write(fd, data):]

@@ -13936,6 +13936,19 @@ class LeftoverTemporaryFileTest(unittest.TestCase):
         gc._write_atomic(path, "{}")
         self.assertEqual((path.read_text(), os.stat(path).st_mode & 0o777), ("{}", 0o600))
 
+    def test_a_link_planted_beside_the_file_is_not_written_through(self):
+        # The temporary file had a name anyone could guess (.NAME.PID.tmp) and was opened
+        # without O_EXCL: in a shared directory a planted link was written through
+        # (sixth review).  Now each is new, its name random.
+        path, victim = Path(self.tmp) / "rules.toml", Path(self.tmp) / "victim"
+        victim.write_text("keep me")
+        for pid in range(os.getpid() - 2, os.getpid() + 3):
+            os.symlink(victim, path.with_name(f".{path.name}.{pid}.tmp"))
+        gc.write_rules_file(path, "# new\n", force=True)
+        self.assertEqual((victim.read_text(), path.read_text()), ("keep me", "# new\n"))
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.assertEqual(len(os.listdir(self.tmp)), 2 + 5)     # no temporary file left
+
     def test_token_file(self):
         with mock.patch.dict(os.environ, {"XDG_CONFIG_HOME": self.tmp}):
             self.leftover(gc.token_path(USER))

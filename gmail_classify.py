@@ -10999,8 +10999,13 @@ def _iso(moment: datetime, utc: str = "Z") -> str:
 
 
 def _make_private_dir(directory: Path) -> None:
-    """Create ``directory`` (mode 0700) and tighten it if others could read it; OSError."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create ``directory`` (mode 0700), and each missing folder above it 0700 too (mkdir's
+    parents=True gives those the umask's mode: under umask 000 a ~/.local/state others
+    may write, where they could swap our folder for theirs), and tighten ``directory`` if
+    others could read it; OSError."""
+    missing = [directory] + [parent for parent in directory.parents if not parent.exists()]
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
     if os.name == "posix" and directory.stat().st_mode & 0o077:
         os.chmod(directory, 0o700)
 

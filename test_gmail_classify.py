@@ -13949,6 +13949,18 @@ class LeftoverTemporaryFileTest(unittest.TestCase):
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
         self.assertEqual(len(os.listdir(self.tmp)), 2 + 5)     # no temporary file left
 
+    def test_folders_made_above_the_state_are_private_under_any_umask(self):
+        # mkdir(parents=True) gave the folders above the state's the umask's mode: under
+        # umask 000, ~/.local/state open to all, and our folder in it replaceable.
+        os.umask(0)
+        os.chmod(self.tmp, 0o755)
+        directory = Path(self.tmp) / "home" / ".local" / "state" / "gmail_classify"
+        gc._make_private_dir(directory)
+        modes = [os.stat(folder).st_mode & 0o777 for folder in
+                 (directory, directory.parent, directory.parent.parent, Path(self.tmp) / "home")]
+        self.assertEqual(modes, [0o700] * 4)
+        self.assertEqual(os.stat(self.tmp).st_mode & 0o777, 0o755)   # there before: left
+
     def test_token_file(self):
         with mock.patch.dict(os.environ, {"XDG_CONFIG_HOME": self.tmp}):
             self.leftover(gc.token_path(USER))

@@ -9713,14 +9713,15 @@ class _FolderRun:
         self.keeps_found = loops and self.apply and self.checkpoint.writes_ahead
         self.current: Dict[int, Tuple[Optional[frozenset], Optional[frozenset]]] = {}
         self.earlier_copies = self.checkpoint.unfinished(self.status, "copies")
-        # Only a stopped --all leaves them below the mark (a run's mark stops below what
-        # it left part done); a run that starts above them does not reach them: say so.
+        # A stopped --all leaves them below the mark (a run's own mark stops below what it
+        # left part done; --new-only passes it): a run that starts above them does not
+        # reach them, so it says so.
         start = self.report.start_uid
         below = {uid for kind in _UNFINISHED for uid in self.checkpoint.unfinished(
             self.status, kind) if uid <= start} if start else ()
         if below:
             self.report.notes.append(
-                f"a stopped 'run --all' left {_plural(len(below), 'message')} part done "
+                f"a stopped run left {_plural(len(below), 'message')} part done "
                 f"below where this run starts (UID {compress_uids(sorted(below))}): run "
                 f"with --all to finish them")
         if self.earlier_copies and self.conn.has("MOVE"):   # a server upgraded meanwhile
@@ -11982,7 +11983,9 @@ class Run(Checkpoint):
         self._largest_fetch = 0
         self._last_fetch_bytes: Optional[int] = None
         self._warned_half = False
-        self._budget_spent = False      # may_download said no: the next FETCH stops the run
+        # The UTC day may_download said no: the next FETCH that day stops the run (a dry
+        # watch keeps one Run for days, so a refusal must not outlive its day).
+        self._budget_spent: Optional[_dt.date] = None
         self._actions_records: Dict[Actions, Dict[str, Any]] = {}     # see _actions_record
         self._step_actions: Dict[Actions, Dict[str, Any]] = {}     # see _actions_record
 
@@ -12129,8 +12132,8 @@ class Run(Checkpoint):
         # What the FETCHes on the wire may bring: as much each as the largest so far (with
         # the bodies fetched between); the first goes out alone, its size guessed.
         ahead = self.first_fetch_guess if first else self._largest_fetch * self.fetches_ahead
-        if self._budget_spent or used + ahead > self.daily_budget:
-            now = self.store.now().astimezone(timezone.utc)
+        now = self.store.now().astimezone(timezone.utc)
+        if self._budget_spent == now.date() or used + ahead > self.daily_budget:
             tomorrow = datetime.combine(now.date() + timedelta(days=1), _dt.time(),
                                         tzinfo=timezone.utc)
             hours = (tomorrow - now).total_seconds() / 3600
@@ -12142,10 +12145,12 @@ class Run(Checkpoint):
 
     def may_download(self, conn: GmailConnection, expected: int) -> bool:
         self._count_bytes(conn)
+        # Beside the bodies: the header FETCHes on the wire, whose answers are still to come.
+        expected += self._largest_fetch * self.fetches_ahead
         if not self.daily_budget or self.store.downloaded(self.account) + expected \
                 <= self.daily_budget:
             return True
-        self._budget_spent = True
+        self._budget_spent = self.store.now().astimezone(timezone.utc).date()
         return False
 
     writes_ahead = True
@@ -16585,9 +16590,13 @@ def _signed_in_counted(settings: Mapping[str, Any], command: str) -> Iterator[Gm
     ``why``, ``diff``): refused once the account's daily download budget (the default's)
     is used up, and what it downloads counted in the state, as a run's is."""
     account = account_key(settings["user"], settings["host"], settings.get("port"))
-    store = StateStore()
-    store.load()
-    used = store.downloaded(account)
+    store: Optional[StateStore] = StateStore()
+    try:
+        store.load()
+    except StateError as exc:       # the command reads mail only: it need not stop for it
+        _warn(f"{exc}; what this {command} downloads is not counted")
+        store = None
+    used = store.downloaded(account) if store is not None else 0
     if used >= DEFAULT_DAILY_BUDGET:
         raise BudgetExceededError(
             f"{_human_size(used)} downloaded today for {account}, past the daily budget "
@@ -16596,8 +16605,9 @@ def _signed_in_counted(settings: Mapping[str, Any], command: str) -> Iterator[Gm
         try:
             yield conn
         finally:
-            store.add_download(account, conn.bytes_received)
-            _cleanup(store.save)
+            if store is not None:
+                store.add_download(account, conn.bytes_received)
+                _cleanup(store.save)
 
 
 @dataclass(eq=False)

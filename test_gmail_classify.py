@@ -14255,6 +14255,51 @@ class BudgetTest(StateTestCase):
         self.assertLessEqual(self.store().downloaded(key), budget)
         self.assertIsNone(self.mark())                          # nothing passed unread
 
+    def test_bodies_are_weighed_with_the_header_fetches_still_on_the_wire(self):
+        # Each check passed alone while the two together went over: up to 20 KB past the
+        # budget with 2.5 KB of headers a message, three batches ahead (seventh review).
+        rules = gc.parse_rules({"rule": [{"name": "R", "body": "needle", "label": "A"}]},
+                               "rules.json")
+        for n in range(15):
+            self.server.add_message(make_message("S" * 2500 + f" {n}", body="x" * 30000))
+        key = gc.account_key(USER, "127.0.0.1", self.server.port)
+        for extra in range(100_000, 125_001, 5_000):
+            with self.subTest(budget=extra):
+                self.clock.advance(days=1)
+                store = self.store()
+                store.add_download(key, 1_000_000)
+                store.save()
+                with contextlib.suppress(gc.BudgetExceededError):
+                    self.run_once(rules, apply=False, batch_size=5, apply_every=3,
+                                  daily_budget=1_000_000 + extra)
+                self.assertLessEqual(self.store().downloaded(key), 1_000_000 + extra)
+
+    def test_a_body_refused_for_the_budget_stops_fetching_that_day_only(self):
+        # A dry watch keeps one Run for days: the refusal outlived its day, and the watch
+        # paused again at once on every day after (seventh review).
+        rules = gc.parse_rules({"rule": [{"name": "R", "body": "needle", "label": "A"}]},
+                               "rules.json")
+        for n in range(15):
+            self.server.add_message(make_message(f"hello {n}", body="x" * 30000 + "\n"))
+        key = gc.account_key(USER, "127.0.0.1", self.server.port)
+        store = self.store()
+        store.add_download(key, 1_000_000)
+        store.save()
+        pauses: List[float] = []
+        session = gc.WatchSession(store, lambda: rules, USER, "127.0.0.1", self.server.port,
+                                  apply=False, daily_budget=1_060_000, batch_size=5,
+                                  clock=lambda: self.clock().timestamp(), on_pause=pauses.append)
+        with gc.GmailConnection(USER, host="127.0.0.1", port=self.server.port,
+                                security="plaintext", password=PASSWORD, keepalive=None) as conn:
+            session(conn, ["INBOX"])
+            self.assertEqual(len(pauses), 1)
+            self.assertFalse([line for line in self.fetch_lines() if b"BODY.PEEK[]<0." in line])
+            self.clock.advance(days=1)
+            fetches = len(self.fetch_lines())
+            session(conn, ["INBOX"])
+        self.assertEqual(len(pauses), 1, "paused again on a new day")
+        self.assertGreater(len(self.fetch_lines()), fetches)
+
     def test_warns_once_at_half_the_budget_and_counts_dry_runs(self):
         seed_mailbox(self.server, 6)
         self.run_once(apply=False)
@@ -14631,7 +14676,7 @@ class AsFoundTest(StateTestCase):
         run = self.run_once(rules)
         self.assertEqual(self.mark().mark, 2)
         self.assertEqual(run.reports[0].notes, [
-            "a stopped 'run --all' left 1 message part done below where this run starts "
+            "a stopped run left 1 message part done below where this run starts "
             "(UID 1): run with --all to finish them"])
         self.assertEqual(list(state_snapshot(self.state_dir)["accounts"][account]["unfinished"][
             "INBOX"]["found"]), ["1"])
@@ -20551,6 +20596,14 @@ class LearnServerTest(FakeServerTest):
                 self.assertIn(f"past the daily budget of 2.0 GB; {name} again after 00:00 UTC",
                               err)
                 self.assertEqual(self.server.log[start:], [])      # refused before signing in
+        # A damaged state file does not stop a command that only reads mail: it says what
+        # it cannot count (it stopped why, diff and suggest once they counted: seventh review).
+        with open(Path(self.tmp) / "gmail_classify" / "state.json", "w") as handle:
+            handle.write("{not json")
+        code, out, err = run_cli(*commands["why"], env=env)
+        self.assertEqual(code, 0, err)
+        self.assertIn("what this why downloads is not counted", err)
+        self.assertIn("outcome:", out)
 
     def test_a_stop_keeps_its_exit_code_when_saving_the_count_then_fails(self):
         env = {"GMAIL_APP_PASSWORD": PASSWORD, "XDG_STATE_HOME": self.tmp}

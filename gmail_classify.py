@@ -16693,10 +16693,12 @@ def _secret_from_command(command: str) -> str:
     return line
 
 
-# A netrc word, as curl, ftp and Python's netrc read one: a double-quoted string (a
-# backslash escapes the character after it), or anything up to the next space; a single
+# A netrc word, as Python's netrc reads one (curl and ftp alike): a double-quoted string,
+# or anything up to the next space, tab or line end (not any Unicode space: a password may
+# hold a no-break space); in both a backslash escapes the character after it, and a single
 # quote is a character like any other (a password may hold one).
-_NETRC_WORD = re.compile(r'"((?:[^"\\]|\\.)*)"|([^\s"]\S*)|(")')
+_NETRC_WORD = re.compile(r'"((?:[^"\\]|\\.)*)"|((?:[^ \t\r\n"\\]|\\.?)(?:[^ \t\r\n\\]|\\.?)*)'
+                         r'|(")')
 
 
 def _netrc_entries(text: str) -> List[Tuple[Optional[str], str, str]]:
@@ -16718,8 +16720,8 @@ def _netrc_entries(text: str) -> List[Tuple[Optional[str], str, str]]:
                 raise UsageError(f"~/.netrc, line {number}: a word opened with a double "
                                  f"quote is not closed; close it, or write a \\ before "
                                  f"a quote that belongs to the word")
-            found.append(word.group(2) if word.group(2) is not None
-                         else re.sub(r"\\(.)", r"\1", word.group(1)))
+            found.append(re.sub(r"\\(.)", r"\1", word.group(1) if word.group(2) is None
+                                else word.group(2)))
         if "#" in found:                # a lone '#' starts a comment, as netrc reads it
             found = found[:found.index("#")]
         words += found

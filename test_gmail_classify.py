@@ -22263,6 +22263,11 @@ class NetrcEntriesTest(TempDirMixin, unittest.TestCase):
         self.assertEqual(gc._netrc_entries(
             "machine h login u password it'sMyS3cret\nmachine g password \"a\\\"b c\"\n"),
             [("h", "u", "it'sMyS3cret"), ("g", "", 'a"b c')])
+        # As Python's netrc reads them: a no-break space is part of a word, and a backslash
+        # escapes outside quotes too (seventh review: both were cut short, silently).
+        self.assertEqual(gc._netrc_entries(
+            "machine h password ab\xa0cd\u3000e\nmachine g password my\\ pass\n"),
+            [("h", "", "ab\xa0cd\u3000e"), ("g", "", "my pass")])
         with open(os.path.join(self.tmp, ".netrc"), "a") as handle:
             handle.write('machine x login u\n  password "S3cret-in-line-12\n')
         code, out, err = run_cli("folders", "--user", "one@example.com", "--host", "127.0.0.1",

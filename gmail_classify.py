@@ -11069,6 +11069,14 @@ class _FileLock:
             os.close(fd)
 
 
+def _lock_stem(account: str) -> str:
+    """The name of ``account``'s lock file, less ``.lock``: the same for every spelling of
+    it (see StateStore.lock), and for the name an older version gave the file."""
+    stem = re.sub(r"[^A-Za-z0-9@._-]+", "_", account).lower()
+    stem = re.sub(r"(@|_on_imap\.)googlemail\.com(?=_|\.?$)", r"\1gmail.com", stem)
+    return re.sub(r"\.(_\d+)?$", r"\1", stem)
+
+
 class AccountLock:
     """The per-account lock every ``--apply`` holds for its whole length.
 
@@ -11077,11 +11085,14 @@ class AccountLock:
     take it.
     """
 
-    def __init__(self, path: Path, account: str, command: str = "run") -> None:
+    def __init__(self, path: Path, account: str, command: str = "run",
+                 also: Sequence[Path] = ()) -> None:
         self.path = path
         self.account = account
         self.command = command
         self._lock = _FileLock(path)
+        # Lock files of other spellings of the account (see StateStore.lock): taken too.
+        self._also = [_FileLock(other) for other in also]
 
     @property
     def held(self) -> bool:
@@ -11090,18 +11101,22 @@ class AccountLock:
     def acquire(self) -> "AccountLock":
         """Take the lock now or raise LockedError; never waits."""
         _ensure_private_dir(self.path.parent)
-        try:
-            got = self._lock.acquire(wait=False)
-        except OSError as exc:
-            raise StateError(f"cannot open the lock file {self.path}: {exc}") from exc
-        if not got:
-            holder = ""
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                info = load_json(self.path.read_text(encoding="utf-8") or "{}")
-                holder = (f" (pid {info.get('pid')}, {info.get('command')}, since "
-                          f"{info.get('since')})")
-            raise LockedError(f"another --apply{holder} holds the lock for {self.account}; "
-                              f"wait for it to finish, or stop it, then try again")
+        for lock in [self._lock] + self._also:
+            try:
+                got = lock.acquire(wait=False)
+            except OSError as exc:
+                self.release()
+                raise StateError(f"cannot open the lock file {lock.path}: {exc}") from exc
+            if not got:
+                self.release()
+                holder = ""
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    info = load_json(lock.path.read_text(encoding="utf-8") or "{}")
+                    holder = (f" (pid {info.get('pid')}, {info.get('command')}, since "
+                              f"{info.get('since')})")
+                raise LockedError(f"another --apply{holder} holds the lock for "
+                                  f"{self.account}; wait for it to finish, or stop it, then "
+                                  f"try again")
         assert self._lock.fd is not None
         note = json.dumps({"pid": os.getpid(), "command": self.command,
                            "since": _iso(_utcnow())}).encode()
@@ -11114,7 +11129,8 @@ class AccountLock:
         if self._lock.fd is not None:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._lock.fd, 0)
-        self._lock.release()
+        for lock in [self._lock] + self._also:
+            lock.release()
 
     def __enter__(self) -> "AccountLock":
         return self.acquire()
@@ -11458,10 +11474,13 @@ class StateStore:
         trailing dot), so ``Me@Gmail.com on IMAP.gmail.com`` is locked out by a watch as
         ``me@gmail.com on imap.gmail.com``.  (Two users whose names differ only in case
         share the lock: the safe way round.)"""
-        same = re.sub(r"\.(:\d+)?$", r"\1", account.lower())
-        same = re.sub(r"(@|\bon imap\.)googlemail\.com\b", r"\1gmail.com", same)
-        safe = re.sub(r"[^a-z0-9@._-]+", "_", same)
-        return AccountLock(self.directory / f"{safe}.lock", account, command)
+        stem = _lock_stem(account)
+        path = self.directory / f"{stem}.lock"
+        # Lock files named after another spelling (by versions before this one, which a
+        # watch that runs for days may still be): held too, as long as they are there.
+        older = [other for other in sorted(self.directory.glob("*.lock"))
+                 if other != path and _lock_stem(other.stem) == stem]
+        return AccountLock(path, account, command, also=older)
 
 
 @contextlib.contextmanager

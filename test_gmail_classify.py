@@ -13858,6 +13858,20 @@ class StateStoreTest(TempDirMixin, unittest.TestCase):
                     pass                              # another port: another server
                 with store.lock("me2@gmail.com on imap.gmail.com"):
                     pass
+        # A watch of the version before, still running, holds the file it named after the
+        # spelling it was given (seventh review: a run took the folded name beside it).
+        older = gc._FileLock(store.directory / "Me@Gmail.com_on_IMAP.googlemail.com..lock")
+        self.assertTrue(older.acquire(wait=False))
+        try:
+            for spelling in spellings:
+                with self.subTest(older=spelling):
+                    self.assertRaises(gc.LockedError, store.lock(spelling).acquire)
+        finally:
+            older.release()
+        with store.lock(spellings[0]) as lock:      # and every file is let go again
+            self.assertTrue(lock.held)
+        self.assertTrue(older.acquire(wait=False))
+        older.release()
         with store.lock("me on host") as lock:       # released: free again
             self.assertTrue(lock.held)
         self.assertFalse(lock.held)

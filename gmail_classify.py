@@ -2120,6 +2120,10 @@ class _Protocol:
         the connection: a server may repeat what we sent (see redact)."""
         forms = [secret, base64.b64encode(secret.encode("utf-8")).decode("ascii"),
                  secret.replace("\\", "\\\\").replace('"', '\\"')]
+        # And each as repr() shows it, of text or of bytes (a message quoting a server line
+        # or a parser's fragment that way doubles backslashes and escapes quotes).
+        forms += [shown for form in forms[::2] for shown in (
+            repr(form)[1:-1], repr(form.encode("utf-8"))[2:-1])]
         kept = dict.fromkeys(self._secrets + [form for form in forms if len(form) >= 4])
         self._secrets = sorted(kept, key=len, reverse=True)   # longer forms before their parts
 

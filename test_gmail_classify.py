@@ -7304,6 +7304,12 @@ class RepeatedSecretTest(FakeServerTest):
         text = conn.redact('LOGIN "pa\\"ss\\\\word" ' + base64.b64encode(b'pa"ss\\word').decode()
                            + ' pa"ss\\word dG9rZW4=')
         self.assertEqual(text, "LOGIN \"<redacted>\" <redacted> <redacted> <redacted>")
+        # As repr() shows a line or a parser's fragment (text or bytes): backslashes
+        # doubled, quotes escaped (seventh review: not every message redacts before).
+        for line in ('LOGIN "pa\\"ss\\\\word"', 'pa"ss\\word'):
+            for shown in (repr(line), repr(line.encode())):
+                with self.subTest(shown=shown):
+                    self.assertNotIn("ss", conn.redact(f"near {shown}"))
 
 
 class _TurnCounter:

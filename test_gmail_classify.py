@@ -13874,8 +13874,13 @@ class StateStoreTest(TempDirMixin, unittest.TestCase):
                     self.assertRaises(gc.LockedError, store.lock(spelling).acquire)
         finally:
             older.release()
+        (store.directory / "me@gmail.com_on_imap.gmail.com.lock").write_text(
+            json.dumps({"pid": 1, "command": "watch", "since": "x" * 200}))
         with store.lock(spellings[0]) as lock:      # and every file is let go again
             self.assertTrue(lock.held)
+            # The holder's note replaces whatever a holder killed mid-run left there.
+            note = json.loads(lock.path.read_text())
+            self.assertEqual((note["pid"], note["command"]), (os.getpid(), "run"))
         self.assertTrue(older.acquire(wait=False))
         older.release()
         with store.lock("me on host") as lock:       # released: free again

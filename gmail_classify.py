@@ -189,7 +189,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional,
-                    Sequence, TextIO, Tuple, Union)
+                    Sequence, Set, TextIO, Tuple, Union)
 
 try:
     import fcntl
@@ -11105,7 +11105,20 @@ class AccountLock:
     def acquire(self) -> "AccountLock":
         """Take the lock now or raise LockedError; never waits."""
         _ensure_private_dir(self.path.parent)
+        held: Set[Tuple[int, int]] = set()     # (device, inode) of the files locked so far
         for lock in [self._lock] + self._also:
+            if lock is not self._lock:
+                # A second name of a file already held (a case-insensitive file system, a
+                # link): flock would wait for ourselves.  A file gone meanwhile is no lock.
+                try:
+                    found = os.stat(lock.path)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    self.release()
+                    raise StateError(f"cannot open the lock file {lock.path}: {exc}") from exc
+                if (found.st_dev, found.st_ino) in held:
+                    continue
             try:
                 got = lock.acquire(wait=False)
             except OSError as exc:
@@ -11121,6 +11134,9 @@ class AccountLock:
                 raise LockedError(f"another --apply{holder} holds the lock for "
                                   f"{self.account}; wait for it to finish, or stop it, then "
                                   f"try again")
+            assert lock.fd is not None
+            opened = os.fstat(lock.fd)
+            held.add((opened.st_dev, opened.st_ino))
         assert self._lock.fd is not None
         note = json.dumps({"pid": os.getpid(), "command": self.command,
                            "since": _iso(_utcnow())}).encode()
@@ -16743,10 +16759,10 @@ def _netrc_entries(text: str) -> List[Tuple[Optional[str], str, str]]:
                 raise UsageError(f"~/.netrc, line {number}: a word opened with a double "
                                  f"quote is not closed; close it, or write a \\ before "
                                  f"a quote that belongs to the word")
+            if word.group(2) == "#":    # a lone '#' starts a comment; "#" and \# are words
+                break
             found.append(re.sub(r"\\(.)", r"\1", word.group(1) if word.group(2) is None
                                 else word.group(2)))
-        if "#" in found:                # a lone '#' starts a comment, as netrc reads it
-            found = found[:found.index("#")]
         words += found
         if "macdef" in found:
             in_macro = True

@@ -13876,6 +13876,12 @@ class StateStoreTest(TempDirMixin, unittest.TestCase):
             older.release()
         (store.directory / "me@gmail.com_on_imap.gmail.com.lock").write_text(
             json.dumps({"pid": 1, "command": "watch", "since": "x" * 200}))
+        # A second name of our own file (a case-insensitive file system, a link) is not
+        # another holder: flock would have waited for ourselves (eighth review).
+        os.link(store.directory / "me@gmail.com_on_imap.gmail.com.lock",
+                store.directory / "ME@GMAIL.COM_on_imap.gmail.com.lock")
+        os.symlink(store.directory / "me@gmail.com_on_imap.gmail.com.lock",
+                   store.directory / "me@gmail.com_on_imap.gmail.com..lock")
         with store.lock(spellings[0]) as lock:      # and every file is let go again
             self.assertTrue(lock.held)
             # The holder's note replaces whatever a holder killed mid-run left there.
@@ -22293,6 +22299,10 @@ class NetrcEntriesTest(TempDirMixin, unittest.TestCase):
         self.assertEqual(gc._netrc_entries(
             "machine h password ab\xa0cd\u3000e\nmachine g password my\\ pass\n"),
             [("h", "", "ab\xa0cd\u3000e"), ("g", "", "my pass")])
+        # A lone # starts a comment; an escaped or quoted one is a word (eighth review).
+        self.assertEqual(gc._netrc_entries(
+            'machine h password \\#\nmachine g password "#" # login x\nmachine f # x\n'),
+            [("h", "", "#"), ("g", "", "#"), ("f", "", "")])
         with open(os.path.join(self.tmp, ".netrc"), "a") as handle:
             handle.write('machine x login u\n  password "S3cret-in-line-12\n')
         code, out, err = run_cli("folders", "--user", "one@example.com", "--host", "127.0.0.1",

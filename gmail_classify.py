@@ -2378,17 +2378,20 @@ class _Protocol:
         log.debug("C: %s %s %s", tag.decode(), command,
                   " ".join(text if len(text) < 200 else text[:200] + "..." for text in shown))
 
-    def _shown(self, raw: bytes) -> str:
-        """A server line quoted in an error message: every credential of ours blanked out
-        first, then cut to 80 characters and quoted (blanked out after the cut or after
-        repr(), a password cut in two or with its backslashes doubled went through)."""
+    def _said(self, raw: bytes, width: int) -> str:
+        """One server line as we show it: every credential of ours blanked out first, then
+        cut to ``width`` characters (blanked out after the cut, a password cut in two
+        went through)."""
         text = self.redact(raw.decode("utf-8", "replace").rstrip("\r\n"))
-        return repr(text[:80] + ("..." if len(text) > 80 else ""))
+        return text if len(text) <= width else text[:width] + "..."
+
+    def _shown(self, raw: bytes) -> str:
+        """A server line quoted in an error message (_said, then quoted)."""
+        return repr(self._said(raw, 80))
 
     def _log_answer(self, raw: bytes) -> None:
         """-vv: one server line, shortened, with any credential of ours blanked out."""
-        text = self.redact(raw.decode("utf-8", "replace"))
-        log.debug("S: %s", text if len(text) < 200 else text[:200] + "...")
+        log.debug("S: %s", self._said(raw, 200))
 
     def _send(self, tag: bytes, parts: List[Union[bytes, Literal]]) -> None:
         imap = self.live()
@@ -11107,21 +11110,17 @@ class AccountLock:
         _ensure_private_dir(self.path.parent)
         held: Set[Tuple[int, int]] = set()     # (device, inode) of the files locked so far
         for lock in [self._lock] + self._also:
-            if lock is not self._lock:
-                # A second name of a file already held (a case-insensitive file system, a
-                # link): flock would wait for ourselves.  A file gone meanwhile is no lock.
-                try:
-                    found = os.stat(lock.path)
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:
-                    self.release()
-                    raise StateError(f"cannot open the lock file {lock.path}: {exc}") from exc
-                if (found.st_dev, found.st_ino) in held:
-                    continue
             try:
+                # A second name of a file already held (a case-insensitive file system, a
+                # link): flock would wait for ourselves.
+                if lock is not self._lock:
+                    found = os.stat(lock.path)
+                    if (found.st_dev, found.st_ino) in held:
+                        continue
                 got = lock.acquire(wait=False)
             except OSError as exc:
+                if lock is not self._lock and isinstance(exc, FileNotFoundError):
+                    continue            # an older name gone meanwhile: no lock to take
                 self.release()
                 raise StateError(f"cannot open the lock file {lock.path}: {exc}") from exc
             if not got:
